@@ -1,0 +1,108 @@
+"""Model configuration: one dataclass, read from a Hugging Face config.json or a preset."""
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from bailong.errors import BailongError
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (MHA)
+    vocab_size: int = 32000
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling: positions divided by this
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    bos_token_id: int = 1
+    eos_token_id: list[int] = field(default_factory=lambda: [2])
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise BailongError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise BailongError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def from_hf(cls, hf: dict, source="config.json"):
+        """Read a Hugging Face Llama config; refuse what this model would get wrong."""
+        arch = hf.get("architectures") or ["LlamaForCausalLM"]
+        if hf.get("model_type", "llama") != "llama" or arch[0] != "LlamaForCausalLM":
+            raise BailongError(
+                f"{source}: unsupported architecture {arch[0]} (model_type "
+                f"{hf.get('model_type')!r}); only LlamaForCausalLM is supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise BailongError(f"{source}: unsupported hidden_act {hf['hidden_act']!r}; Llama uses silu")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise BailongError(f"{source}: {flag}=true is not supported")
+        # transformers >= 5 writes rope settings as rope_parameters; older ones as rope_theta/rope_scaling
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise BailongError(f"{source}: unsupported rope scaling type {kind!r} (supported: default, linear)")
+        known = {f.name for f in fields(cls)}
+        args = {k: v for k, v in hf.items() if k in known and v is not None}
+        args["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta))
+        args["rope_scaling_factor"] = float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
+        return cls(**args)
+
+    @classmethod
+    def from_file(cls, path):
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise BailongError(f"{path}: no such file (a model folder needs config.json)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BailongError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise BailongError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_hf(hf, source=str(path))
+        except TypeError as e:  # a field of the wrong type
+            raise BailongError(f"{path}: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers reads for this model."""
+        hf = {k: v for k, v in asdict(self).items() if k != "rope_scaling_factor"}
+        hf["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
+        if self.rope_scaling_factor != 1.0:
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **hf}
+
+
+PRESETS = {
+    # Runs in seconds on a CPU; grouped-query attention like the larger Llamas.
+    "tiny": ModelConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                        max_position_embeddings=256),
+    "llama2-7b": ModelConfig(),
+    "llama2-13b": ModelConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                              num_attention_heads=40),
+    "tinyllama-1.1b": ModelConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                  num_attention_heads=32, num_key_value_heads=4,
+                                  max_position_embeddings=2048),
+}
+
+
+def preset(name) -> ModelConfig:
+    try:
+        return replace(PRESETS[name])  # a copy: callers may change it
+    except KeyError:
+        raise BailongError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None

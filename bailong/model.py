@@ -1,0 +1,190 @@
+"""Llama 2 in plain PyTorch.
+
+Attribute names follow Hugging Face's layout (``model.layers.0.self_attn.q_proj``,
+``mlp.gate_proj``, ``input_layernorm``, ``model.embed_tokens``, ``lm_head``), so
+``state_dict()`` is the checkpoint format itself: loading is a copy, PEFT adapter
+keys are a fixed prefix away, and export is a save.
+
+    x = embed_tokens(ids)
+    for each layer:
+        x = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(norm(x))), v_proj(norm(x))))
+        x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+    logits = lm_head(norm(x))
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bailong.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 whatever the compute dtype, then scale: as Llama does.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(config: ModelConfig, positions, dtype):
+    """cos and sin of the rotary angles for integer ``positions`` (T,), each (T, head_dim).
+
+    Frequencies are duplicated ([f0..f_{d/2-1}, f0..f_{d/2-1}]) because Hugging Face
+    checkpoints permute q/k weights so that dimension i pairs with i + d/2, not 2i+1.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)
+    angles = (positions.float() / config.rope_scaling_factor)[:, None] * inv_freq  # (T, d/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, d)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle. x: (B, H, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, preallocated to ``max_len``.
+
+    The model writes positions [pos, pos + T) at each call and then advances ``pos``;
+    a fixed-size buffer keeps shapes static for decoding loops.
+    """
+
+    def __init__(self, config: ModelConfig, batch, max_len, device, dtype):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer, k, v):
+        """Store this call's keys/values; return all keys/values so far, (B, KV, pos + T, D)."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, past + T, D)
+        # SDPA's is_causal aligns the mask top-left, which is right only without a past;
+        # one new token may see everything; a chunk after a past needs an explicit mask.
+        mask = None
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """A Llama causal language model: ``model(input_ids)`` gives logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the input embedding with the output head where the config asks for it.
+
+        Called again after the parameters are materialised (``to_empty`` unties them).
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch=1, max_len=None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
+
+    def hidden_states(self, input_ids, cache: KVCache | None = None):
+        """Final-norm hidden states (B, T, hidden), writing to and advancing ``cache`` if given."""
+        T = input_ids.shape[1]
+        past = cache.pos if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {past} + {T} do not fit")
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        positions = torch.arange(past, past + T, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, D) each
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, cache: KVCache | None = None, last_only=False):
+        """Logits (B, T, vocab); with ``last_only``, only the last position's (B, 1, vocab)."""
+        h = self.hidden_states(input_ids, cache)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+
+def init_weights(model: Llama, std=0.02):
+    """Random weights as Llama's initialiser draws them (normal(0, std), norms at one)."""
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std=std)
+    return model

@@ -1,0 +1,193 @@
+"""Find a model (local folder or Hub repo id) and load its safetensors weights.
+
+The model is built on the meta device (no memory), materialised empty in the
+target dtype, and filled one tensor at a time, each shard opened for only as
+long as one tensor is read. Peak host memory therefore stays near one copy of
+the weights in the target dtype plus the largest single tensor, whatever the
+dtype on disk (measured in bench/bench_load_memory.py).
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from bailong.config import ModelConfig
+from bailong.errors import BailongError
+from bailong.model import Llama
+
+# What we fetch from the Hub: no pickled .bin weights, no duplicate formats.
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+def resolve(path_or_repo_id: str, revision=None) -> Path:
+    """A local model folder, or the Hub snapshot of a repo id (token from $HF_TOKEN)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BailongError(f"{path}: is a file; expected a model folder or a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=HUB_PATTERNS))
+    except HFValidationError:
+        raise BailongError(f"{path_or_repo_id}: no such folder (and not a valid Hub repo id)") from None
+    except Exception as e:  # not found, gated, offline, network: all the user's to fix
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BailongError(f"{path_or_repo_id}: no such folder, and not available from the Hugging Face "
+                           f"Hub ({type(e).__name__}: {reason})") from None
+
+
+def shards(folder: Path) -> dict[Path, list[str] | None]:
+    """Each weight file and the tensor names it should hold (None: whatever it holds)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BailongError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = {}
+        for name, file in weight_map.items():
+            files.setdefault(folder / file, []).append(name)
+        for file in files:
+            if not file.exists():
+                raise BailongError(f"{index}: names shard {file.name}, which is missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return {single: None}
+    hint = " (pickled .bin weights are not loaded: convert them to safetensors)" \
+        if any(folder.glob("*.bin")) else ""
+    raise BailongError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def read_tensors(file: Path, names=None):
+    """Yield (name, tensor) from one safetensors file, checking names and dtypes first.
+
+    The file is reopened for each tensor: safetensors memory-maps the whole file,
+    and pages read stay resident until it is closed, so a long-open shard would
+    add its full size to peak memory.
+    """
+    try:
+        with safe_open(file, framework="pt") as f:
+            present = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        for name in names or present:
+            if name not in present:
+                raise BailongError(f"{file}: the index says it holds {name}, but it does not")
+            if present[name] not in FLOAT_DTYPES:
+                raise BailongError(f"{file}: tensor {name} is {present[name]}; expected float32/16 or bfloat16")
+            with safe_open(file, framework="pt") as f:
+                tensor = f.get_tensor(name)
+            yield name, tensor
+    except SafetensorError as e:
+        raise BailongError(f"{file}: not a valid safetensors file ({e})") from None
+
+
+def load_weights(model: Llama, folder: Path, device="cpu"):
+    """Materialise a meta-device ``model`` on ``device`` and fill it from the checkpoint."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    params = model.state_dict()
+    expected = set(params) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    loaded = set()
+    files = shards(folder)
+    bar = tqdm(total=len(expected), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False)
+    for file, names in files.items():
+        for name, tensor in read_tensors(file, names):
+            if name.endswith("rotary_emb.inv_freq"):  # older checkpoints store this; we recompute it
+                continue
+            if name not in params:
+                raise BailongError(f"{file}: unexpected tensor {name}, not part of a Llama with this config.json")
+            if tensor.shape != params[name].shape:
+                raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json "
+                                   f"implies {list(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)  # casts to the model's dtype
+            loaded.add(name)
+            bar.update()
+    bar.close()
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BailongError(f"{folder}: the checkpoint lacks tensor {missing[0]}{more}")
+    return model
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(path_or_repo_id, dtype=None, device=None, revision=None):
+    """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model.
+
+    dtype defaults to bfloat16 on CUDA and float32 on the CPU.
+    """
+    from bailong.tokenizer import Tokenizer
+    device = device or default_device()
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    folder = resolve(str(path_or_repo_id), revision)
+    config = ModelConfig.from_file(folder / "config.json")
+    with torch.device("meta"):
+        model = Llama(config).to(dtype)
+    load_weights(model, folder, device).eval()
+    tokenizer_file = folder / "tokenizer.model"
+    return model, (Tokenizer(tokenizer_file) if tokenizer_file.exists() else None)
+
+
+def save(model: Llama, folder, max_shard_bytes=5 << 30):
+    """Write config.json and safetensors weights (sharded with an index past ``max_shard_bytes``).
+
+    Files are written under temporary names and renamed, so an interrupted save
+    never leaves a half-written checkpoint under the real name.
+    """
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    groups, size = [[]], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups, size = groups + [[]], 0
+        groups[-1].append(name)
+        size += nbytes
+    names = ["model.safetensors"] if len(groups) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for file, group in zip(names, groups):
+        _atomic(folder / file, lambda tmp: save_file({k: state[k] for k in group}, tmp, metadata={"format": "pt"}))
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: file for file, group in zip(names, groups) for k in group}}
+        _atomic(folder / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    hf = {**model.config.to_hf(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    _atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
+
+
+def _atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def load_preset(name, dtype=None, device=None, seed=0):
+    """A randomly initialised model of a named preset, with the byte-level tokenizer.
+
+    The vocabulary is the tokenizer's (260), so every id the model emits decodes.
+    For demos and tests: the weights carry no knowledge.
+    """
+    from bailong.config import preset
+    from bailong.model import init_weights
+    from bailong.tokenizer import byte_tokenizer
+    device = device or default_device()
+    tokenizer = byte_tokenizer()
+    config = preset(name)
+    config.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(seed)
+    model = init_weights(Llama(config)).to(device=device, dtype=dtype or torch.float32).eval()
+    return model, tokenizer

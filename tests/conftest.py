@@ -1,0 +1,18 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ASSETS = ROOT.parent / "shared" / "assets"
+
+
+def asset(name):
+    """Path of a shared test asset, or skip the test with the reason."""
+    path = ASSETS / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the shared test assets are not in this checkout)")
+    return path

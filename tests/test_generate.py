@@ -1,0 +1,90 @@
+"""Sampling against transformers' logits processors; generation loop behaviour."""
+import pytest
+import torch
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+import bailong
+from bailong.chat_template import fit_prompt, llama2_turns
+from bailong.generate import Sampling, generate, process_logits
+from bailong.tokenizer import byte_tokenizer
+from conftest import asset
+
+GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+
+
+@pytest.mark.parametrize("s", [Sampling(0.7, 0, 1.0, 1.0), Sampling(1.0, 5, 1.0, 1.0), Sampling(1.0, 0, 0.8, 1.0),
+                               Sampling(1.0, 0, 1.0, 1.3), Sampling(0.6, 40, 0.9, 1.1)])
+def test_logit_processing_matches_transformers(s):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 100) * 3
+    seen = torch.randint(0, 100, (1, 30))
+    expected = logits.clone()
+    for proc in [RepetitionPenaltyLogitsProcessor(s.repetition_penalty) if s.repetition_penalty != 1 else None,
+                 TemperatureLogitsWarper(s.temperature), TopKLogitsWarper(s.top_k) if s.top_k else None,
+                 TopPLogitsWarper(s.top_p) if s.top_p < 1 else None]:
+        if proc is not None:
+            expected = proc(seen, expected)
+    torch.testing.assert_close(process_logits(logits[0], seen[0], s), expected[0])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return bailong.load_preset("tiny", device="cpu")[0]
+
+
+def test_kv_cache_decoding_equals_decoding_without_cache(tiny):
+    prompt = list(range(5, 25))
+    for s in [GREEDY, Sampling(temperature=1.0, top_k=0, top_p=1.0, seed=3)]:
+        with_cache = generate(tiny, prompt, 40, s, stop_ids=[])
+        without = generate(tiny, prompt, 40, s, stop_ids=[], use_cache=False)
+        assert with_cache == without and len(with_cache) == 40
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    s = Sampling(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=7)
+    first = generate(tiny, [1, 50, 60], 30, s, stop_ids=[])
+    assert generate(tiny, [1, 50, 60], 30, s, stop_ids=[]) == first
+    other = Sampling(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=8)
+    assert generate(tiny, [1, 50, 60], 30, other, stop_ids=[]) != first
+    top1 = Sampling(temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0, seed=7)
+    assert generate(tiny, [1, 50, 60], 30, top1, stop_ids=[]) == generate(tiny, [1, 50, 60], 30, GREEDY, stop_ids=[])
+
+
+def test_stops_on_stop_id_max_tokens_and_context(tiny):
+    greedy = generate(tiny, [1, 2, 3], 30, GREEDY, stop_ids=[])
+    stop = greedy[9]
+    cut = generate(tiny, [1, 2, 3], 30, GREEDY, stop_ids=[stop])
+    assert cut == greedy[:greedy.index(stop) + 1]
+    streamed = []
+    assert generate(tiny, [1, 2, 3], 5, GREEDY, stop_ids=[], on_token=streamed.append) == greedy[:5] == streamed
+    context = tiny.config.max_position_embeddings
+    assert len(generate(tiny, [1] * (context - 4), 100, GREEDY, stop_ids=[])) == 4
+    with pytest.raises(ValueError, match="no room"):
+        generate(tiny, [1] * context, 10, GREEDY)
+
+
+def test_llama2_chat_format():
+    tok = bailong.Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "你好嗎？"}]
+    turns = llama2_turns(tok, messages)
+    assert turns == [tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ", bos=True, eos=True),
+                     tok.encode("[INST] 你好嗎？ [/INST]", bos=True)]
+    with pytest.raises(ValueError, match="alternating"):
+        llama2_turns(tok, messages[:3])
+
+
+def test_history_trimming_keeps_system_prompt_and_fits():
+    tok = byte_tokenizer()
+    messages = [{"role": "system", "content": "sys"}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "x" * 30}]
+    messages.append({"role": "user", "content": "last"})
+    full = sum(map(len, llama2_turns(tok, messages)))
+    ids, kept = fit_prompt(tok, messages, full - 1)
+    assert len(ids) <= full - 1 and kept[0]["role"] == "system" and kept[1]["content"] == "question 1"
+    ids, kept = fit_prompt(tok, messages, 60)
+    assert len(ids) <= 60 and [m["content"] for m in kept] == ["sys", "last"]
+    with pytest.raises(ValueError, match="room for 5"):
+        fit_prompt(tok, messages, 5)
