@@ -1,0 +1,141 @@
+"""Loading and saving checkpoints, and the one-line errors for bad ones."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hf_models import write_hf
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+import bailong
+import chat
+from bailong.errors import run_cli
+from conftest import ROOT
+
+
+def cli_error(capsys, *argv):
+    """Run chat.py's main as the command line does; return its one-line error."""
+    capsys.readouterr()  # drop what setting up the checkpoint printed
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(chat.main, [*map(str, argv), "--prompt", "hi", "--device", "cpu"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    folder, _ = write_hf(tmp_path, "gqa")
+    return folder
+
+
+def edit_weights(folder, change):
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    return file
+
+
+def test_missing_folder_and_missing_repo(capsys, tmp_path):
+    err = cli_error(capsys, tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in err and "no such folder" in err
+    err = cli_error(capsys, "bailong-tests/no-such-model")  # offline: not in the Hub cache either
+    assert "bailong-tests/no-such-model: no such folder, and not available from the Hugging Face Hub" in err
+
+
+def test_folder_without_config(capsys, ckpt):
+    (ckpt / "config.json").unlink()
+    assert f"{ckpt / 'config.json'}: no such file" in cli_error(capsys, ckpt)
+
+
+def test_unsupported_architecture(capsys, ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert "unsupported architecture MistralForCausalLM" in cli_error(capsys, ckpt)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_truncated_safetensors(capsys, ckpt, keep):
+    file = ckpt / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:int(len(data) * keep)])
+    assert f"{file}: not a valid safetensors file" in cli_error(capsys, ckpt)
+
+
+def test_corrupted_safetensors_header(capsys, ckpt):
+    file = ckpt / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:40] = b"#" * 32  # the JSON header
+    file.write_bytes(bytes(data))
+    assert f"{file}: not a valid safetensors file" in cli_error(capsys, ckpt)
+
+
+def test_missing_tensor(capsys, ckpt):
+    edit_weights(ckpt, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    assert f"{ckpt}: the checkpoint lacks tensor model.layers.1.mlp.up_proj.weight" in cli_error(capsys, ckpt)
+
+
+def test_tensor_of_wrong_shape(capsys, ckpt):
+    file = edit_weights(ckpt, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    err = cli_error(capsys, ckpt)
+    assert f"{file}: tensor model.norm.weight has shape [65], config.json implies [64]" in err
+
+
+def test_unexpected_and_non_float_tensors(capsys, ckpt):
+    file = edit_weights(ckpt, lambda t: t.update({"model.layers.9.extra": torch.ones(3)}))
+    assert f"{file}: unexpected tensor model.layers.9.extra" in cli_error(capsys, ckpt)
+    edit_weights(ckpt, lambda t: (t.pop("model.layers.9.extra"), t.update({"model.norm.weight": torch.ones(64).int()})))
+    assert f"{file}: tensor model.norm.weight is I32" in cli_error(capsys, ckpt)
+
+
+def test_index_naming_missing_shard(capsys, tmp_path):
+    folder, _ = write_hf(tmp_path, "gqa", shard_size="40KB")
+    index = folder / "model.safetensors.index.json"
+    shard = json.loads(index.read_text())["weight_map"]["model.norm.weight"]
+    (folder / shard).unlink()
+    assert f"{index}: names shard {shard}, which is missing" in cli_error(capsys, folder)
+
+
+def test_index_naming_tensor_absent_from_shard(capsys, tmp_path):
+    folder, _ = write_hf(tmp_path, "gqa", shard_size="40KB")
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["model.layers.0.ghost"] = data["weight_map"]["model.norm.weight"]
+    index.write_text(json.dumps(data))
+    assert "the index says it holds model.layers.0.ghost, but it does not" in cli_error(capsys, folder)
+
+
+def test_error_from_real_command_line_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(tmp_path / "absent"), "--prompt", "x"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'absent'}: no such folder "
+                                                  "(and not a valid Hub repo id)"]
+
+
+@pytest.mark.parametrize("kind", ["gqa", "tied"])
+def test_save_round_trips_and_loads_in_transformers(tmp_path, kind):
+    folder, hf = write_hf(tmp_path, kind)
+    model, _ = bailong.load(folder, device="cpu")
+    out = tmp_path / "saved"
+    bailong.save(model, out, max_shard_bytes=50_000)  # small shards: exercise the index
+    assert (out / "model.safetensors.index.json").exists() and not list(out.glob("*.tmp"))
+    ids = torch.randint(0, 300, (1, 12))
+    again, _ = bailong.load(out, device="cpu")
+    theirs = LlamaForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = hf(ids).logits
+        torch.testing.assert_close(again(ids), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_cast_on_load_from_half_precision_files(tmp_path):
+    folder, hf = write_hf(tmp_path, "gqa")
+    hf.to(torch.bfloat16).save_pretrained(folder)  # bfloat16 on disk
+    model, _ = bailong.load(folder, dtype=torch.float32, device="cpu")
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight.float())
