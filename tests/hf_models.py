@@ -11,9 +11,9 @@ CONFIGS = {
 
 def hf_model(kind="gqa", seed=0, **overrides):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, vocab_size=300,
-                         max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
-                         **{**CONFIGS[kind], **overrides})
+    args = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, vocab_size=300,
+                max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0)
+    config = LlamaConfig(**{**args, **CONFIGS[kind], **overrides})
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1 so a missed norm weight shows
         for name, p in model.named_parameters():

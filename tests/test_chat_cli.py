@@ -1,0 +1,60 @@
+"""chat.py end to end: one-shot answers, the interactive loop, clean exits."""
+import shutil
+import subprocess
+import sys
+
+import torch
+from hf_models import write_hf
+
+import bailong
+import chat
+from bailong.chat_template import llama2_turns
+from bailong.generate import Sampling, generate
+from bailong.tokenizer import Tokenizer
+from conftest import ROOT, asset
+
+GREEDY = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1"]
+
+
+def run_chat(*args, stdin=""):
+    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_prompt_answers_once_with_the_streamed_greedy_reply(tmp_path, capsys):
+    tokenizer_file = asset("llama2-tokenizer/tokenizer.model")
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32000, max_position_embeddings=256)
+    shutil.copy(tokenizer_file, folder / "tokenizer.model")
+    chat.main([str(folder), "--prompt", "臺灣 hello", "--system", "be brief", "--max-new-tokens", "25",
+               "--device", "cpu", *GREEDY])
+    printed = capsys.readouterr().out
+    model, tok = bailong.load(folder, device="cpu")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "臺灣 hello"}]
+    prompt = [i for turn in llama2_turns(tok, messages) for i in turn]
+    greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    expected = [i for i in generate(model, prompt, 25, greedy) if i != tok.eos_id]
+    assert printed == tok.decode(expected) + "\n"
+
+
+def test_preset_demo_runs_from_the_command_line():
+    result = run_chat("--preset", "tiny", "--prompt", "Hello 你好", "--max-new-tokens", "20", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "[20 tokens," in result.stderr and result.stdout.strip()
+
+
+def test_interactive_loop_ends_on_exit_command_and_on_end_of_input():
+    result = run_chat("--preset", "tiny", "--max-new-tokens", "5", stdin="hi\n\nagain\n/exit\nnever read\n")
+    assert result.returncode == 0 and result.stderr.count("[5 tokens,") == 2, result.stderr
+    result = run_chat("--preset", "tiny", "--max-new-tokens", "5", stdin="hi\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+
+
+def test_a_message_longer_than_the_context_is_an_error_not_a_crash():
+    result = run_chat("--preset", "tiny", "--prompt", "x" * 400)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: the message is")
+
+
+def test_model_without_tokenizer_needs_one(tmp_path, capsys):
+    folder, _ = write_hf(tmp_path, "gqa")
+    from test_weights import cli_error
+    assert f"{folder}: no tokenizer.model" in cli_error(capsys, folder)
