@@ -81,6 +81,9 @@ def main(argv=None):
         tokenizer = Tokenizer(args.tokenizer)
     if tokenizer is None:
         raise BailongError(f"{args.model}: no tokenizer.model in the model folder; pass --tokenizer FILE")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise BailongError(f"{args.tokenizer or args.model}: the tokenizer has {tokenizer.vocab_size} pieces, "
+                           f"more than the model's {model.config.vocab_size} embeddings")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []
 

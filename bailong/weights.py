@@ -18,14 +18,18 @@ from bailong.config import ModelConfig
 from bailong.errors import BailongError
 from bailong.model import Llama
 
-# What we fetch from the Hub: no pickled .bin weights, no duplicate formats.
-HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+# Fetched from the Hub first; then exactly the safetensors files the index names.
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
+             "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
 def resolve(path_or_repo_id: str, revision=None) -> Path:
-    """A local model folder, or the Hub snapshot of a repo id (token from $HF_TOKEN)."""
+    """A local model folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
+
+    From the Hub we fetch only what loading needs: config, tokenizer and index
+    first, then the weight files (no pickled .bin weights, no duplicate formats).
+    """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
@@ -33,13 +37,22 @@ def resolve(path_or_repo_id: str, revision=None) -> Path:
         raise BailongError(f"{path}: is a file; expected a model folder or a Hugging Face repo id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
+    repo = str(path_or_repo_id)
     try:
-        return Path(snapshot_download(str(path_or_repo_id), revision=revision, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        index = folder / "model.safetensors.index.json"
+        weights = ["model.safetensors"]
+        if index.exists():
+            try:
+                weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError):  # a broken index: shards() says how
+                weights = ["*.safetensors"]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=weights))
     except HFValidationError:
-        raise BailongError(f"{path_or_repo_id}: no such folder (and not a valid Hub repo id)") from None
+        raise BailongError(f"{repo}: no such folder (and not a valid Hub repo id)") from None
     except Exception as e:  # not found, gated, offline, network: all the user's to fix
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BailongError(f"{path_or_repo_id}: no such folder, and not available from the Hugging Face "
+        raise BailongError(f"{repo}: no such folder, and not available from the Hugging Face "
                            f"Hub ({type(e).__name__}: {reason})") from None
 
 

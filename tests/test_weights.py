@@ -1,5 +1,6 @@
 """Loading and saving checkpoints, and the one-line errors for bad ones."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,18 @@ def test_cast_on_load_from_half_precision_files(tmp_path):
     hf.to(torch.bfloat16).save_pretrained(folder)  # bfloat16 on disk
     model, _ = bailong.load(folder, dtype=torch.float32, device="cpu")
     assert torch.equal(model.lm_head.weight, hf.lm_head.weight.float())
+
+
+def test_repo_id_loads_from_the_hub_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    folder, hf = write_hf(tmp_path, "gqa", shard_size="40KB")
+    snapshot = tmp_path / "hub" / "models--bailong-tests--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model, _ = bailong.load("bailong-tests/tiny", device="cpu")
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
