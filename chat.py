@@ -48,7 +48,8 @@ def parse_args(argv):
 
 def answer(model, tokenizer, messages, args, sampling) -> str:
     """Generate and print one reply to ``messages`` (trimmed in place to fit the context)."""
-    budget = model.config.max_position_embeddings - min(args.max_new_tokens, 64)
+    context = model.config.max_position_embeddings
+    budget = context - min(args.max_new_tokens, context // 4)  # room kept for the answer
     ids, kept = fit_prompt(tokenizer, messages, budget)
     messages[:] = kept
     stream = tokenizer.stream()

@@ -48,7 +48,7 @@ def sample(logits, seen, s: Sampling, generator=None) -> int:
 
 
 @torch.inference_mode()
-def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling=Sampling(), stop_ids=None,
+def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | None = None, stop_ids=None,
              on_token=None, use_cache=True) -> list[int]:
     """New token ids after ``prompt_ids`` (batch of one).
 
@@ -58,6 +58,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling=Sampling(), 
     ``use_cache=False`` reruns the whole sequence each step: slow, for checking the cache.
     """
     config = model.config
+    sampling = sampling or Sampling()
     stop_ids = set(config.eos_token_id if stop_ids is None else stop_ids)
     device = model.lm_head.weight.device
     limit = min(len(prompt_ids) + max_new_tokens, config.max_position_embeddings)
