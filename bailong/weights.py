@@ -8,6 +8,7 @@ dtype on disk (measured in bench/bench_load_memory.py).
 """
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from tqdm import tqdm
 from bailong.config import ModelConfig
 from bailong.errors import BailongError
 from bailong.model import Llama
+from bailong.nf4 import NF4Tensor, quantize
+from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
 
 # Fetched from the Hub first; then exactly the safetensors files the index names.
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
@@ -79,7 +82,7 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
     raise BailongError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
 
 
-def read_tensors(file: Path, names=None):
+def read_tensors(file: Path, names=None, allow_uint8=False):
     """Yield (name, tensor) from one safetensors file, checking names and dtypes first.
 
     The file is reopened for each tensor: safetensors memory-maps the whole file,
@@ -92,7 +95,7 @@ def read_tensors(file: Path, names=None):
         for name in names or present:
             if name not in present:
                 raise BailongError(f"{file}: the index says it holds {name}, but it does not")
-            if present[name] not in FLOAT_DTYPES:
+            if present[name] not in FLOAT_DTYPES and not (allow_uint8 and present[name] == "U8"):
                 raise BailongError(f"{file}: tensor {name} is {present[name]}; expected float32/16 or bfloat16")
             with safe_open(file, framework="pt") as f:
                 tensor = f.get_tensor(name)
@@ -101,53 +104,123 @@ def read_tensors(file: Path, names=None):
         raise BailongError(f"{file}: not a valid safetensors file ({e})") from None
 
 
-def load_weights(model: Llama, folder: Path, device="cpu"):
-    """Materialise a meta-device ``model`` on ``device`` and fill it from the checkpoint."""
+def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False, blocksize=64, double_quant=True):
+    """Materialise a meta-device ``model`` on ``device`` and fill it from the checkpoint.
+
+    Projections built as empty ``NF4Linear`` take either the bitsandbytes NF4
+    tensors the checkpoint holds for them, or, with ``quantize_floats``, the
+    quantized form of its float weights, one matrix at a time as it is read. A
+    float weight for an NF4 slot without ``quantize_floats`` stays dense.
+    """
     model.to_empty(device=device)
     model.tie_weights()
-    params = model.state_dict()
-    expected = set(params) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
-    loaded = set()
-    files = shards(folder)
+    params = model.state_dict()  # empty NF4Linear slots contribute nothing
+    nf4 = {f"{name}.weight": m for name, m in projections(model) if isinstance(m, NF4Linear)}
+    expected = set(params) | set(nf4)
+    expected -= {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    loaded, pending, meter = set(), {}, ErrorMeter()
     bar = tqdm(total=len(expected), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False)
-    for file, names in files.items():
-        for name, tensor in read_tensors(file, names):
+    for file, names in shards(folder).items():
+        for name, tensor in read_tensors(file, names, allow_uint8=bool(nf4)):
             if name.endswith("rotary_emb.inv_freq"):  # older checkpoints store this; we recompute it
                 continue
-            if name not in params:
+            base = name.split(".weight.")[0] + ".weight" if ".weight." in name else name
+            if base in nf4 and (base != name or tensor.dtype == torch.uint8):
+                pending.setdefault(base, {})[name] = tensor  # a part of a bitsandbytes NF4 weight
+                continue
+            target = nf4.get(name)
+            if target is not None:
+                shape = [target.out_features, target.in_features]
+                if list(tensor.shape) != shape:
+                    raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json "
+                                       f"implies {shape}")
+                if quantize_floats:
+                    tensor = tensor.to(device)
+                    target.weight = quantize(tensor, blocksize, double_quant)
+                    meter.add(tensor, target.weight)
+                    bar.set_postfix_str(str(meter))
+                else:  # left unquantized in a quantized checkpoint
+                    dense = torch.nn.Linear(*shape[::-1], bias=False, device=device, dtype=model.lm_head.weight.dtype)
+                    set_module(model, name.removesuffix(".weight"), dense)
+                    params[name] = dense.weight.detach()
+            if name not in params and name not in nf4:
                 raise BailongError(f"{file}: unexpected tensor {name}, not part of a Llama with this config.json")
-            if tensor.shape != params[name].shape:
-                raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json "
-                                   f"implies {list(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)  # casts to the model's dtype
+            if name in params:
+                if tensor.shape != params[name].shape:
+                    raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json "
+                                       f"implies {list(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(tensor)  # casts to the model's dtype
             loaded.add(name)
             bar.update()
+    for base, parts in pending.items():
+        q = NF4Tensor.from_bnb_dict(parts, prefix=base.removesuffix("weight"), source=str(folder))
+        target = nf4[base]
+        if list(q.shape) != [target.out_features, target.in_features]:
+            raise BailongError(f"{folder}: {base} is quantized with shape {list(q.shape)}, config.json implies "
+                               f"{[target.out_features, target.in_features]}")
+        target.weight = q.to(device)
+        loaded.add(base)
+        bar.update()
     bar.close()
     missing = sorted(expected - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise BailongError(f"{folder}: the checkpoint lacks tensor {missing[0]}{more}")
+    if meter.count:
+        print(f"quantized to NF4 while loading: {meter}", file=sys.stderr)
     return model
+
+
+def bnb_quantized(folder: Path) -> bool:
+    """Whether config.json says the weights are bitsandbytes-quantized; refuse what we cannot read."""
+    file = folder / "config.json"
+    qc = json.loads(file.read_text()).get("quantization_config")
+    if not qc:
+        return False
+    if qc.get("quant_method") != "bitsandbytes":
+        raise BailongError(f"{file}: quantization {qc.get('quant_method')!r} is not supported "
+                           "(only bitsandbytes 4-bit nf4)")
+    if qc.get("load_in_8bit") or not qc.get("load_in_4bit", True):
+        raise BailongError(f"{file}: 8-bit bitsandbytes checkpoints are not supported (only 4-bit nf4)")
+    kind = qc.get("bnb_4bit_quant_type", "fp4")  # transformers' default
+    if kind != "nf4":
+        raise BailongError(f"{file}: bnb_4bit_quant_type {kind!r} is not supported (only nf4)")
+    if qc.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise BailongError(f"{file}: bnb_4bit_quant_storage {qc['bnb_4bit_quant_storage']!r} is not supported "
+                           "(only uint8)")
+    return True
 
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(path_or_repo_id, dtype=None, device=None, revision=None):
+def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
+         double_quant=True):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model.
 
-    dtype defaults to bfloat16 on CUDA and float32 on the CPU.
+    dtype (the compute dtype) defaults to bfloat16 on CUDA and float32 on the CPU.
+    ``quantize="nf4"`` stores every projection in NF4 (QLoRA's frozen base),
+    quantizing matrix by matrix as they load; checkpoints saved quantized by
+    bitsandbytes load as NF4 whatever ``quantize`` says.
     """
+    if quantize not in (None, "nf4"):
+        raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
     from bailong.tokenizer import Tokenizer
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
     config = ModelConfig.from_file(folder / "config.json")
+    quantized = quantize == "nf4" or bnb_quantized(folder)
     with torch.device("meta"):
         model = Llama(config).to(dtype)
-    load_weights(model, folder, device).eval()
+    if quantized:
+        for name, m in projections(model):
+            set_module(model, name, NF4Linear(m.in_features, m.out_features))
+    load_weights(model, folder, device, quantize == "nf4", blocksize, double_quant).eval()
+    if quantized:
+        print(memory_report(model), file=sys.stderr)
     tokenizer_file = folder / "tokenizer.model"
     return model, (Tokenizer(tokenizer_file) if tokenizer_file.exists() else None)
 
@@ -179,6 +252,8 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
                  "weight_map": {k: file for file, group in zip(names, groups) for k in group}}
         _atomic(folder / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     hf = {**model.config.to_hf(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    if quantization := bnb_quantization_config(model):
+        hf["quantization_config"] = quantization
     _atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
 
 

@@ -1,0 +1,113 @@
+"""The frozen NF4 base of QLoRA: a quantized linear layer and the model-level helpers.
+
+Every attention and MLP projection becomes an ``NF4Linear``; embeddings, norms
+and ``lm_head`` stay in the compute dtype, as in QLoRA. An ``NF4Linear``'s state
+dict holds exactly what bitsandbytes writes (``weight``, ``weight.absmax``, ...),
+so saving a quantized model is saving its state dict plus a
+``quantization_config`` that transformers understands.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bailong.nf4 import NF4Tensor, quantize
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class NF4Linear(nn.Module):
+    """A frozen, bias-free linear layer whose weight is stored in NF4: ``y = x @ W.T``.
+
+    The weight is dequantized to the input's dtype for each call (the reference
+    path; a fused kernel replaces it on CUDA). It is no ``nn.Parameter``: nothing
+    here is trained, and ``model.to(dtype)`` must not cast the float32 absmax.
+    """
+
+    def __init__(self, in_features, out_features, weight: NF4Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = weight  # filled by the loader when built empty
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True):
+        return cls(linear.in_features, linear.out_features, quantize(linear.weight, blocksize, double_quant))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.dequantize(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.weight is not None:
+            destination.update(self.weight.to_bnb_dict(prefix))
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves only: fn leaves integer tensors' dtype alone, so applying
+        # it to the packed uint8 codes tells the target device without casting anything.
+        if self.weight is not None:
+            self.weight = self.weight.to(fn(self.weight.data).device)
+        return self
+
+    def extra_repr(self):
+        q = self.weight
+        detail = f", blocksize={q.blocksize}, double_quant={q.double_quant}" if q is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{detail}"
+
+
+def projections(model):
+    """(name, module) of every attention and MLP projection, dense or quantized."""
+    return [(name, m) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS]
+
+
+def set_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def quantize_model(model, blocksize=64, double_quant=True):
+    """Replace every dense projection of a loaded model by its NF4 version, in place."""
+    for name, m in projections(model):
+        if isinstance(m, nn.Linear):
+            set_module(model, name, NF4Linear.from_linear(m, blocksize, double_quant))
+    return model
+
+
+def bnb_quantization_config(model) -> dict | None:
+    """config.json's quantization_config for a model with NF4 projections (None if none)."""
+    quantized = [m.weight for _, m in projections(model) if isinstance(m, NF4Linear)]
+    if not quantized:
+        return None
+    dense = sorted({name.rsplit(".", 1)[-1] for name, m in projections(model) if isinstance(m, nn.Linear)})
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": quantized[0].double_quant,
+            "bnb_4bit_compute_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": ["lm_head", *dense]}
+
+
+def memory_report(model) -> str:
+    """Bytes the model holds, against the same model in bfloat16."""
+    nf4 = [m.weight for _, m in projections(model) if isinstance(m, NF4Linear)]
+    quantized_bytes = sum(q.nbytes for q in nf4)
+    dense = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense)
+    bf16_bytes = 2 * (sum(q.numel for q in nf4) + sum(p.numel() for p in dense))
+    total = quantized_bytes + dense_bytes
+    gib = 2 ** 30
+    bits = 8 * quantized_bytes / max(1, sum(q.numel for q in nf4))
+    return (f"model memory: {total / gib:.2f} GiB ({quantized_bytes / gib:.2f} GiB in {len(nf4)} NF4 matrices "
+            f"at {bits:.3f} bits/weight, {dense_bytes / gib:.2f} GiB dense) vs {bf16_bytes / gib:.2f} GiB "
+            f"in bfloat16: {total / bf16_bytes:.1%}")
+
+
+class ErrorMeter:
+    """Running mean and max of |W - dequantize(quantize(W))| over all weights quantized so far."""
+
+    def __init__(self):
+        self.total, self.count, self.max = 0.0, 0, 0.0
+
+    def add(self, weight, q: NF4Tensor):
+        err = (q.dequantize(torch.float32) - weight.float()).abs()
+        self.total += err.sum().item()
+        self.count += err.numel()
+        self.max = max(self.max, err.max().item())
+
+    def __str__(self):
+        return f"mean |error| {self.total / max(1, self.count):.3g}, max |error| {self.max:.3g}"
