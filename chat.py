@@ -18,6 +18,7 @@ from bailong import load, load_preset
 from bailong.chat_template import fit_prompt
 from bailong.errors import BailongError, run_cli
 from bailong.generate import Sampling, generate
+from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +41,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--quantize", choices=["nf4"], help="store the projections in NF4 while loading")
     args = p.parse_args(argv)
     if (args.model is None) == (args.preset is None):
         p.error("give a model folder or repo id, or --preset NAME")
@@ -76,8 +78,10 @@ def main(argv=None):
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.preset:
         model, tokenizer = load_preset(args.preset, dtype, args.device)
+        if args.quantize:
+            quantize_model(model)
     else:
-        model, tokenizer = load(args.model, dtype, args.device)
+        model, tokenizer = load(args.model, dtype, args.device, quantize=args.quantize)
     if args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer)
     if tokenizer is None:

@@ -126,7 +126,7 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
                 continue
             base = name.split(".weight.")[0] + ".weight" if ".weight." in name else name
             if base in nf4 and (base != name or tensor.dtype == torch.uint8):
-                pending.setdefault(base, {})[name] = tensor  # a part of a bitsandbytes NF4 weight
+                pending.setdefault(base, {"file": file})[name] = tensor  # a part of a bitsandbytes NF4 weight
                 continue
             target = nf4.get(name)
             if target is not None:
@@ -154,10 +154,11 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
             loaded.add(name)
             bar.update()
     for base, parts in pending.items():
-        q = NF4Tensor.from_bnb_dict(parts, prefix=base.removesuffix("weight"), source=str(folder))
+        file = parts.pop("file")
+        q = NF4Tensor.from_bnb_dict(parts, prefix=base.removesuffix("weight"), source=str(file))
         target = nf4[base]
         if list(q.shape) != [target.out_features, target.in_features]:
-            raise BailongError(f"{folder}: {base} is quantized with shape {list(q.shape)}, config.json implies "
+            raise BailongError(f"{file}: {base} is quantized with shape {list(q.shape)}, config.json implies "
                                f"{[target.out_features, target.in_features]}")
         target.weight = q.to(device)
         loaded.add(base)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # bitsandbytes' PyTorch paths would compile on every new shape
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ASSETS = ROOT.parent / "shared" / "assets"

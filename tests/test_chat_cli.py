@@ -42,6 +42,15 @@ def test_preset_demo_runs_from_the_command_line():
     assert "[20 tokens," in result.stderr and result.stdout.strip()
 
 
+def test_quantized_model_chats(tmp_path, capsys):
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32000, max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    chat.main([str(folder), "--quantize", "nf4", "--prompt", "hi", "--max-new-tokens", "5", "--device", "cpu"])
+    assert "model memory:" in capsys.readouterr().err
+    result = run_chat("--preset", "tiny", "--quantize", "nf4", "--prompt", "hi", "--max-new-tokens", "5")
+    assert result.returncode == 0 and "[5 tokens," in result.stderr, result.stderr
+
+
 def test_interactive_loop_ends_on_exit_command_and_on_end_of_input():
     result = run_chat("--preset", "tiny", "--max-new-tokens", "5", stdin="hi\n\nagain\n/exit\nnever read\n")
     assert result.returncode == 0 and result.stderr.count("[5 tokens,") == 2, result.stderr
