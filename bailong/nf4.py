@@ -151,12 +151,14 @@ class NF4Tensor:
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The weight as ``dtype`` (default: its original dtype): code[index] * absmax of its block."""
-        n = self.numel
-        codes = torch.stack([self.data.view(-1) >> 4, self.data.view(-1) & 0xF], dim=1).view(-1)[:n]
-        values = self.quant_map[codes.long()]  # (n,) float32
-        values = torch.nn.functional.pad(values, (0, -n % self.blocksize)).view(-1, self.blocksize)
-        values = (values * self.block_absmax()[:, None]).view(-1)[:n]
-        return values.view(self.shape).to(dtype or self.dtype)
+        n, bs = self.numel, self.blocksize
+        byte = torch.arange(256, device=self.data.device)
+        pairs = self.quant_map[torch.stack([byte >> 4, byte & 0xF], dim=1)]  # (256, 2): the values a byte holds
+        values = torch.index_select(pairs, 0, self.data.view(-1).int()).view(-1)[:n]  # (n,) float32
+        if n % bs:
+            values = torch.nn.functional.pad(values, (0, -n % bs))
+        values = values.view(-1, bs).mul_(self.block_absmax()[:, None])  # (blocks, bs)
+        return values.view(-1)[:n].view(self.shape).to(dtype or self.dtype)
 
     def to_bnb_dict(self, prefix="") -> dict:
         """The tensors bitsandbytes (through transformers) saves for a quantized ``{prefix}weight``."""
@@ -236,20 +238,23 @@ def quantize(weight: torch.Tensor, blocksize=64, double_quant=True) -> NF4Tensor
     code = NF4_CODE.to(x.device)
     full = n - n % blocksize
     blocks = x[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)  # (blocks,)
+    absmax = torch.linalg.vector_norm(blocks, float("inf"), dim=1)  # (blocks,) max |x|, no temporary
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).view(-1)  # reciprocal, then multiply
     if full < n:  # bitsandbytes divides in the short last block, and stores its clamped absmax
         tail_max = x[full:].abs().max().clamp(min=1e-38)
         absmax = torch.cat([absmax, tail_max[None]])
         scaled = torch.cat([scaled, x[full:] / tail_max])
-    scaled = torch.nn.functional.pad(scaled.clamp(-1, 1), (0, n % 2))  # pad value 0 codes as 7
+    del x
+    scaled = torch.nn.functional.pad(scaled.clamp_(-1, 1), (0, n % 2))  # pad value 0 codes as 7
     midpoints = (code[:-1] + code[1:]) / 2
-    idx = torch.bucketize(scaled, midpoints).to(torch.uint8)  # x <= midpoint goes to the lower code
+    idx = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)  # x <= midpoint: lower code
     packed = (idx[0::2] << 4 | idx[1::2]).unsqueeze(1)
     q = NF4Tensor(packed, absmax, weight.shape, weight.dtype, blocksize, code.clone())
     if double_quant:
-        q.offset = absmax.mean()
-        nested_code = dynamic_code().to(x.device)
+        # the mean on the CPU, whatever the device: a GPU sums in another order, and one
+        # ulp of offset can move an absmax code; this way CPU and CUDA write the same bits
+        q.offset = absmax.cpu().mean().to(absmax.device)
+        nested_code = dynamic_code().to(weight.device)
         q.absmax, q.nested_absmax = quantize_8bit(absmax - q.offset, nested_code)
         q.nested_quant_map = nested_code
     return q

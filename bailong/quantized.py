@@ -104,7 +104,7 @@ class ErrorMeter:
         self.total, self.count, self.max = 0.0, 0, 0.0
 
     def add(self, weight, q: NF4Tensor):
-        err = (q.dequantize(torch.float32) - weight.float()).abs()
+        err = q.dequantize(torch.float32).sub_(weight).abs_()
         self.total += err.sum().item()
         self.count += err.numel()
         self.max = max(self.max, err.max().item())

@@ -28,7 +28,7 @@ import sys, json, time, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import bailong
-method, folder, dtype = {method!r}, Path({folder!r}), getattr(torch, {dtype!r})
+method, folder, dtype, quantize = {method!r}, Path({folder!r}), getattr(torch, {dtype!r}), {quantize!r}
 if method == "transformers":
     from transformers import LlamaForCausalLM
 
@@ -40,7 +40,7 @@ def status(key):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
 before, start = status("VmRSS"), time.perf_counter()
 if method == "bailong":
-    model, _ = bailong.load(folder, dtype=dtype, device="cpu")
+    model, _ = bailong.load(folder, dtype=dtype, device="cpu", quantize=quantize)
 elif method == "simple":
     from safetensors.torch import load_file
     model = bailong.Llama(bailong.ModelConfig.from_file(folder / "config.json")).to(dtype)
@@ -51,7 +51,7 @@ else:
 seconds = time.perf_counter() - start
 for p in model.parameters():  # read every weight: memory-mapped ones become resident, as in use
     p.sum()
-size = sum(p.numel() * p.element_size() for p in model.parameters())
+size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 print(json.dumps(dict(peak_growth=status("VmHWM") - before, model_bytes=size, seconds=seconds)))
 """
 
@@ -70,6 +70,15 @@ def write_checkpoint(config, folder, dtype):
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     bailong.save(model, folder, max_shard_bytes=min(disk // 3 + 1, 5 << 30))
     return disk, largest
+
+
+def measure(folder, method, dtype, quantize=None) -> dict:
+    """Run one load in a fresh process: peak_growth and model_bytes (bytes), seconds."""
+    code = CHILD.format(root=str(ROOT), folder=str(folder), dtype=dtype, method=method, quantize=quantize)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -101,12 +110,11 @@ def main():
               f"{largest / mib:.0f} MiB (written in {time.perf_counter() - start:.0f} s)")
         for dtype in args.dtypes.split(","):
             for method in methods:
-                code = CHILD.format(root=str(ROOT), folder=tmp, dtype=dtype, method=method)
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-                if out.returncode:
-                    print(f"{method} as {dtype}: failed: {out.stderr.strip().splitlines()[-1]}")
+                try:
+                    r = measure(tmp, method, dtype)
+                except RuntimeError as e:
+                    print(f"{method} as {dtype}: failed: {e}")
                     continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
                 extra = r["peak_growth"] - r["model_bytes"] - largest
                 print(f"{method:12s} as {dtype:8s}: model {r['model_bytes'] / mib:7.0f} MiB, peak growth "
                       f"{r['peak_growth'] / mib:7.0f} MiB = {r['peak_growth'] / r['model_bytes']:.2f}x the model "

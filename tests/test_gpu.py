@@ -29,3 +29,25 @@ def test_cuda_decoding_with_cache_equals_without(tmp_path):
     prompt = list(range(3, 20))
     assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == \
         generate(model, prompt, 40, GREEDY, stop_ids=[], use_cache=False)
+
+
+@pytest.mark.parametrize("blocksize,double_quant", [(64, True), (128, True), (64, False)])
+def test_nf4_quantize_on_cuda_writes_the_cpu_bits(blocksize, double_quant):
+    from bailong.nf4 import quantize
+    torch.manual_seed(0)
+    for shape in [(4096, 4096), (11008, 4096), (33, 65)]:
+        w = (torch.randn(shape) * 0.02).bfloat16()
+        on_cpu, on_cuda = quantize(w, blocksize, double_quant), quantize(w.cuda(), blocksize, double_quant)
+        for name, t in on_cuda.tensors().items():
+            assert torch.equal(t.cpu(), on_cpu.tensors()[name]), (shape, name)
+        assert torch.equal(on_cuda.dequantize().cpu(), on_cpu.dequantize())
+
+
+def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    from bailong.nf4 import NF4Tensor
+    for shape, double_quant in [((4096, 11008), True), ((64, 96), True), ((33, 65), False)]:
+        w = (torch.randn(shape, device="cuda") * 0.02).bfloat16()
+        packed, state = bnb.quantize_4bit(w, compress_statistics=double_quant, quant_type="nf4")
+        saved = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+        assert torch.equal(NF4Tensor.from_bnb_dict(saved).dequantize(), bnb.dequantize_4bit(packed, state))
