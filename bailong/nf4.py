@@ -41,6 +41,7 @@ near 0), in blocks of 256 with one fp32 absmax each. The bit budget per weight:
 
 instead of 4.5 without double quantization, and 16 in bfloat16.
 """
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -73,34 +74,32 @@ def dynamic_code() -> torch.Tensor:
     return torch.tensor(sorted(data + [0, 1.0]), dtype=torch.float32)
 
 
-def _dynamic_lut(code) -> torch.Tensor:
-    """The code index for each of 65,536 evenly spaced values in [-1, 1].
+@functools.cache
+def _dynamic_lut(device) -> torch.Tensor:
+    """The dynamic code's index for each of 65,536 evenly spaced values in [-1, 1].
 
     bitsandbytes' CPU quantizer finds the nearest 8-bit code through this table
     rather than by search: value v maps to bin trunc(((v + 1) * 0.5) * 65535 + 0.5),
-    and the bin to the number of code midpoints below its centre. This rounds a
-    value within about 1.5e-5 of a midpoint to either side; we follow it bit for
-    bit so that our absmax codes equal those bitsandbytes writes on the CPU.
+    and the bin to the number of code midpoints below its centre. A value within
+    half a bin (1.5e-5) of a midpoint may so round either way; we follow it bit
+    for bit so that our absmax codes equal those bitsandbytes writes on the CPU
+    (its CUDA kernel takes the exact nearest code: docs/BENCHMARKS.md compares).
     """
+    code = dynamic_code()
     midpoints = 0.5 * (code[:-1] + code[1:])
     centres = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535
-    return torch.searchsorted(midpoints, centres, right=False).to(torch.uint8)
+    return torch.searchsorted(midpoints, centres, right=False).to(torch.uint8).to(device)
 
 
-_LUT = {}
-
-
-def quantize_8bit(x, code, blocksize=NESTED_BLOCKSIZE):
-    """Blockwise 8-bit quantization of a 1-D float32 tensor: (uint8 codes, float32 absmax)."""
-    key = (code.device, tuple(code.tolist()))
-    if key not in _LUT:
-        _LUT[key] = _dynamic_lut(code.cpu()).to(code.device)
+def quantize_8bit(x, blocksize=NESTED_BLOCKSIZE):
+    """Blockwise 8-bit quantization of a 1-D float32 tensor with the dynamic code:
+    (uint8 codes, float32 absmax per block)."""
     n = x.numel()
     padded = torch.nn.functional.pad(x, (0, -n % blocksize)).view(-1, blocksize)
     absmax = padded.abs().amax(dim=1)  # (blocks,)
     scaled = (padded * (1.0 / absmax)[:, None]).clamp(-1, 1)  # reciprocal, then multiply
     bins = ((scaled + 1.0) * 0.5 * 65535 + 0.5).to(torch.int64)  # truncates, as a C cast does
-    q = torch.where(absmax[:, None] == 0, 0, _LUT[key][bins.clamp(0, 65535)])
+    q = torch.where(absmax[:, None] == 0, 0, _dynamic_lut(x.device)[bins.clamp(0, 65535)])
     return q.reshape(-1)[:n], absmax
 
 
@@ -194,7 +193,7 @@ class NF4Tensor:
             raise bad(f"unreadable quant_state ({type(e).__name__}: {e})") from None
         if state.get("quant_type") != "nf4":
             raise bad(f"quant_type {state.get('quant_type')!r} is not supported (only nf4)")
-        if blocksize not in BLOCKSIZES or not hasattr(torch, dtype):
+        if blocksize not in BLOCKSIZES or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise bad(f"quant_state has blocksize {blocksize} and dtype {dtype!r}")
         q = cls(data=tensors.get(name), absmax=tensors.get(f"{name}.absmax"), shape=shape,
                 dtype=getattr(torch, dtype), blocksize=blocksize, quant_map=tensors.get(f"{name}.quant_map"))
@@ -254,7 +253,6 @@ def quantize(weight: torch.Tensor, blocksize=64, double_quant=True) -> NF4Tensor
         # the mean on the CPU, whatever the device: a GPU sums in another order, and one
         # ulp of offset can move an absmax code; this way CPU and CUDA write the same bits
         q.offset = absmax.cpu().mean().to(absmax.device)
-        nested_code = dynamic_code().to(weight.device)
-        q.absmax, q.nested_absmax = quantize_8bit(absmax - q.offset, nested_code)
-        q.nested_quant_map = nested_code
+        q.absmax, q.nested_absmax = quantize_8bit(absmax - q.offset)
+        q.nested_quant_map = dynamic_code().to(weight.device)
     return q

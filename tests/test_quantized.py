@@ -145,3 +145,12 @@ def test_other_quantizations_and_inconsistent_states_are_refused(tmp_path):
     with pytest.raises(BailongError, match="model.safetensors: model.layers.1.self_attn.o_proj.weight: absmax is "
                                            "uint8 \\[253\\], but quant_state"):
         bailong.load(quantized, device="cpu")
+
+
+def test_quantized_shape_must_fit_the_config(tmp_path):
+    source, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    quantized = quantize_with_transformers(source, tmp_path / "q")
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    with pytest.raises(BailongError, match="mlp.(gate|up|down)_proj.weight is quantized with shape"):
+        bailong.load(quantized, device="cpu")
