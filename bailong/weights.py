@@ -129,26 +129,21 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
                 pending.setdefault(base, {"file": file})[name] = tensor  # a part of a bitsandbytes NF4 weight
                 continue
             target = nf4.get(name)
-            if target is not None:
-                shape = [target.out_features, target.in_features]
-                if list(tensor.shape) != shape:
-                    raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json "
-                                       f"implies {shape}")
-                if quantize_floats:
-                    tensor = tensor.to(device)
-                    target.weight = quantize(tensor, blocksize, double_quant)
-                    meter.add(tensor, target.weight)
-                    bar.set_postfix_str(str(meter))
-                else:  # left unquantized in a quantized checkpoint
+            if name not in params and target is None:
+                raise BailongError(f"{file}: unexpected tensor {name}, not part of a Llama with this config.json")
+            shape = list(params[name].shape) if target is None else [target.out_features, target.in_features]
+            if list(tensor.shape) != shape:
+                raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json implies {shape}")
+            if target is not None and quantize_floats:
+                tensor = tensor.to(device)
+                target.weight = quantize(tensor, blocksize, double_quant)
+                meter.add(tensor, target.weight)
+                bar.set_postfix_str(str(meter))
+            else:
+                if target is not None:  # a float weight in a quantized checkpoint stays dense
                     dense = torch.nn.Linear(*shape[::-1], bias=False, device=device, dtype=model.lm_head.weight.dtype)
                     set_module(model, name.removesuffix(".weight"), dense)
                     params[name] = dense.weight.detach()
-            if name not in params and name not in nf4:
-                raise BailongError(f"{file}: unexpected tensor {name}, not part of a Llama with this config.json")
-            if name in params:
-                if tensor.shape != params[name].shape:
-                    raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json "
-                                       f"implies {list(params[name].shape)}")
                 with torch.no_grad():
                     params[name].copy_(tensor)  # casts to the model's dtype
             loaded.add(name)

@@ -17,9 +17,9 @@ from conftest import asset
 SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
 
 
-def quantize_with_transformers(source, out, quant_type="nf4", double_quant=True):
+def quantize_with_transformers(source, out, quant_type="nf4", double_quant=True, skip=None):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-                                bnb_4bit_compute_dtype=torch.float32)
+                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
     model = LlamaForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
     model.save_pretrained(out)
     return out
@@ -37,6 +37,19 @@ def dequantized_reference(source, quantized):
             state[name] = bnb_dequantize(tensors[name], bnb.QuantState.from_dict(parts, device="cpu"), torch.float32)
     model.load_state_dict(state)
     return model
+
+
+def test_projections_left_dense_stay_dense(tmp_path):
+    source, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    quantized = quantize_with_transformers(source, tmp_path / "q", skip=["lm_head", "o_proj"])
+    model, _ = bailong.load(quantized, device="cpu")
+    assert type(model.model.layers[2].self_attn.o_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[2].self_attn.q_proj, NF4Linear)
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), dequantized_reference(source, quantized)(ids).logits,
+                                   atol=1e-5, rtol=0)
+    assert "o_proj" in bailong.quantized.bnb_quantization_config(model)["llm_int8_skip_modules"]
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
