@@ -15,6 +15,28 @@ from bailong.nf4 import NF4Tensor, quantize
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class NF4Matmul(torch.autograd.Function):
+    """y = x @ W.T for a frozen NF4 weight W, with a gradient for x only.
+
+    Nothing but the packed weight is kept for the backward, which dequantizes
+    again for dx = dy @ W: no weight gradient is formed and no dequantized copy
+    of W stays alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight: NF4Tensor):
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.weight.dequantize(dy.dtype), None  # (..., out) @ (out, in)
+
+
+def nf4_linear(x, weight: NF4Tensor):
+    return NF4Matmul.apply(x, weight)
+
+
 class NF4Linear(nn.Module):
     """A frozen, bias-free linear layer whose weight is stored in NF4: ``y = x @ W.T``.
 
@@ -33,7 +55,7 @@ class NF4Linear(nn.Module):
         return cls(linear.in_features, linear.out_features, quantize(linear.weight, blocksize, double_quant))
 
     def forward(self, x):
-        return F.linear(x, self.weight.dequantize(x.dtype))
+        return nf4_linear(x, self.weight)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.weight is not None:

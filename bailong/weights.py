@@ -27,30 +27,32 @@ HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.j
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
-def resolve(path_or_repo_id: str, revision=None) -> Path:
-    """A local model folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
+def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True) -> Path:
+    """A local folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
 
-    From the Hub we fetch only what loading needs: config, tokenizer and index
-    first, then the weight files (no pickled .bin weights, no duplicate formats).
+    From the Hub we fetch only ``files``, then (with ``weights``) exactly the
+    safetensors files the index names: no pickled .bin weights, no duplicates.
     """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise BailongError(f"{path}: is a file; expected a model folder or a Hugging Face repo id")
+        raise BailongError(f"{path}: is a file; expected a folder or a Hugging Face repo id")
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
     repo = str(path_or_repo_id)
     try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files))
+        if not weights:
+            return folder
         index = folder / "model.safetensors.index.json"
-        weights = ["model.safetensors"]
+        shard_files = ["model.safetensors"]
         if index.exists():
             try:
-                weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                shard_files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (ValueError, KeyError, AttributeError):  # a broken index: shards() says how
-                weights = ["*.safetensors"]
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=weights))
+                shard_files = ["*.safetensors"]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
     except HFValidationError:
         raise BailongError(f"{repo}: no such folder (and not a valid Hub repo id)") from None
     except Exception as e:  # not found, gated, offline, network: all the user's to fix
@@ -193,13 +195,14 @@ def default_device():
 
 
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
-         double_quant=True):
+         double_quant=True, adapter=None):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model.
 
     dtype (the compute dtype) defaults to bfloat16 on CUDA and float32 on the CPU.
     ``quantize="nf4"`` stores every projection in NF4 (QLoRA's frozen base),
     quantizing matrix by matrix as they load; checkpoints saved quantized by
-    bitsandbytes load as NF4 whatever ``quantize`` says.
+    bitsandbytes load as NF4 whatever ``quantize`` says. ``adapter``: a PEFT LoRA
+    adapter folder or repo id to apply; its tokenizer.model, if any, wins.
     """
     if quantize not in (None, "nf4"):
         raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
@@ -218,6 +221,13 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     if quantized:
         print(memory_report(model), file=sys.stderr)
     tokenizer_file = folder / "tokenizer.model"
+    if adapter is not None:
+        from bailong.adapter import ADAPTER_FILES, load_adapter
+        adapter_folder = resolve(str(adapter), revision, files=ADAPTER_FILES, weights=False)
+        load_adapter(model, adapter_folder)
+        model.eval()
+        if (adapter_folder / "tokenizer.model").exists():
+            tokenizer_file = adapter_folder / "tokenizer.model"
     return model, (Tokenizer(tokenizer_file) if tokenizer_file.exists() else None)
 
 

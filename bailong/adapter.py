@@ -1,0 +1,148 @@
+"""LoRA adapters in PEFT's format, so that PEFT users can load ours and we theirs.
+
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``
+whose keys are ours behind the prefix ``base_model.model.``:
+
+    model.layers.0.self_attn.q_proj.lora_A.weight   ->  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+    model.embed_tokens.lora_embedding_A             ->  base_model.model.model.embed_tokens.lora_embedding_A
+
+When the embedding or the head carries LoRA, PEFT also stores their full
+(possibly resized) weights as ``<module>.base_layer.weight``; we do the same.
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bailong.errors import BailongError
+from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
+
+PREFIX = "base_model.model."
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_FILES = [CONFIG, WEIGHTS, "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+# PEFT options that change what an adapter computes; we refuse them rather than ignore them
+UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+               "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": None,
+               "target_parameters": None, "layer_replication": None}
+
+
+def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None):
+    """Write the model's LoRA weights and config as a PEFT adapter folder (atomically per file)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    targets = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (LoRALinear, LoRAEmbedding)):
+            targets.add(name.rsplit(".", 1)[-1])
+            if name.endswith(("embed_tokens", "lm_head")):  # as PEFT: the full weight, resized or not
+                tensors[f"{PREFIX}{name}.base_layer.weight"] = m.weight.detach().contiguous()
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+                   "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),
+                   "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+                   "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, **UNSUPPORTED}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / WEIGHTS)
+    tmp = folder / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(peft_config, indent=2))
+    os.replace(tmp, folder / CONFIG)
+
+
+def read_adapter_config(folder: Path) -> dict:
+    file = folder / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise BailongError(f"{file}: no such file (an adapter folder needs {CONFIG} and {WEIGHTS})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BailongError(f"{file}: not valid JSON ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise BailongError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
+    for key, default in UNSUPPORTED.items():
+        if config.get(key, default) not in (default, [], {}):
+            raise BailongError(f"{file}: {key}={config[key]!r} is not supported")
+    return config
+
+
+def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
+    """Wrap the modules a PEFT LoRA adapter names and load its weights; returns its config."""
+    from bailong.weights import resolve
+    folder = resolve(str(path_or_repo_id), revision, files=ADAPTER_FILES, weights=False)
+    peft = read_adapter_config(folder)
+    config = LoRAConfig(r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),
+                        rslora=peft.get("use_rslora", False), targets=tuple(peft.get("target_modules") or ()))
+    file = folder / WEIGHTS
+    if not file.exists():
+        raise BailongError(f"{file}: no such file (pickled adapter_model.bin is not loaded)")
+    try:
+        with safe_open(file, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in sorted(f.keys())}
+    except SafetensorError as e:
+        raise BailongError(f"{file}: not a valid safetensors file ({e})") from None
+    modules = {}
+    for key, tensor in tensors.items():
+        match = re.fullmatch(re.escape(PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                             r"lora_embedding_B|base_layer\.weight)", key)
+        if not match:
+            raise BailongError(f"{file}: key {key} is not a LoRA weight in PEFT's layout")
+        modules.setdefault(match[1], {})[match[2]] = (key, tensor)
+    for name, parts in modules.items():
+        _check_fits(model, name, parts, file)
+    for name, parts in modules.items():
+        lora_key = "lora_A.weight" if "lora_A.weight" in parts else "lora_embedding_A"
+        if lora_key not in parts:  # only a base_layer weight
+            with torch.no_grad():
+                model.get_submodule(name).weight.copy_(parts["base_layer.weight"][1])
+            continue
+        r = parts[lora_key][1].shape[0]
+        alpha = _pattern(peft.get("alpha_pattern"), name, config.alpha)
+        scaling = alpha / (r ** 0.5 if config.rslora else r)
+        wrapper = add_lora(model, name, r, scaling, config.dropout)
+        with torch.no_grad():
+            for part, (_, tensor) in parts.items():
+                target = wrapper.weight if part == "base_layer.weight" else wrapper.get_parameter(part)
+                target.copy_(tensor)
+    return config
+
+
+def _pattern(patterns, name, default):
+    """PEFT's per-module override: the first pattern matching the end of the module name."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", name):
+            return value
+    return default
+
+
+def _check_fits(model, name, parts, file):
+    """Every tensor of one module must fit the base; the error names the first key that does not."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        key = min(k for k, _ in parts.values())
+        raise BailongError(f"{file}: {key} names module {name}, which the base model lacks") from None
+    if isinstance(module, nn.Embedding):
+        (vocab, dim), kind = module.weight.shape, "embedding"
+        shapes = {"lora_embedding_A": lambda r: [r, vocab], "lora_embedding_B": lambda r: [dim, r]}
+        rank_key = "lora_embedding_A"
+    elif hasattr(module, "in_features"):
+        vocab, dim, kind = module.out_features, module.in_features, "linear"
+        shapes = {"lora_A.weight": lambda r: [r, dim], "lora_B.weight": lambda r: [vocab, r]}
+        rank_key = "lora_A.weight"
+    else:
+        raise BailongError(f"{file}: {min(k for k, _ in parts.values())} targets {name}, "
+                           f"a {type(module).__name__} that LoRA cannot wrap")
+    r = parts[rank_key][1].shape[0] if rank_key in parts else None
+    shapes["base_layer.weight"] = lambda r: [vocab, dim]
+    for part, (key, tensor) in sorted(parts.items(), key=lambda item: item[1][0]):
+        if part not in shapes:
+            raise BailongError(f"{file}: {key} does not fit {name}, a {kind} layer")
+        expected = shapes[part](r)
+        if list(tensor.shape) != expected:
+            raise BailongError(f"{file}: {key} has shape {list(tensor.shape)}, but the base's {name} "
+                               f"({kind}, {vocab} x {dim}) needs {expected}")

@@ -1,0 +1,180 @@
+"""Hand-written LoRA: trainable low-rank updates beside frozen (dense or NF4) weights.
+
+    y = x W^T + s * B A x        W: (out, in) frozen;  A: (r, in);  B: (out, r);  s = alpha / r
+
+Only A and B train: r (in + out) numbers per matrix instead of in * out. B starts
+at zero, so training starts from exactly the base model. With rsLoRA
+(Kalajdzievski, 2023) s = alpha / sqrt(r), which keeps updates from shrinking
+as r grows.
+
+The chain rule through one layer, with g = dL/dy (the base adds nothing to it):
+
+    dL/dB = s * g^T (A x)       dL/dA = s * B^T g x^T       dL/dx = g W + s * (g B) A
+
+Autograd derives the first two through two small ``nn.Linear``s; for an NF4 W
+the ``nf4_linear`` function supplies g W without a weight gradient and without
+keeping a dequantized W between forward and backward.
+
+LoRA wraps, never forks: the wrapped layer keeps its frozen weight under its
+usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the
+prefix ``base_model.model.`` (see ``bailong/adapter.py``).
+"""
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bailong.nf4 import NF4Tensor
+from bailong.quantized import PROJECTIONS, NF4Linear, nf4_linear, set_module
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    rslora: bool = False
+    targets: tuple = PROJECTIONS + ("embed_tokens", "lm_head")  # last component of module names
+
+    def scaling(self, r=None):
+        r = r or self.r
+        return self.alpha / (math.sqrt(r) if self.rslora else r)
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (dense or NF4) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear | NF4Linear, r, scaling, dropout=0.0, lora_dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # frozen: a Parameter without grad, or an NF4Tensor
+        if isinstance(self.weight, nn.Parameter):
+            self.weight.requires_grad_(False)
+        device = self.weight.data.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        nn.init.zeros_(self.lora_B.weight)  # A keeps nn.Linear's (Kaiming) initialisation
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    @property
+    def quantized(self):
+        return isinstance(self.weight, NF4Tensor)
+
+    def forward(self, x):
+        y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (update * self.scaling).to(y.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + s * B @ A in float32 (an NF4 W is dequantized first)."""
+        w = self.weight.dequantize(torch.float32) if self.quantized else self.weight.float()
+        return w + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # a dense weight is a Parameter
+        if self.quantized:
+            destination.update(self.weight.to_bnb_dict(prefix))
+
+    def _apply(self, fn, recurse=True):
+        if self.quantized:  # as NF4Linear: follow the device, keep the dtypes
+            self.weight = self.weight.to(fn(self.weight.data).device)
+        return super()._apply(fn, recurse)
+
+
+class LoRAEmbedding(nn.Module):
+    """A frozen embedding plus a low-rank update: E[ids] + s * (A^T[ids]) B^T.
+
+    Layout as PEFT's: ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B``
+    (dim, r); here A starts at zero and B random, the opposite of the linear case.
+    """
+
+    def __init__(self, base: nn.Embedding, r, scaling, lora_dtype=torch.float32):
+        super().__init__()
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        vocab, dim = self.weight.shape
+        kw = dict(device=self.weight.device, dtype=lora_dtype)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, vocab, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, **kw))
+        nn.init.normal_(self.lora_embedding_B)
+        self.scaling = scaling
+
+    def forward(self, ids):
+        update = F.embedding(ids, self.lora_embedding_A.T) @ self.lora_embedding_B.T  # (B, T, dim)
+        return F.embedding(ids, self.weight) + (update * self.scaling).to(self.weight.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight.float() + self.scaling * (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T
+
+
+def add_lora(model, name, r, scaling, dropout=0.0):
+    """Wrap the module ``name`` in LoRA; returns the wrapper."""
+    base = model.get_submodule(name)
+    if getattr(model.config, "tie_word_embeddings", False) and name.endswith(("embed_tokens", "lm_head")):
+        raise ValueError(f"LoRA on {name}: the embedding and the head share one weight (tie_word_embeddings); "
+                         "leave them out of the targets")
+    if isinstance(base, nn.Embedding):
+        wrapper = LoRAEmbedding(base, r, scaling)
+    elif isinstance(base, (nn.Linear, NF4Linear)):
+        wrapper = LoRALinear(base, r, scaling, dropout)
+    else:
+        raise ValueError(f"LoRA cannot wrap {name} ({type(base).__name__})")
+    set_module(model, name, wrapper)
+    return wrapper
+
+
+def inject_lora(model, config: LoRAConfig):
+    """Wrap every module whose last name component is in ``config.targets``."""
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in config.targets
+             and not isinstance(m, (LoRALinear, LoRAEmbedding))]
+    for name in names:
+        add_lora(model, name, config.r, config.scaling(), config.dropout)
+    return model
+
+
+def lora_parameters(model):
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def mark_only_lora_trainable(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
+
+
+def lora_state_dict(model) -> dict:
+    return {n: p.detach() for n, p in lora_parameters(model).items()}
+
+
+def merge_lora(model, dtype=None):
+    """Fold every update into its weight, W + s * B @ A, leaving a plain (dense) model.
+
+    An NF4 weight is dequantized first; the merged weight then carries NF4's
+    rounding, which a merge onto the original weights would not (a warning says so).
+    """
+    dtype = dtype or model.model.norm.weight.dtype
+    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+    if any(isinstance(m, LoRALinear) and m.quantized for _, m in wrapped):
+        print("warning: merging onto dequantized NF4 weights: the result keeps the 4-bit rounding error; "
+              "merge onto the original weights (bailong.export --base) to avoid it", file=sys.stderr)
+    for name, m in wrapped:
+        w = nn.Parameter(m.merged_weight().to(dtype), requires_grad=False)
+        plain = nn.Embedding(*w.shape, device=w.device) if isinstance(m, LoRAEmbedding) else \
+            nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
+        plain.weight = w
+        set_module(model, name, plain)
+    return model
+
+
+def lora_summary(model) -> str:
+    """Trainable against all parameters (an NF4 weight counts its logical size)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    nf4 = sum(m.weight.numel for m in model.modules()
+              if isinstance(m, (NF4Linear, LoRALinear)) and isinstance(m.weight, NF4Tensor))
+    total = dense + nf4
+    return f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})"

@@ -1,0 +1,192 @@
+"""LoRA against PEFT and against plain autograd; PEFT-format adapters both ways; merge and export."""
+import json
+
+import pytest
+import torch
+from hf_models import write_hf
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
+
+import bailong
+from bailong.adapter import save_adapter
+from bailong.config import preset
+from bailong.errors import BailongError
+from bailong.export import main as export_main
+from bailong.lora import (LoRAConfig, LoRALinear, inject_lora, lora_parameters, lora_summary,
+                          mark_only_lora_trainable, merge_lora)
+from bailong.quantized import PROJECTIONS
+from test_weights import cli_error
+
+ALL = PROJECTIONS + ("embed_tokens", "lm_head")
+SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
+
+
+def randomize(params, seed=0):
+    """LoRA weights away from their (zero-update) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(params.items()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def lora_model(folder, quantize=None, **lora):
+    model, _ = bailong.load(folder, device="cpu", quantize=quantize)
+    inject_lora(model, LoRAConfig(**{"r": 4, "alpha": 8.0, "dropout": 0.0, **lora}))
+    return model.eval()
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_zero_update_is_the_base_model_and_merging_changes_nothing(tmp_path, quantize):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    base, _ = bailong.load(folder, device="cpu", quantize=quantize)
+    model = lora_model(folder, quantize)
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
+        randomize(lora_parameters(model))
+        unmerged = model(ids)
+        assert (unmerged - base(ids)).abs().max() > 1e-3
+        merge_lora(model)
+        assert not list(lora_parameters(model)) and not any(isinstance(m, LoRALinear) for m in model.modules())
+        torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_match_peft(tmp_path):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    ours = lora_model(folder, rslora=True)
+    randomize(lora_parameters(ours))
+    theirs = get_peft_model(LlamaForCausalLM.from_pretrained(folder),
+                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(ALL), use_rslora=True))
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in lora_parameters(ours).items():
+            theirs_params[peft_name(name)].copy_(p)
+    ids = torch.randint(0, 300, (2, 13))
+    loss = torch.nn.functional.cross_entropy(ours(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    theirs(input_ids=ids, labels=ids).loss.backward()
+    for name, p in lora_parameters(ours).items():
+        torch.testing.assert_close(p.grad, theirs_params[peft_name(name)].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def peft_name(name):
+    """Our parameter name as PEFT names it inside a PeftModel (adapter 'default')."""
+    for part in ["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"]:
+        name = name.replace(f".{part}", f".{part}.default")
+    return "base_model.model." + name
+
+
+def test_nf4_gradients_match_a_dense_float32_reference(tmp_path):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    model = lora_model(folder, "nf4", targets=ALL)
+    randomize(lora_parameters(model))
+    reference = lora_model(folder, targets=ALL)  # dense, then given the NF4 model's dequantized weights
+    with torch.no_grad():
+        for (name, m), (_, r) in zip(model.named_modules(), reference.named_modules()):
+            if isinstance(m, LoRALinear) and m.quantized:
+                r.weight.copy_(m.weight.dequantize(torch.float32))
+        for name, p in lora_parameters(reference).items():
+            p.copy_(lora_parameters(model)[name])
+    ids = torch.randint(0, 300, (2, 9))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = model(ids)
+    weight_shapes = {torch.Size([m.out_features, m.in_features]) for m in model.modules() if isinstance(m, LoRALinear)}
+    assert not weight_shapes & set(saved) - {model.lm_head.weight.shape}  # no dequantized weight kept
+    out.float().pow(2).mean().backward()
+    reference(ids).float().pow(2).mean().backward()
+    for name, p in lora_parameters(model).items():
+        torch.testing.assert_close(p.grad, lora_parameters(reference)[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, rslora):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    ours = lora_model(folder, rslora=rslora)
+    randomize(lora_parameters(ours))
+    mark_only_lora_trainable(ours)
+    save_adapter(ours, tmp_path / "adapter", LoRAConfig(r=4, alpha=8.0, dropout=0.0, rslora=rslora), str(folder))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == sorted(ALL)
+    theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder), tmp_path / "adapter").eval()
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+    again, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "adapter")  # and back
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+
+
+def make_peft_adapter(folder, out, targets=ALL, seed=0, **config):
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(folder),
+                          LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(targets), **config))
+    randomize({n: p for n, p in peft.named_parameters() if "lora_" in n}, seed)
+    peft.save_pretrained(out)
+    return peft.eval()
+
+
+def test_peft_adapter_loads_in_ours_with_the_same_logits(tmp_path):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    theirs = make_peft_adapter(folder, tmp_path / "adapter", alpha_pattern={"down_proj": 32})
+    ours, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "adapter")
+    assert ours.model.layers[0].mlp.down_proj.scaling == 4.0 and ours.model.layers[0].mlp.up_proj.scaling == 2.0
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+    quantized, _ = bailong.load(folder, device="cpu", quantize="nf4", adapter=tmp_path / "adapter")  # QLoRA
+    assert quantized.model.layers[0].self_attn.q_proj.quantized
+    with torch.no_grad():
+        assert (quantized(ids) - ours(ids)).abs().max() < 0.5  # only NF4 rounding apart
+
+
+def test_export_writes_a_merged_folder_transformers_loads(tmp_path, capsys):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    make_peft_adapter(folder, tmp_path / "adapter")
+    ours, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "adapter")
+    assert export_main(["--base", str(folder), "--adapter", str(tmp_path / "adapter"), "--out",
+                        str(tmp_path / "merged"), "--max-shard-gb", "0.0001"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+    err = cli_error_export(capsys, folder, tmp_path / "adapter", tmp_path / "merged")
+    assert "merged: already exists" in err
+
+
+def cli_error_export(capsys, base, adapter, out):
+    from bailong.errors import run_cli
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(export_main, ["--base", str(base), "--adapter", str(adapter), "--out", str(out)])
+    assert exit_.value.code == 1
+    return capsys.readouterr().err.strip()
+
+
+def test_adapters_that_do_not_fit_are_refused(tmp_path, capsys):
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    other, _ = write_hf(tmp_path / "other", "gqa", vocab_size=320, num_hidden_layers=4, **SHAPE)
+    make_peft_adapter(other, tmp_path / "vocab")
+    err = cli_error_export(capsys, folder, tmp_path / "vocab", tmp_path / "out1")
+    assert "adapter_model.safetensors: base_model.model.lm_head.base_layer.weight has shape [320, 128], " \
+           "but the base's lm_head (linear, 300 x 128) needs [300, 128]" in err
+    make_peft_adapter(other, tmp_path / "deeper", targets=["q_proj"])
+    err = cli_error_export(capsys, folder, tmp_path / "deeper", tmp_path / "out2")
+    assert "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight names module " \
+           "model.layers.3.self_attn.q_proj, which the base model lacks" in err
+    config = tmp_path / "deeper" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": True}))
+    assert "adapter_config.json: use_dora=True is not supported" in cli_error_export(capsys, folder, tmp_path / "deeper",
+                                                                                  tmp_path / "out3")
+    assert "adapter_config.json: no such file" in cli_error_export(capsys, folder, tmp_path, tmp_path / "out4")
+    assert not any((tmp_path / f"out{i}").exists() for i in range(1, 5))
+
+
+def test_trainable_share_at_bailong_scale():
+    config = preset("llama2-7b")
+    config.vocab_size = 59241  # Llama 2 plus 27,241 Traditional Chinese pieces
+    with torch.device("meta"):
+        model = inject_lora(bailong.Llama(config), LoRAConfig(r=128))
+    mark_only_lora_trainable(model)
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+    assert lora_summary(model) == "trainable parameters: 336,029,952 of 7,297,603,840 (4.60%)"
