@@ -42,9 +42,12 @@ def parse_args(argv):
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--quantize", choices=["nf4"], help="store the projections in NF4 while loading")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder or repo id to apply to the model")
     args = p.parse_args(argv)
     if (args.model is None) == (args.preset is None):
         p.error("give a model folder or repo id, or --preset NAME")
+    if args.preset and args.adapter:
+        p.error("--adapter needs a model, not a preset")
     return args
 
 
@@ -81,7 +84,7 @@ def main(argv=None):
         if args.quantize:
             quantize_model(model)
     else:
-        model, tokenizer = load(args.model, dtype, args.device, quantize=args.quantize)
+        model, tokenizer = load(args.model, dtype, args.device, quantize=args.quantize, adapter=args.adapter)
     if args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer)
     if tokenizer is None:

@@ -67,3 +67,17 @@ def test_model_without_tokenizer_needs_one(tmp_path, capsys):
     folder, _ = write_hf(tmp_path, "gqa")
     from test_weights import cli_error
     assert f"{folder}: no tokenizer.model" in cli_error(capsys, folder)
+
+
+def test_chat_with_a_peft_adapter(tmp_path, capsys):
+    from test_lora import make_peft_adapter
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32000, max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    make_peft_adapter(folder, tmp_path / "adapter", targets=["q_proj", "v_proj"])
+    chat.main([str(folder), "--adapter", str(tmp_path / "adapter"), "--prompt", "臺灣", "--max-new-tokens", "8",
+               "--device", "cpu", *GREEDY])
+    printed = capsys.readouterr().out
+    model, tok = bailong.load(folder, device="cpu", adapter=tmp_path / "adapter")
+    prompt = [i for turn in llama2_turns(tok, [{"role": "user", "content": "臺灣"}]) for i in turn]
+    greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    assert printed == tok.decode([i for i in generate(model, prompt, 8, greedy) if i != tok.eos_id]) + "\n"
