@@ -1,0 +1,234 @@
+"""Vocabulary extension: teach a SentencePiece tokenizer the pieces of a new language.
+
+    python -m bailong.vocab extend --base tokenizer.model --corpus zh_tw/ --new-pieces 27241 --out extended.model
+    python -m bailong.vocab compare-init --model meta-llama/Llama-2-7b-hf --base-tokenizer tokenizer.model \\
+        --extended-tokenizer extended.model --text held_out.txt
+
+``extend`` trains a BPE model on the corpus with Llama 2's settings (byte
+fallback, digits split, no normalisation), keeps the pieces the base lacks (by
+default only pieces made of CJK characters), and appends them after the base's
+ids with scores below every base piece. SentencePiece's BPE merges the
+highest-scoring pair first, so on text without CJK characters nothing changes,
+and among the new pieces the trained merge order is kept.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from sentencepiece import sentencepiece_model_pb2 as pb
+
+from bailong.errors import BailongError, run_cli
+from bailong.tokenizer import Tokenizer
+
+# Llama 2's trainer settings, as its tokenizer.model records them
+LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                     add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                     split_by_unicode_script=True, max_sentencepiece_length=16, character_coverage=0.99995,
+                     unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
+                     max_sentence_length=1 << 16, minloglevel=2)
+
+
+def read_corpus(paths) -> list[str]:
+    """Documents from text files (one per non-empty line), jsonl ({"text": ...}) or folders of them."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise BailongError(f"{path}: no such file or folder")
+    texts = []
+    for file in files:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                try:
+                    line = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string") from None
+            texts.append(line)
+    if not any(t.strip() for t in texts):
+        raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")
+    return texts
+
+
+def is_cjk(piece: str) -> bool:
+    """Every character (but SentencePiece's '▁' for a space) is CJK: Han, kana, bopomofo, CJK punctuation."""
+    chars = piece.replace("\u2581", "")
+    return bool(chars) and all(unicodedata.name(c, "").startswith(("CJK", "IDEOGRAPHIC", "FULLWIDTH", "BOPOMOFO",
+                                                                    "HIRAGANA", "KATAKANA")) for c in chars)
+
+
+def train_bpe(texts, vocab_size) -> pb.ModelProto:
+    """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as the corpus allows."""
+    import io
+    for _ in range(2):
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+                                           **LLAMA_TRAINER)
+            break
+        except RuntimeError as e:
+            limit = re.search(r"<= (\d+)", str(e))
+            if not limit:
+                raise BailongError(f"SentencePiece could not train on the corpus: {e}") from None
+            vocab_size = int(limit[1])  # the most this corpus supports
+    proto = pb.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    return proto
+
+
+def load_proto(path) -> pb.ModelProto:
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+        spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    except FileNotFoundError:
+        raise BailongError(f"{path}: no such file") from None
+    except Exception as e:  # protobuf's DecodeError or SentencePiece's RuntimeError
+        raise BailongError(f"{path}: not a SentencePiece model ({type(e).__name__}: {e})") from None
+    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+        raise BailongError(f"{path}: a {pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} model; "
+                           "extension supports BPE models (Llama's)")
+    return proto
+
+
+def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_counts, cjk_only=True):
+    """A copy of ``base`` with ``new_pieces`` pieces of ``trained`` appended; returns it and the pieces.
+
+    New single characters come first, most frequent first: each turns up to four
+    byte tokens into one. Then multi-character pieces in the trainer's merge order,
+    which their scores keep (BPE applies the highest-scoring merge first).
+    """
+    normal = pb.ModelProto.SentencePiece.NORMAL
+    existing = {p.piece for p in base.pieces}
+    new = [p for p in trained.pieces if p.type == normal and p.piece not in existing
+           and (is_cjk(p.piece) or not cjk_only)]
+    chars = sorted((p for p in new if len(p.piece) == 1), key=lambda p: -char_counts.get(p.piece, 0))
+    merges = sorted((p for p in new if len(p.piece) > 1), key=lambda p: -p.score)
+    if len(new) < new_pieces:
+        raise BailongError(f"the corpus yields only {len(new)} new {'CJK ' if cjk_only else ''}pieces; "
+                           f"{new_pieces} were asked for (add text or ask for fewer)")
+    extended = copy.deepcopy(base)
+    lowest = min(p.score for p in base.pieces if p.type == normal)
+    added = [p.piece for p in (chars + merges)[:new_pieces]]
+    for i, piece in enumerate(added):
+        extended.pieces.add(piece=piece, score=lowest - 1 - i, type=normal)
+    extended.trainer_spec.vocab_size = len(extended.pieces)
+    return extended, added
+
+
+def save_proto(proto, out, base_path=None):
+    out = Path(out)
+    if base_path is not None and out.resolve() == Path(base_path).resolve():
+        raise BailongError(f"{out}: is the base tokenizer; write the extended one elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(proto.SerializeToString())
+    os.replace(tmp, out)
+
+
+def tokens_per_char(tokenizer: Tokenizer, texts) -> float:
+    return sum(len(tokenizer.encode(t)) for t in texts) / max(1, sum(len(t) for t in texts))
+
+
+def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1):
+    """The ``extend`` command: train, merge, save, and report tokens per character."""
+    base_proto = load_proto(base)
+    texts = read_corpus(corpus)
+    cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
+    train, test = texts[:cut], texts[cut:] or texts
+    train_size = len(base_proto.pieces) // 4 + int(new_pieces * 1.5)  # room for pieces the base has
+    trained = train_bpe(train, train_size)
+    extended, added = extend_proto(base_proto, trained, new_pieces, Counter("".join(train)), cjk_only)
+    save_proto(extended, out, base)
+    before, after = Tokenizer(base), Tokenizer(model_proto=extended.SerializeToString())
+    b, a = tokens_per_char(before, test), tokens_per_char(after, test)
+    print(f"added {len(added)} pieces ({len(base_proto.pieces)} -> {len(extended.pieces)}), e.g. "
+          f"{' '.join(added[:12])}")
+    print(f"held-out text ({sum(map(len, test))} characters): {b:.3f} -> {a:.3f} tokens per character "
+          f"({b / a:.2f}x fewer tokens)")
+    print(f"wrote {out}")
+    return added
+
+
+@torch.no_grad()
+def loss_per_char(model, tokenizer, texts, max_len=None):
+    """Total next-token loss (nats) over the texts, divided by their characters."""
+    max_len = max_len or model.config.max_position_embeddings
+    device = model.lm_head.weight.device
+    total = 0.0
+    for text in texts:
+        ids = tokenizer.encode(text, bos=True)
+        for start in range(0, len(ids) - 1, max_len - 1):  # windows share one token of context
+            chunk = torch.tensor([ids[start:start + max_len]], device=device)
+            logp = model(chunk)[0, :-1].float().log_softmax(-1)
+            total -= logp.gather(1, chunk[0, 1:, None]).sum().item()
+    return total / sum(len(t) for t in texts)
+
+
+def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars=20000):
+    """The ``compare-init`` command: loss per character for each initialisation of the new rows."""
+    from bailong.weights import load
+    from bailong.zip_tie import METHODS, extend_model
+    texts = []
+    for t in read_corpus([text]):  # whole documents, up to max_chars
+        if texts and sum(map(len, texts)) + len(t) > max_chars:
+            break
+        texts.append(t)
+    base, extended = Tokenizer(base_tokenizer), Tokenizer(extended_tokenizer)
+    model, _ = load(model_path)
+    print(f"{sum(map(len, texts))} characters; tokens per character {tokens_per_char(base, texts):.3f} (base) "
+          f"-> {tokens_per_char(extended, texts):.3f} (extended)")
+    rows = [("original model, base tokenizer", loss_per_char(model, base, texts))]
+    for method in METHODS:
+        rows.append((f"extended, {method}", loss_per_char(extend_model(copy.deepcopy(model), base, extended, method),
+                                                          extended, texts)))
+    for name, loss in rows:
+        print(f"{name:32s} {loss:.4f} nats per character ({loss / math.log(2):.4f} bits)")
+    return dict(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("extend", help="train on a corpus and add its new pieces to a base tokenizer",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--base", required=True, help="the base tokenizer.model")
+    e.add_argument("--corpus", required=True, nargs="+", help="text files, jsonl files or folders")
+    e.add_argument("--new-pieces", type=int, required=True)
+    e.add_argument("--out", required=True, help="where to write the extended tokenizer.model")
+    e.add_argument("--all-pieces", action="store_true", help="keep non-CJK pieces too")
+    e.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the report")
+    c = sub.add_parser("compare-init", help="loss per character under each initialisation of the new rows")
+    c.add_argument("--model", required=True)
+    c.add_argument("--base-tokenizer", required=True)
+    c.add_argument("--extended-tokenizer", required=True)
+    c.add_argument("--text", required=True, help="held-out text (a .txt or .jsonl file)")
+    c.add_argument("--max-chars", type=int, default=20000)
+    args = p.parse_args(argv)
+    if args.command == "extend":
+        if args.new_pieces < 1:
+            p.error("--new-pieces must be at least 1")
+        extend(args.base, args.corpus, args.new_pieces, args.out, not args.all_pieces, args.held_out)
+    else:
+        compare_init(args.model, args.base_tokenizer, args.extended_tokenizer, args.text, args.max_chars)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,100 @@
+"""Vocabulary extension on the real Llama 2 tokenizer, against SentencePiece and transformers."""
+import shutil
+
+import pytest
+import sentencepiece as spm
+from transformers import LlamaTokenizer
+
+from bailong.errors import BailongError
+from bailong.tokenizer import Tokenizer
+from bailong.vocab import main as vocab_main
+from bailong.vocab import read_corpus
+from conftest import ROOT, asset
+
+SAMPLE = ROOT / "bailong" / "data" / "zh_tw_sample.txt"
+TEXTS = {
+    "traditional chinese": "臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。鬱鬱蔥蔥的山谷裡，爺爺慢慢泡著高山烏龍茶。",
+    "english": "The quick brown fox jumps over the lazy dog; 42 apples cost $3.50 (really).",
+    "mixed": "Llama 2 把臺灣說成 three bytes 一個字, isn't it 奇怪?",
+    "emoji and rare": "😀🎉 𠮷野家 ㄅㄆㄇㄈ 龘 ∑∫ — ñandú façade",
+}
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    base = asset("llama2-tokenizer/tokenizer.model")
+    out = tmp_path_factory.mktemp("vocab") / "tokenizer.model"
+    before = base.read_bytes()
+    vocab_main(["extend", "--base", str(base), "--corpus", str(SAMPLE), "--new-pieces", "600", "--out", str(out)])
+    assert base.read_bytes() == before  # the base is never modified
+    return Tokenizer(base), Tokenizer(out), out
+
+
+def test_old_ids_keep_their_pieces_and_text_round_trips(extended):
+    base, ext, _ = extended
+    assert ext.vocab_size == 32600
+    assert all(base.sp.id_to_piece(i) == ext.sp.id_to_piece(i) for i in range(32000))
+    for name, text in TEXTS.items():
+        assert ext.decode(ext.encode(text)) == text, name
+
+
+def test_english_is_unchanged_and_chinese_shorter(extended, capsys):
+    base, ext, _ = extended
+    assert ext.encode(TEXTS["english"]) == base.encode(TEXTS["english"])
+    chinese = read_corpus([SAMPLE])
+    ratio = sum(len(ext.encode(t)) for t in chinese) / sum(len(base.encode(t)) for t in chinese)
+    held_out = len(ext.encode(TEXTS["traditional chinese"])) / len(base.encode(TEXTS["traditional chinese"]))
+    with capsys.disabled():
+        print(f"\n600 new pieces: corpus needs {ratio:.2f}x the tokens, unseen Chinese text {held_out:.2f}x")
+    assert ratio < 0.5 and held_out < 0.8
+
+
+def test_sentencepiece_and_transformers_read_the_extended_model_alike(extended, tmp_path):
+    _, ext, path = extended
+    shutil.copy(path, tmp_path / "tokenizer.model")
+    theirs = LlamaTokenizer.from_pretrained(tmp_path)
+    plain = spm.SentencePieceProcessor(model_file=str(path))
+    assert len(theirs) == ext.vocab_size
+    for name, text in TEXTS.items():
+        assert theirs(text, add_special_tokens=False)["input_ids"] == plain.encode(text) == ext.encode(text), name
+
+
+def test_bad_input(tmp_path, capsys):
+    from bailong.errors import run_cli
+    base = asset("llama2-tokenizer/tokenizer.model")
+
+    def error(*argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(vocab_main, ["extend", "--base", str(base), "--out", str(tmp_path / "out.model"), *argv])
+        assert exit_.value.code == 1
+        return capsys.readouterr().err.strip()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "the corpus is empty" in error("--corpus", str(empty), "--new-pieces", "5")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("臺灣 café".encode() + "café".encode("latin-1"))
+    assert f"{latin1}: not UTF-8 text (byte 15" in error("--corpus", str(latin1), "--new-pieces", "5")
+    assert "the corpus yields only" in error("--corpus", str(SAMPLE), "--new-pieces", "100000")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "臺灣"}\n{"body": 1}\n')
+    assert f"{bad_jsonl}:2: expected a JSON object" in error("--corpus", str(bad_jsonl), "--new-pieces", "5")
+    not_sp = tmp_path / "not.model"
+    not_sp.write_bytes(b"\x00\x01 this is no protobuf \xff" * 10)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(vocab_main, ["extend", "--base", str(not_sp), "--corpus", str(SAMPLE), "--new-pieces", "5",
+                             "--out", str(tmp_path / "o.model")])
+    assert f"{not_sp}: not a SentencePiece model" in capsys.readouterr().err
+    copy = tmp_path / "base.model"
+    shutil.copy(base, copy)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(vocab_main, ["extend", "--base", str(copy), "--corpus", str(SAMPLE), "--new-pieces", "5",
+                             "--out", str(copy)])
+    assert "is the base tokenizer; write the extended one elsewhere" in capsys.readouterr().err
+    assert copy.read_bytes() == base.read_bytes()
+    assert not (tmp_path / "out.model").exists()
+    with pytest.raises(BailongError, match="no such file or folder"):
+        read_corpus([tmp_path / "missing"])

@@ -1,0 +1,118 @@
+"""Zip-tie initialisation: the documented formula, and lower loss than the alternatives."""
+import collections
+import copy
+
+import pytest
+import torch
+from hf_models import write_hf
+from test_vocab import SAMPLE
+
+import bailong
+from bailong.generate import Sampling, generate
+from bailong.lora import LoRAConfig, inject_lora
+from bailong.tokenizer import Tokenizer
+from bailong.vocab import main as vocab_main
+from bailong.zip_tie import METHODS, extend_model, init_new_rows, piece_ids, resize_vocab
+from conftest import asset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zip")
+    base_file = asset("llama2-tokenizer/tokenizer.model")
+    vocab_main(["extend", "--base", str(base_file), "--corpus", str(SAMPLE), "--new-pieces", "200",
+                "--out", str(tmp / "ext.model")])
+    folder, _ = write_hf(tmp, "gqa", vocab_size=32000, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2)
+    return Tokenizer(base_file), Tokenizer(tmp / "ext.model"), folder, tmp
+
+
+def test_piece_ids_are_the_base_tokens_of_the_piece_text(setup):
+    base, ext, _, _ = setup
+    mapping = piece_ids(base, ext)
+    assert sorted(mapping) == list(range(32000, 32200))
+    tai = ext.sp.piece_to_id("臺")
+    assert mapping[tai] == [3 + 0xE8, 3 + 0x87, 3 + 0xBA]  # its three UTF-8 bytes, no dummy space
+    for new_id, ids in mapping.items():  # decoding drops a leading space, as for any text
+        assert base.decode(ids) == ext.sp.id_to_piece(new_id).replace("\u2581", " ").lstrip(" ")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_new_rows_follow_the_formula_and_old_rows_stay(setup, method):
+    base, ext, folder, _ = setup
+    model, _ = bailong.load(folder, device="cpu")
+    old_embed, old_head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    extend_model(model, base, ext, method)
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    assert embed.shape == head.shape == (32200, 32) and model.config.vocab_size == 32200
+    assert torch.equal(embed[:32000], old_embed) and torch.equal(head[:32000], old_head)
+    for new_id, ids in piece_ids(base, ext).items():
+        if method == "mean-all":
+            expect_e, expect_h = old_embed.mean(0), old_head.mean(0)
+        elif method == "random":
+            continue
+        else:
+            expect_e = old_embed[ids].mean(0)
+            expect_h = old_head[ids[0]] if method == "zip-tie-first" else old_head[ids].mean(0)
+        torch.testing.assert_close(embed[new_id], expect_e, atol=0, rtol=0)
+        torch.testing.assert_close(head[new_id], expect_h, atol=0, rtol=0)
+    if method == "random":
+        new = embed[32000:]
+        assert abs(new.std() / old_embed.std() - 1) < 0.1 and abs(new.mean()) < 0.01
+
+
+def test_a_piece_that_is_one_old_token_gets_its_rows_exactly(setup):
+    _, _, folder, _ = setup
+    model, _ = bailong.load(folder, device="cpu")
+    resize_vocab(model, 32001)
+    init_new_rows(model, {32000: [1234]})
+    assert torch.equal(model.model.embed_tokens.weight[32000], model.model.embed_tokens.weight[1234])
+    assert torch.equal(model.lm_head.weight[32000], model.lm_head.weight[1234])
+    inject_lora(model, LoRAConfig(r=2, targets=("embed_tokens",)))
+    with pytest.raises(ValueError, match="before wrapping"):
+        resize_vocab(model, 32010)
+
+
+def test_compare_init_command(setup, capsys):
+    base, ext, folder, tmp = setup
+    vocab_main(["compare-init", "--model", str(folder), "--base-tokenizer", str(base.path), "--extended-tokenizer",
+                str(ext.path), "--text", str(SAMPLE), "--max-chars", "400"])
+    out = capsys.readouterr().out
+    assert "original model, base tokenizer" in out and all(f"extended, {m}" in out for m in METHODS)
+
+
+def test_stories260k_zip_tie_beats_mean_all_and_random(capsys):
+    """Frequent id pairs and triples of the model's own samples become new tokens."""
+    model, _ = bailong.load(asset("stories260K"), device="cpu")
+    samples = [[1] + generate(model, [1], 200, Sampling(1.0, 0, 1.0, 1.0, seed=s), stop_ids=[]) for s in range(24)]
+    train, held = samples[:12], samples[12:]
+    count = collections.Counter
+    triples = count(tuple(s[i:i + 3]) for s in train for i in range(1, len(s) - 2)).most_common(8)
+    pairs = count(tuple(s[i:i + 2]) for s in train for i in range(1, len(s) - 1)).most_common(30)
+    merges = {512 + i: list(t) for i, (t, _) in enumerate(triples + pairs)}
+    lookup = {tuple(v): k for k, v in merges.items()}
+
+    def retokenize(s):  # longest match first, left to right
+        out, i = [s[0]], 1
+        while i < len(s):
+            n = next((n for n in (3, 2) if tuple(s[i:i + n]) in lookup), 1)
+            out.append(lookup[tuple(s[i:i + n])] if n > 1 else s[i])
+            i += n
+        return out
+
+    @torch.no_grad()
+    def nats_per_original_token(m, seqs):
+        total = sum(-m(torch.tensor([s]))[0, :-1].log_softmax(-1).gather(1, torch.tensor(s[1:])[:, None]).sum()
+                    for s in seqs)
+        return total.item() / sum(len(s) - 1 for s in held)
+
+    losses = {"original": nats_per_original_token(model, held)}
+    for method in METHODS:
+        m = copy.deepcopy(model)
+        resize_vocab(m, 512 + len(merges))
+        init_new_rows(m, merges, method)
+        losses[method] = nats_per_original_token(m, [retokenize(s) for s in held])
+    with capsys.disabled():
+        print("\nstories260K, nats per original token: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+    assert losses["zip-tie"] < losses["mean-all"] < losses["random"]
+    assert losses["zip-tie"] < losses["zip-tie-first"]  # the measurement behind the default
