@@ -34,6 +34,11 @@ class NF4Matmul(torch.autograd.Function):
 
 
 def nf4_linear(x, weight: NF4Tensor):
+    """x @ W.T: the fused Triton kernel for CUDA tensors, the PyTorch reference elsewhere."""
+    if x.is_cuda:
+        import kernels  # Triton is imported only where it runs
+        if kernels.enabled(x):
+            return kernels.nf4_matmul(x, weight)
     return NF4Matmul.apply(x, weight)
 
 

@@ -51,3 +51,44 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
         packed, state = bnb.quantize_4bit(w, compress_statistics=double_quant, quant_type="nf4")
         saved = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
         assert torch.equal(NF4Tensor.from_bnb_dict(saved).dequantize(), bnb.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
+@pytest.mark.parametrize("M", [1, 8, 512])
+def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
+    from bailong.nf4 import quantize
+    from kernels import nf4_matmul
+    torch.manual_seed(M)
+    q = quantize((torch.randn(N, K, device="cuda") * 0.02).bfloat16())
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = nf4_matmul(x, q)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = q.dequantize(torch.float32)
+    for ours, ref in [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]:
+        assert ours.dtype == torch.bfloat16
+        assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands and output
+
+
+def test_nf4_dequantize_kernel_exact_in_bfloat16():
+    from bailong.nf4 import quantize
+    from kernels import nf4_dequantize
+    q = quantize(torch.randn(4096, 11008, device="cuda").bfloat16())
+    assert torch.equal(nf4_dequantize(q, torch.bfloat16), q.dequantize(torch.bfloat16))
+
+
+def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
+    import kernels
+    from hf_models import write_hf
+    folder, _ = write_hf(tmp_path, "gqa", hidden_size=128, intermediate_size=192, num_attention_heads=4,
+                         num_key_value_heads=2)
+    model, _ = bailong.load(folder, quantize="nf4")  # bf16 on cuda
+    ids = torch.randint(0, 300, (2, 40), device="cuda")
+    with torch.no_grad():
+        fused = model(ids).float()
+        kernels.use_reference(True)
+        try:
+            reference = model(ids).float()
+        finally:
+            kernels.use_reference(False)
+    assert ((fused - reference).norm() / reference.norm()).item() < 1e-2

@@ -1,0 +1,183 @@
+"""Fused NF4 dequant-matmul in Triton: y = x @ W.T and dx = dy @ W, W stored in NF4.
+
+The 4-bit weight is expanded tile by tile in registers, right before the tensor
+cores use it; a bf16 copy of W never exists in memory.
+
+Forward, y (M, N) = x (M, K) @ W.T, W (N, K):
+
+    for each output tile y[m0:m0+BM, n0:n0+BN]          (one program; SPLIT_K programs share it when M is small)
+        acc = 0 (float32)
+        for k0 in this program's share of K, step BK:
+            a = x[m0:m0+BM, k0:k0+BK]
+            b = dequant(W[n0:n0+BN, k0:k0+BK])            # packed bytes -> nibble -> code * absmax, in registers
+            acc += a @ b.T                                # tl.dot
+        y tile = acc  (or a float32 partial, summed afterwards, when K is split)
+
+Small M (decode, M = 1..16) is bound by reading W once: the same kernel with
+BM = 16 and K split across programs so that every SM streams part of W.
+
+Backward, dx (M, K) = dy (M, N) @ W: the same tiles of W, summed over N instead
+of K. W is frozen, so there is no weight gradient.
+
+Reference: ``bailong.quantized.NF4Matmul`` (``F.linear`` on ``q.dequantize()``).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from bailong.nf4 import NF4Tensor
+from kernels.nf4_dequant import _nf4_values, nf4_args
+
+
+def matmul_configs():
+    """Tiles for large M (training, prefill)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                     (128, 64, 64, 4, 4)]]
+
+
+def gemv_configs():
+    """Tiles for small M (decode): narrow N tiles and K split so that every SM streams weights."""
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(32, 256, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4), (32, 512, 4, 2)]]
+
+
+def dx_configs():
+    """Tiles for the input gradient (large M: the backward of training)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 4, 4)]]
+
+
+@triton.jit
+def _tile_ids(M, N_cols, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), in groups of GROUP_M row tiles so that W tiles are reused from L2."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_c = tl.cdiv(M, BLOCK_M), tl.cdiv(N_cols, BLOCK_C)
+    group = pid // (GROUP_M * tiles_c)
+    first_m = group * GROUP_M
+    size = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * tiles_c)) % size, (pid % (GROUP_M * tiles_c)) // size
+
+
+@triton.jit
+def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, y_ptr,
+                       M, N, K, stride_xm, stride_xk, stride_ys, stride_ym, k_per_split, M_BUCKET,
+                       BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = split * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # x[m, k]
+        flat = rn[:, None] * K + rk[None, :]  # W[n, k] at n * K + k
+        b = _nf4_values(flat, (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr, absmax_ptr, nested_map_ptr,
+                        nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT).to(a.dtype)  # (BN, BK)
+        acc += tl.dot(a, tl.trans(b), input_precision="ieee" if IEEE else "tf32")
+    y = y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, dx_ptr,
+                          M, N, K, stride_dym, stride_dyn, stride_dxm, M_BUCKET,
+                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                    mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # dy[m, n]
+        flat = rn[:, None].to(tl.int64) * K + rk[None, :]
+        b = _nf4_values(flat, (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr, absmax_ptr, nested_map_ptr,
+                        nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT).to(g.dtype)  # (BN, BK)
+        acc += tl.dot(g, b, input_precision="ieee" if IEEE else "tf32")
+    dx = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+_autotuned = {}
+
+
+def _launch(kernel, configs_fn, grid, *args, **meta):
+    """Autotune on a GPU (configs from a named function, keyed on the shapes); under the
+    Triton interpreter run one small tile instead, since every trial would be interpreted."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        kernel[grid(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2))](
+            *args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+        return
+    if (kernel, configs_fn) not in _autotuned:
+        _autotuned[kernel, configs_fn] = triton.autotune(configs_fn(), key=["M_BUCKET", "N", "K"], warmup=5,
+                                                         rep=25)(kernel)
+    _autotuned[kernel, configs_fn][grid](*args, **meta)
+
+
+def _bucket(m):
+    return min(triton.next_power_of_2(m), 8192)
+
+
+def nf4_matmul_forward(x2d, q: NF4Tensor):
+    """(M, K) @ W.T -> (M, N) in x's dtype."""
+    M, K = x2d.shape
+    N = q.shape[0]
+    meta = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, IEEE=x2d.dtype == torch.float32)
+    if M <= 16:  # decode: split K so that enough programs stream the weight
+        split = max(1, min(16, triton.cdiv(K, 512)))
+        k_per_split = triton.cdiv(triton.cdiv(K, split), 512) * 512
+        split = triton.cdiv(K, k_per_split)
+        partial = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
+        _launch(_nf4_matmul_kernel, gemv_configs,
+                lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), split),
+                x2d, *nf4_args(q), partial, M, N, K, x2d.stride(0), x2d.stride(1), partial.stride(0), N,
+                k_per_split, _bucket(M), **meta)
+        return partial.sum(0).to(x2d.dtype) if split > 1 else partial[0].to(x2d.dtype)
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    _launch(_nf4_matmul_kernel, matmul_configs,
+            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), 1),
+            x2d, *nf4_args(q), y, M, N, K, x2d.stride(0), x2d.stride(1), 0, N, K, _bucket(M), **meta)
+    return y
+
+
+def nf4_matmul_backward(dy2d, q: NF4Tensor):
+    """(M, N) @ W -> (M, K) in dy's dtype."""
+    M, N = dy2d.shape
+    K = q.shape[1]
+    dx = torch.empty((M, K), device=dy2d.device, dtype=dy2d.dtype)
+    _launch(_nf4_matmul_dx_kernel, dx_configs,
+            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
+            dy2d, *nf4_args(q), dx, M, N, K, dy2d.stride(0), dy2d.stride(1), dx.stride(0), _bucket(M),
+            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, IEEE=dy2d.dtype == torch.float32)
+    return dx
+
+
+class NF4MatmulKernel(torch.autograd.Function):
+    """y = x @ W.T through the fused kernels; the backward gives dx only and keeps just the packed W."""
+
+    @staticmethod
+    def forward(ctx, x, q: NF4Tensor):
+        ctx.q = q
+        y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q)
+        return y.view(*x.shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = nf4_matmul_backward(dy.reshape(-1, dy.shape[-1]), ctx.q)
+        return dx.view(*dy.shape[:-1], ctx.q.shape[1]), None
+
+
+def nf4_matmul(x, q: NF4Tensor):
+    """``x @ W.T`` for ``q = bailong.nf4.quantize(W)``, any leading dimensions on x, with a gradient for x."""
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features; the weight expects {q.shape[1]}")
+    if x.device != q.data.device:
+        raise ValueError(f"x is on {x.device}, the weight on {q.data.device}")
+    return NF4MatmulKernel.apply(x, q)

@@ -1,0 +1,80 @@
+"""Triton NF4 kernels against the PyTorch reference: on the GPU, or on the CPU through the interpreter.
+
+Tolerances: float32 runs the dot in IEEE precision, so only summation order
+differs (atol 1e-4 on outputs of size ~10); float16 operands round the
+dequantized weight to 11 bits (relative error of the result ~1e-3, checked
+at 5e-3). bfloat16 is checked on the GPU only (tests/test_gpu.py): the
+interpreter's bfloat16 dot and its float32-to-bfloat16 rounding differ from
+the hardware's.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bailong.nf4 import BLOCKSIZES, quantize
+from conftest import ROOT
+from kernels import nf4_dequantize, nf4_matmul
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def reference(x, q, dy):
+    x = x.detach().clone().requires_grad_(True)
+    y = F.linear(x, q.dequantize(x.dtype))
+    y.backward(dy)
+    return y, x.grad
+
+
+def check(M, N, K, blocksize=64, double_quant=True, dtype=torch.float32, lead=()):
+    torch.manual_seed(M * 1000 + N + K)
+    q = quantize(torch.randn(N, K, device=DEVICE), blocksize, double_quant)
+    x = torch.randn(*lead, M, K, device=DEVICE, dtype=dtype, requires_grad=True)
+    y = nf4_matmul(x, q)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref, dx_ref = reference(x, q, dy)
+    scale = y_ref.abs().max().item() + 1e-6
+    torch.testing.assert_close(y / scale, y_ref / scale, **TOL[dtype])
+    torch.testing.assert_close(x.grad / scale, dx_ref / scale, **TOL[dtype])
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 37])
+@pytest.mark.parametrize("N,K", [(40, 72), (33, 130), (17, 96)])
+def test_odd_shapes(M, N, K):
+    check(M, N, K)  # K and N not multiples of the tiles or the blocksize
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_every_blocksize(blocksize, double_quant):
+    check(5, 24, 200, blocksize, double_quant)
+
+
+def test_split_k_float16_and_leading_dimensions():
+    check(2, 24, 1100, dtype=torch.float16)  # K split across programs (decode path)
+    check(20, 32, 96, dtype=torch.float16, lead=(2, 3))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_kernel_is_exact(double_quant):
+    q = quantize(torch.randn(33, 130, device=DEVICE), 64, double_quant)
+    for dtype in [torch.float32, torch.float16]:
+        assert torch.equal(nf4_dequantize(q, dtype), q.dequantize(dtype))
+
+
+def test_bad_input():
+    q = quantize(torch.randn(8, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="x has 32 features; the weight expects 64"):
+        nf4_matmul(torch.randn(2, 32, device=DEVICE), q)
+
+
+def test_benchmark_script_runs_at_tiny_sizes():
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_nf4_matmul.py"), "--tiny"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ours fwd" in result.stdout and "dense matmul" in result.stdout
