@@ -16,20 +16,25 @@ from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor
 
 
 @triton.jit
+def _block_scale(block, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, DOUBLE_QUANT: tl.constexpr):
+    """Float32 absmax of the blocks ``block`` (any shape), expanding the 8-bit codes if double-quantized."""
+    if DOUBLE_QUANT:
+        absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(nested_map_ptr + absmax_code) * tl.load(nested_absmax_ptr + block // 256, mask=mask,
+                                                                other=0.0)
+        return scale + offset
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.jit
 def _nf4_values(flat, mask, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset,
                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """Float32 weights at flat indices ``flat`` (any shape); 0 where ``mask`` is false."""
     byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
     code = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF)  # first element in the high nibble
-    value = tl.load(code_ptr + code)  # quant_map[code], a 16-entry table that stays in cache
-    block = flat // BLOCKSIZE
-    if DOUBLE_QUANT:
-        absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_map_ptr + absmax_code) * tl.load(nested_absmax_ptr + block // 256, mask=mask,
-                                                                other=0.0)
-        scale = scale + offset
-    else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    value = tl.load(code_ptr + code)  # quant_map[code]: 16 floats, one cache line
+    scale = _block_scale(flat // BLOCKSIZE, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset,
+                         DOUBLE_QUANT)
     return tl.where(mask, value * scale, 0.0)
 
 

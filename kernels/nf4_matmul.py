@@ -3,21 +3,25 @@
 The 4-bit weight is expanded tile by tile in registers, right before the tensor
 cores use it; a bf16 copy of W never exists in memory.
 
-Forward, y (M, N) = x (M, K) @ W.T, W (N, K):
+Forward, y (M, N) = x (M, K) @ W.T, W (N, K), rows of W a whole number of blocks:
 
-    for each output tile y[m0:m0+BM, n0:n0+BN]          (one program; SPLIT_K programs share it when M is small)
+    for each output tile y[m0:m0+BM, n0:n0+BN]       (one program; SPLIT programs share it when M is small)
         acc = 0 (float32)
-        for k0 in this program's share of K, step BK:
-            a = x[m0:m0+BM, k0:k0+BK]
-            b = dequant(W[n0:n0+BN, k0:k0+BK])            # packed bytes -> nibble -> code * absmax, in registers
-            acc += a @ b.T                                # tl.dot
-        y tile = acc  (or a float32 partial, summed afterwards, when K is split)
+        for k0 in this program's share of K, step BK (BK <= blocksize, so one absmax per row):
+            bytes = W_packed[n0:n0+BN, k0/2 : (k0+BK)/2]            # contiguous: BK/2 bytes a row
+            s     = absmax[n, block of k0]  for each row n            # (BN,), double-quant expanded
+            hi    = quant_map[bytes >> 4]  * s                        # the weights at even k
+            lo    = quant_map[bytes & 15] * s                         # the weights at odd k
+            acc  += x[:, k0::2] @ hi.T + x[:, k0+1::2] @ lo.T         # two tl.dots, no re-interleaving
+        y tile = acc  (a float32 partial, summed afterwards, when K is split)
 
 Small M (decode, M = 1..16) is bound by reading W once: the same kernel with
 BM = 16 and K split across programs so that every SM streams part of W.
 
 Backward, dx (M, K) = dy (M, N) @ W: the same tiles of W, summed over N instead
-of K. W is frozen, so there is no weight gradient.
+of K; the even and odd columns of dx are two accumulators. W is frozen, so
+there is no weight gradient. A weight whose rows are not whole blocks takes a
+generic path that expands every element from its flat index.
 
 Reference: ``bailong.quantized.NF4Matmul`` (``F.linear`` on ``q.dequantize()``).
 """
@@ -28,26 +32,25 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
-from kernels.nf4_dequant import _nf4_values, nf4_args
+from kernels.nf4_dequant import _block_scale, _nf4_values, nf4_args
 
 
 def matmul_configs():
-    """Tiles for large M (training, prefill)."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                     (128, 64, 64, 4, 4)]]
+    """Tiles for large M (training, prefill); BLOCK_K is set by the blocksize."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4)]]
 
 
 def gemv_configs():
-    """Tiles for small M (decode): narrow N tiles and K split so that every SM streams weights."""
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(32, 256, 4, 3), (64, 256, 4, 3), (64, 128, 4, 4), (32, 512, 4, 2)]]
+    """Tiles for small M (decode): narrow N tiles, K split so that every SM streams weights."""
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
+            for bn, w, s in [(32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 5)]]
 
 
 def dx_configs():
-    """Tiles for the input gradient (large M: the backward of training)."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 64, 128, 8, 3), (64, 64, 128, 4, 4), (128, 32, 128, 4, 4)]]
+    """Tiles for the input gradient (the backward of training)."""
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 3)]]
 
 
 @triton.jit
@@ -62,25 +65,49 @@ def _tile_ids(M, N_cols, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
+def _nf4_half_tiles(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset,
+                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr, dtype):
+    """W[rn, k0:k0+BLOCK_K] as its even and its odd columns, each (BN, BLOCK_K/2), for rows of whole blocks."""
+    row_ok = rn < N
+    packed = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
+                     mask=row_ok[:, None], other=0).to(tl.int32)  # (BN, BK/2)
+    scale = _block_scale(rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, absmax_ptr, nested_map_ptr,
+                         nested_absmax_ptr, offset, DOUBLE_QUANT)[:, None]  # (BN, 1)
+    hi = tl.where(row_ok[:, None], tl.load(code_ptr + (packed >> 4)) * scale, 0.0).to(dtype)
+    lo = tl.where(row_ok[:, None], tl.load(code_ptr + (packed & 0xF)) * scale, 0.0).to(dtype)
+    return hi, lo
+
+
+@triton.jit
 def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, y_ptr,
                        M, N, K, stride_xm, stride_xk, stride_ys, stride_ym, k_per_split, M_BUCKET,
                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = split * k_per_split
+    k_start = tl.program_id(1) * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)  # x[m, k]
-        flat = rn[:, None] * K + rk[None, :]  # W[n, k] at n * K + k
-        b = _nf4_values(flat, (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr, absmax_ptr, nested_map_ptr,
-                        nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT).to(a.dtype)  # (BN, BK)
-        acc += tl.dot(a, tl.trans(b), input_precision="ieee" if IEEE else "tf32")
-    y = y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+        if ALIGNED:
+            ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # even columns; x[:, ke + 1] are the odd ones
+            x_even = x_ptr + rm[:, None] * stride_xm + ke[None, :] * stride_xk
+            a_mask = rm[:, None] < M
+            a_even = tl.load(x_even, mask=a_mask, other=0.0)
+            a_odd = tl.load(x_even + stride_xk, mask=a_mask, other=0.0)
+            hi, lo = _nf4_half_tiles(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+                                     offset, BLOCKSIZE, DOUBLE_QUANT, BLOCK_K, a_even.dtype)
+            acc += tl.dot(a_even, tl.trans(hi), input_precision="ieee" if IEEE else "tf32")
+            acc += tl.dot(a_odd, tl.trans(lo), input_precision="ieee" if IEEE else "tf32")
+        else:  # rows that are not whole blocks: expand every element from its flat index
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            b = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr,
+                            absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT)
+            acc += tl.dot(a, tl.trans(b.to(a.dtype)), input_precision="ieee" if IEEE else "tf32")
+    y = y_ptr + tl.program_id(1) * stride_ys + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -88,21 +115,39 @@ def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, neste
 def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, dx_ptr,
                           M, N, K, stride_dym, stride_dyn, stride_dxm, M_BUCKET,
                           BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    k0 = pid_k * BLOCK_K
+    if ALIGNED:
+        acc_even = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         g = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # dy[m, n]
-        flat = rn[:, None].to(tl.int64) * K + rk[None, :]
-        b = _nf4_values(flat, (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr, absmax_ptr, nested_map_ptr,
-                        nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT).to(g.dtype)  # (BN, BK)
-        acc += tl.dot(g, b, input_precision="ieee" if IEEE else "tf32")
-    dx = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+        if ALIGNED:
+            hi, lo = _nf4_half_tiles(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+                                     offset, BLOCKSIZE, DOUBLE_QUANT, BLOCK_K, g.dtype)
+            acc_even += tl.dot(g, hi, input_precision="ieee" if IEEE else "tf32")
+            acc_odd += tl.dot(g, lo, input_precision="ieee" if IEEE else "tf32")
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            b = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr,
+                            absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT)
+            acc += tl.dot(g, b.to(g.dtype), input_precision="ieee" if IEEE else "tf32")
+    if ALIGNED:
+        ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        dx_even = dx_ptr + rm[:, None] * stride_dxm + ke[None, :]
+        tl.store(dx_even, acc_even.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (ke[None, :] < K))
+        tl.store(dx_even + 1, acc_odd.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (ke[None, :] < K))
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 _autotuned = {}
@@ -112,13 +157,20 @@ def _launch(kernel, configs_fn, grid, *args, **meta):
     """Autotune on a GPU (configs from a named function, keyed on the shapes); under the
     Triton interpreter run one small tile instead, since every trial would be interpreted."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        kernel[grid(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2))](
-            *args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+        tile = dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2)
+        kernel[grid({**tile, **meta})](*args, **meta, **tile)
         return
     if (kernel, configs_fn) not in _autotuned:
         _autotuned[kernel, configs_fn] = triton.autotune(configs_fn(), key=["M_BUCKET", "N", "K"], warmup=5,
                                                          rep=25)(kernel)
     _autotuned[kernel, configs_fn][grid](*args, **meta)
+
+
+def _meta(q: NF4Tensor, K, dtype):
+    """Compile-time settings: the fast path needs rows of whole blocks, and BLOCK_K within one block."""
+    aligned = K % q.blocksize == 0
+    return dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, IEEE=dtype == torch.float32, ALIGNED=aligned,
+                BLOCK_K=min(64, q.blocksize) if aligned else 32)
 
 
 def _bucket(m):
@@ -129,10 +181,9 @@ def nf4_matmul_forward(x2d, q: NF4Tensor):
     """(M, K) @ W.T -> (M, N) in x's dtype."""
     M, K = x2d.shape
     N = q.shape[0]
-    meta = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, IEEE=x2d.dtype == torch.float32)
+    meta = _meta(q, K, x2d.dtype)
     if M <= 16:  # decode: split K so that enough programs stream the weight
-        split = max(1, min(16, triton.cdiv(K, 512)))
-        k_per_split = triton.cdiv(triton.cdiv(K, split), 512) * 512
+        k_per_split = triton.cdiv(triton.cdiv(K, min(16, triton.cdiv(K, 512))), meta["BLOCK_K"]) * meta["BLOCK_K"]
         split = triton.cdiv(K, k_per_split)
         partial = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
         _launch(_nf4_matmul_kernel, gemv_configs,
@@ -152,10 +203,10 @@ def nf4_matmul_backward(dy2d, q: NF4Tensor):
     M, N = dy2d.shape
     K = q.shape[1]
     dx = torch.empty((M, K), device=dy2d.device, dtype=dy2d.dtype)
+    meta = _meta(q, K, dy2d.dtype)
     _launch(_nf4_matmul_dx_kernel, dx_configs,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
-            dy2d, *nf4_args(q), dx, M, N, K, dy2d.stride(0), dy2d.stride(1), dx.stride(0), _bucket(M),
-            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, IEEE=dy2d.dtype == torch.float32)
+            dy2d, *nf4_args(q), dx, M, N, K, dy2d.stride(0), dy2d.stride(1), dx.stride(0), _bucket(M), **meta)
     return dx
 
 

@@ -85,10 +85,10 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
     model, _ = bailong.load(folder, quantize="nf4")  # bf16 on cuda
     ids = torch.randint(0, 300, (2, 40), device="cuda")
     with torch.no_grad():
-        fused = model(ids).float()
-        kernels.use_reference(True)
+        reference = model(ids).float()
+        kernels.use_kernels(True)
         try:
-            reference = model(ids).float()
+            fused = model(ids).float()
         finally:
-            kernels.use_reference(False)
+            kernels.use_kernels(False)
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2

@@ -43,19 +43,21 @@ def check(M, N, K, blocksize=64, double_quant=True, dtype=torch.float32, lead=()
 
 
 @pytest.mark.parametrize("M", [1, 3, 16, 37])
-@pytest.mark.parametrize("N,K", [(40, 72), (33, 130), (17, 96)])
+@pytest.mark.parametrize("N,K", [(40, 72), (33, 130), (17, 96), (33, 128), (40, 192)])
 def test_odd_shapes(M, N, K):
-    check(M, N, K)  # K and N not multiples of the tiles or the blocksize
+    check(M, N, K)  # N not a multiple of the tiles; K a whole number of blocks (the fast path) or not
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_every_blocksize(blocksize, double_quant):
-    check(5, 24, 200, blocksize, double_quant)
+    check(5, 24, 200, blocksize, double_quant)  # rows cut across blocks: the generic path
+    check(5, 24, 2 * blocksize, blocksize, double_quant)  # rows of whole blocks: the fast path
 
 
 def test_split_k_float16_and_leading_dimensions():
-    check(2, 24, 1100, dtype=torch.float16)  # K split across programs (decode path)
+    check(2, 24, 1100, dtype=torch.float16)  # K split across programs (decode path), generic
+    check(2, 24, 1280, dtype=torch.float16)  # and the fast path
     check(20, 32, 96, dtype=torch.float16, lead=(2, 3))
 
 
