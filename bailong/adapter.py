@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bailong.errors import BailongError
+from bailong.errors import BailongError, read_json_object
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
 
 PREFIX = "base_model.model."
@@ -56,12 +56,7 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
 
 def read_adapter_config(folder: Path) -> dict:
     file = folder / CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise BailongError(f"{file}: no such file (an adapter folder needs {CONFIG} and {WEIGHTS})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BailongError(f"{file}: not valid JSON ({e})") from None
+    config = read_json_object(file, f"no such file (an adapter folder needs {CONFIG} and {WEIGHTS})")
     if config.get("peft_type") != "LORA":
         raise BailongError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key, default in UNSUPPORTED.items():

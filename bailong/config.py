@@ -1,9 +1,7 @@
 """Model configuration: one dataclass, read from a Hugging Face config.json or a preset."""
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
-from bailong.errors import BailongError
+from bailong.errors import BailongError, read_json_object
 
 
 @dataclass
@@ -64,15 +62,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path):
-        path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BailongError(f"{path}: no such file (a model folder needs config.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BailongError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise BailongError(f"{path}: expected a JSON object")
+        hf = read_json_object(path, "no such file (a model folder needs config.json)")
         try:
             return cls.from_hf(hf, source=str(path))
         except TypeError as e:  # a field of the wrong type

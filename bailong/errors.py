@@ -20,3 +20,18 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+
+
+def read_json_object(path, missing="no such file"):
+    """The JSON object in ``path``, or a one-line BailongError naming the file and the problem."""
+    import json
+    from pathlib import Path
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BailongError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BailongError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BailongError(f"{path}: expected a JSON object")
+    return data

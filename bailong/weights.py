@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from bailong.config import ModelConfig
-from bailong.errors import BailongError
+from bailong.errors import BailongError, read_json_object
 from bailong.model import Llama
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
@@ -173,7 +173,7 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
 def bnb_quantized(folder: Path) -> bool:
     """Whether config.json says the weights are bitsandbytes-quantized; refuse what we cannot read."""
     file = folder / "config.json"
-    qc = json.loads(file.read_text()).get("quantization_config")
+    qc = read_json_object(file).get("quantization_config")
     if not qc:
         return False
     if qc.get("quant_method") != "bitsandbytes":

@@ -3,14 +3,12 @@ import shutil
 import subprocess
 import sys
 
-import torch
 from hf_models import write_hf
 
 import bailong
 import chat
 from bailong.chat_template import llama2_turns
 from bailong.generate import Sampling, generate
-from bailong.tokenizer import Tokenizer
 from conftest import ROOT, asset
 
 GREEDY = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1"]

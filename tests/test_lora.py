@@ -10,12 +10,10 @@ from transformers import LlamaForCausalLM
 import bailong
 from bailong.adapter import save_adapter
 from bailong.config import preset
-from bailong.errors import BailongError
 from bailong.export import main as export_main
 from bailong.lora import (LoRAConfig, LoRALinear, inject_lora, lora_parameters, lora_summary,
                           mark_only_lora_trainable, merge_lora)
 from bailong.quantized import PROJECTIONS
-from test_weights import cli_error
 
 ALL = PROJECTIONS + ("embed_tokens", "lm_head")
 SHAPE = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)

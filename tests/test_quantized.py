@@ -123,7 +123,7 @@ def test_memory_report(tmp_path):
     nf4 = sum(m.weight.nbytes for _, m in projections(model))
     dense = sum(p.numel() * 4 for p in model.parameters())
     n = sum(m.weight.numel for _, m in projections(model)) + sum(p.numel() for p in model.parameters())
-    assert f"in 21 NF4 matrices" in report and f"{(nf4 + dense) / (2 * n):.1%}" in report
+    assert "in 21 NF4 matrices" in report and f"{(nf4 + dense) / (2 * n):.1%}" in report
 
 
 @pytest.mark.parametrize("quant_type", ["fp4"])
