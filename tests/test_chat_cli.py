@@ -28,7 +28,7 @@ def test_prompt_answers_once_with_the_streamed_greedy_reply(tmp_path, capsys):
     printed = capsys.readouterr().out
     model, tok = bailong.load(folder, device="cpu")
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "臺灣 hello"}]
-    prompt = [i for turn in llama2_turns(tok, messages) for i in turn]
+    prompt = [i for p, a in llama2_turns(tok, messages) for i in p + a]
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     expected = [i for i in generate(model, prompt, 25, greedy) if i != tok.eos_id]
     assert printed == tok.decode(expected) + "\n"
@@ -76,6 +76,6 @@ def test_chat_with_a_peft_adapter(tmp_path, capsys):
                "--device", "cpu", *GREEDY])
     printed = capsys.readouterr().out
     model, tok = bailong.load(folder, device="cpu", adapter=tmp_path / "adapter")
-    prompt = [i for turn in llama2_turns(tok, [{"role": "user", "content": "臺灣"}]) for i in turn]
+    prompt = [i for p, a in llama2_turns(tok, [{"role": "user", "content": "臺灣"}]) for i in p + a]
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     assert printed == tok.decode([i for i in generate(model, prompt, 8, greedy) if i != tok.eos_id]) + "\n"

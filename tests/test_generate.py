@@ -5,7 +5,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 import bailong
-from bailong.chat_template import fit_prompt, llama2_turns
+from bailong.chat_template import fit_prompt, llama2_turns, training_example
 from bailong.generate import Sampling, generate, process_logits
 from bailong.tokenizer import byte_tokenizer
 from conftest import asset
@@ -64,15 +64,24 @@ def test_stops_on_stop_id_max_tokens_and_context(tiny):
         generate(tiny, [1] * context, 10, GREEDY)
 
 
-def test_llama2_chat_format():
+def test_llama2_chat_format_and_training_labels():
     tok = bailong.Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "你好嗎？"}]
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "你好嗎？"},
+                {"role": "assistant", "content": "很好，謝謝。"}]
     turns = llama2_turns(tok, messages)
-    assert turns == [tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ", bos=True, eos=True),
-                     tok.encode("[INST] 你好嗎？ [/INST]", bos=True)]
+    first_prompt = tok.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]", bos=True)
+    assert turns == [(first_prompt, tok.encode("Hello!", eos=True)),
+                     (tok.encode("[INST] 你好嗎？ [/INST]", bos=True), tok.encode("很好，謝謝。", eos=True))]
+    # joined, it reads as Meta's format
+    assert tok.decode([i for p, a in turns for i in p + a]) == \
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! [INST] 你好嗎？ [/INST] 很好，謝謝。"
+    ids, labels = training_example(tok, messages)
+    answers = [i for i, label in zip(ids, labels) if label != -100]
+    assert answers == tok.encode("Hello!", eos=True) + tok.encode("很好，謝謝。", eos=True)
+    assert all(label in (-100, i) for i, label in zip(ids, labels)) and len(ids) == len(labels)
     with pytest.raises(ValueError, match="alternating"):
-        llama2_turns(tok, messages[:3])
+        llama2_turns(tok, messages[:1] + messages[2:])
 
 
 def test_history_trimming_keeps_system_prompt_and_fits():
@@ -81,7 +90,7 @@ def test_history_trimming_keeps_system_prompt_and_fits():
     for i in range(6):
         messages += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "x" * 30}]
     messages.append({"role": "user", "content": "last"})
-    full = sum(map(len, llama2_turns(tok, messages)))
+    full = sum(len(p + a) for p, a in llama2_turns(tok, messages))
     ids, kept = fit_prompt(tok, messages, full - 1)
     assert len(ids) <= full - 1 and kept[0]["role"] == "system" and kept[1]["content"] == "question 1"
     ids, kept = fit_prompt(tok, messages, 60)
