@@ -1,5 +1,6 @@
 """Chat with a Llama 2 model in the terminal, answers streamed as they are generated.
 
+    python chat.py                                        # the result of python train.py --stage sft
     python chat.py meta-llama/Llama-2-7b-chat-hf          # a Hub repo id or a local folder
     python chat.py ./my-model --prompt "你好" --temperature 0
     python chat.py --preset tiny --prompt "Hello"        # random weights: a smoke test
@@ -11,6 +12,7 @@ conversation would outgrow the context window; the system prompt stays.
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,12 +24,14 @@ from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MODEL = "out/sft"
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", help="model folder or Hugging Face repo id")
+    p.add_argument("model", nargs="?", help=f"model folder, training output or Hugging Face repo id "
+                                            f"(default: {DEFAULT_MODEL})")
     p.add_argument("--preset", help="instead of a model: random weights of a preset (e.g. tiny)")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model folder's")
     p.add_argument("--prompt", help="answer this one message and exit")
@@ -44,8 +48,13 @@ def parse_args(argv):
     p.add_argument("--quantize", choices=["nf4"], help="store the projections in NF4 while loading")
     p.add_argument("--adapter", help="a PEFT LoRA adapter folder or repo id to apply to the model")
     args = p.parse_args(argv)
-    if (args.model is None) == (args.preset is None):
-        p.error("give a model folder or repo id, or --preset NAME")
+    if args.model and args.preset:
+        p.error("give a model folder or repo id, or --preset NAME, not both")
+    if not args.model and not args.preset:  # what `python train.py --stage sft` made
+        if not Path(DEFAULT_MODEL).exists():
+            p.error(f"no model given and no {DEFAULT_MODEL}: run `python train.py --stage pretrain` and "
+                    "`python train.py --stage sft` first, or name a model")
+        args.model = DEFAULT_MODEL
     if args.preset and args.adapter:
         p.error("--adapter needs a model, not a preset")
     return args

@@ -87,6 +87,7 @@ def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
         if not match:
             raise BailongError(f"{file}: key {key} is not a LoRA weight in PEFT's layout")
         modules.setdefault(match[1], {})[match[2]] = (key, tensor)
+    _grow_vocabulary(model, modules, folder)
     for name, parts in modules.items():
         _check_fits(model, name, parts, file)
     for name, parts in modules.items():
@@ -104,6 +105,21 @@ def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
                 target = wrapper.weight if part == "base_layer.weight" else wrapper.get_parameter(part)
                 target.copy_(tensor)
     return config
+
+
+def _grow_vocabulary(model, modules, folder):
+    """An adapter trained on an extended vocabulary ships its tokenizer and the grown embedding and
+    head rows; resize the base to that vocabulary first (the rows themselves are loaded after)."""
+    tokenizer = folder / "tokenizer.model"
+    if not tokenizer.exists():
+        return
+    from bailong.tokenizer import Tokenizer
+    from bailong.zip_tie import resize_vocab
+    vocab = Tokenizer(tokenizer).vocab_size
+    rows = {parts["base_layer.weight"][1].shape[0] for name, parts in modules.items()
+            if name in ("model.embed_tokens", "lm_head") and "base_layer.weight" in parts}
+    if rows == {vocab} and vocab > model.config.vocab_size:
+        resize_vocab(model, vocab)
 
 
 def _pattern(patterns, name, default):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bailong.nf4 import NF4Tensor
-from bailong.quantized import PROJECTIONS, NF4Linear, nf4_linear, set_module
+from bailong.quantized import PROJECTIONS, NF4Linear, nf4_linear, nf4_weights, set_module
 
 
 @dataclass
@@ -174,7 +174,6 @@ def lora_summary(model) -> str:
     """Trainable against all parameters (an NF4 weight counts its logical size)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dense = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    nf4 = sum(m.weight.numel for m in model.modules()
-              if isinstance(m, (NF4Linear, LoRALinear)) and isinstance(m.weight, NF4Tensor))
+    nf4 = sum(q.numel for q in nf4_weights(model))
     total = dense + nf4
     return f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})"

@@ -13,6 +13,7 @@ keys are a fixed prefix away, and export is a save.
 """
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bailong.config import ModelConfig
@@ -145,6 +146,7 @@ class Llama(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.checkpointing = False  # recompute each layer in the backward instead of keeping its activations
         self.tie_weights()
 
     def tie_weights(self):
@@ -169,7 +171,10 @@ class Llama(nn.Module):
         positions = torch.arange(past, past + T, device=input_ids.device)
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, D) each
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
         return self.model.norm(x)

@@ -98,9 +98,14 @@ def quantize_model(model, blocksize=64, double_quant=True):
     return model
 
 
+def nf4_weights(model) -> list[NF4Tensor]:
+    """Every NF4 weight in the model, bare (NF4Linear) or under LoRA."""
+    return [m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Tensor)]
+
+
 def bnb_quantization_config(model) -> dict | None:
     """config.json's quantization_config for a model with NF4 projections (None if none)."""
-    quantized = [m.weight for _, m in projections(model) if isinstance(m, NF4Linear)]
+    quantized = nf4_weights(model)
     if not quantized:
         return None
     dense = sorted({name.rsplit(".", 1)[-1] for name, m in projections(model) if isinstance(m, nn.Linear)})
@@ -112,7 +117,7 @@ def bnb_quantization_config(model) -> dict | None:
 
 def memory_report(model) -> str:
     """Bytes the model holds, against the same model in bfloat16."""
-    nf4 = [m.weight for _, m in projections(model) if isinstance(m, NF4Linear)]
+    nf4 = nf4_weights(model)
     quantized_bytes = sum(q.nbytes for q in nf4)
     dense = {id(p): p for p in model.parameters()}.values()  # tied weights once
     dense_bytes = sum(p.numel() * p.element_size() for p in dense)
@@ -120,8 +125,8 @@ def memory_report(model) -> str:
     total = quantized_bytes + dense_bytes
     gib = 2 ** 30
     bits = 8 * quantized_bytes / max(1, sum(q.numel for q in nf4))
-    return (f"model memory: {total / gib:.2f} GiB ({quantized_bytes / gib:.2f} GiB in {len(nf4)} NF4 matrices "
-            f"at {bits:.3f} bits/weight, {dense_bytes / gib:.2f} GiB dense) vs {bf16_bytes / gib:.2f} GiB "
+    return (f"model memory: {total / gib:.3f} GiB ({quantized_bytes / gib:.3f} GiB in {len(nf4)} NF4 matrices "
+            f"at {bits:.3f} bits/weight, {dense_bytes / gib:.3f} GiB dense) vs {bf16_bytes / gib:.3f} GiB "
             f"in bfloat16: {total / bf16_bytes:.1%}")
 
 

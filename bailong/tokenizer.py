@@ -27,6 +27,13 @@ class Tokenizer:
         # Ids past the tokenizer (a model vocabulary padded for speed) decode to nothing.
         return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
 
+    def proto(self):
+        """The SentencePiece ModelProto (protobuf) of this tokenizer, for editing."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        return proto
+
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 

@@ -76,17 +76,19 @@ def is_cjk(piece: str) -> bool:
 def train_bpe(texts, vocab_size) -> pb.ModelProto:
     """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as the corpus allows."""
     import io
-    for _ in range(2):
+    for _ in range(3):
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
                                            **LLAMA_TRAINER)
             break
         except RuntimeError as e:
-            limit = re.search(r"<= (\d+)", str(e))
-            if not limit:
+            if limit := re.search(r"<= (\d+)", str(e)):
+                vocab_size = int(limit[1])  # the most this corpus supports
+            elif needed := re.search(r"required_chars\. \d+ vs (\d+)", str(e)):
+                vocab_size = int(needed[1]) + 64  # every character, and some merges
+            else:
                 raise BailongError(f"SentencePiece could not train on the corpus: {e}") from None
-            vocab_size = int(limit[1])  # the most this corpus supports
     proto = pb.ModelProto()
     proto.ParseFromString(model.getvalue())
     return proto
@@ -132,6 +134,13 @@ def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_c
     return extended, added
 
 
+def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
+    """Train on ``texts`` and extend ``base`` with ``new_pieces`` of the pieces it lacks: (model, pieces)."""
+    distinct = len(set("".join(texts)))
+    trained = train_bpe(texts, len(base.pieces) // 4 + distinct + int(new_pieces * 1.5))
+    return extend_proto(base, trained, new_pieces, Counter("".join(texts)), cjk_only)
+
+
 def save_proto(proto, out, base_path=None):
     out = Path(out)
     if base_path is not None and out.resolve() == Path(base_path).resolve():
@@ -152,9 +161,7 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1):
     texts = read_corpus(corpus)
     cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
     train, test = texts[:cut], texts[cut:] or texts
-    train_size = len(base_proto.pieces) // 4 + int(new_pieces * 1.5)  # room for pieces the base has
-    trained = train_bpe(train, train_size)
-    extended, added = extend_proto(base_proto, trained, new_pieces, Counter("".join(train)), cjk_only)
+    extended, added = add_pieces(base_proto, train, new_pieces, cjk_only)
     save_proto(extended, out, base)
     before, after = Tokenizer(base), Tokenizer(model_proto=extended.SerializeToString())
     b, a = tokens_per_char(before, test), tokens_per_char(after, test)

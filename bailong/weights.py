@@ -27,7 +27,7 @@ HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.j
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
-def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True) -> Path:
+def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, repo_type=None) -> Path:
     """A local folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
 
     From the Hub we fetch only ``files``, then (with ``weights``) exactly the
@@ -42,7 +42,7 @@ def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True) 
     from huggingface_hub.utils import HFValidationError
     repo = str(path_or_repo_id)
     try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files, repo_type=repo_type))
         if not weights:
             return folder
         index = folder / "model.safetensors.index.json"
@@ -210,6 +210,10 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
+    if adapter is None and (folder / "adapter" / "adapter_config.json").exists():  # a training output folder
+        base = folder / "base" if (folder / "base").exists() else \
+            read_json_object(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+        return load(base, dtype, device, revision, quantize, blocksize, double_quant, adapter=folder / "adapter")
     config = ModelConfig.from_file(folder / "config.json")
     quantized = quantize == "nf4" or bnb_quantized(folder)
     with torch.device("meta"):

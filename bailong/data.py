@@ -1,0 +1,172 @@
+"""Training data: read it, tokenize it (in parallel, cached), pack it for pre-training, mask it for SFT.
+
+Pre-training concatenates documents, each followed by eos, into one token
+stream; sequence i is stream[i*L : i*L + L + 1] (inputs and their next tokens).
+SFT renders each conversation in the chat format and trains only on the
+assistant tokens (labels -100 elsewhere). Token arrays are cached as .npy files
+keyed by the tokenizer and the text, and memory-mapped on the next run.
+"""
+import hashlib
+import json
+import os
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bailong.chat_template import training_example
+from bailong.errors import BailongError
+from bailong.tokenizer import Tokenizer
+from bailong.vocab import read_corpus
+
+DATA_DIR = Path(__file__).parent / "data"
+ROLES = ("system", "user", "assistant")
+
+
+def data_paths(paths) -> list[Path]:
+    """Local files and folders as given; anything else is fetched as a Hugging Face dataset repo."""
+    from bailong.weights import resolve
+    out = []
+    for p in paths:
+        path = Path(p).expanduser()
+        out.append(path if path.exists() else resolve(str(p), files=["*.txt", "*.jsonl"], weights=False,
+                                                       repo_type="dataset"))
+    return out
+
+
+def read_conversations(paths) -> list[list[dict]]:
+    """Conversations from jsonl files: {"messages": [{"role": ..., "content": ...}, ...]} a line."""
+    conversations = []
+    for file in paths:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise BailongError(f"{file}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{number}"
+            try:
+                messages = json.loads(line)["messages"]
+                roles = [m["role"] for m in messages]
+                assert all(isinstance(m["content"], str) for m in messages)
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                raise BailongError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": \"...\"}}]}}") \
+                    from None
+            if unknown := [r for r in roles if r not in ROLES]:
+                raise BailongError(f"{where}: unknown role {unknown[0]!r} (use system, user, assistant)")
+            if "assistant" not in roles:
+                raise BailongError(f"{where}: the conversation has no assistant turn to learn from")
+            if "system" in roles[1:] or roles[-1] != "assistant" or \
+                    roles[roles[0] == "system":] != ["user", "assistant"] * (len(messages) // 2):
+                raise BailongError(f"{where}: expected an optional system message, then user and assistant "
+                                   f"turns alternating and ending with the assistant, got {roles}")
+            conversations.append(messages)
+    if not conversations:
+        raise BailongError(f"{', '.join(map(str, paths))}: no conversations")
+    return conversations
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(proto):
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_proto=proto)
+
+
+def _encode(item):
+    if isinstance(item, str):  # a document: its tokens, then eos
+        return _worker_tokenizer.encode(item, eos=True), None
+    return training_example(_worker_tokenizer, item)
+
+
+def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0):
+    """Token ids (and SFT labels) of every item, concatenated, with offsets: cached, memory-mapped.
+
+    Returns (ids, labels or None, offsets) where item i is ids[offsets[i]:offsets[i+1]].
+    """
+    proto = tokenizer.sp.serialized_model_proto()
+    key = hashlib.sha256(proto + json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:20]
+    stem = Path(cache_dir) / f"tokens-{key}"
+    files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
+    sft = not isinstance(items[0], str)
+    if all(f.exists() for f in (files if sft else files[::2])):
+        arrays = [np.load(f, mmap_mode="r") if f.exists() else None for f in files]
+        return arrays[0], arrays[1], arrays[2]
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
+    encoded = []
+    if workers > 1 and len(items) >= 2000:
+        with Pool(workers, initializer=_init_worker, initargs=(proto,)) as pool:
+            for result in pool.imap(_encode, items, chunksize=64):
+                encoded.append(result)
+                bar.update()
+    else:
+        _init_worker(proto)
+        for item in items:
+            encoded.append(_encode(item))
+            bar.update()
+    bar.close()
+    ids = np.fromiter((i for e, _ in encoded for i in e), dtype=np.int32)
+    labels = np.fromiter((i for _, lab in encoded for i in lab), dtype=np.int32) if sft else None
+    offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    for file, array in zip(files, (ids, labels, offsets)):
+        if array is not None:
+            tmp = file.with_name(file.name + ".tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, file)
+    return ids, labels, offsets
+
+
+class TokenData:
+    """Fixed-length training examples over tokenized data, split into train and held-out parts.
+
+    ``batch(indices)`` gives (inputs, targets) of shape (B, seq_len): targets are
+    the next tokens (pre-training) or the next tokens where they are an
+    assistant's, -100 elsewhere (SFT; short conversations are padded).
+    """
+
+    def __init__(self, ids, labels, offsets, seq_len, held_out=0.1, pad_id=0):
+        self.ids, self.labels, self.offsets, self.seq_len, self.pad_id = ids, labels, offsets, seq_len, pad_id
+        self.sft = labels is not None
+        n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
+        if n < 2:
+            raise BailongError(f"the data make {n} example(s) of {seq_len} tokens; need at least 2 "
+                               "(add data or lower --seq-len)")
+        n_eval = min(n - 1, max(1, int(n * held_out)))
+        self.train, self.eval = np.arange(n - n_eval), np.arange(n - n_eval, n)
+        self._orders = {}  # (seed, epoch) -> order of the training examples
+
+    def example(self, i):
+        if not self.sft:
+            chunk = torch.from_numpy(np.asarray(self.ids[i * self.seq_len: i * self.seq_len + self.seq_len + 1]))
+            return chunk[:-1].long(), chunk[1:].long()
+        start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len + 1)
+        ids = torch.from_numpy(np.asarray(self.ids[start:end])).long()
+        labels = torch.from_numpy(np.asarray(self.labels[start:end])).long()
+        pad = self.seq_len + 1 - len(ids)
+        ids = torch.cat([ids, torch.full((pad,), self.pad_id)])
+        labels = torch.cat([labels, torch.full((pad,), -100)])
+        return ids[:-1], labels[1:]
+
+    def batch(self, indices):
+        inputs, targets = zip(*(self.example(int(i)) for i in indices))
+        return torch.stack(inputs), torch.stack(targets)
+
+    def train_indices(self, step, batch_size, seed, rank=0, world=1):
+        """The examples of one optimizer micro-step, the same on every run: each epoch is a
+        seeded permutation, and each rank takes its own share of the global batch."""
+        n = len(self.train)
+        first = step * batch_size * world
+        chosen = []
+        for g in range(first + rank, first + batch_size * world, world):
+            if (seed, g // n) not in self._orders:
+                self._orders = {(seed, g // n): torch.randperm(n, generator=torch.Generator().manual_seed(seed + g // n))}
+            chosen.append(self.train[self._orders[seed, g // n][g % n]])
+        return chosen
