@@ -52,7 +52,9 @@ def main(argv=None):
     from pathlib import Path
     out = Path(config.out)
 
-    # ---- base model, tokenizer and data --------------------------------------------------------------
+    # ---- data first (so that mistakes in it surface before minutes of loading), then the base model ------
+    items = read_corpus(data_paths(config.data)) if config.stage == "pretrain" else \
+        read_conversations(data_paths(config.data))
     base_name = None
     if config.stage == "pretrain":
         if config.model:
@@ -62,14 +64,12 @@ def main(argv=None):
                 raise BailongError(f"{config.model}: no tokenizer.model; vocabulary transfer needs one")
         else:  # the embedded default: a tiny random Llama that spells everything in bytes
             model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
-        items = read_corpus(data_paths(config.data))
     else:
         if not Path(config.init).exists():
             raise BailongError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
                                "or pass --init)")
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
-        items = read_conversations(data_paths(config.data))
 
     # ---- vocabulary transfer: new pieces, zip-tie embeddings ------------------------------------------
     if config.stage == "pretrain" and config.new_pieces:

@@ -113,11 +113,14 @@ def prepare_output(config: TrainConfig):
     out = Path(config.out)
     run_file = out / "run.json"
     if out.exists() and any(out.iterdir()):
+        progress = latest_checkpoint(out) or (out / "metrics.jsonl").exists()
         if config.overwrite:
             shutil.rmtree(out)
-        elif not run_file.exists() or read_json_object(run_file) != config.run_identity():
+        elif not run_file.exists():
+            raise BailongError(f"{out}: holds files that are not a training run; choose another --out")
+        elif progress and read_json_object(run_file) != config.run_identity():
             raise BailongError(f"{out}: already holds a different run; choose another --out, or pass --overwrite")
-        elif not config.resume and latest_checkpoint(out):
+        elif progress and not config.resume:
             raise BailongError(f"{out}: already holds this run; pass --resume to continue it, or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     tmp = run_file.with_suffix(".tmp")
@@ -127,7 +130,10 @@ def prepare_output(config: TrainConfig):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -136,7 +142,8 @@ def rng_state() -> dict:
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -1,0 +1,40 @@
+"""One training step's LoRA gradients, for tests/test_training.py: run alone or under torchrun."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bailong import load_preset  # noqa: E402
+from bailong.data import DATA_DIR, TokenData, tokenize  # noqa: E402
+from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable  # noqa: E402
+from bailong.vocab import read_corpus  # noqa: E402
+
+
+def main(out, batch_size):
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    model, tokenizer = load_preset("tiny", device="cpu", seed=0)
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    mark_only_lora_trainable(model)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a nonzero update, the same in every process
+        for p in lora_parameters(model).values():
+            p.normal_(0, 0.05)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ids, labels, offsets = tokenize(tokenizer, read_corpus([DATA_DIR / "en_sample.txt"]), Path(out) / "cache", 1)
+    data = TokenData(ids, labels, offsets, 32)
+    inputs, targets = data.batch(data.train_indices(0, batch_size, seed=0, rank=rank, world=world))
+    F.cross_entropy(ddp(inputs).flatten(0, 1), targets.flatten()).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in lora_parameters(model).items()}, Path(out) / f"grads-{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,169 @@
+"""train.py end to end: the embedded default, exact resume, several processes, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bailong.data import DATA_DIR, TokenData, read_conversations
+from bailong.errors import BailongError, run_cli
+from bailong.training import TrainConfig, latest_checkpoint, lr_at, parse_config
+from conftest import ROOT
+
+TRAIN = [sys.executable, str(ROOT / "train.py")]
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_embedded_default_pretrain_sft_and_chat(tmp_path):
+    pre, sft = tmp_path / "pretrain", tmp_path / "sft"
+    result = subprocess.run(TRAIN + ["--stage", "pretrain", "--out", str(pre)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [loss for _, loss in losses(pre)]
+    assert len(curve) == 300 and sum(curve[-20:]) / 20 < 0.6 * sum(curve[:20]) / 20  # clearly learned
+    assert (pre / "loss.png").stat().st_size > 1000 and (pre / "adapter" / "tokenizer.model").exists()
+    assert "vocabulary: +300 pieces (260 -> 560)" in result.stdout
+    result = subprocess.run(TRAIN + ["--stage", "sft", "--init", str(pre), "--out", str(sft)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [loss for _, loss in losses(sft)]
+    assert sum(curve[-20:]) / 20 < 0.5 * sum(curve[:20]) / 20
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(sft), "--prompt", "臺灣最高的山是哪一座？",
+                             "--temperature", "0", "--max-new-tokens", "30"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    args = ["--steps", "40", "--save-every", "10", "--eval-every", "20", "--new-pieces", "100"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert subprocess.run(TRAIN + args + ["--out", str(whole)], capture_output=True, timeout=600).returncode == 0
+    process = subprocess.Popen(TRAIN + args + ["--out", str(killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it somewhere after its second checkpoint
+        if (killed / "metrics.jsonl").exists() and any(step >= 25 for step, _ in losses(killed)):
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert latest_checkpoint(killed).name in ("step-0000020", "step-0000030")
+    again = subprocess.run(TRAIN + args + ["--out", str(killed), "--resume"], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout
+    assert losses(killed) == losses(whole)  # every step, to the last bit
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert subprocess.run(TRAIN + ["--steps", "10", "--save-every", "5", "--new-pieces", "50", "--out", str(out)],
+                          capture_output=True, timeout=600).returncode == 0
+    from bailong import training
+    before = latest_checkpoint(out)
+    monkeypatch.setattr(training.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    model, _ = __import__("bailong").load(out, device="cpu")
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n])
+    with pytest.raises(OSError):
+        training.save_checkpoint(out, 15, model, training_lora(), __import__("bailong").Tokenizer(
+            out / "adapter" / "tokenizer.model"), optimizer)
+    assert latest_checkpoint(out) == before
+    monkeypatch.undo()
+    assert training.load_checkpoint(before, model, torch.optim.AdamW(
+        [p for n, p in model.named_parameters() if "lora_" in n])) == 10
+
+
+def training_lora():
+    from bailong.lora import LoRAConfig
+    return LoRAConfig(r=16, alpha=32.0)
+
+
+def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "8"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "4"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    single, double = torch.load(tmp_path / "grads-1.pt"), torch.load(tmp_path / "grads-2.pt")
+    for name, grad in single.items():
+        torch.testing.assert_close(double[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_sft_examples_train_on_assistant_tokens_only():
+    from bailong.chat_template import training_example
+    from bailong.tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    chats = read_conversations([DATA_DIR / "chats_sample.jsonl"])
+    encoded = [training_example(tok, c) for c in chats[:3]]
+    ids = [i for e, _ in encoded for i in e]
+    labels = [i for _, lab in encoded for i in lab]
+    offsets = [0]
+    for e, _ in encoded:
+        offsets.append(offsets[-1] + len(e))
+    data = TokenData(torch.tensor(ids).numpy(), torch.tensor(labels).numpy(), torch.tensor(offsets).numpy(), 256,
+                     held_out=0.34, pad_id=2)
+    inputs, targets = data.example(0)
+    kept = targets[targets != -100].tolist()
+    answer = chats[0][1]["content"]
+    assert kept == tok.encode(answer, eos=True)  # the assistant's tokens and its eos, nothing else
+    assert inputs[:len(encoded[0][0]) - 1].tolist() == encoded[0][0][:-1]
+
+
+def test_schedule_and_config():
+    config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == pytest.approx(1e-3)
+    assert lr_at(99, config) == pytest.approx(1e-4, rel=1e-2) and lr_at(55, config) == pytest.approx(5.5e-4, rel=1e-2)
+    assert parse_config(["--stage", "sft", "--lora-r", "8"]).init == "out/pretrain"
+    assert parse_config([]).out == "out/pretrain" and parse_config(["--no-rslora"]).rslora is False
+
+
+def error_of(capsys, *argv):
+    capsys.readouterr()
+    import train
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, list(map(str, argv)))
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_bad_input(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    out = ["--out", tmp_path / "o", "--steps", "2"]
+    assert "missing.txt: no such folder" in error_of(capsys, "--data", tmp_path / "missing.txt", *out)
+    (tmp_path / "empty.txt").write_text("\n")
+    assert "the corpus is empty" in error_of(capsys, "--data", tmp_path / "empty.txt", *out)
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe broken\n")
+    assert "not UTF-8 text" in error_of(capsys, "--data", tmp_path / "bad.txt", *out)  # refused, not skipped
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                     'not json\n')
+    assert f"{chats}:2: expected" in error_of(capsys, "--stage", "sft", "--init", ROOT, "--data", chats, *out)
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}\n')
+    assert "unknown role 'robot'" in error_of(capsys, "--stage", "sft", "--init", ROOT, "--data", chats, *out)
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert "no assistant turn" in error_of(capsys, "--stage", "sft", "--init", ROOT, "--data", chats, *out)
+    assert "longer than the model's context (256)" in error_of(capsys, "--seq-len", "1024", *out)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text("{}")
+    (other / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert "already holds a different run" in error_of(capsys, "--out", other, "--steps", "2")
+    assert (other / "run.json").read_text() == "{}"
+    (other / "run.json").unlink()
+    assert "holds files that are not a training run" in error_of(capsys, "--out", other, "--steps", "2")
+    assert "--stage must be pretrain or sft" in error_of(capsys, "--stage", "finetune")
+    with pytest.raises(BailongError, match="no conversations"):
+        read_conversations([tmp_path / "empty.txt"])
