@@ -1,0 +1,135 @@
+"""QLoRA training steps: our tokens/s and peak memory against transformers + PEFT + bitsandbytes.
+
+Both sides get the same random-weight checkpoint, an NF4 base with double
+quantization, LoRA of the same rank on the seven projections, AdamW, the same
+batch; each runs in a fresh process, a few warm-up steps first. Peak memory is
+CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
+/proc/self/clear_refs) on the CPU.
+
+    python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
+    python bench/bench_train.py --preset llama2-7b --seq-len 2048 --batch 1 --device cuda         # a GPU
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+
+def run_one(which, folder, args):
+    """One side's training steps, in this process; prints a JSON line."""
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if device == "cpu":
+        open("/proc/self/clear_refs", "w").write("5")
+        before = status("VmRSS")
+    if which == "ours":
+        import bailong
+        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+        model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
+        inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=tuple(targets)))
+        mark_only_lora_trainable(model)
+        model.checkpointing = device == "cuda"
+        forward = model
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig, LlamaForCausalLM
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map=device, dtype=dtype)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                 target_modules=targets))
+        forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = forward(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM") - before
+    print(json.dumps({"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak,
+                      "seconds_per_step": seconds}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tinyllama-1.1b")
+    p.add_argument("--layers", type=int, help="fewer layers than the preset (to fit a CPU)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--which", help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.which:
+        return run_one(args.which, args.folder, args)
+    import bailong
+    from bailong.config import preset
+    from bailong.model import init_weights
+    config = preset(args.preset)
+    config.num_hidden_layers = args.layers or config.num_hidden_layers
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("meta"):
+            model = bailong.Llama(config)
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        bailong.save(init_weights(model), tmp)
+        del model
+        print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
+              f"LoRA r={args.rank} on 7 projections, NF4 base, {args.device}, torch {torch.__version__}")
+        results = {}
+        for which in ["ours", "transformers+peft+bitsandbytes"]:
+            cmd = [sys.executable, __file__, "--which", "ours" if which == "ours" else "theirs", "--folder", tmp,
+                   *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                print(f"{which}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                continue
+            results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
+                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB")
+        if len(results) == 2:
+            ours, theirs = results["ours"], results["transformers+peft+bitsandbytes"]
+            print(f"ratio: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
+                  f"{ours['peak_bytes'] / theirs['peak_bytes']:.2f}x their peak memory")
+
+
+if __name__ == "__main__":
+    main()
