@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from bailong import load, load_preset, save
 from bailong.adapter import save_adapter
-from bailong.data import TokenData, data_paths, read_conversations, tokenize
+from bailong.data import TokenData, data_paths, read_conversations, split, tokenize
 from bailong.errors import BailongError, run_cli
 from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
 from bailong.quantized import memory_report, quantize_model
@@ -100,8 +100,11 @@ def main(argv=None):
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     # ---- tokenized data ----------------------------------------------------------------------------------
-    ids, labels, offsets = tokenize(tokenizer, items, Path(config.out) / "cache", config.workers)
-    data = TokenData(ids, labels, offsets, config.seq_len, config.held_out, pad_id=tokenizer.eos_id)
+    train_items, eval_items = split(items, config.held_out, config.seed)
+    data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers), config.seq_len,
+                     tokenizer.eos_id)
+    held_out = TokenData(*tokenize(tokenizer, eval_items, out / "cache", config.workers), config.seq_len,
+                         tokenizer.eos_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -118,7 +121,7 @@ def main(argv=None):
     say(lora_summary(model))
     if config.quantize == "nf4":
         say(memory_report(model))
-    say(f"data: {len(data.train)} training and {len(data.eval)} held-out examples of {config.seq_len} tokens; "
+    say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens; "
         f"{config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
 
     def loss_of(inputs, targets):
@@ -131,8 +134,9 @@ def main(argv=None):
     @torch.no_grad()
     def evaluate():
         model.eval()
-        chunks = [data.eval[i:i + config.batch_size] for i in range(0, len(data.eval), config.batch_size)]
-        losses = [loss_of(*data.batch(c)).item() for c in chunks[:config.eval_batches]]
+        examples = list(range(held_out.n))
+        chunks = [examples[i:i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
+        losses = [loss_of(*held_out.batch(c)).item() for c in chunks[:config.eval_batches]]
         model.train()
         return sum(losses) / len(losses)
 
@@ -146,8 +150,7 @@ def main(argv=None):
                 group["lr"] = lr_at(step, config)
             total = 0.0
             for micro in range(config.grad_accum):
-                batch = data.train_indices(step * config.grad_accum + micro, config.batch_size, config.seed, rank,
-                                           world)
+                batch = data.indices(step * config.grad_accum + micro, config.batch_size, config.seed, rank, world)
                 loss = loss_of(*data.batch(batch)) / config.grad_accum
                 loss.backward()
                 total += loss.item()
@@ -162,7 +165,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(done - start) * tokens_per_step / elapsed:,.0f}")
             if main_process:
                 metrics.log(step=done, loss=total, lr=lr_at(step, config), tokens=done * tokens_per_step)
-            if done % config.eval_every == 0 or done == config.steps:
+            if held_out and (done % config.eval_every == 0 or done == config.steps):
                 eval_loss = evaluate()
                 if main_process:
                     metrics.log(step=done, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))

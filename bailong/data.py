@@ -124,24 +124,30 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0):
     return ids, labels, offsets
 
 
+def split(items, held_out, seed):
+    """(training items, held-out items): a seeded draw of whole documents or conversations."""
+    if len(items) < 2 or not held_out:
+        return list(items), []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(len(items) - 1, max(1, round(len(items) * held_out)))
+    return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in sorted(order[:n_eval])]
+
+
 class TokenData:
-    """Fixed-length training examples over tokenized data, split into train and held-out parts.
+    """Fixed-length examples over tokenized data.
 
     ``batch(indices)`` gives (inputs, targets) of shape (B, seq_len): targets are
     the next tokens (pre-training) or the next tokens where they are an
     assistant's, -100 elsewhere (SFT; short conversations are padded).
     """
 
-    def __init__(self, ids, labels, offsets, seq_len, held_out=0.1, pad_id=0):
+    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data"):
         self.ids, self.labels, self.offsets, self.seq_len, self.pad_id = ids, labels, offsets, seq_len, pad_id
         self.sft = labels is not None
-        n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
-        if n < 2:
-            raise BailongError(f"the data make {n} example(s) of {seq_len} tokens; need at least 2 "
-                               "(add data or lower --seq-len)")
-        n_eval = min(n - 1, max(1, int(n * held_out)))
-        self.train, self.eval = np.arange(n - n_eval), np.arange(n - n_eval, n)
-        self._orders = {}  # (seed, epoch) -> order of the training examples
+        self.n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
+        if self.n < 1:
+            raise BailongError(f"the {what} make no example of {seq_len} tokens (add data or lower --seq-len)")
+        self._orders = {}  # (seed, epoch) -> order of the examples
 
     def example(self, i):
         if not self.sft:
@@ -159,14 +165,14 @@ class TokenData:
         inputs, targets = zip(*(self.example(int(i)) for i in indices))
         return torch.stack(inputs), torch.stack(targets)
 
-    def train_indices(self, step, batch_size, seed, rank=0, world=1):
+    def indices(self, step, batch_size, seed, rank=0, world=1):
         """The examples of one optimizer micro-step, the same on every run: each epoch is a
         seeded permutation, and each rank takes its own share of the global batch."""
-        n = len(self.train)
+        n = self.n
         first = step * batch_size * world
         chosen = []
         for g in range(first + rank, first + batch_size * world, world):
             if (seed, g // n) not in self._orders:
                 self._orders = {(seed, g // n): torch.randperm(n, generator=torch.Generator().manual_seed(seed + g // n))}
-            chosen.append(self.train[self._orders[seed, g // n][g % n]])
+            chosen.append(int(self._orders[seed, g // n][g % n]))
         return chosen

@@ -28,7 +28,7 @@ def main(out, batch_size):
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ids, labels, offsets = tokenize(tokenizer, read_corpus([DATA_DIR / "en_sample.txt"]), Path(out) / "cache", 1)
     data = TokenData(ids, labels, offsets, 32)
-    inputs, targets = data.batch(data.train_indices(0, batch_size, seed=0, rank=rank, world=world))
+    inputs, targets = data.batch(data.indices(0, batch_size, seed=0, rank=rank, world=world))
     F.cross_entropy(ddp(inputs).flatten(0, 1), targets.flatten()).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in lora_parameters(model).items()}, Path(out) / f"grads-{world}.pt")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from bailong.data import DATA_DIR, TokenData, read_conversations
+from bailong.data import DATA_DIR, TokenData, read_conversations, split
 from bailong.errors import BailongError, run_cli
 from bailong.training import TrainConfig, latest_checkpoint, lr_at, parse_config
 from conftest import ROOT
@@ -112,12 +112,19 @@ def test_sft_examples_train_on_assistant_tokens_only():
     for e, _ in encoded:
         offsets.append(offsets[-1] + len(e))
     data = TokenData(torch.tensor(ids).numpy(), torch.tensor(labels).numpy(), torch.tensor(offsets).numpy(), 256,
-                     held_out=0.34, pad_id=2)
+                     pad_id=2)
     inputs, targets = data.example(0)
     kept = targets[targets != -100].tolist()
     answer = chats[0][1]["content"]
     assert kept == tok.encode(answer, eos=True)  # the assistant's tokens and its eos, nothing else
     assert inputs[:len(encoded[0][0]) - 1].tolist() == encoded[0][0][:-1]
+
+
+def test_held_out_split_is_whole_documents_and_seeded():
+    items = [f"document {i}" for i in range(20)]
+    train, held = split(items, 0.1, seed=3)
+    assert len(held) == 2 and sorted(train + held) == sorted(items) and split(items, 0.1, seed=3) == (train, held)
+    assert split(items[:1], 0.5, 0) == (items[:1], [])
 
 
 def test_schedule_and_config():
