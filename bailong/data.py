@@ -19,7 +19,6 @@ from tqdm import tqdm
 from bailong.chat_template import training_example
 from bailong.errors import BailongError
 from bailong.tokenizer import Tokenizer
-from bailong.vocab import read_corpus
 
 DATA_DIR = Path(__file__).parent / "data"
 ROLES = ("system", "user", "assistant")

@@ -11,7 +11,6 @@ import math
 import os
 import random
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
