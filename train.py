@@ -101,6 +101,10 @@ def main(argv=None):
 
     # ---- tokenized data ----------------------------------------------------------------------------------
     train_items, eval_items = split(items, config.held_out, config.seed)
+    if world > 1:  # rank 0 fills the token cache first; the others then read it
+        if main_process:
+            tokenize(tokenizer, train_items, out / "cache", config.workers)
+        dist.barrier()
     data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers), config.seq_len,
                      tokenizer.eos_id)
     held_out = TokenData(*tokenize(tokenizer, eval_items, out / "cache", config.workers), config.seq_len,

@@ -174,3 +174,42 @@ def test_bad_input(tmp_path, capsys):
     assert "--stage must be pretrain or sft" in error_of(capsys, "--stage", "finetune")
     with pytest.raises(BailongError, match="no conversations"):
         read_conversations([tmp_path / "empty.txt"])
+
+
+def test_torchrun_two_processes_train_and_rank_zero_writes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "train.py"),
+                             "--steps", "4", "--new-pieces", "50", "--eval-every", "2", "--out", str(tmp_path / "ddp")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout and [s for s, _ in losses(tmp_path / "ddp")] == [1, 2, 3, 4]
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_ctrl_c_saves_and_a_non_finite_loss_stops(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(TRAIN + ["--steps", "100000", "--new-pieces", "50", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 5):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert "interrupted: saved" in stdout and latest_checkpoint(out) is not None
+    result = subprocess.run(TRAIN + ["--steps", "5", "--new-pieces", "50", "--lr", "1e30", "--warmup", "1",
+                                     "--grad-clip", "1e30", "--out", str(tmp_path / "nan")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "error: the loss is" in result.stderr and "stopped" in result.stderr, \
+        result.stderr[-2000:]
+
+
+def test_token_cache_is_reused(tmp_path):
+    from bailong.data import tokenize
+    from bailong.tokenizer import byte_tokenizer
+    docs = ["臺灣", "hello world"]
+    ids, labels, offsets = tokenize(byte_tokenizer(), docs, tmp_path, 1)
+    assert labels is None and ids.tolist()[-1] == 2 and offsets.tolist() == [0, 8, 21]  # "▁" + 6 bytes + eos; "▁hello▁world" + eos
+    again = tokenize(byte_tokenizer(), docs, tmp_path, 1)
+    assert isinstance(again[0], __import__("numpy").memmap) and again[0].tolist() == ids.tolist()
+    assert len(list(tmp_path.glob("*.npy"))) == 2
