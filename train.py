@@ -10,6 +10,7 @@ Several GPUs: torchrun --nproc-per-node N train.py ... (each rank reads its shar
 """
 import math
 import os
+import sys
 import time
 
 import torch
@@ -195,7 +196,12 @@ def main(argv=None):
         say(f"done: training loss {first:.4f} -> {sum(last) / len(last):.4f} (mean of the last 10 steps); "
             f"wrote {out}/adapter, metrics.jsonl, loss.png")
     if world > 1:
+        del ddp_model  # DDP's reducer first, then the process group
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # c10d's static teardown sometimes aborts a finished process (seen with torch 2.13, gloo)
     return 0
 
 

@@ -150,11 +150,11 @@ class TokenData:
 
     def example(self, i):
         if not self.sft:
-            chunk = torch.from_numpy(np.asarray(self.ids[i * self.seq_len: i * self.seq_len + self.seq_len + 1]))
-            return chunk[:-1].long(), chunk[1:].long()
+            chunk = torch.tensor(self.ids[i * self.seq_len: i * self.seq_len + self.seq_len + 1], dtype=torch.long)
+            return chunk[:-1], chunk[1:]
         start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len + 1)
-        ids = torch.from_numpy(np.asarray(self.ids[start:end])).long()
-        labels = torch.from_numpy(np.asarray(self.labels[start:end])).long()
+        ids = torch.tensor(self.ids[start:end], dtype=torch.long)  # a copy of the memory-mapped slice
+        labels = torch.tensor(self.labels[start:end], dtype=torch.long)
         pad = self.seq_len + 1 - len(ids)
         ids = torch.cat([ids, torch.full((pad,), self.pad_id)])
         labels = torch.cat([labels, torch.full((pad,), -100)])

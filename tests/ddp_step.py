@@ -33,7 +33,10 @@ def main(out, batch_size):
     if rank == 0:
         torch.save({n: p.grad for n, p in lora_parameters(model).items()}, Path(out) / f"grads-{world}.pt")
     if world > 1:
+        del ddp  # DDP's reducer first, then the process group: the other order can abort at exit
+        dist.barrier()
         dist.destroy_process_group()
+        os._exit(0)  # c10d's static teardown sometimes aborts a finished process (torch 2.13, gloo)
 
 
 if __name__ == "__main__":
