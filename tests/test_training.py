@@ -213,3 +213,22 @@ def test_token_cache_is_reused(tmp_path):
     again = tokenize(byte_tokenizer(), docs, tmp_path, 1)
     assert isinstance(again[0], __import__("numpy").memmap) and again[0].tolist() == ids.tolist()
     assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from bailong.data import data_paths, tokenize
+    from bailong.tokenizer import byte_tokenizer
+    docs = [f"第 {i} 行 line {i}" for i in range(2500)]
+    parallel = tokenize(byte_tokenizer(), docs, tmp_path / "a", workers=2)
+    serial = tokenize(byte_tokenizer(), docs, tmp_path / "b", workers=1)
+    assert parallel[0].tolist() == serial[0].tolist() and parallel[2].tolist() == serial[2].tolist()
+    snapshot = tmp_path / "hub" / "datasets--bailong-tests--corpus" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "part.txt").write_text("臺灣\n")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert data_paths(["bailong-tests/corpus"]) == [snapshot]
