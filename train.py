@@ -59,7 +59,9 @@ def main(argv=None):
     base_name = None
     if config.stage == "pretrain":
         if config.model:
-            model, tokenizer = load(config.model, dtype=dtype, device=device)
+            # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
+            model, tokenizer = load(config.model, dtype=dtype, device=device,
+                                    quantize="nf4" if config.quantize == "nf4" else None)
             base_name = config.model
             if tokenizer is None:
                 raise BailongError(f"{config.model}: no tokenizer.model; vocabulary transfer needs one")
@@ -89,7 +91,7 @@ def main(argv=None):
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":
-        quantize_model(model)
+        quantize_model(model)  # what is still dense (the embedded default, the merged SFT base)
     elif config.quantize != "none":
         raise BailongError(f"--quantize must be nf4 or none, not {config.quantize!r}")
     lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, rslora=config.rslora)

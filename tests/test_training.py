@@ -232,3 +232,30 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert data_paths(["bailong-tests/corpus"]) == [snapshot]
+
+
+def test_a_real_checkpoint_and_tokenizer_through_both_stages(tmp_path):
+    """The path a real run takes: a Hugging Face folder with the Llama 2 tokenizer, quantized while loading;
+    the adapter carries the grown vocabulary and loading resizes the base to fit."""
+    import shutil
+
+    from hf_models import write_hf
+
+    import bailong
+    from conftest import asset
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32000, hidden_size=64, intermediate_size=128,
+                         max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    pre, sft = tmp_path / "pre", tmp_path / "sft"
+    for argv in (["--model", folder, "--new-pieces", "200", "--out", pre],
+                 ["--stage", "sft", "--init", pre, "--out", sft]):
+        result = subprocess.run(TRAIN + list(map(str, argv)) + ["--steps", "12", "--eval-every", "6"],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert not (pre / "base").exists()  # the base is the user's folder, named in the adapter config
+    assert json.loads((pre / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
+    model, tokenizer = bailong.load(pre, device="cpu")
+    assert model.config.vocab_size == tokenizer.vocab_size == 32200
+    assert model.model.layers[0].self_attn.q_proj.lora_A.weight.abs().sum() > 0
+    model, tokenizer = bailong.load(sft, device="cpu")
+    assert tokenizer.vocab_size == 32200 and (sft / "base" / "model.safetensors").exists()
