@@ -1,15 +1,22 @@
 """Chat with a Llama 2 model in the terminal, answers streamed as they are generated.
 
     python chat.py                                        # the result of python train.py --stage sft
-    python chat.py meta-llama/Llama-2-7b-chat-hf          # a Hub repo id or a local folder
+    python chat.py meta-llama/Llama-2-7b-chat-hf          # a Hub repo id, a local folder or a training output
     python chat.py ./my-model --prompt "你好" --temperature 0
-    python chat.py --preset tiny --prompt "Hello"        # random weights: a smoke test
+    python chat.py BASE --adapter ADAPTER --quantize nf4  # a PEFT adapter over an NF4 base
+    python chat.py MODEL --input questions.jsonl --output answers.jsonl
+    python chat.py --preset tiny --prompt "Hello"         # random weights: a smoke test
 
-Uses the Llama 2 chat format ([INST], <<SYS>>). Older turns are dropped when the
-conversation would outgrow the context window; the system prompt stays.
-/exit or Ctrl-D ends the chat; Ctrl-C stops an answer, or exits at the prompt.
+The chat format is the model folder's Jinja `chat_template` (tokenizer_config.json)
+when it has one, else Llama 2's ([INST], <<SYS>>), which our SFT stage trains with.
+Sampling defaults come from generation_config.json when present. Older turns are
+dropped when the conversation would outgrow the context window; the system
+prompt stays. Commands: /reset, /system TEXT, /save FILE, /exit (or Ctrl-D);
+Ctrl-C stops an answer, or exits at the prompt.
 """
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,83 +24,145 @@ from pathlib import Path
 import torch
 
 from bailong import load, load_preset
-from bailong.chat_template import fit_prompt
-from bailong.errors import BailongError, run_cli
+from bailong.chat_template import encode_rendered, fit_prompt, jinja_template, llama2_ids, render_jinja
+from bailong.errors import BailongError, read_json_object, run_cli
 from bailong.generate import Sampling, generate
 from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "out/sft"
+SAMPLING = ["temperature", "top_k", "top_p", "repetition_penalty"]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", help=f"model folder, training output or Hugging Face repo id "
                                             f"(default: {DEFAULT_MODEL})")
     p.add_argument("--preset", help="instead of a model: random weights of a preset (e.g. tiny)")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder or repo id to apply to the model")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model folder's")
+    p.add_argument("--template", choices=["auto", "llama2", "model"], default="auto",
+                   help="chat format: the model's chat_template (model), Llama 2's, or the model's when it has one")
     p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--input", help="a jsonl of {\"messages\": [...]} conversations to answer, each ending with a user")
+    p.add_argument("--output", help="with --input: write the answered conversations here (default: stdout)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, help="default: generation_config.json's, or 512")
     d = Sampling()
-    p.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy")
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
-    p.add_argument("--seed", type=int, default=d.seed)
+    for name in SAMPLING:
+        p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)),
+                       help=f"default: generation_config.json's, or {getattr(d, name)}"
+                            + (" (0 for greedy)" if name == "temperature" else ""))
+    p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--quantize", choices=["nf4"], help="store the projections in NF4 while loading")
-    p.add_argument("--adapter", help="a PEFT LoRA adapter folder or repo id to apply to the model")
     args = p.parse_args(argv)
     if args.model and args.preset:
         p.error("give a model folder or repo id, or --preset NAME, not both")
+    if args.preset and args.adapter:
+        p.error("--adapter needs a model, not a preset")
     if not args.model and not args.preset:  # what `python train.py --stage sft` made
         if not Path(DEFAULT_MODEL).exists():
             p.error(f"no model given and no {DEFAULT_MODEL}: run `python train.py --stage pretrain` and "
                     "`python train.py --stage sft` first, or name a model")
         args.model = DEFAULT_MODEL
-    if args.preset and args.adapter:
-        p.error("--adapter needs a model, not a preset")
     return args
 
 
-def answer(model, tokenizer, messages, args, sampling) -> str:
-    """Generate and print one reply to ``messages`` (trimmed in place to fit the context)."""
-    context = model.config.max_position_embeddings
-    budget = context - min(args.max_new_tokens, context // 4)  # room kept for the answer
-    ids, kept = fit_prompt(tokenizer, messages, budget)
-    messages[:] = kept
-    stream = tokenizer.stream()
-    out = []
+def sampling_from(args, folder) -> tuple[Sampling, int]:
+    """Command-line values, else generation_config.json's, else Sampling's defaults."""
+    config = {}
+    if folder and (folder / "generation_config.json").exists():
+        config = read_json_object(folder / "generation_config.json")
+        if config.get("do_sample") is False:
+            config["temperature"] = 0.0
+    values = {name: getattr(args, name) if getattr(args, name) is not None else config.get(name, getattr(Sampling(), name))
+              for name in SAMPLING}
+    max_new = args.max_new_tokens or config.get("max_new_tokens") or 512
+    return Sampling(**values, seed=args.seed), max_new
 
-    def on_token(i):
-        if i not in model.config.eos_token_id:
-            print(stream.put(i), end="", flush=True)
-            out.append(i)
 
-    start = time.perf_counter()
-    try:
-        generate(model, ids, args.max_new_tokens, sampling, on_token=on_token)
-    except KeyboardInterrupt:
-        print(" [stopped]", end="")
-    print(stream.flush(), flush=True)
-    seconds = time.perf_counter() - start
-    print(f"[{len(out)} tokens, {len(out) / seconds:.1f} tokens/s]", file=sys.stderr)
-    return tokenizer.decode(out)
+class Chat:
+    """A conversation with one model: the history, the prompt format, and streaming answers."""
+
+    def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.sampling, self.max_new_tokens = sampling, max_new_tokens
+        self.messages = [{"role": "system", "content": system}] if system else []
+
+    def encode(self, messages):
+        if self.template is None:
+            return llama2_ids(self.tokenizer, messages)
+        template, specials = self.template
+        return encode_rendered(self.tokenizer, render_jinja(template, messages, specials), specials)
+
+    def answer(self, text, out=None) -> str:
+        """Stream the reply to ``text`` to ``out`` (stdout); the history keeps both (trimmed to fit the context)."""
+        out = out or sys.stdout
+        self.messages.append({"role": "user", "content": text})
+        context = self.model.config.max_position_embeddings
+        try:
+            ids, self.messages[:] = fit_prompt(self.encode, self.messages,
+                                               context - min(self.max_new_tokens, context // 4))
+        except ValueError as e:  # a message too long for the context window
+            self.messages.pop()
+            raise BailongError(str(e)) from None
+        stream, reply = self.tokenizer.stream(), []
+
+        def on_token(i):
+            if i not in self.model.config.eos_token_id:
+                print(stream.put(i), end="", flush=True, file=out)
+                reply.append(i)
+
+        start = time.perf_counter()
+        try:
+            generate(self.model, ids, self.max_new_tokens, self.sampling, on_token=on_token)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="", file=out)
+        print(stream.flush(), flush=True, file=out)
+        seconds = time.perf_counter() - start
+        print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s]", file=sys.stderr)
+        answer = self.tokenizer.decode(reply)
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+    def command(self, line) -> bool:
+        """Run a /command; False means exit."""
+        name, _, rest = line.partition(" ")
+        if name == "/exit":
+            return False
+        if name == "/reset":
+            self.messages = [m for m in self.messages if m["role"] == "system"]
+        elif name == "/system":
+            self.messages = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
+        elif name == "/save" and rest.strip():
+            save_jsonl(Path(rest.strip()), [{"messages": self.messages}])
+            print(f"saved {rest.strip()}", file=sys.stderr)
+        else:
+            print("commands: /reset, /system TEXT, /save FILE, /exit", file=sys.stderr)
+        return True
+
+
+def save_jsonl(path: Path, rows):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
+    folder = None
     if args.preset:
         model, tokenizer = load_preset(args.preset, dtype, args.device)
         if args.quantize:
             quantize_model(model)
     else:
+        from bailong.weights import resolve
         model, tokenizer = load(args.model, dtype, args.device, quantize=args.quantize, adapter=args.adapter)
+        folder = resolve(str(args.model))
     if args.tokenizer:
         tokenizer = Tokenizer(args.tokenizer)
     if tokenizer is None:
@@ -101,34 +170,42 @@ def main(argv=None):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise BailongError(f"{args.tokenizer or args.model}: the tokenizer has {tokenizer.vocab_size} pieces, "
                            f"more than the model's {model.config.vocab_size} embeddings")
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    template = jinja_template(folder) if folder and args.template != "llama2" else None
+    if args.template == "model" and template is None:
+        raise BailongError(f"{args.model}: no chat_template in tokenizer_config.json")
+    sampling, max_new_tokens = sampling_from(args, folder)
+    chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system)
 
-    def turn(text):
-        messages.append({"role": "user", "content": text})
-        try:
-            reply = answer(model, tokenizer, messages, args, sampling)
-        except ValueError as e:  # a message too long for the context window
-            messages.pop()
-            raise BailongError(str(e)) from None
-        messages.append({"role": "assistant", "content": reply})
-
-    if args.prompt is not None:
-        turn(args.prompt)
+    if args.input:  # batch: answer every conversation, write them back with the answers
+        from bailong.data import read_conversations_to_answer
+        answered = []
+        for messages in read_conversations_to_answer(Path(args.input)):
+            chat.messages = messages[:-1]
+            chat.answer(messages[-1]["content"], out=open(os.devnull, "w"))
+            answered.append({"messages": chat.messages})
+        if args.output:
+            save_jsonl(Path(args.output), answered)
+        else:
+            print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered), end="")
         return 0
-    print("Chat started. /exit or Ctrl-D to quit.", file=sys.stderr)
+    if args.prompt is not None:
+        chat.answer(args.prompt)
+        return 0
+    print("Chat started. /exit or Ctrl-D to quit; /reset, /system TEXT, /save FILE.", file=sys.stderr)
     while True:
         try:
             text = input("\n> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        if text == "/exit":
-            return 0
         if not text:
             continue
+        if text.startswith("/"):
+            if not chat.command(text):
+                return 0
+            continue
         try:
-            turn(text)
+            chat.answer(text)
         except BailongError as e:
             print(f"error: {e}", file=sys.stderr)
 

@@ -47,10 +47,15 @@ def training_example(tokenizer: Tokenizer, messages) -> tuple[list[int], list[in
     return ids, labels
 
 
-def fit_prompt(tokenizer: Tokenizer, messages, budget) -> tuple[list[int], list[dict]]:
-    """The prompt ids for ``messages``, dropping the oldest exchanges until at most
-    ``budget`` tokens remain; the system prompt is always kept. Returns the ids and
-    the messages that were kept. Raises ValueError if even the last turn is too long.
+def llama2_ids(tokenizer: Tokenizer, messages) -> list[int]:
+    """The prompt for an open user turn, in the Llama 2 format."""
+    return [i for prompt, answer in llama2_turns(tokenizer, messages) for i in prompt + answer]
+
+
+def fit_prompt(encode, messages, budget) -> tuple[list[int], list[dict]]:
+    """``encode(messages)`` (prompt ids), dropping the oldest exchanges until at most ``budget``
+    tokens remain; the system prompt is always kept. Returns the ids and the messages kept.
+    Raises ValueError if even the last turn is too long.
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     dialog = messages[len(system):]
@@ -58,9 +63,69 @@ def fit_prompt(tokenizer: Tokenizer, messages, budget) -> tuple[list[int], list[
         raise ValueError("the conversation must end with a user turn to be answered")
     while True:
         kept = system + dialog
-        ids = [i for prompt, answer in llama2_turns(tokenizer, kept) for i in prompt + answer]
+        ids = encode(kept)
         if len(ids) <= budget:
             return ids, kept
         if len(dialog) <= 1:
             raise ValueError(f"the message is {len(ids)} tokens; the context leaves room for {budget}")
         dialog = dialog[2:]
+
+
+def jinja_template(folder) -> tuple[str, dict] | None:
+    """The ``chat_template`` and special-token strings of a model folder's tokenizer_config.json, if any."""
+    from pathlib import Path
+
+    from bailong.errors import read_json_object
+    file = Path(folder) / "tokenizer_config.json"
+    if not file.exists():
+        return None
+    config = read_json_object(file)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        return None
+    specials = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = config.get(name)
+        specials[name] = value.get("content") if isinstance(value, dict) else value
+    return template, specials
+
+
+def render_jinja(template: str, messages, specials: dict, add_generation_prompt=True) -> str:
+    """Render a Hugging Face chat template the way transformers' ``apply_chat_template`` does:
+    a sandboxed jinja2 environment with trim_blocks and lstrip_blocks, ``raise_exception``,
+    ``tojson`` and ``strftime_now``, the messages, and the special-token strings."""
+    import datetime
+    import json
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refuses these messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            tools=None, documents=None,
+                                            **{k: v for k, v in specials.items() if v is not None})
+
+
+def encode_rendered(tokenizer: Tokenizer, text: str, specials: dict) -> list[int]:
+    """Token ids of rendered chat text: special-token strings become their ids, the rest is encoded."""
+    import re
+    ids = {s: tokenizer.sp.piece_to_id(s) for s in specials.values() if s}
+    if not ids:
+        return tokenizer.encode(text)
+    out = []
+    for part in re.split("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")", text):
+        if part in ids:
+            out.append(ids[part])
+        elif part:
+            out += tokenizer.encode(part)
+    return out

@@ -35,8 +35,14 @@ def data_paths(paths) -> list[Path]:
     return out
 
 
-def read_conversations(paths) -> list[list[dict]]:
-    """Conversations from jsonl files: {"messages": [{"role": ..., "content": ...}, ...]} a line."""
+def read_conversations_to_answer(path) -> list[list[dict]]:
+    """Conversations that end with a user turn (for batch answers), in the same jsonl layout."""
+    return read_conversations([path], ending="user")
+
+
+def read_conversations(paths, ending="assistant") -> list[list[dict]]:
+    """Conversations from jsonl files: {"messages": [{"role": ..., "content": ...}, ...]} a line,
+    an optional system message first, then user and assistant alternating, ending with ``ending``."""
     conversations = []
     for file in paths:
         try:
@@ -58,12 +64,12 @@ def read_conversations(paths) -> list[list[dict]]:
                     from None
             if unknown := [r for r in roles if r not in ROLES]:
                 raise BailongError(f"{where}: unknown role {unknown[0]!r} (use system, user, assistant)")
-            if "assistant" not in roles:
+            if ending == "assistant" and "assistant" not in roles:
                 raise BailongError(f"{where}: the conversation has no assistant turn to learn from")
-            if "system" in roles[1:] or roles[-1] != "assistant" or \
-                    roles[roles[0] == "system":] != ["user", "assistant"] * (len(messages) // 2):
+            dialog = roles[1:] if roles[:1] == ["system"] else roles
+            if not dialog or dialog[-1] != ending or dialog != (["user", "assistant"] * len(dialog))[:len(dialog)]:
                 raise BailongError(f"{where}: expected an optional system message, then user and assistant "
-                                   f"turns alternating and ending with the assistant, got {roles}")
+                                   f"turns alternating and ending with the {ending}, got {roles}")
             conversations.append(messages)
     if not conversations:
         raise BailongError(f"{', '.join(map(str, paths))}: no conversations")

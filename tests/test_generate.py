@@ -5,7 +5,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 import bailong
-from bailong.chat_template import fit_prompt, llama2_turns, training_example
+from bailong.chat_template import fit_prompt, llama2_ids, llama2_turns, training_example
 from bailong.generate import Sampling, generate, process_logits
 from bailong.tokenizer import byte_tokenizer
 from conftest import asset
@@ -91,9 +91,10 @@ def test_history_trimming_keeps_system_prompt_and_fits():
         messages += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "x" * 30}]
     messages.append({"role": "user", "content": "last"})
     full = sum(len(p + a) for p, a in llama2_turns(tok, messages))
-    ids, kept = fit_prompt(tok, messages, full - 1)
+    encode = lambda m: llama2_ids(tok, m)  # noqa: E731
+    ids, kept = fit_prompt(encode, messages, full - 1)
     assert len(ids) <= full - 1 and kept[0]["role"] == "system" and kept[1]["content"] == "question 1"
-    ids, kept = fit_prompt(tok, messages, 60)
+    ids, kept = fit_prompt(encode, messages, 60)
     assert len(ids) <= 60 and [m["content"] for m in kept] == ["sys", "last"]
     with pytest.raises(ValueError, match="room for 5"):
-        fit_prompt(tok, messages, 5)
+        fit_prompt(encode, messages, 5)

@@ -1,0 +1,100 @@
+"""chat.py's formats and commands: Jinja chat templates as transformers renders them, generation
+config defaults, /reset /system /save, and batch answers from a jsonl file."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+import bailong
+import chat
+from bailong.chat_template import encode_rendered, jinja_template, render_jinja
+from conftest import ROOT, asset
+
+LLAMA2_CHAT = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+CHATML = (
+    "{% for message in messages %}\n{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim "
+    "+ '<|im_end|>' + '\\n' }}\n{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "請用繁體中文回答。"}, {"role": "user", "content": "你好"},
+     {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "  臺灣的夜市？ "}],
+]
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    from hf_models import write_hf
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32000, max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    return folder
+
+
+@pytest.mark.parametrize("template", [LLAMA2_CHAT, CHATML])
+def test_templates_render_as_transformers_renders_them(model_folder, template):
+    (model_folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    theirs = AutoTokenizer.from_pretrained(model_folder)
+    found, specials = jinja_template(model_folder)
+    assert found == template
+    for messages in CONVERSATIONS:
+        for prompt in (True, False):
+            assert render_jinja(template, messages, specials, prompt) == \
+                theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+    tok = bailong.Tokenizer(model_folder / "tokenizer.model")
+    ids = encode_rendered(tok, render_jinja(template, CONVERSATIONS[1], specials), specials)
+    assert ids.count(1) == (2 if template == LLAMA2_CHAT else 0) and tok.decode(ids).count("你好") == 2
+
+
+def test_the_model_template_is_used_and_generation_config_sets_defaults(model_folder):
+    (model_folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "bos_token": "<s>", "eos_token": "</s>"}))
+    (model_folder / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.3, "top_p": 0.5, "do_sample": True, "max_new_tokens": 7}))
+    args = chat.parse_args([str(model_folder), "--top-p", "0.8"])
+    sampling, max_new = chat.sampling_from(args, model_folder)
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, max_new) == (0.3, 0.8, 40, 7)
+    (model_folder / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert chat.sampling_from(args, model_folder)[0].temperature == 0.0
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--template", "llama2",
+                             "--prompt", "hi", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "[3 tokens," in result.stderr
+
+
+def test_commands_and_saving(model_folder, tmp_path):
+    saved = tmp_path / "conversation.jsonl"
+    script = f"/system 只用繁體中文\nhi\n/save {saved}\n/reset\nagain\n/exit\n"
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--max-new-tokens", "3",
+                             "--temperature", "0"], input=script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(rows) == 1 and [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
+    assert rows[0]["messages"][0]["content"] == "只用繁體中文" and rows[0]["messages"][1]["content"] == "hi"
+
+
+def test_batch_answers_from_jsonl(model_folder, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVERSATIONS))
+    answers = tmp_path / "answers.jsonl"
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--input", str(questions),
+                             "--output", str(answers), "--max-new-tokens", "4", "--temperature", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line)["messages"] for line in answers.read_text().splitlines()]
+    assert [r[:-1] for r in rows] == CONVERSATIONS and all(r[-1]["role"] == "assistant" for r in rows)
+    questions.write_text(json.dumps({"messages": CONVERSATIONS[1][:3]}, ensure_ascii=False) + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--input", str(questions)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and f"{questions}:1: expected" in result.stderr and "ending with the user" in \
+        result.stderr
