@@ -98,3 +98,22 @@ def test_batch_answers_from_jsonl(model_folder, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and f"{questions}:1: expected" in result.stderr and "ending with the user" in \
         result.stderr
+
+
+def test_training_output_and_its_merged_export_answer_alike(tmp_path):
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "--steps", "20", "--new-pieces", "100",
+                            "--out", str(run)], capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    export = subprocess.run([sys.executable, "-m", "bailong.export", "--base", str(run / "base"), "--adapter",
+                             str(run / "adapter"), "--out", str(tmp_path / "merged")], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert export.returncode == 0, export.stderr[-2000:]
+    answers = []
+    for model in (run, tmp_path / "merged"):
+        result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model), "--prompt", "臺灣的夜市",
+                                 "--temperature", "0", "--max-new-tokens", "24"], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        answers.append(result.stdout)
+    assert answers[0] == answers[1] and answers[0].strip()
