@@ -18,15 +18,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from bailong import load, load_preset
-from bailong.chat_template import encode_rendered, fit_prompt, jinja_template, llama2_ids, render_jinja
+from bailong.chat_template import jinja_template
+from bailong.conversation import Chat, save_jsonl
 from bailong.errors import BailongError, read_json_object, run_cli
-from bailong.generate import Sampling, generate
+from bailong.generate import Sampling
 from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
 
@@ -82,73 +82,6 @@ def sampling_from(args, folder) -> tuple[Sampling, int]:
               for name in SAMPLING}
     max_new = args.max_new_tokens or config.get("max_new_tokens") or 512
     return Sampling(**values, seed=args.seed), max_new
-
-
-class Chat:
-    """A conversation with one model: the history, the prompt format, and streaming answers."""
-
-    def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.sampling, self.max_new_tokens = sampling, max_new_tokens
-        self.messages = [{"role": "system", "content": system}] if system else []
-
-    def encode(self, messages):
-        if self.template is None:
-            return llama2_ids(self.tokenizer, messages)
-        template, specials = self.template
-        return encode_rendered(self.tokenizer, render_jinja(template, messages, specials), specials)
-
-    def answer(self, text, out=None) -> str:
-        """Stream the reply to ``text`` to ``out`` (stdout); the history keeps both (trimmed to fit the context)."""
-        out = out or sys.stdout
-        self.messages.append({"role": "user", "content": text})
-        context = self.model.config.max_position_embeddings
-        try:
-            ids, self.messages[:] = fit_prompt(self.encode, self.messages,
-                                               context - min(self.max_new_tokens, context // 4))
-        except ValueError as e:  # a message too long for the context window
-            self.messages.pop()
-            raise BailongError(str(e)) from None
-        stream, reply = self.tokenizer.stream(), []
-
-        def on_token(i):
-            if i not in self.model.config.eos_token_id:
-                print(stream.put(i), end="", flush=True, file=out)
-                reply.append(i)
-
-        start = time.perf_counter()
-        try:
-            generate(self.model, ids, self.max_new_tokens, self.sampling, on_token=on_token)
-        except KeyboardInterrupt:
-            print(" [stopped]", end="", file=out)
-        print(stream.flush(), flush=True, file=out)
-        seconds = time.perf_counter() - start
-        print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s]", file=sys.stderr)
-        answer = self.tokenizer.decode(reply)
-        self.messages.append({"role": "assistant", "content": answer})
-        return answer
-
-    def command(self, line) -> bool:
-        """Run a /command; False means exit."""
-        name, _, rest = line.partition(" ")
-        if name == "/exit":
-            return False
-        if name == "/reset":
-            self.messages = [m for m in self.messages if m["role"] == "system"]
-        elif name == "/system":
-            self.messages = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
-        elif name == "/save" and rest.strip():
-            save_jsonl(Path(rest.strip()), [{"messages": self.messages}])
-            print(f"saved {rest.strip()}", file=sys.stderr)
-        else:
-            print("commands: /reset, /system TEXT, /save FILE, /exit", file=sys.stderr)
-        return True
-
-
-def save_jsonl(path: Path, rows):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -1,0 +1,176 @@
+"""Measure what training did: perplexity, bits per character, tokenizer efficiency, and a bench.
+
+    python -m bailong.eval perplexity --model out/pretrain --text held_out.txt
+    python -m bailong.eval tokenizers --text zh_tw.txt llama2/tokenizer.model out/pretrain/adapter/tokenizer.model
+    python -m bailong.eval bench --model out/sft --questions bench.json --out answers.jsonl \\
+        [--judge-url http://127.0.0.1:8000/v1 --judge-model gpt-4o]
+
+Loss is reported per character as well as per token, so that models with
+different vocabularies compare fairly. The bench file follows Bailong-bench's
+layout: a JSON list of items, each with a "category" and its user "turns"
+(one for single-turn, several for multi-turn). With --judge-url, an
+OpenAI-compatible chat endpoint scores each answer 0-10 under Bailong-bench's
+rules: an answer in the wrong language, or with any Simplified Chinese, scores 0.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+from bailong.errors import BailongError, run_cli
+from bailong.tokenizer import Tokenizer
+from bailong.vocab import loss_per_char, read_corpus, tokens_per_char
+
+JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
+Rules: if the answer is not in the language the user wrote in, the score is 0; if the answer contains any
+Simplified Chinese characters where Traditional Chinese is expected, the score is 0. Otherwise judge
+helpfulness, correctness, relevance and detail. Reply with the score alone, as "Score: N".
+
+[Conversation]
+{conversation}
+
+[Answer to grade]
+{answer}"""
+
+
+def perplexity(model_path, text, max_chars=200_000):
+    """Loss per token and per character, perplexity and bits per character on ``text``."""
+    from bailong.weights import load
+    texts = read_corpus([text])
+    model, tokenizer = load(model_path)
+    if tokenizer is None:
+        raise BailongError(f"{model_path}: no tokenizer.model")
+    kept, total = [], 0
+    for t in texts:
+        if kept and total + len(t) > max_chars:
+            break
+        kept.append(t)
+        total += len(t)
+    nats_per_char = loss_per_char(model, tokenizer, kept)
+    per_token = nats_per_char / tokens_per_char(tokenizer, kept)
+    result = {"characters": total, "tokens_per_char": tokens_per_char(tokenizer, kept),
+              "loss_per_token": per_token, "perplexity": math.exp(per_token),
+              "bits_per_char": nats_per_char / math.log(2)}
+    print(f"{total} characters: {result['loss_per_token']:.4f} nats per token (perplexity "
+          f"{result['perplexity']:.2f}), {result['bits_per_char']:.4f} bits per character")
+    return result
+
+
+def compare_tokenizers(text, tokenizers):
+    texts = read_corpus([text])
+    chars = sum(map(len, texts))
+    rows = {}
+    for path in tokenizers:
+        rows[path] = tokens_per_char(Tokenizer(path), texts)
+        print(f"{path}: {rows[path]:.3f} tokens per character ({rows[path] * chars:,.0f} tokens for {chars:,} characters)")
+    return rows
+
+
+def read_bench(path) -> list[dict]:
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BailongError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BailongError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(items, list):
+        raise BailongError(f"{path}: expected a JSON list of items")
+    for i, item in enumerate(items):
+        turns = item.get("turns") if isinstance(item, dict) else None
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+            raise BailongError(f"{path}: item {i} needs \"turns\", a list of user messages")
+    return items
+
+
+def judge(url, model, conversation, answer, api_key=None, timeout=120) -> int:
+    """The 0-10 score an OpenAI-compatible chat endpoint gives ``answer``."""
+    transcript = "\n".join(f"{m['role']}: {m['content']}" for m in conversation)
+    body = {"model": model, "temperature": 0,
+            "messages": [{"role": "user", "content": JUDGE_PROMPT.format(conversation=transcript, answer=answer)}]}
+    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            reply = json.loads(response.read())["choices"][0]["message"]["content"]
+    except (OSError, KeyError, IndexError, json.JSONDecodeError) as e:
+        raise BailongError(f"{url}: the judge did not answer ({type(e).__name__}: {e})") from None
+    score = re.search(r"(\d+(?:\.\d+)?)", reply.split("Score:")[-1])
+    if not score:
+        raise BailongError(f"{url}: the judge's reply has no score: {reply[:80]!r}")
+    return max(0, min(10, round(float(score[1]))))
+
+
+def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_new_tokens=512):
+    """Answer every item (turn by turn), write the conversations as jsonl, optionally judge each answer."""
+    import sys
+
+    from bailong.chat_template import jinja_template
+    from bailong.conversation import Chat, save_jsonl
+    from bailong.generate import Sampling
+    from bailong.weights import load, resolve
+    items = read_bench(questions)
+    model, tokenizer = load(model_path)
+    if tokenizer is None:
+        raise BailongError(f"{model_path}: no tokenizer.model")
+    folder = resolve(str(model_path))
+    conversation = Chat(model, tokenizer, jinja_template(folder),
+                                 Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0), max_new_tokens)
+    rows, scores = [], defaultdict(list)
+    for item in items:
+        conversation.messages = []
+        item_scores = []
+        for turn in item["turns"]:
+            answer = conversation.answer(turn, out=open(os.devnull, "w"))
+            if judge_url:
+                item_scores.append(judge(judge_url, judge_model, conversation.messages[:-1], answer,
+                                         os.environ.get("OPENAI_API_KEY")))
+        row = {**item, "messages": conversation.messages}
+        if judge_url:
+            row["scores"] = item_scores
+            scores[item.get("category", "uncategorized")] += item_scores
+        rows.append(row)
+    save_jsonl(Path(out), rows)
+    print(f"wrote {len(rows)} answered items to {out}", file=sys.stderr)
+    if scores:
+        print(f"{'category':24s} {'items':>5s} {'mean score':>10s}")
+        for category, values in sorted(scores.items()):
+            print(f"{category:24s} {len(values):5d} {sum(values) / len(values):10.2f}")
+        every = [v for values in scores.values() for v in values]
+        print(f"{'all':24s} {len(every):5d} {sum(every) / len(every):10.2f}")
+    return rows, dict(scores)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("perplexity", help="loss per token and character, perplexity, bits per character")
+    a.add_argument("--model", required=True)
+    a.add_argument("--text", required=True)
+    a.add_argument("--max-chars", type=int, default=200_000)
+    b = sub.add_parser("tokenizers", help="tokens per character of one or more tokenizers")
+    b.add_argument("--text", required=True)
+    b.add_argument("tokenizers", nargs="+")
+    c = sub.add_parser("bench", help="answer a Bailong-bench style file; judge with --judge-url")
+    c.add_argument("--model", required=True)
+    c.add_argument("--questions", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--judge-url", help="an OpenAI-compatible endpoint (key from $OPENAI_API_KEY)")
+    c.add_argument("--judge-model", default="gpt-4o")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.command == "perplexity":
+        perplexity(args.model, args.text, args.max_chars)
+    elif args.command == "tokenizers":
+        compare_tokenizers(args.text, args.tokenizers)
+    else:
+        bench(args.model, args.questions, args.out, args.judge_url, args.judge_model, args.max_new_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,88 @@
+"""python -m bailong.eval: perplexity per token and character, tokenizer efficiency, the bench and its judge."""
+import json
+import math
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+import bailong
+from bailong.errors import BailongError
+from bailong.eval import bench, compare_tokenizers, perplexity
+from conftest import asset
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    from hf_models import write_hf
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32000, max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    return folder
+
+
+def test_perplexity_and_bits_per_character(model_folder, tmp_path):
+    text = tmp_path / "held.txt"
+    text.write_text("臺灣的夜市很熱鬧。\nThe night market is busy.\n")
+    result = perplexity(model_folder, text)
+    model, tok = bailong.load(model_folder, device="cpu")
+    nll, chars, tokens = 0.0, 0, 0
+    with torch.no_grad():
+        for line in ["臺灣的夜市很熱鬧。", "The night market is busy."]:
+            ids = torch.tensor([tok.encode(line, bos=True)])
+            nll -= model(ids)[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum().item()
+            chars += len(line)
+            tokens += len(tok.encode(line))
+    assert result["bits_per_char"] == pytest.approx(nll / chars / math.log(2), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_tokenizer_efficiency(tmp_path):
+    text = tmp_path / "zh.txt"
+    text.write_text("臺灣的繁體中文\n")
+    rows = compare_tokenizers(text, [str(asset("llama2-tokenizer/tokenizer.model"))])
+    assert list(rows.values())[0] == pytest.approx(len(bailong.Tokenizer(
+        asset("llama2-tokenizer/tokenizer.model")).encode("臺灣的繁體中文")) / 7)
+
+
+class Judge(BaseHTTPRequestHandler):
+    replies = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Judge.replies.append(body)
+        reply = {"choices": [{"message": {"content": "Score: 7" if "[Answer to grade]" in
+                                          body["messages"][0]["content"] else "?"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bench_with_a_judge_on_localhost(model_folder, tmp_path, capsys):
+    server = HTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    questions = tmp_path / "bench.json"
+    questions.write_text(json.dumps([{"category": "寫作", "turns": ["寫一句話", "再寫一句"]},
+                                     {"category": "math", "turns": ["1+1?"]}], ensure_ascii=False))
+    try:
+        rows, scores = bench(model_folder, questions, tmp_path / "answers.jsonl",
+                             judge_url=f"http://127.0.0.1:{server.server_port}/v1", max_new_tokens=4)
+    finally:
+        server.shutdown()
+    assert scores == {"寫作": [7, 7], "math": [7]} and len(Judge.replies) == 3
+    assert "Simplified Chinese" in Judge.replies[0]["messages"][0]["content"]
+    saved = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in saved[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert "寫作" in capsys.readouterr().out
+    with pytest.raises(BailongError, match="the judge did not answer"):
+        bench(model_folder, questions, tmp_path / "a2.jsonl", judge_url="http://127.0.0.1:9/v1", max_new_tokens=2)
+    questions.write_text('[{"category": "x"}]')
+    with pytest.raises(BailongError, match="item 0 needs"):
+        bench(model_folder, questions, tmp_path / "a3.jsonl")
