@@ -25,7 +25,7 @@ import torch
 from bailong import load, load_preset
 from bailong.chat_template import jinja_template
 from bailong.conversation import Chat, save_jsonl
-from bailong.errors import BailongError, read_json_object, run_cli
+from bailong.errors import BailongError, read_json, run_cli
 from bailong.generate import Sampling
 from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
@@ -75,7 +75,7 @@ def sampling_from(args, folder) -> tuple[Sampling, int]:
     """Command-line values, else generation_config.json's, else Sampling's defaults."""
     config = {}
     if folder and (folder / "generation_config.json").exists():
-        config = read_json_object(folder / "generation_config.json")
+        config = read_json(folder / "generation_config.json")
         if config.get("do_sample") is False:
             config["temperature"] = 0.0
     values = {name: getattr(args, name) if getattr(args, name) is not None else config.get(name, getattr(Sampling(), name))

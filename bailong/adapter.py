@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bailong.errors import BailongError, read_json_object
+from bailong.errors import BailongError, read_json
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
 
 PREFIX = "base_model.model."
@@ -56,7 +56,7 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
 
 def read_adapter_config(folder: Path) -> dict:
     file = folder / CONFIG
-    config = read_json_object(file, f"no such file (an adapter folder needs {CONFIG} and {WEIGHTS})")
+    config = read_json(file, f"no such file (an adapter folder needs {CONFIG} and {WEIGHTS})")
     if config.get("peft_type") != "LORA":
         raise BailongError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key, default in UNSUPPORTED.items():

@@ -75,11 +75,11 @@ def jinja_template(folder) -> tuple[str, dict] | None:
     """The ``chat_template`` and special-token strings of a model folder's tokenizer_config.json, if any."""
     from pathlib import Path
 
-    from bailong.errors import read_json_object
+    from bailong.errors import read_json
     file = Path(folder) / "tokenizer_config.json"
     if not file.exists():
         return None
-    config = read_json_object(file)
+    config = read_json(file)
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)

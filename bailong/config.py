@@ -1,7 +1,7 @@
 """Model configuration: one dataclass, read from a Hugging Face config.json or a preset."""
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from bailong.errors import BailongError, read_json_object
+from bailong.errors import BailongError, read_json
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path):
-        hf = read_json_object(path, "no such file (a model folder needs config.json)")
+        hf = read_json(path, "no such file (a model folder needs config.json)")
         try:
             return cls.from_hf(hf, source=str(path))
         except TypeError as e:  # a field of the wrong type

@@ -22,16 +22,17 @@ def run_cli(main, argv=None):
         sys.exit(130)
 
 
-def read_json_object(path, missing="no such file"):
-    """The JSON object in ``path``, or a one-line BailongError naming the file and the problem."""
+def read_json(path, missing="no such file", expect=dict):
+    """The JSON value (an object, or ``expect``) in ``path``, or a one-line BailongError naming the file
+    and the problem."""
     import json
     from pathlib import Path
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BailongError(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BailongError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise BailongError(f"{path}: expected a JSON object")
+    if not isinstance(data, expect):
+        raise BailongError(f"{path}: expected a JSON {'object' if expect is dict else expect.__name__}")
     return data

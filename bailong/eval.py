@@ -21,7 +21,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from bailong.errors import BailongError, run_cli
+from bailong.errors import BailongError, read_json, run_cli
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import loss_per_char, read_corpus, tokens_per_char
 
@@ -71,14 +71,7 @@ def compare_tokenizers(text, tokenizers):
 
 
 def read_bench(path) -> list[dict]:
-    try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BailongError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BailongError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(items, list):
-        raise BailongError(f"{path}: expected a JSON list of items")
+    items = read_json(path, expect=list)
     for i, item in enumerate(items):
         turns = item.get("turns") if isinstance(item, dict) else None
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):

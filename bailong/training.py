@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bailong.data import DATA_DIR
-from bailong.errors import BailongError, read_json_object
+from bailong.errors import BailongError, read_json
 
 
 @dataclass
@@ -92,7 +92,7 @@ def parse_config(argv=None) -> TrainConfig:
     given = vars(p.parse_args(argv))
     values = {}
     if config_file := given.pop("config", None):
-        values = read_json_object(config_file)
+        values = read_json(config_file)
         unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
         if unknown:
             raise BailongError(f"{config_file}: unknown option {unknown[0]!r}")
@@ -117,7 +117,7 @@ def prepare_output(config: TrainConfig):
             shutil.rmtree(out)
         elif not run_file.exists():
             raise BailongError(f"{out}: holds files that are not a training run; choose another --out")
-        elif progress and read_json_object(run_file) != config.run_identity():
+        elif progress and read_json(run_file) != config.run_identity():
             raise BailongError(f"{out}: already holds a different run; choose another --out, or pass --overwrite")
         elif progress and not config.resume:
             raise BailongError(f"{out}: already holds this run; pass --resume to continue it, or --overwrite")

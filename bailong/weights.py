@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from bailong.config import ModelConfig
-from bailong.errors import BailongError, read_json_object
+from bailong.errors import BailongError, read_json
 from bailong.model import Llama
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
@@ -173,7 +173,7 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
 def bnb_quantized(folder: Path) -> bool:
     """Whether config.json says the weights are bitsandbytes-quantized; refuse what we cannot read."""
     file = folder / "config.json"
-    qc = read_json_object(file).get("quantization_config")
+    qc = read_json(file).get("quantization_config")
     if not qc:
         return False
     if qc.get("quant_method") != "bitsandbytes":
@@ -212,7 +212,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     folder = resolve(str(path_or_repo_id), revision)
     if adapter is None and (folder / "adapter" / "adapter_config.json").exists():  # a training output folder
         base = folder / "base" if (folder / "base").exists() else \
-            read_json_object(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+            read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
         return load(base, dtype, device, revision, quantize, blocksize, double_quant, adapter=folder / "adapter")
     config = ModelConfig.from_file(folder / "config.json")
     quantized = quantize == "nf4" or bnb_quantized(folder)
