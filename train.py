@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,10 +48,10 @@ def main(argv=None):
     say = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(config.seed)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    out = prepare_output(config) if main_process else None
+    if main_process:
+        prepare_output(config)
     if world > 1:
         dist.barrier()
-    from pathlib import Path
     out = Path(config.out)
 
     # ---- data first (so that mistakes in it surface before minutes of loading), then the base model ------

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bailong.errors import BailongError, read_json, run_cli
 from bailong.tokenizer import Tokenizer
-from bailong.vocab import loss_per_char, read_corpus, tokens_per_char
+from bailong.vocab import first_chars, loss_per_char, read_corpus, tokens_per_char
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
 Rules: if the answer is not in the language the user wrote in, the score is 0; if the answer contains any
@@ -44,12 +44,8 @@ def perplexity(model_path, text, max_chars=200_000):
     model, tokenizer = load(model_path)
     if tokenizer is None:
         raise BailongError(f"{model_path}: no tokenizer.model")
-    kept, total = [], 0
-    for t in texts:
-        if kept and total + len(t) > max_chars:
-            break
-        kept.append(t)
-        total += len(t)
+    kept = first_chars(texts, max_chars)
+    total = sum(map(len, kept))
     nats_per_char = loss_per_char(model, tokenizer, kept)
     per_token = nats_per_char / tokens_per_char(tokenizer, kept)
     result = {"characters": total, "tokens_per_char": tokens_per_char(tokenizer, kept),

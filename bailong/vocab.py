@@ -173,6 +173,17 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1):
     return added
 
 
+def first_chars(texts, max_chars):
+    """Whole documents from the start, up to ``max_chars`` characters (at least one document)."""
+    kept, total = [], 0
+    for t in texts:
+        if kept and total + len(t) > max_chars:
+            break
+        kept.append(t)
+        total += len(t)
+    return kept
+
+
 @torch.no_grad()
 def loss_per_char(model, tokenizer, texts, max_len=None):
     """Total next-token loss (nats) over the texts, divided by their characters."""
@@ -192,11 +203,7 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     """The ``compare-init`` command: loss per character for each initialisation of the new rows."""
     from bailong.weights import load
     from bailong.zip_tie import METHODS, extend_model
-    texts = []
-    for t in read_corpus([text]):  # whole documents, up to max_chars
-        if texts and sum(map(len, texts)) + len(t) > max_chars:
-            break
-        texts.append(t)
+    texts = first_chars(read_corpus([text]), max_chars)
     base, extended = Tokenizer(base_tokenizer), Tokenizer(extended_tokenizer)
     model, _ = load(model_path)
     print(f"{sum(map(len, texts))} characters; tokens per character {tokens_per_char(base, texts):.3f} (base) "
