@@ -1,9 +1,15 @@
-"""Text generation: one prefill over the prompt, then one token at a time with the KV cache."""
+"""Text generation: one prefill over the prompt, then one token at a time with the KV cache.
+
+On CUDA each one-token step is replayed from a CUDA graph (``GraphDecoder``), so
+that decoding speed is set by reading the weights, not by launching kernels.
+"""
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from bailong.model import Llama
+from bailong.quantized import nf4_weights
 
 
 @dataclass
@@ -47,14 +53,86 @@ def sample(logits, seen, s: Sampling, generator=None) -> int:
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
+class GraphDecoder:
+    """Batch-1 decoding whose one-token step is captured once in a CUDA graph and replayed.
+
+    Eagerly, a 7B model launches hundreds of small kernels per token (projections,
+    norms, rope, attention in every layer) and the GPU waits on Python between them;
+    a graph replays the whole step in one launch. That is legal because every replay
+    touches the same tensors: the token buffer, a ``StaticKVCache`` (its position
+    lives on the device and advances inside the graph) and the logits it writes.
+    ``graph=False`` runs the same static step eagerly (CPU, tests).
+    """
+
+    def __init__(self, model: Llama, max_len, graph=True):
+        self.model, self.max_len = model, max_len
+        self.cache = model.new_cache(1, max_len, static=True)
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.cache.k.device)
+        self.weights = weights_key(model)
+        self.graph = None
+        if graph:
+            self._capture()
+
+    def _step(self):
+        return self.model(self.token, self.cache, last_only=True)[0, -1]
+
+    def _capture(self):
+        # Warm up on a side stream first: autotuners, lazy initialisation and allocations
+        # must not happen inside the capture. The two warm-up steps write positions 0 and 1,
+        # which the prompt overwrites; capturing itself runs nothing.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.cache.next.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def prefill(self, ids):
+        """Logits (V,) after the prompt ``ids`` (1, T), which fills the cache from position 0."""
+        self.cache.next.zero_()
+        return self.model(ids, self.cache, last_only=True)[0, -1]
+
+    def step(self, token_id):
+        """Logits (V,) after one more token."""
+        self.token.fill_(token_id)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.logits
+
+
+def weights_key(model):
+    """Where every weight lives: a captured graph reads those addresses, so it is stale once they change."""
+    return tuple(t.data_ptr() for t in [*model.parameters(), *(q.data for q in nf4_weights(model))])
+
+
+_decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused while it fits
+
+
+def graph_decoder(model: Llama, max_len) -> GraphDecoder:
+    """The model's GraphDecoder for at least ``max_len`` positions, captured anew only when it is
+    too short or the weights moved; lengths are rounded up to 256 so that a chat captures rarely."""
+    decoder = _decoders.get(model)
+    if decoder is None or decoder.max_len < max_len or decoder.weights != weights_key(model):
+        _decoders.pop(model, None)  # free the old graph and cache first
+        max_len = min(-(-max_len // 256) * 256, model.config.max_position_embeddings)
+        decoder = _decoders[model] = GraphDecoder(model, max_len)
+    return decoder
+
+
 @torch.inference_mode()
 def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | None = None, stop_ids=None,
-             on_token=None, use_cache=True) -> list[int]:
+             on_token=None, use_cache=True, cuda_graph=None) -> list[int]:
     """New token ids after ``prompt_ids`` (batch of one).
 
     Stops after an id in ``stop_ids`` (default: the config's eos ids; it is included
     in the result), after ``max_new_tokens``, or when the context window is full.
     ``on_token(id)`` is called as each id is chosen, for streaming.
+    ``cuda_graph`` (default: on CUDA, for a model in eval mode) decodes with a ``GraphDecoder``.
     ``use_cache=False`` reruns the whole sequence each step: slow, for checking the cache.
     """
     config = model.config
@@ -68,8 +146,14 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device).manual_seed(sampling.seed)
-    cache = model.new_cache(1, limit) if use_cache else None
-    logits = model(ids, cache, last_only=True)[0, -1]  # prefill, (V,)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and not model.training
+    if use_cache and cuda_graph:
+        decoder = graph_decoder(model, limit)
+        logits = decoder.prefill(ids)  # (V,)
+    else:
+        cache = model.new_cache(1, limit) if use_cache else None
+        logits = model(ids, cache, last_only=True)[0, -1]  # prefill, (V,)
     new = []
     while True:
         next_id = sample(logits, ids[0], sampling, generator)
@@ -79,5 +163,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
         if next_id in stop_ids or ids.shape[1] >= limit:
             return new
-        step = ids[:, -1:] if use_cache else ids
-        logits = model(step, cache, last_only=True)[0, -1]
+        if use_cache and cuda_graph:
+            logits = decoder.step(next_id)
+        else:
+            logits = model(ids[:, -1:] if use_cache else ids, cache, last_only=True)[0, -1]

@@ -56,23 +56,67 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of past positions for every layer, preallocated to ``max_len``.
 
-    The model writes positions [pos, pos + T) at each call and then advances ``pos``;
-    a fixed-size buffer keeps shapes static for decoding loops.
+    Each call writes positions [pos, pos + T) and attends to positions [0, pos + T):
+    the attention sees exactly the positions written so far.
     """
+    pos = 0  # positions written so far
 
     def __init__(self, config: ModelConfig, batch, max_len, device, dtype):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
         self.max_len = max_len
 
-    def update(self, layer, k, v):
+    def prepare(self, T):
+        """Positions (T,) of the next T tokens and their attention mask (None: causal, or one token)."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} + {T} do not fit")
+        # SDPA's is_causal aligns the mask top-left, which is right only without a past;
+        # one new token may see everything; a chunk after a past needs an explicit mask.
+        mask = None
+        if self.pos and T > 1:
+            mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(diagonal=self.pos)
+        return torch.arange(self.pos, self.pos + T, device=self.k.device), mask
+
+    def update(self, layer, positions, k, v):
         """Store this call's keys/values; return all keys/values so far, (B, KV, pos + T, D)."""
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T):
+        self.pos += T
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose position lives on the device: every call of the same length runs
+    the same kernels on tensors of the same shapes at the same addresses, whatever the
+    position, so a decoding step can be captured once in a CUDA graph and replayed.
+
+    The price: attention runs over the whole buffer, masking the positions not yet
+    written, and nothing checks for overflow (the caller sizes ``max_len``).
+    """
+
+    def __init__(self, config: ModelConfig, batch, max_len, device, dtype):
+        super().__init__(config, batch, max_len, device, dtype)
+        self.next = torch.zeros((), dtype=torch.long, device=device)  # the next position to write
+
+    @property
+    def pos(self):
+        return int(self.next)  # waits for the device: for callers, never inside a step
+
+    def prepare(self, T):
+        positions = self.next + torch.arange(T, device=self.k.device)  # (T,)
+        return positions, torch.arange(self.max_len, device=self.k.device) <= positions[:, None]  # (T, max_len)
+
+    def update(self, layer, positions, k, v):
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, T):
+        self.next += T  # on the device: replaying a captured step moves it too
 
 
 class Attention(nn.Module):
@@ -86,22 +130,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, positions, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.pos
-            k, v = cache.update(self.layer_idx, k, v)  # (B, KV, past + T, D)
-        # SDPA's is_causal aligns the mask top-left, which is right only without a past;
-        # one new token may see everything; a chunk after a past needs an explicit mask.
-        mask = None
-        if past and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and T > 1),
+            k, v = cache.update(self.layer_idx, positions, k, v)  # (B, KV, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -125,8 +162,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, positions, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -157,26 +194,29 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, batch=1, max_len=None) -> KVCache:
+    def new_cache(self, batch=1, max_len=None, static=False) -> KVCache:
+        """An empty KV cache; ``static`` keeps its position on the device (for CUDA graphs)."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(self.config, batch, max_len or self.config.max_position_embeddings, p.device, p.dtype)
 
     def hidden_states(self, input_ids, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, hidden), writing to and advancing ``cache`` if given."""
         T = input_ids.shape[1]
-        past = cache.pos if cache is not None else 0
-        if cache is not None and past + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; {past} + {T} do not fit")
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        positions = torch.arange(past, past + T, device=input_ids.device)
+        if cache is None:
+            positions, mask = torch.arange(T, device=input_ids.device), None
+        else:
+            positions, mask = cache.prepare(T)
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, D) each
         for layer in self.model.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, cache,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, positions, mask, cache)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.model.norm(x)
 
     def forward(self, input_ids, cache: KVCache | None = None, last_only=False):

@@ -3,8 +3,8 @@
 At the Llama-2-7B shape with random bfloat16 weights (no download needed):
 checks that the logits agree, then times a prefill forward pass (tokens/s) and
 batch-1 greedy decoding (tokens/s, against the ceiling set by reading every
-weight once per token). Eager PyTorch on both sides: the fused NF4 kernels and
-CUDA-graph decoding come later and are measured in their own scripts.
+weight once per token). Eager PyTorch on both sides; CUDA-graph decoding and the
+fused NF4 kernels are measured by bench_decode.py and bench_nf4_matmul.py.
 
     python bench/bench_model_gpu.py [--preset llama2-7b] [--prefill 2048] [--decode 256]
 """
@@ -94,10 +94,10 @@ def main():
 
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     prompt = ids[0, :32].tolist()
-    generate(ours, prompt, 8, greedy, stop_ids=[])  # warm-up
+    generate(ours, prompt, 8, greedy, stop_ids=[], cuda_graph=False)  # warm-up
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    out_ours = generate(ours, prompt, args.decode, greedy, stop_ids=[])
+    out_ours = generate(ours, prompt, args.decode, greedy, stop_ids=[], cuda_graph=False)
     end.record()
     torch.cuda.synchronize()
     ours_tps = args.decode / (start.elapsed_time(end) / 1e3)

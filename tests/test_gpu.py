@@ -92,3 +92,22 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
         finally:
             kernels.use_kernels(False)
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
+
+
+def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path):
+    from bailong.generate import _decoders
+    folder, _ = write_hf(tmp_path, "gqa")
+    model, _ = bailong.load(folder, dtype=torch.float32)
+    model.eval()
+    prompt = list(range(3, 20))
+    eager = generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False)
+    assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=True) == eager
+    first = _decoders[model]
+    assert generate(model, prompt[:5], 40, GREEDY, stop_ids=[]) == \
+        generate(model, prompt[:5], 40, GREEDY, stop_ids=[], cuda_graph=False)
+    assert _decoders[model] is first  # a shorter conversation replays the same graph
+    from bailong.quantized import quantize_model
+    quantize_model(model)  # new weights: the old graph must not be replayed
+    assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == \
+        generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False)
+    assert _decoders[model] is not first
