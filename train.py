@@ -47,7 +47,8 @@ def main(argv=None):
     main_process = rank == 0
     say = print if main_process else (lambda *a, **k: None)
     torch.manual_seed(config.seed)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
     if main_process:
         prepare_output(config)
     if world > 1:
@@ -133,7 +134,7 @@ def main(argv=None):
         f"{config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
 
     def loss_of(inputs, targets):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled="cuda" in device):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             logits = ddp_model(inputs.to(device))
         targets = targets.to(device)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,

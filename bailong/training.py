@@ -53,6 +53,8 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
+    precision: str = field(default="auto", metadata={"help": "bf16 (bfloat16 weights and autocast), fp32, or auto "
+                                                             "(bf16 on CUDA, fp32 on the CPU)"})
     checkpointing: str = field(default="auto", metadata={"help": "activation checkpointing: on, off, auto "
                                                                  "(on for CUDA)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
@@ -62,6 +64,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in ("pretrain", "sft"):
             raise BailongError(f"--stage must be pretrain or sft, not {self.stage!r}")
+        for name, allowed in [("precision", ("auto", "bf16", "fp32")), ("checkpointing", ("auto", "on", "off"))]:
+            if getattr(self, name) not in allowed:
+                raise BailongError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         self.out = self.out or f"out/{self.stage}"
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")
         if not self.data:

@@ -188,3 +188,25 @@ def test_trainable_share_at_bailong_scale():
     mark_only_lora_trainable(model)
     assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
     assert lora_summary(model) == "trainable parameters: 336,029,952 of 7,297,603,840 (4.60%)"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from bailong.quantized import quantize_model
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    quantize_model(model)
+    inject_lora(model, LoRAConfig(r=4, alpha=8.0, dropout=0.0))
+    mark_only_lora_trainable(model)
+    for p in model.parameters():  # B starts at zero; give every factor a value so all gradients flow
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in [False, True]:
+        model.checkpointing = checkpointing
+        model.zero_grad()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -42,6 +42,20 @@ def test_embedded_default_pretrain_sft_and_chat(tmp_path):
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
 
 
+def test_bfloat16_autocast_with_activation_checkpointing_trains(tmp_path):
+    """What a GPU run does by default (bf16 weights and autocast, recomputed layers), on the CPU."""
+    out = tmp_path / "bf16"
+    result = subprocess.run(TRAIN + ["--precision", "bf16", "--checkpointing", "on", "--steps", "60",
+                                     "--eval-every", "30", "--out", str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [loss for _, loss in losses(out)]
+    assert sum(curve[-10:]) / 10 < 0.8 * sum(curve[:10]) / 10
+    from safetensors.torch import load_file
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for k, t in saved.items() if "lora_" in k)  # LoRA kept in fp32
+
+
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     args = ["--steps", "40", "--save-every", "10", "--eval-every", "20", "--new-pieces", "100"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -172,6 +186,7 @@ def test_bad_input(tmp_path, capsys):
     (other / "run.json").unlink()
     assert "holds files that are not a training run" in error_of(capsys, "--out", other, "--steps", "2")
     assert "--stage must be pretrain or sft" in error_of(capsys, "--stage", "finetune")
+    assert "--precision must be one of auto, bf16, fp32" in error_of(capsys, "--precision", "fp16")
     with pytest.raises(BailongError, match="no conversations"):
         read_conversations([tmp_path / "empty.txt"])
 
