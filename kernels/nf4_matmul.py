@@ -8,20 +8,21 @@ Forward, y (M, N) = x (M, K) @ W.T, W (N, K), rows of W a whole number of blocks
     for each output tile y[m0:m0+BM, n0:n0+BN]       (one program; SPLIT programs share it when M is small)
         acc = 0 (float32)
         for k0 in this program's share of K, step BK (BK <= blocksize, so one absmax per row):
-            bytes = W_packed[n0:n0+BN, k0/2 : (k0+BK)/2]            # contiguous: BK/2 bytes a row
-            s     = absmax[n, block of k0]  for each row n            # (BN,), double-quant expanded
-            hi    = quant_map[bytes >> 4]  * s                        # the weights at even k
-            lo    = quant_map[bytes & 15] * s                         # the weights at odd k
-            acc  += x[:, k0::2] @ hi.T + x[:, k0+1::2] @ lo.T         # two tl.dots, no re-interleaving
+            bytes = W_packed[n0:n0+BN, k0/2 : (k0+BK)/2]        # contiguous: BK/2 bytes a row
+            w     = pairs[bytes]                                 # (BN, BK/2, 2): both weights of a byte,
+                                                                 #   in memory order: reshaped, W[:, k0:k0+BK]
+            w     = w * absmax[n, block of k0]                   # one scale a row, double-quant expanded
+            acc  += x[m0:m0+BM, k0:k0+BK] @ w.T                  # tl.dot on the tensor cores
         y tile = acc  (a float32 partial, summed afterwards, when K is split)
 
-Small M (decode, M = 1..16) is bound by reading W once: the same kernel with
-BM = 16 and K split across programs so that every SM streams part of W.
+Decode (M = 1) is bound by reading W once and needs no tensor cores: a GEMV
+kernel expands the same (BN, BK) tiles and multiply-adds them with x in
+registers, K split across programs so that every SM streams part of W. Small M
+(2..16) runs the tiled kernel with BM = 16 and K split the same way.
 
 Backward, dx (M, K) = dy (M, N) @ W: the same tiles of W, summed over N instead
-of K; the even and odd columns of dx are two accumulators. W is frozen, so
-there is no weight gradient. A weight whose rows are not whole blocks takes a
-generic path that expands every element from its flat index.
+of K. W is frozen, so there is no weight gradient. A weight whose rows are not
+whole blocks takes a generic path that expands every element from its flat index.
 
 Reference: ``bailong.quantized.NF4Matmul`` (``F.linear`` on ``q.dequantize()``).
 """
@@ -41,10 +42,16 @@ def matmul_configs():
             for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4)]]
 
 
-def gemv_configs():
-    """Tiles for small M (decode): narrow N tiles, K split so that every SM streams weights."""
+def small_m_configs():
+    """Tiles for M = 2..16: narrow N tiles, K split so that every SM streams weights."""
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
             for bn, w, s in [(32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 5)]]
+
+
+def gemv_configs():
+    """Rows of W per program for M = 1 (decode at batch one)."""
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in [(16, 2, 4), (32, 4, 4), (64, 4, 3), (128, 8, 3)]]
 
 
 def dx_configs():
@@ -65,21 +72,25 @@ def _tile_ids(M, N_cols, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _nf4_half_tiles(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset,
-                    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr, dtype):
-    """W[rn, k0:k0+BLOCK_K] as its even and its odd columns, each (BN, BLOCK_K/2), for rows of whole blocks."""
+def _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rn, k0:k0+BLOCK_K] in float32, (BLOCK_N, BLOCK_K), for rows of whole blocks; 0 in rows past N."""
     row_ok = rn < N
-    packed = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
+    # rows start at multiples of 16 bytes (K is whole blocks of >= 32), tiles at multiples of BLOCK_K/2:
+    # told so, the compiler loads each thread's bytes as one vector instead of byte by byte
+    rows = tl.multiple_of(rn * (K // 2), 16)
+    cols = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BLOCK_K // 2), BLOCK_K // 2), BLOCK_K // 2)
+    packed = tl.load(w_ptr + rows[:, None] + cols[None, :],
                      mask=row_ok[:, None], other=0).to(tl.int32)  # (BN, BK/2)
+    pair = tl.load(pairs_ptr + 2 * packed[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BN, BK/2, 2)
     scale = _block_scale(rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, absmax_ptr, nested_map_ptr,
-                         nested_absmax_ptr, offset, DOUBLE_QUANT)[:, None]  # (BN, 1)
-    hi = tl.where(row_ok[:, None], tl.load(code_ptr + (packed >> 4)) * scale, 0.0).to(dtype)
-    lo = tl.where(row_ok[:, None], tl.load(code_ptr + (packed & 0xF)) * scale, 0.0).to(dtype)
-    return hi, lo
+                         nested_absmax_ptr, offset_ptr, DOUBLE_QUANT)
+    scale = tl.where(row_ok, scale, 0.0)  # (BN,)
+    return tl.reshape(pair, (BLOCK_N, BLOCK_K)) * scale[:, None]
 
 
 @triton.jit
-def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, y_ptr,
+def _nf4_matmul_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
                        M, N, K, stride_xm, stride_xk, stride_ys, stride_ym, k_per_split, M_BUCKET,
                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
                        ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -90,64 +101,62 @@ def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, neste
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = tl.program_id(1) * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        if ALIGNED:
-            ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # even columns; x[:, ke + 1] are the odd ones
-            x_even = x_ptr + rm[:, None] * stride_xm + ke[None, :] * stride_xk
-            a_mask = rm[:, None] < M
-            a_even = tl.load(x_even, mask=a_mask, other=0.0)
-            a_odd = tl.load(x_even + stride_xk, mask=a_mask, other=0.0)
-            hi, lo = _nf4_half_tiles(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
-                                     offset, BLOCKSIZE, DOUBLE_QUANT, BLOCK_K, a_even.dtype)
-            acc += tl.dot(a_even, tl.trans(hi), input_precision="ieee" if IEEE else "tf32")
-            acc += tl.dot(a_odd, tl.trans(lo), input_precision="ieee" if IEEE else "tf32")
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if ALIGNED:  # K is a whole number of tiles: no mask along K
+            a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=rm[:, None] < M, other=0.0)
+            w = _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+                          offset_ptr, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
         else:  # rows that are not whole blocks: expand every element from its flat index
-            rk = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                         mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            b = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr,
-                            absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT)
-            acc += tl.dot(a, tl.trans(b.to(a.dtype)), input_precision="ieee" if IEEE else "tf32")
+            w = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, pairs_ptr,
+                            absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, BLOCKSIZE, DOUBLE_QUANT)
+        acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee" if IEEE else "tf32")
     y = y_ptr + tl.program_id(1) * stride_ys + rm[:, None] * stride_ym + rn[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
-def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, dx_ptr,
-                          M, N, K, stride_dym, stride_dyn, stride_dxm, M_BUCKET,
+def _nf4_gemv_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
+                     N, K, k_per_split, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[split, n0:n0+BN] = W[n0:n0+BN, this split's K] @ x for one row x (rows of W whole blocks):
+    multiply-adds in registers, each packed byte read once, one reduction at the end."""
+    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = tl.program_id(1) * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)  # (BK,)
+        w = _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+                      BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
+        acc += w * x[None, :]
+    tl.store(y_ptr + tl.program_id(1) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+
+
+@triton.jit
+def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+                          dx_ptr, M, N, K, stride_dym, stride_dyn, stride_dxm, M_BUCKET,
                           BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
                           ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
-    if ALIGNED:
-        acc_even = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-        acc_odd = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         g = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # dy[m, n]
         if ALIGNED:
-            hi, lo = _nf4_half_tiles(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
-                                     offset, BLOCKSIZE, DOUBLE_QUANT, BLOCK_K, g.dtype)
-            acc_even += tl.dot(g, hi, input_precision="ieee" if IEEE else "tf32")
-            acc_odd += tl.dot(g, lo, input_precision="ieee" if IEEE else "tf32")
+            w = _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+                          offset_ptr, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
         else:
-            rk = k0 + tl.arange(0, BLOCK_K)
-            b = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr,
-                            absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset, BLOCKSIZE, DOUBLE_QUANT)
-            acc += tl.dot(g, b.to(g.dtype), input_precision="ieee" if IEEE else "tf32")
-    if ALIGNED:
-        ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        dx_even = dx_ptr + rm[:, None] * stride_dxm + ke[None, :]
-        tl.store(dx_even, acc_even.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (ke[None, :] < K))
-        tl.store(dx_even + 1, acc_odd.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (ke[None, :] < K))
-    else:
-        rk = k0 + tl.arange(0, BLOCK_K)
-        tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rk[None, :] < K))
+            w = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, pairs_ptr,
+                            absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, BLOCKSIZE, DOUBLE_QUANT)
+        acc += tl.dot(g, w.to(g.dtype), input_precision="ieee" if IEEE else "tf32")
+    tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 _autotuned = {}
@@ -157,12 +166,12 @@ def _launch(kernel, configs_fn, grid, *args, **meta):
     """Autotune on a GPU (configs from a named function, keyed on the shapes); under the
     Triton interpreter run one small tile instead, since every trial would be interpreted."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        tile = dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2)
+        tile = {k: v for k, v in dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2).items() if k in kernel.arg_names}
         kernel[grid({**tile, **meta})](*args, **meta, **tile)
         return
     if (kernel, configs_fn) not in _autotuned:
-        _autotuned[kernel, configs_fn] = triton.autotune(configs_fn(), key=["M_BUCKET", "N", "K"], warmup=5,
-                                                         rep=25)(kernel)
+        key = [k for k in ("M_BUCKET", "N", "K") if k in kernel.arg_names]
+        _autotuned[kernel, configs_fn] = triton.autotune(configs_fn(), key=key, warmup=5, rep=25)(kernel)
     _autotuned[kernel, configs_fn][grid](*args, **meta)
 
 
@@ -186,7 +195,12 @@ def nf4_matmul_forward(x2d, q: NF4Tensor):
         k_per_split = triton.cdiv(triton.cdiv(K, min(16, triton.cdiv(K, 512))), meta["BLOCK_K"]) * meta["BLOCK_K"]
         split = triton.cdiv(K, k_per_split)
         partial = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
-        _launch(_nf4_matmul_kernel, gemv_configs,
+        if M == 1 and meta["ALIGNED"]:  # one row: multiply-adds in registers, no tensor cores
+            _launch(_nf4_gemv_kernel, gemv_configs, lambda c: (triton.cdiv(N, c["BLOCK_N"]), split),
+                    x2d.contiguous(), *nf4_args(q), partial, N, K, k_per_split, BLOCKSIZE=q.blocksize,
+                    DOUBLE_QUANT=q.double_quant, BLOCK_K=meta["BLOCK_K"])
+            return partial.sum(0).to(x2d.dtype)
+        _launch(_nf4_matmul_kernel, small_m_configs,
                 lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), split),
                 x2d, *nf4_args(q), partial, M, N, K, x2d.stride(0), x2d.stride(1), partial.stride(0), N,
                 k_per_split, _bucket(M), **meta)

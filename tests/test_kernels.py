@@ -58,6 +58,7 @@ def test_every_blocksize(blocksize, double_quant):
 def test_split_k_float16_and_leading_dimensions():
     check(2, 24, 1100, dtype=torch.float16)  # K split across programs (decode path), generic
     check(2, 24, 1280, dtype=torch.float16)  # and the fast path
+    check(1, 24, 1280, dtype=torch.float16)  # one row: the GEMV kernel, K split
     check(20, 32, 96, dtype=torch.float16, lead=(2, 3))
 
 
@@ -80,3 +81,20 @@ def test_benchmark_script_runs_at_tiny_sizes():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ours fwd" in result.stdout and "dense matmul" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
+def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
+    """The interpreter does not run the compiler: compile every configuration the autotuner
+    would try, for sm_90 and sm_80, with Triton's bundled ptxas (no GPU needed)."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "check_kernels_compile.py")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    if "no NVIDIA backend tools" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| sm_")]
+    assert len(rows) > 40
+    for arch, case, kernel, *_, mma, _ in rows:  # large M runs on tensor cores: wgmma on Hopper, mma on Ampere
+        if "M=4096" in case:
+            assert mma == ("wgmma" if arch == "| sm_90" else "mma"), (arch, case, kernel)

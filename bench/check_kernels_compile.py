@@ -1,0 +1,138 @@
+"""Compile every NF4 kernel configuration for real NVIDIA GPUs, on a machine without one.
+
+The Triton interpreter runs the kernels' arithmetic on the CPU but not the
+compiler: a kernel can pass every interpreter test and still fail to compile
+for a GPU, or compile into code that spills registers. This script stands in a
+compile-only driver for the CUDA one (the target architecture is all the
+compiler needs), calls the real wrappers with Llama-2-7B-shaped bf16 inputs
+on the CPU, and compiles each configuration the autotuner would try, for
+sm_90 (H100) and sm_80 (A100), with Triton's bundled ptxas. Per kernel it
+reports registers, spills, shared memory, and what the PTX says about the
+inner loop: tensor-core instructions (wgmma / mma) and vector loads.
+
+    python bench/check_kernels_compile.py          # exit status 1 if anything fails to compile or spills
+
+Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler this script checks")
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+import kernels  # noqa: E402
+from bailong.nf4 import quantize  # noqa: E402
+
+matmul = sys.modules["kernels.nf4_matmul"]
+dequant = sys.modules["kernels.nf4_dequant"]
+KERNELS = [matmul._nf4_matmul_kernel, matmul._nf4_gemv_kernel, matmul._nf4_matmul_dx_kernel,
+           dequant._nf4_dequant_kernel]
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+class CompileOnly:
+    """What Triton asks of the CUDA driver before it launches: enough to compile, nothing to run."""
+
+    def __init__(self, arch):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def resources(cubin: bytes):
+    """(registers, spill bytes) from cuobjdump's resource usage of a cubin."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check_kernels_{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(path)], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        path.unlink()
+    regs, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
+    return int(regs.group(1)), int(local.group(1))
+
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may opt in to
+
+
+def describe(case, kernel, config, compiled, arch):
+    ptx = compiled.asm["ptx"]
+    regs, spill = resources(compiled.asm["cubin"])
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "-"
+    vec = len(re.findall(r"(ld|cp\.async)\S*\.v[24]\.|cp\.async\.\w+\.shared\.global(\.\w+)* \[[^]]+\], \[[^]]+\], 16",
+                         ptx))
+    name = kernel.__name__.strip("_").removesuffix("_kernel")
+    tile = ",".join(f"{k[6:].lower() if k.startswith('BLOCK_') else k}={v}" for k, v in config.items())
+    smem = compiled.metadata.shared
+    return dict(arch=f"sm_{arch}", case=case, kernel=name, config=tile, regs=regs, spill=spill,
+                smem=smem if smem <= SHARED_LIMIT[arch] else f"{smem} (too much: skipped)", mma=mma, vector_loads=vec)
+
+
+def compile_all(arch):
+    """Compile every configuration the wrappers would autotune over for this architecture."""
+    driver.set_active(CompileOnly(arch))
+    for kernel in KERNELS:
+        kernel.device_caches.clear()  # binders remember the target
+    rows, seen, case = [], set(), ""
+
+    def compile_only(kernel, configs_fn, grid, *args, **meta):
+        for c in configs_fn():
+            compiled = kernel.warmup(*args, grid=(1,), **meta, **c.kwargs, num_warps=c.num_warps,
+                                     num_stages=c.num_stages)
+            if compiled.hash not in seen:  # shapes that specialise alike compile once
+                seen.add(compiled.hash)
+                rows.append(describe(case, kernel, {**c.kwargs, "warps": c.num_warps, "stages": c.num_stages},
+                                     compiled, arch))
+
+    launch, matmul._launch = matmul._launch, compile_only
+    try:
+        for (N, K), dtype in [((4096, 4096), torch.bfloat16), ((11008, 4096), torch.bfloat16),
+                              ((4096, 11008), torch.bfloat16), ((4096, 4000), torch.bfloat16)]:
+            q = quantize(torch.randn(N, K) * 0.02)  # float32 weights; the kernels read the same bytes
+            for M in [1, 8, 4096]:
+                case = f"{str(dtype)[6:]} y=x@W.T M={M} N={N} K={K}"
+                matmul.nf4_matmul_forward(torch.randn(M, K, dtype=dtype), q)
+            case = f"{str(dtype)[6:]} dx=dy@W M=4096 N={N} K={K}"
+            matmul.nf4_matmul_backward(torch.randn(4096, N, dtype=dtype), q)
+        compiled = dequant._nf4_dequant_kernel.warmup(*dequant.nf4_args(q), torch.empty(N, K, dtype=torch.bfloat16),
+                                                      q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
+                                                      enable_fp_fusion=False, grid=(1,))
+        rows.append(describe("bfloat16 dequantize", dequant._nf4_dequant_kernel, {"block": 512}, compiled, arch))
+    finally:
+        matmul._launch = launch
+    return rows
+
+
+def main():
+    if not CUOBJDUMP.exists():
+        sys.exit(f"{CUOBJDUMP}: missing; this Triton build has no NVIDIA backend tools")
+    rows = [row for arch in (90, 80) for row in compile_all(arch)]
+    print(f"triton {triton.__version__}: {len(rows)} kernels compiled (vector_loads: 8- and 16-byte loads in the PTX)")
+    header = list(rows[0])
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    spilled = [r for r in rows if r["spill"]]
+    for r in spilled:
+        print(f"spills: {r['arch']} {r['kernel']} {r['config']}: {r['spill']} bytes of local memory")
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
