@@ -14,6 +14,7 @@ inner loop: tensor-core instructions (wgmma / mma) and vector loads.
 
 Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
+import importlib
 import os
 import re
 import subprocess
@@ -29,11 +30,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-import kernels  # noqa: E402
 from bailong.nf4 import quantize  # noqa: E402
 
-matmul = sys.modules["kernels.nf4_matmul"]
-dequant = sys.modules["kernels.nf4_dequant"]
+matmul = importlib.import_module("kernels.nf4_matmul")  # the module (the package exports a function of its name)
+dequant = importlib.import_module("kernels.nf4_dequant")
 KERNELS = [matmul._nf4_matmul_kernel, matmul._nf4_gemv_kernel, matmul._nf4_matmul_dx_kernel,
            dequant._nf4_dequant_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
