@@ -63,7 +63,10 @@ def main():
         w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
         q = quantize(w)
         wq = q.dequantize(dtype)
-        if bnb and device == "cuda":
+        # bitsandbytes' matmul_4bit raised "misaligned address" at 59241x4096 (odd N) in an earlier run,
+        # which poisons the CUDA context for every row after it: odd N is left out for it
+        with_bnb = bnb and device == "cuda" and N % 2 == 0
+        if with_bnb:
             packed, state = bnbf.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
         for M in ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
@@ -77,7 +80,7 @@ def main():
             flops = 2 * M * N * K
             row = (f"{f'{N}x{K}':>14} {M:5d} | {t:11.4f} {flops / t / 1e9:8.1f} {q.nbytes / t / 1e6:7.0f} | "
                    f"{t_dense:12.4f} {t / t_dense:10.2f} | {t_ref:9.4f} | ")
-            if bnb and device == "cuda":
+            if with_bnb:
                 t_bnb = bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state))
                 row += f"{t_bnb:8.4f} {t_bnb / t:8.2f} | "
             else:
