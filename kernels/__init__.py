@@ -9,10 +9,11 @@ is how the tests check them without a GPU.
 One switch chooses what NF4 projections run on CUDA: ``BAILONG_NF4_KERNELS=1``
 in the environment, or ``use_kernels(True)``. It is off by default for now: the
 first version of these kernels was correct on an H200 but 45-100x slower than
-bf16 cuBLAS (docs/BENCHMARKS.md); this version (contiguous byte loads, one
-absmax per row and tile, even and odd columns as two dots) has passed the
-interpreter tests but has not been timed on a GPU yet. Until it has, the
-PyTorch reference (dequantize, then cuBLAS) is the faster known choice.
+bf16 cuBLAS (docs/BENCHMARKS.md); this version (a code-pair table, one dot per
+tile, a GEMV kernel for one row) passes the interpreter tests and compiles for
+sm_90 and sm_80 without spills (bench/check_kernels_compile.py) but has not been
+timed on a GPU yet. Until it has, the PyTorch reference (dequantize, then
+cuBLAS) is the faster known choice.
 """
 import os
 

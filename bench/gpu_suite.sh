@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
+#
+#   bash bench/gpu_suite.sh                  # all parts
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, train, model
+#
+# Each part prints under its own heading and a failing part does not stop the others;
+# the exit status is the number of parts that failed.
+cd "$(dirname "$0")/.." || exit 1
+parts=("${@:-tests kernels decode train model}")
+failed=0
+run() {
+    echo "==== $1: ${*:2}"
+    local start=$SECONDS
+    "${@:2}" || { echo "==== $1 FAILED"; failed=$((failed + 1)); }
+    echo "==== $1 took $((SECONDS - start)) s"
+}
+for part in ${parts[*]}; do
+    case $part in
+        tests)   run tests python -m pytest -q -m gpu tests ;;
+        kernels) run kernels python bench/bench_nf4_matmul.py ;;
+        decode)  run decode python bench/bench_decode.py ;;
+        train)   run train python bench/bench_train.py --preset llama2-7b --seq-len 2048 --batch 1 --rank 128 \
+                     --device cuda ;;
+        model)   run model python bench/bench_model_gpu.py ;;
+        *)       echo "unknown part: $part (tests, kernels, decode, train, model)"; failed=$((failed + 1)) ;;
+    esac
+done
+exit $failed
