@@ -3,6 +3,7 @@
 On CUDA each one-token step is replayed from a CUDA graph (``GraphDecoder``), so
 that decoding speed is set by reading the weights, not by launching kernels.
 """
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -71,7 +72,11 @@ class GraphDecoder:
         self.weights = weights_key(model)
         self.graph = None
         if graph:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as e:  # e.g. an operation that cannot be captured: decode eagerly instead
+                self.graph = None
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {str(e).splitlines()[0]}")
 
     def _step(self):
         return self.model(self.token, self.cache, last_only=True)[0, -1]

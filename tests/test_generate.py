@@ -137,3 +137,18 @@ def test_decode_benchmark_runs_and_agrees_with_transformers():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ours: greedy ids equal transformers' for the first 12 of 12" in result.stdout
     assert "ours NF4, eager" in result.stdout
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
+    from bailong.generate import GraphDecoder
+
+    def fail(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(GraphDecoder, "_capture", fail)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        decoder = GraphDecoder(tiny, 64)
+    assert decoder.graph is None
+    with torch.no_grad():
+        first = int(decoder.prefill(torch.tensor([[5, 6, 7]])).argmax())
+        expected = tiny(torch.tensor([[5, 6, 7, first]]))[0, -1]
+        torch.testing.assert_close(decoder.step(first), expected, rtol=1e-5, atol=1e-5)
