@@ -153,8 +153,8 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         generator = torch.Generator(device).manual_seed(sampling.seed)
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not model.training
-    if use_cache and cuda_graph:
-        decoder = graph_decoder(model, limit)
+    decoder = graph_decoder(model, limit) if use_cache and cuda_graph else None
+    if decoder is not None:
         logits = decoder.prefill(ids)  # (V,)
     else:
         cache = model.new_cache(1, limit) if use_cache else None
@@ -168,7 +168,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
         if next_id in stop_ids or ids.shape[1] >= limit:
             return new
-        if use_cache and cuda_graph:
+        if decoder is not None:
             logits = decoder.step(next_id)
         else:
             logits = model(ids[:, -1:] if use_cache else ids, cache, last_only=True)[0, -1]

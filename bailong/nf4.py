@@ -151,9 +151,7 @@ class NF4Tensor:
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The weight as ``dtype`` (default: its original dtype): code[index] * absmax of its block."""
         n, bs = self.numel, self.blocksize
-        byte = torch.arange(256, device=self.data.device)
-        pairs = self.quant_map[torch.stack([byte >> 4, byte & 0xF], dim=1)]  # (256, 2): the values a byte holds
-        values = torch.index_select(pairs, 0, self.data.view(-1).int()).view(-1)[:n]  # (n,) float32
+        values = torch.index_select(code_pairs(self.quant_map), 0, self.data.view(-1).int()).view(-1)[:n]  # (n,)
         if n % bs:
             values = torch.nn.functional.pad(values, (0, -n % bs))
         values = values.view(-1, bs).mul_(self.block_absmax()[:, None])  # (blocks, bs)
@@ -223,6 +221,12 @@ class NF4Tensor:
 
 def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
+
+
+def code_pairs(quant_map: torch.Tensor) -> torch.Tensor:
+    """(256, 2) float32: the codes of the two weights each byte value holds, high nibble first."""
+    byte = torch.arange(256, device=quant_map.device)
+    return quant_map[torch.stack([byte >> 4, byte & 0xF], dim=1)]
 
 
 def quantize(weight: torch.Tensor, blocksize=64, double_quant=True) -> NF4Tensor:

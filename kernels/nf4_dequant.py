@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor
+from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor, code_pairs
 
 
 @triton.jit
@@ -61,11 +61,10 @@ _pairs = {}  # quant_map's address -> (quant_map, its pair table); holding quant
 
 
 def byte_pairs(quant_map: torch.Tensor) -> torch.Tensor:
-    """(256, 2) float32: the codes of the two weights each byte value holds (high nibble first)."""
+    """``code_pairs(quant_map)``, computed once per code table."""
     hit = _pairs.get(quant_map.data_ptr())
     if hit is None or hit[0] is not quant_map:
-        byte = torch.arange(256, device=quant_map.device)
-        hit = _pairs[quant_map.data_ptr()] = (quant_map, quant_map[torch.stack([byte >> 4, byte & 0xF], 1)])
+        hit = _pairs[quant_map.data_ptr()] = (quant_map, code_pairs(quant_map))
     return hit[1]
 
 
