@@ -34,8 +34,8 @@ class NF4Matmul(torch.autograd.Function):
 
 
 def nf4_linear(x, weight: NF4Tensor):
-    """x @ W.T: the fused Triton kernel for CUDA tensors where switched on (``kernels.use_kernels``),
-    the PyTorch reference otherwise."""
+    """x @ W.T: the Triton kernels for CUDA tensors (unless switched off: ``BAILONG_NF4_KERNELS=0``
+    or ``kernels.use_kernels(False)``), the PyTorch reference otherwise."""
     if x.is_cuda:
         import kernels  # Triton is imported only where it runs
         if kernels.enabled(x):
@@ -46,8 +46,8 @@ def nf4_linear(x, weight: NF4Tensor):
 class NF4Linear(nn.Module):
     """A frozen, bias-free linear layer whose weight is stored in NF4: ``y = x @ W.T``.
 
-    The weight is dequantized to the input's dtype for each call (the reference
-    path; the fused kernel where switched on). It is no ``nn.Parameter``: nothing
+    The weight is expanded for each call: inside the Triton kernels on CUDA,
+    by the PyTorch reference elsewhere. It is no ``nn.Parameter``: nothing
     here is trained, and ``model.to(dtype)`` must not cast the float32 absmax.
     """
 

@@ -6,27 +6,29 @@ Each kernel has a PyTorch reference in ``bailong`` with the same meaning:
 interpreter (``TRITON_INTERPRET=1``, set before importing this package), which
 is how the tests check them without a GPU.
 
-One switch chooses what NF4 projections run on CUDA: ``BAILONG_NF4_KERNELS=1``
-in the environment, or ``use_kernels(True)``. It is off by default for now: the
-first version of these kernels was correct on an H200 but 45-100x slower than
-bf16 cuBLAS (docs/BENCHMARKS.md); this version (a code-pair table, one dot per
-tile, a GEMV kernel for one row) passes the interpreter tests and compiles for
-sm_90 and sm_80 without spills (bench/check_kernels_compile.py) but has not been
-timed on a GPU yet. Until it has, the PyTorch reference (dequantize, then
-cuBLAS) is the faster known choice.
+NF4 projections on CUDA run through these kernels; one switch forces the
+PyTorch reference anywhere: ``BAILONG_NF4_KERNELS=0`` in the environment, or
+``use_kernels(False)``. Each matmul takes the faster of the fused kernel and
+the dequantize kernel followed by cuBLAS, timed once per shape on the GPU in
+use (``kernels.nf4_matmul.fastest``): never slower than writing the weight
+out and multiplying it with cuBLAS. They pass the interpreter tests and compile for sm_90
+and sm_80 without spills (bench/check_kernels_compile.py); this version has
+not been timed on a GPU yet (docs/BENCHMARKS.md).
 """
 import os
 
 from kernels.nf4_dequant import nf4_dequantize
 from kernels.nf4_matmul import nf4_matmul
 
-_kernels = os.environ.get("BAILONG_NF4_KERNELS", "0") not in ("", "0")
+_kernels = os.environ.get("BAILONG_NF4_KERNELS", "1") not in ("", "0")
 
 
-def use_kernels(flag=True):
-    """Run NF4 projections on CUDA through the fused kernels (True) or the PyTorch reference (False)."""
+def use_kernels(flag=True) -> bool:
+    """Run NF4 projections on CUDA through the kernels (True) or the PyTorch reference (False);
+    returns the previous setting, to restore."""
     global _kernels
-    _kernels = flag
+    previous, _kernels = _kernels, flag
+    return previous
 
 
 def enabled(x) -> bool:

@@ -1,20 +1,26 @@
 """NF4 dequantization in Triton: packed 4-bit codes (+ double-quantized absmax) to a float tensor.
 
 Reference: ``bailong.nf4.NF4Tensor.dequantize`` (the same signature through ``nf4_dequantize``).
-A byte holds two neighbouring weights (the first in the high nibble), so every
-kernel looks a byte up once in a 256-entry table of code pairs instead of
-looking each nibble up in the 16-entry code table:
+A byte holds two neighbouring weights (the first in the high nibble); each
+nibble is looked up in the 16-entry code table:
 
     for each packed byte b (one program: BLOCK bytes):
-        (w[2b], w[2b+1]) = pairs[packed[b]] * scale(block of 2b)      # both weights share a block
+        (w[2b], w[2b+1]) = code[(packed[b] >> 4, packed[b] & 15)] * scale(block of 2b)   # one block for both
         scale(blk) = absmax[blk]                                                      (plain)
                    = nested_map[absmax_code[blk]] * nested_absmax[blk // 256] + offset  (double-quantized)
+
+Why 16 entries and not a 256-entry table of code pairs (one lookup per byte
+instead of two): a lookup is a gather from global memory served by the L1
+cache, which handles one cache line (128 bytes) per cycle for a warp. The
+16 float32 codes are 64 bytes, one line: a warp's 32 lookups take one pass. A
+pair table is 2 KiB, 16 lines: a warp's 32 random bytes touch about 13 of
+them, so 13 passes for 64 values instead of 2 passes.
 """
 import torch
 import triton
 import triton.language as tl
 
-from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor, code_pairs
+from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor
 
 
 @triton.jit
@@ -32,24 +38,30 @@ def _block_scale(block, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, off
 
 
 @triton.jit
-def _nf4_values(flat, mask, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+def nibbles(byte):
+    """The two codes of each packed byte, high nibble first: shape (..., 2) for bytes of shape (..., 1)."""
+    return (byte >> (4 - 4 * tl.arange(0, 2))) & 0xF
+
+
+@triton.jit
+def _nf4_values(flat, mask, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
     """Float32 weights at flat indices ``flat`` (any shape); 0 where ``mask`` is false. For rows that
     are not whole blocks: every element found from its own index."""
     byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    value = tl.load(pairs_ptr + 2 * byte + (flat & 1))  # even index: high nibble, the pair's first
+    value = tl.load(code_ptr + ((byte >> (4 - 4 * (flat & 1))) & 0xF))  # even index: the high nibble
     scale = _block_scale(flat // BLOCKSIZE, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                          DOUBLE_QUANT)
     return tl.where(mask, value * scale, 0.0)
 
 
 @triton.jit
-def _nf4_dequant_kernel(w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, out_ptr, n,
+def _nf4_dequant_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, out_ptr, n,
                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # packed byte indices
     byte_ok = b < (n + 1) // 2
     byte = tl.load(w_ptr + b, mask=byte_ok, other=0).to(tl.int32)
-    pair = tl.load(pairs_ptr + 2 * byte[:, None] + tl.arange(0, 2)[None, :])  # (BLOCK, 2)
+    pair = tl.load(code_ptr + nibbles(byte[:, None]))  # (BLOCK, 2)
     scale = _block_scale(2 * b // BLOCKSIZE, byte_ok, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                          DOUBLE_QUANT)
     w = tl.reshape(pair * scale[:, None], (2 * BLOCK,))
@@ -57,24 +69,13 @@ def _nf4_dequant_kernel(w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_abs
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=flat < n)
 
 
-_pairs = {}  # quant_map's address -> (quant_map, its pair table); holding quant_map keeps the address its own
-
-
-def byte_pairs(quant_map: torch.Tensor) -> torch.Tensor:
-    """``code_pairs(quant_map)``, computed once per code table."""
-    hit = _pairs.get(quant_map.data_ptr())
-    if hit is None or hit[0] is not quant_map:
-        hit = _pairs[quant_map.data_ptr()] = (quant_map, code_pairs(quant_map))
-    return hit[1]
-
-
 def nf4_args(q: NF4Tensor):
     """The tensors every NF4 kernel takes, in kernel-argument order (all on the device: no host
     synchronisation, so the kernels can be captured in a CUDA graph)."""
     if q.double_quant:
         assert q.nested_quant_map.numel() == 256 and NESTED_BLOCKSIZE == 256
-        return (q.data, byte_pairs(q.quant_map), q.absmax, q.nested_quant_map, q.nested_absmax, q.offset)
-    return (q.data, byte_pairs(q.quant_map), q.absmax, q.absmax, q.absmax, q.absmax)  # unused: anything valid
+        return (q.data, q.quant_map, q.absmax, q.nested_quant_map, q.nested_absmax, q.offset)
+    return (q.data, q.quant_map, q.absmax, q.absmax, q.absmax, q.absmax)  # unused: anything valid
 
 
 def nf4_dequantize(q: NF4Tensor, dtype=None) -> torch.Tensor:

@@ -9,7 +9,7 @@ Forward, y (M, N) = x (M, K) @ W.T, W (N, K), rows of W a whole number of blocks
         acc = 0 (float32)
         for k0 in this program's share of K, step BK (BK <= blocksize, so one absmax per row):
             bytes = W_packed[n0:n0+BN, k0/2 : (k0+BK)/2]        # contiguous: BK/2 bytes a row
-            w     = pairs[bytes]                                 # (BN, BK/2, 2): both weights of a byte,
+            w     = code[nibbles(bytes)]                         # (BN, BK/2, 2): both weights of a byte,
                                                                  #   in memory order: reshaped, W[:, k0:k0+BK]
             w     = w * absmax[n, block of k0]                   # one scale a row, double-quant expanded
             acc  += x[m0:m0+BM, k0:k0+BK] @ w.T                  # tl.dot on the tensor cores
@@ -24,16 +24,27 @@ Backward, dx (M, K) = dy (M, N) @ W: the same tiles of W, summed over N instead
 of K. W is frozen, so there is no weight gradient. A weight whose rows are not
 whole blocks takes a generic path that expands every element from its flat index.
 
+The other way: the dequantize kernel writes W in x's dtype, then cuBLAS
+multiplies. At large M the matmul's time grows with M and the extra pass over W
+does not (for 4096 x 4096 at M = 4096 it is a few percent), and cuBLAS is hard to
+beat at its own game; at small M the fused kernels read 4 bits per weight
+instead of writing and reading 16. Which wins where depends on the GPU, so
+``nf4_matmul_forward`` and ``nf4_matmul_backward`` time both once per shape (M
+rounded up to a power of two) and keep the faster: never slower than the two
+passes, and the fused kernel wherever it pays.
+
 Reference: ``bailong.quantized.NF4Matmul`` (``F.linear`` on ``q.dequantize()``).
 """
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+import triton.testing
 
 from bailong.nf4 import NF4Tensor
-from kernels.nf4_dequant import _block_scale, _nf4_values, nf4_args
+from kernels.nf4_dequant import _block_scale, _nf4_values, nf4_args, nf4_dequantize, nibbles
 
 
 def matmul_configs():
@@ -51,7 +62,7 @@ def small_m_configs():
 def gemv_configs():
     """Rows of W per program for M = 1 (decode at batch one)."""
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(16, 2, 4), (32, 4, 4), (64, 4, 3), (128, 8, 3)]]
+            for bn, w, s in [(16, 2, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 8, 3)]]
 
 
 def dx_configs():
@@ -72,7 +83,7 @@ def _tile_ids(M, N_cols, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: 
 
 
 @triton.jit
-def _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+def _nf4_tile(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
               BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[rn, k0:k0+BLOCK_K] in float32, (BLOCK_N, BLOCK_K), for rows of whole blocks; 0 in rows past N."""
     row_ok = rn < N
@@ -82,7 +93,7 @@ def _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested
     cols = tl.max_contiguous(tl.multiple_of(k0 // 2 + tl.arange(0, BLOCK_K // 2), BLOCK_K // 2), BLOCK_K // 2)
     packed = tl.load(w_ptr + rows[:, None] + cols[None, :],
                      mask=row_ok[:, None], other=0).to(tl.int32)  # (BN, BK/2)
-    pair = tl.load(pairs_ptr + 2 * packed[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BN, BK/2, 2)
+    pair = tl.load(code_ptr + nibbles(packed[:, :, None]))  # (BN, BK/2, 2)
     scale = _block_scale(rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, row_ok, absmax_ptr, nested_map_ptr,
                          nested_absmax_ptr, offset_ptr, DOUBLE_QUANT)
     scale = tl.where(row_ok, scale, 0.0)  # (BN,)
@@ -90,7 +101,7 @@ def _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested
 
 
 @triton.jit
-def _nf4_matmul_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
+def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
                        M, N, K, stride_xm, stride_xk, stride_ys, stride_ym, k_per_split, M_BUCKET,
                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
                        ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -104,12 +115,12 @@ def _nf4_matmul_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nest
         rk = k0 + tl.arange(0, BLOCK_K)
         if ALIGNED:  # K is a whole number of tiles: no mask along K
             a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=rm[:, None] < M, other=0.0)
-            w = _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+            w = _nf4_tile(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
                           offset_ptr, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
         else:  # rows that are not whole blocks: expand every element from its flat index
             a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                         mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-            w = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, pairs_ptr,
+            w = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr,
                             absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, BLOCKSIZE, DOUBLE_QUANT)
         acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision="ieee" if IEEE else "tf32")
     y = y_ptr + tl.program_id(1) * stride_ys + rm[:, None] * stride_ym + rn[None, :]
@@ -117,7 +128,7 @@ def _nf4_matmul_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nest
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
+def _nf4_gemv_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
                      N, K, k_per_split, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[split, n0:n0+BN] = W[n0:n0+BN, this split's K] @ x for one row x (rows of W whole blocks):
@@ -127,14 +138,14 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested
     k_start = tl.program_id(1) * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)  # (BK,)
-        w = _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+        w = _nf4_tile(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                       BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
         acc += w * x[None, :]
     tl.store(y_ptr + tl.program_id(1) * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
 
 @triton.jit
-def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
+def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                           dx_ptr, M, N, K, stride_dym, stride_dyn, stride_dxm, M_BUCKET,
                           BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, IEEE: tl.constexpr,
                           ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -149,10 +160,10 @@ def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, 
         g = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)  # dy[m, n]
         if ALIGNED:
-            w = _nf4_tile(rn, k0, N, K, w_ptr, pairs_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+            w = _nf4_tile(rn, k0, N, K, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
                           offset_ptr, BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K)
         else:
-            w = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, pairs_ptr,
+            w = _nf4_values(rn[:, None] * K + rk[None, :], (rn[:, None] < N) & (rk[None, :] < K), w_ptr, code_ptr,
                             absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, BLOCKSIZE, DOUBLE_QUANT)
         acc += tl.dot(g, w.to(g.dtype), input_precision="ieee" if IEEE else "tf32")
     tl.store(dx_ptr + rm[:, None] * stride_dxm + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
@@ -186,8 +197,7 @@ def _bucket(m):
     return min(triton.next_power_of_2(m), 8192)
 
 
-def nf4_matmul_forward(x2d, q: NF4Tensor):
-    """(M, K) @ W.T -> (M, N) in x's dtype."""
+def _fused_forward(x2d, q: NF4Tensor):
     M, K = x2d.shape
     N = q.shape[0]
     meta = _meta(q, K, x2d.dtype)
@@ -212,8 +222,7 @@ def nf4_matmul_forward(x2d, q: NF4Tensor):
     return y
 
 
-def nf4_matmul_backward(dy2d, q: NF4Tensor):
-    """(M, N) @ W -> (M, K) in dy's dtype."""
+def _fused_backward(dy2d, q: NF4Tensor):
     M, N = dy2d.shape
     K = q.shape[1]
     dx = torch.empty((M, K), device=dy2d.device, dtype=dy2d.dtype)
@@ -222,6 +231,44 @@ def nf4_matmul_backward(dy2d, q: NF4Tensor):
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
             dy2d, *nf4_args(q), dx, M, N, K, dy2d.stride(0), dy2d.stride(1), dx.stride(0), _bucket(M), **meta)
     return dx
+
+
+_fastest = {}  # (y or dx, N, K, M bucket, dtype, blocksize, double quant, device) -> name of the fastest way
+
+
+def _can_time(x):
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _time(fn):
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def fastest(key, ways: dict, x) -> str:
+    """The fastest of ``ways`` (name -> function of no arguments) for ``key``, timed once on the GPU
+    and remembered; where nothing can be timed (the interpreter, a CUDA graph being captured), the first."""
+    if key not in _fastest:
+        if not _can_time(x):
+            return next(iter(ways))
+        _fastest[key] = min(ways, key=lambda name: _time(ways[name]))
+    return _fastest[key]
+
+
+def _key(direction, x2d, q: NF4Tensor):
+    return direction, *q.shape, _bucket(x2d.shape[0]), x2d.dtype, q.blocksize, q.double_quant, x2d.device
+
+
+def nf4_matmul_forward(x2d, q: NF4Tensor, way=None):
+    """(M, K) @ W.T -> (M, N) in x's dtype: the fused kernel, or the dequantize kernel then cuBLAS
+    (``way``: "fused" or "dequant"; by default whichever ``fastest`` measured faster for these shapes)."""
+    ways = {"fused": lambda: _fused_forward(x2d, q), "dequant": lambda: F.linear(x2d, nf4_dequantize(q, x2d.dtype))}
+    return ways[way or fastest(_key("y", x2d, q), ways, x2d)]()
+
+
+def nf4_matmul_backward(dy2d, q: NF4Tensor, way=None):
+    """(M, N) @ W -> (M, K) in dy's dtype, the same two ways as ``nf4_matmul_forward``."""
+    ways = {"fused": lambda: _fused_backward(dy2d, q), "dequant": lambda: dy2d @ nf4_dequantize(q, dy2d.dtype)}
+    return ways[way or fastest(_key("dx", dy2d, q), ways, dy2d)]()
 
 
 class NF4MatmulKernel(torch.autograd.Function):

@@ -56,16 +56,23 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("M", [1, 8, 512])
 def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
+    import importlib
+
     from bailong.nf4 import quantize
     from kernels import nf4_matmul
+    m = importlib.import_module("kernels.nf4_matmul")
     torch.manual_seed(M)
     q = quantize((torch.randn(N, K, device="cuda") * 0.02).bfloat16())
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = nf4_matmul(x, q)
+    y = nf4_matmul(x, q)  # whichever way was timed faster
     dy = torch.randn_like(y)
     y.backward(dy)
     w = q.dequantize(torch.float32)
-    for ours, ref in [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]:
+    results = [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]
+    for way in ["fused", "dequant"]:  # and each way by name
+        results += [(m.nf4_matmul_forward(x.detach(), q, way), results[0][1]),
+                    (m.nf4_matmul_backward(dy, q, way), results[1][1])]
+    for ours, ref in results:
         assert ours.dtype == torch.bfloat16
         assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands and output
 
@@ -85,12 +92,12 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
     model, _ = bailong.load(folder, quantize="nf4")  # bf16 on cuda
     ids = torch.randint(0, 300, (2, 40), device="cuda")
     with torch.no_grad():
-        reference = model(ids).float()
-        kernels.use_kernels(True)
+        fused = model(ids).float()  # the kernels are on by default
+        previous = kernels.use_kernels(False)
         try:
-            fused = model(ids).float()
+            reference = model(ids).float()
         finally:
-            kernels.use_kernels(False)
+            kernels.use_kernels(previous)
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
 
 

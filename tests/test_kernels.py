@@ -7,6 +7,7 @@ at 5e-3). bfloat16 is checked on the GPU only (tests/test_gpu.py): the
 interpreter's bfloat16 dot and its float32-to-bfloat16 rounding differ from
 the hardware's.
 """
+import importlib
 import subprocess
 import sys
 
@@ -69,6 +70,30 @@ def test_dequantize_kernel_is_exact(double_quant):
         assert torch.equal(nf4_dequantize(q, dtype), q.dequantize(dtype))
 
 
+def test_each_matmul_takes_the_way_it_timed_faster(monkeypatch):
+    m = importlib.import_module("kernels.nf4_matmul")  # the module (the package exports a function of its name)
+    q = quantize(torch.randn(24, 128, device=DEVICE))
+    x, dy = torch.randn(20, 128, device=DEVICE), torch.randn(20, 24, device=DEVICE)
+    w = q.dequantize()
+    for way in ["fused", "dequant"]:
+        torch.testing.assert_close(m.nf4_matmul_forward(x, q, way), x @ w.T, **TOL[torch.float32])
+        torch.testing.assert_close(m.nf4_matmul_backward(dy, q, way), dy @ w, **TOL[torch.float32])
+
+    monkeypatch.setattr(m, "_fastest", {})
+    m.nf4_matmul_forward(x, q)
+    assert m._fastest == {}  # nothing to time on (the interpreter): the fused kernel, nothing remembered
+    times, ran = iter([2.0, 1.0, 1.0, 3.0, 1.0, 2.0]), []  # forward: fused 2 ms, dequant 1 ms; backward: 1, 3
+    monkeypatch.setattr(m, "_can_time", lambda x: True)
+    monkeypatch.setattr(m, "_time", lambda fn: ran.append(fn()) or next(times))
+    for _ in range(2):  # timed once, then remembered
+        torch.testing.assert_close(m.nf4_matmul_forward(x, q), x @ w.T, **TOL[torch.float32])
+        torch.testing.assert_close(m.nf4_matmul_backward(dy, q), dy @ w, **TOL[torch.float32])
+    assert sorted(key[0] + ":" + way for key, way in m._fastest.items()) == ["dx:fused", "y:dequant"]
+    assert len(ran) == 4
+    m.nf4_matmul_forward(torch.randn(100, 128, device=DEVICE), q)  # another M bucket: timed anew
+    assert len(m._fastest) == 3
+
+
 def test_bad_input():
     q = quantize(torch.randn(8, 64, device=DEVICE))
     with pytest.raises(ValueError, match="x has 32 features; the weight expects 64"):
@@ -80,7 +105,8 @@ def test_benchmark_script_runs_at_tiny_sizes():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_nf4_matmul.py"), "--tiny"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "ours fwd" in result.stdout and "dense matmul" in result.stdout
+    assert "fused ms" in result.stdout and "dequantize to float16: kernel" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.strip().startswith("40x72 ")]) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
