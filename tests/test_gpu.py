@@ -99,6 +99,10 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
         finally:
             kernels.use_kernels(previous)
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
+    from bailong.quantized import nf4_linear
+    x = torch.randn(3, 128, device="cuda")  # float32 under bf16 autocast: computed in bf16, as F.linear is
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert nf4_linear(x, model.model.layers[0].mlp.up_proj.weight).dtype == torch.bfloat16
 
 
 def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path):
