@@ -62,11 +62,12 @@ class GraphDecoder:
     a graph replays the whole step in one launch. That is legal because every replay
     touches the same tensors: the token buffer, a ``StaticKVCache`` (its position
     lives on the device and advances inside the graph) and the logits it writes.
-    ``graph=False`` runs the same static step eagerly (CPU, tests).
+    ``graph=False`` runs the same static step eagerly (CPU, tests). The decoder holds
+    its model weakly, so that keeping decoders per model does not keep models alive.
     """
 
     def __init__(self, model: Llama, max_len, graph=True):
-        self.model, self.max_len = model, max_len
+        self.model_ref, self.max_len = weakref.ref(model), max_len
         self.cache = model.new_cache(1, max_len, static=True)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.cache.k.device)
         self.weights = weights_key(model)
@@ -76,30 +77,36 @@ class GraphDecoder:
                 self._capture()
             except RuntimeError as e:  # e.g. an operation that cannot be captured: decode eagerly instead
                 self.graph = None
-                warnings.warn(f"CUDA graph capture failed, decoding without it: {str(e).splitlines()[0]}")
+                reason = (str(e).splitlines() or [repr(e)])[0]
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {reason}")
 
     def _step(self):
-        return self.model(self.token, self.cache, last_only=True)[0, -1]
+        return self.model_ref()(self.token, self.cache, last_only=True)[0, -1]
 
     def _capture(self):
         # Warm up on a side stream first: autotuners, lazy initialisation and allocations
         # must not happen inside the capture. The two warm-up steps write positions 0 and 1,
-        # which the prompt overwrites; capturing itself runs nothing.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.cache.next.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        # which the prompt overwrites; capturing itself runs nothing. Capture uses the
+        # current device's streams: make that the model's.
+        with torch.cuda.device(self.token.device):
+            current, stream = torch.cuda.current_stream(), torch.cuda.Stream()
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+            current.wait_stream(stream)
+            self.cache.next.zero_()
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.logits = self._step()
+            finally:  # a failed capture leaves its stream current: put ours back
+                torch.cuda.set_stream(current)
 
     def prefill(self, ids):
         """Logits (V,) after the prompt ``ids`` (1, T), which fills the cache from position 0."""
         self.cache.next.zero_()
-        return self.model(ids, self.cache, last_only=True)[0, -1]
+        return self.model_ref()(ids, self.cache, last_only=True)[0, -1]
 
     def step(self, token_id):
         """Logits (V,) after one more token."""
@@ -111,8 +118,10 @@ class GraphDecoder:
 
 
 def weights_key(model):
-    """Where every weight lives: a captured graph reads those addresses, so it is stale once they change."""
-    return tuple(t.data_ptr() for t in [*model.parameters(), *(q.data for q in nf4_weights(model))])
+    """Where every weight lives, and as what: a captured graph reads those addresses, so it is stale
+    once they change."""
+    nf4 = [t for q in nf4_weights(model) for t in q.tensors().values()]
+    return tuple((t.data_ptr(), t.dtype) for t in [*model.parameters(), *nf4])
 
 
 _decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused while it fits
@@ -123,7 +132,8 @@ def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     too short or the weights moved; lengths are rounded up to 256 so that a chat captures rarely."""
     decoder = _decoders.get(model)
     if decoder is None or decoder.max_len < max_len or decoder.weights != weights_key(model):
-        _decoders.pop(model, None)  # free the old graph and cache first
+        _decoders.pop(model, None)
+        decoder = None  # the last reference: the old graph and cache are freed before new ones are made
         max_len = min(-(-max_len // 256) * 256, model.config.max_position_embeddings)
         decoder = _decoders[model] = GraphDecoder(model, max_len)
     return decoder
@@ -137,7 +147,8 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     Stops after an id in ``stop_ids`` (default: the config's eos ids; it is included
     in the result), after ``max_new_tokens``, or when the context window is full.
     ``on_token(id)`` is called as each id is chosen, for streaming.
-    ``cuda_graph`` (default: on CUDA, for a model in eval mode) decodes with a ``GraphDecoder``.
+    ``cuda_graph`` (default: on CUDA, for a model in eval mode, outside autocast) decodes with a
+    ``GraphDecoder``.
     ``use_cache=False`` reruns the whole sequence each step: slow, for checking the cache.
     """
     config = model.config
@@ -152,7 +163,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     if sampling.seed is not None:
         generator = torch.Generator(device).manual_seed(sampling.seed)
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda" and not model.training
+        cuda_graph = device.type == "cuda" and not model.training and not torch.is_autocast_enabled("cuda")
     decoder = graph_decoder(model, limit) if use_cache and cuda_graph else None
     if decoder is not None:
         logits = decoder.prefill(ids)  # (V,)

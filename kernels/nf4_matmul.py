@@ -35,6 +35,7 @@ passes, and the fused kernel wherever it pays.
 
 Reference: ``bailong.quantized.NF4Matmul`` (``F.linear`` on ``q.dequantize()``).
 """
+import contextlib
 import os
 
 import torch
@@ -277,7 +278,9 @@ class NF4MatmulKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q: NF4Tensor):
         ctx.q = q
-        y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q)
+        # Triton launches on the current device: make it x's (autograd does so for the backward)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q)
         return y.view(*x.shape[:-1], q.shape[0])
 
     @staticmethod

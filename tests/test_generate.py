@@ -152,3 +152,25 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
         first = int(decoder.prefill(torch.tensor([[5, 6, 7]])).argmax())
         expected = tiny(torch.tensor([[5, 6, 7, first]]))[0, -1]
         torch.testing.assert_close(decoder.step(first), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoders_kept_per_model_neither_keep_the_model_alive_nor_outlive_a_rebuild(monkeypatch):
+    import gc
+    import weakref
+
+    from bailong.generate import GraphDecoder, _decoders, graph_decoder
+    monkeypatch.setattr(GraphDecoder, "_capture", lambda self: None)  # the bookkeeping, without a GPU
+    model = bailong.load_preset("tiny", device="cpu")[0].eval()
+    first = graph_decoder(model, 10)
+    assert graph_decoder(model, 200) is first and first.max_len == 256  # lengths rounded up to 256
+    first_alive = weakref.ref(first)
+    del first
+    from bailong.quantized import quantize_model
+    quantize_model(model)  # new weights: a new decoder, and the old one gone before it is made
+    monkeypatch.setattr(GraphDecoder, "_capture", lambda self: setattr(self, "old_alive", first_alive()))
+    second = graph_decoder(model, 10)
+    assert second.old_alive is None and first_alive() is None
+    model_alive = weakref.ref(model)
+    del model, second
+    gc.collect()
+    assert model_alive() is None and len(_decoders) == 0
