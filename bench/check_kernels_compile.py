@@ -56,7 +56,7 @@ class CompileOnly:
 
 
 def resources(cubin: bytes):
-    """(registers, spill bytes) from cuobjdump's resource usage of a cubin."""
+    """(registers, stack bytes per thread: spills) from cuobjdump's resource usage of a cubin."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check_kernels_{os.getpid()}.cubin"
     path.write_bytes(cubin)
     try:
@@ -64,8 +64,8 @@ def resources(cubin: bytes):
                              text=True, check=True).stdout
     finally:
         path.unlink()
-    regs, local = re.search(r"REG:(\d+)", out), re.search(r"LOCAL:(\d+)", out)
-    return int(regs.group(1)), int(local.group(1))
+    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)  # spilled registers live on the stack
+    return int(regs.group(1)), int(stack.group(1))
 
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may opt in to
@@ -102,14 +102,21 @@ def compile_all(arch):
 
     launch, matmul._launch = matmul._launch, compile_only
     try:
-        for (N, K), dtype in [((4096, 4096), torch.bfloat16), ((11008, 4096), torch.bfloat16),
-                              ((4096, 11008), torch.bfloat16), ((4096, 4000), torch.bfloat16)]:
-            q = quantize(torch.randn(N, K) * 0.02)  # float32 weights; the kernels read the same bytes
-            for M in [1, 8, 4096]:
-                case = f"{str(dtype)[6:]} y=x@W.T M={M} N={N} K={K}"
+        bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+        for (N, K), dtype, blocksize, double_quant, ms in [
+                ((4096, 4096), bf16, 64, True, [1, 8, 4096]), ((11008, 4096), bf16, 64, True, [1, 8, 4096]),
+                ((4096, 11008), bf16, 64, True, [1, 8, 4096]), ((4096, 4000), bf16, 64, True, [1, 8, 4096]),
+                ((4096, 4096), fp16, 64, True, [1, 8, 4096]), ((4096, 4096), bf16, 128, False, [1, 8, 4096]),
+                ((4096, 4096), fp32, 64, True, [1])]:  # float32 runs only the GEMV kernel (else cuBLAS)
+            q = quantize(torch.randn(N, K) * 0.02, blocksize, double_quant)  # the kernels read the same bytes
+            weight = f"N={N} K={K}" + (f" blocksize {blocksize}" if blocksize != 64 else "") + \
+                ("" if double_quant else " no double quant")
+            for M in ms:
+                case = f"{str(dtype)[6:]} y=x@W.T M={M} {weight}"
                 matmul.nf4_matmul_forward(torch.randn(M, K, dtype=dtype), q)
-            case = f"{str(dtype)[6:]} dx=dy@W M=4096 N={N} K={K}"
-            matmul.nf4_matmul_backward(torch.randn(4096, N, dtype=dtype), q)
+            if dtype != fp32:
+                case = f"{str(dtype)[6:]} dx=dy@W M=4096 {weight}"
+                matmul.nf4_matmul_backward(torch.randn(4096, N, dtype=dtype), q)
         compiled = dequant._nf4_dequant_kernel.warmup(*dequant.nf4_args(q), torch.empty(N, K, dtype=torch.bfloat16),
                                                       q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
                                                       enable_fp_fusion=False, grid=(1,))
@@ -130,7 +137,7 @@ def main():
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
     spilled = [r for r in rows if r["spill"]]
     for r in spilled:
-        print(f"spills: {r['arch']} {r['kernel']} {r['config']}: {r['spill']} bytes of local memory")
+        print(f"spills: {r['arch']} {r['case']} {r['kernel']} {r['config']}: {r['spill']} bytes of stack a thread")
     return 1 if spilled else 0
 
 

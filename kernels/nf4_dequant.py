@@ -16,6 +16,8 @@ cache, which handles one cache line (128 bytes) per cycle for a warp. The
 pair table is 2 KiB, 16 lines: a warp's 32 random bytes touch about 13 of
 them, so 13 passes for 64 values instead of 2 passes.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -82,8 +84,10 @@ def nf4_dequantize(q: NF4Tensor, dtype=None) -> torch.Tensor:
     """``q.dequantize(dtype)`` computed by the kernel."""
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.data.device)
     n, block = q.numel, 512
-    # no fused multiply-add: the nested scale is rounded twice, as in the reference
-    _nf4_dequant_kernel[(triton.cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
-                                                      DOUBLE_QUANT=q.double_quant, BLOCK=block,
-                                                      enable_fp_fusion=False)
+    # Triton launches on the current device: make it the weight's
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        # no fused multiply-add: the nested scale is rounded twice, as in the reference
+        _nf4_dequant_kernel[(triton.cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
+                                                          DOUBLE_QUANT=q.double_quant, BLOCK=block,
+                                                          enable_fp_fusion=False)
     return out

@@ -25,7 +25,8 @@ of K. W is frozen, so there is no weight gradient. A weight whose rows are not
 whole blocks takes a generic path that expands every element from its flat index.
 
 The other way: the dequantize kernel writes W in x's dtype, then cuBLAS
-multiplies. At large M the matmul's time grows with M and the extra pass over W
+multiplies (always for float32 beyond the GEMV kernel: float32 tiles need an
+IEEE dot, which compiles to heavy register spills). At large M the matmul's time grows with M and the extra pass over W
 does not (for 4096 x 4096 at M = 4096 it is a few percent), and cuBLAS is hard to
 beat at its own game; at small M the fused kernels read 4 bits per weight
 instead of writing and reading 16. Which wins where depends on the GPU, so
@@ -51,25 +52,25 @@ from kernels.nf4_dequant import _block_scale, _nf4_values, nf4_args, nf4_dequant
 def matmul_configs():
     """Tiles for large M (training, prefill); BLOCK_K is set by the blocksize."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4)]]
+            for bm, bn, w, s in [(128, 128, 8, 3), (64, 128, 8, 4), (128, 64, 4, 4), (64, 64, 4, 4)]]
 
 
 def small_m_configs():
     """Tiles for M = 2..16: narrow N tiles, K split so that every SM streams weights."""
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "GROUP_M": 1}, num_warps=w, num_stages=s)
-            for bn, w, s in [(32, 4, 4), (64, 4, 4), (128, 4, 3), (64, 8, 5)]]
+            for bn, w, s in [(32, 4, 4), (64, 4, 4), (64, 4, 3), (32, 2, 4)]]
 
 
 def gemv_configs():
     """Rows of W per program for M = 1 (decode at batch one)."""
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(16, 2, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4), (128, 8, 3)]]
+            for bn, w, s in [(16, 2, 4), (32, 4, 4), (64, 4, 3), (64, 8, 4)]]
 
 
 def dx_configs():
     """Tiles for the input gradient (the backward of training)."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 3)]]
+            for bm, bn, w, s in [(128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3)]]
 
 
 @triton.jit
@@ -108,7 +109,7 @@ def _nf4_matmul_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, neste
                        ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = tl.program_id(1) * k_per_split
@@ -152,7 +153,7 @@ def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, n
                           ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_k = _tile_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     k0 = pid_k * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
@@ -172,18 +173,21 @@ def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, n
 
 
 _autotuned = {}
+INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2)  # the one tile run under the interpreter
 
 
 def _launch(kernel, configs_fn, grid, *args, **meta):
-    """Autotune on a GPU (configs from a named function, keyed on the shapes); under the
-    Triton interpreter run one small tile instead, since every trial would be interpreted."""
+    """Autotune on a GPU (configs from a named function, keyed on the shapes and the weight's
+    format); under the Triton interpreter run one small tile instead, since every trial would be
+    interpreted."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        tile = {k: v for k, v in dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2).items() if k in kernel.arg_names}
+        tile = {k: v for k, v in INTERPRETER_TILE.items() if k in kernel.arg_names}
         kernel[grid({**tile, **meta})](*args, **meta, **tile)
         return
     if (kernel, configs_fn) not in _autotuned:
-        key = [k for k in ("M_BUCKET", "N", "K") if k in kernel.arg_names]
-        _autotuned[kernel, configs_fn] = triton.autotune(configs_fn(), key=key, warmup=5, rep=25)(kernel)
+        key = [k for k in ("M_BUCKET", "N", "K", "BLOCKSIZE", "DOUBLE_QUANT", "ALIGNED") if k in kernel.arg_names]
+        bench = lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)  # noqa: E731
+        _autotuned[kernel, configs_fn] = triton.autotune(configs_fn(), key=key, do_bench=bench)(kernel)
     _autotuned[kernel, configs_fn][grid](*args, **meta)
 
 
@@ -234,42 +238,65 @@ def _fused_backward(dy2d, q: NF4Tensor):
     return dx
 
 
-_fastest = {}  # (y or dx, N, K, M bucket, dtype, blocksize, double quant, device) -> name of the fastest way
+def _dequant_forward(x2d, q: NF4Tensor):
+    return F.linear(x2d, nf4_dequantize(q, x2d.dtype))
 
 
-def _can_time(x):
-    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+def _dequant_backward(dy2d, q: NF4Tensor):
+    return dy2d @ nf4_dequantize(q, dy2d.dtype)
+
+
+FORWARD = {"fused": _fused_forward, "dequant": _dequant_forward}
+BACKWARD = {"fused": _fused_backward, "dequant": _dequant_backward}
+_fastest = {}  # (y or dx, N, K, M bucket, dtype, blocksize, double quant, device) -> the faster way's name
+
+
+def _on_gpu(x):
+    return x.is_cuda
+
+
+def _capturing():
+    return torch.cuda.is_current_stream_capturing()
 
 
 def _time(fn):
     return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
 
 
-def fastest(key, ways: dict, x) -> str:
-    """The fastest of ``ways`` (name -> function of no arguments) for ``key``, timed once on the GPU
-    and remembered; where nothing can be timed (the interpreter, a CUDA graph being captured), the first."""
+def choose_way(ways: dict, x2d, q: NF4Tensor) -> str:
+    """Which of ``ways`` (FORWARD or BACKWARD) runs ``x2d`` against ``q``.
+
+    On a GPU, the faster, timed the first time a shape is seen and remembered; but float32
+    goes to cuBLAS (the kernels' float32 tiles need an IEEE dot, which spills heavily) except
+    through the GEMV kernel, and a shape first met while a CUDA graph is captured, when
+    nothing may be timed or autotuned, too. On the CPU (the interpreter) the fused kernels.
+    """
+    if not _on_gpu(x2d):
+        return "fused"
+    M, K = x2d.shape
+    gemv = ways is FORWARD and M == 1 and K % q.blocksize == 0
+    if x2d.dtype == torch.float32 and not gemv:
+        return "dequant"
+    key = "y" if ways is FORWARD else "dx", *q.shape, _bucket(M), x2d.dtype, q.blocksize, q.double_quant, x2d.device
     if key not in _fastest:
-        if not _can_time(x):
-            return next(iter(ways))
-        _fastest[key] = min(ways, key=lambda name: _time(ways[name]))
+        if _capturing():
+            return "dequant"
+        try:
+            _fastest[key] = min(ways, key=lambda way: _time(lambda: ways[way](x2d, q)))
+        except torch.cuda.OutOfMemoryError:  # timing needs room (do_bench flushes the L2 with 256 MB)
+            _fastest[key] = "dequant"
     return _fastest[key]
-
-
-def _key(direction, x2d, q: NF4Tensor):
-    return direction, *q.shape, _bucket(x2d.shape[0]), x2d.dtype, q.blocksize, q.double_quant, x2d.device
 
 
 def nf4_matmul_forward(x2d, q: NF4Tensor, way=None):
     """(M, K) @ W.T -> (M, N) in x's dtype: the fused kernel, or the dequantize kernel then cuBLAS
-    (``way``: "fused" or "dequant"; by default whichever ``fastest`` measured faster for these shapes)."""
-    ways = {"fused": lambda: _fused_forward(x2d, q), "dequant": lambda: F.linear(x2d, nf4_dequantize(q, x2d.dtype))}
-    return ways[way or fastest(_key("y", x2d, q), ways, x2d)]()
+    (``way``: "fused" or "dequant"; by default ``choose_way``'s)."""
+    return FORWARD[way or choose_way(FORWARD, x2d, q)](x2d, q)
 
 
 def nf4_matmul_backward(dy2d, q: NF4Tensor, way=None):
     """(M, N) @ W -> (M, K) in dy's dtype, the same two ways as ``nf4_matmul_forward``."""
-    ways = {"fused": lambda: _fused_backward(dy2d, q), "dequant": lambda: dy2d @ nf4_dequantize(q, dy2d.dtype)}
-    return ways[way or fastest(_key("dx", dy2d, q), ways, dy2d)]()
+    return BACKWARD[way or choose_way(BACKWARD, dy2d, q)](dy2d, q)
 
 
 class NF4MatmulKernel(torch.autograd.Function):

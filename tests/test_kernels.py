@@ -65,9 +65,21 @@ def test_split_k_float16_and_leading_dimensions():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_dequantize_kernel_is_exact(double_quant):
-    q = quantize(torch.randn(33, 130, device=DEVICE), 64, double_quant)
-    for dtype in [torch.float32, torch.float16]:
-        assert torch.equal(nf4_dequantize(q, dtype), q.dequantize(dtype))
+    for shape in [(33, 130), (300, 256)]:  # the second: over 256 blocks, so several nested absmax
+        q = quantize(torch.randn(*shape, device=DEVICE), 64, double_quant)
+        for dtype in [torch.float32, torch.float16]:
+            assert torch.equal(nf4_dequantize(q, dtype), q.dequantize(dtype))
+
+
+@pytest.mark.parametrize("configs,M", [("matmul_configs", 150), ("dx_configs", 150), ("small_m_configs", 7),
+                                       ("gemv_configs", 1)])
+def test_every_gpu_tile_under_the_interpreter(monkeypatch, configs, M):
+    """The GPU's tiles (grouped row tiles, 128-wide blocks), not only the interpreter's small one."""
+    m = importlib.import_module("kernels.nf4_matmul")
+    for config in getattr(m, configs)():
+        monkeypatch.setattr(m, "INTERPRETER_TILE", {**m.INTERPRETER_TILE, **config.kwargs})
+        check(M, 270, 256)  # rows of whole blocks
+        check(M, 70, 200, dtype=torch.float16)  # and not
 
 
 def test_each_matmul_takes_the_way_it_timed_faster(monkeypatch):
@@ -80,18 +92,20 @@ def test_each_matmul_takes_the_way_it_timed_faster(monkeypatch):
         torch.testing.assert_close(m.nf4_matmul_backward(dy, q, way), dy @ w, **TOL[torch.float32])
 
     monkeypatch.setattr(m, "_fastest", {})
-    m.nf4_matmul_forward(x, q)
-    assert m._fastest == {}  # nothing to time on (the interpreter): the fused kernel, nothing remembered
+    assert m.choose_way(m.FORWARD, x, q) == "fused" and m._fastest == {}  # the interpreter: the fused kernels
     times, ran = iter([2.0, 1.0, 1.0, 3.0, 1.0, 2.0]), []  # forward: fused 2 ms, dequant 1 ms; backward: 1, 3
-    monkeypatch.setattr(m, "_can_time", lambda x: True)
+    monkeypatch.setattr(m, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(m, "_capturing", lambda: False)
     monkeypatch.setattr(m, "_time", lambda fn: ran.append(fn()) or next(times))
+    assert m.choose_way(m.FORWARD, x, q) == "dequant" and len(ran) == 0  # float32: cuBLAS, nothing timed
+    x, dy = x.half(), dy.half()
     for _ in range(2):  # timed once, then remembered
-        torch.testing.assert_close(m.nf4_matmul_forward(x, q), x @ w.T, **TOL[torch.float32])
-        torch.testing.assert_close(m.nf4_matmul_backward(dy, q), dy @ w, **TOL[torch.float32])
-    assert sorted(key[0] + ":" + way for key, way in m._fastest.items()) == ["dx:fused", "y:dequant"]
-    assert len(ran) == 4
-    m.nf4_matmul_forward(torch.randn(100, 128, device=DEVICE), q)  # another M bucket: timed anew
-    assert len(m._fastest) == 3
+        assert m.choose_way(m.FORWARD, x, q) == "dequant" and m.choose_way(m.BACKWARD, dy, q) == "fused"
+    assert len(ran) == 4 and len(m._fastest) == 2
+    assert m.choose_way(m.FORWARD, torch.randn(100, 128, device=DEVICE).half(), q) == "fused"  # a new M bucket
+    monkeypatch.setattr(m, "_capturing", lambda: True)
+    assert m.choose_way(m.FORWARD, torch.randn(1000, 128, device=DEVICE).half(), q) == "dequant"  # no timing
+    assert len(ran) == 6 and len(m._fastest) == 3
 
 
 def test_bad_input():
