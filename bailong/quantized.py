@@ -39,8 +39,6 @@ def nf4_linear(x, weight: NF4Tensor):
     if x.is_cuda:
         import kernels  # Triton is imported only where it runs
         if kernels.enabled(x):
-            if torch.is_autocast_enabled("cuda"):  # as F.linear does under autocast
-                x = x.to(torch.get_autocast_dtype("cuda"))
             return kernels.nf4_matmul(x, weight)
     return NF4Matmul.apply(x, weight)
 

@@ -317,9 +317,12 @@ class NF4MatmulKernel(torch.autograd.Function):
 
 
 def nf4_matmul(x, q: NF4Tensor):
-    """``x @ W.T`` for ``q = bailong.nf4.quantize(W)``, any leading dimensions on x, with a gradient for x."""
+    """``x @ W.T`` for ``q = bailong.nf4.quantize(W)``, any leading dimensions on x, with a gradient for x;
+    under autocast computed in the autocast dtype, as ``F.linear`` is."""
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features; the weight expects {q.shape[1]}")
     if x.device != q.data.device:
         raise ValueError(f"x is on {x.device}, the weight on {q.data.device}")
+    if torch.is_autocast_enabled(x.device.type):  # as F.linear does under autocast
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     return NF4MatmulKernel.apply(x, q)

@@ -108,6 +108,17 @@ def test_each_matmul_takes_the_way_it_timed_faster(monkeypatch):
     assert len(ran) == 6 and len(m._fastest) == 3
 
 
+def test_autocast_computes_in_its_dtype_as_linear_does():
+    q = quantize(torch.randn(24, 64, device=DEVICE))
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = nf4_matmul(x, q)
+        assert y.dtype == F.linear(x, q.dequantize()).dtype == torch.float16
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), x.detach() @ q.dequantize().T, **TOL[torch.float16])
+
+
 def test_bad_input():
     q = quantize(torch.randn(8, 64, device=DEVICE))
     with pytest.raises(ValueError, match="x has 32 features; the weight expects 64"):
