@@ -11,9 +11,9 @@ PyTorch reference anywhere: ``BAILONG_NF4_KERNELS=0`` in the environment, or
 ``use_kernels(False)``. Each matmul takes the faster of the fused kernel and
 the dequantize kernel followed by cuBLAS, timed once per shape on the GPU in
 use (``kernels.nf4_matmul.choose_way``): never slower than writing the weight
-out and multiplying it with cuBLAS. They pass the interpreter tests and compile for sm_90
-and sm_80 without spills (bench/check_kernels_compile.py); this version has
-not been timed on a GPU yet (docs/BENCHMARKS.md).
+out and multiplying it with cuBLAS. They pass the interpreter tests and
+compile for sm_90 and sm_80 without spills (bench/check_kernels_compile.py);
+this version has not been timed on a GPU yet (docs/BENCHMARKS.md).
 """
 import os
 

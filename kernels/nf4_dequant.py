@@ -80,12 +80,16 @@ def nf4_args(q: NF4Tensor):
     return (q.data, q.quant_map, q.absmax, q.absmax, q.absmax, q.absmax)  # unused: anything valid
 
 
+def launch_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: a context that makes it ``t``'s."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def nf4_dequantize(q: NF4Tensor, dtype=None) -> torch.Tensor:
     """``q.dequantize(dtype)`` computed by the kernel."""
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.data.device)
     n, block = q.numel, 512
-    # Triton launches on the current device: make it the weight's
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+    with launch_device(out):
         # no fused multiply-add: the nested scale is rounded twice, as in the reference
         _nf4_dequant_kernel[(triton.cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
                                                           DOUBLE_QUANT=q.double_quant, BLOCK=block,

@@ -26,17 +26,16 @@ whole blocks takes a generic path that expands every element from its flat index
 
 The other way: the dequantize kernel writes W in x's dtype, then cuBLAS
 multiplies (always for float32 beyond the GEMV kernel: float32 tiles need an
-IEEE dot, which compiles to heavy register spills). At large M the matmul's time grows with M and the extra pass over W
-does not (for 4096 x 4096 at M = 4096 it is a few percent), and cuBLAS is hard to
+IEEE dot, which compiles to heavy register spills). At large M the matmul's
+time grows with M and the extra pass over W does not, and cuBLAS is hard to
 beat at its own game; at small M the fused kernels read 4 bits per weight
 instead of writing and reading 16. Which wins where depends on the GPU, so
-``nf4_matmul_forward`` and ``nf4_matmul_backward`` time both once per shape (M
-rounded up to a power of two) and keep the faster: never slower than the two
-passes, and the fused kernel wherever it pays.
+``choose_way`` times both once per shape (M rounded up to a power of two) and
+keeps the faster: never slower than the two passes, and the fused kernel
+wherever it pays.
 
 Reference: ``bailong.quantized.NF4Matmul`` (``F.linear`` on ``q.dequantize()``).
 """
-import contextlib
 import os
 
 import torch
@@ -46,7 +45,7 @@ import triton.language as tl
 import triton.testing
 
 from bailong.nf4 import NF4Tensor
-from kernels.nf4_dequant import _block_scale, _nf4_values, nf4_args, nf4_dequantize, nibbles
+from kernels.nf4_dequant import _block_scale, _nf4_values, launch_device, nf4_args, nf4_dequantize, nibbles
 
 
 def matmul_configs():
@@ -266,10 +265,11 @@ def _time(fn):
 def choose_way(ways: dict, x2d, q: NF4Tensor) -> str:
     """Which of ``ways`` (FORWARD or BACKWARD) runs ``x2d`` against ``q``.
 
-    On a GPU, the faster, timed the first time a shape is seen and remembered; but float32
-    goes to cuBLAS (the kernels' float32 tiles need an IEEE dot, which spills heavily) except
-    through the GEMV kernel, and a shape first met while a CUDA graph is captured, when
-    nothing may be timed or autotuned, too. On the CPU (the interpreter) the fused kernels.
+    On the CPU (the interpreter): the fused kernels, which the tests check. On a GPU: float32
+    takes cuBLAS unless the GEMV kernel (no dot) can run, as float32 tiles need an IEEE dot that
+    spills heavily; otherwise the faster way, timed the first time a shape is seen and
+    remembered. A shape first met during CUDA graph capture, when nothing may be timed or
+    autotuned, takes cuBLAS too.
     """
     if not _on_gpu(x2d):
         return "fused"
@@ -300,13 +300,12 @@ def nf4_matmul_backward(dy2d, q: NF4Tensor, way=None):
 
 
 class NF4MatmulKernel(torch.autograd.Function):
-    """y = x @ W.T through the fused kernels; the backward gives dx only and keeps just the packed W."""
+    """y = x @ W.T through the kernels (either way); the backward gives dx only and keeps just the packed W."""
 
     @staticmethod
     def forward(ctx, x, q: NF4Tensor):
         ctx.q = q
-        # Triton launches on the current device: make it x's (autograd does so for the backward)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        with launch_device(x):  # autograd makes it the backward's current device itself
             y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q)
         return y.view(*x.shape[:-1], q.shape[0])
 
