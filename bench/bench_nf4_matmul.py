@@ -111,5 +111,6 @@ def check_and_time(fn, ref, what, bench):
     assert err < 2e-2, f"{what} disagrees with the reference: relative error {err:.2e}"
     return bench(fn)
 
+
 if __name__ == "__main__":
     main()
