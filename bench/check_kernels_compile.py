@@ -35,7 +35,7 @@ from bailong.nf4 import quantize  # noqa: E402
 matmul = importlib.import_module("kernels.nf4_matmul")  # the module (the package exports a function of its name)
 dequant = importlib.import_module("kernels.nf4_dequant")
 KERNELS = [matmul._nf4_matmul_kernel, matmul._nf4_gemv_kernel, matmul._nf4_matmul_dx_kernel,
-           dequant._nf4_dequant_kernel]
+           matmul._sum_splits_kernel, dequant._nf4_dequant_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -101,6 +101,7 @@ def compile_all(arch):
                                      compiled, arch))
 
     launch, matmul._launch = matmul._launch, compile_only
+    sum_splits, matmul._sum_splits = matmul._sum_splits, lambda partial, dtype: None  # launches: compiled below
     try:
         bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
         for (N, K), dtype, blocksize, double_quant, ms in [
@@ -121,8 +122,11 @@ def compile_all(arch):
                                                       q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
                                                       enable_fp_fusion=False, grid=(1,))
         rows.append(describe("bfloat16 dequantize", dequant._nf4_dequant_kernel, {"block": 512}, compiled, arch))
+        partial, y = torch.empty(8, 1, 4096), torch.empty(1, 4096, dtype=torch.bfloat16)
+        compiled = matmul._sum_splits_kernel.warmup(partial, y, 8, 4096, BLOCK=1024, grid=(1,))
+        rows.append(describe("bfloat16 split-K sum", matmul._sum_splits_kernel, {"block": 1024}, compiled, arch))
     finally:
-        matmul._launch = launch
+        matmul._launch, matmul._sum_splits = launch, sum_splits
     return rows
 
 

@@ -13,7 +13,7 @@ Forward, y (M, N) = x (M, K) @ W.T, W (N, K), rows of W a whole number of blocks
                                                                  #   in memory order: reshaped, W[:, k0:k0+BK]
             w     = w * absmax[n, block of k0]                   # one scale a row, double-quant expanded
             acc  += x[m0:m0+BM, k0:k0+BK] @ w.T                  # tl.dot on the tensor cores
-        y tile = acc  (a float32 partial, summed afterwards, when K is split)
+        y tile = acc  (a float32 partial when K is split, summed and cast by one more kernel)
 
 Decode (M = 1) is bound by reading W once and needs no tensor cores: a GEMV
 kernel expands the same (BN, BK) tiles and multiply-adds them with x in
@@ -171,6 +171,23 @@ def _nf4_matmul_dx_kernel(dy_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, n
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
+@triton.jit
+def _sum_splits_kernel(partial_ptr, y_ptr, splits, size, BLOCK: tl.constexpr):
+    """y = partial.sum(0) in y's dtype, summed in float32: one kernel where torch takes two (sum, cast)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        acc += tl.load(partial_ptr + s * size + i, mask=i < size, other=0.0)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=i < size)
+
+
+def _sum_splits(partial, dtype):
+    """The float32 partial results of split K, (splits, M, N), summed into (M, N) of ``dtype``."""
+    y = torch.empty(partial.shape[1:], device=partial.device, dtype=dtype)
+    _sum_splits_kernel[(triton.cdiv(y.numel(), 1024),)](partial, y, partial.shape[0], y.numel(), BLOCK=1024)
+    return y
+
+
 _autotuned = {}
 INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=16, GROUP_M=2)  # the one tile run under the interpreter
 
@@ -213,12 +230,12 @@ def _fused_forward(x2d, q: NF4Tensor):
             _launch(_nf4_gemv_kernel, gemv_configs, lambda c: (triton.cdiv(N, c["BLOCK_N"]), split),
                     x2d.contiguous(), *nf4_args(q), partial, N, K, k_per_split, BLOCKSIZE=q.blocksize,
                     DOUBLE_QUANT=q.double_quant, BLOCK_K=meta["BLOCK_K"])
-            return partial.sum(0).to(x2d.dtype)
+            return _sum_splits(partial, x2d.dtype)
         _launch(_nf4_matmul_kernel, small_m_configs,
                 lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), split),
                 x2d, *nf4_args(q), partial, M, N, K, x2d.stride(0), x2d.stride(1), partial.stride(0), N,
                 k_per_split, _bucket(M), **meta)
-        return partial.sum(0).to(x2d.dtype) if split > 1 else partial[0].to(x2d.dtype)
+        return _sum_splits(partial, x2d.dtype)
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     _launch(_nf4_matmul_kernel, matmul_configs,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]), 1),
