@@ -10,7 +10,6 @@ When the embedding or the head carries LoRA, PEFT also stores their full
 (possibly resized) weights as ``<module>.base_layer.weight``; we do the same.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bailong.errors import BailongError, read_json
+from bailong.files import atomic_write
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
 
 PREFIX = "base_model.model."
@@ -46,12 +46,8 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
                    "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),
                    "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
                    "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, **UNSUPPORTED}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS)
-    tmp = folder / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(peft_config, indent=2))
-    os.replace(tmp, folder / CONFIG)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG, json.dumps(peft_config, indent=2))
 
 
 def read_adapter_config(folder: Path) -> dict:

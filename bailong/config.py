@@ -4,6 +4,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from bailong.errors import BailongError, read_json
 
 
+REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 @dataclass
 class ModelConfig:
     hidden_size: int = 4096
@@ -54,6 +57,11 @@ class ModelConfig:
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear"):
             raise BailongError(f"{source}: unsupported rope scaling type {kind!r} (supported: default, linear)")
+        if missing := [k for k in REQUIRED if k not in hf]:
+            raise BailongError(f"{source}: missing {missing[0]} (a Llama config.json gives {', '.join(REQUIRED)})")
+        for k in REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if hf.get(k) is not None and (not isinstance(hf[k], int) or isinstance(hf[k], bool) or hf[k] < 1):
+                raise BailongError(f"{source}: {k} must be a positive integer, not {hf[k]!r}")
         known = {f.name for f in fields(cls)}
         args = {k: v for k, v in hf.items() if k in known and v is not None}
         args["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta))

@@ -1,4 +1,5 @@
 """User-facing errors: one line, no traceback, non-zero exit."""
+import argparse
 import sys
 
 
@@ -10,12 +11,28 @@ class BailongError(Exception):
     """
 
 
+class UsageError(BailongError):
+    """A command-line option out of range or of the wrong kind: caught before anything is read or
+    written, and reported like argparse's own errors, with exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def run_cli(main, argv=None):
-    """Run ``main(argv)`` and turn user errors and Ctrl-C into a clean exit."""
+    """Run ``main(argv)`` and turn user errors, failed file operations and Ctrl-C into a clean exit."""
     try:
         sys.exit(main(argv))
     except BailongError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+    except OSError as e:  # a full disk, a read-only folder, a vanished file: the machine's, not a bug
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -31,6 +48,8 @@ def read_json(path, missing="no such file", expect=dict):
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BailongError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise BailongError(f"{path}: is a folder; expected a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BailongError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, expect):

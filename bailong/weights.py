@@ -7,7 +7,6 @@ the weights in the target dtype plus the largest single tensor, whatever the
 dtype on disk (measured in bench/bench_load_memory.py).
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from bailong.config import ModelConfig
 from bailong.errors import BailongError, read_json
+from bailong.files import atomic_write
 from bailong.model import Llama
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
@@ -210,9 +210,13 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
-    if adapter is None and (folder / "adapter" / "adapter_config.json").exists():  # a training output folder
-        base = folder / "base" if (folder / "base").exists() else \
-            read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+    if adapter is None and (folder / "adapter" / "adapter_config.json").exists():  # a training output or checkpoint
+        run = folder.resolve()
+        base = next((f / "base" for f in (run, run.parent.parent) if (f / "base" / "config.json").exists()), None) \
+            or read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+        if not base:
+            raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
+                               "base_model_name_or_path in adapter/adapter_config.json)")
         return load(base, dtype, device, revision, quantize, blocksize, double_quant, adapter=folder / "adapter")
     config = ModelConfig.from_file(folder / "config.json")
     quantized = quantize == "nf4" or bnb_quantized(folder)
@@ -256,21 +260,15 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
     names = ["model.safetensors"] if len(groups) == 1 else \
         [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     for file, group in zip(names, groups):
-        _atomic(folder / file, lambda tmp: save_file({k: state[k] for k in group}, tmp, metadata={"format": "pt"}))
+        atomic_write(folder / file, lambda tmp: save_file({k: state[k] for k in group}, tmp, metadata={"format": "pt"}))
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: file for file, group in zip(names, groups) for k in group}}
-        _atomic(folder / "model.safetensors.index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
     hf = {**model.config.to_hf(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     if quantization := bnb_quantization_config(model):
         hf["quantization_config"] = quantization
-    _atomic(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
-
-
-def _atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(folder / "config.json", json.dumps(hf, indent=2))
 
 
 def load_preset(name, dtype=None, device=None, seed=0):

@@ -1,0 +1,127 @@
+"""Writing without losing anything: outputs checked against inputs, and written whole or not at all.
+
+Two rules hold for every file a command writes:
+
+1. Nothing the user had is overwritten unless it is what the command itself
+   writes (a tokenizer for ``vocab extend``, conversations for ``chat.py
+   --output``, a training run for ``train.py --out``) and the user asked for it
+   with ``--overwrite``; an output that is one of the command's inputs, or lies
+   inside an input folder, is refused outright.
+2. A file or folder is written under a temporary name beside its target and
+   renamed into place when complete, so Ctrl-C or a full disk mid-write leaves
+   the previous version whole, and the error names the target, not the
+   temporary file.
+"""
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from bailong.errors import BailongError, UsageError
+
+
+def overlaps(a, b) -> bool:
+    """``a`` and ``b`` are the same path, or one lies inside the other (symlinks and ``..`` resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output_file(path, inputs=(), overwrite=False, ours=lambda path: False, kind="file", flag="--out"):
+    """Refuse ``path`` as an output file before anything is read or written.
+
+    ``inputs`` maps a description to a path ("the corpus": "zh/"): an output that
+    is an input, or inside an input folder, is refused. An existing file is
+    replaced only with ``overwrite`` and when ``ours(path)`` says it is a ``kind``
+    this command writes.
+    """
+    path = Path(path)
+    for what, source in inputs.items() if isinstance(inputs, dict) else ():
+        if source and Path(source).exists() and overlaps(path, source) and \
+                (path.resolve() == Path(source).resolve() or Path(source).is_dir()):
+            where = "is" if path.resolve() == Path(source).resolve() else "lies inside"
+            raise UsageError(f"{path}: {where} {what}; {flag} must name a file apart from the inputs")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; {flag} names the file to write")
+    if path.exists():
+        if not ours(path):
+            raise UsageError(f"{path}: already exists and is not a {kind}; nothing was written "
+                             f"(choose another {flag})")
+        if not overwrite:
+            raise UsageError(f"{path}: already exists; choose another {flag}, or pass --overwrite to replace it")
+    return path
+
+
+def write_failed(target, error) -> BailongError:
+    """The one-line error for a write to ``target`` that the machine refused (full disk, permissions)."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return BailongError(f"{target}: could not write ({reason})")
+
+
+def _machine_refused(error, folder) -> bool:
+    """Whether a failed write is the machine's doing. torch.save reports a full disk as a RuntimeError
+    ("unexpected pos"), safetensors as a SafetensorError, so besides OSError we look at the free space."""
+    if isinstance(error, OSError):
+        return True
+    try:
+        return isinstance(error, Exception) and shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _beside(path: Path, suffix) -> Path:
+    """A hidden name beside ``path`` for this process (files made under it get the usual permissions,
+    which tempfile's private 0600 files and 0700 folders would not)."""
+    return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+
+
+def atomic_write(path, data):
+    """Write ``data`` (bytes, str, or a function that writes a file at the path it is given) to ``path``
+    through a temporary file in the same folder, renamed into place only when complete."""
+    path = Path(path)
+    tmp = _beside(path, ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(path, e) from None
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException as e:
+        refused = _machine_refused(e, path.parent)
+        Path(tmp).unlink(missing_ok=True)
+        if refused:
+            raise write_failed(path, e if isinstance(e, OSError) else OSError(28, "No space left on device")) \
+                from None
+        raise
+
+
+@contextmanager
+def atomic_folder(path):
+    """``with atomic_folder(path) as tmp:`` fill ``tmp``, a new folder beside ``path``; when the block
+    completes it replaces ``path``, and when it fails it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    tmp, old = _beside(path, ".tmp"), _beside(path, ".old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of the same number
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise write_failed(path, e) from None
+    try:
+        yield tmp
+        if path.exists():  # the old version goes only once the new one is whole
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as e:
+        refused = _machine_refused(e, path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if refused:
+            raise write_failed(path, e if isinstance(e, OSError) else OSError(28, "No space left on device")) \
+                from None
+        raise
