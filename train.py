@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bailong import load, load_preset, save
-from bailong.adapter import save_adapter
 from bailong.data import TokenData, data_paths, read_conversations, split, tokenize
-from bailong.errors import BailongError, run_cli
+from bailong.errors import BailongError, UsageError, run_cli
+from bailong.files import atomic_folder
 from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
 from bailong.quantized import memory_report, quantize_model
+from bailong.runs import latest_checkpoint, prepare_output, resume, save_checkpoint, save_result
 from bailong.tokenizer import Tokenizer
-from bailong.training import (Metrics, estimate_memory, latest_checkpoint, load_checkpoint, lr_at, parse_config,
-                              prepare_output, save_checkpoint)
+from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
 from bailong.vocab import add_pieces, read_corpus, tokens_per_char
 from bailong.zip_tie import extend_model
 
@@ -49,8 +49,9 @@ def main(argv=None):
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
+    check_context(config)
     if main_process:
-        prepare_output(config)
+        prepare_output(config, say)
     if world > 1:
         dist.barrier()
     out = Path(config.out)
@@ -71,8 +72,8 @@ def main(argv=None):
             model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
     else:
         if not Path(config.init).exists():
-            raise BailongError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
-                               "or pass --init)")
+            raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
+                             "or pass --init)")
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
 
@@ -85,17 +86,16 @@ def main(argv=None):
         extend_model(model, tokenizer, new_tokenizer, config.init_method)
         tokenizer = new_tokenizer
     if config.seq_len > model.config.max_position_embeddings:
-        raise BailongError(f"--seq-len {config.seq_len} is longer than the model's context "
-                           f"({model.config.max_position_embeddings})")
+        raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
+                         f"({model.config.max_position_embeddings})")
     if base_name is None and main_process:  # a base that exists nowhere else: keep it beside the adapter
-        save(model, out / "base")
-        (out / "base" / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+        with atomic_folder(out / "base") as folder:
+            save(model, folder)
+            (folder / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":
         quantize_model(model)  # what is still dense (the embedded default, the merged SFT base)
-    elif config.quantize != "none":
-        raise BailongError(f"--quantize must be nf4 or none, not {config.quantize!r}")
     lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, rslora=config.rslora)
     inject_lora(model, lora)
     mark_only_lora_trainable(model)
@@ -117,10 +117,11 @@ def main(argv=None):
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    start = 0
-    if config.resume and (checkpoint := latest_checkpoint(out)):
-        start = load_checkpoint(checkpoint, model, optimizer)
-        say(f"resumed from {checkpoint} at step {start}")
+    start = resume(out, model, optimizer, say) if config.resume else 0
+    if start:
+        say(f"resumed from {out / 'checkpoints' / f'step-{start:07d}'} at step {start}")
+    elif config.resume:
+        say(f"nothing to resume in {out}: starting at step 0")
     metrics = Metrics(out, keep_until=start) if main_process else None
 
     # ---- summary --------------------------------------------------------------------------------------------
@@ -149,11 +150,16 @@ def main(argv=None):
         model.train()
         return sum(losses) / len(losses)
 
-    # ---- training loop ----------------------------------------------------------------------------------------
+    # ---- training loop: the result (adapter/) is the adapter with the best held-out loss ---------------------
+    if held_out and start == 0:  # where the untrained model stands, to compare with
+        untrained = evaluate()
+        if main_process:
+            metrics.log(step=0, eval_loss=untrained, eval_ppl=math.exp(min(untrained, 50)))
+    best, best_step, since_best = held_out_record([r for r in metrics.rows if r["step"] > 0] if metrics else [])
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
-    step, started = start, time.perf_counter()
-    try:
+    step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
+    with GracefulStop() as interrupt:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
@@ -179,26 +185,39 @@ def main(argv=None):
                 if main_process:
                     metrics.log(step=done, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     metrics.plot()
-                    bar.write(f"step {done}: held-out loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):.2f}")
-            if main_process and (done % config.save_every == 0 or done == config.steps):
-                save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name)
-    except KeyboardInterrupt:
-        bar.close()
-        done = step  # the step in progress is not kept
-        if main_process and done > start:
-            say(f"\ninterrupted: saved {save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name)}; "
-                "continue with --resume")
-        return 130
+                    if best is None or eval_loss < best:
+                        best, best_step, since_best = eval_loss, done, 0
+                        save_result(out / "adapter", model, lora, tokenizer, base_name)
+                        note = "the best so far: saved as the result"
+                    else:
+                        since_best += 1
+                        note = f"not better than step {best_step} ({best:.4f}) for {since_best} evaluation(s)"
+                        if config.patience and since_best >= config.patience:
+                            stopped = f"held-out loss has not improved for {since_best} evaluations (--patience)"
+                    bar.write(f"step {done}: held-out loss {eval_loss:.4f}, perplexity "
+                              f"{math.exp(min(eval_loss, 50)):.2f}; {note}")
+            if world > 1:  # every process stops at the same step
+                flags = torch.tensor([interrupt.requested, stopped is not None], dtype=torch.int32, device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                interrupt.requested = bool(flags[0])
+                stopped = stopped or ("rank 0 stopped early" if flags[1] else None)
+            if main_process and (done % config.save_every == 0 or done == config.steps or stopped
+                                 or interrupt.requested):
+                checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name)
+            if interrupt.requested and done < config.steps:
+                bar.close()
+                say(f"interrupted after step {done}: saved {checkpoint}; continue with --resume")
+                return 130
+            if stopped:
+                break
     bar.close()
 
     # ---- outputs ------------------------------------------------------------------------------------------------
     if main_process:
-        save_adapter(model, out / "adapter", lora, base_name)
-        (out / "adapter" / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
-        first = next(r["loss"] for r in metrics.rows if "loss" in r)
-        last = [r["loss"] for r in metrics.rows if "loss" in r][-10:]
-        say(f"done: training loss {first:.4f} -> {sum(last) / len(last):.4f} (mean of the last 10 steps); "
-            f"wrote {out}/adapter, metrics.jsonl, loss.png")
+        if not held_out:  # nothing to choose by: the last step is the result
+            save_result(out / "adapter", model, lora, tokenizer, base_name)
+        metrics.plot()
+        say(summary(metrics.rows, done, stopped, out, best_step))
     if world > 1:
         del ddp_model  # DDP's reducer first, then the process group
         dist.barrier()
@@ -207,6 +226,45 @@ def main(argv=None):
         sys.stderr.flush()
         os._exit(0)  # c10d's static teardown sometimes aborts a finished process (seen with torch 2.13, gloo)
     return 0
+
+
+def check_context(config):
+    """Refuse a --seq-len longer than the model's context before anything is written, where the model's
+    config.json is at hand (the embedded default, a local folder, a pre-training output); else after loading."""
+    from bailong.config import ModelConfig, preset
+    folder = Path(config.model or "") if config.stage == "pretrain" else Path(config.init) / "base"
+    if config.stage == "pretrain" and not config.model:
+        context = preset("tiny").max_position_embeddings
+    elif (folder / "config.json").is_file():
+        context = ModelConfig.from_file(folder / "config.json").max_position_embeddings
+    else:
+        return
+    if config.seq_len > context:
+        raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
+
+
+def summary(rows, done, stopped, out, best_step) -> str:
+    """The closing lines: both losses, what the result is, and a warning when held-out loss never fell."""
+    train = [r["loss"] for r in rows if "loss" in r]
+    lines = [f"stopped early after step {done}: {stopped}"] if stopped else []
+    first, last = train[:10], train[-10:]
+    lines.append(f"done: training loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} (means of the "
+                 f"first and last {len(last)} steps)")
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if evals:
+        best = next(loss for step, loss in evals if step == best_step)
+        lines[-1] += (f"; held-out loss {evals[0][1]:.4f} at step {evals[0][0]} -> {evals[-1][1]:.4f} at step "
+                      f"{evals[-1][0]}, best {best:.4f} at step {best_step}")
+        if evals[0][0] == 0 and best >= evals[0][1]:
+            lines.append("warning: training never lowered the held-out loss: the run memorised its data rather "
+                         "than learned (more data, fewer steps or a lower --lr)")
+        result = f"the adapter of step {best_step}, best on held-out data"
+    else:
+        lines.append("note: no held-out data (--held-out 0), so nothing shows whether the run learned or memorised")
+        result = f"the adapter of the last step, {done}"
+    lines.append(f"wrote {out}/adapter ({result}), {out}/metrics.jsonl, {out}/loss.png; the last step's "
+                 f"checkpoint is {latest_checkpoint(out)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

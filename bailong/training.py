@@ -1,24 +1,31 @@
-"""The Bailong recipe as functions: configuration, setup, schedule, checkpoints, metrics.
+"""The Bailong recipe as functions: configuration, schedule, metrics, stopping.
 
 ``train.py`` strings them together in the order things happen; everything worth
-testing lives here. The embedded default (no --model, no --data) is a tiny
-random-weight Llama with the byte-level tokenizer, trained on the project's own
-small Traditional Chinese and English samples: it exercises every step of the
-recipe on a CPU in a few minutes, but its base model knows nothing to transfer.
+testing lives here (the run folder and checkpoints live in ``bailong/runs.py``).
+The embedded default (no --model, no --data) is a tiny random-weight Llama with
+the byte-level tokenizer, trained on the project's own small Traditional Chinese
+and English samples: it exercises every step of the recipe on a CPU in seconds,
+but its base model knows nothing to transfer.
 """
 import json
 import math
-import os
-import random
-import shutil
-from dataclasses import asdict, dataclass, field, fields
+import signal
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from bailong.data import DATA_DIR
-from bailong.errors import BailongError, read_json
+from bailong.errors import Parser, UsageError, read_json
+from bailong.files import atomic_write
+from bailong.zip_tie import METHODS
+
+CHOICES = {"stage": ("pretrain", "sft"), "init_method": METHODS, "quantize": ("nf4", "none"),
+           "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
+AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
+AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
+# Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default a pre-training
+# learning rate memorises the bundled chats within 20 steps, and held-out loss rises from there.
+STAGE_DEFAULTS = {"sft": dict(lr=1e-4, min_lr=1e-5, steps=60, warmup=10, eval_every=10, save_every=30)}
 
 
 @dataclass
@@ -41,16 +48,18 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-step and process"})
     grad_accum: int = 1
-    steps: int = 300
+    steps: int = 100
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_every: int = 50
+    eval_every: int = 20
     eval_batches: int = 4
-    held_out: float = 0.1
-    save_every: int = 100
+    held_out: float = field(default=0.1, metadata={"help": "share of documents kept apart to measure learning"})
+    patience: int = field(default=3, metadata={"help": "stop when held-out loss has not improved for this many "
+                                                       "evaluations in a row (0: never stop, only warn)"})
+    save_every: int = 50
     seed: int = 0
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     precision: str = field(default="auto", metadata={"help": "bf16 (bfloat16 weights and autocast), fp32, or auto "
@@ -58,50 +67,90 @@ class TrainConfig:
     checkpointing: str = field(default="auto", metadata={"help": "activation checkpointing: on, off, auto "
                                                                  "(on for CUDA)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a different run in --out"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
+                                                          "(a larger --steps extends it)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start again (refused when "
+                                                             "the folder holds anything that is not a run's)"})
 
     def __post_init__(self):
-        if self.stage not in ("pretrain", "sft"):
-            raise BailongError(f"--stage must be pretrain or sft, not {self.stage!r}")
-        for name, allowed in [("precision", ("auto", "bf16", "fp32")), ("checkpointing", ("auto", "on", "off"))]:
+        check_types(vars(self))
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise BailongError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+                raise UsageError(f"{flag(name)} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in AT_LEAST_ONE + AT_LEAST_ZERO:
+            least = 1 if name in AT_LEAST_ONE else 0
+            if getattr(self, name) < least:
+                raise UsageError(f"{flag(name)} must be at least {least}, not {getattr(self, name)}")
+        for name, ok, what in [("lr", lambda v: v > 0, "a positive number"),
+                               ("min_lr", lambda v: 0 <= v <= self.lr, f"between 0 and --lr ({self.lr})"),
+                               ("lora_alpha", lambda v: v > 0, "a positive number"),
+                               ("grad_clip", lambda v: v > 0, "a positive number"),
+                               ("weight_decay", lambda v: v >= 0, "0 or more"),
+                               ("lora_dropout", lambda v: 0 <= v < 1, "at least 0 and below 1"),
+                               ("held_out", lambda v: 0 <= v < 1, "a share at least 0 and below 1")]:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise UsageError(f"{flag(name)} must be {what}, not {value}")
         self.out = self.out or f"out/{self.stage}"
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")
         if not self.data:
             self.data = [str(DATA_DIR / "zh_tw_sample.txt"), str(DATA_DIR / "en_sample.txt")] \
                 if self.stage == "pretrain" else [str(DATA_DIR / "chats_sample.jsonl")]
 
-    def run_identity(self) -> dict:
-        """What makes two runs the same run (flags about this invocation left out)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("resume", "overwrite", "workers", "device")}
+
+def flag(name) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default(f):
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+def check_types(values: dict, source=None):
+    """Refuse option values of the wrong kind (a config file's "12" for an integer, say); ints pass as floats."""
+    kinds = {f.name: type(_default(f)) for f in fields(TrainConfig)}
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if kind is None:
+            raise UsageError(f"{source}: unknown option {name!r}")
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind is list:
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                    list: "a list of strings"}[kind]
+            raise UsageError(f"{source + ': ' if source else ''}{name if source else flag(name)} must be {what}, "
+                             f"not {value!r}")
+        if kind is float:
+            values[name] = float(value)
 
 
 def parse_config(argv=None) -> TrainConfig:
     """TrainConfig from the command line: every field is a flag; --config FILE (JSON) supplies values
     that flags given on the command line override; defaults live in the dataclass alone."""
     import argparse
-    p = argparse.ArgumentParser(description="Bailong training: python train.py --stage pretrain, then --stage sft")
+    p = Parser(prog="train.py", description="Bailong training: python train.py --stage pretrain, then --stage sft")
     p.add_argument("--config", help="a JSON file of options (flags on the command line win)")
     for f in fields(TrainConfig):
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default!r})")
-        flag = "--" + f.name.replace("_", "-")
+        default = _default(f)
+        sft = f"; sft: {STAGE_DEFAULTS['sft'][f.name]!r}" if f.name in STAGE_DEFAULTS["sft"] else ""
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default!r}{sft})")
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):
-            p.add_argument(flag, nargs="+", **kw)
+            p.add_argument(flag(f.name), nargs="+", **kw)
         else:
-            p.add_argument(flag, type=type(default), **kw)
+            p.add_argument(flag(f.name), type=type(default), **kw)
     given = vars(p.parse_args(argv))
     values = {}
     if config_file := given.pop("config", None):
         values = read_json(config_file)
-        unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
-        if unknown:
-            raise BailongError(f"{config_file}: unknown option {unknown[0]!r}")
-    return TrainConfig(**{**values, **given})
+        check_types(values, config_file)
+    stage = given.get("stage", values.get("stage", "pretrain"))
+    return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **given})
 
 
 def lr_at(step, config: TrainConfig) -> float:
@@ -112,85 +161,34 @@ def lr_at(step, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def prepare_output(config: TrainConfig):
-    """Create --out, or check that it holds this same run (refusing to clobber a different one)."""
-    out = Path(config.out)
-    run_file = out / "run.json"
-    if out.exists() and any(out.iterdir()):
-        progress = latest_checkpoint(out) or (out / "metrics.jsonl").exists()
-        if config.overwrite:
-            shutil.rmtree(out)
-        elif not run_file.exists():
-            raise BailongError(f"{out}: holds files that are not a training run; choose another --out")
-        elif progress and read_json(run_file) != config.run_identity():
-            raise BailongError(f"{out}: already holds a different run; choose another --out, or pass --overwrite")
-        elif progress and not config.resume:
-            raise BailongError(f"{out}: already holds this run; pass --resume to continue it, or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config.run_identity(), indent=2))
-    os.replace(tmp, run_file)
-    return out
+def held_out_record(rows) -> tuple:
+    """(best held-out loss, its step, evaluations since it) from the metric rows; (None, None, 0) if none."""
+    evals = [(r["eval_loss"], r["step"]) for r in rows if "eval_loss" in r]
+    if not evals:
+        return None, None, 0
+    best = min(range(len(evals)), key=lambda i: (evals[i][0], i))
+    return evals[best][0], evals[best][1], len(evals) - 1 - best
 
 
-def rng_state() -> dict:
-    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class GracefulStop:
+    """Ctrl-C during training: the first one lets the step in progress finish, so that the checkpoint
+    saved after it resumes exactly (the random state after a whole step, as at any save); a second one
+    stops at once without saving, and the last checkpoint stays."""
 
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again stops at once, without saving)",
+              file=sys.stderr, flush=True)
 
-
-def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None):
-    """checkpoints/step-N: the adapter (PEFT format, with the grown embedding rows and the tokenizer),
-    optimizer and RNG states; written to a temporary folder, renamed, then named in LATEST."""
-    from bailong.adapter import save_adapter
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = out / "checkpoints" / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp / "adapter", lora_config, base_name)
-    (tmp / "adapter" / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest = out / "checkpoints" / "LATEST"
-    latest.with_suffix(".tmp").write_text(final.name)
-    os.replace(latest.with_suffix(".tmp"), latest)
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    latest = Path(out) / "checkpoints" / "LATEST"
-    return Path(out) / "checkpoints" / latest.read_text().strip() if latest.exists() else None
-
-
-def load_checkpoint(folder: Path, model, optimizer) -> int:
-    """Restore LoRA weights, optimizer and RNG states; returns the number of steps done."""
-    from safetensors.torch import load_file
-
-    from bailong.adapter import PREFIX, WEIGHTS
-    from bailong.lora import lora_parameters
-    tensors = load_file(folder / "adapter" / WEIGHTS)
-    with torch.no_grad():
-        for name, p in lora_parameters(model).items():
-            p.copy_(tensors[PREFIX + name])
-    state = torch.load(folder / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state["step"]
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 class Metrics:
@@ -199,15 +197,14 @@ class Metrics:
     def __init__(self, out: Path, keep_until=None):
         self.file = out / "metrics.jsonl"
         self.rows = []
-        if self.file.exists():  # a resumed run keeps the steps it had done
-            self.rows = [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in self.rows if keep_until is None or r["step"] <= keep_until]
-            self._write_all()
-
-    def _write_all(self):
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.file)
+        if self.file.exists():  # a resumed run keeps the steps it had done; a line cut short by a kill goes
+            for line in self.file.read_text().splitlines():
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            self.rows = [r for r in self.rows if keep_until is None or r.get("step", 0) <= keep_until]
+            atomic_write(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, **row):
         self.rows.append(row)
@@ -225,15 +222,16 @@ class Metrics:
             ax.plot(*zip(*train), label="train loss", linewidth=1)
         if evals:
             ax.plot(*zip(*evals), "o-", label="held-out loss")
+            best, best_step, _ = held_out_record([r for r in self.rows if r["step"] > 0])
+            if best is not None:
+                ax.plot([best_step], [best], "*", color="crimson", markersize=14, label="kept as the result")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats per token)")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = self.file.with_name("loss.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        atomic_write(self.file.with_name("loss.png"), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
-        os.replace(tmp, self.file.with_name("loss.png"))
 
 
 def estimate_memory(model, config: TrainConfig) -> str:
