@@ -11,10 +11,10 @@ The chat format is the model folder's Jinja `chat_template` (tokenizer_config.js
 when it has one, else Llama 2's ([INST], <<SYS>>), which our SFT stage trains with.
 Sampling defaults come from generation_config.json when present. Older turns are
 dropped when the conversation would outgrow the context window; the system
-prompt stays. Commands: /reset, /system TEXT, /save FILE, /exit (or Ctrl-D);
+prompt stays. Commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a file),
+/exit (or Ctrl-D);
 Ctrl-C stops an answer, or exits at the prompt.
 """
-import argparse
 import json
 import os
 import sys
@@ -24,8 +24,9 @@ import torch
 
 from bailong import load, load_preset
 from bailong.chat_template import jinja_template
-from bailong.conversation import Chat, save_jsonl
-from bailong.errors import BailongError, read_json, run_cli
+from bailong.conversation import Chat, is_conversations, save_jsonl
+from bailong.errors import BailongError, Parser, read_json, run_cli
+from bailong.files import check_output_file
 from bailong.generate import Sampling
 from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
@@ -36,7 +37,7 @@ SAMPLING = ["temperature", "top_k", "top_p", "repetition_penalty"]
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="chat.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", help=f"model folder, training output or Hugging Face repo id "
                                             f"(default: {DEFAULT_MODEL})")
     p.add_argument("--preset", help="instead of a model: random weights of a preset (e.g. tiny)")
@@ -46,7 +47,9 @@ def parse_args(argv):
                    help="chat format: the model's chat_template (model), Llama 2's, or the model's when it has one")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--input", help="a jsonl of {\"messages\": [...]} conversations to answer, each ending with a user")
-    p.add_argument("--output", help="with --input: write the answered conversations here (default: stdout)")
+    p.add_argument("--output", help="with --input: write the answered conversations to this new file "
+                                    "(default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace a file of conversations")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, help="default: generation_config.json's, or 512")
     d = Sampling()
@@ -59,6 +62,18 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--quantize", choices=["nf4"], help="store the projections in NF4 while loading")
     args = p.parse_args(argv)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    try:
+        Sampling(**{name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None})
+    except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
+        name, _, rest = str(e).partition(" ")
+        p.error(f"--{name.replace('_', '-')} {rest}")
+    if args.output and not args.input:
+        p.error("--output goes with --input (the interactive chat saves with /save FILE)")
+    if args.output:
+        check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_conversations,
+                          kind="file of conversations", flag="--output")
     if args.model and args.preset:
         p.error("give a model folder or repo id, or --preset NAME, not both")
     if args.preset and args.adapter:
@@ -81,11 +96,17 @@ def sampling_from(args, folder) -> tuple[Sampling, int]:
     values = {name: getattr(args, name) if getattr(args, name) is not None else config.get(name, getattr(Sampling(), name))
               for name in SAMPLING}
     max_new = args.max_new_tokens or config.get("max_new_tokens") or 512
-    return Sampling(**values, seed=args.seed), max_new
+    try:
+        return Sampling(**values, seed=args.seed), max_new
+    except ValueError as e:
+        raise BailongError(f"{folder / 'generation_config.json'}: {e}") from None
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.input:  # read (and check) the questions before minutes of loading
+        from bailong.data import read_conversations_to_answer
+        questions = read_conversations_to_answer(Path(args.input))
     dtype = DTYPES[args.dtype] if args.dtype else None
     folder = None
     if args.preset:
@@ -110,9 +131,8 @@ def main(argv=None):
     chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system)
 
     if args.input:  # batch: answer every conversation, write them back with the answers
-        from bailong.data import read_conversations_to_answer
         answered = []
-        for messages in read_conversations_to_answer(Path(args.input)):
+        for messages in questions:
             chat.messages = messages[:-1]
             chat.answer(messages[-1]["content"], out=open(os.devnull, "w"))
             answered.append({"messages": chat.messages})
@@ -133,13 +153,13 @@ def main(argv=None):
             return 0
         if not text:
             continue
-        if text.startswith("/"):
-            if not chat.command(text):
-                return 0
-            continue
-        try:
-            chat.answer(text)
-        except BailongError as e:
+        try:  # a mistake ends a command or an answer, never the conversation
+            if text.startswith("/"):
+                if not chat.command(text):
+                    return 0
+            else:
+                chat.answer(text)
+        except (BailongError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
 
 

@@ -1,12 +1,12 @@
 """A conversation with one model: history, prompt format, streaming answers, commands."""
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from bailong.chat_template import encode_rendered, fit_prompt, llama2_ids, render_jinja
 from bailong.errors import BailongError
+from bailong.files import atomic_write
 from bailong.generate import generate
 
 
@@ -17,6 +17,7 @@ class Chat:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.messages = [{"role": "system", "content": system}] if system else []
+        self.saved = set()  # files this conversation wrote, which /save may update
 
     def encode(self, messages):
         if self.template is None:
@@ -63,17 +64,30 @@ class Chat:
             self.messages = [m for m in self.messages if m["role"] == "system"]
         elif name == "/system":
             self.messages = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
-        elif name == "/save" and rest.strip():
-            save_jsonl(Path(rest.strip()), [{"messages": self.messages}])
-            print(f"saved {rest.strip()}", file=sys.stderr)
+        elif name in ("/save", "/save!") and rest.strip():
+            path = Path(rest.strip()).expanduser()
+            if path.is_dir():
+                raise BailongError(f"{path}: is a folder; /save FILE names a file")
+            if path.exists() and name == "/save" and path.resolve() not in self.saved:
+                raise BailongError(f"{path}: already exists; /save! {rest.strip()} replaces it")
+            save_jsonl(path, [{"messages": self.messages}])
+            self.saved.add(path.resolve())
+            print(f"saved {path}", file=sys.stderr)
         else:
-            print("commands: /reset, /system TEXT, /save FILE, /exit", file=sys.stderr)
+            print("commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a file), /exit", file=sys.stderr)
         return True
 
 
 def save_jsonl(path: Path, rows):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def is_conversations(path) -> bool:
+    """Whether ``path`` is a jsonl of {"messages": [...]} objects: what chat.py --output and eval bench write."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return all(isinstance(json.loads(line).get("messages"), list) for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 

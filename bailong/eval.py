@@ -12,7 +12,6 @@ layout: a JSON list of items, each with a "category" and its user "turns"
 OpenAI-compatible chat endpoint scores each answer 0-10 under Bailong-bench's
 rules: an answer in the wrong language, or with any Simplified Chinese, scores 0.
 """
-import argparse
 import json
 import math
 import os
@@ -21,7 +20,10 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from bailong.errors import BailongError, read_json, run_cli
+import torch
+
+from bailong.errors import BailongError, Parser, read_json, run_cli
+from bailong.files import check_output_file
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import first_chars, loss_per_char, read_corpus, tokens_per_char
 
@@ -47,6 +49,10 @@ def perplexity(model_path, text, max_chars=200_000):
     kept = first_chars(texts, max_chars)
     total = sum(map(len, kept))
     nats_per_char = loss_per_char(model, tokenizer, kept)
+    if not math.isfinite(nats_per_char):
+        broken = next((name for name, t in model.state_dict().items()
+                       if t.is_floating_point() and not torch.isfinite(t).all()), "its outputs")
+        raise BailongError(f"{model_path}: the loss is {nats_per_char} ({broken} holds NaN or infinite values)")
     per_token = nats_per_char / tokens_per_char(tokenizer, kept)
     result = {"characters": total, "tokens_per_char": tokens_per_char(tokenizer, kept),
               "loss_per_token": per_token, "perplexity": math.exp(per_token),
@@ -94,14 +100,15 @@ def judge(url, model, conversation, answer, api_key=None, timeout=120) -> int:
     return max(0, min(10, round(float(score[1]))))
 
 
-def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_new_tokens=512):
+def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_new_tokens=512, overwrite=False):
     """Answer every item (turn by turn), write the conversations as jsonl, optionally judge each answer."""
     import sys
 
     from bailong.chat_template import jinja_template
-    from bailong.conversation import Chat, save_jsonl
+    from bailong.conversation import Chat, is_conversations, save_jsonl
     from bailong.generate import Sampling
     from bailong.weights import load, resolve
+    check_output_file(out, {"the questions": questions}, overwrite, ours=is_conversations, kind="file of answers")
     items = read_bench(questions)
     model, tokenizer = load(model_path)
     if tokenizer is None:
@@ -135,7 +142,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bailong.eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("perplexity", help="loss per token and character, perplexity, bits per character")
     a.add_argument("--model", required=True)
@@ -147,17 +154,22 @@ def main(argv=None):
     c = sub.add_parser("bench", help="answer a Bailong-bench style file; judge with --judge-url")
     c.add_argument("--model", required=True)
     c.add_argument("--questions", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="a new file for the answered items (jsonl)")
+    c.add_argument("--overwrite", action="store_true", help="let --out replace an earlier file of answers")
     c.add_argument("--judge-url", help="an OpenAI-compatible endpoint (key from $OPENAI_API_KEY)")
     c.add_argument("--judge-model", default="gpt-4o")
     c.add_argument("--max-new-tokens", type=int, default=512)
     args = p.parse_args(argv)
+    for name in ("max_chars", "max_new_tokens"):
+        if getattr(args, name, 1) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.command == "perplexity":
         perplexity(args.model, args.text, args.max_chars)
     elif args.command == "tokenizers":
         compare_tokenizers(args.text, args.tokenizers)
     else:
-        bench(args.model, args.questions, args.out, args.judge_url, args.judge_model, args.max_new_tokens)
+        bench(args.model, args.questions, args.out, args.judge_url, args.judge_model, args.max_new_tokens,
+              args.overwrite)
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bailong.adapter import ADAPTER_FILES
-from bailong.errors import BailongError, run_cli
+from bailong.errors import Parser, UsageError, run_cli
 from bailong.lora import merge_lora
 from bailong.weights import load, resolve, save
 
@@ -28,7 +28,7 @@ TOKENIZER_FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_m
 def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30):
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BailongError(f"{out}: already exists; choose a new folder (nothing is overwritten)")
+        raise UsageError(f"{out}: already exists; choose a new folder (nothing is overwritten)")
     base_folder = resolve(str(base))
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False)
     if dtype is None:  # the base checkpoint's own dtype
@@ -54,14 +54,16 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m bailong.export", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="base model folder or Hub repo id")
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder or Hub repo id")
     p.add_argument("--out", required=True, help="new folder for the merged model")
     p.add_argument("--dtype", choices=DTYPES, help="default: the base checkpoint's dtype")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     args = p.parse_args(argv)
+    if not args.max_shard_gb > 0:
+        p.error(f"--max-shard-gb must be above 0, not {args.max_shard_gb}")
     out = export(args.base, args.adapter, args.out, DTYPES.get(args.dtype), int(args.max_shard_gb * 2**30))
     print(f"wrote {out}")
     return 0

@@ -22,6 +22,19 @@ class Sampling:
     repetition_penalty: float = 1.1  # 1.0 is off
     seed: int | None = None  # set for reproducible sampling
 
+    def __post_init__(self):
+        """Refuse values that would sample something other than what they say (ValueError, naming the field)."""
+        import math
+        for name, ok, what in [("temperature", lambda v: v >= 0, "0 (greedy) or more"),
+                               ("top_k", lambda v: v >= 0, "0 (all tokens) or more"),
+                               ("top_p", lambda v: 0 < v <= 1, "above 0 and at most 1"),
+                               ("repetition_penalty", lambda v: v > 0, "above 0 (1 is off)")]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value) or (name == "top_k" and value != int(value)):
+                raise ValueError(f"{name} must be {what}, not {value!r}")
+        self.top_k = int(self.top_k)  # a generation_config.json may say 50.0
+
 
 def process_logits(logits, seen, s: Sampling):
     """Apply, in this order, repetition penalty, temperature, top-k and top-p to (V,) logits.

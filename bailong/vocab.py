@@ -25,7 +25,8 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from bailong.errors import BailongError, run_cli
+from bailong.errors import BailongError, Parser, run_cli
+from bailong.files import atomic_write, check_output_file
 from bailong.tokenizer import Tokenizer
 
 # Llama 2's trainer settings, as its tokenizer.model records them
@@ -34,6 +35,7 @@ LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, no
                      split_by_unicode_script=True, max_sentencepiece_length=16, character_coverage=0.99995,
                      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
                      max_sentence_length=1 << 16, minloglevel=2)
+CHUNK = 8192  # characters of a document given to the trainer at a time (<= 32 KiB of UTF-8)
 
 
 def read_corpus(paths) -> list[str]:
@@ -74,8 +76,15 @@ def is_cjk(piece: str) -> bool:
 
 
 def train_bpe(texts, vocab_size) -> pb.ModelProto:
-    """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as the corpus allows."""
+    """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as the corpus allows.
+
+    The trainer skips, without a word, any sentence over ``max_sentence_length``
+    bytes, so long documents are fed in pieces of ``CHUNK`` characters (at most
+    4 UTF-8 bytes each: well under the limit); merges across a cut are lost,
+    a negligible share of the statistics.
+    """
     import io
+    texts = [t[i:i + CHUNK] for t in texts for i in range(0, len(t), CHUNK)]
     for _ in range(3):
         model = io.BytesIO()
         try:
@@ -141,28 +150,35 @@ def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
     return extend_proto(base, trained, new_pieces, Counter("".join(texts)), cjk_only)
 
 
-def save_proto(proto, out, base_path=None):
-    out = Path(out)
-    if base_path is not None and out.resolve() == Path(base_path).resolve():
-        raise BailongError(f"{out}: is the base tokenizer; write the extended one elsewhere")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(proto.SerializeToString())
-    os.replace(tmp, out)
+def is_tokenizer(path) -> bool:
+    """Whether ``path`` holds a SentencePiece model (what ``extend`` writes, so --overwrite may replace it)."""
+    try:
+        return Path(path).stat().st_size < 64 << 20 and \
+            spm.SentencePieceProcessor(model_file=str(path)).vocab_size() > 0
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_out(out, base, corpus, overwrite=False):
+    """Refuse an --out that is the base tokenizer or in the corpus, a folder, or a file other than a
+    tokenizer (or a tokenizer without --overwrite): before the corpus is read."""
+    inputs = {"the base tokenizer": base, **{f"the corpus {c}": c for c in corpus}}
+    check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="SentencePiece model")
 
 
 def tokens_per_char(tokenizer: Tokenizer, texts) -> float:
     return sum(len(tokenizer.encode(t)) for t in texts) / max(1, sum(len(t) for t in texts))
 
 
-def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1):
+def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite=False):
     """The ``extend`` command: train, merge, save, and report tokens per character."""
+    check_out(out, base, corpus, overwrite)
     base_proto = load_proto(base)
     texts = read_corpus(corpus)
     cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
     train, test = texts[:cut], texts[cut:] or texts
     extended, added = add_pieces(base_proto, train, new_pieces, cjk_only)
-    save_proto(extended, out, base)
+    atomic_write(out, extended.SerializeToString())
     before, after = Tokenizer(base), Tokenizer(model_proto=extended.SerializeToString())
     b, a = tokens_per_char(before, test), tokens_per_char(after, test)
     print(f"added {len(added)} pieces ({len(base_proto.pieces)} -> {len(extended.pieces)}), e.g. "
@@ -218,14 +234,15 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bailong.vocab", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("extend", help="train on a corpus and add its new pieces to a base tokenizer",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--base", required=True, help="the base tokenizer.model")
     e.add_argument("--corpus", required=True, nargs="+", help="text files, jsonl files or folders")
     e.add_argument("--new-pieces", type=int, required=True)
-    e.add_argument("--out", required=True, help="where to write the extended tokenizer.model")
+    e.add_argument("--out", required=True, help="where to write the extended tokenizer.model (a new file)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out when it is a tokenizer already")
     e.add_argument("--all-pieces", action="store_true", help="keep non-CJK pieces too")
     e.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the report")
     c = sub.add_parser("compare-init", help="loss per character under each initialisation of the new rows")
@@ -237,9 +254,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "extend":
         if args.new_pieces < 1:
-            p.error("--new-pieces must be at least 1")
-        extend(args.base, args.corpus, args.new_pieces, args.out, not args.all_pieces, args.held_out)
+            p.error(f"--new-pieces must be at least 1, not {args.new_pieces}")
+        if not 0 <= args.held_out < 1:
+            p.error(f"--held-out must be a share at least 0 and below 1, not {args.held_out}")
+        extend(args.base, args.corpus, args.new_pieces, args.out, not args.all_pieces, args.held_out, args.overwrite)
     else:
+        if args.max_chars < 1:
+            p.error(f"--max-chars must be at least 1, not {args.max_chars}")
         compare_init(args.model, args.base_tokenizer, args.extended_tokenizer, args.text, args.max_chars)
     return 0
 

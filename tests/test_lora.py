@@ -148,16 +148,16 @@ def test_export_writes_a_merged_folder_transformers_loads(tmp_path, capsys):
     ids = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
-    err = cli_error_export(capsys, folder, tmp_path / "adapter", tmp_path / "merged")
+    err = cli_error_export(capsys, folder, tmp_path / "adapter", tmp_path / "merged", code=2)
     assert "merged: already exists" in err
 
 
-def cli_error_export(capsys, base, adapter, out):
+def cli_error_export(capsys, base, adapter, out, code=1):
     from bailong.errors import run_cli
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run_cli(export_main, ["--base", str(base), "--adapter", str(adapter), "--out", str(out)])
-    assert exit_.value.code == 1
+    assert exit_.value.code == code
     return capsys.readouterr().err.strip()
 
 

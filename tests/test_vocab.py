@@ -93,7 +93,7 @@ def test_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_cli(vocab_main, ["extend", "--base", str(copy), "--corpus", str(SAMPLE), "--new-pieces", "5",
                              "--out", str(copy)])
-    assert "is the base tokenizer; write the extended one elsewhere" in capsys.readouterr().err
+    assert "base.model: is the base tokenizer; --out must name a file apart from the inputs" in capsys.readouterr().err
     assert copy.read_bytes() == base.read_bytes()
     assert not (tmp_path / "out.model").exists()
     with pytest.raises(BailongError, match="no such file or folder"):
