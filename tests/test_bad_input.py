@@ -1,0 +1,149 @@
+"""Every row of docs/BAD_INPUT.md, run as written: its answer, its exit code, no traceback, and the user's
+files unchanged. The commands run in this process (an entry point's main under run_cli), which takes
+seconds for the whole table where new processes would take minutes."""
+import hashlib
+import io
+import json
+import re
+import shlex
+import shutil
+import sys
+
+import pytest
+import torch
+
+from bailong.data import DATA_DIR
+from bailong.errors import run_cli
+from conftest import ROOT
+
+TABLE = ROOT / "docs" / "BAD_INPUT.md"
+RUN = ["--data", "corpus.txt", "--steps", "4", "--save-every", "2", "--eval-every", "2", "--new-pieces", "20"]
+
+
+def rows():
+    """(command, answer, exit code) of every table row: | mistake | `command` | `answer` | exit |."""
+    found = []
+    for line in TABLE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| ") else []
+        if len(cells) == 4 and cells[1].startswith("`") and cells[3].isdigit():
+            found.append(pytest.param(cells[1].strip("`"), cells[2].strip("`"), int(cells[3]), id=cells[0]))
+    return found
+
+
+def entry_point(name):
+    sys.path.insert(0, str(ROOT))
+    import importlib
+    return importlib.import_module({"train.py": "train", "chat.py": "chat"}.get(name, name)).main
+
+
+def run(argv, capsys, stdin=""):
+    """Run one command line of the table here; (exit code, everything it printed)."""
+    name, args = (argv[1], argv[2:]) if argv[0] == "-m" else (argv[0], argv[1:])
+    capsys.readouterr()
+    old_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(entry_point(name), args)
+    finally:
+        sys.stdin = old_stdin
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out + captured.err
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The folder the table's commands run in: the user's files, a finished run, damaged copies of it."""
+    from bailong.tokenizer import byte_tokenizer
+    d = tmp_path_factory.mktemp("user")
+    corpus = (DATA_DIR / "zh_tw_sample.txt").read_text()
+    files = {"corpus.txt": corpus, "empty.txt": "\n  \n", "notes.txt": "my own notes\n", "mine/notes.txt": "mine\n",
+             "long.txt": corpus + corpus.replace("\n", "") * 12 + "\n",  # one line of about 100 KiB
+             "wrong-type.json": '{"lora_r": "16"}', "unknown.json": '{"lora_rank": 16}',
+             "q.jsonl": '{"messages": [{"role": "user", "content": "臺灣最高的山？"}]}\n',
+             "answers.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                              '"content": "yo"}]}\n',
+             "chats-broken.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                                   '"content": "yo"}]}\nnot json\n',
+             "chats-robot.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", '
+                                  '"content": "yo"}]}\n',
+             "bench.json": '[{"category": "writing", "turns": ["你好"]}]'}
+    for name, text in files.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    (d / "latin1.txt").write_bytes("臺灣 café".encode() + "café".encode("latin-1"))
+    for name in ("tok.model", "old.model"):
+        (d / name).write_bytes(byte_tokenizer().sp.serialized_model_proto())
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(folder):
+    """The finished run and its damaged copies, made once (training runs in this process, under the folder)."""
+    import os
+
+    from bailong.weights import load, save
+    train = entry_point("train.py")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(train, [*RUN, "--out", "run"])
+        assert exit_.value.code == 0
+    finally:
+        os.chdir(cwd)
+    run_dir = folder / "run"
+    for name in ("run-notes", "run-cut-adapter", "run-cut-state", "run-latest-gone", "run-broken"):
+        shutil.copytree(run_dir, folder / name)
+    (folder / "run-notes" / "notes.txt").write_text("added by the user\n")
+    cut = folder / "run-cut-adapter" / "checkpoints" / "step-0000004" / "adapter" / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:1000])
+    cut = folder / "run-cut-state" / "checkpoints" / "step-0000004" / "state.pt"
+    cut.write_bytes(cut.read_bytes()[:500])
+    (folder / "run-latest-gone" / "checkpoints" / "LATEST").write_text("step-0000009")
+    for state in (folder / "run-broken" / "checkpoints").glob("step-*/state.pt"):
+        state.write_bytes(b"")
+    base = run_dir / "base"
+    shutil.copytree(base, folder / "no-layers")
+    config = json.loads((base / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (folder / "no-layers" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(base, folder / "bad-generation")
+    (folder / "bad-generation" / "generation_config.json").write_text('{"temperature": -1}')
+    model, _ = load(base, device="cpu")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    save(model, folder / "nan-model")
+    shutil.copy(base / "tokenizer.model", folder / "nan-model")
+    return folder
+
+
+def fingerprint(folder):
+    """Hashes of the user's files and of the finished run, which no row may change."""
+    names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
+             "q.jsonl", "answers.jsonl", "bench.json", "long.txt"]
+    paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \
+        {"mine/": sorted(p.name for p in (folder / "mine").iterdir())}
+
+
+@pytest.mark.parametrize("command, answer, code", rows())
+def test_every_row_of_the_bad_input_table(command, answer, code, prepared, capsys, monkeypatch):
+    monkeypatch.chdir(prepared)
+    before = fingerprint(prepared)
+    command, _, stdin = command.partition(" <<< ")  # the text a user types, as in bash: <<< "line\nline"
+    stdin = shlex.split(stdin)[0].replace("\\n", "\n") if stdin else ""
+    status, printed = run(shlex.split(command), capsys, stdin)
+    pattern = ".*?".join(re.escape(part) for part in answer.split("…"))
+    assert status == code and any(re.match(pattern, line) for line in printed.splitlines()), printed[-3000:]
+    assert "Traceback" not in printed
+    errors = [line for line in printed.splitlines() if line.startswith("error:")]
+    assert len(errors) == (1 if code else len(errors)), errors  # a failure says one thing
+    assert fingerprint(prepared) == before  # nothing the user had changed
+    assert not list(prepared.glob(".*.tmp")) and not list(prepared.glob("*.tmp"))  # and nothing left behind
+
+
+def test_the_table_covers_the_entry_points():
+    commands = [r.values[0] for r in rows()]
+    assert len(commands) >= 70
+    for name in ("train.py", "chat.py", "-m bailong.vocab", "-m bailong.eval", "-m bailong.export"):
+        assert any(c.startswith(name) for c in commands), name
