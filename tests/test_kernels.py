@@ -134,6 +134,7 @@ def test_benchmark_script_runs_at_tiny_sizes():
     assert len([line for line in result.stdout.splitlines() if line.strip().startswith("40x72 ")]) == 3
 
 
+@pytest.mark.slow  # about 2.5 minutes on 2 cores: CI runs it after the README's test command
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
 def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     """The interpreter does not run the compiler: compile every configuration the autotuner
