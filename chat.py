@@ -30,6 +30,7 @@ from bailong.files import check_output_file
 from bailong.generate import Sampling
 from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
+from bailong.weights import check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "out/sft"
@@ -69,6 +70,8 @@ def parse_args(argv):
     except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
         name, _, rest = str(e).partition(" ")
         p.error(f"--{name.replace('_', '-')} {rest}")
+    if args.device:
+        check_device(args.device)
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
     if args.output:

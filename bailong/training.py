@@ -91,6 +91,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and ok(value)):
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")
+        if self.device:
+            from bailong.weights import check_device
+            check_device(self.device)
         self.out = self.out or f"out/{self.stage}"
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")
         if not self.data:

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from bailong.config import ModelConfig
-from bailong.errors import BailongError, read_json
+from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_write
 from bailong.model import Llama
 from bailong.nf4 import NF4Tensor, quantize
@@ -192,6 +192,20 @@ def bnb_quantized(folder: Path) -> bool:
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> str:
+    """``device`` when this machine has it (for --device), else a one-line UsageError."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise UsageError(f"--device {device}: this machine has {found}")
+    return device
 
 
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
