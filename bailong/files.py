@@ -26,7 +26,7 @@ def overlaps(a, b) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_output_file(path, inputs=(), overwrite=False, ours=lambda path: False, kind="file", flag="--out"):
+def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: False, kind="file", flag="--out"):
     """Refuse ``path`` as an output file before anything is read or written.
 
     ``inputs`` maps a description to a path ("the corpus": "zh/"): an output that
@@ -35,10 +35,11 @@ def check_output_file(path, inputs=(), overwrite=False, ours=lambda path: False,
     this command writes.
     """
     path = Path(path)
-    for what, source in inputs.items() if isinstance(inputs, dict) else ():
-        if source and Path(source).exists() and overlaps(path, source) and \
-                (path.resolve() == Path(source).resolve() or Path(source).is_dir()):
-            where = "is" if path.resolve() == Path(source).resolve() else "lies inside"
+    for what, source in inputs.items():
+        source = Path(source) if source else None
+        if source and source.exists() and (path.resolve() == source.resolve() or source.resolve() in
+                                           path.resolve().parents):
+            where = "is" if path.resolve() == source.resolve() else "lies inside"
             raise UsageError(f"{path}: {where} {what}; {flag} must name a file apart from the inputs")
     if path.is_dir():
         raise UsageError(f"{path}: is a folder; {flag} names the file to write")

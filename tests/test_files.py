@@ -1,0 +1,104 @@
+"""bailong/files.py: outputs checked against inputs, and written whole or not at all (a real full disk too)."""
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bailong.errors import BailongError, UsageError
+from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
+
+
+def test_overlaps_resolves_spellings_and_links(tmp_path):
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "data", tmp_path / "link")
+    assert overlaps(tmp_path / "data/../data/", tmp_path / "link")
+    assert overlaps(tmp_path, tmp_path / "link" / "x.txt") and overlaps(tmp_path / "link" / "x", tmp_path / "data")
+    assert not overlaps(tmp_path / "data2", tmp_path / "data")
+
+
+def test_an_output_file_is_never_an_input_a_folder_or_a_file_of_another_kind(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("text")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    ours = tmp_path / "old.model"
+    ours.write_text("a tokenizer")
+    base = tmp_path / "base.model"
+    base.write_text("the base tokenizer")
+    is_ours = lambda p: p.name.endswith(".model")  # noqa: E731
+    inputs = {"the corpus": corpus, "the base tokenizer": base}
+    cases = [(base, "is the base tokenizer"), (corpus / "new.model", "lies inside the corpus"),
+             (tmp_path, "is a folder"), (notes, "already exists and is not a tokenizer"),
+             (ours, "already exists; choose another --out, or pass --overwrite")]
+    for path, message in cases:
+        with pytest.raises(UsageError, match=message):
+            check_output_file(path, inputs, overwrite=path == base, ours=is_ours, kind="tokenizer")
+    with pytest.raises(UsageError, match="not a tokenizer"):
+        check_output_file(notes, {}, overwrite=True, ours=is_ours, kind="tokenizer")
+    assert check_output_file(ours, inputs, overwrite=True, ours=is_ours) == ours
+    assert check_output_file(tmp_path / "new.model", inputs) == tmp_path / "new.model"
+
+
+def test_writes_are_whole_or_absent_with_the_usual_permissions(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write(target, "first")
+    atomic_write(target, b"second")
+    assert target.read_text() == "second" and os.stat(target).st_mode & 0o777 == 0o666 & ~current_umask()
+
+    def fails(tmp):
+        open(tmp, "w").write("half")
+        raise ValueError("a bug, not the machine")
+
+    with pytest.raises(ValueError):
+        atomic_write(target, fails)
+    assert target.read_text() == "second" and os.listdir(target.parent) == ["file.txt"]
+    folder = tmp_path / "folder"
+    with atomic_folder(folder) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(folder) as tmp:
+        (tmp / "b").write_text("2")
+        raise KeyboardInterrupt
+    assert os.listdir(folder) == ["a"] and sorted(os.listdir(tmp_path)) == ["folder", "sub"]
+    with atomic_folder(folder) as tmp:
+        (tmp / "c").write_text("3")
+    assert os.listdir(folder) == ["c"] and os.stat(folder).st_mode & 0o777 == 0o777 & ~current_umask()
+    with pytest.raises(BailongError, match="could not write"):
+        atomic_write(target / "under-a-file", "x")
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB filesystem, where the machine allows mounting one (root on Linux); else skip."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):
+    """torch.save reports a full disk as a RuntimeError and safetensors as its own error; both must read as
+    the machine's refusal, name the target, and leave what was there."""
+    atomic_write(small_disk / "LATEST", "step-0000001")
+    big = {"a": torch.zeros(100_000)}
+    writes = [lambda: atomic_write(small_disk / "LATEST", "x" * 200_000),
+              lambda: atomic_write(small_disk / "w.safetensors", lambda tmp: save_file(big, tmp))]
+
+    def checkpoint():
+        with atomic_folder(small_disk / "step-0000002") as tmp:
+            torch.save(big, tmp / "state.pt")
+
+    for write in writes + [checkpoint]:
+        with pytest.raises(BailongError, match=r": could not write \(No space left on device\)$"):
+            write()
+    assert os.listdir(small_disk) == ["LATEST"] and (small_disk / "LATEST").read_text() == "step-0000001"
