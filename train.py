@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bailong import load, load_preset, save
+from bailong.weights import resolve
 from bailong.data import TokenData, data_paths, read_conversations, split, tokenize
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
 from bailong.quantized import memory_report, quantize_model
-from bailong.runs import latest_checkpoint, prepare_output, resume, save_checkpoint, save_result
+from bailong.runs import (check_output, fingerprints, latest_checkpoint, prepare_output, resume, save_checkpoint,
+                          save_result)
 from bailong.tokenizer import Tokenizer
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
 from bailong.vocab import add_pieces, read_corpus, tokens_per_char
@@ -49,19 +51,19 @@ def main(argv=None):
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # ---- the output folder: checked now, touched only once the data and the model have loaded -------------
     check_context(config)
-    if main_process:
-        prepare_output(config, say)
-    if world > 1:
-        dist.barrier()
+    done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
 
     # ---- data first (so that mistakes in it surface before minutes of loading), then the base model ------
     items = read_corpus(data_paths(config.data)) if config.stage == "pretrain" else \
         read_conversations(data_paths(config.data))
-    base_name = None
+    base_name = base_folder = None
+    own_base = config.stage == "sft" and config.resume and done_before and (out / "base" / "config.json").is_file()
     if config.stage == "pretrain":
         if config.model:
+            base_folder = resolve(config.model)
             # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
             model, tokenizer = load(config.model, dtype=dtype, device=device,
                                     quantize="nf4" if config.quantize == "nf4" else None)
@@ -70,10 +72,9 @@ def main(argv=None):
                 raise BailongError(f"{config.model}: no tokenizer.model; vocabulary transfer needs one")
         else:  # the embedded default: a tiny random Llama that spells everything in bytes
             model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
+    elif own_base:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
+        model, tokenizer = load(out / "base", dtype=dtype, device=device)
     else:
-        if not Path(config.init).exists():
-            raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
-                             "or pass --init)")
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
 
@@ -88,7 +89,11 @@ def main(argv=None):
     if config.seq_len > model.config.max_position_embeddings:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
-    if base_name is None and main_process:  # a base that exists nowhere else: keep it beside the adapter
+    if main_process:  # the first write: nothing was touched before this line
+        prepare_output(config, fingerprints(config, items, base_folder), world, say)
+    if world > 1:
+        dist.barrier()
+    if base_name is None and main_process and not own_base:  # a base that exists nowhere else: keep it
         with atomic_folder(out / "base") as folder:
             save(model, folder)
             (folder / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
@@ -108,7 +113,9 @@ def main(argv=None):
     train_items, eval_items = split(items, config.held_out, config.seed)
     if world > 1:  # rank 0 fills the token cache first; the others then read it
         if main_process:
-            tokenize(tokenizer, train_items, out / "cache", config.workers)
+            for part in (train_items, eval_items):
+                if part:
+                    tokenize(tokenizer, part, out / "cache", config.workers)
         dist.barrier()
     data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers), config.seq_len,
                      tokenizer.eos_id)
@@ -159,7 +166,7 @@ def main(argv=None):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
-    with GracefulStop() as interrupt:
+    with GracefulStop(say) as interrupt:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
@@ -217,7 +224,7 @@ def main(argv=None):
         if not held_out:  # nothing to choose by: the last step is the result
             save_result(out / "adapter", model, lora, tokenizer, base_name)
         metrics.plot()
-        say(summary(metrics.rows, done, stopped, out, best_step))
+        say(summary(metrics.rows, done, stopped, out, best_step, config.held_out))
     if world > 1:
         del ddp_model  # DDP's reducer first, then the process group
         dist.barrier()
@@ -243,7 +250,7 @@ def check_context(config):
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
 
 
-def summary(rows, done, stopped, out, best_step) -> str:
+def summary(rows, done, stopped, out, best_step, held_out) -> str:
     """The closing lines: both losses, what the result is, and a warning when held-out loss never fell."""
     train = [r["loss"] for r in rows if "loss" in r]
     lines = [f"stopped early after step {done}: {stopped}"] if stopped else []
@@ -260,7 +267,8 @@ def summary(rows, done, stopped, out, best_step) -> str:
                          "than learned (more data, fewer steps or a lower --lr)")
         result = f"the adapter of step {best_step}, best on held-out data"
     else:
-        lines.append("note: no held-out data (--held-out 0), so nothing shows whether the run learned or memorised")
+        why = "--held-out 0" if not held_out else "too few documents to keep any apart"
+        lines.append(f"note: no held-out data ({why}), so nothing shows whether the run learned or memorised")
         result = f"the adapter of the last step, {done}"
     lines.append(f"wrote {out}/adapter ({result}), {out}/metrics.jsonl, {out}/loss.png; the last step's "
                  f"checkpoint is {latest_checkpoint(out)}")

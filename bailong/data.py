@@ -151,7 +151,8 @@ class TokenData:
         self.sft = labels is not None
         self.n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
         if self.n < 1:
-            raise BailongError(f"the {what} make no example of {seq_len} tokens (add data or lower --seq-len)")
+            more = ", raise --held-out" if what == "held-out data" else ""
+            raise BailongError(f"the {what} make no example of {seq_len} tokens (add data{more} or lower --seq-len)")
         self._orders = {}  # (seed, epoch) -> order of the examples
 
     def example(self, i):

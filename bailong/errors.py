@@ -24,15 +24,19 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None):
-    """Run ``main(argv)`` and turn user errors, failed file operations and Ctrl-C into a clean exit."""
+    """Run ``main(argv)`` and turn user errors, failed file operations and Ctrl-C into a clean exit.
+    Under torchrun every process meets the same mistake; the first one says it."""
+    import os
+    say = os.environ.get("RANK", "0") == "0"
     try:
         sys.exit(main(argv))
     except BailongError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if say:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except OSError as e:  # a full disk, a read-only folder, a vanished file: the machine's, not a bug
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        if say:
+            print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(file=sys.stderr)

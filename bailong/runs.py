@@ -1,18 +1,30 @@
 """A training run's folder: recognising it, refusing to clobber anything else, checkpoints and resuming.
 
-    out/run.json            the options that define the run, its length, where it was started
+    out/run.json            what defines the run (options, fingerprints of its data and base), its length
     out/metrics.jsonl       one JSON object per step and per evaluation; loss.png plots them
     out/adapter/            the result: the adapter with the best held-out loss (the last one without held-out data)
     out/checkpoints/        step-N/ (adapter, optimizer and RNG states) for the last two saves; LATEST names the newest
     out/base/, out/cache/   a base that exists nowhere else (the embedded default, SFT's merged base); token arrays
+    out/.lock               held by the process training in the folder
 
-A run is recognised by its recorded options, not by how ``--out`` was spelled:
-a trailing slash, ``../``, a moved or copied folder all name the same run, and
-``--resume --steps`` larger than before continues it. ``--overwrite`` removes a
-folder only when everything in it is a run's, and says what it removes.
+A run is recognised by what it computes, not by how paths were spelled: its
+options, and fingerprints of its data and base model. A trailing slash, ``../``,
+a moved or copied run folder, moved or re-cloned data all name the same run,
+``--resume --steps`` larger than before continues it, and an SFT run resumes
+from its own merged base whatever became of ``--init``. ``--overwrite`` removes
+a folder only when everything in it is a run's, and says what it removes.
+
+The checks come in two parts, so that nothing is touched until everything that
+can be checked has been: ``check_output`` before anything is read, and
+``prepare_output`` (fingerprints, the lock, --overwrite's removal, run.json) once
+the data and the model have loaded, just before the first write.
 """
+import fcntl
+import hashlib
+import json
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +33,16 @@ import torch
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_folder, atomic_write, overlaps
 
-RUN_FILES = {"run.json", "metrics.jsonl", "loss.png", "adapter", "checkpoints", "base", "cache"}
-# options that change neither the model nor the order of the data: a run may continue with other values
+RUN_FILES = {"run.json", "metrics.jsonl", "loss.png", "adapter", "checkpoints", "base", "cache", ".lock"}
+# options that change neither the model nor the order of the data: a run may continue with other values;
+# the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
-                "save_every", "patience"}
+                "save_every", "patience", "model", "init", "data"}
 
 
-def _where(path):
-    """A local path resolved (so that any spelling of it compares equal); anything else as given."""
-    return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
-
-
-def run_identity(config) -> dict:
-    """What makes two runs the same run."""
-    from dataclasses import asdict
-    options = {k: v for k, v in asdict(config).items() if k not in NOT_IDENTITY}
-    options.update(model=_where(config.model), init=_where(config.init), data=[_where(d) for d in config.data])
-    return options
+def options(config, world=1) -> dict:
+    """The options that make two runs the same run (the number of processes decides each one's examples)."""
+    return {**{k: v for k, v in asdict(config).items() if k not in NOT_IDENTITY}, "processes": world}
 
 
 def inputs(config) -> dict:
@@ -52,68 +57,152 @@ def _is_run_file(name):
 
 
 def read_run(out: Path) -> dict | None:
-    """run.json of the run in ``out`` (its options under "options"), or None when there is none."""
-    if not (out / "run.json").exists():
+    """The run recorded in ``out/run.json``, or None when there is none or it is not ours."""
+    if not (out / "run.json").is_file():
         return None
-    run = read_json(out / "run.json")
-    return run if "options" in run else {"options": run, "steps": run.get("steps")}  # an older run.json
+    try:
+        run = read_json(out / "run.json")
+    except BailongError:
+        return None
+    if isinstance(run.get("options"), dict) and "steps" in run:
+        return run
+    if {"stage", "lora_r", "seq_len", "data"} <= set(run):  # written by an earlier version: options alone
+        return {"options": {k: v for k, v in run.items() if k not in NOT_IDENTITY}, "steps": run.get("steps")}
+    return None
 
 
 def _differences(before: dict, now: dict) -> str:
-    names = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    """The options that differ, as a message; an option the run did not record (an older run) is not compared."""
+    names = [k for k in sorted(set(before) & set(now)) if before[k] != now[k]]
     return "; ".join(f"--{k.replace('_', '-')} was {before.get(k)!r}, now {now.get(k)!r}" for k in names[:3])
 
 
-def prepare_output(config, say=print) -> Path:
-    """Make ``--out`` ready for this run, or refuse with one line, before anything is read or written.
+def _lock_free(out: Path) -> bool:
+    """Whether no other process holds ``out/.lock`` (checked without taking it)."""
+    if not (out / ".lock").exists() or out.resolve() in _HELD:
+        return True
+    with open(out / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return True
 
-    The folder must be new or empty, or hold this same run (continued with --resume), or hold only a
-    run that ``--overwrite`` may replace. It may not hold, or lie inside, any of the run's inputs.
+
+def check_output(config, world=1) -> int:
+    """Refuse, with one line, an ``--out`` this run may not use; nothing is read or written.
+
+    The folder must be new or empty, or hold this same run (continued with --resume),
+    or hold nothing but a run that ``--overwrite`` may replace; it may not hold, or lie
+    inside, any of the run's inputs, nor be in use by another process. Returns the
+    steps the run in it has done (0 for a new folder).
     """
     out = Path(config.out)
+    if config.model and (Path(config.model).expanduser() / "adapter" / "adapter_config.json").is_file():
+        raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
+                         f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
+    if config.stage == "sft" and not Path(config.init).expanduser().is_dir():
+        raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
+                         "or pass --init)")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"{out}: is a link to nothing; --out names the folder for the run")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: is a file; --out names the folder for the run")
     for what, path in inputs(config).items():
         if overlaps(out, path):
             raise UsageError(f"{out}: holds or lies inside {what}; choose an --out apart from the run's inputs")
-    if out.is_dir() and any(out.iterdir()):
-        run = read_run(out)
-        others = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name))
-        if run is None:
-            raise UsageError(f"{out}: holds files that are not a training run ({', '.join(others[:3])}); "
-                             "choose another --out")
-        done = steps_done(out)
-        if config.overwrite:
-            if others:
-                raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed "
-                                 "(move it away, or choose another --out)")
-            entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir())
-            say(f"--overwrite: removing the run in {out} ({done} steps done): {', '.join(entries)}")
-            for p in out.iterdir():
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        elif done or (out / "metrics.jsonl").exists():
-            if differences := _differences(run["options"], run_identity(config)):
-                raise UsageError(f"{out}: holds a different run ({differences}); choose another --out")
-            if not config.resume:
-                raise UsageError(f"{out}: already holds this run ({done} of {run.get('steps')} steps done); "
-                                 "pass --resume to continue it, or choose another --out")
-            if done >= config.steps:
-                raise UsageError(f"{out}: the run has done {done} steps; pass --steps above {done} to continue it")
-            if run.get("steps") not in (None, config.steps):
-                say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the "
-                    "learning-rate schedule stretches to the new length from here")
+    if not (out.is_dir() and any(out.iterdir())):
+        return 0
+    run = read_run(out)
+    others = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name))
+    if run is None:
+        listed = ", ".join(others[:3]) or "a run.json that is not ours"
+        raise UsageError(f"{out}: holds files that are not a training run ({listed}); choose another --out")
+    if not _lock_free(out):
+        raise BailongError(f"{out}: another process is training in this folder; wait for it, or choose another --out")
+    done = steps_done(out)
+    if config.overwrite:
+        if others:
+            raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed "
+                             "(move it away, or choose another --out)")
+    elif done or (out / "metrics.jsonl").exists():
+        if differences := _differences(run["options"], options(config, world)):
+            raise UsageError(f"{out}: holds a different run ({differences}); choose another --out")
+        if not config.resume:
+            raise UsageError(f"{out}: already holds this run ({done} of {run.get('steps')} steps done); "
+                             "pass --resume to continue it, or choose another --out")
+        if done >= config.steps:
+            raise UsageError(f"{out}: the run has done {done} steps; pass --steps above {done} to continue it")
+    return done
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprints(config, items, base_folder=None) -> dict:
+    """What the run's inputs hold, so that they are known wherever they move: the data's text, and the
+    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place)."""
+    found = {"data": _sha(json.dumps(items, ensure_ascii=False).encode())}
+    if base_folder is not None:
+        folder = Path(base_folder)
+        parts = [(folder / name).read_bytes() for name in ("config.json", "tokenizer.model")
+                 if (folder / name).is_file()]
+        parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
+        found["model"] = _sha(b"\0".join(parts))
+    return found
+
+
+_HELD = {}  # the locks of the run folders this process trains in (by path), released when it ends
+
+
+def _take_lock(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() in _HELD:  # this process trained here before (train.main called again)
+        return
+    lock = open(out / ".lock", "a")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise BailongError(f"{out}: another process is training in this folder; wait for it, or choose "
+                           "another --out") from None
+    _HELD[out.resolve()] = lock
+
+
+def prepare_output(config, found: dict, world=1, say=print) -> Path:
+    """The write side of ``check_output``, once the inputs are read: the run in ``--out`` must have the same
+    data and base (by ``fingerprints``); take the folder's lock; remove a run --overwrite replaces, saying
+    what goes; write run.json."""
+    out = Path(config.out)
+    run = read_run(out) if out.is_dir() else None
+    if run is not None and not config.overwrite and (steps_done(out) or (out / "metrics.jsonl").exists()):
+        changed = [k for k in ("data", "model") if k in run.get("inputs", {}) and run["inputs"][k] != found.get(k)]
+        if changed:
+            what = {"data": "the data", "model": "the base model"}
+            raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
+                             "with; choose another --out")
+        if run.get("steps") not in (None, config.steps):
+            say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the "
+                "learning-rate schedule stretches to the new length from here")
+    try:
+        _take_lock(out)
     except OSError as e:
         raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
-    atomic_write(out / "run.json", _json({"options": run_identity(config), "steps": config.steps,
-                                          "folder": str(out.resolve())}))
+    if run is not None and config.overwrite:
+        if others := sorted(p.name for p in out.iterdir() if not _is_run_file(p.name)):  # added since the check
+            raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed")
+        entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock")
+        say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(entries)}")
+        for p in out.iterdir():
+            if p.name != ".lock":  # others wait on this very file
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    paths = {"model": config.model, "init": config.init, "data": config.data}
+    atomic_write(out / "run.json", json.dumps({"options": options(config, world), "inputs": found, "paths": paths,
+                                               "steps": config.steps, "folder": str(out.resolve())},
+                                              indent=2, ensure_ascii=False) + "\n")
     return out
-
-
-def _json(value) -> str:
-    import json
-    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -166,8 +255,10 @@ def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, b
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint LATEST names (it may since have gone), or None."""
     latest = Path(out) / "checkpoints" / "LATEST"
-    return Path(out) / "checkpoints" / latest.read_text().strip() if latest.exists() else None
+    name = latest.read_text().strip() if latest.is_file() else ""
+    return Path(out) / "checkpoints" / name if name.startswith("step-") else None
 
 
 def steps_done(out: Path) -> int:
@@ -209,7 +300,9 @@ def resume(out: Path, model, optimizer, say=print) -> int:
     from bailong.lora import lora_parameters
     folder = Path(out) / "checkpoints"
     named = latest_checkpoint(out)
-    candidates = ([named] if named else []) + sorted(folder.glob("step-*"), reverse=True)
+    candidates = sorted(folder.glob("step-*"), reverse=True)  # newest first (LATEST lags a crash by one)
+    if named and not named.exists():
+        candidates.insert(0, named)
     problems = []
     for candidate in dict.fromkeys(candidates):
         try:

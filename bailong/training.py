@@ -91,6 +91,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and ok(value)):
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+        if self.stage == "pretrain" and self.init:
+            raise UsageError("--init is for --stage sft; pre-training starts from --model")
+        if self.stage == "sft" and self.model:
+            raise UsageError("--model is for --stage pretrain; fine-tuning starts from --init")
         if self.device:
             from bailong.weights import check_device
             check_device(self.device)
@@ -125,8 +131,9 @@ def check_types(values: dict, source=None):
         if not ok:
             what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                     list: "a list of strings"}[kind]
+            shown = json.dumps(value) if source else repr(value)  # a file's null is null, not None
             raise UsageError(f"{source + ': ' if source else ''}{name if source else flag(name)} must be {what}, "
-                             f"not {value!r}")
+                             f"not {shown}")
         if kind is float:
             values[name] = float(value)
 
@@ -152,6 +159,9 @@ def parse_config(argv=None) -> TrainConfig:
     if config_file := given.pop("config", None):
         values = read_json(config_file)
         check_types(values, config_file)
+        if decided := [k for k in ("resume", "overwrite") if k in values]:
+            raise UsageError(f"{config_file}: {decided[0]} belongs on the command line, where each run decides it "
+                             "(a config file is reused)")
     stage = given.get("stage", values.get("stage", "pretrain"))
     return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **given})
 
@@ -178,6 +188,9 @@ class GracefulStop:
     saved after it resumes exactly (the random state after a whole step, as at any save); a second one
     stops at once without saving, and the last checkpoint stays."""
 
+    def __init__(self, say=print):
+        self.say = say
+
     def __enter__(self):
         self.requested = False
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -187,8 +200,8 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step to save a checkpoint (Ctrl-C again stops at once, without saving)",
-              file=sys.stderr, flush=True)
+        self.say("\nstopping after this step to save a checkpoint (Ctrl-C again stops at once, without saving)",
+                 file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -197,16 +210,17 @@ class GracefulStop:
 class Metrics:
     """metrics.jsonl (one JSON object a line) and loss.png, both rewritten as training goes."""
 
-    def __init__(self, out: Path, keep_until=None):
+    def __init__(self, out: Path, keep_until=0):
         self.file = out / "metrics.jsonl"
         self.rows = []
-        if self.file.exists():  # a resumed run keeps the steps it had done; a line cut short by a kill goes
+        if self.file.exists():  # a resumed run keeps the steps it had done (none when it starts again at 0);
+            # a line cut short by a kill goes
             for line in self.file.read_text().splitlines():
                 try:
                     self.rows.append(json.loads(line))
                 except json.JSONDecodeError:
                     continue
-            self.rows = [r for r in self.rows if keep_until is None or r.get("step", 0) <= keep_until]
+            self.rows = [r for r in self.rows if r.get("step", 0) <= keep_until] if keep_until else []
             atomic_write(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, **row):

@@ -225,6 +225,28 @@ def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsy
     assert "holds a different run (--lr was 0.002, now 0.001); choose another --out" in err
 
 
+def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
+    import hashlib
+    monkeypatch.chdir(tmp_path)
+    args = ["--eval-every", "2", "--new-pieces", "20"]
+    run_train(capsys, *args, "--steps", "4", "--out", "pre")
+    options = json.loads((tmp_path / "pre" / "run.json").read_text())["options"]
+    del options["processes"]  # what the previous version wrote: every option, as typed
+    older = {**options, "out": "pre", "steps": 4, "model": "", "init": "", "data": TrainConfig().data,
+             "eval_every": 2, "eval_batches": 4, "save_every": 50}
+    (tmp_path / "pre" / "run.json").write_text(json.dumps(older))
+    stdout, _ = run_train(capsys, *args, "--steps", "5", "--out", "pre", "--resume")
+    assert "resumed from" in stdout and [s for s, _ in losses(tmp_path / "pre")] == [1, 2, 3, 4, 5]
+    sft = ["--stage", "sft", "--init", "pre", "--out", "sft", "--eval-every", "1"]
+    run_train(capsys, *sft, "--steps", "2")
+    base = tmp_path / "sft" / "base" / "model.safetensors"
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    run_train(capsys, *args, "--steps", "7", "--out", "pre", "--resume")  # --init changes under the SFT run
+    stdout, _ = run_train(capsys, *sft, "--steps", "3", "--resume")
+    assert "resumed from" in stdout and hashlib.sha256(base.read_bytes()).hexdigest() == before
+    assert [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3]
+
+
 def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.txt"
