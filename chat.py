@@ -99,6 +99,8 @@ def sampling_from(args, folder) -> tuple[Sampling, int]:
     values = {name: getattr(args, name) if getattr(args, name) is not None else config.get(name, getattr(Sampling(), name))
               for name in SAMPLING}
     max_new = args.max_new_tokens or config.get("max_new_tokens") or 512
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise BailongError(f"{folder / 'generation_config.json'}: max_new_tokens must be at least 1, not {max_new!r}")
     try:
         return Sampling(**values, seed=args.seed), max_new
     except ValueError as e:

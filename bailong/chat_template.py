@@ -75,7 +75,7 @@ def jinja_template(folder) -> tuple[str, dict] | None:
     """The ``chat_template`` and special-token strings of a model folder's tokenizer_config.json, if any."""
     from pathlib import Path
 
-    from bailong.errors import read_json
+    from bailong.errors import BailongError, read_json
     file = Path(folder) / "tokenizer_config.json"
     if not file.exists():
         return None
@@ -85,6 +85,12 @@ def jinja_template(folder) -> tuple[str, dict] | None:
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
         return None
+    import jinja2
+    try:
+        jinja2.Environment().parse(template)
+    except (jinja2.TemplateSyntaxError, TypeError) as e:
+        where = f"line {e.lineno}: {e.message}" if isinstance(e, jinja2.TemplateSyntaxError) else "not a string"
+        raise BailongError(f"{file}: chat_template is not a Jinja template ({where})") from None
     specials = {}
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = config.get(name)

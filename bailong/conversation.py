@@ -22,8 +22,14 @@ class Chat:
     def encode(self, messages):
         if self.template is None:
             return llama2_ids(self.tokenizer, messages)
+        import jinja2
         template, specials = self.template
-        return encode_rendered(self.tokenizer, render_jinja(template, messages, specials), specials)
+        try:
+            text = render_jinja(template, messages, specials)
+        except jinja2.TemplateError as e:
+            raise BailongError(f"the model's chat_template fails on this conversation ({type(e).__name__}: {e})") \
+                from None
+        return encode_rendered(self.tokenizer, text, specials)
 
     def answer(self, text, out=None) -> str:
         """Stream the reply to ``text`` to ``out`` (stdout); the history keeps both (trimmed to fit the context)."""
@@ -33,7 +39,7 @@ class Chat:
         try:
             ids, self.messages[:] = fit_prompt(self.encode, self.messages,
                                                context - min(self.max_new_tokens, context // 4))
-        except ValueError as e:  # a message too long for the context window
+        except (ValueError, BailongError) as e:  # too long for the context window; a template that fails
             self.messages.pop()
             raise BailongError(str(e)) from None
         stream, reply = self.tokenizer.stream(), []
@@ -63,6 +69,8 @@ class Chat:
         if name == "/reset":
             self.messages = [m for m in self.messages if m["role"] == "system"]
         elif name == "/system":
+            if any(m["role"] != "system" for m in self.messages):
+                print("(the conversation so far is cleared: a new system prompt starts a new one)", file=sys.stderr)
             self.messages = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
         elif name in ("/save", "/save!") and rest.strip():
             path = Path(rest.strip()).expanduser()

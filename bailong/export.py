@@ -6,18 +6,18 @@ The base is loaded unquantized, so the merge W + s * B @ A happens on the
 original weights (a base that only exists in NF4 is merged onto its dequantized
 weights, with a warning). The result (config.json, safetensors shards with an
 index, tokenizer files) loads in transformers. It is written to a temporary
-folder and renamed at the end, and an existing --out is never touched.
+folder beside --out and renamed at the end, and an existing --out is never touched.
 """
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from bailong.adapter import ADAPTER_FILES
+from bailong.adapter import ADAPTER_FILES, read_adapter_config
 from bailong.errors import Parser, UsageError, run_cli
+from bailong.files import atomic_folder, overlaps
 from bailong.lora import merge_lora
 from bailong.weights import load, resolve, save
 
@@ -34,22 +34,18 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30):
     if dtype is None:  # the base checkpoint's own dtype
         config = json.loads((base_folder / "config.json").read_text())
         dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype"), torch.float32)
+    read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
+    for what, folder in [("the base model", base_folder), ("the adapter", adapter_folder)]:
+        if overlaps(out, folder):
+            raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
     model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)
     merge_lora(model, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save(model, tmp, max_shard_bytes)
         for name in TOKENIZER_FILES:  # the adapter's tokenizer (an extended vocabulary) wins
             source = next((f / name for f in (adapter_folder, base_folder) if (f / name).exists()), None)
             if source:
                 shutil.copy(source, tmp / name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -62,8 +58,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="default: the base checkpoint's dtype")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
     args = p.parse_args(argv)
-    if not args.max_shard_gb > 0:
-        p.error(f"--max-shard-gb must be above 0, not {args.max_shard_gb}")
+    if not 0 < args.max_shard_gb < 1e6:
+        p.error(f"--max-shard-gb must be a number of gigabytes above 0, not {args.max_shard_gb}")
     out = export(args.base, args.adapter, args.out, DTYPES.get(args.dtype), int(args.max_shard_gb * 2**30))
     print(f"wrote {out}")
     return 0

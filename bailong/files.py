@@ -12,6 +12,7 @@ Two rules hold for every file a command writes:
    the previous version whole, and the error names the target, not the
    temporary file.
 """
+import contextlib
 import os
 import shutil
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
     replaced only with ``overwrite`` and when ``ours(path)`` says it is a ``kind``
     this command writes.
     """
+    if str(path).endswith(("/", os.sep)):
+        raise UsageError(f"{path}: names a folder; {flag} names the file to write")
     path = Path(path)
     for what, source in inputs.items():
         source = Path(source) if source else None
@@ -55,6 +58,9 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
 def write_failed(target, error) -> BailongError:
     """The one-line error for a write to ``target`` that the machine refused (full disk, permissions)."""
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    blocking = next((p for p in Path(target).parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # the system says "File exists" or "Not a directory"
+        reason = f"{blocking} is a file, not a folder"
     return BailongError(f"{target}: could not write ({reason})")
 
 
@@ -71,8 +77,9 @@ def _machine_refused(error, folder) -> bool:
 
 def _beside(path: Path, suffix) -> Path:
     """A hidden name beside ``path`` for this process (files made under it get the usual permissions,
-    which tempfile's private 0600 files and 0700 folders would not)."""
-    return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+    which tempfile's private 0600 files and 0700 folders would not), within the 255-byte name limit."""
+    name = path.name.encode()[:200].decode(errors="ignore")
+    return path.with_name(f".{name}.{os.getpid()}{suffix}")
 
 
 def atomic_write(path, data):
@@ -92,7 +99,8 @@ def atomic_write(path, data):
         os.replace(tmp, path)
     except BaseException as e:
         refused = _machine_refused(e, path.parent)
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
         if refused:
             raise write_failed(path, e if isinstance(e, OSError) else OSError(28, "No space left on device")) \
                 from None
@@ -115,7 +123,11 @@ def atomic_folder(path):
         if path.exists():  # the old version goes only once the new one is whole
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # put the old version back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

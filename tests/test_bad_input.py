@@ -66,7 +66,9 @@ def folder(tmp_path_factory):
                                    '"content": "yo"}]}\nnot json\n',
              "chats-robot.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", '
                                   '"content": "yo"}]}\n',
-             "bench.json": '[{"category": "writing", "turns": ["你好"]}]'}
+             "bench.json": '[{"category": "writing", "turns": ["你好"]}]', "overwrite.json": '{"overwrite": true}',
+             "corpus2.txt": corpus + "多了一行。\n", "other-tool/run.json": '{"experiment": "my other tool"}',
+             "other-tool/base/model.bin": "weights of another tool"}
     for name, text in files.items():
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
@@ -92,7 +94,7 @@ def prepared(folder):
     finally:
         os.chdir(cwd)
     run_dir = folder / "run"
-    for name in ("run-notes", "run-cut-adapter", "run-cut-state", "run-latest-gone", "run-broken"):
+    for name in ("run-notes", "run-cut-adapter", "run-cut-state", "run-latest-gone", "run-broken", "run-busy"):
         shutil.copytree(run_dir, folder / name)
     (folder / "run-notes" / "notes.txt").write_text("added by the user\n")
     cut = folder / "run-cut-adapter" / "checkpoints" / "step-0000004" / "adapter" / "adapter_model.safetensors"
@@ -107,20 +109,27 @@ def prepared(folder):
     config = json.loads((base / "config.json").read_text())
     del config["num_hidden_layers"]
     (folder / "no-layers" / "config.json").write_text(json.dumps(config))
-    shutil.copytree(base, folder / "bad-generation")
-    (folder / "bad-generation" / "generation_config.json").write_text('{"temperature": -1}')
+    for name, file, text in [("bad-generation", "generation_config.json", '{"temperature": -1}'),
+                             ("bad-length", "generation_config.json", '{"max_new_tokens": "abc"}'),
+                             ("bad-template", "tokenizer_config.json", '{"chat_template": "{{ messages[0] }"}')]:
+        shutil.copytree(base, folder / name)
+        (folder / name / file).write_text(text)
     model, _ = load(base, device="cpu")
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
     save(model, folder / "nan-model")
     shutil.copy(base / "tokenizer.model", folder / "nan-model")
-    return folder
+    import fcntl
+    busy = open(folder / "run-busy" / ".lock", "a")  # as a training process in that folder holds it
+    fcntl.flock(busy, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    yield folder
+    busy.close()
 
 
 def fingerprint(folder):
     """Hashes of the user's files and of the finished run, which no row may change."""
     names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
-             "q.jsonl", "answers.jsonl", "bench.json", "long.txt"]
+             "q.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin"]
     paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \
         {"mine/": sorted(p.name for p in (folder / "mine").iterdir())}

@@ -79,3 +79,17 @@ def test_chat_with_a_peft_adapter(tmp_path, capsys):
     prompt = [i for p, a in llama2_turns(tok, [{"role": "user", "content": "臺灣"}]) for i in p + a]
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     assert printed == tok.decode([i for i in generate(model, prompt, 8, greedy) if i != tok.eos_id]) + "\n"
+
+
+def test_a_chat_template_that_fails_on_a_conversation_is_one_error_and_the_chat_goes_on():
+    import pytest
+
+    from bailong.conversation import Chat
+    from bailong.errors import BailongError
+    model, tokenizer = bailong.load_preset("tiny", device="cpu")
+    conversation = Chat(model, tokenizer, ("{{ messages[0].content.nope.deeper }}", {}), Sampling(temperature=0), 4)
+    with pytest.raises(BailongError, match="the model's chat_template fails on this conversation"):
+        conversation.answer("hi")
+    assert conversation.messages == []  # the failed turn is not kept
+    conversation.template = ("{{ messages[-1].content }}", {})
+    assert isinstance(conversation.answer("hi"), str) and len(conversation.messages) == 2
