@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from bailong.chat_template import training_example
 from bailong.errors import BailongError
+from bailong.files import atomic_write
 from bailong.tokenizer import Tokenizer
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -120,13 +121,15 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0):
     ids = np.fromiter((i for e, _ in encoded for i in e), dtype=np.int32)
     labels = np.fromiter((i for _, lab in encoded for i in lab), dtype=np.int32) if sft else None
     offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
     for file, array in zip(files, (ids, labels, offsets)):
         if array is not None:
-            tmp = file.with_name(file.name + ".tmp.npy")
-            np.save(tmp, array)
-            os.replace(tmp, file)
+            atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
     return ids, labels, offsets
+
+
+def _save_npy(path, array):
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array)
 
 
 def split(items, held_out, seed):

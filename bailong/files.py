@@ -64,15 +64,20 @@ def write_failed(target, error) -> BailongError:
     return BailongError(f"{target}: could not write ({reason})")
 
 
-def _machine_refused(error, folder) -> bool:
-    """Whether a failed write is the machine's doing. torch.save reports a full disk as a RuntimeError
-    ("unexpected pos"), safetensors as a SafetensorError, so besides OSError we look at the free space."""
-    if isinstance(error, OSError):
-        return True
-    try:
-        return isinstance(error, Exception) and shutil.disk_usage(folder).free < 1 << 20
-    except OSError:
-        return False
+def _failed(target, error, clean_up):
+    """After a failed write to ``target``: remove the temporary copy, then raise the machine's refusal as
+    one line, or the error as it was (a bug). torch.save reports a full disk as a RuntimeError ("unexpected
+    pos") and safetensors as a SafetensorError, so besides OSError the free space is what tells."""
+    refused = isinstance(error, OSError)
+    if not refused and isinstance(error, Exception):
+        with contextlib.suppress(OSError):
+            refused = shutil.disk_usage(Path(target).parent).free < 1 << 20
+    with contextlib.suppress(OSError):
+        clean_up()
+    if refused:
+        raise write_failed(target, error if isinstance(error, OSError) else OSError(28, "No space left on device")) \
+            from None
+    raise error
 
 
 def _beside(path: Path, suffix) -> Path:
@@ -98,13 +103,7 @@ def atomic_write(path, data):
             Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException as e:
-        refused = _machine_refused(e, path.parent)
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink(missing_ok=True)
-        if refused:
-            raise write_failed(path, e if isinstance(e, OSError) else OSError(28, "No space left on device")) \
-                from None
-        raise
+        _failed(path, e, lambda: Path(tmp).unlink(missing_ok=True))
 
 
 @contextmanager
@@ -132,9 +131,4 @@ def atomic_folder(path):
         else:
             os.replace(tmp, path)
     except BaseException as e:
-        refused = _machine_refused(e, path.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if refused:
-            raise write_failed(path, e if isinstance(e, OSError) else OSError(28, "No space left on device")) \
-                from None
-        raise
+        _failed(path, e, lambda: shutil.rmtree(tmp, ignore_errors=True))

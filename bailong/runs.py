@@ -52,8 +52,18 @@ def inputs(config) -> dict:
     return {what: path for what, path in found.items() if path and Path(path).expanduser().exists()}
 
 
-def _is_run_file(name):
-    return name in RUN_FILES or (name.startswith(".") and name.endswith((".tmp", ".old")))
+def _not_a_runs(out: Path) -> list[str]:
+    """The names in ``out`` that no run writes (temporary names of unfinished writes are a run's)."""
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in RUN_FILES and not (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))))
+
+
+def _has_progress(out: Path) -> bool:
+    return bool(steps_done(out)) or (out / "metrics.jsonl").exists()
+
+
+def _busy(out: Path) -> BailongError:
+    return BailongError(f"{out}: another process is training in this folder; wait for it, or choose another --out")
 
 
 def read_run(out: Path) -> dict | None:
@@ -74,7 +84,7 @@ def read_run(out: Path) -> dict | None:
 def _differences(before: dict, now: dict) -> str:
     """The options that differ, as a message; an option the run did not record (an older run) is not compared."""
     names = [k for k in sorted(set(before) & set(now)) if before[k] != now[k]]
-    return "; ".join(f"--{k.replace('_', '-')} was {before.get(k)!r}, now {now.get(k)!r}" for k in names[:3])
+    return "; ".join(f"--{k.replace('_', '-')} was {before[k]!r}, now {now[k]!r}" for k in names[:3])
 
 
 def _lock_free(out: Path) -> bool:
@@ -115,18 +125,18 @@ def check_output(config, world=1) -> int:
     if not (out.is_dir() and any(out.iterdir())):
         return 0
     run = read_run(out)
-    others = sorted(p.name for p in out.iterdir() if not _is_run_file(p.name))
+    others = _not_a_runs(out)
     if run is None:
         listed = ", ".join(others[:3]) or "a run.json that is not ours"
         raise UsageError(f"{out}: holds files that are not a training run ({listed}); choose another --out")
     if not _lock_free(out):
-        raise BailongError(f"{out}: another process is training in this folder; wait for it, or choose another --out")
+        raise _busy(out)
     done = steps_done(out)
     if config.overwrite:
         if others:
             raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed "
                              "(move it away, or choose another --out)")
-    elif done or (out / "metrics.jsonl").exists():
+    elif _has_progress(out):
         if differences := _differences(run["options"], options(config, world)):
             raise UsageError(f"{out}: holds a different run ({differences}); choose another --out")
         if not config.resume:
@@ -137,20 +147,19 @@ def check_output(config, world=1) -> int:
     return done
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def fingerprints(config, items, base_folder=None) -> dict:
     """What the run's inputs hold, so that they are known wherever they move: the data's text, and the
     base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place)."""
-    found = {"data": _sha(json.dumps(items, ensure_ascii=False).encode())}
+    data = hashlib.sha256()
+    for item in items:  # item by item: a large corpus is not copied into one string
+        data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
+    found = {"data": data.hexdigest()[:16]}
     if base_folder is not None:
         folder = Path(base_folder)
         parts = [(folder / name).read_bytes() for name in ("config.json", "tokenizer.model")
                  if (folder / name).is_file()]
         parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
-        found["model"] = _sha(b"\0".join(parts))
+        found["model"] = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return found
 
 
@@ -166,8 +175,7 @@ def _take_lock(out: Path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise BailongError(f"{out}: another process is training in this folder; wait for it, or choose "
-                           "another --out") from None
+        raise _busy(out) from None
     _HELD[out.resolve()] = lock
 
 
@@ -177,7 +185,7 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
     what goes; write run.json."""
     out = Path(config.out)
     run = read_run(out) if out.is_dir() else None
-    if run is not None and not config.overwrite and (steps_done(out) or (out / "metrics.jsonl").exists()):
+    if run is not None and not config.overwrite and _has_progress(out):
         changed = [k for k in ("data", "model") if k in run.get("inputs", {}) and run["inputs"][k] != found.get(k)]
         if changed:
             what = {"data": "the data", "model": "the base model"}
@@ -191,7 +199,7 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
     except OSError as e:
         raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
     if run is not None and config.overwrite:
-        if others := sorted(p.name for p in out.iterdir() if not _is_run_file(p.name)):  # added since the check
+        if others := _not_a_runs(out):  # added since check_output
             raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed")
         entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock")
         say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(entries)}")
