@@ -16,6 +16,20 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
+# The same format as a Jinja chat template, for tools that read one (a GGUF file's
+# tokenizer.chat_template): rendered and tokenized, it gives llama2_ids' tokens.
+LLAMA2_JINJA = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set dialog = messages[1:] %}{% else %}{% set system = '' %}{% set dialog = messages %}{% endif %}"
+    "{% for message in dialog %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('expected user/assistant turns alternating from a user turn') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{% set content = message['content'].strip() %}"
+    "{% if loop.first and system %}{% set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + content %}"
+    "{% endif %}{{ bos_token + '[INST] ' + content + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'].strip() + eos_token }}{% endif %}{% endfor %}")
+
+
 def llama2_turns(tokenizer: Tokenizer, messages) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of each exchange; an open last turn has no answer ids.
 

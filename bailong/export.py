@@ -1,49 +1,86 @@
-"""Merge a LoRA adapter into its base model and write a complete Hugging Face folder.
+"""Merge a LoRA adapter into its base model; write a Hugging Face folder or a GGUF file.
 
     python -m bailong.export --base meta-llama/Llama-2-7b-hf --adapter out/pretrain/adapter --out merged
+    python -m bailong.export --base out/sft --out bailong.gguf --type q8_0    # llama.cpp, Ollama, LM Studio
 
-The base is loaded unquantized, so the merge W + s * B @ A happens on the
-original weights (a base that only exists in NF4 is merged onto its dequantized
-weights, with a warning). The result (config.json, safetensors shards with an
-index, tokenizer files) loads in transformers. It is written to a temporary
-folder beside --out and renamed at the end, and an existing --out is never touched.
+--base is a model folder or Hub repo id (with --adapter, or alone), or a
+training output (its base/ and adapter/). The base is loaded unquantized, so the
+merge W + s * B @ A happens on the original weights (a base that only exists in
+NF4 is merged onto its dequantized weights, with a warning). A folder (config.json,
+safetensors shards with an index, tokenizer files) loads in transformers; a .gguf
+file (bailong/export_gguf.py) in llama.cpp and the tools built on it. Either is
+written under a temporary name beside --out and renamed at the end: an existing
+folder is never touched, an existing GGUF file is replaced only with --overwrite.
 """
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from bailong.adapter import ADAPTER_FILES, read_adapter_config
-from bailong.errors import Parser, UsageError, run_cli
-from bailong.files import atomic_folder, overlaps
+from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
+from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.lora import merge_lora
-from bailong.weights import load, resolve, save
+from bailong.weights import load, resolve, save, training_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
-def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30):
+def is_gguf(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None, gguf_type=None, overwrite=False):
+    """Write ``base`` (+ ``adapter``, merged) to ``out``: a Hugging Face folder, or with ``format="gguf"``
+    (the default for a name ending in .gguf) a GGUF file of ``gguf_type`` (default: f16, or bf16 for a
+    bfloat16 model)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    format = format or ("gguf" if out.suffix == ".gguf" else "hf")
+    if format == "gguf":
+        check_output_file(out, {"the base model": base, "the adapter": adapter}, overwrite, is_gguf, "GGUF file")
+        try:
+            import gguf  # noqa: F401  (a dependency of this command only)
+        except ImportError:
+            raise BailongError("writing GGUF needs the gguf package (pip install gguf)") from None
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: already exists; choose a new folder (nothing is overwritten)")
     base_folder = resolve(str(base))
-    adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False)
+    if adapter is None and (run := training_output(base_folder)):
+        base, adapter = run
+        base_folder = resolve(str(base))
+    adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
     if dtype is None:  # the base checkpoint's own dtype
-        config = json.loads((base_folder / "config.json").read_text())
+        config = read_json(base_folder / "config.json")
         dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype"), torch.float32)
-    read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
+    if adapter_folder:
+        read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
+    folders = [f for f in (adapter_folder, base_folder) if f]  # the adapter's tokenizer (an extended vocabulary) wins
     for what, folder in [("the base model", base_folder), ("the adapter", adapter_folder)]:
-        if overlaps(out, folder):
+        if folder and overlaps(out, folder):
             raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
-    model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)
+    model, tokenizer = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)
     merge_lora(model, dtype)
+    if format == "gguf":
+        from bailong.export_gguf import write_gguf
+        if tokenizer is None:
+            has = " (only tokenizer.json, which is not SentencePiece)" if any(
+                (f / "tokenizer.json").exists() for f in folders) else ""
+            raise BailongError(f"{base_folder}: no tokenizer.model{has}; a GGUF file carries the model's "
+                               "SentencePiece tokenizer")
+        config_file = next((f / "tokenizer_config.json" for f in folders if (f / "tokenizer_config.json").exists()),
+                           None)
+        tokenizer_config = read_json(config_file) if config_file else None
+        gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
+        atomic_write(out, lambda tmp: write_gguf(tmp, model, tokenizer, gguf_type, out.stem, tokenizer_config))
+        return out
     with atomic_folder(out) as tmp:
         save(model, tmp, max_shard_bytes)
-        for name in TOKENIZER_FILES:  # the adapter's tokenizer (an extended vocabulary) wins
-            source = next((f / name for f in (adapter_folder, base_folder) if (f / name).exists()), None)
+        for name in TOKENIZER_FILES:
+            source = next((f / name for f in folders if (f / name).exists()), None)
             if source:
                 shutil.copy(source, tmp / name)
     return out
@@ -52,15 +89,28 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30):
 def main(argv=None):
     p = Parser(prog="python -m bailong.export", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base", required=True, help="base model folder or Hub repo id")
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder or Hub repo id")
-    p.add_argument("--out", required=True, help="new folder for the merged model")
-    p.add_argument("--dtype", choices=DTYPES, help="default: the base checkpoint's dtype")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--base", required=True, help="base model folder or Hub repo id, or a training output")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder or Hub repo id to merge")
+    p.add_argument("--out", required=True, help="new folder, or a .gguf file")
+    p.add_argument("--format", choices=["hf", "gguf"], help="default: gguf when --out ends in .gguf, else hf")
+    p.add_argument("--type", choices=GGUF_TYPES, help="GGUF weight type; default: f16, or bf16 for a bfloat16 model")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the merge and of a folder's weights; "
+                                                   "default: the base checkpoint's dtype")
+    p.add_argument("--max-shard-gb", type=float, help="largest safetensors shard of a folder (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file at --out")
     args = p.parse_args(argv)
-    if not 0 < args.max_shard_gb < 1e6:
-        p.error(f"--max-shard-gb must be a number of gigabytes above 0, not {args.max_shard_gb}")
-    out = export(args.base, args.adapter, args.out, DTYPES.get(args.dtype), int(args.max_shard_gb * 2**30))
+    gguf = (args.format or ("gguf" if args.out.endswith(".gguf") else "hf")) == "gguf"
+    if args.type and not gguf:
+        p.error("--type is for a GGUF file (--format gguf); a folder's weights take --dtype")
+    if gguf and args.max_shard_gb is not None:
+        p.error("--max-shard-gb is for a folder; a GGUF file is written whole")
+    if args.overwrite and not gguf:
+        p.error("--overwrite is for a GGUF file; an existing folder is never replaced (choose a new --out)")
+    shard_gb = 5.0 if args.max_shard_gb is None else args.max_shard_gb
+    if not 0 < shard_gb < 1e6:
+        p.error(f"--max-shard-gb must be a number of gigabytes above 0, not {shard_gb}")
+    out = export(args.base, args.adapter, args.out, DTYPES.get(args.dtype), int(shard_gb * 2**30),
+                 args.format, args.type, args.overwrite)
     print(f"wrote {out}")
     return 0
 

@@ -208,6 +208,19 @@ def check_device(device: str) -> str:
     return device
 
 
+def training_output(folder: Path) -> tuple[str | Path, Path] | None:
+    """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
+    if not (folder / "adapter" / "adapter_config.json").exists():
+        return None
+    run = folder.resolve()
+    base = next((f / "base" for f in (run, run.parent.parent) if (f / "base" / "config.json").exists()), None) \
+        or read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
+                           "base_model_name_or_path in adapter/adapter_config.json)")
+    return base, folder / "adapter"
+
+
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
          double_quant=True, adapter=None):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model.
@@ -224,14 +237,8 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
-    if adapter is None and (folder / "adapter" / "adapter_config.json").exists():  # a training output or checkpoint
-        run = folder.resolve()
-        base = next((f / "base" for f in (run, run.parent.parent) if (f / "base" / "config.json").exists()), None) \
-            or read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
-        if not base:
-            raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
-                               "base_model_name_or_path in adapter/adapter_config.json)")
-        return load(base, dtype, device, revision, quantize, blocksize, double_quant, adapter=folder / "adapter")
+    if adapter is None and (run := training_output(folder)):
+        return load(run[0], dtype, device, revision, quantize, blocksize, double_quant, adapter=run[1])
     config = ModelConfig.from_file(folder / "config.json")
     quantized = quantize == "nf4" or bnb_quantized(folder)
     with torch.device("meta"):

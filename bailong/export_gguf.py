@@ -1,0 +1,161 @@
+"""Write a (merged) model as one GGUF file, the format llama.cpp, Ollama and LM Studio read.
+
+Called by ``python -m bailong.export --format gguf``; the ``gguf`` package (published
+by llama.cpp's authors) is imported here only. What goes in:
+
+- every weight under llama.cpp's tensor name (``blk.0.attn_q.weight``...), from
+  gguf's own name map. The q and k projections' rows are reordered within each
+  head: Hugging Face rotates the pair (i, i + d/2) of a head's d dimensions,
+  llama.cpp's Llama rotates neighbours (2i, 2i + 1), so row i + d/2 moves next
+  to row i. 1-D tensors (the RMSNorm weights) stay float32, as llama.cpp's own
+  converter keeps them; the matrices take ``kind`` (f32, f16, bf16 or q8_0; under
+  q8_0 a matrix whose rows are not a multiple of 32 stays f16, as there too).
+- Llama's metadata from the config (context length, heads and KV heads, RoPE base
+  and linear scaling, RMSNorm epsilon);
+- the SentencePiece vocabulary piece by piece, with its scores and types (an
+  extended tokenizer's new pieces included, byte pieces as byte tokens), its
+  special ids, and the chat template: the model's own, or else the Llama 2 format
+  that ``chat.py`` and ``train.py --stage sft`` use.
+
+The file is written in one pass, tensor by tensor, so memory stays at the model
+plus one converted tensor; the caller writes it under a temporary name.
+"""
+import sys
+
+import numpy as np
+import torch
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tqdm import tqdm
+
+from bailong.chat_template import LLAMA2_JINJA
+from bailong.errors import BailongError
+from bailong.quantized import NF4Linear, projections, set_module
+
+
+def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of a q or k projection from Hugging Face's RoPE order to llama.cpp's (see above)."""
+    d = w.shape[0] // heads
+    return w.reshape(heads, 2, d // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def check_tokenizer(tokenizer, model):
+    """The SentencePiece model, if llama.cpp's tokenizer reproduces it; else a one-line refusal."""
+    source = tokenizer.path or "the tokenizer"
+    proto = tokenizer.proto()
+    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+        kind = pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+        raise BailongError(f"{source}: a {kind} SentencePiece model; llama.cpp's Llama tokenizer reproduces BPE "
+                           "models only, so the GGUF file would tokenize differently")
+    normalizer = proto.normalizer_spec.name
+    if normalizer not in ("identity", "") or proto.normalizer_spec.precompiled_charsmap:
+        raise BailongError(f"{source}: normalizes text ({normalizer}), which llama.cpp's Llama tokenizer does not "
+                           "do, so the GGUF file would tokenize differently")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise BailongError(f"{source}: {tokenizer.vocab_size} pieces, but the model has only "
+                           f"{model.config.vocab_size} embedding rows")
+    return proto
+
+
+def tensors(model):
+    """(llama.cpp name, weight) of every tensor the file holds, in the model's order."""
+    import gguf
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp uses token_embd when output is absent
+        if name.endswith("q_proj.weight"):
+            w = permute_rotary(w, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = permute_rotary(w, config.num_key_value_heads)
+        yield names.get_name(name, try_suffixes=(".weight",)), w
+
+
+def ggml_type(w: torch.Tensor, kind: str):
+    import gguf
+    T = gguf.GGMLQuantizationType
+    if w.dim() == 1 or kind == "f32":
+        return T.F32
+    if kind == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
+        return T.F16
+    return {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[kind]
+
+
+def converted(w: torch.Tensor, qtype) -> np.ndarray:
+    """``w`` as the bytes (or float array) a tensor of GGML type ``qtype`` holds."""
+    import gguf
+    T = gguf.GGMLQuantizationType
+    if qtype in (T.F32, T.F16):
+        return w.to(torch.float32 if qtype == T.F32 else torch.float16).numpy()
+    return gguf.quants.quantize(w.float().numpy(), qtype)  # bf16 rounds to nearest even, as torch does
+
+
+def write_gguf(path, model, tokenizer, kind="f16", name="model", tokenizer_config=None):
+    """Write ``model`` and its SentencePiece ``tokenizer`` as the GGUF file ``path``.
+
+    ``tokenizer_config``: the model's tokenizer_config.json (add_bos_token,
+    add_eos_token, chat_template), or None.
+    """
+    import gguf
+    proto = check_tokenizer(tokenizer, model)
+    config, tokenizer_config = model.config, tokenizer_config or {}
+    for module_name, m in projections(model):  # a projection left in NF4 (no LoRA on it) is written dense
+        if isinstance(m, NF4Linear):
+            dense = torch.nn.Linear(m.in_features, m.out_features, bias=False)
+            dense.weight = torch.nn.Parameter(m.weight.dequantize(model.model.norm.weight.dtype), requires_grad=False)
+            set_module(model, module_name, dense)
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(config.vocab_size)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_dimension_count(config.head_dim)
+    if config.head_dim != config.hidden_size // config.num_attention_heads:
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_scaling_factor)
+
+    w.add_tokenizer_model("llama")  # llama.cpp's SentencePiece-style tokenizer
+    pieces = [p.piece.encode() for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [gguf.TokenType[pb.ModelProto.SentencePiece.Type.Name(p.type)] for p in proto.pieces]
+    for i in range(len(pieces), config.vocab_size):  # embedding rows past the tokenizer (padding)
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_unk_token_id(tokenizer.sp.unk_id())
+    if tokenizer.pad_id >= 0:
+        w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", True)))  # Llama's defaults
+    w.add_add_eos_token(bool(tokenizer_config.get("add_eos_token", False)))
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+    w.add_chat_template(tokenizer_config.get("chat_template") or LLAMA2_JINJA)
+
+    plan = [(n, t, ggml_type(t, kind)) for n, t in tensors(model)]
+    for n, t, qtype in plan:  # described as bytes: the writer turns them back into elements of qtype
+        shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
+        w.add_tensor_info(n, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for n, t, qtype in tqdm(plan, desc=f"writing {kind} GGUF", unit="tensor", disable=None, leave=False, file=sys.stderr):
+        w.write_tensor_data(converted(t, qtype))
+    w.close()

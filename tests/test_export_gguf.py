@@ -1,0 +1,275 @@
+"""GGUF export: the file read back with the gguf package's reader, and run in llama.cpp itself."""
+import ctypes
+import re
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import bailong
+from bailong.adapter import save_adapter
+from bailong.chat_template import LLAMA2_JINJA, encode_rendered, llama2_ids, render_jinja
+from bailong.config import ModelConfig
+from bailong.errors import BailongError
+from bailong.export import main as export_main
+from bailong.export_gguf import permute_rotary
+from bailong.lora import PROJECTIONS, LoRAConfig, inject_lora, merge_lora
+from bailong.model import Llama, init_weights
+from bailong.tokenizer import Tokenizer
+from bailong.vocab import main as vocab_main
+from bailong.zip_tie import extend_model
+from conftest import ROOT, asset
+
+TEXTS = ["臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。", "The quick brown fox jumps over the lazy dog; 42 apples cost $3.50.",
+         "Llama 2 把臺灣說成 three bytes 一個字, isn't it 奇怪?", "😀🎉 𠮷野家 ㄅㄆㄇㄈ 龘 — ñandú façade"]
+SHAPES = {  # a small Llama of each kind llama.cpp must read right
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),  # not hidden / heads
+    "rope": dict(num_attention_heads=2, num_key_value_heads=2, rope_theta=5e5, rope_scaling_factor=2.0,
+                 rms_norm_eps=1e-6),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """Llama 2's tokenizer and the same extended with 600 Traditional Chinese pieces."""
+    base = asset("llama2-tokenizer/tokenizer.model")
+    out = tmp_path_factory.mktemp("vocab") / "tokenizer.model"
+    vocab_main(["extend", "--base", str(base), "--corpus", str(ROOT / "bailong" / "data" / "zh_tw_sample.txt"),
+                "--new-pieces", "600", "--out", str(out)])
+    return Tokenizer(base), Tokenizer(out)
+
+
+def make_run(folder, tokenizers, **shape):
+    """A random base model with Llama 2's vocabulary and an adapter as training leaves it: the vocabulary
+    extended (zip-tie), LoRA on every projection, embedding and head, and the extended tokenizer beside it.
+    With tied embeddings the vocabulary stays (LoRA leaves a shared embedding alone, so an adapter cannot
+    carry new rows for it). Returns the base folder, the adapter folder, the model (adapter applied, not
+    merged) and its tokenizer."""
+    base_tok, ext_tok = tokenizers
+    config = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=base_tok.vocab_size,
+                         max_position_embeddings=256, **shape)
+    torch.manual_seed(0)
+    model = init_weights(Llama(config), std=0.1)
+    with torch.no_grad():  # norms away from 1, so a norm written wrong shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    bailong.save(model, folder / "base")
+    shutil.copy(base_tok.path, folder / "base" / "tokenizer.model")
+    tied = config.tie_word_embeddings
+    if not tied:
+        extend_model(model, base_tok, ext_tok)
+    lora = LoRAConfig(r=4, alpha=8, targets=PROJECTIONS if tied else LoRAConfig.targets)
+    inject_lora(model, lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.05)
+    save_adapter(model, folder / "adapter", lora)
+    tokenizer = base_tok if tied else ext_tok
+    shutil.copy(tokenizer.path, folder / "adapter" / "tokenizer.model")
+    return folder / "base", folder / "adapter", model.eval(), tokenizer
+
+
+def write(base, adapter, out, *extra):
+    assert export_main(["--base", str(base), *(["--adapter", str(adapter)] if adapter else []), "--out", str(out),
+                        *extra]) == 0
+    return gguf.GGUFReader(out)
+
+
+def value(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+def test_every_tensor_piece_and_setting_reads_back(kind, tokenizers, tmp_path):
+    base, adapter, model, tok = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
+    reader = write(base, adapter, tmp_path / "model.gguf", "--type", kind)
+    merged = merge_lora(model, torch.float32).state_dict()
+    found = {t.name: t for t in reader.tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert len(found) == len(merged)
+    for name, ours in merged.items():
+        t = found[names.get_name(name, try_suffixes=(".weight",))]
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = model.config.num_attention_heads if "q_proj" in name else model.config.num_key_value_heads
+            ours = permute_rotary(ours, heads)
+        theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(ours.shape)
+        if ours.dim() == 1 or kind == "f32":
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(theirs, ours), name
+        elif kind in ("f16", "bf16"):
+            dtype = torch.float16 if kind == "f16" else torch.bfloat16
+            assert t.tensor_type.name == kind.upper() and torch.equal(theirs, ours.to(dtype).float()), name
+        else:  # each block of 32 to within half its step d = max |w| / 127, plus up to 127 times the rounding
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0  # of d to float16 (2^-11 d)
+            blocks, error = ours.reshape(-1, 32), (theirs - ours).reshape(-1, 32)
+            step = blocks.abs().amax(1, keepdim=True) / 127
+            assert (error.abs() <= (0.5 + 127 * 2**-11) * step + 1e-7).all(), name
+            assert error.abs().max() > 0.4 * step.max()  # and rounded: not stored in a finer type
+
+    proto = tokenizers[1].proto()
+    assert value(reader, "tokenizer.ggml.model") == "llama"
+    assert value(reader, "tokenizer.ggml.tokens") == [p.piece for p in proto.pieces]
+    assert value(reader, "tokenizer.ggml.scores") == pytest.approx([p.score for p in proto.pieces])
+    assert value(reader, "tokenizer.ggml.token_type") == [p.type for p in proto.pieces]  # the same numbering
+    assert [value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown")] == [1, 2, 0]
+    new = [p.piece for p in proto.pieces[32000:]]
+    assert len(new) == 600 and all(any("\u4e00" <= c <= "\u9fff" for c in piece) for piece in new)
+    config = model.config
+    assert {k: value(reader, f"llama.{k}") for k in ("context_length", "embedding_length", "block_count",
+                                                    "feed_forward_length", "vocab_size", "rope.dimension_count",
+                                                    "attention.head_count", "attention.head_count_kv")} == \
+        {"context_length": 256, "embedding_length": 64, "block_count": 2, "feed_forward_length": 96,
+         "vocab_size": 32600, "rope.dimension_count": 16, "attention.head_count": 4, "attention.head_count_kv": 2}
+    assert value(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.rms_norm_eps)
+    assert value(reader, "llama.rope.freq_base") == config.rope_theta
+    assert value(reader, "general.architecture") == "llama" and value(reader, "general.name") == "model"
+    assert value(reader, "tokenizer.chat_template") == LLAMA2_JINJA
+
+
+def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers):
+    tok = tokenizers[1]
+    specials = {"bos_token": "<s>", "eos_token": "</s>"}
+    for messages in ([{"role": "user", "content": " 臺灣最高的山？ "}],
+                     [{"role": "system", "content": "Answer in Traditional Chinese."},
+                      {"role": "user", "content": "Where is Taiwan?"}, {"role": "assistant", "content": " 東亞。 "},
+                      {"role": "user", "content": "謝謝!"}]):
+        assert encode_rendered(tok, render_jinja(LLAMA2_JINJA, messages, specials), specials) == \
+            llama2_ids(tok, messages)
+
+
+def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_left(tokenizers, tmp_path, monkeypatch):
+    import json
+    base, adapter, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "add_bos_token": False}))
+    reader = write(base, adapter, tmp_path / "model.gguf")
+    assert value(reader, "tokenizer.chat_template") == template
+    assert value(reader, "tokenizer.ggml.add_bos_token") is False
+    assert reader.tensors[0].tensor_type == gguf.GGMLQuantizationType.F16  # the default for a float32 model
+    before = (tmp_path / "model.gguf").read_bytes()
+
+    import bailong.export_gguf
+    def fail(*args):
+        raise RuntimeError("interrupted")
+    monkeypatch.setattr(bailong.export_gguf, "converted", fail)
+    with pytest.raises(RuntimeError):
+        export_main(["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "model.gguf"),
+                     "--overwrite", "--type", "bf16"])
+    with pytest.raises(RuntimeError):
+        export_main(["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "new.gguf")])
+    assert (tmp_path / "model.gguf").read_bytes() == before  # the earlier file whole, no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "model.gguf"]
+
+
+def test_tokenizers_llama_cpp_would_read_differently_are_refused(tokenizers, tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    base, _, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
+    proto = tokenizers[0].proto()
+    for change, expected in [("model_type", "a UNIGRAM SentencePiece model; llama.cpp's Llama tokenizer reproduces "
+                                            "BPE models only"),
+                             ("normalizer", "normalizes text (nmt_nfkc), which llama.cpp's Llama tokenizer does not")]:
+        changed = pb.ModelProto()
+        changed.CopyFrom(proto)
+        if change == "model_type":
+            changed.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+        else:
+            changed.normalizer_spec.name = "nmt_nfkc"
+        (base / "tokenizer.model").write_bytes(changed.SerializeToString())
+        with pytest.raises(BailongError, match=re.escape(expected)):
+            export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    (base / "tokenizer.model").unlink()
+    (base / "tokenizer.json").write_text("{}")
+    with pytest.raises(BailongError, match=r"no tokenizer.model \(only tokenizer.json, which is not SentencePiece\)"):
+        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    assert not (tmp_path / "model.gguf").exists()
+
+
+# llama.cpp itself: its Python binding builds it from source (a test requirement; about 3.5 minutes on 2 cores).
+
+def llama_cpp_model(path, **options):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (requirements-test.txt)")
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=256, n_threads=2,
+                           type_k=0, type_v=0, **options)  # a float32 KV cache: nothing rounded but the weights
+
+
+@pytest.mark.parametrize("kind, tolerance", [("f32", 1e-5), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 6e-2)])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_llama_cpp_reads_the_file_as_we_compute_it(shape, kind, tolerance, tokenizers, tmp_path):
+    """Same token ids for Chinese, English, mixed and rare text, and the same logits: to float32's rounding
+    for f32; else to the weight type's, which llama.cpp also applies to the activations of each matmul
+    (measured: 1e-3 of the logits' size for f16, 7e-3 for bf16, 2.5e-2 for q8_0 (3.5e-2 with rope scaling))."""
+    base, adapter, model, tok = make_run(tmp_path, tokenizers, **SHAPES[shape])
+    reader = write(base, adapter, tmp_path / "model.gguf", "--type", kind)
+    assert ("output.weight" in {t.name for t in reader.tensors}) != model.config.tie_word_embeddings
+    compare_with_llama_cpp(tmp_path / "model.gguf", model, tok, tolerance, kind in ("f32", "f16"))
+
+
+def test_a_merged_folder_with_padded_embeddings_runs_in_llama_cpp(tokenizers, tmp_path):
+    """No adapter, and five embedding rows past the tokenizer (a vocabulary padded for speed): they are
+    written as unused [PAD] tokens, and llama.cpp's logits for them match ours too."""
+    base, _, model, tok = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
+    from bailong.zip_tie import resize_vocab
+    model = merge_lora(model)
+    resize_vocab(model, model.config.vocab_size + 5)
+    bailong.save(model, tmp_path / "merged")
+    shutil.copy(tok.path, tmp_path / "merged" / "tokenizer.model")
+    reader = write(tmp_path / "merged", None, tmp_path / "merged.gguf", "--type", "f32")
+    assert value(reader, "tokenizer.ggml.tokens")[-5:] == [f"[PAD{i}]" for i in range(32600, 32605)]
+    assert value(reader, "tokenizer.ggml.token_type")[-5:] == [gguf.TokenType.UNUSED] * 5
+    compare_with_llama_cpp(tmp_path / "merged.gguf", model, tok, 1e-5, True)
+
+
+def compare_with_llama_cpp(path, model, tok, tolerance, same_argmax):
+    llm = llama_cpp_model(path)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True) == tok.encode(text, bos=True), text
+    ids = tok.encode(" ".join(TEXTS), bos=True)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[:len(ids)]))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    error = (theirs - ours).norm() / ours.norm()
+    assert theirs.shape == ours.shape and error < tolerance, f"logits {error:.2e} apart (root mean square, relative)"
+    if same_argmax:
+        assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.95
+
+
+def test_llama_cpp_answers_a_trained_run_as_we_do_and_formats_its_chat_alike(tmp_path):
+    """A real training output (Llama 2 chat format, extended vocabulary) exported whole: the same greedy
+    answer token for token, and llama.cpp's own chat formatting recognises the template."""
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "--steps", "20", "--new-pieces", "100",
+                            "--out", str(run)], capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert export_main(["--base", str(run), "--out", str(tmp_path / "run.gguf"), "--type", "f32"]) == 0
+    model, tok = bailong.load(run, device="cpu")
+    messages = [{"role": "system", "content": "用繁體中文回答。"}, {"role": "user", "content": "臺灣的夜市"}]
+    prompt = llama2_ids(tok, messages)
+    greedy = bailong.Sampling(temperature=0, repetition_penalty=1.0)
+    ours = bailong.generate(model, prompt, max_new_tokens=24, sampling=greedy, stop_ids=[tok.eos_id])
+    ours = ours[:-1] if ours[-1] == tok.eos_id else ours
+    llm = llama_cpp_model(tmp_path / "run.gguf")
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        if token == tok.eos_id or len(theirs) == 24:
+            break
+        theirs.append(token)
+    assert theirs == ours and ours, tok.decode(ours)
+
+    import llama_cpp
+    template = gguf.GGUFReader(tmp_path / "run.gguf").fields["tokenizer.chat_template"].contents()
+    chat = (llama_cpp.llama_chat_message * 2)(*[llama_cpp.llama_chat_message(role=m["role"].encode(),
+                                                                             content=m["content"].encode())
+                                                for m in messages])
+    buffer = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(template.encode(), chat, 2, True, buffer, len(buffer))
+    assert n > 0, "llama.cpp does not recognise the chat template"
+    text = buffer.raw[:n].decode()
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == prompt, text
