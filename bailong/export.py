@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bailong.adapter import ADAPTER_FILES, read_adapter_config
+from bailong.chat_template import LLAMA2_JINJA, jinja_template
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.lora import merge_lora
@@ -41,7 +42,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     out = Path(out)
     format = format or ("gguf" if out.suffix == ".gguf" else "hf")
     if format == "gguf":
-        check_output_file(out, {"the base model": base, "the adapter": adapter}, overwrite, is_gguf, "GGUF file")
+        inputs = {f"the {what} {path}": path for what, path in [("base model", base), ("adapter", adapter)] if path}
+        check_output_file(out, inputs, overwrite, is_gguf, "GGUF file")
         try:
             import gguf  # noqa: F401  (a dependency of this command only)
         except ImportError:
@@ -71,11 +73,13 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
                 (f / "tokenizer.json").exists() for f in folders) else ""
             raise BailongError(f"{base_folder}: no tokenizer.model{has}; a GGUF file carries the model's "
                                "SentencePiece tokenizer")
-        config_file = next((f / "tokenizer_config.json" for f in folders if (f / "tokenizer_config.json").exists()),
-                           None)
-        tokenizer_config = read_json(config_file) if config_file else None
+        folder = next((f for f in folders if (f / "tokenizer_config.json").exists()), None)
+        settings = read_json(folder / "tokenizer_config.json") if folder else {}
+        template = jinja_template(folder) if folder else None  # a template that does not parse is refused
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
-        atomic_write(out, lambda tmp: write_gguf(tmp, model, tokenizer, gguf_type, out.stem, tokenizer_config))
+        atomic_write(out, lambda tmp: write_gguf(
+            tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else LLAMA2_JINJA,
+            bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False))))
         return out
     with atomic_folder(out) as tmp:
         save(model, tmp, max_shard_bytes)

@@ -57,18 +57,16 @@ def check_tokenizer(tokenizer, model):
 
 
 def tensors(model):
-    """(llama.cpp name, weight) of every tensor the file holds, in the model's order."""
+    """(llama.cpp name, weight, heads) of every tensor the file holds, in the model's order; ``heads`` is
+    set for the q and k projections, whose rows ``permute_rotary`` reorders as they are written."""
     import gguf
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     for name, w in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp uses token_embd when output is absent
-        if name.endswith("q_proj.weight"):
-            w = permute_rotary(w, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = permute_rotary(w, config.num_key_value_heads)
-        yield names.get_name(name, try_suffixes=(".weight",)), w
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(name.split(".")[-2])
+        yield names.get_name(name, try_suffixes=(".weight",)), w, heads
 
 
 def ggml_type(w: torch.Tensor, kind: str):
@@ -87,18 +85,20 @@ def converted(w: torch.Tensor, qtype) -> np.ndarray:
     T = gguf.GGMLQuantizationType
     if qtype in (T.F32, T.F16):
         return w.to(torch.float32 if qtype == T.F32 else torch.float16).numpy()
-    return gguf.quants.quantize(w.float().numpy(), qtype)  # bf16 rounds to nearest even, as torch does
+    if qtype == T.BF16:  # the 16 bits of each bfloat16 (rounded to nearest even, as llama.cpp's converter does)
+        return w.to(torch.bfloat16).view(torch.int16).numpy()
+    return gguf.quants.quantize(w.float().numpy(), qtype)
 
 
-def write_gguf(path, model, tokenizer, kind="f16", name="model", tokenizer_config=None):
-    """Write ``model`` and its SentencePiece ``tokenizer`` as the GGUF file ``path``.
+def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=LLAMA2_JINJA, add_bos=True,
+               add_eos=False):
+    """Write ``model`` and its SentencePiece ``tokenizer`` as the GGUF file ``path``, matrices in ``kind``.
 
-    ``tokenizer_config``: the model's tokenizer_config.json (add_bos_token,
-    add_eos_token, chat_template), or None.
+    ``add_bos``/``add_eos``: whether a prompt starts with <s> / ends with </s> (Llama's defaults).
     """
     import gguf
     proto = check_tokenizer(tokenizer, model)
-    config, tokenizer_config = model.config, tokenizer_config or {}
+    config = model.config
     for module_name, m in projections(model):  # a projection left in NF4 (no LoRA on it) is written dense
         if isinstance(m, NF4Linear):
             dense = torch.nn.Linear(m.in_features, m.out_features, bias=False)
@@ -143,19 +143,20 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", tokenizer_confi
     w.add_unk_token_id(tokenizer.sp.unk_id())
     if tokenizer.pad_id >= 0:
         w.add_pad_token_id(tokenizer.pad_id)
-    w.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", True)))  # Llama's defaults
-    w.add_add_eos_token(bool(tokenizer_config.get("add_eos_token", False)))
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(add_eos)
     w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
     w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
-    w.add_chat_template(tokenizer_config.get("chat_template") or LLAMA2_JINJA)
+    w.add_chat_template(chat_template)
 
-    plan = [(n, t, ggml_type(t, kind)) for n, t in tensors(model)]
-    for n, t, qtype in plan:  # described as bytes: the writer turns them back into elements of qtype
+    plan = [(n, t, heads, ggml_type(t, kind)) for n, t, heads in tensors(model)]
+    for n, t, _, qtype in plan:  # described as bytes: the writer turns them back into elements of qtype
         shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
         w.add_tensor_info(n, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for n, t, qtype in tqdm(plan, desc=f"writing {kind} GGUF", unit="tensor", disable=None, leave=False, file=sys.stderr):
-        w.write_tensor_data(converted(t, qtype))
+    for _, t, heads, qtype in tqdm(plan, desc=f"writing {kind} GGUF", unit="tensor", disable=None, leave=False,
+                                   file=sys.stderr):
+        w.write_tensor_data(converted(permute_rotary(t, heads) if heads else t, qtype))
     w.close()

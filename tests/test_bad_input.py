@@ -68,7 +68,7 @@ def folder(tmp_path_factory):
                                   '"content": "yo"}]}\n',
              "bench.json": '[{"category": "writing", "turns": ["你好"]}]', "overwrite.json": '{"overwrite": true}',
              "corpus2.txt": corpus + "多了一行。\n", "other-tool/run.json": '{"experiment": "my other tool"}',
-             "other-tool/base/model.bin": "weights of another tool"}
+             "other-tool/base/model.bin": "weights of another tool", "old.gguf": "GGUF, an earlier export"}
     for name, text in files.items():
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
@@ -114,6 +114,8 @@ def prepared(folder):
                              ("bad-template", "tokenizer_config.json", '{"chat_template": "{{ messages[0] }"}')]:
         shutil.copytree(base, folder / name)
         (folder / name / file).write_text(text)
+    shutil.copytree(base, folder / "no-tokenizer")
+    (folder / "no-tokenizer" / "tokenizer.model").unlink()
     model, _ = load(base, device="cpu")
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
@@ -129,7 +131,8 @@ def prepared(folder):
 def fingerprint(folder):
     """Hashes of the user's files and of the finished run, which no row may change."""
     names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
-             "q.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin"]
+             "q.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin",
+             "old.gguf"]
     paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \
         {"mine/": sorted(p.name for p in (folder / "mine").iterdir())}
