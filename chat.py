@@ -25,16 +25,15 @@ import torch
 from bailong import load, load_preset
 from bailong.chat_template import jinja_template
 from bailong.conversation import Chat, is_conversations, save_jsonl
-from bailong.errors import BailongError, Parser, read_json, run_cli
+from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import check_output_file
-from bailong.generate import Sampling
+from bailong.generate import SAMPLING, Sampling, model_sampling
 from bailong.quantized import quantize_model
 from bailong.tokenizer import Tokenizer
 from bailong.weights import check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "out/sft"
-SAMPLING = ["temperature", "top_k", "top_p", "repetition_penalty"]
 
 
 def parse_args(argv):
@@ -89,24 +88,6 @@ def parse_args(argv):
     return args
 
 
-def sampling_from(args, folder) -> tuple[Sampling, int]:
-    """Command-line values, else generation_config.json's, else Sampling's defaults."""
-    config = {}
-    if folder and (folder / "generation_config.json").exists():
-        config = read_json(folder / "generation_config.json")
-        if config.get("do_sample") is False:
-            config["temperature"] = 0.0
-    values = {name: getattr(args, name) if getattr(args, name) is not None else config.get(name, getattr(Sampling(), name))
-              for name in SAMPLING}
-    max_new = args.max_new_tokens or config.get("max_new_tokens") or 512
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise BailongError(f"{folder / 'generation_config.json'}: max_new_tokens must be at least 1, not {max_new!r}")
-    try:
-        return Sampling(**values, seed=args.seed), max_new
-    except ValueError as e:
-        raise BailongError(f"{folder / 'generation_config.json'}: {e}") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.input:  # read (and check) the questions before minutes of loading
@@ -132,7 +113,7 @@ def main(argv=None):
     template = jinja_template(folder) if folder and args.template != "llama2" else None
     if args.template == "model" and template is None:
         raise BailongError(f"{args.model}: no chat_template in tokenizer_config.json")
-    sampling, max_new_tokens = sampling_from(args, folder)
+    sampling, max_new_tokens = model_sampling(folder, vars(args), args.seed)
     chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system)
 
     if args.input:  # batch: answer every conversation, write them back with the answers

@@ -22,6 +22,7 @@ from bailong.adapter import ADAPTER_FILES, read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, jinja_template
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
+from bailong.generate import model_sampling
 from bailong.lora import merge_lora
 from bailong.weights import load, resolve, save, training_output
 
@@ -76,10 +77,11 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         folder = next((f for f in folders if (f / "tokenizer_config.json").exists()), None)
         settings = read_json(folder / "tokenizer_config.json") if folder else {}
         template = jinja_template(folder) if folder else None  # a template that does not parse is refused
+        sampling, _ = model_sampling(next((f for f in folders if (f / "generation_config.json").exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
         atomic_write(out, lambda tmp: write_gguf(
             tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else LLAMA2_JINJA,
-            bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False))))
+            bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False)), sampling))
         return out
     with atomic_folder(out) as tmp:
         save(model, tmp, max_shard_bytes)

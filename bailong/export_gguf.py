@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from bailong.chat_template import LLAMA2_JINJA
 from bailong.errors import BailongError
+from bailong.generate import Sampling
 from bailong.quantized import NF4Linear, projections, set_module
 
 
@@ -91,10 +92,12 @@ def converted(w: torch.Tensor, qtype) -> np.ndarray:
 
 
 def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=LLAMA2_JINJA, add_bos=True,
-               add_eos=False):
+               add_eos=False, sampling: Sampling | None = None):
     """Write ``model`` and its SentencePiece ``tokenizer`` as the GGUF file ``path``, matrices in ``kind``.
 
     ``add_bos``/``add_eos``: whether a prompt starts with <s> / ends with </s> (Llama's defaults).
+    ``sampling`` (default: chat.py's defaults) becomes the file's sampling settings, which llama.cpp's
+    tools start from unless told otherwise.
     """
     import gguf
     proto = check_tokenizer(tokenizer, model)
@@ -110,6 +113,13 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    sampling = sampling or Sampling()
+    w.add_sampling_temp(sampling.temperature)
+    w.add_sampling_top_k(sampling.top_k)
+    w.add_sampling_top_p(sampling.top_p)
+    w.add_sampling_min_p(0.0)  # llama.cpp's own default is 0.05; chat.py has no such cut
+    w.add_sampling_penalty_repeat(sampling.repetition_penalty)
+    w.add_sampling_penalty_last_n(-1)  # the penalty counts every earlier token, as in chat.py
     w.add_vocab_size(config.vocab_size)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)

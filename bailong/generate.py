@@ -152,6 +152,30 @@ def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     return decoder
 
 
+SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampling, int]:
+    """Sampling and answer length for a model: ``chosen`` values (None: not chosen), else its folder's
+    generation_config.json's, else Sampling's defaults and 512 new tokens."""
+    from pathlib import Path
+
+    from bailong.errors import BailongError, read_json
+    chosen = {k: v for k, v in (chosen or {}).items() if v is not None}
+    file = Path(folder) / "generation_config.json" if folder else None
+    config = read_json(file) if file and file.exists() else {}
+    if config.get("do_sample") is False:
+        config["temperature"] = 0.0
+    values = {name: chosen.get(name, config.get(name, getattr(Sampling(), name))) for name in SAMPLING}
+    max_new = chosen.get("max_new_tokens") or config.get("max_new_tokens") or 512
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise BailongError(f"{file}: max_new_tokens must be at least 1, not {max_new!r}")
+    try:
+        return Sampling(**values, seed=seed), max_new
+    except ValueError as e:
+        raise BailongError(f"{file}: {e}") from None
+
+
 @torch.inference_mode()
 def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | None = None, stop_ids=None,
              on_token=None, use_cache=True, cuda_graph=None) -> list[int]:

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 import bailong
 import chat
 from bailong.chat_template import encode_rendered, jinja_template, render_jinja
+from bailong.generate import model_sampling
 from conftest import ROOT, asset
 
 LLAMA2_CHAT = (
@@ -63,10 +64,10 @@ def test_the_model_template_is_used_and_generation_config_sets_defaults(model_fo
     (model_folder / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.3, "top_p": 0.5, "do_sample": True, "max_new_tokens": 7}))
     args = chat.parse_args([str(model_folder), "--top-p", "0.8"])
-    sampling, max_new = chat.sampling_from(args, model_folder)
+    sampling, max_new = model_sampling(model_folder, vars(args))
     assert (sampling.temperature, sampling.top_p, sampling.top_k, max_new) == (0.3, 0.8, 40, 7)
     (model_folder / "generation_config.json").write_text(json.dumps({"do_sample": False}))
-    assert chat.sampling_from(args, model_folder)[0].temperature == 0.0
+    assert model_sampling(model_folder, vars(args))[0].temperature == 0.0
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--template", "llama2",
                              "--prompt", "hi", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "[3 tokens," in result.stderr

@@ -1,5 +1,6 @@
 """GGUF export: the file read back with the gguf package's reader, and run in llama.cpp itself."""
 import ctypes
+import json
 import re
 import shutil
 
@@ -129,6 +130,8 @@ def test_every_tensor_piece_and_setting_reads_back(kind, tokenizers, tmp_path):
     assert value(reader, "llama.rope.freq_base") == config.rope_theta
     assert value(reader, "general.architecture") == "llama" and value(reader, "general.name") == "model"
     assert value(reader, "tokenizer.chat_template") == LLAMA2_JINJA
+    assert [value(reader, f"general.sampling.{k}") for k in ("temp", "top_k", "top_p", "penalty_repeat", "min_p")] \
+        == pytest.approx([0.6, 40, 0.9, 1.1, 0.0])  # chat.py's defaults
 
 
 def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers):
@@ -143,13 +146,14 @@ def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers):
 
 
 def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_left(tokenizers, tmp_path, monkeypatch):
-    import json
     base, adapter, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
     template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "add_bos_token": False}))
+    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5}))
     reader = write(base, adapter, tmp_path / "model.gguf")
     assert value(reader, "tokenizer.chat_template") == template
     assert value(reader, "tokenizer.ggml.add_bos_token") is False
+    assert [value(reader, f"general.sampling.{k}") for k in ("temp", "top_k", "top_p")] == pytest.approx([0.3, 5, 0.9])
     assert reader.tensors[0].tensor_type == gguf.GGMLQuantizationType.F16  # the default for a float32 model
     before = (tmp_path / "model.gguf").read_bytes()
 
@@ -166,7 +170,7 @@ def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_lef
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "model.gguf"]
 
 
-def test_tokenizers_llama_cpp_would_read_differently_are_refused(tokenizers, tmp_path):
+def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
     from sentencepiece import sentencepiece_model_pb2 as pb
     base, _, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
     proto = tokenizers[0].proto()
@@ -184,6 +188,12 @@ def test_tokenizers_llama_cpp_would_read_differently_are_refused(tokenizers, tmp
             export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "tokenizer.model").unlink()
     (base / "tokenizer.json").write_text("{}")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
+                                                  "model_type": "mistral"}))
+    with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
+        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(BailongError, match=r"no tokenizer.model \(only tokenizer.json, which is not SentencePiece\)"):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     assert not (tmp_path / "model.gguf").exists()
