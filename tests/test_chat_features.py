@@ -106,9 +106,8 @@ def test_training_output_and_its_merged_export_answer_alike(tmp_path):
     train = subprocess.run([sys.executable, str(ROOT / "train.py"), "--steps", "20", "--new-pieces", "100",
                             "--out", str(run)], capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
-    export = subprocess.run([sys.executable, "-m", "bailong.export", "--base", str(run / "base"), "--adapter",
-                             str(run / "adapter"), "--out", str(tmp_path / "merged")], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT)
+    export = subprocess.run([sys.executable, "-m", "bailong.export", "--base", str(run), "--out",
+                             str(tmp_path / "merged")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert export.returncode == 0, export.stderr[-2000:]
     answers = []
     for model in (run, tmp_path / "merged"):
