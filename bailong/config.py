@@ -4,6 +4,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from bailong.errors import BailongError, read_json
 
 
+# The RoPE scalings we compute, and the settings each needs from config.json.
+ROPE_SCALING = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
@@ -17,7 +20,7 @@ class ModelConfig:
     vocab_size: int = 32000
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling: positions divided by this
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ...}: see model.rope_frequencies
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
@@ -55,8 +58,14 @@ class ModelConfig:
         # transformers >= 5 writes rope settings as rope_parameters; older ones as rope_theta/rope_scaling
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear"):
-            raise BailongError(f"{source}: unsupported rope scaling type {kind!r} (supported: default, linear)")
+        if kind not in ROPE_SCALING:
+            raise BailongError(f"{source}: unsupported rope scaling type {kind!r} (supported: "
+                               f"{', '.join(ROPE_SCALING)})")
+        for k in ROPE_SCALING[kind]:
+            if isinstance(rope.get(k), bool) or not isinstance(rope.get(k), (int, float)) or rope[k] <= 0:
+                raise BailongError(f"{source}: rope scaling {kind!r} needs {k}, a number above 0, not {rope.get(k)!r}")
+        if kind == "llama3" and rope["high_freq_factor"] <= rope["low_freq_factor"]:
+            raise BailongError(f"{source}: rope scaling 'llama3' needs high_freq_factor above low_freq_factor")
         if missing := [k for k in REQUIRED if k not in hf]:
             raise BailongError(f"{source}: missing {missing[0]} (a Llama config.json gives {', '.join(REQUIRED)})")
         for k in REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
@@ -65,7 +74,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         args = {k: v for k, v in hf.items() if k in known and v is not None}
         args["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta))
-        args["rope_scaling_factor"] = float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
+        args["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING[kind]}} \
+            if ROPE_SCALING[kind] else None
         return cls(**args)
 
     @classmethod
@@ -78,10 +88,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """The config.json that transformers reads for this model."""
-        hf = {k: v for k, v in asdict(self).items() if k != "rope_scaling_factor"}
+        hf = {k: v for k, v in asdict(self).items() if v is not None or k != "rope_scaling"}
         hf["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id
-        if self.rope_scaling_factor != 1.0:
-            hf["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **hf}
 
 

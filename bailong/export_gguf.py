@@ -11,7 +11,8 @@ by llama.cpp's authors) is imported here only. What goes in:
   converter keeps them; the matrices take ``kind`` (f32, f16, bf16 or q8_0; under
   q8_0 a matrix whose rows are not a multiple of 32 stays f16, as there too).
 - Llama's metadata from the config (context length, heads and KV heads, RoPE base
-  and linear scaling, RMSNorm epsilon);
+  and linear scaling, RMSNorm epsilon), and for "llama3" RoPE scaling the
+  per-frequency factors as llama.cpp's ``rope_freqs`` tensor;
 - the SentencePiece vocabulary piece by piece, with its scores and types (an
   extended tokenizer's new pieces included, byte pieces as byte tokens), its
   special ids, and the chat template: the model's own, or else the Llama 2 format
@@ -21,6 +22,7 @@ The file is written in one pass, tensor by tensor, so memory stays at the model
 plus one converted tensor; the caller writes it under a temporary name.
 """
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from tqdm import tqdm
 from bailong.chat_template import LLAMA2_JINJA
 from bailong.errors import BailongError
 from bailong.generate import Sampling
+from bailong.model import rope_frequencies
 from bailong.quantized import NF4Linear, projections, set_module
 
 
@@ -133,9 +136,10 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
         w.add_value_length(config.head_dim)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
-    if config.rope_scaling_factor != 1.0:
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(config.rope_scaling_factor)
+        w.add_rope_scaling_factor(scaling["factor"])
 
     w.add_tokenizer_model("llama")  # llama.cpp's SentencePiece-style tokenizer
     pieces = [p.piece.encode() for p in proto.pieces]
@@ -160,6 +164,9 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
     w.add_chat_template(chat_template)
 
     plan = [(n, t, heads, ggml_type(t, kind)) for n, t, heads in tensors(model)]
+    if scaling["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor in rope_freqs
+        plain = rope_frequencies(replace(config, rope_scaling=None))
+        plan.append(("rope_freqs.weight", plain / rope_frequencies(config), None, gguf.GGMLQuantizationType.F32))
     for n, t, _, qtype in plan:  # described as bytes: the writer turns them back into elements of qtype
         shape = gguf.quant_shape_to_byte_shape(t.shape, qtype)
         w.add_tensor_info(n, shape, np.dtype(np.uint8), int(np.prod(shape)), raw_dtype=qtype)

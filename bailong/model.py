@@ -11,6 +11,8 @@ keys are a fixed prefix away, and export is a save.
         x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
     logits = lm_head(norm(x))
 """
+import math
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -33,15 +35,34 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_frequencies(config: ModelConfig, device=None):
+    """The rotary frequencies theta^(-2i/d), i < d/2, as ``config.rope_scaling`` rescales them.
+
+    "linear" divides them all by the factor (positions / factor). "llama3" divides
+    only the slow ones, whose wavelength exceeds the original context divided by
+    low_freq_factor; keeps the fast ones (wavelength under context / high_freq_factor);
+    and blends the two in between.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d)
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelength = 2 * math.pi / inv_freq
+        kept = ((scaling["original_max_position_embeddings"] / wavelength - low) / (high - low)).clamp(0, 1)
+        return (1 - kept) * inv_freq / scaling["factor"] + kept * inv_freq
+    return inv_freq
+
+
 def rope_cos_sin(config: ModelConfig, positions, dtype):
     """cos and sin of the rotary angles for integer ``positions`` (T,), each (T, head_dim).
 
     Frequencies are duplicated ([f0..f_{d/2-1}, f0..f_{d/2-1}]) because Hugging Face
     checkpoints permute q/k weights so that dimension i pairs with i + d/2, not 2i+1.
     """
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, device=positions.device).float() / d)
-    angles = (positions.float() / config.rope_scaling_factor)[:, None] * inv_freq  # (T, d/2)
+    angles = positions.float()[:, None] * rope_frequencies(config, positions.device)  # (T, d/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, d)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

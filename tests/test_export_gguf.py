@@ -29,8 +29,11 @@ SHAPES = {  # a small Llama of each kind llama.cpp must read right
     "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
     "tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
     "head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),  # not hidden / heads
-    "rope": dict(num_attention_heads=2, num_key_value_heads=2, rope_theta=5e5, rope_scaling_factor=2.0,
-                 rms_norm_eps=1e-6),
+    "rope": dict(num_attention_heads=2, num_key_value_heads=2, rope_theta=5e5, rms_norm_eps=1e-6,
+                 rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama3": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=5e5, max_position_embeddings=1024,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
 }
 
 
@@ -51,8 +54,8 @@ def make_run(folder, tokenizers, **shape):
     carry new rows for it). Returns the base folder, the adapter folder, the model (adapter applied, not
     merged) and its tokenizer."""
     base_tok, ext_tok = tokenizers
-    config = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=base_tok.vocab_size,
-                         max_position_embeddings=256, **shape)
+    config = ModelConfig(**{"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                            "vocab_size": base_tok.vocab_size, "max_position_embeddings": 256, **shape})
     torch.manual_seed(0)
     model = init_weights(Llama(config), std=0.1)
     with torch.no_grad():  # norms away from 1, so a norm written wrong shows

@@ -40,10 +40,29 @@ def test_gradients_match_transformers(tmp_path):
         torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_llama3_rope_scaling_matches_and_round_trips(tmp_path):
+    """Llama 3.1's scaling at a context short enough that all three bands (kept, divided, blended) occur."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    folder, hf = write_hf(tmp_path, "gqa", rope_scaling=dict(scaling))  # transformers adds rope_theta to it
+    model, _ = bailong.load(folder, device="cpu")
+    assert model.config.rope_scaling == scaling
+    from bailong.model import rope_frequencies
+    ratio = rope_frequencies(model.config) / rope_frequencies(ModelConfig(**{**vars(model.config), "rope_scaling": None}))
+    assert ratio.max() == 1 and ratio.min() == 1 / 8 and ((ratio > 1 / 8) & (ratio < 1)).any()
+    ids = torch.randint(0, 300, (1, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
+    bailong.save(model, tmp_path / "again")
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, **TOL)
+
+
 def test_linear_rope_scaling_matches(tmp_path):
     folder, hf = write_hf(tmp_path, "gqa", rope_scaling={"rope_type": "linear", "factor": 4.0})
     model, _ = bailong.load(folder, device="cpu")
-    assert model.config.rope_scaling_factor == 4.0
+    assert model.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     ids = torch.randint(0, 300, (1, 50))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
@@ -108,6 +127,8 @@ def test_presets_and_config_checks():
     assert PRESETS["tiny"].vocab_size != 1  # presets hand out copies
     with pytest.raises(BailongError, match="unknown preset"):
         preset("llama9")
+    with pytest.raises(BailongError, match="rope scaling 'llama3' needs low_freq_factor, a number above 0, not None"):
+        ModelConfig.from_hf({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(BailongError, match="rope scaling type 'yarn'"):
         ModelConfig.from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
     with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
