@@ -29,7 +29,7 @@ from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import check_output_file
 from bailong.generate import SAMPLING, Sampling, model_sampling
 from bailong.quantized import quantize_model
-from bailong.tokenizer import Tokenizer
+from bailong.tokenizer import open_tokenizer
 from bailong.weights import check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,9 +104,10 @@ def main(argv=None):
         model, tokenizer = load(args.model, dtype, args.device, quantize=args.quantize, adapter=args.adapter)
         folder = resolve(str(args.model))
     if args.tokenizer:
-        tokenizer = Tokenizer(args.tokenizer)
+        tokenizer = open_tokenizer(args.tokenizer)
     if tokenizer is None:
-        raise BailongError(f"{args.model}: no tokenizer.model in the model folder; pass --tokenizer FILE")
+        raise BailongError(f"{args.model}: no tokenizer.model or tokenizer.json in the model folder; "
+                           "pass --tokenizer FILE")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise BailongError(f"{args.tokenizer or args.model}: the tokenizer has {tokenizer.vocab_size} pieces, "
                            f"more than the model's {model.config.vocab_size} embeddings")

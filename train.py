@@ -77,6 +77,10 @@ def main(argv=None):
     else:
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
+    if not isinstance(tokenizer, Tokenizer):  # a tokenizer.json model loads and chats, but is not trained yet
+        what = "its tokenizer is byte-level BPE (tokenizer.json)" if tokenizer else "no tokenizer"
+        raise BailongError(f"{config.model or config.init}: {what}; training needs a SentencePiece "
+                           "tokenizer.model (byte-level BPE models load and chat, but are not trained yet)")
 
     # ---- vocabulary transfer: new pieces, zip-tie embeddings ------------------------------------------
     if config.stage == "pretrain" and config.new_pieces:

@@ -24,7 +24,8 @@ from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_s
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-ADAPTER_FILES = [CONFIG, WEIGHTS, "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+ADAPTER_FILES = [CONFIG, WEIGHTS, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"]
 # PEFT options that change what an adapter computes; we refuse them rather than ignore them
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": None,

@@ -134,18 +134,3 @@ def render_jinja(template: str, messages, specials: dict, add_generation_prompt=
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             tools=None, documents=None,
                                             **{k: v for k, v in specials.items() if v is not None})
-
-
-def encode_rendered(tokenizer: Tokenizer, text: str, specials: dict) -> list[int]:
-    """Token ids of rendered chat text: special-token strings become their ids, the rest is encoded."""
-    import re
-    ids = {s: tokenizer.sp.piece_to_id(s) for s in specials.values() if s}
-    if not ids:
-        return tokenizer.encode(text)
-    out = []
-    for part in re.split("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")", text):
-        if part in ids:
-            out.append(ids[part])
-        elif part:
-            out += tokenizer.encode(part)
-    return out

@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from bailong.chat_template import encode_rendered, fit_prompt, llama2_ids, render_jinja
+from bailong.chat_template import fit_prompt, llama2_ids, render_jinja
 from bailong.errors import BailongError
 from bailong.files import atomic_write
 from bailong.generate import generate
@@ -29,7 +29,7 @@ class Chat:
         except jinja2.TemplateError as e:
             raise BailongError(f"the model's chat_template fails on this conversation ({type(e).__name__}: {e})") \
                 from None
-        return encode_rendered(self.tokenizer, text, specials)
+        return self.tokenizer.encode_chat(text, specials)
 
     def answer(self, text, out=None) -> str:
         """Stream the reply to ``text`` to ``out`` (stdout); the history keeps both (trimmed to fit the context)."""

@@ -24,10 +24,12 @@ from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.generate import model_sampling
 from bailong.lora import merge_lora
+from bailong.tokenizer import Tokenizer
 from bailong.weights import load, resolve, save, training_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json"]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -69,9 +71,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     merge_lora(model, dtype)
     if format == "gguf":
         from bailong.export_gguf import write_gguf
-        if tokenizer is None:
-            has = " (only tokenizer.json, which is not SentencePiece)" if any(
-                (f / "tokenizer.json").exists() for f in folders) else ""
+        if not isinstance(tokenizer, Tokenizer):
+            has = " (only tokenizer.json: byte-level BPE is not written to GGUF yet)" if tokenizer else ""
             raise BailongError(f"{base_folder}: no tokenizer.model{has}; a GGUF file carries the model's "
                                "SentencePiece tokenizer")
         folder = next((f for f in folders if (f / "tokenizer_config.json").exists()), None)
@@ -83,10 +84,14 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else LLAMA2_JINJA,
             bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False)), sampling))
         return out
+    # the tokenizer itself from one folder (an adapter's extended tokenizer.model must not sit beside the
+    # base's tokenizer.json, which transformers would read first), the other files each where found first
+    tokenizer_folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[:2])), None)
     with atomic_folder(out) as tmp:
         save(model, tmp, max_shard_bytes)
         for name in TOKENIZER_FILES:
-            source = next((f / name for f in folders if (f / name).exists()), None)
+            source = next((f / name for f in ([tokenizer_folder] if name in TOKENIZER_FILES[:2] else folders)
+                           if f and (f / name).exists()), None)
             if source:
                 shutil.copy(source, tmp / name)
     return out

@@ -1,9 +1,10 @@
-"""SentencePiece tokenizer: encode/decode, special ids, and streaming decode."""
+"""Tokenizers: SentencePiece (Llama 2) and tokenizer.json (byte-level BPE: Llama 3, SmolLM2) behind one
+interface (encode, decode, special ids), and a streaming decoder that never prints half a character."""
 from pathlib import Path
 
 import sentencepiece as spm
 
-from bailong.errors import BailongError
+from bailong.errors import BailongError, read_json
 
 
 class Tokenizer:
@@ -37,6 +38,73 @@ class Tokenizer:
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    def encode_chat(self, text, specials: dict) -> list[int]:
+        """Ids of rendered chat text: the special-token strings it names (``specials``: bos_token...) as
+        their ids, the rest encoded (SentencePiece reads "<s>" in text as plain characters)."""
+        import re
+        ids = {s: self.sp.piece_to_id(s) for s in specials.values() if s}
+        if not ids:
+            return self.encode(text)
+        out = []
+        for part in re.split("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")", text):
+            if part in ids:
+                out.append(ids[part])
+            elif part:
+                out += self.encode(part)
+        return out
+
+
+class JsonTokenizer:
+    """A ``tokenizer.json`` tokenizer (byte-level BPE: Llama 3, SmolLM2...) with Tokenizer's interface.
+
+    Read by the ``tokenizers`` library, as transformers reads it: special tokens written
+    in the text (a chat template's ``<|eot_id|>``) become their ids. bos/eos/pad are
+    tokenizer_config.json's strings beside the file (-1 where there is none).
+    """
+
+    def __init__(self, file):
+        from tokenizers import Tokenizer as Library
+        self.path = Path(file)
+        try:
+            self.tk = Library.from_file(str(file))
+        except Exception as e:  # the library says what is wrong in its own exception type
+            raise BailongError(f"{file}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else e!r})") \
+                from None
+        settings = self.path.with_name("tokenizer_config.json")
+        settings = read_json(settings) if settings.exists() else {}
+
+        def special(name):
+            token = settings.get(name)
+            token = token.get("content") if isinstance(token, dict) else token
+            found = self.tk.token_to_id(token) if isinstance(token, str) else None
+            return -1 if found is None else found
+        self.bos_id, self.eos_id, self.pad_id = special("bos_token"), special("eos_token"), special("pad_token")
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text, bos=False, eos=False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * (bos and self.bos_id >= 0) + ids + [self.eos_id] * (eos and self.eos_id >= 0)
+
+    def decode(self, ids) -> str:
+        return self.tk.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+    def encode_chat(self, text, specials: dict) -> list[int]:
+        return self.encode(text)  # the library finds the special tokens in the text itself
+
+
+def open_tokenizer(path) -> Tokenizer | JsonTokenizer:
+    """The tokenizer in a file (tokenizer.model or tokenizer.json) or a model folder (tokenizer.model
+    first); None for a folder with neither."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()), None)
+        if path is None:
+            return None
+    return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
+
 
 class StreamDecoder:
     """Turns ids arriving one by one into text that is safe to print.
@@ -50,7 +118,7 @@ class StreamDecoder:
     Joined, the chunks equal ``tokenizer.decode(all_ids)``.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: "Tokenizer | JsonTokenizer"):
         self.tokenizer = tokenizer
         self.ids = []
         self.prefix = 0  # window start: first id of the previously printed chunk

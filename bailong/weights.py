@@ -23,7 +23,7 @@ from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, me
 
 # Fetched from the Hub first; then exactly the safetensors files the index names.
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
-             "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -223,17 +223,17 @@ def training_output(folder: Path) -> tuple[str | Path, Path] | None:
 
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
          double_quant=True, adapter=None):
-    """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model.
+    """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model or .json.
 
     dtype (the compute dtype) defaults to bfloat16 on CUDA and float32 on the CPU.
     ``quantize="nf4"`` stores every projection in NF4 (QLoRA's frozen base),
     quantizing matrix by matrix as they load; checkpoints saved quantized by
     bitsandbytes load as NF4 whatever ``quantize`` says. ``adapter``: a PEFT LoRA
-    adapter folder or repo id to apply; its tokenizer.model, if any, wins.
+    adapter folder or repo id to apply; its tokenizer, if any, wins.
     """
     if quantize not in (None, "nf4"):
         raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
-    from bailong.tokenizer import Tokenizer
+    from bailong.tokenizer import open_tokenizer
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
@@ -249,15 +249,14 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     load_weights(model, folder, device, quantize == "nf4", blocksize, double_quant).eval()
     if quantized:
         print(memory_report(model), file=sys.stderr)
-    tokenizer_file = folder / "tokenizer.model"
+    tokenizer = open_tokenizer(folder)
     if adapter is not None:
         from bailong.adapter import ADAPTER_FILES, load_adapter
         adapter_folder = resolve(str(adapter), revision, files=ADAPTER_FILES, weights=False)
         load_adapter(model, adapter_folder)
         model.eval()
-        if (adapter_folder / "tokenizer.model").exists():
-            tokenizer_file = adapter_folder / "tokenizer.model"
-    return model, (Tokenizer(tokenizer_file) if tokenizer_file.exists() else None)
+        tokenizer = open_tokenizer(adapter_folder) or tokenizer
+    return model, tokenizer
 
 
 def save(model: Llama, folder, max_shard_bytes=5 << 30):

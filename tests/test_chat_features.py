@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import bailong
 import chat
-from bailong.chat_template import encode_rendered, jinja_template, render_jinja
+from bailong.chat_template import jinja_template, render_jinja
 from bailong.generate import model_sampling
 from conftest import ROOT, asset
 
@@ -54,7 +54,7 @@ def test_templates_render_as_transformers_renders_them(model_folder, template):
             assert render_jinja(template, messages, specials, prompt) == \
                 theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     tok = bailong.Tokenizer(model_folder / "tokenizer.model")
-    ids = encode_rendered(tok, render_jinja(template, CONVERSATIONS[1], specials), specials)
+    ids = tok.encode_chat(render_jinja(template, CONVERSATIONS[1], specials), specials)
     assert ids.count(1) == (2 if template == LLAMA2_CHAT else 0) and tok.decode(ids).count("你好") == 2
 
 

@@ -11,7 +11,7 @@ import torch
 
 import bailong
 from bailong.adapter import save_adapter
-from bailong.chat_template import LLAMA2_JINJA, encode_rendered, llama2_ids, render_jinja
+from bailong.chat_template import LLAMA2_JINJA, llama2_ids, render_jinja
 from bailong.config import ModelConfig
 from bailong.errors import BailongError
 from bailong.export import main as export_main
@@ -144,7 +144,7 @@ def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers):
                      [{"role": "system", "content": "Answer in Traditional Chinese."},
                       {"role": "user", "content": "Where is Taiwan?"}, {"role": "assistant", "content": " 東亞。 "},
                       {"role": "user", "content": "謝謝!"}]):
-        assert encode_rendered(tok, render_jinja(LLAMA2_JINJA, messages, specials), specials) == \
+        assert tok.encode_chat(render_jinja(LLAMA2_JINJA, messages, specials), specials) == \
             llama2_ids(tok, messages)
 
 
@@ -190,14 +190,16 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
         with pytest.raises(BailongError, match=re.escape(expected)):
             export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "tokenizer.model").unlink()
-    (base / "tokenizer.json").write_text("{}")
+    from test_tokenizer_json import bpe_folder
+    bpe_folder(base)  # a byte-level BPE tokenizer.json, as Llama 3 ships
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
                                                   "model_type": "mistral"}))
     with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BailongError, match=r"no tokenizer.model \(only tokenizer.json, which is not SentencePiece\)"):
+    with pytest.raises(BailongError, match=re.escape("no tokenizer.model (only tokenizer.json: byte-level BPE is "
+                                                      "not written to GGUF yet)")):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     assert not (tmp_path / "model.gguf").exists()
 
