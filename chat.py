@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bailong import load, load_preset
-from bailong.chat_template import jinja_template
+from bailong.chat_template import model_template
 from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import check_output_file
@@ -111,7 +111,7 @@ def main(argv=None):
     if tokenizer.vocab_size > model.config.vocab_size:
         raise BailongError(f"{args.tokenizer or args.model}: the tokenizer has {tokenizer.vocab_size} pieces, "
                            f"more than the model's {model.config.vocab_size} embeddings")
-    template = jinja_template(folder) if folder and args.template != "llama2" else None
+    template = model_template(tokenizer, folder) if args.template != "llama2" else None
     if args.template == "model" and template is None:
         raise BailongError(f"{args.model}: no chat_template in tokenizer_config.json")
     sampling, max_new_tokens = model_sampling(folder, vars(args), args.seed)

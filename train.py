@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from bailong import load, load_preset, save
 from bailong.weights import resolve
+from bailong.chat_template import model_template
 from bailong.data import TokenData, data_paths, read_conversations, split, tokenize
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
@@ -28,9 +29,10 @@ from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_t
 from bailong.quantized import memory_report, quantize_model
 from bailong.runs import (check_output, fingerprints, latest_checkpoint, prepare_output, resume, save_checkpoint,
                           save_result)
-from bailong.tokenizer import Tokenizer
+from bailong.tokenizer import JsonTokenizer, Tokenizer
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
 from bailong.vocab import add_pieces, read_corpus, tokens_per_char
+from bailong.vocab_bpe import extend_json
 from bailong.zip_tie import extend_model
 
 
@@ -69,7 +71,8 @@ def main(argv=None):
                                     quantize="nf4" if config.quantize == "nf4" else None)
             base_name = config.model
             if tokenizer is None:
-                raise BailongError(f"{config.model}: no tokenizer.model; vocabulary transfer needs one")
+                raise BailongError(f"{config.model}: no tokenizer.model or tokenizer.json; vocabulary transfer "
+                                   "needs one")
         else:  # the embedded default: a tiny random Llama that spells everything in bytes
             model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
     elif own_base:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
@@ -77,15 +80,18 @@ def main(argv=None):
     else:
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
-    if not isinstance(tokenizer, Tokenizer):  # a tokenizer.json model loads and chats, but is not trained yet
-        what = "its tokenizer is byte-level BPE (tokenizer.json)" if tokenizer else "no tokenizer"
-        raise BailongError(f"{config.model or config.init}: {what}; training needs a SentencePiece "
-                           "tokenizer.model (byte-level BPE models load and chat, but are not trained yet)")
+    if tokenizer is None:
+        raise BailongError(f"{config.init}: no tokenizer.model or tokenizer.json")
 
     # ---- vocabulary transfer: new pieces, zip-tie embeddings ------------------------------------------
+    base_vocab = model.config.vocab_size
     if config.stage == "pretrain" and config.new_pieces:
-        extended, added = add_pieces(tokenizer.proto(), items, config.new_pieces)
-        new_tokenizer = Tokenizer(model_proto=extended.SerializeToString())
+        if isinstance(tokenizer, JsonTokenizer):  # byte-level BPE: merges continued on the corpus
+            text, added = extend_json(tokenizer.serialized().decode(), items, config.new_pieces)
+            new_tokenizer = JsonTokenizer(tokenizer.path, text, tokenizer.settings)
+        else:
+            extended, added = add_pieces(tokenizer.proto(), items, config.new_pieces)
+            new_tokenizer = Tokenizer(model_proto=extended.SerializeToString())
         say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); "
             f"tokens per character {tokens_per_char(tokenizer, items):.3f} -> {tokens_per_char(new_tokenizer, items):.3f}")
         extend_model(model, tokenizer, new_tokenizer, config.init_method)
@@ -100,12 +106,17 @@ def main(argv=None):
     if base_name is None and main_process and not own_base:  # a base that exists nowhere else: keep it
         with atomic_folder(out / "base") as folder:
             save(model, folder)
-            (folder / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+            tokenizer.save(folder)
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":
         quantize_model(model)  # what is still dense (the embedded default, the merged SFT base)
     lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, rslora=config.rslora)
+    if model.config.tie_word_embeddings:  # one matrix is both embedding and head: LoRA leaves it alone
+        lora.targets = tuple(t for t in lora.targets if t not in ("embed_tokens", "lm_head"))
+        lora.save_embedding_layers = grown = model.config.vocab_size > base_vocab
+        say("tied embeddings: LoRA on the projections only" + (
+            "; the embedding, with the new rows as zip-tie set them, is saved with the adapter" if grown else ""))
     inject_lora(model, lora)
     mark_only_lora_trainable(model)
     model.checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and "cuda" in device)
@@ -115,15 +126,18 @@ def main(argv=None):
 
     # ---- tokenized data ----------------------------------------------------------------------------------
     train_items, eval_items = split(items, config.held_out, config.seed)
+    template = model_template(tokenizer) if config.stage == "sft" else None  # as chat.py will use the model
+    if config.stage == "sft":
+        say("chat format: " + ("the model's chat_template" if template else "Llama 2's"))
     if world > 1:  # rank 0 fills the token cache first; the others then read it
         if main_process:
             for part in (train_items, eval_items):
                 if part:
-                    tokenize(tokenizer, part, out / "cache", config.workers)
+                    tokenize(tokenizer, part, out / "cache", config.workers, template)
         dist.barrier()
-    data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers), config.seq_len,
+    data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers, template), config.seq_len,
                      tokenizer.eos_id)
-    held_out = TokenData(*tokenize(tokenizer, eval_items, out / "cache", config.workers), config.seq_len,
+    held_out = TokenData(*tokenize(tokenizer, eval_items, out / "cache", config.workers, template), config.seq_len,
                          tokenizer.eos_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------

@@ -41,8 +41,9 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
     for name, m in model.named_modules():
         if isinstance(m, (LoRALinear, LoRAEmbedding)):
             targets.add(name.rsplit(".", 1)[-1])
-            if name.endswith(("embed_tokens", "lm_head")):  # as PEFT: the full weight, resized or not
-                tensors[f"{PREFIX}{name}.base_layer.weight"] = m.weight.detach().contiguous()
+        if name.endswith(("embed_tokens", "lm_head")) and (isinstance(m, (LoRALinear, LoRAEmbedding)) or (
+                config.save_embedding_layers and name.endswith("embed_tokens"))):  # the full weight, as PEFT
+            tensors[f"{PREFIX}{name}.base_layer.weight"] = m.weight.detach().contiguous()
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
                    "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),
                    "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
@@ -107,12 +108,12 @@ def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
 def _grow_vocabulary(model, modules, folder):
     """An adapter trained on an extended vocabulary ships its tokenizer and the grown embedding and
     head rows; resize the base to that vocabulary first (the rows themselves are loaded after)."""
-    tokenizer = folder / "tokenizer.model"
-    if not tokenizer.exists():
-        return
-    from bailong.tokenizer import Tokenizer
+    from bailong.tokenizer import open_tokenizer
     from bailong.zip_tie import resize_vocab
-    vocab = Tokenizer(tokenizer).vocab_size
+    tokenizer = open_tokenizer(folder)
+    if tokenizer is None:
+        return
+    vocab = tokenizer.vocab_size
     rows = {parts["base_layer.weight"][1].shape[0] for name, parts in modules.items()
             if name in ("model.embed_tokens", "lm_head") and "base_layer.weight" in parts}
     if rows == {vocab} and vocab > model.config.vocab_size:

@@ -89,11 +89,24 @@ def jinja_template(folder) -> tuple[str, dict] | None:
     """The ``chat_template`` and special-token strings of a model folder's tokenizer_config.json, if any."""
     from pathlib import Path
 
-    from bailong.errors import BailongError, read_json
+    from bailong.errors import read_json
     file = Path(folder) / "tokenizer_config.json"
-    if not file.exists():
-        return None
-    config = read_json(file)
+    return template_in(read_json(file), file) if file.exists() else None
+
+
+def model_template(tokenizer, folder=None) -> tuple[str, dict] | None:
+    """The Jinja chat template a model is used with (chat, SFT, bench), None for Llama 2's format: a
+    tokenizer.json model's own tokenizer_config.json (it travels with the tokenizer, into an adapter and
+    a run), else the model folder's."""
+    settings = getattr(tokenizer, "settings", None)
+    if settings:
+        return template_in(settings, tokenizer.path.with_name("tokenizer_config.json"))
+    return jinja_template(folder) if folder else None
+
+
+def template_in(config: dict, file) -> tuple[str, dict] | None:
+    """The chat template and special-token strings of a tokenizer_config.json's content (read from ``file``)."""
+    from bailong.errors import BailongError
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -110,6 +123,28 @@ def jinja_template(folder) -> tuple[str, dict] | None:
         value = config.get(name)
         specials[name] = value.get("content") if isinstance(value, dict) else value
     return template, specials
+
+
+def template_example(tokenizer, template, messages) -> tuple[list[int], list[int]]:
+    """Token ids of a whole conversation in the model's own chat template, and its labels: what the
+    template adds for each assistant message after the generation prompt (the answer and its end-of-turn
+    token) is learned, -100 elsewhere. Raises ValueError if the template does not render a conversation
+    as the start of its continuation."""
+    template, specials = template
+    ids, labels, done = [], [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_jinja(template, messages[:i], specials, add_generation_prompt=True)
+        full = render_jinja(template, messages[:i + 1], specials, add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render a conversation as the start of its continuation")
+        asked, answer = tokenizer.encode_chat(prompt[len(done):], specials), tokenizer.encode_chat(
+            full[len(prompt):], specials)
+        ids += asked + answer
+        labels += [-100] * len(asked) + answer
+        done = full
+    return ids, labels
 
 
 def render_jinja(template: str, messages, specials: dict, add_generation_prompt=True) -> str:

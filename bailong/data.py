@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bailong.chat_template import training_example
+from bailong.chat_template import template_example, training_example
 from bailong.errors import BailongError
 from bailong.files import atomic_write
 from bailong.tokenizer import Tokenizer
@@ -77,27 +77,35 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
     return conversations
 
 
-_worker_tokenizer = None
+_worker_tokenizer = _worker_template = None
 
 
-def _init_worker(proto):
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_proto=proto)
+def _init_worker(tokenizer, template):
+    global _worker_tokenizer, _worker_template
+    _worker_tokenizer, _worker_template = tokenizer, template
 
 
 def _encode(item):
     if isinstance(item, str):  # a document: its tokens, then eos
         return _worker_tokenizer.encode(item, eos=True), None
-    return training_example(_worker_tokenizer, item)
+    if _worker_template is None:
+        return training_example(_worker_tokenizer, item)
+    import jinja2
+    try:
+        return template_example(_worker_tokenizer, _worker_template, item)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise BailongError(f"the model's chat_template fails on a conversation ({type(e).__name__}: {e})") from None
 
 
-def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0):
+def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     """Token ids (and SFT labels) of every item, concatenated, with offsets: cached, memory-mapped.
+    Conversations take the model's Jinja chat ``template`` (see chat_template.model_template), or
+    Llama 2's format when it is None.
 
     Returns (ids, labels or None, offsets) where item i is ids[offsets[i]:offsets[i+1]].
     """
-    proto = tokenizer.sp.serialized_model_proto()
-    key = hashlib.sha256(proto + json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:20]
+    key = hashlib.sha256(tokenizer.serialized() + json.dumps([template, items], ensure_ascii=False).encode()
+                         ).hexdigest()[:20]
     stem = Path(cache_dir) / f"tokens-{key}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
     sft = not isinstance(items[0], str)
@@ -108,12 +116,12 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0):
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
     if workers > 1 and len(items) >= 2000:
-        with Pool(workers, initializer=_init_worker, initargs=(proto,)) as pool:
+        with Pool(workers, initializer=_init_worker, initargs=(tokenizer, template)) as pool:
             for result in pool.imap(_encode, items, chunksize=64):
                 encoded.append(result)
                 bar.update()
     else:
-        _init_worker(proto)
+        _init_worker(tokenizer, template)
         for item in items:
             encoded.append(_encode(item))
             bar.update()

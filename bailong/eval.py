@@ -24,7 +24,7 @@ import torch
 
 from bailong.errors import BailongError, Parser, read_json, run_cli
 from bailong.files import check_output_file
-from bailong.tokenizer import Tokenizer
+from bailong.tokenizer import open_tokenizer
 from bailong.vocab import first_chars, loss_per_char, read_corpus, tokens_per_char
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
@@ -67,7 +67,7 @@ def compare_tokenizers(text, tokenizers):
     chars = sum(map(len, texts))
     rows = {}
     for path in tokenizers:
-        rows[path] = tokens_per_char(Tokenizer(path), texts)
+        rows[path] = tokens_per_char(open_tokenizer(path), texts)
         print(f"{path}: {rows[path]:.3f} tokens per character ({rows[path] * chars:,.0f} tokens for {chars:,} characters)")
     return rows
 
@@ -104,7 +104,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     """Answer every item (turn by turn), write the conversations as jsonl, optionally judge each answer."""
     import sys
 
-    from bailong.chat_template import jinja_template
+    from bailong.chat_template import model_template
     from bailong.conversation import Chat, is_conversations, save_jsonl
     from bailong.generate import Sampling
     from bailong.weights import load, resolve
@@ -114,7 +114,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     if tokenizer is None:
         raise BailongError(f"{model_path}: no tokenizer.model")
     folder = resolve(str(model_path))
-    conversation = Chat(model, tokenizer, jinja_template(folder),
+    conversation = Chat(model, tokenizer, model_template(tokenizer, folder),
                                  Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0), max_new_tokens)
     rows, scores = [], defaultdict(list)
     for item in items:

@@ -24,7 +24,6 @@ from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.generate import model_sampling
 from bailong.lora import merge_lora
-from bailong.tokenizer import Tokenizer
 from bailong.weights import load, resolve, save, training_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,10 +70,9 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     merge_lora(model, dtype)
     if format == "gguf":
         from bailong.export_gguf import write_gguf
-        if not isinstance(tokenizer, Tokenizer):
-            has = " (only tokenizer.json: byte-level BPE is not written to GGUF yet)" if tokenizer else ""
-            raise BailongError(f"{base_folder}: no tokenizer.model{has}; a GGUF file carries the model's "
-                               "SentencePiece tokenizer")
+        if tokenizer is None:
+            raise BailongError(f"{base_folder}: no tokenizer.model or tokenizer.json; a GGUF file carries the "
+                               "model's tokenizer")
         folder = next((f for f in folders if (f / "tokenizer_config.json").exists()), None)
         settings = read_json(folder / "tokenizer_config.json") if folder else {}
         template = jinja_template(folder) if folder else None  # a template that does not parse is refused

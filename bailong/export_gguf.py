@@ -14,9 +14,10 @@ by llama.cpp's authors) is imported here only. What goes in:
   and linear scaling, RMSNorm epsilon), and for "llama3" RoPE scaling the
   per-frequency factors as llama.cpp's ``rope_freqs`` tensor;
 - the SentencePiece vocabulary piece by piece, with its scores and types (an
-  extended tokenizer's new pieces included, byte pieces as byte tokens), its
-  special ids, and the chat template: the model's own, or else the Llama 2 format
-  that ``chat.py`` and ``train.py --stage sft`` use.
+  extended tokenizer's new pieces included, byte pieces as byte tokens), or a
+  byte-level BPE tokenizer.json's tokens, types and merges with the name llama.cpp
+  knows its pre-tokenizer by; the special ids, and the chat template: the model's
+  own, or else the Llama 2 format that ``chat.py`` and ``train.py --stage sft`` use.
 
 The file is written in one pass, tensor by tensor, so memory stays at the model
 plus one converted tensor; the caller writes it under a temporary name.
@@ -34,6 +35,7 @@ from bailong.errors import BailongError
 from bailong.generate import Sampling
 from bailong.model import rope_frequencies
 from bailong.quantized import NF4Linear, projections, set_module
+from bailong.tokenizer import JsonTokenizer
 
 
 def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -42,8 +44,10 @@ def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, d // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-def check_tokenizer(tokenizer, model):
-    """The SentencePiece model, if llama.cpp's tokenizer reproduces it; else a one-line refusal."""
+def sentencepiece_vocabulary(w, tokenizer, vocab_size, add_bos, add_eos):
+    """Every SentencePiece piece with its score and type, for llama.cpp's "llama" tokenizer; a one-line
+    refusal for a model that tokenizer would not reproduce."""
+    import gguf
     source = tokenizer.path or "the tokenizer"
     proto = tokenizer.proto()
     if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
@@ -54,10 +58,65 @@ def check_tokenizer(tokenizer, model):
     if normalizer not in ("identity", "") or proto.normalizer_spec.precompiled_charsmap:
         raise BailongError(f"{source}: normalizes text ({normalizer}), which llama.cpp's Llama tokenizer does not "
                            "do, so the GGUF file would tokenize differently")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise BailongError(f"{source}: {tokenizer.vocab_size} pieces, but the model has only "
-                           f"{model.config.vocab_size} embedding rows")
-    return proto
+    w.add_tokenizer_model("llama")
+    pieces = [p.piece.encode() for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [gguf.TokenType[pb.ModelProto.SentencePiece.Type.Name(p.type)] for p in proto.pieces]
+    for i in range(len(pieces), vocab_size):  # embedding rows past the tokenizer (padding)
+        pieces.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_unk_token_id(tokenizer.sp.unk_id())
+    if tokenizer.pad_id >= 0:
+        w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(add_bos)
+    w.add_add_eos_token(add_eos)
+    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+    w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+
+
+# The pre-tokenizer splits llama.cpp knows by name (it tells them apart by name, not by their regex).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {(LLAMA3_SPLIT,): "llama-bpe"}
+
+
+def bpe_vocabulary(w, tokenizer, vocab_size):
+    """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" tokenizer: tokens, types, merges, and the
+    name llama.cpp knows its pre-tokenizer by; a one-line refusal for one it does not know."""
+    import json
+
+    import gguf
+
+    from bailong.vocab_bpe import check_byte_level
+    data = json.loads(tokenizer.serialized())
+    check_byte_level(data, tokenizer.path)
+    pre = data.get("pre_tokenizer") or {}
+    splits = tuple(p["pattern"].get("Regex") for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split")
+    name = PRE_TOKENIZERS.get(splits)
+    if data.get("normalizer") or name is None:
+        raise BailongError(f"{tokenizer.path}: a pre-tokenizer or normalizer llama.cpp does not know by name, so "
+                           "the GGUF file would tokenize differently (known: Llama 3's)")
+    by_id = {i: t for t, i in tokenizer.tk.get_vocab(with_added_tokens=True).items()}
+    added = tokenizer.tk.get_added_tokens_decoder()
+    T = gguf.TokenType
+    types = [T.UNUSED if i not in by_id else T.NORMAL if i not in added else
+             T.CONTROL if added[i].special else T.USER_DEFINED for i in range(vocab_size)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(name)
+    w.add_token_list([by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
+        if i >= 0:
+            getattr(w, f"add_{key}_token_id")(i)
+    w.add_add_bos_token(tokenizer.bos_id >= 0 and tokenizer.tk.encode("a").ids[:1] == [tokenizer.bos_id])
+    w.add_add_eos_token(False)
 
 
 def tensors(model):
@@ -96,15 +155,18 @@ def converted(w: torch.Tensor, qtype) -> np.ndarray:
 
 def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=LLAMA2_JINJA, add_bos=True,
                add_eos=False, sampling: Sampling | None = None):
-    """Write ``model`` and its SentencePiece ``tokenizer`` as the GGUF file ``path``, matrices in ``kind``.
+    """Write ``model`` and its ``tokenizer`` as the GGUF file ``path``, matrices in ``kind``.
 
-    ``add_bos``/``add_eos``: whether a prompt starts with <s> / ends with </s> (Llama's defaults).
+    ``add_bos``/``add_eos``: whether a prompt starts with <s> / ends with </s> (for a SentencePiece
+    tokenizer; Llama's defaults; a tokenizer.json says so itself).
     ``sampling`` (default: chat.py's defaults) becomes the file's sampling settings, which llama.cpp's
     tools start from unless told otherwise.
     """
     import gguf
-    proto = check_tokenizer(tokenizer, model)
     config = model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise BailongError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "
+                           f"{config.vocab_size} embedding rows")
     for module_name, m in projections(model):  # a projection left in NF4 (no LoRA on it) is written dense
         if isinstance(m, NF4Linear):
             dense = torch.nn.Linear(m.in_features, m.out_features, bias=False)
@@ -141,26 +203,10 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
 
-    w.add_tokenizer_model("llama")  # llama.cpp's SentencePiece-style tokenizer
-    pieces = [p.piece.encode() for p in proto.pieces]
-    scores = [p.score for p in proto.pieces]
-    types = [gguf.TokenType[pb.ModelProto.SentencePiece.Type.Name(p.type)] for p in proto.pieces]
-    for i in range(len(pieces), config.vocab_size):  # embedding rows past the tokenizer (padding)
-        pieces.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(tokenizer.bos_id)
-    w.add_eos_token_id(tokenizer.eos_id)
-    w.add_unk_token_id(tokenizer.sp.unk_id())
-    if tokenizer.pad_id >= 0:
-        w.add_pad_token_id(tokenizer.pad_id)
-    w.add_add_bos_token(add_bos)
-    w.add_add_eos_token(add_eos)
-    w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
-    w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
+    if isinstance(tokenizer, JsonTokenizer):
+        bpe_vocabulary(w, tokenizer, config.vocab_size)
+    else:
+        sentencepiece_vocabulary(w, tokenizer, config.vocab_size, add_bos, add_eos)
     w.add_chat_template(chat_template)
 
     plan = [(n, t, heads, ggml_type(t, kind)) for n, t, heads in tensors(model)]

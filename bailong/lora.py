@@ -38,6 +38,9 @@ class LoRAConfig:
     dropout: float = 0.05
     rslora: bool = False
     targets: tuple = PROJECTIONS + ("embed_tokens", "lm_head")  # last component of module names
+    # as PEFT's save_pretrained(save_embedding_layers=True): the adapter also carries the embedding, for a
+    # tied one (no LoRA on it) whose vocabulary grew
+    save_embedding_layers: bool = False
 
     def scaling(self, r=None):
         r = r or self.r

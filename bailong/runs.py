@@ -156,7 +156,7 @@ def fingerprints(config, items, base_folder=None) -> dict:
     found = {"data": data.hexdigest()[:16]}
     if base_folder is not None:
         folder = Path(base_folder)
-        parts = [(folder / name).read_bytes() for name in ("config.json", "tokenizer.model")
+        parts = [(folder / name).read_bytes() for name in ("config.json", "tokenizer.model", "tokenizer.json")
                  if (folder / name).is_file()]
         parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
         found["model"] = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
@@ -239,7 +239,7 @@ def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
     from bailong.adapter import save_adapter
     with atomic_folder(folder) as tmp:
         save_adapter(model, tmp, lora_config, base_name)
-        (tmp / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+        tokenizer.save(tmp)
     return folder
 
 

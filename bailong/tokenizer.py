@@ -38,6 +38,13 @@ class Tokenizer:
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    def serialized(self) -> bytes:
+        return self.sp.serialized_model_proto()
+
+    def save(self, folder):
+        from bailong.files import atomic_write
+        atomic_write(Path(folder) / "tokenizer.model", self.serialized())
+
     def encode_chat(self, text, specials: dict) -> list[int]:
         """Ids of rendered chat text: the special-token strings it names (``specials``: bos_token...) as
         their ids, the rest encoded (SentencePiece reads "<s>" in text as plain characters)."""
@@ -62,16 +69,20 @@ class JsonTokenizer:
     tokenizer_config.json's strings beside the file (-1 where there is none).
     """
 
-    def __init__(self, file):
+    def __init__(self, file, text: str | None = None, settings: dict | None = None):
+        """From ``file``, or from its ``text`` when given (a tokenizer.json not yet written there), with
+        ``settings`` (tokenizer_config.json's content; default: the file beside it)."""
         from tokenizers import Tokenizer as Library
         self.path = Path(file)
         try:
-            self.tk = Library.from_file(str(file))
+            self.tk = Library.from_str(text) if text is not None else Library.from_file(str(file))
         except Exception as e:  # the library says what is wrong in its own exception type
             raise BailongError(f"{file}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else e!r})") \
                 from None
-        settings = self.path.with_name("tokenizer_config.json")
-        settings = read_json(settings) if settings.exists() else {}
+        if settings is None:
+            beside = self.path.with_name("tokenizer_config.json")
+            settings = read_json(beside) if beside.exists() else {}
+        self.settings = settings
 
         def special(name):
             token = settings.get(name)
@@ -90,6 +101,19 @@ class JsonTokenizer:
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+    def serialized(self) -> bytes:
+        return self.tk.to_str().encode()
+
+    def save(self, folder):
+        """tokenizer.json, and tokenizer_config.json (special tokens, chat template) when it has one."""
+        import json
+
+        from bailong.files import atomic_write
+        atomic_write(Path(folder) / "tokenizer.json", self.serialized())
+        if self.settings:
+            atomic_write(Path(folder) / "tokenizer_config.json", json.dumps(self.settings, indent=2,
+                                                                           ensure_ascii=False))
 
     def encode_chat(self, text, specials: dict) -> list[int]:
         return self.encode(text)  # the library finds the special tokens in the text itself

@@ -1,6 +1,7 @@
-"""Vocabulary extension: teach a SentencePiece tokenizer the pieces of a new language.
+"""Vocabulary extension: teach a tokenizer the pieces of a new language.
 
     python -m bailong.vocab extend --base tokenizer.model --corpus zh_tw/ --new-pieces 27241 --out extended.model
+    python -m bailong.vocab extend --base tokenizer.json --corpus zh_tw/ --new-pieces 20000 --out new/tokenizer.json
     python -m bailong.vocab compare-init --model meta-llama/Llama-2-7b-hf --base-tokenizer tokenizer.model \\
         --extended-tokenizer extended.model --text held_out.txt
 
@@ -9,7 +10,8 @@ fallback, digits split, no normalisation), keeps the pieces the base lacks (by
 default only pieces made of CJK characters), and appends them after the base's
 ids with scores below every base piece. SentencePiece's BPE merges the
 highest-scoring pair first, so on text without CJK characters nothing changes,
-and among the new pieces the trained merge order is kept.
+and among the new pieces the trained merge order is kept. A byte-level BPE
+tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 """
 import argparse
 import copy
@@ -27,7 +29,8 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 
 from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import atomic_write, check_output_file
-from bailong.tokenizer import Tokenizer
+from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer
+from bailong.vocab_bpe import extend_json
 
 # Llama 2's trainer settings, as its tokenizer.model records them
 LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
@@ -151,11 +154,15 @@ def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
 
 
 def is_tokenizer(path) -> bool:
-    """Whether ``path`` holds a SentencePiece model (what ``extend`` writes, so --overwrite may replace it)."""
+    """Whether ``path`` holds a SentencePiece model or a tokenizer.json (what ``extend`` writes, so
+    --overwrite may replace it)."""
     try:
-        return Path(path).stat().st_size < 64 << 20 and \
-            spm.SentencePieceProcessor(model_file=str(path)).vocab_size() > 0
-    except (OSError, RuntimeError):
+        if Path(path).stat().st_size > 64 << 20:
+            return False
+        if str(path).endswith(".json"):
+            return isinstance(json.loads(Path(path).read_text(encoding="utf-8")).get("model"), dict)
+        return spm.SentencePieceProcessor(model_file=str(path)).vocab_size() > 0
+    except (OSError, RuntimeError, ValueError, AttributeError):
         return False
 
 
@@ -163,7 +170,7 @@ def check_out(out, base, corpus, overwrite=False):
     """Refuse an --out that is the base tokenizer or in the corpus, a folder, or a file other than a
     tokenizer (or a tokenizer without --overwrite): before the corpus is read."""
     inputs = {"the base tokenizer": base, **{f"the corpus {c}": c for c in corpus}}
-    check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="SentencePiece model")
+    check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="tokenizer")
 
 
 def tokens_per_char(tokenizer: Tokenizer, texts) -> float:
@@ -171,22 +178,45 @@ def tokens_per_char(tokenizer: Tokenizer, texts) -> float:
 
 
 def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite=False):
-    """The ``extend`` command: train, merge, save, and report tokens per character."""
+    """The ``extend`` command: train, merge, save, and report tokens per character. A base ending in
+    .json is a byte-level BPE tokenizer.json (bailong/vocab_bpe.py); any other a SentencePiece model."""
     check_out(out, base, corpus, overwrite)
-    base_proto = load_proto(base)
+    bpe = str(base).endswith(".json")
+    if bpe:
+        before = JsonTokenizer(base, read_text(base))
+    else:
+        base_proto = load_proto(base)
+        before = Tokenizer(model_proto=base_proto.SerializeToString())
     texts = read_corpus(corpus)
     cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
     train, test = texts[:cut], texts[cut:] or texts
-    extended, added = add_pieces(base_proto, train, new_pieces, cjk_only)
-    atomic_write(out, extended.SerializeToString())
-    before, after = Tokenizer(base), Tokenizer(model_proto=extended.SerializeToString())
+    if bpe:
+        text, added = extend_json(read_text(base), train, new_pieces, cjk_only, base)
+        if len(added) < new_pieces:
+            raise BailongError(f"the corpus yields only {len(added)} new {'CJK ' if cjk_only else ''}tokens; "
+                               f"{new_pieces} were asked for (add text or ask for fewer)")
+        after = JsonTokenizer(out, text)
+        atomic_write(out, text)
+    else:
+        extended, added = add_pieces(base_proto, train, new_pieces, cjk_only)
+        after = Tokenizer(model_proto=extended.SerializeToString())
+        atomic_write(out, extended.SerializeToString())
     b, a = tokens_per_char(before, test), tokens_per_char(after, test)
-    print(f"added {len(added)} pieces ({len(base_proto.pieces)} -> {len(extended.pieces)}), e.g. "
-          f"{' '.join(added[:12])}")
+    whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character
+    print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}), e.g. {' '.join(whole[:12])}")
     print(f"held-out text ({sum(map(len, test))} characters): {b:.3f} -> {a:.3f} tokens per character "
           f"({b / a:.2f}x fewer tokens)")
     print(f"wrote {out}")
     return added
+
+
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BailongError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BailongError(f"{path}: cannot be read as text ({e})") from None
 
 
 def first_chars(texts, max_chars):
@@ -220,7 +250,9 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     from bailong.weights import load
     from bailong.zip_tie import METHODS, extend_model
     texts = first_chars(read_corpus([text]), max_chars)
-    base, extended = Tokenizer(base_tokenizer), Tokenizer(extended_tokenizer)
+    base, extended = open_tokenizer(base_tokenizer), open_tokenizer(extended_tokenizer)
+    if extended.bos_id < 0:  # a tokenizer.json written alone: extension keeps the base's special tokens
+        extended.bos_id, extended.eos_id = base.bos_id, base.eos_id
     model, _ = load(model_path)
     print(f"{sum(map(len, texts))} characters; tokens per character {tokens_per_char(base, texts):.3f} (base) "
           f"-> {tokens_per_char(extended, texts):.3f} (extended)")
@@ -238,10 +270,10 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("extend", help="train on a corpus and add its new pieces to a base tokenizer",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--base", required=True, help="the base tokenizer.model")
+    e.add_argument("--base", required=True, help="the base tokenizer.model, or a byte-level BPE tokenizer.json")
     e.add_argument("--corpus", required=True, nargs="+", help="text files, jsonl files or folders")
     e.add_argument("--new-pieces", type=int, required=True)
-    e.add_argument("--out", required=True, help="where to write the extended tokenizer.model (a new file)")
+    e.add_argument("--out", required=True, help="where to write the extended tokenizer (a new file)")
     e.add_argument("--overwrite", action="store_true", help="replace --out when it is a tokenizer already")
     e.add_argument("--all-pieces", action="store_true", help="keep non-CJK pieces too")
     e.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the report")

@@ -45,8 +45,14 @@ def piece_ids(base, extended) -> dict[int, list[int]]:
     """For each id the extended tokenizer adds, the ids the base tokenizer gives its text.
 
     The text is encoded on its own, without SentencePiece's dummy leading space,
-    so a piece "臺灣" maps to its bytes and "▁臺灣" to "▁" plus its bytes.
+    so a piece "臺灣" maps to its bytes and "▁臺灣" to "▁" plus its bytes. A
+    byte-level BPE token's bytes go through the base's BPE model alone (no
+    pre-tokenizer), which is how the base splits them inside a word.
     """
+    from bailong.tokenizer import JsonTokenizer
+    if isinstance(base, JsonTokenizer):
+        return {new_id: [t.id for t in base.tk.model.tokenize(extended.tk.id_to_token(new_id))]
+                for new_id in range(base.vocab_size, extended.vocab_size)}
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as pb
     proto = pb.ModelProto()

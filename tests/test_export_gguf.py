@@ -189,17 +189,21 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
         (base / "tokenizer.model").write_bytes(changed.SerializeToString())
         with pytest.raises(BailongError, match=re.escape(expected)):
             export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    from test_tokenizer_json import SPLIT, bpe_folder
     (base / "tokenizer.model").unlink()
-    from test_tokenizer_json import bpe_folder
-    bpe_folder(base)  # a byte-level BPE tokenizer.json, as Llama 3 ships
+    bpe_folder(base)  # a byte-level BPE tokenizer.json, with a pre-tokenizer llama.cpp does not know by name
+    (base / "tokenizer.json").write_text((base / "tokenizer.json").read_text().replace(
+        json.dumps(SPLIT)[1:-1], json.dumps(SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))[1:-1]))
+    with pytest.raises(BailongError, match=re.escape("tokenizer.json: a pre-tokenizer or normalizer llama.cpp "
+                                                      "does not know by name")):
+        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    (base / "tokenizer.json").unlink()
+    with pytest.raises(BailongError, match=re.escape("no tokenizer.model or tokenizer.json; a GGUF file carries")):
+        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
                                                   "model_type": "mistral"}))
     with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
-        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
-    (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BailongError, match=re.escape("no tokenizer.model (only tokenizer.json: byte-level BPE is "
-                                                      "not written to GGUF yet)")):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     assert not (tmp_path / "model.gguf").exists()
 

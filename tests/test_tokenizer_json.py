@@ -111,11 +111,116 @@ def test_a_broken_tokenizer_json_is_one_line(tmp_path):
         open_tokenizer(tmp_path)
 
 
-def test_training_such_a_model_is_refused_in_one_line(llama3, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(llama3), "--steps", "1",
-                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == f"error: {llama3}: its tokenizer is byte-level BPE " \
-        "(tokenizer.json); training needs a SentencePiece tokenizer.model (byte-level BPE models load and chat, " \
-        "but are not trained yet)"
-    assert not (tmp_path / "run").exists()
+def test_extension_keeps_every_old_id_and_every_non_chinese_tokenization(tmp_path):
+    """vocab extend on a tokenizer.json: merges continued on Chinese text, appended after the base's."""
+    from bailong.vocab import main as vocab_main
+    from bailong.vocab_bpe import byte_of
+    from bailong.zip_tie import piece_ids
+    base_file = bpe_folder(tmp_path / "base", vocab_size=500) / "tokenizer.json"
+    out = tmp_path / "extended" / "tokenizer.json"
+    vocab_main(["extend", "--base", str(base_file), "--corpus", str(ROOT / "bailong" / "data" / "zh_tw_sample.txt"),
+                "--new-pieces", "120", "--out", str(out)])
+    before, after = json.loads(base_file.read_text())["model"], json.loads(out.read_text())["model"]
+    assert all(after["vocab"][t] == i for t, i in before["vocab"].items())  # every old id kept
+    assert after["merges"][:len(before["merges"])] == before["merges"] and len(after["vocab"]) == 620
+    base, ext = JsonTokenizer(base_file), JsonTokenizer(out, settings=JsonTokenizer(base_file).settings)
+    english = (ROOT / "bailong" / "data" / "en_sample.txt").read_text()
+    for text in [english, TEXTS[0], "😀🎉 — ñandú façade ∑∫ 𠮷", "Ünïcödé\ttabs  and   spaces\n"]:
+        assert ext.encode(text) == base.encode(text)  # no CJK character: not one token changes
+    for text in TEXTS:
+        assert ext.decode(ext.encode(text)) == text
+    assert len(ext.encode(TEXTS[1])) < len(base.encode(TEXTS[1]))
+    (out.parent / "tokenizer_config.json").write_text((base_file.parent / "tokenizer_config.json").read_text())
+    theirs = AutoTokenizer.from_pretrained(out.parent)  # transformers reads the written file alike
+    for text in TEXTS:
+        assert theirs(text).input_ids == ext.encode(text, bos=True)
+    mapping = piece_ids(base, ext)  # zip-tie's sources: the base tokens of each new token's bytes
+    assert sorted(mapping) == list(range(500, 620))
+    lead = byte_of()
+    for new_id, ids in mapping.items():
+        assert "".join(base.tk.id_to_token(i) for i in ids) == ext.tk.id_to_token(new_id) and len(ids) >= 2
+        assert lead[ext.tk.id_to_token(new_id)[0]] in range(0xE3, 0xEA)
+
+
+def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
+    from bailong.errors import run_cli
+    from bailong.vocab import main as vocab_main
+    base = bpe_folder(tmp_path / "base") / "tokenizer.json"
+    wordpiece = tmp_path / "wordpiece.json"
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(wordpiece))
+    corpus = str(ROOT / "bailong" / "data" / "zh_tw_sample.txt")
+    for argv, expected in [
+            (["--base", str(wordpiece), "--new-pieces", "5", "--out", str(tmp_path / "a.json")],
+             f"error: {wordpiece}: not a byte-level BPE tokenizer.json (model 'WordPiece')"),
+            (["--base", str(base), "--new-pieces", "100000", "--out", str(tmp_path / "b.json")],
+             "error: the corpus yields only "),
+            (["--base", str(base), "--new-pieces", "5", "--out", str(base)],
+             f"error: {base}: is the base tokenizer; --out must name a file apart from the inputs")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(vocab_main, ["extend", "--corpus", corpus, *argv])
+        assert exit_.value.code in (1, 2) and capsys.readouterr().err.startswith(expected)
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_compare_init_measures_a_bpe_model(llama3, tmp_path, capsys):
+    from bailong.vocab import main as vocab_main
+    from bailong.zip_tie import METHODS
+    out = tmp_path / "extended.json"
+    corpus = str(ROOT / "bailong" / "data" / "zh_tw_sample.txt")
+    vocab_main(["extend", "--base", str(llama3 / "tokenizer.json"), "--corpus", corpus, "--new-pieces", "50",
+                "--out", str(out)])
+    capsys.readouterr()
+    vocab_main(["compare-init", "--model", str(llama3), "--base-tokenizer", str(llama3 / "tokenizer.json"),
+                "--extended-tokenizer", str(out), "--text", corpus, "--max-chars", "400"])
+    printed = capsys.readouterr().out
+    for method in METHODS:
+        assert f"extended, {method}" in printed
+    assert "nan" not in printed
+
+
+def test_both_stages_run_on_a_tied_bpe_model_and_chat_in_its_template(llama3, tmp_path):
+    """Pre-training extends the tokenizer.json and keeps the tied embedding (with its new rows) in the
+    adapter; SFT learns the model's own chat template, which chat.py then uses; the merged export carries
+    the extended tokenizer.json, which transformers reads with the same ids."""
+    run, sft = tmp_path / "run", tmp_path / "sft"
+    common = ["--steps", "4", "--eval-every", "2", "--save-every", "2"]
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(llama3), "--new-pieces", "30",
+                             *common, "--out", str(run)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tied embeddings: LoRA on the projections only; the embedding" in result.stdout + result.stderr
+    model, tok = bailong.load(run, device="cpu")
+    assert isinstance(tok, JsonTokenizer) and tok.vocab_size == model.config.vocab_size == 730
+    assert (tok.bos_id, tok.eos_id) == (0, 4) and tok.settings["chat_template"] == LLAMA3_TEMPLATE
+    export = subprocess.run([sys.executable, "-m", "bailong.export", "--base", str(run), "--out",
+                             str(tmp_path / "merged")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert export.returncode == 0, export.stderr[-2000:]
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert theirs(TEXTS[1]).input_ids == tok.encode(TEXTS[1], bos=True)
+    from bailong.export import main as export_main
+    from test_export_gguf import compare_with_llama_cpp
+    assert export_main(["--base", str(run), "--out", str(tmp_path / "run.gguf"), "--type", "f32"]) == 0
+    compare_with_llama_cpp(tmp_path / "run.gguf", model, tok, 1e-5, True)  # the extended vocabulary, in llama.cpp
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--stage", "sft", "--init", str(run), *common,
+                             "--out", str(sft)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "chat format: the model's chat_template" in result.stdout + result.stderr
+    chat = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(sft), "--prompt", "臺灣的夜市", "--temperature",
+                           "0", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and "tokens, " in chat.stderr, chat.stderr
+
+
+def test_an_sft_example_in_the_template_is_transformers_ids_with_the_answers_learned(llama3):
+    from bailong.chat_template import model_template, template_example
+    tok = open_tokenizer(llama3)
+    messages = [{"role": "system", "content": "用繁體中文回答。"}, {"role": "user", "content": "臺灣的夜市?"},
+                {"role": "assistant", "content": "很熱鬧。"}, {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": "Food, 小吃 and lights."}]
+    ids, labels = template_example(tok, model_template(tok), messages)
+    expected = AutoTokenizer.from_pretrained(llama3).apply_chat_template(messages, tokenize=True)
+    expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+    assert ids == list(expected)
+    learned = [i for i, label in zip(ids, labels) if label != -100]
+    assert learned == tok.encode("很熱鬧。") + [4] + tok.encode("Food, 小吃 and lights.") + [4]

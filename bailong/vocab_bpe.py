@@ -1,0 +1,115 @@
+"""Vocabulary extension for byte-level BPE tokenizers (tokenizer.json: Llama 3, SmolLM2).
+
+BPE continued: each word of the corpus is first split as the base tokenizer
+splits it, then the most frequent pair of neighbouring tokens is merged, again
+and again, and each merge is kept in order. The new tokens get ids after every
+existing id (special tokens included) and their merges follow the base's. A BPE
+tokenizer applies merges by rank, so on new text it first applies all the base's
+merges, reaching the base's tokens, then the new ones in the order they were
+learned: the replay of training. By default only pairs whose left token starts
+with the first byte of a character in U+3000..U+9FFF (CJK punctuation, kana and
+ideographs) are merged, so text without such characters never meets a new merge
+and keeps the base's tokens exactly.
+"""
+import heapq
+import json
+from collections import Counter, defaultdict
+
+from bailong.errors import BailongError
+
+CJK_LEAD = range(0xE3, 0xEA)  # the first UTF-8 byte of U+3000..U+9FFF
+
+
+def byte_of():
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), reversed: char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def check_byte_level(data: dict, source):
+    model, pre = data.get("model") or {}, json.dumps(data.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
+        raise BailongError(f"{source}: not a byte-level BPE tokenizer.json (model {model.get('type')!r}); "
+                           "extend a SentencePiece model as a tokenizer.model instead")
+
+
+def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]]:
+    """Merges continuing ``base`` (a tokenizers.Tokenizer) on ``texts`` until ``new_tokens`` tokens the base
+    lacks are made (or no pair occurs twice)."""
+    lead = byte_of()
+    words = Counter()
+    for text in texts:
+        text = base.normalizer.normalize_str(text) if base.normalizer else text
+        words.update(piece for piece, _ in base.pre_tokenizer.pre_tokenize_str(text))
+    seqs = [[t.value for t in base.model.tokenize(word)] for word in words]
+    counts = list(words.values())
+    known = set(base.get_vocab())
+
+    def allowed(pair):
+        return not cjk_only or lead.get(pair[0][0], 0) in CJK_LEAD
+
+    pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> words holding it
+
+    def count(i, sign):  # add (+1) or remove (-1) the pairs of word i
+        for pair in zip(seqs[i], seqs[i][1:]):
+            if allowed(pair):
+                pairs[pair] += sign * counts[i]
+                if sign > 0:
+                    where[pair].add(i)
+                    heapq.heappush(heap, (-pairs[pair], pair))
+
+    heap = []
+    for i in range(len(seqs)):
+        count(i, +1)
+    merges, made = [], 0
+    while made < new_tokens and heap:
+        negative, pair = heapq.heappop(heap)
+        if -negative != pairs[pair]:
+            continue  # a stale entry: the pair's count has changed since
+        if pairs[pair] < 2:
+            break
+        merges.append(pair)
+        merged = pair[0] + pair[1]
+        if merged not in known:
+            known.add(merged)
+            made += 1
+        for i in where.pop(pair):
+            count(i, -1)
+            seq, out, j = seqs[i], [], 0
+            while j < len(seq):
+                if j + 1 < len(seq) and (seq[j], seq[j + 1]) == pair:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(seq[j])
+                    j += 1
+            seqs[i] = out
+            count(i, +1)
+        del pairs[pair]
+    return merges
+
+
+def extend_json(base_text: str, texts, new_tokens, cjk_only=True, source="tokenizer.json") -> tuple[str, list[str]]:
+    """The tokenizer.json ``base_text`` extended on ``texts``: (its new text, the added tokens as text)."""
+    from tokenizers import Tokenizer
+    data = json.loads(base_text)
+    check_byte_level(data, source)
+    merges = learn_merges(Tokenizer.from_str(base_text), texts, new_tokens, cjk_only)
+    vocab, lead = data["model"]["vocab"], byte_of()
+    next_id = 1 + max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))])
+    added = []
+    as_strings = bool(data["model"]["merges"]) and isinstance(data["model"]["merges"][0], str)
+    for left, right in merges:
+        if left + right not in vocab:
+            vocab[left + right] = next_id
+            next_id += 1
+            added.append(bytes(lead[c] for c in left + right).decode(errors="replace"))
+        data["model"]["merges"].append(f"{left} {right}" if as_strings else [left, right])
+    return json.dumps(data, ensure_ascii=False), added
