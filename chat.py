@@ -42,7 +42,7 @@ def parse_args(argv):
                                             f"(default: {DEFAULT_MODEL})")
     p.add_argument("--preset", help="instead of a model: random weights of a preset (e.g. tiny)")
     p.add_argument("--adapter", help="a PEFT LoRA adapter folder or repo id to apply to the model")
-    p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model folder's")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the model folder's")
     p.add_argument("--template", choices=["auto", "llama2", "model"], default="auto",
                    help="chat format: the model's chat_template (model), Llama 2's, or the model's when it has one")
     p.add_argument("--prompt", help="answer this one message and exit")

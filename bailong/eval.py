@@ -45,7 +45,7 @@ def perplexity(model_path, text, max_chars=200_000):
     texts = read_corpus([text])
     model, tokenizer = load(model_path)
     if tokenizer is None:
-        raise BailongError(f"{model_path}: no tokenizer.model")
+        raise BailongError(f"{model_path}: no tokenizer.model or tokenizer.json")
     kept = first_chars(texts, max_chars)
     total = sum(map(len, kept))
     nats_per_char = loss_per_char(model, tokenizer, kept)
@@ -112,7 +112,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     items = read_bench(questions)
     model, tokenizer = load(model_path)
     if tokenizer is None:
-        raise BailongError(f"{model_path}: no tokenizer.model")
+        raise BailongError(f"{model_path}: no tokenizer.model or tokenizer.json")
     folder = resolve(str(model_path))
     conversation = Chat(model, tokenizer, model_template(tokenizer, folder),
                                  Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0), max_new_tokens)

@@ -52,47 +52,62 @@ def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]
     counts = list(words.values())
     known = set(base.get_vocab())
 
+    starts_cjk = {}  # token -> whether its first byte starts a CJK character
+
     def allowed(pair):
-        return not cjk_only or lead.get(pair[0][0], 0) in CJK_LEAD
+        left = pair[0]
+        if left not in starts_cjk:
+            starts_cjk[left] = lead.get(left[0], 0) in CJK_LEAD
+        return not cjk_only or starts_cjk[left]
 
-    pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> words holding it
+    pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> words that held it
+    changed = set()  # pairs whose count moved since the heap last heard of them
 
-    def count(i, sign):  # add (+1) or remove (-1) the pairs of word i
-        for pair in zip(seqs[i], seqs[i][1:]):
-            if allowed(pair):
-                pairs[pair] += sign * counts[i]
-                if sign > 0:
-                    where[pair].add(i)
-                    heapq.heappush(heap, (-pairs[pair], pair))
+    def add(pair, n, word):
+        if allowed(pair):
+            pairs[pair] += n
+            changed.add(pair)
+            if n > 0:
+                where[pair].add(word)
 
-    heap = []
-    for i in range(len(seqs)):
-        count(i, +1)
+    for i, seq in enumerate(seqs):
+        for pair in zip(seq, seq[1:]):
+            add(pair, counts[i], i)
+    heap = [(-n, pair) for pair, n in pairs.items()]  # the most frequent pair on top; stale entries skipped
+    heapq.heapify(heap)
     merges, made = [], 0
     while made < new_tokens and heap:
         negative, pair = heapq.heappop(heap)
-        if -negative != pairs[pair]:
+        if -negative != pairs.get(pair):
             continue  # a stale entry: the pair's count has changed since
         if pairs[pair] < 2:
             break
         merges.append(pair)
-        merged = pair[0] + pair[1]
+        (a, b), merged = pair, pair[0] + pair[1]
         if merged not in known:
             known.add(merged)
             made += 1
-        for i in where.pop(pair):
-            count(i, -1)
-            seq, out, j = seqs[i], [], 0
+        changed.clear()
+        for i in where.pop(pair):  # each occurrence: its neighbours now pair with the merged token
+            seq, n, out, j = seqs[i], counts[i], [], 0
             while j < len(seq):
-                if j + 1 < len(seq) and (seq[j], seq[j + 1]) == pair:
+                if j + 1 < len(seq) and seq[j] == a and seq[j + 1] == b:
+                    if out:
+                        add((out[-1], a), -n, i)
+                        add((out[-1], merged), n, i)
+                    if j + 2 < len(seq):
+                        add((b, seq[j + 2]), -n, i)
+                        add((merged, seq[j + 2]), n, i)
                     out.append(merged)
                     j += 2
                 else:
                     out.append(seq[j])
                     j += 1
             seqs[i] = out
-            count(i, +1)
         del pairs[pair]
+        for p in changed - {pair}:
+            if pairs[p] > 0:
+                heapq.heappush(heap, (-pairs[p], p))
     return merges
 
 
