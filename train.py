@@ -135,10 +135,11 @@ def main(argv=None):
                 if part:
                     tokenize(tokenizer, part, out / "cache", config.workers, template)
         dist.barrier()
+    pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
     data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers, template), config.seq_len,
-                     tokenizer.eos_id)
+                     pad_id)
     held_out = TokenData(*tokenize(tokenizer, eval_items, out / "cache", config.workers, template), config.seq_len,
-                         tokenizer.eos_id, "held-out data") if eval_items else None
+                         pad_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)

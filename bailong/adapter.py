@@ -39,11 +39,13 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
     tensors = {PREFIX + k: v.contiguous() for k, v in lora_state_dict(model).items()}
     targets = set()
     for name, m in model.named_modules():
-        if isinstance(m, (LoRALinear, LoRAEmbedding)):
+        wrapped = isinstance(m, (LoRALinear, LoRAEmbedding))
+        if wrapped:
             targets.add(name.rsplit(".", 1)[-1])
-        if name.endswith(("embed_tokens", "lm_head")) and (isinstance(m, (LoRALinear, LoRAEmbedding)) or (
-                config.save_embedding_layers and name.endswith("embed_tokens"))):  # the full weight, as PEFT
+        if name.endswith(("embed_tokens", "lm_head")) and wrapped:  # as PEFT: the full weight, resized or not
             tensors[f"{PREFIX}{name}.base_layer.weight"] = m.weight.detach().contiguous()
+        elif name.endswith("embed_tokens") and config.save_embedding_layers:  # no LoRA on it: PEFT's key
+            tensors[f"{PREFIX}{name}.weight"] = m.weight.detach().contiguous()
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
                    "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),
                    "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
@@ -82,9 +84,11 @@ def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
     for key, tensor in tensors.items():
         match = re.fullmatch(re.escape(PREFIX) + r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                              r"lora_embedding_B|base_layer\.weight)", key)
-        if not match:
+        whole = re.fullmatch(re.escape(PREFIX) + r"(.*(?:embed_tokens|lm_head))\.weight", key)  # no LoRA on it
+        if not (match or whole):
             raise BailongError(f"{file}: key {key} is not a LoRA weight in PEFT's layout")
-        modules.setdefault(match[1], {})[match[2]] = (key, tensor)
+        name, part = (match[1], match[2]) if match else (whole[1], "base_layer.weight")
+        modules.setdefault(name, {})[part] = (key, tensor)
     _grow_vocabulary(model, modules, folder)
     for name, parts in modules.items():
         _check_fits(model, name, parts, file)

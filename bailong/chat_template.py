@@ -125,6 +125,19 @@ def template_in(config: dict, file) -> tuple[str, dict] | None:
     return template, specials
 
 
+def turn_end_ids(tokenizer, template) -> set[int]:
+    """The special tokens a template puts after an answer's text (<|eot_id|>, <|im_end|>): where an answer
+    ends. Found by rendering a one-exchange conversation; empty if the template refuses it."""
+    import jinja2
+    try:
+        _, labels = template_example(tokenizer, template, [{"role": "user", "content": "Hi"},
+                                                           {"role": "assistant", "content": "Yes"}])
+    except (ValueError, jinja2.TemplateError):
+        return set()
+    answer, text = [i for i in labels if i != -100], tokenizer.encode("Yes")
+    return {i for i in answer[len(text):] if tokenizer.decode([i]) == ""}  # special tokens decode to nothing
+
+
 def template_example(tokenizer, template, messages) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation in the model's own chat template, and its labels: what the
     template adds for each assistant message after the generation prompt (the answer and its end-of-turn

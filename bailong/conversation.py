@@ -4,7 +4,7 @@ import sys
 import time
 from pathlib import Path
 
-from bailong.chat_template import fit_prompt, llama2_ids, render_jinja
+from bailong.chat_template import fit_prompt, llama2_ids, render_jinja, turn_end_ids
 from bailong.errors import BailongError
 from bailong.files import atomic_write
 from bailong.generate import generate
@@ -18,6 +18,10 @@ class Chat:
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.messages = [{"role": "system", "content": system}] if system else []
         self.saved = set()  # files this conversation wrote, which /save may update
+        # an answer ends at the model's eos, the tokenizer's, or the end-of-turn token its template puts after
+        # an answer (<|eot_id|>), which SFT in that template taught it
+        self.stop_ids = set(model.config.eos_token_id) | {tokenizer.eos_id} - {-1} | (
+            turn_end_ids(tokenizer, template) if template else set())
 
     def encode(self, messages):
         if self.template is None:
@@ -45,13 +49,13 @@ class Chat:
         stream, reply = self.tokenizer.stream(), []
 
         def on_token(i):
-            if i not in self.model.config.eos_token_id:
+            if i not in self.stop_ids:
                 print(stream.put(i), end="", flush=True, file=out)
                 reply.append(i)
 
         start = time.perf_counter()
         try:
-            generate(self.model, ids, self.max_new_tokens, self.sampling, on_token=on_token)
+            generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
         except KeyboardInterrupt:
             print(" [stopped]", end="", file=out)
         print(stream.flush(), flush=True, file=out)

@@ -24,6 +24,7 @@ from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.generate import model_sampling
 from bailong.lora import merge_lora
+from bailong.tokenizer import open_tokenizer
 from bailong.weights import load, resolve, save, training_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,13 +67,17 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     for what, folder in [("the base model", base_folder), ("the adapter", adapter_folder)]:
         if folder and overlaps(out, folder):
             raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
+    if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
+        from bailong.export_gguf import check_tokenizer
+        tokenizer = next((t for t in map(open_tokenizer, folders) if t), None)
+        if tokenizer is None:
+            raise BailongError(f"{base_folder}: no tokenizer.model or tokenizer.json; a GGUF file carries the "
+                               "model's tokenizer")
+        check_tokenizer(tokenizer)
     model, tokenizer = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)
     merge_lora(model, dtype)
     if format == "gguf":
         from bailong.export_gguf import write_gguf
-        if tokenizer is None:
-            raise BailongError(f"{base_folder}: no tokenizer.model or tokenizer.json; a GGUF file carries the "
-                               "model's tokenizer")
         folder = next((f for f in folders if (f / "tokenizer_config.json").exists()), None)
         settings = read_json(folder / "tokenizer_config.json") if folder else {}
         template = jinja_template(folder) if folder else None  # a template that does not parse is refused

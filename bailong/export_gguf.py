@@ -44,20 +44,39 @@ def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, d // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+def check_tokenizer(tokenizer):
+    """A one-line refusal for a tokenizer llama.cpp would not reproduce (callable before the model loads).
+    Returns what the vocabulary is written from: the SentencePiece model, or the tokenizer.json's content
+    and the name llama.cpp knows its pre-tokenizer by."""
+    import json
+    if not isinstance(tokenizer, JsonTokenizer):
+        source, proto = tokenizer.path or "the tokenizer", tokenizer.proto()
+        if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+            kind = pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+            raise BailongError(f"{source}: a {kind} SentencePiece model; llama.cpp's Llama tokenizer reproduces "
+                               "BPE models only, so the GGUF file would tokenize differently")
+        normalizer = proto.normalizer_spec.name
+        if normalizer not in ("identity", "") or proto.normalizer_spec.precompiled_charsmap:
+            raise BailongError(f"{source}: normalizes text ({normalizer}), which llama.cpp's Llama tokenizer does "
+                               "not do, so the GGUF file would tokenize differently")
+        return proto
+    from bailong.vocab_bpe import check_byte_level
+    data = json.loads(tokenizer.serialized())
+    check_byte_level(data, tokenizer.path)
+    pre = data.get("pre_tokenizer") or {}
+    parts = tuple((p.get("type"), p.get("pattern", {}).get("Regex"), p.get("behavior"), p.get("invert"),
+                   p.get("use_regex"), p.get("add_prefix_space")) for p in pre.get("pretokenizers", [pre]))
+    name = PRE_TOKENIZERS.get(parts)
+    if data.get("normalizer") or name is None:
+        raise BailongError(f"{tokenizer.path}: a pre-tokenizer or normalizer llama.cpp does not know by name, so "
+                           "the GGUF file would tokenize differently (known: Llama 3's)")
+    return data, name
+
+
 def sentencepiece_vocabulary(w, tokenizer, vocab_size, add_bos, add_eos):
-    """Every SentencePiece piece with its score and type, for llama.cpp's "llama" tokenizer; a one-line
-    refusal for a model that tokenizer would not reproduce."""
+    """Every SentencePiece piece with its score and type, for llama.cpp's "llama" tokenizer."""
     import gguf
-    source = tokenizer.path or "the tokenizer"
-    proto = tokenizer.proto()
-    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
-        kind = pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
-        raise BailongError(f"{source}: a {kind} SentencePiece model; llama.cpp's Llama tokenizer reproduces BPE "
-                           "models only, so the GGUF file would tokenize differently")
-    normalizer = proto.normalizer_spec.name
-    if normalizer not in ("identity", "") or proto.normalizer_spec.precompiled_charsmap:
-        raise BailongError(f"{source}: normalizes text ({normalizer}), which llama.cpp's Llama tokenizer does not "
-                           "do, so the GGUF file would tokenize differently")
+    proto = check_tokenizer(tokenizer)
     w.add_tokenizer_model("llama")
     pieces = [p.piece.encode() for p in proto.pieces]
     scores = [p.score for p in proto.pieces]
@@ -80,28 +99,19 @@ def sentencepiece_vocabulary(w, tokenizer, vocab_size, add_bos, add_eos):
     w.add_remove_extra_whitespaces(proto.normalizer_spec.remove_extra_whitespaces)
 
 
-# The pre-tokenizer splits llama.cpp knows by name (it tells them apart by name, not by their regex).
+# The pre-tokenizers llama.cpp knows by name (it tells them apart by name, not by their settings): each as
+# the (type, regex, behavior, invert, use_regex, add_prefix_space) of its parts.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {(LLAMA3_SPLIT,): "llama-bpe"}
+PRE_TOKENIZERS = {(("Split", LLAMA3_SPLIT, "Isolated", False, None, None),
+                   ("ByteLevel", None, None, None, False, False)): "llama-bpe"}
 
 
 def bpe_vocabulary(w, tokenizer, vocab_size):
     """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" tokenizer: tokens, types, merges, and the
-    name llama.cpp knows its pre-tokenizer by; a one-line refusal for one it does not know."""
-    import json
-
+    name llama.cpp knows its pre-tokenizer by."""
     import gguf
-
-    from bailong.vocab_bpe import check_byte_level
-    data = json.loads(tokenizer.serialized())
-    check_byte_level(data, tokenizer.path)
-    pre = data.get("pre_tokenizer") or {}
-    splits = tuple(p["pattern"].get("Regex") for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split")
-    name = PRE_TOKENIZERS.get(splits)
-    if data.get("normalizer") or name is None:
-        raise BailongError(f"{tokenizer.path}: a pre-tokenizer or normalizer llama.cpp does not know by name, so "
-                           "the GGUF file would tokenize differently (known: Llama 3's)")
+    data, name = check_tokenizer(tokenizer)
     by_id = {i: t for t, i in tokenizer.tk.get_vocab(with_added_tokens=True).items()}
     added = tokenizer.tk.get_added_tokens_decoder()
     T = gguf.TokenType

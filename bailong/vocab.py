@@ -251,6 +251,9 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     from bailong.zip_tie import METHODS, extend_model
     texts = first_chars(read_corpus([text]), max_chars)
     base, extended = open_tokenizer(base_tokenizer), open_tokenizer(extended_tokenizer)
+    if type(base) is not type(extended):
+        raise BailongError(f"{extended_tokenizer}: not the same kind of tokenizer as {base_tokenizer} (an "
+                           "extension of a tokenizer.model is a tokenizer.model, of a tokenizer.json a tokenizer.json)")
     if extended.bos_id < 0:  # a tokenizer.json written alone: extension keeps the base's special tokens
         extended.bos_id, extended.eos_id = base.bos_id, base.eos_id
     model, _ = load(model_path)

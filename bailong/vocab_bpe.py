@@ -9,7 +9,9 @@ merges, reaching the base's tokens, then the new ones in the order they were
 learned: the replay of training. By default only pairs whose left token starts
 with the first byte of a character in U+3000..U+9FFF (CJK punctuation, kana and
 ideographs) are merged, so text without such characters never meets a new merge
-and keeps the base's tokens exactly.
+and keeps the base's tokens exactly. A pair that would make a token the base
+already has is never merged: every new merge makes a new token, which no base
+merge takes as input, so the base's merges always finish before the new ones.
 """
 import heapq
 import json
@@ -50,7 +52,9 @@ def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]
         words.update(piece for piece, _ in base.pre_tokenizer.pre_tokenize_str(text))
     seqs = [[t.value for t in base.model.tokenize(word)] for word in words]
     counts = list(words.values())
-    known = set(base.get_vocab())
+    in_base = set(base.get_vocab())
+    known = set(in_base)
+    banned = set()  # pairs that would make a token the base already has (see below)
 
     starts_cjk = {}  # token -> whether its first byte starts a CJK character
 
@@ -64,7 +68,7 @@ def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]
     changed = set()  # pairs whose count moved since the heap last heard of them
 
     def add(pair, n, word):
-        if allowed(pair):
+        if allowed(pair) and pair not in banned:
             pairs[pair] += n
             changed.add(pair)
             if n > 0:
@@ -82,8 +86,13 @@ def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]
             continue  # a stale entry: the pair's count has changed since
         if pairs[pair] < 2:
             break
-        merges.append(pair)
         (a, b), merged = pair, pair[0] + pair[1]
+        if merged in in_base:  # the base would go on merging that token with its own merges, which this
+            banned.add(pair)   # replay does not foresee, and the pair may even be a base merge: skip it
+            del pairs[pair]
+            where.pop(pair, None)
+            continue
+        merges.append(pair)
         if merged not in known:
             known.add(merged)
             made += 1

@@ -99,7 +99,8 @@ def init_new_rows(model, mapping: dict[int, list[int]], method="zip-tie", seed=0
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
     old = min(mapping)
     generator = torch.Generator().manual_seed(seed)
-    for rows, is_head in ((embed, False), (head, True)):
+    tied = head.data_ptr() == embed.data_ptr()  # one matrix: its rows follow the embedding's rule
+    for rows, is_head in ((embed, False),) + (() if tied else ((head, True),)):
         known = rows[:old].float()
         for new_id, ids in sorted(mapping.items()):
             if method == "mean-all":

@@ -189,6 +189,13 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
         (base / "tokenizer.model").write_bytes(changed.SerializeToString())
         with pytest.raises(BailongError, match=re.escape(expected)):
             export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    (base / "tokenizer.model").write_bytes(proto.SerializeToString())
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
+                                                  "model_type": "mistral"}))
+    with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
+        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
+    (base / "config.json").write_text(json.dumps(config))
     from test_tokenizer_json import SPLIT, bpe_folder
     (base / "tokenizer.model").unlink()
     bpe_folder(base)  # a byte-level BPE tokenizer.json, with a pre-tokenizer llama.cpp does not know by name
@@ -199,11 +206,6 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "tokenizer.json").unlink()
     with pytest.raises(BailongError, match=re.escape("no tokenizer.model or tokenizer.json; a GGUF file carries")):
-        export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
-    config = json.loads((base / "config.json").read_text())
-    (base / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"],
-                                                  "model_type": "mistral"}))
-    with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     assert not (tmp_path / "model.gguf").exists()
 

@@ -210,3 +210,31 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_tied_embedding_that_grew_travels_in_peft_keys(tmp_path):
+    """A tied model (no LoRA on its shared embedding) whose vocabulary grew keeps the grown embedding in the
+    adapter under PEFT's own key (save_embedding_layers): PEFT reads ours, and we read PEFT's."""
+    from bailong.tokenizer import byte_tokenizer
+    from bailong.zip_tie import resize_vocab
+    folder, _ = write_hf(tmp_path, "tied", vocab_size=256, **SHAPE)
+    ours, _ = bailong.load(folder, device="cpu")
+    resize_vocab(ours, 260)
+    with torch.no_grad():
+        ours.model.embed_tokens.weight[256:].normal_()
+    lora = LoRAConfig(r=4, targets=PROJECTIONS, save_embedding_layers=True)
+    inject_lora(ours, lora)
+    randomize(lora_parameters(ours))
+    save_adapter(ours, tmp_path / "ours", lora)
+    (tmp_path / "ours" / "tokenizer.model").write_bytes(byte_tokenizer().sp.serialized_model_proto())  # 260 ids
+    base = LlamaForCausalLM.from_pretrained(folder)
+    base.resize_token_embeddings(260)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "ours").eval()
+    ids = torch.randint(0, 260, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours.eval()(ids), atol=1e-5, rtol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs", save_embedding_layers=True)  # embed_tokens.weight, lm_head.weight
+    (tmp_path / "theirs" / "tokenizer.model").write_bytes(byte_tokenizer().sp.serialized_model_proto())
+    again, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), atol=1e-5, rtol=1e-5)

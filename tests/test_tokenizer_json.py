@@ -44,7 +44,7 @@ def bpe_folder(folder, vocab_size=700):
     folder.mkdir(parents=True, exist_ok=True)
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE,
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": LLAMA3_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast"}))
     return folder
 
@@ -54,7 +54,7 @@ def llama3(tmp_path_factory):
     """A random Llama 3-style model (grouped-query, tied embeddings, llama3 RoPE) with that tokenizer."""
     tmp = tmp_path_factory.mktemp("llama3")
     tokenizer = JsonTokenizer(bpe_folder(tmp / "tok") / "tokenizer.json")
-    folder, _ = write_hf(tmp, "tied", vocab_size=tokenizer.vocab_size, bos_token_id=0, eos_token_id=4,
+    folder, _ = write_hf(tmp, "tied", vocab_size=tokenizer.vocab_size, bos_token_id=0, eos_token_id=1,
                          rope_theta=500000.0, max_position_embeddings=256,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
@@ -65,7 +65,7 @@ def llama3(tmp_path_factory):
 
 def test_ids_and_text_equal_transformers(llama3):
     ours, theirs = open_tokenizer(llama3), AutoTokenizer.from_pretrained(llama3)
-    assert isinstance(ours, JsonTokenizer) and (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 4, -1)
+    assert isinstance(ours, JsonTokenizer) and (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, -1)
     for text in TEXTS:
         assert ours.encode(text, bos=True) == theirs(text).input_ids, text
         assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
@@ -90,6 +90,7 @@ def test_load_chat_and_generate_on_a_llama3_style_model(llama3):
     messages = [{"role": "system", "content": "用繁體中文回答。"}, {"role": "user", "content": "臺灣的夜市?"},
                 {"role": "assistant", "content": "很熱鬧。"}, {"role": "user", "content": "Why?"}]
     chat = Chat(model, tok, jinja_template(llama3), bailong.Sampling(temperature=0), 8)
+    assert chat.stop_ids == {1, 4}  # the model's eos (<|end_of_text|>) and the template's <|eot_id|>
     expected = AutoTokenizer.from_pretrained(llama3).apply_chat_template(messages, add_generation_prompt=True,
                                                                          tokenize=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
@@ -192,7 +193,7 @@ def test_both_stages_run_on_a_tied_bpe_model_and_chat_in_its_template(llama3, tm
     assert "tied embeddings: LoRA on the projections only; the embedding" in result.stdout + result.stderr
     model, tok = bailong.load(run, device="cpu")
     assert isinstance(tok, JsonTokenizer) and tok.vocab_size == model.config.vocab_size == 730
-    assert (tok.bos_id, tok.eos_id) == (0, 4) and tok.settings["chat_template"] == LLAMA3_TEMPLATE
+    assert (tok.bos_id, tok.eos_id) == (0, 1) and tok.settings["chat_template"] == LLAMA3_TEMPLATE
     export = subprocess.run([sys.executable, "-m", "bailong.export", "--base", str(run), "--out",
                              str(tmp_path / "merged")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert export.returncode == 0, export.stderr[-2000:]
@@ -224,3 +225,21 @@ def test_an_sft_example_in_the_template_is_transformers_ids_with_the_answers_lea
     assert ids == list(expected)
     learned = [i for i, label in zip(ids, labels) if label != -100]
     assert learned == tok.encode("很熱鬧。") + [4] + tok.encode("Food, 小吃 and lights.") + [4]
+
+
+def test_no_new_merge_makes_a_token_the_base_already_has():
+    """Were a new merge to make an existing token, the base's own merges could go on from it, which the
+    learner does not replay (and the pair could repeat a base merge, which would move its rank)."""
+    from tokenizers import Tokenizer
+    from bailong.vocab_bpe import learn_merges
+    vocab = {c: i for i, c in enumerate("ãäåæç")}  # stand-ins of the bytes E3..E7, CJK lead bytes
+    vocab.update({t: len(vocab) + i for i, t in enumerate(["äå", "ãä", "ãäå", "ãäåæ"])})
+    base = {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": None, "decoder": None,
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": ["ä å", "ã ä", "ãä å", "ãäå æ"]}}
+    tk = Tokenizer.from_str(json.dumps(base, ensure_ascii=False))
+    assert [t.value for t in tk.model.tokenize("ãäåç")] == ["ã", "äå", "ç"]  # the base stops short of ãäå
+    merges = learn_merges(tk, ["ãäåç"] * 5 + ["ãäåæç"] * 4, 2)
+    assert merges and all(a + b not in vocab for a, b in merges)
