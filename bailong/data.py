@@ -42,10 +42,12 @@ def read_conversations_to_answer(path) -> list[list[dict]]:
 
 
 def read_conversations(paths, ending="assistant") -> list[list[dict]]:
-    """Conversations from jsonl files: {"messages": [{"role": ..., "content": ...}, ...]} a line,
-    an optional system message first, then user and assistant alternating, ending with ``ending``."""
-    conversations = []
-    for file in paths:
+    """Conversations from jsonl files or folders of them: {"messages": [{"role": ..., "content": ...}, ...]}
+    a line, an optional system message first, then user and assistant alternating, ending with ``ending``."""
+    conversations, files = [], []
+    for path in map(Path, paths):
+        files += sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    for file in files:
         try:
             lines = Path(file).read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:

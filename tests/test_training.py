@@ -285,6 +285,16 @@ def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_pat
         torch.testing.assert_close(double[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_conversations_are_read_from_a_folder_too(tmp_path):
+    """As the README promises (a folder, or a Hub dataset id, which arrives as one): every jsonl below it."""
+    (tmp_path / "more").mkdir()
+    lines = (DATA_DIR / "chats_sample.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:10]))
+    (tmp_path / "more" / "b.jsonl").write_text("".join(lines[10:]))
+    (tmp_path / "notes.txt").write_text("not conversations")
+    assert read_conversations([tmp_path]) == read_conversations([DATA_DIR / "chats_sample.jsonl"])
+
+
 def test_sft_examples_train_on_assistant_tokens_only():
     from bailong.chat_template import training_example
     from bailong.tokenizer import byte_tokenizer
