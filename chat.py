@@ -119,10 +119,11 @@ def main(argv=None):
 
     if args.input:  # batch: answer every conversation, write them back with the answers
         answered = []
-        for messages in questions:
-            chat.messages = messages[:-1]
-            chat.answer(messages[-1]["content"], out=open(os.devnull, "w"))
-            answered.append({"messages": chat.messages})
+        with open(os.devnull, "w") as quiet:  # answers are not streamed to the terminal
+            for messages in questions:
+                chat.messages = messages[:-1]
+                chat.answer(messages[-1]["content"], out=quiet)
+                answered.append({"messages": chat.messages})
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:
