@@ -1,0 +1,71 @@
+"""Training data: conversations and corpora read, tokenized (in parallel, cached), split and packed."""
+import torch
+
+from bailong.data import DATA_DIR, TokenData, read_conversations, split
+
+
+def test_conversations_are_read_from_a_folder_too(tmp_path):
+    """As the README promises (a folder, or a Hub dataset id, which arrives as one): every jsonl below it."""
+    (tmp_path / "more").mkdir()
+    lines = (DATA_DIR / "chats_sample.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:10]))
+    (tmp_path / "more" / "b.jsonl").write_text("".join(lines[10:]))
+    (tmp_path / "notes.txt").write_text("not conversations")
+    assert read_conversations([tmp_path]) == read_conversations([DATA_DIR / "chats_sample.jsonl"])
+
+
+def test_sft_examples_train_on_assistant_tokens_only():
+    from bailong.chat_template import training_example
+    from bailong.tokenizer import byte_tokenizer
+    tok = byte_tokenizer()
+    chats = read_conversations([DATA_DIR / "chats_sample.jsonl"])
+    encoded = [training_example(tok, c) for c in chats[:3]]
+    ids = [i for e, _ in encoded for i in e]
+    labels = [i for _, lab in encoded for i in lab]
+    offsets = [0]
+    for e, _ in encoded:
+        offsets.append(offsets[-1] + len(e))
+    data = TokenData(torch.tensor(ids).numpy(), torch.tensor(labels).numpy(), torch.tensor(offsets).numpy(), 256,
+                     pad_id=2)
+    inputs, targets = data.example(0)
+    kept = targets[targets != -100].tolist()
+    answer = chats[0][1]["content"]
+    assert kept == tok.encode(answer, eos=True)  # the assistant's tokens and its eos, nothing else
+    assert inputs[:len(encoded[0][0]) - 1].tolist() == encoded[0][0][:-1]
+
+
+def test_held_out_split_is_whole_documents_and_seeded():
+    items = [f"document {i}" for i in range(20)]
+    train, held = split(items, 0.1, seed=3)
+    assert len(held) == 2 and sorted(train + held) == sorted(items) and split(items, 0.1, seed=3) == (train, held)
+    assert split(items[:1], 0.5, 0) == (items[:1], [])
+
+
+def test_token_cache_is_reused(tmp_path):
+    from bailong.data import tokenize
+    from bailong.tokenizer import byte_tokenizer
+    docs = ["臺灣", "hello world"]
+    ids, labels, offsets = tokenize(byte_tokenizer(), docs, tmp_path, 1)
+    assert labels is None and ids.tolist()[-1] == 2 and offsets.tolist() == [0, 8, 21]  # "▁" + 6 bytes + eos; "▁hello▁world" + eos
+    again = tokenize(byte_tokenizer(), docs, tmp_path, 1)
+    assert isinstance(again[0], __import__("numpy").memmap) and again[0].tolist() == ids.tolist()
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from bailong.data import data_paths, tokenize
+    from bailong.tokenizer import byte_tokenizer
+    docs = [f"第 {i} 行 line {i}" for i in range(2500)]
+    parallel = tokenize(byte_tokenizer(), docs, tmp_path / "a", workers=2)
+    serial = tokenize(byte_tokenizer(), docs, tmp_path / "b", workers=1)
+    assert parallel[0].tolist() == serial[0].tolist() and parallel[2].tolist() == serial[2].tolist()
+    snapshot = tmp_path / "hub" / "datasets--bailong-tests--corpus" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "part.txt").write_text("臺灣\n")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert data_paths(["bailong-tests/corpus"]) == [snapshot]
