@@ -29,10 +29,8 @@ from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_t
 from bailong.quantized import memory_report, quantize_model
 from bailong.runs import (check_output, fingerprints, latest_checkpoint, prepare_output, resume, save_checkpoint,
                           save_result)
-from bailong.tokenizer import JsonTokenizer, Tokenizer
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
-from bailong.vocab import add_pieces, read_corpus, tokens_per_char
-from bailong.vocab_bpe import extend_json
+from bailong.vocab import extend_tokenizer, read_corpus, tokens_per_char
 from bailong.zip_tie import extend_model
 
 
@@ -70,9 +68,6 @@ def main(argv=None):
             model, tokenizer = load(config.model, dtype=dtype, device=device,
                                     quantize="nf4" if config.quantize == "nf4" else None)
             base_name = config.model
-            if tokenizer is None:
-                raise BailongError(f"{config.model}: no tokenizer.model or tokenizer.json; vocabulary transfer "
-                                   "needs one")
         else:  # the embedded default: a tiny random Llama that spells everything in bytes
             model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
     elif own_base:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
@@ -81,17 +76,13 @@ def main(argv=None):
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
     if tokenizer is None:
-        raise BailongError(f"{config.init}: no tokenizer.model or tokenizer.json")
+        raise BailongError(f"{config.model if config.stage == 'pretrain' else config.init}: no tokenizer.model or "
+                           "tokenizer.json; vocabulary transfer and training need one")
 
     # ---- vocabulary transfer: new pieces, zip-tie embeddings ------------------------------------------
     base_vocab = model.config.vocab_size
     if config.stage == "pretrain" and config.new_pieces:
-        if isinstance(tokenizer, JsonTokenizer):  # byte-level BPE: merges continued on the corpus
-            text, added = extend_json(tokenizer.serialized().decode(), items, config.new_pieces)
-            new_tokenizer = JsonTokenizer(tokenizer.path, text, tokenizer.settings)
-        else:
-            extended, added = add_pieces(tokenizer.proto(), items, config.new_pieces)
-            new_tokenizer = Tokenizer(model_proto=extended.SerializeToString())
+        new_tokenizer, added = extend_tokenizer(tokenizer, items, config.new_pieces)
         say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); "
             f"tokens per character {tokens_per_char(tokenizer, items):.3f} -> {tokens_per_char(new_tokenizer, items):.3f}")
         extend_model(model, tokenizer, new_tokenizer, config.init_method)

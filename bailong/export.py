@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bailong.adapter import ADAPTER_FILES, read_adapter_config
-from bailong.chat_template import LLAMA2_JINJA, jinja_template
+from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.generate import model_sampling
@@ -74,13 +74,13 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             raise BailongError(f"{base_folder}: no tokenizer.model or tokenizer.json; a GGUF file carries the "
                                "model's tokenizer")
         check_tokenizer(tokenizer)
-    model, tokenizer = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)
+    model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)  # its tokenizer is the one above
     merge_lora(model, dtype)
     if format == "gguf":
         from bailong.export_gguf import write_gguf
-        folder = next((f for f in folders if (f / "tokenizer_config.json").exists()), None)
-        settings = read_json(folder / "tokenizer_config.json") if folder else {}
-        template = jinja_template(folder) if folder else None  # a template that does not parse is refused
+        file = next((f / "tokenizer_config.json" for f in folders if (f / "tokenizer_config.json").exists()), None)
+        settings = read_json(file) if file else {}
+        template = template_in(settings, file)  # a template that does not parse is refused
         sampling, _ = model_sampling(next((f for f in folders if (f / "generation_config.json").exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
         atomic_write(out, lambda tmp: write_gguf(

@@ -177,30 +177,31 @@ def tokens_per_char(tokenizer: Tokenizer, texts) -> float:
     return sum(len(tokenizer.encode(t)) for t in texts) / max(1, sum(len(t) for t in texts))
 
 
+def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
+    """``tokenizer`` with ``new_pieces`` learned on ``texts``: (the extended tokenizer, the added pieces as
+    text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
+    merges (bailong/vocab_bpe.py), keeping its tokenizer_config.json settings."""
+    if not isinstance(tokenizer, JsonTokenizer):
+        extended, added = add_pieces(tokenizer.proto(), texts, new_pieces, cjk_only)
+        return Tokenizer(model_proto=extended.SerializeToString()), added
+    text, added = extend_json(tokenizer.serialized().decode(), texts, new_pieces, cjk_only, tokenizer.path)
+    if len(added) < new_pieces:
+        raise BailongError(f"the corpus yields only {len(added)} new {'CJK ' if cjk_only else ''}tokens; "
+                           f"{new_pieces} were asked for (add text or ask for fewer)")
+    return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added
+
+
 def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite=False):
     """The ``extend`` command: train, merge, save, and report tokens per character. A base ending in
-    .json is a byte-level BPE tokenizer.json (bailong/vocab_bpe.py); any other a SentencePiece model."""
+    .json is a byte-level BPE tokenizer.json; any other a SentencePiece model."""
     check_out(out, base, corpus, overwrite)
-    bpe = str(base).endswith(".json")
-    if bpe:
-        before = JsonTokenizer(base, read_text(base))
-    else:
-        base_proto = load_proto(base)
-        before = Tokenizer(model_proto=base_proto.SerializeToString())
+    before = JsonTokenizer(base, read_text(base)) if str(base).endswith(".json") else \
+        Tokenizer(model_proto=load_proto(base).SerializeToString())
     texts = read_corpus(corpus)
     cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
     train, test = texts[:cut], texts[cut:] or texts
-    if bpe:
-        text, added = extend_json(read_text(base), train, new_pieces, cjk_only, base)
-        if len(added) < new_pieces:
-            raise BailongError(f"the corpus yields only {len(added)} new {'CJK ' if cjk_only else ''}tokens; "
-                               f"{new_pieces} were asked for (add text or ask for fewer)")
-        after = JsonTokenizer(out, text)
-        atomic_write(out, text)
-    else:
-        extended, added = add_pieces(base_proto, train, new_pieces, cjk_only)
-        after = Tokenizer(model_proto=extended.SerializeToString())
-        atomic_write(out, extended.SerializeToString())
+    after, added = extend_tokenizer(before, train, new_pieces, cjk_only)
+    atomic_write(out, after.serialized())
     b, a = tokens_per_char(before, test), tokens_per_char(after, test)
     whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character
     print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}), e.g. {' '.join(whole[:12])}")
