@@ -83,7 +83,7 @@ class GraphDecoder:
         self.model_ref, self.max_len = weakref.ref(model), max_len
         self.cache = model.new_cache(1, max_len, static=True)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.cache.k.device)
-        self.weights = weights_key(model)
+        self.key = graph_key(model)
         self.graph = None
         if graph:
             try:
@@ -130,11 +130,15 @@ class GraphDecoder:
         return self.logits
 
 
-def weights_key(model):
-    """Where every weight lives, and as what: a captured graph reads those addresses, so it is stale
-    once they change."""
+def graph_key(model):
+    """Where every weight lives and as what, and which kernels run: a captured graph reads those
+    addresses and launches those kernels, so it is stale once any of them changes."""
     nf4 = [t for q in nf4_weights(model) for t in q.tensors().values()]
-    return tuple((t.data_ptr(), t.dtype) for t in [*model.parameters(), *nf4])
+    switches = None
+    if model.lm_head.weight.is_cuda:
+        import kernels  # Triton is imported only where it runs
+        switches = kernels.switches()
+    return tuple((t.data_ptr(), t.dtype) for t in [*model.parameters(), *nf4]), switches
 
 
 _decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused while it fits
@@ -142,9 +146,10 @@ _decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused whi
 
 def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     """The model's GraphDecoder for at least ``max_len`` positions, captured anew only when it is
-    too short or the weights moved; lengths are rounded up to 256 so that a chat captures rarely."""
+    too short, the weights moved or a kernel switch changed; lengths are rounded up to 256 so that
+    a chat captures rarely."""
     decoder = _decoders.get(model)
-    if decoder is None or decoder.max_len < max_len or decoder.weights != weights_key(model):
+    if decoder is None or decoder.max_len < max_len or decoder.key != graph_key(model):
         _decoders.pop(model, None)
         decoder = None  # the last reference: the old graph and cache are freed before new ones are made
         max_len = min(-(-max_len // 256) * 256, model.config.max_position_embeddings)

@@ -21,6 +21,15 @@ from torch import nn
 from bailong.config import ModelConfig
 
 
+def decode_kernels(x):
+    """The ``kernels`` package where ``x`` takes the fused inference kernels (CUDA, no gradient,
+    switched on: ``kernels.decode_enabled``), else None: then the PyTorch code beside each call runs."""
+    if not x.is_cuda:
+        return None
+    import kernels  # Triton is imported only where it runs
+    return kernels if kernels.decode_enabled(x) else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -28,6 +37,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if (fused := decode_kernels(x)) is not None:
+            return fused.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the compute dtype, then scale: as Llama does.
         dtype = x.dtype
         x = x.float()
@@ -153,6 +164,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
+        if T == 1 and cache is not None and (fused := decode_kernels(x)) is not None:
+            # one new token: RoPE, the cache write and attention over the filled positions in one kernel
+            y = fused.decode_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, positions,
+                                       cache.k[self.layer_idx], cache.v[self.layer_idx])
+            return self.o_proj(y)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -172,6 +188,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
+        if (fused := decode_kernels(x)) is not None:
+            return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 

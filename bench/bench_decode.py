@@ -2,13 +2,18 @@
 
 A model of a preset's shape with random weights (Llama-2-7B on a GPU, the tiny
 preset on the CPU), a random prompt, greedy decoding of a fixed number of new
-tokens (no early stop). Rows: transformers in the compute dtype; transformers
-with bitsandbytes 4-bit (the NF4 weights we quantized, saved and loaded back, so
-both read the same bits); ours in the compute dtype; ours on NF4 through the
-PyTorch reference, eagerly and with CUDA graphs; ours on NF4 with CUDA graphs
-and the kernels (the default on CUDA).
-Each row runs once to warm up (autotuning, graph capture) and is then timed;
-tokens/s counts the new tokens over the whole call, prefill included.
+tokens (no early stop). Rows, fast ones first: ours in the compute dtype; ours on
+NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
+also with the fused decoding step (``kernels.decode``, off by default until timed);
+transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
+NF4 weights we quantized, saved and loaded back, so both read the same bits);
+ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly.
+Each row runs once to warm up (autotuning, graph capture), is probed for its
+rate, then timed over the new tokens that fit in its time limit (``--limit``):
+a slow row is timed over fewer tokens instead of holding up the rest.
+tokens/s counts the new tokens over the whole call, prefill included; on CUDA
+each row also gives its share of the ceiling set by reading its weights once a
+token at the card's copy bandwidth.
 
     python bench/bench_decode.py                      # llama2-7b on CUDA, tiny on CPU
     python bench/bench_decode.py --preset tinyllama-1.1b --layers 2    # CPU, shapes bitsandbytes takes
@@ -32,33 +37,43 @@ from bailong.quantized import quantize_model  # noqa: E402
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
 
-def timed(fn, device):
-    """(seconds of the first call, seconds of the second, the second's result)."""
-    times, out = [], None
-    for _ in range(2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[0], times[1], out
+def seconds(fn, n, device):
+    """Wall seconds of ``fn(n)`` and its result."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(n)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
 
 
-def ours(model, prompt, n, graph, fused=False):
-    def run():
-        previous = kernels.use_kernels(fused)
+def timed_row(fn, n, limit, device):
+    """(tokens/s, new tokens timed, ids, seconds of the warm-up): one warm-up call of 16 tokens
+    (graph capture), a probe of 16 to estimate the rate, then ``n`` tokens, or as many as fit in
+    ``limit`` seconds (at least 16)."""
+    few = min(16, n)
+    warm, _ = seconds(fn, few, device)
+    probe, _ = seconds(fn, few, device)
+    n = min(n, max(few, int(limit * few / probe)))
+    elapsed, ids = seconds(fn, n, device)
+    return n / elapsed, n, ids, warm
+
+
+def ours(model, prompt, graph, kernels_on=True, fused_step=False):
+    def run(n):
+        previous = kernels.use_kernels(kernels_on), kernels.use_decode_kernels(fused_step)
         try:
             return generate(model, prompt, n, GREEDY, stop_ids=[], cuda_graph=graph)
         finally:
-            kernels.use_kernels(previous)
+            kernels.use_kernels(previous[0])
+            kernels.use_decode_kernels(previous[1])
     return run
 
 
-def theirs(model, prompt, n, device):
+def theirs(model, prompt, device):
     ids = torch.tensor([prompt], device=device)
-    return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    return lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
 
 
 def weight_bytes(model):
@@ -74,6 +89,7 @@ def main():
     p.add_argument("--layers", type=int, help="fewer layers than the preset (to fit a CPU)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=float, default=20, help="seconds each row may take, past its warm-up")
     args = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
     device = args.device
@@ -95,7 +111,8 @@ def main():
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     n = args.new_tokens
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{name} ({config.num_hidden_layers} layers) on {gpu}, {dtype}, torch {torch.__version__}; prompt {args.prompt}, {n} new tokens, greedy")
+    print(f"{name} ({config.num_hidden_layers} layers) on {gpu}, {dtype}, torch {torch.__version__}; "
+          f"prompt {args.prompt}, {n} new tokens, greedy")
 
     with tempfile.TemporaryDirectory() as tmp:
         bailong.save(nf4, tmp)  # bitsandbytes' 4-bit format: transformers reads the same bits back
@@ -104,41 +121,54 @@ def main():
         except Exception as e:  # bitsandbytes missing, or without a backend for this device
             hf_bnb = None
             print(f"transformers + bitsandbytes: not run ({type(e).__name__}: {str(e).splitlines()[0]})")
-    rows = [("transformers", "dense", theirs(hf, prompt, n, device)),
-            ("transformers + bitsandbytes", "nf4", hf_bnb and theirs(hf_bnb, prompt, n, device)),
-            ("ours" + (", CUDA graph" if device == "cuda" else ""), "dense", ours(dense, prompt, n, None)),
-            ("ours NF4, eager, reference", "nf4", ours(nf4, prompt, n, False)),
-            ("ours NF4, CUDA graph, reference", "nf4", device == "cuda" and ours(nf4, prompt, n, True)),
-            ("ours NF4, CUDA graph + kernels", "nf4", device == "cuda" and ours(nf4, prompt, n, True, True))]
+    bandwidth = None
+    if device == "cuda":
+        x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+        bandwidth = 2 * x.numel() / seconds(lambda _: torch.empty_like(x).copy_(x), 0, device)[0]  # read + written
+        del x
+    ceiling = {kind: bandwidth / weight_bytes(m) if bandwidth else None for kind, m in [("dense", dense), ("nf4", nf4)]}
+    if bandwidth:
+        print(f"weight-read ceiling at the copy bandwidth {bandwidth / 1e12:.2f} TB/s: "
+              f"{ceiling['dense']:.0f} tokens/s dense, {ceiling['nf4']:.0f} NF4")
+    cuda = device == "cuda"
+    rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompt, None)),  # fast rows first
+            ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompt, True, True, True)),
+            ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompt, True)),
+            ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompt, True, True, True)),
+            ("ours NF4, eager + kernels", "nf4", cuda and ours(nf4, prompt, False)),
+            ("transformers", "dense", theirs(hf, prompt, device)),
+            ("transformers + bitsandbytes", "nf4", hf_bnb and theirs(hf_bnb, prompt, device)),
+            ("ours NF4, CUDA graph, reference", "nf4", cuda and ours(nf4, prompt, True, False)),
+            ("ours NF4, eager, reference", "nf4", ours(nf4, prompt, False, False))]
     results = {}
     for label, weights, fn in rows:
         if not fn:
             continue
         try:
-            first, seconds, ids = timed(fn, device)
+            tps, timed_n, ids, warm = timed_row(fn, n, args.limit, device)
         except Exception as e:
-            print(f"{label:32s} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+            print(f"{label:44s} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
-        results[label] = (n / seconds, ids, weights)
-        print(f"{label:32s} {n / seconds:9.1f} tokens/s   (first call {first:6.2f} s: warm-up/capture)")
+        results[label] = (tps, ids, weights)
+        share = f"{tps / ceiling[weights]:6.1%} of its weight-read ceiling" if bandwidth else ""
+        print(f"{label:44s} {tps:9.1f} tokens/s over {timed_n:4d} tokens {share}  (warm-up {warm:6.2f} s)",
+              flush=True)
 
     dense_ids = results.get("transformers", (0, None))[1]
     nf4_ids = results.get("transformers + bitsandbytes", (0, None))[1]
+    ours_nf4 = results.get("ours NF4, CUDA graph, reference", results.get("ours NF4, eager, reference"))
     for label, (tps, ids, weights) in results.items():
         reference = dense_ids if weights == "dense" else nf4_ids
+        if label.startswith("ours NF4") and ours_nf4 is not None and ids is not ours_nf4[1]:
+            reference = ours_nf4[1]  # the kernels against our own reference: the same ids expected
         if reference is not None and ids is not reference:
-            same = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), n)
-            print(f"{label}: greedy ids equal transformers' for the first {same} of {n}")
-    for base in ["transformers", "transformers + bitsandbytes"]:
+            common = min(len(ids), len(reference))
+            same = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), common)
+            print(f"{label}: greedy ids equal the reference's for the first {same} of {common}")
+    for base in ["transformers", "transformers + bitsandbytes", "ours, CUDA graph"]:
         if base in results:
             print(f"against {base}: " + ", ".join(f"{label} {tps / results[base][0]:.2f}x"
                                                  for label, (tps, _, _) in results.items() if label.startswith("ours")))
-    if device == "cuda":
-        x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
-        seconds = timed(lambda: torch.empty_like(x).copy_(x), device)[1]
-        bandwidth = 2 * x.numel() / seconds  # bytes read plus written
-        print(f"ceiling from reading the weights once per token at {bandwidth / 1e12:.2f} TB/s: "
-              f"{bandwidth / weight_bytes(dense):.0f} tokens/s dense, {bandwidth / weight_bytes(nf4):.0f} NF4")
 
 
 if __name__ == "__main__":

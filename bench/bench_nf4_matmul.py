@@ -1,17 +1,18 @@
-"""Our NF4 matmul against bf16 cuBLAS, the PyTorch reference and bitsandbytes.
+"""Our NF4 matmul at decoding sizes (M = 1..16 rows) against bf16 cuBLAS, dequantize + cuBLAS and bitsandbytes.
 
-For Llama-2-7B weight shapes (out x in: 4096x4096, 11008x4096, 4096x11008,
-59241x4096): the dequantize kernel against the reference and bitsandbytes; then
-for M tokens, median times (CUDA events, triton.testing.do_bench) of both ways
-our matmul can run (the fused kernel; the dequantize kernel, then cuBLAS: the
-model takes whichever it measures faster, "best"), of bf16 ``x @ W.T`` on the
-unquantized weight, of the reference (PyTorch dequantize, then matmul) and of
-bitsandbytes' ``matmul_4bit`` where it is installed; for M >= 512 also the
-input gradient against bf16 ``dy @ W``. Reports TFLOP/s, effective GB/s of
-weight traffic (the NF4 bytes: codes, absmax codes and tables) and ratios;
-checks each result against the reference first.
+For Llama-2-7B weight shapes (out x in: 4096x4096, 11008x4096, 4096x11008) and
+M rows of x: the GEMV kernel with the tile ``gemv_tile`` picks, the best of
+every tile ``gemv_tiles`` offers (``--sweep``), the dequantize kernel then cuBLAS
+(what M > 16 runs), bf16 ``x @ W.T`` on the unquantized weight, and
+bitsandbytes' ``matmul_4bit`` where it is installed. Each result is checked
+against the float32 reference first. Times are GPU time per call, as a decoder
+sees them: each way is captured in a CUDA graph (no launch overhead) over enough
+copies of the weight that they do not fit in the L2 cache, and the graph is
+replayed; median of the replays. GB/s counts the weight bytes each way reads
+(NF4: codes, absmax codes and tables; bf16: 2 bytes a weight), against the
+card's measured copy bandwidth (bytes read plus written).
 
-    python bench/bench_nf4_matmul.py [--m 1,8,512,4096,8192]
+    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,4,16]
     TRITON_INTERPRET=1 python bench/bench_nf4_matmul.py --tiny      # CPU smoke run of the whole script
 """
 import argparse
@@ -20,96 +21,124 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bailong.nf4 import quantize  # noqa: E402
 from kernels.nf4_dequant import nf4_dequantize  # noqa: E402
-from kernels.nf4_matmul import nf4_matmul_backward, nf4_matmul_forward  # noqa: E402
+from kernels.nf4_matmul import dequant_matmul, gemv, gemv_tile, gemv_tiles  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (59241, 4096)]
-WAYS = ("fused", "dequant")  # the fused kernel; the dequantize kernel, then cuBLAS
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+L2_BYTES = 256 << 20  # copies of a weight fill at least this much: several times any GPU's L2
 
 
-def timer(device):
-    if device == "cuda":
-        import triton.testing
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+def graph_ms(calls, replays=20):
+    """GPU milliseconds per call of ``calls`` (one per weight copy), captured in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # warm-up outside the capture: compilation, cuBLAS handles
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return sorted(times)[len(times) // 2]
 
-    def wall(fn):  # the interpreter: one run, milliseconds
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return wall
+
+def wall_ms(calls):
+    """The interpreter: one run of the first call, milliseconds."""
+    start = time.perf_counter()
+    calls[0]()
+    return (time.perf_counter() - start) * 1e3
+
+
+def copy_bandwidth():
+    """Bytes read plus written per second by a 2 GiB device-to-device copy."""
+    x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (graph_ms([lambda: y.copy_(x)], replays=10) / 1e3)
+
+
+def checked(fn, ref):
+    err = ((fn().float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, f"relative error {err:.2e} against the float32 reference"
+    return fn
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--m", default="1,8,512,4096,8192", help="token counts")
+    p.add_argument("--m", default="1,2,4,8,16", help="rows of x")
+    p.add_argument("--sweep", default="1,4,16", help="row counts at which every tile is tried")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float16 if args.tiny else torch.bfloat16  # the interpreter's bf16 dot is wrong
-    shapes, ms = ([(40, 72)], [1, 20]) if args.tiny else (SHAPES, [int(m) for m in args.m.split(",")])
-    bench = timer(device)
+    dtype = torch.float16 if args.tiny else torch.bfloat16
+    shapes, ms = ([(40, 128)], [1, 3]) if args.tiny else (SHAPES, [int(m) for m in args.m.split(",")])
+    sweep = set() if args.tiny else {int(m) for m in args.sweep.split(",") if m}
+    timed = wall_ms if args.tiny else graph_ms
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
     except ImportError:
         bnb = None
     name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name()
-    print(f"{name}, torch {torch.__version__}, {dtype}, bitsandbytes {bnb.__version__ if bnb else 'absent'}")
-    print(f"{'W (out x in)':>14} {'M':>5} | {'fused ms':>9} {'two-pass':>9} {'best':>8} {'TFLOP/s':>8} "
-          f"{'W GB/s':>7} | {'dense':>8} {'best/dense':>10} | {'reference':>9} | {'bnb':>8} {'bnb/best':>8} | "
-          f"{'dx fused':>9} {'two-pass':>9} {'dense dx':>8} {'best/dense':>10}")
+    bandwidth = None if args.tiny else copy_bandwidth()
+    print(f"{name}, torch {torch.__version__}, {dtype}, bitsandbytes {bnb.__version__ if bnb else 'absent'}"
+          + (f", copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)" if bandwidth else ""))
+    print(f"{'W (out x in)':>12} {'M':>3} | {'gemv us':>8} {'GB/s':>5} {'of copy':>7} | {'best tile':>14} "
+          f"{'us':>7} | {'deq+cuBLAS':>10} | {'bf16':>7} {'GB/s':>5} | {'bnb':>7} | {'gemv/bf16':>9} "
+          f"{'bnb/gemv':>8} {'deq/gemv':>8}")
     for N, K in shapes:
         torch.manual_seed(0)
         w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
         q = quantize(w)
-        wq = q.dequantize(dtype)
-        # bitsandbytes' matmul_4bit raised "misaligned address" at 59241x4096 (odd N) in an earlier run,
-        # which poisons the CUDA context for every row after it: odd N is left out for it
-        with_bnb = bnb and device == "cuda" and N % 2 == 0
+        copies = max(1, L2_BYTES // q.nbytes) if device == "cuda" else 1
+        qs = [q] + [quantize(w) for _ in range(copies - 1)]
+        ws = [w] + [w.clone() for _ in range(max(1, L2_BYTES // (2 * w.numel())) - 1)] if device == "cuda" else [w]
+        with_bnb = bnb is not None and device == "cuda"
         if with_bnb:
-            packed, state = bnbf.quantize_4bit(w, compress_statistics=True, quant_type="nf4")
-        t_deq, t_deq_ref = bench(lambda: nf4_dequantize(q, dtype)), bench(lambda: q.dequantize(dtype))
-        t_deq_bnb = f"{bench(lambda: bnbf.dequantize_4bit(packed, state)):.4f} ms" if with_bnb else "not run"
-        print(f"{f'{N}x{K}':>14} dequantize to {str(dtype)[6:]}: kernel {t_deq:.4f} ms "
-              f"({(q.nbytes + N * K * wq.element_size()) / t_deq / 1e6:.0f} GB/s read + written), "
-              f"reference {t_deq_ref:.4f} ms, bitsandbytes {t_deq_bnb}")
+            bnb_weights = [bnbf.quantize_4bit(w, compress_statistics=True, quant_type="nf4") for _ in range(copies)]
+        wq = q.dequantize(torch.float32)
         for M in ms:
             x = torch.randn(M, K, device=device, dtype=dtype)
-            ref = F.linear(x.float(), wq.float())
-            ways = {way: lambda way=way: nf4_matmul_forward(x, q, way) for way in WAYS}
-            t = {way: check_and_time(fn, ref, "forward", bench) for way, fn in ways.items()}
-            best = min(t.values())
-            t_dense = bench(lambda: x @ w.T)
-            t_ref = bench(lambda: F.linear(x, q.dequantize(dtype)))
-            flops = 2 * M * N * K
-            row = (f"{f'{N}x{K}':>14} {M:5d} | {t['fused']:9.4f} {t['dequant']:9.4f} {min(t, key=t.get):>8} "
-                   f"{flops / best / 1e9:8.1f} {q.nbytes / best / 1e6:7.0f} | {t_dense:8.4f} {best / t_dense:10.2f} | "
-                   f"{t_ref:9.4f} | ")
+            ref = x.float() @ wq.T
+            checked(lambda: gemv(x, q), ref)
+            t_gemv = timed([lambda q=q: gemv(x, q) for q in qs])
+            best = (gemv_tile(M, N, K), t_gemv)
+            for tile in gemv_tiles() if M in sweep else []:
+                checked(lambda: gemv(x, q, tile), ref)
+                t = timed([lambda q=q: gemv(x, q, tile) for q in qs])
+                best = min(best, (tile, t), key=lambda b: b[1])
+            checked(lambda: dequant_matmul(x, q), ref)
+            t_deq = timed([lambda q=q: dequant_matmul(x, q) for q in qs])
+            t_dense = timed([lambda w=w: x @ w.T for w in ws])
+            t_bnb = None
             if with_bnb:
-                t_bnb = bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state))
-                row += f"{t_bnb:8.4f} {t_bnb / best:8.2f} | "
-            else:
-                row += f"{'-':>8} {'-':>8} | "
-            if M >= 512 or args.tiny:
-                dy = torch.randn(M, N, device=device, dtype=dtype)
-                ref = dy.float() @ wq.float()
-                t_dx = {way: check_and_time(lambda way=way: nf4_matmul_backward(dy, q, way), ref, "backward", bench)
-                        for way in WAYS}
-                t_dx_dense = bench(lambda: dy @ w)
-                row += (f"{t_dx['fused']:9.4f} {t_dx['dequant']:9.4f} {t_dx_dense:8.4f} "
-                        f"{min(t_dx.values()) / t_dx_dense:10.2f}")
-            print(row, flush=True)
+                try:
+                    t_bnb = timed([lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s) for p, s in bnb_weights])
+                except Exception as e:  # e.g. not capturable in a CUDA graph
+                    print(f"bitsandbytes at M={M}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            gbs = lambda nbytes, ms: nbytes / ms / 1e6  # noqa: E731
+            share = f"{gbs(q.nbytes, t_gemv) * 1e9 / bandwidth:7.0%}" if bandwidth else f"{'-':>7}"
+            print(f"{f'{N}x{K}':>12} {M:3d} | {t_gemv * 1e3:8.2f} {gbs(q.nbytes, t_gemv):5.0f} {share} | "
+                  f"{','.join(map(str, best[0])):>14} {best[1] * 1e3:7.2f} | {t_deq * 1e3:10.2f} | "
+                  f"{t_dense * 1e3:7.2f} {gbs(2 * w.numel(), t_dense):5.0f} | "
+                  f"{t_bnb * 1e3 if t_bnb else float('nan'):7.2f} | {t_gemv / t_dense:9.2f} "
+                  f"{(t_bnb or float('nan')) / t_gemv:8.2f} {t_deq / t_gemv:8.2f}", flush=True)
+        if device == "cpu":
+            print(f"{'':>12} dequantize to float16: kernel {timed([lambda: nf4_dequantize(q, dtype)]):.1f} ms")
 
 
-def check_and_time(fn, ref, what, bench):
-    """Milliseconds of ``fn`` after checking its result against the float32 reference."""
-    err = ((fn().float() - ref).norm() / ref.norm()).item()
-    assert err < 2e-2, f"{what} disagrees with the reference: relative error {err:.2e}"
-    return bench(fn)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ from bailong.nf4 import quantize  # noqa: E402
 
 matmul = importlib.import_module("kernels.nf4_matmul")  # the module (the package exports a function of its name)
 dequant = importlib.import_module("kernels.nf4_dequant")
-KERNELS = [matmul._nf4_matmul_kernel, matmul._nf4_gemv_kernel, matmul._nf4_matmul_dx_kernel,
-           matmul._sum_splits_kernel, dequant._nf4_dequant_kernel]
+decode = importlib.import_module("kernels.decode")
+KERNELS = [matmul._nf4_gemv_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
+           decode._decode_attention_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -85,48 +86,52 @@ def describe(case, kernel, config, compiled, arch):
 
 
 def compile_all(arch):
-    """Compile every configuration the wrappers would autotune over for this architecture."""
+    """Compile the GEMV kernel for every row count it takes, and the dequantize kernel, for this architecture."""
     driver.set_active(CompileOnly(arch))
     for kernel in KERNELS:
         kernel.device_caches.clear()  # binders remember the target
-    rows, seen, case = [], set(), ""
+    rows, seen = [], set()
 
-    def compile_only(kernel, configs_fn, grid, *args, **meta):
-        for c in configs_fn():
-            compiled = kernel.warmup(*args, grid=(1,), **meta, **c.kwargs, num_warps=c.num_warps,
-                                     num_stages=c.num_stages)
-            if compiled.hash not in seen:  # shapes that specialise alike compile once
-                seen.add(compiled.hash)
-                rows.append(describe(case, kernel, {**c.kwargs, "warps": c.num_warps, "stages": c.num_stages},
-                                     compiled, arch))
+    class CompileOnlyKernel:
+        """Stands in for the GEMV kernel: ``kernel[grid](*args, **meta)`` compiles instead of launching."""
 
-    launch, matmul._launch = matmul._launch, compile_only
-    sum_splits, matmul._sum_splits = matmul._sum_splits, lambda partial, dtype: None  # launches: compiled below
+        def __getitem__(self, grid):
+            def compile_only(*args, **meta):
+                compiled = kernel.warmup(*args, grid=(1,), **meta)
+                if compiled.hash not in seen:  # shapes that specialise alike compile once
+                    seen.add(compiled.hash)
+                    rows.append(describe(case, kernel, {k.lower(): v for k, v in meta.items()
+                                         if k.startswith("BLOCK_") or k == "num_warps"}, compiled, arch))
+            return compile_only
+
+    kernel, matmul._nf4_gemv_kernel = matmul._nf4_gemv_kernel, CompileOnlyKernel()
     try:
         bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-        for (N, K), dtype, blocksize, double_quant, ms in [
-                ((4096, 4096), bf16, 64, True, [1, 8, 4096]), ((11008, 4096), bf16, 64, True, [1, 8, 4096]),
-                ((4096, 11008), bf16, 64, True, [1, 8, 4096]), ((4096, 4000), bf16, 64, True, [1, 8, 4096]),
-                ((4096, 4096), fp16, 64, True, [1, 8, 4096]), ((4096, 4096), bf16, 128, False, [1, 8, 4096]),
-                ((4096, 4096), fp32, 64, True, [1])]:  # float32 runs only the GEMV kernel (else cuBLAS)
+        for (N, K), dtype, blocksize, double_quant in [
+                ((4096, 4096), bf16, 64, True), ((11008, 4096), bf16, 64, True), ((4096, 11008), bf16, 64, True),
+                ((4096, 4096), fp16, 64, True), ((4096, 4096), bf16, 128, False), ((4096, 4096), fp32, 64, True)]:
             q = quantize(torch.randn(N, K) * 0.02, blocksize, double_quant)  # the kernels read the same bytes
             weight = f"N={N} K={K}" + (f" blocksize {blocksize}" if blocksize != 64 else "") + \
                 ("" if double_quant else " no double quant")
-            for M in ms:
+            for M in [1, 2, 4, 8, 16]:  # the tile gemv_tile picks for each (bench/bench_nf4_matmul.py tries more)
                 case = f"{str(dtype)[6:]} y=x@W.T M={M} {weight}"
-                matmul.nf4_matmul_forward(torch.randn(M, K, dtype=dtype), q)
-            if dtype != fp32:
-                case = f"{str(dtype)[6:]} dx=dy@W M=4096 {weight}"
-                matmul.nf4_matmul_backward(torch.randn(4096, N, dtype=dtype), q)
-        compiled = dequant._nf4_dequant_kernel.warmup(*dequant.nf4_args(q), torch.empty(N, K, dtype=torch.bfloat16),
-                                                      q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
-                                                      enable_fp_fusion=False, grid=(1,))
-        rows.append(describe("bfloat16 dequantize", dequant._nf4_dequant_kernel, {"block": 512}, compiled, arch))
-        partial, y = torch.empty(8, 1, 4096), torch.empty(1, 4096, dtype=torch.bfloat16)
-        compiled = matmul._sum_splits_kernel.warmup(partial, y, 8, 4096, BLOCK=1024, grid=(1,))
-        rows.append(describe("bfloat16 split-K sum", matmul._sum_splits_kernel, {"block": 1024}, compiled, arch))
+                matmul.gemv(torch.randn(M, K, dtype=dtype), q)
     finally:
-        matmul._launch, matmul._sum_splits = launch, sum_splits
+        matmul._nf4_gemv_kernel = kernel
+    compiled = dequant._nf4_dequant_kernel.warmup(*dequant.nf4_args(q), torch.empty(N, K, dtype=torch.bfloat16),
+                                                  q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
+                                                  enable_fp_fusion=False, grid=(1,))
+    rows.append(describe("bfloat16 dequantize", dequant._nf4_dequant_kernel, {"block": 512}, compiled, arch))
+    x, cos = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(1, 128, dtype=torch.bfloat16)
+    cache = torch.randn(1, 8, 4096, 128, dtype=torch.bfloat16)
+    for name, kernel, args, meta in [
+            ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
+            ("swiglu", decode._swiglu_kernel, (x, x, x, 4096), dict(BLOCK=1024)),
+            ("decode attention", decode._decode_attention_kernel,
+             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, *cache.stride()[:3], 0.1),
+             dict(HALF=64, BLOCK_D=64, BLOCK_S=64))]:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
     return rows
 
 

@@ -54,9 +54,10 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
 
 
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
-@pytest.mark.parametrize("M", [1, 8, 512])
+@pytest.mark.parametrize("M", [1, 8, 16, 512])
 def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
     import importlib
+
 
     from bailong.nf4 import quantize
     from kernels import nf4_matmul
@@ -64,14 +65,13 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
     torch.manual_seed(M)
     q = quantize((torch.randn(N, K, device="cuda") * 0.02).bfloat16())
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = nf4_matmul(x, q)  # whichever way was timed faster
+    y = nf4_matmul(x, q)  # the GEMV kernel up to 16 rows, else dequantize + cuBLAS
     dy = torch.randn_like(y)
     y.backward(dy)
     w = q.dequantize(torch.float32)
     results = [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]
-    for way in ["fused", "dequant"]:  # and each way by name
-        results += [(m.nf4_matmul_forward(x.detach(), q, way), results[0][1]),
-                    (m.nf4_matmul_backward(dy, q, way), results[1][1])]
+    if M <= 16:  # and every tile the benchmark tries
+        results += [(m.gemv(x.detach(), q, tile), results[0][1]) for tile in m.gemv_tiles()]
     for ours, ref in results:
         assert ours.dtype == torch.bfloat16
         assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands and output
@@ -122,3 +122,52 @@ def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path):
     assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == \
         generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False)
     assert _decoders[model] is not first
+
+
+@pytest.mark.parametrize("p", [0, 100, 4095])
+def test_fused_decode_kernels_in_bfloat16_at_llama_shapes(p):
+    import torch.nn.functional as F
+
+    from bailong.config import preset
+    from bailong.model import RMSNorm, apply_rope, rope_cos_sin
+    from kernels import decode_attention, rms_norm, swiglu
+    torch.manual_seed(p)
+    bf16, close = torch.bfloat16, lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    norm = RMSNorm(4096, 1e-5).to("cuda", bf16)
+    x = torch.randn(1, 1, 4096, device="cuda", dtype=bf16)
+    with torch.no_grad():
+        assert close(rms_norm(x, norm.weight, 1e-5), norm(x))
+    gate, up = torch.randn(2, 11008, device="cuda", dtype=bf16), torch.randn(2, 11008, device="cuda", dtype=bf16)
+    assert close(swiglu(gate, up), F.silu(gate) * up)
+    config = preset("llama2-7b")
+    H, KV, D, S = 32, 8, 128, 4096  # grouped-query attention, as Llama-2-70B and Llama 3
+    k_cache, v_cache = (torch.randn(1, KV, S, D, device="cuda", dtype=bf16) for _ in range(2))
+    q, k, v = (torch.randn(1, 1, n * D, device="cuda", dtype=bf16) for n in (H, KV, KV))
+    positions = torch.tensor([p], device="cuda")
+    cos, sin = rope_cos_sin(config, positions, bf16)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[:, :, p] = apply_rope(k.view(1, 1, KV, D).transpose(1, 2), cos, sin)[:, :, 0]
+    v_ref[:, :, p] = v.view(1, KV, D)
+    q_ref = apply_rope(q.view(1, 1, H, D).transpose(1, 2), cos, sin)
+    ref = F.scaled_dot_product_attention(q_ref, k_ref[:, :, :p + 1], v_ref[:, :, :p + 1], enable_gqa=True)
+    y = decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache)
+    assert close(y, ref.transpose(1, 2).reshape(1, 1, -1))
+    assert close(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp_path):
+    import kernels
+    from bailong.generate import _decoders
+    folder, _ = write_hf(tmp_path, "gqa")
+    model, _ = bailong.load(folder, dtype=torch.float32, quantize="nf4")
+    model.eval()
+    prompt = list(range(3, 20))
+    plain = generate(model, prompt, 40, GREEDY, stop_ids=[])
+    first = _decoders[model]
+    previous = kernels.use_decode_kernels(True)
+    try:
+        assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == plain
+        assert _decoders[model] is not first  # the switch changed: the graph is captured again
+        assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain
+    finally:
+        kernels.use_decode_kernels(previous)

@@ -1,0 +1,140 @@
+"""Fused Triton kernels for the decoding step (inference only: no backward).
+
+Eagerly, a decoder layer's step is dozens of small PyTorch operations; on a GPU
+each is a kernel launch that moves a few kilobytes, so the step is bound by
+launches, not by reading the weights. These kernels do the same arithmetic in
+fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
+
+- ``rms_norm``: ``RMSNorm.forward`` (square, mean, rsqrt, multiply, casts) in one launch.
+- ``swiglu``: ``silu(gate) * up`` in one launch.
+- ``decode_attention``: for one new token, RoPE on q and k, the new k and v
+  written into the KV cache, and attention over the positions filled so far
+  (not the whole cache buffer), in one launch:
+
+      for each (batch b, head h), one program, kv head g = h // (heads / kv heads):
+          q, k = rope(q[b, h], p), rope(k[b, g], p)      # p: the new token's position, read on the device
+          if h is the first head of g: cache_k[b, g, p], cache_v[b, g, p] = k, v
+          y[b, h] = softmax(K q / sqrt(D)) V over cache positions 0..p-1 and the new k, v
+                    (online softmax, BLOCK_S positions at a time, in float32)
+
+Head dimensions are kept as two halves, as Hugging Face's rotate-half RoPE pairs
+dimension i with i + D/2.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.nf4_dequant import launch_device
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, C, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * C
+    cols = tl.arange(0, BLOCK)
+    ok = cols < C
+    x = tl.load(x_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = x / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)  # in float32, as the reference
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row + cols, w * normed.to(x_ptr.dtype.element_ty).to(tl.float32), mask=ok)
+
+
+def rms_norm(x, weight, eps):
+    """``weight * (x / rms(x)).to(x.dtype)``, the norm taken over the last dimension in float32."""
+    x = x.contiguous()
+    y = torch.empty(x.shape, device=x.device, dtype=torch.result_type(weight, x))
+    C = x.shape[-1]
+    with launch_device(x):
+        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=triton.next_power_of_2(C))
+    return y
+
+
+@triton.jit
+def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(gate_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    silu = (g / (1 + tl.exp(-g))).to(gate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as F.silu's result
+    tl.store(y_ptr + i, silu * u, mask=i < n)
+
+
+def swiglu(gate, up):
+    """``F.silu(gate) * up``."""
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    with launch_device(gate):
+        _swiglu_kernel[(triton.cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), BLOCK=1024)
+    return y
+
+
+@triton.jit
+def _rotate(x_ptr, cos, sin, d, HALF: tl.constexpr):
+    """The two halves of x[0:2 HALF] (at offsets d of each) rotated by the angles of cos and sin, in float32."""
+    x1 = tl.load(x_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, y_ptr,
+                             H, KV, stride_cb, stride_ch, stride_cs, scale,
+                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    g = h // (H // KV)  # the kv head this head reads
+    D: tl.constexpr = 2 * HALF
+    d = tl.arange(0, BLOCK_D)  # offsets within a half (BLOCK_D: HALF rounded up to a power of two)
+    dm = d < HALF
+    dtype = k_cache_ptr.dtype.element_ty
+    p = tl.load(pos_ptr)  # the new token's position: everything before it is in the cache
+    cos = tl.load(cos_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + d, mask=dm, other=0.0).to(tl.float32)
+    q1, q2 = _rotate(q_ptr + (b * H + h) * D, cos, sin, d, HALF)
+    q1, q2 = q1.to(q_ptr.dtype.element_ty).to(tl.float32) * scale, q2.to(q_ptr.dtype.element_ty).to(tl.float32) * scale
+    k1, k2 = _rotate(k_ptr + (b * KV + g) * D, cos, sin, d, HALF)
+    k1, k2 = k1.to(dtype), k2.to(dtype)  # as stored in the cache
+    v1 = tl.load(v_ptr + (b * KV + g) * D + d, mask=dm, other=0.0)
+    v2 = tl.load(v_ptr + (b * KV + g) * D + HALF + d, mask=dm, other=0.0)
+    cache = b * stride_cb + g * stride_ch
+    if h % (H // KV) == 0:  # one head of the group writes the new position
+        new = cache + p * stride_cs
+        tl.store(k_cache_ptr + new + d, k1, mask=dm)
+        tl.store(k_cache_ptr + new + HALF + d, k2, mask=dm)
+        tl.store(v_cache_ptr + new + d, v1.to(dtype), mask=dm)
+        tl.store(v_cache_ptr + new + HALF + d, v2.to(dtype), mask=dm)
+    # the new position first: it starts the running max, sum and output
+    m = tl.sum(k1.to(tl.float32) * q1 + k2.to(tl.float32) * q2, axis=0)
+    total = tl.full((), 1.0, tl.float32)
+    out1, out2 = v1.to(tl.float32), v2.to(tl.float32)
+    for s0 in range(0, p, BLOCK_S):  # then the cached positions, a block at a time (online softmax)
+        s = s0 + tl.arange(0, BLOCK_S)
+        rows = cache + s[:, None] * stride_cs + d[None, :]
+        ok = (s < p)[:, None] & dm[None, :]
+        score = tl.sum(tl.load(k_cache_ptr + rows, mask=ok, other=0.0).to(tl.float32) * q1[None, :]
+                       + tl.load(k_cache_ptr + rows + HALF, mask=ok, other=0.0).to(tl.float32) * q2[None, :], axis=1)
+        score = tl.where(s < p, score, float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        alpha, weight = tl.exp(m - m_new), tl.exp(score - m_new)
+        total = total * alpha + tl.sum(weight, axis=0)
+        out1 = out1 * alpha + tl.sum(weight[:, None] * tl.load(v_cache_ptr + rows, mask=ok, other=0.0), axis=0)
+        out2 = out2 * alpha + tl.sum(weight[:, None] * tl.load(v_cache_ptr + rows + HALF, mask=ok, other=0.0), axis=0)
+        m = m_new
+    y = y_ptr + (b * H + h) * D
+    tl.store(y + d, out1 / total, mask=dm)
+    tl.store(y + HALF + d, out2 / total, mask=dm)
+
+
+def decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache):
+    """Attention of one new token: q (B, 1, H*D), k and v (B, 1, KV*D) straight from the projections;
+    cos and sin (1, D) of its position; ``positions`` (1,) that position, on the device; k_cache and
+    v_cache (B, KV, S, D) one layer's cache, which gets the new k and v. Returns (B, 1, H*D)."""
+    B, KV, _, D = k_cache.shape
+    H = q.shape[-1] // D
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride()
+    y = torch.empty_like(q)
+    with launch_device(q):
+        _decode_attention_kernel[(B, H)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache, v_cache,
+                                         y, H, KV, *k_cache.stride()[:3], 1 / math.sqrt(D), HALF=D // 2,
+                                         BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_S=64)
+    return y

@@ -1,0 +1,58 @@
+"""Counting what one decoding step launches: aten operations that run a kernel, plus Triton launches.
+
+Views, reshapes and allocations launch nothing and are not counted; an operation
+that writes new memory or writes in place is. The kernels run under the Triton
+interpreter on the CPU, so the count is that of the path a GPU takes.
+"""
+import contextlib
+import importlib
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+TRITON_MODULES = ("kernels.nf4_matmul", "kernels.nf4_dequant", "kernels.decode")  # every module with a kernel
+
+
+class Launches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.aten, self.triton = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.name()
+        if not name.startswith(("aten::empty", "aten::lift_fresh")):
+            inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            if func._schema.is_mutable or any(t.untyped_storage().data_ptr() not in inputs for t in outputs):
+                self.aten.append(name)
+        return out
+
+
+class Counted:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches it and records the launch."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.triton.append(self.name)
+            with _disable_current_modes():  # the interpreter's own copies are not the GPU's work
+                return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@contextlib.contextmanager
+def count_launches(monkeypatch):
+    """Inside: ``launches.aten`` and ``launches.triton`` list what ran, in order."""
+    launches = Launches()
+    with monkeypatch.context() as patch:
+        for module in map(importlib.import_module, TRITON_MODULES):
+            for name, kernel in list(vars(module).items()):
+                if name.endswith("_kernel") and hasattr(kernel, "fn"):
+                    patch.setattr(module, name, Counted(kernel, name, launches))
+        with launches:
+            yield launches
