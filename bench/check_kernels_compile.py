@@ -128,7 +128,8 @@ def compile_all(arch):
             ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
             ("swiglu", decode._swiglu_kernel, (x, x, x, 4096), dict(BLOCK=1024)),
             ("decode attention", decode._decode_attention_kernel,
-             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, *cache.stride()[:3], 0.1),
+             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, 4096, *cache.stride()[:3],
+              0.1),
              dict(HALF=64, BLOCK_D=64, BLOCK_S=64))]:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))

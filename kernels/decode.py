@@ -78,7 +78,7 @@ def _rotate(x_ptr, cos, sin, d, HALF: tl.constexpr):
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, y_ptr,
-                             H, KV, stride_cb, stride_ch, stride_cs, scale,
+                             H, KV, S, stride_cb, stride_ch, stride_cs, scale,
                              HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     g = h // (H // KV)  # the kv head this head reads
@@ -96,7 +96,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_c
     v1 = tl.load(v_ptr + (b * KV + g) * D + d, mask=dm, other=0.0)
     v2 = tl.load(v_ptr + (b * KV + g) * D + HALF + d, mask=dm, other=0.0)
     cache = b * stride_cb + g * stride_ch
-    if h % (H // KV) == 0:  # one head of the group writes the new position
+    if (h % (H // KV) == 0) & (p < S):  # one head of the group writes the new position, if the cache has room
         new = cache + p * stride_cs
         tl.store(k_cache_ptr + new + d, k1, mask=dm)
         tl.store(k_cache_ptr + new + HALF + d, k2, mask=dm)
@@ -106,7 +106,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_c
     m = tl.sum(k1.to(tl.float32) * q1 + k2.to(tl.float32) * q2, axis=0)
     total = tl.full((), 1.0, tl.float32)
     out1, out2 = v1.to(tl.float32), v2.to(tl.float32)
-    for s0 in range(0, p, BLOCK_S):  # then the cached positions, a block at a time (online softmax)
+    for s0 in range(0, tl.minimum(p, S), BLOCK_S):  # then the cached positions, a block at a time (online softmax)
         s = s0 + tl.arange(0, BLOCK_S)
         rows = cache + s[:, None] * stride_cs + d[None, :]
         ok = (s < p)[:, None] & dm[None, :]
@@ -127,14 +127,15 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_c
 def decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache):
     """Attention of one new token: q (B, 1, H*D), k and v (B, 1, KV*D) straight from the projections;
     cos and sin (1, D) of its position; ``positions`` (1,) that position, on the device; k_cache and
-    v_cache (B, KV, S, D) one layer's cache, which gets the new k and v. Returns (B, 1, H*D)."""
-    B, KV, _, D = k_cache.shape
+    v_cache (B, KV, S, D) one layer's cache, which gets the new k and v (not past its end: a full cache
+    is left as it is, where PyTorch's cache write raises). Returns (B, 1, H*D)."""
+    B, KV, S, D = k_cache.shape
     H = q.shape[-1] // D
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride()
     y = torch.empty_like(q)
     with launch_device(q):
         _decode_attention_kernel[(B, H)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache, v_cache,
-                                         y, H, KV, *k_cache.stride()[:3], 1 / math.sqrt(D), HALF=D // 2,
+                                         y, H, KV, S, *k_cache.stride()[:3], 1 / math.sqrt(D), HALF=D // 2,
                                          BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_S=64)
     return y

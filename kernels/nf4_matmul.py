@@ -119,7 +119,8 @@ def dequant_matmul(x2d, q: NF4Tensor):
 def nf4_matmul_forward(x2d, q: NF4Tensor):
     """(M, K) @ W.T -> (M, N) in x's dtype: the GEMV kernel for up to GEMV_MAX_M rows (rows of W of whole
     blocks, its bytes readable as int32 words), else the dequantize kernel and cuBLAS."""
-    if x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and q.data.storage_offset() % 4 == 0:
+    readable_as_words = q.data.is_contiguous() and q.data.storage_offset() % 4 == 0
+    if 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words:
         return gemv(x2d, q)
     return dequant_matmul(x2d, q)
 

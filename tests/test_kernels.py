@@ -92,7 +92,8 @@ def test_up_to_4_rows_take_the_gemv_kernel_more_take_cublas(monkeypatch):
     for M in [1, 4, 5]:
         m.nf4_matmul_forward(torch.randn(M, 128), q)
     m.nf4_matmul_forward(torch.randn(1, 100), quantize(torch.randn(24, 100)))  # rows of W not whole blocks
-    assert ran == ["gemv", "gemv", "dequant", "dequant"]
+    assert m.nf4_matmul_forward(torch.randn(0, 128), q).shape == (0, 24)  # no rows
+    assert ran == ["gemv", "gemv", "dequant", "dequant", "dequant"]
 
 
 def test_autocast_computes_in_its_dtype_as_linear_does():
@@ -169,6 +170,10 @@ def test_decode_kernels_match_pytorch():
             torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B, 1, H * D), **tol)
             torch.testing.assert_close(k_cache, k_ref, **tol)
             assert torch.equal(v_cache, v_ref)
+        buffers = torch.randn(2, 2, B, KV, S, D, dtype=dtype)  # (k or v, layer, ...): a full cache of 2 layers
+        before = buffers.clone()
+        decode_attention(q, k, v, cos, sin, torch.tensor([S]), buffers[0, 0], buffers[1, 0])
+        assert torch.equal(buffers, before)  # nothing written past the end, into the next layer or anywhere
 
 
 def gpu_path(monkeypatch, fused_step):
