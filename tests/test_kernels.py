@@ -237,3 +237,34 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step):
     print(f"decode step{' (fused)' if fused_step else ''}: {counts[2]} launches, {per_layer} a layer")
     budget = DECODE_STEP_BUDGET[fused_step]
     assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts
+
+
+# Launches of one QLoRA training step (forward and backward, bf16 autocast, activation checkpointing, LoRA on the
+# seven projections, embedding and head) of a 2-layer NF4 model on the GPU's path, and per layer: recorded before
+# any training-side fusion, so that the fused LoRA projections and layer kernels can show what they cut.
+TRAIN_STEP_BUDGET = {"per layer": 382, "whole step": 851}
+
+
+def test_training_step_launches_stay_within_budget(monkeypatch):
+    from bailong import lora
+    from launch_count import count_launches
+    gpu_path(monkeypatch, fused_step=False)
+    monkeypatch.setattr(lora, "nf4_linear", lambda x, w: nf4_matmul(x, w))
+    counts = {}
+    for layers in [1, 2]:
+        model = tiny_nf4(layers)
+        lora.mark_only_lora_trainable(lora.inject_lora(model.to(torch.bfloat16), lora.LoRAConfig(r=8)))
+        model.checkpointing = True  # as train.py runs on CUDA
+        model.train()
+        ids = torch.randint(0, model.config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
+        with count_launches(monkeypatch) as launches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py on CUDA: the compute dtype
+                logits = model(ids[:, :-1])
+            targets = ids[:, 1:]  # train.py's loss: summed over the batch's tokens, divided by their count
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                   reduction="sum") / (targets != -100).sum().clamp(min=1)
+            loss.backward()
+        counts[layers] = len(launches.aten) + len(launches.triton)
+    per_layer = counts[2] - counts[1]
+    print(f"training step: {counts[2]} launches, {per_layer} a layer")
+    assert per_layer <= TRAIN_STEP_BUDGET["per layer"] and counts[2] <= TRAIN_STEP_BUDGET["whole step"], counts
