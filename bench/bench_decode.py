@@ -8,7 +8,7 @@ also with the fused decoding step (``kernels.decode``, off by default until time
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
 ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly.
-Each row runs once to warm up (autotuning, graph capture), is probed for its
+Each row runs once to warm up (compilation, graph capture), is probed for its
 rate, then timed over the new tokens that fit in its time limit (``--limit``):
 a slow row is timed over fewer tokens instead of holding up the rest.
 tokens/s counts the new tokens over the whole call, prefill included; on CUDA

@@ -114,7 +114,7 @@ def main():
             ref = x.float() @ wq.T
             checked(lambda: gemv(x, q), ref)
             t_gemv = timed([lambda q=q: gemv(x, q) for q in qs])
-            best = (gemv_tile(M, N, K), t_gemv)
+            best = (gemv_tile(M), t_gemv)
             for tile in gemv_tiles() if M in sweep else []:
                 checked(lambda: gemv(x, q, tile), ref)
                 t = timed([lambda q=q: gemv(x, q, tile) for q in qs])

@@ -1,14 +1,14 @@
-"""Compile every NF4 kernel configuration for real NVIDIA GPUs, on a machine without one.
+"""Compile every Triton kernel of the project for real NVIDIA GPUs, on a machine without one.
 
 The Triton interpreter runs the kernels' arithmetic on the CPU but not the
 compiler: a kernel can pass every interpreter test and still fail to compile
 for a GPU, or compile into code that spills registers. This script stands in a
 compile-only driver for the CUDA one (the target architecture is all the
 compiler needs), calls the real wrappers with Llama-2-7B-shaped bf16 inputs
-on the CPU, and compiles each configuration the autotuner would try, for
-sm_90 (H100) and sm_80 (A100), with Triton's bundled ptxas. Per kernel it
-reports registers, spills, shared memory, and what the PTX says about the
-inner loop: tensor-core instructions (wgmma / mma) and vector loads.
+on the CPU, and compiles each kernel as those calls would launch it (the GEMV
+at every row count it takes), for sm_90 (H100) and sm_80 (A100), with Triton's
+bundled ptxas. Per kernel it reports registers, spills, shared memory, and what
+the PTX says: tensor-core instructions (wgmma / mma) and vector loads.
 
     python bench/check_kernels_compile.py          # exit status 1 if anything fails to compile or spills
 

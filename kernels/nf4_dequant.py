@@ -46,18 +46,6 @@ def nibbles(byte):
 
 
 @triton.jit
-def _nf4_values(flat, mask, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-                BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
-    """Float32 weights at flat indices ``flat`` (any shape); 0 where ``mask`` is false. For rows that
-    are not whole blocks: every element found from its own index."""
-    byte = tl.load(w_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    value = tl.load(code_ptr + ((byte >> (4 - 4 * (flat & 1))) & 0xF))  # even index: the high nibble
-    scale = _block_scale(flat // BLOCKSIZE, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
-                         DOUBLE_QUANT)
-    return tl.where(mask, value * scale, 0.0)
-
-
-@triton.jit
 def _nf4_dequant_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, out_ptr, n,
                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # packed byte indices

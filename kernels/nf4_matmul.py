@@ -47,7 +47,7 @@ def gemv_tiles():
             (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 8), (8, 1024, 8)]
 
 
-def gemv_tile(M, N, K):
+def gemv_tile(M):
     """The tile ``gemv`` runs: the fastest measured at Llama-2-7B's shapes on an H200 (docs/BENCHMARKS.md)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 4, 64, 4  # interpreted: small, so that the tests run several programs and a partial last tile
@@ -101,7 +101,7 @@ def gemv(x2d, q: NF4Tensor, tile=None):
     assert M <= 16 and K % q.blocksize == 0
     x2d = x2d.contiguous()
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    block_n, block_k, warps = tile or gemv_tile(M, N, K)
+    block_n, block_k, warps = tile or gemv_tile(M)
     packed, *tables = nf4_args(q)
     with launch_device(x2d):
         _nf4_gemv_kernel[(triton.cdiv(N, block_n),)](

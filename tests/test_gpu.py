@@ -58,7 +58,6 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
 def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
     import importlib
 
-
     from bailong.nf4 import quantize
     from kernels import nf4_matmul
     m = importlib.import_module("kernels.nf4_matmul")

@@ -125,8 +125,8 @@ def test_benchmark_script_runs_at_tiny_sizes():
 @pytest.mark.slow  # about 15 s on 2 cores: CI runs it after the README's test command
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
 def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
-    """The interpreter does not run the compiler: compile every configuration the autotuner
-    would try, for sm_90 and sm_80, with Triton's bundled ptxas (no GPU needed)."""
+    """The interpreter does not run the compiler: compile every kernel as the wrappers launch it,
+    for sm_90 and sm_80, with Triton's bundled ptxas (no GPU needed)."""
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "check_kernels_compile.py")], env=env,
                             capture_output=True, text=True, timeout=600)
