@@ -21,7 +21,7 @@ from bailong.errors import BailongError
 from bailong.files import atomic_write
 from bailong.tokenizer import Tokenizer
 
-DATA_DIR = Path(__file__).parent / "data"
+SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 ROLES = ("system", "user", "assistant")
 
 

@@ -136,8 +136,8 @@ def graph_key(model):
     nf4 = [t for q in nf4_weights(model) for t in q.tensors().values()]
     switches = None
     if model.lm_head.weight.is_cuda:
-        import kernels  # Triton is imported only where it runs
-        switches = kernels.switches()
+        import bailong_kernels  # Triton is imported only where it runs
+        switches = bailong_kernels.switches()
     return tuple((t.data_ptr(), t.dtype) for t in [*model.parameters(), *nf4]), switches
 
 

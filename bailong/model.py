@@ -22,12 +22,16 @@ from bailong.config import ModelConfig
 
 
 def decode_kernels(x):
-    """The ``kernels`` package where ``x`` takes the fused inference kernels (CUDA, no gradient,
-    switched on: ``kernels.decode_enabled``), else None: then the PyTorch code beside each call runs."""
+    """The module ``bailong_kernels.decode`` where ``x`` takes the fused inference kernels (CUDA, no
+    gradient, switched on: ``bailong_kernels.decode_enabled``), else None: then the PyTorch code beside
+    each call runs."""
     if not x.is_cuda:
         return None
-    import kernels  # Triton is imported only where it runs
-    return kernels if kernels.decode_enabled(x) else None
+    import bailong_kernels  # Triton is imported only where it runs
+    if not bailong_kernels.decode_enabled(x):
+        return None
+    from bailong_kernels import decode
+    return decode
 
 
 class RMSNorm(nn.Module):

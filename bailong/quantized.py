@@ -35,11 +35,12 @@ class NF4Matmul(torch.autograd.Function):
 
 def nf4_linear(x, weight: NF4Tensor):
     """x @ W.T: the Triton kernels for CUDA tensors (unless switched off: ``BAILONG_NF4_KERNELS=0``
-    or ``kernels.use_kernels(False)``), the PyTorch reference otherwise."""
+    or ``bailong_kernels.use_kernels(False)``), the PyTorch reference otherwise."""
     if x.is_cuda:
-        import kernels  # Triton is imported only where it runs
-        if kernels.enabled(x):
-            return kernels.nf4_matmul(x, weight)
+        import bailong_kernels  # Triton is imported only where it runs
+        if bailong_kernels.enabled(x):
+            from bailong_kernels.nf4_matmul import nf4_matmul
+            return nf4_matmul(x, weight)
     return NF4Matmul.apply(x, weight)
 
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from bailong.data import DATA_DIR
+from bailong.data import SAMPLES
 from bailong.errors import Parser, UsageError, read_json
 from bailong.files import atomic_write
 from bailong.zip_tie import METHODS
@@ -103,8 +103,8 @@ class TrainConfig:
         self.out = self.out or f"out/{self.stage}"
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")
         if not self.data:
-            self.data = [str(DATA_DIR / "zh_tw_sample.txt"), str(DATA_DIR / "en_sample.txt")] \
-                if self.stage == "pretrain" else [str(DATA_DIR / "chats_sample.jsonl")]
+            self.data = [str(SAMPLES / "zh_tw_sample.txt"), str(SAMPLES / "en_sample.txt")] \
+                if self.stage == "pretrain" else [str(SAMPLES / "chats_sample.jsonl")]
 
 
 def flag(name) -> str:

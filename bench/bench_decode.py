@@ -4,7 +4,7 @@ A model of a preset's shape with random weights (Llama-2-7B on a GPU, the tiny
 preset on the CPU), a random prompt, greedy decoding of a fixed number of new
 tokens (no early stop). Rows, fast ones first: ours in the compute dtype; ours on
 NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
-also with the fused decoding step (``kernels.decode``, off by default until timed);
+also with the fused decoding step (``bailong_kernels.decode``, off by default until timed);
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
 ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly.
@@ -19,20 +19,17 @@ token at the card's copy bandwidth.
     python bench/bench_decode.py --preset tinyllama-1.1b --layers 2    # CPU, shapes bitsandbytes takes
 """
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bailong  # noqa: E402
-import kernels  # noqa: E402
-from bailong.config import preset  # noqa: E402
-from bailong.generate import Sampling, generate  # noqa: E402
-from bailong.model import init_weights  # noqa: E402
-from bailong.quantized import quantize_model  # noqa: E402
+import bailong
+import bailong_kernels
+from bailong.config import preset
+from bailong.generate import Sampling, generate
+from bailong.model import init_weights
+from bailong.quantized import quantize_model
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
@@ -62,12 +59,12 @@ def timed_row(fn, n, limit, device):
 
 def ours(model, prompt, graph, kernels_on=True, fused_step=False):
     def run(n):
-        previous = kernels.use_kernels(kernels_on), kernels.use_decode_kernels(fused_step)
+        previous = bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step)
         try:
             return generate(model, prompt, n, GREEDY, stop_ids=[], cuda_graph=graph)
         finally:
-            kernels.use_kernels(previous[0])
-            kernels.use_decode_kernels(previous[1])
+            bailong_kernels.use_kernels(previous[0])
+            bailong_kernels.use_decode_kernels(previous[1])
     return run
 
 

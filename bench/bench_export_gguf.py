@@ -17,14 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_load_memory import write_checkpoint
 
-from bench_load_memory import write_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import sys
-sys.path.insert(0, {root!r})
 from bailong.export import main
 main(["--base", {folder!r}, "--out", {out!r}, "--type", {kind!r}])
 print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
@@ -70,7 +68,7 @@ def main():
         for kind in args.types.split(","):
             out = Path(tmp) / f"{kind}.gguf"
             start = time.perf_counter()
-            run = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), folder=str(folder),
+            run = subprocess.run([sys.executable, "-c", CHILD.format(folder=str(folder),
                                                                      out=str(out), kind=kind)],
                                  capture_output=True, text=True)
             seconds = time.perf_counter() - start

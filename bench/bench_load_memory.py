@@ -20,13 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHILD = """
 import sys, json, time, torch
 from pathlib import Path
-sys.path.insert(0, {root!r})
 import bailong
 method, folder, dtype, quantize = {method!r}, Path({folder!r}), getattr(torch, {dtype!r}), {quantize!r}
 if method == "transformers":
@@ -74,7 +71,7 @@ def write_checkpoint(config, folder, dtype):
 
 def measure(folder, method, dtype, quantize=None) -> dict:
     """Run one load in a fresh process: peak_growth and model_bytes (bytes), seconds."""
-    code = CHILD.format(root=str(ROOT), folder=str(folder), dtype=dtype, method=method, quantize=quantize)
+    code = CHILD.format(folder=str(folder), dtype=dtype, method=method, quantize=quantize)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr.strip().splitlines()[-1])

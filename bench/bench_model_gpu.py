@@ -10,15 +10,12 @@ fused NF4 kernels are measured by bench_decode.py and bench_nf4_matmul.py.
 """
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bailong  # noqa: E402
-from bailong.config import preset  # noqa: E402
-from bailong.generate import Sampling, generate  # noqa: E402
+import bailong
+from bailong.config import preset
+from bailong.generate import Sampling, generate
 
 
 def cuda_time(fn, repeat=5):

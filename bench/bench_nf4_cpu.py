@@ -14,19 +14,16 @@ the largest one added to the 32-layer model size.
 """
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_load_memory import measure, write_checkpoint  # noqa: E402
+from bench_load_memory import measure, write_checkpoint
 
-from bailong.config import preset  # noqa: E402
-from bailong.nf4 import quantize  # noqa: E402
+from bailong.config import preset
+from bailong.nf4 import quantize
 
 
 def median_seconds(fn, repeat):

@@ -16,16 +16,13 @@ card's measured copy bandwidth (bytes read plus written).
     TRITON_INTERPRET=1 python bench/bench_nf4_matmul.py --tiny      # CPU smoke run of the whole script
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bailong.nf4 import quantize  # noqa: E402
-from kernels.nf4_dequant import nf4_dequantize  # noqa: E402
-from kernels.nf4_matmul import dequant_matmul, gemv, gemv_tile, gemv_tiles  # noqa: E402
+from bailong.nf4 import quantize
+from bailong_kernels.nf4_dequant import nf4_dequantize
+from bailong_kernels.nf4_matmul import dequant_matmul, gemv, gemv_tile, gemv_tiles
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 L2_BYTES = 256 << 20  # copies of a weight fill at least this much: several times any GPU's L2

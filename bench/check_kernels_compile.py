@@ -14,7 +14,6 @@ the PTX says: tensor-core instructions (wgmma / mma) and vector loads.
 
 Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
-import importlib
 import os
 import re
 import subprocess
@@ -23,18 +22,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler this script checks")
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
 
-from bailong.nf4 import quantize  # noqa: E402
+from bailong.nf4 import quantize
+from bailong_kernels import decode, nf4_dequant as dequant, nf4_matmul as matmul
 
-matmul = importlib.import_module("kernels.nf4_matmul")  # the module (the package exports a function of its name)
-dequant = importlib.import_module("kernels.nf4_dequant")
-decode = importlib.import_module("kernels.decode")
 KERNELS = [matmul._nf4_gemv_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
            decode._decode_attention_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

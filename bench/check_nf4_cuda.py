@@ -9,13 +9,10 @@ bitsandbytes' CUDA values. Also times quantize/dequantize of a 4096 x 11008 matr
 
     python bench/check_nf4_cuda.py
 """
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bailong.nf4 import NF4Tensor, quantize  # noqa: E402
+from bailong.nf4 import NF4Tensor, quantize
 
 
 def cuda_ms(fn, repeat=20):

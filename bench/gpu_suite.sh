@@ -7,6 +7,8 @@
 # Each part prints under its own heading and a failing part does not stop the others;
 # the exit status is the number of parts that failed.
 cd "$(dirname "$0")/.." || exit 1
+# the package itself, installed over whatever torch and triton the machine has (pip install -e . would pin torch)
+python -c "import bailong_kernels" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . || exit 1
 parts=("${@:-tests kernels decode train model}")
 failed=0
 run() {

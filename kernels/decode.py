@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.nf4_dequant import launch_device
+from bailong_kernels.nf4_dequant import launch_device
 
 
 @triton.jit

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
-from kernels.nf4_dequant import _block_scale, launch_device, nf4_args, nf4_dequantize
+from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, nf4_dequantize
 
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
 

@@ -1,5 +1,4 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -7,12 +6,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # bitsandbytes' PyTorch paths would compile on every new shape
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter; it must be set before they import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 ASSETS = ROOT.parent / "shared" / "assets"
 
 

@@ -7,11 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bailong import load_preset  # noqa: E402
-from bailong.data import DATA_DIR, TokenData, tokenize  # noqa: E402
-from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable  # noqa: E402
-from bailong.vocab import read_corpus  # noqa: E402
+from bailong import load_preset
+from bailong.data import SAMPLES, TokenData, tokenize
+from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable
+from bailong.vocab import read_corpus
 
 
 def main(out, batch_size):
@@ -26,7 +25,7 @@ def main(out, batch_size):
         for p in lora_parameters(model).values():
             p.normal_(0, 0.05)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    ids, labels, offsets = tokenize(tokenizer, read_corpus([DATA_DIR / "en_sample.txt"]), Path(out) / "cache", 1)
+    ids, labels, offsets = tokenize(tokenizer, read_corpus([SAMPLES / "en_sample.txt"]), Path(out) / "cache", 1)
     data = TokenData(ids, labels, offsets, 32)
     inputs, targets = data.batch(data.indices(0, batch_size, seed=0, rank=rank, world=world))
     F.cross_entropy(ddp(inputs).flatten(0, 1), targets.flatten()).backward()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bailong.data import DATA_DIR
+from bailong.data import SAMPLES
 from bailong.errors import run_cli
 from conftest import ROOT
 
@@ -31,7 +31,6 @@ def rows():
 
 
 def entry_point(name):
-    sys.path.insert(0, str(ROOT))
     import importlib
     return importlib.import_module({"train.py": "train", "chat.py": "chat"}.get(name, name)).main
 
@@ -55,7 +54,7 @@ def folder(tmp_path_factory):
     """The folder the table's commands run in: the user's files, a finished run, damaged copies of it."""
     from bailong.tokenizer import byte_tokenizer
     d = tmp_path_factory.mktemp("user")
-    corpus = (DATA_DIR / "zh_tw_sample.txt").read_text()
+    corpus = (SAMPLES / "zh_tw_sample.txt").read_text()
     files = {"corpus.txt": corpus, "empty.txt": "\n  \n", "notes.txt": "my own notes\n", "mine/notes.txt": "mine\n",
              "long.txt": corpus + corpus.replace("\n", "") * 12 + "\n",  # one line of about 100 KiB
              "wrong-type.json": '{"lora_r": "16"}', "unknown.json": '{"lora_rank": 16}',

@@ -1,24 +1,24 @@
 """Training data: conversations and corpora read, tokenized (in parallel, cached), split and packed."""
 import torch
 
-from bailong.data import DATA_DIR, TokenData, read_conversations, split
+from bailong.data import SAMPLES, TokenData, read_conversations, split
 
 
 def test_conversations_are_read_from_a_folder_too(tmp_path):
     """As the README promises (a folder, or a Hub dataset id, which arrives as one): every jsonl below it."""
     (tmp_path / "more").mkdir()
-    lines = (DATA_DIR / "chats_sample.jsonl").read_text().splitlines(keepends=True)
+    lines = (SAMPLES / "chats_sample.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "a.jsonl").write_text("".join(lines[:10]))
     (tmp_path / "more" / "b.jsonl").write_text("".join(lines[10:]))
     (tmp_path / "notes.txt").write_text("not conversations")
-    assert read_conversations([tmp_path]) == read_conversations([DATA_DIR / "chats_sample.jsonl"])
+    assert read_conversations([tmp_path]) == read_conversations([SAMPLES / "chats_sample.jsonl"])
 
 
 def test_sft_examples_train_on_assistant_tokens_only():
     from bailong.chat_template import training_example
     from bailong.tokenizer import byte_tokenizer
     tok = byte_tokenizer()
-    chats = read_conversations([DATA_DIR / "chats_sample.jsonl"])
+    chats = read_conversations([SAMPLES / "chats_sample.jsonl"])
     encoded = [training_example(tok, c) for c in chats[:3]]
     ids = [i for e, _ in encoded for i in e]
     labels = [i for _, lab in encoded for i in lab]

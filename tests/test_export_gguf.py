@@ -21,6 +21,7 @@ from bailong.model import Llama, init_weights
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import main as vocab_main
 from bailong.zip_tie import extend_model
+from bailong.data import SAMPLES
 from conftest import ROOT, asset
 
 TEXTS = ["臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。", "The quick brown fox jumps over the lazy dog; 42 apples cost $3.50.",
@@ -42,7 +43,7 @@ def tokenizers(tmp_path_factory):
     """Llama 2's tokenizer and the same extended with 600 Traditional Chinese pieces."""
     base = asset("llama2-tokenizer/tokenizer.model")
     out = tmp_path_factory.mktemp("vocab") / "tokenizer.model"
-    vocab_main(["extend", "--base", str(base), "--corpus", str(ROOT / "bailong" / "data" / "zh_tw_sample.txt"),
+    vocab_main(["extend", "--base", str(base), "--corpus", str(SAMPLES / "zh_tw_sample.txt"),
                 "--new-pieces", "600", "--out", str(out)])
     return Tokenizer(base), Tokenizer(out)
 

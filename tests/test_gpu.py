@@ -56,15 +56,12 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
 @pytest.mark.parametrize("M", [1, 8, 16, 512])
 def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
-    import importlib
-
     from bailong.nf4 import quantize
-    from kernels import nf4_matmul
-    m = importlib.import_module("kernels.nf4_matmul")
+    from bailong_kernels import nf4_matmul as m
     torch.manual_seed(M)
     q = quantize((torch.randn(N, K, device="cuda") * 0.02).bfloat16())
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = nf4_matmul(x, q)  # the GEMV kernel up to 16 rows, else dequantize + cuBLAS
+    y = m.nf4_matmul(x, q)  # the GEMV kernel up to 16 rows, else dequantize + cuBLAS
     dy = torch.randn_like(y)
     y.backward(dy)
     w = q.dequantize(torch.float32)
@@ -78,13 +75,13 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
 
 def test_nf4_dequantize_kernel_exact_in_bfloat16():
     from bailong.nf4 import quantize
-    from kernels import nf4_dequantize
+    from bailong_kernels.nf4_dequant import nf4_dequantize
     q = quantize(torch.randn(4096, 11008, device="cuda").bfloat16())
     assert torch.equal(nf4_dequantize(q, torch.bfloat16), q.dequantize(torch.bfloat16))
 
 
 def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
-    import kernels
+    import bailong_kernels
     from hf_models import write_hf
     folder, _ = write_hf(tmp_path, "gqa", hidden_size=128, intermediate_size=192, num_attention_heads=4,
                          num_key_value_heads=2)
@@ -92,11 +89,11 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
     ids = torch.randint(0, 300, (2, 40), device="cuda")
     with torch.no_grad():
         fused = model(ids).float()  # the kernels are on by default
-        previous = kernels.use_kernels(False)
+        previous = bailong_kernels.use_kernels(False)
         try:
             reference = model(ids).float()
         finally:
-            kernels.use_kernels(previous)
+            bailong_kernels.use_kernels(previous)
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-2
     from bailong.quantized import nf4_linear
     x = torch.randn(3, 128, device="cuda")  # float32 under bf16 autocast: computed in bf16, as F.linear is
@@ -129,7 +126,7 @@ def test_fused_decode_kernels_in_bfloat16_at_llama_shapes(p):
 
     from bailong.config import preset
     from bailong.model import RMSNorm, apply_rope, rope_cos_sin
-    from kernels import decode_attention, rms_norm, swiglu
+    from bailong_kernels.decode import decode_attention, rms_norm, swiglu
     torch.manual_seed(p)
     bf16, close = torch.bfloat16, lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
     norm = RMSNorm(4096, 1e-5).to("cuda", bf16)
@@ -155,7 +152,7 @@ def test_fused_decode_kernels_in_bfloat16_at_llama_shapes(p):
 
 
 def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp_path):
-    import kernels
+    import bailong_kernels
     from bailong.generate import _decoders
     folder, _ = write_hf(tmp_path, "gqa")
     model, _ = bailong.load(folder, dtype=torch.float32, quantize="nf4")
@@ -163,10 +160,10 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
     prompt = list(range(3, 20))
     plain = generate(model, prompt, 40, GREEDY, stop_ids=[])
     first = _decoders[model]
-    previous = kernels.use_decode_kernels(True)
+    previous = bailong_kernels.use_decode_kernels(True)
     try:
         assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == plain
         assert _decoders[model] is not first  # the switch changed: the graph is captured again
         assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain
     finally:
-        kernels.use_decode_kernels(previous)
+        bailong_kernels.use_decode_kernels(previous)

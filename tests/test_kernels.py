@@ -7,7 +7,6 @@ checked on the GPU only (tests/test_gpu.py): the interpreter's float32-to-bfloat
 rounding differs from the hardware's. The decoding step's fused kernels are
 checked against the model's own PyTorch code, and their launches counted.
 """
-import importlib
 import subprocess
 import sys
 
@@ -17,7 +16,9 @@ import torch.nn.functional as F
 
 from bailong.nf4 import BLOCKSIZES, quantize
 from conftest import ROOT
-from kernels import nf4_dequantize, nf4_matmul
+from bailong_kernels import nf4_matmul as m
+from bailong_kernels.nf4_dequant import nf4_dequantize
+from bailong_kernels.nf4_matmul import nf4_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3)}
@@ -73,7 +74,6 @@ def test_dequantize_kernel_is_exact(double_quant):
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
 def test_every_gemv_tile_under_the_interpreter(M):
     """The GPU's tiles (up to 1024 columns a step, 16 rows of W), not only the interpreter's small one."""
-    m = importlib.import_module("kernels.nf4_matmul")  # the module (the package exports a function of its name)
     torch.manual_seed(M)
     for N, K, blocksize in [(37, 1536, 64), (20, 1024, 256)]:  # K past one tile and not a whole number of them
         q = quantize(torch.randn(N, K), blocksize)
@@ -84,7 +84,6 @@ def test_every_gemv_tile_under_the_interpreter(M):
 
 
 def test_up_to_4_rows_take_the_gemv_kernel_more_take_cublas(monkeypatch):
-    m = importlib.import_module("kernels.nf4_matmul")
     ran = []
     monkeypatch.setattr(m, "gemv", lambda x, q: ran.append("gemv") or x @ q.dequantize(x.dtype).T)
     monkeypatch.setattr(m, "dequant_matmul", lambda x, q: ran.append("dequant") or x @ q.dequantize(x.dtype).T)
@@ -143,7 +142,7 @@ def test_decode_kernels_match_pytorch():
     """RMSNorm, SwiGLU and the one-token attention (RoPE, cache write, GQA) against the model's own PyTorch code."""
     from bailong.config import preset
     from bailong.model import RMSNorm, apply_rope, rope_cos_sin
-    from kernels import decode_attention, rms_norm, swiglu
+    from bailong_kernels.decode import decode_attention, rms_norm, swiglu
     torch.manual_seed(0)
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.float16, dict(atol=2e-3, rtol=2e-3))]:
         norm = RMSNorm(100, 1e-5).to(dtype)
@@ -179,10 +178,10 @@ def test_decode_kernels_match_pytorch():
 def gpu_path(monkeypatch, fused_step):
     """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, and (``fused_step``)
     the decoding step's fused kernels; all interpreted."""
-    import kernels
     from bailong import model, quantized
+    from bailong_kernels import decode
     monkeypatch.setattr(quantized, "nf4_linear", lambda x, w: nf4_matmul(x, w))
-    monkeypatch.setattr(model, "decode_kernels", lambda x: kernels if fused_step and not torch.is_grad_enabled()
+    monkeypatch.setattr(model, "decode_kernels", lambda x: decode if fused_step and not torch.is_grad_enabled()
                         else None)
 
 

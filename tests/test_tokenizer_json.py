@@ -13,6 +13,7 @@ from bailong.chat_template import jinja_template
 from bailong.conversation import Chat
 from bailong.errors import BailongError
 from bailong.tokenizer import JsonTokenizer, open_tokenizer
+from bailong.data import SAMPLES
 from conftest import ROOT
 
 TEXTS = ["The quick brown fox jumps over the lazy dog; 42 apples cost $3.50 (really).",
@@ -36,7 +37,7 @@ def bpe_folder(folder, vocab_size=700):
         pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    samples = [(ROOT / "bailong" / "data" / f).read_text() for f in ("zh_tw_sample.txt", "en_sample.txt")]
+    samples = [(SAMPLES / f).read_text() for f in ("zh_tw_sample.txt", "en_sample.txt")]
     tk.train_from_iterator(samples, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
@@ -119,13 +120,13 @@ def test_extension_keeps_every_old_id_and_every_non_chinese_tokenization(tmp_pat
     from bailong.zip_tie import piece_ids
     base_file = bpe_folder(tmp_path / "base", vocab_size=500) / "tokenizer.json"
     out = tmp_path / "extended" / "tokenizer.json"
-    vocab_main(["extend", "--base", str(base_file), "--corpus", str(ROOT / "bailong" / "data" / "zh_tw_sample.txt"),
+    vocab_main(["extend", "--base", str(base_file), "--corpus", str(SAMPLES / "zh_tw_sample.txt"),
                 "--new-pieces", "120", "--out", str(out)])
     before, after = json.loads(base_file.read_text())["model"], json.loads(out.read_text())["model"]
     assert all(after["vocab"][t] == i for t, i in before["vocab"].items())  # every old id kept
     assert after["merges"][:len(before["merges"])] == before["merges"] and len(after["vocab"]) == 620
     base, ext = JsonTokenizer(base_file), JsonTokenizer(out, settings=JsonTokenizer(base_file).settings)
-    english = (ROOT / "bailong" / "data" / "en_sample.txt").read_text()
+    english = (SAMPLES / "en_sample.txt").read_text()
     for text in [english, TEXTS[0], "😀🎉 — ñandú façade ∑∫ 𠮷", "Ünïcödé\ttabs  and   spaces\n"]:
         assert ext.encode(text) == base.encode(text)  # no CJK character: not one token changes
     for text in TEXTS:
@@ -150,7 +151,7 @@ def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
     wordpiece = tmp_path / "wordpiece.json"
     from tokenizers import Tokenizer, models
     Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(wordpiece))
-    corpus = str(ROOT / "bailong" / "data" / "zh_tw_sample.txt")
+    corpus = str(SAMPLES / "zh_tw_sample.txt")
     for argv, expected in [
             (["--base", str(wordpiece), "--new-pieces", "5", "--out", str(tmp_path / "a.json")],
              f"error: {wordpiece}: not a byte-level BPE tokenizer.json (model 'WordPiece')"),
@@ -169,7 +170,7 @@ def test_compare_init_measures_a_bpe_model(llama3, tmp_path, capsys):
     from bailong.vocab import main as vocab_main
     from bailong.zip_tie import METHODS
     out = tmp_path / "extended.json"
-    corpus = str(ROOT / "bailong" / "data" / "zh_tw_sample.txt")
+    corpus = str(SAMPLES / "zh_tw_sample.txt")
     vocab_main(["extend", "--base", str(llama3 / "tokenizer.json"), "--corpus", corpus, "--new-pieces", "50",
                 "--out", str(out)])
     capsys.readouterr()

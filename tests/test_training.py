@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from bailong.data import DATA_DIR, TokenData, split
+from bailong.data import SAMPLES, TokenData, split
 from bailong.errors import run_cli
 from bailong.runs import latest_checkpoint
 from bailong.training import TrainConfig, lr_at, parse_config
@@ -111,7 +111,6 @@ def test_resume_after_sigkill_or_ctrl_c_is_bit_exact(tmp_path):
 
 def run_train(capsys, *argv, code=0):
     """train.py in this process (seconds faster than a new one): its exit code checked, its output returned."""
-    sys.path.insert(0, str(ROOT))
     import train
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
@@ -250,12 +249,12 @@ def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, ca
 def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((DATA_DIR / "zh_tw_sample.txt").read_text())
+    corpus.write_text((SAMPLES / "zh_tw_sample.txt").read_text())
     args = ["--steps", "2", "--eval-every", "2", "--new-pieces", "20", "--data", corpus]
     for out in (".", tmp_path, "corpus.txt"):  # the working folder holds the corpus; the corpus itself
         _, err = run_train(capsys, *args, "--out", out, "--overwrite", code=2)
         assert "choose an --out apart from the run's inputs" in err or "is a file" in err
-    assert corpus.read_text() == (DATA_DIR / "zh_tw_sample.txt").read_text()
+    assert corpus.read_text() == (SAMPLES / "zh_tw_sample.txt").read_text()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("my own file")

@@ -9,9 +9,10 @@ from bailong.errors import BailongError
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import main as vocab_main
 from bailong.vocab import read_corpus
-from conftest import ROOT, asset
+from bailong.data import SAMPLES
+from conftest import asset
 
-SAMPLE = ROOT / "bailong" / "data" / "zh_tw_sample.txt"
+SAMPLE = SAMPLES / "zh_tw_sample.txt"
 TEXTS = {
     "traditional chinese": "臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。鬱鬱蔥蔥的山谷裡，爺爺慢慢泡著高山烏龍茶。",
     "english": "The quick brown fox jumps over the lazy dog; 42 apples cost $3.50 (really).",
