@@ -28,6 +28,7 @@ from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import check_output_file
 from bailong.generate import SAMPLING, Sampling, model_sampling
+from bailong.hub import resolve
 from bailong.quantized import quantize_model
 from bailong.tokenizer import open_tokenizer
 from bailong.weights import check_device
@@ -100,9 +101,8 @@ def main(argv=None):
         if args.quantize:
             quantize_model(model)
     else:
-        from bailong.weights import resolve
-        model, tokenizer = load(args.model, dtype, args.device, quantize=args.quantize, adapter=args.adapter)
         folder = resolve(str(args.model))
+        model, tokenizer = load(folder, dtype, args.device, quantize=args.quantize, adapter=args.adapter)
     if args.tokenizer:
         tokenizer = open_tokenizer(args.tokenizer)
     if tokenizer is None:

@@ -20,17 +20,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bailong import load, load_preset, save
-from bailong.weights import resolve
 from bailong.chat_template import model_template
-from bailong.data import TokenData, data_paths, read_conversations, split, tokenize
+from bailong.data import TokenData, read_conversations, read_corpus, split, tokenize
 from bailong.errors import BailongError, UsageError, run_cli
+from bailong.eval import tokens_per_char
 from bailong.files import atomic_folder
+from bailong.hub import resolve
 from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
 from bailong.quantized import memory_report, quantize_model
 from bailong.runs import (check_output, fingerprints, latest_checkpoint, prepare_output, resume, save_checkpoint,
                           save_result)
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
-from bailong.vocab import extend_tokenizer, read_corpus, tokens_per_char
+from bailong.vocab import extend_tokenizer
 from bailong.zip_tie import extend_model
 
 
@@ -57,15 +58,14 @@ def main(argv=None):
     out = Path(config.out)
 
     # ---- data first (so that mistakes in it surface before minutes of loading), then the base model ------
-    items = read_corpus(data_paths(config.data)) if config.stage == "pretrain" else \
-        read_conversations(data_paths(config.data))
+    items = read_corpus(config.data) if config.stage == "pretrain" else read_conversations(config.data)
     base_name = base_folder = None
     own_base = config.stage == "sft" and config.resume and done_before and (out / "base" / "config.json").is_file()
     if config.stage == "pretrain":
         if config.model:
             base_folder = resolve(config.model)
             # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
-            model, tokenizer = load(config.model, dtype=dtype, device=device,
+            model, tokenizer = load(base_folder, dtype=dtype, device=device,
                                     quantize="nf4" if config.quantize == "nf4" else None)
             base_name = config.model
         else:  # the embedded default: a tiny random Llama that spells everything in bytes

@@ -20,6 +20,7 @@ from torch import nn
 
 from bailong.errors import BailongError, read_json
 from bailong.files import atomic_write
+from bailong.hub import resolve
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
 
 PREFIX = "base_model.model."
@@ -67,7 +68,6 @@ def read_adapter_config(folder: Path) -> dict:
 
 def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
     """Wrap the modules a PEFT LoRA adapter names and load its weights; returns its config."""
-    from bailong.weights import resolve
     folder = resolve(str(path_or_repo_id), revision, files=ADAPTER_FILES, weights=False)
     peft = read_adapter_config(folder)
     config = LoRAConfig(r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),

@@ -19,21 +19,50 @@ from tqdm import tqdm
 from bailong.chat_template import template_example, training_example
 from bailong.errors import BailongError
 from bailong.files import atomic_write
+from bailong.hub import resolve
 from bailong.tokenizer import Tokenizer
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 ROLES = ("system", "user", "assistant")
 
 
-def data_paths(paths) -> list[Path]:
-    """Local files and folders as given; anything else is fetched as a Hugging Face dataset repo."""
-    from bailong.weights import resolve
+def data_paths(names) -> list[Path]:
+    """Local files and folders as given; a name that is neither, and does not look like a file's, is
+    fetched as a Hugging Face dataset repo (its .txt and .jsonl files)."""
     out = []
-    for p in paths:
-        path = Path(p).expanduser()
-        out.append(path if path.exists() else resolve(str(p), files=["*.txt", "*.jsonl"], weights=False,
+    for name in names:
+        path = Path(name).expanduser()
+        if not path.exists() and (path.suffix in (".txt", ".jsonl") or str(name).startswith(("/", ".", "~"))):
+            raise BailongError(f"{name}: no such file or folder")
+        out.append(path if path.exists() else resolve(str(name), files=["*.txt", "*.jsonl"], weights=False,
                                                        repo_type="dataset"))
     return out
+
+
+def read_corpus(names) -> list[str]:
+    """Pre-training documents from text files (one per non-empty line), jsonl ({"text": ...}), folders of
+    them or Hub dataset ids."""
+    files = []
+    for path in data_paths(names):
+        files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    texts = []
+    for file in files:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                try:
+                    line = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string") from None
+            texts.append(line)
+    if not any(t.strip() for t in texts):
+        raise BailongError(f"{', '.join(map(str, names))}: the corpus is empty")
+    return texts
 
 
 def read_conversations_to_answer(path) -> list[list[dict]]:
@@ -41,11 +70,12 @@ def read_conversations_to_answer(path) -> list[list[dict]]:
     return read_conversations([path], ending="user")
 
 
-def read_conversations(paths, ending="assistant") -> list[list[dict]]:
-    """Conversations from jsonl files or folders of them: {"messages": [{"role": ..., "content": ...}, ...]}
-    a line, an optional system message first, then user and assistant alternating, ending with ``ending``."""
+def read_conversations(names, ending="assistant") -> list[list[dict]]:
+    """Conversations from jsonl files, folders of them or Hub dataset ids: {"messages": [{"role": ...,
+    "content": ...}, ...]} a line, an optional system message first, then user and assistant alternating,
+    ending with ``ending``."""
     conversations, files = [], []
-    for path in map(Path, paths):
+    for path in data_paths(names):
         files += sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     for file in files:
         try:
@@ -75,7 +105,7 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
                                    f"turns alternating and ending with the {ending}, got {roles}")
             conversations.append(messages)
     if not conversations:
-        raise BailongError(f"{', '.join(map(str, paths))}: no conversations")
+        raise BailongError(f"{', '.join(map(str, names))}: no conversations")
     return conversations
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from bailong.data import read_corpus
 from bailong.errors import BailongError, Parser, read_json, run_cli
 from bailong.files import check_output_file
 from bailong.tokenizer import open_tokenizer
-from bailong.vocab import first_chars, loss_per_char, read_corpus, tokens_per_char
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
 Rules: if the answer is not in the language the user wrote in, the score is 0; if the answer contains any
@@ -37,6 +37,37 @@ helpfulness, correctness, relevance and detail. Reply with the score alone, as "
 
 [Answer to grade]
 {answer}"""
+
+
+def tokens_per_char(tokenizer, texts) -> float:
+    """Tokens per character of ``texts``: how compactly a tokenizer writes them."""
+    return sum(len(tokenizer.encode(t)) for t in texts) / max(1, sum(len(t) for t in texts))
+
+
+def first_chars(texts, max_chars):
+    """Whole documents from the start, up to ``max_chars`` characters (at least one document)."""
+    kept, total = [], 0
+    for t in texts:
+        if kept and total + len(t) > max_chars:
+            break
+        kept.append(t)
+        total += len(t)
+    return kept
+
+
+@torch.no_grad()
+def loss_per_char(model, tokenizer, texts, max_len=None):
+    """Total next-token loss (nats) over the texts, divided by their characters."""
+    max_len = max_len or model.config.max_position_embeddings
+    device = model.lm_head.weight.device
+    total = 0.0
+    for text in texts:
+        ids = tokenizer.encode(text, bos=True)
+        for start in range(0, len(ids) - 1, max_len - 1):  # windows share one token of context
+            chunk = torch.tensor([ids[start:start + max_len]], device=device)
+            logp = model(chunk)[0, :-1].float().log_softmax(-1)
+            total -= logp.gather(1, chunk[0, 1:, None]).sum().item()
+    return total / sum(len(t) for t in texts)
 
 
 def perplexity(model_path, text, max_chars=200_000):
@@ -107,13 +138,14 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     from bailong.chat_template import model_template
     from bailong.conversation import Chat, is_conversations, save_jsonl
     from bailong.generate import Sampling
-    from bailong.weights import load, resolve
+    from bailong.hub import resolve
+    from bailong.weights import load
     check_output_file(out, {"the questions": questions}, overwrite, ours=is_conversations, kind="file of answers")
     items = read_bench(questions)
-    model, tokenizer = load(model_path)
+    folder = resolve(str(model_path))
+    model, tokenizer = load(folder)
     if tokenizer is None:
         raise BailongError(f"{model_path}: no tokenizer.model or tokenizer.json")
-    folder = resolve(str(model_path))
     conversation = Chat(model, tokenizer, model_template(tokenizer, folder),
                                  Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0), max_new_tokens)
     rows, scores = [], defaultdict(list)

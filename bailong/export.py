@@ -25,7 +25,9 @@ from bailong.files import atomic_folder, atomic_write, check_output_file, overla
 from bailong.generate import model_sampling
 from bailong.lora import merge_lora
 from bailong.tokenizer import open_tokenizer
-from bailong.weights import load, resolve, save, training_output
+from bailong.hub import resolve
+from bailong.runs import training_output
+from bailong.weights import load, save
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

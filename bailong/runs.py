@@ -213,6 +213,19 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
     return out
 
 
+def training_output(folder: Path) -> tuple[str | Path, Path] | None:
+    """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
+    if not (folder / "adapter" / "adapter_config.json").exists():
+        return None
+    run = folder.resolve()
+    base = next((f / "base" for f in (run, run.parent.parent) if (f / "base" / "config.json").exists()), None) \
+        or read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+    if not base:
+        raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
+                           "base_model_name_or_path in adapter/adapter_config.json)")
+    return base, folder / "adapter"
+
+
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
 def rng_state() -> dict:

@@ -24,10 +24,11 @@ from collections import Counter
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
+from bailong.data import read_corpus
 from bailong.errors import BailongError, Parser, run_cli
+from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer
 from bailong.vocab_bpe import extend_json
@@ -39,36 +40,6 @@ LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, no
                      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
                      max_sentence_length=1 << 16, minloglevel=2)
 CHUNK = 8192  # characters of a document given to the trainer at a time (<= 32 KiB of UTF-8)
-
-
-def read_corpus(paths) -> list[str]:
-    """Documents from text files (one per non-empty line), jsonl ({"text": ...}) or folders of them."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-        elif path.exists():
-            files.append(path)
-        else:
-            raise BailongError(f"{path}: no such file or folder")
-    texts = []
-    for file in files:
-        try:
-            lines = file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if file.suffix == ".jsonl":
-                try:
-                    line = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string") from None
-            texts.append(line)
-    if not any(t.strip() for t in texts):
-        raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")
-    return texts
 
 
 def is_cjk(piece: str) -> bool:
@@ -173,10 +144,6 @@ def check_out(out, base, corpus, overwrite=False):
     check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="tokenizer")
 
 
-def tokens_per_char(tokenizer: Tokenizer, texts) -> float:
-    return sum(len(tokenizer.encode(t)) for t in texts) / max(1, sum(len(t) for t in texts))
-
-
 def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
     """``tokenizer`` with ``new_pieces`` learned on ``texts``: (the extended tokenizer, the added pieces as
     text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
@@ -218,32 +185,6 @@ def read_text(path) -> str:
         raise BailongError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BailongError(f"{path}: cannot be read as text ({e})") from None
-
-
-def first_chars(texts, max_chars):
-    """Whole documents from the start, up to ``max_chars`` characters (at least one document)."""
-    kept, total = [], 0
-    for t in texts:
-        if kept and total + len(t) > max_chars:
-            break
-        kept.append(t)
-        total += len(t)
-    return kept
-
-
-@torch.no_grad()
-def loss_per_char(model, tokenizer, texts, max_len=None):
-    """Total next-token loss (nats) over the texts, divided by their characters."""
-    max_len = max_len or model.config.max_position_embeddings
-    device = model.lm_head.weight.device
-    total = 0.0
-    for text in texts:
-        ids = tokenizer.encode(text, bos=True)
-        for start in range(0, len(ids) - 1, max_len - 1):  # windows share one token of context
-            chunk = torch.tensor([ids[start:start + max_len]], device=device)
-            logp = model(chunk)[0, :-1].float().log_softmax(-1)
-            total -= logp.gather(1, chunk[0, 1:, None]).sum().item()
-    return total / sum(len(t) for t in texts)
 
 
 def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars=20000):

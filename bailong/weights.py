@@ -1,4 +1,4 @@
-"""Find a model (local folder or Hub repo id) and load its safetensors weights.
+"""Load a model's safetensors weights (NF4 too) and save them.
 
 The model is built on the meta device (no memory), materialised empty in the
 target dtype, and filled one tensor at a time, each shard opened for only as
@@ -14,51 +14,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from bailong.adapter import ADAPTER_FILES, load_adapter
 from bailong.config import ModelConfig
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_write
+from bailong.hub import resolve
 from bailong.model import Llama
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
+from bailong.runs import training_output
 
-# Fetched from the Hub first; then exactly the safetensors files the index names.
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
-             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
-
-
-def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, repo_type=None) -> Path:
-    """A local folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
-
-    From the Hub we fetch only ``files``, then (with ``weights``) exactly the
-    safetensors files the index names: no pickled .bin weights, no duplicates.
-    """
-    path = Path(path_or_repo_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise BailongError(f"{path}: is a file; expected a folder or a Hugging Face repo id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError
-    repo = str(path_or_repo_id)
-    try:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files, repo_type=repo_type))
-        if not weights:
-            return folder
-        index = folder / "model.safetensors.index.json"
-        shard_files = ["model.safetensors"]
-        if index.exists():
-            try:
-                shard_files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError):  # a broken index: shards() says how
-                shard_files = ["*.safetensors"]
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
-    except HFValidationError:
-        raise BailongError(f"{repo}: no such folder (and not a valid Hub repo id)") from None
-    except Exception as e:  # not found, gated, offline, network: all the user's to fix
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BailongError(f"{repo}: no such folder, and not available from the Hugging Face "
-                           f"Hub ({type(e).__name__}: {reason})") from None
 
 
 def shards(folder: Path) -> dict[Path, list[str] | None]:
@@ -208,19 +174,6 @@ def check_device(device: str) -> str:
     return device
 
 
-def training_output(folder: Path) -> tuple[str | Path, Path] | None:
-    """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
-    if not (folder / "adapter" / "adapter_config.json").exists():
-        return None
-    run = folder.resolve()
-    base = next((f / "base" for f in (run, run.parent.parent) if (f / "base" / "config.json").exists()), None) \
-        or read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
-    if not base:
-        raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
-                           "base_model_name_or_path in adapter/adapter_config.json)")
-    return base, folder / "adapter"
-
-
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
          double_quant=True, adapter=None):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model or .json.
@@ -251,7 +204,6 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
         print(memory_report(model), file=sys.stderr)
     tokenizer = open_tokenizer(folder)
     if adapter is not None:
-        from bailong.adapter import ADAPTER_FILES, load_adapter
         adapter_folder = resolve(str(adapter), revision, files=ADAPTER_FILES, weights=False)
         load_adapter(model, adapter_folder)
         model.eval()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bailong import load_preset
 from bailong.data import SAMPLES, TokenData, tokenize
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable
-from bailong.vocab import read_corpus
+from bailong.data import read_corpus
 
 
 def main(out, batch_size):

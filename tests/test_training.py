@@ -172,7 +172,7 @@ def test_the_result_is_the_best_held_out_adapter_and_patience_stops_a_run_that_m
     for --patience evaluations; adapter/ holds the best evaluated step, the checkpoint the last."""
     import bailong
     from bailong.data import tokenize
-    from bailong.vocab import read_corpus
+    from bailong.data import read_corpus
     out = tmp_path / "run"
     stdout, _ = run_train(capsys, "--steps", "300", "--eval-every", "25", "--patience", "2", "--out", out)
     record = evals(out)

@@ -8,7 +8,7 @@ from transformers import LlamaTokenizer
 from bailong.errors import BailongError
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import main as vocab_main
-from bailong.vocab import read_corpus
+from bailong.data import read_corpus
 from bailong.data import SAMPLES
 from conftest import asset
 
@@ -97,5 +97,5 @@ def test_bad_input(tmp_path, capsys):
     assert "base.model: is the base tokenizer; --out must name a file apart from the inputs" in capsys.readouterr().err
     assert copy.read_bytes() == base.read_bytes()
     assert not (tmp_path / "out.model").exists()
-    with pytest.raises(BailongError, match="no such file or folder"):
+    with pytest.raises(BailongError, match="missing: no such file or folder"):
         read_corpus([tmp_path / "missing"])

@@ -1,0 +1,49 @@
+"""Where models, adapters and datasets come from: a local folder, or a Hugging Face Hub repo id.
+
+A command resolves each name it is given once, here, and passes the folder on;
+``resolve`` returns an existing folder as it is, so passing one again costs
+nothing. From the Hub only the files a command reads are fetched, never pickled
+``.bin`` weights.
+"""
+import json
+from pathlib import Path
+
+from bailong.errors import BailongError
+
+# Fetched from the Hub first; then exactly the safetensors files the index names.
+HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
+             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, repo_type=None) -> Path:
+    """A local folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
+
+    From the Hub we fetch only ``files``, then (with ``weights``) exactly the
+    safetensors files the index names: no pickled .bin weights, no duplicates.
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise BailongError(f"{path}: is a file; expected a folder or a Hugging Face repo id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+    repo = str(path_or_repo_id)
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files, repo_type=repo_type))
+        if not weights:
+            return folder
+        index = folder / "model.safetensors.index.json"
+        shard_files = ["model.safetensors"]
+        if index.exists():
+            try:
+                shard_files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError):  # a broken index: loading says how
+                shard_files = ["*.safetensors"]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
+    except HFValidationError:
+        raise BailongError(f"{repo}: no such folder (and not a valid Hub repo id)") from None
+    except Exception as e:  # not found, gated, offline, network: all the user's to fix
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BailongError(f"{repo}: no such folder, and not available from the Hugging Face "
+                           f"Hub ({type(e).__name__}: {reason})") from None
