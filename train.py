@@ -28,8 +28,8 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
 from bailong.quantized import memory_report, quantize_model
-from bailong.runs import (check_output, fingerprints, latest_checkpoint, prepare_output, resume, save_checkpoint,
-                          save_result)
+from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, resume,
+                          save_checkpoint, save_result)
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
 from bailong.vocab import extend_tokenizer
 from bailong.zip_tie import extend_model
@@ -56,11 +56,12 @@ def main(argv=None):
     check_context(config)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
+    run = RunFolder(out)
 
     # ---- data first (so that mistakes in it surface before minutes of loading), then the base model ------
     items = read_corpus(config.data) if config.stage == "pretrain" else read_conversations(config.data)
     base_name = base_folder = None
-    own_base = config.stage == "sft" and config.resume and done_before and (out / "base" / "config.json").is_file()
+    own_base = config.stage == "sft" and config.resume and done_before and run.has_base()
     if config.stage == "pretrain":
         if config.model:
             base_folder = resolve(config.model)
@@ -71,7 +72,7 @@ def main(argv=None):
         else:  # the embedded default: a tiny random Llama that spells everything in bytes
             model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
     elif own_base:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
-        model, tokenizer = load(out / "base", dtype=dtype, device=device)
+        model, tokenizer = load(run.base, dtype=dtype, device=device)
     else:
         model, tokenizer = load(config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
@@ -95,7 +96,7 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
     if base_name is None and main_process and not own_base:  # a base that exists nowhere else: keep it
-        with atomic_folder(out / "base") as folder:
+        with atomic_folder(run.base) as folder:
             save(model, folder)
             tokenizer.save(folder)
 
@@ -124,22 +125,22 @@ def main(argv=None):
         if main_process:
             for part in (train_items, eval_items):
                 if part:
-                    tokenize(tokenizer, part, out / "cache", config.workers, template)
+                    tokenize(tokenizer, part, run.cache, config.workers, template)
         dist.barrier()
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
-    data = TokenData(*tokenize(tokenizer, train_items, out / "cache", config.workers, template), config.seq_len,
+    data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
                      pad_id)
-    held_out = TokenData(*tokenize(tokenizer, eval_items, out / "cache", config.workers, template), config.seq_len,
+    held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
                          pad_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     start = resume(out, model, optimizer, say) if config.resume else 0
     if start:
-        say(f"resumed from {out / 'checkpoints' / f'step-{start:07d}'} at step {start}")
+        say(f"resumed from {run.checkpoint(start)} at step {start}")
     elif config.resume:
         say(f"nothing to resume in {out}: starting at step 0")
-    metrics = Metrics(out, keep_until=start) if main_process else None
+    metrics = Metrics(run.metrics, run.plot, keep_until=start) if main_process else None
 
     # ---- summary --------------------------------------------------------------------------------------------
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * world
@@ -204,7 +205,7 @@ def main(argv=None):
                     metrics.plot()
                     if best is None or eval_loss < best:
                         best, best_step, since_best = eval_loss, done, 0
-                        save_result(out / "adapter", model, lora, tokenizer, base_name)
+                        save_result(run.result, model, lora, tokenizer, base_name)
                         note = "the best so far: saved as the result"
                     else:
                         since_best += 1
@@ -232,9 +233,9 @@ def main(argv=None):
     # ---- outputs ------------------------------------------------------------------------------------------------
     if main_process:
         if not held_out:  # nothing to choose by: the last step is the result
-            save_result(out / "adapter", model, lora, tokenizer, base_name)
+            save_result(run.result, model, lora, tokenizer, base_name)
         metrics.plot()
-        say(summary(metrics.rows, done, stopped, out, best_step, config.held_out))
+        say(summary(metrics.rows, done, stopped, run, best_step, config.held_out))
     if world > 1:
         del ddp_model  # DDP's reducer first, then the process group
         dist.barrier()
@@ -249,7 +250,7 @@ def check_context(config):
     """Refuse a --seq-len longer than the model's context before anything is written, where the model's
     config.json is at hand (the embedded default, a local folder, a pre-training output); else after loading."""
     from bailong.config import ModelConfig, preset
-    folder = Path(config.model or "") if config.stage == "pretrain" else Path(config.init) / "base"
+    folder = Path(config.model or "") if config.stage == "pretrain" else RunFolder(config.init).base
     if config.stage == "pretrain" and not config.model:
         context = preset("tiny").max_position_embeddings
     elif (folder / "config.json").is_file():
@@ -260,7 +261,7 @@ def check_context(config):
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
 
 
-def summary(rows, done, stopped, out, best_step, held_out) -> str:
+def summary(rows, done, stopped, run, best_step, held_out) -> str:
     """The closing lines: both losses, what the result is, and a warning when held-out loss never fell."""
     train = [r["loss"] for r in rows if "loss" in r]
     lines = [f"stopped early after step {done}: {stopped}"] if stopped else []
@@ -280,8 +281,8 @@ def summary(rows, done, stopped, out, best_step, held_out) -> str:
         why = "--held-out 0" if not held_out else "too few documents to keep any apart"
         lines.append(f"note: no held-out data ({why}), so nothing shows whether the run learned or memorised")
         result = f"the adapter of the last step, {done}"
-    lines.append(f"wrote {out}/adapter ({result}), {out}/metrics.jsonl, {out}/loss.png; the last step's "
-                 f"checkpoint is {latest_checkpoint(out)}")
+    lines.append(f"wrote {run.result} ({result}), {run.metrics}, {run.plot}; the last step's checkpoint is "
+                 f"{latest_checkpoint(run.path)}")
     return "\n".join(lines)
 
 

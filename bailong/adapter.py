@@ -66,8 +66,13 @@ def read_adapter_config(folder: Path) -> dict:
     return config
 
 
-def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
-    """Wrap the modules a PEFT LoRA adapter names and load its weights; returns its config."""
+def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAConfig:
+    """Wrap the modules a PEFT LoRA adapter names and load its weights; returns its config.
+
+    A module already wrapped in LoRA (a run being resumed) takes the weights as they are. With
+    ``complete``, every LoRA weight of the model must be in the adapter. Everything is checked before
+    anything is loaded, so a refused adapter leaves the model as it was.
+    """
     folder = resolve(str(path_or_repo_id), revision, files=ADAPTER_FILES, weights=False)
     peft = read_adapter_config(folder)
     config = LoRAConfig(r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),
@@ -92,6 +97,9 @@ def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
     _grow_vocabulary(model, modules, folder)
     for name, parts in modules.items():
         _check_fits(model, name, parts, file)
+    if complete and (missing := sorted(set(lora_state_dict(model)) - {
+            f"{name}.{part}" for name, parts in modules.items() for part in parts})):
+        raise BailongError(f"{file}: does not fit this model (it lacks {missing[0]})")
     for name, parts in modules.items():
         lora_key = "lora_A.weight" if "lora_A.weight" in parts else "lora_embedding_A"
         if lora_key not in parts:  # only a base_layer weight
@@ -101,7 +109,9 @@ def load_adapter(model, path_or_repo_id, revision=None) -> LoRAConfig:
         r = parts[lora_key][1].shape[0]
         alpha = _pattern(peft.get("alpha_pattern"), name, config.alpha)
         scaling = alpha / (r ** 0.5 if config.rslora else r)
-        wrapper = add_lora(model, name, r, scaling, config.dropout)
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, (LoRALinear, LoRAEmbedding)):
+            wrapper = add_lora(model, name, r, scaling, config.dropout)
         with torch.no_grad():
             for part, (_, tensor) in parts.items():
                 target = wrapper.weight if part == "base_layer.weight" else wrapper.get_parameter(part)
@@ -139,7 +149,7 @@ def _check_fits(model, name, parts, file):
     except AttributeError:
         key = min(k for k, _ in parts.values())
         raise BailongError(f"{file}: {key} names module {name}, which the base model lacks") from None
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (nn.Embedding, LoRAEmbedding)):
         (vocab, dim), kind = module.weight.shape, "embedding"
         shapes = {"lora_embedding_A": lambda r: [r, vocab], "lora_embedding_B": lambda r: [dim, r]}
         rank_key = "lora_embedding_A"
@@ -156,6 +166,8 @@ def _check_fits(model, name, parts, file):
         if part not in shapes:
             raise BailongError(f"{file}: {key} does not fit {name}, a {kind} layer")
         expected = shapes[part](r)
+        if isinstance(module, (LoRALinear, LoRAEmbedding)) and part != "base_layer.weight":  # already wrapped
+            expected = list(module.get_parameter(part).shape)
         if list(tensor.shape) != expected:
             raise BailongError(f"{file}: {key} has shape {list(tensor.shape)}, but the base's {name} "
                                f"({kind}, {vocab} x {dim}) needs {expected}")

@@ -30,10 +30,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bailong.adapter import CONFIG, load_adapter, save_adapter
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_folder, atomic_write, overlaps
 
-RUN_FILES = {"run.json", "metrics.jsonl", "loss.png", "adapter", "checkpoints", "base", "cache", ".lock"}
+
+
+class RunFolder:
+    """Where each part of a run lives (the layout above), named here once: train.py writes a run and
+    ``bailong.load`` (so chat.py and eval) reads one through these paths."""
+
+    def __init__(self, out):
+        self.path = out = Path(out)
+        self.run_json, self.metrics, self.plot, self.lock = (out / n for n in ("run.json", "metrics.jsonl", "loss.png",
+                                                                                ".lock"))
+        self.result, self.checkpoints, self.base, self.cache = (out / n for n in ("adapter", "checkpoints", "base",
+                                                                                   "cache"))
+        self.latest = self.checkpoints / "LATEST"
+
+    def checkpoint(self, step) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
+    def has_base(self) -> bool:
+        """Whether the run keeps its own base model (the embedded default, SFT's merged base)."""
+        return (self.base / "config.json").is_file()
+
+
+STATE = "state.pt"  # in a checkpoint, beside its adapter/: step, optimizer and RNG states
+RUN_FILES = {p.name for p in vars(RunFolder(".")).values()} - {"LATEST", "."}
 # options that change neither the model nor the order of the data: a run may continue with other values;
 # the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
@@ -59,7 +83,7 @@ def _not_a_runs(out: Path) -> list[str]:
 
 
 def _has_progress(out: Path) -> bool:
-    return bool(steps_done(out)) or (out / "metrics.jsonl").exists()
+    return bool(steps_done(out)) or RunFolder(out).metrics.exists()
 
 
 def _busy(out: Path) -> BailongError:
@@ -68,10 +92,10 @@ def _busy(out: Path) -> BailongError:
 
 def read_run(out: Path) -> dict | None:
     """The run recorded in ``out/run.json``, or None when there is none or it is not ours."""
-    if not (out / "run.json").is_file():
+    if not RunFolder(out).run_json.is_file():
         return None
     try:
-        run = read_json(out / "run.json")
+        run = read_json(RunFolder(out).run_json)
     except BailongError:
         return None
     if isinstance(run.get("options"), dict) and "steps" in run:
@@ -89,9 +113,10 @@ def _differences(before: dict, now: dict) -> str:
 
 def _lock_free(out: Path) -> bool:
     """Whether no other process holds ``out/.lock`` (checked without taking it)."""
-    if not (out / ".lock").exists() or out.resolve() in _HELD:
+    lock = RunFolder(out).lock
+    if not lock.exists() or out.resolve() in _HELD:
         return True
-    with open(out / ".lock") as f:
+    with open(lock) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,7 +134,7 @@ def check_output(config, world=1) -> int:
     steps the run in it has done (0 for a new folder).
     """
     out = Path(config.out)
-    if config.model and (Path(config.model).expanduser() / "adapter" / "adapter_config.json").is_file():
+    if config.model and training_output(Path(config.model).expanduser()):
         raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
                          f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
     if config.stage == "sft" and not Path(config.init).expanduser().is_dir():
@@ -170,7 +195,7 @@ def _take_lock(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() in _HELD:  # this process trained here before (train.main called again)
         return
-    lock = open(out / ".lock", "a")
+    lock = open(RunFolder(out).lock, "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -201,29 +226,31 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
     if run is not None and config.overwrite:
         if others := _not_a_runs(out):  # added since check_output
             raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed")
-        entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p.name != ".lock")
+        lock = RunFolder(out).lock
+        entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p != lock)
         say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(entries)}")
         for p in out.iterdir():
-            if p.name != ".lock":  # others wait on this very file
+            if p != lock:  # others wait on this very file
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     paths = {"model": config.model, "init": config.init, "data": config.data}
-    atomic_write(out / "run.json", json.dumps({"options": options(config, world), "inputs": found, "paths": paths,
-                                               "steps": config.steps, "folder": str(out.resolve())},
-                                              indent=2, ensure_ascii=False) + "\n")
+    run = {"options": options(config, world), "inputs": found, "paths": paths, "steps": config.steps,
+           "folder": str(out.resolve())}
+    atomic_write(RunFolder(out).run_json, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
 def training_output(folder: Path) -> tuple[str | Path, Path] | None:
     """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
-    if not (folder / "adapter" / "adapter_config.json").exists():
+    result = RunFolder(folder).result
+    if not (result / CONFIG).is_file():
         return None
-    run = folder.resolve()
-    base = next((f / "base" for f in (run, run.parent.parent) if (f / "base" / "config.json").exists()), None) \
-        or read_json(folder / "adapter" / "adapter_config.json").get("base_model_name_or_path")
+    run = folder.resolve()  # a run, or one of its checkpoints (run/checkpoints/step-N)
+    base = next((RunFolder(f).base for f in (run, run.parent.parent) if RunFolder(f).has_base()), None) \
+        or read_json(result / CONFIG).get("base_model_name_or_path")
     if not base:
         raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
                            "base_model_name_or_path in adapter/adapter_config.json)")
-    return base, folder / "adapter"
+    return base, result
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -249,7 +276,6 @@ def set_rng_state(state):
 
 def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
     """An adapter folder (PEFT format, the grown embedding rows, the tokenizer), replaced whole or not at all."""
-    from bailong.adapter import save_adapter
     with atomic_folder(folder) as tmp:
         save_adapter(model, tmp, lora_config, base_name)
         tokenizer.save(tmp)
@@ -260,85 +286,73 @@ def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, b
     """checkpoints/step-N: the adapter, optimizer and RNG states, written to a temporary folder and
     renamed, then named in LATEST; the two newest are kept. A failed save (a full disk) leaves the
     previous checkpoint as it was and says so."""
-    final = out / "checkpoints" / f"step-{step:07d}"
+    run = RunFolder(out)
+    final = run.checkpoint(step)
     try:
         with atomic_folder(final) as tmp:
-            save_result(tmp / "adapter", model, lora_config, tokenizer, base_name)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-        atomic_write(out / "checkpoints" / "LATEST", final.name)
+            save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE)
+        atomic_write(run.latest, final.name)
     except BailongError as e:
         previous = latest_checkpoint(out)
         kept = f"{previous} is intact" if previous and previous.exists() else "no earlier checkpoint exists"
         raise BailongError(f"{e}; step {step} was not saved, {kept}") from None
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-2]:
+    for old in sorted(run.checkpoints.glob("step-*"))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The checkpoint LATEST names (it may since have gone), or None."""
-    latest = Path(out) / "checkpoints" / "LATEST"
-    name = latest.read_text().strip() if latest.is_file() else ""
-    return Path(out) / "checkpoints" / name if name.startswith("step-") else None
+    run = RunFolder(out)
+    name = run.latest.read_text().strip() if run.latest.is_file() else ""
+    return run.checkpoints / name if name.startswith("step-") else None
 
 
 def steps_done(out: Path) -> int:
     """The step of the newest checkpoint (0 without one), read from its name."""
-    names = [p.name for p in (Path(out) / "checkpoints").glob("step-*")]
+    names = [p.name for p in RunFolder(out).checkpoints.glob("step-*")]
     return max((int(n[5:]) for n in names if n[5:].isdigit()), default=0)
 
 
-def read_checkpoint(folder: Path, model) -> tuple[dict, dict]:
-    """(LoRA tensors, state) of a checkpoint, checked against ``model``; a one-line error if unreadable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from bailong.adapter import PREFIX, WEIGHTS
-    from bailong.lora import lora_parameters
-    if not folder.is_dir():
-        raise BailongError(f"{folder}: missing")
+def read_state(folder: Path) -> dict:
+    """The optimizer and RNG states of a checkpoint; a one-line error if unreadable."""
     try:
-        tensors = load_file(folder / "adapter" / WEIGHTS)
-    except (OSError, SafetensorError) as e:
-        raise BailongError(f"{folder / 'adapter' / WEIGHTS}: unreadable ({str(e).splitlines()[0]})") from None
-    for name, p in lora_parameters(model).items():
-        if PREFIX + name not in tensors or tensors[PREFIX + name].shape != p.shape:
-            raise BailongError(f"{folder / 'adapter' / WEIGHTS}: does not fit this model ({name})")
-    try:
-        state = torch.load(folder / "state.pt", weights_only=True)
+        state = torch.load(folder / STATE, weights_only=True)
         assert {"step", "optimizer", "rng"} <= set(state)
     except Exception as e:  # truncated (EOFError, RuntimeError), not ours (UnpicklingError), or missing
-        raise BailongError(f"{folder / 'state.pt'}: unreadable ({type(e).__name__})") from None
-    return {name: tensors[PREFIX + name] for name in lora_parameters(model)}, state
+        raise BailongError(f"{folder / STATE}: unreadable ({type(e).__name__})") from None
+    return state
 
 
 def resume(out: Path, model, optimizer, say=print) -> int:
-    """Restore the newest checkpoint that reads whole: LoRA weights, optimizer and RNG states.
+    """Restore the newest checkpoint that reads whole: LoRA weights (through the adapter loader, into the
+    model's LoRA modules), optimizer and RNG states.
 
     Returns the number of steps it had done (0 when there is no checkpoint). A newer
     checkpoint that is missing or damaged is passed over with a warning naming it.
     """
-    from bailong.lora import lora_parameters
-    folder = Path(out) / "checkpoints"
+    run = RunFolder(out)
     named = latest_checkpoint(out)
-    candidates = sorted(folder.glob("step-*"), reverse=True)  # newest first (LATEST lags a crash by one)
+    candidates = sorted(run.checkpoints.glob("step-*"), reverse=True)  # newest first (LATEST lags a crash by one)
     if named and not named.exists():
         candidates.insert(0, named)
     problems = []
     for candidate in dict.fromkeys(candidates):
         try:
-            tensors, state = read_checkpoint(candidate, model)
+            if not candidate.is_dir():
+                raise BailongError(f"{candidate}: missing")
+            state = read_state(candidate)
+            load_adapter(model, RunFolder(candidate).result, complete=True)
             optimizer.load_state_dict(state["optimizer"])
         except (BailongError, ValueError) as e:
             problems.append(str(e))
             continue
-        with torch.no_grad():
-            for name, p in lora_parameters(model).items():
-                p.copy_(tensors[name])
         set_rng_state(state["rng"])
         if problems:
             say(f"warning: {'; '.join(problems)}; resuming from {candidate.name} instead")
         return state["step"]
     if problems:
-        raise BailongError(f"{folder}: no checkpoint can be read ({problems[0]}); start again with another --out")
+        raise BailongError(f"{run.checkpoints}: no checkpoint can be read ({problems[0]}); start again with another "
+                           "--out")
     return 0

@@ -210,8 +210,8 @@ class GracefulStop:
 class Metrics:
     """metrics.jsonl (one JSON object a line) and loss.png, both rewritten as training goes."""
 
-    def __init__(self, out: Path, keep_until=0):
-        self.file = out / "metrics.jsonl"
+    def __init__(self, file: Path, plot: Path, keep_until=0):
+        self.file, self.plot_file = file, plot
         self.rows = []
         if self.file.exists():  # a resumed run keeps the steps it had done (none when it starts again at 0)
             for line in self.file.read_text().splitlines():
@@ -246,7 +246,7 @@ class Metrics:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        atomic_write(self.file.with_name("loss.png"), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
 
 
