@@ -30,6 +30,7 @@ from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_t
 from bailong.quantized import memory_report, quantize_model
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, resume,
                           save_checkpoint, save_result)
+from bailong.tokenizer import byte_tokenizer, open_tokenizer
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
 from bailong.vocab import extend_tokenizer
 from bailong.zip_tie import extend_model
@@ -52,40 +53,41 @@ def main(argv=None):
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    # ---- the output folder: checked now, touched only once the data and the model have loaded -------------
+    # ---- the output folder and the context: checked now, touched only once the data and the model have loaded --
     check_context(config)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
     run = RunFolder(out)
 
-    # ---- data first (so that mistakes in it surface before minutes of loading), then the base model ------
+    # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     items = read_corpus(config.data) if config.stage == "pretrain" else read_conversations(config.data)
-    base_name = base_folder = None
-    own_base = config.stage == "sft" and config.resume and done_before and run.has_base()
-    if config.stage == "pretrain":
-        if config.model:
-            base_folder = resolve(config.model)
-            # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
-            model, tokenizer = load(base_folder, dtype=dtype, device=device,
-                                    quantize="nf4" if config.quantize == "nf4" else None)
-            base_name = config.model
-        else:  # the embedded default: a tiny random Llama that spells everything in bytes
-            model, tokenizer = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
-    elif own_base:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
-        model, tokenizer = load(run.base, dtype=dtype, device=device)
-    else:
-        model, tokenizer = load(config.init, dtype=dtype, device=device)
-        merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
-    if tokenizer is None:
-        raise BailongError(f"{config.model if config.stage == 'pretrain' else config.init}: no tokenizer.model or "
-                           "tokenizer.json; vocabulary transfer and training need one")
 
-    # ---- vocabulary transfer: new pieces, zip-tie embeddings ------------------------------------------
+    # ---- vocabulary (pre-training): the base's tokenizer, extended with pieces learned on the data ----------
+    base_folder = resolve(config.model) if config.stage == "pretrain" and config.model else None
+    new_tokenizer = None
+    if config.stage == "pretrain":
+        tokenizer = open_tokenizer(base_folder) if base_folder else byte_tokenizer()
+        if tokenizer is None:
+            raise BailongError(f"{config.model}: no tokenizer.model or tokenizer.json; vocabulary transfer and "
+                               "training need one")
+        if config.new_pieces:
+            new_tokenizer, added = extend_tokenizer(tokenizer, items, config.new_pieces)
+            say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); tokens "
+                f"per character {tokens_per_char(tokenizer, items):.3f} -> {tokens_per_char(new_tokenizer, items):.3f}")
+
+    # ---- the model: the base, its embedding and head grown with zip-tie rows for the new pieces --------------
+    own_base = config.stage == "sft" and config.resume and done_before and run.has_base()
+    if base_folder:  # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
+        model, _ = load(base_folder, dtype=dtype, device=device, quantize="nf4" if config.quantize == "nf4" else None)
+    elif config.stage == "pretrain":  # the embedded default: a tiny random Llama that spells everything in bytes
+        model, _ = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
+    else:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
+        model, tokenizer = load(run.base if own_base else config.init, dtype=dtype, device=device)
+        merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
+        if tokenizer is None:
+            raise BailongError(f"{config.init}: no tokenizer.model or tokenizer.json; training needs one")
     base_vocab = model.config.vocab_size
-    if config.stage == "pretrain" and config.new_pieces:
-        new_tokenizer, added = extend_tokenizer(tokenizer, items, config.new_pieces)
-        say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); "
-            f"tokens per character {tokens_per_char(tokenizer, items):.3f} -> {tokens_per_char(new_tokenizer, items):.3f}")
+    if new_tokenizer is not None:
         extend_model(model, tokenizer, new_tokenizer, config.init_method)
         tokenizer = new_tokenizer
     if config.seq_len > model.config.max_position_embeddings:
@@ -95,7 +97,8 @@ def main(argv=None):
         prepare_output(config, fingerprints(config, items, base_folder), world, say)
     if world > 1:
         dist.barrier()
-    if base_name is None and main_process and not own_base:  # a base that exists nowhere else: keep it
+    base_name = config.model or None  # named in the adapter's config; a base without a name is kept in the run
+    if base_name is None and main_process and not own_base:
         with atomic_folder(run.base) as folder:
             save(model, folder)
             tokenizer.save(folder)
