@@ -16,14 +16,12 @@ prompt stays. Commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a
 Ctrl-C stops an answer, or exits at the prompt.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
-import torch
-
 from bailong import load, load_preset
 from bailong.chat_template import model_template
+from bailong.config import DTYPES
 from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import check_output_file
@@ -33,7 +31,6 @@ from bailong.quantized import quantize_model
 from bailong.tokenizer import open_tokenizer
 from bailong.weights import check_device
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MODEL = "out/sft"
 
 
@@ -119,11 +116,10 @@ def main(argv=None):
 
     if args.input:  # batch: answer every conversation, write them back with the answers
         answered = []
-        with open(os.devnull, "w") as quiet:  # answers are not streamed to the terminal
-            for messages in questions:
-                chat.messages = messages[:-1]
-                chat.answer(messages[-1]["content"], out=quiet)
-                answered.append({"messages": chat.messages})
+        for messages in questions:
+            chat.messages = messages[:-1]
+            chat.answer(messages[-1]["content"], stream=False)
+            answered.append({"messages": chat.messages})
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:

@@ -1,4 +1,5 @@
 """A conversation with one model: history, prompt format, streaming answers, commands."""
+import io
 import json
 import sys
 import time
@@ -35,9 +36,10 @@ class Chat:
                 from None
         return self.tokenizer.encode_chat(text, specials)
 
-    def answer(self, text, out=None) -> str:
-        """Stream the reply to ``text`` to ``out`` (stdout); the history keeps both (trimmed to fit the context)."""
-        out = out or sys.stdout
+    def answer(self, text, stream=True) -> str:
+        """The reply to ``text``, streamed to stdout as it comes unless ``stream`` is False (answers to a
+        file of questions); the history keeps both (trimmed to fit the context)."""
+        out = sys.stdout if stream else io.StringIO()  # a quiet answer is written nowhere
         self.messages.append({"role": "user", "content": text})
         context = self.model.config.max_position_embeddings
         try:

@@ -146,23 +146,22 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     model, tokenizer = load(folder)
     if tokenizer is None:
         raise BailongError(f"{model_path}: no tokenizer.model or tokenizer.json")
-    conversation = Chat(model, tokenizer, model_template(tokenizer, folder),
-                                 Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0), max_new_tokens)
+    greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    conversation = Chat(model, tokenizer, model_template(tokenizer, folder), greedy, max_new_tokens)
     rows, scores = [], defaultdict(list)
-    with open(os.devnull, "w") as quiet:  # answers are not streamed to the terminal
-        for item in items:
-            conversation.messages = []
-            item_scores = []
-            for turn in item["turns"]:
-                answer = conversation.answer(turn, out=quiet)
-                if judge_url:
-                    item_scores.append(judge(judge_url, judge_model, conversation.messages[:-1], answer,
-                                             os.environ.get("OPENAI_API_KEY")))
-            row = {**item, "messages": conversation.messages}
+    for item in items:
+        conversation.messages = []
+        item_scores = []
+        for turn in item["turns"]:
+            answer = conversation.answer(turn, stream=False)
             if judge_url:
-                row["scores"] = item_scores
-                scores[item.get("category", "uncategorized")] += item_scores
-            rows.append(row)
+                item_scores.append(judge(judge_url, judge_model, conversation.messages[:-1], answer,
+                                         os.environ.get("OPENAI_API_KEY")))
+        row = {**item, "messages": conversation.messages}
+        if judge_url:
+            row["scores"] = item_scores
+            scores[item.get("category", "uncategorized")] += item_scores
+        rows.append(row)
     save_jsonl(Path(out), rows)
     print(f"wrote {len(rows)} answered items to {out}", file=sys.stderr)
     if scores:

@@ -20,6 +20,7 @@ import torch
 
 from bailong.adapter import ADAPTER_FILES, read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
+from bailong.config import DTYPES
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
 from bailong.generate import model_sampling
@@ -29,7 +30,6 @@ from bailong.hub import resolve
 from bailong.runs import training_output
 from bailong.weights import load, save
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json"]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
