@@ -183,7 +183,7 @@ def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampl
 
 @torch.inference_mode()
 def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | None = None, stop_ids=None,
-             on_token=None, use_cache=True, cuda_graph=None) -> list[int]:
+             on_token=None, cuda_graph=None) -> list[int]:
     """New token ids after ``prompt_ids`` (batch of one).
 
     Stops after an id in ``stop_ids`` (default: the config's eos ids; it is included
@@ -191,7 +191,6 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     ``on_token(id)`` is called as each id is chosen, for streaming.
     ``cuda_graph`` (default: on CUDA, for a model in eval mode, outside autocast) decodes with a
     ``GraphDecoder``.
-    ``use_cache=False`` reruns the whole sequence each step: slow, for checking the cache.
     """
     config = model.config
     sampling = sampling or Sampling()
@@ -206,11 +205,11 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         generator = torch.Generator(device).manual_seed(sampling.seed)
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and not model.training and not torch.is_autocast_enabled("cuda")
-    decoder = graph_decoder(model, limit) if use_cache and cuda_graph else None
+    decoder = graph_decoder(model, limit) if cuda_graph else None
     if decoder is not None:
         logits = decoder.prefill(ids)  # (V,)
     else:
-        cache = model.new_cache(1, limit) if use_cache else None
+        cache = model.new_cache(1, limit)
         logits = model(ids, cache, last_only=True)[0, -1]  # prefill, (V,)
     new = []
     while True:
@@ -224,4 +223,4 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         if decoder is not None:
             logits = decoder.step(next_id)
         else:
-            logits = model(ids[:, -1:] if use_cache else ids, cache, last_only=True)[0, -1]
+            logits = model(ids[:, -1:], cache, last_only=True)[0, -1]

@@ -27,8 +27,8 @@ def test_cuda_decoding_with_cache_equals_without(tmp_path):
     folder, _ = write_hf(tmp_path, "gqa")
     model, _ = bailong.load(folder, dtype=torch.float32)
     prompt = list(range(3, 20))
-    assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == \
-        generate(model, prompt, 40, GREEDY, stop_ids=[], use_cache=False)
+    from test_generate import without_cache
+    assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == without_cache(model, prompt, 40, GREEDY)
 
 
 @pytest.mark.parametrize("blocksize,double_quant", [(64, True), (128, True), (64, False)])

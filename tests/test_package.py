@@ -1,0 +1,61 @@
+"""The package's seams: what imports what, and the layout the README describes."""
+import ast
+import re
+
+import bailong
+import bailong_kernels
+from conftest import ROOT
+
+PACKAGES = {"bailong": ROOT / "bailong", "bailong_kernels": ROOT / "kernels"}
+
+
+def imports():
+    """Each module of the two packages -> the modules of ours it imports, at the top or inside a function."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for file in folder.glob("*.py"):
+            name = package if file.stem == "__init__" else f"{package}.{file.stem}"
+            targets = set()
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module in PACKAGES:  # from bailong_kernels import decode
+                    names = [f"{node.module}.{a.name}" for a in node.names]
+                targets |= {n for n in names if n.split(".")[0] in PACKAGES}
+            found[name] = targets - {name}
+    return found
+
+
+def test_no_import_cycles():
+    graph = imports()
+    graph = {m: {t for t in targets if t in graph} for m, targets in graph.items()}
+
+    def reaches(start):
+        seen, todo = set(), [start]
+        while todo:
+            for t in graph[todo.pop()] - seen:
+                if t not in PACKAGES:  # a package's __init__ is not a step between its modules
+                    seen.add(t)
+                    todo.append(t)
+        return seen
+
+    assert [m for m in graph if m in reaches(m)] == []
+
+
+def test_the_kernels_folder_imports_as_bailong_kernels_and_no_function_shadows_a_module():
+    assert bailong_kernels.__file__ == str(ROOT / "kernels" / "__init__.py")
+    assert bailong.__file__ == str(ROOT / "bailong" / "__init__.py")
+    for file in (ROOT / "kernels").glob("[!_]*.py"):
+        assert not hasattr(bailong_kernels, file.stem) or not callable(getattr(bailong_kernels, file.stem))
+
+
+def test_the_readme_layout_lists_every_module_and_folder():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    listed = set(re.findall(r"^ *([\w./-]+)", layout, flags=re.M))
+    in_tree = {f"{p.name}/" if p.is_dir() else p.name for folder in ("bailong", "kernels")
+               for p in (ROOT / folder).iterdir() if p.name not in ("__pycache__", "__init__.py")}
+    in_tree |= {"pyproject.toml", "bailong/", "kernels/", "train.py", "chat.py", "tests/", "bench/", "docs/"}
+    assert in_tree - listed == set(), "in the tree, not in the README's layout"
+    assert {name for name in listed if name.endswith((".py", "/", ".toml"))} - in_tree == set(), \
+        "in the README's layout, not in the tree"
