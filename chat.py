@@ -23,6 +23,7 @@ from bailong import load, load_preset
 from bailong.chat_template import model_template
 from bailong.config import DTYPES
 from bailong.conversation import Chat, is_conversations, save_jsonl
+from bailong.data import read_conversations_to_answer
 from bailong.errors import BailongError, Parser, run_cli
 from bailong.files import check_output_file
 from bailong.generate import SAMPLING, Sampling, model_sampling
@@ -89,7 +90,6 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     if args.input:  # read (and check) the questions before minutes of loading
-        from bailong.data import read_conversations_to_answer
         questions = read_conversations_to_answer(Path(args.input))
     dtype = DTYPES[args.dtype] if args.dtype else None
     folder = None

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from bailong import load, load_preset, save
 from bailong.chat_template import model_template
+from bailong.config import ModelConfig, preset
 from bailong.data import TokenData, read_conversations, read_corpus, split, tokenize
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.eval import tokens_per_char
@@ -252,7 +253,6 @@ def main(argv=None):
 def check_context(config):
     """Refuse a --seq-len longer than the model's context before anything is written, where the model's
     config.json is at hand (the embedded default, a local folder, a pre-training output); else after loading."""
-    from bailong.config import ModelConfig, preset
     folder = Path(config.model or "") if config.stage == "pretrain" else RunFolder(config.init).base
     if config.stage == "pretrain" and not config.model:
         context = preset("tiny").max_position_embeddings

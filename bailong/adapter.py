@@ -22,6 +22,8 @@ from bailong.errors import BailongError, read_json
 from bailong.files import atomic_write
 from bailong.hub import resolve
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
+from bailong.tokenizer import open_tokenizer
+from bailong.zip_tie import resize_vocab
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -122,8 +124,6 @@ def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAC
 def _grow_vocabulary(model, modules, folder):
     """An adapter trained on an extended vocabulary ships its tokenizer and the grown embedding and
     head rows; resize the base to that vocabulary first (the rows themselves are loaded after)."""
-    from bailong.tokenizer import open_tokenizer
-    from bailong.zip_tie import resize_vocab
     tokenizer = open_tokenizer(folder)
     if tokenizer is None:
         return

@@ -15,14 +15,15 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from bailong.adapter import ADAPTER_FILES, load_adapter
-from bailong.config import ModelConfig
+from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_write
 from bailong.hub import resolve
-from bailong.model import Llama
+from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
 from bailong.runs import training_output
+from bailong.tokenizer import byte_tokenizer, open_tokenizer
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
@@ -186,7 +187,6 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     """
     if quantize not in (None, "nf4"):
         raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
-    from bailong.tokenizer import open_tokenizer
     device = device or default_device()
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
@@ -249,9 +249,6 @@ def load_preset(name, dtype=None, device=None, seed=0):
     The vocabulary is the tokenizer's (260), so every id the model emits decodes.
     For demos and tests: the weights carry no knowledge.
     """
-    from bailong.config import preset
-    from bailong.model import init_weights
-    from bailong.tokenizer import byte_tokenizer
     device = device or default_device()
     tokenizer = byte_tokenizer()
     config = preset(name)
