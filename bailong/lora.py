@@ -20,6 +20,7 @@ usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the
 prefix ``base_model.model.`` (see ``bailong/adapter.py``).
 """
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -69,8 +70,24 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
+        if _fused:
+            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            A, B = self.lora_A.weight, self.lora_B.weight
+            return LoRAUpdate.apply(y, x, A, B, *self.compute_weights(y.dtype), self.scaling, p)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
+
+    def compute_weights(self, dtype):
+        """A and s * B in the compute dtype, cast once for as long as the float32 masters are unchanged
+        (an optimizer step changes their version): not once per call, nor again when activation
+        checkpointing recomputes the forward."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        key = (A._version, B._version, dtype, A.device)
+        if getattr(self, "_cast_key", None) != key:
+            with torch.no_grad():
+                self._cast = A.to(dtype), (B * self.scaling).to(dtype)
+            self._cast_key = key
+        return self._cast
 
     def merged_weight(self) -> torch.Tensor:
         """W + s * B @ A in float32 (an NF4 W is dequantized first)."""
@@ -86,6 +103,60 @@ class LoRALinear(nn.Module):
         if self.quantized:  # as NF4Linear: follow the device, keep the dtypes
             self.weight = self.weight.to(fn(self.weight.data).device)
         return super()._apply(fn, recurse)
+
+
+class LoRAUpdate(torch.autograd.Function):
+    """y + s * dropout(x) A^T B^T as one autograd node, in the compute dtype of y.
+
+    ``A`` and ``sB`` are the compute-dtype copies of the float32 masters ``A_master``
+    and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
+    The scaling rides in sB, the add in the second matmul (``addmm``). Kept for the
+    backward: the dropped input, its rank-r projection, and the dropout mask (bytes).
+    With g = dL/dout:
+
+        u = g (s B)            dL/dx = u A (dropout's mask applied)     dL/dA = u^T x_d
+        dL/dB = s g^T (x_d A^T)                                         dL/dy = g
+
+    Dropout is ``native_dropout``, which draws the mask ``F.dropout`` draws from the
+    same random state, so the fused and the plain path train alike.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, A_master, B_master, A, sB, scaling, p):
+        x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
+        mask = None
+        if p:  # one kernel, the same mask F.dropout draws from the same random state
+            x2, mask = torch.native_dropout(x2, p, True)
+        xa = x2 @ A.T  # (tokens, r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, sB.T)
+        ctx.save_for_backward(x2, xa, mask, A, sB)
+        ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
+        ctx.master_dtypes = A_master.dtype, B_master.dtype
+        return out.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa, mask, A, sB = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        u = g2 @ sB  # (tokens, r)
+        dx = u @ A
+        if mask is not None:
+            dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
+        dA = (u.T @ x2).to(ctx.master_dtypes[0])
+        dB = (g2.T @ xa).to(ctx.master_dtypes[1]).mul_(ctx.scaling)
+        return g, dx.view(ctx.x_shape).to(ctx.x_dtype), dA, dB, None, None, None, None
+
+
+_fused = os.environ.get("BAILONG_FUSED_LORA", "0") not in ("", "0")
+
+
+def use_fused_lora(flag=True) -> bool:
+    """Run LoRA projections as one autograd node (``LoRAUpdate``, True) or as two ``nn.Linear`` (False);
+    returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_FUSED_LORA=1``): on the
+    CPU the two paths take the same time."""
+    global _fused
+    previous, _fused = _fused, flag
+    return previous
 
 
 class LoRAEmbedding(nn.Module):

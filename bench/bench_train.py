@@ -2,7 +2,10 @@
 
 Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW, the same
-batch; each runs in a fresh process, a few warm-up steps first. Peak memory is
+batch; each runs in a fresh process, a few warm-up steps first. Ours runs twice:
+as LoRA projections run by default, and fused into one autograd node each
+(``bailong.lora.LoRAUpdate``, off by default until this benchmark has timed it
+on a GPU). Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
 
@@ -34,9 +37,10 @@ def run_one(which, folder, args):
     if device == "cpu":
         open("/proc/self/clear_refs", "w").write("5")
         before = status("VmRSS")
-    if which == "ours":
+    if which.startswith("ours"):
         import bailong
-        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
+        use_fused_lora(which == "ours-fused")
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=tuple(targets)))
         mark_only_lora_trainable(model)
@@ -112,9 +116,9 @@ def main():
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
               f"LoRA r={args.rank} on 7 projections, NF4 base, {args.device}, torch {torch.__version__}")
         results = {}
-        for which in ["ours", "transformers+peft+bitsandbytes"]:
-            cmd = [sys.executable, __file__, "--which", "ours" if which == "ours" else "theirs", "--folder", tmp,
-                   *sys.argv[1:]]
+        rows = {"ours": "ours", "ours, fused LoRA": "ours-fused", "transformers+peft+bitsandbytes": "theirs"}
+        for which, flag in rows.items():
+            cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 print(f"{which}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -122,9 +126,10 @@ def main():
             results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
                   f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB")
-        if len(results) == 2:
-            ours, theirs = results["ours"], results["transformers+peft+bitsandbytes"]
-            print(f"ratio: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
+        theirs = results.get("transformers+peft+bitsandbytes")
+        for which in [w for w in results if w.startswith("ours") and theirs]:
+            ours = results[which]
+            print(f"{which}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
                   f"{ours['peak_bytes'] / theirs['peak_bytes']:.2f}x their peak memory")
 
 

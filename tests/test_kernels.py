@@ -240,15 +240,18 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step):
 
 # Launches of one QLoRA training step (forward and backward, bf16 autocast, activation checkpointing, LoRA on the
 # seven projections, embedding and head) of a 2-layer NF4 model on the GPU's path, and per layer: recorded before
-# any training-side fusion, so that the fused LoRA projections and layer kernels can show what they cut.
-TRAIN_STEP_BUDGET = {"per layer": 382, "whole step": 851}
+# any training-side fusion (False), and with each LoRA projection one autograd node (True: bailong.lora.LoRAUpdate;
+# 96 -> 40 casts, 76 -> 63 matmuls, 75 -> 48 multiplies, 42 -> 29 adds a layer). The layer kernels are still to cut.
+TRAIN_STEP_BUDGET = {False: {"per layer": 382, "whole step": 851}, True: {"per layer": 280, "whole step": 640}}
 
 
-def test_training_step_launches_stay_within_budget(monkeypatch):
+@pytest.mark.parametrize("fused_lora", [False, True])
+def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora):
     from bailong import lora
     from launch_count import count_launches
     gpu_path(monkeypatch, fused_step=False)
     monkeypatch.setattr(lora, "nf4_linear", lambda x, w: nf4_matmul(x, w))
+    monkeypatch.setattr(lora, "_fused", fused_lora)
     counts = {}
     for layers in [1, 2]:
         model = tiny_nf4(layers)
@@ -265,5 +268,6 @@ def test_training_step_launches_stay_within_budget(monkeypatch):
             loss.backward()
         counts[layers] = len(launches.aten) + len(launches.triton)
     per_layer = counts[2] - counts[1]
-    print(f"training step: {counts[2]} launches, {per_layer} a layer")
-    assert per_layer <= TRAIN_STEP_BUDGET["per layer"] and counts[2] <= TRAIN_STEP_BUDGET["whole step"], counts
+    print(f"training step{' (fused LoRA)' if fused_lora else ''}: {counts[2]} launches, {per_layer} a layer")
+    budget = TRAIN_STEP_BUDGET[fused_lora]
+    assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts

@@ -238,3 +238,68 @@ def test_a_tied_embedding_that_grew_travels_in_peft_keys(tmp_path):
     again, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours(ids), atol=1e-5, rtol=1e-5)
+
+
+def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3):
+    """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAUpdate``)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from bailong import lora
+    from bailong.quantized import quantize_model
+    base, _ = bailong.load_preset("tiny", device="cpu")
+    if quantize:
+        quantize_model(base)
+    results = []
+    for fused in [False, True]:
+        previous = lora.use_fused_lora(fused)
+        try:
+            model = copy.deepcopy(base).to(dtype)
+            torch.manual_seed(5)  # the same A and B, and the same dropout masks
+            mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=0.1)))
+            for name, p in model.named_parameters():  # B (and the embedding's A) start at zero: give them values
+                if "lora_B" in name or "lora_embedding_A" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            model.checkpointing = checkpointing
+            model.train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            losses = []
+            for step in range(steps):
+                ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(step))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    logits = model(ids[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+                grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+            results.append((losses, grads))
+        finally:
+            lora.use_fused_lora(previous)
+    return results
+
+
+@pytest.mark.parametrize("quantize,checkpointing", [(True, True), (True, False), (False, False)])
+def test_fused_lora_trains_as_the_plain_path_in_float32(quantize, checkpointing):
+    (plain, plain_grads), (fused, fused_grads) = fused_and_plain_steps(quantize, torch.float32, checkpointing)
+    assert max(abs(a - b) for a, b in zip(plain, fused)) < 1e-5, (plain, fused)
+    assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 32  # A, B: 2 x 7 projections, embedding, head
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lora_in_bfloat16_stays_within_rounding_of_the_plain_path():
+    (plain, _), (fused, _) = fused_and_plain_steps(True, torch.bfloat16, True)
+    assert max(abs(a - b) for a, b in zip(plain, fused)) < 2e-2, (plain, fused)
+
+
+def test_fused_lora_casts_its_weights_once_per_optimizer_step():
+    layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
+    A, sB = layer.compute_weights(torch.bfloat16)
+    assert layer.compute_weights(torch.bfloat16)[0] is A  # a second call, or a recomputed forward: no cast
+    torch.testing.assert_close(sB, (2.0 * layer.lora_B.weight).bfloat16())
+    with torch.no_grad():
+        layer.lora_A.weight.add_(1.0)  # what an optimizer step does
+    assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
