@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from bailong import load, load_preset, save
@@ -158,10 +157,7 @@ def main(argv=None):
 
     def loss_of(inputs, targets):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            logits = ddp_model(inputs.to(device))
-        targets = targets.to(device)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                               reduction="sum") / (targets != -100).sum().clamp(min=1)
+            return ddp_model(inputs.to(device), targets=targets.to(device))
 
     @torch.no_grad()
     def evaluate():

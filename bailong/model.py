@@ -12,6 +12,7 @@ keys are a fixed prefix away, and export is a save.
     logits = lm_head(norm(x))
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -262,10 +263,77 @@ class Llama(nn.Module):
             cache.advance(T)
         return self.model.norm(x)
 
-    def forward(self, input_ids, cache: KVCache | None = None, last_only=False):
-        """Logits (B, T, vocab); with ``last_only``, only the last position's (B, 1, vocab)."""
+    def forward(self, input_ids, cache: KVCache | None = None, last_only=False, targets=None):
+        """Logits (B, T, vocab); with ``last_only``, only the last position's (B, 1, vocab). With ``targets``
+        (B, T; -100 where nothing is learned), the training loss instead: the mean cross-entropy over the
+        targeted positions, from float32 logits."""
         h = self.hidden_states(input_ids, cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        if targets is None:
+            return self.lm_head(h[:, -1:] if last_only else h)
+        targets = targets.flatten()
+        if _chunked_loss:
+            total = chunked_cross_entropy(h.flatten(0, 1), self.lm_head, targets)
+        else:
+            total = F.cross_entropy(self.lm_head(h).flatten(0, 1).float(), targets, ignore_index=-100,
+                                    reduction="sum")
+        return total / (targets != -100).sum().clamp(min=1)
+
+
+_chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "0") not in ("", "0")
+LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
+
+
+def use_chunked_loss(flag=True) -> bool:
+    """Compute the training loss chunk by chunk (True, ``chunked_cross_entropy``) or from the whole logits
+    (False); returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_CHUNKED_LOSS=1``)."""
+    global _chunked_loss
+    previous, _chunked_loss = _chunked_loss, flag
+    return previous
+
+
+def chunked_cross_entropy(h, head, targets, chunk=None):
+    """Summed cross-entropy of ``head(h)`` (float32 logits) against ``targets`` (-100: no loss), ``chunk``
+    rows at a time (default: about 16M logits a chunk), so that the whole logits and their gradient
+    never exist at once: at Bailong's vocabulary and 2,048 tokens they would take 485 MB each.
+
+    With gradients wanted, the head's backward runs chunk by chunk inside the forward: the loss ends the
+    graph, so each chunk's gradients are known up to the one number the backward brings (``ChunkedLoss``).
+    """
+    chunk = chunk or max(1, LOSS_CHUNK_LOGITS // head.out_features)
+    params = [p for p in head.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (h.requires_grad or params):
+        return ChunkedLoss.apply(h, targets, head, chunk, *params)
+    return sum(F.cross_entropy(head(h[i:i + chunk]).float(), targets[i:i + chunk], ignore_index=-100,
+                               reduction="sum") for i in range(0, len(h), chunk))
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """``chunked_cross_entropy`` with gradients: the forward keeps dL/dh and the head's parameter
+    gradients (one chunk's logits alive at a time, none kept), the backward scales them."""
+
+    @staticmethod
+    def forward(ctx, h, targets, head, chunk, *params):
+        total = torch.zeros((), device=h.device)
+        dh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
+        dparams = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for i in range(0, len(h), chunk):
+                part = h[i:i + chunk].detach().requires_grad_(dh is not None)
+                loss = F.cross_entropy(head(part).float(), targets[i:i + chunk], ignore_index=-100,
+                                       reduction="sum")
+                grads = torch.autograd.grad(loss, ([part] if dh is not None else []) + list(params))
+                if dh is not None:
+                    dh[i:i + chunk] = grads[0]
+                for total_grad, grad in zip(dparams, grads[dh is not None:]):
+                    total_grad += grad
+                total += loss.detach()
+        ctx.save_for_backward(dh, *dparams)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, *dparams = ctx.saved_tensors
+        return (None if dh is None else dh * g), None, None, None, *(d * g for d in dparams)
 
 
 def init_weights(model: Llama, std=0.02):

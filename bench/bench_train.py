@@ -2,10 +2,11 @@
 
 Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW, the same
-batch; each runs in a fresh process, a few warm-up steps first. Ours runs twice:
-as LoRA projections run by default, and fused into one autograd node each
-(``bailong.lora.LoRAUpdate``, off by default until this benchmark has timed it
-on a GPU). Peak memory is
+batch; each runs in a fresh process, a few warm-up steps first. Ours runs three
+times: as by default; with each LoRA projection one autograd node
+(``bailong.lora.LoRAUpdate``); and with that and the loss computed chunk by
+chunk (``bailong.model.chunked_cross_entropy``); both off by default until this
+benchmark has timed them on a GPU. Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
 
@@ -40,12 +41,14 @@ def run_one(which, folder, args):
     if which.startswith("ours"):
         import bailong
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
-        use_fused_lora(which == "ours-fused")
+        from bailong.model import use_chunked_loss
+        use_fused_lora(which in ("ours-fused", "ours-fused-chunked"))
+        use_chunked_loss(which == "ours-fused-chunked")
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=tuple(targets)))
         mark_only_lora_trainable(model)
         model.checkpointing = device == "cuda"
-        forward = model
+        loss_of = lambda ids: model(ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -55,7 +58,8 @@ def run_one(which, folder, args):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                                                  target_modules=targets))
-        forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
+        loss_of = lambda ids: torch.nn.functional.cross_entropy(  # noqa: E731
+            model(input_ids=ids[:, :-1]).logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
@@ -63,8 +67,7 @@ def run_one(which, folder, args):
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            logits = forward(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss = loss_of(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -116,7 +119,8 @@ def main():
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
               f"LoRA r={args.rank} on 7 projections, NF4 base, {args.device}, torch {torch.__version__}")
         results = {}
-        rows = {"ours": "ours", "ours, fused LoRA": "ours-fused", "transformers+peft+bitsandbytes": "theirs"}
+        rows = {"ours": "ours", "ours, fused LoRA": "ours-fused",
+                "ours, fused LoRA, chunked loss": "ours-fused-chunked", "transformers+peft+bitsandbytes": "theirs"}
         for which, flag in rows.items():
             cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)

@@ -303,3 +303,44 @@ def test_fused_lora_casts_its_weights_once_per_optimizer_step():
     with torch.no_grad():
         layer.lora_A.weight.add_(1.0)  # what an optimizer step does
     assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_chunked_loss_trains_as_the_whole_logits_do(monkeypatch, dropout):
+    """The loss from chunks of 7 positions (LoRA on the head, its dropout included) against the whole logits:
+    per-step losses and every LoRA gradient, float32, with the plain and the fused LoRA projections."""
+    import copy
+
+    from bailong import lora, model as model_module
+    base, _ = bailong.load_preset("tiny", device="cpu")
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * base.config.vocab_size)
+    results = []
+    for chunked in [False, True]:
+        model = copy.deepcopy(base)
+        torch.manual_seed(5)
+        mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=dropout)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        monkeypatch.setattr(model_module, "_chunked_loss", chunked)
+        losses = []
+        for step in range(3):
+            monkeypatch.setattr(lora, "_fused", step == 1)
+            ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(step))
+            targets = ids[:, 1:].clone()
+            targets[0, :5] = -100  # a masked prompt, as SFT's
+            loss = model(ids[:, :-1], targets=targets)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        with torch.no_grad():
+            losses.append(model(ids[:, :-1], targets=targets).item())  # evaluation: no gradients formed
+        results.append((losses, grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert max(abs(a - b) for a, b in zip(whole, chunked)) < 1e-5, (whole, chunked)
+    for name in whole_grads:
+        torch.testing.assert_close(chunked_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
