@@ -21,7 +21,7 @@ from tqdm import tqdm
 from bailong import load, load_preset, save
 from bailong.chat_template import model_template
 from bailong.config import ModelConfig, preset
-from bailong.data import TokenData, read_conversations, read_corpus, split, tokenize
+from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.eval import tokens_per_char
 from bailong.files import atomic_folder
@@ -60,7 +60,8 @@ def main(argv=None):
     run = RunFolder(out)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
-    items = read_corpus(config.data) if config.stage == "pretrain" else read_conversations(config.data)
+    paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
+    items = read_corpus(paths) if config.stage == "pretrain" else read_conversations(paths)
 
     # ---- vocabulary (pre-training): the base's tokenizer, extended with pieces learned on the data ----------
     base_folder = resolve(config.model) if config.stage == "pretrain" and config.model else None

@@ -48,11 +48,11 @@ class Chat:
         except (ValueError, BailongError) as e:  # too long for the context window; a template that fails
             self.messages.pop()
             raise BailongError(str(e)) from None
-        stream, reply = self.tokenizer.stream(), []
+        decoder, reply = self.tokenizer.stream(), []
 
         def on_token(i):
             if i not in self.stop_ids:
-                print(stream.put(i), end="", flush=True, file=out)
+                print(decoder.put(i), end="", flush=True, file=out)
                 reply.append(i)
 
         start = time.perf_counter()
@@ -60,7 +60,7 @@ class Chat:
             generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
         except KeyboardInterrupt:
             print(" [stopped]", end="", file=out)
-        print(stream.flush(), flush=True, file=out)
+        print(decoder.flush(), flush=True, file=out)
         seconds = time.perf_counter() - start
         print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s]", file=sys.stderr)
         answer = self.tokenizer.decode(reply)

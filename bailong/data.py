@@ -39,11 +39,13 @@ def data_paths(names) -> list[Path]:
     return out
 
 
-def read_corpus(names) -> list[str]:
-    """Pre-training documents from text files (one per non-empty line), jsonl ({"text": ...}), folders of
-    them or Hub dataset ids."""
+def read_corpus(paths) -> list[str]:
+    """Pre-training documents from text files (one per non-empty line), jsonl ({"text": ...}) or folders of
+    them (``data_paths`` turns Hub dataset ids into folders)."""
     files = []
-    for path in data_paths(names):
+    for path in map(Path, paths):
+        if not path.exists():
+            raise BailongError(f"{path}: no such file or folder")
         files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     texts = []
     for file in files:
@@ -61,7 +63,7 @@ def read_corpus(names) -> list[str]:
                     raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string") from None
             texts.append(line)
     if not any(t.strip() for t in texts):
-        raise BailongError(f"{', '.join(map(str, names))}: the corpus is empty")
+        raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")
     return texts
 
 
@@ -70,12 +72,12 @@ def read_conversations_to_answer(path) -> list[list[dict]]:
     return read_conversations([path], ending="user")
 
 
-def read_conversations(names, ending="assistant") -> list[list[dict]]:
-    """Conversations from jsonl files, folders of them or Hub dataset ids: {"messages": [{"role": ...,
-    "content": ...}, ...]} a line, an optional system message first, then user and assistant alternating,
-    ending with ``ending``."""
+def read_conversations(paths, ending="assistant") -> list[list[dict]]:
+    """Conversations from jsonl files or folders of them (``data_paths`` turns Hub dataset ids into
+    folders): {"messages": [{"role": ..., "content": ...}, ...]} a line, an optional system message first,
+    then user and assistant alternating, ending with ``ending``."""
     conversations, files = [], []
-    for path in data_paths(names):
+    for path in map(Path, paths):
         files += sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     for file in files:
         try:
@@ -105,7 +107,7 @@ def read_conversations(names, ending="assistant") -> list[list[dict]]:
                                    f"turns alternating and ending with the {ending}, got {roles}")
             conversations.append(messages)
     if not conversations:
-        raise BailongError(f"{', '.join(map(str, names))}: no conversations")
+        raise BailongError(f"{', '.join(map(str, paths))}: no conversations")
     return conversations
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import PROJECTIONS, NF4Linear, nf4_linear, nf4_weights, set_module
@@ -71,7 +72,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
-        if _fused:
+        if _fused and torch.is_grad_enabled():  # training; inference (chat, CUDA graphs) takes the plain path
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             A, B = self.lora_A.weight, self.lora_B.weight
             return LoRAUpdate.apply(y, x, A, B, *self.compute_weights(y.dtype), self.scaling, p)
@@ -79,11 +80,11 @@ class LoRALinear(nn.Module):
         return y + (update * self.scaling).to(y.dtype)
 
     def compute_weights(self, dtype):
-        """A and s * B in the compute dtype, cast once for as long as the float32 masters are unchanged
-        (an optimizer step changes their version): not once per call, nor again when activation
-        checkpointing recomputes the forward."""
+        """A and s * B in the compute dtype, cast once for as long as the float32 masters are unchanged:
+        not once per call, nor again when activation checkpointing recomputes the forward. Any optimizer's
+        step (fused ones too, which leave the version counters alone) or in-place change renews them."""
         A, B = self.lora_A.weight, self.lora_B.weight
-        key = (A._version, B._version, dtype, A.device)
+        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
         if getattr(self, "_cast_key", None) != key:
             with torch.no_grad():
                 self._cast = A.to(dtype), (B * self.scaling).to(dtype)
@@ -149,6 +150,15 @@ class LoRAUpdate(torch.autograd.Function):
 
 
 _fused = os.environ.get("BAILONG_FUSED_LORA", "0") not in ("", "0")
+_optimizer_steps = 0  # in this process: each may have changed LoRA weights, so their casts are made again
+
+
+def _count_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 def use_fused_lora(flag=True) -> bool:

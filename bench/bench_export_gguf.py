@@ -22,7 +22,6 @@ from bench_load_memory import write_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import sys
 from bailong.export import main
 main(["--base", {folder!r}, "--out", {out!r}, "--type", {kind!r}])
 print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))

@@ -7,8 +7,14 @@
 # Each part prints under its own heading and a failing part does not stop the others;
 # the exit status is the number of parts that failed.
 cd "$(dirname "$0")/.." || exit 1
-# the package itself, installed over whatever torch and triton the machine has (pip install -e . would pin torch)
-python -c "import bailong_kernels" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . || exit 1
+# the package itself, over whatever torch and triton the machine has (without --no-deps pip would pin torch):
+# with a fresh setuptools from the index where one is reachable, else with the machine's own (64 or newer)
+if ! python -c "import bailong_kernels" 2>/dev/null; then
+    pip install -q --no-deps -e . 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . || {
+        echo "cannot install the package: pip install -e . needs the package index or setuptools>=64 with wheel"
+        exit 1
+    }
+fi
 parts=("${@:-tests kernels decode train model}")
 failed=0
 run() {

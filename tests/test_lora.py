@@ -301,8 +301,23 @@ def test_fused_lora_casts_its_weights_once_per_optimizer_step():
     assert layer.compute_weights(torch.bfloat16)[0] is A  # a second call, or a recomputed forward: no cast
     torch.testing.assert_close(sB, (2.0 * layer.lora_B.weight).bfloat16())
     with torch.no_grad():
-        layer.lora_A.weight.add_(1.0)  # what an optimizer step does
+        layer.lora_A.weight.add_(1.0)  # an update in place
     assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)  # a fused step keeps the versions
+    layer.lora_A.weight.grad = torch.ones_like(layer.lora_A.weight)
+    optimizer.step()
+    assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
+
+
+def test_fused_lora_trains_after_inference(monkeypatch):
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():  # as generate() runs: the plain path, nothing cached
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.lora_A.weight.grad is not None
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

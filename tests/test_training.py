@@ -173,7 +173,7 @@ def test_the_result_is_the_best_held_out_adapter_and_patience_stops_a_run_that_m
     for --patience evaluations; adapter/ holds the best evaluated step, the checkpoint the last."""
     import bailong
     from bailong.data import tokenize
-    from bailong.data import read_corpus
+    from bailong.data import data_paths, read_corpus
     out = tmp_path / "run"
     stdout, _ = run_train(capsys, "--steps", "300", "--eval-every", "25", "--patience", "2", "--out", out)
     record = evals(out)
@@ -186,7 +186,7 @@ def test_the_result_is_the_best_held_out_adapter_and_patience_stops_a_run_that_m
     # the result, loaded as chat.py loads it, has exactly the best held-out loss
     model, tokenizer = bailong.load(out, device="cpu", quantize="nf4")
     config = TrainConfig()
-    _, held = split(read_corpus(config.data), config.held_out, config.seed)
+    _, held = split(read_corpus(data_paths(config.data)), config.held_out, config.seed)
     data = TokenData(*tokenize(tokenizer, held, tmp_path / "cache", 1), config.seq_len, tokenizer.eos_id)
     examples = list(range(data.n))
     total = []
