@@ -11,7 +11,12 @@ CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
 
     python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
-    python bench/bench_train.py --preset llama2-7b --seq-len 2048 --batch 1 --device cuda         # a GPU
+    python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
+    python bench/bench_train.py --setting long        # a GPU: Llama-2-7B, r 16 on the projections, 8192
+
+Each step trains on its own seeded batch, the same for every side, and the
+per-step losses are printed beside the speeds: the sides start from the same
+weights (their LoRA A draws differ), so they should stay within bf16 noise.
 """
 import argparse
 import json
@@ -22,6 +27,11 @@ import time
 
 import torch
 
+
+
+# the two settings of the training targets: Bailong's recipe, and a long context
+SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, embedding_and_head=True),
+            "long": dict(preset="llama2-7b", seq_len=8192, batch=1, rank=16, embedding_and_head=False)}
 
 
 def status(key):
@@ -35,6 +45,7 @@ def run_one(which, folder, args):
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets += ["embed_tokens", "lm_head"] if args.embedding_and_head else []
     if device == "cpu":
         open("/proc/self/clear_refs", "w").write("5")
         before = status("VmRSS")
@@ -63,15 +74,17 @@ def run_one(which, folder, args):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    batches = torch.Generator().manual_seed(0)
+    losses = []
 
     def step():
+        ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=batches).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = loss_of(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        losses.append(round(loss.item(), 4))
 
     for _ in range(args.warmup):
         step()
@@ -86,7 +99,7 @@ def run_one(which, folder, args):
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM") - before
     print(json.dumps({"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak,
-                      "seconds_per_step": seconds}))
+                      "seconds_per_step": seconds, "losses": losses}))
 
 
 def main():
@@ -99,9 +112,14 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--embedding-and-head", action="store_true", help="LoRA on the embedding and head too")
+    p.add_argument("--setting", choices=SETTINGS, help="one of the settings the targets are set for (sets the "
+                   "preset, sequence, batch, rank and targets)")
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
+    for name, value in SETTINGS.get(args.setting, {}).items():
+        setattr(args, name, value)
     if args.which:
         return run_one(args.which, args.folder, args)
     import bailong
@@ -116,8 +134,9 @@ def main():
         model.tie_weights()
         bailong.save(init_weights(model), tmp)
         del model
+        where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
-              f"LoRA r={args.rank} on 7 projections, NF4 base, {args.device}, torch {torch.__version__}")
+              f"LoRA r={args.rank} on {where}, NF4 base, {args.device}, torch {torch.__version__}")
         results = {}
         rows = {"ours": "ours", "ours, fused LoRA": "ours-fused",
                 "ours, fused LoRA, chunked loss": "ours-fused-chunked", "transformers+peft+bitsandbytes": "theirs"}
@@ -129,7 +148,7 @@ def main():
                 continue
             results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
-                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB")
+                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB  losses {r['losses']}")
         theirs = results.get("transformers+peft+bitsandbytes")
         for which in [w for w in results if w.startswith("ours") and theirs]:
             ours = results[which]

@@ -28,8 +28,8 @@ for part in ${parts[*]}; do
         tests)   run tests python -m pytest -q -m gpu tests ;;
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         decode)  run decode python bench/bench_decode.py ;;
-        train)   run train python bench/bench_train.py --preset llama2-7b --seq-len 2048 --batch 1 --rank 128 \
-                     --device cuda ;;
+        train)   run train python bench/bench_train.py --setting recipe
+                 run train python bench/bench_train.py --setting long ;;
         model)   run model python bench/bench_model_gpu.py ;;
         *)       echo "unknown part: $part (tests, kernels, decode, train, model)"; failed=$((failed + 1)) ;;
     esac
