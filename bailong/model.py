@@ -35,6 +35,19 @@ def decode_kernels(x):
     return decode
 
 
+def layer_kernels(x):
+    """The module ``bailong_kernels.layers`` where ``x`` takes the training layer kernels (CUDA, a gradient
+    wanted, switched on: ``bailong_kernels.layer_enabled``), else None: then the PyTorch code beside each
+    call runs."""
+    if not x.is_cuda:
+        return None
+    import bailong_kernels  # Triton is imported only where it runs
+    if not bailong_kernels.layer_enabled(x):
+        return None
+    from bailong_kernels import layers
+    return layers
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -43,6 +56,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         if (fused := decode_kernels(x)) is not None:
+            return fused.rms_norm(x, self.weight, self.eps)
+        if not self.weight.requires_grad and (fused := layer_kernels(x)) is not None:  # QLoRA: a frozen norm
             return fused.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 whatever the compute dtype, then scale: as Llama does.
         dtype = x.dtype
@@ -193,7 +208,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        if (fused := decode_kernels(x)) is not None:
+        if (fused := decode_kernels(x) or layer_kernels(x)) is not None:
             return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 

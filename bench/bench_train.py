@@ -2,11 +2,12 @@
 
 Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW, the same
-batch; each runs in a fresh process, a few warm-up steps first. Ours runs three
+batch; each runs in a fresh process, a few warm-up steps first. Ours runs four
 times: as by default; with each LoRA projection one autograd node
-(``bailong.lora.LoRAUpdate``); and with that and the loss computed chunk by
-chunk (``bailong.model.chunked_cross_entropy``); both off by default until this
-benchmark has timed them on a GPU. Peak memory is
+(``bailong.lora.LoRAUpdate``); with that and the norms and SwiGLU through their
+training kernels (``bailong_kernels.layers``, CUDA only); and with all that and
+the loss computed chunk by chunk (``bailong.model.chunked_cross_entropy``). All
+three are off by default until this benchmark has timed them on a GPU. Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
 
@@ -53,8 +54,10 @@ def run_one(which, folder, args):
         import bailong
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
         from bailong.model import use_chunked_loss
-        use_fused_lora(which in ("ours-fused", "ours-fused-chunked"))
-        use_chunked_loss(which == "ours-fused-chunked")
+        from bailong_kernels import use_layer_kernels
+        use_fused_lora(which != "ours")
+        use_layer_kernels(which in ("ours-layers", "ours-all"))
+        use_chunked_loss(which == "ours-all")
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=tuple(targets)))
         mark_only_lora_trainable(model)
@@ -138,8 +141,8 @@ def main():
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
               f"LoRA r={args.rank} on {where}, NF4 base, {args.device}, torch {torch.__version__}")
         results = {}
-        rows = {"ours": "ours", "ours, fused LoRA": "ours-fused",
-                "ours, fused LoRA, chunked loss": "ours-fused-chunked", "transformers+peft+bitsandbytes": "theirs"}
+        rows = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
+                "ours, + chunked loss": "ours-all", "transformers+peft+bitsandbytes": "theirs"}
         for which, flag in rows.items():
             cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)

@@ -29,10 +29,10 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from bailong.nf4 import quantize
-from bailong_kernels import decode, nf4_dequant as dequant, nf4_matmul as matmul
+from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul as matmul
 
 KERNELS = [matmul._nf4_gemv_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
-           decode._decode_attention_kernel]
+           decode._decode_attention_kernel, layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -123,6 +123,9 @@ def compile_all(arch):
     for name, kernel, args, meta in [
             ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
             ("swiglu", decode._swiglu_kernel, (x, x, x, 4096), dict(BLOCK=1024)),
+            ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, 4096, 1e-5), dict(BLOCK=4096)),
+            ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096),
+             dict(BLOCK=layers.ELEMENTWISE_BLOCK)),
             ("decode attention", decode._decode_attention_kernel,
              (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, 4096, *cache.stride()[:3],
               0.1),

@@ -7,6 +7,7 @@ this package holds only the switches that decide whether the model runs them:
     bailong_kernels.nf4_dequant.nf4_dequantize(q)   is  q.dequantize()
     bailong_kernels.nf4_matmul.nf4_matmul(x, q)     is  bailong.quantized.NF4Matmul.apply(x, q)
     bailong_kernels.decode                          RMSNorm, SwiGLU, RoPE + KV-cache write + attention
+    bailong_kernels.layers                          RMSNorm and SwiGLU for training, with their backward
 
 Each has its PyTorch reference beside the code it replaces in ``bailong``. On
 the CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``,
@@ -18,9 +19,11 @@ PyTorch reference anywhere: ``BAILONG_NF4_KERNELS=0`` in the environment, or
 which reads the 4-bit weight once; more rows take the dequantize kernel, then
 cuBLAS (``bailong_kernels.nf4_matmul``). Measured speeds: docs/BENCHMARKS.md.
 
-The fused decoding-step kernels (``bailong_kernels.decode``) are off until
-they are timed on a GPU: ``BAILONG_DECODE_KERNELS=1`` or
-``use_decode_kernels(True)`` switches them on for inference on CUDA.
+The fused decoding-step kernels (``bailong_kernels.decode``) and the training
+layer kernels (``bailong_kernels.layers``) are off until they are timed on a GPU:
+``BAILONG_DECODE_KERNELS=1`` / ``use_decode_kernels(True)`` switches the first
+on for inference on CUDA, ``BAILONG_LAYER_KERNELS=1`` / ``use_layer_kernels(True)``
+the second for training on CUDA.
 """
 import os
 
@@ -28,6 +31,7 @@ import torch
 
 _kernels = os.environ.get("BAILONG_NF4_KERNELS", "1") not in ("", "0")
 _decode_kernels = os.environ.get("BAILONG_DECODE_KERNELS", "0") not in ("", "0")
+_layer_kernels = os.environ.get("BAILONG_LAYER_KERNELS", "0") not in ("", "0")
 
 
 def use_kernels(flag=True) -> bool:
@@ -46,9 +50,17 @@ def use_decode_kernels(flag=True) -> bool:
     return previous
 
 
+def use_layer_kernels(flag=True) -> bool:
+    """Run the norms and SwiGLU of training through ``bailong_kernels.layers`` (True) or PyTorch (False);
+    returns the previous setting, to restore."""
+    global _layer_kernels
+    previous, _layer_kernels = _layer_kernels, flag
+    return previous
+
+
 def switches() -> tuple:
-    """The settings of ``use_kernels`` and ``use_decode_kernels``."""
-    return _kernels, _decode_kernels
+    """The settings of ``use_kernels``, ``use_decode_kernels`` and ``use_layer_kernels``."""
+    return _kernels, _decode_kernels, _layer_kernels
 
 
 def enabled(x) -> bool:
@@ -59,4 +71,9 @@ def enabled(x) -> bool:
 def decode_enabled(x) -> bool:
     """Whether the model should run the fused inference kernels for tensor ``x`` (no gradient wanted)."""
     return enabled(x) and _decode_kernels and not torch.is_grad_enabled()
+
+
+def layer_enabled(x) -> bool:
+    """Whether the model should run the training layer kernels for tensor ``x`` (a gradient wanted)."""
+    return enabled(x) and _layer_kernels and torch.is_grad_enabled()
 

@@ -167,3 +167,24 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
         assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain
     finally:
         bailong_kernels.use_decode_kernels(previous)
+
+
+def test_training_layer_kernels_in_bfloat16_at_llama_shapes():
+    import torch.nn.functional as F
+
+    from bailong.model import RMSNorm
+    from bailong_kernels.layers import rms_norm, swiglu
+    torch.manual_seed(0)
+    close = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2  # noqa: E731
+    norm = RMSNorm(4096, 1e-5).to("cuda", torch.bfloat16).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(2, 2048, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    ref, ours = norm(x), rms_norm(x, norm.weight, 1e-5)
+    assert close(ours, ref) and close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    gate, up = (torch.randn(2048, 11008, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    g = torch.randn_like(gate)
+    ref, ours = F.silu(gate) * up, swiglu(gate, up)
+    assert close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (gate, up), g), torch.autograd.grad(ref, (gate, up), g)):
+        assert close(a, b)

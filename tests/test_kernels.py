@@ -175,13 +175,68 @@ def test_decode_kernels_match_pytorch():
         assert torch.equal(buffers, before)  # nothing written past the end, into the next layer or anywhere
 
 
-def gpu_path(monkeypatch, fused_step):
-    """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, and (``fused_step``)
-    the decoding step's fused kernels; all interpreted."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_training_layer_kernels_match_the_models_pytorch_code(dtype):
+    """RMSNorm (frozen weight) and SwiGLU, forward and backward, on rows that are not a power of two long and
+    element counts that are not whole blocks, against autograd through the model's own code."""
+    from bailong.model import RMSNorm
+    from bailong_kernels.layers import rms_norm, swiglu
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.manual_seed(0)
+    norm = RMSNorm(100, 1e-5).to(dtype).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 7, 100, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 7, 100, dtype=dtype)
+    y_ref = norm(x)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, g)
+    y = rms_norm(x, norm.weight, 1e-5)
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    gate, up = (torch.randn(5, 3001, dtype=dtype, requires_grad=True) for _ in range(2))
+    g = torch.randn(5, 3001, dtype=dtype)
+    ref = F.silu(gate) * up  # MLP.forward's own line
+    out = swiglu(gate, up)
+    torch.testing.assert_close(out, ref, **tol)
+    for ours, theirs in zip(torch.autograd.grad(out, (gate, up), g), torch.autograd.grad(ref, (gate, up), g)):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch):
+    """A QLoRA step (LoRA on every projection, embedding and head; checkpointing) with the norms and SwiGLU
+    through the kernels, against PyTorch: the loss and every LoRA gradient, float32."""
+    from bailong import lora
+    results = []
+    for layer_kernels in [False, True]:
+        with monkeypatch.context() as patch:
+            gpu_path(patch, fused_step=False, layer_kernels=layer_kernels)
+            model = tiny_nf4()
+            torch.manual_seed(1)
+            lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "lora_embedding_A" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            model.checkpointing = True
+            model.train()
+            ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+            loss.backward()
+            results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (kernels, kernel_grads) = results
+    assert abs(plain - kernels) < 1e-5 and len(plain_grads) == 32
+    for name in plain_grads:
+        torch.testing.assert_close(kernel_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def gpu_path(monkeypatch, fused_step, layer_kernels=False):
+    """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, (``fused_step``) the
+    decoding step's fused kernels, (``layer_kernels``) the training layer kernels; all interpreted."""
     from bailong import model, quantized
-    from bailong_kernels import decode
+    from bailong_kernels import decode, layers
     monkeypatch.setattr(quantized, "nf4_linear", lambda x, w: nf4_matmul(x, w))
     monkeypatch.setattr(model, "decode_kernels", lambda x: decode if fused_step and not torch.is_grad_enabled()
+                        else None)
+    monkeypatch.setattr(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled()
                         else None)
 
 
@@ -242,14 +297,16 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step):
 # seven projections, embedding and head) of a 2-layer NF4 model on the GPU's path, and per layer: recorded before
 # any training-side fusion (False), and with each LoRA projection one autograd node (True: bailong.lora.LoRAUpdate;
 # 96 -> 40 casts, 76 -> 63 matmuls, 75 -> 48 multiplies, 42 -> 29 adds a layer). The layer kernels are still to cut.
-TRAIN_STEP_BUDGET = {False: {"per layer": 382, "whole step": 851}, True: {"per layer": 280, "whole step": 640}}
+TRAIN_STEP_BUDGET = {(False, False): {"per layer": 382, "whole step": 851},
+                     (True, False): {"per layer": 280, "whole step": 640},
+                     (True, True): {"per layer": 222, "whole step": 504}}
 
 
-@pytest.mark.parametrize("fused_lora", [False, True])
-def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora):
+@pytest.mark.parametrize("fused_lora,layer_kernels", list(TRAIN_STEP_BUDGET))
+def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora, layer_kernels):
     from bailong import lora
     from launch_count import count_launches
-    gpu_path(monkeypatch, fused_step=False)
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=layer_kernels)
     monkeypatch.setattr(lora, "nf4_linear", lambda x, w: nf4_matmul(x, w))
     monkeypatch.setattr(lora, "_fused", fused_lora)
     counts = {}
@@ -268,6 +325,7 @@ def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora):
             loss.backward()
         counts[layers] = len(launches.aten) + len(launches.triton)
     per_layer = counts[2] - counts[1]
-    print(f"training step{' (fused LoRA)' if fused_lora else ''}: {counts[2]} launches, {per_layer} a layer")
-    budget = TRAIN_STEP_BUDGET[fused_lora]
+    print(f"training step (fused LoRA {fused_lora}, layer kernels {layer_kernels}): {counts[2]} launches, "
+          f"{per_layer} a layer")
+    budget = TRAIN_STEP_BUDGET[fused_lora, layer_kernels]
     assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts

@@ -1,0 +1,100 @@
+"""Triton kernels for a decoder layer's small operations in training: forward and backward.
+
+Each replaces a chain of PyTorch operations (and, in training, their backward
+chains) with one launch each way, beside the code it replaces in ``bailong.model``:
+
+- ``rms_norm``: ``RMSNorm.forward`` with a frozen weight (QLoRA trains no norm).
+  Forward: ``decode.rms_norm``'s kernel. Backward, per row, with n = x * rstd:
+
+      dx = rstd * (g w - n * mean(g w n))
+
+- ``swiglu``: ``silu(gate) * up``. Forward: ``decode.swiglu``'s kernel. Backward,
+  with s = sigmoid(gate), both gradients in one launch:
+
+      d_up = g * silu(gate)        d_gate = g * up * s * (1 + gate * (1 - s))
+
+Everything inside a kernel is float32; results are written in the inputs' dtype.
+Activation checkpointing recomputes these forwards like any other operation.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from bailong_kernels import decode
+from bailong_kernels.nf4_dequant import launch_device
+
+ELEMENTWISE_BLOCK = 1024
+
+
+@triton.jit
+def _rms_norm_backward_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, C, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * C
+    cols = tl.arange(0, BLOCK)
+    ok = cols < C
+    x = tl.load(x_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1 / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)
+    n = x * rstd
+    gw = tl.load(g_ptr + row + cols, mask=ok, other=0.0).to(tl.float32) * \
+        tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + row + cols, rstd * (gw - n * (tl.sum(gw * n, axis=0) / C)), mask=ok)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return decode.rms_norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g = g.contiguous()
+        dx = torch.empty_like(x)
+        C = x.shape[-1]
+        with launch_device(x):
+            _rms_norm_backward_kernel[(x.numel() // C,)](x, weight, g, dx, C, ctx.eps,
+                                                          BLOCK=triton.next_power_of_2(C))
+        return dx, None, None
+
+
+def rms_norm(x, weight, eps):
+    """``weight * (x / rms(x)).to(x.dtype)`` with a gradient for x (the weight is frozen)."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+@triton.jit
+def _swiglu_backward_kernel(gate_ptr, up_ptr, g_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    a = tl.load(gate_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    s = 1 / (1 + tl.exp(-a))
+    silu = (a * s).to(gate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the forward used it
+    tl.store(dup_ptr + i, g * silu, mask=ok)
+    tl.store(dgate_ptr + i, g * u * s * (1 + a * (1 - s)), mask=ok)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return decode.swiglu(gate, up)
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        g = g.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        with launch_device(gate):
+            _swiglu_backward_kernel[(triton.cdiv(gate.numel(), ELEMENTWISE_BLOCK),)](
+                gate, up, g, dgate, dup, gate.numel(), BLOCK=ELEMENTWISE_BLOCK)
+        return dgate, dup
+
+
+def swiglu(gate, up):
+    """``F.silu(gate) * up`` with gradients for both."""
+    return SwiGLUFunction.apply(gate, up)
