@@ -189,10 +189,15 @@ class Attention(nn.Module):
             y = fused.decode_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, positions,
                                        cache.k[self.layer_idx], cache.v[self.layer_idx])
             return self.o_proj(y)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        fused = layer_kernels(x) if cache is None else None
+        if fused is not None:  # training: RoPE in one launch each way, before the heads are split
+            q, k = fused.rope(q, cos, sin, self.head_dim), fused.rope(k, cos, sin, self.head_dim)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if fused is None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, positions, k, v)  # (B, KV, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,

@@ -7,7 +7,7 @@ this package holds only the switches that decide whether the model runs them:
     bailong_kernels.nf4_dequant.nf4_dequantize(q)   is  q.dequantize()
     bailong_kernels.nf4_matmul.nf4_matmul(x, q)     is  bailong.quantized.NF4Matmul.apply(x, q)
     bailong_kernels.decode                          RMSNorm, SwiGLU, RoPE + KV-cache write + attention
-    bailong_kernels.layers                          RMSNorm and SwiGLU for training, with their backward
+    bailong_kernels.layers                          RMSNorm, SwiGLU and RoPE for training, with their backward
 
 Each has its PyTorch reference beside the code it replaces in ``bailong``. On
 the CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``,
@@ -51,7 +51,7 @@ def use_decode_kernels(flag=True) -> bool:
 
 
 def use_layer_kernels(flag=True) -> bool:
-    """Run the norms and SwiGLU of training through ``bailong_kernels.layers`` (True) or PyTorch (False);
+    """Run the norms, SwiGLU and RoPE of training through ``bailong_kernels.layers`` (True) or PyTorch (False);
     returns the previous setting, to restore."""
     global _layer_kernels
     previous, _layer_kernels = _layer_kernels, flag

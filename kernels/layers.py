@@ -13,6 +13,10 @@ chains) with one launch each way, beside the code it replaces in ``bailong.model
 
       d_up = g * silu(gate)        d_gate = g * up * s * (1 + gate * (1 - s))
 
+- ``rope``: ``apply_rope`` on a projection's output (B, T, heads * D), before it is
+  split into heads: each pair (x_i, x_{i+D/2}) rotated by its position's angle.
+  The backward is the same rotation by the opposite angle.
+
 Everything inside a kernel is float32; results are written in the inputs' dtype.
 Activation checkpointing recomputes these forwards like any other operation.
 """
@@ -98,3 +102,49 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate, up):
     """``F.silu(gate) * up`` with gradients for both."""
     return SwiGLUFunction.apply(gate, up)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, sign, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)  # one position of one sequence: all its heads, as a (heads, half) tile
+    d = tl.arange(0, BLOCK_D)[None, :]
+    h = tl.arange(0, BLOCK_H)[:, None]
+    ok = (h < HEADS) & (d < HALF)
+    t = (row % T).to(tl.int64) * 2 * HALF
+    cos = tl.load(cos_ptr + t + d, mask=d < HALF, other=0.0).to(tl.float32)
+    sin = sign * tl.load(sin_ptr + t + d, mask=d < HALF, other=0.0).to(tl.float32)
+    at = row.to(tl.int64) * HEADS * 2 * HALF + h * 2 * HALF + d
+    x1 = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + at + HALF, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + at, x1 * cos - x2 * sin, mask=ok)
+    tl.store(y_ptr + at + HALF, x2 * cos + x1 * sin, mask=ok)
+
+
+def _rope(x, cos, sin, head_dim, sign):
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    T, heads = x.shape[-2], x.shape[-1] // head_dim
+    with launch_device(x):
+        _rope_kernel[(x.numel() // x.shape[-1],)](x, cos.contiguous(), sin.contiguous(), y, T, heads, sign,
+                                                   HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads),
+                                                   BLOCK_D=triton.next_power_of_2(head_dim // 2))
+    return y
+
+
+class RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, head_dim):
+        ctx.save_for_backward(cos, sin)
+        ctx.head_dim = head_dim
+        return _rope(x, cos, sin, head_dim, 1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rope(g, cos, sin, ctx.head_dim, -1.0), None, None, None
+
+
+def rope(x, cos, sin, head_dim):
+    """``apply_rope`` for x of shape (B, T, heads * head_dim), positions 0..T-1 (cos, sin: (T, head_dim))."""
+    return RoPEFunction.apply(x, cos, sin, head_dim)

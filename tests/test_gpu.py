@@ -169,7 +169,7 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
         bailong_kernels.use_decode_kernels(previous)
 
 
-def test_training_layer_kernels_in_bfloat16_at_llama_shapes():
+def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGLU, RoPE
     import torch.nn.functional as F
 
     from bailong.model import RMSNorm
@@ -188,3 +188,12 @@ def test_training_layer_kernels_in_bfloat16_at_llama_shapes():
     assert close(ours, ref)
     for a, b in zip(torch.autograd.grad(ours, (gate, up), g), torch.autograd.grad(ref, (gate, up), g)):
         assert close(a, b)
+    from bailong.config import preset
+    from bailong.model import apply_rope, rope_cos_sin
+    from bailong_kernels.layers import rope
+    cos, sin = rope_cos_sin(preset("llama2-7b"), torch.arange(2048, device="cuda"), torch.bfloat16)
+    x = torch.randn(2, 2048, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    ref = apply_rope(x.view(2, 2048, 32, 128).transpose(1, 2), cos, sin).transpose(1, 2).reshape(2, 2048, 4096)
+    ours = rope(x, cos, sin, 128)
+    assert close(ours, ref) and close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
