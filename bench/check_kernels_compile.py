@@ -127,7 +127,7 @@ def compile_all(arch):
             ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, 4096, 1e-5), dict(BLOCK=4096)),
             ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096),
              dict(BLOCK=layers.ELEMENTWISE_BLOCK)),
-            ("rope", layers._rope_kernel, (x, cos, cos, x, 1, 32, 1.0), dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),
+            ("rope", layers._rope_kernel, (x, cos, cos, x, 2048, 32, 1.0), dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),
             ("decode attention", decode._decode_attention_kernel,
              (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, 4096, *cache.stride()[:3],
               0.1),

@@ -52,7 +52,8 @@ def use_decode_kernels(flag=True) -> bool:
 
 def use_layer_kernels(flag=True) -> bool:
     """Run the norms, SwiGLU and RoPE of training through ``bailong_kernels.layers`` (True) or PyTorch (False);
-    returns the previous setting, to restore."""
+    returns the previous setting, to restore. Change it between steps, not between a forward and its backward
+    (activation checkpointing recomputes the forward and must find the same operations)."""
     global _layer_kernels
     previous, _layer_kernels = _layer_kernels, flag
     return previous

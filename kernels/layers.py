@@ -52,6 +52,7 @@ class RMSNormFunction(torch.autograd.Function):
         return decode.rms_norm(x, weight, eps)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         g = g.contiguous()
@@ -89,6 +90,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return decode.swiglu(gate, up)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
         g = g.contiguous()
@@ -122,6 +124,8 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, sign, HALF: tl.conste
 
 
 def _rope(x, cos, sin, head_dim, sign):
+    assert cos.shape == sin.shape == (x.shape[-2], head_dim) and x.shape[-1] % head_dim == 0, \
+        "rope: cos and sin are (T, head_dim) for positions 0..T-1"
     x = x.contiguous()
     y = torch.empty_like(x)
     T, heads = x.shape[-2], x.shape[-1] // head_dim
@@ -140,6 +144,7 @@ class RoPEFunction(torch.autograd.Function):
         return _rope(x, cos, sin, head_dim, 1.0)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
         return _rope(g, cos, sin, ctx.head_dim, -1.0), None, None, None
