@@ -35,7 +35,6 @@ from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_folder, atomic_write, overlaps
 
 
-
 class RunFolder:
     """Where each part of a run lives (the layout above), named here once: train.py writes a run and
     ``bailong.load`` (so chat.py and eval) reads one through these paths."""
