@@ -19,18 +19,19 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from bailong import load, load_preset
 from bailong.chat_template import model_template
 from bailong.config import DTYPES
 from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.data import read_conversations_to_answer
-from bailong.errors import BailongError, Parser, run_cli
+from bailong.errors import BailongError, Parser, check_device, run_cli
 from bailong.files import check_output_file
-from bailong.generate import SAMPLING, Sampling, model_sampling
+from bailong.generation import SAMPLING, Sampling, model_sampling
 from bailong.hub import resolve
 from bailong.quantized import quantize_model
 from bailong.tokenizer import open_tokenizer
-from bailong.weights import check_device
 
 DEFAULT_MODEL = "out/sft"
 
@@ -91,7 +92,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.input:  # read (and check) the questions before minutes of loading
         questions = read_conversations_to_answer(Path(args.input))
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     folder = None
     if args.preset:
         model, tokenizer = load_preset(args.preset, dtype, args.device)

@@ -14,34 +14,42 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from bailong import load, load_preset, save
-from bailong.chat_template import model_template
 from bailong.config import ModelConfig, preset
-from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
 from bailong.errors import BailongError, UsageError, run_cli
-from bailong.eval import tokens_per_char
 from bailong.files import atomic_folder
 from bailong.hub import resolve
-from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
-from bailong.quantized import memory_report, quantize_model
-from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, resume,
-                          save_checkpoint, save_result)
-from bailong.tokenizer import byte_tokenizer, open_tokenizer
+from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output
 from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
-from bailong.vocab import extend_tokenizer
-from bailong.zip_tie import extend_model
 
 
 def main(argv=None):
+    # ---- options and the output folder: checked before torch loads, so that a mistake is answered at once ----
     config = parse_config(argv)
-
-    # ---- processes and devices -------------------------------------------------------------------
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    check_context(config)
+    done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
+    out = Path(config.out)
+    run = RunFolder(out)  # touched only once the data and the model have loaded
+
+    # ---- the libraries (importing torch alone takes about a second) ------------------------------------------
+    import torch
+    import torch.distributed as dist
+
+    from bailong.chat_template import model_template
+    from bailong.checkpoints import resume, save_checkpoint, save_result
+    from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
+    from bailong.eval import tokens_per_char
+    from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
+    from bailong.quantized import memory_report, quantize_model
+    from bailong.tokenizer import byte_tokenizer, open_tokenizer
+    from bailong.vocab import extend_tokenizer
+    from bailong.weights import load, load_preset, save
+    from bailong.zip_tie import extend_model
+
+    # ---- processes and devices -------------------------------------------------------------------
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -53,11 +61,6 @@ def main(argv=None):
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    # ---- the output folder and the context: checked now, touched only once the data and the model have loaded --
-    check_context(config)
-    done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
-    out = Path(config.out)
-    run = RunFolder(out)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched

@@ -2,13 +2,25 @@
 
     model, tokenizer = bailong.load("meta-llama/Llama-2-7b-hf")   # or a local folder
     logits = model(input_ids)                                     # (B, T, vocab)
-"""
-from bailong.config import PRESETS, ModelConfig
-from bailong.errors import BailongError
-from bailong.generate import Sampling, generate
-from bailong.model import KVCache, Llama
-from bailong.tokenizer import Tokenizer
-from bailong.weights import load, load_preset, save
 
-__all__ = ["PRESETS", "ModelConfig", "BailongError", "Sampling", "generate", "KVCache", "Llama",
-           "Tokenizer", "load", "load_preset", "save"]
+The names below load on first use (PEP 562): importing a torch-free module such as
+``bailong.training`` does not import torch, so train.py answers a bad option at once.
+"""
+import importlib
+
+MODULES = {"PRESETS": "config", "ModelConfig": "config", "BailongError": "errors", "Sampling": "generation",
+           "generate": "generation", "KVCache": "model", "Llama": "model", "Tokenizer": "tokenizer",
+           "load": "weights", "load_preset": "weights", "save": "weights"}
+__all__ = list(MODULES)
+
+
+def __getattr__(name):
+    if name not in MODULES:
+        raise AttributeError(f"module 'bailong' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"bailong.{MODULES[name]}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(MODULES))

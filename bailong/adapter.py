@@ -20,15 +20,12 @@ from torch import nn
 
 from bailong.errors import BailongError, read_json
 from bailong.files import atomic_write
-from bailong.hub import resolve
+from bailong.hub import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, resolve
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
 from bailong.tokenizer import open_tokenizer
 from bailong.zip_tie import resize_vocab
 
 PREFIX = "base_model.model."
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-ADAPTER_FILES = [CONFIG, WEIGHTS, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"]
 # PEFT options that change what an adapter computes; we refuse them rather than ignore them
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": None,
@@ -53,13 +50,13 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
                    "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),
                    "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
                    "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, **UNSUPPORTED}
-    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG, json.dumps(peft_config, indent=2))
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / ADAPTER_CONFIG, json.dumps(peft_config, indent=2))
 
 
 def read_adapter_config(folder: Path) -> dict:
-    file = folder / CONFIG
-    config = read_json(file, f"no such file (an adapter folder needs {CONFIG} and {WEIGHTS})")
+    file = folder / ADAPTER_CONFIG
+    config = read_json(file, f"no such file (an adapter folder needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     if config.get("peft_type") != "LORA":
         raise BailongError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
     for key, default in UNSUPPORTED.items():
@@ -79,7 +76,7 @@ def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAC
     peft = read_adapter_config(folder)
     config = LoRAConfig(r=peft["r"], alpha=peft["lora_alpha"], dropout=peft.get("lora_dropout", 0.0),
                         rslora=peft.get("use_rslora", False), targets=tuple(peft.get("target_modules") or ()))
-    file = folder / WEIGHTS
+    file = folder / ADAPTER_WEIGHTS
     if not file.exists():
         raise BailongError(f"{file}: no such file (pickled adapter_model.bin is not loaded)")
     try:

@@ -1,12 +1,11 @@
 """Model configuration: one dataclass, read from a Hugging Face config.json or a preset."""
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import torch
-
 from bailong.errors import BailongError, read_json
 
-# the names config.json's torch_dtype and the --dtype options give the float dtypes
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the float dtypes config.json's torch_dtype and the --dtype options name, by torch's names (getattr(torch, name));
+# names rather than dtypes, so that reading a config does not import torch
+DTYPES = ("float32", "bfloat16", "float16")
 # The RoPE scalings we compute, and the settings each needs from config.json.
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}

@@ -8,7 +8,7 @@ from pathlib import Path
 from bailong.chat_template import fit_prompt, llama2_ids, render_jinja, turn_end_ids
 from bailong.errors import BailongError
 from bailong.files import atomic_write
-from bailong.generate import generate
+from bailong.generation import generate
 
 
 class Chat:

@@ -22,7 +22,6 @@ from bailong.files import atomic_write
 from bailong.hub import resolve
 from bailong.tokenizer import Tokenizer
 
-SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 ROLES = ("system", "user", "assistant")
 
 

@@ -1,5 +1,6 @@
 """User-facing errors: one line, no traceback, non-zero exit."""
 import argparse
+import re
 import sys
 
 
@@ -41,6 +42,19 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+
+
+def check_device(device: str) -> str:
+    """``device`` when this machine has it (for --device), else a one-line UsageError. torch is imported
+    only to count the CUDA devices a cuda device needs, so that a misspelt name is answered at once."""
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    if device.startswith("cuda"):
+        import torch
+        if int(device[5:] or 0) >= torch.cuda.device_count():
+            found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+            raise UsageError(f"--device {device}: this machine has {found}")
+    return device
 
 
 def read_json(path, missing="no such file", expect=dict):

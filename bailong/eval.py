@@ -137,7 +137,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
 
     from bailong.chat_template import model_template
     from bailong.conversation import Chat, is_conversations, save_jsonl
-    from bailong.generate import Sampling
+    from bailong.generation import Sampling
     from bailong.hub import resolve
     from bailong.weights import load
     check_output_file(out, {"the questions": questions}, overwrite, ours=is_conversations, kind="file of answers")

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from bailong.adapter import ADAPTER_FILES, read_adapter_config
+from bailong.adapter import read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.config import DTYPES
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
-from bailong.generate import model_sampling
+from bailong.generation import model_sampling
+from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
 from bailong.tokenizer import open_tokenizer
-from bailong.hub import resolve
 from bailong.runs import training_output
 from bailong.weights import load, save
 
@@ -62,7 +62,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
     if dtype is None:  # the base checkpoint's own dtype
         config = read_json(base_folder / "config.json")
-        dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype"), torch.float32)
+        name = config.get("torch_dtype") or config.get("dtype")
+        dtype = getattr(torch, name) if name in DTYPES else torch.float32
     if adapter_folder:
         read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
     folders = [f for f in (adapter_folder, base_folder) if f]  # the adapter's tokenizer (an extended vocabulary) wins
@@ -125,8 +126,9 @@ def main(argv=None):
     shard_gb = 5.0 if args.max_shard_gb is None else args.max_shard_gb
     if not 0 < shard_gb < 1e6:
         p.error(f"--max-shard-gb must be a number of gigabytes above 0, not {shard_gb}")
-    out = export(args.base, args.adapter, args.out, DTYPES.get(args.dtype), int(shard_gb * 2**30),
-                 args.format, args.type, args.overwrite)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export(args.base, args.adapter, args.out, dtype, int(shard_gb * 2**30), args.format, args.type,
+                 args.overwrite)
     print(f"wrote {out}")
     return 0
 

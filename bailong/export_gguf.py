@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from bailong.chat_template import LLAMA2_JINJA
 from bailong.errors import BailongError
-from bailong.generate import Sampling
+from bailong.generation import Sampling
 from bailong.model import rope_frequencies
 from bailong.quantized import NF4Linear, projections, set_module
 from bailong.tokenizer import JsonTokenizer

@@ -1,4 +1,4 @@
-"""A training run's folder: recognising it, refusing to clobber anything else, checkpoints and resuming.
+"""A training run's folder: its layout, recognising it, refusing to clobber anything else (checkpoints: checkpoints.py).
 
     out/run.json            what defines the run (options, fingerprints of its data and base), its length
     out/metrics.jsonl       one JSON object per step and per evaluation; loss.png plots them
@@ -17,22 +17,19 @@ a folder only when everything in it is a run's, and says what it removes.
 The checks come in two parts, so that nothing is touched until everything that
 can be checked has been: ``check_output`` before anything is read, and
 ``prepare_output`` (fingerprints, the lock, --overwrite's removal, run.json) once
-the data and the model have loaded, just before the first write.
+the data and the model have loaded, just before the first write. Nothing here imports torch,
+so that train.py checks --out before loading it.
 """
 import fcntl
 import hashlib
 import json
-import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from bailong.adapter import CONFIG, load_adapter, save_adapter
 from bailong.errors import BailongError, UsageError, read_json
-from bailong.files import atomic_folder, atomic_write, overlaps
+from bailong.files import atomic_write, overlaps
+from bailong.hub import ADAPTER_CONFIG
 
 
 class RunFolder:
@@ -241,64 +238,15 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
 def training_output(folder: Path) -> tuple[str | Path, Path] | None:
     """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
     result = RunFolder(folder).result
-    if not (result / CONFIG).is_file():
+    if not (result / ADAPTER_CONFIG).is_file():
         return None
     run = folder.resolve()  # a run, or one of its checkpoints (run/checkpoints/step-N)
     base = next((RunFolder(f).base for f in (run, run.parent.parent) if RunFolder(f).has_base()), None) \
-        or read_json(result / CONFIG).get("base_model_name_or_path")
+        or read_json(result / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
                            "base_model_name_or_path in adapter/adapter_config.json)")
     return base, result
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------------
-
-def rng_state() -> dict:
-    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
-    """An adapter folder (PEFT format, the grown embedding rows, the tokenizer), replaced whole or not at all."""
-    with atomic_folder(folder) as tmp:
-        save_adapter(model, tmp, lora_config, base_name)
-        tokenizer.save(tmp)
-    return folder
-
-
-def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None):
-    """checkpoints/step-N: the adapter, optimizer and RNG states, written to a temporary folder and
-    renamed, then named in LATEST; the two newest are kept. A failed save (a full disk) leaves the
-    previous checkpoint as it was and says so."""
-    run = RunFolder(out)
-    final = run.checkpoint(step)
-    try:
-        with atomic_folder(final) as tmp:
-            save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE)
-        atomic_write(run.latest, final.name)
-    except BailongError as e:
-        previous = latest_checkpoint(out)
-        kept = f"{previous} is intact" if previous and previous.exists() else "no earlier checkpoint exists"
-        raise BailongError(f"{e}; step {step} was not saved, {kept}") from None
-    for old in sorted(run.checkpoints.glob("step-*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -312,46 +260,3 @@ def steps_done(out: Path) -> int:
     """The step of the newest checkpoint (0 without one), read from its name."""
     names = [p.name for p in RunFolder(out).checkpoints.glob("step-*")]
     return max((int(n[5:]) for n in names if n[5:].isdigit()), default=0)
-
-
-def read_state(folder: Path) -> dict:
-    """The optimizer and RNG states of a checkpoint; a one-line error if unreadable."""
-    try:
-        state = torch.load(folder / STATE, weights_only=True)
-        assert {"step", "optimizer", "rng"} <= set(state)
-    except Exception as e:  # truncated (EOFError, RuntimeError), not ours (UnpicklingError), or missing
-        raise BailongError(f"{folder / STATE}: unreadable ({type(e).__name__})") from None
-    return state
-
-
-def resume(out: Path, model, optimizer, say=print) -> int:
-    """Restore the newest checkpoint that reads whole: LoRA weights (through the adapter loader, into the
-    model's LoRA modules), optimizer and RNG states.
-
-    Returns the number of steps it had done (0 when there is no checkpoint). A newer
-    checkpoint that is missing or damaged is passed over with a warning naming it.
-    """
-    run = RunFolder(out)
-    named = latest_checkpoint(out)
-    candidates = sorted(run.checkpoints.glob("step-*"), reverse=True)  # newest first (LATEST lags a crash by one)
-    if named and not named.exists():
-        candidates.insert(0, named)
-    problems = []
-    for candidate in dict.fromkeys(candidates):
-        try:
-            if not candidate.is_dir():
-                raise BailongError(f"{candidate}: missing")
-            state = read_state(candidate)
-            load_adapter(model, RunFolder(candidate).result, complete=True)
-            optimizer.load_state_dict(state["optimizer"])
-        except (BailongError, ValueError) as e:
-            problems.append(str(e))
-            continue
-        set_rng_state(state["rng"])
-        if problems:
-            say(f"warning: {'; '.join(problems)}; resuming from {candidate.name} instead")
-        return state["step"]
-    if problems:
-        raise BailongError(f"{run.checkpoints}: no checkpoint can be read ({problems[0]}); start again with another "
-                           "--out")
-    return 0

@@ -1,7 +1,9 @@
 """The Bailong recipe as functions: configuration, schedule, metrics, stopping.
 
 ``train.py`` strings them together in the order things happen; everything worth
-testing lives here (the run folder and checkpoints live in ``bailong/runs.py``).
+testing lives here (the run folder lives in ``bailong/runs.py``, checkpoints in
+``bailong/checkpoints.py``). This module does not import torch: train.py checks
+every option before loading it.
 The embedded default (no --model, no --data) is a tiny random-weight Llama with
 the byte-level tokenizer, trained on the project's own small Traditional Chinese
 and English samples: it exercises every step of the recipe on a CPU in seconds,
@@ -14,12 +16,13 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from bailong.data import SAMPLES
-from bailong.errors import Parser, UsageError, read_json
+from bailong.errors import Parser, UsageError, check_device, read_json
 from bailong.files import atomic_write
-from bailong.zip_tie import METHODS
 
-CHOICES = {"stage": ("pretrain", "sft"), "init_method": METHODS, "quantize": ("nf4", "none"),
+SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
+# zip_tie.METHODS, written out here so that checking an option needs no torch (a test keeps the two equal)
+INIT_METHODS = ("zip-tie", "zip-tie-first", "mean-all", "random")
+CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize": ("nf4", "none"),
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
@@ -98,7 +101,6 @@ class TrainConfig:
         if self.stage == "sft" and self.model:
             raise UsageError("--model is for --stage pretrain; fine-tuning starts from --init")
         if self.device:
-            from bailong.weights import check_device
             check_device(self.device)
         self.out = self.out or f"out/{self.stage}"
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")

@@ -14,11 +14,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from bailong.adapter import ADAPTER_FILES, load_adapter
+from bailong.adapter import load_adapter
 from bailong.config import ModelConfig, preset
-from bailong.errors import BailongError, UsageError, read_json
+from bailong.errors import BailongError, read_json
 from bailong.files import atomic_write
-from bailong.hub import resolve
+from bailong.hub import ADAPTER_FILES, resolve
 from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
@@ -159,20 +159,6 @@ def bnb_quantized(folder: Path) -> bool:
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_device(device: str) -> str:
-    """``device`` when this machine has it (for --device), else a one-line UsageError."""
-    try:
-        kind = torch.device(device)
-    except RuntimeError:
-        kind = None
-    if kind is None or kind.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
-    if kind.type == "cuda" and (kind.index or 0) >= torch.cuda.device_count():
-        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-        raise UsageError(f"--device {device}: this machine has {found}")
-    return device
 
 
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,

@@ -27,7 +27,7 @@ import torch
 import bailong
 import bailong_kernels
 from bailong.config import preset
-from bailong.generate import Sampling, generate
+from bailong.generation import Sampling, generate
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
 

@@ -15,7 +15,7 @@ import torch
 
 import bailong
 from bailong.config import preset
-from bailong.generate import Sampling, generate
+from bailong.generation import Sampling, generate
 
 
 def cuda_time(fn, repeat=5):

@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bailong import load_preset
-from bailong.data import SAMPLES, TokenData, read_corpus, tokenize
+from bailong.data import TokenData, read_corpus, tokenize
+from bailong.training import SAMPLES
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable
 
 

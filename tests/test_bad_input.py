@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bailong.data import SAMPLES
+from bailong.training import SAMPLES
 from bailong.errors import run_cli
 from conftest import ROOT
 

@@ -8,7 +8,7 @@ from hf_models import write_hf
 import bailong
 import chat
 from bailong.chat_template import llama2_turns
-from bailong.generate import Sampling, generate
+from bailong.generation import Sampling, generate
 from conftest import ROOT, asset
 
 GREEDY = ["--temperature", "0", "--top-k", "0", "--top-p", "1", "--repetition-penalty", "1"]

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 import bailong
 import chat
 from bailong.chat_template import jinja_template, render_jinja
-from bailong.generate import model_sampling
+from bailong.generation import model_sampling
 from conftest import ROOT, asset
 
 LLAMA2_CHAT = (

@@ -1,7 +1,8 @@
 """Training data: conversations and corpora read, tokenized (in parallel, cached), split and packed."""
 import torch
 
-from bailong.data import SAMPLES, TokenData, read_conversations, read_corpus, split
+from bailong.data import TokenData, read_conversations, read_corpus, split
+from bailong.training import SAMPLES
 
 
 def test_conversations_are_read_from_a_folder_too(tmp_path):

@@ -21,7 +21,7 @@ from bailong.model import Llama, init_weights
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import main as vocab_main
 from bailong.zip_tie import extend_model
-from bailong.data import SAMPLES
+from bailong.training import SAMPLES
 from conftest import ROOT, asset
 
 TEXTS = ["臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。", "The quick brown fox jumps over the lazy dog; 42 apples cost $3.50.",

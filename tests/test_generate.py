@@ -6,7 +6,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 import bailong
 from bailong.chat_template import fit_prompt, llama2_ids, llama2_turns, training_example
-from bailong.generate import Sampling, generate, process_logits
+from bailong.generation import Sampling, generate, process_logits
 from bailong.tokenizer import byte_tokenizer
 from conftest import asset
 
@@ -35,7 +35,7 @@ def tiny():
 
 def without_cache(model, prompt, n, sampling):
     """What generate() should give: the whole sequence run again for each new token, no KV cache."""
-    from bailong.generate import sample
+    from bailong.generation import sample
     device = model.lm_head.weight.device
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     ids = torch.tensor([prompt], device=device)
@@ -128,7 +128,7 @@ def test_static_cache_gives_the_logits_of_the_growing_cache(tiny):
 
 
 def test_graph_decoder_step_runs_the_static_step(tiny):
-    from bailong.generate import GraphDecoder
+    from bailong.generation import GraphDecoder
     prompt = list(range(5, 25))
     expected = generate(tiny, prompt, 20, GREEDY, stop_ids=[])
     decoder = GraphDecoder(tiny, 64, graph=False)  # what a CUDA graph replays, run eagerly
@@ -152,7 +152,7 @@ def test_decode_benchmark_runs_and_agrees_with_transformers():
 
 
 def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
-    from bailong.generate import GraphDecoder
+    from bailong.generation import GraphDecoder
 
     def fail(self):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -170,7 +170,7 @@ def test_decoders_kept_per_model_neither_keep_the_model_alive_nor_outlive_a_rebu
     import gc
     import weakref
 
-    from bailong.generate import GraphDecoder, _decoders, graph_decoder
+    from bailong.generation import GraphDecoder, _decoders, graph_decoder
     monkeypatch.setattr(GraphDecoder, "_capture", lambda self: None)  # the bookkeeping, without a GPU
     model = bailong.load_preset("tiny", device="cpu")[0].eval()
     first = graph_decoder(model, 10)

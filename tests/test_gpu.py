@@ -4,7 +4,7 @@ import torch
 from hf_models import write_hf
 
 import bailong
-from bailong.generate import Sampling, generate
+from bailong.generation import Sampling, generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
@@ -102,7 +102,7 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
 
 
 def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path):
-    from bailong.generate import _decoders
+    from bailong.generation import _decoders
     folder, _ = write_hf(tmp_path, "gqa")
     model, _ = bailong.load(folder, dtype=torch.float32)
     model.eval()
@@ -153,7 +153,7 @@ def test_fused_decode_kernels_in_bfloat16_at_llama_shapes(p):
 
 def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp_path):
     import bailong_kernels
-    from bailong.generate import _decoders
+    from bailong.generation import _decoders
     folder, _ = write_hf(tmp_path, "gqa")
     model, _ = bailong.load(folder, dtype=torch.float32, quantize="nf4")
     model.eval()

@@ -262,7 +262,7 @@ def tiny_nf4(layers=2):
 
 
 def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch):
-    from bailong.generate import GraphDecoder, Sampling, generate
+    from bailong.generation import GraphDecoder, Sampling, generate
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     model, prompt = tiny_nf4(layers=1), list(range(3, 66))  # 63 tokens: the steps write positions 63..66
     gpu_path(monkeypatch, fused_step=False)

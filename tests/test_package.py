@@ -1,6 +1,12 @@
 """The package's seams: what imports what, and the layout the README describes."""
 import ast
+import importlib
 import re
+import subprocess
+import sys
+import types
+
+import pytest
 
 import bailong
 import bailong_kernels
@@ -47,6 +53,23 @@ def test_the_kernels_folder_imports_as_bailong_kernels_and_no_function_shadows_a
     assert bailong.__file__ == str(ROOT / "bailong" / "__init__.py")
     for file in (ROOT / "kernels").glob("[!_]*.py"):
         assert not hasattr(bailong_kernels, file.stem) or not callable(getattr(bailong_kernels, file.stem))
+    assert set(bailong.__all__) & {f.stem for f in (ROOT / "bailong").glob("*.py")} == set()
+    importlib.import_module("bailong.generation")  # a submodule imported first, as chat.py does
+    for name in bailong.__all__:  # the package's names load on first use, each the thing its module defines
+        assert not isinstance(getattr(bailong, name), types.ModuleType), name
+        assert name in dir(bailong)
+
+
+@pytest.mark.parametrize("args", [["--quantize", "int8"], ["--device", "gpu"], ["--lr", "-1"], ["--seq-len", "1024"],
+                                  ["--stage", "sft", "--init", "nowhere"], ["--out", "train.py"]])
+def test_options_and_the_output_folder_are_refused_before_torch_loads(args):
+    """Importing torch takes about a second: train.py checks every option and --out first, with modules that
+    do not import it, so that a mistake is answered at once."""
+    code = ("import sys, train\n"
+            f"try:\n    train.main({args!r})\nexcept Exception as e:\n    print(type(e).__name__)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["UsageError", "False"]
 
 
 def test_the_readme_layout_lists_every_module_and_folder():

@@ -13,7 +13,7 @@ from bailong.chat_template import jinja_template
 from bailong.conversation import Chat
 from bailong.errors import BailongError
 from bailong.tokenizer import JsonTokenizer, open_tokenizer
-from bailong.data import SAMPLES
+from bailong.training import SAMPLES
 from conftest import ROOT
 
 TEXTS = ["The quick brown fox jumps over the lazy dog; 42 apples cost $3.50 (really).",

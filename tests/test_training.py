@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from bailong.data import SAMPLES, TokenData, split
+from bailong.data import TokenData, split
 from bailong.errors import run_cli
 from bailong.runs import latest_checkpoint
-from bailong.training import TrainConfig, lr_at, parse_config
+from bailong.training import CHOICES, SAMPLES, TrainConfig, lr_at, parse_config
 from conftest import ROOT
 
 TRAIN = [sys.executable, str(ROOT / "train.py")]
@@ -123,7 +123,7 @@ def run_train(capsys, *argv, code=0):
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     import errno
 
-    from bailong import runs
+    from bailong import checkpoints
     out = tmp_path / "run"
     real_save, saves = torch.save, []
 
@@ -133,7 +133,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(runs.torch, "save", save)
+    monkeypatch.setattr(checkpoints.torch, "save", save)
     args = ["--steps", "10", "--save-every", "5", "--eval-every", "5", "--new-pieces", "50", "--out", out]
     _, err = run_train(capsys, *args, code=1)
     assert err.strip().splitlines()[-1] == (f"error: {out}/checkpoints/step-0000010: could not write (No space left "
@@ -339,3 +339,8 @@ def test_a_real_checkpoint_and_tokenizer_through_both_stages(tmp_path):
     assert model.model.layers[0].self_attn.q_proj.lora_A.weight.abs().sum() > 0
     model, tokenizer = bailong.load(sft, device="cpu")
     assert tokenizer.vocab_size == 32200 and (sft / "base" / "model.safetensors").exists()
+
+
+def test_the_init_methods_offered_are_those_zip_tie_knows():
+    from bailong.zip_tie import METHODS
+    assert CHOICES["init_method"] == METHODS

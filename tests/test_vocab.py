@@ -9,7 +9,7 @@ from bailong.errors import BailongError
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import main as vocab_main
 from bailong.data import read_corpus
-from bailong.data import SAMPLES
+from bailong.training import SAMPLES
 from conftest import asset
 
 SAMPLE = SAMPLES / "zh_tw_sample.txt"

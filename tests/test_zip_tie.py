@@ -8,7 +8,7 @@ from hf_models import write_hf
 from test_vocab import SAMPLE
 
 import bailong
-from bailong.generate import Sampling, generate
+from bailong.generation import Sampling, generate
 from bailong.lora import LoRAConfig, inject_lora
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import main as vocab_main

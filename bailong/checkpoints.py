@@ -1,0 +1,103 @@
+"""Checkpoints of a training run: the adapter, optimizer and random states in checkpoints/step-N, and resuming
+from the newest one that reads whole (the folder's layout is ``runs.RunFolder``'s)."""
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bailong.adapter import load_adapter, save_adapter
+from bailong.errors import BailongError
+from bailong.files import atomic_folder, atomic_write
+from bailong.runs import STATE, RunFolder, latest_checkpoint
+
+
+def rng_state() -> dict:
+    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
+    """An adapter folder (PEFT format, the grown embedding rows, the tokenizer), replaced whole or not at all."""
+    with atomic_folder(folder) as tmp:
+        save_adapter(model, tmp, lora_config, base_name)
+        tokenizer.save(tmp)
+    return folder
+
+
+def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None):
+    """checkpoints/step-N: the adapter, optimizer and RNG states, written to a temporary folder and
+    renamed, then named in LATEST; the two newest are kept. A failed save (a full disk) leaves the
+    previous checkpoint as it was and says so."""
+    run = RunFolder(out)
+    final = run.checkpoint(step)
+    try:
+        with atomic_folder(final) as tmp:
+            save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE)
+        atomic_write(run.latest, final.name)
+    except BailongError as e:
+        previous = latest_checkpoint(out)
+        kept = f"{previous} is intact" if previous and previous.exists() else "no earlier checkpoint exists"
+        raise BailongError(f"{e}; step {step} was not saved, {kept}") from None
+    for old in sorted(run.checkpoints.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_state(folder: Path) -> dict:
+    """The optimizer and RNG states of a checkpoint; a one-line error if unreadable."""
+    try:
+        state = torch.load(folder / STATE, weights_only=True)
+        assert {"step", "optimizer", "rng"} <= set(state)
+    except Exception as e:  # truncated (EOFError, RuntimeError), not ours (UnpicklingError), or missing
+        raise BailongError(f"{folder / STATE}: unreadable ({type(e).__name__})") from None
+    return state
+
+
+def resume(out: Path, model, optimizer, say=print) -> int:
+    """Restore the newest checkpoint that reads whole: LoRA weights (through the adapter loader, into the
+    model's LoRA modules), optimizer and RNG states.
+
+    Returns the number of steps it had done (0 when there is no checkpoint). A newer
+    checkpoint that is missing or damaged is passed over with a warning naming it.
+    """
+    run = RunFolder(out)
+    named = latest_checkpoint(out)
+    candidates = sorted(run.checkpoints.glob("step-*"), reverse=True)  # newest first (LATEST lags a crash by one)
+    if named and not named.exists():
+        candidates.insert(0, named)
+    problems = []
+    for candidate in dict.fromkeys(candidates):
+        try:
+            if not candidate.is_dir():
+                raise BailongError(f"{candidate}: missing")
+            state = read_state(candidate)
+            load_adapter(model, RunFolder(candidate).result, complete=True)
+            optimizer.load_state_dict(state["optimizer"])
+        except (BailongError, ValueError) as e:
+            problems.append(str(e))
+            continue
+        set_rng_state(state["rng"])
+        if problems:
+            say(f"warning: {'; '.join(problems)}; resuming from {candidate.name} instead")
+        return state["step"]
+    if problems:
+        raise BailongError(f"{run.checkpoints}: no checkpoint can be read ({problems[0]}); start again with another "
+                           "--out")
+    return 0
