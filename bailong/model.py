@@ -329,7 +329,8 @@ def chunked_cross_entropy(h, head, targets, chunk=None):
 
 class ChunkedLoss(torch.autograd.Function):
     """``chunked_cross_entropy`` with gradients: the forward keeps dL/dh and the head's parameter
-    gradients (one chunk's logits alive at a time, none kept), the backward scales them."""
+    gradients (one chunk's logits alive at a time, none kept), the backward scales them. With the
+    training layer kernels, a chunk's loss and the gradient of its logits are one launch."""
 
     @staticmethod
     def forward(ctx, h, targets, head, chunk, *params):
@@ -337,11 +338,17 @@ class ChunkedLoss(torch.autograd.Function):
         dh = torch.zeros_like(h) if ctx.needs_input_grad[0] else None
         dparams = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
+            kernels = layer_kernels(h)
             for i in range(0, len(h), chunk):
                 part = h[i:i + chunk].detach().requires_grad_(dh is not None)
-                loss = F.cross_entropy(head(part).float(), targets[i:i + chunk], ignore_index=-100,
-                                       reduction="sum")
-                grads = torch.autograd.grad(loss, ([part] if dh is not None else []) + list(params))
+                wanted = ([part] if dh is not None else []) + list(params)
+                logits = head(part)
+                if kernels:  # each row's loss, and over the logits their gradient: one launch
+                    loss = kernels.cross_entropy_(logits.detach(), targets[i:i + chunk]).sum()
+                    grads = torch.autograd.grad(logits, wanted, logits.detach())
+                else:
+                    loss = F.cross_entropy(logits.float(), targets[i:i + chunk], ignore_index=-100, reduction="sum")
+                    grads = torch.autograd.grad(loss, wanted)
                 if dh is not None:
                     dh[i:i + chunk] = grads[0]
                 for total_grad, grad in zip(dparams, grads[dh is not None:]):

@@ -6,8 +6,9 @@ batch; each runs in a fresh process, a few warm-up steps first. Ours runs four
 times: as by default; with each LoRA projection one autograd node
 (``bailong.lora.LoRAUpdate``); with that and the norms, SwiGLU and RoPE through their
 training kernels (``bailong_kernels.layers``, CUDA only); and with all that and
-the loss computed chunk by chunk (``bailong.model.chunked_cross_entropy``). All
-three are off by default until this benchmark has timed them on a GPU. Peak memory is
+the loss computed chunk by chunk (``bailong.model.chunked_cross_entropy``, its
+cross-entropy a kernel too). All three are off by default until this benchmark
+has timed them on a GPU. Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
 

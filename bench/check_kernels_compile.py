@@ -33,7 +33,7 @@ from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul a
 
 KERNELS = [matmul._nf4_gemv_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
            decode._decode_attention_kernel, layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel,
-           layers._rope_kernel]
+           layers._rope_kernel, layers._cross_entropy_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -128,6 +128,10 @@ def compile_all(arch):
             ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096),
              dict(BLOCK=layers.ELEMENTWISE_BLOCK)),
             ("rope", layers._rope_kernel, (x, cos, cos, x, 2048, 32, 1.0), dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),
+            ("cross entropy (vocabulary 32,000)", layers._cross_entropy_kernel,
+             (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 32000), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
+            ("cross entropy (vocabulary 59,241: rows not 16-byte aligned, scalar loads)", layers._cross_entropy_kernel,
+             (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 59241), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
             ("decode attention", decode._decode_attention_kernel,
              (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, 4096, *cache.stride()[:3],
               0.1),

@@ -17,6 +17,15 @@ chains) with one launch each way, beside the code it replaces in ``bailong.model
   split into heads: each pair (x_i, x_{i+D/2}) rotated by its position's angle.
   The backward is the same rotation by the opposite angle.
 
+- ``cross_entropy_``: the loss of each row of a chunk of logits and, written over
+  the logits, the gradient of the summed loss, in one launch (the chunked loss,
+  ``bailong.model.ChunkedLoss``): no float32 copy of the logits, no second pass
+  for the backward. Per row, with lse = log(sum(exp(z))) found in one sweep:
+
+      loss = lse - z[target]        dloss/dz = exp(z - lse) - onehot(target)
+
+  (both zero where the target is -100).
+
 Everything inside a kernel is float32; results are written in the inputs' dtype.
 Activation checkpointing recomputes these forwards like any other operation.
 """
@@ -28,6 +37,7 @@ from bailong_kernels import decode
 from bailong_kernels.nf4_dequant import launch_device
 
 ELEMENTWISE_BLOCK = 1024
+CROSS_ENTROPY_BLOCK = 4096  # logits read per step of a row's sweep
 
 
 @triton.jit
@@ -153,3 +163,37 @@ class RoPEFunction(torch.autograd.Function):
 def rope(x, cos, sin, head_dim):
     """``apply_rope`` for x of shape (B, T, heads * head_dim), positions 0..T-1 (cos, sin: (T, head_dim))."""
     return RoPEFunction.apply(x, cos, sin, head_dim)
+
+
+@triton.jit
+def _cross_entropy_kernel(z_ptr, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
+    z_ptr += tl.program_id(0).to(tl.int64) * V  # one row: its logits, read twice
+    target = tl.load(targets_ptr + tl.program_id(0))
+    m = tl.full((), -float("inf"), tl.float32)  # running maximum and sum of exp(z - m): lse in one sweep
+    total = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        new_m = tl.maximum(m, tl.max(z, axis=0))
+        total = total * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+        m = new_m
+    lse = m + tl.log(total)
+    kept = target != -100
+    z_target = tl.load(z_ptr + tl.where(kept, target, 0)).to(tl.float32)
+    tl.store(loss_ptr + tl.program_id(0), tl.where(kept, lse - z_target, 0.0))
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(z_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        grad = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
+        tl.store(z_ptr + cols, tl.where(kept, grad, 0.0), mask=cols < V)
+
+
+def cross_entropy_(logits, targets):
+    """Each row's ``F.cross_entropy(logits.float(), targets, reduction="none")`` (float32; 0 where the target
+    is -100), and the gradient of their sum with respect to the logits written over ``logits`` (N, V)."""
+    assert logits.dim() == 2 and logits.is_contiguous() and targets.shape == logits.shape[:1]
+    loss = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+    with launch_device(logits):
+        _cross_entropy_kernel[(len(logits),)](logits, targets.contiguous(), loss, logits.shape[1],
+                                              BLOCK=min(CROSS_ENTROPY_BLOCK, triton.next_power_of_2(logits.shape[1])))
+    return loss

@@ -169,7 +169,7 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
         bailong_kernels.use_decode_kernels(previous)
 
 
-def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGLU, RoPE
+def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGLU, RoPE, cross-entropy
     import torch.nn.functional as F
 
     import bailong_kernels
@@ -203,3 +203,13 @@ def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGL
     ref = apply_rope(x.view(2, 2048, 32, 128).transpose(1, 2), cos, sin).transpose(1, 2).reshape(2, 2048, 4096)
     ours = rope(x, cos, sin, 128)
     assert close(ours, ref) and close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    from bailong_kernels.layers import cross_entropy_
+    for vocab in [32000, 59241]:  # Llama 2's; Bailong's (rows not 16-byte aligned)
+        logits = torch.randn(283, vocab, device="cuda", dtype=torch.bfloat16) * 4
+        targets = torch.randint(0, vocab, (283,), device="cuda")
+        targets[::7] = -100
+        z = logits.float().requires_grad_()
+        ref = F.cross_entropy(z, targets, ignore_index=-100, reduction="none")
+        ref.sum().backward()
+        loss = cross_entropy_(logits, targets)
+        assert torch.allclose(loss, ref, atol=1e-4, rtol=1e-5) and close(logits, z.grad)

@@ -135,7 +135,7 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| sm_")]
     assert len(rows) > 40
     for arch, case, kernel, *_, vector_loads in rows:  # the packed weight is read in wide loads
-        assert int(vector_loads.strip(" |")) >= 2, (arch, case, kernel)
+        assert int(vector_loads.strip(" |")) >= 2 or "scalar loads" in case, (arch, case, kernel)
 
 
 def test_decode_kernels_match_pytorch():
@@ -212,14 +212,44 @@ def test_training_layer_kernels_match_the_models_pytorch_code(dtype):
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], **tol)
 
 
-def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch):
-    """A QLoRA step (LoRA on every projection, embedding and head; checkpointing) with the norms and SwiGLU
-    through the kernels, against PyTorch: the loss and every LoRA gradient, float32."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_cross_entropy_kernel_gives_pytorchs_loss_and_gradient(monkeypatch, dtype):
+    """Rows of 1000 logits swept in blocks of 64 (not a whole number of them) and rows shorter than a block;
+    rows whose target is -100 give 0 and a zero gradient. The gradient, written over the logits, is the one
+    F.cross_entropy on float32 logits sends back to logits of their dtype."""
+    from bailong_kernels import layers
+    monkeypatch.setattr(layers, "CROSS_ENTROPY_BLOCK", 64)
+    torch.manual_seed(0)
+    for V in [1000, 37]:
+        logits = (torch.randn(6, V) * 4).to(dtype)
+        targets = torch.tensor([0, V - 1, -100, 5, -100, 17])
+        z = logits.float().requires_grad_()
+        ref = F.cross_entropy(z, targets, ignore_index=-100, reduction="none")
+        ref.sum().backward()
+        ours = logits.clone()
+        loss = layers.cross_entropy_(ours, targets)
+        torch.testing.assert_close(loss, ref.detach(), atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(ours, z.grad.to(dtype), atol=1e-6 if dtype == torch.float32 else 0, rtol=0 if
+                                   dtype == torch.float32 else 1e-2)
+        assert loss[2] == loss[4] == 0 and not ours[2].any() and not ours[4].any()
+
+
+@pytest.mark.parametrize("chunked_loss", [False, True])
+def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch, chunked_loss):
+    """A QLoRA step (LoRA on every projection, embedding and head; checkpointing) with the norms, SwiGLU, RoPE
+    and (``chunked_loss``: the loss in chunks of 7 positions) the cross-entropy through the kernels, against
+    PyTorch on the whole logits: the loss and every LoRA gradient, float32."""
     from bailong import lora
+    from bailong import model as model_module
+    from bailong_kernels import layers
     results = []
     for layer_kernels in [False, True]:
         with monkeypatch.context() as patch:
             gpu_path(patch, fused_step=False, layer_kernels=layer_kernels)
+            if layer_kernels and chunked_loss:
+                patch.setattr(model_module, "_chunked_loss", True)
+                patch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * 512)
+                patch.setattr(layers, "CROSS_ENTROPY_BLOCK", 128)
             model = tiny_nf4()
             torch.manual_seed(1)
             lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
