@@ -23,6 +23,7 @@ prefix ``base_model.model.`` (see ``bailong/adapter.py``).
 import math
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # A keeps nn.Linear's (Kaiming) initialisation
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        _LORA_LINEARS.add(self)
 
     @property
     def quantized(self):
@@ -79,16 +81,26 @@ class LoRALinear(nn.Module):
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
 
-    def compute_weights(self, dtype):
-        """A and s * B in the compute dtype, cast once for as long as the float32 masters are unchanged:
-        not once per call, nor again when activation checkpointing recomputes the forward. Any optimizer's
-        step (fused ones too, which leave the version counters alone) or in-place change renews them."""
+    def _cast_version(self, dtype):
         A, B = self.lora_A.weight, self.lora_B.weight
-        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
-        if getattr(self, "_cast_key", None) != key:
+        return _optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype
+
+    def compute_weights(self, dtype):
+        """A and B in the compute dtype, cast once for as long as the float32 masters are unchanged: not once
+        per call, nor again when activation checkpointing recomputes the forward. Any optimizer's step (fused
+        ones too, which leave the version counters alone) or in-place change renews them, for every trainable
+        LoRA layer on the device at once: one multi-tensor copy, not a cast per matrix."""
+        if getattr(self, "_cast_key", None) != self._cast_version(dtype):
+            _LORA_LINEARS.add(self)  # a copy of a model was made without __init__
+            device = self.lora_A.weight.device
+            stale = [m for m in _LORA_LINEARS if m is self or m.lora_A.weight.requires_grad and
+                     m.lora_A.weight.device == device and getattr(m, "_cast_key", None) != m._cast_version(dtype)]
+            masters = [w for m in stale for w in (m.lora_A.weight, m.lora_B.weight)]
+            casts = [torch.empty_like(w, dtype=dtype) for w in masters]
             with torch.no_grad():
-                self._cast = A.to(dtype), (B * self.scaling).to(dtype)
-            self._cast_key = key
+                torch._foreach_copy_(casts, masters)
+            for i, m in enumerate(stale):
+                m._cast, m._cast_key = (casts[2 * i], casts[2 * i + 1]), m._cast_version(dtype)
         return self._cast
 
     def merged_weight(self) -> torch.Tensor:
@@ -110,46 +122,53 @@ class LoRALinear(nn.Module):
 class LoRAUpdate(torch.autograd.Function):
     """y + s * dropout(x) A^T B^T as one autograd node, in the compute dtype of y.
 
-    ``A`` and ``sB`` are the compute-dtype copies of the float32 masters ``A_master``
+    ``A`` and ``B`` are the compute-dtype copies of the float32 masters ``A_master``
     and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
-    The scaling rides in sB, the add in the second matmul (``addmm``). Kept for the
-    backward: the dropped input, its rank-r projection, and the dropout mask (bytes).
-    With g = dL/dout:
+    The scaling rides in the matmuls' alpha, the add in the second matmul (``addmm``):
+    no separate multiply or add pass. Kept for the backward: the dropped input, its
+    rank-r projection, and the dropout mask (bytes). With g = dL/dout and u = g B:
 
-        u = g (s B)            dL/dx = u A (dropout's mask applied)     dL/dA = u^T x_d
-        dL/dB = s g^T (x_d A^T)                                         dL/dy = g
+        dL/dx = s u A (dropout's mask applied)      dL/dA = s u^T x_d
+        dL/dB = s g^T (x_d A^T)                     dL/dy = g
 
     Dropout is ``native_dropout``, which draws the mask ``F.dropout`` draws from the
     same random state, so the fused and the plain path train alike.
     """
 
     @staticmethod
-    def forward(ctx, y, x, A_master, B_master, A, sB, scaling, p):
+    def forward(ctx, y, x, A_master, B_master, A, B, scaling, p):
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
         mask = None
         if p:  # one kernel, the same mask F.dropout draws from the same random state
             x2, mask = torch.native_dropout(x2, p, True)
         xa = x2 @ A.T  # (tokens, r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, sB.T)
-        ctx.save_for_backward(x2, xa, mask, A, sB)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=scaling)
+        ctx.save_for_backward(x2, xa, mask, A, B)
         ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
         ctx.master_dtypes = A_master.dtype, B_master.dtype
         return out.view(y.shape)
 
     @staticmethod
     def backward(ctx, g):
-        x2, xa, mask, A, sB = ctx.saved_tensors
+        x2, xa, mask, A, B = ctx.saved_tensors
+        s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1])
-        u = g2 @ sB  # (tokens, r)
-        dx = u @ A
+        u = g2 @ B  # (tokens, r)
+        dx = _scaled_mm(u, A, s)
         if mask is not None:
             dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
-        dA = (u.T @ x2).to(ctx.master_dtypes[0])
-        dB = (g2.T @ xa).to(ctx.master_dtypes[1]).mul_(ctx.scaling)
+        dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])
+        dB = _scaled_mm(g2.T, xa, s).to(ctx.master_dtypes[1])
         return g, dx.view(ctx.x_shape).to(ctx.x_dtype), dA, dB, None, None, None, None
 
 
+def _scaled_mm(a, b, s):
+    """s * a @ b in one matmul: with beta = 0, addmm ignores its (empty) first operand."""
+    return torch.addmm(torch.empty((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=s)
+
+
 _fused = os.environ.get("BAILONG_FUSED_LORA", "0") not in ("", "0")
+_LORA_LINEARS = weakref.WeakSet()  # so that the compute-dtype casts of all of them are made together
 _optimizer_steps = 0  # in this process: each may have changed LoRA weights, so their casts are made again
 
 
