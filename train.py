@@ -61,6 +61,10 @@ def main(argv=None):
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
+    checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.startswith("cuda"))
+    if config.offload_activations and not device.startswith("cuda"):
+        raise UsageError("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU "
+                         "they are there already")
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
@@ -118,7 +122,7 @@ def main(argv=None):
             "; the embedding, with the new rows as zip-tie set them, is saved with the adapter" if grown else ""))
     inject_lora(model, lora)
     mark_only_lora_trainable(model)
-    model.checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and "cuda" in device)
+    model.checkpointing, model.offload = checkpointing, config.offload_activations
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

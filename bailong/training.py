@@ -69,6 +69,10 @@ class TrainConfig:
                                                              "(bf16 on CUDA, fp32 on the CPU)"})
     checkpointing: str = field(default="auto", metadata={"help": "activation checkpointing: on, off, auto "
                                                                  "(on for CUDA)"})
+    offload_activations: bool = field(default=False, metadata={"help": "with activation checkpointing on CUDA: keep "
+                                                                       "each layer's saved input in host memory, not "
+                                                                       "on the GPU (sequence x hidden x 2 bytes a "
+                                                                       "layer)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -94,6 +98,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and ok(value)):
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")
+        if self.offload_activations and self.checkpointing == "off":
+            raise UsageError("--offload-activations keeps the layer inputs activation checkpointing saves: it needs "
+                             "--checkpointing on or auto")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.stage == "pretrain" and self.init:

@@ -2,13 +2,14 @@
 
 Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW, the same
-batch; each runs in a fresh process, a few warm-up steps first. Ours runs four
+batch; each runs in a fresh process, a few warm-up steps first. Ours runs five
 times: as by default; with each LoRA projection one autograd node
 (``bailong.lora.LoRAUpdate``); with that and the norms, SwiGLU and RoPE through their
 training kernels (``bailong_kernels.layers``, CUDA only); and with all that and
 the loss computed chunk by chunk (``bailong.model.chunked_cross_entropy``, its
-cross-entropy a kernel too). All three are off by default until this benchmark
-has timed them on a GPU. Peak memory is
+cross-entropy a kernel too); and (CUDA) with all that and each layer's saved
+input offloaded to host memory (``bailong.model.OffloadedInput``). All of them
+are off by default until this benchmark has timed them on a GPU. Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
 
@@ -57,12 +58,13 @@ def run_one(which, folder, args):
         from bailong.model import use_chunked_loss
         from bailong_kernels import use_layer_kernels
         use_fused_lora(which != "ours")
-        use_layer_kernels(which in ("ours-layers", "ours-all"))
-        use_chunked_loss(which == "ours-all")
+        use_layer_kernels(which in ("ours-layers", "ours-all", "ours-offload"))
+        use_chunked_loss(which in ("ours-all", "ours-offload"))
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=tuple(targets)))
         mark_only_lora_trainable(model)
         model.checkpointing = device == "cuda"
+        model.offload = which == "ours-offload" and device == "cuda"
         loss_of = lambda ids: model(ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -143,8 +145,11 @@ def main():
               f"LoRA r={args.rank} on {where}, NF4 base, {args.device}, torch {torch.__version__}")
         results = {}
         rows = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
-                "ours, + chunked loss": "ours-all", "transformers+peft+bitsandbytes": "theirs"}
+                "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
+                "transformers+peft+bitsandbytes": "theirs"}
         for which, flag in rows.items():
+            if flag == "ours-offload" and args.device != "cuda":  # on the CPU the inputs are in host memory
+                continue
             cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:

@@ -213,3 +213,12 @@ def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGL
         ref.sum().backward()
         loss = cross_entropy_(logits, targets)
         assert torch.allclose(loss, ref, atol=1e-4, rtol=1e-5) and close(logits, z.grad)
+
+
+def test_offloaded_layer_inputs_on_cuda_train_alike():  # pinned host memory, the copy out on a side stream
+    from test_model import offload_step
+    (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = offload_step("cuda", torch.bfloat16)
+    assert kept == [True, True] and offloaded_kept == [False, False]
+    assert loss == offloaded_loss
+    for name in grads:  # the attention's backward may add in another order
+        torch.testing.assert_close(grads[name], offloaded_grads[name], rtol=1e-2, atol=1e-4, msg=name)

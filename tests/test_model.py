@@ -136,3 +136,42 @@ def test_presets_and_config_checks():
     with pytest.raises(BailongError, match="attention_bias"):
         ModelConfig.from_hf({"attention_bias": True})
     assert ModelConfig.from_hf(seven.to_hf()) == seven
+
+
+def offload_step(device, dtype):
+    """A QLoRA step of the tiny preset (checkpointing, LoRA dropout on) without and with the layer inputs
+    offloaded: the losses, the LoRA gradients, and whether each layer's input outlived the forward."""
+    import copy
+    import weakref
+
+    from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+    base, _ = bailong.load_preset("tiny", dtype=dtype, device=device)
+    results = []
+    for offload in [False, True]:
+        model = copy.deepcopy(base)
+        torch.manual_seed(0)
+        mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=4, dropout=0.1)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        model.checkpointing, model.offload = True, offload
+        model.train()
+        inputs = []  # each layer's input, as its first (not its recomputed) forward saw it
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0]))
+                                            if len(inputs) < len(model.model.layers) else None)
+        ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
+        torch.manual_seed(3)  # the same dropout masks
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        kept = [ref() is not None for ref in inputs]
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kept))
+    return results
+
+
+def test_offloaded_layer_inputs_leave_the_device_and_train_alike():
+    (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = offload_step("cpu", torch.float32)
+    assert kept == [True, True] and offloaded_kept == [False, False]  # only the host copy stays for the backward
+    assert loss == offloaded_loss and len(grads) == 32
+    for name in grads:
+        assert torch.equal(grads[name], offloaded_grads[name]), name
