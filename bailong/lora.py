@@ -12,7 +12,7 @@ The chain rule through one layer, with g = dL/dy (the base adds nothing to it):
     dL/dB = s * g^T (A x)       dL/dA = s * B^T g x^T       dL/dx = g W + s * (g B) A
 
 Autograd derives the first two through two small ``nn.Linear``s, or, switched
-on (``BAILONG_FUSED_LORA=1``), ``LoRAUpdate`` forms all three in one autograd node
+on (``BAILONG_FUSED_LORA=1``), ``LoRAProjection`` forms all three in one autograd node
 in the compute dtype; for an NF4 W the ``nf4_linear`` function supplies g W without
 a weight gradient and without keeping a dequantized W between forward and backward.
 
@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bailong.nf4 import NF4Tensor
-from bailong.quantized import PROJECTIONS, NF4Linear, nf4_linear, nf4_weights, set_module
+from bailong.quantized import PROJECTIONS, NF4Linear, nf4_dequantized, nf4_linear, nf4_weights, set_module
 
 
 @dataclass
@@ -73,11 +73,12 @@ class LoRALinear(nn.Module):
         return isinstance(self.weight, NF4Tensor)
 
     def forward(self, x):
-        y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
         if _fused and torch.is_grad_enabled():  # training; inference (chat, CUDA graphs) takes the plain path
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             A, B = self.lora_A.weight, self.lora_B.weight
-            return LoRAUpdate.apply(y, x, A, B, *self.compute_weights(y.dtype), self.scaling, p)
+            return LoRAProjection.apply(x, self.weight, A, B, *self.compute_weights(dtype), self.scaling, p)
+        y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
 
@@ -119,30 +120,33 @@ class LoRALinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class LoRAUpdate(torch.autograd.Function):
-    """y + s * dropout(x) A^T B^T as one autograd node, in the compute dtype of y.
+class LoRAProjection(torch.autograd.Function):
+    """x W^T + s * dropout(x) A^T B^T as one autograd node, in the compute dtype, W frozen (dense or NF4).
 
     ``A`` and ``B`` are the compute-dtype copies of the float32 masters ``A_master``
     and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
-    The scaling rides in the matmuls' alpha, the add in the second matmul (``addmm``):
-    no separate multiply or add pass. Kept for the backward: the dropped input, its
-    rank-r projection, and the dropout mask (bytes). With g = dL/dout and u = g B:
+    The scaling rides in the matmuls' alpha, the adds in the matmuls (``addmm``): no
+    separate multiply or add pass. Kept for the backward: the dropped input, its
+    rank-r projection, the dropout mask (bytes) and W as stored (NF4 stays packed,
+    dequantized again for the backward). With g = dL/dout and u = g B:
 
-        dL/dx = s u A (dropout's mask applied)      dL/dA = s u^T x_d
-        dL/dB = s g^T (x_d A^T)                     dL/dy = g
+        dL/dx = g W + s u A (dropout's mask applied to the second term)
+        dL/dA = s u^T x_d           dL/dB = s g^T (x_d A^T)
 
     Dropout is ``native_dropout``, which draws the mask ``F.dropout`` draws from the
     same random state, so the fused and the plain path train alike.
     """
 
     @staticmethod
-    def forward(ctx, y, x, A_master, B_master, A, B, scaling, p):
+    def forward(ctx, x, W, A_master, B_master, A, B, scaling, p):
+        y = nf4_linear(x, W) if isinstance(W, NF4Tensor) else F.linear(x, W)
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
         mask = None
         if p:  # one kernel, the same mask F.dropout draws from the same random state
             x2, mask = torch.native_dropout(x2, p, True)
         xa = x2 @ A.T  # (tokens, r)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=scaling)
+        ctx.weight = W  # frozen: nothing of it changes before the backward
         ctx.save_for_backward(x2, xa, mask, A, B)
         ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
         ctx.master_dtypes = A_master.dtype, B_master.dtype
@@ -151,15 +155,17 @@ class LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, xa, mask, A, B = ctx.saved_tensors
-        s = ctx.scaling
+        s, W = ctx.scaling, ctx.weight
         g2 = g.reshape(-1, g.shape[-1])
         u = g2 @ B  # (tokens, r)
         dx = _scaled_mm(u, A, s)
         if mask is not None:
             dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
+        W = nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype)
+        dx = torch.addmm(dx, g2, W)  # + g W
         dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])
         dB = _scaled_mm(g2.T, xa, s).to(ctx.master_dtypes[1])
-        return g, dx.view(ctx.x_shape).to(ctx.x_dtype), dA, dB, None, None, None, None
+        return dx.view(ctx.x_shape).to(ctx.x_dtype), None, dA, dB, None, None, None, None
 
 
 def _scaled_mm(a, b, s):
@@ -181,7 +187,7 @@ register_optimizer_step_post_hook(_count_step)
 
 
 def use_fused_lora(flag=True) -> bool:
-    """Run LoRA projections as one autograd node (``LoRAUpdate``, True) or as two ``nn.Linear`` (False);
+    """Run LoRA projections as one autograd node (``LoRAProjection``, True) or as two ``nn.Linear`` (False);
     returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_FUSED_LORA=1``): on the
     CPU the two paths take the same time."""
     global _fused

@@ -44,6 +44,16 @@ def nf4_linear(x, weight: NF4Tensor):
     return NF4Matmul.apply(x, weight)
 
 
+def nf4_dequantized(weight: NF4Tensor, dtype) -> torch.Tensor:
+    """W in ``dtype``, by the dequantize kernel where ``nf4_linear`` takes the kernels, else the reference."""
+    if weight.data.is_cuda:
+        import bailong_kernels
+        if bailong_kernels.enabled(weight.data):
+            from bailong_kernels.nf4_dequant import nf4_dequantize
+            return nf4_dequantize(weight, dtype)
+    return weight.dequantize(dtype)
+
+
 class NF4Linear(nn.Module):
     """A frozen, bias-free linear layer whose weight is stored in NF4: ``y = x @ W.T``.
 

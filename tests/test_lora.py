@@ -241,7 +241,7 @@ def test_a_tied_embedding_that_grew_travels_in_peft_keys(tmp_path):
 
 
 def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3):
-    """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAUpdate``)."""
+    """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAProjection``)."""
     import copy
 
     import torch.nn.functional as F
