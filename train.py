@@ -21,7 +21,8 @@ from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output
-from bailong.training import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, parse_config
+from bailong.training import (OFFLOAD_ON_CPU, GracefulStop, Metrics, estimate_memory, held_out_record, lr_at,
+                              parse_config)
 
 
 def main(argv=None):
@@ -63,8 +64,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if bf16 else torch.float32
     checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.startswith("cuda"))
     if config.offload_activations and not device.startswith("cuda"):
-        raise UsageError("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU "
-                         "they are there already")
+        raise UsageError(OFFLOAD_ON_CPU)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched

@@ -15,8 +15,13 @@ __all__ = list(MODULES)
 
 
 def __getattr__(name):
-    if name not in MODULES:
-        raise AttributeError(f"module 'bailong' has no attribute {name!r}")
+    if name not in MODULES:  # a submodule, as after ``import bailong`` before (bailong.lora, ...)
+        try:
+            return importlib.import_module(f"bailong.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"bailong.{name}":
+                raise
+            raise AttributeError(f"module 'bailong' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f"bailong.{MODULES[name]}"), name)
     globals()[name] = value  # looked up once
     return value

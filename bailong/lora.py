@@ -73,7 +73,7 @@ class LoRALinear(nn.Module):
         return isinstance(self.weight, NF4Tensor)
 
     def forward(self, x):
-        if _fused and torch.is_grad_enabled():  # training; inference (chat, CUDA graphs) takes the plain path
+        if _fused and torch.is_grad_enabled() and not getattr(self.weight, "requires_grad", False):  # training
             p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             A, B = self.lora_A.weight, self.lora_B.weight
@@ -156,16 +156,21 @@ class LoRAProjection(torch.autograd.Function):
     def backward(ctx, g):
         x2, xa, mask, A, B = ctx.saved_tensors
         s, W = ctx.scaling, ctx.weight
+        want_x, _, want_A, want_B = ctx.needs_input_grad[:4]
         g2 = g.reshape(-1, g.shape[-1])
-        u = g2 @ B  # (tokens, r)
-        dx = _scaled_mm(u, A, s)
-        if mask is not None:
-            dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
-        W = nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype)
-        dx = torch.addmm(dx, g2, W)  # + g W
-        dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])
-        dB = _scaled_mm(g2.T, xa, s).to(ctx.master_dtypes[1])
-        return dx.view(ctx.x_shape).to(ctx.x_dtype), None, dA, dB, None, None, None, None
+        u = g2 @ B if want_x or want_A else None  # (tokens, r)
+        dx = dA = dB = None
+        if want_x:  # not for the first layer's input when the embedding trains nothing
+            dx = _scaled_mm(u, A, s)
+            if mask is not None:
+                dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
+            W = nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype)
+            dx = torch.addmm(dx, g2, W).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
+        if want_A:
+            dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])
+        if want_B:
+            dB = _scaled_mm(g2.T, xa, s).to(ctx.master_dtypes[1])
+        return dx, None, dA, dB, None, None, None, None
 
 
 def _scaled_mm(a, b, s):

@@ -26,6 +26,8 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
+OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU they are "
+                  "there already")
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
 # pre-training rate the held-out loss on the bundled chats rises after step 10.
 STAGE_DEFAULTS = {"sft": dict(lr=1e-4, min_lr=1e-5, steps=60, warmup=10, eval_every=10, save_every=30)}
@@ -71,8 +73,8 @@ class TrainConfig:
                                                                  "(on for CUDA)"})
     offload_activations: bool = field(default=False, metadata={"help": "with activation checkpointing on CUDA: keep "
                                                                        "each layer's saved input in host memory, not "
-                                                                       "on the GPU (sequence x hidden x 2 bytes a "
-                                                                       "layer)"})
+                                                                       "on the GPU (batch x sequence x hidden values "
+                                                                       "a layer)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -101,6 +103,8 @@ class TrainConfig:
         if self.offload_activations and self.checkpointing == "off":
             raise UsageError("--offload-activations keeps the layer inputs activation checkpointing saves: it needs "
                              "--checkpointing on or auto")
+        if self.offload_activations and self.device == "cpu":  # without --device: once the device is known
+            raise UsageError(OFFLOAD_ON_CPU)
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.stage == "pretrain" and self.init:

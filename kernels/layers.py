@@ -179,7 +179,7 @@ def _cross_entropy_kernel(z_ptr, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
         m = new_m
     lse = m + tl.log(total)
     kept = target != -100
-    z_target = tl.load(z_ptr + tl.where(kept, target, 0)).to(tl.float32)
+    z_target = tl.load(z_ptr + tl.where(kept & (target >= 0) & (target < V), target, 0)).to(tl.float32)
     tl.store(loss_ptr + tl.program_id(0), tl.where(kept, lse - z_target, 0.0))
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -190,7 +190,9 @@ def _cross_entropy_kernel(z_ptr, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
 
 def cross_entropy_(logits, targets):
     """Each row's ``F.cross_entropy(logits.float(), targets, reduction="none")`` (float32; 0 where the target
-    is -100), and the gradient of their sum with respect to the logits written over ``logits`` (N, V)."""
+    is -100), and the gradient of their sum with respect to the logits written over ``logits`` (N, V). Targets
+    are ids below V or -100 (not checked: that would wait for the GPU; another id reads no memory outside
+    its row, but its loss means nothing)."""
     assert logits.dim() == 2 and logits.is_contiguous() and targets.shape == logits.shape[:1]
     loss = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
     with launch_device(logits):

@@ -58,6 +58,9 @@ def test_the_kernels_folder_imports_as_bailong_kernels_and_no_function_shadows_a
     for name in bailong.__all__:  # the package's names load on first use, each the thing its module defines
         assert not isinstance(getattr(bailong, name), types.ModuleType), name
         assert name in dir(bailong)
+    assert bailong.lora.__name__ == "bailong.lora"  # submodules too, as when the package imported them all
+    with pytest.raises(AttributeError):
+        bailong.no_such_module
 
 
 @pytest.mark.parametrize("args", [["--quantize", "int8"], ["--device", "gpu"], ["--lr", "-1"], ["--seq-len", "1024"],
