@@ -16,6 +16,10 @@ CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
     python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
     python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
     python bench/bench_train.py --setting long        # a GPU: Llama-2-7B, r 16 on the projections, 8192
+    python bench/bench_train.py --setting long --rows ours-all ours-offload theirs    # some sides only
+
+On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed
+beside each row): choose --rows to fit the time at hand.
 
 Each step trains on its own seeded batch, the same for every side, and the
 per-step losses are printed beside the speeds: the sides start from the same
@@ -35,6 +39,12 @@ import torch
 # the two settings of the training targets: Bailong's recipe, and a long context
 SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, embedding_and_head=True),
             "long": dict(preset="llama2-7b", seq_len=8192, batch=1, rank=16, embedding_and_head=False)}
+
+
+# the sides, each run in a process of its own: ours as by default, then with each fast path added
+ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
+        "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
+        "transformers+peft+bitsandbytes": "theirs"}
 
 
 def status(key):
@@ -121,6 +131,8 @@ def main():
     p.add_argument("--embedding-and-head", action="store_true", help="LoRA on the embedding and head too")
     p.add_argument("--setting", choices=SETTINGS, help="one of the settings the targets are set for (sets the "
                    "preset, sequence, batch, rank and targets)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS.values()), default=list(ROWS.values()),
+                   help="the sides to run (default: all; theirs is the one the ratios need)")
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,33 +143,34 @@ def main():
     import bailong
     from bailong.config import preset
     from bailong.model import init_weights
+    started = time.perf_counter()
     config = preset(args.preset)
     config.num_hidden_layers = args.layers or config.num_hidden_layers
     with tempfile.TemporaryDirectory() as tmp:
-        with torch.device("meta"):
-            model = bailong.Llama(config)
+        with torch.device("meta"):  # in bfloat16, as Llama 2's checkpoints are: half the disk and the reading
+            model = bailong.Llama(config).to(torch.bfloat16)
         model.to_empty(device="cpu")
         model.tie_weights()
         bailong.save(init_weights(model), tmp)
         del model
+        print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
         where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
               f"LoRA r={args.rank} on {where}, NF4 base, {args.device}, torch {torch.__version__}")
         results = {}
-        rows = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
-                "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
-                "transformers+peft+bitsandbytes": "theirs"}
-        for which, flag in rows.items():
-            if flag == "ours-offload" and args.device != "cuda":  # on the CPU the inputs are in host memory
-                continue
+        for which, flag in ROWS.items():
+            if flag not in args.rows or flag == "ours-offload" and args.device != "cuda":  # the CPU: nothing to
+                continue                                                                    # offload to
+            started = time.perf_counter()
             cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
+            took = f"({time.perf_counter() - started:.0f} s with loading)"
             if out.returncode:
-                print(f"{which}: failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+                print(f"{which}: failed {took}: {(out.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)
                 continue
             results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
-                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB  losses {r['losses']}")
+                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB  losses {r['losses']} {took}", flush=True)
         theirs = results.get("transformers+peft+bitsandbytes")
         for which in [w for w in results if w.startswith("ours") and theirs]:
             ours = results[which]
