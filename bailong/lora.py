@@ -11,10 +11,11 @@ The chain rule through one layer, with g = dL/dy (the base adds nothing to it):
 
     dL/dB = s * g^T (A x)       dL/dA = s * B^T g x^T       dL/dx = g W + s * (g B) A
 
-Autograd derives the first two through two small ``nn.Linear``s, or, switched
-on (``BAILONG_FUSED_LORA=1``), ``LoRAProjection`` forms all three in one autograd node
-in the compute dtype; for an NF4 W the ``nf4_linear`` function supplies g W without
-a weight gradient and without keeping a dequantized W between forward and backward.
+Autograd derives the first two through two small ``nn.Linear``s, and for an NF4
+W the ``nf4_linear`` function supplies g W without a weight gradient and without
+keeping a dequantized W between forward and backward. Switched on
+(``BAILONG_FUSED_LORA=1``), ``LoRAProjection`` forms all three, base included, in
+one autograd node in the compute dtype.
 
 LoRA wraps, never forks: the wrapped layer keeps its frozen weight under its
 usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the
