@@ -114,8 +114,22 @@ def run_one(which, folder, args):
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM") - before
-    print(json.dumps({"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak,
-                      "seconds_per_step": seconds, "losses": losses}))
+    result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
+              "losses": losses}
+    if args.profile:  # one more step, profiled: where the time goes, and how busy the GPU was
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+        busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+        result["profile"] = (f"{kernels} GPU kernels, busy {busy / 1e3:.1f} ms of a {seconds * 1e3:.1f} ms step\n"
+                             + events.table(sort_by="self_device_time_total" if device == "cuda" else
+                                            "self_cpu_time_total", row_limit=15))
+    print(json.dumps(result))
 
 
 def main():
@@ -133,6 +147,8 @@ def main():
                    "preset, sequence, batch, rank and targets)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS.values()), default=list(ROWS.values()),
                    help="the sides to run (default: all; theirs is the one the ratios need)")
+    p.add_argument("--profile", action="store_true", help="profile one more step of each side: the top operations "
+                   "by GPU time, the kernels launched, how busy the GPU was")
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -171,6 +187,8 @@ def main():
             results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
                   f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB  losses {r['losses']} {took}", flush=True)
+            if "profile" in r:
+                print(r["profile"], flush=True)
         theirs = results.get("transformers+peft+bitsandbytes")
         for which in [w for w in results if w.startswith("ours") and theirs]:
             ours = results[which]
