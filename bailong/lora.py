@@ -74,14 +74,41 @@ class LoRALinear(nn.Module):
         return isinstance(self.weight, NF4Tensor)
 
     def forward(self, x):
-        if _fused and torch.is_grad_enabled() and not getattr(self.weight, "requires_grad", False):  # training
-            p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.fused():  # training
             A, B = self.lora_A.weight, self.lora_B.weight
-            return LoRAProjection.apply(x, self.weight, A, B, *self.compute_weights(dtype), self.scaling, p)
+            casts = self.compute_weights(compute_dtype(x))
+            return LoRAProjection.apply(x, self.weight, A, B, *casts, self.scaling, self.dropout_p())
         y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
+
+    def fused(self) -> bool:
+        """Whether this call takes the fused path: switched on, a gradient wanted (not inference: chat, CUDA
+        graphs), the base frozen."""
+        return _fused and torch.is_grad_enabled() and not getattr(self.weight, "requires_grad", False)
+
+    def dropout_p(self) -> float:
+        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+
+    @staticmethod
+    def shared(x, layers):
+        """The outputs of ``layers``, LoRA layers that read the same x (q, k, v; gate, up), as one autograd
+        node (``LoRAShared``) where that applies: the fused path, no dropout, one scaling and rank, one
+        kind of base; else None, and each layer runs on its own."""
+        first = layers[0]
+        if not (all(isinstance(m, LoRALinear) and m.fused() and m.dropout_p() == 0 for m in layers)
+                and len({(m.scaling, m.lora_A.out_features, m.quantized) for m in layers}) == 1):
+            return None
+        dtype = compute_dtype(x)
+        casts = [m.compute_weights(dtype) for m in layers]
+        key = tuple(m._cast_key for m in layers)
+        if getattr(first, "_shared_key", None) != key:  # the A's side by side, made again when any cast is
+            with torch.no_grad():
+                first._shared_A = torch.cat([A for A, _ in casts])
+            first._shared_key = key
+        masters = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+        return LoRAShared.apply(x, tuple(m.weight for m in layers), first._shared_A, tuple(B for _, B in casts),
+                                first.scaling, *masters)
 
     def _cast_version(self, dtype):
         A, B = self.lora_A.weight, self.lora_B.weight
@@ -177,6 +204,53 @@ class LoRAProjection(torch.autograd.Function):
 def _scaled_mm(a, b, s):
     """s * a @ b in one matmul: with beta = 0, addmm ignores its (empty) first operand."""
     return torch.addmm(torch.empty((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=s)
+
+
+def compute_dtype(x):
+    """The dtype the projections of x compute in: autocast's, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+class LoRAShared(torch.autograd.Function):
+    """n LoRA projections of the same x (no dropout), as one autograd node: ``LoRAProjection`` for each, but
+    x is read once for all their A's, x [A_1; ...; A_n]^T, and dL/dx is formed in one place, from one
+    product for all the LoRA parts, s [u_1 ... u_n] [A_1; ...; A_n] with u_i = g_i B_i, and each base's
+    g_i W_i added by its matmul, instead of n gradients that autograd then adds. dL/dA_i come out of one
+    product too, s [u_1 ... u_n]^T x, as rows of one float32 tensor."""
+
+    @staticmethod
+    def forward(ctx, x, weights, A_cat, Bs, scaling, *masters):
+        ys = [nf4_linear(x, W) if isinstance(W, NF4Tensor) else F.linear(x, W) for W in weights]
+        x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
+        xa = x2 @ A_cat.T  # (tokens, n r)
+        r = A_cat.shape[0] // len(weights)
+        outs = [torch.addmm(y.reshape(-1, y.shape[-1]), xa[:, i * r:(i + 1) * r], B.T, alpha=scaling).view(y.shape)
+                for i, (y, B) in enumerate(zip(ys, Bs))]
+        ctx.weights, ctx.scaling, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, r, x.shape, x.dtype
+        ctx.master_dtypes = [m.dtype for m in masters]
+        ctx.save_for_backward(x2, xa, A_cat, *Bs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x2, xa, A_cat, *Bs = ctx.saved_tensors
+        s, r = ctx.scaling, ctx.r
+        gs = [g.reshape(-1, g.shape[-1]) for g in gs]
+        u = torch.empty((len(x2), A_cat.shape[0]), dtype=x2.dtype, device=x2.device)  # [u_1 ... u_n]
+        for i, (g, B) in enumerate(zip(gs, Bs)):
+            torch.mm(g, B, out=u[:, i * r:(i + 1) * r])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _scaled_mm(u, A_cat, s)
+            for g, W in zip(gs, ctx.weights):  # + g_i W_i
+                dx = torch.addmm(dx, g, nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype))
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])  # the rows of every dL/dA_i
+        grads = []
+        for i, g in enumerate(gs):
+            dB = _scaled_mm(g.T, xa[:, i * r:(i + 1) * r], s).to(ctx.master_dtypes[2 * i + 1])
+            grads += [dA[i * r:(i + 1) * r], dB]
+        return dx, None, None, None, None, *grads
 
 
 _fused = os.environ.get("BAILONG_FUSED_LORA", "0") not in ("", "0")

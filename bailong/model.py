@@ -173,6 +173,13 @@ class StaticKVCache(KVCache):
         self.next += T  # on the device: replaying a captured step moves it too
 
 
+def project(x, *layers):
+    """``m(x)`` for each of the linear layers, which read the same x; LoRA layers may answer together
+    (``LoRALinear.shared``: x read once for all of them, one gradient for it)."""
+    shared = getattr(layers[0], "shared", None)
+    return (shared and shared(x, layers)) or tuple(m(x) for m in layers)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx):
         super().__init__()
@@ -188,10 +195,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         if T == 1 and cache is not None and (fused := decode_kernels(x)) is not None:
             # one new token: RoPE, the cache write and attention over the filled positions in one kernel
-            y = fused.decode_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, positions,
+            y = fused.decode_attention(*project(x, self.q_proj, self.k_proj, self.v_proj), cos, sin, positions,
                                        cache.k[self.layer_idx], cache.v[self.layer_idx])
             return self.o_proj(y)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         fused = layer_kernels(x) if cache is None else None
         if fused is not None:  # training: RoPE in one launch each way, before the heads are split
             q, k = fused.rope(q, cos, sin, self.head_dim), fused.rope(k, cos, sin, self.head_dim)
@@ -215,9 +222,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
+        gate, up = project(x, self.gate_proj, self.up_proj)
         if (fused := decode_kernels(x) or layer_kernels(x)) is not None:
-            return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+            return self.down_proj(fused.swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

@@ -240,8 +240,9 @@ def test_a_tied_embedding_that_grew_travels_in_peft_keys(tmp_path):
         torch.testing.assert_close(again(ids), ours(ids), atol=1e-5, rtol=1e-5)
 
 
-def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3):
-    """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAProjection``)."""
+def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
+    """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAProjection``;
+    without dropout, q/k/v and gate/up through ``LoRAShared``)."""
     import copy
 
     import torch.nn.functional as F
@@ -257,7 +258,7 @@ def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3):
         try:
             model = copy.deepcopy(base).to(dtype)
             torch.manual_seed(5)  # the same A and B, and the same dropout masks
-            mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=0.1)))
+            mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=dropout)))
             for name, p in model.named_parameters():  # B (and the embedding's A) start at zero: give them values
                 if "lora_B" in name or "lora_embedding_A" in name:
                     torch.nn.init.normal_(p, std=0.02)
@@ -281,17 +282,20 @@ def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3):
     return results
 
 
-@pytest.mark.parametrize("quantize,checkpointing", [(True, True), (True, False), (False, False)])
-def test_fused_lora_trains_as_the_plain_path_in_float32(quantize, checkpointing):
-    (plain, plain_grads), (fused, fused_grads) = fused_and_plain_steps(quantize, torch.float32, checkpointing)
+@pytest.mark.parametrize("quantize,checkpointing,dropout", [(True, True, 0.1), (True, False, 0.1), (False, False, 0.1),
+                                                        (True, True, 0.0), (False, False, 0.0)])
+def test_fused_lora_trains_as_the_plain_path_in_float32(quantize, checkpointing, dropout):
+    (plain, plain_grads), (fused, fused_grads) = fused_and_plain_steps(quantize, torch.float32, checkpointing,
+                                                                       dropout=dropout)
     assert max(abs(a - b) for a, b in zip(plain, fused)) < 1e-5, (plain, fused)
     assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 32  # A, B: 2 x 7 projections, embedding, head
     for name in plain_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_lora_in_bfloat16_stays_within_rounding_of_the_plain_path():
-    (plain, _), (fused, _) = fused_and_plain_steps(True, torch.bfloat16, True)
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_fused_lora_in_bfloat16_stays_within_rounding_of_the_plain_path(dropout):
+    (plain, _), (fused, _) = fused_and_plain_steps(True, torch.bfloat16, True, dropout=dropout)
     assert max(abs(a - b) for a, b in zip(plain, fused)) < 2e-2, (plain, fused)
 
 
