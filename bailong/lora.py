@@ -232,9 +232,11 @@ class LoRAShared(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *gs):
         x2, xa, A_cat, *Bs = ctx.saved_tensors
         s, r = ctx.scaling, ctx.r
+        wanted = ctx.needs_input_grad[5:]  # A_1, B_1, A_2, B_2, ...
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
         u = torch.empty((len(x2), A_cat.shape[0]), dtype=x2.dtype, device=x2.device)  # [u_1 ... u_n]
         for i, (g, B) in enumerate(zip(gs, Bs)):
@@ -245,11 +247,12 @@ class LoRAShared(torch.autograd.Function):
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
                 dx = torch.addmm(dx, g, nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])  # the rows of every dL/dA_i
+        dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0]) if any(wanted[::2]) else None  # every dL/dA_i's rows
         grads = []
         for i, g in enumerate(gs):
-            dB = _scaled_mm(g.T, xa[:, i * r:(i + 1) * r], s).to(ctx.master_dtypes[2 * i + 1])
-            grads += [dA[i * r:(i + 1) * r], dB]
+            dB = _scaled_mm(g.T, xa[:, i * r:(i + 1) * r], s).to(ctx.master_dtypes[2 * i + 1]) \
+                if wanted[2 * i + 1] else None
+            grads += [dA[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
         return dx, None, None, None, None, *grads
 
 

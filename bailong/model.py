@@ -175,7 +175,8 @@ class StaticKVCache(KVCache):
 
 def project(x, *layers):
     """``m(x)`` for each of the linear layers, which read the same x; LoRA layers may answer together
-    (``LoRALinear.shared``: x read once for all of them, one gradient for it)."""
+    (``LoRALinear.shared``: x read once for all of them, one gradient for it; their forward hooks, if
+    anyone set some, then do not run)."""
     shared = getattr(layers[0], "shared", None)
     return (shared and shared(x, layers)) or tuple(m(x) for m in layers)
 

@@ -115,7 +115,7 @@ def run_one(which, folder, args):
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM") - before
     result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
-              "losses": losses}
+              "losses": list(losses)}  # not the profiled step's
     if args.profile:  # one more step, profiled: where the time goes, and how busy the GPU was
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
