@@ -124,6 +124,8 @@ class LoRALinear(nn.Module):
             device = self.lora_A.weight.device
             stale = [m for m in _LORA_LINEARS if m is self or m.lora_A.weight.requires_grad and
                      m.lora_A.weight.device == device and getattr(m, "_cast_key", None) != m._cast_version(dtype)]
+            for m in stale:  # the old copies go first, so that the new ones can take their memory
+                m._cast = m._shared_A = m._shared_key = None
             masters = [w for m in stale for w in (m.lora_A.weight, m.lora_B.weight)]
             casts = [torch.empty_like(w, dtype=dtype) for w in masters]
             with torch.no_grad():
