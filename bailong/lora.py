@@ -179,7 +179,7 @@ class LoRAProjection(torch.autograd.Function):
         ctx.weight = W  # frozen: nothing of it changes before the backward
         ctx.save_for_backward(x2, xa, mask, A, B)
         ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
-        ctx.master_dtypes = A_master.dtype, B_master.dtype
+        ctx.master_dtype = A_master.dtype  # and B_master's
         return out.view(y.shape)
 
     @staticmethod
@@ -196,16 +196,30 @@ class LoRAProjection(torch.autograd.Function):
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
             W = nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype)
             dx = torch.addmm(dx, g2, W).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
-        if want_A:
-            dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0])
-        if want_B:
-            dB = _scaled_mm(g2.T, xa, s).to(ctx.master_dtypes[1])
+        dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
+                               ctx.master_dtype)
         return dx, None, dA, dB, None, None, None, None
 
 
-def _scaled_mm(a, b, s):
+def _scaled_mm(a, b, s, out=None):
     """s * a @ b in one matmul: with beta = 0, addmm ignores its (empty) first operand."""
-    return torch.addmm(torch.empty((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=s)
+    return torch.addmm(torch.empty((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=s, out=out)
+
+
+def _master_grads(products, dtype):
+    """s * a @ b for each (a, b, s) of ``products`` (None: not wanted), side by side in one buffer of the
+    compute dtype, then cast to ``dtype`` (the float32 masters') in one pass instead of one a product: views
+    of one tensor, which autograd keeps as the gradients."""
+    wanted = [p for p in products if p is not None]
+    if not wanted:
+        return [None] * len(products)
+    shapes = [(a.shape[0], b.shape[1]) for a, b, _ in wanted]
+    sizes = [rows * cols for rows, cols in shapes]
+    flat = torch.empty(sum(sizes), dtype=wanted[0][0].dtype, device=wanted[0][0].device)
+    for (a, b, s), part, shape in zip(wanted, flat.split(sizes), shapes):
+        _scaled_mm(a, b, s, out=part.view(shape))
+    grads = iter(part.view(shape) for part, shape in zip(flat.to(dtype).split(sizes), shapes))
+    return [None if p is None else next(grads) for p in products]
 
 
 def compute_dtype(x):
@@ -229,7 +243,7 @@ class LoRAShared(torch.autograd.Function):
         outs = [torch.addmm(y.reshape(-1, y.shape[-1]), xa[:, i * r:(i + 1) * r], B.T, alpha=scaling).view(y.shape)
                 for i, (y, B) in enumerate(zip(ys, Bs))]
         ctx.weights, ctx.scaling, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, r, x.shape, x.dtype
-        ctx.master_dtypes = [m.dtype for m in masters]
+        ctx.master_dtype = masters[0].dtype  # all of them
         ctx.save_for_backward(x2, xa, A_cat, *Bs)
         return tuple(outs)
 
@@ -249,11 +263,11 @@ class LoRAShared(torch.autograd.Function):
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
                 dx = torch.addmm(dx, g, nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        dA = _scaled_mm(u.T, x2, s).to(ctx.master_dtypes[0]) if any(wanted[::2]) else None  # every dL/dA_i's rows
+        dA, *dBs = _master_grads([(u.T, x2, s) if any(wanted[::2]) else None]  # every dL/dA_i's rows
+                                 + [(g.T, xa[:, i * r:(i + 1) * r], s) if wanted[2 * i + 1] else None
+                                    for i, g in enumerate(gs)], ctx.master_dtype)
         grads = []
-        for i, g in enumerate(gs):
-            dB = _scaled_mm(g.T, xa[:, i * r:(i + 1) * r], s).to(ctx.master_dtypes[2 * i + 1]) \
-                if wanted[2 * i + 1] else None
+        for i, dB in enumerate(dBs):
             grads += [dA[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
         return dx, None, None, None, None, *grads
 

@@ -327,11 +327,13 @@ def test_fused_lora_trains_after_inference(monkeypatch):
 def test_fused_lora_forms_only_the_gradients_wanted(monkeypatch):
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
-    products = []
-    monkeypatch.setattr(lora, "_scaled_mm", lambda a, b, s: products.append(s) or s * a @ b)
+    products, real = [], lora._scaled_mm
+    monkeypatch.setattr(lora, "_scaled_mm", lambda a, b, s, out=None: products.append(out is None) or
+                        real(a, b, s, out))  # out: a LoRA weight's gradient; else dx's
     layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
     layer(torch.randn(3, 32)).sum().backward()  # an input without a gradient (the first layer's, say): no dx
-    assert len(products) == 2 and layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    assert products == [False, False] and layer.lora_A.weight.grad is not None
+    assert layer.lora_B.weight.grad is not None
     layer.weight.requires_grad_(True)  # a base someone trains: the plain path, which gives it its gradient
     layer(torch.randn(3, 32)).sum().backward()
     assert layer.weight.grad is not None and len(products) == 2
