@@ -78,7 +78,7 @@ class LoRALinear(nn.Module):
             A, B = self.lora_A.weight, self.lora_B.weight
             casts = self.compute_weights(compute_dtype(x))
             return LoRAProjection.apply(x, self.weight, A, B, *casts, self.scaling, self.dropout_p())
-        y = nf4_linear(x, self.weight) if self.quantized else F.linear(x, self.weight)
+        y = frozen_linear(x, self.weight)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
 
@@ -169,7 +169,7 @@ class LoRAProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, A_master, B_master, A, B, scaling, p):
-        y = nf4_linear(x, W) if isinstance(W, NF4Tensor) else F.linear(x, W)
+        y = frozen_linear(x, W)
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
         mask = None
         if p:  # one kernel, the same mask F.dropout draws from the same random state
@@ -189,16 +189,25 @@ class LoRAProjection(torch.autograd.Function):
         want_x, _, want_A, want_B = ctx.needs_input_grad[:4]
         g2 = g.reshape(-1, g.shape[-1])
         u = g2 @ B if want_x or want_A else None  # (tokens, r)
-        dx = dA = dB = None
+        dx = None
         if want_x:  # not for the first layer's input when the embedding trains nothing
             dx = _scaled_mm(u, A, s)
             if mask is not None:
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
-            W = nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype)
-            dx = torch.addmm(dx, g2, W).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
+            dx = torch.addmm(dx, g2, frozen_weight(W, g.dtype)).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
         dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
                                ctx.master_dtype)
         return dx, None, dA, dB, None, None, None, None
+
+
+def frozen_linear(x, W):
+    """x W^T for a frozen weight, dense or NF4 (through the kernels on CUDA)."""
+    return nf4_linear(x, W) if isinstance(W, NF4Tensor) else F.linear(x, W)
+
+
+def frozen_weight(W, dtype):
+    """A frozen weight in ``dtype`` for a backward's g W: an NF4 one dequantized again."""
+    return nf4_dequantized(W, dtype) if isinstance(W, NF4Tensor) else W.to(dtype)
 
 
 def _scaled_mm(a, b, s, out=None):
@@ -236,7 +245,7 @@ class LoRAShared(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, A_cat, Bs, scaling, *masters):
-        ys = [nf4_linear(x, W) if isinstance(W, NF4Tensor) else F.linear(x, W) for W in weights]
+        ys = [frozen_linear(x, W) for W in weights]
         x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
         xa = x2 @ A_cat.T  # (tokens, n r)
         r = A_cat.shape[0] // len(weights)
@@ -261,7 +270,7 @@ class LoRAShared(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _scaled_mm(u, A_cat, s)
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
-                dx = torch.addmm(dx, g, nf4_dequantized(W, g.dtype) if isinstance(W, NF4Tensor) else W.to(g.dtype))
+                dx = torch.addmm(dx, g, frozen_weight(W, g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u.T, x2, s) if any(wanted[::2]) else None]  # every dL/dA_i's rows
                                  + [(g.T, xa[:, i * r:(i + 1) * r], s) if wanted[2 * i + 1] else None
