@@ -6,6 +6,9 @@ from bailong.errors import BailongError, read_json
 # the float dtypes config.json's torch_dtype and the --dtype options name, by torch's names (getattr(torch, name));
 # names rather than dtypes, so that reading a config does not import torch
 DTYPES = ("float32", "bfloat16", "float16")
+# How zip_tie starts the embedding rows of added pieces (bailong/zip_tie.py explains each); named here, beside
+# the other choices, so that train.py checks --init-method without torch.
+INIT_METHODS = ("zip-tie", "zip-tie-first", "mean-all", "random")
 # The RoPE scalings we compute, and the settings each needs from config.json.
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}

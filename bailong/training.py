@@ -16,12 +16,11 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from bailong.config import INIT_METHODS
 from bailong.errors import Parser, UsageError, check_device, read_json
 from bailong.files import atomic_write
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
-# zip_tie.METHODS, written out here so that checking an option needs no torch (a test keeps the two equal)
-INIT_METHODS = ("zip-tie", "zip-tie-first", "mean-all", "random")
 CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize": ("nf4", "none"),
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")

@@ -38,7 +38,7 @@ a normal with the old rows' standard deviation, for comparison.
 import torch
 from torch import nn
 
-METHODS = ("zip-tie", "zip-tie-first", "mean-all", "random")
+from bailong.config import INIT_METHODS as METHODS
 
 
 def piece_ids(base, extended) -> dict[int, list[int]]:
