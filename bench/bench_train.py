@@ -6,9 +6,9 @@ batch; each runs in a fresh process, a few warm-up steps first. Ours runs five
 times: as by default; with each LoRA projection one autograd node
 (``bailong.lora.LoRAProjection``); with that and the norms, SwiGLU and RoPE through their
 training kernels (``bailong_kernels.layers``, CUDA only); and with all that and
-the loss computed chunk by chunk (``bailong.model.chunked_cross_entropy``, its
+the loss computed chunk by chunk (``bailong.memory.chunked_cross_entropy``, its
 cross-entropy a kernel too); and (CUDA) with all that and each layer's saved
-input offloaded to host memory (``bailong.model.OffloadedInput``). All of them
+input offloaded to host memory (``bailong.memory.OffloadedInput``). All of them
 are off by default until this benchmark has timed them on a GPU. Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
 /proc/self/clear_refs) on the CPU.
@@ -65,7 +65,7 @@ def run_one(which, folder, args):
     if which.startswith("ours"):
         import bailong
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
-        from bailong.model import use_chunked_loss
+        from bailong.memory import use_chunked_loss
         from bailong_kernels import use_layer_kernels
         use_fused_lora(which != "ours")
         use_layer_kernels(which in ("ours-layers", "ours-all", "ours-offload"))

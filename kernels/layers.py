@@ -19,7 +19,7 @@ chains) with one launch each way, beside the code it replaces in ``bailong.model
 
 - ``cross_entropy_``: the loss of each row of a chunk of logits and, written over
   the logits, the gradient of the summed loss, in one launch (the chunked loss,
-  ``bailong.model.ChunkedLoss``): no float32 copy of the logits, no second pass
+  ``bailong.memory.ChunkedLoss``): no float32 copy of the logits, no second pass
   for the backward. Per row, with lse = log(sum(exp(z))) found in one sweep:
 
       loss = lse - z[target]        dloss/dz = exp(z - lse) - onehot(target)

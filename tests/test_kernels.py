@@ -240,15 +240,15 @@ def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch, chunked_los
     and (``chunked_loss``: the loss in chunks of 7 positions) the cross-entropy through the kernels, against
     PyTorch on the whole logits: the loss and every LoRA gradient, float32."""
     from bailong import lora
-    from bailong import model as model_module
+    from bailong import memory
     from bailong_kernels import layers
     results = []
     for layer_kernels in [False, True]:
         with monkeypatch.context() as patch:
             gpu_path(patch, fused_step=False, layer_kernels=layer_kernels)
             if layer_kernels and chunked_loss:
-                patch.setattr(model_module, "_chunked_loss", True)
-                patch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * 512)
+                patch.setattr(memory, "_chunked_loss", True)
+                patch.setattr(memory, "LOSS_CHUNK_LOGITS", 7 * 512)
                 patch.setattr(layers, "CROSS_ENTROPY_BLOCK", 128)
             model = tiny_nf4()
             torch.manual_seed(1)

@@ -345,9 +345,9 @@ def test_chunked_loss_trains_as_the_whole_logits_do(monkeypatch, dropout):
     per-step losses and every LoRA gradient, float32, with the plain and the fused LoRA projections."""
     import copy
 
-    from bailong import lora, model as model_module
+    from bailong import lora, memory
     base, _ = bailong.load_preset("tiny", device="cpu")
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 7 * base.config.vocab_size)
+    monkeypatch.setattr(memory, "LOSS_CHUNK_LOGITS", 7 * base.config.vocab_size)
     results = []
     for chunked in [False, True]:
         model = copy.deepcopy(base)
@@ -358,7 +358,7 @@ def test_chunked_loss_trains_as_the_whole_logits_do(monkeypatch, dropout):
                 torch.nn.init.normal_(p, std=0.02)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        monkeypatch.setattr(model_module, "_chunked_loss", chunked)
+        monkeypatch.setattr(memory, "_chunked_loss", chunked)
         losses = []
         for step in range(3):
             monkeypatch.setattr(lora, "_fused", step == 1)
