@@ -37,52 +37,72 @@ class Sampling:
 
 
 def process_logits(logits, seen, s: Sampling):
-    """Apply, in this order, repetition penalty, temperature, top-k and top-p to (V,) logits.
+    """Apply, in this order, repetition penalty, temperature, top-k and top-p to (B, V) logits; ``seen``
+    (B, V) marks the tokens already in each context. Filtered tokens get -inf.
 
     The repetition penalty (Keskar et al., 2019) divides positive logits of tokens
     already in the context by the penalty and multiplies negative ones, so a seen
-    token always becomes less likely. Filtered tokens get -inf.
+    token always becomes less likely. Everything stays on the logits' device with
+    the same shapes whatever the values (masks, no indexing by a data-dependent
+    count): no operation waits for the device.
     """
-    logits = logits.float().clone()
-    if s.repetition_penalty != 1.0 and len(seen):
-        prev = logits[seen]
-        logits[seen] = torch.where(prev > 0, prev / s.repetition_penalty, prev * s.repetition_penalty)
+    logits = logits.float()
+    if s.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
     if s.temperature > 0:
-        logits /= s.temperature
-    if 0 < s.top_k < logits.numel():
-        kth = torch.topk(logits, s.top_k).values[-1]
-        logits[logits < kth] = float("-inf")
+        logits = logits / s.temperature
+    if 0 < s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
         probs, order = torch.sort(logits.softmax(-1), descending=True)
         # drop a token when the tokens more likely than it already reach top_p; the first always stays
         drop = probs.cumsum(-1) - probs >= s.top_p
-        logits[order[drop]] = float("-inf")
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
-def sample(logits, seen, s: Sampling, generator=None) -> int:
+def sample(logits, seen, s: Sampling, generator=None):
+    """The next token (B,) for (B, V) logits, chosen on their device; ``seen`` (B, V) gets it marked.
+
+    Sampling uses the exponential race: with E_i drawn from Exp(1), argmax_i p_i / E_i is
+    token i with probability p_i (E_i / p_i is exponential with rate p_i, and the smallest
+    of independent exponentials is i with probability p_i / sum p). Unlike
+    ``torch.multinomial`` it never waits for the device.
+    """
     logits = process_logits(logits, seen, s)
     if s.temperature <= 0:
-        return int(logits.argmax())
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        token = logits.argmax(-1)
+    else:
+        race = torch.empty_like(logits).exponential_(generator=generator)
+        token = (logits.softmax(-1) / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1)
+    seen.scatter_(1, token[:, None], True)
+    return token
+
+
+def seen_mask(ids, vocab_size):
+    """(B, V) bool: which tokens each row of ``ids`` (B, T) holds."""
+    return torch.zeros((ids.shape[0], vocab_size), dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
 
 
 class GraphDecoder:
-    """Batch-1 decoding whose one-token step is captured once in a CUDA graph and replayed.
+    """Decoding whose one-token step is captured once in a CUDA graph and replayed.
 
     Eagerly, a 7B model launches hundreds of small kernels per token (projections,
     norms, rope, attention in every layer) and the GPU waits on Python between them;
     a graph replays the whole step in one launch. That is legal because every replay
     touches the same tensors: the token buffer, a ``StaticKVCache`` (its position
     lives on the device and advances inside the graph) and the logits it writes.
-    ``graph=False`` runs the same static step eagerly (CPU, tests). The decoder holds
-    its model weakly, so that keeping decoders per model does not keep models alive.
+    ``graph=False`` runs the same static step eagerly (CPU, tests). ``batch`` sequences
+    decode together (the prompts of one length). The decoder holds its model weakly,
+    so that keeping decoders per model does not keep models alive.
     """
 
-    def __init__(self, model: Llama, max_len, graph=True):
+    def __init__(self, model: Llama, max_len, graph=True, batch=1):
         self.model_ref, self.max_len = weakref.ref(model), max_len
-        self.cache = model.new_cache(1, max_len, static=True)
-        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.cache.k.device)
+        self.cache = model.new_cache(batch, max_len, static=True)
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.cache.k.device)
         self.key = graph_key(model)
         self.graph = None
         if graph:
@@ -94,7 +114,7 @@ class GraphDecoder:
                 warnings.warn(f"CUDA graph capture failed, decoding without it: {reason}")
 
     def _step(self):
-        return self.model_ref()(self.token, self.cache, last_only=True)[0, -1]
+        return self.model_ref()(self.token, self.cache, last_only=True)[:, -1]  # (B, V)
 
     def _capture(self):
         # Warm up on a side stream first: autotuners, lazy initialisation and allocations
@@ -117,13 +137,14 @@ class GraphDecoder:
                 torch.cuda.set_stream(current)
 
     def prefill(self, ids):
-        """Logits (V,) after the prompt ``ids`` (1, T), which fills the cache from position 0."""
+        """Logits (B, V) after the prompts ``ids`` (B, T), which fill the cache from position 0."""
         self.cache.next.zero_()
-        return self.model_ref()(ids, self.cache, last_only=True)[0, -1]
+        return self.model_ref()(ids, self.cache, last_only=True)[:, -1]
 
-    def step(self, token_id):
-        """Logits (V,) after one more token."""
-        self.token.fill_(token_id)
+    def step(self, tokens):
+        """Logits (B, V) after one more token for each sequence: ``tokens`` (B,) on the device (no copy from
+        the host), or an int for all."""
+        self.token.copy_(torch.as_tensor(tokens).view(-1, 1))
         if self.graph is None:
             return self._step()
         self.graph.replay()
@@ -200,6 +221,7 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     if not prompt_ids or len(prompt_ids) >= limit:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {limit}")
     ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+    seen = seen_mask(ids, model.lm_head.weight.shape[0])  # for the repetition penalty
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device).manual_seed(sampling.seed)
@@ -207,20 +229,20 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         cuda_graph = device.type == "cuda" and not model.training and not torch.is_autocast_enabled("cuda")
     decoder = graph_decoder(model, limit) if cuda_graph else None
     if decoder is not None:
-        logits = decoder.prefill(ids)  # (V,)
+        logits = decoder.prefill(ids)  # (1, V)
     else:
         cache = model.new_cache(1, limit)
-        logits = model(ids, cache, last_only=True)[0, -1]  # prefill, (V,)
+        logits = model(ids, cache, last_only=True)[:, -1]  # prefill, (1, V)
     new = []
     while True:
-        next_id = sample(logits, ids[0], sampling, generator)
+        token = sample(logits, seen, sampling, generator)  # (1,), on the device
+        next_id = int(token)  # a token's one wait for the device: streaming and the stop test need the id
         new.append(next_id)
         if on_token:
             on_token(next_id)
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
-        if next_id in stop_ids or ids.shape[1] >= limit:
+        if next_id in stop_ids or len(prompt_ids) + len(new) >= limit:
             return new
         if decoder is not None:
-            logits = decoder.step(next_id)
+            logits = decoder.step(token)
         else:
-            logits = model(ids[:, -1:], cache, last_only=True)[0, -1]
+            logits = model(token[:, None], cache, last_only=True)[:, -1]

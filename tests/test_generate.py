@@ -6,7 +6,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 import bailong
 from bailong.chat_template import fit_prompt, llama2_ids, llama2_turns, training_example
-from bailong.generation import Sampling, generate, process_logits
+from bailong.generation import Sampling, generate, process_logits, seen_mask
 from bailong.tokenizer import byte_tokenizer
 from conftest import asset
 
@@ -25,7 +25,46 @@ def test_logit_processing_matches_transformers(s):
                  TopPLogitsWarper(s.top_p) if s.top_p < 1 else None]:
         if proc is not None:
             expected = proc(seen, expected)
-    torch.testing.assert_close(process_logits(logits[0], seen[0], s), expected[0])
+    torch.testing.assert_close(process_logits(logits, seen_mask(seen, 100), s), expected)
+
+
+def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one():
+    from bailong.generation import sample
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    rows = 40_000  # the same logits in every row: one draw each
+    for s in [Sampling(0.8, 0, 1.0, 1.0, seed=1), Sampling(1.0, 4, 1.0, 1.0, seed=1), Sampling(1.0, 0, 0.7, 1.3, seed=1)]:
+        seen = seen_mask(torch.tensor([[3, 5]]), 12).expand(rows, -1).clone()
+        expected = process_logits(logits, seen[:1], s).softmax(-1)[0]
+        tokens = sample(logits.expand(rows, -1), seen, s, torch.Generator().manual_seed(s.seed))
+        counts = torch.bincount(tokens, minlength=12).double() / rows
+        assert (counts[expected == 0] == 0).all()  # filtered by top-k or top-p: never drawn
+        # within 5 standard errors of each probability
+        torch.testing.assert_close(counts, expected.double(), atol=5 * (0.25 / rows) ** 0.5, rtol=0)
+        assert seen[torch.arange(rows), tokens].all()  # each row's draw marked as seen
+
+
+def test_sampling_never_waits_for_the_device():
+    """No operation whose result the host must read (a scalar, a data-dependent shape)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bailong.generation import sample
+
+    class Waits(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name() in ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal",
+                               "aten::multinomial", "aten::item"):
+                self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+    logits, seen = torch.randn(3, 50), seen_mask(torch.randint(0, 50, (3, 9)), 50)
+    with Waits() as waits:
+        for s in [GREEDY, Sampling(), Sampling(1.0, 0, 0.5, 1.2, seed=0)]:
+            sample(logits, seen, s, torch.Generator().manual_seed(0) if s.seed is not None else None)
+    assert waits.ops == []
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +80,8 @@ def without_cache(model, prompt, n, sampling):
     ids = torch.tensor([prompt], device=device)
     for _ in range(n):
         with torch.no_grad():
-            next_id = sample(model(ids)[0, -1], ids[0], sampling, generator)
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
+            next_id = sample(model(ids)[:, -1], seen_mask(ids, model.config.vocab_size), sampling, generator)
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
     return ids[0, len(prompt):].tolist()
 
 
@@ -135,9 +174,22 @@ def test_graph_decoder_step_runs_the_static_step(tiny):
     with torch.no_grad():
         logits, ids = decoder.prefill(torch.tensor([prompt])), []
         for _ in range(20):
-            ids.append(int(logits.argmax()))
+            ids.append(int(logits[0].argmax()))
             logits = decoder.step(ids[-1])
     assert ids == expected
+
+
+def test_graph_decoder_decodes_a_batch_as_each_sequence_alone(tiny):
+    from bailong.generation import GraphDecoder
+    prompts = [list(range(5, 25)), list(range(40, 60))]
+    expected = [generate(tiny, p, 12, GREEDY, stop_ids=[]) for p in prompts]
+    decoder = GraphDecoder(tiny, 64, graph=False, batch=2)
+    with torch.no_grad():
+        logits, ids = decoder.prefill(torch.tensor(prompts)), []
+        for _ in range(12):
+            ids.append(logits.argmax(-1))  # (2,), fed back without leaving the device
+            logits = decoder.step(ids[-1])
+    assert torch.stack(ids, 1).tolist() == expected
 
 
 def test_decode_benchmark_runs_and_agrees_with_transformers():
@@ -161,8 +213,8 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
         decoder = GraphDecoder(tiny, 64)
     assert decoder.graph is None
     with torch.no_grad():
-        first = int(decoder.prefill(torch.tensor([[5, 6, 7]])).argmax())
-        expected = tiny(torch.tensor([[5, 6, 7, first]]))[0, -1]
+        first = int(decoder.prefill(torch.tensor([[5, 6, 7]]))[0].argmax())
+        expected = tiny(torch.tensor([[5, 6, 7, first]]))[:, -1]
         torch.testing.assert_close(decoder.step(first), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -304,7 +304,7 @@ def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch):
     decoder = GraphDecoder(model, 128, graph=False)  # the static cache the CUDA graph replays
     logits, ids = decoder.prefill(torch.tensor([prompt])), []
     for _ in range(5):
-        ids.append(int(logits.argmax()))
+        ids.append(int(logits[0].argmax()))
         logits = decoder.step(ids[-1])
     assert ids == expected
 
