@@ -1,8 +1,11 @@
-"""Batch-1 decoding speed: our generate() against transformers' generate() on the same weights.
+"""Decoding speed at batch 1 and 8: our generate() against transformers' generate() on the same weights.
 
 A model of a preset's shape with random weights (Llama-2-7B on a GPU, the tiny
-preset on the CPU), a random prompt, greedy decoding of a fixed number of new
-tokens (no early stop). Rows, fast ones first: ours in the compute dtype; ours on
+preset on the CPU), random prompts, greedy decoding of a fixed number of new
+tokens (no early stop). Batch 1 is generate(), what chat.py runs; a batch of B
+prompts of one length decodes together through ``GraphDecoder(batch=B)`` (each
+weight read once a step for all B sequences), against transformers' generate()
+on the same B prompts. Rows, fast ones first: ours in the compute dtype; ours on
 NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
 also with the fused decoding step (``bailong_kernels.decode``, off by default until timed);
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
@@ -11,11 +14,13 @@ ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly.
 Each row runs once to warm up (compilation, graph capture), is probed for its
 rate, then timed over the new tokens that fit in its time limit (``--limit``):
 a slow row is timed over fewer tokens instead of holding up the rest.
-tokens/s counts the new tokens over the whole call, prefill included; on CUDA
-each row also gives its share of the ceiling set by reading its weights once a
-token at the card's copy bandwidth.
+tokens/s counts the new tokens of all B sequences over the whole call, prefill
+included; on CUDA each row also gives its share of the ceiling set by reading its
+weights once a step at the card's copy bandwidth (B tokens a step). The slow
+eager and reference rows run at batch 1 only.
 
-    python bench/bench_decode.py                      # llama2-7b on CUDA, tiny on CPU
+    python bench/bench_decode.py                      # llama2-7b on CUDA, tiny on CPU; batches 1 and 8
+    python bench/bench_decode.py --batch 1            # batch 1 only
     python bench/bench_decode.py --preset tinyllama-1.1b --layers 2    # CPU, shapes bitsandbytes takes
 """
 import argparse
@@ -27,7 +32,7 @@ import torch
 import bailong
 import bailong_kernels
 from bailong.config import preset
-from bailong.generation import Sampling, generate
+from bailong.generation import GraphDecoder, Sampling, generate
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
 
@@ -57,20 +62,36 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompt, graph, kernels_on=True, fused_step=False):
+def ours(model, prompts, graph, kernels_on=True, fused_step=False, max_new=None):
+    """Greedy ids (B lists) of ``n`` new tokens after each prompt: generate() for one prompt, else one
+    ``GraphDecoder`` for the batch (made, and captured, at the first call; ``max_new`` tokens at most)."""
+    decoders = []
+
     def run(n):
         previous = bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step)
         try:
-            return generate(model, prompt, n, GREEDY, stop_ids=[], cuda_graph=graph)
+            if len(prompts) == 1:
+                return [generate(model, prompts[0], n, GREEDY, stop_ids=[], cuda_graph=graph)]
+            with torch.inference_mode():
+                if not decoders:  # graph None: as generate() decides, on CUDA
+                    use_graph = model.lm_head.weight.is_cuda if graph is None else graph
+                    decoders.append(GraphDecoder(model, len(prompts[0]) + max_new, use_graph, batch=len(prompts)))
+                logits, ids = decoders[0].prefill(torch.tensor(prompts, device=decoders[0].token.device)), []
+                for _ in range(n):
+                    ids.append(logits.argmax(-1))  # on the device: the step takes it from there
+                    if len(ids) < n:
+                        logits = decoders[0].step(ids[-1])
+                return torch.stack(ids, 1).tolist()
         finally:
             bailong_kernels.use_kernels(previous[0])
             bailong_kernels.use_decode_kernels(previous[1])
     return run
 
 
-def theirs(model, prompt, device):
-    ids = torch.tensor([prompt], device=device)
-    return lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+def theirs(model, prompts, device):
+    ids = torch.tensor(prompts, device=device)
+    return lambda n: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False)[:, ids.shape[1]:].tolist()
 
 
 def weight_bytes(model):
@@ -86,6 +107,7 @@ def main():
     p.add_argument("--layers", type=int, help="fewer layers than the preset (to fit a CPU)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     p.add_argument("--limit", type=float, default=20, help="seconds each row may take, past its warm-up")
     args = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -105,11 +127,13 @@ def main():
         nf4 = bailong.Llama(config)
     nf4.load_state_dict(dense.state_dict(), assign=True)  # shares the dense tensors until quantized
     nf4 = quantize_model(nf4.eval())
-    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    batches = [int(b) for b in args.batch.split(",")]
+    prompts = torch.randint(0, config.vocab_size, (max(batches), args.prompt),
+                            generator=torch.Generator().manual_seed(1)).tolist()
     n = args.new_tokens
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"{name} ({config.num_hidden_layers} layers) on {gpu}, {dtype}, torch {torch.__version__}; "
-          f"prompt {args.prompt}, {n} new tokens, greedy")
+          f"prompt {args.prompt}, {n} new tokens, greedy, batch {args.batch}")
 
     with tempfile.TemporaryDirectory() as tmp:
         bailong.save(nf4, tmp)  # bitsandbytes' 4-bit format: transformers reads the same bits back
@@ -125,18 +149,26 @@ def main():
         del x
     ceiling = {kind: bandwidth / weight_bytes(m) if bandwidth else None for kind, m in [("dense", dense), ("nf4", nf4)]}
     if bandwidth:
-        print(f"weight-read ceiling at the copy bandwidth {bandwidth / 1e12:.2f} TB/s: "
-              f"{ceiling['dense']:.0f} tokens/s dense, {ceiling['nf4']:.0f} NF4")
+        print(f"weight-read ceiling at the copy bandwidth {bandwidth / 1e12:.2f} TB/s, batch 1: "
+              f"{ceiling['dense']:.0f} tokens/s dense, {ceiling['nf4']:.0f} NF4 (batch B: B times as many)")
     cuda = device == "cuda"
-    rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompt, None)),  # fast rows first
-            ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompt, True, True, True)),
-            ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompt, True)),
-            ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompt, True, True, True)),
-            ("ours NF4, eager + kernels", "nf4", cuda and ours(nf4, prompt, False)),
-            ("transformers", "dense", theirs(hf, prompt, device)),
-            ("transformers + bitsandbytes", "nf4", hf_bnb and theirs(hf_bnb, prompt, device)),
-            ("ours NF4, CUDA graph, reference", "nf4", cuda and ours(nf4, prompt, True, False)),
-            ("ours NF4, eager, reference", "nf4", ours(nf4, prompt, False, False))]
+    for batch in batches:
+        run_batch(batch, prompts[:batch], dense, nf4, hf, hf_bnb, cuda, ceiling, args)
+
+
+def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
+    """Time every row at one batch size and compare their greedy ids."""
+    device, n, one = ("cuda" if cuda else "cpu"), args.new_tokens, batch == 1
+    print(f"-- batch {batch}")
+    rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompts, None, max_new=n)),  # fast first
+            ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompts, True, True, True, n)),
+            ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, max_new=n)),
+            ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompts, True, True, True, n)),
+            ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False)),
+            ("transformers", "dense", theirs(hf, prompts, device)),
+            ("transformers + bitsandbytes", "nf4", hf_bnb and theirs(hf_bnb, prompts, device)),
+            ("ours NF4, CUDA graph, reference", "nf4", cuda and one and ours(nf4, prompts, True, False)),
+            ("ours NF4, eager, reference", "nf4", one and ours(nf4, prompts, False, False, max_new=n))]
     results = {}
     for label, weights, fn in rows:
         if not fn:
@@ -146,9 +178,10 @@ def main():
         except Exception as e:
             print(f"{label:44s} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
+        tps *= batch
         results[label] = (tps, ids, weights)
-        share = f"{tps / ceiling[weights]:6.1%} of its weight-read ceiling" if bandwidth else ""
-        print(f"{label:44s} {tps:9.1f} tokens/s over {timed_n:4d} tokens {share}  (warm-up {warm:6.2f} s)",
+        share = f"{tps / (batch * ceiling[weights]):6.1%} of its weight-read ceiling" if ceiling[weights] else ""
+        print(f"{label:44s} {tps:9.1f} tokens/s over {timed_n:4d} steps {share}  (warm-up {warm:6.2f} s)",
               flush=True)
 
     dense_ids = results.get("transformers", (0, None))[1]
@@ -159,9 +192,11 @@ def main():
         if label.startswith("ours NF4") and ours_nf4 is not None and ids is not ours_nf4[1]:
             reference = ours_nf4[1]  # the kernels against our own reference: the same ids expected
         if reference is not None and ids is not reference:
-            common = min(len(ids), len(reference))
-            same = next((i for i, (a, b) in enumerate(zip(ids, reference)) if a != b), common)
-            print(f"{label}: greedy ids equal the reference's for the first {same} of {common}")
+            common = min(len(ids[0]), len(reference[0]))
+            same = min(next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), common)
+                       for row, ref in zip(ids, reference))
+            print(f"{label}: greedy ids equal the reference's for the first {same} of {common}"
+                  + (" in every sequence" if batch > 1 else ""))
     for base in ["transformers", "transformers + bitsandbytes", "ours, CUDA graph"]:
         if base in results:
             print(f"against {base}: " + ", ".join(f"{label} {tps / results[base][0]:.2f}x"
