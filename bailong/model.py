@@ -174,10 +174,14 @@ class StaticKVCache(KVCache):
 
 def project(x, *layers):
     """``m(x)`` for each of the linear layers, which read the same x; LoRA layers may answer together
-    (``LoRALinear.shared``: x read once for all of them, one gradient for it; their forward hooks, if
-    anyone set some, then do not run)."""
+    (``LoRALinear.shared``: x read once for all of them, one gradient for it), and so may NF4 layers when
+    decoding with the fused kernels (one GEMV launch). Their forward hooks, if anyone set some, then do not run."""
     shared = getattr(layers[0], "shared", None)
-    return (shared and shared(x, layers)) or tuple(m(x) for m in layers)
+    if shared and (ys := shared(x, layers)):
+        return ys
+    if (fused := decode_kernels(x)) is not None and (ys := fused.projections(x, layers)):
+        return ys
+    return tuple(m(x) for m in layers)
 
 
 class Attention(nn.Module):
@@ -222,8 +226,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
+        decode = decode_kernels(x)
+        if decode is not None and (h := decode.gated_projection(x, self.gate_proj, self.up_proj)) is not None:
+            return self.down_proj(h)  # gate, up and SwiGLU in one launch
         gate, up = project(x, self.gate_proj, self.up_proj)
-        if (fused := decode_kernels(x) or layer_kernels(x)) is not None:
+        if (fused := decode or layer_kernels(x)) is not None:
             return self.down_proj(fused.swiglu(gate, up))
         return self.down_proj(F.silu(gate) * up)  # SwiGLU
 

@@ -7,6 +7,9 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
 
 - ``rms_norm``: ``RMSNorm.forward`` (square, mean, rsqrt, multiply, casts) in one launch.
 - ``swiglu``: ``silu(gate) * up`` in one launch.
+- ``projections``: q, k and v (or any bare NF4 projections that read the same x) in
+  one GEMV launch; ``gated_projection``: gate and up with SwiGLU on the way out, in
+  one launch (``bailong_kernels.nf4_matmul.gemv_group`` / ``gemv_swiglu``).
 - ``decode_attention``: for one new token, RoPE on q and k, the new k and v
   written into the KV cache, and attention over the positions filled so far
   (not the whole cache buffer), in one launch:
@@ -26,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from bailong.quantized import NF4Linear
 from bailong_kernels.nf4_dequant import launch_device
+from bailong_kernels.nf4_matmul import gemv_group, gemv_swiglu, gemv_takes
 
 
 @triton.jit
@@ -66,6 +71,34 @@ def swiglu(gate, up):
     with launch_device(gate):
         _swiglu_kernel[(triton.cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), BLOCK=1024)
     return y
+
+
+def _gemv_weights(x, layers):
+    """The NF4 weights of ``layers`` if one GEMV launch can take them all for x (bare NF4 projections the GEMV
+    takes, quantized alike, no autocast: ``nf4_matmul`` would cast x), else None."""
+    if torch.is_autocast_enabled(x.device.type) or not all(type(m) is NF4Linear for m in layers):
+        return None
+    qs = [m.weight for m in layers]
+    x2d = x.reshape(-1, x.shape[-1])
+    if len({(q.blocksize, q.double_quant) for q in qs}) > 1 or not all(gemv_takes(x2d, q) for q in qs):
+        return None
+    return qs
+
+
+def projections(x, layers):
+    """``tuple(m(x) for m in layers)`` in one GEMV launch, or None where that launch cannot take them."""
+    qs = _gemv_weights(x, layers)
+    if qs is None:
+        return None
+    return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in gemv_group(x.reshape(-1, x.shape[-1]), qs))
+
+
+def gated_projection(x, gate, up):
+    """``F.silu(gate(x)) * up(x)`` in one GEMV launch, or None where that launch cannot take them."""
+    qs = _gemv_weights(x, (gate, up))
+    if qs is None:
+        return None
+    return gemv_swiglu(x.reshape(-1, x.shape[-1]), *qs).view(*x.shape[:-1], gate.out_features)
 
 
 @triton.jit

@@ -28,12 +28,18 @@ from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor
 @triton.jit
 def _block_scale(block, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                  DOUBLE_QUANT: tl.constexpr):
-    """Float32 absmax of the blocks ``block`` (any shape), expanding the 8-bit codes if double-quantized."""
+    """Float32 absmax of the blocks ``block`` (any shape), expanding the 8-bit codes if double-quantized; masked
+    blocks read as 0 (``mask`` None: every block is read)."""
     if DOUBLE_QUANT:
-        absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(nested_map_ptr + absmax_code) * tl.load(nested_absmax_ptr + block // 256, mask=mask,
-                                                                other=0.0)
-        scale = scale + tl.load(offset_ptr)
+        if mask is None:
+            absmax_code = tl.load(absmax_ptr + block).to(tl.int32)
+            nested_absmax = tl.load(nested_absmax_ptr + block // 256)
+        else:
+            absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+            nested_absmax = tl.load(nested_absmax_ptr + block // 256, mask=mask, other=0.0)
+        scale = tl.load(nested_map_ptr + absmax_code) * nested_absmax + tl.load(offset_ptr)
+    elif mask is None:
+        scale = tl.load(absmax_ptr + block)
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
     return scale

@@ -25,9 +25,25 @@ in its high nibble, so weight j of a word sits at bit 4 * (j ^ 1): 4, 0, 12, 8,
 20, 16, 28, 24. Keeping j as its own axis of x too (x is read as (M, BLOCK_K/8, 8))
 means the weights never need to be put back in order: a dot product does not care.
 
+At M = 1 this loop is bound by issuing instructions, not by memory: compiled for
+sm_90 its body spends about 20 instructions a weight (the sums across threads at
+every step, masks, the scale found for every word), while reading the 4-bit
+weights at an H200's bandwidth leaves room for about 5. A second loop
+(``_gemv_rows_at_end``, a tile's ``at_end``) sums each word's 8 products in the
+thread that holds the word, keeps one float per word across the loop and sums
+across threads once at the end, and masks only a partial last step: 9-10
+instructions a weight (bench/check_kernels_compile.py counts them). It is in the
+benchmark's tile sweep and becomes the default once a GPU run times it faster.
+
+Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
+the kernel takes a tuple of weights, a program the rows of one of them) and
+``gemv_swiglu`` (gate and up, a program the same rows of both, SwiGLU applied
+before the store).
+
 Backward, dx = dy @ W: the dequantize kernel, then cuBLAS (W is frozen: no
 weight gradient). Reference: ``bailong.quantized.NF4Matmul``.
 """
+import itertools
 import os
 
 import torch
@@ -41,17 +57,21 @@ from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, n
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
 
 
-def gemv_tiles():
-    """Every (BLOCK_N, BLOCK_K, num_warps) the benchmark tries; ``gemv_tile`` picks among them."""
-    return [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (2, 1024, 1), (2, 512, 1), (1, 1024, 2), (2, 1024, 2),
-            (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 8), (8, 1024, 8)]
+def gemv_tiles(M=1):
+    """Every (BLOCK_N, BLOCK_K, num_warps, at_end) the benchmark tries at M rows of x; ``gemv_tile`` picks among
+    them. ``at_end``: the loop that sums across threads once at the end (``_gemv_rows_at_end``, up to 4 rows)."""
+    each_step = [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (2, 1024, 1), (2, 512, 1), (1, 1024, 2), (2, 1024, 2),
+                 (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 8), (8, 1024, 8)]
+    at_end = [(1, 256, 1), (1, 512, 1), (1, 1024, 1), (2, 512, 1), (1, 512, 2), (1, 1024, 2), (2, 1024, 2),
+              (4, 512, 4), (4, 1024, 4)]
+    return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if M <= 4]
 
 
 def gemv_tile(M):
     """The tile ``gemv`` runs: the fastest measured at Llama-2-7B's shapes on an H200 (docs/BENCHMARKS.md)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return 4, 64, 4  # interpreted: small, so that the tests run several programs and a partial last tile
-    return {1: (1, 1024, 1), 2: (1, 1024, 2)}.get(M, (4, 1024, 4))
+        return 4, 64, 4, False  # interpreted: small, so that the tests run several programs and a partial last tile
+    return {1: (1, 1024, 1, False), 2: (1, 1024, 2, False)}.get(M, (4, 1024, 4, False))
 
 
 @triton.jit
@@ -67,16 +87,31 @@ def _nf4_tile_and_scale(w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, of
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, y_ptr,
-                     M, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AT_END: tl.constexpr):
+    """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), summed across threads at every step of K
+    (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``)."""
+    if AT_END:
+        return _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N,
+                                 BLOCK_K)
+    else:
+        return _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M,
+                                    BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), for ``weight`` = (packed words, code,
+    absmax, nested map, nested absmax, offset) of N rows: the loop of the module docstring."""
     WORDS: tl.constexpr = BLOCK_K // 8
-    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]  # (BN, 1, 1)
+    rn = (n0 + tl.arange(0, BLOCK_N))[:, None, None]  # (BN, 1, 1)
     word = tl.arange(0, WORDS)[None, :, None]  # (1, WORDS, 1)
     j = tl.arange(0, 8)[None, None, :]  # (1, 1, 8)
     shift = 4 * (j ^ 1)  # bit of weight j in a little-endian int32 word (see above)
     rm = tl.arange(0, BLOCK_M)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
     args = (w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
     words, scale = _nf4_tile_and_scale(*args, rn, word, N, K, BLOCKSIZE, DOUBLE_QUANT)
     for k0 in range(0, K, BLOCK_K):
@@ -89,25 +124,192 @@ def _nf4_gemv_kernel(x_ptr, w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_
             x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
             acc += tl.where(rm == m, tl.sum(tl.sum(w * x, axis=2), axis=1)[None, :], 0.0)
         words, scale = next_words, next_scale
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(y_ptr + rm * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=(rm < M) & (rn[None, :] < N))
+    return acc
+
+
+@triton.jit
+def _split8(t, WORDS: tl.constexpr):
+    """The 8 columns of t (WORDS, 8) as 8 tensors (WORDS,), each left in the thread that holds its row."""
+    even, odd = tl.split(tl.reshape(t, (WORDS, 4, 2)))  # columns 0 2 4 6 / 1 3 5 7
+    c04, c26 = tl.split(tl.reshape(even, (WORDS, 2, 2)))
+    c15, c37 = tl.split(tl.reshape(odd, (WORDS, 2, 2)))
+    c0, c4 = tl.split(c04)
+    c2, c6 = tl.split(c26)
+    c1, c5 = tl.split(c15)
+    c3, c7 = tl.split(c37)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _word_dots(words, code_ptr, x_ptr, k0, K, WORDS: tl.constexpr, MASKED: tl.constexpr):
+    """(BN, WORDS): for each word, the sum over its 8 weights j of code[nibble j] * x[k0 + 8 word + j]; x read
+    as 16-byte rows of 8 and split apart in its thread, where the word is. ``MASKED``: x past K reads 0."""
+    k = k0 + tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]  # (WORDS, 8)
+    if MASKED:
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+    else:
+        x = tl.load(x_ptr + k)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), WORDS)
+    # weight j sits at bit 4 * (j ^ 1) of the little-endian word (see above)
+    dot = tl.load(code_ptr + ((words >> 4) & 0xF)) * x0[None, :]
+    dot += tl.load(code_ptr + (words & 0xF)) * x1[None, :]
+    dot += tl.load(code_ptr + ((words >> 12) & 0xF)) * x2[None, :]
+    dot += tl.load(code_ptr + ((words >> 8) & 0xF)) * x3[None, :]
+    dot += tl.load(code_ptr + ((words >> 20) & 0xF)) * x4[None, :]
+    dot += tl.load(code_ptr + ((words >> 16) & 0xF)) * x5[None, :]
+    dot += tl.load(code_ptr + ((words >> 28) & 0xF)) * x6[None, :]
+    dot += tl.load(code_ptr + ((words >> 24) & 0xF)) * x7[None, :]
+    return dot
+
+
+@triton.jit
+def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_gemv_rows_each_step`` in fewer instructions a weight: a word's 8 products are summed and scaled in
+    the thread that holds the word and kept per word across the loop, then summed across threads once at the
+    end; the loop over whole steps of K masks nothing (rows past N repeat row N - 1 and are never stored; the
+    next step's words are asked for ahead, the first step's again at the last); a partial last step is
+    masked. Needs K >= BLOCK_K."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None]  # (BN, 1)
+    # one word per thread and load (4-byte loads, still 128 contiguous bytes a warp): then the words sit in the
+    # threads that hold their 8 values of x, and nothing moves between threads inside the loop
+    word = tl.max_contiguous(tl.arange(0, WORDS)[None, :], [1, 1])  # (1, WORDS)
+    w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
+    words_at = w_ptr + rn.to(tl.int64) * (K // 8) + word  # (BN, WORDS): the first step's words
+    blocks = rn * (K // BLOCKSIZE) + word // (BLOCKSIZE // 8)  # the first step's blocks
+    rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    scales = (absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
+    whole = K - K % BLOCK_K  # the columns of whole steps
+    words = tl.load(words_at)
+    scale = _block_scale(blocks, None, *scales, DOUBLE_QUANT)
+    for k0 in range(0, whole, BLOCK_K):
+        ahead = tl.where(k0 + BLOCK_K < whole, k0 + BLOCK_K, 0)  # the next whole step, or the first again
+        next_words = tl.load(words_at + ahead // 8)
+        next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
+        for m in tl.static_range(BLOCK_M):  # rows of x past M are read (as row M - 1) but never stored
+            dots = _word_dots(words, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, WORDS, False)
+            acc += tl.where(rm == m, (dots * scale)[None], 0.0)
+        words, scale = next_words, next_scale
+    if whole < K:  # the last, partial step
+        ok = whole // 8 + word < K // 8
+        words = tl.load(words_at + whole // 8, mask=ok, other=0)
+        scale = _block_scale(blocks + whole // BLOCKSIZE, ok, *scales, DOUBLE_QUANT)
+        for m in tl.static_range(BLOCK_M):
+            dots = _word_dots(words, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, whole, K, WORDS, True)
+            acc += tl.where(rm == m, (dots * scale)[None], 0.0)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, M, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     AT_END: tl.constexpr):
+    """y[:, c_g : c_g + N_g] = x @ W_g.T for each weight g of ``weights`` (a tuple: one launch for all), where
+    ``rows`` = (0, N_0, N_0 + N_1, ...) gives both c_g and N_g; a program takes BLOCK_N rows of one weight."""
+    if len(weights) == 1:  # no branch to take
+        _gemv_store(x_ptr, stride_xm, M, K, weights[0], tl.program_id(0) * BLOCK_N, rows[1], y_ptr, stride_ym,
+                    BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+    else:
+        first = 0  # the first program of weight g
+        for g in tl.static_range(len(weights)):
+            N = rows[g + 1] - rows[g]
+            n0 = (tl.program_id(0) - first) * BLOCK_N
+            if (n0 >= 0) & (n0 < N):
+                _gemv_store(x_ptr, stride_xm, M, K, weights[g], n0, N, y_ptr + rows[g], stride_ym, BLOCKSIZE,
+                            DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+            first += tl.cdiv(N, BLOCK_N)
+
+
+@triton.jit
+def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, stride_ym, BLOCKSIZE: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                AT_END: tl.constexpr):
+    """y[:M, n0 : n0 + BLOCK_N] = x[:M] @ W[n0 : n0 + BLOCK_N].T."""
+    acc = _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                     AT_END)
+    rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(y_ptr + rm * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=(rm < M) & (rn < N))
+
+
+@triton.jit
+def _nf4_gemv_swiglu_kernel(x_ptr, gate, up, y_ptr, M, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+                            DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, AT_END: tl.constexpr):
+    """y = silu(x @ W_gate.T) * (x @ W_up.T): a program takes the same BLOCK_N rows of both weights."""
+    n0 = tl.program_id(0) * BLOCK_N
+    dtype = y_ptr.dtype.element_ty
+    # each product rounded to x's dtype, and silu's result too, as F.linear and F.silu return them
+    g = _gemv_rows(x_ptr, stride_xm, M, K, gate, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+    g = g.to(dtype).to(tl.float32)
+    u = _gemv_rows(x_ptr, stride_xm, M, K, up, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+    silu = (g / (1 + tl.exp(-g))).to(dtype).to(tl.float32)
+    rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(y_ptr + rm * stride_ym + rn, (silu * u.to(dtype).to(tl.float32)).to(dtype), mask=(rm < M) & (rn < N))
+
+
+def gemv_takes(x2d, q: NF4Tensor) -> bool:
+    """Whether the GEMV kernel runs ``x2d @ W.T``: 1 to GEMV_MAX_M rows of x, rows of W of whole blocks and its
+    bytes readable as int32 words."""
+    readable_as_words = q.data.is_contiguous() and q.data.storage_offset() % 4 == 0
+    return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words
+
+
+def _gemv_weights(x2d, qs):
+    """The kernels' tuple of weight arguments for ``qs``, and their shared meta-parameters."""
+    M, K = x2d.shape
+    assert M <= 16 and all(q.shape[1] == K and K % q.blocksize == 0 for q in qs)
+    assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
+    weights = []
+    for q in qs:
+        packed, *tables = nf4_args(q)
+        weights.append((packed.view(-1).view(torch.int32), *tables))
+    meta = dict(BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant, BLOCK_M=triton.next_power_of_2(M))
+    return tuple(weights), meta
+
+
+def _tile_meta(M, K, tile):
+    """``tile`` (default ``gemv_tile(M)``) as the kernels' meta-parameters; the at-end loop steps over at most
+    K columns."""
+    block_n, block_k, warps, at_end = tile or gemv_tile(M)
+    if at_end:
+        block_k = min(block_k, 1 << (K.bit_length() - 1))
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, num_warps=warps)
+
+
+def gemv_group(x2d, qs, tile=None):
+    """(x2d @ W.T for W in ``qs``), weights that read the same x (q, k, v), in one launch: (M, N_g) views of one
+    (M, sum of N) output. For M <= 16 and rows of W of whole blocks; ``tile`` (BLOCK_N, BLOCK_K, num_warps)
+    overrides ``gemv_tile``'s."""
+    M = x2d.shape[0]
+    x2d = x2d.contiguous()
+    weights, meta = _gemv_weights(x2d, qs)
+    rows = tuple(itertools.accumulate((q.shape[0] for q in qs), initial=0))
+    y = torch.empty((M, rows[-1]), device=x2d.device, dtype=x2d.dtype)
+    meta |= _tile_meta(M, x2d.shape[1], tile)
+    with launch_device(x2d):
+        _nf4_gemv_kernel[(sum(triton.cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
+            x2d, weights, rows, y, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
+    return tuple(y[:, a:b] for a, b in itertools.pairwise(rows))
 
 
 def gemv(x2d, q: NF4Tensor, tile=None):
-    """(M, K) @ W.T -> (M, N) in x's dtype by the GEMV kernel, for M <= 16 and rows of W of whole blocks;
-    ``tile`` (BLOCK_N, BLOCK_K, num_warps) overrides ``gemv_tile``'s."""
-    M, K = x2d.shape
-    N = q.shape[0]
-    assert M <= 16 and K % q.blocksize == 0
+    """(M, K) @ W.T -> (M, N) in x's dtype by the GEMV kernel (``gemv_group`` of one weight)."""
+    return gemv_group(x2d, [q], tile)[0]
+
+
+def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
+    """``F.silu(x2d @ W_gate.T) * (x2d @ W_up.T)`` in one launch, for M <= 16 and rows of W of whole blocks."""
+    assert gate.shape == up.shape
+    M, N = x2d.shape[0], gate.shape[0]
     x2d = x2d.contiguous()
+    (gate_args, up_args), meta = _gemv_weights(x2d, [gate, up])
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    block_n, block_k, warps = tile or gemv_tile(M)
-    packed, *tables = nf4_args(q)
+    meta |= _tile_meta(M, x2d.shape[1], tile)
     with launch_device(x2d):
-        _nf4_gemv_kernel[(triton.cdiv(N, block_n),)](
-            x2d, packed.view(-1).view(torch.int32), *tables, y, M, N, K, x2d.stride(0), y.stride(0),
-            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=triton.next_power_of_2(M),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        _nf4_gemv_swiglu_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+            x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
     return y
 
 
@@ -117,10 +319,9 @@ def dequant_matmul(x2d, q: NF4Tensor):
 
 
 def nf4_matmul_forward(x2d, q: NF4Tensor):
-    """(M, K) @ W.T -> (M, N) in x's dtype: the GEMV kernel for up to GEMV_MAX_M rows (rows of W of whole
-    blocks, its bytes readable as int32 words), else the dequantize kernel and cuBLAS."""
-    readable_as_words = q.data.is_contiguous() and q.data.storage_offset() % 4 == 0
-    if 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words:
+    """(M, K) @ W.T -> (M, N) in x's dtype: the GEMV kernel where it takes x (``gemv_takes``), else the
+    dequantize kernel and cuBLAS."""
+    if gemv_takes(x2d, q):
         return gemv(x2d, q)
     return dequant_matmul(x2d, q)
 

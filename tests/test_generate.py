@@ -33,7 +33,8 @@ def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2
     rows = 40_000  # the same logits in every row: one draw each
-    for s in [Sampling(0.8, 0, 1.0, 1.0, seed=1), Sampling(1.0, 4, 1.0, 1.0, seed=1), Sampling(1.0, 0, 0.7, 1.3, seed=1)]:
+    for s in [Sampling(0.8, 0, 1.0, 1.0, seed=1), Sampling(1.0, 4, 1.0, 1.0, seed=1),
+              Sampling(1.0, 0, 0.7, 1.3, seed=1)]:
         seen = seen_mask(torch.tensor([[3, 5]]), 12).expand(rows, -1).clone()
         expected = process_logits(logits, seen[:1], s).softmax(-1)[0]
         tokens = sample(logits.expand(rows, -1), seen, s, torch.Generator().manual_seed(s.seed))
