@@ -8,7 +8,11 @@ compiler needs), calls the real wrappers with Llama-2-7B-shaped bf16 inputs
 on the CPU, and compiles each kernel as those calls would launch it (the GEMV
 at every row count it takes), for sm_90 (H100) and sm_80 (A100), with Triton's
 bundled ptxas. Per kernel it reports registers, spills, shared memory, and what
-the PTX says: tensor-core instructions (wgmma / mma) and vector loads.
+the PTX says: tensor-core instructions (wgmma / mma) and vector loads. For the
+GEMV at one row of x it also counts the machine (SASS) instructions of the loop
+body per weight a thread takes a step: reading 4-bit weights at an H200's ~4 TB/s
+leaves an SM room to issue about 5 instructions a weight, so this count says
+whether a GEMV can be bound by memory at all (a static measure: the GPU times).
 
     python bench/check_kernels_compile.py          # exit status 1 if anything fails to compile or spills
 
@@ -31,7 +35,7 @@ from triton.runtime import driver
 from bailong.nf4 import quantize
 from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul as matmul
 
-KERNELS = [matmul._nf4_gemv_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
+KERNELS = [matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
            decode._decode_attention_kernel, layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel,
            layers._rope_kernel, layers._cross_entropy_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -82,26 +86,49 @@ def describe(case, kernel, config, compiled, arch):
                 smem=smem if smem <= SHARED_LIMIT[arch] else f"{smem} (too much: skipped)", mma=mma, vector_loads=vec)
 
 
+def loop_instructions(cubin: bytes) -> int:
+    """SASS instructions in the body of the kernel's longest loop (a branch back to an earlier address)."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check_kernels_{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    finally:
+        path.unlink()
+    addresses = [int(a, 16) for a, _ in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(target, 16), int(at, 16)) for at, target in
+             re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]
+    return max((sum(start <= a <= end for a in addresses) for start, end in loops if start < end), default=0)
+
+
 def compile_all(arch):
-    """Compile the GEMV kernel for every row count it takes, and the dequantize kernel, for this architecture."""
+    """Compile the GEMV kernels for every row count and launch they take, and the other kernels, for this
+    architecture."""
     driver.set_active(CompileOnly(arch))
     for kernel in KERNELS:
         kernel.device_caches.clear()  # binders remember the target
     rows, seen = [], set()
 
     class CompileOnlyKernel:
-        """Stands in for the GEMV kernel: ``kernel[grid](*args, **meta)`` compiles instead of launching."""
+        """Stands in for a GEMV kernel: ``kernel[grid](*args, **meta)`` compiles instead of launching."""
+
+        def __init__(self, kernel):
+            self.kernel = kernel
 
         def __getitem__(self, grid):
             def compile_only(*args, **meta):
-                compiled = kernel.warmup(*args, grid=(1,), **meta)
+                compiled = self.kernel.warmup(*args, grid=(1,), **meta)
                 if compiled.hash not in seen:  # shapes that specialise alike compile once
                     seen.add(compiled.hash)
-                    rows.append(describe(case, kernel, {k.lower(): v for k, v in meta.items()
-                                         if k.startswith("BLOCK_") or k == "num_warps"}, compiled, arch))
+                    row = describe(case, self.kernel, {k.lower(): v for k, v in meta.items()
+                                   if k.startswith("BLOCK_") or k in ("AT_END", "num_warps")}, compiled, arch)
+                    if meta["BLOCK_M"] == 1:  # weights a thread takes a step: BLOCK_N BLOCK_K / threads
+                        per_thread = meta["BLOCK_N"] * meta["BLOCK_K"] / (32 * meta["num_warps"])
+                        row["loop_instr_per_weight"] = round(loop_instructions(compiled.asm["cubin"]) / per_thread, 1)
+                    rows.append(row)
             return compile_only
 
-    kernel, matmul._nf4_gemv_kernel = matmul._nf4_gemv_kernel, CompileOnlyKernel()
+    gemv_kernels = (matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel)
+    matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel = map(CompileOnlyKernel, gemv_kernels)
     try:
         bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
         for (N, K), dtype, blocksize, double_quant in [
@@ -113,8 +140,21 @@ def compile_all(arch):
             for M in [1, 2, 4, 8, 16]:  # the tile gemv_tile picks for each (bench/bench_nf4_matmul.py tries more)
                 case = f"{str(dtype)[6:]} y=x@W.T M={M} {weight}"
                 matmul.gemv(torch.randn(M, K, dtype=dtype), q)
+            if dtype == bf16 and double_quant:  # the at-end loop, at the tiles most likely to win
+                for M in [1, 2, 4]:
+                    for tile in [(1, 1024, 1, True), (2, 1024, 2, True), (4, 1024, 4, True)]:
+                        case = f"bf16 y=x@W.T M={M} {weight}, at-end loop"
+                        matmul.gemv(torch.randn(M, K, dtype=dtype), q, tile)
+        x = torch.randn(1, 4096, dtype=bf16)
+        qkv = [quantize(torch.randn(n, 4096) * 0.02) for n in (4096, 1024, 1024)]  # GQA: k and v narrower
+        gate = quantize(torch.randn(11008, 4096) * 0.02)
+        for tile in [None, (2, 1024, 2, True)]:
+            case = "bf16 q, k, v in one launch M=1 N=4096+1024+1024 K=4096"
+            matmul.gemv_group(x, qkv, tile)
+            case = "bf16 silu(gate) * up in one launch M=1 N=11008 K=4096"
+            matmul.gemv_swiglu(x, gate, gate, tile)
     finally:
-        matmul._nf4_gemv_kernel = kernel
+        matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel = gemv_kernels
     compiled = dequant._nf4_dequant_kernel.warmup(*dequant.nf4_args(q), torch.empty(N, K, dtype=torch.bfloat16),
                                                   q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
                                                   enable_fp_fusion=False, grid=(1,))
@@ -146,10 +186,10 @@ def main():
         sys.exit(f"{CUOBJDUMP}: missing; this Triton build has no NVIDIA backend tools")
     rows = [row for arch in (90, 80) for row in compile_all(arch)]
     print(f"triton {triton.__version__}: {len(rows)} kernels compiled (vector_loads: 8- and 16-byte loads in the PTX)")
-    header = list(rows[0])
+    header = list(dict.fromkeys(h for row in rows for h in row))
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in rows:
-        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+        print("| " + " | ".join(str(row.get(h, "-")) for h in header) + " |")
     spilled = [r for r in rows if r["spill"]]
     for r in spilled:
         print(f"spills: {r['arch']} {r['case']} {r['kernel']} {r['config']}: {r['spill']} bytes of stack a thread")

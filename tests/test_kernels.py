@@ -169,10 +169,18 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     if "no NVIDIA backend tools" in result.stderr:
         pytest.skip(result.stderr.strip())
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| sm_")]
+    lines = result.stdout.splitlines()
+    header = [h.strip() for h in next(line for line in lines if line.startswith("| arch")).strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines
+            if line.startswith("| sm_")]
     assert len(rows) > 40
-    for arch, case, kernel, *_, vector_loads in rows:  # the packed weight is read in wide loads
-        assert int(vector_loads.strip(" |")) >= 2 or "scalar loads" in case, (arch, case, kernel)
+    for row in rows:  # x and the packed weight are read in wide loads
+        assert int(row["vector_loads"]) >= 2 or "scalar loads" in row["case"], row
+    at_end = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=True" in r["config"]
+              and r["loop_instr_per_weight"] != "-"]
+    each_step = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=False" in r["config"]
+                 and r["loop_instr_per_weight"] != "-" and r["case"].startswith("bf")]  # bf16 x, as at_end's
+    assert at_end and max(at_end) < 0.6 * min(each_step)  # the point of the at-end loop
 
 
 def test_decode_kernels_match_pytorch():
