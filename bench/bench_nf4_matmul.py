@@ -10,9 +10,14 @@ sees them: each way is captured in a CUDA graph (no launch overhead) over enough
 copies of the weight that they do not fit in the L2 cache, and the graph is
 replayed; median of the replays. GB/s counts the weight bytes each way reads
 (NF4: codes, absmax codes and tables; bf16: 2 bytes a weight), against the
-card's measured copy bandwidth (bytes read plus written).
+card's measured copy bandwidth (bytes read plus written). The sweep reports the
+best tile of each GEMV loop (summing across threads at every step, or once at
+the end: ``at_end``). Then the launches the fused decoding step makes: q, k and v
+of Llama-2-7B in one launch against three, and gate and up with SwiGLU in one
+launch against two GEMVs and the SwiGLU kernel, with the default tile and with
+the sweep's best.
 
-    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,4,16]
+    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,2,4,16]
     TRITON_INTERPRET=1 python bench/bench_nf4_matmul.py --tiny      # CPU smoke run of the whole script
 """
 import argparse
@@ -22,7 +27,8 @@ import torch
 
 from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import nf4_dequantize
-from bailong_kernels.nf4_matmul import dequant_matmul, gemv, gemv_tile, gemv_tiles
+from bailong_kernels.decode import swiglu
+from bailong_kernels.nf4_matmul import dequant_matmul, gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 L2_BYTES = 256 << 20  # copies of a weight fill at least this much: several times any GPU's L2
@@ -75,13 +81,13 @@ def checked(fn, ref):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", default="1,2,4,8,16", help="rows of x")
-    p.add_argument("--sweep", default="1,4,16", help="row counts at which every tile is tried")
+    p.add_argument("--sweep", default="1,2,4,16", help="row counts at which every tile is tried")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float16 if args.tiny else torch.bfloat16
     shapes, ms = ([(40, 128)], [1, 3]) if args.tiny else (SHAPES, [int(m) for m in args.m.split(",")])
-    sweep = set() if args.tiny else {int(m) for m in args.sweep.split(",") if m}
+    sweep = {1} if args.tiny else {int(m) for m in args.sweep.split(",") if m}
     timed = wall_ms if args.tiny else graph_ms
     try:
         import bitsandbytes as bnb
@@ -92,9 +98,10 @@ def main():
     bandwidth = None if args.tiny else copy_bandwidth()
     print(f"{name}, torch {torch.__version__}, {dtype}, bitsandbytes {bnb.__version__ if bnb else 'absent'}"
           + (f", copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)" if bandwidth else ""))
-    print(f"{'W (out x in)':>12} {'M':>3} | {'gemv us':>8} {'GB/s':>5} {'of copy':>7} | {'best tile':>14} "
-          f"{'us':>7} | {'deq+cuBLAS':>10} | {'bf16':>7} {'GB/s':>5} | {'bnb':>7} | {'gemv/bf16':>9} "
-          f"{'bnb/gemv':>8} {'deq/gemv':>8}")
+    print(f"{'W (out x in)':>12} {'M':>3} | {'gemv us':>8} {'GB/s':>5} {'of copy':>7} | {'best each-step':>17} "
+          f"{'us':>7} | {'best at-end':>17} {'us':>7} {'GB/s':>5} | {'deq+cuBLAS':>10} | {'bf16':>7} {'GB/s':>5} | "
+          f"{'bnb':>7} | {'gemv/bf16':>9} {'bnb/gemv':>8} {'deq/gemv':>8}")
+    best_tiles = {}  # M -> the fastest tile at 4096x4096
     for N, K in shapes:
         torch.manual_seed(0)
         w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
@@ -111,11 +118,14 @@ def main():
             ref = x.float() @ wq.T
             checked(lambda: gemv(x, q), ref)
             t_gemv = timed([lambda q=q: gemv(x, q) for q in qs])
-            best = (gemv_tile(M), t_gemv)
-            for tile in gemv_tiles() if M in sweep else []:
+            best = {False: (gemv_tile(M), t_gemv), True: (None, float("nan"))}  # by loop: at the end or not
+            for tile in gemv_tiles(M) if M in sweep else []:
                 checked(lambda: gemv(x, q, tile), ref)
                 t = timed([lambda q=q: gemv(x, q, tile) for q in qs])
-                best = min(best, (tile, t), key=lambda b: b[1])
+                if best[tile[3]][0] is None or t < best[tile[3]][1]:
+                    best[tile[3]] = (tile, t)
+            if (N, K) == SHAPES[0] and M in sweep:
+                best_tiles[M] = min(best.values(), key=lambda b: b[1] if b[0] else float("inf"))[0]
             checked(lambda: dequant_matmul(x, q), ref)
             t_deq = timed([lambda q=q: dequant_matmul(x, q) for q in qs])
             t_dense = timed([lambda w=w: x @ w.T for w in ws])
@@ -127,13 +137,48 @@ def main():
                     print(f"bitsandbytes at M={M}: {type(e).__name__}: {str(e).splitlines()[0]}")
             gbs = lambda nbytes, ms: nbytes / ms / 1e6  # noqa: E731
             share = f"{gbs(q.nbytes, t_gemv) * 1e9 / bandwidth:7.0%}" if bandwidth else f"{'-':>7}"
+            tile_name = lambda tile: ",".join(map(str, tile[:3])) if tile else "-"  # noqa: E731
             print(f"{f'{N}x{K}':>12} {M:3d} | {t_gemv * 1e3:8.2f} {gbs(q.nbytes, t_gemv):5.0f} {share} | "
-                  f"{','.join(map(str, best[0])):>14} {best[1] * 1e3:7.2f} | {t_deq * 1e3:10.2f} | "
+                  f"{tile_name(best[False][0]):>17} {best[False][1] * 1e3:7.2f} | "
+                  f"{tile_name(best[True][0]):>17} {best[True][1] * 1e3:7.2f} "
+                  f"{gbs(q.nbytes, best[True][1]):5.0f} | {t_deq * 1e3:10.2f} | "
                   f"{t_dense * 1e3:7.2f} {gbs(2 * w.numel(), t_dense):5.0f} | "
                   f"{t_bnb * 1e3 if t_bnb else float('nan'):7.2f} | {t_gemv / t_dense:9.2f} "
                   f"{(t_bnb or float('nan')) / t_gemv:8.2f} {t_deq / t_gemv:8.2f}", flush=True)
         if device == "cpu":
             print(f"{'':>12} dequantize to float16: kernel {timed([lambda: nf4_dequantize(q, dtype)]):.1f} ms")
+    one_launch(device, dtype, timed, ms, best_tiles, (40, 128) if args.tiny else SHAPES[0],
+               (48, 128) if args.tiny else SHAPES[1])
+
+
+def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
+    """q, k, v in one launch against three; gate and up with SwiGLU in one launch against three."""
+    torch.manual_seed(0)
+
+    def weights(shape, n):
+        return [quantize((torch.randn(*shape, device=device) * 0.02).to(dtype)) for _ in range(n)]
+    nbytes = weights(qkv_shape, 1)[0].nbytes
+    copies = max(1, L2_BYTES // (3 * nbytes)) if device == "cuda" else 1  # more bytes than the L2 holds
+    qkvs = [weights(qkv_shape, 3) for _ in range(copies)]
+    gate_ups = [weights(gate_shape, 2) for _ in range(max(1, copies * 3 // 5))]  # 3 x 4096 x 4096 ~ 5/3 x 11008
+    print("one launch against several: us per layer's projections (a CUDA graph over weight copies)")
+    for M in ms:
+        x = torch.randn(M, qkv_shape[1], device=device, dtype=dtype)
+        for tile in [t for t in dict.fromkeys([gemv_tile(M), best_tiles.get(M)]) if t]:
+            ref = [x.float() @ w.dequantize(torch.float32).T for w in qkvs[0]]
+            for out, r in zip(gemv_group(x, qkvs[0], tile), ref):
+                checked(lambda: out, r)
+            three = timed([lambda ws=ws: [gemv(x, w, tile) for w in ws] for ws in qkvs])
+            one = timed([lambda ws=ws: gemv_group(x, ws, tile) for ws in qkvs])
+            gate, up = gate_ups[0]
+            ref = torch.nn.functional.silu(x.float() @ gate.dequantize(torch.float32).T) * \
+                (x.float() @ up.dequantize(torch.float32).T)
+            checked(lambda: gemv_swiglu(x, gate, up, tile), ref)
+            apart = timed([lambda g=g, u=u: swiglu(gemv(x, g, tile), gemv(x, u, tile)) for g, u in gate_ups])
+            fused = timed([lambda g=g, u=u: gemv_swiglu(x, g, u, tile) for g, u in gate_ups])
+            print(f"  M={M} tile {','.join(map(str, tile))}: q, k, v {three * 1e3:.2f} -> {one * 1e3:.2f} us "
+                  f"({three / one:.2f}x); gate, up, SwiGLU {apart * 1e3:.2f} -> {fused * 1e3:.2f} us "
+                  f"({apart / fused:.2f}x)", flush=True)
 
 
 

@@ -155,6 +155,7 @@ def test_benchmark_script_runs_at_tiny_sizes():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gemv us" in result.stdout and "dequantize to float16: kernel" in result.stdout
+    assert "best at-end" in result.stdout and "q, k, v" in result.stdout and "gate, up, SwiGLU" in result.stdout
     assert len([line for line in result.stdout.splitlines() if line.strip().startswith("40x128 ")]) == 2
 
 
