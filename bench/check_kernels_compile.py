@@ -35,9 +35,10 @@ from triton.runtime import driver
 from bailong.nf4 import quantize
 from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul as matmul
 
-KERNELS = [matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel, decode._rms_norm_kernel, decode._swiglu_kernel,
-           decode._decode_attention_kernel, layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel,
-           layers._rope_kernel, layers._cross_entropy_kernel]
+KERNELS = [matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
+           decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel,
+           layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel, layers._rope_kernel,
+           layers._cross_entropy_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
