@@ -54,7 +54,7 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
 
 
 @pytest.mark.parametrize("N,K", [(4096, 4096), (11008, 4096), (4096, 11008)])
-@pytest.mark.parametrize("M", [1, 8, 16, 512])
+@pytest.mark.parametrize("M", [1, 4, 8, 16, 512])
 def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
     from bailong.nf4 import quantize
     from bailong_kernels import nf4_matmul as m
@@ -66,11 +66,31 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
     y.backward(dy)
     w = q.dequantize(torch.float32)
     results = [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]
-    if M <= 16:  # and every tile the benchmark tries
-        results += [(m.gemv(x.detach(), q, tile), results[0][1]) for tile in m.gemv_tiles()]
+    if M <= 16:  # and every tile the benchmark tries (both loops)
+        results += [(m.gemv(x.detach(), q, tile), results[0][1]) for tile in m.gemv_tiles(M)]
     for ours, ref in results:
         assert ours.dtype == torch.bfloat16
         assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands and output
+
+
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
+    """q, k, v (GQA widths) in one launch, and gate, up with SwiGLU in one, against float32 on the same bits."""
+    import torch.nn.functional as F
+
+    from bailong.nf4 import quantize
+    from bailong_kernels import nf4_matmul as m
+    torch.manual_seed(M)
+    qkv = [quantize((torch.randn(n, 4096, device="cuda") * 0.02).bfloat16()) for n in (4096, 1024, 1024)]
+    gate, up = (quantize((torch.randn(11008, 4096, device="cuda") * 0.02).bfloat16()) for _ in range(2))
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    for tile in [None, (1, 1024, 1, True), (2, 1024, 2, True), (4, 1024, 4, True)]:
+        pairs = list(zip(m.gemv_group(x, qkv, tile), [x.float() @ w.dequantize(torch.float32).T for w in qkv]))
+        pairs.append((m.gemv_swiglu(x, gate, up, tile), F.silu(x.float() @ gate.dequantize(torch.float32).T)
+                      * (x.float() @ up.dequantize(torch.float32).T)))
+        for ours, ref in pairs:
+            assert ours.dtype == torch.bfloat16
+            assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2, tile
 
 
 def test_nf4_dequantize_kernel_exact_in_bfloat16():
@@ -167,6 +187,26 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
         assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain
     finally:
         bailong_kernels.use_decode_kernels(previous)
+
+
+def test_sampling_on_cuda_is_reproducible_and_a_batch_decodes_as_each_sequence(tmp_path):
+    from bailong.generation import GraphDecoder, Sampling
+    folder, _ = write_hf(tmp_path, "gqa")
+    model, _ = bailong.load(folder, dtype=torch.float32, quantize="nf4")
+    model.eval()
+    s = Sampling(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=5)
+    sampled = generate(model, [1, 5, 9], 40, s, stop_ids=[])
+    assert generate(model, [1, 5, 9], 40, s, stop_ids=[]) == sampled  # the replayed graph
+    assert generate(model, [1, 5, 9], 40, s, stop_ids=[], cuda_graph=False) == sampled
+    prompts = [list(range(3, 20)), list(range(30, 47))]
+    expected = [generate(model, p, 12, GREEDY, stop_ids=[]) for p in prompts]
+    decoder = GraphDecoder(model, 64, batch=2)
+    with torch.inference_mode():
+        logits, ids = decoder.prefill(torch.tensor(prompts, device="cuda")), []
+        for _ in range(12):
+            ids.append(logits.argmax(-1))
+            logits = decoder.step(ids[-1])
+    assert decoder.graph is not None and torch.stack(ids, 1).tolist() == expected
 
 
 def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGLU, RoPE, cross-entropy
