@@ -46,7 +46,9 @@ def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one
 
 
 def test_sampling_never_waits_for_the_device():
-    """No operation whose result the host must read (a scalar, a data-dependent shape)."""
+    """No operation whose result the host must read: a scalar, or a data-dependent shape (boolean indexing
+    finds its indices on the host first; the sampling before this version did it twice a token)."""
+    import torch.utils._pytree as pytree
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from bailong.generation import sample
@@ -57,8 +59,10 @@ def test_sampling_never_waits_for_the_device():
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.name() in ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal",
-                               "aten::multinomial", "aten::item"):
+            indices = pytree.tree_leaves(args[1:2]) if func.name().startswith("aten::index") else []
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices) or func.name() in (
+                    "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal",
+                    "aten::multinomial", "aten::item"):
                 self.ops.append(func.name())
             return func(*args, **(kwargs or {}))
     logits, seen = torch.randn(3, 50), seen_mask(torch.randint(0, 50, (3, 9)), 50)
