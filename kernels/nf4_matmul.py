@@ -170,7 +170,7 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     """``_gemv_rows_each_step`` in fewer instructions a weight: a word's 8 products are summed and scaled in
     the thread that holds the word and kept per word across the loop, then summed across threads once at the
     end; the loop over whole steps of K masks nothing (rows past N repeat row N - 1 and are never stored; the
-    next step's words are asked for ahead, the first step's again at the last); a partial last step is
+    next step's words are asked for ahead, the last step's again at the last); a partial last step is
     masked. Needs K >= BLOCK_K."""
     WORDS: tl.constexpr = BLOCK_K // 8
     rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None]  # (BN, 1)
@@ -187,7 +187,7 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     words = tl.load(words_at)
     scale = _block_scale(blocks, None, *scales, DOUBLE_QUANT)
     for k0 in range(0, whole, BLOCK_K):
-        ahead = tl.where(k0 + BLOCK_K < whole, k0 + BLOCK_K, 0)  # the next whole step, or the first again
+        ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
         next_words = tl.load(words_at + ahead // 8)
         next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
         for m in tl.static_range(BLOCK_M):  # rows of x past M are read (as row M - 1) but never stored
@@ -282,8 +282,8 @@ def _tile_meta(M, K, tile):
 
 def gemv_group(x2d, qs, tile=None):
     """(x2d @ W.T for W in ``qs``), weights that read the same x (q, k, v), in one launch: (M, N_g) views of one
-    (M, sum of N) output. For M <= 16 and rows of W of whole blocks; ``tile`` (BLOCK_N, BLOCK_K, num_warps)
-    overrides ``gemv_tile``'s."""
+    (M, sum of N) output. For M <= 16 and rows of W of whole blocks; ``tile`` (BLOCK_N, BLOCK_K, num_warps,
+    at_end) overrides ``gemv_tile``'s."""
     M = x2d.shape[0]
     x2d = x2d.contiguous()
     weights, meta = _gemv_weights(x2d, qs)

@@ -74,13 +74,16 @@ def test_dequantize_kernel_is_exact(double_quant):
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
 def test_every_gemv_tile_under_the_interpreter(M):
     """The GPU's tiles (up to 1024 columns a step, 16 rows of W), not only the interpreter's small one."""
+    from bounds import checked_bounds
     torch.manual_seed(M)
     for N, K, blocksize in [(37, 1536, 64), (20, 1024, 256)]:  # K past one tile and not a whole number of them
         q = quantize(torch.randn(N, K), blocksize)
         x = torch.randn(M, K)
         ref = x @ q.dequantize().T
         for tile in m.gemv_tiles(M):
-            torch.testing.assert_close(m.gemv(x, q, tile), ref, atol=1e-4, rtol=1e-4)
+            with checked_bounds():
+                y = m.gemv(x, q, tile)
+            torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -88,14 +91,16 @@ def test_every_gemv_tile_under_the_interpreter(M):
 def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
     """The loop that sums across threads once at the end: a thread's words in one block or in several, K a whole
     number of steps or not, shorter than a step, rows of W past a whole number of tiles."""
+    from bounds import checked_bounds
     torch.manual_seed(blocksize)
     for K in [2 * blocksize] + [1536] * (1536 % blocksize == 0):
         q = quantize(torch.randn(19 if blocksize <= 256 else 5, K), blocksize, double_quant)
         for M in [1, 3]:
             x = torch.randn(M, K)
             for tile in [(2, 512, 1, True), (1, 256, 2, True), (4, 2048, 1, True)]:
-                torch.testing.assert_close(m.gemv(x, q, tile), x @ q.dequantize().T, atol=1e-4, rtol=1e-4,
-                                           msg=f"K={K} M={M} tile={tile}")
+                with checked_bounds():  # the loop masks nothing but a partial last step
+                    y = m.gemv(x, q, tile)
+                torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4, msg=f"K={K} M={M} {tile}")
 
 
 @pytest.mark.parametrize("at_end", [False, True])
@@ -107,17 +112,20 @@ def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
     K = 512
     q, k, v = (quantize(torch.randn(n, K)) for n in (40, 24, 24))
     gate, up = quantize(torch.randn(44, K)), quantize(torch.randn(44, K))
+    from bounds import checked_bounds
     tile = (2, 256, 1, at_end)
     for M in [1, 2, 4]:
         x = torch.randn(M, K, dtype=dtype)
-        outs = m.gemv_group(x, [q, k, v], tile)
+        with checked_bounds():
+            outs = m.gemv_group(x, [q, k, v], tile)
+            gated_out = m.gemv_swiglu(x, gate, up, tile)
         for out, w in zip(outs, (q, k, v)):
             ref = F.linear(x, w.dequantize(dtype))
             scale = ref.abs().max()
             torch.testing.assert_close(out / scale, ref / scale, **TOL[dtype])
         gated = F.silu(F.linear(x, gate.dequantize(dtype))) * F.linear(x, up.dequantize(dtype))
         scale = gated.abs().max()
-        torch.testing.assert_close(m.gemv_swiglu(x, gate, up, tile) / scale, gated / scale, **TOL[dtype])
+        torch.testing.assert_close(gated_out / scale, gated / scale, **TOL[dtype])
 
 
 def test_up_to_4_rows_take_the_gemv_kernel_more_take_cublas(monkeypatch):
@@ -178,7 +186,7 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     for row in rows:  # x and the packed weight are read in wide loads
         assert int(row["vector_loads"]) >= 2 or "scalar loads" in row["case"], row
     at_end = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=True" in r["config"]
-              and r["loop_instr_per_weight"] != "-"]
+              and r["config"].startswith("block_m=1,")]  # one row of x, as each-step's count
     each_step = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=False" in r["config"]
                  and r["loop_instr_per_weight"] != "-" and r["case"].startswith("bf")]  # bf16 x, as at_end's
     assert at_end and max(at_end) < 0.6 * min(each_step)  # the point of the at-end loop
