@@ -64,21 +64,25 @@ def process_logits(logits, seen, s: Sampling):
 
 
 def sample(logits, seen, s: Sampling, generator=None):
-    """The next token (B,) for (B, V) logits, chosen on their device; ``seen`` (B, V) gets it marked.
+    """The next token (B,) for (B, V) logits, chosen on their device; ``seen`` (B, V) gets it marked. A row
+    whose logits are not finite (NaN or infinity: a fault upstream) gets -1, for the reader to report.
 
     Sampling uses the exponential race: with E_i drawn from Exp(1), argmax_i p_i / E_i is
     token i with probability p_i (E_i / p_i is exponential with rate p_i, and the smallest
     of independent exponentials is i with probability p_i / sum p). Unlike
     ``torch.multinomial`` it never waits for the device.
     """
+    faulty = ~torch.isfinite(logits).all(-1)  # (B,)
     logits = process_logits(logits, seen, s)
     if s.temperature <= 0:
         token = logits.argmax(-1)
     else:
-        race = torch.empty_like(logits).exponential_(generator=generator)
-        token = (logits.softmax(-1) / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1)
+        probs = logits.softmax(-1)
+        faulty |= probs.isnan().any(-1)  # e.g. logits / temperature past float32's range
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        token = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1)
     seen.scatter_(1, token[:, None], True)
-    return token
+    return token.masked_fill(faulty, -1)
 
 
 def seen_mask(ids, vocab_size):
@@ -237,6 +241,9 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     while True:
         token = sample(logits, seen, sampling, generator)  # (1,), on the device
         next_id = int(token)  # a token's one wait for the device: streaming and the stop test need the id
+        if next_id < 0:
+            raise FloatingPointError(f"the model's logits are not finite (NaN or infinity) after {len(new)} new "
+                                     "tokens: the weights or the computation overflowed")
         new.append(next_id)
         if on_token:
             on_token(next_id)

@@ -17,8 +17,8 @@ GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
                                Sampling(1.0, 0, 1.0, 1.3), Sampling(0.6, 40, 0.9, 1.1)])
 def test_logit_processing_matches_transformers(s):
     torch.manual_seed(0)
-    logits = torch.randn(1, 100) * 3
-    seen = torch.randint(0, 100, (1, 30))
+    logits = torch.randn(4, 100) * 3  # rows of their own: each its own top-k and top-p threshold
+    seen = torch.randint(0, 100, (4, 30))
     expected = logits.clone()
     for proc in [RepetitionPenaltyLogitsProcessor(s.repetition_penalty) if s.repetition_penalty != 1 else None,
                  TemperatureLogitsWarper(s.temperature), TopKLogitsWarper(s.top_k) if s.top_k else None,
@@ -43,6 +43,19 @@ def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one
         # within 5 standard errors of each probability
         torch.testing.assert_close(counts, expected.double(), atol=5 * (0.25 / rows) ** 0.5, rtol=0)
         assert seen[torch.arange(rows), tokens].all()  # each row's draw marked as seen
+
+
+def test_logits_that_are_not_finite_are_reported_not_sampled(tiny, monkeypatch):
+    from bailong.generation import sample
+    logits = torch.randn(3, 10)
+    logits[0, 4], logits[1, 2] = float("nan"), float("inf")
+    for s in [GREEDY, Sampling(temperature=1.0), Sampling(temperature=1e-38)]:  # the last overflows logits / T
+        tokens = sample(logits, seen_mask(torch.tensor([[0]] * 3), 10), s, torch.Generator().manual_seed(0))
+        assert tokens[:2].tolist() == [-1, -1] and (tokens[2] >= 0 or s.temperature == 1e-38)
+    vocab = tiny.config.vocab_size
+    monkeypatch.setattr(tiny.lm_head, "forward", lambda h: torch.full((*h.shape[:-1], vocab), float("nan")))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        generate(tiny, [1, 2, 3], 5, GREEDY)
 
 
 def test_sampling_never_waits_for_the_device():
