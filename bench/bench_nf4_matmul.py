@@ -157,10 +157,10 @@ def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
 
     def weights(shape, n):
         return [quantize((torch.randn(*shape, device=device) * 0.02).to(dtype)) for _ in range(n)]
-    nbytes = weights(qkv_shape, 1)[0].nbytes
-    copies = max(1, L2_BYTES // (3 * nbytes)) if device == "cuda" else 1  # more bytes than the L2 holds
-    qkvs = [weights(qkv_shape, 3) for _ in range(copies)]
-    gate_ups = [weights(gate_shape, 2) for _ in range(max(1, copies * 3 // 5))]  # 3 x 4096 x 4096 ~ 5/3 x 11008
+    def copies(shape, n):  # enough copies of n weights of this shape to fill more than the L2
+        return max(1, L2_BYTES // (n * weights(shape, 1)[0].nbytes)) if device == "cuda" else 1
+    qkvs = [weights(qkv_shape, 3) for _ in range(copies(qkv_shape, 3))]
+    gate_ups = [weights(gate_shape, 2) for _ in range(copies(gate_shape, 2))]
     print("one launch against several: us per layer's projections (a CUDA graph over weight copies)")
     for M in ms:
         x = torch.randn(M, qkv_shape[1], device=device, dtype=dtype)

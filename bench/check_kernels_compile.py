@@ -81,7 +81,7 @@ def describe(case, kernel, config, compiled, arch):
     vec = len(re.findall(r"(ld|cp\.async)\S*\.v[24]\.|cp\.async\.\w+\.shared\.global(\.\w+)* \[[^]]+\], \[[^]]+\], 16",
                          ptx))
     name = kernel.__name__.strip("_").removesuffix("_kernel")
-    tile = ",".join(f"{k[6:].lower() if k.startswith('BLOCK_') else k}={v}" for k, v in config.items())
+    tile = ",".join(f"{k}={v}" for k, v in config.items())
     smem = compiled.metadata.shared
     return dict(arch=f"sm_{arch}", case=case, kernel=name, config=tile, regs=regs, spill=spill,
                 smem=smem if smem <= SHARED_LIMIT[arch] else f"{smem} (too much: skipped)", mma=mma, vector_loads=vec)
@@ -122,7 +122,9 @@ def compile_all(arch):
                     seen.add(compiled.hash)
                     row = describe(case, self.kernel, {k.lower(): v for k, v in meta.items()
                                    if k.startswith("BLOCK_") or k in ("AT_END", "num_warps")}, compiled, arch)
-                    if meta["BLOCK_M"] == 1:  # weights a thread takes a step: BLOCK_N BLOCK_K / threads
+                    # weights a thread takes a step, BLOCK_N BLOCK_K / threads, for all rows of x at once: the
+                    # each-step loop runs over the rows at run time (an inner loop) so it is counted at M = 1 only
+                    if meta["BLOCK_M"] == 1 or meta["AT_END"]:
                         per_thread = meta["BLOCK_N"] * meta["BLOCK_K"] / (32 * meta["num_warps"])
                         row["loop_instr_per_weight"] = round(loop_instructions(compiled.asm["cubin"]) / per_thread, 1)
                     rows.append(row)

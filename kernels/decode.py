@@ -96,7 +96,7 @@ def projections(x, layers):
 def gated_projection(x, gate, up):
     """``F.silu(gate(x)) * up(x)`` in one GEMV launch, or None where that launch cannot take them."""
     qs = _gemv_weights(x, (gate, up))
-    if qs is None:
+    if qs is None or qs[0].shape != qs[1].shape:
         return None
     return gemv_swiglu(x.reshape(-1, x.shape[-1]), *qs).view(*x.shape[:-1], gate.out_features)
 
