@@ -17,7 +17,7 @@ of Llama-2-7B in one launch against three, and gate and up with SwiGLU in one
 launch against two GEMVs and the SwiGLU kernel, with the default tile and with
 the sweep's best.
 
-    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,2,4,16]
+    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,2,4,8,16]
     TRITON_INTERPRET=1 python bench/bench_nf4_matmul.py --tiny      # CPU smoke run of the whole script
 """
 import argparse
@@ -81,7 +81,7 @@ def checked(fn, ref):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", default="1,2,4,8,16", help="rows of x")
-    p.add_argument("--sweep", default="1,2,4,16", help="row counts at which every tile is tried")
+    p.add_argument("--sweep", default="1,2,4,8,16", help="row counts at which every tile is tried")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
