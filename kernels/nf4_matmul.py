@@ -61,8 +61,8 @@ def gemv_tiles(M=1):
     """Every (BLOCK_N, BLOCK_K, num_warps, at_end) the benchmark tries at M rows of x; ``gemv_tile`` picks among
     them. ``at_end``: the loop that sums across threads once at the end (``_gemv_rows_at_end``); its fewer
     instructions a weight may also beat dequantize + cuBLAS above 4 rows (GEMV_MAX_M moves only once timed)."""
-    each_step = [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (2, 1024, 1), (2, 512, 1), (1, 1024, 2), (2, 1024, 2),
-                 (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 8), (8, 1024, 8)]
+    # each step: the winners of the last GPU sweep of twelve tiles and their neighbours (docs/BENCHMARKS.md)
+    each_step = [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (1, 1024, 2), (2, 1024, 2), (4, 1024, 4)]
     at_end = [(1, 256, 1), (1, 512, 1), (1, 1024, 1), (2, 512, 1), (1, 512, 2), (1, 1024, 2), (2, 1024, 2),
               (4, 512, 4), (4, 1024, 4)]
     rows = triton.next_power_of_2(M)  # the at-end loop keeps rows x words a thread in registers: at most 32
