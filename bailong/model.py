@@ -184,6 +184,16 @@ def project(x, *layers):
     return tuple(m(x) for m in layers)
 
 
+def add_projection(residual, layer, x):
+    """``residual + layer(x)`` (no residual: ``layer(x)``); decoding with the fused kernels, an NF4 layer adds the
+    residual on the way out of its GEMV launch."""
+    if residual is None:
+        return layer(x)
+    if (fused := decode_kernels(x)) is not None and (y := fused.added_projection(residual, layer, x)) is not None:
+        return y
+    return residual + layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx):
         super().__init__()
@@ -195,13 +205,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, positions, mask, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, positions, mask, cache: KVCache | None = None, residual=None):
+        """The attention output, plus ``residual`` where one is given."""
         B, T, _ = x.shape
         if T == 1 and cache is not None and (fused := decode_kernels(x)) is not None:
             # one new token: RoPE, the cache write and attention over the filled positions in one kernel
             y = fused.decode_attention(*project(x, self.q_proj, self.k_proj, self.v_proj), cos, sin, positions,
                                        cache.k[self.layer_idx], cache.v[self.layer_idx])
-            return self.o_proj(y)
+            return add_projection(residual, self.o_proj, y)
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         fused = layer_kernels(x) if cache is None else None
         if fused is not None:  # training: RoPE in one launch each way, before the heads are split
@@ -215,7 +226,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, positions, k, v)  # (B, KV, S, D)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return add_projection(residual, self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -225,14 +236,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """The MLP's output, plus ``residual`` where one is given."""
         decode = decode_kernels(x)
         if decode is not None and (h := decode.gated_projection(x, self.gate_proj, self.up_proj)) is not None:
-            return self.down_proj(h)  # gate, up and SwiGLU in one launch
+            return add_projection(residual, self.down_proj, h)  # gate, up and SwiGLU in one launch
         gate, up = project(x, self.gate_proj, self.up_proj)
         if (fused := decode or layer_kernels(x)) is not None:
-            return self.down_proj(fused.swiglu(gate, up))
-        return self.down_proj(F.silu(gate) * up)  # SwiGLU
+            return add_projection(residual, self.down_proj, fused.swiglu(gate, up))
+        return add_projection(residual, self.down_proj, F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):
@@ -244,8 +256,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, positions, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(self.input_layernorm(x), cos, sin, positions, mask, cache, residual=x)  # x + attention
+        return self.mlp(self.post_attention_layernorm(x), residual=x)  # x + MLP
 
 
 class LlamaModel(nn.Module):

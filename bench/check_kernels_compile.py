@@ -155,6 +155,8 @@ def compile_all(arch):
         for tile in [None, (2, 1024, 2, True)]:
             case = "bf16 q, k, v in one launch M=1 N=4096+1024+1024 K=4096"
             matmul.gemv_group(x, qkv, tile)
+            case = "bf16 residual + x@W.T (o, down) M=1 N=4096 K=4096"
+            matmul.gemv(x, qkv[0], tile, residual=x)
             case = "bf16 silu(gate) * up in one launch M=1 N=11008 K=4096"
             matmul.gemv_swiglu(x, gate, gate, tile)
     finally:

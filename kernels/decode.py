@@ -9,7 +9,8 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
 - ``swiglu``: ``silu(gate) * up`` in one launch.
 - ``projections``: q, k and v (or any bare NF4 projections that read the same x) in
   one GEMV launch; ``gated_projection``: gate and up with SwiGLU on the way out, in
-  one launch (``bailong_kernels.nf4_matmul.gemv_group`` / ``gemv_swiglu``).
+  one launch; ``added_projection``: o or down with the residual added on the way
+  out (``bailong_kernels.nf4_matmul.gemv_group`` / ``gemv_swiglu`` / ``gemv``).
 - ``decode_attention``: for one new token, RoPE on q and k, the new k and v
   written into the KV cache, and attention over the positions filled so far
   (not the whole cache buffer), in one launch:
@@ -31,7 +32,7 @@ import triton.language as tl
 
 from bailong.quantized import NF4Linear
 from bailong_kernels.nf4_dequant import launch_device
-from bailong_kernels.nf4_matmul import gemv_group, gemv_swiglu, gemv_takes
+from bailong_kernels.nf4_matmul import gemv, gemv_group, gemv_swiglu, gemv_takes
 
 
 @triton.jit
@@ -91,6 +92,15 @@ def projections(x, layers):
     if qs is None:
         return None
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in gemv_group(x.reshape(-1, x.shape[-1]), qs))
+
+
+def added_projection(residual, layer, x):
+    """``residual + layer(x)`` in one GEMV launch (the add on the way out), or None where it cannot take them."""
+    qs = _gemv_weights(x, (layer,))
+    if qs is None or residual.dtype != x.dtype:
+        return None
+    return gemv(x.reshape(-1, x.shape[-1]), qs[0], residual=residual.reshape(-1, residual.shape[-1])).view(
+        residual.shape)
 
 
 def gated_projection(x, gate, up):

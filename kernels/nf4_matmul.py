@@ -38,7 +38,8 @@ benchmark's tile sweep and becomes the default once a GPU run times it faster.
 Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
 the kernel takes a tuple of weights, a program the rows of one of them) and
 ``gemv_swiglu`` (gate and up, a program the same rows of both, SwiGLU applied
-before the store).
+before the store); ``gemv(..., residual=)`` adds the residual before the store
+(o and down in the decoding step).
 
 Backward, dx = dy @ W: the dequantize kernel, then cuBLAS (W is frozen: no
 weight gradient). Reference: ``bailong.quantized.NF4Matmul``.
@@ -205,34 +206,38 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
 
 
 @triton.jit
-def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, M, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, r_ptr, M, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      AT_END: tl.constexpr):
     """y[:, c_g : c_g + N_g] = x @ W_g.T for each weight g of ``weights`` (a tuple: one launch for all), where
-    ``rows`` = (0, N_0, N_0 + N_1, ...) gives both c_g and N_g; a program takes BLOCK_N rows of one weight."""
+    ``rows`` = (0, N_0, N_0 + N_1, ...) gives both c_g and N_g; a program takes BLOCK_N rows of one weight.
+    With ``r_ptr`` (one weight only), y = r + x @ W.T: the residual added on the way out."""
     if len(weights) == 1:  # no branch to take
-        _gemv_store(x_ptr, stride_xm, M, K, weights[0], tl.program_id(0) * BLOCK_N, rows[1], y_ptr, stride_ym,
-                    BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+        _gemv_store(x_ptr, stride_xm, M, K, weights[0], tl.program_id(0) * BLOCK_N, rows[1], y_ptr, r_ptr,
+                    stride_ym, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
     else:
         first = 0  # the first program of weight g
         for g in tl.static_range(len(weights)):
             N = rows[g + 1] - rows[g]
             n0 = (tl.program_id(0) - first) * BLOCK_N
             if (n0 >= 0) & (n0 < N):
-                _gemv_store(x_ptr, stride_xm, M, K, weights[g], n0, N, y_ptr + rows[g], stride_ym, BLOCKSIZE,
-                            DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+                _gemv_store(x_ptr, stride_xm, M, K, weights[g], n0, N, y_ptr + rows[g], None, stride_ym,
+                            BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
             first += tl.cdiv(N, BLOCK_N)
 
 
 @triton.jit
-def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, stride_ym, BLOCKSIZE: tl.constexpr,
+def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, r_ptr, stride_ym, BLOCKSIZE: tl.constexpr,
                 DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 AT_END: tl.constexpr):
-    """y[:M, n0 : n0 + BLOCK_N] = x[:M] @ W[n0 : n0 + BLOCK_N].T."""
+    """y[:M, n0 : n0 + BLOCK_N] = x[:M] @ W[n0 : n0 + BLOCK_N].T (+ r, laid out as y, where given)."""
     acc = _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                      AT_END)
     rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(y_ptr + rm * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=(rm < M) & (rn < N))
+    ok = (rm < M) & (rn < N)
+    if r_ptr is not None:  # the product rounded to y's dtype first, as F.linear's is, then the sum rounded
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + rm * stride_ym + rn, mask=ok)
+    tl.store(y_ptr + rm * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -280,25 +285,28 @@ def _tile_meta(M, K, tile):
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, num_warps=warps)
 
 
-def gemv_group(x2d, qs, tile=None):
+def gemv_group(x2d, qs, tile=None, residual=None):
     """(x2d @ W.T for W in ``qs``), weights that read the same x (q, k, v), in one launch: (M, N_g) views of one
     (M, sum of N) output. For M <= 16 and rows of W of whole blocks; ``tile`` (BLOCK_N, BLOCK_K, num_warps,
-    at_end) overrides ``gemv_tile``'s."""
+    at_end) overrides ``gemv_tile``'s. ``residual`` (M, N), one weight only: ``residual + x2d @ W.T``."""
     M = x2d.shape[0]
     x2d = x2d.contiguous()
     weights, meta = _gemv_weights(x2d, qs)
     rows = tuple(itertools.accumulate((q.shape[0] for q in qs), initial=0))
     y = torch.empty((M, rows[-1]), device=x2d.device, dtype=x2d.dtype)
+    if residual is not None:
+        assert len(qs) == 1 and residual.shape == y.shape and residual.dtype == y.dtype
+        residual = residual.contiguous()  # laid out as y
     meta |= _tile_meta(M, x2d.shape[1], tile)
     with launch_device(x2d):
         _nf4_gemv_kernel[(sum(triton.cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
-            x2d, weights, rows, y, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
+            x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
     return tuple(y[:, a:b] for a, b in itertools.pairwise(rows))
 
 
-def gemv(x2d, q: NF4Tensor, tile=None):
-    """(M, K) @ W.T -> (M, N) in x's dtype by the GEMV kernel (``gemv_group`` of one weight)."""
-    return gemv_group(x2d, [q], tile)[0]
+def gemv(x2d, q: NF4Tensor, tile=None, residual=None):
+    """(M, K) @ W.T (+ ``residual``) -> (M, N) in x's dtype by the GEMV kernel (``gemv_group`` of one weight)."""
+    return gemv_group(x2d, [q], tile, residual)[0]
 
 
 def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):

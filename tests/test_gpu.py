@@ -75,7 +75,8 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K):
 
 @pytest.mark.parametrize("M", [1, 2, 4])
 def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
-    """q, k, v (GQA widths) in one launch, and gate, up with SwiGLU in one, against float32 on the same bits."""
+    """q, k, v (GQA widths) in one launch, gate, up with SwiGLU in one, o with the residual added, against float32
+    on the same bits."""
     import torch.nn.functional as F
 
     from bailong.nf4 import quantize
@@ -88,6 +89,8 @@ def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
         pairs = list(zip(m.gemv_group(x, qkv, tile), [x.float() @ w.dequantize(torch.float32).T for w in qkv]))
         pairs.append((m.gemv_swiglu(x, gate, up, tile), F.silu(x.float() @ gate.dequantize(torch.float32).T)
                       * (x.float() @ up.dequantize(torch.float32).T)))
+        residual = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+        pairs.append((m.gemv(x, qkv[0], tile, residual=residual), residual.float() + pairs[0][1]))
         for ours, ref in pairs:
             assert ours.dtype == torch.bfloat16
             assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2, tile

@@ -106,8 +106,8 @@ def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
 @pytest.mark.parametrize("at_end", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
-    """q, k, v (GQA: k and v narrower) in one launch; gate and up with SwiGLU on the way out, against the
-    model's PyTorch code on the dequantized weights."""
+    """q, k, v (GQA: k and v narrower) in one launch; gate and up with SwiGLU on the way out; o with the residual
+    added on the way out; against the model's PyTorch code on the dequantized weights."""
     torch.manual_seed(0)
     K = 512
     q, k, v = (quantize(torch.randn(n, K)) for n in (40, 24, 24))
@@ -116,9 +116,13 @@ def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
     tile = (2, 256, 1, at_end)
     for M in [1, 2, 4]:
         x = torch.randn(M, K, dtype=dtype)
+        residual = torch.randn(M, 40, dtype=dtype) * 10
         with checked_bounds():
             outs = m.gemv_group(x, [q, k, v], tile)
             gated_out = m.gemv_swiglu(x, gate, up, tile)
+            added = m.gemv(x, q, tile, residual=residual)
+        expected = residual + F.linear(x, q.dequantize(dtype))  # the product rounded, then the sum
+        torch.testing.assert_close(added / expected.abs().max(), expected / expected.abs().max(), **TOL[dtype])
         for out, w in zip(outs, (q, k, v)):
             ref = F.linear(x, w.dequantize(dtype))
             scale = ref.abs().max()
@@ -366,8 +370,9 @@ def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch):
 # Launches of one batch-1 decoding step of a 2-layer NF4 model on the GPU's path, and per layer: today's default
 # (recorded when the GEMV kernel replaced the split-K kernels: one launch per projection instead of two) and with
 # the fused decoding step switched on (13 a layer when recorded first; 9 since q/k/v and gate/up + SwiGLU are one
-# GEMV launch each). Cut these as the step is fused further; never raise them without a reason.
-DECODE_STEP_BUDGET = {False: {"per layer": 36, "whole step": 97}, True: {"per layer": 9, "whole step": 38}}
+# GEMV launch each; 7 since o and down add the residual on the way out). Cut these as the step is fused further;
+# never raise them without a reason.
+DECODE_STEP_BUDGET = {False: {"per layer": 36, "whole step": 97}, True: {"per layer": 7, "whole step": 34}}
 
 
 @pytest.mark.parametrize("fused_step", [False, True])
