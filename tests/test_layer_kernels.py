@@ -1,0 +1,255 @@
+"""The decoding step's and training's layer kernels against the model's own PyTorch code (on the GPU, or on
+the CPU through the interpreter), and the launches a decoding step and a QLoRA training step make, as budgets.
+
+Tolerances as in tests/test_kernels.py: float32 to ~1e-5, float16 to ~2e-3; bfloat16 where the interpreter's
+rounding allows, the rest on the GPU (tests/test_gpu.py).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bailong_kernels.nf4_dequant import nf4_dequantize
+from bailong_kernels.nf4_matmul import nf4_matmul
+
+
+def test_decode_kernels_match_pytorch():
+    """RMSNorm, SwiGLU and the one-token attention (RoPE, cache write, GQA) against the model's own PyTorch code."""
+    from bailong.config import preset
+    from bailong.model import RMSNorm, apply_rope, rope_cos_sin
+    from bailong_kernels.decode import decode_attention, rms_norm, swiglu
+    torch.manual_seed(0)
+    for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.float16, dict(atol=2e-3, rtol=2e-3))]:
+        norm = RMSNorm(100, 1e-5).to(dtype)
+        torch.nn.init.normal_(norm.weight)
+        x = torch.randn(3, 5, 100, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(rms_norm(x, norm.weight, 1e-5), norm(x), **tol)
+        gate, up = torch.randn(2, 1500, dtype=dtype), torch.randn(2, 1500, dtype=dtype)
+        torch.testing.assert_close(swiglu(gate, up), F.silu(gate) * up, **tol)
+        config = preset("tiny")
+        config.head_dim = 24  # halves of 12, not a power of two
+        B, H, KV, D, S = 2, 8, 2, config.head_dim, 200
+        for p in [0, 1, 64, 150, 199]:  # no past, one, a whole block, blocks and a part, the last slot
+            k_cache, v_cache = torch.randn(B, KV, S, D, dtype=dtype), torch.randn(B, KV, S, D, dtype=dtype)
+            q, k, v = (torch.randn(B, 1, n * D, dtype=dtype) for n in (H, KV, KV))
+            positions = torch.tensor([p])
+            cos, sin = rope_cos_sin(config, positions, dtype)
+            k_ref, v_ref = k_cache.clone(), v_cache.clone()
+            k_ref[:, :, p] = apply_rope(k.view(B, 1, KV, D).transpose(1, 2), cos, sin)[:, :, 0]
+            v_ref[:, :, p] = v.view(B, KV, D)
+            q_ref = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)
+            ref = F.scaled_dot_product_attention(q_ref, k_ref[:, :, :p + 1], v_ref[:, :, :p + 1], enable_gqa=True)
+            y = decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache)
+            torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B, 1, H * D), **tol)
+            torch.testing.assert_close(k_cache, k_ref, **tol)
+            assert torch.equal(v_cache, v_ref)
+        buffers = torch.randn(2, 2, B, KV, S, D, dtype=dtype)  # (k or v, layer, ...): a full cache of 2 layers
+        before = buffers.clone()
+        decode_attention(q, k, v, cos, sin, torch.tensor([S]), buffers[0, 0], buffers[1, 0])
+        assert torch.equal(buffers, before)  # nothing written past the end, into the next layer or anywhere
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_training_layer_kernels_match_the_models_pytorch_code(dtype):
+    """RMSNorm (frozen weight), SwiGLU and RoPE, forward and backward, on rows that are not a power of two long
+    and element counts that are not whole blocks, against autograd through the model's own code."""
+    from bailong.model import RMSNorm, apply_rope
+    from bailong_kernels.layers import rms_norm, rope, swiglu
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+           torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}[dtype]  # one rounding step of each
+    torch.manual_seed(0)
+    norm = RMSNorm(100, 1e-5).to(dtype).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 7, 100, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 7, 100, dtype=dtype)
+    y_ref = norm(x)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, g)
+    y = rms_norm(x, norm.weight, 1e-5)
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    gate, up = (torch.randn(5, 3001, dtype=dtype, requires_grad=True) for _ in range(2))
+    g = torch.randn(5, 3001, dtype=dtype)
+    ref = F.silu(gate) * up  # MLP.forward's own line
+    out = swiglu(gate, up)
+    torch.testing.assert_close(out, ref, **tol)
+    for ours, theirs in zip(torch.autograd.grad(out, (gate, up), g), torch.autograd.grad(ref, (gate, up), g)):
+        torch.testing.assert_close(ours, theirs, **tol)
+    B, T, H, D = 2, 9, 3, 20  # halves of 10: not a power of two
+    angles = torch.arange(T)[:, None] * 0.37 ** torch.arange(D // 2)[None]
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    x = torch.randn(B, T, H * D, dtype=dtype, requires_grad=True)
+    g = torch.randn(B, T, H * D, dtype=dtype)
+    ref = apply_rope(x.view(B, T, H, D).transpose(1, 2), cos, sin).transpose(1, 2).reshape(B, T, H * D)
+    out = rope(x, cos, sin, D)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_cross_entropy_kernel_gives_pytorchs_loss_and_gradient(monkeypatch, dtype):
+    """Rows of 1000 logits swept in blocks of 64 (not a whole number of them) and rows shorter than a block;
+    rows whose target is -100 give 0 and a zero gradient. The gradient, written over the logits, is the one
+    F.cross_entropy on float32 logits sends back to logits of their dtype."""
+    from bailong_kernels import layers
+    monkeypatch.setattr(layers, "CROSS_ENTROPY_BLOCK", 64)
+    torch.manual_seed(0)
+    for V in [1000, 37]:
+        logits = (torch.randn(6, V) * 4).to(dtype)
+        targets = torch.tensor([0, V - 1, -100, 5, -100, 17])
+        z = logits.float().requires_grad_()
+        ref = F.cross_entropy(z, targets, ignore_index=-100, reduction="none")
+        ref.sum().backward()
+        ours = logits.clone()
+        loss = layers.cross_entropy_(ours, targets)
+        torch.testing.assert_close(loss, ref.detach(), atol=2e-6, rtol=1e-6)
+        torch.testing.assert_close(ours, z.grad.to(dtype), atol=1e-6 if dtype == torch.float32 else 0, rtol=0 if
+                                   dtype == torch.float32 else 1e-2)
+        assert loss[2] == loss[4] == 0 and not ours[2].any() and not ours[4].any()
+
+
+@pytest.mark.parametrize("chunked_loss", [False, True])
+def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch, chunked_loss):
+    """A QLoRA step (LoRA on every projection, embedding and head; checkpointing) with the norms, SwiGLU, RoPE
+    and (``chunked_loss``: the loss in chunks of 7 positions) the cross-entropy through the kernels, against
+    PyTorch on the whole logits: the loss and every LoRA gradient, float32."""
+    from bailong import lora
+    from bailong import memory
+    from bailong_kernels import layers
+    results = []
+    for layer_kernels in [False, True]:
+        with monkeypatch.context() as patch:
+            gpu_path(patch, fused_step=False, layer_kernels=layer_kernels)
+            if layer_kernels and chunked_loss:
+                patch.setattr(memory, "_chunked_loss", True)
+                patch.setattr(memory, "LOSS_CHUNK_LOGITS", 7 * 512)
+                patch.setattr(layers, "CROSS_ENTROPY_BLOCK", 128)
+            model = tiny_nf4()
+            torch.manual_seed(1)
+            lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "lora_embedding_A" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            model.checkpointing = True
+            model.train()
+            ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+            loss.backward()
+            results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (kernels, kernel_grads) = results
+    assert abs(plain - kernels) < 1e-5 and len(plain_grads) == 32
+    for name in plain_grads:
+        torch.testing.assert_close(kernel_grads[name], plain_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def gpu_path(monkeypatch, fused_step, layer_kernels=False):
+    """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, (``fused_step``) the
+    decoding step's fused kernels, (``layer_kernels``) the training layer kernels; all interpreted."""
+    from bailong import lora, model, quantized
+    from bailong_kernels import decode, layers
+    for module in (quantized, lora):
+        monkeypatch.setattr(module, "nf4_linear", lambda x, w: nf4_matmul(x, w))
+    monkeypatch.setattr(lora, "nf4_dequantized", lambda w, dtype: nf4_dequantize(w, dtype))
+    monkeypatch.setattr(model, "decode_kernels", lambda x: decode if fused_step and not torch.is_grad_enabled()
+                        else None)
+    monkeypatch.setattr(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled()
+                        else None)
+
+
+def tiny_nf4(layers=2):
+    import bailong
+    from bailong import quantized
+    from bailong.config import preset
+    from bailong.model import init_weights
+    config = preset("tiny")
+    config.num_hidden_layers, config.intermediate_size = layers, 192  # every projection takes the GEMV kernel
+    torch.manual_seed(0)
+    return quantized.quantize_model(init_weights(bailong.Llama(config)).eval())
+
+
+def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch):
+    from bailong.generation import GraphDecoder, Sampling, generate
+    greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    model, prompt = tiny_nf4(layers=1), list(range(3, 66))  # 63 tokens: the steps write positions 63..66
+    gpu_path(monkeypatch, fused_step=False)
+    expected = generate(model, prompt, 5, greedy, stop_ids=[])  # past one 64-position block of the cache
+    gpu_path(monkeypatch, fused_step=True)
+    assert generate(model, prompt, 5, greedy, stop_ids=[]) == expected  # the growing cache
+    decoder = GraphDecoder(model, 128, graph=False)  # the static cache the CUDA graph replays
+    logits, ids = decoder.prefill(torch.tensor([prompt])), []
+    for _ in range(5):
+        ids.append(int(logits[0].argmax()))
+        logits = decoder.step(ids[-1])
+    assert ids == expected
+
+
+# Launches of one batch-1 decoding step of a 2-layer NF4 model on the GPU's path, and per layer: today's default
+# (recorded when the GEMV kernel replaced the split-K kernels: one launch per projection instead of two) and with
+# the fused decoding step switched on (13 a layer when recorded first; 9 since q/k/v and gate/up + SwiGLU are one
+# GEMV launch each; 7 since o and down add the residual on the way out). Cut these as the step is fused further;
+# never raise them without a reason.
+DECODE_STEP_BUDGET = {False: {"per layer": 36, "whole step": 97}, True: {"per layer": 7, "whole step": 34}}
+
+
+@pytest.mark.parametrize("fused_step", [False, True])
+def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step):
+    from launch_count import count_launches
+    gpu_path(monkeypatch, fused_step)
+    counts = {}
+    for layers in [1, 2]:
+        model = tiny_nf4(layers)
+        cache = model.new_cache(1, 64, static=True)  # as the CUDA graph decoder runs it
+        with torch.inference_mode():
+            model(torch.tensor([[1, 2, 3]]), cache, last_only=True)
+            with count_launches(monkeypatch) as launches:
+                model(torch.tensor([[4]]), cache, last_only=True)
+        # seven projections a layer: one launch each, or with the fused step q/k/v as one and gate/up as one
+        gemv = ["_nf4_gemv_kernel"] * (3 if fused_step else 7) + ["_nf4_gemv_swiglu_kernel"] * fused_step
+        assert sorted(n for n in launches.triton if "gemv" in n) == sorted(gemv * layers)
+        counts[layers] = len(launches.aten) + len(launches.triton)
+    per_layer = counts[2] - counts[1]
+    print(f"decode step{' (fused)' if fused_step else ''}: {counts[2]} launches, {per_layer} a layer")
+    budget = DECODE_STEP_BUDGET[fused_step]
+    assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts
+
+
+# Launches of one QLoRA training step (forward and backward, bf16 autocast, activation checkpointing, LoRA r = 8 on
+# the seven projections, embedding and head) of a 2-layer NF4 model on the GPU's path, and per layer, by (fused LoRA,
+# layer kernels, LoRA dropout): recorded before any training-side fusion (False, False), with each LoRA projection
+# one autograd node (bailong.lora.LoRAProjection: the frozen base's matmul inside, the scaling in the matmuls'
+# alpha, the compute-dtype copies of every LoRA weight made in one multi-tensor copy a step, a node's LoRA gradients
+# cast to float32 in one pass; without dropout, q/k/v and gate/up one node each, LoRAShared), with the training layer
+# kernels as well (True, True).
+TRAIN_STEP_BUDGET = {(False, False, 0.05): {"per layer": 382, "whole step": 851},
+                     (True, False, 0.05): {"per layer": 238, "whole step": 551},
+                     (True, True, 0.05): {"per layer": 152, "whole step": 359},
+                     (False, False, 0.0): {"per layer": 333, "whole step": 749},
+                     (True, True, 0.0): {"per layer": 115, "whole step": 283}}
+
+
+@pytest.mark.parametrize("fused_lora,layer_kernels,dropout", list(TRAIN_STEP_BUDGET))
+def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora, layer_kernels, dropout):
+    from bailong import lora
+    from launch_count import count_launches
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=layer_kernels)
+    monkeypatch.setattr(lora, "_fused", fused_lora)
+    counts = {}
+    for layers in [1, 2]:
+        model = tiny_nf4(layers)
+        lora.mark_only_lora_trainable(lora.inject_lora(model.to(torch.bfloat16), lora.LoRAConfig(r=8, dropout=dropout)))
+        model.checkpointing = True  # as train.py runs on CUDA
+        model.train()
+        ids = torch.randint(0, model.config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
+        with count_launches(monkeypatch) as launches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py on CUDA: the compute dtype
+                logits = model(ids[:, :-1])
+            targets = ids[:, 1:]  # train.py's loss: summed over the batch's tokens, divided by their count
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                   reduction="sum") / (targets != -100).sum().clamp(min=1)
+            loss.backward()
+        counts[layers] = len(launches.aten) + len(launches.triton)
+    per_layer = counts[2] - counts[1]
+    print(f"training step (fused LoRA {fused_lora}, layer kernels {layer_kernels}, dropout {dropout}): {counts[2]} "
+          f"launches, {per_layer} a layer")
+    budget = TRAIN_STEP_BUDGET[fused_lora, layer_kernels, dropout]
+    assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts
