@@ -58,15 +58,19 @@ class CompileOnly:
         return self.target
 
 
-def resources(cubin: bytes):
-    """(registers, stack bytes per thread: spills) from cuobjdump's resource usage of a cubin."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What ``cuobjdump flag`` prints for a cubin."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check_kernels_{os.getpid()}.cubin"
     path.write_bytes(cubin)
     try:
-        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(path)], capture_output=True,
-                             text=True, check=True).stdout
+        return subprocess.run([str(CUOBJDUMP), flag, str(path)], capture_output=True, text=True, check=True).stdout
     finally:
         path.unlink()
+
+
+def resources(cubin: bytes):
+    """(registers, stack bytes per thread: spills) from cuobjdump's resource usage of a cubin."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)  # spilled registers live on the stack
     return int(regs.group(1)), int(stack.group(1))
 
@@ -89,12 +93,7 @@ def describe(case, kernel, config, compiled, arch):
 
 def loop_instructions(cubin: bytes) -> int:
     """SASS instructions in the body of the kernel's longest loop (a branch back to an earlier address)."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check_kernels_{os.getpid()}.cubin"
-    path.write_bytes(cubin)
-    try:
-        sass = subprocess.run([str(CUOBJDUMP), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
-    finally:
-        path.unlink()
+    sass = cuobjdump(cubin, "-sass")
     addresses = [int(a, 16) for a, _ in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(target, 16), int(at, 16)) for at, target in
              re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]

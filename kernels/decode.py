@@ -74,7 +74,7 @@ def swiglu(gate, up):
     return y
 
 
-def _gemv_weights(x, layers):
+def _one_launch_weights(x, layers):
     """The NF4 weights of ``layers`` if one GEMV launch can take them all for x (bare NF4 projections the GEMV
     takes, quantized alike, no autocast: ``nf4_matmul`` would cast x), else None."""
     if torch.is_autocast_enabled(x.device.type) or not all(type(m) is NF4Linear for m in layers):
@@ -88,7 +88,7 @@ def _gemv_weights(x, layers):
 
 def projections(x, layers):
     """``tuple(m(x) for m in layers)`` in one GEMV launch, or None where that launch cannot take them."""
-    qs = _gemv_weights(x, layers)
+    qs = _one_launch_weights(x, layers)
     if qs is None:
         return None
     return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in gemv_group(x.reshape(-1, x.shape[-1]), qs))
@@ -96,7 +96,7 @@ def projections(x, layers):
 
 def added_projection(residual, layer, x):
     """``residual + layer(x)`` in one GEMV launch (the add on the way out), or None where it cannot take them."""
-    qs = _gemv_weights(x, (layer,))
+    qs = _one_launch_weights(x, (layer,))
     if qs is None or residual.dtype != x.dtype:
         return None
     return gemv(x.reshape(-1, x.shape[-1]), qs[0], residual=residual.reshape(-1, residual.shape[-1])).view(
@@ -105,7 +105,7 @@ def added_projection(residual, layer, x):
 
 def gated_projection(x, gate, up):
     """``F.silu(gate(x)) * up(x)`` in one GEMV launch, or None where that launch cannot take them."""
-    qs = _gemv_weights(x, (gate, up))
+    qs = _one_launch_weights(x, (gate, up))
     if qs is None or qs[0].shape != qs[1].shape:
         return None
     return gemv_swiglu(x.reshape(-1, x.shape[-1]), *qs).view(*x.shape[:-1], gate.out_features)

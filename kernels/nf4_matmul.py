@@ -166,6 +166,18 @@ def _word_dots(words, code_ptr, x_ptr, k0, K, WORDS: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
+def _add_rows(acc, words, scale, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M: tl.constexpr, WORDS: tl.constexpr,
+              MASKED: tl.constexpr):
+    """acc (BM, BN, WORDS) plus, for each row m of x, the step's scaled word dots in acc[m]; rows of x past M
+    are read (as row M - 1) but never stored."""
+    rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
+    for m in tl.static_range(BLOCK_M):
+        dots = _word_dots(words, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, WORDS, MASKED)
+        acc += tl.where(rm == m, (dots * scale)[None], 0.0)
+    return acc
+
+
+@triton.jit
 def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``_gemv_rows_each_step`` in fewer instructions a weight: a word's 8 products are summed and scaled in
@@ -181,7 +193,6 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
     words_at = w_ptr + rn.to(tl.int64) * (K // 8) + word  # (BN, WORDS): the first step's words
     blocks = rn * (K // BLOCKSIZE) + word // (BLOCKSIZE // 8)  # the first step's blocks
-    rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
     scales = (absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
     whole = K - K % BLOCK_K  # the columns of whole steps
@@ -191,17 +202,13 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
         ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
         next_words = tl.load(words_at + ahead // 8)
         next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
-        for m in tl.static_range(BLOCK_M):  # rows of x past M are read (as row M - 1) but never stored
-            dots = _word_dots(words, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, WORDS, False)
-            acc += tl.where(rm == m, (dots * scale)[None], 0.0)
+        acc = _add_rows(acc, words, scale, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, WORDS, False)
         words, scale = next_words, next_scale
     if whole < K:  # the last, partial step
         ok = whole // 8 + word < K // 8
         words = tl.load(words_at + whole // 8, mask=ok, other=0)
         scale = _block_scale(blocks + whole // BLOCKSIZE, ok, *scales, DOUBLE_QUANT)
-        for m in tl.static_range(BLOCK_M):
-            dots = _word_dots(words, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, whole, K, WORDS, True)
-            acc += tl.where(rm == m, (dots * scale)[None], 0.0)
+        acc = _add_rows(acc, words, scale, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, WORDS, True)
     return tl.sum(acc, axis=2)
 
 
