@@ -239,12 +239,12 @@ class MLP(nn.Module):
     def forward(self, x, residual=None):
         """The MLP's output, plus ``residual`` where one is given."""
         decode = decode_kernels(x)
-        if decode is not None and (h := decode.gated_projection(x, self.gate_proj, self.up_proj)) is not None:
-            return add_projection(residual, self.down_proj, h)  # gate, up and SwiGLU in one launch
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        if (fused := decode or layer_kernels(x)) is not None:
-            return add_projection(residual, self.down_proj, fused.swiglu(gate, up))
-        return add_projection(residual, self.down_proj, F.silu(gate) * up)  # SwiGLU
+        h = decode and decode.gated_projection(x, self.gate_proj, self.up_proj)  # gate, up, SwiGLU: one launch
+        if h is None:
+            gate, up = project(x, self.gate_proj, self.up_proj)
+            fused = decode or layer_kernels(x)
+            h = fused.swiglu(gate, up) if fused is not None else F.silu(gate) * up  # SwiGLU
+        return add_projection(residual, self.down_proj, h)
 
 
 class DecoderLayer(nn.Module):
