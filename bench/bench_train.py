@@ -4,7 +4,7 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW, the same
 batch; each runs in a fresh process, a few warm-up steps first. Ours runs five
 times: as by default; with each LoRA projection one autograd node
-(``bailong.lora.LoRAProjection``); with that and the norms, SwiGLU and RoPE through their
+(``bailong.lora_fused.LoRAProjection``); with that and the norms, SwiGLU and RoPE through their
 training kernels (``bailong_kernels.layers``, CUDA only); and with all that and
 the loss computed chunk by chunk (``bailong.memory.chunked_cross_entropy``, its
 cross-entropy a kernel too); and (CUDA) with all that and each layer's saved

@@ -145,11 +145,11 @@ def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch, chunked_los
 def gpu_path(monkeypatch, fused_step, layer_kernels=False):
     """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, (``fused_step``) the
     decoding step's fused kernels, (``layer_kernels``) the training layer kernels; all interpreted."""
-    from bailong import lora, model, quantized
+    from bailong import lora_fused, model, quantized
     from bailong_kernels import decode, layers
-    for module in (quantized, lora):
+    for module in (quantized, lora_fused):
         monkeypatch.setattr(module, "nf4_linear", lambda x, w: nf4_matmul(x, w))
-    monkeypatch.setattr(lora, "nf4_dequantized", lambda w, dtype: nf4_dequantize(w, dtype))
+    monkeypatch.setattr(lora_fused, "nf4_dequantized", lambda w, dtype: nf4_dequantize(w, dtype))
     monkeypatch.setattr(model, "decode_kernels", lambda x: decode if fused_step and not torch.is_grad_enabled()
                         else None)
     monkeypatch.setattr(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled()
@@ -216,7 +216,7 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step):
 # Launches of one QLoRA training step (forward and backward, bf16 autocast, activation checkpointing, LoRA r = 8 on
 # the seven projections, embedding and head) of a 2-layer NF4 model on the GPU's path, and per layer, by (fused LoRA,
 # layer kernels, LoRA dropout): recorded before any training-side fusion (False, False), with each LoRA projection
-# one autograd node (bailong.lora.LoRAProjection: the frozen base's matmul inside, the scaling in the matmuls'
+# one autograd node (bailong.lora_fused.LoRAProjection: the frozen base's matmul inside, the scaling in the matmuls'
 # alpha, the compute-dtype copies of every LoRA weight made in one multi-tensor copy a step, a node's LoRA gradients
 # cast to float32 in one pass; without dropout, q/k/v and gate/up one node each, LoRAShared), with the training layer
 # kernels as well (True, True).

@@ -325,10 +325,10 @@ def test_fused_lora_trains_after_inference(monkeypatch):
 
 
 def test_fused_lora_forms_only_the_gradients_wanted(monkeypatch):
-    from bailong import lora
+    from bailong import lora, lora_fused
     monkeypatch.setattr(lora, "_fused", True)
-    products, real = [], lora._scaled_mm
-    monkeypatch.setattr(lora, "_scaled_mm", lambda a, b, s, out=None: products.append(out is None) or
+    products, real = [], lora_fused._scaled_mm
+    monkeypatch.setattr(lora_fused, "_scaled_mm", lambda a, b, s, out=None: products.append(out is None) or
                         real(a, b, s, out))  # out: a LoRA weight's gradient; else dx's
     layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
     layer(torch.randn(3, 32)).sum().backward()  # an input without a gradient (the first layer's, say): no dx
