@@ -94,11 +94,11 @@ class LoRALinear(nn.Module):
     @staticmethod
     def shared(x, layers):
         """The outputs of ``layers``, LoRA layers that read the same x (q, k, v; gate, up), as one autograd
-        node (``LoRAShared``) where that applies: the fused path, no dropout, one scaling and rank, one
-        kind of base; else None, and each layer runs on its own."""
+        node (``LoRAShared``) where that applies: the fused path, one scaling, rank, dropout and kind of base;
+        else None, and each layer runs on its own."""
         first = layers[0]
-        if not (all(isinstance(m, LoRALinear) and m.fused() and m.dropout_p() == 0 for m in layers)
-                and len({(m.scaling, m.lora_A.out_features, m.quantized) for m in layers}) == 1):
+        if not (all(isinstance(m, LoRALinear) and m.fused() for m in layers)
+                and len({(m.scaling, m.lora_A.out_features, m.dropout_p(), m.quantized) for m in layers}) == 1):
             return None
         dtype = compute_dtype(x)
         casts = [m.compute_weights(dtype) for m in layers]
@@ -109,7 +109,7 @@ class LoRALinear(nn.Module):
             first._shared_key = key
         masters = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
         return LoRAShared.apply(x, tuple(m.weight for m in layers), first._shared_A, tuple(B for _, B in casts),
-                                first.scaling, *masters)
+                                first.scaling, first.dropout_p(), *masters)
 
     def _cast_version(self, dtype):
         A, B = self.lora_A.weight, self.lora_B.weight

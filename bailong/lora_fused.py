@@ -7,6 +7,8 @@ dropout in one node, in the compute dtype, with the scaling in the matmuls' alph
 gate, up). The tests hold both to the plain path, two ``nn.Linear`` a projection
 and autograd, to 1e-5 in float32.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -75,8 +77,10 @@ def frozen_weight(W, dtype):
 
 
 def _scaled_mm(a, b, s, out=None):
-    """s * a @ b in one matmul: with beta = 0, addmm ignores its (empty) first operand."""
-    return torch.addmm(torch.empty((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=s, out=out)
+    """s * a @ b in one matmul (a batch of them for 3-d a and b): with beta = 0, addmm and baddbmm ignore
+    their (empty) first operand."""
+    product = torch.addmm if a.dim() == 2 else torch.baddbmm
+    return product(torch.empty((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=s, out=out)
 
 
 def _master_grads(products, dtype):
@@ -86,8 +90,8 @@ def _master_grads(products, dtype):
     wanted = [p for p in products if p is not None]
     if not wanted:
         return [None] * len(products)
-    shapes = [(a.shape[0], b.shape[1]) for a, b, _ in wanted]
-    sizes = [rows * cols for rows, cols in shapes]
+    shapes = [(*a.shape[:-1], b.shape[-1]) for a, b, _ in wanted]
+    sizes = [math.prod(shape) for shape in shapes]
     flat = torch.empty(sum(sizes), dtype=wanted[0][0].dtype, device=wanted[0][0].device)
     for (a, b, s), part, shape in zip(wanted, flat.split(sizes), shapes):
         _scaled_mm(a, b, s, out=part.view(shape))
@@ -101,45 +105,74 @@ def compute_dtype(x):
 
 
 class LoRAShared(torch.autograd.Function):
-    """n LoRA projections of the same x (no dropout), as one autograd node: ``LoRAProjection`` for each, but
-    x is read once for all their A's, x [A_1; ...; A_n]^T, and dL/dx is formed in one place, from one
-    product for all the LoRA parts, s [u_1 ... u_n] [A_1; ...; A_n] with u_i = g_i B_i, and each base's
-    g_i W_i added by its matmul, instead of n gradients that autograd then adds. dL/dA_i come out of one
-    product too, s [u_1 ... u_n]^T x, as rows of one float32 tensor."""
+    """n LoRA projections of the same x, as one autograd node: ``LoRAProjection`` for each, but x is read once
+    for all their A's and dL/dx is formed in one place, instead of n gradients that autograd then adds.
+
+    Without dropout: x [A_1; ...; A_n]^T in one matmul; dL/dx from one product for all the LoRA parts,
+    s [u_1 ... u_n] [A_1; ...; A_n] with u_i = g_i B_i, each base's g_i W_i added by its matmul; the dL/dA_i
+    from one product too, s [u_1 ... u_n]^T x, as rows of one float32 tensor.
+
+    With dropout each projection draws its own mask, as PEFT's do, but all n in one launch: x broadcast to
+    (n, tokens, in) and dropped at once, then batched matmuls, (n, tokens, in) x (n, in, r) forward and their
+    transposes backward, the masks applied to the n LoRA parts of dL/dx before they are summed. On the CPU
+    those are the very masks n calls of ``F.dropout`` draw in turn (the same random stream, element after
+    element), so the plain path trains alike; CUDA's generator hands out its numbers by thread, so there the
+    masks are other draws of the same law.
+    """
 
     @staticmethod
-    def forward(ctx, x, weights, A_cat, Bs, scaling, *masters):
+    def forward(ctx, x, weights, A_cat, Bs, scaling, p, *masters):
+        n = len(weights)
         ys = [frozen_linear(x, W) for W in weights]
         x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
-        xa = x2 @ A_cat.T  # (tokens, n r)
-        r = A_cat.shape[0] // len(weights)
-        outs = [torch.addmm(y.reshape(-1, y.shape[-1]), xa[:, i * r:(i + 1) * r], B.T, alpha=scaling).view(y.shape)
-                for i, (y, B) in enumerate(zip(ys, Bs))]
-        ctx.weights, ctx.scaling, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, r, x.shape, x.dtype
+        r = A_cat.shape[0] // n
+        mask = None
+        if p:  # xs: (n, tokens, in), each row dropped by its own mask; xa: (n, tokens, r)
+            xs, mask = torch.native_dropout(x2.expand(n, *x2.shape), p, True)
+            xa = torch.bmm(xs, A_cat.view(n, r, -1).transpose(1, 2))
+            parts = list(xa)
+        else:  # xs: (tokens, in); xa: (tokens, n r)
+            xs, xa = x2, x2 @ A_cat.T
+            parts = [xa[:, i * r:(i + 1) * r] for i in range(n)]
+        outs = [torch.addmm(y.reshape(-1, y.shape[-1]), part, B.T, alpha=scaling).view(y.shape)
+                for y, part, B in zip(ys, parts, Bs)]
+        ctx.weights, ctx.scaling, ctx.p, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, p, r, x.shape, x.dtype
         ctx.master_dtype = masters[0].dtype  # all of them
-        ctx.save_for_backward(x2, xa, A_cat, *Bs)
+        ctx.save_for_backward(xs, xa, mask, A_cat, *Bs)
         return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *gs):
-        x2, xa, A_cat, *Bs = ctx.saved_tensors
-        s, r = ctx.scaling, ctx.r
-        wanted = ctx.needs_input_grad[5:]  # A_1, B_1, A_2, B_2, ...
+        xs, xa, mask, A_cat, *Bs = ctx.saved_tensors
+        s, r, n = ctx.scaling, ctx.r, len(Bs)
+        wanted = ctx.needs_input_grad[6:]  # A_1, B_1, A_2, B_2, ...
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
-        u = torch.empty((len(x2), A_cat.shape[0]), dtype=x2.dtype, device=x2.device)  # [u_1 ... u_n]
-        for i, (g, B) in enumerate(zip(gs, Bs)):
-            torch.mm(g, B, out=u[:, i * r:(i + 1) * r])
+        tokens = len(gs[0])
+        if mask is None:  # u = [u_1 ... u_n]: (tokens, n r)
+            u = torch.empty((tokens, n * r), dtype=xs.dtype, device=xs.device)
+            u_parts = [u[:, i * r:(i + 1) * r] for i in range(n)]
+            xa_parts = [xa[:, i * r:(i + 1) * r] for i in range(n)]
+            u_dA = u.T  # s u^T x: every dL/dA_i's rows in one product
+        else:  # u: (n, tokens, r)
+            u = torch.empty((n, tokens, r), dtype=xs.dtype, device=xs.device)
+            u_parts, xa_parts, u_dA = list(u), list(xa), u.transpose(1, 2)  # s u_i^T x_i, batched
+        for g, B, part in zip(gs, Bs, u_parts):
+            torch.mm(g, B, out=part)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _scaled_mm(u, A_cat, s)
+            if mask is None:
+                dx = _scaled_mm(u, A_cat, s)
+            else:  # each LoRA part of dL/dx through its mask, then their sum
+                dx = _scaled_mm(u, A_cat.view(n, r, -1), s)
+                dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p)).sum(0)
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
                 dx = torch.addmm(dx, g, frozen_weight(W, g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        dA, *dBs = _master_grads([(u.T, x2, s) if any(wanted[::2]) else None]  # every dL/dA_i's rows
-                                 + [(g.T, xa[:, i * r:(i + 1) * r], s) if wanted[2 * i + 1] else None
-                                    for i, g in enumerate(gs)], ctx.master_dtype)
+        dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
+                                 + [(g.T, part, s) if wanted[2 * i + 1] else None
+                                    for i, (g, part) in enumerate(zip(gs, xa_parts))], ctx.master_dtype)
         grads = []
         for i, dB in enumerate(dBs):
-            grads += [dA[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
-        return dx, None, None, None, None, *grads
+            grads += [dA.reshape(n * r, -1)[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
+        return dx, None, None, None, None, None, *grads

@@ -242,7 +242,7 @@ def test_a_tied_embedding_that_grew_travels_in_peft_keys(tmp_path):
 
 def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
     """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAProjection``;
-    without dropout, q/k/v and gate/up through ``LoRAShared``)."""
+    q/k/v and gate/up through ``LoRAShared``, checked)."""
     import copy
 
     import torch.nn.functional as F
@@ -271,6 +271,8 @@ def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                     logits = model(ids[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                nodes = autograd_nodes(loss)
+                assert fused == ("LoRAProjectionBackward" in nodes) == (nodes["LoRASharedBackward"] == 4), nodes
                 loss.backward()
                 grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
                 optimizer.step()
@@ -280,6 +282,19 @@ def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
         finally:
             lora.use_fused_lora(previous)
     return results
+
+
+def autograd_nodes(tensor):
+    """How many of each kind of node the autograd graph behind ``tensor`` holds."""
+    import collections
+    nodes, todo, seen = collections.Counter(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes[type(node).__name__] += 1
+            todo += [next_node for next_node, _ in node.next_functions]
+    return nodes
 
 
 @pytest.mark.parametrize("quantize,checkpointing,dropout", [(True, True, 0.1), (True, False, 0.1), (False, False, 0.1),
@@ -378,3 +393,33 @@ def test_chunked_loss_trains_as_the_whole_logits_do(monkeypatch, dropout):
     assert max(abs(a - b) for a, b in zip(whole, chunked)) < 1e-5, (whole, chunked)
     for name in whole_grads:
         torch.testing.assert_close(chunked_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_projections_sharing_an_input_apply_the_dropout_masks_they_drew(monkeypatch, device):
+    """q, k, v with dropout as one node (``LoRAShared``): outputs and every gradient against autograd through
+    the masks the node drew (the same call again from the same seed), float32. On CUDA these masks are not
+    those of three ``F.dropout`` calls, so this is the check there."""
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    torch.manual_seed(0)
+    layers = [LoRALinear(torch.nn.Linear(48, out, bias=False, device=device), r=4, scaling=2.0, dropout=0.3)
+              for out in (48, 16, 16)]
+    randomize({i: m.lora_B.weight for i, m in enumerate(layers)})
+    x = torch.randn(2, 5, 48, device=device, requires_grad=True)
+    g = [torch.randn(2, 5, m.out_features, device=device) for m in layers]
+    trained = [x] + [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+    torch.manual_seed(1)
+    outs = LoRALinear.shared(x, layers)
+    assert outs is not None and "LoRASharedBackward" in type(outs[0].grad_fn).__name__
+    grads = torch.autograd.grad(outs, trained, g)
+    torch.manual_seed(1)  # the node's one draw of three masks, again, now through autograd
+    dropped, mask = torch.native_dropout(x.reshape(10, 48).expand(3, 10, 48), 0.3, True)
+    assert 0.5 < mask.float().mean() < 0.9 and not torch.equal(mask[0], mask[1])  # three masks of 1 - p
+    ref = [(x.reshape(10, 48) @ m.weight.T + 2.0 * (d @ m.lora_A.weight.T) @ m.lora_B.weight.T).view(2, 5, -1)
+           for m, d in zip(layers, dropped)]
+    for out, expected in zip(outs, ref):
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, torch.autograd.grad(ref, trained, g)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
