@@ -76,9 +76,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if self.fused():  # training
-            A, B = self.lora_A.weight, self.lora_B.weight
-            casts = self.compute_weights(compute_dtype(x))
-            return LoRAProjection.apply(x, self.weight, A, B, *casts, self.scaling, self.dropout_p())
+            return self._projection(x, None)
         y = frozen_linear(x, self.weight)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
@@ -87,6 +85,18 @@ class LoRALinear(nn.Module):
         """Whether this call takes the fused path: switched on, a gradient wanted (not inference: chat, CUDA
         graphs), the base frozen."""
         return _fused and torch.is_grad_enabled() and not getattr(self.weight, "requires_grad", False)
+
+    def added(self, residual, x):
+        """``residual + self(x)`` as one autograd node, the add in the base's matmul (``model.add_projection``),
+        where that applies: the fused path, the residual in the compute dtype; else None."""
+        if self.fused() and residual.dtype == compute_dtype(x):
+            return self._projection(x, residual)
+        return None
+
+    def _projection(self, x, residual):
+        A, B = self.lora_A.weight, self.lora_B.weight
+        casts = self.compute_weights(compute_dtype(x))
+        return LoRAProjection.apply(x, self.weight, A, B, *casts, self.scaling, self.dropout_p(), residual)
 
     def dropout_p(self) -> float:
         return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0

@@ -17,7 +17,8 @@ from bailong.quantized import nf4_dequantized, nf4_linear
 
 
 class LoRAProjection(torch.autograd.Function):
-    """x W^T + s * dropout(x) A^T B^T as one autograd node, in the compute dtype, W frozen (dense or NF4).
+    """x W^T + s * dropout(x) A^T B^T as one autograd node, in the compute dtype, W frozen (dense or NF4),
+    plus ``residual`` where one is given (in the compute dtype), added by the base's matmul.
 
     ``A`` and ``B`` are the compute-dtype copies of the float32 masters ``A_master``
     and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
@@ -27,15 +28,19 @@ class LoRAProjection(torch.autograd.Function):
     dequantized again for the backward). With g = dL/dout and u = g B:
 
         dL/dx = g W + s u A (dropout's mask applied to the second term)
-        dL/dA = s u^T x_d           dL/dB = s g^T (x_d A^T)
+        dL/dA = s u^T x_d           dL/dB = s g^T (x_d A^T)          dL/dresidual = g
 
     Dropout is ``native_dropout``, which draws the mask ``F.dropout`` draws from the
     same random state, so the fused and the plain path train alike.
     """
 
     @staticmethod
-    def forward(ctx, x, W, A_master, B_master, A, B, scaling, p):
-        y = frozen_linear(x, W)
+    def forward(ctx, x, W, A_master, B_master, A, B, scaling, p, residual):
+        if residual is None:
+            y = frozen_linear(x, W)
+        else:  # residual + x W^T in one matmul
+            y = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]),
+                            frozen_weight(W, residual.dtype).T).view(residual.shape)
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
         mask = None
         if p:  # one kernel, the same mask F.dropout draws from the same random state
@@ -63,7 +68,7 @@ class LoRAProjection(torch.autograd.Function):
             dx = torch.addmm(dx, g2, frozen_weight(W, g.dtype)).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
         dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
                                ctx.master_dtype)
-        return dx, None, dA, dB, None, None, None, None
+        return dx, None, dA, dB, None, None, None, None, g if ctx.needs_input_grad[8] else None
 
 
 def frozen_linear(x, W):

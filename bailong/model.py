@@ -185,10 +185,13 @@ def project(x, *layers):
 
 
 def add_projection(residual, layer, x):
-    """``residual + layer(x)`` (no residual: ``layer(x)``); decoding with the fused kernels, an NF4 layer adds the
-    residual on the way out of its GEMV launch."""
+    """``residual + layer(x)`` (no residual: ``layer(x)``), the add inside the projection where it can be: in a
+    fused LoRA layer's base matmul (``LoRALinear.added``), or, decoding with the fused kernels, on the way out
+    of an NF4 layer's GEMV launch. The layer's forward hooks, if anyone set some, then do not run."""
     if residual is None:
         return layer(x)
+    if (added := getattr(layer, "added", None)) and (y := added(residual, x)) is not None:
+        return y
     if (fused := decode_kernels(x)) is not None and (y := fused.added_projection(residual, layer, x)) is not None:
         return y
     return residual + layer(x)

@@ -423,3 +423,31 @@ def test_projections_sharing_an_input_apply_the_dropout_masks_they_drew(monkeypa
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(grads, torch.autograd.grad(ref, trained, g)):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch):
+    """``add_projection`` (o and down): residual + layer(x) as the LoRA node itself, against the plain sum, with
+    the gradients; a residual in another dtype than the compute dtype (float32 under bf16 autocast) is added
+    outside, in float32, as the plain path adds it."""
+    from bailong import lora
+    from bailong.model import add_projection
+    from bailong.quantized import NF4Linear
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(torch.nn.Linear(64, 40, bias=False))  # NF4, as QLoRA's
+    layer = LoRALinear(base, r=4, scaling=2.0, dropout=0.1)
+    randomize({0: layer.lora_B.weight})
+    x, residual = torch.randn(2, 3, 64, requires_grad=True), torch.randn(2, 3, 40, requires_grad=True)
+    results = []
+    for fused in [False, True]:
+        monkeypatch.setattr(lora, "_fused", fused)
+        torch.manual_seed(1)  # the same dropout mask
+        out = add_projection(residual, layer, x)
+        assert type(out.grad_fn).__name__ == ("LoRAProjectionBackward" if fused else "AddBackward0")
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, residual, layer.lora_A.weight])))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = add_projection(residual, layer, x)
+    assert out.dtype == torch.float32 and type(out.grad_fn).__name__ == "AddBackward0"
