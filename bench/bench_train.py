@@ -17,6 +17,7 @@ CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
     python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
     python bench/bench_train.py --setting long        # a GPU: Llama-2-7B, r 16 on the projections, 8192
     python bench/bench_train.py --setting long --rows ours-all ours-offload theirs    # some sides only
+    python bench/bench_train.py --setting recipe --dropout 0.05       # with train.py's LoRA dropout
 
 On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed
 beside each row): choose --rows to fit the time at hand.
@@ -71,7 +72,8 @@ def run_one(which, folder, args):
         use_layer_kernels(which in ("ours-layers", "ours-all", "ours-offload"))
         use_chunked_loss(which in ("ours-all", "ours-offload"))
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
-        inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=0.0, targets=tuple(targets)))
+        inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
+                                       targets=tuple(targets)))
         mark_only_lora_trainable(model)
         model.checkpointing = device == "cuda"
         model.offload = which == "ours-offload" and device == "cuda"
@@ -83,7 +85,7 @@ def run_one(which, folder, args):
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map=device, dtype=dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                  target_modules=targets))
         loss_of = lambda ids: torch.nn.functional.cross_entropy(  # noqa: E731
             model(input_ids=ids[:, :-1]).logits.flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -143,6 +145,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--embedding-and-head", action="store_true", help="LoRA on the embedding and head too")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (train.py's default is "
+                   "0.05; the losses then differ by the masks drawn)")
     p.add_argument("--setting", choices=SETTINGS, help="one of the settings the targets are set for (sets the "
                    "preset, sequence, batch, rank and targets)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS.values()), default=list(ROWS.values()),
@@ -172,7 +176,8 @@ def main():
         print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
         where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
-              f"LoRA r={args.rank} on {where}, NF4 base, {args.device}, torch {torch.__version__}")
+              f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.device}, "
+              f"torch {torch.__version__}")
         results = {}
         for which, flag in ROWS.items():
             if flag not in args.rows or flag == "ours-offload" and args.device != "cuda":  # the CPU: nothing to
