@@ -88,8 +88,8 @@ class LoRALinear(nn.Module):
 
     def added(self, residual, x):
         """``residual + self(x)`` as one autograd node, the add in the base's matmul (``model.add_projection``),
-        where that applies: the fused path, the residual in the compute dtype; else None."""
-        if self.fused() and residual.dtype == compute_dtype(x):
+        where that applies: the fused path, the residual in the compute dtype and of the output's shape; else None."""
+        if self.fused() and residual.dtype == compute_dtype(x) and residual.shape == (*x.shape[:-1], self.out_features):
             return self._projection(x, residual)
         return None
 

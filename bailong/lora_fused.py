@@ -24,7 +24,7 @@ class LoRAProjection(torch.autograd.Function):
     and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
     The scaling rides in the matmuls' alpha, the adds in the matmuls (``addmm``): no
     separate multiply or add pass. Kept for the backward: the dropped input, its
-    rank-r projection, the dropout mask (bytes) and W as stored (NF4 stays packed,
+    rank-r projection, the dropout mask and W as stored (NF4 stays packed,
     dequantized again for the backward). With g = dL/dout and u = g B:
 
         dL/dx = g W + s u A (dropout's mask applied to the second term)
@@ -64,7 +64,7 @@ class LoRAProjection(torch.autograd.Function):
         if want_x:  # not for the first layer's input when the embedding trains nothing
             dx = _scaled_mm(u, A, s)
             if mask is not None:
-                dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p))
+                dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p))
             dx = torch.addmm(dx, g2, frozen_weight(W, g.dtype)).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
         dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
                                ctx.master_dtype)
@@ -79,6 +79,11 @@ def frozen_linear(x, W):
 def frozen_weight(W, dtype):
     """A frozen weight in ``dtype`` for a backward's g W: an NF4 one dequantized again."""
     return nf4_dequantized(W, dtype) if isinstance(W, NF4Tensor) else W.to(dtype)
+
+
+def _kept_scale(p):
+    """What dropout multiplies the kept values by: 1 / (1 - p); 0 where nothing is kept (p = 1), as autograd's."""
+    return 1 / (1 - p) if p < 1 else 0.0
 
 
 def _scaled_mm(a, b, s, out=None):
@@ -170,7 +175,7 @@ class LoRAShared(torch.autograd.Function):
                 dx = _scaled_mm(u, A_cat, s)
             else:  # each LoRA part of dL/dx through its mask, then their sum
                 dx = _scaled_mm(u, A_cat.view(n, r, -1), s)
-                dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - ctx.p)).sum(0)
+                dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p)).sum(0)
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
                 dx = torch.addmm(dx, g, frozen_weight(W, g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)

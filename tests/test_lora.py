@@ -423,6 +423,10 @@ def test_projections_sharing_an_input_apply_the_dropout_masks_they_drew(monkeypa
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(grads, torch.autograd.grad(ref, trained, g)):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for m in layers:
+        m.dropout.p = 1.0  # nothing kept: only the bases are left, and the A's get no gradient
+    grads = torch.autograd.grad(LoRALinear.shared(x, layers), trained, g)
+    assert all(not grad.any() for grad in grads[1::2])
 
 
 def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch):
@@ -451,3 +455,5 @@ def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = add_projection(residual, layer, x)
     assert out.dtype == torch.float32 and type(out.grad_fn).__name__ == "AddBackward0"
+    out = add_projection(residual[:1], layer, x)  # a residual that broadcasts: added outside, as the plain path
+    assert out.shape == (2, 3, 40) and type(out.grad_fn).__name__ == "AddBackward0"
