@@ -2,7 +2,7 @@
 
 Both are off by default until timed on a GPU (``bench/bench_train.py``): the chunked loss with
 ``BAILONG_CHUNKED_LOSS=1`` or ``use_chunked_loss()``, the offload with ``train.py --offload-activations``
-(``Llama.offload``). ``bailong.model`` calls them; each trains as the plain way does (tests/test_lora.py,
+(``Llama.offload``). ``bailong.model`` calls them; each trains as the plain way does (tests/test_lora_fused.py,
 tests/test_model.py).
 """
 import os

@@ -1,0 +1,229 @@
+"""The fast training paths against the plain ones: LoRA projections as one autograd node
+(bailong/lora_fused.py), those reading one input as one node, the residual added in the matmul, and the
+loss chunk by chunk (bailong/memory.py); float32 to 1e-5, bf16 within rounding."""
+import pytest
+import torch
+from test_lora import randomize
+
+import bailong
+from bailong.lora import LoRAConfig, LoRALinear, inject_lora, mark_only_lora_trainable
+
+
+def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
+    """Per-step losses and the last LoRA gradients of a few AdamW steps, plain and fused (``LoRAProjection``;
+    q/k/v and gate/up through ``LoRAShared``, checked)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from bailong import lora
+    from bailong.quantized import quantize_model
+    base, _ = bailong.load_preset("tiny", device="cpu")
+    if quantize:
+        quantize_model(base)
+    results = []
+    for fused in [False, True]:
+        previous = lora.use_fused_lora(fused)
+        try:
+            model = copy.deepcopy(base).to(dtype)
+            torch.manual_seed(5)  # the same A and B, and the same dropout masks
+            mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=dropout)))
+            for name, p in model.named_parameters():  # B (and the embedding's A) start at zero: give them values
+                if "lora_B" in name or "lora_embedding_A" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            model.checkpointing = checkpointing
+            model.train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            losses = []
+            for step in range(steps):
+                ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(step))
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    logits = model(ids[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                nodes = autograd_nodes(loss)
+                assert fused == ("LoRAProjectionBackward" in nodes) == (nodes["LoRASharedBackward"] == 4), nodes
+                loss.backward()
+                grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+            results.append((losses, grads))
+        finally:
+            lora.use_fused_lora(previous)
+    return results
+
+
+def autograd_nodes(tensor):
+    """How many of each kind of node the autograd graph behind ``tensor`` holds."""
+    import collections
+    nodes, todo, seen = collections.Counter(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes[type(node).__name__] += 1
+            todo += [next_node for next_node, _ in node.next_functions]
+    return nodes
+
+
+@pytest.mark.parametrize("quantize,checkpointing,dropout", [(True, True, 0.1), (True, False, 0.1), (False, False, 0.1),
+                                                        (True, True, 0.0), (False, False, 0.0)])
+def test_fused_lora_trains_as_the_plain_path_in_float32(quantize, checkpointing, dropout):
+    (plain, plain_grads), (fused, fused_grads) = fused_and_plain_steps(quantize, torch.float32, checkpointing,
+                                                                       dropout=dropout)
+    assert max(abs(a - b) for a, b in zip(plain, fused)) < 1e-5, (plain, fused)
+    # A and B of 2 layers x 7 projections, the embedding and the head
+    assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 32
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_fused_lora_in_bfloat16_stays_within_rounding_of_the_plain_path(dropout):
+    (plain, _), (fused, _) = fused_and_plain_steps(True, torch.bfloat16, True, dropout=dropout)
+    assert max(abs(a - b) for a, b in zip(plain, fused)) < 2e-2, (plain, fused)
+
+
+def test_fused_lora_casts_its_weights_once_per_optimizer_step():
+    layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
+    A, B = layer.compute_weights(torch.bfloat16)
+    assert layer.compute_weights(torch.bfloat16)[0] is A  # a second call, or a recomputed forward: no cast
+    assert torch.equal(B, layer.lora_B.weight.bfloat16())
+    with torch.no_grad():
+        layer.lora_A.weight.add_(1.0)  # an update in place
+    assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)  # a fused step keeps the versions
+    layer.lora_A.weight.grad = torch.ones_like(layer.lora_A.weight)
+    optimizer.step()
+    assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
+
+
+def test_fused_lora_trains_after_inference(monkeypatch):
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():  # as generate() runs: the plain path, nothing cached
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.lora_A.weight.grad is not None
+
+
+def test_fused_lora_forms_only_the_gradients_wanted(monkeypatch):
+    from bailong import lora, lora_fused
+    monkeypatch.setattr(lora, "_fused", True)
+    products, real = [], lora_fused._scaled_mm
+    monkeypatch.setattr(lora_fused, "_scaled_mm", lambda a, b, s, out=None: products.append(out is None) or
+                        real(a, b, s, out))  # out: a LoRA weight's gradient; else dx's
+    layer = LoRALinear(torch.nn.Linear(32, 24, bias=False), r=4, scaling=2.0)
+    layer(torch.randn(3, 32)).sum().backward()  # an input without a gradient (the first layer's, say): no dx
+    assert products == [False, False] and layer.lora_A.weight.grad is not None
+    assert layer.lora_B.weight.grad is not None
+    layer.weight.requires_grad_(True)  # a base someone trains: the plain path, which gives it its gradient
+    layer(torch.randn(3, 32)).sum().backward()
+    assert layer.weight.grad is not None and len(products) == 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_chunked_loss_trains_as_the_whole_logits_do(monkeypatch, dropout):
+    """The loss from chunks of 7 positions (LoRA on the head, its dropout included) against the whole logits:
+    per-step losses and every LoRA gradient, float32, with the plain and the fused LoRA projections."""
+    import copy
+
+    from bailong import lora, memory
+    base, _ = bailong.load_preset("tiny", device="cpu")
+    monkeypatch.setattr(memory, "LOSS_CHUNK_LOGITS", 7 * base.config.vocab_size)
+    results = []
+    for chunked in [False, True]:
+        model = copy.deepcopy(base)
+        torch.manual_seed(5)
+        mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=dropout)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_A" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        monkeypatch.setattr(memory, "_chunked_loss", chunked)
+        losses = []
+        for step in range(3):
+            monkeypatch.setattr(lora, "_fused", step == 1)
+            ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(step))
+            targets = ids[:, 1:].clone()
+            targets[0, :5] = -100  # a masked prompt, as SFT's
+            loss = model(ids[:, :-1], targets=targets)
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        with torch.no_grad():
+            losses.append(model(ids[:, :-1], targets=targets).item())  # evaluation: no gradients formed
+        results.append((losses, grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert max(abs(a - b) for a, b in zip(whole, chunked)) < 1e-5, (whole, chunked)
+    for name in whole_grads:
+        torch.testing.assert_close(chunked_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_projections_sharing_an_input_apply_the_dropout_masks_they_drew(monkeypatch, device):
+    """q, k, v with dropout as one node (``LoRAShared``): outputs and every gradient against autograd through
+    the masks the node drew (the same call again from the same seed), float32. On CUDA these masks are not
+    those of three ``F.dropout`` calls, so this is the check there."""
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    torch.manual_seed(0)
+    layers = [LoRALinear(torch.nn.Linear(48, out, bias=False, device=device), r=4, scaling=2.0, dropout=0.3)
+              for out in (48, 16, 16)]
+    randomize({i: m.lora_B.weight for i, m in enumerate(layers)})
+    x = torch.randn(2, 5, 48, device=device, requires_grad=True)
+    g = [torch.randn(2, 5, m.out_features, device=device) for m in layers]
+    trained = [x] + [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+    torch.manual_seed(1)
+    outs = LoRALinear.shared(x, layers)
+    assert outs is not None and "LoRASharedBackward" in type(outs[0].grad_fn).__name__
+    grads = torch.autograd.grad(outs, trained, g)
+    torch.manual_seed(1)  # the node's one draw of three masks, again, now through autograd
+    dropped, mask = torch.native_dropout(x.reshape(10, 48).expand(3, 10, 48), 0.3, True)
+    assert 0.5 < mask.float().mean() < 0.9 and not torch.equal(mask[0], mask[1])  # three masks of 1 - p
+    ref = [(x.reshape(10, 48) @ m.weight.T + 2.0 * (d @ m.lora_A.weight.T) @ m.lora_B.weight.T).view(2, 5, -1)
+           for m, d in zip(layers, dropped)]
+    for out, expected in zip(outs, ref):
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, torch.autograd.grad(ref, trained, g)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    for m in layers:
+        m.dropout.p = 1.0  # nothing kept: only the bases are left, and the A's get no gradient
+    grads = torch.autograd.grad(LoRALinear.shared(x, layers), trained, g)
+    assert all(not grad.any() for grad in grads[1::2])
+
+
+def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch):
+    """``add_projection`` (o and down): residual + layer(x) as the LoRA node itself, against the plain sum, with
+    the gradients; a residual in another dtype than the compute dtype (float32 under bf16 autocast) is added
+    outside, in float32, as the plain path adds it."""
+    from bailong import lora
+    from bailong.model import add_projection
+    from bailong.quantized import NF4Linear
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(torch.nn.Linear(64, 40, bias=False))  # NF4, as QLoRA's
+    layer = LoRALinear(base, r=4, scaling=2.0, dropout=0.1)
+    randomize({0: layer.lora_B.weight})
+    x, residual = torch.randn(2, 3, 64, requires_grad=True), torch.randn(2, 3, 40, requires_grad=True)
+    results = []
+    for fused in [False, True]:
+        monkeypatch.setattr(lora, "_fused", fused)
+        torch.manual_seed(1)  # the same dropout mask
+        out = add_projection(residual, layer, x)
+        assert type(out.grad_fn).__name__ == ("LoRAProjectionBackward" if fused else "AddBackward0")
+        results.append((out, torch.autograd.grad(out.square().sum(), [x, residual, layer.lora_A.weight])))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = add_projection(residual, layer, x)
+    assert out.dtype == torch.float32 and type(out.grad_fn).__name__ == "AddBackward0"
+    out = add_projection(residual[:1], layer, x)  # a residual that broadcasts: added outside, as the plain path
+    assert out.shape == (2, 3, 40) and type(out.grad_fn).__name__ == "AddBackward0"
