@@ -140,12 +140,10 @@ class LoRAShared(torch.autograd.Function):
         if p:  # xs: (n, tokens, in), each row dropped by its own mask; xa: (n, tokens, r)
             xs, mask = torch.native_dropout(x2.expand(n, *x2.shape), p, True)
             xa = torch.bmm(xs, A_cat.view(n, r, -1).transpose(1, 2))
-            parts = list(xa)
         else:  # xs: (tokens, in); xa: (tokens, n r)
             xs, xa = x2, x2 @ A_cat.T
-            parts = [xa[:, i * r:(i + 1) * r] for i in range(n)]
         outs = [torch.addmm(y.reshape(-1, y.shape[-1]), part, B.T, alpha=scaling).view(y.shape)
-                for y, part, B in zip(ys, parts, Bs)]
+                for y, part, B in zip(ys, _parts(xa, r, mask), Bs)]
         ctx.weights, ctx.scaling, ctx.p, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, p, r, x.shape, x.dtype
         ctx.master_dtype = masters[0].dtype  # all of them
         ctx.save_for_backward(xs, xa, mask, A_cat, *Bs)
@@ -159,30 +157,30 @@ class LoRAShared(torch.autograd.Function):
         wanted = ctx.needs_input_grad[6:]  # A_1, B_1, A_2, B_2, ...
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
         tokens = len(gs[0])
-        if mask is None:  # u = [u_1 ... u_n]: (tokens, n r)
-            u = torch.empty((tokens, n * r), dtype=xs.dtype, device=xs.device)
-            u_parts = [u[:, i * r:(i + 1) * r] for i in range(n)]
-            xa_parts = [xa[:, i * r:(i + 1) * r] for i in range(n)]
-            u_dA = u.T  # s u^T x: every dL/dA_i's rows in one product
-        else:  # u: (n, tokens, r)
-            u = torch.empty((n, tokens, r), dtype=xs.dtype, device=xs.device)
-            u_parts, xa_parts, u_dA = list(u), list(xa), u.transpose(1, 2)  # s u_i^T x_i, batched
-        for g, B, part in zip(gs, Bs, u_parts):
+        # u = [u_1 ... u_n] laid out as xa: (tokens, n r), or (n, tokens, r) with dropout
+        u = torch.empty((tokens, n * r) if mask is None else (n, tokens, r), dtype=xs.dtype, device=xs.device)
+        for g, B, part in zip(gs, Bs, _parts(u, r, mask)):
             torch.mm(g, B, out=part)
+        # every dL/dA_i's rows in one product: s u^T x, or the batch s u_i^T x_i
+        u_dA, A = (u.T, A_cat) if mask is None else (u.transpose(1, 2), A_cat.view(n, r, -1))
         dx = None
         if ctx.needs_input_grad[0]:
-            if mask is None:
-                dx = _scaled_mm(u, A_cat, s)
-            else:  # each LoRA part of dL/dx through its mask, then their sum
-                dx = _scaled_mm(u, A_cat.view(n, r, -1), s)
+            dx = _scaled_mm(u, A, s)
+            if mask is not None:  # each LoRA part of dL/dx through its mask, then their sum
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p)).sum(0)
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
                 dx = torch.addmm(dx, g, frozen_weight(W, g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
                                  + [(g.T, part, s) if wanted[2 * i + 1] else None
-                                    for i, (g, part) in enumerate(zip(gs, xa_parts))], ctx.master_dtype)
+                                    for i, (g, part) in enumerate(zip(gs, _parts(xa, r, mask)))], ctx.master_dtype)
         grads = []
         for i, dB in enumerate(dBs):
             grads += [dA.reshape(n * r, -1)[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
         return dx, None, None, None, None, None, *grads
+
+
+def _parts(t, r, mask):
+    """Each projection's r columns of ``t``, (tokens, n r), or its matrix of the batch (n, tokens, r) where
+    there is a dropout mask: views."""
+    return t.split(r, dim=1) if mask is None else t.unbind(0)
