@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bailong.model import Llama
+from bailong.model import Llama, decode_kernels
 from bailong.quantized import nf4_weights
 
 
@@ -90,15 +90,29 @@ def seen_mask(ids, vocab_size):
     return torch.zeros((ids.shape[0], vocab_size), dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
 
 
+WINDOW = 256  # the static step attends over the first WINDOW, 2 WINDOW, 4 WINDOW, ... positions of the cache
+
+
 class GraphDecoder:
-    """Decoding whose one-token step is captured once in a CUDA graph and replayed.
+    """Decoding whose one-token step is captured in a CUDA graph and replayed.
 
     Eagerly, a 7B model launches hundreds of small kernels per token (projections,
     norms, rope, attention in every layer) and the GPU waits on Python between them;
     a graph replays the whole step in one launch. That is legal because every replay
     touches the same tensors: the token buffer, a ``StaticKVCache`` (its position
     lives on the device and advances inside the graph) and the logits it writes.
-    ``graph=False`` runs the same static step eagerly (CPU, tests). ``batch`` sequences
+
+    A graph's shapes are fixed, so its attention reads a fixed stretch of the cache:
+    the step attends over the first ``WINDOW``, 2 ``WINDOW``, 4 ``WINDOW``, ... positions
+    (at most the whole cache), the fewest that hold every position filled so far, and
+    each such window gets its own graph, captured when decoding first reaches it (or
+    ahead, ``capture``). A step thus reads at most twice the positions written, not the
+    whole buffer (a short chat after a long one, or a long answer's first tokens), for
+    one capture per doubling. The graphs share one memory pool: each replay's logits
+    are read before the next replay. With the fused decoding kernels on, attention
+    reads only the filled positions whatever the window: one window, one graph.
+
+    ``graph=False`` runs the same static steps eagerly (CPU, tests). ``batch`` sequences
     decode together (the prompts of one length). The decoder holds its model weakly,
     so that keeping decoders per model does not keep models alive.
     """
@@ -108,51 +122,92 @@ class GraphDecoder:
         self.cache = model.new_cache(batch, max_len, static=True)
         self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.cache.k.device)
         self.key = graph_key(model)
-        self.graph = None
-        if graph:
-            try:
-                self._capture()
-            except RuntimeError as e:  # e.g. an operation that cannot be captured: decode eagerly instead
-                self.graph = None
-                reason = (str(e).splitlines() or [repr(e)])[0]
-                warnings.warn(f"CUDA graph capture failed, decoding without it: {reason}")
+        self.pos = 0  # positions filled: the host's copy of ``cache.next``, read without waiting for the device
+        fused_attention = decode_kernels(self.token) is not None
+        self.first_window = max_len if fused_attention else min(WINDOW, max_len)
+        self.graphs = {} if graph else None  # window -> (its captured step, the logits that step writes)
+        self.pool = None  # the memory pool the graphs share
+
+    def _windows(self, end):
+        """The attended lengths, smallest first, up to the first that holds positions 0 .. end - 1."""
+        window = self.first_window
+        yield window
+        while window < min(end, self.max_len):
+            window = min(2 * window, self.max_len)
+            yield window
+
+    def _window(self, end):
+        """The attended length of a step that fills positions 0 .. end - 1."""
+        return list(self._windows(end))[-1]
 
     def _step(self):
         return self.model_ref()(self.token, self.cache, last_only=True)[:, -1]  # (B, V)
 
-    def _capture(self):
-        # Warm up on a side stream first: autotuners, lazy initialisation and allocations
-        # must not happen inside the capture. The two warm-up steps write positions 0 and 1,
-        # which the prompt overwrites; capturing itself runs nothing. Capture uses the
-        # current device's streams: make that the model's.
+    def _capture(self, window):
+        """The step over ``window`` positions captured in a CUDA graph, and the logits it writes."""
+        # Warm up on a side stream first: autotuners, lazy initialisation and allocations must not happen
+        # inside the capture. Each warm-up step writes the token buffer's k and v where the next step
+        # writes them, then steps the position back; capturing itself runs nothing. Capture uses the current
+        # device's streams: make that the model's.
+        self.cache.window = window
         with torch.cuda.device(self.token.device):
             current, stream = torch.cuda.current_stream(), torch.cuda.Stream()
             stream.wait_stream(current)
             with torch.cuda.stream(stream):
                 for _ in range(2):
                     self._step()
+                    self.cache.next.sub_(1)
             current.wait_stream(stream)
-            self.cache.next.zero_()
-            self.graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(self.graph):
-                    self.logits = self._step()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = self._step()
             finally:  # a failed capture leaves its stream current: put ours back
                 torch.cuda.set_stream(current)
+        return graph, logits
+
+    def capture(self, end=None):
+        """Capture now the graphs that steps up to position ``end`` (default: the whole cache) replay; a
+        window's graph is otherwise captured at its first step."""
+        for window in self._windows(end or self.max_len):
+            self._graph(window)
+
+    def _graph(self, window):
+        """The captured step over ``window`` positions and its logits, captured if need be; None where steps
+        run eagerly (``graph=False``, or a capture failed: an operation that cannot be captured, warned about)."""
+        if self.graphs is not None and window not in self.graphs:
+            try:
+                self.graphs[window] = self._capture(window)
+            except RuntimeError as e:
+                self.graphs = None
+                reason = (str(e).splitlines() or [repr(e)])[0]
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {reason}")
+        return None if self.graphs is None else self.graphs[window]
 
     def prefill(self, ids):
         """Logits (B, V) after the prompts ``ids`` (B, T), which fill the cache from position 0."""
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"a prompt of {ids.shape[1]} tokens does not fit the decoder's {self.max_len} positions")
         self.cache.next.zero_()
+        self.pos, self.cache.window = ids.shape[1], self._window(ids.shape[1])
         return self.model_ref()(ids, self.cache, last_only=True)[:, -1]
 
     def step(self, tokens):
         """Logits (B, V) after one more token for each sequence: ``tokens`` (B,) on the device (no copy from
         the host), or an int for all."""
+        if self.pos >= self.max_len:
+            raise ValueError(f"the decoder's {self.max_len} positions are all filled")
         self.token.copy_(torch.as_tensor(tokens).view(-1, 1))
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self.logits
+        self.pos += 1
+        window = self._window(self.pos)
+        if captured := self._graph(window):
+            graph, logits = captured
+            graph.replay()
+            return logits
+        self.cache.window = window
+        return self._step()
 
 
 def graph_key(model):
@@ -171,13 +226,13 @@ _decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused whi
 
 def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     """The model's GraphDecoder for at least ``max_len`` positions, captured anew only when it is
-    too short, the weights moved or a kernel switch changed; lengths are rounded up to 256 so that
-    a chat captures rarely."""
+    too short, the weights moved or a kernel switch changed; lengths are rounded up to a whole number of
+    windows (``WINDOW``) so that a chat makes new decoders rarely."""
     decoder = _decoders.get(model)
     if decoder is None or decoder.max_len < max_len or decoder.key != graph_key(model):
         _decoders.pop(model, None)
         decoder = None  # the last reference: the old graph and cache are freed before new ones are made
-        max_len = min(-(-max_len // 256) * 256, model.config.max_position_embeddings)
+        max_len = min(-(-max_len // WINDOW) * WINDOW, model.config.max_position_embeddings)
         decoder = _decoders[model] = GraphDecoder(model, max_len)
     return decoder
 

@@ -147,13 +147,16 @@ class StaticKVCache(KVCache):
     the same kernels on tensors of the same shapes at the same addresses, whatever the
     position, so a decoding step can be captured once in a CUDA graph and replayed.
 
-    The price: attention runs over the whole buffer, masking the positions not yet
-    written, and nothing checks for overflow (the caller sizes ``max_len``).
+    The price: attention runs over the first ``window`` positions of the buffer (all of
+    them unless the caller narrows it to what the positions written so far need),
+    masking those not yet written, and nothing checks for overflow (the caller
+    sizes ``max_len`` and ``window``).
     """
 
     def __init__(self, config: ModelConfig, batch, max_len, device, dtype):
         super().__init__(config, batch, max_len, device, dtype)
         self.next = torch.zeros((), dtype=torch.long, device=device)  # the next position to write
+        self.window = max_len  # the positions attended over, written or not
 
     @property
     def pos(self):
@@ -161,12 +164,12 @@ class StaticKVCache(KVCache):
 
     def prepare(self, T):
         positions = self.next + torch.arange(T, device=self.k.device)  # (T,)
-        return positions, torch.arange(self.max_len, device=self.k.device) <= positions[:, None]  # (T, max_len)
+        return positions, torch.arange(self.window, device=self.k.device) <= positions[:, None]  # (T, window)
 
     def update(self, layer, positions, k, v):
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer, :, :, :self.window], self.v[layer, :, :, :self.window]
 
     def advance(self, T):
         self.next += T  # on the device: replaying a captured step moves it too

@@ -32,7 +32,7 @@ import torch
 import bailong
 import bailong_kernels
 from bailong.config import preset
-from bailong.generation import GraphDecoder, Sampling, generate
+from bailong.generation import GraphDecoder, Sampling, generate, graph_decoder
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
 
@@ -62,20 +62,24 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompts, graph, kernels_on=True, fused_step=False, max_new=None):
+def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False):
     """Greedy ids (B lists) of ``n`` new tokens after each prompt: generate() for one prompt, else one
-    ``GraphDecoder`` for the batch (made, and captured, at the first call; ``max_new`` tokens at most)."""
+    ``GraphDecoder`` for the batch. Decoders are made, with every graph they replay for ``max_new`` tokens
+    captured, at the first call: the warm-up."""
     decoders = []
 
     def run(n):
         previous = bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step)
         try:
-            if len(prompts) == 1:
-                return [generate(model, prompts[0], n, GREEDY, stop_ids=[], cuda_graph=graph)]
             with torch.inference_mode():
-                if not decoders:  # graph None: as generate() decides, on CUDA
-                    use_graph = model.lm_head.weight.is_cuda if graph is None else graph
-                    decoders.append(GraphDecoder(model, len(prompts[0]) + max_new, use_graph, batch=len(prompts)))
+                use_graph = model.lm_head.weight.is_cuda if graph is None else graph  # None: as generate() decides
+                if not decoders and (use_graph or len(prompts) > 1):
+                    length = len(prompts[0]) + max_new
+                    decoders.append(GraphDecoder(model, length, use_graph, batch=len(prompts)) if len(prompts) > 1
+                                    else graph_decoder(model, length))  # the one generate() takes
+                    decoders[0].capture()
+                if len(prompts) == 1:
+                    return [generate(model, prompts[0], n, GREEDY, stop_ids=[], cuda_graph=graph)]
                 logits, ids = decoders[0].prefill(torch.tensor(prompts, device=decoders[0].token.device)), []
                 for _ in range(n):
                     ids.append(logits.argmax(-1))  # on the device: the step takes it from there
@@ -160,15 +164,15 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
     """Time every row at one batch size and compare their greedy ids."""
     device, n, one = ("cuda" if cuda else "cpu"), args.new_tokens, batch == 1
     print(f"-- batch {batch}")
-    rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompts, None, max_new=n)),  # fast first
-            ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompts, True, True, True, n)),
-            ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, max_new=n)),
-            ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompts, True, True, True, n)),
-            ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False)),
+    rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompts, None, n)),  # fast first
+            ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompts, True, n, True, True)),
+            ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, n)),
+            ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompts, True, n, True, True)),
+            ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False, n)),
             ("transformers", "dense", theirs(hf, prompts, device)),
             ("transformers + bitsandbytes", "nf4", hf_bnb and theirs(hf_bnb, prompts, device)),
-            ("ours NF4, CUDA graph, reference", "nf4", cuda and one and ours(nf4, prompts, True, False)),
-            ("ours NF4, eager, reference", "nf4", one and ours(nf4, prompts, False, False, max_new=n))]
+            ("ours NF4, CUDA graph, reference", "nf4", cuda and one and ours(nf4, prompts, True, n, False)),
+            ("ours NF4, eager, reference", "nf4", one and ours(nf4, prompts, False, n, False))]
     results = {}
     while rows:  # each row let go once timed (a batch decoder holds its KV cache)
         label, weights, fn = rows.pop(0)

@@ -225,34 +225,69 @@ def test_decode_benchmark_runs_and_agrees_with_transformers():
 def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
     from bailong.generation import GraphDecoder
 
-    def fail(self):
+    def fail(self, window):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(GraphDecoder, "_capture", fail)
-    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
-        decoder = GraphDecoder(tiny, 64)
-    assert decoder.graph is None
+    decoder = GraphDecoder(tiny, 64)
     with torch.no_grad():
         first = int(decoder.prefill(torch.tensor([[5, 6, 7]]))[0].argmax())
         expected = tiny(torch.tensor([[5, 6, 7, first]]))[:, -1]
-        torch.testing.assert_close(decoder.step(first), expected, rtol=1e-5, atol=1e-5)
+        with pytest.warns(UserWarning, match="CUDA graph capture failed"):  # at the first step, which captures
+            torch.testing.assert_close(decoder.step(first), expected, rtol=1e-5, atol=1e-5)
+    assert decoder.graphs is None
+
+
+def test_static_steps_attend_over_the_windows_that_hold_the_filled_positions(tiny, monkeypatch):
+    """Crossing windows (8, 16, 32, ... positions here) gives the eager path's ids; positions past the window are never
+    read (NaN there would spread through attention's matmul, masked or not); each window's graph is captured
+    once, when a step first needs it, or ahead of time by ``capture``."""
+    from bailong import generation
+    from bailong.generation import GraphDecoder
+    monkeypatch.setattr(generation, "WINDOW", 8)
+    prompt = list(range(5, 16))  # 11 positions: the second window
+    expected = generate(tiny, prompt, 20, GREEDY, stop_ids=[])
+    decoder = GraphDecoder(tiny, 40, graph=False)
+    windows = []
+    with torch.no_grad():
+        logits, ids = decoder.prefill(torch.tensor([prompt])), []
+        for _ in range(20):
+            ids.append(int(logits[0].argmax()))
+            window = decoder._window(decoder.pos + 1)  # the coming step's
+            for kv in decoder.cache.k, decoder.cache.v:
+                kv[:, :, :, decoder.pos:window], kv[:, :, :, window:] = 0.0, float("nan")  # NaN past the window
+            logits = decoder.step(ids[-1])
+            windows.append(decoder.cache.window)
+    assert ids == expected
+    assert windows == [16] * 5 + [32] * 15
+
+    captured = []
+    monkeypatch.setattr(GraphDecoder, "_capture", lambda self, window: captured.append(window) or ("graph", None))
+    decoder = GraphDecoder(tiny, 36)
+    decoder.capture(20)
+    assert captured == [8, 16, 32]
+    decoder.capture()
+    assert captured == [8, 16, 32, 36] and set(decoder.graphs) == {8, 16, 32, 36}  # at most the whole cache
+    with pytest.raises(ValueError, match="40 tokens does not fit the decoder's 36 positions"):
+        decoder.prefill(torch.zeros((1, 40), dtype=torch.long))
 
 
 def test_decoders_kept_per_model_neither_keep_the_model_alive_nor_outlive_a_rebuild(monkeypatch):
     import gc
     import weakref
 
-    from bailong.generation import GraphDecoder, _decoders, graph_decoder
-    monkeypatch.setattr(GraphDecoder, "_capture", lambda self: None)  # the bookkeeping, without a GPU
+    from bailong.generation import _decoders, graph_decoder
     model = bailong.load_preset("tiny", device="cpu")[0].eval()
     first = graph_decoder(model, 10)
     assert graph_decoder(model, 200) is first and first.max_len == 256  # lengths rounded up to 256
-    first_alive = weakref.ref(first)
+    first_alive, old_alive = weakref.ref(first), []
     del first
     from bailong.quantized import quantize_model
-    quantize_model(model)  # new weights: a new decoder, and the old one gone before it is made
-    monkeypatch.setattr(GraphDecoder, "_capture", lambda self: setattr(self, "old_alive", first_alive()))
+    quantize_model(model)  # new weights: a new decoder, and the old one gone before its cache is made
+    new_cache = bailong.Llama.new_cache
+    monkeypatch.setattr(bailong.Llama, "new_cache",
+                        lambda *a, **k: old_alive.append(first_alive()) or new_cache(*a, **k))
     second = graph_decoder(model, 10)
-    assert second.old_alive is None and first_alive() is None
+    assert old_alive == [None] and first_alive() is None
     model_alive = weakref.ref(model)
     del model, second
     gc.collect()

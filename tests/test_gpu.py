@@ -124,8 +124,10 @@ def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):
         assert nf4_linear(x, model.model.layers[0].mlp.up_proj.weight).dtype == torch.bfloat16
 
 
-def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path):
+def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path, monkeypatch):
+    from bailong import generation
     from bailong.generation import _decoders
+    monkeypatch.setattr(generation, "WINDOW", 16)  # steps cross windows, each its own graph
     folder, _ = write_hf(tmp_path, "gqa")
     model, _ = bailong.load(folder, dtype=torch.float32)
     model.eval()
@@ -133,9 +135,11 @@ def test_cuda_graph_decoding_equals_eager_and_is_reused(tmp_path):
     eager = generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False)
     assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=True) == eager
     first = _decoders[model]
+    assert set(first.graphs) == {32, 64}  # 17 + 40 positions: the windows the steps reached
     assert generate(model, prompt[:5], 40, GREEDY, stop_ids=[]) == \
         generate(model, prompt[:5], 40, GREEDY, stop_ids=[], cuda_graph=False)
-    assert _decoders[model] is first  # a shorter conversation replays the same graph
+    assert _decoders[model] is first  # a shorter conversation replays the same graphs (and captures one more)
+    assert set(first.graphs) == {16, 32, 64}
     from bailong.quantized import quantize_model
     quantize_model(model)  # new weights: the old graph must not be replayed
     assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == \
@@ -187,6 +191,7 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
     try:
         assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == plain
         assert _decoders[model] is not first  # the switch changed: the graph is captured again
+        assert len(_decoders[model].graphs) == 1  # attention reads the filled positions only: one window
         assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain
     finally:
         bailong_kernels.use_decode_kernels(previous)
@@ -209,7 +214,7 @@ def test_sampling_on_cuda_is_reproducible_and_a_batch_decodes_as_each_sequence(t
         for _ in range(12):
             ids.append(logits.argmax(-1))
             logits = decoder.step(ids[-1])
-    assert decoder.graph is not None and torch.stack(ids, 1).tolist() == expected
+    assert decoder.graphs and torch.stack(ids, 1).tolist() == expected
 
 
 def test_training_layer_kernels_in_bfloat16_at_llama_shapes():  # RMSNorm, SwiGLU, RoPE, cross-entropy
