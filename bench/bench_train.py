@@ -11,7 +11,11 @@ cross-entropy a kernel too); and (CUDA) with all that and each layer's saved
 input offloaded to host memory (``bailong.memory.OffloadedInput``). All of them
 are off by default until this benchmark has timed them on a GPU. Peak memory is
 CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
-/proc/self/clear_refs) on the CPU.
+/proc/self/clear_refs) on the CPU. Beside it, each side's floor: what it holds
+between steps (the frozen base, the LoRA weights and AdamW's moments) plus the
+LoRA gradients, all alive at once before the optimizer's step: no step of that
+recipe takes less, so the peak's distance to it is what activations cost (on a
+GPU; on the CPU memory a process freed still counts, so it reads about the peak).
 
     python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
     python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
@@ -90,7 +94,8 @@ def run_one(which, folder, args):
         loss_of = lambda ids: torch.nn.functional.cross_entropy(  # noqa: E731
             model(input_ids=ids[:, :-1]).logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     vocab = model.config.vocab_size
     batches = torch.Generator().manual_seed(0)
     losses = []
@@ -116,8 +121,12 @@ def run_one(which, folder, args):
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM") - before
+    # between steps: the frozen base, the LoRA weights and AdamW's moments; a step cannot take less than that
+    # plus the LoRA gradients, all alive at once before the optimizer's step
+    resident = torch.cuda.memory_allocated() if device == "cuda" else status("VmRSS") - before
     result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
-              "losses": list(losses)}  # not the profiled step's
+              "losses": list(losses), "floor_bytes": resident + sum(p.numel() * p.element_size() for p in trainable),
+              "trainable": sum(p.numel() for p in trainable)}  # not the profiled step's
     if args.profile:  # one more step, profiled: where the time goes, and how busy the GPU was
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -191,14 +200,16 @@ def main():
                 continue
             results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
-                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB  losses {r['losses']} {took}", flush=True)
+                  f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB (floor {r['floor_bytes'] / 2**30:.2f})  "
+                  f"{r['trainable']:,} trained  losses {r['losses']} {took}", flush=True)
             if "profile" in r:
                 print(r["profile"], flush=True)
         theirs = results.get("transformers+peft+bitsandbytes")
         for which in [w for w in results if w.startswith("ours") and theirs]:
             ours = results[which]
             print(f"{which}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
-                  f"{ours['peak_bytes'] / theirs['peak_bytes']:.2f}x their peak memory")
+                  f"{ours['peak_bytes'] / theirs['peak_bytes']:.2f}x their peak memory (the floor: "
+                  f"{ours['floor_bytes'] / theirs['peak_bytes']:.2f}x)")
 
 
 if __name__ == "__main__":
