@@ -106,9 +106,9 @@ class GraphDecoder:
     the step attends over the first ``WINDOW``, 2 ``WINDOW``, 4 ``WINDOW``, ... positions
     (at most the whole cache), the fewest that hold every position filled so far, and
     each such window gets its own graph, captured when decoding first reaches it (or
-    ahead, ``capture``). A step thus reads at most twice the positions written, not the
-    whole buffer (a short chat after a long one, or a long answer's first tokens), for
-    one capture per doubling. The graphs share one memory pool: each replay's logits
+    ahead, ``capture``). A step thus reads at most twice the positions written (or
+    ``WINDOW``), not the whole buffer (a short chat after a long one, or a long answer's
+    first tokens), for one capture per doubling. The graphs share one memory pool: each replay's logits
     are read before the next replay. With the fused decoding kernels on, attention
     reads only the filled positions whatever the window: one window, one graph.
 
@@ -123,7 +123,8 @@ class GraphDecoder:
         self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.cache.k.device)
         self.key = graph_key(model)
         self.pos = 0  # positions filled: the host's copy of ``cache.next``, read without waiting for the device
-        fused_attention = decode_kernels(self.token) is not None
+        with torch.no_grad():  # the step runs without gradients, whatever the caller's mode now
+            fused_attention = decode_kernels(self.token) is not None
         self.first_window = max_len if fused_attention else min(WINDOW, max_len)
         self.graphs = {} if graph else None  # window -> (its captured step, the logits that step writes)
         self.pool = None  # the memory pool the graphs share
@@ -138,7 +139,9 @@ class GraphDecoder:
 
     def _window(self, end):
         """The attended length of a step that fills positions 0 .. end - 1."""
-        return list(self._windows(end))[-1]
+        for window in self._windows(end):
+            pass
+        return window
 
     def _step(self):
         return self.model_ref()(self.token, self.cache, last_only=True)[:, -1]  # (B, V)
@@ -147,16 +150,19 @@ class GraphDecoder:
         """The step over ``window`` positions captured in a CUDA graph, and the logits it writes."""
         # Warm up on a side stream first: autotuners, lazy initialisation and allocations must not happen
         # inside the capture. Each warm-up step writes the token buffer's k and v where the next step
-        # writes them, then steps the position back; capturing itself runs nothing. Capture uses the current
-        # device's streams: make that the model's.
+        # writes them (not yet attended to), and the position is put back after it, even if it fails;
+        # capturing itself runs nothing. Capture uses the current device's streams: make that the model's.
         self.cache.window = window
         with torch.cuda.device(self.token.device):
             current, stream = torch.cuda.current_stream(), torch.cuda.Stream()
             stream.wait_stream(current)
+            start = self.cache.next.clone()
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step()
-                    self.cache.next.sub_(1)
+                    try:
+                        self._step()
+                    finally:
+                        self.cache.next.copy_(start)
             current.wait_stream(stream)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
@@ -171,6 +177,8 @@ class GraphDecoder:
     def capture(self, end=None):
         """Capture now the graphs that steps up to position ``end`` (default: the whole cache) replay; a
         window's graph is otherwise captured at its first step."""
+        if self.pos >= self.max_len:
+            raise ValueError(f"the decoder's {self.max_len} positions are all filled: no step is left to capture")
         for window in self._windows(end or self.max_len):
             self._graph(window)
 
@@ -196,7 +204,7 @@ class GraphDecoder:
 
     def step(self, tokens):
         """Logits (B, V) after one more token for each sequence: ``tokens`` (B,) on the device (no copy from
-        the host), or an int for all."""
+        the host), or an int for all. Read them before the next step: the graphs share their memory."""
         if self.pos >= self.max_len:
             raise ValueError(f"the decoder's {self.max_len} positions are all filled")
         self.token.copy_(torch.as_tensor(tokens).view(-1, 1))
@@ -225,7 +233,7 @@ _decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused whi
 
 
 def graph_decoder(model: Llama, max_len) -> GraphDecoder:
-    """The model's GraphDecoder for at least ``max_len`` positions, captured anew only when it is
+    """The model's GraphDecoder for at least ``max_len`` positions, made anew only when it is
     too short, the weights moved or a kernel switch changed; lengths are rounded up to a whole number of
     windows (``WINDOW``) so that a chat makes new decoders rarely."""
     decoder = _decoders.get(model)

@@ -271,6 +271,84 @@ def test_static_steps_attend_over_the_windows_that_hold_the_filled_positions(tin
         decoder.prefill(torch.zeros((1, 40), dtype=torch.long))
 
 
+def test_captured_steps_replay_as_eager_ones_across_windows(tiny, monkeypatch):
+    """GraphDecoder's own capture code on the CPU, with CUDA's streams and graphs faked: a capture runs nothing
+    (the step runs and what it wrote is put back), a replay reruns the step it captured, over its window, into
+    its logits. Across windows, a short conversation after a long one, a longer prompt after that, up to a full
+    cache: the logits of the eager steps. A warm-up that fails midway leaves the position where it was."""
+    import contextlib
+
+    from bailong import generation
+    from bailong.generation import GraphDecoder
+    monkeypatch.setattr(generation, "WINDOW", 16)
+    step, capturing = GraphDecoder._step, []
+
+    class Graph:
+        def replay(self):
+            decoder, window, logits = self.captured
+            decoder.cache.window = window
+            logits.copy_(step(decoder))
+
+    def captured_step(self):
+        if not capturing:
+            return step(self)
+        state = [t.clone() for t in (self.cache.next, self.cache.k, self.cache.v)]
+        logits = step(self)
+        for t, before in zip((self.cache.next, self.cache.k, self.cache.v), state):
+            t.copy_(before)
+        capturing[0].captured = self, self.cache.window, logits
+        return logits
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        capturing.append(g)
+        try:
+            yield
+        finally:
+            capturing.clear()
+    monkeypatch.setattr(GraphDecoder, "_step", captured_step)
+    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    for name, value in dict(device=lambda d: contextlib.nullcontext(), current_stream=stream, Stream=stream,
+                            stream=lambda s: contextlib.nullcontext(), graph_pool_handle=object, CUDAGraph=Graph,
+                            graph=graph, set_stream=lambda s: None).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    decoder, eager = GraphDecoder(tiny, 64), GraphDecoder(tiny, 64, graph=False)
+
+    def decode(prompt, n):
+        with torch.no_grad():
+            ours, theirs = decoder.prefill(torch.tensor([prompt])), eager.prefill(torch.tensor([prompt]))
+            torch.testing.assert_close(ours, tiny(torch.tensor([prompt]))[:, -1])  # whatever window came before
+            torch.testing.assert_close(theirs, ours)
+            for _ in range(n):
+                token = int(theirs[0].argmax())
+                ours, theirs = decoder.step(token), eager.step(token)
+                torch.testing.assert_close(ours, theirs)
+    decode(list(range(3, 20)), 40)  # positions 18 to 57: windows 32 and 64
+    assert sorted(decoder.graphs) == [32, 64]
+    decode(list(range(3, 8)), 10)  # a short conversation after: window 16 captured
+    assert sorted(decoder.graphs) == [16, 32, 64]
+    decode(list(range(3, 40)), 27)  # a longer prompt after a shorter one, up to the last position
+    with pytest.raises(ValueError, match="all filled"):
+        decoder.step(1)
+
+    decoder, fail, forward = GraphDecoder(tiny, 64), [], type(tiny.lm_head).forward
+
+    def lm_head(h):  # fails once when asked to, after the layers have moved the position on
+        if fail:
+            fail.clear()
+            raise RuntimeError("out of memory")
+        return forward(tiny.lm_head, h)
+    monkeypatch.setattr(tiny.lm_head, "forward", lm_head)
+    with torch.no_grad():
+        decoder.prefill(torch.tensor([[5, 6, 7]]))
+        eager.prefill(torch.tensor([[5, 6, 7]]))
+        fail.append(True)  # the first warm-up step
+        with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without it: out of memory"):
+            ours = decoder.step(9)
+        torch.testing.assert_close(ours, eager.step(9))
+    assert decoder.graphs is None and decoder.cache.pos == eager.cache.pos == 4
+
+
 def test_decoders_kept_per_model_neither_keep_the_model_alive_nor_outlive_a_rebuild(monkeypatch):
     import gc
     import weakref
