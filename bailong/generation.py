@@ -155,15 +155,17 @@ class GraphDecoder:
         self.cache.window = window
         with torch.cuda.device(self.token.device):
             current, stream = torch.cuda.current_stream(), torch.cuda.Stream()
-            stream.wait_stream(current)
             start = self.cache.next.clone()
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    try:
-                        self._step()
-                    finally:
-                        self.cache.next.copy_(start)
-            current.wait_stream(stream)
+            stream.wait_stream(current)
+            try:
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        try:
+                            self._step()
+                        finally:
+                            self.cache.next.copy_(start)
+            finally:  # whatever follows, on the current stream, comes after the warm-up and its put-back
+                current.wait_stream(stream)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
@@ -208,14 +210,15 @@ class GraphDecoder:
         if self.pos >= self.max_len:
             raise ValueError(f"the decoder's {self.max_len} positions are all filled")
         self.token.copy_(torch.as_tensor(tokens).view(-1, 1))
-        self.pos += 1
-        window = self._window(self.pos)
+        window = self._window(self.pos + 1)
         if captured := self._graph(window):
             graph, logits = captured
             graph.replay()
-            return logits
-        self.cache.window = window
-        return self._step()
+        else:
+            self.cache.window = window
+            logits = self._step()
+        self.pos += 1  # counted once the step ran: a capture that raised (its warm-up put back) changed nothing
+        return logits
 
 
 def graph_key(model):

@@ -330,23 +330,27 @@ def test_captured_steps_replay_as_eager_ones_across_windows(tiny, monkeypatch):
     decode(list(range(3, 40)), 27)  # a longer prompt after a shorter one, up to the last position
     with pytest.raises(ValueError, match="all filled"):
         decoder.step(1)
+    with pytest.raises(ValueError, match="no step is left to capture"):
+        decoder.capture()
 
     decoder, fail, forward = GraphDecoder(tiny, 64), [], type(tiny.lm_head).forward
 
     def lm_head(h):  # fails once when asked to, after the layers have moved the position on
         if fail:
-            fail.clear()
-            raise RuntimeError("out of memory")
+            raise fail.pop()
         return forward(tiny.lm_head, h)
     monkeypatch.setattr(tiny.lm_head, "forward", lm_head)
     with torch.no_grad():
         decoder.prefill(torch.tensor([[5, 6, 7]]))
         eager.prefill(torch.tensor([[5, 6, 7]]))
-        fail.append(True)  # the first warm-up step
+        fail.append(KeyboardInterrupt())  # in the first warm-up step: the step is abandoned, nothing moved
+        with pytest.raises(KeyboardInterrupt):
+            decoder.step(9)
+        fail.append(RuntimeError("out of memory"))  # again: now the capture gives up, and the step runs eagerly
         with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without it: out of memory"):
             ours = decoder.step(9)
         torch.testing.assert_close(ours, eager.step(9))
-    assert decoder.graphs is None and decoder.cache.pos == eager.cache.pos == 4
+    assert decoder.graphs is None and decoder.pos == decoder.cache.pos == eager.cache.pos == 4
 
 
 def test_decoders_kept_per_model_neither_keep_the_model_alive_nor_outlive_a_rebuild(monkeypatch):
