@@ -145,7 +145,10 @@ def main(argv=None):
                          pad_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # fused on CUDA, as transformers' Trainer defaults to: one kernel, and no float32 temporaries the size of the
+    # LoRA state during the step (the multi-tensor way holds the square root of every second moment at once)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=True if trainable[0].is_cuda else None)
     start = resume(out, model, optimizer, say) if config.resume else 0
     if start:
         say(f"resumed from {run.checkpoint(start)} at step {start}")

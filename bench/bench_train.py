@@ -1,21 +1,24 @@
 """QLoRA training steps: our tokens/s and peak memory against transformers + PEFT + bitsandbytes.
 
 Both sides get the same random-weight checkpoint, an NF4 base with double
-quantization, LoRA of the same rank on the seven projections, AdamW, the same
-batch; each runs in a fresh process, a few warm-up steps first. Ours runs five
-times: as by default; with each LoRA projection one autograd node
-(``bailong.lora_fused.LoRAProjection``); with that and the norms, SwiGLU and RoPE through their
-training kernels (``bailong_kernels.layers``, CUDA only); and with all that and
-the loss computed chunk by chunk (``bailong.memory.chunked_cross_entropy``, its
-cross-entropy a kernel too); and (CUDA) with all that and each layer's saved
-input offloaded to host memory (``bailong.memory.OffloadedInput``). All of them
-are off by default until this benchmark has timed them on a GPU. Peak memory is
-CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset through
-/proc/self/clear_refs) on the CPU. Beside it, each side's floor: what it holds
-between steps (the frozen base, the LoRA weights and AdamW's moments) plus the
-LoRA gradients, all alive at once before the optimizer's step: no step of that
-recipe takes less, so the peak's distance to it is what activations cost (on a
-GPU; on the CPU memory a process freed still counts, so it reads about the peak).
+quantization, LoRA of the same rank on the seven projections, AdamW (fused on
+CUDA: what train.py and transformers' Trainer take), the same batch; each runs
+in a fresh process, a few warm-up steps first. Ours runs five times: as by
+default; with each LoRA projection one autograd node
+(``bailong.lora_fused.LoRAProjection``); with that and the norms, SwiGLU and
+RoPE through their training kernels (``bailong_kernels.layers``, CUDA only); and
+with all that and the loss computed chunk by chunk
+(``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); and
+(CUDA) with all that and each layer's saved input offloaded to host memory
+(``bailong.memory.OffloadedInput``). All of them are off by default until this
+benchmark has timed them on a GPU. Peak memory is CUDA's max_memory_allocated
+on a GPU, the growth of VmHWM (reset through /proc/self/clear_refs) on the CPU.
+Beside it, each side's floor: what it holds between steps (the frozen base, the
+LoRA weights, AdamW's moments, and whatever else a side keeps) plus the LoRA
+gradients, all alive at once before the optimizer's step: no step of that
+recipe takes less, so the peak's distance to it is what the step's activations
+and temporaries cost (on a GPU; on the CPU memory a process freed still counts,
+so it reads about the peak).
 
     python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
     python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
@@ -95,7 +98,7 @@ def run_one(which, folder, args):
             model(input_ids=ids[:, :-1]).logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True if device == "cuda" else None)
     vocab = model.config.vocab_size
     batches = torch.Generator().manual_seed(0)
     losses = []
