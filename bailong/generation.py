@@ -237,14 +237,18 @@ _decoders = weakref.WeakKeyDictionary()  # model -> its GraphDecoder, reused whi
 
 def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     """The model's GraphDecoder for at least ``max_len`` positions, made anew only when it is
-    too short, the weights moved or a kernel switch changed; lengths are rounded up to a whole number of
-    windows (``WINDOW``) so that a chat makes new decoders rarely."""
+    too short, the weights moved or a kernel switch changed. Its cache is sized to the next window
+    (``WINDOW`` times a power of two, at most the model's context): a growing chat makes a new decoder,
+    and captures its graphs again, only when its length doubles; a step reads no more of the cache for
+    it, only its windows."""
     decoder = _decoders.get(model)
     if decoder is None or decoder.max_len < max_len or decoder.key != graph_key(model):
         _decoders.pop(model, None)
         decoder = None  # the last reference: the old graph and cache are freed before new ones are made
-        max_len = min(-(-max_len // WINDOW) * WINDOW, model.config.max_position_embeddings)
-        decoder = _decoders[model] = GraphDecoder(model, max_len)
+        size = WINDOW
+        while size < max_len:
+            size *= 2
+        decoder = _decoders[model] = GraphDecoder(model, min(size, model.config.max_position_embeddings))
     return decoder
 
 

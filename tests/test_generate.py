@@ -360,7 +360,11 @@ def test_decoders_kept_per_model_neither_keep_the_model_alive_nor_outlive_a_rebu
     from bailong.generation import _decoders, graph_decoder
     model = bailong.load_preset("tiny", device="cpu")[0].eval()
     first = graph_decoder(model, 10)
-    assert graph_decoder(model, 200) is first and first.max_len == 256  # lengths rounded up to 256
+    assert graph_decoder(model, 200) is first and first.max_len == 256  # lengths rounded up to the next window
+    model.config.max_position_embeddings = 1000
+    assert graph_decoder(model, 300).max_len == 512 and graph_decoder(model, 600).max_len == 1000  # the context
+    first = graph_decoder(model, 10)  # a longer decoder serves a shorter conversation
+    assert first.max_len == 1000
     first_alive, old_alive = weakref.ref(first), []
     del first
     from bailong.quantized import quantize_model
