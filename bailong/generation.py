@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bailong.model import Llama, decode_kernels
+from bailong.model import Llama
 from bailong.quantized import nf4_weights
 
 
@@ -107,10 +107,11 @@ class GraphDecoder:
     (at most the whole cache), the fewest that hold every position filled so far, and
     each such window gets its own graph, captured when decoding first reaches it (or
     ahead, ``capture``). A step thus reads at most twice the positions written (or
-    ``WINDOW``), not the whole buffer (a short chat after a long one, or a long answer's
-    first tokens), for one capture per doubling. The graphs share one memory pool: each replay's logits
-    are read before the next replay. With the fused decoding kernels on, attention
-    reads only the filled positions whatever the window: one window, one graph.
+    ``WINDOW``), not the whole buffer (a short chat after a long one, or a long
+    answer's first tokens), for one capture per doubling. The graphs share one memory
+    pool: each replay's logits are read before the next replay. (The fused decoding
+    step's attention reads only the filled positions; the window sets how many
+    programs share the reading: ``bailong_kernels.decode``.)
 
     ``graph=False`` runs the same static steps eagerly (CPU, tests). ``batch`` sequences
     decode together (the prompts of one length). The decoder holds its model weakly,
@@ -123,15 +124,12 @@ class GraphDecoder:
         self.token = torch.zeros((batch, 1), dtype=torch.long, device=self.cache.k.device)
         self.key = graph_key(model)
         self.pos = 0  # positions filled: the host's copy of ``cache.next``, read without waiting for the device
-        with torch.no_grad():  # the step runs without gradients, whatever the caller's mode now
-            fused_attention = decode_kernels(self.token) is not None
-        self.first_window = max_len if fused_attention else min(WINDOW, max_len)
         self.graphs = {} if graph else None  # window -> (its captured step, the logits that step writes)
         self.pool = None  # the memory pool the graphs share
 
     def _windows(self, end):
         """The attended lengths, smallest first, up to the first that holds positions 0 .. end - 1."""
-        window = self.first_window
+        window = min(WINDOW, self.max_len)
         yield window
         while window < min(end, self.max_len):
             window = min(2 * window, self.max_len)

@@ -131,6 +131,11 @@ class KVCache:
             mask = torch.ones(T, self.pos + T, dtype=torch.bool, device=self.k.device).tril(diagonal=self.pos)
         return torch.arange(self.pos, self.pos + T, device=self.k.device), mask
 
+    def layer(self, layer):
+        """This layer's keys and values that a one-token step reads and writes (B, KV, pos + 1, D): the fused
+        decoding attention writes the new token's and attends over those before it."""
+        return self.k[layer, :, :, :self.pos + 1], self.v[layer, :, :, :self.pos + 1]
+
     def update(self, layer, positions, k, v):
         """Store this call's keys/values; return all keys/values so far, (B, KV, pos + T, D)."""
         end = self.pos + k.shape[2]
@@ -166,10 +171,13 @@ class StaticKVCache(KVCache):
         positions = self.next + torch.arange(T, device=self.k.device)  # (T,)
         return positions, torch.arange(self.window, device=self.k.device) <= positions[:, None]  # (T, window)
 
+    def layer(self, layer):
+        return self.k[layer, :, :, :self.window], self.v[layer, :, :, :self.window]
+
     def update(self, layer, positions, k, v):
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
-        return self.k[layer, :, :, :self.window], self.v[layer, :, :, :self.window]
+        return self.layer(layer)
 
     def advance(self, T):
         self.next += T  # on the device: replaying a captured step moves it too
@@ -217,7 +225,7 @@ class Attention(nn.Module):
         if T == 1 and cache is not None and (fused := decode_kernels(x)) is not None:
             # one new token: RoPE, the cache write and attention over the filled positions in one kernel
             y = fused.decode_attention(*project(x, self.q_proj, self.k_proj, self.v_proj), cos, sin, positions,
-                                       cache.k[self.layer_idx], cache.v[self.layer_idx])
+                                       *cache.layer(self.layer_idx))
             return add_projection(residual, self.o_proj, y)
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         fused = layer_kernels(x) if cache is None else None

@@ -36,7 +36,7 @@ from bailong.nf4 import quantize
 from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul as matmul
 
 KERNELS = [matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
-           decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel,
+           decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel, decode._merge_parts_kernel,
            layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel, layers._rope_kernel,
            layers._cross_entropy_kernel]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -166,6 +166,7 @@ def compile_all(arch):
     rows.append(describe("bfloat16 dequantize", dequant._nf4_dequant_kernel, {"block": 512}, compiled, arch))
     x, cos = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(1, 128, dtype=torch.bfloat16)
     cache = torch.randn(1, 8, 4096, 128, dtype=torch.bfloat16)
+    parts = torch.empty(1, 32, 8, 128, dtype=torch.float32)  # float32 partial results
     for name, kernel, args, meta in [
             ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
             ("swiglu", decode._swiglu_kernel, (x, x, x, 4096), dict(BLOCK=1024)),
@@ -178,9 +179,15 @@ def compile_all(arch):
             ("cross entropy (vocabulary 59,241: rows not 16-byte aligned, scalar loads)", layers._cross_entropy_kernel,
              (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 59241), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
             ("decode attention", decode._decode_attention_kernel,
-             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, 32, 8, 4096, *cache.stride()[:3],
-              0.1),
-             dict(HALF=64, BLOCK_D=64, BLOCK_S=64))]:
+             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, None, 32, 8, 4096,
+              *cache.stride()[:3], 0.1),
+             dict(HALF=64, BLOCK_D=64, BLOCK_S=64, PARTS=1)),
+            ("decode attention in 8 parts", decode._decode_attention_kernel,
+             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, parts, parts, 32, 8, 4096,
+              *cache.stride()[:3], 0.1),
+             dict(HALF=64, BLOCK_D=64, BLOCK_S=64, PARTS=8)),
+            ("decode attention's merge of 8 parts", decode._merge_parts_kernel, (parts, parts, x, 128),
+             dict(PARTS=8, BLOCK_D=128))]:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
     return rows

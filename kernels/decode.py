@@ -15,11 +15,19 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
   written into the KV cache, and attention over the positions filled so far
   (not the whole cache buffer), in one launch:
 
-      for each (batch b, head h), one program, kv head g = h // (heads / kv heads):
+      for each (batch b, head h, part j), one program, kv head g = h // (heads / kv heads):
           q, k = rope(q[b, h], p), rope(k[b, g], p)      # p: the new token's position, read on the device
-          if h is the first head of g: cache_k[b, g, p], cache_v[b, g, p] = k, v
-          y[b, h] = softmax(K q / sqrt(D)) V over cache positions 0..p-1 and the new k, v
-                    (online softmax, BLOCK_S positions at a time, in float32)
+          if h is the first head of g and j = 0: cache_k[b, g, p], cache_v[b, g, p] = k, v
+          over part j of the cache positions 0..p-1 (and, in part 0, the new k, v):
+              the running max m, sum l and output o of softmax(K q / sqrt(D)) V
+              (online softmax, BLOCK_S positions at a time, in float32)
+          one part: y[b, h] = o / l
+      several parts: a second launch merges them, y[b, h] = sum_j e^(m_j - M) o_j / sum_j e^(m_j - M) l_j
+
+  With one program a head, a long cache is read by as many programs as there are
+  heads (32 at Llama-2-7B, on a GPU of 132 multiprocessors); a cache of more than
+  ``PART_POSITIONS`` positions is cut into parts (flash-decoding), one program
+  each, for the price of the merging launch.
 
 Head dimensions are kept as two halves, as Hugging Face's rotate-half RoPE pairs
 dimension i with i + D/2.
@@ -119,11 +127,14 @@ def _rotate(x_ptr, cos, sin, d, HALF: tl.constexpr):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
+PART_POSITIONS = 512  # cache positions a program of decode_attention reads, at most, once the cache is longer
+
+
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, y_ptr,
-                             H, KV, S, stride_cb, stride_ch, stride_cs, scale,
-                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+                             ml_ptr, H, KV, S, stride_cb, stride_ch, stride_cs, scale,
+                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PARTS: tl.constexpr):
+    b, h, part = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     g = h // (H // KV)  # the kv head this head reads
     D: tl.constexpr = 2 * HALF
     d = tl.arange(0, BLOCK_D)  # offsets within a half (BLOCK_D: HALF rounded up to a power of two)
@@ -139,46 +150,76 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_c
     v1 = tl.load(v_ptr + (b * KV + g) * D + d, mask=dm, other=0.0)
     v2 = tl.load(v_ptr + (b * KV + g) * D + HALF + d, mask=dm, other=0.0)
     cache = b * stride_cb + g * stride_ch
-    if (h % (H // KV) == 0) & (p < S):  # one head of the group writes the new position, if the cache has room
+    if (h % (H // KV) == 0) & (part == 0) & (p < S):  # one program of the group writes the new position, if it fits
         new = cache + p * stride_cs
         tl.store(k_cache_ptr + new + d, k1, mask=dm)
         tl.store(k_cache_ptr + new + HALF + d, k2, mask=dm)
         tl.store(v_cache_ptr + new + d, v1.to(dtype), mask=dm)
         tl.store(v_cache_ptr + new + HALF + d, v2.to(dtype), mask=dm)
-    # the new position first: it starts the running max, sum and output
-    m = tl.sum(k1.to(tl.float32) * q1 + k2.to(tl.float32) * q2, axis=0)
-    total = tl.full((), 1.0, tl.float32)
-    out1, out2 = v1.to(tl.float32), v2.to(tl.float32)
-    for s0 in range(0, tl.minimum(p, S), BLOCK_S):  # then the cached positions, a block at a time (online softmax)
+    # part 0 starts from the new position (its score, weight 1, its v); the others from nothing, a max far below
+    # any score (not -inf: e^(-inf - -inf) would be NaN)
+    first = part == 0
+    m = tl.where(first, tl.sum(k1.to(tl.float32) * q1 + k2.to(tl.float32) * q2, axis=0), -1e30)
+    total = tl.where(first, 1.0, 0.0)
+    out1, out2 = tl.where(first, v1.to(tl.float32), 0.0), tl.where(first, v2.to(tl.float32), 0.0)
+    filled = tl.minimum(p, S)  # cached positions before the new one; this part's: whole blocks of them
+    per_part = tl.cdiv(tl.cdiv(filled, BLOCK_S), PARTS) * BLOCK_S
+    start, end = part * per_part, tl.minimum(part * per_part + per_part, filled)
+    for s0 in range(start, end, BLOCK_S):  # a block at a time (online softmax)
         s = s0 + tl.arange(0, BLOCK_S)
         rows = cache + s[:, None] * stride_cs + d[None, :]
-        ok = (s < p)[:, None] & dm[None, :]
+        ok = (s < end)[:, None] & dm[None, :]
         score = tl.sum(tl.load(k_cache_ptr + rows, mask=ok, other=0.0).to(tl.float32) * q1[None, :]
                        + tl.load(k_cache_ptr + rows + HALF, mask=ok, other=0.0).to(tl.float32) * q2[None, :], axis=1)
-        score = tl.where(s < p, score, float("-inf"))
+        score = tl.where(s < end, score, float("-inf"))
         m_new = tl.maximum(m, tl.max(score, axis=0))
         alpha, weight = tl.exp(m - m_new), tl.exp(score - m_new)
         total = total * alpha + tl.sum(weight, axis=0)
         out1 = out1 * alpha + tl.sum(weight[:, None] * tl.load(v_cache_ptr + rows, mask=ok, other=0.0), axis=0)
         out2 = out2 * alpha + tl.sum(weight[:, None] * tl.load(v_cache_ptr + rows + HALF, mask=ok, other=0.0), axis=0)
         m = m_new
-    y = y_ptr + (b * H + h) * D
-    tl.store(y + d, out1 / total, mask=dm)
-    tl.store(y + HALF + d, out2 / total, mask=dm)
+    if PARTS == 1:
+        y = y_ptr + (b * H + h) * D
+        tl.store(y + d, out1 / total, mask=dm)
+        tl.store(y + HALF + d, out2 / total, mask=dm)
+    else:  # this part's m, l and (float32) o, for the merging launch
+        at = (b * H + h) * PARTS + part
+        tl.store(ml_ptr + 2 * at, m)
+        tl.store(ml_ptr + 2 * at + 1, total)
+        tl.store(y_ptr + at * D + d, out1, mask=dm)
+        tl.store(y_ptr + at * D + HALF + d, out2, mask=dm)
+
+
+@triton.jit
+def _merge_parts_kernel(ml_ptr, o_ptr, y_ptr, D, PARTS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y[b, h] from the PARTS partial softmaxes (m, l, o) of ``_decode_attention_kernel``."""
+    bh = tl.program_id(0).to(tl.int64)
+    j, d = tl.arange(0, PARTS), tl.arange(0, BLOCK_D)
+    m = tl.load(ml_ptr + 2 * (bh * PARTS + j))
+    weight = tl.exp(m - tl.max(m, axis=0))  # each part's share, against the largest max
+    total = tl.sum(tl.load(ml_ptr + 2 * (bh * PARTS + j) + 1) * weight, axis=0)
+    o = tl.load(o_ptr + (bh * PARTS + j)[:, None] * D + d[None, :], mask=(d < D)[None, :], other=0.0)
+    tl.store(y_ptr + bh * D + d, tl.sum(o * weight[:, None], axis=0) / total, mask=d < D)
 
 
 def decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache):
     """Attention of one new token: q (B, 1, H*D), k and v (B, 1, KV*D) straight from the projections;
     cos and sin (1, D) of its position; ``positions`` (1,) that position, on the device; k_cache and
-    v_cache (B, KV, S, D) one layer's cache, which gets the new k and v (not past its end: a full cache
-    is left as it is, where PyTorch's cache write raises). Returns (B, 1, H*D)."""
+    v_cache (B, KV, S, D) one layer's cache (or its first S positions), which gets the new k and v (not
+    past its end: a full cache is left as it is, where PyTorch's cache write raises). Returns (B, 1, H*D)."""
     B, KV, S, D = k_cache.shape
     H = q.shape[-1] // D
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride()
+    parts = min(triton.next_power_of_2(triton.cdiv(S, PART_POSITIONS)), 16)
     y = torch.empty_like(q)
+    out, ml = (torch.empty((B, H, parts, D), device=q.device, dtype=torch.float32),
+               torch.empty((B, H, parts, 2), device=q.device, dtype=torch.float32)) if parts > 1 else (y, None)
     with launch_device(q):
-        _decode_attention_kernel[(B, H)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache, v_cache,
-                                         y, H, KV, S, *k_cache.stride()[:3], 1 / math.sqrt(D), HALF=D // 2,
-                                         BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_S=64)
+        _decode_attention_kernel[(B, H, parts)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache,
+                                                v_cache, out, ml, H, KV, S, *k_cache.stride()[:3], 1 / math.sqrt(D),
+                                                HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_S=64,
+                                                PARTS=parts)
+        if parts > 1:
+            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=triton.next_power_of_2(D))
     return y

@@ -191,7 +191,6 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
     try:
         assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == plain
         assert _decoders[model] is not first  # the switch changed: the graph is captured again
-        assert len(_decoders[model].graphs) == 1  # attention reads the filled positions only: one window
         assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain
     finally:
         bailong_kernels.use_decode_kernels(previous)

@@ -12,11 +12,18 @@ from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.nf4_matmul import nf4_matmul
 
 
-def test_decode_kernels_match_pytorch():
-    """RMSNorm, SwiGLU and the one-token attention (RoPE, cache write, GQA) against the model's own PyTorch code."""
+@pytest.mark.parametrize("part_positions", [512, 64, 32])  # the attention in one part, in 4, in 8 (some empty)
+def test_decode_kernels_match_pytorch(monkeypatch, part_positions):
+    """RMSNorm, SwiGLU and the one-token attention (RoPE, cache write, GQA; the cache read in one program a head,
+    or cut into parts and merged) against the model's own PyTorch code; no kernel reads or writes outside its
+    tensors."""
+    from bounds import checked_bounds
+
     from bailong.config import preset
     from bailong.model import RMSNorm, apply_rope, rope_cos_sin
+    from bailong_kernels import decode
     from bailong_kernels.decode import decode_attention, rms_norm, swiglu
+    monkeypatch.setattr(decode, "PART_POSITIONS", part_positions)
     torch.manual_seed(0)
     for dtype, tol in [(torch.float32, dict(atol=1e-5, rtol=1e-5)), (torch.float16, dict(atol=2e-3, rtol=2e-3))]:
         norm = RMSNorm(100, 1e-5).to(dtype)
@@ -39,7 +46,8 @@ def test_decode_kernels_match_pytorch():
             v_ref[:, :, p] = v.view(B, KV, D)
             q_ref = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)
             ref = F.scaled_dot_product_attention(q_ref, k_ref[:, :, :p + 1], v_ref[:, :, :p + 1], enable_gqa=True)
-            y = decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache)
+            with checked_bounds():
+                y = decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache)
             torch.testing.assert_close(y, ref.transpose(1, 2).reshape(B, 1, H * D), **tol)
             torch.testing.assert_close(k_cache, k_ref, **tol)
             assert torch.equal(v_cache, v_ref)
@@ -167,8 +175,11 @@ def tiny_nf4(layers=2):
     return quantized.quantize_model(init_weights(bailong.Llama(config)).eval())
 
 
-def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch):
+@pytest.mark.parametrize("part_positions", [512, 16])  # the cache read by one program a head, or in parts
+def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch, part_positions):
     from bailong.generation import GraphDecoder, Sampling, generate
+    from bailong_kernels import decode
+    monkeypatch.setattr(decode, "PART_POSITIONS", part_positions)
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     model, prompt = tiny_nf4(layers=1), list(range(3, 66))  # 63 tokens: the steps write positions 63..66
     gpu_path(monkeypatch, fused_step=False)
