@@ -156,8 +156,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_c
         tl.store(k_cache_ptr + new + HALF + d, k2, mask=dm)
         tl.store(v_cache_ptr + new + d, v1.to(dtype), mask=dm)
         tl.store(v_cache_ptr + new + HALF + d, v2.to(dtype), mask=dm)
-    # part 0 starts from the new position (its score, weight 1, its v); the others from nothing, a max far below
-    # any score (not -inf: e^(-inf - -inf) would be NaN)
+    # part 0 starts from the new position (its score, weight 1, its v); the others from nothing, with a max far
+    # below any score (an empty part then weighs 0 in the merge)
     first = part == 0
     m = tl.where(first, tl.sum(k1.to(tl.float32) * q1 + k2.to(tl.float32) * q2, axis=0), -1e30)
     total = tl.where(first, 1.0, 0.0)

@@ -36,9 +36,11 @@ def test_decode_kernels_match_pytorch(monkeypatch, part_positions):
         config = preset("tiny")
         config.head_dim = 24  # halves of 12, not a power of two
         B, H, KV, D, S = 2, 8, 2, config.head_dim, 200
-        for p in [0, 1, 64, 150, 199]:  # no past, one, a whole block, blocks and a part, the last slot
-            k_cache, v_cache = torch.randn(B, KV, S, D, dtype=dtype), torch.randn(B, KV, S, D, dtype=dtype)
-            q, k, v = (torch.randn(B, 1, n * D, dtype=dtype) for n in (H, KV, KV))
+        # no past, one, a whole block, blocks and a part, the last slot; scores in the hundreds (float32: the
+        # softmax's maxima matter)
+        for p, size in [(0, 1), (1, 1), (64, 1), (150, 1), (199, 1)] + [(150, 8)] * (dtype == torch.float32):
+            k_cache, v_cache = torch.randn(B, KV, S, D, dtype=dtype) * size, torch.randn(B, KV, S, D, dtype=dtype)
+            q, k, v = (torch.randn(B, 1, n * D, dtype=dtype) * s for n, s in [(H, size), (KV, size), (KV, 1)])
             positions = torch.tensor([p])
             cos, sin = rope_cos_sin(config, positions, dtype)
             k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -53,8 +55,14 @@ def test_decode_kernels_match_pytorch(monkeypatch, part_positions):
             assert torch.equal(v_cache, v_ref)
         buffers = torch.randn(2, 2, B, KV, S, D, dtype=dtype)  # (k or v, layer, ...): a full cache of 2 layers
         before = buffers.clone()
-        decode_attention(q, k, v, cos, sin, torch.tensor([S]), buffers[0, 0], buffers[1, 0])
-        assert torch.equal(buffers, before)  # nothing written past the end, into the next layer or anywhere
+        keys = torch.cat([buffers[0, 0], apply_rope(k.view(B, 1, KV, D).transpose(1, 2), cos, sin)], dim=2)
+        values = torch.cat([buffers[1, 0], v.view(B, 1, KV, D).transpose(1, 2)], dim=2)
+        ref = F.scaled_dot_product_attention(q_ref, keys, values, enable_gqa=True).transpose(1, 2)
+        for p in [S, S + 70]:  # the new token past a full cache: attention over the S cached positions and its own
+            with checked_bounds():
+                y = decode_attention(q, k, v, cos, sin, torch.tensor([p]), buffers[0, 0], buffers[1, 0])
+            assert torch.equal(buffers, before)  # nothing written past the end, into the next layer or anywhere
+            torch.testing.assert_close(y, ref.reshape(B, 1, H * D), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
