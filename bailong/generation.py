@@ -237,8 +237,8 @@ def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     """The model's GraphDecoder for at least ``max_len`` positions, made anew only when it is
     too short, the weights moved or a kernel switch changed. Its cache is sized to the next window
     (``WINDOW`` times a power of two, at most the model's context): a growing chat makes a new decoder,
-    and captures its graphs again, only when its length doubles; a step reads no more of the cache for
-    it, only its windows."""
+    and captures its graphs again, only when its length doubles. A larger cache costs memory, not
+    reading: a step reads only its window."""
     decoder = _decoders.get(model)
     if decoder is None or decoder.max_len < max_len or decoder.key != graph_key(model):
         _decoders.pop(model, None)

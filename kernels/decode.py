@@ -13,7 +13,7 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
   out (``bailong_kernels.nf4_matmul.gemv_group`` / ``gemv_swiglu`` / ``gemv``).
 - ``decode_attention``: for one new token, RoPE on q and k, the new k and v
   written into the KV cache, and attention over the positions filled so far
-  (not the whole cache buffer), in one launch:
+  (not the whole cache buffer), in one launch (two for a long cache):
 
       for each (batch b, head h, part j), one program, kv head g = h // (heads / kv heads):
           q, k = rope(q[b, h], p), rope(k[b, g], p)      # p: the new token's position, read on the device
