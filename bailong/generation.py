@@ -93,6 +93,14 @@ def seen_mask(ids, vocab_size):
 WINDOW = 256  # the static step attends over the first WINDOW, 2 WINDOW, 4 WINDOW, ... positions of the cache
 
 
+def window_for(positions, most):
+    """The smallest of WINDOW, 2 WINDOW, 4 WINDOW, ... that holds ``positions``, or ``most`` if that is less."""
+    window = WINDOW
+    while window < positions:
+        window *= 2
+    return min(window, most)
+
+
 class GraphDecoder:
     """Decoding whose one-token step is captured in a CUDA graph and replayed.
 
@@ -127,19 +135,9 @@ class GraphDecoder:
         self.graphs = {} if graph else None  # window -> (its captured step, the logits that step writes)
         self.pool = None  # the memory pool the graphs share
 
-    def _windows(self, end):
-        """The attended lengths, smallest first, up to the first that holds positions 0 .. end - 1."""
-        window = min(WINDOW, self.max_len)
-        yield window
-        while window < min(end, self.max_len):
-            window = min(2 * window, self.max_len)
-            yield window
-
     def _window(self, end):
         """The attended length of a step that fills positions 0 .. end - 1."""
-        for window in self._windows(end):
-            pass
-        return window
+        return window_for(end, self.max_len)
 
     def _step(self):
         return self.model_ref()(self.token, self.cache, last_only=True)[:, -1]  # (B, V)
@@ -179,7 +177,9 @@ class GraphDecoder:
         window's graph is otherwise captured at its first step."""
         if self.pos >= self.max_len:
             raise ValueError(f"the decoder's {self.max_len} positions are all filled: no step is left to capture")
-        for window in self._windows(end or self.max_len):
+        window, last = 0, self._window(end or self.max_len)
+        while window < last:
+            window = self._window(window + 1)
             self._graph(window)
 
     def _graph(self, window):
@@ -243,10 +243,7 @@ def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     if decoder is None or decoder.max_len < max_len or decoder.key != graph_key(model):
         _decoders.pop(model, None)
         decoder = None  # the last reference: the old graph and cache are freed before new ones are made
-        size = WINDOW
-        while size < max_len:
-            size *= 2
-        decoder = _decoders[model] = GraphDecoder(model, min(size, model.config.max_position_embeddings))
+        decoder = _decoders[model] = GraphDecoder(model, window_for(max_len, model.config.max_position_embeddings))
     return decoder
 
 
