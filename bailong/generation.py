@@ -38,7 +38,11 @@ class Sampling:
 
 def process_logits(logits, seen, s: Sampling):
     """Apply, in this order, repetition penalty, temperature, top-k and top-p to (B, V) logits; ``seen``
-    (B, V) marks the tokens already in each context. Filtered tokens get -inf.
+    (B, V) marks the tokens already in each context. Returns the candidates: their logits (B, C), filtered
+    ones -inf, and their token ids (B, C), or None where the candidates are the whole vocabulary in order.
+    With top-k they are the k most likely tokens, most likely first, and top-p works on those k alone, not
+    on a sorted vocabulary (exactly k: of tokens tied at the k-th logit, ``torch.topk`` picks which stay;
+    transformers keeps them all).
 
     The repetition penalty (Keskar et al., 2019) divides positive logits of tokens
     already in the context by the penalty and multiplies negative ones, so a seen
@@ -46,21 +50,22 @@ def process_logits(logits, seen, s: Sampling):
     the same shapes whatever the values (masks, no indexing by a data-dependent
     count): no operation waits for the device.
     """
-    logits = logits.float()
+    logits, ids = logits.float(), None
     if s.repetition_penalty != 1.0:
         penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
         logits = torch.where(seen, penalized, logits)
     if s.temperature > 0:
         logits = logits / s.temperature
     if 0 < s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, ids = torch.topk(logits, s.top_k)  # sorted, most likely first
     if s.top_p < 1.0:
-        probs, order = torch.sort(logits.softmax(-1), descending=True)
+        probs, order = logits.softmax(-1), None
+        if ids is None:
+            probs, order = torch.sort(probs, descending=True)
         # drop a token when the tokens more likely than it already reach top_p; the first always stays
         drop = probs.cumsum(-1) - probs >= s.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
+        logits = logits.masked_fill(drop if order is None else drop.scatter(-1, order, drop), float("-inf"))
+    return logits, ids
 
 
 def sample(logits, seen, s: Sampling, generator=None):
@@ -73,7 +78,7 @@ def sample(logits, seen, s: Sampling, generator=None):
     ``torch.multinomial`` it never waits for the device.
     """
     faulty = ~torch.isfinite(logits).all(-1)  # (B,)
-    logits = process_logits(logits, seen, s)
+    logits, ids = process_logits(logits, seen, s)
     if s.temperature <= 0:
         token = logits.argmax(-1)
     else:
@@ -81,6 +86,8 @@ def sample(logits, seen, s: Sampling, generator=None):
         faulty |= probs.isnan().any(-1)  # e.g. logits / temperature past float32's range
         race = torch.empty_like(probs).exponential_(generator=generator)
         token = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1)
+    if ids is not None:
+        token = ids.gather(-1, token[:, None])[:, 0]
     seen.scatter_(1, token[:, None], True)
     return token.masked_fill(faulty, -1)
 

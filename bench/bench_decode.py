@@ -10,7 +10,10 @@ NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
 also with the fused decoding step (``bailong_kernels.decode``, off by default until timed);
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
-ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly.
+ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly. At
+batch 1, one more row samples as chat.py does by default (temperature, top-k,
+top-p, repetition penalty: ``Sampling()``) on NF4 as generate() runs it, to set
+against the greedy row of the same path: what choosing a token costs.
 Each row runs once to warm up (compilation, graph capture), is probed for its
 rate, then timed over the new tokens that fit in its time limit (``--limit``):
 a slow row is timed over fewer tokens instead of holding up the rest.
@@ -37,6 +40,7 @@ from bailong.model import init_weights
 from bailong.quantized import quantize_model
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+CHAT = Sampling(seed=0)  # chat.py's default sampling
 
 
 def seconds(fn, n, device):
@@ -62,9 +66,9 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False):
-    """Greedy ids (B lists) of ``n`` new tokens after each prompt: generate() for one prompt, else one
-    ``GraphDecoder`` for the batch. Decoders are made, with every graph they replay for ``max_new`` tokens
+def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, sampling=GREEDY):
+    """Ids (B lists) of ``n`` new tokens after each prompt: generate() with ``sampling`` for one prompt, else
+    one ``GraphDecoder`` for the batch, greedy. Decoders are made, with every graph they replay for ``max_new`` tokens
     captured, at the first call: the warm-up."""
     decoders = []
 
@@ -79,7 +83,7 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False):
                                     else graph_decoder(model, length))  # the one generate() takes
                     decoders[0].capture()
                 if len(prompts) == 1:
-                    return [generate(model, prompts[0], n, GREEDY, stop_ids=[], cuda_graph=graph)]
+                    return [generate(model, prompts[0], n, sampling, stop_ids=[], cuda_graph=graph)]
                 logits, ids = decoders[0].prefill(torch.tensor(prompts, device=decoders[0].token.device)), []
                 for _ in range(n):
                     ids.append(logits.argmax(-1))  # on the device: the step takes it from there
@@ -169,6 +173,8 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
             ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, n)),
             ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompts, True, n, True, True)),
             ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False, n)),
+            ("ours NF4, " + ("CUDA graph + kernels, " if cuda else "") + "sampled as chat.py", "nf4",
+             one and ours(nf4, prompts, None, n, sampling=CHAT)),
             ("transformers", "dense", theirs(hf, prompts, device)),
             ("transformers + bitsandbytes", "nf4", hf_bnb and theirs(hf_bnb, prompts, device)),
             ("ours NF4, CUDA graph, reference", "nf4", cuda and one and ours(nf4, prompts, True, n, False)),
@@ -196,7 +202,7 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
         reference = dense_ids if weights == "dense" else nf4_ids
         if label.startswith("ours NF4") and ours_nf4 is not None and ids is not ours_nf4[1]:
             reference = ours_nf4[1]  # the kernels against our own reference: the same ids expected
-        if reference is not None and ids is not reference:
+        if reference is not None and ids is not reference and "sampled" not in label:
             common = min(len(ids[0]), len(reference[0]))
             same = min(next((i for i, (a, b) in enumerate(zip(row, ref)) if a != b), common)
                        for row, ref in zip(ids, reference))

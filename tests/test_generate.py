@@ -25,7 +25,13 @@ def test_logit_processing_matches_transformers(s):
                  TopPLogitsWarper(s.top_p) if s.top_p < 1 else None]:
         if proc is not None:
             expected = proc(seen, expected)
-    torch.testing.assert_close(process_logits(logits, seen_mask(seen, 100), s), expected)
+    torch.testing.assert_close(dense(logits, seen_mask(seen, 100), s), expected)
+
+
+def dense(logits, seen, s):
+    """process_logits' candidates as (B, V) logits: those not among them -inf."""
+    values, ids = process_logits(logits, seen, s)
+    return values if ids is None else torch.full_like(logits, float("-inf")).scatter(-1, ids, values)
 
 
 def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one():
@@ -34,9 +40,9 @@ def test_sampling_draws_each_token_with_its_probability_and_never_a_filtered_one
     logits = torch.randn(1, 12) * 2
     rows = 40_000  # the same logits in every row: one draw each
     for s in [Sampling(0.8, 0, 1.0, 1.0, seed=1), Sampling(1.0, 4, 1.0, 1.0, seed=1),
-              Sampling(1.0, 0, 0.7, 1.3, seed=1)]:
+              Sampling(1.0, 0, 0.7, 1.3, seed=1), Sampling(0.7, 6, 0.8, 1.2, seed=1)]:
         seen = seen_mask(torch.tensor([[3, 5]]), 12).expand(rows, -1).clone()
-        expected = process_logits(logits, seen[:1], s).softmax(-1)[0]
+        expected = dense(logits, seen[:1], s).softmax(-1)[0]
         tokens = sample(logits.expand(rows, -1), seen, s, torch.Generator().manual_seed(s.seed))
         counts = torch.bincount(tokens, minlength=12).double() / rows
         assert (counts[expected == 0] == 0).all()  # filtered by top-k or top-p: never drawn
@@ -219,7 +225,7 @@ def test_decode_benchmark_runs_and_agrees_with_transformers():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ours: greedy ids equal the reference's for the first 12 of 12" in result.stdout
     assert "ours: greedy ids equal the reference's for the first 12 of 12 in every sequence" in result.stdout  # batch 8
-    assert "ours NF4, eager" in result.stdout
+    assert "ours NF4, eager" in result.stdout and "ours NF4, sampled as chat.py" in result.stdout
 
 
 def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
