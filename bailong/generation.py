@@ -287,7 +287,8 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     in the result), after ``max_new_tokens``, or when the context window is full.
     ``on_token(id)`` is called as each id is chosen, for streaming.
     ``cuda_graph`` (default: on CUDA, for a model in eval mode, outside autocast) decodes with a
-    ``GraphDecoder``.
+    ``GraphDecoder``. On CUDA each step is queued before the token it follows reaches the host
+    (``steps_ahead``): the device is not left waiting while the host streams a token.
     """
     config = model.config
     sampling = sampling or Sampling()
@@ -305,23 +306,50 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
         cuda_graph = device.type == "cuda" and not model.training and not torch.is_autocast_enabled("cuda")
     decoder = graph_decoder(model, limit) if cuda_graph else None
     if decoder is not None:
-        logits = decoder.prefill(ids)  # (1, V)
+        logits, step = decoder.prefill(ids), decoder.step  # (1, V)
     else:
         cache = model.new_cache(1, limit)
         logits = model(ids, cache, last_only=True)[:, -1]  # prefill, (1, V)
-    new = []
+
+        def step(token):
+            return model(token[:, None], cache, last_only=True)[:, -1]
+    ahead, new = steps_ahead(device), []
     while True:
         token = sample(logits, seen, sampling, generator)  # (1,), on the device
-        next_id = int(token)  # a token's one wait for the device: streaming and the stop test need the id
+        room = len(prompt_ids) + len(new) + 1 < limit
+        read = read_later(token)
+        if ahead and room:  # the next step is queued first, to run while the host reads and streams this token;
+            logits = step(token.clamp_min(0))  # a faulty -1 (raised below) must not index the embedding
+        next_id = read()  # a token's one wait for the device: streaming and the stop test need the id
         if next_id < 0:
             raise FloatingPointError(f"the model's logits are not finite (NaN or infinity) after {len(new)} new "
                                      "tokens: the weights or the computation overflowed")
         new.append(next_id)
         if on_token:
             on_token(next_id)
-        if next_id in stop_ids or len(prompt_ids) + len(new) >= limit:
-            return new
-        if decoder is not None:
-            logits = decoder.step(token)
-        else:
-            logits = model(token[:, None], cache, last_only=True)[:, -1]
+        if next_id in stop_ids or not room:
+            return new  # a step taken ahead is let go (a decoder's next prefill starts its cache over)
+        if not ahead:
+            logits = step(token)
+
+
+def steps_ahead(device) -> bool:
+    """Whether generate() queues each next step before reading the token it follows: where the device runs
+    apart from the host (CUDA), so that streaming, the stop test and launching the step overlap the device's
+    work. On the CPU the step would only run sooner, and one taken past a stop would be wasted."""
+    return device.type == "cuda"
+
+
+def read_later(token):
+    """A function giving ``token`` (one id, on its device) as an int. On CUDA the copy to the host starts now
+    and the function waits for that copy alone, not for work queued after this call."""
+    if not token.is_cuda:
+        return lambda: int(token)
+    host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True).copy_(token, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read():
+        copied.synchronize()
+        return int(host)
+    return read

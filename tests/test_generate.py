@@ -139,6 +139,45 @@ def test_stops_on_stop_id_max_tokens_and_context(tiny):
         generate(tiny, [1] * context, 10, GREEDY)
 
 
+
+def test_steps_queued_ahead_of_reading_their_token_give_the_same_tokens(tiny, monkeypatch):
+    """generate() on CUDA queues each step before it reads the token the step follows; forced here on the CPU.
+    The same ids, greedy and sampled, through a decoder and the eager cache, cut by a stop id or by the length;
+    the step ahead has run when the token is streamed (none past the last token); a decoder whose step ahead was
+    let go at a stop decodes the next prompt right; logits that are not finite raise FloatingPointError, not an
+    index error where the faulty token (-1) would enter the embedding."""
+    from bailong import generation
+    from bailong.generation import GraphDecoder
+    decoder = GraphDecoder(tiny, 64, graph=False)  # one decoder reused by every call, as on CUDA
+    monkeypatch.setattr(generation, "graph_decoder", lambda model, n: decoder)
+    calls = []
+    hook = tiny.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def run(ahead):
+        monkeypatch.setattr(generation, "steps_ahead", lambda device: ahead)
+        out = []
+        for s in [GREEDY, Sampling(temperature=1.0, seed=5)]:
+            for graph in False, True:
+                for stop_ids in [], [generate(tiny, [1, 2, 3], 30, s, stop_ids=[], cuda_graph=graph)[9]]:
+                    calls.clear()
+                    streamed = []
+                    ids = generate(tiny, [1, 2, 3], 30, s, stop_ids=stop_ids, cuda_graph=graph,
+                                   on_token=lambda i: streamed.append(len(calls)))  # steps run (and the prefill)
+                    out.append(ids)
+                    ahead_steps = [k + 1 + (ahead and k + 1 < 30) for k in range(len(ids))]
+                    assert streamed == ahead_steps and len(calls) == ahead_steps[-1]
+        return out
+    try:
+        plain = run(False)
+        assert run(True) == plain and len(plain[0]) == 30 and len(plain[1]) <= 10
+    finally:
+        hook.remove()
+    vocab = tiny.config.vocab_size
+    monkeypatch.setattr(tiny.lm_head, "forward", lambda h: torch.full((*h.shape[:-1], vocab), float("nan")))
+    for graph in False, True:  # still stepping ahead
+        with pytest.raises(FloatingPointError, match=r"not finite \(NaN or infinity\) after 0 new tokens"):
+            generate(tiny, [1, 2, 3], 5, GREEDY, cuda_graph=graph)
+
 def test_llama2_chat_format_and_training_labels():
     tok = bailong.Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
