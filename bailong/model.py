@@ -317,9 +317,11 @@ class Llama(nn.Module):
         else:
             positions, mask = cache.prepare(T)
         cos, sin = rope_cos_sin(self.config, positions, x.dtype)  # (T, D) each
+        offloaded = None  # the layer before's OffloadedInput: its input is fetched back as this layer's comes back
         for layer in self.model.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                with OffloadedInput(x) if self.offload else contextlib.nullcontext():
+                offloaded = OffloadedInput(x, offloaded) if self.offload else None
+                with offloaded or contextlib.nullcontext():
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, cache,
                                                           use_reentrant=False)
             else:

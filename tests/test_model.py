@@ -169,9 +169,15 @@ def offload_step(device, dtype):
     return results
 
 
-def test_offloaded_layer_inputs_leave_the_device_and_train_alike():
+def test_offloaded_layer_inputs_leave_the_device_and_train_alike(monkeypatch):
+    """...and each comes back fetched ahead, as the backward brings back the input of the layer after it (all but the
+    last layer's, which the backward needs first)."""
+    from bailong.memory import HostCopy
+    take, fetched_ahead = HostCopy.take, []
+    monkeypatch.setattr(HostCopy, "take", lambda self: fetched_ahead.append(self.back is not None) or take(self))
     (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = offload_step("cpu", torch.float32)
     assert kept == [True, True] and offloaded_kept == [False, False]  # only the host copy stays for the backward
+    assert fetched_ahead == [False, True]
     assert loss == offloaded_loss and len(grads) == 32
     for name in grads:
         assert torch.equal(grads[name], offloaded_grads[name]), name
