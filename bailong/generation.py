@@ -5,7 +5,7 @@ that decoding speed is set by reading the weights, not by launching kernels.
 """
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -78,10 +78,11 @@ def sample(logits, seen, s: Sampling, generator=None):
     ``torch.multinomial`` it never waits for the device.
     """
     faulty = ~torch.isfinite(logits).all(-1)  # (B,)
-    logits, ids = process_logits(logits, seen, s)
-    if s.temperature <= 0:
+    if s.temperature <= 0:  # top-k and top-p keep the most likely token: skipped, argmax breaks ties (lowest id)
+        logits, ids = process_logits(logits, seen, replace(s, top_k=0, top_p=1.0))
         token = logits.argmax(-1)
     else:
+        logits, ids = process_logits(logits, seen, s)
         probs = logits.softmax(-1)
         faulty |= probs.isnan().any(-1)  # e.g. logits / temperature past float32's range
         race = torch.empty_like(probs).exponential_(generator=generator)
@@ -347,7 +348,7 @@ def read_later(token):
         return lambda: int(token)
     host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True).copy_(token, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(token.device))  # where the copy runs, not the current device's
 
     def read():
         copied.synchronize()

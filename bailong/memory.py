@@ -106,6 +106,7 @@ class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):
         def unpack(packed):
             if not isinstance(packed, HostCopy):
                 return packed
+            packed.fetch()  # its own copy first (a no-op where fetched ahead), then the next one's
             if before is not None and before.saved is not None and (earlier := before.saved()) is not None:
                 earlier.fetch()
             return packed.take()
@@ -116,21 +117,18 @@ class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):
 class HostCopy:
     """A tensor's copy in (pinned) host memory, and on the way back its copy on the device."""
     side_streams = {}  # one per CUDA device, for the copies both ways
-    __slots__ = ("device", "host", "out", "back", "__weakref__")
+    __slots__ = ("__weakref__", "back", "device", "host")
 
     def __init__(self, t):
         self.device, self.back = t.device, None
         self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
         if not t.is_cuda:
             self.host.copy_(t)
-            self.out = None
             return
         side = self.side_stream()
         side.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
         with torch.cuda.stream(side):
             self.host.copy_(t, non_blocking=True)
-            self.out = torch.cuda.Event()
-            self.out.record(side)
         t.record_stream(side)  # its GPU memory is not handed out again before the copy is done
 
     def side_stream(self):
@@ -142,7 +140,7 @@ class HostCopy:
         """Start the copy back to the device (once): on CUDA it runs on the side stream, apart from the
         computation. Returns the device tensor and the event that marks it complete (None on the CPU)."""
         if self.back is None:
-            if self.out is None:
+            if self.device.type != "cuda":
                 self.back = self.host.to(self.device), None
             else:
                 side = self.side_stream()

@@ -170,14 +170,18 @@ def offload_step(device, dtype):
 
 
 def test_offloaded_layer_inputs_leave_the_device_and_train_alike(monkeypatch):
-    """...and each comes back fetched ahead, as the backward brings back the input of the layer after it (all but the
-    last layer's, which the backward needs first)."""
+    """...and come back in the order the backward needs them: a layer's own input, then (ahead) the layer
+    before's, then the first is taken."""
     from bailong.memory import HostCopy
-    take, fetched_ahead = HostCopy.take, []
-    monkeypatch.setattr(HostCopy, "take", lambda self: fetched_ahead.append(self.back is not None) or take(self))
+    made, order = [], []
+    init, fetch, take = HostCopy.__init__, HostCopy.fetch, HostCopy.take
+    monkeypatch.setattr(HostCopy, "__init__", lambda self, t: made.append(self) or init(self, t))
+    monkeypatch.setattr(HostCopy, "fetch",  # logged where a copy starts
+                        lambda self: (self.back is None and order.append(("fetch", made.index(self)))) or fetch(self))
+    monkeypatch.setattr(HostCopy, "take", lambda self: order.append(("take", made.index(self))) or take(self))
     (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = offload_step("cpu", torch.float32)
     assert kept == [True, True] and offloaded_kept == [False, False]  # only the host copy stays for the backward
-    assert fetched_ahead == [False, True]
+    assert order == [("fetch", 1), ("fetch", 0), ("take", 1), ("take", 0)]  # copies started: layer 1's, then 0's
     assert loss == offloaded_loss and len(grads) == 32
     for name in grads:
         assert torch.equal(grads[name], offloaded_grads[name]), name
