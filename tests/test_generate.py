@@ -102,6 +102,19 @@ def test_sampling_never_waits_for_the_device():
     assert waits.ops == []
 
 
+def test_sampling_launch_budget():
+    """Kernels a token's choice launches (aten operations that write, as tests/launch_count.py counts them): a
+    budget that fails if it grows; with top-k on, nothing sorts the vocabulary (top-p works on the k candidates)."""
+    from launch_count import Launches
+
+    from bailong.generation import sample
+    logits, seen = torch.randn(1, 3000), seen_mask(torch.randint(0, 3000, (1, 50)), 3000)
+    for s, budget in [(GREEDY, 9), (Sampling(seed=0), 29)]:
+        with Launches() as launches:
+            sample(logits, seen, s, torch.Generator().manual_seed(0))
+        assert len(launches.aten) <= budget and "aten::sort" not in launches.aten, launches.aten
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return bailong.load_preset("tiny", device="cpu")[0]
