@@ -20,3 +20,10 @@ def asset(name):
     if not path.exists():
         pytest.skip(f"{path} is absent (the shared test assets are not in this checkout)")
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny preset's random model on the CPU, one per test module."""
+    import bailong
+    return bailong.load_preset("tiny", device="cpu")[0]
