@@ -79,16 +79,15 @@ def sample(logits, seen, s: Sampling, generator=None):
     """
     faulty = ~torch.isfinite(logits).all(-1)  # (B,)
     if s.temperature <= 0:  # top-k and top-p keep the most likely token: skipped, argmax breaks ties (lowest id)
-        logits, ids = process_logits(logits, seen, replace(s, top_k=0, top_p=1.0))
-        token = logits.argmax(-1)
+        token = process_logits(logits, seen, replace(s, top_k=0, top_p=1.0))[0].argmax(-1)
     else:
         logits, ids = process_logits(logits, seen, s)
         probs = logits.softmax(-1)
         faulty |= probs.isnan().any(-1)  # e.g. logits / temperature past float32's range
         race = torch.empty_like(probs).exponential_(generator=generator)
         token = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1)
-    if ids is not None:
-        token = ids.gather(-1, token[:, None])[:, 0]
+        if ids is not None:  # a candidate's place -> its token id
+            token = ids.gather(-1, token[:, None])[:, 0]
     seen.scatter_(1, token[:, None], True)
     return token.masked_fill(faulty, -1)
 

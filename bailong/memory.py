@@ -94,7 +94,7 @@ class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, x, before=None):
         x = weakref.ref(x)  # the hooks live as long as what they saved: they must not keep x themselves
-        self.saved = None  # a weak reference to the HostCopy of x, for the layer after this one to fetch
+        self.saved = lambda: None  # a weak reference to the HostCopy of x once packed, for the next layer to fetch
 
         def pack(t):
             if t is not x():
@@ -107,7 +107,7 @@ class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):
             if not isinstance(packed, HostCopy):
                 return packed
             packed.fetch()  # its own copy first (a no-op where fetched ahead), then the next one's
-            if before is not None and before.saved is not None and (earlier := before.saved()) is not None:
+            if before is not None and (earlier := before.saved()) is not None:
                 earlier.fetch()
             return packed.take()
 
