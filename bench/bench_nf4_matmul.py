@@ -15,9 +15,11 @@ best tile of each GEMV loop (summing across threads at every step, or once at
 the end: ``at_end``). Then the launches the fused decoding step makes: q, k and v
 of Llama-2-7B in one launch against three, and gate and up with SwiGLU in one
 launch against two GEMVs and the SwiGLU kernel, with the default tile and with
-the sweep's best.
+the sweep's best. Last, the two dequantize kernels (byte by byte, the default,
+and word by word): each alone, and before cuBLAS at a training step's rows of x
+(``--train-m``), against bf16 cuBLAS.
 
-    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,2,4,8,16]
+    python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,2,4,8,16] [--train-m 2048]
     TRITON_INTERPRET=1 python bench/bench_nf4_matmul.py --tiny      # CPU smoke run of the whole script
 """
 import argparse
@@ -82,6 +84,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", default="1,2,4,8,16", help="rows of x")
     p.add_argument("--sweep", default="1,2,4,8,16", help="row counts at which every tile is tried")
+    p.add_argument("--train-m", type=int, default=2048, help="rows of x for dequantize + cuBLAS (a training "
+                   "step's tokens)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
     args = p.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -145,10 +149,9 @@ def main():
                   f"{t_dense * 1e3:7.2f} {gbs(2 * w.numel(), t_dense):5.0f} | "
                   f"{t_bnb * 1e3 if t_bnb else float('nan'):7.2f} | {t_gemv / t_dense:9.2f} "
                   f"{(t_bnb or float('nan')) / t_gemv:8.2f} {t_deq / t_gemv:8.2f}", flush=True)
-        if device == "cpu":
-            print(f"{'':>12} dequantize to float16: kernel {timed([lambda: nf4_dequantize(q, dtype)]):.1f} ms")
     one_launch(device, dtype, timed, ms, best_tiles, (40, 128) if args.tiny else SHAPES[0],
                (48, 128) if args.tiny else SHAPES[1])
+    dequantize_kernels(device, dtype, timed, bandwidth, shapes, 8 if args.tiny else args.train_m)
 
 
 def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
@@ -181,6 +184,29 @@ def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
                   f"({apart / fused:.2f}x)", flush=True)
 
 
+def dequantize_kernels(device, dtype, timed, bandwidth, shapes, m):
+    """The byte and the word dequantize kernel, each checked for the reference's bits, then timed alone (GB/s
+    read + written, share of the copy bandwidth) and before cuBLAS at m rows of x (a training step's
+    projections, each three times a step), against bf16 cuBLAS on the unquantized weight."""
+    print(f"dequantize kernels (us, GB/s read + written), and dequantize + cuBLAS at M = {m} (us)")
+    for N, K in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
+        moved = quantize(w).nbytes + w.numel() * w.element_size()
+        qs = [quantize(w) for _ in range(max(1, L2_BYTES // moved) if device == "cuda" else 1)]
+        x = torch.randn(m, K, device=device, dtype=dtype)
+        alone, before = {}, {}
+        for by_words in (False, True):
+            assert torch.equal(nf4_dequantize(qs[0], dtype, by_words=by_words), qs[0].dequantize(dtype))
+            alone[by_words] = timed([lambda q=q: nf4_dequantize(q, dtype, by_words=by_words) for q in qs])
+            before[by_words] = timed([lambda q=q: x @ nf4_dequantize(q, dtype, by_words=by_words).T for q in qs])
+        dense = timed([lambda: x @ w.T])
+        share = lambda t: f" ({moved / t * 1e3 / bandwidth:.0%} of copy)" if bandwidth else ""  # noqa: E731
+        print(f"{f'{N}x{K}':>12} | bytes {alone[False] * 1e3:8.2f} {moved / alone[False] / 1e6:5.0f}"
+              f"{share(alone[False])} | words {alone[True] * 1e3:8.2f} {moved / alone[True] / 1e6:5.0f}"
+              f"{share(alone[True])} | bytes/words {alone[False] / alone[True]:.2f} | + cuBLAS: bytes "
+              f"{before[False] * 1e3:8.2f}, words {before[True] * 1e3:8.2f}, bf16 cuBLAS alone {dense * 1e3:8.2f} "
+              f"({before[False] / dense:.2f}x, {before[True] / dense:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":

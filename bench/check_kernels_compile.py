@@ -36,6 +36,7 @@ from bailong.nf4 import quantize
 from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul as matmul
 
 KERNELS = [matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
+           dequant._nf4_dequant_words_kernel,
            decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel, decode._merge_parts_kernel,
            layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel, layers._rope_kernel,
            layers._cross_entropy_kernel]
@@ -89,6 +90,11 @@ def describe(case, kernel, config, compiled, arch):
     smem = compiled.metadata.shared
     return dict(arch=f"sm_{arch}", case=case, kernel=name, config=tile, regs=regs, spill=spill,
                 smem=smem if smem <= SHARED_LIMIT[arch] else f"{smem} (too much: skipped)", mma=mma, vector_loads=vec)
+
+
+def instructions(cubin: bytes) -> int:
+    """SASS instructions of a kernel without loops, NOPs left out."""
+    return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?!NOP)[^;]*;", cuobjdump(cubin, "-sass")))
 
 
 def loop_instructions(cubin: bytes) -> int:
@@ -160,10 +166,18 @@ def compile_all(arch):
             matmul.gemv_swiglu(x, gate, gate, tile)
     finally:
         matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel = gemv_kernels
-    compiled = dequant._nf4_dequant_kernel.warmup(*dequant.nf4_args(q), torch.empty(N, K, dtype=torch.bfloat16),
-                                                  q.numel, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, BLOCK=512,
-                                                  enable_fp_fusion=False, grid=(1,))
-    rows.append(describe("bfloat16 dequantize", dequant._nf4_dequant_kernel, {"block": 512}, compiled, arch))
+    # the two dequantize kernels as nf4_dequantize launches them, with the instructions a weight of a thread
+    packed, *tables = dequant.nf4_args(q)
+    words, steps, warps = dequant.word_steps()
+    for kernel, args, meta, per_thread in [
+            (dequant._nf4_dequant_kernel, (packed, *tables), dict(BLOCK=512, num_warps=4), 2 * 512 / (32 * 4)),
+            (dequant._nf4_dequant_words_kernel, (packed.view(-1).view(torch.int32), *tables),
+             dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps))]:
+        compiled = kernel.warmup(*args, torch.empty(N, K, dtype=torch.bfloat16),
+                                 q.numel if kernel is dequant._nf4_dequant_kernel else q.numel // 8,
+                                 BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, enable_fp_fusion=False, grid=(1,), **meta)
+        rows.append(describe("bfloat16 dequantize", kernel, meta, compiled, arch))
+        rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / per_thread, 1)
     x, cos = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(1, 128, dtype=torch.bfloat16)
     cache = torch.randn(1, 8, 4096, 128, dtype=torch.bfloat16)
     parts = torch.empty(1, 32, 8, 128, dtype=torch.float32)  # float32 partial results

@@ -15,8 +15,20 @@ cache, which handles one cache line (128 bytes) per cycle for a warp. The
 16 float32 codes are 64 bytes, one line: a warp's 32 lookups take one pass. A
 pair table is 2 KiB, 16 lines: a warp's 32 random bytes touch about 13 of
 them, so 13 passes for 64 values instead of 2 passes.
+
+A second kernel reads the packed bytes as int32 words, 8 weights a word, one
+word a thread a step: the word's block scale is found once (not once a byte),
+the 8 codes are looked up and scaled in the thread that holds the word, and
+the thread writes its 8 values as one 16-byte store, with no exchange between
+threads. Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
+byte kernel spends about 31 machine instructions a weight, the word kernel
+about 10; writing 2.5 bytes a weight (read and written) at an H200's ~4.3 TB/s
+leaves an SM room for about 19. It runs where ``nf4_dequantize(...,
+by_words=True)`` asks for it (the benchmark, the tests) and becomes the default
+(``BY_WORDS``) once a GPU run times it faster.
 """
 import contextlib
+import os
 
 import torch
 import triton
@@ -65,6 +77,43 @@ def _nf4_dequant_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absm
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=flat < n)
 
 
+@triton.jit
+def _word_codes(words, code_ptr):
+    """The code values of the 8 weights of each int32 word of packed bytes, in order: weight j sits at bit
+    4 * (j ^ 1) of a little-endian word (4, 0, 12, 8, 20, 16, 28, 24), a byte's first weight in its high
+    nibble (the GEMV's ``_word_dots`` looks them up in the same order, each beside its product)."""
+    return (tl.load(code_ptr + ((words >> 4) & 0xF)), tl.load(code_ptr + (words & 0xF)),
+            tl.load(code_ptr + ((words >> 12) & 0xF)), tl.load(code_ptr + ((words >> 8) & 0xF)),
+            tl.load(code_ptr + ((words >> 20) & 0xF)), tl.load(code_ptr + ((words >> 16) & 0xF)),
+            tl.load(code_ptr + ((words >> 28) & 0xF)), tl.load(code_ptr + ((words >> 24) & 0xF)))
+
+
+@triton.jit
+def _join8(c, WORDS: tl.constexpr):
+    """Eight tensors (WORDS,) as the columns of one (WORDS, 8), each row left in the thread that holds its
+    values (the inverse of ``nf4_matmul._split8``): a join pairs its operands element by element, so the
+    evens and the odds are each built from columns 4 apart, then paired."""
+    even = tl.join(tl.reshape(tl.join(c[0], c[4]), (WORDS, 2)), tl.reshape(tl.join(c[2], c[6]), (WORDS, 2)))
+    odd = tl.join(tl.reshape(tl.join(c[1], c[5]), (WORDS, 2)), tl.reshape(tl.join(c[3], c[7]), (WORDS, 2)))
+    return tl.reshape(tl.join(tl.reshape(even, (WORDS, 4)), tl.reshape(odd, (WORDS, 4))), (WORDS, 8))
+
+
+@triton.jit
+def _nf4_dequant_words_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
+                              n_words, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr,
+                              STEPS: tl.constexpr):
+    """STEPS steps of WORDS words (one a thread) a program; ``w_ptr``: the packed bytes as int32."""
+    for step in tl.static_range(STEPS):
+        word = (tl.program_id(0).to(tl.int64) * STEPS + step) * WORDS + tl.arange(0, WORDS)
+        ok = word < n_words
+        words = tl.load(w_ptr + word, mask=ok, other=0)
+        scale = _block_scale(word // (BLOCKSIZE // 8), ok, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
+                             offset_ptr, DOUBLE_QUANT)
+        w = _join8(_word_codes(words, code_ptr), WORDS) * scale[:, None]
+        flat = word[:, None] * 8 + tl.arange(0, 8)[None, :]
+        tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
 def nf4_args(q: NF4Tensor):
     """The tensors every NF4 kernel takes, in kernel-argument order (all on the device: no host
     synchronisation, so the kernels can be captured in a CUDA graph)."""
@@ -79,13 +128,36 @@ def launch_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def nf4_dequantize(q: NF4Tensor, dtype=None) -> torch.Tensor:
-    """``q.dequantize(dtype)`` computed by the kernel."""
+BY_WORDS = False  # the word kernel by default: not until a GPU run times it faster than the byte kernel
+
+
+def readable_as_words(q: NF4Tensor) -> bool:
+    """Whether q's packed bytes can be read as int32 words of 8 whole weights."""
+    return q.data.is_contiguous() and q.data.storage_offset() % 4 == 0 and q.numel % 8 == 0
+
+
+def word_steps():
+    """(WORDS, STEPS, num_warps) of the word kernel: a word a thread, four steps a program (4,096 weights, 8 KB
+    of bf16 out); interpreted, small, so that the tests run several programs and a partial last one."""
+    return (64, 2, 1) if os.environ.get("TRITON_INTERPRET") == "1" else (128, 4, 4)
+
+
+def nf4_dequantize(q: NF4Tensor, dtype=None, by_words=None) -> torch.Tensor:
+    """``q.dequantize(dtype)`` computed by a kernel: the byte kernel, or with ``by_words`` (default
+    ``BY_WORDS``) the word kernel where q's bytes are readable as words. Both give the reference's bits."""
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.data.device)
-    n, block = q.numel, 512
+    # no fused multiply-add in either: the nested scale is rounded twice, as in the reference
     with launch_device(out):
-        # no fused multiply-add: the nested scale is rounded twice, as in the reference
-        _nf4_dequant_kernel[(triton.cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
-                                                          DOUBLE_QUANT=q.double_quant, BLOCK=block,
-                                                          enable_fp_fusion=False)
+        if (BY_WORDS if by_words is None else by_words) and readable_as_words(q):
+            packed, *tables = nf4_args(q)
+            words, steps, warps = word_steps()
+            n_words = q.numel // 8
+            _nf4_dequant_words_kernel[(triton.cdiv(n_words, words * steps),)](
+                packed.view(-1).view(torch.int32), *tables, out, n_words, BLOCKSIZE=q.blocksize,
+                DOUBLE_QUANT=q.double_quant, WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
+        else:
+            n, block = q.numel, 512
+            _nf4_dequant_kernel[(triton.cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
+                                                              DOUBLE_QUANT=q.double_quant, BLOCK=block,
+                                                              enable_fp_fusion=False)
     return out

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
-from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, nf4_dequantize
+from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, nf4_dequantize, readable_as_words
 
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
 
@@ -266,8 +266,7 @@ def _nf4_gemv_swiglu_kernel(x_ptr, gate, up, y_ptr, M, N, K, stride_xm, stride_y
 def gemv_takes(x2d, q: NF4Tensor) -> bool:
     """Whether the GEMV kernel runs ``x2d @ W.T``: 1 to GEMV_MAX_M rows of x, rows of W of whole blocks and its
     bytes readable as int32 words."""
-    readable_as_words = q.data.is_contiguous() and q.data.storage_offset() % 4 == 0
-    return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words
+    return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words(q)
 
 
 def _gemv_weights(x2d, qs):

@@ -96,11 +96,13 @@ def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
             assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2, tile
 
 
-def test_nf4_dequantize_kernel_exact_in_bfloat16():
+@pytest.mark.parametrize("by_words", [False, True])
+def test_nf4_dequantize_kernel_exact_in_bfloat16(by_words):
     from bailong.nf4 import quantize
     from bailong_kernels.nf4_dequant import nf4_dequantize
-    q = quantize(torch.randn(4096, 11008, device="cuda").bfloat16())
-    assert torch.equal(nf4_dequantize(q, torch.bfloat16), q.dequantize(torch.bfloat16))
+    for shape in [(4096, 11008), (35, 104)]:  # the second: a partial last program
+        q = quantize(torch.randn(*shape, device="cuda").bfloat16())
+        assert torch.equal(nf4_dequantize(q, torch.bfloat16, by_words=by_words), q.dequantize(torch.bfloat16))
 
 
 def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):

@@ -8,6 +8,7 @@ Tolerances: float32 sums in float32, so only summation order differs (atol
 checked on the GPU only (tests/test_gpu.py): the interpreter's float32-to-bfloat16
 rounding differs from the hardware's.
 """
+import contextlib
 import subprocess
 import sys
 
@@ -65,11 +66,42 @@ def test_float16_and_leading_dimensions():
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_kernel_is_exact(double_quant):
-    for shape in [(33, 130), (300, 256)]:  # the second: over 256 blocks, so several nested absmax
-        q = quantize(torch.randn(*shape, device=DEVICE), 64, double_quant)
+@pytest.mark.parametrize("by_words", [False, True])
+def test_dequantize_kernel_is_exact(double_quant, by_words):
+    """Both kernels give the reference's bits (the word kernel: several programs, a partial last one, every
+    blocksize); inside the tensors given, nothing read or written past them."""
+    from bounds import checked_bounds
+    cases = [((33, 130), 64), ((300, 256), 64)]  # the second: over 256 blocks, so several nested absmax
+    if by_words:  # whole words: rows not whole blocks, a partial last program, one with 3 words, every blocksize
+        cases += [((35, 104), 64), ((1, 8 * (2 * 128 + 3)), 64)] + [((2, b), b) for b in BLOCKSIZES]
+    for shape, blocksize in cases:
+        q = quantize(torch.randn(*shape, device=DEVICE), blocksize, double_quant)
         for dtype in [torch.float32, torch.float16]:
-            assert torch.equal(nf4_dequantize(q, dtype), q.dequantize(dtype))
+            with checked_bounds() if DEVICE == "cpu" else contextlib.nullcontext():
+                assert torch.equal(nf4_dequantize(q, dtype, by_words=by_words), q.dequantize(dtype)), shape
+
+
+def test_dequantize_word_kernel_takes_whole_words_only(monkeypatch):
+    """The word kernel runs where the packed bytes read as int32 words of 8 weights, else the byte kernel."""
+    from bailong_kernels import nf4_dequant
+    ran = []
+
+    class Recording:  # kernel[grid](...), noting which kernel
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(nf4_dequant, name)
+
+        def __getitem__(self, grid):
+            ran.append(self.name)
+            return self.kernel[grid]
+    for name in ["_nf4_dequant_kernel", "_nf4_dequant_words_kernel"]:
+        monkeypatch.setattr(nf4_dequant, name, Recording(name))
+    whole, odd = quantize(torch.randn(4, 64, device=DEVICE)), quantize(torch.randn(3, 5, device=DEVICE))
+    shifted = quantize(torch.randn(4, 64, device=DEVICE))
+    shifted.data = torch.cat([torch.zeros(2, 1, dtype=torch.uint8, device=DEVICE), shifted.data])[2:]  # offset 2
+    for q in [whole, odd, shifted]:
+        assert torch.equal(nf4_dequantize(q, torch.float32, by_words=True), q.dequantize(torch.float32))
+    assert torch.equal(nf4_dequantize(whole, torch.float32), whole.dequantize(torch.float32))  # BY_WORDS: off
+    assert ran == ["_nf4_dequant_words_kernel", "_nf4_dequant_kernel", "_nf4_dequant_kernel", "_nf4_dequant_kernel"]
 
 
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
@@ -167,9 +199,10 @@ def test_benchmark_script_runs_at_tiny_sizes():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_nf4_matmul.py"), "--tiny"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "gemv us" in result.stdout and "dequantize to float16: kernel" in result.stdout
+    assert "gemv us" in result.stdout and "| bytes/words " in result.stdout and "+ cuBLAS: bytes" in result.stdout
     assert "best at-end" in result.stdout and "q, k, v" in result.stdout and "gate, up, SwiGLU" in result.stdout
-    assert len([line for line in result.stdout.splitlines() if line.strip().startswith("40x128 ")]) == 2
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith("40x128 ")]
+    assert len(rows) == 3 and "bytes/words" in rows[2]  # M = 1 and 3, then the dequantize kernels
 
 
 @pytest.mark.slow  # about 15 s on 2 cores: CI runs it after the README's test command
