@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bailong.lora_fused import LoRAProjection, LoRAShared, compute_dtype, frozen_linear
+from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, compute_dtype, frozen_linear
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import PROJECTIONS, NF4Linear, nf4_weights, set_module
 
@@ -77,8 +77,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.fused():  # training
             return self._projection(x, None)
-        y = frozen_linear(x, self.weight)
+        # the update first: a checkpointed layer's recomputation stops once it has made what the backward keeps,
+        # and the frozen base keeps nothing, so the layer's last projection (down) is not multiplied again
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        y = frozen_linear(x, self.weight)
         return y + (update * self.scaling).to(y.dtype)
 
     def fused(self) -> bool:
@@ -86,17 +88,24 @@ class LoRALinear(nn.Module):
         graphs), the base frozen."""
         return _fused and torch.is_grad_enabled() and not getattr(self.weight, "requires_grad", False)
 
-    def added(self, residual, x):
-        """``residual + self(x)`` as one autograd node, the add in the base's matmul (``model.add_projection``),
-        where that applies: the fused path, the residual in the compute dtype and of the output's shape; else None."""
+    def added(self, residual, x, last=False):
+        """``residual + self(x)`` with the add in a matmul (``model.add_projection``), where that applies: the
+        fused path, the residual in the compute dtype and of the output's shape; else None. One autograd node,
+        the add in the base's matmul; or for the ``last`` projection of a layer (down), the update added onto
+        the residual first and the frozen base's matmul after it, a node of its own that keeps nothing, so
+        that a checkpointed layer's recomputation, which stops once it has made what the backward keeps, does
+        not multiply by the base again (for one more add of dL/dx in the backward)."""
         if self.fused() and residual.dtype == compute_dtype(x) and residual.shape == (*x.shape[:-1], self.out_features):
+            if last:
+                return FrozenAddmm.apply(self._projection(x, residual, base=False), x, self.weight)
             return self._projection(x, residual)
         return None
 
-    def _projection(self, x, residual):
+    def _projection(self, x, residual, base=True):
         A, B = self.lora_A.weight, self.lora_B.weight
         casts = self.compute_weights(compute_dtype(x))
-        return LoRAProjection.apply(x, self.weight, A, B, *casts, self.scaling, self.dropout_p(), residual)
+        return LoRAProjection.apply(x, self.weight if base else None, A, B, *casts, self.scaling, self.dropout_p(),
+                                    residual)
 
     def dropout_p(self) -> float:
         return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0

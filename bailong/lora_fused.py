@@ -18,7 +18,8 @@ from bailong.quantized import nf4_dequantized, nf4_linear
 
 class LoRAProjection(torch.autograd.Function):
     """x W^T + s * dropout(x) A^T B^T as one autograd node, in the compute dtype, W frozen (dense or NF4),
-    plus ``residual`` where one is given (in the compute dtype), added by the base's matmul.
+    plus ``residual`` where one is given (in the compute dtype), added by the base's matmul; W None: the
+    update onto the residual alone (the caller adds x W^T: ``FrozenAddmm``).
 
     ``A`` and ``B`` are the compute-dtype copies of the float32 masters ``A_master``
     and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
@@ -36,7 +37,9 @@ class LoRAProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, A_master, B_master, A, B, scaling, p, residual):
-        if residual is None:
+        if W is None:
+            y = residual
+        elif residual is None:
             y = frozen_linear(x, W)
         else:  # residual + x W^T in one matmul
             y = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]),
@@ -65,10 +68,30 @@ class LoRAProjection(torch.autograd.Function):
             dx = _scaled_mm(u, A, s)
             if mask is not None:
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p))
-            dx = torch.addmm(dx, g2, frozen_weight(W, g.dtype)).view(ctx.x_shape).to(ctx.x_dtype)  # + g W
+            if W is not None:
+                dx = torch.addmm(dx, g2, frozen_weight(W, g.dtype))  # + g W
+            dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
                                ctx.master_dtype)
         return dx, None, dA, dB, None, None, None, None, g if ctx.needs_input_grad[8] else None
+
+
+class FrozenAddmm(torch.autograd.Function):
+    """residual + x W^T for a frozen W (dense or NF4), in one matmul; nothing kept for the backward but W as
+    stored (an NF4 one dequantized again): dL/dresidual = g, dL/dx = g W."""
+
+    @staticmethod
+    def forward(ctx, residual, x, W):
+        ctx.weight, ctx.x_shape, ctx.x_dtype = W, x.shape, x.dtype
+        return torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]).to(residual.dtype),
+                           frozen_weight(W, residual.dtype).T).view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        dx = None
+        if ctx.needs_input_grad[1]:
+            dx = (g.reshape(-1, g.shape[-1]) @ frozen_weight(ctx.weight, g.dtype)).view(ctx.x_shape).to(ctx.x_dtype)
+        return g, dx, None
 
 
 def frozen_linear(x, W):
@@ -110,8 +133,11 @@ def _master_grads(products, dtype):
 
 
 def compute_dtype(x):
-    """The dtype the projections of x compute in: autocast's, else x's."""
-    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    """The dtype the projections of x compute in: autocast's, else x's (also on a device without autocast,
+    the meta device)."""
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if autocast else x.dtype
 
 
 class LoRAShared(torch.autograd.Function):

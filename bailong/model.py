@@ -195,13 +195,14 @@ def project(x, *layers):
     return tuple(m(x) for m in layers)
 
 
-def add_projection(residual, layer, x):
+def add_projection(residual, layer, x, last=False):
     """``residual + layer(x)`` (no residual: ``layer(x)``), the add inside the projection where it can be: in a
-    fused LoRA layer's base matmul (``LoRALinear.added``), or, decoding with the fused kernels, on the way out
-    of an NF4 layer's GEMV launch. The layer's forward hooks, if anyone set some, then do not run."""
+    fused LoRA layer's base matmul (``LoRALinear.added``; ``last``: the layer's last projection), or, decoding
+    with the fused kernels, on the way out of an NF4 layer's GEMV launch. The layer's forward hooks, if anyone
+    set some, then do not run."""
     if residual is None:
         return layer(x)
-    if (added := getattr(layer, "added", None)) and (y := added(residual, x)) is not None:
+    if (added := getattr(layer, "added", None)) and (y := added(residual, x, last)) is not None:
         return y
     if (fused := decode_kernels(x)) is not None and (y := fused.added_projection(residual, layer, x)) is not None:
         return y
@@ -258,7 +259,7 @@ class MLP(nn.Module):
             gate, up = project(x, self.gate_proj, self.up_proj)
             fused = decode or layer_kernels(x)
             h = fused.swiglu(gate, up) if fused is not None else F.silu(gate) * up  # SwiGLU
-        return add_projection(residual, self.down_proj, h)
+        return add_projection(residual, self.down_proj, h, last=True)
 
 
 class DecoderLayer(nn.Module):

@@ -25,6 +25,7 @@ so it reads about the peak).
     python bench/bench_train.py --setting long        # a GPU: Llama-2-7B, r 16 on the projections, 8192
     python bench/bench_train.py --setting long --rows ours-all ours-offload theirs    # some sides only
     python bench/bench_train.py --setting recipe --dropout 0.05       # with train.py's LoRA dropout
+    python bench/bench_train.py --setting recipe --count     # what a step computes and moves (no GPU needed)
 
 On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed
 beside each row): choose --rows to fit the time at hand.
@@ -146,6 +147,49 @@ def run_one(which, folder, args):
     print(json.dumps(result))
 
 
+def count(config, args):
+    """What one step of ours computes, counted on the meta device (nothing is run or allocated): the matmuls'
+    FLOPs (forward, the checkpointed layers' recomputation, backward) on the path train.py takes (set
+    BAILONG_FUSED_LORA=1 for the fused one: the same count), attention's, the bytes the NF4 weights'
+    dequantization moves (packed codes and absmax read, bf16 written, before every matmul with them), and
+    the bytes fused AdamW moves. At the fastest rates a GPU reaches, their times add up to a floor that no
+    implementation of the recipe with activation checkpointing goes under (docs/BENCHMARKS.md)."""
+    import bailong
+    from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+    from bailong.quantized import PROJECTIONS, projections
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = bailong.Llama(config).to(torch.bfloat16)
+    # NF4 on the GPU (dense here: the same FLOPs), dequantized for each matmul with it: forward, recomputation
+    # (not down's: it stops before the layer's last product) and backward (not layer 0's q, k and v when the
+    # embedding trains nothing: no dL/dx)
+    no_dx = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"] if not args.embedding_and_head else []
+    dequantized = sum(m.weight.numel() * (3 - name.endswith("down_proj") - (name in no_dx))
+                      for name, m in projections(model))
+    targets = PROJECTIONS + (("embed_tokens", "lm_head") if args.embedding_and_head else ())
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=args.rank, dropout=args.dropout, targets=targets)))
+    model.checkpointing = True
+    model.train()
+    ids = torch.zeros((args.batch, args.seq_len + 1), dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    flops = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = flops.pop("bmm", 0)  # on the meta device attention is the math path's two batched matmuls
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    nf4_bytes = dequantized * (0.5 + 1 / 64 + 2)  # codes and absmax read, bf16 written
+    tokens = args.batch * args.seq_len
+    print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, LoRA "
+          f"r={args.rank} ({trained:,} trained), activation checkpointing; one step, counted on the meta device:")
+    kinds = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in flops.items())
+    print(f"  matmuls {sum(flops.values()) / 1e12:.2f} TFLOP ({kinds}; {sum(flops.values()) / tokens / 1e9:.1f} "
+          "GFLOP a token)")
+    print(f"  attention {attention / 1e12:.2f} TFLOP as counted, the whole T x T (a causal kernel skips about half)")
+    print(f"  NF4 dequantization {nf4_bytes / 1e9:.1f} GB moved ({dequantized / 1e9:.2f} G weights dequantized)")
+    print(f"  fused AdamW {trained * 28 / 1e9:.1f} GB moved (parameter, gradient and two moments read, three written)")
+    print(json.dumps({"matmul_flops": sum(flops.values()), "attention_flops": attention, "nf4_bytes": nf4_bytes,
+                      "adamw_bytes": trained * 28, "trainable": trained}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tinyllama-1.1b")
@@ -165,6 +209,8 @@ def main():
                    help="the sides to run (default: all; theirs is the one the ratios need)")
     p.add_argument("--profile", action="store_true", help="profile one more step of each side: the top operations "
                    "by GPU time, the kernels launched, how busy the GPU was")
+    p.add_argument("--count", action="store_true", help="count what one step computes and moves instead of timing "
+                   "it: on the meta device, nothing run, no GPU needed")
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -178,6 +224,8 @@ def main():
     started = time.perf_counter()
     config = preset(args.preset)
     config.num_hidden_layers = args.layers or config.num_hidden_layers
+    if args.count:
+        return count(config, args)
     with tempfile.TemporaryDirectory() as tmp:
         with torch.device("meta"):  # in bfloat16, as Llama 2's checkpoints are: half the disk and the reading
             model = bailong.Llama(config).to(torch.bfloat16)

@@ -239,12 +239,14 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step):
 # alpha, the compute-dtype copies of every LoRA weight made in one multi-tensor copy a step, a node's LoRA gradients
 # cast to float32 in one pass; q/k/v and gate/up one node each, LoRAShared, their dropout masks drawn in one launch;
 # o and down add the residual in their base's matmul), with the training layer kernels as well (True, True). The
-# goal was a third of the first count (382 / 3 = 127); the first fused counts were 238, 152 and 115.
-TRAIN_STEP_BUDGET = {(False, False, 0.05): {"per layer": 382, "whole step": 851},
-                     (True, False, 0.05): {"per layer": 212, "whole step": 499},
-                     (True, True, 0.05): {"per layer": 126, "whole step": 307},
-                     (False, False, 0.0): {"per layer": 333, "whole step": 749},
-                     (True, True, 0.0): {"per layer": 112, "whole step": 277}}
+# goal was a third of the first count (382 / 3 = 127); the first fused counts were 238, 152 and 115. Since the
+# recomputation stops before down's frozen matmul (its dequantization and matmul not made again), 2 fewer a layer
+# on the plain path, 1 fewer fused (one more add of dL/dx).
+TRAIN_STEP_BUDGET = {(False, False, 0.05): {"per layer": 380, "whole step": 847},
+                     (True, False, 0.05): {"per layer": 211, "whole step": 497},
+                     (True, True, 0.05): {"per layer": 125, "whole step": 305},
+                     (False, False, 0.0): {"per layer": 331, "whole step": 745},
+                     (True, True, 0.0): {"per layer": 111, "whole step": 275}}
 
 
 @pytest.mark.parametrize("fused_lora,layer_kernels,dropout", list(TRAIN_STEP_BUDGET))

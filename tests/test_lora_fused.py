@@ -199,10 +199,12 @@ def test_projections_sharing_an_input_apply_the_dropout_masks_they_drew(monkeypa
     assert all(not grad.any() for grad in grads[1::2])
 
 
-def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch):
-    """``add_projection`` (o and down): residual + layer(x) as the LoRA node itself, against the plain sum, with
-    the gradients; a residual in another dtype than the compute dtype (float32 under bf16 autocast) is added
-    outside, in float32, as the plain path adds it."""
+@pytest.mark.parametrize("last", [False, True])
+def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch, last):
+    """``add_projection`` (o; down, a layer's ``last``): residual + layer(x) as the LoRA node itself, or for the
+    last the update onto the residual and then the base's matmul as a node of its own, against the plain sum,
+    with the gradients; a residual in another dtype than the compute dtype (float32 under bf16 autocast) is
+    added outside, in float32, as the plain path adds it."""
     from bailong import lora
     from bailong.model import add_projection
     from bailong.quantized import NF4Linear
@@ -215,15 +217,16 @@ def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch):
     for fused in [False, True]:
         monkeypatch.setattr(lora, "_fused", fused)
         torch.manual_seed(1)  # the same dropout mask
-        out = add_projection(residual, layer, x)
-        assert type(out.grad_fn).__name__ == ("LoRAProjectionBackward" if fused else "AddBackward0")
+        out = add_projection(residual, layer, x, last)
+        node = "FrozenAddmmBackward" if last else "LoRAProjectionBackward"
+        assert type(out.grad_fn).__name__ == (node if fused else "AddBackward0")
         results.append((out, torch.autograd.grad(out.square().sum(), [x, residual, layer.lora_A.weight])))
     (plain, plain_grads), (fused, fused_grads) = results
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(fused_grads, plain_grads):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = add_projection(residual, layer, x)
+        out = add_projection(residual, layer, x, last)
     assert out.dtype == torch.float32 and type(out.grad_fn).__name__ == "AddBackward0"
-    out = add_projection(residual[:1], layer, x)  # a residual that broadcasts: added outside, as the plain path
+    out = add_projection(residual[:1], layer, x, last)  # a residual that broadcasts: added outside, as the plain path
     assert out.shape == (2, 3, 40) and type(out.grad_fn).__name__ == "AddBackward0"

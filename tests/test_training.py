@@ -285,6 +285,36 @@ def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_pat
         torch.testing.assert_close(double[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
+    """bench_train.py --count: one QLoRA step's matmul FLOPs, counted on the meta device, plain and fused LoRA,
+    against the recipe's own count: each projection's x W^T forward, again in the checkpointed recomputation,
+    and g W backward; the LoRA matmuls (two forward and again, four backward); the head's forward and g W.
+    Layer 0's q, k and v form no dL/dx: the embedding trains nothing. The recomputation stops once it has
+    made what the backward keeps: the layer's last product, down's x W^T, is not made again."""
+    from bailong.config import preset
+    layers, T, r = 2, 64, 8
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--preset", "tinyllama-1.1b",
+                          "--layers", str(layers), "--seq-len", str(T), "--batch", "1", "--rank", str(r), "--count"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "BAILONG_FUSED_LORA": fused})
+    assert out.returncode == 0, out.stderr[-2000:]
+    c = preset("tinyllama-1.1b")
+    C, F, V, kv = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_key_value_heads * c.head_dim
+    shapes = [(C, C), (C, kv), (C, kv), (C, C), (C, F), (C, F), (F, C)]  # (in, out): q k v o gate up down
+    flops = dequantized = 0
+    for layer in range(layers):
+        for i, (n_in, n_out) in enumerate(shapes):
+            passes = 1 + (i < 6) + (layer > 0 or i > 2)  # forward, recomputation (not down's), dL/dx
+            flops += 2 * n_in * n_out * passes
+            dequantized += n_in * n_out * passes
+            # LoRA: x A^T and (x A^T) B^T, twice; backward g B, dL/dB, dL/dA, and dL/dx
+            flops += 2 * r * (n_in + n_out) * 2 + 2 * r * (2 * n_out + n_in + n_in * (layer > 0 or i > 2))
+    flops += 2 * C * V * 2  # the head: forward, dL/dh
+    counted = json.loads(out.stdout.splitlines()[-1])
+    assert counted["matmul_flops"] == T * flops, out.stdout
+    assert counted["nf4_bytes"] == dequantized * (0.5 + 1 / 64 + 2)
+
+
 def test_schedule_and_config():
     config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
     assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == pytest.approx(1e-3)
