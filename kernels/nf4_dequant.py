@@ -21,7 +21,7 @@ word a thread a step: the word's block scale is found once (not once a byte),
 the 8 codes are looked up and scaled in the thread that holds the word, and
 the thread writes its 8 values as one 16-byte store, with no exchange between
 threads. Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
-byte kernel spends about 31 machine instructions a weight, the word kernel
+byte kernel spends about 32 machine instructions a weight, the word kernel
 about 10; writing 2.5 bytes a weight (read and written) at an H200's ~4.3 TB/s
 leaves an SM room for about 19. It runs where ``nf4_dequantize(...,
 by_words=True)`` asks for it (the benchmark, the tests) and becomes the default
