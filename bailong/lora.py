@@ -77,8 +77,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.fused():  # training
             return self._projection(x, None)
-        # the update first: a checkpointed layer's recomputation stops once it has made what the backward keeps,
-        # and the frozen base keeps nothing, so the layer's last projection (down) is not multiplied again
+        # the update first, the base's matmul last: a checkpointed layer's recomputation stops once everything
+        # the backward keeps is saved again (an op's inputs are saved before it runs; an NF4 base saves none),
+        # so the layer's last projection, down, does not multiply by its frozen weight again
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         y = frozen_linear(x, self.weight)
         return y + (update * self.scaling).to(y.dtype)
@@ -90,11 +91,9 @@ class LoRALinear(nn.Module):
 
     def added(self, residual, x, last=False):
         """``residual + self(x)`` with the add in a matmul (``model.add_projection``), where that applies: the
-        fused path, the residual in the compute dtype and of the output's shape; else None. One autograd node,
-        the add in the base's matmul; or for the ``last`` projection of a layer (down), the update added onto
-        the residual first and the frozen base's matmul after it, a node of its own that keeps nothing, so
-        that a checkpointed layer's recomputation, which stops once it has made what the backward keeps, does
-        not multiply by the base again (for one more add of dL/dx in the backward)."""
+        fused path, the residual in the compute dtype and of the output's shape; else None. One node, the add in
+        the base's matmul; for a layer's ``last`` projection (down), the update onto the residual, then the
+        base's matmul as a node that keeps nothing (``FrozenAddmm``), which a recomputation need not run."""
         if self.fused() and residual.dtype == compute_dtype(x) and residual.shape == (*x.shape[:-1], self.out_features):
             if last:
                 return FrozenAddmm.apply(self._projection(x, residual, base=False), x, self.weight)

@@ -150,19 +150,20 @@ def run_one(which, folder, args):
 def count(config, args):
     """What one step of ours computes, counted on the meta device (nothing is run or allocated): the matmuls'
     FLOPs (forward, the checkpointed layers' recomputation, backward) on the path train.py takes (set
-    BAILONG_FUSED_LORA=1 for the fused one: the same count), attention's, the bytes the NF4 weights'
-    dequantization moves (packed codes and absmax read, bf16 written, before every matmul with them), and
-    the bytes fused AdamW moves. At the fastest rates a GPU reaches, their times add up to a floor that no
-    implementation of the recipe with activation checkpointing goes under (docs/BENCHMARKS.md)."""
+    BAILONG_FUSED_LORA=1 for the fused one: the same count), and attention's; beside them, by arithmetic, the
+    bytes the NF4 weights' dequantization moves (packed codes and absmax read, bf16 written, before every
+    matmul with them) and those fused AdamW moves. At the fastest rates a GPU reaches, their times add up to
+    a floor that no implementation of the recipe with activation checkpointing goes under (docs/BENCHMARKS.md)."""
     import bailong
     from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
     from bailong.quantized import PROJECTIONS, projections
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = bailong.Llama(config).to(torch.bfloat16)
-    # NF4 on the GPU (dense here: the same FLOPs), dequantized for each matmul with it: forward, recomputation
-    # (not down's: it stops before the layer's last product) and backward (not layer 0's q, k and v when the
-    # embedding trains nothing: no dL/dx)
+    # NF4 on the GPU, dense here: the same FLOPs but for down's rank-r product (x A^T) B^T, which the plain
+    # path's recomputation skips too on an NF4 base. Dequantized for each matmul with it (as a test counts on
+    # a real NF4 step): forward, recomputation (not down's: it stops before the layer's last product) and
+    # backward (not layer 0's q, k and v when the embedding trains nothing: no dL/dx)
     no_dx = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"] if not args.embedding_and_head else []
     dequantized = sum(m.weight.numel() * (3 - name.endswith("down_proj") - (name in no_dx))
                       for name, m in projections(model))
@@ -184,7 +185,8 @@ def count(config, args):
     print(f"  matmuls {sum(flops.values()) / 1e12:.2f} TFLOP ({kinds}; {sum(flops.values()) / tokens / 1e9:.1f} "
           "GFLOP a token)")
     print(f"  attention {attention / 1e12:.2f} TFLOP as counted, the whole T x T (a causal kernel skips about half)")
-    print(f"  NF4 dequantization {nf4_bytes / 1e9:.1f} GB moved ({dequantized / 1e9:.2f} G weights dequantized)")
+    print(f"  NF4 dequantization {nf4_bytes / 1e9:.1f} GB moved ({dequantized / 1e9:.2f} G weights dequantized, one "
+          "for each matmul with them)")
     print(f"  fused AdamW {trained * 28 / 1e9:.1f} GB moved (parameter, gradient and two moments read, three written)")
     print(json.dumps({"matmul_flops": sum(flops.values()), "attention_flops": attention, "nf4_bytes": nf4_bytes,
                       "adamw_bytes": trained * 28, "trainable": trained}))

@@ -19,8 +19,8 @@ them, so 13 passes for 64 values instead of 2 passes.
 A second kernel reads the packed bytes as int32 words, 8 weights a word, one
 word a thread a step: the word's block scale is found once (not once a byte),
 the 8 codes are looked up and scaled in the thread that holds the word, and
-the thread writes its 8 values as one 16-byte store, with no exchange between
-threads. Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
+the thread writes its 8 values with one store (16 bytes of bf16), with no
+exchange between threads. Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
 byte kernel spends about 32 machine instructions a weight, the word kernel
 about 10; writing 2.5 bytes a weight (read and written) at an H200's ~4.3 TB/s
 leaves an SM room for about 19. It runs where ``nf4_dequantize(...,
@@ -93,9 +93,9 @@ def _join8(c, WORDS: tl.constexpr):
     """Eight tensors (WORDS,) as the columns of one (WORDS, 8), each row left in the thread that holds its
     values (the inverse of ``nf4_matmul._split8``): a join pairs its operands element by element, so the
     evens and the odds are each built from columns 4 apart, then paired."""
-    even = tl.join(tl.reshape(tl.join(c[0], c[4]), (WORDS, 2)), tl.reshape(tl.join(c[2], c[6]), (WORDS, 2)))
-    odd = tl.join(tl.reshape(tl.join(c[1], c[5]), (WORDS, 2)), tl.reshape(tl.join(c[3], c[7]), (WORDS, 2)))
-    return tl.reshape(tl.join(tl.reshape(even, (WORDS, 4)), tl.reshape(odd, (WORDS, 4))), (WORDS, 8))
+    even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), (WORDS, 4))  # columns 0 2 4 6
+    odd = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), (WORDS, 4))  # columns 1 3 5 7
+    return tl.reshape(tl.join(even, odd), (WORDS, 8))
 
 
 @triton.jit
@@ -133,7 +133,7 @@ BY_WORDS = False  # the word kernel by default: not until a GPU run times it fas
 
 def readable_as_words(q: NF4Tensor) -> bool:
     """Whether q's packed bytes can be read as int32 words of 8 whole weights."""
-    return q.data.is_contiguous() and q.data.storage_offset() % 4 == 0 and q.numel % 8 == 0
+    return q.data.is_contiguous() and q.data.data_ptr() % 4 == 0 and q.numel % 8 == 0
 
 
 def word_steps():
