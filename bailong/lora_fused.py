@@ -22,7 +22,8 @@ class LoRAProjection(torch.autograd.Function):
     update onto the residual alone (the caller adds x W^T: ``FrozenAddmm``).
 
     ``A`` and ``B`` are the compute-dtype copies of the float32 masters ``A_master``
-    and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters.
+    and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters, and
+    ``release()``, where given, is called once the backward has used the copies.
     The scaling rides in the matmuls' alpha, the adds in the matmuls (``addmm``): no
     separate multiply or add pass. Kept for the backward: the dropped input, its
     rank-r projection, the dropout mask and W as stored (NF4 stays packed,
@@ -36,7 +37,7 @@ class LoRAProjection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W, A_master, B_master, A, B, scaling, p, residual):
+    def forward(ctx, x, W, A_master, B_master, A, B, scaling, p, residual, release=None):
         if W is None:
             y = residual
         elif residual is None:
@@ -53,7 +54,7 @@ class LoRAProjection(torch.autograd.Function):
         ctx.weight = W  # frozen: nothing of it changes before the backward
         ctx.save_for_backward(x2, xa, mask, A, B)
         ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
-        ctx.master_dtype = A_master.dtype  # and B_master's
+        ctx.master_dtype, ctx.release = A_master.dtype, release  # and B_master's dtype
         return out.view(y.shape)
 
     @staticmethod
@@ -73,7 +74,9 @@ class LoRAProjection(torch.autograd.Function):
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
                                ctx.master_dtype)
-        return dx, None, dA, dB, None, None, None, None, g if ctx.needs_input_grad[8] else None
+        if ctx.release:
+            ctx.release()
+        return dx, None, dA, dB, None, None, None, None, g if ctx.needs_input_grad[8] else None, None
 
 
 class FrozenAddmm(torch.autograd.Function):
@@ -157,7 +160,7 @@ class LoRAShared(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weights, A_cat, Bs, scaling, p, *masters):
+    def forward(ctx, x, weights, A_cat, Bs, scaling, p, release, *masters):
         n = len(weights)
         ys = [frozen_linear(x, W) for W in weights]
         x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
@@ -171,7 +174,7 @@ class LoRAShared(torch.autograd.Function):
         outs = [torch.addmm(y.reshape(-1, y.shape[-1]), part, B.T, alpha=scaling).view(y.shape)
                 for y, part, B in zip(ys, _parts(xa, r, mask), Bs)]
         ctx.weights, ctx.scaling, ctx.p, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, p, r, x.shape, x.dtype
-        ctx.master_dtype = masters[0].dtype  # all of them
+        ctx.master_dtype, ctx.release = masters[0].dtype, release  # all of them
         ctx.save_for_backward(xs, xa, mask, A_cat, *Bs)
         return tuple(outs)
 
@@ -180,7 +183,7 @@ class LoRAShared(torch.autograd.Function):
     def backward(ctx, *gs):
         xs, xa, mask, A_cat, *Bs = ctx.saved_tensors
         s, r, n = ctx.scaling, ctx.r, len(Bs)
-        wanted = ctx.needs_input_grad[6:]  # A_1, B_1, A_2, B_2, ...
+        wanted = ctx.needs_input_grad[7:]  # A_1, B_1, A_2, B_2, ...
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
         tokens = len(gs[0])
         # u = [u_1 ... u_n] laid out as xa: (tokens, n r), or (n, tokens, r) with dropout
@@ -203,7 +206,9 @@ class LoRAShared(torch.autograd.Function):
         grads = []
         for i, dB in enumerate(dBs):
             grads += [dA.reshape(n * r, -1)[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
-        return dx, None, None, None, None, None, *grads
+        if ctx.release:
+            ctx.release()
+        return dx, None, None, None, None, None, None, *grads
 
 
 def _parts(t, r, mask):

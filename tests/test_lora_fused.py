@@ -98,6 +98,31 @@ def test_fused_lora_casts_its_weights_once_per_optimizer_step():
     assert torch.equal(layer.compute_weights(torch.bfloat16)[0], layer.lora_A.weight.bfloat16())
 
 
+def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(monkeypatch):
+    """With activation checkpointing: one multi-tensor cast of every A and B a forward (none in the
+    recomputation), and once the backward has passed them no layer holds its compute-dtype copies (they are
+    not alive beside every gradient at its end); a second micro-batch casts again and accumulates the same."""
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.0, targets=lora.PROJECTIONS)))
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    randomize({i: m.lora_B.weight for i, m in enumerate(layers)})
+    model.checkpointing = True
+    model.train()
+    copies, copy = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda out, masters: copies.append(len(out)) or copy(out, masters))
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids[:, :-1], targets=ids[:, 1:]).backward()
+        assert all(m._cast is None and m._shared_A is None for m in layers)
+        grads.append(layers[0].lora_A.weight.grad.clone())
+    assert copies == [2 * len(layers)] * 2
+    torch.testing.assert_close(grads[1], 2 * grads[0])
+
+
 def test_fused_lora_trains_after_inference(monkeypatch):
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
