@@ -169,14 +169,16 @@ def compile_all(arch):
     # the two dequantize kernels as nf4_dequantize launches them, with the instructions a weight of a thread
     packed, *tables = dequant.nf4_args(q)
     words, steps, warps = dequant.word_steps()
-    for kernel, args, meta, per_thread in [
-            (dequant._nf4_dequant_kernel, (packed, *tables), dict(BLOCK=512, num_warps=4), 2 * 512 / (32 * 4)),
-            (dequant._nf4_dequant_words_kernel, (packed.view(-1).view(torch.int32), *tables),
-             dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps))]:
+    for kernel, case, args, meta, per_thread in [
+            (dequant._nf4_dequant_kernel, "bfloat16 dequantize", (packed, *tables), dict(BLOCK=512, num_warps=4),
+             2 * 512 / (32 * 4)),
+            (dequant._nf4_dequant_words_kernel, "bfloat16 dequantize, a word a thread (scalar loads, 128 bytes a warp)",
+             (packed.view(-1).view(torch.int32), *tables), dict(WORDS=words, STEPS=steps, num_warps=warps),
+             8 * words * steps / (32 * warps))]:
         compiled = kernel.warmup(*args, torch.empty(N, K, dtype=torch.bfloat16),
                                  q.numel if kernel is dequant._nf4_dequant_kernel else q.numel // 8,
                                  BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, enable_fp_fusion=False, grid=(1,), **meta)
-        rows.append(describe("bfloat16 dequantize", kernel, meta, compiled, arch))
+        rows.append(describe(case, kernel, meta, compiled, arch))
         rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / per_thread, 1)
     x, cos = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(1, 128, dtype=torch.bfloat16)
     cache = torch.randn(1, 8, 4096, 128, dtype=torch.bfloat16)

@@ -228,3 +228,6 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     each_step = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=False" in r["config"]
                  and r["loop_instr_per_weight"] != "-" and r["case"].startswith("bf")]  # bf16 x, as at_end's
     assert at_end and max(at_end) < 0.6 * min(each_step)  # the point of the at-end loop
+    dequantize = {r["kernel"]: float(r["instr_per_weight"]) for r in rows if r["arch"] == "sm_90"
+                  and r["instr_per_weight"] != "-"}
+    assert dequantize["nf4_dequant_words"] < 0.5 * dequantize["nf4_dequant"]  # the point of the word kernel
