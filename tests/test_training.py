@@ -285,68 +285,6 @@ def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_pat
         torch.testing.assert_close(double[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def recipe_passes(layer, i):
-    """How often a QLoRA step multiplies by projection i (q k v o gate up down) of ``layer``: forward, in the
-    checkpointed recomputation (not down, the layer's last: the recomputation stops once it has made what the
-    backward keeps) and for dL/dx (not layer 0's q, k and v: the embedding trains nothing)."""
-    return 1 + (i < 6) + (layer > 0 or i > 2)
-
-
-def projection_shapes(c):
-    """(in, out) of q k v o gate up down for a config."""
-    C, F, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
-    return [(C, C), (C, kv), (C, kv), (C, C), (C, F), (C, F), (F, C)]
-
-
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
-    """bench_train.py --count: one QLoRA step's matmul FLOPs, counted on the meta device (a dense base), plain
-    and fused LoRA, against the recipe's own count: each projection's x W^T as often as ``recipe_passes`` says;
-    the LoRA matmuls (two forward and again, four backward); the head's forward and g W."""
-    from bailong.config import preset
-    layers, T, r = 2, 64, 8
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--preset", "tinyllama-1.1b",
-                          "--layers", str(layers), "--seq-len", str(T), "--batch", "1", "--rank", str(r), "--count"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "BAILONG_FUSED_LORA": fused})
-    assert out.returncode == 0, out.stderr[-2000:]
-    c = preset("tinyllama-1.1b")
-    flops = 2 * c.hidden_size * c.vocab_size * 2  # the head: forward, dL/dh
-    for layer in range(layers):
-        for i, (n_in, n_out) in enumerate(projection_shapes(c)):
-            dx = layer > 0 or i > 2
-            flops += 2 * n_in * n_out * recipe_passes(layer, i)
-            # LoRA: x A^T and (x A^T) B^T, twice; backward g B, dL/dB, dL/dA, and dL/dx
-            flops += 2 * r * (n_in + n_out) * 2 + 2 * r * (2 * n_out + n_in + n_in * dx)
-    assert json.loads(out.stdout.splitlines()[-1])["matmul_flops"] == T * flops, out.stdout
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_an_nf4_step_dequantizes_each_weight_as_often_as_the_recipe_multiplies_by_it(monkeypatch, fused):
-    """A real QLoRA step of a small NF4 model on the CPU, plain and fused LoRA, activation checkpointing: the
-    weights dequantized are those ``recipe_passes`` counts (what bench_train.py --count assumes)."""
-    import bailong
-    from bailong import lora
-    from bailong.config import preset
-    from bailong.model import init_weights
-    from bailong.nf4 import NF4Tensor
-    from bailong.quantized import quantize_model
-    c = preset("tiny")
-    c.num_hidden_layers = 2
-    torch.manual_seed(0)
-    model = quantize_model(init_weights(bailong.Llama(c)))
-    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, targets=lora.PROJECTIONS)))
-    model.checkpointing = True
-    model.train()
-    dequantized, dequantize = [], NF4Tensor.dequantize
-    monkeypatch.setattr(NF4Tensor, "dequantize",
-                        lambda q, *args, **kwargs: dequantized.append(q.numel) or dequantize(q, *args, **kwargs))
-    monkeypatch.setattr(lora, "_fused", fused)
-    ids = torch.randint(0, c.vocab_size, (1, 17))
-    model(ids[:, :-1], targets=ids[:, 1:]).backward()
-    assert sum(dequantized) == sum(n_in * n_out * recipe_passes(layer, i) for layer in range(2)
-                                   for i, (n_in, n_out) in enumerate(projection_shapes(c)))
-
-
 def test_schedule_and_config():
     config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
     assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == pytest.approx(1e-3)
