@@ -42,9 +42,8 @@ class LoRAProjection(torch.autograd.Function):
             y = residual
         elif residual is None:
             y = frozen_linear(x, W)
-        else:  # residual + x W^T in one matmul
-            y = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]),
-                            frozen_weight(W, residual.dtype).T).view(residual.shape)
+        else:
+            y = frozen_addmm(residual, x, W)
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
         mask = None
         if p:  # one kernel, the same mask F.dropout draws from the same random state
@@ -86,8 +85,7 @@ class FrozenAddmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, x, W):
         ctx.weight, ctx.x_shape, ctx.x_dtype = W, x.shape, x.dtype
-        return torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]).to(residual.dtype),
-                           frozen_weight(W, residual.dtype).T).view(residual.shape)
+        return frozen_addmm(residual, x, W)
 
     @staticmethod
     def backward(ctx, g):
@@ -95,6 +93,12 @@ class FrozenAddmm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dx = (g.reshape(-1, g.shape[-1]) @ frozen_weight(ctx.weight, g.dtype)).view(ctx.x_shape).to(ctx.x_dtype)
         return g, dx, None
+
+
+def frozen_addmm(residual, x, W):
+    """residual + x W^T for a frozen weight, dense or NF4, in one matmul, in the residual's dtype."""
+    return torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]).to(residual.dtype),
+                       frozen_weight(W, residual.dtype).T).view(residual.shape)
 
 
 def frozen_linear(x, W):
