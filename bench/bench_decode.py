@@ -7,7 +7,8 @@ prompts of one length decodes together through ``GraphDecoder(batch=B)`` (each
 weight read once a step for all B sequences), against transformers' generate()
 on the same B prompts. Rows, fast ones first: ours in the compute dtype; ours on
 NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
-also with the fused decoding step (``bailong_kernels.decode``, off by default until timed);
+also with the fused decoding step (``bailong_kernels.decode``, off by default until timed),
+and at batch 1 the fused step with the GEMV's at-end loop (``AT_END``, not the default either);
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
 ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly. At
@@ -35,12 +36,16 @@ import torch
 import bailong
 import bailong_kernels
 from bailong.config import preset
+from bailong import generation
 from bailong.generation import GraphDecoder, Sampling, generate, graph_decoder
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
+from bailong_kernels import nf4_matmul
+from bailong_kernels.nf4_matmul import gemv_tile
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 CHAT = Sampling(seed=0)  # chat.py's default sampling
+AT_END = (2, 1024, 2, True)  # a GEMV tile of the at-end loop (shuffled codes) for one row, not yet the default
 
 
 def seconds(fn, n, device):
@@ -66,14 +71,17 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, sampling=GREEDY):
+def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, sampling=GREEDY, tile=None):
     """Ids (B lists) of ``n`` new tokens after each prompt: generate() with ``sampling`` for one prompt, else
     one ``GraphDecoder`` for the batch, greedy. Decoders are made, with every graph they replay for ``max_new`` tokens
-    captured, at the first call: the warm-up."""
+    captured, at the first call: the warm-up. ``tile``: the GEMV's tile in place of ``gemv_tile``'s."""
     decoders = []
 
     def run(n):
         previous = bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step)
+        if tile:  # graphs bake in their launches: generate()'s decoder is captured again, with this tile, and after
+            generation._decoders.pop(model, None)
+            nf4_matmul.gemv_tile = lambda M: tile
         try:
             with torch.inference_mode():
                 use_graph = model.lm_head.weight.is_cuda if graph is None else graph  # None: as generate() decides
@@ -93,6 +101,9 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, samp
         finally:
             bailong_kernels.use_kernels(previous[0])
             bailong_kernels.use_decode_kernels(previous[1])
+            if tile:
+                nf4_matmul.gemv_tile = gemv_tile
+                generation._decoders.pop(model, None)
     return run
 
 
@@ -172,6 +183,8 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
             ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompts, True, n, True, True)),
             ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, n)),
             ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompts, True, n, True, True)),
+            (f"ours NF4, fused step, at-end GEMV {','.join(map(str, AT_END[:3]))}", "nf4",
+             cuda and one and ours(nf4, prompts, True, n, True, True, tile=AT_END)),
             ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False, n)),
             ("ours NF4, " + ("CUDA graph + kernels, " if cuda else "") + "sampled as chat.py", "nf4",
              one and ours(nf4, prompts, None, n, sampling=CHAT)),

@@ -12,12 +12,14 @@ replayed; median of the replays. GB/s counts the weight bytes each way reads
 (NF4: codes, absmax codes and tables; bf16: 2 bytes a weight), against the
 card's measured copy bandwidth (bytes read plus written). The sweep reports the
 best tile of each GEMV loop (summing across threads at every step, or once at
-the end: ``at_end``). Then the launches the fused decoding step makes: q, k and v
-of Llama-2-7B in one launch against three, and gate and up with SwiGLU in one
-launch against two GEMVs and the SwiGLU kernel, with the default tile and with
-the sweep's best. Last, the two dequantize kernels (byte by byte, the default,
-and word by word): each alone, and before cuBLAS at a training step's rows of x
-(``--train-m``), against bf16 cuBLAS.
+the end: ``at_end``), and the best at-end tile again with its codes read from
+the L1 cache instead of taken from other lanes by shuffles (``SHUFFLES``).
+Then the launches the fused decoding step makes: q, k and v of Llama-2-7B in
+one launch against three, and gate and up with SwiGLU in one launch against two
+GEMVs and the SwiGLU kernel, with the default tile and with the sweep's best.
+Last, the two dequantize kernels (byte by byte, the default, and word by word):
+each alone, and before cuBLAS at a training step's rows of x (``--train-m``),
+against bf16 cuBLAS.
 
     python bench/bench_nf4_matmul.py [--m 1,2,4,8,16] [--sweep 1,2,4,8,16] [--train-m 2048]
     TRITON_INTERPRET=1 python bench/bench_nf4_matmul.py --tiny      # CPU smoke run of the whole script
@@ -30,6 +32,7 @@ import torch
 from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.decode import swiglu
+from bailong_kernels import nf4_matmul
 from bailong_kernels.nf4_matmul import dequant_matmul, gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -103,8 +106,8 @@ def main():
     print(f"{name}, torch {torch.__version__}, {dtype}, bitsandbytes {bnb.__version__ if bnb else 'absent'}"
           + (f", copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)" if bandwidth else ""))
     print(f"{'W (out x in)':>12} {'M':>3} | {'gemv us':>8} {'GB/s':>5} {'of copy':>7} | {'best each-step':>17} "
-          f"{'us':>7} | {'best at-end':>17} {'us':>7} {'GB/s':>5} | {'deq+cuBLAS':>10} | {'bf16':>7} {'GB/s':>5} | "
-          f"{'bnb':>7} | {'gemv/bf16':>9} {'bnb/gemv':>8} {'deq/gemv':>8}")
+          f"{'us':>7} | {'best at-end':>17} {'us':>7} {'GB/s':>5} {'L1 codes':>8} | {'deq+cuBLAS':>10} | "
+          f"{'bf16':>7} {'GB/s':>5} | {'bnb':>7} | {'gemv/bf16':>9} {'bnb/gemv':>8} {'deq/gemv':>8}")
     best_tiles = {}  # M -> the fastest tile at 4096x4096
     for N, K in shapes:
         torch.manual_seed(0)
@@ -128,6 +131,14 @@ def main():
                 t = timed([lambda q=q: gemv(x, q, tile) for q in qs])
                 if best[tile[3]][0] is None or t < best[tile[3]][1]:
                     best[tile[3]] = (tile, t)
+            t_cache = float("nan")  # the best at-end tile with its codes from the L1 cache
+            if best[True][0]:
+                nf4_matmul.SHUFFLES = False
+                try:
+                    checked(lambda: gemv(x, q, best[True][0]), ref)
+                    t_cache = timed([lambda q=q: gemv(x, q, best[True][0]) for q in qs])
+                finally:
+                    nf4_matmul.SHUFFLES = True
             if (N, K) == SHAPES[0] and M in sweep:
                 best_tiles[M] = min(best.values(), key=lambda b: b[1] if b[0] else float("inf"))[0]
             checked(lambda: dequant_matmul(x, q), ref)
@@ -145,7 +156,7 @@ def main():
             print(f"{f'{N}x{K}':>12} {M:3d} | {t_gemv * 1e3:8.2f} {gbs(q.nbytes, t_gemv):5.0f} {share} | "
                   f"{tile_name(best[False][0]):>17} {best[False][1] * 1e3:7.2f} | "
                   f"{tile_name(best[True][0]):>17} {best[True][1] * 1e3:7.2f} "
-                  f"{gbs(q.nbytes, best[True][1]):5.0f} | {t_deq * 1e3:10.2f} | "
+                  f"{gbs(q.nbytes, best[True][1]):5.0f} {t_cache * 1e3:8.2f} | {t_deq * 1e3:10.2f} | "
                   f"{t_dense * 1e3:7.2f} {gbs(2 * w.numel(), t_dense):5.0f} | "
                   f"{t_bnb * 1e3 if t_bnb else float('nan'):7.2f} | {t_gemv / t_dense:9.2f} "
                   f"{(t_bnb or float('nan')) / t_gemv:8.2f} {t_deq / t_gemv:8.2f}", flush=True)

@@ -11,7 +11,7 @@ bundled ptxas. Per kernel it reports registers, spills, shared memory, and what
 the PTX says: tensor-core instructions (wgmma / mma) and vector loads. For the
 GEMV at one row of x it also counts the machine (SASS) instructions of the loop
 body per weight a thread takes a step: reading 4-bit weights at an H200's ~4 TB/s
-leaves an SM room to issue about 5 instructions a weight, so this count says
+leaves an SM room to issue about 4 instructions a weight, so this count says
 whether a GEMV can be bound by memory at all (a static measure: the GPU times).
 
     python bench/check_kernels_compile.py          # exit status 1 if anything fails to compile or spills
@@ -126,7 +126,8 @@ def compile_all(arch):
                 if compiled.hash not in seen:  # shapes that specialise alike compile once
                     seen.add(compiled.hash)
                     row = describe(case, self.kernel, {k.lower(): v for k, v in meta.items()
-                                   if k.startswith("BLOCK_") or k in ("AT_END", "num_warps")}, compiled, arch)
+                                   if k.startswith("BLOCK_") or k in ("AT_END", "SHUFFLE", "num_warps")}, compiled,
+                                   arch)
                     # weights a thread takes a step, BLOCK_N BLOCK_K / threads, for all rows of x at once: the
                     # each-step loop runs over the rows at run time (an inner loop) so it is counted at M = 1 only
                     if meta["BLOCK_M"] == 1 or meta["AT_END"]:
@@ -154,6 +155,13 @@ def compile_all(arch):
                     for tile in [t for t in matmul.gemv_tiles(M) if t in likely]:
                         case = f"bf16 y=x@W.T M={M} {weight}, at-end loop"
                         matmul.gemv(torch.randn(M, K, dtype=dtype), q, tile)
+                        if M == 1 and N == K:  # and with its codes from the L1 cache, as the each-step loop's
+                            case = f"bf16 y=x@W.T M={M} {weight}, at-end loop, codes from the L1 cache"
+                            matmul.SHUFFLES = False
+                            try:
+                                matmul.gemv(torch.randn(M, K, dtype=dtype), q, tile)
+                            finally:
+                                matmul.SHUFFLES = True
         x = torch.randn(1, 4096, dtype=bf16)
         qkv = [quantize(torch.randn(n, 4096) * 0.02) for n in (4096, 1024, 1024)]  # GQA: k and v narrower
         gate = quantize(torch.randn(11008, 4096) * 0.02)

@@ -28,11 +28,18 @@ means the weights never need to be put back in order: a dot product does not car
 At M = 1 this loop is bound by issuing instructions, not by memory: compiled for
 sm_90 its body spends about 20 instructions a weight (the sums across threads at
 every step, masks, the scale found for every word), while reading the 4-bit
-weights at an H200's bandwidth leaves room for about 5. A second loop
+weights at an H200's bandwidth leaves room for about 4. A second loop
 (``_gemv_rows_at_end``, a tile's ``at_end``) sums each word's 8 products in the
 thread that holds the word, keeps one float per word across the loop and sums
-across threads once at the end, and masks only a partial last step: 9-10
-instructions a weight (bench/check_kernels_compile.py counts them). It is in the
+across threads once at the end, and masks only a partial last step. It takes
+each code not from memory but from a register of another lane: lanes i and
+i + 16 of the warp hold code[i], and a shuffle (``shfl.sync.idx``, in 16-lane
+segments) whose source lane is the nibble itself copies it over, one
+instruction where a load costs four (mask, 64-bit address, load); and it reads
+bf16 x two values an int32, widened to float32 by moving bits. Compiled for
+sm_90: 5.8-7.2 instructions a weight, 9.2-10.4 with the codes from the L1 cache
+(``SHUFFLES = False``), 19.5 for the first loop (bench/check_kernels_compile.py
+counts them). The interpreter runs no PTX: there it loads the codes. It is in the
 benchmark's tile sweep and becomes the default once a GPU run times it faster.
 
 Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
@@ -55,6 +62,7 @@ import triton.language as tl
 from bailong.nf4 import NF4Tensor
 from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, nf4_dequantize, readable_as_words
 
+SHUFFLES = True  # the at-end loop, compiled, takes each code from another lane's register, not from the L1 cache
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
 
 
@@ -91,12 +99,13 @@ def _nf4_tile_and_scale(w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, of
 
 @triton.jit
 def _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AT_END: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AT_END: tl.constexpr,
+               SHUFFLE: tl.constexpr):
     """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), summed across threads at every step of K
     (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``)."""
     if AT_END:
         return _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N,
-                                 BLOCK_K)
+                                 BLOCK_K, SHUFFLE)
     else:
         return _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M,
                                     BLOCK_N, BLOCK_K)
@@ -144,47 +153,93 @@ def _split8(t, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _word_dots(words, code_ptr, x_ptr, k0, K, WORDS: tl.constexpr, MASKED: tl.constexpr):
-    """(BN, WORDS): for each word, the sum over its 8 weights j of code[nibble j] * x[k0 + 8 word + j]; x read
-    as 16-byte rows of 8 and split apart in its thread, where the word is. ``MASKED``: x past K reads 0."""
-    k = k0 + tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]  # (WORDS, 8)
-    if MASKED:
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+def _split4(t, WORDS: tl.constexpr):
+    """The 4 columns of t (WORDS, 4) as 4 tensors (WORDS,), each left in the thread that holds its row."""
+    even, odd = tl.split(tl.reshape(t, (WORDS, 2, 2)))  # columns 0 2 / 1 3
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _lane_codes(code_ptr, like):
+    """The code table spread over a warp for ``_code``'s shuffles: code[lane % 16] as int32 bits in every element
+    of a tensor shaped as ``like``, where lane is the warp lane that holds the element."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + (lane & 15))
+
+
+@triton.jit
+def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
+    """code[nibble & 15] in float32: loaded (from the L1 cache), or (``SHUFFLE``) copied from ``table`` in lane
+    nibble & 15 of this half of the warp. A shuffle in 16-lane segments takes only the low 4 bits of the source
+    lane (the PTX ISA's shfl.sync: bits 0-4 of b, less the segment mask 0x10 in bits 8-12 of c), so the nibble
+    needs no mask; every lane of the warp must run it, as every lane does here (no branch around it)."""
+    if SHUFFLE:
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, nibble],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
     else:
-        x = tl.load(x_ptr + k)
-    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), WORDS)
+        return tl.load(code_ptr + (nibble & 0xF))
+
+
+@triton.jit
+def _word_dots(words, table, code_ptr, x_ptr, k0, K, WORDS: tl.constexpr, MASKED: tl.constexpr,
+               SHUFFLE: tl.constexpr):
+    """(BN, WORDS): for each word, the sum over its 8 weights j of code[nibble j] * x[k0 + 8 word + j]; x read
+    as 16-byte rows of 8 (bf16: 4 int32 pairs) and split apart in its thread, where the word is. ``MASKED``: x
+    past K reads 0. ``SHUFFLE``: the codes by shuffles from ``table`` (``_code``)."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # two values an int32: float32 is a bf16's bits, 16 places up
+        k = k0 // 2 + tl.arange(0, WORDS)[:, None] * 4 + tl.arange(0, 4)[None, :]  # (WORDS, 4) pairs
+        if MASKED:
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k, mask=2 * k < K, other=0)
+        else:
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k)
+        p0, p1, p2, p3 = _split4(pairs, WORDS)
+        x0, x1 = (p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True)
+        x2, x3 = (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True)
+        x4, x5 = (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True)
+        x6, x7 = (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True)
+    else:
+        k = k0 + tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]  # (WORDS, 8)
+        if MASKED:
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        else:
+            x = tl.load(x_ptr + k)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), WORDS)
     # weight j sits at bit 4 * (j ^ 1) of the little-endian word (see above)
-    dot = tl.load(code_ptr + ((words >> 4) & 0xF)) * x0[None, :]
-    dot += tl.load(code_ptr + (words & 0xF)) * x1[None, :]
-    dot += tl.load(code_ptr + ((words >> 12) & 0xF)) * x2[None, :]
-    dot += tl.load(code_ptr + ((words >> 8) & 0xF)) * x3[None, :]
-    dot += tl.load(code_ptr + ((words >> 20) & 0xF)) * x4[None, :]
-    dot += tl.load(code_ptr + ((words >> 16) & 0xF)) * x5[None, :]
-    dot += tl.load(code_ptr + ((words >> 28) & 0xF)) * x6[None, :]
-    dot += tl.load(code_ptr + ((words >> 24) & 0xF)) * x7[None, :]
+    dot = _code(words >> 4, table, code_ptr, SHUFFLE) * x0[None, :]
+    dot += _code(words, table, code_ptr, SHUFFLE) * x1[None, :]
+    dot += _code(words >> 12, table, code_ptr, SHUFFLE) * x2[None, :]
+    dot += _code(words >> 8, table, code_ptr, SHUFFLE) * x3[None, :]
+    dot += _code(words >> 20, table, code_ptr, SHUFFLE) * x4[None, :]
+    dot += _code(words >> 16, table, code_ptr, SHUFFLE) * x5[None, :]
+    dot += _code(words >> 28, table, code_ptr, SHUFFLE) * x6[None, :]
+    dot += _code(words >> 24, table, code_ptr, SHUFFLE) * x7[None, :]
     return dot
 
 
 @triton.jit
-def _add_rows(acc, words, scale, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M: tl.constexpr, WORDS: tl.constexpr,
-              MASKED: tl.constexpr):
+def _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M: tl.constexpr,
+              WORDS: tl.constexpr, MASKED: tl.constexpr, SHUFFLE: tl.constexpr):
     """acc (BM, BN, WORDS) plus, for each row m of x, the step's scaled word dots in acc[m]; rows of x past M
     are read (as row M - 1) but never stored."""
     rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
     for m in tl.static_range(BLOCK_M):
-        dots = _word_dots(words, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, WORDS, MASKED)
+        dots = _word_dots(words, table, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, WORDS, MASKED,
+                          SHUFFLE)
         acc += tl.where(rm == m, (dots * scale)[None], 0.0)
     return acc
 
 
 @triton.jit
 def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHUFFLE: tl.constexpr):
     """``_gemv_rows_each_step`` in fewer instructions a weight: a word's 8 products are summed and scaled in
     the thread that holds the word and kept per word across the loop, then summed across threads once at the
     end; the loop over whole steps of K masks nothing (rows past N repeat row N - 1 and are never stored; the
     next step's words are asked for ahead, the last step's again at the last); a partial last step is
-    masked. Needs K >= BLOCK_K."""
+    masked. ``SHUFFLE``: the codes by shuffles (``_code``). Needs K >= BLOCK_K."""
     WORDS: tl.constexpr = BLOCK_K // 8
     rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None]  # (BN, 1)
     # one word per thread and load (4-byte loads, still 128 contiguous bytes a warp): then the words sit in the
@@ -197,31 +252,34 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     scales = (absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
     whole = K - K % BLOCK_K  # the columns of whole steps
     words = tl.load(words_at)
+    table = _lane_codes(code_ptr, words) if SHUFFLE else None
     scale = _block_scale(blocks, None, *scales, DOUBLE_QUANT)
     for k0 in range(0, whole, BLOCK_K):
         ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
         next_words = tl.load(words_at + ahead // 8)
         next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
-        acc = _add_rows(acc, words, scale, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, WORDS, False)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, WORDS, False,
+                        SHUFFLE)
         words, scale = next_words, next_scale
     if whole < K:  # the last, partial step
         ok = whole // 8 + word < K // 8
         words = tl.load(words_at + whole // 8, mask=ok, other=0)
         scale = _block_scale(blocks + whole // BLOCKSIZE, ok, *scales, DOUBLE_QUANT)
-        acc = _add_rows(acc, words, scale, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, WORDS, True)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, WORDS, True,
+                        SHUFFLE)
     return tl.sum(acc, axis=2)
 
 
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, r_ptr, M, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     AT_END: tl.constexpr):
+                     AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
     """y[:, c_g : c_g + N_g] = x @ W_g.T for each weight g of ``weights`` (a tuple: one launch for all), where
     ``rows`` = (0, N_0, N_0 + N_1, ...) gives both c_g and N_g; a program takes BLOCK_N rows of one weight.
     With ``r_ptr`` (one weight only), y = r + x @ W.T: the residual added on the way out."""
     if len(weights) == 1:  # no branch to take
         _gemv_store(x_ptr, stride_xm, M, K, weights[0], tl.program_id(0) * BLOCK_N, rows[1], y_ptr, r_ptr,
-                    stride_ym, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+                    stride_ym, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE)
     else:
         first = 0  # the first program of weight g
         for g in tl.static_range(len(weights)):
@@ -229,17 +287,17 @@ def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, r_ptr, M, K, stride_xm, stride
             n0 = (tl.program_id(0) - first) * BLOCK_N
             if (n0 >= 0) & (n0 < N):
                 _gemv_store(x_ptr, stride_xm, M, K, weights[g], n0, N, y_ptr + rows[g], None, stride_ym,
-                            BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+                            BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE)
             first += tl.cdiv(N, BLOCK_N)
 
 
 @triton.jit
 def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, r_ptr, stride_ym, BLOCKSIZE: tl.constexpr,
                 DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                AT_END: tl.constexpr):
+                AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
     """y[:M, n0 : n0 + BLOCK_N] = x[:M] @ W[n0 : n0 + BLOCK_N].T (+ r, laid out as y, where given)."""
     acc = _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K,
-                     AT_END)
+                     AT_END, SHUFFLE)
     rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
     ok = (rm < M) & (rn < N)
     if r_ptr is not None:  # the product rounded to y's dtype first, as F.linear's is, then the sum rounded
@@ -250,14 +308,16 @@ def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, r_ptr, stride_ym, 
 @triton.jit
 def _nf4_gemv_swiglu_kernel(x_ptr, gate, up, y_ptr, M, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                             DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, AT_END: tl.constexpr):
+                            BLOCK_K: tl.constexpr, AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
     """y = silu(x @ W_gate.T) * (x @ W_up.T): a program takes the same BLOCK_N rows of both weights."""
     n0 = tl.program_id(0) * BLOCK_N
     dtype = y_ptr.dtype.element_ty
     # each product rounded to x's dtype, and silu's result too, as F.linear and F.silu return them
-    g = _gemv_rows(x_ptr, stride_xm, M, K, gate, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+    g = _gemv_rows(x_ptr, stride_xm, M, K, gate, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END,
+                   SHUFFLE)
     g = g.to(dtype).to(tl.float32)
-    u = _gemv_rows(x_ptr, stride_xm, M, K, up, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END)
+    u = _gemv_rows(x_ptr, stride_xm, M, K, up, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END,
+                   SHUFFLE)
     silu = (g / (1 + tl.exp(-g))).to(dtype).to(tl.float32)
     rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
     tl.store(y_ptr + rm * stride_ym + rn, (silu * u.to(dtype).to(tl.float32)).to(dtype), mask=(rm < M) & (rn < N))
@@ -288,7 +348,8 @@ def _tile_meta(M, K, tile):
     block_n, block_k, warps, at_end = tile or gemv_tile(M)
     if at_end:
         block_k = min(block_k, 1 << (K.bit_length() - 1))
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, num_warps=warps)
+    shuffle = at_end and SHUFFLES and os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, SHUFFLE=shuffle, num_warps=warps)
 
 
 def gemv_group(x2d, qs, tile=None, residual=None):

@@ -136,6 +136,21 @@ def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
                 torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4, msg=f"K={K} M={M} {tile}")
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_the_at_end_loop_reads_bfloat16_x_as_pairs(M):
+    """bf16 x is read two values an int32 and widened by moving bits (a bf16 is a float32's upper half): whole
+    steps and a masked partial last one, against float32 on the same bits."""
+    from bounds import checked_bounds
+    torch.manual_seed(M)
+    q = quantize(torch.randn(19, 320))
+    x = torch.randn(M, 320).bfloat16()
+    for tile in [(2, 128, 1, True), (1, 256, 2, True)]:  # 2 whole steps and half a step; 1 and a quarter
+        with checked_bounds():
+            y = m.gemv(x, q, tile)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), x.float() @ q.dequantize().T, atol=1e-2, rtol=1e-2, msg=str(tile))
+
+
 @pytest.mark.parametrize("at_end", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
@@ -223,11 +238,15 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     assert len(rows) > 40
     for row in rows:  # x and the packed weight are read in wide loads
         assert int(row["vector_loads"]) >= 2 or "scalar loads" in row["case"], row
-    at_end = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=True" in r["config"]
-              and r["config"].startswith("block_m=1,")]  # one row of x, as each-step's count
-    each_step = [float(r["loop_instr_per_weight"]) for r in rows if "at_end=False" in r["config"]
-                 and r["loop_instr_per_weight"] != "-" and r["case"].startswith("bf")]  # bf16 x, as at_end's
-    assert at_end and max(at_end) < 0.6 * min(each_step)  # the point of the at-end loop
+
+    def loop_counts(config):  # (arch, case, tile) -> loop instructions a weight, one row of x, bf16 x
+        return {(r["arch"], r["case"].removesuffix(", codes from the L1 cache"), r["config"].replace(config, "")):
+                float(r["loop_instr_per_weight"]) for r in rows if config in r["config"] and r["case"].startswith("bf")
+                and r["config"].startswith("block_m=1,") and r["loop_instr_per_weight"] != "-"}
+    each_step, at_end = loop_counts("at_end=False,shuffle=False"), loop_counts("at_end=True,shuffle=True")
+    assert at_end and max(at_end.values()) < 0.6 * min(each_step.values())  # the point of the at-end loop
+    from_cache = loop_counts("at_end=True,shuffle=False")  # the same tiles with their codes loaded
+    assert len(from_cache) == 8 and all(at_end[tile] < 0.75 * n for tile, n in from_cache.items())  # shuffles'
     dequantize = {r["kernel"]: float(r["instr_per_weight"]) for r in rows if r["arch"] == "sm_90"
                   and r["instr_per_weight"] != "-"}
     assert dequantize["nf4_dequant_words"] < 0.5 * dequantize["nf4_dequant"]  # the point of the word kernel
