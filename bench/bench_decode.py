@@ -79,8 +79,10 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, samp
 
     def run(n):
         previous = bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step)
-        if tile:  # graphs bake in their launches: generate()'s decoder is captured again, with this tile, and after
-            generation._decoders.pop(model, None)
+        if tile:  # graphs bake in their launches: this row's decoder, captured with this tile, is generate()'s only
+            generation._decoders.pop(model, None)  # while the row runs
+            if decoders:
+                generation._decoders[model] = decoders[0]
             nf4_matmul.gemv_tile = lambda M: tile
         try:
             with torch.inference_mode():

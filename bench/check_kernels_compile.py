@@ -106,6 +106,29 @@ def loop_instructions(cubin: bytes) -> int:
     return max((sum(start <= a <= end for a in addresses) for start, end in loops if start < end), default=0)
 
 
+def tables_stay_in_their_lanes(ttgir: str) -> bool:
+    """Whether every shuffle of the GEMV (``_code``) gets its table straight from the %laneid it was made from:
+    a layout conversion on the way would move values to other lanes, and the shuffles would copy wrong codes
+    without any error. Walks the TTGIR back from each shuffle's table operand to the %laneid; True if it gets
+    there every time without a ``ttg.convert_layout``."""
+    defs = {}  # value -> (its operation's name, its operands, the whole line)
+    for line in ttgir.splitlines():
+        if m := re.match(r"\s*(%[\w.]+)(?::\d+)? = ([\w.]+)(.*)$", line):
+            bare = re.sub(r"\{[^{}]*\}", "", re.sub(r'"[^"]*"', "", m.group(3))).split(" : ")[0]  # no strings
+            defs[m.group(1)] = (m.group(2), [v.split("#")[0] for v in re.findall(r"%[\w.#]+", bare)], line)
+
+    def reaches_lane(value, seen):
+        op, operands, line = defs.get(value, ("", [], ""))
+        if "%laneid" in line:
+            return True
+        if not op or op == "ttg.convert_layout" or value in seen:
+            return False
+        seen.add(value)
+        return any(reaches_lane(v, seen) for v in operands)
+    tables = [operands[0] for _, operands, line in defs.values() if "shfl.sync" in line]
+    return bool(tables) and all(reaches_lane(t, set()) for t in tables)
+
+
 def compile_all(arch):
     """Compile the GEMV kernels for every row count and launch they take, and the other kernels, for this
     architecture."""
@@ -128,6 +151,9 @@ def compile_all(arch):
                     row = describe(case, self.kernel, {k.lower(): v for k, v in meta.items()
                                    if k.startswith("BLOCK_") or k in ("AT_END", "SHUFFLE", "num_warps")}, compiled,
                                    arch)
+                    if meta["SHUFFLE"]:
+                        row["shuffle_tables"] = "in place" if tables_stay_in_their_lanes(compiled.asm["ttgir"]) \
+                            else "MOVED"
                     # weights a thread takes a step, BLOCK_N BLOCK_K / threads, for all rows of x at once: the
                     # each-step loop runs over the rows at run time (an inner loop) so it is counted at M = 1 only
                     if meta["BLOCK_M"] == 1 or meta["AT_END"]:
@@ -229,7 +255,10 @@ def main():
     spilled = [r for r in rows if r["spill"]]
     for r in spilled:
         print(f"spills: {r['arch']} {r['case']} {r['kernel']} {r['config']}: {r['spill']} bytes of stack a thread")
-    return 1 if spilled else 0
+    moved = [r for r in rows if r.get("shuffle_tables") == "MOVED"]
+    for r in moved:
+        print(f"shuffle tables moved between lanes: {r['arch']} {r['case']} {r['config']}: the codes would be wrong")
+    return 1 if spilled or moved else 0
 
 
 if __name__ == "__main__":

@@ -174,7 +174,10 @@ def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
     """code[nibble & 15] in float32: loaded (from the L1 cache), or (``SHUFFLE``) copied from ``table`` in lane
     nibble & 15 of this half of the warp. A shuffle in 16-lane segments takes only the low 4 bits of the source
     lane (the PTX ISA's shfl.sync: bits 0-4 of b, less the segment mask 0x10 in bits 8-12 of c), so the nibble
-    needs no mask; every lane of the warp must run it, as every lane does here (no branch around it)."""
+    needs no mask. Every lane of the warp must run it together: the branches around it (the loop over K, the
+    partial last step, which weight a program takes) go the same way for every lane of a program. And the table
+    must reach it in the lanes ``_lane_codes`` made it in, with no layout conversion between (Triton makes none
+    here; bench/check_kernels_compile.py checks the compiled kernels for one)."""
     if SHUFFLE:
         bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, nibble],
                                          dtype=tl.int32, is_pure=True, pack=1)
@@ -329,6 +332,12 @@ def gemv_takes(x2d, q: NF4Tensor) -> bool:
     return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words(q)
 
 
+def _aligned(x2d):
+    """x2d contiguous, its first value at a multiple of 4 bytes: the at-end loop reads bf16 x as int32 pairs."""
+    x2d = x2d.contiguous()
+    return x2d.clone() if x2d.data_ptr() % 4 else x2d
+
+
 def _gemv_weights(x2d, qs):
     """The kernels' tuple of weight arguments for ``qs``, and their shared meta-parameters."""
     M, K = x2d.shape
@@ -357,7 +366,7 @@ def gemv_group(x2d, qs, tile=None, residual=None):
     (M, sum of N) output. For M <= 16 and rows of W of whole blocks; ``tile`` (BLOCK_N, BLOCK_K, num_warps,
     at_end) overrides ``gemv_tile``'s. ``residual`` (M, N), one weight only: ``residual + x2d @ W.T``."""
     M = x2d.shape[0]
-    x2d = x2d.contiguous()
+    x2d = _aligned(x2d)
     weights, meta = _gemv_weights(x2d, qs)
     rows = tuple(itertools.accumulate((q.shape[0] for q in qs), initial=0))
     y = torch.empty((M, rows[-1]), device=x2d.device, dtype=x2d.dtype)
@@ -380,7 +389,7 @@ def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
     """``F.silu(x2d @ W_gate.T) * (x2d @ W_up.T)`` in one launch, for M <= 16 and rows of W of whole blocks."""
     assert gate.shape == up.shape
     M, N = x2d.shape[0], gate.shape[0]
-    x2d = x2d.contiguous()
+    x2d = _aligned(x2d)
     (gate_args, up_args), meta = _gemv_weights(x2d, [gate, up])
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     meta |= _tile_meta(M, x2d.shape[1], tile)

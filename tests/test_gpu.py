@@ -67,9 +67,13 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K, monkeypatch):
     w = q.dequantize(torch.float32)
     results = [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]
     if M <= 16:  # and every tile the benchmark tries (both loops; the at-end loop's codes by shuffles, and not)
-        results += [(m.gemv(x.detach(), q, tile), results[0][1]) for tile in m.gemv_tiles(M)]
+        tiles = {tile: m.gemv(x.detach(), q, tile) for tile in m.gemv_tiles(M)}
+        results += [(y, results[0][1]) for y in tiles.values()]
         monkeypatch.setattr(m, "SHUFFLES", False)
-        results += [(m.gemv(x.detach(), q, tile), results[0][1]) for tile in m.gemv_tiles(M) if tile[3]]
+        for tile in [t for t in tiles if t[3]]:  # the same arithmetic on the same codes, value by value
+            loaded = m.gemv(x.detach(), q, tile)
+            torch.testing.assert_close(tiles[tile], loaded, msg=f"{tile}: shuffled codes against loaded ones")
+            results.append((loaded, results[0][1]))
     for ours, ref in results:
         assert ours.dtype == torch.bfloat16
         assert ((ours.float() - ref).norm() / ref.norm()).item() < 1e-2  # bf16 operands and output

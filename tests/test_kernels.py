@@ -137,18 +137,30 @@ def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
 
 
 @pytest.mark.parametrize("M", [1, 3])
-def test_the_at_end_loop_reads_bfloat16_x_as_pairs(M):
+def test_the_at_end_loop_reads_bfloat16_x_as_pairs(M, monkeypatch):
     """bf16 x is read two values an int32 and widened by moving bits (a bf16 is a float32's upper half): whole
-    steps and a masked partial last one, against float32 on the same bits."""
+    steps and a masked partial last one, against float32 on the same bits; x that starts between two int32s
+    (a view 2 bytes into its storage, which a GPU would fault on) is copied first."""
     from bounds import checked_bounds
     torch.manual_seed(M)
     q = quantize(torch.randn(19, 320))
     x = torch.randn(M, 320).bfloat16()
+    shifted = torch.cat([torch.zeros(1, dtype=torch.bfloat16), x.view(-1)])[1:].view(M, 320)  # offset 2 bytes
+    assert shifted.is_contiguous() and shifted.data_ptr() % 4 == 2
+    launched = []
+
+    class Recording:  # kernel[grid](x, ...), noting x's alignment
+        def __getitem__(self, grid):
+            return lambda x2d, *args, **meta: launched.append(x2d.data_ptr() % 4) or kernel[grid](x2d, *args, **meta)
+    kernel = m._nf4_gemv_kernel
+    monkeypatch.setattr(m, "_nf4_gemv_kernel", Recording())
     for tile in [(2, 128, 1, True), (1, 256, 2, True)]:  # 2 whole steps and half a step; 1 and a quarter
-        with checked_bounds():
-            y = m.gemv(x, q, tile)
-        assert y.dtype == torch.bfloat16
-        torch.testing.assert_close(y.float(), x.float() @ q.dequantize().T, atol=1e-2, rtol=1e-2, msg=str(tile))
+        for x_in in [x, shifted]:
+            with checked_bounds():
+                y = m.gemv(x_in, q, tile)
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), x.float() @ q.dequantize().T, atol=1e-2, rtol=1e-2, msg=str(tile))
+    assert launched == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("at_end", [False, True])
@@ -247,6 +259,8 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     assert at_end and max(at_end.values()) < 0.6 * min(each_step.values())  # the point of the at-end loop
     from_cache = loop_counts("at_end=True,shuffle=False")  # the same tiles with their codes loaded
     assert len(from_cache) == 8 and all(at_end[tile] < 0.75 * n for tile, n in from_cache.items())  # shuffles'
+    shuffled = [r for r in rows if "shuffle=True" in r["config"]]  # tables reach the shuffles in their lanes
+    assert shuffled and all(r["shuffle_tables"] == "in place" for r in shuffled)
     dequantize = {r["kernel"]: float(r["instr_per_weight"]) for r in rows if r["arch"] == "sm_90"
                   and r["instr_per_weight"] != "-"}
     assert dequantize["nf4_dequant_words"] < 0.5 * dequantize["nf4_dequant"]  # the point of the word kernel
