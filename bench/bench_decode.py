@@ -45,7 +45,7 @@ from bailong_kernels.nf4_matmul import gemv_tile
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 CHAT = Sampling(seed=0)  # chat.py's default sampling
-AT_END = (2, 1024, 2, True)  # a GEMV tile of the at-end loop (shuffled codes) for one row, not yet the default
+AT_END = (1, 1024, 1, True)  # a GEMV tile of the at-end loop (shuffled codes) for one row, not yet the default
 
 
 def seconds(fn, n, device):

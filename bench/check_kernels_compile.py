@@ -177,7 +177,7 @@ def compile_all(arch):
                 matmul.gemv(torch.randn(M, K, dtype=dtype), q)
             if dtype == bf16 and double_quant:  # the at-end loop, at the tiles most likely to win
                 for M in [1, 2, 4, 8, 16]:
-                    likely = {(1, 1024, 1, True), (2, 1024, 2, True), (4, 1024, 4, True), (1, 1024, 2, True)}
+                    likely = {(1, 1024, 1, True), (2, 1024, 2, True), (4, 1024, 4, True), (1, 2048, 2, True)}
                     for tile in [t for t in matmul.gemv_tiles(M) if t in likely]:
                         case = f"bf16 y=x@W.T M={M} {weight}, at-end loop"
                         matmul.gemv(torch.randn(M, K, dtype=dtype), q, tile)

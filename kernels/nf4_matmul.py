@@ -29,17 +29,19 @@ At M = 1 this loop is bound by issuing instructions, not by memory: compiled for
 sm_90 its body spends about 20 instructions a weight (the sums across threads at
 every step, masks, the scale found for every word), while reading the 4-bit
 weights at an H200's bandwidth leaves room for about 4. A second loop
-(``_gemv_rows_at_end``, a tile's ``at_end``) sums each word's 8 products in the
-thread that holds the word, keeps one float per word across the loop and sums
-across threads once at the end, and masks only a partial last step. It takes
-each code not from memory but from a register of another lane: lanes i and
-i + 16 of the warp hold code[i], and a shuffle (``shfl.sync.idx``, in 16-lane
-segments) whose source lane is the nibble itself copies it over, one
-instruction where a load costs four (mask, 64-bit address, load); and it reads
-bf16 x two values an int32, widened to float32 by moving bits. Compiled for
-sm_90: 5.8-7.2 instructions a weight, 9.2-10.4 with the codes from the L1 cache
-(``SHUFFLES = False``), 19.5 for the first loop (bench/check_kernels_compile.py
-counts them). The interpreter runs no PTX: there it loads the codes. It is in the
+(``_gemv_rows_at_end``, a tile's ``at_end``) gives each thread chunks of 4
+consecutive words (32 weights, within one block: one 16-byte load, the block's
+scale found once) and the chunk's x, sums the chunk's products in the thread,
+keeps one float per chunk across the loop and sums across threads once at the
+end, and masks only a partial last step. It takes each code not from memory
+but from a register of another lane: lanes i and i + 16 of the warp hold
+code[i], and a shuffle (``shfl.sync.idx``, in 16-lane segments) whose source
+lane is the nibble itself copies it over, one instruction where a load costs
+four (mask, 64-bit address, load); and it reads bf16 x two values an int32,
+widened to float32 by moving bits. Compiled for sm_90 at one row of x: 5.3-5.9
+instructions a weight, 8.1-11.4 with the codes from the L1 cache (``SHUFFLES =
+False``), 19.8 for the first loop (bench/check_kernels_compile.py counts them).
+The interpreter runs no PTX: there it loads the codes. It is in the
 benchmark's tile sweep and becomes the default once a GPU run times it faster.
 
 Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
@@ -72,10 +74,14 @@ def gemv_tiles(M=1):
     instructions a weight may also beat dequantize + cuBLAS above 4 rows (GEMV_MAX_M moves only once timed)."""
     # each step: the winners of the last GPU sweep of twelve tiles and their neighbours (docs/BENCHMARKS.md)
     each_step = [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (1, 1024, 2), (2, 1024, 2), (4, 1024, 4)]
-    at_end = [(1, 256, 1), (1, 512, 1), (1, 1024, 1), (2, 512, 1), (1, 512, 2), (1, 1024, 2), (2, 1024, 2),
-              (4, 512, 4), (4, 1024, 4)]
-    rows = triton.next_power_of_2(M)  # the at-end loop keeps rows x words a thread in registers: at most 32
-    return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if rows * t[0] * t[1] <= 32 * 8 * 32 * t[2]]
+    # at end: every thread a chunk of 32 weights at least (BLOCK_N BLOCK_K >= 1024 warps: else chunks are split
+    # over threads and x moves between them), at most 8 chunks x rows of x a thread, and from 8 rows of x on one
+    # row of W a program (more spilled registers)
+    at_end = [(1, 1024, 1), (1, 2048, 1), (2, 512, 1), (2, 1024, 1), (1, 2048, 2), (2, 1024, 2), (4, 512, 2),
+              (4, 1024, 4), (8, 512, 4)]
+    rows = triton.next_power_of_2(M)
+    return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if rows * t[0] * t[1] <= 8192 * t[2]
+                                               and (rows < 8 or t[0] == 1)]
 
 
 def gemv_tile(M):
@@ -140,11 +146,11 @@ def _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.co
 
 
 @triton.jit
-def _split8(t, WORDS: tl.constexpr):
-    """The 8 columns of t (WORDS, 8) as 8 tensors (WORDS,), each left in the thread that holds its row."""
-    even, odd = tl.split(tl.reshape(t, (WORDS, 4, 2)))  # columns 0 2 4 6 / 1 3 5 7
-    c04, c26 = tl.split(tl.reshape(even, (WORDS, 2, 2)))
-    c15, c37 = tl.split(tl.reshape(odd, (WORDS, 2, 2)))
+def _split8(t, C: tl.constexpr):
+    """The 8 columns of t (4, C, 8) as 8 tensors (4, C), each left in the thread that holds its row."""
+    even, odd = tl.split(tl.reshape(t, (4, C, 4, 2)))  # columns 0 2 4 6 / 1 3 5 7
+    c04, c26 = tl.split(tl.reshape(even, (4, C, 2, 2)))
+    c15, c37 = tl.split(tl.reshape(odd, (4, C, 2, 2)))
     c0, c4 = tl.split(c04)
     c2, c6 = tl.split(c26)
     c1, c5 = tl.split(c15)
@@ -153,9 +159,9 @@ def _split8(t, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _split4(t, WORDS: tl.constexpr):
-    """The 4 columns of t (WORDS, 4) as 4 tensors (WORDS,), each left in the thread that holds its row."""
-    even, odd = tl.split(tl.reshape(t, (WORDS, 2, 2)))  # columns 0 2 / 1 3
+def _split4(t, C: tl.constexpr):
+    """The 4 columns of t (4, C, 4) as 4 tensors (4, C), each left in the thread that holds its row."""
+    even, odd = tl.split(tl.reshape(t, (4, C, 2, 2)))  # columns 0 2 / 1 3
     c0, c2 = tl.split(even)
     c1, c3 = tl.split(odd)
     return c0, c1, c2, c3
@@ -164,9 +170,13 @@ def _split4(t, WORDS: tl.constexpr):
 @triton.jit
 def _lane_codes(code_ptr, like):
     """The code table spread over a warp for ``_code``'s shuffles: code[lane % 16] as int32 bits in every element
-    of a tensor shaped as ``like``, where lane is the warp lane that holds the element."""
+    of a tensor shaped as ``like``, where lane is the warp lane that holds the element. Picked out of the 16
+    codes by selects (before the loop), not gathered: a gather's load could be laid out over other lanes."""
     lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
-    return tl.load(code_ptr.to(tl.pointer_type(tl.int32)) + (lane & 15))
+    table = tl.zeros_like(lane)
+    for i in tl.static_range(16):
+        table = tl.where((lane & 15) == i, tl.load(code_ptr + i).to(tl.int32, bitcast=True), table)
+    return table
 
 
 @triton.jit
@@ -187,71 +197,77 @@ def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
 
 
 @triton.jit
-def _word_dots(words, table, code_ptr, x_ptr, k0, K, WORDS: tl.constexpr, MASKED: tl.constexpr,
-               SHUFFLE: tl.constexpr):
-    """(BN, WORDS): for each word, the sum over its 8 weights j of code[nibble j] * x[k0 + 8 word + j]; x read
-    as 16-byte rows of 8 (bf16: 4 int32 pairs) and split apart in its thread, where the word is. ``MASKED``: x
-    past K reads 0. ``SHUFFLE``: the codes by shuffles from ``table`` (``_code``)."""
+def _word_codes(words, table, code_ptr, SHUFFLE: tl.constexpr):
+    """The codes of weights j = 0..7 of each word, 8 tensors shaped as ``words``: weight j sits at bit
+    4 * (j ^ 1) of the little-endian word (see above). ``SHUFFLE``: by shuffles from ``table`` (``_code``)."""
+    return (_code(words >> 4, table, code_ptr, SHUFFLE), _code(words, table, code_ptr, SHUFFLE),
+            _code(words >> 12, table, code_ptr, SHUFFLE), _code(words >> 8, table, code_ptr, SHUFFLE),
+            _code(words >> 20, table, code_ptr, SHUFFLE), _code(words >> 16, table, code_ptr, SHUFFLE),
+            _code(words >> 28, table, code_ptr, SHUFFLE), _code(words >> 24, table, code_ptr, SHUFFLE))
+
+
+@triton.jit
+def _word_dots(codes, x_ptr, k0, K, C: tl.constexpr, MASKED: tl.constexpr):
+    """(BN, 4, C): for each word (r, c) of the step, word 4 c + r, the sum over its 8 weights j of codes[j]
+    * x[k0 + 8 (4 c + r) + j]; x read as (4, C) rows of 8, each 16 bytes (bf16: 4 int32 pairs), so that a chunk
+    c's 4 words and their x sit in one thread. ``MASKED``: x past K reads 0."""
+    r, c = tl.arange(0, 4)[:, None, None], tl.arange(0, C)[None, :, None]
     if x_ptr.dtype.element_ty == tl.bfloat16:  # two values an int32: float32 is a bf16's bits, 16 places up
-        k = k0 // 2 + tl.arange(0, WORDS)[:, None] * 4 + tl.arange(0, 4)[None, :]  # (WORDS, 4) pairs
+        k = k0 // 2 + (4 * c + r) * 4 + tl.arange(0, 4)[None, None, :]  # (4, C, 4) pairs
         if MASKED:
             pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k, mask=2 * k < K, other=0)
         else:
             pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k)
-        p0, p1, p2, p3 = _split4(pairs, WORDS)
+        p0, p1, p2, p3 = _split4(pairs, C)
         x0, x1 = (p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True)
         x2, x3 = (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True)
         x4, x5 = (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True)
         x6, x7 = (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True)
     else:
-        k = k0 + tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]  # (WORDS, 8)
+        k = k0 + (4 * c + r) * 8 + tl.arange(0, 8)[None, None, :]  # (4, C, 8)
         if MASKED:
             x = tl.load(x_ptr + k, mask=k < K, other=0.0)
         else:
             x = tl.load(x_ptr + k)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), WORDS)
-    # weight j sits at bit 4 * (j ^ 1) of the little-endian word (see above)
-    dot = _code(words >> 4, table, code_ptr, SHUFFLE) * x0[None, :]
-    dot += _code(words, table, code_ptr, SHUFFLE) * x1[None, :]
-    dot += _code(words >> 12, table, code_ptr, SHUFFLE) * x2[None, :]
-    dot += _code(words >> 8, table, code_ptr, SHUFFLE) * x3[None, :]
-    dot += _code(words >> 20, table, code_ptr, SHUFFLE) * x4[None, :]
-    dot += _code(words >> 16, table, code_ptr, SHUFFLE) * x5[None, :]
-    dot += _code(words >> 28, table, code_ptr, SHUFFLE) * x6[None, :]
-    dot += _code(words >> 24, table, code_ptr, SHUFFLE) * x7[None, :]
-    return dot
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), C)
+    c0, c1, c2, c3, c4, c5, c6, c7 = codes
+    dot = c0 * x0[None] + c1 * x1[None] + c2 * x2[None] + c3 * x3[None]
+    return dot + c4 * x4[None] + c5 * x5[None] + c6 * x6[None] + c7 * x7[None]
 
 
 @triton.jit
 def _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M: tl.constexpr,
-              WORDS: tl.constexpr, MASKED: tl.constexpr, SHUFFLE: tl.constexpr):
-    """acc (BM, BN, WORDS) plus, for each row m of x, the step's scaled word dots in acc[m]; rows of x past M
-    are read (as row M - 1) but never stored."""
+              C: tl.constexpr, MASKED: tl.constexpr, SHUFFLE: tl.constexpr):
+    """acc (BM, BN, C) plus, for each row m of x, the step's scaled chunk dots (each chunk's 4 word dots summed in
+    its thread) in acc[m]; rows of x past M are read (as row M - 1) but never stored."""
     rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
+    codes = _word_codes(words, table, code_ptr, SHUFFLE)  # once for every row of x
     for m in tl.static_range(BLOCK_M):
-        dots = _word_dots(words, table, code_ptr, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, WORDS, MASKED,
-                          SHUFFLE)
-        acc += tl.where(rm == m, (dots * scale)[None], 0.0)
+        dots = _word_dots(codes, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, C, MASKED)
+        acc += tl.where(rm == m, tl.sum(dots * scale, axis=1)[None], 0.0)
     return acc
 
 
 @triton.jit
 def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHUFFLE: tl.constexpr):
-    """``_gemv_rows_each_step`` in fewer instructions a weight: a word's 8 products are summed and scaled in
-    the thread that holds the word and kept per word across the loop, then summed across threads once at the
-    end; the loop over whole steps of K masks nothing (rows past N repeat row N - 1 and are never stored; the
-    next step's words are asked for ahead, the last step's again at the last); a partial last step is
-    masked. ``SHUFFLE``: the codes by shuffles (``_code``). Needs K >= BLOCK_K."""
-    WORDS: tl.constexpr = BLOCK_K // 8
-    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None]  # (BN, 1)
-    # one word per thread and load (4-byte loads, still 128 contiguous bytes a warp): then the words sit in the
-    # threads that hold their 8 values of x, and nothing moves between threads inside the loop
-    word = tl.max_contiguous(tl.arange(0, WORDS)[None, :], [1, 1])  # (1, WORDS)
+    """``_gemv_rows_each_step`` in fewer instructions a weight: a thread takes chunks of 4 words (32 weights of
+    one block) with their x, sums a chunk's products and scales them by the chunk's one scale, and keeps one
+    float per chunk across the loop, summed across threads once at the end; the loop over whole steps of K
+    masks nothing (rows past N repeat row N - 1 and are never stored; the next step's words are asked for
+    ahead, the last step's again at the last); a partial last step is masked. ``SHUFFLE``: the codes by
+    shuffles (``_code``). Needs K >= BLOCK_K >= 32."""
+    C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words (32 weights, within one block of 32 or more) a step
+    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
+    # a chunk's 4 words in one thread (one 16-byte load: the words' axis is the one in order in memory), where
+    # its x is (x's rows of 8 are laid out over the chunks, the 4 words of a chunk held by one thread): its scale
+    # found once, and nothing moves between threads inside the loop
+    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
     w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
-    words_at = w_ptr + rn.to(tl.int64) * (K // 8) + word  # (BN, WORDS): the first step's words
-    blocks = rn * (K // BLOCKSIZE) + word // (BLOCKSIZE // 8)  # the first step's blocks
-    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS), dtype=tl.float32)
+    row_words = tl.multiple_of(K // 8, 4)  # K is a whole number of blocks of 32 or more: 16-byte rows
+    words_at = w_ptr + rn.to(tl.int64) * row_words + 4 * c + r  # (BN, 4, C): the first step's words
+    blocks = rn * (K // BLOCKSIZE) + (32 * c) // BLOCKSIZE  # (BN, 1, C): the first step's chunks' blocks
+    acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
     scales = (absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
     whole = K - K % BLOCK_K  # the columns of whole steps
     words = tl.load(words_at)
@@ -261,15 +277,13 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
         ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
         next_words = tl.load(words_at + ahead // 8)
         next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
-        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, WORDS, False,
-                        SHUFFLE)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, C, False, SHUFFLE)
         words, scale = next_words, next_scale
-    if whole < K:  # the last, partial step
-        ok = whole // 8 + word < K // 8
+    if whole < K:  # the last, partial step: whole chunks (K is a whole number of blocks)
+        ok = whole // 32 + c < K // 32
         words = tl.load(words_at + whole // 8, mask=ok, other=0)
         scale = _block_scale(blocks + whole // BLOCKSIZE, ok, *scales, DOUBLE_QUANT)
-        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, WORDS, True,
-                        SHUFFLE)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, C, True, SHUFFLE)
     return tl.sum(acc, axis=2)
 
 
