@@ -122,8 +122,9 @@ def test_every_gemv_tile_under_the_interpreter(M):
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
-    """The loop that sums across threads once at the end: a thread's words in one block or in several, K a whole
-    number of steps or not, shorter than a step, rows of W past a whole number of tiles."""
+    """The loop that sums across threads once at the end: chunks of 4 words in blocks of 32 to 4096 weights, a
+    step within one block or over several, K a whole number of steps or not, shorter than a step, rows of W past
+    a whole number of tiles."""
     from bounds import checked_bounds
     torch.manual_seed(blocksize)
     for K in [2 * blocksize] + [1536] * (1536 % blocksize == 0):
@@ -134,6 +135,20 @@ def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
                 with checked_bounds():  # the loop masks nothing but a partial last step
                     y = m.gemv(x, q, tile)
                 torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4, msg=f"K={K} M={M} {tile}")
+
+
+def test_the_at_end_loop_at_its_edges():
+    """One chunk a step (K = 32), 16 rows of x (which gemv_tiles leaves out, but gemv takes), and a partial last
+    step over a block of 1024."""
+    from bounds import checked_bounds
+    torch.manual_seed(0)
+    for N, K, blocksize, M, tile in [(5, 32, 32, 2, (1, 512, 1, True)), (3, 64, 32, 16, (1, 512, 1, True)),
+                                     (3, 3072, 1024, 1, (1, 2048, 1, True))]:
+        q = quantize(torch.randn(N, K), blocksize)
+        x = torch.randn(M, K)
+        with checked_bounds():
+            y = m.gemv(x, q, tile)
+        torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4, msg=f"K={K} M={M}")
 
 
 @pytest.mark.parametrize("M", [1, 3])
