@@ -35,13 +35,13 @@ import torch
 
 import bailong
 import bailong_kernels
-from bailong.config import preset
 from bailong import generation
+from bailong.config import preset
 from bailong.generation import GraphDecoder, Sampling, generate, graph_decoder
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
-from bailong_kernels import nf4_matmul
-from bailong_kernels.nf4_matmul import gemv_tile
+from bailong_kernels import nf4_gemv
+from bailong_kernels.nf4_gemv import gemv_tile
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 CHAT = Sampling(seed=0)  # chat.py's default sampling
@@ -83,7 +83,7 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, samp
             generation._decoders.pop(model, None)  # while the row runs
             if decoders:
                 generation._decoders[model] = decoders[0]
-            nf4_matmul.gemv_tile = lambda M: tile
+            nf4_gemv.gemv_tile = lambda M: tile
         try:
             with torch.inference_mode():
                 use_graph = model.lm_head.weight.is_cuda if graph is None else graph  # None: as generate() decides
@@ -104,7 +104,7 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, samp
             bailong_kernels.use_kernels(previous[0])
             bailong_kernels.use_decode_kernels(previous[1])
             if tile:
-                nf4_matmul.gemv_tile = gemv_tile
+                nf4_gemv.gemv_tile = gemv_tile
                 generation._decoders.pop(model, None)
     return run
 

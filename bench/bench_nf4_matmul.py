@@ -32,8 +32,9 @@ import torch
 from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.decode import swiglu
-from bailong_kernels import nf4_matmul
-from bailong_kernels.nf4_matmul import dequant_matmul, gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
+from bailong_kernels import nf4_gemv
+from bailong_kernels.nf4_gemv import gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
+from bailong_kernels.nf4_matmul import dequant_matmul
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 L2_BYTES = 256 << 20  # copies of a weight fill at least this much: several times any GPU's L2
@@ -133,12 +134,12 @@ def main():
                     best[tile[3]] = (tile, t)
             t_cache = float("nan")  # the best at-end tile with its codes from the L1 cache
             if best[True][0]:
-                nf4_matmul.SHUFFLES = False
+                nf4_gemv.SHUFFLES = False
                 try:
                     checked(lambda: gemv(x, q, best[True][0]), ref)
                     t_cache = timed([lambda q=q: gemv(x, q, best[True][0]) for q in qs])
                 finally:
-                    nf4_matmul.SHUFFLES = True
+                    nf4_gemv.SHUFFLES = True
             if (N, K) == SHAPES[0] and M in sweep:
                 best_tiles[M] = min(best.values(), key=lambda b: b[1] if b[0] else float("inf"))[0]
             checked(lambda: dequant_matmul(x, q), ref)

@@ -33,9 +33,9 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from bailong.nf4 import quantize
-from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_matmul as matmul
+from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_gemv
 
-KERNELS = [matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
+KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
            dequant._nf4_dequant_words_kernel,
            decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel, decode._merge_parts_kernel,
            layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel, layers._rope_kernel,
@@ -162,8 +162,8 @@ def compile_all(arch):
                     rows.append(row)
             return compile_only
 
-    gemv_kernels = (matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel)
-    matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel = map(CompileOnlyKernel, gemv_kernels)
+    gemv_kernels = (nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel)
+    nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel = map(CompileOnlyKernel, gemv_kernels)
     try:
         bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
         for (N, K), dtype, blocksize, double_quant in [
@@ -174,32 +174,32 @@ def compile_all(arch):
                 ("" if double_quant else " no double quant")
             for M in [1, 2, 4, 8, 16]:  # the tile gemv_tile picks for each (bench/bench_nf4_matmul.py tries more)
                 case = f"{str(dtype)[6:]} y=x@W.T M={M} {weight}"
-                matmul.gemv(torch.randn(M, K, dtype=dtype), q)
+                nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), q)
             if dtype == bf16 and double_quant:  # the at-end loop, at the tiles most likely to win
                 for M in [1, 2, 4, 8, 16]:
                     likely = {(1, 1024, 1, True), (2, 1024, 2, True), (4, 1024, 4, True), (1, 2048, 2, True)}
-                    for tile in [t for t in matmul.gemv_tiles(M) if t in likely]:
+                    for tile in [t for t in nf4_gemv.gemv_tiles(M) if t in likely]:
                         case = f"bf16 y=x@W.T M={M} {weight}, at-end loop"
-                        matmul.gemv(torch.randn(M, K, dtype=dtype), q, tile)
+                        nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), q, tile)
                         if M == 1 and N == K:  # and with its codes from the L1 cache, as the each-step loop's
                             case = f"bf16 y=x@W.T M={M} {weight}, at-end loop, codes from the L1 cache"
-                            matmul.SHUFFLES = False
+                            nf4_gemv.SHUFFLES = False
                             try:
-                                matmul.gemv(torch.randn(M, K, dtype=dtype), q, tile)
+                                nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), q, tile)
                             finally:
-                                matmul.SHUFFLES = True
+                                nf4_gemv.SHUFFLES = True
         x = torch.randn(1, 4096, dtype=bf16)
         qkv = [quantize(torch.randn(n, 4096) * 0.02) for n in (4096, 1024, 1024)]  # GQA: k and v narrower
         gate = quantize(torch.randn(11008, 4096) * 0.02)
         for tile in [None, (2, 1024, 2, True)]:
             case = "bf16 q, k, v in one launch M=1 N=4096+1024+1024 K=4096"
-            matmul.gemv_group(x, qkv, tile)
+            nf4_gemv.gemv_group(x, qkv, tile)
             case = "bf16 residual + x@W.T (o, down) M=1 N=4096 K=4096"
-            matmul.gemv(x, qkv[0], tile, residual=x)
+            nf4_gemv.gemv(x, qkv[0], tile, residual=x)
             case = "bf16 silu(gate) * up in one launch M=1 N=11008 K=4096"
-            matmul.gemv_swiglu(x, gate, gate, tile)
+            nf4_gemv.gemv_swiglu(x, gate, gate, tile)
     finally:
-        matmul._nf4_gemv_kernel, matmul._nf4_gemv_swiglu_kernel = gemv_kernels
+        nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel = gemv_kernels
     # the two dequantize kernels as nf4_dequantize launches them, with the instructions a weight of a thread
     packed, *tables = dequant.nf4_args(q)
     words, steps, warps = dequant.word_steps()

@@ -20,7 +20,8 @@ NF4 projections on CUDA run through these kernels; one switch forces the
 PyTorch reference anywhere: ``BAILONG_NF4_KERNELS=0`` in the environment, or
 ``use_kernels(False)``. Up to 4 rows of x (decoding) take the GEMV kernel,
 which reads the 4-bit weight once; more rows take the dequantize kernel, then
-cuBLAS (``bailong_kernels.nf4_matmul``). Measured speeds: docs/BENCHMARKS.md.
+cuBLAS (``bailong_kernels.nf4_matmul``; the GEMV: ``bailong_kernels.nf4_gemv``). Measured
+speeds: docs/BENCHMARKS.md.
 
 The fused decoding-step kernels (``bailong_kernels.decode``) and the training
 layer kernels (``bailong_kernels.layers``) are off until they are timed on a GPU:

@@ -10,7 +10,7 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
 - ``projections``: q, k and v (or any bare NF4 projections that read the same x) in
   one GEMV launch; ``gated_projection``: gate and up with SwiGLU on the way out, in
   one launch; ``added_projection``: o or down with the residual added on the way
-  out (``bailong_kernels.nf4_matmul.gemv_group`` / ``gemv_swiglu`` / ``gemv``).
+  out (``bailong_kernels.nf4_gemv.gemv_group`` / ``gemv_swiglu`` / ``gemv``).
 - ``decode_attention``: for one new token, RoPE on q and k, the new k and v
   written into the KV cache, and attention over the positions filled so far
   (not the whole cache buffer), in one launch (two for a long cache):
@@ -40,7 +40,7 @@ import triton.language as tl
 
 from bailong.quantized import NF4Linear
 from bailong_kernels.nf4_dequant import launch_device
-from bailong_kernels.nf4_matmul import gemv, gemv_group, gemv_swiglu, gemv_takes
+from bailong_kernels.nf4_gemv import gemv, gemv_group, gemv_swiglu, gemv_takes
 
 
 @triton.jit

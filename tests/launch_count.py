@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-TRITON_MODULES = ("bailong_kernels.nf4_matmul", "bailong_kernels.nf4_dequant", "bailong_kernels.decode",
+TRITON_MODULES = ("bailong_kernels.nf4_gemv", "bailong_kernels.nf4_dequant", "bailong_kernels.decode",
                   "bailong_kernels.layers")  # every module with a kernel
 
 

@@ -57,7 +57,7 @@ def test_nf4_reads_what_bitsandbytes_writes_on_cuda():
 @pytest.mark.parametrize("M", [1, 4, 8, 16, 512])
 def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K, monkeypatch):
     from bailong.nf4 import quantize
-    from bailong_kernels import nf4_matmul as m
+    from bailong_kernels import nf4_gemv as g, nf4_matmul as m
     torch.manual_seed(M)
     q = quantize((torch.randn(N, K, device="cuda") * 0.02).bfloat16())
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -67,11 +67,11 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K, monkeypatch):
     w = q.dequantize(torch.float32)
     results = [(y, x.detach().float() @ w.T), (x.grad, dy.float() @ w)]
     if M <= 16:  # and every tile the benchmark tries (both loops; the at-end loop's codes by shuffles, and not)
-        tiles = {tile: m.gemv(x.detach(), q, tile) for tile in m.gemv_tiles(M)}
+        tiles = {tile: g.gemv(x.detach(), q, tile) for tile in g.gemv_tiles(M)}
         results += [(y, results[0][1]) for y in tiles.values()]
-        monkeypatch.setattr(m, "SHUFFLES", False)
+        monkeypatch.setattr(g, "SHUFFLES", False)
         for tile in [t for t in tiles if t[3]]:  # the same arithmetic on the same codes, value by value
-            loaded = m.gemv(x.detach(), q, tile)
+            loaded = g.gemv(x.detach(), q, tile)
             torch.testing.assert_close(tiles[tile], loaded, msg=f"{tile}: shuffled codes against loaded ones")
             results.append((loaded, results[0][1]))
     for ours, ref in results:
@@ -86,7 +86,7 @@ def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
     import torch.nn.functional as F
 
     from bailong.nf4 import quantize
-    from bailong_kernels import nf4_matmul as m
+    from bailong_kernels import nf4_gemv as m
     torch.manual_seed(M)
     qkv = [quantize((torch.randn(n, 4096, device="cuda") * 0.02).bfloat16()) for n in (4096, 1024, 1024)]
     gate, up = (quantize((torch.randn(11008, 4096, device="cuda") * 0.02).bfloat16()) for _ in range(2))

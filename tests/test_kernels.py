@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bailong.nf4 import BLOCKSIZES, quantize
 from conftest import ROOT
-from bailong_kernels import nf4_matmul as m
+from bailong_kernels import nf4_gemv as g, nf4_matmul as m
 from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.nf4_matmul import nf4_matmul
 
@@ -113,9 +113,9 @@ def test_every_gemv_tile_under_the_interpreter(M):
         q = quantize(torch.randn(N, K), blocksize)
         x = torch.randn(M, K)
         ref = x @ q.dequantize().T
-        for tile in m.gemv_tiles(M):
+        for tile in g.gemv_tiles(M):
             with checked_bounds():
-                y = m.gemv(x, q, tile)
+                y = g.gemv(x, q, tile)
             torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -133,7 +133,7 @@ def test_the_at_end_loop_on_every_blocksize(blocksize, double_quant):
             x = torch.randn(M, K)
             for tile in [(2, 512, 1, True), (1, 256, 2, True), (4, 2048, 1, True)]:
                 with checked_bounds():  # the loop masks nothing but a partial last step
-                    y = m.gemv(x, q, tile)
+                    y = g.gemv(x, q, tile)
                 torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4, msg=f"K={K} M={M} {tile}")
 
 
@@ -147,7 +147,7 @@ def test_the_at_end_loop_at_its_edges():
         q = quantize(torch.randn(N, K), blocksize)
         x = torch.randn(M, K)
         with checked_bounds():
-            y = m.gemv(x, q, tile)
+            y = g.gemv(x, q, tile)
         torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4, msg=f"K={K} M={M}")
 
 
@@ -167,12 +167,12 @@ def test_the_at_end_loop_reads_bfloat16_x_as_pairs(M, monkeypatch):
     class Recording:  # kernel[grid](x, ...), noting x's alignment
         def __getitem__(self, grid):
             return lambda x2d, *args, **meta: launched.append(x2d.data_ptr() % 4) or kernel[grid](x2d, *args, **meta)
-    kernel = m._nf4_gemv_kernel
-    monkeypatch.setattr(m, "_nf4_gemv_kernel", Recording())
+    kernel = g._nf4_gemv_kernel
+    monkeypatch.setattr(g, "_nf4_gemv_kernel", Recording())
     for tile in [(2, 128, 1, True), (1, 256, 2, True)]:  # 2 whole steps and half a step; 1 and a quarter
         for x_in in [x, shifted]:
             with checked_bounds():
-                y = m.gemv(x_in, q, tile)
+                y = g.gemv(x_in, q, tile)
             assert y.dtype == torch.bfloat16
             torch.testing.assert_close(y.float(), x.float() @ q.dequantize().T, atol=1e-2, rtol=1e-2, msg=str(tile))
     assert launched == [0, 0, 0, 0]
@@ -193,9 +193,9 @@ def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
         x = torch.randn(M, K, dtype=dtype)
         residual = torch.randn(M, 40, dtype=dtype) * 10
         with checked_bounds():
-            outs = m.gemv_group(x, [q, k, v], tile)
-            gated_out = m.gemv_swiglu(x, gate, up, tile)
-            added = m.gemv(x, q, tile, residual=residual)
+            outs = g.gemv_group(x, [q, k, v], tile)
+            gated_out = g.gemv_swiglu(x, gate, up, tile)
+            added = g.gemv(x, q, tile, residual=residual)
         expected = residual + F.linear(x, q.dequantize(dtype))  # the product rounded, then the sum
         torch.testing.assert_close(added / expected.abs().max(), expected / expected.abs().max(), **TOL[dtype])
         for out, w in zip(outs, (q, k, v)):

@@ -1,0 +1,401 @@
+"""The NF4 GEMV in Triton: y = x @ W.T for 1 to 16 rows of x (decoding), reading the 4-bit weight once
+(``bailong_kernels.nf4_matmul`` chooses it or dequantize + cuBLAS).
+
+The GEMV kernel, for W (N, K) whose rows are whole blocks:
+
+    for each tile of BLOCK_N rows of W           (one program; all of K, so one launch and no partial sums)
+        for k0 in 0, BLOCK_K, 2 BLOCK_K, ... < K:
+            words = W_packed[rows, k0/8 : (k0+BLOCK_K)/8] as int32    # 8 weights a word: wide, coalesced loads
+            w     = code[(words >> shift_j) & 15] * scale(block)       # (BLOCK_N, BLOCK_K/8, 8), j = 0..7
+            acc  += w * x[:, k0 + 8 word + j]                          # every row of x, all in float32
+        y[:, rows] = sum of acc over the words and j
+
+A little-endian word holds bytes b0..b3 and a byte holds two weights, the first
+in its high nibble, so weight j of a word sits at bit 4 * (j ^ 1): 4, 0, 12, 8,
+20, 16, 28, 24. Keeping j as its own axis of x too (x is read as (M, BLOCK_K/8, 8))
+means the weights never need to be put back in order: a dot product does not care.
+
+At M = 1 this loop is bound by issuing instructions, not by memory: compiled for
+sm_90 its body spends about 20 instructions a weight (the sums across threads at
+every step, masks, the scale found for every word), while reading the 4-bit
+weights at an H200's bandwidth leaves room for about 4. A second loop
+(``_gemv_rows_at_end``, a tile's ``at_end``) gives each thread chunks of 4
+consecutive words (32 weights, within one block: one 16-byte load, the block's
+scale found once) and the chunk's x, sums the chunk's products in the thread,
+keeps one float per chunk across the loop and sums across threads once at the
+end, and masks only a partial last step. It takes each code not from memory
+but from a register of another lane: lanes i and i + 16 of the warp hold
+code[i], and a shuffle (``shfl.sync.idx``, in 16-lane segments) whose source
+lane is the nibble itself copies it over, one instruction where a load costs
+four (mask, 64-bit address, load); and it reads bf16 x two values an int32,
+widened to float32 by moving bits. Compiled for sm_90 at one row of x: 5.3-5.9
+instructions a weight, 8.1-11.4 with the codes from the L1 cache (``SHUFFLES =
+False``), 19.8 for the first loop (bench/check_kernels_compile.py counts them).
+The interpreter runs no PTX: there it loads the codes. It is in the
+benchmark's tile sweep and becomes the default once a GPU run times it faster.
+
+Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
+the kernel takes a tuple of weights, a program the rows of one of them) and
+``gemv_swiglu`` (gate and up, a program the same rows of both, SwiGLU applied
+before the store); ``gemv(..., residual=)`` adds the residual before the store
+(o and down in the decoding step).
+
+Backward, dx = dy @ W: the dequantize kernel, then cuBLAS (W is frozen: no
+"""
+import itertools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from bailong.nf4 import NF4Tensor
+from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, readable_as_words
+
+SHUFFLES = True  # the at-end loop, compiled, takes each code from another lane's register, not from the L1 cache
+GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
+
+
+def gemv_tiles(M=1):
+    """Every (BLOCK_N, BLOCK_K, num_warps, at_end) the benchmark tries at M rows of x; ``gemv_tile`` picks among
+    them. ``at_end``: the loop that sums across threads once at the end (``_gemv_rows_at_end``); its fewer
+    instructions a weight may also beat dequantize + cuBLAS above 4 rows (GEMV_MAX_M moves only once timed)."""
+    # each step: the winners of the last GPU sweep of twelve tiles and their neighbours (docs/BENCHMARKS.md)
+    each_step = [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (1, 1024, 2), (2, 1024, 2), (4, 1024, 4)]
+    # at end: every thread a chunk of 32 weights at least (BLOCK_N BLOCK_K >= 1024 warps: else chunks are split
+    # over threads and x moves between them), at most 8 chunks x rows of x a thread, and from 8 rows of x on one
+    # row of W a program (more spilled registers)
+    at_end = [(1, 1024, 1), (1, 2048, 1), (2, 512, 1), (2, 1024, 1), (1, 2048, 2), (2, 1024, 2), (4, 512, 2),
+              (4, 1024, 4), (8, 512, 4)]
+    rows = triton.next_power_of_2(M)
+    return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if rows * t[0] * t[1] <= 8192 * t[2]
+                                               and (rows < 8 or t[0] == 1)]
+
+
+def gemv_tile(M):
+    """The tile ``gemv`` runs: the fastest measured at Llama-2-7B's shapes on an H200 (docs/BENCHMARKS.md)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 4, 64, 4, False  # interpreted: small, so that the tests run several programs and a partial last tile
+    return {1: (1, 1024, 1, False), 2: (1, 1024, 2, False)}.get(M, (4, 1024, 4, False))
+
+
+@triton.jit
+def _nf4_tile_and_scale(w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, rn, word_id, N, K,
+                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The packed words W[rn, word_id] (int32, (BN, WORDS, 1)) and the float32 scale of each word's block."""
+    words_per_row = K // 8
+    ok = (rn < N) & (word_id < words_per_row)
+    words = tl.load(w_ptr + rn.to(tl.int64) * words_per_row + word_id, mask=ok, other=0)
+    scale = _block_scale(rn * (K // BLOCKSIZE) + word_id // (BLOCKSIZE // 8), ok, absmax_ptr, nested_map_ptr,
+                         nested_absmax_ptr, offset_ptr, DOUBLE_QUANT)
+    return words, scale
+
+
+@triton.jit
+def _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AT_END: tl.constexpr,
+               SHUFFLE: tl.constexpr):
+    """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), summed across threads at every step of K
+    (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``)."""
+    if AT_END:
+        return _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N,
+                                 BLOCK_K, SHUFFLE)
+    else:
+        return _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M,
+                                    BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), for ``weight`` = (packed words, code,
+    absmax, nested map, nested absmax, offset) of N rows: the loop of the module docstring."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    rn = (n0 + tl.arange(0, BLOCK_N))[:, None, None]  # (BN, 1, 1)
+    word = tl.arange(0, WORDS)[None, :, None]  # (1, WORDS, 1)
+    j = tl.arange(0, 8)[None, None, :]  # (1, 1, 8)
+    shift = 4 * (j ^ 1)  # bit of weight j in a little-endian int32 word (see above)
+    rm = tl.arange(0, BLOCK_M)[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
+    args = (w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
+    words, scale = _nf4_tile_and_scale(*args, rn, word, N, K, BLOCKSIZE, DOUBLE_QUANT)
+    for k0 in range(0, K, BLOCK_K):
+        # ask for the next tile before using this one: two tiles in flight hide the memory latency
+        next_words, next_scale = _nf4_tile_and_scale(*args, rn, (k0 + BLOCK_K) // 8 + word, N, K,
+                                                     BLOCKSIZE, DOUBLE_QUANT)
+        w = tl.load(code_ptr + ((words >> shift) & 0xF)) * scale  # (BN, WORDS, 8): W[rn, k0 + 8 word + j]
+        k = k0 + 8 * word + j  # (1, WORDS, 8)
+        for m in range(M):  # the tile is expanded once and used for every row of x
+            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            acc += tl.where(rm == m, tl.sum(tl.sum(w * x, axis=2), axis=1)[None, :], 0.0)
+        words, scale = next_words, next_scale
+    return acc
+
+
+@triton.jit
+def _split8(t, C: tl.constexpr):
+    """The 8 columns of t (4, C, 8) as 8 tensors (4, C), each left in the thread that holds its row."""
+    even, odd = tl.split(tl.reshape(t, (4, C, 4, 2)))  # columns 0 2 4 6 / 1 3 5 7
+    c04, c26 = tl.split(tl.reshape(even, (4, C, 2, 2)))
+    c15, c37 = tl.split(tl.reshape(odd, (4, C, 2, 2)))
+    c0, c4 = tl.split(c04)
+    c2, c6 = tl.split(c26)
+    c1, c5 = tl.split(c15)
+    c3, c7 = tl.split(c37)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _split4(t, C: tl.constexpr):
+    """The 4 columns of t (4, C, 4) as 4 tensors (4, C), each left in the thread that holds its row."""
+    even, odd = tl.split(tl.reshape(t, (4, C, 2, 2)))  # columns 0 2 / 1 3
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _lane_codes(code_ptr, like):
+    """The code table spread over a warp for ``_code``'s shuffles: code[lane % 16] as int32 bits in every element
+    of a tensor shaped as ``like``, where lane is the warp lane that holds the element. Picked out of the 16
+    codes by selects (before the loop), not gathered: a gather's load could be laid out over other lanes."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    table = tl.zeros_like(lane)
+    for i in tl.static_range(16):
+        table = tl.where((lane & 15) == i, tl.load(code_ptr + i).to(tl.int32, bitcast=True), table)
+    return table
+
+
+@triton.jit
+def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
+    """code[nibble & 15] in float32: loaded (from the L1 cache), or (``SHUFFLE``) copied from ``table`` in lane
+    nibble & 15 of this half of the warp. A shuffle in 16-lane segments takes only the low 4 bits of the source
+    lane (the PTX ISA's shfl.sync: bits 0-4 of b, less the segment mask 0x10 in bits 8-12 of c), so the nibble
+    needs no mask. Every lane of the warp must run it together: the branches around it (the loop over K, the
+    partial last step, which weight a program takes) go the same way for every lane of a program. And the table
+    must reach it in the lanes ``_lane_codes`` made it in, with no layout conversion between (Triton makes none
+    here; bench/check_kernels_compile.py checks the compiled kernels for one)."""
+    if SHUFFLE:
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, nibble],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return tl.load(code_ptr + (nibble & 0xF))
+
+
+@triton.jit
+def _word_codes(words, table, code_ptr, SHUFFLE: tl.constexpr):
+    """The codes of weights j = 0..7 of each word, 8 tensors shaped as ``words``: weight j sits at bit
+    4 * (j ^ 1) of the little-endian word (see above). ``SHUFFLE``: by shuffles from ``table`` (``_code``)."""
+    return (_code(words >> 4, table, code_ptr, SHUFFLE), _code(words, table, code_ptr, SHUFFLE),
+            _code(words >> 12, table, code_ptr, SHUFFLE), _code(words >> 8, table, code_ptr, SHUFFLE),
+            _code(words >> 20, table, code_ptr, SHUFFLE), _code(words >> 16, table, code_ptr, SHUFFLE),
+            _code(words >> 28, table, code_ptr, SHUFFLE), _code(words >> 24, table, code_ptr, SHUFFLE))
+
+
+@triton.jit
+def _word_dots(codes, x_ptr, k0, K, C: tl.constexpr, MASKED: tl.constexpr):
+    """(BN, 4, C): for each word (r, c) of the step, word 4 c + r, the sum over its 8 weights j of codes[j]
+    * x[k0 + 8 (4 c + r) + j]; x read as (4, C) rows of 8, each 16 bytes (bf16: 4 int32 pairs), so that a chunk
+    c's 4 words and their x sit in one thread. ``MASKED``: x past K reads 0."""
+    r, c = tl.arange(0, 4)[:, None, None], tl.arange(0, C)[None, :, None]
+    if x_ptr.dtype.element_ty == tl.bfloat16:  # two values an int32: float32 is a bf16's bits, 16 places up
+        k = k0 // 2 + (4 * c + r) * 4 + tl.arange(0, 4)[None, None, :]  # (4, C, 4) pairs
+        if MASKED:
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k, mask=2 * k < K, other=0)
+        else:
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k)
+        p0, p1, p2, p3 = _split4(pairs, C)
+        x0, x1 = (p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True)
+        x2, x3 = (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True)
+        x4, x5 = (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True)
+        x6, x7 = (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True)
+    else:
+        k = k0 + (4 * c + r) * 8 + tl.arange(0, 8)[None, None, :]  # (4, C, 8)
+        if MASKED:
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        else:
+            x = tl.load(x_ptr + k)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x.to(tl.float32), C)
+    c0, c1, c2, c3, c4, c5, c6, c7 = codes
+    dot = c0 * x0[None] + c1 * x1[None] + c2 * x2[None] + c3 * x3[None]
+    return dot + c4 * x4[None] + c5 * x5[None] + c6 * x6[None] + c7 * x7[None]
+
+
+@triton.jit
+def _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M: tl.constexpr,
+              C: tl.constexpr, MASKED: tl.constexpr, SHUFFLE: tl.constexpr):
+    """acc (BM, BN, C) plus, for each row m of x, the step's scaled chunk dots (each chunk's 4 word dots summed in
+    its thread) in acc[m]; rows of x past M are read (as row M - 1) but never stored."""
+    rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
+    codes = _word_codes(words, table, code_ptr, SHUFFLE)  # once for every row of x
+    for m in tl.static_range(BLOCK_M):
+        dots = _word_dots(codes, x_ptr + tl.minimum(m, M - 1) * stride_xm, k0, K, C, MASKED)
+        acc += tl.where(rm == m, tl.sum(dots * scale, axis=1)[None], 0.0)
+    return acc
+
+
+@triton.jit
+def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHUFFLE: tl.constexpr):
+    """``_gemv_rows_each_step`` in fewer instructions a weight: a thread takes chunks of 4 words (32 weights of
+    one block) with their x, sums a chunk's products and scales them by the chunk's one scale, and keeps one
+    float per chunk across the loop, summed across threads once at the end; the loop over whole steps of K
+    masks nothing (rows past N repeat row N - 1 and are never stored; the next step's words are asked for
+    ahead, the last step's again at the last); a partial last step is masked. ``SHUFFLE``: the codes by
+    shuffles (``_code``). Needs K >= BLOCK_K >= 32."""
+    C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words (32 weights, within one block of 32 or more) a step
+    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
+    # a chunk's 4 words in one thread (one 16-byte load: the words' axis is the one in order in memory), where
+    # its x is (x's rows of 8 are laid out over the chunks, the 4 words of a chunk held by one thread): its scale
+    # found once, and nothing moves between threads inside the loop
+    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
+    w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
+    row_words = tl.multiple_of(K // 8, 4)  # K is a whole number of blocks of 32 or more: 16-byte rows
+    words_at = w_ptr + rn.to(tl.int64) * row_words + 4 * c + r  # (BN, 4, C): the first step's words
+    blocks = rn * (K // BLOCKSIZE) + (32 * c) // BLOCKSIZE  # (BN, 1, C): the first step's chunks' blocks
+    acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
+    scales = (absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
+    whole = K - K % BLOCK_K  # the columns of whole steps
+    words = tl.load(words_at)
+    table = _lane_codes(code_ptr, words) if SHUFFLE else None
+    scale = _block_scale(blocks, None, *scales, DOUBLE_QUANT)
+    for k0 in range(0, whole, BLOCK_K):
+        ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
+        next_words = tl.load(words_at + ahead // 8)
+        next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, C, False, SHUFFLE)
+        words, scale = next_words, next_scale
+    if whole < K:  # the last, partial step: whole chunks (K is a whole number of blocks)
+        ok = whole // 32 + c < K // 32
+        words = tl.load(words_at + whole // 8, mask=ok, other=0)
+        scale = _block_scale(blocks + whole // BLOCKSIZE, ok, *scales, DOUBLE_QUANT)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, C, True, SHUFFLE)
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, r_ptr, M, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+                     DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
+    """y[:, c_g : c_g + N_g] = x @ W_g.T for each weight g of ``weights`` (a tuple: one launch for all), where
+    ``rows`` = (0, N_0, N_0 + N_1, ...) gives both c_g and N_g; a program takes BLOCK_N rows of one weight.
+    With ``r_ptr`` (one weight only), y = r + x @ W.T: the residual added on the way out."""
+    if len(weights) == 1:  # no branch to take
+        _gemv_store(x_ptr, stride_xm, M, K, weights[0], tl.program_id(0) * BLOCK_N, rows[1], y_ptr, r_ptr,
+                    stride_ym, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE)
+    else:
+        first = 0  # the first program of weight g
+        for g in tl.static_range(len(weights)):
+            N = rows[g + 1] - rows[g]
+            n0 = (tl.program_id(0) - first) * BLOCK_N
+            if (n0 >= 0) & (n0 < N):
+                _gemv_store(x_ptr, stride_xm, M, K, weights[g], n0, N, y_ptr + rows[g], None, stride_ym,
+                            BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE)
+            first += tl.cdiv(N, BLOCK_N)
+
+
+@triton.jit
+def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, r_ptr, stride_ym, BLOCKSIZE: tl.constexpr,
+                DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
+    """y[:M, n0 : n0 + BLOCK_N] = x[:M] @ W[n0 : n0 + BLOCK_N].T (+ r, laid out as y, where given)."""
+    acc = _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                     AT_END, SHUFFLE)
+    rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
+    ok = (rm < M) & (rn < N)
+    if r_ptr is not None:  # the product rounded to y's dtype first, as F.linear's is, then the sum rounded
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32) + tl.load(r_ptr + rm * stride_ym + rn, mask=ok)
+    tl.store(y_ptr + rm * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _nf4_gemv_swiglu_kernel(x_ptr, gate, up, y_ptr, M, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
+                            DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
+    """y = silu(x @ W_gate.T) * (x @ W_up.T): a program takes the same BLOCK_N rows of both weights."""
+    n0 = tl.program_id(0) * BLOCK_N
+    dtype = y_ptr.dtype.element_ty
+    # each product rounded to x's dtype, and silu's result too, as F.linear and F.silu return them
+    g = _gemv_rows(x_ptr, stride_xm, M, K, gate, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END,
+                   SHUFFLE)
+    g = g.to(dtype).to(tl.float32)
+    u = _gemv_rows(x_ptr, stride_xm, M, K, up, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END,
+                   SHUFFLE)
+    silu = (g / (1 + tl.exp(-g))).to(dtype).to(tl.float32)
+    rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(y_ptr + rm * stride_ym + rn, (silu * u.to(dtype).to(tl.float32)).to(dtype), mask=(rm < M) & (rn < N))
+
+
+def gemv_takes(x2d, q: NF4Tensor) -> bool:
+    """Whether the GEMV kernel runs ``x2d @ W.T``: 1 to GEMV_MAX_M rows of x, rows of W of whole blocks and its
+    bytes readable as int32 words."""
+    return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words(q)
+
+
+def _aligned(x2d):
+    """x2d contiguous, its first value at a multiple of 4 bytes: the at-end loop reads bf16 x as int32 pairs."""
+    x2d = x2d.contiguous()
+    return x2d.clone() if x2d.data_ptr() % 4 else x2d
+
+
+def _gemv_weights(x2d, qs):
+    """The kernels' tuple of weight arguments for ``qs``, and their shared meta-parameters."""
+    M, K = x2d.shape
+    assert M <= 16 and all(q.shape[1] == K and K % q.blocksize == 0 for q in qs)
+    assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
+    weights = []
+    for q in qs:
+        packed, *tables = nf4_args(q)
+        weights.append((packed.view(-1).view(torch.int32), *tables))
+    meta = dict(BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant, BLOCK_M=triton.next_power_of_2(M))
+    return tuple(weights), meta
+
+
+def _tile_meta(M, K, tile):
+    """``tile`` (default ``gemv_tile(M)``) as the kernels' meta-parameters; the at-end loop steps over at most
+    K columns."""
+    block_n, block_k, warps, at_end = tile or gemv_tile(M)
+    if at_end:
+        block_k = min(block_k, 1 << (K.bit_length() - 1))
+    shuffle = at_end and SHUFFLES and os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, SHUFFLE=shuffle, num_warps=warps)
+
+
+def gemv_group(x2d, qs, tile=None, residual=None):
+    """(x2d @ W.T for W in ``qs``), weights that read the same x (q, k, v), in one launch: (M, N_g) views of one
+    (M, sum of N) output. For M <= 16 and rows of W of whole blocks; ``tile`` (BLOCK_N, BLOCK_K, num_warps,
+    at_end) overrides ``gemv_tile``'s. ``residual`` (M, N), one weight only: ``residual + x2d @ W.T``."""
+    M = x2d.shape[0]
+    x2d = _aligned(x2d)
+    weights, meta = _gemv_weights(x2d, qs)
+    rows = tuple(itertools.accumulate((q.shape[0] for q in qs), initial=0))
+    y = torch.empty((M, rows[-1]), device=x2d.device, dtype=x2d.dtype)
+    if residual is not None:
+        assert len(qs) == 1 and residual.shape == y.shape and residual.dtype == y.dtype
+        residual = residual.contiguous()  # laid out as y
+    meta |= _tile_meta(M, x2d.shape[1], tile)
+    with launch_device(x2d):
+        _nf4_gemv_kernel[(sum(triton.cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
+            x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
+    return tuple(y[:, a:b] for a, b in itertools.pairwise(rows))
+
+
+def gemv(x2d, q: NF4Tensor, tile=None, residual=None):
+    """(M, K) @ W.T (+ ``residual``) -> (M, N) in x's dtype by the GEMV kernel (``gemv_group`` of one weight)."""
+    return gemv_group(x2d, [q], tile, residual)[0]
+
+
+def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
+    """``F.silu(x2d @ W_gate.T) * (x2d @ W_up.T)`` in one launch, for M <= 16 and rows of W of whole blocks."""
+    assert gate.shape == up.shape
+    M, N = x2d.shape[0], gate.shape[0]
+    x2d = _aligned(x2d)
+    (gate_args, up_args), meta = _gemv_weights(x2d, [gate, up])
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    meta |= _tile_meta(M, x2d.shape[1], tile)
+    with launch_device(x2d):
+        _nf4_gemv_swiglu_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+            x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
+    return y
