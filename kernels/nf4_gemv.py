@@ -39,8 +39,6 @@ the kernel takes a tuple of weights, a program the rows of one of them) and
 ``gemv_swiglu`` (gate and up, a program the same rows of both, SwiGLU applied
 before the store); ``gemv(..., residual=)`` adds the residual before the store
 (o and down in the decoding step).
-
-Backward, dx = dy @ W: the dequantize kernel, then cuBLAS (W is frozen: no
 """
 import itertools
 import os
