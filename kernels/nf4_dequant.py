@@ -78,14 +78,43 @@ def _nf4_dequant_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absm
 
 
 @triton.jit
-def _word_codes(words, code_ptr):
+def _lane_codes(code_ptr, like):
+    """The code table spread over a warp for ``_code``'s shuffles: code[lane % 16] as int32 bits in every element
+    of a tensor shaped as ``like``, where lane is the warp lane that holds the element. Picked out of the 16
+    codes by selects (before the loop), not gathered: a gather's load could be laid out over other lanes."""
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
+    table = tl.zeros_like(lane)
+    for i in tl.static_range(16):
+        table = tl.where((lane & 15) == i, tl.load(code_ptr + i).to(tl.int32, bitcast=True), table)
+    return table
+
+
+@triton.jit
+def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
+    """code[nibble & 15] in float32: loaded (from the L1 cache), or (``SHUFFLE``) copied from ``table`` in lane
+    nibble & 15 of this half of the warp. A shuffle in 16-lane segments takes only the low 4 bits of the source
+    lane (the PTX ISA's shfl.sync: bits 0-4 of b, less the segment mask 0x10 in bits 8-12 of c), so the nibble
+    needs no mask. Every lane of the warp must run it together: the branches around it (the loop over K, the
+    partial last step, which weight a program takes) go the same way for every lane of a program. And the table
+    must reach it in the lanes ``_lane_codes`` made it in, with no layout conversion between (Triton makes none
+    here; bench/check_kernels_compile.py checks the compiled kernels for one)."""
+    if SHUFFLE:
+        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, nibble],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return tl.load(code_ptr + (nibble & 0xF))
+
+
+@triton.jit
+def _word_codes(words, table, code_ptr, SHUFFLE: tl.constexpr):
     """The code values of the 8 weights of each int32 word of packed bytes, in order: weight j sits at bit
     4 * (j ^ 1) of a little-endian word (4, 0, 12, 8, 20, 16, 28, 24), a byte's first weight in its high
-    nibble (the GEMV's ``_word_dots`` looks them up in the same order, each beside its product)."""
-    return (tl.load(code_ptr + ((words >> 4) & 0xF)), tl.load(code_ptr + (words & 0xF)),
-            tl.load(code_ptr + ((words >> 12) & 0xF)), tl.load(code_ptr + ((words >> 8) & 0xF)),
-            tl.load(code_ptr + ((words >> 20) & 0xF)), tl.load(code_ptr + ((words >> 16) & 0xF)),
-            tl.load(code_ptr + ((words >> 28) & 0xF)), tl.load(code_ptr + ((words >> 24) & 0xF)))
+    nibble. ``SHUFFLE``: by shuffles from ``table`` (``_code``; the GEMV), else loaded (``table`` None)."""
+    return (_code(words >> 4, table, code_ptr, SHUFFLE), _code(words, table, code_ptr, SHUFFLE),
+            _code(words >> 12, table, code_ptr, SHUFFLE), _code(words >> 8, table, code_ptr, SHUFFLE),
+            _code(words >> 20, table, code_ptr, SHUFFLE), _code(words >> 16, table, code_ptr, SHUFFLE),
+            _code(words >> 28, table, code_ptr, SHUFFLE), _code(words >> 24, table, code_ptr, SHUFFLE))
 
 
 @triton.jit
@@ -109,7 +138,7 @@ def _nf4_dequant_words_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, neste
         words = tl.load(w_ptr + word, mask=ok, other=0)
         scale = _block_scale(word // (BLOCKSIZE // 8), ok, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
                              offset_ptr, DOUBLE_QUANT)
-        w = _join8(_word_codes(words, code_ptr), WORDS) * scale[:, None]
+        w = _join8(_word_codes(words, None, code_ptr, False), WORDS) * scale[:, None]
         flat = word[:, None] * 8 + tl.arange(0, 8)[None, :]
         tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
-from bailong_kernels.nf4_dequant import _block_scale, launch_device, nf4_args, readable_as_words
+from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _word_codes, launch_device, nf4_args, \
+    readable_as_words
 
 SHUFFLES = True  # the at-end loop, compiled, takes each code from another lane's register, not from the L1 cache
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
@@ -151,45 +152,6 @@ def _split4(t, C: tl.constexpr):
     c0, c2 = tl.split(even)
     c1, c3 = tl.split(odd)
     return c0, c1, c2, c3
-
-
-@triton.jit
-def _lane_codes(code_ptr, like):
-    """The code table spread over a warp for ``_code``'s shuffles: code[lane % 16] as int32 bits in every element
-    of a tensor shaped as ``like``, where lane is the warp lane that holds the element. Picked out of the 16
-    codes by selects (before the loop), not gathered: a gather's load could be laid out over other lanes."""
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like], dtype=tl.int32, is_pure=True, pack=1)
-    table = tl.zeros_like(lane)
-    for i in tl.static_range(16):
-        table = tl.where((lane & 15) == i, tl.load(code_ptr + i).to(tl.int32, bitcast=True), table)
-    return table
-
-
-@triton.jit
-def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
-    """code[nibble & 15] in float32: loaded (from the L1 cache), or (``SHUFFLE``) copied from ``table`` in lane
-    nibble & 15 of this half of the warp. A shuffle in 16-lane segments takes only the low 4 bits of the source
-    lane (the PTX ISA's shfl.sync: bits 0-4 of b, less the segment mask 0x10 in bits 8-12 of c), so the nibble
-    needs no mask. Every lane of the warp must run it together: the branches around it (the loop over K, the
-    partial last step, which weight a program takes) go the same way for every lane of a program. And the table
-    must reach it in the lanes ``_lane_codes`` made it in, with no layout conversion between (Triton makes none
-    here; bench/check_kernels_compile.py checks the compiled kernels for one)."""
-    if SHUFFLE:
-        bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, nibble],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return tl.load(code_ptr + (nibble & 0xF))
-
-
-@triton.jit
-def _word_codes(words, table, code_ptr, SHUFFLE: tl.constexpr):
-    """The codes of weights j = 0..7 of each word, 8 tensors shaped as ``words``: weight j sits at bit
-    4 * (j ^ 1) of the little-endian word (see above). ``SHUFFLE``: by shuffles from ``table`` (``_code``)."""
-    return (_code(words >> 4, table, code_ptr, SHUFFLE), _code(words, table, code_ptr, SHUFFLE),
-            _code(words >> 12, table, code_ptr, SHUFFLE), _code(words >> 8, table, code_ptr, SHUFFLE),
-            _code(words >> 20, table, code_ptr, SHUFFLE), _code(words >> 16, table, code_ptr, SHUFFLE),
-            _code(words >> 28, table, code_ptr, SHUFFLE), _code(words >> 24, table, code_ptr, SHUFFLE))
 
 
 @triton.jit
