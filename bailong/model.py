@@ -337,7 +337,10 @@ class Llama(nn.Module):
         targeted positions, from float32 logits."""
         h = self.hidden_states(input_ids, cache)
         if targets is None:
-            return self.lm_head(h[:, -1:] if last_only else h)
+            h = h[:, -1:] if last_only else h
+            if (fused := decode_kernels(h)) is not None and (logits := fused.projections(h, (self.lm_head,))):
+                return logits[0]  # decoding: the head by the GEMV kernel
+            return self.lm_head(h)
         targets = targets.flatten()
         total = summed_loss(h.flatten(0, 1), self.lm_head, targets, layer_kernels(h))
         return total / (targets != -100).sum().clamp(min=1)

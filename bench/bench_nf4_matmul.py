@@ -17,6 +17,8 @@ the L1 cache instead of taken from other lanes by shuffles (``SHUFFLES``).
 Then the launches the fused decoding step makes: q, k and v of Llama-2-7B in
 one launch against three, and gate and up with SwiGLU in one launch against two
 GEMVs and the SwiGLU kernel, with the default tile and with the sweep's best.
+Then the GEMV's dense loop on the bf16 weights themselves (a bf16 model's
+decoding step, and the head), against cuBLAS, up to GEMV_MAX_M rows.
 Last, the two dequantize kernels (byte by byte, the default, and word by word):
 each alone, and before cuBLAS at a training step's rows of x (``--train-m``),
 against bf16 cuBLAS.
@@ -33,7 +35,8 @@ from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.decode import swiglu
 from bailong_kernels import nf4_gemv
-from bailong_kernels.nf4_gemv import gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
+from bailong_kernels.dense_gemv import dense_tile, dense_tiles
+from bailong_kernels.nf4_gemv import GEMV_MAX_M, gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
 from bailong_kernels.nf4_matmul import dequant_matmul
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -163,6 +166,8 @@ def main():
                   f"{(t_bnb or float('nan')) / t_gemv:8.2f} {t_deq / t_gemv:8.2f}", flush=True)
     one_launch(device, dtype, timed, ms, best_tiles, (40, 128) if args.tiny else SHAPES[0],
                (48, 128) if args.tiny else SHAPES[1])
+    dense_gemv(device, dtype, timed, bandwidth, shapes if args.tiny else SHAPES + [(32000, 4096)],
+               [m for m in ms if m <= GEMV_MAX_M], sweep)
     dequantize_kernels(device, dtype, timed, bandwidth, shapes, 8 if args.tiny else args.train_m)
 
 
@@ -194,6 +199,33 @@ def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
             print(f"  M={M} tile {','.join(map(str, tile))}: q, k, v {three * 1e3:.2f} -> {one * 1e3:.2f} us "
                   f"({three / one:.2f}x); gate, up, SwiGLU {apart * 1e3:.2f} -> {fused * 1e3:.2f} us "
                   f"({apart / fused:.2f}x)", flush=True)
+
+
+def dense_gemv(device, dtype, timed, bandwidth, shapes, ms, sweep):
+    """The GEMV's dense loop on the unquantized weight (a bf16 model's decoding step with the fused kernels,
+    and every model's head) against cuBLAS: the default tile and the best of ``dense_tiles``; GB/s of the
+    weight read."""
+    print("bf16 weights: the GEMV's dense loop against cuBLAS (us, GB/s of the weight)")
+    for N, K in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
+        ws = [w] + [w.clone() for _ in range(max(1, L2_BYTES // (2 * w.numel())) - 1)] if device == "cuda" else [w]
+        for M in ms:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            ref = x.float() @ w.float().T
+            t_cublas = timed([lambda w=w: x @ w.T for w in ws])
+            times = {}
+            for tile in dict.fromkeys([dense_tile(M)] + (dense_tiles(M) if M in sweep else [])):
+                checked(lambda: gemv(x, w, tile), ref)
+                times[tile] = timed([lambda w=w: gemv(x, w, tile) for w in ws])
+            best = min(times, key=times.get)
+            gbs = lambda t: 2 * w.numel() / t / 1e6  # noqa: E731
+            share = lambda t: f" ({gbs(t) * 1e9 / bandwidth:.0%} of copy)" if bandwidth else ""  # noqa: E731
+            print(f"{f'{N}x{K}':>12} {M:3d} | cuBLAS {t_cublas * 1e3:8.2f} {gbs(t_cublas):5.0f}{share(t_cublas)} | "
+                  f"ours {times[dense_tile(M)] * 1e3:8.2f} {gbs(times[dense_tile(M)]):5.0f} | best "
+                  f"{','.join(map(str, best[:3]))} {times[best] * 1e3:8.2f} {gbs(times[best]):5.0f}{share(times[best])}"
+                  f" | ours/cuBLAS {times[dense_tile(M)] / t_cublas:.2f}, best/cuBLAS {times[best] / t_cublas:.2f}",
+                  flush=True)
 
 
 def dequantize_kernels(device, dtype, timed, bandwidth, shapes, m):

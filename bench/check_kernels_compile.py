@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from bailong.nf4 import quantize
-from bailong_kernels import decode, layers, nf4_dequant as dequant, nf4_gemv
+from bailong_kernels import decode, dense_gemv, layers, nf4_dequant as dequant, nf4_gemv
 
 KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
            dequant._nf4_dequant_words_kernel,
@@ -97,13 +97,14 @@ def instructions(cubin: bytes) -> int:
     return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?!NOP)[^;]*;", cuobjdump(cubin, "-sass")))
 
 
-def loop_instructions(cubin: bytes) -> int:
-    """SASS instructions in the body of the kernel's longest loop (a branch back to an earlier address)."""
+def loop_body(cubin: bytes) -> list[str]:
+    """The SASS instructions in the body of the kernel's longest loop (a branch back to an earlier address)."""
     sass = cuobjdump(cubin, "-sass")
-    addresses = [int(a, 16) for a, _ in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = [(int(target, 16), int(at, 16)) for at, target in
              re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]
-    return max((sum(start <= a <= end for a in addresses) for start, end in loops if start < end), default=0)
+    return max(([op for a, op in code if start <= a <= end] for start, end in loops if start < end), key=len,
+               default=[])
 
 
 def tables_stay_in_their_lanes(ttgir: str) -> bool:
@@ -158,7 +159,12 @@ def compile_all(arch):
                     # each-step loop runs over the rows at run time (an inner loop) so it is counted at M = 1 only
                     if meta["BLOCK_M"] == 1 or meta["AT_END"]:
                         per_thread = meta["BLOCK_N"] * meta["BLOCK_K"] / (32 * meta["num_warps"])
-                        row["loop_instr_per_weight"] = round(loop_instructions(compiled.asm["cubin"]) / per_thread, 1)
+                        body = loop_body(compiled.asm["cubin"])
+                        row["loop_instr_per_weight"] = round(len(body) / per_thread, 1)
+                        # values moved between threads through shared memory inside the loop: a layout conversion
+                        opcodes = [next(t for t in op.split() if not t.startswith("@")) for op in body]
+                        row["loop_shared_memory"] = "yes" if any(o.startswith(("BAR", "STS", "LDS", "LDSM"))
+                                                                 for o in opcodes) else "no"
                     rows.append(row)
             return compile_only
 
@@ -188,7 +194,21 @@ def compile_all(arch):
                                 nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), q, tile)
                             finally:
                                 nf4_gemv.SHUFFLES = True
+        for (N, K), dtype in [((4096, 4096), bf16), ((11008, 4096), bf16), ((4096, 11008), bf16),
+                              ((32000, 4096), bf16), ((4096, 4096), fp16)]:  # dense weights: a bf16 model, heads
+            w = torch.randn(N, K, dtype=dtype)
+            for M in [1, 2, 4]:  # the tile dense_tile picks, and at one row every tile the benchmark tries
+                for tile in [None] + (dense_gemv.dense_tiles(M) if M == 1 and N == K and dtype == bf16 else []):
+                    case = f"{str(dtype)[6:]} y=x@W.T M={M} dense N={N} K={K}"
+                    nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), w, tile)
         x = torch.randn(1, 4096, dtype=bf16)
+        dense = [torch.randn(n, 4096, dtype=bf16) for n in (4096, 1024, 1024, 11008)]
+        case = "bf16 q, k, v in one launch M=1 dense N=4096+1024+1024 K=4096"
+        nf4_gemv.gemv_group(x, dense[:3])
+        case = "bf16 residual + x@W.T (o, down) M=1 dense N=4096 K=4096"
+        nf4_gemv.gemv(x, dense[0], residual=x)
+        case = "bf16 silu(gate) * up in one launch M=1 dense N=11008 K=4096"
+        nf4_gemv.gemv_swiglu(x, dense[3], dense[3])
         qkv = [quantize(torch.randn(n, 4096) * 0.02) for n in (4096, 1024, 1024)]  # GQA: k and v narrower
         gate = quantize(torch.randn(11008, 4096) * 0.02)
         for tile in [None, (2, 1024, 2, True)]:

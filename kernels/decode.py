@@ -7,10 +7,11 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
 
 - ``rms_norm``: ``RMSNorm.forward`` (square, mean, rsqrt, multiply, casts) in one launch.
 - ``swiglu``: ``silu(gate) * up`` in one launch.
-- ``projections``: q, k and v (or any bare NF4 projections that read the same x) in
-  one GEMV launch; ``gated_projection``: gate and up with SwiGLU on the way out, in
-  one launch; ``added_projection``: o or down with the residual added on the way
-  out (``bailong_kernels.nf4_gemv.gemv_group`` / ``gemv_swiglu`` / ``gemv``).
+- ``projections``: q, k and v (or any bare NF4 projections that read the same x,
+  or bare bf16 / fp16 ones: the GEMV's dense loop) in one GEMV launch, and the
+  head; ``gated_projection``: gate and up with SwiGLU on the way out, in one
+  launch; ``added_projection``: o or down with the residual added on the way out
+  (``bailong_kernels.nf4_gemv.gemv_group`` / ``gemv_swiglu`` / ``gemv``).
 - ``decode_attention``: for one new token, RoPE on q and k, the new k and v
   written into the KV cache, and attention over the positions filled so far
   (not the whole cache buffer), in one launch (two for a long cache):
@@ -37,10 +38,11 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 
 from bailong.quantized import NF4Linear
 from bailong_kernels.nf4_dequant import launch_device
-from bailong_kernels.nf4_gemv import gemv, gemv_group, gemv_swiglu, gemv_takes
+from bailong_kernels.nf4_gemv import dense_takes, gemv, gemv_group, gemv_swiglu, gemv_takes
 
 
 @triton.jit
@@ -83,15 +85,19 @@ def swiglu(gate, up):
 
 
 def _one_launch_weights(x, layers):
-    """The NF4 weights of ``layers`` if one GEMV launch can take them all for x (bare NF4 projections the GEMV
-    takes, quantized alike, no autocast: ``nf4_matmul`` would cast x), else None."""
-    if torch.is_autocast_enabled(x.device.type) or not all(type(m) is NF4Linear for m in layers):
+    """The weights of ``layers`` if one GEMV launch can take them all for x, else None: bare NF4 projections
+    the GEMV takes, quantized alike, or bare bias-free linear layers in x's dtype (``dense_takes``); no autocast
+    (it would cast x)."""
+    if torch.is_autocast_enabled(x.device.type):
         return None
-    qs = [m.weight for m in layers]
     x2d = x.reshape(-1, x.shape[-1])
-    if len({(q.blocksize, q.double_quant) for q in qs}) > 1 or not all(gemv_takes(x2d, q) for q in qs):
-        return None
-    return qs
+    ws = [m.weight for m in layers]
+    if all(type(m) is NF4Linear for m in layers):
+        if len({(q.blocksize, q.double_quant) for q in ws}) == 1 and all(gemv_takes(x2d, q) for q in ws):
+            return ws
+    elif all(type(m) is nn.Linear and m.bias is None for m in layers) and all(dense_takes(x2d, w) for w in ws):
+        return ws
+    return None
 
 
 def projections(x, layers):

@@ -1,5 +1,5 @@
 """The NF4 GEMV in Triton: y = x @ W.T for 1 to 16 rows of x (decoding), reading the 4-bit weight once
-(``bailong_kernels.nf4_matmul`` chooses it or dequantize + cuBLAS).
+(``bailong_kernels.nf4_matmul`` chooses it or dequantize + cuBLAS); and the same for bf16 weights.
 
 The GEMV kernel, for W (N, K) whose rows are whole blocks:
 
@@ -34,6 +34,10 @@ False``), 19.8 for the first loop (bench/check_kernels_compile.py counts them).
 The interpreter runs no PTX: there it loads the codes. It is in the
 benchmark's tile sweep and becomes the default once a GPU run times it faster.
 
+The same kernels take dense weights too (a tensor in x's dtype where an NF4Tensor
+would go), for a bf16 model's decoding step and every model's head: the loop
+``bailong_kernels.dense_gemv._dense_rows``.
+
 Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
 the kernel takes a tuple of weights, a program the rows of one of them) and
 ``gemv_swiglu`` (gate and up, a program the same rows of both, SwiGLU applied
@@ -48,6 +52,7 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
+from bailong_kernels.dense_gemv import _dense_rows, dense_tile
 from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _word_codes, launch_device, nf4_args, \
     readable_as_words
 
@@ -95,8 +100,11 @@ def _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, D
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AT_END: tl.constexpr,
                SHUFFLE: tl.constexpr):
     """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), summed across threads at every step of K
-    (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``)."""
-    if AT_END:
+    (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``); for a dense ``weight``
+    (one tensor: bf16, fp16 or fp32) ``_dense_rows``."""
+    if len(weight) == 1:
+        return _dense_rows(x_ptr, stride_xm, M, K, weight[0], n0, N, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif AT_END:
         return _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N,
                                  BLOCK_K, SHUFFLE)
     else:
@@ -294,6 +302,14 @@ def gemv_takes(x2d, q: NF4Tensor) -> bool:
     return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words(q)
 
 
+def dense_takes(x2d, w: torch.Tensor, rows=GEMV_MAX_M) -> bool:
+    """Whether the GEMV kernel takes ``x2d @ w.T`` for a dense w (``_dense_rows``): 1 to ``rows`` rows of x, w
+    2-D, contiguous, in x's dtype, its rows a multiple of 8 values and its first value at a multiple of 16 bytes.
+    (From 8 rows of x on the loop issues more instructions than reading bf16 at a copy's rate allows.)"""
+    return (0 < x2d.shape[0] <= rows and w.dim() == 2 and w.is_contiguous() and w.dtype == x2d.dtype
+            and w.shape[1] == x2d.shape[1] and w.shape[1] % 8 == 0 and w.data_ptr() % 16 == 0)
+
+
 def _aligned(x2d):
     """x2d contiguous, its first value at a multiple of 4 bytes: the at-end loop reads bf16 x as int32 pairs."""
     x2d = x2d.contiguous()
@@ -301,8 +317,12 @@ def _aligned(x2d):
 
 
 def _gemv_weights(x2d, qs):
-    """The kernels' tuple of weight arguments for ``qs``, and their shared meta-parameters."""
+    """The kernels' tuple of weight arguments for ``qs`` (NF4, or dense: ``dense_takes``), and their shared
+    meta-parameters."""
     M, K = x2d.shape
+    if not isinstance(qs[0], NF4Tensor):
+        assert all(dense_takes(x2d, w, rows=16) for w in qs)
+        return tuple((w,) for w in qs), dict(BLOCKSIZE=8, DOUBLE_QUANT=False, BLOCK_M=triton.next_power_of_2(M))
     assert M <= 16 and all(q.shape[1] == K and K % q.blocksize == 0 for q in qs)
     assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
     weights = []
@@ -313,13 +333,14 @@ def _gemv_weights(x2d, qs):
     return tuple(weights), meta
 
 
-def _tile_meta(M, K, tile):
-    """``tile`` (default ``gemv_tile(M)``) as the kernels' meta-parameters; the at-end loop steps over at most
-    K columns."""
-    block_n, block_k, warps, at_end = tile or gemv_tile(M)
+def _tile_meta(M, K, w, tile=None):
+    """``tile`` (default: ``gemv_tile(M)``, or ``dense_tile(M)`` where w is dense) as the kernels'
+    meta-parameters; the at-end loop and the dense one step over at most K columns."""
+    nf4 = isinstance(w, NF4Tensor)
+    block_n, block_k, warps, at_end = tile or (gemv_tile(M) if nf4 else dense_tile(M))
     if at_end:
         block_k = min(block_k, 1 << (K.bit_length() - 1))
-    shuffle = at_end and SHUFFLES and os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
+    shuffle = nf4 and at_end and SHUFFLES and os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, SHUFFLE=shuffle, num_warps=warps)
 
 
@@ -335,7 +356,7 @@ def gemv_group(x2d, qs, tile=None, residual=None):
     if residual is not None:
         assert len(qs) == 1 and residual.shape == y.shape and residual.dtype == y.dtype
         residual = residual.contiguous()  # laid out as y
-    meta |= _tile_meta(M, x2d.shape[1], tile)
+    meta |= _tile_meta(M, x2d.shape[1], qs[0], tile)
     with launch_device(x2d):
         _nf4_gemv_kernel[(sum(triton.cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
             x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
@@ -354,7 +375,7 @@ def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
     x2d = _aligned(x2d)
     (gate_args, up_args), meta = _gemv_weights(x2d, [gate, up])
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    meta |= _tile_meta(M, x2d.shape[1], tile)
+    meta |= _tile_meta(M, x2d.shape[1], gate, tile)
     with launch_device(x2d):
         _nf4_gemv_swiglu_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
             x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)

@@ -80,6 +80,28 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K, monkeypatch):
 
 
 @pytest.mark.parametrize("M", [1, 2, 4])
+def test_dense_gemv_in_bfloat16_at_llama_shapes(M):
+    """The GEMV's dense loop on bf16 weights (the fused decoding step of a bf16 model, the head): every tile the
+    benchmark tries, q, k, v in one launch, gate and up with SwiGLU, the residual added; value by value against
+    float32 on the same bits, to a bf16 rounding (and a thousandth of the largest output)."""
+    import torch.nn.functional as F
+
+    from bailong_kernels import dense_gemv as d, nf4_gemv as g
+    torch.manual_seed(M)
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    ws = {n: (torch.randn(n, 4096, device="cuda") * 0.02).bfloat16() for n in (4096, 1024, 11008, 32000)}
+    ref = {n: x.float() @ w.float().T for n, w in ws.items()}
+    pairs = [(g.gemv(x, w, tile), ref[n]) for n, w in ws.items() for tile in d.dense_tiles(M) + [None]]
+    pairs += list(zip(g.gemv_group(x, [ws[4096], ws[1024], ws[1024]]), [ref[4096], ref[1024], ref[1024]]))
+    pairs.append((g.gemv_swiglu(x, ws[11008], ws[11008]), F.silu(ref[11008]) * ref[11008]))
+    residual = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    pairs.append((g.gemv(x, ws[4096], residual=residual), residual.float() + ref[4096]))
+    for ours, expected in pairs:
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), expected, rtol=2e-2, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("M", [1, 2, 4])
 def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
     """q, k, v (GQA widths) in one launch, gate, up with SwiGLU in one, o with the residual added, against float32
     on the same bits."""
@@ -189,11 +211,12 @@ def test_fused_decode_kernels_in_bfloat16_at_llama_shapes(p):
     assert close(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp_path):
+@pytest.mark.parametrize("quantize", ["nf4", None])  # NF4 projections, or dense ones (the GEMV's dense loop)
+def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp_path, quantize):
     import bailong_kernels
     from bailong.generation import _decoders
     folder, _ = write_hf(tmp_path, "gqa")
-    model, _ = bailong.load(folder, dtype=torch.float32, quantize="nf4")
+    model, _ = bailong.load(folder, dtype=torch.float32, quantize=quantize)
     model.eval()
     prompt = list(range(3, 20))
     plain = generate(model, prompt, 40, GREEDY, stop_ids=[])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bailong.nf4 import BLOCKSIZES, quantize
 from conftest import ROOT
-from bailong_kernels import nf4_gemv as g, nf4_matmul as m
+from bailong_kernels import dense_gemv as d, nf4_gemv as g, nf4_matmul as m
 from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.nf4_matmul import nf4_matmul
 
@@ -207,6 +207,51 @@ def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
         torch.testing.assert_close(gated_out / scale, gated / scale, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_dense_loop(dtype):
+    """A dense weight (the decoding step of a bf16 model, and the head): bf16 read as int32 pairs, other dtypes
+    as they are; at one row of x every tile the benchmark tries; K a whole number of steps or not or shorter
+    than a step, rows of W past a whole number of tiles, up to 16 rows of x; in one launch with another weight,
+    with SwiGLU and with the residual on the way out. bf16 to 1e-2: the interpreter truncates float32 to bf16."""
+    from bounds import checked_bounds
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else TOL[dtype]
+    torch.manual_seed(0)
+    for N, K in [(13, 1536), (5, 2056), (5, 40)]:
+        w, u = torch.randn(N, K, dtype=dtype), torch.randn(N, K, dtype=dtype)
+        for M in [1, 3, 16]:
+            x = torch.randn(M, K, dtype=dtype)
+            ref = F.linear(x.float(), w.float())
+            tiles = {1: d.dense_tiles(1) + [d.dense_tile(1)], 3: [d.dense_tile(3), (1, 512, 1, True)]}
+            for tile in tiles.get(M, [(1, 512, 1, True)]):
+                with checked_bounds():
+                    y = g.gemv(x, w, tile)
+                torch.testing.assert_close(y.float() / ref.abs().max(), ref / ref.abs().max(), **tol,
+                                           msg=f"N={N} K={K} M={M} {tile}")
+            if M == 16:  # (slow interpreted)
+                continue
+            residual = torch.randn(M, N, dtype=dtype) * 10
+            with checked_bounds():
+                outs = g.gemv_group(x, [w, u[:7].contiguous()])
+                added = g.gemv(x, w, residual=residual)
+                gated = g.gemv_swiglu(x, w, u)
+            up = F.linear(x.float(), u.float())
+            for out, expected in [(outs[0], ref), (outs[1], up[:, :7]), (added, residual.float() + ref),
+                                  (gated, F.silu(ref) * up)]:
+                scale = expected.abs().max()
+                torch.testing.assert_close(out.float() / scale, expected / scale, **tol, msg=f"N={N} K={K} M={M}")
+
+
+def test_dense_weights_the_gemv_takes():
+    """Up to GEMV_MAX_M rows of x (the decoding step's routing; ``gemv`` itself takes 16), and only weights the
+    dense loop reads as it assumes."""
+    x, w = torch.randn(4, 64, dtype=torch.float16), torch.randn(8, 64, dtype=torch.float16)
+    assert g.GEMV_MAX_M == 4 and g.dense_takes(x, w) and g.dense_takes(x[:1], w)
+    shifted = torch.cat([torch.zeros(1, dtype=w.dtype), w.view(-1)])[1:].view(8, 64)  # 2 bytes into its storage
+    for x_, w_ in [(torch.randn(5, 64, dtype=x.dtype), w), (x, w.float()), (x[:, :36], w[:, :36].contiguous()),
+                   (x, w.t().contiguous().t()), (x, shifted)]:  # 5 rows, dtypes, K % 8, not contiguous, at 2 B
+        assert not g.dense_takes(x_.contiguous(), w_)
+
+
 def test_up_to_4_rows_take_the_gemv_kernel_more_take_cublas(monkeypatch):
     ran = []
     monkeypatch.setattr(m, "gemv", lambda x, q: ran.append("gemv") or x @ q.dequantize(x.dtype).T)
@@ -244,7 +289,8 @@ def test_benchmark_script_runs_at_tiny_sizes():
     assert "gemv us" in result.stdout and "| bytes/words " in result.stdout and "+ cuBLAS: bytes" in result.stdout
     assert "best at-end" in result.stdout and "q, k, v" in result.stdout and "gate, up, SwiGLU" in result.stdout
     rows = [line for line in result.stdout.splitlines() if line.strip().startswith("40x128 ")]
-    assert len(rows) == 3 and "bytes/words" in rows[2]  # M = 1 and 3, then the dequantize kernels
+    assert len(rows) == 5 and "bytes/words" in rows[4]  # M = 1 and 3, the dense loop at both, the dequantize kernels
+    assert all("ours/cuBLAS" in row for row in rows[2:4])
 
 
 @pytest.mark.slow  # about 15 s on 2 cores: CI runs it after the README's test command
@@ -266,16 +312,24 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     for row in rows:  # x and the packed weight are read in wide loads
         assert int(row["vector_loads"]) >= 2 or "scalar loads" in row["case"], row
 
-    def loop_counts(config):  # (arch, case, tile) -> loop instructions a weight, one row of x, bf16 x
+    def loop_counts(config, dense=False):  # (arch, case, tile) -> loop instructions a weight, one row of bf16 x
         return {(r["arch"], r["case"].removesuffix(", codes from the L1 cache"), r["config"].replace(config, "")):
                 float(r["loop_instr_per_weight"]) for r in rows if config in r["config"] and r["case"].startswith("bf")
-                and r["config"].startswith("block_m=1,") and r["loop_instr_per_weight"] != "-"}
+                and r["config"].startswith("block_m=1,") and r["loop_instr_per_weight"] != "-"
+                and ("dense" in r["case"]) == dense}
     each_step, at_end = loop_counts("at_end=False,shuffle=False"), loop_counts("at_end=True,shuffle=True")
     assert at_end and max(at_end.values()) < 0.6 * min(each_step.values())  # the point of the at-end loop
     from_cache = loop_counts("at_end=True,shuffle=False")  # the same tiles with their codes loaded
     assert len(from_cache) == 8 and all(at_end[tile] < 0.75 * n for tile, n in from_cache.items())  # shuffles'
     shuffled = [r for r in rows if "shuffle=True" in r["config"]]  # tables reach the shuffles in their lanes
     assert shuffled and all(r["shuffle_tables"] == "in place" for r in shuffled)
+    dense = loop_counts("at_end=True,shuffle=False", dense=True)  # bf16 at a copy's rate leaves room for ~15
+    assert len(dense) == 2 * 12 and max(dense.values()) < 6, dense  # 9 tiles, q/k/v, residual, SwiGLU; 2 archs
+    # nothing moves between threads through shared memory inside the loop: the dense loop's, and the at-end loop's
+    # on one row of W a program (with more rows Triton moves values between threads)
+    in_place = [r for r in rows if r["case"].startswith("bf") and ("dense" in r["case"] or "block_n=1,block_k"
+                in r["config"] and "at_end=True" in r["config"])]
+    assert len(in_place) > 40 and all(r["loop_shared_memory"] == "no" for r in in_place), in_place
     dequantize = {r["kernel"]: float(r["instr_per_weight"]) for r in rows if r["arch"] == "sm_90"
                   and r["instr_per_weight"] != "-"}
     assert dequantize["nf4_dequant_words"] < 0.5 * dequantize["nf4_dequant"]  # the point of the word kernel
