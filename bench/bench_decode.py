@@ -7,7 +7,8 @@ prompts of one length decodes together through ``GraphDecoder(batch=B)`` (each
 weight read once a step for all B sequences), against transformers' generate()
 on the same B prompts. Rows, fast ones first: ours in the compute dtype; ours on
 NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
-also with the fused decoding step (``bailong_kernels.decode``, off by default until timed),
+also with the fused decoding step (``bailong_kernels.decode``, off by default until timed; in
+the compute dtype its projections and head run the GEMV's loop for bf16 weights),
 and at batch 1 the fused step with the GEMV's at-end loop (``AT_END``, not the default either);
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
@@ -45,7 +46,7 @@ from bailong_kernels.nf4_gemv import gemv_tile
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 CHAT = Sampling(seed=0)  # chat.py's default sampling
-AT_END = (1, 1024, 1, True)  # a GEMV tile of the at-end loop (shuffled codes) for one row, not yet the default
+AT_END = (2, 1024, 1, True)  # a GEMV tile of the at-end loop (shuffled codes) for one row, not yet the default
 
 
 def seconds(fn, n, device):

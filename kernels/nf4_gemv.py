@@ -28,9 +28,10 @@ but from a register of another lane: lanes i and i + 16 of the warp hold
 code[i], and a shuffle (``shfl.sync.idx``, in 16-lane segments) whose source
 lane is the nibble itself copies it over, one instruction where a load costs
 four (mask, 64-bit address, load); and it reads bf16 x two values an int32,
-widened to float32 by moving bits. Compiled for sm_90 at one row of x: 5.3-5.9
-instructions a weight, 8.1-11.4 with the codes from the L1 cache (``SHUFFLES =
-False``), 19.8 for the first loop (bench/check_kernels_compile.py counts them).
+widened to float32 by moving bits. Compiled for sm_90 at one row of x: 4.1-5.3
+instructions a weight (1 to 4 rows of W a thread), 6.8-8.1 with the codes from
+the L1 cache (``SHUFFLES = False``), 19.8 for the first loop
+(bench/check_kernels_compile.py counts them).
 The interpreter runs no PTX: there it loads the codes. It is in the
 benchmark's tile sweep and becomes the default once a GPU run times it faster.
 
@@ -66,11 +67,12 @@ def gemv_tiles(M=1):
     instructions a weight may also beat dequantize + cuBLAS above 4 rows (GEMV_MAX_M moves only once timed)."""
     # each step: the winners of the last GPU sweep of twelve tiles and their neighbours (docs/BENCHMARKS.md)
     each_step = [(1, 512, 1), (1, 1024, 1), (1, 2048, 1), (1, 1024, 2), (2, 1024, 2), (4, 1024, 4)]
-    # at end: every thread a chunk of 32 weights at least (BLOCK_N BLOCK_K >= 1024 warps: else chunks are split
-    # over threads and x moves between them), at most 8 chunks x rows of x a thread, and from 8 rows of x on one
-    # row of W a program (more spilled registers)
-    at_end = [(1, 1024, 1), (1, 2048, 1), (2, 512, 1), (2, 1024, 1), (1, 2048, 2), (2, 1024, 2), (4, 512, 2),
-              (4, 1024, 4), (8, 512, 4)]
+    # at end: a step's chunks (BLOCK_K / 32) at least one for every thread of every warp (BLOCK_K >= 1024 warps:
+    # else Triton lays a program's rows of W, or a chunk's words, over the warps, but not x, and x moves between
+    # threads through shared memory every step, bench/check_kernels_compile.py), at most 8 chunks x rows of x a
+    # thread, and from 8 rows of x on one row of W a program (more spilled registers)
+    at_end = [(1, 1024, 1), (2, 1024, 1), (4, 1024, 1), (1, 2048, 1), (2, 2048, 1), (1, 2048, 2), (2, 2048, 2),
+              (4, 2048, 2), (1, 4096, 4)]
     rows = triton.next_power_of_2(M)
     return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if rows * t[0] * t[1] <= 8192 * t[2]
                                                and (rows < 8 or t[0] == 1)]

@@ -320,16 +320,14 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     each_step, at_end = loop_counts("at_end=False,shuffle=False"), loop_counts("at_end=True,shuffle=True")
     assert at_end and max(at_end.values()) < 0.6 * min(each_step.values())  # the point of the at-end loop
     from_cache = loop_counts("at_end=True,shuffle=False")  # the same tiles with their codes loaded
-    assert len(from_cache) == 8 and all(at_end[tile] < 0.75 * n for tile, n in from_cache.items())  # shuffles'
+    assert len(from_cache) == 10 and all(at_end[tile] < 0.75 * n for tile, n in from_cache.items())  # shuffles'
     shuffled = [r for r in rows if "shuffle=True" in r["config"]]  # tables reach the shuffles in their lanes
     assert shuffled and all(r["shuffle_tables"] == "in place" for r in shuffled)
     dense = loop_counts("at_end=True,shuffle=False", dense=True)  # bf16 at a copy's rate leaves room for ~15
     assert len(dense) == 2 * 12 and max(dense.values()) < 6, dense  # 9 tiles, q/k/v, residual, SwiGLU; 2 archs
-    # nothing moves between threads through shared memory inside the loop: the dense loop's, and the at-end loop's
-    # on one row of W a program (with more rows Triton moves values between threads)
-    in_place = [r for r in rows if r["case"].startswith("bf") and ("dense" in r["case"] or "block_n=1,block_k"
-                in r["config"] and "at_end=True" in r["config"])]
-    assert len(in_place) > 40 and all(r["loop_shared_memory"] == "no" for r in in_place), in_place
+    # nothing moves between threads through shared memory inside the loop, the dense loop's or the at-end loop's
+    in_place = [r for r in rows if r["case"].startswith("bf") and "at_end=True" in r["config"]]
+    assert len(in_place) > 60 and all(r["loop_shared_memory"] == "no" for r in in_place), in_place
     dequantize = {r["kernel"]: float(r["instr_per_weight"]) for r in rows if r["arch"] == "sm_90"
                   and r["instr_per_weight"] != "-"}
     assert dequantize["nf4_dequant_words"] < 0.5 * dequantize["nf4_dequant"]  # the point of the word kernel
