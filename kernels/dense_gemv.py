@@ -1,5 +1,5 @@
 """The GEMV's loop for dense weights: y = x @ W.T for 1 to 16 rows of x and a W (N, K) in x's dtype, bf16
-above all. The NF4 GEMV's kernels (``bailong_kernels.nf4_gemv``) run it where a tensor stands in for an NF4
+or fp16. The NF4 GEMV's kernels (``bailong_kernels.nf4_gemv``) run it where a tensor stands in for an NF4
 weight (``nf4_gemv.dense_takes``), in the decoding step with the fused kernels: a bf16 model's projections (q,
 k, v in one launch, gate and up with SwiGLU on the way out, o and down with the residual) and the head, which
 an NF4 model keeps in bf16 too.
@@ -10,8 +10,9 @@ an NF4 model keeps in bf16 too.
             acc += sum over the thread's 8 of w * x[:, k0 : k0 + BLOCK_K]    # one float per 8 weights
         y[:, rows] = sum of acc across the threads    # once, at the end
 
-It is the NF4 GEMV's at-end loop without codes or scales; bf16 is read as int32
-pairs and widened by moving bits (a bf16 is a float32's upper half). Compiled
+It is the NF4 GEMV's at-end loop without codes or scales; the weights and x are
+read as int32 pairs, bf16 widened by moving bits (a bf16 is a float32's upper
+half), fp16 converted. Compiled
 for sm_90 at one row of x: 3.6-5.8 instructions a weight, where reading bf16 at
 an H200's copy rate leaves room for about 15, so it can be bound by memory (at
 2 rows 6.6, at 4 rows 11.2; from 8 rows on it would not be, and the decoding
@@ -46,17 +47,16 @@ def dense_tile(M):
 
 @triton.jit
 def _halves(ptr, pair, mask, MASKED: tl.constexpr):
-    """The values at ptr + 2 pair and ptr + 2 pair + 1 (pair: 3-D, offsets of value pairs) as two float32
-    tensors of pair's shape: bf16 read as int32 pairs, each widened by one shift or one mask (a bf16 is a
-    float32's upper half), other dtypes read as they are, 2 a pair."""
+    """The values at ptr + 2 pair and ptr + 2 pair + 1 (pair: offsets of value pairs) as two float32 tensors
+    laid out as pair, for 16-bit values read as int32 pairs: bf16 widened by one shift or one mask (a bf16 is a
+    float32's upper half), fp16 by a conversion of each half."""
+    at = ptr.to(tl.pointer_type(tl.int32)) + pair
+    pairs = tl.load(at, mask=mask, other=0) if MASKED else tl.load(at)
     if ptr.dtype.element_ty == tl.bfloat16:
-        at = ptr.to(tl.pointer_type(tl.int32)) + pair
-        pairs = tl.load(at, mask=mask, other=0) if MASKED else tl.load(at)
         return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
     else:
-        at = (ptr + 2 * pair)[:, :, :, None] + tl.arange(0, 2)
-        values = tl.load(at, mask=mask[:, :, :, None], other=0.0) if MASKED else tl.load(at)
-        return tl.split(values.to(tl.float32))
+        lo, hi = pairs.to(tl.int16), (pairs >> 16).to(tl.int16)
+        return lo.to(tl.float16, bitcast=True).to(tl.float32), hi.to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit

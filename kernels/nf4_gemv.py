@@ -103,7 +103,7 @@ def _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, D
                SHUFFLE: tl.constexpr):
     """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), summed across threads at every step of K
     (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``); for a dense ``weight``
-    (one tensor: bf16, fp16 or fp32) ``_dense_rows``."""
+    (one tensor: bf16 or fp16) ``_dense_rows``."""
     if len(weight) == 1:
         return _dense_rows(x_ptr, stride_xm, M, K, weight[0], n0, N, BLOCK_M, BLOCK_N, BLOCK_K)
     elif AT_END:
@@ -306,9 +306,11 @@ def gemv_takes(x2d, q: NF4Tensor) -> bool:
 
 def dense_takes(x2d, w: torch.Tensor, rows=GEMV_MAX_M) -> bool:
     """Whether the GEMV kernel takes ``x2d @ w.T`` for a dense w (``_dense_rows``): 1 to ``rows`` rows of x, w
-    2-D, contiguous, in x's dtype, its rows a multiple of 8 values and its first value at a multiple of 16 bytes.
-    (From 8 rows of x on the loop issues more instructions than reading bf16 at a copy's rate allows.)"""
+    bf16 or fp16 in x's dtype, 2-D, contiguous, its rows a multiple of 8 values and its first value at a multiple
+    of 16 bytes. (From 8 rows of x on the loop issues more instructions than reading bf16 at a copy's rate
+    allows.)"""
     return (0 < x2d.shape[0] <= rows and w.dim() == 2 and w.is_contiguous() and w.dtype == x2d.dtype
+            and w.dtype in (torch.bfloat16, torch.float16)
             and w.shape[1] == x2d.shape[1] and w.shape[1] % 8 == 0 and w.data_ptr() % 16 == 0)
 
 

@@ -209,10 +209,10 @@ def test_projections_that_read_the_same_x_in_one_launch(at_end, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_dense_loop(dtype):
-    """A dense weight (the decoding step of a bf16 model, and the head): bf16 read as int32 pairs, other dtypes
-    as they are; at one row of x every tile the benchmark tries; K a whole number of steps or not or shorter
-    than a step, rows of W past a whole number of tiles, up to 16 rows of x; in one launch with another weight,
-    with SwiGLU and with the residual on the way out. bf16 to 1e-2: the interpreter truncates float32 to bf16."""
+    """A dense weight (the decoding step of a bf16 model, and the head), read as int32 pairs: at one row of x
+    every tile the benchmark tries; K a whole number of steps or not or shorter than a step, rows of W past a
+    whole number of tiles, up to 16 rows of x; in one launch with another weight, with SwiGLU and with the
+    residual on the way out. bf16 to 1e-2: the interpreter truncates float32 to bf16."""
     from bounds import checked_bounds
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else TOL[dtype]
     torch.manual_seed(0)
@@ -247,8 +247,9 @@ def test_dense_weights_the_gemv_takes():
     x, w = torch.randn(4, 64, dtype=torch.float16), torch.randn(8, 64, dtype=torch.float16)
     assert g.GEMV_MAX_M == 4 and g.dense_takes(x, w) and g.dense_takes(x[:1], w)
     shifted = torch.cat([torch.zeros(1, dtype=w.dtype), w.view(-1)])[1:].view(8, 64)  # 2 bytes into its storage
-    for x_, w_ in [(torch.randn(5, 64, dtype=x.dtype), w), (x, w.float()), (x[:, :36], w[:, :36].contiguous()),
-                   (x, w.t().contiguous().t()), (x, shifted)]:  # 5 rows, dtypes, K % 8, not contiguous, at 2 B
+    for x_, w_ in [(torch.randn(5, 64, dtype=x.dtype), w), (x, w.float()), (x.float(), w.float()),
+                   (x[:, :36], w[:, :36].contiguous()), (x, w.t().contiguous().t()), (x, shifted)]:
+        # 5 rows; dtypes that differ, float32; K % 8; not contiguous; 2 bytes into its storage
         assert not g.dense_takes(x_.contiguous(), w_)
 
 
@@ -326,7 +327,8 @@ def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     dense = loop_counts("at_end=True,shuffle=False", dense=True)  # bf16 at a copy's rate leaves room for ~15
     assert len(dense) == 2 * 12 and max(dense.values()) < 6, dense  # 9 tiles, q/k/v, residual, SwiGLU; 2 archs
     # nothing moves between threads through shared memory inside the loop, the dense loop's or the at-end loop's
-    in_place = [r for r in rows if r["case"].startswith("bf") and "at_end=True" in r["config"]]
+    in_place = [r for r in rows if (r["case"].startswith("bf") or "dense" in r["case"])
+                and "at_end=True" in r["config"]]
     assert len(in_place) > 60 and all(r["loop_shared_memory"] == "no" for r in in_place), in_place
     dequantize = {r["kernel"]: float(r["instr_per_weight"]) for r in rows if r["arch"] == "sm_90"
                   and r["instr_per_weight"] != "-"}

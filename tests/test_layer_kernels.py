@@ -173,7 +173,8 @@ def gpu_path(monkeypatch, fused_step, layer_kernels=False):
 
 
 def tiny_nf4(layers=2, quantized=True):
-    """A tiny float32 model in eval mode, its projections NF4 (``quantized``) or dense."""
+    """A tiny model in eval mode: float32 with NF4 projections (``quantized``), or float16 (the GEMV's dense loop
+    takes 16-bit weights)."""
     import bailong
     from bailong.config import preset
     from bailong.model import init_weights
@@ -182,7 +183,7 @@ def tiny_nf4(layers=2, quantized=True):
     config.num_hidden_layers, config.intermediate_size = layers, 192  # every projection takes the GEMV kernel
     torch.manual_seed(0)
     model = init_weights(bailong.Llama(config)).eval()
-    return quantize_model(model) if quantized else model
+    return quantize_model(model) if quantized else model.half()
 
 
 @pytest.mark.parametrize("part_positions,quantized", [(512, True), (16, True), (512, False)])
@@ -209,12 +210,12 @@ def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch, part_positions, 
 # Launches of one batch-1 decoding step of a 2-layer NF4 model on the GPU's path, and per layer: today's default
 # (recorded when the GEMV kernel replaced the split-K kernels: one launch per projection instead of two) and with
 # the fused decoding step switched on (13 a layer when recorded first; 9 since q/k/v and gate/up + SwiGLU are one
-# GEMV launch each; 7 since o and down add the residual on the way out), and the fused step of a dense model (its
-# projections and head by the GEMV's dense loop). Cut these as the step is fused further; never raise them without
-# a reason.
+# GEMV launch each; 7 since o and down add the residual on the way out), and the fused step of a float16 model (its
+# projections and head by the GEMV's dense loop; 2 more launches than float32 outside the layers, RoPE's angles cast
+# to float16). Cut these as the step is fused further; never raise them without a reason.
 DECODE_STEP_BUDGET = {(False, True): {"per layer": 36, "whole step": 97},
                       (True, True): {"per layer": 7, "whole step": 34},
-                      (True, False): {"per layer": 7, "whole step": 34}}
+                      (True, False): {"per layer": 7, "whole step": 36}}
 
 
 @pytest.mark.parametrize("fused_step,quantized", list(DECODE_STEP_BUDGET))
@@ -230,9 +231,9 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step, quanti
             with count_launches(monkeypatch) as launches:
                 model(torch.tensor([[4]]), cache, last_only=True)
         # seven projections a layer: one launch each, or with the fused step q/k/v as one and gate/up as one; and
-        # with the fused step the head
+        # with the fused step the float16 model's head (the float32 one's stays a PyTorch matmul)
         gemv = ["_nf4_gemv_kernel"] * (3 if fused_step else 7) + ["_nf4_gemv_swiglu_kernel"] * fused_step
-        head = ["_nf4_gemv_kernel"] * fused_step
+        head = ["_nf4_gemv_kernel"] * (fused_step and not quantized)
         assert sorted(n for n in launches.triton if "gemv" in n) == sorted(gemv * layers + head)
         counts[layers] = len(launches.aten) + len(launches.triton)
     per_layer = counts[2] - counts[1]
