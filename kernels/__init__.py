@@ -8,7 +8,8 @@ this package holds only the switches that decide whether the model runs them:
     bailong_kernels.nf4_matmul.nf4_matmul(x, q)     is  bailong.quantized.NF4Matmul.apply(x, q)
     bailong_kernels.decode                          RMSNorm, SwiGLU, RoPE + KV-cache write + attention;
                                                     q/k/v and gate/up + SwiGLU as one GEMV launch each,
-                                                    o and down adding the residual in theirs
+                                                    o and down adding the residual in theirs, NF4 or
+                                                    bf16 (bailong_kernels.dense_gemv), the head too
     bailong_kernels.layers                          RMSNorm, SwiGLU and RoPE for training, with their backward;
                                                     the chunked loss's cross-entropy
 

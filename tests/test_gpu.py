@@ -211,12 +211,12 @@ def test_fused_decode_kernels_in_bfloat16_at_llama_shapes(p):
     assert close(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@pytest.mark.parametrize("quantize", ["nf4", None])  # NF4 projections, or dense ones (the GEMV's dense loop)
+@pytest.mark.parametrize("quantize", ["nf4", None])  # NF4 projections, or float16 ones (the GEMV's dense loop)
 def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp_path, quantize):
     import bailong_kernels
     from bailong.generation import _decoders
     folder, _ = write_hf(tmp_path, "gqa")
-    model, _ = bailong.load(folder, dtype=torch.float32, quantize=quantize)
+    model, _ = bailong.load(folder, dtype=torch.float32 if quantize else torch.float16, quantize=quantize)
     model.eval()
     prompt = list(range(3, 20))
     plain = generate(model, prompt, 40, GREEDY, stop_ids=[])
