@@ -203,7 +203,7 @@ def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
 
 def dense_gemv(device, dtype, timed, bandwidth, shapes, ms, sweep):
     """The GEMV's dense loop on the unquantized weight (a bf16 model's decoding step with the fused kernels,
-    and every model's head) against cuBLAS: the default tile and the best of ``dense_tiles``; GB/s of the
+    and a bf16 head) against cuBLAS: the default tile and the best of ``dense_tiles``; GB/s of the
     weight read."""
     print("bf16 weights: the GEMV's dense loop against cuBLAS (us, GB/s of the weight)")
     for N, K in shapes:

@@ -91,12 +91,12 @@ def _one_launch_weights(x, layers):
     if torch.is_autocast_enabled(x.device.type):
         return None
     x2d = x.reshape(-1, x.shape[-1])
-    ws = [m.weight for m in layers]
     if all(type(m) is NF4Linear for m in layers):
-        if len({(q.blocksize, q.double_quant) for q in ws}) == 1 and all(gemv_takes(x2d, q) for q in ws):
-            return ws
-    elif all(type(m) is nn.Linear and m.bias is None for m in layers) and all(dense_takes(x2d, w) for w in ws):
-        return ws
+        qs = [m.weight for m in layers]
+        if len({(q.blocksize, q.double_quant) for q in qs}) == 1 and all(gemv_takes(x2d, q) for q in qs):
+            return qs
+    elif all(type(m) is nn.Linear and m.bias is None and dense_takes(x2d, m.weight) for m in layers):
+        return [m.weight for m in layers]
     return None
 
 

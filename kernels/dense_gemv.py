@@ -1,8 +1,8 @@
 """The GEMV's loop for dense weights: y = x @ W.T for 1 to 16 rows of x and a W (N, K) in x's dtype, bf16
 or fp16. The NF4 GEMV's kernels (``bailong_kernels.nf4_gemv``) run it where a tensor stands in for an NF4
 weight (``nf4_gemv.dense_takes``), in the decoding step with the fused kernels: a bf16 model's projections (q,
-k, v in one launch, gate and up with SwiGLU on the way out, o and down with the residual) and the head, which
-an NF4 model keeps in bf16 too.
+k, v in one launch, gate and up with SwiGLU on the way out, o and down with the residual) and a bf16 head,
+which an NF4 model keeps too.
 
     for each tile of BLOCK_N rows of W              (one program; all of K)
         for k0 in 0, BLOCK_K, 2 BLOCK_K, ... < K:

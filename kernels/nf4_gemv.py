@@ -36,7 +36,7 @@ The interpreter runs no PTX: there it loads the codes. It is in the
 benchmark's tile sweep and becomes the default once a GPU run times it faster.
 
 The same kernels take dense weights too (a tensor in x's dtype where an NF4Tensor
-would go), for a bf16 model's decoding step and every model's head: the loop
+would go), for a bf16 model's decoding step and a bf16 head: the loop
 ``bailong_kernels.dense_gemv._dense_rows``.
 
 Projections that read the same x run as one launch: ``gemv_group`` (q, k and v:
@@ -305,13 +305,12 @@ def gemv_takes(x2d, q: NF4Tensor) -> bool:
 
 
 def dense_takes(x2d, w: torch.Tensor, rows=GEMV_MAX_M) -> bool:
-    """Whether the GEMV kernel takes ``x2d @ w.T`` for a dense w (``_dense_rows``): 1 to ``rows`` rows of x, w
-    bf16 or fp16 in x's dtype, 2-D, contiguous, its rows a multiple of 8 values and its first value at a multiple
-    of 16 bytes. (From 8 rows of x on the loop issues more instructions than reading bf16 at a copy's rate
-    allows.)"""
+    """Whether the GEMV kernel takes ``x2d @ w.T`` for a dense w (``_dense_rows``): 1 to ``rows`` rows of x (the
+    decoding step's GEMV_MAX_M by default), w bf16 or fp16 in x's dtype, 2-D, contiguous, its rows a non-zero
+    multiple of 8 values and its first value at a multiple of 16 bytes."""
     return (0 < x2d.shape[0] <= rows and w.dim() == 2 and w.is_contiguous() and w.dtype == x2d.dtype
             and w.dtype in (torch.bfloat16, torch.float16)
-            and w.shape[1] == x2d.shape[1] and w.shape[1] % 8 == 0 and w.data_ptr() % 16 == 0)
+            and w.shape[1] == x2d.shape[1] and w.shape[1] >= 8 and w.shape[1] % 8 == 0 and w.data_ptr() % 16 == 0)
 
 
 def _aligned(x2d):
@@ -342,7 +341,7 @@ def _tile_meta(M, K, w, tile=None):
     meta-parameters; the at-end loop and the dense one step over at most K columns."""
     nf4 = isinstance(w, NF4Tensor)
     block_n, block_k, warps, at_end = tile or (gemv_tile(M) if nf4 else dense_tile(M))
-    if at_end:
+    if at_end or not nf4:  # (the dense loop ends at the end whatever the tile says)
         block_k = min(block_k, 1 << (K.bit_length() - 1))
     shuffle = nf4 and at_end and SHUFFLES and os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter runs no PTX
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, AT_END=at_end, SHUFFLE=shuffle, num_warps=warps)

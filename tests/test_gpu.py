@@ -90,10 +90,11 @@ def test_dense_gemv_in_bfloat16_at_llama_shapes(M):
     torch.manual_seed(M)
     x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
     ws = {n: (torch.randn(n, 4096, device="cuda") * 0.02).bfloat16() for n in (4096, 1024, 11008, 32000)}
+    up = (torch.randn(11008, 4096, device="cuda") * 0.02).bfloat16()
     ref = {n: x.float() @ w.float().T for n, w in ws.items()}
     pairs = [(g.gemv(x, w, tile), ref[n]) for n, w in ws.items() for tile in d.dense_tiles(M) + [None]]
     pairs += list(zip(g.gemv_group(x, [ws[4096], ws[1024], ws[1024]]), [ref[4096], ref[1024], ref[1024]]))
-    pairs.append((g.gemv_swiglu(x, ws[11008], ws[11008]), F.silu(ref[11008]) * ref[11008]))
+    pairs.append((g.gemv_swiglu(x, ws[11008], up), F.silu(ref[11008]) * (x.float() @ up.float().T)))
     residual = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
     pairs.append((g.gemv(x, ws[4096], residual=residual), residual.float() + ref[4096]))
     for ours, expected in pairs:

@@ -221,7 +221,8 @@ def test_the_dense_loop(dtype):
         for M in [1, 3, 16]:
             x = torch.randn(M, K, dtype=dtype)
             ref = F.linear(x.float(), w.float())
-            tiles = {1: d.dense_tiles(1) + [d.dense_tile(1)], 3: [d.dense_tile(3), (1, 512, 1, True)]}
+            tiles = {1: d.dense_tiles(1) + [d.dense_tile(1)], 3: [d.dense_tile(3), (1, 512, 1, True),
+                                                                  (1, 512, 1, False)]}  # the same loop
             for tile in tiles.get(M, [(1, 512, 1, True)]):
                 with checked_bounds():
                     y = g.gemv(x, w, tile)

@@ -207,6 +207,27 @@ def test_fused_decode_step_decodes_as_pytorch_does(monkeypatch, part_positions, 
     assert ids == expected
 
 
+def test_the_fused_step_takes_only_the_weights_the_gemv_reads():
+    """One GEMV launch takes bare NF4 projections quantized alike, or bare bias-free 16-bit linear layers in x's
+    dtype; anything else (a bias, float32, LoRA, autocast, NF4 and dense mixed, a module without a weight) keeps
+    its own forward."""
+    from torch import nn
+
+    from bailong.lora import LoRALinear
+    from bailong_kernels import decode
+    x = torch.randn(1, 1, 64, dtype=torch.float16)
+    plain = nn.Linear(64, 32, bias=False).half()
+    assert decode._one_launch_weights(x, (plain, plain)) is not None
+    nf4 = tiny_nf4(1).model.layers[0].self_attn.q_proj
+    assert decode._one_launch_weights(x.float(), (nf4,)) is not None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert decode._one_launch_weights(x, (plain,)) is None
+    for x_, layers in [(x, (nn.Linear(64, 32).half(),)), (x.float(), (plain.float(),)),
+                       (x, (LoRALinear(plain, 4, 1.0),)), (x.float(), (nf4, plain.float())), (x, (nn.Identity(),)),
+                       (torch.randn(1, 5, 64, dtype=torch.float16), (plain,))]:
+        assert decode._one_launch_weights(x_, layers) is None, layers
+
+
 # Launches of one batch-1 decoding step of a 2-layer NF4 model on the GPU's path, and per layer: today's default
 # (recorded when the GEMV kernel replaced the split-K kernels: one launch per projection instead of two) and with
 # the fused decoding step switched on (13 a layer when recorded first; 9 since q/k/v and gate/up + SwiGLU are one
