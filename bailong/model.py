@@ -339,7 +339,7 @@ class Llama(nn.Module):
         if targets is None:
             h = h[:, -1:] if last_only else h
             if (fused := decode_kernels(h)) is not None and (logits := fused.projections(h, (self.lm_head,))):
-                return logits[0]  # decoding: the head by the GEMV kernel
+                return logits[0]  # decoding: the head by the GEMV kernel (its forward hooks, if any, not run)
             return self.lm_head(h)
         targets = targets.flatten()
         total = summed_loss(h.flatten(0, 1), self.lm_head, targets, layer_kernels(h))

@@ -314,7 +314,8 @@ def dense_takes(x2d, w: torch.Tensor, rows=GEMV_MAX_M) -> bool:
 
 
 def _aligned(x2d):
-    """x2d contiguous, its first value at a multiple of 4 bytes: the at-end loop reads bf16 x as int32 pairs."""
+    """x2d contiguous, its first value at a multiple of 4 bytes: the at-end and dense loops read 16-bit x as int32
+    pairs."""
     x2d = x2d.contiguous()
     return x2d.clone() if x2d.data_ptr() % 4 else x2d
 
