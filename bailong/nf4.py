@@ -60,17 +60,19 @@ NF4_CODE = torch.tensor([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
 
 
-def dynamic_code() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit "dynamic" code (256 values in [-1, 1]), built the same way.
+def dynamic_code(signed=True) -> torch.Tensor:
+    """bitsandbytes' 8-bit "dynamic" code (256 values), built the same way.
 
     For exponent e = 0..6 it places 2**e evenly spaced fractions in [0.1, 1], scaled
-    by 10**(e - 6), on both signs; with 0 and 1 that makes 256 values, dense near 0.
+    by 10**(e - 6), on both signs; with 0 and 1 that makes 256 values in [-1, 1],
+    dense near 0. Unsigned, the sign's bit goes to the fractions instead (2**(e + 1)
+    of them, all in [0, 1]): the code of values that are never negative.
     """
     data = []
     for e in range(7):
-        bounds = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+        bounds = torch.linspace(0.1, 1, (2 ** e if signed else 2 ** (e + 1)) + 1, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
-        data += (10 ** (e - 6) * means).tolist() + (-(10 ** (e - 6)) * means).tolist()
+        data += (10 ** (e - 6) * means).tolist() + ((-(10 ** (e - 6)) * means).tolist() if signed else [])
     return torch.tensor(sorted(data + [0, 1.0]), dtype=torch.float32)
 
 
