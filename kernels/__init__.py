@@ -1,4 +1,4 @@
-"""Triton kernels for NF4: dequantize, the NF4 GEMV and matmul, and the fused decoding step.
+"""Triton kernels: NF4 dequantize, the NF4 GEMV and matmul, the fused decoding step, training's layers.
 
 This folder imports as ``bailong_kernels`` (pyproject.toml maps it; PyPI's
 ``kernels`` package owns the plain name). The kernels live in their modules, and
@@ -12,17 +12,19 @@ this package holds only the switches that decide whether the model runs them:
                                                     bf16 (bailong_kernels.dense_gemv), the head too
     bailong_kernels.layers                          RMSNorm, SwiGLU and RoPE for training, with their backward;
                                                     the chunked loss's cross-entropy
+    bailong_kernels.adamw8bit                       a tensor's step of bailong.optim.AdamW8bit (8-bit moments)
 
 Each has its PyTorch reference beside the code it replaces in ``bailong``. On
 the CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``,
 set before importing them), which is how the tests check them without a GPU.
 
-NF4 projections on CUDA run through these kernels; one switch forces the
-PyTorch reference anywhere: ``BAILONG_NF4_KERNELS=0`` in the environment, or
-``use_kernels(False)``. Up to 4 rows of x (decoding) take the GEMV kernel,
-which reads the 4-bit weight once; more rows take the dequantize kernel, then
-cuBLAS (``bailong_kernels.nf4_matmul``; the GEMV: ``bailong_kernels.nf4_gemv``). Measured
-speeds: docs/BENCHMARKS.md.
+NF4 projections (and the 8-bit AdamW's steps) on CUDA run through these
+kernels; one switch forces the PyTorch reference anywhere:
+``BAILONG_NF4_KERNELS=0`` in the environment, or ``use_kernels(False)``. Up
+to 4 rows of x (decoding) take the GEMV kernel, which reads the 4-bit weight
+once; more rows take the dequantize kernel, then cuBLAS
+(``bailong_kernels.nf4_matmul``; the GEMV: ``bailong_kernels.nf4_gemv``).
+Measured speeds: docs/BENCHMARKS.md.
 
 The fused decoding-step kernels (``bailong_kernels.decode``) and the training
 layer kernels (``bailong_kernels.layers``) are off until they are timed on a GPU:
