@@ -44,6 +44,7 @@ def main(argv=None):
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
+    from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.tokenizer import byte_tokenizer, open_tokenizer
     from bailong.vocab import extend_tokenizer
@@ -145,10 +146,7 @@ def main(argv=None):
                          pad_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
-    # fused on CUDA, as transformers' Trainer defaults to: one kernel, and no float32 temporaries the size of the
-    # LoRA state during the step (the multi-tensor way holds the square root of every second moment at once)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=True if trainable[0].is_cuda else None)
+    optimizer = build_optimizer(trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
     start = resume(out, model, optimizer, say) if config.resume else 0
     if start:
         say(f"resumed from {run.checkpoint(start)} at step {start}")

@@ -22,6 +22,7 @@ from bailong.files import atomic_write
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize": ("nf4", "none"),
+           "optimizer": ("adamw", "adamw8bit"),
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
@@ -58,6 +59,8 @@ class TrainConfig:
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    optimizer: str = field(default="adamw", metadata={"help": "adamw (float32 moments) or adamw8bit (AdamW's moments "
+                                                              "in 8 bits: 6 bytes less for each trained parameter)"})
     eval_every: int = 20
     eval_batches: int = 4
     held_out: float = field(default=0.1, metadata={"help": "share of documents kept apart to measure learning"})
@@ -265,6 +268,7 @@ class Metrics:
 def estimate_memory(model, config: TrainConfig) -> str:
     """A rough figure for the startup summary: weights + LoRA with Adam states + logits."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4 * 4  # fp32 value, grad, 2 moments
+    moments = 2 if config.optimizer == "adamw8bit" else 8  # two 8-bit codes, or two float32 values
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (4 + 4 + moments)  # fp32 value, grad
     logits = config.batch_size * config.seq_len * model.config.vocab_size * 4 * 3
     return f"~{(weights + lora + logits) / 2**30:.2f} GiB (weights, LoRA + AdamW, logits; activations extra)"

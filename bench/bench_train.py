@@ -2,7 +2,8 @@
 
 Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
-CUDA: what train.py and transformers' Trainer take), the same batch; each runs
+CUDA: what train.py and transformers' Trainer take; with ``--optimizer
+adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
 in a fresh process, a few warm-up steps first. Ours runs five times: as by
 default; with each LoRA projection one autograd node
 (``bailong.lora_fused.LoRAProjection``); with that and the norms, SwiGLU and
@@ -25,6 +26,7 @@ so it reads about the peak).
     python bench/bench_train.py --setting long        # a GPU: Llama-2-7B, r 16 on the projections, 8192
     python bench/bench_train.py --setting long --rows ours-all ours-offload theirs    # some sides only
     python bench/bench_train.py --setting recipe --dropout 0.05       # with train.py's LoRA dropout
+    python bench/bench_train.py --setting recipe --optimizer adamw8bit   # AdamW's moments in 8 bits, both sides
     python bench/bench_train.py --setting recipe --count     # what a step computes and moves (no GPU needed)
 
 On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed
@@ -99,7 +101,12 @@ def run_one(which, folder, args):
             model(input_ids=ids[:, :-1]).logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True if device == "cuda" else None)
+    if which.startswith("ours") or args.optimizer == "adamw":
+        from bailong.optim import build_optimizer
+        optimizer = build_optimizer(trainable, args.optimizer, lr=1e-4)  # torch's fused on CUDA, or 8-bit moments
+    else:
+        import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4, weight_decay=0.0)
     vocab = model.config.vocab_size
     batches = torch.Generator().manual_seed(0)
     losses = []
@@ -187,9 +194,12 @@ def count(config, args):
     print(f"  attention {attention / 1e12:.2f} TFLOP as counted, the whole T x T (a causal kernel skips about half)")
     print(f"  NF4 dequantization {nf4_bytes / 1e9:.1f} GB moved ({dequantized / 1e9:.2f} G weights dequantized, one "
           "for each matmul with them)")
-    print(f"  fused AdamW {trained * 28 / 1e9:.1f} GB moved (parameter, gradient and two moments read, three written)")
+    adamw_bytes = trained * (16 if args.optimizer == "adamw8bit" else 28)
+    kind = "8-bit" if args.optimizer == "adamw8bit" else "fused"
+    print(f"  {kind} AdamW {adamw_bytes / 1e9:.1f} GB moved (parameter, gradient and two moments read, parameter and "
+          "moments written)")
     print(json.dumps({"matmul_flops": sum(flops.values()), "attention_flops": attention, "nf4_bytes": nf4_bytes,
-                      "adamw_bytes": trained * 28, "trainable": trained}))
+                      "adamw_bytes": adamw_bytes, "trainable": trained}))
 
 
 def main():
@@ -205,6 +215,8 @@ def main():
     p.add_argument("--embedding-and-head", action="store_true", help="LoRA on the embedding and head too")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (train.py's default is "
                    "0.05; the losses then differ by the masks drawn)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw", help="float32 moments (torch's "
+                   "fused AdamW on both sides), or 8-bit moments (bailong.optim.AdamW8bit; bitsandbytes' AdamW8bit)")
     p.add_argument("--setting", choices=SETTINGS, help="one of the settings the targets are set for (sets the "
                    "preset, sequence, batch, rank and targets)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS.values()), default=list(ROWS.values()),
@@ -238,7 +250,7 @@ def main():
         print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
         where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
-              f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.device}, "
+              f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.optimizer}, {args.device}, "
               f"torch {torch.__version__}")
         results = {}
         for which, flag in ROWS.items():
