@@ -1,5 +1,6 @@
 """AdamW with 8-bit moments (bailong.optim) against torch.optim.AdamW and bitsandbytes' 8-bit AdamW, and its
 Triton kernel (bailong_kernels.adamw8bit) against its PyTorch reference under the interpreter."""
+import contextlib
 import io
 
 import pytest
@@ -153,23 +154,24 @@ def test_build_optimizer_and_the_lora_casts_see_its_steps():
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_kernel_steps_as_its_reference(n, dtype):
-    """One launch a tensor (interpreted on the CPU) against bailong.optim.step_8bit over 4 steps: the same codes
+    """One launch a tensor (on the GPU, or interpreted on the CPU) against bailong.optim.step_8bit over 4 steps: the same codes
     (but a few, one apart) and block maxima within float32 rounding (torch's CPU update fuses multiplies and adds),
     the weights too; a block of zero gradients and a partial last block included; nothing read or written outside
     the tensors."""
     from bounds import checked_bounds
 
     from bailong_kernels import adamw8bit
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(n)
-    ours = torch.randn(n).to(dtype)
+    ours = torch.randn(n, device=device).to(dtype)
     ref = ours.clone()
-    states = [AdamW8bit([torch.nn.Parameter(torch.zeros(n))], min_8bit_size=0) for _ in range(2)]
+    states = [AdamW8bit([torch.nn.Parameter(torch.zeros(n, device=device))], min_8bit_size=0) for _ in range(2)]
     states = [s._init_state(s.param_groups[0]["params"][0]) for s in states]
     for step in range(1, 5):
-        g = (torch.randn(n) * torch.logspace(-4, 1, n)).to(dtype)
+        g = (torch.randn(n, device=device) * torch.logspace(-4, 1, n, device=device)).to(dtype)
         g[:256] = 0 if n > 512 else g[:256]
-        with checked_bounds():
-            adamw8bit.adamw8bit_step(ours, g, states[0], tables("cpu"), step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        with checked_bounds() if device == "cpu" else contextlib.nullcontext():
+            adamw8bit.adamw8bit_step(ours, g, states[0], tables(ours.device), step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
         step_8bit(ref, g, states[1], step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
         for name in ("exp_avg", "exp_avg_sq"):  # the same codes but where a float32 rounding crosses a midpoint
             torch.testing.assert_close(states[0][name + "_absmax"], states[1][name + "_absmax"], atol=0, rtol=1e-6)
