@@ -42,7 +42,7 @@ def _store_moment(values, codes_ptr, absmax_ptr, midpoints_ptr, offsets, inside,
     POSITIVE_NOT_ZERO, a value above 0 at least code 1)."""
     absmax = tl.max(tl.where(inside, tl.abs(values), 0.0), axis=0)
     tl.store(absmax_ptr + block, absmax)
-    scaled = values / tl.where(absmax > 0, absmax, 1.0)
+    scaled = tl.div_rn(values, tl.where(absmax > 0, absmax, 1.0))
     codes = _nearest(scaled, midpoints_ptr)
     if POSITIVE_NOT_ZERO:
         codes = tl.where(scaled > 0, tl.maximum(codes, 1), codes)
@@ -60,11 +60,11 @@ def _adamw8bit(p_ptr, g_ptr, m_ptr, m_absmax_ptr, m_code_ptr, m_midpoints_ptr, v
     p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     m = _moment(m_ptr, m_absmax_ptr, m_code_ptr, offsets, inside, block)
     v = _moment(v_ptr, v_absmax_ptr, v_code_ptr, offsets, inside, block)
-    # torch.optim.AdamW's update, in its order
+    # torch.optim.AdamW's update, in its order, with IEEE division and square root as torch's
     p = p * decay
     m = m + m_weight * (g - m)  # m_weight = 1 - beta1, v_weight = 1 - beta2: rounded as torch rounds them
     v = v * beta2 + v_weight * g * g
-    p = p - step_size * (m / (tl.sqrt(v) / bias2_sqrt + eps))
+    p = p - step_size * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps)
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=inside)
     _store_moment(m, m_ptr, m_absmax_ptr, m_midpoints_ptr, offsets, inside, block, False)
     _store_moment(v, v_ptr, v_absmax_ptr, v_midpoints_ptr, offsets, inside, block, True)
@@ -78,4 +78,3 @@ def adamw8bit_step(p, g, state, tables, step, lr, beta1, beta2, eps, weight_deca
         state["exp_avg_sq"], state["exp_avg_sq_absmax"], tables["exp_avg_sq"], tables["exp_avg_sq_midpoints"],
         n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step),
         eps, BLOCK=BLOCK, num_warps=2)
-    return p

@@ -45,6 +45,7 @@ def check_same_as_bnb(w, blocksize, double_quant):
 def test_code_tables_match_bitsandbytes_and_the_normal_quantiles():
     assert torch.equal(NF4_CODE, bnb.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(dynamic_code(), bnb.create_dynamic_map(signed=True))
+    assert torch.equal(dynamic_code(signed=False), bnb.create_dynamic_map(signed=False))  # 8-bit AdamW's second
     d = (1 / 32 + 1 / 30) / 2
     positive = torch.special.ndtri(torch.linspace(1 - d, 0.5, 9, dtype=torch.float64)[:-1])
     negative = -torch.special.ndtri(torch.linspace(1 - d, 0.5, 8, dtype=torch.float64)[:-1])
