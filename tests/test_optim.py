@@ -63,7 +63,7 @@ def test_close_to_float32_adamw_as_bitsandbytes_8bit_adamw():
     _train(torch.optim.AdamW([exact], lr=1e-3, weight_decay=0.01), [exact], gradients)
     moved = (exact - start).abs().mean()
     ours_off, theirs_off = (ours - exact).abs(), (theirs - exact).abs()
-    assert ours_off.mean() < 0.25 * moved, (ours_off.mean(), moved)  # (0.17 here: scales this far apart round)
+    assert ours_off.mean() < 0.25 * moved, (ours_off.mean(), moved)  # (0.16 here: scales this far apart round)
     assert ours_off.mean() <= 1.1 * theirs_off.mean() and ours_off.max() <= 1.1 * theirs_off.max(), \
         (ours_off.mean(), theirs_off.mean(), ours_off.max(), theirs_off.max())
 
