@@ -45,6 +45,13 @@ def dense_tile(M):
 
 
 @triton.jit
+def _widen_bf16(pairs):
+    """Two bf16 values read as one int32 -> both as float32, (first, second): a bf16 is a float32's upper half,
+    so one shift or one mask widens it."""
+    return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _halves(ptr, pair, mask, MASKED: tl.constexpr):
     """The values at ptr + 2 pair and ptr + 2 pair + 1 (pair: offsets of value pairs) as two float32 tensors
     laid out as pair, for 16-bit values read as int32 pairs: bf16 widened by one shift or one mask (a bf16 is a
@@ -52,7 +59,7 @@ def _halves(ptr, pair, mask, MASKED: tl.constexpr):
     at = ptr.to(tl.pointer_type(tl.int32)) + pair
     pairs = tl.load(at, mask=mask, other=0) if MASKED else tl.load(at)
     if ptr.dtype.element_ty == tl.bfloat16:
-        return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
+        return _widen_bf16(pairs)
     else:
         lo, hi = pairs.to(tl.int16), (pairs >> 16).to(tl.int16)
         return lo.to(tl.float16, bitcast=True).to(tl.float32), hi.to(tl.float16, bitcast=True).to(tl.float32)

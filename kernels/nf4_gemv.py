@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
-from bailong_kernels.dense_gemv import _dense_rows, dense_tile
+from bailong_kernels.dense_gemv import _dense_rows, _widen_bf16, dense_tile
 from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _word_codes, launch_device, nf4_args, \
     readable_as_words
 
@@ -177,10 +177,7 @@ def _word_dots(codes, x_ptr, k0, K, C: tl.constexpr, MASKED: tl.constexpr):
         else:
             pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k)
         p0, p1, p2, p3 = _split4(pairs, C)
-        x0, x1 = (p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True)
-        x2, x3 = (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True)
-        x4, x5 = (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True)
-        x6, x7 = (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True)
+        (x0, x1), (x2, x3), (x4, x5), (x6, x7) = _widen_bf16(p0), _widen_bf16(p1), _widen_bf16(p2), _widen_bf16(p3)
     else:
         k = k0 + (4 * c + r) * 8 + tl.arange(0, 8)[None, None, :]  # (4, C, 8)
         if MASKED:
