@@ -137,7 +137,9 @@ def run_one(which, folder, args):
     resident = torch.cuda.memory_allocated() if device == "cuda" else status("VmRSS") - before
     result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
               "losses": list(losses), "floor_bytes": resident + sum(p.numel() * p.element_size() for p in trainable),
-              "trainable": sum(p.numel() for p in trainable)}  # not the profiled step's
+              "trainable": sum(p.numel() for p in trainable),  # not the profiled step's
+              "state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                                 for t in state.values() if torch.is_tensor(t))}  # AdamW's moments
     if args.profile:  # one more step, profiled: where the time goes, and how busy the GPU was
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -266,7 +268,8 @@ def main():
             results[which] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{which:32s} {r['tokens_per_s']:10.1f} tokens/s  {r['seconds_per_step']:8.3f} s/step  "
                   f"peak memory {r['peak_bytes'] / 2**30:.2f} GiB (floor {r['floor_bytes'] / 2**30:.2f})  "
-                  f"{r['trainable']:,} trained  losses {r['losses']} {took}", flush=True)
+                  f"{r['trainable']:,} trained, moments {r['state_bytes'] / 2**30:.3f} GiB  losses {r['losses']} "
+                  f"{took}", flush=True)
             if "profile" in r:
                 print(r["profile"], flush=True)
         theirs = results.get("transformers+peft+bitsandbytes")

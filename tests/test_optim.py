@@ -139,6 +139,8 @@ def test_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(whole, broken))
     state = optimizer.state[whole[0]]
     assert state["step"] == 6 and state["exp_avg_absmax"].shape == (20,) and state["exp_avg_sq"].shape == (5120,)
+    held = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    assert held == 5120 * 2 + 20 * 4 * 2  # what the memory arithmetic counts: two codes a value, two maxima a block
 
 
 def test_a_run_moves_over_from_torch_adamw():
