@@ -5,9 +5,9 @@ the gradient, the parameter and the two moments' codes, expands the codes throug
 their tables times the block's absmax, does AdamW's float32 update, writes the
 parameter, and stores the new moments as the index of each one's nearest code
 against the block's new absmax (a positive second moment at least the smallest
-positive code). The nearest code is found by a binary search over
-the 255 midpoints between codes: 8 comparisons, the 1 KB table in the L1 cache.
-Its reference: ``bailong.optim.step_8bit``.
+positive code). The nearest code is found by a binary search over the 255
+midpoints between codes: 8 comparisons, the 1 KB table in the L1 cache. Its
+reference: ``bailong.optim.step_8bit``.
 """
 import math
 
