@@ -179,7 +179,8 @@ class AdamW8bit(torch.optim.Optimizer):
                         p.copy_(p32)
                 elif bailong_kernels.enabled(p) and p.is_contiguous() and p.grad.is_contiguous():
                     from bailong_kernels.adamw8bit import adamw8bit_step
-                    adamw8bit_step(p, p.grad, state, tables(p.device), state["step"], lr, beta1, beta2, eps, decay)
+                    adamw8bit_step(p, p.grad, state, tables(p.device), state["step"], lr, beta1, beta2, eps, decay,
+                                   BLOCK)
                 else:
                     step_8bit(p, p.grad, state, state["step"], lr, beta1, beta2, eps, decay)
         return loss

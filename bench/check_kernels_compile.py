@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from bailong.nf4 import quantize
-from bailong.optim import tables as adamw_tables
+from bailong.optim import BLOCK as ADAMW_BLOCK, tables as adamw_tables
 from bailong_kernels import adamw8bit, decode, dense_gemv, layers, nf4_dequant as dequant, nf4_gemv
 
 KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
@@ -266,8 +266,8 @@ def compile_all(arch):
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
     # AdamW with 8-bit moments on a float32 LoRA weight, as bailong.optim.AdamW8bit launches it
     weight, codes, t = torch.empty(128 * 4096), torch.empty(128 * 4096, dtype=torch.uint8), adamw_tables("cpu")
-    maxima = torch.empty(128 * 4096 // 256)
-    meta = dict(BLOCK=256, num_warps=2)
+    maxima = torch.empty(128 * 4096 // ADAMW_BLOCK)
+    meta = dict(BLOCK=ADAMW_BLOCK, num_warps=2)
     compiled = adamw8bit._adamw8bit.warmup(
         weight, weight, codes, maxima, t["exp_avg"], t["exp_avg_midpoints"], codes, maxima, t["exp_avg_sq"],
         t["exp_avg_sq_midpoints"], weight.numel(), 1.0, 0.1, 0.999, 0.001, 1e-4, 0.1, 1e-8, grid=(1,), **meta)

@@ -14,8 +14,6 @@ import math
 import triton
 import triton.language as tl
 
-from bailong.optim import BLOCK
-
 
 @triton.jit
 def _nearest(x, midpoints_ptr):
@@ -70,11 +68,12 @@ def _adamw8bit(p_ptr, g_ptr, m_ptr, m_absmax_ptr, m_code_ptr, m_midpoints_ptr, v
     _store_moment(v, v_ptr, v_absmax_ptr, v_midpoints_ptr, offsets, inside, block, True)
 
 
-def adamw8bit_step(p, g, state, tables, step, lr, beta1, beta2, eps, weight_decay):
-    """``bailong.optim.step_8bit`` in one launch; ``p`` and ``g`` contiguous, ``tables`` from ``bailong.optim``."""
+def adamw8bit_step(p, g, state, tables, step, lr, beta1, beta2, eps, weight_decay, blocksize):
+    """``bailong.optim.step_8bit`` in one launch; ``p`` and ``g`` contiguous, ``tables`` and ``blocksize`` (the
+    values sharing one absmax) from ``bailong.optim``, which imports this module only where it runs."""
     n = p.numel()
-    _adamw8bit[(triton.cdiv(n, BLOCK),)](
+    _adamw8bit[(triton.cdiv(n, blocksize),)](
         p, g, state["exp_avg"], state["exp_avg_absmax"], tables["exp_avg"], tables["exp_avg_midpoints"],
         state["exp_avg_sq"], state["exp_avg_sq_absmax"], tables["exp_avg_sq"], tables["exp_avg_sq_midpoints"],
         n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1 ** step), math.sqrt(1 - beta2 ** step),
-        eps, BLOCK=BLOCK, num_warps=2)
+        eps, BLOCK=blocksize, num_warps=2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bailong.nf4 import dynamic_code
-from bailong.optim import AdamW8bit, build_optimizer, quantize_blocks, step_8bit, tables
+from bailong.optim import BLOCK, AdamW8bit, build_optimizer, quantize_blocks, step_8bit, tables
 
 
 def _train(optimizer, params, gradients):
@@ -180,7 +180,7 @@ def test_the_kernel_rounds_a_midpoint_down():
     g = torch.cat([t["exp_avg_midpoints"], torch.ones(1, device=device)])
     optimizer = AdamW8bit([torch.nn.Parameter(torch.zeros(256, device=device))], min_8bit_size=0)
     state = optimizer._init_state(optimizer.param_groups[0]["params"][0])
-    adamw8bit.adamw8bit_step(torch.zeros(256, device=device), g, state, t, 1, 1e-3, 0.0, 0.999, 1e-8, 0.0)
+    adamw8bit.adamw8bit_step(torch.zeros(256, device=device), g, state, t, 1, 1e-3, 0.0, 0.999, 1e-8, 0.0, BLOCK)
     assert state["exp_avg"].tolist() == list(range(256)) and state["exp_avg_absmax"].item() == 1.0
 
 
@@ -219,7 +219,8 @@ def test_the_kernel_steps_as_its_reference(n, dtype):
         g = (torch.randn(n, device=device) * torch.logspace(-4, 1, n, device=device)).to(dtype)
         g[:256] = 0 if n > 512 else g[:256]
         with checked_bounds() if device == "cpu" else contextlib.nullcontext():
-            adamw8bit.adamw8bit_step(ours, g, states[0], tables(ours.device), step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+            adamw8bit.adamw8bit_step(ours, g, states[0], tables(ours.device), step, 1e-2, 0.9, 0.999, 1e-8, 0.1,
+                                     BLOCK)
         step_8bit(ref, g, states[1], step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
         for name in ("exp_avg", "exp_avg_sq"):  # the same codes but where a float32 rounding crosses a midpoint
             torch.testing.assert_close(states[0][name + "_absmax"], states[1][name + "_absmax"], atol=0, rtol=1e-6)
