@@ -73,6 +73,11 @@ def quantize_blocks(x, midpoints, positive_not_zero=False):
     return codes.to(torch.uint8).view(-1)[:n], absmax
 
 
+def quantize_moment(values, name):
+    """A moment's float32 values (1-D) -> its codes and block maxima, the second moment never at code 0."""
+    return quantize_blocks(values, tables(values.device)[name + "_midpoints"], positive_not_zero=name == "exp_avg_sq")
+
+
 def dequantize_blocks(q, absmax, code):
     """uint8 indices (1-D) and absmax per block of 256 -> their float32 values."""
     n = q.numel()
@@ -103,7 +108,7 @@ def step_8bit(p, g, state, step, lr, beta1, beta2, eps, weight_decay):
         adamw_update(w, gradients[part].float(), m, v, step, lr, beta1, beta2, eps, weight_decay)
         weights[part] = w
         for name, values in (("exp_avg", m), ("exp_avg_sq", v)):
-            codes, absmax = quantize_blocks(values, t[name + "_midpoints"], positive_not_zero=name == "exp_avg_sq")
+            codes, absmax = quantize_moment(values, name)
             state[name][part] = codes
             state[name + "_absmax"][blocks] = absmax
     if not p.is_contiguous():  # reshape copied it
@@ -146,14 +151,12 @@ class AdamW8bit(torch.optim.Optimizer):
         state["step"] = int(state["step"])
         if "exp_avg_absmax" in state:
             return
-        t = tables(p.device)
         for name in ("exp_avg", "exp_avg_sq"):
             values = state[name].float()
             if p.numel() < self.min_8bit_size:
                 state[name] = values
             else:
-                state[name], state[name + "_absmax"] = quantize_blocks(
-                    values.reshape(-1), t[name + "_midpoints"], positive_not_zero=name == "exp_avg_sq")
+                state[name], state[name + "_absmax"] = quantize_moment(values.reshape(-1), name)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -10,10 +10,11 @@ from bailong.nf4 import dynamic_code
 from bailong.optim import BLOCK, AdamW8bit, build_optimizer, quantize_blocks, step_8bit, tables
 
 
-def _train(optimizer, params, gradients):
-    for g in gradients:
-        for p in params:
-            p.grad = g.view_as(p).clone()
+def _train(optimizer, params, steps):
+    """Each step: a gradient for each of params (in its dtype), then the optimizer's step."""
+    for gradients in steps:
+        for p, g in zip(params, gradients):
+            p.grad = g.to(p.dtype, copy=True)
         optimizer.step()
 
 
@@ -23,8 +24,8 @@ def test_small_tensors_step_as_torch_adamw():
     ours, theirs = (torch.nn.Parameter(torch.randn(30, 70)) for _ in range(2))
     theirs.data.copy_(ours.data)
     gradients = [torch.randn(30, 70) for _ in range(6)]
-    _train(AdamW8bit([ours], lr=1e-2, weight_decay=0.1), [ours], gradients)
-    _train(torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1), [theirs], gradients)
+    _train(AdamW8bit([ours], lr=1e-2, weight_decay=0.1), [ours], [[g] for g in gradients])
+    _train(torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1), [theirs], [[g] for g in gradients])
     assert torch.equal(ours, theirs)
 
 
@@ -56,7 +57,7 @@ def test_close_to_float32_adamw_as_bitsandbytes_8bit_adamw():
     n = 7 * 3000 + 13  # blocks of 256 and a partial one
     start = torch.randn(n) * 0.1
     scale = torch.logspace(-3, 1, n)[torch.randperm(n)]
-    gradients = [(torch.randn(n) + 0.5) * scale for _ in range(60)]  # a direction, and noise
+    gradients = [[(torch.randn(n) + 0.5) * scale] for _ in range(60)]  # a direction, and noise
     ours, theirs, exact = (torch.nn.Parameter(start.clone()) for _ in range(3))
     _train(AdamW8bit([ours], lr=1e-3, weight_decay=0.01), [ours], gradients)
     _train(bnb.optim.AdamW8bit([theirs], lr=1e-3, weight_decay=0.01, min_8bit_size=4096), [theirs], gradients)
@@ -76,7 +77,7 @@ def test_a_small_gradient_beside_a_large_one_does_not_overshoot():
     g[::256] = 1.0
     ours = torch.nn.Parameter(torch.zeros(4096))
     optimizer = AdamW8bit([ours], lr=1e-3, weight_decay=0.0)
-    _train(optimizer, [ours], [g] * 200)
+    _train(optimizer, [ours], [[g]] * 200)
     assert "exp_avg_absmax" in optimizer.state[ours]
     assert ours.abs().max() <= 200 * 1e-3 * 1.001
     assert ours[1].abs() > 0.1 * 200 * 1e-3  # too little, but not stuck: 0.033 where float32 AdamW moves 0.2
@@ -152,23 +153,16 @@ def test_a_run_moves_over_from_torch_adamw():
     grads = [[torch.randn(s) for s in shapes] for _ in range(8)]
     ours, theirs = ([torch.nn.Parameter(torch.ones(s, dtype=torch.bfloat16)) for s in shapes] for _ in range(2))
     started = torch.optim.AdamW(ours, lr=1e-2)
-    _train_each(started, ours, grads[:4])
+    _train(started, ours, grads[:4])
     optimizer = AdamW8bit(ours, lr=1e-2)
     optimizer.load_state_dict(started.state_dict())
     big, small = (optimizer.state[p] for p in ours)
     assert big["exp_avg"].dtype == torch.uint8 and big["exp_avg_sq_absmax"].shape == (20,) and big["step"] == 4
     assert small["exp_avg"].dtype == torch.float32 and small["step"] == 4
-    _train_each(optimizer, ours, grads[4:])
-    _train_each(torch.optim.AdamW(theirs, lr=1e-2), theirs, grads)
+    _train(optimizer, ours, grads[4:])
+    _train(torch.optim.AdamW(theirs, lr=1e-2), theirs, grads)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.float(), b.float(), atol=0.02, rtol=0)  # bf16 weights near 1: ulp 0.008
-
-
-def _train_each(optimizer, params, gradients):
-    for gs in gradients:
-        for p, g in zip(params, gs):
-            p.grad = g.to(p.dtype)
-        optimizer.step()
 
 
 def test_the_kernel_rounds_a_midpoint_down():
