@@ -15,9 +15,10 @@ read as int32 pairs, bf16 widened by moving bits (a bf16 is a float32's upper
 half), fp16 converted. Compiled for sm_90 at one row of x: 3.6-5.8 instructions
 a weight, where reading bf16 at an H200's copy rate leaves room for about 15,
 so it can be bound by memory (at 2 rows 6.6, at 4 rows 11.2; from 8 rows on it
-would not be, and the decoding step leaves more than 4 to cuBLAS). cuBLAS's own bf16 GEMV is already near the
-card's bandwidth at these shapes (docs/BENCHMARKS.md): what this loop brings
-is fewer launches, the epilogues above, not a faster product. Not yet timed on
+would not be, and the decoding step leaves more than 4 to cuBLAS). cuBLAS's own
+bf16 GEMV is already near the card's bandwidth at these shapes
+(docs/BENCHMARKS.md): what this loop brings is fewer launches, the epilogues
+above, not a faster product. Not yet timed on
 a GPU: ``dense_tile`` is a guess, and only the fused decoding step (off by
 default) runs the loop.
 """
