@@ -38,12 +38,13 @@ class LoRAProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, A_master, B_master, A, B, scaling, p, residual, release=None):
+        keep = ctx.needs_input_grad[0]  # the backward multiplies by W again (bailong.recompute)
         if W is None:
             y = residual
         elif residual is None:
-            y = frozen_linear(x, W)
+            y = frozen_linear(x, W, keep)
         else:
-            y = frozen_addmm(residual, x, W)
+            y = frozen_addmm(residual, x, W, keep)
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
         mask = None
         if p:  # one kernel, the same mask F.dropout draws from the same random state
@@ -85,7 +86,7 @@ class FrozenAddmm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, x, W):
         ctx.weight, ctx.x_shape, ctx.x_dtype = W, x.shape, x.dtype
-        return frozen_addmm(residual, x, W)
+        return frozen_addmm(residual, x, W, ctx.needs_input_grad[1])
 
     @staticmethod
     def backward(ctx, g):
@@ -95,20 +96,22 @@ class FrozenAddmm(torch.autograd.Function):
         return g, dx, None
 
 
-def frozen_addmm(residual, x, W):
-    """residual + x W^T for a frozen weight, dense or NF4, in one matmul, in the residual's dtype."""
+def frozen_addmm(residual, x, W, keep=False):
+    """residual + x W^T for a frozen weight, dense or NF4, in one matmul, in the residual's dtype. ``keep``: a
+    backward will multiply by W again (``bailong.recompute``), as for the two below."""
     return torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]).to(residual.dtype),
-                       frozen_weight(W, residual.dtype).T).view(residual.shape)
+                       frozen_weight(W, residual.dtype, keep).T).view(residual.shape)
 
 
-def frozen_linear(x, W):
+def frozen_linear(x, W, keep=False):
     """x W^T for a frozen weight, dense or NF4 (through the kernels on CUDA)."""
-    return nf4_linear(x, W) if isinstance(W, NF4Tensor) else F.linear(x, W)
+    return nf4_linear(x, W, keep) if isinstance(W, NF4Tensor) else F.linear(x, W)
 
 
-def frozen_weight(W, dtype):
-    """A frozen weight in ``dtype`` for a backward's g W: an NF4 one dequantized again."""
-    return nf4_dequantized(W, dtype) if isinstance(W, NF4Tensor) else W.to(dtype)
+def frozen_weight(W, dtype, keep=False):
+    """A frozen weight in ``dtype`` for a backward's g W: an NF4 one dequantized again, or the copy a
+    checkpointed layer's recomputation kept for it."""
+    return nf4_dequantized(W, dtype, keep) if isinstance(W, NF4Tensor) else W.to(dtype)
 
 
 def _kept_scale(p):
@@ -166,7 +169,7 @@ class LoRAShared(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, A_cat, Bs, scaling, p, release, *masters):
         n = len(weights)
-        ys = [frozen_linear(x, W) for W in weights]
+        ys = [frozen_linear(x, W, ctx.needs_input_grad[0]) for W in weights]
         x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
         r = A_cat.shape[0] // n
         mask = None

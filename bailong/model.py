@@ -21,6 +21,7 @@ from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.memory import OffloadedInput, summed_loss
+from bailong.recompute import recomputation_keeps
 
 
 def decode_kernels(x):
@@ -293,6 +294,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.checkpointing = False  # recompute each layer in the backward instead of keeping its activations
         self.offload = False  # with checkpointing: each layer's input kept in host memory (``OffloadedInput``)
+        self.keep_dequantized = False  # with checkpointing: the recomputation's NF4 copies serve the backward too
         self.tie_weights()
 
     def tie_weights(self):
@@ -322,8 +324,9 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 offloaded = OffloadedInput(x, offloaded) if self.offload else None
+                run = recomputation_keeps(layer) if self.keep_dequantized else layer  # bailong.recompute
                 with offloaded or contextlib.nullcontext():
-                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, positions, mask, cache,
+                    x = torch.utils.checkpoint.checkpoint(run, x, cos, sin, positions, mask, cache,
                                                           use_reentrant=False)
             else:
                 x = layer(x, cos, sin, positions, mask, cache)

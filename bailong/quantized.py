@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bailong.nf4 import NF4Tensor, quantize
+from bailong.recompute import dequantized
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -20,32 +21,40 @@ class NF4Matmul(torch.autograd.Function):
 
     Nothing but the packed weight is kept for the backward, which dequantizes
     again for dx = dy @ W: no weight gradient is formed and no dequantized copy
-    of W stays alive between forward and backward.
+    of W stays alive between forward and backward (but from a checkpointed
+    layer's recomputation to its backward, where asked: ``bailong.recompute``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight: NF4Tensor):
+    def forward(ctx, x, weight: NF4Tensor, keep=False):
         ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype))
+        return F.linear(x, nf4_dequantized(weight, x.dtype, keep or ctx.needs_input_grad[0]))
 
     @staticmethod
     def backward(ctx, dy):
-        return dy @ ctx.weight.dequantize(dy.dtype), None  # (..., out) @ (out, in)
+        return dy @ nf4_dequantized(ctx.weight, dy.dtype), None, None  # (..., out) @ (out, in)
 
 
-def nf4_linear(x, weight: NF4Tensor):
+def nf4_linear(x, weight: NF4Tensor, keep=False):
     """x @ W.T: the Triton kernels for CUDA tensors (unless switched off: ``BAILONG_NF4_KERNELS=0``
-    or ``bailong_kernels.use_kernels(False)``), the PyTorch reference otherwise."""
+    or ``bailong_kernels.use_kernels(False)``), the PyTorch reference otherwise. ``keep``: a backward will
+    want dL/dx though this call forms no graph (a fused LoRA node's forward: ``bailong.recompute``)."""
     if x.is_cuda:
         import bailong_kernels  # Triton is imported only where it runs
         if bailong_kernels.enabled(x):
             from bailong_kernels.nf4_matmul import nf4_matmul
-            return nf4_matmul(x, weight)
-    return NF4Matmul.apply(x, weight)
+            return nf4_matmul(x, weight, keep)
+    return NF4Matmul.apply(x, weight, keep)
 
 
-def nf4_dequantized(weight: NF4Tensor, dtype) -> torch.Tensor:
-    """W in ``dtype``, by the dequantize kernel where ``nf4_linear`` takes the kernels, else the reference."""
+def nf4_dequantized(weight: NF4Tensor, dtype, keep=False) -> torch.Tensor:
+    """W in ``dtype``, by the dequantize kernel where ``nf4_linear`` takes the kernels, else the reference; or
+    the copy a checkpointed layer's recomputation kept for this backward (``bailong.recompute.dequantized``,
+    whose ``keep`` this is)."""
+    return dequantized(weight, dtype, _dequantize, keep)
+
+
+def _dequantize(weight: NF4Tensor, dtype) -> torch.Tensor:
     if weight.data.is_cuda:
         import bailong_kernels
         if bailong_kernels.enabled(weight.data):

@@ -19,45 +19,49 @@ import torch
 import torch.nn.functional as F
 
 from bailong.nf4 import NF4Tensor
+from bailong.recompute import dequantized
 from bailong_kernels.nf4_dequant import launch_device, nf4_dequantize
 from bailong_kernels.nf4_gemv import gemv, gemv_takes
 
 
-def dequant_matmul(x2d, q: NF4Tensor):
-    """(M, K) @ W.T through the dequantize kernel and cuBLAS."""
-    return F.linear(x2d, nf4_dequantize(q, x2d.dtype))
+def dequant_matmul(x2d, q: NF4Tensor, keep=False):
+    """(M, K) @ W.T through the dequantize kernel and cuBLAS; ``keep``: W's copy kept for the backward where a
+    checkpointed layer's recomputation keeps them (``bailong.recompute.dequantized``)."""
+    return F.linear(x2d, dequantized(q, x2d.dtype, nf4_dequantize, keep))
 
 
-def nf4_matmul_forward(x2d, q: NF4Tensor):
+def nf4_matmul_forward(x2d, q: NF4Tensor, keep=False):
     """(M, K) @ W.T -> (M, N) in x's dtype: the GEMV kernel where it takes x (``gemv_takes``), else the
     dequantize kernel and cuBLAS."""
     if gemv_takes(x2d, q):
         return gemv(x2d, q)
-    return dequant_matmul(x2d, q)
+    return dequant_matmul(x2d, q, keep)
 
 
 class NF4MatmulKernel(torch.autograd.Function):
-    """y = x @ W.T through the kernels; the backward gives dx only and keeps just the packed W."""
+    """y = x @ W.T through the kernels; the backward gives dx only and keeps just the packed W (and, from a
+    checkpointed layer's recomputation to its backward where asked, W dequantized: ``bailong.recompute``)."""
 
     @staticmethod
-    def forward(ctx, x, q: NF4Tensor):
+    def forward(ctx, x, q: NF4Tensor, keep=False):
         ctx.q = q
         with launch_device(x):  # autograd makes it the backward's current device itself
-            y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q)
+            y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q, keep or ctx.needs_input_grad[0])
         return y.view(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        return dy @ nf4_dequantize(ctx.q, dy.dtype), None  # (..., N) @ (N, K)
+        return dy @ dequantized(ctx.q, dy.dtype, nf4_dequantize), None, None  # (..., N) @ (N, K)
 
 
-def nf4_matmul(x, q: NF4Tensor):
+def nf4_matmul(x, q: NF4Tensor, keep=False):
     """``x @ W.T`` for ``q = bailong.nf4.quantize(W)``, any leading dimensions on x, with a gradient for x;
-    under autocast computed in the autocast dtype, as ``F.linear`` is."""
+    under autocast computed in the autocast dtype, as ``F.linear`` is. ``keep``: as for
+    ``bailong.quantized.nf4_linear``."""
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features; the weight expects {q.shape[1]}")
     if x.device != q.data.device:
         raise ValueError(f"x is on {x.device}, the weight on {q.data.device}")
     if torch.is_autocast_enabled(x.device.type):  # as F.linear does under autocast
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    return NF4MatmulKernel.apply(x, q)
+    return NF4MatmulKernel.apply(x, q, keep)

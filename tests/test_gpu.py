@@ -304,3 +304,10 @@ def test_offloaded_layer_inputs_on_cuda_train_alike():  # pinned host memory, th
     assert loss == offloaded_loss
     for name in grads:  # the attention's backward may add in another order
         torch.testing.assert_close(grads[name], offloaded_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_cuda_the_recomputation_keeps_its_dequantized_weights_for_the_backward(monkeypatch, fused):
+    """The kernel path (dequantize kernel, cuBLAS) with ``Llama.keep_dequantized``, bf16: as on the CPU."""
+    from test_step_count import check_kept
+    check_kept(monkeypatch, fused, "cuda", torch.bfloat16)

@@ -257,7 +257,8 @@ def test_dense_weights_the_gemv_takes():
 def test_up_to_4_rows_take_the_gemv_kernel_more_take_cublas(monkeypatch):
     ran = []
     monkeypatch.setattr(m, "gemv", lambda x, q: ran.append("gemv") or x @ q.dequantize(x.dtype).T)
-    monkeypatch.setattr(m, "dequant_matmul", lambda x, q: ran.append("dequant") or x @ q.dequantize(x.dtype).T)
+    monkeypatch.setattr(m, "dequant_matmul",
+                        lambda x, q, keep=False: ran.append("dequant") or x @ q.dequantize(x.dtype).T)
     q = quantize(torch.randn(24, 128))
     for M in [1, 4, 5]:
         m.nf4_matmul_forward(torch.randn(M, 128), q)

@@ -46,10 +46,10 @@ def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
     assert json.loads(out.stdout.splitlines()[-1])["matmul_flops"] == T * flops, out.stdout
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_an_nf4_step_dequantizes_each_weight_as_often_as_the_recipe_multiplies_by_it(monkeypatch, fused):
-    """A real QLoRA step of a small NF4 model on the CPU, plain and fused LoRA, activation checkpointing: the
-    weights dequantized are those ``recipe_passes`` counts (what bench_train.py --count assumes)."""
+def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32):
+    """One QLoRA step of a small NF4 model (2 layers), activation checkpointing on, plain or fused LoRA, the
+    recomputation's dequantized weights kept for the backward or not: the number of weights each
+    dequantization expanded (the reference's, and on CUDA the kernel's), the loss and the LoRA gradients."""
     import bailong
     from bailong import lora
     from bailong.config import preset
@@ -59,15 +59,59 @@ def test_an_nf4_step_dequantizes_each_weight_as_often_as_the_recipe_multiplies_b
     c = preset("tiny")
     c.num_hidden_layers = 2
     torch.manual_seed(0)
-    model = quantize_model(init_weights(bailong.Llama(c)))
+    model = quantize_model(init_weights(bailong.Llama(c)).to(dtype)).to(device)
     lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, targets=lora.PROJECTIONS)))
-    model.checkpointing = True
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 would leave A's gradients 0
+            torch.nn.init.normal_(p, std=0.1)
+    model.checkpointing, model.keep_dequantized = True, keep
     model.train()
     dequantized, dequantize = [], NF4Tensor.dequantize
     monkeypatch.setattr(NF4Tensor, "dequantize",
                         lambda q, *args, **kwargs: dequantized.append(q.numel) or dequantize(q, *args, **kwargs))
+    if device == "cuda":
+        from bailong_kernels import nf4_dequant, nf4_matmul
+        kernel = nf4_dequant.nf4_dequantize
+        counted = lambda q, *args, **kwargs: dequantized.append(q.numel) or kernel(q, *args, **kwargs)  # noqa: E731
+        monkeypatch.setattr(nf4_dequant, "nf4_dequantize", counted)
+        monkeypatch.setattr(nf4_matmul, "nf4_dequantize", counted)
     monkeypatch.setattr(lora, "_fused", fused)
-    ids = torch.randint(0, c.vocab_size, (1, 17))
-    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    ids = torch.randint(0, c.vocab_size, (1, 17), generator=torch.Generator().manual_seed(1)).to(device)
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return dequantized, loss.item(), grads, c
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_nf4_step_dequantizes_each_weight_as_often_as_the_recipe_multiplies_by_it(monkeypatch, fused):
+    """A real QLoRA step of a small NF4 model on the CPU, plain and fused LoRA, activation checkpointing: the
+    weights dequantized are those ``recipe_passes`` counts (what bench_train.py --count assumes)."""
+    dequantized, _, _, c = nf4_step(monkeypatch, fused, keep=False)
     assert sum(dequantized) == sum(n_in * n_out * recipe_passes(layer, i) for layer in range(2)
                                    for i, (n_in, n_out) in enumerate(projection_shapes(c)))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kept_from_the_recomputation_each_weight_is_dequantized_once_less_and_the_step_is_the_same(
+        monkeypatch, fused):
+    """``Llama.keep_dequantized`` (bailong.recompute): the backward's g W takes the copy the recomputation made
+    wherever the recomputation multiplied by W (all but down), so a weight is dequantized once for the forward,
+    once for the recomputation, and only down again for dL/dx; the loss and every LoRA gradient are the same,
+    bit for bit, and no copy outlives the backward."""
+    check_kept(monkeypatch, fused)
+
+
+def check_kept(monkeypatch, fused, device="cpu", dtype=torch.float32):
+    from bailong import recompute
+    dequantized, loss, grads, c = nf4_step(monkeypatch, fused, True, device, dtype)
+    assert sum(dequantized) == sum(n_in * n_out * (1 + (i < 6) + (i == 6)) for layer in range(2)
+                                   for i, (n_in, n_out) in enumerate(projection_shapes(c)))
+    assert recompute._kept == {}
+    _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, fused, False, device, dtype)
+    assert loss == plain_loss and grads.keys() == plain_grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        if device == "cpu":
+            assert torch.equal(grad, plain_grads[name]), name
+        else:  # the attention kernel's backward may add in another order
+            torch.testing.assert_close(grad, plain_grads[name], rtol=1e-2, atol=1e-4, msg=name)
