@@ -21,8 +21,8 @@ from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output
-from bailong.training import (OFFLOAD_ON_CPU, GracefulStop, Metrics, estimate_memory, held_out_record, lr_at,
-                              parse_config)
+from bailong.training import (KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, estimate_memory, held_out_record,
+                              lr_at, parse_config)
 
 
 def main(argv=None):
@@ -66,6 +66,8 @@ def main(argv=None):
     checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.startswith("cuda"))
     if config.offload_activations and not device.startswith("cuda"):
         raise UsageError(OFFLOAD_ON_CPU)
+    if config.keep_dequantized and not checkpointing:
+        raise UsageError(KEEP_ON_CPU)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
@@ -124,6 +126,7 @@ def main(argv=None):
     inject_lora(model, lora)
     mark_only_lora_trainable(model)
     model.checkpointing, model.offload = checkpointing, config.offload_activations
+    model.keep_dequantized = config.keep_dequantized
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -28,6 +28,8 @@ AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
 OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU they are "
                   "there already")
+KEEP_ON_CPU = ("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes, and on the CPU "
+               "checkpointing is off unless --checkpointing on")
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
 # pre-training rate the held-out loss on the bundled chats rises after step 10.
 STAGE_DEFAULTS = {"sft": dict(lr=1e-4, min_lr=1e-5, steps=60, warmup=10, eval_every=10, save_every=30)}
@@ -77,6 +79,11 @@ class TrainConfig:
                                                                        "each layer's saved input in host memory, not "
                                                                        "on the GPU (batch x sequence x hidden values "
                                                                        "a layer)"})
+    keep_dequantized: bool = field(default=False, metadata={"help": "with activation checkpointing: the NF4 "
+                                                                    "weights a layer's recomputation dequantizes "
+                                                                    "serve its backward too (14 dequantizations a "
+                                                                    "layer and step instead of 20, for about 0.3 "
+                                                                    "GB held at the Llama-2-7B shape)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -107,6 +114,13 @@ class TrainConfig:
                              "--checkpointing on or auto")
         if self.offload_activations and self.device == "cpu":  # without --device: once the device is known
             raise UsageError(OFFLOAD_ON_CPU)
+        if self.keep_dequantized and self.checkpointing == "off":
+            raise UsageError("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes: it "
+                             "needs --checkpointing on or auto")
+        if self.keep_dequantized and self.quantize != "nf4":
+            raise UsageError("--keep-dequantized keeps the NF4 weights' dequantized copies: it needs --quantize nf4")
+        if self.keep_dequantized and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
+            raise UsageError(KEEP_ON_CPU)
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.stage == "pretrain" and self.init:

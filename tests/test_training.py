@@ -165,6 +165,23 @@ def test_the_8bit_optimizer_trains_and_resumes_exactly(tmp_path, capsys):
     assert "--optimizer was 'adamw8bit', now 'adamw'" in err
 
 
+def test_keep_dequantized_trains_the_same_run_with_fewer_dequantizations(tmp_path, capsys, monkeypatch):
+    """--keep-dequantized (bailong.recompute), activation checkpointing on: the losses of a run without it, fewer
+    NF4 dequantizations, and a run continues with or without it (it changes nothing the run computes)."""
+    from bailong.nf4 import NF4Tensor
+    calls, dequantize = [], NF4Tensor.dequantize
+    monkeypatch.setattr(NF4Tensor, "dequantize", lambda q, *a, **k: calls.append(q) or dequantize(q, *a, **k))
+    args, counts = ["--checkpointing", "on", "--eval-every", "4", "--save-every", "4"], {}
+    for keep in ["", "--keep-dequantized"]:
+        calls.clear()
+        run_train(capsys, *args, "--steps", "4", *[keep][:bool(keep)], "--out", tmp_path / f"run{keep}")
+        counts[keep] = len(calls)
+    assert losses(tmp_path / "run--keep-dequantized") == losses(tmp_path / "run")
+    assert counts["--keep-dequantized"] < 0.8 * counts[""]
+    run_train(capsys, *args, "--steps", "8", "--keep-dequantized", "--resume", "--out", tmp_path / "run")
+    assert [step for step, _ in losses(tmp_path / "run")] == list(range(1, 9))
+
+
 def test_resume_falls_back_to_the_newest_checkpoint_that_reads(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--save-every", "5", "--eval-every", "5", "--new-pieces", "50", "--out", out]
