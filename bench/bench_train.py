@@ -11,7 +11,9 @@ RoPE through their training kernels (``bailong_kernels.layers``, CUDA only); and
 with all that and the loss computed chunk by chunk
 (``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); and
 (CUDA) with all that and each layer's saved input offloaded to host memory
-(``bailong.memory.OffloadedInput``). All of them are off by default until this
+(``bailong.memory.OffloadedInput``); and with all that but the offload, the NF4
+weights the checkpointed recomputation dequantizes kept for the backward
+(``bailong.recompute``). All of them are off by default until this
 benchmark has timed them on a GPU. Peak memory is CUDA's max_memory_allocated
 on a GPU, the growth of VmHWM (reset through /proc/self/clear_refs) on the CPU.
 Beside it, each side's floor: what it holds between steps (the frozen base, the
@@ -55,7 +57,7 @@ SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, 
 # the sides, each run in a process of its own: ours as by default, then with each fast path added
 ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
         "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
-        "transformers+peft+bitsandbytes": "theirs"}
+        "ours, + chunked loss, kept dequantized": "ours-keep", "transformers+peft+bitsandbytes": "theirs"}
 
 
 def status(key):
@@ -79,14 +81,15 @@ def run_one(which, folder, args):
         from bailong.memory import use_chunked_loss
         from bailong_kernels import use_layer_kernels
         use_fused_lora(which != "ours")
-        use_layer_kernels(which in ("ours-layers", "ours-all", "ours-offload"))
-        use_chunked_loss(which in ("ours-all", "ours-offload"))
+        use_layer_kernels(which in ("ours-layers", "ours-all", "ours-offload", "ours-keep"))
+        use_chunked_loss(which in ("ours-all", "ours-offload", "ours-keep"))
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
                                        targets=tuple(targets)))
         mark_only_lora_trainable(model)
-        model.checkpointing = device == "cuda"
+        model.checkpointing = args.checkpointing
         model.offload = which == "ours-offload" and device == "cuda"
+        model.keep_dequantized = which == "ours-keep"
         loss_of = lambda ids: model(ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -94,7 +97,7 @@ def run_one(which, folder, args):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map=device, dtype=dtype)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device == "cuda")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                  target_modules=targets))
         loss_of = lambda ids: torch.nn.functional.cross_entropy(  # noqa: E731
@@ -176,6 +179,9 @@ def count(config, args):
     no_dx = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"] if not args.embedding_and_head else []
     dequantized = sum(m.weight.numel() * (3 - name.endswith("down_proj") - (name in no_dx))
                       for name, m in projections(model))
+    # with the recomputation's copies kept for the backward (bailong.recompute): forward and recomputation for
+    # all but down, whose copy the backward makes (as it does for layer 0's q, k, v no copy): twice each
+    kept = 2 * sum(m.weight.numel() for _, m in projections(model))
     targets = PROJECTIONS + (("embed_tokens", "lm_head") if args.embedding_and_head else ())
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=args.rank, dropout=args.dropout, targets=targets)))
     model.checkpointing = True
@@ -195,12 +201,14 @@ def count(config, args):
           "GFLOP a token)")
     print(f"  attention {attention / 1e12:.2f} TFLOP as counted, the whole T x T (a causal kernel skips about half)")
     print(f"  NF4 dequantization {nf4_bytes / 1e9:.1f} GB moved ({dequantized / 1e9:.2f} G weights dequantized, one "
-          "for each matmul with them)")
+          f"for each matmul with them); {nf4_bytes * kept / dequantized / 1e9:.1f} GB with the recomputation's "
+          "copies kept for the backward")
     adamw_bytes = trained * (16 if args.optimizer == "adamw8bit" else 28)
     kind = "8-bit" if args.optimizer == "adamw8bit" else "fused"
     print(f"  {kind} AdamW {adamw_bytes / 1e9:.1f} GB moved (parameter, gradient and two moments read, parameter and "
           "moments written)")
     print(json.dumps({"matmul_flops": sum(flops.values()), "attention_flops": attention, "nf4_bytes": nf4_bytes,
+                      "nf4_bytes_kept": nf4_bytes * kept / dequantized,
                       "adamw_bytes": adamw_bytes, "trainable": trained}))
 
 
@@ -219,6 +227,8 @@ def main():
                    "0.05; the losses then differ by the masks drawn)")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw", help="float32 moments (torch's "
                    "fused AdamW on both sides), or 8-bit moments (bailong.optim.AdamW8bit; bitsandbytes' AdamW8bit)")
+    p.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto", help="activation "
+                   "checkpointing on both sides (auto: on for CUDA)")
     p.add_argument("--setting", choices=SETTINGS, help="one of the settings the targets are set for (sets the "
                    "preset, sequence, batch, rank and targets)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS.values()), default=list(ROWS.values()),
@@ -232,6 +242,7 @@ def main():
     args = p.parse_args()
     for name, value in SETTINGS.get(args.setting, {}).items():
         setattr(args, name, value)
+    args.checkpointing = args.checkpointing == "on" or args.checkpointing == "auto" and args.device == "cuda"
     if args.which:
         return run_one(args.which, args.folder, args)
     import bailong
@@ -252,12 +263,13 @@ def main():
         print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
         where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
-              f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.optimizer}, {args.device}, "
-              f"torch {torch.__version__}")
+              f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.optimizer}, activation "
+              f"checkpointing {'on' if args.checkpointing else 'off'}, {args.device}, torch {torch.__version__}")
         results = {}
         for which, flag in ROWS.items():
-            if flag not in args.rows or flag == "ours-offload" and args.device != "cuda":  # the CPU: nothing to
-                continue                                                                    # offload to
+            if (flag not in args.rows or flag == "ours-offload" and args.device != "cuda"  # the CPU: nowhere to offload
+                    or flag in ("ours-offload", "ours-keep") and not args.checkpointing):  # nothing recomputed
+                continue
             started = time.perf_counter()
             cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
