@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, compute_dtype, frozen_linear
+from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
-from bailong.quantized import PROJECTIONS, NF4Linear, nf4_weights, set_module
+from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, nf4_weights, set_module
 
 
 @dataclass

@@ -27,7 +27,8 @@ class LoRAProjection(torch.autograd.Function):
     The scaling rides in the matmuls' alpha, the adds in the matmuls (``addmm``): no
     separate multiply or add pass. Kept for the backward: the dropped input, its
     rank-r projection, the dropout mask and W as stored (NF4 stays packed,
-    dequantized again for the backward). With g = dL/dout and u = g B:
+    dequantized again for the backward, or there the copy a checkpointed layer's
+    recomputation kept: ``bailong.recompute``). With g = dL/dout and u = g B:
 
         dL/dx = g W + s u A (dropout's mask applied to the second term)
         dL/dA = s u^T x_d           dL/dB = s g^T (x_d A^T)          dL/dresidual = g
@@ -81,7 +82,7 @@ class LoRAProjection(torch.autograd.Function):
 
 class FrozenAddmm(torch.autograd.Function):
     """residual + x W^T for a frozen W (dense or NF4), in one matmul; nothing kept for the backward but W as
-    stored (an NF4 one dequantized again): dL/dresidual = g, dL/dx = g W."""
+    stored (an NF4 one dequantized again, as in ``LoRAProjection``): dL/dresidual = g, dL/dx = g W."""
 
     @staticmethod
     def forward(ctx, residual, x, W):
@@ -140,14 +141,6 @@ def _master_grads(products, dtype):
         _scaled_mm(a, b, s, out=part.view(shape))
     grads = iter(part.view(shape) for part, shape in zip(flat.to(dtype).split(sizes), shapes))
     return [None if p is None else next(grads) for p in products]
-
-
-def compute_dtype(x):
-    """The dtype the projections of x compute in: autocast's, else x's (also on a device without autocast,
-    the meta device)."""
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    return torch.get_autocast_dtype(device) if autocast else x.dtype
 
 
 class LoRAShared(torch.autograd.Function):

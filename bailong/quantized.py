@@ -37,14 +37,23 @@ class NF4Matmul(torch.autograd.Function):
 
 def nf4_linear(x, weight: NF4Tensor, keep=False):
     """x @ W.T: the Triton kernels for CUDA tensors (unless switched off: ``BAILONG_NF4_KERNELS=0``
-    or ``bailong_kernels.use_kernels(False)``), the PyTorch reference otherwise. ``keep``: a backward will
-    want dL/dx though this call forms no graph (a fused LoRA node's forward: ``bailong.recompute``)."""
+    or ``bailong_kernels.use_kernels(False)``), the PyTorch reference otherwise; under autocast in its dtype,
+    W dequantized straight to it, as ``F.linear`` would compute. ``keep``: a backward will want dL/dx though
+    this call forms no graph (a fused LoRA node's forward: ``bailong.recompute``)."""
     if x.is_cuda:
         import bailong_kernels  # Triton is imported only where it runs
         if bailong_kernels.enabled(x):
             from bailong_kernels.nf4_matmul import nf4_matmul
             return nf4_matmul(x, weight, keep)
-    return NF4Matmul.apply(x, weight, keep)
+    return NF4Matmul.apply(x.to(compute_dtype(x)), weight, keep)
+
+
+def compute_dtype(x):
+    """The dtype the projections of x compute in: autocast's, else x's (also on a device without autocast,
+    the meta device)."""
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if autocast else x.dtype
 
 
 def nf4_dequantized(weight: NF4Tensor, dtype, keep=False) -> torch.Tensor:

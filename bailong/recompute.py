@@ -8,8 +8,15 @@ takes it: per layer and step 14 dequantizations instead of 20 (down, a layer's l
 multiplied again in the recomputation, so its copy is made in the backward as before). The price: those six
 copies held from the recomputation until the backward uses each, about 0.3 GB at the Llama-2-7B shape in
 bf16. The values are the same either way (dequantizing is exact and deterministic).
+
+That count relies on torch's checkpoint stopping the recomputation once it has saved again what the
+backward keeps (its default, "early stop"): the recomputation then ends before down's frozen matmul, whose
+backward has already run by then and would not take a copy made there. Whatever no backward took is let go
+when the backward ends. One backward at a time: the copies are kept in one place for the process.
 """
 import contextlib
+
+import torch
 
 _kept = {}  # id of an NF4Tensor -> (that NF4Tensor, its dequantized copy), until a backward takes it
 _keeping = False  # inside a recomputation that keeps its copies
@@ -20,22 +27,26 @@ def recomputation_keeps(fn):
     recompute: the calls after the first keep the NF4 weights they dequantize for the backward (``keeping``)."""
     calls = 0
 
-    def run(*args):
+    def run(*args, **kwargs):
         nonlocal calls
         calls += 1
         with keeping(calls > 1):
-            return fn(*args)
+            return fn(*args, **kwargs)
     return run
 
 
 @contextlib.contextmanager
 def keeping(on=True):
-    """Within: ``dequantized(..., keep=True)`` keeps its copy for the backward. A new recomputation first drops
-    whatever the one before left untaken."""
+    """Within: ``dequantized(..., keep=True)`` keeps its copy for the backward. A recomputation first lets go
+    whatever the one before left untaken, and anything left when its backward ends is let go then."""
     global _keeping
     previous, _keeping = _keeping, on
     if on:
         _kept.clear()
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(_kept.clear)  # when this backward ends
+        except RuntimeError:  # no backward running (a saved tensor unpacked by hand): nothing to wait for
+            pass
     try:
         yield
     finally:
@@ -43,9 +54,10 @@ def keeping(on=True):
 
 
 def dequantized(q, dtype, dequantize, keep=False):
-    """``dequantize(q, dtype)``, or the copy of q a recomputation kept, taken (a backward uses it once).
-    ``keep``: the input multiplied by q wants a gradient, so the backward will multiply by q again; inside a
-    recomputation that keeps (``keeping``), the copy waits for it."""
+    """``dequantize(q, dtype)``, or the copy of q a recomputation kept, taken (the next dequantization of q
+    after the recomputation, its backward's, takes it, and only that one). ``keep``: the input multiplied by q
+    wants a gradient, so the backward will multiply by q again; inside a recomputation that keeps
+    (``keeping``), the copy waits for it."""
     held = _kept.pop(id(q), None)
     if held is not None and held[0] is q and held[1].dtype == dtype:
         return held[1]
@@ -53,4 +65,3 @@ def dequantized(q, dtype, dequantize, keep=False):
     if keep and _keeping:
         _kept[id(q)] = (q, w)
     return w
-

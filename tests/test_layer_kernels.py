@@ -312,3 +312,42 @@ def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora, laye
           f"dequantized {keep}): {counts[2]} launches, {per_layer} a layer")
     budget = TRAIN_STEP_BUDGET[fused_lora, layer_kernels, dropout, keep]
     assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_the_gpus_path_the_recomputation_keeps_its_dequantized_weights_for_the_backward(monkeypatch, fused):
+    """``Llama.keep_dequantized`` through the kernels (the dequantize kernel interpreted, NF4MatmulKernel; fused:
+    with the layer kernels): each weight dequantized twice a step, the loss and LoRA gradients those of the step
+    without, nothing kept after the backward."""
+    import sys
+
+    from bailong import lora, recompute
+    from bailong.quantized import nf4_weights
+    from bailong_kernels import nf4_matmul as kernel_matmul
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=fused)
+    monkeypatch.setattr(lora, "_fused", fused)
+    dequantized, kernel = [], nf4_dequantize
+    counted = lambda q, *args, **kwargs: dequantized.append(q.numel) or kernel(q, *args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(kernel_matmul, "nf4_dequantize", counted)
+    monkeypatch.setattr(sys.modules[__name__], "nf4_dequantize", counted)  # gpu_path's
+    results = []
+    for keep in [False, True]:
+        model = tiny_nf4(2)
+        torch.manual_seed(1)
+        lora.mark_only_lora_trainable(lora.inject_lora(model.to(torch.bfloat16), lora.LoRAConfig(r=4)))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B = 0 would leave A's gradients 0
+                torch.nn.init.normal_(p, std=0.05)
+        model.checkpointing, model.keep_dequantized = True, keep
+        model.train()
+        ids = torch.randint(0, model.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
+        dequantized.clear()
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                        sum(dequantized)))
+    (loss, grads, _), (kept_loss, kept_grads, kept_count) = results
+    assert kept_count == 2 * sum(q.numel for q in nf4_weights(model)) and recompute._kept == {}
+    assert kept_loss == loss and len(grads) == 32  # the embedding and head too: layer 0 forms dL/dx as well
+    for name in grads:
+        assert torch.equal(kept_grads[name], grads[name]), name

@@ -46,10 +46,11 @@ def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
     assert json.loads(out.stdout.splitlines()[-1])["matmul_flops"] == T * flops, out.stdout
 
 
-def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32):
+def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autocast=False, wanted=None):
     """One QLoRA step of a small NF4 model (2 layers), activation checkpointing on, plain or fused LoRA, the
-    recomputation's dequantized weights kept for the backward or not: the number of weights each
-    dequantization expanded (the reference's, and on CUDA the kernel's), the loss and the LoRA gradients."""
+    recomputation's dequantized weights kept for the backward or not, (``autocast``) under bf16 autocast: the
+    number of weights each dequantization expanded (the reference's, and on CUDA the kernel's), the loss and
+    the LoRA gradients (``wanted``: of the parameters whose names it accepts only, by ``torch.autograd.grad``)."""
     import bailong
     from bailong import lora
     from bailong.config import preset
@@ -77,9 +78,14 @@ def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32):
         monkeypatch.setattr(nf4_matmul, "nf4_dequantize", counted)
     monkeypatch.setattr(lora, "_fused", fused)
     ids = torch.randint(0, c.vocab_size, (1, 17), generator=torch.Generator().manual_seed(1)).to(device)
-    loss = model(ids[:, :-1], targets=ids[:, 1:])
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+    if wanted is None:
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad and wanted(n)}
+        grads = dict(zip(named, torch.autograd.grad(loss, list(named.values()))))
     return dequantized, loss.item(), grads, c
 
 
@@ -105,8 +111,8 @@ def test_kept_from_the_recomputation_each_weight_is_dequantized_once_less_and_th
 def check_kept(monkeypatch, fused, device="cpu", dtype=torch.float32):
     from bailong import recompute
     dequantized, loss, grads, c = nf4_step(monkeypatch, fused, True, device, dtype)
-    assert sum(dequantized) == sum(n_in * n_out * (1 + (i < 6) + (i == 6)) for layer in range(2)
-                                   for i, (n_in, n_out) in enumerate(projection_shapes(c)))
+    # each weight twice: forward and recomputation (whose copy the backward takes), or down: forward and backward
+    assert sum(dequantized) == 2 * 2 * sum(n_in * n_out for n_in, n_out in projection_shapes(c))  # 2 layers
     assert recompute._kept == {}
     _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, fused, False, device, dtype)
     assert loss == plain_loss and grads.keys() == plain_grads.keys() and len(grads) == 28
@@ -115,3 +121,24 @@ def check_kept(monkeypatch, fused, device="cpu", dtype=torch.float32):
             assert torch.equal(grad, plain_grads[name]), name
         else:  # the attention kernel's backward may add in another order
             torch.testing.assert_close(grad, plain_grads[name], rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_no_kept_copy_outlives_its_backward_and_under_autocast_none_is_made_in_vain(monkeypatch):
+    """What no backward takes is let go when the backward ends: with torch's early stop off (the recomputation
+    then multiplies by down's weight too, after down's backward has run), and with the gradients of some
+    parameters only asked for. Under bf16 autocast of a float32 model the copies are made in bf16, the dtype the
+    backward multiplies in, so each is taken: each weight still dequantized twice."""
+    from bailong import recompute
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        _, loss, grads, _ = nf4_step(monkeypatch, True, True)
+    assert recompute._kept == {}
+    _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, True, False)
+    assert loss == plain_loss and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    _, _, grads, _ = nf4_step(monkeypatch, False, True, wanted=lambda name: "layers.1.mlp" in name)
+    assert recompute._kept == {} and len(grads) == 6
+    for fused in [False, True]:
+        dequantized, loss, grads, c = nf4_step(monkeypatch, fused, True, autocast=True)
+        assert sum(dequantized) == 2 * 2 * sum(n_in * n_out for n_in, n_out in projection_shapes(c))
+        assert recompute._kept == {}
+        _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, fused, False, autocast=True)
+        assert loss == plain_loss and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
