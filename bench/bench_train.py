@@ -179,8 +179,9 @@ def count(config, args):
     no_dx = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"] if not args.embedding_and_head else []
     dequantized = sum(m.weight.numel() * (3 - name.endswith("down_proj") - (name in no_dx))
                       for name, m in projections(model))
-    # with the recomputation's copies kept for the backward (bailong.recompute): forward and recomputation for
-    # all but down, whose copy the backward makes (as it does for layer 0's q, k, v no copy): twice each
+    # with the recomputation's copies kept for the backward (bailong.recompute): every weight twice, for the
+    # forward and then for the recomputation (whose copy serves the backward too), or, for down, which the
+    # recomputation does not multiply by, for the backward
     kept = 2 * sum(m.weight.numel() for _, m in projections(model))
     targets = PROJECTIONS + (("embed_tokens", "lm_head") if args.embedding_and_head else ())
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=args.rank, dropout=args.dropout, targets=targets)))

@@ -172,14 +172,14 @@ def test_keep_dequantized_trains_the_same_run_with_fewer_dequantizations(tmp_pat
     calls, dequantize = [], NF4Tensor.dequantize
     monkeypatch.setattr(NF4Tensor, "dequantize", lambda q, *a, **k: calls.append(q) or dequantize(q, *a, **k))
     args, counts = ["--checkpointing", "on", "--eval-every", "4", "--save-every", "4"], {}
-    for keep in ["", "--keep-dequantized"]:
+    for name, keep in [("plain", []), ("kept", ["--keep-dequantized"])]:
         calls.clear()
-        run_train(capsys, *args, "--steps", "4", *[keep][:bool(keep)], "--out", tmp_path / f"run{keep}")
-        counts[keep] = len(calls)
-    assert losses(tmp_path / "run--keep-dequantized") == losses(tmp_path / "run")
-    assert counts["--keep-dequantized"] < 0.8 * counts[""]
-    run_train(capsys, *args, "--steps", "8", "--keep-dequantized", "--resume", "--out", tmp_path / "run")
-    assert [step for step, _ in losses(tmp_path / "run")] == list(range(1, 9))
+        run_train(capsys, *args, *keep, "--steps", "4", "--out", tmp_path / name)
+        counts[name] = len(calls)
+    assert losses(tmp_path / "kept") == losses(tmp_path / "plain")
+    assert counts["kept"] < 0.8 * counts["plain"]
+    run_train(capsys, *args, "--steps", "8", "--keep-dequantized", "--resume", "--out", tmp_path / "plain")
+    assert [step for step, _ in losses(tmp_path / "plain")] == list(range(1, 9))
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_reads(tmp_path, capsys):
