@@ -4,15 +4,16 @@ With activation checkpointing a layer's forward runs twice, the second time in t
 the layer's gradients are formed. That recomputation dequantizes each NF4 weight to multiply by it, and the
 backward dequantizes it again for dL/dx = g W. Switched on (``Llama.keep_dequantized``, ``train.py
 --keep-dequantized``), the recomputation keeps each copy whose dL/dx the backward will form, and the backward
-takes it: per layer and step 14 dequantizations instead of 20 (down, a layer's last projection, is not
+takes it: per layer and step 14 dequantizations instead of up to 20 (down, a layer's last projection, is not
 multiplied again in the recomputation, so its copy is made in the backward as before). The price: those six
 copies held from the recomputation until the backward uses each, about 0.3 GB at the Llama-2-7B shape in
 bf16. The values are the same either way (dequantizing is exact and deterministic).
 
-That count relies on torch's checkpoint stopping the recomputation once it has saved again what the
-backward keeps (its default, "early stop"): the recomputation then ends before down's frozen matmul, whose
-backward has already run by then and would not take a copy made there. Whatever no backward took is let go
-when the backward ends. One backward at a time: the copies are kept in one place for the process.
+That relies on torch's checkpoint stopping the recomputation once it has saved again what the backward
+keeps (its default, "early stop"), which ends it before down's frozen matmul. Without the early stop the
+recomputation multiplies by down's weight too and keeps that copy, but in vain: down's frozen matmul saves
+nothing, so its backward ran before the recomputation. Whatever no backward took is let go when the
+backward ends. One backward at a time: the copies are kept in one place for the process.
 """
 import contextlib
 
