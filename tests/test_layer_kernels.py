@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bailong_kernels.nf4_dequant import nf4_dequantize
 from bailong_kernels.nf4_matmul import nf4_matmul
 
 
@@ -162,12 +161,12 @@ def gpu_path(monkeypatch, fused_step, layer_kernels=False):
     """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, (``fused_step``) the
     decoding step's fused kernels, (``layer_kernels``) the training layer kernels; all interpreted."""
     from bailong import lora_fused, model, quantized
-    from bailong_kernels import decode, layers
     from bailong.recompute import dequantized
+    from bailong_kernels import decode, layers, nf4_dequant
     for module in (quantized, lora_fused):
         monkeypatch.setattr(module, "nf4_linear", lambda x, w, keep=False: nf4_matmul(x, w, keep))
-    monkeypatch.setattr(lora_fused, "nf4_dequantized",
-                        lambda w, dtype, keep=False: dequantized(w, dtype, nf4_dequantize, keep))
+    monkeypatch.setattr(lora_fused, "nf4_dequantized",  # looked up at each call, for a test to count
+                        lambda w, dtype, keep=False: dequantized(w, dtype, nf4_dequant.nf4_dequantize, keep))
     monkeypatch.setattr(model, "decode_kernels", lambda x: decode if fused_step and not torch.is_grad_enabled()
                         else None)
     monkeypatch.setattr(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled()
@@ -317,37 +316,8 @@ def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora, laye
 @pytest.mark.parametrize("fused", [False, True])
 def test_on_the_gpus_path_the_recomputation_keeps_its_dequantized_weights_for_the_backward(monkeypatch, fused):
     """``Llama.keep_dequantized`` through the kernels (the dequantize kernel interpreted, NF4MatmulKernel; fused:
-    with the layer kernels): each weight dequantized twice a step, the loss and LoRA gradients those of the step
-    without, nothing kept after the backward."""
-    import sys
-
-    from bailong import lora, recompute
-    from bailong.quantized import nf4_weights
-    from bailong_kernels import nf4_matmul as kernel_matmul
+    with the layer kernels), bf16: each weight dequantized twice a step, the loss and LoRA gradients those of the
+    step without, nothing kept after the backward (tests/test_step_count.py's check)."""
+    from test_step_count import check_kept
     gpu_path(monkeypatch, fused_step=False, layer_kernels=fused)
-    monkeypatch.setattr(lora, "_fused", fused)
-    dequantized, kernel = [], nf4_dequantize
-    counted = lambda q, *args, **kwargs: dequantized.append(q.numel) or kernel(q, *args, **kwargs)  # noqa: E731
-    monkeypatch.setattr(kernel_matmul, "nf4_dequantize", counted)
-    monkeypatch.setattr(sys.modules[__name__], "nf4_dequantize", counted)  # gpu_path's
-    results = []
-    for keep in [False, True]:
-        model = tiny_nf4(2)
-        torch.manual_seed(1)
-        lora.mark_only_lora_trainable(lora.inject_lora(model.to(torch.bfloat16), lora.LoRAConfig(r=4)))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # B = 0 would leave A's gradients 0
-                torch.nn.init.normal_(p, std=0.05)
-        model.checkpointing, model.keep_dequantized = True, keep
-        model.train()
-        ids = torch.randint(0, model.config.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
-        dequantized.clear()
-        loss = model(ids[:, :-1], targets=ids[:, 1:])
-        loss.backward()
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
-                        sum(dequantized)))
-    (loss, grads, _), (kept_loss, kept_grads, kept_count) = results
-    assert kept_count == 2 * sum(q.numel for q in nf4_weights(model)) and recompute._kept == {}
-    assert kept_loss == loss and len(grads) == 32  # the embedding and head too: layer 0 forms dL/dx as well
-    for name in grads:
-        assert torch.equal(kept_grads[name], grads[name]), name
+    check_kept(monkeypatch, fused, dtype=torch.bfloat16, kernels=True)

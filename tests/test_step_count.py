@@ -46,10 +46,12 @@ def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
     assert json.loads(out.stdout.splitlines()[-1])["matmul_flops"] == T * flops, out.stdout
 
 
-def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autocast=False, wanted=None):
+def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autocast=False, wanted=None,
+             kernels=False):
     """One QLoRA step of a small NF4 model (2 layers), activation checkpointing on, plain or fused LoRA, the
     recomputation's dequantized weights kept for the backward or not, (``autocast``) under bf16 autocast: the
-    number of weights each dequantization expanded (the reference's, and on CUDA the kernel's), the loss and
+    number of weights each dequantization expanded (the reference's, and on CUDA or where the caller routed the
+    projections through the kernels, ``kernels``, the kernel's), the loss and
     the LoRA gradients (``wanted``: of the parameters whose names it accepts only, by ``torch.autograd.grad``)."""
     import bailong
     from bailong import lora
@@ -68,9 +70,10 @@ def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autoca
     model.checkpointing, model.keep_dequantized = True, keep
     model.train()
     dequantized, dequantize = [], NF4Tensor.dequantize
-    monkeypatch.setattr(NF4Tensor, "dequantize",
-                        lambda q, *args, **kwargs: dequantized.append(q.numel) or dequantize(q, *args, **kwargs))
-    if device == "cuda":
+    if not kernels:  # routed through the kernels, a step must not dequantize by the reference at all
+        monkeypatch.setattr(NF4Tensor, "dequantize",
+                            lambda q, *args, **kwargs: dequantized.append(q.numel) or dequantize(q, *args, **kwargs))
+    if device == "cuda" or kernels:
         from bailong_kernels import nf4_dequant, nf4_matmul
         kernel = nf4_dequant.nf4_dequantize
         counted = lambda q, *args, **kwargs: dequantized.append(q.numel) or kernel(q, *args, **kwargs)  # noqa: E731
@@ -108,13 +111,13 @@ def test_kept_from_the_recomputation_each_weight_is_dequantized_once_less_and_th
     check_kept(monkeypatch, fused)
 
 
-def check_kept(monkeypatch, fused, device="cpu", dtype=torch.float32):
+def check_kept(monkeypatch, fused, device="cpu", dtype=torch.float32, kernels=False):
     from bailong import recompute
-    dequantized, loss, grads, c = nf4_step(monkeypatch, fused, True, device, dtype)
+    dequantized, loss, grads, c = nf4_step(monkeypatch, fused, True, device, dtype, kernels=kernels)
     # each weight twice: forward and recomputation (whose copy the backward takes), or down: forward and backward
     assert sum(dequantized) == 2 * 2 * sum(n_in * n_out for n_in, n_out in projection_shapes(c))  # 2 layers
     assert recompute._kept == {}
-    _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, fused, False, device, dtype)
+    _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, fused, False, device, dtype, kernels=kernels)
     assert loss == plain_loss and grads.keys() == plain_grads.keys() and len(grads) == 28
     for name, grad in grads.items():
         if device == "cpu":
