@@ -21,6 +21,7 @@ LoRA wraps, never forks: the wrapped layer keeps its frozen weight under its
 usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the
 prefix ``base_model.model.`` (see ``bailong/adapter.py``).
 """
+import contextlib
 import math
 import os
 import sys
@@ -158,7 +159,10 @@ class LoRALinear(nn.Module):
         """Let the compute-dtype copies go, once this layer's backward has used them: they go as the backward
         passes each layer, so that at its end they are not held beside every LoRA gradient (where a step's
         memory peaks: 2 bytes a LoRA weight, 0.61 GiB in the Llama-2-7B recipe); the next forward casts again,
-        all layers at once, as after an optimizer step."""
+        all layers at once, as after an optimizer step. Within ``casts_kept``, at its end."""
+        if _releases is not None:
+            _releases.append(self)
+            return
         self._cast = self._cast_key = self._shared_A = self._shared_key = None
 
     def merged_weight(self) -> torch.Tensor:
@@ -188,6 +192,28 @@ def _count_step(optimizer, args, kwargs):
 
 
 register_optimizer_step_post_hook(_count_step)
+
+
+_releases = None  # inside casts_kept: the layers whose release_casts waits for its end
+
+
+@contextlib.contextmanager
+def casts_kept():
+    """Within, a layer's backward keeps its compute-dtype copies (``LoRALinear.release_casts`` waits for the
+    end): for a backward that runs the same layers' forward and backward again chunk by chunk
+    (``bailong.memory.ChunkedMLP``), whose next chunk would otherwise cast anew, and with it every layer the
+    backward has already passed."""
+    global _releases
+    if _releases is not None:  # inside another: that one's end
+        yield
+        return
+    _releases = []
+    try:
+        yield
+    finally:
+        waiting, _releases = _releases, None
+        for m in waiting:
+            m.release_casts()
 
 
 def use_fused_lora(flag=True) -> bool:

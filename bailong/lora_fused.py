@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import nf4_dequantized, nf4_linear
+from bailong.recompute import is_recomputing
 
 
 class LoRAProjection(torch.autograd.Function):
@@ -82,11 +83,14 @@ class LoRAProjection(torch.autograd.Function):
 
 class FrozenAddmm(torch.autograd.Function):
     """residual + x W^T for a frozen W (dense or NF4), in one matmul; nothing kept for the backward but W as
-    stored (an NF4 one dequantized again, as in ``LoRAProjection``): dL/dresidual = g, dL/dx = g W."""
+    stored (an NF4 one dequantized again, as in ``LoRAProjection``): dL/dresidual = g, dL/dx = g W. In a
+    recomputation, whose outputs no one reads (``bailong.recompute.is_recomputing``), the matmul is skipped."""
 
     @staticmethod
     def forward(ctx, residual, x, W):
         ctx.weight, ctx.x_shape, ctx.x_dtype = W, x.shape, x.dtype
+        if is_recomputing():  # nothing saved depends on the output: a layer's last projection (down)
+            return residual.new_empty(residual.shape)
         return frozen_addmm(residual, x, W, ctx.needs_input_grad[1])
 
     @staticmethod

@@ -1,9 +1,10 @@
-"""Training in less GPU memory: the loss chunk by chunk, and layer inputs kept in host memory.
+"""Training in less GPU memory: the loss chunk by chunk, the MLP chunk by chunk, and layer inputs kept in host
+memory.
 
-Both are off by default until timed on a GPU (``bench/bench_train.py``): the chunked loss with
-``BAILONG_CHUNKED_LOSS=1`` or ``use_chunked_loss()``, the offload with ``train.py --offload-activations``
-(``Llama.offload``). ``bailong.model`` calls them; each trains as the plain way does (tests/test_lora_fused.py,
-tests/test_model.py).
+All are off by default until timed on a GPU (``bench/bench_train.py``): the chunked loss with
+``BAILONG_CHUNKED_LOSS=1`` or ``use_chunked_loss()``, the chunked MLP with ``BAILONG_CHUNKED_MLP=1`` or
+``use_chunked_mlp()``, the offload with ``train.py --offload-activations`` (``Llama.offload``). ``bailong.model``
+calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py).
 """
 import os
 import weakref
@@ -11,8 +12,13 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from bailong.lora import casts_kept
+from bailong.recompute import dequantized_once, is_recomputing, recomputing
+
 _chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "0") not in ("", "0")
 LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
+_chunked_mlp = os.environ.get("BAILONG_CHUNKED_MLP", "0") not in ("", "0")
+MLP_CHUNK_VALUES = 1 << 24  # the MLP's intermediate values a chunk of ChunkedMLP: 32 MiB in bf16
 
 
 def use_chunked_loss(flag=True) -> bool:
@@ -81,6 +87,104 @@ class ChunkedLoss(torch.autograd.Function):
     def backward(ctx, g):
         dh, *dparams = ctx.saved_tensors
         return (None if dh is None else dh * g), None, None, None, None, *(d * g for d in dparams)
+
+
+def use_chunked_mlp(flag=True) -> bool:
+    """Run the MLP chunk by chunk over the tokens where a gradient is wanted (True, ``ChunkedMLP``) or whole
+    (False); returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_CHUNKED_MLP=1``)."""
+    global _chunked_mlp
+    previous, _chunked_mlp = _chunked_mlp, flag
+    return previous
+
+
+def chunked_mlp(mlp, x, residual, width, params):
+    """``residual + mlp(x)`` chunk by chunk over the tokens (``ChunkedMLP``) where switched on
+    (``use_chunked_mlp``), a gradient wanted and the tokens more than one chunk of about ``MLP_CHUNK_VALUES``
+    intermediate values (``width`` a token); else None, and the caller runs the MLP whole. ``mlp(x, residual)``:
+    the MLP on any rows of x, each row of its output from the same row of x alone; ``params``: its parameters."""
+    if not (_chunked_mlp and torch.is_grad_enabled()):
+        return None
+    params = [p for p in params if p.requires_grad]
+    tokens, most = x.numel() // x.shape[-1], max(1, MLP_CHUNK_VALUES // width)
+    if tokens <= most or not (x.requires_grad or params):
+        return None
+    chunks = -(-tokens // most)
+    return ChunkedMLP.apply(x, residual, mlp, -(-tokens // chunks), *params)  # chunks of equal size
+
+
+class ChunkedMLP(torch.autograd.Function):
+    """``residual + mlp(x)`` (in the residual's dtype), ``chunk`` tokens at a time both ways, so that the MLP's
+    intermediate activations and their gradients exist for one chunk at a time: at Llama-2-7B's width each of
+    them takes 172 MiB over a sequence of 8,192 in bf16, and an unchunked layer's backward holds about six.
+
+    Kept for the backward: x. The backward runs each chunk's forward again, with the random state (dropout's
+    masks) and autocast the forward had, then that chunk's backward, and returns the parameters' gradients summed
+    over the chunks through this node (so distributed training sees one gradient a parameter). In a checkpointed
+    layer the recomputation, which reads nothing of this node but the x it saves, skips the chunks
+    (``bailong.recompute.is_recomputing``): the MLP runs twice a step, as unchunked, and the backward's forward
+    skips down's frozen matmul too, whose output nothing reads (``bailong.lora_fused.FrozenAddmm``). Each NF4
+    weight is dequantized once for all the chunks of the forward and once for those of the backward
+    (``dequantized_once``; the price: the MLP's three weights in the compute dtype held meanwhile, 258 MiB at
+    the 7B shape in bf16), and the LoRA layers keep their compute-dtype copies across the chunks
+    (``bailong.lora.casts_kept``). What a chunk saves for its own backward is kept as is, apart from any
+    saved-tensor hooks around (a checkpoint's count of what the layer saves, an offload's).
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, mlp, chunk, *params):
+        ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
+        ctx.random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        device = x.device.type
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(x)
+        out = residual.new_empty(residual.shape)
+        if is_recomputing():  # the layer's recomputation: only the x saved above is wanted of this node
+            return out
+        with torch.enable_grad(), dequantized_once(), _saved_as_is():
+            for x_part, r_part, out_part in zip(_rows(x, chunk), _rows(residual, chunk), _rows(out, chunk)):
+                out_part.copy_(mlp(x_part.detach(), r_part.detach()).detach())
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[0]
+        dx = x.new_empty(x.shape) if want_x else None
+        grads = [None] * len(ctx.params)
+        cpu_state, device_state = ctx.random
+        with (torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad(),
+              torch.autocast(x.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None),
+              dequantized_once(), casts_kept(), _saved_as_is()):
+            torch.set_rng_state(cpu_state)
+            if device_state is not None:
+                torch.cuda.set_rng_state(device_state, x.device)
+            dx_parts = _rows(dx, ctx.chunk) if want_x else None
+            for i, (x_part, g_part) in enumerate(zip(_rows(x, ctx.chunk), _rows(g, ctx.chunk))):
+                x_part = x_part.detach().requires_grad_(want_x)
+                with recomputing():  # y's values are never read: g stands in for the residual (y is linear in it)
+                    y = ctx.mlp(x_part, g_part)
+                parts = torch.autograd.grad(y, [x_part] * want_x + list(ctx.params), g_part, allow_unused=True)
+                if want_x:
+                    dx_parts[i].copy_(parts[0])
+                for j, grad in enumerate(parts[want_x:]):
+                    if grad is not None:
+                        grads[j] = grad if grads[j] is None else grads[j].add_(grad)
+        return dx, g if ctx.needs_input_grad[1] else None, None, None, *grads
+
+
+def _rows(t, chunk):
+    """The rows of t (all its dimensions but the last flattened: a view where t is contiguous), ``chunk`` at a
+    time."""
+    return t.reshape(-1, t.shape[-1]).split(chunk)
+
+
+def _saved_as_is():
+    """Saved-tensor hooks that keep what is saved as it is, over any hooks set around."""
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
+def _same(t):
+    return t
 
 
 class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):

@@ -20,8 +20,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from bailong.config import ModelConfig
-from bailong.memory import OffloadedInput, summed_loss
-from bailong.recompute import recomputation_keeps
+from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
+from bailong.recompute import recomputation
 
 
 def decode_kernels(x):
@@ -253,7 +253,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x, residual=None):
-        """The MLP's output, plus ``residual`` where one is given."""
+        """The MLP's output, plus ``residual`` where one is given: in training, switched on, chunk by chunk over
+        the tokens (``bailong.memory.chunked_mlp``)."""
+        if residual is not None and (y := chunked_mlp(self.unchunked, x, residual, self.gate_proj.out_features,
+                                                      self.parameters())) is not None:
+            return y
+        return self.unchunked(x, residual)
+
+    def unchunked(self, x, residual=None):
         decode = decode_kernels(x)
         h = decode and decode.gated_projection(x, self.gate_proj, self.up_proj)  # gate, up, SwiGLU: one launch
         if h is None:
@@ -324,7 +331,7 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 offloaded = OffloadedInput(x, offloaded) if self.offload else None
-                run = recomputation_keeps(layer) if self.keep_dequantized else layer  # bailong.recompute
+                run = recomputation(layer, keep=self.keep_dequantized)  # bailong.recompute
                 with offloaded or contextlib.nullcontext():
                     x = torch.utils.checkpoint.checkpoint(run, x, cos, sin, positions, mask, cache,
                                                           use_reentrant=False)

@@ -311,3 +311,11 @@ def test_on_cuda_the_recomputation_keeps_its_dequantized_weights_for_the_backwar
     """The kernel path (dequantize kernel, cuBLAS) with ``Llama.keep_dequantized``, bf16: as on the CPU."""
     from test_step_count import check_kept
     check_kept(monkeypatch, fused, "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_cuda_the_mlp_in_chunks_trains_as_autograd_through_the_chunks(monkeypatch, fused):
+    """``bailong.memory.ChunkedMLP`` on the kernel path, bf16, dropout (the CUDA generator's state replayed in
+    the backward; fused: the recomputation's copies kept): as on the CPU."""
+    from test_step_count import check_chunked
+    check_chunked(monkeypatch, fused, fused, "cuda", torch.bfloat16)

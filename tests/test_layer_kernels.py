@@ -321,3 +321,14 @@ def test_on_the_gpus_path_the_recomputation_keeps_its_dequantized_weights_for_th
     from test_step_count import check_kept
     gpu_path(monkeypatch, fused_step=False, layer_kernels=fused)
     check_kept(monkeypatch, fused, dtype=torch.bfloat16, kernels=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_on_the_gpus_path_the_mlp_in_chunks_dequantizes_each_weight_once_a_way(monkeypatch, fused):
+    """The MLP in chunks (``bailong.memory.ChunkedMLP``) through the kernels (the dequantize kernel interpreted,
+    NF4MatmulKernel; fused: with the layer kernels, the recomputation's copies kept), bf16: gate, up and down
+    dequantized once for the forward's chunks and once for the backward's, the loss and LoRA gradients those of
+    autograd through the same chunks (tests/test_step_count.py's check)."""
+    from test_step_count import check_chunked
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=fused)
+    check_chunked(monkeypatch, fused, keep=fused, dtype=torch.bfloat16, kernels=True)

@@ -47,14 +47,15 @@ def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
 
 
 def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autocast=False, wanted=None,
-             kernels=False):
+             kernels=False, chunked=False):
     """One QLoRA step of a small NF4 model (2 layers), activation checkpointing on, plain or fused LoRA, the
-    recomputation's dequantized weights kept for the backward or not, (``autocast``) under bf16 autocast: the
-    number of weights each dequantization expanded (the reference's, and on CUDA or where the caller routed the
-    projections through the kernels, ``kernels``, the kernel's), the loss and
-    the LoRA gradients (``wanted``: of the parameters whose names it accepts only, by ``torch.autograd.grad``)."""
+    recomputation's dequantized weights kept for the backward or not, (``autocast``) under bf16 autocast,
+    (``chunked``) the MLP in chunks of 6 tokens: the number of weights each dequantization expanded (the
+    reference's, and on CUDA or where the caller routed the projections through the kernels, ``kernels``, the
+    kernel's), the loss and the LoRA gradients (``wanted``: of the parameters whose names it accepts only, by
+    ``torch.autograd.grad``)."""
     import bailong
-    from bailong import lora
+    from bailong import lora, memory
     from bailong.config import preset
     from bailong.model import init_weights
     from bailong.nf4 import NF4Tensor
@@ -80,6 +81,8 @@ def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autoca
         monkeypatch.setattr(nf4_dequant, "nf4_dequantize", counted)
         monkeypatch.setattr(nf4_matmul, "nf4_dequantize", counted)
     monkeypatch.setattr(lora, "_fused", fused)
+    monkeypatch.setattr(memory, "_chunked_mlp", chunked)
+    monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 6 * c.intermediate_size)  # 16 tokens: 6, 6 and 4
     ids = torch.randint(0, c.vocab_size, (1, 17), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         loss = model(ids[:, :-1], targets=ids[:, 1:])
@@ -145,3 +148,34 @@ def test_no_kept_copy_outlives_its_backward_and_under_autocast_none_is_made_in_v
         assert recompute._kept == {}
         _, plain_loss, plain_grads, _ = nf4_step(monkeypatch, fused, False, autocast=True)
         assert loss == plain_loss and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+
+
+@pytest.mark.parametrize("fused,keep", [(False, False), (True, False), (True, True)])
+def test_in_chunks_each_mlp_weight_is_dequantized_once_a_way_and_the_step_is_the_same(monkeypatch, fused, keep):
+    """The MLP in chunks (``bailong.memory.ChunkedMLP``) in a checkpointed step: gate, up and down dequantized
+    once for all the forward's chunks and once for all the backward's (none in the layer's recomputation, which
+    skips the chunks), the attention's weights as without; the loss and every LoRA gradient those of the
+    step's through the same chunks by autograd (the same dropout masks), and nothing held after the backward."""
+    check_chunked(monkeypatch, fused, keep)
+
+
+def check_chunked(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, kernels=False):
+    from bailong import lora, memory, recompute
+    dequantized, loss, grads, c = nf4_step(monkeypatch, fused, keep, device, dtype, kernels=kernels, chunked=True)
+    shapes = projection_shapes(c)
+    attention = sum(n_in * n_out * (2 if keep else recipe_passes(layer, i))
+                    for layer in range(2) for i, (n_in, n_out) in enumerate(shapes[:4]))
+    assert sum(dequantized) == attention + 2 * 2 * sum(n_in * n_out for n_in, n_out in shapes[4:])
+    assert recompute._kept == {} and recompute._once is None and lora._releases is None
+    monkeypatch.setattr(memory.ChunkedMLP, "apply", chunks_by_autograd)
+    _, ref_loss, ref_grads, _ = nf4_step(monkeypatch, fused, keep, device, dtype, kernels=kernels, chunked=True)
+    assert abs(loss - ref_loss) < 1e-5 and grads.keys() == ref_grads.keys() and len(grads) == 28
+    tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], **tolerance, msg=name)
+
+
+def chunks_by_autograd(x, residual, mlp, chunk, *params):
+    """What ``ChunkedMLP`` computes, by autograd through the chunks, all of them kept for the backward."""
+    from bailong.memory import _rows
+    return torch.cat([mlp(*parts) for parts in zip(_rows(x, chunk), _rows(residual, chunk))]).view(residual.shape)
