@@ -6,6 +6,7 @@ All are off by default until timed on a GPU (``bench/bench_train.py``): the chun
 ``use_chunked_mlp()``, the offload with ``train.py --offload-activations`` (``Llama.offload``). ``bailong.model``
 calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py).
 """
+import contextlib
 import os
 import weakref
 
@@ -135,7 +136,8 @@ class ChunkedMLP(torch.autograd.Function):
         ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
         ctx.random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         device = x.device.type
-        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        ctx.autocast = torch.get_autocast_dtype(device) if on else None
         ctx.save_for_backward(x)
         out = residual.new_empty(residual.shape)
         if is_recomputing():  # the layer's recomputation: only the x saved above is wanted of this node
@@ -153,7 +155,7 @@ class ChunkedMLP(torch.autograd.Function):
         grads = [None] * len(ctx.params)
         cpu_state, device_state = ctx.random
         with (torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad(),
-              torch.autocast(x.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None),
+              _autocast(x.device.type, ctx.autocast),
               dequantized_once(), casts_kept(), _saved_as_is()):
             torch.set_rng_state(cpu_state)
             if device_state is not None:
@@ -170,6 +172,13 @@ class ChunkedMLP(torch.autograd.Function):
                     if grad is not None:
                         grads[j] = grad if grads[j] is None else grads[j].add_(grad)
         return dx, g if ctx.needs_input_grad[1] else None, None, None, *grads
+
+
+def _autocast(device, dtype):
+    """Autocast as a forward had it (dtype None: off), on a device that has autocast (not the meta device)."""
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
 def _rows(t, chunk):

@@ -4,17 +4,18 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
 CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs five times: as by
+in a fresh process, a few warm-up steps first. Ours runs up to eight times: as by
 default; with each LoRA projection one autograd node
 (``bailong.lora_fused.LoRAProjection``); with that and the norms, SwiGLU and
 RoPE through their training kernels (``bailong_kernels.layers``, CUDA only); and
 with all that and the loss computed chunk by chunk
-(``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); and
-(CUDA) with all that and each layer's saved input offloaded to host memory
-(``bailong.memory.OffloadedInput``); and with all that but the offload, the NF4
-weights the checkpointed recomputation dequantizes kept for the backward
-(``bailong.recompute``). All of them are off by default until this
-benchmark has timed them on a GPU. Peak memory is CUDA's max_memory_allocated
+(``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); then
+with all that and one more: (CUDA) each layer's saved input offloaded to host
+memory (``bailong.memory.OffloadedInput``); the NF4 weights the checkpointed
+recomputation dequantizes kept for the backward (``bailong.recompute``); the MLP
+chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); and (CUDA) the
+last two memory savers together, the offload and the chunked MLP (``FEATURES``).
+All of them are off by default until this benchmark has timed them on a GPU. Peak memory is CUDA's max_memory_allocated
 on a GPU, the growth of VmHWM (reset through /proc/self/clear_refs) on the CPU.
 Beside it, each side's floor: what it holds between steps (the frozen base, the
 LoRA weights, AdamW's moments, and whatever else a side keeps) plus the LoRA
@@ -26,7 +27,7 @@ so it reads about the peak).
     python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
     python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
     python bench/bench_train.py --setting long        # a GPU: Llama-2-7B, r 16 on the projections, 8192
-    python bench/bench_train.py --setting long --rows ours-all ours-offload theirs    # some sides only
+    python bench/bench_train.py --setting long --rows ours-all ours-mlp ours-lean theirs    # some sides only
     python bench/bench_train.py --setting recipe --dropout 0.05       # with train.py's LoRA dropout
     python bench/bench_train.py --setting recipe --optimizer adamw8bit   # AdamW's moments in 8 bits, both sides
     python bench/bench_train.py --setting recipe --count     # what a step computes and moves (no GPU needed)
@@ -57,7 +58,14 @@ SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, 
 # the sides, each run in a process of its own: ours as by default, then with each fast path added
 ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
         "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
-        "ours, + chunked loss, kept dequantized": "ours-keep", "transformers+peft+bitsandbytes": "theirs"}
+        "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
+        "ours, + offloaded layer inputs, chunked MLP": "ours-lean", "transformers+peft+bitsandbytes": "theirs"}
+# what each of our rows switches on: the fused LoRA, the layer kernels, the chunked loss, the offload (CUDA and
+# checkpointing only), the kept dequantized weights (checkpointing only), the chunked MLP
+BASE = {"fused", "layers", "loss"}
+FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-layers": {"fused", "layers"}, "ours-all": BASE,
+            "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
+            "ours-lean": BASE | {"offload", "mlp"}}
 
 
 def status(key):
@@ -78,18 +86,20 @@ def run_one(which, folder, args):
     if which.startswith("ours"):
         import bailong
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
-        from bailong.memory import use_chunked_loss
+        from bailong.memory import use_chunked_loss, use_chunked_mlp
         from bailong_kernels import use_layer_kernels
-        use_fused_lora(which != "ours")
-        use_layer_kernels(which in ("ours-layers", "ours-all", "ours-offload", "ours-keep"))
-        use_chunked_loss(which in ("ours-all", "ours-offload", "ours-keep"))
+        on = FEATURES[which]
+        use_fused_lora("fused" in on)
+        use_layer_kernels("layers" in on)
+        use_chunked_loss("loss" in on)
+        use_chunked_mlp("mlp" in on)
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
                                        targets=tuple(targets)))
         mark_only_lora_trainable(model)
         model.checkpointing = args.checkpointing
-        model.offload = which == "ours-offload" and device == "cuda"
-        model.keep_dequantized = which == "ours-keep"
+        model.offload = "offload" in on and device == "cuda"
+        model.keep_dequantized = "keep" in on
         loss_of = lambda ids: model(ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -183,6 +193,9 @@ def count(config, args):
     # forward and then for the recomputation (whose copy serves the backward too), or, for down, which the
     # recomputation does not multiply by, for the backward
     kept = 2 * sum(m.weight.numel() for _, m in projections(model))
+    # with the MLP in chunks (bailong.memory.ChunkedMLP): gate, up and down once for all the forward's chunks and
+    # once for all the backward's (the recomputation skips the chunks), the attention's as without
+    chunked = sum(m.weight.numel() * (2 if ".mlp." in name else 3 - (name in no_dx)) for name, m in projections(model))
     targets = PROJECTIONS + (("embed_tokens", "lm_head") if args.embedding_and_head else ())
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=args.rank, dropout=args.dropout, targets=targets)))
     model.checkpointing = True
@@ -203,13 +216,14 @@ def count(config, args):
     print(f"  attention {attention / 1e12:.2f} TFLOP as counted, the whole T x T (a causal kernel skips about half)")
     print(f"  NF4 dequantization {nf4_bytes / 1e9:.1f} GB moved ({dequantized / 1e9:.2f} G weights dequantized, one "
           f"for each matmul with them); {nf4_bytes * kept / dequantized / 1e9:.1f} GB with the recomputation's "
-          "copies kept for the backward")
+          f"copies kept for the backward; {nf4_bytes * chunked / dequantized / 1e9:.1f} GB with the MLP in chunks")
     adamw_bytes = trained * (16 if args.optimizer == "adamw8bit" else 28)
     kind = "8-bit" if args.optimizer == "adamw8bit" else "fused"
     print(f"  {kind} AdamW {adamw_bytes / 1e9:.1f} GB moved (parameter, gradient and two moments read, parameter and "
           "moments written)")
     print(json.dumps({"matmul_flops": sum(flops.values()), "attention_flops": attention, "nf4_bytes": nf4_bytes,
                       "nf4_bytes_kept": nf4_bytes * kept / dequantized,
+                      "nf4_bytes_chunked_mlp": nf4_bytes * chunked / dequantized,
                       "adamw_bytes": adamw_bytes, "trainable": trained}))
 
 
@@ -268,8 +282,9 @@ def main():
               f"checkpointing {'on' if args.checkpointing else 'off'}, {args.device}, torch {torch.__version__}")
         results = {}
         for which, flag in ROWS.items():
-            if (flag not in args.rows or flag == "ours-offload" and args.device != "cuda"  # the CPU: nowhere to offload
-                    or flag in ("ours-offload", "ours-keep") and not args.checkpointing):  # nothing recomputed
+            on = FEATURES.get(flag, set())
+            if (flag not in args.rows or "offload" in on and args.device != "cuda"  # the CPU: nowhere to offload
+                    or on & {"offload", "keep"} and not args.checkpointing):  # nothing recomputed
                 continue
             started = time.perf_counter()
             cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]

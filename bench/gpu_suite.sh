@@ -28,10 +28,12 @@ for part in ${parts[*]}; do
         tests)   run tests python -m pytest -q -m gpu tests ;;
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         decode)  run decode python bench/bench_decode.py ;;
-        train)   run train python bench/bench_train.py --setting recipe ;;  # each side loads the 7B afresh:
+        train)   run train python bench/bench_train.py --setting recipe \
+                 --rows ours ours-fused ours-layers ours-all ours-offload ours-keep theirs ;;  # each side loads
         train-8bit) run train-8bit python bench/bench_train.py --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
-        train-long) run train-long python bench/bench_train.py --setting long ;;  # minutes a setting
+        train-long) run train-long python bench/bench_train.py --setting long \
+                    --rows ours-all ours-offload ours-mlp ours-lean theirs ;;  # the 7B afresh: minutes a row
         model)   run model python bench/bench_model_gpu.py ;;
         *)       echo "unknown part: $part (tests, kernels, decode, train, train-8bit, train-long, model)"
                  failed=$((failed + 1)) ;;

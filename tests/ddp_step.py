@@ -7,17 +7,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bailong import load_preset
+from bailong import load_preset, memory
 from bailong.data import TokenData, read_corpus, tokenize
 from bailong.training import SAMPLES
-from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable
+from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable, use_fused_lora
+from bailong.memory import use_chunked_mlp
 
 
-def main(out, batch_size):
+def main(out, batch_size, chunked=False):
+    """``chunked``: the fused LoRA path with the MLP in chunks of 24 tokens (bailong.memory.ChunkedMLP), whose
+    parameters' gradients come out of its own node."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
     model, tokenizer = load_preset("tiny", device="cpu", seed=0)
+    if chunked:
+        use_fused_lora(True)
+        use_chunked_mlp(True)
+        memory.MLP_CHUNK_VALUES = 24 * model.config.intermediate_size
     inject_lora(model, LoRAConfig(r=4, dropout=0.0))
     mark_only_lora_trainable(model)
     torch.manual_seed(1)
@@ -39,4 +46,4 @@ def main(out, batch_size):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["chunked"])

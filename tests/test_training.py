@@ -308,13 +308,15 @@ def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monk
     assert (tmp_path / "run" / "adapter").exists() and (mine / "notes.txt").exists()
 
 
-def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("chunked", [[], ["chunked"]])
+def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_path, chunked):
+    """Also (``chunked``) with the fused LoRA and the MLP in chunks, whose node hands DDP the summed gradients."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "8"],
+    one = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "8", *chunked],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "4"],
+                          str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "4", *chunked],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     single, double = torch.load(tmp_path / "grads-1.pt"), torch.load(tmp_path / "grads-2.pt")
