@@ -69,7 +69,7 @@ class ChunkedLoss(torch.autograd.Function):
             for i in range(0, len(h), chunk):
                 part = h[i:i + chunk].detach().requires_grad_(dh is not None)
                 wanted = ([part] if dh is not None else []) + list(params)
-                logits = head(part)
+                logits = head(part.view_as(part))  # not the leaf itself: hooks on the head's input
                 if kernels:  # each row's loss, and over the logits their gradient: one launch
                     loss = kernels.cross_entropy_(logits.detach(), targets[i:i + chunk]).sum()
                     grads = torch.autograd.grad(logits, wanted, logits.detach())
@@ -116,47 +116,47 @@ def chunked_mlp(mlp, x, residual, width, params):
 class ChunkedMLP(torch.autograd.Function):
     """``residual + mlp(x)`` (in the residual's dtype), ``chunk`` tokens at a time both ways, so that the MLP's
     intermediate activations and their gradients exist for one chunk at a time: at Llama-2-7B's width each of
-    them takes 172 MiB over a sequence of 8,192 in bf16, and an unchunked layer's backward holds about six.
+    them takes 172 MiB over a sequence of 8,192 in bf16, and SwiGLU's backward holds five at once.
 
     Kept for the backward: x. The backward runs each chunk's forward again, with the random state (dropout's
     masks) and autocast the forward had, then that chunk's backward, and returns the parameters' gradients summed
-    over the chunks through this node (so distributed training sees one gradient a parameter). In a checkpointed
-    layer the recomputation, which reads nothing of this node but the x it saves, skips the chunks
-    (``bailong.recompute.is_recomputing``): the MLP runs twice a step, as unchunked, and the backward's forward
-    skips down's frozen matmul too, whose output nothing reads (``bailong.lora_fused.FrozenAddmm``). Each NF4
-    weight is dequantized once for all the chunks of the forward and once for those of the backward
-    (``dequantized_once``; the price: the MLP's three weights in the compute dtype held meanwhile, 258 MiB at
-    the 7B shape in bf16), and the LoRA layers keep their compute-dtype copies across the chunks
-    (``bailong.lora.casts_kept``). What a chunk saves for its own backward is kept as is, apart from any
-    saved-tensor hooks around (a checkpoint's count of what the layer saves, an offload's).
+    over the chunks through this node (so distributed training sees one gradient a parameter; a hook set on a
+    parameter itself, ``Tensor.register_hook``, runs once a chunk). In a checkpointed layer the recomputation,
+    which reads nothing of this node but the x it saves, skips the chunks (``bailong.recompute.is_recomputing``):
+    the MLP runs twice a step, as unchunked, and the backward's forward skips down's frozen matmul too, whose
+    output nothing reads (``bailong.lora_fused.FrozenAddmm``). Each NF4 weight is dequantized once for all the
+    chunks of the forward and once for those of the backward (``dequantized_once``; the price: the MLP's three
+    weights in the compute dtype held meanwhile, 258 MiB at the 7B shape in bf16), and the LoRA layers keep
+    their compute-dtype copies across the chunks (``bailong.lora.casts_kept``).
     """
 
     @staticmethod
     def forward(ctx, x, residual, mlp, chunk, *params):
+        ctx.save_for_backward(x)
+        out = residual.new_empty(residual.shape)
+        if is_recomputing():  # the layer's recomputation: only the x saved above is wanted of this node
+            return out
         ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
         ctx.random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         device = x.device.type
         on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
         ctx.autocast = torch.get_autocast_dtype(device) if on else None
-        ctx.save_for_backward(x)
-        out = residual.new_empty(residual.shape)
-        if is_recomputing():  # the layer's recomputation: only the x saved above is wanted of this node
-            return out
-        with torch.enable_grad(), dequantized_once(), _saved_as_is():
+        with torch.enable_grad(), dequantized_once(), _nothing_saved():  # as the backward will run it
             for x_part, r_part, out_part in zip(_rows(x, chunk), _rows(residual, chunk), _rows(out, chunk)):
                 out_part.copy_(mlp(x_part.detach(), r_part.detach()).detach())
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, = ctx.saved_tensors
         want_x = ctx.needs_input_grad[0]
         dx = x.new_empty(x.shape) if want_x else None
-        grads = [None] * len(ctx.params)
+        params = [p for p, wanted in zip(ctx.params, ctx.needs_input_grad[4:]) if wanted]
+        grads = [None] * len(params)
         cpu_state, device_state = ctx.random
         with (torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad(),
-              _autocast(x.device.type, ctx.autocast),
-              dequantized_once(), casts_kept(), _saved_as_is()):
+              _autocast(x.device.type, ctx.autocast), dequantized_once(), casts_kept()):
             torch.set_rng_state(cpu_state)
             if device_state is not None:
                 torch.cuda.set_rng_state(device_state, x.device)
@@ -164,14 +164,16 @@ class ChunkedMLP(torch.autograd.Function):
             for i, (x_part, g_part) in enumerate(zip(_rows(x, ctx.chunk), _rows(g, ctx.chunk))):
                 x_part = x_part.detach().requires_grad_(want_x)
                 with recomputing():  # y's values are never read: g stands in for the residual (y is linear in it)
-                    y = ctx.mlp(x_part, g_part)
-                parts = torch.autograd.grad(y, [x_part] * want_x + list(ctx.params), g_part, allow_unused=True)
+                    y = ctx.mlp(x_part.view_as(x_part), g_part)  # not the leaf itself: hooks on the MLP's input
+                parts = torch.autograd.grad(y, [x_part] * want_x + params, g_part, allow_unused=True)
                 if want_x:
                     dx_parts[i].copy_(parts[0])
                 for j, grad in enumerate(parts[want_x:]):
                     if grad is not None:
                         grads[j] = grad if grads[j] is None else grads[j].add_(grad)
-        return dx, g if ctx.needs_input_grad[1] else None, None, None, *grads
+        grads = iter(grads)
+        return (dx, g if ctx.needs_input_grad[1] else None, None, None,
+                *(next(grads) if wanted else None for wanted in ctx.needs_input_grad[4:]))
 
 
 def _autocast(device, dtype):
@@ -187,13 +189,20 @@ def _rows(t, chunk):
     return t.reshape(-1, t.shape[-1]).split(chunk)
 
 
-def _saved_as_is():
-    """Saved-tensor hooks that keep what is saved as it is, over any hooks set around."""
-    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+def _nothing_saved():
+    """Saved-tensor hooks that keep nothing, over any set around: for a forward that no backward will run
+    through, whose saved tensors would otherwise pass through those hooks (a checkpoint's count of what the
+    layer saves, an offload's) and, where an op saves its own output, never be freed (a cycle through the
+    graph, which Python's collector does not see)."""
+    return torch.autograd.graph.saved_tensors_hooks(_nothing, _never)
 
 
-def _same(t):
-    return t
+def _nothing(t):
+    return None
+
+
+def _never(packed):
+    raise RuntimeError("bailong.memory: a chunk's forward ran without keeping anything for a backward")
 
 
 class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):

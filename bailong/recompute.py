@@ -11,14 +11,18 @@ bf16. The values are the same either way (dequantizing is exact and deterministi
 
 That relies on torch's checkpoint stopping the recomputation once it has saved again what the backward
 keeps (its default, "early stop"), which ends it before down's frozen matmul. Without the early stop the
-recomputation multiplies by down's weight too and keeps that copy, but in vain: down's frozen matmul saves
-nothing, so its backward ran before the recomputation. Whatever no backward took is let go when the
-backward ends. One backward at a time: the copies are kept in one place for the process.
+plain LoRA path's recomputation multiplies by down's weight too and keeps that copy, but in vain: down's frozen
+matmul saves nothing, so its backward ran before the recomputation. Whatever no backward took is let go when
+the backward ends.
 
 A recomputation's outputs are never read, only what it saves for the backward (``recomputing``): a node that
 saves nothing, or only its inputs, may skip its work there (the MLP in chunks, ``bailong.memory.ChunkedMLP``;
-down's frozen matmul, ``bailong.lora_fused.FrozenAddmm``). And within ``dequantized_once`` a weight is
-dequantized once for every matmul by it (the chunks of that MLP, forward and backward).
+on the fused LoRA path down's frozen matmul, ``bailong.lora_fused.FrozenAddmm``, with or without the early
+stop). And within ``dequantized_once`` a weight is dequantized once for every matmul by it (the chunks of that
+MLP, forward and backward).
+
+All of this is the process's, not a thread's: one forward or backward at a time (as DDP runs, a process a
+device; not ``nn.DataParallel``'s threads).
 """
 import contextlib
 

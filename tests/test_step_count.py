@@ -167,6 +167,7 @@ def check_chunked(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, k
                     for layer in range(2) for i, (n_in, n_out) in enumerate(shapes[:4]))
     assert sum(dequantized) == attention + 2 * 2 * sum(n_in * n_out for n_in, n_out in shapes[4:])
     assert recompute._kept == {} and recompute._once is None and lora._releases is None
+    assert not recompute.is_recomputing() and not recompute._keeping
     monkeypatch.setattr(memory.ChunkedMLP, "apply", chunks_by_autograd)
     _, ref_loss, ref_grads, _ = nf4_step(monkeypatch, fused, keep, device, dtype, kernels=kernels, chunked=True)
     assert abs(loss - ref_loss) < 1e-5 and grads.keys() == ref_grads.keys() and len(grads) == 28
