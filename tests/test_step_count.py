@@ -180,3 +180,15 @@ def chunks_by_autograd(x, residual, mlp, chunk, *params):
     """What ``ChunkedMLP`` computes, by autograd through the chunks, all of them kept for the backward."""
     from bailong.memory import _rows
     return torch.cat([mlp(*parts) for parts in zip(_rows(x, chunk), _rows(residual, chunk))]).view(residual.shape)
+
+
+def test_in_chunks_the_gradients_of_some_parameters_only_are_those_of_the_whole_backward(monkeypatch):
+    """``torch.autograd.grad`` for two of the MLP's LoRA weights only: ``ChunkedMLP`` forms just those, equal to
+    the same weights' gradients of a whole backward."""
+    from bailong import recompute
+    wanted = lambda name: name.startswith("model.layers.1.mlp.up_proj.")  # noqa: E731
+    _, loss, some, _ = nf4_step(monkeypatch, True, False, wanted=wanted, chunked=True)
+    _, whole_loss, every, _ = nf4_step(monkeypatch, True, False, chunked=True)
+    assert loss == whole_loss and len(some) == 2 and recompute._once is None
+    for name, grad in some.items():
+        torch.testing.assert_close(grad, every[name], rtol=1e-5, atol=1e-7, msg=name)
