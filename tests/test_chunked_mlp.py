@@ -14,7 +14,7 @@ from bailong.lora import LoRAConfig, LoRALinear, inject_lora, mark_only_lora_tra
 
 
 def steps(monkeypatch, chunked, fused, checkpointing, keep=False, dropout=0.0, quantize=True, autocast=False,
-          by_autograd=False):
+          by_autograd=False, offload=False):
     """Per-step losses of 3 AdamW steps of a 2-layer model (LoRA on every projection, embedding and head),
     then an evaluation's loss; the last step's LoRA gradients; the MLP in chunks of 5 of the 32 tokens where
     ``chunked`` (``by_autograd``: through the chunks by autograd instead). Batches of 2 x 16 tokens."""
@@ -32,7 +32,7 @@ def steps(monkeypatch, chunked, fused, checkpointing, keep=False, dropout=0.0, q
     for name, p in model.named_parameters():  # B (and the embedding's A) start at zero: give them values
         if "lora_B" in name or "lora_embedding_A" in name:
             torch.nn.init.normal_(p, std=0.05)
-    model.checkpointing, model.keep_dequantized = checkpointing, keep
+    model.checkpointing, model.keep_dequantized, model.offload = checkpointing, keep, offload
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
@@ -73,6 +73,19 @@ def test_with_dropout_each_chunks_backward_draws_the_masks_its_forward_drew(monk
     assert max(abs(a - b) for a, b in zip(reference, chunked)) < 1e-5, (reference, chunked)
     for name in reference_grads:
         torch.testing.assert_close(chunked_grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_with_the_layer_inputs_offloaded_the_chunks_train_alike_and_only_layer_inputs_leave(monkeypatch):
+    """Fused LoRA, dropout, checkpointing: with the layer inputs in host memory (``OffloadedInput``) the same
+    losses and gradients, and each step offloads the layers' inputs only, none of the chunks' tensors."""
+    from bailong.memory import HostCopy
+    copies, init = [], HostCopy.__init__
+    monkeypatch.setattr(HostCopy, "__init__", lambda self, t: copies.append(t.shape) or init(self, t))
+    kept, kept_grads = steps(monkeypatch, True, True, True, dropout=0.1)
+    assert copies == []
+    offloaded, offloaded_grads = steps(monkeypatch, True, True, True, dropout=0.1, offload=True)
+    assert copies == [(2, 16, 64)] * 2 * 3  # 2 layers, 3 steps
+    assert kept == offloaded and all(torch.equal(kept_grads[n], offloaded_grads[n]) for n in kept_grads)
 
 
 def test_under_autocast_the_chunks_backward_runs_in_the_forwards_dtype(monkeypatch):
