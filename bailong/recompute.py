@@ -99,9 +99,8 @@ def keeping(on=True):
 def dequantized(q, dtype, dequantize, keep=False):
     """``dequantize(q, dtype)``, or the copy of q a recomputation kept, taken (the next dequantization of q
     after the recomputation, its backward's, takes it, and only that one), or within ``dequantized_once`` the
-    copy made there. ``keep``: the input multiplied by q
-    wants a gradient, so the backward will multiply by q again; inside a recomputation that keeps
-    (``keeping``), the copy waits for it."""
+    copy made there. ``keep``: the input multiplied by q wants a gradient, so the backward will multiply by q
+    again; inside a recomputation that keeps (``keeping``), the copy waits for it."""
     if _once is not None and (held := _once.get(id(q))) is not None and held[0] is q and held[1].dtype == dtype:
         return held[1]
     held = _kept.pop(id(q), None)
