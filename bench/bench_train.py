@@ -15,8 +15,9 @@ memory (``bailong.memory.OffloadedInput``); the NF4 weights the checkpointed
 recomputation dequantizes kept for the backward (``bailong.recompute``); the MLP
 chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); and (CUDA) the
 last two memory savers together, the offload and the chunked MLP (``FEATURES``).
-All of them are off by default until this benchmark has timed them on a GPU. Peak memory is CUDA's max_memory_allocated
-on a GPU, the growth of VmHWM (reset through /proc/self/clear_refs) on the CPU.
+All of them are off by default until this benchmark has timed them on a GPU.
+Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
+through /proc/self/clear_refs) on the CPU.
 Beside it, each side's floor: what it holds between steps (the frozen base, the
 LoRA weights, AdamW's moments, and whatever else a side keeps) plus the LoRA
 gradients, all alive at once before the optimizer's step: no step of that
