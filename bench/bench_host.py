@@ -1,0 +1,104 @@
+"""Host time of a QLoRA training step on the GPU's path: what the CPU spends issuing a step's work.
+
+A GPU runs a step no faster than the CPU can issue it: Python, autograd, the
+dispatcher, and each kernel's launch. At batch 1 that can be the larger part: on
+an H200 the GPU was busy for about half of an 8-layer step of the Llama-2-7B shape
+(docs/BENCHMARKS.md). This measures the issuing alone, on any machine and
+without a GPU: a tiny NF4 model (hidden 64, sequence 32, float32) trains on the
+CPU through the code the GPU takes (the NF4 projections through
+``bailong_kernels``' matmul and dequantize, and per row the fused LoRA and the
+training layer kernels), with every Triton kernel's launch replaced by nothing:
+the Python around each launch counts, the kernel does not. The aten operations
+still run, on tensors so small that each costs a few microseconds, about what
+issuing it to a GPU costs; the Triton launcher's own work and the driver's are
+not counted. So the figure is a floor for the GPU's host time, not a reading of it.
+
+Per row: one training step (forward, checkpointed recomputation, backward, LoRA
+r = 8 on the seven projections) at 2 and at 6 layers, best of 3 runs of 30 steps
+on one thread; a layer's host time is their difference over the 4 layers.
+
+    python bench/bench_host.py
+    python bench/bench_host.py --dropout 0.05 --steps 50
+"""
+import argparse
+import importlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bailong
+from bailong import lora, lora_fused, model, quantized
+from bailong.config import preset
+from bailong.model import init_weights
+from bailong.quantized import quantize_model
+from bailong.recompute import dequantized
+
+# (fused LoRA, layer kernels) by row
+ROWS = {"plain LoRA": (False, False), "fused LoRA": (True, False), "fused LoRA + layer kernels": (True, True)}
+KERNEL_MODULES = ("bailong_kernels.nf4_dequant", "bailong_kernels.nf4_gemv", "bailong_kernels.layers",
+                  "bailong_kernels.decode")
+
+
+class NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` returns at once."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def on_the_gpus_path(layer_kernels):
+    """Make the CPU take the code a CUDA tensor takes, the Triton launches left out."""
+    from bailong_kernels import layers, nf4_dequant
+    from bailong_kernels.nf4_matmul import nf4_matmul
+    for module in map(importlib.import_module, KERNEL_MODULES):
+        for name, kernel in list(vars(module).items()):
+            if name.endswith("_kernel") and hasattr(kernel, "fn"):
+                setattr(module, name, NoLaunch())
+    for module in (quantized, lora_fused):
+        module.nf4_linear = lambda x, w, keep=False: nf4_matmul(x, w, keep)
+    lora_fused.nf4_dequantized = lambda w, dtype, keep=False: dequantized(w, dtype, nf4_dequant.nf4_dequantize, keep)
+    model.layer_kernels = lambda x: layers if layer_kernels and torch.is_grad_enabled() else None
+
+
+def step_ms(layers, fused, dropout, steps):
+    config = preset("tiny")
+    config.num_hidden_layers, config.intermediate_size = layers, 192
+    torch.manual_seed(0)
+    llama = quantize_model(init_weights(bailong.Llama(config)))
+    lora.mark_only_lora_trainable(lora.inject_lora(llama, lora.LoRAConfig(r=8, dropout=dropout)))
+    llama.checkpointing = True
+    llama.train()
+    lora.use_fused_lora(fused)
+    ids = torch.randint(0, config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        F.cross_entropy(llama(ids[:, :-1]).flatten(0, 1), ids[0, 1:]).backward()
+
+    for _ in range(3):
+        step()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (train.py's default: 0.05)")
+    parser.add_argument("--steps", type=int, default=30, help="steps a run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"host time of one training step on the GPU's path, Triton launches left out; LoRA dropout {args.dropout}")
+    print("| path | 2 layers | 6 layers | a layer |\n| --- | --- | --- | --- |")
+    for row, (fused, kernels) in ROWS.items():
+        on_the_gpus_path(kernels)
+        two, six = (step_ms(n, fused, args.dropout, args.steps) for n in (2, 6))
+        print(f"| {row} | {two:.2f} ms | {six:.2f} ms | {(six - two) / 4:.2f} ms |")
+
+
+if __name__ == "__main__":
+    main()
