@@ -41,7 +41,7 @@ import triton.language as tl
 from torch import nn
 
 from bailong.quantized import NF4Linear
-from bailong_kernels.nf4_dequant import launch_device
+from bailong_kernels.nf4_dequant import cdiv, launch_device, next_power_of_2
 from bailong_kernels.nf4_gemv import dense_takes, gemv, gemv_group, gemv_swiglu, gemv_takes
 
 
@@ -62,7 +62,7 @@ def rms_norm(x, weight, eps):
     y = torch.empty(x.shape, device=x.device, dtype=torch.result_type(weight, x))
     C = x.shape[-1]
     with launch_device(x):
-        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=triton.next_power_of_2(C))
+        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=next_power_of_2(C))
     return y
 
 
@@ -80,7 +80,7 @@ def swiglu(gate, up):
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
     with launch_device(gate):
-        _swiglu_kernel[(triton.cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), BLOCK=1024)
+        _swiglu_kernel[(cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), BLOCK=1024)
     return y
 
 
@@ -217,15 +217,15 @@ def decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache):
     H = q.shape[-1] // D
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride()
-    parts = min(triton.next_power_of_2(triton.cdiv(S, PART_POSITIONS)), 16)
+    parts = min(next_power_of_2(cdiv(S, PART_POSITIONS)), 16)
     y = torch.empty_like(q)
     out, ml = (torch.empty((B, H, parts, D), device=q.device, dtype=torch.float32),
                torch.empty((B, H, parts, 2), device=q.device, dtype=torch.float32)) if parts > 1 else (y, None)
     with launch_device(q):
         _decode_attention_kernel[(B, H, parts)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache,
                                                 v_cache, out, ml, H, KV, S, *k_cache.stride()[:3], 1 / math.sqrt(D),
-                                                HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2), BLOCK_S=64,
+                                                HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BLOCK_S=64,
                                                 PARTS=parts)
         if parts > 1:
-            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=triton.next_power_of_2(D))
+            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=next_power_of_2(D))
     return y

@@ -27,13 +27,15 @@ import os
 import triton
 import triton.language as tl
 
+from bailong_kernels.nf4_dequant import next_power_of_2
+
 
 def dense_tiles(M=1):
     """The (BLOCK_N, BLOCK_K, num_warps, True) the benchmark tries for a dense weight at M rows of x: at most 32
     accumulators a thread, as the at-end loop's."""
     tiles = [(1, 512, 1), (2, 512, 1), (1, 1024, 2), (2, 1024, 2), (1, 1024, 4), (2, 1024, 4), (4, 1024, 4),
              (1, 2048, 4), (2, 2048, 8)]
-    rows = triton.next_power_of_2(M)
+    rows = next_power_of_2(M)
     return [(*t, True) for t in tiles if rows * t[0] * t[1] <= 8192 * t[2]]
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from bailong_kernels import decode
-from bailong_kernels.nf4_dequant import launch_device
+from bailong_kernels.nf4_dequant import cdiv, launch_device, next_power_of_2
 
 ELEMENTWISE_BLOCK = 1024
 CROSS_ENTROPY_BLOCK = 4096  # logits read per step of a row's sweep
@@ -70,7 +70,7 @@ class RMSNormFunction(torch.autograd.Function):
         C = x.shape[-1]
         with launch_device(x):
             _rms_norm_backward_kernel[(x.numel() // C,)](x, weight, g, dx, C, ctx.eps,
-                                                          BLOCK=triton.next_power_of_2(C))
+                                                          BLOCK=next_power_of_2(C))
         return dx, None, None
 
 
@@ -106,7 +106,7 @@ class SwiGLUFunction(torch.autograd.Function):
         g = g.contiguous()
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         with launch_device(gate):
-            _swiglu_backward_kernel[(triton.cdiv(gate.numel(), ELEMENTWISE_BLOCK),)](
+            _swiglu_backward_kernel[(cdiv(gate.numel(), ELEMENTWISE_BLOCK),)](
                 gate, up, g, dgate, dup, gate.numel(), BLOCK=ELEMENTWISE_BLOCK)
         return dgate, dup
 
@@ -141,8 +141,8 @@ def _rope(x, cos, sin, head_dim, sign):
     T, heads = x.shape[-2], x.shape[-1] // head_dim
     with launch_device(x):
         _rope_kernel[(x.numel() // x.shape[-1],)](x, cos.contiguous(), sin.contiguous(), y, T, heads, sign,
-                                                   HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads),
-                                                   BLOCK_D=triton.next_power_of_2(head_dim // 2))
+                                                   HALF=head_dim // 2, BLOCK_H=next_power_of_2(heads),
+                                                   BLOCK_D=next_power_of_2(head_dim // 2))
     return y
 
 
@@ -197,5 +197,5 @@ def cross_entropy_(logits, targets):
     loss = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
     with launch_device(logits):
         _cross_entropy_kernel[(len(logits),)](logits, targets.contiguous(), loss, logits.shape[1],
-                                              BLOCK=min(CROSS_ENTROPY_BLOCK, triton.next_power_of_2(logits.shape[1])))
+                                              BLOCK=min(CROSS_ENTROPY_BLOCK, next_power_of_2(logits.shape[1])))
     return loss

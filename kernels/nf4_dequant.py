@@ -152,6 +152,18 @@ def nf4_args(q: NF4Tensor):
     return (q.data, q.quant_map, q.absmax, q.absmax, q.absmax, q.absmax)  # unused: anything valid
 
 
+def cdiv(a: int, b: int) -> int:
+    """The launch grids' ceiling division, ``triton.cdiv`` as a plain function: Triton's own helpers are
+    constexpr functions, a few microseconds a call on the host (Triton 3.9), and a training step makes
+    dozens of launches a layer."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` as a plain function (see ``cdiv``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def launch_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: a context that makes it ``t``'s."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -181,12 +193,12 @@ def nf4_dequantize(q: NF4Tensor, dtype=None, by_words=None) -> torch.Tensor:
             packed, *tables = nf4_args(q)
             words, steps, warps = word_steps()
             n_words = q.numel // 8
-            _nf4_dequant_words_kernel[(triton.cdiv(n_words, words * steps),)](
+            _nf4_dequant_words_kernel[(cdiv(n_words, words * steps),)](
                 packed.view(-1).view(torch.int32), *tables, out, n_words, BLOCKSIZE=q.blocksize,
                 DOUBLE_QUANT=q.double_quant, WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
         else:
             n, block = q.numel, 512
-            _nf4_dequant_kernel[(triton.cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
+            _nf4_dequant_kernel[(cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
                                                               DOUBLE_QUANT=q.double_quant, BLOCK=block,
                                                               enable_fp_fusion=False)
     return out

@@ -54,8 +54,8 @@ import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
 from bailong_kernels.dense_gemv import _dense_rows, _widen_bf16, dense_tile
-from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _word_codes, launch_device, nf4_args, \
-    readable_as_words
+from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _word_codes, cdiv, launch_device, nf4_args, \
+    next_power_of_2, readable_as_words
 
 SHUFFLES = True  # the at-end loop, compiled, takes each code from another lane's register, not from the L1 cache
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
@@ -73,7 +73,7 @@ def gemv_tiles(M=1):
     # thread, and from 8 rows of x on one row of W a program (more spilled registers)
     at_end = [(1, 1024, 1), (2, 1024, 1), (4, 1024, 1), (1, 2048, 1), (2, 2048, 1), (1, 2048, 2), (2, 2048, 2),
               (4, 2048, 2), (1, 4096, 4)]
-    rows = triton.next_power_of_2(M)
+    rows = next_power_of_2(M)
     return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if rows * t[0] * t[1] <= 8192 * t[2]
                                                and (rows < 8 or t[0] == 1)]
 
@@ -323,14 +323,14 @@ def _gemv_weights(x2d, qs):
     M, K = x2d.shape
     if not isinstance(qs[0], NF4Tensor):
         assert all(dense_takes(x2d, w, rows=16) for w in qs)
-        return tuple((w,) for w in qs), dict(BLOCKSIZE=8, DOUBLE_QUANT=False, BLOCK_M=triton.next_power_of_2(M))
+        return tuple((w,) for w in qs), dict(BLOCKSIZE=8, DOUBLE_QUANT=False, BLOCK_M=next_power_of_2(M))
     assert M <= 16 and all(q.shape[1] == K and K % q.blocksize == 0 for q in qs)
     assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
     weights = []
     for q in qs:
         packed, *tables = nf4_args(q)
         weights.append((packed.view(-1).view(torch.int32), *tables))
-    meta = dict(BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant, BLOCK_M=triton.next_power_of_2(M))
+    meta = dict(BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant, BLOCK_M=next_power_of_2(M))
     return tuple(weights), meta
 
 
@@ -359,7 +359,7 @@ def gemv_group(x2d, qs, tile=None, residual=None):
         residual = residual.contiguous()  # laid out as y
     meta |= _tile_meta(M, x2d.shape[1], qs[0], tile)
     with launch_device(x2d):
-        _nf4_gemv_kernel[(sum(triton.cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
+        _nf4_gemv_kernel[(sum(cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
             x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
     return tuple(y[:, a:b] for a, b in itertools.pairwise(rows))
 
@@ -378,6 +378,6 @@ def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     meta |= _tile_meta(M, x2d.shape[1], gate, tile)
     with launch_device(x2d):
-        _nf4_gemv_swiglu_kernel[(triton.cdiv(N, meta["BLOCK_N"]),)](
+        _nf4_gemv_swiglu_kernel[(cdiv(N, meta["BLOCK_N"]),)](
             x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
     return y

@@ -284,6 +284,16 @@ def test_bad_input():
         nf4_matmul(torch.randn(2, 32, device=DEVICE), q)
 
 
+def test_the_launch_grids_helpers_are_tritons():
+    import triton
+
+    from bailong_kernels.nf4_dequant import cdiv, next_power_of_2
+    for a in range(1, 300):
+        assert next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 2, 3, 64, 100):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+
+
 def test_benchmark_script_runs_at_tiny_sizes():
     env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_nf4_matmul.py"), "--tiny"], env=env,
