@@ -69,6 +69,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # A keeps nn.Linear's (Kaiming) initialisation
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.casts = Casts()
         _LORA_LINEARS.add(self)
 
     @property
@@ -121,13 +122,13 @@ class LoRALinear(nn.Module):
             return None
         dtype = compute_dtype(x)
         casts = [m.compute_weights(dtype) for m in layers]
-        key = tuple(m._cast_key for m in layers)
-        if getattr(first, "_shared_key", None) != key:  # the A's side by side, made again when any cast is
+        key = tuple(m.casts.key for m in layers)
+        if first.casts.shared_key != key:  # the A's side by side, made again when any cast is
             with torch.no_grad():
-                first._shared_A = torch.cat([A for A, _ in casts])
-            first._shared_key = key
+                first.casts.shared_A = torch.cat([A for A, _ in casts])
+            first.casts.shared_key = key
         masters = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
-        return LoRAShared.apply(x, tuple(m.weight for m in layers), first._shared_A, tuple(B for _, B in casts),
+        return LoRAShared.apply(x, tuple(m.weight for m in layers), first.casts.shared_A, tuple(B for _, B in casts),
                                 first.scaling, first.dropout_p(), lambda: [m.release_casts() for m in layers], *masters)
 
     def _cast_version(self, dtype):
@@ -140,20 +141,20 @@ class LoRALinear(nn.Module):
         ones too, which leave the version counters alone) or in-place change renews them, for every trainable
         LoRA layer on the device at once: one multi-tensor copy, not a cast per matrix. A layer's backward lets
         them go (``release_casts``)."""
-        if getattr(self, "_cast_key", None) != self._cast_version(dtype):
+        if self.casts.key != self._cast_version(dtype):
             _LORA_LINEARS.add(self)  # a copy of a model was made without __init__
             device = self.lora_A.weight.device
             stale = [m for m in _LORA_LINEARS if m is self or m.lora_A.weight.requires_grad and
-                     m.lora_A.weight.device == device and getattr(m, "_cast_key", None) != m._cast_version(dtype)]
+                     m.lora_A.weight.device == device and m.casts.key != m._cast_version(dtype)]
             for m in stale:  # the old copies go first, so that the new ones can take their memory
-                m._cast = m._shared_A = m._shared_key = None
+                m.casts.clear()
             masters = [w for m in stale for w in (m.lora_A.weight, m.lora_B.weight)]
             casts = [torch.empty_like(w, dtype=dtype) for w in masters]
             with torch.no_grad():
                 torch._foreach_copy_(casts, masters)
             for i, m in enumerate(stale):
-                m._cast, m._cast_key = (casts[2 * i], casts[2 * i + 1]), m._cast_version(dtype)
-        return self._cast
+                m.casts.weights, m.casts.key = (casts[2 * i], casts[2 * i + 1]), m._cast_version(dtype)
+        return self.casts.weights
 
     def release_casts(self):
         """Let the compute-dtype copies go, once this layer's backward has used them: they go as the backward
@@ -163,7 +164,7 @@ class LoRALinear(nn.Module):
         if _releases is not None:
             _releases.append(self)
             return
-        self._cast = self._cast_key = self._shared_A = self._shared_key = None
+        self.casts.clear()
 
     def merged_weight(self) -> torch.Tensor:
         """W + s * B @ A in float32 (an NF4 W is dequantized first)."""
@@ -179,6 +180,20 @@ class LoRALinear(nn.Module):
         if self.quantized:  # as NF4Linear: follow the device, keep the dtypes
             self.weight = self.weight.to(fn(self.weight.data).device)
         return super()._apply(fn, recurse)
+
+
+class Casts:
+    """A LoRA layer's copies of A and B in the compute dtype (``LoRALinear.compute_weights``) and the key
+    they were made under; in the first of layers that read the same input (``LoRALinear.shared``), their A's
+    side by side too. Kept apart from the module: setting a module's attribute goes through
+    ``nn.Module.__setattr__``, microseconds each time, a few dozen times a layer and step."""
+    __slots__ = ("weights", "key", "shared_A", "shared_key")
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self):
+        self.weights = self.key = self.shared_A = self.shared_key = None
 
 
 _fused = os.environ.get("BAILONG_FUSED_LORA", "0") not in ("", "0")

@@ -135,7 +135,7 @@ def test_in_chunks_the_lora_weights_are_cast_once_a_step_and_let_go_in_the_backw
     for _ in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(ids[:, :-1], targets=ids[:, 1:]).backward()
-        assert all(m._cast is None and m._shared_A is None for m in layers) and lora._releases is None
+        assert all(m.casts.weights is None and m.casts.shared_A is None for m in layers) and lora._releases is None
     assert copies == [2 * len(layers)] * 2
 
 

@@ -117,7 +117,7 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
     for _ in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(ids[:, :-1], targets=ids[:, 1:]).backward()
-        assert all(m._cast is None and m._shared_A is None for m in layers)
+        assert all(m.casts.weights is None and m.casts.shared_A is None for m in layers)
         grads.append(layers[0].lora_A.weight.grad.clone())
     assert copies == [2 * len(layers)] * 2
     torch.testing.assert_close(grads[1], 2 * grads[0])
