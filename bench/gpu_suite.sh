@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
 #
 #   bash bench/gpu_suite.sh                  # all parts
-#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, train, train-8bit, train-long, model
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, train, train-8bit, train-long, model
 #
 # Each part prints under its own heading and a failing part does not stop the others;
 # the exit status is the number of parts that failed.
@@ -15,7 +15,7 @@ if ! python -c "import bailong_kernels" 2>/dev/null; then
         exit 1
     }
 fi
-parts=("${@:-tests kernels decode train train-8bit train-long model}")
+parts=("${@:-tests kernels decode host train train-8bit train-long model}")
 failed=0
 run() {
     echo "==== $1: ${*:2}"
@@ -28,14 +28,15 @@ for part in ${parts[*]}; do
         tests)   run tests python -m pytest -q -m gpu tests ;;
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         decode)  run decode python bench/bench_decode.py ;;
-        train)   run train python bench/bench_train.py --setting recipe \
+        host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
+        train)   run train python bench/bench_train.py --setting recipe --profile \
                  --rows ours ours-fused ours-layers ours-all ours-offload ours-keep theirs ;;  # each side loads
         train-8bit) run train-8bit python bench/bench_train.py --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long python bench/bench_train.py --setting long \
                     --rows ours-all ours-offload ours-mlp ours-lean theirs ;;  # the 7B afresh: minutes a row
         model)   run model python bench/bench_model_gpu.py ;;
-        *)       echo "unknown part: $part (tests, kernels, decode, train, train-8bit, train-long, model)"
+        *)       echo "unknown part: $part (tests, kernels, decode, host, train, train-8bit, train-long, model)"
                  failed=$((failed + 1)) ;;
     esac
 done
