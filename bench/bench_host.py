@@ -19,6 +19,7 @@ on one thread; a layer's host time is their difference over the 4 layers.
 
     python bench/bench_host.py
     python bench/bench_host.py --dropout 0.05 --steps 50
+    python bench/bench_host.py --parts      # and where a step's time goes: forward, checkpointing, backward
 """
 import argparse
 import importlib
@@ -36,6 +37,8 @@ from bailong.recompute import dequantized
 
 # (fused LoRA, layer kernels) by row
 ROWS = {"plain LoRA": (False, False), "fused LoRA": (True, False), "fused LoRA + layer kernels": (True, True)}
+# with --parts, the fastest path's step taken apart: the forward alone, then with what checkpointing adds
+PARTS = ("forward", "forward with checkpointing", "step", "step with checkpointing")
 KERNEL_MODULES = ("bailong_kernels.nf4_dequant", "bailong_kernels.nf4_gemv", "bailong_kernels.layers",
                   "bailong_kernels.decode")
 
@@ -61,19 +64,22 @@ def on_the_gpus_path(layer_kernels):
     model.layer_kernels = lambda x: layers if layer_kernels and torch.is_grad_enabled() else None
 
 
-def step_ms(layers, fused, dropout, steps):
+def step_ms(layers, fused, dropout, steps, part=PARTS[-1]):
+    """Milliseconds of one ``part`` (``PARTS``) of a training step, best of 3 runs of ``steps``."""
     config = preset("tiny")
     config.num_hidden_layers, config.intermediate_size = layers, 192
     torch.manual_seed(0)
     llama = quantize_model(init_weights(bailong.Llama(config)))
     lora.mark_only_lora_trainable(lora.inject_lora(llama, lora.LoRAConfig(r=8, dropout=dropout)))
-    llama.checkpointing = True
+    llama.checkpointing = part.endswith("checkpointing")
     llama.train()
     lora.use_fused_lora(fused)
     ids = torch.randint(0, config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
 
     def step():
-        F.cross_entropy(llama(ids[:, :-1]).flatten(0, 1), ids[0, 1:]).backward()
+        logits = llama(ids[:, :-1])
+        if part.startswith("step"):
+            F.cross_entropy(logits.flatten(0, 1), ids[0, 1:]).backward()
 
     for _ in range(3):
         step()
@@ -90,13 +96,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (train.py's default: 0.05)")
     parser.add_argument("--steps", type=int, default=30, help="steps a run")
+    parser.add_argument("--parts", action="store_true", help="also the fastest path's step taken apart (PARTS)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"host time of one training step on the GPU's path, Triton launches left out; LoRA dropout {args.dropout}")
     print("| path | 2 layers | 6 layers | a layer |\n| --- | --- | --- | --- |")
-    for row, (fused, kernels) in ROWS.items():
+    rows = [(row, fused, kernels, PARTS[-1]) for row, (fused, kernels) in ROWS.items()]
+    rows += [(f"fused LoRA + layer kernels: {part}", True, True, part) for part in PARTS if args.parts]
+    for row, fused, kernels, part in rows:
         on_the_gpus_path(kernels)
-        two, six = (step_ms(n, fused, args.dropout, args.steps) for n in (2, 6))
+        two, six = (step_ms(n, fused, args.dropout, args.steps, part) for n in (2, 6))
         print(f"| {row} | {two:.2f} ms | {six:.2f} ms | {(six - two) / 4:.2f} ms |")
 
 
