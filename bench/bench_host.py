@@ -2,20 +2,24 @@
 
 A GPU runs a step no faster than the CPU can issue it: Python, autograd, the
 dispatcher, and each kernel's launch. At batch 1 that can be the larger part: on
-an H200 the GPU was busy for about half of an 8-layer step of the Llama-2-7B shape
-(docs/BENCHMARKS.md). This measures the issuing alone, on any machine and
-without a GPU: a tiny NF4 model (hidden 64, sequence 32, float32) trains on the
-CPU through the code the GPU takes (the NF4 projections through
-``bailong_kernels``' matmul and dequantize, and per row the fused LoRA and the
-training layer kernels), with every Triton kernel's launch replaced by nothing:
-the Python around each launch counts, the kernel does not. The aten operations
-still run, on tensors so small that each costs a few microseconds, about what
-issuing it to a GPU costs; the Triton launcher's own work and the driver's are
-not counted. So the figure is a floor for the GPU's host time, not a reading of it.
+an H200 the GPU was busy for 72.5 ms of an 8-layer step of 143.6 ms at the
+Llama-2-7B shape (docs/BENCHMARKS.md, "The host's share"). This measures the
+issuing alone, on any machine and without a GPU: a tiny NF4 model (hidden 64,
+sequence 32) trains on the CPU through the code the GPU takes (the NF4
+projections through ``bailong_kernels``' matmul and dequantize, and per row the
+fused LoRA and the training layer kernels), with every Triton kernel's launch
+replaced by nothing: the Python around each launch counts, the kernel does not.
+The aten operations still run, on tensors so small that each costs a few
+microseconds, about what issuing it to a GPU costs; the Triton launcher's own
+work and the driver's are not counted. In float32 without autocast: a CPU
+without bf16 arithmetic takes ~90 us a bf16 matmul however small, which would
+swamp the rest; so autocast's own casts (a few a layer on the fused path) are
+left out too. The figure is a floor for the GPU's host time, not a reading of it.
 
-Per row: one training step (forward, checkpointed recomputation, backward, LoRA
-r = 8 on the seven projections) at 2 and at 6 layers, best of 3 runs of 30 steps
-on one thread; a layer's host time is their difference over the 4 layers.
+Per row: one training step (forward, checkpointed recomputation, backward; LoRA
+r = 8 on the seven projections, embedding and head; the model's own loss, as
+train.py takes it) at 2 and at 6 layers, best of 3 runs of 30 steps on one
+thread; a layer's host time is their difference over the 4 layers.
 
     python bench/bench_host.py
     python bench/bench_host.py --dropout 0.05 --steps 50
@@ -26,7 +30,6 @@ import importlib
 import time
 
 import torch
-import torch.nn.functional as F
 
 import bailong
 from bailong import lora, lora_fused, model, quantized
@@ -77,9 +80,9 @@ def step_ms(layers, fused, dropout, steps, part=PARTS[-1]):
     ids = torch.randint(0, config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
 
     def step():
-        logits = llama(ids[:, :-1])
+        loss = llama(ids[:, :-1], targets=ids[:, 1:])  # as train.py: the model's own loss
         if part.startswith("step"):
-            F.cross_entropy(logits.flatten(0, 1), ids[0, 1:]).backward()
+            loss.backward()
 
     for _ in range(3):
         step()

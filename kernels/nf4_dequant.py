@@ -161,7 +161,7 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     """``triton.next_power_of_2`` as a plain function (see ``cdiv``)."""
-    return 1 << (n - 1).bit_length()
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def launch_device(t: torch.Tensor):

@@ -68,6 +68,7 @@ def nf4_matmul(x, q: NF4Tensor, keep=False):
         raise ValueError(f"x is on {x.device}, the weight on {q.data.device}")
     if torch.is_autocast_enabled(x.device.type):  # as F.linear does under autocast
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    if not (x.requires_grad and torch.is_grad_enabled()):  # no graph to record (inference; the forward of a fused
-        return _matmul(x, q, keep)  # LoRA node): no autograd node either, a few microseconds less a call
+    # no graph to record (inference; the forward of a fused LoRA node): no autograd node, microseconds less a call
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _matmul(x, q, keep)
     return NF4MatmulKernel.apply(x, q, keep)
