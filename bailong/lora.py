@@ -231,6 +231,11 @@ def casts_kept():
             m.release_casts()
 
 
+def fused_enabled() -> bool:
+    """Whether LoRA projections take the fused path (``use_fused_lora``) where a gradient is wanted."""
+    return _fused
+
+
 def use_fused_lora(flag=True) -> bool:
     """Run LoRA projections as one autograd node (``LoRAProjection``, True) or as two ``nn.Linear`` (False);
     returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_FUSED_LORA=1``): on the

@@ -6,7 +6,6 @@ All are off by default until timed on a GPU (``bench/bench_train.py``): the chun
 ``use_chunked_mlp()``, the offload with ``train.py --offload-activations`` (``Llama.offload``). ``bailong.model``
 calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py).
 """
-import contextlib
 import os
 import weakref
 
@@ -14,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from bailong.lora import casts_kept
-from bailong.recompute import dequantized_once, is_recomputing, recomputing
+from bailong.recompute import (dequantized_once, forward_state, is_recomputing, nothing_saved, recomputing,
+                               replayed)
 
 _chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "0") not in ("", "0")
 LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
@@ -133,15 +133,11 @@ class ChunkedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, mlp, chunk, *params):
         ctx.save_for_backward(x)
+        ctx.mlp, ctx.chunk, ctx.params, ctx.state = mlp, chunk, params, forward_state(x)
         out = residual.new_empty(residual.shape)
-        if is_recomputing():  # the layer's recomputation: only the x saved above is wanted of this node
+        if is_recomputing():  # the layer's recomputation: only what the backward needs is wanted of this node
             return out
-        ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
-        ctx.random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        device = x.device.type
-        on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-        ctx.autocast = torch.get_autocast_dtype(device) if on else None
-        with torch.enable_grad(), dequantized_once(), _nothing_saved():  # as the backward will run it
+        with torch.enable_grad(), dequantized_once(), nothing_saved():  # as the backward will run it
             for x_part, r_part, out_part in zip(_rows(x, chunk), _rows(residual, chunk), _rows(out, chunk)):
                 out_part.copy_(mlp(x_part.detach(), r_part.detach()).detach())
         return out
@@ -154,12 +150,7 @@ class ChunkedMLP(torch.autograd.Function):
         dx = x.new_empty(x.shape) if want_x else None
         params = [p for p, wanted in zip(ctx.params, ctx.needs_input_grad[4:]) if wanted]
         grads = [None] * len(params)
-        cpu_state, device_state = ctx.random
-        with (torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad(),
-              _autocast(x.device.type, ctx.autocast), dequantized_once(), casts_kept()):
-            torch.set_rng_state(cpu_state)
-            if device_state is not None:
-                torch.cuda.set_rng_state(device_state, x.device)
+        with replayed(x, ctx.state), dequantized_once(), casts_kept():
             dx_parts = _rows(dx, ctx.chunk) if want_x else None
             for i, (x_part, g_part) in enumerate(zip(_rows(x, ctx.chunk), _rows(g, ctx.chunk))):
                 x_part = x_part.detach().requires_grad_(want_x)
@@ -176,33 +167,10 @@ class ChunkedMLP(torch.autograd.Function):
                 *(next(grads) if wanted else None for wanted in ctx.needs_input_grad[4:]))
 
 
-def _autocast(device, dtype):
-    """Autocast as a forward had it (dtype None: off), on a device that has autocast (not the meta device)."""
-    if not torch.amp.is_autocast_available(device):
-        return contextlib.nullcontext()
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
-
-
 def _rows(t, chunk):
     """The rows of t (all its dimensions but the last flattened: a view where t is contiguous), ``chunk`` at a
     time."""
     return t.reshape(-1, t.shape[-1]).split(chunk)
-
-
-def _nothing_saved():
-    """Saved-tensor hooks that keep nothing, over any set around: for a forward that no backward will run
-    through, whose saved tensors would otherwise pass through those hooks (a checkpoint's count of what the
-    layer saves, an offload's) and, where an op saves its own output, never be freed (a cycle through the
-    graph, which Python's collector does not see)."""
-    return torch.autograd.graph.saved_tensors_hooks(_nothing, _never)
-
-
-def _nothing(t):
-    return None
-
-
-def _never(packed):
-    raise RuntimeError("bailong.memory: a chunk's forward ran without keeping anything for a backward")
 
 
 class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):

@@ -16,12 +16,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
-from bailong.recompute import recomputation
+from bailong.lora import fused_enabled
+from bailong.recompute import checkpoint
 
 
 def decode_kernels(x):
@@ -331,10 +331,9 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 offloaded = OffloadedInput(x, offloaded) if self.offload else None
-                run = recomputation(layer, keep=self.keep_dequantized)  # bailong.recompute
-                with offloaded or contextlib.nullcontext():
-                    x = torch.utils.checkpoint.checkpoint(run, x, cos, sin, positions, mask, cache,
-                                                          use_reentrant=False)
+                with offloaded or contextlib.nullcontext():  # bailong.recompute
+                    x = checkpoint(layer, x, (cos, sin, positions, mask, cache), self.keep_dequantized,
+                                   own=fused_enabled())
             else:
                 x = layer(x, cos, sin, positions, mask, cache)
         if cache is not None:

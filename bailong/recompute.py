@@ -21,17 +21,110 @@ on the fused LoRA path down's frozen matmul, ``bailong.lora_fused.FrozenAddmm``,
 stop). And within ``dequantized_once`` a weight is dequantized once for every matmul by it (the chunks of that
 MLP, forward and backward).
 
+On the fused LoRA path a checkpointed layer is one autograd node of its own (``Recomputed``), leaner on the
+host than torch's checkpoint; elsewhere torch's checkpoint, whose early stop spares the plain path's down
+(``checkpoint``).
+
 All of this is the process's, not a thread's: one forward or backward at a time (as DDP runs, a process a
 device; not ``nn.DataParallel``'s threads).
 """
 import contextlib
 
 import torch
+import torch.utils.checkpoint
 
 _kept = {}  # id of an NF4Tensor -> (that NF4Tensor, its dequantized copy), until a backward takes it
 _keeping = False  # inside a recomputation that keeps its copies
 _recomputing = False  # inside a forward whose outputs no one reads (``recomputing``)
 _once = None  # inside ``dequantized_once``: id of an NF4Tensor -> (that NF4Tensor, its copy), made at first use
+
+
+def checkpoint(layer, x, args, keep=False, own=False):
+    """``layer(x, *args)`` with activation checkpointing: only x kept for the backward, which runs the layer's
+    forward again (a recomputation, ``recomputing``; with ``keep`` it keeps the NF4 copies it dequantizes for
+    the backward, ``keeping``), then its backward. ``own``: as one autograd node (``Recomputed``), for a layer
+    whose last frozen matmul skips itself in a recomputation (the fused LoRA path's down, ``FrozenAddmm``);
+    else by torch's checkpoint, whose early stop ends the recomputation before the plain path's down."""
+    if own:
+        return Recomputed.apply(layer, keep, args, x, *(p for p in layer.parameters() if p.requires_grad))
+    return torch.utils.checkpoint.checkpoint(recomputation(layer, keep), x, *args, use_reentrant=False)
+
+
+class Recomputed(torch.autograd.Function):
+    """A checkpointed layer as one autograd node: ``layer(x, *args)``, with only x kept for the backward (and
+    the random state and autocast the forward ran under). The backward runs the layer's forward again with
+    them (a recomputation: dropout draws the same masks), then its backward, and returns dL/dx and the
+    gradients of the layer's trained parameters through this node, as ``bailong.memory.ChunkedMLP`` does
+    (distributed training sees one gradient a parameter). On the host it costs less than torch's checkpoint,
+    whose hooks handle each tensor the layer saves, twice (``bench/bench_host.py``); but the whole layer runs
+    again, where torch's checkpoint stops once the backward has all it keeps: a layer's last frozen matmul,
+    whose output nothing saved reads, must skip itself (``is_recomputing``)."""
+
+    @staticmethod
+    def forward(ctx, layer, keep, args, x, *params):
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.keep, ctx.args, ctx.params, ctx.state = layer, keep, args, params, forward_state(x)
+        with torch.enable_grad(), nothing_saved():  # the training path, as the backward will run it
+            return layer(x.detach(), *args).detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[3]
+        params = [p for p, wanted in zip(ctx.params, ctx.needs_input_grad[4:]) if wanted]
+        with replayed(x, ctx.state):
+            x_ = x.detach().requires_grad_(want_x)
+            with recomputing(), keeping(ctx.keep):
+                y = ctx.layer(x_.view_as(x_), *ctx.args)  # not the leaf itself: hooks on the layer's input
+            grads = iter(torch.autograd.grad(y, [x_] * want_x + params, g, allow_unused=True))
+        dx = next(grads) if want_x else None
+        return None, None, None, dx, *(next(grads) if wanted else None for wanted in ctx.needs_input_grad[4:])
+
+
+def forward_state(x):
+    """What a forward ran under that a replay of it needs (``replayed``): the random states (CPU, and x's CUDA
+    device) and the autocast dtype (None: off)."""
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+    return random, torch.get_autocast_dtype(device) if on else None
+
+
+@contextlib.contextmanager
+def replayed(x, state):
+    """Within: gradients on, the random states and autocast a forward had (``forward_state``), to run it again
+    alike; the random states after it as before it."""
+    (cpu, device_state), dtype = state
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad(), \
+            _autocast(x.device.type, dtype):
+        torch.set_rng_state(cpu)
+        if device_state is not None:
+            torch.cuda.set_rng_state(device_state, x.device)
+        yield
+
+
+def _autocast(device, dtype):
+    """Autocast as a forward had it (dtype None: off), on a device that has autocast (not the meta device)."""
+    if not torch.amp.is_autocast_available(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+def nothing_saved():
+    """Saved-tensor hooks that keep nothing, over any set around: for a forward that no backward will run
+    through, whose saved tensors would otherwise pass through those hooks (a checkpoint's count of what the
+    layer saves, an offload's) and, where an op saves its own output, never be freed (a cycle through the
+    graph, which Python's collector does not see)."""
+    return torch.autograd.graph.saved_tensors_hooks(_nothing, _never)
+
+
+def _nothing(t):
+    return None
+
+
+def _never(packed):
+    raise RuntimeError("bailong.recompute: a forward ran without keeping anything for a backward")
 
 
 def recomputation(fn, keep=False):
@@ -62,7 +155,8 @@ def recomputing(on=True):
 
 def is_recomputing() -> bool:
     """Whether the forward running is a recomputation (``recomputing``): a node may then return its output
-    unfilled where nothing it saves depends on it."""
+    unfilled where nothing it saves depends on it, but keeps all its backward needs (a ``Recomputed`` layer's
+    backward runs through the recomputation's nodes)."""
     return _recomputing
 
 

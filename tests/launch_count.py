@@ -23,7 +23,7 @@ class Launches(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.name()
-        if not name.startswith(("aten::empty", "aten::lift_fresh")):
+        if not name.startswith(("aten::empty", "aten::new_empty", "aten::lift_fresh")):  # allocations
             inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
                       if isinstance(t, torch.Tensor)}
             outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

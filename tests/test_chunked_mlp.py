@@ -40,7 +40,9 @@ def steps(monkeypatch, chunked, fused, checkpointing, keep=False, dropout=0.0, q
         ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(step))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(ids[:, :-1], targets=ids[:, 1:])
-        assert autograd_nodes(loss)["ChunkedMLPBackward"] == 2 * (chunked and not by_autograd)
+        nodes = autograd_nodes(loss, inside=True)  # with the nodes inside a layer that is one (fused, checkpointed)
+        assert nodes["RecomputedBackward"] == 2 * (fused and checkpointing)
+        assert nodes["ChunkedMLPBackward"] == 2 * (chunked and not by_autograd)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         optimizer.step()

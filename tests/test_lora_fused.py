@@ -40,7 +40,8 @@ def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                     logits = model(ids[:, :-1])
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-                nodes = autograd_nodes(loss)
+                nodes = autograd_nodes(loss, inside=True)
+                assert nodes["RecomputedBackward"] == 2 * (fused and checkpointing)  # bailong.recompute.checkpoint
                 assert fused == ("LoRAProjectionBackward" in nodes) == (nodes["LoRASharedBackward"] == 4), nodes
                 loss.backward()
                 grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -53,9 +54,16 @@ def fused_and_plain_steps(quantize, dtype, checkpointing, steps=3, dropout=0.1):
     return results
 
 
-def autograd_nodes(tensor):
-    """How many of each kind of node the autograd graph behind ``tensor`` holds."""
+def autograd_nodes(tensor, inside=False):
+    """How many of each kind of node the autograd graph behind ``tensor`` holds; ``inside``: with those that a
+    checkpointed layer's own node (``bailong.recompute.Recomputed``) builds in its backward, by running its
+    recomputation (with the forward's random state, which is left as it was; unseen by any dispatch mode, a
+    count's)."""
     import collections
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from bailong.recompute import recomputing, replayed
     nodes, todo, seen = collections.Counter(), [tensor.grad_fn], set()
     while todo:
         node = todo.pop()
@@ -63,6 +71,10 @@ def autograd_nodes(tensor):
             seen.add(node)
             nodes[type(node).__name__] += 1
             todo += [next_node for next_node, _ in node.next_functions]
+            if inside and type(node).__name__ == "RecomputedBackward":
+                x, = node.saved_tensors
+                with _disable_current_modes(), replayed(x, node.state), recomputing():
+                    todo.append(node.layer(x.detach().requires_grad_(), *node.args).grad_fn)
     return nodes
 
 
