@@ -9,8 +9,9 @@ multiplied again in the recomputation, so its copy is made in the backward as be
 copies held from the recomputation until the backward uses each, about 0.3 GB at the Llama-2-7B shape in
 bf16. The values are the same either way (dequantizing is exact and deterministic).
 
-That relies on torch's checkpoint stopping the recomputation once it has saved again what the backward
-keeps (its default, "early stop"), which ends it before down's frozen matmul. Without the early stop the
+On the plain LoRA path that relies on torch's checkpoint stopping the recomputation once it has saved again
+what the backward keeps (its default, "early stop"), which ends it before down's frozen matmul (the fused
+path's down skips that matmul itself, below). Without the early stop the
 plain LoRA path's recomputation multiplies by down's weight too and keeps that copy, but in vain: down's frozen
 matmul saves nothing, so its backward ran before the recomputation. Whatever no backward took is let go when
 the backward ends.
@@ -18,12 +19,12 @@ the backward ends.
 A recomputation's outputs are never read, only what it saves for the backward (``recomputing``): a node that
 saves nothing, or only its inputs, may skip its work there (the MLP in chunks, ``bailong.memory.ChunkedMLP``;
 on the fused LoRA path down's frozen matmul, ``bailong.lora_fused.FrozenAddmm``, with or without the early
-stop). And within ``dequantized_once`` a weight is dequantized once for every matmul by it (the chunks of that
+stop), but keeps what its backward needs. And within ``dequantized_once`` a weight is dequantized once for every matmul by it (the chunks of that
 MLP, forward and backward).
 
-On the fused LoRA path a checkpointed layer is one autograd node of its own (``Recomputed``), leaner on the
-host than torch's checkpoint; elsewhere torch's checkpoint, whose early stop spares the plain path's down
-(``checkpoint``).
+On the fused LoRA path a checkpointed layer is one autograd node of its own (``Recomputed``), whose backward
+runs the recomputation and then the backward through the nodes it built: about a tenth less host time a layer
+than torch's checkpoint (``bench/bench_host.py``); elsewhere torch's checkpoint (``checkpoint``).
 
 All of this is the process's, not a thread's: one forward or backward at a time (as DDP runs, a process a
 device; not ``nn.DataParallel``'s threads).
