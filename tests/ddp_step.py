@@ -14,17 +14,20 @@ from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lor
 from bailong.memory import use_chunked_mlp
 
 
-def main(out, batch_size, chunked=False):
+def main(out, batch_size, chunked=False, checkpointed=False):
     """``chunked``: the fused LoRA path with the MLP in chunks of 24 tokens (bailong.memory.ChunkedMLP), whose
-    parameters' gradients come out of its own node."""
+    parameters' gradients come out of its own node; ``checkpointed``: that, and each layer checkpointed as a node
+    of its own (bailong.recompute.Recomputed), the gradients of its parameters coming out of it."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
     model, tokenizer = load_preset("tiny", device="cpu", seed=0)
-    if chunked:
+    if chunked or checkpointed:
         use_fused_lora(True)
         use_chunked_mlp(True)
         memory.MLP_CHUNK_VALUES = 24 * model.config.intermediate_size
+    model.checkpointing = checkpointed
+    model.train(checkpointed)  # checkpointing is for training (dropout is off)
     inject_lora(model, LoRAConfig(r=4, dropout=0.0))
     mark_only_lora_trainable(model)
     torch.manual_seed(1)
@@ -46,4 +49,4 @@ def main(out, batch_size, chunked=False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["chunked"])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["chunked"], sys.argv[3:] == ["checkpointed"])

@@ -308,9 +308,10 @@ def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monk
     assert (tmp_path / "run" / "adapter").exists() and (mine / "notes.txt").exists()
 
 
-@pytest.mark.parametrize("chunked", [[], ["chunked"]])
+@pytest.mark.parametrize("chunked", [[], ["chunked"], ["checkpointed"]])
 def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_path, chunked):
-    """Also (``chunked``) with the fused LoRA and the MLP in chunks, whose node hands DDP the summed gradients."""
+    """Also (``chunked``) with the fused LoRA and the MLP in chunks, whose node hands DDP the summed gradients,
+    and (``checkpointed``) with each layer checkpointed as a node of its own, which does too."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "8", *chunked],
                          capture_output=True, text=True, env=env, timeout=300)
