@@ -6,7 +6,8 @@ CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
 in a fresh process, a few warm-up steps first. Ours runs up to eight times: as by
 default; with each LoRA projection one autograd node
-(``bailong.lora_fused.LoRAProjection``); with that and the norms, SwiGLU and
+(``bailong.lora_fused.LoRAProjection``; with checkpointing each layer one node
+too, ``bailong.recompute.Recomputed``); with that and the norms, SwiGLU and
 RoPE through their training kernels (``bailong_kernels.layers``, CUDA only); and
 with all that and the loss computed chunk by chunk
 (``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); then
