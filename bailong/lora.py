@@ -231,9 +231,11 @@ def casts_kept():
             m.release_casts()
 
 
-def fused_enabled() -> bool:
-    """Whether LoRA projections take the fused path (``use_fused_lora``) where a gradient is wanted."""
-    return _fused
+def frozen_matmul_skipped(module) -> bool:
+    """Whether ``module``, a layer's last projection, skips its frozen matmul in a checkpointed layer's
+    recomputation (the fused LoRA path: ``FrozenAddmm``), so that the layer may be checkpointed as a node of
+    its own, which recomputes all of it (``bailong.recompute.Recomputed``)."""
+    return isinstance(module, LoRALinear) and module.fused()
 
 
 def use_fused_lora(flag=True) -> bool:

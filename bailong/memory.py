@@ -121,8 +121,9 @@ class ChunkedMLP(torch.autograd.Function):
     Kept for the backward: x. The backward runs each chunk's forward again, with the random state (dropout's
     masks) and autocast the forward had, then that chunk's backward, and returns the parameters' gradients summed
     over the chunks through this node (so distributed training sees one gradient a parameter; a hook set on a
-    parameter itself, ``Tensor.register_hook``, runs once a chunk). In a checkpointed layer the recomputation,
-    which reads nothing of this node but the x it saves, skips the chunks (``bailong.recompute.is_recomputing``):
+    parameter itself, ``Tensor.register_hook``, runs once a chunk and once more on the sum). In a checkpointed
+    layer the recomputation, which reads nothing of this node but the x it saves, skips the chunks
+    (``bailong.recompute.is_recomputing``):
     the MLP runs twice a step, as unchunked, and the backward's forward skips down's frozen matmul too, whose
     output nothing reads (``bailong.lora_fused.FrozenAddmm``). Each NF4 weight is dequantized once for all the
     chunks of the forward and once for those of the backward (``dequantized_once``; the price: the MLP's three

@@ -20,7 +20,7 @@ from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
-from bailong.lora import fused_enabled
+from bailong.lora import frozen_matmul_skipped
 from bailong.recompute import checkpoint
 
 
@@ -333,7 +333,7 @@ class Llama(nn.Module):
                 offloaded = OffloadedInput(x, offloaded) if self.offload else None
                 with offloaded or contextlib.nullcontext():  # bailong.recompute
                     x = checkpoint(layer, x, (cos, sin, positions, mask, cache), self.keep_dequantized,
-                                   own=fused_enabled())
+                                   own=frozen_matmul_skipped(layer.mlp.down_proj))
             else:
                 x = layer(x, cos, sin, positions, mask, cache)
         if cache is not None:

@@ -16,11 +16,11 @@ plain LoRA path's recomputation multiplies by down's weight too and keeps that c
 matmul saves nothing, so its backward ran before the recomputation. Whatever no backward took is let go when
 the backward ends.
 
-A recomputation's outputs are never read, only what it saves for the backward (``recomputing``): a node that
-saves nothing, or only its inputs, may skip its work there (the MLP in chunks, ``bailong.memory.ChunkedMLP``;
-on the fused LoRA path down's frozen matmul, ``bailong.lora_fused.FrozenAddmm``, with or without the early
-stop), but keeps what its backward needs. And within ``dequantized_once`` a weight is dequantized once for every matmul by it (the chunks of that
-MLP, forward and backward).
+A recomputation's outputs are never read, only what it saves for the backward (``recomputing``): a node whose
+output nothing saved depends on (a layer's last) may skip its work there (the MLP in chunks,
+``bailong.memory.ChunkedMLP``; on the fused LoRA path down's frozen matmul, ``bailong.lora_fused.FrozenAddmm``,
+with or without the early stop), but keeps what its own backward needs. And within ``dequantized_once`` a
+weight is dequantized once for every matmul by it (the chunks of that MLP, forward and backward).
 
 On the fused LoRA path a checkpointed layer is one autograd node of its own (``Recomputed``), whose backward
 runs the recomputation and then the backward through the nodes it built: about a tenth less host time a layer
@@ -44,8 +44,10 @@ def checkpoint(layer, x, args, keep=False, own=False):
     """``layer(x, *args)`` with activation checkpointing: only x kept for the backward, which runs the layer's
     forward again (a recomputation, ``recomputing``; with ``keep`` it keeps the NF4 copies it dequantizes for
     the backward, ``keeping``), then its backward. ``own``: as one autograd node (``Recomputed``), for a layer
-    whose last frozen matmul skips itself in a recomputation (the fused LoRA path's down, ``FrozenAddmm``);
-    else by torch's checkpoint, whose early stop ends the recomputation before the plain path's down."""
+    whose last frozen matmul skips itself in a recomputation (the fused LoRA path's down, ``FrozenAddmm``:
+    ``bailong.lora.frozen_matmul_skipped``); else by torch's checkpoint, whose early stop ends the
+    recomputation before the plain path's down. ``args`` want no gradient (cos, sin, positions, ...)."""
+    assert not any(torch.is_tensor(a) and a.requires_grad for a in args), "checkpoint: args want no gradient"
     if own:
         return Recomputed.apply(layer, keep, args, x, *(p for p in layer.parameters() if p.requires_grad))
     return torch.utils.checkpoint.checkpoint(recomputation(layer, keep), x, *args, use_reentrant=False)
@@ -56,10 +58,12 @@ class Recomputed(torch.autograd.Function):
     the random state and autocast the forward ran under). The backward runs the layer's forward again with
     them (a recomputation: dropout draws the same masks), then its backward, and returns dL/dx and the
     gradients of the layer's trained parameters through this node, as ``bailong.memory.ChunkedMLP`` does
-    (distributed training sees one gradient a parameter). On the host it costs less than torch's checkpoint,
-    whose hooks handle each tensor the layer saves, twice (``bench/bench_host.py``); but the whole layer runs
-    again, where torch's checkpoint stops once the backward has all it keeps: a layer's last frozen matmul,
-    whose output nothing saved reads, must skip itself (``is_recomputing``)."""
+    (distributed training sees one gradient a parameter; a hook set on a parameter itself,
+    ``Tensor.register_hook``, runs twice: in the layer's backward and as this node hands the gradient on; and
+    ``torch.autograd.grad`` of some of a layer's parameters forms them all). On the host it costs less than
+    torch's checkpoint, whose hooks handle each tensor the layer saves, twice (``bench/bench_host.py``); but
+    the whole layer runs again, where torch's checkpoint stops once the backward has all it keeps: a layer's
+    last frozen matmul, whose output nothing saved reads, must skip itself (``is_recomputing``)."""
 
     @staticmethod
     def forward(ctx, layer, keep, args, x, *params):
@@ -156,8 +160,8 @@ def recomputing(on=True):
 
 def is_recomputing() -> bool:
     """Whether the forward running is a recomputation (``recomputing``): a node may then return its output
-    unfilled where nothing it saves depends on it, but keeps all its backward needs (a ``Recomputed`` layer's
-    backward runs through the recomputation's nodes)."""
+    unfilled where nothing saved depends on it (a layer's last), but keeps all its own backward needs (a
+    ``Recomputed`` layer's backward runs through the recomputation's nodes)."""
     return _recomputing
 
 

@@ -121,7 +121,7 @@ def test_a_checkpointed_layer_as_its_own_node_trains_as_torchs_checkpoint(monkey
     monkeypatch.setattr(lora, "_fused", True)
     results = []
     for own in [False, True]:
-        monkeypatch.setattr(bailong.model, "fused_enabled", lambda: own)
+        monkeypatch.setattr(bailong.model, "frozen_matmul_skipped", lambda down: own)
         model = quantize_model(bailong.load_preset("tiny", device="cpu")[0])
         torch.manual_seed(5)
         mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, alpha=16.0, dropout=0.1)))
