@@ -150,6 +150,22 @@ def test_a_checkpointed_layer_as_its_own_node_trains_as_torchs_checkpoint(monkey
     assert all(torch.equal(a, b) for a, b in zip(own_some, some))
 
 
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "v_proj", "down_proj")])
+def test_a_layer_is_its_own_checkpointed_node_only_where_its_down_skips_its_frozen_matmul(monkeypatch, targets):
+    """Fused LoRA, checkpointing: without LoRA on down (a plain frozen down, which would multiply again in the
+    node's whole recomputation) the layers keep torch's checkpoint, whose early stop spares down."""
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, targets=targets)))
+    model.checkpointing = True
+    model.train()
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    assert autograd_nodes(loss)["RecomputedBackward"] == 2 * ("down_proj" in targets)
+    loss.backward()
+
+
 def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(monkeypatch):
     """With activation checkpointing: one multi-tensor cast of every A and B a forward (none in the
     recomputation), and once the backward has passed them no layer holds its compute-dtype copies (they are
