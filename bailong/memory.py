@@ -123,12 +123,12 @@ class ChunkedMLP(torch.autograd.Function):
     over the chunks through this node (so distributed training sees one gradient a parameter; a hook set on a
     parameter itself, ``Tensor.register_hook``, runs once a chunk and once more on the sum). In a checkpointed
     layer the recomputation, which reads nothing of this node but the x it saves, skips the chunks
-    (``bailong.recompute.is_recomputing``):
-    the MLP runs twice a step, as unchunked, and the backward's forward skips down's frozen matmul too, whose
-    output nothing reads (``bailong.lora_fused.FrozenAddmm``). Each NF4 weight is dequantized once for all the
-    chunks of the forward and once for those of the backward (``dequantized_once``; the price: the MLP's three
-    weights in the compute dtype held meanwhile, 258 MiB at the 7B shape in bf16), and the LoRA layers keep
-    their compute-dtype copies across the chunks (``bailong.lora.casts_kept``).
+    (``bailong.recompute.is_recomputing``): the MLP runs twice a step, as unchunked, and the backward's forward
+    skips down's frozen matmul too, whose output nothing reads (``bailong.lora_fused.FrozenAddmm``). Each NF4
+    weight is dequantized once for all the chunks of the forward and once for those of the backward
+    (``dequantized_once``; the price: the MLP's three weights in the compute dtype held meanwhile, 258 MiB at the
+    7B shape in bf16), and the LoRA layers keep their compute-dtype copies across the chunks
+    (``bailong.lora.casts_kept``).
     """
 
     @staticmethod

@@ -11,10 +11,9 @@ bf16. The values are the same either way (dequantizing is exact and deterministi
 
 On the plain LoRA path that relies on torch's checkpoint stopping the recomputation once it has saved again
 what the backward keeps (its default, "early stop"), which ends it before down's frozen matmul (the fused
-path's down skips that matmul itself, below). Without the early stop the
-plain LoRA path's recomputation multiplies by down's weight too and keeps that copy, but in vain: down's frozen
-matmul saves nothing, so its backward ran before the recomputation. Whatever no backward took is let go when
-the backward ends.
+path's down skips that matmul itself, below). Without the early stop the plain LoRA path's recomputation
+multiplies by down's weight too and keeps that copy, but in vain: down's frozen matmul saves nothing, so its
+backward ran before the recomputation. Whatever no backward took is let go when the backward ends.
 
 A recomputation's outputs are never read, only what it saves for the backward (``recomputing``): a node whose
 output nothing saved depends on (a layer's last) may skip its work there (the MLP in chunks,
