@@ -20,7 +20,8 @@ from bailong.recompute import is_recomputing
 class LoRAProjection(torch.autograd.Function):
     """x W^T + s * dropout(x) A^T B^T as one autograd node, in the compute dtype, W frozen (dense or NF4),
     plus ``residual`` where one is given (in the compute dtype), added by the base's matmul; W None: the
-    update onto the residual alone (the caller adds x W^T: ``FrozenAddmm``).
+    update onto the residual alone (the caller adds x W^T: ``FrozenAddmm``), not formed in a checkpointed
+    layer's recomputation, where no one reads it (``bailong.recompute.is_recomputing``).
 
     ``A`` and ``B`` are the compute-dtype copies of the float32 masters ``A_master``
     and ``B_master`` (``LoRALinear.compute_weights``); the gradients go to the masters, and
@@ -52,7 +53,10 @@ class LoRAProjection(torch.autograd.Function):
         if p:  # one kernel, the same mask F.dropout draws from the same random state
             x2, mask = torch.native_dropout(x2, p, True)
         xa = x2 @ A.T  # (tokens, r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=scaling)
+        if W is None and is_recomputing():  # the update onto the residual, whose sum no one reads: only saved
+            out = y.new_empty(y.shape)
+        else:
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=scaling)
         ctx.weight = W  # frozen: nothing of it changes before the backward
         ctx.save_for_backward(x2, xa, mask, A, B)
         ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
