@@ -92,21 +92,31 @@ class LoRALinear(nn.Module):
         return _fused and torch.is_grad_enabled() and not getattr(self.weight, "requires_grad", False)
 
     def added(self, residual, x, last=False):
-        """``residual + self(x)`` with the add in a matmul (``model.add_projection``), where that applies: the
-        fused path, the residual in the compute dtype and of the output's shape; else None. One node, the add in
+        """``residual + self(x)`` with the add in a matmul (``model.add_projection``), where that applies
+        (``adds``); else None. One node, the add in
         the base's matmul; for a layer's ``last`` projection (down), the update onto the residual, then the
         base's matmul as a node that keeps nothing (``FrozenAddmm``), which a recomputation need not run."""
-        if self.fused() and residual.dtype == compute_dtype(x) and residual.shape == (*x.shape[:-1], self.out_features):
+        if self.adds(residual, x):
             if last:
                 return FrozenAddmm.apply(self._projection(x, residual, base=False), x, self.weight)
             return self._projection(x, residual)
         return None
 
+    def adds(self, residual, x) -> bool:
+        """Whether ``added`` puts ``residual`` in the matmul: the fused path, the residual in the compute dtype
+        and of the output's shape."""
+        return self.fused() and residual.dtype == compute_dtype(x) and residual.shape == (*x.shape[:-1],
+                                                                                         self.out_features)
+
     def _projection(self, x, residual, base=True):
+        return LoRAProjection.apply(*self.projection_args(x, residual, base))
+
+    def projection_args(self, x, residual, base=True):
+        """``LoRAProjection``'s inputs for this layer: x W^T (``base``) + the update + ``residual``."""
         A, B = self.lora_A.weight, self.lora_B.weight
         casts = self.compute_weights(compute_dtype(x))
-        return LoRAProjection.apply(x, self.weight if base else None, A, B, *casts, self.scaling, self.dropout_p(),
-                                    residual, self.release_casts)
+        return x, self.weight if base else None, A, B, *casts, self.scaling, self.dropout_p(), residual, \
+            self.release_casts
 
     def dropout_p(self) -> float:
         return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
@@ -114,12 +124,20 @@ class LoRALinear(nn.Module):
     @staticmethod
     def shared(x, layers):
         """The outputs of ``layers``, LoRA layers that read the same x (q, k, v; gate, up), as one autograd
-        node (``LoRAShared``) where that applies: the fused path, one scaling, rank, dropout and kind of base;
-        else None, and each layer runs on its own."""
+        node (``LoRAShared``) where that applies (``shares``); else None, and each layer runs on its own."""
+        return LoRAShared.apply(*LoRALinear.shared_args(x, layers)) if LoRALinear.shares(layers) else None
+
+    @staticmethod
+    def shares(layers) -> bool:
+        """Whether ``layers`` can run as one ``LoRAShared`` node: all LoRA layers on the fused path, with one
+        scaling, rank, dropout and kind of base."""
+        return (all(isinstance(m, LoRALinear) and m.fused() for m in layers)
+                and len({(m.scaling, m.lora_A.out_features, m.dropout_p(), m.quantized) for m in layers}) == 1)
+
+    @staticmethod
+    def shared_args(x, layers):
+        """``LoRAShared``'s inputs for ``layers`` (``shares``) reading x."""
         first = layers[0]
-        if not (all(isinstance(m, LoRALinear) and m.fused() for m in layers)
-                and len({(m.scaling, m.lora_A.out_features, m.dropout_p(), m.quantized) for m in layers}) == 1):
-            return None
         dtype = compute_dtype(x)
         casts = [m.compute_weights(dtype) for m in layers]
         key = tuple(m.casts.key for m in layers)
@@ -128,8 +146,8 @@ class LoRALinear(nn.Module):
                 first.casts.shared_A = torch.cat([A for A, _ in casts])
             first.casts.shared_key = key
         masters = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
-        return LoRAShared.apply(x, tuple(m.weight for m in layers), first.casts.shared_A, tuple(B for _, B in casts),
-                                first.scaling, first.dropout_p(), lambda: [m.release_casts() for m in layers], *masters)
+        return (x, tuple(m.weight for m in layers), first.casts.shared_A, tuple(B for _, B in casts), first.scaling,
+                first.dropout_p(), lambda: [m.release_casts() for m in layers], *masters)
 
     def _cast_version(self, dtype):
         A, B = self.lora_A.weight, self.lora_B.weight

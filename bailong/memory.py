@@ -90,6 +90,11 @@ class ChunkedLoss(torch.autograd.Function):
         return (None if dh is None else dh * g), None, None, None, None, *(d * g for d in dparams)
 
 
+def chunked_mlp_on() -> bool:
+    """Whether the MLP runs chunk by chunk where it can (``use_chunked_mlp``)."""
+    return _chunked_mlp
+
+
 def use_chunked_mlp(flag=True) -> bool:
     """Run the MLP chunk by chunk over the tokens where a gradient is wanted (True, ``ChunkedMLP``) or whole
     (False); returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_CHUNKED_MLP=1``)."""

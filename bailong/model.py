@@ -20,6 +20,7 @@ from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
+from bailong.layer_fused import fused_layer
 from bailong.lora import frozen_matmul_skipped
 from bailong.recompute import checkpoint
 
@@ -331,9 +332,11 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 offloaded = OffloadedInput(x, offloaded) if self.offload else None
-                with offloaded or contextlib.nullcontext():  # bailong.recompute
-                    x = checkpoint(layer, x, (cos, sin, positions, mask, cache), self.keep_dequantized,
-                                   own=frozen_matmul_skipped(layer.mlp.down_proj))
+                with offloaded or contextlib.nullcontext():  # bailong.layer_fused, else bailong.recompute
+                    y = fused_layer(layer, x, cos, sin, mask, cache, layer_kernels(x), self.keep_dequantized)
+                    x = y if y is not None else checkpoint(layer, x, (cos, sin, positions, mask, cache),
+                                                           self.keep_dequantized,
+                                                           own=frozen_matmul_skipped(layer.mlp.down_proj))
             else:
                 x = layer(x, cos, sin, positions, mask, cache)
         if cache is not None:

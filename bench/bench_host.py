@@ -18,8 +18,9 @@ left out too. The figure is a floor for the GPU's host time, not a reading of it
 
 Per row: one training step (forward, checkpointed recomputation, backward; LoRA
 r = 8 on the seven projections, embedding and head; the model's own loss, as
-train.py takes it) at 2 and at 6 layers, best of 3 runs of 30 steps on one
-thread; a layer's host time is their difference over the 4 layers.
+train.py takes it) at 2 and at 6 layers, the best of 5 runs of 30 steps on
+one thread, the rows' runs taken in turn; a layer's host time is their
+difference over the 4 layers.
 
     python bench/bench_host.py
     python bench/bench_host.py --dropout 0.05 --steps 50
@@ -32,14 +33,16 @@ import time
 import torch
 
 import bailong
-from bailong import lora, lora_fused, model, quantized
+from bailong import layer_fused, lora, lora_fused, model, quantized
 from bailong.config import preset
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
 from bailong.recompute import dequantized
 
-# (fused LoRA, layer kernels) by row
-ROWS = {"plain LoRA": (False, False), "fused LoRA": (True, False), "fused LoRA + layer kernels": (True, True)}
+# (fused LoRA, layer kernels, a layer written out by hand where it applies: bailong.layer_fused) by row
+ROWS = {"plain LoRA": (False, False, False), "fused LoRA": (True, False, False),
+        "fused LoRA + layer kernels": (True, True, False),
+        "fused LoRA + layer kernels, layers by hand": (True, True, True)}
 # with --parts, the fastest path's step taken apart: the forward alone, then with what checkpointing adds
 PARTS = ("forward", "forward with checkpointing", "step", "step with checkpointing")
 KERNEL_MODULES = ("bailong_kernels.nf4_dequant", "bailong_kernels.nf4_gemv", "bailong_kernels.layers",
@@ -67,8 +70,8 @@ def on_the_gpus_path(layer_kernels):
     model.layer_kernels = lambda x: layers if layer_kernels and torch.is_grad_enabled() else None
 
 
-def step_ms(layers, fused, dropout, steps, part=PARTS[-1]):
-    """Milliseconds of one ``part`` (``PARTS``) of a training step, best of 3 runs of ``steps``."""
+def step_ms(layers, fused, dropout, steps, part=PARTS[-1], by_hand=False):
+    """Milliseconds of one ``part`` (``PARTS``) of a training step, over a run of ``steps`` after 3 unmeasured."""
     config = preset("tiny")
     config.num_hidden_layers, config.intermediate_size = layers, 192
     torch.manual_seed(0)
@@ -77,6 +80,7 @@ def step_ms(layers, fused, dropout, steps, part=PARTS[-1]):
     llama.checkpointing = part.endswith("checkpointing")
     llama.train()
     lora.use_fused_lora(fused)
+    layer_fused.use_fused_layer(by_hand)
     ids = torch.randint(0, config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
 
     def step():
@@ -86,29 +90,34 @@ def step_ms(layers, fused, dropout, steps, part=PARTS[-1]):
 
     for _ in range(3):
         step()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best * 1e3
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1e3
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (train.py's default: 0.05)")
     parser.add_argument("--steps", type=int, default=30, help="steps a run")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of every row in turn; each row's best is shown")
     parser.add_argument("--parts", action="store_true", help="also the fastest path's step taken apart (PARTS)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"host time of one training step on the GPU's path, Triton launches left out; LoRA dropout {args.dropout}")
     print("| path | 2 layers | 6 layers | a layer |\n| --- | --- | --- | --- |")
-    rows = [(row, fused, kernels, PARTS[-1]) for row, (fused, kernels) in ROWS.items()]
-    rows += [(f"fused LoRA + layer kernels: {part}", True, True, part) for part in PARTS if args.parts]
-    for row, fused, kernels, part in rows:
-        on_the_gpus_path(kernels)
-        two, six = (step_ms(n, fused, args.dropout, args.steps, part) for n in (2, 6))
+    rows = [(row, *switches, PARTS[-1]) for row, switches in ROWS.items()]
+    rows += [(f"fused LoRA + layer kernels, layers by hand: {part}", True, True, True, part) for part in PARTS
+             if args.parts]
+    best = {}
+    for _ in range(args.rounds):  # the rows in turn, so that a slower spell of the machine touches them alike
+        for row, fused, kernels, by_hand, part in rows:
+            on_the_gpus_path(kernels)
+            for n in (2, 6):
+                ms = step_ms(n, fused, args.dropout, args.steps, part, by_hand)
+                best[row, n] = min(best.get((row, n), ms), ms)
+    for row, *_ in rows:
+        two, six = best[row, 2], best[row, 6]
         print(f"| {row} | {two:.2f} ms | {six:.2f} ms | {(six - two) / 4:.2f} ms |")
 
 

@@ -58,14 +58,17 @@ SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, 
 
 
 # the sides, each run in a process of its own: ours as by default, then with each fast path added
-ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels": "ours-layers",
+ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels, layers by autograd": "ours-autograd",
+        "ours, + layer kernels": "ours-layers",
         "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
         "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
         "ours, + offloaded layer inputs, chunked MLP": "ours-lean", "transformers+peft+bitsandbytes": "theirs"}
-# what each of our rows switches on: the fused LoRA, the layer kernels, the chunked loss, the offload (CUDA and
-# checkpointing only), the kept dequantized weights (checkpointing only), the chunked MLP
+# what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written
+# out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
+# only), the kept dequantized weights (checkpointing only), the chunked MLP
 BASE = {"fused", "layers", "loss"}
-FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-layers": {"fused", "layers"}, "ours-all": BASE,
+FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
+            "ours-layers": {"fused", "layers"}, "ours-all": BASE,
             "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
             "ours-lean": BASE | {"offload", "mlp"}}
 
@@ -87,12 +90,14 @@ def run_one(which, folder, args):
         before = status("VmRSS")
     if which.startswith("ours"):
         import bailong
+        from bailong.layer_fused import use_fused_layer
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
         from bailong.memory import use_chunked_loss, use_chunked_mlp
         from bailong_kernels import use_layer_kernels
         on = FEATURES[which]
         use_fused_lora("fused" in on)
         use_layer_kernels("layers" in on)
+        use_fused_layer("autograd" not in on)
         use_chunked_loss("loss" in on)
         use_chunked_mlp("mlp" in on)
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")

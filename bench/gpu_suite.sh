@@ -30,7 +30,7 @@ for part in ${parts[*]}; do
         decode)  run decode python bench/bench_decode.py ;;
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
         train)   run train python bench/bench_train.py --setting recipe --profile \
-                 --rows ours ours-fused ours-layers ours-all ours-offload ours-keep theirs ;;  # each side loads
+                 --rows ours ours-fused ours-autograd ours-layers ours-all ours-offload ours-keep theirs ;;  # each loads
         train-8bit) run train-8bit python bench/bench_train.py --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long python bench/bench_train.py --setting long \

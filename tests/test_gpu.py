@@ -319,3 +319,11 @@ def test_on_cuda_the_mlp_in_chunks_trains_as_autograd_through_the_chunks(monkeyp
     the backward; fused: the recomputation's copies kept): as on the CPU."""
     from test_step_count import check_chunked
     check_chunked(monkeypatch, fused, fused, "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_on_cuda_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch, keep):
+    """``bailong.layer_fused`` on the kernels, bf16, dropout (the recomputation's copies kept or not): the same
+    loss and dequantizations as the layer through autograd, the LoRA gradients to bf16 rounding."""
+    from test_layer_fused import check_by_hand
+    check_by_hand(monkeypatch, keep, "cuda", torch.bfloat16)

@@ -1,0 +1,163 @@
+"""A checkpointed decoder layer whose forward and backward are written out by hand, as one autograd node.
+
+On the GPU's fastest training path (fused LoRA, the training layer kernels,
+activation checkpointing) a layer's work is some 110 kernels a step, and at
+batch 1 the host's time to issue them, not the GPU's to run them, sets the
+pace (docs/BENCHMARKS.md, "The host's share"). Much of that time is autograd's
+own: a node built for every projection, norm and RoPE in the forward, again in
+the recomputation, and the engine walking them in the backward. Here the layer
+is one node (``FusedLayer``), as ``bailong.recompute.Recomputed`` makes it,
+but inside it nothing is recorded: the forward calls each node's own forward
+(``LoRAShared``, ``LoRAProjection``, the kernels' ``RMSNormFunction``,
+``RoPEFunction``, ``SwiGLUFunction``) with a plain context (``Ctx``), and the
+backward runs the recomputation the same way, then calls their backwards in
+reverse order, adding the residual stream's gradients itself. Only attention
+goes through autograd, one node (whichever SDPA kernel torch picks, with its
+own backward). The kernels are the same: the values are those of the
+autograd path, to rounding (tests/test_layer_fused.py: 1e-5 in float32).
+
+Taken where everything it writes out applies (``fused_layer``): a layer
+whose seven projections are fused LoRA layers (q, k, v and gate, up each
+shareable), frozen norms, no mask or cache (training), the MLP whole (not
+``BAILONG_CHUNKED_MLP``); switched off with ``BAILONG_FUSED_LAYER=0``.
+"""
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from bailong.lora import LoRALinear
+from bailong.lora_fused import LoRAProjection, LoRAShared, frozen_addmm
+from bailong.memory import chunked_mlp_on
+from bailong.recompute import forward_state, keeping, recomputing, replayed
+
+_fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
+
+
+def use_fused_layer(flag=True) -> bool:
+    """Switch the hand-written layer on or off where it applies (on: only with the fused LoRA and the layer
+    kernels, both switched off by default); returns the previous setting."""
+    global _fused_layer
+    previous, _fused_layer = _fused_layer, flag
+    return previous
+
+
+def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
+    """``layer(x, cos, sin, positions, mask, cache)`` checkpointed as one hand-written node (``FusedLayer``)
+    where that applies, else None. ``kernels``: ``bailong_kernels.layers`` (``bailong.model.layer_kernels``);
+    ``keep``: as ``bailong.recompute.checkpoint``'s."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = [(attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)]
+    if not (_fused_layer and kernels is not None and mask is None and cache is None and not chunked_mlp_on()
+            and all(LoRALinear.shares(group) for group in groups)
+            and all(isinstance(m, LoRALinear) and m.adds(x, x) for m in (attn.o_proj, mlp.down_proj))
+            and not any(n.weight.requires_grad for n in (layer.input_layernorm, layer.post_attention_layernorm))):
+        return None
+    projections = (*groups[0], attn.o_proj, *groups[1], mlp.down_proj)
+    params = [p for m in projections for p in (m.lora_A.weight, m.lora_B.weight)]
+    return FusedLayer.apply(layer, kernels, keep, cos, sin, x, *params)
+
+
+class Ctx:
+    """Stands in for the context autograd gives a node's forward and backward, to call them by hand."""
+
+    def __init__(self, *needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+class FusedLayer(torch.autograd.Function):
+    """A checkpointed decoder layer as one node, its insides written out (``fused_layer``): kept for the
+    backward only x (and the random state and autocast the forward ran under); the backward runs the forward
+    again with them, keeping each part's context (``Ctx``), then each part's backward in reverse:
+
+        x_2 = x + o(attention(rope(q), rope(k), v)) with q, k, v = qkv(norm_1(x))
+        y = x_2 + down(swiglu(gate_up(norm_2(x_2))))
+        dL/dx_2 = g + norm_2'(gate_up'(swiglu'(down'(g))))
+        dL/dx = dL/dx_2 + norm_1'(qkv'(rope'(attention'(o'(dL/dx_2)))))
+
+    The LoRA gradients come back through this node, as from ``Recomputed`` (and with the same caveats: a
+    hook on a parameter itself runs twice; ``torch.autograd.grad`` of some forms all)."""
+
+    @staticmethod
+    def forward(ctx, layer, kernels, keep, cos, sin, x, *params):
+        ctx.save_for_backward(x)
+        ctx.layer, ctx.kernels, ctx.keep, ctx.cos, ctx.sin = layer, kernels, keep, cos, sin
+        ctx.state = forward_state(x)
+        return _forward(layer, kernels, x, cos, sin, want_x=True)[0]  # no gradient on: nothing recorded
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[5]
+        with replayed(x, ctx.state), recomputing(), keeping(ctx.keep), torch.no_grad():
+            _, parts = _forward(ctx.layer, ctx.kernels, x, ctx.cos, ctx.sin, want_x, recompute=True)
+        return None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)
+
+
+def _ctx(args, want_input):
+    """A context for a node of inputs ``args``: dL/d(its first input) wanted as ``want_input``, and the gradients
+    of the others that want one: the trained parameters (and a residual that does: ``LoRAProjection`` hands on
+    g for it, which ``_backward`` does not take, adding the residual stream's gradients itself)."""
+    return Ctx(want_input, *(getattr(a, "requires_grad", False) for a in args[1:]))
+
+
+def _forward(layer, kernels, x, cos, sin, want_x, recompute=False):
+    """The layer's output (in the ``recompute``, nothing: no one reads it) and the contexts its parts leave for
+    ``_backward``; ``want_x``: dL/dx is wanted."""
+    attn, mlp = layer.self_attn, layer.mlp
+    B, T, _ = x.shape
+    norm_1 = Ctx(want_x, False, False)
+    h = kernels.RMSNormFunction.forward(norm_1, x, layer.input_layernorm.weight, layer.input_layernorm.eps)
+    args = LoRALinear.shared_args(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+    qkv = _ctx(args, want_x)
+    q, k, v = LoRAShared.forward(qkv, *args)
+    rope = Ctx()
+    q, k = (kernels.RoPEFunction.forward(rope, t, cos, sin, attn.head_dim) for t in (q, k))
+    q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+    with torch.enable_grad() if recompute else contextlib.nullcontext():  # attention: autograd's node
+        if recompute:
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=attn.n_kv_heads != attn.n_heads)
+    attention = q, k, v, a
+    args = attn.o_proj.projection_args(a.detach().transpose(1, 2).reshape(B, T, -1), x)
+    o = _ctx(args, True)
+    x2 = LoRAProjection.forward(o, *args)  # x + attention
+    norm_2 = Ctx(True, False, False)
+    h = kernels.RMSNormFunction.forward(norm_2, x2, layer.post_attention_layernorm.weight,
+                                        layer.post_attention_layernorm.eps)
+    args = LoRALinear.shared_args(h, (mlp.gate_proj, mlp.up_proj))
+    gate_up = _ctx(args, True)
+    gate, up = LoRAShared.forward(gate_up, *args)
+    swiglu = Ctx()
+    h = kernels.SwiGLUFunction.forward(swiglu, gate, up)
+    # down as on the autograd path: the update onto x2, then + h W^T (``FrozenAddmm``), neither formed in the
+    # recomputation; its backward forms g W with the update's dL/dh, in one matmul
+    args = mlp.down_proj.projection_args(h, x2, base=False)
+    down = _ctx(args, True)
+    y = LoRAProjection.forward(down, *args)
+    down.weight = mlp.down_proj.weight
+    y = None if recompute else frozen_addmm(y, h, down.weight)  # x2 + MLP
+    return y, (norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down)
+
+
+def _backward(kernels, parts, g, want_x):
+    """dL/dx (None unless ``want_x``) and the LoRA gradients, in ``FusedLayer``'s order of the parameters, from
+    the parts' contexts (``_forward``) and dL/dy = g."""
+    norm_1, qkv, rope, (q, k, v, a), o, norm_2, gate_up, swiglu, down = parts
+    dh, _, *down_grads = LoRAProjection.backward(down, g)[:4]  # with g W, down's weight
+    dgate, dup = kernels.SwiGLUFunction.backward(swiglu, dh)
+    dh, *gate_up_grads = LoRAShared.backward(gate_up, dgate, dup)
+    dx2 = g + kernels.RMSNormFunction.backward(norm_2, dh)[0]  # y = x2 + ...
+    da, _, *o_grads = LoRAProjection.backward(o, dx2)[:4]
+    B, T, _ = da.shape
+    dq, dk, dv = (t.transpose(1, 2).reshape(B, T, -1) for t in torch.autograd.grad(
+        a, (q, k, v), da.view(B, T, -1, q.shape[-1]).transpose(1, 2)))
+    dq, dk = (kernels.RoPEFunction.backward(rope, t)[0] for t in (dq, dk))
+    dh, *qkv_grads = LoRAShared.backward(qkv, dq, dk, dv)
+    dx = dx2 + kernels.RMSNormFunction.backward(norm_1, dh)[0] if want_x else None  # x2 = x + ...
+    return dx, *qkv_grads[6:], *o_grads, *gate_up_grads[6:], *down_grads  # LoRAShared's: 6 Nones, then A, B, ...

@@ -1,0 +1,135 @@
+"""A checkpointed decoder layer written out by hand as one node (bailong/layer_fused.py) against the same layer
+through autograd (bailong.recompute.Recomputed): on the GPU's path (NF4 through the kernels, the training layer
+kernels, all interpreted), training steps' losses and every LoRA gradient in float32 to rounding, with dropout,
+the recomputation's dequantized weights kept, the layer inputs offloaded, an input without a gradient; where it
+applies and where not."""
+import pytest
+import torch
+from test_chunked_mlp import steps
+from test_layer_kernels import gpu_path
+from test_lora_fused import autograd_nodes
+
+import bailong
+from bailong import layer_fused, lora
+from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+
+
+def by_hand_and_by_autograd(monkeypatch, **kwargs):
+    """``test_chunked_mlp.steps`` (fused LoRA, checkpointing) on the GPU's path, by autograd then by hand."""
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    results = []
+    for by_hand in [False, True]:
+        monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
+        results.append(steps(monkeypatch, False, True, True, **kwargs))
+    return results
+
+
+def assert_alike(results):
+    (losses, grads), (hand_losses, hand_grads) = results
+    assert max(abs(a - b) for a, b in zip(losses, hand_losses)) < 1e-5, (losses, hand_losses)
+    assert grads.keys() == hand_grads.keys() and len(grads) == 32  # A and B of 2 x 7 projections, embedding, head
+    for name in grads:
+        torch.testing.assert_close(hand_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dropout,keep", [(0.0, False), (0.1, False), (0.1, True)])
+def test_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch, dropout, keep):
+    assert_alike(by_hand_and_by_autograd(monkeypatch, dropout=dropout, keep=keep))
+
+
+def test_by_hand_the_layer_inputs_offloaded_train_alike(monkeypatch):
+    from bailong.memory import HostCopy
+    copies, init = [], HostCopy.__init__
+    monkeypatch.setattr(HostCopy, "__init__", lambda self, t: copies.append(t.shape) or init(self, t))
+    results = by_hand_and_by_autograd(monkeypatch, dropout=0.1, offload=True)
+    assert copies == [(2, 16, 64)] * 2 * 3 * 2  # 2 layers, 3 steps, both ways
+    assert_alike(results)
+
+
+def test_by_hand_under_autocast_trains_as_autograd_does(monkeypatch):
+    """Under bf16 autocast the recomputation replays the forward's autocast: the same values (on this CPU bit
+    for bit; a sum or two may round in another order elsewhere)."""
+    (losses, grads), (hand_losses, hand_grads) = by_hand_and_by_autograd(monkeypatch, dropout=0.1, autocast=True)
+    assert max(abs(a - b) for a, b in zip(losses, hand_losses)) < 1e-6, (losses, hand_losses)
+    for name in grads:
+        torch.testing.assert_close(hand_grads[name], grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def check_by_hand(monkeypatch, keep, device="cpu", dtype=torch.float32):
+    """One step of ``test_step_count.nf4_step`` (fused LoRA, dropout, checkpointing) through the kernels (on the
+    CPU interpreted, ``gpu_path``), by autograd and by hand: the same loss, dequantizations and, to rounding,
+    LoRA gradients; by hand every layer one ``FusedLayer``."""
+    from test_step_count import nf4_step
+    if device == "cpu":
+        gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    else:
+        import bailong_kernels
+        monkeypatch.setattr(bailong_kernels, "_layer_kernels", True)
+    apply, layers = layer_fused.FusedLayer.apply, []
+    monkeypatch.setattr(layer_fused.FusedLayer, "apply", lambda *args: layers.append(1) or apply(*args))
+    results = []
+    for by_hand in [False, True]:
+        with monkeypatch.context() as patch:  # each step's own count of the dequantizations
+            patch.setattr(layer_fused, "_fused_layer", by_hand)
+            results.append(nf4_step(patch, True, keep, device, dtype, kernels=True))
+    (dequantized, loss, grads, _), (hand_dequantized, hand_loss, hand_grads, _) = results
+    assert layers == [1, 1] and hand_loss == loss and hand_dequantized == dequantized
+    tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    assert grads.keys() == hand_grads.keys() and len(grads) == 28
+    for name in grads:
+        torch.testing.assert_close(hand_grads[name], grads[name], **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_by_hand_a_step_makes_the_loss_and_dequantizations_of_autograd(monkeypatch, keep):
+    check_by_hand(monkeypatch, keep)
+
+
+def tiny_lora(targets=None):
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, targets=targets) if targets else LoRAConfig(r=8)))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    model.checkpointing = True
+    return model.train()
+
+
+def test_by_hand_the_first_layer_forms_no_gradient_for_an_input_without_one(monkeypatch):
+    """LoRA on the projections alone: the embedding trains nothing, so no dL/dx for the first layer's input;
+    the same gradients as autograd's."""
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(lora, "_fused", True)
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for by_hand in [False, True]:
+        monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
+        torch.manual_seed(5)
+        model = tiny_lora(projections)
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        assert autograd_nodes(loss)["FusedLayerBackward"] == 2 * by_hand
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 28
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", ["kernels off", "switched off", "MLP in chunks", "no LoRA on o", "plain LoRA",
+                                  "trained norm"])
+def test_a_layer_is_written_out_only_where_all_it_writes_out_applies(monkeypatch, case):
+    from bailong import memory
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=case != "kernels off")
+    monkeypatch.setattr(lora, "_fused", case != "plain LoRA")
+    monkeypatch.setattr(layer_fused, "_fused_layer", case != "switched off")
+    monkeypatch.setattr(memory, "_chunked_mlp", case == "MLP in chunks")
+    monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 5 * 176)  # 32 tokens: 7 chunks
+    targets = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj") if case == "no LoRA on o" else None
+    model = tiny_lora(targets)
+    if case == "trained norm":
+        model.model.layers[0].input_layernorm.weight.requires_grad_(True)
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    assert autograd_nodes(loss)["FusedLayerBackward"] == (1 if case == "trained norm" else 0)
+    loss.backward()
