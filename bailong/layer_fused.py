@@ -142,22 +142,29 @@ def _forward(layer, kernels, x, cos, sin, want_x, recompute=False):
     y = LoRAProjection.forward(down, *args)
     down.weight = mlp.down_proj.weight
     y = None if recompute else frozen_addmm(y, h, down.weight)  # x2 + MLP
-    return y, (norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down)
+    return y, [norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down]
 
 
 def _backward(kernels, parts, g, want_x):
     """dL/dx (None unless ``want_x``) and the LoRA gradients, in ``FusedLayer``'s order of the parameters, from
-    the parts' contexts (``_forward``) and dL/dy = g."""
-    norm_1, qkv, rope, (q, k, v, a), o, norm_2, gate_up, swiglu, down = parts
-    dh, _, *down_grads = LoRAProjection.backward(down, g)[:4]  # with g W, down's weight
-    dgate, dup = kernels.SwiGLUFunction.backward(swiglu, dh)
-    dh, *gate_up_grads = LoRAShared.backward(gate_up, dgate, dup)
-    dx2 = g + kernels.RMSNormFunction.backward(norm_2, dh)[0]  # y = x2 + ...
-    da, _, *o_grads = LoRAProjection.backward(o, dx2)[:4]
-    B, T, _ = da.shape
-    dq, dk, dv = (t.transpose(1, 2).reshape(B, T, -1) for t in torch.autograd.grad(
-        a, (q, k, v), da.view(B, T, -1, q.shape[-1]).transpose(1, 2)))
+    the parts' contexts (``_forward``: taken from the end of the list, each let go once its backward has run,
+    as autograd lets a node's saved tensors go) and dL/dy = g."""
+    dh, _, *down_grads = LoRAProjection.backward(parts.pop(), g)[:4]  # with g W, down's weight
+    dgate, dup = kernels.SwiGLUFunction.backward(parts.pop(), dh)
+    dh, *gate_up_grads = LoRAShared.backward(parts.pop(), dgate, dup)
+    dx2 = g + kernels.RMSNormFunction.backward(parts.pop(), dh)[0]  # y = x2 + ...
+    da, _, *o_grads = LoRAProjection.backward(parts.pop(), dx2)[:4]
+    dq, dk, dv = _attention_backward(*parts.pop(), da)
+    rope = parts.pop()
     dq, dk = (kernels.RoPEFunction.backward(rope, t)[0] for t in (dq, dk))
-    dh, *qkv_grads = LoRAShared.backward(qkv, dq, dk, dv)
-    dx = dx2 + kernels.RMSNormFunction.backward(norm_1, dh)[0] if want_x else None  # x2 = x + ...
+    dh, *qkv_grads = LoRAShared.backward(parts.pop(), dq, dk, dv)
+    dx = dx2 + kernels.RMSNormFunction.backward(parts.pop(), dh)[0] if want_x else None  # x2 = x + ...
     return dx, *qkv_grads[6:], *o_grads, *gate_up_grads[6:], *down_grads  # LoRAShared's: 6 Nones, then A, B, ...
+
+
+def _attention_backward(q, k, v, a, da):
+    """dL/dq, dL/dk, dL/dv as (B, T, heads * D) from the recomputation's attention a = SDPA(q, k, v), through
+    autograd, and dL/da as (B, T, heads * D)."""
+    B, T, _ = da.shape
+    grads = torch.autograd.grad(a, (q, k, v), da.view(B, T, -1, q.shape[-1]).transpose(1, 2))
+    return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]
