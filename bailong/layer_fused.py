@@ -18,8 +18,12 @@ autograd path, to rounding (tests/test_layer_fused.py: 1e-5 in float32).
 
 Taken where everything it writes out applies (``fused_layer``): a layer
 whose seven projections are fused LoRA layers (q, k, v and gate, up each
-shareable), frozen norms, no mask or cache (training), the MLP whole (not
-``BAILONG_CHUNKED_MLP``); switched off with ``BAILONG_FUSED_LAYER=0``.
+shareable) adding the residual in their matmuls (the model in the compute
+dtype: a bf16 model under bf16 autocast, not a float32 one), frozen norms, no
+mask or cache (training), the MLP whole (not ``BAILONG_CHUNKED_MLP``), and no
+forward hooks on the layer, its attention, MLP or norms, nor on every module
+(those would not run; the projections' own are skipped on the fused LoRA path
+anyway: ``bailong.model.project``). Switched off with ``BAILONG_FUSED_LAYER=0``.
 """
 import contextlib
 import os
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from bailong.lora import LoRALinear
 from bailong.lora_fused import LoRAProjection, LoRAShared, frozen_addmm
 from bailong.memory import chunked_mlp_on
-from bailong.recompute import forward_state, keeping, recomputing, replayed
+from bailong.recompute import forward_state, keeping, nothing_saved, recomputing, replayed
 
 _fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
 
@@ -50,6 +54,7 @@ def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
     attn, mlp = layer.self_attn, layer.mlp
     groups = [(attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)]
     if not (_fused_layer and kernels is not None and mask is None and cache is None and not chunked_mlp_on()
+            and not _hooked(layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm)
             and all(LoRALinear.shares(group) for group in groups)
             and all(isinstance(m, LoRALinear) and m.adds(x, x) for m in (attn.o_proj, mlp.down_proj))
             and not any(n.weight.requires_grad for n in (layer.input_layernorm, layer.post_attention_layernorm))):
@@ -57,6 +62,14 @@ def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
     projections = (*groups[0], attn.o_proj, *groups[1], mlp.down_proj)
     params = [p for m in projections for p in (m.lora_A.weight, m.lora_B.weight)]
     return FusedLayer.apply(layer, kernels, keep, cos, sin, x, *params)
+
+
+def _hooked(*modules) -> bool:
+    """Whether a forward hook would run on any of ``modules``: its own, or one set on every module."""
+    from torch.nn.modules import module as nn_module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class Ctx:
@@ -67,6 +80,13 @@ class Ctx:
 
     def save_for_backward(self, *tensors):
         self.saved_tensors = tensors
+
+
+class Unsaved(Ctx):
+    """A context for a forward that no backward follows: what it would save is let go at once."""
+
+    def save_for_backward(self, *tensors):
+        pass
 
 
 class FusedLayer(torch.autograd.Function):
@@ -87,7 +107,7 @@ class FusedLayer(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.layer, ctx.kernels, ctx.keep, ctx.cos, ctx.sin = layer, kernels, keep, cos, sin
         ctx.state = forward_state(x)
-        return _forward(layer, kernels, x, cos, sin, want_x=True)[0]  # no gradient on: nothing recorded
+        return _forward(layer, kernels, x, cos, sin)[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -99,50 +119,51 @@ class FusedLayer(torch.autograd.Function):
         return None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)
 
 
-def _ctx(args, want_input):
-    """A context for a node of inputs ``args``: dL/d(its first input) wanted as ``want_input``, and the gradients
-    of the others that want one: the trained parameters (and a residual that does: ``LoRAProjection`` hands on
-    g for it, which ``_backward`` does not take, adding the residual stream's gradients itself)."""
-    return Ctx(want_input, *(getattr(a, "requires_grad", False) for a in args[1:]))
+def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
+    """The layer's output and, in the ``recompute`` (whose output no one reads: None), the contexts its parts
+    leave for ``_backward``, in order; ``want_x``: dL/dx is wanted. Outside it nothing is kept (``Unsaved``)."""
+    Context = Ctx if recompute else Unsaved
 
+    def context(args, want_input):  # for a node of inputs args: gradients wanted for the first as want_input,
+        # and for each other that wants one (the trained LoRA weights; a residual's, handed on by
+        # LoRAProjection, is left unused: _backward adds the residual stream's gradients itself)
+        return Context(want_input, *(getattr(a, "requires_grad", False) for a in args[1:]))
 
-def _forward(layer, kernels, x, cos, sin, want_x, recompute=False):
-    """The layer's output (in the ``recompute``, nothing: no one reads it) and the contexts its parts leave for
-    ``_backward``; ``want_x``: dL/dx is wanted."""
     attn, mlp = layer.self_attn, layer.mlp
     B, T, _ = x.shape
-    norm_1 = Ctx(want_x, False, False)
+    norm_1 = Context(want_x, False, False)
     h = kernels.RMSNormFunction.forward(norm_1, x, layer.input_layernorm.weight, layer.input_layernorm.eps)
     args = LoRALinear.shared_args(h, (attn.q_proj, attn.k_proj, attn.v_proj))
-    qkv = _ctx(args, want_x)
+    qkv = context(args, want_x)
     q, k, v = LoRAShared.forward(qkv, *args)
-    rope = Ctx()
+    rope = Context()
     q, k = (kernels.RoPEFunction.forward(rope, t, cos, sin, attn.head_dim) for t in (q, k))
     q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
-    with torch.enable_grad() if recompute else contextlib.nullcontext():  # attention: autograd's node
-        if recompute:
-            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
+    with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=attn.n_kv_heads != attn.n_heads)
     attention = q, k, v, a
     args = attn.o_proj.projection_args(a.detach().transpose(1, 2).reshape(B, T, -1), x)
-    o = _ctx(args, True)
+    o = context(args, True)
     x2 = LoRAProjection.forward(o, *args)  # x + attention
-    norm_2 = Ctx(True, False, False)
+    norm_2 = Context(True, False, False)
     h = kernels.RMSNormFunction.forward(norm_2, x2, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.eps)
     args = LoRALinear.shared_args(h, (mlp.gate_proj, mlp.up_proj))
-    gate_up = _ctx(args, True)
+    gate_up = context(args, True)
     gate, up = LoRAShared.forward(gate_up, *args)
-    swiglu = Ctx()
+    swiglu = Context()
     h = kernels.SwiGLUFunction.forward(swiglu, gate, up)
     # down as on the autograd path: the update onto x2, then + h W^T (``FrozenAddmm``), neither formed in the
     # recomputation; its backward forms g W with the update's dL/dh, in one matmul
     args = mlp.down_proj.projection_args(h, x2, base=False)
-    down = _ctx(args, True)
+    down = context(args, True)
     y = LoRAProjection.forward(down, *args)
     down.weight = mlp.down_proj.weight
-    y = None if recompute else frozen_addmm(y, h, down.weight)  # x2 + MLP
-    return y, [norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down]
+    if recompute:
+        return None, [norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down]
+    return frozen_addmm(y, h, down.weight), None  # x2 + MLP
 
 
 def _backward(kernels, parts, g, want_x):
@@ -163,8 +184,8 @@ def _backward(kernels, parts, g, want_x):
 
 
 def _attention_backward(q, k, v, a, da):
-    """dL/dq, dL/dk, dL/dv as (B, T, heads * D) from the recomputation's attention a = SDPA(q, k, v), through
-    autograd, and dL/da as (B, T, heads * D)."""
+    """dL/dq, dL/dk, dL/dv, each (B, T, heads * D), through autograd from the recomputation's attention
+    a = SDPA(q, k, v) and dL/da, given as (B, T, heads * D)."""
     B, T, _ = da.shape
     grads = torch.autograd.grad(a, (q, k, v), da.view(B, T, -1, q.shape[-1]).transpose(1, 2))
     return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]

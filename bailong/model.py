@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bailong.config import ModelConfig
-from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
 from bailong.layer_fused import fused_layer
 from bailong.lora import frozen_matmul_skipped
+from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
 from bailong.recompute import checkpoint
 
 

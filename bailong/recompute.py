@@ -23,7 +23,9 @@ weight is dequantized once for every matmul by it (the chunks of that MLP, forwa
 
 On the fused LoRA path a checkpointed layer is one autograd node of its own (``Recomputed``), whose backward
 runs the recomputation and then the backward through the nodes it built: about a tenth less host time a layer
-than torch's checkpoint (``bench/bench_host.py``); elsewhere torch's checkpoint (``checkpoint``).
+than torch's checkpoint (``bench/bench_host.py``); elsewhere torch's checkpoint (``checkpoint``). With the
+layer kernels too, the layer's insides are written out by hand instead (``bailong.layer_fused``), on the same
+random state, autocast and kept copies as here.
 
 All of this is the process's, not a thread's: one forward or backward at a time (as DDP runs, a process a
 device; not ``nn.DataParallel``'s threads).

@@ -323,7 +323,8 @@ def test_on_cuda_the_mlp_in_chunks_trains_as_autograd_through_the_chunks(monkeyp
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_on_cuda_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch, keep):
-    """``bailong.layer_fused`` on the kernels, bf16, dropout (the recomputation's copies kept or not): the same
-    loss and dequantizations as the layer through autograd, the LoRA gradients to bf16 rounding."""
+    """``bailong.layer_fused`` on the kernels, a bf16 model under bf16 autocast as train.py runs it, dropout (the
+    recomputation's copies kept or not): the same loss and dequantizations as the layer through autograd, the
+    LoRA gradients to bf16 rounding."""
     from test_layer_fused import check_by_hand
-    check_by_hand(monkeypatch, keep, "cuda", torch.bfloat16)
+    check_by_hand(monkeypatch, keep, "cuda", torch.bfloat16, autocast=True)
