@@ -56,6 +56,7 @@ def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
     if not (_fused_layer and kernels is not None and mask is None and cache is None and not chunked_mlp_on()
             and not _hooked(layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm)
             and all(LoRALinear.shares(group) for group in groups)
+            # o and down add the residual x (x2) to an input of x's dtype and device (attention's, SwiGLU's)
             and all(isinstance(m, LoRALinear) and m.adds(x, x) for m in (attn.o_proj, mlp.down_proj))
             and not any(n.weight.requires_grad for n in (layer.input_layernorm, layer.post_attention_layernorm))):
         return None
@@ -113,7 +114,7 @@ class FusedLayer(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, = ctx.saved_tensors
-        want_x = ctx.needs_input_grad[5]
+        want_x = ctx.needs_input_grad[5]  # x's
         with replayed(x, ctx.state), recomputing(), keeping(ctx.keep), torch.no_grad():
             _, parts = _forward(ctx.layer, ctx.kernels, x, ctx.cos, ctx.sin, want_x, recompute=True)
         return None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)

@@ -93,9 +93,9 @@ class LoRALinear(nn.Module):
 
     def added(self, residual, x, last=False):
         """``residual + self(x)`` with the add in a matmul (``model.add_projection``), where that applies
-        (``adds``); else None. One node, the add in
-        the base's matmul; for a layer's ``last`` projection (down), the update onto the residual, then the
-        base's matmul as a node that keeps nothing (``FrozenAddmm``), which a recomputation need not run."""
+        (``adds``); else None. One node, the add in the base's matmul; for a layer's ``last`` projection (down),
+        the update onto the residual, then the base's matmul as a node that keeps nothing (``FrozenAddmm``),
+        which a recomputation need not run."""
         if self.adds(residual, x):
             if last:
                 return FrozenAddmm.apply(self._projection(x, residual, base=False), x, self.weight)
@@ -105,8 +105,8 @@ class LoRALinear(nn.Module):
     def adds(self, residual, x) -> bool:
         """Whether ``added`` puts ``residual`` in the matmul: the fused path, the residual in the compute dtype
         and of the output's shape."""
-        return self.fused() and residual.dtype == compute_dtype(x) and residual.shape == (*x.shape[:-1],
-                                                                                         self.out_features)
+        return (self.fused() and residual.dtype == compute_dtype(x)
+                and residual.shape == (*x.shape[:-1], self.out_features))
 
     def _projection(self, x, residual, base=True):
         return LoRAProjection.apply(*self.projection_args(x, residual, base))
@@ -115,8 +115,8 @@ class LoRALinear(nn.Module):
         """``LoRAProjection``'s inputs for this layer: x W^T (``base``) + the update + ``residual``."""
         A, B = self.lora_A.weight, self.lora_B.weight
         casts = self.compute_weights(compute_dtype(x))
-        return x, self.weight if base else None, A, B, *casts, self.scaling, self.dropout_p(), residual, \
-            self.release_casts
+        return (x, self.weight if base else None, A, B, *casts, self.scaling, self.dropout_p(), residual,
+                self.release_casts)
 
     def dropout_p(self) -> float:
         return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0

@@ -1,8 +1,9 @@
 """A checkpointed decoder layer written out by hand as one node (bailong/layer_fused.py) against the same layer
 through autograd (bailong.recompute.Recomputed): on the GPU's path (NF4 through the kernels, the training layer
 kernels, all interpreted), training steps' losses and every LoRA gradient in float32 to rounding, with dropout,
-the recomputation's dequantized weights kept, the layer inputs offloaded, an input without a gradient; where it
-applies and where not."""
+the recomputation's dequantized weights kept, the layer inputs offloaded, an input without a gradient; a step's
+loss and dequantizations, also for a bf16 model under autocast; the backward's peak memory; where it applies
+and where not."""
 import pytest
 import torch
 from test_chunked_mlp import steps
