@@ -4,11 +4,13 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
 CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs up to eight times: as by
+in a fresh process, a few warm-up steps first. Ours runs up to nine times: as by
 default; with each LoRA projection one autograd node
 (``bailong.lora_fused.LoRAProjection``; with checkpointing each layer one node
 too, ``bailong.recompute.Recomputed``); with that and the norms, SwiGLU and
-RoPE through their training kernels (``bailong_kernels.layers``, CUDA only); and
+RoPE through their training kernels (``bailong_kernels.layers``, CUDA only),
+each checkpointed layer first still through autograd, then written out by hand
+as one node (``bailong.layer_fused``, which the rows after take too); and
 with all that and the loss computed chunk by chunk
 (``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); then
 with all that and one more: (CUDA) each layer's saved input offloaded to host
