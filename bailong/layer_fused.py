@@ -30,6 +30,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 from bailong.lora import LoRALinear
 from bailong.lora_fused import LoRAProjection, LoRAShared, frozen_addmm
@@ -67,7 +68,6 @@ def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
 
 def _hooked(*modules) -> bool:
     """Whether a forward hook would run on any of ``modules``: its own, or one set on every module."""
-    from torch.nn.modules import module as nn_module
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)

@@ -14,16 +14,16 @@ from bailong.lora import LoRAConfig, LoRALinear, inject_lora, mark_only_lora_tra
 
 
 def steps(monkeypatch, chunked, fused, checkpointing, keep=False, dropout=0.0, quantize=True, autocast=False,
-          by_autograd=False, offload=False, dtype=torch.float32):
-    """Per-step losses of 3 AdamW steps of a 2-layer model in ``dtype`` (LoRA on every projection, embedding and
-    head), then an evaluation's loss; the last step's LoRA gradients; the MLP in chunks of 5 of the 32 tokens
-    where ``chunked`` (``by_autograd``: through the chunks by autograd instead). Batches of 2 x 16 tokens."""
+          by_autograd=False, offload=False):
+    """Per-step losses of 3 AdamW steps of a 2-layer model (LoRA on every projection, embedding and head),
+    then an evaluation's loss; the last step's LoRA gradients; the MLP in chunks of 5 of the 32 tokens where
+    ``chunked`` (``by_autograd``: through the chunks by autograd instead). Batches of 2 x 16 tokens."""
     from bailong.quantized import quantize_model
     if by_autograd:
         monkeypatch.setattr(memory.ChunkedMLP, "apply", chunks_by_autograd)
     monkeypatch.setattr(lora, "_fused", fused)
     monkeypatch.setattr(memory, "_chunked_mlp", chunked)
-    model, _ = bailong.load_preset("tiny", device="cpu", dtype=dtype)
+    model, _ = bailong.load_preset("tiny", device="cpu")
     monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 5 * model.config.intermediate_size)  # 32 tokens: 7 chunks
     if quantize:
         quantize_model(model)
