@@ -164,7 +164,7 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
     down.weight = mlp.down_proj.weight
     if recompute:
         return None, [norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down]
-    return frozen_addmm(y, h, down.weight), None  # x2 + MLP
+    return frozen_addmm(y, h, down.weight, in_place=True), None  # x2 + MLP, into y: ours
 
 
 def _backward(kernels, parts, g, want_x):
@@ -174,13 +174,13 @@ def _backward(kernels, parts, g, want_x):
     dh, _, *down_grads = LoRAProjection.backward(parts.pop(), g)[:4]  # with g W, down's weight
     dgate, dup = kernels.SwiGLUFunction.backward(parts.pop(), dh)
     dh, *gate_up_grads = LoRAShared.backward(parts.pop(), dgate, dup)
-    dx2 = g + kernels.RMSNormFunction.backward(parts.pop(), dh)[0]  # y = x2 + ...
+    dx2 = kernels.rms_norm_backward(parts.pop(), dh, g)  # + g: y = x2 + ...
     da, _, *o_grads = LoRAProjection.backward(parts.pop(), dx2)[:4]
     dq, dk, dv = _attention_backward(*parts.pop(), da)
     rope = parts.pop()
     dq, dk = (kernels.RoPEFunction.backward(rope, t)[0] for t in (dq, dk))
     dh, *qkv_grads = LoRAShared.backward(parts.pop(), dq, dk, dv)
-    dx = dx2 + kernels.RMSNormFunction.backward(parts.pop(), dh)[0] if want_x else None  # x2 = x + ...
+    dx = kernels.rms_norm_backward(parts.pop(), dh, dx2) if want_x else None  # + dx2: x2 = x + ...
     return dx, *qkv_grads[6:], *o_grads, *gate_up_grads[6:], *down_grads  # LoRAShared's: 6 Nones, then A, B, ...
 
 

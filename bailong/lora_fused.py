@@ -55,8 +55,10 @@ class LoRAProjection(torch.autograd.Function):
         xa = x2 @ A.T  # (tokens, r)
         if W is None and is_recomputing():  # the update onto the residual, whose sum no one reads: only saved
             out = y.new_empty(y.shape)
-        else:
+        elif W is None:  # onto the residual, which stays as it was
             out = torch.addmm(y.reshape(-1, y.shape[-1]), xa, B.T, alpha=scaling)
+        else:  # into the base's output, ours (``frozen_addmm``: no copy of it first)
+            out = y.view(-1, y.shape[-1]).addmm_(xa, B.T, alpha=scaling)
         ctx.weight = W  # frozen: nothing of it changes before the backward
         ctx.save_for_backward(x2, xa, mask, A, B)
         ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
@@ -76,7 +78,7 @@ class LoRAProjection(torch.autograd.Function):
             if mask is not None:
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p))
             if W is not None:
-                dx = torch.addmm(dx, g2, frozen_weight(W, g.dtype))  # + g W
+                dx.addmm_(g2, frozen_weight(W, g.dtype))  # + g W
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, dB = _master_grads([(u.T, x2, s) if want_A else None, (g2.T, xa, s) if want_B else None],
                                ctx.master_dtype)
@@ -105,11 +107,18 @@ class FrozenAddmm(torch.autograd.Function):
         return g, dx, None
 
 
-def frozen_addmm(residual, x, W, keep=False):
+def frozen_addmm(residual, x, W, keep=False, in_place=False):
     """residual + x W^T for a frozen weight, dense or NF4, in one matmul, in the residual's dtype. ``keep``: a
-    backward will multiply by W again (``bailong.recompute``), as for the two below."""
-    return torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]).to(residual.dtype),
-                       frozen_weight(W, residual.dtype, keep).T).view(residual.shape)
+    backward will multiply by W again (``bailong.recompute``), as for the two below. ``in_place``: into
+    ``residual`` itself, one the caller may overwrite.
+
+    In place wherever that is allowed, here and in the nodes above: on CUDA an ``addmm`` into a new tensor
+    first copies its 2-d input there, one kernel and a pass over the output more (ATen's cuda/Blas.cpp;
+    tests/launch_count.py counts it); ``addmm_`` adds in the GEMM itself."""
+    r = residual.view(-1, residual.shape[-1]) if in_place else residual.reshape(-1, residual.shape[-1])
+    x = x.reshape(-1, x.shape[-1]).to(residual.dtype)
+    w = frozen_weight(W, residual.dtype, keep).T
+    return (r.addmm_(x, w) if in_place else torch.addmm(r, x, w)).view(residual.shape)
 
 
 def frozen_linear(x, W, keep=False):
@@ -179,7 +188,7 @@ class LoRAShared(torch.autograd.Function):
             xa = torch.bmm(xs, A_cat.view(n, r, -1).transpose(1, 2))
         else:  # xs: (tokens, in); xa: (tokens, n r)
             xs, xa = x2, x2 @ A_cat.T
-        outs = [torch.addmm(y.reshape(-1, y.shape[-1]), part, B.T, alpha=scaling).view(y.shape)
+        outs = [y.view(-1, y.shape[-1]).addmm_(part, B.T, alpha=scaling).view(y.shape)  # into the base's output
                 for y, part, B in zip(ys, _parts(xa, r, mask), Bs)]
         ctx.weights, ctx.scaling, ctx.p, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, p, r, x.shape, x.dtype
         ctx.master_dtype, ctx.release = masters[0].dtype, release  # all of them
@@ -206,7 +215,7 @@ class LoRAShared(torch.autograd.Function):
             if mask is not None:  # each LoRA part of dL/dx through its mask, then their sum
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p)).sum(0)
             for g, W in zip(gs, ctx.weights):  # + g_i W_i
-                dx = torch.addmm(dx, g, frozen_weight(W, g.dtype))
+                dx.addmm_(g, frozen_weight(W, g.dtype))
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
                                  + [(g.T, part, s) if wanted[2 * i + 1] else None

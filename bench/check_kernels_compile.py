@@ -244,7 +244,8 @@ def compile_all(arch):
     for name, kernel, args, meta in [
             ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
             ("swiglu", decode._swiglu_kernel, (x, x, x, 4096), dict(BLOCK=1024)),
-            ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, 4096, 1e-5), dict(BLOCK=4096)),
+            ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, x, 4096, 1e-5),
+             dict(BLOCK=4096, PLUS=True)),
             ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096),
              dict(BLOCK=layers.ELEMENTWISE_BLOCK)),
             ("rope", layers._rope_kernel, (x, cos, cos, x, 2048, 32, 1.0), dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),

@@ -41,7 +41,8 @@ CROSS_ENTROPY_BLOCK = 4096  # logits read per step of a row's sweep
 
 
 @triton.jit
-def _rms_norm_backward_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, C, eps, BLOCK: tl.constexpr):
+def _rms_norm_backward_kernel(x_ptr, w_ptr, g_ptr, plus_ptr, dx_ptr, C, eps, BLOCK: tl.constexpr,
+                              PLUS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * C
     cols = tl.arange(0, BLOCK)
     ok = cols < C
@@ -50,7 +51,10 @@ def _rms_norm_backward_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, C, eps, BLOCK: tl.con
     n = x * rstd
     gw = tl.load(g_ptr + row + cols, mask=ok, other=0.0).to(tl.float32) * \
         tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + row + cols, rstd * (gw - n * (tl.sum(gw * n, axis=0) / C)), mask=ok)
+    dx = rstd * (gw - n * (tl.sum(gw * n, axis=0) / C))
+    if PLUS:
+        dx += tl.load(plus_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + row + cols, dx, mask=ok)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -64,14 +68,21 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g = g.contiguous()
-        dx = torch.empty_like(x)
-        C = x.shape[-1]
-        with launch_device(x):
-            _rms_norm_backward_kernel[(x.numel() // C,)](x, weight, g, dx, C, ctx.eps,
-                                                          BLOCK=next_power_of_2(C))
-        return dx, None, None
+        return rms_norm_backward(ctx, g), None, None
+
+
+def rms_norm_backward(ctx, g, plus=None):
+    """``RMSNormFunction``'s dL/dx from its context and dL/dy = g; ``plus``: a gradient of x's shape added in the
+    same launch (a decoder layer's residual stream: ``bailong.layer_fused``), in float32 before the sum is
+    rounded to x's dtype."""
+    x, weight = ctx.saved_tensors
+    g = g.contiguous()
+    dx = torch.empty_like(x)
+    C = x.shape[-1]
+    with launch_device(x):
+        _rms_norm_backward_kernel[(x.numel() // C,)](x, weight, g, g if plus is None else plus.contiguous(), dx, C,
+                                                      ctx.eps, BLOCK=next_power_of_2(C), PLUS=plus is not None)
+    return dx
 
 
 def rms_norm(x, weight, eps):

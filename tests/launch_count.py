@@ -2,7 +2,12 @@
 
 Views, reshapes and allocations launch nothing and are not counted; an operation
 that writes new memory or writes in place is. The kernels run under the Triton
-interpreter on the CPU, so the count is that of the path a GPU takes.
+interpreter on the CPU, so the count is that of the path a GPU takes. One
+operation launches two kernels there: ``addmm`` (and ``baddbmm``) whose result is
+not its input ``self`` copies ``self`` into the result before the GEMM
+(``addmm_out_cuda_impl`` in ATen's cuda/Blas.cpp: ``at::native::copy_(result,
+self)``, short of a 1-d bias the Lt path adds in the GEMM, or beta = 0); counted
+as two. ``self.addmm_(...)`` writes into ``self``: one.
 """
 import contextlib
 import importlib
@@ -29,7 +34,19 @@ class Launches(TorchDispatchMode):
             outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             if func._schema.is_mutable or any(t.untyped_storage().data_ptr() not in inputs for t in outputs):
                 self.aten.append(name)
+                if _copies_self(name, args, kwargs or {}, out):
+                    self.aten.append(f"{name}: copy of self")
         return out
+
+
+def _copies_self(name, args, kwargs, out) -> bool:
+    """Whether CUDA's kernel for this ``addmm``/``baddbmm`` first copies its ``self`` into the result (above)."""
+    if name.split(".")[0] not in ("aten::addmm", "aten::baddbmm"):
+        return False
+    self, result = args[0], kwargs.get("out", out)
+    beta = args[3] if len(args) > 3 else kwargs.get("beta", 1)
+    same = self.data_ptr() == result.data_ptr() and self.stride() == result.stride()
+    return beta != 0 and self.dim() > 1 and not same
 
 
 class Counted:
