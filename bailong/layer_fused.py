@@ -8,12 +8,12 @@ own: a node built for every projection, norm and RoPE in the forward, again in
 the recomputation, and the engine walking them in the backward. Here the layer
 is one node (``FusedLayer``), as ``bailong.recompute.Recomputed`` makes it,
 but inside it nothing is recorded: the forward calls each node's own forward
-(``LoRAShared``, ``LoRAProjection``, the kernels' ``RMSNormFunction``,
-``RoPEFunction``, ``SwiGLUFunction``) with a plain context (``Ctx``), and the
-backward runs the recomputation the same way, then calls their backwards in
-reverse order, adding the residual stream's gradients itself. Only attention
-goes through autograd, one node (whichever SDPA kernel torch picks, with its
-own backward). The kernels are the same: the values are those of the
+(``LoRAShared``, ``LoRAProjection``, the kernels' ``RMSNormFunction`` and
+``SwiGLUFunction``; RoPE in place, ``rope_``) with a plain context (``Ctx``), and
+the backward runs the recomputation the same way, then calls their backwards in
+reverse order, the norms' kernels adding the residual stream's gradients. Only
+attention goes through autograd, one node (whichever SDPA kernel torch picks,
+with its own backward). The kernels are the same: the values are those of the
 autograd path, to rounding (tests/test_layer_fused.py: 1e-5 in float32).
 
 Taken where everything it writes out applies (``fused_layer``): a layer
@@ -127,7 +127,7 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
 
     def context(args, want_input):  # for a node of inputs args: gradients wanted for the first as want_input,
         # and for each other that wants one (the trained LoRA weights; a residual's, handed on by
-        # LoRAProjection, is left unused: _backward adds the residual stream's gradients itself)
+        # LoRAProjection, is left unused: _backward adds the residual stream's gradients in the norms')
         return Context(want_input, *(getattr(a, "requires_grad", False) for a in args[1:]))
 
     attn, mlp = layer.self_attn, layer.mlp
@@ -137,8 +137,10 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
     args = LoRALinear.shared_args(h, (attn.q_proj, attn.k_proj, attn.v_proj))
     qkv = context(args, want_x)
     q, k, v = LoRAShared.forward(qkv, *args)
-    rope = Context()
-    q, k = (kernels.RoPEFunction.forward(rope, t, cos, sin, attn.head_dim) for t in (q, k))
+    rope = Context()  # q and k rotated in place: nothing reads them before
+    rope.save_for_backward(cos, sin)
+    rope.head_dim = attn.head_dim
+    q, k = (kernels.rope_(t, cos, sin, attn.head_dim) for t in (q, k))
     q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
     with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
@@ -178,7 +180,7 @@ def _backward(kernels, parts, g, want_x):
     da, _, *o_grads = LoRAProjection.backward(parts.pop(), dx2)[:4]
     dq, dk, dv = _attention_backward(*parts.pop(), da)
     rope = parts.pop()
-    dq, dk = (kernels.RoPEFunction.backward(rope, t)[0] for t in (dq, dk))
+    dq, dk = (kernels.rope_(t, *rope.saved_tensors, rope.head_dim, -1.0) for t in (dq, dk))  # ours: in place
     dh, *qkv_grads = LoRAShared.backward(parts.pop(), dq, dk, dv)
     dx = kernels.rms_norm_backward(parts.pop(), dh, dx2) if want_x else None  # + dx2: x2 = x + ...
     return dx, *qkv_grads[6:], *o_grads, *gate_up_grads[6:], *down_grads  # LoRAShared's: 6 Nones, then A, B, ...

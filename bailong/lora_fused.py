@@ -122,13 +122,19 @@ def frozen_addmm(residual, x, W, keep=False, in_place=False):
 
 
 def frozen_linear(x, W, keep=False):
-    """x W^T for a frozen weight, dense or NF4 (through the kernels on CUDA)."""
+    """x W^T for a frozen weight, dense or NF4 (through the kernels on CUDA); for a tuple of weights that read x,
+    the tuple of x W_i^T (NF4 through the kernels: views of one output, ``nf4_linear``)."""
+    if isinstance(W, tuple):
+        return nf4_linear(x, W, keep) if isinstance(W[0], NF4Tensor) else tuple(F.linear(x, w) for w in W)
     return nf4_linear(x, W, keep) if isinstance(W, NF4Tensor) else F.linear(x, W)
 
 
 def frozen_weight(W, dtype, keep=False):
     """A frozen weight in ``dtype`` for a backward's g W: an NF4 one dequantized again, or the copy a
-    checkpointed layer's recomputation kept for it."""
+    checkpointed layer's recomputation kept for it; for a tuple of weights, the tuple of them (NF4 through the
+    kernels: made in one launch, ``nf4_dequantized``)."""
+    if isinstance(W, tuple):
+        return nf4_dequantized(W, dtype, keep) if isinstance(W[0], NF4Tensor) else tuple(w.to(dtype) for w in W)
     return nf4_dequantized(W, dtype, keep) if isinstance(W, NF4Tensor) else W.to(dtype)
 
 
@@ -164,6 +170,10 @@ class LoRAShared(torch.autograd.Function):
     """n LoRA projections of the same x, as one autograd node: ``LoRAProjection`` for each, but x is read once
     for all their A's and dL/dx is formed in one place, instead of n gradients that autograd then adds.
 
+    NF4 bases through the kernels (``bailong.quantized.nf4_linear``) are dequantized in one launch and
+    multiplied by in one matmul, x [W_1; ...; W_n]^T; the outputs are views of it, each with its update added in
+    place, and the backward's g_i W_i take the row blocks of one dequantization too.
+
     Without dropout: x [A_1; ...; A_n]^T in one matmul; dL/dx from one product for all the LoRA parts,
     s [u_1 ... u_n] [A_1; ...; A_n] with u_i = g_i B_i, each base's g_i W_i added by its matmul; the dL/dA_i
     from one product too, s [u_1 ... u_n]^T x, as rows of one float32 tensor.
@@ -179,7 +189,7 @@ class LoRAShared(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, A_cat, Bs, scaling, p, release, *masters):
         n = len(weights)
-        ys = [frozen_linear(x, W, ctx.needs_input_grad[0]) for W in weights]
+        ys = frozen_linear(x, weights, ctx.needs_input_grad[0])
         x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
         r = A_cat.shape[0] // n
         mask = None
@@ -214,8 +224,8 @@ class LoRAShared(torch.autograd.Function):
             dx = _scaled_mm(u, A, s)
             if mask is not None:  # each LoRA part of dL/dx through its mask, then their sum
                 dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p)).sum(0)
-            for g, W in zip(gs, ctx.weights):  # + g_i W_i
-                dx.addmm_(g, frozen_weight(W, g.dtype))
+            for g, W in zip(gs, frozen_weight(ctx.weights, gs[0].dtype)):  # + g_i W_i
+                dx.addmm_(g, W)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
                                  + [(g.T, part, s) if wanted[2 * i + 1] else None

@@ -35,17 +35,28 @@ class NF4Matmul(torch.autograd.Function):
         return dy @ nf4_dequantized(ctx.weight, dy.dtype), None, None  # (..., out) @ (out, in)
 
 
-def nf4_linear(x, weight: NF4Tensor, keep=False):
-    """x @ W.T: the Triton kernels for CUDA tensors (unless switched off: ``BAILONG_NF4_KERNELS=0``
-    or ``bailong_kernels.use_kernels(False)``), the PyTorch reference otherwise; under autocast in its dtype,
-    W dequantized straight to it, as ``F.linear`` would compute. ``keep``: a backward will want dL/dx though
-    this call forms no graph (a fused LoRA node's forward: ``bailong.recompute``)."""
-    if x.is_cuda:
-        import bailong_kernels  # Triton is imported only where it runs
-        if bailong_kernels.enabled(x):
-            from bailong_kernels.nf4_matmul import nf4_matmul
-            return nf4_matmul(x, weight, keep)
-    return NF4Matmul.apply(x.to(compute_dtype(x)), weight, keep)
+def nf4_linear(x, weight: NF4Tensor | tuple, keep=False):
+    """x @ W.T: the Triton kernels for CUDA tensors (``kernels_take``), the PyTorch reference otherwise; under
+    autocast in its dtype, W dequantized straight to it, as ``F.linear`` would compute. ``keep``: a backward will
+    want dL/dx though this call forms no graph (a fused LoRA node's forward: ``bailong.recompute``). For a tuple
+    of weights that read x (q, k, v), no graph formed, the tuple of x @ W_i.T: through the kernels views of one
+    output, the weights dequantized in one launch into one matrix and multiplied by in one matmul."""
+    if kernels_take(x):
+        from bailong_kernels.nf4_matmul import nf4_matmul
+        return nf4_matmul(x, weight, keep)
+    x = x.to(compute_dtype(x))
+    if isinstance(weight, tuple):
+        return tuple(NF4Matmul.apply(x, w, keep) for w in weight)
+    return NF4Matmul.apply(x, weight, keep)
+
+
+def kernels_take(t: torch.Tensor) -> bool:
+    """Whether the NF4 work on tensor t runs through the Triton kernels: on CUDA, unless switched off
+    (``BAILONG_NF4_KERNELS=0`` or ``bailong_kernels.use_kernels(False)``)."""
+    if not t.is_cuda:
+        return False
+    import bailong_kernels  # Triton is imported only where it runs
+    return bailong_kernels.enabled(t)
 
 
 def compute_dtype(x):
@@ -56,19 +67,22 @@ def compute_dtype(x):
     return torch.get_autocast_dtype(device) if autocast else x.dtype
 
 
-def nf4_dequantized(weight: NF4Tensor, dtype, keep=False) -> torch.Tensor:
+def nf4_dequantized(weight: NF4Tensor | tuple, dtype, keep=False):
     """W in ``dtype``, by the dequantize kernel where ``nf4_linear`` takes the kernels, else the reference; or
     the copy a checkpointed layer's recomputation kept for this backward (``bailong.recompute.dequantized``,
-    whose ``keep`` this is)."""
-    return dequantized(weight, dtype, _dequantize, keep)
+    whose ``keep`` this is). For a tuple of weights of one K, the tuple of them: through the kernels the row
+    blocks of one matrix, made in one launch (and kept as one), as ``nf4_linear`` multiplies by them."""
+    if not isinstance(weight, tuple):
+        return dequantized(weight, dtype, _dequantize, keep)
+    if kernels_take(weight[0].data):
+        return dequantized(weight, dtype, _dequantize, keep).split([q.shape[0] for q in weight])
+    return tuple(dequantized(w, dtype, _dequantize, keep) for w in weight)
 
 
-def _dequantize(weight: NF4Tensor, dtype) -> torch.Tensor:
-    if weight.data.is_cuda:
-        import bailong_kernels
-        if bailong_kernels.enabled(weight.data):
-            from bailong_kernels.nf4_dequant import nf4_dequantize
-            return nf4_dequantize(weight, dtype)
+def _dequantize(weight: NF4Tensor | tuple, dtype) -> torch.Tensor:
+    if kernels_take((weight[0] if isinstance(weight, tuple) else weight).data):
+        from bailong_kernels.nf4_matmul import dequantize
+        return dequantize(weight, dtype)
     return weight.dequantize(dtype)
 
 

@@ -31,6 +31,7 @@ All of this is the process's, not a thread's: one forward or backward at a time 
 device; not ``nn.DataParallel``'s threads).
 """
 import contextlib
+import operator
 
 import torch
 import torch.utils.checkpoint
@@ -200,16 +201,24 @@ def dequantized(q, dtype, dequantize, keep=False):
     """``dequantize(q, dtype)``, or the copy of q a recomputation kept, taken (the next dequantization of q
     after the recomputation, its backward's, takes it, and only that one), or within ``dequantized_once`` the
     copy made there. ``keep``: the input multiplied by q wants a gradient, so the backward will multiply by q
-    again; inside a recomputation that keeps (``keeping``), the copy waits for it."""
-    if _once is not None and (held := _once.get(id(q))) is not None and held[0] is q and held[1].dtype == dtype:
+    again; inside a recomputation that keeps (``keeping``), the copy waits for it. ``q``: an NF4Tensor, or a
+    tuple of them that one matmul multiplies by (q, k and v), dequantized, kept and found as one."""
+    key = tuple(map(id, q)) if isinstance(q, tuple) else id(q)
+    if _once is not None and (held := _once.get(key)) is not None and _same(held[0], q) and held[1].dtype == dtype:
         return held[1]
-    held = _kept.pop(id(q), None)
-    if held is not None and held[0] is q and held[1].dtype == dtype:
+    held = _kept.pop(key, None)
+    if held is not None and _same(held[0], q) and held[1].dtype == dtype:
         w = held[1]
     else:
         w = dequantize(q, dtype)
         if keep and _keeping:
-            _kept[id(q)] = (q, w)
+            _kept[key] = (q, w)
     if _once is not None:
-        _once[id(q)] = (q, w)
+        _once[key] = (q, w)
     return w
+
+
+def _same(a, b) -> bool:
+    """Whether a and b are the same NF4Tensor, or tuples of the same ones (an id is reused once its object is gone,
+    so the key alone does not tell)."""
+    return a is b or isinstance(a, tuple) and len(a) == len(b) and all(map(operator.is_, a, b))

@@ -33,11 +33,10 @@ import time
 import torch
 
 import bailong
-from bailong import layer_fused, lora, lora_fused, model, quantized
+from bailong import layer_fused, lora, model, quantized
 from bailong.config import preset
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
-from bailong.recompute import dequantized
 
 # (fused LoRA, layer kernels, a layer written out by hand where it applies: bailong.layer_fused) by row
 ROWS = {"plain LoRA": (False, False, False), "fused LoRA": (True, False, False),
@@ -58,15 +57,12 @@ class NoLaunch:
 
 def on_the_gpus_path(layer_kernels):
     """Make the CPU take the code a CUDA tensor takes, the Triton launches left out."""
-    from bailong_kernels import layers, nf4_dequant
-    from bailong_kernels.nf4_matmul import nf4_matmul
+    from bailong_kernels import layers
     for module in map(importlib.import_module, KERNEL_MODULES):
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel") and hasattr(kernel, "fn"):
                 setattr(module, name, NoLaunch())
-    for module in (quantized, lora_fused):
-        module.nf4_linear = lambda x, w, keep=False: nf4_matmul(x, w, keep)
-    lora_fused.nf4_dequantized = lambda w, dtype, keep=False: dequantized(w, dtype, nf4_dequant.nf4_dequantize, keep)
+    quantized.kernels_take = lambda t: True
     model.layer_kernels = lambda x: layers if layer_kernels and torch.is_grad_enabled() else None
 
 

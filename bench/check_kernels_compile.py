@@ -224,18 +224,23 @@ def compile_all(arch):
             nf4_gemv.gemv_swiglu(x, gate, gate, tile)
     finally:
         nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel = gemv_kernels
-    # the two dequantize kernels as nf4_dequantize launches them, with the instructions a weight of a thread
+    # the two dequantize kernels as nf4_dequantize launches them (the byte kernel also as nf4_dequantize_group
+    # does, q, k and v in one launch), with the instructions a weight of a thread
     packed, *tables = dequant.nf4_args(q)
     words, steps, warps = dequant.word_steps()
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    qkv = [quantize(torch.randn(n, K) * 0.02) for n in (4096, 1024, 1024)]
     for kernel, case, args, meta, per_thread in [
-            (dequant._nf4_dequant_kernel, "bfloat16 dequantize", (packed, *tables), dict(BLOCK=512, num_warps=4),
-             2 * 512 / (32 * 4)),
+            (dequant._nf4_dequant_kernel, "bfloat16 dequantize", ((dequant.nf4_args(q),), (0, q.numel), out),
+             dict(BLOCK=512, num_warps=4), 2 * 512 / (32 * 4)),
+            (dequant._nf4_dequant_kernel, "bfloat16 dequantize, q, k and v in one launch (N=4096+1024+1024)",
+             (tuple(map(dequant.nf4_args, qkv)), (0, 4096 * K, 5120 * K, 6144 * K), out),
+             dict(BLOCK=512, num_warps=4), 2 * 512 / (32 * 4)),
             (dequant._nf4_dequant_words_kernel, "bfloat16 dequantize, a word a thread (scalar loads, 128 bytes a warp)",
-             (packed.view(-1).view(torch.int32), *tables), dict(WORDS=words, STEPS=steps, num_warps=warps),
-             8 * words * steps / (32 * warps))]:
-        compiled = kernel.warmup(*args, torch.empty(N, K, dtype=torch.bfloat16),
-                                 q.numel if kernel is dequant._nf4_dequant_kernel else q.numel // 8,
-                                 BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, enable_fp_fusion=False, grid=(1,), **meta)
+             (packed.view(-1).view(torch.int32), *tables, out, q.numel // 8),
+             dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps))]:
+        compiled = kernel.warmup(*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, enable_fp_fusion=False, grid=(1,),
+                                 **meta)
         rows.append(describe(case, kernel, meta, compiled, arch))
         rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / per_thread, 1)
     x, cos = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(1, 128, dtype=torch.bfloat16)
@@ -243,12 +248,12 @@ def compile_all(arch):
     parts = torch.empty(1, 32, 8, 128, dtype=torch.float32)  # float32 partial results
     for name, kernel, args, meta in [
             ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
-            ("swiglu", decode._swiglu_kernel, (x, x, x, 4096), dict(BLOCK=1024)),
+            ("swiglu", decode._swiglu_kernel, (x, x, x, 4096, 4096, 8192, 8192), dict(BLOCK=1024)),
             ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, x, 4096, 1e-5),
              dict(BLOCK=4096, PLUS=True)),
-            ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096),
+            ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096, 4096, 8192, 8192),
              dict(BLOCK=layers.ELEMENTWISE_BLOCK)),
-            ("rope", layers._rope_kernel, (x, cos, cos, x, 2048, 32, 1.0), dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),
+            ("rope", layers._rope_kernel, (x, cos, cos, x, 2048, 32, 6144, 6144, 1.0), dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),
             ("cross entropy (vocabulary 32,000)", layers._cross_entropy_kernel,
              (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 32000), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
             ("cross entropy (vocabulary 59,241: rows not 16-byte aligned, scalar loads)", layers._cross_entropy_kernel,

@@ -67,21 +67,32 @@ def rms_norm(x, weight, eps):
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    g = tl.load(gate_ptr + i, mask=i < n, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, n, C, stride_gate, stride_up, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # y's, laid out (rows, C)
+    row = i // C
+    col = i - row * C
+    g = tl.load(gate_ptr + row * stride_gate + col, mask=i < n, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + col, mask=i < n, other=0.0).to(tl.float32)
     silu = (g / (1 + tl.exp(-g))).to(gate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as F.silu's result
     tl.store(y_ptr + i, silu * u, mask=i < n)
 
 
 def swiglu(gate, up):
-    """``F.silu(gate) * up``."""
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
+    """``F.silu(gate) * up``; gate and up may be columns of one tensor (``rows``)."""
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    gate, up = rows(gate), rows(up)
     with launch_device(gate):
-        _swiglu_kernel[(cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), BLOCK=1024)
+        _swiglu_kernel[(cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), y.shape[-1], gate.stride(0), up.stride(0),
+                                                 BLOCK=1024)
     return y
+
+
+def rows(t):
+    """t as a matrix (rows, C) whose columns lie next to each other: a view where t's rows are evenly spaced (q, k
+    and v, or gate and up, columns of one output: ``bailong_kernels.nf4_matmul``), so that a kernel reads them
+    with their row stride, without a copy; else a copy."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _one_launch_weights(x, layers):

@@ -91,11 +91,14 @@ def rms_norm(x, weight, eps):
 
 
 @triton.jit
-def _swiglu_backward_kernel(gate_ptr, up_ptr, g_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _swiglu_backward_kernel(gate_ptr, up_ptr, g_ptr, dgate_ptr, dup_ptr, n, C, stride_gate, stride_up,
+                            BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # g's and the gradients', laid out (rows, C)
     ok = i < n
-    a = tl.load(gate_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    row = i // C
+    col = i - row * C
+    a = tl.load(gate_ptr + row * stride_gate + col, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + col, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
     s = 1 / (1 + tl.exp(-a))
     silu = (a * s).to(gate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the forward used it
@@ -104,9 +107,11 @@ def _swiglu_backward_kernel(gate_ptr, up_ptr, g_ptr, dgate_ptr, dup_ptr, n, BLOC
 
 
 class SwiGLUFunction(torch.autograd.Function):
+    """gate and up may be columns of one tensor (q, k, v and gate, up come as views of one matmul's output:
+    ``bailong_kernels.nf4_matmul``): both kernels read them with their row stride (``decode.rows``), no copy."""
+
     @staticmethod
     def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
         return decode.swiglu(gate, up)
 
@@ -114,11 +119,11 @@ class SwiGLUFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         gate, up = ctx.saved_tensors
-        g = g.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        dgate, dup = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(2))
+        gate, up, g = decode.rows(gate), decode.rows(up), g.contiguous()
         with launch_device(gate):
-            _swiglu_backward_kernel[(cdiv(gate.numel(), ELEMENTWISE_BLOCK),)](
-                gate, up, g, dgate, dup, gate.numel(), BLOCK=ELEMENTWISE_BLOCK)
+            _swiglu_backward_kernel[(cdiv(g.numel(), ELEMENTWISE_BLOCK),)](
+                gate, up, g, dgate, dup, g.numel(), g.shape[-1], gate.stride(0), up.stride(0), BLOCK=ELEMENTWISE_BLOCK)
         return dgate, dup
 
 
@@ -128,8 +133,8 @@ def swiglu(gate, up):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, sign, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, stride_x, stride_y, sign, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)  # one position of one sequence: all its heads, as a (heads, half) tile
     d = tl.arange(0, BLOCK_D)[None, :]
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -137,24 +142,33 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, sign, HALF: tl.conste
     t = (row % T).to(tl.int64) * 2 * HALF
     cos = tl.load(cos_ptr + t + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = sign * tl.load(sin_ptr + t + d, mask=d < HALF, other=0.0).to(tl.float32)
-    at = row.to(tl.int64) * HEADS * 2 * HALF + h * 2 * HALF + d
-    x1 = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + at + HALF, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + at, x1 * cos - x2 * sin, mask=ok)
-    tl.store(y_ptr + at + HALF, x2 * cos + x1 * sin, mask=ok)
+    at = h * 2 * HALF + d
+    x_at = x_ptr + row.to(tl.int64) * stride_x + at
+    x1 = tl.load(x_at, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_at + HALF, mask=ok, other=0.0).to(tl.float32)
+    y_at = y_ptr + row.to(tl.int64) * stride_y + at  # y = x: in place, each value read before it is written
+    tl.store(y_at, x1 * cos - x2 * sin, mask=ok)
+    tl.store(y_at + HALF, x2 * cos + x1 * sin, mask=ok)
 
 
-def _rope(x, cos, sin, head_dim, sign):
+def _rope(x, cos, sin, head_dim, sign, in_place=False):
     assert cos.shape == sin.shape == (x.shape[-2], head_dim) and x.shape[-1] % head_dim == 0, \
         "rope: cos and sin are (T, head_dim) for positions 0..T-1"
-    x = x.contiguous()
-    y = torch.empty_like(x)
+    y = x if in_place else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     T, heads = x.shape[-2], x.shape[-1] // head_dim
+    x, y2 = decode.rows(x), decode.rows(y)  # q and k: columns of one output, read with their row stride
+    assert not in_place or y2.data_ptr() == x.data_ptr(), "rope_: x's rows are not evenly spaced"
     with launch_device(x):
-        _rope_kernel[(x.numel() // x.shape[-1],)](x, cos.contiguous(), sin.contiguous(), y, T, heads, sign,
-                                                   HALF=head_dim // 2, BLOCK_H=next_power_of_2(heads),
-                                                   BLOCK_D=next_power_of_2(head_dim // 2))
+        _rope_kernel[(x.shape[0],)](x, cos.contiguous(), sin.contiguous(), y2, T, heads, x.stride(0), y2.stride(0),
+                                    sign, HALF=head_dim // 2, BLOCK_H=next_power_of_2(heads),
+                                    BLOCK_D=next_power_of_2(head_dim // 2))
     return y
+
+
+def rope_(x, cos, sin, head_dim, sign=1.0):
+    """``rope`` in place, no graph recorded (a decoder layer written out by hand, ``bailong.layer_fused``, where
+    nothing else reads x); sign -1: the backward's rotation, of dL/dy into dL/dx."""
+    return _rope(x, cos, sin, head_dim, sign, in_place=True)
 
 
 class RoPEFunction(torch.autograd.Function):

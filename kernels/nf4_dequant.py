@@ -28,6 +28,7 @@ by_words=True)`` asks for it (the benchmark, the tests) and becomes the default
 (``BY_WORDS``) once a GPU run times it faster.
 """
 import contextlib
+import itertools
 import os
 
 import torch
@@ -64,16 +65,35 @@ def nibbles(byte):
 
 
 @triton.jit
-def _nf4_dequant_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, out_ptr, n,
-                        BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # packed byte indices
+def _nf4_dequant_kernel(weights, starts, out_ptr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """out[starts[g] : starts[g + 1]] = weight g of ``weights`` (a tuple of ``nf4_args``: one launch for all,
+    q, k and v into one buffer), flattened; a program expands 2 BLOCK weights (BLOCK bytes) of one weight."""
+    if len(weights) == 1:  # no branch to take
+        _dequant_bytes(tl.program_id(0), weights[0], out_ptr, starts[1], BLOCKSIZE, DOUBLE_QUANT, BLOCK)
+    else:
+        first = 0  # the first program of weight g
+        for g in tl.static_range(len(weights)):
+            n = starts[g + 1] - starts[g]
+            program = tl.program_id(0) - first
+            if (program >= 0) & (program * 2 * BLOCK < n):
+                _dequant_bytes(program, weights[g], out_ptr + starts[g], n, BLOCKSIZE, DOUBLE_QUANT, BLOCK)
+            first += tl.cdiv(n, 2 * BLOCK)
+
+
+@triton.jit
+def _dequant_bytes(program, weight, out_ptr, n, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """out[2 BLOCK program : 2 BLOCK (program + 1)] = those of the n weights of ``weight`` (``nf4_args``)."""
+    w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
+    b = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # packed byte indices
     byte_ok = b < (n + 1) // 2
     byte = tl.load(w_ptr + b, mask=byte_ok, other=0).to(tl.int32)
     pair = tl.load(code_ptr + nibbles(byte[:, None]))  # (BLOCK, 2)
     scale = _block_scale(2 * b // BLOCKSIZE, byte_ok, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                          DOUBLE_QUANT)
     w = tl.reshape(pair * scale[:, None], (2 * BLOCK,))
-    flat = tl.program_id(0).to(tl.int64) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    flat = program.to(tl.int64) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + flat, w.to(out_ptr.dtype.element_ty), mask=flat < n)
 
 
@@ -186,19 +206,29 @@ def word_steps():
 def nf4_dequantize(q: NF4Tensor, dtype=None, by_words=None) -> torch.Tensor:
     """``q.dequantize(dtype)`` computed by a kernel: the byte kernel, or with ``by_words`` (default
     ``BY_WORDS``) the word kernel where q's bytes are readable as words. Both give the reference's bits."""
-    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.data.device)
+    return nf4_dequantize_group((q,), dtype, by_words).view(q.shape)
+
+
+def nf4_dequantize_group(qs, dtype=None, by_words=None) -> torch.Tensor:
+    """The weights ``qs`` (NF4, quantized alike) dequantized (``nf4_dequantize``) into one flat tensor, one after
+    another: for weights of one K, the rows of a (sum of N, K) matrix that one matmul multiplies by (q, k and v;
+    gate and up). The byte kernel takes them all in one launch, the word kernel one a launch."""
+    starts = tuple(itertools.accumulate((q.numel for q in qs), initial=0))
+    out = torch.empty(starts[-1], dtype=dtype or qs[0].dtype, device=qs[0].data.device)
     # no fused multiply-add in either: the nested scale is rounded twice, as in the reference
     with launch_device(out):
-        if (BY_WORDS if by_words is None else by_words) and readable_as_words(q):
-            packed, *tables = nf4_args(q)
+        if (BY_WORDS if by_words is None else by_words) and all(map(readable_as_words, qs)):
             words, steps, warps = word_steps()
-            n_words = q.numel // 8
-            _nf4_dequant_words_kernel[(cdiv(n_words, words * steps),)](
-                packed.view(-1).view(torch.int32), *tables, out, n_words, BLOCKSIZE=q.blocksize,
-                DOUBLE_QUANT=q.double_quant, WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
+            for q, part in zip(qs, out.split([q.numel for q in qs])):
+                packed, *tables = nf4_args(q)
+                n_words = q.numel // 8
+                _nf4_dequant_words_kernel[(cdiv(n_words, words * steps),)](
+                    packed.view(-1).view(torch.int32), *tables, part, n_words, BLOCKSIZE=q.blocksize,
+                    DOUBLE_QUANT=q.double_quant, WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
         else:
-            n, block = q.numel, 512
-            _nf4_dequant_kernel[(cdiv(n, 2 * block),)](*nf4_args(q), out, n, BLOCKSIZE=q.blocksize,
-                                                              DOUBLE_QUANT=q.double_quant, BLOCK=block,
-                                                              enable_fp_fusion=False)
+            assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
+            block = 512
+            _nf4_dequant_kernel[(sum(cdiv(q.numel, 2 * block) for q in qs),)](
+                tuple(map(nf4_args, qs)), starts, out, BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant,
+                BLOCK=block, enable_fp_fusion=False)
     return out

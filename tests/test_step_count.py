@@ -77,11 +77,10 @@ def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autoca
         monkeypatch.setattr(NF4Tensor, "dequantize",
                             lambda q, *args, **kwargs: dequantized.append(q.numel) or dequantize(q, *args, **kwargs))
     if device == "cuda" or kernels:
-        from bailong_kernels import nf4_dequant, nf4_matmul
-        kernel = nf4_dequant.nf4_dequantize
-        counted = lambda q, *args, **kwargs: dequantized.append(q.numel) or kernel(q, *args, **kwargs)  # noqa: E731
-        monkeypatch.setattr(nf4_dequant, "nf4_dequantize", counted)
-        monkeypatch.setattr(nf4_matmul, "nf4_dequantize", counted)
+        from bailong_kernels import nf4_matmul
+        kernel = nf4_matmul.dequantize  # every dequantization the model's path makes, of a weight or of a tuple
+        monkeypatch.setattr(nf4_matmul, "dequantize", lambda q, dtype: dequantized.append(
+            sum(w.numel for w in q) if isinstance(q, tuple) else q.numel) or kernel(q, dtype))
     monkeypatch.setattr(lora, "_fused", fused)
     monkeypatch.setattr(memory, "_chunked_mlp", chunked)
     monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 6 * c.intermediate_size)  # 16 tokens: 6, 6 and 4
