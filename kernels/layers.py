@@ -154,15 +154,16 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, T, HEADS, stride_x, stride_y, s
 def _rope(x, cos, sin, head_dim, sign, in_place=False):
     assert cos.shape == sin.shape == (x.shape[-2], head_dim) and x.shape[-1] % head_dim == 0, \
         "rope: cos and sin are (T, head_dim) for positions 0..T-1"
-    y = x if in_place else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    T, heads = x.shape[-2], x.shape[-1] // head_dim
-    x, y2 = decode.rows(x), decode.rows(y)  # q and k: columns of one output, read with their row stride
-    assert not in_place or y2.data_ptr() == x.data_ptr(), "rope_: x's rows are not evenly spaced"
+    shape, T, heads = x.shape, x.shape[-2], x.shape[-1] // head_dim
+    x2 = decode.rows(x)  # q and k: columns of one output, read with their row stride
+    if in_place:
+        assert x2.data_ptr() == x.data_ptr(), "rope_: x's rows are not evenly spaced"
+    y = x2 if in_place else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     with launch_device(x):
-        _rope_kernel[(x.shape[0],)](x, cos.contiguous(), sin.contiguous(), y2, T, heads, x.stride(0), y2.stride(0),
-                                    sign, HALF=head_dim // 2, BLOCK_H=next_power_of_2(heads),
-                                    BLOCK_D=next_power_of_2(head_dim // 2))
-    return y
+        _rope_kernel[(x2.shape[0],)](x2, cos.contiguous(), sin.contiguous(), y, T, heads, x2.stride(0), y.stride(0),
+                                     sign, HALF=head_dim // 2, BLOCK_H=next_power_of_2(heads),
+                                     BLOCK_D=next_power_of_2(head_dim // 2))
+    return x if in_place else y.view(shape)
 
 
 def rope_(x, cos, sin, head_dim, sign=1.0):

@@ -206,29 +206,37 @@ def word_steps():
 def nf4_dequantize(q: NF4Tensor, dtype=None, by_words=None) -> torch.Tensor:
     """``q.dequantize(dtype)`` computed by a kernel: the byte kernel, or with ``by_words`` (default
     ``BY_WORDS``) the word kernel where q's bytes are readable as words. Both give the reference's bits."""
-    return nf4_dequantize_group((q,), dtype, by_words).view(q.shape)
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.data.device)
+    _dequantize_into(out, (q,), (0, q.numel), by_words)
+    return out
 
 
 def nf4_dequantize_group(qs, dtype=None, by_words=None) -> torch.Tensor:
     """The weights ``qs`` (NF4, quantized alike) dequantized (``nf4_dequantize``) into one flat tensor, one after
     another: for weights of one K, the rows of a (sum of N, K) matrix that one matmul multiplies by (q, k and v;
     gate and up). The byte kernel takes them all in one launch, the word kernel one a launch."""
-    starts = tuple(itertools.accumulate((q.numel for q in qs), initial=0))
+    assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
+    starts = (0, *itertools.accumulate([q.numel for q in qs]))
     out = torch.empty(starts[-1], dtype=dtype or qs[0].dtype, device=qs[0].data.device)
-    # no fused multiply-add in either: the nested scale is rounded twice, as in the reference
+    _dequantize_into(out, qs, starts, by_words)
+    return out
+
+
+def _dequantize_into(out, qs, starts, by_words):
+    """out[starts[g] : starts[g + 1]] = qs[g] dequantized, for every g."""
+    block = 512
+    # no fused multiply-add in either kernel: the nested scale is rounded twice, as in the reference
     with launch_device(out):
         if (BY_WORDS if by_words is None else by_words) and all(map(readable_as_words, qs)):
             words, steps, warps = word_steps()
-            for q, part in zip(qs, out.split([q.numel for q in qs])):
+            for q, start in zip(qs, starts):
                 packed, *tables = nf4_args(q)
                 n_words = q.numel // 8
                 _nf4_dequant_words_kernel[(cdiv(n_words, words * steps),)](
-                    packed.view(-1).view(torch.int32), *tables, part, n_words, BLOCKSIZE=q.blocksize,
+                    packed.view(-1).view(torch.int32), *tables, out.view(-1)[start:], n_words, BLOCKSIZE=q.blocksize,
                     DOUBLE_QUANT=q.double_quant, WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
         else:
-            assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
-            block = 512
-            _nf4_dequant_kernel[(sum(cdiv(q.numel, 2 * block) for q in qs),)](
+            programs = [cdiv(b - a, 2 * block) for a, b in itertools.pairwise(starts)]
+            _nf4_dequant_kernel[(sum(programs),)](
                 tuple(map(nf4_args, qs)), starts, out, BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant,
                 BLOCK=block, enable_fp_fusion=False)
-    return out

@@ -128,13 +128,16 @@ def test_projections_in_one_launch_in_bfloat16_at_llama_shapes(M):
 @pytest.mark.parametrize("by_words", [False, True])
 def test_nf4_dequantize_kernel_exact_in_bfloat16(by_words):
     """Both kernels give the reference's bits on the GPU, in bf16 (which the interpreter rounds otherwise) and
-    the other dtypes, with and without double quantization, a partial last program."""
+    the other dtypes, with and without double quantization, a partial last program; q, k and v in one launch."""
     from bailong.nf4 import quantize
-    from bailong_kernels.nf4_dequant import nf4_dequantize
+    from bailong_kernels.nf4_dequant import nf4_dequantize, nf4_dequantize_group
     for shape, blocksize, double_quant in [((4096, 11008), 64, True), ((35, 104), 64, True), ((96, 256), 128, False)]:
         q = quantize(torch.randn(*shape, device="cuda").bfloat16(), blocksize, double_quant)
         for dtype in [torch.bfloat16, torch.float16, torch.float32]:
             assert torch.equal(nf4_dequantize(q, dtype, by_words=by_words), q.dequantize(dtype)), (shape, dtype)
+    qkv = [quantize(torch.randn(n, 4096, device="cuda").bfloat16()) for n in (4096, 1024, 1024)]
+    assert torch.equal(nf4_dequantize_group(qkv, torch.bfloat16, by_words=by_words).view(-1, 4096),
+                       torch.cat([q.dequantize(torch.bfloat16) for q in qkv]))
 
 
 def test_quantized_model_runs_the_kernels_on_cuda(tmp_path):

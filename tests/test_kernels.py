@@ -81,6 +81,38 @@ def test_dequantize_kernel_is_exact(double_quant, by_words):
                 assert torch.equal(nf4_dequantize(q, dtype, by_words=by_words), q.dequantize(dtype)), shape
 
 
+@pytest.mark.parametrize("by_words", [False, True])
+def test_weights_that_read_one_input_are_dequantized_in_one_launch(monkeypatch, by_words):
+    """``nf4_dequantize_group``: q, k and v (different rows, one K, none a whole number of programs) as the rows
+    of one matrix, the reference's bits, nothing written past it; the byte kernel in one launch (the word kernel
+    one a weight), and through ``nf4_matmul`` the outputs of one matmul, as three matmuls give them."""
+    from bounds import checked_bounds
+    from bailong_kernels import nf4_dequant
+    from bailong_kernels.nf4_matmul import nf4_matmul
+    launches = []
+
+    class Counted:  # kernel[grid](...), counted
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+    for name in ["_nf4_dequant_kernel", "_nf4_dequant_words_kernel"]:
+        monkeypatch.setattr(nf4_dequant, name, Counted(getattr(nf4_dequant, name)))
+    torch.manual_seed(0)
+    qkv = tuple(quantize(torch.randn(n, 192, device=DEVICE)) for n in (40, 24, 24))
+    with checked_bounds() if DEVICE == "cpu" else contextlib.nullcontext():
+        w = nf4_dequant.nf4_dequantize_group(qkv, torch.float32, by_words=by_words).view(-1, 192)
+    assert torch.equal(w, torch.cat([q.dequantize(torch.float32) for q in qkv]))
+    assert len(launches) == (3 if by_words else 1)
+    x = torch.randn(2, 5, 192, device=DEVICE)
+    ys = nf4_matmul(x, qkv)
+    assert len({y.untyped_storage().data_ptr() for y in ys}) == 1  # views of one output
+    for y, q in zip(ys, qkv):
+        torch.testing.assert_close(y, nf4_matmul(x, q), rtol=1e-5, atol=1e-5)
+
+
 def test_dequantize_word_kernel_takes_whole_words_only(monkeypatch):
     """The word kernel runs where the packed bytes read as int32 words of 8 weights, else the byte kernel."""
     from bailong_kernels import nf4_dequant
