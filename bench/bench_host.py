@@ -56,7 +56,8 @@ class NoLaunch:
 
 
 def on_the_gpus_path(layer_kernels):
-    """Make the CPU take the code a CUDA tensor takes, the Triton launches left out."""
+    """Make the CPU take the code a CUDA tensor takes (``bailong.quantized.kernels_take`` says yes for every
+    tensor), the Triton launches left out."""
     from bailong_kernels import layers
     for module in map(importlib.import_module, KERNEL_MODULES):
         for name, kernel in list(vars(module).items()):
