@@ -130,9 +130,10 @@ class LoRALinear(nn.Module):
     @staticmethod
     def shares(layers) -> bool:
         """Whether ``layers`` can run as one ``LoRAShared`` node: all LoRA layers on the fused path, with one
-        scaling, rank, dropout and kind of base."""
+        scaling, rank, dropout and kind of base (NF4 ones quantized alike: dequantized in one launch)."""
         return (all(isinstance(m, LoRALinear) and m.fused() for m in layers)
-                and len({(m.scaling, m.lora_A.out_features, m.dropout_p(), m.quantized) for m in layers}) == 1)
+                and len({(m.scaling, m.lora_A.out_features, m.dropout_p(), m.quantized,
+                          (m.weight.blocksize, m.weight.double_quant) if m.quantized else None) for m in layers}) == 1)
 
     @staticmethod
     def shared_args(x, layers):

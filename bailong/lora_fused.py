@@ -112,9 +112,10 @@ def frozen_addmm(residual, x, W, keep=False, in_place=False):
     backward will multiply by W again (``bailong.recompute``), as for the two below. ``in_place``: into
     ``residual`` itself, one the caller may overwrite.
 
-    In place wherever that is allowed, here and in the nodes above: on CUDA an ``addmm`` into a new tensor
-    first copies its 2-d input there, one kernel and a pass over the output more (ATen's cuda/Blas.cpp;
-    tests/launch_count.py counts it); ``addmm_`` adds in the GEMM itself."""
+    The nodes above add in place wherever the tensor added into is their own (and the hand-written layer here,
+    ``in_place``): on CUDA an ``addmm`` into a new tensor first copies its 2-d input there, one kernel and a
+    pass over the output more (ATen's cuda/Blas.cpp; tests/launch_count.py counts it); ``addmm_`` adds in the
+    GEMM itself."""
     r = residual.view(-1, residual.shape[-1]) if in_place else residual.reshape(-1, residual.shape[-1])
     x = x.reshape(-1, x.shape[-1]).to(residual.dtype)
     w = frozen_weight(W, residual.dtype, keep).T

@@ -36,10 +36,10 @@ import operator
 import torch
 import torch.utils.checkpoint
 
-_kept = {}  # id of an NF4Tensor -> (that NF4Tensor, its dequantized copy), until a backward takes it
+_kept = {}  # id of an NF4Tensor (a tuple of ids for a tuple) -> (it, its dequantized copy), till a backward takes it
 _keeping = False  # inside a recomputation that keeps its copies
 _recomputing = False  # inside a forward whose outputs no one reads (``recomputing``)
-_once = None  # inside ``dequantized_once``: id of an NF4Tensor -> (that NF4Tensor, its copy), made at first use
+_once = None  # inside ``dequantized_once``: as ``_kept``, the copies made at first use
 
 
 def checkpoint(layer, x, args, keep=False, own=False):

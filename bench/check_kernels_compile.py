@@ -249,10 +249,10 @@ def compile_all(arch):
     parts = torch.empty(1, 32, 8, 128, dtype=torch.float32)  # float32 partial results
     for name, kernel, args, meta in [
             ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
-            ("swiglu", decode._swiglu_kernel, (x, x, x, 4096, 4096, 8192, 8192), dict(BLOCK=1024)),
+            ("swiglu", decode._swiglu_kernel, (x, x, x, 4096, 8192, 8192), dict(BLOCK=1024)),
             ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, x, 4096, 1e-5),
              dict(BLOCK=4096, PLUS=True)),
-            ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096, 4096, 8192, 8192),
+            ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096, 8192, 8192),
              dict(BLOCK=layers.ELEMENTWISE_BLOCK)),
             ("rope", layers._rope_kernel, (x, cos, cos, x, 2048, 32, 6144, 6144, 1.0),
              dict(HALF=64, BLOCK_H=32, BLOCK_D=64)),

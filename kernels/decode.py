@@ -67,23 +67,23 @@ def rms_norm(x, weight, eps):
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, n, C, stride_gate, stride_up, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # y's, laid out (rows, C)
-    row = i // C
-    col = i - row * C
-    g = tl.load(gate_ptr + row * stride_gate + col, mask=i < n, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + row * stride_up + col, mask=i < n, other=0.0).to(tl.float32)
+def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, C, stride_gate, stride_up, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one row, BLOCK of its columns: no division by C an element
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = col < C
+    g = tl.load(gate_ptr + row * stride_gate + col, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + col, mask=ok, other=0.0).to(tl.float32)
     silu = (g / (1 + tl.exp(-g))).to(gate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as F.silu's result
-    tl.store(y_ptr + i, silu * u, mask=i < n)
+    tl.store(y_ptr + row * C + col, silu * u, mask=ok)
 
 
 def swiglu(gate, up):
     """``F.silu(gate) * up``; gate and up may be columns of one tensor (``rows``)."""
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     gate, up = rows(gate), rows(up)
+    C = gate.shape[1]
     with launch_device(gate):
-        _swiglu_kernel[(cdiv(y.numel(), 1024),)](gate, up, y, y.numel(), y.shape[-1], gate.stride(0), up.stride(0),
-                                                 BLOCK=1024)
+        _swiglu_kernel[(gate.shape[0], cdiv(C, 1024))](gate, up, y, C, gate.stride(0), up.stride(0), BLOCK=1024)
     return y
 
 

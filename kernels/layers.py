@@ -91,19 +91,19 @@ def rms_norm(x, weight, eps):
 
 
 @triton.jit
-def _swiglu_backward_kernel(gate_ptr, up_ptr, g_ptr, dgate_ptr, dup_ptr, n, C, stride_gate, stride_up,
+def _swiglu_backward_kernel(gate_ptr, up_ptr, g_ptr, dgate_ptr, dup_ptr, C, stride_gate, stride_up,
                             BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # g's and the gradients', laid out (rows, C)
-    ok = i < n
-    row = i // C
-    col = i - row * C
+    row = tl.program_id(0).to(tl.int64)  # one row, BLOCK of its columns (g and the gradients: contiguous)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = col < C
     a = tl.load(gate_ptr + row * stride_gate + col, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_up + col, mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    at = row * C + col
+    g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
     s = 1 / (1 + tl.exp(-a))
     silu = (a * s).to(gate_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the forward used it
-    tl.store(dup_ptr + i, g * silu, mask=ok)
-    tl.store(dgate_ptr + i, g * u * s * (1 + a * (1 - s)), mask=ok)
+    tl.store(dup_ptr + at, g * silu, mask=ok)
+    tl.store(dgate_ptr + at, g * u * s * (1 + a * (1 - s)), mask=ok)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -121,9 +121,10 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dgate, dup = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(2))
         gate, up, g = decode.rows(gate), decode.rows(up), g.contiguous()
+        C = gate.shape[1]
         with launch_device(gate):
-            _swiglu_backward_kernel[(cdiv(g.numel(), ELEMENTWISE_BLOCK),)](
-                gate, up, g, dgate, dup, g.numel(), g.shape[-1], gate.stride(0), up.stride(0), BLOCK=ELEMENTWISE_BLOCK)
+            _swiglu_backward_kernel[(gate.shape[0], cdiv(C, ELEMENTWISE_BLOCK))](
+                gate, up, g, dgate, dup, C, gate.stride(0), up.stride(0), BLOCK=ELEMENTWISE_BLOCK)
         return dgate, dup
 
 
@@ -156,8 +157,8 @@ def _rope(x, cos, sin, head_dim, sign, in_place=False):
         "rope: cos and sin are (T, head_dim) for positions 0..T-1"
     shape, T, heads = x.shape, x.shape[-2], x.shape[-1] // head_dim
     x2 = decode.rows(x)  # q and k: columns of one output, read with their row stride
-    if in_place:
-        assert x2.data_ptr() == x.data_ptr(), "rope_: x's rows are not evenly spaced"
+    if in_place and x2.data_ptr() != x.data_ptr():  # rows() had to copy: the rotation would miss x
+        raise ValueError("rope_: x's rows are not evenly spaced")
     y = x2 if in_place else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     with launch_device(x):
         _rope_kernel[(x2.shape[0],)](x2, cos.contiguous(), sin.contiguous(), y, T, heads, x2.stride(0), y.stride(0),

@@ -77,7 +77,7 @@ def _matmul(x, q: NF4Tensor | tuple, keep):
     with launch_device(x):  # autograd makes it the backward's current device itself
         y = nf4_matmul_forward(x.reshape(-1, x.shape[-1]), q, keep)
     if isinstance(q, tuple):
-        return tuple(part.view(*x.shape[:-1], -1) for part in y)
+        return tuple(part.view(*x.shape[:-1], w.shape[0]) for part, w in zip(y, q))
     return y.view(*x.shape[:-1], q.shape[0])
 
 

@@ -111,6 +111,7 @@ def test_weights_that_read_one_input_are_dequantized_in_one_launch(monkeypatch, 
     assert len({y.untyped_storage().data_ptr() for y in ys}) == 1  # views of one output
     for y, q in zip(ys, qkv):
         torch.testing.assert_close(y, nf4_matmul(x, q), rtol=1e-5, atol=1e-5)
+    assert [y.shape for y in nf4_matmul(x[:, :0], qkv)] == [(2, 0, q.shape[0]) for q in qkv]  # no tokens
 
 
 def test_dequantize_word_kernel_takes_whole_words_only(monkeypatch):

@@ -110,8 +110,10 @@ def test_training_layer_kernels_match_the_models_pytorch_code(dtype):
     torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], dx, **tol)
     qkv = torch.cat((x, x, x), -1).detach()  # x as the first columns of one output (q of q, k, v)
     torch.testing.assert_close(rope(qkv[..., :H * D], cos, sin, D), ref, **tol)
-    assert rope_(qkv[..., :H * D], cos, sin, D).data_ptr() == qkv.data_ptr()  # in place, the rest untouched
+    rope_(qkv[..., :H * D], cos, sin, D)  # in place, the rest untouched
     torch.testing.assert_close(qkv, torch.cat((ref.detach(), x.detach(), x.detach()), -1), **tol)
+    with pytest.raises(ValueError, match="not evenly spaced"):  # rows a view cannot step through: refused
+        rope_(qkv.transpose(0, 1).contiguous().transpose(0, 1)[..., :H * D], cos, sin, D)
     qkv[..., H * D:2 * H * D] = g
     rope_(qkv[..., H * D:2 * H * D], cos, sin, D, -1.0)  # the backward's rotation, in place
     torch.testing.assert_close(qkv[..., H * D:2 * H * D], dx, **tol)
@@ -296,6 +298,19 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step, quanti
 # gradient added by the hand-written layer's RMSNorm backward kernels (2 adds fewer), 124, 110 and 118. With q, k, v
 # and gate, up each one dequantize launch and one matmul (bailong_kernels.nf4_matmul, a tuple of weights; RoPE and
 # SwiGLU reading their outputs' columns in place), 199, 109, 95 and 106.
+def test_an_addmm_into_a_new_tensor_counts_its_copy():
+    """tests/launch_count.py as CUDA launches: ``addmm`` with a 2-d input, into a new tensor, two kernels (the
+    copy, the GEMM); in place, with beta 0, or with a 1-d bias, one."""
+    from launch_count import Launches
+    c, a, b = torch.randn(4, 5), torch.randn(4, 3), torch.randn(3, 5)
+    for op, kernels in [(lambda: torch.addmm(c, a, b), 2), (lambda: c.clone().addmm_(a, b), 2),  # clone + GEMM
+                        (lambda: torch.addmm(c, a, b, beta=0), 1), (lambda: torch.addmm(c[0], a, b), 1),
+                        (lambda: torch.addmm(c, a, b, out=torch.empty(4, 5)), 2)]:
+        with Launches() as launches:
+            op()
+        assert len(launches.aten) == kernels, launches.aten
+
+
 TRAIN_STEP_BUDGET = {(False, False, 0.05, False): {"per layer": 380, "whole step": 847},
                      (True, False, 0.05, False): {"per layer": 199, "whole step": 472},
                      (True, True, 0.05, False): {"per layer": 109, "whole step": 272},
