@@ -3,8 +3,8 @@
 Views, reshapes and allocations launch nothing and are not counted; an operation
 that writes new memory or writes in place is. The kernels run under the Triton
 interpreter on the CPU, so the count is that of the path a GPU takes. One
-operation launches two kernels there: ``addmm`` (and ``baddbmm``) whose result is
-not its input ``self`` copies ``self`` into the result before the GEMM
+operation launches two kernels there: ``addmm`` whose result is not its input
+``self`` copies ``self`` into the result before the GEMM
 (``addmm_out_cuda_impl`` in ATen's cuda/Blas.cpp: ``at::native::copy_(result,
 self)``, short of a 1-d bias the Lt path adds in the GEMM, or beta = 0); counted
 as two. ``self.addmm_(...)`` writes into ``self``: one.
@@ -40,8 +40,8 @@ class Launches(TorchDispatchMode):
 
 
 def _copies_self(name, args, kwargs, out) -> bool:
-    """Whether CUDA's kernel for this ``addmm``/``baddbmm`` first copies its ``self`` into the result (above)."""
-    if name.split(".")[0] not in ("aten::addmm", "aten::baddbmm"):
+    """Whether CUDA's kernel for this ``addmm`` first copies its ``self`` into the result (above)."""
+    if name.split(".")[0] != "aten::addmm":
         return False
     self, result = args[0], kwargs.get("out", out)
     beta = args[3] if len(args) > 3 else kwargs.get("beta", 1)
