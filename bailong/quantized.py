@@ -80,7 +80,7 @@ def nf4_dequantized(weight: NF4Tensor | tuple, dtype, keep=False):
 
 
 def _dequantize(weight: NF4Tensor | tuple, dtype) -> torch.Tensor:
-    if kernels_take((weight[0] if isinstance(weight, tuple) else weight).data):
+    if isinstance(weight, tuple) or kernels_take(weight.data):  # a tuple comes only where the kernels take it
         from bailong_kernels.nf4_matmul import dequantize
         return dequantize(weight, dtype)
     return weight.dequantize(dtype)

@@ -298,19 +298,6 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step, quanti
 # gradient added by the hand-written layer's RMSNorm backward kernels (2 adds fewer), 124, 110 and 118. With q, k, v
 # and gate, up each one dequantize launch and one matmul (bailong_kernels.nf4_matmul, a tuple of weights; RoPE and
 # SwiGLU reading their outputs' columns in place), 199, 109, 95 and 106.
-def test_an_addmm_into_a_new_tensor_counts_its_copy():
-    """tests/launch_count.py as CUDA launches: ``addmm`` with a 2-d input, into a new tensor, two kernels (the
-    copy, the GEMM); in place, with beta 0, or with a 1-d bias, one."""
-    from launch_count import Launches
-    c, a, b = torch.randn(4, 5), torch.randn(4, 3), torch.randn(3, 5)
-    for op, kernels in [(lambda: torch.addmm(c, a, b), 2), (lambda: c.clone().addmm_(a, b), 2),  # clone + GEMM
-                        (lambda: torch.addmm(c, a, b, beta=0), 1), (lambda: torch.addmm(c[0], a, b), 1),
-                        (lambda: torch.addmm(c, a, b, out=torch.empty(4, 5)), 2)]:
-        with Launches() as launches:
-            op()
-        assert len(launches.aten) == kernels, launches.aten
-
-
 TRAIN_STEP_BUDGET = {(False, False, 0.05, False): {"per layer": 380, "whole step": 847},
                      (True, False, 0.05, False): {"per layer": 199, "whole step": 472},
                      (True, True, 0.05, False): {"per layer": 109, "whole step": 272},
@@ -346,6 +333,19 @@ def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora, laye
           f"dequantized {keep}): {counts[2]} launches, {per_layer} a layer")
     budget = TRAIN_STEP_BUDGET[fused_lora, layer_kernels, dropout, keep]
     assert per_layer <= budget["per layer"] and counts[2] <= budget["whole step"], counts
+
+
+def test_an_addmm_into_a_new_tensor_counts_its_copy():
+    """tests/launch_count.py as CUDA launches: ``addmm`` with a 2-d input, into a new tensor, two kernels (the
+    copy, the GEMM); in place, with beta 0, or with a 1-d bias, one."""
+    from launch_count import Launches
+    c, a, b = torch.randn(4, 5), torch.randn(4, 3), torch.randn(3, 5)
+    for op, kernels in [(lambda: torch.addmm(c, a, b), 2), (lambda: c.clone().addmm_(a, b), 2),  # clone + GEMM
+                        (lambda: torch.addmm(c, a, b, beta=0), 1), (lambda: torch.addmm(c[0], a, b), 1),
+                        (lambda: torch.addmm(c, a, b, out=torch.empty(4, 5)), 2)]:
+        with Launches() as launches:
+            op()
+        assert len(launches.aten) == kernels, launches.aten
 
 
 def test_host_time_benchmark_runs():
