@@ -60,6 +60,12 @@ def tables(device) -> dict:
     return {**codes, **{name + "_midpoints": (c[:-1] + c[1:]) * 0.5 for name, c in codes.items()}}
 
 
+@functools.cache
+def zero_code(name) -> int:
+    """The index of the code 0.0 of a moment (``exp_avg``: 127, signed; ``exp_avg_sq``: 0, unsigned)."""
+    return int((dynamic_code(signed=name == "exp_avg") == 0).nonzero())
+
+
 def quantize_blocks(x, midpoints, positive_not_zero=False):
     """Float32 values (1-D) -> (uint8 index of each one's nearest code, float32 absmax per block of 256);
     ``positive_not_zero``: a value above 0 takes at least code 1 (the unsigned code's smallest above 0)."""
@@ -138,10 +144,8 @@ class AdamW8bit(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
             return state
-        t = tables(p.device)
         for name in ("exp_avg", "exp_avg_sq"):
-            zero = int((t[name] == 0).nonzero())  # the index of the code 0.0: 127 signed, 0 unsigned
-            state[name] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+            state[name] = torch.full((p.numel(),), zero_code(name), dtype=torch.uint8, device=p.device)
             state[name + "_absmax"] = torch.zeros(-(-p.numel() // BLOCK), dtype=torch.float32, device=p.device)
         return state
 
