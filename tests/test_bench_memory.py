@@ -1,0 +1,103 @@
+"""bench/bench_memory.py counts a training step's memory on fake tensors: what it counts is what the tensors of a
+real step hold, on fake tensors it counts the same, and transformers + PEFT + bitsandbytes count too."""
+import importlib
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_host  # noqa: E402
+from bench_memory import LiveBytes, step_peak  # noqa: E402
+
+
+def tiny_config():
+    from bailong.config import preset
+    config = preset("tiny")
+    config.num_hidden_layers = 2
+    return config
+
+
+STEP = types.SimpleNamespace(rank=4, dropout=0.05, embedding_and_head=True, batch=2, seq_len=32)
+
+
+@pytest.mark.parametrize("path", ["plain", "fast, reference ops", "fast, GPU's path", "fast, GPU's path, offloaded"])
+def test_a_step_counted_on_fake_tensors_holds_what_it_holds_on_real_ones(monkeypatch, path):
+    """Peak and floor byte for byte (every path's switches on, kept dequantized weights or offloaded layer
+    inputs, dropout): fake tensors keep the lifetimes of real ones. On the GPU's path the Triton launches are
+    left out on both (under the interpreter a launch holds its arguments for a while; on a GPU it does not)."""
+    from bailong import layer_fused, lora, memory, model, quantized
+    from bailong_kernels import layers
+    fast = path != "plain"
+    monkeypatch.setattr(lora, "_fused", fast)
+    monkeypatch.setattr(memory, "_chunked_loss", fast)
+    monkeypatch.setattr(memory, "_chunked_mlp", fast)
+    monkeypatch.setattr(layer_fused, "_fused_layer", fast)
+    if "GPU" in path:
+        monkeypatch.setattr(quantized, "kernels_take", lambda t: True)
+        monkeypatch.setattr(model, "layer_kernels", lambda x: layers if torch.is_grad_enabled() else None)
+        for module in map(importlib.import_module, bench_host.KERNEL_MODULES):
+            for name, kernel in list(vars(module).items()):
+                if name.endswith("_kernel") and hasattr(kernel, "fn"):
+                    monkeypatch.setattr(module, name, bench_host.NoLaunch())
+    offload = path.endswith("offloaded")
+    counts = []
+    for fake in (False, True):
+        torch.manual_seed(0)
+        counts.append(step_peak(tiny_config(), STEP, keep=fast and not offload, fake=fake, offload=offload))
+    real, fake = counts
+    assert real == fake
+    assert real[0] > real[1] > 0
+
+
+def test_offloaded_layer_inputs_leave_the_count():
+    """With each checkpointed layer's input in host memory, the peak (in the last layer's backward, on a model
+    whose layer inputs outweigh its logits) falls by all but about three layers' inputs: that layer's own,
+    fetched back, the one before it, fetched ahead, and one the forward's end still holds."""
+    config = tiny_config()
+    config.num_hidden_layers, config.vocab_size = 8, 32
+    step = types.SimpleNamespace(**{**vars(STEP), "seq_len": 1024})
+    layer_input = step.batch * step.seq_len * config.hidden_size * 2  # bf16 under autocast
+    peaks = [step_peak(config, step, offload=offload)[0] for offload in (False, True)]
+    assert 5 * layer_input <= peaks[0] - peaks[1] <= 8 * layer_input, (peaks, layer_input)
+
+
+def test_theirs_count_on_fake_tensors():
+    """transformers + PEFT + bitsandbytes step on fake tensors; between steps they hold what we hold and their
+    float32 embedding, head and norms (prepare_model_for_kbit_training) more, give or take small things (the
+    NF4 weights' tables, a few KiB of caches and random states)."""
+    config, step = tiny_config(), types.SimpleNamespace(**{**vars(STEP), "dropout": 0.0})
+    ours, theirs = (step_peak(config, step, theirs=theirs) for theirs in (False, True))
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
+    float32_more = 2 * (2 * config.vocab_size * config.hidden_size + norms)
+    assert float32_more * 0.95 <= theirs[1] - ours[1] <= float32_more * 1.2, (ours, theirs, float32_more)
+    assert theirs[0] > ours[0]
+
+
+def test_what_it_counts_is_what_the_allocator_holds(tmp_path):
+    """On a real CPU step the tensors' bytes at the end equal what the allocator holds, and their peak is the
+    allocator's less at most the scratch some CPU kernels allocate without a tensor (a few percent)."""
+    import bailong
+    from bailong import lora
+    from bailong.quantized import quantize_model
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    model = quantize_model(bailong.Llama(tiny_config()))
+    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.05)))
+    model.checkpointing = True
+    model.train()
+    ids = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, LiveBytes() as live:
+        model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    held = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        held += e["args"]["Bytes"]
+        peak = max(peak, held)
+    assert live.now == held > 0
+    assert 0.95 * peak <= live.peak <= peak, (live.peak, peak)
