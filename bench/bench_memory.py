@@ -28,14 +28,20 @@ within 2.5-6% under their peaks measured on an H200 (docs/BENCHMARKS.md).
 Per row: the peak, the ratio to theirs, the floor (what a step cannot go under:
 the frozen base, the LoRA weights, AdamW's moments and every LoRA gradient at
 once), and, with ``--top``, what the step had made that was alive at the peak.
+With ``--traffic``, for our rows, what the same step's kernels move (``Traffic``):
+the bytes every kernel but the matrix multiplications and attention reads and
+writes, and their time at a copy's rate, the part of a step's GPU time that
+``bench/bench_train.py --count`` leaves out (it counts the FLOPs).
 
     python bench/bench_memory.py --setting recipe       # Llama-2-7B, r 128 with embedding and head, 2048
     python bench/bench_memory.py --setting long --top 8 # r 16 on the projections, 8192; what fills the peak
     python bench/bench_memory.py --setting long --layers 16 --rows theirs ours-all ours-lean
+    python bench/bench_memory.py --setting recipe --dropout 0.05 --traffic --rows ours ours-all
 """
 import argparse
 import collections
 import contextlib
+import importlib
 import warnings
 import weakref
 
@@ -45,10 +51,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bench_host import on_the_gpus_path
+from bench_host import KERNEL_MODULES, on_the_gpus_path
 from bench_train import FEATURES, ROWS, SETTINGS
 
 GiB = 2**30
+COPY_RATE = 4.3e12  # bytes/s: a copy's on an H200, as measured (docs/BENCHMARKS.md)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -92,6 +99,54 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self):
         self.epoch += 1
         self.peak, self.at_peak, self.peak_op = self.now, [], None
+
+
+# operations a GPU runs as matrix multiplications (time by FLOPs, not bytes), and those that launch nothing
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
+ALLOCATIONS = ("aten::empty", "aten::new_empty", "aten::lift_fresh")
+WRITE_ONLY = ("aten::copy_", "aten::_foreach_copy_", "aten::zero_", "aten::fill_")  # their first tensor is not read
+
+
+class Traffic(TorchDispatchMode):
+    """The bytes each kernel of a step reads and writes, by operation: an aten operation that writes new
+    memory or in place (tests/launch_count.py's rule; views and allocations launch nothing), its tensors'
+    bytes in and out; a Triton launch (``launch``), the bytes of its tensor arguments. Matrix multiplications
+    and attention are counted apart (``matmuls``: their time is their FLOPs'). A gather reads only what it
+    writes (the embedding: not its whole table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.kernels, self.matmuls = collections.Counter(), collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.name()
+        if name.startswith(ALLOCATIONS):
+            return out
+        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        storages = {id(t.untyped_storage()) for t in ins}
+        if not func._schema.is_mutable and all(id(t.untyped_storage()) in storages for t in outs):
+            return out  # a view
+        if name.startswith(MATMULS):
+            self.matmuls[name.split(".")[0]] += 1
+            return out
+        read = 0 if name == "aten::embedding" else sum(t.nbytes for t in ins)
+        if name.startswith(WRITE_ONLY):
+            read -= sum(t.nbytes for t in tree_leaves(args[0]) if isinstance(t, torch.Tensor))
+        self.record(name.split(".")[0], read + sum(t.nbytes for t in outs) * (2 if name == "aten::embedding" else 1))
+        return out
+
+    def record(self, name, n):
+        self.bytes[name] += n
+        self.kernels[name] += 1
+
+    def launch(self, name):
+        """Stands in for a Triton kernel: ``kernel[grid](...)`` records its launch and the bytes of its tensors."""
+        def launcher(grid):
+            return lambda *args, **kwargs: self.record(name, sum(t.nbytes for t in tree_leaves((args, kwargs))
+                                                                 if isinstance(t, torch.Tensor)))
+        return type("Launch", (), {"__getitem__": lambda _, grid: launcher(grid)})()
 
 
 @contextlib.contextmanager
@@ -208,14 +263,15 @@ def their_model(config, args, targets):
                                                           ids[:, 1:].flatten())
 
 
-def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=False):
+def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=False, traffic=None):
     """The peak and the floor of one training step of ours (or ``theirs``), in bytes, counted as the module
     docstring says on fake tensors (``fake``), else on real ones; prints what filled the peak (``top``). The
     LoRA (``args``: rank, dropout, embedding_and_head, batch, seq_len) and the paths ours takes are the
     caller's: the switches of ``bailong.lora``, ``bailong.memory``, ``bailong.layer_fused`` and the routing
     (``on_the_gpus_path``); ``keep``: the recomputation's dequantized weights kept for the backward;
     ``offload``: each layer's input kept in host memory (``bailong.memory.OffloadedInput``; here the copy out
-    is made uncounted and the copy back is a new tensor, when and as the GPU's would be made)."""
+    is made uncounted and the copy back is a new tensor, when and as the GPU's would be made); ``traffic``,
+    a ``Traffic``: what the kernels of the step counted (the second) read and write."""
     from bailong import nf4, optim
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
@@ -244,6 +300,13 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
             if measured:
                 live.reset_peak()
                 floor = live.now + sum(p.numel() * p.element_size() for p in trainable)
+                if traffic is not None:
+                    on.enter_context(traffic)
+                    for module in map(importlib.import_module, KERNEL_MODULES):
+                        for name in [name for name, kernel in vars(module).items() if name.endswith("_kernel")
+                                     and (hasattr(kernel, "fn") or type(kernel).__name__ == "NoLaunch")]:
+                            on.callback(setattr, module, name, getattr(module, name))
+                            setattr(module, name, traffic.launch(name))
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = loss_of(ids)
             loss.backward()
@@ -280,6 +343,8 @@ def main():
     p.add_argument("--foreach", action="store_true", help="torch's multi-tensor AdamW instead of the fused one "
                    "(what both sides took when the H200 peaks in docs/BENCHMARKS.md were read)")
     p.add_argument("--top", type=int, default=0, help="list this many of the largest things alive at each peak")
+    p.add_argument("--traffic", action="store_true", help="also the bytes the step's kernels other than matrix "
+                   "multiplications read and write, and how long that takes at a copy's rate on an H200")
     args = p.parse_args()
     seq_len = args.seq_len
     for name, value in SETTINGS[args.setting].items():
@@ -303,10 +368,18 @@ def main():
         memory.use_chunked_loss("loss" in on)
         memory.use_chunked_mlp("mlp" in on)
         print(names[flag], flush=True)
+        traffic = Traffic() if args.traffic and flag != "theirs" else None  # theirs: bitsandbytes' ops hide theirs
         peak, floor = peaks[flag] = step_peak(config, args, "keep" in on, top=args.top, theirs=flag == "theirs",
-                                              offload="offload" in on)
+                                              offload="offload" in on, traffic=traffic)
         ratio = f" ({peak / peaks['theirs'][0]:.2f}x theirs)" if "theirs" in peaks and flag != "theirs" else ""
         print(f"  peak {peak / GiB:.2f} GiB{ratio}, floor {floor / GiB:.2f} GiB", flush=True)
+        if traffic:
+            moved = sum(traffic.bytes.values())
+            print(f"  kernels: {sum(traffic.matmuls.values())} matmuls and attention, "
+                  f"{sum(traffic.kernels.values())} others moving {moved / 1e9:.1f} GB "
+                  f"({moved / COPY_RATE * 1e3:.1f} ms at {COPY_RATE / 1e12:.1f} TB/s), the most:")
+            for name, n in traffic.bytes.most_common(args.top or 8):
+                print(f"    {n / 1e9:8.2f} GB  {traffic.kernels[name]:5d} x {name.removeprefix('aten::')}")
 
 
 if __name__ == "__main__":

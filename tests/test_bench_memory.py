@@ -101,3 +101,23 @@ def test_what_it_counts_is_what_the_allocator_holds(tmp_path):
         peak = max(peak, held)
     assert live.now == held > 0
     assert 0.95 * peak <= live.peak <= peak, (live.peak, peak)
+
+
+def test_traffic_counts_what_a_kernel_reads_and_writes():
+    """A copy reads and writes its bytes; an in-place add reads two and writes one; a view, an allocation and
+    a matmul move nothing here (matmuls are counted apart); a gather reads only the rows it writes; a Triton
+    launch moves its tensor arguments."""
+    from bench_memory import Traffic
+    x, w = torch.ones(4, 8), torch.ones(100, 8)
+    ids = torch.tensor([1, 2, 3])
+    with Traffic() as traffic:
+        y = x.to(torch.float16)  # 128 read, 64 written
+        x.add_(x)  # 128 read twice, 128 written
+        x.view(8, 4).t()
+        torch.empty(1000)
+        x @ x.T
+        torch.nn.functional.embedding(ids, w)  # 3 rows of 32 bytes, read and written
+        traffic.launch("_a_kernel")[(1,)](y, 3, BLOCK=4)  # 64
+    assert dict(traffic.bytes) == {"aten::_to_copy": 192, "aten::add_": 384, "aten::embedding": 192, "_a_kernel": 64}
+    assert dict(traffic.kernels) == {"aten::_to_copy": 1, "aten::add_": 1, "aten::embedding": 1, "_a_kernel": 1}
+    assert dict(traffic.matmuls) == {"aten::mm": 1}
