@@ -55,16 +55,16 @@ class NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def on_the_gpus_path(layer_kernels):
+def on_the_gpus_path(layer_kernels, patch=setattr):
     """Make the CPU take the code a CUDA tensor takes (``bailong.quantized.kernels_take`` says yes for every
-    tensor), the Triton launches left out."""
+    tensor), the Triton launches left out; ``patch(module, name, value)`` sets each (a test's undoes them)."""
     from bailong_kernels import layers
     for module in map(importlib.import_module, KERNEL_MODULES):
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel") and hasattr(kernel, "fn"):
-                setattr(module, name, NoLaunch())
-    quantized.kernels_take = lambda t: True
-    model.layer_kernels = lambda x: layers if layer_kernels and torch.is_grad_enabled() else None
+                patch(module, name, NoLaunch())
+    patch(quantized, "kernels_take", lambda t: True)
+    patch(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled() else None)
 
 
 def step_ms(layers, fused, dropout, steps, part=PARTS[-1], by_hand=False):

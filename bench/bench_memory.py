@@ -13,13 +13,17 @@ each row on a GPU. ``LiveBytes`` adds up the bytes of every storage alive, from
 its making to the moment the last tensor on it is let go. Its peak over one
 step (forward, checkpointed recomputation, backward, the optimizer's step;
 after one step that made AdamW's moments) is what ``torch.cuda.max_memory_allocated``
-reads less the caching allocator's rounding (to 512 bytes) and what no tensor
-holds (cuBLAS's workspace, tens of MiB). The approximations: the fake tensors
-are CPU ones (autocast refuses a CUDA device without one), so CPU autocast's
-casts stand in for CUDA's, and attention is the CPU's fused kernel, which
-keeps, as FlashAttention does, its output and the softmax's log-sum-exp for the
-backward; the offloaded layer inputs' copies out are made in host memory
-uncounted and their copies back as new tensors, when the GPU's code makes them.
+reads less the caching allocator's rounding (to 512 bytes) and what CUDA code
+allocates inside one operation, where no dispatch sees it: cuBLAS's workspace,
+FlashAttention's backward accumulator (float32, the size of q: 128 MiB at
+sequence 8,192), bitsandbytes' weight dequantized inside its ``gemm_4bit``. The
+approximations: the fake tensors are CPU ones (autocast refuses a CUDA device
+without one), so CPU autocast's casts stand in for CUDA's, and attention is the
+CPU's fused kernel, which keeps, as FlashAttention does, its output and the
+softmax's log-sum-exp for the backward; the offloaded layer inputs' copies out
+are made in host memory uncounted and their copies back as new tensors, when
+the GPU's code makes them; our 8-bit AdamW (``--optimizer adamw8bit``) takes its
+PyTorch steps, not its kernel (their temporaries are 262,144 values at a time).
 Checked: on the CPU, the count on fake tensors equals the one on real tensors
 byte for byte, and on real ones it reads what the allocator holds
 (tests/test_bench_memory.py); theirs, counted with the multi-tensor AdamW, comes
@@ -51,7 +55,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bench_host import KERNEL_MODULES, on_the_gpus_path
+from bench_host import KERNEL_MODULES, NoLaunch, on_the_gpus_path
 from bench_train import FEATURES, ROWS, SETTINGS
 
 GiB = 2**30
@@ -102,39 +106,55 @@ class LiveBytes(TorchDispatchMode):
 
 
 # operations a GPU runs as matrix multiplications (time by FLOPs, not bytes), and those that launch nothing
-MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
 ALLOCATIONS = ("aten::empty", "aten::new_empty", "aten::lift_fresh")
-WRITE_ONLY = ("aten::copy_", "aten::_foreach_copy_", "aten::zero_", "aten::fill_")  # their first tensor is not read
+WRITE_ONLY = ("aten::copy_", "aten::_foreach_copy_", "aten::zero_", "aten::fill_")  # what they write is not read
+FUSED_ADAM = ("aten::_fused_adam_", "aten::_fused_adamw_")  # their schema marks the gradients written: they are
+# only with a grad_scale (unscaled in place), which bf16 training does not pass
+
+
+def _tensors(value):
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 class Traffic(TorchDispatchMode):
     """The bytes each kernel of a step reads and writes, by operation: an aten operation that writes new
-    memory or in place (tests/launch_count.py's rule; views and allocations launch nothing), its tensors'
-    bytes in and out; a Triton launch (``launch``), the bytes of its tensor arguments. Matrix multiplications
-    and attention are counted apart (``matmuls``: their time is their FLOPs'). A gather reads only what it
-    writes (the embedding: not its whole table)."""
+    memory or in place (tests/launch_count.py's rule; views and allocations launch nothing) reads its tensor
+    arguments and writes its new outputs and the arguments its schema marks written (an in-place operation's,
+    ``_fused_adamw_``'s weights and moments); a Triton launch (``launch``) moves its tensor arguments once.
+    Matrix multiplications and attention are counted apart (``matmuls``: their time is their FLOPs'). The
+    embedding reads only the rows it writes, not its whole table; other gathers and broadcast inputs count
+    whole (none of them large in a step)."""
 
     def __init__(self):
         super().__init__()
         self.bytes, self.kernels, self.matmuls = collections.Counter(), collections.Counter(), collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = func.name()
         if name.startswith(ALLOCATIONS):
             return out
-        ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        ins = _tensors((args, kwargs))
         storages = {id(t.untyped_storage()) for t in ins}
-        if not func._schema.is_mutable and all(id(t.untyped_storage()) in storages for t in outs):
+        new = [t for t in _tensors(out) if id(t.untyped_storage()) not in storages]
+        if not func._schema.is_mutable and not new:
             return out  # a view
         if name.startswith(MATMULS):
             self.matmuls[name.split(".")[0]] += 1
             return out
+        schema = func._schema.arguments
+        values = [*args, *(kwargs.get(a.name) for a in schema[len(args):])]
+        written = [t for i, (a, v) in enumerate(zip(schema, values)) if a.alias_info is not None
+                   and a.alias_info.is_write and not (i == 1 and name in FUSED_ADAM and v is not None
+                                                      and kwargs.get("grad_scale") is None)
+                   for t in _tensors(v)]
         read = 0 if name == "aten::embedding" else sum(t.nbytes for t in ins)
         if name.startswith(WRITE_ONLY):
-            read -= sum(t.nbytes for t in tree_leaves(args[0]) if isinstance(t, torch.Tensor))
-        self.record(name.split(".")[0], read + sum(t.nbytes for t in outs) * (2 if name == "aten::embedding" else 1))
+            read -= sum(t.nbytes for t in _tensors(args[0]))
+        wrote = sum(t.nbytes for t in new + written) * (2 if name == "aten::embedding" else 1)
+        self.record(name.split(".")[0], read + wrote)
         return out
 
     def record(self, name, n):
@@ -142,11 +162,18 @@ class Traffic(TorchDispatchMode):
         self.kernels[name] += 1
 
     def launch(self, name):
-        """Stands in for a Triton kernel: ``kernel[grid](...)`` records its launch and the bytes of its tensors."""
-        def launcher(grid):
-            return lambda *args, **kwargs: self.record(name, sum(t.nbytes for t in tree_leaves((args, kwargs))
-                                                                 if isinstance(t, torch.Tensor)))
-        return type("Launch", (), {"__getitem__": lambda _, grid: launcher(grid)})()
+        """Stands in for the Triton kernel ``name``: ``kernel[grid](...)`` records its launch and bytes."""
+        return Launch(self, name)
+
+
+class Launch:
+    """A Triton kernel's stand-in for ``Traffic``."""
+
+    def __init__(self, traffic, name):
+        self.traffic, self.name = traffic, name
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.traffic.record(self.name, sum(t.nbytes for t in _tensors((args, kwargs))))
 
 
 @contextlib.contextmanager
@@ -194,11 +221,12 @@ def adamw(params, args, theirs):
 
 def in_bf16(make):
     """``make()`` with floating tensors made in bf16: a fake tensor cannot be converted by ``Module.to()``."""
+    default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         return make()
     finally:
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(default)
 
 
 def our_model(config, args, targets, keep, offload):
@@ -304,7 +332,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
                     on.enter_context(traffic)
                     for module in map(importlib.import_module, KERNEL_MODULES):
                         for name in [name for name, kernel in vars(module).items() if name.endswith("_kernel")
-                                     and (hasattr(kernel, "fn") or type(kernel).__name__ == "NoLaunch")]:
+                                     and (hasattr(kernel, "fn") or isinstance(kernel, NoLaunch))]:
                             on.callback(setattr, module, name, getattr(module, name))
                             setattr(module, name, traffic.launch(name))
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -1,6 +1,6 @@
 """bench/bench_memory.py counts a training step's memory on fake tensors: what it counts is what the tensors of a
 real step hold, on fake tensors it counts the same, and transformers + PEFT + bitsandbytes count too."""
-import importlib
+import gc
 import json
 import sys
 import types
@@ -25,32 +25,34 @@ def tiny_config():
 STEP = types.SimpleNamespace(rank=4, dropout=0.05, embedding_and_head=True, batch=2, seq_len=32)
 
 
-@pytest.mark.parametrize("path", ["plain", "fast, reference ops", "fast, GPU's path", "fast, GPU's path, offloaded"])
+@pytest.mark.parametrize("path", ["plain", "fast, reference ops", "fast, GPU's path", "fast, GPU's path, offloaded",
+                                  "theirs"])
 def test_a_step_counted_on_fake_tensors_holds_what_it_holds_on_real_ones(monkeypatch, path):
     """Peak and floor byte for byte (every path's switches on, kept dequantized weights or offloaded layer
     inputs, dropout): fake tensors keep the lifetimes of real ones. On the GPU's path the Triton launches are
-    left out on both (under the interpreter a launch holds its arguments for a while; on a GPU it does not)."""
-    from bailong import layer_fused, lora, memory, model, quantized
-    from bailong_kernels import layers
+    left out on both (under the interpreter a launch holds its arguments for a while; on a GPU it does not).
+    Theirs too, to a few KiB (bitsandbytes runs on the CPU: its operations take our stand-in weights and
+    quantization state; the codes are whatever memory held)."""
+    from bailong import layer_fused, lora, memory
     fast = path != "plain"
     monkeypatch.setattr(lora, "_fused", fast)
     monkeypatch.setattr(memory, "_chunked_loss", fast)
     monkeypatch.setattr(memory, "_chunked_mlp", fast)
     monkeypatch.setattr(layer_fused, "_fused_layer", fast)
     if "GPU" in path:
-        monkeypatch.setattr(quantized, "kernels_take", lambda t: True)
-        monkeypatch.setattr(model, "layer_kernels", lambda x: layers if torch.is_grad_enabled() else None)
-        for module in map(importlib.import_module, bench_host.KERNEL_MODULES):
-            for name, kernel in list(vars(module).items()):
-                if name.endswith("_kernel") and hasattr(kernel, "fn"):
-                    monkeypatch.setattr(module, name, bench_host.NoLaunch())
-    offload = path.endswith("offloaded")
+        bench_host.on_the_gpus_path(layer_kernels=True, patch=monkeypatch.setattr)
+    offload, theirs = path.endswith("offloaded"), path == "theirs"
     counts = []
     for fake in (False, True):
         torch.manual_seed(0)
-        counts.append(step_peak(tiny_config(), STEP, keep=fast and not offload, fake=fake, offload=offload))
+        counts.append(step_peak(tiny_config(), STEP, keep=fast and not offload and not theirs, fake=fake,
+                                offload=offload, theirs=theirs))
     real, fake = counts
-    assert real == fake
+    if theirs:  # bitsandbytes' CPU path may keep a buffer of its own between steps (one of 22 KiB seen here); on
+        # fake tensors its constant tables are copied where it moves them to the device
+        assert abs(real[1] - fake[1]) <= 32 * 1024 and abs(real[0] - fake[0]) <= 32 * 1024, (real, fake)
+    else:
+        assert real == fake
     assert real[0] > real[1] > 0
 
 
@@ -91,6 +93,7 @@ def test_what_it_counts_is_what_the_allocator_holds(tmp_path):
     model.checkpointing = True
     model.train()
     ids = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(0))
+    gc.collect()  # nothing made before is freed inside
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, LiveBytes() as live:
         model(ids[:, :-1], targets=ids[:, 1:]).backward()
     prof.export_chrome_trace(str(tmp_path / "trace.json"))
@@ -104,9 +107,10 @@ def test_what_it_counts_is_what_the_allocator_holds(tmp_path):
 
 
 def test_traffic_counts_what_a_kernel_reads_and_writes():
-    """A copy reads and writes its bytes; an in-place add reads two and writes one; a view, an allocation and
-    a matmul move nothing here (matmuls are counted apart); a gather reads only the rows it writes; a Triton
-    launch moves its tensor arguments."""
+    """A copy reads and writes its bytes; an in-place add reads two and writes one, and an in-place operation
+    that returns nothing writes what its schema marks (AdamW's weights and moments); a view, an allocation and
+    a matmul move nothing here (matmuls are counted apart); the embedding reads only the rows it writes; a
+    Triton launch moves its tensor arguments."""
     from bench_memory import Traffic
     x, w = torch.ones(4, 8), torch.ones(100, 8)
     ids = torch.tensor([1, 2, 3])
@@ -118,6 +122,14 @@ def test_traffic_counts_what_a_kernel_reads_and_writes():
         x @ x.T
         torch.nn.functional.embedding(ids, w)  # 3 rows of 32 bytes, read and written
         traffic.launch("_a_kernel")[(1,)](y, 3, BLOCK=4)  # 64
-    assert dict(traffic.bytes) == {"aten::_to_copy": 192, "aten::add_": 384, "aten::embedding": 192, "_a_kernel": 64}
-    assert dict(traffic.kernels) == {"aten::_to_copy": 1, "aten::add_": 1, "aten::embedding": 1, "_a_kernel": 1}
+        torch._foreach_copy_([y], [x])  # 128 read, 64 written
+        p = torch.zeros(100)
+        torch.optim.AdamW([torch.nn.Parameter(p)], fused=True)  # nothing yet
+        param, grad, m, v = (torch.zeros(100) for _ in range(4))
+        torch._fused_adamw_([param], [grad], [m], [v], [], [torch.ones(())], lr=0.1, beta1=0.9, beta2=0.99,
+                            weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)  # 4 x 400 + 4 read, 3 x 400
+    assert dict(traffic.bytes) == {"aten::_to_copy": 192, "aten::add_": 384, "aten::embedding": 192, "_a_kernel": 64,
+                                   "aten::_foreach_copy_": 192, "aten::zeros": 2000, "aten::ones": 4,
+                                   "aten::_fused_adamw_": 4 * 400 + 4 + 3 * 400}
+    assert traffic.kernels["aten::_fused_adamw_"] == traffic.kernels["aten::add_"] == 1
     assert dict(traffic.matmuls) == {"aten::mm": 1}
