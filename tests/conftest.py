@@ -14,6 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 
 
+def allocator_peak(run, folder):
+    """The most the CPU's allocator held at once while ``run()`` ran, and what it held at the end, both over
+    what it held before: the profiler's allocations and frees, added up in time order (trace in ``folder``)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+        run()
+    p.export_chrome_trace(str(folder / "trace.json"))
+    events = json.loads((folder / "trace.json").read_text())["traceEvents"]
+    held = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        held += e["args"]["Bytes"]
+        peak = max(peak, held)
+    return peak, held
+
+
 def asset(name):
     """Path of a shared test asset, or skip the test with the reason."""
     path = ASSETS / name

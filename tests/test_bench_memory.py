@@ -1,14 +1,13 @@
 """bench/bench_memory.py counts a training step's memory on fake tensors: what it counts is what the tensors of a
 real step hold, on fake tensors it counts the same, and transformers + PEFT + bitsandbytes count too."""
 import gc
-import json
 import sys
 import types
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, allocator_peak
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_host  # noqa: E402
@@ -86,7 +85,6 @@ def test_what_it_counts_is_what_the_allocator_holds(tmp_path):
     import bailong
     from bailong import lora
     from bailong.quantized import quantize_model
-    from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
     model = quantize_model(bailong.Llama(tiny_config()))
     lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.05)))
@@ -94,14 +92,8 @@ def test_what_it_counts_is_what_the_allocator_holds(tmp_path):
     model.train()
     ids = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(0))
     gc.collect()  # nothing made before is freed inside
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, LiveBytes() as live:
-        model(ids[:, :-1], targets=ids[:, 1:]).backward()
-    prof.export_chrome_trace(str(tmp_path / "trace.json"))
-    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-    held = peak = 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
-        held += e["args"]["Bytes"]
-        peak = max(peak, held)
+    with LiveBytes() as live:
+        peak, held = allocator_peak(lambda: model(ids[:, :-1], targets=ids[:, 1:]).backward(), tmp_path)
     assert live.now == held > 0
     assert 0.95 * peak <= live.peak <= peak, (live.peak, peak)
 

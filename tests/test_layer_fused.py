@@ -6,6 +6,7 @@ loss and dequantizations, also for a bf16 model under autocast; the backward's p
 and where not."""
 import pytest
 import torch
+from conftest import allocator_peak
 from test_chunked_mlp import steps
 from test_layer_kernels import gpu_path
 from test_lora_fused import autograd_nodes
@@ -151,23 +152,6 @@ def test_a_layer_is_written_out_only_where_all_it_writes_out_applies(monkeypatch
     loss.backward()
 
 
-def backward_peak(loss, folder):
-    """The most memory the tensors made during ``loss.backward()`` held at once, on the CPU: the profiler's
-    allocations and frees, added up in time order."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
-        loss.backward()
-    p.export_chrome_trace(str(folder / "trace.json"))
-    events = json.loads((folder / "trace.json").read_text())["traceEvents"]
-    live = peak = 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
-        live += e["args"]["Bytes"]
-        peak = max(peak, live)
-    return peak
-
-
 def test_by_hand_a_backward_holds_no_more_than_autograds(monkeypatch, tmp_path):
     """Each part's saved tensors are let go once its backward has run, as autograd lets a node's go: the
     backward's peak no higher than through autograd (2 x 128 tokens, dropout)."""
@@ -179,6 +163,6 @@ def test_by_hand_a_backward_holds_no_more_than_autograds(monkeypatch, tmp_path):
         monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
         torch.manual_seed(5)
         model = tiny_lora()
-        peaks.append(backward_peak(model(ids[:, :-1], targets=ids[:, 1:]), tmp_path))
+        peaks.append(allocator_peak(model(ids[:, :-1], targets=ids[:, 1:]).backward, tmp_path)[0])
     autograd, by_hand = peaks
     assert 0 < by_hand <= autograd, peaks
