@@ -109,8 +109,9 @@ class LiveBytes(TorchDispatchMode):
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")
 ALLOCATIONS = ("aten::empty", "aten::new_empty", "aten::lift_fresh")
 WRITE_ONLY = ("aten::copy_", "aten::_foreach_copy_", "aten::zero_", "aten::fill_")  # what they write is not read
-FUSED_ADAM = ("aten::_fused_adam_", "aten::_fused_adamw_")  # their schema marks the gradients written: they are
-# only with a grad_scale (unscaled in place), which bf16 training does not pass
+# their schema marks the gradients written; the kernels write them only with a grad_scale (unscaled in place),
+# which bf16 training does not pass
+FUSED_ADAM = ("aten::_fused_adam_", "aten::_fused_adamw_")
 
 
 def _tensors(value):
@@ -146,10 +147,11 @@ class Traffic(TorchDispatchMode):
             return out
         schema = func._schema.arguments
         values = [*args, *(kwargs.get(a.name) for a in schema[len(args):])]
-        written = [t for i, (a, v) in enumerate(zip(schema, values)) if a.alias_info is not None
-                   and a.alias_info.is_write and not (i == 1 and name in FUSED_ADAM and v is not None
-                                                      and kwargs.get("grad_scale") is None)
-                   for t in _tensors(v)]
+        written = []
+        for i, (argument, value) in enumerate(zip(schema, values)):
+            unscaled = name in FUSED_ADAM and i == 1 and kwargs.get("grad_scale") is None  # gradients left alone
+            if argument.alias_info is not None and argument.alias_info.is_write and not unscaled:
+                written += _tensors(value)
         read = 0 if name == "aten::embedding" else sum(t.nbytes for t in ins)
         if name.startswith(WRITE_ONLY):
             read -= sum(t.nbytes for t in _tensors(args[0]))
