@@ -103,7 +103,7 @@ def test_traffic_counts_what_a_kernel_reads_and_writes():
     that returns nothing writes what its schema marks (AdamW's weights and moments); a view, an allocation and
     a matmul move nothing here (matmuls are counted apart); the embedding reads only the rows it writes; a
     Triton launch moves its tensor arguments."""
-    from bench_memory import Traffic
+    from traffic import Traffic
     x, w = torch.ones(4, 8), torch.ones(100, 8)
     ids = torch.tensor([1, 2, 3])
     with Traffic() as traffic:
