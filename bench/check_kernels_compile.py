@@ -36,13 +36,13 @@ from triton.runtime import driver
 
 from bailong.nf4 import quantize
 from bailong.optim import BLOCK as ADAMW_BLOCK, tables as adamw_tables
-from bailong_kernels import adamw8bit, decode, dense_gemv, layers, nf4_dequant as dequant, nf4_gemv
+from bailong_kernels import adamw8bit, decode, dense_gemv, dropout, layers, nf4_dequant as dequant, nf4_gemv
 
 KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
            dequant._nf4_dequant_words_kernel,
            decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel, decode._merge_parts_kernel,
            layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel, layers._rope_kernel,
-           layers._cross_entropy_kernel, adamw8bit._adamw8bit]
+           layers._cross_entropy_kernel, dropout._dropout_kernel, dropout._dropout_sum_kernel, adamw8bit._adamw8bit]
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -272,6 +272,15 @@ def compile_all(arch):
              dict(PARTS=8, BLOCK_D=128))]:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
+    # LoRA dropout of q, k and v's input (3 masks) and its backward, with the instructions a value of a thread:
+    # writing 2.7 bytes a value and reading 2.7 (bf16, x read once for 3) at an H200's ~4.3 TB/s leaves an SM
+    # room for about 16
+    for kernel, case in [(dropout._dropout_kernel, "bfloat16 LoRA dropout of one input for 3 projections"),
+                         (dropout._dropout_sum_kernel, "bfloat16 LoRA dropout's backward: 3 gradients summed")]:
+        meta = dict(N=3, ROWS=dropout.ROWS, num_warps=4)
+        compiled = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, 2**40 + 3, 2**40 + 5, 3277, 1.05, grid=(1,), **meta)
+        rows.append(describe(case, kernel, meta, compiled, arch))
+        rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / (3 * 8 * dropout.ROWS / 128), 1)
     # AdamW with 8-bit moments on a float32 LoRA weight, as bailong.optim.AdamW8bit launches it
     weight, codes, t = torch.empty(128 * 4096), torch.empty(128 * 4096, dtype=torch.uint8), adamw_tables("cpu")
     maxima = torch.empty(128 * 4096 // ADAMW_BLOCK)

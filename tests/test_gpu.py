@@ -331,3 +331,23 @@ def test_on_cuda_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch
     LoRA gradients to bf16 rounding."""
     from test_layer_fused import check_by_hand
     check_by_hand(monkeypatch, keep, "cuda", torch.bfloat16, autocast=True)
+
+
+def test_lora_dropout_kernels_on_cuda_in_bfloat16():
+    """``bailong_kernels.dropout`` on CUDA: the masks of the CUDA generator's key are the reference's (drawn
+    again alike after the random state is restored, other masks after), the forward and the backward in bf16
+    as PyTorch on them, at q/k/v's shape."""
+    from bailong_kernels import dropout as D
+    from test_dropout_kernels import kept
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    state = torch.cuda.get_rng_state()
+    xs, key = D.dropout(x, 3, 0.05)
+    torch.cuda.set_rng_state(state)
+    again, same = D.dropout(x, 3, 0.05)
+    assert same == key and torch.equal(again, xs) and D.dropout(x, 3, 0.05)[1] != key
+    masks = kept(key, 3, x.shape, 0.05)  # on the CPU
+    scale = 65536 / (65536 - D.threshold(0.05))
+    assert torch.equal(xs, torch.where(masks.cuda(), x.float() * scale, 0.0).bfloat16())
+    g = torch.randn(3, 2048, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = torch.where(masks.cuda(), g.float(), 0.0).sum(0) * scale
+    torch.testing.assert_close(D.dropout_sum(g, key, 0.05).float(), expected, atol=2e-2, rtol=1e-2)

@@ -1,0 +1,131 @@
+"""LoRA dropout whose masks are drawn again from a seed instead of stored: forward and backward in Triton.
+
+PEFT's LoRA dropout, as ``bailong.lora_fused`` runs it, drops the input of each
+of the n projections that read x (q, k, v: n = 3; gate, up: 2; o, down: 1) by
+a mask of its own. torch's ``native_dropout`` writes each mask (a byte a value)
+beside the dropped copies, and the backward reads both again, writes the n
+masked gradients, then sums them. Here the masks are never stored: a mask is
+Philox4x32-10 numbers of (seed, counter), drawn again wherever it is needed.
+
+    forward:   xs[j] = keep_j * x / (1 - p)            x read once, the n copies written   (n, tokens, in)
+    backward:  dL/dx = sum_j keep_j * g_j / (1 - p)     the n gradients read, one written    (tokens, in)
+
+Which values are kept: value e = 8 c + k of projection j takes 16 bits of the
+four random words of counter f + j C + c (f: the key's first counter; C =
+ceil(numel / 8)), word k // 2's low half for even k, its high half for odd. It
+is kept if those bits are at least ``threshold`` = round(65,536 p): p is taken
+to the nearest 1/65,536 (0.05 as 0.0500031), and the kept values are scaled by
+65,536 / (65,536 - threshold), so that the expectation stays x. A thread draws
+a counter's words and reads or writes its 8 values at once (16 bytes of bf16):
+a warp's accesses are 512 contiguous bytes.
+
+A Philox call decides 8 values (torch's dropout: 4), and the masks are drawn
+three times a step (the forward, a checkpointed recomputation, the backward;
+torch's twice): 3/8 of a call a value against 2/4. Compiled for sm_90 the two
+kernels take 15-16 instructions a value at q, k and v's shape
+(bench/check_kernels_compile.py), about what moving their bytes at an H200's
+bandwidth leaves an SM room for.
+
+On CUDA the seed and the first counter come from the device generator, which
+is advanced past the counters used, as torch's own dropout advances it
+(``philox_key``): activation checkpointing saves and restores that state, so a
+recomputation draws the same masks. The masks are other draws of the law
+``F.dropout`` draws from, not its numbers: on the CPU the fused LoRA keeps torch's
+dropout (``bailong.lora_fused._dropped``), and the tests hold these kernels to a
+PyTorch Philox of the masks defined above (tests/test_dropout_kernels.py).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from bailong_kernels.nf4_dequant import _join8, cdiv, launch_device
+
+HALF_WORDS = 65536  # a decision's 16 bits
+ROWS = 256  # counters a program: 256 x 8 values
+
+
+@triton.jit
+def _bits(seed, counters, ROWS: tl.constexpr):
+    """The 16-bit halves of the four Philox words of each counter, (ROWS, 8) as uint32: value k of a counter is
+    word k // 2's low half for even k, its high half for odd, each row in the thread that drew its words."""
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    return _join8((r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16), ROWS)
+
+
+@triton.jit(do_not_specialize=["seed", "first"])
+def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: tl.constexpr,
+                    ROWS: tl.constexpr):
+    numel = numel.to(tl.int64)  # n copies may hold more than 2^31 values
+    c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # counters
+    e = c[:, None] * 8 + tl.arange(0, 8)[None, :]  # (ROWS, 8): their values, 16 bytes of bf16 a thread
+    ok = e < numel
+    x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    for j in tl.static_range(N):  # xs[j] = keep_j * x / (1 - p)
+        kept = _bits(seed, first + j * C + c, ROWS) >= threshold.to(tl.uint32)
+        tl.store(out_ptr + j * numel + e, tl.where(kept, x * scale, 0.0), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed", "first"])
+def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: tl.constexpr,
+                        ROWS: tl.constexpr):
+    numel = numel.to(tl.int64)
+    c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    e = c[:, None] * 8 + tl.arange(0, 8)[None, :]
+    ok = e < numel
+    total = tl.zeros((ROWS, 8), tl.float32)
+    for j in tl.static_range(N):  # dL/dx = sum_j keep_j * g_j / (1 - p)
+        kept = _bits(seed, first + j * C + c, ROWS) >= threshold.to(tl.uint32)
+        g = tl.load(g_ptr + j * numel + e, mask=ok, other=0.0).to(tl.float32)
+        total += tl.where(kept, g, 0.0)
+    tl.store(out_ptr + e, total * scale, mask=ok)  # out may be g itself (n = 1): each value read, then written
+
+
+def threshold(p) -> int:
+    """The 16-bit threshold of dropout probability p (0 <= p < 1): round(65,536 p), at most 65,535."""
+    return min(round(p * HALF_WORDS), HALF_WORDS - 1)
+
+
+def _scale(p) -> float:
+    return HALF_WORDS / (HALF_WORDS - threshold(p))
+
+
+def philox_key(x, counters) -> tuple[int, int]:
+    """(seed, first counter) for ``counters`` Philox counters on x's device. On CUDA the device generator's seed
+    and offset (in 32-bit numbers: four a counter), which is advanced past them as torch's random kernels
+    advance it, so that their counters and ours never meet; activation checkpointing restores it with the
+    random state. Elsewhere (the kernels interpreted) two numbers drawn from the CPU generator."""
+    if not x.is_cuda:
+        seed, first = torch.randint(2**31, (2,)).tolist()
+        return seed, first
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("LoRA dropout's kernels take their seed on the host: not inside a CUDA graph's capture")
+    generator = torch.cuda.default_generators[x.device.index]
+    offset = generator.get_offset()  # a multiple of 4
+    generator.set_offset(offset + 4 * counters)
+    return generator.initial_seed() % 2**63, offset // 4  # a seed Triton takes as int64
+
+
+def dropout(x, n, p):
+    """x (tokens, in) dropped by n masks of probability p: (n, tokens, in) in x's dtype, and the key of the masks
+    (``dropout_sum`` takes it)."""
+    x = x.contiguous()
+    C = cdiv(x.numel(), 8)
+    key = philox_key(x, n * C)
+    out = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device)
+    with launch_device(x):
+        _dropout_kernel[(cdiv(C, ROWS),)](x, out, x.numel(), C, *key, threshold(p), _scale(p), N=n, ROWS=ROWS)
+    return out, key
+
+
+def dropout_sum(g, key, p, out=None):
+    """The gradient of x from the gradients ``g`` (n, tokens, in) of ``dropout(x, n, p)``'s n copies, which gave
+    ``key``: sum_j keep_j * g[j] / (1 - p), (tokens, in) in g's dtype; into ``out`` where given (g[0] itself
+    may be it)."""
+    g = g.contiguous()
+    n, numel = g.shape[0], g[0].numel()
+    C = cdiv(numel, 8)
+    out = torch.empty(g.shape[1:], dtype=g.dtype, device=g.device) if out is None else out
+    assert out.is_contiguous() and out.shape == g.shape[1:]
+    with launch_device(g):
+        _dropout_sum_kernel[(cdiv(C, ROWS),)](g, out, numel, C, *key, threshold(p), _scale(p), N=n, ROWS=ROWS)
+    return out

@@ -1,0 +1,158 @@
+"""LoRA dropout's kernels (``bailong_kernels.dropout``), interpreted on the CPU: the masks are the Philox numbers
+its docstring says (a PyTorch Philox4x32-10 here, itself checked against Triton's), the forward and the backward
+equal PyTorch on those masks, the law is dropout's, and the fused LoRA nodes train on them as autograd does.
+A whole step with them, by hand and through autograd: tests/test_layer_fused.py."""
+import pytest
+import torch
+
+from bailong_kernels import dropout as D
+from bounds import checked_bounds
+
+M32 = 0xFFFFFFFF
+
+
+def _mul(a, b):
+    """(a b >> 32, a b & M32) for a constant a and a tensor b of 32-bit values, in int64 without overflow:
+    a split into 16-bit halves."""
+    high, low = (a >> 16) * b, (a & 0xFFFF) * b  # each below 2^48
+    return (high + (low >> 16)) >> 16, (((high & 0xFFFF) << 16) + low) & M32
+
+
+def philox(seed, counters):
+    """Philox4x32-10 of key ``seed`` and counters (c, c >> 32, 0, 0): Triton's ``randint4x``, four int64 tensors
+    of 32-bit values."""
+    c0, c1 = counters & M32, (counters >> 32) & M32
+    c2 = c3 = torch.zeros_like(counters)
+    k0, k1 = seed & M32, (seed >> 32) & M32
+    for _ in range(10):
+        high_b, low_b = _mul(0xCD9E8D57, c2)
+        high_a, low_a = _mul(0xD2511F53, c0)
+        c0, c1, c2, c3 = high_b ^ c1 ^ k0, low_b, high_a ^ c3 ^ k1, low_a
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c0, c1, c2, c3
+
+
+def kept(key, n, shape, p):
+    """The n masks of ``D.dropout`` with key (seed, offset), as its docstring defines them: (n, *shape) bool."""
+    seed, offset = key
+    numel = torch.Size(shape).numel()
+    C = -(-numel // 8)
+    masks = []
+    for j in range(n):
+        words = philox(seed, offset + j * C + torch.arange(C))
+        halves = torch.stack([w >> s & 0xFFFF for w in words for s in (0, 16)], dim=1)  # (C, 8): value 8 c + k
+        masks.append(halves.flatten()[:numel].view(shape) >= D.threshold(p))
+    return torch.stack(masks)
+
+
+def test_the_reference_philox_is_tritons():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def words(out_ptr, seed, offset, N: tl.constexpr):
+        c = tl.arange(0, N)
+        r0, r1, r2, r3 = tl.randint4x(seed, offset + c)  # uint32, widened without sign
+        tl.store(out_ptr + c, r0.to(tl.int64))
+        tl.store(out_ptr + N + c, r1.to(tl.int64))
+        tl.store(out_ptr + 2 * N + c, r2.to(tl.int64))
+        tl.store(out_ptr + 3 * N + c, r3.to(tl.int64))
+
+    for seed, offset in [(0, 0), (12345, 2**32 - 7), (2**62 + 99, 2**40 + 3)]:
+        out = torch.empty(4 * 64, dtype=torch.int64)
+        words[(1,)](out, seed, offset, N=64)
+        assert torch.equal(out.view(4, 64), torch.stack(philox(seed, offset + torch.arange(64)))), (seed, offset)
+
+
+@pytest.mark.parametrize("shape,n,p,dtype", [((7, 37), 3, 0.05, torch.float32), ((33, 128), 1, 0.3, torch.float16),
+                                             ((5, 3001), 2, 0.5, torch.float32), ((2, 3), 2, 0.9, torch.float32)])
+def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype):
+    """Forward and backward against PyTorch on the reference masks: sizes not a multiple of 8, below one
+    program's 2,048 values and across several; every access within bounds; n = 1 in place."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    with checked_bounds():
+        xs, key = D.dropout(x, n, p)
+    masks = kept(key, n, shape, p)
+    scale = 65536 / (65536 - D.threshold(p))
+    torch.testing.assert_close(xs, torch.where(masks, x.float() * scale, 0.0).to(dtype), atol=0, rtol=0)
+    g = torch.randn(n, *shape).to(dtype)
+    expected = (torch.where(masks, g.float(), 0.0).sum(0) * scale).to(dtype)
+    with checked_bounds():
+        dx = D.dropout_sum(g.clone(), key, p)
+    torch.testing.assert_close(dx, expected, atol=1e-6 if dtype == torch.float32 else 2e-3, rtol=1e-5)
+    if n == 1:  # into its input
+        g1 = g.clone()
+        assert D.dropout_sum(g1, key, p, out=g1[0]).data_ptr() == g1.data_ptr()
+        torch.testing.assert_close(g1[0], expected, atol=1e-6 if dtype == torch.float32 else 2e-3, rtol=1e-5)
+
+
+def test_the_masks_keep_one_minus_p_independently():
+    """Of 3 x 40,000 values at p = 0.2: each mask keeps 0.8 of them within 5 standard deviations, and two
+    masks agree as often as independent ones would; a second call draws other masks."""
+    x = torch.ones(200, 200)
+    p = 0.2
+    xs, key = D.dropout(x, 3, p)
+    masks = xs != 0
+    sd = (p * (1 - p) / x.numel()) ** 0.5
+    for m in masks:
+        assert abs(m.float().mean().item() - (1 - p)) < 5 * sd
+    both = (masks[0] & masks[1]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / x.numel()) ** 0.5
+    again, key2 = D.dropout(x, 3, p)
+    assert key2 != key and not torch.equal(again != 0, masks)
+
+
+def test_a_key_is_drawn_again_from_the_same_random_state():
+    """What activation checkpointing relies on: the same random state gives the same key, so a recomputation
+    draws the forward's masks."""
+    x = torch.randn(16, 16)
+    state = torch.get_rng_state()
+    first = D.dropout(x, 2, 0.1)
+    torch.set_rng_state(state)
+    second = D.dropout(x, 2, 0.1)
+    assert first[1] == second[1] and torch.equal(first[0], second[0])
+
+
+def test_p_is_taken_to_the_nearest_65536th():
+    assert [D.threshold(p) for p in (0.0, 0.05, 0.5, 1 - 1e-9)] == [0, 3277, 32768, 65535]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_lora_with_the_kernels_dropout_trains_as_autograd_on_the_same_masks(monkeypatch, n):
+    """``LoRAShared`` (n = 3: q, k, v) and ``LoRAProjection`` (n = 1, with its base and a residual) on the
+    kernels' path: the outputs and every gradient against autograd through the reference masks of the keys the
+    kernels drew, float32."""
+    from bailong import lora_fused
+    from bailong.lora_fused import LoRAProjection, LoRAShared
+    monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: D)
+    keys = []
+    draw = D.philox_key
+    monkeypatch.setattr(D, "philox_key", lambda *args: keys.append(draw(*args)) or keys[-1])
+    torch.manual_seed(0)
+    tokens, K, r, s, p = 13, 24, 4, 0.5, 0.25
+    x = torch.randn(1, tokens, K, requires_grad=True)
+    Ws = [torch.randn(N, K) for N in (16, 8, 8)[:n]]
+    As = [torch.randn(r, K, requires_grad=True) for _ in Ws]
+    Bs = [torch.randn(N, r, requires_grad=True) for N in (16, 8, 8)[:n]]
+    residual = torch.randn(1, tokens, 16, requires_grad=True)
+    if n == 1:
+        outs = (LoRAProjection.apply(x, Ws[0], As[0], Bs[0], As[0].detach(), Bs[0].detach(), s, p, residual),)
+    else:
+        outs = LoRAShared.apply(x, tuple(Ws), torch.cat(As).detach(), tuple(B.detach() for B in Bs), s, p, None,
+                                *[w for AB in zip(As, Bs) for w in AB])
+    gs = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward(outs, gs)
+    ours = [x.grad, *[w.grad for w in As + Bs]] + ([residual.grad] if n == 1 else [])
+    for t in [x, residual, *As, *Bs]:
+        t.grad = None
+    masks = kept(keys[0], n, (tokens, K), p).view(n, 1, tokens, K)
+    dropped = torch.where(masks, x * (65536 / (65536 - D.threshold(p))), 0.0)
+    expected = [x @ W.T + s * (xd @ A.T) @ B.T for W, A, B, xd in zip(Ws, As, Bs, dropped)]
+    if n == 1:
+        expected[0] = expected[0] + residual
+    for o, e in zip(outs, expected):
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
+    torch.autograd.backward(expected, gs)
+    for got, want in zip(ours, [x.grad, *[w.grad for w in As + Bs]] + ([residual.grad] if n == 1 else [])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
