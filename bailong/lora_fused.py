@@ -36,7 +36,9 @@ class LoRAProjection(torch.autograd.Function):
         dL/dA = s u^T x_d           dL/dB = s g^T (x_d A^T)          dL/dresidual = g
 
     Dropout is ``native_dropout``, which draws the mask ``F.dropout`` draws from the
-    same random state, so the fused and the plain path train alike.
+    same random state, so the fused and the plain path train alike; on the training
+    kernels' path (CUDA) it is ``bailong_kernels.dropout``, whose mask is drawn
+    again in the backward from a seed, not stored (``_dropped``).
     """
 
     @staticmethod
@@ -49,9 +51,10 @@ class LoRAProjection(torch.autograd.Function):
         else:
             y = frozen_addmm(residual, x, W, keep)
         x2 = x.reshape(-1, x.shape[-1]).to(y.dtype)
-        mask = None
-        if p:  # one kernel, the same mask F.dropout draws from the same random state
-            x2, mask = torch.native_dropout(x2, p, True)
+        mask = key = None
+        if p:  # one kernel
+            xs, mask, key = _dropped(x2, 1, p)
+            x2 = xs[0]
         xa = x2 @ A.T  # (tokens, r)
         if W is None and is_recomputing():  # the update onto the residual, whose sum no one reads: only saved
             out = y.new_empty(y.shape)
@@ -61,7 +64,7 @@ class LoRAProjection(torch.autograd.Function):
             out = y.view(-1, y.shape[-1]).addmm_(xa, B.T, alpha=scaling)
         ctx.weight = W  # frozen: nothing of it changes before the backward
         ctx.save_for_backward(x2, xa, mask, A, B)
-        ctx.scaling, ctx.p, ctx.x_shape, ctx.x_dtype = scaling, p, x.shape, x.dtype
+        ctx.scaling, ctx.p, ctx.key, ctx.x_shape, ctx.x_dtype = scaling, p, key, x.shape, x.dtype
         ctx.master_dtype, ctx.release = A_master.dtype, release  # and B_master's dtype
         return out.view(y.shape)
 
@@ -75,8 +78,8 @@ class LoRAProjection(torch.autograd.Function):
         dx = None
         if want_x:  # not for the first layer's input when the embedding trains nothing
             dx = _scaled_mm(u, A, s)
-            if mask is not None:
-                dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p))
+            if ctx.p:
+                dx = _through_masks(dx.unsqueeze(0), mask, ctx.key, ctx.p)
             if W is not None:
                 dx.addmm_(g2, frozen_weight(W, g.dtype))  # + g W
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
@@ -139,9 +142,40 @@ def frozen_weight(W, dtype, keep=False):
     return nf4_dequantized(W, dtype, keep) if isinstance(W, NF4Tensor) else W.to(dtype)
 
 
-def _kept_scale(p):
-    """What dropout multiplies the kept values by: 1 / (1 - p); 0 where nothing is kept (p = 1), as autograd's."""
-    return 1 / (1 - p) if p < 1 else 0.0
+def seeded_dropout(x):
+    """``bailong_kernels.dropout`` where x takes the training layer kernels (CUDA, switched on:
+    ``bailong_kernels.use_layer_kernels``; whatever the grad mode, which a node's forward runs without), else
+    None."""
+    if not x.is_cuda:
+        return None
+    import bailong_kernels  # Triton is imported only where it runs
+    _, _, layer_kernels = bailong_kernels.switches()
+    if not (bailong_kernels.enabled(x) and layer_kernels):
+        return None
+    from bailong_kernels import dropout
+    return dropout
+
+
+def _dropped(x2, n, p):
+    """n copies of x2 (tokens, in), each dropped by its own mask of probability p, (n, tokens, in), and what
+    the backward needs to apply the masks again (``_through_masks``): (the masks, None) from torch's
+    ``native_dropout``, the masks n calls of ``F.dropout`` draw in turn on the CPU; or on the training kernels'
+    path (None, their Philox key), nothing stored: ``bailong_kernels.dropout`` draws them again."""
+    if (kernels := seeded_dropout(x2)) is not None:
+        xs, key = kernels.dropout(x2, n, p)
+        return xs, None, key
+    xs, mask = torch.native_dropout(x2.expand(n, *x2.shape), p, True)
+    return xs, mask, None
+
+
+def _through_masks(dx, mask, key, p):
+    """The gradients dx (n, tokens, in) of ``_dropped``'s n copies back through their masks and summed: the
+    gradient of x2, (tokens, in). One kernel (n = 1: in place) on the kernels' path."""
+    if key is not None:
+        from bailong_kernels import dropout
+        return dropout.dropout_sum(dx, key, p, out=dx[0] if len(dx) == 1 else None)
+    dx = torch.ops.aten.native_dropout_backward(dx, mask, 1 / (1 - p) if p < 1 else 0.0)  # p = 1: autograd's 0
+    return dx[0] if len(dx) == 1 else dx.sum(0)
 
 
 def _scaled_mm(a, b, s, out=None):
@@ -181,10 +215,9 @@ class LoRAShared(torch.autograd.Function):
 
     With dropout each projection draws its own mask, as PEFT's do, but all n in one launch: x broadcast to
     (n, tokens, in) and dropped at once, then batched matmuls, (n, tokens, in) x (n, in, r) forward and their
-    transposes backward, the masks applied to the n LoRA parts of dL/dx before they are summed. On the CPU
-    those are the very masks n calls of ``F.dropout`` draw in turn (the same random stream, element after
-    element), so the plain path trains alike; CUDA's generator hands out its numbers by thread, so there the
-    masks are other draws of the same law.
+    transposes backward, the masks applied to the n LoRA parts of dL/dx before they are summed (``_dropped``).
+    On the CPU those are the very masks n calls of ``F.dropout`` draw in turn (the same random stream, element
+    after element), so the plain path trains alike; on CUDA they are other draws of the same law.
     """
 
     @staticmethod
@@ -193,15 +226,16 @@ class LoRAShared(torch.autograd.Function):
         ys = frozen_linear(x, weights, ctx.needs_input_grad[0])
         x2 = x.reshape(-1, x.shape[-1]).to(ys[0].dtype)
         r = A_cat.shape[0] // n
-        mask = None
+        mask = key = None
         if p:  # xs: (n, tokens, in), each row dropped by its own mask; xa: (n, tokens, r)
-            xs, mask = torch.native_dropout(x2.expand(n, *x2.shape), p, True)
+            xs, mask, key = _dropped(x2, n, p)
             xa = torch.bmm(xs, A_cat.view(n, r, -1).transpose(1, 2))
         else:  # xs: (tokens, in); xa: (tokens, n r)
             xs, xa = x2, x2 @ A_cat.T
         outs = [y.view(-1, y.shape[-1]).addmm_(part, B.T, alpha=scaling).view(y.shape)  # into the base's output
-                for y, part, B in zip(ys, _parts(xa, r, mask), Bs)]
+                for y, part, B in zip(ys, _parts(xa, r, p), Bs)]
         ctx.weights, ctx.scaling, ctx.p, ctx.r, ctx.x_shape, ctx.x_dtype = weights, scaling, p, r, x.shape, x.dtype
+        ctx.key = key
         ctx.master_dtype, ctx.release = masters[0].dtype, release  # all of them
         ctx.save_for_backward(xs, xa, mask, A_cat, *Bs)
         return tuple(outs)
@@ -215,22 +249,22 @@ class LoRAShared(torch.autograd.Function):
         gs = [g.reshape(-1, g.shape[-1]) for g in gs]
         tokens = len(gs[0])
         # u = [u_1 ... u_n] laid out as xa: (tokens, n r), or (n, tokens, r) with dropout
-        u = torch.empty((tokens, n * r) if mask is None else (n, tokens, r), dtype=xs.dtype, device=xs.device)
-        for g, B, part in zip(gs, Bs, _parts(u, r, mask)):
+        u = torch.empty((n, tokens, r) if ctx.p else (tokens, n * r), dtype=xs.dtype, device=xs.device)
+        for g, B, part in zip(gs, Bs, _parts(u, r, ctx.p)):
             torch.mm(g, B, out=part)
         # every dL/dA_i's rows in one product: s u^T x, or the batch s u_i^T x_i
-        u_dA, A = (u.T, A_cat) if mask is None else (u.transpose(1, 2), A_cat.view(n, r, -1))
+        u_dA, A = (u.transpose(1, 2), A_cat.view(n, r, -1)) if ctx.p else (u.T, A_cat)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = _scaled_mm(u, A, s)
-            if mask is not None:  # each LoRA part of dL/dx through its mask, then their sum
-                dx = torch.ops.aten.native_dropout_backward(dx, mask, _kept_scale(ctx.p)).sum(0)
+            if ctx.p:  # each LoRA part of dL/dx through its mask, then their sum
+                dx = _through_masks(dx, mask, ctx.key, ctx.p)
             for g, W in zip(gs, frozen_weight(ctx.weights, gs[0].dtype)):  # + g_i W_i
                 dx.addmm_(g, W)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
                                  + [(g.T, part, s) if wanted[2 * i + 1] else None
-                                    for i, (g, part) in enumerate(zip(gs, _parts(xa, r, mask)))], ctx.master_dtype)
+                                    for i, (g, part) in enumerate(zip(gs, _parts(xa, r, ctx.p)))], ctx.master_dtype)
         grads = []
         for i, dB in enumerate(dBs):
             grads += [dA.reshape(n * r, -1)[i * r:(i + 1) * r] if wanted[2 * i] else None, dB]
@@ -239,7 +273,7 @@ class LoRAShared(torch.autograd.Function):
         return dx, None, None, None, None, None, None, *grads
 
 
-def _parts(t, r, mask):
-    """Each projection's r columns of ``t``, (tokens, n r), or its matrix of the batch (n, tokens, r) where
-    there is a dropout mask: views."""
-    return t.split(r, dim=1) if mask is None else t.unbind(0)
+def _parts(t, r, p):
+    """Each projection's r columns of ``t``, (tokens, n r), or with dropout (p > 0) its matrix of the batch
+    (n, tokens, r): views."""
+    return t.unbind(0) if p else t.split(r, dim=1)

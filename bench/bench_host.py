@@ -33,7 +33,7 @@ import time
 import torch
 
 import bailong
-from bailong import layer_fused, lora, model, quantized
+from bailong import layer_fused, lora, lora_fused, model, quantized
 from bailong.config import preset
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
@@ -45,7 +45,7 @@ ROWS = {"plain LoRA": (False, False, False), "fused LoRA": (True, False, False),
 # with --parts, the fastest path's step taken apart: the forward alone, then with what checkpointing adds
 PARTS = ("forward", "forward with checkpointing", "step", "step with checkpointing")
 KERNEL_MODULES = ("bailong_kernels.nf4_dequant", "bailong_kernels.nf4_gemv", "bailong_kernels.layers",
-                  "bailong_kernels.decode")
+                  "bailong_kernels.decode", "bailong_kernels.dropout")
 
 
 class NoLaunch:
@@ -58,13 +58,14 @@ class NoLaunch:
 def on_the_gpus_path(layer_kernels, patch=setattr):
     """Make the CPU take the code a CUDA tensor takes (``bailong.quantized.kernels_take`` says yes for every
     tensor), the Triton launches left out; ``patch(module, name, value)`` sets each (a test's undoes them)."""
-    from bailong_kernels import layers
+    from bailong_kernels import dropout, layers
     for module in map(importlib.import_module, KERNEL_MODULES):
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel") and hasattr(kernel, "fn"):
                 patch(module, name, NoLaunch())
     patch(quantized, "kernels_take", lambda t: True)
     patch(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled() else None)
+    patch(lora_fused, "seeded_dropout", lambda x: dropout if layer_kernels else None)
 
 
 def step_ms(layers, fused, dropout, steps, part=PARTS[-1], by_hand=False):

@@ -231,6 +231,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     is made uncounted and the copy back is a new tensor, when and as the GPU's would be made); ``traffic``,
     a ``Traffic``: what the kernels of the step counted (the second) read and write."""
     from bailong import nf4, optim
+    from bailong_kernels import dropout
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
     made_from_data = nf4.dynamic_code  # NF4's constant tables are made from data: made for real, outside
@@ -239,6 +240,10 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     optim.tables(torch.device("cpu"))  # and the 8-bit moments' (cached)
     optim.zero_code("exp_avg"), optim.zero_code("exp_avg_sq")
     with contextlib.ExitStack() as on:
+        # the dropout kernels' key drawn on the host (a fake tensor holds no number to draw), fixed: it allocates
+        # nothing on a GPU, and the masks' values change nothing counted
+        on.callback(setattr, dropout, "philox_key", dropout.philox_key)
+        dropout.philox_key = lambda x, counters: (0, 0)
         if fake:  # the constants stay real tensors
             on.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             nf4.dynamic_code = lambda signed=True: codes[signed]
@@ -285,7 +290,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
 
 
 def main():
-    from bailong import layer_fused, lora, memory
+    from bailong import layer_fused, lora, lora_fused, memory
     from bailong.config import preset
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=SETTINGS, default="recipe")
@@ -321,6 +326,8 @@ def main():
     for flag in ["theirs"] * ("theirs" in args.rows) + [flag for flag in args.rows if flag != "theirs"]:
         on = FEATURES.get(flag, set())
         on_the_gpus_path("layers" in on)
+        if "torch-dropout" in on:
+            lora_fused.seeded_dropout = lambda x: None
         lora.use_fused_lora("fused" in on)
         layer_fused.use_fused_layer("autograd" not in on)
         memory.use_chunked_loss("loss" in on)

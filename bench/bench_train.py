@@ -16,8 +16,10 @@ with all that and the loss computed chunk by chunk
 with all that and one more: (CUDA) each layer's saved input offloaded to host
 memory (``bailong.memory.OffloadedInput``); the NF4 weights the checkpointed
 recomputation dequantizes kept for the backward (``bailong.recompute``); the MLP
-chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); and (CUDA) the
-last two memory savers together, the offload and the chunked MLP (``FEATURES``).
+chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); (CUDA) the
+last two memory savers together, the offload and the chunked MLP; and, to time
+the layer kernels' LoRA dropout (``bailong_kernels.dropout``) against torch's
+with ``--dropout``, the rows before those with torch's dropout (``FEATURES``).
 All of them are off by default until this benchmark has timed them on a GPU.
 Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
 through /proc/self/clear_refs) on the CPU.
@@ -64,15 +66,17 @@ ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels
         "ours, + layer kernels": "ours-layers",
         "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
         "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
-        "ours, + offloaded layer inputs, chunked MLP": "ours-lean", "transformers+peft+bitsandbytes": "theirs"}
+        "ours, + offloaded layer inputs, chunked MLP": "ours-lean",
+        "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "transformers+peft+bitsandbytes": "theirs"}
 # what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written
 # out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
-# only), the kept dequantized weights (checkpointing only), the chunked MLP
+# only), the kept dequantized weights (checkpointing only), the chunked MLP; LoRA dropout by torch's kernel, not
+# the layer kernels' (bailong.lora_fused.seeded_dropout)
 BASE = {"fused", "layers", "loss"}
 FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
             "ours-layers": {"fused", "layers"}, "ours-all": BASE,
             "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
-            "ours-lean": BASE | {"offload", "mlp"}}
+            "ours-lean": BASE | {"offload", "mlp"}, "ours-torch-dropout": BASE | {"torch-dropout"}}
 
 
 def status(key):
@@ -92,6 +96,7 @@ def run_one(which, folder, args):
         before = status("VmRSS")
     if which.startswith("ours"):
         import bailong
+        from bailong import lora_fused
         from bailong.layer_fused import use_fused_layer
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
         from bailong.memory import use_chunked_loss, use_chunked_mlp
@@ -102,6 +107,8 @@ def run_one(which, folder, args):
         use_fused_layer("autograd" not in on)
         use_chunked_loss("loss" in on)
         use_chunked_mlp("mlp" in on)
+        if "torch-dropout" in on:
+            lora_fused.seeded_dropout = lambda x: None
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")
         inject_lora(model, LoRAConfig(r=args.rank, alpha=2.0 * args.rank, dropout=args.dropout,
                                        targets=tuple(targets)))

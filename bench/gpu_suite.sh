@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
 #
 #   bash bench/gpu_suite.sh                  # all parts
-#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, train, train-8bit, train-long, model
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, train, train-8bit, train-long,
+#                                            # train-dropout, model
 #
 # Each part prints under its own heading and a failing part does not stop the others;
 # the exit status is the number of parts that failed.
@@ -15,7 +16,7 @@ if ! python -c "import bailong_kernels" 2>/dev/null; then
         exit 1
     }
 fi
-parts=("${@:-tests kernels decode host train train-8bit train-long model}")
+parts=("${@:-tests kernels decode host train train-8bit train-long train-dropout model}")
 failed=0
 run() {
     echo "==== $1: ${*:2}"
@@ -35,8 +36,10 @@ for part in ${parts[*]}; do
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long python bench/bench_train.py --setting long \
                     --rows ours-all ours-offload ours-mlp ours-lean theirs ;;  # the 7B afresh: minutes a row
+        train-dropout) run train-dropout python bench/bench_train.py --setting long --dropout 0.05 \
+                       --rows ours-all ours-torch-dropout theirs ;;  # train.py's LoRA dropout: the kernels' and torch's
         model)   run model python bench/bench_model_gpu.py ;;
-        *)       echo "unknown part: $part (tests, kernels, decode, host, train, train-8bit, train-long, model)"
+        *)       echo "unknown part: $part (tests, kernels, decode, host, train, train-8bit, train-long, train-dropout, model)"
                  failed=$((failed + 1)) ;;
     esac
 done

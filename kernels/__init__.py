@@ -12,6 +12,8 @@ this package holds only the switches that decide whether the model runs them:
                                                     bf16 (bailong_kernels.dense_gemv), the head too
     bailong_kernels.layers                          RMSNorm, SwiGLU and RoPE for training, with their backward;
                                                     the chunked loss's cross-entropy
+    bailong_kernels.dropout                         the fused LoRA's dropout, its masks drawn again from a seed
+                                                    in the backward instead of stored
     bailong_kernels.adamw8bit                       a tensor's step of bailong.optim.AdamW8bit (8-bit moments)
 
 Each has its PyTorch reference beside the code it replaces in ``bailong``. On
@@ -27,7 +29,8 @@ once; more rows take the dequantize kernel, then cuBLAS
 Measured speeds: docs/BENCHMARKS.md.
 
 The fused decoding-step kernels (``bailong_kernels.decode``) and the training
-layer kernels (``bailong_kernels.layers``) are off until they are timed on a GPU:
+layer kernels (``bailong_kernels.layers``, and with them ``bailong_kernels.dropout``)
+are off until they are timed on a GPU:
 ``BAILONG_DECODE_KERNELS=1`` / ``use_decode_kernels(True)`` switches the first
 on for inference on CUDA, ``BAILONG_LAYER_KERNELS=1`` / ``use_layer_kernels(True)``
 the second for training on CUDA.

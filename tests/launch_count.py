@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 TRITON_MODULES = ("bailong_kernels.nf4_gemv", "bailong_kernels.nf4_dequant", "bailong_kernels.decode",
-                  "bailong_kernels.layers")  # every module with a kernel
+                  "bailong_kernels.layers", "bailong_kernels.dropout")  # every module with a kernel
 
 
 class Launches(TorchDispatchMode):
@@ -66,11 +66,22 @@ class Counted:
 @contextlib.contextmanager
 def count_launches(monkeypatch):
     """Inside: ``launches.aten`` and ``launches.triton`` list what ran, in order."""
+    from bailong_kernels import dropout
     launches = Launches()
     with monkeypatch.context() as patch:
         for module in map(importlib.import_module, TRITON_MODULES):
             for name, kernel in list(vars(module).items()):
                 if name.endswith("_kernel") and hasattr(kernel, "fn"):
                     patch.setattr(module, name, Counted(kernel, name, launches))
+        patch.setattr(dropout, "philox_key", _uncounted(dropout.philox_key))
         with launches:
             yield launches
+
+
+def _uncounted(philox_key):
+    """The dropout kernels' ``philox_key``, its draw not counted: on CUDA the key is the generator's seed and
+    offset, read on the host, no launch; on the CPU two numbers drawn from the CPU generator (a tensor)."""
+    def key(*args):
+        with _disable_current_modes():
+            return philox_key(*args)
+    return key
