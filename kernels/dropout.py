@@ -55,7 +55,8 @@ def _bits(seed, counters, ROWS: tl.constexpr):
 @triton.jit(do_not_specialize=["seed", "first"])
 def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: tl.constexpr,
                     ROWS: tl.constexpr):
-    numel = numel.to(tl.int64)  # n copies may hold more than 2^31 values
+    # in int64: n copies may hold more than 2^31 values, and counters past 2^31 follow a first one below it
+    numel, first = numel.to(tl.int64), first.to(tl.int64)
     c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # counters
     e = c[:, None] * 8 + tl.arange(0, 8)[None, :]  # (ROWS, 8): their values, 16 bytes of bf16 a thread
     ok = e < numel
@@ -68,7 +69,7 @@ def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: 
 @triton.jit(do_not_specialize=["seed", "first"])
 def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: tl.constexpr,
                         ROWS: tl.constexpr):
-    numel = numel.to(tl.int64)
+    numel, first = numel.to(tl.int64), first.to(tl.int64)
     c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     e = c[:, None] * 8 + tl.arange(0, 8)[None, :]
     ok = e < numel

@@ -156,3 +156,14 @@ def test_fused_lora_with_the_kernels_dropout_trains_as_autograd_on_the_same_mask
     torch.autograd.backward(expected, gs)
     for got, want in zip(ours, [x.grad, *[w.grad for w in As + Bs]] + ([residual.grad] if n == 1 else [])):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_counters_past_two_to_the_31_are_not_wrapped(monkeypatch):
+    """CUDA's generator offset passes 2^31 counters within steps at 7B shapes: a first counter just under it,
+    passed as int32, must not wrap when the projections' counters go past it."""
+    monkeypatch.setattr(D, "philox_key", lambda x, counters: (7, 2**31 - 3))
+    x = torch.randn(9, 40)
+    xs, key = D.dropout(x, 3, 0.5)
+    masks = kept(key, 3, x.shape, 0.5)
+    torch.testing.assert_close(xs, torch.where(masks, x * 2.0, 0.0), atol=0, rtol=0)
+    torch.testing.assert_close(D.dropout_sum(torch.ones(3, 9, 40), key, 0.5), masks.sum(0) * 2.0, atol=0, rtol=0)
