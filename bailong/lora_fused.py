@@ -28,9 +28,10 @@ class LoRAProjection(torch.autograd.Function):
     ``release()``, where given, is called once the backward has used the copies.
     The scaling rides in the matmuls' alpha, the adds in the matmuls (``addmm``): no
     separate multiply or add pass. Kept for the backward: the dropped input, its
-    rank-r projection, the dropout mask and W as stored (NF4 stays packed,
-    dequantized again for the backward, or there the copy a checkpointed layer's
-    recomputation kept: ``bailong.recompute``). With g = dL/dout and u = g B:
+    rank-r projection, the dropout mask (on the training kernels' path its seed) and
+    W as stored (NF4 stays packed, dequantized again for the backward, or there the
+    copy a checkpointed layer's recomputation kept: ``bailong.recompute``). With
+    g = dL/dout and u = g B:
 
         dL/dx = g W + s u A (dropout's mask applied to the second term)
         dL/dA = s u^T x_d           dL/dB = s g^T (x_d A^T)          dL/dresidual = g
@@ -157,10 +158,11 @@ def seeded_dropout(x):
 
 
 def _dropped(x2, n, p):
-    """n copies of x2 (tokens, in), each dropped by its own mask of probability p, (n, tokens, in), and what
-    the backward needs to apply the masks again (``_through_masks``): (the masks, None) from torch's
-    ``native_dropout``, the masks n calls of ``F.dropout`` draw in turn on the CPU; or on the training kernels'
-    path (None, their Philox key), nothing stored: ``bailong_kernels.dropout`` draws them again."""
+    """(xs, mask, key): n copies of x2 (tokens, in), each dropped by its own mask of probability p, (n, tokens,
+    in), and what the backward needs to apply the masks again (``_through_masks``). From torch's
+    ``native_dropout`` the masks (key None), those n calls of ``F.dropout`` draw in turn on the CPU; on the
+    training kernels' path their Philox key (mask None): nothing stored, ``bailong_kernels.dropout`` draws them
+    again."""
     if (kernels := seeded_dropout(x2)) is not None:
         xs, key = kernels.dropout(x2, n, p)
         return xs, None, key

@@ -281,6 +281,8 @@ def compile_all(arch):
         compiled = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, 2**40 + 3, 2**40 + 5, 3277, 1.05, grid=(1,), **meta)
         rows.append(describe(case, kernel, meta, compiled, arch))
         rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / (3 * 8 * dropout.ROWS / 128), 1)
+        compiled = kernel.warmup(x, x, 1, 1, 3, 5, 1, 1.0, grid=(1,), **meta)  # arguments equal to 1: not constants
+        rows.append(describe(case + ", one value, threshold 1", kernel, meta, compiled, arch))
     # AdamW with 8-bit moments on a float32 LoRA weight, as bailong.optim.AdamW8bit launches it
     weight, codes, t = torch.empty(128 * 4096), torch.empty(128 * 4096, dtype=torch.uint8), adamw_tables("cpu")
     maxima = torch.empty(128 * 4096 // ADAMW_BLOCK)

@@ -15,7 +15,8 @@ four random words of counter f + j C + c (f: the key's first counter; C =
 ceil(numel / 8)), word k // 2's low half for even k, its high half for odd. It
 is kept if those bits are at least ``threshold`` = round(65,536 p): p is taken
 to the nearest 1/65,536 (0.05 as 0.0500031), and the kept values are scaled by
-65,536 / (65,536 - threshold), so that the expectation stays x. A thread draws
+65,536 / (65,536 - threshold), so that the expectation stays x (p = 1 keeps
+nothing). A thread draws
 a counter's words and reads or writes its 8 values at once (16 bytes of bf16):
 a warp's accesses are 512 contiguous bytes.
 
@@ -40,7 +41,7 @@ import triton.language as tl
 
 from bailong_kernels.nf4_dequant import _join8, cdiv, launch_device
 
-HALF_WORDS = 65536  # a decision's 16 bits
+LEVELS = 1 << 16  # the values of a decision's 16 bits
 ROWS = 256  # counters a program: 256 x 8 values
 
 
@@ -52,42 +53,46 @@ def _bits(seed, counters, ROWS: tl.constexpr):
     return _join8((r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16), ROWS)
 
 
-@triton.jit(do_not_specialize=["seed", "first"])
-def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: tl.constexpr,
-                    ROWS: tl.constexpr):
-    # in int64: n copies may hold more than 2^31 values, and counters past 2^31 follow a first one below it
-    numel, first = numel.to(tl.int64), first.to(tl.int64)
+# The key and the threshold are not specialized: Triton makes an integer argument equal to 1 a constant, and one
+# divisible by 16 another kernel. numel and C are (their divisibility lets the loads and stores take 16 bytes).
+@triton.jit(do_not_specialize=["seed", "first", "cut"])
+def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.constexpr, ROWS: tl.constexpr):
+    # in int64 (added to an int64 zero: numel or C may be a constant 1): n copies may hold more than 2^31
+    # values, and counters past 2^31 follow a first one below it
+    numel, C, first = numel + tl.zeros((), tl.int64), C + tl.zeros((), tl.int64), first.to(tl.int64)
     c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # counters
     e = c[:, None] * 8 + tl.arange(0, 8)[None, :]  # (ROWS, 8): their values, 16 bytes of bf16 a thread
     ok = e < numel
     x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
     for j in tl.static_range(N):  # xs[j] = keep_j * x / (1 - p)
-        kept = _bits(seed, first + j * C + c, ROWS) >= threshold.to(tl.uint32)
+        kept = _bits(seed, first + j * C + c, ROWS) >= cut.to(tl.uint32)
         tl.store(out_ptr + j * numel + e, tl.where(kept, x * scale, 0.0), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed", "first"])
-def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed, first, threshold, scale, N: tl.constexpr,
-                        ROWS: tl.constexpr):
-    numel, first = numel.to(tl.int64), first.to(tl.int64)
+@triton.jit(do_not_specialize=["seed", "first", "cut"])
+def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.constexpr, ROWS: tl.constexpr):
+    numel, C, first = numel + tl.zeros((), tl.int64), C + tl.zeros((), tl.int64), first.to(tl.int64)
     c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     e = c[:, None] * 8 + tl.arange(0, 8)[None, :]
     ok = e < numel
     total = tl.zeros((ROWS, 8), tl.float32)
     for j in tl.static_range(N):  # dL/dx = sum_j keep_j * g_j / (1 - p)
-        kept = _bits(seed, first + j * C + c, ROWS) >= threshold.to(tl.uint32)
+        kept = _bits(seed, first + j * C + c, ROWS) >= cut.to(tl.uint32)
         g = tl.load(g_ptr + j * numel + e, mask=ok, other=0.0).to(tl.float32)
         total += tl.where(kept, g, 0.0)
-    tl.store(out_ptr + e, total * scale, mask=ok)  # out may be g itself (n = 1): each value read, then written
+    tl.store(out_ptr + e, total * scale, mask=ok)  # out may be g[0]: a thread reads its values before it writes
 
 
 def threshold(p) -> int:
-    """The 16-bit threshold of dropout probability p (0 <= p < 1): round(65,536 p), at most 65,535."""
-    return min(round(p * HALF_WORDS), HALF_WORDS - 1)
+    """The 16-bit threshold of dropout probability p (0 <= p <= 1): round(65,536 p); at 65,536 (p = 1) nothing is
+    kept, as in torch's dropout."""
+    return min(round(p * LEVELS), LEVELS)
 
 
 def _scale(p) -> float:
-    return HALF_WORDS / (HALF_WORDS - threshold(p))
+    """What the kept values are multiplied by: 65,536 / (65,536 - threshold), the expectation kept; 0 at p = 1."""
+    kept = LEVELS - threshold(p)
+    return LEVELS / kept if kept else 0.0
 
 
 def philox_key(x, counters) -> tuple[int, int]:
@@ -101,9 +106,9 @@ def philox_key(x, counters) -> tuple[int, int]:
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("LoRA dropout's kernels take their seed on the host: not inside a CUDA graph's capture")
     generator = torch.cuda.default_generators[x.device.index]
-    offset = generator.get_offset()  # a multiple of 4
+    offset = generator.get_offset()  # torch keeps it a multiple of 4: offset // 4 is past every counter it used
     generator.set_offset(offset + 4 * counters)
-    return generator.initial_seed() % 2**63, offset // 4  # a seed Triton takes as int64
+    return generator.initial_seed() % 2**63, offset // 4  # the seed as int64 always: one compiled kernel
 
 
 def dropout(x, n, p):

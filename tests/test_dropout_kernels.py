@@ -114,8 +114,10 @@ def test_a_key_is_drawn_again_from_the_same_random_state():
     assert first[1] == second[1] and torch.equal(first[0], second[0])
 
 
-def test_p_is_taken_to_the_nearest_65536th():
-    assert [D.threshold(p) for p in (0.0, 0.05, 0.5, 1 - 1e-9)] == [0, 3277, 32768, 65535]
+def test_p_is_taken_to_the_nearest_65536th_and_1_keeps_nothing():
+    assert [D.threshold(p) for p in (0.0, 0.05, 0.5, 1 - 1e-9, 1.0)] == [0, 3277, 32768, 65536, 65536]
+    xs, key = D.dropout(torch.randn(40, 40), 2, 1.0)
+    assert not xs.any() and not D.dropout_sum(torch.randn(2, 40, 40), key, 1.0).any()  # as torch's dropout
 
 
 @pytest.mark.parametrize("n", [1, 3])

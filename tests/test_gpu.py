@@ -340,11 +340,16 @@ def test_lora_dropout_kernels_on_cuda_in_bfloat16():
     from bailong_kernels import dropout as D
     from test_dropout_kernels import kept
     x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
-    state = torch.cuda.get_rng_state()
+    generator = torch.cuda.default_generators[0]
+    state, offset = torch.cuda.get_rng_state(), generator.get_offset()
     xs, key = D.dropout(x, 3, 0.05)
+    counters = 3 * x.numel() // 8
+    assert key[1] == offset // 4 and generator.get_offset() == offset + 4 * counters  # past ours for torch's
     torch.cuda.set_rng_state(state)
     again, same = D.dropout(x, 3, 0.05)
-    assert same == key and torch.equal(again, xs) and D.dropout(x, 3, 0.05)[1] != key
+    assert same == key and torch.equal(again, xs)
+    torch.nn.functional.dropout(x, 0.1)  # torch's kernels take the offset past it, and ours theirs
+    assert D.dropout(x, 3, 0.05)[1][1] > key[1] + counters
     masks = kept(key, 3, x.shape, 0.05)  # on the CPU
     scale = 65536 / (65536 - D.threshold(0.05))
     assert torch.equal(xs, torch.where(masks.cuda(), x.float() * scale, 0.0).bfloat16())
