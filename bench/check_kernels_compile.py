@@ -282,7 +282,7 @@ def compile_all(arch):
         rows.append(describe(case, kernel, meta, compiled, arch))
         rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / (3 * 8 * dropout.ROWS / 128), 1)
         compiled = kernel.warmup(x, x, 1, 1, 3, 5, 1, 1.0, grid=(1,), **meta)  # arguments equal to 1: not constants
-        rows.append(describe(case + ", one value, threshold 1", kernel, meta, compiled, arch))
+        rows.append(describe(case + ", one value, threshold 1 (scalar loads)", kernel, meta, compiled, arch))
     # AdamW with 8-bit moments on a float32 LoRA weight, as bailong.optim.AdamW8bit launches it
     weight, codes, t = torch.empty(128 * 4096), torch.empty(128 * 4096, dtype=torch.uint8), adamw_tables("cpu")
     maxima = torch.empty(128 * 4096 // ADAMW_BLOCK)
