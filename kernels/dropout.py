@@ -53,16 +53,22 @@ def _bits(seed, counters, ROWS: tl.constexpr):
     return _join8((r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF, r3 >> 16), ROWS)
 
 
+@triton.jit
+def _tile(numel, C, first, ROWS: tl.constexpr):
+    """This program's counters c (ROWS,), their values e (ROWS, 8) (16 bytes of bf16 a thread) and which exist,
+    with numel, C and the first counter in int64 (added to an int64 zero: numel or C may be a constant 1): n
+    copies may hold more than 2^31 values, and counters past 2^31 follow a first one below it."""
+    numel, C, first = numel + tl.zeros((), tl.int64), C + tl.zeros((), tl.int64), first.to(tl.int64)
+    c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    e = c[:, None] * 8 + tl.arange(0, 8)[None, :]
+    return c, e, e < numel, numel, C, first
+
+
 # The key and the threshold are not specialized: Triton makes an integer argument equal to 1 a constant, and one
 # divisible by 16 another kernel. numel and C are (their divisibility lets the loads and stores take 16 bytes).
 @triton.jit(do_not_specialize=["seed", "first", "cut"])
 def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.constexpr, ROWS: tl.constexpr):
-    # in int64 (added to an int64 zero: numel or C may be a constant 1): n copies may hold more than 2^31
-    # values, and counters past 2^31 follow a first one below it
-    numel, C, first = numel + tl.zeros((), tl.int64), C + tl.zeros((), tl.int64), first.to(tl.int64)
-    c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # counters
-    e = c[:, None] * 8 + tl.arange(0, 8)[None, :]  # (ROWS, 8): their values, 16 bytes of bf16 a thread
-    ok = e < numel
+    c, e, ok, numel, C, first = _tile(numel, C, first, ROWS)
     x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
     for j in tl.static_range(N):  # xs[j] = keep_j * x / (1 - p)
         kept = _bits(seed, first + j * C + c, ROWS) >= cut.to(tl.uint32)
@@ -71,10 +77,7 @@ def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.con
 
 @triton.jit(do_not_specialize=["seed", "first", "cut"])
 def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.constexpr, ROWS: tl.constexpr):
-    numel, C, first = numel + tl.zeros((), tl.int64), C + tl.zeros((), tl.int64), first.to(tl.int64)
-    c = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    e = c[:, None] * 8 + tl.arange(0, 8)[None, :]
-    ok = e < numel
+    c, e, ok, numel, C, first = _tile(numel, C, first, ROWS)
     total = tl.zeros((ROWS, 8), tl.float32)
     for j in tl.static_range(N):  # dL/dx = sum_j keep_j * g_j / (1 - p)
         kept = _bits(seed, first + j * C + c, ROWS) >= cut.to(tl.uint32)
