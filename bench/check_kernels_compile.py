@@ -16,10 +16,19 @@ whether a GEMV can be bound by memory at all (a static measure: the GPU times);
 and whether that loop touches shared memory, which in these loops means values
 moved between threads every step (a layout conversion Triton chose).
 
-    python bench/check_kernels_compile.py          # exit status 1 if anything fails to compile or spills
+    python bench/check_kernels_compile.py                 # exit status 1 if anything fails to compile or spills
+    python bench/check_kernels_compile.py --allow-spills  # spills reported, not failed: under another Triton
+
+Each Triton version parses, lays out and allocates registers its own way: a kernel
+that compiles under one may fail to compile under an older one (a nested tuple
+target, ``(a, b), (c, d) = ...``, fails in 3.3 to 3.7), and small spills come and
+go between versions (docs/BENCHMARKS.md, "The kernels under other Triton
+versions"). CI runs it under the newest Triton, spills failing, then under 3.6,
+torch 2.11's, with ``--allow-spills``.
 
 Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
+import argparse
 import os
 import re
 import subprocess
@@ -296,6 +305,9 @@ def compile_all(arch):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--allow-spills", action="store_true", help="report spills without failing (another Triton)")
+    args = parser.parse_args()
     if not CUOBJDUMP.exists():
         sys.exit(f"{CUOBJDUMP}: missing; this Triton build has no NVIDIA backend tools")
     rows = [row for arch in (90, 80) for row in compile_all(arch)]
@@ -310,7 +322,7 @@ def main():
     moved = [r for r in rows if r.get("shuffle_tables") == "MOVED"]
     for r in moved:
         print(f"shuffle tables moved between lanes: {r['arch']} {r['case']} {r['config']}: the codes would be wrong")
-    return 1 if spilled or moved else 0
+    return 1 if (spilled and not args.allow_spills) or moved else 0
 
 
 if __name__ == "__main__":
