@@ -16,6 +16,20 @@ if ! python -c "import bailong_kernels" 2>/dev/null; then
         exit 1
     }
 fi
+# the versions every figure below depends on (the kernels compile differently under each Triton: docs/BENCHMARKS.md)
+python - <<'VERSIONS'
+import importlib.metadata as metadata
+import torch
+names = ("torch", "triton", "bitsandbytes", "transformers", "peft")
+versions = []
+for name in names:
+    try:
+        versions.append(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        versions.append(f"{name} absent")
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+print(f"{gpu}, CUDA {torch.version.cuda}; " + ", ".join(versions))
+VERSIONS
 parts=("${@:-tests kernels decode host train train-8bit train-long train-dropout model}")
 failed=0
 run() {
