@@ -2,11 +2,16 @@
 # Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
 #
 #   bash bench/gpu_suite.sh                  # all parts
-#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, train, train-8bit, train-long,
-#                                            # train-dropout, model
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, first, train, train-8bit,
+#                                            # train-long, train-dropout, model
+#   GPU_SUITE_SECONDS=540 bash bench/gpu_suite.sh tests first decode kernels    # as much as fits in 9 minutes
 #
-# Each part prints under its own heading and a failing part does not stop the others;
-# the exit status is the number of parts that failed.
+# Each part prints under its own heading and a failing part does not stop the others; the
+# exit status is the number of parts that failed or ran out of time. With GPU_SUITE_SECONDS
+# the parts share that many seconds, in the order given: a part is stopped when they are
+# spent, and one not begun with under a minute left is skipped. Each part's time is printed,
+# and a summary last. ``first`` is the training targets' first look: setting (a) with the
+# fastest path and setting (b) with the leanest, each against transformers+PEFT+bitsandbytes.
 cd "$(dirname "$0")/.." || exit 1
 # the package itself, over whatever torch and triton the machine has (without --no-deps pip would pin torch):
 # with a fresh setuptools from the index where one is reachable, else with the machine's own (64 or newer)
@@ -31,12 +36,29 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"{gpu}, CUDA {torch.version.cuda}; " + ", ".join(versions))
 VERSIONS
 parts=("${@:-tests kernels decode host train train-8bit train-long train-dropout model}")
+budget=${GPU_SUITE_SECONDS:-0}  # 0: no limit
 failed=0
+summary=()
 run() {
-    echo "==== $1: ${*:2}"
-    local start=$SECONDS
-    "${@:2}" || { echo "==== $1 FAILED"; failed=$((failed + 1)); }
-    echo "==== $1 took $((SECONDS - start)) s"
+    local name=$1 limit=() left=$((budget - SECONDS))
+    if ((budget)); then
+        if ((left < 60)); then
+            echo "==== $name skipped: $left s of GPU_SUITE_SECONDS left"
+            summary+=("$name: skipped") && failed=$((failed + 1)) && return
+        fi
+        limit=(timeout --kill-after=10 "$left")  # the part's process group: its row subprocesses too
+    fi
+    echo "==== $name: ${*:2}"
+    local start=$SECONDS status=ok
+    "${limit[@]}" "${@:2}"
+    case $? in
+        0) ;;
+        124 | 137) status="stopped: GPU_SUITE_SECONDS spent" && echo "==== $name $status" ;;
+        *) status=FAILED && echo "==== $name FAILED" ;;
+    esac
+    [[ $status == ok ]] || failed=$((failed + 1))
+    summary+=("$name: $status, $((SECONDS - start)) s")
+    echo "==== $name took $((SECONDS - start)) s"
 }
 for part in ${parts[*]}; do
     case $part in
@@ -44,6 +66,8 @@ for part in ${parts[*]}; do
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         decode)  run decode python bench/bench_decode.py ;;
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
+        first)   run first-recipe python bench/bench_train.py --setting recipe --rows ours ours-all theirs
+                 run first-long python bench/bench_train.py --setting long --rows ours-lean theirs ;;
         train)   run train python bench/bench_train.py --setting recipe --profile \
                  --rows ours ours-fused ours-autograd ours-layers ours-all ours-offload ours-keep theirs ;;  # each loads
         train-8bit) run train-8bit python bench/bench_train.py --setting recipe --optimizer adamw8bit \
@@ -53,8 +77,11 @@ for part in ${parts[*]}; do
         train-dropout) run train-dropout python bench/bench_train.py --setting long --dropout 0.05 \
                        --rows ours-all ours-torch-dropout theirs ;;  # train.py's LoRA dropout: the kernels' and torch's
         model)   run model python bench/bench_model_gpu.py ;;
-        *)       echo "unknown part: $part (tests, kernels, decode, host, train, train-8bit, train-long, train-dropout, model)"
+        *)       echo "unknown part: $part (tests, kernels, decode, host, first, train, train-8bit, train-long," \
+                      "train-dropout, model)"
                  failed=$((failed + 1)) ;;
     esac
 done
+echo "==== summary"
+printf '%s\n' "${summary[@]}"
 exit $failed
