@@ -64,7 +64,7 @@ def autograd_nodes(tensor, inside=False):
     from torch.utils._python_dispatch import _disable_current_modes
 
     from bailong.recompute import recomputing, replayed
-    nodes, todo, seen = collections.Counter(), [tensor.grad_fn], set()
+    nodes, todo, seen, outputs = collections.Counter(), [tensor.grad_fn], set(), []
     while todo:
         node = todo.pop()
         if node is not None and node not in seen:
@@ -74,7 +74,8 @@ def autograd_nodes(tensor, inside=False):
             if inside and type(node).__name__ == "RecomputedBackward":
                 x, = node.saved_tensors
                 with _disable_current_modes(), replayed(x, node.state), recomputing():
-                    todo.append(node.layer(x.detach().requires_grad_(), *node.args).grad_fn)
+                    outputs.append(node.layer(x.detach().requires_grad_(), *node.args))  # kept: an output let go
+                todo.append(outputs[-1].grad_fn)  # frees its node's graph on some torch versions (2.11)
     return nodes
 
 
