@@ -177,7 +177,7 @@ def _word_dots(codes, x_ptr, k0, K, C: tl.constexpr, MASKED: tl.constexpr):
         else:
             pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + k)
         p0, p1, p2, p3 = _split4(pairs, C)
-        x0, x1 = _widen_bf16(p0)  # one pair at a time: Triton before 3.7 cannot parse nested tuple targets
+        x0, x1 = _widen_bf16(p0)  # one pair at a time: Triton before 3.8 cannot parse nested tuple targets
         x2, x3 = _widen_bf16(p1)
         x4, x5 = _widen_bf16(p2)
         x6, x7 = _widen_bf16(p3)
