@@ -23,17 +23,12 @@ if ! python -c "import bailong_kernels" 2>/dev/null; then
 fi
 # the versions every figure below depends on (the kernels compile differently under each Triton: docs/BENCHMARKS.md)
 python - <<'VERSIONS'
-import importlib.metadata as metadata
+from importlib import metadata, util
 import torch
-names = ("torch", "triton", "bitsandbytes", "transformers", "peft")
-versions = []
-for name in names:
-    try:
-        versions.append(f"{name} {metadata.version(name)}")
-    except metadata.PackageNotFoundError:
-        versions.append(f"{name} absent")
+names = ("torch", "triton", "bitsandbytes", "transformers", "peft")  # each imported by the name it is installed by
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-print(f"{gpu}, CUDA {torch.version.cuda}; " + ", ".join(versions))
+print(f"{gpu}, CUDA {torch.version.cuda}; "
+      + ", ".join(f"{n} {metadata.version(n) if util.find_spec(n) else 'absent'}" for n in names))
 VERSIONS
 parts=("${@:-tests kernels decode host train train-8bit train-long train-dropout model}")
 budget=${GPU_SUITE_SECONDS:-0}  # 0: no limit
