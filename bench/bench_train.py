@@ -47,6 +47,7 @@ weights (their LoRA A draws differ), so they should stay within bf16 noise.
 """
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -286,6 +287,8 @@ def main():
     config.num_hidden_layers = args.layers or config.num_hidden_layers
     if args.count:
         return count(config, args)
+    # stopped by a time limit (bench/gpu_suite.sh), the checkpoint's folder (13.5 GB at 7B) is still removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM: the temporary checkpoint removed"))
     with tempfile.TemporaryDirectory() as tmp:
         with torch.device("meta"):  # in bfloat16, as Llama 2's checkpoints are: half the disk and the reading
             model = bailong.Llama(config).to(torch.bfloat16)
