@@ -35,7 +35,7 @@ from torch.nn.modules import module as nn_module
 from bailong.lora import LoRALinear
 from bailong.lora_fused import LoRAProjection, LoRAShared, frozen_addmm
 from bailong.memory import chunked_mlp_on
-from bailong.recompute import forward_state, keeping, nothing_saved, recomputing, replayed
+from bailong.recompute import as_forward, forward_state, keeping, nothing_saved, recomputing, replayed
 
 _fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
 
@@ -115,7 +115,7 @@ class FusedLayer(torch.autograd.Function):
     def backward(ctx, g):
         x, = ctx.saved_tensors
         want_x = ctx.needs_input_grad[5]  # x's
-        with replayed(x, ctx.state), recomputing(), keeping(ctx.keep), torch.no_grad():
+        with replayed(x, ctx.state), as_forward(x, ctx.state), recomputing(), keeping(ctx.keep), torch.no_grad():
             _, parts = _forward(ctx.layer, ctx.kernels, x, ctx.cos, ctx.sin, want_x, recompute=True)
         return None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)
 

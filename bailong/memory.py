@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from bailong.lora import casts_kept
-from bailong.recompute import (dequantized_once, forward_state, is_recomputing, nothing_saved, recomputing,
-                               replayed)
+from bailong.recompute import (as_forward, dequantized_once, forward_state, is_recomputing, nothing_saved,
+                               recomputing, replayed)
 
 _chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "0") not in ("", "0")
 LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
@@ -160,7 +160,8 @@ class ChunkedMLP(torch.autograd.Function):
             dx_parts = _rows(dx, ctx.chunk) if want_x else None
             for i, (x_part, g_part) in enumerate(zip(_rows(x, ctx.chunk), _rows(g, ctx.chunk))):
                 x_part = x_part.detach().requires_grad_(want_x)
-                with recomputing():  # y's values are never read: g stands in for the residual (y is linear in it)
+                # y's values are never read: g stands in for the residual (y is linear in it)
+                with recomputing(), as_forward(x, ctx.state):
                     y = ctx.mlp(x_part.view_as(x_part), g_part)  # not the leaf itself: hooks on the MLP's input
                 parts = torch.autograd.grad(y, [x_part] * want_x + params, g_part, allow_unused=True)
                 if want_x:

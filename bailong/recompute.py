@@ -82,7 +82,7 @@ class Recomputed(torch.autograd.Function):
         params = [p for p, wanted in zip(ctx.params, ctx.needs_input_grad[4:]) if wanted]
         with replayed(x, ctx.state):
             x_ = x.detach().requires_grad_(want_x)
-            with recomputing(), keeping(ctx.keep):
+            with recomputing(), keeping(ctx.keep), as_forward(x, ctx.state):
                 y = ctx.layer(x_.view_as(x_), *ctx.args)  # not the leaf itself: hooks on the layer's input
             grads = iter(torch.autograd.grad(y, [x_] * want_x + params, g, allow_unused=True))
         dx = next(grads) if want_x else None
@@ -90,8 +90,8 @@ class Recomputed(torch.autograd.Function):
 
 
 def forward_state(x):
-    """What a forward ran under that a replay of it needs (``replayed``): the random states (CPU, and x's CUDA
-    device) and the autocast dtype (None: off)."""
+    """What a forward ran under that a replay of it needs (``replayed``, ``as_forward``): the random states
+    (CPU, and x's CUDA device) and the autocast dtype (None: off)."""
     device = x.device.type
     on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
     random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
@@ -100,22 +100,24 @@ def forward_state(x):
 
 @contextlib.contextmanager
 def replayed(x, state):
-    """Within: gradients on, the random states and autocast a forward had (``forward_state``), to run it again
-    alike; the random states after it as before it."""
-    (cpu, device_state), dtype = state
-    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad(), \
-            _autocast(x.device.type, dtype):
+    """Within: gradients on and the random states a forward had (``forward_state``), to run it again alike; the
+    random states after it as before it. Its autocast: ``as_forward``, around the recomputation alone."""
+    cpu, device_state = state[0]
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad():
         torch.set_rng_state(cpu)
         if device_state is not None:
             torch.cuda.set_rng_state(device_state, x.device)
         yield
 
 
-def _autocast(device, dtype):
-    """Autocast as a forward had it (dtype None: off), on a device that has autocast (not the meta device)."""
-    if not torch.amp.is_autocast_available(device):
+def as_forward(x, state):
+    """Autocast as a forward had it (``forward_state``; off where it was, and on a device without autocast: the
+    meta device), for its recomputation. The backward through that runs outside it, as autograd's own backward
+    does: under CUDA's autocast ``sum`` and other reductions return float32 (CPU's keep bf16)."""
+    dtype = state[1]
+    if not torch.amp.is_autocast_available(x.device.type):
         return contextlib.nullcontext()
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def nothing_saved():

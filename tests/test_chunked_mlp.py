@@ -179,3 +179,20 @@ def test_the_switch_chunks_only_where_a_gradient_is_wanted_and_the_tokens_make_m
     assert memory.chunked_mlp(frozen.unchunked, x, residual, width, frozen.parameters()) is None
     assert memory.use_chunked_mlp(False) is True and memory._chunked_mlp is False
     assert memory.chunked_mlp(mlp.unchunked, x, residual, width, mlp.parameters()) is None
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_the_backwards_run_outside_the_forwards_autocast(monkeypatch, chunked):
+    """bf16 autocast, fused LoRA, dropout, checkpointing (each layer one node), the MLP whole or in chunks: a
+    recomputation runs under the autocast its forward had, the backward through it under none, as autograd's
+    own backward does. (Under CUDA's autocast ``sum`` returns float32, where CPU's keeps bf16: the dropout
+    masks' gradients summed in float32 then met bf16 in a matmul, and the first backward failed on CUDA.)"""
+    from bailong.lora_fused import LoRAProjection, LoRAShared
+    autocast = []
+    for node in (LoRAProjection, LoRAShared):
+        def backward(ctx, *gs, original=node.backward):
+            autocast.append(torch.is_autocast_enabled("cpu"))
+            return original(ctx, *gs)
+        monkeypatch.setattr(node, "backward", staticmethod(backward))
+    steps(monkeypatch, chunked, True, True, dropout=0.1, autocast=True)
+    assert len(autocast) >= 3 * 2 * 4 and not any(autocast), autocast  # 3 steps, 2 layers: q/k/v, o, gate/up, down

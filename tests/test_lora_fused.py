@@ -63,7 +63,7 @@ def autograd_nodes(tensor, inside=False):
 
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from bailong.recompute import recomputing, replayed
+    from bailong.recompute import as_forward, recomputing, replayed
     nodes, todo, seen, outputs = collections.Counter(), [tensor.grad_fn], set(), []
     while todo:
         node = todo.pop()
@@ -73,7 +73,7 @@ def autograd_nodes(tensor, inside=False):
             todo += [next_node for next_node, _ in node.next_functions]
             if inside and type(node).__name__ == "RecomputedBackward":
                 x, = node.saved_tensors
-                with _disable_current_modes(), replayed(x, node.state), recomputing():
+                with _disable_current_modes(), replayed(x, node.state), as_forward(x, node.state), recomputing():
                     outputs.append(node.layer(x.detach().requires_grad_(), *node.args))  # kept: an output let go
                 todo.append(outputs[-1].grad_fn)  # frees its node's graph on some torch versions (2.11)
     return nodes
