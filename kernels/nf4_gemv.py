@@ -16,7 +16,7 @@ in its high nibble, so weight j of a word sits at bit 4 * (j ^ 1): 4, 0, 12, 8,
 means the weights never need to be put back in order: a dot product does not care.
 
 At M = 1 this loop is bound by issuing instructions, not by memory: compiled for
-sm_90 its body spends about 20 instructions a weight (the sums across threads at
+sm_90 its body spends about 13 instructions a weight (the sums across threads at
 every step, masks, the scale found for every word), while reading the 4-bit
 weights at an H200's bandwidth leaves room for about 4. A second loop
 (``_gemv_rows_at_end``, a tile's ``at_end``) gives each thread chunks of 4
@@ -30,7 +30,7 @@ lane is the nibble itself copies it over, one instruction where a load costs
 four (mask, 64-bit address, load); and it reads bf16 x two values an int32,
 widened to float32 by moving bits. Compiled for sm_90 at one row of x: 4.1-5.3
 instructions a weight (1 to 4 rows of W a thread), 6.8-8.1 with the codes from
-the L1 cache (``SHUFFLES = False``), 19.8 for the first loop
+the L1 cache (``SHUFFLES = False``), 13.2 for the first loop
 (bench/check_kernels_compile.py counts them).
 The interpreter runs no PTX: there it loads the codes. It is in the
 benchmark's tile sweep and becomes the default once a GPU run times it faster.
@@ -91,7 +91,11 @@ def _nf4_tile_and_scale(w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, of
     """The packed words W[rn, word_id] (int32, (BN, WORDS, 1)) and the float32 scale of each word's block."""
     words_per_row = K // 8
     ok = (rn < N) & (word_id < words_per_row)
-    words = tl.load(w_ptr + rn.to(tl.int64) * words_per_row + word_id, mask=ok, other=0)
+    # a word a thread a load (a warp's 32 in a row: 128 bytes, coalesced), laid out over the threads as x's rows
+    # of 8 are: else (two a thread) Triton converts between the layouts each step, the words (3.3 to 3.8) or
+    # from 3.9 the 8 code addresses of each (64 shuffles, 128 selects a thread a step)
+    words = tl.load(tl.max_contiguous(w_ptr + rn.to(tl.int64) * words_per_row + word_id, [1, 1, 1]), mask=ok,
+                    other=0)
     scale = _block_scale(rn * (K // BLOCKSIZE) + word_id // (BLOCKSIZE // 8), ok, absmax_ptr, nested_map_ptr,
                          nested_absmax_ptr, offset_ptr, DOUBLE_QUANT)
     return words, scale
