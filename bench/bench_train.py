@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -246,6 +247,22 @@ def count(config, args):
                       "adamw_bytes": adamw_bytes, "trainable": trained}))
 
 
+def random_checkpoint(config, folder, device):
+    """A random checkpoint of ``config`` in bfloat16, as Llama 2's are (half the disk and the reading), written to
+    ``folder``: drawn on ``device`` (a GPU draws 7B weights in a second, the CPU in minutes), written from the
+    CPU."""
+    import bailong
+    from bailong.model import init_weights
+    with torch.device("meta"):
+        model = bailong.Llama(config).to(torch.bfloat16)
+    model.to_empty(device=device)
+    model.tie_weights()
+    init_weights(model).cpu()
+    if device != "cpu":
+        torch.cuda.empty_cache()  # the rows' processes get the whole GPU
+    bailong.save(model, folder)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tinyllama-1.1b")
@@ -271,6 +288,8 @@ def main():
                    "by GPU time, the kernels launched, how busy the GPU was")
     p.add_argument("--count", action="store_true", help="count what one step computes and moves instead of timing "
                    "it: on the meta device, nothing run, no GPU needed")
+    p.add_argument("--checkpoint", help="a folder for the random checkpoint: written there once if it does not exist, "
+                   "else read (a checkpoint of the same shape), and kept; by default a temporary folder, removed")
     p.add_argument("--which", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -279,9 +298,7 @@ def main():
     args.checkpointing = args.checkpointing == "on" or args.checkpointing == "auto" and args.device == "cuda"
     if args.which:
         return run_one(args.which, args.folder, args)
-    import bailong
-    from bailong.config import preset
-    from bailong.model import init_weights
+    from bailong.config import ModelConfig, preset
     started = time.perf_counter()
     config = preset(args.preset)
     config.num_hidden_layers = args.layers or config.num_hidden_layers
@@ -289,14 +306,23 @@ def main():
         return count(config, args)
     # stopped by a time limit (bench/gpu_suite.sh), the checkpoint's folder (13.5 GB at 7B) is still removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM: the temporary checkpoint removed"))
-    with tempfile.TemporaryDirectory() as tmp:
-        with torch.device("meta"):  # in bfloat16, as Llama 2's checkpoints are: half the disk and the reading
-            model = bailong.Llama(config).to(torch.bfloat16)
-        model.to_empty(device="cpu")
-        model.tie_weights()
-        bailong.save(init_weights(model), tmp)
-        del model
-        print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.checkpoint:  # written beside where it will stay (a rename once whole), else in the system's temp folder
+        Path(args.checkpoint).resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.checkpoint and Path(args.checkpoint).resolve().parent) as tmp:
+        folder = Path(args.checkpoint) if args.checkpoint else Path(tmp, "random")
+        if args.checkpoint and folder.exists():
+            config_file = folder / "config.json"
+            if not config_file.exists():
+                sys.exit(f"{folder}: not a checkpoint (no config.json); name a new folder or one written before")
+            if ModelConfig.from_file(config_file).to_hf() != config.to_hf():
+                sys.exit(f"{config_file}: a checkpoint of another shape than {args.preset} with "
+                         f"{config.num_hidden_layers} layers; name another folder")
+            print(f"the checkpoint in {folder}", flush=True)
+        else:
+            random_checkpoint(config, Path(tmp, "random"), args.device)
+            if args.checkpoint:
+                Path(tmp, "random").rename(folder)
+            print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
         where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
               f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.optimizer}, activation "
@@ -308,7 +334,7 @@ def main():
                     or on & {"offload", "keep"} and not args.checkpointing):  # nothing recomputed
                 continue
             started = time.perf_counter()
-            cmd = [sys.executable, __file__, "--which", flag, "--folder", tmp, *sys.argv[1:]]
+            cmd = [sys.executable, __file__, "--which", flag, "--folder", str(folder), *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True)
             took = f"({time.perf_counter() - started:.0f} s with loading)"
             if out.returncode:
