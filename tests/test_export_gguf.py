@@ -4,7 +4,6 @@ import json
 import re
 import shutil
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,8 @@ from bailong.vocab import main as vocab_main
 from bailong.zip_tie import extend_model
 from bailong.training import SAMPLES
 from conftest import ROOT, asset
+
+gguf = pytest.importorskip("gguf", reason="the gguf package (requirements.txt) reads the files back")
 
 TEXTS = ["臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。", "The quick brown fox jumps over the lazy dog; 42 apples cost $3.50.",
          "Llama 2 把臺灣說成 three bytes 一個字, isn't it 奇怪?", "😀🎉 𠮷野家 ㄅㄆㄇㄈ 龘 — ñandú façade"]

@@ -3,13 +3,14 @@ import itertools
 import json
 import re
 
-import bitsandbytes.functional as bnb
 import pytest
 import torch
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
 from bailong.errors import BailongError
 from bailong.nf4 import BLOCKSIZES, NF4_CODE, NF4Tensor, dynamic_code, quantize
+
+bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes, the oracle (requirements-test.txt)")
+_dequantize_4bit_compute = pytest.importorskip("bitsandbytes.backends.default.ops")._dequantize_4bit_compute
 
 
 def bnb_dequantize(packed, state, dtype=None):
