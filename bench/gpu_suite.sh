@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh                  # all parts
 #   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, first, train, train-8bit,
 #                                            # train-long, train-dropout, model
-#   GPU_SUITE_SECONDS=540 bash bench/gpu_suite.sh tests first decode kernels    # as much as fits in 9 minutes
+#   GPU_SUITE_SECONDS=540 bash bench/gpu_suite.sh tests kernels decode first    # as much as fits in 9 minutes
 #
 # Each part prints under its own heading and a failing part does not stop the others; the
 # exit status is the number of parts that failed or ran out of time. With GPU_SUITE_SECONDS
@@ -12,7 +12,14 @@
 # spent, and one not begun with under a minute left is skipped. Each part's time is printed,
 # and a summary last. ``first`` is the training targets' first look: setting (a) with the
 # fastest path and setting (b) with the leanest, each against transformers+PEFT+bitsandbytes.
+# The training parts share one random Llama-2-7B checkpoint (bench_train.py --checkpoint), written by the
+# first of them and removed at the end.
 cd "$(dirname "$0")/.." || exit 1
+unset TRITON_INTERPRET  # the kernels compiled for the GPU, not interpreted
+export HF_HUB_OFFLINE=1  # nothing here reads the network
+checkpoint="$(mktemp -d)/llama2-7b"
+trap 'rm -rf "$(dirname "$checkpoint")"' EXIT
+train=(python bench/bench_train.py --checkpoint "$checkpoint")
 # the package itself, over whatever torch and triton the machine has (without --no-deps pip would pin torch):
 # with a fresh setuptools from the index where one is reachable, else with the machine's own (64 or newer)
 if ! python -c "import bailong_kernels" 2>/dev/null; then
@@ -25,7 +32,7 @@ fi
 python - <<'VERSIONS'
 from importlib import metadata, util
 import torch
-names = ("torch", "triton", "bitsandbytes", "transformers", "peft")  # each imported by the name it is installed by
+names = ("torch", "triton", "bitsandbytes", "transformers", "peft", "accelerate", "sentencepiece")  # as imported
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"{gpu}, CUDA {torch.version.cuda}; "
       + ", ".join(f"{n} {metadata.version(n) if util.find_spec(n) else 'absent'}" for n in names))
@@ -61,15 +68,15 @@ for part in ${parts[*]}; do
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         decode)  run decode python bench/bench_decode.py ;;
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
-        first)   run first-recipe python bench/bench_train.py --setting recipe --rows ours ours-all theirs
-                 run first-long python bench/bench_train.py --setting long --rows ours-lean theirs ;;
-        train)   run train python bench/bench_train.py --setting recipe --profile \
+        first)   run first-recipe "${train[@]}" --setting recipe --rows ours ours-all theirs
+                 run first-long "${train[@]}" --setting long --rows ours-lean theirs ;;
+        train)   run train "${train[@]}" --setting recipe --profile \
                  --rows ours ours-fused ours-autograd ours-layers ours-all ours-offload ours-keep theirs ;;  # each loads
-        train-8bit) run train-8bit python bench/bench_train.py --setting recipe --optimizer adamw8bit \
+        train-8bit) run train-8bit "${train[@]}" --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
-        train-long) run train-long python bench/bench_train.py --setting long \
+        train-long) run train-long "${train[@]}" --setting long \
                     --rows ours-all ours-offload ours-mlp ours-lean theirs ;;  # the 7B afresh: minutes a row
-        train-dropout) run train-dropout python bench/bench_train.py --setting long --dropout 0.05 \
+        train-dropout) run train-dropout "${train[@]}" --setting long --dropout 0.05 \
                        --rows ours-all ours-torch-dropout theirs ;;  # train.py's LoRA dropout: the kernels' and torch's
         model)   run model python bench/bench_model_gpu.py ;;
         *)       echo "unknown part: $part (tests, kernels, decode, host, first, train, train-8bit, train-long," \
