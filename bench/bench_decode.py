@@ -21,7 +21,8 @@ rate, then timed over the new tokens that fit in its time limit (``--limit``):
 a slow row is timed over fewer tokens instead of holding up the rest.
 tokens/s counts the new tokens of all B sequences over the whole call, prefill
 included; on CUDA each row also gives its share of the ceiling set by reading its
-weights once a step at the card's copy bandwidth (B tokens a step). The slow
+weights once a step (of the embedding, a row a token) at the card's copy bandwidth
+(B tokens a step). The slow
 eager and reference rows run at batch 1 only.
 
     python bench/bench_decode.py                      # llama2-7b on CUDA, tiny on CPU; batches 1 and 8
@@ -43,6 +44,7 @@ from bailong.model import init_weights
 from bailong.quantized import quantize_model
 from bailong_kernels import nf4_gemv
 from bailong_kernels.nf4_gemv import gemv_tile
+from bench_nf4_matmul import copy_bandwidth
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 CHAT = Sampling(seed=0)  # chat.py's default sampling
@@ -93,6 +95,8 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, samp
                     decoders.append(GraphDecoder(model, length, use_graph, batch=len(prompts)) if len(prompts) > 1
                                     else graph_decoder(model, length))  # the one generate() takes
                     decoders[0].capture()
+                    if use_graph and decoders[0].graphs is None:  # a failed capture decodes eagerly: not this row
+                        raise RuntimeError("the CUDA graph capture failed (warned above)")
                 if len(prompts) == 1:
                     return [generate(model, prompts[0], n, sampling, stop_ids=[], cuda_graph=graph)]
                 logits, ids = decoders[0].prefill(torch.tensor(prompts, device=decoders[0].token.device)), []
@@ -117,8 +121,11 @@ def theirs(model, prompts, device):
 
 
 def weight_bytes(model):
+    """The bytes of weights a decoding step reads: all but the embedding's, of which a token reads one row (unless
+    it is the head's too)."""
     from bailong.quantized import nf4_weights
-    dense = {id(p): p for p in model.parameters()}.values()
+    embedding = model.model.embed_tokens.weight
+    dense = {id(p): p for p in model.parameters() if p is not embedding or p is model.lm_head.weight}.values()
     return sum(p.numel() * p.element_size() for p in dense) + sum(q.nbytes for q in nf4_weights(model))
 
 
@@ -143,7 +150,10 @@ def main():
         dense = bailong.Llama(config)
     dense.to_empty(device=device)
     init_weights(dense).to(dtype).eval()
-    hf = LlamaForCausalLM(LlamaConfig(**config.to_hf())).to(device=device, dtype=dtype).eval()
+    torch.set_default_dtype(dtype)  # made where it runs, in its dtype: a 7B model's init takes minutes on a CPU
+    with torch.device(device):
+        hf = LlamaForCausalLM(LlamaConfig(**config.to_hf())).eval()
+    torch.set_default_dtype(torch.float32)
     hf.load_state_dict(dense.state_dict())
     with torch.device("meta"):
         nf4 = bailong.Llama(config)
@@ -166,9 +176,7 @@ def main():
             print(f"transformers + bitsandbytes: not run ({type(e).__name__}: {str(e).splitlines()[0]})")
     bandwidth = None
     if device == "cuda":
-        x = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
-        bandwidth = 2 * x.numel() / seconds(lambda _: torch.empty_like(x).copy_(x), 0, device)[0]  # read + written
-        del x
+        bandwidth = copy_bandwidth()  # bytes read + written a second by a device-to-device copy
     ceiling = {kind: bandwidth / weight_bytes(m) if bandwidth else None for kind, m in [("dense", dense), ("nf4", nf4)]}
     if bandwidth:
         print(f"weight-read ceiling at the copy bandwidth {bandwidth / 1e12:.2f} TB/s, batch 1: "
