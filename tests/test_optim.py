@@ -165,6 +165,7 @@ def test_a_run_moves_over_from_torch_adamw():
         torch.testing.assert_close(a.float(), b.float(), atol=0.02, rtol=0)  # bf16 weights near 1: ulp 0.008
 
 
+@pytest.mark.gpu  # and interpreted without one
 def test_the_kernel_rounds_a_midpoint_down():
     """A value exactly on a midpoint takes the lower code in the kernel too (beta1 = 0: the new first moment is
     the gradient itself, here the midpoints in a block whose largest value is 1)."""
@@ -192,6 +193,7 @@ def test_build_optimizer_and_the_lora_casts_see_its_steps():
         AdamW8bit([p], betas=(0.9, 1.0))
 
 
+@pytest.mark.gpu  # and interpreted without one
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_the_kernel_steps_as_its_reference(n, dtype):
