@@ -125,7 +125,9 @@ def run_one(which, folder, args):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)
         model = LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map=device, dtype=dtype)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
+        # non-reentrant checkpointing, as transformers' Trainer sets it (peft alone passes {}: torch's reentrant)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                  target_modules=targets))
         loss_of = lambda ids: torch.nn.functional.cross_entropy(  # noqa: E731
