@@ -324,6 +324,22 @@ def test_on_cuda_the_mlp_in_chunks_trains_as_autograd_through_the_chunks(monkeyp
     check_chunked(monkeypatch, fused, fused, "cuda", torch.bfloat16)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_on_cuda_a_fused_step_with_torchs_dropout_under_autocast_runs_its_backward_outside_it(monkeypatch, chunked):
+    """Fused LoRA, torch's dropout (the layer kernels off: the default), bf16 autocast as train.py runs it,
+    checkpointing, the MLP whole or in chunks: the backward through each recomputation runs outside autocast, as
+    autograd's does (under CUDA's autocast a backward's sum returned float32, and the first backward failed on
+    dtypes; the CPU's autocast keeps bf16, tests/test_chunked_mlp.py), every LoRA gradient formed and finite."""
+    from bailong.lora_fused import LoRAShared
+    from test_step_count import nf4_step
+    autocast, backward = [], LoRAShared.backward
+    monkeypatch.setattr(LoRAShared, "backward", staticmethod(
+        lambda ctx, *gs: autocast.append(torch.is_autocast_enabled("cuda")) or backward(ctx, *gs)))
+    _, loss, grads, _ = nf4_step(monkeypatch, True, False, "cuda", torch.float32, autocast=True, chunked=chunked)
+    assert autocast and not any(autocast) and len(grads) == 28
+    assert all(g is not None and g.isfinite().all() for g in grads.values()) and loss == loss
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_on_cuda_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch, keep):
     """``bailong.layer_fused`` on the kernels, a bf16 model under bf16 autocast as train.py runs it, dropout (the
