@@ -39,7 +39,9 @@ so it reads about the peak).
     python bench/bench_train.py --setting recipe --count     # what a step computes and moves (no GPU needed)
 
 On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed
-beside each row): choose --rows to fit the time at hand.
+beside each row): choose --rows to fit the time at hand. The random checkpoint is
+drawn on the device and written to a temporary folder, or once to ``--checkpoint
+DIR`` and read from there by every later run that names it (bench/gpu_suite.sh).
 
 Each step trains on its own seeded batch, the same for every side, and the
 per-step losses are printed beside the speeds: the sides start from the same

@@ -46,6 +46,7 @@ from triton.runtime import driver
 from bailong.nf4 import quantize
 from bailong.optim import BLOCK as ADAMW_BLOCK, tables as adamw_tables
 from bailong_kernels import adamw8bit, decode, dense_gemv, dropout, layers, nf4_dequant as dequant, nf4_gemv
+from bench_decode import AT_END
 
 KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
            dequant._nf4_dequant_words_kernel,
@@ -224,7 +225,7 @@ def compile_all(arch):
         nf4_gemv.gemv_swiglu(x, dense[3], dense[3])
         qkv = [quantize(torch.randn(n, 4096) * 0.02) for n in (4096, 1024, 1024)]  # GQA: k and v narrower
         gate = quantize(torch.randn(11008, 4096) * 0.02)
-        for tile in [None, (2, 1024, 1, True)]:
+        for tile in [None, AT_END]:  # the default's, and bench_decode.py's at-end tile
             case = "bf16 q, k, v in one launch M=1 N=4096+1024+1024 K=4096"
             nf4_gemv.gemv_group(x, qkv, tile)
             case = "bf16 residual + x@W.T (o, down) M=1 N=4096 K=4096"
