@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from bailong.lora import casts_kept
-from bailong.recompute import (as_forward, dequantized_once, forward_state, is_recomputing, nothing_saved,
-                               recomputing, replayed)
+from bailong.recompute import (as_forward, autocast_as, dequantized_once, forward_state, is_recomputing,
+                               nothing_saved, recomputing, replayed)
 
 _chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "0") not in ("", "0")
 LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
@@ -72,10 +72,12 @@ class ChunkedLoss(torch.autograd.Function):
                 logits = head(part.view_as(part))  # not the leaf itself: hooks on the head's input
                 if kernels:  # each row's loss, and over the logits their gradient: one launch
                     loss = kernels.cross_entropy_(logits.detach(), targets[i:i + chunk]).sum()
-                    grads = torch.autograd.grad(logits, wanted, logits.detach())
+                    outputs, seeds = logits, logits.detach()
                 else:
                     loss = F.cross_entropy(logits.float(), targets[i:i + chunk], ignore_index=-100, reduction="sum")
-                    grads = torch.autograd.grad(loss, wanted)
+                    outputs, seeds = loss, None
+                with autocast_as(h.device.type, None):  # the backward outside autocast, as autograd's own
+                    grads = torch.autograd.grad(outputs, wanted, seeds)
                 if dh is not None:
                     dh[i:i + chunk] = grads[0]
                 for total_grad, grad in zip(dparams, grads[dh is not None:]):

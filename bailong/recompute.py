@@ -111,13 +111,17 @@ def replayed(x, state):
 
 
 def as_forward(x, state):
-    """Autocast as a forward had it (``forward_state``; off where it was, and on a device without autocast: the
-    meta device), for its recomputation. The backward through that runs outside it, as autograd's own backward
-    does: under CUDA's autocast ``sum`` and other reductions return float32 (CPU's keep bf16)."""
-    dtype = state[1]
-    if not torch.amp.is_autocast_available(x.device.type):
+    """Autocast as a forward had it (``forward_state``), for its recomputation. The backward through that runs
+    outside it, as autograd's own backward does: under CUDA's autocast ``sum`` and other reductions return
+    float32 (CPU's keep bf16)."""
+    return autocast_as(x.device.type, state[1])
+
+
+def autocast_as(device, dtype):
+    """Autocast on ``device`` in ``dtype``, or off (None); nothing on a device without autocast (meta)."""
+    if not torch.amp.is_autocast_available(device):
         return contextlib.nullcontext()
-    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
 def nothing_saved():

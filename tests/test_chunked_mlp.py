@@ -181,13 +181,15 @@ def test_the_switch_chunks_only_where_a_gradient_is_wanted_and_the_tokens_make_m
     assert memory.chunked_mlp(mlp.unchunked, x, residual, width, mlp.parameters()) is None
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_the_backwards_run_outside_the_forwards_autocast(monkeypatch, chunked):
-    """bf16 autocast, fused LoRA, dropout, checkpointing (each layer one node), the MLP whole or in chunks: a
-    recomputation runs under the autocast its forward had, the backward through it under none, as autograd's
-    own backward does. (Under CUDA's autocast ``sum`` returns float32, where CPU's keeps bf16: the dropout
-    masks' gradients summed in float32 then met bf16 in a matmul, and the first backward failed on CUDA.)"""
+@pytest.mark.parametrize("chunked,chunked_loss", [(False, False), (True, False), (False, True)])
+def test_the_backwards_run_outside_the_forwards_autocast(monkeypatch, chunked, chunked_loss):
+    """bf16 autocast, fused LoRA, dropout, checkpointing (each layer one node), the MLP whole or in chunks, the
+    loss whole or in chunks (whose forward runs the head's backward): a recomputation runs under the autocast
+    its forward had, every backward under none, as autograd's own backward does. (Under CUDA's autocast ``sum``
+    returns float32, where CPU's keeps bf16: the dropout masks' gradients summed in float32 then met bf16 in a
+    matmul, and the first backward failed on CUDA.)"""
     from bailong.lora_fused import LoRAProjection, LoRAShared
+    monkeypatch.setattr(memory, "_chunked_loss", chunked_loss)
     autocast = []
     for node in (LoRAProjection, LoRAShared):
         def backward(ctx, *gs, original=node.backward):
