@@ -267,6 +267,31 @@ def random_checkpoint(config, folder, device):
     bailong.save(model, folder)
 
 
+def kept_checkpoint(folder, config, device):
+    """``--checkpoint``: ``folder`` read where it holds a checkpoint of ``config``'s shape, or, where it does not
+    exist, a random one written there (under a temporary name beside it first, renamed once whole); anything
+    else refused with one line, nothing written over."""
+    from bailong.config import ModelConfig
+    from bailong.errors import BailongError
+    if folder.is_symlink() or folder.exists():
+        if not (folder / "config.json").is_file():
+            sys.exit(f"{folder}: not a checkpoint folder (no config.json); name a new folder or one written before")
+        try:
+            same = ModelConfig.from_file(folder / "config.json").to_hf() == config.to_hf()
+        except BailongError as e:
+            sys.exit(str(e))
+        if not same:
+            sys.exit(f"{folder / 'config.json'}: a checkpoint of another shape than asked for; name another folder")
+        return
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".bench_train-partial-") as tmp:
+            random_checkpoint(config, Path(tmp, "checkpoint"), device)
+            Path(tmp, "checkpoint").rename(folder)
+    except OSError as e:
+        sys.exit(f"{folder}: the checkpoint cannot be written there ({e.filename}: {e.strerror})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tinyllama-1.1b")
@@ -302,31 +327,22 @@ def main():
     args.checkpointing = args.checkpointing == "on" or args.checkpointing == "auto" and args.device == "cuda"
     if args.which:
         return run_one(args.which, args.folder, args)
-    from bailong.config import ModelConfig, preset
+    from bailong.config import preset
     started = time.perf_counter()
     config = preset(args.preset)
     config.num_hidden_layers = args.layers or config.num_hidden_layers
     if args.count:
         return count(config, args)
-    # stopped by a time limit (bench/gpu_suite.sh), the checkpoint's folder (13.5 GB at 7B) is still removed
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM: the temporary checkpoint removed"))
-    if args.checkpoint:  # written beside where it will stay (a rename once whole), else in the system's temp folder
-        Path(args.checkpoint).resolve().parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.checkpoint and Path(args.checkpoint).resolve().parent) as tmp:
-        folder = Path(args.checkpoint) if args.checkpoint else Path(tmp, "random")
-        if args.checkpoint and folder.exists():
-            config_file = folder / "config.json"
-            if not config_file.exists():
-                sys.exit(f"{folder}: not a checkpoint (no config.json); name a new folder or one written before")
-            if ModelConfig.from_file(config_file).to_hf() != config.to_hf():
-                sys.exit(f"{config_file}: a checkpoint of another shape than {args.preset} with "
-                         f"{config.num_hidden_layers} layers; name another folder")
-            print(f"the checkpoint in {folder}", flush=True)
+    # stopped by a time limit (bench/gpu_suite.sh), a temporary checkpoint (13.5 GB at 7B) is still removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM" + (
+        "" if args.checkpoint else ": the temporary checkpoint removed")))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.checkpoint) if args.checkpoint else Path(tmp)
+        if args.checkpoint:
+            kept_checkpoint(folder, config, args.device)
         else:
-            random_checkpoint(config, Path(tmp, "random"), args.device)
-            if args.checkpoint:
-                Path(tmp, "random").rename(folder)
-            print(f"a random {args.preset} checkpoint written in {time.perf_counter() - started:.0f} s", flush=True)
+            random_checkpoint(config, folder, args.device)
+        print(f"{args.preset} checkpoint in {folder}, {time.perf_counter() - started:.0f} s", flush=True)
         where = "7 projections" + (", embedding and head" if args.embedding_and_head else "")
         print(f"{args.preset} ({config.num_hidden_layers} layers), sequence {args.seq_len}, batch {args.batch}, "
               f"LoRA r={args.rank} on {where}, dropout {args.dropout}, NF4 base, {args.optimizer}, activation "

@@ -17,8 +17,9 @@
 cd "$(dirname "$0")/.." || exit 1
 unset TRITON_INTERPRET  # the kernels compiled for the GPU, not interpreted
 export HF_HUB_OFFLINE=1  # nothing here reads the network
-checkpoint="$(mktemp -d)/llama2-7b"
-trap 'rm -rf "$(dirname "$checkpoint")"' EXIT
+scratch=$(mktemp -d) || exit 1
+trap 'rm -rf -- "$scratch"' EXIT
+checkpoint=$scratch/llama2-7b
 train=(python bench/bench_train.py --checkpoint "$checkpoint")
 # the package itself, over whatever torch and triton the machine has (without --no-deps pip would pin torch):
 # with a fresh setuptools from the index where one is reachable, else with the machine's own (64 or newer)
