@@ -21,9 +21,9 @@ rate, then timed over the new tokens that fit in its time limit (``--limit``):
 a slow row is timed over fewer tokens instead of holding up the rest.
 tokens/s counts the new tokens of all B sequences over the whole call, prefill
 included; on CUDA each row also gives its share of the ceiling set by reading its
-weights once a step (of the embedding, a row a token) at the card's copy bandwidth
-(B tokens a step). The slow
-eager and reference rows run at batch 1 only.
+weights once a step (the embedding's one row a token left out) at the card's
+copy bandwidth (B tokens a step). The slow eager and reference rows run at
+batch 1 only.
 
     python bench/bench_decode.py                      # llama2-7b on CUDA, tiny on CPU; batches 1 and 8
     python bench/bench_decode.py --batch 1            # batch 1 only

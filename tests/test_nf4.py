@@ -9,8 +9,9 @@ import torch
 from bailong.errors import BailongError
 from bailong.nf4 import BLOCKSIZES, NF4_CODE, NF4Tensor, dynamic_code, quantize
 
-bnb = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes, the oracle (requirements-test.txt)")
-_dequantize_4bit_compute = pytest.importorskip("bitsandbytes.backends.default.ops")._dequantize_4bit_compute
+pytest.importorskip("bitsandbytes", reason="bitsandbytes, the oracle (requirements-test.txt), is not installed")
+import bitsandbytes.functional as bnb  # noqa: E402
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
 
 
 def bnb_dequantize(packed, state, dtype=None):
