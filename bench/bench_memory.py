@@ -210,7 +210,8 @@ def their_model(config, args, targets):
         q._parameters["weight"] = codes
         model.set_submodule(name, q)
     model.is_loaded_in_4bit = True
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,  # non-reentrant, as bench_train's
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     to, nn.Module.to = nn.Module.to, lambda self, *args, **kwargs: self
     try:
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
