@@ -269,27 +269,21 @@ def random_checkpoint(config, folder, device):
 
 def kept_checkpoint(folder, config, device):
     """``--checkpoint``: ``folder`` read where it holds a checkpoint of ``config``'s shape, or, where it does not
-    exist, a random one written there (under a temporary name beside it first, renamed once whole); anything
-    else refused with one line, nothing written over."""
+    exist, a random one written there (``bailong.files.atomic_folder``: beside it first, renamed once whole);
+    anything else refused with one line, nothing written over."""
     from bailong.config import ModelConfig
     from bailong.errors import BailongError
-    if folder.is_symlink() or folder.exists():
-        if not (folder / "config.json").is_file():
-            sys.exit(f"{folder}: not a checkpoint folder (no config.json); name a new folder or one written before")
-        try:
-            same = ModelConfig.from_file(folder / "config.json").to_hf() == config.to_hf()
-        except BailongError as e:
-            sys.exit(str(e))
-        if not same:
-            sys.exit(f"{folder / 'config.json'}: a checkpoint of another shape than asked for; name another folder")
-        return
+    from bailong.files import atomic_folder
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".bench_train-partial-") as tmp:
-            random_checkpoint(config, Path(tmp, "checkpoint"), device)
-            Path(tmp, "checkpoint").rename(folder)
-    except OSError as e:
-        sys.exit(f"{folder}: the checkpoint cannot be written there ({e.filename}: {e.strerror})")
+        if not (folder.is_symlink() or folder.exists()):
+            with atomic_folder(folder) as tmp:
+                random_checkpoint(config, tmp, device)
+        elif not (folder / "config.json").is_file():
+            sys.exit(f"{folder}: not a checkpoint folder (no config.json); name a new folder or one written before")
+        elif ModelConfig.from_file(folder / "config.json").to_hf() != config.to_hf():
+            sys.exit(f"{folder / 'config.json'}: a checkpoint of another shape than asked for; name another folder")
+    except BailongError as e:
+        sys.exit(str(e))
 
 
 def main():
