@@ -66,8 +66,11 @@ def _tile(numel, C, first, ROWS: tl.constexpr):
 
 # The key and the threshold are not specialized: Triton makes an integer argument equal to 1 a constant, and one
 # divisible by 16 another kernel. numel and C are (their divisibility lets the loads and stores take 16 bytes).
+# The key is typed int64 whatever its value (Triton types an integer below 2^31 int32, another kernel): the first
+# counter crosses 2^31 early in training, and the seed is below it wherever torch.manual_seed took a small one.
 @triton.jit(do_not_specialize=["seed", "first", "cut"])
-def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.constexpr, ROWS: tl.constexpr):
+def _dropout_kernel(x_ptr, out_ptr, numel, C, seed: tl.int64, first: tl.int64, cut, scale, N: tl.constexpr,
+                    ROWS: tl.constexpr):
     c, e, ok, numel, C, first = _tile(numel, C, first, ROWS)
     x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
     for j in tl.static_range(N):  # xs[j] = keep_j * x / (1 - p)
@@ -76,7 +79,8 @@ def _dropout_kernel(x_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.con
 
 
 @triton.jit(do_not_specialize=["seed", "first", "cut"])
-def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed, first, cut, scale, N: tl.constexpr, ROWS: tl.constexpr):
+def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed: tl.int64, first: tl.int64, cut, scale, N: tl.constexpr,
+                        ROWS: tl.constexpr):
     c, e, ok, numel, C, first = _tile(numel, C, first, ROWS)
     total = tl.zeros((ROWS, 8), tl.float32)
     for j in tl.static_range(N):  # dL/dx = sum_j keep_j * g_j / (1 - p)
@@ -111,7 +115,7 @@ def philox_key(x, counters) -> tuple[int, int]:
     generator = torch.cuda.default_generators[x.device.index]
     offset = generator.get_offset()  # torch keeps it a multiple of 4: offset // 4 is past every counter it used
     generator.set_offset(offset + 4 * counters)
-    return generator.initial_seed() % 2**63, offset // 4  # the seed as int64 always: one compiled kernel
+    return generator.initial_seed() % 2**63, offset // 4  # int64, the kernels' type of the key
 
 
 def dropout(x, n, p):

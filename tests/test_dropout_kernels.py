@@ -66,9 +66,13 @@ def test_the_reference_philox_is_tritons():
 
 @pytest.mark.parametrize("shape,n,p,dtype", [((7, 37), 3, 0.05, torch.float32), ((33, 128), 1, 0.3, torch.float16),
                                              ((5, 3001), 2, 0.5, torch.float32), ((2, 3), 2, 0.9, torch.float32)])
-def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype):
+@pytest.mark.parametrize("cuda_key", [False, True])
+def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype, cuda_key, monkeypatch):
     """Forward and backward against PyTorch on the reference masks: sizes not a multiple of 8, below one
-    program's 2,048 values and across several; every access within bounds; n = 1 in place."""
+    program's 2,048 values and across several; every access within bounds; n = 1 in place. ``cuda_key``: a key
+    as CUDA's generator gives them a while into training, the seed past 2^32 and the counters past 2^31."""
+    if cuda_key:
+        monkeypatch.setattr(D, "philox_key", lambda x, counters: (2**46 + 12345, 2**31 - 5))
     torch.manual_seed(0)
     x = torch.randn(shape).to(dtype)
     with checked_bounds():
