@@ -154,7 +154,8 @@ class GraphDecoder:
         # Warm up on a side stream first: autotuners, lazy initialisation and allocations must not happen
         # inside the capture. Each warm-up step writes the token buffer's k and v where the next step
         # writes them (not yet attended to), and the position is put back after it, even if it fails;
-        # capturing itself runs nothing. Capture uses the current device's streams: make that the model's.
+        # capturing itself runs nothing. The capture runs on the warm-up's stream, which is on the model's device
+        # (torch.cuda.graph's own capture stream is made once, on the device of the first capture in the process).
         self.cache.window = window
         with torch.cuda.device(self.token.device):
             current, stream = torch.cuda.current_stream(), torch.cuda.Stream()
@@ -173,7 +174,7 @@ class GraphDecoder:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self.pool):
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                     logits = self._step()
             finally:  # a failed capture leaves its stream current: put ours back
                 torch.cuda.set_stream(current)
