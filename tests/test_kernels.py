@@ -339,7 +339,7 @@ def test_benchmark_script_runs_at_tiny_sizes():
     assert all("ours/cuBLAS" in row for row in rows[2:4])
 
 
-@pytest.mark.slow  # about 15 s on 2 cores: CI runs it after the README's test command
+@pytest.mark.slow  # about a minute and a half on 2 cores: CI runs it after the README's test command
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
 def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
     """The interpreter does not run the compiler: compile every kernel as the wrappers launch it,
