@@ -222,7 +222,10 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
     folder, _ = write_hf(tmp_path, "gqa")
     model, _ = bailong.load(folder, dtype=torch.float32 if quantize else torch.float16, quantize=quantize)
     model.eval()
-    prompt = list(range(3, 20))
+    # a prompt whose greedy path has no near-tie: the two paths round float16 apart, and from range(3, 20) its top
+    # two logits came within 0.002 (4 units of float16's last place); from here within 0.03 at the least (0.024
+    # for the float32 NF4 model), computed on the CPU
+    prompt = list(range(200, 217))
     plain = generate(model, prompt, 40, GREEDY, stop_ids=[])
     first = _decoders[model]
     previous = bailong_kernels.use_decode_kernels(True)
