@@ -16,6 +16,13 @@ without bf16 arithmetic takes ~90 us a bf16 matmul however small, which would
 swamp the rest; so autocast's own casts (a few a layer on the fused path) are
 left out too. The figure is a floor for the GPU's host time, not a reading of it.
 
+With ``--triton`` the launches go through Triton's own Python instead of being
+left out (the arguments bound and specialized, the compiled kernel looked up,
+the grid and launch metadata made), into a driver that launches nothing: each
+kernel is compiled once for sm_90 with Triton's ptxas (no GPU needed, as
+bench/check_kernels_compile.py does), and its launcher does nothing. The
+difference between the two is what Triton's launches add on the host.
+
 Per row: one training step (forward, checkpointed recomputation, backward; LoRA
 r = 8 on the seven projections, embedding and head; the model's own loss, as
 train.py takes it) at 2 and at 6 layers, the best of 5 runs of 30 steps on
@@ -25,6 +32,7 @@ difference over the 4 layers.
     python bench/bench_host.py
     python bench/bench_host.py --dropout 0.05 --steps 50
     python bench/bench_host.py --parts      # and where a step's time goes: forward, checkpointing, backward
+    python bench/bench_host.py --triton     # Triton's launches through its own Python, launching nothing
 """
 import argparse
 import importlib
@@ -55,11 +63,36 @@ class NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def on_the_gpus_path(layer_kernels, patch=setattr):
+def launching_nothing(arch=90):
+    """Triton's launches go through its own Python, then launch nothing: a compile-only driver (each kernel
+    compiled for sm_<arch> at its first launch) whose launcher does nothing and loads no binary."""
+    from check_kernels_compile import CompileOnly, require_nvidia_tools
+    from triton.runtime import driver
+    require_nvidia_tools()
+
+    class LaunchNothing(CompileOnly):
+        class utils:
+            @staticmethod
+            def load_binary(name, kernel, shared, device):  # module, function (not None: loaded), registers,
+                return 0, 0, 0, 0, 1024  # spills, threads
+
+            @staticmethod
+            def get_device_properties(device):
+                return {"max_shared_mem": 232448, "multiprocessor_count": 132}  # an H100's or H200's
+
+        @staticmethod
+        def launcher_cls(src, metadata):
+            return lambda *args: None
+
+    driver.set_active(LaunchNothing(arch))
+
+
+def on_the_gpus_path(layer_kernels, patch=setattr, triton=False):
     """Make the CPU take the code a CUDA tensor takes (``bailong.quantized.kernels_take`` says yes for every
-    tensor), the Triton launches left out; ``patch(module, name, value)`` sets each (a test's undoes them)."""
+    tensor), the Triton launches left out, or with ``triton`` through Triton's own Python into nothing
+    (``launching_nothing``, set first); ``patch(module, name, value)`` sets each (a test's undoes them)."""
     from bailong_kernels import dropout, layers
-    for module in map(importlib.import_module, KERNEL_MODULES):
+    for module in map(importlib.import_module, KERNEL_MODULES if not triton else ()):
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel") and hasattr(kernel, "fn"):
                 patch(module, name, NoLaunch())
@@ -100,9 +133,14 @@ def main():
     parser.add_argument("--steps", type=int, default=30, help="steps a run")
     parser.add_argument("--rounds", type=int, default=5, help="runs of every row in turn; each row's best is shown")
     parser.add_argument("--parts", action="store_true", help="also the fastest path's step taken apart (PARTS)")
+    parser.add_argument("--triton", action="store_true",
+                        help="Triton's launches through its own Python, launching nothing (kernels compiled for sm_90)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"host time of one training step on the GPU's path, Triton launches left out; LoRA dropout {args.dropout}")
+    if args.triton:
+        launching_nothing()
+    launches = "through Triton's Python, launching nothing" if args.triton else "left out"
+    print(f"host time of one training step on the GPU's path, Triton launches {launches}; LoRA dropout {args.dropout}")
     print("| path | 2 layers | 6 layers | a layer |\n| --- | --- | --- | --- |")
     rows = [(row, *switches, PARTS[-1]) for row, switches in ROWS.items()]
     rows += [(f"fused LoRA + layer kernels, layers by hand: {part}", True, True, True, part) for part in PARTS
@@ -110,7 +148,7 @@ def main():
     best = {}
     for _ in range(args.rounds):  # the rows in turn, so that a slower spell of the machine touches them alike
         for row, fused, kernels, by_hand, part in rows:
-            on_the_gpus_path(kernels)
+            on_the_gpus_path(kernels, triton=args.triton)
             for n in (2, 6):
                 ms = step_ms(n, fused, args.dropout, args.steps, part, by_hand)
                 best[row, n] = min(best.get((row, n), ms), ms)

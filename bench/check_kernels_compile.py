@@ -57,6 +57,12 @@ KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant.
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
+def require_nvidia_tools():
+    """Exit with one line where this Triton build has no NVIDIA backend tools (ptxas, cuobjdump)."""
+    if not CUOBJDUMP.exists():
+        sys.exit(f"{CUOBJDUMP}: missing; this Triton build has no NVIDIA backend tools")
+
+
 class CompileOnly:
     """What Triton asks of the CUDA driver before it launches: enough to compile, nothing to run."""
 
@@ -312,8 +318,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--allow-spills", action="store_true", help="report spills without failing (another Triton)")
     args = parser.parse_args()
-    if not CUOBJDUMP.exists():
-        sys.exit(f"{CUOBJDUMP}: missing; this Triton build has no NVIDIA backend tools")
+    require_nvidia_tools()
     rows = [row for arch in (90, 80) for row in compile_all(arch)]
     print(f"triton {triton.__version__}: {len(rows)} kernels compiled (vector_loads: 8- and 16-byte loads in the PTX)")
     header = list(dict.fromkeys(h for row in rows for h in row))

@@ -352,8 +352,10 @@ def test_an_addmm_into_a_new_tensor_counts_its_copy():
         assert len(launches.aten) == kernels, launches.aten
 
 
-def test_host_time_benchmark_runs():
-    """bench/bench_host.py: a training step on the GPU's path with the Triton launches left out, every row."""
+@pytest.mark.parametrize("triton", [False, True])  # True: ptxas compiles the kernels met (seconds)
+def test_host_time_benchmark_runs(triton):
+    """bench/bench_host.py: a training step on the GPU's path with the Triton launches left out, every row; or
+    (``--triton``) through Triton's own Python, the kernels compiled for sm_90 and launched into nothing."""
     import os
     import re
     import subprocess
@@ -362,9 +364,12 @@ def test_host_time_benchmark_runs():
     from conftest import ROOT
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # no kernel runs at all
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_host.py"), "--steps", "2", "--rounds", "1",
-                          "--dropout", "0.05"],
+                          "--dropout", "0.05"] + ["--triton"] * triton,
                          env=env, capture_output=True, text=True, timeout=600)
+    if triton and "no NVIDIA backend tools" in out.stderr:
+        pytest.skip(out.stderr.strip())
     assert out.returncode == 0, out.stderr[-2000:]
+    assert ("through Triton's Python" in out.stdout) == triton
     rows = re.findall(r"^\| (plain LoRA|fused LoRA|fused LoRA \+ layer kernels(?:, layers by hand)?) \| [\d.]+ ms \| "
                       r"[\d.]+ ms \| -?[\d.]+ ms \|$", out.stdout, re.M)
     assert rows == ["plain LoRA", "fused LoRA", "fused LoRA + layer kernels",
