@@ -92,10 +92,11 @@ def on_the_gpus_path(layer_kernels, patch=setattr, triton=False):
     tensor), the Triton launches left out, or with ``triton`` through Triton's own Python into nothing
     (``launching_nothing``, set first); ``patch(module, name, value)`` sets each (a test's undoes them)."""
     from bailong_kernels import dropout, layers
-    for module in map(importlib.import_module, KERNEL_MODULES if not triton else ()):
-        for name, kernel in list(vars(module).items()):
-            if name.endswith("_kernel") and hasattr(kernel, "fn"):
-                patch(module, name, NoLaunch())
+    if not triton:
+        for module in map(importlib.import_module, KERNEL_MODULES):
+            for name, kernel in list(vars(module).items()):
+                if name.endswith("_kernel") and hasattr(kernel, "fn"):
+                    patch(module, name, NoLaunch())
     patch(quantized, "kernels_take", lambda t: True)
     patch(model, "layer_kernels", lambda x: layers if layer_kernels and torch.is_grad_enabled() else None)
     patch(lora_fused, "seeded_dropout", lambda x: dropout if layer_kernels else None)
