@@ -262,18 +262,22 @@ def test_captured_steps_replay_as_eager_ones_across_windows(tiny, monkeypatch):
         capturing[0].captured = self, self.cache.window, logits
         return logits
 
+    Stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+    current, warmed_up_on = Stream(), []
+
     @contextlib.contextmanager
-    def graph(g, pool=None):
+    def graph(g, pool=None, stream=None):  # captured on the warm-up's stream, made on the model's device
+        assert stream is warmed_up_on[-1] and stream is not current
         capturing.append(g)
         try:
             yield
         finally:
             capturing.clear()
     monkeypatch.setattr(GraphDecoder, "_step", captured_step)
-    stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-    for name, value in dict(device=lambda d: contextlib.nullcontext(), current_stream=stream, Stream=stream,
-                            stream=lambda s: contextlib.nullcontext(), graph_pool_handle=object, CUDAGraph=Graph,
-                            graph=graph, set_stream=lambda s: None).items():
+    for name, value in dict(device=lambda d: contextlib.nullcontext(), current_stream=lambda device=None: current,
+                            Stream=Stream, stream=lambda s: warmed_up_on.append(s) or contextlib.nullcontext(),
+                            graph_pool_handle=object, CUDAGraph=Graph, graph=graph,
+                            set_stream=lambda s: None).items():
         monkeypatch.setattr(torch.cuda, name, value)
     decoder, eager = GraphDecoder(tiny, 64), GraphDecoder(tiny, 64, graph=False)
 
