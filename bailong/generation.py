@@ -124,9 +124,9 @@ class GraphDecoder:
     ahead, ``capture``). A step thus reads at most twice the positions written (or
     ``WINDOW``), not the whole buffer (a short chat after a long one, or a long
     answer's first tokens), for one capture per doubling. The graphs share one memory
-    pool: each replay's logits are read before the next replay. (The fused decoding
-    step's attention reads only the filled positions; the window sets how many
-    programs share the reading: ``bailong_kernels.decode``.)
+    pool, captured on one side stream: each replay's logits are read before the next
+    replay. (The fused decoding step's attention reads only the filled positions; the
+    window sets how many programs share the reading: ``bailong_kernels.decode``.)
 
     ``graph=False`` runs the same static steps eagerly (CPU, tests). ``batch`` sequences
     decode together (the prompts of one length). The decoder holds its model weakly,
@@ -141,6 +141,7 @@ class GraphDecoder:
         self.pos = 0  # positions filled: the host's copy of ``cache.next``, read without waiting for the device
         self.graphs = {} if graph else None  # window -> (its captured step, the logits that step writes)
         self.pool = None  # the memory pool the graphs share
+        self.stream = None  # the side stream they are warmed up and captured on (one: see _capture)
 
     def _window(self, end):
         """The attended length of a step that fills positions 0 .. end - 1."""
@@ -154,11 +155,15 @@ class GraphDecoder:
         # Warm up on a side stream first: autotuners, lazy initialisation and allocations must not happen
         # inside the capture. Each warm-up step writes the token buffer's k and v where the next step
         # writes them (not yet attended to), and the position is put back after it, even if it fails;
-        # capturing itself runs nothing. The capture runs on the warm-up's stream, which is on the model's device
-        # (torch.cuda.graph's own capture stream is made once, on the device of the first capture in the process).
+        # capturing itself runs nothing. Every window is warmed up and captured on this decoder's one side stream,
+        # made on the model's device (torch.cuda.graph's own capture stream is made once a process, on the first
+        # capture's device); one stream for the graphs that share a pool, as torch asks, so that each capture
+        # reuses the pool's memory the others freed (the allocator reuses a block on its own stream only).
         self.cache.window = window
         with torch.cuda.device(self.token.device):
-            current, stream = torch.cuda.current_stream(), torch.cuda.Stream()
+            if self.stream is None:
+                self.stream = torch.cuda.Stream()
+            current, stream = torch.cuda.current_stream(), self.stream
             start = self.cache.next.clone()
             stream.wait_stream(current)
             try:

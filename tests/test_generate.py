@@ -266,8 +266,8 @@ def test_captured_steps_replay_as_eager_ones_across_windows(tiny, monkeypatch):
     current, warmed_up_on = Stream(), []
 
     @contextlib.contextmanager
-    def graph(g, pool=None, stream=None):  # captured on the warm-up's stream, made on the model's device
-        assert stream is warmed_up_on[-1] and stream is not current
+    def graph(g, pool=None, stream=None):  # captured on the stream every window's warm-up ran on, not the current
+        assert warmed_up_on and stream is not current and all(s is stream for s in warmed_up_on)
         capturing.append(g)
         try:
             yield
