@@ -370,6 +370,8 @@ def test_host_time_benchmark_runs(triton):
         pytest.skip(out.stderr.strip())
     assert out.returncode == 0, out.stderr[-2000:]
     assert ("through Triton's Python" in out.stdout) == triton
+    launched = re.search(r"Triton launches made, into nothing: ([\d,]+)", out.stdout)
+    assert (launched is not None and int(launched[1].replace(",", "")) > 0) == triton, out.stdout  # they ran
     rows = re.findall(r"^\| (plain LoRA|fused LoRA|fused LoRA \+ layer kernels(?:, layers by hand)?) \| [\d.]+ ms \| "
                       r"[\d.]+ ms \| -?[\d.]+ ms \|$", out.stdout, re.M)
     assert rows == ["plain LoRA", "fused LoRA", "fused LoRA + layer kernels",
