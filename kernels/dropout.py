@@ -115,7 +115,7 @@ def philox_key(x, counters) -> tuple[int, int]:
     generator = torch.cuda.default_generators[x.device.index]
     offset = generator.get_offset()  # torch keeps it a multiple of 4: offset // 4 is past every counter it used
     generator.set_offset(offset + 4 * counters)
-    return generator.initial_seed() % 2**63, offset // 4  # int64, the kernels' type of the key
+    return generator.initial_seed() % 2**63, offset // 4  # below 2^63: the kernels take the key as int64
 
 
 def dropout(x, n, p):

@@ -70,7 +70,9 @@ def test_the_reference_philox_is_tritons():
 def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype, cuda_key, monkeypatch):
     """Forward and backward against PyTorch on the reference masks: sizes not a multiple of 8, below one
     program's 2,048 values and across several; every access within bounds; n = 1 in place. ``cuda_key``: a key
-    as CUDA's generator gives them a while into training, the seed past 2^32 and the counters past 2^31."""
+    as CUDA's generator gives them a while into training, the seed past 2^32 and the counters crossing 2^31 (the
+    interpreter types them by value; that the compiled kernels take any key as int64, one kernel, the compile
+    check checks: bench/check_kernels_compile.py)."""
     if cuda_key:
         monkeypatch.setattr(D, "philox_key", lambda x, counters: (2**46 + 12345, 2**31 - 5))
     torch.manual_seed(0)
@@ -165,8 +167,9 @@ def test_fused_lora_with_the_kernels_dropout_trains_as_autograd_on_the_same_mask
 
 
 def test_counters_past_two_to_the_31_are_not_wrapped(monkeypatch):
-    """CUDA's generator offset passes 2^31 counters within steps at 7B shapes: a first counter just under it,
-    passed as int32, must not wrap when the projections' counters go past it."""
+    """CUDA's generator offset passes 2^31 counters within steps at 7B shapes: a first counter just under it (an
+    int32 to the interpreter, which types integers by value; compiled, the kernels take it as int64) must not wrap
+    when the projections' counters go past it."""
     monkeypatch.setattr(D, "philox_key", lambda x, counters: (7, 2**31 - 3))
     x = torch.randn(9, 40)
     xs, key = D.dropout(x, 3, 0.5)
