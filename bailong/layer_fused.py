@@ -140,7 +140,8 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
     rope = Context()  # q and k rotated in place: nothing reads them before
     rope.save_for_backward(cos, sin)
     rope.head_dim = attn.head_dim
-    q, k = (kernels.rope_(t, cos, sin, attn.head_dim) for t in (q, k))
+    for t in _side_by_side(q, k):  # in one launch where k's columns follow q's in one output
+        kernels.rope_(t, cos, sin, attn.head_dim)
     q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
     with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
@@ -184,6 +185,16 @@ def _backward(kernels, parts, g, want_x):
     dh, *qkv_grads = LoRAShared.backward(parts.pop(), dq, dk, dv)
     dx = kernels.rms_norm_backward(parts.pop(), dh, dx2) if want_x else None  # + dx2: x2 = x + ...
     return dx, *qkv_grads[6:], *o_grads, *gate_up_grads[6:], *down_grads  # LoRAShared's: 6 Nones, then A, B, ...
+
+
+def _side_by_side(a, b):
+    """(a and b as one tensor,) where b's columns follow a's in rows of one buffer (q and k, views of q/k/v's
+    one output on the NF4 kernels' path: ``bailong_kernels.nf4_matmul``), else (a, b)."""
+    if (a.shape[:-1] == b.shape[:-1] and a.stride() == b.stride() and a.stride(-1) == 1
+            and b.data_ptr() == a.data_ptr() + a.shape[-1] * a.element_size()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()):
+        return (a.as_strided((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.stride()),)
+    return a, b
 
 
 def _attention_backward(q, k, v, a, da):

@@ -301,14 +301,15 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step, quanti
 # and gate, up each one dequantize launch and one matmul (bailong_kernels.nf4_matmul, a tuple of weights; RoPE and
 # SwiGLU reading their outputs' columns in place), 199, 109, 95 and 106. With the layer kernels, LoRA dropout's
 # backward one kernel a node (bailong_kernels.dropout: the masks drawn again from their seed, summed in the same
-# pass), 107 and 104.
+# pass), 107 and 104. With q and k rotated in one launch where they lie side by side in q/k/v's output (the layer
+# by hand, forward and recomputation), 105, 93 and 102.
 TRAIN_STEP_BUDGET = {(False, False, 0.05, False): {"per layer": 380, "whole step": 847},
                      (True, False, 0.05, False): {"per layer": 199, "whole step": 472},
-                     (True, True, 0.05, False): {"per layer": 107, "whole step": 268},
+                     (True, True, 0.05, False): {"per layer": 105, "whole step": 264},
                      (False, False, 0.0, False): {"per layer": 331, "whole step": 745},
-                     (True, True, 0.0, False): {"per layer": 95, "whole step": 242},
+                     (True, True, 0.0, False): {"per layer": 93, "whole step": 238},
                      (False, False, 0.05, True): {"per layer": 374, "whole step": 835},
-                     (True, True, 0.05, True): {"per layer": 104, "whole step": 262}}
+                     (True, True, 0.05, True): {"per layer": 102, "whole step": 258}}
 
 
 @pytest.mark.parametrize("fused_lora,layer_kernels,dropout,keep", list(TRAIN_STEP_BUDGET))
