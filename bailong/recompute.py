@@ -91,10 +91,12 @@ class Recomputed(torch.autograd.Function):
 
 def forward_state(x):
     """What a forward ran under that a replay of it needs (``replayed``, ``as_forward``): the random states
-    (CPU, and x's CUDA device) and the autocast dtype (None: off)."""
+    (CPU, and x's CUDA device: not while a CUDA graph is captured, where many torch versions refuse to read
+    it and a captured step has nothing random, ``bailong.step_graph``) and the autocast dtype (None: off)."""
     device = x.device.type
     on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+    cuda = x.is_cuda and not torch.cuda.is_current_stream_capturing()
+    random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None
     return random, torch.get_autocast_dtype(device) if on else None
 
 
@@ -103,7 +105,7 @@ def replayed(x, state):
     """Within: gradients on and the random states a forward had (``forward_state``), to run it again alike; the
     random states after it as before it. Its autocast: ``as_forward``, around the recomputation alone."""
     cpu, device_state = state[0]
-    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad():
+    with torch.random.fork_rng(devices=[x.device] if device_state is not None else []), torch.enable_grad():
         torch.set_rng_state(cpu)
         if device_state is not None:
             torch.cuda.set_rng_state(device_state, x.device)
