@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -21,8 +22,8 @@ from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output
-from bailong.training import (KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, estimate_memory, held_out_record,
-                              lr_at, parse_config)
+from bailong.training import (GRAPH_ON_CPU, KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, estimate_memory,
+                              held_out_record, lr_at, parse_config)
 
 
 def main(argv=None):
@@ -46,6 +47,7 @@ def main(argv=None):
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
+    from bailong.step_graph import GraphedStep, accumulate
     from bailong.tokenizer import byte_tokenizer, open_tokenizer
     from bailong.vocab import extend_tokenizer
     from bailong.weights import load, load_preset, save
@@ -68,6 +70,11 @@ def main(argv=None):
         raise UsageError(OFFLOAD_ON_CPU)
     if config.keep_dequantized and not checkpointing:
         raise UsageError(KEEP_ON_CPU)
+    if config.cuda_graph and not device.startswith("cuda"):
+        raise UsageError(GRAPH_ON_CPU)
+    if config.cuda_graph and world > 1:
+        raise UsageError("--cuda-graph captures one process's step, not DDP's exchange of gradients between "
+                         "processes: leave it out with torchrun")
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
@@ -171,6 +178,9 @@ def main(argv=None):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             return ddp_model(inputs.to(device), targets=targets.to(device))
 
+    # the step: each micro-batch's forward and backward, or (--cuda-graph) all of them replayed as one CUDA graph
+    step_loss = GraphedStep(loss_of, model) if config.cuda_graph else partial(accumulate, loss_of)
+
     @torch.no_grad()
     def evaluate():
         model.eval()
@@ -193,12 +203,9 @@ def main(argv=None):
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            total = 0.0
-            for micro in range(config.grad_accum):
-                batch = data.indices(step * config.grad_accum + micro, config.batch_size, config.seed, rank, world)
-                loss = loss_of(*data.batch(batch)) / config.grad_accum
-                loss.backward()
-                total += loss.item()
+            batches = [data.batch(data.indices(step * config.grad_accum + micro, config.batch_size, config.seed,
+                                               rank, world)) for micro in range(config.grad_accum)]
+            total = step_loss(*map(torch.stack, zip(*batches))).item()  # the one wait for the device a step
             if not math.isfinite(total):
                 raise BailongError(f"the loss is {total} at step {step + 1}; stopped (last good checkpoint: "
                                    f"{latest_checkpoint(out) or 'none'})")

@@ -57,7 +57,8 @@ RUN_FILES = {p.name for p in vars(RunFolder("run")).values()} - {"run", "LATEST"
 # options that change neither the model nor the order of the data: a run may continue with other values;
 # the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
-                "save_every", "patience", "model", "init", "data", "offload_activations", "keep_dequantized"}
+                "save_every", "patience", "model", "init", "data", "offload_activations", "keep_dequantized",
+                "cuda_graph"}
 
 
 def options(config, world=1) -> dict:

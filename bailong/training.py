@@ -28,6 +28,7 @@ AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
 OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU they are "
                   "there already")
+GRAPH_ON_CPU = "--cuda-graph captures the step's GPU kernels: it needs a CUDA device"
 KEEP_ON_CPU = ("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes, and on the CPU "
                "checkpointing is off unless --checkpointing on")
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
@@ -84,6 +85,9 @@ class TrainConfig:
                                                                     "serve its backward too (14 dequantizations a "
                                                                     "layer and step instead of 20, for about 0.3 "
                                                                     "GB held at the Llama-2-7B shape)"})
+    cuda_graph: bool = field(default=False, metadata={"help": "after two eager steps, capture a step's forward "
+                                                            "and backward as one CUDA graph and replay it each "
+                                                            "step (CUDA, one process, --lora-dropout 0)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -121,6 +125,14 @@ class TrainConfig:
             raise UsageError("--keep-dequantized keeps the NF4 weights' dequantized copies: it needs --quantize nf4")
         if self.keep_dequantized and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
             raise UsageError(KEEP_ON_CPU)
+        if self.cuda_graph and self.lora_dropout:
+            raise UsageError("--cuda-graph replays the captured step as it is, LoRA dropout's masks too: it needs "
+                             "--lora-dropout 0")
+        if self.cuda_graph and self.offload_activations:
+            raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
+                             "are not captured")
+        if self.cuda_graph and self.device == "cpu":  # without --device: once the device is known
+            raise UsageError(GRAPH_ON_CPU)
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.stage == "pretrain" and self.init:

@@ -1,0 +1,104 @@
+"""A training step's forward and backward captured once as a CUDA graph and replayed (``train.py --cuda-graph``).
+
+Eagerly, a QLoRA step issues about a hundred kernels a layer, forward and backward,
+and the host's Python between them (about 1.8 ms a layer on a CPU machine:
+``bench/bench_host.py``) can leave the GPU waiting, most where kernels are small. A
+CUDA graph issues the whole step, every micro-batch's forward and backward, in one
+launch. That is legal because every step touches the same memory: the batches are
+copied into the graph's own input buffers, and the gradients are the graph's own
+tensors (the first micro-batch's backward makes them, the others add to them, as
+eagerly), given back to the parameters after each replay. Clipping, the optimizer
+and evaluation stay eager, outside the graph.
+
+What a step must be to be captured: the same shapes every step (train.py's batches
+are), no host work that waits on the device's values (no ``.item()``; the loss stays
+on the device), and nothing random: a replay would draw LoRA dropout's masks exactly
+as the capture did, so train.py takes ``--cuda-graph`` only with ``--lora-dropout 0``
+(and one process, activations kept on the GPU).
+
+The first ``warmup`` steps run eagerly, on the side stream the graph is then captured
+on: Triton's compiles, cuBLAS's handles and lazily made tensors settle there, not
+in the capture. The next step is captured and replayed, and so is every one after.
+A capture that fails is warned about, and training goes on without a graph.
+"""
+import contextlib
+import warnings
+
+import torch
+
+
+def accumulate(loss_of, inputs, targets):
+    """Each micro-batch's forward and backward, ``loss_of(inputs[i], targets[i])`` divided by their number:
+    the mean loss, left on the device (reading it waits for the step), and the summed gradients in ``.grad``."""
+    total = None
+    for x, y in zip(inputs, targets):
+        loss = loss_of(x, y) / len(inputs)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+class GraphedStep:
+    """``accumulate(loss_of, ...)`` for ``model``'s trained parameters, captured in a CUDA graph after ``warmup``
+    eager steps."""
+
+    def __init__(self, loss_of, model, warmup=2):
+        if any(isinstance(m, torch.nn.Dropout) and m.p for m in model.modules()):
+            raise ValueError("a CUDA graph would replay the dropout masks it captured: LoRA dropout must be 0")
+        self.loss_of, self.warmup = loss_of, warmup
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.parameters[0].device
+        self.graph = self.stream = self.inputs = self.targets = self.loss = None
+        self.grads, self.eager_steps = [], 0
+
+    def __call__(self, inputs, targets):
+        """The mean loss of the micro-batches ``inputs`` and ``targets`` (micro-batches, batch, sequence) as
+        ``accumulate`` gives it; once captured, the graph's own tensor, to be read before the next call."""
+        if self.graph is None:
+            if self.stream is None:
+                with torch.cuda.device(self.device):
+                    self.stream = torch.cuda.Stream()
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            if self.eager_steps < self.warmup or not self._capture(inputs, targets):
+                self.eager_steps += 1
+                with self._side_stream():
+                    return accumulate(self.loss_of, inputs, targets)
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        self.graph.replay()
+        for p, grad in zip(self.parameters, self.grads):  # an eager zero_grad(set_to_none=True) let them go
+            p.grad = grad
+        return self.loss
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        """Within: this step's stream current, after what the current stream had issued; at its end, the
+        current stream waits for it (the optimizer reads the gradients made here)."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            current.wait_stream(self.stream)
+
+    def _capture(self, inputs, targets) -> bool:
+        """Capture the step (nothing runs); False, warned about, where it cannot be captured."""
+        for p in self.parameters:
+            p.grad = None  # made inside the graph, by the first micro-batch's backward
+        graph, current = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self.stream):
+                loss = accumulate(self.loss_of, inputs, targets)
+        except Exception as e:  # an operation that cannot be captured
+            warnings.warn(f"CUDA graph capture failed, training without it: {e}", stacklevel=3)
+            for p in self.parameters:
+                p.grad = None
+            self.warmup = float("inf")
+            return False
+        finally:  # a failed capture leaves its stream current: put ours back
+            torch.cuda.set_stream(current)
+        self.graph, self.loss, self.inputs, self.targets = graph, loss, inputs, targets
+        self.grads = [p.grad for p in self.parameters]
+        return True

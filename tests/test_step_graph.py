@@ -1,0 +1,154 @@
+"""bailong.step_graph: a training step captured as a CUDA graph trains as the eager step does. The capture and
+replay are emulated on the CPU (tests/graph_capture.py: the recorded operations, not the Python, run again), on
+the CPU's path and on the GPU's (the kernels interpreted); and the emulation finds what a capture breaks."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graph_capture import emulated_cuda_graphs
+from test_layer_kernels import gpu_path, tiny_nf4
+
+
+def qlora_model(dtype, device="cpu"):
+    """test_layer_kernels' tiny 2-layer NF4 model with LoRA r = 4 (no dropout) on the projections, embedding
+    and head, B's not zero (so every LoRA weight has a gradient), in train mode with activation checkpointing,
+    as train.py runs it on CUDA."""
+    from bailong import lora
+    model = tiny_nf4(2).to(device=device, dtype=dtype)
+    torch.manual_seed(1)
+    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
+    for name, p in model.named_parameters():
+        if "lora_B" in name or "lora_embedding_A" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.checkpointing = True
+    return model.train()
+
+
+def train(model, step_loss, steps=5, accum=2):
+    """``steps`` optimizer steps as train.py takes them (clipping, AdamW, zero_grad to None): the losses, and
+    the LoRA weights at the end."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-2)
+    data = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (accum, 2, 17), generator=data)
+        targets = ids[..., 1:].clone()
+        targets[0, 0, :5] = -100  # a masked stretch, as SFT's prompts are
+        losses.append(step_loss(ids[..., :-1], targets).item())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, [p.detach().clone() for p in trainable]
+
+
+def check_graphed(monkeypatch, fast_paths, chunked, device="cpu"):
+    """Five steps of two micro-batches: one eager warm-up, one captured and replayed, three replayed; the losses
+    and the trained LoRA weights of eager training (on CUDA: the losses, to its kernels' nondeterminism). The
+    model's forward runs only for the warm-up and the capture. ``fast_paths``: bf16 autocast, the fused LoRA
+    nodes, the layer kernels and the layer by hand, and the NF4 kernels (on the CPU interpreted); else float32
+    through PyTorch (the CPU's path). ``chunked``: the loss and the MLP chunk by chunk, and the recomputation's
+    dequantized weights kept for the backward."""
+    import bailong_kernels
+    from bailong import layer_fused, lora, memory
+    from bailong.step_graph import GraphedStep, accumulate
+    dtype = torch.bfloat16 if fast_paths else torch.float32
+    if fast_paths and device == "cpu":
+        gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(bailong_kernels, "_layer_kernels", fast_paths)
+    monkeypatch.setattr(lora, "_fused", fast_paths)
+    monkeypatch.setattr(layer_fused, "_fused_layer", fast_paths)
+    monkeypatch.setattr(memory, "_chunked_loss", chunked)
+    monkeypatch.setattr(memory, "_chunked_mlp", chunked)
+    monkeypatch.setattr(memory, "LOSS_CHUNK_LOGITS", 10 * 512)  # 4 chunks of the 32 tokens
+    monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 12 * 192)  # 3 chunks
+
+    def loss_of(model):
+        def loss(inputs, targets):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=fast_paths):
+                return model(inputs.to(device), targets=targets.to(device))
+        return loss
+    eager = qlora_model(dtype, device)
+    eager.keep_dequantized = chunked
+    expected, expected_weights = train(eager, lambda x, y: accumulate(loss_of(eager), x, y))
+
+    model, forwards = qlora_model(dtype, device), []
+    model.keep_dequantized = chunked
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
+    step = GraphedStep(loss_of(model), model, warmup=1)
+    with emulated_cuda_graphs(monkeypatch) if device == "cpu" else contextlib.nullcontext():
+        losses, weights = train(model, step)
+    assert step.graph is not None and len(forwards) == 4  # 2 micro-batches eagerly, 2 captured; 8 replayed
+    assert len(set(losses)) == 5
+    if device != "cpu":  # atomics in cuBLAS's and attention's backward add in any order
+        torch.testing.assert_close(losses, expected, rtol=2e-3, atol=0)
+        return
+    assert losses == expected
+    for ours, theirs in zip(weights, expected_weights, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast_paths,chunked", [(False, False), (True, False), (True, True)])
+def test_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked):
+    check_graphed(monkeypatch, fast_paths, chunked)
+
+
+def test_the_emulated_capture_finds_what_a_graph_breaks(monkeypatch):
+    """What the emulation must catch for the test above to mean anything: work a cache skipped while capturing
+    is never replayed (its stale result is), a capture changes no memory that existed before it, and the host
+    reading a device value inside it fails."""
+    weight, cache = torch.ones(3), {}
+
+    def doubled(x):  # caches 2 * weight on the host, as if weight never changed
+        if "w" not in cache:
+            cache["w"] = weight * 2
+        return x * cache["w"]
+
+    x, total = torch.ones(3), torch.zeros(3)
+    doubled(x)  # eager: the cache is filled
+    with emulated_cuda_graphs(monkeypatch):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = doubled(x)
+            total.add_(y)
+        assert total.tolist() == [0, 0, 0]  # capturing ran nothing that lasts
+        weight.fill_(5)
+        graph.replay()
+        assert y.tolist() == [2, 2, 2] and total.tolist() == [2, 2, 2]  # eagerly 10: the stale cache replayed
+        cache.clear()
+        with pytest.raises(RuntimeError, match="_local_scalar_dense: the host reads a device value"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                doubled(x).sum().item()
+
+
+def test_a_step_with_dropout_is_refused():
+    from bailong import lora
+    from bailong.step_graph import GraphedStep
+    model = lora.inject_lora(tiny_nf4(1), lora.LoRAConfig(r=4, dropout=0.05))
+    with pytest.raises(ValueError, match="replay the dropout masks it captured: LoRA dropout must be 0"):
+        GraphedStep(lambda x, y: None, lora.mark_only_lora_trainable(model))
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch):
+    """A loss that reads its value on the host: the capture fails, is warned about, and the steps run eagerly,
+    as without a graph."""
+    from bailong.step_graph import GraphedStep, accumulate
+    losses = []
+
+    def loss_of(model):
+        def loss(inputs, targets):
+            value = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
+            losses.append(value.item())  # the host waits for the device: not capturable
+            return value
+        return loss
+    eager = qlora_model(torch.float32)
+    expected, _ = train(eager, lambda x, y: accumulate(loss_of(eager), x, y), steps=3)
+    model = qlora_model(torch.float32)
+    with emulated_cuda_graphs(monkeypatch) as graphs:
+        step = GraphedStep(loss_of(model), model, warmup=1)
+        with pytest.warns(UserWarning, match="CUDA graph capture failed, training without it: .*host reads"):
+            assert train(model, step, steps=3)[0] == expected
+    assert not graphs and step.graph is None
