@@ -4,7 +4,7 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
 CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs up to nine times: as by
+in a fresh process, a few warm-up steps first. Ours runs up to 13 times: as by
 default; with each LoRA projection one autograd node
 (``bailong.lora_fused.LoRAProjection``; with checkpointing each layer one node
 too, ``bailong.recompute.Recomputed``); with that and the norms, SwiGLU and
@@ -19,7 +19,11 @@ recomputation dequantizes kept for the backward (``bailong.recompute``); the MLP
 chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); (CUDA) the
 last two memory savers together, the offload and the chunked MLP; and, to time
 the layer kernels' LoRA dropout (``bailong_kernels.dropout``) against torch's
-with ``--dropout``, the rows before those with torch's dropout (``FEATURES``).
+with ``--dropout``, the rows before those with torch's dropout; and (CUDA,
+without dropout) each step's forward and backward replayed from one CUDA graph
+(``bailong.step_graph``, ``train.py --cuda-graph``), captured in the last
+warm-up step: as by default, with the chunked loss, and with the kept
+dequantized weights too (``FEATURES``).
 All of them are off by default until this benchmark has timed them on a GPU.
 Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
 through /proc/self/clear_refs) on the CPU.
@@ -71,16 +75,21 @@ ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels
         "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
         "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
         "ours, + offloaded layer inputs, chunked MLP": "ours-lean",
-        "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "transformers+peft+bitsandbytes": "theirs"}
+        "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
+        "ours, + chunked loss, CUDA graph": "ours-graph",
+        "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
+        "transformers+peft+bitsandbytes": "theirs"}
 # what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written
 # out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
 # only), the kept dequantized weights (checkpointing only), the chunked MLP; LoRA dropout by torch's kernel, not
-# the layer kernels' (bailong.lora_fused.seeded_dropout)
+# the layer kernels' (bailong.lora_fused.seeded_dropout); the step's forward and backward replayed from one CUDA
+# graph (bailong.step_graph: CUDA, no dropout; captured in the last warm-up step)
 BASE = {"fused", "layers", "loss"}
 FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
             "ours-layers": {"fused", "layers"}, "ours-all": BASE,
             "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
-            "ours-lean": BASE | {"offload", "mlp"}, "ours-torch-dropout": BASE | {"torch-dropout"}}
+            "ours-lean": BASE | {"offload", "mlp"}, "ours-torch-dropout": BASE | {"torch-dropout"},
+            "ours-plain-graph": {"graph"}, "ours-graph": BASE | {"graph"}, "ours-keep-graph": BASE | {"keep", "graph"}}
 
 
 def status(key):
@@ -146,11 +155,24 @@ def run_one(which, folder, args):
     batches = torch.Generator().manual_seed(0)
     losses = []
 
+    graphed = None
+    if "graph" in FEATURES.get(which, ()):
+        from bailong.step_graph import GraphedStep
+
+        def graph_loss(inputs, targets):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(inputs, targets=targets)
+        graphed = GraphedStep(graph_loss, model, warmup=max(args.warmup - 1, 1))
+
     def step():
-        ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=batches).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = loss_of(ids)
-        loss.backward()
+        ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=batches)
+        if graphed is not None:  # one micro-batch: (1, batch, sequence)
+            loss = graphed(ids[None, :, :-1], ids[None, :, 1:])
+        else:
+            ids = ids.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = loss_of(ids)
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
@@ -167,6 +189,10 @@ def run_one(which, folder, args):
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else status("VmHWM") - before
+    if graphed is not None:  # replays allocate nothing: the graph's pool holds, besides its live tensors, all that
+        # its capture freed (the activations), reserved for the replays; that counts as held too
+        peak += sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+                    if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
     # between steps: the frozen base, the LoRA weights and AdamW's moments; a step cannot take less than that
     # plus the LoRA gradients, all alive at once before the optimizer's step
     resident = torch.cuda.memory_allocated() if device == "cuda" else status("VmRSS") - before
@@ -344,8 +370,9 @@ def main():
         results = {}
         for which, flag in ROWS.items():
             on = FEATURES.get(flag, set())
-            if (flag not in args.rows or "offload" in on and args.device != "cuda"  # the CPU: nowhere to offload
-                    or on & {"offload", "keep"} and not args.checkpointing):  # nothing recomputed
+            if (flag not in args.rows or on & {"offload", "graph"} and args.device != "cuda"  # CUDA's only
+                    or on & {"offload", "keep"} and not args.checkpointing  # nothing recomputed
+                    or "graph" in on and args.dropout):  # a graph would replay one dropout mask
                 continue
             started = time.perf_counter()
             cmd = [sys.executable, __file__, "--which", flag, "--folder", str(folder), *sys.argv[1:]]

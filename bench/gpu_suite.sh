@@ -11,7 +11,8 @@
 # the parts share that many seconds, in the order given: a part is stopped when they are
 # spent, and one not begun with under a minute left is skipped. Each part's time is printed,
 # and a summary last. ``first`` is the training targets' first look: setting (a) with the
-# fastest path and setting (b) with the leanest, each against transformers+PEFT+bitsandbytes.
+# fastest paths, eager and replayed from a CUDA graph, and setting (b) with the leanest, each against
+# transformers+PEFT+bitsandbytes.
 # The training parts share one random Llama-2-7B checkpoint (bench_train.py --checkpoint), written by the
 # first of them and removed at the end.
 cd "$(dirname "$0")/.." || exit 1
@@ -69,10 +70,11 @@ for part in ${parts[*]}; do
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         decode)  run decode python bench/bench_decode.py ;;
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
-        first)   run first-recipe "${train[@]}" --setting recipe --rows ours ours-all theirs
+        first)   run first-recipe "${train[@]}" --setting recipe --rows ours ours-all ours-graph theirs
                  run first-long "${train[@]}" --setting long --rows ours-lean theirs ;;
         train)   run train "${train[@]}" --setting recipe --profile \
-                 --rows ours ours-fused ours-autograd ours-layers ours-all ours-offload ours-keep theirs ;;  # each loads
+                 --rows ours ours-fused ours-autograd ours-layers ours-all ours-offload ours-keep \
+                        ours-plain-graph ours-graph ours-keep-graph theirs ;;  # each loads
         train-8bit) run train-8bit "${train[@]}" --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long "${train[@]}" --setting long \
