@@ -228,6 +228,14 @@ def _count_step(optimizer, args, kwargs):
 register_optimizer_step_post_hook(_count_step)
 
 
+def forget_casts():
+    """Let every LoRA layer's compute-dtype copies go, to be made at the next forward: after a CUDA graph's
+    capture (``bailong.step_graph``), whose copies are the graph's, made only by its replays (a capture runs
+    nothing)."""
+    for m in list(_LORA_LINEARS):
+        m.casts.clear()
+
+
 _releases = None  # inside casts_kept: the layers whose release_casts waits for its end
 
 

@@ -52,7 +52,8 @@ def checkpoint(layer, x, args, keep=False, own=False):
     assert not any(torch.is_tensor(a) and a.requires_grad for a in args), "checkpoint: args want no gradient"
     if own:
         return Recomputed.apply(layer, keep, args, x, *(p for p in layer.parameters() if p.requires_grad))
-    return torch.utils.checkpoint.checkpoint(recomputation(layer, keep), x, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(recomputation(layer, keep), x, *args, use_reentrant=False,
+                                             preserve_rng_state=not capturing(x))
 
 
 class Recomputed(torch.autograd.Function):
@@ -91,13 +92,19 @@ class Recomputed(torch.autograd.Function):
 
 def forward_state(x):
     """What a forward ran under that a replay of it needs (``replayed``, ``as_forward``): the random states
-    (CPU, and x's CUDA device: not while a CUDA graph is captured, where many torch versions refuse to read
-    it and a captured step has nothing random, ``bailong.step_graph``) and the autocast dtype (None: off)."""
+    (CPU, and x's CUDA device, not while a CUDA graph is captured: ``capturing``) and the autocast dtype (None:
+    off)."""
     device = x.device.type
     on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    cuda = x.is_cuda and not torch.cuda.is_current_stream_capturing()
-    random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if cuda else None
+    random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda and not capturing(x) else None
     return random, torch.get_autocast_dtype(device) if on else None
+
+
+def capturing(x) -> bool:
+    """Whether x's CUDA stream is being captured into a CUDA graph (``bailong.step_graph``). A checkpointed
+    layer then neither reads nor restores the CUDA generator's state, here and in torch's checkpoint: many
+    torch versions refuse that read inside a capture, and a captured step has nothing random to draw again."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @contextlib.contextmanager

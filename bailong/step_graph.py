@@ -12,9 +12,11 @@ and evaluation stay eager, outside the graph.
 
 What a step must be to be captured: the same shapes every step (train.py's batches
 are), no host work that waits on the device's values (no ``.item()``; the loss stays
-on the device), and nothing random: a replay would draw LoRA dropout's masks exactly
-as the capture did, so train.py takes ``--cuda-graph`` only with ``--lora-dropout 0``
-(and one process, activations kept on the GPU).
+on the device), and nothing random: activation checkpointing draws a layer's dropout
+masks again in the backward by restoring the random state, which is read on the host
+(so is the seed of LoRA dropout's kernels), and a replay would restore the captured
+state. So train.py takes ``--cuda-graph`` only with ``--lora-dropout 0`` (and one
+process, activations kept on the GPU).
 
 The first ``warmup`` steps run eagerly, on the side stream the graph is then captured
 on: Triton's compiles, cuBLAS's handles and lazily made tensors settle there, not
@@ -25,6 +27,8 @@ import contextlib
 import warnings
 
 import torch
+
+from bailong.lora import forget_casts
 
 
 def accumulate(loss_of, inputs, targets):
@@ -44,12 +48,13 @@ class GraphedStep:
 
     def __init__(self, loss_of, model, warmup=2):
         if any(isinstance(m, torch.nn.Dropout) and m.p for m in model.modules()):
-            raise ValueError("a CUDA graph would replay the dropout masks it captured: LoRA dropout must be 0")
+            raise ValueError("a captured step cannot draw dropout masks again in its backward (the random state "
+                             "is read on the host): LoRA dropout must be 0")
         self.loss_of, self.warmup = loss_of, warmup
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.device = self.parameters[0].device
         self.graph = self.stream = self.inputs = self.targets = self.loss = None
-        self.grads, self.eager_steps = [], 0
+        self.grads, self.eager_steps, self.failed = [], 0, None  # failed: why a capture failed
 
     def __call__(self, inputs, targets):
         """The mean loss of the micro-batches ``inputs`` and ``targets`` (micro-batches, batch, sequence) as
@@ -63,6 +68,9 @@ class GraphedStep:
                 self.eager_steps += 1
                 with self._side_stream():
                     return accumulate(self.loss_of, inputs, targets)
+        if (inputs.shape, targets.shape) != (self.inputs.shape, self.targets.shape):
+            raise ValueError(f"the CUDA graph was captured for batches of {tuple(self.inputs.shape)}, not "
+                             f"{tuple(inputs.shape)}: a graph replays one shape")
         self.inputs.copy_(inputs)
         self.targets.copy_(targets)
         self.graph.replay()
@@ -92,6 +100,7 @@ class GraphedStep:
             with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self.stream):
                 loss = accumulate(self.loss_of, inputs, targets)
         except Exception as e:  # an operation that cannot be captured
+            self.failed = f"{type(e).__name__}: {e}"
             warnings.warn(f"CUDA graph capture failed, training without it: {e}", stacklevel=3)
             for p in self.parameters:
                 p.grad = None
@@ -99,6 +108,7 @@ class GraphedStep:
             return False
         finally:  # a failed capture leaves its stream current: put ours back
             torch.cuda.set_stream(current)
+            forget_casts()  # the LoRA weights' copies the capture made hold nothing until a replay: not for eager use
         self.graph, self.loss, self.inputs, self.targets = graph, loss, inputs, targets
         self.grads = [p.grad for p in self.parameters]
         return True

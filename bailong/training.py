@@ -126,8 +126,8 @@ class TrainConfig:
         if self.keep_dequantized and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
             raise UsageError(KEEP_ON_CPU)
         if self.cuda_graph and self.lora_dropout:
-            raise UsageError("--cuda-graph replays the captured step as it is, LoRA dropout's masks too: it needs "
-                             "--lora-dropout 0")
+            raise UsageError("--cuda-graph cannot capture LoRA dropout (the recomputation draws its masks again "
+                             "from a random state read on the host): it needs --lora-dropout 0")
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")

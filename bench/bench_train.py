@@ -179,6 +179,8 @@ def run_one(which, folder, args):
 
     for _ in range(args.warmup):
         step()
+    if graphed is not None and graphed.graph is None:  # else the row would time eager steps
+        sys.exit(f"the step was not captured in the warm-up steps: {graphed.failed or '--warmup is under 2'}")
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

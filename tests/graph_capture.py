@@ -7,10 +7,14 @@ caches work on the host, decides on the host, or reads the device's values there
 behaves otherwise captured. Here a capture records every aten operation below autograd
 (``TorchDispatchMode``) and every Triton launch, with the tensors and numbers given, and
 runs them, so that the code goes on with real values; at its end every tensor that
-existed before and was written in it is put back (capturing leaves memory as it was). A
-replay runs the recorded operations again, in order, on the recorded tensors, writing
-each result into the tensor the capture handed out. An operation that makes the host
-read a device value raises, as it does in a capture on CUDA. Streams are single here.
+existed before and was written in it is put back, and every one made in it is filled
+with garbage (NaN in float32 and bf16): capturing runs nothing, so what it made holds
+nothing until a replay. A replay runs the recorded operations again, in order, on the
+recorded tensors, writing each result into the tensor the capture handed out. What
+makes the host read a device value raises, as it does in a capture on CUDA (``.item()``
+and the like, ``.tolist()``, ``.numpy()``, indexing by a boolean mask, ``nonzero``).
+Not emulated: streams (one here), the allocator (nothing made in a capture is freed
+before its end), CUDA's random states, and whatever runs only where a tensor is on CUDA.
 """
 import contextlib
 import functools
@@ -24,6 +28,11 @@ from launch_count import TRITON_MODULES
 
 HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero",
               "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim")
+MASKS_READ = ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")  # a boolean index
+
+
+def _host_read(name):
+    raise RuntimeError(f"{name}: the host reads a device value, not permitted when a stream is capturing")
 ALLOCATIONS = ("aten::empty", "aten::new_empty", "aten::empty_strided", "aten::empty_like")
 
 
@@ -35,7 +44,7 @@ class Recording(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.steps = []  # (run, outputs): what a replay does, in order
-        self.made = set()  # the storages allocated inside the capture
+        self.made = {}  # the storages allocated inside the capture, as bytes
         self.saved = {}  # the storages written inside it that existed before: their bytes before it
 
     def keep(self, tensors):
@@ -47,14 +56,18 @@ class Recording(TorchDispatchMode):
                 self.saved[storage.data_ptr()] = data, data.clone()
 
     def put_back(self):
+        """At the capture's end: memory as before it, and what it made holding garbage."""
         for data, before in self.saved.values():
             data.copy_(before)
+        for data in self.made.values():
+            data.fill_(255)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.name()
-        if name.split(".")[0] in HOST_READS:
-            raise RuntimeError(f"{name}: the host reads a device value, not permitted when a stream is capturing")
+        if name.split(".")[0] in HOST_READS or name.split(".")[0] in MASKS_READ and any(
+                t.dtype == torch.bool for t in _tensors(args[1:2] if len(args) > 1 else kwargs.get("indices"))):
+            _host_read(name)
         written = [t for i, a in enumerate(func._schema.arguments) if a.alias_info and a.alias_info.is_write
                    for t in _tensors(args[i] if i < len(args) else kwargs.get(a.name))]
         self.keep(written)
@@ -62,7 +75,8 @@ class Recording(TorchDispatchMode):
         out = func(*args, **kwargs)
         outputs = _tensors(out)
         new = [t for t in outputs if t.untyped_storage().data_ptr() not in inputs]
-        self.made.update(t.untyped_storage().data_ptr() for t in new)
+        self.made.update((t.untyped_storage().data_ptr(), torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
+                         for t in new)
         if (written or new) and not name.startswith(ALLOCATIONS):  # views and allocations launch nothing
             self.steps.append((functools.partial(func, *args, **kwargs), outputs))
         return out
@@ -93,11 +107,10 @@ class RecordedKernel:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             run = functools.partial(self.kernel[grid], *args, **kwargs)
-            if self.capturing:
-                recording = self.capturing[0]
-                recording.keep(_tensors((args, kwargs)))
-                recording.steps.append((run, []))
             with _disable_current_modes():  # the interpreter's own operations are the kernel's, not ours
+                if self.capturing:
+                    self.capturing[0].keep(_tensors((args, kwargs)))
+                    self.capturing[0].steps.append((run, []))
                 return run()
         return launch
 
@@ -122,7 +135,16 @@ def emulated_cuda_graphs(monkeypatch):
 
     Stream = type("Stream", (), {"wait_stream": lambda self, other: None})
     current = Stream()
+
+    def read_on_host(method):
+        def read(self, *args, **kwargs):
+            if capturing:
+                _host_read(f"Tensor.{method.__name__}")
+            return method(self, *args, **kwargs)
+        return read
     with monkeypatch.context() as patch:
+        for name in ("tolist", "numpy", "__array__"):
+            patch.setattr(torch.Tensor, name, read_on_host(getattr(torch.Tensor, name)))
         for module in map(importlib.import_module, TRITON_MODULES):
             for name, kernel in list(vars(module).items()):
                 if name.endswith("_kernel") and hasattr(kernel, "fn"):

@@ -8,22 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from graph_capture import emulated_cuda_graphs
-from test_layer_kernels import gpu_path, tiny_nf4
-
-
-def qlora_model(dtype, device="cpu"):
-    """test_layer_kernels' tiny 2-layer NF4 model with LoRA r = 4 (no dropout) on the projections, embedding
-    and head, B's not zero (so every LoRA weight has a gradient), in train mode with activation checkpointing,
-    as train.py runs it on CUDA."""
-    from bailong import lora
-    model = tiny_nf4(2).to(device=device, dtype=dtype)
-    torch.manual_seed(1)
-    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
-    for name, p in model.named_parameters():
-        if "lora_B" in name or "lora_embedding_A" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.checkpointing = True
-    return model.train()
+from test_layer_kernels import gpu_path, qlora_model, tiny_nf4
 
 
 def train(model, step_loss, steps=5, accum=2):
@@ -98,8 +83,8 @@ def test_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked):
 
 def test_the_emulated_capture_finds_what_a_graph_breaks(monkeypatch):
     """What the emulation must catch for the test above to mean anything: work a cache skipped while capturing
-    is never replayed (its stale result is), a capture changes no memory that existed before it, and the host
-    reading a device value inside it fails."""
+    is never replayed (its stale result is), a capture changes no memory that existed before it and leaves what
+    it made holding nothing, and the host reading a device value inside it fails."""
     weight, cache = torch.ones(3), {}
 
     def doubled(x):  # caches 2 * weight on the host, as if weight never changed
@@ -114,28 +99,34 @@ def test_the_emulated_capture_finds_what_a_graph_breaks(monkeypatch):
         with torch.cuda.graph(graph):
             y = doubled(x)
             total.add_(y)
-        assert total.tolist() == [0, 0, 0]  # capturing ran nothing that lasts
+        assert total.tolist() == [0, 0, 0] and y.isnan().all()  # capturing ran nothing
         weight.fill_(5)
         graph.replay()
         assert y.tolist() == [2, 2, 2] and total.tolist() == [2, 2, 2]  # eagerly 10: the stale cache replayed
-        cache.clear()
-        with pytest.raises(RuntimeError, match="_local_scalar_dense: the host reads a device value"):
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                doubled(x).sum().item()
+        for read, name in [(lambda t: t.sum().item(), "_local_scalar_dense"), (lambda t: t.tolist(), "tolist"),
+                           (lambda t: bool(t.sum()), "is_nonzero|_local_scalar_dense"),
+                           (lambda t: t[t > 1], "aten::index"), (lambda t: t.nonzero(), "aten::nonzero")]:
+            with pytest.raises(RuntimeError, match=f"({name}).*: the host reads a device value"):
+                with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                    read(x * 2)
 
 
 def test_a_step_with_dropout_is_refused():
     from bailong import lora
     from bailong.step_graph import GraphedStep
     model = lora.inject_lora(tiny_nf4(1), lora.LoRAConfig(r=4, dropout=0.05))
-    with pytest.raises(ValueError, match="replay the dropout masks it captured: LoRA dropout must be 0"):
+    with pytest.raises(ValueError, match="cannot draw dropout masks again in its backward .*must be 0"):
         GraphedStep(lambda x, y: None, lora.mark_only_lora_trainable(model))
 
 
-def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch, fused):
     """A loss that reads its value on the host: the capture fails, is warned about, and the steps run eagerly,
-    as without a graph."""
+    as without a graph; on the fused LoRA path none of them takes the LoRA weights' copies the failed capture
+    made (which hold nothing)."""
+    from bailong import lora
     from bailong.step_graph import GraphedStep, accumulate
+    monkeypatch.setattr(lora, "_fused", fused)
     losses = []
 
     def loss_of(model):
@@ -151,4 +142,21 @@ def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch):
         step = GraphedStep(loss_of(model), model, warmup=1)
         with pytest.warns(UserWarning, match="CUDA graph capture failed, training without it: .*host reads"):
             assert train(model, step, steps=3)[0] == expected
-    assert not graphs and step.graph is None
+    assert not graphs and step.graph is None and step.failed.startswith("RuntimeError: ")
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_while_captured_torchs_checkpoint_keeps_no_random_state(monkeypatch, capturing):
+    """On the plain LoRA path a checkpointed layer goes through torch's checkpoint, whose forward reads the CUDA
+    generator's state to restore it for the recomputation; many torch versions refuse that read inside a
+    capture (a captured step has nothing random): told not to, while a graph is captured, and only then."""
+    import torch.utils.checkpoint
+
+    from bailong import recompute
+    told, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(recompute, "capturing", lambda x: capturing)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: told.append(k["preserve_rng_state"]) or checkpoint(*a, **k))
+    model = qlora_model(torch.float32)
+    model(torch.arange(16)[None], targets=torch.arange(1, 17)[None]).backward()
+    assert told == [not capturing] * 2  # a layer each
