@@ -22,7 +22,7 @@ from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output
-from bailong.training import (GRAPH_ON_CPU, KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, estimate_memory,
+from bailong.training import (KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, check_graph_step, estimate_memory,
                               held_out_record, lr_at, parse_config)
 
 
@@ -70,11 +70,8 @@ def main(argv=None):
         raise UsageError(OFFLOAD_ON_CPU)
     if config.keep_dequantized and not checkpointing:
         raise UsageError(KEEP_ON_CPU)
-    if config.cuda_graph and not device.startswith("cuda"):
-        raise UsageError(GRAPH_ON_CPU)
-    if config.cuda_graph and world > 1:
-        raise UsageError("--cuda-graph captures one process's step, not DDP's exchange of gradients between "
-                         "processes: leave it out with torchrun")
+    if config.cuda_graph:
+        check_graph_step(device, world)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched

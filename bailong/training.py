@@ -207,6 +207,15 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **given})
 
 
+def check_graph_step(device: str, world: int):
+    """``--cuda-graph`` once the device and the processes are known: CUDA, one process."""
+    if not device.startswith("cuda"):
+        raise UsageError(GRAPH_ON_CPU)
+    if world > 1:
+        raise UsageError("--cuda-graph captures one process's step, not DDP's exchange of gradients between "
+                         "processes: leave it out with torchrun")
+
+
 def lr_at(step, config: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at the last step."""
     if step < config.warmup:
