@@ -29,11 +29,11 @@ from launch_count import TRITON_MODULES
 HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero",
               "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim")
 MASKS_READ = ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")  # a boolean index
+ALLOCATIONS = ("aten::empty", "aten::new_empty", "aten::empty_strided", "aten::empty_like")
 
 
 def _host_read(name):
     raise RuntimeError(f"{name}: the host reads a device value, not permitted when a stream is capturing")
-ALLOCATIONS = ("aten::empty", "aten::new_empty", "aten::empty_strided", "aten::empty_like")
 
 
 def _tensors(tree):
