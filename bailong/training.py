@@ -131,8 +131,6 @@ class TrainConfig:
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")
-        if self.cuda_graph and self.device == "cpu":  # without --device: once the device is known
-            raise UsageError(GRAPH_ON_CPU)
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.stage == "pretrain" and self.init:
@@ -208,7 +206,8 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def check_graph_step(device: str, world: int):
-    """``--cuda-graph`` once the device and the processes are known: CUDA, one process."""
+    """``--cuda-graph`` once the device and the processes are known (train.py, before anything is read or
+    written): CUDA, one process."""
     if not device.startswith("cuda"):
         raise UsageError(GRAPH_ON_CPU)
     if world > 1:

@@ -163,14 +163,14 @@ def test_while_captured_torchs_checkpoint_keeps_no_random_state(monkeypatch, cap
 
 
 def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys, monkeypatch):
-    """``train.py --cuda-graph`` on the embedded default, the capture emulated (its check for CUDA let through):
-    the per-step and held-out losses of the run without, bit for bit, with checkpointing on (as on CUDA), two
-    micro-batches a step, and evaluations and checkpoints between the replays."""
+    """``train.py --cuda-graph`` on the embedded default on the CPU, the capture emulated (its check for CUDA let
+    through): the per-step and held-out losses of the run without, bit for bit, with checkpointing on (as on
+    CUDA), two micro-batches a step, and evaluations and checkpoints between the replays."""
     import train
     from test_training import evals, losses, run_train
     monkeypatch.setattr(train, "check_graph_step", lambda device, world: None)
     args = ["--steps", "6", "--eval-every", "3", "--save-every", "3", "--lora-dropout", "0", "--checkpointing", "on",
-            "--grad-accum", "2", "--batch-size", "4"]
+            "--grad-accum", "2", "--batch-size", "4", "--device", "cpu"]
     run_train(capsys, *args, "--out", tmp_path / "eager")
     with emulated_cuda_graphs(monkeypatch) as graphs:
         run_train(capsys, *args, "--cuda-graph", "--out", tmp_path / "graph")
