@@ -374,7 +374,7 @@ def main():
             on = FEATURES.get(flag, set())
             if (flag not in args.rows or on & {"offload", "graph"} and args.device != "cuda"  # CUDA's only
                     or on & {"offload", "keep"} and not args.checkpointing  # nothing recomputed
-                    or "graph" in on and args.dropout):  # a graph would replay one dropout mask
+                    or "graph" in on and args.dropout):  # a captured step cannot draw dropout again
                 continue
             started = time.perf_counter()
             cmd = [sys.executable, __file__, "--which", flag, "--folder", str(folder), *sys.argv[1:]]
