@@ -28,7 +28,6 @@ AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
 OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU they are "
                   "there already")
-GRAPH_ON_CPU = "--cuda-graph captures the step's GPU kernels: it needs a CUDA device"
 KEEP_ON_CPU = ("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes, and on the CPU "
                "checkpointing is off unless --checkpointing on")
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
@@ -209,7 +208,7 @@ def check_graph_step(device: str, world: int):
     """``--cuda-graph`` once the device and the processes are known (train.py, before anything is read or
     written): CUDA, one process."""
     if not device.startswith("cuda"):
-        raise UsageError(GRAPH_ON_CPU)
+        raise UsageError("--cuda-graph captures the step's GPU kernels: it needs a CUDA device")
     if world > 1:
         raise UsageError("--cuda-graph captures one process's step, not DDP's exchange of gradients between "
                          "processes: leave it out with torchrun")

@@ -18,13 +18,12 @@ before its end), CUDA's random states, and whatever runs only where a tensor is 
 """
 import contextlib
 import functools
-import importlib
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from launch_count import TRITON_MODULES
+from launch_count import triton_kernels
 
 HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero",
               "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim")
@@ -145,10 +144,8 @@ def emulated_cuda_graphs(monkeypatch):
     with monkeypatch.context() as patch:
         for name in ("tolist", "numpy", "__array__"):
             patch.setattr(torch.Tensor, name, read_on_host(getattr(torch.Tensor, name)))
-        for module in map(importlib.import_module, TRITON_MODULES):
-            for name, kernel in list(vars(module).items()):
-                if name.endswith("_kernel") and hasattr(kernel, "fn"):
-                    patch.setattr(module, name, RecordedKernel(kernel, capturing))
+        for module, name, kernel in triton_kernels():
+            patch.setattr(module, name, RecordedKernel(kernel, capturing))
         for name, value in dict(device=lambda d=None: contextlib.nullcontext(), Stream=Stream,
                                 current_stream=lambda device=None: current,
                                 stream=lambda s: contextlib.nullcontext(), CUDAGraph=Graph, graph=graph,

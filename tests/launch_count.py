@@ -63,16 +63,22 @@ class Counted:
         return launch
 
 
+def triton_kernels():
+    """(module, name, kernel) for every Triton kernel, as the launchers find them: module attributes."""
+    for module in map(importlib.import_module, TRITON_MODULES):
+        for name, kernel in list(vars(module).items()):
+            if name.endswith("_kernel") and hasattr(kernel, "fn"):
+                yield module, name, kernel
+
+
 @contextlib.contextmanager
 def count_launches(monkeypatch):
     """Inside: ``launches.aten`` and ``launches.triton`` list what ran, in order."""
     from bailong_kernels import dropout
     launches = Launches()
     with monkeypatch.context() as patch:
-        for module in map(importlib.import_module, TRITON_MODULES):
-            for name, kernel in list(vars(module).items()):
-                if name.endswith("_kernel") and hasattr(kernel, "fn"):
-                    patch.setattr(module, name, Counted(kernel, name, launches))
+        for module, name, kernel in triton_kernels():
+            patch.setattr(module, name, Counted(kernel, name, launches))
         patch.setattr(dropout, "philox_key", _uncounted(dropout.philox_key))
         with launches:
             yield launches

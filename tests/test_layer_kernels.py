@@ -156,6 +156,7 @@ def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch, chunked_los
                 patch.setattr(memory, "_chunked_loss", True)
                 patch.setattr(memory, "LOSS_CHUNK_LOGITS", 7 * 512)
                 patch.setattr(layers, "CROSS_ENTROPY_BLOCK", 128)
+            from test_step_graph import qlora_model
             model = qlora_model(torch.float32)
             ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
             loss = model(ids[:, :-1], targets=ids[:, 1:])
@@ -193,21 +194,6 @@ def tiny_nf4(layers=2, quantized=True):
     torch.manual_seed(0)
     model = init_weights(bailong.Llama(config)).eval()
     return quantize_model(model) if quantized else model.half()
-
-
-def qlora_model(dtype, device="cpu"):
-    """``tiny_nf4``'s 2-layer model with LoRA r = 4 (no dropout) on the projections, embedding and head, B's not
-    zero (so every LoRA weight has a gradient), in train mode with activation checkpointing,
-    as train.py runs it on CUDA."""
-    from bailong import lora
-    model = tiny_nf4(2).to(device=device, dtype=dtype)
-    torch.manual_seed(1)
-    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
-    for name, p in model.named_parameters():
-        if "lora_B" in name or "lora_embedding_A" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.checkpointing = True
-    return model.train()
 
 
 @pytest.mark.parametrize("part_positions,quantized", [(512, True), (16, True), (512, False)])

@@ -8,7 +8,24 @@ import torch
 import torch.nn.functional as F
 
 from graph_capture import emulated_cuda_graphs
-from test_layer_kernels import gpu_path, qlora_model, tiny_nf4
+from test_layer_kernels import gpu_path, tiny_nf4
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def qlora_model(dtype, device="cpu"):
+    """``tiny_nf4``'s 2-layer model with LoRA r = 4 (no dropout) on the projections, embedding and head, B's not
+    zero (so every LoRA weight has a gradient), in train mode with activation checkpointing,
+    as train.py runs it on CUDA."""
+    from bailong import lora
+    model = tiny_nf4(2).to(device=device, dtype=dtype)
+    torch.manual_seed(1)
+    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
+    for name, p in model.named_parameters():
+        if "lora_B" in name or "lora_embedding_A" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.checkpointing = True
+    return model.train()
 
 
 def train(model, step_loss, steps=5, accum=2):
@@ -178,3 +195,33 @@ def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys, monkeypa
     eager, graph = tmp_path / "eager", tmp_path / "graph"
     assert losses(graph) == losses(eager) and len(losses(graph)) == 6 and len(set(losses(graph))) == 6
     assert evals(graph) == evals(eager) and len(evals(graph)) == 3
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fast_paths,chunked", [(False, False), (True, False), (True, True)])
+def test_on_cuda_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked):
+    """``bailong.step_graph``, captured and replayed on CUDA: the losses of eager training (the CPU's test
+    emulates the capture; this one is the real thing)."""
+    check_graphed(monkeypatch, fast_paths, chunked, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys):
+    """``train.py --cuda-graph`` on the embedded default (bf16 on CUDA, checkpointing on): captured (no warning of
+    a failed capture), and the per-step and held-out losses of the eager run, to bf16 noise."""
+    import warnings
+
+    from test_training import evals, losses, run_train
+    runs = {}
+    for name, graph in [("eager", []), ("graph", ["--cuda-graph"])]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_train(capsys, "--steps", "12", "--eval-every", "6", "--lora-dropout", "0", *graph,
+                      "--out", tmp_path / name)
+        assert not [w for w in caught if "CUDA graph capture failed" in str(w.message)]
+        runs[name] = losses(tmp_path / name) + evals(tmp_path / name)
+    assert len(runs["graph"]) == 12 + 3  # the untrained model's held-out loss, then at steps 6 and 12
+    for (step, ours), (_, theirs) in zip(runs["graph"], runs["eager"], strict=True):
+        assert abs(ours - theirs) <= 1e-2 * abs(theirs), step
