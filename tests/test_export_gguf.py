@@ -3,6 +3,7 @@ import ctypes
 import json
 import re
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -216,8 +217,19 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
 
 def llama_cpp_model(path, **options):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (requirements-test.txt)")
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=256, n_threads=2,
-                           type_k=0, type_v=0, **options)  # a float32 KV cache: nothing rounded but the weights
+    # The weights as written: where the CPU reports Intel AMX, llama.cpp (as 0.3.36 builds it) repacks q8_0
+    # weights for AMX, and there its AMX matmul has crashed the whole process (SIGSEGV in
+    # ggml_backend_amx_mul_mat, outside Python too, at every model size tried up to 512 x 1024). This option
+    # of llama.cpp's is not one of Llama()'s arguments.
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def as_written():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", as_written):
+        return llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=256, n_threads=2,
+                               type_k=0, type_v=0, **options)  # a float32 KV cache: nothing rounded but the weights
 
 
 @pytest.mark.parametrize("kind, tolerance", [("f32", 1e-5), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 6e-2)])
