@@ -149,7 +149,7 @@ def emulated_cuda_graphs(monkeypatch):
         for name, value in dict(device=lambda d=None: contextlib.nullcontext(), Stream=Stream,
                                 current_stream=lambda device=None: current,
                                 stream=lambda s: contextlib.nullcontext(), CUDAGraph=Graph, graph=graph,
-                                set_stream=lambda s: None,
+                                set_stream=lambda s: None, graph_pool_handle=object,
                                 is_current_stream_capturing=lambda: bool(capturing)).items():
             patch.setattr(torch.cuda, name, value)
         yield graphs
