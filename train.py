@@ -32,6 +32,8 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_context(config)
+    if config.cuda_graph:
+        check_graph_step(world)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
     run = RunFolder(out)  # touched only once the data and the model have loaded
@@ -71,7 +73,7 @@ def main(argv=None):
     if config.keep_dequantized and not checkpointing:
         raise UsageError(KEEP_ON_CPU)
     if config.cuda_graph:
-        check_graph_step(device, world)
+        check_graph_step(world, device)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched

@@ -11,6 +11,7 @@ import torch
 
 from bailong.model import Llama
 from bailong.quantized import nf4_weights
+from bailong.step_graph import capture_failure
 
 
 @dataclass
@@ -203,8 +204,7 @@ class GraphDecoder:
                 self.graphs[window] = self._capture(window)
             except RuntimeError as e:
                 self.graphs = None
-                reason = (str(e).splitlines() or [repr(e)])[0]
-                warnings.warn(f"CUDA graph capture failed, decoding without it: {reason}")
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {capture_failure(e)}")
         return None if self.graphs is None else self.graphs[window]
 
     def prefill(self, ids):

@@ -212,6 +212,12 @@ def keeping(on=True):
         _keeping = previous
 
 
+def forget_kept():
+    """Let go the copies recomputations kept for backwards that did not take them: after a CUDA graph's capture
+    that failed inside a backward (``bailong.step_graph``), whose copies hold nothing (a capture runs nothing)."""
+    _kept.clear()
+
+
 def dequantized(q, dtype, dequantize, keep=False):
     """``dequantize(q, dtype)``, or the copy of q a recomputation kept, taken (the next dequantization of q
     after the recomputation, its backward's, takes it, and only that one), or within ``dequantized_once`` the

@@ -21,7 +21,12 @@ process, activations kept on the GPU).
 The first ``warmup`` steps run eagerly, on the side stream the graph is then captured
 on: Triton's compiles, cuBLAS's handles and lazily made tensors settle there, not
 in the capture. The next step is captured and replayed, and so is every one after.
-A capture that fails is warned about, and training goes on without a graph.
+A capture that fails is warned about, and training goes on without a graph (torch's
+own notes say a failed capture can leave its allocator in odd states: where the
+warning appears, running again without the graph is the safe course).
+
+The graph keeps the memory its capture freed (the step's activations) for its
+replays: evaluation and the optimizer take theirs beside it.
 """
 import contextlib
 import warnings
@@ -29,16 +34,18 @@ import warnings
 import torch
 
 from bailong.lora import forget_casts
+from bailong.recompute import forget_kept
 
 
 def accumulate(loss_of, inputs, targets):
     """Each micro-batch's forward and backward, ``loss_of(inputs[i], targets[i])`` divided by their number:
-    the mean loss, left on the device (reading it waits for the step), and the summed gradients in ``.grad``."""
-    total = None
+    the mean loss, left on the device (reading it waits for the step), and the summed gradients in ``.grad``.
+    The parts are added in float64, as Python adds the floats read from each."""
+    total = 0
     for x, y in zip(inputs, targets):
         loss = loss_of(x, y) / len(inputs)
         loss.backward()
-        total = loss.detach() if total is None else total + loss.detach()
+        total = total + loss.detach().double()
     return total
 
 
@@ -100,15 +107,25 @@ class GraphedStep:
             with torch.cuda.device(self.device), torch.cuda.graph(graph, stream=self.stream):
                 loss = accumulate(self.loss_of, inputs, targets)
         except Exception as e:  # an operation that cannot be captured
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA graph capture failed, training without it: {e}", stacklevel=3)
+            self.failed = capture_failure(e)
+            warnings.warn(f"CUDA graph capture failed, training without it: {self.failed}", stacklevel=3)
             for p in self.parameters:
                 p.grad = None
             self.warmup = float("inf")
             return False
         finally:  # a failed capture leaves its stream current: put ours back
             torch.cuda.set_stream(current)
-            forget_casts()  # the LoRA weights' copies the capture made hold nothing until a replay: not for eager use
+            forget_casts()  # the copies the capture made hold nothing until a replay: not for eager use
+            forget_kept()
         self.graph, self.loss, self.inputs, self.targets = graph, loss, inputs, targets
         self.grads = [p.grad for p in self.parameters]
         return True
+
+
+def capture_failure(e) -> str:
+    """Why a capture failed, in a line. On CUDA the operation that cannot be captured invalidates the capture, and
+    leaving ``torch.cuda.graph`` then raises an error of its own: the first is named, then that one."""
+    def line(error):
+        return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+    cause = e.__context__
+    return line(e) if cause is None or cause is e else f"{line(cause)} (then {line(e)})"

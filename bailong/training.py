@@ -204,14 +204,14 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **given})
 
 
-def check_graph_step(device: str, world: int):
-    """``--cuda-graph`` once the device and the processes are known (train.py, before anything is read or
-    written): CUDA, one process."""
-    if not device.startswith("cuda"):
-        raise UsageError("--cuda-graph captures the step's GPU kernels: it needs a CUDA device")
+def check_graph_step(world: int, device: str | None = None):
+    """``--cuda-graph`` in train.py, before anything is read or written: one process (before torch loads, so that
+    no process group starts), and, given once torch knows it, a CUDA device."""
     if world > 1:
         raise UsageError("--cuda-graph captures one process's step, not DDP's exchange of gradients between "
                          "processes: leave it out with torchrun")
+    if device is not None and not device.startswith("cuda"):
+        raise UsageError("--cuda-graph captures the step's GPU kernels: it needs a CUDA device")
 
 
 def lr_at(step, config: TrainConfig) -> float:

@@ -128,6 +128,16 @@ def test_the_emulated_capture_finds_what_a_graph_breaks(monkeypatch):
                     read(x * 2)
 
 
+def test_the_mean_loss_adds_its_parts_as_python_adds_the_floats_read():
+    """train.py logs a step's loss once, from the device: the same number it logged when it read each
+    micro-batch's loss and added the floats (in float32 the small part would be lost)."""
+    from bailong.step_graph import accumulate
+    parts = [torch.tensor(v, requires_grad=True) for v in (1.0, 1e-8, 3.3, 7.1)]  # float32
+    mean = accumulate(lambda i, _: parts[i] * 1, range(4), range(4))
+    assert mean.item() == sum((p / 4).item() for p in parts) != sum(p / 4 for p in parts).item()
+    assert [p.grad.item() for p in parts] == [0.25] * 4
+
+
 def test_a_step_with_dropout_is_refused():
     from bailong import lora
     from bailong.step_graph import GraphedStep
@@ -136,30 +146,60 @@ def test_a_step_with_dropout_is_refused():
         GraphedStep(lambda x, y: None, lora.mark_only_lora_trainable(model))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch, fused):
-    """A loss that reads its value on the host: the capture fails, is warned about, and the steps run eagerly,
-    as without a graph; on the fused LoRA path none of them takes the LoRA weights' copies the failed capture
-    made (which hold nothing)."""
+@pytest.mark.parametrize("fused,in_backward", [(False, False), (True, False), (False, True), (True, True)])
+def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch, fused, in_backward):
+    """A step that reads a device value on the host, in its loss or (``in_backward``) halfway through the
+    backward, in the second layer's recomputed attention output, with the dequantized weights kept for the
+    backward: the capture fails, is warned about, and the steps run eagerly, as without a graph. None of them
+    takes a copy the failed capture made, which holds nothing: the LoRA weights' (on the fused path), or the
+    dequantized weights a recomputation kept for a backward that never came."""
     from bailong import lora
     from bailong.step_graph import GraphedStep, accumulate
     monkeypatch.setattr(lora, "_fused", fused)
-    losses = []
+    read = []
 
     def loss_of(model):
         def loss(inputs, targets):
             value = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=-100)
-            losses.append(value.item())  # the host waits for the device: not capturable
+            if not in_backward:
+                read.append(value.item())  # the host waits for the device: not capturable
             return value
         return loss
-    eager = qlora_model(torch.float32)
+
+    def qlora(dtype):
+        model = qlora_model(dtype)
+        model.keep_dequantized = in_backward
+        if in_backward:
+            def output(module, args, out):  # a recomputation's output wants a gradient
+                if out.requires_grad:
+                    out.register_hook(lambda g: read.append(g.sum().item()))
+            model.model.layers[1].register_forward_hook(output)
+        return model
+    eager = qlora(torch.float32)
     expected, _ = train(eager, lambda x, y: accumulate(loss_of(eager), x, y), steps=3)
-    model = qlora_model(torch.float32)
+    assert read
+    model = qlora(torch.float32)
     with emulated_cuda_graphs(monkeypatch) as graphs:
         step = GraphedStep(loss_of(model), model, warmup=1)
         with pytest.warns(UserWarning, match="CUDA graph capture failed, training without it: .*host reads"):
             assert train(model, step, steps=3)[0] == expected
     assert not graphs and step.graph is None and step.failed.startswith("RuntimeError: ")
+
+
+def test_a_failed_capture_is_told_by_what_interrupted_it():
+    """On CUDA the operation that cannot be captured invalidates the capture, and leaving it raises an error of
+    its own, in the handling of the first: both are told, the first first."""
+    from bailong.step_graph import capture_failure
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as e:
+        assert capture_failure(e) == ("RuntimeError: CUDA error: operation not permitted when stream is capturing "
+                                      "(then RuntimeError: CUDA error: operation failed due to a previous error "
+                                      "during capture)")
+    assert capture_failure(ValueError("no cause")) == "ValueError: no cause"
 
 
 @pytest.mark.parametrize("capturing", [False, True])
@@ -185,7 +225,7 @@ def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys, monkeypa
     CUDA), two micro-batches a step, and evaluations and checkpoints between the replays."""
     import train
     from test_training import evals, losses, run_train
-    monkeypatch.setattr(train, "check_graph_step", lambda device, world: None)
+    monkeypatch.setattr(train, "check_graph_step", lambda world, device=None: None)
     args = ["--steps", "6", "--eval-every", "3", "--save-every", "3", "--lora-dropout", "0", "--checkpointing", "on",
             "--grad-accum", "2", "--batch-size", "4", "--device", "cpu"]
     run_train(capsys, *args, "--out", tmp_path / "eager")
@@ -195,6 +235,20 @@ def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys, monkeypa
     eager, graph = tmp_path / "eager", tmp_path / "graph"
     assert losses(graph) == losses(eager) and len(losses(graph)) == 6 and len(set(losses(graph))) == 6
     assert evals(graph) == evals(eager) and len(evals(graph)) == 3
+
+
+def test_with_torchrun_a_cuda_graph_is_refused_before_any_process_group(tmp_path, monkeypatch):
+    """Several processes (torchrun sets WORLD_SIZE): refused in one line before torch starts their group, so
+    that each does not stop on its own, and before anything is written."""
+    import torch.distributed
+
+    import train
+    from bailong.errors import UsageError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("a group started"))
+    with pytest.raises(UsageError, match=r"^--cuda-graph captures one process's step, not DDP's exchange .* torchrun"):
+        train.main(["--cuda-graph", "--lora-dropout", "0", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.gpu
@@ -209,8 +263,9 @@ def test_on_cuda_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chun
 @pytest.mark.gpu
 @needs_cuda
 def test_on_cuda_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys):
-    """``train.py --cuda-graph`` on the embedded default (bf16 on CUDA, checkpointing on): captured (no warning of
-    a failed capture), and the per-step and held-out losses of the eager run, to bf16 noise."""
+    """``train.py --cuda-graph`` on the embedded default (bf16 on CUDA, checkpointing on; two micro-batches a step,
+    no warm-up of the learning rate, so that the losses move at once): captured (no warning of a failed capture),
+    and the per-step and held-out losses of the eager run, to bf16 noise, well inside how far they move."""
     import warnings
 
     from test_training import evals, losses, run_train
@@ -218,10 +273,11 @@ def test_on_cuda_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys):
     for name, graph in [("eager", []), ("graph", ["--cuda-graph"])]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            run_train(capsys, "--steps", "12", "--eval-every", "6", "--lora-dropout", "0", *graph,
-                      "--out", tmp_path / name)
+            run_train(capsys, "--steps", "12", "--eval-every", "6", "--lora-dropout", "0", "--warmup", "0",
+                      "--grad-accum", "2", *graph, "--out", tmp_path / name)
         assert not [w for w in caught if "CUDA graph capture failed" in str(w.message)]
         runs[name] = losses(tmp_path / name) + evals(tmp_path / name)
     assert len(runs["graph"]) == 12 + 3  # the untrained model's held-out loss, then at steps 6 and 12
+    assert runs["eager"][11][1] < 0.95 * runs["eager"][0][1]  # on the CPU: 6.31 -> 5.70 (float32)
     for (step, ours), (_, theirs) in zip(runs["graph"], runs["eager"], strict=True):
         assert abs(ours - theirs) <= 1e-2 * abs(theirs), step
