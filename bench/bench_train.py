@@ -195,11 +195,12 @@ def run_one(which, folder, args):
         # its capture freed (the activations), reserved for the replays; that counts as held too
         peak += sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
                     if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
-    # between steps: the frozen base, the LoRA weights and AdamW's moments; a step cannot take less than that
-    # plus the LoRA gradients, all alive at once before the optimizer's step
+    # between steps: the frozen base, the LoRA weights and AdamW's moments (with a graph, the LoRA gradients too:
+    # its own tensors, alive between replays); a step cannot take less than that plus the LoRA gradients
     resident = torch.cuda.memory_allocated() if device == "cuda" else status("VmRSS") - before
+    grads = 0 if graphed is not None else sum(p.numel() * p.element_size() for p in trainable)
     result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
-              "losses": list(losses), "floor_bytes": resident + sum(p.numel() * p.element_size() for p in trainable),
+              "losses": list(losses), "floor_bytes": resident + grads,
               "trainable": sum(p.numel() for p in trainable),  # not the profiled step's
               "state_bytes": sum(t.numel() * t.element_size() for state in optimizer.state.values()
                                  for t in state.values() if torch.is_tensor(t))}  # AdamW's moments
