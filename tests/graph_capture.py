@@ -12,7 +12,7 @@ with garbage (NaN in float32 and bf16): capturing runs nothing, so what it made 
 nothing until a replay. A replay runs the recorded operations again, in order, on the
 recorded tensors, writing each result into the tensor the capture handed out. What
 makes the host read a device value raises, as it does in a capture on CUDA (``.item()``
-and the like, ``.tolist()``, ``.numpy()``, indexing by a boolean mask, ``nonzero``).
+and the like, ``.tolist()``, ``.numpy()``, ``.cpu()``, indexing by a boolean mask, ``nonzero``).
 Not emulated: streams (one here), the allocator (nothing made in a capture is freed
 before its end), CUDA's random states, and whatever runs only where a tensor is on CUDA.
 """
@@ -142,7 +142,7 @@ def emulated_cuda_graphs(monkeypatch):
             return method(self, *args, **kwargs)
         return read
     with monkeypatch.context() as patch:
-        for name in ("tolist", "numpy", "__array__"):
+        for name in ("tolist", "numpy", "__array__", "cpu"):  # .cpu(): a copy to the host, which waits
             patch.setattr(torch.Tensor, name, read_on_host(getattr(torch.Tensor, name)))
         for module, name, kernel in triton_kernels():
             patch.setattr(module, name, RecordedKernel(kernel, capturing))

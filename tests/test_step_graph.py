@@ -121,7 +121,7 @@ def test_the_emulated_capture_finds_what_a_graph_breaks(monkeypatch):
         graph.replay()
         assert y.tolist() == [2, 2, 2] and total.tolist() == [2, 2, 2]  # eagerly 10: the stale cache replayed
         for read, name in [(lambda t: t.sum().item(), "_local_scalar_dense"), (lambda t: t.tolist(), "tolist"),
-                           (lambda t: bool(t.sum()), "is_nonzero|_local_scalar_dense"),
+                           (lambda t: t.cpu(), "cpu"), (lambda t: bool(t.sum()), "is_nonzero|_local_scalar_dense"),
                            (lambda t: t[t > 1], "aten::index"), (lambda t: t.nonzero(), "aten::nonzero")]:
             with pytest.raises(RuntimeError, match=f"({name}).*: the host reads a device value"):
                 with torch.cuda.graph(torch.cuda.CUDAGraph()):
