@@ -149,7 +149,7 @@ def test_a_step_with_dropout_is_refused():
 @pytest.mark.parametrize("fused,in_backward", [(False, False), (True, False), (False, True), (True, True)])
 def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch, fused, in_backward):
     """A step that reads a device value on the host, in its loss or (``in_backward``) halfway through the
-    backward, in the second layer's recomputed attention output, with the dequantized weights kept for the
+    backward, at the gradient of the second layer's output, with the dequantized weights kept for the
     backward: the capture fails, is warned about, and the steps run eagerly, as without a graph. None of them
     takes a copy the failed capture made, which holds nothing: the LoRA weights' (on the fused path), or the
     dequantized weights a recomputation kept for a backward that never came."""
