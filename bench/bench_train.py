@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,7 +130,7 @@ def run_one(which, folder, args):
         model.checkpointing = args.checkpointing
         model.offload = "offload" in on and device == "cuda"
         model.keep_dequantized = "keep" in on
-        loss_of = lambda ids: model(ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
+        loss_of = lambda inputs, targets: model(inputs, targets=targets)  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -141,8 +142,8 @@ def run_one(which, folder, args):
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout,
                                                  target_modules=targets))
-        loss_of = lambda ids: torch.nn.functional.cross_entropy(  # noqa: E731
-            model(input_ids=ids[:, :-1]).logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss_of = lambda inputs, targets: torch.nn.functional.cross_entropy(  # noqa: E731
+            model(input_ids=inputs).logits.flatten(0, 1).float(), targets.flatten())
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if which.startswith("ours") or args.optimizer == "adamw":
@@ -155,24 +156,19 @@ def run_one(which, folder, args):
     batches = torch.Generator().manual_seed(0)
     losses = []
 
-    graphed = None
-    if "graph" in FEATURES.get(which, ()):
-        from bailong.step_graph import GraphedStep
+    from bailong.step_graph import GraphedStep, accumulate
 
-        def graph_loss(inputs, targets):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(inputs, targets=targets)
-        graphed = GraphedStep(graph_loss, model, warmup=max(args.warmup - 1, 1))
+    def autocast_loss(inputs, targets):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            return loss_of(inputs.to(device), targets.to(device))
+    graphed = None  # the step replayed from a CUDA graph, captured in the last warm-up step
+    if "graph" in FEATURES.get(which, ()):
+        graphed = GraphedStep(autocast_loss, model, warmup=max(args.warmup - 1, 1))
+    step_loss = partial(accumulate, autocast_loss) if graphed is None else graphed  # as train.py steps
 
     def step():
-        ids = torch.randint(0, vocab, (args.batch, args.seq_len + 1), generator=batches)
-        if graphed is not None:  # one micro-batch: (1, batch, sequence)
-            loss = graphed(ids[None, :, :-1], ids[None, :, 1:])
-        else:
-            ids = ids.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = loss_of(ids)
-            loss.backward()
+        ids = torch.randint(0, vocab, (1, args.batch, args.seq_len + 1), generator=batches)  # one micro-batch
+        loss = step_loss(ids[..., :-1], ids[..., 1:])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
