@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import nf4_dequantized, nf4_linear
-from bailong.recompute import is_recomputing
+from bailong.recompute import is_recomputing, mask_key
 
 
 class LoRAProjection(torch.autograd.Function):
@@ -161,11 +161,11 @@ def _dropped(x2, n, p):
     """(xs, mask, key): n copies of x2 (tokens, in), each dropped by its own mask of probability p, (n, tokens,
     in), and what the backward needs to apply the masks again (``_through_masks``). From torch's
     ``native_dropout`` the masks (key None), those n calls of ``F.dropout`` draw in turn on the CPU; on the
-    training kernels' path their Philox key (mask None): nothing stored, ``bailong_kernels.dropout`` draws them
-    again."""
+    training kernels' path their Philox key (mask None; ``bailong.recompute.MaskSeeds``): nothing stored,
+    ``bailong_kernels.dropout`` draws them again."""
     if (kernels := seeded_dropout(x2)) is not None:
-        xs, key = kernels.dropout(x2, n, p)
-        return xs, None, key
+        key = mask_key(x2, kernels.counters(x2, n))
+        return kernels.dropout(x2, n, p, key), None, key
     xs, mask = torch.native_dropout(x2.expand(n, *x2.shape), p, True)
     return xs, mask, None
 

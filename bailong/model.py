@@ -22,7 +22,7 @@ from bailong.config import ModelConfig
 from bailong.layer_fused import fused_layer
 from bailong.lora import frozen_matmul_skipped
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
-from bailong.recompute import checkpoint
+from bailong.recompute import checkpoint, mask_seeds
 
 
 def decode_kernels(x):
@@ -346,15 +346,17 @@ class Llama(nn.Module):
     def forward(self, input_ids, cache: KVCache | None = None, last_only=False, targets=None):
         """Logits (B, T, vocab); with ``last_only``, only the last position's (B, 1, vocab). With ``targets``
         (B, T; -100 where nothing is learned), the training loss instead: the mean cross-entropy over the
-        targeted positions, from float32 logits."""
-        h = self.hidden_states(input_ids, cache)
-        if targets is None:
-            h = h[:, -1:] if last_only else h
-            if (fused := decode_kernels(h)) is not None and (logits := fused.projections(h, (self.lm_head,))):
-                return logits[0]  # decoding: the head by the GEMV kernel (its forward hooks, if any, not run)
-            return self.lm_head(h)
-        targets = targets.flatten()
-        total = summed_loss(h.flatten(0, 1), self.lm_head, targets, layer_kernels(h))
+        targeted positions, from float32 logits. LoRA dropout's kernels key this forward's masks from one seed
+        (``bailong.recompute.MaskSeeds``)."""
+        with mask_seeds():
+            h = self.hidden_states(input_ids, cache)
+            if targets is None:
+                h = h[:, -1:] if last_only else h
+                if (fused := decode_kernels(h)) is not None and (logits := fused.projections(h, (self.lm_head,))):
+                    return logits[0]  # decoding: the head by the GEMV kernel (its forward hooks, if any, not run)
+                return self.lm_head(h)
+            targets = targets.flatten()
+            total = summed_loss(h.flatten(0, 1), self.lm_head, targets, layer_kernels(h))
         return total / (targets != -100).sum().clamp(min=1)
 
 

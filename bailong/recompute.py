@@ -40,6 +40,7 @@ _kept = {}  # id of an NF4Tensor (a tuple of ids for a tuple) -> (it, its dequan
 _keeping = False  # inside a recomputation that keeps its copies
 _recomputing = False  # inside a forward whose outputs no one reads (``recomputing``)
 _once = None  # inside ``dequantized_once``: as ``_kept``, the copies made at first use
+_seeds = None  # the MaskSeeds of the model's forward running (``mask_seeds``)
 
 
 def checkpoint(layer, x, args, keep=False, own=False):
@@ -92,18 +93,20 @@ class Recomputed(torch.autograd.Function):
 
 def forward_state(x):
     """What a forward ran under that a replay of it needs (``replayed``, ``as_forward``): the random states
-    (CPU, and x's CUDA device, not while a CUDA graph is captured: ``capturing``) and the autocast dtype (None:
-    off)."""
+    (CPU, and x's CUDA device, not while a CUDA graph is captured: ``capturing``; and where LoRA dropout's kernels
+    take their next key, ``MaskSeeds``) and the autocast dtype (None: off)."""
     device = x.device.type
     on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    random = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda and not capturing(x) else None
+    random = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda and not capturing(x) else None,
+              keys_taken())
     return random, torch.get_autocast_dtype(device) if on else None
 
 
 def capturing(x) -> bool:
     """Whether x's CUDA stream is being captured into a CUDA graph (``bailong.step_graph``). A checkpointed
     layer then neither reads nor restores the CUDA generator's state, here and in torch's checkpoint: many
-    torch versions refuse that read inside a capture, and a captured step has nothing random to draw again."""
+    torch versions refuse that read inside a capture, and a replay would not restore it; a captured step's
+    only masks are LoRA dropout's kernels', which find their keys again without it (``MaskSeeds``)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
@@ -111,12 +114,76 @@ def capturing(x) -> bool:
 def replayed(x, state):
     """Within: gradients on and the random states a forward had (``forward_state``), to run it again alike; the
     random states after it as before it. Its autocast: ``as_forward``, around the recomputation alone."""
-    cpu, device_state = state[0]
-    with torch.random.fork_rng(devices=[x.device] if device_state is not None else []), torch.enable_grad():
+    cpu, device_state, taken = state[0]
+    with torch.random.fork_rng(devices=[x.device] if device_state is not None else []), torch.enable_grad(), \
+            _keys_again(taken):
         torch.set_rng_state(cpu)
         if device_state is not None:
             torch.cuda.set_rng_state(device_state, x.device)
         yield
+
+
+def keys_taken():
+    """Where LoRA dropout's kernels take their next key (``MaskSeeds``): the forward's seeds and their count now,
+    for a recomputation to take them again (``_keys_again``); None outside a forward of the model."""
+    return None if _seeds is None else (_seeds, _seeds.used)
+
+
+@contextlib.contextmanager
+def _keys_again(taken):
+    """Within: LoRA dropout's kernels take the keys a forward took, ``taken`` = (its ``MaskSeeds``, their count
+    when it started: ``keys_taken``), or None: seeds of their own."""
+    global _seeds
+    seeds, used = taken or (None, 0)
+    previous, _seeds = _seeds, seeds
+    count = seeds.used if seeds is not None else 0
+    if seeds is not None:
+        seeds.used = used
+    try:
+        yield
+    finally:
+        if seeds is not None:
+            seeds.used = count
+        _seeds = previous
+
+
+class MaskSeeds:
+    """Where LoRA dropout's kernels (``bailong_kernels.dropout``) take the keys of their masks in one forward of
+    the model (``mask_seeds``): one seed, a random int64 drawn on the device when the first mask is, and the
+    Philox counters handed out from it so far, each mask's own. A checkpointed layer's recomputation counts from
+    where its forward started (``forward_state``, ``replayed``), so it takes the forward's keys and draws the
+    forward's masks, with nothing random read or restored on the host. So a CUDA graph can hold a step with LoRA
+    dropout (``bailong.step_graph``): the seed's draw is captured as one of torch's random kernels, which draw
+    anew at each replay (torch advances the generator's offset at each), and everything after reads it on the
+    device. One launch a forward, where reading the generator on the host took none."""
+
+    def __init__(self):
+        self.seed, self.used = None, 0
+
+    def key(self, x, counters):
+        """(seed, first counter) for ``counters`` Philox counters of masks for x: the next ones of the seed."""
+        if self.seed is None:
+            self.seed = torch.randint(2**63 - 1, (1,), device=x.device)  # below 2^63: the kernels read int64
+        first, self.used = self.used, self.used + counters
+        return self.seed, first
+
+
+@contextlib.contextmanager
+def mask_seeds():
+    """Within: LoRA dropout's kernels take their keys from one ``MaskSeeds`` (a forward of the model)."""
+    global _seeds
+    previous, _seeds = _seeds, MaskSeeds()
+    try:
+        yield
+    finally:
+        _seeds = previous
+
+
+def mask_key(x, counters):
+    """The key of LoRA dropout's next masks for x on the kernels' path, ``counters`` Philox counters: from the
+    forward's seed (``mask_seeds``), or outside a forward of the model from a seed of their own, which a
+    recomputation draws again from the random state restored (not inside a CUDA graph)."""
+    return (MaskSeeds() if _seeds is None else _seeds).key(x, counters)
 
 
 def as_forward(x, state):
@@ -151,14 +218,18 @@ def _never(packed):
 
 def recomputation(fn, keep=False):
     """``fn`` for ``torch.utils.checkpoint``, which calls it for the forward and again, in the backward, to
-    recompute: the calls after the first run as recomputations (``recomputing``) and, with ``keep``, keep the
-    NF4 weights they dequantize for the backward (``keeping``)."""
-    calls = 0
+    recompute: the calls after the first run as recomputations (``recomputing``), with the keys of LoRA
+    dropout's masks the first took (``MaskSeeds``; torch's checkpoint restores the random states) and, with
+    ``keep``, keep the NF4 weights they dequantize for the backward (``keeping``)."""
+    calls, taken = 0, None
 
     def run(*args, **kwargs):
-        nonlocal calls
+        nonlocal calls, taken
         calls += 1
-        with recomputing(calls > 1), keeping(keep and calls > 1):
+        if calls == 1:
+            taken = keys_taken()
+        with recomputing(calls > 1), keeping(keep and calls > 1), \
+                _keys_again(taken) if calls > 1 else contextlib.nullcontext():
             return fn(*args, **kwargs)
     return run
 

@@ -232,7 +232,6 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     is made uncounted and the copy back is a new tensor, when and as the GPU's would be made); ``traffic``,
     a ``Traffic``: what the kernels of the step counted (the second) read and write."""
     from bailong import nf4, optim
-    from bailong_kernels import dropout
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
     made_from_data = nf4.dynamic_code  # NF4's constant tables are made from data: made for real, outside
@@ -241,10 +240,6 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     optim.tables(torch.device("cpu"))  # and the 8-bit moments' (cached)
     optim.zero_code("exp_avg"), optim.zero_code("exp_avg_sq")
     with contextlib.ExitStack() as on:
-        # the dropout kernels' key drawn on the host (a fake tensor holds no number to draw), fixed: it allocates
-        # nothing on a GPU, and the masks' values change nothing counted
-        on.callback(setattr, dropout, "philox_key", dropout.philox_key)
-        dropout.philox_key = lambda x, counters: (0, 0)
         if fake:  # the constants stay real tensors
             on.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             nf4.dynamic_code = lambda signed=True: codes[signed]

@@ -294,13 +294,13 @@ def compile_all(arch):
     # room for about 16
     for kernel, case in [(dropout._dropout_kernel, "bfloat16 LoRA dropout of one input for 3 projections"),
                          (dropout._dropout_sum_kernel, "bfloat16 LoRA dropout's backward: 3 gradients summed")]:
-        meta = dict(N=3, ROWS=dropout.ROWS, num_warps=4)
-        compiled = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, 2**40 + 3, 2**40 + 5, 3277, 1.05, grid=(1,), **meta)
+        meta, seed = dict(N=3, ROWS=dropout.ROWS, num_warps=4), torch.zeros(1, dtype=torch.int64)  # read there
+        compiled = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, seed, 2**40 + 5, 3277, 1.05, grid=(1,), **meta)
         rows.append(describe(case, kernel, meta, compiled, arch))
         rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / (3 * 8 * dropout.ROWS / 128), 1)
-        small_key = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, 3, 5, 3277, 1.05, grid=(1,), **meta)
-        rows[-1]["one_kernel_every_key"] = "yes" if small_key.hash == compiled.hash else "NO"  # keys below 2^31 too
-        compiled = kernel.warmup(x, x, 1, 1, 3, 5, 1, 1.0, grid=(1,), **meta)  # arguments equal to 1: not constants
+        small_key = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, seed, 5, 3277, 1.05, grid=(1,), **meta)
+        rows[-1]["one_kernel_every_key"] = "yes" if small_key.hash == compiled.hash else "NO"  # counters below 2^31
+        compiled = kernel.warmup(x, x, 1, 1, seed, 5, 1, 1.0, grid=(1,), **meta)  # arguments equal to 1: not constants
         rows.append(describe(case + ", one value, threshold 1 (scalar loads)", kernel, meta, compiled, arch))
     # AdamW with 8-bit moments on a float32 LoRA weight, as bailong.optim.AdamW8bit launches it
     weight, codes, t = torch.empty(128 * 4096), torch.empty(128 * 4096, dtype=torch.uint8), adamw_tables("cpu")

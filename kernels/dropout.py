@@ -23,14 +23,16 @@ a warp's accesses are 512 contiguous bytes.
 A Philox call decides 8 values (torch's dropout: 4), and the masks are drawn
 three times a step (the forward, a checkpointed recomputation, the backward;
 torch's twice): 3/8 of a call a value against 2/4. Compiled for sm_90 the two
-kernels take 15-16 instructions a value at q, k and v's shape
+kernels take 15-16.5 instructions a value at q, k and v's shape
 (bench/check_kernels_compile.py), about what moving their bytes at an H200's
 bandwidth leaves an SM room for.
 
-On CUDA the seed and the first counter come from the device generator, which
-is advanced past the counters used, as torch's own dropout advances it
-(``philox_key``): activation checkpointing saves and restores that state, so a
-recomputation draws the same masks. The masks are other draws of the law
+A key is (seed, first counter): the seed a one-element int64 tensor on the
+device, which the kernels read there, and the first counter a number. Where a
+model's forward draws the seed (once a forward, on the device) and how a
+checkpointed layer's recomputation finds the forward's keys again, with nothing
+read on the host, so that a CUDA graph's replay draws masks of its own:
+``bailong.recompute.MaskSeeds``. The masks are other draws of the law
 ``F.dropout`` draws from, not its numbers: on the CPU the fused LoRA keeps torch's
 dropout (``bailong.lora_fused._dropped``), and the tests hold these kernels to a
 PyTorch Philox of the masks defined above (tests/test_dropout_kernels.py).
@@ -64,24 +66,26 @@ def _tile(numel, C, first, ROWS: tl.constexpr):
     return c, e, e < numel, numel, C, first
 
 
-# The key and the threshold are not specialized: Triton makes an integer argument equal to 1 a constant, and one
-# divisible by 16 another kernel. numel and C are (their divisibility lets the loads and stores take 16 bytes).
-# The key is typed int64 whatever its value (Triton types an integer below 2^31 int32, another kernel): the first
-# counter crosses 2^31 early in training, and the seed is below it wherever torch.manual_seed took a small one.
-@triton.jit(do_not_specialize=["seed", "first", "cut"])
-def _dropout_kernel(x_ptr, out_ptr, numel, C, seed: tl.int64, first: tl.int64, cut, scale, N: tl.constexpr,
+# The first counter and the threshold are not specialized: Triton makes an integer argument equal to 1 a constant,
+# and one divisible by 16 another kernel. numel and C are (their divisibility lets the loads and stores take 16
+# bytes). The first counter is typed int64 whatever its value (Triton types an integer below 2^31 int32, another
+# kernel): a forward's counters cross 2^31 at long sequences. The seed is read from the device.
+@triton.jit(do_not_specialize=["first", "cut"])
+def _dropout_kernel(x_ptr, out_ptr, numel, C, seed_ptr, first: tl.int64, cut, scale, N: tl.constexpr,
                     ROWS: tl.constexpr):
     c, e, ok, numel, C, first = _tile(numel, C, first, ROWS)
+    seed = tl.load(seed_ptr)
     x = tl.load(x_ptr + e, mask=ok, other=0.0).to(tl.float32)
     for j in tl.static_range(N):  # xs[j] = keep_j * x / (1 - p)
         kept = _bits(seed, first + j * C + c, ROWS) >= cut.to(tl.uint32)
         tl.store(out_ptr + j * numel + e, tl.where(kept, x * scale, 0.0), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed", "first", "cut"])
-def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed: tl.int64, first: tl.int64, cut, scale, N: tl.constexpr,
+@triton.jit(do_not_specialize=["first", "cut"])
+def _dropout_sum_kernel(g_ptr, out_ptr, numel, C, seed_ptr, first: tl.int64, cut, scale, N: tl.constexpr,
                         ROWS: tl.constexpr):
     c, e, ok, numel, C, first = _tile(numel, C, first, ROWS)
+    seed = tl.load(seed_ptr)
     total = tl.zeros((ROWS, 8), tl.float32)
     for j in tl.static_range(N):  # dL/dx = sum_j keep_j * g_j / (1 - p)
         kept = _bits(seed, first + j * C + c, ROWS) >= cut.to(tl.uint32)
@@ -102,43 +106,40 @@ def _scale(p) -> float:
     return LEVELS / kept if kept else 0.0
 
 
-def philox_key(x, counters) -> tuple[int, int]:
-    """(seed, first counter) for ``counters`` Philox counters on x's device. On CUDA the device generator's seed
-    and offset (in 32-bit numbers: four a counter), which is advanced past them as torch's random kernels
-    advance it, so that their counters and ours never meet; activation checkpointing restores it with the
-    random state. Elsewhere (the kernels interpreted) two numbers drawn from the CPU generator."""
-    if not x.is_cuda:
-        seed, first = torch.randint(2**31, (2,)).tolist()
-        return seed, first
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("LoRA dropout's kernels take their seed on the host: not inside a CUDA graph's capture")
-    generator = torch.cuda.default_generators[x.device.index]
-    offset = generator.get_offset()  # torch keeps it a multiple of 4: offset // 4 is past every counter it used
-    generator.set_offset(offset + 4 * counters)
-    return generator.initial_seed() % 2**63, offset // 4  # below 2^63: the kernels take the key as int64
+def counters(x, n) -> int:
+    """The Philox counters ``dropout(x, n, p, key)`` takes, from the key's first on: 8 values of x a counter, for
+    each of the n masks."""
+    return n * cdiv(x.numel(), 8)
 
 
-def dropout(x, n, p):
-    """x (tokens, in) dropped by n masks of probability p: (n, tokens, in) in x's dtype, and the key of the masks
-    (``dropout_sum`` takes it)."""
+def dropout(x, n, p, key):
+    """x (tokens, in) dropped by n masks of probability p, those of ``key`` (seed, first counter: the module
+    docstring), which ``dropout_sum`` takes again: (n, tokens, in) in x's dtype."""
     x = x.contiguous()
     C = cdiv(x.numel(), 8)
-    key = philox_key(x, n * C)
     out = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device)
     with launch_device(x):
-        _dropout_kernel[(cdiv(C, ROWS),)](x, out, x.numel(), C, *key, threshold(p), _scale(p), N=n, ROWS=ROWS)
-    return out, key
+        _dropout_kernel[(cdiv(C, ROWS),)](x, out, x.numel(), C, *_checked(key, x), threshold(p), _scale(p), N=n,
+                                          ROWS=ROWS)
+    return out
 
 
 def dropout_sum(g, key, p, out=None):
-    """The gradient of x from the gradients ``g`` (n, tokens, in) of ``dropout(x, n, p)``'s n copies, which gave
-    ``key``: sum_j keep_j * g[j] / (1 - p), (tokens, in) in g's dtype; into ``out`` where given (g[0] itself
-    may be it)."""
+    """The gradient of x from the gradients ``g`` (n, tokens, in) of ``dropout(x, n, p, key)``'s n copies:
+    sum_j keep_j * g[j] / (1 - p), (tokens, in) in g's dtype; into ``out`` where given (g[0] itself may be it)."""
     g = g.contiguous()
     n, numel = g.shape[0], g[0].numel()
     C = cdiv(numel, 8)
     out = torch.empty(g.shape[1:], dtype=g.dtype, device=g.device) if out is None else out
     assert out.is_contiguous() and out.shape == g.shape[1:]
     with launch_device(g):
-        _dropout_sum_kernel[(cdiv(C, ROWS),)](g, out, numel, C, *key, threshold(p), _scale(p), N=n, ROWS=ROWS)
+        _dropout_sum_kernel[(cdiv(C, ROWS),)](g, out, numel, C, *_checked(key, g), threshold(p), _scale(p), N=n,
+                                              ROWS=ROWS)
     return out
+
+
+def _checked(key, x):
+    """``key`` as the kernels take it: its seed a one-element int64 tensor on x's device."""
+    seed, first = key
+    assert seed.dtype == torch.int64 and seed.numel() == 1 and seed.device == x.device, seed
+    return seed, first

@@ -74,20 +74,9 @@ def triton_kernels():
 @contextlib.contextmanager
 def count_launches(monkeypatch):
     """Inside: ``launches.aten`` and ``launches.triton`` list what ran, in order."""
-    from bailong_kernels import dropout
     launches = Launches()
     with monkeypatch.context() as patch:
         for module, name, kernel in triton_kernels():
             patch.setattr(module, name, Counted(kernel, name, launches))
-        patch.setattr(dropout, "philox_key", _uncounted(dropout.philox_key))
         with launches:
             yield launches
-
-
-def _uncounted(philox_key):
-    """The dropout kernels' ``philox_key``, its draw not counted: on CUDA the key is the generator's seed and
-    offset, read on the host, no launch; on the CPU two numbers drawn from the CPU generator (a tensor)."""
-    def key(*args):
-        with _disable_current_modes():
-            return philox_key(*args)
-    return key

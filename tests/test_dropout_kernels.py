@@ -32,9 +32,15 @@ def philox(seed, counters):
     return c0, c1, c2, c3
 
 
+def key_of(seed, first=0):
+    """A key as ``D.dropout`` takes it: the seed a one-element int64 tensor (on the device), the first counter."""
+    return torch.tensor([seed]), first
+
+
 def kept(key, n, shape, p):
-    """The n masks of ``D.dropout`` with key (seed, offset), as its docstring defines them: (n, *shape) bool."""
-    seed, offset = key
+    """The n masks of ``D.dropout`` with key (seed, first counter), as its docstring defines them: (n, *shape)
+    bool."""
+    seed, offset = int(key[0]), key[1]
     numel = torch.Size(shape).numel()
     C = -(-numel // 8)
     masks = []
@@ -66,19 +72,17 @@ def test_the_reference_philox_is_tritons():
 
 @pytest.mark.parametrize("shape,n,p,dtype", [((7, 37), 3, 0.05, torch.float32), ((33, 128), 1, 0.3, torch.float16),
                                              ((5, 3001), 2, 0.5, torch.float32), ((2, 3), 2, 0.9, torch.float32)])
-@pytest.mark.parametrize("cuda_key", [False, True])
-def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype, cuda_key, monkeypatch):
+@pytest.mark.parametrize("key", [key_of(12345), key_of(2**62 + 12345, 2**31 - 5)])
+def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype, key):
     """Forward and backward against PyTorch on the reference masks: sizes not a multiple of 8, below one
-    program's 2,048 values and across several; every access within bounds; n = 1 in place. ``cuda_key``: a key
-    as CUDA's generator gives them a while into training, the seed past 2^32 and the counters crossing 2^31 (the
-    interpreter types them by value; that the compiled kernels take any key as int64, one kernel, the compile
-    check checks: bench/check_kernels_compile.py)."""
-    if cuda_key:
-        monkeypatch.setattr(D, "philox_key", lambda x, counters: (2**46 + 12345, 2**31 - 5))
+    program's 2,048 values and across several; every access within bounds; n = 1 in place. Keys as a forward's
+    first masks take them, and as its later ones may: the seed past 2^32, the counters crossing 2^31 (the
+    interpreter types the first counter by value; that the compiled kernels take any as int64, one kernel, the
+    compile check checks: bench/check_kernels_compile.py)."""
     torch.manual_seed(0)
     x = torch.randn(shape).to(dtype)
     with checked_bounds():
-        xs, key = D.dropout(x, n, p)
+        xs = D.dropout(x, n, p, key)
     masks = kept(key, n, shape, p)
     scale = 65536 / (65536 - D.threshold(p))
     torch.testing.assert_close(xs, torch.where(masks, x.float() * scale, 0.0).to(dtype), atol=0, rtol=0)
@@ -96,33 +100,24 @@ def test_the_kernels_drop_by_the_masks_their_key_gives(shape, n, p, dtype, cuda_
 def test_the_masks_keep_one_minus_p_independently():
     """Of 3 x 40,000 values at p = 0.2: each mask keeps 0.8 of them within 5 standard deviations, and two
     masks agree as often as independent ones would; a second call draws other masks."""
+    from bailong.recompute import MaskSeeds
     x = torch.ones(200, 200)
     p = 0.2
-    xs, key = D.dropout(x, 3, p)
+    xs = D.dropout(x, 3, p, MaskSeeds().key(x, D.counters(x, 3)))
     masks = xs != 0
     sd = (p * (1 - p) / x.numel()) ** 0.5
     for m in masks:
         assert abs(m.float().mean().item() - (1 - p)) < 5 * sd
     both = (masks[0] & masks[1]).float().mean().item()
     assert abs(both - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / x.numel()) ** 0.5
-    again, key2 = D.dropout(x, 3, p)
-    assert key2 != key and not torch.equal(again != 0, masks)
-
-
-def test_a_key_is_drawn_again_from_the_same_random_state():
-    """What activation checkpointing relies on: the same random state gives the same key, so a recomputation
-    draws the forward's masks."""
-    x = torch.randn(16, 16)
-    state = torch.get_rng_state()
-    first = D.dropout(x, 2, 0.1)
-    torch.set_rng_state(state)
-    second = D.dropout(x, 2, 0.1)
-    assert first[1] == second[1] and torch.equal(first[0], second[0])
+    again = D.dropout(x, 3, p, MaskSeeds().key(x, D.counters(x, 3)))  # another forward's seed
+    assert not torch.equal(again != 0, masks)
 
 
 def test_p_is_taken_to_the_nearest_65536th_and_1_keeps_nothing():
     assert [D.threshold(p) for p in (0.0, 0.05, 0.5, 1 - 1e-9, 1.0)] == [0, 3277, 32768, 65536, 65536]
-    xs, key = D.dropout(torch.randn(40, 40), 2, 1.0)
+    key = key_of(3)
+    xs = D.dropout(torch.randn(40, 40), 2, 1.0, key)
     assert not xs.any() and not D.dropout_sum(torch.randn(2, 40, 40), key, 1.0).any()  # as torch's dropout
 
 
@@ -135,8 +130,8 @@ def test_fused_lora_with_the_kernels_dropout_trains_as_autograd_on_the_same_mask
     from bailong.lora_fused import LoRAProjection, LoRAShared
     monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: D)
     keys = []
-    draw = D.philox_key
-    monkeypatch.setattr(D, "philox_key", lambda *args: keys.append(draw(*args)) or keys[-1])
+    draw = lora_fused.mask_key
+    monkeypatch.setattr(lora_fused, "mask_key", lambda *args: keys.append(draw(*args)) or keys[-1])
     torch.manual_seed(0)
     tokens, K, r, s, p = 13, 24, 4, 0.5, 0.25
     x = torch.randn(1, tokens, K, requires_grad=True)
@@ -166,13 +161,44 @@ def test_fused_lora_with_the_kernels_dropout_trains_as_autograd_on_the_same_mask
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_counters_past_two_to_the_31_are_not_wrapped(monkeypatch):
-    """CUDA's generator offset passes 2^31 counters within steps at 7B shapes: a first counter just under it (an
-    int32 to the interpreter, which types integers by value; compiled, the kernels take it as int64) must not wrap
-    when the projections' counters go past it."""
-    monkeypatch.setattr(D, "philox_key", lambda x, counters: (7, 2**31 - 3))
+def test_counters_past_two_to_the_31_are_not_wrapped():
+    """A forward's counters pass 2^31 at long sequences (2^31 counters: 16 x 2^30 values): a first counter just
+    under it (an int32 to the interpreter, which types integers by value; compiled, the kernels take it as int64)
+    must not wrap when the projections' counters go past it."""
+    key = key_of(7, 2**31 - 3)
     x = torch.randn(9, 40)
-    xs, key = D.dropout(x, 3, 0.5)
+    xs = D.dropout(x, 3, 0.5, key)
     masks = kept(key, 3, x.shape, 0.5)
     torch.testing.assert_close(xs, torch.where(masks, x * 2.0, 0.0), atol=0, rtol=0)
     torch.testing.assert_close(D.dropout_sum(torch.ones(3, 9, 40), key, 0.5), masks.sum(0) * 2.0, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["torch's checkpoint", "a node", "by hand", "by hand, the MLP in chunks"])
+def test_a_checkpointed_layer_draws_its_forwards_masks_again(monkeypatch, how):
+    """The kernels' dropout (interpreted) under activation checkpointing: a step's loss and every LoRA gradient as
+    without it, however the layer is checkpointed (torch's checkpoint, ``bailong.recompute.Recomputed``, the
+    layer by hand, with the MLP in chunks inside it): each recomputation takes its forward's keys
+    (``bailong.recompute.MaskSeeds``). Were it to draw new ones, the gradients would be another function's."""
+    from bailong import layer_fused, lora, lora_fused, memory
+    from bailong import model as llama
+    from test_layer_kernels import gpu_path
+    from test_step_graph import qlora_model
+    by_hand = how.startswith("by hand")
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=by_hand)
+    monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: D)
+    monkeypatch.setattr(lora, "_fused", True)
+    monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
+    monkeypatch.setattr(llama, "frozen_matmul_skipped", lambda m: how != "torch's checkpoint")
+    monkeypatch.setattr(memory, "_chunked_mlp", how.endswith("chunks"))
+    monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 12 * 192)  # 3 chunks
+    results = []
+    for checkpointing in (False, True):
+        model = qlora_model(torch.float32, dropout=0.1)
+        model.checkpointing = checkpointing
+        ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(3)  # the same seed drawn
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    for plain, checkpointed in zip(*results, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)

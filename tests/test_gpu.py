@@ -353,25 +353,49 @@ def test_on_cuda_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch
 
 
 def test_lora_dropout_kernels_on_cuda_in_bfloat16():
-    """``bailong_kernels.dropout`` on CUDA: the masks of the CUDA generator's key are the reference's (drawn
-    again alike after the random state is restored, other masks after), the forward and the backward in bf16
-    as PyTorch on them, at q/k/v's shape."""
+    """``bailong_kernels.dropout`` on CUDA: the masks of a key (its seed read on the device) are the reference's,
+    the forward and the backward in bf16 as PyTorch on them, at q/k/v's shape; a forward's keys
+    (``bailong.recompute.MaskSeeds``) follow one another from one seed, drawn again alike from the same random
+    state and otherwise anew."""
+    from bailong.recompute import MaskSeeds
     from bailong_kernels import dropout as D
     from test_dropout_kernels import kept
     x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
-    generator = torch.cuda.default_generators[0]
-    state, offset = torch.cuda.get_rng_state(), generator.get_offset()
-    xs, key = D.dropout(x, 3, 0.05)
-    counters = 3 * x.numel() // 8
-    assert key[1] == offset // 4 and generator.get_offset() == offset + 4 * counters  # past ours for torch's
+    state = torch.cuda.get_rng_state()
+    seeds = MaskSeeds()
+    key = seeds.key(x, D.counters(x, 3))
+    xs = D.dropout(x, 3, 0.05, key)
+    assert key[0].is_cuda and key[1] == 0 and seeds.key(x, 1) == (key[0], D.counters(x, 3))
     torch.cuda.set_rng_state(state)
-    again, same = D.dropout(x, 3, 0.05)
-    assert same == key and torch.equal(again, xs)
-    torch.nn.functional.dropout(x, 0.1)  # torch's kernels take the offset past it, and ours theirs
-    assert D.dropout(x, 3, 0.05)[1][1] > key[1] + counters
+    assert torch.equal(MaskSeeds().key(x, 1)[0], key[0]) and not torch.equal(MaskSeeds().key(x, 1)[0], key[0])
     masks = kept(key, 3, x.shape, 0.05)  # on the CPU
     scale = 65536 / (65536 - D.threshold(0.05))
     assert torch.equal(xs, torch.where(masks.cuda(), x.float() * scale, 0.0).bfloat16())
     g = torch.randn(3, 2048, 4096, device="cuda", dtype=torch.bfloat16)
     expected = torch.where(masks.cuda(), g.float(), 0.0).sum(0) * scale
     torch.testing.assert_close(D.dropout_sum(g, key, 0.05).float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_on_cuda_graph_replays_draw_the_masks_eager_forwards_draw():
+    """A forward's LoRA dropout through the kernels, captured in a CUDA graph: the replays' masks are those eager
+    forwards draw one after another from the same random state (torch's generator is advanced at each replay),
+    each replay's its own."""
+    from bailong.recompute import mask_key, mask_seeds
+    from bailong_kernels import dropout as D
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        with mask_seeds():
+            return D.dropout(x, 3, 0.1, mask_key(x, D.counters(x, 3)))
+    forward()  # compiled outside the capture
+    state = torch.cuda.get_rng_state()
+    eager = [forward() for _ in range(3)]
+    torch.cuda.set_rng_state(state)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append(out.clone())
+    assert all(torch.equal(a, b) for a, b in zip(replays, eager)) and not torch.equal(replays[0], replays[1])
