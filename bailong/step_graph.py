@@ -12,11 +12,15 @@ and evaluation stay eager, outside the graph.
 
 What a step must be to be captured: the same shapes every step (train.py's batches
 are), no host work that waits on the device's values (no ``.item()``; the loss stays
-on the device), and nothing random: activation checkpointing draws a layer's dropout
-masks again in the backward by restoring the random state, which is read on the host
-(so is the seed of LoRA dropout's kernels), and a replay would restore the captured
-state. So train.py takes ``--cuda-graph`` only with ``--lora-dropout 0`` (and one
-process, activations kept on the GPU).
+on the device), and no random state read or restored on the host. torch's dropout
+fails that: activation checkpointing draws a layer's masks again in the backward by
+restoring the generator's state, which a replay would not do. LoRA dropout's kernels
+pass it: a forward draws one seed on the device, a captured random kernel that each
+replay runs anew, and a recomputation takes the forward's keys from it again
+(``bailong.recompute.MaskSeeds``). So a step with LoRA dropout is captured on the
+fused LoRA path with the training layer kernels (``dropout_captured``; train.py:
+``BAILONG_FUSED_LORA=1 BAILONG_LAYER_KERNELS=1``), else only with ``--lora-dropout
+0``; and train.py takes ``--cuda-graph`` for one process, activations kept on the GPU.
 
 The first ``warmup`` steps run eagerly, on the side stream the graph is then captured
 on: Triton's compiles, cuBLAS's handles and lazily made tensors settle there, not
@@ -33,7 +37,8 @@ import warnings
 
 import torch
 
-from bailong.lora import forget_casts
+from bailong import lora_fused
+from bailong.lora import LoRALinear, forget_casts
 from bailong.recompute import forget_kept
 
 
@@ -54,12 +59,14 @@ class GraphedStep:
     eager steps."""
 
     def __init__(self, loss_of, model, warmup=2):
-        if any(isinstance(m, torch.nn.Dropout) and m.p for m in model.modules()):
-            raise ValueError("a captured step cannot draw dropout masks again in its backward (the random state "
-                             "is read on the host): LoRA dropout must be 0")
         self.loss_of, self.warmup = loss_of, warmup
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.device = self.parameters[0].device
+        if not dropout_captured(model, self.device):
+            raise ValueError("a captured step draws LoRA dropout's masks only through its kernels (the fused LoRA path "
+                             "with the training layer kernels): torch's dropout is drawn again in a checkpointed "
+                             "layer's backward from a random state restored on the host. Switch them on, or set "
+                             "LoRA dropout to 0")
         self.graph = self.stream = self.inputs = self.targets = self.loss = None
         self.grads, self.eager_steps, self.failed = [], 0, None  # failed: why a capture failed
 
@@ -120,6 +127,16 @@ class GraphedStep:
         self.graph, self.loss, self.inputs, self.targets = graph, loss, inputs, targets
         self.grads = [p.grad for p in self.parameters]
         return True
+
+
+def dropout_captured(model, device) -> bool:
+    """Whether a CUDA graph of ``model``'s training step on ``device`` draws the masks eager steps draw: it has no
+    dropout, or only LoRA dropout on the fused path (``LoRALinear.fused``) through the kernels
+    (``bailong.lora_fused.seeded_dropout``), keyed on the device (``bailong.recompute.MaskSeeds``)."""
+    fused = {id(m.dropout) for m in model.modules() if isinstance(m, LoRALinear) and m.fused()}
+    dropped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p]
+    return not dropped or (all(id(m) in fused for m in dropped)
+                           and lora_fused.seeded_dropout(torch.empty(0, device=device)) is not None)
 
 
 def capture_failure(e) -> str:

@@ -11,6 +11,7 @@ but its base model knows nothing to transfer.
 """
 import json
 import math
+import os
 import signal
 import sys
 from dataclasses import dataclass, field, fields
@@ -86,7 +87,8 @@ class TrainConfig:
                                                                     "GB held at the Llama-2-7B shape)"})
     cuda_graph: bool = field(default=False, metadata={"help": "after two eager steps, capture a step's forward "
                                                             "and backward as one CUDA graph and replay it each "
-                                                            "step (CUDA, one process, --lora-dropout 0)"})
+                                                            "step (CUDA, one process; LoRA dropout only through its "
+                                                            "kernels)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -124,9 +126,10 @@ class TrainConfig:
             raise UsageError("--keep-dequantized keeps the NF4 weights' dequantized copies: it needs --quantize nf4")
         if self.keep_dequantized and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
             raise UsageError(KEEP_ON_CPU)
-        if self.cuda_graph and self.lora_dropout:
-            raise UsageError("--cuda-graph cannot capture LoRA dropout (the recomputation draws its masks again "
-                             "from a random state read on the host): it needs --lora-dropout 0")
+        if self.cuda_graph and self.lora_dropout and not dropout_kernels_switched_on():
+            raise UsageError("--cuda-graph captures LoRA dropout only through its kernels (torch's is drawn again in "
+                             "the backward from a random state restored on the host): it needs BAILONG_FUSED_LORA=1 "
+                             "BAILONG_LAYER_KERNELS=1 in the environment, or --lora-dropout 0")
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")
@@ -202,6 +205,15 @@ def parse_config(argv=None) -> TrainConfig:
                              "(a config file is reused)")
     stage = given.get("stage", values.get("stage", "pretrain"))
     return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **given})
+
+
+def dropout_kernels_switched_on() -> bool:
+    """Whether the environment switches train.py's LoRA dropout on CUDA to its kernels, whose masks a CUDA graph of
+    the step holds (``bailong.step_graph.dropout_captured``): the fused LoRA path (``bailong.lora``) and the
+    training layer kernels (``bailong_kernels``), read as they read them, before torch loads."""
+    def on(name, default="0"):
+        return os.environ.get(name, default) not in ("", "0")
+    return on("BAILONG_FUSED_LORA") and on("BAILONG_LAYER_KERNELS") and on("BAILONG_NF4_KERNELS", "1")
 
 
 def check_graph_step(world: int, device: str | None = None):

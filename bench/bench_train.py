@@ -19,11 +19,11 @@ recomputation dequantizes kept for the backward (``bailong.recompute``); the MLP
 chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); (CUDA) the
 last two memory savers together, the offload and the chunked MLP; and, to time
 the layer kernels' LoRA dropout (``bailong_kernels.dropout``) against torch's
-with ``--dropout``, the rows before those with torch's dropout; and (CUDA,
-without dropout) each step's forward and backward replayed from one CUDA graph
+with ``--dropout``, the rows before those with torch's dropout; and (CUDA)
+each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``, ``train.py --cuda-graph``), captured in the last
-warm-up step: as by default, with the chunked loss, and with the kept
-dequantized weights too (``FEATURES``).
+warm-up step: as by default (without dropout: torch's is not captured), with
+the chunked loss, and with the kept dequantized weights too (``FEATURES``).
 All of them are off by default until this benchmark has timed them on a GPU.
 Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
 through /proc/self/clear_refs) on the CPU.
@@ -84,7 +84,7 @@ ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels
 # out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
 # only), the kept dequantized weights (checkpointing only), the chunked MLP; LoRA dropout by torch's kernel, not
 # the layer kernels' (bailong.lora_fused.seeded_dropout); the step's forward and backward replayed from one CUDA
-# graph (bailong.step_graph: CUDA, no dropout; captured in the last warm-up step)
+# graph (bailong.step_graph: CUDA; with dropout only through the layer kernels'; captured in the last warm-up step)
 BASE = {"fused", "layers", "loss"}
 FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
             "ours-layers": {"fused", "layers"}, "ours-all": BASE,
@@ -371,7 +371,7 @@ def main():
             on = FEATURES.get(flag, set())
             if (flag not in args.rows or on & {"offload", "graph"} and args.device != "cuda"  # CUDA's only
                     or on & {"offload", "keep"} and not args.checkpointing  # nothing recomputed
-                    or "graph" in on and args.dropout):  # a captured step cannot draw dropout again
+                    or "graph" in on and args.dropout and not {"fused", "layers"} <= on):  # torch's dropout
                 continue
             started = time.perf_counter()
             cmd = [sys.executable, __file__, "--which", flag, "--folder", str(folder), *sys.argv[1:]]

@@ -80,7 +80,7 @@ for part in ${parts[*]}; do
         train-long) run train-long "${train[@]}" --setting long \
                     --rows ours-all ours-offload ours-mlp ours-lean theirs ;;  # the 7B afresh: minutes a row
         train-dropout) run train-dropout "${train[@]}" --setting long --dropout 0.05 \
-                       --rows ours-all ours-torch-dropout theirs ;;  # train.py's LoRA dropout: the kernels' and torch's
+                       --rows ours-all ours-graph ours-torch-dropout theirs ;;  # the kernels' dropout, graphed too
         model)   run model python bench/bench_model_gpu.py ;;
         *)       echo "unknown part: $part (tests, kernels, decode, host, first, train, train-8bit, train-long," \
                       "train-dropout, model)"

@@ -13,8 +13,12 @@ nothing until a replay. A replay runs the recorded operations again, in order, o
 recorded tensors, writing each result into the tensor the capture handed out. What
 makes the host read a device value raises, as it does in a capture on CUDA (``.item()``
 and the like, ``.tolist()``, ``.numpy()``, ``.cpu()``, indexing by a boolean mask, ``nonzero``).
-Not emulated: streams (one here), the allocator (nothing made in a capture is freed
-before its end), CUDA's random states, and whatever runs only where a tensor is on CUDA.
+Random kernels as CUDA's generator runs them in graphs: a capture draws nothing (the CPU
+generator's state is put back at its end), and each replay draws anew, after what came
+before it (CUDA's generator is advanced at each replay), so a replayed step draws what
+an eager one would. Not emulated: streams (one here), the allocator (nothing made in a
+capture is freed before its end), reading or setting CUDA's random state (refused in a
+capture), and whatever runs only where a tensor is on CUDA.
 """
 import contextlib
 import functools
@@ -124,12 +128,14 @@ def emulated_cuda_graphs(monkeypatch):
     def graph(g, pool=None, stream=None):
         g.recording = Recording()
         capturing.append(g.recording)
+        random = torch.get_rng_state()
         try:
             with g.recording:
                 yield
         finally:
             capturing.clear()
             g.recording.put_back()
+            torch.set_rng_state(random)
         graphs.append(g)
 
     Stream = type("Stream", (), {"wait_stream": lambda self, other: None})

@@ -13,14 +13,14 @@ from test_layer_kernels import gpu_path, tiny_nf4
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def qlora_model(dtype, device="cpu"):
-    """``tiny_nf4``'s 2-layer model with LoRA r = 4 (no dropout) on the projections, embedding and head, B's not
-    zero (so every LoRA weight has a gradient), in train mode with activation checkpointing,
+def qlora_model(dtype, device="cpu", dropout=0.0):
+    """``tiny_nf4``'s 2-layer model with LoRA r = 4 (and ``dropout``) on the projections, embedding and head, B's
+    not zero (so every LoRA weight has a gradient), in train mode with activation checkpointing,
     as train.py runs it on CUDA."""
     from bailong import lora
     model = tiny_nf4(2).to(device=device, dtype=dtype)
     torch.manual_seed(1)
-    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.0)))
+    lora.mark_only_lora_trainable(lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=dropout)))
     for name, p in model.named_parameters():
         if "lora_B" in name or "lora_embedding_A" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -46,13 +46,14 @@ def train(model, step_loss, steps=5, accum=2):
     return losses, [p.detach().clone() for p in trainable]
 
 
-def check_graphed(monkeypatch, fast_paths, chunked, device="cpu"):
+def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
     """Five steps of two micro-batches: one eager warm-up, one captured and replayed, three replayed; the losses
     and the trained LoRA weights of eager training (on CUDA: the losses, to its kernels' nondeterminism). The
     model's forward runs only for the warm-up and the capture. ``fast_paths``: bf16 autocast, the fused LoRA
     nodes, the layer kernels and the layer by hand, and the NF4 kernels (on the CPU interpreted); else float32
     through PyTorch (the CPU's path). ``chunked``: the loss and the MLP chunk by chunk, and the recomputation's
-    dequantized weights kept for the backward."""
+    dequantized weights kept for the backward. ``dropout`` (the fast paths only): LoRA dropout through its
+    kernels, each replay drawing the masks the eager step draws."""
     import bailong_kernels
     from bailong import layer_fused, lora, memory
     from bailong.step_graph import GraphedStep, accumulate
@@ -72,11 +73,11 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu"):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=fast_paths):
                 return model(inputs.to(device), targets=targets.to(device))
         return loss
-    eager = qlora_model(dtype, device)
+    eager = qlora_model(dtype, device, dropout)
     eager.keep_dequantized = chunked
     expected, expected_weights = train(eager, lambda x, y: accumulate(loss_of(eager), x, y))
 
-    model, forwards = qlora_model(dtype, device), []
+    model, forwards = qlora_model(dtype, device, dropout), []
     model.keep_dequantized = chunked
     forward = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
@@ -88,14 +89,25 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu"):
     if device != "cpu":  # atomics in cuBLAS's and attention's backward add in any order
         torch.testing.assert_close(losses, expected, rtol=2e-3, atol=0)
         return
-    assert losses == expected
+    assert losses == expected, f"replayed losses {losses}, eager {expected}"
     for ours, theirs in zip(weights, expected_weights, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("fast_paths,chunked", [(False, False), (True, False), (True, True)])
-def test_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked):
-    check_graphed(monkeypatch, fast_paths, chunked)
+@pytest.mark.parametrize("fast_paths,chunked,dropout", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
+                                                         (True, False, 0.1), (True, True, 0.1)])
+def test_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked, dropout):
+    check_graphed(monkeypatch, fast_paths, chunked, dropout=dropout)
+
+
+def test_the_emulation_finds_masks_drawn_from_a_random_state_restored_on_the_host(monkeypatch):
+    """What the dropout cases above rest on: were a recomputation to draw its masks' seeds again from the random
+    state restored on the host (as torch's dropout is drawn), not take its forward's keys, the replays would
+    train on other masks than the eager steps."""
+    from bailong import recompute
+    monkeypatch.setattr(recompute, "keys_taken", lambda: None)  # each recomputation draws seeds of its own
+    with pytest.raises(AssertionError, match="replayed losses"):
+        check_graphed(monkeypatch, True, False, dropout=0.1)
 
 
 def test_the_emulated_capture_finds_what_a_graph_breaks(monkeypatch):
@@ -138,12 +150,21 @@ def test_the_mean_loss_adds_its_parts_as_python_adds_the_floats_read():
     assert [p.grad.item() for p in parts] == [0.25] * 4
 
 
-def test_a_step_with_dropout_is_refused():
-    from bailong import lora
+@pytest.mark.parametrize("fused,kernels", [(False, False), (True, False), (False, True)])
+def test_a_step_with_torchs_dropout_is_refused(monkeypatch, fused, kernels):
+    """LoRA dropout by torch's kernel (the plain path, or the fused one without the layer kernels) is drawn again
+    in a recomputation from the random state restored on the host: refused. Through LoRA dropout's kernels, on
+    the fused path, taken (the cases above)."""
+    from bailong import lora, lora_fused
     from bailong.step_graph import GraphedStep
-    model = lora.inject_lora(tiny_nf4(1), lora.LoRAConfig(r=4, dropout=0.05))
-    with pytest.raises(ValueError, match="cannot draw dropout masks again in its backward .*must be 0"):
-        GraphedStep(lambda x, y: None, lora.mark_only_lora_trainable(model))
+    monkeypatch.setattr(lora, "_fused", fused)
+    monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: kernels or None)
+    model = lora.mark_only_lora_trainable(lora.inject_lora(tiny_nf4(1), lora.LoRAConfig(r=4, dropout=0.05)))
+    with pytest.raises(ValueError, match="LoRA dropout's masks only through its kernels .* set LoRA dropout to 0"):
+        GraphedStep(lambda x, y: None, model)
+    monkeypatch.setattr(lora, "_fused", True)
+    monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: True)
+    GraphedStep(lambda x, y: None, model)
 
 
 @pytest.mark.parametrize("fused,in_backward", [(False, False), (True, False), (False, True), (True, True)])
@@ -206,7 +227,8 @@ def test_a_failed_capture_is_told_by_what_interrupted_it():
 def test_while_captured_torchs_checkpoint_keeps_no_random_state(monkeypatch, capturing):
     """On the plain LoRA path a checkpointed layer goes through torch's checkpoint, whose forward reads the CUDA
     generator's state to restore it for the recomputation; many torch versions refuse that read inside a
-    capture (a captured step has nothing random): told not to, while a graph is captured, and only then."""
+    capture (a captured step's only masks are LoRA dropout's kernels', keyed without it): told not to, while a
+    graph is captured, and only then."""
     import torch.utils.checkpoint
 
     from bailong import recompute
@@ -253,11 +275,13 @@ def test_with_torchrun_a_cuda_graph_is_refused_before_any_process_group(tmp_path
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("fast_paths,chunked", [(False, False), (True, False), (True, True)])
-def test_on_cuda_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked):
+@pytest.mark.parametrize("fast_paths,chunked,dropout", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
+                                                         (True, False, 0.1), (True, True, 0.1)])
+def test_on_cuda_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked, dropout):
     """``bailong.step_graph``, captured and replayed on CUDA: the losses of eager training (the CPU's test
-    emulates the capture; this one is the real thing)."""
-    check_graphed(monkeypatch, fast_paths, chunked, device="cuda")
+    emulates the capture; this one is the real thing; that the replays draw the eager steps' masks exactly:
+    tests/test_gpu.py)."""
+    check_graphed(monkeypatch, fast_paths, chunked, device="cuda", dropout=dropout)
 
 
 @pytest.mark.gpu
