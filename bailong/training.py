@@ -129,7 +129,8 @@ class TrainConfig:
         if self.cuda_graph and self.lora_dropout and not dropout_kernels_switched_on():
             raise UsageError("--cuda-graph captures LoRA dropout only through its kernels (torch's is drawn again in "
                              "the backward from a random state restored on the host): it needs BAILONG_FUSED_LORA=1 "
-                             "BAILONG_LAYER_KERNELS=1 in the environment, or --lora-dropout 0")
+                             "BAILONG_LAYER_KERNELS=1 in the environment (BAILONG_NF4_KERNELS not 0), or "
+                             "--lora-dropout 0")
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")

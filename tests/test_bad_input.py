@@ -140,6 +140,8 @@ def fingerprint(folder):
 @pytest.mark.parametrize("command, answer, code", rows())
 def test_every_row_of_the_bad_input_table(command, answer, code, prepared, capsys, monkeypatch):
     monkeypatch.chdir(prepared)
+    for name in ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS"):  # the rows answer as the defaults do
+        monkeypatch.delenv(name, raising=False)
     before = fingerprint(prepared)
     command, _, stdin = command.partition(" <<< ")  # the text a user types, as in bash: <<< "line\nline"
     stdin = shlex.split(stdin)[0].replace("\\n", "\n") if stdin else ""

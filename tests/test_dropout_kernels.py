@@ -173,19 +173,27 @@ def test_counters_past_two_to_the_31_are_not_wrapped():
     torch.testing.assert_close(D.dropout_sum(torch.ones(3, 9, 40), key, 0.5), masks.sum(0) * 2.0, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("how", ["torch's checkpoint", "a node", "by hand", "by hand, the MLP in chunks"])
+@pytest.mark.parametrize("how", ["torch's checkpoint", "a node", "a node, the MLP in chunks", "by hand"])
 def test_a_checkpointed_layer_draws_its_forwards_masks_again(monkeypatch, how):
     """The kernels' dropout (interpreted) under activation checkpointing: a step's loss and every LoRA gradient as
-    without it, however the layer is checkpointed (torch's checkpoint, ``bailong.recompute.Recomputed``, the
-    layer by hand, with the MLP in chunks inside it): each recomputation takes its forward's keys
+    without it, however the layer is checkpointed (torch's checkpoint, ``bailong.recompute.Recomputed``, with
+    ``bailong.memory.ChunkedMLP`` inside it, the layer by hand): each recomputation takes its forward's keys
     (``bailong.recompute.MaskSeeds``). Were it to draw new ones, the gradients would be another function's."""
+    check_checkpointed(monkeypatch, how)
+
+
+def check_checkpointed(monkeypatch, how, device="cpu"):
+    """``test_a_checkpointed_layer_draws_its_forwards_masks_again`` on ``device`` (CUDA: the kernels compiled)."""
+    import bailong_kernels
     from bailong import layer_fused, lora, lora_fused, memory
     from bailong import model as llama
     from test_layer_kernels import gpu_path
     from test_step_graph import qlora_model
-    by_hand = how.startswith("by hand")
-    gpu_path(monkeypatch, fused_step=False, layer_kernels=by_hand)
-    monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: D)
+    by_hand = how == "by hand"
+    if device == "cpu":
+        gpu_path(monkeypatch, fused_step=False, layer_kernels=by_hand)
+        monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: D)
+    monkeypatch.setattr(bailong_kernels, "_layer_kernels", True)  # on CUDA: the dropout kernels, the layer by hand
     monkeypatch.setattr(lora, "_fused", True)
     monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
     monkeypatch.setattr(llama, "frozen_matmul_skipped", lambda m: how != "torch's checkpoint")
@@ -193,12 +201,13 @@ def test_a_checkpointed_layer_draws_its_forwards_masks_again(monkeypatch, how):
     monkeypatch.setattr(memory, "MLP_CHUNK_VALUES", 12 * 192)  # 3 chunks
     results = []
     for checkpointing in (False, True):
-        model = qlora_model(torch.float32, dropout=0.1)
+        model = qlora_model(torch.float32, device, dropout=0.1)
         model.checkpointing = checkpointing
         ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
         torch.manual_seed(3)  # the same seed drawn
-        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss = model(ids[:, :-1].to(device), targets=ids[:, 1:].to(device))
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    tolerance = dict(atol=1e-6, rtol=1e-5) if device == "cpu" else dict(atol=1e-5, rtol=1e-4)  # CUDA's atomics
     for plain, checkpointed in zip(*results, strict=True):
-        torch.testing.assert_close(checkpointed, plain, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(checkpointed, plain, **tolerance)

@@ -376,6 +376,14 @@ def test_lora_dropout_kernels_on_cuda_in_bfloat16():
     torch.testing.assert_close(D.dropout_sum(g, key, 0.05).float(), expected, atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("how", ["torch's checkpoint", "a node", "a node, the MLP in chunks", "by hand"])
+def test_on_cuda_a_checkpointed_layer_draws_its_forwards_masks_again(monkeypatch, how):
+    """tests/test_dropout_kernels.py's check on CUDA, the kernels compiled: with checkpointing, a step's loss and
+    LoRA gradients those without it, to CUDA's atomics (float32)."""
+    from test_dropout_kernels import check_checkpointed
+    check_checkpointed(monkeypatch, how, "cuda")
+
+
 def test_on_cuda_graph_replays_draw_the_masks_eager_forwards_draw():
     """A forward's LoRA dropout through the kernels, captured in a CUDA graph: the replays' masks are those eager
     forwards draw one after another from the same random state (torch's generator is advanced at each replay),

@@ -101,11 +101,11 @@ def test_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked, dro
 
 
 def test_the_emulation_finds_masks_drawn_from_a_random_state_restored_on_the_host(monkeypatch):
-    """What the dropout cases above rest on: were a recomputation to draw its masks' seeds again from the random
-    state restored on the host (as torch's dropout is drawn), not take its forward's keys, the replays would
-    train on other masks than the eager steps."""
-    from bailong import recompute
-    monkeypatch.setattr(recompute, "keys_taken", lambda: None)  # each recomputation draws seeds of its own
+    """What the dropout cases above rest on: with each mask's seed drawn from the random state and a
+    recomputation drawing it again from the state restored on the host (the kernels' keys before, and torch's
+    dropout), eager training is right, but the replays train on other masks than the eager steps."""
+    from bailong import model
+    monkeypatch.setattr(model, "mask_seeds", contextlib.nullcontext)  # no forward's seed: one drawn a mask
     with pytest.raises(AssertionError, match="replayed losses"):
         check_graphed(monkeypatch, True, False, dropout=0.1)
 
@@ -165,6 +165,29 @@ def test_a_step_with_torchs_dropout_is_refused(monkeypatch, fused, kernels):
     monkeypatch.setattr(lora, "_fused", True)
     monkeypatch.setattr(lora_fused, "seeded_dropout", lambda x: True)
     GraphedStep(lambda x, y: None, model)
+
+
+@pytest.mark.parametrize("switched", [{}, {"BAILONG_FUSED_LORA": "1"}, {"BAILONG_LAYER_KERNELS": "1"},
+                                      {"BAILONG_FUSED_LORA": "1", "BAILONG_LAYER_KERNELS": "1"},
+                                      {"BAILONG_FUSED_LORA": "1", "BAILONG_LAYER_KERNELS": "1",
+                                       "BAILONG_NF4_KERNELS": "0"}])
+def test_train_py_takes_a_graph_with_dropout_only_through_its_kernels(monkeypatch, switched):
+    """train.py's check, before torch loads, as the environment switches the paths (their modules read the same
+    variables): ``--cuda-graph`` with LoRA dropout taken with the fused LoRA and the layer kernels (NF4 kernels
+    not off), refused otherwise; without dropout, taken."""
+    from bailong.errors import UsageError
+    from bailong.training import parse_config
+    for name in ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in switched.items():
+        monkeypatch.setenv(name, value)
+    taken = switched.get("BAILONG_NF4_KERNELS") != "0" and len(switched) >= 2
+    assert parse_config(["--cuda-graph", "--lora-dropout", "0"]).cuda_graph
+    if taken:
+        assert parse_config(["--cuda-graph"]).lora_dropout == 0.05
+    else:
+        with pytest.raises(UsageError, match="captures LoRA dropout only through its kernels"):
+            parse_config(["--cuda-graph"])
 
 
 @pytest.mark.parametrize("fused,in_backward", [(False, False), (True, False), (False, True), (True, True)])
