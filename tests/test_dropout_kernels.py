@@ -9,6 +9,7 @@ from bailong_kernels import dropout as D
 from bounds import checked_bounds
 
 M32 = 0xFFFFFFFF
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _mul(a, b):
@@ -211,3 +212,62 @@ def check_checkpointed(monkeypatch, how, device="cpu"):
     tolerance = dict(atol=1e-6, rtol=1e-5) if device == "cpu" else dict(atol=1e-5, rtol=1e-4)  # CUDA's atomics
     for plain, checkpointed in zip(*results, strict=True):
         torch.testing.assert_close(checkpointed, plain, **tolerance)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_lora_dropout_kernels_on_cuda_in_bfloat16():
+    """``bailong_kernels.dropout`` on CUDA: the masks of a key (its seed read on the device) are the reference's,
+    the forward and the backward in bf16 as PyTorch on them, at q/k/v's shape; a forward's keys
+    (``bailong.recompute.MaskSeeds``) follow one another from one seed, drawn again alike from the same random
+    state and otherwise anew."""
+    from bailong.recompute import MaskSeeds
+    x = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+    state = torch.cuda.get_rng_state()
+    seeds = MaskSeeds()
+    key = seeds.key(x, D.counters(x, 3))
+    xs = D.dropout(x, 3, 0.05, key)
+    assert key[0].is_cuda and key[1] == 0 and seeds.key(x, 1) == (key[0], D.counters(x, 3))
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(MaskSeeds().key(x, 1)[0], key[0]) and not torch.equal(MaskSeeds().key(x, 1)[0], key[0])
+    masks = kept(key, 3, x.shape, 0.05)  # on the CPU
+    scale = 65536 / (65536 - D.threshold(0.05))
+    assert torch.equal(xs, torch.where(masks.cuda(), x.float() * scale, 0.0).bfloat16())
+    g = torch.randn(3, 2048, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = torch.where(masks.cuda(), g.float(), 0.0).sum(0) * scale
+    torch.testing.assert_close(D.dropout_sum(g, key, 0.05).float(), expected, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("how", ["torch's checkpoint", "a node", "a node, the MLP in chunks", "by hand"])
+def test_on_cuda_a_checkpointed_layer_draws_its_forwards_masks_again(monkeypatch, how):
+    """tests/test_dropout_kernels.py's check on CUDA, the kernels compiled: with checkpointing, a step's loss and
+    LoRA gradients those without it, to CUDA's atomics (float32)."""
+    check_checkpointed(monkeypatch, how, "cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_graph_replays_draw_the_masks_eager_forwards_draw():
+    """A forward's LoRA dropout through the kernels, captured in a CUDA graph: the replays' masks are those eager
+    forwards draw one after another from the same random state (torch's generator is advanced at each replay),
+    each replay's its own."""
+    from bailong.recompute import mask_key, mask_seeds
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+
+    def forward():
+        with mask_seeds():
+            return D.dropout(x, 3, 0.1, mask_key(x, D.counters(x, 3)))
+    forward()  # compiled outside the capture
+    state = torch.cuda.get_rng_state()
+    eager = [forward() for _ in range(3)]
+    torch.cuda.set_rng_state(state)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    replays = []
+    for _ in range(3):
+        graph.replay()
+        replays.append(out.clone())
+    assert all(torch.equal(a, b) for a, b in zip(replays, eager)) and not torch.equal(replays[0], replays[1])
