@@ -53,7 +53,8 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
     nodes, the layer kernels and the layer by hand, and the NF4 kernels (on the CPU interpreted); else float32
     through PyTorch (the CPU's path). ``chunked``: the loss and the MLP chunk by chunk, and the recomputation's
     dequantized weights kept for the backward. ``dropout`` (the fast paths only): LoRA dropout through its
-    kernels, each replay drawing the masks the eager step draws."""
+    kernels, each replay drawing the masks the eager step draws: every mask a step draws (forward, recomputation,
+    backward), exactly, on CUDA too (``recording_masks``)."""
     import bailong_kernels
     from bailong import layer_fused, lora, memory
     from bailong.step_graph import GraphedStep, accumulate
@@ -73,25 +74,72 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=fast_paths):
                 return model(inputs.to(device), targets=targets.to(device))
         return loss
+    masks = recording_masks(monkeypatch) if dropout else None
     eager = qlora_model(dtype, device, dropout)
     eager.keep_dequantized = chunked
-    expected, expected_weights = train(eager, lambda x, y: accumulate(loss_of(eager), x, y))
+    eager_step, expected_masks = masks_by_step(lambda x, y: accumulate(loss_of(eager), x, y), masks)
+    expected, expected_weights = train(eager, eager_step)
 
     model, forwards = qlora_model(dtype, device, dropout), []
     model.keep_dequantized = chunked
     forward = type(model).forward
     monkeypatch.setattr(type(model), "forward", lambda *a, **k: forwards.append(1) or forward(*a, **k))
     step = GraphedStep(loss_of(model), model, warmup=1)
+    graphed_step, step_masks = masks_by_step(step, masks)
     with emulated_cuda_graphs(monkeypatch) if device == "cpu" else contextlib.nullcontext():
-        losses, weights = train(model, step)
+        losses, weights = train(model, graphed_step)
     assert step.graph is not None and len(forwards) == 4  # 2 micro-batches eagerly, 2 captured; 8 replayed
     assert len(set(losses)) == 5
+    if dropout:  # 2 micro-batches: each of 2 layers draws q, k, v and o's masks and gate, up and down's (for each of
+        # the MLP's 3 chunks) in the forward, the recomputation and the backward; the head (for each of the loss's 4
+        # chunks) in the forward and the backward
+        mlp, head = (3 * 3, 4) if chunked else (3, 1)
+        drawn = 2 * (2 * 3 * (4 + mlp) + 2 * head)
+        assert [len(m) for m in step_masks] == [len(m) for m in expected_masks] == [drawn] * 5
+        for i, (ours, theirs) in enumerate(zip(step_masks, expected_masks)):
+            assert all(map(torch.equal, ours, theirs)), f"step {i + 1}: replayed masks differ from eager's"
+            assert i == 0 or not torch.equal(ours[0], step_masks[i - 1][0]), "a replay drew the last step's masks"
     if device != "cpu":  # atomics in cuBLAS's and attention's backward add in any order
         torch.testing.assert_close(losses, expected, rtol=2e-3, atol=0)
         return
     assert losses == expected, f"replayed losses {losses}, eager {expected}"
     for ours, theirs in zip(weights, expected_weights, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def recording_masks(monkeypatch):
+    """Every mask LoRA dropout's kernels draw from here on, kept as it is drawn (a bool tensor, the values
+    kept), in a list: ``bailong_kernels.dropout``'s two wrappers also draw the key's masks of ones. Their
+    tensors are made as the step's are: in a capture, the graph's own, which each replay writes again."""
+    from bailong_kernels import dropout as kernels
+    masks, dropout, dropout_sum = [], kernels.dropout, kernels.dropout_sum
+
+    def dropped(x, n, p, key):
+        masks.extend(dropout(torch.ones_like(x), n, p, key) != 0)
+        return dropout(x, n, p, key)
+
+    def summed(g, key, p, out=None):
+        masks.extend(dropout(torch.ones_like(g[0]), len(g), p, key) != 0)
+        return dropout_sum(g, key, p, out)
+    monkeypatch.setattr(kernels, "dropout", dropped)
+    monkeypatch.setattr(kernels, "dropout_sum", summed)
+    return masks
+
+
+def masks_by_step(step_loss, masks):
+    """``step_loss``, and a list to which each call adds a copy of the masks it drew (``recording_masks``): those
+    it recorded, or where it recorded none (a graph's replay), those of the last call that did (the capture's,
+    which the replay wrote). Masks None: nothing recorded."""
+    steps, last = [], []
+
+    def step(inputs, targets):
+        first = len(masks) if masks is not None else 0
+        loss = step_loss(inputs, targets)
+        if masks is not None:
+            last[:] = masks[first:] or last
+            steps.append([m.clone() for m in last])
+        return loss
+    return step, steps
 
 
 @pytest.mark.parametrize("fast_paths,chunked,dropout", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
@@ -106,7 +154,7 @@ def test_the_emulation_finds_masks_drawn_from_a_random_state_restored_on_the_hos
     dropout), eager training is right, but the replays train on other masks than the eager steps."""
     from bailong import model
     monkeypatch.setattr(model, "mask_seeds", contextlib.nullcontext)  # no forward's seed: one drawn a mask
-    with pytest.raises(AssertionError, match="replayed losses"):
+    with pytest.raises(AssertionError, match="replayed masks differ from eager.s"):
         check_graphed(monkeypatch, True, False, dropout=0.1)
 
 
@@ -301,9 +349,9 @@ def test_with_torchrun_a_cuda_graph_is_refused_before_any_process_group(tmp_path
 @pytest.mark.parametrize("fast_paths,chunked,dropout", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
                                                          (True, False, 0.1), (True, True, 0.1)])
 def test_on_cuda_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked, dropout):
-    """``bailong.step_graph``, captured and replayed on CUDA: the losses of eager training (the CPU's test
-    emulates the capture; this one is the real thing; that the replays draw the eager steps' masks exactly:
-    tests/test_gpu.py)."""
+    """``bailong.step_graph``, captured and replayed on CUDA: the losses of eager training, to its kernels'
+    nondeterminism, and with dropout every mask of every step exactly the eager step's, the recomputation's and
+    the backward's too (the CPU's test emulates the capture; this one is the real thing)."""
     check_graphed(monkeypatch, fast_paths, chunked, device="cuda", dropout=dropout)
 
 
