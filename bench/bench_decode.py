@@ -133,7 +133,8 @@ def weight_bytes(model):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="one GPU (choose which with CUDA_VISIBLE_DEVICES), or the CPU")
     p.add_argument("--preset", help="default: llama2-7b on CUDA, tiny on the CPU")
     p.add_argument("--layers", type=int, help="fewer layers than the preset (to fit a CPU)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")

@@ -320,7 +320,8 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="one GPU (choose which with CUDA_VISIBLE_DEVICES), or the CPU")
     p.add_argument("--embedding-and-head", action="store_true", help="LoRA on the embedding and head too")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (train.py's default is "
                    "0.05; the losses then differ by the masks drawn)")

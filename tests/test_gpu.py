@@ -61,7 +61,7 @@ def test_nf4_matmul_kernels_in_bfloat16_at_llama_shapes(M, N, K, monkeypatch):
     torch.manual_seed(M)
     q = quantize((torch.randn(N, K, device="cuda") * 0.02).bfloat16())
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = m.nf4_matmul(x, q)  # the GEMV kernel up to 16 rows, else dequantize + cuBLAS
+    y = m.nf4_matmul(x, q)  # the GEMV kernel up to GEMV_MAX_M rows, else dequantize + cuBLAS
     dy = torch.randn_like(y)
     y.backward(dy)
     w = q.dequantize(torch.float32)
