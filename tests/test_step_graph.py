@@ -48,15 +48,15 @@ def train(model, step_loss, steps=5, accum=2):
 
 
 def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
-    """Five steps of two micro-batches: one eager warm-up, one captured and replayed, three replayed; the losses
-    and the trained LoRA weights of eager training and each step's gradients (on CUDA: the losses, and the
-    gradients of the first two steps, to its kernels' nondeterminism). The
-    model's forward runs only for the warm-up and the capture. ``fast_paths``: bf16 autocast, the fused LoRA
-    nodes, the layer kernels and the layer by hand, and the NF4 kernels (on the CPU interpreted); else float32
-    through PyTorch (the CPU's path). ``chunked``: the loss and the MLP chunk by chunk, and the recomputation's
-    dequantized weights kept for the backward. ``dropout`` (the fast paths only): LoRA dropout through its
-    kernels, each replay drawing the masks the eager step draws: every mask a step draws (forward, recomputation,
-    backward), exactly, on CUDA too (``recording_masks``)."""
+    """Five steps of two micro-batches: one eager warm-up, one captured and replayed, three replayed; the losses,
+    each step's gradients and the trained LoRA weights of eager training (on CUDA: the losses and the first two
+    steps' gradients, to its kernels' nondeterminism). The model's forward runs only for the warm-up and the
+    capture. ``fast_paths``: bf16 autocast, the fused LoRA nodes, the layer kernels and the layer by hand, and
+    the NF4 kernels (on the CPU interpreted); else float32 through PyTorch (the CPU's path). ``chunked``: the
+    loss and the MLP chunk by chunk, and the recomputation's dequantized weights kept for the backward.
+    ``dropout`` (the fast paths only): LoRA dropout through its kernels, each replay drawing the masks the eager
+    step draws: every mask a step draws (forward, recomputation, backward), exactly, on CUDA too
+    (``recording_masks``)."""
     import bailong_kernels
     from bailong import layer_fused, lora, memory
     from bailong.step_graph import GraphedStep, accumulate
@@ -358,9 +358,10 @@ def test_with_torchrun_a_cuda_graph_is_refused_before_any_process_group(tmp_path
 @pytest.mark.parametrize("fast_paths,chunked,dropout", [(False, False, 0.0), (True, False, 0.0), (True, True, 0.0),
                                                          (True, False, 0.1), (True, True, 0.1)])
 def test_on_cuda_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked, dropout):
-    """``bailong.step_graph``, captured and replayed on CUDA: the losses of eager training, to its kernels'
-    nondeterminism, and with dropout every mask of every step exactly the eager step's, the recomputation's and
-    the backward's too (the CPU's test emulates the capture; this one is the real thing)."""
+    """``bailong.step_graph``, captured and replayed on CUDA: the losses and the first two steps' gradients of
+    eager training, to its kernels' nondeterminism, and with dropout every mask of every step exactly the eager
+    step's, the recomputation's and the backward's too (the CPU's test emulates the capture; this one is the real
+    thing)."""
     check_graphed(monkeypatch, fast_paths, chunked, device="cuda", dropout=dropout)
 
 
