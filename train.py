@@ -21,14 +21,21 @@ from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
-from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output
+from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock
 from bailong.training import (KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, check_graph_step, estimate_memory,
                               held_out_record, lr_at, parse_config)
 
 
 def main(argv=None):
-    # ---- options and the output folder: checked before torch loads, so that a mistake is answered at once ----
     config = parse_config(argv)
+    try:
+        return train(config)
+    finally:  # done, stopped or failed: the folder is free again (for this process too, as in a notebook)
+        release_lock(config.out)
+
+
+def train(config):
+    # ---- the output folder: checked before torch loads, so that a mistake is answered at once ----------------
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_context(config)

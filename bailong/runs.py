@@ -111,7 +111,7 @@ def _differences(before: dict, now: dict) -> str:
 def _lock_free(out: Path) -> bool:
     """Whether no other process holds ``out/.lock`` (checked without taking it)."""
     lock = RunFolder(out).lock
-    if not lock.exists() or out.resolve() in _HELD:
+    if not lock.exists():
         return True
     with open(lock) as f:
         try:
@@ -185,13 +185,11 @@ def fingerprints(config, items, base_folder=None) -> dict:
     return found
 
 
-_HELD = {}  # the locks of the run folders this process trains in (by path), released when it ends
+_HELD = {}  # the locks of the run folders this process trains in (by path), until release_lock
 
 
 def _take_lock(out: Path):
     out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() in _HELD:  # this process trained here before (train.main called again)
-        return
     lock = open(RunFolder(out).lock, "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -199,6 +197,14 @@ def _take_lock(out: Path):
         lock.close()
         raise _busy(out) from None
     _HELD[out.resolve()] = lock
+
+
+def release_lock(out):
+    """Let the folder go when its training ends (train.main's return, or its error): another process, or
+    this one (a notebook calling train.main again), may then train in it."""
+    lock = _HELD.pop(Path(out).resolve(), None)
+    if lock is not None:
+        lock.close()  # closing the file releases its flock
 
 
 def prepare_output(config, found: dict, world=1, say=print) -> Path:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -243,6 +244,26 @@ def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys):
     import bailong  # a checkpoint folder loads like the run itself (its base is found two folders up)
     model, tokenizer = bailong.load(latest_checkpoint(out), device="cpu")
     assert tokenizer.vocab_size == model.config.vocab_size == 260 + 50
+
+
+def test_the_folder_is_locked_while_training_and_free_once_train_returns_or_fails(tmp_path, capsys, monkeypatch):
+    """Another process may not train in a folder in use; once train.main returns (or fails), it may, and so may
+    this process again (a notebook)."""
+    from bailong import checkpoints, runs
+    out, real_save, seen = tmp_path / "run", checkpoints.save_checkpoint, []
+
+    def save_checkpoint(*args, fail=False, **kwargs):  # mid-run: is the folder free to others?
+        seen.append(runs._lock_free(out))
+        if fail:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--out", out)
+    assert seen == [False] and runs._lock_free(out) and runs._HELD == {}
+    monkeypatch.setattr(checkpoints, "save_checkpoint", partial(save_checkpoint, fail=True))
+    _, err = run_train(capsys, "--steps", "4", "--held-out", "0", "--out", out, "--resume", code=1)
+    assert "No space left on device" in err and seen == [False, False] and runs._lock_free(out) and runs._HELD == {}
 
 
 def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsys, monkeypatch):
