@@ -138,15 +138,16 @@ def recording_masks(monkeypatch):
 def masks_by_step(step_loss, masks):
     """``step_loss``, and a list to which each call adds a copy of the masks it drew (``recording_masks``): those
     it recorded, or where it recorded none (a graph's replay), those of the last call that did (the capture's,
-    which the replay wrote). Masks None: nothing recorded."""
+    which the replay wrote). Masks None: ``step_loss`` itself, nothing recorded."""
     steps, last = [], []
+    if masks is None:
+        return step_loss, steps
 
     def step(inputs, targets):
-        first = len(masks) if masks is not None else 0
+        first = len(masks)
         loss = step_loss(inputs, targets)
-        if masks is not None:
-            last[:] = masks[first:] or last
-            steps.append([m.clone() for m in last])
+        last[:] = masks[first:] or last
+        steps.append([m.clone() for m in last])
         return loss
     return step, steps
 
