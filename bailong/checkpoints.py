@@ -55,7 +55,7 @@ def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, b
         previous = latest_checkpoint(out)
         kept = f"{previous} is intact" if previous and previous.exists() else "no earlier checkpoint exists"
         raise BailongError(f"{e}; step {step} was not saved, {kept}") from None
-    for old in sorted(run.checkpoints.glob("step-*"))[:-2]:
+    for old in run.saved()[:-2]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -79,7 +79,7 @@ def resume(out: Path, model, optimizer, say=print) -> int:
     """
     run = RunFolder(out)
     named = latest_checkpoint(out)
-    candidates = sorted(run.checkpoints.glob("step-*"), reverse=True)  # newest first (LATEST lags a crash by one)
+    candidates = run.saved()[::-1]  # newest first (LATEST lags a crash by one)
     if named and not named.exists():
         candidates.insert(0, named)
     problems = []

@@ -23,6 +23,7 @@ so that train.py checks --out before loading it.
 import fcntl
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -47,13 +48,19 @@ class RunFolder:
     def checkpoint(self, step) -> Path:
         return self.checkpoints / f"step-{step:07d}"
 
+    def saved(self) -> list[Path]:
+        """The checkpoints saved, oldest first: folders named as ``checkpoint`` names them (a user's
+        step-4-good is not one)."""
+        found = [p for p in self.checkpoints.glob("step-*") if re.fullmatch(CHECKPOINT, p.name)]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
     def has_base(self) -> bool:
         """Whether the run keeps its own base model (the embedded default, SFT's merged base)."""
         return (self.base / "config.json").is_file()
 
 
 STATE = "state.pt"  # in a checkpoint, beside its adapter/: step, optimizer and RNG states
-RUN_FILES = {p.name for p in vars(RunFolder("run")).values()} - {"run", "LATEST"}
+CHECKPOINT = r"step-\d{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # options that change neither the model nor the order of the data: a run may continue with other values;
 # the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
@@ -73,10 +80,44 @@ def inputs(config) -> dict:
     return {what: path for what, path in found.items() if path and Path(path).expanduser().exists()}
 
 
-def _not_a_runs(out: Path) -> list[str]:
-    """The names in ``out`` that no run writes (temporary names of unfinished writes are a run's)."""
-    return sorted(p.name for p in out.iterdir()
-                  if p.name not in RUN_FILES and not (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))))
+_TOKENIZER = r"tokenizer\.(model|json)|tokenizer_config\.json|special_tokens_map\.json"
+_ADAPTER = {rf"adapter_config\.json|adapter_model\.safetensors|{_TOKENIZER}": None}
+LAYOUT = {  # what a run writes (the names above), as patterns: a folder's own layout, or None for a file
+    r"run\.json|metrics\.jsonl|loss\.png|\.lock": None,
+    "adapter": _ADAPTER,
+    "checkpoints": {"LATEST": None, CHECKPOINT: {"adapter": _ADAPTER, re.escape(STATE): None}},
+    "base": {r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json": None,
+             _TOKENIZER: None},
+    "cache": {r"tokens-[0-9a-f]{20}\.(ids|labels|offsets)\.npy": None},
+}
+
+
+def _not_a_runs(folder: Path, layout=LAYOUT) -> list[str]:
+    """What in ``folder`` no run writes, at any depth (``adapter/README.md``, ``checkpoints/step-4-good/``): a
+    name outside the layout, a file where it has a folder or the reverse, a link. Temporary names of unfinished
+    writes are a run's."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if _temporary(p.name):
+            continue
+        inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), False)
+        name = p.name + "/" * p.is_dir()
+        if inner is False or p.is_symlink() or (inner is None) == p.is_dir():
+            found.append(name)
+        elif inner is not None:
+            found += [name + q for q in _not_a_runs(p, inner)]
+    return found
+
+
+def _temporary(name: str) -> bool:
+    """A temporary name of an unfinished write (``files.atomic_write``, ``files.atomic_folder``)."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+def _in_the_way(out: Path, overwrite: bool) -> str | None:
+    """What in a run's folder is not the run's and would be lost: anything, for --overwrite; else anything
+    inside the run's own folders (adapter/, base/ and the rest), which training replaces whole."""
+    return next((o for o in _not_a_runs(out) if overwrite or "/" in o.rstrip("/")), None)
 
 
 def _has_progress(out: Path) -> bool:
@@ -144,21 +185,21 @@ def check_output(config, world=1) -> int:
     for what, path in inputs(config).items():
         if overlaps(out, path):
             raise UsageError(f"{out}: holds or lies inside {what}; choose an --out apart from the run's inputs")
-    if not (out.is_dir() and any(out.iterdir())):
-        return 0
+    if not out.is_dir() or all(p.name == ".lock" or _temporary(p.name) for p in out.iterdir()):
+        return 0  # new, empty, or left by a run stopped before it wrote run.json
     run = read_run(out)
-    others = _not_a_runs(out)
     if run is None:
-        listed = ", ".join(others[:3]) or "a run.json that is not ours"
+        listed = ", ".join(_not_a_runs(out)[:3]) or "a run.json that is not ours"
         raise UsageError(f"{out}: holds files that are not a training run ({listed}); choose another --out")
     if not _lock_free(out):
         raise _busy(out)
     done = steps_done(out)
-    if config.overwrite:
-        if others:
-            raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed "
-                             "(move it away, or choose another --out)")
-    elif _has_progress(out):
+    if other := _in_the_way(out, config.overwrite):
+        raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed (move it away, "
+                         "or choose another --out)" if config.overwrite else
+                         f"{out}: holds {other}, which is not part of a run and training would remove it (move it "
+                         "away, or choose another --out)")
+    if not config.overwrite and _has_progress(out):
         if differences := _differences(run["options"], options(config, world)):
             raise UsageError(f"{out}: holds a different run ({differences}); choose another --out")
         if not config.resume:
@@ -226,9 +267,9 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
         _take_lock(out)
     except OSError as e:
         raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
+    if run is not None and (other := _in_the_way(out, config.overwrite)):  # added since check_output
+        raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed")
     if run is not None and config.overwrite:
-        if others := _not_a_runs(out):  # added since check_output
-            raise UsageError(f"{out}: holds {others[0]}, which is not part of a run; nothing was removed")
         lock = RunFolder(out).lock
         entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p != lock)
         say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(entries)}")
@@ -260,10 +301,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The checkpoint LATEST names (it may since have gone), or None."""
     run = RunFolder(out)
     name = run.latest.read_text().strip() if run.latest.is_file() else ""
-    return run.checkpoints / name if name.startswith("step-") else None
+    return run.checkpoints / name if re.fullmatch(CHECKPOINT, name) else None
 
 
 def steps_done(out: Path) -> int:
     """The step of the newest checkpoint (0 without one), read from its name."""
-    names = [p.name for p in RunFolder(out).checkpoints.glob("step-*")]
-    return max((int(n[5:]) for n in names if n[5:].isdigit()), default=0)
+    saved = RunFolder(out).saved()
+    return int(saved[-1].name[5:]) if saved else 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,6 +330,42 @@ def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monk
     assert (tmp_path / "run" / "adapter").exists() and (mine / "notes.txt").exists()
 
 
+def test_files_the_user_put_inside_a_run_are_never_removed(tmp_path, capsys, monkeypatch):
+    """A file inside the run's own folders, which training replaces whole (adapter/) or prunes (checkpoints/), stops
+    --overwrite and --resume alike; a checkpoint's name is exactly its step's; a folder left holding only the lock
+    (a run stopped before it wrote run.json) is a new folder."""
+    from bailong.runs import RunFolder, _not_a_runs
+    monkeypatch.chdir(tmp_path)
+    args = ["--steps", "4", "--save-every", "2", "--held-out", "0", "--new-pieces", "20"]
+    run_train(capsys, *args, "--out", "run")
+    assert _not_a_runs(tmp_path / "run") == []  # everything a run writes is in the layout
+    for mine in ("adapter/README.md", "checkpoints/step-0000004-good/notes.txt", "base/generation_config.json"):
+        (tmp_path / "run" / mine).parent.mkdir(exist_ok=True)
+        (tmp_path / "run" / mine).write_text("the user's")
+        for more in (["--overwrite"], ["--resume", "--steps", "6"]):
+            _, err = run_train(capsys, *args, *more, "--out", "run", code=2)
+            assert f"run: holds {mine.split('/')[0]}/{mine.split('/')[1]}" in err and "not part of a run" in err, err
+        assert (tmp_path / "run" / mine).read_text() == "the user's"
+        (tmp_path / "run" / mine).unlink()
+    from bailong import checkpoints
+    real_save = checkpoints.save_checkpoint
+
+    def save_checkpoint(out, step, *args):  # a backup made while the run trains: not one of the run's checkpoints
+        saved = real_save(out, step, *args)
+        if step == 1:
+            (RunFolder(out).checkpoints / "step-0000001-mine").mkdir()
+        return saved
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
+    run_train(capsys, *args, "--save-every", "1", "--out", "busy")
+    assert sorted(p.name for p in RunFolder(tmp_path / "busy").checkpoints.iterdir()) == \
+        ["LATEST", "step-0000001-mine", "step-0000003", "step-0000004"]
+    left = tmp_path / "stopped"
+    left.mkdir()
+    (left / ".lock").write_text("")
+    run_train(capsys, *args, "--out", left)
+
+
 @pytest.mark.parametrize("chunked", [[], ["chunked"], ["checkpointed"]])
 def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_path, chunked):
     """Also (``chunked``) with the fused LoRA and the MLP in chunks, whose node hands DDP the summed gradients,
@@ -355,6 +392,14 @@ def test_schedule_and_config():
     sft = parse_config(["--stage", "sft"])  # fine-tuning has its own defaults; what is given still wins
     assert (sft.lr, sft.steps, parse_config([]).lr) == (1e-4, 60, 2e-3)
     assert parse_config(["--stage", "sft", "--lr", "3e-4"]).lr == 3e-4
+
+
+def test_a_config_files_home_folder_is_the_users(tmp_path):
+    """A "~" the shell did not expand (in a config file) is the home folder, not a folder named "~"."""
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"stage": "sft", "out": "~/runs/zh", "init": "~/runs/pretrain"}))
+    parsed = parse_config(["--config", str(config)])
+    assert (parsed.out, parsed.init) == (str(Path.home() / "runs/zh"), str(Path.home() / "runs/pretrain"))
 
 
 def test_torchrun_two_processes_train_and_rank_zero_writes(tmp_path):
