@@ -142,7 +142,8 @@ class TrainConfig:
             raise UsageError("--model is for --stage pretrain; fine-tuning starts from --init")
         if self.device:
             check_device(self.device)
-        self.out = self.out or f"out/{self.stage}"
+        self.out = os.path.expanduser(self.out or f"out/{self.stage}")  # "~/runs" in a config file: the home's
+        self.init = os.path.expanduser(self.init)
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")
         if not self.data:
             self.data = [str(SAMPLES / "zh_tw_sample.txt"), str(SAMPLES / "en_sample.txt")] \
