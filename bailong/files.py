@@ -87,10 +87,17 @@ def _beside(path: Path, suffix) -> Path:
     return path.with_name(f".{name}.{os.getpid()}{suffix}")
 
 
+def _through_link(path) -> Path:
+    """Where a write to ``path`` goes: a link's target (the link stays, pointing at the new version), else
+    ``path``; renaming a new version onto the link itself would replace the link."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def atomic_write(path, data):
     """Write ``data`` (bytes, str, or a function that writes a file at the path it is given) to ``path``
     through a temporary file in the same folder, renamed into place only when complete."""
-    path = Path(path)
+    path = _through_link(path)
     tmp = _beside(path, ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +117,7 @@ def atomic_write(path, data):
 def atomic_folder(path):
     """``with atomic_folder(path) as tmp:`` fill ``tmp``, a new folder beside ``path``; when the block
     completes it replaces ``path``, and when it fails it is removed and ``path`` is left as it was."""
-    path = Path(path)
+    path = _through_link(path)
     tmp, old = _beside(path, ".tmp"), _beside(path, ".old")
     try:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier process of the same number

@@ -86,6 +86,19 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_write_to_a_link_goes_where_it_points_and_the_link_stays(tmp_path):
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "old.txt").write_text("old")
+    os.symlink(tmp_path / "disk", tmp_path / "out")  # an output folder kept on another disk
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "model.txt").write_text("new")
+    os.symlink(tmp_path / "disk" / "model.txt", tmp_path / "model-link.txt")
+    atomic_write(tmp_path / "model-link.txt", "newer")
+    assert os.readlink(tmp_path / "out") == str(tmp_path / "disk") and os.path.islink(tmp_path / "model-link.txt")
+    assert os.listdir(tmp_path / "disk") == ["model.txt"] and (tmp_path / "disk" / "model.txt").read_text() == "newer"
+    assert sorted(os.listdir(tmp_path)) == ["disk", "model-link.txt", "out"]  # nothing left beside them
+
+
 def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):
     """torch.save reports a full disk as a RuntimeError and safetensors as its own error; both must read as
     the machine's refusal, name the target, and leave what was there."""
