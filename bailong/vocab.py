@@ -15,7 +15,6 @@ tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 """
 import argparse
 import copy
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from bailong.data import read_corpus
-from bailong.errors import BailongError, Parser, run_cli
+from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer
@@ -130,10 +129,10 @@ def is_tokenizer(path) -> bool:
     try:
         if Path(path).stat().st_size > 64 << 20:
             return False
-        if str(path).endswith(".json"):
-            return isinstance(json.loads(Path(path).read_text(encoding="utf-8")).get("model"), dict)
+        if str(path).endswith(".json"):  # read as the tokenizers library reads it: not any JSON with a "model"
+            return JsonTokenizer(path, settings={}).vocab_size > 0
         return spm.SentencePieceProcessor(model_file=str(path)).vocab_size() > 0
-    except (OSError, RuntimeError, ValueError, AttributeError):
+    except (OSError, RuntimeError, ValueError, AttributeError, BailongError):
         return False
 
 
@@ -141,6 +140,10 @@ def check_out(out, base, corpus, overwrite=False):
     """Refuse an --out that is the base tokenizer or in the corpus, a folder, or a file other than a
     tokenizer (or a tokenizer without --overwrite): before the corpus is read."""
     inputs = {"the base tokenizer": base, **{f"the corpus {c}": c for c in corpus}}
+    if str(out).endswith(".json") != str(base).endswith(".json"):
+        made = "a tokenizer.json (--out ending in .json)" if str(base).endswith(".json") else \
+            "a SentencePiece model (--out not ending in .json)"
+        raise UsageError(f"{out}: extending {base} makes {made}")
     check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="tokenizer")
 
 

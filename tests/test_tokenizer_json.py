@@ -151,8 +151,20 @@ def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
     wordpiece = tmp_path / "wordpiece.json"
     from tokenizers import Tokenizer, models
     Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(wordpiece))
+    settings = tmp_path / "settings.json"  # the user's, with a "model" object: not a tokenizer --overwrite replaces
+    settings.write_text('{"model": {"name": "llama-2-7b", "lr": 0.0002}}')
+    from bailong.tokenizer import byte_tokenizer
+    byte_tokenizer().save(tmp_path)
+    spm_base = tmp_path / "tokenizer.model"
     corpus = str(SAMPLES / "zh_tw_sample.txt")
     for argv, expected in [
+            (["--base", str(base), "--new-pieces", "5", "--out", str(settings), "--overwrite"],
+             f"error: {settings}: already exists and is not a tokenizer; nothing was written"),
+            (["--base", str(spm_base), "--new-pieces", "5", "--out", str(tmp_path / "c.json")],
+             f"error: {tmp_path / 'c.json'}: extending {spm_base} makes a SentencePiece model (--out not ending in "
+             ".json)"),
+            (["--base", str(base), "--new-pieces", "5", "--out", str(tmp_path / "d.model")],
+             f"error: {tmp_path / 'd.model'}: extending {base} makes a tokenizer.json (--out ending in .json)"),
             (["--base", str(wordpiece), "--new-pieces", "5", "--out", str(tmp_path / "a.json")],
              f"error: {wordpiece}: not a byte-level BPE tokenizer.json (model 'WordPiece')"),
             (["--base", str(base), "--new-pieces", "100000", "--out", str(tmp_path / "b.json")],
@@ -164,6 +176,8 @@ def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
             run_cli(vocab_main, ["extend", "--corpus", corpus, *argv])
         assert exit_.value.code in (1, 2) and capsys.readouterr().err.startswith(expected)
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+    assert settings.read_text() == '{"model": {"name": "llama-2-7b", "lr": 0.0002}}'
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.model").exists()
 
 
 def test_compare_init_measures_a_bpe_model(llama3, tmp_path, capsys):
