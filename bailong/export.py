@@ -55,9 +55,9 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             raise BailongError("writing GGUF needs the gguf package (pip install gguf)") from None
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: already exists; choose a new folder (nothing is overwritten)")
-    base_folder = resolve(str(base))
+    base_folder, run_folder = resolve(str(base)), None
     if adapter is None and (run := training_output(base_folder)):
-        base, adapter = run
+        (base, adapter), run_folder = run, base_folder
         base_folder = resolve(str(base))
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
     if dtype is None:  # the base checkpoint's own dtype
@@ -67,7 +67,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     if adapter_folder:
         read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
     folders = [f for f in (adapter_folder, base_folder) if f]  # the adapter's tokenizer (an extended vocabulary) wins
-    for what, folder in [("the base model", base_folder), ("the adapter", adapter_folder)]:
+    for what, folder in [("the base model", base_folder), ("the adapter", adapter_folder),
+                         ("the training output", run_folder)]:  # in a run: read as its base, or in its way
         if folder and overlaps(out, folder):
             raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
     if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
