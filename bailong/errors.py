@@ -24,11 +24,25 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, a job scheduler's stop), raised where the program is, so that an unfinished write
+    removes its temporary copy on the way out, as for Ctrl-C; unlike Ctrl-C nothing stops it short of the exit
+    (Ctrl-C in a chat only ends the reply)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(main, argv=None):
-    """Run ``main(argv)`` and turn user errors, failed file operations and Ctrl-C into a clean exit.
+    """Run ``main(argv)`` and turn user errors, failed file operations, Ctrl-C and SIGTERM into a clean exit.
     Under torchrun every process meets the same mistake; the first one says it."""
     import os
+    import signal
+    import threading
     say = os.environ.get("RANK", "0") == "0"
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         sys.exit(main(argv))
     except BailongError as e:
@@ -42,6 +56,11 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        sys.exit(128 + 15)  # the shell's code for SIGTERM
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: set outside Python
 
 
 def check_device(device: str) -> str:

@@ -246,16 +246,16 @@ def held_out_record(rows) -> tuple:
 
 
 class GracefulStop:
-    """Ctrl-C during training: the first one lets the step in progress finish, so that the checkpoint
-    saved after it resumes exactly (the random state after a whole step, as at any save); a second one
-    stops at once without saving, and the last checkpoint stays."""
+    """Ctrl-C (or SIGTERM: ``kill``, a job scheduler's stop) during training: the first one lets the step in
+    progress finish, so that the checkpoint saved after it resumes exactly (the random state after a whole
+    step, as at any save); a second one stops at once without saving, and the last checkpoint stays."""
 
     def __init__(self, say=print):
         self.say = say
 
     def __enter__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -266,7 +266,8 @@ class GracefulStop:
                  file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for name, handler in self.previous.items():
+            signal.signal(name, handler)
 
 
 class Metrics:

@@ -99,6 +99,38 @@ def test_a_write_to_a_link_goes_where_it_points_and_the_link_stays(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["disk", "model-link.txt", "out"]  # nothing left beside them
 
 
+def test_sigterm_mid_write_leaves_the_old_version_and_no_temporary_copy(tmp_path):
+    """``kill`` (SIGTERM) during a file's or a folder's write: the exit is clean (status 143), the old version
+    whole, nothing left beside it; and a chat's Ctrl-C handling (which only ends a reply) does not stop it."""
+    import signal
+
+    from bailong.errors import run_cli
+    (tmp_path / "model.txt").write_text("old")
+    (tmp_path / "model").mkdir()
+
+    def killed_midway(tmp):
+        open(tmp, "w").write("half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def export(argv):
+        try:
+            if argv == ["file"]:
+                atomic_write(tmp_path / "model.txt", killed_midway)
+            with atomic_folder(tmp_path / "model") as tmp:
+                killed_midway(tmp / "weights")
+        except KeyboardInterrupt:  # as chat.py's reply does
+            pass
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    for argv in (["file"], ["folder"]):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(export, argv)
+        assert exit_.value.code == 143
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.txt"] and os.listdir(tmp_path / "model") == []
+    assert (tmp_path / "model.txt").read_text() == "old" and signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):
     """torch.save reports a full disk as a RuntimeError and safetensors as its own error; both must read as
     the machine's refusal, name the target, and leave what was there."""

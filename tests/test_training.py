@@ -394,6 +394,17 @@ def test_schedule_and_config():
     assert parse_config(["--stage", "sft", "--lr", "3e-4"]).lr == 3e-4
 
 
+def test_sigterm_during_training_stops_as_ctrl_c_does():
+    """The first SIGTERM (a job scheduler's stop) lets the step finish and the run save; a second stops at once."""
+    from bailong.training import GracefulStop
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_config_files_home_folder_is_the_users(tmp_path):
     """A "~" the shell did not expand (in a config file) is the home folder, not a folder named "~"."""
     config = tmp_path / "run.json"
