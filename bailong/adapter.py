@@ -10,6 +10,7 @@ When the embedding or the head carries LoRA, PEFT also stores their full
 (possibly resized) weights as ``<module>.base_layer.weight``; we do the same.
 """
 import json
+import math
 import re
 from pathlib import Path
 
@@ -30,6 +31,17 @@ PREFIX = "base_model.model."
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": None,
                "target_parameters": None, "layer_replication": None}
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# the fields the scaling and the dropout are computed from, what each must be, and the test
+FIELDS = {"r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+          "lora_alpha": ("a number", _number),
+          "lora_dropout": ("a number at least 0 and below 1", lambda v: _number(v) and 0 <= v < 1),
+          "use_rslora": ("true or false", lambda v: isinstance(v, bool))}
 
 
 def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None):
@@ -62,6 +74,14 @@ def read_adapter_config(folder: Path) -> dict:
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, [], {}):
             raise BailongError(f"{file}: {key}={config[key]!r} is not supported")
+    if missing := [k for k in ("r", "lora_alpha") if k not in config]:
+        raise BailongError(f"{file}: missing {missing[0]} (a LoRA adapter config gives r and lora_alpha)")
+    for key, (what, ok) in FIELDS.items():
+        if key in config and not ok(config[key]):
+            raise BailongError(f"{file}: {key} must be {what}, not {json.dumps(config[key])}")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict) or not all(_number(v) for v in patterns.values()):
+        raise BailongError(f"{file}: alpha_pattern must map module names to numbers, not {json.dumps(patterns)}")
     return config
 
 

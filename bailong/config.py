@@ -1,4 +1,5 @@
 """Model configuration: one dataclass, read from a Hugging Face config.json or a preset."""
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from bailong.errors import BailongError, read_json
@@ -13,6 +14,7 @@ INIT_METHODS = ("zip-tie", "zip-tie-first", "mean-all", "random")
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+SWITCHES = ("tie_word_embeddings", "attention_bias", "mlp_bias")  # read as true or false
 
 
 @dataclass
@@ -57,13 +59,20 @@ class ModelConfig:
                 f"{hf.get('model_type')!r}); only LlamaForCausalLM is supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise BailongError(f"{source}: unsupported hidden_act {hf['hidden_act']!r}; Llama uses silu")
+        for k in SWITCHES:
+            if hf.get(k) is not None and not isinstance(hf[k], bool):
+                raise BailongError(f"{source}: {k} must be true or false, not {hf[k]!r}")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise BailongError(f"{source}: {flag}=true is not supported")
         # transformers >= 5 writes rope settings as rope_parameters; older ones as rope_theta/rope_scaling
+        for k in ("rope_parameters", "rope_scaling"):
+            if hf.get(k) is not None and not isinstance(hf[k], dict):
+                raise BailongError(f"{source}: {k} must be an object ({{\"rope_type\": ..., \"factor\": ...}}) "
+                                   f"or null, not {hf[k]!r}")
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ROPE_SCALING:
+        if not isinstance(kind, str) or kind not in ROPE_SCALING:
             raise BailongError(f"{source}: unsupported rope scaling type {kind!r} (supported: "
                                f"{', '.join(ROPE_SCALING)})")
         for k in ROPE_SCALING[kind]:
@@ -76,9 +85,14 @@ class ModelConfig:
         for k in REQUIRED + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
             if hf.get(k) is not None and (not isinstance(hf[k], int) or isinstance(hf[k], bool) or hf[k] < 1):
                 raise BailongError(f"{source}: {k} must be a positive integer, not {hf[k]!r}")
+        theta = rope.get("rope_theta", hf.get("rope_theta"))
+        for k, v in (("rms_norm_eps", hf.get("rms_norm_eps")), ("rope_theta", theta)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v <= 0):
+                raise BailongError(f"{source}: {k} must be a number above 0, not {v!r}")
         known = {f.name for f in fields(cls)}
         args = {k: v for k, v in hf.items() if k in known and v is not None}
-        args["rope_theta"] = rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta))
+        args["rope_theta"] = cls.rope_theta if theta is None else theta
         args["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING[kind]}} \
             if ROPE_SCALING[kind] else None
         return cls(**args)

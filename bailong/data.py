@@ -59,7 +59,9 @@ def read_corpus(paths) -> list[str]:
                 try:
                     line = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string") from None
+                    line = None
+                if not isinstance(line, str):  # a number, null, a list
+                    raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string")
             texts.append(line)
     if not any(t.strip() for t in texts):
         raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")

@@ -94,11 +94,14 @@ def perplexity(model_path, text, max_chars=200_000):
 
 
 def compare_tokenizers(text, tokenizers):
+    opened = {path: open_tokenizer(path) for path in tokenizers}
+    if missing := [path for path, tokenizer in opened.items() if tokenizer is None]:
+        raise BailongError(f"{missing[0]}: no tokenizer.model or tokenizer.json")
     texts = read_corpus([text])
     chars = sum(map(len, texts))
     rows = {}
-    for path in tokenizers:
-        rows[path] = tokens_per_char(open_tokenizer(path), texts)
+    for path, tokenizer in opened.items():
+        rows[path] = tokens_per_char(tokenizer, texts)
         print(f"{path}: {rows[path]:.3f} tokens per character ({rows[path] * chars:,.0f} tokens for {chars:,} characters)")
     return rows
 

@@ -35,7 +35,7 @@ from bailong.errors import BailongError
 from bailong.generation import Sampling
 from bailong.model import rope_frequencies
 from bailong.quantized import NF4Linear, projections, set_module
-from bailong.tokenizer import JsonTokenizer
+from bailong.tokenizer import JsonTokenizer, check_fits
 
 
 def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,9 +174,7 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
     """
     import gguf
     config = model.config
-    if tokenizer.vocab_size > config.vocab_size:
-        raise BailongError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but the model has only "
-                           f"{config.vocab_size} embedding rows")
+    check_fits(tokenizer, model)
     for module_name, m in projections(model):  # a projection left in NF4 (no LoRA on it) is written dense
         if isinstance(m, NF4Linear):
             dense = torch.nn.Linear(m.in_features, m.out_features, bias=False)

@@ -189,7 +189,7 @@ def check_output(config, world=1) -> int:
         return 0  # new, empty, or left by a run stopped before it wrote run.json
     run = read_run(out)
     if run is None:
-        listed = ", ".join(_not_a_runs(out)[:3]) or "a run.json that is not ours"
+        listed = ", ".join(_not_a_runs(out)[:3] + ["a run.json that is not ours"] * RunFolder(out).run_json.exists())
         raise UsageError(f"{out}: holds files that are not a training run ({listed}); choose another --out")
     if not _lock_free(out):
         raise _busy(out)

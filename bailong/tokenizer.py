@@ -130,6 +130,13 @@ def open_tokenizer(path) -> Tokenizer | JsonTokenizer:
     return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
 
 
+def check_fits(tokenizer, model):
+    """Refuse a tokenizer with more pieces than the model has embeddings: its last ids would index past them."""
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise BailongError(f"{tokenizer.path or 'the tokenizer'}: the tokenizer has {tokenizer.vocab_size} pieces, "
+                           f"more than the model's {model.config.vocab_size} embeddings")
+
+
 class StreamDecoder:
     """Turns ids arriving one by one into text that is safe to print.
 

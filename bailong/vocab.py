@@ -196,12 +196,22 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     from bailong.zip_tie import METHODS, extend_model
     texts = first_chars(read_corpus([text]), max_chars)
     base, extended = open_tokenizer(base_tokenizer), open_tokenizer(extended_tokenizer)
+    for path, tokenizer in ((base_tokenizer, base), (extended_tokenizer, extended)):
+        if tokenizer is None:
+            raise BailongError(f"{path}: no tokenizer.model or tokenizer.json")
     if type(base) is not type(extended):
         raise BailongError(f"{extended_tokenizer}: not the same kind of tokenizer as {base_tokenizer} (an "
                            "extension of a tokenizer.model is a tokenizer.model, of a tokenizer.json a tokenizer.json)")
+    if extended.vocab_size <= base.vocab_size:
+        raise BailongError(f"{extended_tokenizer}: {extended.vocab_size} pieces, no more than the base tokenizer's "
+                           f"{base.vocab_size}; --extended-tokenizer names the extension of --base-tokenizer (are the "
+                           "two swapped?)")
     if extended.bos_id < 0:  # a tokenizer.json written alone: extension keeps the base's special tokens
         extended.bos_id, extended.eos_id = base.bos_id, base.eos_id
     model, _ = load(model_path)
+    if base.vocab_size != model.config.vocab_size:
+        raise BailongError(f"{base_tokenizer}: {base.vocab_size} pieces, but the model has {model.config.vocab_size} "
+                           "embeddings; --base-tokenizer names the model's own tokenizer")
     print(f"{sum(map(len, texts))} characters; tokens per character {tokens_per_char(base, texts):.3f} (base) "
           f"-> {tokens_per_char(extended, texts):.3f} (extended)")
     rows = [("original model, base tokenizer", loss_per_char(model, base, texts))]

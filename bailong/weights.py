@@ -23,7 +23,7 @@ from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
 from bailong.runs import training_output
-from bailong.tokenizer import byte_tokenizer, open_tokenizer
+from bailong.tokenizer import byte_tokenizer, check_fits, open_tokenizer
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
@@ -169,7 +169,8 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     ``quantize="nf4"`` stores every projection in NF4 (QLoRA's frozen base),
     quantizing matrix by matrix as they load; checkpoints saved quantized by
     bitsandbytes load as NF4 whatever ``quantize`` says. ``adapter``: a PEFT LoRA
-    adapter folder or repo id to apply; its tokenizer, if any, wins.
+    adapter folder or repo id to apply; its tokenizer, if any, wins. A tokenizer with more pieces than the
+    model has embeddings is refused.
     """
     if quantize not in (None, "nf4"):
         raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
@@ -194,6 +195,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
         load_adapter(model, adapter_folder)
         model.eval()
         tokenizer = open_tokenizer(adapter_folder) or tokenizer
+    check_fits(tokenizer, model)
     return model, tokenizer
 
 

@@ -67,7 +67,8 @@ def folder(tmp_path_factory):
                                   '"content": "yo"}]}\n',
              "bench.json": '[{"category": "writing", "turns": ["你好"]}]', "overwrite.json": '{"overwrite": true}',
              "corpus2.txt": corpus + "多了一行。\n", "other-tool/run.json": '{"experiment": "my other tool"}',
-             "other-tool/base/model.bin": "weights of another tool", "old.gguf": "GGUF, an earlier export"}
+             "other-tool/base/model.bin": "weights of another tool", "old.gguf": "GGUF, an earlier export",
+             "text-number.jsonl": '{"text": 5}\n', "text-null.jsonl": '{"text": null}\n'}
     for name, text in files.items():
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_text(text)
@@ -115,6 +116,23 @@ def prepared(folder):
         (folder / name / file).write_text(text)
     shutil.copytree(base, folder / "no-tokenizer")
     (folder / "no-tokenizer" / "tokenizer.model").unlink()
+    config = json.loads((base / "config.json").read_text())
+    for name, key, value in [("eps-string", "rms_norm_eps", "1e-5"), ("theta-string", "rope_theta", "10000"),
+                             ("tie-no", "tie_word_embeddings", "no"), ("rope-number", "rope_scaling", 5)]:
+        shutil.copytree(base, folder / name)
+        (folder / name / "config.json").write_text(json.dumps({**config, key: value}))
+    adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    for name, changed in [("alpha-string", {**adapter, "lora_alpha": "32"}),
+                          ("no-rank", {k: v for k, v in adapter.items() if k != "r"})]:
+        for part in ("base", "adapter"):  # a training output, without its checkpoints
+            shutil.copytree(run_dir / part, folder / name / part)
+        (folder / name / "adapter" / "adapter_config.json").write_text(json.dumps(changed))
+    from bailong.config import preset
+    from bailong.model import Llama, init_weights
+    small = preset("tiny")
+    small.vocab_size = 260  # the run's tokenizer has 280 pieces
+    save(init_weights(Llama(small)), folder / "small-vocab")
+    shutil.copy(base / "tokenizer.model", folder / "small-vocab")
     model, _ = load(base, device="cpu")
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
@@ -131,7 +149,7 @@ def fingerprint(folder):
     """Hashes of the user's files and of the finished run, which no row may change."""
     names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
              "q.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin",
-             "old.gguf"]
+             "old.gguf", "text-number.jsonl", "text-null.jsonl"]
     paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \
         {"mine/": sorted(p.name for p in (folder / "mine").iterdir())}
