@@ -9,6 +9,7 @@ keyed by the tokenizer and the text, and memory-mapped on the next run.
 import hashlib
 import json
 import os
+import signal
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -120,6 +121,13 @@ def _init_worker(tokenizer, template):
     _worker_tokenizer, _worker_template = tokenizer, template
 
 
+def _pool_worker(tokenizer, template):
+    """A tokenizing process: the pool's end (SIGTERM) ends it quietly, not through the clean exit of the
+    command (``errors.run_cli``) whose handler it inherits."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(tokenizer, template)
+
+
 def _encode(item):
     if isinstance(item, str):  # a document: its tokens, then eos
         return _worker_tokenizer.encode(item, eos=True), None
@@ -151,7 +159,7 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
     if workers > 1 and len(items) >= 2000:
-        with Pool(workers, initializer=_init_worker, initargs=(tokenizer, template)) as pool:
+        with Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template)) as pool:
             for result in pool.imap(_encode, items, chunksize=64):
                 encoded.append(result)
                 bar.update()

@@ -1,4 +1,5 @@
 """Training data: conversations and corpora read, tokenized (in parallel, cached), split and packed."""
+import pytest
 import torch
 
 from bailong.data import TokenData, read_conversations, read_corpus, split
@@ -53,13 +54,31 @@ def test_token_cache_is_reused(tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
-def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch):
+def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch, capfd):
+    import multiprocessing
+    import signal
+
     import huggingface_hub.constants
 
+    from bailong import data
     from bailong.data import data_paths, tokenize
+    from bailong.errors import run_cli
     from bailong.tokenizer import byte_tokenizer
     docs = [f"第 {i} 行 line {i}" for i in range(2500)]
-    parallel = tokenize(byte_tokenizer(), docs, tmp_path / "a", workers=2)
+    found = []
+    with pytest.raises(SystemExit):  # as a command runs it: the pool's end (SIGTERM to its workers) is quiet
+        run_cli(lambda argv: found.append(tokenize(byte_tokenizer(), docs, tmp_path / "a", workers=2)), [])
+    parallel = found[0]
+    assert "Traceback" not in capfd.readouterr().err  # not always seen: the workers may end first
+
+    def handler_in_a_worker(argv):  # what a worker does on the pool's SIGTERM, within the command's handler
+        pool = multiprocessing.Pool(1, initializer=data._pool_worker, initargs=(byte_tokenizer(), None))
+        found.append(pool.apply(signal.getsignal, (signal.SIGTERM,)))
+        pool.close()  # the worker let go without a signal
+        pool.join()
+    with pytest.raises(SystemExit):
+        run_cli(handler_in_a_worker, [])
+    assert found[1] == signal.SIG_DFL
     serial = tokenize(byte_tokenizer(), docs, tmp_path / "b", workers=1)
     assert parallel[0].tolist() == serial[0].tolist() and parallel[2].tolist() == serial[2].tolist()
     snapshot = tmp_path / "hub" / "datasets--bailong-tests--corpus" / "snapshots" / ("0" * 40)
