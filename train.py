@@ -21,7 +21,8 @@ from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
-from bailong.runs import RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock
+from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
+                          start_run)
 from bailong.training import (KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, check_graph_step, estimate_memory,
                               held_out_record, lr_at, parse_config)
 
@@ -117,10 +118,30 @@ def train(config):
     if config.seq_len > model.config.max_position_embeddings:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
-    if main_process:  # the first write: nothing was touched before this line
-        prepare_output(config, fingerprints(config, items, base_folder), world, say)
+    if main_process:  # the folder's lock: nothing was touched before this line
+        found = fingerprints(config, items, base_folder)
+        prepare_output(config, found, say)
     if world > 1:
         dist.barrier()
+
+    # ---- tokenized data (the token cache: the only write before the run starts) --------------------------------
+    train_items, eval_items = split(items, config.held_out, config.seed)
+    template = model_template(tokenizer) if config.stage == "sft" else None  # as chat.py will use the model
+    if config.stage == "sft":
+        say("chat format: " + ("the model's chat_template" if template else "Llama 2's"))
+    if world > 1:  # rank 0 fills the token cache first; the others then read it
+        if main_process:
+            for part in (train_items, eval_items):
+                if part:
+                    tokenize(tokenizer, part, run.cache, config.workers, template)
+        dist.barrier()
+    pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
+    data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
+                     pad_id)
+    held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
+                         pad_id, "held-out data") if eval_items else None
+    if main_process:  # the data make examples: an old run --overwrite replaces goes only now
+        start_run(config, found, world, say, data.files() | (held_out.files() if held_out else set()))
     base_name = config.model or None  # named in the adapter's config; a base without a name is kept in the run
     if base_name is None and main_process and not own_base:
         with atomic_folder(run.base) as folder:
@@ -143,23 +164,6 @@ def train(config):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-
-    # ---- tokenized data ----------------------------------------------------------------------------------
-    train_items, eval_items = split(items, config.held_out, config.seed)
-    template = model_template(tokenizer) if config.stage == "sft" else None  # as chat.py will use the model
-    if config.stage == "sft":
-        say("chat format: " + ("the model's chat_template" if template else "Llama 2's"))
-    if world > 1:  # rank 0 fills the token cache first; the others then read it
-        if main_process:
-            for part in (train_items, eval_items):
-                if part:
-                    tokenize(tokenizer, part, run.cache, config.workers, template)
-        dist.barrier()
-    pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
-    data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
-                     pad_id)
-    held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
-                         pad_id, "held-out data") if eval_items else None
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = build_optimizer(trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)

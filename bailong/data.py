@@ -152,9 +152,21 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     stem = Path(cache_dir) / f"tokens-{key}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
     sft = not isinstance(items[0], str)
-    if all(f.exists() for f in (files if sft else files[::2])):
-        arrays = [np.load(f, mmap_mode="r") if f.exists() else None for f in files]
-        return arrays[0], arrays[1], arrays[2]
+    read = files if sft else files[::2]
+    if not all(f.exists() for f in read):
+        encoded = _encode_all(tokenizer, items, workers, template)
+        ids = np.fromiter((i for e, _ in encoded for i in e), dtype=np.int32)
+        labels = np.fromiter((i for _, lab in encoded for i in lab), dtype=np.int32) if sft else None
+        offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
+        for file, array in zip(files, (ids, labels, offsets)):
+            if array is not None:
+                atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
+    ids, labels, offsets = (np.load(f, mmap_mode="r") if f in read else None for f in files)
+    return ids, labels, offsets
+
+
+def _encode_all(tokenizer, items, workers, template) -> list:
+    """(ids, labels or None) of each item, in parallel where there are many."""
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
@@ -169,13 +181,7 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
             encoded.append(_encode(item))
             bar.update()
     bar.close()
-    ids = np.fromiter((i for e, _ in encoded for i in e), dtype=np.int32)
-    labels = np.fromiter((i for _, lab in encoded for i in lab), dtype=np.int32) if sft else None
-    offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
-    for file, array in zip(files, (ids, labels, offsets)):
-        if array is not None:
-            atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
-    return ids, labels, offsets
+    return encoded
 
 
 def _save_npy(path, array):
@@ -208,6 +214,10 @@ class TokenData:
             more = ", raise --held-out" if what == "held-out data" else ""
             raise BailongError(f"the {what} make no example of {seq_len} tokens (add data{more} or lower --seq-len)")
         self._orders = {}  # (seed, epoch) -> order of the examples
+
+    def files(self) -> set[str]:
+        """The names of the cached token arrays it reads (``tokenize``'s, memory-mapped)."""
+        return {Path(a.filename).name for a in (self.ids, self.labels, self.offsets) if isinstance(a, np.memmap)}
 
     def example(self, i):
         if not self.sft:

@@ -14,11 +14,12 @@ a moved or copied run folder, moved or re-cloned data all name the same run,
 from its own merged base whatever became of ``--init``. ``--overwrite`` removes
 a folder only when everything in it is a run's, and says what it removes.
 
-The checks come in two parts, so that nothing is touched until everything that
-can be checked has been: ``check_output`` before anything is read, and
-``prepare_output`` (fingerprints, the lock, --overwrite's removal, run.json) once
-the data and the model have loaded, just before the first write. Nothing here imports torch,
-so that train.py checks --out before loading it.
+The checks come in parts, so that nothing is touched until everything that can
+be checked has been: ``check_output`` before anything is read; ``prepare_output``
+(fingerprints, the lock) once the data and the model have loaded; then the token
+cache is the only write until ``start_run`` (--overwrite's removal, run.json),
+once the data are known to make examples. Nothing here imports torch, so that
+train.py checks --out before loading it.
 """
 import fcntl
 import hashlib
@@ -185,14 +186,16 @@ def check_output(config, world=1) -> int:
     for what, path in inputs(config).items():
         if overlaps(out, path):
             raise UsageError(f"{out}: holds or lies inside {what}; choose an --out apart from the run's inputs")
-    if not out.is_dir() or all(p.name == ".lock" or _temporary(p.name) for p in out.iterdir()):
-        return 0  # new, empty, or left by a run stopped before it wrote run.json
+    if not out.is_dir():
+        return 0
+    if not _lock_free(out):
+        raise _busy(out)
     run = read_run(out)
     if run is None:
         listed = ", ".join(_not_a_runs(out)[:3] + ["a run.json that is not ours"] * RunFolder(out).run_json.exists())
+        if not listed:
+            return 0  # empty, or what a run stopped before its run.json left (the lock, its token cache)
         raise UsageError(f"{out}: holds files that are not a training run ({listed}); choose another --out")
-    if not _lock_free(out):
-        raise _busy(out)
     done = steps_done(out)
     if other := _in_the_way(out, config.overwrite):
         raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed (move it away, "
@@ -248,10 +251,10 @@ def release_lock(out):
         lock.close()  # closing the file releases its flock
 
 
-def prepare_output(config, found: dict, world=1, say=print) -> Path:
+def prepare_output(config, found: dict, say=print) -> Path:
     """The write side of ``check_output``, once the inputs are read: the run in ``--out`` must have the same
-    data and base (by ``fingerprints``); take the folder's lock; remove a run --overwrite replaces, saying
-    what goes; write run.json."""
+    data and base (by ``fingerprints``); take the folder's lock. Then only the token cache is written
+    (``data.tokenize``) before ``start_run``."""
     out = Path(config.out)
     run = read_run(out) if out.is_dir() else None
     if run is not None and not config.overwrite and _has_progress(out):
@@ -267,20 +270,28 @@ def prepare_output(config, found: dict, world=1, say=print) -> Path:
         _take_lock(out)
     except OSError as e:
         raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
-    if run is not None and (other := _in_the_way(out, config.overwrite)):  # added since check_output
-        raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed")
-    if run is not None and config.overwrite:
-        lock = RunFolder(out).lock
-        entries = sorted(p.name + "/" * p.is_dir() for p in out.iterdir() if p != lock)
-        say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(entries)}")
-        for p in out.iterdir():
-            if p != lock:  # others wait on this very file
+    return out
+
+
+def start_run(config, found: dict, world=1, say=print, cached=()):
+    """Once the data make examples (so that a mistake in them leaves an old run whole): remove the run
+    --overwrite replaces, saying what goes, but not the token arrays this run reads (``cached``, names in
+    cache/); write run.json."""
+    out, folder = Path(config.out), RunFolder(config.out)
+    if read_run(out) is not None:
+        if other := _in_the_way(out, config.overwrite):  # added since check_output
+            raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed")
+        if config.overwrite:
+            stale = [p for p in folder.cache.iterdir() if p.name not in cached] if folder.cache.is_dir() else []
+            gone = [p for p in out.iterdir() if p not in (folder.lock, folder.cache)] + stale  # others wait on the lock
+            names = sorted(str(p.relative_to(out)) + "/" * p.is_dir() for p in gone)
+            say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(names)}")
+            for p in gone:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     paths = {"model": config.model, "init": config.init, "data": config.data}
     run = {"options": options(config, world), "inputs": found, "paths": paths, "steps": config.steps,
            "folder": str(out.resolve())}
-    atomic_write(RunFolder(out).run_json, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
-    return out
+    atomic_write(folder.run_json, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
 
 
 def training_output(folder: Path) -> tuple[str | Path, Path] | None:

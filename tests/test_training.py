@@ -322,8 +322,18 @@ def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monk
     assert "holds files that are not a training run (notes.txt); choose another --out" in err
     run_train(capsys, *args, "--out", "run")
     stdout, _ = run_train(capsys, *args, "--lr", "1e-3", "--out", "run", "--overwrite")
-    assert "--overwrite: removing the run in run (2 steps done): adapter/, base/, cache/, checkpoints/, loss.png, " \
-           "metrics.jsonl, run.json" in stdout
+    assert "--overwrite: removing the run in run (2 steps done): adapter/, base/, checkpoints/, loss.png, " \
+           "metrics.jsonl, run.json" in stdout  # the token arrays of the same data and vocabulary are kept
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    (tmp_path / "short.txt").write_text("太短了。\n還是太短。\n")
+    _, err = run_train(capsys, *args[:-2], "--new-pieces", "4", "--seq-len", "200", "--data", "short.txt", "--out",
+                       "run", "--overwrite", code=1)
+    assert "make no example of 200 tokens" in err  # found before the old run is removed: it is whole
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert before.items() <= after.items() and {p.parent.name for p in after.keys() - before.keys()} == {"cache"}
+    stdout, _ = run_train(capsys, *args, "--new-pieces", "10", "--out", "run", "--overwrite")
+    assert "--overwrite: removing the run in run (2 steps done): adapter/, base/, cache/tokens-" in stdout
+    assert len(list((tmp_path / "run" / "cache").iterdir())) == 4  # this run's ids and offsets, both parts
     (tmp_path / "run" / "notes.txt").write_text("put here later")
     _, err = run_train(capsys, *args, "--out", "run", "--overwrite", code=2)
     assert "run: holds notes.txt, which is not part of a run; nothing was removed" in err
