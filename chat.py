@@ -69,6 +69,8 @@ def parse_args(argv):
     except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
         name, _, rest = str(e).partition(" ")
         p.error(f"--{name.replace('_', '-')} {rest}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be from 0 to {2**32 - 1}, not {args.seed}")
     if args.device:
         check_device(args.device)
     if args.output and not args.input:

@@ -110,7 +110,8 @@ class TrainConfig:
                                ("grad_clip", lambda v: v > 0, "a positive number"),
                                ("weight_decay", lambda v: v >= 0, "0 or more"),
                                ("lora_dropout", lambda v: 0 <= v < 1, "at least 0 and below 1"),
-                               ("held_out", lambda v: 0 <= v < 1, "a share at least 0 and below 1")]:
+                               ("held_out", lambda v: 0 <= v < 1, "a share at least 0 and below 1"),
+                               ("seed", lambda v: v < 2**32, f"from 0 to {2**32 - 1}")]:
             value = getattr(self, name)
             if not (math.isfinite(value) and ok(value)):
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")
