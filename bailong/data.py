@@ -6,10 +6,12 @@ SFT renders each conversation in the chat format and trains only on the
 assistant tokens (labels -100 elsewhere). Token arrays are cached as .npy files
 keyed by the tokenizer and the text, and memory-mapped on the next run.
 """
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import threading
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -122,10 +124,26 @@ def _init_worker(tokenizer, template):
 
 
 def _pool_worker(tokenizer, template):
-    """A tokenizing process: the pool's end (SIGTERM) ends it quietly, not through the clean exit of the
-    command (``errors.run_cli``) whose handler it inherits."""
+    """A tokenizing process: Ctrl-C, which a terminal sends to every process, is the command's to answer, and
+    the pool's end (SIGTERM) ends it quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(tokenizer, template)
+
+
+@contextlib.contextmanager
+def _stopped_at_once():
+    """While a pool tokenizes, Ctrl-C and SIGTERM end the process at once, as by default: nothing is being
+    written then, and a pool shut down by an exception can wait forever on a worker stopped mid-send."""
+    if threading.current_thread() is not threading.main_thread():  # where handlers can be set
+        yield
+        return
+    previous = {name: signal.signal(name, signal.SIG_DFL) for name in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(name, handler or signal.SIG_DFL)  # None: set outside Python
 
 
 def _encode(item):
@@ -171,7 +189,7 @@ def _encode_all(tokenizer, items, workers, template) -> list:
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
     if workers > 1 and len(items) >= 2000:
-        with Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template)) as pool:
+        with _stopped_at_once(), Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template)) as pool:
             for result in pool.imap(_encode, items, chunksize=64):
                 encoded.append(result)
                 bar.update()

@@ -97,3 +97,32 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     (chats.parents[1] / "refs" / "main").write_text("1" * 40)
     assert read_conversations(data_paths(["bailong-tests/chats"])) == \
         read_conversations([SAMPLES / "chats_sample.jsonl"])
+
+
+def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
+    """A pool shut down by an exception can wait forever on a worker stopped mid-send: while it tokenizes, the
+    command (its SIGTERM handler set, as every command's is) ends at once, as by default."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from bailong import data
+from bailong.errors import run_cli
+from bailong.tokenizer import byte_tokenizer
+
+def encode(item):  # a worker stops its command and the pool, as a terminal or a scheduler does
+    if item == "x 3000":
+        os.killpg(0, int(sys.argv[1]))
+    return [1] * 10000, None
+
+data._encode = encode
+run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in range(6000)], 2, None) and 0, [])
+"""
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        done = subprocess.run([sys.executable, "-c", script, str(int(stop))], capture_output=True, text=True,
+                              timeout=60, start_new_session=True)  # a process group of its own
+        assert done.returncode == -stop, done.stderr[-2000:]
