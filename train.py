@@ -254,7 +254,7 @@ def train(config):
             if interrupt.requested and done < config.steps:
                 bar.close()
                 say(f"interrupted after step {done}: saved {checkpoint}; continue with --resume")
-                return 130
+                return interrupt.code
             if stopped:
                 break
     bar.close()

@@ -61,7 +61,7 @@ class RunFolder:
 
 
 STATE = "state.pt"  # in a checkpoint, beside its adapter/: step, optimizer and RNG states
-CHECKPOINT = r"step-\d{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
+CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # options that change neither the model nor the order of the data: a run may continue with other values;
 # the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
@@ -91,6 +91,7 @@ LAYOUT = {  # what a run writes (the names above), as patterns: a folder's own l
              _TOKENIZER: None},
     "cache": {r"tokens-[0-9a-f]{20}\.(ids|labels|offsets)\.npy": None},
 }
+BEFORE_RUN_JSON = {r"\.lock": None, "cache": LAYOUT["cache"]}  # what a run writes before its run.json
 
 
 def _not_a_runs(folder: Path, layout=LAYOUT) -> list[str]:
@@ -117,8 +118,10 @@ def _temporary(name: str) -> bool:
 
 def _in_the_way(out: Path, overwrite: bool) -> str | None:
     """What in a run's folder is not the run's and would be lost: anything, for --overwrite; else anything
-    inside the run's own folders (adapter/, base/ and the rest), which training replaces whole."""
-    return next((o for o in _not_a_runs(out) if overwrite or "/" in o.rstrip("/")), None)
+    inside the run's own folders (adapter/, base/ and the rest), which training replaces whole, or in place of
+    one of its names (a link there would send the run's writes to where it points)."""
+    return next((o for o in _not_a_runs(out) if overwrite or "/" in o.rstrip("/")
+                 or any(re.fullmatch(k, o.rstrip("/")) for k in LAYOUT)), None)
 
 
 def _has_progress(out: Path) -> bool:
@@ -157,7 +160,7 @@ def _lock_free(out: Path) -> bool:
         return True
     with open(lock) as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probes at once (torchrun's) never clash
         except BlockingIOError:
             return False
         fcntl.flock(f, fcntl.LOCK_UN)
@@ -192,10 +195,11 @@ def check_output(config, world=1) -> int:
         raise _busy(out)
     run = read_run(out)
     if run is None:
+        if not _not_a_runs(out, BEFORE_RUN_JSON):
+            return 0  # empty, or what a run stopped before its run.json left
         listed = ", ".join(_not_a_runs(out)[:3] + ["a run.json that is not ours"] * RunFolder(out).run_json.exists())
-        if not listed:
-            return 0  # empty, or what a run stopped before its run.json left (the lock, its token cache)
-        raise UsageError(f"{out}: holds files that are not a training run ({listed}); choose another --out")
+        raise UsageError(f"{out}: holds files that are not a training run ({listed or 'a run without its run.json'})"
+                         "; choose another --out")
     done = steps_done(out)
     if other := _in_the_way(out, config.overwrite):
         raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed (move it away, "

@@ -113,7 +113,7 @@ class TrainConfig:
                                ("held_out", lambda v: 0 <= v < 1, "a share at least 0 and below 1"),
                                ("seed", lambda v: v < 2**32, f"from 0 to {2**32 - 1}")]:
             value = getattr(self, name)
-            if not (math.isfinite(value) and ok(value)):
+            if not (ok(value) and math.isfinite(value)):  # ok first: a huge int is no float
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")
         if self.offload_activations and self.checkpointing == "off":
             raise UsageError("--offload-activations keeps the layer inputs activation checkpointing saves: it needs "
@@ -255,16 +255,16 @@ class GracefulStop:
         self.say = say
 
     def __enter__(self):
-        self.requested = False
+        self.requested, self.code = False, 0  # code: the exit status the shell gives the signal (130, 143)
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.say("\nstopping after this step to save a checkpoint (Ctrl-C again stops at once, without saving)",
-                 file=sys.stderr, flush=True)
+        self.requested, self.code = True, 128 + signum
+        self.say("\nstopping after this step to save a checkpoint (a second Ctrl-C or SIGTERM stops at once, "
+                 "without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for name, handler in self.previous.items():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bailong.data import TokenData, split
-from bailong.errors import run_cli
+from bailong.errors import UsageError, run_cli
 from bailong.runs import latest_checkpoint
 from bailong.training import CHOICES, SAMPLES, TrainConfig, lr_at, parse_config
 from conftest import ROOT
@@ -357,6 +357,20 @@ def test_files_the_user_put_inside_a_run_are_never_removed(tmp_path, capsys, mon
             assert f"run: holds {mine.split('/')[0]}/{mine.split('/')[1]}" in err and "not part of a run" in err, err
         assert (tmp_path / "run" / mine).read_text() == "the user's"
         (tmp_path / "run" / mine).unlink()
+    (tmp_path / "run" / "checkpoints" / "step-0000004-good").rmdir()
+    adapter = tmp_path / "run" / "adapter"  # a link where the run writes a folder: the writes would go through it
+    adapter.rename(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "notes.txt").write_text("the user's")
+    adapter.symlink_to(tmp_path / "elsewhere")
+    _, err = run_train(capsys, *args, "--resume", "--steps", "6", "--out", "run", code=2)
+    assert "run: holds adapter/, which is not part of a run" in err and (tmp_path / "elsewhere" / "notes.txt").exists()
+    adapter.unlink()
+    (tmp_path / "elsewhere").rename(adapter)
+    (adapter / "notes.txt").unlink()
+    shutil.copytree(tmp_path / "run", tmp_path / "no-record")  # a run without its run.json is no new folder
+    (tmp_path / "no-record" / "run.json").unlink()
+    _, err = run_train(capsys, *args, "--out", "no-record", code=2)
+    assert "no-record: holds files that are not a training run (a run without its run.json)" in err
     from bailong import checkpoints
     real_save = checkpoints.save_checkpoint
 
@@ -398,6 +412,8 @@ def test_schedule_and_config():
     assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == pytest.approx(1e-3)
     assert lr_at(99, config) == pytest.approx(1e-4, rel=1e-2) and lr_at(55, config) == pytest.approx(5.5e-4, rel=1e-2)
     assert parse_config(["--stage", "sft", "--lora-r", "8"]).init == "out/pretrain"
+    with pytest.raises(UsageError, match="--seed must be from 0 to 4294967295"):  # past any float, too
+        parse_config(["--seed", str(10**400)])
     assert parse_config([]).out == "out/pretrain" and parse_config(["--no-rslora"]).rslora is False
     sft = parse_config(["--stage", "sft"])  # fine-tuning has its own defaults; what is given still wins
     assert (sft.lr, sft.steps, parse_config([]).lr) == (1e-4, 60, 2e-3)
@@ -410,7 +426,7 @@ def test_sigterm_during_training_stops_as_ctrl_c_does():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested
+        assert stop.requested and stop.code == 143  # the exit status train.py gives after saving
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == before
 
