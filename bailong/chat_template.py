@@ -109,7 +109,9 @@ def template_in(config: dict, file) -> tuple[str, dict] | None:
     from bailong.errors import BailongError
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+            raise BailongError(f'{file}: chat_template is a list, but not of {{"name": ..., "template": ...}} objects')
+        template = next((t.get("template") for t in template if t["name"] == "default"), None)
     if not template:
         return None
     import jinja2

@@ -112,6 +112,8 @@ def read_bench(path) -> list[dict]:
         turns = item.get("turns") if isinstance(item, dict) else None
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
             raise BailongError(f"{path}: item {i} needs \"turns\", a list of user messages")
+        if not isinstance(item.get("category", ""), str):  # scores are summed by it
+            raise BailongError(f"{path}: item {i}'s \"category\" must be a string, not {item['category']!r}")
     return items
 
 

@@ -66,6 +66,7 @@ def folder(tmp_path_factory):
              "chats-robot.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", '
                                   '"content": "yo"}]}\n',
              "bench.json": '[{"category": "writing", "turns": ["你好"]}]', "overwrite.json": '{"overwrite": true}',
+             "bench-category.json": '[{"category": ["writing"], "turns": ["你好"]}]',
              "corpus2.txt": corpus + "多了一行。\n", "other-tool/run.json": '{"experiment": "my other tool"}',
              "other-tool/base/model.bin": "weights of another tool", "old.gguf": "GGUF, an earlier export",
              "text-number.jsonl": '{"text": 5}\n', "text-null.jsonl": '{"text": null}\n'}
@@ -111,7 +112,8 @@ def prepared(folder):
     (folder / "no-layers" / "config.json").write_text(json.dumps(config))
     for name, file, text in [("bad-generation", "generation_config.json", '{"temperature": -1}'),
                              ("bad-length", "generation_config.json", '{"max_new_tokens": "abc"}'),
-                             ("bad-template", "tokenizer_config.json", '{"chat_template": "{{ messages[0] }"}')]:
+                             ("bad-template", "tokenizer_config.json", '{"chat_template": "{{ messages[0] }"}'),
+                             ("template-list", "tokenizer_config.json", '{"chat_template": ["{{ messages[0] }}"]}')]:
         shutil.copytree(base, folder / name)
         (folder / name / file).write_text(text)
     shutil.copytree(base, folder / "no-tokenizer")
@@ -149,7 +151,7 @@ def fingerprint(folder):
     """Hashes of the user's files and of the finished run, which no row may change."""
     names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
              "q.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin",
-             "old.gguf", "text-number.jsonl", "text-null.jsonl"]
+             "old.gguf", "text-number.jsonl", "text-null.jsonl", "bench-category.json"]
     paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \
         {"mine/": sorted(p.name for p in (folder / "mine").iterdir())}
