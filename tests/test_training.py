@@ -262,6 +262,10 @@ def test_the_folder_is_locked_while_training_and_free_once_train_returns_or_fail
     monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
     run_train(capsys, "--steps", "2", "--held-out", "0", "--out", out)
     assert seen == [False] and runs._lock_free(out) and runs._HELD == {}
+    import fcntl
+    with open(out / ".lock") as probe:  # another process's probe at the same moment (torchrun's) is no run
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert runs._lock_free(out)
     monkeypatch.setattr(checkpoints, "save_checkpoint", partial(save_checkpoint, fail=True))
     _, err = run_train(capsys, "--steps", "4", "--held-out", "0", "--out", out, "--resume", code=1)
     assert "No space left on device" in err and seen == [False, False] and runs._lock_free(out) and runs._HELD == {}
