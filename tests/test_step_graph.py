@@ -327,7 +327,7 @@ def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys, monkeypa
     through): the per-step and held-out losses of the run without, bit for bit, with checkpointing on (as on
     CUDA), two micro-batches a step, and evaluations and checkpoints between the replays."""
     import train
-    from test_training import evals, losses, run_train
+    from train_runs import evals, losses, run_train
     monkeypatch.setattr(train, "check_graph_step", lambda world, device=None: None)
     args = ["--steps", "6", "--eval-every", "3", "--save-every", "3", "--lora-dropout", "0", "--checkpointing", "on",
             "--grad-accum", "2", "--batch-size", "4", "--device", "cpu"]
@@ -374,7 +374,7 @@ def test_on_cuda_train_py_with_a_cuda_graph_trains_as_without(tmp_path, capsys):
     and the per-step and held-out losses of the eager run, to bf16 noise, well inside how far they move."""
     import warnings
 
-    from test_training import evals, losses, run_train
+    from train_runs import evals, losses, run_train
     runs = {}
     for name, graph in [("eager", []), ("graph", ["--cuda-graph"])]:
         with warnings.catch_warnings(record=True) as caught:

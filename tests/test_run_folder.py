@@ -1,0 +1,155 @@
+"""A training run's folder (bailong/runs.py) as train.py uses it: the lock, how a run is recognised, and
+what --overwrite and --resume may remove: never a user's file, never an input."""
+import json
+import shutil
+from functools import partial
+
+from bailong.training import SAMPLES, TrainConfig
+from train_runs import losses, run_train
+
+
+def test_the_folder_is_locked_while_training_and_free_once_train_returns_or_fails(tmp_path, capsys, monkeypatch):
+    """Another process may not train in a folder in use; once train.main returns (or fails), it may, and so may
+    this process again (a notebook)."""
+    from bailong import checkpoints, runs
+    out, real_save, seen = tmp_path / "run", checkpoints.save_checkpoint, []
+
+    def save_checkpoint(*args, fail=False, **kwargs):  # mid-run: is the folder free to others?
+        seen.append(runs._lock_free(out))
+        if fail:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--out", out)
+    assert seen == [False] and runs._lock_free(out) and runs._HELD == {}
+    import fcntl
+    with open(out / ".lock") as probe:  # another process's probe at the same moment (torchrun's) is no run
+        fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert runs._lock_free(out)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", partial(save_checkpoint, fail=True))
+    _, err = run_train(capsys, "--steps", "4", "--held-out", "0", "--out", out, "--resume", code=1)
+    assert "No space left on device" in err and seen == [False, False] and runs._lock_free(out) and runs._HELD == {}
+
+
+def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--steps", "4", "--eval-every", "2", "--new-pieces", "50"]
+    run_train(capsys, *args, "--out", "run")
+    _, err = run_train(capsys, *args, "--out", "run/", code=2)
+    assert "error: run: already holds this run (4 of 4 steps done); pass --resume to continue it, or choose another " \
+           "--out" in err and "--overwrite" not in err
+    _, err = run_train(capsys, *args, "--out", "run/../run", "--resume", code=2)
+    assert "the run has done 4 steps; pass --steps above 4 to continue it" in err
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")  # a copied (or moved) run continues where it was
+    stdout, _ = run_train(capsys, *args[2:], "--steps", "6", "--eval-every", "2", "--out", "copy", "--resume")
+    assert "continuing to step 6 (the run was started for 4)" in stdout and "resumed from" in stdout
+    assert [s for s, _ in losses(tmp_path / "copy")] == [1, 2, 3, 4, 5, 6]
+    _, err = run_train(capsys, *args, "--lr", "1e-3", "--out", "run", code=2)
+    assert "holds a different run (--lr was 0.002, now 0.001); choose another --out" in err
+
+
+def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
+    import hashlib
+    monkeypatch.chdir(tmp_path)
+    args = ["--eval-every", "2", "--new-pieces", "20"]
+    run_train(capsys, *args, "--steps", "4", "--out", "pre")
+    options = json.loads((tmp_path / "pre" / "run.json").read_text())["options"]
+    del options["processes"]  # what the previous version wrote: every option, as typed
+    older = {**options, "out": "pre", "steps": 4, "model": "", "init": "", "data": TrainConfig().data,
+             "eval_every": 2, "eval_batches": 4, "save_every": 50}
+    (tmp_path / "pre" / "run.json").write_text(json.dumps(older))
+    stdout, _ = run_train(capsys, *args, "--steps", "5", "--out", "pre", "--resume")
+    assert "resumed from" in stdout and [s for s, _ in losses(tmp_path / "pre")] == [1, 2, 3, 4, 5]
+    sft = ["--stage", "sft", "--init", "pre", "--out", "sft", "--eval-every", "1"]
+    run_train(capsys, *sft, "--steps", "2")
+    base = tmp_path / "sft" / "base" / "model.safetensors"
+    before = hashlib.sha256(base.read_bytes()).hexdigest()
+    run_train(capsys, *args, "--steps", "7", "--out", "pre", "--resume")  # --init changes under the SFT run
+    stdout, _ = run_train(capsys, *sft, "--steps", "3", "--resume")
+    assert "resumed from" in stdout and hashlib.sha256(base.read_bytes()).hexdigest() == before
+    assert [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3]
+
+
+def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((SAMPLES / "zh_tw_sample.txt").read_text())
+    args = ["--steps", "2", "--eval-every", "2", "--new-pieces", "20", "--data", corpus]
+    for out in (".", tmp_path, "corpus.txt"):  # the working folder holds the corpus; the corpus itself
+        _, err = run_train(capsys, *args, "--out", out, "--overwrite", code=2)
+        assert "choose an --out apart from the run's inputs" in err or "is a file" in err
+    assert corpus.read_text() == (SAMPLES / "zh_tw_sample.txt").read_text()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own file")
+    _, err = run_train(capsys, *args, "--out", mine, "--overwrite", code=2)
+    assert "holds files that are not a training run (notes.txt); choose another --out" in err
+    run_train(capsys, *args, "--out", "run")
+    stdout, _ = run_train(capsys, *args, "--lr", "1e-3", "--out", "run", "--overwrite")
+    assert "--overwrite: removing the run in run (2 steps done): adapter/, base/, checkpoints/, loss.png, " \
+           "metrics.jsonl, run.json" in stdout  # the token arrays of the same data and vocabulary are kept
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    (tmp_path / "short.txt").write_text("太短了。\n還是太短。\n")
+    _, err = run_train(capsys, *args[:-2], "--new-pieces", "4", "--seq-len", "200", "--data", "short.txt", "--out",
+                       "run", "--overwrite", code=1)
+    assert "make no example of 200 tokens" in err  # found before the old run is removed: it is whole
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert before.items() <= after.items() and {p.parent.name for p in after.keys() - before.keys()} == {"cache"}
+    stdout, _ = run_train(capsys, *args, "--new-pieces", "10", "--out", "run", "--overwrite")
+    assert "--overwrite: removing the run in run (2 steps done): adapter/, base/, cache/tokens-" in stdout
+    assert len(list((tmp_path / "run" / "cache").iterdir())) == 4  # this run's ids and offsets, both parts
+    (tmp_path / "run" / "notes.txt").write_text("put here later")
+    _, err = run_train(capsys, *args, "--out", "run", "--overwrite", code=2)
+    assert "run: holds notes.txt, which is not part of a run; nothing was removed" in err
+    assert (tmp_path / "run" / "adapter").exists() and (mine / "notes.txt").exists()
+
+
+def test_files_the_user_put_inside_a_run_are_never_removed(tmp_path, capsys, monkeypatch):
+    """A file inside the run's own folders, which training replaces whole (adapter/) or prunes (checkpoints/), stops
+    --overwrite and --resume alike; a checkpoint's name is exactly its step's; a folder left holding only the lock
+    (a run stopped before it wrote run.json) is a new folder."""
+    from bailong.runs import RunFolder, _not_a_runs
+    monkeypatch.chdir(tmp_path)
+    args = ["--steps", "4", "--save-every", "2", "--held-out", "0", "--new-pieces", "20"]
+    run_train(capsys, *args, "--out", "run")
+    assert _not_a_runs(tmp_path / "run") == []  # everything a run writes is in the layout
+    for mine in ("adapter/README.md", "checkpoints/step-0000004-good/notes.txt", "base/generation_config.json"):
+        (tmp_path / "run" / mine).parent.mkdir(exist_ok=True)
+        (tmp_path / "run" / mine).write_text("the user's")
+        for more in (["--overwrite"], ["--resume", "--steps", "6"]):
+            _, err = run_train(capsys, *args, *more, "--out", "run", code=2)
+            assert f"run: holds {mine.split('/')[0]}/{mine.split('/')[1]}" in err and "not part of a run" in err, err
+        assert (tmp_path / "run" / mine).read_text() == "the user's"
+        (tmp_path / "run" / mine).unlink()
+    (tmp_path / "run" / "checkpoints" / "step-0000004-good").rmdir()
+    adapter = tmp_path / "run" / "adapter"  # a link where the run writes a folder: the writes would go through it
+    adapter.rename(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "notes.txt").write_text("the user's")
+    adapter.symlink_to(tmp_path / "elsewhere")
+    _, err = run_train(capsys, *args, "--resume", "--steps", "6", "--out", "run", code=2)
+    assert "run: holds adapter/, which is not part of a run" in err and (tmp_path / "elsewhere" / "notes.txt").exists()
+    adapter.unlink()
+    (tmp_path / "elsewhere").rename(adapter)
+    (adapter / "notes.txt").unlink()
+    shutil.copytree(tmp_path / "run", tmp_path / "no-record")  # a run without its run.json is no new folder
+    (tmp_path / "no-record" / "run.json").unlink()
+    _, err = run_train(capsys, *args, "--out", "no-record", code=2)
+    assert "no-record: holds files that are not a training run (a run without its run.json)" in err
+    from bailong import checkpoints
+    real_save = checkpoints.save_checkpoint
+
+    def save_checkpoint(out, step, *args):  # a backup made while the run trains: not one of the run's checkpoints
+        saved = real_save(out, step, *args)
+        if step == 1:
+            (RunFolder(out).checkpoints / "step-0000001-mine").mkdir()
+        return saved
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_checkpoint)
+    run_train(capsys, *args, "--save-every", "1", "--out", "busy")
+    assert sorted(p.name for p in RunFolder(tmp_path / "busy").checkpoints.iterdir()) == \
+        ["LATEST", "step-0000001-mine", "step-0000003", "step-0000004"]
+    left = tmp_path / "stopped"
+    left.mkdir()
+    (left / ".lock").write_text("")
+    run_train(capsys, *args, "--out", left)
