@@ -241,9 +241,8 @@ def compile_all(arch):
             nf4_gemv.gemv_swiglu(x, gate, gate, tile)
     finally:
         nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel = gemv_kernels
-    # the two dequantize kernels as nf4_dequantize launches them (the byte kernel also as nf4_dequantize_group
+    # the two dequantize kernels as nf4_dequantize launches them (each also as nf4_dequantize_group
     # does, q, k and v in one launch), with the instructions a weight of a thread
-    packed, *tables = dequant.nf4_args(q)
     words, steps, warps = dequant.word_steps()
     out = torch.empty(N, K, dtype=torch.bfloat16)
     qkv = [quantize(torch.randn(n, K) * 0.02) for n in (4096, 1024, 1024)]
@@ -255,7 +254,10 @@ def compile_all(arch):
              (tuple(map(dequant.nf4_args, qkv)), (0, 4096 * K, 5120 * K, 6144 * K), out),
              dict(BLOCK=512, num_warps=4), 2 * 512 / (32 * 4)),
             (dequant._nf4_dequant_words_kernel, "bfloat16 dequantize, a word a thread (scalar loads, 128 bytes a warp)",
-             (packed.view(-1).view(torch.int32), *tables, out, q.numel // 8),
+             ((dequant.word_args(q),), (0, q.numel), out),
+             dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps)),
+            (dequant._nf4_dequant_words_kernel, "bfloat16 dequantize, a word a thread, q, k and v in one launch",
+             (tuple(map(dequant.word_args, qkv)), (0, 4096 * K, 5120 * K, 6144 * K), out),
              dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps))]:
         compiled = kernel.warmup(*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, enable_fp_fusion=False, grid=(1,),
                                  **meta)

@@ -23,9 +23,10 @@ the thread writes its 8 values with one store (16 bytes of bf16), with no
 exchange between threads. Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
 byte kernel spends about 32 machine instructions a weight, the word kernel
 about 10; writing 2.5 bytes a weight (read and written) at an H200's ~4.3 TB/s
-leaves an SM room for about 19. It runs where ``nf4_dequantize(...,
-by_words=True)`` asks for it (the benchmark, the tests) and becomes the default
-(``BY_WORDS``) once a GPU run times it faster.
+leaves an SM room for about 19. On an H200 it is 1.6x faster than the byte
+kernel (3.2-3.3 TB/s read + written against 2.0, docs/BENCHMARKS.md), so it is
+the default (``BY_WORDS``) wherever q's bytes read as words; the byte kernel
+takes the rest.
 """
 import contextlib
 import itertools
@@ -148,12 +149,31 @@ def _join8(c, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _nf4_dequant_words_kernel(w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr, out_ptr,
-                              n_words, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr,
-                              STEPS: tl.constexpr):
-    """STEPS steps of WORDS words (one a thread) a program; ``w_ptr``: the packed bytes as int32."""
+def _nf4_dequant_words_kernel(weights, starts, out_ptr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                              WORDS: tl.constexpr, STEPS: tl.constexpr):
+    """out[starts[g] : starts[g + 1]] = weight g of ``weights`` (a tuple of ``word_args``: one launch for all),
+    flattened; a program expands STEPS steps of WORDS words (one a thread) of one weight."""
+    if len(weights) == 1:  # no branch to take
+        _dequant_words(tl.program_id(0), weights[0], out_ptr, starts[1] // 8, BLOCKSIZE, DOUBLE_QUANT, WORDS, STEPS)
+    else:
+        first = 0  # the first program of weight g
+        for g in tl.static_range(len(weights)):
+            n_words = (starts[g + 1] - starts[g]) // 8
+            program = tl.program_id(0) - first
+            if (program >= 0) & (program * STEPS * WORDS < n_words):
+                _dequant_words(program, weights[g], out_ptr + starts[g], n_words, BLOCKSIZE, DOUBLE_QUANT, WORDS,
+                               STEPS)
+            first += tl.cdiv(n_words, STEPS * WORDS)
+
+
+@triton.jit
+def _dequant_words(program, weight, out_ptr, n_words, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                   WORDS: tl.constexpr, STEPS: tl.constexpr):
+    """The weights of words STEPS WORDS program ... STEPS WORDS (program + 1) of the n_words of ``weight``
+    (``word_args``) into out."""
+    w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
     for step in tl.static_range(STEPS):
-        word = (tl.program_id(0).to(tl.int64) * STEPS + step) * WORDS + tl.arange(0, WORDS)
+        word = (program.to(tl.int64) * STEPS + step) * WORDS + tl.arange(0, WORDS)
         ok = word < n_words
         words = tl.load(w_ptr + word, mask=ok, other=0)
         scale = _block_scale(word // (BLOCKSIZE // 8), ok, absmax_ptr, nested_map_ptr, nested_absmax_ptr,
@@ -170,6 +190,12 @@ def nf4_args(q: NF4Tensor):
         assert q.nested_quant_map.numel() == 256 and NESTED_BLOCKSIZE == 256
         return (q.data, q.quant_map, q.absmax, q.nested_quant_map, q.nested_absmax, q.offset)
     return (q.data, q.quant_map, q.absmax, q.absmax, q.absmax, q.absmax)  # unused: anything valid
+
+
+def word_args(q: NF4Tensor):
+    """``nf4_args`` with the packed bytes as int32 words (``readable_as_words``), as the word kernel reads them."""
+    packed, *tables = nf4_args(q)
+    return (packed.view(-1).view(torch.int32), *tables)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -189,7 +215,7 @@ def launch_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-BY_WORDS = False  # the word kernel by default: not until a GPU run times it faster than the byte kernel
+BY_WORDS = True  # the word kernel by default: 1.6x faster than the byte kernel on an H200
 
 
 def readable_as_words(q: NF4Tensor) -> bool:
@@ -214,7 +240,7 @@ def nf4_dequantize(q: NF4Tensor, dtype=None, by_words=None) -> torch.Tensor:
 def nf4_dequantize_group(qs, dtype=None, by_words=None) -> torch.Tensor:
     """The weights ``qs`` (NF4, quantized alike) dequantized (``nf4_dequantize``) into one flat tensor, one after
     another: for weights of one K, the rows of a (sum of N, K) matrix that one matmul multiplies by (q, k and v;
-    gate and up). The byte kernel takes them all in one launch, the word kernel one a launch."""
+    gate and up). Either kernel takes them all in one launch."""
     assert len({(q.blocksize, q.double_quant) for q in qs}) == 1, "one launch takes weights quantized alike"
     starts = (0, *itertools.accumulate([q.numel for q in qs]))
     out = torch.empty(starts[-1], dtype=dtype or qs[0].dtype, device=qs[0].data.device)
@@ -229,12 +255,10 @@ def _dequantize_into(out, qs, starts, by_words):
     with launch_device(out):
         if (BY_WORDS if by_words is None else by_words) and all(map(readable_as_words, qs)):
             words, steps, warps = word_steps()
-            for q, start in zip(qs, starts):
-                packed, *tables = nf4_args(q)
-                n_words = q.numel // 8
-                _nf4_dequant_words_kernel[(cdiv(n_words, words * steps),)](
-                    packed.view(-1).view(torch.int32), *tables, out.view(-1)[start:], n_words, BLOCKSIZE=q.blocksize,
-                    DOUBLE_QUANT=q.double_quant, WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
+            programs = [cdiv((b - a) // 8, words * steps) for a, b in itertools.pairwise(starts)]
+            _nf4_dequant_words_kernel[(sum(programs),)](
+                tuple(map(word_args, qs)), starts, out, BLOCKSIZE=qs[0].blocksize, DOUBLE_QUANT=qs[0].double_quant,
+                WORDS=words, STEPS=steps, num_warps=warps, enable_fp_fusion=False)
         else:
             programs = [cdiv(b - a, 2 * block) for a, b in itertools.pairwise(starts)]
             _nf4_dequant_kernel[(sum(programs),)](

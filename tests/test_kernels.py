@@ -84,8 +84,8 @@ def test_dequantize_kernel_is_exact(double_quant, by_words):
 @pytest.mark.parametrize("by_words", [False, True])
 def test_weights_that_read_one_input_are_dequantized_in_one_launch(monkeypatch, by_words):
     """``nf4_dequantize_group``: q, k and v (different rows, one K, none a whole number of programs) as the rows
-    of one matrix, the reference's bits, nothing written past it; the byte kernel in one launch (the word kernel
-    one a weight), and through ``nf4_matmul`` the outputs of one matmul, as three matmuls give them."""
+    of one matrix, the reference's bits, nothing written past it, in one launch of either kernel; and through
+    ``nf4_matmul`` the outputs of one matmul, as three matmuls give them."""
     from bounds import checked_bounds
     from bailong_kernels import nf4_dequant
     from bailong_kernels.nf4_matmul import nf4_matmul
@@ -105,7 +105,7 @@ def test_weights_that_read_one_input_are_dequantized_in_one_launch(monkeypatch, 
     with checked_bounds() if DEVICE == "cpu" else contextlib.nullcontext():
         w = nf4_dequant.nf4_dequantize_group(qkv, torch.float32, by_words=by_words).view(-1, 192)
     assert torch.equal(w, torch.cat([q.dequantize(torch.float32) for q in qkv]))
-    assert len(launches) == (3 if by_words else 1)
+    assert len(launches) == 1
     x = torch.randn(2, 5, 192, device=DEVICE)
     ys = nf4_matmul(x, qkv)
     assert len({y.untyped_storage().data_ptr() for y in ys}) == 1  # views of one output
@@ -115,7 +115,8 @@ def test_weights_that_read_one_input_are_dequantized_in_one_launch(monkeypatch, 
 
 
 def test_dequantize_word_kernel_takes_whole_words_only(monkeypatch):
-    """The word kernel runs where the packed bytes read as int32 words of 8 weights, else the byte kernel."""
+    """The word kernel runs where the packed bytes read as int32 words of 8 weights (by default), else the byte
+    kernel; ``by_words=False`` asks for the byte kernel."""
     from bailong_kernels import nf4_dequant
     ran = []
 
@@ -133,8 +134,10 @@ def test_dequantize_word_kernel_takes_whole_words_only(monkeypatch):
     shifted.data = torch.cat([torch.zeros(2, 1, dtype=torch.uint8, device=DEVICE), shifted.data])[2:]  # offset 2
     for q in [whole, odd, shifted]:
         assert torch.equal(nf4_dequantize(q, torch.float32, by_words=True), q.dequantize(torch.float32))
-    assert torch.equal(nf4_dequantize(whole, torch.float32), whole.dequantize(torch.float32))  # BY_WORDS: off
-    assert ran == ["_nf4_dequant_words_kernel", "_nf4_dequant_kernel", "_nf4_dequant_kernel", "_nf4_dequant_kernel"]
+    for by_words in (None, False):  # BY_WORDS: on
+        assert torch.equal(nf4_dequantize(whole, torch.float32, by_words), whole.dequantize(torch.float32))
+    assert ran == ["_nf4_dequant_words_kernel", "_nf4_dequant_kernel", "_nf4_dequant_kernel",
+                   "_nf4_dequant_words_kernel", "_nf4_dequant_kernel"]
 
 
 @pytest.mark.parametrize("M", [1, 2, 5, 16])
