@@ -19,7 +19,7 @@ one launch against three, and gate and up with SwiGLU in one launch against two
 GEMVs and the SwiGLU kernel, with the default tile and with the sweep's best.
 Then the GEMV's dense loop on the bf16 weights themselves (a bf16 model's
 decoding step, and the head), against cuBLAS, up to GEMV_MAX_M rows.
-Last, the two dequantize kernels (byte by byte, the default, and word by word):
+Last, the two dequantize kernels (byte by byte, and word by word, the default):
 each alone, and before cuBLAS at a training step's rows of x (``--train-m``),
 against bf16 cuBLAS.
 
@@ -226,6 +226,9 @@ def dense_gemv(device, dtype, timed, bandwidth, shapes, ms, sweep):
                   f"{','.join(map(str, best[:3]))} {times[best] * 1e3:8.2f} {gbs(times[best]):5.0f}{share(times[best])}"
                   f" | ours/cuBLAS {times[dense_tile(M)] / t_cublas:.2f}, best/cuBLAS {times[best] / t_cublas:.2f}",
                   flush=True)
+            if len(times) > 1:  # every tile, so that one tile a row count can be chosen over all shapes
+                print(" " * 18 + "tiles: " + ", ".join(f"{','.join(map(str, t[:3]))} {v * 1e3:.2f}"
+                                                          for t, v in times.items()), flush=True)
 
 
 def dequantize_kernels(device, dtype, timed, bandwidth, shapes, m):

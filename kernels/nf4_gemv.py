@@ -32,8 +32,10 @@ widened to float32 by moving bits. Compiled for sm_90 at one row of x: 4.1-5.3
 instructions a weight (1 to 4 rows of W a thread), 6.8-8.1 with the codes from
 the L1 cache (``SHUFFLES = False``), 13.2 for the first loop
 (bench/check_kernels_compile.py counts them).
-The interpreter runs no PTX: there it loads the codes. It is in the
-benchmark's tile sweep and becomes the default once a GPU run times it faster.
+The interpreter runs no PTX: there it loads the codes. Timed on an H200 at
+Llama-2-7B's shapes it is the faster loop at 1 and 2 rows of x (0.76-0.83x the
+first loop's best time at one row; shuffled codes 2.1-2.5x faster than loaded
+ones), the first loop at 4 (docs/BENCHMARKS.md): ``gemv_tile`` picks so.
 
 The same kernels take dense weights too (a tensor in x's dtype where an NF4Tensor
 would go), for a bf16 model's decoding step and a bf16 head: the loop
@@ -79,10 +81,11 @@ def gemv_tiles(M=1):
 
 
 def gemv_tile(M):
-    """The tile ``gemv`` runs: the fastest measured at Llama-2-7B's shapes on an H200 (docs/BENCHMARKS.md)."""
+    """The tile ``gemv`` runs: the fastest at all three of Llama-2-7B's projection shapes in the last H200
+    sweep (docs/BENCHMARKS.md): the at-end loop at 1 and 2 rows of x, the first loop from 3 rows (4 were timed)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return 4, 64, 4, False  # interpreted: small, so that the tests run several programs and a partial last tile
-    return {1: (1, 1024, 1, False), 2: (1, 1024, 2, False)}.get(M, (4, 1024, 4, False))
+    return {1: (4, 2048, 2, True), 2: (4, 1024, 1, True)}.get(M, (1, 2048, 1, False))
 
 
 @triton.jit
