@@ -1,7 +1,7 @@
 """The fused LoRA path: each projection's forward and backward written out by hand, as one autograd node.
 
-``LoRALinear`` (bailong/lora.py) takes it when switched on (``BAILONG_FUSED_LORA=1``)
-and a gradient is wanted: the frozen base's matmul, the low-rank update and the
+``LoRALinear`` (bailong/lora.py) takes it by default (``BAILONG_FUSED_LORA=0`` switches it off)
+where a gradient is wanted: the frozen base's matmul, the low-rank update and the
 dropout in one node, in the compute dtype, with the scaling in the matmuls' alpha;
 ``LoRAShared`` does the same for the projections that read one input (q, k, v;
 gate, up). The tests hold both to the plain path, two ``nn.Linear`` a projection

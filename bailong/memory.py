@@ -1,10 +1,13 @@
 """Training in less GPU memory: the loss chunk by chunk, the MLP chunk by chunk, and layer inputs kept in host
 memory.
 
-All are off by default until timed on a GPU (``bench/bench_train.py``): the chunked loss with
-``BAILONG_CHUNKED_LOSS=1`` or ``use_chunked_loss()``, the chunked MLP with ``BAILONG_CHUNKED_MLP=1`` or
-``use_chunked_mlp()``, the offload with ``train.py --offload-activations`` (``Llama.offload``). ``bailong.model``
-calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py).
+The chunked loss is on by default (``BAILONG_CHUNKED_LOSS=0`` or ``use_chunked_loss(False)`` switches it
+off): with the fused LoRA and the layer kernels it makes the set timed fastest on an H200, 2.2x autograd's
+tokens/s at a lower peak (``bench/bench_train.py``'s ours-all, docs/BENCHMARKS.md; its own share not timed
+apart). The others are off by default: the chunked MLP (``BAILONG_CHUNKED_MLP=1`` or ``use_chunked_mlp()``)
+saves memory at 0.81x the tokens/s there, and the offload (``train.py --offload-activations``,
+``Llama.offload``) saves it at the same speed but holds the layer inputs in pinned host memory.
+``bailong.model`` calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py).
 """
 import os
 import weakref
@@ -16,7 +19,7 @@ from bailong.lora import casts_kept
 from bailong.recompute import (as_forward, autocast_as, dequantized_once, forward_state, is_recomputing,
                                nothing_saved, recomputing, replayed)
 
-_chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "0") not in ("", "0")
+_chunked_loss = os.environ.get("BAILONG_CHUNKED_LOSS", "1") not in ("", "0")
 LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
 _chunked_mlp = os.environ.get("BAILONG_CHUNKED_MLP", "0") not in ("", "0")
 MLP_CHUNK_VALUES = 1 << 24  # the MLP's intermediate values a chunk of ChunkedMLP: 32 MiB in bf16
@@ -24,7 +27,7 @@ MLP_CHUNK_VALUES = 1 << 24  # the MLP's intermediate values a chunk of ChunkedML
 
 def use_chunked_loss(flag=True) -> bool:
     """Compute the training loss chunk by chunk (True, ``chunked_cross_entropy``) or from the whole logits
-    (False); returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_CHUNKED_LOSS=1``)."""
+    (False); returns the previous setting, to restore. On by default (``BAILONG_CHUNKED_LOSS=0`` switches it off)."""
     global _chunked_loss
     previous, _chunked_loss = _chunked_loss, flag
     return previous

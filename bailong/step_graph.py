@@ -18,9 +18,9 @@ restoring the generator's state, which a replay would not do. LoRA dropout's ker
 pass it: a forward draws one seed on the device, a captured random kernel that each
 replay runs anew, and a recomputation takes the forward's keys from it again
 (``bailong.recompute.MaskSeeds``). So a step with LoRA dropout is captured on the
-fused LoRA path with the training layer kernels (``dropout_captured``; train.py:
-``BAILONG_FUSED_LORA=1 BAILONG_LAYER_KERNELS=1``), else only with ``--lora-dropout
-0``; and train.py takes ``--cuda-graph`` for one process, activations kept on the GPU.
+fused LoRA path with the training layer kernels (``dropout_captured``; train.py's
+default on CUDA), else only with ``--lora-dropout 0``; and train.py takes ``--cuda-graph``
+for one process, activations kept on the GPU.
 
 The first ``warmup`` steps run eagerly, on the side stream the graph is then captured
 on: Triton's compiles, cuBLAS's handles and lazily made tensors settle there, not

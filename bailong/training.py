@@ -129,9 +129,9 @@ class TrainConfig:
             raise UsageError(KEEP_ON_CPU)
         if self.cuda_graph and self.lora_dropout and not dropout_kernels_switched_on():
             raise UsageError("--cuda-graph captures LoRA dropout only through its kernels (torch's is drawn again in "
-                             "the backward from a random state restored on the host): it needs BAILONG_FUSED_LORA=1 "
-                             "BAILONG_LAYER_KERNELS=1 in the environment (BAILONG_NF4_KERNELS not 0), or "
-                             "--lora-dropout 0")
+                             "the backward from a random state restored on the host), which BAILONG_FUSED_LORA=0, "
+                             "BAILONG_LAYER_KERNELS=0 or BAILONG_NF4_KERNELS=0 in the environment switch off: leave "
+                             "them unset, or give --lora-dropout 0")
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")
@@ -216,7 +216,7 @@ def dropout_kernels_switched_on() -> bool:
     training layer kernels (``bailong_kernels``), read as they read them, before torch loads."""
     def on(name, default="0"):
         return os.environ.get(name, default) not in ("", "0")
-    return on("BAILONG_FUSED_LORA") and on("BAILONG_LAYER_KERNELS") and on("BAILONG_NF4_KERNELS", "1")
+    return on("BAILONG_FUSED_LORA", "1") and on("BAILONG_LAYER_KERNELS", "1") and on("BAILONG_NF4_KERNELS", "1")
 
 
 def check_graph_step(world: int, device: str | None = None):

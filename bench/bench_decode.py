@@ -6,10 +6,11 @@ tokens (no early stop). Batch 1 is generate(), what chat.py runs; a batch of B
 prompts of one length decodes together through ``GraphDecoder(batch=B)`` (each
 weight read once a step for all B sequences), against transformers' generate()
 on the same B prompts. Rows, fast ones first: ours in the compute dtype; ours on
-NF4 with the kernels (the default on CUDA), with CUDA graphs and eagerly; both
-also with the fused decoding step (``bailong_kernels.decode``, off by default until timed; in
-the compute dtype its projections and head run the GEMV's loop for bf16 weights),
-and at batch 1 the fused step with the GEMV's at-end loop (``AT_END``, not the default either);
+NF4 with the kernels, with CUDA graphs and eagerly; each as by default on CUDA,
+with the fused decoding step (``bailong_kernels.decode``; in the compute dtype its
+projections and head run the GEMV's loop for bf16 weights), and with CUDA graphs
+also without it (``BAILONG_DECODE_KERNELS=0``); at batch 1 the fused step with
+another tile of the GEMV's at-end loop (``AT_END``);
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
 ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly. At
@@ -48,8 +49,8 @@ from bench_nf4_matmul import copy_bandwidth
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 CHAT = Sampling(seed=0)  # chat.py's default sampling
-# a GEMV tile of the at-end loop (shuffled codes) for one row, not yet the default: 4 rows of W a thread, the fewest
-# instructions a weight, and no spills under Triton 3.6 as under 3.9 (2 rows spill 48 bytes under 3.6)
+# another GEMV tile of the at-end loop (shuffled codes) for one row than the default: 4 rows of W a thread, the
+# fewest instructions a weight, and no spills under Triton 3.6 as under 3.9 (2 rows spill 48 bytes under 3.6)
 AT_END = (4, 1024, 1, True)
 
 
@@ -76,7 +77,7 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=False, sampling=GREEDY, tile=None):
+def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampling=GREEDY, tile=None):
     """Ids (B lists) of ``n`` new tokens after each prompt: generate() with ``sampling`` for one prompt, else
     one ``GraphDecoder`` for the batch, greedy. Decoders are made, with every graph they replay for ``max_new`` tokens
     captured, at the first call: the warm-up. ``tile``: the GEMV's tile in place of ``gemv_tile``'s."""
@@ -194,10 +195,10 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
     device, n, one = ("cuda" if cuda else "cpu"), args.new_tokens, batch == 1
     print(f"-- batch {batch}")
     rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompts, None, n)),  # fast first
-            ("ours, CUDA graph, fused step", "dense", cuda and ours(dense, prompts, True, n, True, True)),
+            ("ours, CUDA graph, unfused step", "dense", cuda and ours(dense, prompts, True, n, True, False)),
             ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, n)),
-            ("ours NF4, CUDA graph + kernels, fused step", "nf4", cuda and ours(nf4, prompts, True, n, True, True)),
-            (f"ours NF4, fused step, at-end GEMV {','.join(map(str, AT_END[:3]))}", "nf4",
+            ("ours NF4, CUDA graph + kernels, unfused step", "nf4", cuda and ours(nf4, prompts, True, n, True, False)),
+            (f"ours NF4, CUDA graph + kernels, at-end GEMV {','.join(map(str, AT_END[:3]))}", "nf4",
              cuda and one and ours(nf4, prompts, True, n, True, True, tile=AT_END)),
             ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False, n)),
             ("ours NF4, " + ("CUDA graph + kernels, " if cuda else "") + "sampled as chat.py", "nf4",

@@ -4,8 +4,8 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
 CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs up to 13 times: as by
-default; with each LoRA projection one autograd node
+in a fresh process, a few warm-up steps first. Ours runs up to 13 times: through
+autograd (the default until an H200 timed the rest); with each LoRA projection one autograd node
 (``bailong.lora_fused.LoRAProjection``; with checkpointing each layer one node
 too, ``bailong.recompute.Recomputed``); with that and the norms, SwiGLU and
 RoPE through their training kernels (``bailong_kernels.layers``, CUDA only),
@@ -24,7 +24,9 @@ each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``, ``train.py --cuda-graph``), captured in the last
 warm-up step: as by default (without dropout: torch's is not captured), with
 the chunked loss, and with the kept dequantized weights too (``FEATURES``).
-All of them are off by default until this benchmark has timed them on a GPU.
+The fused LoRA, the layer kernels, the layer by hand and the chunked loss are
+train.py's default (row ``ours-all``), timed here the fastest without a graph;
+the others are flags or switches (docs/BENCHMARKS.md).
 Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
 through /proc/self/clear_refs) on the CPU.
 Beside it, each side's floor: what it holds between steps (the frozen base, the
@@ -70,10 +72,10 @@ SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, 
             "long": dict(preset="llama2-7b", seq_len=8192, batch=1, rank=16, embedding_and_head=False)}
 
 
-# the sides, each run in a process of its own: ours as by default, then with each fast path added
-ROWS = {"ours": "ours", "ours, fused LoRA": "ours-fused", "ours, + layer kernels, layers by autograd": "ours-autograd",
-        "ours, + layer kernels": "ours-layers",
-        "ours, + chunked loss": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
+# the sides, each run in a process of its own: ours through autograd, then with each fast path added
+ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
+        "ours, + layer kernels, layers by autograd": "ours-autograd", "ours, + layer kernels": "ours-layers",
+        "ours, + chunked loss (the default)": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
         "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
         "ours, + offloaded layer inputs, chunked MLP": "ours-lean",
         "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
@@ -219,7 +221,7 @@ def run_one(which, folder, args):
 def count(config, args):
     """What one step of ours computes, counted on the meta device (nothing is run or allocated): the matmuls'
     FLOPs (forward, the checkpointed layers' recomputation, backward) on the path train.py takes (set
-    BAILONG_FUSED_LORA=1 for the fused one: the same count), and attention's; beside them, by arithmetic, the
+    BAILONG_FUSED_LORA=0 for the plain one: the same count), and attention's; beside them, by arithmetic, the
     bytes the NF4 weights' dequantization moves (packed codes and absmax read, bf16 written, before every
     matmul with them) and those fused AdamW moves. At the fastest rates a GPU reaches, their times add up to
     a floor that no implementation of the recipe with activation checkpointing goes under (docs/BENCHMARKS.md)."""

@@ -165,7 +165,10 @@ def test_every_row_of_the_bad_input_table(command, answer, code, prepared, capsy
     before = fingerprint(prepared)
     command, _, stdin = command.partition(" <<< ")  # the text a user types, as in bash: <<< "line\nline"
     stdin = shlex.split(stdin)[0].replace("\\n", "\n") if stdin else ""
-    status, printed = run(shlex.split(command), capsys, stdin)
+    argv = shlex.split(command)
+    while re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # the environment, as in bash: NAME=value command
+        monkeypatch.setenv(*argv.pop(0).split("=", 1))
+    status, printed = run(argv, capsys, stdin)
     pattern = ".*?".join(re.escape(part) for part in answer.split("…"))
     assert status == code and any(re.match(pattern, line) for line in printed.splitlines()), printed[-3000:]
     assert "Traceback" not in printed

@@ -138,15 +138,17 @@ def test_presets_and_config_checks():
     assert ModelConfig.from_hf(seven.to_hf()) == seven
 
 
-def offload_step(device, dtype):
+def offload_step(device, dtype, fused=False):
     """A QLoRA step of the tiny preset (checkpointing, LoRA dropout on) without and with the layer inputs
-    offloaded: the losses, the LoRA gradients, and whether each layer's input outlived the forward."""
+    offloaded: the losses, the LoRA gradients, and whether each layer's input outlived the forward (seen on the
+    plain LoRA path, whose torch checkpoint keeps the tensor a layer is called with; the ``fused`` path's layer
+    node calls it with a detached alias of what it keeps, so there that is never seen kept)."""
     import copy
     import weakref
 
-    from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+    from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
     base, _ = bailong.load_preset("tiny", dtype=dtype, device=device)
-    results = []
+    results, previous = [], use_fused_lora(fused)
     for offload in [False, True]:
         model = copy.deepcopy(base)
         torch.manual_seed(0)
@@ -166,12 +168,14 @@ def offload_step(device, dtype):
         kept = [ref() is not None for ref in inputs]
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kept))
+    use_fused_lora(previous)
     return results
 
 
-def test_offloaded_layer_inputs_leave_the_device_and_train_alike(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_offloaded_layer_inputs_leave_the_device_and_train_alike(monkeypatch, fused):
     """...and come back in the order the backward needs them: a layer's own input, then (ahead) the layer
-    before's, then the first is taken."""
+    before's, then the first is taken; on both LoRA paths."""
     from bailong.memory import HostCopy
     made, order = [], []
     init, fetch, take = HostCopy.__init__, HostCopy.fetch, HostCopy.take
@@ -179,8 +183,8 @@ def test_offloaded_layer_inputs_leave_the_device_and_train_alike(monkeypatch):
     monkeypatch.setattr(HostCopy, "fetch",  # logged where a copy starts
                         lambda self: (self.back is None and order.append(("fetch", made.index(self)))) or fetch(self))
     monkeypatch.setattr(HostCopy, "take", lambda self: order.append(("take", made.index(self))) or take(self))
-    (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = offload_step("cpu", torch.float32)
-    assert kept == [True, True] and offloaded_kept == [False, False]  # only the host copy stays for the backward
+    (loss, grads, kept), (offloaded_loss, offloaded_grads, offloaded_kept) = offload_step("cpu", torch.float32, fused)
+    assert kept == [not fused] * 2 and offloaded_kept == [False, False]  # only the host copy stays for the backward
     assert order == [("fetch", 1), ("fetch", 0), ("take", 1), ("take", 0)]  # copies started: layer 1's, then 0's
     assert loss == offloaded_loss and len(grads) == 32
     for name in grads:

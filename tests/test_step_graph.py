@@ -225,21 +225,21 @@ def test_a_step_with_torchs_dropout_is_refused(monkeypatch, fused, kernels):
     GraphedStep(lambda x, y: None, model)
 
 
-@pytest.mark.parametrize("switched", [{}, {"BAILONG_FUSED_LORA": "1"}, {"BAILONG_LAYER_KERNELS": "1"},
+@pytest.mark.parametrize("switched", [{}, {"BAILONG_FUSED_LORA": "0"}, {"BAILONG_LAYER_KERNELS": "0"},
                                       {"BAILONG_FUSED_LORA": "1", "BAILONG_LAYER_KERNELS": "1"},
                                       {"BAILONG_FUSED_LORA": "1", "BAILONG_LAYER_KERNELS": "1",
                                        "BAILONG_NF4_KERNELS": "0"}])
 def test_train_py_takes_a_graph_with_dropout_only_through_its_kernels(monkeypatch, switched):
     """train.py's check, before torch loads, as the environment switches the paths (their modules read the same
-    variables): ``--cuda-graph`` with LoRA dropout taken with the fused LoRA and the layer kernels (NF4 kernels
-    not off), refused otherwise; without dropout, taken."""
+    variables): ``--cuda-graph`` with LoRA dropout taken with the fused LoRA and the layer kernels (the default;
+    NF4 kernels not off), refused where one is switched off; without dropout, taken."""
     from bailong.errors import UsageError
     from bailong.training import parse_config
     for name in ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in switched.items():
         monkeypatch.setenv(name, value)
-    taken = switched.get("BAILONG_NF4_KERNELS") != "0" and len(switched) >= 2
+    taken = "0" not in switched.values()
     assert parse_config(["--cuda-graph", "--lora-dropout", "0"]).cuda_graph
     if taken:
         assert parse_config(["--cuda-graph"]).lora_dropout == 0.05
@@ -312,8 +312,9 @@ def test_while_captured_torchs_checkpoint_keeps_no_random_state(monkeypatch, cap
     graph is captured, and only then."""
     import torch.utils.checkpoint
 
-    from bailong import recompute
+    from bailong import lora, recompute
     told, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(lora, "_fused", False)
     monkeypatch.setattr(recompute, "capturing", lambda x: capturing)
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
                         lambda *a, **k: told.append(k["preserve_rng_state"]) or checkpoint(*a, **k))
