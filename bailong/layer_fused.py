@@ -42,7 +42,7 @@ _fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
 
 def use_fused_layer(flag=True) -> bool:
     """Switch the hand-written layer on or off where it applies (on: only with the fused LoRA and the layer
-    kernels, both switched off by default); returns the previous setting."""
+    kernels, both on by default on CUDA); returns the previous setting."""
     global _fused_layer
     previous, _fused_layer = _fused_layer, flag
     return previous

@@ -102,7 +102,8 @@ def chunked_mlp_on() -> bool:
 
 def use_chunked_mlp(flag=True) -> bool:
     """Run the MLP chunk by chunk over the tokens where a gradient is wanted (True, ``ChunkedMLP``) or whole
-    (False); returns the previous setting, to restore. Off until timed on a GPU (``BAILONG_CHUNKED_MLP=1``)."""
+    (False); returns the previous setting, to restore. Off by default (``BAILONG_CHUNKED_MLP=1``): on an H200
+    it saved 2% of a 7B step's peak at 8,192 tokens for 0.81x the tokens/s."""
     global _chunked_mlp
     previous, _chunked_mlp = _chunked_mlp, flag
     return previous

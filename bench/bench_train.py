@@ -22,8 +22,8 @@ the layer kernels' LoRA dropout (``bailong_kernels.dropout``) against torch's
 with ``--dropout``, the rows before those with torch's dropout; and (CUDA)
 each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``, ``train.py --cuda-graph``), captured in the last
-warm-up step: as by default (without dropout: torch's is not captured), with
-the chunked loss, and with the kept dequantized weights too (``FEATURES``).
+warm-up step: through autograd (without dropout: torch's is not captured), as
+by default, and with the kept dequantized weights too (``FEATURES``).
 The fused LoRA, the layer kernels, the layer by hand and the chunked loss are
 train.py's default (row ``ours-all``), timed here the fastest without a graph;
 the others are flags or switches (docs/BENCHMARKS.md).
