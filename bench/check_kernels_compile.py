@@ -202,6 +202,8 @@ def compile_all(arch):
                 case = f"{str(dtype)[6:]} y=x@W.T M={M} {weight}"
                 nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), q)
             if dtype == bf16 and double_quant:  # the at-end loop, at the tiles most likely to win
+                case = f"bf16 y=x@W.T M=1 {weight}, the first loop"  # at one row, where the at-end loop is the default
+                nf4_gemv.gemv(torch.randn(1, K, dtype=dtype), q, (1, 1024, 1, False))
                 for M in [1, 2, 4, 8, 16]:
                     likely = {(1, 1024, 1, True), (2, 1024, 1, True), (4, 1024, 1, True), (1, 2048, 2, True),
                               (2, 2048, 2, True)}
@@ -256,7 +258,8 @@ def compile_all(arch):
             (dequant._nf4_dequant_words_kernel, "bfloat16 dequantize, a word a thread (scalar loads, 128 bytes a warp)",
              ((dequant.word_args(q),), (0, q.numel), out),
              dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps)),
-            (dequant._nf4_dequant_words_kernel, "bfloat16 dequantize, a word a thread, q, k and v in one launch",
+            (dequant._nf4_dequant_words_kernel,
+             "bfloat16 dequantize, a word a thread (scalar loads), q, k and v in one launch",
              (tuple(map(dequant.word_args, qkv)), (0, 4096 * K, 5120 * K, 6144 * K), out),
              dict(WORDS=words, STEPS=steps, num_warps=warps), 8 * words * steps / (32 * warps))]:
         compiled = kernel.warmup(*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=True, enable_fp_fusion=False, grid=(1,),
