@@ -24,9 +24,7 @@ each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``, ``train.py --cuda-graph``), captured in the last
 warm-up step: through autograd (without dropout: torch's is not captured), as
 by default, and with the kept dequantized weights too (``FEATURES``).
-The fused LoRA, the layer kernels, the layer by hand and the chunked loss are
-train.py's default (row ``ours-all``), timed here the fastest without a graph;
-the others are flags or switches (docs/BENCHMARKS.md).
+train.py's default is row ``ours-all``, the fastest without a graph (docs/BENCHMARKS.md).
 Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
 through /proc/self/clear_refs) on the CPU.
 Beside it, each side's floor: what it holds between steps (the frozen base, the

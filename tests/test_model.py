@@ -149,26 +149,28 @@ def offload_step(device, dtype, fused=False):
     from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
     base, _ = bailong.load_preset("tiny", dtype=dtype, device=device)
     results, previous = [], use_fused_lora(fused)
-    for offload in [False, True]:
-        model = copy.deepcopy(base)
-        torch.manual_seed(0)
-        mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=4, dropout=0.1)))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
-        model.checkpointing, model.offload = True, offload
-        model.train()
-        inputs = []  # each layer's input, as its first (not its recomputed) forward saw it
-        for layer in model.model.layers:
-            layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0]))
-                                            if len(inputs) < len(model.model.layers) else None)
-        ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
-        torch.manual_seed(3)  # the same dropout masks
-        loss = model(ids[:, :-1], targets=ids[:, 1:])
-        kept = [ref() is not None for ref in inputs]
-        loss.backward()
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kept))
-    use_fused_lora(previous)
+    try:
+        for offload in [False, True]:
+            model = copy.deepcopy(base)
+            torch.manual_seed(0)
+            mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=4, dropout=0.1)))
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            model.checkpointing, model.offload = True, offload
+            model.train()
+            inputs = []  # each layer's input, as its first (not its recomputed) forward saw it
+            for layer in model.model.layers:
+                layer.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0]))
+                                                if len(inputs) < len(model.model.layers) else None)
+            ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
+            torch.manual_seed(3)  # the same dropout masks
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+            kept = [ref() is not None for ref in inputs]
+            loss.backward()
+            results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kept))
+    finally:
+        use_fused_lora(previous)
     return results
 
 
