@@ -23,8 +23,8 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
                           start_run)
-from bailong.training import (KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics, check_graph_step, estimate_memory,
-                              held_out_record, lr_at, parse_config)
+from bailong.training import (BF16_GRADS_IN_FP32, KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics,
+                              check_graph_step, estimate_memory, held_out_record, lr_at, parse_config)
 
 
 def main(argv=None):
@@ -42,6 +42,9 @@ def train(config):
     check_context(config)
     if config.cuda_graph:
         check_graph_step(world)
+    if config.bf16_grads and world > 1:
+        raise UsageError("--bf16-grads keeps one process's gradients, where DDP averages float32 ones between "
+                         "processes: leave it out with torchrun")
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
     run = RunFolder(out)  # touched only once the data and the model have loaded
@@ -55,6 +58,7 @@ def train(config):
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
+    from bailong.memory import BF16Grads
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate
@@ -82,6 +86,8 @@ def train(config):
         raise UsageError(KEEP_ON_CPU)
     if config.cuda_graph:
         check_graph_step(world, device)
+    if config.bf16_grads and not bf16:
+        raise UsageError(BF16_GRADS_IN_FP32)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
@@ -163,6 +169,7 @@ def train(config):
     model.keep_dequantized = config.keep_dequantized
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    bf16_grads = BF16Grads(model) if config.bf16_grads else None
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
@@ -181,6 +188,10 @@ def train(config):
     say(lora_summary(model))
     if config.quantize == "nf4":
         say(memory_report(model))
+    if bf16_grads:
+        kept = sum(p.numel() for p in bf16_grads.params)
+        say(f"gradients: the projections' LoRA gradients ({kept:,} weights) kept in bf16 until the step, "
+            f"{2 * kept / 2**20:,.1f} MiB less than float32")
     say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens; "
         f"{config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
 
@@ -219,9 +230,12 @@ def train(config):
             if not math.isfinite(total):
                 raise BailongError(f"the loss is {total} at step {step + 1}; stopped (last good checkpoint: "
                                    f"{latest_checkpoint(out) or 'none'})")
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if bf16_grads:  # clipped and stepped a group of LoRA weights at a time
+                bf16_grads.step(optimizer, trainable, config.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             done = step + 1
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(done - start) * tokens_per_step / elapsed:,.0f}")

@@ -1,14 +1,17 @@
-"""Training in less GPU memory: the loss chunk by chunk, the MLP chunk by chunk, and layer inputs kept in host
-memory.
+"""Training in less GPU memory: the loss chunk by chunk, the MLP chunk by chunk, layer inputs kept in host
+memory, and LoRA gradients kept in bf16.
 
 The chunked loss is on by default (``BAILONG_CHUNKED_LOSS=0`` or ``use_chunked_loss(False)`` switches it
 off): with the fused LoRA and the layer kernels it makes the set timed fastest on an H200, 2.2x autograd's
 tokens/s at a lower peak (``bench/bench_train.py``'s ours-all, docs/BENCHMARKS.md; its own share not timed
 apart). The others are off by default: the chunked MLP (``BAILONG_CHUNKED_MLP=1`` or ``use_chunked_mlp()``)
-saves memory at 0.81x the tokens/s there, and the offload (``train.py --offload-activations``,
-``Llama.offload``) saves it at the same speed but holds the layer inputs in pinned host memory.
-``bailong.model`` calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py).
+saves memory at 0.81x the tokens/s there, the offload (``train.py --offload-activations``,
+``Llama.offload``) saves it at the same speed but holds the layer inputs in pinned host memory, and
+``BF16Grads`` (``train.py --bf16-grads``) keeps the projections' LoRA gradients in bf16 (not timed on a GPU).
+``bailong.model`` calls them; each trains as the plain way does (tests/test_lora_fused.py, tests/test_model.py,
+tests/test_bf16_grads.py).
 """
+import collections
 import os
 import weakref
 
@@ -263,3 +266,72 @@ class HostCopy:
             current.wait_event(done)
             t.record_stream(current)  # made on the side stream: not handed out again before the current one is done
         return t
+
+
+class BF16Grads:
+    """The projections' LoRA gradients kept in bf16 from the backward to the optimizer's step: 2 bytes a
+    trained weight instead of float32's 4, where a step's memory peaks (at the backward's end every gradient
+    is alive; ``train.py --bf16-grads``).
+
+    Lossless when training runs in bf16 with one micro-batch a step: a projection's LoRA gradients are then
+    one bf16 product each (a bf16 matmul's result, widened to the float32 master's dtype, on the fused path
+    and through autograd alike), so the bf16 copy holds all of them and the step is the one float32
+    gradients give, bit for bit (tests/test_bf16_grads.py). As a gradient lands (a hook after its
+    accumulation) it is narrowed and the float32 one let go; ``step`` clips every gradient by their global
+    norm as ``torch.nn.utils.clip_grad_norm_`` does, then steps the optimizer a group of weights at a time,
+    each group's gradients widened only for its turn. With several micro-batches a step, the running sum is
+    rounded to bf16 after each (within 2^-9 of it). The embedding's and the head's LoRA weights (few; the
+    head's gradient is a sum over the chunked loss's chunks) keep float32 gradients.
+    """
+    GROUP_BYTES = 1 << 27  # the float32 gradients widened for one call of the optimizer's step: 128 MiB
+
+    def __init__(self, model):
+        from bailong.lora import LoRALinear
+        self.params = [p for m in model.modules() if isinstance(m, LoRALinear) and m is not model.lm_head
+                       for p in (m.lora_A.weight, m.lora_B.weight) if p.requires_grad]
+        self.kept = {}  # parameter -> its gradient in bf16
+        self.hooks = [p.register_post_accumulate_grad_hook(self._narrow) for p in self.params]
+
+    def _narrow(self, p):
+        grad, p.grad = p.grad, None
+        before = self.kept.get(p)
+        self.kept[p] = (grad if before is None else before + grad).to(torch.bfloat16)  # a sum in float32
+
+    def remove(self):
+        """Take the hooks off: gradients stay float32 again."""
+        for hook in self.hooks:
+            hook.remove()
+
+    @torch.no_grad()
+    def step(self, optimizer, params, max_norm=None):
+        """Clip the gradients of ``params`` (kept here, or in ``.grad``) to the global norm ``max_norm`` (None:
+        not clipped) as ``clip_grad_norm_`` does, step ``optimizer`` over them and let them all go. Returns their
+        norm (None where not clipped)."""
+        grads = [(p, self.kept.get(p, p.grad)) for p in params]
+        grads = [(p, g) for p, g in grads if g is not None]
+        self.kept = {}
+        norm = scale = None
+        if max_norm is not None and grads:
+            norms = [None] * len(grads)  # each gradient's, in float32, stacked in the order clip_grad_norm_ does
+            for dtype in {g.dtype for _, g in grads}:
+                at = [i for i, (_, g) in enumerate(grads) if g.dtype == dtype]
+                for i, n in zip(at, torch._foreach_norm([grads[i][1] for i in at], 2.0, dtype=torch.float32)):
+                    norms[i] = n
+            norm = torch.linalg.vector_norm(torch.stack(norms))
+            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        narrowed = collections.deque((p, g) for p, g in grads if p.grad is None)  # the hook let their .grad go
+        del grads
+        while True:  # the gradients in .grad step in the first call, beside the first group of the narrowed ones
+            size = 0
+            while narrowed and (size == 0 or size + 4 * narrowed[0][0].numel() <= self.GROUP_BYTES):
+                p, g = narrowed.popleft()
+                p.grad = g.to(p.dtype) if scale is None else g.to(p.dtype).mul_(scale)
+                size += 4 * p.numel()
+            optimizer.step()
+            for p in params:
+                p.grad = None
+            if not narrowed:
+                return norm

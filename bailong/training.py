@@ -29,6 +29,8 @@ AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
 OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU they are "
                   "there already")
+BF16_GRADS_IN_FP32 = ("--bf16-grads keeps the LoRA gradients in bf16, lossless only where training runs in bf16: it "
+                      "needs --precision bf16 (the default on CUDA)")
 KEEP_ON_CPU = ("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes, and on the CPU "
                "checkpointing is off unless --checkpointing on")
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
@@ -91,6 +93,11 @@ class TrainConfig:
                                                             "step (CUDA, one process; LoRA dropout only through its "
                                                             "kernels; a 7B recipe step on an H200: 1.23x faster, "
                                                             "0.7 GiB more peak)"})
+    bf16_grads: bool = field(default=False, metadata={"help": "keep the projections' LoRA gradients in bf16 until "
+                                                              "the optimizer's step: 2 bytes a trained weight "
+                                                              "instead of 4, lossless in bf16 training with one "
+                                                              "micro-batch a step (0.6 GB less at the 7B recipe's "
+                                                              "peak, counted; not timed on a GPU)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -137,6 +144,11 @@ class TrainConfig:
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")
+        if self.bf16_grads and (self.precision == "fp32" or self.precision == "auto" and self.device == "cpu"):
+            raise UsageError(BF16_GRADS_IN_FP32)
+        if self.bf16_grads and self.cuda_graph:
+            raise UsageError("--cuda-graph and --bf16-grads do not go together: a graph's gradients are float32 "
+                             "tensors of its own")
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --out and --overwrite deletes it: give one of them")
         if self.stage == "pretrain" and self.init:
@@ -318,8 +330,9 @@ class Metrics:
 
 def estimate_memory(model, config: TrainConfig) -> str:
     """A rough figure for the startup summary: weights + LoRA with Adam states + logits."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # the LoRA weights too
     moments = 2 if config.optimizer == "adamw8bit" else 8  # two 8-bit codes, or two float32 values
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (4 + 4 + moments)  # fp32 value, grad
+    grad = 2 if config.bf16_grads else 4  # (the embedding's and head's stay float32: few)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (grad + moments)
     logits = config.batch_size * config.seq_len * model.config.vocab_size * 4 * 3
     return f"~{(weights + lora + logits) / 2**30:.2f} GiB (weights, LoRA + AdamW, logits; activations extra)"

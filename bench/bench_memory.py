@@ -222,7 +222,8 @@ def their_model(config, args, targets):
                                                           ids[:, 1:].flatten())
 
 
-def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=False, traffic=None):
+def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=False, traffic=None,
+              bf16_grads=False):
     """The peak and the floor of one training step of ours (or ``theirs``), in bytes, counted as the module
     docstring says on fake tensors (``fake``), else on real ones; prints what filled the peak (``top``). The
     LoRA (``args``: rank, dropout, embedding_and_head, batch, seq_len) and the paths ours takes are the
@@ -230,8 +231,10 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     (``on_the_gpus_path``); ``keep``: the recomputation's dequantized weights kept for the backward;
     ``offload``: each layer's input kept in host memory (``bailong.memory.OffloadedInput``; here the copy out
     is made uncounted and the copy back is a new tensor, when and as the GPU's would be made); ``traffic``,
-    a ``Traffic``: what the kernels of the step counted (the second) read and write."""
+    a ``Traffic``: what the kernels of the step counted (the second) read and write; ``bf16_grads``: the
+    projections' LoRA gradients kept in bf16 (``bailong.memory.BF16Grads``)."""
     from bailong import nf4, optim
+    from bailong.memory import BF16Grads
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
     made_from_data = nf4.dynamic_code  # NF4's constant tables are made from data: made for real, outside
@@ -254,11 +257,13 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(trainable, args, theirs)
+        kept = BF16Grads(model) if bf16_grads else None
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1))
         for measured in (False, True):  # the first step makes AdamW's moments
             if measured:
                 live.reset_peak()
                 floor = live.now + sum(p.numel() * p.element_size() for p in trainable)
+                floor -= 2 * sum(p.numel() for p in kept.params) if kept else 0
                 if traffic is not None:
                     on.enter_context(traffic)
                     for module in map(importlib.import_module, KERNEL_MODULES):
@@ -270,8 +275,11 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
                 loss = loss_of(ids)
             loss.backward()
             del loss
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if kept:
+                kept.step(optimizer, trainable)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     if top:
         made = collections.Counter()
         for n, op, shape, dtype, in_step in live.at_peak:
@@ -331,7 +339,7 @@ def main():
         print(names[flag], flush=True)
         traffic = Traffic() if args.traffic and flag != "theirs" else None  # theirs: bitsandbytes' ops hide theirs
         peak, floor = peaks[flag] = step_peak(config, args, "keep" in on, top=args.top, theirs=flag == "theirs",
-                                              offload="offload" in on, traffic=traffic)
+                                              offload="offload" in on, traffic=traffic, bf16_grads="grads" in on)
         ratio = f" ({peak / peaks['theirs'][0]:.2f}x theirs)" if "theirs" in peaks and flag != "theirs" else ""
         print(f"  peak {peak / GiB:.2f} GiB{ratio}, floor {floor / GiB:.2f} GiB", flush=True)
         if traffic:

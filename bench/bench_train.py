@@ -4,26 +4,19 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
 CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs up to 13 times: through
-autograd (the default until an H200 timed the rest); with each LoRA projection one autograd node
-(``bailong.lora_fused.LoRAProjection``; with checkpointing each layer one node
-too, ``bailong.recompute.Recomputed``); with that and the norms, SwiGLU and
-RoPE through their training kernels (``bailong_kernels.layers``, CUDA only),
-each checkpointed layer first still through autograd, then written out by hand
-as one node (``bailong.layer_fused``, which the rows after take too); and
-with all that and the loss computed chunk by chunk
-(``bailong.memory.chunked_cross_entropy``, its cross-entropy a kernel too); then
-with all that and one more: (CUDA) each layer's saved input offloaded to host
-memory (``bailong.memory.OffloadedInput``); the NF4 weights the checkpointed
-recomputation dequantizes kept for the backward (``bailong.recompute``); the MLP
-chunk by chunk over the tokens (``bailong.memory.ChunkedMLP``); (CUDA) the
-last two memory savers together, the offload and the chunked MLP; and, to time
-the layer kernels' LoRA dropout (``bailong_kernels.dropout``) against torch's
-with ``--dropout``, the rows before those with torch's dropout; and (CUDA)
-each step's forward and backward replayed from one CUDA graph
-(``bailong.step_graph``, ``train.py --cuda-graph``), captured in the last
-warm-up step: through autograd (without dropout: torch's is not captured), as
-by default, and with the kept dequantized weights too (``FEATURES``).
+in a fresh process, a few warm-up steps first. Ours runs up to 15 times (``ROWS``, ``FEATURES``): through
+autograd (the default until an H200 timed the rest); each LoRA projection one autograd node
+(``bailong.lora_fused``; with checkpointing each layer one node too, ``bailong.recompute``); with that the
+norms, SwiGLU and RoPE through their training kernels (``bailong_kernels.layers``, CUDA only), each
+checkpointed layer through autograd, then written out by hand (``bailong.layer_fused``, as in the rows
+after); with all that the loss chunk by chunk (``bailong.memory.chunked_cross_entropy``); then with all
+that and one more: (CUDA) each layer's saved input offloaded to host memory (``OffloadedInput``); the
+recomputation's dequantized NF4 weights kept for the backward; the MLP chunk by chunk (``ChunkedMLP``);
+(CUDA) the offload and the chunked MLP; the projections' LoRA gradients kept in bf16 (``BF16Grads``),
+alone and (CUDA) with the offload; with ``--dropout``, torch's dropout instead of the layer kernels'
+(``bailong_kernels.dropout``); and (CUDA) each step's forward and backward replayed from one CUDA graph
+(``bailong.step_graph``), captured in the last warm-up step: through autograd (no dropout), by default,
+and with the kept dequantized weights.
 train.py's default is row ``ours-all``, the fastest without a graph (docs/BENCHMARKS.md).
 Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
 through /proc/self/clear_refs) on the CPU.
@@ -64,7 +57,6 @@ from pathlib import Path
 import torch
 
 
-
 # the two settings of the training targets: Bailong's recipe, and a long context
 SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, embedding_and_head=True),
             "long": dict(preset="llama2-7b", seq_len=8192, batch=1, rank=16, embedding_and_head=False)}
@@ -75,7 +67,8 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
         "ours, + layer kernels, layers by autograd": "ours-autograd", "ours, + layer kernels": "ours-layers",
         "ours, + chunked loss (the default)": "ours-all", "ours, + offloaded layer inputs": "ours-offload",
         "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
-        "ours, + offloaded layer inputs, chunked MLP": "ours-lean",
+        "ours, + offloaded layer inputs, chunked MLP": "ours-lean", "ours, + bf16 gradients": "ours-grads",
+        "ours, + offloaded layer inputs, bf16 gradients": "ours-offload-grads",
         "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
         "ours, + chunked loss, CUDA graph": "ours-graph",
         "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
@@ -90,6 +83,7 @@ FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "
             "ours-layers": {"fused", "layers"}, "ours-all": BASE,
             "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
             "ours-lean": BASE | {"offload", "mlp"}, "ours-torch-dropout": BASE | {"torch-dropout"},
+            "ours-grads": BASE | {"grads"}, "ours-offload-grads": BASE | {"offload", "grads"},
             "ours-plain-graph": {"graph"}, "ours-graph": BASE | {"graph"}, "ours-keep-graph": BASE | {"keep", "graph"}}
 
 
@@ -152,6 +146,8 @@ def run_one(which, folder, args):
     else:
         import bitsandbytes as bnb
         optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-4, weight_decay=0.0)
+    from bailong.memory import BF16Grads
+    kept = BF16Grads(model) if "grads" in FEATURES.get(which, ()) else None  # LoRA gradients kept in bf16
     vocab = model.config.vocab_size
     batches = torch.Generator().manual_seed(0)
     losses = []
@@ -169,8 +165,11 @@ def run_one(which, folder, args):
     def step():
         ids = torch.randint(0, vocab, (1, args.batch, args.seq_len + 1), generator=batches)  # one micro-batch
         loss = step_loss(ids[..., :-1], ids[..., 1:])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if kept:
+            kept.step(optimizer, trainable)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 4))
 
     for _ in range(args.warmup):
@@ -195,6 +194,7 @@ def run_one(which, folder, args):
     # its own tensors, alive between replays); a step cannot take less than that plus the LoRA gradients
     resident = torch.cuda.memory_allocated() if device == "cuda" else status("VmRSS") - before
     grads = 0 if graphed is not None else sum(p.numel() * p.element_size() for p in trainable)
+    grads -= 2 * sum(p.numel() for p in kept.params) if kept else 0
     result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
               "losses": list(losses), "floor_bytes": resident + grads,
               "trainable": sum(p.numel() for p in trainable),  # not the profiled step's

@@ -25,7 +25,7 @@ STEP = types.SimpleNamespace(rank=4, dropout=0.05, embedding_and_head=True, batc
 
 
 @pytest.mark.parametrize("path", ["plain", "fast, reference ops", "fast, GPU's path", "fast, GPU's path, offloaded",
-                                  "theirs"])
+                                  "fast, GPU's path, offloaded, bf16 gradients", "theirs"])
 def test_a_step_counted_on_fake_tensors_holds_what_it_holds_on_real_ones(monkeypatch, path):
     """Peak and floor byte for byte (every path's switches on, kept dequantized weights or offloaded layer
     inputs, dropout): fake tensors keep the lifetimes of real ones. On the GPU's path the Triton launches are
@@ -40,12 +40,12 @@ def test_a_step_counted_on_fake_tensors_holds_what_it_holds_on_real_ones(monkeyp
     monkeypatch.setattr(layer_fused, "_fused_layer", fast)
     if "GPU" in path:
         bench_host.on_the_gpus_path(layer_kernels=True, patch=monkeypatch.setattr)
-    offload, theirs = path.endswith("offloaded"), path == "theirs"
+    offload, theirs, bf16_grads = "offloaded" in path, path == "theirs", path.endswith("bf16 gradients")
     counts = []
     for fake in (False, True):
         torch.manual_seed(0)
         counts.append(step_peak(tiny_config(), STEP, keep=fast and not offload and not theirs, fake=fake,
-                                offload=offload, theirs=theirs))
+                                offload=offload, theirs=theirs, bf16_grads=bf16_grads))
     real, fake = counts
     if theirs:  # bitsandbytes' CPU path may keep a buffer of its own between steps (one of 22 KiB seen here); on
         # fake tensors its constant tables are copied where it moves them to the device
@@ -65,6 +65,19 @@ def test_offloaded_layer_inputs_leave_the_count():
     layer_input = step.batch * step.seq_len * config.hidden_size * 2  # bf16 under autocast
     peaks = [step_peak(config, step, offload=offload)[0] for offload in (False, True)]
     assert 5 * layer_input <= peaks[0] - peaks[1] <= 8 * layer_input, (peaks, layer_input)
+
+
+def test_bf16_gradients_take_two_bytes_of_the_floor_a_projection_weight():
+    """``BF16Grads`` (bf16 gradients for the projections' LoRA weights, float32 ones for the embedding's and the
+    head's) lowers the floor by 2 bytes a projection LoRA weight, and the peak, where gradients are part of it
+    (a rank large against the activations; at the 7B shape, the offloaded row: docs/BENCHMARKS.md)."""
+    config = tiny_config()
+    step = types.SimpleNamespace(**{**vars(STEP), "rank": 64})
+    h, q, kv, inter = (config.hidden_size, config.num_attention_heads * config.head_dim,
+                       config.num_key_value_heads * config.head_dim, config.intermediate_size)
+    weights = config.num_hidden_layers * step.rank * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inter))
+    (peak, floor), (bf16_peak, bf16_floor) = (step_peak(config, step, bf16_grads=b) for b in (False, True))
+    assert floor - bf16_floor == 2 * weights and bf16_peak < peak, (floor, bf16_floor, peak, bf16_peak)
 
 
 def test_theirs_count_on_fake_tensors():
