@@ -23,8 +23,8 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
                           start_run)
-from bailong.training import (BF16_GRADS_IN_FP32, KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop, Metrics,
-                              check_graph_step, estimate_memory, held_out_record, lr_at, parse_config)
+from bailong.training import (BF16_GRADS_IN_FP32, CASTS_ON_CPU, KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop,
+                              Metrics, check_graph_step, estimate_memory, held_out_record, lr_at, parse_config)
 
 
 def main(argv=None):
@@ -57,7 +57,8 @@ def train(config):
     from bailong.checkpoints import resume, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
-    from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
+    from bailong.lora import (LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora,
+                              use_casts_by_layer)
     from bailong.memory import BF16Grads
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
@@ -84,6 +85,8 @@ def train(config):
         raise UsageError(OFFLOAD_ON_CPU)
     if config.keep_dequantized and not checkpointing:
         raise UsageError(KEEP_ON_CPU)
+    if config.casts_by_layer and not checkpointing:
+        raise UsageError(CASTS_ON_CPU)
     if config.cuda_graph:
         check_graph_step(world, device)
     if config.bf16_grads and not bf16:
@@ -167,6 +170,7 @@ def train(config):
     mark_only_lora_trainable(model)
     model.checkpointing, model.offload = checkpointing, config.offload_activations
     model.keep_dequantized = config.keep_dequantized
+    use_casts_by_layer(config.casts_by_layer)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     bf16_grads = BF16Grads(model) if config.bf16_grads else None

@@ -159,11 +159,13 @@ class LoRALinear(nn.Module):
         per call, nor again when activation checkpointing recomputes the forward. Any optimizer's step (fused
         ones too, which leave the version counters alone) or in-place change renews them, for every trainable
         LoRA layer on the device at once: one multi-tensor copy, not a cast per matrix. A layer's backward lets
-        them go (``release_casts``)."""
+        them go (``release_casts``). Made a layer at a time instead (``use_casts_by_layer``): for the LoRA
+        layers of this one's decoder layer (``Casts.peers``), again in a checkpointed layer's recomputation."""
         if self.casts.key != self._cast_version(dtype):
             _LORA_LINEARS.add(self)  # a copy of a model was made without __init__
             device = self.lora_A.weight.device
-            stale = [m for m in _LORA_LINEARS if m is self or m.lora_A.weight.requires_grad and
+            together = [m() for m in self.casts.peers or [weakref.ref(self)]] if _by_layer else _LORA_LINEARS
+            stale = [m for m in together if m is self or m is not None and m.lora_A.weight.requires_grad and
                      m.lora_A.weight.device == device and m.casts.key != m._cast_version(dtype)]
             for m in stale:  # the old copies go first, so that the new ones can take their memory
                 m.casts.clear()
@@ -206,9 +208,11 @@ class Casts:
     they were made under; in the first of layers that read the same input (``LoRALinear.shared``), their A's
     side by side too. Kept apart from the module: setting a module's attribute goes through
     ``nn.Module.__setattr__``, microseconds each time, a few dozen times a layer and step."""
-    __slots__ = ("weights", "key", "shared_A", "shared_key")
+    __slots__ = ("weights", "key", "shared_A", "shared_key", "peers")
 
     def __init__(self):
+        self.peers = None  # the LoRA layers of this one's decoder layer (``inject_lora``), cast together by layer:
+        # weak references, so that a model is freed as soon as it is let go (no cycle for the collector to find)
         self.clear()
 
     def clear(self):
@@ -216,6 +220,7 @@ class Casts:
 
 
 _fused = os.environ.get("BAILONG_FUSED_LORA", "1") not in ("", "0")
+_by_layer = False  # the compute-dtype casts made a decoder layer at a time (``use_casts_by_layer``)
 _LORA_LINEARS = weakref.WeakSet()  # so that the compute-dtype casts of all of them are made together
 _optimizer_steps = 0  # in this process: each may have changed LoRA weights, so their casts are made again
 
@@ -275,6 +280,27 @@ def use_fused_lora(flag=True) -> bool:
     return previous
 
 
+def use_casts_by_layer(flag=True) -> bool:
+    """Make the fused path's compute-dtype copies of the LoRA weights a decoder layer at a time (True) or all
+    at once for the step (False, the default); returns the previous setting, to restore. With activation
+    checkpointing (``train.py --casts-by-layer``) a layer's copies are let go after its forward
+    (``let_casts_go``) and made again in its recomputation: at the backward's start they are not all held
+    beside every layer's input (2 bytes a LoRA weight: 0.75 GiB in the Llama-2-7B recipe, counted), for a
+    second cast of every weight a step. The same values either way; not timed on a GPU."""
+    global _by_layer
+    previous, _by_layer = _by_layer, flag
+    return previous
+
+
+def let_casts_go(layer):
+    """With casts made by layer (``use_casts_by_layer``), after a checkpointed ``layer``'s forward: let its
+    LoRA layers' copies go, for its recomputation to make again."""
+    if _by_layer:
+        for m in layer.modules():
+            if isinstance(m, LoRALinear):
+                m.release_casts()
+
+
 class LoRAEmbedding(nn.Module):
     """A frozen embedding plus a low-rank update: E[ids] + s * (A^T[ids]) B^T.
 
@@ -323,6 +349,10 @@ def inject_lora(model, config: LoRAConfig):
              and not isinstance(m, (LoRALinear, LoRAEmbedding))]
     for name in names:
         add_lora(model, name, config.r, config.scaling(), config.dropout)
+    for layer in getattr(getattr(model, "model", None), "layers", ()):  # a decoder layer's, cast together by layer
+        peers = [m for m in layer.modules() if isinstance(m, LoRALinear)]
+        for m in peers:
+            m.casts.peers = tuple(map(weakref.ref, peers))
     return model
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.layer_fused import fused_layer
-from bailong.lora import frozen_matmul_skipped
+from bailong.lora import frozen_matmul_skipped, let_casts_go
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
 from bailong.recompute import checkpoint, mask_seeds
 
@@ -337,6 +337,7 @@ class Llama(nn.Module):
                     x = y if y is not None else checkpoint(layer, x, (cos, sin, positions, mask, cache),
                                                            self.keep_dequantized,
                                                            own=frozen_matmul_skipped(layer.mlp.down_proj))
+                let_casts_go(layer)  # where they are made by layer: again in the recomputation
             else:
                 x = layer(x, cos, sin, positions, mask, cache)
         if cache is not None:

@@ -45,6 +45,7 @@ writes, and their time at a copy's rate, the part of a step's GPU time that
 import argparse
 import collections
 import contextlib
+import gc
 import importlib
 import warnings
 import weakref
@@ -235,6 +236,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     projections' LoRA gradients kept in bf16 (``bailong.memory.BF16Grads``)."""
     from bailong import nf4, optim
     from bailong.memory import BF16Grads
+    gc.collect()  # nothing of a row before alive (its LoRA layers would be cast with this row's)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
     made_from_data = nf4.dynamic_code  # NF4's constant tables are made from data: made for real, outside
@@ -336,6 +338,7 @@ def main():
         layer_fused.use_fused_layer("autograd" not in on)
         memory.use_chunked_loss("loss" in on)
         memory.use_chunked_mlp("mlp" in on)
+        lora.use_casts_by_layer("casts" in on)
         print(names[flag], flush=True)
         traffic = Traffic() if args.traffic and flag != "theirs" else None  # theirs: bitsandbytes' ops hide theirs
         peak, floor = peaks[flag] = step_peak(config, args, "keep" in on, top=args.top, theirs=flag == "theirs",

@@ -17,15 +17,12 @@ alone and (CUDA) with the offload; with ``--dropout``, torch's dropout instead o
 (``bailong_kernels.dropout``); and (CUDA) each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``), captured in the last warm-up step: through autograd (no dropout), by default,
 and with the kept dequantized weights.
-train.py's default is row ``ours-all``, the fastest without a graph (docs/BENCHMARKS.md).
-Peak memory is CUDA's max_memory_allocated on a GPU, the growth of VmHWM (reset
-through /proc/self/clear_refs) on the CPU.
-Beside it, each side's floor: what it holds between steps (the frozen base, the
-LoRA weights, AdamW's moments, and whatever else a side keeps) plus the LoRA
-gradients, all alive at once before the optimizer's step: no step of that
-recipe takes less, so the peak's distance to it is what the step's activations
-and temporaries cost (on a GPU; on the CPU memory a process freed still counts,
-so it reads about the peak).
+train.py's default is row ``ours-all``, the fastest without a graph (docs/BENCHMARKS.md). Peak memory is CUDA's
+max_memory_allocated on a GPU, the growth of VmHWM (reset through /proc/self/clear_refs) on the CPU. Beside it, each
+side's floor: what it holds between steps (the frozen base, the LoRA weights, AdamW's moments, and whatever else a
+side keeps) plus the LoRA gradients, all alive at once before the optimizer's step: no step of that recipe takes
+less, so the peak's distance to it is what the step's activations and temporaries cost (on a GPU; on the CPU memory
+a process freed still counts, so it reads about the peak).
 
     python bench/bench_train.py --preset tinyllama-1.1b --layers 2 --seq-len 128 --batch 2     # CPU-sized
     python bench/bench_train.py --setting recipe      # a GPU: Llama-2-7B, r 128 with embedding and head, 2048
@@ -35,14 +32,12 @@ so it reads about the peak).
     python bench/bench_train.py --setting recipe --optimizer adamw8bit   # AdamW's moments in 8 bits, both sides
     python bench/bench_train.py --setting recipe --count     # what a step computes and moves (no GPU needed)
 
-On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed
-beside each row): choose --rows to fit the time at hand. The random checkpoint is
-drawn on the device and written to a temporary folder, or once to ``--checkpoint
-DIR`` and read from there by every later run that names it (bench/gpu_suite.sh).
+On a GPU each side loads the 7B checkpoint afresh (the time with loading is printed beside each row): choose --rows
+to fit the time at hand. The random checkpoint is drawn on the device and written to a temporary folder, or once to
+``--checkpoint DIR`` and read from there by every later run that names it (bench/gpu_suite.sh).
 
-Each step trains on its own seeded batch, the same for every side, and the
-per-step losses are printed beside the speeds: the sides start from the same
-weights (their LoRA A draws differ), so they should stay within bf16 noise.
+Each step trains on its own seeded batch, the same for every side, and the per-step losses are printed beside the
+speeds: the sides start from the same weights (their LoRA A draws differ), so they should stay within bf16 noise.
 """
 import argparse
 import json
@@ -69,21 +64,24 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
         "ours, + chunked loss, kept dequantized": "ours-keep", "ours, + chunked loss, chunked MLP": "ours-mlp",
         "ours, + offloaded layer inputs, chunked MLP": "ours-lean", "ours, + bf16 gradients": "ours-grads",
         "ours, + offloaded layer inputs, bf16 gradients": "ours-offload-grads",
+        "ours, + casts by layer, bf16 gradients": "ours-casts-grads",
+        "ours, + offloaded layer inputs, casts by layer, bf16 gradients": "ours-leanest",
         "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
         "ours, + chunked loss, CUDA graph": "ours-graph",
         "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
         "transformers+peft+bitsandbytes": "theirs"}
 # what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written
 # out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
-# only), the kept dequantized weights (checkpointing only), the chunked MLP; LoRA dropout by torch's kernel, not
-# the layer kernels' (bailong.lora_fused.seeded_dropout); the step's forward and backward replayed from one CUDA
-# graph (bailong.step_graph: CUDA; with dropout only through the layer kernels'; captured in the last warm-up step)
+# only), the kept dequantized weights (checkpointing only), the chunked MLP, the LoRA casts made by layer, the
+# LoRA gradients in bf16; LoRA dropout by torch's kernel, not the layer kernels' (bailong.lora_fused.seeded_dropout);
+# the step replayed from one CUDA graph (bailong.step_graph: CUDA; dropout only through the layer kernels')
 BASE = {"fused", "layers", "loss"}
 FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
             "ours-layers": {"fused", "layers"}, "ours-all": BASE,
             "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
             "ours-lean": BASE | {"offload", "mlp"}, "ours-torch-dropout": BASE | {"torch-dropout"},
             "ours-grads": BASE | {"grads"}, "ours-offload-grads": BASE | {"offload", "grads"},
+            "ours-casts-grads": BASE | {"casts", "grads"}, "ours-leanest": BASE | {"offload", "casts", "grads"},
             "ours-plain-graph": {"graph"}, "ours-graph": BASE | {"graph"}, "ours-keep-graph": BASE | {"keep", "graph"}}
 
 
@@ -106,7 +104,7 @@ def run_one(which, folder, args):
         import bailong
         from bailong import lora_fused
         from bailong.layer_fused import use_fused_layer
-        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
+        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_casts_by_layer, use_fused_lora
         from bailong.memory import use_chunked_loss, use_chunked_mlp
         from bailong_kernels import use_layer_kernels
         on = FEATURES[which]
@@ -115,6 +113,7 @@ def run_one(which, folder, args):
         use_fused_layer("autograd" not in on)
         use_chunked_loss("loss" in on)
         use_chunked_mlp("mlp" in on)
+        use_casts_by_layer("casts" in on)
         if "torch-dropout" in on:
             lora_fused.seeded_dropout = lambda x: None
         model, _ = bailong.load(folder, dtype=dtype, device=device, quantize="nf4")

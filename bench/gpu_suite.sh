@@ -74,7 +74,8 @@ for part in ${parts[*]}; do
                  run first-long "${train[@]}" --setting long --rows ours-lean theirs ;;
         train)   run train "${train[@]}" --setting recipe --profile \
                  --rows ours ours-fused ours-autograd ours-layers ours-all ours-offload ours-keep ours-grads \
-                        ours-offload-grads ours-plain-graph ours-graph ours-keep-graph theirs ;;  # each loads
+                        ours-offload-grads ours-casts-grads ours-leanest ours-plain-graph ours-graph ours-keep-graph \
+                        theirs ;;  # each loads
         train-8bit) run train-8bit "${train[@]}" --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long "${train[@]}" --setting long \

@@ -48,6 +48,22 @@ def test_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch, dropou
     assert_alike(by_hand_and_by_autograd(monkeypatch, dropout=dropout, keep=keep))
 
 
+@pytest.mark.parametrize("by_hand,chunked", [(True, False), (False, False)])
+def test_casts_made_by_layer_train_bit_for_bit_alike(monkeypatch, by_hand, chunked):
+    """The LoRA weights' compute-dtype copies made a layer at a time (``bailong.lora.use_casts_by_layer``),
+    on the GPU's path by hand or through autograd, the MLP in chunks or whole, with dropout: the same losses
+    and LoRA gradients as made all at once, bit for bit."""
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
+    results = []
+    for by_layer in [False, True]:
+        monkeypatch.setattr(lora, "_by_layer", by_layer)
+        results.append(steps(monkeypatch, chunked, True, True, dropout=0.1))
+    (losses, grads), (by_layer_losses, by_layer_grads) = results
+    assert losses == by_layer_losses and grads.keys() == by_layer_grads.keys()
+    assert all(torch.equal(grads[name], by_layer_grads[name]) for name in grads)
+
+
 def test_by_hand_the_layer_inputs_offloaded_train_alike(monkeypatch):
     from bailong.memory import HostCopy
     copies, init = [], HostCopy.__init__

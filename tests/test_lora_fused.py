@@ -144,12 +144,16 @@ def test_a_layer_is_its_own_checkpointed_node_only_where_its_down_skips_its_froz
     loss.backward()
 
 
-def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(monkeypatch):
+@pytest.mark.parametrize("by_layer", [False, True])
+def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(monkeypatch, by_layer):
     """With activation checkpointing: one multi-tensor cast of every A and B a forward (none in the
     recomputation), and once the backward has passed them no layer holds its compute-dtype copies (they are
-    not alive beside every gradient at its end); a second micro-batch casts again and accumulates the same."""
+    not alive beside every gradient at its end); a second micro-batch casts again and accumulates the same.
+    Made by layer (``use_casts_by_layer``): one cast of a layer's A's and B's in its forward, let go after it,
+    and one in its recomputation; after the forward no layer holds any."""
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
+    monkeypatch.setattr(lora, "_by_layer", by_layer)
     model, _ = bailong.load_preset("tiny", device="cpu")
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.0, targets=lora.PROJECTIONS)))
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -162,10 +166,13 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
     grads = []
     for _ in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(ids[:, :-1], targets=ids[:, 1:]).backward()
+            loss = model(ids[:, :-1], targets=ids[:, 1:])
+        assert by_layer == all(m.casts.weights is None and m.casts.shared_A is None for m in layers)
+        loss.backward()
         assert all(m.casts.weights is None and m.casts.shared_A is None for m in layers)
         grads.append(layers[0].lora_A.weight.grad.clone())
-    assert copies == [2 * len(layers)] * 2
+    n = model.config.num_hidden_layers
+    assert copies == ([2 * len(layers) // n] * 2 * n if by_layer else [2 * len(layers)]) * 2
     torch.testing.assert_close(grads[1], 2 * grads[0])
 
 
@@ -301,3 +308,30 @@ def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch, last):
     assert out.dtype == torch.float32 and type(out.grad_fn).__name__ == "AddBackward0"
     out = add_projection(residual[:1], layer, x, last)  # a residual that broadcasts: added outside, as the plain path
     assert out.shape == (2, 3, 40) and type(out.grad_fn).__name__ == "AddBackward0"
+
+
+@pytest.mark.parametrize("by_layer", [False, True])
+def test_a_trained_model_is_freed_as_soon_as_it_is_let_go(monkeypatch, by_layer):
+    """No reference cycle keeps a model with LoRA alive after a training step (the layers' peers are weak
+    references): else its LoRA layers would stay among those cast together, and the next model's forward would
+    cast them too, until the collector ran."""
+    import gc
+    import weakref
+
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    monkeypatch.setattr(lora, "_by_layer", by_layer)
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.1)))
+    model.checkpointing = True
+    model.train()
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    alive = weakref.ref(model.model.layers[0].self_attn.q_proj)  # a LoRA layer, not only the model around it
+    gc.disable()
+    try:
+        del model
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -47,7 +47,7 @@ def train(model, step_loss, steps=5, accum=2):
     return losses, [p.detach().clone() for p in trainable], grads
 
 
-def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
+def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0, by_layer=False):
     """Five steps of two micro-batches: one eager warm-up, one captured and replayed, three replayed; the losses,
     each step's gradients and the trained LoRA weights of eager training (on CUDA: the losses and the first two
     steps' gradients, to its kernels' nondeterminism). The model's forward runs only for the warm-up and the
@@ -56,7 +56,7 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
     loss and the MLP chunk by chunk, and the recomputation's dequantized weights kept for the backward.
     ``dropout`` (the fast paths only): LoRA dropout through its kernels, each replay drawing the masks the eager
     step draws: every mask a step draws (forward, recomputation, backward), exactly, on CUDA too
-    (``recording_masks``)."""
+    (``recording_masks``). ``by_layer``: the LoRA casts made a layer at a time (``use_casts_by_layer``)."""
     import bailong_kernels
     from bailong import layer_fused, lora, memory
     from bailong.step_graph import GraphedStep, accumulate
@@ -65,6 +65,7 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0):
         gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
     monkeypatch.setattr(bailong_kernels, "_layer_kernels", fast_paths)
     monkeypatch.setattr(lora, "_fused", fast_paths)
+    monkeypatch.setattr(lora, "_by_layer", by_layer)
     monkeypatch.setattr(layer_fused, "_fused_layer", fast_paths)
     monkeypatch.setattr(memory, "_chunked_loss", chunked)
     monkeypatch.setattr(memory, "_chunked_mlp", chunked)
@@ -156,6 +157,10 @@ def masks_by_step(step_loss, masks):
                                                          (True, False, 0.1), (True, True, 0.1)])
 def test_graphed_steps_train_as_eager_ones(monkeypatch, fast_paths, chunked, dropout):
     check_graphed(monkeypatch, fast_paths, chunked, dropout=dropout)
+
+
+def test_graphed_steps_with_casts_by_layer_train_as_eager_ones(monkeypatch):
+    check_graphed(monkeypatch, True, False, dropout=0.1, by_layer=True)
 
 
 def test_the_emulation_finds_masks_drawn_from_a_random_state_restored_on_the_host(monkeypatch):

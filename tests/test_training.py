@@ -325,16 +325,23 @@ def test_the_init_methods_offered_are_those_zip_tie_knows():
     assert CHOICES["init_method"] == METHODS
 
 
-def test_bf16_gradients_train_as_float32_ones_do(tmp_path, capsys):
-    """train.py --bf16-grads (bailong.memory.BF16Grads) in bf16 training with activation checkpointing and LoRA
-    dropout: the same losses at every step, held-out ones too, and the same adapter, bit for bit."""
+def test_bf16_gradients_and_casts_by_layer_train_as_without(tmp_path, capsys, monkeypatch):
+    """train.py --bf16-grads (bailong.memory.BF16Grads), and with --casts-by-layer too, in bf16 training with
+    activation checkpointing and LoRA dropout: the same losses at every step, held-out ones too, and the same
+    adapter, bit for bit."""
+    from bailong import lora
+    monkeypatch.setattr(lora, "_by_layer", False)  # train.py sets it: restored after
     args = ["--precision", "bf16", "--checkpointing", "on", "--steps", "12", "--eval-every", "6",
             "--lora-dropout", "0.1"]
-    run_train(capsys, *args, "--out", tmp_path / "float32")
-    out, _ = run_train(capsys, *args, "--bf16-grads", "--out", tmp_path / "bf16")
-    assert "gradients: the projections' LoRA gradients (" in out and "MiB less than float32" in out
-    assert losses(tmp_path / "bf16") == losses(tmp_path / "float32") and len(losses(tmp_path / "bf16")) == 12
-    assert evals(tmp_path / "bf16") == evals(tmp_path / "float32")
+    runs = {"float32": [], "bf16": ["--bf16-grads"], "by-layer": ["--bf16-grads", "--casts-by-layer"]}
+    for name, flags in runs.items():
+        out, _ = run_train(capsys, *args, *flags, "--out", tmp_path / name)
+        assert ("MiB less than float32" in out) == bool(flags)
+    assert "gradients: the projections' LoRA gradients (" in out and lora._by_layer
     from safetensors.torch import load_file
-    saved = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("float32", "bf16")]
-    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    saved = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs}
+    for name in ("bf16", "by-layer"):
+        assert losses(tmp_path / name) == losses(tmp_path / "float32") and len(losses(tmp_path / name)) == 12
+        assert evals(tmp_path / name) == evals(tmp_path / "float32")
+        assert saved[name].keys() == saved["float32"].keys()
+        assert all(torch.equal(saved[name][k], saved["float32"][k]) for k in saved[name])
