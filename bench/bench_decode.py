@@ -180,7 +180,7 @@ def main():
             print(f"transformers + bitsandbytes: not run ({type(e).__name__}: {str(e).splitlines()[0]})")
     bandwidth = None
     if device == "cuda":
-        bandwidth = copy_bandwidth()  # bytes read + written a second by a device-to-device copy
+        bandwidth = copy_bandwidth()  # bytes read + written a second by the faster of two device copies
     ceiling = {kind: bandwidth / weight_bytes(m) if bandwidth else None for kind, m in [("dense", dense), ("nf4", nf4)]}
     if bandwidth:
         print(f"weight-read ceiling at the copy bandwidth {bandwidth / 1e12:.2f} TB/s, batch 1: "
