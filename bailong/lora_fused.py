@@ -263,6 +263,7 @@ class LoRAShared(torch.autograd.Function):
                 dx = _through_masks(dx, mask, ctx.key, ctx.p)
             for g, W in zip(gs, frozen_weight(ctx.weights, gs[0].dtype)):  # + g_i W_i
                 dx.addmm_(g, W)
+            del W  # a view of the weights' one dequantized copy: let it go before the LoRA gradients are made
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
                                  + [(g.T, part, s) if wanted[2 * i + 1] else None

@@ -270,8 +270,9 @@ class HostCopy:
 
 class BF16Grads:
     """The projections' LoRA gradients kept in bf16 from the backward to the optimizer's step: 2 bytes a
-    trained weight instead of float32's 4, where a step's memory peaks (at the backward's end every gradient
-    is alive; ``train.py --bf16-grads``).
+    trained weight instead of float32's 4 at the backward's end, where every gradient is alive and where a
+    step's memory peaks once the LoRA casts are made by layer (``bailong.lora.use_casts_by_layer``) or the
+    layer inputs offloaded (``train.py --bf16-grads``).
 
     Lossless when training runs in bf16 with one micro-batch a step: a projection's LoRA gradients are then
     one bf16 product each (a bf16 matmul's result, widened to the float32 master's dtype, on the fused path

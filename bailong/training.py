@@ -98,14 +98,16 @@ class TrainConfig:
     casts_by_layer: bool = field(default=False, metadata={"help": "with activation checkpointing: make the LoRA "
                                                                   "weights' compute-dtype copies a decoder layer at "
                                                                   "a time, again in its recomputation, instead of "
-                                                                  "all at once for the step (0.75 GB less held at "
-                                                                  "the 7B recipe's backward start, counted; a "
-                                                                  "second cast a step; not timed on a GPU)"})
+                                                                  "all at once for the step (a second cast a step; "
+                                                                  "with --bf16-grads the 7B recipe's peak 0.88x -> "
+                                                                  "0.82x transformers+PEFT+bitsandbytes', counted; "
+                                                                  "not timed on a GPU)"})
     bf16_grads: bool = field(default=False, metadata={"help": "keep the projections' LoRA gradients in bf16 until "
                                                               "the optimizer's step: 2 bytes a trained weight "
                                                               "instead of 4, lossless in bf16 training with one "
-                                                              "micro-batch a step (0.6 GB less at the 7B recipe's "
-                                                              "peak, counted; not timed on a GPU)"})
+                                                              "micro-batch a step (the 7B recipe's floor 0.59 GiB "
+                                                              "lower; its peak with --casts-by-layer, above; not "
+                                                              "timed on a GPU)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})

@@ -335,3 +335,33 @@ def test_a_trained_model_is_freed_as_soon_as_it_is_let_go(monkeypatch, by_layer)
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_the_backwards_dequantized_weights_go_before_the_lora_gradients_are_made(monkeypatch):
+    """A shared node's backward (q/k/v, gate/up) lets its frozen weights' dequantized copy go once dL/dx has
+    them, before it makes the LoRA gradients: at the 7B recipe's shape gate and up's copy is 172 MiB."""
+    import weakref
+
+    from bailong import lora, lora_fused
+    from bailong.quantized import quantize_model
+    monkeypatch.setattr(lora, "_fused", True)
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    quantize_model(model)
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.0, targets=lora.PROJECTIONS)))
+    copies, checked = [], []
+    frozen_weight, master_grads = lora_fused.frozen_weight, lora_fused._master_grads
+
+    def dequantized(W, dtype, keep=False):
+        out = frozen_weight(W, dtype, keep)
+        copies.extend(weakref.ref(w.untyped_storage()) for w in (out if isinstance(out, tuple) else (out,)))
+        return out
+
+    def grads(products, dtype):
+        checked.append([ref() is None for ref in copies])
+        return master_grads(products, dtype)
+    monkeypatch.setattr(lora_fused, "frozen_weight", dequantized)
+    monkeypatch.setattr(lora_fused, "_master_grads", grads)
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    n = model.config.num_hidden_layers
+    assert len(checked) == 4 * n and all(all(gone) for gone in checked), checked  # o, down and the shared two
