@@ -23,8 +23,9 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
                           start_run)
-from bailong.training import (BF16_GRADS_IN_FP32, CASTS_ON_CPU, KEEP_ON_CPU, OFFLOAD_ON_CPU, GracefulStop,
-                              Metrics, check_graph_step, estimate_memory, held_out_record, lr_at, parse_config)
+from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, OFFLOAD_ON_CPU, GracefulStop, Metrics,
+                              check_graph_step, estimate_memory, held_out_record, lr_at, parse_config,
+                              without_checkpointing)
 
 
 def main(argv=None):
@@ -83,10 +84,9 @@ def train(config):
     checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.startswith("cuda"))
     if config.offload_activations and not device.startswith("cuda"):
         raise UsageError(OFFLOAD_ON_CPU)
-    if config.keep_dequantized and not checkpointing:
-        raise UsageError(KEEP_ON_CPU)
-    if config.casts_by_layer and not checkpointing:
-        raise UsageError(CASTS_ON_CPU)
+    for name in ON_CHECKPOINTING:  # on the CPU, where checkpointing is off by default (the offload: refused above)
+        if getattr(config, name) and not checkpointing:
+            raise UsageError(without_checkpointing(name, on_cpu=True))
     if config.cuda_graph:
         check_graph_step(world, device)
     if config.bf16_grads and not bf16:
@@ -193,9 +193,9 @@ def train(config):
     if config.quantize == "nf4":
         say(memory_report(model))
     if bf16_grads:
-        kept = sum(p.numel() for p in bf16_grads.params)
-        say(f"gradients: the projections' LoRA gradients ({kept:,} weights) kept in bf16 until the step, "
-            f"{2 * kept / 2**20:,.1f} MiB less than float32")
+        saved = bf16_grads.saved_bytes
+        say(f"gradients: the projections' LoRA gradients ({saved // 2:,} weights) kept in bf16 until the step, "
+            f"{saved / 2**20:,.1f} MiB less than float32")
     say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens; "
         f"{config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
 

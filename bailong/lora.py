@@ -211,12 +211,14 @@ class Casts:
     __slots__ = ("weights", "key", "shared_A", "shared_key", "peers")
 
     def __init__(self):
-        self.peers = None  # the LoRA layers of this one's decoder layer (``inject_lora``), cast together by layer:
-        # weak references, so that a model is freed as soon as it is let go (no cycle for the collector to find)
+        self.peers = None  # weak references to its decoder layer's LoRA layers (``inject_lora``): no cycle
         self.clear()
 
     def clear(self):
         self.weights = self.key = self.shared_A = self.shared_key = None
+
+    def __reduce__(self):  # a cache: a copied or pickled model starts with an empty one, and no peers (by layer,
+        return Casts, ()  # each of its LoRA layers is then cast alone)
 
 
 _fused = os.environ.get("BAILONG_FUSED_LORA", "1") not in ("", "0")
@@ -282,13 +284,10 @@ def use_fused_lora(flag=True) -> bool:
 
 def use_casts_by_layer(flag=True) -> bool:
     """Make the fused path's compute-dtype copies of the LoRA weights a decoder layer at a time (True) or all
-    at once for the step (False, the default); returns the previous setting, to restore. With activation
-    checkpointing (``train.py --casts-by-layer``) a layer's copies are let go after its forward
-    (``let_casts_go``) and made again in its recomputation: at the backward's start they are not all held
-    beside every layer's input (2 bytes a LoRA weight: 0.75 GiB in the Llama-2-7B recipe), for a second cast of
-    every weight a step. The peak then moves to the backward's end, where every LoRA gradient is: counted at
-    that recipe 8.99 -> 8.93 GiB, and 8.36 with the gradients in bf16 (``bailong.memory.BF16Grads``). The same
-    values either way; not timed on a GPU."""
+    at once for the step (False, the default); returns the previous setting. With checkpointing (``train.py
+    --casts-by-layer``) a layer's copies go after its forward (``let_casts_go``) and are made again in its
+    recomputation: a second cast a step, for 0.75 GiB less at the Llama-2-7B recipe's backward start; its
+    peak, counted, 8.99 -> 8.93 GiB, 8.36 with bf16 gradients (``bailong.memory.BF16Grads``). Not timed on a GPU."""
     global _by_layer
     previous, _by_layer = _by_layer, flag
     return previous

@@ -31,10 +31,10 @@ OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to h
                   "there already")
 BF16_GRADS_IN_FP32 = ("--bf16-grads keeps the LoRA gradients in bf16, lossless only where training runs in bf16: it "
                       "needs --precision bf16 (the default on CUDA)")
-CASTS_ON_CPU = ("--casts-by-layer makes the LoRA copies again in activation checkpointing's recomputation, and on "
-                "the CPU checkpointing is off unless --checkpointing on")
-KEEP_ON_CPU = ("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes, and on the CPU "
-               "checkpointing is off unless --checkpointing on")
+# options that work on what activation checkpointing keeps or recomputes: what each does, for their errors
+ON_CHECKPOINTING = {"offload_activations": "keeps the layer inputs activation checkpointing saves",
+                    "keep_dequantized": "keeps what activation checkpointing's recomputation dequantizes",
+                    "casts_by_layer": "makes the LoRA copies again in activation checkpointing's recomputation"}
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
 # pre-training rate the held-out loss on the bundled chats rises after step 10.
 STAGE_DEFAULTS = {"sft": dict(lr=1e-4, min_lr=1e-5, steps=60, warmup=10, eval_every=10, save_every=30)}
@@ -134,18 +134,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not (ok(value) and math.isfinite(value)):  # ok first: a huge int is no float
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")
-        if self.offload_activations and self.checkpointing == "off":
-            raise UsageError("--offload-activations keeps the layer inputs activation checkpointing saves: it needs "
-                             "--checkpointing on or auto")
+        for name in ON_CHECKPOINTING:
+            if getattr(self, name) and self.checkpointing == "off":
+                raise UsageError(without_checkpointing(name))
         if self.offload_activations and self.device == "cpu":  # without --device: once the device is known
             raise UsageError(OFFLOAD_ON_CPU)
-        if self.keep_dequantized and self.checkpointing == "off":
-            raise UsageError("--keep-dequantized keeps what activation checkpointing's recomputation dequantizes: it "
-                             "needs --checkpointing on or auto")
         if self.keep_dequantized and self.quantize != "nf4":
             raise UsageError("--keep-dequantized keeps the NF4 weights' dequantized copies: it needs --quantize nf4")
-        if self.keep_dequantized and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
-            raise UsageError(KEEP_ON_CPU)
+        for name in ON_CHECKPOINTING:  # (the offload: refused on the CPU above)
+            if getattr(self, name) and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
+                raise UsageError(without_checkpointing(name, on_cpu=True))
         if self.cuda_graph and self.lora_dropout and not dropout_kernels_switched_on():
             raise UsageError("--cuda-graph captures LoRA dropout only through its kernels (torch's is drawn again in "
                              "the backward from a random state restored on the host), which BAILONG_FUSED_LORA=0, "
@@ -154,11 +152,6 @@ class TrainConfig:
         if self.cuda_graph and self.offload_activations:
             raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
                              "are not captured")
-        if self.casts_by_layer and self.checkpointing == "off":
-            raise UsageError("--casts-by-layer makes the LoRA copies again in activation checkpointing's "
-                             "recomputation: it needs --checkpointing on or auto")
-        if self.casts_by_layer and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
-            raise UsageError(CASTS_ON_CPU)
         if self.bf16_grads and (self.precision == "fp32" or self.precision == "auto" and self.device == "cpu"):
             raise UsageError(BF16_GRADS_IN_FP32)
         if self.bf16_grads and self.cuda_graph:
@@ -182,6 +175,14 @@ class TrainConfig:
 
 def flag(name) -> str:
     return "--" + name.replace("_", "-")
+
+
+def without_checkpointing(name, on_cpu=False) -> str:
+    """The error for an option of ``ON_CHECKPOINTING`` without activation checkpointing: switched off, or
+    (``on_cpu``) on the CPU, where "auto" leaves it off."""
+    if on_cpu:
+        return f"{flag(name)} {ON_CHECKPOINTING[name]}, and on the CPU checkpointing is off unless --checkpointing on"
+    return f"{flag(name)} {ON_CHECKPOINTING[name]}: it needs --checkpointing on or auto"
 
 
 def _default(f):

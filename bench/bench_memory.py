@@ -265,7 +265,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
             if measured:
                 live.reset_peak()
                 floor = live.now + sum(p.numel() * p.element_size() for p in trainable)
-                floor -= 2 * sum(p.numel() for p in kept.params) if kept else 0
+                floor -= kept.saved_bytes if kept else 0
                 if traffic is not None:
                     on.enter_context(traffic)
                     for module in map(importlib.import_module, KERNEL_MODULES):

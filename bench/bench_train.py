@@ -193,7 +193,7 @@ def run_one(which, folder, args):
     # its own tensors, alive between replays); a step cannot take less than that plus the LoRA gradients
     resident = torch.cuda.memory_allocated() if device == "cuda" else status("VmRSS") - before
     grads = 0 if graphed is not None else sum(p.numel() * p.element_size() for p in trainable)
-    grads -= 2 * sum(p.numel() for p in kept.params) if kept else 0
+    grads -= kept.saved_bytes if kept else 0
     result = {"tokens_per_s": args.batch * args.seq_len / seconds, "peak_bytes": peak, "seconds_per_step": seconds,
               "losses": list(losses), "floor_bytes": resident + grads,
               "trainable": sum(p.numel() for p in trainable),  # not the profiled step's

@@ -365,3 +365,19 @@ def test_the_backwards_dequantized_weights_go_before_the_lora_gradients_are_made
     model(ids[:, :-1], targets=ids[:, 1:]).backward()
     n = model.config.num_hidden_layers
     assert len(checked) == 4 * n and all(all(gone) for gone in checked), checked  # o, down and the shared two
+
+
+def test_a_model_with_lora_copies_and_pickles_with_casts_of_its_own():
+    """The LoRA layers' casts (a cache, with weak references to their decoder layer's peers) are not copied: a
+    deep copy casts its own weights, not the original's, and ``torch.save`` of a whole model pickles."""
+    import copy
+    import io
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=4)))
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.casts.peers[0]() is q
+    q.compute_weights(torch.bfloat16)
+    twin = copy.deepcopy(model).model.layers[0].self_attn.q_proj
+    assert twin.casts.peers is None and twin.casts.weights is None
+    assert torch.equal(twin.compute_weights(torch.bfloat16)[0], q.lora_A.weight.bfloat16())
+    torch.save(model, io.BytesIO())
