@@ -23,7 +23,7 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
                           start_run)
-from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, OFFLOAD_ON_CPU, GracefulStop, Metrics,
+from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, GracefulStop, Metrics,
                               check_graph_step, estimate_memory, held_out_record, lr_at, parse_config,
                               without_checkpointing)
 
@@ -46,6 +46,9 @@ def train(config):
     if config.bf16_grads and world > 1:
         raise UsageError("--bf16-grads keeps one process's gradients, where DDP averages float32 ones between "
                          "processes: leave it out with torchrun")
+    if config.offload_embedding and world > 1:
+        raise UsageError("--offload-embedding keeps a table in host memory, where DDP wants every parameter on the "
+                         "GPU: leave it out with torchrun")
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
     run = RunFolder(out)  # touched only once the data and the model have loaded
@@ -60,7 +63,7 @@ def train(config):
     from bailong.eval import tokens_per_char
     from bailong.lora import (LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora,
                               use_casts_by_layer)
-    from bailong.memory import BF16Grads
+    from bailong.memory import BF16Grads, offload_embedding
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate
@@ -82,8 +85,9 @@ def train(config):
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
     checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.startswith("cuda"))
-    if config.offload_activations and not device.startswith("cuda"):
-        raise UsageError(OFFLOAD_ON_CPU)
+    for name, message in ON_CPU.items():
+        if getattr(config, name) and not device.startswith("cuda"):
+            raise UsageError(message)
     for name in ON_CHECKPOINTING:  # on the CPU, where checkpointing is off by default (the offload: refused above)
         if getattr(config, name) and not checkpointing:
             raise UsageError(without_checkpointing(name, on_cpu=True))
@@ -171,6 +175,10 @@ def train(config):
     model.checkpointing, model.offload = checkpointing, config.offload_activations
     model.keep_dequantized = config.keep_dequantized
     use_casts_by_layer(config.casts_by_layer)
+    try:
+        offloaded = offload_embedding(model) if config.offload_embedding else 0
+    except ValueError as error:  # a tied embedding
+        raise UsageError(f"--offload-embedding: {error}") from None
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     bf16_grads = BF16Grads(model) if config.bf16_grads else None
@@ -192,6 +200,8 @@ def train(config):
     say(lora_summary(model))
     if config.quantize == "nf4":
         say(memory_report(model))
+    if offloaded:
+        say(f"embedding: its table ({offloaded / 2**20:,.1f} MiB) in host memory, a step's rows copied in")
     if bf16_grads:
         saved = bf16_grads.saved_bytes
         say(f"gradients: the projections' LoRA gradients ({saved // 2:,} weights) kept in bf16 until the step, "

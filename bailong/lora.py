@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
+from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear, one_at_a_time
 from bailong.nf4 import NF4Tensor
-from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, nf4_weights, set_module
+from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, nf4_weights, set_module
 
 
 @dataclass
@@ -283,13 +283,14 @@ def use_fused_lora(flag=True) -> bool:
 
 
 def use_casts_by_layer(flag=True) -> bool:
-    """Make the fused path's compute-dtype copies of the LoRA weights a decoder layer at a time (True) or all
-    at once for the step (False, the default); returns the previous setting. With checkpointing (``train.py
-    --casts-by-layer``) a layer's copies go after its forward (``let_casts_go``) and are made again in its
-    recomputation: a second cast a step, for 0.75 GiB less at the Llama-2-7B recipe's backward start; its
-    peak, counted, 8.99 -> 8.93 GiB, 8.36 with bf16 gradients (``bailong.memory.BF16Grads``). Not timed on a GPU."""
+    """Make the fused path's LoRA casts a decoder layer at a time (True) or all at once for the step (False,
+    the default), and a shared node's backward dequantize one weight at a time (``one_at_a_time``); returns the
+    previous setting. With checkpointing (``train.py --casts-by-layer``) a layer's casts go after its forward
+    (``let_casts_go``), made again in its recomputation: 0.75 GiB less at the 7B recipe's backward start, its
+    peak 8.99 -> 8.29 GiB with bf16 gradients (``BF16Grads``), counted. Not timed on a GPU."""
     global _by_layer
     previous, _by_layer = _by_layer, flag
+    one_at_a_time(flag)  # and the backward's shared weights dequantized one at a time: a layer's least held
     return previous
 
 
@@ -322,10 +323,11 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, ids):
         update = F.embedding(ids, self.lora_embedding_A.T) @ self.lora_embedding_B.T  # (B, T, dim)
-        return F.embedding(ids, self.weight) + (update * self.scaling).to(self.weight.dtype)
+        return embedding_rows(self.weight, ids) + (update * self.scaling).to(self.weight.dtype)
 
-    def merged_weight(self) -> torch.Tensor:
-        return self.weight.float() + self.scaling * (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T
+    def merged_weight(self) -> torch.Tensor:  # (the table may be in host memory)
+        B, A = self.lora_embedding_B.float(), self.lora_embedding_A.float()
+        return self.weight.to(B.device, torch.float32) + self.scaling * (B @ A).T
 
 
 def add_lora(model, name, r, scaling, dropout=0.0):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import nf4_dequantized, nf4_linear
-from bailong.recompute import is_recomputing, mask_key
+from bailong.recompute import is_held, is_recomputing, mask_key
 
 
 class LoRAProjection(torch.autograd.Function):
@@ -203,6 +203,20 @@ def _master_grads(products, dtype):
     return [None if p is None else next(grads) for p in products]
 
 
+_one_at_a_time = False  # a shared node's backward: its weights dequantized one at a time (``one_at_a_time``)
+
+
+def one_at_a_time(flag=True) -> bool:
+    """In a shared node's backward (``LoRAShared``), dequantize the weights for dL/dx = sum_i g_i W_i one at a
+    time, each let go before the next is made (True), or together, in one launch through the kernels (False,
+    the default); returns the previous setting. One launch more a weight, for all but the largest copy less
+    held: 86 MiB at the Llama-2-7B shape, gate's and up's. A copy a recomputation kept serves as before.
+    ``bailong.lora.use_casts_by_layer`` sets it too."""
+    global _one_at_a_time
+    previous, _one_at_a_time = _one_at_a_time, flag
+    return previous
+
+
 class LoRAShared(torch.autograd.Function):
     """n LoRA projections of the same x, as one autograd node: ``LoRAProjection`` for each, but x is read once
     for all their A's and dL/dx is formed in one place, instead of n gradients that autograd then adds.
@@ -261,9 +275,13 @@ class LoRAShared(torch.autograd.Function):
             dx = _scaled_mm(u, A, s)
             if ctx.p:  # each LoRA part of dL/dx through its mask, then their sum
                 dx = _through_masks(dx, mask, ctx.key, ctx.p)
-            for g, W in zip(gs, frozen_weight(ctx.weights, gs[0].dtype)):  # + g_i W_i
-                dx.addmm_(g, W)
-            del W  # a view of the weights' one dequantized copy: let it go before the LoRA gradients are made
+            if _one_at_a_time and not is_held(ctx.weights):  # + g_i W_i, each W_i made and let go in turn
+                for g, w in zip(gs, ctx.weights):
+                    dx.addmm_(g, frozen_weight(w, gs[0].dtype))
+            else:
+                for g, W in zip(gs, frozen_weight(ctx.weights, gs[0].dtype)):  # + g_i W_i
+                    dx.addmm_(g, W)
+                del W  # a view of the weights' one dequantized copy: let it go before the LoRA gradients are made
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         dA, *dBs = _master_grads([(u_dA, xs, s) if any(wanted[::2]) else None]
                                  + [(g.T, part, s) if wanted[2 * i + 1] else None

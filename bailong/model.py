@@ -20,8 +20,9 @@ from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.layer_fused import fused_layer
-from bailong.lora import frozen_matmul_skipped, let_casts_go
+from bailong.lora import LoRAEmbedding, frozen_matmul_skipped, let_casts_go
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
+from bailong.quantized import embedding_rows
 from bailong.recompute import checkpoint, mask_seeds
 
 
@@ -322,7 +323,8 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, hidden), writing to and advancing ``cache`` if given."""
         T = input_ids.shape[1]
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        embed = self.model.embed_tokens  # a plain one's table may be in host memory (``offload_embedding``)
+        x = embed(input_ids) if isinstance(embed, LoRAEmbedding) else embedding_rows(embed.weight, input_ids)
         if cache is None:
             positions, mask = torch.arange(T, device=input_ids.device), None
         else:

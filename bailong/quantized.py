@@ -1,7 +1,8 @@
 """The frozen NF4 base of QLoRA: a quantized linear layer and the model-level helpers.
 
 Every attention and MLP projection becomes an ``NF4Linear``; embeddings, norms
-and ``lm_head`` stay in the compute dtype, as in QLoRA. An ``NF4Linear``'s state
+and ``lm_head`` stay in the compute dtype, as in QLoRA (the embedding's table may
+wait in host memory: ``embedding_rows``). An ``NF4Linear``'s state
 dict holds exactly what bitsandbytes writes (``weight``, ``weight.absmax``, ...),
 so saving a quantized model is saving its state dict plus a
 ``quantization_config`` that transformers understands.
@@ -14,6 +15,14 @@ from bailong.nf4 import NF4Tensor, quantize
 from bailong.recompute import dequantized
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def embedding_rows(table, ids):
+    """``F.embedding(ids, table)`` on ids' device, from a frozen table in host memory too
+    (``bailong.memory.offload_embedding``): gathered there, and only the rows copied in."""
+    if table.device == ids.device:
+        return F.embedding(ids, table)
+    return F.embedding(ids.to(table.device), table).to(ids.device)
 
 
 class NF4Matmul(torch.autograd.Function):

@@ -310,6 +310,13 @@ def dequantized(q, dtype, dequantize, keep=False):
     return w
 
 
+def is_held(q) -> bool:
+    """Whether ``dequantized`` would find q's copy (kept by a recomputation, or made within
+    ``dequantized_once``) rather than dequantize it."""
+    key = tuple(map(id, q)) if isinstance(q, tuple) else id(q)
+    return any(held is not None and key in held and _same(held[key][0], q) for held in (_kept, _once))
+
+
 def _same(a, b) -> bool:
     """Whether a and b are the same NF4Tensor, or tuples of the same ones (an id is reused once its object is gone,
     so the key alone does not tell)."""

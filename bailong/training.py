@@ -27,8 +27,11 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
-OFFLOAD_ON_CPU = ("--offload-activations moves the GPU's saved layer inputs to host memory; on the CPU they are "
-                  "there already")
+# what each option that moves GPU memory to the host says on the CPU, where everything is there already
+ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved layer inputs to host memory; on the "
+                                 "CPU they are there already",
+          "offload_embedding": "--offload-embedding moves the GPU's embedding table to host memory; on the CPU it is "
+                               "there already"}
 BF16_GRADS_IN_FP32 = ("--bf16-grads keeps the LoRA gradients in bf16, lossless only where training runs in bf16: it "
                       "needs --precision bf16 (the default on CUDA)")
 # options that work on what activation checkpointing keeps or recomputes: what each does, for their errors
@@ -98,10 +101,20 @@ class TrainConfig:
     casts_by_layer: bool = field(default=False, metadata={"help": "with activation checkpointing: make the LoRA "
                                                                   "weights' compute-dtype copies a decoder layer at "
                                                                   "a time, again in its recomputation, instead of "
-                                                                  "all at once for the step (a second cast a step; "
-                                                                  "with --bf16-grads the 7B recipe's peak 0.88x -> "
-                                                                  "0.82x transformers+PEFT+bitsandbytes', counted; "
-                                                                  "not timed on a GPU)"})
+                                                                  "all at once for the step, and in the backward "
+                                                                  "dequantize q/k/v's and gate/up's weights one at a "
+                                                                  "time (a second cast a step, 3 launches more a "
+                                                                  "layer; with --bf16-grads the 7B recipe's peak "
+                                                                  "0.88x -> 0.81x transformers+PEFT+bitsandbytes', "
+                                                                  "counted; not timed on a GPU)"})
+    offload_embedding: bool = field(default=False, metadata={"help": "keep the frozen embedding's table in host "
+                                                                     "memory, not on the GPU (vocabulary x hidden "
+                                                                     "values: 0.24 GiB at Llama 2's in bf16); a "
+                                                                     "step's rows are gathered there and copied in "
+                                                                     "(CUDA, one process; with --casts-by-layer and "
+                                                                     "--bf16-grads the 7B recipe's peak 0.81x -> "
+                                                                     "0.79x transformers+PEFT+bitsandbytes', "
+                                                                     "counted; not timed on a GPU)"})
     bf16_grads: bool = field(default=False, metadata={"help": "keep the projections' LoRA gradients in bf16 until "
                                                               "the optimizer's step: 2 bytes a trained weight "
                                                               "instead of 4, lossless in bf16 training with one "
@@ -137,8 +150,9 @@ class TrainConfig:
         for name in ON_CHECKPOINTING:
             if getattr(self, name) and self.checkpointing == "off":
                 raise UsageError(without_checkpointing(name))
-        if self.offload_activations and self.device == "cpu":  # without --device: once the device is known
-            raise UsageError(OFFLOAD_ON_CPU)
+        for name, message in ON_CPU.items():
+            if getattr(self, name) and self.device == "cpu":  # without --device: once the device is known
+                raise UsageError(message)
         if self.keep_dequantized and self.quantize != "nf4":
             raise UsageError("--keep-dequantized keeps the NF4 weights' dequantized copies: it needs --quantize nf4")
         for name in ON_CHECKPOINTING:  # (the offload: refused on the CPU above)
@@ -149,9 +163,10 @@ class TrainConfig:
                              "the backward from a random state restored on the host), which BAILONG_FUSED_LORA=0, "
                              "BAILONG_LAYER_KERNELS=0 or BAILONG_NF4_KERNELS=0 in the environment switch off: leave "
                              "them unset, or give --lora-dropout 0")
-        if self.cuda_graph and self.offload_activations:
-            raise UsageError("--cuda-graph and --offload-activations do not go together: the copies to host memory "
-                             "are not captured")
+        for name in ON_CPU:
+            if self.cuda_graph and getattr(self, name):
+                raise UsageError(f"--cuda-graph and {flag(name)} do not go together: the copies to host memory are "
+                                 "not captured")
         if self.bf16_grads and (self.precision == "fp32" or self.precision == "auto" and self.device == "cpu"):
             raise UsageError(BF16_GRADS_IN_FP32)
         if self.bf16_grads and self.cuda_graph:
@@ -346,7 +361,8 @@ class Metrics:
 
 def estimate_memory(model, config: TrainConfig) -> str:
     """A rough figure for the startup summary: weights + LoRA with Adam states + logits."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # the LoRA weights too
+    device = model.lm_head.weight.device  # not an embedding table offloaded to host memory
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device == device)  # LoRA's too
     moments = 2 if config.optimizer == "adamw8bit" else 8  # two 8-bit codes, or two float32 values
     grad = 2 if config.bf16_grads else 4  # (the embedding's and head's stay float32: few)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (grad + moments)

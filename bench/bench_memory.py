@@ -224,7 +224,7 @@ def their_model(config, args, targets):
 
 
 def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=False, traffic=None,
-              bf16_grads=False):
+              bf16_grads=False, embedding=False):
     """The peak and the floor of one training step of ours (or ``theirs``), in bytes, counted as the module
     docstring says on fake tensors (``fake``), else on real ones; prints what filled the peak (``top``). The
     LoRA (``args``: rank, dropout, embedding_and_head, batch, seq_len) and the paths ours takes are the
@@ -233,9 +233,11 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     ``offload``: each layer's input kept in host memory (``bailong.memory.OffloadedInput``; here the copy out
     is made uncounted and the copy back is a new tensor, when and as the GPU's would be made); ``traffic``,
     a ``Traffic``: what the kernels of the step counted (the second) read and write; ``bf16_grads``: the
-    projections' LoRA gradients kept in bf16 (``bailong.memory.BF16Grads``)."""
+    projections' LoRA gradients kept in bf16 (``bailong.memory.BF16Grads``); ``embedding``: its table in host
+    memory (``bailong.memory.offload_embedding``; here its copy made uncounted, a step's rows counted as the
+    GPU's copy of them)."""
     from bailong import nf4, optim
-    from bailong.memory import BF16Grads
+    from bailong.memory import BF16Grads, offload_embedding
     gc.collect()  # nothing of a row before alive (its LoRA layers would be cast with this row's)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
@@ -256,6 +258,12 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
             on.enter_context(offloaded_to(live))
         model, loss_of = their_model(config, args, targets) if theirs else our_model(config, args, targets, keep,
                                                                                      offload)
+        if embedding:
+            live.host = True
+            try:
+                offload_embedding(model)
+            finally:
+                live.host = False
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(trainable, args, theirs)
@@ -342,7 +350,8 @@ def main():
         print(names[flag], flush=True)
         traffic = Traffic() if args.traffic and flag != "theirs" else None  # theirs: bitsandbytes' ops hide theirs
         peak, floor = peaks[flag] = step_peak(config, args, "keep" in on, top=args.top, theirs=flag == "theirs",
-                                              offload="offload" in on, traffic=traffic, bf16_grads="grads" in on)
+                                              offload="offload" in on, traffic=traffic, bf16_grads="grads" in on,
+                                              embedding="embedding" in on)
         ratio = f" ({peak / peaks['theirs'][0]:.2f}x theirs)" if "theirs" in peaks and flag != "theirs" else ""
         print(f"  peak {peak / GiB:.2f} GiB{ratio}, floor {floor / GiB:.2f} GiB", flush=True)
         if traffic:

@@ -4,19 +4,19 @@ Both sides get the same random-weight checkpoint, an NF4 base with double
 quantization, LoRA of the same rank on the seven projections, AdamW (fused on
 CUDA: what train.py and transformers' Trainer take; with ``--optimizer
 adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs up to 15 times (``ROWS``, ``FEATURES``): through
-autograd (the default until an H200 timed the rest); each LoRA projection one autograd node
-(``bailong.lora_fused``; with checkpointing each layer one node too, ``bailong.recompute``); with that the
-norms, SwiGLU and RoPE through their training kernels (``bailong_kernels.layers``, CUDA only), each
-checkpointed layer through autograd, then written out by hand (``bailong.layer_fused``, as in the rows
-after); with all that the loss chunk by chunk (``bailong.memory.chunked_cross_entropy``); then with all
-that and one more: (CUDA) each layer's saved input offloaded to host memory (``OffloadedInput``); the
-recomputation's dequantized NF4 weights kept for the backward; the MLP chunk by chunk (``ChunkedMLP``);
-(CUDA) the offload and the chunked MLP; the projections' LoRA gradients kept in bf16 (``BF16Grads``),
-alone and (CUDA) with the offload; with ``--dropout``, torch's dropout instead of the layer kernels'
-(``bailong_kernels.dropout``); and (CUDA) each step's forward and backward replayed from one CUDA graph
-(``bailong.step_graph``), captured in the last warm-up step: through autograd (no dropout), by default,
-and with the kept dequantized weights.
+in a fresh process, a few warm-up steps first. Ours runs up to 17 times (``ROWS``, ``FEATURES``): through autograd (the
+default until an H200 timed the rest); each LoRA projection one autograd node (``bailong.lora_fused``; with
+checkpointing each layer one node too, ``bailong.recompute``); with that the norms, SwiGLU and RoPE through their
+training kernels (``bailong_kernels.layers``, CUDA only), each checkpointed layer through autograd, then written out by
+hand (``bailong.layer_fused``, as in the rows after); with all that the loss chunk by chunk
+(``bailong.memory.chunked_cross_entropy``); then with all that and one more: (CUDA) each layer's saved input offloaded
+to host memory (``OffloadedInput``); the recomputation's dequantized NF4 weights kept for the backward; the MLP chunk
+by chunk (``ChunkedMLP``); (CUDA) the offload and the chunked MLP; the projections' LoRA gradients kept in bf16
+(``BF16Grads``), alone, (CUDA) with the offload, with the LoRA casts made by layer, and (CUDA) with all three and the
+embedding's table in host memory (``offload_embedding``); with ``--dropout``, torch's dropout instead of the layer
+kernels' (``bailong_kernels.dropout``); and (CUDA) each step's forward and backward replayed from one CUDA graph
+(``bailong.step_graph``), captured in the last warm-up step: through autograd (no dropout), by default, and with the
+kept dequantized weights.
 train.py's default is row ``ours-all``, the fastest without a graph (docs/BENCHMARKS.md). Peak memory is CUDA's
 max_memory_allocated on a GPU, the growth of VmHWM (reset through /proc/self/clear_refs) on the CPU. Beside it, each
 side's floor: what it holds between steps (the frozen base, the LoRA weights, AdamW's moments, and whatever else a
@@ -65,15 +65,16 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
         "ours, + offloaded layer inputs, chunked MLP": "ours-lean", "ours, + bf16 gradients": "ours-grads",
         "ours, + offloaded layer inputs, bf16 gradients": "ours-offload-grads",
         "ours, + casts by layer, bf16 gradients": "ours-casts-grads",
-        "ours, + offloaded layer inputs, casts by layer, bf16 gradients": "ours-leanest",
+        "ours, + offloaded layer inputs and embedding, casts by layer, bf16 gradients": "ours-leanest",
         "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
         "ours, + chunked loss, CUDA graph": "ours-graph",
         "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
         "transformers+peft+bitsandbytes": "theirs"}
 # what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written
 # out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
-# only), the kept dequantized weights (checkpointing only), the chunked MLP, the LoRA casts made by layer, the
-# LoRA gradients in bf16; LoRA dropout by torch's kernel, not the layer kernels' (bailong.lora_fused.seeded_dropout);
+# only), the embedding's table in host memory (CUDA only), the kept dequantized weights (checkpointing only), the
+# chunked MLP, the LoRA casts made by layer, the LoRA gradients in bf16; LoRA dropout by torch's kernel, not the
+# layer kernels' (bailong.lora_fused.seeded_dropout);
 # the step replayed from one CUDA graph (bailong.step_graph: CUDA; dropout only through the layer kernels')
 BASE = {"fused", "layers", "loss"}
 FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
@@ -81,7 +82,8 @@ FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "
             "ours-offload": BASE | {"offload"}, "ours-keep": BASE | {"keep"}, "ours-mlp": BASE | {"mlp"},
             "ours-lean": BASE | {"offload", "mlp"}, "ours-torch-dropout": BASE | {"torch-dropout"},
             "ours-grads": BASE | {"grads"}, "ours-offload-grads": BASE | {"offload", "grads"},
-            "ours-casts-grads": BASE | {"casts", "grads"}, "ours-leanest": BASE | {"offload", "casts", "grads"},
+            "ours-casts-grads": BASE | {"casts", "grads"},
+            "ours-leanest": BASE | {"offload", "embedding", "casts", "grads"},
             "ours-plain-graph": {"graph"}, "ours-graph": BASE | {"graph"}, "ours-keep-graph": BASE | {"keep", "graph"}}
 
 
@@ -123,6 +125,9 @@ def run_one(which, folder, args):
         model.checkpointing = args.checkpointing
         model.offload = "offload" in on and device == "cuda"
         model.keep_dequantized = "keep" in on
+        if "embedding" in on and device == "cuda":
+            from bailong.memory import offload_embedding
+            offload_embedding(model)
         loss_of = lambda inputs, targets: model(inputs, targets=targets)  # noqa: E731
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

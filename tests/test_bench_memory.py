@@ -141,3 +141,14 @@ def test_traffic_counts_what_a_kernel_reads_and_writes():
                                    "aten::_fused_adamw_": 4 * 400 + 4 + 3 * 400}
     assert traffic.kernels["aten::_fused_adamw_"] == traffic.kernels["aten::add_"] == 1
     assert dict(traffic.matmuls) == {"aten::mm": 1}
+
+
+@pytest.mark.parametrize("embedding_and_head", [False, True])
+def test_an_offloaded_embedding_leaves_the_count(embedding_and_head):
+    """With the embedding's table in host memory, the floor and the peak fall by its bytes exactly, with LoRA
+    on it or not; a step's rows are still counted, as the GPU's copy of them."""
+    config = tiny_config()
+    step = types.SimpleNamespace(**{**vars(STEP), "embedding_and_head": embedding_and_head})
+    (peak, floor), (offloaded_peak, offloaded_floor) = (step_peak(config, step, embedding=e) for e in (False, True))
+    table = config.vocab_size * config.hidden_size * 2  # bf16
+    assert floor - offloaded_floor == table and peak - offloaded_peak == table, (peak, offloaded_peak, table)

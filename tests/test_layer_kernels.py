@@ -374,12 +374,17 @@ def test_host_time_benchmark_runs(triton):
                     "fused LoRA + layer kernels, layers by hand"], out.stdout
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_on_the_gpus_path_the_recomputation_keeps_its_dequantized_weights_for_the_backward(monkeypatch, fused):
+@pytest.mark.parametrize("fused,one_at_a_time", [(False, False), (True, False), (True, True)])
+def test_on_the_gpus_path_the_recomputation_keeps_its_dequantized_weights_for_the_backward(monkeypatch, fused,
+                                                                                           one_at_a_time):
     """``Llama.keep_dequantized`` through the kernels (the dequantize kernel interpreted, NF4MatmulKernel; fused:
     with the layer kernels), bf16: each weight dequantized twice a step, the loss and LoRA gradients those of the
-    step without, nothing kept after the backward (tests/test_step_count.py's check)."""
+    step without, nothing kept after the backward (tests/test_step_count.py's check); also where the backward
+    would dequantize a shared node's weights one at a time (``bailong.lora_fused.one_at_a_time``), since the
+    copy kept of them together serves."""
+    from bailong import lora_fused
     from test_step_count import check_kept
+    monkeypatch.setattr(lora_fused, "_one_at_a_time", one_at_a_time)
     gpu_path(monkeypatch, fused_step=False, layer_kernels=fused)
     check_kept(monkeypatch, fused, dtype=torch.bfloat16, kernels=True)
 

@@ -3,6 +3,7 @@
 loss chunk by chunk (bailong/memory.py); float32 to 1e-5, bf16 within rounding."""
 import pytest
 import torch
+from conftest import ROOT
 from test_lora import randomize
 
 import bailong
@@ -151,9 +152,12 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
     not alive beside every gradient at its end); a second micro-batch casts again and accumulates the same.
     Made by layer (``use_casts_by_layer``): one cast of a layer's A's and B's in its forward, let go after it,
     and one in its recomputation; after the forward no layer holds any."""
+    import gc
+
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
     monkeypatch.setattr(lora, "_by_layer", by_layer)
+    gc.collect()  # no other test's LoRA layers alive in a cycle: all at once, they would be cast with these
     model, _ = bailong.load_preset("tiny", device="cpu")
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.0, targets=lora.PROJECTIONS)))
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -337,21 +341,33 @@ def test_a_trained_model_is_freed_as_soon_as_it_is_let_go(monkeypatch, by_layer)
         gc.enable()
 
 
-def test_the_backwards_dequantized_weights_go_before_the_lora_gradients_are_made(monkeypatch):
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+@pytest.mark.parametrize("gpus_path", [False, True])
+def test_the_backwards_dequantized_weights_go_before_the_lora_gradients_are_made(monkeypatch, gpus_path,
+                                                                                   one_at_a_time):
     """A shared node's backward (q/k/v, gate/up) lets its frozen weights' dequantized copy go once dL/dx has
-    them, before it makes the LoRA gradients: at the 7B recipe's shape gate and up's copy is 172 MiB."""
+    them, before it makes the LoRA gradients: at the 7B recipe's shape gate and up's copy is 172 MiB. One at a
+    time (``one_at_a_time``, with the casts made by layer), each weight's copy is made only once the one before
+    is gone: 86 MiB. On the reference ops and on the GPU's path (there made together in one launch)."""
     import weakref
 
     from bailong import lora, lora_fused
     from bailong.quantized import quantize_model
     monkeypatch.setattr(lora, "_fused", True)
+    monkeypatch.setattr(lora_fused, "_one_at_a_time", one_at_a_time)
+    if gpus_path:  # the kernels' wrappers, their launches left out: lifetimes, not values
+        monkeypatch.syspath_prepend(str(ROOT / "bench"))
+        from bench_host import on_the_gpus_path
+        on_the_gpus_path(layer_kernels=False, patch=monkeypatch.setattr)
     model, _ = bailong.load_preset("tiny", device="cpu")
     quantize_model(model)
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.0, targets=lora.PROJECTIONS)))
-    copies, checked = [], []
+    copies, checked, made, backward = [], [], [], []
     frozen_weight, master_grads = lora_fused.frozen_weight, lora_fused._master_grads
 
     def dequantized(W, dtype, keep=False):
+        if backward:  # (a forward's frozen_addmm makes copies too)
+            made.append((isinstance(W, tuple), sum(ref() is not None for ref in copies)))  # together; others alive
         out = frozen_weight(W, dtype, keep)
         copies.extend(weakref.ref(w.untyped_storage()) for w in (out if isinstance(out, tuple) else (out,)))
         return out
@@ -362,9 +378,17 @@ def test_the_backwards_dequantized_weights_go_before_the_lora_gradients_are_made
     monkeypatch.setattr(lora_fused, "frozen_weight", dequantized)
     monkeypatch.setattr(lora_fused, "_master_grads", grads)
     ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
-    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    backward.append(True)
+    loss.backward()
     n = model.config.num_hidden_layers
     assert len(checked) == 4 * n and all(all(gone) for gone in checked), checked  # o, down and the shared two
+    together = [alive for tuple_, alive in made if tuple_]
+    # o and down, then gate and up, q, k and v (no dL/dx for layer 0's: the embedding trains nothing), each
+    # alone and with no other copy alive; or the shared ones together, with none other alive
+    assert len(made) == (7 * n - 3 if one_at_a_time else 4 * n - 1), made
+    assert len(together) == (0 if one_at_a_time else 2 * n - 1) and not any(together), made
+    assert made.count((False, 0)) == len(made) - len(together), made
 
 
 def test_a_model_with_lora_copies_and_pickles_with_casts_of_its_own():

@@ -191,3 +191,65 @@ def test_offloaded_layer_inputs_leave_the_device_and_train_alike(monkeypatch, fu
     assert loss == offloaded_loss and len(grads) == 32
     for name in grads:
         assert torch.equal(grads[name], offloaded_grads[name]), name
+
+
+@pytest.mark.parametrize("embedding_lora", [False, True])
+def test_an_offloaded_embedding_trains_alike(embedding_lora):
+    """``offload_embedding`` moves the frozen table (a copy on the CPU; pinned host memory from CUDA) and the
+    model trains as before, bit for bit, with LoRA on the embedding or not; the checkpoint keeps its keys and
+    values. A tied or trained table is refused."""
+    from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
+    from bailong.memory import offload_embedding
+    torch.manual_seed(0)
+    targets = ("q_proj", "down_proj") + (("embed_tokens",) if embedding_lora else ())
+    model = mark_only_lora_trainable(inject_lora(bailong.Llama(preset("tiny")), LoRAConfig(r=4, targets=targets)))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    results = []
+    for offloaded in (False, True):
+        before = model.model.embed_tokens.weight
+        if offloaded:
+            assert offload_embedding(model) == before.numel() * before.element_size()
+            assert model.model.embed_tokens.weight is not before and not model.model.embed_tokens.weight.requires_grad
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+        loss.backward()
+        results.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                        model.state_dict()))
+    (loss, grads, state), (offloaded_loss, offloaded_grads, offloaded_state) = results
+    assert torch.equal(loss, offloaded_loss) and grads.keys() == offloaded_grads.keys()
+    assert ("model.embed_tokens.lora_embedding_A" in grads) == embedding_lora
+    for name in grads:
+        assert torch.equal(grads[name], offloaded_grads[name]), name
+    assert state.keys() == offloaded_state.keys() and all(torch.equal(state[k], offloaded_state[k]) for k in state)
+    model.model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="trained"):
+        offload_embedding(model)
+    config = preset("tiny")
+    config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="tied"):
+        offload_embedding(mark_only_lora_trainable(bailong.Llama(config)))
+
+
+def test_embedding_rows_from_a_table_in_host_memory():
+    """A table on another device than the ids (here a CPU table and ids on a CUDA device, as fake tensors): the
+    rows are gathered where the table is and come back on the ids' device; on one device it is F.embedding."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from bailong.quantized import embedding_rows
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args, kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                seen.append((func.__name__.split(".")[0], str(out.device)))
+            return out
+    table, seen = torch.randn(10, 4), []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ids = torch.zeros(2, 3, dtype=torch.long, device="cuda")
+        with Ops():
+            rows = embedding_rows(table, ids)
+    assert rows.shape == (2, 3, 4) and rows.device.type == "cuda"
+    assert seen == [("_to_copy", "cpu"), ("embedding", "cpu"), ("_to_copy", "cuda:0")], seen
+    ids = torch.tensor([[3, 1]])
+    assert torch.equal(embedding_rows(table, ids), torch.nn.functional.embedding(ids, table))

@@ -115,6 +115,14 @@ def test_kept_from_the_recomputation_each_weight_is_dequantized_once_less_and_th
     check_kept(monkeypatch, fused)
 
 
+def test_one_at_a_time_the_recomputations_kept_copies_still_serve(monkeypatch):
+    """With a shared node's weights dequantized one at a time in its backward (``bailong.lora_fused.one_at_a_time``,
+    as ``--casts-by-layer`` sets it), the copies the recomputation kept are still the ones the backward takes."""
+    from bailong import lora_fused
+    monkeypatch.setattr(lora_fused, "_one_at_a_time", True)
+    check_kept(monkeypatch, True)
+
+
 def check_kept(monkeypatch, fused, device="cpu", dtype=torch.float32, kernels=False):
     from bailong import recompute
     dequantized, loss, grads, c = nf4_step(monkeypatch, fused, True, device, dtype, kernels=kernels)
