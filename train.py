@@ -61,8 +61,8 @@ def train(config):
     from bailong.checkpoints import resume, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
-    from bailong.lora import (LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora,
-                              use_casts_by_layer)
+    from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
+    from bailong.lora_casts import use_casts_by_layer
     from bailong.memory import BF16Grads, offload_embedding
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model

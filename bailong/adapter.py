@@ -23,6 +23,7 @@ from bailong.errors import BailongError, read_json
 from bailong.files import atomic_write
 from bailong.hub import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, resolve
 from bailong.lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, lora_state_dict
+from bailong.lora_casts import group_casts
 from bailong.tokenizer import open_tokenizer
 from bailong.zip_tie import resize_vocab
 
@@ -135,6 +136,7 @@ def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAC
             for part, (_, tensor) in parts.items():
                 target = wrapper.weight if part == "base_layer.weight" else wrapper.get_parameter(part)
                 target.copy_(tensor)
+    group_casts(model)  # the LoRA layers added here cast together
     return config
 
 

@@ -21,19 +21,17 @@ LoRA wraps, never forks: the wrapped layer keeps its frozen weight under its
 usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the
 prefix ``base_model.model.`` (see ``bailong/adapter.py``).
 """
-import contextlib
 import math
 import os
 import sys
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear, one_at_a_time
+from bailong.lora_casts import Casts, cast, group_casts, release
+from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, nf4_weights, set_module
 
@@ -69,8 +67,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)  # A keeps nn.Linear's (Kaiming) initialisation
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.casts = Casts()
-        _LORA_LINEARS.add(self)
+        self.casts = Casts(self)
 
     @property
     def quantized(self):
@@ -150,42 +147,14 @@ class LoRALinear(nn.Module):
         return (x, tuple(m.weight for m in layers), first.casts.shared_A, tuple(B for _, B in casts), first.scaling,
                 first.dropout_p(), lambda: [m.release_casts() for m in layers], *masters)
 
-    def _cast_version(self, dtype):
-        A, B = self.lora_A.weight, self.lora_B.weight
-        return _optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype
-
     def compute_weights(self, dtype):
-        """A and B in the compute dtype, cast once for as long as the float32 masters are unchanged: not once
-        per call, nor again when activation checkpointing recomputes the forward. Any optimizer's step (fused
-        ones too, which leave the version counters alone) or in-place change renews them, for every trainable
-        LoRA layer on the device at once: one multi-tensor copy, not a cast per matrix. A layer's backward lets
-        them go (``release_casts``). Made a layer at a time instead (``use_casts_by_layer``): for the LoRA
-        layers of this one's decoder layer (``Casts.peers``), again in a checkpointed layer's recomputation."""
-        if self.casts.key != self._cast_version(dtype):
-            _LORA_LINEARS.add(self)  # a copy of a model was made without __init__
-            device = self.lora_A.weight.device
-            together = [m() for m in self.casts.peers or [weakref.ref(self)]] if _by_layer else _LORA_LINEARS
-            stale = [m for m in together if m is self or m is not None and m.lora_A.weight.requires_grad and
-                     m.lora_A.weight.device == device and m.casts.key != m._cast_version(dtype)]
-            for m in stale:  # the old copies go first, so that the new ones can take their memory
-                m.casts.clear()
-            masters = [w for m in stale for w in (m.lora_A.weight, m.lora_B.weight)]
-            casts = [torch.empty_like(w, dtype=dtype) for w in masters]
-            with torch.no_grad():
-                torch._foreach_copy_(casts, masters)
-            for i, m in enumerate(stale):
-                m.casts.weights, m.casts.key = (casts[2 * i], casts[2 * i + 1]), m._cast_version(dtype)
-        return self.casts.weights
+        """A and B in the compute dtype: the copies kept for as long as the masters are unchanged
+        (``bailong.lora_casts.cast``)."""
+        return cast(self, dtype)
 
     def release_casts(self):
-        """Let the compute-dtype copies go, once this layer's backward has used them: they go as the backward
-        passes each layer, so that at its end they are not held beside every LoRA gradient (where a step's
-        memory peaks: 2 bytes a LoRA weight, 0.61 GiB in the Llama-2-7B recipe); the next forward casts again,
-        all layers at once, as after an optimizer step. Within ``casts_kept``, at its end."""
-        if _releases is not None:
-            _releases.append(self)
-            return
-        self.casts.clear()
+        """Let the compute-dtype copies go, once this layer's backward has used them (``lora_casts.release``)."""
+        release(self)
 
     def merged_weight(self) -> torch.Tensor:
         """W + s * B @ A in float32 (an NF4 W is dequantized first)."""
@@ -203,68 +172,7 @@ class LoRALinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class Casts:
-    """A LoRA layer's copies of A and B in the compute dtype (``LoRALinear.compute_weights``) and the key
-    they were made under; in the first of layers that read the same input (``LoRALinear.shared``), their A's
-    side by side too. Kept apart from the module: setting a module's attribute goes through
-    ``nn.Module.__setattr__``, microseconds each time, a few dozen times a layer and step."""
-    __slots__ = ("weights", "key", "shared_A", "shared_key", "peers")
-
-    def __init__(self):
-        self.peers = None  # weak references to its decoder layer's LoRA layers (``inject_lora``): no cycle
-        self.clear()
-
-    def clear(self):
-        self.weights = self.key = self.shared_A = self.shared_key = None
-
-    def __reduce__(self):  # a cache: a copied or pickled model starts with an empty one, and no peers (by layer,
-        return Casts, ()  # each of its LoRA layers is then cast alone)
-
-
 _fused = os.environ.get("BAILONG_FUSED_LORA", "1") not in ("", "0")
-_by_layer = False  # the compute-dtype casts made a decoder layer at a time (``use_casts_by_layer``)
-_LORA_LINEARS = weakref.WeakSet()  # so that the compute-dtype casts of all of them are made together
-_optimizer_steps = 0  # in this process: each may have changed LoRA weights, so their casts are made again
-
-
-def _count_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
-
-def forget_casts():
-    """Let every LoRA layer's compute-dtype copies go, to be made at the next forward: after a CUDA graph's
-    capture (``bailong.step_graph``), whose copies are the graph's, made only by its replays (a capture runs
-    nothing)."""
-    for m in list(_LORA_LINEARS):
-        m.casts.clear()
-
-
-_releases = None  # inside casts_kept: the layers whose release_casts waits for its end
-
-
-@contextlib.contextmanager
-def casts_kept():
-    """Within, a layer's backward keeps its compute-dtype copies (``LoRALinear.release_casts`` waits for the
-    end): for a backward that runs the same layers' forward and backward again chunk by chunk
-    (``bailong.memory.ChunkedMLP``), whose next chunk would otherwise cast anew, and with it every layer the
-    backward has already passed."""
-    global _releases
-    if _releases is not None:  # inside another: that one's end
-        yield
-        return
-    _releases = []
-    try:
-        yield
-    finally:
-        waiting, _releases = _releases, None
-        for m in waiting:
-            m.release_casts()
-
-
 def frozen_matmul_skipped(module) -> bool:
     """Whether ``module``, a layer's last projection, skips its frozen matmul in a checkpointed layer's
     recomputation (the fused LoRA path: ``FrozenAddmm``), so that the layer may be checkpointed as a node of
@@ -280,27 +188,6 @@ def use_fused_lora(flag=True) -> bool:
     global _fused
     previous, _fused = _fused, flag
     return previous
-
-
-def use_casts_by_layer(flag=True) -> bool:
-    """Make the fused path's LoRA casts a decoder layer at a time (True) or all at once for the step (False,
-    the default), and a shared node's backward dequantize one weight at a time (``one_at_a_time``); returns the
-    previous setting. With checkpointing (``train.py --casts-by-layer``) a layer's casts go after its forward
-    (``let_casts_go``), made again in its recomputation: 0.75 GiB less at the 7B recipe's backward start, its
-    peak 8.99 -> 8.29 GiB with bf16 gradients (``BF16Grads``), counted. Not timed on a GPU."""
-    global _by_layer
-    previous, _by_layer = _by_layer, flag
-    one_at_a_time(flag)  # and the backward's shared weights dequantized one at a time: a layer's least held
-    return previous
-
-
-def let_casts_go(layer):
-    """With casts made by layer (``use_casts_by_layer``), after a checkpointed ``layer``'s forward: let its
-    LoRA layers' copies go, for its recomputation to make again."""
-    if _by_layer:
-        for m in layer.modules():
-            if isinstance(m, LoRALinear):
-                m.release_casts()
 
 
 class LoRAEmbedding(nn.Module):
@@ -352,11 +239,7 @@ def inject_lora(model, config: LoRAConfig):
              and not isinstance(m, (LoRALinear, LoRAEmbedding))]
     for name in names:
         add_lora(model, name, config.r, config.scaling(), config.dropout)
-    for layer in getattr(getattr(model, "model", None), "layers", ()):  # a decoder layer's, cast together by layer
-        peers = [m for m in layer.modules() if isinstance(m, LoRALinear)]
-        for m in peers:
-            m.casts.peers = tuple(map(weakref.ref, peers))
-    return model
+    return group_casts(model)
 
 
 def lora_parameters(model):

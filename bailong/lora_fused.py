@@ -211,7 +211,7 @@ def one_at_a_time(flag=True) -> bool:
     time, each let go before the next is made (True), or together, in one launch through the kernels (False,
     the default); returns the previous setting. One launch more a weight, for all but the largest copy less
     held: 86 MiB at the Llama-2-7B shape, gate's and up's. A copy a recomputation kept serves as before.
-    ``bailong.lora.use_casts_by_layer`` sets it too."""
+    ``bailong.lora_casts.use_casts_by_layer`` sets it too."""
     global _one_at_a_time
     previous, _one_at_a_time = _one_at_a_time, flag
     return previous

@@ -19,7 +19,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from bailong.lora import casts_kept
+from bailong.lora_casts import casts_kept
 from bailong.recompute import (as_forward, autocast_as, dequantized_once, forward_state, is_recomputing,
                                nothing_saved, recomputing, replayed)
 
@@ -143,7 +143,7 @@ class ChunkedMLP(torch.autograd.Function):
     weight is dequantized once for all the chunks of the forward and once for those of the backward
     (``dequantized_once``; the price: the MLP's three weights in the compute dtype held meanwhile, 258 MiB at the
     7B shape in bf16), and the LoRA layers keep their compute-dtype copies across the chunks
-    (``bailong.lora.casts_kept``).
+    (``bailong.lora_casts.casts_kept``).
     """
 
     @staticmethod
@@ -290,7 +290,7 @@ def offload_embedding(model) -> int:
 class BF16Grads:
     """The projections' LoRA gradients kept in bf16 from the backward to the optimizer's step: 2 bytes a
     trained weight instead of float32's 4 at the backward's end, where every gradient is alive and where a
-    step's memory peaks once the LoRA casts are made by layer (``bailong.lora.use_casts_by_layer``) or the
+    step's memory peaks once the LoRA casts are made by layer (``bailong.lora_casts.use_casts_by_layer``) or the
     layer inputs offloaded (``train.py --bf16-grads``).
 
     Lossless when training runs in bf16 with one micro-batch a step: a projection's LoRA gradients are then

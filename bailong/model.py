@@ -20,7 +20,8 @@ from torch import nn
 
 from bailong.config import ModelConfig
 from bailong.layer_fused import fused_layer
-from bailong.lora import LoRAEmbedding, frozen_matmul_skipped, let_casts_go
+from bailong.lora import LoRAEmbedding, frozen_matmul_skipped
+from bailong.lora_casts import let_casts_go
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
 from bailong.quantized import embedding_rows
 from bailong.recompute import checkpoint, mask_seeds

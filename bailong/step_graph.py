@@ -38,7 +38,8 @@ import warnings
 import torch
 
 from bailong import lora_fused
-from bailong.lora import LoRALinear, forget_casts
+from bailong.lora import LoRALinear
+from bailong.lora_casts import forget_casts
 from bailong.recompute import forget_kept
 
 

@@ -304,7 +304,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
 
 
 def main():
-    from bailong import layer_fused, lora, lora_fused, memory
+    from bailong import layer_fused, lora, lora_casts, lora_fused, memory
     from bailong.config import preset
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=SETTINGS, default="recipe")
@@ -346,7 +346,7 @@ def main():
         layer_fused.use_fused_layer("autograd" not in on)
         memory.use_chunked_loss("loss" in on)
         memory.use_chunked_mlp("mlp" in on)
-        lora.use_casts_by_layer("casts" in on)
+        lora_casts.use_casts_by_layer("casts" in on)
         print(names[flag], flush=True)
         traffic = Traffic() if args.traffic and flag != "theirs" else None  # theirs: bitsandbytes' ops hide theirs
         peak, floor = peaks[flag] = step_peak(config, args, "keep" in on, top=args.top, theirs=flag == "theirs",

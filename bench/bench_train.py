@@ -106,7 +106,8 @@ def run_one(which, folder, args):
         import bailong
         from bailong import lora_fused
         from bailong.layer_fused import use_fused_layer
-        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_casts_by_layer, use_fused_lora
+        from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
+        from bailong.lora_casts import use_casts_by_layer
         from bailong.memory import use_chunked_loss, use_chunked_mlp
         from bailong_kernels import use_layer_kernels
         on = FEATURES[which]

@@ -72,8 +72,8 @@ def test_bf16_gradients_take_two_bytes_of_the_floor_a_projection_weight(monkeypa
     head's) lowers the floor by 2 bytes a projection LoRA weight, and, with the LoRA casts made by layer (a rank
     large against the activations: the peak at the backward's end, as at the 7B recipe's shape with both), the
     peak."""
-    from bailong import lora
-    monkeypatch.setattr(lora, "_by_layer", True)
+    from bailong import lora_casts
+    monkeypatch.setattr(lora_casts, "_by_layer", True)
     config = tiny_config()
     step = types.SimpleNamespace(**{**vars(STEP), "rank": 64})
     h, q, kv, inter = (config.hidden_size, config.num_attention_heads * config.head_dim,

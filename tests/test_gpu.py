@@ -316,6 +316,18 @@ def test_offloaded_layer_inputs_on_cuda_train_alike():  # pinned host memory, th
         torch.testing.assert_close(grads[name], offloaded_grads[name], rtol=1e-2, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("embedding_lora", [False, True])
+def test_an_offloaded_embedding_on_cuda_trains_alike_and_leaves_the_device(embedding_lora):
+    from bailong.config import preset
+    from bailong.memory import offload_embedding
+    from test_model import check_offloaded_embedding
+    check_offloaded_embedding("cuda", embedding_lora)  # pinned host memory; rows gathered there, copied in
+    model = bailong.Llama(preset("tiny")).cuda().requires_grad_(False)
+    before = torch.cuda.memory_allocated()
+    moved = offload_embedding(model)
+    assert before - torch.cuda.memory_allocated() == moved > 0
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_on_cuda_the_recomputation_keeps_its_dequantized_weights_for_the_backward(monkeypatch, fused):
     """The kernel path (dequantize kernel, cuBLAS) with ``Llama.keep_dequantized``, bf16: as on the CPU."""

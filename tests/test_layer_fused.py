@@ -12,7 +12,7 @@ from test_layer_kernels import gpu_path
 from test_lora_fused import autograd_nodes
 
 import bailong
-from bailong import layer_fused, lora, lora_fused
+from bailong import layer_fused, lora, lora_casts, lora_fused
 from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable
 
 
@@ -50,7 +50,7 @@ def test_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch, dropou
 
 @pytest.mark.parametrize("by_hand,chunked", [(True, False), (False, False)])
 def test_casts_made_by_layer_train_bit_for_bit_alike(monkeypatch, by_hand, chunked):
-    """The LoRA weights' compute-dtype copies made a layer at a time (``bailong.lora.use_casts_by_layer``, and
+    """The LoRA weights' compute-dtype copies made a layer at a time (``bailong.lora_casts.use_casts_by_layer``, and
     with them the backward's shared weights dequantized one at a time), on the GPU's path by hand or through
     autograd, the MLP in chunks or whole, with dropout: the same losses and LoRA gradients as made all at once,
     bit for bit."""
@@ -58,7 +58,7 @@ def test_casts_made_by_layer_train_bit_for_bit_alike(monkeypatch, by_hand, chunk
     monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
     results = []
     for by_layer in [False, True]:
-        monkeypatch.setattr(lora, "_by_layer", by_layer)
+        monkeypatch.setattr(lora_casts, "_by_layer", by_layer)
         monkeypatch.setattr(lora_fused, "_one_at_a_time", by_layer)  # as use_casts_by_layer sets them
         results.append(steps(monkeypatch, chunked, True, True, dropout=0.1))
     (losses, grads), (by_layer_losses, by_layer_grads) = results

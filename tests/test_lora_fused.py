@@ -152,12 +152,9 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
     not alive beside every gradient at its end); a second micro-batch casts again and accumulates the same.
     Made by layer (``use_casts_by_layer``): one cast of a layer's A's and B's in its forward, let go after it,
     and one in its recomputation; after the forward no layer holds any."""
-    import gc
-
-    from bailong import lora
+    from bailong import lora, lora_casts
     monkeypatch.setattr(lora, "_fused", True)
-    monkeypatch.setattr(lora, "_by_layer", by_layer)
-    gc.collect()  # no other test's LoRA layers alive in a cycle: all at once, they would be cast with these
+    monkeypatch.setattr(lora_casts, "_by_layer", by_layer)
     model, _ = bailong.load_preset("tiny", device="cpu")
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.0, targets=lora.PROJECTIONS)))
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -178,6 +175,41 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
     n = model.config.num_hidden_layers
     assert copies == ([2 * len(layers) // n] * 2 * n if by_layer else [2 * len(layers)]) * 2
     torch.testing.assert_close(grads[1], 2 * grads[0])
+
+
+def test_a_model_casts_its_own_lora_layers_and_not_another_models(monkeypatch):
+    """Two models with LoRA alive in one process (a notebook's, say): a training forward of one casts all of
+    its LoRA layers in one multi-tensor copy, and none of the other's, which casts its own when it trains. A
+    deep copy, whose cast cache starts empty and ungrouped, casts its layers one by one until ``group_casts``."""
+    import copy
+
+    from bailong import lora
+    from bailong.lora_casts import group_casts
+    monkeypatch.setattr(lora, "_fused", True)
+    models = [mark_only_lora_trainable(inject_lora(bailong.load_preset("tiny", device="cpu")[0],
+                                                   LoRAConfig(r=4, dropout=0.0, targets=lora.PROJECTIONS)))
+              for _ in range(2)]
+    models.append(copy.deepcopy(models[0]))
+    copies, foreach_copy = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda out, masters: copies.append(len(out)) or foreach_copy(out,
+                                                                                                             masters))
+    ids = torch.randint(0, 260, (1, 9), generator=torch.Generator().manual_seed(0))
+    layers = [[m for m in model.modules() if isinstance(m, LoRALinear)] for model in models]
+
+    def casts_of_a_forward(i):  # no backward: the casts stay, and are cleared after the checks
+        copies.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            models[i](ids[:, :-1], targets=ids[:, 1:])
+        assert all(m.casts.weights is not None for m in layers[i])
+        assert all(m.casts.weights is None for j in range(3) if j != i for m in layers[j]), i
+        for m in layers[i]:
+            m.casts.clear()
+        return list(copies)
+    n = 2 * len(layers[0])  # A and B of each
+    assert casts_of_a_forward(0) == [n] and casts_of_a_forward(1) == [n]
+    assert casts_of_a_forward(2) == [2] * len(layers[2])
+    group_casts(models[2])
+    assert casts_of_a_forward(2) == [n]
 
 
 def test_fused_lora_trains_after_inference(monkeypatch):
@@ -322,9 +354,9 @@ def test_a_trained_model_is_freed_as_soon_as_it_is_let_go(monkeypatch, by_layer)
     import gc
     import weakref
 
-    from bailong import lora
+    from bailong import lora, lora_casts
     monkeypatch.setattr(lora, "_fused", True)
-    monkeypatch.setattr(lora, "_by_layer", by_layer)
+    monkeypatch.setattr(lora_casts, "_by_layer", by_layer)
     model, _ = bailong.load_preset("tiny", device="cpu")
     mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=8, dropout=0.1)))
     model.checkpointing = True

@@ -169,13 +169,13 @@ def test_in_chunks_each_mlp_weight_is_dequantized_once_a_way_and_the_step_is_the
 
 
 def check_chunked(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, kernels=False):
-    from bailong import lora, memory, recompute
+    from bailong import lora_casts, memory, recompute
     dequantized, loss, grads, c = nf4_step(monkeypatch, fused, keep, device, dtype, kernels=kernels, chunked=True)
     shapes = projection_shapes(c)
     attention = sum(n_in * n_out * (2 if keep else recipe_passes(layer, i))
                     for layer in range(2) for i, (n_in, n_out) in enumerate(shapes[:4]))
     assert sum(dequantized) == attention + 2 * 2 * sum(n_in * n_out for n_in, n_out in shapes[4:])
-    assert recompute._kept == {} and recompute._once is None and lora._releases is None
+    assert recompute._kept == {} and recompute._once is None and lora_casts._releases is None
     assert not recompute.is_recomputing() and not recompute._keeping
     monkeypatch.setattr(memory.ChunkedMLP, "apply", chunks_by_autograd)
     _, ref_loss, ref_grads, _ = nf4_step(monkeypatch, fused, keep, device, dtype, kernels=kernels, chunked=True)

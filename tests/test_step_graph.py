@@ -58,14 +58,14 @@ def check_graphed(monkeypatch, fast_paths, chunked, device="cpu", dropout=0.0, b
     step draws: every mask a step draws (forward, recomputation, backward), exactly, on CUDA too
     (``recording_masks``). ``by_layer``: the LoRA casts made a layer at a time (``use_casts_by_layer``)."""
     import bailong_kernels
-    from bailong import layer_fused, lora, lora_fused, memory
+    from bailong import layer_fused, lora, lora_casts, lora_fused, memory
     from bailong.step_graph import GraphedStep, accumulate
     dtype = torch.bfloat16 if fast_paths else torch.float32
     if fast_paths and device == "cpu":
         gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
     monkeypatch.setattr(bailong_kernels, "_layer_kernels", fast_paths)
     monkeypatch.setattr(lora, "_fused", fast_paths)
-    monkeypatch.setattr(lora, "_by_layer", by_layer)
+    monkeypatch.setattr(lora_casts, "_by_layer", by_layer)
     monkeypatch.setattr(lora_fused, "_one_at_a_time", by_layer)  # as use_casts_by_layer sets them
     monkeypatch.setattr(layer_fused, "_fused_layer", fast_paths)
     monkeypatch.setattr(memory, "_chunked_loss", chunked)

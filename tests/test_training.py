@@ -329,8 +329,8 @@ def test_bf16_gradients_and_casts_by_layer_train_as_without(tmp_path, capsys, mo
     """train.py --bf16-grads (bailong.memory.BF16Grads), and with --casts-by-layer too, in bf16 training with
     activation checkpointing and LoRA dropout: the same losses at every step, held-out ones too, and the same
     adapter, bit for bit."""
-    from bailong import lora, lora_fused
-    monkeypatch.setattr(lora, "_by_layer", False)  # train.py sets them: restored after
+    from bailong import lora_casts, lora_fused
+    monkeypatch.setattr(lora_casts, "_by_layer", False)  # train.py sets them: restored after
     monkeypatch.setattr(lora_fused, "_one_at_a_time", False)
     args = ["--precision", "bf16", "--checkpointing", "on", "--steps", "12", "--eval-every", "6",
             "--lora-dropout", "0.1"]
@@ -338,7 +338,7 @@ def test_bf16_gradients_and_casts_by_layer_train_as_without(tmp_path, capsys, mo
     for name, flags in runs.items():
         out, _ = run_train(capsys, *args, *flags, "--out", tmp_path / name)
         assert ("MiB less than float32" in out) == bool(flags)
-    assert "gradients: the projections' LoRA gradients (" in out and lora._by_layer and lora_fused._one_at_a_time
+    assert "gradients: the projections' LoRA gradients (" in out and lora_casts._by_layer and lora_fused._one_at_a_time
     from safetensors.torch import load_file
     saved = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs}
     for name in ("bf16", "by-layer"):
