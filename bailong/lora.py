@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bailong.lora_casts import Casts, cast, group_casts, release
+from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, nf4_weights, set_module
@@ -139,9 +139,9 @@ class LoRALinear(nn.Module):
         dtype = compute_dtype(x)
         casts = [m.compute_weights(dtype) for m in layers]
         key = tuple(m.casts.key for m in layers)
-        if first.casts.shared_key != key:  # the A's side by side, made again when any cast is
+        if first.casts.shared_key != key:  # the A's stacked, again when any is cast again: a view, or a copy
             with torch.no_grad():
-                first.casts.shared_A = torch.cat([A for A, _ in casts])
+                first.casts.shared_A = stacked([A for A, _ in casts])
             first.casts.shared_key = key
         masters = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
         return (x, tuple(m.weight for m in layers), first.casts.shared_A, tuple(B for _, B in casts), first.scaling,

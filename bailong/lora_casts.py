@@ -12,6 +12,7 @@ its forward and are made again in its recomputation: less held at the backward's
 start, for a second cast a step.
 """
 import contextlib
+import itertools
 import weakref
 
 import torch
@@ -55,7 +56,8 @@ def cast(layer, dtype):
     unchanged: not once per call, nor again when activation checkpointing recomputes the forward. Any
     optimizer's step (fused ones too, which leave the version counters alone) or in-place change renews them,
     for every trainable LoRA layer of its model on the device at once (``group_casts``): one multi-tensor
-    copy, not a cast per matrix. By layer (``use_casts_by_layer``): for those of its decoder layer."""
+    copy, not a cast per matrix, a decoder layer's A's side by side in one buffer (``stacked``). By layer
+    (``use_casts_by_layer``): for those of its decoder layer."""
     if layer.casts.key != _version(layer, dtype):
         _LORA_LINEARS.add(layer)  # a copy of a model was made without __init__
         device = layer.lora_A.weight.device
@@ -65,13 +67,31 @@ def cast(layer, dtype):
                  m.lora_A.weight.device == device and m.casts.key != _version(m, dtype)]
         for m in stale:  # the old copies go first, so that the new ones can take their memory
             m.casts.clear()
+        As = []  # a decoder layer's A's one after another in one buffer: q/k/v's, gate/up's stacked are views
+        for _, run in itertools.groupby(stale, key=lambda m: id(m.casts.peers)):
+            run = list(run)
+            sizes = [m.lora_A.weight.numel() for m in run]
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+            As += [part.view(m.lora_A.weight.shape) for m, part in zip(run, flat.split(sizes))]
         masters = [w for m in stale for w in (m.lora_A.weight, m.lora_B.weight)]
-        casts = [torch.empty_like(w, dtype=dtype) for w in masters]
+        casts = [t for m, A in zip(stale, As) for t in (A, torch.empty_like(m.lora_B.weight, dtype=dtype))]
         with torch.no_grad():
             torch._foreach_copy_(casts, masters)
         for i, m in enumerate(stale):
             m.casts.weights, m.casts.key = (casts[2 * i], casts[2 * i + 1]), _version(m, dtype)
     return layer.casts.weights
+
+
+def stacked(As):
+    """``torch.cat(As)``, the A's of layers that read one input (q/k/v; gate/up) stacked: a view where they
+    lie one after another in one buffer, as ``cast`` makes a decoder layer's; else a copy."""
+    end = As[0].data_ptr()
+    for A in As:
+        if not (A.is_contiguous() and A.shape[1:] == As[0].shape[1:] and A.data_ptr() == end
+                and A.untyped_storage().data_ptr() == As[0].untyped_storage().data_ptr()):
+            return torch.cat(As)
+        end += A.numel() * A.element_size()
+    return As[0].as_strided((sum(len(A) for A in As), *As[0].shape[1:]), As[0].stride())
 
 
 def release(layer):
@@ -92,9 +112,9 @@ def group_casts(model):
     for ref in everyone:
         ref().casts.model = everyone
     for layer in getattr(getattr(model, "model", None), "layers", ()):
-        peers = [m for m in layer.modules() if isinstance(getattr(m, "casts", None), Casts)]
-        for m in peers:
-            m.casts.peers = tuple(map(weakref.ref, peers))
+        peers = tuple(weakref.ref(m) for m in layer.modules() if isinstance(getattr(m, "casts", None), Casts))
+        for ref in peers:  # one tuple a decoder layer: ``cast`` tells its layers' A's apart by it
+            ref().casts.peers = peers
     return model
 
 
@@ -137,8 +157,8 @@ def use_casts_by_layer(flag=True) -> bool:
     """Make the fused path's LoRA casts a decoder layer at a time (True) or all at once for the step (False,
     the default), and a shared node's backward dequantize one weight at a time (``one_at_a_time``); returns the
     previous setting. With checkpointing (``train.py --casts-by-layer``) a layer's casts go after its forward
-    (``let_casts_go``), made again in its recomputation: 0.75 GiB less at the 7B recipe's backward start, its
-    peak 8.99 -> 8.29 GiB with bf16 gradients (``BF16Grads``), counted. Not timed on a GPU."""
+    (``let_casts_go``), made again in its recomputation: 0.59 GiB less at the 7B recipe's backward start, its
+    peak with bf16 gradients (``BF16Grads``) 8.84 -> 8.29 GiB, counted. Not timed on a GPU."""
     global _by_layer
     previous, _by_layer = _by_layer, flag
     one_at_a_time(flag)  # and the backward's shared weights dequantized one at a time: a layer's least held

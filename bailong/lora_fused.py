@@ -209,8 +209,9 @@ _one_at_a_time = False  # a shared node's backward: its weights dequantized one 
 def one_at_a_time(flag=True) -> bool:
     """In a shared node's backward (``LoRAShared``), dequantize the weights for dL/dx = sum_i g_i W_i one at a
     time, each let go before the next is made (True), or together, in one launch through the kernels (False,
-    the default); returns the previous setting. One launch more a weight, for all but the largest copy less
-    held: 86 MiB at the Llama-2-7B shape, gate's and up's. A copy a recomputation kept serves as before.
+    the default); returns the previous setting. Through the kernels n launches instead of one, for all but the
+    largest copy less held: 86 MiB at the Llama-2-7B shape, gate's and up's. A copy a recomputation kept serves
+    as before.
     ``bailong.lora_casts.use_casts_by_layer`` sets it too."""
     global _one_at_a_time
     previous, _one_at_a_time = _one_at_a_time, flag

@@ -272,8 +272,8 @@ class HostCopy:
 def offload_embedding(model) -> int:
     """Keep the frozen input embedding's table in (pinned) host memory instead of on the GPU
     (``train.py --offload-embedding``): a step reads only its tokens' rows, so the ids are copied to the host,
-    the rows gathered there and copied in (``bailong.quantized.embedding_rows``; the LoRA update, on the device,
-    is added there). Saves vocabulary x hidden values: 0.24 GiB at Llama 2's in bf16, 0.45 GiB at Bailong's
+    the rows gathered there and copied in (``bailong.quantized.embedding_rows``; a LoRA update is added on the
+    device). Saves vocabulary x hidden values: 0.24 GiB at Llama 2's in bf16, 0.45 GiB at Bailong's
     59,241 pieces. Returns the bytes moved. The head cannot share the table (tied embeddings: refused), and
     the table must be frozen."""
     embed = model.model.embed_tokens

@@ -105,7 +105,7 @@ class TrainConfig:
                                                                   "dequantize q/k/v's and gate/up's weights one at a "
                                                                   "time (a second cast a step, 3 launches more a "
                                                                   "layer; with --bf16-grads the 7B recipe's peak "
-                                                                  "0.88x -> 0.81x transformers+PEFT+bitsandbytes', "
+                                                                  "0.87x -> 0.81x transformers+PEFT+bitsandbytes', "
                                                                   "counted; not timed on a GPU)"})
     offload_embedding: bool = field(default=False, metadata={"help": "keep the frozen embedding's table in host "
                                                                      "memory, not on the GPU (vocabulary x hidden "

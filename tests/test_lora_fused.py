@@ -212,6 +212,32 @@ def test_a_model_casts_its_own_lora_layers_and_not_another_models(monkeypatch):
     assert casts_of_a_forward(2) == [n]
 
 
+def test_a_decoder_layers_stacked_as_are_views_of_its_casts(monkeypatch):
+    """``cast`` puts a decoder layer's LoRA A's one after another in one buffer, so that q/k/v's and gate/up's
+    stacked A's (``stacked``) are views of it, not copies: 2 launches a layer fewer, and at the 7B recipe's
+    shape 0.16 GiB fewer held. A's apart, or out of order, are copied, with the same values."""
+    from bailong import lora
+    from bailong.lora_casts import stacked
+    monkeypatch.setattr(lora, "_fused", True)
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=4, dropout=0.0, targets=lora.PROJECTIONS)))
+    ids = torch.randint(0, 260, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[:, :-1], targets=ids[:, 1:])  # no backward: the casts stay
+    for layer in model.model.layers:
+        for shared in [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                       (layer.mlp.gate_proj, layer.mlp.up_proj)]:
+            As = [m.casts.weights[0] for m in shared]
+            stack = shared[0].casts.shared_A
+            assert stack.data_ptr() == As[0].data_ptr() and torch.equal(stack, torch.cat(As))
+    flat = torch.randn(12)
+    a, b, c = flat[:6].view(2, 3), flat[6:].view(2, 3), torch.randn(2, 3)
+    assert stacked([a, b]).data_ptr() == a.data_ptr() and torch.equal(stacked([a, b]), torch.cat([a, b]))
+    for apart in ([b, a], [a, c]):
+        assert stacked(apart).data_ptr() not in (a.data_ptr(), b.data_ptr())
+        assert torch.equal(stacked(apart), torch.cat(apart))
+
+
 def test_fused_lora_trains_after_inference(monkeypatch):
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
