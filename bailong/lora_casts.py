@@ -67,8 +67,8 @@ def cast(layer, dtype):
                  m.lora_A.weight.device == device and m.casts.key != _version(m, dtype)]
         for m in stale:  # the old copies go first, so that the new ones can take their memory
             m.casts.clear()
-        As = []  # a decoder layer's A's one after another in one buffer: q/k/v's, gate/up's stacked are views
-        for _, run in itertools.groupby(stale, key=lambda m: id(m.casts.peers)):
+        As = []  # a decoder layer's A's one after another in one buffer (q/k/v's, gate/up's stacked are views);
+        for _, run in itertools.groupby(stale, key=lambda m: id(m.casts.peers or m)):  # others', one each
             run = list(run)
             sizes = [m.lora_A.weight.numel() for m in run]
             flat = torch.empty(sum(sizes), dtype=dtype, device=device)
