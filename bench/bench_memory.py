@@ -238,7 +238,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     GPU's copy of them)."""
     from bailong import nf4, optim
     from bailong.memory import BF16Grads, offload_embedding
-    gc.collect()  # nothing of a row before alive (its LoRA layers would be cast with this row's)
+    gc.collect()  # nothing of a row before alive, held in a cycle
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets += ("embed_tokens", "lm_head") if args.embedding_and_head else ()
     made_from_data = nf4.dynamic_code  # NF4's constant tables are made from data: made for real, outside
