@@ -276,7 +276,7 @@ class LoRAShared(torch.autograd.Function):
             dx = _scaled_mm(u, A, s)
             if ctx.p:  # each LoRA part of dL/dx through its mask, then their sum
                 dx = _through_masks(dx, mask, ctx.key, ctx.p)
-            if _one_at_a_time and not is_held(ctx.weights):  # + g_i W_i, each W_i made and let go in turn
+            if _one_at_a_time and not is_held(ctx.weights, gs[0].dtype):  # + g_i W_i, each W_i made and let go in turn
                 for g, w in zip(gs, ctx.weights):
                     dx.addmm_(g, frozen_weight(w, gs[0].dtype))
             else:

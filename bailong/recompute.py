@@ -295,7 +295,7 @@ def dequantized(q, dtype, dequantize, keep=False):
     copy made there. ``keep``: the input multiplied by q wants a gradient, so the backward will multiply by q
     again; inside a recomputation that keeps (``keeping``), the copy waits for it. ``q``: an NF4Tensor, or a
     tuple of them that one matmul multiplies by (q, k and v), dequantized, kept and found as one."""
-    key = tuple(map(id, q)) if isinstance(q, tuple) else id(q)
+    key = _key(q)
     if _once is not None and (held := _once.get(key)) is not None and _same(held[0], q) and held[1].dtype == dtype:
         return held[1]
     held = _kept.pop(key, None)
@@ -310,11 +310,16 @@ def dequantized(q, dtype, dequantize, keep=False):
     return w
 
 
-def is_held(q) -> bool:
-    """Whether ``dequantized`` would find q's copy (kept by a recomputation, or made within
+def is_held(q, dtype) -> bool:
+    """Whether ``dequantized`` would find q's copy in ``dtype`` (kept by a recomputation, or made within
     ``dequantized_once``) rather than dequantize it."""
-    key = tuple(map(id, q)) if isinstance(q, tuple) else id(q)
-    return any(held is not None and key in held and _same(held[key][0], q) for held in (_kept, _once))
+    key = _key(q)
+    return any(held is not None and key in held and _same(held[key][0], q) and held[key][1].dtype == dtype
+               for held in (_kept, _once))
+
+
+def _key(q):
+    return tuple(map(id, q)) if isinstance(q, tuple) else id(q)
 
 
 def _same(a, b) -> bool:

@@ -75,7 +75,7 @@ class LiveBytes(TorchDispatchMode):
         self.alive = {}  # id of a storage -> (bytes, operation, shape, dtype, epoch, weak reference)
         self.now = self.peak = self.epoch = 0
         self.at_peak, self.peak_op = [], None
-        self.host = False  # while True, what is made is host memory: not counted
+        self.host = False  # while True (``in_host_memory``), what is made is host memory: not counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -102,6 +102,15 @@ class LiveBytes(TorchDispatchMode):
     def _freed(self, key):
         self.now -= self.alive.pop(key)[0]
 
+    @contextlib.contextmanager
+    def in_host_memory(self):
+        """Within: what is made is host memory, not counted."""
+        self.host = True
+        try:
+            yield
+        finally:
+            self.host = False
+
     def reset_peak(self):
         self.epoch += 1
         self.peak, self.at_peak, self.peak_op = self.now, [], None
@@ -117,11 +126,8 @@ def offloaded_to(live):
         __slots__ = ()
 
         def __init__(self, t):
-            live.host = True
-            try:
+            with live.in_host_memory():
                 super().__init__(t)
-            finally:
-                live.host = False
 
         def fetch(self):
             if self.back is None:
@@ -259,11 +265,8 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
         model, loss_of = their_model(config, args, targets) if theirs else our_model(config, args, targets, keep,
                                                                                      offload)
         if embedding:
-            live.host = True
-            try:
+            with live.in_host_memory():
                 offload_embedding(model)
-            finally:
-                live.host = False
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(trainable, args, theirs)

@@ -1,14 +1,13 @@
 """QLoRA training steps: our tokens/s and peak memory against transformers + PEFT + bitsandbytes.
 
-Both sides get the same random-weight checkpoint, an NF4 base with double
-quantization, LoRA of the same rank on the seven projections, AdamW (fused on
-CUDA: what train.py and transformers' Trainer take; with ``--optimizer
-adamw8bit`` ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs
-in a fresh process, a few warm-up steps first. Ours runs up to 17 times (``ROWS``, ``FEATURES``): through autograd (the
-default until an H200 timed the rest); each LoRA projection one autograd node (``bailong.lora_fused``; with
-checkpointing each layer one node too, ``bailong.recompute``); with that the norms, SwiGLU and RoPE through their
-training kernels (``bailong_kernels.layers``, CUDA only), each checkpointed layer through autograd, then written out by
-hand (``bailong.layer_fused``, as in the rows after); with all that the loss chunk by chunk
+Both sides get the same random-weight checkpoint, an NF4 base with double quantization, LoRA of the same rank on the
+seven projections, AdamW (fused on CUDA: what train.py and transformers' Trainer take; with ``--optimizer adamw8bit``
+ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs in a fresh process, a few warm-up
+steps first. Ours runs up to 17 times (``ROWS``, ``FEATURES``): through autograd (the default until an H200 timed the
+rest); each LoRA projection one autograd node (``bailong.lora_fused``; with checkpointing each layer one node too,
+``bailong.recompute``); with that the norms, SwiGLU and RoPE through their training kernels
+(``bailong_kernels.layers``, CUDA only), each checkpointed layer through autograd, then written out by hand
+(``bailong.layer_fused``, as in the rows after); with all that the loss chunk by chunk
 (``bailong.memory.chunked_cross_entropy``); then with all that and one more: (CUDA) each layer's saved input offloaded
 to host memory (``OffloadedInput``); the recomputation's dequantized NF4 weights kept for the backward; the MLP chunk
 by chunk (``ChunkedMLP``); (CUDA) the offload and the chunked MLP; the projections' LoRA gradients kept in bf16
@@ -70,12 +69,12 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
         "ours, + chunked loss, CUDA graph": "ours-graph",
         "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
         "transformers+peft+bitsandbytes": "theirs"}
-# what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written
-# out by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing
-# only), the embedding's table in host memory (CUDA only), the kept dequantized weights (checkpointing only), the
-# chunked MLP, the LoRA casts made by layer, the LoRA gradients in bf16; LoRA dropout by torch's kernel, not the
-# layer kernels' (bailong.lora_fused.seeded_dropout);
-# the step replayed from one CUDA graph (bailong.step_graph: CUDA; dropout only through the layer kernels')
+# what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written out
+# by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing only), the
+# embedding's table in host memory (CUDA only), the kept dequantized weights (checkpointing only), the chunked MLP,
+# the LoRA casts made by layer, the LoRA gradients in bf16; LoRA dropout by torch's kernel, not the layer kernels'
+# (bailong.lora_fused.seeded_dropout); the step replayed from one CUDA graph (bailong.step_graph: CUDA; dropout only
+# through the layer kernels')
 BASE = {"fused", "layers", "loss"}
 FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "layers", "autograd"},
             "ours-layers": {"fused", "layers"}, "ours-all": BASE,
@@ -108,7 +107,7 @@ def run_one(which, folder, args):
         from bailong.layer_fused import use_fused_layer
         from bailong.lora import LoRAConfig, inject_lora, mark_only_lora_trainable, use_fused_lora
         from bailong.lora_casts import use_casts_by_layer
-        from bailong.memory import use_chunked_loss, use_chunked_mlp
+        from bailong.memory import offload_embedding, use_chunked_loss, use_chunked_mlp
         from bailong_kernels import use_layer_kernels
         on = FEATURES[which]
         use_fused_lora("fused" in on)
@@ -127,7 +126,6 @@ def run_one(which, folder, args):
         model.offload = "offload" in on and device == "cuda"
         model.keep_dequantized = "keep" in on
         if "embedding" in on and device == "cuda":
-            from bailong.memory import offload_embedding
             offload_embedding(model)
         loss_of = lambda inputs, targets: model(inputs, targets=targets)  # noqa: E731
     else:

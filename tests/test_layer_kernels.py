@@ -297,9 +297,8 @@ def test_decode_step_launches_stay_within_budget(monkeypatch, fused_step, quanti
 # pass), 107 and 104. With q and k rotated in one launch where they lie side by side in q/k/v's output (the layer
 # by hand, forward and recomputation), 105, 93 and 102. With the dropout kernels' seed drawn on the device once a
 # forward (bailong.recompute.MaskSeeds: so a CUDA graph can hold a step with dropout), where the host read the
-# generator before, one launch more a step, none a layer: 265 and 259 the step. With a decoder layer's LoRA A's cast
-# into one buffer, q/k/v's and gate/up's stacked A's are views of it, not copies (bailong.lora_casts.stacked): 2
-# fewer a layer on the fused path, 197, 103, 91 and 100.
+# generator before, one launch more a step, none a layer: 265 and 259 the step. With q/k/v's and gate/up's stacked
+# LoRA A's views of one buffer, not copies (bailong.lora_casts.stacked), 197, 103, 91 and 100.
 TRAIN_STEP_BUDGET = {(False, False, 0.05, False): {"per layer": 380, "whole step": 847},
                      (True, False, 0.05, False): {"per layer": 197, "whole step": 468},
                      (True, True, 0.05, False): {"per layer": 103, "whole step": 261},
