@@ -13,7 +13,8 @@ but inside it nothing is recorded: the forward calls each node's own forward
 the backward runs the recomputation the same way, then calls their backwards in
 reverse order, the norms' kernels adding the residual stream's gradients. Only
 attention goes through autograd, one node (whichever SDPA kernel torch picks,
-with its own backward). The kernels are the same: the values are those of the
+with its own backward), unless its output is kept (``keep_attention``: SDPA's
+flash kernel and its backward called by hand, ``FusedLayer``). The kernels are the same: the values are those of the
 autograd path, to rounding (tests/test_layer_fused.py: 1e-5 in float32).
 
 Taken where everything it writes out applies (``fused_layer``): a layer
@@ -26,10 +27,12 @@ forward hooks on the layer, its attention, MLP or norms, nor on every module
 anyway: ``bailong.model.project``). Switched off with ``BAILONG_FUSED_LAYER=0``.
 """
 import contextlib
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.nn.modules import module as nn_module
 
 from bailong.lora import LoRALinear
@@ -38,6 +41,7 @@ from bailong.memory import chunked_mlp_on
 from bailong.recompute import as_forward, forward_state, keeping, nothing_saved, recomputing, replayed
 
 _fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
+_FLASH = int(SDPBackend.FLASH_ATTENTION)  # as ``torch._fused_sdp_choice`` names it
 
 
 def use_fused_layer(flag=True) -> bool:
@@ -48,10 +52,11 @@ def use_fused_layer(flag=True) -> bool:
     return previous
 
 
-def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
+def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False, keep_attention=False):
     """``layer(x, cos, sin, positions, mask, cache)`` checkpointed as one hand-written node (``FusedLayer``)
     where that applies, else None. ``kernels``: ``bailong_kernels.layers`` (``bailong.model.layer_kernels``);
-    ``keep``: as ``bailong.recompute.checkpoint``'s."""
+    ``keep``: as ``bailong.recompute.checkpoint``'s; ``keep_attention``: attention's output kept for the
+    backward, which then skips attention and o in the recomputation (``FusedLayer``)."""
     attn, mlp = layer.self_attn, layer.mlp
     groups = [(attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)]
     if not (_fused_layer and kernels is not None and mask is None and cache is None and not chunked_mlp_on()
@@ -63,7 +68,7 @@ def fused_layer(layer, x, cos, sin, mask, cache, kernels, keep=False):
         return None
     projections = (*groups[0], attn.o_proj, *groups[1], mlp.down_proj)
     params = [p for m in projections for p in (m.lora_A.weight, m.lora_B.weight)]
-    return FusedLayer.apply(layer, kernels, keep, cos, sin, x, *params)
+    return FusedLayer.apply(layer, kernels, keep, keep_attention, cos, sin, x, *params)
 
 
 def _hooked(*modules) -> bool:
@@ -100,29 +105,40 @@ class FusedLayer(torch.autograd.Function):
         dL/dx_2 = g + norm_2'(gate_up'(swiglu'(down'(g))))
         dL/dx = dL/dx_2 + norm_1'(qkv'(rope'(attention'(o'(dL/dx_2)))))
 
+    With ``keep_attention`` (``train.py --keep-attention``), where SDPA takes its flash kernel (``_flash``),
+    the forward keeps attention's output a and x_2 too, each as large as x, and attention's log-sum-exp (a
+    float a head and position): the recomputation then skips attention's forward, which grows with the
+    square of the sequence, and o's matmul (o's LoRA part only, for its backward), and attention's backward
+    is the flash kernel's, from a and the log-sum-exp. The same values, bit for bit.
+
     The LoRA gradients come back through this node, as from ``Recomputed`` (and with the same caveats: a
     hook on a parameter itself runs twice; ``torch.autograd.grad`` of some forms all)."""
 
     @staticmethod
-    def forward(ctx, layer, kernels, keep, cos, sin, x, *params):
-        ctx.save_for_backward(x)
+    def forward(ctx, layer, kernels, keep, keep_attention, cos, sin, x, *params):
         ctx.layer, ctx.kernels, ctx.keep, ctx.cos, ctx.sin = layer, kernels, keep, cos, sin
         ctx.state = forward_state(x)
-        return _forward(layer, kernels, x, cos, sin)[0]
+        y, kept = _forward(layer, kernels, x, cos, sin, keep_attention=keep_attention)
+        ctx.flash = kept.pop() if kept else None  # what the flash kernel's backward takes besides: not saved
+        ctx.save_for_backward(x, *(kept or ()))
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, = ctx.saved_tensors
-        want_x = ctx.needs_input_grad[5]  # x's
+        x, *kept = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[6]  # x's
         with replayed(x, ctx.state), as_forward(x, ctx.state), recomputing(), keeping(ctx.keep), torch.no_grad():
-            _, parts = _forward(ctx.layer, ctx.kernels, x, ctx.cos, ctx.sin, want_x, recompute=True)
-        return None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)
+            _, parts = _forward(ctx.layer, ctx.kernels, x, ctx.cos, ctx.sin, want_x, recompute=True,
+                                kept=[*kept, ctx.flash] if kept else None)
+        return None, None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)
 
 
-def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
+def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False, keep_attention=False, kept=None):
     """The layer's output and, in the ``recompute`` (whose output no one reads: None), the contexts its parts
-    leave for ``_backward``, in order; ``want_x``: dL/dx is wanted. Outside it nothing is kept (``Unsaved``)."""
+    leave for ``_backward``, in order; ``want_x``: dL/dx is wanted. Outside it nothing is kept (``Unsaved``)
+    but, with ``keep_attention`` where the flash kernel takes attention, ``kept``: [x_2, a, attention's
+    log-sum-exp, what the flash kernel's backward takes besides], which the recomputation is given back."""
     Context = Ctx if recompute else Unsaved
 
     def context(args, want_input):  # for a node of inputs args: gradients wanted for the first as want_input,
@@ -143,14 +159,29 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
     for t in _side_by_side(q, k):  # in one launch where k's columns follow q's in one output
         kernels.rope_(t, cos, sin, attn.head_dim)
     q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
-    # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
-    with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=attn.n_kv_heads != attn.n_heads)
-    attention = q, k, v, a
-    args = attn.o_proj.projection_args(a.detach().transpose(1, 2).reshape(B, T, -1), x)
+    if kept:  # attention as the forward kept it: its output a (B, T, heads * D), its log-sum-exp
+        x2, a, lse, flash = kept
+        out = a.view(B, T, -1, attn.head_dim).transpose(1, 2)
+        attention = functools.partial(_flash_backward, q, k, v, out, lse, flash)
+    elif keep_attention and (flash := _flash(q, k, v)) is not None:
+        out, lse, flash = flash
+        a = out.transpose(1, 2).reshape(B, T, -1)  # a view: the kernel writes (B, T, heads, D)
+        kept = [a, lse, flash]  # x_2 put first below
+    else:  # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
+        with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                                 enable_gqa=attn.n_kv_heads != attn.n_heads)
+        attention = functools.partial(_autograd_backward, q, k, v, out)
+        a = out.detach().transpose(1, 2).reshape(B, T, -1)
+    skip_o = recompute and kept  # x_2 kept: o's LoRA part only, for its backward, which forms g W as down's does
+    args = attn.o_proj.projection_args(a, x, base=not skip_o)
     o = context(args, True)
-    x2 = LoRAProjection.forward(o, *args)  # x + attention
+    y = LoRAProjection.forward(o, *args)
+    if skip_o:
+        o.weight = attn.o_proj.weight
+    else:
+        x2 = y  # x + attention
     norm_2 = Context(True, False, False)
     h = kernels.RMSNormFunction.forward(norm_2, x2, layer.post_attention_layernorm.weight,
                                         layer.post_attention_layernorm.eps)
@@ -167,7 +198,7 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False):
     down.weight = mlp.down_proj.weight
     if recompute:
         return None, [norm_1, qkv, rope, attention, o, norm_2, gate_up, swiglu, down]
-    return frozen_addmm(y, h, down.weight, in_place=True), None  # x2 + MLP, into y: ours
+    return frozen_addmm(y, h, down.weight, in_place=True), kept and [x2, *kept]  # x2 + MLP, into y: ours
 
 
 def _backward(kernels, parts, g, want_x):
@@ -179,7 +210,7 @@ def _backward(kernels, parts, g, want_x):
     dh, *gate_up_grads = LoRAShared.backward(parts.pop(), dgate, dup)
     dx2 = kernels.rms_norm_backward(parts.pop(), dh, g)  # + g: y = x2 + ...
     da, _, *o_grads = LoRAProjection.backward(parts.pop(), dx2)[:4]
-    dq, dk, dv = _attention_backward(*parts.pop(), da)
+    dq, dk, dv = parts.pop()(da)  # attention's backward
     rope = parts.pop()
     dq, dk = (kernels.rope_(t, *rope.saved_tensors, rope.head_dim, -1.0) for t in (dq, dk))  # ours: in place
     dh, *qkv_grads = LoRAShared.backward(parts.pop(), dq, dk, dv)
@@ -197,9 +228,36 @@ def _side_by_side(a, b):
     return a, b
 
 
-def _attention_backward(q, k, v, a, da):
+def _autograd_backward(q, k, v, out, da):
     """dL/dq, dL/dk, dL/dv, each (B, T, heads * D), through autograd from the recomputation's attention
-    a = SDPA(q, k, v) and dL/da, given as (B, T, heads * D)."""
+    out = SDPA(q, k, v) (B, heads, T, D) and dL/da, given as (B, T, heads * D)."""
     B, T, _ = da.shape
-    grads = torch.autograd.grad(a, (q, k, v), da.view(B, T, -1, q.shape[-1]).transpose(1, 2))
+    grads = torch.autograd.grad(out, (q, k, v), da.view(B, T, -1, q.shape[-1]).transpose(1, 2))
+    return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]
+
+
+def _flash(q, k, v):
+    """Causal attention of q, k, v (B, heads, T, D) by SDPA's flash kernel, called as SDPA calls it, where SDPA
+    would take that kernel for them (and on CUDA, a head size SDPA need not pad: a multiple of 8): its output
+    (B, heads, T, D), its log-sum-exp (B, heads, T) and what its backward takes besides; else None."""
+    causal = q.shape[2] > 1
+    wanting = [t.detach().requires_grad_() for t in (q, k, v)]  # as in training: SDPA picks its kernel by them
+    if (torch._fused_sdp_choice(*wanting, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]) != _FLASH
+            or q.is_cuda and q.shape[-1] % 8):
+        return None
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+        return out, lse, (0.0, causal)
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, causal)
+    return out, lse, (cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
+
+
+def _flash_backward(q, k, v, out, lse, rest, da):
+    """``_autograd_backward``'s gradients by the flash kernel's backward, from ``_flash``'s output, log-sum-exp
+    and ``rest``, as autograd calls it after SDPA."""
+    B, T, _ = da.shape
+    backward = (torch.ops.aten._scaled_dot_product_flash_attention_backward if q.is_cuda
+                else torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    grads = backward(da.view(B, T, -1, q.shape[-1]).transpose(1, 2), q, k, v, out, lse, *rest)
     return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]

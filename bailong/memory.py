@@ -193,29 +193,32 @@ def _rows(t, chunk):
 class OffloadedInput(torch.autograd.graph.saved_tensors_hooks):
     """Around a checkpointed layer's forward: its input ``x``, which activation checkpointing keeps for the
     recomputation, waits in (pinned) host memory instead of on the GPU until the backward reaches the layer,
-    as Unsloth does. On CUDA both copies run on a side stream while the GPU goes on computing: the copy out
-    as soon as x is complete, and the copy back of the layer before (``before``, its OffloadedInput: the
-    backward needs it next) as soon as this layer's input comes back, so that it overlaps this layer's
-    recomputation and backward. Everything else kept (cos and sin, which every layer shares) stays where it
-    is. Saves batch x sequence x hidden values a layer: 64 MiB a sequence of 8,192 at hidden 4,096 in bf16."""
+    as Unsloth does; and so does anything else the layer keeps of x's shape and dtype (attention's output and
+    x_2, where ``bailong.layer_fused`` keeps them). On CUDA both copies run on a side stream while the GPU goes
+    on computing: the copy out as soon as a tensor is complete, and the copy back of the layer before's
+    (``before``, its OffloadedInput: the backward needs them next) as soon as one of this layer's comes back, so
+    that it overlaps this layer's recomputation and backward. Everything else kept (cos and sin, which every
+    layer shares) stays where it is. Saves batch x sequence x hidden values a tensor: 64 MiB a sequence of
+    8,192 at hidden 4,096 in bf16."""
 
     def __init__(self, x, before=None):
-        x = weakref.ref(x)  # the hooks live as long as what they saved: they must not keep x themselves
-        self.saved = lambda: None  # a weak reference to the HostCopy of x once packed, for the next layer to fetch
+        shape, dtype = x.shape, x.dtype  # the hooks live as long as what they saved: they must not keep x itself
+        self.saved = []  # weak references to the HostCopy of each tensor packed, for the next layer to fetch
 
         def pack(t):
-            if t is not x():
+            if t.shape != shape or t.dtype != dtype:
                 return t
             saved = HostCopy(t)
-            self.saved = weakref.ref(saved)
+            self.saved.append(weakref.ref(saved))
             return saved
 
         def unpack(packed):
             if not isinstance(packed, HostCopy):
                 return packed
-            packed.fetch()  # its own copy first (a no-op where fetched ahead), then the next one's
-            if before is not None and (earlier := before.saved()) is not None:
-                earlier.fetch()
+            packed.fetch()  # its own copy first (a no-op where fetched ahead), then the next ones
+            for earlier in before.saved if before is not None else ():
+                if (copy := earlier()) is not None:
+                    copy.fetch()
             return packed.take()
 
         super().__init__(pack, unpack)

@@ -305,6 +305,7 @@ class Llama(nn.Module):
         self.checkpointing = False  # recompute each layer in the backward instead of keeping its activations
         self.offload = False  # with checkpointing: each layer's input kept in host memory (``OffloadedInput``)
         self.keep_dequantized = False  # with checkpointing: the recomputation's NF4 copies serve the backward too
+        self.keep_attention = False  # with checkpointing: attention's output kept (``bailong.layer_fused``)
         self.tie_weights()
 
     def tie_weights(self):
@@ -336,7 +337,8 @@ class Llama(nn.Module):
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 offloaded = OffloadedInput(x, offloaded) if self.offload else None
                 with offloaded or contextlib.nullcontext():  # bailong.layer_fused, else bailong.recompute
-                    y = fused_layer(layer, x, cos, sin, mask, cache, layer_kernels(x), self.keep_dequantized)
+                    y = fused_layer(layer, x, cos, sin, mask, cache, layer_kernels(x), self.keep_dequantized,
+                                    self.keep_attention)
                     x = y if y is not None else checkpoint(layer, x, (cos, sin, positions, mask, cache),
                                                            self.keep_dequantized,
                                                            own=frozen_matmul_skipped(layer.mlp.down_proj))

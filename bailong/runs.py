@@ -66,7 +66,7 @@ CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
                 "save_every", "patience", "model", "init", "data", "offload_activations", "keep_dequantized",
-                "cuda_graph"}
+                "cuda_graph", "keep_attention"}
 
 
 def options(config, world=1) -> dict:

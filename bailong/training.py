@@ -27,17 +27,21 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
-# what each option that moves GPU memory to the host says on the CPU, where everything is there already
+# what each option only CUDA's training has says on the CPU (the first two move GPU memory to the host)
+TO_HOST = ("offload_activations", "offload_embedding")
 ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved layer inputs to host memory; on the "
                                  "CPU they are there already",
           "offload_embedding": "--offload-embedding moves the GPU's embedding table to host memory; on the CPU it is "
-                               "there already"}
+                               "there already",
+          "keep_attention": "--keep-attention keeps attention's output in the layers CUDA's training writes out by "
+                            "hand; on the CPU they are recomputed through autograd"}
 BF16_GRADS_IN_FP32 = ("--bf16-grads keeps the LoRA gradients in bf16, lossless only where training runs in bf16: it "
                       "needs --precision bf16 (the default on CUDA)")
 # options that work on what activation checkpointing keeps or recomputes: what each does, for their errors
 ON_CHECKPOINTING = {"offload_activations": "keeps the layer inputs activation checkpointing saves",
                     "keep_dequantized": "keeps what activation checkpointing's recomputation dequantizes",
-                    "casts_by_layer": "makes the LoRA copies again in activation checkpointing's recomputation"}
+                    "casts_by_layer": "makes the LoRA copies again in activation checkpointing's recomputation",
+                    "keep_attention": "keeps attention's output for activation checkpointing's recomputation"}
 # Fine-tuning an already trained model wants smaller, fewer steps: on the embedded default, at the
 # pre-training rate the held-out loss on the bundled chats rises after step 10.
 STAGE_DEFAULTS = {"sft": dict(lr=1e-4, min_lr=1e-5, steps=60, warmup=10, eval_every=10, save_every=30)}
@@ -121,6 +125,13 @@ class TrainConfig:
                                                               "micro-batch a step (the 7B recipe's floor 0.59 GiB "
                                                               "lower; its peak with --casts-by-layer, above; not "
                                                               "timed on a GPU)"})
+    keep_attention: bool = field(default=False, metadata={"help": "with activation checkpointing on CUDA: keep "
+                                                                  "attention's output and the layer's residual "
+                                                                  "stream after attention too (twice batch x "
+                                                                  "sequence x hidden values more a layer; in host "
+                                                                  "memory with --offload-activations), so that the "
+                                                                  "recomputation skips attention and o (the same "
+                                                                  "values; not timed on a GPU)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -163,7 +174,15 @@ class TrainConfig:
                              "the backward from a random state restored on the host), which BAILONG_FUSED_LORA=0, "
                              "BAILONG_LAYER_KERNELS=0 or BAILONG_NF4_KERNELS=0 in the environment switch off: leave "
                              "them unset, or give --lora-dropout 0")
-        for name in ON_CPU:
+        if self.keep_attention and self.precision == "fp32":
+            raise UsageError("--keep-attention keeps the output of SDPA's flash kernel, which takes bf16 on CUDA: it "
+                             "needs --precision bf16 (the default on CUDA)")
+        if self.keep_attention and not layers_by_hand_switched_on():
+            raise UsageError("--keep-attention keeps attention's output in the layers CUDA's training writes out by "
+                             "hand, which BAILONG_FUSED_LORA=0, BAILONG_LAYER_KERNELS=0, BAILONG_NF4_KERNELS=0, "
+                             "BAILONG_FUSED_LAYER=0 or BAILONG_CHUNKED_MLP=1 in the environment switch off: leave "
+                             "them unset")
+        for name in TO_HOST:
             if self.cuda_graph and getattr(self, name):
                 raise UsageError(f"--cuda-graph and {flag(name)} do not go together: the copies to host memory are "
                                  "not captured")
@@ -259,9 +278,17 @@ def dropout_kernels_switched_on() -> bool:
     """Whether the environment switches train.py's LoRA dropout on CUDA to its kernels, whose masks a CUDA graph of
     the step holds (``bailong.step_graph.dropout_captured``): the fused LoRA path (``bailong.lora``) and the
     training layer kernels (``bailong_kernels``), read as they read them, before torch loads."""
-    def on(name, default="0"):
-        return os.environ.get(name, default) not in ("", "0")
-    return on("BAILONG_FUSED_LORA", "1") and on("BAILONG_LAYER_KERNELS", "1") and on("BAILONG_NF4_KERNELS", "1")
+    return _on("BAILONG_FUSED_LORA", "1") and _on("BAILONG_LAYER_KERNELS", "1") and _on("BAILONG_NF4_KERNELS", "1")
+
+
+def layers_by_hand_switched_on() -> bool:
+    """Whether the environment leaves train.py's checkpointed layers on CUDA written out by hand
+    (``bailong.layer_fused``): the switches above, the hand-written layer's, and the MLP whole."""
+    return dropout_kernels_switched_on() and _on("BAILONG_FUSED_LAYER", "1") and not _on("BAILONG_CHUNKED_MLP")
+
+
+def _on(name, default="0") -> bool:
+    return os.environ.get(name, default) not in ("", "0")
 
 
 def check_graph_step(world: int, device: str | None = None):

@@ -80,3 +80,25 @@ def count_launches(monkeypatch):
             patch.setattr(module, name, Counted(kernel, name, launches))
         with launches:
             yield launches
+
+
+def step_launches(monkeypatch, layers, dropout, keep, keep_attention=False) -> int:
+    """What a training step of ``tiny_nf4(layers)`` (bf16, LoRA r = 8, checkpointing; the recomputation's
+    dequantized weights kept, attention kept) launches, on the path the caller set."""
+    import torch.nn.functional as F
+    from test_layer_kernels import tiny_nf4
+
+    from bailong import lora
+    model = tiny_nf4(layers)
+    lora.mark_only_lora_trainable(lora.inject_lora(model.to(torch.bfloat16), lora.LoRAConfig(r=8, dropout=dropout)))
+    model.checkpointing, model.keep_dequantized, model.keep_attention = True, keep, keep_attention  # as on CUDA
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
+    with count_launches(monkeypatch) as launches:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py on CUDA: the compute dtype
+            logits = model(ids[:, :-1])
+        targets = ids[:, 1:]  # train.py's loss: summed over the batch's tokens, divided by their count
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                               reduction="sum") / (targets != -100).sum().clamp(min=1)
+        loss.backward()
+    return len(launches.aten) + len(launches.triton)

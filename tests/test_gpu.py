@@ -366,3 +366,11 @@ def test_on_cuda_a_layer_written_out_by_hand_trains_as_autograd_does(monkeypatch
     LoRA gradients to bf16 rounding."""
     from test_layer_fused import check_by_hand
     check_by_hand(monkeypatch, keep, "cuda", torch.bfloat16, autocast=True)
+
+
+def test_on_cuda_attention_kept_trains_as_recomputed(monkeypatch):
+    """``Llama.keep_attention`` (``train.py --keep-attention``): SDPA's flash kernel called by hand as SDPA calls it,
+    its backward from the kept output and log-sum-exp, a bf16 model under bf16 autocast as train.py runs it: as
+    on the CPU (tests/test_layer_fused.py)."""
+    from test_layer_fused import check_attention_kept
+    check_attention_kept(monkeypatch, "cuda", torch.bfloat16, autocast=True)

@@ -184,3 +184,102 @@ def test_by_hand_a_backward_holds_no_more_than_autograds(monkeypatch, tmp_path):
         peaks.append(allocator_peak(model(ids[:, :-1], targets=ids[:, 1:]).backward, tmp_path)[0])
     autograd, by_hand = peaks
     assert 0 < by_hand <= autograd, peaks
+
+
+@pytest.mark.parametrize("dropout,offload", [(0.0, False), (0.1, False), (0.1, True)])
+def test_attention_kept_trains_bit_for_bit_as_recomputed(monkeypatch, dropout, offload):
+    """``keep_attention``: attention's output, its log-sum-exp and x_2 kept by the forward, the recomputation
+    skipping attention (the flash kernel's backward from what was kept) and o's matmul: the same losses and
+    LoRA gradients, bit for bit, with dropout, the kept tensors offloaded with the layer input (3 copies a
+    layer each way); SDPA never called in a step."""
+    from bailong.memory import HostCopy
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(layer_fused, "_fused_layer", True)
+    layers, copies, init = counted_layers(monkeypatch), [], HostCopy.__init__
+    monkeypatch.setattr(HostCopy, "__init__", lambda self, t: copies.append(t.shape) or init(self, t))
+    sdpa, calls = layer_fused.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(layer_fused.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    results = []
+    for keep_attention in [False, True]:
+        copies.clear()
+        results.append(steps(monkeypatch, False, True, True, dropout=dropout, offload=offload,
+                             keep_attention=keep_attention))
+        assert len(copies) == 2 * 3 * (1 + 2 * keep_attention) * offload  # 2 layers, 3 steps
+        assert len(calls) == 2 * 3 * 2 * (not keep_attention) + 2, calls  # the evaluation's 2 layers
+        calls.clear()
+    assert len(layers) == 2 * 3 * 2
+    (losses, grads), (kept_losses, kept_grads) = results
+    assert losses == kept_losses and grads.keys() == kept_grads.keys() and len(grads) == 32
+    assert all(torch.equal(grads[name], kept_grads[name]) for name in grads)
+
+
+def check_attention_kept(monkeypatch, device="cpu", dtype=torch.float32, autocast=False):
+    """A step of ``test_step_count.nf4_step`` through the kernels (on the CPU interpreted, ``gpu_path``), every
+    layer written out by hand, with attention kept and without: the same loss; o's weight (64 x 64) dequantized
+    once fewer a layer, nothing else; the LoRA gradients the same, bit for bit in float32 (on CUDA in bf16, to
+    the order in which the flash kernel's backward adds)."""
+    import collections
+
+    from test_step_count import nf4_step
+    if device == "cpu":
+        gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(layer_fused, "_fused_layer", True)
+    flash, results = layer_fused._flash, []
+    for keep_attention in [False, True]:
+        with monkeypatch.context() as patch:  # each step's own count of the dequantizations
+            taken = []
+            patch.setattr(layer_fused, "_flash", lambda *args: taken.append(1) or flash(*args))
+            results.append(nf4_step(patch, True, False, device, dtype, autocast, kernels=True,
+                                    keep_attention=keep_attention))
+            assert len(taken) == 2 * keep_attention  # the forward's 2 layers, by the flash kernel
+    (dequantized, loss, grads, _), (kept_dequantized, kept_loss, kept_grads, _) = results
+    assert collections.Counter(dequantized) - collections.Counter(kept_dequantized) == {64 * 64: 2}
+    assert not collections.Counter(kept_dequantized) - collections.Counter(dequantized)
+    assert kept_loss == loss and kept_grads.keys() == grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        if device == "cpu":
+            assert torch.equal(kept_grads[name], grad), name
+        else:
+            torch.testing.assert_close(kept_grads[name], grad, rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_attention_kept_the_recomputation_skips_os_matmul(monkeypatch):
+    check_attention_kept(monkeypatch)
+
+
+def test_attention_kept_a_layer_launches_5_kernels_fewer(monkeypatch):
+    """A training step's launches (tests/launch_count.py), attention kept: per layer the recomputation's attention,
+    o's dequantization, its matmul (with the copy an addmm into a new tensor makes) and its update gone,
+    91 -> 86."""
+    from launch_count import step_launches
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(lora, "_fused", True)
+    per_layer = [step_launches(monkeypatch, 2, 0.0, False, kept) - step_launches(monkeypatch, 1, 0.0, False, kept)
+                 for kept in [False, True]]
+    assert per_layer[0] - per_layer[1] == 5 and per_layer[1] <= 86, per_layer
+
+
+def test_attention_is_kept_only_where_sdpa_takes_the_flash_kernel(monkeypatch):
+    """Where SDPA would take another kernel (here: told to take the math path), nothing more is kept: a step's
+    layers save their input alone and recompute attention, the same loss."""
+    q = torch.randn(1, 4, 8, 16)
+    out, lse, _ = layer_fused._flash(q, q[:, :2], q[:, :2])  # grouped-query attention too
+    assert out.shape == q.shape and lse.shape == (1, 4, 8)
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(lora, "_fused", True)
+    ids = torch.randint(0, 260, (2, 17), generator=torch.Generator().manual_seed(0))
+    kept, forward = [], layer_fused._forward  # what each layer's forward keeps beyond x
+    monkeypatch.setattr(layer_fused, "_forward", lambda *args, **kwargs: kept.append(
+        (result := forward(*args, **kwargs))[1] is not None and not kwargs.get("recompute")) or result)
+    losses = []
+    for choice in [None, 0]:
+        if choice is not None:
+            monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *args, **kwargs: choice)
+        kept.clear()
+        torch.manual_seed(5)
+        model = tiny_lora()
+        model.keep_attention = True
+        losses.append(model(ids[:, :-1], targets=ids[:, 1:]).item())
+        assert kept == [choice is None] * 2  # x_2, attention's output and log-sum-exp; or nothing
+    assert losses[0] == losses[1]

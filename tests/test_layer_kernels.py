@@ -311,24 +311,10 @@ TRAIN_STEP_BUDGET = {(False, False, 0.05, False): {"per layer": 380, "whole step
 @pytest.mark.parametrize("fused_lora,layer_kernels,dropout,keep", list(TRAIN_STEP_BUDGET))
 def test_training_step_launches_stay_within_budget(monkeypatch, fused_lora, layer_kernels, dropout, keep):
     from bailong import lora
-    from launch_count import count_launches
+    from launch_count import step_launches
     gpu_path(monkeypatch, fused_step=False, layer_kernels=layer_kernels)
     monkeypatch.setattr(lora, "_fused", fused_lora)
-    counts = {}
-    for layers in [1, 2]:
-        model = tiny_nf4(layers)
-        lora.mark_only_lora_trainable(lora.inject_lora(model.to(torch.bfloat16), lora.LoRAConfig(r=8, dropout=dropout)))
-        model.checkpointing, model.keep_dequantized = True, keep  # as train.py runs on CUDA
-        model.train()
-        ids = torch.randint(0, model.config.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
-        with count_launches(monkeypatch) as launches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # as train.py on CUDA: the compute dtype
-                logits = model(ids[:, :-1])
-            targets = ids[:, 1:]  # train.py's loss: summed over the batch's tokens, divided by their count
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                   reduction="sum") / (targets != -100).sum().clamp(min=1)
-            loss.backward()
-        counts[layers] = len(launches.aten) + len(launches.triton)
+    counts = {layers: step_launches(monkeypatch, layers, dropout, keep) for layers in [1, 2]}
     per_layer = counts[2] - counts[1]
     print(f"training step (fused LoRA {fused_lora}, layer kernels {layer_kernels}, dropout {dropout}, kept "
           f"dequantized {keep}): {counts[2]} launches, {per_layer} a layer")

@@ -49,9 +49,10 @@ def test_a_counted_step_does_the_matmuls_of_the_recipe_and_no_more(fused):
 
 
 def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autocast=False, wanted=None,
-             kernels=False, chunked=False):
+             kernels=False, chunked=False, keep_attention=False):
     """One QLoRA step of a small NF4 model (2 layers), activation checkpointing on, plain or fused LoRA, the
-    recomputation's dequantized weights kept for the backward or not, (``autocast``) under bf16 autocast,
+    recomputation's dequantized weights kept for the backward or not (``keep``; ``keep_attention``: attention's
+    output, ``bailong.layer_fused``), (``autocast``) under bf16 autocast,
     (``chunked``) the MLP in chunks of 6 tokens: the number of weights each dequantization expanded (the
     reference's, and on CUDA or where the caller routed the projections through the kernels, ``kernels``, the
     kernel's), the loss and the LoRA gradients (``wanted``: of the parameters whose names it accepts only, by
@@ -70,7 +71,7 @@ def nf4_step(monkeypatch, fused, keep, device="cpu", dtype=torch.float32, autoca
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B = 0 would leave A's gradients 0
             torch.nn.init.normal_(p, std=0.1)
-    model.checkpointing, model.keep_dequantized = True, keep
+    model.checkpointing, model.keep_dequantized, model.keep_attention = True, keep, keep_attention
     model.train()
     dequantized, dequantize = [], NF4Tensor.dequantize
     if not kernels:  # routed through the kernels, a step must not dequantize by the reference at all
