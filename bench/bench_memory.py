@@ -53,6 +53,7 @@ import weakref
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -61,6 +62,7 @@ from bench_train import FEATURES, ROWS, SETTINGS
 from traffic import Traffic
 
 GiB = 2**30
+FLASH = int(SDPBackend.FLASH_ATTENTION)  # SDPA's kernel as a GPU picks it (``torch._fused_sdp_choice``)
 COPY_RATE = 4.3e12  # bytes/s: a copy's on an H200, as measured (docs/BENCHMARKS.md)
 
 
@@ -166,7 +168,7 @@ def in_bf16(make):
         torch.set_default_dtype(default)
 
 
-def our_model(config, args, targets, keep, offload):
+def our_model(config, args, targets, keep, offload, attention=False):
     """Ours as ``bench/bench_train.py`` trains it: NF4 base, LoRA, activation checkpointing; and its loss."""
     import bailong
     from bailong import lora
@@ -176,6 +178,7 @@ def our_model(config, args, targets, keep, offload):
                                             targets=targets))
     model = lora.mark_only_lora_trainable(model)
     model.checkpointing, model.keep_dequantized, model.offload = True, keep, offload
+    model.keep_attention = attention
     return model, lambda ids: model(ids[:, :-1], targets=ids[:, 1:])
 
 
@@ -230,7 +233,7 @@ def their_model(config, args, targets):
 
 
 def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=False, traffic=None,
-              bf16_grads=False, embedding=False):
+              bf16_grads=False, embedding=False, attention=False):
     """The peak and the floor of one training step of ours (or ``theirs``), in bytes, counted as the module
     docstring says on fake tensors (``fake``), else on real ones; prints what filled the peak (``top``). The
     LoRA (``args``: rank, dropout, embedding_and_head, batch, seq_len) and the paths ours takes are the
@@ -241,7 +244,7 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
     a ``Traffic``: what the kernels of the step counted (the second) read and write; ``bf16_grads``: the
     projections' LoRA gradients kept in bf16 (``bailong.memory.BF16Grads``); ``embedding``: its table in host
     memory (``bailong.memory.offload_embedding``; here its copy made uncounted, a step's rows counted as the
-    GPU's copy of them)."""
+    GPU's copy of them); ``attention``: attention's output kept for the backward (``bailong.layer_fused``)."""
     from bailong import nf4, optim
     from bailong.memory import BF16Grads, offload_embedding
     gc.collect()  # nothing of a row before alive, held in a cycle
@@ -258,12 +261,16 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
             nf4.dynamic_code = lambda signed=True: codes[signed]
             on.callback(setattr, nf4, "dynamic_code", made_from_data)
             on.enter_context(warnings.catch_warnings())  # LoRA's cast cache keys on data pointers: nothing read
+            # asked from Python, SDPA's choice answers the math path on fake tensors (SDPA itself, asking in C++,
+            # takes the CPU's flash kernel): the GPU's answer instead
+            choice, torch._fused_sdp_choice = torch._fused_sdp_choice, lambda *args, **kwargs: FLASH
+            on.callback(setattr, torch, "_fused_sdp_choice", choice)
             warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         live = on.enter_context(LiveBytes())
         if offload:
             on.enter_context(offloaded_to(live))
         model, loss_of = their_model(config, args, targets) if theirs else our_model(config, args, targets, keep,
-                                                                                     offload)
+                                                                                     offload, attention)
         if embedding:
             with live.in_host_memory():
                 offload_embedding(model)
@@ -354,7 +361,7 @@ def main():
         traffic = Traffic() if args.traffic and flag != "theirs" else None  # theirs: bitsandbytes' ops hide theirs
         peak, floor = peaks[flag] = step_peak(config, args, "keep" in on, top=args.top, theirs=flag == "theirs",
                                               offload="offload" in on, traffic=traffic, bf16_grads="grads" in on,
-                                              embedding="embedding" in on)
+                                              embedding="embedding" in on, attention="attention" in on)
         ratio = f" ({peak / peaks['theirs'][0]:.2f}x theirs)" if "theirs" in peaks and flag != "theirs" else ""
         print(f"  peak {peak / GiB:.2f} GiB{ratio}, floor {floor / GiB:.2f} GiB", flush=True)
         if traffic:

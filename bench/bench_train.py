@@ -3,7 +3,7 @@
 Both sides get the same random-weight checkpoint, an NF4 base with double quantization, LoRA of the same rank on the
 seven projections, AdamW (fused on CUDA: what train.py and transformers' Trainer take; with ``--optimizer adamw8bit``
 ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs in a fresh process, a few warm-up
-steps first. Ours runs up to 17 times (``ROWS``, ``FEATURES``): through autograd (the default until an H200 timed the
+steps first. Ours runs up to 19 times (``ROWS``, ``FEATURES``): through autograd (the default until an H200 timed the
 rest); each LoRA projection one autograd node (``bailong.lora_fused``; with checkpointing each layer one node too,
 ``bailong.recompute``); with that the norms, SwiGLU and RoPE through their training kernels
 (``bailong_kernels.layers``, CUDA only), each checkpointed layer through autograd, then written out by hand
@@ -12,7 +12,8 @@ rest); each LoRA projection one autograd node (``bailong.lora_fused``; with chec
 to host memory (``OffloadedInput``); the recomputation's dequantized NF4 weights kept for the backward; the MLP chunk
 by chunk (``ChunkedMLP``); (CUDA) the offload and the chunked MLP; the projections' LoRA gradients kept in bf16
 (``BF16Grads``), alone, (CUDA) with the offload, with the LoRA casts made by layer, and (CUDA) with all three and the
-embedding's table in host memory (``offload_embedding``); with ``--dropout``, torch's dropout instead of the layer
+embedding's table in host memory (``offload_embedding``); (CUDA) attention's output kept for the backward
+(``train.py --keep-attention``), alone and with the offload; with ``--dropout``, torch's dropout instead of the layer
 kernels' (``bailong_kernels.dropout``); and (CUDA) each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``), captured in the last warm-up step: through autograd (no dropout), by default, and with the
 kept dequantized weights.
@@ -65,6 +66,8 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
         "ours, + offloaded layer inputs, bf16 gradients": "ours-offload-grads",
         "ours, + casts by layer, bf16 gradients": "ours-casts-grads",
         "ours, + offloaded layer inputs and embedding, casts by layer, bf16 gradients": "ours-leanest",
+        "ours, + attention kept": "ours-attention",
+        "ours, + offloaded layer inputs, attention kept": "ours-offload-attention",
         "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
         "ours, + chunked loss, CUDA graph": "ours-graph",
         "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
@@ -72,7 +75,8 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
 # what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written out
 # by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing only), the
 # embedding's table in host memory (CUDA only), the kept dequantized weights (checkpointing only), the chunked MLP,
-# the LoRA casts made by layer, the LoRA gradients in bf16; LoRA dropout by torch's kernel, not the layer kernels'
+# the LoRA casts made by layer, the LoRA gradients in bf16, attention's output kept (CUDA and checkpointing only);
+# LoRA dropout by torch's kernel, not the layer kernels'
 # (bailong.lora_fused.seeded_dropout); the step replayed from one CUDA graph (bailong.step_graph: CUDA; dropout only
 # through the layer kernels')
 BASE = {"fused", "layers", "loss"}
@@ -83,6 +87,7 @@ FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "
             "ours-grads": BASE | {"grads"}, "ours-offload-grads": BASE | {"offload", "grads"},
             "ours-casts-grads": BASE | {"casts", "grads"},
             "ours-leanest": BASE | {"offload", "embedding", "casts", "grads"},
+            "ours-attention": BASE | {"attention"}, "ours-offload-attention": BASE | {"offload", "attention"},
             "ours-plain-graph": {"graph"}, "ours-graph": BASE | {"graph"}, "ours-keep-graph": BASE | {"keep", "graph"}}
 
 
@@ -124,7 +129,7 @@ def run_one(which, folder, args):
         mark_only_lora_trainable(model)
         model.checkpointing = args.checkpointing
         model.offload = "offload" in on and device == "cuda"
-        model.keep_dequantized = "keep" in on
+        model.keep_dequantized, model.keep_attention = "keep" in on, "attention" in on
         if "embedding" in on and device == "cuda":
             offload_embedding(model)
         loss_of = lambda inputs, targets: model(inputs, targets=targets)  # noqa: E731
@@ -373,8 +378,8 @@ def main():
         results = {}
         for which, flag in ROWS.items():
             on = FEATURES.get(flag, set())
-            if (flag not in args.rows or on & {"offload", "graph"} and args.device != "cuda"  # CUDA's only
-                    or on & {"offload", "keep"} and not args.checkpointing  # nothing recomputed
+            if (flag not in args.rows or on & {"offload", "graph", "attention"} and args.device != "cuda"  # CUDA's
+                    or on & {"offload", "keep", "attention"} and not args.checkpointing  # nothing recomputed
                     or "graph" in on and args.dropout and not {"fused", "layers"} <= on):  # torch's dropout
                 continue
             started = time.perf_counter()

@@ -79,7 +79,8 @@ for part in ${parts[*]}; do
         train-8bit) run train-8bit "${train[@]}" --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long "${train[@]}" --setting long \
-                    --rows ours-all ours-offload ours-mlp ours-lean theirs ;;  # the 7B afresh: minutes a row
+                    --rows ours-all ours-offload ours-attention ours-offload-attention ours-mlp ours-lean \
+                           theirs ;;  # the 7B afresh: minutes a row
         train-dropout) run train-dropout "${train[@]}" --setting long --dropout 0.05 \
                        --rows ours-all ours-graph ours-torch-dropout theirs ;;  # the kernels' dropout, graphed too
         model)   run model python bench/bench_model_gpu.py ;;
