@@ -14,8 +14,9 @@ the backward runs the recomputation the same way, then calls their backwards in
 reverse order, the norms' kernels adding the residual stream's gradients. Only
 attention goes through autograd, one node (whichever SDPA kernel torch picks,
 with its own backward), unless its output is kept (``keep_attention``: SDPA's
-flash kernel and its backward called by hand, ``FusedLayer``). The kernels are the same: the values are those of the
-autograd path, to rounding (tests/test_layer_fused.py: 1e-5 in float32).
+flash kernel and its backward called by hand, ``FusedLayer``). The kernels are
+the same: the values are those of the autograd path, to rounding
+(tests/test_layer_fused.py: 1e-5 in float32).
 
 Taken where everything it writes out applies (``fused_layer``): a layer
 whose seven projections are fused LoRA layers (q, k, v and gate, up each
@@ -166,7 +167,7 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False, keep_att
     elif keep_attention and (flash := _flash(q, k, v)) is not None:
         out, lse, flash = flash
         a = out.transpose(1, 2).reshape(B, T, -1)  # a view: the kernel writes (B, T, heads, D)
-        kept = [a, lse, flash]  # x_2 put first below
+        kept, attention = [a, lse, flash], None  # x_2 put first below; no backward here
     else:  # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
         with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))

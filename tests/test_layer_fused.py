@@ -191,7 +191,7 @@ def test_attention_kept_trains_bit_for_bit_as_recomputed(monkeypatch, dropout, o
     """``keep_attention``: attention's output, its log-sum-exp and x_2 kept by the forward, the recomputation
     skipping attention (the flash kernel's backward from what was kept) and o's matmul: the same losses and
     LoRA gradients, bit for bit, with dropout, the kept tensors offloaded with the layer input (3 copies a
-    layer each way); SDPA never called in a step."""
+    layer instead of 1); SDPA never called in a step."""
     from bailong.memory import HostCopy
     gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
     monkeypatch.setattr(layer_fused, "_fused_layer", True)
