@@ -49,6 +49,18 @@ def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsy
     assert "holds a different run (--lr was 0.002, now 0.001); choose another --out" in err
 
 
+def test_the_memory_and_speed_switches_do_not_make_another_run():
+    """A run may continue with any of the switches that change no value a step computes, added or dropped (each
+    tested bit for bit elsewhere); --bf16-grads, which rounds the sum of several micro-batches, and
+    --optimizer do make another run."""
+    from bailong.runs import options
+    for name in ("offload_activations", "keep_dequantized", "cuda_graph", "keep_attention", "casts_by_layer",
+                 "offload_embedding"):
+        assert options(TrainConfig(**{name: True})) == options(TrainConfig()), name
+    assert options(TrainConfig(bf16_grads=True)) != options(TrainConfig())
+    assert options(TrainConfig(optimizer="adamw8bit")) != options(TrainConfig())
+
+
 def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
     import hashlib
     monkeypatch.chdir(tmp_path)
