@@ -261,11 +261,11 @@ def step_peak(config, args, keep=False, fake=True, top=0, theirs=False, offload=
             nf4.dynamic_code = lambda signed=True: codes[signed]
             on.callback(setattr, nf4, "dynamic_code", made_from_data)
             on.enter_context(warnings.catch_warnings())  # LoRA's cast cache keys on data pointers: nothing read
+            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
             # asked from Python, SDPA's choice answers the math path on fake tensors (SDPA itself, asking in C++,
             # takes the CPU's flash kernel): the GPU's answer instead
             choice, torch._fused_sdp_choice = torch._fused_sdp_choice, lambda *args, **kwargs: FLASH
             on.callback(setattr, torch, "_fused_sdp_choice", choice)
-            warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         live = on.enter_context(LiveBytes())
         if offload:
             on.enter_context(offloaded_to(live))
