@@ -174,6 +174,7 @@ def train(config):
     mark_only_lora_trainable(model)
     model.checkpointing, model.offload = checkpointing, config.offload_activations
     model.keep_dequantized, model.keep_attention = config.keep_dequantized, config.keep_attention
+    model.cudnn_attention = config.cudnn_attention
     use_casts_by_layer(config.casts_by_layer)
     try:
         offloaded = offload_embedding(model) if config.offload_embedding else 0

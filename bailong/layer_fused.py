@@ -14,7 +14,7 @@ the backward runs the recomputation the same way, then calls their backwards in
 reverse order, the norms' kernels adding the residual stream's gradients. Only
 attention goes through autograd, one node (whichever SDPA kernel torch picks,
 with its own backward), unless its output is kept (``keep_attention``: SDPA's
-flash kernel and its backward called by hand, ``FusedLayer``). The kernels are
+flash or cuDNN kernel and its backward called by hand, ``FusedLayer``). The kernels are
 the same: the values are those of the autograd path, to rounding
 (tests/test_layer_fused.py: 1e-5 in float32).
 
@@ -33,7 +33,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules import module as nn_module
 
 from bailong.lora import LoRALinear
@@ -42,7 +42,15 @@ from bailong.memory import chunked_mlp_on
 from bailong.recompute import as_forward, forward_state, keeping, nothing_saved, recomputing, replayed
 
 _fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
-_FLASH = int(SDPBackend.FLASH_ATTENTION)  # as ``torch._fused_sdp_choice`` names it
+_FLASH, _CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)  # as ``_fused_sdp_choice`` names them
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels(cudnn_first=False):
+    """A context for one attention call: SDPA's kernels in torch's own order, or (``cudnn_first``:
+    ``Llama.cudnn_attention``) cuDNN's tried first, then flash, memory-efficient and math, each where it can take
+    the call. Entered at each call, so that a checkpointed layer's recomputation picks as its forward did."""
+    return sdpa_kernel(CUDNN_FIRST, set_priority=True) if cudnn_first else contextlib.nullcontext()
 
 
 def use_fused_layer(flag=True) -> bool:
@@ -106,11 +114,11 @@ class FusedLayer(torch.autograd.Function):
         dL/dx_2 = g + norm_2'(gate_up'(swiglu'(down'(g))))
         dL/dx = dL/dx_2 + norm_1'(qkv'(rope'(attention'(o'(dL/dx_2)))))
 
-    With ``keep_attention`` (``train.py --keep-attention``), where SDPA takes its flash kernel (``_flash``),
-    the forward keeps attention's output a and x_2 too, each as large as x, and attention's log-sum-exp (a
-    float a head and position): the recomputation then skips attention's forward, which grows with the
-    square of the sequence, and o's matmul (o's LoRA part only, for its backward), and attention's backward
-    is the flash kernel's, from a and the log-sum-exp. The same values, bit for bit.
+    With ``keep_attention`` (``train.py --keep-attention``), where SDPA takes its flash or cuDNN kernel
+    (``_kept_attention``), the forward keeps attention's output a and x_2 too, each as large as x, and
+    attention's log-sum-exp (a float a head and position): the recomputation then skips attention's forward,
+    which grows with the square of the sequence, and o's matmul (o's LoRA part only, for its backward), and
+    attention's backward is that kernel's, from a and the log-sum-exp. The same values, bit for bit.
 
     The LoRA gradients come back through this node, as from ``Recomputed`` (and with the same caveats: a
     hook on a parameter itself runs twice; ``torch.autograd.grad`` of some forms all)."""
@@ -120,7 +128,7 @@ class FusedLayer(torch.autograd.Function):
         ctx.layer, ctx.kernels, ctx.keep, ctx.cos, ctx.sin = layer, kernels, keep, cos, sin
         ctx.state = forward_state(x)
         y, kept = _forward(layer, kernels, x, cos, sin, keep_attention=keep_attention)
-        ctx.flash = kept.pop() if kept else None  # what the flash kernel's backward takes besides: not saved
+        ctx.attention_backward = kept.pop() if kept else None  # the kernel's backward, its extra arguments bound
         ctx.save_for_backward(x, *(kept or ()))
         return y
 
@@ -131,15 +139,15 @@ class FusedLayer(torch.autograd.Function):
         want_x = ctx.needs_input_grad[6]  # x's
         with replayed(x, ctx.state), as_forward(x, ctx.state), recomputing(), keeping(ctx.keep), torch.no_grad():
             _, parts = _forward(ctx.layer, ctx.kernels, x, ctx.cos, ctx.sin, want_x, recompute=True,
-                                kept=[*kept, ctx.flash] if kept else None)
+                                kept=[*kept, ctx.attention_backward] if kept else None)
         return None, None, None, None, None, None, *_backward(ctx.kernels, parts, g, want_x)
 
 
 def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False, keep_attention=False, kept=None):
     """The layer's output and, in the ``recompute`` (whose output no one reads: None), the contexts its parts
     leave for ``_backward``, in order; ``want_x``: dL/dx is wanted. Outside it nothing is kept (``Unsaved``)
-    but, with ``keep_attention`` where the flash kernel takes attention, ``kept``: [x_2, a, attention's
-    log-sum-exp, what the flash kernel's backward takes besides], which the recomputation is given back."""
+    but, with ``keep_attention`` where SDPA's flash or cuDNN kernel takes attention, ``kept``: [x_2, a,
+    attention's log-sum-exp, that kernel's backward], which the recomputation is given back."""
     Context = Ctx if recompute else Unsaved
 
     def context(args, want_input):  # for a node of inputs args: gradients wanted for the first as want_input,
@@ -161,15 +169,16 @@ def _forward(layer, kernels, x, cos, sin, want_x=True, recompute=False, keep_att
         kernels.rope_(t, cos, sin, attn.head_dim)
     q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
     if kept:  # attention as the forward kept it: its output a (B, T, heads * D), its log-sum-exp
-        x2, a, lse, flash = kept
+        x2, a, lse, backward = kept
         out = a.view(B, T, -1, attn.head_dim).transpose(1, 2)
-        attention = functools.partial(_flash_backward, q, k, v, out, lse, flash)
-    elif keep_attention and (flash := _flash(q, k, v)) is not None:
-        out, lse, flash = flash
-        a = out.transpose(1, 2).reshape(B, T, -1)  # a view: the kernel writes (B, T, heads, D)
-        kept, attention = [a, lse, flash], None  # x_2 put first below; no backward here
+        attention = functools.partial(_kept_backward, q, k, v, out, lse, backward)
+    elif keep_attention and (kernel := _kept_attention(q, k, v, attn.cudnn_first)) is not None:
+        out, lse, backward = kernel
+        a = out.transpose(1, 2).reshape(B, T, -1)  # a view: the kernels write (B, T, heads, D)
+        kept, attention = [a, lse, backward], None  # x_2 put first below; no backward here
     else:  # attention through autograd's node, with gradients on in the forward too: SDPA picks its kernel by them
-        with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved():
+        with torch.enable_grad(), contextlib.nullcontext() if recompute else nothing_saved(), \
+                attention_kernels(attn.cudnn_first):
             q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                  enable_gqa=attn.n_kv_heads != attn.n_heads)
@@ -237,28 +246,36 @@ def _autograd_backward(q, k, v, out, da):
     return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]
 
 
-def _flash(q, k, v):
-    """Causal attention of q, k, v (B, heads, T, D) by SDPA's flash kernel, called as SDPA calls it, where SDPA
-    would take that kernel for them (and on CUDA, a head size SDPA need not pad: a multiple of 8): its output
-    (B, heads, T, D), its log-sum-exp (B, heads, T) and what its backward takes besides; else None."""
-    causal = q.shape[2] > 1
-    wanting = [t.detach().requires_grad_() for t in (q, k, v)]  # as in training: SDPA picks its kernel by them
-    if (torch._fused_sdp_choice(*wanting, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]) != _FLASH
-            or q.is_cuda and q.shape[-1] % 8):
+def _kept_attention(q, k, v, cudnn_first=False):
+    """Causal attention of q, k, v (B, heads, T, D) by the kernel SDPA would take for them (``attention_kernels``:
+    asked with gradients wanted, as in training), called as SDPA calls it, where that is its flash kernel or, on
+    CUDA, its cuDNN one (and on CUDA a head size neither need pad: a multiple of 8): the output (B, heads, T, D),
+    its log-sum-exp and the kernel's backward, (dL/dout, q, k, v, out, lse) -> dL/dq, dL/dk, dL/dv; else None."""
+    causal, aten = q.shape[2] > 1, torch.ops.aten
+    wanting = [t.detach().requires_grad_() for t in (q, k, v)]
+    with attention_kernels(cudnn_first):
+        choice = torch._fused_sdp_choice(*wanting, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+    if choice not in (_FLASH, _CUDNN) or q.is_cuda and q.shape[-1] % 8:
         return None
-    if not q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-        return out, lse, (0.0, causal)
-    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, causal)
-    return out, lse, (cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
+    if not q.is_cuda:  # the CPU's flash kernel (no cuDNN there)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+        return out, lse, lambda *grad_in: aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            *grad_in, 0.0, causal)
+    if choice == _FLASH:
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal)
+        return out, lse, lambda *grad_in: aten._scaled_dot_product_flash_attention_backward(
+            *grad_in, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
+    # cuDNN's, with its log-sum-exp (B, heads, T, 1) and no bias
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, causal)
+    return out, lse, lambda *grad_in: aten._scaled_dot_product_cudnn_attention_backward(
+        *grad_in, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, causal)
 
 
-def _flash_backward(q, k, v, out, lse, rest, da):
-    """``_autograd_backward``'s gradients by the flash kernel's backward, from ``_flash``'s output, log-sum-exp
-    and ``rest``, as autograd calls it after SDPA."""
+def _kept_backward(q, k, v, out, lse, backward, da):
+    """``_autograd_backward``'s gradients by the kernel's own backward (``_kept_attention``), from its output and
+    log-sum-exp, as autograd calls it after SDPA."""
     B, T, _ = da.shape
-    backward = (torch.ops.aten._scaled_dot_product_flash_attention_backward if q.is_cuda
-                else torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    grads = backward(da.view(B, T, -1, q.shape[-1]).transpose(1, 2), q, k, v, out, lse, *rest)
+    grads = backward(da.view(B, T, -1, q.shape[-1]).transpose(1, 2), q, k, v, out, lse)
     return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bailong.config import ModelConfig
-from bailong.layer_fused import fused_layer
+from bailong.layer_fused import attention_kernels, fused_layer
 from bailong.lora import LoRAEmbedding, frozen_matmul_skipped
 from bailong.lora_casts import let_casts_go
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
@@ -223,6 +223,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.cudnn_first = False  # SDPA tries cuDNN's kernel first (``Llama.cudnn_attention``)
 
     def forward(self, x, cos, sin, positions, mask, cache: KVCache | None = None, residual=None):
         """The attention output, plus ``residual`` where one is given."""
@@ -243,8 +244,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, positions, k, v)  # (B, KV, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        with attention_kernels(self.cudnn_first):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return add_projection(residual, self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -307,6 +309,17 @@ class Llama(nn.Module):
         self.keep_dequantized = False  # with checkpointing: the recomputation's NF4 copies serve the backward too
         self.keep_attention = False  # with checkpointing: attention's output kept (``bailong.layer_fused``)
         self.tie_weights()
+
+    @property
+    def cudnn_attention(self) -> bool:
+        """Whether every layer's attention tries SDPA's cuDNN kernel first (``train.py --cudnn-attention``), then
+        torch's others where cuDNN's cannot take the call (``bailong.layer_fused.attention_kernels``)."""
+        return all(layer.self_attn.cudnn_first for layer in self.model.layers)
+
+    @cudnn_attention.setter
+    def cudnn_attention(self, on: bool):
+        for layer in self.model.layers:
+            layer.self_attn.cudnn_first = on
 
     def tie_weights(self):
         """Share the input embedding with the output head where the config asks for it.

@@ -63,11 +63,12 @@ class RunFolder:
 STATE = "state.pt"  # in a checkpoint, beside its adapter/: step, optimizer and RNG states
 CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # options that change neither the model nor the order of the data, nor what a step computes (the memory and
-# speed switches change how: on the CPU the same losses and gradients, bit for bit): a run may continue with other
-# values; the inputs are compared by their fingerprints instead of their paths
+# speed switches change how: on the CPU the same losses and gradients, bit for bit; the attention kernel, the same
+# to rounding, as the device's): a run may continue with other values; the inputs are compared by their
+# fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
                 "save_every", "patience", "model", "init", "data", "offload_activations", "keep_dequantized",
-                "cuda_graph", "keep_attention", "casts_by_layer", "offload_embedding"}
+                "cuda_graph", "keep_attention", "casts_by_layer", "offload_embedding", "cudnn_attention"}
 
 
 def options(config, world=1) -> dict:

@@ -34,7 +34,9 @@ ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved la
           "offload_embedding": "--offload-embedding moves the GPU's embedding table to host memory; on the CPU it is "
                                "there already",
           "keep_attention": "--keep-attention keeps attention's output in the layers CUDA's training writes out by "
-                            "hand; on the CPU they are recomputed through autograd"}
+                            "hand; on the CPU they are recomputed through autograd",
+          "cudnn_attention": "--cudnn-attention tries SDPA's cuDNN attention kernel first, which runs on CUDA; the "
+                             "CPU has none"}
 BF16_GRADS_IN_FP32 = ("--bf16-grads keeps the LoRA gradients in bf16, lossless only where training runs in bf16: it "
                       "needs --precision bf16 (the default on CUDA)")
 # options that work on what activation checkpointing keeps or recomputes: what each does, for their errors
@@ -132,6 +134,12 @@ class TrainConfig:
                                                                   "memory with --offload-activations), so that the "
                                                                   "recomputation skips attention and o (the same "
                                                                   "values; not timed on a GPU)"})
+    cudnn_attention: bool = field(default=False, metadata={"help": "attention by SDPA's cuDNN kernel where it "
+                                                                   "takes the call, else torch's own choice (CUDA, "
+                                                                   "bf16; with --keep-attention kept by it too; on "
+                                                                   "Hopper others measured it 1.7-2.3x faster than "
+                                                                   "the flash kernel torch prefers in training; "
+                                                                   "not timed here on a GPU)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
@@ -175,8 +183,11 @@ class TrainConfig:
                              "BAILONG_LAYER_KERNELS=0 or BAILONG_NF4_KERNELS=0 in the environment switch off: leave "
                              "them unset, or give --lora-dropout 0")
         if self.keep_attention and self.precision == "fp32":
-            raise UsageError("--keep-attention keeps the output of SDPA's flash kernel, which takes bf16 on CUDA: it "
-                             "needs --precision bf16 (the default on CUDA)")
+            raise UsageError("--keep-attention keeps the output of SDPA's flash or cuDNN kernel, which take bf16 on "
+                             "CUDA: it needs --precision bf16 (the default on CUDA)")
+        if self.cudnn_attention and self.precision == "fp32":
+            raise UsageError("--cudnn-attention tries SDPA's cuDNN attention kernel first, which takes bf16: it needs "
+                             "--precision bf16 (the default on CUDA)")
         if self.keep_attention and not layers_by_hand_switched_on():
             raise UsageError("--keep-attention keeps attention's output in the layers CUDA's training writes out by "
                              "hand, which BAILONG_FUSED_LORA=0, BAILONG_LAYER_KERNELS=0, BAILONG_NF4_KERNELS=0, "

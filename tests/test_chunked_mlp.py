@@ -14,7 +14,7 @@ from bailong.lora import LoRAConfig, LoRALinear, inject_lora, mark_only_lora_tra
 
 
 def steps(monkeypatch, chunked, fused, checkpointing, keep=False, dropout=0.0, quantize=True, autocast=False,
-          by_autograd=False, offload=False, keep_attention=False):
+          by_autograd=False, offload=False, keep_attention=False, cudnn_attention=False):
     """Per-step losses of 3 AdamW steps of a 2-layer model (LoRA on every projection, embedding and head),
     then an evaluation's loss; the last step's LoRA gradients; the MLP in chunks of 5 of the 32 tokens where
     ``chunked`` (``by_autograd``: through the chunks by autograd instead). Batches of 2 x 16 tokens."""
@@ -33,7 +33,7 @@ def steps(monkeypatch, chunked, fused, checkpointing, keep=False, dropout=0.0, q
         if "lora_B" in name or "lora_embedding_A" in name:
             torch.nn.init.normal_(p, std=0.05)
     model.checkpointing, model.keep_dequantized, model.offload = checkpointing, keep, offload
-    model.keep_attention = keep_attention
+    model.keep_attention, model.cudnn_attention = keep_attention, cudnn_attention
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []

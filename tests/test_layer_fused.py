@@ -225,11 +225,11 @@ def check_attention_kept(monkeypatch, device="cpu", dtype=torch.float32, autocas
     if device == "cpu":
         gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
     monkeypatch.setattr(layer_fused, "_fused_layer", True)
-    flash, results = layer_fused._flash, []
+    kernel, results = layer_fused._kept_attention, []
     for keep_attention in [False, True]:
         with monkeypatch.context() as patch:  # each step's own count of the dequantizations
             taken = []
-            patch.setattr(layer_fused, "_flash", lambda *args: taken.append(1) or flash(*args))
+            patch.setattr(layer_fused, "_kept_attention", lambda *args: taken.append(1) or kernel(*args))
             results.append(nf4_step(patch, True, False, device, dtype, autocast, kernels=True,
                                     keep_attention=keep_attention))
             assert len(taken) == 2 * keep_attention  # the forward's 2 layers, by the flash kernel
@@ -264,7 +264,7 @@ def test_attention_is_kept_only_where_sdpa_takes_the_flash_kernel(monkeypatch):
     """Where SDPA would take another kernel (here: told to take the math path), nothing more is kept: a step's
     layers save their input alone and recompute attention, the same loss."""
     q = torch.randn(1, 4, 8, 16)
-    out, lse, _ = layer_fused._flash(q, q[:, :2], q[:, :2])  # grouped-query attention too
+    out, lse, _ = layer_fused._kept_attention(q, q[:, :2], q[:, :2])  # grouped-query attention too
     assert out.shape == q.shape and lse.shape == (1, 4, 8)
     gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
     monkeypatch.setattr(lora, "_fused", True)
@@ -283,3 +283,64 @@ def test_attention_is_kept_only_where_sdpa_takes_the_flash_kernel(monkeypatch):
         losses.append(model(ids[:, :-1], targets=ids[:, 1:]).item())
         assert kept == [choice is None] * 2  # x_2, attention's output and log-sum-exp; or nothing
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("by_hand", [False, True])
+def test_cudnn_attention_is_tried_first_in_the_forward_and_the_recomputation(monkeypatch, by_hand):
+    """``Llama.cudnn_attention`` (``train.py --cudnn-attention``): every SDPA call of three steps and an evaluation,
+    the checkpointed layers' recomputations included, through autograd or written out by hand, is made with cuDNN's
+    kernel first in SDPA's order, and torch's order is back after each; on the CPU, which has no cuDNN kernel, the
+    same losses and LoRA gradients, bit for bit."""
+    from torch.nn.attention import SDPBackend
+    gpu_path(monkeypatch, fused_step=False, layer_kernels=True)
+    monkeypatch.setattr(layer_fused, "_fused_layer", by_hand)
+    sdpa, firsts, before = torch.nn.functional.scaled_dot_product_attention, [], torch._C._get_sdp_priority_order()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *args, **kwargs: firsts.append(
+        torch._C._get_sdp_priority_order()[0]) or sdpa(*args, **kwargs))
+    results = []
+    for cudnn in [False, True]:
+        firsts.clear()
+        results.append(steps(monkeypatch, False, True, True, cudnn_attention=cudnn))
+        first = int(SDPBackend.CUDNN_ATTENTION) if cudnn else before[0]
+        assert set(firsts) == {first} and len(firsts) >= 3 * 2 * 2 + 2  # 3 steps of 2 layers, each again in the
+        # backward; the evaluation (and, through autograd, the test's look inside each layer's node)
+        assert torch._C._get_sdp_priority_order() == before
+    (losses, grads), (cudnn_losses, cudnn_grads) = results
+    assert losses == cudnn_losses and grads.keys() == cudnn_grads.keys() and len(grads) == 32
+    assert all(torch.equal(grads[name], cudnn_grads[name]) for name in grads)
+
+
+def test_attention_kept_by_cudnns_kernel_calls_it_as_sdpa_does(monkeypatch):
+    """Where SDPA would take cuDNN's kernel (CUDA; on fake CUDA tensors that run nothing, told so): attention is
+    kept by that kernel, asked for its log-sum-exp, without a bias, causal, and its backward is given what the
+    forward returned; the output reads as (B, T, heads * D) without a copy, the gradients as the layer takes them.
+    The values are for a GPU to check (tests/test_gpu.py)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "attention" in str(func):
+                self.calls.append((str(func), args))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *args, **kwargs: int(SDPBackend.CUDNN_ATTENTION))
+    with FakeTensorMode():
+        qkv = torch.empty(2, 64, 3 * 4 * 16, device="cuda", dtype=torch.bfloat16)  # q, k, v's one output
+        q, k, v = (t.view(2, 64, 4, 16).transpose(1, 2) for t in qkv.split(64, -1))  # (B, heads, T, D)
+        with Calls() as seen:
+            out, lse, backward = layer_fused._kept_attention(q, k, v, cudnn_first=True)
+            a = out.transpose(1, 2).reshape(2, 64, -1)
+            grads = layer_fused._kept_backward(q, k, v, out, lse, backward, torch.empty_like(a))
+    (forward, forward_args), (backward_op, backward_args) = seen.calls
+    assert forward == "aten._scaled_dot_product_cudnn_attention.default"
+    assert forward_args[:3] == (q, k, v) and forward_args[3:] == (None, True, 0.0, True)  # bias, lse, dropout, causal
+    assert backward_op == "aten._scaled_dot_product_cudnn_attention_backward.default"
+    assert backward_args[1:6] == (q, k, v, out, lse) and backward_args[8] is None and backward_args[13:] == (0.0, True)
+    assert out.shape == q.shape and lse.shape == (2, 4, 64, 1) and a._base is out  # a view
+    assert [g.shape for g in grads] == [(2, 64, 64)] * 3

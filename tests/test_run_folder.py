@@ -51,11 +51,12 @@ def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsy
 
 def test_the_memory_and_speed_switches_do_not_make_another_run():
     """A run may continue with any of the memory and speed switches added or dropped (they change how a step is
-    computed, not what); --bf16-grads, which rounds the sum of several micro-batches, and --optimizer do make
-    another run."""
+    computed, not what; --cudnn-attention another attention kernel, the same to rounding, as torch's own choice
+    may differ between machines); --bf16-grads, which rounds the sum of several micro-batches, and --optimizer do
+    make another run."""
     from bailong.runs import options
     for name in ("offload_activations", "keep_dequantized", "cuda_graph", "keep_attention", "casts_by_layer",
-                 "offload_embedding"):
+                 "offload_embedding", "cudnn_attention"):
         assert options(TrainConfig(**{name: True})) == options(TrainConfig()), name
     assert options(TrainConfig(bf16_grads=True)) != options(TrainConfig())
     assert options(TrainConfig(optimizer="adamw8bit")) != options(TrainConfig())
