@@ -3,7 +3,7 @@
 Both sides get the same random-weight checkpoint, an NF4 base with double quantization, LoRA of the same rank on the
 seven projections, AdamW (fused on CUDA: what train.py and transformers' Trainer take; with ``--optimizer adamw8bit``
 ours with 8-bit moments, theirs bitsandbytes' AdamW8bit), the same batch; each runs in a fresh process, a few warm-up
-steps first. Ours runs up to 19 times (``ROWS``, ``FEATURES``): through autograd (the default until an H200 timed the
+steps first. Ours runs up to 21 times (``ROWS``, ``FEATURES``): through autograd (the default until an H200 timed the
 rest); each LoRA projection one autograd node (``bailong.lora_fused``; with checkpointing each layer one node too,
 ``bailong.recompute``); with that the norms, SwiGLU and RoPE through their training kernels
 (``bailong_kernels.layers``, CUDA only), each checkpointed layer through autograd, then written out by hand
@@ -13,7 +13,9 @@ to host memory (``OffloadedInput``); the recomputation's dequantized NF4 weights
 by chunk (``ChunkedMLP``); (CUDA) the offload and the chunked MLP; the projections' LoRA gradients kept in bf16
 (``BF16Grads``), alone, (CUDA) with the offload, with the LoRA casts made by layer, and (CUDA) with all three and the
 embedding's table in host memory (``offload_embedding``); (CUDA) attention's output kept for the backward
-(``train.py --keep-attention``), alone and with the offload; with ``--dropout``, torch's dropout instead of the layer
+(``train.py --keep-attention``), alone and with the offload; (CUDA) SDPA's cuDNN kernel tried first
+(``train.py --cudnn-attention``), alone and with the offload and attention kept (theirs too, under
+``sdpa_kernel``, in a row of its own); with ``--dropout``, torch's dropout instead of the layer
 kernels' (``bailong_kernels.dropout``); and (CUDA) each step's forward and backward replayed from one CUDA graph
 (``bailong.step_graph``), captured in the last warm-up step: through autograd (no dropout), by default, and with the
 kept dequantized weights.
@@ -68,15 +70,19 @@ ROWS = {"ours, autograd": "ours", "ours, fused LoRA": "ours-fused",
         "ours, + offloaded layer inputs and embedding, casts by layer, bf16 gradients": "ours-leanest",
         "ours, + attention kept": "ours-attention",
         "ours, + offloaded layer inputs, attention kept": "ours-offload-attention",
+        "ours, + cuDNN's attention first": "ours-cudnn",
+        "ours, + offloaded layer inputs, attention kept, cuDNN's first": "ours-offload-attention-cudnn",
         "ours, + chunked loss, torch's dropout": "ours-torch-dropout", "ours, CUDA graph": "ours-plain-graph",
         "ours, + chunked loss, CUDA graph": "ours-graph",
         "ours, + chunked loss, kept dequantized, CUDA graph": "ours-keep-graph",
-        "transformers+peft+bitsandbytes": "theirs"}
+        "transformers+peft+bitsandbytes": "theirs",
+        "transformers+peft+bitsandbytes, cuDNN's attention first": "theirs-cudnn"}
 # what each of our rows switches on: the fused LoRA, the layer kernels (with them a checkpointed layer is written out
 # by hand, bailong.layer_fused, unless "autograd"), the chunked loss, the offload (CUDA and checkpointing only), the
 # embedding's table in host memory (CUDA only), the kept dequantized weights (checkpointing only), the chunked MLP,
-# the LoRA casts made by layer, the LoRA gradients in bf16, attention's output kept (CUDA and checkpointing only);
-# LoRA dropout by torch's kernel, not the layer kernels'
+# the LoRA casts made by layer, the LoRA gradients in bf16, attention's output kept (CUDA and checkpointing only),
+# SDPA's cuDNN kernel tried first (CUDA only; theirs too, in a row of its own); LoRA dropout by torch's kernel, not
+# the layer kernels'
 # (bailong.lora_fused.seeded_dropout); the step replayed from one CUDA graph (bailong.step_graph: CUDA; dropout only
 # through the layer kernels')
 BASE = {"fused", "layers", "loss"}
@@ -88,6 +94,8 @@ FEATURES = {"ours": set(), "ours-fused": {"fused"}, "ours-autograd": {"fused", "
             "ours-casts-grads": BASE | {"casts", "grads"},
             "ours-leanest": BASE | {"offload", "embedding", "casts", "grads"},
             "ours-attention": BASE | {"attention"}, "ours-offload-attention": BASE | {"offload", "attention"},
+            "ours-cudnn": BASE | {"cudnn"}, "ours-offload-attention-cudnn": BASE | {"offload", "attention", "cudnn"},
+            "theirs-cudnn": {"cudnn"},
             "ours-plain-graph": {"graph"}, "ours-graph": BASE | {"graph"}, "ours-keep-graph": BASE | {"keep", "graph"}}
 
 
@@ -130,6 +138,7 @@ def run_one(which, folder, args):
         model.checkpointing = args.checkpointing
         model.offload = "offload" in on and device == "cuda"
         model.keep_dequantized, model.keep_attention = "keep" in on, "attention" in on
+        model.cudnn_attention = "cudnn" in on
         if "embedding" in on and device == "cuda":
             offload_embedding(model)
         loss_of = lambda inputs, targets: model(inputs, targets=targets)  # noqa: E731
@@ -294,7 +303,9 @@ def main():
         setattr(args, name, value)
     args.checkpointing = args.checkpointing == "on" or args.checkpointing == "auto" and args.device == "cuda"
     if args.which:
-        return run_one(args.which, args.folder, args)
+        from bailong.layer_fused import attention_kernels
+        with attention_kernels(args.which == "theirs-cudnn"):  # theirs: for the process; ours: the model's switch
+            return run_one(args.which, args.folder, args)
     from bailong.config import preset
     started = time.perf_counter()
     config = preset(args.preset)
@@ -319,7 +330,7 @@ def main():
         results = {}
         for which, flag in ROWS.items():
             on = FEATURES.get(flag, set())
-            if (flag not in args.rows or on & {"offload", "graph", "attention"} and args.device != "cuda"  # CUDA's
+            if (flag not in args.rows or on & {"offload", "graph", "attention", "cudnn"} and args.device != "cuda"
                     or on & {"offload", "keep", "attention"} and not args.checkpointing  # nothing recomputed
                     or "graph" in on and args.dropout and not {"fused", "layers"} <= on):  # torch's dropout
                 continue
@@ -337,12 +348,13 @@ def main():
                   f"{took}", flush=True)
             if "profile" in r:
                 print(r["profile"], flush=True)
-        theirs = results.get("transformers+peft+bitsandbytes")
-        for which in [w for w in results if w.startswith("ours") and theirs]:
-            ours = results[which]
-            print(f"{which}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
-                  f"{ours['peak_bytes'] / theirs['peak_bytes']:.2f}x their peak memory (the floor: "
-                  f"{ours['floor_bytes'] / theirs['peak_bytes']:.2f}x)")
+        for side in [w for w in results if w.startswith("transformers")]:  # theirs, and with cuDNN's first
+            theirs, named = results[side], "" if side == "transformers+peft+bitsandbytes" else f" ({side})"
+            for which in [w for w in results if w.startswith("ours")]:
+                ours = results[which]
+                print(f"{which}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s{named} at "
+                      f"{ours['peak_bytes'] / theirs['peak_bytes']:.2f}x their peak memory (the floor: "
+                      f"{ours['floor_bytes'] / theirs['peak_bytes']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
 #
 #   bash bench/gpu_suite.sh                  # all parts
-#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, decode, host, first, train, train-8bit,
-#                                            # train-long, train-dropout, model
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, attention, decode, host, first, train,
+#                                            # train-8bit, train-long, train-dropout, model
 #   GPU_SUITE_SECONDS=540 bash bench/gpu_suite.sh tests kernels decode first    # as much as fits in 9 minutes
 #
 # Each part prints under its own heading and a failing part does not stop the others; the
@@ -39,7 +39,7 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"{gpu}, CUDA {torch.version.cuda}; "
       + ", ".join(f"{n} {metadata.version(n) if util.find_spec(n) else 'absent'}" for n in names))
 VERSIONS
-parts=("${@:-tests kernels decode host train train-8bit train-long train-dropout model}")
+parts=("${@:-tests kernels attention decode host train train-8bit train-long train-dropout model}")
 budget=${GPU_SUITE_SECONDS:-0}  # 0: no limit
 failed=0
 summary=()
@@ -68,6 +68,7 @@ for part in ${parts[*]}; do
     case $part in
         tests)   run tests python -m pytest -q -m gpu tests ;;
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
+        attention) run attention python bench/bench_attention.py ;;  # SDPA's kernels at the settings' shapes
         decode)  run decode python bench/bench_decode.py ;;
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
         first)   run first-recipe "${train[@]}" --setting recipe --rows ours ours-all ours-graph theirs
@@ -79,13 +80,13 @@ for part in ${parts[*]}; do
         train-8bit) run train-8bit "${train[@]}" --setting recipe --optimizer adamw8bit \
                     --rows ours ours-all theirs ;;  # AdamW's moments in 8 bits, both sides
         train-long) run train-long "${train[@]}" --setting long \
-                    --rows ours-all ours-offload ours-attention ours-offload-attention ours-mlp ours-lean \
-                           theirs ;;  # the 7B afresh: minutes a row
+                    --rows ours-all ours-offload ours-attention ours-offload-attention ours-cudnn \
+                           ours-offload-attention-cudnn ours-mlp ours-lean theirs theirs-cudnn ;;  # minutes a row
         train-dropout) run train-dropout "${train[@]}" --setting long --dropout 0.05 \
                        --rows ours-all ours-graph ours-torch-dropout theirs ;;  # the kernels' dropout, graphed too
         model)   run model python bench/bench_model_gpu.py ;;
-        *)       echo "unknown part: $part (tests, kernels, decode, host, first, train, train-8bit, train-long," \
-                      "train-dropout, model)"
+        *)       echo "unknown part: $part (tests, kernels, attention, decode, host, first, train, train-8bit," \
+                      "train-long, train-dropout, model)"
                  failed=$((failed + 1)) ;;
     esac
 done
