@@ -19,22 +19,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bailong.layer_fused import _kept_attention, _kept_backward, attention_kernels
+from bench_model_gpu import cuda_time
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def timed(fn, repeat=10):
-    """The median of ``repeat`` calls' GPU times, milliseconds, after 3 unmeasured."""
-    times = []
-    for i in range(repeat + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times[3:])[repeat // 2]
 
 
 def inputs(T, heads=32, D=128, seed=0):
@@ -89,8 +77,8 @@ def main():
                 reference = reference or (out, grads)
                 errors = [(a.float() - b.float()).abs().max().item() for a, b in zip((out, *grads),
                                                                                      (reference[0], *reference[1]))]
-                forward = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-                both = timed(lambda: by_sdpa(q, k, v, grad))
+                forward = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeat=10)
+                both = cuda_time(lambda: by_sdpa(q, k, v, grad), repeat=10)
             print(f"  {name:9s} forward {forward:7.3f} ms ({flops / forward / 1e9:5.0f} TFLOP/s), forward and "
                   f"backward {both:7.3f} ms ({3.5 * flops / both / 1e9:5.0f} TFLOP/s); largest difference from "
                   f"flash's: out {errors[0]:.2e}, dq {errors[1]:.2e}, dk {errors[2]:.2e}, dv {errors[3]:.2e}")
