@@ -138,8 +138,8 @@ class TrainConfig:
                                                                    "takes the call, else torch's own choice (CUDA, "
                                                                    "bf16; with --keep-attention kept by it too; on "
                                                                    "Hopper others measured it 1.7-2.3x faster than "
-                                                                   "the flash kernel torch prefers in training; "
-                                                                   "not timed here on a GPU)"})
+                                                                   "SDPA's flash kernel in training; not timed "
+                                                                   "here on a GPU)"})
     workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
