@@ -61,6 +61,7 @@ def train(config):
     from bailong.checkpoints import resume, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
+    from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.lora_casts import use_casts_by_layer
     from bailong.memory import BF16Grads, offload_embedding
@@ -201,6 +202,8 @@ def train(config):
     say(lora_summary(model))
     if config.quantize == "nf4":
         say(memory_report(model))
+    if device.startswith("cuda"):  # which attention kernel runs, and whether --keep-attention keeps anything with it
+        say(training_attention(model, config.batch_size, config.seq_len, dtype, device))
     if offloaded:
         say(f"embedding: its table ({offloaded / 2**20:,.1f} MiB) in host memory, a step's rows copied in")
     if bf16_grads:

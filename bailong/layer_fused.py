@@ -53,6 +53,26 @@ def attention_kernels(cudnn_first=False):
     return sdpa_kernel(CUDNN_FIRST, set_priority=True) if cudnn_first else contextlib.nullcontext()
 
 
+def training_attention(model, batch, seq_len, dtype, device) -> str:
+    """A line for train.py: which of SDPA's kernels a training step of ``model`` takes for attention (q, k and v
+    as the layers have them: views of one output, wanting gradients; ``model.cudnn_attention`` heeded) and, with
+    ``model.keep_attention``, whether its output is kept (``_kept_attention``: flash's or cuDNN's only)."""
+    config, names = model.config, {0: "math", _FLASH: "flash", 2: "memory-efficient", _CUDNN: "cuDNN"}
+    sizes = [n * config.head_dim for n in (config.num_attention_heads, *[config.num_key_value_heads] * 2)]
+    qkv = torch.empty(batch, seq_len, sum(sizes), device=device, dtype=dtype)
+    q, k, v = (t.view(batch, seq_len, -1, config.head_dim).transpose(1, 2).detach().requires_grad_()
+               for t in qkv.split(sizes, -1))
+    with attention_kernels(model.cudnn_attention):
+        choice = torch._fused_sdp_choice(q, k, v, is_causal=seq_len > 1, enable_gqa=k.shape[1] != q.shape[1])
+    line = f"attention: SDPA's {names.get(choice, choice)} kernel" + (
+        " (cuDNN's tried first: --cudnn-attention)" if model.cudnn_attention else "")
+    if model.keep_attention:
+        kept = choice in (_FLASH, _CUDNN) and not (q.is_cuda and config.head_dim % 8)
+        line += ("; its output kept for the backward" if kept else
+                 "; --keep-attention keeps nothing with it: attention is recomputed")
+    return line
+
+
 def use_fused_layer(flag=True) -> bool:
     """Switch the hand-written layer on or off where it applies (on: only with the fused LoRA and the layer
     kernels, both on by default on CUDA); returns the previous setting."""

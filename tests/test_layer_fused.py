@@ -344,3 +344,23 @@ def test_attention_kept_by_cudnns_kernel_calls_it_as_sdpa_does(monkeypatch):
     assert backward_args[1:6] == (q, k, v, out, lse) and backward_args[8] is None and backward_args[13:] == (0.0, True)
     assert out.shape == q.shape and lse.shape == (2, 4, 64, 1) and a._base is out  # a view
     assert [g.shape for g in grads] == [(2, 64, 64)] * 3
+
+
+def test_train_py_says_which_attention_kernel_a_step_takes_and_whether_it_is_kept(monkeypatch):
+    """``training_attention``, train.py's line on CUDA: SDPA's choice for a step's attention (asked with cuDNN's
+    kernel first under ``cudnn_attention``), and with ``keep_attention`` whether that kernel's output is kept; here
+    on the CPU, whose choice is its flash kernel, and told another."""
+    from torch.nn.attention import SDPBackend
+    model, choice, firsts = tiny_lora(), torch._fused_sdp_choice, []
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *args, **kwargs: firsts.append(
+        torch._C._get_sdp_priority_order()[0]) or choice(*args, **kwargs))
+    line = layer_fused.training_attention
+    assert line(model, 2, 16, torch.float32, "cpu") == "attention: SDPA's flash kernel"
+    model.keep_attention = model.cudnn_attention = True
+    assert line(model, 2, 16, torch.float32, "cpu") == ("attention: SDPA's flash kernel (cuDNN's tried first: "
+                                                        "--cudnn-attention); its output kept for the backward")
+    assert firsts[1] == int(SDPBackend.CUDNN_ATTENTION) != firsts[0]
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *args, **kwargs: int(SDPBackend.EFFICIENT_ATTENTION))
+    model.cudnn_attention = False
+    assert line(model, 2, 16, torch.float32, "cpu") == ("attention: SDPA's memory-efficient kernel; --keep-attention "
+                                                        "keeps nothing with it: attention is recomputed")
