@@ -57,7 +57,8 @@ def training_attention(model, batch, seq_len, dtype, device) -> str:
     """A line for train.py: which of SDPA's kernels a training step of ``model`` takes for attention (q, k and v
     as the layers have them: views of one output, wanting gradients; ``model.cudnn_attention`` heeded) and, with
     ``model.keep_attention``, whether its output is kept (``_kept_attention``: flash's or cuDNN's only)."""
-    config, names = model.config, {0: "math", _FLASH: "flash", 2: "memory-efficient", _CUDNN: "cuDNN"}
+    config, names = model.config, {int(SDPBackend.MATH): "math", _FLASH: "flash", _CUDNN: "cuDNN",
+                                   int(SDPBackend.EFFICIENT_ATTENTION): "memory-efficient"}
     sizes = [n * config.head_dim for n in (config.num_attention_heads, *[config.num_key_value_heads] * 2)]
     qkv = torch.empty(batch, seq_len, sum(sizes), device=device, dtype=dtype)
     q, k, v = (t.view(batch, seq_len, -1, config.head_dim).transpose(1, 2).detach().requires_grad_()
