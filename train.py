@@ -23,8 +23,8 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
                           start_run)
-from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, GracefulStop, Metrics,
-                              check_graph_step, estimate_memory, held_out_record, lr_at, parse_config,
+from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at
+from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, check_graph_step, parse_config,
                               without_checkpointing)
 
 

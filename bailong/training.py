@@ -1,9 +1,8 @@
-"""The Bailong recipe as functions: configuration, schedule, metrics, stopping.
+"""The Bailong recipe's options: train.py's configuration, its checks and its parsing.
 
-``train.py`` strings them together in the order things happen; everything worth
-testing lives here (the run folder lives in ``bailong/runs.py``, checkpoints in
-``bailong/checkpoints.py``). This module does not import torch: train.py checks
-every option before loading it.
+This module does not import torch: train.py checks every option before loading it. The
+run folder lives in ``bailong/runs.py``, checkpoints in ``bailong/checkpoints.py``, the
+schedule, metrics and stopping in ``bailong/progress.py``.
 The embedded default (no --model, no --data) is a tiny random-weight Llama with
 the byte-level tokenizer, trained on the project's own small Traditional Chinese
 and English samples: it exercises every step of the recipe on a CPU in seconds,
@@ -12,14 +11,11 @@ but its base model knows nothing to transfer.
 import json
 import math
 import os
-import signal
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bailong.config import INIT_METHODS
 from bailong.errors import Parser, UsageError, check_device, read_json
-from bailong.files import atomic_write
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize": ("nf4", "none"),
@@ -310,99 +306,3 @@ def check_graph_step(world: int, device: str | None = None):
                          "processes: leave it out with torchrun")
     if device is not None and not device.startswith("cuda"):
         raise UsageError("--cuda-graph captures the step's GPU kernels: it needs a CUDA device")
-
-
-def lr_at(step, config: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def held_out_record(rows) -> tuple:
-    """(best held-out loss, its step, evaluations since it) from the metric rows; (None, None, 0) if none."""
-    evals = [(r["eval_loss"], r["step"]) for r in rows if "eval_loss" in r]
-    if not evals:
-        return None, None, 0
-    best = min(range(len(evals)), key=lambda i: (evals[i][0], i))
-    return evals[best][0], evals[best][1], len(evals) - 1 - best
-
-
-class GracefulStop:
-    """Ctrl-C (or SIGTERM: ``kill``, a job scheduler's stop) during training: the first one lets the step in
-    progress finish, so that the checkpoint saved after it resumes exactly (the random state after a whole
-    step, as at any save); a second one stops at once without saving, and the last checkpoint stays."""
-
-    def __init__(self, say=print):
-        self.say = say
-
-    def __enter__(self):
-        self.requested, self.code = False, 0  # code: the exit status the shell gives the signal (130, 143)
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.code = True, 128 + signum
-        self.say("\nstopping after this step to save a checkpoint (a second Ctrl-C or SIGTERM stops at once, "
-                 "without saving)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for name, handler in self.previous.items():
-            signal.signal(name, handler)
-
-
-class Metrics:
-    """metrics.jsonl (one JSON object a line) and loss.png, both rewritten as training goes."""
-
-    def __init__(self, file: Path, plot: Path, keep_until=0):
-        self.file, self.plot_file = file, plot
-        self.rows = []
-        if self.file.exists():  # a resumed run keeps the steps it had done (none when it starts again at 0)
-            for line in self.file.read_text().splitlines():
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-            self.rows = [r for r in self.rows if r.get("step", 0) <= keep_until] if keep_until else []
-            atomic_write(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def log(self, **row):
-        self.rows.append(row)
-        with open(self.file, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss", linewidth=1)
-        if evals:
-            ax.plot(*zip(*evals), "o-", label="held-out loss")
-            best, best_step, _ = held_out_record([r for r in self.rows if r["step"] > 0])
-            if best is not None:
-                ax.plot([best_step], [best], "*", color="crimson", markersize=14, label="kept as the result")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats per token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
-
-
-def estimate_memory(model, config: TrainConfig) -> str:
-    """A rough figure for the startup summary: weights + LoRA with Adam states + logits."""
-    device = model.lm_head.weight.device  # not an embedding table offloaded to host memory
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device == device)  # LoRA's too
-    moments = 2 if config.optimizer == "adamw8bit" else 8  # two 8-bit codes, or two float32 values
-    grad = 2 if config.bf16_grads else 4  # (the embedding's and head's stay float32: few)
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (grad + moments)
-    logits = config.batch_size * config.seq_len * model.config.vocab_size * 4 * 3
-    return f"~{(weights + lora + logits) / 2**30:.2f} GiB (weights, LoRA + AdamW, logits; activations extra)"

@@ -314,7 +314,7 @@ def test_attention_kept_by_cudnns_kernel_calls_it_as_sdpa_does(monkeypatch):
     """Where SDPA would take cuDNN's kernel (CUDA; on fake CUDA tensors that run nothing, told so): attention is
     kept by that kernel, asked for its log-sum-exp, without a bias, causal, and its backward is given what the
     forward returned; the output reads as (B, T, heads * D) without a copy, the gradients as the layer takes them.
-    The values are for a GPU to check (tests/test_gpu.py)."""
+    The values are for a GPU to check (tests/test_gpu_attention.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.attention import SDPBackend
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -14,7 +14,8 @@ import torch
 from bailong.data import TokenData, split
 from bailong.errors import UsageError
 from bailong.runs import latest_checkpoint
-from bailong.training import CHOICES, TrainConfig, lr_at, parse_config
+from bailong.progress import lr_at
+from bailong.training import CHOICES, TrainConfig, parse_config
 from conftest import ROOT
 from train_runs import evals, losses, run_train
 
@@ -258,7 +259,7 @@ def test_schedule_and_config():
 
 def test_sigterm_during_training_stops_as_ctrl_c_does():
     """The first SIGTERM (a job scheduler's stop) lets the step finish and the run save; a second stops at once."""
-    from bailong.training import GracefulStop
+    from bailong.progress import GracefulStop
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None) as stop:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,106 @@
+"""A training run's progress, as train.py's loop keeps it: the learning-rate schedule, the best held-out loss
+so far, metrics.jsonl and loss.png, a graceful stop on Ctrl-C or SIGTERM, and the startup's memory estimate.
+Like ``bailong.training`` (the options), it does not import torch."""
+import json
+import math
+import signal
+import sys
+from pathlib import Path
+
+from bailong.files import atomic_write
+
+
+def lr_at(step, config) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def held_out_record(rows) -> tuple:
+    """(best held-out loss, its step, evaluations since it) from the metric rows; (None, None, 0) if none."""
+    evals = [(r["eval_loss"], r["step"]) for r in rows if "eval_loss" in r]
+    if not evals:
+        return None, None, 0
+    best = min(range(len(evals)), key=lambda i: (evals[i][0], i))
+    return evals[best][0], evals[best][1], len(evals) - 1 - best
+
+
+class GracefulStop:
+    """Ctrl-C (or SIGTERM: ``kill``, a job scheduler's stop) during training: the first one lets the step in
+    progress finish, so that the checkpoint saved after it resumes exactly (the random state after a whole
+    step, as at any save); a second one stops at once without saving, and the last checkpoint stays."""
+
+    def __init__(self, say=print):
+        self.say = say
+
+    def __enter__(self):
+        self.requested, self.code = False, 0  # code: the exit status the shell gives the signal (130, 143)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.code = True, 128 + signum
+        self.say("\nstopping after this step to save a checkpoint (a second Ctrl-C or SIGTERM stops at once, "
+                 "without saving)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for name, handler in self.previous.items():
+            signal.signal(name, handler)
+
+
+class Metrics:
+    """metrics.jsonl (one JSON object a line) and loss.png, both rewritten as training goes."""
+
+    def __init__(self, file: Path, plot: Path, keep_until=0):
+        self.file, self.plot_file = file, plot
+        self.rows = []
+        if self.file.exists():  # a resumed run keeps the steps it had done (none when it starts again at 0)
+            for line in self.file.read_text().splitlines():
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+            self.rows = [r for r in self.rows if r.get("step", 0) <= keep_until] if keep_until else []
+            atomic_write(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def log(self, **row):
+        self.rows.append(row)
+        with open(self.file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", linewidth=1)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="held-out loss")
+            best, best_step, _ = held_out_record([r for r in self.rows if r["step"] > 0])
+            if best is not None:
+                ax.plot([best_step], [best], "*", color="crimson", markersize=14, label="kept as the result")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        plt.close(fig)
+
+
+def estimate_memory(model, config) -> str:
+    """A rough figure for the startup summary: weights + LoRA with Adam states + logits."""
+    device = model.lm_head.weight.device  # not an embedding table offloaded to host memory
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device == device)  # LoRA's too
+    moments = 2 if config.optimizer == "adamw8bit" else 8  # two 8-bit codes, or two float32 values
+    grad = 2 if config.bf16_grads else 4  # (the embedding's and head's stay float32: few)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (grad + moments)
+    logits = config.batch_size * config.seq_len * model.config.vocab_size * 4 * 3
+    return f"~{(weights + lora + logits) / 2**30:.2f} GiB (weights, LoRA + AdamW, logits; activations extra)"
