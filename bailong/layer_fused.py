@@ -61,14 +61,11 @@ def training_attention(model, batch, seq_len, dtype, device) -> str:
                                    int(SDPBackend.EFFICIENT_ATTENTION): "memory-efficient"}
     sizes = [n * config.head_dim for n in (config.num_attention_heads, *[config.num_key_value_heads] * 2)]
     qkv = torch.empty(batch, seq_len, sum(sizes), device=device, dtype=dtype)
-    q, k, v = (t.view(batch, seq_len, -1, config.head_dim).transpose(1, 2).detach().requires_grad_()
-               for t in qkv.split(sizes, -1))
-    with attention_kernels(model.cudnn_attention):
-        choice = torch._fused_sdp_choice(q, k, v, is_causal=seq_len > 1, enable_gqa=k.shape[1] != q.shape[1])
+    choice, kept = _sdpa_choice(*(t.view(batch, seq_len, -1, config.head_dim).transpose(1, 2)
+                                  for t in qkv.split(sizes, -1)), model.cudnn_attention)
     line = f"attention: SDPA's {names.get(choice, choice)} kernel" + (
         " (cuDNN's tried first: --cudnn-attention)" if model.cudnn_attention else "")
     if model.keep_attention:
-        kept = choice in (_FLASH, _CUDNN) and not (q.is_cuda and config.head_dim % 8)
         line += ("; its output kept for the backward" if kept else
                  "; --keep-attention keeps nothing with it: attention is recomputed")
     return line
@@ -267,17 +264,24 @@ def _autograd_backward(q, k, v, out, da):
     return [t.transpose(1, 2).reshape(B, T, -1) for t in grads]
 
 
-def _kept_attention(q, k, v, cudnn_first=False):
-    """Causal attention of q, k, v (B, heads, T, D) by the kernel SDPA would take for them (``attention_kernels``:
-    asked with gradients wanted, as in training), called as SDPA calls it, where that is its flash kernel or, on
-    CUDA, its cuDNN one (and on CUDA a head size neither need pad: a multiple of 8): the output (B, heads, T, D),
-    its log-sum-exp and the kernel's backward, (dL/dout, q, k, v, out, lse) -> dL/dq, dL/dk, dL/dv; else None."""
-    causal, aten = q.shape[2] > 1, torch.ops.aten
+def _sdpa_choice(q, k, v, cudnn_first=False):
+    """The kernel SDPA takes for causal attention of q, k, v (B, heads, T, D) in training (asked with gradients
+    wanted, under ``attention_kernels``), and whether a layer can keep its output (``_kept_attention``): flash's or
+    cuDNN's, on CUDA at a head size neither pads (a multiple of 8)."""
     wanting = [t.detach().requires_grad_() for t in (q, k, v)]
     with attention_kernels(cudnn_first):
-        choice = torch._fused_sdp_choice(*wanting, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
-    if choice not in (_FLASH, _CUDNN) or q.is_cuda and q.shape[-1] % 8:
+        choice = torch._fused_sdp_choice(*wanting, is_causal=q.shape[2] > 1, enable_gqa=k.shape[1] != q.shape[1])
+    return choice, choice in (_FLASH, _CUDNN) and not (q.is_cuda and q.shape[-1] % 8)
+
+
+def _kept_attention(q, k, v, cudnn_first=False):
+    """Causal attention of q, k, v (B, heads, T, D) by the kernel SDPA would take for them, called as SDPA calls it,
+    where a layer can keep its output (``_sdpa_choice``: flash's, or on CUDA cuDNN's): the output (B, heads, T, D),
+    its log-sum-exp and the kernel's backward, (dL/dout, q, k, v, out, lse) -> dL/dq, dL/dk, dL/dv; else None."""
+    choice, keeps = _sdpa_choice(q, k, v, cudnn_first)
+    if not keeps:
         return None
+    causal, aten = q.shape[2] > 1, torch.ops.aten
     if not q.is_cuda:  # the CPU's flash kernel (no cuDNN there)
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
         return out, lse, lambda *grad_in: aten._scaled_dot_product_flash_attention_for_cpu_backward(
