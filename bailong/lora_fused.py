@@ -150,7 +150,7 @@ def seeded_dropout(x):
     if not x.is_cuda:
         return None
     import bailong_kernels  # Triton is imported only where it runs
-    _, _, layer_kernels = bailong_kernels.switches()
+    layer_kernels = bailong_kernels.switches()[2]
     if not (bailong_kernels.enabled(x) and layer_kernels):
         return None
     from bailong_kernels import dropout

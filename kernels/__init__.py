@@ -35,6 +35,12 @@ with the fused LoRA and the chunked loss 2.2x the tokens/s of autograd) run on
 CUDA by default (docs/BENCHMARKS.md). ``BAILONG_DECODE_KERNELS=0`` /
 ``use_decode_kernels(False)`` switches the first off, ``BAILONG_LAYER_KERNELS=0`` /
 ``use_layer_kernels(False)`` the second.
+
+``BAILONG_PDL=1`` / ``use_pdl(True)`` launches the decoding step's kernels (the
+GEMV, the dense GEMV, ``bailong_kernels.decode``'s) with programmatic dependent
+launch on Hopper and later (``nf4_dequant.pdl``): each kernel starts while the one
+before it ends and reads its first weights before waiting for it. Off by
+default: not yet timed on a GPU.
 """
 import os
 
@@ -43,6 +49,7 @@ import torch
 _kernels = os.environ.get("BAILONG_NF4_KERNELS", "1") not in ("", "0")
 _decode_kernels = os.environ.get("BAILONG_DECODE_KERNELS", "1") not in ("", "0")
 _layer_kernels = os.environ.get("BAILONG_LAYER_KERNELS", "1") not in ("", "0")
+_pdl = os.environ.get("BAILONG_PDL", "0") not in ("", "0")
 
 
 def use_kernels(flag=True) -> bool:
@@ -70,9 +77,17 @@ def use_layer_kernels(flag=True) -> bool:
     return previous
 
 
+def use_pdl(flag=True) -> bool:
+    """Launch the decoding step's kernels with programmatic dependent launch where the GPU and Triton have it
+    (True) or as ordinary launches (False); returns the previous setting, to restore."""
+    global _pdl
+    previous, _pdl = _pdl, flag
+    return previous
+
+
 def switches() -> tuple:
-    """The settings of ``use_kernels``, ``use_decode_kernels`` and ``use_layer_kernels``."""
-    return _kernels, _decode_kernels, _layer_kernels
+    """The settings of ``use_kernels``, ``use_decode_kernels``, ``use_layer_kernels`` and ``use_pdl``."""
+    return _kernels, _decode_kernels, _layer_kernels, _pdl
 
 
 def enabled(x) -> bool:

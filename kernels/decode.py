@@ -32,6 +32,11 @@ fewer launches, each beside the PyTorch code it replaces (``bailong.model``):
 
 Head dimensions are kept as two halves, as Hugging Face's rotate-half RoPE pairs
 dimension i with i + D/2.
+
+With programmatic dependent launch (``bailong_kernels.use_pdl``, Hopper and
+later) each of these kernels and the GEMV's lets the next kernel start first
+(``_pdl_start``) and waits for the one before (``_pdl_wait``) before it reads
+anything but weights or writes anything (``nf4_dequant.pdl``).
 """
 import math
 
@@ -41,18 +46,20 @@ import triton.language as tl
 from torch import nn
 
 from bailong.quantized import NF4Linear
-from bailong_kernels.nf4_dequant import cdiv, launch_device, next_power_of_2
+from bailong_kernels.nf4_dequant import _pdl_start, _pdl_wait, cdiv, launch_device, next_power_of_2, pdl_meta
 from bailong_kernels.nf4_gemv import dense_takes, gemv, gemv_group, gemv_swiglu, gemv_takes
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, C, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, C, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64) * C
     cols = tl.arange(0, BLOCK)
     ok = cols < C
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # the norm's weight: read before the wait
+    _pdl_wait(PDL)
     x = tl.load(x_ptr + row + cols, mask=ok, other=0.0).to(tl.float32)
     normed = x / tl.sqrt(tl.sum(x * x, axis=0) / C + eps)  # in float32, as the reference
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row + cols, w * normed.to(x_ptr.dtype.element_ty).to(tl.float32), mask=ok)
 
 
@@ -62,12 +69,14 @@ def rms_norm(x, weight, eps):
     y = torch.empty(x.shape, device=x.device, dtype=torch.result_type(weight, x))
     C = x.shape[-1]
     with launch_device(x):
-        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=next_power_of_2(C))
+        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=next_power_of_2(C), **pdl_meta(x))
     return y
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, C, stride_gate, stride_up, BLOCK: tl.constexpr):
+def _swiglu_kernel(gate_ptr, up_ptr, y_ptr, C, stride_gate, stride_up, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)  # one row, BLOCK of its columns: no division by C an element
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = col < C
@@ -83,7 +92,8 @@ def swiglu(gate, up):
     gate, up = rows(gate), rows(up)
     C = gate.shape[1]
     with launch_device(gate):
-        _swiglu_kernel[(gate.shape[0], cdiv(C, 1024))](gate, up, y, C, gate.stride(0), up.stride(0), BLOCK=1024)
+        _swiglu_kernel[(gate.shape[0], cdiv(C, 1024))](gate, up, y, C, gate.stride(0), up.stride(0), BLOCK=1024,
+                                                       **pdl_meta(gate))
     return y
 
 
@@ -150,7 +160,10 @@ PART_POSITIONS = 512  # cache positions a program of decode_attention reads, at 
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, y_ptr,
                              ml_ptr, H, KV, S, stride_cb, stride_ch, stride_cs, scale,
-                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PARTS: tl.constexpr):
+                             HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PARTS: tl.constexpr,
+                             PDL: tl.constexpr):
+    _pdl_start(PDL)
+    _pdl_wait(PDL)  # nothing read here is a weight: q, k, v, cos, sin, the position and the cache all change
     b, h, part = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     g = h // (H // KV)  # the kv head this head reads
     D: tl.constexpr = 2 * HALF
@@ -208,8 +221,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, k_c
 
 
 @triton.jit
-def _merge_parts_kernel(ml_ptr, o_ptr, y_ptr, D, PARTS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_parts_kernel(ml_ptr, o_ptr, y_ptr, D, PARTS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """y[b, h] from the PARTS partial softmaxes (m, l, o) of ``_decode_attention_kernel``."""
+    _pdl_start(PDL)
+    _pdl_wait(PDL)
     bh = tl.program_id(0).to(tl.int64)
     j, d = tl.arange(0, PARTS), tl.arange(0, BLOCK_D)
     m = tl.load(ml_ptr + 2 * (bh * PARTS + j))
@@ -236,7 +251,7 @@ def decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache):
         _decode_attention_kernel[(B, H, parts)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache,
                                                 v_cache, out, ml, H, KV, S, *k_cache.stride()[:3], 1 / math.sqrt(D),
                                                 HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BLOCK_S=64,
-                                                PARTS=parts)
+                                                PARTS=parts, **pdl_meta(q))
         if parts > 1:
-            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=next_power_of_2(D))
+            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=next_power_of_2(D), **pdl_meta(q))
     return y

@@ -30,7 +30,7 @@ import os
 import triton
 import triton.language as tl
 
-from bailong_kernels.nf4_dequant import next_power_of_2
+from bailong_kernels.nf4_dequant import _pdl_wait, next_power_of_2
 
 
 def dense_tiles(M=1):
@@ -85,7 +85,7 @@ def _add_dense(acc, w_lo, w_hi, x_ptr, stride_xm, M, pair, K, BLOCK_M: tl.conste
 
 @triton.jit
 def _dense_rows(x_ptr, stride_xm, M, K, w_ptr, n0, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), for a dense W (N, K), K a multiple of 8:
     the at-end loop without codes or scales. A thread takes 8 consecutive weights of a row (16 bytes in bf16: 4
     int32 pairs) and their x, and keeps the sum of their products, one float per 8 weights, across the loop;
@@ -98,6 +98,7 @@ def _dense_rows(x_ptr, stride_xm, M, K, w_ptr, n0, N, BLOCK_M: tl.constexpr, BLO
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     whole = K - K % BLOCK_K  # the columns of whole steps
     w_lo, w_hi = _halves(row, pair, None, False)
+    _pdl_wait(PDL)  # x is the kernel before's output (``_gemv_rows``)
     for k0 in range(0, whole, BLOCK_K):
         next_lo, next_hi = _halves(row + k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0), pair, None, False)
         acc = _add_dense(acc, w_lo, w_hi, x_ptr + k0, stride_xm, M, pair, K - k0, BLOCK_M, False)

@@ -29,6 +29,7 @@ the default (``BY_WORDS``) wherever q's bytes read as words; the byte kernel
 takes the rest.
 """
 import contextlib
+import functools
 import itertools
 import os
 
@@ -36,7 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+import bailong_kernels
 from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton before 3.4: no programmatic dependent launch
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -213,6 +220,42 @@ def next_power_of_2(n: int) -> int:
 def launch_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: a context that makes it ``t``'s."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.cache
+def _hopper_or_later(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether a decoding-step kernel for ``t`` launches with programmatic dependent launch (PDL): switched on
+    (``bailong_kernels.use_pdl``), t on a Hopper or later GPU, and a Triton that has it. Such a kernel may start
+    while the kernel before it still runs, even while kernels before that one do: each program first lets the
+    next kernel start (``_pdl_start``), may then read what no kernel ever writes (weights, code tables,
+    scales), and waits (``_pdl_wait``: until the kernel before has ended and its writes can be seen) before it
+    reads anything else or writes anything at all."""
+    return (bailong_kernels.switches()[3] and t.is_cuda and gdc_wait is not None
+            and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_later(t.device))
+
+
+def pdl_meta(t: torch.Tensor) -> dict:
+    """The launch options and the kernels' ``PDL`` meta-parameter for ``pdl(t)``."""
+    on = pdl(t)
+    return dict(PDL=on, launch_pdl=True) if on else dict(PDL=False)
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """With PDL, let the next kernel start (its programs then wait, reading only weights, for this one to end)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
+    """With PDL, wait until the kernel before this one has ended, its writes seen (a no-op the second time)."""
+    if PDL:
+        gdc_wait()
 
 
 BY_WORDS = True  # the word kernel by default: 1.6x faster than the byte kernel on an H200

@@ -56,8 +56,8 @@ import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
 from bailong_kernels.dense_gemv import _dense_rows, _widen_bf16, dense_tile
-from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _word_codes, cdiv, launch_device, nf4_args, \
-    next_power_of_2, readable_as_words
+from bailong_kernels.nf4_dequant import _block_scale, _lane_codes, _pdl_start, _pdl_wait, _word_codes, cdiv, \
+    launch_device, nf4_args, next_power_of_2, pdl_meta, readable_as_words
 
 SHUFFLES = True  # the at-end loop, compiled, takes each code from another lane's register, not from the L1 cache
 GEMV_MAX_M = 4  # rows of x up to which the GEMV kernel runs (on an H200, faster than dequantize + cuBLAS up to 4)
@@ -107,23 +107,24 @@ def _nf4_tile_and_scale(w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, of
 @triton.jit
 def _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AT_END: tl.constexpr,
-               SHUFFLE: tl.constexpr):
+               SHUFFLE: tl.constexpr, PDL: tl.constexpr):
     """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), summed across threads at every step of K
     (``_gemv_rows_each_step``) or once at the end (``AT_END``: ``_gemv_rows_at_end``); for a dense ``weight``
-    (one tensor: bf16 or fp16) ``_dense_rows``."""
+    (one tensor: bf16 or fp16) ``_dense_rows``. ``PDL``: each loop asks for its first step's weights, then
+    waits for the kernel before (``_pdl_wait``), then reads x."""
     if len(weight) == 1:
-        return _dense_rows(x_ptr, stride_xm, M, K, weight[0], n0, N, BLOCK_M, BLOCK_N, BLOCK_K)
+        return _dense_rows(x_ptr, stride_xm, M, K, weight[0], n0, N, BLOCK_M, BLOCK_N, BLOCK_K, PDL)
     elif AT_END:
         return _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N,
-                                 BLOCK_K, SHUFFLE)
+                                 BLOCK_K, SHUFFLE, PDL)
     else:
         return _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M,
-                                    BLOCK_N, BLOCK_K)
+                                    BLOCK_N, BLOCK_K, PDL)
 
 
 @triton.jit
 def _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """x[:M] @ W[n0 : n0 + BLOCK_N].T in float32, (BLOCK_M, BLOCK_N), for ``weight`` = (packed words, code,
     absmax, nested map, nested absmax, offset) of N rows: the loop of the module docstring."""
     WORDS: tl.constexpr = BLOCK_K // 8
@@ -136,6 +137,7 @@ def _gemv_rows_each_step(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.co
     w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
     args = (w_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
     words, scale = _nf4_tile_and_scale(*args, rn, word, N, K, BLOCKSIZE, DOUBLE_QUANT)
+    _pdl_wait(PDL)  # x is the kernel before's output
     for k0 in range(0, K, BLOCK_K):
         # ask for the next tile before using this one: two tiles in flight hide the memory latency
         next_words, next_scale = _nf4_tile_and_scale(*args, rn, (k0 + BLOCK_K) // 8 + word, N, K,
@@ -215,7 +217,8 @@ def _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BL
 
 @triton.jit
 def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHUFFLE: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHUFFLE: tl.constexpr,
+                      PDL: tl.constexpr):
     """``_gemv_rows_each_step`` in fewer instructions a weight: a thread takes chunks of 4 words (32 weights of
     one block) with their x, sums a chunk's products and scales them by the chunk's one scale, and keeps one
     float per chunk across the loop, summed across threads once at the end; the loop over whole steps of K
@@ -238,6 +241,7 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     words = tl.load(words_at)
     table = _lane_codes(code_ptr, words) if SHUFFLE else None
     scale = _block_scale(blocks, None, *scales, DOUBLE_QUANT)
+    _pdl_wait(PDL)  # x is the kernel before's output
     for k0 in range(0, whole, BLOCK_K):
         ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
         next_words = tl.load(words_at + ahead // 8)
@@ -255,13 +259,14 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, r_ptr, M, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                      DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
+                     AT_END: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr):
     """y[:, c_g : c_g + N_g] = x @ W_g.T for each weight g of ``weights`` (a tuple: one launch for all), where
     ``rows`` = (0, N_0, N_0 + N_1, ...) gives both c_g and N_g; a program takes BLOCK_N rows of one weight.
     With ``r_ptr`` (one weight only), y = r + x @ W.T: the residual added on the way out."""
+    _pdl_start(PDL)
     if len(weights) == 1:  # no branch to take
         _gemv_store(x_ptr, stride_xm, M, K, weights[0], tl.program_id(0) * BLOCK_N, rows[1], y_ptr, r_ptr,
-                    stride_ym, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE)
+                    stride_ym, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE, PDL)
     else:
         first = 0  # the first program of weight g
         for g in tl.static_range(len(weights)):
@@ -269,17 +274,17 @@ def _nf4_gemv_kernel(x_ptr, weights, rows, y_ptr, r_ptr, M, K, stride_xm, stride
             n0 = (tl.program_id(0) - first) * BLOCK_N
             if (n0 >= 0) & (n0 < N):
                 _gemv_store(x_ptr, stride_xm, M, K, weights[g], n0, N, y_ptr + rows[g], None, stride_ym,
-                            BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE)
+                            BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END, SHUFFLE, PDL)
             first += tl.cdiv(N, BLOCK_N)
 
 
 @triton.jit
 def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, r_ptr, stride_ym, BLOCKSIZE: tl.constexpr,
                 DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
+                AT_END: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr):
     """y[:M, n0 : n0 + BLOCK_N] = x[:M] @ W[n0 : n0 + BLOCK_N].T (+ r, laid out as y, where given)."""
     acc = _gemv_rows(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K,
-                     AT_END, SHUFFLE)
+                     AT_END, SHUFFLE, PDL)
     rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
     ok = (rm < M) & (rn < N)
     if r_ptr is not None:  # the product rounded to y's dtype first, as F.linear's is, then the sum rounded
@@ -290,16 +295,19 @@ def _gemv_store(x_ptr, stride_xm, M, K, weight, n0, N, y_ptr, r_ptr, stride_ym, 
 @triton.jit
 def _nf4_gemv_swiglu_kernel(x_ptr, gate, up, y_ptr, M, N, K, stride_xm, stride_ym, BLOCKSIZE: tl.constexpr,
                             DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, AT_END: tl.constexpr, SHUFFLE: tl.constexpr):
+                            BLOCK_K: tl.constexpr, AT_END: tl.constexpr, SHUFFLE: tl.constexpr,
+                            PDL: tl.constexpr):
     """y = silu(x @ W_gate.T) * (x @ W_up.T): a program takes the same BLOCK_N rows of both weights."""
+    _pdl_start(PDL)
     n0 = tl.program_id(0) * BLOCK_N
     dtype = y_ptr.dtype.element_ty
-    # each product rounded to x's dtype, and silu's result too, as F.linear and F.silu return them
+    # each product rounded to x's dtype, and silu's result too, as F.linear and F.silu return them; with PDL
+    # gate's rows wait for the kernel before, so up's need not
     g = _gemv_rows(x_ptr, stride_xm, M, K, gate, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END,
-                   SHUFFLE)
+                   SHUFFLE, PDL)
     g = g.to(dtype).to(tl.float32)
     u = _gemv_rows(x_ptr, stride_xm, M, K, up, n0, N, BLOCKSIZE, DOUBLE_QUANT, BLOCK_M, BLOCK_N, BLOCK_K, AT_END,
-                   SHUFFLE)
+                   SHUFFLE, False)
     silu = (g / (1 + tl.exp(-g))).to(dtype).to(tl.float32)
     rm, rn = tl.arange(0, BLOCK_M)[:, None], n0 + tl.arange(0, BLOCK_N)[None, :]
     tl.store(y_ptr + rm * stride_ym + rn, (silu * u.to(dtype).to(tl.float32)).to(dtype), mask=(rm < M) & (rn < N))
@@ -367,7 +375,7 @@ def gemv_group(x2d, qs, tile=None, residual=None):
     if residual is not None:
         assert len(qs) == 1 and residual.shape == y.shape and residual.dtype == y.dtype
         residual = residual.contiguous()  # laid out as y
-    meta |= _tile_meta(M, x2d.shape[1], qs[0], tile)
+    meta |= _tile_meta(M, x2d.shape[1], qs[0], tile) | pdl_meta(x2d)
     with launch_device(x2d):
         _nf4_gemv_kernel[(sum(cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
             x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
@@ -386,7 +394,7 @@ def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
     x2d = _aligned(x2d)
     (gate_args, up_args), meta = _gemv_weights(x2d, [gate, up])
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    meta |= _tile_meta(M, x2d.shape[1], gate, tile)
+    meta |= _tile_meta(M, x2d.shape[1], gate, tile) | pdl_meta(x2d)
     with launch_device(x2d):
         _nf4_gemv_swiglu_kernel[(cdiv(N, meta["BLOCK_N"]),)](
             x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
