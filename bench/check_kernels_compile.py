@@ -112,6 +112,16 @@ def describe(case, kernel, config, compiled, arch):
                 smem=smem if smem <= SHARED_LIMIT[arch] else f"{smem} (too much: skipped)", mma=mma, vector_loads=vec)
 
 
+def pdl_order(ptx: str) -> str:
+    """For a kernel compiled with programmatic dependent launch: the global loads its PTX makes before its first
+    wait (``_pdl_wait``: the first weights, asked for ahead of it) and any store before it (none may be)."""
+    if "griddepcontrol.wait" not in ptx or "griddepcontrol.launch_dependents" not in ptx:
+        return "NO WAIT"
+    before = ptx[:ptx.index("griddepcontrol.wait")]
+    loads, stores = len(re.findall(r"\bld\.global", before)), len(re.findall(r"\bst\.global", before))
+    return f"{loads} loads, then the wait" + (f"; {stores} STORES" if stores else "")
+
+
 def instructions(cubin: bytes) -> int:
     """SASS instructions of a kernel without loops, NOPs left out."""
     return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?!NOP)[^;]*;", cuobjdump(cubin, "-sass")))
@@ -170,8 +180,10 @@ def compile_all(arch):
                 if compiled.hash not in seen:  # shapes that specialise alike compile once
                     seen.add(compiled.hash)
                     row = describe(case, self.kernel, {k.lower(): v for k, v in meta.items()
-                                   if k.startswith("BLOCK_") or k in ("AT_END", "SHUFFLE", "num_warps")}, compiled,
-                                   arch)
+                                   if k.startswith("BLOCK_") or k in ("AT_END", "SHUFFLE", "num_warps", "PDL")},
+                                   compiled, arch)
+                    if meta["PDL"]:
+                        row["pdl"] = pdl_order(compiled.asm["ptx"])
                     if meta["SHUFFLE"]:
                         row["shuffle_tables"] = "in place" if tables_stay_in_their_lanes(compiled.asm["ttgir"]) \
                             else "MOVED"
@@ -188,7 +200,7 @@ def compile_all(arch):
                     rows.append(row)
             return compile_only
 
-    gemv_kernels = (nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel)
+    gemv_kernels, pdl = (nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel), dequant.pdl
     nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel = map(CompileOnlyKernel, gemv_kernels)
     try:
         bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
@@ -241,8 +253,22 @@ def compile_all(arch):
             nf4_gemv.gemv(x, qkv[0], tile, residual=x)
             case = "bf16 silu(gate) * up in one launch M=1 N=11008 K=4096"
             nf4_gemv.gemv_swiglu(x, gate, gate, tile)
+        if arch >= 90:  # with programmatic dependent launch (bailong_kernels.use_pdl: Hopper and later)
+            dequant.pdl = lambda t: True
+            for M, tile in [(1, None), (1, AT_END), (4, None)]:  # the at-end loop, and the first loop at 4 rows
+                case = f"bf16 y=x@W.T M={M} N=4096 K=4096, with PDL"
+                nf4_gemv.gemv(torch.randn(M, 4096, dtype=bf16), qkv[0], tile)
+            case = "bf16 q, k, v in one launch M=1 N=4096+1024+1024 K=4096, with PDL"
+            nf4_gemv.gemv_group(x, qkv)
+            case = "bf16 residual + x@W.T (o, down) M=1 N=4096 K=4096, with PDL"
+            nf4_gemv.gemv(x, qkv[0], residual=x)
+            case = "bf16 silu(gate) * up in one launch M=1 N=11008 K=4096, with PDL"
+            nf4_gemv.gemv_swiglu(x, gate, gate)
+            case = "bf16 q, k, v in one launch M=1 dense N=4096+1024+1024 K=4096, with PDL"
+            nf4_gemv.gemv_group(x, dense[:3])
     finally:
         nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel = gemv_kernels
+        dequant.pdl = pdl
     # the two dequantize kernels as nf4_dequantize launches them (each also as nf4_dequantize_group
     # does, q, k and v in one launch), with the instructions a weight of a thread
     words, steps, warps = dequant.word_steps()
@@ -269,9 +295,21 @@ def compile_all(arch):
     x, cos = torch.randn(1, 4096, dtype=torch.bfloat16), torch.randn(1, 128, dtype=torch.bfloat16)
     cache = torch.randn(1, 8, 4096, 128, dtype=torch.bfloat16)
     parts = torch.empty(1, 32, 8, 128, dtype=torch.float32)  # float32 partial results
-    for name, kernel, args, meta in [
-            ("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
-            ("swiglu", decode._swiglu_kernel, (x, x, x, 4096, 8192, 8192), dict(BLOCK=1024)),
+    decoding = [("rms_norm", decode._rms_norm_kernel, (x, x[0], x, 4096, 1e-5), dict(BLOCK=4096)),
+                ("swiglu", decode._swiglu_kernel, (x, x, x, 4096, 8192, 8192), dict(BLOCK=1024)),
+                ("decode attention", decode._decode_attention_kernel,
+                 (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, None, 32, 8, 4096,
+                  *cache.stride()[:3], 0.1),
+                 dict(HALF=64, BLOCK_D=64, BLOCK_S=64, PARTS=1)),
+                ("decode attention in 8 parts", decode._decode_attention_kernel,
+                 (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, parts, parts, 32, 8, 4096,
+                  *cache.stride()[:3], 0.1),
+                 dict(HALF=64, BLOCK_D=64, BLOCK_S=64, PARTS=8)),
+                ("decode attention's merge of 8 parts", decode._merge_parts_kernel, (parts, parts, x, 128),
+                 dict(PARTS=8, BLOCK_D=128))]
+    with_pdl = [(f"{name}, with PDL", kernel, args, meta | dict(PDL=True, launch_pdl=True))
+                for name, kernel, args, meta in decoding] if arch >= 90 else []
+    for name, kernel, args, meta in [(*d[:3], d[3] | dict(PDL=False)) for d in decoding] + with_pdl + [
             ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, x, 4096, 1e-5),
              dict(BLOCK=4096, PLUS=True)),
             ("swiglu backward", layers._swiglu_backward_kernel, (x, x, x, x, x, 4096, 8192, 8192),
@@ -281,19 +319,11 @@ def compile_all(arch):
             ("cross entropy (vocabulary 32,000)", layers._cross_entropy_kernel,
              (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 32000), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
             ("cross entropy (vocabulary 59,241: rows not 16-byte aligned, scalar loads)", layers._cross_entropy_kernel,
-             (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 59241), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
-            ("decode attention", decode._decode_attention_kernel,
-             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, x, None, 32, 8, 4096,
-              *cache.stride()[:3], 0.1),
-             dict(HALF=64, BLOCK_D=64, BLOCK_S=64, PARTS=1)),
-            ("decode attention in 8 parts", decode._decode_attention_kernel,
-             (x, x, x, cos, cos, torch.zeros(1, dtype=torch.long), cache, cache, parts, parts, 32, 8, 4096,
-              *cache.stride()[:3], 0.1),
-             dict(HALF=64, BLOCK_D=64, BLOCK_S=64, PARTS=8)),
-            ("decode attention's merge of 8 parts", decode._merge_parts_kernel, (parts, parts, x, 128),
-             dict(PARTS=8, BLOCK_D=128))]:
+             (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 59241), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK))]:
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
+        if meta.get("PDL"):
+            rows[-1]["pdl"] = pdl_order(compiled.asm["ptx"])
     # LoRA dropout of q, k and v's input (3 masks) and its backward, with the instructions a value of a thread:
     # writing 2.7 bytes a value and reading 2.7 (bf16, x read once for 3) at an H200's ~4.3 TB/s leaves an SM
     # room for about 16
@@ -339,7 +369,10 @@ def main():
     recompiled = [r for r in rows if r.get("one_kernel_every_key") == "NO"]
     for r in recompiled:
         print(f"another kernel for a key below 2^31: {r['arch']} {r['case']}: compiled again as training goes on")
-    return 1 if (spilled and not args.allow_spills) or moved or recompiled else 0
+    out_of_order = [r for r in rows if "pdl" in r and ("NO WAIT" in r["pdl"] or "STORES" in r["pdl"])]
+    for r in out_of_order:
+        print(f"PDL out of order: {r['arch']} {r['case']}: {r['pdl']}")
+    return 1 if (spilled and not args.allow_spills) or moved or recompiled or out_of_order else 0
 
 
 if __name__ == "__main__":
