@@ -10,7 +10,8 @@ NF4 with the kernels, with CUDA graphs and eagerly; each as by default on CUDA,
 with the fused decoding step (``bailong_kernels.decode``; in the compute dtype its
 projections and head run the GEMV's loop for bf16 weights), and with CUDA graphs
 also without it (``BAILONG_DECODE_KERNELS=0``); at batch 1 the fused step with
-another tile of the GEMV's at-end loop (``AT_END``);
+another tile of the GEMV's at-end loop (``AT_END``); on Hopper and later, the
+fused step with programmatic dependent launch too (``BAILONG_PDL``), bf16 and NF4;
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
 ours on NF4 through the PyTorch reference, with CUDA graphs and eagerly. At
@@ -77,14 +78,16 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampling=GREEDY, tile=None):
+def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampling=GREEDY, tile=None, pdl=False):
     """Ids (B lists) of ``n`` new tokens after each prompt: generate() with ``sampling`` for one prompt, else
     one ``GraphDecoder`` for the batch, greedy. Decoders are made, with every graph they replay for ``max_new`` tokens
-    captured, at the first call: the warm-up. ``tile``: the GEMV's tile in place of ``gemv_tile``'s."""
+    captured, at the first call: the warm-up. ``tile``: the GEMV's tile in place of ``gemv_tile``'s; ``pdl``:
+    programmatic dependent launch (``bailong_kernels.use_pdl``)."""
     decoders = []
 
     def run(n):
-        previous = bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step)
+        previous = (bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step),
+                    bailong_kernels.use_pdl(pdl))
         if tile:  # graphs bake in their launches: this row's decoder, captured with this tile, is generate()'s only
             generation._decoders.pop(model, None)  # while the row runs
             if decoders:
@@ -111,6 +114,7 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampl
         finally:
             bailong_kernels.use_kernels(previous[0])
             bailong_kernels.use_decode_kernels(previous[1])
+            bailong_kernels.use_pdl(previous[2])
             if tile:
                 nf4_gemv.gemv_tile = gemv_tile
                 generation._decoders.pop(model, None)
@@ -193,10 +197,13 @@ def main():
 def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
     """Time every row at one batch size and compare their greedy ids."""
     device, n, one = ("cuda" if cuda else "cpu"), args.new_tokens, batch == 1
+    hopper = cuda and torch.cuda.get_device_capability()[0] >= 9  # where PDL runs
     print(f"-- batch {batch}")
     rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompts, None, n)),  # fast first
+            ("ours, CUDA graph, PDL", "dense", hopper and ours(dense, prompts, None, n, pdl=True)),
             ("ours, CUDA graph, unfused step", "dense", cuda and ours(dense, prompts, True, n, True, False)),
             ("ours NF4, CUDA graph + kernels", "nf4", cuda and ours(nf4, prompts, True, n)),
+            ("ours NF4, CUDA graph + kernels, PDL", "nf4", hopper and ours(nf4, prompts, True, n, pdl=True)),
             ("ours NF4, CUDA graph + kernels, unfused step", "nf4", cuda and ours(nf4, prompts, True, n, True, False)),
             (f"ours NF4, CUDA graph + kernels, at-end GEMV {','.join(map(str, AT_END[:3]))}", "nf4",
              cuda and one and ours(nf4, prompts, True, n, True, True, tile=AT_END)),
@@ -236,6 +243,12 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
                        for row, ref in zip(ids, reference))
             print(f"{label}: greedy ids equal the reference's for the first {same} of {common}"
                   + (" in every sequence" if batch > 1 else ""))
+    for label in [label for label in results if label.endswith(", PDL")]:  # the same kernels: the same bits
+        without = results.get(label.removesuffix(", PDL"))
+        if without is not None:
+            common = min(len(results[label][1][0]), len(without[1][0]))
+            same = all(a[:common] == b[:common] for a, b in zip(results[label][1], without[1]))
+            print(f"{label}: greedy ids {'equal' if same else 'DIFFER FROM'} those without PDL ({common} tokens)")
     for base in ["transformers", "transformers + bitsandbytes", "ours, CUDA graph"]:
         if base in results:
             print(f"against {base}: " + ", ".join(f"{label} {tps / results[base][0]:.2f}x"

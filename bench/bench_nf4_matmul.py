@@ -19,6 +19,10 @@ one launch against three, and gate and up with SwiGLU in one launch against two
 GEMVs and the SwiGLU kernel, with the default tile and with the sweep's best.
 Then the GEMV's dense loop on the bf16 weights themselves (a bf16 model's
 decoding step, and the head), against cuBLAS, up to GEMV_MAX_M rows.
+Then programmatic dependent launch (``bailong_kernels.use_pdl``): the default
+GEMV back to back with and without it, and a decoder layer's chain of launches
+(RMSNorm, q/k/v, o + residual, RMSNorm, gate/up + SwiGLU, down + residual: the
+fused step without its attention) over layers of weights, with and without it.
 Last, the two dequantize kernels (byte by byte, and word by word, the default):
 each alone, and before cuBLAS at a training step's rows of x (``--train-m``),
 against bf16 cuBLAS.
@@ -31,9 +35,10 @@ import time
 
 import torch
 
+import bailong_kernels
 from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import nf4_dequantize
-from bailong_kernels.decode import swiglu
+from bailong_kernels.decode import rms_norm, swiglu
 from bailong_kernels import nf4_gemv
 from bailong_kernels.dense_gemv import dense_tile, dense_tiles
 from bailong_kernels.nf4_gemv import GEMV_MAX_M, gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
@@ -175,6 +180,9 @@ def main():
                (48, 128) if args.tiny else SHAPES[1])
     dense_gemv(device, dtype, timed, bandwidth, shapes if args.tiny else SHAPES + [(32000, 4096)],
                [m for m in ms if m <= GEMV_MAX_M], sweep)
+    if args.tiny or torch.cuda.get_device_capability()[0] >= 9:
+        dependent_launch(device, dtype, timed, [m for m in ms if m <= GEMV_MAX_M],
+                         (40, 128) if args.tiny else SHAPES[0], (64, 128) if args.tiny else SHAPES[1])
     dequantize_kernels(device, dtype, timed, bandwidth, shapes, 8 if args.tiny else args.train_m)
 
 
@@ -206,6 +214,51 @@ def one_launch(device, dtype, timed, ms, best_tiles, qkv_shape, gate_shape):
             print(f"  M={M} tile {','.join(map(str, tile))}: q, k, v {three * 1e3:.2f} -> {one * 1e3:.2f} us "
                   f"({three / one:.2f}x); gate, up, SwiGLU {apart * 1e3:.2f} -> {fused * 1e3:.2f} us "
                   f"({apart / fused:.2f}x)", flush=True)
+
+
+def dependent_launch(device, dtype, timed, ms, square, wide):
+    """us per call without and with programmatic dependent launch: the default GEMV back to back (each waits
+    for the one before, as in a decoding step), and a decoder layer's chain of launches over copies of a
+    layer's weights (q, k, v and o ``square``, gate, up and down ``wide``). On the CPU (interpreted) PDL is
+    never on: both columns run the same launches."""
+    torch.manual_seed(0)
+    H, F = square[1], wide[0]
+
+    def nf4(n, k):
+        return quantize((torch.randn(n, k, device=device) * 0.02).to(dtype))
+
+    def layer():
+        return dict(norm=torch.ones(H, device=device, dtype=dtype), qkv=[nf4(H, H) for _ in range(3)], o=nf4(H, H),
+                    gate=nf4(F, H), up=nf4(F, H), down=nf4(H, F))
+
+    def step(x, w):  # the fused decoding step's launches for a layer, attention left out
+        q, k, v = gemv_group(rms_norm(x, w["norm"], 1e-5), w["qkv"])
+        x = gemv(q.contiguous(), w["o"], residual=x)
+        return gemv(gemv_swiglu(rms_norm(x, w["norm"], 1e-5), w["gate"], w["up"]), w["down"], residual=x)
+
+    def both(calls):
+        times = []
+        for on in (False, True):
+            previous = bailong_kernels.use_pdl(on)
+            try:
+                times.append(timed(calls))
+            finally:
+                bailong_kernels.use_pdl(previous)
+        return times
+
+    one = layer()
+    per_layer = sum(t.nbytes for t in [*one["qkv"], one["o"], one["gate"], one["up"], one["down"]])
+    layers = [one] + [layer() for _ in range(max(1, L2_BYTES // per_layer) - 1 if device == "cuda" else 0)]
+    print("programmatic dependent launch: us per call, without -> with (a CUDA graph over weight copies)")
+    for M in ms:
+        x = torch.randn(M, H, device=device, dtype=dtype)
+        ws = [w for layer_ in layers for w in layer_["qkv"]]
+        plain, pdl = both([lambda w=w: gemv(x, w) for w in ws])
+        print(f"  M={M} GEMV {square[0]}x{square[1]} back to back: {plain * 1e3:.2f} -> {pdl * 1e3:.2f} us "
+              f"({plain / pdl:.2f}x)", flush=True)
+        plain, pdl = both([lambda w=w: step(x, w) for w in layers])
+        print(f"  M={M} a layer's 6 launches (attention left out): {plain * 1e3:.2f} -> {pdl * 1e3:.2f} us "
+              f"({plain / pdl:.2f}x)", flush=True)
 
 
 def dense_gemv(device, dtype, timed, bandwidth, shapes, ms, sweep):

@@ -2,8 +2,8 @@
 # Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
 #
 #   bash bench/gpu_suite.sh                  # all parts
-#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, attention, decode, host, first, train,
-#                                            # train-8bit, train-long, train-dropout, model
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, attention, decode, pdl, host, first,
+#                                            # train, train-8bit, train-long, train-dropout, model
 #   GPU_SUITE_SECONDS=540 bash bench/gpu_suite.sh tests kernels decode first    # as much as fits in 9 minutes
 #
 # Each part prints under its own heading and a failing part does not stop the others; the
@@ -70,6 +70,9 @@ for part in ${parts[*]}; do
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
         attention) run attention python bench/bench_attention.py ;;  # SDPA's kernels at the settings' shapes
         decode)  run decode python bench/bench_decode.py ;;
+        pdl)     run pdl-test python -m pytest -q -m gpu tests/test_gpu.py -k programmatic  # PDL: the same bits,
+                 run pdl-kernels python bench/bench_nf4_matmul.py --m 1,4 --sweep ""  # then its time
+                 run pdl-decode python bench/bench_decode.py --batch 1 --limit 5 ;;
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
         first)   run first-recipe "${train[@]}" --setting recipe --rows ours ours-all ours-graph theirs
                  run first-long "${train[@]}" --setting long --rows ours-lean theirs ;;
@@ -85,7 +88,7 @@ for part in ${parts[*]}; do
         train-dropout) run train-dropout "${train[@]}" --setting long --dropout 0.05 \
                        --rows ours-all ours-graph ours-torch-dropout theirs ;;  # the kernels' dropout, graphed too
         model)   run model python bench/bench_model_gpu.py ;;
-        *)       echo "unknown part: $part (tests, kernels, attention, decode, host, first, train, train-8bit," \
+        *)       echo "unknown part: $part (tests, kernels, attention, decode, pdl, host, first, train, train-8bit," \
                       "train-long, train-dropout, model)"
                  failed=$((failed + 1)) ;;
     esac
