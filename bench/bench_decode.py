@@ -10,7 +10,8 @@ NF4 with the kernels, with CUDA graphs and eagerly; each as by default on CUDA,
 with the fused decoding step (``bailong_kernels.decode``; in the compute dtype its
 projections and head run the GEMV's loop for bf16 weights), and with CUDA graphs
 also without it (``BAILONG_DECODE_KERNELS=0``); at batch 1 the fused step with
-another tile of the GEMV's at-end loop (``AT_END``); on Hopper and later, the
+another tile of the GEMV's at-end loop (``AT_END``), and with the attention cut
+into parts of fewer positions (``PARTS_OF``); on Hopper and later, the
 fused step with programmatic dependent launch too (``BAILONG_PDL``), bf16 and NF4;
 transformers in the compute dtype; transformers with bitsandbytes 4-bit (the
 NF4 weights we quantized, saved and loaded back, so both read the same bits);
@@ -44,7 +45,8 @@ from bailong.config import preset
 from bailong.generation import GraphDecoder, Sampling, generate, graph_decoder
 from bailong.model import init_weights
 from bailong.quantized import quantize_model
-from bailong_kernels import nf4_gemv
+from bailong_kernels import decode, nf4_gemv
+from bailong_kernels.decode import PART_POSITIONS
 from bailong_kernels.nf4_gemv import gemv_tile
 from bench_nf4_matmul import copy_bandwidth
 
@@ -53,6 +55,10 @@ CHAT = Sampling(seed=0)  # chat.py's default sampling
 # another GEMV tile of the at-end loop (shuffled codes) for one row than the default: 4 rows of W a thread, the
 # fewest instructions a weight, and no spills under Triton 3.6 as under 3.9 (2 rows spill 48 bytes under 3.6)
 AT_END = (4, 1024, 1, True)
+# cache positions a program of the fused step's attention reads, at most, in the row that tries it against the
+# default (decode.PART_POSITIONS, 512): at Llama-2-7B's 32 heads, one program a head leaves most of an H200's 132
+# multiprocessors idle; parts of 128 positions give 128 programs at 256 to 512 positions, for a merging launch
+PARTS_OF = 128
 
 
 def seconds(fn, n, device):
@@ -78,21 +84,24 @@ def timed_row(fn, n, limit, device):
     return n / elapsed, n, ids, warm
 
 
-def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampling=GREEDY, tile=None, pdl=False):
+def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampling=GREEDY, tile=None, pdl=False,
+         part_positions=None):
     """Ids (B lists) of ``n`` new tokens after each prompt: generate() with ``sampling`` for one prompt, else
     one ``GraphDecoder`` for the batch, greedy. Decoders are made, with every graph they replay for ``max_new`` tokens
     captured, at the first call: the warm-up. ``tile``: the GEMV's tile in place of ``gemv_tile``'s; ``pdl``:
-    programmatic dependent launch (``bailong_kernels.use_pdl``)."""
+    programmatic dependent launch (``bailong_kernels.use_pdl``); ``part_positions``: the fused step's attention
+    cut into parts of that many cache positions (``decode.PART_POSITIONS``)."""
     decoders = []
 
     def run(n):
         previous = (bailong_kernels.use_kernels(kernels_on), bailong_kernels.use_decode_kernels(fused_step),
                     bailong_kernels.use_pdl(pdl))
-        if tile:  # graphs bake in their launches: this row's decoder, captured with this tile, is generate()'s only
-            generation._decoders.pop(model, None)  # while the row runs
+        if tile or part_positions:  # graphs bake in their launches: this row's decoder, captured so, is generate()'s
+            generation._decoders.pop(model, None)  # only while the row runs
             if decoders:
                 generation._decoders[model] = decoders[0]
-            nf4_gemv.gemv_tile = lambda M: tile
+            nf4_gemv.gemv_tile = (lambda M: tile) if tile else gemv_tile
+            decode.PART_POSITIONS = part_positions or PART_POSITIONS
         try:
             with torch.inference_mode():
                 use_graph = model.lm_head.weight.is_cuda if graph is None else graph  # None: as generate() decides
@@ -115,8 +124,8 @@ def ours(model, prompts, graph, max_new, kernels_on=True, fused_step=True, sampl
             bailong_kernels.use_kernels(previous[0])
             bailong_kernels.use_decode_kernels(previous[1])
             bailong_kernels.use_pdl(previous[2])
-            if tile:
-                nf4_gemv.gemv_tile = gemv_tile
+            if tile or part_positions:
+                nf4_gemv.gemv_tile, decode.PART_POSITIONS = gemv_tile, PART_POSITIONS
                 generation._decoders.pop(model, None)
     return run
 
@@ -207,6 +216,8 @@ def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
             ("ours NF4, CUDA graph + kernels, unfused step", "nf4", cuda and ours(nf4, prompts, True, n, True, False)),
             (f"ours NF4, CUDA graph + kernels, at-end GEMV {','.join(map(str, AT_END[:3]))}", "nf4",
              cuda and one and ours(nf4, prompts, True, n, True, True, tile=AT_END)),
+            (f"ours NF4, CUDA graph + kernels, attention in parts of {PARTS_OF}", "nf4",
+             cuda and one and ours(nf4, prompts, True, n, part_positions=PARTS_OF)),
             ("ours NF4, eager + kernels", "nf4", cuda and one and ours(nf4, prompts, False, n)),
             ("ours NF4, " + ("CUDA graph + kernels, " if cuda else "") + "sampled as chat.py", "nf4",
              one and ours(nf4, prompts, None, n, sampling=CHAT)),
