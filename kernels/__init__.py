@@ -36,11 +36,11 @@ CUDA by default (docs/BENCHMARKS.md). ``BAILONG_DECODE_KERNELS=0`` /
 ``use_decode_kernels(False)`` switches the first off, ``BAILONG_LAYER_KERNELS=0`` /
 ``use_layer_kernels(False)`` the second.
 
-``BAILONG_PDL=1`` / ``use_pdl(True)`` launches the decoding step's kernels (the
-GEMV, the dense GEMV, ``bailong_kernels.decode``'s) with programmatic dependent
-launch on Hopper and later (``nf4_dequant.pdl``): each kernel starts while the one
-before it ends and reads its first weights before waiting for it. Off by
-default: not yet timed on a GPU.
+``BAILONG_PDL=1`` / ``use_pdl(True)`` launches the GEMV (NF4 and dense) and
+``bailong_kernels.decode``'s kernels with programmatic dependent launch on Hopper
+and later, under ``torch.inference_mode`` only (decoding; ``nf4_dequant.pdl``):
+each kernel starts while the one before it ends and reads its first weights
+before waiting for it. Off by default: not yet timed on a GPU.
 """
 import os
 

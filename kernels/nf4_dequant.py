@@ -227,15 +227,23 @@ def _hopper_or_later(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl(t: torch.Tensor) -> bool:
-    """Whether a decoding-step kernel for ``t`` launches with programmatic dependent launch (PDL): switched on
-    (``bailong_kernels.use_pdl``), t on a Hopper or later GPU, and a Triton that has it. Such a kernel may start
-    while the kernel before it still runs, even while kernels before that one do: each program first lets the
-    next kernel start (``_pdl_start``), may then read what no kernel ever writes (weights, code tables,
-    scales), and waits (``_pdl_wait``: until the kernel before has ended and its writes can be seen) before it
-    reads anything else or writes anything at all."""
-    return (bailong_kernels.switches()[3] and t.is_cuda and gdc_wait is not None
+def pdl_possible(t: torch.Tensor) -> bool:
+    """Whether kernels for ``t`` can launch with programmatic dependent launch: t on an NVIDIA GPU of the Hopper
+    generation or later, and a Triton that has it (3.4 and later), not interpreted."""
+    return (t.is_cuda and torch.version.hip is None and gdc_wait is not None
             and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_later(t.device))
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether a kernel for ``t`` that takes a ``PDL`` meta-parameter launches with programmatic dependent launch:
+    switched on (``bailong_kernels.use_pdl``), under ``torch.inference_mode`` (decoding: ``generate()``, the
+    decoders; never training, where an optimizer writes weights), and ``pdl_possible(t)``. Such a kernel may
+    start while the kernel before it still runs, even while kernels before that one do: each program first lets
+    the next kernel start (``_pdl_start``), may then read only the arguments its wrapper passes as weights
+    (tensors no kernel writes during inference: NF4 weights, their scales and code tables, norm and dense
+    weights), and waits (``_pdl_wait``: until the kernel before has ended and its writes can be seen) before it
+    reads anything else or writes anything at all."""
+    return bailong_kernels.switches()[3] and torch.is_inference_mode_enabled() and pdl_possible(t)
 
 
 def pdl_meta(t: torch.Tensor) -> dict:

@@ -242,14 +242,18 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
 
 
 @pytest.mark.parametrize("quantize", ["nf4", None])
-def test_programmatic_dependent_launch_decodes_the_same_bits(tmp_path, quantize):
+def test_programmatic_dependent_launch_decodes_the_same_bits(tmp_path, quantize, monkeypatch):
     """With PDL (Hopper and later) each kernel of the fused step starts while the one before ends and reads its
     first weights early: the logits of 40 steps replayed from a CUDA graph are the same bits as without, with
     the GEMV at many programs (hidden 1024, MLP 2816)."""
     import bailong_kernels
     from bailong.generation import GraphDecoder
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("programmatic dependent launch needs a Hopper or later GPU")
+    from bailong_kernels import nf4_dequant
+    if not nf4_dequant.pdl_possible(torch.empty(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs an NVIDIA GPU of the Hopper generation or later, Triton 3.4+")
+    launched = []  # the launches that used PDL: none would make the two runs trivially alike
+    pdl = nf4_dequant.pdl
+    monkeypatch.setattr(nf4_dequant, "pdl", lambda t: launched.append(pdl(t)) or launched[-1])
     folder, _ = write_hf(tmp_path, "gqa", hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
                          num_key_value_heads=4)
     model, _ = bailong.load(folder, dtype=torch.bfloat16, quantize=quantize)
@@ -267,6 +271,8 @@ def test_programmatic_dependent_launch_decodes_the_same_bits(tmp_path, quantize)
             runs.append(torch.stack(logits))
         finally:
             bailong_kernels.use_pdl(previous)
+        assert any(launched) == on
+        launched.clear()
     assert torch.equal(*runs)
 
 

@@ -28,20 +28,22 @@ def same_with_pdl(run):
 @pytest.mark.parametrize("M,at_end", [(1, True), (3, True), (3, False)])
 def test_the_gemv_reads_only_weights_before_it_waits(M, at_end):
     """Each loop (at the end, each step; the dense one below) asks for its first step's weights before the
-    wait: one weight, q/k/v in one launch, gate and up with SwiGLU, o with the residual."""
+    wait: one weight, q/k/v in one launch, gate and up with SwiGLU, o with the residual; K of 2.5 steps (a
+    partial last one), rows of W past a whole number of tiles."""
     torch.manual_seed(M)
-    q, k, gate, up = (quantize(torch.randn(n, 512)) for n in (40, 24, 44, 44))
-    x, residual = torch.randn(M, 512), torch.randn(M, 40)
+    q, k, gate, up = (quantize(torch.randn(n, 640)) for n in (41, 24, 44, 44))
+    x, residual = torch.randn(M, 640), torch.randn(M, 41)
     tile = (2, 256, 1, at_end)
     same_with_pdl(lambda: g.gemv_group(x, [q, k], tile))
     same_with_pdl(lambda: g.gemv_swiglu(x, gate, up, tile))
     same_with_pdl(lambda: g.gemv(x, q, tile, residual=residual))
 
 
-def test_the_dense_gemv_reads_only_weights_before_it_waits():
-    torch.manual_seed(0)
-    w, u = torch.randn(13, 1536, dtype=torch.float16), torch.randn(13, 1536, dtype=torch.float16)
-    x = torch.randn(1, 1536, dtype=torch.float16)
+@pytest.mark.parametrize("M", [1, 3])
+def test_the_dense_gemv_reads_only_weights_before_it_waits(M):
+    torch.manual_seed(M)
+    w, u = torch.randn(13, 1544, dtype=torch.float16), torch.randn(13, 1544, dtype=torch.float16)
+    x = torch.randn(M, 1544, dtype=torch.float16)  # K: whole steps and a partial one
     same_with_pdl(lambda: g.gemv_group(x, [w, u]))
     same_with_pdl(lambda: g.gemv_swiglu(x, w, u))
 
@@ -127,16 +129,27 @@ def test_the_check_fails_a_kernel_out_of_order(kernel, broken):
             kernel[(2,)](x, w, y, PDL=True, launch_pdl=True)
 
 
-def test_pdl_is_off_by_default_and_only_on_a_gpu_that_has_it():
-    """Off unless switched on; never on the CPU; a switch in the key of a captured graph (``graph_key`` takes
-    ``switches()``), so that switching it captures again."""
+def test_pdl_is_off_by_default_and_only_in_inference_on_a_gpu_that_has_it(monkeypatch):
+    """Off unless switched on; never on the CPU; only under inference mode (decoding, never training, where the
+    optimizer writes weights that a kernel would read before its wait); a switch in the key of a captured graph
+    (``graph_key`` takes ``switches()``), so that switching it captures again."""
     import bailong_kernels
     from bailong_kernels import nf4_dequant
+    t = torch.zeros(1)
     assert bailong_kernels.switches()[3] is False  # BAILONG_PDL unset in the tests
-    assert nf4_dequant.pdl_meta(torch.zeros(1)) == dict(PDL=False)  # no launch option on the CPU
+    assert nf4_dequant.pdl_meta(t) == dict(PDL=False)  # no launch option where it is off
     previous = bailong_kernels.use_pdl(True)
     try:
-        assert not nf4_dequant.pdl(torch.zeros(1))  # the CPU: no GPU to run it
         assert bailong_kernels.switches()[3]
+        with torch.inference_mode():
+            assert not nf4_dequant.pdl_possible(t) and not nf4_dequant.pdl(t)  # the CPU: no GPU to run it
+        monkeypatch.setattr(nf4_dequant, "pdl_possible", lambda t: True)  # as on a Hopper GPU
+        with torch.inference_mode():
+            assert nf4_dequant.pdl_meta(t) == dict(PDL=True, launch_pdl=True)
+        with torch.no_grad():
+            assert not nf4_dequant.pdl(t)  # a training step's forward in an autograd Function runs so
+        assert not nf4_dequant.pdl(t)
     finally:
         bailong_kernels.use_pdl(previous)
+    with torch.inference_mode():
+        assert not nf4_dequant.pdl(t)
