@@ -47,6 +47,7 @@ from bailong.model import init_weights
 from bailong.quantized import quantize_model
 from bailong_kernels import decode, nf4_gemv
 from bailong_kernels.decode import PART_POSITIONS
+from bailong_kernels.nf4_dequant import pdl_possible
 from bailong_kernels.nf4_gemv import gemv_tile
 from bench_nf4_matmul import copy_bandwidth
 
@@ -206,7 +207,7 @@ def main():
 def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):
     """Time every row at one batch size and compare their greedy ids."""
     device, n, one = ("cuda" if cuda else "cpu"), args.new_tokens, batch == 1
-    hopper = cuda and torch.cuda.get_device_capability()[0] >= 9  # where PDL runs
+    hopper = cuda and pdl_possible(torch.empty(1, device="cuda"))  # where PDL runs: else its rows are left out
     print(f"-- batch {batch}")
     rows = [("ours" + (", CUDA graph" if cuda else ""), "dense", ours(dense, prompts, None, n)),  # fast first
             ("ours, CUDA graph, PDL", "dense", hopper and ours(dense, prompts, None, n, pdl=True)),

@@ -37,7 +37,7 @@ import torch
 
 import bailong_kernels
 from bailong.nf4 import quantize
-from bailong_kernels.nf4_dequant import nf4_dequantize
+from bailong_kernels.nf4_dequant import nf4_dequantize, pdl_possible
 from bailong_kernels.decode import rms_norm, swiglu
 from bailong_kernels import nf4_gemv
 from bailong_kernels.dense_gemv import dense_tile, dense_tiles
@@ -180,7 +180,7 @@ def main():
                (48, 128) if args.tiny else SHAPES[1])
     dense_gemv(device, dtype, timed, bandwidth, shapes if args.tiny else SHAPES + [(32000, 4096)],
                [m for m in ms if m <= GEMV_MAX_M], sweep)
-    if args.tiny or torch.cuda.get_device_capability()[0] >= 9:
+    if args.tiny or pdl_possible(torch.empty(1, device="cuda")):
         dependent_launch(device, dtype, timed, [m for m in ms if m <= GEMV_MAX_M],
                          (40, 128) if args.tiny else SHAPES[0], (64, 128) if args.tiny else SHAPES[1])
     dequantize_kernels(device, dtype, timed, bandwidth, shapes, 8 if args.tiny else args.train_m)
@@ -241,7 +241,8 @@ def dependent_launch(device, dtype, timed, ms, square, wide):
         for on in (False, True):
             previous = bailong_kernels.use_pdl(on)
             try:
-                times.append(timed(calls))
+                with torch.inference_mode():  # where PDL runs (decoding)
+                    times.append(timed(calls))
             finally:
                 bailong_kernels.use_pdl(previous)
         return times
