@@ -31,8 +31,15 @@ batch 1 only.
     python bench/bench_decode.py                      # llama2-7b on CUDA, tiny on CPU; batches 1 and 8
     python bench/bench_decode.py --batch 1            # batch 1 only
     python bench/bench_decode.py --preset tinyllama-1.1b --layers 2    # CPU, shapes bitsandbytes takes
+    python bench/bench_decode.py --batch 1 --profile  # and where a step's time goes, kernel by kernel
+
+``--profile``: after the rows, batch-1 steps of the default decoder (CUDA graph,
+fused step) on NF4 (with PDL too where it runs) and bf16, timed, then profiled:
+kernels a step, the time the GPU spends in kernels against the step's time (the
+rest: gaps between kernels), and the kernels that take the most.
 """
 import argparse
+import contextlib
 import tempfile
 import time
 
@@ -156,6 +163,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated")
     p.add_argument("--limit", type=float, default=20, help="seconds each row may take, past its warm-up")
+    p.add_argument("--profile", action="store_true", help="then profile batch-1 steps: kernels, busy time, the top")
     args = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
     device = args.device
@@ -202,6 +210,44 @@ def main():
     cuda = device == "cuda"
     for batch in batches:
         run_batch(batch, prompts[:batch], dense, nf4, hf, hf_bnb, cuda, ceiling, args)
+    if args.profile:
+        for label, model, pdl in [("NF4", nf4, False), ("NF4 with PDL", nf4, True), ("bf16", dense, False)]:
+            if not pdl or (cuda and pdl_possible(torch.empty(1, device="cuda"))):
+                profile_steps(label, model, prompts[0], min(n, 64), pdl)
+
+
+def profile_steps(label, model, prompt, steps, pdl):
+    """Where a batch-1 step's time goes: ``steps`` steps of the decoder ``generate()`` takes (on CUDA a graph
+    replayed), timed, then the same again profiled (the profiler slows the host, not the kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = model.lm_head.weight.is_cuda
+    previous = bailong_kernels.use_pdl(pdl)
+    try:
+        with torch.inference_mode():
+            decoder = GraphDecoder(model, len(prompt) + 2 * steps + 1, graph=cuda)
+            decoder.capture()
+            logits = decoder.prefill(torch.tensor([prompt], device=model.lm_head.weight.device))
+            walls = []
+            for profiled in (False, True):
+                with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) \
+                        if profiled else contextlib.nullcontext() as prof:
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        logits = decoder.step(logits.argmax(-1))
+                    if cuda:
+                        torch.cuda.synchronize()
+                    walls.append((time.perf_counter() - start) / steps)
+    finally:
+        bailong_kernels.use_pdl(previous)
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+    spent = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    busy = sum(spent(e) for e in events) / steps  # us a step
+    print(f"profile, {label}: {walls[0] * 1e3:.3f} ms a step ({1 / walls[0]:.1f} tokens/s; profiled "
+          f"{walls[1] * 1e3:.3f}), {sum(e.count for e in events) / steps:.0f} "
+          f"{'kernels' if cuda else 'operations'} a step, busy {busy / 1e3:.3f} ms ({busy / 1e3 / walls[0] / 1e3:.0%} "
+          f"of the unprofiled step)")
+    for e in sorted(events, key=spent, reverse=True)[:12]:
+        print(f"  {spent(e) / steps:9.1f} us a step, {e.count / steps:5.1f} a step  {e.key[:100]}")
 
 
 def run_batch(batch, prompts, dense, nf4, hf, hf_bnb, cuda, ceiling, args):

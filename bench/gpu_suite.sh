@@ -72,7 +72,7 @@ for part in ${parts[*]}; do
         decode)  run decode python bench/bench_decode.py ;;
         pdl)     run pdl-test python -m pytest -q -m gpu tests/test_gpu.py -k programmatic  # PDL: the same bits,
                  run pdl-kernels python bench/bench_nf4_matmul.py --m 1,4 --sweep ""  # then its time
-                 run pdl-decode python bench/bench_decode.py --batch 1 --limit 5 ;;
+                 run pdl-decode python bench/bench_decode.py --batch 1 --limit 5 --profile ;;  # and where it goes
         host)    run host python bench/bench_host.py ;;  # this machine's CPU issuing a step: beside train's profile
         first)   run first-recipe "${train[@]}" --setting recipe --rows ours ours-all ours-graph theirs
                  run first-long "${train[@]}" --setting long --rows ours-lean theirs ;;

@@ -177,12 +177,15 @@ def test_decode_benchmark_runs_and_agrees_with_transformers():
     import sys
     from conftest import ROOT
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_decode.py"), "--device", "cpu", "--preset",
-                             "tiny", "--prompt", "8", "--new-tokens", "12"], capture_output=True, text=True, timeout=300)
+                             "tiny", "--prompt", "8", "--new-tokens", "12", "--profile"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ours: greedy ids equal the reference's for the first 12 of 12" in result.stdout
     assert "ours: greedy ids equal the reference's for the first 12 of 12 in every sequence" in result.stdout  # batch 8
     assert "ours NF4, eager" in result.stdout
     assert re.search(r"ours NF4, sampled as chat\.py +[\d.]+ tokens/s", result.stdout), result.stdout
+    for label in ["NF4", "bf16"]:  # (no PDL on the CPU)
+        assert re.search(rf"profile, {label}: [\d.]+ ms a step .* operations a step, busy", result.stdout), label
 
 
 def test_a_failed_graph_capture_falls_back_to_eager_steps(tiny, monkeypatch):
