@@ -230,7 +230,7 @@ def compile_all(arch):
                 nf4_gemv.gemv(torch.randn(1, K, dtype=dtype), q, (1, 1024, 1, False))
                 for M in [1, 2, 4, 8, 16]:
                     likely = {(1, 1024, 1, True), (2, 1024, 1, True), (4, 1024, 1, True), (1, 2048, 2, True),
-                              (2, 2048, 2, True)}
+                              (2, 2048, 2, True), (2, 4096, 4, True), (4, 4096, 4, True)}
                     for tile in [t for t in nf4_gemv.gemv_tiles(M) if t in likely]:
                         case = f"bf16 y=x@W.T M={M} {weight}, at-end loop"
                         nf4_gemv.gemv(torch.randn(M, K, dtype=dtype), q, tile)

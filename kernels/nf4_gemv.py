@@ -73,8 +73,9 @@ def gemv_tiles(M=1):
     # else Triton lays a program's rows of W, or a chunk's words, over the warps, but not x, and x moves between
     # threads through shared memory every step, bench/check_kernels_compile.py), at most 8 chunks x rows of x a
     # thread, and from 8 rows of x on one row of W a program (more spilled registers)
+    # (2 and 4 rows of W a step of 4096: at K = 4096 a program asks for all its weights at once, more in flight)
     at_end = [(1, 1024, 1), (2, 1024, 1), (4, 1024, 1), (1, 2048, 1), (2, 2048, 1), (1, 2048, 2), (2, 2048, 2),
-              (4, 2048, 2), (1, 4096, 4)]
+              (4, 2048, 2), (1, 4096, 4), (2, 4096, 4), (4, 4096, 4)]
     rows = next_power_of_2(M)
     return [(*t, False) for t in each_step] + [(*t, True) for t in at_end if rows * t[0] * t[1] <= 8192 * t[2]
                                                and (rows < 8 or t[0] == 1)]
