@@ -3,7 +3,7 @@
 With PDL on a GPU, a decoding kernel may start while the kernel before it still
 runs (and kernels before that one), so each program must keep to one order
 (``bailong_kernels.nf4_dequant.pdl``): ``_pdl_start`` first; then reads of the
-weights only (the arguments named in ``WEIGHTS``: what no kernel ever writes); then
+weights only (the arguments named in ``WEIGHTS``: what no kernel writes while decoding); then
 ``_pdl_wait``; only then other reads and any write. Inside ``pdl_contract()`` the
 kernels run with PDL on (``pdl`` forced true, the two GDC calls replaced by
 markers), and every load and store an interpreted program of a kernel launched
@@ -54,7 +54,7 @@ def pdl_contract():
             fail("a program ended without waiting")
         grid = self.grid if isinstance(self.grid, tuple) else None
         if grid is not None and state["programs"] != math.prod(grid):
-            fail(f"{state['programs']} programs started PDL of {math.prod(grid)}")
+            fail(f"{state['programs']} of {math.prod(grid)} programs called _pdl_start")
         state.update(kernel=None, phase=None)
 
     def program(self, x, y, z):  # a program begins
