@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one go: correctness first, then the timings the docs record.
 #
 #   bash bench/gpu_suite.sh                  # all parts
-#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, attention, decode, pdl, host, first,
+#   bash bench/gpu_suite.sh tests kernels    # some: tests, kernels, reads, attention, decode, pdl, host, first,
 #                                            # train, train-8bit, train-long, train-dropout, model
 #   GPU_SUITE_SECONDS=540 bash bench/gpu_suite.sh tests kernels decode first    # as much as fits in 9 minutes
 #
@@ -39,7 +39,7 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
 print(f"{gpu}, CUDA {torch.version.cuda}; "
       + ", ".join(f"{n} {metadata.version(n) if util.find_spec(n) else 'absent'}" for n in names))
 VERSIONS
-parts=("${@:-tests kernels attention decode host train train-8bit train-long train-dropout model}")
+parts=("${@:-tests kernels reads attention decode host train train-8bit train-long train-dropout model}")
 budget=${GPU_SUITE_SECONDS:-0}  # 0: no limit
 failed=0
 summary=()
@@ -68,6 +68,7 @@ for part in ${parts[*]}; do
     case $part in
         tests)   run tests python -m pytest -q -m gpu tests ;;
         kernels) run kernels python bench/bench_nf4_matmul.py ;;
+        reads)   run reads python bench/bench_gemv_reads.py ;;  # the GEMV against its reads without its work
         attention) run attention python bench/bench_attention.py ;;  # SDPA's kernels at the settings' shapes
         decode)  run decode python bench/bench_decode.py ;;
         pdl)     run pdl-test python -m pytest -q -m gpu tests/test_gpu.py -k programmatic  # PDL: the same bits,
@@ -88,7 +89,7 @@ for part in ${parts[*]}; do
         train-dropout) run train-dropout "${train[@]}" --setting long --dropout 0.05 \
                        --rows ours-all ours-graph ours-torch-dropout theirs ;;  # the kernels' dropout, graphed too
         model)   run model python bench/bench_model_gpu.py ;;
-        *)       echo "unknown part: $part (tests, kernels, attention, decode, pdl, host, first, train, train-8bit," \
+        *)       echo "unknown part: $part (tests, kernels, reads, attention, decode, pdl, host, first, train, train-8bit," \
                       "train-long, train-dropout, model)"
                  failed=$((failed + 1)) ;;
     esac

@@ -342,6 +342,17 @@ def test_benchmark_script_runs_at_tiny_sizes():
     assert all("ours/cuBLAS" in row for row in rows[2:4])
 
 
+def test_gemv_reads_script_runs_at_tiny_sizes():
+    """bench_gemv_reads.py's reads kernel sums every word of W once and every absmax byte once a word (the
+    script fails where its sums are not torch's): at a partial last step and rows past a whole tile."""
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gemv_reads.py"), "--tiny"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("GEMV / reads") == 4 and result.stdout.count("torch's sum of the words") == 2
+    assert "its reads, no step ahead: fixed" in result.stdout
+
+
 @pytest.mark.slow  # about a minute and a half on 2 cores: CI runs it after the README's test command
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
 def test_every_kernel_configuration_compiles_for_hopper_and_ampere():

@@ -1,0 +1,170 @@
+"""Where the NF4 GEMV's time goes at one row of x: the GEMV against its own reads without its work.
+
+At one row of x the GEMV (``bailong_kernels.nf4_gemv``) reads its 4-bit weight
+at about 1 TB/s on an H200, where a copy reaches 4.3; cutting its loop from
+19.8 to 4.1 instructions a weight made it only 1.24x faster (docs/BENCHMARKS.md).
+So what sets its time? This script takes the work away and keeps the reads:
+``_reads_kernel`` has the at-end loop's grid, tile and loads (a program BLOCK_N
+rows of W and all of K; a thread a chunk of 4 words a row a step, one 16-byte
+load; the chunk's absmax byte; the next step asked for before this one is used)
+and only adds up what it reads (an int32 sum a row, checked against torch's).
+
+For each Llama-2-7B shape and each at-end tile of ``gemv_tiles(1)``: the GEMV's
+time and its reads' time (us; GB/s of the NF4 bytes). At the default tile also:
+the reads without the absmax bytes, the reads without the step ahead (each
+step asked for when used), and torch's sum of the same words (a library
+reduction over the same bytes). From the two shapes with K = 4,096 each way's
+time is split into a fixed part and a rate (a line through two points).
+
+How to read it: where the GEMV takes about its reads' time, the reads (the
+grid, the bytes a program has in flight) set it, and fewer instructions will
+not help; where it takes much longer, the loop's work does (its instructions,
+their latency at the registers' occupancy). Times as bench_nf4_matmul.py takes
+them: a CUDA graph over copies of the weight that do not fit in the L2, replayed.
+
+    python bench/bench_gemv_reads.py
+    TRITON_INTERPRET=1 python bench/bench_gemv_reads.py --tiny      # CPU smoke run of the whole script
+"""
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+from bailong.nf4 import quantize
+from bailong_kernels.nf4_dequant import cdiv, launch_device
+from bailong_kernels.nf4_gemv import gemv, gemv_tile, gemv_tiles
+from bench_nf4_matmul import L2_BYTES, SHAPES, checked, copy_bandwidth, graph_ms, wall_ms
+
+
+@triton.jit
+def _step_reads(words_at, absmax_ptr, blocks, k0, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                SCALES: tl.constexpr, MASKED: tl.constexpr):
+    """A step's words (BN, 4, C) from column k0, and its chunks' absmax bytes (BN, 1, C) as int32 (0 without
+    ``SCALES``), as ``_gemv_rows_at_end`` asks for them."""
+    scale = tl.zeros(blocks.shape, dtype=tl.int32)
+    if MASKED:  # the last, partial step: whole chunks
+        ok = k0 // 32 + tl.arange(0, C)[None, None, :] < K // 32
+        words = tl.load(words_at + k0 // 8, mask=ok, other=0)
+        if SCALES:
+            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE, mask=ok, other=0).to(tl.int32)
+    else:
+        words = tl.load(words_at + k0 // 8)
+        if SCALES:
+            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE).to(tl.int32)
+    return words, scale
+
+
+@triton.jit
+def _reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, SCALES: tl.constexpr):
+    """out[n] = the sum (int32, wrapping) of row n's words, plus each chunk's absmax byte 4 times (once a word,
+    with ``SCALES``): ``_gemv_rows_at_end``'s loads in its order, the work left out. ``AHEAD``: the next step
+    asked for before this one is used, as there."""
+    C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words a step
+    rn = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
+    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
+    words_at = w_ptr + rn.to(tl.int64) * tl.multiple_of(K // 8, 4) + 4 * c + r  # (BN, 4, C)
+    blocks = rn * (K // BLOCKSIZE) + (32 * c) // BLOCKSIZE  # (BN, 1, C)
+    acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
+    whole = K - K % BLOCK_K
+    words, scale = _step_reads(words_at, absmax_ptr, blocks, 0, K, C, BLOCKSIZE, SCALES, False)
+    for k0 in range(0, whole, BLOCK_K):
+        if AHEAD:  # the next whole step (the last: itself again, cached), then this one used
+            ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)
+            next_words, next_scale = _step_reads(words_at, absmax_ptr, blocks, ahead, K, C, BLOCKSIZE, SCALES, False)
+            acc += words + scale
+            words, scale = next_words, next_scale
+        else:  # each step asked for when it is used
+            words, scale = _step_reads(words_at, absmax_ptr, blocks, k0, K, C, BLOCKSIZE, SCALES, False)
+            acc += words + scale
+    if whole < K:
+        words, scale = _step_reads(words_at, absmax_ptr, blocks, whole, K, C, BLOCKSIZE, SCALES, True)
+        acc += words + scale
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + n, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n < N)
+
+
+def reads(q, tile, ahead=True, scales=True):
+    """``_reads_kernel`` over NF4 weight q at a GEMV tile (BLOCK_N, BLOCK_K, num_warps, at_end): (N,) int32."""
+    (N, K), (block_n, block_k, warps, _) = q.shape, tile
+    assert q.double_quant and q.absmax.dtype == torch.uint8 and K % q.blocksize == 0
+    out = torch.empty(N, dtype=torch.int32, device=q.data.device)
+    with launch_device(out):
+        _reads_kernel[(cdiv(N, block_n),)](q.data.view(-1).view(torch.int32), q.absmax, out, N, K,
+                                           BLOCKSIZE=q.blocksize, BLOCK_N=block_n,
+                                           BLOCK_K=min(block_k, 1 << (K.bit_length() - 1)), AHEAD=ahead,
+                                           SCALES=scales, num_warps=warps)
+    return out
+
+
+def reads_reference(q, scales=True):
+    """What ``reads`` returns, by torch: each row's words summed, plus its absmax bytes 4 times a chunk."""
+    N, K = q.shape
+    total = q.data.view(-1).view(torch.int32).view(N, K // 8).long().sum(1)
+    if scales:
+        total += 4 * (q.blocksize // 32) * q.absmax.view(N, -1).long().sum(1)
+    return ((total + 2**31) % 2**32 - 2**31).int()  # int32, wrapped
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
+    args = p.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float16 if args.tiny else torch.bfloat16
+    # tiny: K a step and a partial one at the interpreter's 128 columns a step, rows past a whole tile
+    shapes = [(42, 192), (74, 192)] if args.tiny else SHAPES
+    tiles = [t for t in gemv_tiles(1) if t[3]]
+    default = tiles[0] if args.tiny else gemv_tile(1)
+    if not default[3]:
+        raise SystemExit(f"the default tile at one row, {default}, is not the at-end loop: the reads mirror that loop")
+    if args.tiny:
+        tiles = [default, tiles[-1]]
+    timed = wall_ms if args.tiny else graph_ms
+    name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name()
+    bandwidth = None if args.tiny else copy_bandwidth()
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, one row of x; "
+          f"default tile {','.join(map(str, default[:3]))}"
+          + (f"; copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written)" if bandwidth else ""))
+    rate = lambda nbytes, ms: f"{ms * 1e3:8.2f} us {nbytes / ms / 1e6:5.0f} GB/s"  # noqa: E731
+    lines = {}  # way -> [(bytes, ms)] at the shapes with the first shape's K
+    for N, K in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(N, K, device=device) * 0.02).to(dtype)
+        qs = [quantize(w) for _ in range(max(1, L2_BYTES // quantize(w).nbytes) if device == "cuda" else 1)]
+        q, x = qs[0], torch.randn(1, K, device=device, dtype=dtype)
+        ref = x.float() @ q.dequantize(torch.float32).T
+        print(f"{N}x{K}: {q.nbytes / 1e6:.1f} MB of NF4 a weight, {len(qs)} copies")
+
+        def way(label, call, nbytes=q.nbytes):
+            t = timed([lambda q=q: call(q) for q in qs])
+            if K == shapes[0][1]:
+                lines.setdefault(label, []).append((nbytes, t))
+            return t
+        for tile in tiles:
+            mark = " (default)" if tile == default else ""
+            checked(lambda: gemv(x, q, tile), ref)
+            for ahead in (True, False) if tile == default else (True,):
+                for scales in (True, False) if tile == default and ahead else (True,):
+                    assert torch.equal(reads(q, tile, ahead, scales).cpu(), reads_reference(q, scales).cpu())
+            t_gemv = way(f"GEMV {','.join(map(str, tile[:3]))}{mark}", lambda q: gemv(x, q, tile))
+            t_reads = way(f"its reads {','.join(map(str, tile[:3]))}{mark}", lambda q: reads(q, tile))
+            print(f"  tile {','.join(map(str, tile[:3])):>9}{mark:10} | GEMV {rate(q.nbytes, t_gemv)} | its reads "
+                  f"{rate(q.nbytes, t_reads)} | GEMV / reads {t_gemv / t_reads:5.2f}", flush=True)
+        words_bytes = q.data.numel()
+        t_words = way("its words alone", lambda q: reads(q, default, scales=False), words_bytes)
+        t_late = way("its reads, no step ahead", lambda q: reads(q, default, ahead=False))
+        t_sum = way("torch sum of the words", lambda q: q.data.view(-1).view(torch.int32).sum(), words_bytes)
+        print(f"  at the default tile: words alone (no absmax) {rate(words_bytes, t_words)} | reads with no step "
+              f"ahead {rate(q.nbytes, t_late)} | torch's sum of the words {rate(words_bytes, t_sum)}", flush=True)
+    print(f"each way at K = {shapes[0][1]}, as a fixed part plus a rate (a line through its two shapes):")
+    for label, points in lines.items():
+        (b0, t0), (b1, t1) = points[:2]
+        slope = (t1 - t0) / (b1 - b0)  # ms a byte
+        fixed = f"{(t0 - slope * b0) * 1e3:6.2f} us" if slope > 0 else "     - "
+        print(f"  {label:>32}: fixed {fixed}, then " + (f"{1 / slope / 1e6:6.0f} GB/s" if slope > 0 else "-"))
+
+
+if __name__ == "__main__":
+    main()
