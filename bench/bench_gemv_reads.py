@@ -10,7 +10,9 @@ load; the chunk's absmax byte; the next step asked for before this one is used)
 and only adds up what it reads (an int32 sum a row, checked against torch's).
 
 For each Llama-2-7B shape and each at-end tile of ``gemv_tiles(1)``: the GEMV's
-time and its reads' time (us; GB/s of the NF4 bytes). At the default tile also:
+time and its reads' time (us; GB/s of the NF4 bytes); the reads alone at three
+bigger programs (8 and 16 rows of W on 4 and 8 warps, the same 4 chunks a
+thread a step; 32 rows on 8 warps, twice that). At the default tile also:
 the reads without the absmax bytes, the reads without the step ahead (each
 step asked for when used), and torch's sum of the same words (a library
 reduction over the same bytes). From the two shapes with K = 4,096 each way's
@@ -119,8 +121,9 @@ def main():
     default = tiles[0] if args.tiny else gemv_tile(1)
     if not default[3]:
         raise SystemExit(f"the default tile at one row, {default}, is not the at-end loop: the reads mirror that loop")
+    wider = [(8, 2048, 4, True), (16, 2048, 8, True), (32, 2048, 8, True)]  # for the reads alone
     if args.tiny:
-        tiles = [default, tiles[-1]]
+        tiles, wider = [default, tiles[-1]], wider[:1]
     timed = wall_ms if args.tiny else graph_ms
     name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name()
     bandwidth = None if args.tiny else copy_bandwidth()
@@ -152,6 +155,11 @@ def main():
             t_reads = way(f"its reads {','.join(map(str, tile[:3]))}{mark}", lambda q: reads(q, tile))
             print(f"  tile {','.join(map(str, tile[:3])):>9}{mark:10} | GEMV {rate(q.nbytes, t_gemv)} | its reads "
                   f"{rate(q.nbytes, t_reads)} | GEMV / reads {t_gemv / t_reads:5.2f}", flush=True)
+        for tile in wider:  # bigger programs (more warps, the same 4 chunks a thread, or twice that at 32 rows)
+            assert torch.equal(reads(q, tile).cpu(), reads_reference(q).cpu())
+            t_reads = way(f"reads only {','.join(map(str, tile[:3]))}", lambda q: reads(q, tile))
+            print(f"  tile {','.join(map(str, tile[:3])):>9}{'':10} | {'(not a GEMV tile)':27} | its reads "
+                  f"{rate(q.nbytes, t_reads)}", flush=True)
         words_bytes = q.data.numel()
         t_words = way("its words alone", lambda q: reads(q, default, scales=False), words_bytes)
         t_late = way("its reads, no step ahead", lambda q: reads(q, default, ahead=False))
