@@ -1,8 +1,9 @@
 """Where the NF4 GEMV's time goes at one row of x: the GEMV against its own reads without its work.
 
 At one row of x the GEMV (``bailong_kernels.nf4_gemv``) reads its 4-bit weight
-at about 1 TB/s on an H200, where a copy reaches 4.3; cutting its loop from
-19.8 to 4.1 instructions a weight made it only 1.24x faster (docs/BENCHMARKS.md).
+at about 1 TB/s on an H200, where a copy reaches 4.3; its second loop, with
+5.1 instructions a weight against the first loop's 12.7 (as Triton 3.6, the
+H200 run's, compiles them), made it only 1.24x faster (docs/BENCHMARKS.md).
 So what sets its time? This script takes the work away and keeps the reads:
 ``_reads_kernel`` has the at-end loop's grid, tile and loads (a program BLOCK_N
 rows of W and all of K; a thread a chunk of 4 words a row a step, one 16-byte
