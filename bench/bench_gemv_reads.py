@@ -14,9 +14,12 @@ For each Llama-2-7B shape and each at-end tile of ``gemv_tiles(1)``: the GEMV's
 time and its reads' time (us; GB/s of the NF4 bytes); the reads alone at three
 bigger programs (8 and 16 rows of W on 4 and 8 warps, the same 4 chunks a
 thread a step; 32 rows on 8 warps, twice that). At the default tile also:
-the reads without the absmax bytes, the reads without the step ahead (each
-step asked for when used), and torch's sum of the same words (a library
-reduction over the same bytes). From the two shapes with K = 4,096 each way's
+the reads by a fixed number of programs (2, 4, 8 and 16 a multiprocessor), each
+streaming its row tiles (``_streamed_reads_kernel``: the next step asked for
+ahead across tiles too, so its reads never stop between them); the reads
+without the absmax bytes, the reads without the step ahead (each step asked for
+when used), and torch's sum of the same words (a library reduction over the
+same bytes). From the two shapes with K = 4,096 each way's
 time is split into a fixed part and a rate (a line through two points).
 
 How to read it: where the GEMV takes about its reads' time, the reads (the
@@ -88,17 +91,65 @@ def _reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.constexpr, BLO
     tl.store(out_ptr + n, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n < N)
 
 
-def reads(q, tile, ahead=True, scales=True):
-    """``_reads_kernel`` over NF4 weight q at a GEMV tile (BLOCK_N, BLOCK_K, num_warps, at_end): (N,) int32."""
+@triton.jit
+def _streamed_reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """``_reads_kernel``'s sums by a fixed number of programs G (the grid), each taking the row tiles pid, pid +
+    G, ...: every step of every tile of a program in one loop, the next step (of this tile or of the next)
+    asked for before this one is used, so that a program's reads do not stop between its tiles."""
+    C: tl.constexpr = BLOCK_K // 32
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    steps = tl.cdiv(K, BLOCK_K)  # a step a program's loop turn; the last of a tile may be partial
+    turns = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * steps
+    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
+    acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
+    words, scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, 0, steps, N, K, r, c, C, BLOCKSIZE, BLOCK_N,
+                               BLOCK_K)
+    for turn in range(turns):
+        next_words, next_scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, tl.minimum(turn + 1, turns - 1),
+                                             steps, N, K, r, c, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
+        acc += words + scale
+        if turn % steps == steps - 1:  # the tile's last step: its sums out, the next tile's begin
+            n = (pid + turn // steps * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + n, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n < N)
+            acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
+        words, scale = next_words, next_scale
+
+
+@triton.jit
+def _turn_reads(w_ptr, absmax_ptr, pid, programs, turn, steps, N, K, r, c, C: tl.constexpr,
+                BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The words and absmax bytes of ``_streamed_reads_kernel``'s turn: step turn % steps of the program's tile
+    turn // steps, masked past K (whole chunks)."""
+    rn = tl.minimum((pid + turn // steps * programs) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]
+    k0 = turn % steps * BLOCK_K
+    ok = k0 // 32 + c < K // 32  # (1, 1, C)
+    words = tl.load(w_ptr + rn.to(tl.int64) * tl.multiple_of(K // 8, 4) + k0 // 8 + 4 * c + r, mask=ok, other=0)
+    blocks = rn * (K // BLOCKSIZE) + (k0 + 32 * c) // BLOCKSIZE  # (BN, 1, C)
+    return words, tl.load(absmax_ptr + blocks, mask=ok, other=0).to(tl.int32)
+
+
+def _sums(kernel, q, tile, programs=None, **meta):
+    """(N,) int32: a reads kernel over NF4 weight q at a GEMV tile (BLOCK_N, BLOCK_K, num_warps, at_end), a
+    program a row tile, or ``programs`` programs."""
     (N, K), (block_n, block_k, warps, _) = q.shape, tile
     assert q.double_quant and q.absmax.dtype == torch.uint8 and K % q.blocksize == 0
     out = torch.empty(N, dtype=torch.int32, device=q.data.device)
     with launch_device(out):
-        _reads_kernel[(cdiv(N, block_n),)](q.data.view(-1).view(torch.int32), q.absmax, out, N, K,
-                                           BLOCKSIZE=q.blocksize, BLOCK_N=block_n,
-                                           BLOCK_K=min(block_k, 1 << (K.bit_length() - 1)), AHEAD=ahead,
-                                           SCALES=scales, num_warps=warps)
+        kernel[(min(programs or N, cdiv(N, block_n)),)](
+            q.data.view(-1).view(torch.int32), q.absmax, out, N, K, BLOCKSIZE=q.blocksize, BLOCK_N=block_n,
+            BLOCK_K=min(block_k, 1 << (K.bit_length() - 1)), num_warps=warps, **meta)
     return out
+
+
+def reads(q, tile, ahead=True, scales=True):
+    """The sums of ``_reads_kernel``: a program a row tile, as the GEMV."""
+    return _sums(_reads_kernel, q, tile, AHEAD=ahead, SCALES=scales)
+
+
+def streamed_reads(q, tile, programs):
+    """The same sums by ``_streamed_reads_kernel``'s ``programs`` programs."""
+    return _sums(_streamed_reads_kernel, q, tile, programs)
 
 
 def reads_reference(q, scales=True):
@@ -126,6 +177,8 @@ def main():
     if args.tiny:
         tiles, wider = [default, tiles[-1]], wider[:1]
     timed = wall_ms if args.tiny else graph_ms
+    sms = 2 if args.tiny else torch.cuda.get_device_properties().multi_processor_count
+    stream_programs = [sms * k for k in (1, 2) if args.tiny] or [sms * k for k in (2, 4, 8, 16)]
     name = "CPU (Triton interpreter)" if args.tiny else torch.cuda.get_device_name()
     bandwidth = None if args.tiny else copy_bandwidth()
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, {dtype}, one row of x; "
@@ -161,6 +214,13 @@ def main():
             t_reads = way(f"reads only {','.join(map(str, tile[:3]))}", lambda q: reads(q, tile))
             print(f"  tile {','.join(map(str, tile[:3])):>9}{'':10} | {'(not a GEMV tile)':27} | its reads "
                   f"{rate(q.nbytes, t_reads)}", flush=True)
+        streamed = []
+        for programs in stream_programs:
+            assert torch.equal(streamed_reads(q, default, programs).cpu(), reads_reference(q).cpu())
+            streamed.append(way(f"reads streamed by {programs} programs",
+                                lambda q: streamed_reads(q, default, programs)))
+        print("  at the default tile, the reads streamed by a fixed number of programs: " + " | ".join(
+            f"{programs} {rate(q.nbytes, t)}" for programs, t in zip(stream_programs, streamed)), flush=True)
         words_bytes = q.data.numel()
         t_words = way("its words alone", lambda q: reads(q, default, scales=False), words_bytes)
         t_late = way("its reads, no step ahead", lambda q: reads(q, default, ahead=False))

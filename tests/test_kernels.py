@@ -350,7 +350,7 @@ def test_gemv_reads_script_runs_at_tiny_sizes():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("GEMV / reads") == 4 and result.stdout.count("torch's sum of the words") == 2
-    assert "its reads, no step ahead: fixed" in result.stdout
+    assert "its reads, no step ahead: fixed" in result.stdout and result.stdout.count("streamed by a fixed") == 2
 
 
 @pytest.mark.slow  # about a minute and a half on 2 cores: CI runs it after the README's test command
