@@ -44,6 +44,16 @@ from bench_nf4_matmul import L2_BYTES, SHAPES, checked, copy_bandwidth, graph_ms
 
 
 @triton.jit
+def _tile_at(w_ptr, tile, N, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The first step's word addresses (BN, 4, C) of row tile ``tile`` and its chunks' blocks (BN, 1, C), as
+    ``_gemv_rows_at_end`` lays them out (rows past N read row N - 1)."""
+    rn = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
+    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
+    words_at = w_ptr + rn.to(tl.int64) * tl.multiple_of(K // 8, 4) + 4 * c + r
+    return words_at, rn * (K // BLOCKSIZE) + (32 * c) // BLOCKSIZE
+
+
+@triton.jit
 def _step_reads(words_at, absmax_ptr, blocks, k0, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
                 SCALES: tl.constexpr, MASKED: tl.constexpr):
     """A step's words (BN, 4, C) from column k0, and its chunks' absmax bytes (BN, 1, C) as int32 (0 without
@@ -68,10 +78,7 @@ def _reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.constexpr, BLO
     with ``SCALES``): ``_gemv_rows_at_end``'s loads in its order, the work left out. ``AHEAD``: the next step
     asked for before this one is used, as there."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words a step
-    rn = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
-    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
-    words_at = w_ptr + rn.to(tl.int64) * tl.multiple_of(K // 8, 4) + 4 * c + r  # (BN, 4, C)
-    blocks = rn * (K // BLOCKSIZE) + (32 * c) // BLOCKSIZE  # (BN, 1, C)
+    words_at, blocks = _tile_at(w_ptr, tl.program_id(0), N, K, C, BLOCKSIZE, BLOCK_N)
     acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
     whole = K - K % BLOCK_K
     words, scale = _step_reads(words_at, absmax_ptr, blocks, 0, K, C, BLOCKSIZE, SCALES, False)
@@ -101,13 +108,11 @@ def _streamed_reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.const
     pid, programs = tl.program_id(0), tl.num_programs(0)
     steps = tl.cdiv(K, BLOCK_K)  # a step a program's loop turn; the last of a tile may be partial
     turns = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * steps
-    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
     acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
-    words, scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, 0, steps, N, K, r, c, C, BLOCKSIZE, BLOCK_N,
-                               BLOCK_K)
+    words, scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, 0, steps, N, K, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
     for turn in range(turns):
         next_words, next_scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, tl.minimum(turn + 1, turns - 1),
-                                             steps, N, K, r, c, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
+                                             steps, N, K, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
         acc += words + scale
         if turn % steps == steps - 1:  # the tile's last step: its sums out, the next tile's begin
             n = (pid + turn // steps * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,16 +122,12 @@ def _streamed_reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.const
 
 
 @triton.jit
-def _turn_reads(w_ptr, absmax_ptr, pid, programs, turn, steps, N, K, r, c, C: tl.constexpr,
-                BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _turn_reads(w_ptr, absmax_ptr, pid, programs, turn, steps, N, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The words and absmax bytes of ``_streamed_reads_kernel``'s turn: step turn % steps of the program's tile
-    turn // steps, masked past K (whole chunks)."""
-    rn = tl.minimum((pid + turn // steps * programs) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]
-    k0 = turn % steps * BLOCK_K
-    ok = k0 // 32 + c < K // 32  # (1, 1, C)
-    words = tl.load(w_ptr + rn.to(tl.int64) * tl.multiple_of(K // 8, 4) + k0 // 8 + 4 * c + r, mask=ok, other=0)
-    blocks = rn * (K // BLOCKSIZE) + (k0 + 32 * c) // BLOCKSIZE  # (BN, 1, C)
-    return words, tl.load(absmax_ptr + blocks, mask=ok, other=0).to(tl.int32)
+    turn // steps, masked past K."""
+    words_at, blocks = _tile_at(w_ptr, pid + turn // steps * programs, N, K, C, BLOCKSIZE, BLOCK_N)
+    return _step_reads(words_at, absmax_ptr, blocks, turn % steps * BLOCK_K, K, C, BLOCKSIZE, True, True)
 
 
 def _sums(kernel, q, tile, programs=None, **meta):
