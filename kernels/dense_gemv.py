@@ -12,10 +12,14 @@ which an NF4 model keeps too.
 
 It is the NF4 GEMV's at-end loop without codes or scales; the weights and x are
 read as int32 pairs, bf16 widened by moving bits (a bf16 is a float32's upper
-half), fp16 converted. Compiled for sm_90 at one row of x: 3.6-5.8 instructions
-a weight, where reading bf16 at an H200's copy rate leaves room for about 15,
-so it can be bound by memory (at 2 rows 6.6, at 4 rows 11.2; from 8 rows on it
-would not be, and the decoding step leaves more than 4 to cuBLAS). cuBLAS's own
+half), fp16 converted. Its loads are shaped, as the at-end loop's, so that every
+Triton keeps each value in its thread (``nf4_gemv_at_end``; with W read as
+(BN, BK/8, 4), Triton 3.3 to 3.6 moved x through shared memory every step at
+two or more rows of W a program). Compiled for sm_90 at one row of x, under 3.6
+and 3.9 alike: 3.6-5.8 instructions a weight, where reading bf16 at an H200's
+copy rate leaves room for about 15, so it can be bound by memory (at 2 rows
+6.6, at 4 rows 11.2; from 8 rows on it would not be, and the decoding step
+leaves more than 4 to cuBLAS). cuBLAS's own
 bf16 GEMV is already near the card's bandwidth at these shapes
 (docs/BENCHMARKS.md): what this loop brings is fewer launches, the epilogues
 above, not a faster product. On an H200 its best tile at each shape runs at
@@ -73,10 +77,12 @@ def _halves(ptr, pair, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _add_dense(acc, w_lo, w_hi, x_ptr, stride_xm, M, pair, K, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
-    """acc (BM, BN, BK/8) plus, for each row m of x, the sums of w (BN, BK/8, 4 pairs, as its two halves) times
+def _add_dense(acc, w_lo, w_hi, x_ptr, stride_xm, M, pair, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
+    """acc (BM, BN, BK/8) plus, for each row m of x, the sums of w (BN, BK/2 pairs, as its two halves) times
     x[m] over the 8 weights a thread holds; rows of x past M are read (as row M - 1) but never stored."""
     rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
+    w_lo, w_hi = tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 8, 4)), tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 8, 4))
     for m in tl.static_range(BLOCK_M):
         x_lo, x_hi = _halves(x_ptr + tl.minimum(m, M - 1) * stride_xm, pair, 2 * pair < K, MASKED)
         acc += tl.where(rm == m, tl.sum(w_lo * x_lo + w_hi * x_hi, axis=2)[None], 0.0)
@@ -92,18 +98,22 @@ def _dense_rows(x_ptr, stride_xm, M, K, w_ptr, n0, N, BLOCK_M: tl.constexpr, BLO
     summed across threads once at the end. Whole steps mask nothing (rows past N repeat row N - 1, never stored;
     the next step's weights asked for ahead, the last step's again at the last); a partial last step is masked.
     Needs K >= BLOCK_K."""
-    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
+    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)[:, None]  # (BN, 1)
+    # W's step read as (BN, BK/2) pairs, x's as (1, BK/8, 4): one axis in order in memory and at most one other of
+    # more than one value each, so that every Triton gives a thread 8 weights of a row and their x (the docstring)
+    w_pair = tl.arange(0, BLOCK_K // 2)[None, :]  # (1, BK/2)
     pair = 4 * tl.arange(0, BLOCK_K // 8)[None, :, None] + tl.arange(0, 4)[None, None, :]  # (1, BK/8, 4)
-    row = w_ptr + rn.to(tl.int64) * tl.multiple_of(K, 8)  # (BN, 1, 1)
+    row = w_ptr + rn.to(tl.int64) * tl.multiple_of(K, 8)  # (BN, 1)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     whole = K - K % BLOCK_K  # the columns of whole steps
-    w_lo, w_hi = _halves(row, pair, None, False)
+    w_lo, w_hi = _halves(row, w_pair, None, False)
     _pdl_wait(PDL)  # x is the kernel before's output (``_gemv_rows``)
     for k0 in range(0, whole, BLOCK_K):
-        next_lo, next_hi = _halves(row + k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0), pair, None, False)
-        acc = _add_dense(acc, w_lo, w_hi, x_ptr + k0, stride_xm, M, pair, K - k0, BLOCK_M, False)
+        next_lo, next_hi = _halves(row + k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0), w_pair, None, False)
+        acc = _add_dense(acc, w_lo, w_hi, x_ptr + k0, stride_xm, M, pair, K - k0, BLOCK_M, BLOCK_N, BLOCK_K, False)
         w_lo, w_hi = next_lo, next_hi
     if whole < K:  # the last, partial step
-        w_lo, w_hi = _halves(row + whole, pair, 2 * pair < K - whole, True)
-        acc = _add_dense(acc, w_lo, w_hi, x_ptr + whole, stride_xm, M, pair, K - whole, BLOCK_M, True)
+        w_lo, w_hi = _halves(row + whole, w_pair, 2 * w_pair < K - whole, True)
+        acc = _add_dense(acc, w_lo, w_hi, x_ptr + whole, stride_xm, M, pair, K - whole, BLOCK_M, BLOCK_N, BLOCK_K,
+                         True)
     return tl.sum(acc, axis=2)
