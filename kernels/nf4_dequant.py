@@ -130,8 +130,8 @@ def _code(nibble, table, code_ptr, SHUFFLE: tl.constexpr):
         bits = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x101f, -1;", "=r,r,r", [table, nibble],
                                          dtype=tl.int32, is_pure=True, pack=1)
         return bits.to(tl.float32, bitcast=True)
-    else:
-        return tl.load(code_ptr + (nibble & 0xF))
+    else:  # gathered flat: Triton lays out a load by its pointers, and flat they leave it no two axes to choose from
+        return tl.reshape(tl.load(code_ptr + tl.reshape(nibble & 0xF, (nibble.numel,))), nibble.shape)
 
 
 @triton.jit

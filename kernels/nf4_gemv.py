@@ -21,7 +21,7 @@ threads at every step, masks, the scale found for every word), while reading the
 4-bit weights at an H200's bandwidth leaves room for about 4. The second loop,
 ``bailong_kernels.nf4_gemv_at_end`` (a tile's ``at_end``), gives each thread
 chunks of 4 words of one block, sums across threads once at the end and takes
-the codes by warp shuffles: 4.1-5.3 instructions a weight, the faster loop at 1
+the codes by warp shuffles: 3.9-5.2 instructions a weight, the faster loop at 1
 and 2 rows of x on an H200, so ``gemv_tile`` picks it there.
 
 The same kernels take dense weights too (a tensor in x's dtype where an NF4Tensor
