@@ -45,30 +45,33 @@ from bench_nf4_matmul import L2_BYTES, SHAPES, checked, copy_bandwidth, graph_ms
 
 @triton.jit
 def _tile_at(w_ptr, tile, N, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The first step's word addresses (BN, 4, C) of row tile ``tile`` and its chunks' blocks (BN, 1, C), as
-    ``_gemv_rows_at_end`` lays them out (rows past N read row N - 1)."""
-    rn = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)[:, None, None]  # (BN, 1, 1)
-    r, c = tl.arange(0, 4)[None, :, None], tl.arange(0, C)[None, None, :]  # (1, 4, 1), (1, 1, C)
-    words_at = w_ptr + rn.to(tl.int64) * tl.multiple_of(K // 8, 4) + 4 * c + r
-    return words_at, rn * (K // BLOCKSIZE) + (32 * c) // BLOCKSIZE
+    """The first step's word addresses (BN, 4 C) of row tile ``tile`` and its chunks' blocks (BN C,: chunk c of
+    row n at n C + c), as ``_gemv_rows_at_end`` lays them out (rows past N read row N - 1)."""
+    rn = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # (BN,)
+    words_at = w_ptr + rn.to(tl.int64)[:, None] * tl.multiple_of(K // 8, 4) + tl.arange(0, 4 * C)[None, :]
+    flat = tl.arange(0, BLOCK_N * C)
+    rows = tl.minimum(tile * BLOCK_N + flat // C, N - 1)
+    return words_at, rows * (K // BLOCKSIZE) + (32 * (flat % C)) // BLOCKSIZE
 
 
 @triton.jit
 def _step_reads(words_at, absmax_ptr, blocks, k0, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                SCALES: tl.constexpr, MASKED: tl.constexpr):
-    """A step's words (BN, 4, C) from column k0, and its chunks' absmax bytes (BN, 1, C) as int32 (0 without
-    ``SCALES``), as ``_gemv_rows_at_end`` asks for them."""
-    scale = tl.zeros(blocks.shape, dtype=tl.int32)
+                BLOCK_N: tl.constexpr, SCALES: tl.constexpr, MASKED: tl.constexpr):
+    """A step's words from column k0, each chunk's 4 summed, plus its absmax byte 4 times (with ``SCALES``): (BN,
+    C) int32, the words and bytes asked for as ``_gemv_rows_at_end`` asks for them."""
     if MASKED:  # the last, partial step: whole chunks
-        ok = k0 // 32 + tl.arange(0, C)[None, None, :] < K // 32
-        words = tl.load(words_at + k0 // 8, mask=ok, other=0)
-        if SCALES:
-            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE, mask=ok, other=0).to(tl.int32)
+        words = tl.load(words_at + k0 // 8, mask=k0 // 32 + tl.arange(0, 4 * C)[None, :] // 4 < K // 32, other=0)
     else:
         words = tl.load(words_at + k0 // 8)
-        if SCALES:
-            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE).to(tl.int32)
-    return words, scale
+    sums = tl.sum(tl.reshape(words, (BLOCK_N, C, 4)), axis=2)  # in the thread: its chunk's 4 words
+    if SCALES:
+        if MASKED:
+            ok = k0 // 32 + tl.arange(0, BLOCK_N * C) % C < K // 32
+            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE, mask=ok, other=0)
+        else:
+            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE)
+        sums += 4 * tl.reshape(scale.to(tl.int32), (BLOCK_N, C))
+    return sums
 
 
 @triton.jit
@@ -79,23 +82,21 @@ def _reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.constexpr, BLO
     asked for before this one is used, as there."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words a step
     words_at, blocks = _tile_at(w_ptr, tl.program_id(0), N, K, C, BLOCKSIZE, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_N, C), dtype=tl.int32)
     whole = K - K % BLOCK_K
-    words, scale = _step_reads(words_at, absmax_ptr, blocks, 0, K, C, BLOCKSIZE, SCALES, False)
+    sums = _step_reads(words_at, absmax_ptr, blocks, 0, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
     for k0 in range(0, whole, BLOCK_K):
         if AHEAD:  # the next whole step (the last: itself again, cached), then this one used
             ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)
-            next_words, next_scale = _step_reads(words_at, absmax_ptr, blocks, ahead, K, C, BLOCKSIZE, SCALES, False)
-            acc += words + scale
-            words, scale = next_words, next_scale
+            next_sums = _step_reads(words_at, absmax_ptr, blocks, ahead, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
+            acc += sums
+            sums = next_sums
         else:  # each step asked for when it is used
-            words, scale = _step_reads(words_at, absmax_ptr, blocks, k0, K, C, BLOCKSIZE, SCALES, False)
-            acc += words + scale
+            acc += _step_reads(words_at, absmax_ptr, blocks, k0, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
     if whole < K:
-        words, scale = _step_reads(words_at, absmax_ptr, blocks, whole, K, C, BLOCKSIZE, SCALES, True)
-        acc += words + scale
+        acc += _step_reads(words_at, absmax_ptr, blocks, whole, K, C, BLOCKSIZE, BLOCK_N, SCALES, True)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + n, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n < N)
+    tl.store(out_ptr + n, tl.sum(acc, axis=1), mask=n < N)
 
 
 @triton.jit
@@ -108,26 +109,26 @@ def _streamed_reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.const
     pid, programs = tl.program_id(0), tl.num_programs(0)
     steps = tl.cdiv(K, BLOCK_K)  # a step a program's loop turn; the last of a tile may be partial
     turns = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs) * steps
-    acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
-    words, scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, 0, steps, N, K, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, C), dtype=tl.int32)
+    sums = _turn_reads(w_ptr, absmax_ptr, pid, programs, 0, steps, N, K, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
     for turn in range(turns):
-        next_words, next_scale = _turn_reads(w_ptr, absmax_ptr, pid, programs, tl.minimum(turn + 1, turns - 1),
-                                             steps, N, K, C, BLOCKSIZE, BLOCK_N, BLOCK_K)
-        acc += words + scale
+        next_sums = _turn_reads(w_ptr, absmax_ptr, pid, programs, tl.minimum(turn + 1, turns - 1), steps, N, K, C,
+                                BLOCKSIZE, BLOCK_N, BLOCK_K)
+        acc += sums
         if turn % steps == steps - 1:  # the tile's last step: its sums out, the next tile's begin
             n = (pid + turn // steps * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-            tl.store(out_ptr + n, tl.sum(tl.sum(acc, axis=2), axis=1), mask=n < N)
-            acc = tl.zeros((BLOCK_N, 4, C), dtype=tl.int32)
-        words, scale = next_words, next_scale
+            tl.store(out_ptr + n, tl.sum(acc, axis=1), mask=n < N)
+            acc = tl.zeros((BLOCK_N, C), dtype=tl.int32)
+        sums = next_sums
 
 
 @triton.jit
 def _turn_reads(w_ptr, absmax_ptr, pid, programs, turn, steps, N, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The words and absmax bytes of ``_streamed_reads_kernel``'s turn: step turn % steps of the program's tile
-    turn // steps, masked past K."""
+    """The sums of ``_streamed_reads_kernel``'s turn: step turn % steps of the program's tile turn // steps,
+    masked past K."""
     words_at, blocks = _tile_at(w_ptr, pid + turn // steps * programs, N, K, C, BLOCKSIZE, BLOCK_N)
-    return _step_reads(words_at, absmax_ptr, blocks, turn % steps * BLOCK_K, K, C, BLOCKSIZE, True, True)
+    return _step_reads(words_at, absmax_ptr, blocks, turn % steps * BLOCK_K, K, C, BLOCKSIZE, BLOCK_N, True, True)
 
 
 def _sums(kernel, q, tile, programs=None, **meta):
