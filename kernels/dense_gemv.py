@@ -19,15 +19,15 @@ two or more rows of W a program). Compiled for sm_90 at one row of x, under 3.6
 and 3.9 alike: 3.6-5.8 instructions a weight, where reading bf16 at an H200's
 copy rate leaves room for about 15, so it can be bound by memory (at 2 rows
 6.6, at 4 rows 11.2; from 8 rows on it would not be, and the decoding step
-leaves more than 4 to cuBLAS). cuBLAS's own
-bf16 GEMV is already near the card's bandwidth at these shapes
-(docs/BENCHMARKS.md): what this loop brings is fewer launches, the epilogues
-above, not a faster product. On an H200 its best tile at each shape runs at
-0.79-1.16x cuBLAS's time, but the best differs from shape to shape at 1 and 2
-rows of x, and the sweep printed only each shape's winner: ``dense_tile`` keeps
-its first guess there (1.06-1.24x cuBLAS's time) and takes the tile that won at
-all four shapes from 3 rows on. The fused decoding step (the default on CUDA)
-runs the loop.
+leaves more than 4 to cuBLAS). cuBLAS's own bf16 GEMV is already near the
+card's bandwidth at these shapes (docs/BENCHMARKS.md): what this loop brings is
+fewer launches, the epilogues above, not a faster product. On an H200 (as
+Triton 3.6 compiled it then: through shared memory at 2 or more rows of W) its
+best tile at each shape ran at 0.79-1.16x cuBLAS's time, but the best differs
+from shape to shape at 1 and 2 rows of x, and the sweep printed only each
+shape's winner: ``dense_tile`` keeps its first guess there (1.06-1.24x cuBLAS's
+time) and takes the tile that won at all four shapes from 3 rows on. The fused
+decoding step (the default on CUDA) runs the loop.
 """
 import os
 

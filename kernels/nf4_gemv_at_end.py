@@ -113,12 +113,8 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     shuffles (``_code``). Needs K >= BLOCK_K >= 32."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words (32 weights, within one block of 32 or more) a step
     rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)  # (BN,)
-    # A step's words as (BN, 4 C), in order along a row: a thread takes 4 in a row, one chunk, in one 16-byte
-    # load; its x (``_word_x``: (1, C, 4) a word) and its chunks' scales (flat, (BN C,)) fall in the same thread.
-    # Each load's shape has one axis in order in memory and at most one other of more than one value, so every
-    # Triton lays them out alike: with W's words as (BN, 4, C) the lanes went over BN or over C by version (ties
-    # in Triton's choice of axis order), and under 3.3 to 3.6 x and the sums moved between threads through
-    # shared memory every step (bench/check_kernels_compile.py checks for it)
+    # a step's words as (BN, 4 C): a thread takes a chunk's 4 in one 16-byte load, and under every Triton the
+    # chunk's x (``_word_x``) and scale (the scales flat, (BN C,)) fall in the same thread (the module docstring)
     w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
     row_words = tl.multiple_of(K // 8, 4)  # K is a whole number of blocks of 32 or more: 16-byte rows
     words_at = w_ptr + rn.to(tl.int64)[:, None] * row_words + tl.arange(0, 4 * C)[None, :]  # (BN, 4C): step 0
