@@ -69,7 +69,7 @@ def launching_nothing(arch=90):
     """Triton's launches go through its own Python, then launch nothing: a compile-only driver (each kernel
     compiled for sm_<arch> at its first launch) whose launcher only counts and loads no binary. Returns the
     count, a list of one number."""
-    from check_kernels_compile import CompileOnly, require_nvidia_tools
+    from compiled_code import CompileOnly, require_nvidia_tools
     from triton.runtime import driver
     require_nvidia_tools()
     launched = [0]

@@ -37,70 +37,27 @@ Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
 import argparse
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter replaces the compiler this script checks")
 import triton
-from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from bailong.nf4 import quantize
 from bailong.optim import BLOCK as ADAMW_BLOCK, tables as adamw_tables
 from bailong_kernels import adamw8bit, decode, dense_gemv, dropout, layers, nf4_dequant as dequant, nf4_gemv
 from bench_decode import AT_END
+from compiled_code import CompileOnly, instructions, loop_bodies, pdl_order, require_nvidia_tools, resources, \
+    tables_stay_in_their_lanes
 
 KERNELS = [nf4_gemv._nf4_gemv_kernel, nf4_gemv._nf4_gemv_swiglu_kernel, dequant._nf4_dequant_kernel,
            dequant._nf4_dequant_words_kernel,
            decode._rms_norm_kernel, decode._swiglu_kernel, decode._decode_attention_kernel, decode._merge_parts_kernel,
            layers._rms_norm_backward_kernel, layers._swiglu_backward_kernel, layers._rope_kernel,
            layers._cross_entropy_kernel, dropout._dropout_kernel, dropout._dropout_sum_kernel, adamw8bit._adamw8bit]
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-
-def require_nvidia_tools():
-    """Exit with one line where this Triton build has no NVIDIA backend tools (ptxas, cuobjdump)."""
-    if not CUOBJDUMP.exists():
-        sys.exit(f"{CUOBJDUMP}: missing; this Triton build has no NVIDIA backend tools")
-
-
-class CompileOnly:
-    """What Triton asks of the CUDA driver before it launches: enough to compile, nothing to run."""
-
-    def __init__(self, arch):
-        self.target = GPUTarget("cuda", arch, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-
-def cuobjdump(cubin: bytes, flag: str) -> str:
-    """What ``cuobjdump flag`` prints for a cubin."""
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"check_kernels_{os.getpid()}.cubin"
-    path.write_bytes(cubin)
-    try:
-        return subprocess.run([str(CUOBJDUMP), flag, str(path)], capture_output=True, text=True, check=True).stdout
-    finally:
-        path.unlink()
-
-
-def resources(cubin: bytes):
-    """(registers, stack bytes per thread: spills) from cuobjdump's resource usage of a cubin."""
-    out = cuobjdump(cubin, "--dump-resource-usage")
-    regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)  # spilled registers live on the stack
-    return int(regs.group(1)), int(stack.group(1))
-
-
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may opt in to
 
 
@@ -123,61 +80,6 @@ def describe(case, kernel, config, compiled, arch):
 # above the wait (by a change, or another Triton's scheduling) would be a race on the GPU.
 PDL_LOADS = {"nf4_gemv": 33, "nf4_gemv_swiglu": 33, "dense": 2, "rms_norm": 4, "swiglu": 0, "decode_attention": 0,
              "merge_parts": 0}
-
-
-def pdl_order(ptx: str, kernel: str) -> str:
-    """For a kernel compiled with programmatic dependent launch: the global loads its PTX makes before its first
-    wait (``_pdl_wait``), against ``PDL_LOADS``, and any store before it (none may be). The first wait only:
-    the q/k/v kernel's other branches (the same code for another weight) each have their own, later in the
-    text, after stores of the branches before."""
-    if "griddepcontrol.wait" not in ptx or "griddepcontrol.launch_dependents" not in ptx:
-        return "NO WAIT"
-    before = ptx[:ptx.index("griddepcontrol.wait")]
-    loads, stores = len(re.findall(r"\bld\.global", before)), len(re.findall(r"\bst\.global", before))
-    return f"{loads} loads, then the wait" + (f"; {stores} STORES" if stores else "") + \
-        ("" if loads == PDL_LOADS[kernel] else f"; NOT THE {PDL_LOADS[kernel]} EXPECTED")
-
-
-def instructions(cubin: bytes) -> int:
-    """SASS instructions of a kernel without loops, NOPs left out."""
-    return len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?!NOP)[^;]*;", cuobjdump(cubin, "-sass")))
-
-
-def loop_bodies(cubin: bytes) -> list[list[str]]:
-    """The SASS instructions in the body of each of the kernel's loops (a branch back to an earlier address)."""
-    sass = cuobjdump(cubin, "-sass")
-    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = [(int(target, 16), int(at, 16)) for at, target in
-             re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", sass)]
-    return [[op for a, op in code if start <= a <= end] for start, end in loops if start < end]
-
-
-def loop_body(cubin: bytes) -> list[str]:
-    """The SASS instructions in the body of the kernel's longest loop."""
-    return max(loop_bodies(cubin), key=len, default=[])
-
-
-def tables_stay_in_their_lanes(ttgir: str) -> bool:
-    """Whether every shuffle of the GEMV (``_code``) gets its table straight from the %laneid it was made from:
-    a layout conversion on the way would move values to other lanes, and the shuffles would copy wrong codes
-    without any error. Walks the TTGIR back from each shuffle's table operand to the %laneid; True if it gets
-    there every time without a ``ttg.convert_layout``."""
-    defs = {}  # value -> (its operation's name, its operands, the whole line)
-    for line in ttgir.splitlines():
-        if m := re.match(r"\s*(%[\w.]+)(?::\d+)? = ([\w.]+)(.*)$", line):
-            bare = re.sub(r"\{[^{}]*\}", "", re.sub(r'"[^"]*"', "", m.group(3))).split(" : ")[0]  # no strings
-            defs[m.group(1)] = (m.group(2), [v.split("#")[0] for v in re.findall(r"%[\w.#]+", bare)], line)
-
-    def reaches_lane(value, seen):
-        op, operands, line = defs.get(value, ("", [], ""))
-        if "%laneid" in line:
-            return True
-        if not op or op == "ttg.convert_layout" or value in seen:
-            return False
-        seen.add(value)
-        return any(reaches_lane(v, seen) for v in operands)
-    tables = [operands[0] for _, operands, line in defs.values() if "shfl.sync" in line]
-    return bool(tables) and all(reaches_lane(t, set()) for t in tables)
 
 
 def compile_all(arch):
@@ -204,7 +106,7 @@ def compile_all(arch):
                                    compiled, arch)
                     if meta["PDL"]:
                         dense = len(args[1][0] if self.kernel is gemv_kernels[0] else args[1]) == 1
-                        row["pdl"] = pdl_order(compiled.asm["ptx"], "dense" if dense else row["kernel"])
+                        row["pdl"] = pdl_order(compiled.asm["ptx"], PDL_LOADS["dense" if dense else row["kernel"]])
                     if meta["SHUFFLE"]:
                         row["shuffle_tables"] = "in place" if tables_stay_in_their_lanes(compiled.asm["ttgir"]) \
                             else "MOVED"
@@ -212,13 +114,15 @@ def compile_all(arch):
                     # each-step loop runs over the rows at run time (an inner loop) so it is counted at M = 1 only
                     if meta["BLOCK_M"] == 1 or meta["AT_END"]:
                         per_thread = meta["BLOCK_N"] * meta["BLOCK_K"] / (32 * meta["num_warps"])
-                        body = loop_body(compiled.asm["cubin"])
+                        bodies = loop_bodies(compiled.asm["cubin"])
+                        body = max(bodies, key=len, default=[])  # the main loop: the longest
                         row["loop_instr_per_weight"] = round(len(body) / per_thread, 1)
-                        # values moved between threads through shared memory inside the loop: a layout conversion
+                        # values moved between threads through shared memory inside the loop: a layout conversion,
+                        # which the at-end and dense loops (AT_END) never make (upper case: the check fails)
                         opcodes = [next(t for t in op.split() if not t.startswith("@")) for op in body]
-                        row["loop_shared_memory"] = "yes" if any(o.startswith(("BAR", "STS", "LDS", "LDSM"))
-                                                                 for o in opcodes) else "no"
-                        local = [op for b in loop_bodies(compiled.asm["cubin"]) for op in b  # in any of its loops
+                        shared = any(o.startswith(("BAR", "STS", "LDS", "LDSM")) for o in opcodes)
+                        row["loop_shared_memory"] = ("YES" if meta["AT_END"] else "yes") if shared else "no"
+                        local = [op for b in bodies for op in b  # in any of its loops
                                  if re.match(r"(@!?U?P\w+\s+)?(LDL|STL)\b", op)]
                         row["loop_spills"] = "yes" if local else "no"
                     rows.append(row)
@@ -347,7 +251,7 @@ def compile_all(arch):
         compiled = kernel.warmup(*args, grid=(1,), **meta)
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
         if meta.get("PDL"):
-            rows[-1]["pdl"] = pdl_order(compiled.asm["ptx"], rows[-1]["kernel"])
+            rows[-1]["pdl"] = pdl_order(compiled.asm["ptx"], PDL_LOADS[rows[-1]["kernel"]])
     # LoRA dropout of q, k and v's input (3 masks) and its backward, with the instructions a value of a thread:
     # writing 2.7 bytes a value and reading 2.7 (bf16, x read once for 3) at an H200's ~4.3 TB/s leaves an SM
     # room for about 16
@@ -395,7 +299,7 @@ def main():
     for r in moved:
         print(f"shuffle tables moved between lanes: {r['arch']} {r['case']} {r['config']}: the codes would be wrong")
     # the at-end and dense loops keep each value in its thread under every Triton (nf4_gemv_at_end's layouts)
-    through_shared = [r for r in rows if r.get("loop_shared_memory") == "yes" and "at_end=True" in r["config"]]
+    through_shared = [r for r in rows if r.get("loop_shared_memory") == "YES"]
     for r in through_shared:
         print(f"values moved between threads through shared memory every step: {r['arch']} {r['case']} "
               f"{r['config']}")
