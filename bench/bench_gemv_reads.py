@@ -40,34 +40,20 @@ import triton.language as tl
 from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import cdiv, launch_device
 from bailong_kernels.nf4_gemv import gemv, gemv_tile, gemv_tiles
+from bailong_kernels.nf4_gemv_at_end import _step_addresses, _step_words
 from bench_nf4_matmul import L2_BYTES, SHAPES, checked, copy_bandwidth, graph_ms, wall_ms
 
 
 @triton.jit
-def _tile_at(w_ptr, tile, N, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The first step's word addresses (BN, 4 C) of row tile ``tile`` and its chunks' blocks (BN C,: chunk c of
-    row n at n C + c), as ``_gemv_rows_at_end`` lays them out (rows past N read row N - 1)."""
-    rn = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # (BN,)
-    words_at = w_ptr + rn.to(tl.int64)[:, None] * tl.multiple_of(K // 8, 4) + tl.arange(0, 4 * C)[None, :]
-    flat = tl.arange(0, BLOCK_N * C)
-    rows = tl.minimum(tile * BLOCK_N + flat // C, N - 1)
-    return words_at, rows * (K // BLOCKSIZE) + (32 * (flat % C)) // BLOCKSIZE
-
-
-@triton.jit
-def _step_reads(words_at, absmax_ptr, blocks, k0, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
+def _step_reads(words_at, absmax_ptr, blocks, chunk, k0, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, SCALES: tl.constexpr, MASKED: tl.constexpr):
     """A step's words from column k0, each chunk's 4 summed, plus its absmax byte 4 times (with ``SCALES``): (BN,
-    C) int32, the words and bytes asked for as ``_gemv_rows_at_end`` asks for them."""
-    if MASKED:  # the last, partial step: whole chunks
-        words = tl.load(words_at + k0 // 8, mask=k0 // 32 + tl.arange(0, 4 * C)[None, :] // 4 < K // 32, other=0)
-    else:
-        words = tl.load(words_at + k0 // 8)
+    C) int32, the words and bytes asked for as ``_gemv_rows_at_end`` asks for them (``_step_addresses``)."""
+    words = _step_words(words_at, k0, K, C, MASKED)  # the last, partial step (MASKED): whole chunks
     sums = tl.sum(tl.reshape(words, (BLOCK_N, C, 4)), axis=2)  # in the thread: its chunk's 4 words
     if SCALES:
         if MASKED:
-            ok = k0 // 32 + tl.arange(0, BLOCK_N * C) % C < K // 32
-            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE, mask=ok, other=0)
+            scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE, mask=k0 // 32 + chunk < K // 32, other=0)
         else:
             scale = tl.load(absmax_ptr + blocks + k0 // BLOCKSIZE)
         sums += 4 * tl.reshape(scale.to(tl.int32), (BLOCK_N, C))
@@ -81,20 +67,21 @@ def _reads_kernel(w_ptr, absmax_ptr, out_ptr, N, K, BLOCKSIZE: tl.constexpr, BLO
     with ``SCALES``): ``_gemv_rows_at_end``'s loads in its order, the work left out. ``AHEAD``: the next step
     asked for before this one is used, as there."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words a step
-    words_at, blocks = _tile_at(w_ptr, tl.program_id(0), N, K, C, BLOCKSIZE, BLOCK_N)
+    words_at, blocks, chunk = _step_addresses(w_ptr, tl.program_id(0) * BLOCK_N, N, K, C, BLOCKSIZE, BLOCK_N)
     acc = tl.zeros((BLOCK_N, C), dtype=tl.int32)
     whole = K - K % BLOCK_K
-    sums = _step_reads(words_at, absmax_ptr, blocks, 0, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
+    sums = _step_reads(words_at, absmax_ptr, blocks, chunk, 0, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
     for k0 in range(0, whole, BLOCK_K):
         if AHEAD:  # the next whole step (the last: itself again, cached), then this one used
             ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)
-            next_sums = _step_reads(words_at, absmax_ptr, blocks, ahead, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
+            next_sums = _step_reads(words_at, absmax_ptr, blocks, chunk, ahead, K, C, BLOCKSIZE, BLOCK_N, SCALES,
+                                    False)
             acc += sums
             sums = next_sums
         else:  # each step asked for when it is used
-            acc += _step_reads(words_at, absmax_ptr, blocks, k0, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
+            acc += _step_reads(words_at, absmax_ptr, blocks, chunk, k0, K, C, BLOCKSIZE, BLOCK_N, SCALES, False)
     if whole < K:
-        acc += _step_reads(words_at, absmax_ptr, blocks, whole, K, C, BLOCKSIZE, BLOCK_N, SCALES, True)
+        acc += _step_reads(words_at, absmax_ptr, blocks, chunk, whole, K, C, BLOCKSIZE, BLOCK_N, SCALES, True)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + n, tl.sum(acc, axis=1), mask=n < N)
 
@@ -127,8 +114,10 @@ def _turn_reads(w_ptr, absmax_ptr, pid, programs, turn, steps, N, K, C: tl.const
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The sums of ``_streamed_reads_kernel``'s turn: step turn % steps of the program's tile turn // steps,
     masked past K."""
-    words_at, blocks = _tile_at(w_ptr, pid + turn // steps * programs, N, K, C, BLOCKSIZE, BLOCK_N)
-    return _step_reads(words_at, absmax_ptr, blocks, turn % steps * BLOCK_K, K, C, BLOCKSIZE, BLOCK_N, True, True)
+    words_at, blocks, chunk = _step_addresses(w_ptr, (pid + turn // steps * programs) * BLOCK_N, N, K, C,
+                                              BLOCKSIZE, BLOCK_N)
+    return _step_reads(words_at, absmax_ptr, blocks, chunk, turn % steps * BLOCK_K, K, C, BLOCKSIZE, BLOCK_N, True,
+                       True)
 
 
 def _sums(kernel, q, tile, programs=None, **meta):

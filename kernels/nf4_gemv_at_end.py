@@ -51,6 +51,31 @@ def _split4(t, A: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
+def _step_addresses(w_ptr, n0, N, K, C: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For rows n0 .. n0 + BLOCK_N - 1 of W (rows past N read row N - 1): the first step's word addresses (BN, 4
+    C), a thread a chunk's 4 in one 16-byte load; and its chunks' blocks and chunk numbers, flat (BN C,: chunk c
+    of row n at n C + c). Laid out so that under every Triton a chunk's words, x (``_word_x``) and scale fall in
+    one thread (the module docstring)."""
+    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)  # (BN,)
+    row_words = tl.multiple_of(K // 8, 4)  # K is a whole number of blocks of 32 or more: 16-byte rows
+    words_at = w_ptr + rn.to(tl.int64)[:, None] * row_words + tl.arange(0, 4 * C)[None, :]  # (BN, 4C)
+    flat = tl.arange(0, BLOCK_N * C)
+    chunk = flat % C
+    blocks = tl.minimum(n0 + flat // C, N - 1) * (K // BLOCKSIZE) + (32 * chunk) // BLOCKSIZE
+    return words_at, blocks, chunk
+
+
+@triton.jit
+def _step_words(words_at, k0, K, C: tl.constexpr, MASKED: tl.constexpr):
+    """The words (BN, 4 C) of the step from column k0 (``_step_addresses``); ``MASKED``: only whole chunks before
+    K (K is a whole number of blocks), 0 past it."""
+    if MASKED:
+        return tl.load(words_at + k0 // 8, mask=k0 // 32 + tl.arange(0, 4 * C)[None, :] // 4 < K // 32, other=0)
+    else:
+        return tl.load(words_at + k0 // 8)
+
+
+@triton.jit
 def _word_x(x_ptr, k0, K, r: tl.constexpr, C: tl.constexpr, MASKED: tl.constexpr):
     """The x of word r of each chunk c of the step, x[k0 + 32 c + 8 r + j] for j = 0..7: 8 float32 tensors (1, C),
     each value in the thread that holds chunk c. Read 16 bytes a load as (1, C, 4): 16-bit x as 4 int32 pairs
@@ -85,9 +110,10 @@ def _dot8(codes, x):
 def _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, C: tl.constexpr, MASKED: tl.constexpr, SHUFFLE: tl.constexpr):
     """acc (BM, BN, C) plus, for each row m of x, each chunk's dot of the step (its 4 words' 8 weights each, in
-    its thread) times the chunk's scale (BN, C) in acc[m]; rows of x past M are read (as row M - 1) but never
-    stored."""
+    its thread) times the chunk's scale (flat: BN C) in acc[m]; rows of x past M are read (as row M - 1) but
+    never stored."""
     rm = tl.arange(0, BLOCK_M)[:, None, None]  # (BM, 1, 1)
+    scale = tl.reshape(scale, (BLOCK_N, C))
     w0, w1, w2, w3 = _split4(tl.reshape(words, (BLOCK_N, C, 4)), BLOCK_N, C)  # word r of each chunk: (BN, C)
     codes0 = _word_codes(w0, table, code_ptr, SHUFFLE)  # once for every row of x
     codes1 = _word_codes(w1, table, code_ptr, SHUFFLE)
@@ -112,18 +138,12 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     ahead, the last step's again at the last); a partial last step is masked. ``SHUFFLE``: the codes by
     shuffles (``_code``). Needs K >= BLOCK_K >= 32."""
     C: tl.constexpr = BLOCK_K // 32  # chunks of 4 words (32 weights, within one block of 32 or more) a step
-    rn = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)  # (BN,)
-    # a step's words as (BN, 4 C): a thread takes a chunk's 4 in one 16-byte load, and under every Triton the
-    # chunk's x (``_word_x``) and scale (the scales flat, (BN C,)) fall in the same thread (the module docstring)
     w_ptr, code_ptr, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr = weight
-    row_words = tl.multiple_of(K // 8, 4)  # K is a whole number of blocks of 32 or more: 16-byte rows
-    words_at = w_ptr + rn.to(tl.int64)[:, None] * row_words + tl.arange(0, 4 * C)[None, :]  # (BN, 4C): step 0
-    chunk = tl.arange(0, BLOCK_N * C) % C  # (BN C,): chunk c of row n at n C + c
-    blocks = tl.minimum(n0 + tl.arange(0, BLOCK_N * C) // C, N - 1) * (K // BLOCKSIZE) + (32 * chunk) // BLOCKSIZE
+    words_at, blocks, chunk = _step_addresses(w_ptr, n0, N, K, C, BLOCKSIZE, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N, C), dtype=tl.float32)
     scales = (absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr)
     whole = K - K % BLOCK_K  # the columns of whole steps
-    words = tl.load(words_at)
+    words = _step_words(words_at, 0, K, C, False)
     table = None
     if SHUFFLE:  # laid out as a word of each chunk
         first, _, _, _ = _split4(tl.reshape(words, (BLOCK_N, C, 4)), BLOCK_N, C)
@@ -132,15 +152,14 @@ def _gemv_rows_at_end(x_ptr, stride_xm, M, K, weight, n0, N, BLOCKSIZE: tl.const
     _pdl_wait(PDL)  # x is the kernel before's output
     for k0 in range(0, whole, BLOCK_K):
         ahead = k0 + tl.where(k0 + BLOCK_K < whole, BLOCK_K, 0)  # the next whole step (the last: itself, cached)
-        next_words = tl.load(words_at + ahead // 8)
+        next_words = _step_words(words_at, ahead, K, C, False)
         next_scale = _block_scale(blocks + ahead // BLOCKSIZE, None, *scales, DOUBLE_QUANT)
-        acc = _add_rows(acc, words, tl.reshape(scale, (BLOCK_N, C)), table, code_ptr, x_ptr, stride_xm, M, k0, K,
-                        BLOCK_M, BLOCK_N, C, False, SHUFFLE)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, k0, K, BLOCK_M, BLOCK_N, C, False,
+                        SHUFFLE)
         words, scale = next_words, next_scale
     if whole < K:  # the last, partial step: whole chunks (K is a whole number of blocks)
-        words = tl.load(words_at + whole // 8, mask=whole // 32 + tl.arange(0, 4 * C)[None, :] // 4 < K // 32,
-                        other=0)
+        words = _step_words(words_at, whole, K, C, True)
         scale = _block_scale(blocks + whole // BLOCKSIZE, whole // 32 + chunk < K // 32, *scales, DOUBLE_QUANT)
-        acc = _add_rows(acc, words, tl.reshape(scale, (BLOCK_N, C)), table, code_ptr, x_ptr, stride_xm, M, whole,
-                        K, BLOCK_M, BLOCK_N, C, True, SHUFFLE)
+        acc = _add_rows(acc, words, scale, table, code_ptr, x_ptr, stride_xm, M, whole, K, BLOCK_M, BLOCK_N, C,
+                        True, SHUFFLE)
     return tl.sum(acc, axis=2)
