@@ -29,7 +29,6 @@ anyway: ``bailong.model.project``). Switched off with ``BAILONG_FUSED_LAYER=0``.
 """
 import contextlib
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,9 @@ from bailong.lora import LoRALinear
 from bailong.lora_fused import LoRAProjection, LoRAShared, frozen_addmm
 from bailong.memory import chunked_mlp_on
 from bailong.recompute import as_forward, forward_state, keeping, nothing_saved, recomputing, replayed
+from bailong.switches import switched_on
 
-_fused_layer = os.environ.get("BAILONG_FUSED_LAYER", "1") not in ("", "0")
+_fused_layer = switched_on("BAILONG_FUSED_LAYER")
 _FLASH, _CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)  # as ``_fused_sdp_choice`` names them
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

@@ -22,7 +22,6 @@ usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the
 prefix ``base_model.model.`` (see ``bailong/adapter.py``).
 """
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, nf4_weights, set_module
+from bailong.switches import switched_on
 
 
 @dataclass
@@ -172,7 +172,7 @@ class LoRALinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
-_fused = os.environ.get("BAILONG_FUSED_LORA", "1") not in ("", "0")
+_fused = switched_on("BAILONG_FUSED_LORA")
 def frozen_matmul_skipped(module) -> bool:
     """Whether ``module``, a layer's last projection, skips its frozen matmul in a checkpointed layer's
     recomputation (the fused LoRA path: ``FrozenAddmm``), so that the layer may be checkpointed as a node of

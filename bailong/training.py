@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bailong.config import INIT_METHODS
 from bailong.errors import Parser, UsageError, check_device, read_json
+from bailong.switches import switched_on
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize": ("nf4", "none"),
@@ -285,17 +286,13 @@ def dropout_kernels_switched_on() -> bool:
     """Whether the environment switches train.py's LoRA dropout on CUDA to its kernels, whose masks a CUDA graph of
     the step holds (``bailong.step_graph.dropout_captured``): the fused LoRA path (``bailong.lora``) and the
     training layer kernels (``bailong_kernels``), read as they read them, before torch loads."""
-    return _on("BAILONG_FUSED_LORA", "1") and _on("BAILONG_LAYER_KERNELS", "1") and _on("BAILONG_NF4_KERNELS", "1")
+    return all(map(switched_on, ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS")))
 
 
 def layers_by_hand_switched_on() -> bool:
     """Whether the environment leaves train.py's checkpointed layers on CUDA written out by hand
     (``bailong.layer_fused``): the switches above, the hand-written layer's, and the MLP whole."""
-    return dropout_kernels_switched_on() and _on("BAILONG_FUSED_LAYER", "1") and not _on("BAILONG_CHUNKED_MLP")
-
-
-def _on(name, default="0") -> bool:
-    return os.environ.get(name, default) not in ("", "0")
+    return dropout_kernels_switched_on() and switched_on("BAILONG_FUSED_LAYER") and not switched_on("BAILONG_CHUNKED_MLP")
 
 
 def check_graph_step(world: int, device: str | None = None):

@@ -42,14 +42,14 @@ and later, under ``torch.inference_mode`` only (decoding; ``nf4_dequant.pdl``):
 each kernel starts while the one before it ends and reads its first weights
 before waiting for it. Off by default: not yet timed on a GPU.
 """
-import os
-
 import torch
 
-_kernels = os.environ.get("BAILONG_NF4_KERNELS", "1") not in ("", "0")
-_decode_kernels = os.environ.get("BAILONG_DECODE_KERNELS", "1") not in ("", "0")
-_layer_kernels = os.environ.get("BAILONG_LAYER_KERNELS", "1") not in ("", "0")
-_pdl = os.environ.get("BAILONG_PDL", "0") not in ("", "0")
+from bailong.switches import switched_on
+
+_kernels = switched_on("BAILONG_NF4_KERNELS")
+_decode_kernels = switched_on("BAILONG_DECODE_KERNELS")
+_layer_kernels = switched_on("BAILONG_LAYER_KERNELS")
+_pdl = switched_on("BAILONG_PDL")
 
 
 def use_kernels(flag=True) -> bool:

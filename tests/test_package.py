@@ -85,3 +85,31 @@ def test_the_readme_layout_lists_every_module_and_folder():
     assert in_tree - listed == set(), "in the tree, not in the README's layout"
     assert {name for name in listed if name.endswith((".py", "/", ".toml"))} - in_tree == set(), \
         "in the README's layout, not in the tree"
+
+
+def test_every_switch_is_read_through_bailong_switches_with_its_default():
+    """Each BAILONG_... variable the code names is in ``bailong.switches.DEFAULTS`` (its one default, and its
+    line in that module's docstring), and no module reads the environment for one itself."""
+    from bailong.switches import DEFAULTS
+    named, read_elsewhere = set(), []
+    for file in [*(ROOT / "bailong").glob("*.py"), *(ROOT / "kernels").glob("*.py"), ROOT / "train.py",
+                 ROOT / "chat.py"]:
+        text = file.read_text()
+        named |= set(re.findall(r"\bBAILONG_[A-Z0-9_]*[A-Z]\b", text))
+        if file.name != "switches.py" and re.search(r"environ[^\n]*BAILONG_", text):
+            read_elsewhere.append(file.name)
+    assert named == set(DEFAULTS) and read_elsewhere == []
+    doc = importlib.import_module("bailong.switches").__doc__
+    for name, on in DEFAULTS.items():  # the docstring gives the value that changes the default
+        assert f"{name}={'0' if on else '1'} " in doc
+
+
+@pytest.mark.parametrize("value, on", [(None, "default"), ("", False), ("0", False), ("1", True), ("yes", True)])
+def test_a_switch_is_off_at_empty_or_0_and_its_default_when_unset(value, on, monkeypatch):
+    from bailong.switches import DEFAULTS, switched_on
+    for name, default in DEFAULTS.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert switched_on(name) is (default if on == "default" else on)
