@@ -31,7 +31,7 @@ from bailong.files import check_output_file
 from bailong.generation import SAMPLING, Sampling, model_sampling
 from bailong.hub import resolve
 from bailong.quantized import quantize_model
-from bailong.tokenizer import check_fits, open_tokenizer
+from bailong.tokenizer import check_fits, open_tokenizer, tokenizer_found
 
 DEFAULT_MODEL = "out/sft"
 
@@ -103,11 +103,9 @@ def main(argv=None):
     else:
         folder = resolve(str(args.model))
         model, tokenizer = load(folder, dtype, args.device, quantize=args.quantize, adapter=args.adapter)
-    if args.tokenizer and (tokenizer := open_tokenizer(args.tokenizer)) is None:
-        raise BailongError(f"{args.tokenizer}: no tokenizer.model or tokenizer.json")
-    if tokenizer is None:
-        raise BailongError(f"{args.model}: no tokenizer.model or tokenizer.json in the model folder; "
-                           "pass --tokenizer FILE")
+    if args.tokenizer:
+        tokenizer = tokenizer_found(open_tokenizer(args.tokenizer), args.tokenizer)
+    tokenizer = tokenizer_found(tokenizer, args.model, "pass --tokenizer FILE")
     check_fits(tokenizer, model)
     template = model_template(tokenizer, folder) if args.template != "llama2" else None
     if args.template == "model" and template is None:

@@ -68,7 +68,7 @@ def train(config):
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate
-    from bailong.tokenizer import byte_tokenizer, open_tokenizer
+    from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer
     from bailong.weights import load, load_preset, save
     from bailong.zip_tie import extend_model
@@ -105,10 +105,8 @@ def train(config):
     base_folder = resolve(config.model) if config.stage == "pretrain" and config.model else None
     new_tokenizer = None
     if config.stage == "pretrain":
-        tokenizer = open_tokenizer(base_folder) if base_folder else byte_tokenizer()
-        if tokenizer is None:
-            raise BailongError(f"{config.model}: no tokenizer.model or tokenizer.json; vocabulary transfer and "
-                               "training need one")
+        tokenizer = tokenizer_found(open_tokenizer(base_folder), config.model,
+                                    "vocabulary transfer and training need one") if base_folder else byte_tokenizer()
         if config.new_pieces:
             new_tokenizer, added = extend_tokenizer(tokenizer, items, config.new_pieces)
             say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); tokens "
@@ -123,8 +121,7 @@ def train(config):
     else:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
         model, tokenizer = load(run.base if own_base else config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
-        if tokenizer is None:
-            raise BailongError(f"{config.init}: no tokenizer.model or tokenizer.json; training needs one")
+        tokenizer = tokenizer_found(tokenizer, config.init, "training needs one")
     base_vocab = model.config.vocab_size
     if new_tokenizer is not None:
         extend_model(model, tokenizer, new_tokenizer, config.init_method)

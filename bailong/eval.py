@@ -25,7 +25,7 @@ import torch
 from bailong.data import read_corpus
 from bailong.errors import BailongError, Parser, read_json, run_cli
 from bailong.files import check_output_file
-from bailong.tokenizer import open_tokenizer
+from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
 Rules: if the answer is not in the language the user wrote in, the score is 0; if the answer contains any
@@ -75,8 +75,7 @@ def perplexity(model_path, text, max_chars=200_000):
     from bailong.weights import load
     texts = read_corpus([text])
     model, tokenizer = load(model_path)
-    if tokenizer is None:
-        raise BailongError(f"{model_path}: no tokenizer.model or tokenizer.json")
+    tokenizer = tokenizer_found(tokenizer, model_path)
     kept = first_chars(texts, max_chars)
     total = sum(map(len, kept))
     nats_per_char = loss_per_char(model, tokenizer, kept)
@@ -94,9 +93,7 @@ def perplexity(model_path, text, max_chars=200_000):
 
 
 def compare_tokenizers(text, tokenizers):
-    opened = {path: open_tokenizer(path) for path in tokenizers}
-    if missing := [path for path, tokenizer in opened.items() if tokenizer is None]:
-        raise BailongError(f"{missing[0]}: no tokenizer.model or tokenizer.json")
+    opened = {path: tokenizer_found(open_tokenizer(path), path) for path in tokenizers}
     texts = read_corpus([text])
     chars = sum(map(len, texts))
     rows = {}
@@ -149,8 +146,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     items = read_bench(questions)
     folder = resolve(str(model_path))
     model, tokenizer = load(folder)
-    if tokenizer is None:
-        raise BailongError(f"{model_path}: no tokenizer.model or tokenizer.json")
+    tokenizer = tokenizer_found(tokenizer, model_path)
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     conversation = Chat(model, tokenizer, model_template(tokenizer, folder), greedy, max_new_tokens)
     rows, scores = [], defaultdict(list)

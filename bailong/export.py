@@ -26,7 +26,7 @@ from bailong.files import atomic_folder, atomic_write, check_output_file, overla
 from bailong.generation import model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
-from bailong.tokenizer import open_tokenizer
+from bailong.tokenizer import open_tokenizer, tokenizer_found
 from bailong.runs import training_output
 from bailong.weights import load, save
 
@@ -73,10 +73,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
     if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
         from bailong.export_gguf import check_tokenizer
-        tokenizer = next((t for t in map(open_tokenizer, folders) if t), None)
-        if tokenizer is None:
-            raise BailongError(f"{base_folder}: no tokenizer.model or tokenizer.json; a GGUF file carries the "
-                               "model's tokenizer")
+        tokenizer = tokenizer_found(next((t for t in map(open_tokenizer, folders) if t), None), base_folder,
+                                    "a GGUF file carries the model's tokenizer")
         check_tokenizer(tokenizer)
     model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)  # its tokenizer is the one above
     merge_lora(model, dtype)

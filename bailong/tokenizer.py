@@ -130,6 +130,14 @@ def open_tokenizer(path) -> Tokenizer | JsonTokenizer:
     return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
 
 
+def tokenizer_found(tokenizer, path, why=""):
+    """``tokenizer``, the one ``open_tokenizer(path)`` or a model's loading found; where it found none, a one-line
+    error naming ``path`` (and ``why`` one is needed)."""
+    if tokenizer is None:
+        raise BailongError(f"{path}: no tokenizer.model or tokenizer.json" + (f"; {why}" if why else ""))
+    return tokenizer
+
+
 def check_fits(tokenizer, model):
     """Refuse a tokenizer with more pieces than the model has embeddings: its last ids would index past them."""
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:

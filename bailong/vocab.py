@@ -29,7 +29,7 @@ from bailong.data import read_corpus
 from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
-from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer
+from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_found
 from bailong.vocab_bpe import extend_json
 
 # Llama 2's trainer settings, as its tokenizer.model records them
@@ -195,10 +195,7 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     from bailong.weights import load
     from bailong.zip_tie import METHODS, extend_model
     texts = first_chars(read_corpus([text]), max_chars)
-    base, extended = open_tokenizer(base_tokenizer), open_tokenizer(extended_tokenizer)
-    for path, tokenizer in ((base_tokenizer, base), (extended_tokenizer, extended)):
-        if tokenizer is None:
-            raise BailongError(f"{path}: no tokenizer.model or tokenizer.json")
+    base, extended = (tokenizer_found(open_tokenizer(p), p) for p in (base_tokenizer, extended_tokenizer))
     if type(base) is not type(extended):
         raise BailongError(f"{extended_tokenizer}: not the same kind of tokenizer as {base_tokenizer} (an "
                            "extension of a tokenizer.model is a tokenizer.model, of a tokenizer.json a tokenizer.json)")

@@ -64,7 +64,7 @@ def test_a_message_longer_than_the_context_is_an_error_not_a_crash():
 def test_model_without_tokenizer_needs_one(tmp_path, capsys):
     folder, _ = write_hf(tmp_path, "gqa")
     from test_weights import cli_error
-    assert f"{folder}: no tokenizer.model" in cli_error(capsys, folder)
+    assert f"{folder}: no tokenizer.model or tokenizer.json; pass --tokenizer FILE" in cli_error(capsys, folder)
 
 
 def test_chat_with_a_peft_adapter(tmp_path, capsys):
