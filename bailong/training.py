@@ -23,7 +23,7 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "optimizer": ("adamw", "adamw8bit"),
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
-AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience", "seed")
+AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience")
 # what each option only CUDA's training has says on the CPU (the first two move GPU memory to the host)
 TO_HOST = ("offload_activations", "offload_embedding")
 ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved layer inputs to host memory; on the "
@@ -159,7 +159,7 @@ class TrainConfig:
                                ("weight_decay", lambda v: v >= 0, "0 or more"),
                                ("lora_dropout", lambda v: 0 <= v < 1, "at least 0 and below 1"),
                                ("held_out", lambda v: 0 <= v < 1, "a share at least 0 and below 1"),
-                               ("seed", lambda v: v < 2**32, f"from 0 to {2**32 - 1}")]:
+                               ("seed", lambda v: 0 <= v < 2**32, f"from 0 to {2**32 - 1}")]:
             value = getattr(self, name)
             if not (ok(value) and math.isfinite(value)):  # ok first: a huge int is no float
                 raise UsageError(f"{flag(name)} must be {what}, not {value}")

@@ -251,6 +251,8 @@ def test_schedule_and_config():
     assert parse_config(["--stage", "sft", "--lora-r", "8"]).init == "out/pretrain"
     with pytest.raises(UsageError, match="--seed must be from 0 to 4294967295"):  # past any float, too
         parse_config(["--seed", str(10**400)])
+    with pytest.raises(UsageError, match="--seed must be from 0 to 4294967295, not -1"):
+        parse_config(["--seed", "-1"])
     assert parse_config([]).out == "out/pretrain" and parse_config(["--no-rslora"]).rslora is False
     sft = parse_config(["--stage", "sft"])  # fine-tuning has its own defaults; what is given still wins
     assert (sft.lr, sft.steps, parse_config([]).lr) == (1e-4, 60, 2e-3)
