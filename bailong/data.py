@@ -6,12 +6,10 @@ SFT renders each conversation in the chat format and trains only on the
 assistant tokens (labels -100 elsewhere). Token arrays are cached as .npy files
 keyed by the tokenizer and the text, and memory-mapped on the next run.
 """
-import contextlib
 import hashlib
 import json
 import os
 import signal
-import threading
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bailong.chat_template import template_example, training_example
-from bailong.errors import BailongError
+from bailong.errors import BailongError, handling
 from bailong.files import atomic_write
 from bailong.hub import resolve
 from bailong.tokenizer import Tokenizer
@@ -131,19 +129,10 @@ def _pool_worker(tokenizer, template):
     _init_worker(tokenizer, template)
 
 
-@contextlib.contextmanager
 def _stopped_at_once():
     """While a pool tokenizes, Ctrl-C and SIGTERM end the process at once, as by default: nothing is being
     written then, and a pool shut down by an exception can wait forever on a worker stopped mid-send."""
-    if threading.current_thread() is not threading.main_thread():  # where handlers can be set
-        yield
-        return
-    previous = {name: signal.signal(name, signal.SIG_DFL) for name in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(name, handler or signal.SIG_DFL)  # None: set outside Python
+    return handling(signal.SIG_DFL)
 
 
 def _encode(item):

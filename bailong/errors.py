@@ -1,7 +1,10 @@
 """User-facing errors: one line, no traceback, non-zero exit."""
 import argparse
+import contextlib
 import re
+import signal
 import sys
+import threading
 
 
 class BailongError(Exception):
@@ -34,17 +37,29 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+@contextlib.contextmanager
+def handling(handler, signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within, ``handler`` answers ``signals``; after, the handlers before again. Only the main thread may set
+    them: elsewhere (a notebook's worker thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, before or signal.SIG_DFL)  # None: set outside Python
+
+
 def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn user errors, failed file operations, Ctrl-C and SIGTERM into a clean exit.
     Under torchrun every process meets the same mistake; the first one says it."""
     import os
-    import signal
-    import threading
     say = os.environ.get("RANK", "0") == "0"
-    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers may be set
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        sys.exit(main(argv))
+        with handling(_terminate, (signal.SIGTERM,)):
+            sys.exit(main(argv))
     except BailongError as e:
         if say:
             print(f"error: {e}", file=sys.stderr)
@@ -58,9 +73,6 @@ def run_cli(main, argv=None):
         sys.exit(130)
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: set outside Python
 
 
 def check_device(device: str) -> str:

@@ -1,12 +1,13 @@
 """A training run's progress, as train.py's loop keeps it: the learning-rate schedule, the best held-out loss
 so far, metrics.jsonl and loss.png, a graceful stop on Ctrl-C or SIGTERM, and the startup's memory estimate.
 Like ``bailong.training`` (the options), it does not import torch."""
+import contextlib
 import json
 import math
-import signal
 import sys
 from pathlib import Path
 
+from bailong.errors import handling
 from bailong.files import atomic_write
 
 
@@ -37,7 +38,8 @@ class GracefulStop:
 
     def __enter__(self):
         self.requested, self.code = False, 0  # code: the exit status the shell gives the signal (130, 143)
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.handlers = contextlib.ExitStack()
+        self.handlers.enter_context(handling(self._handle))
         return self
 
     def _handle(self, signum, frame):
@@ -48,8 +50,7 @@ class GracefulStop:
                  "without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        for name, handler in self.previous.items():
-            signal.signal(name, handler)
+        self.handlers.close()
 
 
 class Metrics:
