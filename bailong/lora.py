@@ -173,6 +173,8 @@ class LoRALinear(nn.Module):
 
 
 _fused = switched_on("BAILONG_FUSED_LORA")
+
+
 def frozen_matmul_skipped(module) -> bool:
     """Whether ``module``, a layer's last projection, skips its frozen matmul in a checkpointed layer's
     recomputation (the fused LoRA path: ``FrozenAddmm``), so that the layer may be checkpointed as a node of

@@ -285,14 +285,15 @@ def parse_config(argv=None) -> TrainConfig:
 def dropout_kernels_switched_on() -> bool:
     """Whether the environment switches train.py's LoRA dropout on CUDA to its kernels, whose masks a CUDA graph of
     the step holds (``bailong.step_graph.dropout_captured``): the fused LoRA path (``bailong.lora``) and the
-    training layer kernels (``bailong_kernels``), read as they read them, before torch loads."""
+    training layer kernels (``bailong_kernels``), read as they read them (``bailong.switches``), before torch loads."""
     return all(map(switched_on, ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS")))
 
 
 def layers_by_hand_switched_on() -> bool:
     """Whether the environment leaves train.py's checkpointed layers on CUDA written out by hand
     (``bailong.layer_fused``): the switches above, the hand-written layer's, and the MLP whole."""
-    return dropout_kernels_switched_on() and switched_on("BAILONG_FUSED_LAYER") and not switched_on("BAILONG_CHUNKED_MLP")
+    return (dropout_kernels_switched_on() and switched_on("BAILONG_FUSED_LAYER")
+            and not switched_on("BAILONG_CHUNKED_MLP"))
 
 
 def check_graph_step(world: int, device: str | None = None):
