@@ -80,6 +80,7 @@ def describe(case, kernel, config, compiled, arch):
 # above the wait (by a change, or another Triton's scheduling) would be a race on the GPU.
 PDL_LOADS = {"nf4_gemv": 33, "nf4_gemv_swiglu": 33, "dense": 2, "rms_norm": 4, "swiglu": 0, "decode_attention": 0,
              "merge_parts": 0}
+PDL = dequant.gdc_wait is not None  # Triton 3.5 and later (nf4_dequant)
 
 
 def compile_all(arch):
@@ -181,7 +182,7 @@ def compile_all(arch):
             nf4_gemv.gemv(x, qkv[0], tile, residual=x)
             case = "bf16 silu(gate) * up in one launch M=1 N=11008 K=4096"
             nf4_gemv.gemv_swiglu(x, gate, gate, tile)
-        if arch >= 90:  # with programmatic dependent launch (bailong_kernels.use_pdl: Hopper and later)
+        if arch >= 90 and PDL:  # with programmatic dependent launch (bailong_kernels.use_pdl: Hopper and later)
             dequant.pdl = lambda t: True
             for M, tile in [(1, None), (1, AT_END), (4, None)]:  # the at-end loop, and the first loop at 4 rows
                 case = f"bf16 y=x@W.T M={M} N=4096 K=4096, with PDL"
@@ -236,7 +237,7 @@ def compile_all(arch):
                 ("decode attention's merge of 8 parts", decode._merge_parts_kernel, (parts, parts, x, 128),
                  dict(PARTS=8, BLOCK_D=128))]
     with_pdl = [(f"{name}, with PDL", kernel, args, meta | dict(PDL=True, launch_pdl=True))
-                for name, kernel, args, meta in decoding] if arch >= 90 else []
+                for name, kernel, args, meta in decoding] if arch >= 90 and PDL else []
     for name, kernel, args, meta in [(*d[:3], d[3] | dict(PDL=False)) for d in decoding] + with_pdl + [
             ("rms_norm backward", layers._rms_norm_backward_kernel, (x, x[0], x, x, x, 4096, 1e-5),
              dict(BLOCK=4096, PLUS=True)),
@@ -283,7 +284,8 @@ def main():
     args = parser.parse_args()
     require_nvidia_tools()
     rows = [row for arch in (90, 80) for row in compile_all(arch)]
-    print(f"triton {triton.__version__}: {len(rows)} kernels compiled (vector_loads: 8- and 16-byte loads in the PTX)")
+    print(f"triton {triton.__version__}: {len(rows)} kernels compiled (vector_loads: 8- and 16-byte loads in the PTX)"
+          + ("" if PDL else "; none with programmatic dependent launch, which takes Triton 3.5 or later"))
     header = list(dict.fromkeys(h for row in rows for h in row))
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in rows:

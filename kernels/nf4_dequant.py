@@ -40,9 +40,12 @@ import triton.language as tl
 import bailong_kernels
 from bailong.nf4 import NESTED_BLOCKSIZE, NF4Tensor
 
-try:
+# Programmatic dependent launch from Triton 3.5. 3.3 has none; 3.4 has these two functions, but they take the
+# argument its compiler no longer passes, and a kernel that calls them fails to compile ("unexpected keyword
+# argument '_semantic'")
+if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5):
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # Triton before 3.4: no programmatic dependent launch
+else:
     gdc_launch_dependents = gdc_wait = None
 
 
@@ -229,7 +232,7 @@ def _hopper_or_later(device: torch.device) -> bool:
 
 def pdl_possible(t: torch.Tensor) -> bool:
     """Whether kernels for ``t`` can launch with programmatic dependent launch: t on an NVIDIA GPU of the Hopper
-    generation or later, and a Triton that has it (3.4 and later), not interpreted."""
+    generation or later, and a Triton that has it (3.5 and later), not interpreted."""
     return (t.is_cuda and torch.version.hip is None and gdc_wait is not None
             and os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_later(t.device))
 

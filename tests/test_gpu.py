@@ -251,7 +251,7 @@ def test_programmatic_dependent_launch_decodes_the_same_bits(tmp_path, quantize,
     from bailong.generation import GraphDecoder
     from bailong_kernels import nf4_dequant
     if not nf4_dequant.pdl_possible(torch.empty(1, device="cuda")):
-        pytest.skip("programmatic dependent launch needs an NVIDIA GPU of the Hopper generation or later, Triton 3.4+")
+        pytest.skip("programmatic dependent launch needs an NVIDIA GPU of the Hopper generation or later, Triton 3.5+")
     launched = []  # the launches that used PDL: none would make the two runs trivially alike
     pdl = nf4_dequant.pdl
     monkeypatch.setattr(nf4_dequant, "pdl", lambda t: launched.append(pdl(t)) or launched[-1])
