@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from bailong.nf4 import quantize
-from bailong_kernels.nf4_dequant import cdiv, launch_device
+from bailong_kernels.nf4_dequant import FMA, cdiv, launch_device
 from bailong_kernels.nf4_gemv import gemv, gemv_tile, gemv_tiles
 from bailong_kernels.nf4_gemv_at_end import _step_addresses, _step_words
 from bench_nf4_matmul import L2_BYTES, SHAPES, checked, copy_bandwidth, graph_ms, wall_ms
@@ -129,7 +129,7 @@ def _sums(kernel, q, tile, programs=None, **meta):
     with launch_device(out):
         kernel[(min(programs or N, cdiv(N, block_n)),)](
             q.data.view(-1).view(torch.int32), q.absmax, out, N, K, BLOCKSIZE=q.blocksize, BLOCK_N=block_n,
-            BLOCK_K=min(block_k, 1 << (K.bit_length() - 1)), num_warps=warps, **meta)
+            BLOCK_K=min(block_k, 1 << (K.bit_length() - 1)), num_warps=warps, **meta, **FMA)
     return out
 
 

@@ -38,6 +38,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 
 import torch
 
@@ -81,6 +82,9 @@ def describe(case, kernel, config, compiled, arch):
 PDL_LOADS = {"nf4_gemv": 33, "nf4_gemv_swiglu": 33, "dense": 2, "rms_norm": 4, "swiglu": 0, "decode_attention": 0,
              "merge_parts": 0}
 PDL = dequant.gdc_wait is not None  # Triton 3.5 and later (nf4_dequant)
+# every launch says whether it contracts a * b + c into one FMA (nf4_dequant.FMA): Triton 3.9 warns of one that
+# does not (3.10 changes the default), and here that warning fails the check
+warnings.filterwarnings("error", message="TRITON_DEFAULT_FP_FUSION is unset")
 
 
 def compile_all(arch):
@@ -249,7 +253,7 @@ def compile_all(arch):
              (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 32000), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK)),
             ("cross entropy (vocabulary 59,241: rows not 16-byte aligned, scalar loads)", layers._cross_entropy_kernel,
              (x, torch.zeros(1, dtype=torch.long), torch.zeros(1), 59241), dict(BLOCK=layers.CROSS_ENTROPY_BLOCK))]:
-        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        compiled = kernel.warmup(*args, grid=(1,), **meta, **dequant.FMA)
         rows.append(describe(f"bfloat16 {name}, Llama-2-7B / GQA shapes", kernel, meta, compiled, arch))
         if meta.get("PDL"):
             rows[-1]["pdl"] = pdl_order(compiled.asm["ptx"], PDL_LOADS[rows[-1]["kernel"]])
@@ -259,12 +263,13 @@ def compile_all(arch):
     for kernel, case in [(dropout._dropout_kernel, "bfloat16 LoRA dropout of one input for 3 projections"),
                          (dropout._dropout_sum_kernel, "bfloat16 LoRA dropout's backward: 3 gradients summed")]:
         meta, seed = dict(N=3, ROWS=dropout.ROWS, num_warps=4), torch.zeros(1, dtype=torch.int64)  # read there
-        compiled = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, seed, 2**40 + 5, 3277, 1.05, grid=(1,), **meta)
+        launch = dict(grid=(1,), **meta, **dequant.FMA)  # as dropout.py launches it
+        compiled = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, seed, 2**40 + 5, 3277, 1.05, **launch)
         rows.append(describe(case, kernel, meta, compiled, arch))
         rows[-1]["instr_per_weight"] = round(instructions(compiled.asm["cubin"]) / (3 * 8 * dropout.ROWS / 128), 1)
-        small_key = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, seed, 5, 3277, 1.05, grid=(1,), **meta)
+        small_key = kernel.warmup(x, x, 2048 * 4096, 2048 * 512, seed, 5, 3277, 1.05, **launch)
         rows[-1]["one_kernel_every_key"] = "yes" if small_key.hash == compiled.hash else "NO"  # counters below 2^31
-        compiled = kernel.warmup(x, x, 1, 1, seed, 5, 1, 1.0, grid=(1,), **meta)  # arguments equal to 1: not constants
+        compiled = kernel.warmup(x, x, 1, 1, seed, 5, 1, 1.0, **launch)  # arguments equal to 1: not constants
         rows.append(describe(case + ", one value, threshold 1 (scalar loads)", kernel, meta, compiled, arch))
     # AdamW with 8-bit moments on a float32 LoRA weight, as bailong.optim.AdamW8bit launches it
     weight, codes, t = torch.empty(128 * 4096), torch.empty(128 * 4096, dtype=torch.uint8), adamw_tables("cpu")
@@ -272,7 +277,8 @@ def compile_all(arch):
     meta = dict(BLOCK=ADAMW_BLOCK, num_warps=2)
     compiled = adamw8bit._adamw8bit.warmup(
         weight, weight, codes, maxima, t["exp_avg"], t["exp_avg_midpoints"], codes, maxima, t["exp_avg_sq"],
-        t["exp_avg_sq_midpoints"], weight.numel(), 1.0, 0.1, 0.999, 0.001, 1e-4, 0.1, 1e-8, grid=(1,), **meta)
+        t["exp_avg_sq_midpoints"], weight.numel(), 1.0, 0.1, 0.999, 0.001, 1e-4, 0.1, 1e-8, grid=(1,), **meta,
+        **dequant.FMA)
     rows.append(describe("float32 AdamW step with 8-bit moments, a LoRA A of r = 128 on 4096", adamw8bit._adamw8bit,
                          meta, compiled, arch))
     return rows

@@ -14,7 +14,7 @@ import math
 import triton
 import triton.language as tl
 
-from bailong_kernels.nf4_dequant import cdiv, launch_device
+from bailong_kernels.nf4_dequant import FMA, cdiv, launch_device
 
 
 @triton.jit
@@ -79,4 +79,4 @@ def adamw8bit_step(p, g, state, tables, step, lr, beta1, beta2, eps, weight_deca
             p, g, state["exp_avg"], state["exp_avg_absmax"], tables["exp_avg"], tables["exp_avg_midpoints"],
             state["exp_avg_sq"], state["exp_avg_sq_absmax"], tables["exp_avg_sq"], tables["exp_avg_sq_midpoints"],
             n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1 ** step),
-            math.sqrt(1 - beta2 ** step), eps, BLOCK=blocksize, num_warps=2)
+            math.sqrt(1 - beta2 ** step), eps, BLOCK=blocksize, num_warps=2, **FMA)

@@ -46,7 +46,7 @@ import triton.language as tl
 from torch import nn
 
 from bailong.quantized import NF4Linear
-from bailong_kernels.nf4_dequant import _pdl_start, _pdl_wait, cdiv, launch_device, next_power_of_2, pdl_meta
+from bailong_kernels.nf4_dequant import FMA, _pdl_start, _pdl_wait, cdiv, launch_device, next_power_of_2, pdl_meta
 from bailong_kernels.nf4_gemv import dense_takes, gemv, gemv_group, gemv_swiglu, gemv_takes
 
 
@@ -69,7 +69,7 @@ def rms_norm(x, weight, eps):
     y = torch.empty(x.shape, device=x.device, dtype=torch.result_type(weight, x))
     C = x.shape[-1]
     with launch_device(x):
-        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=next_power_of_2(C), **pdl_meta(x))
+        _rms_norm_kernel[(x.numel() // C,)](x, weight, y, C, eps, BLOCK=next_power_of_2(C), **pdl_meta(x), **FMA)
     return y
 
 
@@ -93,7 +93,7 @@ def swiglu(gate, up):
     C = gate.shape[1]
     with launch_device(gate):
         _swiglu_kernel[(gate.shape[0], cdiv(C, 1024))](gate, up, y, C, gate.stride(0), up.stride(0), BLOCK=1024,
-                                                       **pdl_meta(gate))
+                                                       **pdl_meta(gate), **FMA)
     return y
 
 
@@ -251,7 +251,8 @@ def decode_attention(q, k, v, cos, sin, positions, k_cache, v_cache):
         _decode_attention_kernel[(B, H, parts)](q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache,
                                                 v_cache, out, ml, H, KV, S, *k_cache.stride()[:3], 1 / math.sqrt(D),
                                                 HALF=D // 2, BLOCK_D=next_power_of_2(D // 2), BLOCK_S=64,
-                                                PARTS=parts, **pdl_meta(q))
+                                                PARTS=parts, **pdl_meta(q), **FMA)
         if parts > 1:
-            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=next_power_of_2(D), **pdl_meta(q))
+            _merge_parts_kernel[(B * H,)](ml, out, y, D, PARTS=parts, BLOCK_D=next_power_of_2(D), **pdl_meta(q),
+                                          **FMA)
     return y

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bailong_kernels.nf4_dequant import _join8, cdiv, launch_device
+from bailong_kernels.nf4_dequant import FMA, _join8, cdiv, launch_device
 
 LEVELS = 1 << 16  # the values of a decision's 16 bits
 ROWS = 256  # counters a program: 256 x 8 values
@@ -120,7 +120,7 @@ def dropout(x, n, p, key):
     out = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device)
     with launch_device(x):
         _dropout_kernel[(cdiv(C, ROWS),)](x, out, x.numel(), C, *_checked(key, x), threshold(p), _scale(p), N=n,
-                                          ROWS=ROWS)
+                                          ROWS=ROWS, **FMA)
     return out
 
 
@@ -134,7 +134,7 @@ def dropout_sum(g, key, p, out=None):
     assert out.is_contiguous() and out.shape == g.shape[1:]
     with launch_device(g):
         _dropout_sum_kernel[(cdiv(C, ROWS),)](g, out, numel, C, *_checked(key, g), threshold(p), _scale(p), N=n,
-                                              ROWS=ROWS)
+                                              ROWS=ROWS, **FMA)
     return out
 
 

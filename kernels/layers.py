@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from bailong_kernels import decode
-from bailong_kernels.nf4_dequant import cdiv, launch_device, next_power_of_2
+from bailong_kernels.nf4_dequant import FMA, cdiv, launch_device, next_power_of_2
 
 ELEMENTWISE_BLOCK = 1024
 CROSS_ENTROPY_BLOCK = 4096  # logits read per step of a row's sweep
@@ -81,7 +81,8 @@ def rms_norm_backward(ctx, g, plus=None):
     C = x.shape[-1]
     with launch_device(x):
         _rms_norm_backward_kernel[(x.numel() // C,)](x, weight, g, g if plus is None else plus.contiguous(), dx, C,
-                                                      ctx.eps, BLOCK=next_power_of_2(C), PLUS=plus is not None)
+                                                      ctx.eps, BLOCK=next_power_of_2(C), PLUS=plus is not None,
+                                                      **FMA)
     return dx
 
 
@@ -124,7 +125,7 @@ class SwiGLUFunction(torch.autograd.Function):
         C = gate.shape[1]
         with launch_device(gate):
             _swiglu_backward_kernel[(gate.shape[0], cdiv(C, ELEMENTWISE_BLOCK))](
-                gate, up, g, dgate, dup, C, gate.stride(0), up.stride(0), BLOCK=ELEMENTWISE_BLOCK)
+                gate, up, g, dgate, dup, C, gate.stride(0), up.stride(0), BLOCK=ELEMENTWISE_BLOCK, **FMA)
         return dgate, dup
 
 
@@ -163,7 +164,7 @@ def _rope(x, cos, sin, head_dim, sign, in_place=False):
     with launch_device(x):
         _rope_kernel[(x2.shape[0],)](x2, cos.contiguous(), sin.contiguous(), y, T, heads, x2.stride(0), y.stride(0),
                                      sign, HALF=head_dim // 2, BLOCK_H=next_power_of_2(heads),
-                                     BLOCK_D=next_power_of_2(head_dim // 2))
+                                     BLOCK_D=next_power_of_2(head_dim // 2), **FMA)
     return x if in_place else y.view(shape)
 
 
@@ -224,5 +225,5 @@ def cross_entropy_(logits, targets):
     loss = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
     with launch_device(logits):
         _cross_entropy_kernel[(len(logits),)](logits, targets.contiguous(), loss, logits.shape[1],
-                                              BLOCK=min(CROSS_ENTROPY_BLOCK, next_power_of_2(logits.shape[1])))
+                                              BLOCK=min(CROSS_ENTROPY_BLOCK, next_power_of_2(logits.shape[1])), **FMA)
     return loss

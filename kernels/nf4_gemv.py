@@ -43,7 +43,7 @@ import triton.language as tl
 
 from bailong.nf4 import NF4Tensor
 from bailong_kernels.dense_gemv import _dense_rows, dense_tile
-from bailong_kernels.nf4_dequant import _block_scale, _pdl_start, _pdl_wait, cdiv, launch_device, nf4_args, \
+from bailong_kernels.nf4_dequant import FMA, _block_scale, _pdl_start, _pdl_wait, cdiv, launch_device, nf4_args, \
     next_power_of_2, pdl_meta, readable_as_words
 from bailong_kernels.nf4_gemv_at_end import _gemv_rows_at_end
 
@@ -262,7 +262,7 @@ def gemv_group(x2d, qs, tile=None, residual=None):
     meta |= _tile_meta(M, x2d.shape[1], qs[0], tile) | pdl_meta(x2d)
     with launch_device(x2d):
         _nf4_gemv_kernel[(sum(cdiv(q.shape[0], meta["BLOCK_N"]) for q in qs),)](
-            x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
+            x2d, weights, rows, y, residual, M, x2d.shape[1], x2d.stride(0), y.stride(0), **meta, **FMA)
     return tuple(y[:, a:b] for a, b in itertools.pairwise(rows))
 
 
@@ -281,5 +281,5 @@ def gemv_swiglu(x2d, gate: NF4Tensor, up: NF4Tensor, tile=None):
     meta |= _tile_meta(M, x2d.shape[1], gate, tile) | pdl_meta(x2d)
     with launch_device(x2d):
         _nf4_gemv_swiglu_kernel[(cdiv(N, meta["BLOCK_N"]),)](
-            x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta)
+            x2d, gate_args, up_args, y, M, N, x2d.shape[1], x2d.stride(0), y.stride(0), **meta, **FMA)
     return y

@@ -50,13 +50,17 @@ def _copies_self(name, args, kwargs, out) -> bool:
 
 
 class Counted:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches it and records the launch."""
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` launches it and records the launch. Each launch must
+    say whether a * b + c compiles into one FMA (``bailong_kernels.nf4_dequant.FMA``; Triton's default changes in
+    3.10): with, but for the dequantize kernels, which give the reference's bits without."""
 
     def __init__(self, kernel, name, launches):
         self.kernel, self.name, self.launches = kernel, name, launches
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            fusion = kwargs.get("enable_fp_fusion")
+            assert fusion is (not self.name.startswith("_nf4_dequant")), f"{self.name}: enable_fp_fusion={fusion}"
             self.launches.triton.append(self.name)
             with _disable_current_modes():  # the interpreter's own copies are not the GPU's work
                 return self.kernel[grid](*args, **kwargs)
