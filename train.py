@@ -1,6 +1,6 @@
 """Train Bailong: vocabulary transfer + QLoRA pre-training, then multi-turn chat fine-tuning.
 
-    python train.py --stage pretrain          # the embedded default: a few minutes on a CPU
+    python train.py --stage pretrain          # the embedded default: about 10 seconds on a CPU
     python train.py --stage sft               # continues from out/pretrain
     python chat.py                            # chats with out/sft
     python train.py --stage pretrain --model meta-llama/Llama-2-7b-hf --data zh_tw/ --new-pieces 27241
