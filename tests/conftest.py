@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter; it must be set before they import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
 
 
 def patch_the_language_once_a_launch():
@@ -46,7 +47,6 @@ def patch_the_language_once_a_launch():
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     patch_the_language_once_a_launch()
-ASSETS = ROOT.parent / "shared" / "assets"
 
 
 def allocator_peak(run, folder):
