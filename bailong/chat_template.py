@@ -128,16 +128,18 @@ def template_in(config: dict, file) -> tuple[str, dict] | None:
 
 
 def turn_end_ids(tokenizer, template) -> set[int]:
-    """The special tokens a template puts after an answer's text (<|eot_id|>, <|im_end|>): where an answer
-    ends. Found by rendering a one-exchange conversation; empty if the template refuses it."""
+    """The special tokens a template puts after an answer's text (<|eot_id|>, <|im_end|>, </s>): where an answer
+    ends. Found by rendering a one-exchange conversation; empty if the template refuses it. A special token adds
+    nothing to the text even after a word; alone, SentencePiece's lone "▁" (Llama 2's template writes one
+    before </s>, and its answers before every digit) decodes to nothing too, but not after a word."""
     import jinja2
     try:
         _, labels = template_example(tokenizer, template, [{"role": "user", "content": "Hi"},
                                                            {"role": "assistant", "content": "Yes"}])
     except (ValueError, jinja2.TemplateError):
         return set()
-    answer, text = [i for i in labels if i != -100], tokenizer.encode("Yes")
-    return {i for i in answer[len(text):] if tokenizer.decode([i]) == ""}  # special tokens decode to nothing
+    word = tokenizer.encode("Yes")
+    return {i for i in labels if i != -100 and tokenizer.decode(word + [i]) == tokenizer.decode(word)}
 
 
 def template_example(tokenizer, template, messages) -> tuple[list[int], list[int]]:

@@ -58,6 +58,16 @@ def test_templates_render_as_transformers_renders_them(model_folder, template):
     assert ids.count(1) == (2 if template == LLAMA2_CHAT else 0) and tok.decode(ids).count("你好") == 2
 
 
+def test_an_answer_ends_only_at_the_templates_special_tokens(model_folder):
+    """Meta's Llama 2 template writes ' ' before </s>: a lone "▁", which decodes to nothing alone, and which
+    Llama 2 writes before every digit and byte-spelled character; it must not end an answer."""
+    from bailong.chat_template import turn_end_ids
+    tok = bailong.Tokenizer(model_folder / "tokenizer.model")
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    assert tok.encode("It costs 25 dollars")[2] == tok.sp.piece_to_id("▁")
+    assert turn_end_ids(tok, (LLAMA2_CHAT, specials)) == {tok.eos_id}
+
+
 def test_the_model_template_is_used_and_generation_config_sets_defaults(model_folder):
     (model_folder / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": CHATML, "bos_token": "<s>", "eos_token": "</s>"}))
