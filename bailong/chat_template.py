@@ -86,12 +86,11 @@ def fit_prompt(encode, messages, budget) -> tuple[list[int], list[dict]]:
 
 
 def jinja_template(folder) -> tuple[str, dict] | None:
-    """The ``chat_template`` and special-token strings of a model folder's tokenizer_config.json, if any."""
+    """The chat template and special-token strings of a model folder (``tokenizer_settings``), if any."""
     from pathlib import Path
 
-    from bailong.errors import read_json
-    file = Path(folder) / "tokenizer_config.json"
-    return template_in(read_json(file), file) if file.exists() else None
+    from bailong.tokenizer import tokenizer_settings
+    return template_in(tokenizer_settings(folder), Path(folder) / "tokenizer_config.json")
 
 
 def model_template(tokenizer, folder=None) -> tuple[str, dict] | None:
@@ -105,8 +104,12 @@ def model_template(tokenizer, folder=None) -> tuple[str, dict] | None:
 
 
 def template_in(config: dict, file) -> tuple[str, dict] | None:
-    """The chat template and special-token strings of a tokenizer_config.json's content (read from ``file``)."""
+    """The chat template and special-token strings of a tokenizer_config.json's content (read from ``file``,
+    its template from chat_template.jinja beside it where there is one: ``tokenizer_settings``)."""
     from bailong.errors import BailongError
+    from bailong.tokenizer import CHAT_TEMPLATE_FILE
+    if file and file.with_name(CHAT_TEMPLATE_FILE).is_file():
+        file = file.with_name(CHAT_TEMPLATE_FILE)  # where a template error is
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):

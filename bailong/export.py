@@ -26,12 +26,12 @@ from bailong.files import atomic_folder, atomic_write, check_output_file, overla
 from bailong.generation import model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
-from bailong.tokenizer import open_tokenizer, tokenizer_found
+from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
 from bailong.runs import training_output
 from bailong.weights import load, save
 
-TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json"]
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
+                   "special_tokens_map.json", "generation_config.json"]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -80,9 +80,9 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     merge_lora(model, dtype)
     if format == "gguf":
         from bailong.export_gguf import write_gguf
-        file = next((f / "tokenizer_config.json" for f in folders if (f / "tokenizer_config.json").exists()), None)
-        settings = read_json(file) if file else {}
-        template = template_in(settings, file)  # a template that does not parse is refused
+        folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[2:4])), None)
+        settings = tokenizer_settings(folder) if folder else {}
+        template = template_in(settings, folder and folder / TOKENIZER_FILES[2])  # one that does not parse: refused
         sampling, _ = model_sampling(next((f for f in folders if (f / "generation_config.json").exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
         atomic_write(out, lambda tmp: write_gguf(

@@ -12,11 +12,12 @@ from bailong.errors import BailongError
 
 # Fetched from the Hub first; then exactly the safetensors files the index names.
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors.index.json",
-             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+             "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+             "special_tokens_map.json"]
 # An adapter folder: PEFT's two files, and the tokenizer of a grown vocabulary.
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ADAPTER_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"]
+                 "chat_template.jinja", "special_tokens_map.json"]
 
 
 def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, repo_type=None) -> Path:

@@ -6,6 +6,8 @@ import sentencepiece as spm
 
 from bailong.errors import BailongError, read_json
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # beside tokenizer_config.json, whose chat_template it overrides
+
 
 class Tokenizer:
     def __init__(self, model_file=None, model_proto: bytes | None = None):
@@ -79,10 +81,7 @@ class JsonTokenizer:
         except Exception as e:  # the library says what is wrong in its own exception type
             raise BailongError(f"{file}: not a tokenizer.json ({str(e).splitlines()[0] if str(e) else e!r})") \
                 from None
-        if settings is None:
-            beside = self.path.with_name("tokenizer_config.json")
-            settings = read_json(beside) if beside.exists() else {}
-        self.settings = settings
+        self.settings = settings = tokenizer_settings(self.path.parent) if settings is None else settings
 
         def special(name):
             token = settings.get(name)
@@ -117,6 +116,20 @@ class JsonTokenizer:
 
     def encode_chat(self, text, specials: dict) -> list[int]:
         return self.encode(text)  # the library finds the special tokens in the text itself
+
+
+def tokenizer_settings(folder) -> dict:
+    """A model folder's tokenizer_config.json ({} where it has none), with the chat template of its
+    chat_template.jinja where it has one: transformers reads that file first, and its recent versions save a
+    template only there."""
+    file, template = Path(folder) / "tokenizer_config.json", Path(folder) / CHAT_TEMPLATE_FILE
+    settings = read_json(file) if file.exists() else {}
+    if template.is_file():
+        try:
+            settings["chat_template"] = template.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise BailongError(f"{template}: not UTF-8 text") from None
+    return settings
 
 
 def open_tokenizer(path) -> Tokenizer | JsonTokenizer:

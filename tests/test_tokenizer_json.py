@@ -106,6 +106,28 @@ def test_load_chat_and_generate_on_a_llama3_style_model(llama3):
     assert result.returncode == 0 and "tokens, " in result.stderr, result.stderr
 
 
+def test_a_template_in_chat_template_jinja_is_read_first(llama3, tmp_path):
+    """transformers saves a chat template in chat_template.jinja, and reads that file before tokenizer_config.json's
+    chat_template; so do chat, SFT and the exports, for tokenizer.json and SentencePiece models alike."""
+    import shutil
+
+    from bailong.chat_template import model_template
+    saved = tmp_path / "saved"
+    AutoTokenizer.from_pretrained(llama3).save_pretrained(saved)
+    if (saved / "chat_template.jinja").exists():  # as transformers 5 saves it
+        assert jinja_template(saved)[0] == LLAMA3_TEMPLATE == model_template(open_tokenizer(saved))[0]
+    folder = shutil.copytree(llama3, tmp_path / "model")
+    other = LLAMA3_TEMPLATE.replace("<|eot_id|>", "<|end_of_text|>")
+    (folder / "chat_template.jinja").write_text(other)
+    assert AutoTokenizer.from_pretrained(folder).chat_template == other
+    assert jinja_template(folder)[0] == other == model_template(open_tokenizer(folder))[0]
+    (folder / "tokenizer.json").unlink()  # a SentencePiece model's folder reads it too
+    assert jinja_template(folder)[0] == other
+    (folder / "chat_template.jinja").write_bytes(b"{{ '\xff' }}")
+    with pytest.raises(BailongError, match="chat_template.jinja: not UTF-8"):
+        jinja_template(folder)
+
+
 def test_a_broken_tokenizer_json_is_one_line(tmp_path):
     assert open_tokenizer(tmp_path) is None  # a folder without a tokenizer
     (tmp_path / "tokenizer.json").write_text('{"model": 1}')
