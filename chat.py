@@ -7,8 +7,9 @@
     python chat.py MODEL --input questions.jsonl --output answers.jsonl
     python chat.py --preset tiny --prompt "Hello"         # random weights: a smoke test
 
-The chat format is the model folder's Jinja `chat_template` (tokenizer_config.json)
-when it has one, else Llama 2's ([INST], <<SYS>>), which our SFT stage trains with.
+The chat format is the model folder's Jinja chat template (chat_template.jinja, else
+tokenizer_config.json's chat_template) when it has one, else Llama 2's ([INST], <<SYS>>),
+which our SFT stage trains with.
 Sampling defaults come from generation_config.json when present. Older turns are
 dropped when the conversation would outgrow the context window; the system
 prompt stays. Commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a file),
@@ -109,16 +110,24 @@ def main(argv=None):
     check_fits(tokenizer, model)
     template = model_template(tokenizer, folder) if args.template != "llama2" else None
     if args.template == "model" and template is None:
-        raise BailongError(f"{args.model}: no chat_template in tokenizer_config.json")
+        raise BailongError(f"{args.model}: no chat template (chat_template.jinja, or tokenizer_config.json's "
+                           "chat_template)")
     sampling, max_new_tokens = model_sampling(folder, vars(args), args.seed)
     chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system)
 
-    if args.input:  # batch: answer every conversation, write them back with the answers
+    if args.input:  # batch: every conversation answered and written back whole, with its answer
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        questions = [m if m[0]["role"] == "system" else system + m for m in questions]
+        for n, messages in enumerate(questions, 1):  # each fits, or none is answered
+            try:
+                chat.prompt(messages)
+            except BailongError as e:
+                raise BailongError(f"{args.input}: conversation {n}: {e}") from None
         answered = []
         for messages in questions:
-            chat.messages = messages[:-1]
-            chat.answer(messages[-1]["content"], stream=False)
-            answered.append({"messages": chat.messages})
+            chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
+            answer = chat.answer(messages[-1]["content"], stream=False)
+            answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:

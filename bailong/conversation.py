@@ -36,18 +36,26 @@ class Chat:
                 from None
         return self.tokenizer.encode_chat(text, specials)
 
+    def prompt(self, messages) -> tuple[list[int], list[dict]]:
+        """The prompt's ids for ``messages`` (ending with a user turn) and the messages they hold: the oldest
+        exchanges dropped to leave room for an answer, the system prompt kept; a BailongError where even the
+        last turn does not fit, or the template fails on the conversation."""
+        context = self.model.config.max_position_embeddings
+        try:
+            return fit_prompt(self.encode, messages, context - min(self.max_new_tokens, context // 4))
+        except ValueError as e:
+            raise BailongError(str(e)) from None
+
     def answer(self, text, stream=True) -> str:
         """The reply to ``text``, streamed to stdout as it comes unless ``stream`` is False (answers to a
         file of questions); the history keeps both (trimmed to fit the context)."""
         out = sys.stdout if stream else io.StringIO()  # a quiet answer is written nowhere
         self.messages.append({"role": "user", "content": text})
-        context = self.model.config.max_position_embeddings
         try:
-            ids, self.messages[:] = fit_prompt(self.encode, self.messages,
-                                               context - min(self.max_new_tokens, context // 4))
-        except (ValueError, BailongError) as e:  # too long for the context window; a template that fails
+            ids, self.messages[:] = self.prompt(self.messages)
+        except BailongError:
             self.messages.pop()
-            raise BailongError(str(e)) from None
+            raise
         decoder, reply = self.tokenizer.stream(), []
 
         def on_token(i):
@@ -60,6 +68,9 @@ class Chat:
             generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
         except KeyboardInterrupt:
             print(" [stopped]", end="", file=out)
+        except FloatingPointError as e:  # the model's fault, not the conversation's: the question is taken back
+            self.messages.pop()
+            raise BailongError(str(e)) from None
         print(decoder.flush(), flush=True, file=out)
         seconds = time.perf_counter() - start
         print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s]", file=sys.stderr)

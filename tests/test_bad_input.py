@@ -59,6 +59,8 @@ def folder(tmp_path_factory):
              "long.txt": corpus + corpus.replace("\n", "") * 12 + "\n",  # one line of about 100 KiB
              "wrong-type.json": '{"lora_r": "16"}', "unknown.json": '{"lora_rank": 16}',
              "q.jsonl": '{"messages": [{"role": "user", "content": "臺灣最高的山？"}]}\n',
+             "q-long.jsonl": '{"messages": [{"role": "user", "content": "臺灣最高的山？"}]}\n\n'
+                             '{"messages": [{"role": "user", "content": "' + "山" * 1000 + '"}]}\n',
              "answers.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
                               '"content": "yo"}]}\n',
              "chats-broken.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
@@ -150,7 +152,7 @@ def prepared(folder):
 def fingerprint(folder):
     """Hashes of the user's files and of the finished run, which no row may change."""
     names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
-             "q.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin",
+             "q.jsonl", "q-long.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin",
              "old.gguf", "text-number.jsonl", "text-null.jsonl", "bench-category.json"]
     paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \

@@ -95,15 +95,21 @@ def test_commands_and_saving(model_folder, tmp_path):
 
 
 def test_batch_answers_from_jsonl(model_folder, tmp_path):
+    """Each conversation comes back whole with its answer (the model saw what fits of a long one), with --system's
+    prompt where it had none."""
     questions = tmp_path / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CONVERSATIONS))
+    long = [{"role": r, "content": f"第{i}輪：" + "夜市的小吃很多。" * 8} for i in range(4) for r in ("user", "assistant")]
+    conversations = CONVERSATIONS + [long + CONVERSATIONS[0]]  # 4 exchanges of about 80 tokens, in 256
+    questions.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
     answers = tmp_path / "answers.jsonl"
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--input", str(questions),
-                             "--output", str(answers), "--max-new-tokens", "4", "--temperature", "0"],
-                            capture_output=True, text=True, timeout=120)
+                             "--output", str(answers), "--max-new-tokens", "4", "--temperature", "0",
+                             "--system", "簡短回答。"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line)["messages"] for line in answers.read_text().splitlines()]
-    assert [r[:-1] for r in rows] == CONVERSATIONS and all(r[-1]["role"] == "assistant" for r in rows)
+    system = [{"role": "system", "content": "簡短回答。"}]
+    assert [r[:-1] for r in rows] == [m if m[0]["role"] == "system" else system + m for m in conversations]
+    assert all(r[-1]["role"] == "assistant" for r in rows)
     questions.write_text(json.dumps({"messages": CONVERSATIONS[1][:3]}, ensure_ascii=False) + "\n")
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--input", str(questions)],
                             capture_output=True, text=True, timeout=120)
