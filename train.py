@@ -185,7 +185,7 @@ def train(config):
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = build_optimizer(trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
-    start = resume(out, model, optimizer, say) if config.resume else 0
+    start = resume(out, model, optimizer, say, device) if config.resume else 0
     if start:
         say(f"resumed from {run.checkpoint(start)} at step {start}")
     elif config.resume:
@@ -279,7 +279,7 @@ def train(config):
                 stopped = stopped or ("rank 0 stopped early" if flags[1] else None)
             if main_process and (done % config.save_every == 0 or done == config.steps or stopped
                                  or interrupt.requested):
-                checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name)
+                checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name, device)
             if interrupt.requested and done < config.steps:
                 bar.close()
                 say(f"interrupted after step {done}: saved {checkpoint}; continue with --resume")

@@ -13,23 +13,29 @@ from bailong.files import atomic_folder, atomic_write
 from bailong.runs import STATE, RunFolder, latest_checkpoint
 
 
-def rng_state() -> dict:
-    """Every random generator's state, in types that torch.load(weights_only=True) accepts."""
+def rng_state(device=None) -> dict:
+    """The state of every random generator a process trains with, the training ``device``'s where it is a GPU,
+    in types that torch.load(weights_only=True) accepts. The processes of a run are seeded alike and draw
+    alike, so the one that saves speaks for all, each restoring it on its own GPU (``set_rng_state``)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and torch.device(device).type == "cuda":
+        if isinstance(cuda, list):  # saved before: every visible GPU's, the saving process's at its index
+            index = torch.device(device).index or 0
+            cuda = cuda[index if index < len(cuda) else 0]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
@@ -40,16 +46,17 @@ def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
     return folder
 
 
-def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None):
-    """checkpoints/step-N: the adapter, optimizer and RNG states, written to a temporary folder and
-    renamed, then named in LATEST; the two newest are kept. A failed save (a full disk) leaves the
-    previous checkpoint as it was and says so."""
+def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None, device=None):
+    """checkpoints/step-N: the adapter, optimizer and RNG states (a GPU's: the training ``device``'s), written to a
+    temporary folder and renamed, then named in LATEST; the two newest are kept. A failed save (a full disk)
+    leaves the previous checkpoint as it was and says so."""
     run = RunFolder(out)
     final = run.checkpoint(step)
     try:
         with atomic_folder(final) as tmp:
             save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(device)},
+                       tmp / STATE)
         atomic_write(run.latest, final.name)
     except BailongError as e:
         previous = latest_checkpoint(out)
@@ -70,9 +77,9 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def resume(out: Path, model, optimizer, say=print) -> int:
+def resume(out: Path, model, optimizer, say=print, device=None) -> int:
     """Restore the newest checkpoint that reads whole: LoRA weights (through the adapter loader, into the
-    model's LoRA modules), optimizer and RNG states.
+    model's LoRA modules), optimizer and RNG states (a GPU's on the training ``device``).
 
     Returns the number of steps it had done (0 when there is no checkpoint). A newer
     checkpoint that is missing or damaged is passed over with a warning naming it.
@@ -93,7 +100,7 @@ def resume(out: Path, model, optimizer, say=print) -> int:
         except (BailongError, ValueError) as e:
             problems.append(str(e))
             continue
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], device)
         if problems:
             say(f"warning: {'; '.join(problems)}; resuming from {candidate.name} instead")
         return state["step"]

@@ -164,6 +164,26 @@ def test_keep_dequantized_trains_the_same_run_with_fewer_dequantizations(tmp_pat
     assert [step for step, _ in losses(tmp_path / "plain")] == list(range(1, 9))
 
 
+def test_a_gpus_random_state_is_saved_and_restored_on_the_training_device(monkeypatch):
+    """The saving process's GPU state, restored by each process on its own GPU (a run's processes are seeded alike
+    and draw alike; each restored every visible GPU's, rank 0's snapshot of GPU k onto rank k's); a checkpoint of
+    before, every visible GPU's, by the GPU's index, and where fewer were visible than now (it failed)."""
+    from bailong.checkpoints import rng_state, set_rng_state
+    states, restored = [torch.tensor([5], dtype=torch.uint8), torch.tensor([7], dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[torch.device(device).index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: restored.append((torch.device(device).index, state.item())))
+    saved = rng_state("cuda:1")
+    set_rng_state(saved, "cuda:0")
+    set_rng_state(saved, "cuda:3")
+    before = dict(saved, cuda=states)
+    set_rng_state(before, "cuda:1")
+    set_rng_state(before, "cuda:5")
+    assert restored == [(0, 7), (3, 7), (1, 7), (5, 5)]
+    set_rng_state(saved, "cpu")  # nothing of a GPU's on the CPU, nor saved from it
+    assert len(restored) == 4 and "cuda" not in rng_state("cpu")
+
+
 def test_resume_falls_back_to_the_newest_checkpoint_that_reads(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--save-every", "5", "--eval-every", "5", "--new-pieces", "50", "--out", out]
