@@ -152,7 +152,8 @@ def prepared(folder):
 def fingerprint(folder):
     """Hashes of the user's files and of the finished run, which no row may change."""
     names = ["corpus.txt", "empty.txt", "latin1.txt", "notes.txt", "mine/notes.txt", "tok.model", "old.model",
-             "q.jsonl", "q-long.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json", "other-tool/base/model.bin",
+             "q.jsonl", "q-long.jsonl", "answers.jsonl", "bench.json", "long.txt", "other-tool/run.json",
+             "other-tool/base/model.bin",
              "old.gguf", "text-number.jsonl", "text-null.jsonl", "bench-category.json"]
     paths = [folder / n for n in names] + sorted(p for p in (folder / "run").rglob("*") if p.is_file())
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} | \

@@ -98,7 +98,8 @@ def test_batch_answers_from_jsonl(model_folder, tmp_path):
     """Each conversation comes back whole with its answer (the model saw what fits of a long one), with --system's
     prompt where it had none."""
     questions = tmp_path / "questions.jsonl"
-    long = [{"role": r, "content": f"第{i}輪：" + "夜市的小吃很多。" * 8} for i in range(4) for r in ("user", "assistant")]
+    long = [{"role": role, "content": f"第{i}輪：" + "夜市的小吃很多。" * 8}
+            for i in range(4) for role in ("user", "assistant")]
     conversations = CONVERSATIONS + [long + CONVERSATIONS[0]]  # 4 exchanges of about 80 tokens, in 256
     questions.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations))
     answers = tmp_path / "answers.jsonl"
