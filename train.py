@@ -12,7 +12,6 @@ import math
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -67,7 +66,7 @@ def train(config):
     from bailong.memory import BF16Grads, offload_embedding
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
-    from bailong.step_graph import GraphedStep, accumulate
+    from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer
     from bailong.weights import load, load_preset, save
@@ -214,17 +213,20 @@ def train(config):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             return ddp_model(inputs.to(device), targets=targets.to(device))
 
-    # the step: each micro-batch's forward and backward, or (--cuda-graph) all of them replayed as one CUDA graph
-    step_loss = GraphedStep(loss_of, model) if config.cuda_graph else partial(accumulate, loss_of)
+    # the step: each micro-batch's forward and backward, or (--cuda-graph) all of them replayed as one CUDA graph;
+    # the loss the mean over every targeted token of the step, in every process
+    step_loss = GraphedStep(loss_of, model) if config.cuda_graph else lambda inputs, targets: accumulate(
+        loss_of, inputs, targets, processes_normalizer(targets, device) if world > 1 else None)
 
     @torch.no_grad()
-    def evaluate():
+    def evaluate():  # the mean over every targeted held-out token
         model.eval()
         examples = list(range(held_out.n))
         chunks = [examples[i:i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
-        losses = [loss_of(*held_out.batch(c)).item() for c in chunks[:config.eval_batches]]
+        batches = [held_out.batch(c) for c in chunks[:config.eval_batches]]
+        losses = [(loss_of(inputs, targets).item(), int((targets != -100).sum())) for inputs, targets in batches]
         model.train()
-        return sum(losses) / len(losses)
+        return sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses))
 
     # ---- training loop: the result (adapter/) is the adapter with the best held-out loss ---------------------
     if held_out and start == 0:  # where the untrained model stands, to compare with

@@ -43,16 +43,31 @@ from bailong.lora_casts import forget_casts
 from bailong.recompute import forget_kept
 
 
-def accumulate(loss_of, inputs, targets):
-    """Each micro-batch's forward and backward, ``loss_of(inputs[i], targets[i])`` divided by their number:
-    the mean loss, left on the device (reading it waits for the step), and the summed gradients in ``.grad``.
-    The parts are added in float64, as Python adds the floats read from each."""
+def accumulate(loss_of, inputs, targets, normalizer=None):
+    """Each micro-batch's forward and backward, ``loss_of(inputs[i], targets[i])`` (the mean over its targeted
+    tokens, those not -100) weighted by its share of the step's targeted tokens: the mean loss over all of them,
+    left on the device (reading it waits for the step), and its gradients summed in ``.grad``. So micro-batches
+    train as one batch of them all would, where SFT's answers of a few tokens and of hundreds are learned
+    token by token alike. ``normalizer`` (``processes_normalizer``): the backward's divisor in place of these
+    micro-batches' targeted tokens. The parts are added in float64, as Python adds the floats read from each."""
+    counts = (targets != -100).flatten(1).sum(1)  # (micro-batches,)
+    tokens = counts.sum().clamp(min=1)
     total = 0
-    for x, y in zip(inputs, targets):
-        loss = loss_of(x, y) / len(inputs)
-        loss.backward()
+    for x, y, n in zip(inputs, targets, counts):
+        loss = loss_of(x, y) * (n / tokens)
+        (loss if normalizer is None else loss * (tokens / normalizer)).backward()
         total = total + loss.detach().double()
     return total
+
+
+def processes_normalizer(targets, device):
+    """For ``accumulate`` in each of several processes, whose gradients DDP averages: all the processes'
+    targeted tokens of the step over their number, so that the averaged gradient is that of the mean loss over
+    every targeted token of every process (``targets``: this process's, its micro-batches')."""
+    import torch.distributed as dist
+    tokens = (targets != -100).sum().to(device)
+    dist.all_reduce(tokens)
+    return tokens.clamp(min=1) / dist.get_world_size()
 
 
 class GraphedStep:

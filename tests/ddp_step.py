@@ -1,4 +1,5 @@
-"""One training step's LoRA gradients, for tests/test_training.py: run alone or under torchrun."""
+"""One training step's LoRA gradients, for tests/test_training.py: run alone or under torchrun, stepped as
+train.py steps (``accumulate``)."""
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from bailong.data import TokenData, read_corpus, tokenize
 from bailong.training import SAMPLES
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable, use_fused_lora
 from bailong.memory import use_chunked_mlp
+from bailong.step_graph import accumulate, processes_normalizer
 
 
 def main(out, batch_size, chunked=False, checkpointed=False):
@@ -38,7 +40,10 @@ def main(out, batch_size, chunked=False, checkpointed=False):
     ids, labels, offsets = tokenize(tokenizer, read_corpus([SAMPLES / "en_sample.txt"]), Path(out) / "cache", 1)
     data = TokenData(ids, labels, offsets, 32)
     inputs, targets = data.batch(data.indices(0, batch_size, seed=0, rank=rank, world=world))
-    F.cross_entropy(ddp(inputs).flatten(0, 1), targets.flatten()).backward()
+    for row, first in zip(targets, inputs[:, 0]):  # as SFT's answers: each example learns from a position of its own
+        row[:int(first) % 29] = -100  # on, so the processes' counts of targeted tokens differ
+    normalizer = processes_normalizer(targets, "cpu") if world > 1 else None  # as train.py steps
+    accumulate(lambda x, y: F.cross_entropy(ddp(x).flatten(0, 1), y.flatten()), inputs[None], targets[None], normalizer)
     if rank == 0:
         torch.save({n: p.grad for n, p in lora_parameters(model).items()}, Path(out) / f"grads-{world}.pt")
     if world > 1:
