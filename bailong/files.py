@@ -28,7 +28,7 @@ def overlaps(a, b) -> bool:
 
 
 def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: False, kind="file", flag="--out"):
-    """Refuse ``path`` as an output file before anything is read or written.
+    """Refuse ``path`` as an output file before anything is read or written (also where it cannot be written).
 
     ``inputs`` maps a description to a path ("the corpus": "zh/"): an output that
     is an input, or inside an input folder, is refused. An existing file is
@@ -52,6 +52,9 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
                              f"(choose another {flag})")
         if not overwrite:
             raise UsageError(f"{path}: already exists; choose another {flag}, or pass --overwrite to replace it")
+    folder = next(p for p in path.absolute().parents if p.exists())  # where the file or its folders will be made
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # found now, not after the work
+        raise BailongError(f"{path}: could not write ({folder} is not writable)")
     return path
 
 
@@ -87,6 +90,14 @@ def _beside(path: Path, suffix) -> Path:
     return path.with_name(f".{name}.{os.getpid()}{suffix}")
 
 
+def _usual_mode(path):
+    """The permissions ``open()`` gives a new file (0644 under the usual umask), where a library's writer made its
+    file private (safetensors' ``save_file``: 0600, unreadable to the other users of a shared model folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _through_link(path) -> Path:
     """Where a write to ``path`` goes: a link's target (the link stays, pointing at the new version), else
     ``path``; renaming a new version onto the link itself would replace the link."""
@@ -106,6 +117,7 @@ def atomic_write(path, data):
     try:
         if callable(data):
             data(tmp)
+            _usual_mode(tmp)
         else:
             Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)

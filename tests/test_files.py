@@ -47,6 +47,9 @@ def test_writes_are_whole_or_absent_with_the_usual_permissions(tmp_path):
     atomic_write(target, "first")
     atomic_write(target, b"second")
     assert target.read_text() == "second" and os.stat(target).st_mode & 0o777 == 0o666 & ~current_umask()
+    weights = tmp_path / "sub" / "model.safetensors"  # safetensors' own writer makes a private file (0600)
+    atomic_write(weights, lambda tmp: save_file({"w": torch.ones(2)}, tmp))
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~current_umask()
 
     def fails(tmp):
         open(tmp, "w").write("half")
@@ -54,7 +57,7 @@ def test_writes_are_whole_or_absent_with_the_usual_permissions(tmp_path):
 
     with pytest.raises(ValueError):
         atomic_write(target, fails)
-    assert target.read_text() == "second" and os.listdir(target.parent) == ["file.txt"]
+    assert target.read_text() == "second" and sorted(os.listdir(target.parent)) == ["file.txt", "model.safetensors"]
     folder = tmp_path / "folder"
     with atomic_folder(folder) as tmp:
         (tmp / "a").write_text("1")
@@ -73,6 +76,23 @@ def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    """chat.py --output, vocab extend --out, export --out: a read-only folder is found before minutes of work, not
+    after them."""
+    disk = tmp_path / "read-only"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root on Linux)")
+    try:
+        for target in (disk / "answers.jsonl", disk / "new" / "folder" / "answers.jsonl"):
+            with pytest.raises(BailongError, match=f"{target}: could not write .{disk} is not writable"):
+                check_output_file(target, {})
+        assert check_output_file(tmp_path / "new" / "answers.jsonl", {}) == tmp_path / "new" / "answers.jsonl"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.fixture
