@@ -39,6 +39,13 @@ def data_paths(names) -> list[Path]:
     return out
 
 
+def once(files) -> list[Path]:
+    """Each file once, however often it was named (twice, or itself and its folder): read twice, a held-out
+    document would also be trained on."""
+    seen = set()
+    return [f for f in files if not (Path(f).resolve() in seen or seen.add(Path(f).resolve()))]
+
+
 def read_corpus(paths) -> list[str]:
     """Pre-training documents from text files (one per non-empty line), jsonl ({"text": ...}) or folders of
     them (``data_paths`` turns Hub dataset ids into folders)."""
@@ -48,9 +55,9 @@ def read_corpus(paths) -> list[str]:
             raise BailongError(f"{path}: no such file or folder")
         files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
     texts = []
-    for file in files:
+    for file in once(files):
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            lines = file.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark, if any, dropped
         except UnicodeDecodeError as e:
             raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         for number, line in enumerate(lines, 1):
@@ -81,9 +88,9 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
     conversations, files = [], []
     for path in map(Path, paths):
         files += sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    for file in files:
+    for file in once(files):
         try:
-            lines = Path(file).read_text(encoding="utf-8").splitlines()
+            lines = Path(file).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark, if any, dropped
         except FileNotFoundError:
             raise BailongError(f"{file}: no such file") from None
         except UnicodeDecodeError as e:

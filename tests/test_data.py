@@ -16,6 +16,17 @@ def test_conversations_are_read_from_a_folder_too(tmp_path):
     assert read_conversations([tmp_path]) == read_conversations([SAMPLES / "chats_sample.jsonl"])
 
 
+def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
+    """A file named twice, or with its folder, is read once (twice, a held-out document would be trained on too);
+    a file some editors save with a UTF-8 byte-order mark reads as without (its first line failed as JSON)."""
+    chats = SAMPLES / "chats_sample.jsonl"
+    (tmp_path / "chats.jsonl").write_bytes(b"\xef\xbb\xbf" + chats.read_bytes())
+    (tmp_path / "text.txt").write_text('\ufefffirst\nsecond\n', encoding="utf-8")
+    assert read_conversations([tmp_path / "chats.jsonl", tmp_path, tmp_path / "." / "chats.jsonl"]) == \
+        read_conversations([chats])
+    assert read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"]) == ["first", "second"]
+
+
 def test_sft_examples_train_on_assistant_tokens_only():
     from bailong.chat_template import training_example
     from bailong.tokenizer import byte_tokenizer
