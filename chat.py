@@ -70,6 +70,11 @@ def parse_args(argv):
     except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
         name, _, rest = str(e).partition(" ")
         p.error(f"--{name.replace('_', '-')} {rest}")
+    for name in ("prompt", "system"):
+        try:
+            (getattr(args, name) or "").encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+            p.error(f"--{name} is not UTF-8 text")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         p.error(f"--seed must be from 0 to {2**32 - 1}, not {args.seed}")
     if args.device:
@@ -123,26 +128,36 @@ def main(argv=None):
                 chat.prompt(messages)
             except BailongError as e:
                 raise BailongError(f"{args.input}: conversation {n}: {e}") from None
-        answered = []
-        for messages in questions:
-            chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
-            answer = chat.answer(messages[-1]["content"], stream=False)
-            answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+        answered, code = [], 0
+        try:
+            for messages in questions:
+                chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
+                answer = chat.answer(messages[-1]["content"], stream=False)
+                answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+        except KeyboardInterrupt:  # the answers so far are kept
+            print(f"interrupted: {len(answered)} of the {len(questions)} conversations answered", file=sys.stderr)
+            code = 130
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:
             print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered), end="")
-        return 0
+        return code
     if args.prompt is not None:
         chat.answer(args.prompt)
         return 0
     print("Chat started. /exit or Ctrl-D to quit; /reset, /system TEXT, /save FILE.", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 must not take the lines after it with it
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             text = input("\n> ").strip()
+            text.encode("utf-8")  # bytes that are not UTF-8 were read as surrogate escapes, which do not encode
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeEncodeError:
+            print("error: the line is not UTF-8 text", file=sys.stderr)
+            continue
         if not text:
             continue
         try:  # a mistake ends a command or an answer, never the conversation

@@ -67,6 +67,9 @@ class Chat:
         try:
             generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
         except KeyboardInterrupt:
+            if not stream:  # answering a file: Ctrl-C stops them all, not this answer
+                self.messages.pop()
+                raise
             print(" [stopped]", end="", file=out)
         except FloatingPointError as e:  # the model's fault, not the conversation's: the question is taken back
             self.messages.pop()

@@ -1,4 +1,5 @@
 """chat.py end to end: one-shot answers, the interactive loop, clean exits."""
+import os
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,44 @@ def test_interactive_loop_ends_on_exit_command_and_on_end_of_input():
 def test_a_message_longer_than_the_context_is_an_error_not_a_crash():
     result = run_chat("--preset", "tiny", "--prompt", "x" * 400)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: the message is")
+
+
+def test_a_line_that_is_not_utf8_is_an_error_and_the_chat_goes_on():
+    """Bytes that are not UTF-8 (a terminal in Latin-1), read with surrogate escapes or strictly: one line, and the
+    conversation goes on (SentencePiece's encode ended it in a traceback); in --prompt, a usage error."""
+    for encoding in ({}, {"PYTHONIOENCODING": "utf-8"}):
+        result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--max-new-tokens", "5"],
+                                input=b"caf\xe9\nhi\n/exit\n", capture_output=True, timeout=120,
+                                env={**os.environ, **encoding})
+        err = result.stderr.decode()
+        assert result.returncode == 0 and "error: the line is not UTF-8 text" in err, err
+        assert err.count("[5 tokens,") == 1 and "Traceback" not in err
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--prompt", b"caf\xe9"],
+                            capture_output=True, timeout=120)
+    assert result.returncode == 2 and b"error: --prompt is not UTF-8 text" in result.stderr, result.stderr
+
+
+def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp_path, monkeypatch, capsys):
+    """Ctrl-C used to stop one answer, cut short and written as if whole, and the next question went on."""
+    import json
+
+    from bailong import conversation
+    questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    questions.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+                                 for q in ("one", "two", "three")))
+    generate_, calls = conversation.generate, []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate_(*args, **kwargs)
+    monkeypatch.setattr(conversation, "generate", generate)
+    code = chat.main(["--preset", "tiny", "--input", str(questions), "--output", str(answers), "--max-new-tokens",
+                      "3"])
+    rows = [json.loads(line)["messages"] for line in answers.read_text().splitlines()]
+    assert code == 130 and len(calls) == 2 and [r[0]["content"] for r in rows] == ["one"]
+    assert "interrupted: 1 of the 3 conversations answered" in capsys.readouterr().err
 
 
 def test_model_without_tokenizer_needs_one(tmp_path, capsys):
