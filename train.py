@@ -150,6 +150,9 @@ def train(config):
                      pad_id)
     held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
                          pad_id, "held-out data") if eval_items else None
+    if config.batch_size * world > data.n:  # each batch would hold examples several times over, all in memory
+        processes = f" x {world} processes" if world > 1 else ""
+        raise UsageError(f"--batch-size {config.batch_size}{processes} is more than the {data.n} training examples")
     if main_process:  # the data make examples: an old run --overwrite replaces goes only now
         start_run(config, found, world, say, data.files() | (held_out.files() if held_out else set()))
     base_name = config.model or None  # named in the adapter's config; a base without a name is kept in the run

@@ -227,6 +227,10 @@ class TokenData:
         if self.n < 1:
             more = ", raise --held-out" if what == "held-out data" else ""
             raise BailongError(f"the {what} make no example of {seq_len} tokens (add data{more} or lower --seq-len)")
+        if self.sft and not any((labels[start + 1:min(end, start + seq_len + 1)] != -100).any()  # the first learning
+                                for start, end in zip(offsets[:-1], offsets[1:])):  # ends the search at once
+            raise BailongError(f"no answer of the {what} begins within an example's {seq_len} tokens: nothing to "
+                               "learn from (raise --seq-len)")
         self._orders = {}  # (seed, epoch) -> order of the examples
 
     def files(self) -> set[str]:

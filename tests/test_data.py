@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from bailong.data import TokenData, read_conversations, read_corpus, split
+from bailong.errors import BailongError
 from bailong.training import SAMPLES
 
 
@@ -45,6 +46,15 @@ def test_sft_examples_train_on_assistant_tokens_only():
     answer = chats[0][1]["content"]
     assert kept == tok.encode(answer, eos=True)  # the assistant's tokens and its eos, nothing else
     assert inputs[:len(encoded[0][0]) - 1].tolist() == encoded[0][0][:-1]
+
+
+def test_sft_data_whose_answers_all_begin_past_the_sequence_length_is_refused():
+    """Fine-tuning on it trained on nothing (a loss of 0.0000 a step) and then blamed memorisation."""
+    import numpy as np
+    ids, labels, offsets = np.arange(40), np.array(([-100] * 15 + [1] * 5) * 2), np.array([0, 20, 40])
+    with pytest.raises(BailongError, match="no answer of the training data begins within an example's 14 tokens"):
+        TokenData(ids, labels, offsets, 14)  # an example's targets are its tokens 1 to 14
+    assert (TokenData(ids, labels, offsets, 15).batch([0, 1])[1] != -100).sum() == 2
 
 
 def test_held_out_split_is_whole_documents_and_seeded():
