@@ -27,7 +27,7 @@ from bailong.generation import model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
 from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
-from bailong.runs import training_output
+from bailong.runs import check_not_a_run, training_output
 from bailong.weights import load, save
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
@@ -59,6 +59,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     if adapter is None and (run := training_output(base_folder)):
         (base, adapter), run_folder = run, base_folder
         base_folder = resolve(str(base))
+    check_not_a_run(base_folder)
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
     if dtype is None:  # the base checkpoint's own dtype
         config = read_json(base_folder / "config.json")

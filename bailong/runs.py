@@ -314,6 +314,15 @@ def training_output(folder: Path) -> tuple[str | Path, Path] | None:
     return base, result
 
 
+def check_not_a_run(folder: Path):
+    """A one-line error where ``folder``, read as a model folder, is a training run: given with an adapter of its
+    own, or with none kept yet (where it brings one, ``training_output`` reads it as its base and adapter)."""
+    if not (folder / "config.json").exists() and read_run(folder):
+        raise BailongError(f"{folder}: a training run, not a model folder: " + (
+            "it brings its own adapter; give it without --adapter" if training_output(folder) else
+            "it has no adapter yet (stopped before one was kept); continue it with train.py --resume"))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The checkpoint LATEST names (it may since have gone), or None."""
     run = RunFolder(out)

@@ -22,7 +22,7 @@ from bailong.hub import ADAPTER_FILES, resolve
 from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
-from bailong.runs import training_output
+from bailong.runs import check_not_a_run, training_output
 from bailong.tokenizer import byte_tokenizer, check_fits, open_tokenizer
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -179,6 +179,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     folder = resolve(str(path_or_repo_id), revision)
     if adapter is None and (run := training_output(folder)):
         return load(run[0], dtype, device, revision, quantize, blocksize, double_quant, adapter=run[1])
+    check_not_a_run(folder)
     config = ModelConfig.from_file(folder / "config.json")
     quantized = quantize == "nf4" or bnb_quantized(folder)
     with torch.device("meta"):

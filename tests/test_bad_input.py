@@ -107,6 +107,8 @@ def prepared(folder):
     (folder / "run-latest-gone" / "checkpoints" / "LATEST").write_text("step-0000009")
     for state in (folder / "run-broken" / "checkpoints").glob("step-*/state.pt"):
         state.write_bytes(b"")
+    (folder / "run-early").mkdir()  # stopped before its first adapter was kept
+    shutil.copy(run_dir / "run.json", folder / "run-early" / "run.json")
     base = run_dir / "base"
     shutil.copytree(base, folder / "no-layers")
     config = json.loads((base / "config.json").read_text())
