@@ -68,7 +68,7 @@ def train(config):
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
-    from bailong.vocab import extend_tokenizer
+    from bailong.vocab import extend_tokenizer, learning_message
     from bailong.weights import load, load_preset, save
     from bailong.zip_tie import extend_model
 
@@ -107,6 +107,7 @@ def train(config):
         tokenizer = tokenizer_found(open_tokenizer(base_folder), config.model,
                                     "vocabulary transfer and training need one") if base_folder else byte_tokenizer()
         if config.new_pieces:
+            say(learning_message(config.new_pieces, items))
             new_tokenizer, added = extend_tokenizer(tokenizer, items, config.new_pieces)
             say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); tokens "
                 f"per character {tokens_per_char(tokenizer, items):.3f} -> {tokens_per_char(new_tokenizer, items):.3f}")

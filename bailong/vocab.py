@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import re
+import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -147,6 +148,12 @@ def check_out(out, base, corpus, overwrite=False):
     check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="tokenizer")
 
 
+def learning_message(new_pieces, texts) -> str:
+    """What is said before the pieces are learned, a step that shows no progress of its own."""
+    return (f"vocabulary: learning {new_pieces:,} new pieces from {sum(map(len, texts)):,} characters (with no "
+            "progress shown: minutes for a large corpus)...")
+
+
 def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
     """``tokenizer`` with ``new_pieces`` learned on ``texts``: (the extended tokenizer, the added pieces as
     text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
@@ -170,11 +177,14 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
     texts = read_corpus(corpus)
     cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
     train, test = texts[:cut], texts[cut:] or texts
+    print(learning_message(new_pieces, train), flush=True)
+    start = time.perf_counter()
     after, added = extend_tokenizer(before, train, new_pieces, cjk_only)
     atomic_write(out, after.serialized())
     b, a = tokens_per_char(before, test), tokens_per_char(after, test)
     whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character
-    print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}), e.g. {' '.join(whole[:12])}")
+    print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}) in "
+          f"{time.perf_counter() - start:.0f} s, e.g. {' '.join(whole[:12])}")
     print(f"held-out text ({sum(map(len, test))} characters): {b:.3f} -> {a:.3f} tokens per character "
           f"({b / a:.2f}x fewer tokens)")
     print(f"wrote {out}")
