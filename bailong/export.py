@@ -13,6 +13,7 @@ written under a temporary name beside --out and renamed at the end: an existing
 folder is never touched, an existing GGUF file is replaced only with --overwrite.
 """
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -44,8 +45,11 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     """Write ``base`` (+ ``adapter``, merged) to ``out``: a Hugging Face folder, or with ``format="gguf"``
     (the default for a name ending in .gguf) a GGUF file of ``gguf_type`` (default: f16, or bf16 for a
     bfloat16 model)."""
+    gguf_name = str(out).rstrip("/" + os.sep).lower().endswith(".gguf")  # E5.GGUF too
+    if format is None and gguf_name and str(out).endswith(("/", os.sep)):
+        raise UsageError(f"{out}: ends in .gguf and a slash; name the .gguf file, or pass --format hf for a folder")
     out = Path(out)
-    format = format or ("gguf" if out.suffix == ".gguf" else "hf")
+    format = format or ("gguf" if gguf_name else "hf")
     if format == "gguf":
         inputs = {f"the {what} {path}": path for what, path in [("base model", base), ("adapter", adapter)] if path}
         check_output_file(out, inputs, overwrite, is_gguf, "GGUF file")
@@ -116,7 +120,7 @@ def main(argv=None):
     p.add_argument("--max-shard-gb", type=float, help="largest safetensors shard of a folder (default 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file at --out")
     args = p.parse_args(argv)
-    gguf = (args.format or ("gguf" if args.out.endswith(".gguf") else "hf")) == "gguf"
+    gguf = (args.format or ("gguf" if args.out.lower().endswith(".gguf") else "hf")) == "gguf"
     if args.type and not gguf:
         p.error("--type is for a GGUF file (--format gguf); a folder's weights take --dtype")
     if gguf and args.max_shard_gb is not None:
