@@ -76,7 +76,9 @@ class Chat:
             raise BailongError(str(e)) from None
         print(decoder.flush(), flush=True, file=out)
         seconds = time.perf_counter() - start
-        print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s]", file=sys.stderr)
+        context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for
+        cut = f"; cut at the context's {context} tokens" if len(ids) + len(reply) >= context else ""
+        print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{cut}]", file=sys.stderr)
         answer = self.tokenizer.decode(reply)
         self.messages.append({"role": "assistant", "content": answer})
         return answer

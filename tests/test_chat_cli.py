@@ -100,6 +100,18 @@ def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp
     assert "interrupted: 1 of the 3 conversations answered" in capsys.readouterr().err
 
 
+def test_an_answer_cut_by_the_context_says_so(capsys):
+    from bailong.conversation import Chat
+    model, tokenizer = bailong.load_preset("tiny", device="cpu")
+    conversation = Chat(model, tokenizer, None, Sampling(temperature=0), 100_000)
+    conversation.stop_ids = set()  # nothing ends the answer but the context
+    conversation.answer("hi", stream=False)
+    assert capsys.readouterr().err.endswith("; cut at the context's 256 tokens]\n")
+    conversation.max_new_tokens = 5
+    conversation.answer("hi", stream=False)
+    assert "cut" not in capsys.readouterr().err
+
+
 def test_model_without_tokenizer_needs_one(tmp_path, capsys):
     folder, _ = write_hf(tmp_path, "gqa")
     from test_weights import cli_error
