@@ -128,20 +128,25 @@ def main(argv=None):
                 chat.prompt(messages)
             except BailongError as e:
                 raise BailongError(f"{args.input}: conversation {n}: {e}") from None
-        answered, code = [], 0
+        answered, stopped = [], None
         try:
             for messages in questions:
                 chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
                 answer = chat.answer(messages[-1]["content"], stream=False)
                 answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
-        except KeyboardInterrupt:  # the answers so far are kept
-            print(f"interrupted: {len(answered)} of the {len(questions)} conversations answered", file=sys.stderr)
-            code = 130
+        except (KeyboardInterrupt, BailongError) as e:  # Ctrl-C, or the model's logits not finite: the answers
+            stopped = e  # so far are kept
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:
             print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered), end="")
-        return code
+        if stopped is None:
+            return 0
+        done = f"{len(answered)} of the {len(questions)} conversations answered"
+        if isinstance(stopped, BailongError):
+            raise BailongError(f"{stopped}; {done}")
+        print(f"interrupted: {done}", file=sys.stderr)
+        return 130
     if args.prompt is not None:
         chat.answer(args.prompt)
         return 0

@@ -42,8 +42,10 @@ def data_paths(names) -> list[Path]:
 def once(files) -> list[Path]:
     """Each file once, however often it was named (twice, or itself and its folder): read twice, a held-out
     document would also be trained on."""
-    seen = set()
-    return [f for f in files if not (Path(f).resolve() in seen or seen.add(Path(f).resolve()))]
+    first = {}
+    for f in files:
+        first.setdefault(Path(f).resolve(), f)
+    return list(first.values())
 
 
 def read_corpus(paths) -> list[str]:

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from hf_models import write_hf
 
 import bailong
@@ -77,11 +78,14 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_chat_goes_on():
     assert result.returncode == 2 and b"error: --prompt is not UTF-8 text" in result.stderr, result.stderr
 
 
-def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp_path, monkeypatch, capsys):
-    """Ctrl-C used to stop one answer, cut short and written as if whole, and the next question went on."""
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, FloatingPointError])
+def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp_path, monkeypatch, capsys, fault):
+    """Ctrl-C used to stop one answer, cut short and written as if whole, and the next question went on; logits
+    that are not finite end it in one line, the answers so far kept too."""
     import json
 
     from bailong import conversation
+    from bailong.errors import BailongError
     questions, answers = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
     questions.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
                                  for q in ("one", "two", "three")))
@@ -90,14 +94,17 @@ def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp
     def generate(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise fault("the model's logits are not finite")
         return generate_(*args, **kwargs)
     monkeypatch.setattr(conversation, "generate", generate)
-    code = chat.main(["--preset", "tiny", "--input", str(questions), "--output", str(answers), "--max-new-tokens",
-                      "3"])
+    argv = ["--preset", "tiny", "--input", str(questions), "--output", str(answers), "--max-new-tokens", "3"]
+    if fault is KeyboardInterrupt:
+        assert chat.main(argv) == 130 and "interrupted: 1 of the 3 conversations answered" in capsys.readouterr().err
+    else:
+        with pytest.raises(BailongError, match="not finite; 1 of the 3 conversations answered"):
+            chat.main(argv)
     rows = [json.loads(line)["messages"] for line in answers.read_text().splitlines()]
-    assert code == 130 and len(calls) == 2 and [r[0]["content"] for r in rows] == ["one"]
-    assert "interrupted: 1 of the 3 conversations answered" in capsys.readouterr().err
+    assert len(calls) == 2 and [r[0]["content"] for r in rows] == ["one"]
 
 
 def test_an_answer_cut_by_the_context_says_so(capsys):
