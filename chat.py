@@ -24,7 +24,7 @@ import torch
 
 from bailong import load, load_preset
 from bailong.chat_template import model_template
-from bailong.config import DTYPES
+from bailong.config import DTYPES, PRESETS
 from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.data import read_conversations_to_answer
 from bailong.errors import BailongError, Parser, check_device, run_cli
@@ -41,7 +41,7 @@ def parse_args(argv):
     p = Parser(prog="chat.py", description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", help=f"model folder, training output or Hugging Face repo id "
                                             f"(default: {DEFAULT_MODEL})")
-    p.add_argument("--preset", help="instead of a model: random weights of a preset (e.g. tiny)")
+    p.add_argument("--preset", choices=list(PRESETS), help="instead of a model: random weights of a preset")
     p.add_argument("--adapter", help="a PEFT LoRA adapter folder or repo id to apply to the model")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the model folder's")
     p.add_argument("--template", choices=["auto", "llama2", "model"], default="auto",
