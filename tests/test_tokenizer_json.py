@@ -166,6 +166,32 @@ def test_extension_keeps_every_old_id_and_every_non_chinese_tokenization(tmp_pat
         assert lead[ext.tk.id_to_token(new_id)[0]] in range(0xE3, 0xEA)
 
 
+def test_extension_keeps_the_special_tokens_ids_where_only_added_tokens_lists_them(tmp_path):
+    """Llama 3's special tokens (128000 on) come after its BPE vocabulary and are listed only in added_tokens: the
+    extension moved them to the new tokens' ids (the library renumbers added tokens over a gap in the vocabulary),
+    so bos, eos and <|eot_id|> changed ids and shared them with new tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from bailong.vocab_bpe import extend_json
+    zh = (SAMPLES / "zh_tw_sample.txt").read_text()
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator([zh], trainers.BpeTrainer(vocab_size=500,
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens(SPECIALS)  # after training, as Llama 3's: ids 500 to 504
+    folder = tmp_path / "extended"
+    folder.mkdir()
+    text, added = extend_json(tk.to_str(), [zh], 40)
+    (folder / "tokenizer.json").write_text(Tokenizer.from_str(text).to_str())  # as the extension saves it
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": SPECIALS[0], "eos_token": SPECIALS[1]}))
+    ours = JsonTokenizer(folder / "tokenizer.json")
+    assert [ours.tk.token_to_id(t) for t in SPECIALS] == list(range(500, 505)) and len(added) == 40
+    assert ours.vocab_size == 545 and (ours.bos_id, ours.eos_id) == (500, 501)
+    theirs = AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>臺灣<|eot_id|>"]:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
+
+
 def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
     from bailong.errors import run_cli
     from bailong.vocab import main as vocab_main
