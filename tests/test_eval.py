@@ -38,6 +38,30 @@ def test_perplexity_and_bits_per_character(model_folder, tmp_path):
     assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
+def test_without_bos_every_token_is_scored_after_eos(tmp_path):
+    """A tokenizer.json whose config names no bos: each text's first token went unscored, yet counted per token."""
+    from hf_models import write_hf
+    from test_tokenizer_json import bpe_folder
+    tok_folder = bpe_folder(tmp_path / "tok")
+    config = json.loads((tok_folder / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=700, max_position_embeddings=256)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(tok_folder / "tokenizer.json", folder / "tokenizer.json")
+    lines = ["臺灣的夜市很熱鬧。", "The night market is busy."]
+    (tmp_path / "held.txt").write_text("\n".join(lines) + "\n")
+    result = perplexity(folder, tmp_path / "held.txt")
+    model, tok = bailong.load(folder, device="cpu")
+    assert tok.bos_id == -1 and tok.eos_id == 1
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for line in lines:
+            ids = torch.tensor([[tok.eos_id] + tok.encode(line)])
+            nll -= model(ids)[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum().item()
+            tokens += len(tok.encode(line))
+    assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
 def test_tokenizer_efficiency(tmp_path):
     text = tmp_path / "zh.txt"
     text.write_text("臺灣的繁體中文\n")
