@@ -31,7 +31,10 @@ PREFIX = "base_model.model."
 # PEFT options that change what an adapter computes; we refuse them rather than ignore them
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": None,
-               "target_parameters": None, "layer_replication": None}
+               "target_parameters": None, "layer_replication": None,
+               # activated LoRA (from its invocation tokens on only), and variants that change the update's form
+               "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "arrow_config": None,
+               "kasa_config": None, "monteclora_config": None}
 
 
 def _number(value):
@@ -156,7 +159,7 @@ def _grow_vocabulary(model, modules, folder):
 def _pattern(patterns, name, default):
     """PEFT's per-module override: the first pattern matching the end of the module name."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", name):
+        if re.match(rf"(.*\.)?({pattern})$", name):  # as PEFT matches: a pattern "q_proj|v_proj" takes both
             return value
     return default
 

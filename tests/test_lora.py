@@ -125,9 +125,10 @@ def make_peft_adapter(folder, out, targets=ALL, seed=0, **config):
 
 def test_peft_adapter_loads_in_ours_with_the_same_logits(tmp_path):
     folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
-    theirs = make_peft_adapter(folder, tmp_path / "adapter", alpha_pattern={"down_proj": 32})
+    theirs = make_peft_adapter(folder, tmp_path / "adapter", alpha_pattern={"down_proj|q_proj": 32})  # a regex
     ours, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "adapter")
-    assert ours.model.layers[0].mlp.down_proj.scaling == 4.0 and ours.model.layers[0].mlp.up_proj.scaling == 2.0
+    layer = ours.model.layers[0]
+    assert layer.mlp.down_proj.scaling == layer.self_attn.q_proj.scaling == 4.0 and layer.mlp.up_proj.scaling == 2.0
     ids = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
@@ -176,6 +177,10 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path, capsys):
     config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": True}))
     assert "adapter_config.json: use_dora=True is not supported" in cli_error_export(capsys, folder, tmp_path / "deeper",
                                                                                   tmp_path / "out3")
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": False,
+                                  "alora_invocation_tokens": [5, 6]}))  # applied from those tokens on only
+    assert "alora_invocation_tokens=[5, 6] is not supported" in cli_error_export(capsys, folder, tmp_path / "deeper",
+                                                                                tmp_path / "out3")
     assert "adapter_config.json: no such file" in cli_error_export(capsys, folder, tmp_path, tmp_path / "out4")
     assert not any((tmp_path / f"out{i}").exists() for i in range(1, 5))
 
