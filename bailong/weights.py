@@ -7,6 +7,7 @@ the weights in the target dtype plus the largest single tensor, whatever the
 dtype on disk (measured in bench/bench_load_memory.py).
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -208,9 +209,12 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
     """
     from safetensors.torch import save_file
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    if lora := next((k for k in state if ".lora_" in k), None):  # transformers would load the bare base
+        raise BailongError(f"{folder}: the model carries LoRA ({lora}); merge it first (bailong.merge_lora), or "
+                           "save the adapter alone (bailong.save_adapter)")
+    folder.mkdir(parents=True, exist_ok=True)
     groups, size = [[]], 0
     for name, t in state.items():
         nbytes = t.numel() * t.element_size()
@@ -226,6 +230,10 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: file for file, group in zip(names, groups) for k in group}}
         atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
+    for old in folder.iterdir():  # an earlier save's weights in the other layout: a loader would read them
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old.name) and \
+                old.name not in names and not (len(names) > 1 and old.name.endswith(".index.json")):
+            old.unlink()
     hf = {**model.config.to_hf(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     if quantization := bnb_quantization_config(model):
         hf["quantization_config"] = quantization

@@ -135,6 +135,32 @@ def test_save_round_trips_and_loads_in_transformers(tmp_path, kind):
         torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-4, rtol=0)
 
 
+def test_saving_again_in_the_other_layout_leaves_no_stale_weights_and_lora_must_be_merged(tmp_path):
+    """One file over an earlier save's shards left their index, which the loader reads first: the old weights came
+    back. An unmerged LoRA model is refused: transformers would load the folder as the bare base."""
+    from bailong.errors import BailongError
+    from bailong.lora import LoRAConfig, inject_lora, merge_lora
+    folder, _ = write_hf(tmp_path, "gqa")
+    model, _ = bailong.load(folder, device="cpu")
+    out = tmp_path / "saved"
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    bailong.save(model, out, max_shard_bytes=50_000)
+    with torch.no_grad():
+        model.lm_head.weight *= 2
+    bailong.save(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    torch.testing.assert_close(bailong.load(out, device="cpu")[0].lm_head.weight, model.lm_head.weight)
+    bailong.save(model, out, max_shard_bytes=50_000)
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    inject_lora(model, LoRAConfig(r=4))
+    with pytest.raises(BailongError, match="the model carries LoRA .*; merge it first"):
+        bailong.save(model, tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
+    merge_lora(model)
+    bailong.save(model, tmp_path / "merged")
+
+
 def test_cast_on_load_from_half_precision_files(tmp_path):
     folder, hf = write_hf(tmp_path, "gqa")
     hf.to(torch.bfloat16).save_pretrained(folder)  # bfloat16 on disk
