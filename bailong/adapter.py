@@ -171,6 +171,10 @@ def _check_fits(model, name, parts, file):
     except AttributeError:
         key = min(k for k, _ in parts.values())
         raise BailongError(f"{file}: {key} names module {name}, which the base model lacks") from None
+    if model.config.tie_word_embeddings and name.endswith(("embed_tokens", "lm_head")) and set(parts) - {
+            "base_layer.weight"}:  # one weight for both: LoRA on one would change the other (add_lora refuses)
+        raise BailongError(f"{file}: LoRA on {name}, but the base ties its embedding and head "
+                           "(tie_word_embeddings): not supported")
     if isinstance(module, (nn.Embedding, LoRAEmbedding)):
         (vocab, dim), kind = module.weight.shape, "embedding"
         shapes = {"lora_embedding_A": lambda r: [r, vocab], "lora_embedding_B": lambda r: [dim, r]}

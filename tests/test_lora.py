@@ -182,7 +182,11 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path, capsys):
     assert "alora_invocation_tokens=[5, 6] is not supported" in cli_error_export(capsys, folder, tmp_path / "deeper",
                                                                                 tmp_path / "out3")
     assert "adapter_config.json: no such file" in cli_error_export(capsys, folder, tmp_path, tmp_path / "out4")
-    assert not any((tmp_path / f"out{i}").exists() for i in range(1, 5))
+    tied, _ = write_hf(tmp_path / "tied", "tied", **SHAPE)  # LoRA on a shared embedding: a traceback before
+    make_peft_adapter(tied, tmp_path / "on-tied", targets=["q_proj", "embed_tokens"])
+    assert "LoRA on model.embed_tokens, but the base ties its embedding and head (tie_word_embeddings): not " \
+           "supported" in cli_error_export(capsys, tied, tmp_path / "on-tied", tmp_path / "out5")
+    assert not any((tmp_path / f"out{i}").exists() for i in range(1, 6))
 
 
 def test_trainable_share_at_bailong_scale():
