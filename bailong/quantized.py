@@ -160,7 +160,14 @@ def bnb_quantization_config(model) -> dict | None:
     quantized = nf4_weights(model)
     if not quantized:
         return None
-    dense = sorted({name.rsplit(".", 1)[-1] for name, m in projections(model) if isinstance(m, nn.Linear)})
+    # the dense projections (merged ones): by their last name where every one of that name is dense, else by
+    # their full names (transformers would read a last name as every module of it: q_proj of every layer)
+    kinds = {}  # last name -> [(full name, dense)]
+    for name, m in projections(model):
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append((name, isinstance(m, nn.Linear)))
+    dense = []
+    for kind, found in sorted(kinds.items()):
+        dense += [kind] if all(d for _, d in found) else [name for name, d in found if d]
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": quantized[0].double_quant,
             "bnb_4bit_compute_dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),

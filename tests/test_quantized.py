@@ -52,6 +52,27 @@ def test_projections_left_dense_stay_dense(tmp_path):
     assert "o_proj" in bailong.quantized.bnb_quantization_config(model)["llm_int8_skip_modules"]
 
 
+def test_a_projection_merged_in_one_layer_only_is_named_whole_for_transformers(tmp_path):
+    """An adapter on some layers' q_proj leaves the others NF4: skipping "q_proj" told transformers to read every
+    layer's as dense, and it refused the folder."""
+    from transformers import LlamaForCausalLM
+
+    from bailong.quantized import set_module
+    source, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    model, _ = bailong.load(quantize_with_transformers(source, tmp_path / "q"), device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    dense = torch.nn.Linear(q.in_features, q.out_features, bias=False)
+    dense.weight.data = q.weight.dequantize(torch.float32)
+    set_module(model, "model.layers.0.self_attn.q_proj", dense)  # as a merged adapter on layer 0 leaves it
+    assert bailong.quantized.bnb_quantization_config(model)["llm_int8_skip_modules"] == \
+        ["lm_head", "model.layers.0.self_attn.q_proj"]
+    bailong.save(model, tmp_path / "saved")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "saved", device_map="cpu").eval()
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():  # bitsandbytes' own CPU 4-bit matmul: 4e-3 from ours on the unchanged checkpoint too
+        torch.testing.assert_close(theirs(ids).logits, model(ids), atol=1e-2, rtol=0)
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_bnb_checkpoint_gives_the_logits_of_its_dequantized_weights(tmp_path, double_quant):
     source, _ = write_hf(tmp_path, "gqa", **SHAPE)
