@@ -103,6 +103,9 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
                 raise BailongError(f"{file}: unexpected tensor {name}, not part of a Llama with this config.json")
             shape = list(params[name].shape) if target is None else [target.out_features, target.in_features]
             if list(tensor.shape) != shape:
+                if tensor.dtype == torch.uint8 and target is None:  # packed 4-bit, where a dense weight belongs
+                    raise BailongError(f"{file}: {name} is quantized (4-bit), which only the projections may be "
+                                       "(quantize with llm_int8_skip_modules=['lm_head'])")
                 raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json implies {shape}")
             if target is not None and quantize_floats:
                 tensor = tensor.to(device)

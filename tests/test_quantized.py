@@ -52,6 +52,14 @@ def test_projections_left_dense_stay_dense(tmp_path):
     assert "o_proj" in bailong.quantized.bnb_quantization_config(model)["llm_int8_skip_modules"]
 
 
+def test_a_quantized_head_is_refused_by_name(tmp_path):
+    """transformers quantizes lm_head too when told to skip nothing; the error said its shape was wrong."""
+    from bailong.errors import BailongError
+    source, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    with pytest.raises(BailongError, match=r"lm_head.weight is quantized \(4-bit\), which only the projections"):
+        bailong.load(quantize_with_transformers(source, tmp_path / "q", skip=[]), device="cpu")
+
+
 def test_a_projection_merged_in_one_layer_only_is_named_whole_for_transformers(tmp_path):
     """An adapter on some layers' q_proj leaves the others NF4: skipping "q_proj" told transformers to read every
     layer's as dense, and it refused the folder."""
