@@ -130,7 +130,8 @@ def judge(url, model, conversation, answer, api_key=None, timeout=120) -> int:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             reply = json.loads(response.read())["choices"][0]["message"]["content"]
-    except (OSError, KeyError, IndexError, json.JSONDecodeError) as e:
+        assert isinstance(reply, str), f"content {reply!r}"
+    except (OSError, KeyError, IndexError, TypeError, AssertionError, json.JSONDecodeError) as e:
         raise BailongError(f"{url}: the judge did not answer ({type(e).__name__}: {e})") from None
     score = re.search(r"(\d+(?:\.\d+)?)", reply.split("Score:")[-1])
     if not score:
@@ -154,22 +155,31 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     tokenizer = tokenizer_found(tokenizer, model_path)
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     conversation = Chat(model, tokenizer, model_template(tokenizer, folder), greedy, max_new_tokens)
-    rows, scores = [], defaultdict(list)
-    for item in items:
-        conversation.messages = []
-        item_scores = []
-        for turn in item["turns"]:
-            answer = conversation.answer(turn, stream=False)
+    rows, scores, stopped = [], defaultdict(list), None
+    try:
+        for item in items:
+            conversation.messages, said, item_scores = [], [], []
+            for turn in item["turns"]:
+                answer = conversation.answer(turn, stream=False)
+                said += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
+                if judge_url:  # the judge sees what the model saw (older turns dropped to fit its context)
+                    item_scores.append(judge(judge_url, judge_model, conversation.messages[:-1], answer,
+                                             os.environ.get("OPENAI_API_KEY")))
+            row = {**item, "messages": said}
             if judge_url:
-                item_scores.append(judge(judge_url, judge_model, conversation.messages[:-1], answer,
-                                         os.environ.get("OPENAI_API_KEY")))
-        row = {**item, "messages": conversation.messages}
-        if judge_url:
-            row["scores"] = item_scores
-            scores[item.get("category", "uncategorized")] += item_scores
-        rows.append(row)
-    save_jsonl(Path(out), rows)
-    print(f"wrote {len(rows)} answered items to {out}", file=sys.stderr)
+                row["scores"] = item_scores
+                scores[item.get("category", "uncategorized")] += item_scores
+            rows.append(row)
+    except (KeyboardInterrupt, BailongError) as e:  # the items answered so far are written all the same
+        stopped = e
+    if rows or stopped is None:
+        save_jsonl(Path(out), rows)
+        print(f"wrote {len(rows)} answered items to {out}", file=sys.stderr)
+    if isinstance(stopped, BailongError):
+        written = f", written to {out}" if rows else ""
+        raise BailongError(f"{stopped}; {len(rows)} of the {len(items)} items answered{written}")
+    if stopped is not None:
+        raise stopped
     if scores:
         print(f"{'category':24s} {'items':>5s} {'mean score':>10s}")
         for category, values in sorted(scores.items()):

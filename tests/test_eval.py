@@ -105,8 +105,13 @@ def test_bench_with_a_judge_on_localhost(model_folder, tmp_path, capsys):
     saved = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [m["role"] for m in saved[0]["messages"]] == ["user", "assistant", "user", "assistant"]
     assert "寫作" in capsys.readouterr().out
-    with pytest.raises(BailongError, match="the judge did not answer"):
+    with pytest.raises(BailongError, match="the judge did not answer .*; 0 of the 2 items answered$"):
         bench(model_folder, questions, tmp_path / "a2.jsonl", judge_url="http://127.0.0.1:9/v1", max_new_tokens=2)
+    assert not (tmp_path / "a2.jsonl").exists()
+    questions.write_text(json.dumps([{"turns": ["1+1?"]}, {"turns": ["字" * 2000]}], ensure_ascii=False))
+    with pytest.raises(BailongError, match="the context leaves room for .*; 1 of the 2 items answered, written to"):
+        bench(model_folder, questions, tmp_path / "a4.jsonl", max_new_tokens=2)  # the answers so far are kept
+    assert len((tmp_path / "a4.jsonl").read_text().splitlines()) == 1
     questions.write_text('[{"category": "x"}]')
     with pytest.raises(BailongError, match="item 0 needs"):
         bench(model_folder, questions, tmp_path / "a3.jsonl")
