@@ -128,9 +128,10 @@ def extend_json(base_text: str, texts, new_tokens, cjk_only=True, source="tokeni
     merges = learn_merges(Tokenizer.from_str(base_text), texts, new_tokens, cjk_only)
     vocab, lead = data["model"]["vocab"], byte_of()
     next_id = 1 + max([*vocab.values(), *(t["id"] for t in data.get("added_tokens", []))])
-    for token in data.get("added_tokens", []):  # Llama 3 lists its special tokens (ids after the BPE vocabulary's)
-        vocab.setdefault(token["content"], token["id"])  # only there: the new ids after them would leave a gap
-        # in the vocabulary, which the tokenizers library closes by giving the special tokens the new ones' ids
+    # Llama 3 lists its special tokens (ids after the BPE vocabulary's) only in added_tokens: new ids after theirs
+    # would leave a gap in the vocabulary, which the tokenizers library closes by giving them the new tokens' ids
+    for token in data.get("added_tokens", []):
+        vocab.setdefault(token["content"], token["id"])
     added = []
     as_strings = bool(data["model"]["merges"]) and isinstance(data["model"]["merges"][0], str)
     for left, right in merges:
