@@ -233,9 +233,9 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: file for file, group in zip(names, groups) for k in group}}
         atomic_write(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
+    written = {*names, "model.safetensors.index.json"} if len(names) > 1 else set(names)
     for old in folder.iterdir():  # an earlier save's weights in the other layout: a loader would read them
-        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json", old.name) and \
-                old.name not in names and not (len(names) > 1 and old.name.endswith(".index.json")):
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", old.name) and old.name not in written:
             old.unlink()
     hf = {**model.config.to_hf(), "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
     if quantization := bnb_quantization_config(model):
