@@ -12,7 +12,8 @@ from bailong.files import atomic_write
 
 
 def lr_at(step, config) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at the last step."""
+    """Linear warmup to lr (step 0 at lr / warmup), then cosine decay toward min_lr, which the step after the
+    last would take: transformers' cosine schedule after its warmup."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
