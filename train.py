@@ -99,6 +99,7 @@ def train(config):
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
     items = read_corpus(paths) if config.stage == "pretrain" else read_conversations(paths)
+    train_items, eval_items = split(items, config.held_out, config.seed)
 
     # ---- vocabulary (pre-training): the base's tokenizer, extended with pieces learned on the data ----------
     base_folder = resolve(config.model) if config.stage == "pretrain" and config.model else None
@@ -106,11 +107,12 @@ def train(config):
     if config.stage == "pretrain":
         tokenizer = tokenizer_found(open_tokenizer(base_folder), config.model,
                                     "vocabulary transfer and training need one") if base_folder else byte_tokenizer()
-        if config.new_pieces:
-            say(learning_message(config.new_pieces, items))
-            new_tokenizer, added = extend_tokenizer(tokenizer, items, config.new_pieces)
+        if config.new_pieces:  # learned on the training share only: the held-out loss is measured on unseen text
+            say(learning_message(config.new_pieces, train_items))
+            new_tokenizer, added = extend_tokenizer(tokenizer, train_items, config.new_pieces)
+            before, after = (tokens_per_char(t, train_items) for t in (tokenizer, new_tokenizer))
             say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); tokens "
-                f"per character {tokens_per_char(tokenizer, items):.3f} -> {tokens_per_char(new_tokenizer, items):.3f}")
+                f"per character {before:.3f} -> {after:.3f}")
 
     # ---- the model: the base, its embedding and head grown with zip-tie rows for the new pieces --------------
     own_base = config.stage == "sft" and config.resume and done_before and run.has_base()

@@ -219,9 +219,11 @@ def check_output(config, world=1) -> int:
     return done
 
 
-def fingerprints(config, items, base_folder=None) -> dict:
+def fingerprints(config, items, base_folder=None, learned=None) -> dict:
     """What the run's inputs hold, so that they are known wherever they move: the data's text, and the
-    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place)."""
+    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place);
+    and the vocabulary the run ``learned`` from them, which another version of a tokenizer library may learn
+    otherwise from the same text."""
     data = hashlib.sha256()
     for item in items:  # item by item: a large corpus is not copied into one string
         data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
@@ -232,6 +234,8 @@ def fingerprints(config, items, base_folder=None) -> dict:
                  if (folder / name).is_file()]
         parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
         found["model"] = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    if learned is not None:
+        found["vocabulary"] = hashlib.sha256(learned.serialized()).hexdigest()[:16]
     return found
 
 
@@ -264,11 +268,17 @@ def prepare_output(config, found: dict, say=print) -> Path:
     out = Path(config.out)
     run = read_run(out) if out.is_dir() else None
     if run is not None and not config.overwrite and _has_progress(out):
-        changed = [k for k in ("data", "model") if k in run.get("inputs", {}) and run["inputs"][k] != found.get(k)]
+        recorded = run.get("inputs", {})
+        changed = [k for k in ("data", "model") if k in recorded and recorded[k] != found.get(k)]
         if changed:
             what = {"data": "the data", "model": "the base model"}
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
                              "with; choose another --out")
+        if "vocabulary" in found and recorded.get("vocabulary") != found["vocabulary"]:  # its embedding rows'
+            raise UsageError(f"{out}: the vocabulary learned from the data is not the run's " + (  # pieces
+                "(the run was started by an earlier Bailong, which learned it from the held-out data too)"
+                if "vocabulary" not in recorded else "(another version of the tokenizer library?)")
+                + "; its adapter cannot go on with it: choose another --out")
         if run.get("steps") not in (None, config.steps):
             say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the "
                 "learning-rate schedule stretches to the new length from here")

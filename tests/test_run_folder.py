@@ -65,7 +65,7 @@ def test_the_memory_and_speed_switches_do_not_make_another_run():
 def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
     import hashlib
     monkeypatch.chdir(tmp_path)
-    args = ["--eval-every", "2", "--new-pieces", "20"]
+    args = ["--eval-every", "2", "--new-pieces", "0"]  # with new pieces, below: older runs learned other ones
     run_train(capsys, *args, "--steps", "4", "--out", "pre")
     options = json.loads((tmp_path / "pre" / "run.json").read_text())["options"]
     del options["processes"]  # what the previous version wrote: every option, as typed
@@ -82,6 +82,28 @@ def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, ca
     stdout, _ = run_train(capsys, *sft, "--steps", "3", "--resume")
     assert "resumed from" in stdout and hashlib.sha256(base.read_bytes()).hexdigest() == before
     assert [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3]
+
+
+def test_a_run_resumes_only_with_the_vocabulary_it_learned(tmp_path, capsys, monkeypatch):
+    """The adapter's new embedding rows belong to the pieces the run learned: a run an earlier version started
+    (it learned them from the held-out data too), or one whose data now teach others, is not continued."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--eval-every", "2", "--new-pieces", "20", "--out", "run"]
+    run_train(capsys, *args, "--steps", "2")
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    learned = record["inputs"].pop("vocabulary")
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
+    assert "error: run: the vocabulary learned from the data is not the run's (the run was started by an earlier " \
+           "Bailong, which learned it from the held-out data too)" in err
+    record["inputs"]["vocabulary"] = learned[::-1]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
+    assert "(another version of the tokenizer library?); its adapter cannot go on with it" in err
+    record["inputs"]["vocabulary"] = learned
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    run_train(capsys, *args, "--steps", "3", "--resume")
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
 
 
 def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
