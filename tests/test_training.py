@@ -242,7 +242,8 @@ def test_the_vocabulary_is_learned_from_the_training_share_only(tmp_path, capsys
     from bailong import vocab
     from bailong.data import data_paths, read_corpus
     learned_from, extend = [], vocab.extend_tokenizer
-    monkeypatch.setattr(vocab, "extend_tokenizer", lambda t, items, n: learned_from.append(items) or extend(t, items, n))
+    monkeypatch.setattr(vocab, "extend_tokenizer",
+                        lambda tokenizer, items, n: learned_from.append(items) or extend(tokenizer, items, n))
     run_train(capsys, "--steps", "1", "--new-pieces", "20", "--out", tmp_path / "run")
     config = TrainConfig()
     trained, held = split(read_corpus(data_paths(config.data)), config.held_out, config.seed)
