@@ -48,6 +48,9 @@ def train(config):
     if config.offload_embedding and world > 1:
         raise UsageError("--offload-embedding keeps a table in host memory, where DDP wants every parameter on the "
                          "GPU: leave it out with torchrun")
+    if world > 1 and not all(os.environ.get(n) for n in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
+                         "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     out = Path(config.out)
     run = RunFolder(out)  # touched only once the data and the model have loaded
@@ -57,7 +60,7 @@ def train(config):
     import torch.distributed as dist
 
     from bailong.chat_template import model_template
-    from bailong.checkpoints import resume, save_checkpoint, save_result
+    from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
     from bailong.layer_fused import training_attention
@@ -187,10 +190,12 @@ def train(config):
     trainable = [p for p in model.parameters() if p.requires_grad]
     bf16_grads = BF16Grads(model) if config.bf16_grads else None
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if rank:  # each process its own dropout masks (rank 0 draws as one process would); the weights are rank 0's
+        torch.manual_seed(config.seed + rank)
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = build_optimizer(trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
-    start = resume(out, model, optimizer, say, device) if config.resume else 0
+    start = resume(out, model, optimizer, say, device, rank) if config.resume else 0
     if start:
         say(f"resumed from {run.checkpoint(start)} at step {start}")
     elif config.resume:
@@ -215,9 +220,20 @@ def train(config):
     say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens; "
         f"{config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
 
-    def loss_of(inputs, targets):
+    def loss_of(inputs, targets, ddp=True):  # ddp: a training step's, through DDP; else the model itself
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            return ddp_model(inputs.to(device), targets=targets.to(device))
+            return (ddp_model if ddp else model)(inputs.to(device), targets=targets.to(device))
+
+    def leave(code):  # the exit status; under torchrun every process goes at once, and DDP before its group
+        if world == 1:
+            return code
+        nonlocal ddp_model
+        del ddp_model  # DDP's reducer first, then the process group: the other order can abort at exit
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # c10d's static teardown sometimes aborts a finished process (seen with torch 2.13, gloo)
 
     # the step: each micro-batch's forward and backward, or (--cuda-graph) all of them replayed as one CUDA graph;
     # the loss the mean over every targeted token of the step, in every process
@@ -225,14 +241,18 @@ def train(config):
         loss_of, inputs, targets, processes_normalizer(targets, device) if world > 1 else None)
 
     @torch.no_grad()
-    def evaluate():  # the mean over every targeted held-out token
+    def evaluate():  # the mean over every targeted token of the first --eval-batches batches of a step's size
         model.eval()
-        examples = list(range(held_out.n))
-        chunks = [examples[i:i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
-        batches = [held_out.batch(c) for c in chunks[:config.eval_batches]]
-        losses = [(loss_of(inputs, targets).item(), int((targets != -100).sum())) for inputs, targets in batches]
+        examples = list(range(min(held_out.n, config.eval_batches * config.batch_size * world)))[rank::world]
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # the loss's sum over the tokens, their count
+        for i in range(0, len(examples), config.batch_size):  # each process its share, as in a step
+            inputs, targets = held_out.batch(examples[i:i + config.batch_size])
+            n = int((targets != -100).sum())
+            sums += torch.stack([loss_of(inputs, targets, ddp=False).double() * n, sums.new_tensor(n)])
+        if world > 1:
+            dist.all_reduce(sums)
         model.train()
-        return sum(loss * n for loss, n in losses) / max(1, sum(n for _, n in losses))
+        return (sums[0] / sums[1].clamp(min=1)).item()
 
     # ---- training loop: the result (adapter/) is the adapter with the best held-out loss ---------------------
     if held_out and start == 0:  # where the untrained model stands, to compare with
@@ -243,7 +263,7 @@ def train(config):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
-    with GracefulStop(say) as interrupt:
+    with GracefulStop(say, echoes=2.0 if world > 1 else 0.0) as interrupt:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
@@ -280,18 +300,23 @@ def train(config):
                             stopped = f"held-out loss has not improved for {since_best} evaluations (--patience)"
                     bar.write(f"step {done}: held-out loss {eval_loss:.4f}, perplexity "
                               f"{math.exp(min(eval_loss, 50)):.2f}; {note}")
-            if world > 1:  # every process stops at the same step
+            interrupted = interrupt.requested
+            if world > 1:  # every process stops at the same step (a signal that came during the reduce: the next)
                 flags = torch.tensor([interrupt.requested, stopped is not None], dtype=torch.int32, device=device)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                interrupt.requested = bool(flags[0])
+                interrupted = bool(flags[0])
                 stopped = stopped or ("rank 0 stopped early" if flags[1] else None)
-            if main_process and (done % config.save_every == 0 or done == config.steps or stopped
-                                 or interrupt.requested):
-                checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name, device)
-            if interrupt.requested and done < config.steps:
+            if done % config.save_every == 0 or done == config.steps or stopped or interrupted:
+                rng = rng_states(device, world)  # every process's
+                if main_process:
+                    checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name, device,
+                                                 rng)
+                if world > 1:  # no process leaves before the save (torchrun would stop the others)
+                    dist.barrier()
+            if interrupted and done < config.steps:
                 bar.close()
                 say(f"interrupted after step {done}: saved {checkpoint}; continue with --resume")
-                return interrupt.code
+                return leave(interrupt.code or 128 + 15)
             if stopped:
                 break
     bar.close()
@@ -302,14 +327,7 @@ def train(config):
             save_result(run.result, model, lora, tokenizer, base_name)
         metrics.plot()
         say(summary(metrics.rows, done, stopped, run, best_step, config.held_out))
-    if world > 1:
-        del ddp_model  # DDP's reducer first, then the process group
-        dist.barrier()
-        dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # c10d's static teardown sometimes aborts a finished process (seen with torch 2.13, gloo)
-    return 0
+    return leave(0)
 
 
 def check_context(config):

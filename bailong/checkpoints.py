@@ -15,8 +15,7 @@ from bailong.runs import STATE, RunFolder, latest_checkpoint
 
 def rng_state(device=None) -> dict:
     """The state of every random generator a process trains with, the training ``device``'s where it is a GPU,
-    in types that torch.load(weights_only=True) accepts. The processes of a run are seeded alike and draw
-    alike, so the one that saves speaks for all, each restoring it on its own GPU (``set_rng_state``)."""
+    in types that torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
@@ -25,7 +24,22 @@ def rng_state(device=None) -> dict:
     return state
 
 
-def set_rng_state(state, device=None):
+def rng_states(device=None, world=1):
+    """``rng_state`` of this process, or, under torchrun, of every process of the run by rank (each draws its own
+    dropout masks): gathered to each, so that every process calls it."""
+    if world == 1:
+        return rng_state(device)
+    import torch.distributed as dist
+    states = [None] * world
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def set_rng_state(state, device=None, rank=0):
+    """Restore ``rng_state`` (or this ``rank``'s of ``rng_states``), a GPU's on the training ``device``. A
+    checkpoint of before kept rank 0's alone, for all (every process drew alike then)."""
+    if isinstance(state, list):
+        state = state[rank if rank < len(state) else 0]
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
@@ -46,16 +60,18 @@ def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
     return folder
 
 
-def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None, device=None):
-    """checkpoints/step-N: the adapter, optimizer and RNG states (a GPU's: the training ``device``'s), written to a
-    temporary folder and renamed, then named in LATEST; the two newest are kept. A failed save (a full disk)
-    leaves the previous checkpoint as it was and says so."""
+def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None, device=None,
+                    rng=None):
+    """checkpoints/step-N: the adapter, optimizer and RNG states (``rng``, by default this process's
+    ``rng_state``, a GPU's the training ``device``'s), written to a temporary folder and renamed, then named in
+    LATEST; the two newest are kept. A failed save (a full disk) leaves the previous checkpoint as it was and
+    says so."""
     run = RunFolder(out)
     final = run.checkpoint(step)
     try:
         with atomic_folder(final) as tmp:
             save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(device)},
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(device)},
                        tmp / STATE)
         atomic_write(run.latest, final.name)
     except BailongError as e:
@@ -77,9 +93,9 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def resume(out: Path, model, optimizer, say=print, device=None) -> int:
+def resume(out: Path, model, optimizer, say=print, device=None, rank=0) -> int:
     """Restore the newest checkpoint that reads whole: LoRA weights (through the adapter loader, into the
-    model's LoRA modules), optimizer and RNG states (a GPU's on the training ``device``).
+    model's LoRA modules), optimizer and RNG states (this ``rank``'s, a GPU's on the training ``device``).
 
     Returns the number of steps it had done (0 when there is no checkpoint). A newer
     checkpoint that is missing or damaged is passed over with a warning naming it.
@@ -100,7 +116,7 @@ def resume(out: Path, model, optimizer, say=print, device=None) -> int:
         except (BailongError, ValueError) as e:
             problems.append(str(e))
             continue
-        set_rng_state(state["rng"], device)
+        set_rng_state(state["rng"], device, rank)
         if problems:
             say(f"warning: {'; '.join(problems)}; resuming from {candidate.name} instead")
         return state["step"]

@@ -54,19 +54,22 @@ def handling(handler, signals=(signal.SIGINT, signal.SIGTERM)):
 
 def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn user errors, failed file operations, Ctrl-C and SIGTERM into a clean exit.
-    Under torchrun every process meets the same mistake; the first one says it."""
+    Under torchrun the processes of one machine meet the same mistake, and its first one says it (another
+    machine's files may differ: its first process says what it met, naming its rank)."""
     import os
-    say = os.environ.get("RANK", "0") == "0"
+    say = os.environ.get("LOCAL_RANK", "0") == "0"
+    rank = os.environ.get("RANK", "0")
+    where = f"[rank {rank}] " if rank != "0" else ""
     try:
         with handling(_terminate, (signal.SIGTERM,)):
             sys.exit(main(argv))
     except BailongError as e:
         if say:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"{where}error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except OSError as e:  # a full disk, a read-only folder, a vanished file: the machine's, not a bug
         if say:
-            print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+            print(f"{where}error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from bailong.errors import handling
@@ -32,10 +33,13 @@ def held_out_record(rows) -> tuple:
 class GracefulStop:
     """Ctrl-C (or SIGTERM: ``kill``, a job scheduler's stop) during training: the first one lets the step in
     progress finish, so that the checkpoint saved after it resumes exactly (the random state after a whole
-    step, as at any save); a second one stops at once without saving, and the last checkpoint stays."""
+    step, as at any save); a second one stops at once without saving, and the last checkpoint stays.
+    ``echoes``: under torchrun a terminal's Ctrl-C reaches each process twice, from the terminal and from
+    torchrun passing on its own, and a job scheduler's stop may too: a second signal within that many seconds
+    of the first is the same stop."""
 
-    def __init__(self, say=print):
-        self.say = say
+    def __init__(self, say=print, echoes=0.0):
+        self.say, self.echoes = say, echoes
 
     def __enter__(self):
         self.requested, self.code = False, 0  # code: the exit status the shell gives the signal (130, 143)
@@ -44,9 +48,11 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and time.monotonic() - self.when < self.echoes:
+            return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested, self.code = True, 128 + signum
+        self.requested, self.code, self.when = True, 128 + signum, time.monotonic()
         self.say("\nstopping after this step to save a checkpoint (a second Ctrl-C or SIGTERM stops at once, "
                  "without saving)", file=sys.stderr, flush=True)
 

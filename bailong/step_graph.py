@@ -49,7 +49,9 @@ def accumulate(loss_of, inputs, targets, normalizer=None):
     left on the device (reading it waits for the step), and its gradients summed in ``.grad``. So micro-batches
     train as one batch of them all would, where SFT's answers of a few tokens and of hundreds are learned
     token by token alike. ``normalizer`` (``processes_normalizer``): the backward's divisor in place of these
-    micro-batches' targeted tokens. The parts are added in float64, as Python adds the floats read from each."""
+    micro-batches' targeted tokens; the loss returned is then the mean over every process's targeted tokens too,
+    as the gradient is, the same in each. The parts are added in float64, as Python adds the floats read from
+    each."""
     counts = (targets != -100).flatten(1).sum(1)  # (micro-batches,)
     tokens = counts.sum().clamp(min=1)
     total = 0
@@ -57,6 +59,11 @@ def accumulate(loss_of, inputs, targets, normalizer=None):
         loss = loss_of(x, y) * (n / tokens)
         (loss if normalizer is None else loss * (tokens / normalizer)).backward()
         total = total + loss.detach().double()
+    if normalizer is not None:  # each process's mean weighted by its share of the targeted tokens
+        import torch.distributed as dist
+        total = total * (tokens / normalizer)
+        dist.all_reduce(total)
+        total = total / dist.get_world_size()
     return total
 
 

@@ -1,5 +1,5 @@
-"""One training step's LoRA gradients, for tests/test_training.py: run alone or under torchrun, stepped as
-train.py steps (``accumulate``)."""
+"""One training step's loss and LoRA gradients, for tests/test_processes.py: run alone or under torchrun,
+stepped as train.py steps (``accumulate``); each process saves its own."""
 import os
 import sys
 from pathlib import Path
@@ -43,9 +43,10 @@ def main(out, batch_size, chunked=False, checkpointed=False):
     for row, first in zip(targets, inputs[:, 0]):  # as SFT's answers: each example learns from a position of its own
         row[:int(first) % 29] = -100  # on, so the processes' counts of targeted tokens differ
     normalizer = processes_normalizer(targets, "cpu") if world > 1 else None  # as train.py steps
-    accumulate(lambda x, y: F.cross_entropy(ddp(x).flatten(0, 1), y.flatten()), inputs[None], targets[None], normalizer)
-    if rank == 0:
-        torch.save({n: p.grad for n, p in lora_parameters(model).items()}, Path(out) / f"grads-{world}.pt")
+    loss = accumulate(lambda x, y: F.cross_entropy(ddp(x).flatten(0, 1), y.flatten()), inputs[None], targets[None],
+                      normalizer)
+    grads = {n: p.grad for n, p in lora_parameters(model).items()}
+    torch.save({"loss": loss, "grads": grads}, Path(out) / f"step-{world}-{rank}.pt")
     if world > 1:
         del ddp  # DDP's reducer first, then the process group: the other order can abort at exit
         dist.barrier()

@@ -1,4 +1,4 @@
-"""train.py end to end: the embedded default, exact resume, several processes, bad input."""
+"""train.py end to end: the embedded default, exact resume, bad input (several processes: test_processes.py)."""
 import json
 import os
 import shutil
@@ -260,23 +260,6 @@ def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys):
     assert tokenizer.vocab_size == model.config.vocab_size == 260 + 50
 
 
-@pytest.mark.parametrize("chunked", [[], ["chunked"], ["checkpointed"]])
-def test_two_processes_give_the_gradients_of_one_over_the_combined_batch(tmp_path, chunked):
-    """Also (``chunked``) with the fused LoRA and the MLP in chunks, whose node hands DDP the summed gradients,
-    and (``checkpointed``) with each layer checkpointed as a node of its own, which does too."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "8", *chunked],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "4", *chunked],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    single, double = torch.load(tmp_path / "grads-1.pt"), torch.load(tmp_path / "grads-2.pt")
-    for name, grad in single.items():
-        torch.testing.assert_close(double[name], grad, atol=1e-6, rtol=1e-5, msg=name)
-
-
 def test_schedule_and_config():
     config = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
     assert lr_at(0, config) == pytest.approx(1e-4) and lr_at(9, config) == pytest.approx(1e-3)
@@ -309,16 +292,6 @@ def test_a_config_files_home_folder_is_the_users(tmp_path):
     config.write_text(json.dumps({"stage": "sft", "out": "~/runs/zh", "init": "~/runs/pretrain"}))
     parsed = parse_config(["--config", str(config)])
     assert (parsed.out, parsed.init) == (str(Path.home() / "runs/zh"), str(Path.home() / "runs/pretrain"))
-
-
-def test_torchrun_two_processes_train_and_rank_zero_writes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py"),
-                             "--steps", "4", "--new-pieces", "50", "--eval-every", "2", "--out", str(tmp_path / "ddp")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout and [s for s, _ in losses(tmp_path / "ddp")] == [1, 2, 3, 4]
-    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_a_non_finite_loss_stops(tmp_path):

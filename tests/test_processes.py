@@ -1,0 +1,112 @@
+"""train.py under torchrun (processes on the CPU, gloo): a step's gradients and loss, the held-out loss, each
+process's dropout masks and random state, a stop by Ctrl-C or SIGTERM, and what each process says."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from train_runs import evals, losses
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def train(out, *args, processes=2, **popen):
+    command = (TORCHRUN if processes > 1 else [sys.executable]) + [str(ROOT / "train.py"), "--out", str(out), *args]
+    if popen:
+        return subprocess.Popen(command, env=ENV, text=True, **popen)
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("chunked", [[], ["chunked"], ["checkpointed"]])
+def test_two_processes_give_the_gradients_and_loss_of_one_over_the_combined_batch(tmp_path, chunked):
+    """Also (``chunked``) with the fused LoRA and the MLP in chunks, whose node hands DDP the summed gradients,
+    and (``checkpointed``) with each layer checkpointed as a node of its own, which does too. The loss each
+    process returns is the whole step's, as one process's over the combined batch is."""
+    one = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "8", *chunked],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(TORCHRUN + [str(ROOT / "tests" / "ddp_step.py"), str(tmp_path), "4", *chunked],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    single, *double = (torch.load(tmp_path / f"step-{w}-{r}.pt") for w, r in ((1, 0), (2, 0), (2, 1)))
+    for name, grad in single["grads"].items():
+        torch.testing.assert_close(double[0]["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    for each in double:
+        torch.testing.assert_close(each["loss"], single["loss"], atol=1e-6, rtol=1e-6)
+
+
+def test_torchrun_trains_and_evaluates_as_one_process_with_the_whole_batch(tmp_path):
+    """Two processes of batch 1 log the losses and held-out losses of one process of batch 2 (without dropout,
+    whose masks are each process's own); rank 0 writes the run."""
+    args = ["--steps", "4", "--new-pieces", "50", "--eval-every", "2", "--lora-dropout", "0"]
+    result = train(tmp_path / "ddp", *args, "--batch-size", "1")
+    train(tmp_path / "one", *args, "--batch-size", "2", processes=1)
+    assert "2 process(es)" in result.stdout and [s for s, _ in losses(tmp_path / "ddp")] == [1, 2, 3, 4]
+    for ours, theirs in ((losses, losses), (evals, evals)):
+        ddp, one = ours(tmp_path / "ddp"), theirs(tmp_path / "one")
+        assert [s for s, _ in ddp] == [s for s, _ in one]
+        assert [loss for _, loss in ddp] == pytest.approx([loss for _, loss in one], abs=1e-5)
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
+    _, err = train(tmp_path / "ddp", *args, "--batch-size", "1", "--steps", "5", "--resume",
+                   processes=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE).communicate(timeout=300)
+    assert "holds a different run (it was trained by 2 process(es), now 1)" in err
+
+
+def test_a_terminals_ctrl_c_stops_every_process_after_the_save_and_the_run_resumes_exactly(tmp_path):
+    """Ctrl-C reaches each process from the terminal and again from torchrun: one stop, saved once all of them
+    finished the step. Each process draws its own dropout masks and keeps its own random state, so the resumed
+    run goes on as one never stopped."""
+    args = ["--steps", "12", "--new-pieces", "50", "--eval-every", "4", "--save-every", "100", "--lora-dropout", "0.1"]
+    train(tmp_path / "whole", *args)
+    process = train(tmp_path / "stopped", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True)  # its own process group, as a terminal's foreground job
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4) and process.poll() is None:
+        pass
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the signal to every process of the group
+    stdout, stderr = process.communicate(timeout=300)
+    assert "interrupted after step" in stdout, stderr[-3000:]
+    stopped_at = int(stdout.split("interrupted after step ")[1].split(":")[0])
+    assert stopped_at < 12 and stderr.count("stopping after this step") == 1
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / f"step-{stopped_at:07d}" / "state.pt",
+                       weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    result = train(tmp_path / "stopped", *args, "--resume")
+    assert "resumed from" in result.stdout
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
+    assert evals(tmp_path / "stopped") == evals(tmp_path / "whole")
+
+
+def test_a_signal_echoed_by_torchrun_is_one_stop_and_a_later_one_stops_at_once():
+    import time
+
+    from bailong.progress import GracefulStop
+    with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None, echoes=0.5) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # torchrun passing the terminal's on
+        assert stop.requested and stop.code == 130
+        time.sleep(0.6)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_each_machines_first_process_says_its_error_naming_its_rank(monkeypatch, capsys):
+    from bailong.errors import BailongError, run_cli
+
+    def fails(argv):
+        raise BailongError("corpus.txt: no such file or folder")
+    said = []
+    for local, rank in (("0", "0"), ("1", "1"), ("0", "8")):
+        monkeypatch.setenv("LOCAL_RANK", local)
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            run_cli(fails, [])
+        said.append(capsys.readouterr().err)
+    assert said == ["error: corpus.txt: no such file or folder\n", "",
+                    "[rank 8] error: corpus.txt: no such file or folder\n"]
