@@ -15,6 +15,8 @@ ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 SWITCHES = ("tie_word_embeddings", "attention_bias", "mlp_bias")  # read as true or false
+# what transformers' LlamaConfig takes where config.json is silent (the presets' Llama 2 values differ)
+HF_DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048}
 
 
 @dataclass
@@ -57,7 +59,7 @@ class ModelConfig:
             raise BailongError(
                 f"{source}: unsupported architecture {arch[0]} (model_type "
                 f"{hf.get('model_type')!r}); only LlamaForCausalLM is supported")
-        if hf.get("hidden_act", "silu") != "silu":
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, by two names
             raise BailongError(f"{source}: unsupported hidden_act {hf['hidden_act']!r}; Llama uses silu")
         for k in SWITCHES:
             if hf.get(k) is not None and not isinstance(hf[k], bool):
@@ -91,7 +93,7 @@ class ModelConfig:
                                   or v <= 0):
                 raise BailongError(f"{source}: {k} must be a number above 0, not {v!r}")
         known = {f.name for f in fields(cls)}
-        args = {k: v for k, v in hf.items() if k in known and v is not None}
+        args = {**HF_DEFAULTS, **{k: v for k, v in hf.items() if k in known and v is not None}}
         args["rope_theta"] = cls.rope_theta if theta is None else theta
         args["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING[kind]}} \
             if ROPE_SCALING[kind] else None

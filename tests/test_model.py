@@ -136,6 +136,11 @@ def test_presets_and_config_checks():
     with pytest.raises(BailongError, match="attention_bias"):
         ModelConfig.from_hf({"attention_bias": True})
     assert ModelConfig.from_hf(seven.to_hf()) == seven
+    from transformers import LlamaConfig  # where config.json is silent, transformers' values, not the presets'
+    least = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "vocab_size": 300, "hidden_act": "swish"}  # swish: silu's other name
+    ours, theirs = ModelConfig.from_hf(least), LlamaConfig(**least)
+    assert (ours.rms_norm_eps, ours.max_position_embeddings) == (theirs.rms_norm_eps, theirs.max_position_embeddings)
 
 
 def offload_step(device, dtype, fused=False):
