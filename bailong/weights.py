@@ -35,7 +35,9 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TypeError("weight_map is not an object of tensor names and file names")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise BailongError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         files = {}
         for name, file in weight_map.items():
@@ -147,6 +149,8 @@ def bnb_quantized(folder: Path) -> bool:
     qc = read_json(file).get("quantization_config")
     if not qc:
         return False
+    if not isinstance(qc, dict):
+        raise BailongError(f"{file}: quantization_config must be an object, not {qc!r}")
     if qc.get("quant_method") != "bitsandbytes":
         raise BailongError(f"{file}: quantization {qc.get('quant_method')!r} is not supported "
                            "(only bitsandbytes 4-bit nf4)")

@@ -178,6 +178,9 @@ def test_other_quantizations_and_inconsistent_states_are_refused(tmp_path):
         config_file.write_text(json.dumps({**good, "quantization_config": {**good["quantization_config"], **change}}))
         with pytest.raises(BailongError, match=message):
             bailong.load(quantized, device="cpu")
+    config_file.write_text(json.dumps({**good, "quantization_config": "bnb"}))
+    with pytest.raises(BailongError, match="quantization_config must be an object, not 'bnb'"):
+        bailong.load(quantized, device="cpu")
     config_file.write_text(json.dumps(good))
     file = quantized / "model.safetensors"
     tensors = load_file(file)

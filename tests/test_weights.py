@@ -100,6 +100,10 @@ def test_index_naming_missing_shard(capsys, tmp_path):
     shard = json.loads(index.read_text())["weight_map"]["model.norm.weight"]
     (folder / shard).unlink()
     assert f"{index}: names shard {shard}, which is missing" in cli_error(capsys, folder)
+    for damaged in ({"weight_map": 5}, {"weight_map": {"lm_head.weight": None}}):
+        index.write_text(json.dumps(damaged))
+        assert f"{index}: not a valid safetensors index (TypeError: weight_map is not an object of tensor names " \
+               "and file names)" in cli_error(capsys, folder)
 
 
 def test_index_naming_tensor_absent_from_shard(capsys, tmp_path):
