@@ -61,6 +61,9 @@ def run_cli(main, argv=None):
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if rank != "0" else ""
     try:
+        from bailong.switches import switch_mistake
+        if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch
+            raise UsageError(mistake)
         with handling(_terminate, (signal.SIGTERM,)):
             sys.exit(main(argv))
     except BailongError as e:

@@ -10,6 +10,8 @@ it afterwards.
     BAILONG_FUSED_LAYER=0      a checkpointed layer through autograd, not written out by hand
     BAILONG_CHUNKED_LOSS=0     the training loss over the whole logits
     BAILONG_CHUNKED_MLP=1      the MLP chunk by chunk over the tokens in training
+
+1, true, on and yes switch one on; 0, false, off, no and nothing off; any other value is refused.
 """
 import os
 
@@ -18,8 +20,28 @@ DEFAULTS = {"BAILONG_NF4_KERNELS": True, "BAILONG_DECODE_KERNELS": True, "BAILON
             "BAILONG_CHUNKED_LOSS": True, "BAILONG_CHUNKED_MLP": False}
 
 
+OFF, ON = ("", "0", "false", "off", "no"), ("1", "true", "on", "yes")
+
+
 def switched_on(name: str) -> bool:
-    """Whether switch ``name`` is on: its default where the environment leaves it unset; "" and "0" are off,
-    anything else on."""
+    """Whether switch ``name`` is on: its default where the environment leaves it unset; 0, false, off, no or
+    nothing is off, and 1, true, on or yes on (any case); another value is refused, not guessed."""
     value = os.environ.get(name)
-    return DEFAULTS[name] if value is None else value not in ("", "0")
+    if value is None:
+        return DEFAULTS[name]
+    if mistake := _mistake(name):
+        raise ValueError(mistake)
+    return value.strip().lower() in ON
+
+
+def _mistake(name) -> str | None:
+    value = os.environ.get(name)
+    if value is not None and value.strip().lower() not in OFF + ON:
+        return f"{name}={value}: a switch is 1 (or true, on, yes) or 0 (or false, off, no)"
+    return None
+
+
+def switch_mistake() -> str | None:
+    """What is wrong with the first switch the environment sets to a value no switch takes (for the commands to
+    refuse at once, whether or not they read that switch); None when nothing is."""
+    return next(filter(None, map(_mistake, DEFAULTS)), None)

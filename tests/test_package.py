@@ -104,12 +104,20 @@ def test_every_switch_is_read_through_bailong_switches_with_its_default():
         assert f"{name}={'0' if on else '1'} " in doc
 
 
-@pytest.mark.parametrize("value, on", [(None, "default"), ("", False), ("0", False), ("1", True), ("yes", True)])
-def test_a_switch_is_off_at_empty_or_0_and_its_default_when_unset(value, on, monkeypatch):
+@pytest.mark.parametrize("value, on", [(None, "default"), ("", False), ("0", False), ("false", False), ("Off", False),
+                                       ("no", False), ("1", True), ("yes", True), ("TRUE", True), ("on", True),
+                                       ("maybe", "refused"), ("2", "refused")])
+def test_a_switch_is_off_at_0_or_false_on_at_1_or_true_and_its_default_when_unset(value, on, monkeypatch):
+    """"false" used to switch a switch on, as anything but "" and "0" did (the commands refuse another value in one
+    line: docs/BAD_INPUT.md)."""
     from bailong.switches import DEFAULTS, switched_on
     for name, default in DEFAULTS.items():
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-        assert switched_on(name) is (default if on == "default" else on)
+        if on == "refused":
+            with pytest.raises(ValueError, match=f"{name}={value}: a switch is 1 .or true, on, yes. or 0"):
+                switched_on(name)
+        else:
+            assert switched_on(name) is (default if on == "default" else on)
