@@ -217,8 +217,11 @@ def train(config):
         saved = bf16_grads.saved_bytes
         say(f"gradients: the projections' LoRA gradients ({saved // 2:,} weights) kept in bf16 until the step, "
             f"{saved / 2**20:,.1f} MiB less than float32")
-    say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens; "
-        f"{config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
+    measured = min(held_out.n, config.eval_batches * config.batch_size * world) if held_out else 0
+    part = f" (the held-out loss over the first {measured}: --eval-batches)" if held_out and measured < held_out.n \
+        else ""
+    say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens"
+        f"{part}; {config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
 
     def loss_of(inputs, targets, ddp=True):  # ddp: a training step's, through DDP; else the model itself
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
@@ -243,7 +246,7 @@ def train(config):
     @torch.no_grad()
     def evaluate():  # the mean over every targeted token of the first --eval-batches batches of a step's size
         model.eval()
-        examples = list(range(min(held_out.n, config.eval_batches * config.batch_size * world)))[rank::world]
+        examples = list(range(measured))[rank::world]
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # the loss's sum over the tokens, their count
         for i in range(0, len(examples), config.batch_size):  # each process its share, as in a step
             inputs, targets = held_out.batch(examples[i:i + config.batch_size])

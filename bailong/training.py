@@ -75,7 +75,9 @@ class TrainConfig:
     optimizer: str = field(default="adamw", metadata={"help": "adamw (float32 moments) or adamw8bit (AdamW's moments "
                                                               "in 8 bits: 6 bytes less for each trained parameter)"})
     eval_every: int = 20
-    eval_batches: int = 4
+    eval_batches: int = field(default=4, metadata={"help": "held-out batches an evaluation measures, each of "
+                                                           "--batch-size x processes examples (at most all those "
+                                                           "held out)"})
     held_out: float = field(default=0.1, metadata={"help": "share of documents kept apart to measure learning"})
     patience: int = field(default=3, metadata={"help": "stop when held-out loss has not improved for this many "
                                                        "evaluations in a row (0: never stop, only warn)"})
@@ -263,7 +265,9 @@ def parse_config(argv=None) -> TrainConfig:
     for f in fields(TrainConfig):
         default = _default(f)
         sft = f"; sft: {STAGE_DEFAULTS['sft'][f.name]!r}" if f.name in STAGE_DEFAULTS["sft"] else ""
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {default!r}{sft})")
+        told = f.metadata.get("help", "")
+        said = "" if "default" in told else f" (default: {default!r}{sft})"  # its help tells it in words
+        kw = dict(default=argparse.SUPPRESS, help=told + said)
         if isinstance(default, bool):
             p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, list):

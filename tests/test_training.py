@@ -250,6 +250,13 @@ def test_the_vocabulary_is_learned_from_the_training_share_only(tmp_path, capsys
     assert learned_from == [trained] and held and not set(held) & set(trained)
 
 
+def test_the_startup_says_how_many_held_out_examples_an_evaluation_measures(tmp_path, capsys):
+    stdout, _ = run_train(capsys, "--steps", "1", "--batch-size", "1", "--eval-batches", "3", "--out", tmp_path / "a")
+    assert "and 4 held-out examples of 128 tokens (the held-out loss over the first 3: --eval-batches);" in stdout
+    stdout, _ = run_train(capsys, "--steps", "1", "--batch-size", "2", "--eval-batches", "3", "--out", tmp_path / "b")
+    assert "and 4 held-out examples of 128 tokens; 1 steps" in stdout
+
+
 def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys):
     out = tmp_path / "run"
     stdout, _ = run_train(capsys, "--steps", "6", "--held-out", "0", "--new-pieces", "50", "--out", out)
