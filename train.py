@@ -10,6 +10,7 @@ Several GPUs: torchrun --nproc-per-node N train.py ... (each rank reads its shar
 """
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def train(config):
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
+    from bailong.generation import GENERATION_CONFIG, generation_config
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.lora_casts import use_casts_by_layer
@@ -166,6 +168,8 @@ def train(config):
         with atomic_folder(run.base) as folder:
             save(model, folder)
             tokenizer.save(folder)
+            if config.stage == "sft" and (sampling := generation_config(config.init)):  # the model's own sampling
+                shutil.copyfile(sampling, folder / GENERATION_CONFIG)
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":

@@ -24,7 +24,7 @@ from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.config import DTYPES
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
-from bailong.generation import model_sampling
+from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
 from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
@@ -32,7 +32,7 @@ from bailong.runs import check_not_a_run, training_output
 from bailong.weights import load, save
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
-                   "special_tokens_map.json", "generation_config.json"]
+                   "special_tokens_map.json", GENERATION_CONFIG]
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
@@ -88,7 +88,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[2:4])), None)
         settings = tokenizer_settings(folder) if folder else {}
         template = template_in(settings, folder and folder / TOKENIZER_FILES[2])  # one that does not parse: refused
-        sampling, _ = model_sampling(next((f for f in folders if (f / "generation_config.json").exists()), None))
+        sampling, _ = model_sampling(next((f for f in folders if (f / GENERATION_CONFIG).exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
         atomic_write(out, lambda tmp: write_gguf(
             tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else LLAMA2_JINJA,

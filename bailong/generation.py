@@ -263,15 +263,31 @@ def graph_decoder(model: Llama, max_len) -> GraphDecoder:
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
 
 
-def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampling, int]:
-    """Sampling and answer length for a model: ``chosen`` values (None: not chosen), else its folder's
-    generation_config.json's, else Sampling's defaults and 512 new tokens."""
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_config(folder):
+    """A model's generation_config.json: its ``folder``'s, or a training output's (or checkpoint's) base model's,
+    which a fine-tuning run copies into the base it keeps; None where there is none."""
     from pathlib import Path
 
+    from bailong.hub import resolve
+    from bailong.runs import training_output
+    if folder is None:
+        return None
+    if (file := Path(folder) / GENERATION_CONFIG).is_file():
+        return file
+    run = training_output(Path(folder))
+    return generation_config(resolve(str(run[0]))) if run else None
+
+
+def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampling, int]:
+    """Sampling and answer length for a model: ``chosen`` values (None: not chosen), else its
+    ``generation_config``'s, else Sampling's defaults and 512 new tokens."""
     from bailong.errors import BailongError, read_json
     chosen = {k: v for k, v in (chosen or {}).items() if v is not None}
-    file = Path(folder) / "generation_config.json" if folder else None
-    config = read_json(file) if file and file.exists() else {}
+    file = generation_config(folder)
+    config = read_json(file) if file else {}
     if config.get("do_sample") is False:
         config["temperature"] = 0.0
     values = {name: chosen.get(name, config.get(name, getattr(Sampling(), name))) for name in SAMPLING}

@@ -89,7 +89,7 @@ LAYOUT = {  # what a run writes (the names above), as patterns: a folder's own l
     r"run\.json|metrics\.jsonl|loss\.png|\.lock": None,
     "adapter": _ADAPTER,
     "checkpoints": {"LATEST": None, CHECKPOINT: {"adapter": _ADAPTER, re.escape(STATE): None}},
-    "base": {r"config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json": None,
+    "base": {r"(generation_)?config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json": None,
              _TOKENIZER: None},
     "cache": {r"tokens-[0-9a-f]{20}\.(ids|labels|offsets)\.npy": None},
 }
