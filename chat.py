@@ -60,7 +60,7 @@ def parse_args(argv):
                             + (" (0 for greedy)" if name == "temperature" else ""))
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu (a --preset: float32)")
     p.add_argument("--quantize", choices=["nf4"], help="store the projections in NF4 while loading")
     args = p.parse_args(argv)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:

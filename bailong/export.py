@@ -7,12 +7,12 @@
 training output (its base/ and adapter/). The base is loaded unquantized, so the
 merge W + s * B @ A happens on the original weights (a base that only exists in
 NF4 is merged onto its dequantized weights, with a warning). A folder (config.json,
-safetensors shards with an index, tokenizer files) loads in transformers; a .gguf
-file (bailong/export_gguf.py) in llama.cpp and the tools built on it. Either is
+safetensors weights, in shards with an index above --max-shard-gb, tokenizer files)
+loads in transformers; a .gguf file (bailong/export_gguf.py) in llama.cpp and the
+tools built on it. Either is
 written under a temporary name beside --out and renamed at the end: an existing
 folder is never touched, an existing GGUF file is replaced only with --overwrite.
 """
-import argparse
 import os
 import shutil
 from pathlib import Path
@@ -108,8 +108,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
 
 
 def main(argv=None):
-    p = Parser(prog="python -m bailong.export", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m bailong.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="base model folder or Hub repo id, or a training output")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder or Hub repo id to merge")
     p.add_argument("--out", required=True, help="new folder, or a .gguf file")

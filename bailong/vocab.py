@@ -13,7 +13,6 @@ highest-scoring pair first, so on text without CJK characters nothing changes,
 and among the new pieces the trained merge order is kept. A byte-level BPE
 tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 """
-import argparse
 import copy
 import math
 import os
@@ -233,21 +232,20 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
 def main(argv=None):
     p = Parser(prog="python -m bailong.vocab", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("extend", help="train on a corpus and add its new pieces to a base tokenizer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("extend", help="train on a corpus and add its new pieces to a base tokenizer")
     e.add_argument("--base", required=True, help="the base tokenizer.model, or a byte-level BPE tokenizer.json")
     e.add_argument("--corpus", required=True, nargs="+", help="text files, jsonl files or folders")
     e.add_argument("--new-pieces", type=int, required=True)
     e.add_argument("--out", required=True, help="where to write the extended tokenizer (a new file)")
     e.add_argument("--overwrite", action="store_true", help="replace --out when it is a tokenizer already")
     e.add_argument("--all-pieces", action="store_true", help="keep non-CJK pieces too")
-    e.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the report")
+    e.add_argument("--held-out", type=float, default=0.1, help="share of documents kept for the report (default 0.1)")
     c = sub.add_parser("compare-init", help="loss per character under each initialisation of the new rows")
     c.add_argument("--model", required=True)
     c.add_argument("--base-tokenizer", required=True)
     c.add_argument("--extended-tokenizer", required=True)
     c.add_argument("--text", required=True, help="held-out text (a .txt or .jsonl file)")
-    c.add_argument("--max-chars", type=int, default=20000)
+    c.add_argument("--max-chars", type=int, default=20000, help="default 20000")
     args = p.parse_args(argv)
     if args.command == "extend":
         if args.new_pieces < 1:

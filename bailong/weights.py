@@ -219,8 +219,8 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     if lora := next((k for k in state if ".lora_" in k), None):  # transformers would load the bare base
-        raise BailongError(f"{folder}: the model carries LoRA ({lora}); merge it first (bailong.merge_lora), or "
-                           "save the adapter alone (bailong.save_adapter)")
+        raise BailongError(f"{folder}: the model carries LoRA ({lora}); merge it first (bailong.lora.merge_lora), or "
+                           "save the adapter alone (bailong.adapter.save_adapter)")
     folder.mkdir(parents=True, exist_ok=True)
     groups, size = [[]], 0
     for name, t in state.items():
