@@ -45,7 +45,15 @@ def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, 
                 shard_files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             except (ValueError, KeyError, AttributeError):  # a broken index: loading says how
                 shard_files = ["*.safetensors"]
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
+        if not any(folder.glob("*.safetensors")):
+            from huggingface_hub import list_repo_files
+            if any(f.endswith(".bin") for f in list_repo_files(repo, revision=revision)):
+                raise BailongError(f"{repo}: holds only pickled .bin weights, which are not loaded (convert them to "
+                                   "safetensors, or choose a repo that has them)")
+        return folder
+    except BailongError:
+        raise
     except HFValidationError:
         raise BailongError(f"{repo}: no such folder (and not a valid Hub repo id)") from None
     except Exception as e:  # not found, gated, offline, network: all the user's to fix

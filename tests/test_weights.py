@@ -185,3 +185,18 @@ def test_repo_id_loads_from_the_hub_cache_offline(tmp_path, monkeypatch):
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_hub_repo_of_pickled_weights_alone_is_named_so(tmp_path, monkeypatch):
+    """Its .bin files are never fetched: what it holds is asked of the Hub (faked here: no network)."""
+    import huggingface_hub
+
+    from bailong.errors import BailongError
+    from bailong.hub import resolve
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kwargs: str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                        lambda repo, revision=None: ["config.json", "pytorch_model.bin"])
+    with pytest.raises(BailongError, match="^someone/old-model: holds only pickled .bin weights, which are not "
+                                           "loaded"):
+        resolve("someone/old-model")
