@@ -137,13 +137,12 @@ def train(config):
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
     if main_process:  # the folder's lock: nothing was touched before this line
-        found = fingerprints(config, items, base_folder)
+        found = fingerprints(config, items, base_folder, new_tokenizer)
         prepare_output(config, found, say)
     if world > 1:
         dist.barrier()
 
     # ---- tokenized data (the token cache: the only write before the run starts) --------------------------------
-    train_items, eval_items = split(items, config.held_out, config.seed)
     template = model_template(tokenizer) if config.stage == "sft" else None  # as chat.py will use the model
     if config.stage == "sft":
         say("chat format: " + ("the model's chat_template" if template else "Llama 2's"))
@@ -163,7 +162,10 @@ def train(config):
         raise UsageError(f"--batch-size {config.batch_size}{processes} is more than the {data.n} training examples")
     if main_process:  # the data make examples: an old run --overwrite replaces goes only now
         start_run(config, found, world, say, data.files() | (held_out.files() if held_out else set()))
-    base_name = config.model or None  # named in the adapter's config; a base without a name is kept in the run
+    # named in the adapter's config (a local folder by its whole path, found from anywhere); a base without a
+    # name is kept in the run
+    base_name = str(base_folder.resolve()) if base_folder and Path(config.model).expanduser().is_dir() else \
+        config.model or None
     if base_name is None and main_process and not own_base:
         with atomic_folder(run.base) as folder:
             save(model, folder)
@@ -303,7 +305,7 @@ def train(config):
                     else:
                         since_best += 1
                         note = f"not better than step {best_step} ({best:.4f}) for {since_best} evaluation(s)"
-                        if config.patience and since_best >= config.patience:
+                        if config.patience and since_best >= config.patience and done < config.steps:
                             stopped = f"held-out loss has not improved for {since_best} evaluations (--patience)"
                     bar.write(f"step {done}: held-out loss {eval_loss:.4f}, perplexity "
                               f"{math.exp(min(eval_loss, 50)):.2f}; {note}")
@@ -313,6 +315,8 @@ def train(config):
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 interrupted = bool(flags[0])
                 stopped = stopped or ("rank 0 stopped early" if flags[1] else None)
+            if not held_out and main_process and done == config.steps:  # the result, then its checkpoint: a
+                save_result(run.result, model, lora, tokenizer, base_name)  # kill between leaves a run to resume
             if done % config.save_every == 0 or done == config.steps or stopped or interrupted:
                 rng = rng_states(device, world)  # every process's
                 if main_process:
@@ -329,9 +333,7 @@ def train(config):
     bar.close()
 
     # ---- outputs ------------------------------------------------------------------------------------------------
-    if main_process:
-        if not held_out:  # nothing to choose by: the last step is the result
-            save_result(run.result, model, lora, tokenizer, base_name)
+    if main_process:  # without held-out data, nothing to choose by: the last step is the result (saved above)
         metrics.plot()
         say(summary(metrics.rows, done, stopped, run, best_step, config.held_out))
     return leave(0)
@@ -355,7 +357,8 @@ def summary(rows, done, stopped, run, best_step, held_out) -> str:
     """The closing lines: both losses, what the result is, and a warning when held-out loss never fell."""
     train = [r["loss"] for r in rows if "loss" in r]
     lines = [f"stopped early after step {done}: {stopped}"] if stopped else []
-    first, last = train[:10], train[-10:]
+    n = max(1, min(10, len(train) // 2))  # the first and last steps apart, in a short run too
+    first, last = train[:n], train[-n:]
     lines.append(f"done: training loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} (means of the "
                  f"first and last {len(last)} steps)")
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]

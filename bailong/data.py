@@ -131,9 +131,10 @@ def _init_worker(tokenizer, template):
 
 
 def _pool_worker(tokenizer, template):
-    """A tokenizing process: Ctrl-C, which a terminal sends to every process, is the command's to answer, and
-    the pool's end (SIGTERM) ends it quietly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A tokenizing process: Ctrl-C, which a terminal sends to every process, and the pool's end (SIGTERM) end
+    it at once and quietly, as they end the command then (``_stopped_at_once``); a worker that went on would
+    print its broken pipe to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(tokenizer, template)
 

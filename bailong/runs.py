@@ -66,9 +66,9 @@ CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # speed switches change how: on the CPU the same losses and gradients, bit for bit; the attention kernel, the same
 # to rounding, as the device's): a run may continue with other values; the inputs are compared by their
 # fingerprints instead of their paths
-NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "eval_batches",
-                "save_every", "patience", "model", "init", "data", "offload_activations", "keep_dequantized",
-                "cuda_graph", "keep_attention", "casts_by_layer", "offload_embedding", "cudnn_attention"}
+NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "save_every", "patience",
+                "model", "init", "data", "offload_activations", "keep_dequantized", "cuda_graph", "keep_attention",
+                "casts_by_layer", "offload_embedding", "cudnn_attention"}
 
 
 def options(config, world=1) -> dict:
@@ -182,7 +182,8 @@ def check_output(config, world=1) -> int:
     if config.model and training_output(Path(config.model).expanduser()):
         raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
                          f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
-    if config.stage == "sft" and not Path(config.init).expanduser().is_dir():
+    own_base = config.resume and RunFolder(out).has_base() and steps_done(out)  # resumed whatever became of --init
+    if config.stage == "sft" and not own_base and not Path(config.init).expanduser().is_dir():
         raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
                          "or pass --init)")
     if out.is_symlink() and not out.exists():

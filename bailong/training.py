@@ -207,6 +207,9 @@ class TrainConfig:
             raise UsageError("--init is for --stage sft; pre-training starts from --model")
         if self.stage == "sft" and self.model:
             raise UsageError("--model is for --stage pretrain; fine-tuning starts from --init")
+        for name in ("new_pieces", "init_method"):
+            if self.stage == "sft" and getattr(self, name) != getattr(TrainConfig, name):  # not its default
+                raise UsageError(f"{flag(name)} is for --stage pretrain; fine-tuning keeps the vocabulary of --init")
         if self.device:
             check_device(self.device)
         self.out = os.path.expanduser(self.out or f"out/{self.stage}")  # "~/runs" in a config file: the home's

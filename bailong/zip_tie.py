@@ -32,8 +32,9 @@ samples merged into new tokens; held-out loss in nats per original token, with
 Our reading of the paper: it describes initialising new embeddings from their
 byte-level tokens, but its exact formula is not available to us; both rules
 above are our reading, the numbers are ours (docs/BENCHMARKS.md; tests/test_zip_tie.py
-repeats the comparison at a smaller size, 38 new tokens, where the order is the same). "mean-all" uses the mean of all old rows and "random" draws from
-a normal with the old rows' standard deviation, for comparison.
+repeats the comparison at a smaller size, 38 new tokens, where the order is the same).
+"mean-all" uses the mean of all old rows and "random" draws from a normal with the
+old rows' standard deviation, for comparison.
 """
 import torch
 from torch import nn

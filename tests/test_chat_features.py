@@ -136,13 +136,17 @@ def test_training_output_and_its_merged_export_answer_alike(tmp_path):
     assert answers[0] == answers[1] and answers[0].strip()
 
 
-def test_a_training_output_samples_as_its_base_model_says(model_folder, tmp_path, capsys):
+def test_a_training_output_samples_as_its_base_model_says(model_folder, tmp_path, capsys, monkeypatch):
     """The base's generation_config.json, for a pre-training output (its base named in the adapter) and a
     fine-tuning one (its merged base keeps a copy), as for the base itself (chat.py read the defaults)."""
     from train_runs import run_train
     (model_folder / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "max_new_tokens": 7}))
     common = ["--steps", "1", "--batch-size", "2", "--eval-every", "1"]
-    run_train(capsys, "--model", model_folder, "--new-pieces", "0", *common, "--out", tmp_path / "pre")
+    monkeypatch.chdir(model_folder.parent)  # a base named relatively is recorded by its whole path
+    run_train(capsys, "--model", model_folder.name, "--new-pieces", "0", *common, "--out", tmp_path / "pre")
+    adapter = json.loads((tmp_path / "pre" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(model_folder.resolve())
+    monkeypatch.chdir(tmp_path)
     run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", *common, "--out", tmp_path / "sft")
     for run in ("pre", "sft", "sft/checkpoints/step-0000001"):
         sampling, max_new = model_sampling(tmp_path / run)

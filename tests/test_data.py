@@ -147,3 +147,4 @@ run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in ran
         done = subprocess.run([sys.executable, "-c", script, str(int(stop))], capture_output=True, text=True,
                               timeout=60, start_new_session=True)  # a process group of its own
         assert done.returncode == -stop, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)

@@ -52,14 +52,15 @@ def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsy
 def test_the_memory_and_speed_switches_do_not_make_another_run():
     """A run may continue with any of the memory and speed switches added or dropped (they change how a step is
     computed, not what; --cudnn-attention another attention kernel, the same to rounding, as torch's own choice
-    may differ between machines); --bf16-grads, which rounds the sum of several micro-batches, and --optimizer do
-    make another run."""
+    may differ between machines); --bf16-grads, which rounds the sum of several micro-batches, --optimizer and
+    --eval-batches (the held-out loss another measure) do make another run."""
     from bailong.runs import options
     for name in ("offload_activations", "keep_dequantized", "cuda_graph", "keep_attention", "casts_by_layer",
                  "offload_embedding", "cudnn_attention"):
         assert options(TrainConfig(**{name: True})) == options(TrainConfig()), name
     assert options(TrainConfig(bf16_grads=True)) != options(TrainConfig())
     assert options(TrainConfig(optimizer="adamw8bit")) != options(TrainConfig())
+    assert options(TrainConfig(eval_batches=2)) != options(TrainConfig())  # the best kept: of one measure
 
 
 def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
@@ -82,6 +83,9 @@ def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, ca
     stdout, _ = run_train(capsys, *sft, "--steps", "3", "--resume")
     assert "resumed from" in stdout and hashlib.sha256(base.read_bytes()).hexdigest() == before
     assert [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3]
+    shutil.rmtree(tmp_path / "pre")  # and --init gone
+    stdout, _ = run_train(capsys, *sft, "--steps", "4", "--resume")
+    assert "resumed from" in stdout and [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3, 4]
 
 
 def test_a_run_resumes_only_with_the_vocabulary_it_learned(tmp_path, capsys, monkeypatch):
@@ -149,7 +153,7 @@ def test_files_the_user_put_inside_a_run_are_never_removed(tmp_path, capsys, mon
     args = ["--steps", "4", "--save-every", "2", "--held-out", "0", "--new-pieces", "20"]
     run_train(capsys, *args, "--out", "run")
     assert _not_a_runs(tmp_path / "run") == []  # everything a run writes is in the layout
-    for mine in ("adapter/README.md", "checkpoints/step-0000004-good/notes.txt", "base/generation_config.json"):
+    for mine in ("adapter/README.md", "checkpoints/step-0000004-good/notes.txt", "base/README.md"):
         (tmp_path / "run" / mine).parent.mkdir(exist_ok=True)
         (tmp_path / "run" / mine).write_text("the user's")
         for more in (["--overwrite"], ["--resume", "--steps", "6"]):

@@ -257,14 +257,29 @@ def test_the_startup_says_how_many_held_out_examples_an_evaluation_measures(tmp_
     assert "and 4 held-out examples of 128 tokens; 1 steps" in stdout
 
 
-def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys):
-    out = tmp_path / "run"
-    stdout, _ = run_train(capsys, "--steps", "6", "--held-out", "0", "--new-pieces", "50", "--out", out)
+def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys, monkeypatch):
+    """The result is saved before the last step's checkpoint: a kill between them leaves a run --resume finishes
+    (the other way round, a finished run without its result)."""
+    from bailong import checkpoints
+    out, real_save, seen = tmp_path / "run", checkpoints.save_checkpoint, []
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda *a, **k: seen.append(
+        (a[1], (out / "adapter").exists())) or real_save(*a, **k))
+    stdout, _ = run_train(capsys, "--steps", "6", "--held-out", "0", "--new-pieces", "50", "--save-every", "4",
+                          "--out", out)
+    assert seen == [(4, False), (6, True)]
     assert "no held-out data (--held-out 0)" in stdout and "(the adapter of the last step, 6)" in stdout
     assert (out / "loss.png").stat().st_size > 1000 and (out / "adapter" / "adapter_model.safetensors").exists()
     import bailong  # a checkpoint folder loads like the run itself (its base is found two folders up)
     model, tokenizer = bailong.load(latest_checkpoint(out), device="cpu")
     assert tokenizer.vocab_size == model.config.vocab_size == 260 + 50
+
+
+def test_the_closing_means_are_of_steps_apart_in_a_short_run(tmp_path):
+    from bailong.runs import RunFolder
+    from train import summary
+    rows = [{"step": i + 1, "loss": loss} for i, loss in enumerate([5.0, 4.0, 3.0, 2.0, 1.0])]
+    assert "training loss 4.5000 -> 1.5000 (means of the first and last 2 steps)" in summary(
+        rows, 5, None, RunFolder(tmp_path), None, 0)
 
 
 def test_schedule_and_config():
