@@ -282,8 +282,9 @@ def prepare_output(config, found: dict, say=print) -> Path:
                 if "vocabulary" not in recorded else "(another version of the tokenizer library?)")
                 + "; its adapter cannot go on with it: choose another --out")
         if run.get("steps") not in (None, config.steps):
-            say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the "
-                "learning-rate schedule stretches to the new length from here")
+            change = "stretches" if config.steps > run["steps"] else "shrinks"
+            say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the learning-rate "
+                f"schedule {change} to the new length from here")
     try:
         _take_lock(out)
     except OSError as e:
