@@ -198,9 +198,10 @@ def _nf4_gemv_swiglu_kernel(x_ptr, gate, up, y_ptr, M, N, K, stride_xm, stride_y
 
 
 def gemv_takes(x2d, q: NF4Tensor) -> bool:
-    """Whether the GEMV kernel runs ``x2d @ W.T``: 1 to GEMV_MAX_M rows of x, rows of W of whole blocks and its
-    bytes readable as int32 words."""
-    return 0 < x2d.shape[0] <= GEMV_MAX_M and x2d.shape[1] % q.blocksize == 0 and readable_as_words(q)
+    """Whether the GEMV kernel runs ``x2d @ W.T``: 1 to GEMV_MAX_M rows of x in a dtype its loops read (the at-end
+    loop reads any but float32 as 16-bit pairs), rows of W of whole blocks and its bytes readable as int32 words."""
+    return (0 < x2d.shape[0] <= GEMV_MAX_M and x2d.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and x2d.shape[1] % q.blocksize == 0 and readable_as_words(q))
 
 
 def dense_takes(x2d, w: torch.Tensor, rows=GEMV_MAX_M) -> bool:

@@ -297,7 +297,8 @@ def test_up_to_4_rows_take_the_gemv_kernel_more_take_cublas(monkeypatch):
         m.nf4_matmul_forward(torch.randn(M, 128), q)
     m.nf4_matmul_forward(torch.randn(1, 100), quantize(torch.randn(24, 100)))  # rows of W not whole blocks
     assert m.nf4_matmul_forward(torch.randn(0, 128), q).shape == (0, 24)  # no rows
-    assert ran == ["gemv", "gemv", "dequant", "dequant", "dequant"]
+    m.nf4_matmul_forward(torch.randn(1, 128, dtype=torch.float64), q)  # a dtype the GEMV does not read
+    assert ran == ["gemv", "gemv", "dequant", "dequant", "dequant", "dequant"]
 
 
 def test_autocast_computes_in_its_dtype_as_linear_does():
