@@ -190,6 +190,8 @@ def check_output(config, world=1) -> int:
         raise UsageError(f"{out}: is a link to nothing; --out names the folder for the run")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: is a file; --out names the folder for the run")
+    if file := next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None):
+        raise UsageError(f"{out}: lies inside {file}, a file; --out names the folder for the run")
     for what, path in inputs(config).items():
         if overlaps(out, path):
             raise UsageError(f"{out}: holds or lies inside {what}; choose an --out apart from the run's inputs")
