@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -63,18 +64,18 @@ def test_a_terminals_ctrl_c_stops_every_process_after_the_save_and_the_run_resum
     """Ctrl-C reaches each process from the terminal and again from torchrun: one stop, saved once all of them
     finished the step. Each process draws its own dropout masks and keeps its own random state, so the resumed
     run goes on as one never stopped."""
-    args = ["--steps", "12", "--new-pieces", "50", "--eval-every", "4", "--save-every", "100", "--lora-dropout", "0.1"]
+    args = ["--steps", "20", "--new-pieces", "50", "--eval-every", "4", "--save-every", "100", "--lora-dropout", "0.1"]
     train(tmp_path / "whole", *args)
     process = train(tmp_path / "stopped", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True)  # its own process group, as a terminal's foreground job
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4) and process.poll() is None:
-        pass
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does: the signal to every process of the group
     stdout, stderr = process.communicate(timeout=300)
     assert "interrupted after step" in stdout, stderr[-3000:]
     stopped_at = int(stdout.split("interrupted after step ")[1].split(":")[0])
-    assert stopped_at < 12 and stderr.count("stopping after this step") == 1
+    assert stopped_at < 20 and stderr.count("stopping after this step") == 1
     state = torch.load(tmp_path / "stopped" / "checkpoints" / f"step-{stopped_at:07d}" / "state.pt",
                        weights_only=True)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -85,8 +86,6 @@ def test_a_terminals_ctrl_c_stops_every_process_after_the_save_and_the_run_resum
 
 
 def test_a_signal_echoed_by_torchrun_is_one_stop_and_a_later_one_stops_at_once():
-    import time
-
     from bailong.progress import GracefulStop
     with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None, echoes=0.5) as stop:
         os.kill(os.getpid(), signal.SIGINT)
