@@ -39,9 +39,9 @@ from bailong.lora import LoRALinear
 from bailong.lora_fused import LoRAProjection, LoRAShared, frozen_addmm
 from bailong.memory import chunked_mlp_on
 from bailong.recompute import as_forward, forward_state, keeping, nothing_saved, recomputing, replayed
-from bailong.switches import switched_on
+from bailong.switches import initial
 
-_fused_layer = switched_on("BAILONG_FUSED_LAYER")
+_fused_layer = initial("BAILONG_FUSED_LAYER")
 _FLASH, _CUDNN = int(SDPBackend.FLASH_ATTENTION), int(SDPBackend.CUDNN_ATTENTION)  # as ``_fused_sdp_choice`` names them
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

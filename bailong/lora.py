@@ -33,7 +33,7 @@ from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
 from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, nf4_weights, set_module
-from bailong.switches import switched_on
+from bailong.switches import initial
 
 
 @dataclass
@@ -172,7 +172,7 @@ class LoRALinear(nn.Module):
         return super()._apply(fn, recurse)
 
 
-_fused = switched_on("BAILONG_FUSED_LORA")
+_fused = initial("BAILONG_FUSED_LORA")
 
 
 def frozen_matmul_skipped(module) -> bool:

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from bailong.lora_casts import casts_kept
 from bailong.recompute import (as_forward, autocast_as, dequantized_once, forward_state, is_recomputing,
                                nothing_saved, recomputing, replayed)
-from bailong.switches import switched_on
+from bailong.switches import initial
 
-_chunked_loss = switched_on("BAILONG_CHUNKED_LOSS")
+_chunked_loss = initial("BAILONG_CHUNKED_LOSS")
 LOSS_CHUNK_LOGITS = 1 << 24  # logits a chunk of chunked_cross_entropy: 64 MB in float32
-_chunked_mlp = switched_on("BAILONG_CHUNKED_MLP")
+_chunked_mlp = initial("BAILONG_CHUNKED_MLP")
 MLP_CHUNK_VALUES = 1 << 24  # the MLP's intermediate values a chunk of ChunkedMLP: 32 MiB in bf16
 
 

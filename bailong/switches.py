@@ -34,6 +34,12 @@ def switched_on(name: str) -> bool:
     return value.strip().lower() in ON
 
 
+def initial(name) -> bool:
+    """``switched_on`` for a module's state at import, before a command has run: a value no switch takes reads as
+    the default here, and the command refuses it in one line before anything runs (``switch_mistake``)."""
+    return DEFAULTS[name] if _mistake(name) else switched_on(name)
+
+
 def _mistake(name) -> str | None:
     value = os.environ.get(name)
     if value is not None and value.strip().lower() not in OFF + ON:

@@ -44,12 +44,12 @@ before waiting for it. Off by default: not yet timed on a GPU.
 """
 import torch
 
-from bailong.switches import switched_on
+from bailong.switches import initial
 
-_kernels = switched_on("BAILONG_NF4_KERNELS")
-_decode_kernels = switched_on("BAILONG_DECODE_KERNELS")
-_layer_kernels = switched_on("BAILONG_LAYER_KERNELS")
-_pdl = switched_on("BAILONG_PDL")
+_kernels = initial("BAILONG_NF4_KERNELS")
+_decode_kernels = initial("BAILONG_DECODE_KERNELS")
+_layer_kernels = initial("BAILONG_LAYER_KERNELS")
+_pdl = initial("BAILONG_PDL")
 
 
 def use_kernels(flag=True) -> bool:

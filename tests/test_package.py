@@ -1,6 +1,7 @@
 """The package's seams: what imports what, and the layout the README describes."""
 import ast
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -102,6 +103,17 @@ def test_every_switch_is_read_through_bailong_switches_with_its_default():
     doc = importlib.import_module("bailong.switches").__doc__
     for name, on in DEFAULTS.items():  # the docstring gives the value that changes the default
         assert f"{name}={'0' if on else '1'} " in doc
+
+
+@pytest.mark.parametrize("command", [["train.py"], ["chat.py"], ["-m", "bailong.export"], ["-m", "bailong.eval"],
+                                     ["-m", "bailong.vocab"]])
+def test_every_command_refuses_a_value_no_switch_takes_in_one_line(command):
+    """In a new process, where the modules read their switches as they are imported, before the command runs."""
+    env = {**os.environ, **{name: "maybe" for name in importlib.import_module("bailong.switches").DEFAULTS}}
+    done = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=120)
+    assert (done.returncode, done.stdout) == (2, "") and done.stderr.startswith("error: BAILONG_") and \
+        done.stderr.count("\n") == 1, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("value, on", [(None, "default"), ("", False), ("0", False), ("false", False), ("Off", False),
