@@ -137,8 +137,8 @@ def train(config):
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
     if main_process:  # the folder's lock: nothing was touched before this line
-        found = fingerprints(config, items, base_folder, new_tokenizer)
-        prepare_output(config, found, say)
+        found = fingerprints(config, items, base_folder)
+        prepare_output(config, found, say, new_tokenizer)
     if world > 1:
         dist.barrier()
 
@@ -164,7 +164,7 @@ def train(config):
         start_run(config, found, world, say, data.files() | (held_out.files() if held_out else set()))
     # named in the adapter's config (a local folder by its whole path, found from anywhere); a base without a
     # name is kept in the run
-    base_name = str(base_folder.resolve()) if base_folder and Path(config.model).expanduser().is_dir() else \
+    base_name = str(base_folder.absolute()) if base_folder and Path(config.model).expanduser().is_dir() else \
         config.model or None
     if base_name is None and main_process and not own_base:
         with atomic_folder(run.base) as folder:
@@ -272,7 +272,7 @@ def train(config):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
-    with GracefulStop(say, echoes=2.0 if world > 1 else 0.0) as interrupt:
+    with GracefulStop(say, echoes=2.0 if "LOCAL_RANK" in os.environ else 0.0) as interrupt:  # under torchrun
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)

@@ -43,14 +43,12 @@ def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, 
         if index.exists():
             try:
                 shard_files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, AttributeError):  # a broken index: loading says how
+            except (ValueError, KeyError, AttributeError, TypeError):  # a broken index: loading says how
                 shard_files = ["*.safetensors"]
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
-        if not any(folder.glob("*.safetensors")):
-            from huggingface_hub import list_repo_files
-            if any(f.endswith(".bin") for f in list_repo_files(repo, revision=revision)):
-                raise BailongError(f"{repo}: holds only pickled .bin weights, which are not loaded (convert them to "
-                                   "safetensors, or choose a repo that has them)")
+        if not any(folder.glob("*.safetensors")) and any(f.endswith(".bin") for f in _files(repo, revision)):
+            raise BailongError(f"{repo}: holds only pickled .bin weights, which are not loaded (convert them to "
+                               "safetensors, or choose a repo that has them)")
         return folder
     except BailongError:
         raise
@@ -60,3 +58,13 @@ def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, 
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BailongError(f"{repo}: no such folder, and not available from the Hugging Face "
                            f"Hub ({type(e).__name__}: {reason})") from None
+
+
+def _files(repo, revision) -> list[str]:
+    """The names of a Hub repo's files; none when it cannot be asked (offline: loading then says what is
+    missing)."""
+    from huggingface_hub import list_repo_files
+    try:
+        return list_repo_files(repo, revision=revision)
+    except Exception:
+        return []

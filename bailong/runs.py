@@ -72,8 +72,11 @@ NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eva
 
 
 def options(config, world=1) -> dict:
-    """The options that make two runs the same run (the number of processes decides each one's examples)."""
-    return {**{k: v for k, v in asdict(config).items() if k not in NOT_IDENTITY}, "processes": world}
+    """The options that make two runs the same run (the number of processes decides each one's examples; the
+    vocabulary's options, only pre-training's)."""
+    from bailong.training import PRETRAIN_ONLY
+    ignored = NOT_IDENTITY | set(PRETRAIN_ONLY if config.stage == "sft" else ())
+    return {**{k: v for k, v in asdict(config).items() if k not in ignored}, "processes": world}
 
 
 def inputs(config) -> dict:
@@ -223,11 +226,9 @@ def check_output(config, world=1) -> int:
     return done
 
 
-def fingerprints(config, items, base_folder=None, learned=None) -> dict:
+def fingerprints(config, items, base_folder=None) -> dict:
     """What the run's inputs hold, so that they are known wherever they move: the data's text, and the
-    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place);
-    and the vocabulary the run ``learned`` from them, which another version of a tokenizer library may learn
-    otherwise from the same text."""
+    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place)."""
     data = hashlib.sha256()
     for item in items:  # item by item: a large corpus is not copied into one string
         data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
@@ -238,8 +239,6 @@ def fingerprints(config, items, base_folder=None, learned=None) -> dict:
                  if (folder / name).is_file()]
         parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
         found["model"] = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    if learned is not None:
-        found["vocabulary"] = hashlib.sha256(learned.serialized()).hexdigest()[:16]
     return found
 
 
@@ -265,10 +264,11 @@ def release_lock(out):
         lock.close()  # closing the file releases its flock
 
 
-def prepare_output(config, found: dict, say=print) -> Path:
+def prepare_output(config, found: dict, say=print, learned=None) -> Path:
     """The write side of ``check_output``, once the inputs are read: the run in ``--out`` must have the same
-    data and base (by ``fingerprints``); take the folder's lock. Then only the token cache is written
-    (``data.tokenize``) before ``start_run``."""
+    data and base (by ``fingerprints``), and the vocabulary it ``learned`` from them that its checkpoints were
+    trained with (another version may learn another from the same text); take the folder's lock. Then only the
+    token cache is written (``data.tokenize``) before ``start_run``."""
     out = Path(config.out)
     run = read_run(out) if out.is_dir() else None
     if run is not None and not config.overwrite and _has_progress(out):
@@ -278,11 +278,11 @@ def prepare_output(config, found: dict, say=print) -> Path:
             what = {"data": "the data", "model": "the base model"}
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
                              "with; choose another --out")
-        if "vocabulary" in found and recorded.get("vocabulary") != found["vocabulary"]:  # its embedding rows'
-            raise UsageError(f"{out}: the vocabulary learned from the data is not the run's " + (  # pieces
-                "(the run was started by an earlier Bailong, which learned it from the held-out data too)"
-                if "vocabulary" not in recorded else "(another version of the tokenizer library?)")
-                + "; its adapter cannot go on with it: choose another --out")
+        if learned is not None and _trained_vocabulary(out) not in (None, learned.serialized()):
+            raise UsageError(f"{out}: the vocabulary learned from the data is not the one the run's checkpoints "
+                             "were trained with (an earlier Bailong learned it from the held-out data too, or "
+                             "another version of the tokenizer library learns another); its adapter's embedding "
+                             "rows cannot go on with it: choose another --out")
         if run.get("steps") not in (None, config.steps):
             change = "stretches" if config.steps > run["steps"] else "shrinks"
             say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the learning-rate "
@@ -292,6 +292,17 @@ def prepare_output(config, found: dict, say=print) -> Path:
     except OSError as e:
         raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
     return out
+
+
+def _trained_vocabulary(out: Path) -> bytes | None:
+    """The tokenizer the newest checkpoint's adapter was trained with, serialized; None where it keeps none."""
+    from bailong.tokenizer import open_tokenizer
+    saved = RunFolder(out).saved()
+    try:
+        tokenizer = open_tokenizer(RunFolder(saved[-1]).result) if saved else None
+    except BailongError:  # a damaged checkpoint: resuming passes over it, and says so
+        return None
+    return tokenizer.serialized() if tokenizer else None
 
 
 def start_run(config, found: dict, world=1, say=print, cached=()):

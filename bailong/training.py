@@ -24,6 +24,7 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience")
+PRETRAIN_ONLY = ("new_pieces", "init_method")  # the vocabulary's: fine-tuning keeps --init's
 # what each option only CUDA's training has says on the CPU (the first two move GPU memory to the host)
 TO_HOST = ("offload_activations", "offload_embedding")
 ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved layer inputs to host memory; on the "
@@ -207,7 +208,7 @@ class TrainConfig:
             raise UsageError("--init is for --stage sft; pre-training starts from --model")
         if self.stage == "sft" and self.model:
             raise UsageError("--model is for --stage pretrain; fine-tuning starts from --init")
-        for name in ("new_pieces", "init_method"):
+        for name in PRETRAIN_ONLY:
             if self.stage == "sft" and getattr(self, name) != getattr(TrainConfig, name):  # not its default
                 raise UsageError(f"{flag(name)} is for --stage pretrain; fine-tuning keeps the vocabulary of --init")
         if self.device:
