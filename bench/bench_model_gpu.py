@@ -3,8 +3,11 @@
 At the Llama-2-7B shape with random bfloat16 weights (no download needed):
 checks that the logits agree, then times a prefill forward pass (tokens/s) and
 batch-1 greedy decoding (tokens/s, against the ceiling set by reading every
-weight once per token). Eager PyTorch on both sides; CUDA-graph decoding and the
-fused NF4 kernels are measured by bench_decode.py and bench_nf4_matmul.py.
+weight once per token, at the copy rate bench_nf4_matmul.py measures). Ours as
+the package runs by default (its decoding step through the fused Triton kernels,
+the prefill's RMSNorm and SwiGLU by Triton too), transformers eager; CUDA-graph
+decoding and the NF4 kernels alone are measured by bench_decode.py and
+bench_nf4_matmul.py.
 
     python bench/bench_model_gpu.py [--preset llama2-7b] [--prefill 2048] [--decode 256]
 """
@@ -30,15 +33,6 @@ def cuda_time(fn, repeat=5):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def copy_bandwidth():
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written: the
-    rate at which memory moves bytes, so the decode floor's denominator."""
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = cuda_time(lambda: y.copy_(x), repeat=10)
-    return 2 * x.numel() / (ms / 1e3)
 
 
 def main():
@@ -105,6 +99,7 @@ def main():
     torch.cuda.synchronize()
     hf_tps = args.decode / (start.elapsed_time(end) / 1e3)
     same = next((i for i, (x, y) in enumerate(zip(out_ours, out_hf[0, 32:].tolist())) if x != y), args.decode)
+    from bench_nf4_matmul import copy_bandwidth
     floor = weight_bytes / copy_bandwidth()  # each weight read once per token
     print(f"decode batch 1, {args.decode} tokens: ours {ours_tps:.1f} tokens/s, transformers {hf_tps:.1f} tokens/s "
           f"(ratio {ours_tps / hf_tps:.2f}x); bandwidth ceiling {1 / floor:.0f} tokens/s; "

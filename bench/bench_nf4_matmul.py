@@ -141,7 +141,8 @@ def main():
             ref = x.float() @ wq.T
             checked(lambda: gemv(x, q), ref)
             t_gemv = timed([lambda q=q: gemv(x, q) for q in qs])
-            best = {False: (gemv_tile(M), t_gemv), True: (None, float("nan"))}  # by loop: at the end or not
+            best = {False: (None, float("nan")), True: (None, float("nan"))}  # by loop: at the end or not
+            best[gemv_tile(M)[3]] = (gemv_tile(M), t_gemv)  # the default tile, under its own loop
             for tile in gemv_tiles(M) if M in sweep else []:
                 checked(lambda: gemv(x, q, tile), ref)
                 t = timed([lambda q=q: gemv(x, q, tile) for q in qs])

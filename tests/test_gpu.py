@@ -231,10 +231,11 @@ def test_cuda_graph_with_the_fused_step_decodes_as_without_and_is_recaptured(tmp
     # two logits came within 0.002 (4 units of float16's last place); from here within 0.03 at the least (0.024
     # for the float32 NF4 model), computed on the CPU
     prompt = list(range(200, 217))
-    plain = generate(model, prompt, 40, GREEDY, stop_ids=[])
-    first = _decoders[model]
-    previous = bailong_kernels.use_decode_kernels(True)
+    previous = bailong_kernels.use_decode_kernels(False)  # the unfused step first (the fused one is the default)
     try:
+        plain = generate(model, prompt, 40, GREEDY, stop_ids=[])
+        first = _decoders[model]
+        bailong_kernels.use_decode_kernels(True)
         assert generate(model, prompt, 40, GREEDY, stop_ids=[]) == plain
         assert _decoders[model] is not first  # the switch changed: the graph is captured again
         assert generate(model, prompt, 40, GREEDY, stop_ids=[], cuda_graph=False) == plain

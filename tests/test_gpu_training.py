@@ -93,12 +93,15 @@ def test_on_cuda_the_mlp_in_chunks_trains_as_autograd_through_the_chunks(monkeyp
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_on_cuda_a_fused_step_with_torchs_dropout_under_autocast_runs_its_backward_outside_it(monkeypatch, chunked):
-    """Fused LoRA, torch's dropout (the layer kernels off: the default), bf16 autocast as train.py runs it,
+    """Fused LoRA, torch's dropout (the layer kernels off, as BAILONG_LAYER_KERNELS=0 sets them), bf16 autocast as
+    train.py runs it,
     checkpointing, the MLP whole or in chunks: the backward through each recomputation runs outside autocast, as
     autograd's does (under CUDA's autocast a backward's sum returned float32, and the first backward failed on
     dtypes; the CPU's autocast keeps bf16, tests/test_chunked_mlp.py), every LoRA gradient formed and finite."""
+    import bailong_kernels
     from bailong.lora_fused import LoRAShared
     from test_step_count import nf4_step
+    monkeypatch.setattr(bailong_kernels, "_layer_kernels", False)
     autocast, backward = [], LoRAShared.backward
     monkeypatch.setattr(LoRAShared, "backward", staticmethod(
         lambda ctx, *gs: autocast.append(torch.is_autocast_enabled("cuda")) or backward(ctx, *gs)))

@@ -203,9 +203,12 @@ def test_chunked_loss_trains_as_the_whole_logits_do(monkeypatch, dropout):
 def test_projections_sharing_an_input_apply_the_dropout_masks_they_drew(monkeypatch, device):
     """q, k, v with dropout as one node (``LoRAShared``): outputs and every gradient against autograd through
     the masks the node drew (the same call again from the same seed), float32. On CUDA these masks are not
-    those of three ``F.dropout`` calls, so this is the check there."""
+    those of three ``F.dropout`` calls, so this is the check there (torch's masks: the layer kernels, on by
+    default, draw theirs from a seed, checked in test_dropout_kernels.py)."""
+    import bailong_kernels
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
+    monkeypatch.setattr(bailong_kernels, "_layer_kernels", False)
     torch.manual_seed(0)
     layers = [LoRALinear(torch.nn.Linear(48, out, bias=False, device=device), r=4, scaling=2.0, dropout=0.3)
               for out in (48, 16, 16)]
