@@ -154,9 +154,9 @@ def train(config):
         dist.barrier()
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
     data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
-                     pad_id)
+                     pad_id, bos_id=tokenizer.bos_id)
     held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
-                         pad_id, "held-out data") if eval_items else None
+                         pad_id, "held-out data", tokenizer.bos_id) if eval_items else None
     if config.batch_size * world > data.n:  # each batch would hold examples several times over, all in memory
         processes = f" x {world} processes" if world > 1 else ""
         raise UsageError(f"--batch-size {config.batch_size}{processes} is more than the {data.n} training examples")
@@ -250,7 +250,8 @@ def train(config):
         loss_of, inputs, targets, processes_normalizer(targets, device) if world > 1 else None)
 
     @torch.no_grad()
-    def evaluate():  # the mean over every targeted token of the first --eval-batches batches of a step's size
+    def evaluate():  # the mean over every targeted token of the first --eval-batches batches of --batch-size x
+        # processes examples (each process its share)
         model.eval()
         examples = list(range(measured))[rank::world]
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # the loss's sum over the tokens, their count

@@ -1,7 +1,9 @@
 """Training data: read it, tokenize it (in parallel, cached), pack it for pre-training, mask it for SFT.
 
-Pre-training concatenates documents, each followed by eos, into one token
-stream; sequence i is stream[i*L : i*L + L + 1] (inputs and their next tokens).
+Pre-training concatenates documents, each as bos, its tokens, eos (a document
+begins as a prompt does), into one token stream; sequence i is
+stream[i*L : i*L + L + 1] (inputs and their next tokens; bos is never a target:
+no model is asked to write it).
 SFT renders each conversation in the chat format and trains only on the
 assistant tokens (labels -100 elsewhere). Token arrays are cached as .npy files
 keyed by the tokenizer and the text, and memory-mapped on the next run.
@@ -24,6 +26,7 @@ from bailong.hub import resolve
 from bailong.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+DOCUMENTS = "bos text eos"  # how a pre-training document is tokenized (``_encode``): runs and caches record it
 
 
 def data_paths(names) -> list[Path]:
@@ -146,8 +149,8 @@ def _stopped_at_once():
 
 
 def _encode(item):
-    if isinstance(item, str):  # a document: its tokens, then eos
-        return _worker_tokenizer.encode(item, eos=True), None
+    if isinstance(item, str):  # a document: bos, its tokens, eos
+        return _worker_tokenizer.encode(item, bos=True, eos=True), None
     if _worker_template is None:
         return training_example(_worker_tokenizer, item)
     import jinja2
@@ -164,8 +167,8 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
 
     Returns (ids, labels or None, offsets) where item i is ids[offsets[i]:offsets[i+1]].
     """
-    key = hashlib.sha256(tokenizer.serialized() + json.dumps([template, items], ensure_ascii=False).encode()
-                         ).hexdigest()[:20]
+    text = json.dumps([DOCUMENTS, template, items], ensure_ascii=False)
+    key = hashlib.sha256(tokenizer.serialized() + text.encode()).hexdigest()[:20]
     stem = Path(cache_dir) / f"tokens-{key}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
     sft = not isinstance(items[0], str)
@@ -219,12 +222,13 @@ class TokenData:
     """Fixed-length examples over tokenized data.
 
     ``batch(indices)`` gives (inputs, targets) of shape (B, seq_len): targets are
-    the next tokens (pre-training) or the next tokens where they are an
-    assistant's, -100 elsewhere (SFT; short conversations are padded).
+    the next tokens but bos, -100 there (pre-training), or the next tokens where
+    they are an assistant's, -100 elsewhere (SFT; short conversations are padded).
     """
 
-    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data"):
+    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data", bos_id=-1):
         self.ids, self.labels, self.offsets, self.seq_len, self.pad_id = ids, labels, offsets, seq_len, pad_id
+        self.bos_id = bos_id
         self.sft = labels is not None
         self.n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
         if self.n < 1:
@@ -243,7 +247,7 @@ class TokenData:
     def example(self, i):
         if not self.sft:
             chunk = torch.tensor(self.ids[i * self.seq_len: i * self.seq_len + self.seq_len + 1], dtype=torch.long)
-            return chunk[:-1], chunk[1:]
+            return chunk[:-1], chunk[1:].masked_fill(chunk[1:] == self.bos_id, -100)
         start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len + 1)
         ids = torch.tensor(self.ids[start:end], dtype=torch.long)  # a copy of the memory-mapped slice
         labels = torch.tensor(self.labels[start:end], dtype=torch.long)

@@ -228,11 +228,15 @@ def check_output(config, world=1) -> int:
 
 def fingerprints(config, items, base_folder=None) -> dict:
     """What the run's inputs hold, so that they are known wherever they move: the data's text, and the
-    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place)."""
+    base model's config, tokenizer and weight files (names and sizes: gigabytes that never change in place);
+    for pre-training, how the documents are tokenized."""
     data = hashlib.sha256()
     for item in items:  # item by item: a large corpus is not copied into one string
         data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
     found = {"data": data.hexdigest()[:16]}
+    if config.stage == "pretrain":
+        from bailong.data import DOCUMENTS  # here: data imports torch
+        found["documents"] = DOCUMENTS
     if base_folder is not None:
         folder = Path(base_folder)
         parts = [(folder / name).read_bytes() for name in ("config.json", "tokenizer.model", "tokenizer.json")
@@ -278,6 +282,9 @@ def prepare_output(config, found: dict, say=print, learned=None) -> Path:
             what = {"data": "the data", "model": "the base model"}
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
                              "with; choose another --out")
+        if "data" in recorded and recorded.get("documents") != found.get("documents"):
+            raise UsageError(f"{out}: the run was started by an earlier Bailong, which began no pre-training "
+                             "document with bos; it cannot go on with documents that do: choose another --out")
         if learned is not None and _trained_vocabulary(out) not in (None, learned.serialized()):
             raise UsageError(f"{out}: the vocabulary learned from the data is not the one the run's checkpoints "
                              "were trained with (an earlier Bailong learned it from the held-out data too, or "

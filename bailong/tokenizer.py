@@ -24,6 +24,7 @@ class Tokenizer:
         self.vocab_size = self.sp.vocab_size()
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
+        bos, eos = bos and self.bos_id >= 0, eos and self.eos_id >= 0  # a model may have neither (id -1)
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:

@@ -28,6 +28,29 @@ def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     assert read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"]) == ["first", "second"]
 
 
+def test_pretraining_documents_begin_with_bos_which_is_never_a_target(tmp_path):
+    """Each document is bos, its tokens, eos, as a prompt begins; the stream's next tokens are the targets but
+    bos, which no model is asked to write. A tokenizer without bos (id -1) begins them with nothing."""
+    from bailong.data import tokenize
+    from bailong.tokenizer import Tokenizer, byte_tokenizer
+    tok = byte_tokenizer()
+    docs = ["第一篇。", "second one", "三"]
+    ids, labels, offsets = tokenize(tok, docs, tmp_path, workers=1)
+    assert labels is None and list(ids) == [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
+    assert list(ids).count(tok.bos_id) == 3 and ids[0] == tok.bos_id
+    data = TokenData(ids, labels, offsets, 8, tok.eos_id, bos_id=tok.bos_id)
+    inputs, targets = data.batch(range(data.n))
+    stream = torch.tensor(ids[:data.n * 8 + 1], dtype=torch.long)
+    assert torch.equal(inputs.flatten(), stream[:-1])
+    assert torch.equal(targets.flatten(), torch.where(stream[1:] == tok.bos_id, -100, stream[1:]))
+    assert (targets == -100).sum() == 2  # the second and third documents' bos; the first's is no one's target
+    proto = tok.proto()
+    proto.trainer_spec.bos_id = -1  # a SentencePiece model made without bos
+    del proto.pieces[1]
+    no_bos = Tokenizer(model_proto=proto.SerializeToString())
+    assert no_bos.bos_id == -1 and no_bos.encode("三", bos=True, eos=True) == no_bos.encode("三") + [no_bos.eos_id]
+
+
 def test_sft_examples_train_on_assistant_tokens_only():
     from bailong.chat_template import training_example
     from bailong.tokenizer import byte_tokenizer
@@ -69,7 +92,8 @@ def test_token_cache_is_reused(tmp_path):
     from bailong.tokenizer import byte_tokenizer
     docs = ["臺灣", "hello world"]
     ids, labels, offsets = tokenize(byte_tokenizer(), docs, tmp_path, 1)
-    assert labels is None and ids.tolist()[-1] == 2 and offsets.tolist() == [0, 8, 21]  # "▁" + 6 bytes + eos; "▁hello▁world" + eos
+    # bos + "▁" + 6 bytes + eos; bos + "▁hello▁world" + eos
+    assert labels is None and ids.tolist()[-1] == 2 and offsets.tolist() == [0, 9, 23]
     again = tokenize(byte_tokenizer(), docs, tmp_path, 1)
     assert isinstance(again[0], __import__("numpy").memmap) and again[0].tolist() == ids.tolist()
     assert len(list(tmp_path.glob("*.npy"))) == 2
