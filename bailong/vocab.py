@@ -22,6 +22,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -108,10 +109,12 @@ def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_c
         raise BailongError(f"the corpus yields only {len(new)} new {'CJK ' if cjk_only else ''}pieces; "
                            f"{new_pieces} were asked for (add text or ask for fewer)")
     extended = copy.deepcopy(base)
-    lowest = min(p.score for p in base.pieces if p.type == normal)
+    score = np.float32(min(p.score for p in base.pieces if p.type == normal))
     added = [p.piece for p in (chars + merges)[:new_pieces]]
-    for i, piece in enumerate(added):
-        extended.pieces.add(piece=piece, score=lowest - 1 - i, type=normal)
+    for piece in added:  # each 1 below the last, or the next float32 below where 1 is lost to rounding (Llama
+        # 2's lowest is -1e9, where float32 steps by 64): equal scores would leave the order to each reader
+        score = min(score - 1, np.nextafter(score, np.float32(-np.inf)))
+        extended.pieces.add(piece=piece, score=float(score), type=normal)
     extended.trainer_spec.vocab_size = len(extended.pieces)
     return extended, added
 
