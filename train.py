@@ -125,7 +125,8 @@ def train(config):
         model, _ = load(base_folder, dtype=dtype, device=device, quantize="nf4" if config.quantize == "nf4" else None)
     elif config.stage == "pretrain":  # the embedded default: a tiny random Llama that spells everything in bytes
         model, _ = load_preset("tiny", dtype=dtype, device=device, seed=config.seed)
-    else:  # a fine-tuning run continues on the merged base it started from, whatever --init is now
+    else:  # a fine-tuning run continues on the merged base it started from, whatever --init is now; loaded
+        # dense, so that the adapter merges onto the original weights (quantized below, as any base)
         model, tokenizer = load(run.base if own_base else config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
         tokenizer = tokenizer_found(tokenizer, config.init, "training needs one")

@@ -1,15 +1,17 @@
 """Hand-written LoRA: trainable low-rank updates beside frozen (dense or NF4) weights.
 
-    y = x W^T + s * B A x        W: (out, in) frozen;  A: (r, in);  B: (out, r);  s = alpha / r
+    y = x W^T + s * (x A^T) B^T    x: (tokens, in);  W: (out, in) frozen;  A: (r, in);  B: (out, r);  s = alpha / r
 
 Only A and B train: r (in + out) numbers per matrix instead of in * out. B starts
 at zero, so training starts from exactly the base model. With rsLoRA
 (Kalajdzievski, 2023) s = alpha / sqrt(r), which keeps updates from shrinking
 as r grows.
 
-The chain rule through one layer, with g = dL/dy (the base adds nothing to it):
+The chain rule through one layer, with g = dL/dy (tokens, out) and u = g B (tokens, r)
+(the base adds nothing to the first two; LoRA dropout, on by default, replaces x by
+dropout(x) in them and masks the second term of the third):
 
-    dL/dB = s * g^T (A x)       dL/dA = s * B^T g x^T       dL/dx = g W + s * (g B) A
+    dL/dB = s * g^T (x A^T)       dL/dA = s * u^T x       dL/dx = g W + s * u A
 
 Autograd derives the first two through two small ``nn.Linear``s, and for an NF4
 W the ``nf4_linear`` function supplies g W without a weight gradient and without
@@ -259,7 +261,8 @@ def lora_state_dict(model) -> dict:
 
 
 def merge_lora(model, dtype=None):
-    """Fold every update into its weight, W + s * B @ A, leaving a plain (dense) model.
+    """Fold every update into its weight, W + s * B @ A, leaving plain layers where LoRA was (a projection
+    LoRA did not wrap keeps its storage, NF4 included).
 
     An NF4 weight is dequantized first; the merged weight then carries NF4's
     rounding, which a merge onto the original weights would not (a warning says so).

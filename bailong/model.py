@@ -96,7 +96,8 @@ def rope_cos_sin(config: ModelConfig, positions, dtype):
     """cos and sin of the rotary angles for integer ``positions`` (T,), each (T, head_dim).
 
     Frequencies are duplicated ([f0..f_{d/2-1}, f0..f_{d/2-1}]) because Hugging Face
-    checkpoints permute q/k weights so that dimension i pairs with i + d/2, not 2i+1.
+    checkpoints permute q/k weights so that dimension i pairs with i + d/2 (Meta's original
+    layout pairs 2i with 2i+1).
     """
     angles = positions.float()[:, None] * rope_frequencies(config, positions.device)  # (T, d/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, d)
@@ -364,7 +365,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, cache: KVCache | None = None, last_only=False, targets=None):
         """Logits (B, T, vocab); with ``last_only``, only the last position's (B, 1, vocab). With ``targets``
-        (B, T; -100 where nothing is learned), the training loss instead: the mean cross-entropy over the
+        (B, T; already shifted, unlike transformers' labels: ``targets[:, t]`` is the token after
+        ``input_ids[:, t]``; -100 where nothing is learned), the training loss instead: the mean cross-entropy over the
         targeted positions, from float32 logits. LoRA dropout's kernels key this forward's masks from one seed
         (``bailong.recompute.MaskSeeds``)."""
         with mask_seeds():

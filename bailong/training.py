@@ -262,7 +262,9 @@ def check_types(values: dict, source=None):
 
 def parse_config(argv=None) -> TrainConfig:
     """TrainConfig from the command line: every field is a flag; --config FILE (JSON) supplies values
-    that flags given on the command line override; defaults live in the dataclass alone."""
+    that flags given on the command line override; defaults: the dataclass's fields, ``STAGE_DEFAULTS`` for
+    --stage sft (applied here: ``TrainConfig(stage="sft")`` alone keeps pre-training's), and the paths that
+    ``__post_init__`` derives."""
     import argparse
     p = Parser(prog="train.py", description="Bailong training: python train.py --stage pretrain, then --stage sft")
     p.add_argument("--config", help="a JSON file of options (flags on the command line win)")

@@ -203,7 +203,7 @@ def _cross_entropy_kernel(z_ptr, targets_ptr, loss_ptr, V, BLOCK: tl.constexpr):
         cols = start + tl.arange(0, BLOCK)
         z = tl.load(z_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         new_m = tl.maximum(m, tl.max(z, axis=0))
-        total = total * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+        total = total * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)  # the old sum rescaled: no overflow
         m = new_m
     lse = m + tl.log(total)
     kept = target != -100

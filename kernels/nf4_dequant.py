@@ -13,8 +13,8 @@ Why 16 entries and not a 256-entry table of code pairs (one lookup per byte
 instead of two): a lookup is a gather from global memory served by the L1
 cache, which handles one cache line (128 bytes) per cycle for a warp. The
 16 float32 codes are 64 bytes, one line: a warp's 32 lookups take one pass. A
-pair table is 2 KiB, 16 lines: a warp's 32 random bytes touch about 13 of
-them, so 13 passes for 64 values instead of 2 passes.
+pair table is 2 KiB, 16 lines: a warp's 32 random bytes touch about 14 of
+them (16 (1 - (15/16)^32)), so 14 passes for 64 values instead of 2 passes.
 
 A second kernel reads the packed bytes as int32 words, 8 weights a word, one
 word a thread a step: the word's block scale is found once (not once a byte),
@@ -53,7 +53,8 @@ else:
 def _block_scale(block, mask, absmax_ptr, nested_map_ptr, nested_absmax_ptr, offset_ptr,
                  DOUBLE_QUANT: tl.constexpr):
     """Float32 absmax of the blocks ``block`` (any shape), expanding the 8-bit codes if double-quantized; masked
-    blocks read as 0 (``mask`` None: every block is read)."""
+    blocks read as 0, or double-quantized as the offset: callers mask what they store (``mask`` None: every
+    block is read)."""
     if DOUBLE_QUANT:
         if mask is None:
             absmax_code = tl.load(absmax_ptr + block).to(tl.int32)

@@ -114,5 +114,5 @@ def test_stories260k_zip_tie_beats_mean_all_and_random(capsys):
         losses[method] = nats_per_original_token(m, [retokenize(s) for s in held])
     with capsys.disabled():
         print("\nstories260K, nats per original token: " + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
-    assert losses["zip-tie"] < losses["mean-all"] < losses["random"]
-    assert losses["zip-tie"] < losses["zip-tie-first"]  # the measurement behind the default
+    # the order bailong/zip_tie.py reports; its first two, the measurement behind the default
+    assert losses["zip-tie"] < losses["zip-tie-first"] < losses["mean-all"] < losses["random"]
