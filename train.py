@@ -130,7 +130,6 @@ def train(config):
         model, tokenizer = load(run.base if own_base else config.init, dtype=dtype, device=device)
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
         tokenizer = tokenizer_found(tokenizer, config.init, "training needs one")
-    base_vocab = model.config.vocab_size
     if new_tokenizer is not None:
         extend_model(model, tokenizer, new_tokenizer, config.init_method)
         tokenizer = new_tokenizer
@@ -180,7 +179,7 @@ def train(config):
     lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, rslora=config.rslora)
     if model.config.tie_word_embeddings:  # one matrix is both embedding and head: LoRA leaves it alone
         lora.targets = tuple(t for t in lora.targets if t not in ("embed_tokens", "lm_head"))
-        lora.save_embedding_layers = grown = model.config.vocab_size > base_vocab
+        lora.save_embedding_layers = grown = new_tokenizer is not None
         say("tied embeddings: LoRA on the projections only" + (
             "; the embedding, with the new rows as zip-tie set them, is saved with the adapter" if grown else ""))
     inject_lora(model, lora)

@@ -133,14 +133,21 @@ def tokenizer_settings(folder) -> dict:
     return settings
 
 
-def open_tokenizer(path) -> Tokenizer | JsonTokenizer:
-    """The tokenizer in a file (tokenizer.model or tokenizer.json) or a model folder (tokenizer.model
-    first); None for a folder with neither."""
+def tokenizer_file(path) -> Path | None:
+    """``path``, or for a model folder the tokenizer file in it (tokenizer.model first); None for a folder
+    with neither."""
     path = Path(path)
-    if path.is_dir():
-        path = next((path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()), None)
-        if path is None:
-            return None
+    if not path.is_dir():
+        return path
+    return next((path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()), None)
+
+
+def open_tokenizer(path) -> Tokenizer | JsonTokenizer:
+    """The tokenizer in a file (tokenizer.model or tokenizer.json) or a model folder (``tokenizer_file``);
+    None for a folder with neither."""
+    path = tokenizer_file(path)
+    if path is None:
+        return None
     return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
 
 

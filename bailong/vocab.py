@@ -30,7 +30,7 @@ from bailong.data import read_corpus
 from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
-from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_found
+from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
 from bailong.vocab_bpe import extend_json
 
 # Llama 2's trainer settings, as its tokenizer.model records them
@@ -86,6 +86,12 @@ def load_proto(path) -> pb.ModelProto:
         raise BailongError(f"{path}: no such file") from None
     except Exception as e:  # protobuf's DecodeError or SentencePiece's RuntimeError
         raise BailongError(f"{path}: not a SentencePiece model ({type(e).__name__}: {e})") from None
+    return check_bpe(proto, path)
+
+
+def check_bpe(proto: pb.ModelProto, path) -> pb.ModelProto:
+    """``proto``, if extension can append to it: a Unigram model's scores are log-probabilities, not a merge
+    order, so appended pieces would get arbitrary ones."""
     if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
         raise BailongError(f"{path}: a {pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)} model; "
                            "extension supports BPE models (Llama's)")
@@ -106,8 +112,7 @@ def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_c
     chars = sorted((p for p in new if len(p.piece) == 1), key=lambda p: -char_counts.get(p.piece, 0))
     merges = sorted((p for p in new if len(p.piece) > 1), key=lambda p: -p.score)
     if len(new) < new_pieces:
-        raise BailongError(f"the corpus yields only {len(new)} new {'CJK ' if cjk_only else ''}pieces; "
-                           f"{new_pieces} were asked for (add text or ask for fewer)")
+        raise BailongError(too_few(len(new), "pieces", new_pieces, cjk_only))
     extended = copy.deepcopy(base)
     score = np.float32(min(p.score for p in base.pieces if p.type == normal))
     added = [p.piece for p in (chars + merges)[:new_pieces]]
@@ -117,6 +122,11 @@ def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_c
         extended.pieces.add(piece=piece, score=float(score), type=normal)
     extended.trainer_spec.vocab_size = len(extended.pieces)
     return extended, added
+
+
+def too_few(found, what, asked, cjk_only) -> str:
+    return (f"the corpus yields only {found} new {'CJK ' if cjk_only else ''}{what}; --new-pieces asks for "
+            f"{asked} (add text or ask for fewer; train.py's --new-pieces 0 keeps the base's vocabulary)")
 
 
 def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
@@ -161,34 +171,40 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
     text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
     merges (bailong/vocab_bpe.py), keeping its tokenizer_config.json settings."""
     if not isinstance(tokenizer, JsonTokenizer):
-        extended, added = add_pieces(tokenizer.proto(), texts, new_pieces, cjk_only)
+        proto = check_bpe(tokenizer.proto(), tokenizer.path or "the tokenizer")
+        extended, added = add_pieces(proto, texts, new_pieces, cjk_only)
         return Tokenizer(model_proto=extended.SerializeToString()), added
     text, added = extend_json(tokenizer.serialized().decode(), texts, new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
-        raise BailongError(f"the corpus yields only {len(added)} new {'CJK ' if cjk_only else ''}tokens; "
-                           f"{new_pieces} were asked for (add text or ask for fewer)")
+        raise BailongError(too_few(len(added), "tokens", new_pieces, cjk_only))
     return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added
 
 
 def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite=False):
     """The ``extend`` command: train, merge, save, and report tokens per character. A base ending in
-    .json is a byte-level BPE tokenizer.json; any other a SentencePiece model."""
+    .json is a byte-level BPE tokenizer.json; any other a SentencePiece model; a model folder, the one it holds."""
+    if Path(base).is_dir():
+        if (found := tokenizer_file(base)) is None:
+            raise UsageError(f"{base}: a folder without tokenizer.model or tokenizer.json; --base names a "
+                             "tokenizer or the model folder that holds one")
+        base = found
     check_out(out, base, corpus, overwrite)
     before = JsonTokenizer(base, read_text(base)) if str(base).endswith(".json") else \
         Tokenizer(model_proto=load_proto(base).SerializeToString())
     texts = read_corpus(corpus)
     cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
-    train, test = texts[:cut], texts[cut:] or texts
+    train, held = texts[:cut], texts[cut:]
     print(learning_message(new_pieces, train), flush=True)
     start = time.perf_counter()
     after, added = extend_tokenizer(before, train, new_pieces, cjk_only)
     atomic_write(out, after.serialized())
-    b, a = tokens_per_char(before, test), tokens_per_char(after, test)
+    measured = held or train  # the report's text
+    b, a = tokens_per_char(before, measured), tokens_per_char(after, measured)
     whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character
     print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}) in "
           f"{time.perf_counter() - start:.0f} s, e.g. {' '.join(whole[:12])}")
-    print(f"held-out text ({sum(map(len, test))} characters): {b:.3f} -> {a:.3f} tokens per character "
-          f"({b / a:.2f}x fewer tokens)")
+    print(f"{'held-out' if held else 'training (nothing held out)'} text ({sum(map(len, measured))} characters): "
+          f"{b:.3f} -> {a:.3f} tokens per character ({b / a:.2f}x fewer tokens)")
     print(f"wrote {out}")
     return added
 
@@ -205,7 +221,7 @@ def read_text(path) -> str:
 def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars=20000):
     """The ``compare-init`` command: loss per character for each initialisation of the new rows."""
     from bailong.weights import load
-    from bailong.zip_tie import METHODS, extend_model
+    from bailong.zip_tie import METHODS, extend_model, extends
     texts = first_chars(read_corpus([text]), max_chars)
     base, extended = (tokenizer_found(open_tokenizer(p), p) for p in (base_tokenizer, extended_tokenizer))
     if type(base) is not type(extended):
@@ -215,12 +231,16 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
         raise BailongError(f"{extended_tokenizer}: {extended.vocab_size} pieces, no more than the base tokenizer's "
                            f"{base.vocab_size}; --extended-tokenizer names the extension of --base-tokenizer (are the "
                            "two swapped?)")
+    if not extends(base, extended):
+        raise BailongError(f"{extended_tokenizer}: not an extension of {base_tokenizer} (some of its ids name "
+                           "other pieces; an extension keeps every id and appends)")
     if extended.bos_id < 0:  # a tokenizer.json written alone: extension keeps the base's special tokens
         extended.bos_id, extended.eos_id = base.bos_id, base.eos_id
-    model, _ = load(model_path)
-    if base.vocab_size != model.config.vocab_size:
+    model, own = load(model_path)
+    if base.vocab_size > model.config.vocab_size or own is not None and own.serialized() != base.serialized():
         raise BailongError(f"{base_tokenizer}: {base.vocab_size} pieces, but the model has {model.config.vocab_size} "
-                           "embeddings; --base-tokenizer names the model's own tokenizer")
+                           "embeddings" + (f" and a tokenizer of its own ({own.vocab_size} pieces)" if own else "") +
+                           "; --base-tokenizer names the model's own tokenizer")
     print(f"{sum(map(len, texts))} characters; tokens per character {tokens_per_char(base, texts):.3f} (base) "
           f"-> {tokens_per_char(extended, texts):.3f} (extended)")
     rows = [("original model, base tokenizer", loss_per_char(model, base, texts))]

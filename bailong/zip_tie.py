@@ -116,9 +116,24 @@ def init_new_rows(model, mapping: dict[int, list[int]], method="zip-tie", seed=0
     return model
 
 
+def extends(base, extended) -> bool:
+    """Whether ``extended`` gives every id of ``base`` to the same piece (an extension only appends)."""
+    if extended.vocab_size <= base.vocab_size or type(base) is not type(extended):
+        return False
+    if hasattr(base, "sp"):
+        return all(base.sp.id_to_piece(i) == extended.sp.id_to_piece(i) for i in range(base.vocab_size))
+    theirs = extended.tk.get_vocab(with_added_tokens=True)
+    return all(theirs.get(token) == i for token, i in base.tk.get_vocab(with_added_tokens=True).items())
+
+
 def extend_model(model, base, extended, method="zip-tie"):
-    """Resize ``model`` from ``base``'s vocabulary to ``extended``'s and initialise the new rows."""
-    if model.config.vocab_size != base.vocab_size:
-        raise ValueError(f"the model has {model.config.vocab_size} embeddings; the base tokenizer {base.vocab_size}")
-    resize_vocab(model, extended.vocab_size)
+    """Resize ``model`` from ``base``'s vocabulary to ``extended``'s and initialise the new rows. A model with
+    rows past ``base``'s ids (a vocabulary padded for speed) gives the new ids those rows first: no token
+    reached them."""
+    if model.config.vocab_size < base.vocab_size:
+        raise ValueError(f"the model has {model.config.vocab_size} embeddings, fewer than the base tokenizer's "
+                         f"{base.vocab_size} ids")
+    if not extends(base, extended):
+        raise ValueError("the extended tokenizer does not keep every id of the base tokenizer")
+    resize_vocab(model, max(model.config.vocab_size, extended.vocab_size))
     return init_new_rows(model, piece_ids(base, extended), method)

@@ -106,3 +106,21 @@ def test_bad_input(tmp_path, capsys):
     assert not (tmp_path / "out.model").exists()
     with pytest.raises(BailongError, match="missing: no such file or folder"):
         read_corpus([tmp_path / "missing"])
+
+
+def test_train_py_extends_only_what_vocab_extend_does_and_a_folder_names_its_tokenizer(tmp_path, capsys):
+    """train.py's path (extend_tokenizer) refuses a Unigram model as `vocab extend` does (its scores are
+    log-probabilities: appended pieces got arbitrary ones); --base may name a model folder; a report without
+    held-out text says what it measured."""
+    from bailong.tokenizer import byte_tokenizer
+    from bailong.vocab import extend_tokenizer
+    proto = byte_tokenizer().proto()
+    proto.trainer_spec.model_type = proto.trainer_spec.UNIGRAM
+    with pytest.raises(BailongError, match="a UNIGRAM model; extension supports BPE models"):
+        extend_tokenizer(Tokenizer(model_proto=proto.SerializeToString()), read_corpus([SAMPLE]), 5)
+    (tmp_path / "model").mkdir()
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), tmp_path / "model")
+    vocab_main(["extend", "--base", str(tmp_path / "model"), "--corpus", str(SAMPLE), "--new-pieces", "5",
+                "--held-out", "0", "--out", str(tmp_path / "new.model")])
+    assert "training (nothing held out) text (1990 characters)" in capsys.readouterr().out
+    assert Tokenizer(tmp_path / "new.model").vocab_size == 32005

@@ -73,6 +73,46 @@ def test_a_piece_that_is_one_old_token_gets_its_rows_exactly(setup):
         resize_vocab(model, 32010)
 
 
+def test_a_padded_vocabulary_gives_its_unused_rows_to_the_new_ids_first(setup):
+    """A model with rows past its tokenizer's ids (padded for speed): the new ids take those rows, which no
+    token reached, and the model grows only where the new ids need more (it used to fail)."""
+    base, ext, folder, tmp = setup
+    for rows in (32064, 32256):  # fewer rows than the extension needs, more
+        padded, _ = write_hf(tmp / str(rows), "gqa", vocab_size=rows, hidden_size=32, intermediate_size=64,
+                             num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+        model, _ = bailong.load(padded, device="cpu")
+        old = model.model.embed_tokens.weight.clone()
+        extend_model(model, base, ext)
+        embed = model.model.embed_tokens.weight
+        assert model.config.vocab_size == embed.shape[0] == max(rows, 32200)
+        assert torch.equal(embed[:32000], old[:32000]) and torch.equal(embed[32200:rows], old[32200:rows])
+        for new_id, ids in piece_ids(base, ext).items():
+            assert torch.equal(embed[new_id], old[ids].mean(0))
+
+
+def test_only_an_extension_of_the_base_is_taken(setup, tmp_path, capsys):
+    """An 'extended' tokenizer whose ids name other pieces than the base's (not an extension: pieces removed,
+    so every later id shifted) would apply the old rows to other pieces: refused, by the API and the command."""
+    from bailong.vocab import load_proto
+    from bailong.zip_tie import extends
+    base, ext, folder, _ = setup
+    proto = load_proto(ext.path)
+    del proto.pieces[1000:1050]
+    shifted = tmp_path / "shifted.model"
+    shifted.write_bytes(proto.SerializeToString())
+    assert extends(base, ext) and not extends(base, Tokenizer(shifted)) and not extends(ext, base)
+    model, _ = bailong.load(folder, device="cpu")
+    with pytest.raises(ValueError, match="does not keep every id"):
+        extend_model(model, base, Tokenizer(shifted))
+    with pytest.raises(SystemExit) as exit_:
+        from bailong.errors import run_cli
+        run_cli(vocab_main, ["compare-init", "--model", str(folder), "--base-tokenizer", str(base.path),
+                             "--extended-tokenizer", str(shifted), "--text", str(SAMPLE)])
+    assert exit_.value.code == 1
+    assert f"error: {shifted}: not an extension of {base.path} (some of its ids name other pieces" in \
+        capsys.readouterr().err
+
+
 def test_compare_init_command(setup, capsys):
     base, ext, folder, tmp = setup
     vocab_main(["compare-init", "--model", str(folder), "--base-tokenizer", str(base.path), "--extended-tokenizer",
