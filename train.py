@@ -8,6 +8,7 @@
 Sections below follow the recipe in order; the pieces live in bailong/.
 Several GPUs: torchrun --nproc-per-node N train.py ... (each rank reads its share; rank 0 writes).
 """
+import json
 import math
 import os
 import shutil
@@ -143,7 +144,9 @@ def train(config):
         dist.barrier()
 
     # ---- tokenized data (the token cache: the only write before the run starts) --------------------------------
-    template = model_template(tokenizer) if config.stage == "sft" else None  # as chat.py will use the model
+    # the format chat.py will use the model in: --init's template (a pre-training run's: its base's), or the one
+    # the run's kept base holds
+    template = model_template(tokenizer, run.base if own_base else config.init) if config.stage == "sft" else None
     if config.stage == "sft":
         say("chat format: " + ("the model's chat_template" if template else "Llama 2's"))
     if world > 1:  # rank 0 fills the token cache first; the others then read it
@@ -172,6 +175,9 @@ def train(config):
             tokenizer.save(folder)
             if config.stage == "sft" and (sampling := generation_config(config.init)):  # the model's own sampling
                 shutil.copyfile(sampling, folder / GENERATION_CONFIG)
+            if template and not (folder / "tokenizer_config.json").exists():  # the chat format it is fine-tuned in
+                settings = {"chat_template": template[0], **template[1]}  # (a tokenizer.json's settings hold it)
+                (folder / "tokenizer_config.json").write_text(json.dumps(settings, ensure_ascii=False, indent=2))
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":

@@ -86,11 +86,18 @@ def fit_prompt(encode, messages, budget) -> tuple[list[int], list[dict]]:
 
 
 def jinja_template(folder) -> tuple[str, dict] | None:
-    """The chat template and special-token strings of a model folder (``tokenizer_settings``), if any."""
+    """The chat template and special-token strings of a model folder (``tokenizer_settings``), or of a training
+    output's (or checkpoint's) base model, which a fine-tuning run copies into the base it keeps; None where
+    there is none."""
     from pathlib import Path
 
+    from bailong.hub import resolve
+    from bailong.runs import training_output
     from bailong.tokenizer import tokenizer_settings
-    return template_in(tokenizer_settings(folder), Path(folder) / "tokenizer_config.json")
+    if found := template_in(tokenizer_settings(folder), Path(folder) / "tokenizer_config.json"):
+        return found
+    run = training_output(Path(folder))
+    return jinja_template(resolve(str(run[0]))) if run else None
 
 
 def model_template(tokenizer, folder=None) -> tuple[str, dict] | None:

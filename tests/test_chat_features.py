@@ -136,19 +136,27 @@ def test_training_output_and_its_merged_export_answer_alike(tmp_path):
     assert answers[0] == answers[1] and answers[0].strip("\n")  # what a barely trained model says: spaces, maybe
 
 
-def test_a_training_output_samples_as_its_base_model_says(model_folder, tmp_path, capsys, monkeypatch):
-    """The base's generation_config.json, for a pre-training output (its base named in the adapter) and a
-    fine-tuning one (its merged base keeps a copy), as for the base itself (chat.py read the defaults)."""
+def test_a_training_output_samples_and_chats_as_its_base_model_says(model_folder, tmp_path, capsys, monkeypatch):
+    """The base's generation_config.json and chat template, for a pre-training output (its base named in the
+    adapter) and a fine-tuning one (its merged base keeps a copy), as for the base itself: chat.py read the
+    defaults and Llama 2's format, and fine-tuning a tokenizer.model base trained in Llama 2's format too,
+    where `chat.py BASE --adapter` used the base's template."""
+    from bailong.chat_template import model_template
     from train_runs import run_train
     (model_folder / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "max_new_tokens": 7}))
+    (model_folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "</s>"}))
     common = ["--steps", "1", "--batch-size", "2", "--eval-every", "1"]
     monkeypatch.chdir(model_folder.parent)  # a base named relatively is recorded by its whole path
     run_train(capsys, "--model", model_folder.name, "--new-pieces", "0", *common, "--out", tmp_path / "pre")
     adapter = json.loads((tmp_path / "pre" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(model_folder.resolve())
     monkeypatch.chdir(tmp_path)
-    run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", *common, "--out", tmp_path / "sft")
-    for run in ("pre", "sft", "sft/checkpoints/step-0000001"):
+    stdout, _ = run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", *common, "--out", tmp_path / "sft")
+    assert "chat format: the model's chat_template" in stdout
+    for run in ("pre", "sft", "sft/checkpoints/step-0000001", "sft/base"):
         sampling, max_new = model_sampling(tmp_path / run)
         assert (sampling.temperature, max_new) == (0.3, 7), run
+        _, tokenizer = bailong.load(tmp_path / run, device="cpu")
+        assert model_template(tokenizer, tmp_path / run) == (CHATML, {"bos_token": None, "eos_token": "</s>",
+                                                                     "unk_token": None, "pad_token": None}), run
     assert (tmp_path / "sft" / "base" / "generation_config.json").is_file()
