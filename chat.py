@@ -149,7 +149,7 @@ def main(argv=None):
         return 130
     if args.prompt is not None:
         chat.answer(args.prompt)
-        return 0
+        return 130 if chat.stopped else 0  # stopped by Ctrl-C: the answer printed is not whole
     print("Chat started. /exit or Ctrl-D to quit; /reset, /system TEXT, /save FILE.", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 must not take the lines after it with it
         sys.stdin.reconfigure(errors="surrogateescape")

@@ -81,7 +81,10 @@ def fit_prompt(encode, messages, budget) -> tuple[list[int], list[dict]]:
         if len(ids) <= budget:
             return ids, kept
         if len(dialog) <= 1:
-            raise ValueError(f"the message is {len(ids)} tokens; the context leaves room for {budget}")
+            alone = len(encode(system + [{"role": "user", "content": ""}])) if system else 0
+            what = f"the system prompt alone is {alone} tokens" if alone > budget else \
+                f"the message is {len(ids)} tokens"
+            raise ValueError(f"{what}; the context leaves room for {budget}")
         dialog = dialog[2:]
 
 

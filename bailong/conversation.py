@@ -17,21 +17,29 @@ class Chat:
     def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
-        self.messages = [{"role": "system", "content": system}] if system else []
+        self.messages = [{"role": "system", "content": system}] if system else []  # the whole conversation
         self.saved = set()  # files this conversation wrote, which /save may update
+        self.stopped = False  # whether Ctrl-C stopped the last answer
         # an answer ends at the model's eos, the tokenizer's, or the end-of-turn token its template puts after
         # an answer (<|eot_id|>), which SFT in that template taught it
         self.stop_ids = set(model.config.eos_token_id) | {tokenizer.eos_id} - {-1} | (
             turn_end_ids(tokenizer, template) if template else set())
 
+    @property
+    def messages(self) -> list[dict]:
+        return self._messages
+
+    @messages.setter
+    def messages(self, messages):  # a new conversation: none of its exchanges is left out of the prompt yet
+        self._messages, self.dropped = messages, 0
+
     def encode(self, messages):
         if self.template is None:
             return llama2_ids(self.tokenizer, messages)
-        import jinja2
         template, specials = self.template
         try:
             text = render_jinja(template, messages, specials)
-        except jinja2.TemplateError as e:
+        except Exception as e:  # jinja2's errors, and any a template's Python raises (a str added to an int)
             raise BailongError(f"the model's chat_template fails on this conversation ({type(e).__name__}: {e})") \
                 from None
         return self.tokenizer.encode_chat(text, specials)
@@ -48,11 +56,15 @@ class Chat:
 
     def answer(self, text, stream=True) -> str:
         """The reply to ``text``, streamed to stdout as it comes unless ``stream`` is False (answers to a
-        file of questions); the history keeps both (trimmed to fit the context)."""
+        file of questions); the history keeps both, and the prompt the newest exchanges that fit the context
+        (``dropped``: the oldest left out so far)."""
         out = sys.stdout if stream else io.StringIO()  # a quiet answer is written nowhere
         self.messages.append({"role": "user", "content": text})
+        system = self.messages[:1] if self.messages[0]["role"] == "system" else []
+        shown = system + self.messages[len(system) + self.dropped:]
         try:
-            ids, self.messages[:] = self.prompt(self.messages)
+            ids, kept = self.prompt(shown)
+            self.dropped += len(shown) - len(kept)
         except BailongError:
             self.messages.pop()
             raise
@@ -63,14 +75,15 @@ class Chat:
                 print(decoder.put(i), end="", flush=True, file=out)
                 reply.append(i)
 
-        start = time.perf_counter()
+        start, self.stopped = time.perf_counter(), False
         try:
             generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
         except KeyboardInterrupt:
             if not stream:  # answering a file: Ctrl-C stops them all, not this answer
                 self.messages.pop()
                 raise
-            print(" [stopped]", end="", file=out)
+            self.stopped = True  # the answer so far is kept; the note is not part of it
+            print(" [stopped]", end="", file=sys.stderr, flush=True)
         except FloatingPointError as e:  # the model's fault, not the conversation's: the question is taken back
             self.messages.pop()
             raise BailongError(str(e)) from None

@@ -153,10 +153,9 @@ def _encode(item):
         return _worker_tokenizer.encode(item, bos=True, eos=True), None
     if _worker_template is None:
         return training_example(_worker_tokenizer, item)
-    import jinja2
     try:
         return template_example(_worker_tokenizer, _worker_template, item)
-    except (ValueError, jinja2.TemplateError) as e:
+    except Exception as e:  # jinja2's errors, ours (ValueError), and any a template's Python raises
         raise BailongError(f"the model's chat_template fails on a conversation ({type(e).__name__}: {e})") from None
 
 

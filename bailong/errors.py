@@ -60,6 +60,9 @@ def run_cli(main, argv=None):
     say = os.environ.get("LOCAL_RANK", "0") == "0"
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if rank != "0" else ""
+    for stream in (sys.stdout, sys.stderr):  # text the output cannot hold (Chinese to an ASCII or cp1252 one,
+        if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback
+            stream.reconfigure(errors="replace")
     try:
         from bailong.switches import switch_mistake
         if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch

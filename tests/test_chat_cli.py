@@ -149,5 +149,50 @@ def test_a_chat_template_that_fails_on_a_conversation_is_one_error_and_the_chat_
     with pytest.raises(BailongError, match="the model's chat_template fails on this conversation"):
         conversation.answer("hi")
     assert conversation.messages == []  # the failed turn is not kept
+    conversation.template = ("{{ messages[0].content + 1 }}", {})  # Python's error, not jinja2's (a traceback)
+    with pytest.raises(BailongError, match=r"fails on this conversation \(TypeError: "):
+        conversation.answer("hi")
     conversation.template = ("{{ messages[-1].content }}", {})
     assert isinstance(conversation.answer("hi"), str) and len(conversation.messages) == 2
+
+
+def test_the_history_is_kept_whole_while_the_prompt_holds_what_fits(monkeypatch, capsys):
+    """/save wrote only the exchanges that still fit the context (the history itself was trimmed); the prompt
+    is still the newest exchanges that fit, as fit_prompt chooses from the whole history. A system prompt too
+    long alone is named, not the message."""
+    from bailong import conversation as module
+    from bailong.chat_template import fit_prompt
+    from bailong.conversation import Chat
+    model, tokenizer = bailong.load_preset("tiny", device="cpu")
+    chat_ = Chat(model, tokenizer, None, Sampling(temperature=0), 8, system="S")
+    prompts, generate_ = [], module.generate
+    monkeypatch.setattr(module, "generate", lambda m, ids, *a, **k: prompts.append(ids) or generate_(m, ids, *a, **k))
+    for turn in range(6):
+        chat_.answer(f"{turn}: " + "long words " * 5, stream=False)
+        whole = fit_prompt(chat_.encode, chat_.messages[:-1], 256 - 8)[0]
+        assert prompts[-1] == whole and len(chat_.messages) == 1 + 2 * (turn + 1)
+    assert chat_.dropped > 0 and chat_.messages[1]["content"].startswith("0: ")
+    chat_.messages = [{"role": "system", "content": "S " * 300}]
+    with pytest.raises(module.BailongError, match=r"the system prompt alone is \d+ tokens; the context leaves room"):
+        chat_.answer("hi")
+
+
+def test_an_output_that_cannot_hold_the_text_shows_it_replaced_not_a_traceback():
+    """An ASCII (or cp1252, as Windows gives a redirected file) standard output: characters it cannot hold are
+    shown as "?" (the answer ended in a UnicodeEncodeError traceback, and the chat with it)."""
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--prompt", "你好",
+                             "--max-new-tokens", "50", "--seed", "0"], capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and b"?" in result.stdout and b"Traceback" not in result.stderr
+
+
+def test_ctrl_c_in_a_one_shot_answer_exits_130_and_keeps_the_note_off_the_answer(monkeypatch, capsys):
+    from bailong import conversation
+
+    def generate(model, ids, n, sampling, stop_ids, on_token):
+        on_token(ids[-1])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(conversation, "generate", generate)
+    assert chat.main(["--preset", "tiny", "--prompt", "hi"]) == 130
+    out, err = capsys.readouterr()
+    assert "[stopped]" not in out and " [stopped]" in err
