@@ -8,11 +8,11 @@
     python chat.py --preset tiny --prompt "Hello"         # random weights: a smoke test
 
 The chat format is the model folder's Jinja chat template (chat_template.jinja, else
-tokenizer_config.json's chat_template) when it has one, else Llama 2's ([INST], <<SYS>>),
-which our SFT stage trains with.
-Sampling defaults come from generation_config.json when present. Older turns are
-dropped when the conversation would outgrow the context window; the system
-prompt stays. Commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a file),
+tokenizer_config.json's chat_template) when it has one (a training output: its base model's),
+else Llama 2's ([INST], <<SYS>>): the format our SFT stage trains in too.
+Sampling defaults come from generation_config.json when present (read as transformers
+reads it). Older turns are left out of the prompt when the conversation would outgrow
+the context window (/save keeps them); the system prompt stays. Commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a file),
 /exit (or Ctrl-D);
 Ctrl-C stops an answer, or exits at the prompt.
 """
@@ -57,7 +57,8 @@ def parse_args(argv):
     for name in SAMPLING:
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)),
                        help=f"default: generation_config.json's, or {getattr(d, name)}"
-                            + (" (0 for greedy)" if name == "temperature" else ""))
+                            + (" (0: the most likely token, after the repetition penalty)" if name == "temperature"
+                               else ""))
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu (a --preset: float32)")

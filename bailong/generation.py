@@ -281,23 +281,33 @@ def generation_config(folder):
     return generation_config(resolve(str(run[0]))) if run else None
 
 
+# transformers' values for what a generation_config.json leaves out, or sets to null (GenerationConfig's defaults)
+HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
 def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampling, int]:
     """Sampling and answer length for a model: ``chosen`` values (None: not chosen), else its
-    ``generation_config``'s, else Sampling's defaults and 512 new tokens."""
+    ``generation_config``'s, read as transformers reads it (greedy unless it says do_sample; what it leaves
+    out, transformers' defaults: ``HF_SAMPLING``), else Sampling's defaults and 512 new tokens."""
     from bailong.errors import BailongError, read_json
     chosen = {k: v for k, v in (chosen or {}).items() if v is not None}
     file = generation_config(folder)
-    config = read_json(file) if file else {}
-    if config.get("do_sample") is False:
-        config["temperature"] = 0.0
-    values = {name: chosen.get(name, config.get(name, getattr(Sampling(), name))) for name in SAMPLING}
-    max_new = chosen.get("max_new_tokens") or config.get("max_new_tokens") or 512
-    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-        raise BailongError(f"{file}: max_new_tokens must be at least 1, not {max_new!r}")
+    config = read_json(file) if file else None
+    defaults = vars(Sampling())
+    if config is not None:
+        defaults = {**HF_SAMPLING, **{k: config[k] for k in SAMPLING if config.get(k) is not None}}
     try:
-        return Sampling(**values, seed=seed), max_new
+        Sampling(**{name: defaults[name] for name in SAMPLING})  # the file's values make sense, used or not
+        if config is not None and config.get("do_sample") is not True:
+            defaults["temperature"] = 0.0
+        sampling = Sampling(**{name: chosen.get(name, defaults[name]) for name in SAMPLING}, seed=seed)
     except ValueError as e:
         raise BailongError(f"{file}: {e}") from None
+    max_new = chosen.get("max_new_tokens") or (config or {}).get("max_new_tokens")
+    max_new = 512 if max_new is None else max_new
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise BailongError(f"{file}: max_new_tokens must be at least 1, not {max_new!r}")
+    return sampling, max_new
 
 
 @torch.inference_mode()

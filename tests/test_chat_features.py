@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 import bailong
 import chat
 from bailong.chat_template import jinja_template, render_jinja
-from bailong.generation import model_sampling
+from bailong.generation import SAMPLING, model_sampling
 from conftest import ROOT, asset
 
 LLAMA2_CHAT = (
@@ -75,9 +75,27 @@ def test_the_model_template_is_used_and_generation_config_sets_defaults(model_fo
         {"temperature": 0.3, "top_p": 0.5, "do_sample": True, "max_new_tokens": 7}))
     args = chat.parse_args([str(model_folder), "--top-p", "0.8"])
     sampling, max_new = model_sampling(model_folder, vars(args))
-    assert (sampling.temperature, sampling.top_p, sampling.top_k, max_new) == (0.3, 0.8, 40, 7)
+    assert (sampling.temperature, sampling.top_p, sampling.top_k, max_new) == (0.3, 0.8, 50, 7)
     (model_folder / "generation_config.json").write_text(json.dumps({"do_sample": False}))
     assert model_sampling(model_folder, vars(args))[0].temperature == 0.0
+
+
+def test_generation_config_is_read_as_transformers_reads_it(model_folder):
+    """Greedy unless do_sample; what a file leaves out (or sets to null), transformers' defaults: Llama-2-chat's
+    file sampled with top-k 40 and a repetition penalty of 1.1 (Bailong's defaults), TinyLlama-Chat's (no
+    do_sample) sampled where transformers is greedy."""
+    from transformers import GenerationConfig
+    for file in ({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "max_length": 4096},  # Llama-2-chat's
+                 {"max_length": 2048, "temperature": 0.7},  # sampling values without do_sample
+                 {"do_sample": False, "repetition_penalty": 1.2}, {"do_sample": True, "top_k": None, "top_p": None}):
+        (model_folder / "generation_config.json").write_text(json.dumps(file))
+        theirs = GenerationConfig.from_pretrained(model_folder)
+        theirs = {k: v if v is not None else GenerationConfig._get_default_generation_params()[k]
+                  for k, v in theirs.to_dict().items() if k in ("do_sample", *SAMPLING)}
+        ours = model_sampling(model_folder)[0]
+        assert (ours.temperature, ours.top_k, ours.top_p, ours.repetition_penalty) == (
+            theirs["temperature"] if theirs["do_sample"] else 0.0, theirs["top_k"], theirs["top_p"],
+            theirs["repetition_penalty"]), file
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--template", "llama2",
                              "--prompt", "hi", "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "[3 tokens," in result.stderr
@@ -143,7 +161,8 @@ def test_a_training_output_samples_and_chats_as_its_base_model_says(model_folder
     where `chat.py BASE --adapter` used the base's template."""
     from bailong.chat_template import model_template
     from train_runs import run_train
-    (model_folder / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "max_new_tokens": 7}))
+    (model_folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3,
+                                                                     "max_new_tokens": 7}))
     (model_folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "</s>"}))
     common = ["--steps", "1", "--batch-size", "2", "--eval-every", "1"]
     monkeypatch.chdir(model_folder.parent)  # a base named relatively is recorded by its whole path

@@ -155,11 +155,11 @@ def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_lef
     base, adapter, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
     template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
     (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "add_bos_token": False}))
-    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5}))
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.3, "top_k": 5}))
     reader = write(base, adapter, tmp_path / "model.gguf")
     assert value(reader, "tokenizer.chat_template") == template
     assert value(reader, "tokenizer.ggml.add_bos_token") is False
-    assert [value(reader, f"general.sampling.{k}") for k in ("temp", "top_k", "top_p")] == pytest.approx([0.3, 5, 0.9])
+    assert [value(reader, f"general.sampling.{k}") for k in ("temp", "top_k", "top_p")] == pytest.approx([0.3, 5, 1.0])
     assert reader.tensors[0].tensor_type == gguf.GGMLQuantizationType.F16  # the default for a float32 model
     before = (tmp_path / "model.gguf").read_bytes()
 
