@@ -12,8 +12,8 @@ tokenizer_config.json's chat_template) when it has one (a training output: its b
 else Llama 2's ([INST], <<SYS>>): the format our SFT stage trains in too.
 Sampling defaults come from generation_config.json when present (read as transformers
 reads it). Older turns are left out of the prompt when the conversation would outgrow
-the context window (/save keeps them); the system prompt stays. Commands: /reset, /system TEXT, /save FILE (/save! FILE replaces a file),
-/exit (or Ctrl-D);
+the context window (/save keeps them); the system prompt stays. Commands: /reset,
+/system TEXT, /save FILE (/save! FILE replaces a file), /exit (or Ctrl-D);
 Ctrl-C stops an answer, or exits at the prompt.
 """
 import json
