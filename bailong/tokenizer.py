@@ -134,12 +134,27 @@ def tokenizer_settings(folder) -> dict:
 
 
 def tokenizer_file(path) -> Path | None:
-    """``path``, or for a model folder the tokenizer file in it (tokenizer.model first); None for a folder
-    with neither."""
+    """``path``, or for a model folder the tokenizer file in it: tokenizer.model first, unless tokenizer.json
+    adds tokens past its pieces (a chat fine-tune's <|im_start|>, which the SentencePiece model cannot
+    write; transformers reads tokenizer.json too); None for a folder with neither."""
     path = Path(path)
     if not path.is_dir():
         return path
-    return next((path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()), None)
+    found = [path / n for n in ("tokenizer.model", "tokenizer.json") if (path / n).exists()]
+    if len(found) == 2 and _adds_tokens(*found):
+        return found[1]
+    return found[0] if found else None
+
+
+def _adds_tokens(model: Path, file: Path) -> bool:
+    """Whether the tokenizer.json ``file`` has added tokens with ids past the SentencePiece ``model``'s pieces."""
+    import json
+    try:
+        added = json.loads(file.read_text(encoding="utf-8")).get("added_tokens") or []
+        pieces = spm.SentencePieceProcessor(model_file=str(model)).vocab_size()
+        return max((t["id"] for t in added), default=-1) >= pieces
+    except (OSError, ValueError, RuntimeError, AttributeError, KeyError, TypeError):
+        return False  # either file broken: tokenizer.model, as before, whose loading says what is wrong
 
 
 def open_tokenizer(path) -> Tokenizer | JsonTokenizer:

@@ -179,3 +179,32 @@ def test_a_training_output_samples_and_chats_as_its_base_model_says(model_folder
         assert model_template(tokenizer, tmp_path / run) == (CHATML, {"bos_token": None, "eos_token": "</s>",
                                                                      "unk_token": None, "pad_token": None}), run
     assert (tmp_path / "sft" / "base" / "generation_config.json").is_file()
+
+
+def test_a_tokenizer_json_that_adds_chat_tokens_is_read_instead_of_tokenizer_model(tmp_path):
+    """A Llama 2 chat fine-tune whose <|im_start|> and <|im_end|> live only in tokenizer.json: its
+    tokenizer.model cannot write them (they were spelled out as text, and <|im_end|> became <unk>), so
+    tokenizer.json is read, as transformers reads it; a tokenizer.json that adds nothing leaves
+    tokenizer.model first."""
+    from transformers import AutoTokenizer
+
+    from bailong.chat_template import model_template
+    from bailong.conversation import Chat
+    from bailong.generation import Sampling
+    from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer
+    from hf_models import write_hf
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32002, max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    theirs = AutoTokenizer.from_pretrained(folder)
+    theirs.save_pretrained(folder)  # a tokenizer.json of the same 32,000 pieces
+    assert isinstance(open_tokenizer(folder), Tokenizer)
+    theirs.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    theirs.chat_template = CHATML
+    theirs.save_pretrained(folder)
+    model, tokenizer = bailong.load(folder, device="cpu")
+    assert isinstance(tokenizer, JsonTokenizer) and tokenizer.vocab_size == 32002
+    chat_ = Chat(model, tokenizer, model_template(tokenizer, folder), Sampling(temperature=0), 3)
+    ids, _ = chat_.prompt([{"role": "user", "content": "Hello"}])
+    im_start, im_end = theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert ids.count(im_start) == 2 and ids.count(im_end) == 1 and 0 not in ids  # no <unk>
+    assert im_end in chat_.stop_ids
