@@ -190,7 +190,9 @@ class StreamDecoder:
     window adds, holding back while the text ends in an incomplete character.
     The window starts at the previous chunk, so SentencePiece's stripping of a
     leading space from the first piece does not eat real spaces.
-    Joined, the chunks equal ``tokenizer.decode(all_ids)``.
+    Joined, the chunks equal ``tokenizer.decode(all_ids)``, but where an answer ends inside a character: a
+    SentencePiece-style tokenizer.json's library then replaces the whole run of byte pieces with U+FFFD, the
+    chunks only the incomplete end.
     """
 
     def __init__(self, tokenizer: "Tokenizer | JsonTokenizer"):
