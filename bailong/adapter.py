@@ -72,6 +72,9 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
 
 def read_adapter_config(folder: Path) -> dict:
     file = folder / ADAPTER_CONFIG
+    if not file.exists() and (folder / "adapter" / ADAPTER_CONFIG).is_file():  # a training output, or checkpoint
+        raise BailongError(f"{folder}: a training output, not an adapter folder; name its adapter "
+                           f"({folder / 'adapter'}), or give the output itself as the model")
     config = read_json(file, f"no such file (an adapter folder needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     if config.get("peft_type") != "LORA":
         raise BailongError(f"{file}: peft_type {config.get('peft_type')!r} is not supported (only LORA)")
