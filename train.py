@@ -75,7 +75,7 @@ def train(config):
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer, learning_message
-    from bailong.weights import load, load_preset, save
+    from bailong.weights import fingerprint, load, load_preset, save
     from bailong.zip_tie import extend_model
 
     # ---- processes and devices -------------------------------------------------------------------
@@ -183,6 +183,8 @@ def train(config):
     if config.quantize == "nf4":
         quantize_model(model)  # what is still dense (the embedded default, the merged SFT base)
     lora = LoRAConfig(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, rslora=config.rslora)
+    if main_process:  # the base its adapters are for, which they say: loading one onto another warns
+        lora.base_fingerprint = fingerprint(base_folder or run.base)
     if model.config.tie_word_embeddings:  # one matrix is both embedding and head: LoRA leaves it alone
         lora.targets = tuple(t for t in lora.targets if t not in ("embed_tokens", "lm_head"))
         lora.save_embedding_layers = grown = new_tokenizer is not None

@@ -28,6 +28,7 @@ from bailong.tokenizer import open_tokenizer
 from bailong.zip_tie import resize_vocab
 
 PREFIX = "base_model.model."
+BASE_KEY = "bailong.base"  # the adapter file's metadata: the fingerprint of the base it was trained on
 # PEFT options that change what an adapter computes; we refuse them rather than ignore them
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                "modules_to_save": None, "layers_to_transform": None, "trainable_token_indices": None,
@@ -66,8 +67,19 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
                    "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),
                    "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
                    "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}, **UNSUPPORTED}
-    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt"} | ({BASE_KEY: config.base_fingerprint} if config.base_fingerprint else {})
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(folder / ADAPTER_CONFIG, json.dumps(peft_config, indent=2))
+
+
+def trained_base(folder: Path) -> str | None:
+    """The fingerprint of the base an adapter folder was trained on (``weights.fingerprint``); None where it
+    does not say (PEFT's adapters, Bailong's of before)."""
+    try:
+        with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as f:
+            return (f.metadata() or {}).get(BASE_KEY)
+    except (OSError, SafetensorError):
+        return None  # loading it says what is wrong
 
 
 def read_adapter_config(folder: Path) -> dict:

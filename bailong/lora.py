@@ -48,6 +48,7 @@ class LoRAConfig:
     # as PEFT's save_pretrained(save_embedding_layers=True): the adapter also carries the embedding, for a
     # tied one (no LoRA on it) whose vocabulary grew
     save_embedding_layers: bool = False
+    base_fingerprint: str | None = None  # of the base it is trained on (``weights.fingerprint``), saved with it
 
     def scaling(self, r=None):
         r = r or self.r

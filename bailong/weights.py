@@ -6,6 +6,7 @@ long as one tensor is read. Peak host memory therefore stays near one copy of
 the weights in the target dtype plus the largest single tensor, whatever the
 dtype on disk (measured in bench/bench_load_memory.py).
 """
+import hashlib
 import json
 import re
 import sys
@@ -15,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from bailong.adapter import load_adapter
+from bailong.adapter import load_adapter, trained_base
 from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, read_json
 from bailong.files import atomic_write
@@ -52,6 +53,22 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
     hint = " (pickled .bin weights are not loaded: convert them to safetensors)" \
         if any(folder.glob("*.bin")) else ""
     raise BailongError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+FINGERPRINTED = "model.layers.0.self_attn.q_proj.weight"
+
+
+def fingerprint(folder) -> str | None:
+    """A short hash of the stored bytes of the first layer's q_proj weight: which base an adapter was trained on.
+    Any fine-tuning or merged adapter changes it (a copy in another dtype or quantized differs too); None where
+    the files lack it."""
+    for file, names in shards(Path(folder)).items():
+        if names is None or FINGERPRINTED in names:
+            with safe_open(file, framework="pt") as f:
+                if FINGERPRINTED in f.keys():
+                    data = f.get_tensor(FINGERPRINTED).contiguous().flatten().view(torch.uint8)
+                    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
+    return None
 
 
 def read_tensors(file: Path, names=None, allow_uint8=False):
@@ -202,6 +219,10 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     if adapter is not None:
         adapter_folder = resolve(str(adapter), revision, files=ADAPTER_FILES, weights=False)
         load_adapter(model, adapter_folder)
+        if (trained := trained_base(adapter_folder)) and trained != fingerprint(folder):
+            print(f"warning: {adapter}: trained on another base than {path_or_repo_id} (the stored weights of its "
+                  "first layer differ: another model, or this one in another dtype); its answers may make no sense",
+                  file=sys.stderr)
         model.eval()
         tokenizer = open_tokenizer(adapter_folder) or tokenizer
     check_fits(tokenizer, model)

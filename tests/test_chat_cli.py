@@ -137,6 +137,29 @@ def test_chat_with_a_peft_adapter(tmp_path, capsys):
     prompt = [i for p, a in llama2_turns(tok, [{"role": "user", "content": "臺灣"}]) for i in p + a]
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     assert printed == tok.decode([i for i in generate(model, prompt, 8, greedy) if i != tok.eos_id]) + "\n"
+    assert "warning" not in capsys.readouterr().err  # PEFT's adapter names no base to compare with
+
+
+def test_an_adapter_on_another_base_of_its_shape_is_warned_about(tmp_path, capsys, monkeypatch):
+    """An adapter says which base it was trained on (a fingerprint of its first layer's stored weights, in the
+    adapter file's metadata, which PEFT ignores); applied to another base of the same shape, which loads
+    without complaint, it warns."""
+    import torch
+    from train_runs import run_train
+
+    from bailong.weights import save
+    monkeypatch.chdir(tmp_path)
+    run_train(capsys, "--steps", "1", "--eval-every", "1", "--new-pieces", "0", "--out", "run")
+    for model in ("run", "run/checkpoints/step-0000001"):
+        bailong.load(model, device="cpu")
+    bailong.load("run/base", device="cpu", adapter="run/adapter")
+    assert "warning" not in capsys.readouterr().err
+    other, _ = bailong.load("run/base", device="cpu")
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight[0, 0] += 1
+    save(other, tmp_path / "other")
+    bailong.load(tmp_path / "other", device="cpu", adapter="run/adapter")
+    assert "warning: run/adapter: trained on another base than " in capsys.readouterr().err
 
 
 def test_a_chat_template_that_fails_on_a_conversation_is_one_error_and_the_chat_goes_on():
