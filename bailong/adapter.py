@@ -36,6 +36,9 @@ UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora
                # activated LoRA (from its invocation tokens on only), and variants that change the update's form
                "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "arrow_config": None,
                "kasa_config": None, "monteclora_config": None}
+# PEFT initialisations that subtract the initial B A from the base's W (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): such
+# an adapter is its update onto that changed W, which PEFT makes again from the base as it loads the adapter
+BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _number(value):
@@ -93,6 +96,11 @@ def read_adapter_config(folder: Path) -> dict:
     for key, default in UNSUPPORTED.items():
         if config.get(key, default) not in (default, [], {}):
             raise BailongError(f"{file}: {key}={config[key]!r} is not supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(BASE_CHANGING):  # PEFT redoes the init on load, changing W
+        raise BailongError(f"{file}: init_lora_weights={init!r} changes the base weights as it loads, which is not "
+                           "supported; save it with PEFT's save_pretrained(..., path_initial_model_for_weight_"
+                           "conversion=...), which makes it a plain LoRA adapter")
     if missing := [k for k in ("r", "lora_alpha") if k not in config]:
         raise BailongError(f"{file}: missing {missing[0]} (a LoRA adapter config gives r and lora_alpha)")
     for key, (what, ok) in FIELDS.items():
@@ -201,6 +209,9 @@ def _check_fits(model, name, parts, file):
     else:
         raise BailongError(f"{file}: {min(k for k, _ in parts.values())} targets {name}, "
                            f"a {type(module).__name__} that LoRA cannot wrap")
+    if len(lora := [p for p in shapes if p in parts]) == 1:  # half an update (a damaged file): PEFT warns
+        missing = next(p for p in shapes if p not in parts)
+        raise BailongError(f"{file}: holds {parts[lora[0]][0]} but not {PREFIX}{name}.{missing}")
     r = parts[rank_key][1].shape[0] if rank_key in parts else None
     shapes["base_layer.weight"] = lambda r: [vocab, dim]
     for part, (key, tensor) in sorted(parts.items(), key=lambda item: item[1][0]):

@@ -97,7 +97,10 @@ class ModelConfig:
         args["rope_theta"] = cls.rope_theta if theta is None else theta
         args["rope_scaling"] = {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING[kind]}} \
             if ROPE_SCALING[kind] else None
-        return cls(**args)
+        try:
+            return cls(**args)
+        except BailongError as e:  # __post_init__'s checks of the values together (heads, head_dim)
+            raise BailongError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path):

@@ -107,7 +107,7 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
     nf4 = {f"{name}.weight": m for name, m in projections(model) if isinstance(m, NF4Linear)}
     expected = set(params) | set(nf4)
     expected -= {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    loaded, pending, meter = set(), {}, ErrorMeter()
+    loaded, pending, meter, tied_head = set(), {}, ErrorMeter(), None
     bar = tqdm(total=len(expected), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False)
     for file, names in shards(folder).items():
         for name, tensor in read_tensors(file, names, allow_uint8=bool(nf4)):
@@ -126,7 +126,9 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
                     raise BailongError(f"{file}: {name} is quantized (4-bit), which only the projections may be "
                                        "(quantize with llm_int8_skip_modules=['lm_head'])")
                 raise BailongError(f"{file}: tensor {name} has shape {list(tensor.shape)}, config.json implies {shape}")
-            if target is not None and quantize_floats:
+            if name == "lm_head.weight" and model.config.tie_word_embeddings:  # compared with the embedding below
+                tied_head = tensor
+            elif target is not None and quantize_floats:
                 tensor = tensor.to(device)
                 target.weight = quantize(tensor, blocksize, double_quant)
                 meter.add(tensor, target.weight)
@@ -151,6 +153,11 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
         loaded.add(base)
         bar.update()
     bar.close()
+    if tied_head is not None and not torch.equal(tied_head.to(params["lm_head.weight"]), params["lm_head.weight"]):
+        print(f"warning: {folder}: config.json ties the head to the embedding, but the checkpoint holds another "
+              "lm_head.weight: both are used, untied, as transformers does", file=sys.stderr)
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(tied_head.to(params["lm_head.weight"]))
     missing = sorted(expected - loaded)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

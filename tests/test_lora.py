@@ -189,6 +189,27 @@ def test_adapters_that_do_not_fit_are_refused(tmp_path, capsys):
     assert not any((tmp_path / f"out{i}").exists() for i in range(1, 6))
 
 
+def test_an_adapter_peft_makes_its_base_for_or_with_half_an_update_is_refused(tmp_path, capsys):
+    """PiSSA (and OLoRA, CorDA, LoftQ, LoRA-GA): PEFT subtracts the initial B A from the base as it loads such an
+    adapter, so B A added to the base as it is gave other logits (0.49 apart); a file that lost a lora_B loaded
+    as no update there (PEFT warns)."""
+    from safetensors.torch import load_file, save_file
+    folder, hf = write_hf(tmp_path, "gqa", **SHAPE)
+    get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q_proj"])
+                   ).save_pretrained(tmp_path / "pissa")
+    assert "adapter_config.json: init_lora_weights='pissa' changes the base weights as it loads, which is not " \
+           "supported" in cli_error_export(capsys, folder, tmp_path / "pissa", tmp_path / "out1")
+    make_peft_adapter(folder, tmp_path / "half", targets=["q_proj"])
+    file = tmp_path / "half" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    del tensors[key]
+    save_file(tensors, file)
+    assert f"adapter_model.safetensors: holds {key.replace('lora_B', 'lora_A')} but not {key}" in \
+        cli_error_export(capsys, folder, tmp_path / "half", tmp_path / "out2")
+    assert not any((tmp_path / f"out{i}").exists() for i in range(1, 3))
+
+
 def test_trainable_share_at_bailong_scale():
     config = preset("llama2-7b")
     config.vocab_size = 59241  # Llama 2 plus 27,241 Traditional Chinese pieces

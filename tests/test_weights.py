@@ -200,3 +200,34 @@ def test_a_hub_repo_of_pickled_weights_alone_is_named_so(tmp_path, monkeypatch):
     with pytest.raises(BailongError, match="^someone/old-model: holds only pickled .bin weights, which are not "
                                            "loaded"):
         resolve("someone/old-model")
+
+
+def test_a_tied_config_with_another_stored_head_unties_as_transformers_does(tmp_path, capsys):
+    """config.json ties the head to the embedding, yet the checkpoint holds a different lm_head.weight:
+    transformers warns and uses both; the stored head was written into the shared matrix, and the
+    embedding, read after it, overwrote it (or the other way round, by the file's order)."""
+    folder, _ = write_hf(tmp_path, "tied")
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, file, metadata={"format": "pt"})
+    ids = torch.randint(0, 300, (1, 12))
+    theirs = LlamaForCausalLM.from_pretrained(folder).eval()
+    assert not theirs.config.tie_word_embeddings or theirs.lm_head.weight is not theirs.model.embed_tokens.weight
+    model, _ = bailong.load(folder, device="cpu")
+    assert "ties the head to the embedding, but the checkpoint holds another lm_head.weight" in capsys.readouterr().err
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), theirs(ids).logits)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # the same: tied, quietly
+    save_file(tensors, file, metadata={"format": "pt"})
+    model, _ = bailong.load(folder, device="cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight and "warning" not in capsys.readouterr().err
+
+
+def test_a_config_whose_values_disagree_is_named(tmp_path, capsys):
+    folder, _ = write_hf(tmp_path, "gqa")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(bailong.BailongError, match=rf"{folder / 'config.json'}: num_attention_heads \(\d+\) is not a "
+                       r"multiple of num_key_value_heads \(3\)"):
+        bailong.load(folder, device="cpu")
