@@ -157,9 +157,9 @@ def train(config):
         dist.barrier()
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
     data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
-                     pad_id, bos_id=tokenizer.bos_id)
+                     pad_id, bos=tokenizer.adds_bos)
     held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
-                         pad_id, "held-out data", tokenizer.bos_id) if eval_items else None
+                         pad_id, "held-out data", tokenizer.adds_bos) if eval_items else None
     if config.batch_size * world > data.n:  # each batch would hold examples several times over, all in memory
         processes = f" x {world} processes" if world > 1 else ""
         raise UsageError(f"--batch-size {config.batch_size}{processes} is more than the {data.n} training examples")

@@ -1,9 +1,9 @@
 """Training data: read it, tokenize it (in parallel, cached), pack it for pre-training, mask it for SFT.
 
-Pre-training concatenates documents, each as bos, its tokens, eos (a document
-begins as a prompt does), into one token stream; sequence i is
-stream[i*L : i*L + L + 1] (inputs and their next tokens; bos is never a target:
-no model is asked to write it).
+Pre-training concatenates documents, each as bos (where the tokenizer begins a
+prompt with one: a document begins as a prompt does), its tokens, eos, into one
+token stream; sequence i is stream[i*L : i*L + L + 1] (inputs and their next
+tokens; a document's bos is never a target: no model is asked to write it).
 SFT renders each conversation in the chat format and trains only on the
 assistant tokens (labels -100 elsewhere). Token arrays are cached as .npy files
 keyed by the tokenizer and the text, and memory-mapped on the next run.
@@ -149,8 +149,8 @@ def _stopped_at_once():
 
 
 def _encode(item):
-    if isinstance(item, str):  # a document: bos, its tokens, eos
-        return _worker_tokenizer.encode(item, bos=True, eos=True), None
+    if isinstance(item, str):  # a document: bos (where a prompt begins with one), its tokens, eos
+        return _worker_tokenizer.encode(item, bos=_worker_tokenizer.adds_bos, eos=True), None
     if _worker_template is None:
         return training_example(_worker_tokenizer, item)
     try:
@@ -221,13 +221,14 @@ class TokenData:
     """Fixed-length examples over tokenized data.
 
     ``batch(indices)`` gives (inputs, targets) of shape (B, seq_len): targets are
-    the next tokens but bos, -100 there (pre-training), or the next tokens where
-    they are an assistant's, -100 elsewhere (SFT; short conversations are padded).
+    the next tokens (pre-training; with ``bos``, each document's first token, its
+    bos, is -100), or the next tokens where they are an assistant's, -100
+    elsewhere (SFT; short conversations are padded).
     """
 
-    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data", bos_id=-1):
+    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data", bos=False):
         self.ids, self.labels, self.offsets, self.seq_len, self.pad_id = ids, labels, offsets, seq_len, pad_id
-        self.bos_id = bos_id
+        self.bos = bos
         self.sft = labels is not None
         self.n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
         if self.n < 1:
@@ -245,8 +246,14 @@ class TokenData:
 
     def example(self, i):
         if not self.sft:
-            chunk = torch.tensor(self.ids[i * self.seq_len: i * self.seq_len + self.seq_len + 1], dtype=torch.long)
-            return chunk[:-1], chunk[1:].masked_fill(chunk[1:] == self.bos_id, -100)
+            start = i * self.seq_len
+            chunk = torch.tensor(self.ids[start: start + self.seq_len + 1], dtype=torch.long)
+            targets = chunk[1:].clone()
+            if self.bos:  # by position, not by id: a tokenizer's bos may also be its eos, which is learned
+                firsts = self.offsets[np.searchsorted(self.offsets, start + 1):
+                                      np.searchsorted(self.offsets, start + self.seq_len + 1)]
+                targets[torch.as_tensor(firsts - start - 1, dtype=torch.long)] = -100
+            return chunk[:-1], targets
         start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len + 1)
         ids = torch.tensor(self.ids[start:end], dtype=torch.long)  # a copy of the memory-mapped slice
         labels = torch.tensor(self.labels[start:end], dtype=torch.long)

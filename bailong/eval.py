@@ -58,14 +58,15 @@ def first_chars(texts, max_chars):
 @torch.no_grad()
 def loss_per_char(model, tokenizer, texts, max_len=None):
     """Total next-token loss (nats) over the texts, divided by their characters: every token of a text scored,
-    the first after bos, or, for a tokenizer without one (a tokenizer.json may lack it), after eos, as a document
-    follows another in pre-training's stream (before, its first token went unscored, yet counted per token)."""
+    the first after bos, or, for a tokenizer that begins no prompt with one (a tokenizer.json may not), after eos:
+    as a document begins in pre-training's stream (before, its first token went unscored, yet counted per
+    token)."""
     max_len = max_len or model.config.max_position_embeddings
     device = model.lm_head.weight.device
     total = 0.0
     for text in texts:
-        ids = tokenizer.encode(text, bos=True)
-        if tokenizer.bos_id < 0 and tokenizer.eos_id >= 0:
+        ids = tokenizer.encode(text, bos=tokenizer.adds_bos)
+        if not tokenizer.adds_bos and tokenizer.eos_id >= 0:
             ids = [tokenizer.eos_id] + ids
         for start in range(0, len(ids) - 1, max_len - 1):  # windows share one token of context
             chunk = torch.tensor([ids[start:start + max_len]], device=device)

@@ -125,7 +125,7 @@ def bpe_vocabulary(w, tokenizer, vocab_size):
     for key, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
         if i >= 0:
             getattr(w, f"add_{key}_token_id")(i)
-    w.add_add_bos_token(tokenizer.bos_id >= 0 and tokenizer.tk.encode("a").ids[:1] == [tokenizer.bos_id])
+    w.add_add_bos_token(tokenizer.adds_bos)
     w.add_add_eos_token(False)
 
 

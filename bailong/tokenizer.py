@@ -21,6 +21,7 @@ class Tokenizer:
             raise BailongError(f"{model_file or 'tokenizer'}: not a SentencePiece model ({e})") from None
         self.path = Path(model_file) if model_file else None
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.adds_bos = self.bos_id >= 0  # whether a prompt begins with bos (Llama 2's always does)
         self.vocab_size = self.sp.vocab_size()
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
@@ -90,6 +91,9 @@ class JsonTokenizer:
             found = self.tk.token_to_id(token) if isinstance(token, str) else None
             return -1 if found is None else found
         self.bos_id, self.eos_id, self.pad_id = special("bos_token"), special("eos_token"), special("pad_token")
+        # whether a prompt begins with bos: where the library's post-processor puts it (Llama 3's; not SmolLM2's,
+        # whose bos is its eos)
+        self.adds_bos = self.bos_id >= 0 and self.tk.encode("a").ids[:1] == [self.bos_id]
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text, bos=False, eos=False) -> list[int]:

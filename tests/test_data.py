@@ -38,7 +38,7 @@ def test_pretraining_documents_begin_with_bos_which_is_never_a_target(tmp_path):
     ids, labels, offsets = tokenize(tok, docs, tmp_path, workers=1)
     assert labels is None and list(ids) == [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
     assert list(ids).count(tok.bos_id) == 3 and ids[0] == tok.bos_id
-    data = TokenData(ids, labels, offsets, 8, tok.eos_id, bos_id=tok.bos_id)
+    data = TokenData(ids, labels, offsets, 8, tok.eos_id, bos=tok.adds_bos)
     inputs, targets = data.batch(range(data.n))
     stream = torch.tensor(ids[:data.n * 8 + 1], dtype=torch.long)
     assert torch.equal(inputs.flatten(), stream[:-1])
@@ -49,6 +49,15 @@ def test_pretraining_documents_begin_with_bos_which_is_never_a_target(tmp_path):
     del proto.pieces[1]
     no_bos = Tokenizer(model_proto=proto.SerializeToString())
     assert no_bos.bos_id == -1 and no_bos.encode("三", bos=True, eos=True) == no_bos.encode("三") + [no_bos.eos_id]
+
+
+def test_a_bos_that_is_also_the_eos_is_learned_where_it_ends_a_document():
+    """A document's bos is no target by its place, not its id: a tokenizer whose bos is its eos (SmolLM2's
+    <|endoftext|>) would otherwise never learn to end a document."""
+    import numpy as np
+    ids, offsets = np.array([2, 5, 6, 2, 2, 7, 8, 2]), np.array([0, 4, 8])  # 2 begins and ends each document
+    _, targets = TokenData(ids, None, offsets, 7, bos=True).batch([0])
+    assert targets.tolist() == [[5, 6, 2, -100, 7, 8, 2]]
 
 
 def test_sft_examples_train_on_assistant_tokens_only():

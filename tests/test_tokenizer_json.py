@@ -1,6 +1,7 @@
 """tokenizer.json models (byte-level BPE, as Llama 3 and SmolLM2 ship them): our tokenizer against
 transformers' AutoTokenizer, and load, chat and generate on a Llama 3-style model."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,25 @@ def llama3(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (folder / name).write_bytes((tmp / "tok" / name).read_bytes())
     return folder
+
+
+def test_a_document_begins_with_bos_where_a_prompt_does(llama3, tmp_path):
+    """Pre-training puts bos before a document only where the tokenizer begins a prompt with it (Llama 3's
+    post-processor does; SmolLM2's tokenizer, whose bos is its eos, adds nothing): the documents begin as
+    transformers' tokenizer begins a text."""
+    from bailong.data import tokenize
+    for name, processor in (("llama3", True), ("smollm2", False)):
+        folder = tmp_path / name
+        shutil.copytree(llama3, folder)
+        if not processor:
+            data = json.loads((folder / "tokenizer.json").read_text())
+            (folder / "tokenizer.json").write_text(json.dumps({**data, "post_processor": None}))
+            (folder / "tokenizer_config.json").write_text(json.dumps(
+                {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>"}))
+        ours, theirs = JsonTokenizer(folder / "tokenizer.json"), AutoTokenizer.from_pretrained(folder)
+        assert ours.adds_bos == processor
+        ids, _, _ = tokenize(ours, ["臺灣 text"], tmp_path / "cache", 1)
+        assert list(ids) == theirs("臺灣 text")["input_ids"] + [theirs.eos_token_id], name
 
 
 def test_ids_and_text_equal_transformers(llama3):

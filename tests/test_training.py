@@ -227,7 +227,7 @@ def test_the_result_is_the_best_held_out_adapter_and_patience_stops_a_run_that_m
     config = TrainConfig()
     _, held = split(read_corpus(data_paths(config.data)), config.held_out, config.seed)
     data = TokenData(*tokenize(tokenizer, held, tmp_path / "cache", 1), config.seq_len, tokenizer.eos_id,
-                     bos_id=tokenizer.bos_id)
+                     bos=tokenizer.adds_bos)
     inputs, targets = data.batch(range(min(data.n, config.eval_batches * config.batch_size)))
     with torch.no_grad():  # the mean over the targeted tokens: each document's bos is none
         loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
