@@ -140,7 +140,10 @@ def main(argv=None):
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:
-            print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered), end="")
+            # JSON's escapes where the output cannot hold the text (an ASCII or cp1252 one): what it prints shows
+            # "?" for what it cannot hold, and jsonl must keep every character
+            utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+            print("".join(json.dumps(r, ensure_ascii=not utf8) + "\n" for r in answered), end="")
         if stopped is None:
             return 0
         done = f"{len(answered)} of the {len(questions)} conversations answered"

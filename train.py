@@ -8,7 +8,6 @@
 Sections below follow the recipe in order; the pieces live in bailong/.
 Several GPUs: torchrun --nproc-per-node N train.py ... (each rank reads its share; rank 0 writes).
 """
-import json
 import math
 import os
 import shutil
@@ -22,8 +21,8 @@ from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
-from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, release_lock,
-                          start_run)
+from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, model_file, prepare_output,
+                          release_lock, start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at
 from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, check_graph_step, parse_config,
                               without_checkpointing)
@@ -65,7 +64,7 @@ def train(config):
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
-    from bailong.generation import GENERATION_CONFIG, generation_config
+    from bailong.generation import GENERATION_CONFIG
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.lora_casts import use_casts_by_layer
@@ -73,7 +72,7 @@ def train(config):
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
-    from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
+    from bailong.tokenizer import CHAT_TEMPLATE_FILE, byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer, learning_message
     from bailong.weights import fingerprint, load, load_preset, save
     from bailong.zip_tie import extend_model
@@ -173,11 +172,11 @@ def train(config):
         with atomic_folder(run.base) as folder:
             save(model, folder)
             tokenizer.save(folder)
-            if config.stage == "sft" and (sampling := generation_config(config.init)):  # the model's own sampling
-                shutil.copyfile(sampling, folder / GENERATION_CONFIG)
-            if template and not (folder / "tokenizer_config.json").exists():  # the chat format it is fine-tuned in
-                settings = {"chat_template": template[0], **template[1]}  # (a tokenizer.json's settings hold it)
-                (folder / "tokenizer_config.json").write_text(json.dumps(settings, ensure_ascii=False, indent=2))
+            kept = (GENERATION_CONFIG, "tokenizer_config.json", "special_tokens_map.json", CHAT_TEMPLATE_FILE)
+            for name in kept if config.stage == "sft" else ():  # the model's sampling, tokenizer settings and
+                # chat template (which it is fine-tuned in), where the tokenizer did not write them
+                if (source := model_file(config.init, name)) and not (folder / name).exists():
+                    shutil.copyfile(source, folder / name)
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":

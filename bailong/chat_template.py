@@ -90,17 +90,11 @@ def fit_prompt(encode, messages, budget) -> tuple[list[int], list[dict]]:
 
 def jinja_template(folder) -> tuple[str, dict] | None:
     """The chat template and special-token strings of a model folder (``tokenizer_settings``), or of a training
-    output's (or checkpoint's) base model, which a fine-tuning run copies into the base it keeps; None where
-    there is none."""
-    from pathlib import Path
-
-    from bailong.hub import resolve
-    from bailong.runs import training_output
-    from bailong.tokenizer import tokenizer_settings
-    if found := template_in(tokenizer_settings(folder), Path(folder) / "tokenizer_config.json"):
-        return found
-    run = training_output(Path(folder))
-    return jinja_template(resolve(str(run[0]))) if run else None
+    output's (or checkpoint's) base model (``runs.model_file``); None where there is none."""
+    from bailong.runs import model_file
+    from bailong.tokenizer import CHAT_TEMPLATE_FILE, tokenizer_settings
+    file = model_file(folder, CHAT_TEMPLATE_FILE) or model_file(folder, "tokenizer_config.json")
+    return template_in(tokenizer_settings(file.parent), file.parent / "tokenizer_config.json") if file else None
 
 
 def model_template(tokenizer, folder=None) -> tuple[str, dict] | None:
@@ -145,11 +139,10 @@ def turn_end_ids(tokenizer, template) -> set[int]:
     ends. Found by rendering a one-exchange conversation; empty if the template refuses it. A special token adds
     nothing to the text even after a word; alone, SentencePiece's lone "▁" (Llama 2's template writes one
     before </s>, and its answers before every digit) decodes to nothing too, but not after a word."""
-    import jinja2
     try:
         _, labels = template_example(tokenizer, template, [{"role": "user", "content": "Hi"},
                                                            {"role": "assistant", "content": "Yes"}])
-    except (ValueError, jinja2.TemplateError):
+    except Exception:  # jinja2's errors, raise_exception's ValueError, and any a template's Python raises
         return set()
     word = tokenizer.encode("Yes")
     return {i for i in labels if i != -100 and tokenizer.decode(word + [i]) == tokenizer.decode(word)}

@@ -20,6 +20,7 @@ class Chat:
         self.messages = [{"role": "system", "content": system}] if system else []  # the whole conversation
         self.saved = set()  # files this conversation wrote, which /save may update
         self.stopped = False  # whether Ctrl-C stopped the last answer
+        self.shown = []  # the messages the last answer's prompt held
         # an answer ends at the model's eos, the tokenizer's, or the end-of-turn token its template puts after
         # an answer (<|eot_id|>), which SFT in that template taught it
         self.stop_ids = set(model.config.eos_token_id) | {tokenizer.eos_id} - {-1} | (
@@ -63,8 +64,8 @@ class Chat:
         system = self.messages[:1] if self.messages[0]["role"] == "system" else []
         shown = system + self.messages[len(system) + self.dropped:]
         try:
-            ids, kept = self.prompt(shown)
-            self.dropped += len(shown) - len(kept)
+            ids, self.shown = self.prompt(shown)  # the messages the model sees (a judge sees them too)
+            self.dropped += len(shown) - len(self.shown)
         except BailongError:
             self.messages.pop()
             raise

@@ -164,7 +164,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
                 answer = conversation.answer(turn, stream=False)
                 said += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
                 if judge_url:  # the judge sees what the model saw (older turns dropped to fit its context)
-                    item_scores.append(judge(judge_url, judge_model, conversation.messages[:-1], answer,
+                    item_scores.append(judge(judge_url, judge_model, conversation.shown, answer,
                                              os.environ.get("OPENAI_API_KEY")))
             row = {**item, "messages": said}
             if judge_url:

@@ -104,7 +104,26 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
                            if f and (f / name).exists()), None)
             if source:
                 shutil.copy(source, tmp / name)
+        if (tmp / "tokenizer.model").exists() and not (tmp / "tokenizer_config.json").exists():
+            llama2_settings(tmp)
     return out
+
+
+def llama2_settings(folder: Path):
+    """A tokenizer_config.json for the tokenizer.model in ``folder`` that came without one (the embedded
+    default's, or a base's that had none): without it transformers begins no text with bos and knows no chat
+    format, where Bailong trains and chats with both (Llama 2's format, as in a GGUF file)."""
+    import json
+
+    from bailong.tokenizer import Tokenizer
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    piece = {i: tokenizer.sp.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.sp.unk_id())
+             if i >= 0}
+    settings = {"tokenizer_class": "LlamaTokenizer", "legacy": True,  # a space after <s>, as Meta's tokenization
+                "add_bos_token": tokenizer.adds_bos, "add_eos_token": False,
+                "bos_token": piece.get(tokenizer.bos_id), "eos_token": piece.get(tokenizer.eos_id),
+                "unk_token": piece.get(tokenizer.sp.unk_id()), "chat_template": LLAMA2_JINJA}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def main(argv=None):

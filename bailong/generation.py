@@ -267,18 +267,9 @@ GENERATION_CONFIG = "generation_config.json"
 
 
 def generation_config(folder):
-    """A model's generation_config.json: its ``folder``'s, or a training output's (or checkpoint's) base model's,
-    which a fine-tuning run copies into the base it keeps; None where there is none."""
-    from pathlib import Path
-
-    from bailong.hub import resolve
-    from bailong.runs import training_output
-    if folder is None:
-        return None
-    if (file := Path(folder) / GENERATION_CONFIG).is_file():
-        return file
-    run = training_output(Path(folder))
-    return generation_config(resolve(str(run[0]))) if run else None
+    """A model's generation_config.json (``runs.model_file``), or None."""
+    from bailong.runs import model_file
+    return model_file(folder, GENERATION_CONFIG)
 
 
 # transformers' values for what a generation_config.json leaves out, or sets to null (GenerationConfig's defaults)

@@ -86,7 +86,7 @@ def inputs(config) -> dict:
     return {what: path for what, path in found.items() if path and Path(path).expanduser().exists()}
 
 
-_TOKENIZER = r"tokenizer\.(model|json)|tokenizer_config\.json|special_tokens_map\.json"
+_TOKENIZER = r"tokenizer\.(model|json)|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja"
 _ADAPTER = {rf"adapter_config\.json|adapter_model\.safetensors|{_TOKENIZER}": None}
 LAYOUT = {  # what a run writes (the names above), as patterns: a folder's own layout, or None for a file
     r"run\.json|metrics\.jsonl|loss\.png|\.lock": None,
@@ -345,6 +345,19 @@ def training_output(folder: Path) -> tuple[str | Path, Path] | None:
         raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
                            "base_model_name_or_path in adapter/adapter_config.json)")
     return base, result
+
+
+def model_file(folder, name) -> Path | None:
+    """A model's file ``name`` (generation_config.json, tokenizer_config.json): its ``folder``'s, or a training
+    output's (or checkpoint's) base model's, which a fine-tuning run copies into the base it keeps; None where
+    there is none."""
+    from bailong.hub import resolve
+    if folder is None:
+        return None
+    if (file := Path(folder) / name).is_file():
+        return file
+    run = training_output(Path(folder))
+    return model_file(resolve(str(run[0])), name) if run else None
 
 
 def check_not_a_run(folder: Path):

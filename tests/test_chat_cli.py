@@ -172,9 +172,9 @@ def test_a_chat_template_that_fails_on_a_conversation_is_one_error_and_the_chat_
     with pytest.raises(BailongError, match="the model's chat_template fails on this conversation"):
         conversation.answer("hi")
     assert conversation.messages == []  # the failed turn is not kept
-    conversation.template = ("{{ messages[0].content + 1 }}", {})  # Python's error, not jinja2's (a traceback)
-    with pytest.raises(BailongError, match=r"fails on this conversation \(TypeError: "):
-        conversation.answer("hi")
+    conversation = Chat(model, tokenizer, ("{{ messages[0].content + 1 }}", {}), Sampling(temperature=0), 4)
+    with pytest.raises(BailongError, match=r"fails on this conversation \(TypeError: "):  # Python's error, not
+        conversation.answer("hi")  # jinja2's: a traceback, from the end-of-turn search when the chat began
     conversation.template = ("{{ messages[-1].content }}", {})
     assert isinstance(conversation.answer("hi"), str) and len(conversation.messages) == 2
 
@@ -207,6 +207,18 @@ def test_an_output_that_cannot_hold_the_text_shows_it_replaced_not_a_traceback()
                              "--max-new-tokens", "50", "--seed", "0"], capture_output=True, timeout=120,
                             env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert result.returncode == 0 and b"?" in result.stdout and b"Traceback" not in result.stderr
+
+
+def test_answers_to_an_output_that_cannot_hold_them_keep_every_character():
+    """jsonl answers on an ASCII standard output: JSON's escapes, not "?" (the questions and answers were lost)."""
+    import json
+    question = {"messages": [{"role": "user", "content": "介紹台灣的夜市"}]}
+    result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--input", "/dev/stdin",
+                             "--max-new-tokens", "5", "--seed", "0"], input=json.dumps(question).encode(),
+                            capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr[-500:]
+    answered = json.loads(result.stdout)
+    assert answered["messages"][0] == question["messages"][0]
 
 
 def test_ctrl_c_in_a_one_shot_answer_exits_130_and_keeps_the_note_off_the_answer(monkeypatch, capsys):

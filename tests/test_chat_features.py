@@ -208,3 +208,27 @@ def test_a_tokenizer_json_that_adds_chat_tokens_is_read_instead_of_tokenizer_mod
     im_start, im_end = theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert ids.count(im_start) == 2 and ids.count(im_end) == 1 and 0 not in ids  # no <unk>
     assert im_end in chat_.stop_ids
+
+
+def test_a_merged_fine_tuned_model_tokenizes_and_chats_in_transformers_as_here(model_folder, tmp_path, capsys):
+    """A base without tokenizer_config.json: the merged folder of its fine-tuned run had none either, so
+    transformers began no text with <s> and knew no chat format; the export writes Llama 2's settings and
+    format, which transformers then tokenizes to our ids. A base with its own keeps it through fine-tuning."""
+    from transformers import AutoTokenizer
+
+    from bailong.chat_template import llama2_ids
+    from bailong.export import main as export_main
+    from train_runs import run_train
+    common = ["--steps", "1", "--batch-size", "2", "--eval-every", "1"]
+    run_train(capsys, "--model", model_folder, "--new-pieces", "0", *common, "--out", tmp_path / "pre")
+    run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", *common, "--out", tmp_path / "sft")
+    export_main(["--base", str(tmp_path / "sft"), "--out", str(tmp_path / "merged")])
+    theirs, (_, ours) = AutoTokenizer.from_pretrained(tmp_path / "merged"), bailong.load(tmp_path / "sft", device="cpu")
+    assert theirs("臺灣 Hello")["input_ids"] == ours.encode("臺灣 Hello", bos=True)
+    for messages in CONVERSATIONS:
+        ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == llama2_ids(ours, messages)
+    (model_folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "add_bos_token": False,
+                                                                    "legacy": False}))
+    run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", *common, "--out", tmp_path / "sft2")
+    assert json.loads((tmp_path / "sft2" / "base" / "tokenizer_config.json").read_text())["add_bos_token"] is False

@@ -115,3 +115,17 @@ def test_bench_with_a_judge_on_localhost(model_folder, tmp_path, capsys):
     questions.write_text('[{"category": "x"}]')
     with pytest.raises(BailongError, match="item 0 needs"):
         bench(model_folder, questions, tmp_path / "a3.jsonl")
+
+
+def test_the_judge_sees_what_the_model_saw(model_folder, tmp_path, monkeypatch):
+    """Turns too long for the context together: the model's prompt leaves out the oldest, and so does what the
+    judge is shown (it was shown the whole history, turns the model never saw)."""
+    import bailong.eval as module
+    seen = []
+    monkeypatch.setattr(module, "judge", lambda url, model, conversation, answer, api_key=None:
+                        seen.append([m["content"] for m in conversation]) or 5)
+    questions = tmp_path / "bench.json"
+    questions.write_text(json.dumps([{"turns": ["word " * 60 + str(i) for i in range(4)]}]))
+    bench(model_folder, questions, tmp_path / "answers.jsonl", judge_url="http://judge", max_new_tokens=4)
+    assert [len(s) for s in seen][0] == 1 and any(len(s) < 2 * i + 1 for i, s in enumerate(seen))
+    assert all(s[-1].endswith(str(i)) for i, s in enumerate(seen))  # each ends with the turn answered
