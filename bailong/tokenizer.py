@@ -151,12 +151,16 @@ def tokenizer_file(path) -> Path | None:
 
 
 def _adds_tokens(model: Path, file: Path) -> bool:
-    """Whether the tokenizer.json ``file`` has added tokens with ids past the SentencePiece ``model``'s pieces."""
+    """Whether the tokenizer.json ``file`` has added tokens with ids past the SentencePiece ``model``'s pieces,
+    which the model beside them has embeddings for (a <pad> it has none for is left out, with the file)."""
     import json
     try:
         added = json.loads(file.read_text(encoding="utf-8")).get("added_tokens") or []
         pieces = spm.SentencePieceProcessor(model_file=str(model)).vocab_size()
-        return max((t["id"] for t in added), default=-1) >= pieces
+        config = model.with_name("config.json")
+        rows = json.loads(config.read_text(encoding="utf-8")).get("vocab_size") if config.is_file() else None
+        last = max((t["id"] for t in added), default=-1)
+        return last >= pieces and (not isinstance(rows, int) or last < rows)
     except (OSError, ValueError, RuntimeError, AttributeError, KeyError, TypeError):
         return False  # either file broken: tokenizer.model, as before, whose loading says what is wrong
 

@@ -38,8 +38,11 @@ def byte_of():
 def check_byte_level(data: dict, source):
     model, pre = data.get("model") or {}, json.dumps(data.get("pre_tokenizer"))
     if model.get("type") != "BPE" or '"ByteLevel"' not in pre:
-        raise BailongError(f"{source}: not a byte-level BPE tokenizer.json (model {model.get('type')!r}); "
-                           "extend a SentencePiece model as a tokenizer.model instead")
+        spm_style = '"Metaspace"' in pre or '"Replace"' in json.dumps(data.get("normalizer"))
+        raise BailongError(f"{source}: not a byte-level BPE tokenizer.json (model {model.get('type')!r}"
+                           + ("; a SentencePiece-style one, read for the tokens it adds past its folder's "
+                              "tokenizer.model" if spm_style else "") + "): vocabulary extension and the GGUF "
+                           "export take a byte-level BPE tokenizer.json or a SentencePiece tokenizer.model")
 
 
 def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]]:

@@ -208,6 +208,9 @@ def test_a_tokenizer_json_that_adds_chat_tokens_is_read_instead_of_tokenizer_mod
     im_start, im_end = theirs.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert ids.count(im_start) == 2 and ids.count(im_end) == 1 and 0 not in ids  # no <unk>
     assert im_end in chat_.stop_ids
+    config = json.loads((folder / "config.json").read_text())  # added tokens the model has no rows for (a
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 32000}))  # <pad>): not its tokenizer
+    assert isinstance(open_tokenizer(folder), Tokenizer)
 
 
 def test_a_merged_fine_tuned_model_tokenizes_and_chats_in_transformers_as_here(model_folder, tmp_path, capsys):
