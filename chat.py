@@ -29,7 +29,7 @@ from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.data import read_conversations_to_answer
 from bailong.errors import BailongError, Parser, check_device, run_cli
 from bailong.files import check_output_file
-from bailong.generation import SAMPLING, Sampling, model_sampling
+from bailong.generation import HF_SAMPLING, SAMPLING, Sampling, model_sampling
 from bailong.hub import resolve
 from bailong.quantized import quantize_model
 from bailong.tokenizer import check_fits, open_tokenizer, tokenizer_found
@@ -54,9 +54,10 @@ def parse_args(argv):
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, help="default: generation_config.json's, or 512")
     d = Sampling()
-    for name in SAMPLING:
+    for name in SAMPLING:  # a generation_config.json is read as transformers reads it (HF_SAMPLING where silent)
         p.add_argument("--" + name.replace("_", "-"), type=type(getattr(d, name)),
-                       help=f"default: generation_config.json's, or {getattr(d, name)}"
+                       help=f"default: generation_config.json's ({HF_SAMPLING[name]} where it is silent, as in "
+                            f"transformers; greedy unless it says do_sample), without one {getattr(d, name)}"
                             + (" (0: the most likely token, after the repetition penalty)" if name == "temperature"
                                else ""))
     p.add_argument("--seed", type=int, help="for reproducible sampling")

@@ -218,6 +218,9 @@ def check_output(config, world=1) -> int:
     if not config.overwrite and _has_progress(out):
         if differences := _differences(run["options"], options(config, world)):
             raise UsageError(f"{out}: holds a different run ({differences}); choose another --out")
+        if config.stage == "pretrain" and "data" in run.get("inputs", {}) and "documents" not in run["inputs"]:
+            raise UsageError(f"{out}: the run was started by an earlier Bailong, which began no pre-training "
+                             "document with bos; it cannot go on with documents that do: choose another --out")
         if not config.resume:
             raise UsageError(f"{out}: already holds this run ({done} of {run.get('steps')} steps done); "
                              "pass --resume to continue it, or choose another --out")
@@ -282,9 +285,6 @@ def prepare_output(config, found: dict, say=print, learned=None) -> Path:
             what = {"data": "the data", "model": "the base model"}
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
                              "with; choose another --out")
-        if "data" in recorded and recorded.get("documents") != found.get("documents"):
-            raise UsageError(f"{out}: the run was started by an earlier Bailong, which began no pre-training "
-                             "document with bos; it cannot go on with documents that do: choose another --out")
         if learned is not None and _trained_vocabulary(out) not in (None, learned.serialized()):
             raise UsageError(f"{out}: the vocabulary learned from the data is not the one the run's checkpoints "
                              "were trained with (an earlier Bailong learned it from the held-out data too, or "

@@ -100,6 +100,10 @@ def prepared(folder):
     for name in ("run-notes", "run-cut-adapter", "run-cut-state", "run-latest-gone", "run-broken", "run-busy"):
         shutil.copytree(run_dir, folder / name)
     (folder / "run-notes" / "notes.txt").write_text("added by the user\n")
+    shutil.copytree(run_dir, folder / "run-older")  # as an earlier version recorded it
+    older = json.loads((run_dir / "run.json").read_text())
+    del older["inputs"]["documents"]
+    (folder / "run-older" / "run.json").write_text(json.dumps(older))
     cut = folder / "run-cut-adapter" / "checkpoints" / "step-0000004" / "adapter" / "adapter_model.safetensors"
     cut.write_bytes(cut.read_bytes()[:1000])
     cut = folder / "run-cut-state" / "checkpoints" / "step-0000004" / "state.pt"
