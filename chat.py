@@ -27,7 +27,7 @@ from bailong.chat_template import model_template
 from bailong.config import DTYPES, PRESETS
 from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.data import read_conversations_to_answer
-from bailong.errors import BailongError, Parser, check_device, run_cli
+from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli
 from bailong.files import check_output_file
 from bailong.generation import HF_SAMPLING, SAMPLING, Sampling, model_sampling
 from bailong.hub import resolve
@@ -136,8 +136,8 @@ def main(argv=None):
                 chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
                 answer = chat.answer(messages[-1]["content"], stream=False)
                 answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
-        except (KeyboardInterrupt, BailongError) as e:  # Ctrl-C, or the model's logits not finite: the answers
-            stopped = e  # so far are kept
+        except (KeyboardInterrupt, Terminated, BailongError) as e:  # Ctrl-C, SIGTERM (a job scheduler's stop),
+            stopped = e  # or the model's logits not finite: the answers so far are kept
         if args.output:
             save_jsonl(Path(args.output), answered)
         else:
@@ -150,6 +150,8 @@ def main(argv=None):
         done = f"{len(answered)} of the {len(questions)} conversations answered"
         if isinstance(stopped, BailongError):
             raise BailongError(f"{stopped}; {done}")
+        if isinstance(stopped, Terminated):
+            raise stopped
         print(f"interrupted: {done}", file=sys.stderr)
         return 130
     if args.prompt is not None:

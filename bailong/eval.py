@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bailong.data import read_corpus
-from bailong.errors import BailongError, Parser, read_json, run_cli
+from bailong.errors import BailongError, Parser, Terminated, read_json, run_cli
 from bailong.files import check_output_file
 from bailong.tokenizer import open_tokenizer, tokenizer_found
 
@@ -171,7 +171,8 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
                 row["scores"] = item_scores
                 scores[item.get("category", "uncategorized")] += item_scores
             rows.append(row)
-    except (KeyboardInterrupt, BailongError) as e:  # the items answered so far are written all the same
+    except (KeyboardInterrupt, Terminated, BailongError) as e:  # the items answered so far are written all the
+        # same (Ctrl-C, SIGTERM: a job scheduler's stop, a judge that fails)
         stopped = e
     if rows or stopped is None:
         save_jsonl(Path(out), rows)

@@ -129,3 +129,22 @@ def test_the_judge_sees_what_the_model_saw(model_folder, tmp_path, monkeypatch):
     bench(model_folder, questions, tmp_path / "answers.jsonl", judge_url="http://judge", max_new_tokens=4)
     assert [len(s) for s in seen][0] == 1 and any(len(s) < 2 * i + 1 for i, s in enumerate(seen))
     assert all(s[-1].endswith(str(i)) for i, s in enumerate(seen))  # each ends with the turn answered
+
+
+def test_sigterm_during_a_bench_keeps_the_items_answered(model_folder, tmp_path, monkeypatch):
+    """A job scheduler's stop wrote nothing; Ctrl-C kept the items answered, and now SIGTERM does too."""
+    from bailong import conversation
+    from bailong.errors import Terminated
+    generate_, calls = conversation.generate, []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Terminated
+        return generate_(*args, **kwargs)
+    monkeypatch.setattr(conversation, "generate", generate)
+    questions = tmp_path / "bench.json"
+    questions.write_text(json.dumps([{"turns": ["one"]}, {"turns": ["two"]}, {"turns": ["three"]}]))
+    with pytest.raises(Terminated):
+        bench(model_folder, questions, tmp_path / "answers.jsonl", max_new_tokens=2)
+    assert [json.loads(line)["turns"] for line in (tmp_path / "answers.jsonl").read_text().splitlines()] == [["one"]]
