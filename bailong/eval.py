@@ -137,7 +137,7 @@ def judge(url, model, conversation, answer, api_key=None, timeout=120) -> int:
     score = re.search(r"(\d+(?:\.\d+)?)", reply.split("Score:")[-1])
     if not score:
         raise BailongError(f"{url}: the judge's reply has no score: {reply[:80]!r}")
-    return max(0, min(10, round(float(score[1]))))
+    return max(0, min(10, math.floor(float(score[1]) + 0.5)))  # halves up: round() takes 6.5 to 6 and 7.5 to 8
 
 
 def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_new_tokens=512, overwrite=False):

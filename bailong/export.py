@@ -23,7 +23,7 @@ from bailong.adapter import read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.config import DTYPES
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
-from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
+from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps
 from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
@@ -57,8 +57,11 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             import gguf  # noqa: F401  (a dependency of this command only)
         except ImportError:
             raise BailongError("writing GGUF needs the gguf package (pip install gguf)") from None
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists():  # an empty folder too: the new one is made beside it and renamed into place, which a
+        # mount point or the working folder (--out .) cannot be
         raise UsageError(f"{out}: already exists; choose a new folder (nothing is overwritten)")
+    else:
+        check_writable(out)
     base_folder, run_folder = resolve(str(base)), None
     if adapter is None and (run := training_output(base_folder)):
         (base, adapter), run_folder = run, base_folder

@@ -52,10 +52,16 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
                              f"(choose another {flag})")
         if not overwrite:
             raise UsageError(f"{path}: already exists; choose another {flag}, or pass --overwrite to replace it")
-    folder = next(p for p in path.absolute().parents if p.exists())  # where the file or its folders will be made
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # found now, not after the work
-        raise BailongError(f"{path}: could not write ({folder} is not writable)")
+    check_writable(path)
     return path
+
+
+def check_writable(path: Path):
+    """Refuse now, not after the work, a new file or folder ``path`` whose nearest existing folder (where it,
+    or the folders above it, will be made) cannot be written."""
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise BailongError(f"{path}: could not write ({folder} is not writable)")
 
 
 def write_failed(target, error) -> BailongError:

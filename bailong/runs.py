@@ -362,7 +362,11 @@ def model_file(folder, name) -> Path | None:
 
 def check_not_a_run(folder: Path):
     """A one-line error where ``folder``, read as a model folder, is a training run: given with an adapter of its
-    own, or with none kept yet (where it brings one, ``training_output`` reads it as its base and adapter)."""
+    own, or with none kept yet (where it brings one, ``training_output`` reads it as its base and adapter), or an
+    adapter folder."""
+    if not (folder / "config.json").exists() and (folder / ADAPTER_CONFIG).is_file():
+        raise BailongError(f"{folder}: an adapter, not a model folder: give its base model, and the adapter with "
+                           "--adapter")
     if not (folder / "config.json").exists() and read_run(folder):
         raise BailongError(f"{folder}: a training run, not a model folder: " + (
             "it brings its own adapter; give it without --adapter" if training_output(folder) else

@@ -210,6 +210,19 @@ def test_an_adapter_peft_makes_its_base_for_or_with_half_an_update_is_refused(tm
     assert not any((tmp_path / f"out{i}").exists() for i in range(1, 3))
 
 
+def test_an_export_into_an_existing_empty_folder_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """--out . in an empty working folder ended, after the whole merge, in a traceback; an empty mount point in
+    'could not write (Device or resource busy)': the new folder is renamed into place, which neither can be."""
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    make_peft_adapter(folder, tmp_path / "adapter", targets=["q_proj"])
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for out in (".", tmp_path / "empty"):
+        assert "already exists; choose a new folder (nothing is overwritten)" in \
+            cli_error_export(capsys, folder, tmp_path / "adapter", out, code=2)
+    assert not any((tmp_path / "empty").iterdir())
+
+
 def test_trainable_share_at_bailong_scale():
     config = preset("llama2-7b")
     config.vocab_size = 59241  # Llama 2 plus 27,241 Traditional Chinese pieces
