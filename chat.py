@@ -151,6 +151,7 @@ def main(argv=None):
         if isinstance(stopped, BailongError):
             raise BailongError(f"{stopped}; {done}")
         if isinstance(stopped, Terminated):
+            print(f"terminated: {done}", file=sys.stderr)
             raise stopped
         print(f"interrupted: {done}", file=sys.stderr)
         return 130

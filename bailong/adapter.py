@@ -36,8 +36,8 @@ UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora
                # activated LoRA (from its invocation tokens on only), and variants that change the update's form
                "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "arrow_config": None,
                "kasa_config": None, "monteclora_config": None}
-# PEFT initialisations that subtract the initial B A from the base's W (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): such
-# an adapter is its update onto that changed W, which PEFT makes again from the base as it loads the adapter
+# PEFT initialisations whose adapter is an update onto a base PEFT makes from the model as it loads it (PiSSA,
+# OLoRA, CorDA subtract the initial B A from W; LoftQ quantizes it; LoRA-GA needs the gradients it was made with)
 BASE_CHANGING = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
@@ -97,10 +97,11 @@ def read_adapter_config(folder: Path) -> dict:
         if config.get(key, default) not in (default, [], {}):
             raise BailongError(f"{file}: {key}={config[key]!r} is not supported")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.startswith(BASE_CHANGING):  # PEFT redoes the init on load, changing W
-        raise BailongError(f"{file}: init_lora_weights={init!r} changes the base weights as it loads, which is not "
-                           "supported; save it with PEFT's save_pretrained(..., path_initial_model_for_weight_"
-                           "conversion=...), which makes it a plain LoRA adapter")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING):  # as PEFT compares them
+        convert = " (save it with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...), " \
+            "which makes it a plain LoRA adapter)" if not init.lower().startswith("loftq") else ""
+        raise BailongError(f"{file}: init_lora_weights={init!r} is not supported: PEFT makes such an adapter's base "
+                           f"from the model as it loads it, which Bailong does not{convert}")
     if missing := [k for k in ("r", "lora_alpha") if k not in config]:
         raise BailongError(f"{file}: missing {missing[0]} (a LoRA adapter config gives r and lora_alpha)")
     for key, (what, ok) in FIELDS.items():

@@ -23,10 +23,10 @@ from bailong.chat_template import template_example, training_example
 from bailong.errors import BailongError, handling
 from bailong.files import atomic_write
 from bailong.hub import resolve
+from bailong.runs import DOCUMENTS
 from bailong.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-DOCUMENTS = "bos text eos"  # how a pre-training document is tokenized (``_encode``): runs and caches record it
 
 
 def data_paths(names) -> list[Path]:

@@ -71,6 +71,11 @@ NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eva
                 "casts_by_layer", "offload_embedding", "cudnn_attention"}
 
 
+# how data._encode tokenizes a pre-training document: runs and token caches record it, and a run goes on only
+# with the documents it began with
+DOCUMENTS = "bos where a prompt has one, text, eos"
+
+
 def options(config, world=1) -> dict:
     """The options that make two runs the same run (the number of processes decides each one's examples; the
     vocabulary's options, only pre-training's)."""
@@ -218,9 +223,11 @@ def check_output(config, world=1) -> int:
     if not config.overwrite and _has_progress(out):
         if differences := _differences(run["options"], options(config, world)):
             raise UsageError(f"{out}: holds a different run ({differences}); choose another --out")
-        if config.stage == "pretrain" and "data" in run.get("inputs", {}) and "documents" not in run["inputs"]:
-            raise UsageError(f"{out}: the run was started by an earlier Bailong, which began no pre-training "
-                             "document with bos; it cannot go on with documents that do: choose another --out")
+        if config.stage == "pretrain" and "data" in run.get("inputs", {}) and \
+                (began := run["inputs"].get("documents", "text, eos")) != DOCUMENTS:
+            raise UsageError(f"{out}: the run was started by an earlier Bailong, which tokenized its documents "
+                             f"otherwise ({began}; now {DOCUMENTS}): it cannot go on with other examples; choose "
+                             "another --out")
         if not config.resume:
             raise UsageError(f"{out}: already holds this run ({done} of {run.get('steps')} steps done); "
                              "pass --resume to continue it, or choose another --out")
@@ -238,7 +245,6 @@ def fingerprints(config, items, base_folder=None) -> dict:
         data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
     found = {"data": data.hexdigest()[:16]}
     if config.stage == "pretrain":
-        from bailong.data import DOCUMENTS  # here: data imports torch
         found["documents"] = DOCUMENTS
     if base_folder is not None:
         folder = Path(base_folder)
@@ -365,8 +371,10 @@ def check_not_a_run(folder: Path):
     own, or with none kept yet (where it brings one, ``training_output`` reads it as its base and adapter), or an
     adapter folder."""
     if not (folder / "config.json").exists() and (folder / ADAPTER_CONFIG).is_file():
-        raise BailongError(f"{folder}: an adapter, not a model folder: give its base model, and the adapter with "
-                           "--adapter")
+        output = folder.parent if training_output(folder.parent) else None
+        raise BailongError(f"{folder}: an adapter, not a model folder: " + (
+            f"give the training output it is in ({output})" if output else
+            "give its base model (and the adapter with --adapter, where the command takes one)"))
     if not (folder / "config.json").exists() and read_run(folder):
         raise BailongError(f"{folder}: a training run, not a model folder: " + (
             "it brings its own adapter; give it without --adapter" if training_output(folder) else

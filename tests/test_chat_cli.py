@@ -105,6 +105,7 @@ def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp
     elif fault is Terminated:
         with pytest.raises(Terminated):  # run_cli's exit 143, once the answers are written
             chat.main(argv)
+        assert "terminated: 1 of the 3 conversations answered" in capsys.readouterr().err
     else:
         with pytest.raises(BailongError, match="not finite; 1 of the 3 conversations answered"):
             chat.main(argv)

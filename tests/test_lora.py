@@ -197,8 +197,12 @@ def test_an_adapter_peft_makes_its_base_for_or_with_half_an_update_is_refused(tm
     folder, hf = write_hf(tmp_path, "gqa", **SHAPE)
     get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["q_proj"])
                    ).save_pretrained(tmp_path / "pissa")
-    assert "adapter_config.json: init_lora_weights='pissa' changes the base weights as it loads, which is not " \
-           "supported" in cli_error_export(capsys, folder, tmp_path / "pissa", tmp_path / "out1")
+    assert "adapter_config.json: init_lora_weights='pissa' is not supported: PEFT makes such an adapter's base " \
+           "from the model as it loads it" in cli_error_export(capsys, folder, tmp_path / "pissa", tmp_path / "out1")
+    config = tmp_path / "pissa" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "init_lora_weights": "OLoRA"}))  # any case
+    assert "init_lora_weights='OLoRA' is not supported" in cli_error_export(capsys, folder, tmp_path / "pissa",
+                                                                           tmp_path / "out1")
     make_peft_adapter(folder, tmp_path / "half", targets=["q_proj"])
     file = tmp_path / "half" / "adapter_model.safetensors"
     tensors = load_file(file)

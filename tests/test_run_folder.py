@@ -115,18 +115,22 @@ def test_a_run_resumes_only_with_the_vocabulary_it_learned(tmp_path, capsys, mon
 
 
 def test_a_pretraining_run_resumes_only_with_its_documents_tokenized_as_it_began(tmp_path, capsys, monkeypatch):
-    """An earlier version began no document with bos: its run would go on with other examples and another
-    held-out measure, so it is not continued; a run of this version is."""
+    """Earlier versions began no document with bos (recorded nothing), or one with every tokenizer's (recorded
+    "bos text eos"): such a run would go on with other examples and another held-out measure, so it is not
+    continued, before anything loads; a run of this version is."""
+    from bailong.runs import DOCUMENTS
     monkeypatch.chdir(tmp_path)
     args = ["--eval-every", "2", "--new-pieces", "0", "--out", "run"]
     run_train(capsys, *args, "--steps", "2")
     run_json = tmp_path / "run" / "run.json"
     now = json.loads(run_json.read_text())
-    assert now["inputs"]["documents"] == "bos text eos"
-    run_json.write_text(json.dumps({**now, "inputs": {k: v for k, v in now["inputs"].items() if k != "documents"}}))
-    _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
-    assert "error: run: the run was started by an earlier Bailong, which began no pre-training document with " \
-           "bos; it cannot go on with documents that do: choose another --out" in err
+    assert now["inputs"]["documents"] == DOCUMENTS
+    for began, recorded in [("text, eos", {k: v for k, v in now["inputs"].items() if k != "documents"}),
+                            ("bos text eos", {**now["inputs"], "documents": "bos text eos"})]:
+        run_json.write_text(json.dumps({**now, "inputs": recorded}))
+        _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
+        assert f"error: run: the run was started by an earlier Bailong, which tokenized its documents otherwise " \
+               f"({began}; now {DOCUMENTS}): it cannot go on with other examples; choose another --out" in err
     run_json.write_text(json.dumps(now))
     run_train(capsys, *args, "--steps", "3", "--resume")
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
