@@ -113,6 +113,31 @@ def test_only_an_extension_of_the_base_is_taken(setup, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_a_padded_tied_vocabulary_keeps_the_new_rows_zip_tie_set(tmp_path, capsys):
+    """A base with rows past its tokenizer's ids (padded for speed) and one matrix for embedding and head: the
+    new pieces take the unused rows, the model does not grow, and the adapter still carries the embedding, so
+    the result's new rows are zip-tie's, not the base's padding (training used to fail; the adapter, had it
+    been written, would have left them out)."""
+    import shutil
+
+    from train_runs import run_train
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=32064, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), folder / "tokenizer.model")
+    stdout, _ = run_train(capsys, "--model", folder, "--new-pieces", "20", "--steps", "1", "--eval-every", "1",
+                          "--out", tmp_path / "pre")
+    assert "the embedding, with the new rows as zip-tie set them, is saved with the adapter" in stdout
+    model, tokenizer = bailong.load(tmp_path / "pre", device="cpu")
+    assert model.config.vocab_size == 32064 and tokenizer.vocab_size == 32020
+    expected, base = bailong.load(folder, device="cpu")
+    extend_model(expected, base, tokenizer)
+    torch.testing.assert_close(model.model.embed_tokens.weight[32000:32020],
+                               expected.model.embed_tokens.weight[32000:32020])
+    assert not torch.equal(expected.model.embed_tokens.weight[32000:32020],
+                           bailong.load(folder, device="cpu")[0].model.embed_tokens.weight[32000:32020])
+
+
 def test_compare_init_command(setup, capsys):
     base, ext, folder, tmp = setup
     vocab_main(["compare-init", "--model", str(folder), "--base-tokenizer", str(base.path), "--extended-tokenizer",
