@@ -98,7 +98,7 @@ def quantize_8bit(x, blocksize=NESTED_BLOCKSIZE):
     (uint8 codes, float32 absmax per block)."""
     n = x.numel()
     padded = torch.nn.functional.pad(x, (0, -n % blocksize)).view(-1, blocksize)
-    absmax = padded.abs().amax(dim=1)  # (blocks,)
+    absmax = padded.abs().nan_to_num(0.0, posinf=torch.inf).amax(dim=1)  # (blocks,); NaN skipped, as bitsandbytes
     scaled = (padded * (1.0 / absmax)[:, None]).clamp(-1, 1)  # reciprocal, then multiply
     bins = ((scaled + 1.0) * 0.5 * 65535 + 0.5).to(torch.int64)  # truncates, as a C cast does
     q = torch.where(absmax[:, None] == 0, 0, _dynamic_lut(x.device)[bins.clamp(0, 65535)])
@@ -183,26 +183,31 @@ class NF4Tensor:
             return BailongError(f"{source}: {name}: {problem}")
 
         state_keys = [k for k in tensors if k.startswith(f"{name}.quant_state.")]
+        if not state_keys:
+            raise bad("missing quant_state")
         if state_keys != [f"{name}.quant_state.bitsandbytes__nf4"]:
-            kinds = [k.rsplit("__", 1)[-1] for k in state_keys] or ["none"]
+            kinds = [k.rsplit("__", 1)[-1] for k in state_keys]
             raise bad(f"quant_state {', '.join(kinds)} is not supported (only nf4)")
         try:
             state = json.loads(bytes(tensors[state_keys[0]].tolist()).decode())
             shape, blocksize, dtype = torch.Size(state["shape"]), int(state["blocksize"]), state["dtype"]
+            offset = float(state["nested_offset"]) if "nested_offset" in state else None
         except (ValueError, KeyError, TypeError) as e:
             raise bad(f"unreadable quant_state ({type(e).__name__}: {e})") from None
         if state.get("quant_type") != "nf4":
             raise bad(f"quant_type {state.get('quant_type')!r} is not supported (only nf4)")
-        if blocksize not in BLOCKSIZES or not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        if blocksize not in BLOCKSIZES or dtype not in ("float16", "bfloat16", "float32"):
             raise bad(f"quant_state has blocksize {blocksize} and dtype {dtype!r}")
+        if offset is not None and not math.isfinite(offset):
+            raise bad(f"quant_state has nested_offset {offset}")
         q = cls(data=tensors.get(name), absmax=tensors.get(f"{name}.absmax"), shape=shape,
                 dtype=getattr(torch, dtype), blocksize=blocksize, quant_map=tensors.get(f"{name}.quant_map"))
         n, blocks = q.numel, -(-q.numel // blocksize)
-        nested = "nested_offset" in state
+        nested = offset is not None
         if nested:
             if state.get("nested_blocksize") != NESTED_BLOCKSIZE:
-                raise bad(f"nested_blocksize {state.get('nested_blocksize')} is not supported (only 256)")
-            q.offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
+                raise bad(f"nested_blocksize {state.get('nested_blocksize')!r} is not supported (only 256)")
+            q.offset = torch.tensor(offset, dtype=torch.float32)
             q.nested_absmax = tensors.get(f"{name}.nested_absmax")
             q.nested_quant_map = tensors.get(f"{name}.nested_quant_map")
         expect = {"weight": (q.data, torch.uint8, [(n + 1) // 2, 1]),

@@ -29,18 +29,23 @@ def bnb_dequantize(packed, state, dtype=None):
                                     dtype or state.dtype).view(state.shape)
 
 
+def same(a, b):
+    """Equal tensors, a NaN equal to a NaN (a weight that is not finite)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a.float(), b.float(), 0, 0, equal_nan=True)
+
+
 def check_same_as_bnb(w, blocksize, double_quant):
     packed, state = bnb.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
     q = quantize(w, blocksize, double_quant)
-    assert torch.equal(q.data, packed) and torch.equal(q.absmax, state.absmax)
-    assert torch.equal(q.quant_map, state.code) and q.dtype == w.dtype and q.shape == w.shape
+    assert same(q.data, packed) and same(q.absmax, state.absmax)
+    assert same(q.quant_map, state.code) and q.dtype == w.dtype and q.shape == w.shape
     if double_quant:
-        assert torch.equal(q.offset, state.offset) and torch.equal(q.nested_absmax, state.state2.absmax)
-        assert torch.equal(q.nested_quant_map, state.state2.code)
+        assert same(q.offset, state.offset) and same(q.nested_absmax, state.state2.absmax)
+        assert same(q.nested_quant_map, state.state2.code)
     for dtype in [None, torch.float32, torch.bfloat16, torch.float16]:
-        assert torch.equal(q.dequantize(dtype), bnb_dequantize(packed, state, dtype))
+        assert same(q.dequantize(dtype), bnb_dequantize(packed, state, dtype))
     if w.dim() == 2 and w.shape[1] % blocksize == 0:  # where bitsandbytes' CPU library is right
-        assert torch.equal(q.dequantize(), bnb.dequantize_4bit(packed, state))
+        assert same(q.dequantize(), bnb.dequantize_4bit(packed, state))
     return q
 
 
@@ -85,6 +90,10 @@ def test_special_values(double_quant):
     for scale in [1e-30, 1e-8, 1e8, 1e30]:
         check_same_as_bnb(torch.randn(10, 70) * scale, 64, double_quant)
     check_same_as_bnb((torch.randn(16, 64).clamp(-4, 4) * 16000).half(), 64, double_quant)  # near fp16 max
+    for bad in (float("nan"), float("inf"), -float("inf")):  # garbage either way, but bitsandbytes' garbage:
+        w = torch.randn(4, 768)  # the block maximum of the double quantization skips NaN
+        w[1, 3] = bad
+        check_same_as_bnb(w, 64, double_quant)
 
 
 def test_error_is_what_nf4_allows():
@@ -121,6 +130,13 @@ def test_bnb_dict_round_trip_and_format():
     assert torch.equal(bnb_dequantize(d["model.layers.0.mlp.down_proj.weight"], state), q.dequantize())
 
 
+def _state(d, **change):
+    """``d`` with its quant_state's JSON changed."""
+    key = "w.weight.quant_state.bitsandbytes__nf4"
+    state = {**json.loads(bytes(d[key].tolist())), **change}
+    d[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("w.weight.absmax"), "missing absmax"),
     (lambda d: d.update({"w.weight.absmax": d["w.weight.absmax"][:-1]}), "absmax is uint8 [127]"),
@@ -130,6 +146,12 @@ def test_bnb_dict_round_trip_and_format():
      "unreadable quant_state"),
     (lambda d: d.update({"w.weight.quant_state.bitsandbytes__fp4": d.pop("w.weight.quant_state.bitsandbytes__nf4")}),
      "quant_state fp4 is not supported"),
+    (lambda d: d.pop("w.weight.quant_state.bitsandbytes__nf4"), "w.weight: missing quant_state"),
+    (lambda d: _state(d, nested_offset="abc"), "unreadable quant_state (ValueError: could not convert"),
+    (lambda d: _state(d, nested_offset=None), "unreadable quant_state (TypeError: "),
+    (lambda d: _state(d, nested_offset="nan"), "quant_state has nested_offset nan"),
+    (lambda d: _state(d, nested_blocksize="256"), "nested_blocksize '256' is not supported"),
+    (lambda d: _state(d, dtype="int8"), "quant_state has blocksize 64 and dtype 'int8'"),
 ])
 def test_inconsistent_quant_state_is_an_error(change, message):
     d = quantize(torch.randn(64, 128)).to_bnb_dict("w.")
