@@ -70,7 +70,8 @@ class JsonTokenizer:
 
     Read by the ``tokenizers`` library, as transformers reads it: special tokens written
     in the text (a chat template's ``<|eot_id|>``) become their ids. bos/eos/pad are
-    tokenizer_config.json's strings beside the file (-1 where there is none).
+    the tokens ``tokenizer_settings`` names (-1 where it names none; bos, where it says nothing of one, the
+    token the post-processor begins a prompt with, as transformers adds it).
     """
 
     def __init__(self, file, text: str | None = None, settings: dict | None = None):
@@ -91,9 +92,12 @@ class JsonTokenizer:
             found = self.tk.token_to_id(token) if isinstance(token, str) else None
             return -1 if found is None else found
         self.bos_id, self.eos_id, self.pad_id = special("bos_token"), special("eos_token"), special("pad_token")
+        plain, prompt = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a").ids
+        if "bos_token" not in settings and prompt[1:] == plain:  # no settings: the token the post-processor adds
+            self.bos_id = prompt[0]
         # whether a prompt begins with bos: where the library's post-processor puts it (Llama 3's; not SmolLM2's,
         # whose bos is its eos)
-        self.adds_bos = self.bos_id >= 0 and self.tk.encode("a").ids[:1] == [self.bos_id]
+        self.adds_bos = self.bos_id >= 0 and prompt[:1] == [self.bos_id]
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
@@ -125,10 +129,13 @@ class JsonTokenizer:
 
 def tokenizer_settings(folder) -> dict:
     """A model folder's tokenizer_config.json ({} where it has none), with the chat template of its
-    chat_template.jinja where it has one: transformers reads that file first, and its recent versions save a
-    template only there."""
+    chat_template.jinja where it has one (transformers reads that file first, and its recent versions save a
+    template only there) and the special tokens of its special_tokens_map.json (which transformers puts over
+    tokenizer_config.json's)."""
     file, template = Path(folder) / "tokenizer_config.json", Path(folder) / CHAT_TEMPLATE_FILE
     settings = read_json(file) if file.exists() else {}
+    if (specials := Path(folder) / "special_tokens_map.json").is_file():
+        settings |= {k: v for k, v in read_json(specials).items() if k in ("bos_token", "eos_token", "pad_token")}
     if template.is_file():
         try:
             settings["chat_template"] = template.read_text(encoding="utf-8")

@@ -84,6 +84,30 @@ def test_a_document_begins_with_bos_where_a_prompt_does(llama3, tmp_path):
         assert list(ids) == theirs("臺灣 text")["input_ids"] + [theirs.eos_token_id], name
 
 
+def test_special_tokens_are_found_where_transformers_finds_them(llama3, tmp_path):
+    """special_tokens_map.json's tokens stand over tokenizer_config.json's, and with neither file bos is the
+    token the post-processor begins a prompt with: read from tokenizer_config.json alone, pre-training joined
+    such a model's documents with nothing between them. The token cache is keyed by bos and eos too: a new eos
+    in tokenizer_config.json was trained on with the old one's cached ids."""
+    from bailong.data import tokenize
+    folder = tmp_path / "map"
+    shutil.copytree(llama3, folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|begin_of_text|>"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|end_of_text|>", "bos_token": {
+        "content": "<|begin_of_text|>"}}))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(llama3 / "tokenizer.json", alone)
+    for where in (folder, alone):
+        ours, theirs = JsonTokenizer(where / "tokenizer.json"), AutoTokenizer.from_pretrained(where)
+        assert (ours.bos_id, ours.eos_id) == (0, theirs.eos_token_id if where == folder else -1) and ours.adds_bos
+        assert ours.encode("臺灣", bos=True) == theirs("臺灣").input_ids
+    before = tokenize(JsonTokenizer(folder / "tokenizer.json"), ["臺灣"], tmp_path / "cache", 1)[0].tolist()
+    (folder / "special_tokens_map.json").unlink()
+    after = tokenize(JsonTokenizer(folder / "tokenizer.json"), ["臺灣"], tmp_path / "cache", 1)[0].tolist()
+    assert before[-1] == 1 and after[-1] == 0 and before[:-1] == after[:-1]
+
+
 def test_ids_and_text_equal_transformers(llama3):
     ours, theirs = open_tokenizer(llama3), AutoTokenizer.from_pretrained(llama3)
     assert isinstance(ours, JsonTokenizer) and (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, -1)
