@@ -108,6 +108,28 @@ def test_special_tokens_are_found_where_transformers_finds_them(llama3, tmp_path
     assert before[-1] == 1 and after[-1] == 0 and before[:-1] == after[:-1]
 
 
+def test_a_pretraining_run_resumes_only_with_its_base_s_tokenizer_settings(llama3, tmp_path, capsys):
+    """A new eos in the base's tokenizer_config.json changes every document's last token: the run is not
+    continued with it; a run an earlier version started (which recorded no settings) is."""
+    from train_runs import losses, run_train
+    folder = tmp_path / "base"
+    shutil.copytree(llama3, folder)
+    args = ["--model", folder, "--new-pieces", "0", "--eval-every", "2", "--out", tmp_path / "run"]
+    run_train(capsys, *args, "--steps", "2")
+    config = folder / "tokenizer_config.json"
+    settings = config.read_text()
+    config.write_text(json.dumps({**json.loads(settings), "eos_token": "<|begin_of_text|>"}))
+    _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
+    assert "the base's tokenizer settings differ from those the run started with; choose another --out" in err
+    config.write_text(settings)
+    run_json = tmp_path / "run" / "run.json"
+    earlier = json.loads(run_json.read_text())
+    del earlier["inputs"]["settings"]
+    run_json.write_text(json.dumps(earlier))
+    run_train(capsys, *args, "--steps", "3", "--resume")
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_ids_and_text_equal_transformers(llama3):
     ours, theirs = open_tokenizer(llama3), AutoTokenizer.from_pretrained(llama3)
     assert isinstance(ours, JsonTokenizer) and (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, -1)
