@@ -35,10 +35,14 @@ def data_paths(names) -> list[Path]:
     out = []
     for name in names:
         path = Path(name).expanduser()
-        if not path.exists() and (path.suffix in (".txt", ".jsonl") or str(name).startswith(("/", ".", "~"))):
-            raise BailongError(f"{name}: no such file or folder")
-        out.append(path if path.exists() else resolve(str(name), files=["*.txt", "*.jsonl"], weights=False,
-                                                       repo_type="dataset"))
+        if not path.exists():
+            if path.suffix in (".txt", ".jsonl", ".json") or str(name).startswith(("/", ".", "~")):
+                raise BailongError(f"{name}: no such file or folder")
+            path = resolve(str(name), files=["*.txt", "*.jsonl"], weights=False, repo_type="dataset")
+            if not any(path.rglob("*.txt")) and not any(path.rglob("*.jsonl")):
+                raise BailongError(f"{name}: the Hub dataset holds no .txt or .jsonl files, the only ones read "
+                                   "(save it as JSON lines first)")
+        out.append(path)
     return out
 
 
@@ -51,32 +55,66 @@ def once(files) -> list[Path]:
     return list(first.values())
 
 
-def read_corpus(paths) -> list[str]:
-    """Pre-training documents from text files (one per non-empty line), jsonl ({"text": ...}) or folders of
-    them (``data_paths`` turns Hub dataset ids into folders)."""
+def _files(paths, suffixes) -> list[Path]:
+    """The files named, and those under the folders named with one of ``suffixes`` (hidden ones left out: a
+    notebook's checkpoint copies would put held-out text in training too), each once."""
     files = []
     for path in map(Path, paths):
         if not path.exists():
             raise BailongError(f"{path}: no such file or folder")
-        files += sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
-    texts = []
-    for file in once(files):
+        if not path.is_dir():
+            files.append(path)
+            continue
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
+        if not (chosen := [p for p in found if p.suffix in suffixes]):
+            held = sorted({p.suffix or p.name for p in found})
+            raise BailongError(f"{path}: no {' or '.join(suffixes)} files in it"
+                               + (f" (it holds {', '.join(held[:6])})" if held else ""))
+        files += chosen
+    return once(files)
+
+
+def _lines(file):
+    """(line number, line) of a text file's non-blank lines; a line ends only at a line feed (JSON lines may
+    hold U+2028 and other characters Python also splits lines at)."""
+    try:
+        text = Path(file).read_text(encoding="utf-8-sig")  # a byte-order mark, if any, dropped; CRLF read as LF
+    except UnicodeDecodeError as e:
+        raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    return [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def _text(where, value):
+    """``value`` where it is text: a JSON string may escape half a character (a lone surrogate), which no
+    tokenizer takes."""
+    if isinstance(value, str):
         try:
-            lines = file.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark, if any, dropped
-        except UnicodeDecodeError as e:
-            raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            if file.suffix == ".jsonl":
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BailongError(f"{where}: holds half a character ({value[e.start]!r}, a lone surrogate), "
+                               "not text") from None
+    return value
+
+
+def read_corpus(paths) -> list[str]:
+    """Pre-training documents from text files (a document a non-empty line), JSON lines (.jsonl, or a .json
+    file named itself: {"text": ...} a line) or folders of them (their .txt and .jsonl files; ``data_paths``
+    turns Hub dataset ids into folders)."""
+    texts = []
+    for file in _files(paths, (".txt", ".jsonl")):
+        for number, line in _lines(file):
+            if file.suffix in (".jsonl", ".json"):
                 try:
                     line = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     line = None
-                if not isinstance(line, str):  # a number, null, a list
+                if not isinstance(_text(f"{file}:{number}", line), str):  # a number, null, a list
                     raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string")
+                if not line.strip():
+                    continue
             texts.append(line)
-    if not any(t.strip() for t in texts):
+    if not texts:
         raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")
     return texts
 
@@ -90,24 +128,14 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
     """Conversations from jsonl files or folders of them (``data_paths`` turns Hub dataset ids into
     folders): {"messages": [{"role": ..., "content": ...}, ...]} a line, an optional system message first,
     then user and assistant alternating, ending with ``ending``."""
-    conversations, files = [], []
-    for path in map(Path, paths):
-        files += sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    for file in once(files):
-        try:
-            lines = Path(file).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark, if any, dropped
-        except FileNotFoundError:
-            raise BailongError(f"{file}: no such file") from None
-        except UnicodeDecodeError as e:
-            raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
+    conversations = []
+    for file in _files(paths, (".jsonl",)):
+        for number, line in _lines(file):
             where = f"{file}:{number}"
             try:
                 messages = json.loads(line)["messages"]
                 roles = [m["role"] for m in messages]
-                assert all(isinstance(m["content"], str) for m in messages)
+                assert all(isinstance(_text(where, m["content"]), str) for m in messages)
             except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
                 raise BailongError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": \"...\"}}]}}") \
                     from None

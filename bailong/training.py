@@ -54,7 +54,8 @@ class TrainConfig:
                                                      "embedded default"})
     init: str = field(default="", metadata={"help": "sft: the pre-training output to start from (default "
                                                     "out/pretrain)"})
-    data: list = field(default_factory=list, metadata={"help": "text/jsonl files, folders or Hub dataset ids "
+    data: list = field(default_factory=list, metadata={"help": "text files (a document a line), JSON lines "
+                                                                "(.jsonl), folders or Hub dataset ids of them "
                                                                 "(default: the bundled samples)"})
     out: str = field(default="", metadata={"help": "output folder (default out/STAGE)"})
     new_pieces: int = field(default=300, metadata={"help": "pretrain: pieces to add to the tokenizer (0: none)"})

@@ -28,6 +28,42 @@ def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     assert read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"]) == ["first", "second"]
 
 
+def test_a_document_ends_only_at_a_line_feed_and_hidden_folders_are_left_out(tmp_path):
+    """JSON lines may hold U+2028 (json.dumps(ensure_ascii=False) writes it as it is), which str.splitlines
+    breaks at: such a line was refused as broken JSON, and a form feed split a text line in two. Hidden folders
+    (a notebook's checkpoint copies) put held-out documents in training too; a .json file named itself is JSON
+    lines, not text; a document empty as JSON is none."""
+    import json
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "第一段\u2028第二段\x85"}, ensure_ascii=False) + "\r\n"
+                                      + json.dumps({"text": "  "}) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("page one\x0cpage two\r\nnext\n", encoding="utf-8")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "b-checkpoint.txt").write_text("a copy\n")
+    (tmp_path / ".hidden.txt").write_text("hidden\n")
+    assert read_corpus([tmp_path]) == ["第一段\u2028第二段\x85", "page one\x0cpage two", "next"]
+    (tmp_path / "c.json").write_text(json.dumps({"text": "臺灣"}) + "\n")
+    assert read_corpus([tmp_path / "c.json"]) == ["臺灣"]
+    chat = {"messages": [{"role": "user", "content": "a\u2028b"}, {"role": "assistant", "content": "c"}]}
+    (tmp_path / "chats.jsonl").write_text(json.dumps(chat, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_conversations([tmp_path / "chats.jsonl"]) == [chat["messages"]]
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "train.parquet").write_bytes(b"PAR1")
+    with pytest.raises(BailongError, match=r"only: no .txt or .jsonl files in it \(it holds .parquet\)$"):
+        read_corpus([tmp_path / "only"])
+
+
+def test_half_a_character_in_json_is_named_not_a_traceback(tmp_path):
+    """A JSON escape may hold a lone surrogate: the run's fingerprint, the tokenizer and vocab extend
+    ended in tracebacks (the last after writing its --out)."""
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": "broken \\ud83d emoji"}\n')
+    with pytest.raises(BailongError, match=r"a.jsonl:2: holds half a character \('\\ud83d', a lone surrogate\)"):
+        read_corpus([tmp_path / "a.jsonl"])
+    (tmp_path / "c.jsonl").write_text('{"messages": [{"role": "user", "content": "\\udc00"}, '
+                                      '{"role": "assistant", "content": "x"}]}\n')
+    with pytest.raises(BailongError, match="c.jsonl:1: holds half a character"):
+        read_conversations([tmp_path / "c.jsonl"])
+
+
 def test_pretraining_documents_begin_with_bos_which_is_never_a_target(tmp_path):
     """Each document is bos, its tokens, eos, as a prompt begins; the stream's next tokens are the targets but
     bos, which no model is asked to write. A tokenizer without bos (id -1) begins them with nothing."""
@@ -151,6 +187,13 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     (chats.parents[1] / "refs" / "main").write_text("1" * 40)
     assert read_conversations(data_paths(["bailong-tests/chats"])) == \
         read_conversations([SAMPLES / "chats_sample.jsonl"])
+    parquet = tmp_path / "hub" / "datasets--bailong-tests--parquet" / "snapshots" / ("2" * 40)
+    parquet.mkdir(parents=True)
+    (parquet / "train.parquet").write_bytes(b"PAR1")
+    (parquet.parents[1] / "refs").mkdir()
+    (parquet.parents[1] / "refs" / "main").write_text("2" * 40)
+    with pytest.raises(BailongError, match="^bailong-tests/parquet: the Hub dataset holds no .txt or .jsonl files"):
+        data_paths(["bailong-tests/parquet"])  # was: "<the cache's folder>: the corpus is empty"
 
 
 def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
