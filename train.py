@@ -235,6 +235,8 @@ def train(config):
         else ""
     say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens"
         f"{part}; {config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
+    if data.cut:
+        say(data.cut)
 
     def loss_of(inputs, targets, ddp=True):  # ddp: a training step's, through DDP; else the model itself
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):

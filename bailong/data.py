@@ -184,7 +184,9 @@ def _encode(item):
     try:
         return template_example(_worker_tokenizer, _worker_template, item)
     except Exception as e:  # jinja2's errors, ours (ValueError), and any a template's Python raises
-        raise BailongError(f"the model's chat_template fails on a conversation ({type(e).__name__}: {e})") from None
+        first = item[0]["content"][:40]  # which one, for a search in the data
+        raise BailongError(f"the model's chat_template fails on the conversation starting {first!r} "
+                           f"({type(e).__name__}: {e})") from None
 
 
 def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
@@ -259,15 +261,34 @@ class TokenData:
         self.ids, self.labels, self.offsets, self.seq_len, self.pad_id = ids, labels, offsets, seq_len, pad_id
         self.bos = bos
         self.sft = labels is not None
-        self.n = len(offsets) - 1 if self.sft else (len(ids) - 1) // seq_len
+        self.n, self.cut = (len(ids) - 1) // seq_len, ""
+        if self.sft:
+            self.n = len(self._keep_learnable(what))
+            if self.n < 1:
+                raise BailongError(f"no answer of the {what} begins within an example's {seq_len} tokens: nothing "
+                                   "to learn from (raise --seq-len)")
         if self.n < 1:
             more = ", raise --held-out" if what == "held-out data" else ""
             raise BailongError(f"the {what} make no example of {seq_len} tokens (add data{more} or lower --seq-len)")
-        if self.sft and not any((labels[start + 1:min(end, start + seq_len + 1)] != -100).any()  # the first learning
-                                for start, end in zip(offsets[:-1], offsets[1:])):  # ends the search at once
-            raise BailongError(f"no answer of the {what} begins within an example's {seq_len} tokens: nothing to "
-                               "learn from (raise --seq-len)")
         self._orders = {}  # (seed, epoch) -> order of the examples
+
+    def _keep_learnable(self, what):
+        """SFT: the conversations with an answer token within an example's tokens (an example without one teaches
+        nothing, and a held-out loss over none would read 0), and ``cut``: how many run past them, and how many
+        answer tokens are never learned for it ("" where none does)."""
+        starts, ends = np.asarray(self.offsets[:-1]), np.asarray(self.offsets[1:])
+        kept = np.minimum(ends, starts + self.seq_len + 1)  # an example's targets: its tokens 1 to seq_len
+        answer = np.asarray(self.labels) != -100
+        before = np.concatenate([[0], np.cumsum(answer, dtype=np.int32 if len(answer) < 2**31 else np.int64)])
+        inside, whole = before[kept] - before[starts + 1], before[ends] - before[starts + 1]  # answer tokens
+        self.conversations = np.flatnonzero(inside)
+        if long := int((ends > kept).sum()):
+            left_out = len(starts) - len(self.conversations)
+            dropped = f"; {left_out} whose answers all begin past them are left out" if left_out else ""
+            self.cut = (f"{long} of {len(starts)} conversations of the {what} are longer than {self.seq_len} tokens"
+                        f"{dropped}: {whole.sum() - inside.sum():,} of the {whole.sum():,} answer tokens "
+                        f"({1 - inside.sum() / whole.sum():.0%}) are never learned (raise --seq-len to learn them)")
+        return self.conversations
 
     def files(self) -> set[str]:
         """The names of the cached token arrays it reads (``tokenize``'s, memory-mapped)."""
@@ -283,6 +304,7 @@ class TokenData:
                                       np.searchsorted(self.offsets, start + self.seq_len + 1)]
                 targets[torch.as_tensor(firsts - start - 1, dtype=torch.long)] = -100
             return chunk[:-1], targets
+        i = self.conversations[i]
         start, end = self.offsets[i], min(self.offsets[i + 1], self.offsets[i] + self.seq_len + 1)
         ids = torch.tensor(self.ids[start:end], dtype=torch.long)  # a copy of the memory-mapped slice
         labels = torch.tensor(self.labels[start:end], dtype=torch.long)

@@ -125,6 +125,25 @@ def test_sft_data_whose_answers_all_begin_past_the_sequence_length_is_refused():
     assert (TokenData(ids, labels, offsets, 15).batch([0, 1])[1] != -100).sum() == 2
 
 
+def test_sft_says_how_much_of_the_answers_lies_past_the_sequence_length():
+    """Conversations longer than --seq-len lost their ends without a word (93% of the answer tokens of one
+    dataset tried), and one whose answers all began past it was an example with no target: a step over such
+    examples logged a loss of 0, and a held-out loss over them read 0.0000 and won."""
+    import numpy as np
+    labels = np.array([-100] * 4 + [1] * 6 + [-100] * 3 + [1] * 7 + [-100] * 9 + [1] + [-100] * 2 + [1] * 2)
+    offsets = np.array([0, 10, 20, 30, 34])
+    data = TokenData(np.arange(34), labels, offsets, 7)
+    assert data.n == 3  # the third conversation's one answer token is its tenth: left out
+    inputs, targets = data.batch(range(data.n))
+    assert inputs[2].tolist() == [30, 31, 32, 33, 0, 0, 0]
+    assert (targets != -100).sum(1).tolist() == [4, 5, 2]  # 2 answer tokens past each of the first two
+    assert data.cut == ("3 of 4 conversations of the training data are longer than 7 tokens; 1 whose answers all "
+                        "begin past them are left out: 5 of the 16 answer tokens (31%) are never learned (raise "
+                        "--seq-len to learn them)")
+    whole = TokenData(np.arange(34), labels, offsets, 9)
+    assert whole.cut == "" and whole.n == 4
+
+
 def test_held_out_split_is_whole_documents_and_seeded():
     items = [f"document {i}" for i in range(20)]
     train, held = split(items, 0.1, seed=3)
