@@ -26,7 +26,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from bailong.data import read_corpus
+from bailong.data import read_corpus, split
 from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
@@ -192,8 +192,7 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
     before = JsonTokenizer(base, read_text(base)) if str(base).endswith(".json") else \
         Tokenizer(model_proto=load_proto(base).SerializeToString())
     texts = read_corpus(corpus)
-    cut = len(texts) - max(1, int(len(texts) * held_out)) if len(texts) > 1 and held_out else len(texts)
-    train, held = texts[:cut], texts[cut:]
+    train, held = split(texts, held_out, 0)  # as train.py --new-pieces splits them by default
     print(learning_message(new_pieces, train), flush=True)
     start = time.perf_counter()
     after, added = extend_tokenizer(before, train, new_pieces, cjk_only)
