@@ -237,6 +237,9 @@ def train(config):
         f"{part}; {config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
     if data.cut:
         say(data.cut)
+    if config.warmup >= config.steps:
+        say(f"note: --warmup {config.warmup} is not below --steps {config.steps}: the learning rate rises toward "
+            f"--lr {config.lr:g} for the whole run")
 
     def loss_of(inputs, targets, ddp=True):  # ddp: a training step's, through DDP; else the model itself
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):

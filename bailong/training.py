@@ -70,7 +70,8 @@ class TrainConfig:
     grad_accum: int = 1
     steps: int = 100
     lr: float = 2e-3
-    min_lr: float = 2e-4
+    min_lr: float = field(default=2e-4, metadata={"help": "where the cosine decay ends (default: 0.0002; sft: "
+                                                          "1e-05; --lr / 10 where --lr is below it)"})
     warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -290,7 +291,11 @@ def parse_config(argv=None) -> TrainConfig:
             raise UsageError(f"{config_file}: {decided[0]} belongs on the command line, where each run decides it "
                              "(a config file is reused)")
     stage = given.get("stage", values.get("stage", "pretrain"))
-    return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **given})
+    chosen = {**values, **given}
+    config = {**STAGE_DEFAULTS.get(stage, {}), **chosen}
+    if "min_lr" not in chosen and config.get("lr", TrainConfig.lr) < config.get("min_lr", TrainConfig.min_lr):
+        config["min_lr"] = config["lr"] / 10  # the defaults' ratio: an --lr below the default --min-lr, not refused
+    return TrainConfig(**config)
 
 
 def dropout_kernels_switched_on() -> bool:

@@ -125,6 +125,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, capsys
     monkeypatch.undo()
     stdout, _ = run_train(capsys, *args, "--resume")
     assert "resumed from" in stdout and latest_checkpoint(out).name == "step-0000010"
+    assert "note: --warmup 20 is not below --steps 10: the learning rate rises toward --lr 0.002 for the whole " \
+           "run" in stdout  # a short trial's schedule, said
 
 
 def test_the_8bit_optimizer_trains_and_resumes_exactly(tmp_path, capsys):
@@ -292,6 +294,12 @@ def test_schedule_and_config():
     sft = parse_config(["--stage", "sft"])  # fine-tuning has its own defaults; what is given still wins
     assert (sft.lr, sft.steps, parse_config([]).lr) == (1e-4, 60, 2e-3)
     assert parse_config(["--stage", "sft", "--lr", "3e-4"]).lr == 3e-4
+    # an --lr below the default --min-lr ends at a tenth of it, as the defaults do (it was refused for a --min-lr
+    # never given); one above it, or a --min-lr given, is as before
+    assert [(c.lr, c.min_lr) for c in map(parse_config, (["--lr", "1e-4"], ["--lr", "4e-3"], ["--stage", "sft", "--lr",
+            "5e-6"]))] == [(1e-4, 1e-5), (4e-3, 2e-4), (5e-6, 5e-6 / 10)]
+    with pytest.raises(UsageError, match=r"--min-lr must be between 0 and --lr \(0.0001\), not 0.0002"):
+        parse_config(["--lr", "1e-4", "--min-lr", "2e-4"])
 
 
 def test_sigterm_during_training_stops_as_ctrl_c_does():
