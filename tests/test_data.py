@@ -1,4 +1,6 @@
 """Training data: conversations and corpora read, tokenized (in parallel, cached), split and packed."""
+import re
+
 import pytest
 import torch
 
@@ -142,6 +144,19 @@ def test_sft_says_how_much_of_the_answers_lies_past_the_sequence_length():
                         "--seq-len to learn them)")
     whole = TokenData(np.arange(34), labels, offsets, 9)
     assert whole.cut == "" and whole.n == 4
+
+
+def test_a_template_that_fails_names_the_conversation(tmp_path):
+    """Among thousands of conversations, "fails on a conversation" said nothing of which."""
+    from bailong.data import tokenize
+    from bailong.tokenizer import byte_tokenizer
+    chats = read_conversations([SAMPLES / "chats_sample.jsonl"])
+    template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
+    chats = [c for c in chats if c[0]["role"] == "system"]
+    first = chats[0][0]["content"][:40]
+    with pytest.raises(BailongError, match=f"the model's chat_template fails on the conversation starting "
+                                           f"{re.escape(repr(first))} \\("):
+        tokenize(byte_tokenizer(), chats, tmp_path, 1, template)
 
 
 def test_held_out_split_is_whole_documents_and_seeded():
