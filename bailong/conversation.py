@@ -18,7 +18,6 @@ class Chat:
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.messages = [{"role": "system", "content": system}] if system else []  # the whole conversation
-        self.saved = set()  # files this conversation wrote, which /save may update
         self.stopped = False  # whether Ctrl-C stopped the last answer
         self.shown = []  # the messages the last answer's prompt held
         # an answer ends at the model's eos, the tokenizer's, or the end-of-turn token its template puts after
@@ -31,8 +30,9 @@ class Chat:
         return self._messages
 
     @messages.setter
-    def messages(self, messages):  # a new conversation: none of its exchanges is left out of the prompt yet
-        self._messages, self.dropped = messages, 0
+    def messages(self, messages):  # a new conversation: none of its exchanges is left out of the prompt yet, and
+        self._messages, self.dropped = messages, 0  # it wrote no file that /save may update (a file the
+        self.saved = set()  # conversation before it wrote is that one's)
 
     def encode(self, messages):
         if self.template is None:
@@ -104,6 +104,8 @@ class Chat:
             return False
         if name == "/reset":
             self.messages = [m for m in self.messages if m["role"] == "system"]
+            print("(the conversation is cleared" + ("; the system prompt stays)" if self.messages else ")"),
+                  file=sys.stderr)
         elif name == "/system":
             if any(m["role"] != "system" for m in self.messages):
                 print("(the conversation so far is cleared: a new system prompt starts a new one)", file=sys.stderr)

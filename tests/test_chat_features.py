@@ -103,13 +103,17 @@ def test_generation_config_is_read_as_transformers_reads_it(model_folder):
 
 def test_commands_and_saving(model_folder, tmp_path):
     saved = tmp_path / "conversation.jsonl"
-    script = f"/system 只用繁體中文\nhi\n/save {saved}\n/reset\nagain\n/exit\n"
+    # the file this conversation saved is updated; after /reset the conversation is another, which does not
+    # replace it without /save! (it was replaced without a word)
+    script = f"/system 只用繁體中文\nhi\n/save {saved}\nmore\n/save {saved}\n/reset\nagain\n/save {saved}\n/exit\n"
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--max-new-tokens", "3",
                              "--temperature", "0"], input=script, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
-    assert len(rows) == 1 and [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant"]
+    assert len(rows) == 1 and [m["role"] for m in rows[0]["messages"]] == ["system"] + ["user", "assistant"] * 2
     assert rows[0]["messages"][0]["content"] == "只用繁體中文" and rows[0]["messages"][1]["content"] == "hi"
+    assert "(the conversation is cleared; the system prompt stays)" in result.stderr
+    assert f"error: {saved}: already exists; /save! {saved} replaces it" in result.stderr
 
 
 def test_batch_answers_from_jsonl(model_folder, tmp_path):
