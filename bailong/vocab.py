@@ -126,7 +126,7 @@ def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_c
 
 def too_few(found, what, asked, cjk_only) -> str:
     return (f"the corpus yields only {found} new {'CJK ' if cjk_only else ''}{what}; --new-pieces asks for "
-            f"{asked} (add text or ask for fewer; train.py's --new-pieces 0 keeps the base's vocabulary)")
+            f"{asked} (add text, or ask for at most {found})")
 
 
 def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
