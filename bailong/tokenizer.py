@@ -70,8 +70,8 @@ class JsonTokenizer:
 
     Read by the ``tokenizers`` library, as transformers reads it: special tokens written
     in the text (a chat template's ``<|eot_id|>``) become their ids. bos/eos/pad are
-    the tokens ``tokenizer_settings`` names (-1 where it names none; bos, where it says nothing of one, the
-    token the post-processor begins a prompt with, as transformers adds it).
+    the tokens ``tokenizer_settings`` names (-1 where it names none; bos, where it names none, the token the
+    post-processor begins a prompt with, as transformers adds it).
     """
 
     def __init__(self, file, text: str | None = None, settings: dict | None = None):
@@ -93,8 +93,8 @@ class JsonTokenizer:
             return -1 if found is None else found
         self.bos_id, self.eos_id, self.pad_id = special("bos_token"), special("eos_token"), special("pad_token")
         plain, prompt = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a").ids
-        if "bos_token" not in settings and prompt[1:] == plain:  # no settings: the token the post-processor adds
-            self.bos_id = prompt[0]
+        if self.bos_id < 0 and prompt[1:] == plain:  # none named: the token the post-processor adds, as in
+            self.bos_id = prompt[0]  # transformers' prompts
         # whether a prompt begins with bos: where the library's post-processor puts it (Llama 3's; not SmolLM2's,
         # whose bos is its eos)
         self.adds_bos = self.bos_id >= 0 and prompt[:1] == [self.bos_id]

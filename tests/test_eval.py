@@ -39,7 +39,8 @@ def test_perplexity_and_bits_per_character(model_folder, tmp_path):
 
 
 def test_without_bos_every_token_is_scored_after_eos(tmp_path):
-    """A tokenizer.json whose config names no bos: each text's first token went unscored, yet counted per token."""
+    """A tokenizer.json that begins no text with a bos: each text's first token went unscored, yet counted per
+    token."""
     from hf_models import write_hf
     from test_tokenizer_json import bpe_folder
     tok_folder = bpe_folder(tmp_path / "tok")
@@ -47,7 +48,8 @@ def test_without_bos_every_token_is_scored_after_eos(tmp_path):
     del config["bos_token"]
     folder, _ = write_hf(tmp_path, "gqa", vocab_size=700, max_position_embeddings=256)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    shutil.copy(tok_folder / "tokenizer.json", folder / "tokenizer.json")
+    data = json.loads((tok_folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps({**data, "post_processor": None}))
     lines = ["臺灣的夜市很熱鬧。", "The night market is busy."]
     (tmp_path / "held.txt").write_text("\n".join(lines) + "\n")
     result = perplexity(folder, tmp_path / "held.txt")
