@@ -98,8 +98,18 @@ def perplexity(model_path, text, max_chars=200_000):
     return result
 
 
+def text_tokenizer(path):
+    """The tokenizer a file, model folder or training output reads text with: a training output's, its adapter's
+    grown vocabulary, else its base's, as loading it gives."""
+    from bailong.hub import resolve
+    from bailong.runs import training_output
+    if (run := training_output(Path(path).expanduser())) is not None:
+        return open_tokenizer(run[1]) or text_tokenizer(resolve(str(run[0]), weights=False))
+    return tokenizer_found(open_tokenizer(path), path)
+
+
 def compare_tokenizers(text, tokenizers):
-    opened = {path: tokenizer_found(open_tokenizer(path), path) for path in tokenizers}
+    opened = {path: text_tokenizer(path) for path in tokenizers}
     texts = read_corpus([text])
     chars = sum(map(len, texts))
     rows = {}

@@ -72,6 +72,23 @@ def test_tokenizer_efficiency(tmp_path):
         asset("llama2-tokenizer/tokenizer.model")).encode("臺灣的繁體中文")) / 7)
 
 
+
+def test_a_training_output_is_measured_with_its_tokenizer(tmp_path, capsys):
+    """A training output's tokenizer is its adapter's grown vocabulary, as loading it gives (it was 'no
+    tokenizer.model or tokenizer.json'), or its base's where it did not grow."""
+    from train_runs import run_train
+    text = tmp_path / "zh.txt"
+    text.write_text("臺灣的繁體中文\n")
+    found = []
+    for pieces in ("20", "0"):
+        run = tmp_path / f"run-{pieces}"
+        run_train(capsys, "--steps", "1", "--new-pieces", pieces, "--out", run)
+        found += compare_tokenizers(text, [str(run)]).values()
+        assert found[-1] == list(compare_tokenizers(text, [str(run / ("base" if pieces == "0" else "adapter"))])
+                                 .values())[0]
+    assert found[0] < found[1]  # the grown vocabulary writes the text in fewer tokens than the bytes
+
+
 class Judge(BaseHTTPRequestHandler):
     replies = []
 
