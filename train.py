@@ -23,7 +23,7 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, model_file, prepare_output,
                           release_lock, start_run)
-from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at
+from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
 from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, check_graph_step, parse_config,
                               without_checkpointing)
 
@@ -364,32 +364,6 @@ def check_context(config):
         return
     if config.seq_len > context:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
-
-
-def summary(rows, done, stopped, run, best_step, held_out) -> str:
-    """The closing lines: both losses, what the result is, and a warning when held-out loss never fell."""
-    train = [r["loss"] for r in rows if "loss" in r]
-    lines = [f"stopped early after step {done}: {stopped}"] if stopped else []
-    n = max(1, min(10, len(train) // 2))  # the first and last steps apart, in a short run too
-    first, last = train[:n], train[-n:]
-    lines.append(f"done: training loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} (means of the "
-                 f"first and last {len(last)} steps)")
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if evals:
-        best = next(loss for step, loss in evals if step == best_step)
-        lines[-1] += (f"; held-out loss {evals[0][1]:.4f} at step {evals[0][0]} -> {evals[-1][1]:.4f} at step "
-                      f"{evals[-1][0]}, best {best:.4f} at step {best_step}")
-        if evals[0][0] == 0 and best >= evals[0][1]:
-            lines.append("warning: training never lowered the held-out loss: the run memorised its data rather "
-                         "than learned (more data, fewer steps or a lower --lr)")
-        result = f"the adapter of step {best_step}, best on held-out data"
-    else:
-        why = "--held-out 0" if not held_out else "too few documents to keep any apart"
-        lines.append(f"note: no held-out data ({why}), so nothing shows whether the run learned or memorised")
-        result = f"the adapter of the last step, {done}"
-    lines.append(f"wrote {run.result} ({result}), {run.metrics}, {run.plot}; the last step's checkpoint is "
-                 f"{latest_checkpoint(run.path)}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

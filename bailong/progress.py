@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bailong.errors import handling
 from bailong.files import atomic_write
+from bailong.runs import latest_checkpoint
 
 
 def lr_at(step, config) -> float:
@@ -112,3 +113,32 @@ def estimate_memory(model, config) -> str:
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad) * (grad + moments)
     logits = config.batch_size * config.seq_len * model.config.vocab_size * 4 * 3
     return f"~{(weights + lora + logits) / 2**30:.2f} GiB (weights, LoRA + AdamW, logits; activations extra)"
+
+
+def summary(rows, done, stopped, run, best_step, held_out) -> str:
+    """The closing lines: both losses, what the result is, and a warning when held-out loss never fell."""
+    train = [r["loss"] for r in rows if "loss" in r]
+    lines = [f"stopped early after step {done}: {stopped}"] if stopped else []
+    n = max(1, min(10, len(train) // 2))  # the first and last steps apart, in a short run too
+    first, last = train[:n], train[-n:]
+    lines.append(f"done: training loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} (means of the "
+                 f"first and last {len(last)} steps)")
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if evals:
+        best = next(loss for step, loss in evals if step == best_step)
+        lines[-1] += (f"; held-out loss {evals[0][1]:.4f} at step {evals[0][0]} -> {evals[-1][1]:.4f} at step "
+                      f"{evals[-1][0]}, best {best:.4f} at step {best_step}")
+        if evals[0][0] == 0 and best >= evals[0][1]:  # and its own loss: not learned; else memorised
+            lines.append("warning: training never lowered the held-out loss" + (
+                ", nor its own: the run did not learn (a --lr too high makes it diverge: try a lower one)"
+                if sum(last) / len(last) >= sum(first) / len(first) else ": the run memorised its data rather "
+                "than learned (more data, fewer steps or a lower --lr)") + "; the adapter kept does worse on it "
+                "than none")
+        result = f"the adapter of step {best_step}, best on held-out data"
+    else:
+        why = "--held-out 0" if not held_out else "too few documents to keep any apart"
+        lines.append(f"note: no held-out data ({why}), so nothing shows whether the run learned or memorised")
+        result = f"the adapter of the last step, {done}"
+    lines.append(f"wrote {run.result} ({result}), {run.metrics}, {run.plot}; the last step's checkpoint is "
+                 f"{latest_checkpoint(run.path)}")
+    return "\n".join(lines)

@@ -275,10 +275,19 @@ def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys, monk
 
 def test_the_closing_means_are_of_steps_apart_in_a_short_run(tmp_path):
     from bailong.runs import RunFolder
-    from train import summary
+    from bailong.progress import summary
     rows = [{"step": i + 1, "loss": loss} for i, loss in enumerate([5.0, 4.0, 3.0, 2.0, 1.0])]
     assert "training loss 4.5000 -> 1.5000 (means of the first and last 2 steps)" in summary(
         rows, 5, None, RunFolder(tmp_path), None, 0)
+    # a held-out loss never lowered: memorised where the training loss fell, not learned where it rose too (it
+    # said "memorised" of a run a high --lr made diverge)
+    evals = [{"step": 0, "eval_loss": 4.0}, {"step": 5, "eval_loss": 4.5}]
+    for trained, said in [([5.0, 4.0, 3.0, 2.0, 1.0], ": the run memorised its data rather than learned"),
+                         ([5.0, 6.0, 7.0, 7.0, 8.0], ", nor its own: the run did not learn (a --lr too high")]:
+        text = summary([{"step": i + 1, "loss": x} for i, x in enumerate(trained)] + evals, 5, None,
+                       RunFolder(tmp_path), 5, 0.1)
+        assert f"warning: training never lowered the held-out loss{said}" in text
+        assert "; the adapter kept does worse on it than none" in text
 
 
 def test_schedule_and_config():
