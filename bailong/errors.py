@@ -61,8 +61,8 @@ def run_cli(main, argv=None):
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if rank != "0" else ""
     for stream in (sys.stdout, sys.stderr):  # text the output cannot hold (Chinese to an ASCII or cp1252 one,
-        if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback
-            stream.reconfigure(errors="replace")
+        if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback;
+            stream.reconfigure(errors="replace", line_buffering=True)  # a line as it is said, in a log file too
     try:
         from bailong.switches import switch_mistake
         if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch
@@ -73,6 +73,9 @@ def run_cli(main, argv=None):
         if say:
             print(f"{where}error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    except BrokenPipeError:  # the output's reader went (| head): ended quietly, as a pipe's writer is
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # what is still buffered, too
+        sys.exit(128 + signal.SIGPIPE)
     except OSError as e:  # a full disk, a read-only folder, a vanished file: the machine's, not a bug
         if say:
             print(f"{where}error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)

@@ -1,9 +1,12 @@
 """A training run's progress, as train.py's loop keeps it: the learning-rate schedule, the best held-out loss
-so far, metrics.jsonl and loss.png, a graceful stop on Ctrl-C or SIGTERM, and the startup's memory estimate.
-Like ``bailong.training`` (the options), it does not import torch."""
+so far, metrics.jsonl and loss.png, a graceful stop on Ctrl-C, SIGTERM or a closed standard output, the
+startup's memory estimate and the closing lines. Like ``bailong.training`` (the options), it does not import
+torch."""
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,7 +49,17 @@ class GracefulStop:
         self.requested, self.code = False, 0  # code: the exit status the shell gives the signal (130, 143)
         self.handlers = contextlib.ExitStack()
         self.handlers.enter_context(handling(self._handle))
+        self.handlers.enter_context(contextlib.redirect_stdout(_Watched(sys.stdout, self._output_gone)))
         return self
+
+    def _output_gone(self):
+        """The standard output's reader went (``train.py | head``, or a pager quit): stop as on Ctrl-C, saving,
+        the rest of the output sent nowhere (a command piped so lost every step since its last checkpoint)."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # what is still buffered, too
+        if not self.requested:
+            self.requested, self.code, self.when = True, 128 + signal.SIGPIPE, time.monotonic()
+            print("\nthe standard output was closed: stopping after this step to save a checkpoint; continue with "
+                  "--resume", file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame):
         if self.requested and time.monotonic() - self.when < self.echoes:
@@ -59,6 +72,29 @@ class GracefulStop:
 
     def __exit__(self, *exc):
         self.handlers.close()
+
+
+class _Watched:
+    """A text stream whose ``gone()`` is called, instead of an error, when its reader has closed the pipe."""
+
+    def __init__(self, stream, gone):
+        self.stream, self.gone = stream, gone
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.gone()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class Metrics:

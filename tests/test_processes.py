@@ -1,5 +1,6 @@
 """train.py under torchrun (processes on the CPU, gloo): a step's gradients and loss, the held-out loss, each
-process's dropout masks and random state, a stop by Ctrl-C or SIGTERM, and what each process says."""
+process's dropout masks and random state, a stop by Ctrl-C or SIGTERM, and what each process says; and one
+process whose standard output is closed."""
 import os
 import signal
 import subprocess
@@ -83,6 +84,33 @@ def test_a_terminals_ctrl_c_stops_every_process_after_the_save_and_the_run_resum
     assert "resumed from" in result.stdout
     assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")
     assert evals(tmp_path / "stopped") == evals(tmp_path / "whole")
+
+
+def test_a_closed_standard_output_stops_after_the_save(tmp_path):
+    """train.py | head, or a pager quit: the run stops as on Ctrl-C, saving the step (it ended on "Broken pipe" and
+    lost every step since its last checkpoint); closed before training begins, it ends quietly, as a pipe's
+    writer does."""
+    args = ["--steps", "200", "--new-pieces", "0", "--eval-every", "2", "--save-every", "100"]
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # each line sent as it is said all the same
+
+    def train(out, *args):
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(out), *args], env=env,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = train(tmp_path / "run", *args)
+    while "step 4: held-out loss" not in process.stdout.readline():
+        assert process.poll() is None
+    process.stdout.close()  # the reader goes
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 128 + signal.SIGPIPE, stderr[-3000:]
+    assert "the standard output was closed: stopping after this step to save a checkpoint; continue with --resume" \
+        in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and 6 <= int(saved[0].name[5:]) < 200  # a step after the one that found it closed
+    process = train(tmp_path / "early", *args)
+    process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 128 + signal.SIGPIPE and stderr.strip() == "", stderr[-3000:]
 
 
 def test_a_signal_echoed_by_torchrun_is_one_stop_and_a_later_one_stops_at_once():
