@@ -51,7 +51,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     out = Path(out)
     format = format or ("gguf" if gguf_name else "hf")
     if format == "gguf":
-        inputs = {f"the {what} {path}": path for what, path in [("base model", base), ("adapter", adapter)] if path}
+        named = "training output" if adapter is None and training_output(Path(base).expanduser()) else "base model"
+        inputs = {f"the {what} ({path})": path for what, path in [(named, base), ("adapter", adapter)] if path}
         check_output_file(out, inputs, overwrite, is_gguf, "GGUF file")
         try:
             import gguf  # noqa: F401  (a dependency of this command only)
