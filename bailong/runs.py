@@ -363,9 +363,9 @@ def model_file(folder, name) -> Path | None:
     from bailong.hub import resolve
     if folder is None:
         return None
-    if (file := Path(folder) / name).is_file():
+    if (file := Path(folder).expanduser() / name).is_file():  # "~/run" from a --config file too
         return file
-    run = training_output(Path(folder))
+    run = training_output(Path(folder).expanduser())
     return model_file(resolve(str(run[0])), name) if run else None
 
 
