@@ -130,6 +130,21 @@ def test_a_pretraining_run_resumes_only_with_its_base_s_tokenizer_settings(llama
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_pretraining_warns_where_nothing_separates_the_documents(llama3, tmp_path, capsys):
+    """A tokenizer.json with no settings and a post-processor that adds nothing names no bos and no eos: its
+    documents run into each other, which the run says."""
+    from train_runs import run_train
+    folder = tmp_path / "bare"
+    shutil.copytree(llama3, folder)
+    (folder / "tokenizer_config.json").unlink()
+    data = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps({**data, "post_processor": None}))
+    _, err = run_train(capsys, "--model", folder, "--new-pieces", "0", "--steps", "1", "--out", tmp_path / "run")
+    assert f"warning: {folder / 'tokenizer.json'}: has neither a bos nor an eos token" in err
+    _, err = run_train(capsys, "--model", llama3, "--new-pieces", "0", "--steps", "1", "--out", tmp_path / "run2")
+    assert "has neither a bos nor an eos" not in err
+
+
 def test_ids_and_text_equal_transformers(llama3):
     ours, theirs = open_tokenizer(llama3), AutoTokenizer.from_pretrained(llama3)
     assert isinstance(ours, JsonTokenizer) and (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, -1)
