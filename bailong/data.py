@@ -184,9 +184,9 @@ def _encode(item):
     try:
         return template_example(_worker_tokenizer, _worker_template, item)
     except Exception as e:  # jinja2's errors, ours (ValueError), and any a template's Python raises
-        first = item[0]["content"][:40]  # which one, for a search in the data
-        raise BailongError(f"the model's chat_template fails on the conversation starting {first!r} "
-                           f"({type(e).__name__}: {e})") from None
+        first = next(m["content"] for m in item if m["role"] == "user")[:40]  # which one, to search the data for
+        raise BailongError(f"the model's chat_template fails on the conversation whose first question begins "
+                           f"{first!r} ({type(e).__name__}: {e})") from None
 
 
 def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
@@ -254,7 +254,8 @@ class TokenData:
     ``batch(indices)`` gives (inputs, targets) of shape (B, seq_len): targets are
     the next tokens (pre-training; with ``bos``, each document's first token, its
     bos, is -100), or the next tokens where they are an assistant's, -100
-    elsewhere (SFT; short conversations are padded).
+    elsewhere (SFT; short conversations are padded, long ones cut, and those
+    whose answers all begin past ``seq_len`` left out).
     """
 
     def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data", bos=False):

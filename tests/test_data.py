@@ -153,8 +153,9 @@ def test_a_template_that_fails_names_the_conversation(tmp_path):
     chats = read_conversations([SAMPLES / "chats_sample.jsonl"])
     template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
     chats = [c for c in chats if c[0]["role"] == "system"]
-    first = chats[0][0]["content"][:40]
-    with pytest.raises(BailongError, match=f"the model's chat_template fails on the conversation starting "
+    first = chats[0][1]["content"][:40]
+    with pytest.raises(BailongError, match=f"the model's chat_template fails on the conversation whose first "
+                                           f"question begins "
                                            f"{re.escape(repr(first))} \\("):
         tokenize(byte_tokenizer(), chats, tmp_path, 1, template)
 
