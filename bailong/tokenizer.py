@@ -135,7 +135,8 @@ def tokenizer_settings(folder) -> dict:
     file, template = Path(folder) / "tokenizer_config.json", Path(folder) / CHAT_TEMPLATE_FILE
     settings = read_json(file) if file.exists() else {}
     if (specials := Path(folder) / "special_tokens_map.json").is_file():
-        settings |= {k: v for k, v in read_json(specials).items() if k in ("bos_token", "eos_token", "pad_token")}
+        settings |= {k: v.get("content") if isinstance(v, dict) else v for k, v in read_json(specials).items()
+                     if k in ("bos_token", "eos_token", "pad_token")}  # as strings: tokenizer_config.json's way
     if template.is_file():
         try:
             settings["chat_template"] = template.read_text(encoding="utf-8")

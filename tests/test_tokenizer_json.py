@@ -102,6 +102,10 @@ def test_special_tokens_are_found_where_transformers_finds_them(llama3, tmp_path
         ours, theirs = JsonTokenizer(where / "tokenizer.json"), AutoTokenizer.from_pretrained(where)
         assert (ours.bos_id, ours.eos_id) == (0, theirs.eos_token_id if where == folder else -1) and ours.adds_bos
         assert ours.encode("臺灣", bos=True) == theirs("臺灣").input_ids
+    saved = tmp_path / "saved"  # and the settings saved with the tokenizer are ones transformers reads
+    saved.mkdir()
+    JsonTokenizer(folder / "tokenizer.json").save(saved)
+    assert AutoTokenizer.from_pretrained(saved)("臺灣").input_ids == ours.encode("臺灣", bos=True)
     before = tokenize(JsonTokenizer(folder / "tokenizer.json"), ["臺灣"], tmp_path / "cache", 1)[0].tolist()
     (folder / "special_tokens_map.json").unlink()
     after = tokenize(JsonTokenizer(folder / "tokenizer.json"), ["臺灣"], tmp_path / "cache", 1)[0].tolist()
