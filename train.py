@@ -238,8 +238,8 @@ def train(config):
     if data.cut:
         say(data.cut)
     if config.stage == "pretrain" and tokenizer.bos_id < 0 and tokenizer.eos_id < 0:
-        say(f"warning: {tokenizer.path or 'the tokenizer'}: has neither a bos nor an eos token (a tokenizer.json's "
-            "come from tokenizer_config.json): the documents are joined with nothing between them", file=sys.stderr)
+        say(f"warning: {tokenizer.path or 'the tokenizer'}: has neither a bos nor an eos token: the documents are "
+            "joined with nothing between them", file=sys.stderr)
     if config.warmup >= config.steps:
         say(f"note: --warmup {config.warmup} is not below --steps {config.steps}: the learning rate rises toward "
             f"--lr {config.lr:g} for the whole run")

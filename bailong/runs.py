@@ -252,7 +252,8 @@ def fingerprints(config, items, base_folder=None) -> dict:
                  if (folder / name).is_file()]
         parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
         found["model"] = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-        settings = [(folder / n).read_bytes() for n in ("tokenizer_config.json", "chat_template.jinja")
+        settings = [(folder / n).read_bytes() for n in ("tokenizer_config.json", "special_tokens_map.json",
+                                                        "chat_template.jinja")
                     if (folder / n).is_file()]  # bos and eos of a tokenizer.json (apart: earlier runs lack it)
         found["settings"] = hashlib.sha256(b"\0".join(settings)).hexdigest()[:16]
     return found
