@@ -151,22 +151,27 @@ def turn_end_ids(tokenizer, template) -> set[int]:
 def template_example(tokenizer, template, messages) -> tuple[list[int], list[int]]:
     """Token ids of a whole conversation in the model's own chat template, and its labels: what the
     template adds for each assistant message after the generation prompt (the answer and its end-of-turn
-    token) is learned, -100 elsewhere. Raises ValueError if the template does not render a conversation
-    as the start of its continuation."""
+    token, as far as the conversation that goes on writes them so) is learned, -100 elsewhere. The
+    conversation is encoded whole, as a chat prompt is (encoded piece by piece, SentencePiece began each piece
+    with a space, and BPE merged nothing across them); a token is learned where its text lies in an answer.
+    Raises ValueError if a generation prompt is not how the conversation goes on."""
+    import os
     template, specials = template
-    ids, labels, done = [], [], ""
+    text = render_jinja(template, messages, specials, add_generation_prompt=False)
+    answers = []  # (first, end) characters of each answer in text
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = render_jinja(template, messages[:i], specials, add_generation_prompt=True)
+        if not text.startswith(prompt):
+            raise ValueError("the chat template writes the conversation on otherwise than its generation prompt "
+                             "asks (it moves the system prompt, or the prompt's last words, as turns come): "
+                             "its answers cannot be marked for fine-tuning")
         full = render_jinja(template, messages[:i + 1], specials, add_generation_prompt=False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise ValueError("the chat template does not render a conversation as the start of its continuation")
-        asked, answer = tokenizer.encode_chat(prompt[len(done):], specials), tokenizer.encode_chat(
-            full[len(prompt):], specials)
-        ids += asked + answer
-        labels += [-100] * len(asked) + answer
-        done = full
+        answers.append((len(prompt), len(os.path.commonprefix([full, text]))))  # Phi-3's eos ends only the last
+    ids, spans = tokenizer.encode_chat(text, specials, spans=True)
+    labels = [i if any(start < b and (end > a or start >= a) for a, b in answers) else -100
+              for i, (start, end) in zip(ids, spans)]
     return ids, labels
 
 

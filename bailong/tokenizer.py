@@ -1,5 +1,7 @@
 """Tokenizers: SentencePiece (Llama 2) and tokenizer.json (byte-level BPE: Llama 3, SmolLM2) behind one
 interface (encode, decode, special ids), and a streaming decoder that never prints half a character."""
+import functools
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -49,20 +51,35 @@ class Tokenizer:
         from bailong.files import atomic_write
         atomic_write(Path(folder) / "tokenizer.model", self.serialized())
 
-    def encode_chat(self, text, specials: dict) -> list[int]:
-        """Ids of rendered chat text: the special-token strings it names (``specials``: bos_token...) as
-        their ids, the rest encoded (SentencePiece reads "<s>" in text as plain characters)."""
-        import re
-        ids = {s: self.sp.piece_to_id(s) for s in specials.values() if s}
-        if not ids:
-            return self.encode(text)
-        out = []
-        for part in re.split("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")", text):
+    @functools.lru_cache(maxsize=8)
+    def _specials(self, named: tuple) -> tuple[dict, re.Pattern]:
+        """The strings a chat's text writes for single ids (the control pieces, and ``named``), and a pattern
+        that splits text at them."""
+        ids = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
+        ids.update({s: self.sp.piece_to_id(s) for s in named})
+        ids.pop("", None)
+        return ids, re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")")
+
+    def encode_chat(self, text, specials: dict, spans=False):
+        """Ids of rendered chat text: the model's control pieces ([INST] in Mistral's, <s> and </s> in Llama 2's)
+        and the special-token strings it names (``specials``: bos_token...) as their ids, the rest encoded
+        (SentencePiece reads "<s>" in text as plain characters), as transformers does; with ``spans``, also
+        the (start, end) characters of the text each id stands for."""
+        from sentencepiece import sentencepiece_pb2
+        ids, pattern = self._specials(tuple(s for s in specials.values() if s))
+        out, where, at = [], [], 0
+        for part in pattern.split(text):
             if part in ids:
                 out.append(ids[part])
+                where.append((at, at + len(part)))
             elif part:
-                out += self.encode(part)
-        return out
+                encoded = sentencepiece_pb2.SentencePieceText.FromString(
+                    self.sp.encode(part, out_type="serialized_proto"))
+                char = [i for i, c in enumerate(part) for _ in c.encode()] + [len(part)]  # of each UTF-8 byte
+                out += [p.id for p in encoded.pieces]
+                where += [(at + char[p.begin], at + char[p.end]) for p in encoded.pieces]
+            at += len(part)
+        return (out, where) if spans else out
 
 
 class JsonTokenizer:
@@ -123,8 +140,9 @@ class JsonTokenizer:
             atomic_write(Path(folder) / "tokenizer_config.json", json.dumps(self.settings, indent=2,
                                                                            ensure_ascii=False))
 
-    def encode_chat(self, text, specials: dict) -> list[int]:
-        return self.encode(text)  # the library finds the special tokens in the text itself
+    def encode_chat(self, text, specials: dict, spans=False):
+        encoded = self.tk.encode(text, add_special_tokens=False)  # the library finds the special tokens itself
+        return (encoded.ids, encoded.offsets) if spans else encoded.ids
 
 
 def tokenizer_settings(folder) -> dict:

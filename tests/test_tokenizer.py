@@ -49,3 +49,50 @@ def test_stream_flush_shows_an_incomplete_character():
 def test_decode_skips_ids_outside_the_vocabulary():
     tok = byte_tokenizer()
     assert tok.decode(tok.encode("ok") + [300, -1]) == "ok"
+
+
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + "
+          "eos_token }}\n"
+          "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+           "message['content'] + '[/INST]' }}{% else %}{{ ' ' + message['content']|trim + eos_token }}{% endif %}"
+           "{% endfor %}")
+
+
+def test_a_sentencepiece_model_s_chat_template_gives_transformers_ids(tmp_path):
+    """SFT in a tokenizer.model's own template (TinyLlama-Chat's Zephyr format) encoded the prompt and each
+    answer apart, and SentencePiece began each with a space: answers learned as "▁Hello" where transformers and
+    chat.py's prompt have "Hello". Control pieces other than bos and eos (Mistral's [INST]) were spelled out."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from bailong.chat_template import model_template, template_example
+    from bailong.tokenizer import open_tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "臺灣的夜市"},
+                {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "1 2"},
+                {"role": "assistant", "content": "12 好的"}]
+    zephyr = tmp_path / "zephyr"
+    zephyr.mkdir()
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), zephyr)
+    (zephyr / "tokenizer_config.json").write_text(json.dumps(dict(
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=ZEPHYR, legacy=True,
+        tokenizer_class="LlamaTokenizer")))
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["Hello there.", "1 2 12", "Be brief."] * 50),
+                                   model_prefix=str(mistral / "tokenizer"), model_type="bpe", vocab_size=300,
+                                   byte_fallback=True, control_symbols=["[INST]", "[/INST]"], minloglevel=2)
+    (mistral / "tokenizer_config.json").write_text(json.dumps(dict(
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=MISTRAL, legacy=True,
+        tokenizer_class="LlamaTokenizer")))
+    for folder, conversation in ((zephyr, messages), (mistral, messages[1:])):
+        ours, theirs = open_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+        ids, labels = template_example(ours, model_template(ours, folder), conversation)
+        assert ids == list(theirs.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+        learned = ours.decode([i for i in labels if i != -100])
+        assert "".join(learned.split()) == "Hellothere.12好的", folder.name  # the answers, nothing else (as text)
+        assert [i for i in labels if i != -100].count(ours.eos_id) == 2  # and each one's end

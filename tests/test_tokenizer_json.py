@@ -375,6 +375,32 @@ def test_an_sft_example_in_the_template_is_transformers_ids_with_the_answers_lea
     assert learned == tok.encode("很熱鬧。") + [4] + tok.encode("Food, 小吃 and lights.") + [4]
 
 
+
+def test_a_template_that_ends_only_the_last_answer_with_eos_is_learned_and_one_that_moves_its_prompt_refused(
+        llama3):
+    """Phi-3's template writes eos after the last message alone: each earlier answer was refused as not the
+    start of its continuation, for every conversation; an answer beginning with a new line after a prompt that
+    ends with one is the token transformers makes of both (encoded apart, BPE merged nothing across them).
+    A template whose generation prompt the conversation does not go on with cannot be learned from: said so."""
+    from bailong.chat_template import template_example
+    phi3 = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '\n' + message['content'] + "
+            "'<|eot_id|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant\n' }}"
+            "{% else %}{{ eos_token }}{% endif %}")
+    tok = open_tokenizer(llama3)
+    theirs = AutoTokenizer.from_pretrained(llama3)
+    messages = [{"role": "user", "content": "臺灣?"}, {"role": "assistant", "content": "\n很熱鬧。"},
+                {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Food."}]
+    ids, labels = template_example(tok, (phi3, {"eos_token": "<|end_of_text|>"}), messages)
+    assert ids == list(theirs.apply_chat_template(messages, chat_template=phi3, tokenize=True, return_dict=True)
+                       ["input_ids"])
+    assert tok.decode([i for i in labels if i != -100]) == "\n很熱鬧。\nFood.\n"
+    assert [i for i in labels if i != -100].count(4) == 2 and labels[-1] == 1  # each <|eot_id|>, the last eos
+    moving = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
+    with pytest.raises(ValueError, match="the chat template writes the conversation on otherwise than its "
+                                         "generation prompt asks"):
+        template_example(tok, (moving, {}), messages)
+
+
 def test_no_new_merge_makes_a_token_the_base_already_has():
     """Were a new merge to make an existing token, the base's own merges could go on from it, which the
     learner does not replay (and the pair could repeat a base merge, which would move its rank)."""
