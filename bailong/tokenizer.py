@@ -149,10 +149,10 @@ def tokenizer_settings(folder) -> dict:
     """A model folder's tokenizer_config.json ({} where it has none), with the chat template of its
     chat_template.jinja where it has one (transformers reads that file first, and its recent versions save a
     template only there) and the special tokens of its special_tokens_map.json (which transformers puts over
-    tokenizer_config.json's)."""
+    those of a tokenizer_config.json older than its added_tokens_decoder)."""
     file, template = Path(folder) / "tokenizer_config.json", Path(folder) / CHAT_TEMPLATE_FILE
     settings = read_json(file) if file.exists() else {}
-    if (specials := Path(folder) / "special_tokens_map.json").is_file():
+    if (specials := Path(folder) / "special_tokens_map.json").is_file() and "added_tokens_decoder" not in settings:
         settings |= {k: v.get("content") if isinstance(v, dict) else v for k, v in read_json(specials).items()
                      if k in ("bos_token", "eos_token", "pad_token")}  # as strings: tokenizer_config.json's way
     if template.is_file():

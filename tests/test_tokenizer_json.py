@@ -106,6 +106,11 @@ def test_special_tokens_are_found_where_transformers_finds_them(llama3, tmp_path
     saved.mkdir()
     JsonTokenizer(folder / "tokenizer.json").save(saved)
     assert AutoTokenizer.from_pretrained(saved)("臺灣").input_ids == ours.encode("臺灣", bos=True)
+    newer = tmp_path / "newer"  # a tokenizer_config.json with added_tokens_decoder (transformers 4.34 on) wins
+    shutil.copytree(folder, newer)
+    (newer / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eot_id|>", "added_tokens_decoder": {
+        "4": {"content": "<|eot_id|>", "special": True}}}))
+    assert JsonTokenizer(newer / "tokenizer.json").eos_id == AutoTokenizer.from_pretrained(newer).eos_token_id == 4
     before = tokenize(JsonTokenizer(folder / "tokenizer.json"), ["臺灣"], tmp_path / "cache", 1)[0].tolist()
     (folder / "special_tokens_map.json").unlink()
     after = tokenize(JsonTokenizer(folder / "tokenizer.json"), ["臺灣"], tmp_path / "cache", 1)[0].tolist()
