@@ -137,7 +137,7 @@ def train(config):
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
                          f"({model.config.max_position_embeddings})")
     if main_process:  # the folder's lock: nothing was touched before this line
-        found = fingerprints(config, items, base_folder)
+        found = fingerprints(config, items, base_folder, tokenizer)
         prepare_output(config, found, say, new_tokenizer)
     if world > 1:
         dist.barrier()

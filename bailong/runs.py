@@ -236,10 +236,11 @@ def check_output(config, world=1) -> int:
     return done
 
 
-def fingerprints(config, items, base_folder=None) -> dict:
+def fingerprints(config, items, base_folder=None, tokenizer=None) -> dict:
     """What the run's inputs hold, so that they are known wherever they move: the data's text, the base model's
-    config, tokenizer and weight files (names and sizes: gigabytes that never change in place) and its tokenizer's
-    settings; for pre-training, how the documents are tokenized."""
+    config, tokenizer and weight files (names and sizes: gigabytes that never change in place), the special
+    tokens its tokenizer puts around a document (a tokenizer.json's come from its settings files); for
+    pre-training, how the documents are tokenized."""
     data = hashlib.sha256()
     for item in items:  # item by item: a large corpus is not copied into one string
         data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
@@ -252,10 +253,8 @@ def fingerprints(config, items, base_folder=None) -> dict:
                  if (folder / name).is_file()]
         parts += [f"{f.name}:{f.stat().st_size}".encode() for f in sorted(folder.glob("*.safetensors"))]
         found["model"] = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-        settings = [(folder / n).read_bytes() for n in ("tokenizer_config.json", "special_tokens_map.json",
-                                                        "chat_template.jinja")
-                    if (folder / n).is_file()]  # bos and eos of a tokenizer.json (apart: earlier runs lack it)
-        found["settings"] = hashlib.sha256(b"\0".join(settings)).hexdigest()[:16]
+    if tokenizer is not None:  # apart from "model": earlier runs lack it
+        found["specials"] = [tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos]
     return found
 
 
@@ -290,9 +289,9 @@ def prepare_output(config, found: dict, say=print, learned=None) -> Path:
     run = read_run(out) if out.is_dir() else None
     if run is not None and not config.overwrite and _has_progress(out):
         recorded = run.get("inputs", {})
-        changed = [k for k in ("data", "model", "settings") if k in recorded and recorded[k] != found.get(k)]
+        changed = [k for k in ("data", "model", "specials") if k in recorded and recorded[k] != found.get(k)]
         if changed:
-            what = {"data": "the data", "model": "the base model", "settings": "the base's tokenizer settings"}
+            what = {"data": "the data", "model": "the base model", "specials": "the tokenizer's bos and eos"}
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
                              "with; choose another --out")
         if learned is not None and _trained_vocabulary(out) not in (None, learned.serialized()):

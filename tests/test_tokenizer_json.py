@@ -117,9 +117,10 @@ def test_special_tokens_are_found_where_transformers_finds_them(llama3, tmp_path
     assert before[-1] == 1 and after[-1] == 0 and before[:-1] == after[:-1]
 
 
-def test_a_pretraining_run_resumes_only_with_its_base_s_tokenizer_settings(llama3, tmp_path, capsys):
+def test_a_pretraining_run_resumes_only_with_its_tokenizer_s_bos_and_eos(llama3, tmp_path, capsys):
     """A new eos in the base's tokenizer_config.json changes every document's last token: the run is not
-    continued with it; a run an earlier version started (which recorded no settings) is."""
+    continued with it; other settings (a chat template) change no token, and a run an earlier version started
+    (which recorded no special tokens) is continued."""
     from train_runs import losses, run_train
     folder = tmp_path / "base"
     shutil.copytree(llama3, folder)
@@ -129,14 +130,16 @@ def test_a_pretraining_run_resumes_only_with_its_base_s_tokenizer_settings(llama
     settings = config.read_text()
     config.write_text(json.dumps({**json.loads(settings), "eos_token": "<|begin_of_text|>"}))
     _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
-    assert "the base's tokenizer settings differ from those the run started with; choose another --out" in err
+    assert "the tokenizer's bos and eos differ from those the run started with; choose another --out" in err
+    config.write_text(json.dumps({**json.loads(settings), "chat_template": "{{ messages }}", "model_max_length": 9}))
+    run_train(capsys, *args, "--steps", "3", "--resume")  # settings that change no token of the documents
     config.write_text(settings)
     run_json = tmp_path / "run" / "run.json"
     earlier = json.loads(run_json.read_text())
-    del earlier["inputs"]["settings"]
+    del earlier["inputs"]["specials"]
     run_json.write_text(json.dumps(earlier))
-    run_train(capsys, *args, "--steps", "3", "--resume")
-    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
+    run_train(capsys, *args, "--steps", "4", "--resume")
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 def test_pretraining_warns_where_nothing_separates_the_documents(llama3, tmp_path, capsys):
