@@ -50,16 +50,18 @@ class GracefulStop:
         self.handlers = contextlib.ExitStack()
         self.handlers.enter_context(handling(self._handle))
         self.handlers.enter_context(contextlib.redirect_stdout(_Watched(sys.stdout, self._output_gone)))
+        self.handlers.enter_context(contextlib.redirect_stderr(_Watched(sys.stderr, self._output_gone)))
         return self
 
-    def _output_gone(self):
-        """The standard output's reader went (``train.py | head``, or a pager quit): stop as on Ctrl-C, saving,
-        the rest of the output sent nowhere (a command piped so lost every step since its last checkpoint)."""
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # what is still buffered, too
+    def _output_gone(self, stream):
+        """An output's reader went (``train.py | head``, ``2>&1 | head``, a pager quit): stop as on Ctrl-C,
+        saving, the rest of that output sent nowhere (a command piped so lost every step since its last
+        checkpoint)."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # what is still buffered, too
         if not self.requested:
             self.requested, self.code, self.when = True, 128 + signal.SIGPIPE, time.monotonic()
-            print("\nthe standard output was closed: stopping after this step to save a checkpoint; continue with "
-                  "--resume", file=sys.stderr, flush=True)
+            print("\nthe output was closed: stopping after this step to save a checkpoint; continue with --resume",
+                  file=sys.stderr, flush=True)
 
     def _handle(self, signum, frame):
         if self.requested and time.monotonic() - self.when < self.echoes:
@@ -75,7 +77,7 @@ class GracefulStop:
 
 
 class _Watched:
-    """A text stream whose ``gone()`` is called, instead of an error, when its reader has closed the pipe."""
+    """A text stream whose ``gone(stream)`` is called, instead of an error, when its reader has closed the pipe."""
 
     def __init__(self, stream, gone):
         self.stream, self.gone = stream, gone
@@ -84,14 +86,14 @@ class _Watched:
         try:
             return self.stream.write(text)
         except BrokenPipeError:
-            self.gone()
+            self.gone(self.stream)
             return len(text)
 
     def flush(self):
         try:
             self.stream.flush()
         except BrokenPipeError:
-            self.gone()
+            self.gone(self.stream)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)

@@ -93,19 +93,25 @@ def test_a_closed_standard_output_stops_after_the_save(tmp_path):
     args = ["--steps", "200", "--new-pieces", "0", "--eval-every", "2", "--save-every", "100"]
     env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # each line sent as it is said all the same
 
-    def train(out, *args):
+    def train(out, *args, stderr=subprocess.PIPE):
         return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(out), *args], env=env,
-                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                text=True, stdout=subprocess.PIPE, stderr=stderr)
     process = train(tmp_path / "run", *args)
     while "step 4: held-out loss" not in process.stdout.readline():
         assert process.poll() is None
     process.stdout.close()  # the reader goes
     stderr = process.stderr.read()
     assert process.wait(timeout=300) == 128 + signal.SIGPIPE, stderr[-3000:]
-    assert "the standard output was closed: stopping after this step to save a checkpoint; continue with --resume" \
+    assert "the output was closed: stopping after this step to save a checkpoint; continue with --resume" \
         in stderr and "Traceback" not in stderr and "Exception ignored" not in stderr
     saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and 6 <= int(saved[0].name[5:]) < 200  # a step after the one that found it closed
+    process = train(tmp_path / "both", *args, stderr=subprocess.STDOUT)  # 2>&1 | head: the notice has nowhere to go
+    while "step 4: held-out loss" not in process.stdout.readline():
+        assert process.poll() is None
+    process.stdout.close()
+    assert process.wait(timeout=300) == 128 + signal.SIGPIPE
+    assert len(list((tmp_path / "both" / "checkpoints").glob("step-*"))) == 1
     process = train(tmp_path / "early", *args)
     process.stdout.readline()
     process.stdout.close()
