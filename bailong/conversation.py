@@ -131,7 +131,7 @@ def save_jsonl(path: Path, rows):
 def is_conversations(path) -> bool:
     """Whether ``path`` is a jsonl of {"messages": [...]} objects: what chat.py --output and eval bench write."""
     try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]  # as written
         return all(isinstance(json.loads(line).get("messages"), list) for line in lines)
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False

@@ -85,7 +85,7 @@ def _lines(file):
     return [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
-def _text(where, value):
+def checked_text(where, value):
     """``value`` where it is text: a JSON string may escape half a character (a lone surrogate), which no
     tokenizer takes."""
     if isinstance(value, str):
@@ -109,7 +109,7 @@ def read_corpus(paths) -> list[str]:
                     line = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     line = None
-                if not isinstance(_text(f"{file}:{number}", line), str):  # a number, null, a list
+                if not isinstance(checked_text(f"{file}:{number}", line), str):  # a number, null, a list
                     raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string")
                 if not line.strip():
                     continue
@@ -135,7 +135,7 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
             try:
                 messages = json.loads(line)["messages"]
                 roles = [m["role"] for m in messages]
-                assert all(isinstance(_text(where, m["content"]), str) for m in messages)
+                assert all(isinstance(checked_text(where, m["content"]), str) for m in messages)
             except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
                 raise BailongError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": \"...\"}}]}}") \
                     from None

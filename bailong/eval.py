@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bailong.data import read_corpus
+from bailong.data import checked_text, read_corpus
 from bailong.errors import BailongError, Parser, Terminated, read_json, run_cli
 from bailong.files import check_output_file
 from bailong.tokenizer import open_tokenizer, tokenizer_found
@@ -123,7 +123,8 @@ def read_bench(path) -> list[dict]:
     items = read_json(path, expect=list)
     for i, item in enumerate(items):
         turns = item.get("turns") if isinstance(item, dict) else None
-        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        if not (isinstance(turns, list) and turns and all(isinstance(checked_text(f"{path}: item {i}", t), str)
+                                                          for t in turns)):
             raise BailongError(f"{path}: item {i} needs \"turns\", a list of user messages")
         if not isinstance(item.get("category", ""), str):  # scores are summed by it
             raise BailongError(f"{path}: item {i}'s \"category\" must be a string, not {item['category']!r}")

@@ -259,3 +259,20 @@ run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in ran
                               timeout=60, start_new_session=True)  # a process group of its own
         assert done.returncode == -stop, done.stderr[-2000:]
         assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)
+
+
+def test_files_of_conversations_and_bench_questions_read_as_data_files_do(tmp_path):
+    """chat.py --output's own file holding U+2028 was "not a file of conversations" to --overwrite (split where
+    Python splits lines); a bench question with half a character ended in a traceback once the model loaded."""
+    import json
+
+    from bailong.conversation import is_conversations
+    from bailong.eval import read_bench
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"messages": [{"role": "user", "content": "a\u2028b"}]}, ensure_ascii=False) + "\n",
+                       encoding="utf-8")
+    assert is_conversations(answers)
+    bench = tmp_path / "bench.json"
+    bench.write_text('[{"turns": ["fine"]}, {"turns": ["hi \\ud800 there"]}]')
+    with pytest.raises(BailongError, match=r"bench.json: item 1: holds half a character \('\\ud800'"):
+        read_bench(bench)
