@@ -102,7 +102,8 @@ def train(config):
         raise UsageError(BF16_GRADS_IN_FP32)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
-    paths = data_paths(config.data)  # files and folders as given, Hub dataset ids fetched
+    suffixes = (".txt", ".jsonl") if config.stage == "pretrain" else (".jsonl",)  # SFT reads conversations only
+    paths = data_paths(config.data, suffixes)  # files and folders as given, Hub dataset ids fetched
     items = read_corpus(paths) if config.stage == "pretrain" else read_conversations(paths)
     train_items, eval_items = split(items, config.held_out, config.seed)
 

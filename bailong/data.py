@@ -29,19 +29,19 @@ from bailong.tokenizer import Tokenizer
 ROLES = ("system", "user", "assistant")
 
 
-def data_paths(names) -> list[Path]:
+def data_paths(names, suffixes=(".txt", ".jsonl")) -> list[Path]:
     """Local files and folders as given; a name that is neither, and does not look like a file's, is
-    fetched as a Hugging Face dataset repo (its .txt and .jsonl files)."""
+    fetched as a Hugging Face dataset repo (its files with one of ``suffixes``: SFT reads only .jsonl)."""
     out = []
     for name in names:
         path = Path(name).expanduser()
         if not path.exists():
             if path.suffix in (".txt", ".jsonl", ".json") or str(name).startswith(("/", ".", "~")):
                 raise BailongError(f"{name}: no such file or folder")
-            path = resolve(str(name), files=["*.txt", "*.jsonl"], weights=False, repo_type="dataset")
-            if not any(path.rglob("*.txt")) and not any(path.rglob("*.jsonl")):
-                raise BailongError(f"{name}: the Hub dataset holds no .txt or .jsonl files, the only ones read "
-                                   "(save it as JSON lines first)")
+            path = resolve(str(name), files=[f"*{s}" for s in suffixes], weights=False, repo_type="dataset")
+            if not any(f for s in suffixes for f in path.rglob(f"*{s}")):
+                raise BailongError(f"{name}: the Hub dataset holds no {' or '.join(suffixes)} files, the only ones "
+                                   "read (save it as JSON lines first)")
         out.append(path)
     return out
 

@@ -229,6 +229,8 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     (parquet.parents[1] / "refs" / "main").write_text("2" * 40)
     with pytest.raises(BailongError, match="^bailong-tests/parquet: the Hub dataset holds no .txt or .jsonl files"):
         data_paths(["bailong-tests/parquet"])  # was: "<the cache's folder>: the corpus is empty"
+    with pytest.raises(BailongError, match="^bailong-tests/corpus: the Hub dataset holds no .jsonl files"):
+        data_paths(["bailong-tests/corpus"], (".jsonl",))  # SFT's: its .txt is no conversation
 
 
 def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
