@@ -22,7 +22,7 @@ from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, model_file, prepare_output,
-                          release_lock, start_run)
+                          read_run, release_lock, start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
 from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, check_graph_step, parse_config,
                               without_checkpointing)
@@ -53,6 +53,9 @@ def train(config):
         raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
                          "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
+    # a run an earlier version began (recording no runs.READING) goes on with the examples it began with
+    as_begun = config.resume and bool(done_before) and "reading" not in (read_run(Path(config.out)) or {}).get(
+        "inputs", {})
     out = Path(config.out)
     run = RunFolder(out)  # touched only once the data and the model have loaded
 
@@ -157,9 +160,9 @@ def train(config):
         dist.barrier()
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
     data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
-                     pad_id, bos=tokenizer.adds_bos)
+                     pad_id, bos=tokenizer.adds_bos, leave_out=not as_begun)
     held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
-                         pad_id, "held-out data", tokenizer.adds_bos) if eval_items else None
+                         pad_id, "held-out data", tokenizer.adds_bos, not as_begun) if eval_items else None
     if config.batch_size * world > data.n:  # each batch would hold examples several times over, all in memory
         processes = f" x {world} processes" if world > 1 else ""
         raise UsageError(f"--batch-size {config.batch_size}{processes} is more than the {data.n} training examples")

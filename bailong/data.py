@@ -259,13 +259,15 @@ class TokenData:
     whose answers all begin past ``seq_len`` left out).
     """
 
-    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data", bos=False):
+    def __init__(self, ids, labels, offsets, seq_len, pad_id=0, what="training data", bos=False, leave_out=True):
+        """``leave_out``: SFT leaves out the conversations with nothing to learn within ``seq_len`` (False: as a run
+        an earlier version began, which kept them)."""
         self.ids, self.labels, self.offsets, self.seq_len, self.pad_id = ids, labels, offsets, seq_len, pad_id
         self.bos = bos
         self.sft = labels is not None
         self.n, self.cut = (len(ids) - 1) // seq_len, ""
         if self.sft:
-            self.n = len(self._keep_learnable(what))
+            self.n = len(self._keep_learnable(what, leave_out))
             if self.n < 1:
                 raise BailongError(f"no answer of the {what} begins within an example's {seq_len} tokens: nothing "
                                    "to learn from (raise --seq-len)")
@@ -274,16 +276,19 @@ class TokenData:
             raise BailongError(f"the {what} make no example of {seq_len} tokens (add data{more} or lower --seq-len)")
         self._orders = {}  # (seed, epoch) -> order of the examples
 
-    def _keep_learnable(self, what):
+    def _keep_learnable(self, what, leave_out=True):
         """SFT: the conversations with an answer token within an example's tokens (an example without one teaches
-        nothing, and a held-out loss over none would read 0), and ``cut``: how many run past them, and how many
-        answer tokens are never learned for it ("" where none does)."""
+        nothing, and a held-out loss over none would read 0; without ``leave_out``, all where any has one), and
+        ``cut``: how many run past them, and how many answer tokens are never learned for it ("" where none
+        does)."""
         starts, ends = np.asarray(self.offsets[:-1]), np.asarray(self.offsets[1:])
         kept = np.minimum(ends, starts + self.seq_len + 1)  # an example's targets: its tokens 1 to seq_len
         answer = np.asarray(self.labels) != -100
         before = np.concatenate([[0], np.cumsum(answer, dtype=np.int32 if len(answer) < 2**31 else np.int64)])
         inside, whole = before[kept] - before[starts + 1], before[ends] - before[starts + 1]  # answer tokens
         self.conversations = np.flatnonzero(inside)
+        if not leave_out and len(self.conversations):
+            self.conversations = np.arange(len(starts))
         if long := int((ends > kept).sum()):
             left_out = len(starts) - len(self.conversations)
             dropped = f"; {left_out} whose answers all begin past them are left out" if left_out else ""

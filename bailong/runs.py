@@ -74,6 +74,9 @@ NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eva
 # how data._encode tokenizes a pre-training document: runs and token caches record it, and a run goes on only
 # with the documents it began with
 DOCUMENTS = "bos where a prompt has one, text, eos"
+# how data.py reads data and makes SFT's examples: a run an earlier version began (recording none) goes on as it began
+READING = ("lines end at line feeds; hidden files and empty JSON texts left out; SFT conversations without an "
+           "answer within --seq-len left out")
 
 
 def options(config, world=1) -> dict:
@@ -244,7 +247,7 @@ def fingerprints(config, items, base_folder=None, tokenizer=None) -> dict:
     data = hashlib.sha256()
     for item in items:  # item by item: a large corpus is not copied into one string
         data.update(json.dumps(item, ensure_ascii=False).encode() + b"\0")
-    found = {"data": data.hexdigest()[:16]}
+    found = {"data": data.hexdigest()[:16], "reading": READING}
     if config.stage == "pretrain":
         found["documents"] = DOCUMENTS
     if base_folder is not None:
@@ -289,6 +292,11 @@ def prepare_output(config, found: dict, say=print, learned=None) -> Path:
     run = read_run(out) if out.is_dir() else None
     if run is not None and not config.overwrite and _has_progress(out):
         recorded = run.get("inputs", {})
+        if "data" in recorded and "reading" not in recorded:  # begun by an earlier version: as it began, or not
+            if recorded["data"] != found["data"]:
+                raise UsageError(f"{out}: the data differ from those the run started with, or the earlier Bailong "
+                                 f"that started it read them otherwise (now: {READING}); choose another --out")
+            del found["reading"]
         changed = [k for k in ("data", "model", "specials") if k in recorded and recorded[k] != found.get(k)]
         if changed:
             what = {"data": "the data", "model": "the base model", "specials": "the tokenizer's bos and eos"}

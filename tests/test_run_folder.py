@@ -229,3 +229,28 @@ def test_a_model_s_files_are_found_under_a_home_folder_too(tmp_path, monkeypatch
     (tmp_path / "model" / "generation_config.json").write_text("{}")
     assert model_file("~/model", "generation_config.json") == tmp_path / "model" / "generation_config.json"
     assert model_file("~/model", "tokenizer_config.json") is None
+
+
+def test_a_run_an_earlier_version_began_goes_on_as_it_began_or_not_at_all(tmp_path, capsys, monkeypatch):
+    """This version reads data otherwise (lines end only at line feeds; some files, texts and conversations are
+    left out): a run an earlier one began, which recorded no reading, is refused where its data now read
+    otherwise, naming why; where they read the same, an SFT run goes on with the conversations it began with,
+    those with nothing to learn within --seq-len too (leaving them out moved every example after them)."""
+    monkeypatch.chdir(tmp_path)
+    run_train(capsys, "--steps", "2", "--new-pieces", "0", "--eval-every", "2", "--out", "pre")
+    args = ["--stage", "sft", "--init", "pre", "--seq-len", "48", "--eval-every", "2", "--out", "sft"]
+    out, _ = run_train(capsys, *args, "--steps", "2")
+    assert "whose answers all begin past them are left out" in out
+    kept = int(out.split("data: ")[1].split()[0])
+    run_json = tmp_path / "sft" / "run.json"
+    began = json.loads(run_json.read_text())
+    del began["inputs"]["reading"]
+    run_json.write_text(json.dumps({**began, "inputs": {**began["inputs"], "data": "0" * 16}}))
+    _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
+    assert "error: sft: the data differ from those the run started with, or the earlier Bailong that started it " \
+           "read them otherwise (now: lines end at line feeds;" in err
+    run_json.write_text(json.dumps(began))
+    out, _ = run_train(capsys, *args, "--steps", "3", "--resume")
+    assert int(out.split("data: ")[1].split()[0]) > kept and "left out" not in out
+    assert "reading" not in json.loads(run_json.read_text())["inputs"]  # and so on, each time it goes on
+    assert [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3]
