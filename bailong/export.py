@@ -41,6 +41,15 @@ def is_gguf(path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def run_of(path) -> Path | None:
+    """The training run whose output, or checkpoint, ``path`` is (an export inside it would be in its way), or
+    None."""
+    folder = Path(path).expanduser()
+    if not training_output(folder):
+        return None
+    return folder.resolve().parent.parent if folder.resolve().parent.name == "checkpoints" else folder
+
+
 def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None, gguf_type=None, overwrite=False):
     """Write ``base`` (+ ``adapter``, merged) to ``out``: a Hugging Face folder, or with ``format="gguf"``
     (the default for a name ending in .gguf) a GGUF file of ``gguf_type`` (default: f16, or bf16 for a
@@ -51,8 +60,9 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     out = Path(out)
     format = format or ("gguf" if gguf_name else "hf")
     if format == "gguf":
-        named = "training output" if adapter is None and training_output(Path(base).expanduser()) else "base model"
-        inputs = {f"the {what} ({path})": path for what, path in [(named, base), ("adapter", adapter)] if path}
+        run = run_of(base) if adapter is None else None
+        inputs = {f"the {what} ({path})": path for what, path in [("training output", run), ("base model", not run
+                                                                   and base), ("adapter", adapter)] if path}
         check_output_file(out, inputs, overwrite, is_gguf, "GGUF file")
         try:
             import gguf  # noqa: F401  (a dependency of this command only)
@@ -65,7 +75,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         check_writable(out)
     base_folder, run_folder = resolve(str(base)), None
     if adapter is None and (run := training_output(base_folder)):
-        (base, adapter), run_folder = run, base_folder
+        (base, adapter), run_folder = run, run_of(base_folder)
         base_folder = resolve(str(base))
     check_not_a_run(base_folder)
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
