@@ -29,7 +29,7 @@ from bailong.conversation import Chat, is_conversations, save_jsonl
 from bailong.data import read_conversations_to_answer
 from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli
 from bailong.files import check_output_file
-from bailong.generation import HF_SAMPLING, SAMPLING, Sampling, model_sampling
+from bailong.generation import HF_SAMPLING, SAMPLING, Sampling, generation_eos, model_sampling
 from bailong.hub import resolve
 from bailong.quantized import quantize_model
 from bailong.tokenizer import check_fits, open_tokenizer, tokenizer_found
@@ -120,7 +120,7 @@ def main(argv=None):
         raise BailongError(f"{args.model}: no chat template (chat_template.jinja, or tokenizer_config.json's "
                            "chat_template)")
     sampling, max_new_tokens = model_sampling(folder, vars(args), args.seed)
-    chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system)
+    chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system, generation_eos(folder))
 
     if args.input:  # batch: every conversation answered and written back whole, with its answer
         system = [{"role": "system", "content": args.system}] if args.system else []

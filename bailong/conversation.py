@@ -14,16 +14,16 @@ from bailong.generation import generate
 class Chat:
     """A conversation with one model: the history, the prompt format, and streaming answers."""
 
-    def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None):
+    def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None, stop_ids=()):
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.messages = [{"role": "system", "content": system}] if system else []  # the whole conversation
         self.stopped = False  # whether Ctrl-C stopped the last answer
         self.shown = []  # the messages the last answer's prompt held
-        # an answer ends at the model's eos, the tokenizer's, or the end-of-turn token its template puts after
-        # an answer (<|eot_id|>), which SFT in that template taught it
+        # an answer ends at the model's eos, the tokenizer's, the end-of-turn token its template puts after an
+        # answer (<|eot_id|>), which SFT in that template taught it, or ``stop_ids`` (``generation_eos``)
         self.stop_ids = set(model.config.eos_token_id) | {tokenizer.eos_id} - {-1} | (
-            turn_end_ids(tokenizer, template) if template else set())
+            turn_end_ids(tokenizer, template) if template else set()) | set(stop_ids)
 
     @property
     def messages(self) -> list[dict]:

@@ -157,7 +157,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
 
     from bailong.chat_template import model_template
     from bailong.conversation import Chat, is_conversations, save_jsonl
-    from bailong.generation import Sampling
+    from bailong.generation import Sampling, generation_eos
     from bailong.hub import resolve
     from bailong.weights import load
     check_output_file(out, {"the questions": questions}, overwrite, ours=is_conversations, kind="file of answers")
@@ -166,7 +166,8 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     model, tokenizer = load(folder)
     tokenizer = tokenizer_found(tokenizer, model_path)
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
-    conversation = Chat(model, tokenizer, model_template(tokenizer, folder), greedy, max_new_tokens)
+    conversation = Chat(model, tokenizer, model_template(tokenizer, folder), greedy, max_new_tokens,
+                        stop_ids=generation_eos(folder))
     rows, scores, stopped = [], defaultdict(list), None
     try:
         for item in items:

@@ -272,6 +272,16 @@ def generation_config(folder):
     return model_file(folder, GENERATION_CONFIG)
 
 
+def generation_eos(folder) -> set[int]:
+    """The ids a model's generation_config.json ends an answer at (its eos_token_id: one, or a list: Gemma's
+    <end_of_turn>, Llama 3's <|eot_id|>), where it has one: transformers stops at them."""
+    from bailong.errors import read_json
+    file = generation_config(folder)
+    eos = read_json(file).get("eos_token_id") if file else None
+    eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    return {i for i in eos if isinstance(i, int) and not isinstance(i, bool) and i >= 0}
+
+
 # transformers' values for what a generation_config.json leaves out, or sets to null (GenerationConfig's defaults)
 HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 

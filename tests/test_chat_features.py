@@ -239,3 +239,35 @@ def test_a_merged_fine_tuned_model_tokenizes_and_chats_in_transformers_as_here(m
                                                                     "legacy": False}))
     run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", *common, "--out", tmp_path / "sft2")
     assert json.loads((tmp_path / "sft2" / "base" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+
+
+def test_an_answer_ends_where_generation_config_says_too(tmp_path):
+    """generation_config.json's eos_token_id (Gemma's [1, 107], <end_of_turn> a piece of its own that decodes
+    to text) ends an answer, as transformers' generate stops at it: chat ran on into the next turn."""
+    import types
+
+    from bailong.conversation import Chat
+    from bailong.generation import generation_eos
+    from bailong.tokenizer import byte_tokenizer
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_id=[2], max_position_embeddings=64))
+    for written, expected in [([1, 107], {1, 107}), (107, {107}), (None, set()), ("107", set())]:
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": written}))
+        assert generation_eos(tmp_path) == expected
+    assert generation_eos(tmp_path / "none") == set()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 107]}))
+    assert Chat(model, byte_tokenizer(), None, None, 8, stop_ids=generation_eos(tmp_path)).stop_ids == {2, 107}
+
+
+def test_chat_py_stops_where_generation_config_says(model_folder, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 107]}))
+    seen = []
+
+    class Seen(chat.Chat):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.stop_ids)
+    monkeypatch.setattr(chat, "Chat", Seen)
+    assert chat.main([str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) in (0, None)
+    assert seen and {2, 107} <= seen[0]
