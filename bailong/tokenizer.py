@@ -25,6 +25,12 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         self.adds_bos = self.bos_id >= 0  # whether a prompt begins with bos (Llama 2's always does)
         self.vocab_size = self.sp.vocab_size()
+        self.legacy = True  # chat text after a special token begins with a space (``encode_chat``), unless
+        if self.path:  # tokenizer_config.json beside the model says legacy is false, as transformers reads it
+            try:
+                self.legacy = tokenizer_settings(self.path.parent).get("legacy") is not False
+            except BailongError:  # a broken one: the template that lives there says so where it is read
+                pass
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
         bos, eos = bos and self.bos_id >= 0, eos and self.eos_id >= 0  # a model may have neither (id -1)
@@ -51,6 +57,16 @@ class Tokenizer:
         from bailong.files import atomic_write
         atomic_write(Path(folder) / "tokenizer.model", self.serialized())
 
+    @functools.lru_cache(maxsize=1)
+    def _without_space(self) -> spm.SentencePieceProcessor:
+        """The model that puts no space in front of a text: transformers' reading of text after a special token
+        where tokenizer_config.json says legacy is false (TinyLlama-Chat's)."""
+        proto = self.proto()
+        proto.normalizer_spec.add_dummy_prefix = False
+        sp = spm.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto.SerializeToString())
+        return sp
+
     @functools.lru_cache(maxsize=8)
     def _specials(self, named: tuple) -> tuple[dict, re.Pattern]:
         """The strings a chat's text writes for single ids (the control pieces, and ``named``), and a pattern
@@ -72,9 +88,9 @@ class Tokenizer:
             if part in ids:
                 out.append(ids[part])
                 where.append((at, at + len(part)))
-            elif part:
-                encoded = sentencepiece_pb2.SentencePieceText.FromString(
-                    self.sp.encode(part, out_type="serialized_proto"))
+            elif part:  # after a special token, without SentencePiece's space in front where legacy is false
+                sp = self.sp if at == 0 or self.legacy else self._without_space()
+                encoded = sentencepiece_pb2.SentencePieceText.FromString(sp.encode(part, out_type="serialized_proto"))
                 char = [i for i, c in enumerate(part) for _ in c.encode()] + [len(part)]  # of each UTF-8 byte
                 out += [p.id for p in encoded.pieces]
                 where += [(at + char[p.begin], at + char[p.end]) for p in encoded.pieces]

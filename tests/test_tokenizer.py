@@ -64,13 +64,14 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if message['role'] ==
 def test_a_sentencepiece_model_s_chat_template_gives_transformers_ids(tmp_path):
     """SFT in a tokenizer.model's own template (TinyLlama-Chat's Zephyr format) encoded the prompt and each
     answer apart, and SentencePiece began each with a space: answers learned as "▁Hello" where transformers and
-    chat.py's prompt have "Hello". Control pieces other than bos and eos (Mistral's [INST]) were spelled out."""
+    chat.py's prompt have "Hello". Control pieces other than bos and eos (Mistral's [INST]) were spelled out.
+    Where tokenizer_config.json says legacy is false, text after a special token begins with no space."""
     import json
     import shutil
 
     from transformers import AutoTokenizer
 
-    from bailong.chat_template import model_template, template_example
+    from bailong.chat_template import model_template, render_jinja, template_example
     from bailong.tokenizer import open_tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "臺灣的夜市"},
                 {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "1 2"},
@@ -85,14 +86,23 @@ def test_a_sentencepiece_model_s_chat_template_gives_transformers_ids(tmp_path):
     mistral.mkdir()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["Hello there.", "1 2 12", "Be brief."] * 50),
                                    model_prefix=str(mistral / "tokenizer"), model_type="bpe", vocab_size=300,
-                                   byte_fallback=True, control_symbols=["[INST]", "[/INST]"], minloglevel=2)
+                                   byte_fallback=True, control_symbols=["[INST]", "[/INST]"], minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # Llama's
     (mistral / "tokenizer_config.json").write_text(json.dumps(dict(
         bos_token="<s>", eos_token="</s>", unk_token="<unk>", chat_template=MISTRAL, legacy=True,
         tokenizer_class="LlamaTokenizer")))
-    for folder, conversation in ((zephyr, messages), (mistral, messages[1:])):
+    for folder, conversation, legacy in ((zephyr, messages, True), (zephyr, messages, False),
+                                         (mistral, messages, False)):  # Mistral v0.3's: legacy false
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": legacy}))  # TinyLlama's: false
+        conversation = conversation[folder == mistral:]  # Mistral's template writes no system prompt
         ours, theirs = open_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
         ids, labels = template_example(ours, model_template(ours, folder), conversation)
         assert ids == list(theirs.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"])
+        prompt = theirs.apply_chat_template(conversation[:-1], tokenize=True, return_dict=True,
+                                            add_generation_prompt=True)["input_ids"]
+        template, specials = model_template(ours, folder)  # and chat.py's prompt, as transformers' for generating
+        assert ours.encode_chat(render_jinja(template, conversation[:-1], specials), specials) == list(prompt)
         learned = ours.decode([i for i in labels if i != -100])
         assert "".join(learned.split()) == "Hellothere.12好的", folder.name  # the answers, nothing else (as text)
         assert [i for i in labels if i != -100].count(ours.eos_id) == 2  # and each one's end
