@@ -154,10 +154,11 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
     token, as far as the conversation that goes on writes them so) is learned, -100 elsewhere. The
     conversation is encoded whole, as a chat prompt is (encoded piece by piece, SentencePiece began each piece
     with a space, and BPE merged nothing across them); a token is learned where its text lies in an answer.
-    Raises ValueError if a generation prompt is not how the conversation goes on."""
-    import os
+    Raises ValueError if a generation prompt is not how the conversation goes on, or an answer is written
+    otherwise once it does (a template that drops earlier answers' reasoning)."""
     template, specials = template
     text = render_jinja(template, messages, specials, add_generation_prompt=False)
+    ids, spans = tokenizer.encode_chat(text, specials, spans=True)
     answers = []  # (first, end) characters of each answer in text
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -168,8 +169,16 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
                              "asks (it moves the system prompt, or the prompt's last words, as turns come): "
                              "its answers cannot be marked for fine-tuning")
         full = render_jinja(template, messages[:i + 1], specials, add_generation_prompt=False)
-        answers.append((len(prompt), len(os.path.commonprefix([full, text]))))  # Phi-3's eos ends only the last
-    ids, spans = tokenizer.encode_chat(text, specials, spans=True)
+        stop = len(full)
+        if not text.startswith(full):  # written last, an answer ends otherwise (Phi-3's eos): as far as the
+            own = tokenizer.encode_chat(full, specials, spans=True)  # conversation's tokens are its own
+            same = next((k for k, token in enumerate(zip(*own)) if k >= len(ids) or token != (ids[k], spans[k])),
+                        len(own[0]))
+            stop = spans[same - 1][1] if same else 0
+        if message["content"].strip() not in text[len(prompt):stop]:
+            raise ValueError("the chat template writes an answer otherwise once the conversation goes on (it drops "
+                             "an earlier answer's reasoning): its answers cannot be marked for fine-tuning")
+        answers.append((len(prompt), stop))
     labels = [i if any(start < b and (end > a or start >= a) for a, b in answers) else -100
               for i, (start, end) in zip(ids, spans)]
     return ids, labels

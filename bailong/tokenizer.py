@@ -69,12 +69,13 @@ class Tokenizer:
 
     @functools.lru_cache(maxsize=8)
     def _specials(self, named: tuple) -> tuple[dict, re.Pattern]:
-        """The strings a chat's text writes for single ids (the control pieces, and ``named``), and a pattern
-        that splits text at them."""
+        """The strings a chat's text writes for single ids (the control pieces, and those of ``named`` that are
+        pieces: another is text, not <unk>), and a pattern that splits text at them (none: at nothing)."""
         ids = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
-        ids.update({s: self.sp.piece_to_id(s) for s in named})
+        ids.update({s: self.sp.piece_to_id(s) for s in named if self.sp.id_to_piece(self.sp.piece_to_id(s)) == s})
         ids.pop("", None)
-        return ids, re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")")
+        return ids, re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")" if ids
+                               else r"(?!)")
 
     def encode_chat(self, text, specials: dict, spans=False):
         """Ids of rendered chat text: the model's control pieces ([INST] in Mistral's, <s> and </s> in Llama 2's)

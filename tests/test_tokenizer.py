@@ -106,3 +106,14 @@ def test_a_sentencepiece_model_s_chat_template_gives_transformers_ids(tmp_path):
         learned = ours.decode([i for i in labels if i != -100])
         assert "".join(learned.split()) == "Hellothere.12好的", folder.name  # the answers, nothing else (as text)
         assert [i for i in labels if i != -100].count(ours.eos_id) == 2  # and each one's end
+
+
+def test_chat_text_with_nothing_special_in_it_is_encoded_as_text(tmp_path):
+    """A SentencePiece model without bos, eos or control pieces split chat text at every character; a template's
+    special string the model has no piece for was its <unk>, and learned as one."""
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world"] * 50), model_prefix=str(tmp_path / "m"),
+                                   model_type="bpe", vocab_size=25, bos_id=-1, eos_id=-1, minloglevel=2)
+    tok = Tokenizer(tmp_path / "m.model")
+    assert tok.encode_chat("hello world", {"bos_token": None}) == tok.encode("hello world") == [9, 10]
+    llama = Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
+    assert llama.encode_chat("Hi<|endoftext|>", {"eos_token": "<|endoftext|>"}) == llama.encode("Hi<|endoftext|>")

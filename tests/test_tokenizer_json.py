@@ -402,11 +402,19 @@ def test_a_template_that_ends_only_the_last_answer_with_eos_is_learned_and_one_t
     assert ids == list(theirs.apply_chat_template(messages, chat_template=phi3, tokenize=True, return_dict=True)
                        ["input_ids"])
     assert tok.decode([i for i in labels if i != -100]) == "\n很熱鬧。\nFood.\n"
-    assert [i for i in labels if i != -100].count(4) == 2 and labels[-1] == 1  # each <|eot_id|>, the last eos
+    learned = [i for i in labels if i != -100]
+    assert learned.count(4) == 2 and labels[-1] == 1 and 2 not in learned  # each <|eot_id|> and the last eos,
+    # not the next turn's <|start_header_id|>, which begins as the eos does ("<|")
     moving = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<think>{% endif %}"
     with pytest.raises(ValueError, match="the chat template writes the conversation on otherwise than its "
                                          "generation prompt asks"):
         template_example(tok, (moving, {}), messages)
+    dropping = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split("
+                "'</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")  # earlier reasoning dropped
+    thinking = [messages[0], {"role": "assistant", "content": "<think>hm</think>Yes."}, *messages[2:]]
+    with pytest.raises(ValueError, match="the chat template writes an answer otherwise once the conversation goes "
+                                         "on"):  # its first answer was learned as nothing, silently
+        template_example(tok, (dropping, {}), thinking)
 
 
 def test_no_new_merge_makes_a_token_the_base_already_has():
