@@ -196,9 +196,12 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
 
     Returns (ids, labels or None, offsets) where item i is ids[offsets[i]:offsets[i+1]].
     """
-    specials = [tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos]  # a tokenizer.json's: its settings'
-    # "encoded whole": a conversation in a template, as chat_template.template_example encodes it since it does
-    text = json.dumps([DOCUMENTS, "encoded whole", specials, template, items], ensure_ascii=False)
+    parts = [DOCUMENTS, template, items]
+    if hasattr(tokenizer, "settings"):  # a tokenizer.json's bos and eos come from its settings files
+        parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos])
+    if template is not None:  # a conversation in it is encoded whole (template_example, since this was added),
+        parts.append(["encoded whole", getattr(tokenizer, "legacy", None)])  # a tokenizer.model's as legacy says
+    text = json.dumps(parts, ensure_ascii=False)
     key = hashlib.sha256(tokenizer.serialized() + text.encode()).hexdigest()[:20]
     stem = Path(cache_dir) / f"tokens-{key}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]

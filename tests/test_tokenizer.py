@@ -117,3 +117,40 @@ def test_chat_text_with_nothing_special_in_it_is_encoded_as_text(tmp_path):
     assert tok.encode_chat("hello world", {"bos_token": None}) == tok.encode("hello world") == [9, 10]
     llama = Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
     assert llama.encode_chat("Hi<|endoftext|>", {"eos_token": "<|endoftext|>"}) == llama.encode("Hi<|endoftext|>")
+
+
+def test_a_grown_vocabulary_reads_chat_text_as_its_base_and_caches_know_how(tmp_path, capsys):
+    """A training output's adapter holds its grown tokenizer.model alone: it read chat text with legacy true
+    where its base's tokenizer_config.json says false (SFT on it, and chat, put a space after each special token
+    that transformers does not). Token caches of templated conversations are keyed by it; pre-training's keys
+    are as before this changed (a corpus is not tokenized again for it)."""
+    import hashlib
+    import json
+    import shutil
+
+    import bailong
+    from bailong.data import tokenize
+    from bailong.runs import DOCUMENTS
+    from hf_models import write_hf
+    from train_runs import run_train
+    base, _ = write_hf(tmp_path, "gqa", vocab_size=32000, max_position_embeddings=256)
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), base)
+    (base / "tokenizer_config.json").write_text(json.dumps({"legacy": False, "chat_template": ZEPHYR,
+                                                            "eos_token": "</s>"}))
+    run_train(capsys, "--model", base, "--new-pieces", "20", "--steps", "1", "--seq-len", "64", "--out",
+              tmp_path / "run")
+    _, grown = bailong.load(tmp_path / "run", device="cpu")
+    assert grown.vocab_size == 32020 and grown.legacy is False
+    assert Tokenizer(tmp_path / "run" / "adapter" / "tokenizer.model").legacy  # the file alone says nothing
+    from bailong.training import SAMPLES
+    from bailong.vocab import extend_tokenizer
+    texts = (SAMPLES / "zh_tw_sample.txt").read_text().splitlines()
+    assert extend_tokenizer(Tokenizer(base / "tokenizer.model"), texts, 5)[0].legacy is False  # as it is grown
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]]
+    template = (ZEPHYR, {"eos_token": "</s>"})
+    first = tokenize(grown, chats, tmp_path / "cache", 1, template)[0].tolist()
+    grown.legacy = True
+    assert tokenize(grown, chats, tmp_path / "cache", 1, template)[0].tolist() != first
+    tokenize(grown, ["臺灣"], tmp_path / "cache", 1)
+    key = hashlib.sha256(grown.serialized() + json.dumps([DOCUMENTS, None, ["臺灣"]], ensure_ascii=False).encode())
+    assert (tmp_path / "cache" / f"tokens-{key.hexdigest()[:20]}.ids.npy").is_file()
