@@ -11,6 +11,7 @@ the answer ``{answer}</s>`` (SentencePiece's leading space is the space after
 prompt is the same token sequence the model was trained on.
 """
 import functools
+import os
 
 from bailong.tokenizer import Tokenizer
 
@@ -125,7 +126,7 @@ def template_in(config: dict, file) -> tuple[str, dict] | None:
         return None
     import jinja2
     try:
-        jinja2.Environment().parse(template)
+        _compiled(template)
     except (jinja2.TemplateSyntaxError, TypeError) as e:
         where = f"line {e.lineno}: {e.message}" if isinstance(e, jinja2.TemplateSyntaxError) else "not a string"
         raise BailongError(f"{file}: chat_template is not a Jinja template ({where})") from None
@@ -155,13 +156,14 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
     template adds for each assistant message after the generation prompt (the answer and its end-of-turn
     token, as far as the conversation that goes on writes them so) is learned, -100 elsewhere. The
     conversation is encoded whole, as a chat prompt is (encoded piece by piece, SentencePiece began each piece
-    with a space, and BPE merged nothing across them); a token is learned where its text lies in an answer.
+    with a space, and BPE merged nothing across them); a token is learned where its text lies in an answer (a
+    token only partly in an answer the template writes otherwise when it is the last message is not).
     Raises ValueError if a generation prompt is not how the conversation goes on, or an answer is written
     otherwise once it does (a template that drops earlier answers' reasoning)."""
     template, specials = template
     text = render_jinja(template, messages, specials, add_generation_prompt=False)
     ids, spans = tokenizer.encode_chat(text, specials, spans=True)
-    answers = []  # (first, end) characters of each answer in text
+    answers = []  # (first, end) characters of each answer in text, and whether only whole tokens count
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -171,18 +173,20 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
                              "asks (it moves the system prompt, or the prompt's last words, as turns come): "
                              "its answers cannot be marked for fine-tuning")
         full = render_jinja(template, messages[:i + 1], specials, add_generation_prompt=False)
-        stop = len(full)
-        if not text.startswith(full):  # written last, an answer ends otherwise (Phi-3's eos): as far as the
-            own = tokenizer.encode_chat(full, specials, spans=True)  # conversation's tokens are its own
-            same = next((k for k, token in enumerate(zip(*own)) if k >= len(ids) or token != (ids[k], spans[k])),
-                        len(own[0]))
-            stop = spans[same - 1][1] if same else 0
-        if message["content"].strip() not in text[len(prompt):stop]:
-            raise ValueError("the chat template writes an answer otherwise once the conversation goes on (it drops "
-                             "an earlier answer's reasoning): its answers cannot be marked for fine-tuning")
-        answers.append((len(prompt), stop))
-    labels = [i if any(start < b and (end > a or start >= a) for a, b in answers) else -100
-              for i, (start, end) in zip(ids, spans)]
+        a, answer = len(prompt), message["content"].strip()
+        stop, whole = len(full), False
+        if not text.startswith(full):  # written last, an answer is written otherwise (Phi-3's eos after it,
+            # Qwen3's empty reasoning before it): its text, then its turn's end as far as the conversation
+            # writes the same, in whole tokens
+            found, own = text.find(answer, a), full.find(answer, a)
+            ends = os.path.commonprefix([full[own + len(answer):], text[found + len(answer):]])
+            stop, whole = (a if min(found, own) < 0 else found + len(answer) + len(ends)), True
+        if answer not in text[a:stop]:
+            raise ValueError("the chat template writes an answer otherwise once the conversation goes on (it "
+                             "drops an earlier answer's reasoning): its answers cannot be marked for fine-tuning")
+        answers.append((a, stop, whole))
+    labels = [i if any(start < b and (end > a or start >= a) and (end <= b or not whole) for a, b, whole in answers)
+              else -100 for i, (start, end) in zip(ids, spans)]
     return ids, labels
 
 
@@ -207,7 +211,15 @@ def _compiled(template: str):
     def raise_exception(message):
         raise ValueError(f"the chat template refuses these messages: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):  # {% generation %}...{% endgeneration %}: transformers marks the
+        tags = {"generation"}  # assistant's text with it; we find it by rendering, so it writes what it holds
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception,

@@ -409,6 +409,15 @@ def test_a_template_that_ends_only_the_last_answer_with_eos_is_learned_and_one_t
     with pytest.raises(ValueError, match="the chat template writes the conversation on otherwise than its "
                                          "generation prompt asks"):
         template_example(tok, (moving, {}), messages)
+    qwen3 = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '\n' }}{% generation %}{% if m['role'] =="
+             " 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] + '<|eot_id|>' }}"
+             "{% endgeneration %}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant\n' }}"
+             "{% endif %}")  # an empty reasoning before the last answer alone; transformers' {% generation %} tag
+    ids, labels = template_example(tok, (qwen3, {}), messages)
+    assert ids == list(theirs.apply_chat_template(messages, chat_template=qwen3, tokenize=True, return_dict=True)
+                       ["input_ids"])
+    assert tok.decode([i for i in labels if i != -100]) == "\n很熱鬧。<think>\n\n</think>\n\nFood."
+    assert [i for i in labels if i != -100].count(4) == 2  # the first answer's end too: it was refused
     dropping = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split("
                 "'</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")  # earlier reasoning dropped
     thinking = [messages[0], {"role": "assistant", "content": "<think>hm</think>Yes."}, *messages[2:]]
