@@ -158,8 +158,8 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
     conversation is encoded whole, as a chat prompt is (encoded piece by piece, SentencePiece began each piece
     with a space, and BPE merged nothing across them); a token is learned where its text lies in an answer (a
     token only partly in an answer the template writes otherwise when it is the last message is not).
-    Raises ValueError if a generation prompt is not how the conversation goes on, or an answer is written
-    otherwise once it does (a template that drops earlier answers' reasoning)."""
+    Raises ValueError if a generation prompt is not how the conversation goes on, or an answer's text is not
+    written as given (a template that drops reasoning)."""
     template, specials = template
     text = render_jinja(template, messages, specials, add_generation_prompt=False)
     ids, spans = tokenizer.encode_chat(text, specials, spans=True)
@@ -182,8 +182,9 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
             ends = os.path.commonprefix([full[own + len(answer):], text[found + len(answer):]])
             stop, whole = (a if min(found, own) < 0 else found + len(answer) + len(ends)), True
         if answer not in text[a:stop]:
-            raise ValueError("the chat template writes an answer otherwise once the conversation goes on (it "
-                             "drops an earlier answer's reasoning): its answers cannot be marked for fine-tuning")
+            raise ValueError("the chat template does not write an answer's text as the conversation gives it (it "
+                             "drops its reasoning, or an earlier answer's): its answers cannot be marked for "
+                             "fine-tuning")
         answers.append((a, stop, whole))
     labels = [i if any(start < b and (end > a or start >= a) and (end <= b or not whole) for a, b, whole in answers)
               else -100 for i, (start, end) in zip(ids, spans)]

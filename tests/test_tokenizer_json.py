@@ -421,8 +421,8 @@ def test_a_template_that_ends_only_the_last_answer_with_eos_is_learned_and_one_t
     dropping = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}{{ m['content'].split("
                 "'</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}{% endfor %}")  # earlier reasoning dropped
     thinking = [messages[0], {"role": "assistant", "content": "<think>hm</think>Yes."}, *messages[2:]]
-    with pytest.raises(ValueError, match="the chat template writes an answer otherwise once the conversation goes "
-                                         "on"):  # its first answer was learned as nothing, silently
+    with pytest.raises(ValueError, match="the chat template does not write an answer's text as the conversation "
+                                         "gives it"):  # its first answer was learned as nothing, silently
         template_example(tok, (dropping, {}), thinking)
 
 
