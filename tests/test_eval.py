@@ -42,7 +42,7 @@ def test_without_bos_every_token_is_scored_after_eos(tmp_path):
     """A tokenizer.json that begins no text with a bos: each text's first token went unscored, yet counted per
     token."""
     from hf_models import write_hf
-    from test_tokenizer_json import bpe_folder
+    from bpe_models import bpe_folder
     tok_folder = bpe_folder(tmp_path / "tok")
     config = json.loads((tok_folder / "tokenizer_config.json").read_text())
     del config["bos_token"]

@@ -199,7 +199,7 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
     with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "config.json").write_text(json.dumps(config))
-    from test_tokenizer_json import SPLIT, bpe_folder
+    from bpe_models import SPLIT, bpe_folder
     (base / "tokenizer.model").unlink()
     bpe_folder(base)  # a byte-level BPE tokenizer.json, with a pre-tokenizer llama.cpp does not know by name
     (base / "tokenizer.json").write_text((base / "tokenizer.json").read_text().replace(

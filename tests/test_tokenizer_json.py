@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from bpe_models import LLAMA3_TEMPLATE, TEXTS, bpe_folder
 from hf_models import write_hf
 from transformers import AutoTokenizer
 
@@ -16,39 +17,6 @@ from bailong.errors import BailongError
 from bailong.tokenizer import JsonTokenizer, open_tokenizer
 from bailong.training import SAMPLES
 from conftest import ROOT
-
-TEXTS = ["The quick brown fox jumps over the lazy dog; 42 apples cost $3.50 (really).",
-         "臺灣的夜市有蚵仔煎和滷肉飯，颱風天學校停課。", "😀🎉 𠮷野家 ㄅㄆㄇㄈ 龘 ∑∫ — ñandú façade",
-         "Llama 3 把臺灣說成 three bytes 一個字, isn't it 奇怪?\n\n  indented\tand tabbed  "]
-SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-# Llama 3's pre-tokenizer split (words, 1-3 digits, punctuation runs, whitespace), then bytes as characters
-SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-         r"\s+(?!\S)|\s+")
-
-
-def bpe_folder(folder, vocab_size=700):
-    """A small Llama 3-style tokenizer (byte-level BPE trained on the project's samples, <|begin_of_text|>
-    added in front by its post-processor) with its tokenizer_config.json; returns the folder."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    samples = [(SAMPLES / f).read_text() for f in ("zh_tw_sample.txt", "en_sample.txt")]
-    tk.train_from_iterator(samples, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tk.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                      special_tokens=[("<|begin_of_text|>", 0)])
-    folder.mkdir(parents=True, exist_ok=True)
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "chat_template": LLAMA3_TEMPLATE,
-        "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -228,99 +196,6 @@ def test_a_broken_tokenizer_json_is_one_line(tmp_path):
         open_tokenizer(tmp_path)
 
 
-def test_extension_keeps_every_old_id_and_every_non_chinese_tokenization(tmp_path):
-    """vocab extend on a tokenizer.json: merges continued on Chinese text, appended after the base's."""
-    from bailong.vocab import main as vocab_main
-    from bailong.vocab_bpe import byte_of
-    from bailong.zip_tie import piece_ids
-    base_file = bpe_folder(tmp_path / "base", vocab_size=500) / "tokenizer.json"
-    out = tmp_path / "extended" / "tokenizer.json"
-    vocab_main(["extend", "--base", str(base_file), "--corpus", str(SAMPLES / "zh_tw_sample.txt"),
-                "--new-pieces", "120", "--out", str(out)])
-    before, after = json.loads(base_file.read_text())["model"], json.loads(out.read_text())["model"]
-    assert all(after["vocab"][t] == i for t, i in before["vocab"].items())  # every old id kept
-    assert after["merges"][:len(before["merges"])] == before["merges"] and len(after["vocab"]) == 620
-    base, ext = JsonTokenizer(base_file), JsonTokenizer(out, settings=JsonTokenizer(base_file).settings)
-    english = (SAMPLES / "en_sample.txt").read_text()
-    for text in [english, TEXTS[0], "😀🎉 — ñandú façade ∑∫ 𠮷", "Ünïcödé\ttabs  and   spaces\n"]:
-        assert ext.encode(text) == base.encode(text)  # no CJK character: not one token changes
-    for text in TEXTS:
-        assert ext.decode(ext.encode(text)) == text
-    assert len(ext.encode(TEXTS[1])) < len(base.encode(TEXTS[1]))
-    (out.parent / "tokenizer_config.json").write_text((base_file.parent / "tokenizer_config.json").read_text())
-    theirs = AutoTokenizer.from_pretrained(out.parent)  # transformers reads the written file alike
-    for text in TEXTS:
-        assert theirs(text).input_ids == ext.encode(text, bos=True)
-    mapping = piece_ids(base, ext)  # zip-tie's sources: the base tokens of each new token's bytes
-    assert sorted(mapping) == list(range(500, 620))
-    lead = byte_of()
-    for new_id, ids in mapping.items():
-        assert "".join(base.tk.id_to_token(i) for i in ids) == ext.tk.id_to_token(new_id) and len(ids) >= 2
-        assert lead[ext.tk.id_to_token(new_id)[0]] in range(0xE3, 0xEA)
-
-
-def test_extension_keeps_the_special_tokens_ids_where_only_added_tokens_lists_them(tmp_path):
-    """Llama 3's special tokens (128000 on) come after its BPE vocabulary and are listed only in added_tokens: the
-    extension moved them to the new tokens' ids (the library renumbers added tokens over a gap in the vocabulary),
-    so bos, eos and <|eot_id|> changed ids and shared them with new tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from bailong.vocab_bpe import extend_json
-    zh = (SAMPLES / "zh_tw_sample.txt").read_text()
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tk.train_from_iterator([zh], trainers.BpeTrainer(vocab_size=500,
-                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tk.add_special_tokens(SPECIALS)  # after training, as Llama 3's: ids 500 to 504
-    folder = tmp_path / "extended"
-    folder.mkdir()
-    text, added = extend_json(tk.to_str(), [zh], 40)
-    (folder / "tokenizer.json").write_text(Tokenizer.from_str(text).to_str())  # as the extension saves it
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": SPECIALS[0], "eos_token": SPECIALS[1]}))
-    ours = JsonTokenizer(folder / "tokenizer.json")
-    assert [ours.tk.token_to_id(t) for t in SPECIALS] == list(range(500, 505)) and len(added) == 40
-    assert ours.vocab_size == 545 and (ours.bos_id, ours.eos_id) == (500, 501)
-    theirs = AutoTokenizer.from_pretrained(folder)
-    for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>臺灣<|eot_id|>"]:
-        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
-
-
-def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
-    from bailong.errors import run_cli
-    from bailong.vocab import main as vocab_main
-    base = bpe_folder(tmp_path / "base") / "tokenizer.json"
-    wordpiece = tmp_path / "wordpiece.json"
-    from tokenizers import Tokenizer, models
-    Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]")).save(str(wordpiece))
-    settings = tmp_path / "settings.json"  # the user's, with a "model" object: not a tokenizer --overwrite replaces
-    settings.write_text('{"model": {"name": "llama-2-7b", "lr": 0.0002}}')
-    from bailong.tokenizer import byte_tokenizer
-    byte_tokenizer().save(tmp_path)
-    spm_base = tmp_path / "tokenizer.model"
-    corpus = str(SAMPLES / "zh_tw_sample.txt")
-    for argv, expected in [
-            (["--base", str(base), "--new-pieces", "5", "--out", str(settings), "--overwrite"],
-             f"error: {settings}: already exists and is not a tokenizer; nothing was written"),
-            (["--base", str(spm_base), "--new-pieces", "5", "--out", str(tmp_path / "c.json")],
-             f"error: {tmp_path / 'c.json'}: extending {spm_base} makes a SentencePiece model (--out not ending in "
-             ".json)"),
-            (["--base", str(base), "--new-pieces", "5", "--out", str(tmp_path / "d.model")],
-             f"error: {tmp_path / 'd.model'}: extending {base} makes a tokenizer.json (--out ending in .json)"),
-            (["--base", str(wordpiece), "--new-pieces", "5", "--out", str(tmp_path / "a.json")],
-             f"error: {wordpiece}: not a byte-level BPE tokenizer.json (model 'WordPiece')"),
-            (["--base", str(base), "--new-pieces", "100000", "--out", str(tmp_path / "b.json")],
-             "error: the corpus yields only "),
-            (["--base", str(base), "--new-pieces", "5", "--out", str(base)],
-             f"error: {base}: is the base tokenizer; --out must name a file apart from the inputs")]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            run_cli(vocab_main, ["extend", "--corpus", corpus, *argv])
-        assert exit_.value.code in (1, 2) and capsys.readouterr().err.startswith(expected)
-    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
-    assert settings.read_text() == '{"model": {"name": "llama-2-7b", "lr": 0.0002}}'
-    assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.model").exists()
-
-
 def test_compare_init_measures_a_bpe_model(llama3, tmp_path, capsys):
     from bailong.vocab import main as vocab_main
     from bailong.zip_tie import METHODS
@@ -424,21 +299,3 @@ def test_a_template_that_ends_only_the_last_answer_with_eos_is_learned_and_one_t
     with pytest.raises(ValueError, match="the chat template does not write an answer's text as the conversation "
                                          "gives it"):  # its first answer was learned as nothing, silently
         template_example(tok, (dropping, {}), thinking)
-
-
-def test_no_new_merge_makes_a_token_the_base_already_has():
-    """Were a new merge to make an existing token, the base's own merges could go on from it, which the
-    learner does not replay (and the pair could repeat a base merge, which would move its rank)."""
-    from tokenizers import Tokenizer
-    from bailong.vocab_bpe import learn_merges
-    vocab = {c: i for i, c in enumerate("ãäåæç")}  # stand-ins of the bytes E3..E7, CJK lead bytes
-    vocab.update({t: len(vocab) + i for i, t in enumerate(["äå", "ãä", "ãäå", "ãäåæ"])})
-    base = {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
-            "post_processor": None, "decoder": None,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                      "vocab": vocab, "merges": ["ä å", "ã ä", "ãä å", "ãäå æ"]}}
-    tk = Tokenizer.from_str(json.dumps(base, ensure_ascii=False))
-    assert [t.value for t in tk.model.tokenize("ãäåç")] == ["ã", "äå", "ç"]  # the base stops short of ãäå
-    merges = learn_merges(tk, ["ãäåç"] * 5 + ["ãäåæç"] * 4, 2)
-    assert merges and all(a + b not in vocab for a, b in merges)
