@@ -12,7 +12,10 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # beside tokenizer_config.json, whos
 
 
 class Tokenizer:
-    def __init__(self, model_file=None, model_proto: bytes | None = None):
+    def __init__(self, model_file=None, model_proto: bytes | None = None, legacy=True):
+        """From ``model_file``, or from its serialized ``model_proto``. ``legacy``, as transformers names it:
+        whether chat text after a special token begins with SentencePiece's space (``encode_chat``); a
+        tokenizer_config.json beside ``model_file`` says instead (true unless it says false)."""
         self.sp = spm.SentencePieceProcessor()
         try:
             if model_proto is not None:
@@ -25,8 +28,8 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
         self.adds_bos = self.bos_id >= 0  # whether a prompt begins with bos (Llama 2's always does)
         self.vocab_size = self.sp.vocab_size()
-        self.legacy = True  # chat text after a special token begins with a space (``encode_chat``), unless
-        if self.path:  # tokenizer_config.json beside the model says legacy is false, as transformers reads it
+        self.legacy = legacy
+        if self.path and (self.path.parent / "tokenizer_config.json").is_file():
             try:
                 self.legacy = tokenizer_settings(self.path.parent).get("legacy") is not False
             except BailongError:  # a broken one: the template that lives there says so where it is read
@@ -57,7 +60,7 @@ class Tokenizer:
         from bailong.files import atomic_write
         atomic_write(Path(folder) / "tokenizer.model", self.serialized())
 
-    @functools.lru_cache(maxsize=1)
+    @functools.cached_property
     def _without_space(self) -> spm.SentencePieceProcessor:
         """The model that puts no space in front of a text: transformers' reading of text after a special token
         where tokenizer_config.json says legacy is false (TinyLlama-Chat's)."""
@@ -67,11 +70,15 @@ class Tokenizer:
         sp.LoadFromSerializedProto(proto.SerializeToString())
         return sp
 
-    @functools.lru_cache(maxsize=8)
-    def _specials(self, named: tuple) -> tuple[dict, re.Pattern]:
+    @functools.cached_property
+    def _controls(self) -> dict:
+        """The control pieces' ids by their text."""
+        return {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
+
+    def _specials(self, named) -> tuple[dict, re.Pattern]:
         """The strings a chat's text writes for single ids (the control pieces, and those of ``named`` that are
         pieces: another is text, not <unk>), and a pattern that splits text at them (none: at nothing)."""
-        ids = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
+        ids = dict(self._controls)
         ids.update({s: self.sp.piece_to_id(s) for s in named if self.sp.id_to_piece(self.sp.piece_to_id(s)) == s})
         ids.pop("", None)
         return ids, re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")" if ids
@@ -83,14 +90,14 @@ class Tokenizer:
         (SentencePiece reads "<s>" in text as plain characters), as transformers does; with ``spans``, also
         the (start, end) characters of the text each id stands for."""
         from sentencepiece import sentencepiece_pb2
-        ids, pattern = self._specials(tuple(s for s in specials.values() if s))
+        ids, pattern = self._specials([s for s in specials.values() if s])
         out, where, at = [], [], 0
         for part in pattern.split(text):
             if part in ids:
                 out.append(ids[part])
                 where.append((at, at + len(part)))
             elif part:  # after a special token, without SentencePiece's space in front where legacy is false
-                sp = self.sp if at == 0 or self.legacy else self._without_space()
+                sp = self.sp if at == 0 or self.legacy else self._without_space
                 encoded = sentencepiece_pb2.SentencePieceText.FromString(sp.encode(part, out_type="serialized_proto"))
                 char = [i for i, c in enumerate(part) for _ in c.encode()] + [len(part)]  # of each UTF-8 byte
                 out += [p.id for p in encoded.pieces]
@@ -121,8 +128,7 @@ class JsonTokenizer:
         self.settings = settings = tokenizer_settings(self.path.parent) if settings is None else settings
 
         def special(name):
-            token = settings.get(name)
-            token = token.get("content") if isinstance(token, dict) else token
+            token = token_text(settings.get(name))
             found = self.tk.token_to_id(token) if isinstance(token, str) else None
             return -1 if found is None else found
         self.bos_id, self.eos_id, self.pad_id = special("bos_token"), special("eos_token"), special("pad_token")
@@ -162,6 +168,11 @@ class JsonTokenizer:
         return (encoded.ids, encoded.offsets) if spans else encoded.ids
 
 
+def token_text(token):
+    """A special token as tokenizer settings give it: its string, or the content of an AddedToken's object."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def tokenizer_settings(folder) -> dict:
     """A model folder's tokenizer_config.json ({} where it has none), with the chat template of its
     chat_template.jinja where it has one (transformers reads that file first, and its recent versions save a
@@ -170,7 +181,7 @@ def tokenizer_settings(folder) -> dict:
     file, template = Path(folder) / "tokenizer_config.json", Path(folder) / CHAT_TEMPLATE_FILE
     settings = read_json(file) if file.exists() else {}
     if (specials := Path(folder) / "special_tokens_map.json").is_file() and "added_tokens_decoder" not in settings:
-        settings |= {k: v.get("content") if isinstance(v, dict) else v for k, v in read_json(specials).items()
+        settings |= {k: token_text(v) for k, v in read_json(specials).items()
                      if k in ("bos_token", "eos_token", "pad_token")}  # as strings: tokenizer_config.json's way
     if template.is_file():
         try:
@@ -208,13 +219,13 @@ def _adds_tokens(model: Path, file: Path) -> bool:
         return False  # either file broken: tokenizer.model, as before, whose loading says what is wrong
 
 
-def open_tokenizer(path) -> Tokenizer | JsonTokenizer:
+def open_tokenizer(path, legacy=True) -> Tokenizer | JsonTokenizer:
     """The tokenizer in a file (tokenizer.model or tokenizer.json) or a model folder (``tokenizer_file``);
-    None for a folder with neither."""
+    None for a folder with neither. ``legacy``: a tokenizer.model's, where no tokenizer_config.json says."""
     path = tokenizer_file(path)
     if path is None:
         return None
-    return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
+    return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path, legacy=legacy)
 
 
 def tokenizer_found(tokenizer, path, why=""):

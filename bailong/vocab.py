@@ -173,9 +173,7 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
     if not isinstance(tokenizer, JsonTokenizer):
         proto = check_bpe(tokenizer.proto(), tokenizer.path or "the tokenizer")
         extended, added = add_pieces(proto, texts, new_pieces, cjk_only)
-        grown = Tokenizer(model_proto=extended.SerializeToString())
-        grown.legacy = tokenizer.legacy  # chat text read as the base reads it
-        return grown, added
+        return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
     text, added = extend_json(tokenizer.serialized().decode(), texts, new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
         raise BailongError(too_few(len(added), "tokens", new_pieces, cjk_only))

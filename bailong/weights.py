@@ -231,9 +231,8 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
                   "first layer differ: another model, or this one in another dtype); its answers may make no sense",
                   file=sys.stderr)
         model.eval()
-        if (grown := open_tokenizer(adapter_folder)) is not None:  # a grown vocabulary reads chat text as its base
-            if tokenizer is not None and not (adapter_folder / "tokenizer_config.json").is_file():  # does
-                grown.legacy = getattr(tokenizer, "legacy", True)
+        # a grown vocabulary (the adapter's tokenizer.model alone) reads chat text as its base does
+        if (grown := open_tokenizer(adapter_folder, legacy=getattr(tokenizer, "legacy", True))) is not None:
             tokenizer = grown
     check_fits(tokenizer, model)
     return model, tokenizer
