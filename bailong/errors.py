@@ -1,6 +1,7 @@
 """User-facing errors: one line, no traceback, non-zero exit."""
 import argparse
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -52,11 +53,17 @@ def handling(handler, signals=(signal.SIGINT, signal.SIGTERM)):
             signal.signal(s, before or signal.SIG_DFL)  # None: set outside Python
 
 
+def silence(stream):
+    """Send what ``stream`` still writes, what is buffered too, nowhere: its reader went (``| head``)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn user errors, failed file operations, Ctrl-C and SIGTERM into a clean exit.
     Under torchrun the processes of one machine meet the same mistake, and its first one says it (another
     machine's files may differ: its first process says what it met, naming its rank)."""
-    import os
     say = os.environ.get("LOCAL_RANK", "0") == "0"
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if rank != "0" else ""
@@ -74,7 +81,7 @@ def run_cli(main, argv=None):
             print(f"{where}error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except BrokenPipeError:  # the output's reader went (| head): ended quietly, as a pipe's writer is
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())  # what is still buffered, too
+        silence(sys.__stdout__)
         sys.exit(128 + signal.SIGPIPE)
     except OSError as e:  # a full disk, a read-only folder, a vanished file: the machine's, not a bug
         if say:

@@ -5,13 +5,12 @@ torch."""
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from bailong.errors import handling
+from bailong.errors import handling, silence
 from bailong.files import atomic_write
 from bailong.runs import latest_checkpoint
 
@@ -57,7 +56,7 @@ class GracefulStop:
         """An output's reader went (``train.py | head``, ``2>&1 | head``, a pager quit): stop as on Ctrl-C,
         saving, the rest of that output sent nowhere (a command piped so lost every step since its last
         checkpoint)."""
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # what is still buffered, too
+        silence(stream)
         if not self.requested:
             self.requested, self.code, self.when = True, 128 + signal.SIGPIPE, time.monotonic()
             print("\nthe output was closed: stopping after this step to save a checkpoint; continue with --resume",
