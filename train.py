@@ -135,7 +135,7 @@ def train(config):
         merge_lora(model)  # Bailong-instruct starts from the merged Bailong model
         tokenizer = tokenizer_found(tokenizer, config.init, "training needs one")
     if new_tokenizer is not None:
-        extend_model(model, tokenizer, new_tokenizer, config.init_method)
+        extend_model(model, tokenizer, new_tokenizer, config.init_method, config.seed)
         tokenizer = new_tokenizer
     if config.seq_len > model.config.max_position_embeddings:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "

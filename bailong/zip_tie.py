@@ -126,14 +126,14 @@ def extends(base, extended) -> bool:
     return all(theirs.get(token) == i for token, i in base.tk.get_vocab(with_added_tokens=True).items())
 
 
-def extend_model(model, base, extended, method="zip-tie"):
-    """Resize ``model`` from ``base``'s vocabulary to ``extended``'s and initialise the new rows. A model with
-    rows past ``base``'s ids (a vocabulary padded for speed) gives the new ids those rows first: no token
-    reached them."""
+def extend_model(model, base, extended, method="zip-tie", seed=0):
+    """Resize ``model`` from ``base``'s vocabulary to ``extended``'s and initialise the new rows (``random``
+    ones drawn from ``seed``). A model with rows past ``base``'s ids (a vocabulary padded for speed) gives the
+    new ids those rows first: no token reached them."""
     if model.config.vocab_size < base.vocab_size:
         raise ValueError(f"the model has {model.config.vocab_size} embeddings, fewer than the base tokenizer's "
                          f"{base.vocab_size} ids")
     if not extends(base, extended):
         raise ValueError("the extended tokenizer does not keep every id of the base tokenizer")
     resize_vocab(model, max(model.config.vocab_size, extended.vocab_size))
-    return init_new_rows(model, piece_ids(base, extended), method)
+    return init_new_rows(model, piece_ids(base, extended), method, seed)

@@ -61,6 +61,24 @@ def test_new_rows_follow_the_formula_and_old_rows_stay(setup, method):
         assert abs(new.std() / old_embed.std() - 1) < 0.1 and abs(new.mean()) < 0.01
 
 
+def test_random_rows_are_drawn_from_the_run_s_seed(tmp_path, capsys):
+    """``train.py --init-method random`` drew the new rows from seed 0 whatever --seed said, so that runs meant
+    to differ by their seed began from the same rows."""
+    from safetensors.torch import load_file
+
+    from bailong.tokenizer import byte_tokenizer
+    from train_runs import run_train
+    old = byte_tokenizer().vocab_size  # the embedded default's: its new rows come after
+    for seed in (0, 7):
+        out = tmp_path / f"seed-{seed}"
+        run_train(capsys, "--init-method", "random", "--seed", seed, "--new-pieces", "20", "--steps", "1",
+                  "--held-out", "0", "--out", out)
+        rows = load_file(out / "adapter" / "adapter_model.safetensors")[
+            "base_model.model.model.embed_tokens.base_layer.weight"]  # frozen under its LoRA: as initialised
+        drawn = torch.randn(rows.shape[1], generator=torch.Generator().manual_seed(seed)) * rows[:old].float().std()
+        assert torch.equal(rows[old], drawn.to(rows.dtype))
+
+
 def test_a_piece_that_is_one_old_token_gets_its_rows_exactly(setup):
     _, _, folder, _ = setup
     model, _ = bailong.load(folder, device="cpu")
