@@ -24,8 +24,7 @@ from bailong.hub import resolve
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, model_file, prepare_output,
                           read_run, release_lock, start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
-from bailong.training import (BF16_GRADS_IN_FP32, ON_CHECKPOINTING, ON_CPU, check_graph_step, parse_config,
-                              without_checkpointing)
+from bailong.training import check_graph_step, check_on_device, parse_config
 
 
 def main(argv=None):
@@ -77,11 +76,11 @@ def train(config):
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
     from bailong.tokenizer import CHAT_TEMPLATE_FILE, byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer, learning_message
-    from bailong.weights import fingerprint, load, load_preset, save
+    from bailong.weights import default_device, fingerprint, load, load_preset, save
     from bailong.zip_tie import extend_model
 
     # ---- processes and devices -------------------------------------------------------------------
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.device or default_device()
     if world > 1:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
         if device == "cuda":
@@ -93,16 +92,9 @@ def train(config):
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
     checkpointing = config.checkpointing == "on" or (config.checkpointing == "auto" and device.startswith("cuda"))
-    for name, message in ON_CPU.items():
-        if getattr(config, name) and not device.startswith("cuda"):
-            raise UsageError(message)
-    for name in ON_CHECKPOINTING:  # on the CPU, where checkpointing is off by default (the offload: refused above)
-        if getattr(config, name) and not checkpointing:
-            raise UsageError(without_checkpointing(name, on_cpu=True))
+    check_on_device(config, device)
     if config.cuda_graph:
         check_graph_step(world, device)
-    if config.bf16_grads and not bf16:
-        raise UsageError(BF16_GRADS_IN_FP32)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
     suffixes = (".txt", ".jsonl") if config.stage == "pretrain" else (".jsonl",)  # SFT reads conversations only
@@ -340,8 +332,7 @@ def train(config):
             if done % config.save_every == 0 or done == config.steps or stopped or interrupted:
                 rng = rng_states(device, world)  # every process's
                 if main_process:
-                    checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name, device,
-                                                 rng)
+                    checkpoint = save_checkpoint(out, done, model, lora, tokenizer, optimizer, base_name, rng)
                 if world > 1:  # no process leaves before the save (torchrun would stop the others)
                     dist.barrier()
             if interrupted and done < config.steps:

@@ -60,18 +60,16 @@ def save_result(folder: Path, model, lora_config, tokenizer, base_name=None):
     return folder
 
 
-def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name=None, device=None,
-                    rng=None):
-    """checkpoints/step-N: the adapter, optimizer and RNG states (``rng``, by default this process's
-    ``rng_state``, a GPU's the training ``device``'s), written to a temporary folder and renamed, then named in
-    LATEST; the two newest are kept. A failed save (a full disk) leaves the previous checkpoint as it was and
-    says so."""
+def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, base_name, rng):
+    """checkpoints/step-N: the adapter, optimizer and RNG states (``rng``: ``rng_states``), written to a
+    temporary folder and renamed, then named in LATEST; the two newest are kept. A failed save (a full disk)
+    leaves the previous checkpoint as it was and says so."""
     run = RunFolder(out)
     final = run.checkpoint(step)
     try:
         with atomic_folder(final) as tmp:
             save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(device)},
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng},
                        tmp / STATE)
         atomic_write(run.latest, final.name)
     except BailongError as e:

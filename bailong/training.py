@@ -171,14 +171,8 @@ class TrainConfig:
         for name in ON_CHECKPOINTING:
             if getattr(self, name) and self.checkpointing == "off":
                 raise UsageError(without_checkpointing(name))
-        for name, message in ON_CPU.items():
-            if getattr(self, name) and self.device == "cpu":  # without --device: once the device is known
-                raise UsageError(message)
         if self.keep_dequantized and self.quantize != "nf4":
             raise UsageError("--keep-dequantized keeps the NF4 weights' dequantized copies: it needs --quantize nf4")
-        for name in ON_CHECKPOINTING:  # (the offload: refused on the CPU above)
-            if getattr(self, name) and self.device == "cpu" and self.checkpointing == "auto":  # or once it is known
-                raise UsageError(without_checkpointing(name, on_cpu=True))
         if self.cuda_graph and self.lora_dropout and not dropout_kernels_switched_on():
             raise UsageError("--cuda-graph captures LoRA dropout only through its kernels (torch's is drawn again in "
                              "the backward from a random state restored on the host), which BAILONG_FUSED_LORA=0, "
@@ -199,7 +193,7 @@ class TrainConfig:
             if self.cuda_graph and getattr(self, name):
                 raise UsageError(f"--cuda-graph and {flag(name)} do not go together: the copies to host memory are "
                                  "not captured")
-        if self.bf16_grads and (self.precision == "fp32" or self.precision == "auto" and self.device == "cpu"):
+        if self.bf16_grads and self.precision == "fp32":
             raise UsageError(BF16_GRADS_IN_FP32)
         if self.bf16_grads and self.cuda_graph:
             raise UsageError("--cuda-graph and --bf16-grads do not go together: a graph's gradients are float32 "
@@ -213,8 +207,9 @@ class TrainConfig:
         for name in PRETRAIN_ONLY:
             if self.stage == "sft" and getattr(self, name) != getattr(TrainConfig, name):  # not its default
                 raise UsageError(f"{flag(name)} is for --stage pretrain; fine-tuning keeps the vocabulary of --init")
-        if self.device:
+        if self.device:  # without --device: once torch knows which there is
             check_device(self.device)
+            check_on_device(self, self.device)
         self.out = os.path.expanduser(self.out or f"out/{self.stage}")  # "~/runs" in a config file: the home's
         self.init = os.path.expanduser(self.init)
         self.init = self.init or ("out/pretrain" if self.stage == "sft" else "")
@@ -225,6 +220,21 @@ class TrainConfig:
 
 def flag(name) -> str:
     return "--" + name.replace("_", "-")
+
+
+def check_on_device(config, device: str):
+    """The options ``device`` (``--device``, or the one torch finds) does not allow: those of the GPU on the CPU,
+    and there, where "auto" leaves checkpointing and bf16 off, those that need them."""
+    if device.startswith("cuda"):
+        return
+    for name, message in ON_CPU.items():
+        if getattr(config, name):
+            raise UsageError(message)
+    for name in ON_CHECKPOINTING:  # (the offload: refused above)
+        if getattr(config, name) and config.checkpointing == "auto":
+            raise UsageError(without_checkpointing(name, on_cpu=True))
+    if config.bf16_grads and config.precision == "auto":
+        raise UsageError(BF16_GRADS_IN_FP32)
 
 
 def without_checkpointing(name, on_cpu=False) -> str:
