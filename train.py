@@ -129,9 +129,7 @@ def train(config):
     if new_tokenizer is not None:
         extend_model(model, tokenizer, new_tokenizer, config.init_method, config.seed)
         tokenizer = new_tokenizer
-    if config.seq_len > model.config.max_position_embeddings:
-        raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context "
-                         f"({model.config.max_position_embeddings})")
+    check_context(config, model.config.max_position_embeddings)
     if main_process:  # the folder's lock: nothing was touched before this line
         found = fingerprints(config, items, base_folder, tokenizer)
         prepare_output(config, found, say, new_tokenizer)
@@ -350,16 +348,18 @@ def train(config):
     return leave(0)
 
 
-def check_context(config):
-    """Refuse a --seq-len longer than the model's context before anything is written, where the model's
-    config.json is at hand (the embedded default, a local folder, a pre-training output); else after loading."""
-    folder = Path(config.model or "") if config.stage == "pretrain" else RunFolder(config.init).base
-    if config.stage == "pretrain" and not config.model:
-        context = preset("tiny").max_position_embeddings
-    elif (folder / "config.json").is_file():
-        context = ModelConfig.from_file(folder / "config.json").max_position_embeddings
-    else:
-        return
+def check_context(config, context=None):
+    """Refuse a --seq-len longer than the model's ``context``: before anything is written, where the model's
+    config.json is at hand (the embedded default, a local folder, a pre-training output); else, given, after
+    loading."""
+    if context is None:
+        folder = Path(config.model or "") if config.stage == "pretrain" else RunFolder(config.init).base
+        if config.stage == "pretrain" and not config.model:
+            context = preset("tiny").max_position_embeddings
+        elif (folder / "config.json").is_file():
+            context = ModelConfig.from_file(folder / "config.json").max_position_embeddings
+        else:
+            return
     if config.seq_len > context:
         raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
 

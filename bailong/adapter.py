@@ -154,8 +154,7 @@ def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAC
                 model.get_submodule(name).weight.copy_(parts["base_layer.weight"][1])
             continue
         r = parts[lora_key][1].shape[0]
-        alpha = _pattern(peft.get("alpha_pattern"), name, config.alpha)
-        scaling = alpha / (r ** 0.5 if config.rslora else r)
+        scaling = config.scaling(r, _pattern(peft.get("alpha_pattern"), name, config.alpha))
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, (LoRALinear, LoRAEmbedding)):
             wrapper = add_lora(model, name, r, scaling, config.dropout)

@@ -1,4 +1,4 @@
-"""The Llama 2 chat format, and keeping a conversation inside the context window.
+"""Chat formats: Llama 2's, a model's own Jinja template, and keeping a conversation inside the context window.
 
 Meta's format wraps each exchange in its own ``<s>...</s>`` and merges the
 system prompt into the first user message:
@@ -9,11 +9,16 @@ We tokenize each exchange as two parts, the prompt ``<s>[INST] ... [/INST]`` and
 the answer ``{answer}</s>`` (SentencePiece's leading space is the space after
 [/INST]), so that training can mask exactly the answer tokens and the chat
 prompt is the same token sequence the model was trained on.
+
+A model that ships its own format (a Jinja ``chat_template`` in tokenizer_config.json
+or chat_template.jinja) is rendered as transformers renders it, and its training
+examples are the whole conversation encoded once, the answers' tokens learned
+(``template_example``).
 """
 import functools
 import os
 
-from bailong.tokenizer import Tokenizer
+from bailong.tokenizer import Tokenizer, token_text
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -130,11 +135,8 @@ def template_in(config: dict, file) -> tuple[str, dict] | None:
     except (jinja2.TemplateSyntaxError, TypeError) as e:
         where = f"line {e.lineno}: {e.message}" if isinstance(e, jinja2.TemplateSyntaxError) else "not a string"
         raise BailongError(f"{file}: chat_template is not a Jinja template ({where})") from None
-    specials = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = config.get(name)
-        specials[name] = value.get("content") if isinstance(value, dict) else value
-    return template, specials
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    return template, {name: token_text(config.get(name)) for name in names}
 
 
 def turn_end_ids(tokenizer, template) -> set[int]:

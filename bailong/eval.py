@@ -89,8 +89,9 @@ def perplexity(model_path, text, max_chars=200_000):
         broken = next((name for name, t in model.state_dict().items()
                        if t.is_floating_point() and not torch.isfinite(t).all()), "its outputs")
         raise BailongError(f"{model_path}: the loss is {nats_per_char} ({broken} holds NaN or infinite values)")
-    per_token = nats_per_char / tokens_per_char(tokenizer, kept)
-    result = {"characters": total, "tokens_per_char": tokens_per_char(tokenizer, kept),
+    per_char = tokens_per_char(tokenizer, kept)
+    per_token = nats_per_char / per_char
+    result = {"characters": total, "tokens_per_char": per_char,
               "loss_per_token": per_token, "perplexity": math.exp(per_token),
               "bits_per_char": nats_per_char / math.log(2)}
     print(f"{total} characters: {result['loss_per_token']:.4f} nats per token (perplexity "

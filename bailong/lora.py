@@ -50,9 +50,10 @@ class LoRAConfig:
     save_embedding_layers: bool = False
     base_fingerprint: str | None = None  # of the base it is trained on (``weights.fingerprint``), saved with it
 
-    def scaling(self, r=None):
-        r = r or self.r
-        return self.alpha / (math.sqrt(r) if self.rslora else r)
+    def scaling(self, r=None, alpha=None):
+        """alpha / r, or alpha / sqrt(r) with rsLoRA; of a module's own rank and alpha where an adapter gives them."""
+        r, alpha = r or self.r, self.alpha if alpha is None else alpha
+        return alpha / (math.sqrt(r) if self.rslora else r)
 
 
 class LoRALinear(nn.Module):

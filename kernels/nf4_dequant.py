@@ -152,7 +152,7 @@ def _word_codes(words, table, code_ptr, SHUFFLE: tl.constexpr):
 @triton.jit
 def _join8(c, WORDS: tl.constexpr):
     """Eight tensors (WORDS,) as the columns of one (WORDS, 8), each row left in the thread that holds its
-    values (the inverse of ``nf4_gemv_at_end._split8``): a join pairs its operands element by element, so the
+    values: a join pairs its operands element by element, so the
     evens and the odds are each built from columns 4 apart, then paired."""
     even = tl.reshape(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), (WORDS, 4))  # columns 0 2 4 6
     odd = tl.reshape(tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])), (WORDS, 4))  # columns 1 3 5 7
