@@ -21,8 +21,9 @@ from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
-from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, model_file, prepare_output,
-                          read_run, release_lock, start_run)
+from bailong.outputs import model_file
+from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, read_run,
+                          release_lock, start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
 

@@ -98,8 +98,8 @@ def fit_prompt(encode, messages, budget) -> tuple[list[int], list[dict]]:
 
 def jinja_template(folder) -> tuple[str, dict] | None:
     """The chat template and special-token strings of a model folder (``tokenizer_settings``), or of a training
-    output's (or checkpoint's) base model (``runs.model_file``); None where there is none."""
-    from bailong.runs import model_file
+    output's (or checkpoint's) base model (``outputs.model_file``); None where there is none."""
+    from bailong.outputs import model_file
     from bailong.tokenizer import CHAT_TEMPLATE_FILE, tokenizer_settings
     file = model_file(folder, CHAT_TEMPLATE_FILE) or model_file(folder, "tokenizer_config.json")
     return template_in(tokenizer_settings(file.parent), file.parent / "tokenizer_config.json") if file else None

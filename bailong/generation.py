@@ -267,8 +267,8 @@ GENERATION_CONFIG = "generation_config.json"
 
 
 def generation_config(folder):
-    """A model's generation_config.json (``runs.model_file``), or None."""
-    from bailong.runs import model_file
+    """A model's generation_config.json (``outputs.model_file``), or None."""
+    from bailong.outputs import model_file
     return model_file(folder, GENERATION_CONFIG)
 
 

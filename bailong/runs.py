@@ -364,34 +364,6 @@ def training_output(folder: Path) -> tuple[str | Path, Path] | None:
     return base, result
 
 
-def model_file(folder, name) -> Path | None:
-    """A model's file ``name`` (generation_config.json, tokenizer_config.json): its ``folder``'s, or a training
-    output's (or checkpoint's) base model's, which a fine-tuning run copies into the base it keeps; None where
-    there is none."""
-    from bailong.hub import resolve
-    if folder is None:
-        return None
-    if (file := Path(folder).expanduser() / name).is_file():  # "~/run" from a --config file too
-        return file
-    run = training_output(Path(folder).expanduser())
-    return model_file(resolve(str(run[0])), name) if run else None
-
-
-def check_not_a_run(folder: Path):
-    """A one-line error where ``folder``, read as a model folder, is a training run: given with an adapter of its
-    own, or with none kept yet (where it brings one, ``training_output`` reads it as its base and adapter), or an
-    adapter folder."""
-    if not (folder / "config.json").exists() and (folder / ADAPTER_CONFIG).is_file():
-        output = folder.parent if training_output(folder.parent) else None
-        raise BailongError(f"{folder}: an adapter, not a model folder: " + (
-            f"give the training output it is in ({output})" if output else
-            "give its base model (and the adapter with --adapter, where the command takes one)"))
-    if not (folder / "config.json").exists() and read_run(folder):
-        raise BailongError(f"{folder}: a training run, not a model folder: " + (
-            "it brings its own adapter; give it without --adapter" if training_output(folder) else
-            "it has no adapter yet (stopped before one was kept); continue it with train.py --resume"))
-
-
 def latest_checkpoint(out: Path) -> Path | None:
     """The checkpoint LATEST names (it may since have gone), or None."""
     run = RunFolder(out)

@@ -223,7 +223,7 @@ def test_files_the_user_put_inside_a_run_are_never_removed(tmp_path, capsys, mon
 def test_a_model_s_files_are_found_under_a_home_folder_too(tmp_path, monkeypatch):
     """A --config file's "init": "~/run" loads (paths are expanded there); the files SFT copies from it were
     looked for in a folder named "~"."""
-    from bailong.runs import model_file
+    from bailong.outputs import model_file
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "generation_config.json").write_text("{}")
