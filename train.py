@@ -133,7 +133,7 @@ def train(config):
     check_context(config, model.config.max_position_embeddings)
     if main_process:  # the folder's lock: nothing was touched before this line
         found = fingerprints(config, items, base_folder, tokenizer)
-        prepare_output(config, found, say, new_tokenizer)
+        prepare_output(config, found, say, new_tokenizer, world, done_before)
     if world > 1:
         dist.barrier()
 

@@ -181,13 +181,14 @@ def _lock_free(out: Path) -> bool:
     return True
 
 
-def check_output(config, world=1) -> int:
+def check_output(config, world=1, locked=False) -> int:
     """Refuse, with one line, an ``--out`` this run may not use; nothing is read or written.
 
     The folder must be new or empty, or hold this same run (continued with --resume),
     or hold nothing but a run that ``--overwrite`` may replace; it may not hold, or lie
-    inside, any of the run's inputs, nor be in use by another process. Returns the
-    steps the run in it has done (0 for a new folder).
+    inside, any of the run's inputs, nor be in use by another process (unless this one
+    holds its lock: ``locked``). Returns the steps the run in it has done (0 for a new
+    folder).
     """
     out = Path(config.out)
     if config.model and training_output(Path(config.model).expanduser()):
@@ -208,7 +209,7 @@ def check_output(config, world=1) -> int:
             raise UsageError(f"{out}: holds or lies inside {what}; choose an --out apart from the run's inputs")
     if not out.is_dir():
         return 0
-    if not _lock_free(out):
+    if not locked and not _lock_free(out):
         raise _busy(out)
     run = read_run(out)
     if run is None:
@@ -283,13 +284,21 @@ def release_lock(out):
         lock.close()  # closing the file releases its flock
 
 
-def prepare_output(config, found: dict, say=print, learned=None) -> Path:
-    """The write side of ``check_output``, once the inputs are read: the run in ``--out`` must have the same
-    data and base (by ``fingerprints``), and the vocabulary it ``learned`` from them that its checkpoints were
-    trained with (another version may learn another from the same text); take the folder's lock. Then only the
-    token cache is written (``data.tokenize``) before ``start_run``."""
+def prepare_output(config, found: dict, say=print, learned=None, world=1, done=0) -> Path:
+    """The write side of ``check_output``, once the inputs are read: take the folder's lock, and check it again
+    (another process may have trained in it while this one loaded: ``done`` steps were done then); the run in
+    ``--out`` must have the same data and base (by ``fingerprints``), and the vocabulary it ``learned`` from them
+    that its checkpoints were trained with (another version may learn another from the same text). Then only
+    the token cache is written (``data.tokenize``) before ``start_run``."""
     out = Path(config.out)
-    run = read_run(out) if out.is_dir() else None
+    try:
+        _take_lock(out)
+    except OSError as e:
+        raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
+    if (now := check_output(config, world, locked=True)) != done:
+        raise BailongError(f"{out}: another process trained in this folder while this one was loading ({now} "
+                           f"steps done now, {done} before); run the command again")
+    run = read_run(out)
     if run is not None and not config.overwrite and _has_progress(out):
         recorded = run.get("inputs", {})
         if "data" in recorded and "reading" not in recorded:  # begun by an earlier version: as it began, or not
@@ -311,10 +320,6 @@ def prepare_output(config, found: dict, say=print, learned=None) -> Path:
             change = "stretches" if config.steps > run["steps"] else "shrinks"
             say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the learning-rate "
                 f"schedule {change} to the new length from here")
-    try:
-        _take_lock(out)
-    except OSError as e:
-        raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
     return out
 
 

@@ -4,6 +4,8 @@ import json
 import shutil
 from functools import partial
 
+import pytest
+
 from bailong.training import SAMPLES, TrainConfig
 from train_runs import losses, run_train
 
@@ -30,6 +32,37 @@ def test_the_folder_is_locked_while_training_and_free_once_train_returns_or_fail
     monkeypatch.setattr(checkpoints, "save_checkpoint", partial(save_checkpoint, fail=True))
     _, err = run_train(capsys, "--steps", "4", "--held-out", "0", "--out", out, "--resume", code=1)
     assert "No space left on device" in err and seen == [False, False] and runs._lock_free(out) and runs._HELD == {}
+
+
+def test_a_run_made_in_the_folder_while_this_one_loaded_is_left_whole(tmp_path, capsys, monkeypatch):
+    """Two runs begun in one folder before either took its lock: the one that loaded last replaced the run the
+    other had finished meanwhile (its metrics, adapter and run.json, under other options), and a --resume then
+    went on from the other's checkpoint. The folder is checked again once its lock is held."""
+    import train
+    from bailong import runs
+    from bailong.errors import run_cli
+    out, real, meanwhile = tmp_path / "run", runs.prepare_output, []
+
+    def prepare_output(*args, other=(), **kwargs):
+        if not meanwhile:  # the other run, begun later, trains while this one loads
+            meanwhile.append(True)
+            with pytest.raises(SystemExit) as exit_:
+                run_cli(train.main, ["--held-out", "0", "--out", str(out), *other])
+            assert exit_.value.code == 0
+        return real(*args, **kwargs)
+
+    for mine, other, expected in [
+            (["--steps", "2", "--lr", "5e-4"], ["--steps", "2"], "holds a different run (--lr was 0.002, now 0.0005)"),
+            (["--steps", "8", "--resume"], ["--steps", "6", "--resume"],
+             "another process trained in this folder while this one was loading (6 steps done now, 2 before)")]:
+        before = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()}
+        meanwhile.clear()
+        monkeypatch.setattr(train, "prepare_output", partial(prepare_output, other=other))
+        _, err = run_train(capsys, "--held-out", "0", "--out", out, *mine, code=1 if "another" in expected else 2)
+        assert f"error: {out}: {expected}" in err, err
+        after = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()}
+        assert after != before and json.loads(after["run.json"])["steps"] == int(other[1])  # the other's, whole
+        assert [step for step, _ in losses(out)] == list(range(1, int(other[1]) + 1))
 
 
 def test_a_run_is_known_by_its_options_not_by_how_out_is_spelled(tmp_path, capsys, monkeypatch):
