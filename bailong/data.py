@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
     sft = not isinstance(items[0], str)
     read = files if sft else files[::2]
-    if not all(f.exists() for f in read):
+    if (cached := _cached(read, len(items))) is None:
         encoded = _encode_all(tokenizer, items, workers, template)
         ids = np.fromiter((i for e, _ in encoded for i in e), dtype=np.int32)
         labels = np.fromiter((i for _, lab in encoded for i in lab), dtype=np.int32) if sft else None
@@ -215,8 +216,28 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
         for file, array in zip(files, (ids, labels, offsets)):
             if array is not None:
                 atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
-    ids, labels, offsets = (np.load(f, mmap_mode="r") if f in read else None for f in files)
-    return ids, labels, offsets
+        cached = [np.load(f, mmap_mode="r") for f in read]
+    return (cached[0], cached[1], cached[2]) if sft else (cached[0], None, cached[1])
+
+
+def _cached(files, items: int) -> list | None:
+    """The memory-mapped arrays of a token cache (ids, SFT's labels, offsets) of ``items`` items, or None where
+    one is missing, or damaged (a disk that filled, a copy cut short): that one says so, and is made again."""
+    if not all(f.exists() for f in files):
+        return None
+    try:
+        arrays = [np.load(f, mmap_mode="r") for f in files]
+        ids, offsets = arrays[0], arrays[-1]
+        whole = all(a.ndim == 1 and a.dtype.kind == "i" for a in arrays) and len(offsets) == items + 1 and \
+            offsets[0] == 0 and offsets[-1] == len(ids) and all(len(a) == len(ids) for a in arrays[1:-1])
+        if whole:
+            return arrays
+        why = "its arrays do not fit together"
+    except (ValueError, EOFError):  # numpy's for a file cut short, or not an array (its words on pickles mislead)
+        why = "a file cut short, or not an array"
+    print(f"warning: {files[0].parent}: the token cache {files[0].name[:27]} is damaged ({why}); tokenizing "
+          "again", file=sys.stderr)
+    return None
 
 
 def _encode_all(tokenizer, items, workers, template) -> list:

@@ -113,7 +113,7 @@ def _not_a_runs(folder: Path, layout=LAYOUT) -> list[str]:
     writes are a run's."""
     found = []
     for p in sorted(folder.iterdir()):
-        if _temporary(p.name):
+        if _temporary(p.name, layout):
             continue
         inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), False)
         name = p.name + "/" * p.is_dir()
@@ -124,9 +124,24 @@ def _not_a_runs(folder: Path, layout=LAYOUT) -> list[str]:
     return found
 
 
-def _temporary(name: str) -> bool:
-    """A temporary name of an unfinished write (``files.atomic_write``, ``files.atomic_folder``)."""
-    return name.startswith(".") and name.endswith((".tmp", ".old"))
+def _temporary(name: str, layout: dict) -> bool:
+    """A temporary name of an unfinished write of one of ``layout``'s names (``files.atomic_write``,
+    ``files.atomic_folder``: .NAME.PID.tmp, .NAME.PID.old), not a user's hidden file."""
+    match = re.fullmatch(r"\.(.+)\.\d+\.(tmp|old)", name)
+    return bool(match) and any(re.fullmatch(k, match[1]) for k in layout)
+
+
+def _leftovers(folder: Path, layout=LAYOUT) -> list[Path]:
+    """The temporaries in a run's folders of writes that never finished (a process killed while it saved: a
+    checkpoint's adapter and optimizer states, gigabytes at 7B)."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), None)
+        if _temporary(p.name, layout):
+            found.append(p)
+        elif isinstance(inner, dict) and p.is_dir() and not p.is_symlink():
+            found += _leftovers(p, inner)
+    return found
 
 
 def _in_the_way(out: Path, overwrite: bool) -> str | None:
@@ -298,6 +313,11 @@ def prepare_output(config, found: dict, say=print, learned=None, world=1, done=0
     if (now := check_output(config, world, locked=True)) != done:
         raise BailongError(f"{out}: another process trained in this folder while this one was loading ({now} "
                            f"steps done now, {done} before); run the command again")
+    if leftovers := _leftovers(out):  # no process writes here but this one, now
+        say(f"removing what a stopped process left unfinished in {out}: "
+            + ", ".join(str(p.relative_to(out)) + "/" * p.is_dir() for p in leftovers))
+        for p in leftovers:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     run = read_run(out)
     if run is not None and not config.overwrite and _has_progress(out):
         recorded = run.get("inputs", {})

@@ -97,7 +97,8 @@ def prepared(folder):
     finally:
         os.chdir(cwd)
     run_dir = folder / "run"
-    for name in ("run-notes", "run-cut-adapter", "run-cut-state", "run-latest-gone", "run-broken", "run-busy"):
+    for name in ("run-notes", "run-cut-adapter", "run-cut-state", "run-latest-gone", "run-broken", "run-busy",
+                 "run-cut-cache", "run-killed-save"):
         shutil.copytree(run_dir, folder / name)
     (folder / "run-notes" / "notes.txt").write_text("added by the user\n")
     shutil.copytree(run_dir, folder / "run-older")  # as an earlier version recorded it
@@ -109,6 +110,10 @@ def prepared(folder):
     cut = folder / "run-cut-state" / "checkpoints" / "step-0000004" / "state.pt"
     cut.write_bytes(cut.read_bytes()[:500])
     (folder / "run-latest-gone" / "checkpoints" / "LATEST").write_text("step-0000009")
+    cut = next((folder / "run-cut-cache" / "cache").glob("*.ids.npy"))
+    cut.write_bytes(cut.read_bytes()[:200])
+    checkpoints = folder / "run-killed-save" / "checkpoints"  # a save killed half way
+    shutil.copytree(checkpoints / "step-0000004", checkpoints / ".step-0000006.4242.tmp")
     for state in (folder / "run-broken" / "checkpoints").glob("step-*/state.pt"):
         state.write_bytes(b"")
     (folder / "run-early").mkdir()  # stopped before its first adapter was kept

@@ -179,6 +179,29 @@ def test_token_cache_is_reused(tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
+def test_a_damaged_token_cache_is_made_again(tmp_path, capsys):
+    """A cache file cut short, or not an array, ended --resume in a traceback (mmap length, pickled data, no data
+    left in file); arrays that do not fit together were read as they were."""
+    import numpy as np
+
+    from bailong.data import tokenize
+    from bailong.tokenizer import byte_tokenizer
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "臺灣"}]] * 3
+    whole = [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)]
+    for part, damage, why in [("ids", lambda f: f.write_bytes(f.read_bytes()[:140]), "cut short, or not an array"),
+                              ("offsets", lambda f: f.write_bytes(b"garbage"), "cut short, or not an array"),
+                              ("labels", lambda f: f.write_bytes(b""), "cut short, or not an array"),
+                              ("offsets", lambda f: np.save(f, np.array([0, 5])), "do not fit together"),
+                              ("labels", lambda f: np.save(f, np.zeros(4, np.int32)), "do not fit together")]:
+        damage(next(tmp_path.glob(f"*.{part}.npy")))
+        capsys.readouterr()
+        assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
+        err = capsys.readouterr().err
+        assert f"warning: {tmp_path}: the token cache tokens-" in err and why in err and "tokenizing again" in err
+        assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
+        assert "warning" not in capsys.readouterr().err
+
+
 def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch, capfd):
     import multiprocessing
     import signal

@@ -253,6 +253,27 @@ def test_files_the_user_put_inside_a_run_are_never_removed(tmp_path, capsys, mon
     run_train(capsys, *args, "--out", left)
 
 
+def test_what_a_killed_save_left_goes_on_resume_and_hidden_files_of_the_user_s_stay(tmp_path, capsys):
+    """A save killed half way left its temporary folder (a checkpoint: gigabytes at 7B) for good, as each later
+    kill left its own; --overwrite took any hidden name ending in .tmp or .old for one and removed it."""
+    out = tmp_path / "run"
+    args = ["--held-out", "0", "--save-every", "1", "--out", out]
+    run_train(capsys, "--steps", "2", *args)
+    shutil.copytree(out / "checkpoints" / "step-0000002", out / "checkpoints" / ".step-0000003.4242.tmp")
+    shutil.copytree(out / "adapter", out / ".adapter.4242.old")  # killed in the adapter's swap
+    (out / ".metrics.jsonl.77.tmp").write_text('{"step"')
+    said, _ = run_train(capsys, "--steps", "3", "--resume", *args)
+    assert f"removing what a stopped process left unfinished in {out}: .adapter.4242.old/, .metrics.jsonl.77.tmp, " \
+           "checkpoints/.step-0000003.4242.tmp/\n" in said
+    assert not list(out.glob(".*.*")) and sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "LATEST", "step-0000002", "step-0000003"]
+    for mine in (".adapter.old", "checkpoints/.notes.2024.old", ".adapter.4242.bak.tmp"):  # the user's
+        (out / mine).write_text("the user's")
+        _, err = run_train(capsys, "--steps", "3", "--overwrite", *args, code=2)
+        assert f"{out}: holds {mine}, which is not part of a run; nothing was removed" in err, err
+        (out / mine).unlink()
+
+
 def test_a_model_s_files_are_found_under_a_home_folder_too(tmp_path, monkeypatch):
     """A --config file's "init": "~/run" loads (paths are expanded there); the files SFT copies from it were
     looked for in a folder named "~"."""
