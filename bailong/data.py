@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from bailong.chat_template import template_example, training_example
-from bailong.errors import BailongError, handling
+from bailong.errors import BailongError, handling, silence
 from bailong.files import atomic_write
 from bailong.hub import resolve
 from bailong.runs import DOCUMENTS
@@ -165,9 +165,11 @@ def _init_worker(tokenizer, template):
 def _pool_worker(tokenizer, template):
     """A tokenizing process: Ctrl-C, which a terminal sends to every process, and the pool's end (SIGTERM) end
     it at once and quietly, as they end the command then (``_stopped_at_once``); a worker that went on would
-    print its broken pipe to the parent."""
+    print its broken pipe to the parent. What it meets reaches the parent as an exception: its own output goes
+    nowhere, so that a parent killed alone (``kill PID``) does not leave its workers' broken pipes to print."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    silence(sys.__stderr__)
     _init_worker(tokenizer, template)
 
 

@@ -202,6 +202,27 @@ def test_a_damaged_token_cache_is_made_again(tmp_path, capsys):
         assert "warning" not in capsys.readouterr().err
 
 
+def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path):
+    """``kill PID`` (SIGTERM to the command alone, not to its process group as a terminal's Ctrl-C) left the
+    tokenizing workers to meet their broken pipes and print about sixty lines of tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = ("import sys\nfrom bailong.data import tokenize\nfrom bailong.errors import run_cli\n"
+              "from bailong.tokenizer import byte_tokenizer\n"
+              "docs = [f'第 {i} 行 line {i} ' * 20 for i in range(200000)]\nprint('tokenizing', flush=True)\n"
+              "run_cli(lambda argv: tokenize(byte_tokenizer(), docs, sys.argv[1], workers=2), [])\n")
+    command = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert command.stdout.readline() == "tokenizing\n"
+    time.sleep(1.5)
+    command.send_signal(signal.SIGTERM)
+    _, err = command.communicate(timeout=60)  # once the workers too have closed their stderr
+    assert command.returncode == -signal.SIGTERM and not (tmp_path / "cache").exists()  # stopped mid-way
+    assert "Traceback" not in err, err
+
+
 def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch, capfd):
     import multiprocessing
     import signal
