@@ -25,7 +25,7 @@ import torch
 from bailong import load, load_preset
 from bailong.chat_template import model_template
 from bailong.config import DTYPES, PRESETS
-from bailong.conversation import Chat, is_conversations, save_jsonl
+from bailong.conversation import Chat, is_conversations, save_answers
 from bailong.data import read_conversations_to_answer
 from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli
 from bailong.files import check_output_file
@@ -139,7 +139,7 @@ def main(argv=None):
         except (KeyboardInterrupt, Terminated, BailongError) as e:  # Ctrl-C, SIGTERM (a job scheduler's stop),
             stopped = e  # or the model's logits not finite: the answers so far are kept
         if args.output:
-            save_jsonl(Path(args.output), answered)
+            written = save_answers(Path(args.output), answered, whole=stopped is None)
         else:
             # JSON's escapes where the output cannot hold the text (an ASCII or cp1252 one): what it prints shows
             # "?" for what it cannot hold, and jsonl must keep every character
@@ -148,6 +148,9 @@ def main(argv=None):
         if stopped is None:
             return 0
         done = f"{len(answered)} of the {len(questions)} conversations answered"
+        if args.output:
+            kept = f" ({args.output} is as it was)" if written != Path(args.output) else ""
+            done += f", written to {written}{kept}"
         if isinstance(stopped, BailongError):
             raise BailongError(f"{stopped}; {done}")
         if isinstance(stopped, Terminated):

@@ -157,7 +157,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     import sys
 
     from bailong.chat_template import model_template
-    from bailong.conversation import Chat, is_conversations, save_jsonl
+    from bailong.conversation import Chat, is_conversations, save_answers
     from bailong.generation import Sampling, generation_eos
     from bailong.hub import resolve
     from bailong.weights import load
@@ -188,10 +188,11 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
         # same (Ctrl-C, SIGTERM: a job scheduler's stop, a judge that fails)
         stopped = e
     if rows or stopped is None:
-        save_jsonl(Path(out), rows)
-        print(f"wrote {len(rows)} answered items to {out}", file=sys.stderr)
+        written = save_answers(Path(out), rows, whole=stopped is None)
+        kept = f" ({out} is as it was)" if written != Path(out) else ""
+        print(f"wrote {len(rows)} answered items to {written}{kept}", file=sys.stderr)
     if isinstance(stopped, BailongError):
-        written = f", written to {out}" if rows else ""
+        written = f", written to {written}" if rows else ""
         raise BailongError(f"{stopped}; {len(rows)} of the {len(items)} items answered{written}")
     if stopped is not None:
         raise stopped

@@ -1,5 +1,6 @@
 """chat.py end to end: one-shot answers, the interactive loop, clean exits."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_chat_goes_on():
 def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp_path, monkeypatch, capsys, fault):
     """Ctrl-C used to stop one answer, cut short and written as if whole, and the next question went on; SIGTERM
     (a job scheduler's stop) lost every answer; logits that are not finite end it in one line, the answers so far
-    kept too."""
+    kept too. Answers cut short never replace the file --overwrite names (a whole batch's answers were lost to
+    an empty file): they go beside it."""
     import json
 
     from bailong import conversation
@@ -100,17 +102,25 @@ def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp
         return generate_(*args, **kwargs)
     monkeypatch.setattr(conversation, "generate", generate)
     argv = ["--preset", "tiny", "--input", str(questions), "--output", str(answers), "--max-new-tokens", "3"]
-    if fault is KeyboardInterrupt:
-        assert chat.main(argv) == 130 and "interrupted: 1 of the 3 conversations answered" in capsys.readouterr().err
-    elif fault is Terminated:
-        with pytest.raises(Terminated):  # run_cli's exit 143, once the answers are written
-            chat.main(argv)
-        assert "terminated: 1 of the 3 conversations answered" in capsys.readouterr().err
-    else:
-        with pytest.raises(BailongError, match="not finite; 1 of the 3 conversations answered"):
-            chat.main(argv)
-    rows = [json.loads(line)["messages"] for line in answers.read_text().splitlines()]
-    assert len(calls) == 2 and [r[0]["content"] for r in rows] == ["one"]
+    earlier = None
+    for overwrite, written in [([], answers), (["--overwrite"], tmp_path / "a.partial.jsonl"),
+                               (["--overwrite"], tmp_path / "a.partial-2.jsonl")]:
+        calls.clear()
+        said = f"1 of the 3 conversations answered, written to {written}" + (
+            f" ({answers} is as it was)" if overwrite else "")
+        if fault is KeyboardInterrupt:
+            assert chat.main(argv + overwrite) == 130 and f"interrupted: {said}\n" in capsys.readouterr().err
+        elif fault is Terminated:
+            with pytest.raises(Terminated):  # run_cli's exit 143, once the answers are written
+                chat.main(argv + overwrite)
+            assert f"terminated: {said}\n" in capsys.readouterr().err
+        else:
+            with pytest.raises(BailongError, match=f"not finite; {re.escape(said)}$"):
+                chat.main(argv + overwrite)
+        rows = [json.loads(line)["messages"] for line in written.read_text().splitlines()]
+        assert len(calls) == 2 and [r[0]["content"] for r in rows] == ["one"]
+        assert answers.read_text() == (earlier or answers.read_text())
+        earlier = answers.read_text()
 
 
 def test_an_answer_cut_by_the_context_says_so(capsys):

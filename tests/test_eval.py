@@ -167,3 +167,9 @@ def test_sigterm_during_a_bench_keeps_the_items_answered(model_folder, tmp_path,
     with pytest.raises(Terminated):
         bench(model_folder, questions, tmp_path / "answers.jsonl", max_new_tokens=2)
     assert [json.loads(line)["turns"] for line in (tmp_path / "answers.jsonl").read_text().splitlines()] == [["one"]]
+    earlier, calls[:] = (tmp_path / "answers.jsonl").read_text(), []  # cut short again: beside the file, not over it
+    with pytest.raises(Terminated):
+        bench(model_folder, questions, tmp_path / "answers.jsonl", max_new_tokens=2, overwrite=True)
+    assert (tmp_path / "answers.jsonl").read_text() == earlier
+    assert [json.loads(line)["turns"] for line in (tmp_path / "answers.partial.jsonl").read_text().splitlines()] == [
+        ["one"]]
