@@ -14,7 +14,7 @@ Sampling defaults come from generation_config.json when present (read as transfo
 reads it). Older turns are left out of the prompt when the conversation would outgrow
 the context window (/save keeps them); the system prompt stays. Commands: /reset,
 /system TEXT, /save FILE (/save! FILE replaces a file), /exit (or Ctrl-D);
-Ctrl-C stops an answer, or exits at the prompt.
+Ctrl-C stops an answer; at the prompt it quits (asking first where a conversation would be lost).
 """
 import json
 import sys
@@ -164,16 +164,25 @@ def main(argv=None):
     print("Chat started. /exit or Ctrl-D to quit; /reset, /system TEXT, /save FILE.", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 must not take the lines after it with it
         sys.stdin.reconfigure(errors="surrogateescape")
+    asked = False  # Ctrl-C at the prompt quits, once asked where a conversation would be lost
     while True:
         try:
             text = input("\n> ").strip()
             text.encode("utf-8")  # bytes that are not UTF-8 were read as surrogate escapes, which do not encode
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:
+            print()
+            if asked or all(m["role"] == "system" for m in chat.messages):
+                return 0
+            print("(Ctrl-C again, Ctrl-D or /exit quits; /save FILE keeps the conversation)", file=sys.stderr)
+            asked = True
+            continue
         except UnicodeEncodeError:
             print("error: the line is not UTF-8 text", file=sys.stderr)
             continue
+        asked = False
         if not text:
             continue
         try:  # a mistake ends a command or an answer, never the conversation

@@ -237,6 +237,29 @@ def test_answers_to_an_output_that_cannot_hold_them_keep_every_character():
     assert answered["messages"][0] == question["messages"][0]
 
 
+def test_ctrl_c_at_the_prompt_asks_before_a_conversation_is_lost(monkeypatch, capsys, tmp_path):
+    """A second Ctrl-C (the first stopping an answer) quit at once, the conversation unsaved and gone."""
+    import builtins
+
+    def typed(*lines):
+        lines = iter(lines)
+
+        def input_(prompt=""):
+            line = next(lines)
+            if line is KeyboardInterrupt:
+                raise KeyboardInterrupt
+            return line
+        monkeypatch.setattr(builtins, "input", input_)
+    argv = ["--preset", "tiny", "--max-new-tokens", "2"]
+    typed(KeyboardInterrupt)  # nothing said yet: nothing to lose
+    assert chat.main(argv) == 0 and "Ctrl-C again" not in capsys.readouterr().err
+    typed("hi", KeyboardInterrupt, f"/save {tmp_path / 'chat.jsonl'}", KeyboardInterrupt, KeyboardInterrupt)
+    assert chat.main(argv) == 0
+    asked = "(Ctrl-C again, Ctrl-D or /exit quits; /save FILE keeps the conversation)"
+    assert capsys.readouterr().err.count(asked) == 2
+    assert (tmp_path / "chat.jsonl").is_file()
+
+
 def test_ctrl_c_in_a_one_shot_answer_exits_130_and_keeps_the_note_off_the_answer(monkeypatch, capsys):
     from bailong import conversation
 
