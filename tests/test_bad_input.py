@@ -177,8 +177,9 @@ def test_every_row_of_the_bad_input_table(command, answer, code, prepared, capsy
     for name in ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS"):  # the rows answer as the defaults do
         monkeypatch.delenv(name, raising=False)
     before = fingerprint(prepared)
-    command, _, stdin = command.partition(" <<< ")  # the text a user types, as in bash: <<< "line\nline"
-    stdin = shlex.split(stdin)[0].replace("\\n", "\n") if stdin else ""
+    command, _, stdin = command.partition(" <<< ")  # the text a user types, as in bash: <<< $'line\nline'
+    assert not stdin or re.fullmatch(r"\$'[^']*'", stdin), f"{stdin}: write it as bash reads it, $'...'"
+    stdin = stdin[2:-1].replace("\\n", "\n")
     argv = shlex.split(command)
     while re.fullmatch(r"[A-Z_]+=\S*", argv[0]):  # the environment, as in bash: NAME=value command
         monkeypatch.setenv(*argv.pop(0).split("=", 1))
