@@ -225,8 +225,9 @@ def main(argv=None):
     c.add_argument("--max-new-tokens", type=int, default=512)
     args = p.parse_args(argv)
     for name in ("max_chars", "max_new_tokens"):
-        if getattr(args, name, 1) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+        if getattr(args, name, 1) < 1:  # (its subcommand's --help lists it)
+            {"perplexity": a, "bench": c}[args.command].error(
+                f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.command == "perplexity":
         perplexity(args.model, args.text, args.max_chars)
     elif args.command == "tokenizers":

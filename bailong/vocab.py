@@ -271,13 +271,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "extend":
         if args.new_pieces < 1:
-            p.error(f"--new-pieces must be at least 1, not {args.new_pieces}")
+            e.error(f"--new-pieces must be at least 1, not {args.new_pieces}")
         if not 0 <= args.held_out < 1:
-            p.error(f"--held-out must be a share at least 0 and below 1, not {args.held_out}")
+            e.error(f"--held-out must be a share at least 0 and below 1, not {args.held_out}")
         extend(args.base, args.corpus, args.new_pieces, args.out, not args.all_pieces, args.held_out, args.overwrite)
     else:
         if args.max_chars < 1:
-            p.error(f"--max-chars must be at least 1, not {args.max_chars}")
+            c.error(f"--max-chars must be at least 1, not {args.max_chars}")
         compare_init(args.model, args.base_tokenizer, args.extended_tokenizer, args.text, args.max_chars)
     return 0
 
