@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bailong.layer_fused import _kept_attention, _kept_backward, attention_kernels
-from bench_model_gpu import cuda_time
+from bench_model_gpu import cuda_time, need_gpu
 
 KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -44,8 +44,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, nargs="+", default=[2048, 8192])
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_attention.py times SDPA's CUDA kernels: it needs a GPU")
+    need_gpu("bench_attention.py")
     names = {int(b): n for n, b in KERNELS.items()} | {int(SDPBackend.MATH): "math"}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
     for T in args.seq_len:

@@ -41,6 +41,7 @@ from bailong.nf4 import quantize
 from bailong_kernels.nf4_dequant import FMA, cdiv, launch_device
 from bailong_kernels.nf4_gemv import gemv, gemv_tile, gemv_tiles
 from bailong_kernels.nf4_gemv_at_end import _step_addresses, _step_words
+from bench_model_gpu import need_gpu
 from bench_nf4_matmul import L2_BYTES, SHAPES, checked, copy_bandwidth, graph_ms, wall_ms
 
 
@@ -156,6 +157,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
     args = p.parse_args()
+    need_gpu("bench_gemv_reads.py", args.tiny)
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float16 if args.tiny else torch.bfloat16
     # tiny: K a step and a partial one at the interpreter's 128 columns a step, rows past a whole tile

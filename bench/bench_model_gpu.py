@@ -21,6 +21,19 @@ from bailong.config import preset
 from bailong.generation import Sampling, generate
 
 
+def need_gpu(script, tiny=None):
+    """One line, not a traceback, where ``script`` cannot run here: its timings of CUDA kernels without a GPU, or
+    its CPU smoke run (``tiny``: True for --tiny, None for a script without one) outside Triton's interpreter,
+    which is chosen before Triton loads."""
+    if tiny and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit(f"--tiny runs the kernels in Triton's interpreter: TRITON_INTERPRET=1 python bench/{script} "
+                         "--tiny")
+    if not tiny and not torch.cuda.is_available():
+        raise SystemExit(f"{script} times CUDA kernels: it needs a GPU" + (" (--tiny: a smoke run on the CPU, "
+                                                                           "under TRITON_INTERPRET=1)" if tiny is False
+                                                                           else ""))
+
+
 def cuda_time(fn, repeat=5):
     """Median milliseconds of fn() over `repeat` runs after one warm-up, timed with CUDA events."""
     fn()
@@ -41,6 +54,7 @@ def main():
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--decode", type=int, default=256)
     args = p.parse_args()
+    need_gpu("bench_model_gpu.py")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = preset(args.preset)

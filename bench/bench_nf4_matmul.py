@@ -43,6 +43,7 @@ from bailong_kernels import nf4_gemv
 from bailong_kernels.dense_gemv import dense_tile, dense_tiles
 from bailong_kernels.nf4_gemv import GEMV_MAX_M, gemv, gemv_group, gemv_swiglu, gemv_tile, gemv_tiles
 from bailong_kernels.nf4_matmul import dequant_matmul
+from bench_model_gpu import need_gpu
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 L2_BYTES = 256 << 20  # copies of a weight fill at least this much: several times any GPU's L2
@@ -107,6 +108,7 @@ def main():
                    "step's tokens)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (under TRITON_INTERPRET=1)")
     args = p.parse_args()
+    need_gpu("bench_nf4_matmul.py", args.tiny)
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float16 if args.tiny else torch.bfloat16
     shapes, ms = ([(40, 128)], [1, 3]) if args.tiny else (SHAPES, [int(m) for m in args.m.split(",")])

@@ -10,25 +10,17 @@ bitsandbytes' CUDA values. Also times quantize/dequantize of a 4096 x 11008 matr
     python bench/check_nf4_cuda.py
 """
 
+import argparse
+
 import torch
 
 from bailong.nf4 import NF4Tensor, quantize
-
-
-def cuda_ms(fn, repeat=20):
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[repeat // 2]
+from bench_model_gpu import cuda_time, need_gpu
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    need_gpu("check_nf4_cuda.py")
     import bitsandbytes as bnb_module
     import bitsandbytes.functional as bnb
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes {bnb_module.__version__}")
@@ -61,7 +53,7 @@ def main():
                      ("bitsandbytes quantize_4bit", lambda: bnb.quantize_4bit(w, compress_statistics=True,
                                                                                quant_type="nf4")),
                      ("bitsandbytes dequantize_4bit", lambda: bnb.dequantize_4bit(packed, state))]:
-        ms = cuda_ms(fn)
+        ms = cuda_time(fn, repeat=20)
         print(f"4096 x 11008: {name:40s} {ms:8.3f} ms {n / ms / 1e6:8.2f} G elements/s")
 
 

@@ -33,6 +33,24 @@ def test_gemv_reads_script_runs_at_tiny_sizes():
     assert "its reads, no step ahead: fixed" in result.stdout and result.stdout.count("streamed by a fixed") == 2
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the scripts time their kernels")
+def test_the_gpu_scripts_say_in_one_line_what_they_need_here():
+    """Run without a GPU (or --tiny outside the interpreter) they ended in tracebacks: CUDA assertions, Triton's
+    "0 active drivers"; check_nf4_cuda.py --help ran the whole check."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    for script, args, said in [("check_nf4_cuda.py", [], "check_nf4_cuda.py times CUDA kernels: it needs a GPU"),
+                               ("bench_model_gpu.py", [], "bench_model_gpu.py times CUDA kernels: it needs a GPU"),
+                               ("bench_attention.py", [], "bench_attention.py times CUDA kernels: it needs a GPU"),
+                               ("bench_nf4_matmul.py", [], "it needs a GPU (--tiny: a smoke run on the CPU, under "
+                                                           "TRITON_INTERPRET=1)"),
+                               ("bench_gemv_reads.py", ["--tiny"], "--tiny runs the kernels in Triton's interpreter: "
+                                "TRITON_INTERPRET=1 python bench/bench_gemv_reads.py --tiny"),
+                               ("check_nf4_cuda.py", ["--help"], "usage: check_nf4_cuda.py [-h]")]:
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert said in result.stdout + result.stderr and "Traceback" not in result.stderr, (script, result.stderr)
+
+
 @pytest.mark.slow  # about a minute and a half on 2 cores: CI runs it after the README's test command
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA machine compiles the kernels in every GPU test")
 def test_every_kernel_configuration_compiles_for_hopper_and_ampere():
