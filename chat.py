@@ -138,8 +138,10 @@ def main(argv=None):
                 answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
         except (KeyboardInterrupt, Terminated, BailongError) as e:  # Ctrl-C, SIGTERM (a job scheduler's stop),
             stopped = e  # or the model's logits not finite: the answers so far are kept
+        written = None
         if args.output:
-            written = save_answers(Path(args.output), answered, whole=stopped is None)
+            if answered or stopped is None:  # (stopped before any answer: nothing written)
+                written = save_answers(Path(args.output), answered, whole=stopped is None)
         else:
             # JSON's escapes where the output cannot hold the text (an ASCII or cp1252 one): what it prints shows
             # "?" for what it cannot hold, and jsonl must keep every character
@@ -148,7 +150,7 @@ def main(argv=None):
         if stopped is None:
             return 0
         done = f"{len(answered)} of the {len(questions)} conversations answered"
-        if args.output:
+        if written:
             kept = f" ({args.output} is as it was)" if written != Path(args.output) else ""
             done += f", written to {written}{kept}"
         if isinstance(stopped, BailongError):

@@ -121,6 +121,17 @@ def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp
         assert len(calls) == 2 and [r[0]["content"] for r in rows] == ["one"]
         assert answers.read_text() == (earlier or answers.read_text())
         earlier = answers.read_text()
+    calls[:], said = [1], ""  # stopped before its first answer: no empty file beside the earlier one
+    capsys.readouterr()
+    if fault is KeyboardInterrupt:
+        assert chat.main(argv + ["--overwrite"]) == 130
+    else:
+        with pytest.raises((Terminated, BailongError)) as stopped:
+            chat.main(argv + ["--overwrite"])
+        said = str(stopped.value)
+    said += capsys.readouterr().err
+    assert "0 of the 3 conversations answered" in said and "written" not in said, said
+    assert not (tmp_path / "a.partial-3.jsonl").exists() and answers.read_text() == earlier
 
 
 def test_an_answer_cut_by_the_context_says_so(capsys):
