@@ -23,7 +23,7 @@ from bailong.files import atomic_folder
 from bailong.hub import resolve
 from bailong.outputs import model_file
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, read_run,
-                          release_lock, start_run)
+                          release_lock, seen, start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
 
@@ -53,6 +53,7 @@ def train(config):
         raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
                          "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
+    seen_before = seen(Path(config.out))  # checked again under the folder's lock: another run may train there meanwhile
     # a run an earlier version began (recording no runs.READING) goes on with the examples it began with
     as_begun = config.resume and bool(done_before) and "reading" not in (read_run(Path(config.out)) or {}).get(
         "inputs", {})
@@ -133,7 +134,7 @@ def train(config):
     check_context(config, model.config.max_position_embeddings)
     if main_process:  # the folder's lock: nothing was touched before this line
         found = fingerprints(config, items, base_folder, tokenizer)
-        prepare_output(config, found, say, new_tokenizer, world, done_before)
+        prepare_output(config, found, say, new_tokenizer, world, seen_before)
     if world > 1:
         dist.barrier()
 

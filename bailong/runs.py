@@ -107,13 +107,13 @@ LAYOUT = {  # what a run writes (the names above), as patterns: a folder's own l
 BEFORE_RUN_JSON = {r"\.lock": None, "cache": LAYOUT["cache"]}  # what a run writes before its run.json
 
 
-def _not_a_runs(folder: Path, layout=LAYOUT) -> list[str]:
+def _not_a_runs(folder: Path, layout=LAYOUT, written=None) -> list[str]:
     """What in ``folder`` no run writes, at any depth (``adapter/README.md``, ``checkpoints/step-4-good/``): a
     name outside the layout, a file where it has a folder or the reverse, a link. Temporary names of unfinished
-    writes are a run's."""
+    writes (of the layout's names, or of those in ``written``) are a run's."""
     found = []
     for p in sorted(folder.iterdir()):
-        if _temporary(p.name, layout):
+        if _temporary(p.name, written or layout):
             continue
         inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), False)
         name = p.name + "/" * p.is_dir()
@@ -228,7 +228,7 @@ def check_output(config, world=1, locked=False) -> int:
         raise _busy(out)
     run = read_run(out)
     if run is None:
-        if not _not_a_runs(out, BEFORE_RUN_JSON):
+        if not _not_a_runs(out, BEFORE_RUN_JSON, LAYOUT):  # (a run.json whose write was killed)
             return 0  # empty, or what a run stopped before its run.json left
         listed = ", ".join(_not_a_runs(out)[:3] + ["a run.json that is not ours"] * RunFolder(out).run_json.exists())
         raise UsageError(f"{out}: holds files that are not a training run ({listed or 'a run without its run.json'})"
@@ -299,20 +299,29 @@ def release_lock(out):
         lock.close()  # closing the file releases its flock
 
 
-def prepare_output(config, found: dict, say=print, learned=None, world=1, done=0) -> Path:
+def seen(out: Path) -> tuple:
+    """What a run training in ``out`` changes: the steps done, and run.json's, metrics.jsonl's and LATEST's times
+    and sizes; taken when ``check_output`` looks, compared once the lock is held (``prepare_output``)."""
+    folder = RunFolder(out)
+    return (steps_done(out), *((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
+                               for f in (folder.run_json, folder.metrics, folder.latest)))
+
+
+def prepare_output(config, found: dict, say=print, learned=None, world=1, before=(0, None, None, None)) -> Path:
     """The write side of ``check_output``, once the inputs are read: take the folder's lock, and check it again
-    (another process may have trained in it while this one loaded: ``done`` steps were done then); the run in
-    ``--out`` must have the same data and base (by ``fingerprints``), and the vocabulary it ``learned`` from them
-    that its checkpoints were trained with (another version may learn another from the same text). Then only
-    the token cache is written (``data.tokenize``) before ``start_run``."""
+    (another process may have trained in it while this one loaded: it was as ``before`` says, ``seen`` then);
+    the run in ``--out`` must have the same data and base (by ``fingerprints``), and the vocabulary it
+    ``learned`` from them that its checkpoints were trained with (another version may learn another from the
+    same text). Then only the token cache is written (``data.tokenize``) before ``start_run``."""
     out = Path(config.out)
     try:
         _take_lock(out)
     except OSError as e:
         raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
-    if (now := check_output(config, world, locked=True)) != done:
+    now = check_output(config, world, locked=True)
+    if seen(out) != before:
         raise BailongError(f"{out}: another process trained in this folder while this one was loading ({now} "
-                           f"steps done now, {done} before); run the command again")
+                           f"steps done now, {before[0]} before); run the command again")
     if leftovers := _leftovers(out):  # no process writes here but this one, now
         say(f"removing what a stopped process left unfinished in {out}: "
             + ", ".join(str(p.relative_to(out)) + "/" * p.is_dir() for p in leftovers))

@@ -54,14 +54,18 @@ def test_a_run_made_in_the_folder_while_this_one_loaded_is_left_whole(tmp_path, 
     for mine, other, expected in [
             (["--steps", "2", "--lr", "5e-4"], ["--steps", "2"], "holds a different run (--lr was 0.002, now 0.0005)"),
             (["--steps", "8", "--resume"], ["--steps", "6", "--resume"],
-             "another process trained in this folder while this one was loading (6 steps done now, 2 before)")]:
+             "another process trained in this folder while this one was loading (6 steps done now, 2 before)"),
+            (["--steps", "6", "--lr", "1e-3", "--overwrite"], ["--steps", "6", "--lr", "5e-4", "--overwrite"],
+             "another process trained in this folder while this one was loading (6 steps done now, 6 before)")]:
         before = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()}
         meanwhile.clear()
         monkeypatch.setattr(train, "prepare_output", partial(prepare_output, other=other))
         _, err = run_train(capsys, "--held-out", "0", "--out", out, *mine, code=1 if "another" in expected else 2)
         assert f"error: {out}: {expected}" in err, err
         after = {p.name: p.read_bytes() for p in out.glob("*") if p.is_file()}
-        assert after != before and json.loads(after["run.json"])["steps"] == int(other[1])  # the other's, whole
+        assert after != before and json.loads(after["run.json"])["options"]["lr"] == float(
+            other[other.index("--lr") + 1] if "--lr" in other else 2e-3)  # the other's, whole
+        assert json.loads(after["run.json"])["steps"] == int(other[1])
         assert [step for step, _ in losses(out)] == list(range(1, int(other[1]) + 1))
 
 
@@ -267,6 +271,12 @@ def test_what_a_killed_save_left_goes_on_resume_and_hidden_files_of_the_user_s_s
            "checkpoints/.step-0000003.4242.tmp/\n" in said
     assert not list(out.glob(".*.*")) and sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "LATEST", "step-0000002", "step-0000003"]
+    stopped = tmp_path / "stopped"  # killed as it wrote its run.json: a run's folder, not the user's
+    stopped.mkdir()
+    (stopped / ".lock").write_text("")
+    (stopped / ".run.json.4242.tmp").write_text('{"opt')
+    said, _ = run_train(capsys, "--steps", "1", "--held-out", "0", "--out", stopped)
+    assert f"removing what a stopped process left unfinished in {stopped}: .run.json.4242.tmp\n" in said
     for mine in (".adapter.old", "checkpoints/.notes.2024.old", ".adapter.4242.bak.tmp"):  # the user's
         (out / mine).write_text("the user's")
         _, err = run_train(capsys, "--steps", "3", "--overwrite", *args, code=2)
