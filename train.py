@@ -21,7 +21,7 @@ from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder
 from bailong.hub import resolve
-from bailong.outputs import model_file
+from bailong.outputs import check_model, model_file
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, read_run,
                           release_lock, seen, start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
@@ -52,6 +52,7 @@ def train(config):
     if world > 1 and not all(os.environ.get(n) for n in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
         raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
                          "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
+    check_model(config)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     seen_before = seen(Path(config.out))  # checked again under the folder's lock: another run may train there meanwhile
     # a run an earlier version began (recording no runs.READING) goes on with the examples it began with

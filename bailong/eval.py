@@ -103,7 +103,7 @@ def text_tokenizer(path):
     """The tokenizer a file, model folder or training output reads text with: a training output's, its adapter's
     grown vocabulary, else its base's, as loading it gives."""
     from bailong.hub import resolve
-    from bailong.runs import training_output
+    from bailong.outputs import training_output
     if (run := training_output(Path(path).expanduser())) is not None:
         return open_tokenizer(run[1]) or text_tokenizer(resolve(str(run[0]), weights=False))
     return tokenizer_found(open_tokenizer(path), path)

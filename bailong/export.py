@@ -27,8 +27,7 @@ from bailong.files import atomic_folder, atomic_write, check_output_file, check_
 from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
-from bailong.outputs import check_not_a_run
-from bailong.runs import training_output
+from bailong.outputs import check_not_a_run, training_output
 from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
 from bailong.weights import load, save
 

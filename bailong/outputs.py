@@ -1,10 +1,31 @@
-"""A training output read as a model (``runs.training_output``: its base and its adapter): its base's files,
-and the refusal of a run where a model folder is asked for."""
+"""A training output read as a model: its base and its adapter, its base's files, and the refusal of a run
+where a model folder is asked for (a run's folder and its layout: runs.py)."""
 from pathlib import Path
 
-from bailong.errors import BailongError
+from bailong.errors import BailongError, UsageError, read_json
 from bailong.hub import ADAPTER_CONFIG, resolve
-from bailong.runs import read_run, training_output
+from bailong.runs import RunFolder, read_run
+
+
+def training_output(folder: Path) -> tuple[str | Path, Path] | None:
+    """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
+    result = RunFolder(folder).result
+    if not (result / ADAPTER_CONFIG).is_file():
+        return None
+    run = folder.resolve()  # a run, or one of its checkpoints (run/checkpoints/step-N)
+    base = next((RunFolder(f).base for f in (run, run.parent.parent) if RunFolder(f).has_base()), None) \
+        or read_json(result / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not base:
+        raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
+                           "base_model_name_or_path in adapter/adapter_config.json)")
+    return base, result
+
+
+def check_model(config):
+    """--model (pre-training's base) must be a model, not a training output, which fine-tuning or an export takes."""
+    if config.model and training_output(Path(config.model).expanduser()):
+        raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
+                         f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
 
 
 def model_file(folder, name) -> Path | None:

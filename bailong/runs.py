@@ -31,7 +31,6 @@ from pathlib import Path
 
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_write, overlaps
-from bailong.hub import ADAPTER_CONFIG
 
 
 class RunFolder:
@@ -206,9 +205,6 @@ def check_output(config, world=1, locked=False) -> int:
     folder).
     """
     out = Path(config.out)
-    if config.model and training_output(Path(config.model).expanduser()):
-        raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
-                         f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
     own_base = config.resume and RunFolder(out).has_base() and steps_done(out)  # resumed whatever became of --init
     if config.stage == "sft" and not own_base and not Path(config.init).expanduser().is_dir():
         raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
@@ -382,20 +378,6 @@ def start_run(config, found: dict, world=1, say=print, cached=()):
     run = {"options": options(config, world), "inputs": found, "paths": paths, "steps": config.steps,
            "folder": str(out.resolve())}
     atomic_write(folder.run_json, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
-
-
-def training_output(folder: Path) -> tuple[str | Path, Path] | None:
-    """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
-    result = RunFolder(folder).result
-    if not (result / ADAPTER_CONFIG).is_file():
-        return None
-    run = folder.resolve()  # a run, or one of its checkpoints (run/checkpoints/step-N)
-    base = next((RunFolder(f).base for f in (run, run.parent.parent) if RunFolder(f).has_base()), None) \
-        or read_json(result / ADAPTER_CONFIG).get("base_model_name_or_path")
-    if not base:
-        raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
-                           "base_model_name_or_path in adapter/adapter_config.json)")
-    return base, result
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -23,9 +23,8 @@ from bailong.files import atomic_write
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
-from bailong.outputs import check_not_a_run
+from bailong.outputs import check_not_a_run, training_output
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
-from bailong.runs import training_output
 from bailong.tokenizer import byte_tokenizer, check_fits, open_tokenizer
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
