@@ -66,8 +66,8 @@ CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # to rounding, as the device's): a run may continue with other values; the inputs are compared by their
 # fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "save_every", "patience",
-                "model", "init", "data", "offload_activations", "keep_dequantized", "cuda_graph", "keep_attention",
-                "casts_by_layer", "offload_embedding", "cudnn_attention"}
+                "model", "init", "data", "checkpointing", "offload_activations", "keep_dequantized", "cuda_graph",
+                "keep_attention", "casts_by_layer", "offload_embedding", "cudnn_attention"}
 
 
 # how data._encode tokenizes a pre-training document: runs and token caches record it, and a run goes on only

@@ -5,6 +5,7 @@ import shutil
 from functools import partial
 
 import pytest
+import torch
 
 from bailong.training import SAMPLES, TrainConfig
 from train_runs import losses, run_train
@@ -95,11 +96,29 @@ def test_the_memory_and_speed_switches_do_not_make_another_run():
     for name in ("offload_activations", "keep_dequantized", "cuda_graph", "keep_attention", "casts_by_layer",
                  "offload_embedding", "cudnn_attention"):
         assert options(TrainConfig(**{name: True})) == options(TrainConfig()), name
+    for checkpointing in ("on", "off"):  # activation checkpointing recomputes the same (test below)
+        assert options(TrainConfig(checkpointing=checkpointing)) == options(TrainConfig())
     assert options(TrainConfig(bf16_grads=True)) != options(TrainConfig())
     assert options(TrainConfig(optimizer="adamw8bit")) != options(TrainConfig())
     assert options(TrainConfig(eval_batches=2)) != options(TrainConfig())  # the best kept: of one measure
     sft = options(TrainConfig(stage="sft"))  # the vocabulary's options are pre-training's (an SFT run of before
     assert "new_pieces" not in sft and "init_method" not in sft  # recorded them, and may have any value there)
+
+
+def test_a_run_goes_on_with_activation_checkpointing_switched(tmp_path, capsys):
+    """--checkpointing is a memory switch (a run out of memory goes on with it on; one with memory to spare, off):
+    the recomputation draws the same LoRA dropout masks, so the losses and the adapter are those of a run without
+    it, bit for bit on the CPU."""
+    args = ["--steps", "4", "--eval-every", "2", "--lora-dropout", "0.1"]
+    run_train(capsys, *args, "--out", tmp_path / "straight")
+    run_train(capsys, *args[2:], "--steps", "2", "--checkpointing", "on", "--out", tmp_path / "switched")
+    stdout, _ = run_train(capsys, *args, "--checkpointing", "off", "--out", tmp_path / "switched", "--resume")
+    assert "resumed from" in stdout
+    assert losses(tmp_path / "switched") == losses(tmp_path / "straight")
+    from safetensors.torch import load_file  # (tensors compared: the header's metadata comes in any order)
+    switched, straight = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors")
+                          for run in ("switched", "straight"))
+    assert switched.keys() == straight.keys() and all(torch.equal(switched[k], straight[k]) for k in switched)
 
 
 def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
