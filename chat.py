@@ -151,8 +151,7 @@ def main(argv=None):
             return 0
         done = f"{len(answered)} of the {len(questions)} conversations answered"
         if written:
-            kept = f" ({args.output} is as it was)" if written != Path(args.output) else ""
-            done += f", written to {written}{kept}"
+            done += f", written to {written}"
         if isinstance(stopped, BailongError):
             raise BailongError(f"{stopped}; {done}")
         if isinstance(stopped, Terminated):

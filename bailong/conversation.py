@@ -129,15 +129,17 @@ def save_jsonl(path: Path, rows):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def save_answers(path: Path, rows, whole=True) -> Path:
-    """Write answered conversations to ``path``, and return where they went: answers cut short (not ``whole``:
+def save_answers(path: Path, rows, whole=True) -> str:
+    """Write answered conversations to ``path``, and say where they went: answers cut short (not ``whole``:
     Ctrl-C, a scheduler's stop) never replace the file ``--overwrite`` would have replaced, but go beside it, to
     NAME.partial.jsonl (NAME.partial-2.jsonl where that is taken, and so on)."""
-    if not whole and path.exists():
-        names = (path.with_name(f"{path.stem}.partial{f'-{n}' if n > 1 else ''}{path.suffix}") for n in count(1))
-        path = next(name for name in names if not name.exists())
-    save_jsonl(path, rows)
-    return path
+    if whole or not path.exists():
+        save_jsonl(path, rows)
+        return str(path)
+    names = (path.with_name(f"{path.stem}.partial{f'-{n}' if n > 1 else ''}{path.suffix}") for n in count(1))
+    beside = next(name for name in names if not name.exists())
+    save_jsonl(beside, rows)
+    return f"{beside} ({path} is as it was)"
 
 
 def is_conversations(path) -> bool:

@@ -189,8 +189,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
         stopped = e
     if rows or stopped is None:
         written = save_answers(Path(out), rows, whole=stopped is None)
-        kept = f" ({out} is as it was)" if written != Path(out) else ""
-        print(f"wrote {len(rows)} answered items to {written}{kept}", file=sys.stderr)
+        print(f"wrote {len(rows)} answered items to {written}", file=sys.stderr)
     if isinstance(stopped, BailongError):
         written = f", written to {written}" if rows else ""
         raise BailongError(f"{stopped}; {len(rows)} of the {len(items)} items answered{written}")
