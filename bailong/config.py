@@ -72,7 +72,9 @@ class ModelConfig:
             if hf.get(k) is not None and not isinstance(hf[k], dict):
                 raise BailongError(f"{source}: {k} must be an object ({{\"rope_type\": ..., \"factor\": ...}}) "
                                    f"or null, not {hf[k]!r}")
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        # both (rope_scaling added to a newer config by hand): rope_scaling, as transformers reads it, and its theta
+        # where it gives one, else the top level's
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         kind = rope.get("rope_type", rope.get("type", "default"))
         if not isinstance(kind, str) or kind not in ROPE_SCALING:
             raise BailongError(f"{source}: unsupported rope scaling type {kind!r} (supported: "

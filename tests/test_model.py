@@ -66,6 +66,21 @@ def test_linear_rope_scaling_matches(tmp_path):
     ids = torch.randint(0, 300, (1, 50))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
+    # a config.json with both keys (rope_scaling added by hand, as older guides say, to transformers 5's
+    # rope_parameters): transformers reads rope_scaling, and its theta where it gives one, else the top level's
+    import json
+    hf_config = json.loads((folder / "config.json").read_text())
+    assert hf_config["rope_parameters"]["rope_type"] == "linear"
+    for theta in ({}, {"rope_theta": 500.0}):
+        hf_config.update(rope_parameters={"rope_type": "default", "rope_theta": 300.0},
+                         rope_scaling={"rope_type": "linear", "factor": 2.0, **theta})
+        (folder / "config.json").write_text(json.dumps(hf_config))
+        hf = LlamaForCausalLM.from_pretrained(folder).eval()
+        model, _ = bailong.load(folder, device="cpu")
+        assert model.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+        assert model.config.rope_theta == hf.config.rope_parameters["rope_theta"] == theta.get("rope_theta", 10000)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
 
 
 def test_kv_cache_chunks_equal_full_forward():
