@@ -31,7 +31,11 @@ FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
 def shards(folder: Path) -> dict[Path, list[str] | None]:
-    """Each weight file and the tensor names it should hold (None: whatever it holds)."""
+    """Each weight file and the tensor names it should hold (None: whatever it holds). A folder holding both
+    layouts (files copied in by hand) is read as transformers reads it: model.safetensors."""
+    single = folder / "model.safetensors"
+    if single.exists():
+        return {single: None}
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -47,9 +51,6 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
             if not file.exists():
                 raise BailongError(f"{index}: names shard {file.name}, which is missing")
         return files
-    single = folder / "model.safetensors"
-    if single.exists():
-        return {single: None}
     hint = " (pickled .bin weights are not loaded: convert them to safetensors)" \
         if any(folder.glob("*.bin")) else ""
     raise BailongError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")

@@ -1,4 +1,6 @@
 """Parity of our Llama with Hugging Face transformers, float32 on the CPU."""
+import shutil
+
 import pytest
 import torch
 from hf_models import write_hf
@@ -24,6 +26,13 @@ def test_logits_match_transformers(tmp_path, kind, sharded):
         torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
     if kind == "tied":
         assert model.lm_head.weight is model.model.embed_tokens.weight
+    if sharded:  # another model's single file copied in beside the shards: read, as transformers reads it
+        other, hf = write_hf(tmp_path / "other", kind, seed=1)
+        shutil.copy(other / "model.safetensors", folder)
+        model, _ = bailong.load(folder, device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), LlamaForCausalLM.from_pretrained(folder)(ids).logits, **TOL)
+            torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
 
 
 def test_gradients_match_transformers(tmp_path):
