@@ -47,6 +47,8 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
     if path.is_dir():
         raise UsageError(f"{path}: is a folder; {flag} names the file to write")
     if path.exists():
+        if not path.is_file():  # (before ``ours`` reads it: a pipe would wait for a writer)
+            raise UsageError(not_a_file(path))
         if not ours(path):
             raise UsageError(f"{path}: already exists and is not a {kind}; nothing was written "
                              f"(choose another {flag})")
@@ -54,6 +56,12 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
             raise UsageError(f"{path}: already exists; choose another {flag}, or pass --overwrite to replace it")
     check_writable(path)
     return path
+
+
+def not_a_file(path) -> str:
+    """The error for writing over what is not a file: /dev/null, a pipe, a socket. A rename would put a file in
+    its place (as root, in place of the system's /dev/null)."""
+    return f"{path}: is not a regular file (a device, a pipe or a socket); nothing was written"
 
 
 def check_writable(path: Path):
@@ -113,8 +121,11 @@ def _through_link(path) -> Path:
 
 def atomic_write(path, data):
     """Write ``data`` (bytes, str, or a function that writes a file at the path it is given) to ``path``
-    through a temporary file in the same folder, renamed into place only when complete."""
+    through a temporary file in the same folder, renamed into place only when complete; a file it replaces
+    keeps its permissions."""
     path = _through_link(path)
+    if path.exists() and not path.is_file():
+        raise BailongError(not_a_file(path))
     tmp = _beside(path, ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +137,8 @@ def atomic_write(path, data):
             _usual_mode(tmp)
         else:
             Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        if path.exists():  # a private file (0600) stays private
+            shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except BaseException as e:
         _failed(path, e, lambda: Path(tmp).unlink(missing_ok=True))

@@ -38,6 +38,13 @@ def test_an_output_file_is_never_an_input_a_folder_or_a_file_of_another_kind(tmp
             check_output_file(path, inputs, overwrite=path == base, ours=is_ours, kind="tokenizer")
     with pytest.raises(UsageError, match="not a tokenizer"):
         check_output_file(notes, {}, overwrite=True, ours=is_ours, kind="tokenizer")
+    pipe = tmp_path / "pipe"  # as /dev/null would be, as root: a rename would put a file in its place
+    os.mkfifo(pipe)
+    with pytest.raises(UsageError, match="pipe: is not a regular file"):  # refused before reading it (a wait)
+        check_output_file(pipe, {}, overwrite=True, ours=lambda p: pytest.fail("read the pipe"))
+    with pytest.raises(BailongError, match="pipe: is not a regular file"):
+        atomic_write(pipe, "x")
+    assert pipe.is_fifo()
     assert check_output_file(ours, inputs, overwrite=True, ours=is_ours) == ours
     assert check_output_file(tmp_path / "new.model", inputs) == tmp_path / "new.model"
 
@@ -50,6 +57,11 @@ def test_writes_are_whole_or_absent_with_the_usual_permissions(tmp_path):
     weights = tmp_path / "sub" / "model.safetensors"  # safetensors' own writer makes a private file (0600)
     atomic_write(weights, lambda tmp: save_file({"w": torch.ones(2)}, tmp))
     assert os.stat(weights).st_mode & 0o777 == 0o666 & ~current_umask()
+    for replaced in (target, weights):  # a file made private stays private when replaced
+        os.chmod(replaced, 0o600)
+        atomic_write(replaced, lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+        assert os.stat(replaced).st_mode & 0o777 == 0o600
+    atomic_write(target, b"second")
 
     def fails(tmp):
         open(tmp, "w").write("half")
