@@ -132,8 +132,10 @@ def template_in(config: dict, file) -> tuple[str, dict] | None:
     import jinja2
     try:
         _compiled(template)
-    except (jinja2.TemplateSyntaxError, TypeError) as e:
-        where = f"line {e.lineno}: {e.message}" if isinstance(e, jinja2.TemplateSyntaxError) else "not a string"
+    except (jinja2.TemplateSyntaxError, TypeError, RecursionError, MemoryError) as e:  # (nested too deep for the
+        # compiler; a constant it folds too large)
+        where = f"line {e.lineno}: {e.message}" if isinstance(e, jinja2.TemplateSyntaxError) else \
+            "not a string" if isinstance(e, TypeError) else f"it cannot be compiled: {type(e).__name__}"
         raise BailongError(f"{file}: chat_template is not a Jinja template ({where})") from None
     names = ("bos_token", "eos_token", "unk_token", "pad_token")
     return template, {name: token_text(config.get(name)) for name in names}

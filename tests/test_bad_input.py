@@ -126,7 +126,9 @@ def prepared(folder):
     for name, file, text in [("bad-generation", "generation_config.json", '{"temperature": -1}'),
                              ("bad-length", "generation_config.json", '{"max_new_tokens": "abc"}'),
                              ("bad-template", "tokenizer_config.json", '{"chat_template": "{{ messages[0] }"}'),
-                             ("template-list", "tokenizer_config.json", '{"chat_template": ["{{ messages[0] }}"]}')]:
+                             ("template-list", "tokenizer_config.json", '{"chat_template": ["{{ messages[0] }}"]}'),
+                             ("deep-template", "tokenizer_config.json",
+                              json.dumps({"chat_template": "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}"}))]:
         shutil.copytree(base, folder / name)
         (folder / name / file).write_text(text)
     shutil.copytree(base, folder / "no-tokenizer")
@@ -153,6 +155,7 @@ def prepared(folder):
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
     save(model, folder / "nan-model")
     shutil.copy(base / "tokenizer.model", folder / "nan-model")
+    os.mkfifo(folder / "pipe")  # as /dev/null is: no file to write over
     import fcntl
     busy = open(folder / "run-busy" / ".lock", "a")  # as a training process in that folder holds it
     fcntl.flock(busy, fcntl.LOCK_EX | fcntl.LOCK_NB)
