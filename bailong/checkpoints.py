@@ -85,9 +85,12 @@ def read_state(folder: Path) -> dict:
     """The optimizer and RNG states of a checkpoint; a one-line error if unreadable."""
     try:
         state = torch.load(folder / STATE, weights_only=True)
-        assert {"step", "optimizer", "rng"} <= set(state)
     except Exception as e:  # truncated (EOFError, RuntimeError), not ours (UnpicklingError), or missing
         raise BailongError(f"{folder / STATE}: unreadable ({type(e).__name__})") from None
+    if not (isinstance(state, dict) and {"step", "optimizer", "rng"} <= set(state) and type(state["step"]) is int
+            and state["step"] >= 0 and isinstance(state["optimizer"], dict)
+            and {"state", "param_groups"} <= set(state["optimizer"])):
+        raise BailongError(f"{folder / STATE}: not a checkpoint's state (its step, optimizer and RNG states)")
     return state
 
 
@@ -111,10 +114,14 @@ def resume(out: Path, model, optimizer, say=print, device=None, rank=0) -> int:
             state = read_state(candidate)
             load_adapter(model, RunFolder(candidate).result, complete=True)
             optimizer.load_state_dict(state["optimizer"])
-        except (BailongError, ValueError) as e:
+            set_rng_state(state["rng"], device, rank)
+        except BailongError as e:
             problems.append(str(e))
             continue
-        set_rng_state(state["rng"], device, rank)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # states that do not fit
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+            problems.append(f"{candidate / STATE}: does not fit this run ({reason})")
+            continue
         if problems:
             say(f"warning: {'; '.join(problems)}; resuming from {candidate.name} instead")
         return state["step"]

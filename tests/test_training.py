@@ -186,6 +186,25 @@ def test_a_gpus_random_state_is_saved_and_restored_on_the_training_device(monkey
     assert len(restored) == 4 and "cuda" not in rng_state("cpu")
 
 
+def test_resume_passes_over_a_state_that_reads_but_is_not_a_checkpoints(tmp_path, capsys):
+    """A state.pt that unpickles (safely) but holds other values: passed over with a warning, as a damaged one
+    (each ended in a traceback)."""
+    out = tmp_path / "run"
+    args = ["--save-every", "2", "--eval-every", "2", "--out", out]
+    run_train(capsys, *args, "--steps", "4")
+    shutil.copytree(out, tmp_path / "as-it-was")
+    state_file = out / "checkpoints" / "step-0000004" / "state.pt"
+    good = torch.load(state_file, weights_only=True)
+    for changed, said in [({"step": "4"}, "not a checkpoint's state"), ({"optimizer": {}}, "not a checkpoint's state"),
+                          ({"rng": {}}, "does not fit this run (KeyError: 'torch')"),
+                          ({"rng": {**good["rng"], "torch": torch.zeros(3)}}, "does not fit this run (TypeError")]:
+        torch.save({**good, **changed}, state_file)
+        stdout, _ = run_train(capsys, *args, "--steps", "5", "--resume")
+        assert f"warning: {state_file}: {said}" in stdout and "resuming from step-0000002 instead" in stdout, stdout
+        shutil.rmtree(out)
+        shutil.copytree(tmp_path / "as-it-was", out)
+
+
 def test_resume_falls_back_to_the_newest_checkpoint_that_reads(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--save-every", "5", "--eval-every", "5", "--new-pieces", "50", "--out", out]
