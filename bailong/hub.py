@@ -5,6 +5,7 @@ A command resolves each name it is given once, here, and passes the folder on;
 nothing. From the Hub only the files a command reads are fetched, never pickled
 ``.bin`` weights.
 """
+import glob
 import json
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, 
         shard_files = ["model.safetensors"]
         if index.exists():
             try:
-                shard_files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                # names, not patterns: a "*" in a repo's index would fetch every file
+                shard_files = sorted({glob.escape(f) for f in json.loads(index.read_text())["weight_map"].values()})
             except (ValueError, KeyError, AttributeError, TypeError):  # a broken index: loading says how
                 shard_files = ["*.safetensors"]
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))

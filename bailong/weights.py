@@ -46,6 +46,8 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
             raise BailongError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         files = {}
         for name, file in weight_map.items():
+            if Path(file).is_absolute() or ".." in Path(file).parts:
+                raise BailongError(f"{index}: names shard {file}, outside its folder")
             files.setdefault(folder / file, []).append(name)
         for file in files:
             if not file.exists():

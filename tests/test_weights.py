@@ -104,6 +104,12 @@ def test_index_naming_missing_shard(capsys, tmp_path):
         index.write_text(json.dumps(damaged))
         assert f"{index}: not a valid safetensors index (TypeError: weight_map is not an object of tensor names " \
                "and file names)" in cli_error(capsys, folder)
+    other = tmp_path / "elsewhere" / "model.safetensors"  # a shard outside the folder is not read
+    other.parent.mkdir()
+    shutil.copy(next(folder.glob("model-*.safetensors")), other)
+    for outside in (str(other), "../elsewhere/model.safetensors"):
+        index.write_text(json.dumps({"weight_map": {"model.norm.weight": outside}}))
+        assert f"{index}: names shard {outside}, outside its folder" in cli_error(capsys, folder)
 
 
 def test_index_naming_tensor_absent_from_shard(capsys, tmp_path):
@@ -200,6 +206,20 @@ def test_a_hub_repo_of_pickled_weights_alone_is_named_so(tmp_path, monkeypatch):
     with pytest.raises(BailongError, match="^someone/old-model: holds only pickled .bin weights, which are not "
                                            "loaded"):
         resolve("someone/old-model")
+
+
+
+def test_a_hub_index_names_the_files_fetched_not_patterns(tmp_path, monkeypatch):
+    """A "*" in a repo's index fetched every file of the repo (the names went to the Hub as patterns)."""
+    import huggingface_hub
+
+    from bailong.hub import resolve
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "*", "b": "m[1].st"}}))
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns, **kwargs: fetched.append(allow_patterns) or str(tmp_path))
+    resolve("someone/model")
+    assert fetched[-1] == ["[*]", "m[[]1].st"]
 
 
 def test_a_tied_config_with_another_stored_head_unties_as_transformers_does(tmp_path, capsys):
