@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
-from bailong.files import atomic_folder
+from bailong.files import atomic_folder, own_file
 from bailong.hub import resolve
 from bailong.outputs import check_model, model_file
 from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, read_run,
@@ -173,7 +173,7 @@ def train(config):
             for name in kept if config.stage == "sft" else ():  # the model's sampling, tokenizer settings and
                 # chat template (which it is fine-tuned in), where the tokenizer did not write them
                 if (source := model_file(config.init, name)) and not (folder / name).exists():
-                    shutil.copyfile(source, folder / name)
+                    shutil.copyfile(own_file(source), folder / name)
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":

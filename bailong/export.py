@@ -23,7 +23,7 @@ from bailong.adapter import read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.config import DTYPES
 from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
-from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps
+from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
 from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
@@ -100,7 +100,10 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     if format == "gguf":
         from bailong.export_gguf import write_gguf
         folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[2:4])), None)
-        settings = tokenizer_settings(folder) if folder else {}
+        settings = tokenizer_settings(folder) if folder else {}  # (its chat template goes into the file)
+        for name in TOKENIZER_FILES[2:5] if folder else ():
+            if (folder / name).exists():
+                own_file(folder / name)
         template = template_in(settings, folder and folder / TOKENIZER_FILES[2])  # one that does not parse: refused
         sampling, _ = model_sampling(next((f for f in folders if (f / GENERATION_CONFIG).exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
@@ -117,7 +120,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             source = next((f / name for f in ([tokenizer_folder] if name in TOKENIZER_FILES[:2] else folders)
                            if f and (f / name).exists()), None)
             if source:
-                shutil.copy(source, tmp / name)
+                shutil.copyfile(own_file(source), tmp / name)
         if (tmp / "tokenizer.model").exists() and not (tmp / "tokenizer_config.json").exists():
             llama2_settings(tmp)
     return out

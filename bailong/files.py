@@ -64,6 +64,19 @@ def not_a_file(path) -> str:
     return f"{path}: is not a regular file (a device, a pipe or a socket); nothing was written"
 
 
+def own_file(path) -> Path:
+    """``path``, a model folder's file that a command copies into its output; refused where it is a link out of
+    the folder (a link to ~/.cache/huggingface/token would go into an export, and be uploaded with it). A Hub
+    snapshot's links, into its repo's blobs, are its own."""
+    path = Path(path)
+    folder = path.parent.resolve()
+    root = folder.parents[1] if folder.parent.name == "snapshots" else folder
+    if root not in path.resolve().parents:
+        raise BailongError(f"{path}: is a link to {path.resolve()}, outside its folder, and is not copied from it (put "
+                           "the file itself in the folder)")
+    return path
+
+
 def check_writable(path: Path):
     """Refuse now, not after the work, a new file or folder ``path`` whose nearest existing folder (where it,
     or the folders above it, will be made) cannot be written."""

@@ -1,6 +1,7 @@
 """GGUF export: the file read back with the gguf package's reader, and run in llama.cpp itself."""
 import ctypes
 import json
+import os
 import re
 import shutil
 from unittest import mock
@@ -174,6 +175,12 @@ def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_lef
         export_main(["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "new.gguf")])
     assert (tmp_path / "model.gguf").read_bytes() == before  # the earlier file whole, no temporary file left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "model.gguf"]
+    (tmp_path / "token").write_text("hf_secret")  # a cloned folder's template: a link to the user's Hub token
+    (base / "tokenizer_config.json").unlink()
+    os.symlink(tmp_path / "token", base / "chat_template.jinja")
+    with pytest.raises(BailongError, match="chat_template.jinja: is a link to .*, outside its folder"):
+        export_main(["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "new.gguf")])
+    assert not (tmp_path / "new.gguf").exists()
 
 
 def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):

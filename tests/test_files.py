@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from bailong.errors import BailongError, UsageError
-from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps
+from bailong.files import atomic_folder, atomic_write, check_output_file, overlaps, own_file
 
 
 def test_overlaps_resolves_spellings_and_links(tmp_path):
@@ -116,6 +116,27 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_model_folders_file_linked_from_elsewhere_is_not_copied_out(tmp_path):
+    """A cloned model folder's link to the user's Hub token went into an export; links within the folder, and a Hub
+    snapshot's into its repo's blobs, are the folder's own."""
+    (tmp_path / "token").write_text("hf_secret")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text("{}")
+    os.symlink("generation_config.json", model / "inner.json")
+    os.symlink(tmp_path / "token", model / "special_tokens_map.json")
+    assert own_file(model / "generation_config.json") and own_file(model / "inner.json")
+    with pytest.raises(BailongError, match=f"special_tokens_map.json: is a link to {tmp_path / 'token'}, outside its "
+                                           "folder, and is not copied from it"):
+        own_file(model / "special_tokens_map.json")
+    snapshot = tmp_path / "models--a--b" / "snapshots" / ("0" * 40)
+    (tmp_path / "models--a--b" / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--a--b" / "blobs" / "1234").write_text("{}")
+    os.symlink("../../blobs/1234", snapshot / "config.json")
+    assert own_file(snapshot / "config.json")
 
 
 def test_a_write_to_a_link_goes_where_it_points_and_the_link_stays(tmp_path):

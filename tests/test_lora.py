@@ -1,5 +1,6 @@
 """LoRA against PEFT and against plain autograd; PEFT-format adapters both ways; merge and export."""
 import json
+import os
 
 import pytest
 import torch
@@ -151,6 +152,12 @@ def test_export_writes_a_merged_folder_transformers_loads(tmp_path, capsys):
         torch.testing.assert_close(merged(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
     err = cli_error_export(capsys, folder, tmp_path / "adapter", tmp_path / "merged", code=2)
     assert "merged: already exists" in err
+    (tmp_path / "token").write_text("hf_secret")  # a cloned folder's link to the user's Hub token
+    os.symlink(tmp_path / "token", folder / "special_tokens_map.json")
+    for out in ("merged2",):
+        assert "special_tokens_map.json: is a link to" in cli_error_export(capsys, folder, tmp_path / "adapter",
+                                                                          tmp_path / out)
+        assert not (tmp_path / out).exists()
 
 
 def cli_error_export(capsys, base, adapter, out, code=1):
