@@ -74,6 +74,28 @@ def fingerprint(folder) -> str | None:
     return None
 
 
+def stored_tensors(folder: Path) -> dict[str, tuple[Path, list[int], str]]:
+    """Each tensor of a checkpoint: its file, shape and dtype, from the files' headers (no tensor is read)."""
+    found = {}
+    for file in shards(folder):
+        try:
+            with safe_open(file, framework="pt") as f:
+                found |= {k: (file, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+        except SafetensorError as e:
+            raise BailongError(f"{file}: not a valid safetensors file ({e})") from None
+    return found
+
+
+def check_shapes(model: Llama, stored: dict):
+    """The shapes of the checkpoint's float tensors against those of ``model``, built on the meta device: checked
+    before memory is taken for it (a mistyped size in config.json asked for terabytes)."""
+    params = model.state_dict()
+    for name, (file, shape, dtype) in stored.items():
+        if name in params and dtype in FLOAT_DTYPES and shape != list(params[name].shape):
+            raise BailongError(f"{file}: tensor {name} has shape {shape}, config.json implies "
+                               f"{list(params[name].shape)}")
+
+
 def read_tensors(file: Path, names=None, allow_uint8=False):
     """Yield (name, tensor) from one safetensors file, checking names and dtypes first.
 
@@ -216,12 +238,18 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
         return load(run[0], dtype, device, revision, quantize, blocksize, double_quant, adapter=run[1])
     check_not_a_run(folder)
     config = ModelConfig.from_file(folder / "config.json")
+    stored = stored_tensors(folder)
+    held = 1 + max((int(m[1]) for k in stored if (m := re.match(r"model\.layers\.(\d+)\.", k))), default=-1)
+    if held < config.num_hidden_layers:  # (a mistyped number built layers for minutes)
+        raise BailongError(f"{folder / 'config.json'}: num_hidden_layers is {config.num_hidden_layers}, but the "
+                           f"checkpoint holds {held} layers")
     quantized = quantize == "nf4" or bnb_quantized(folder)
     with torch.device("meta"):
         model = Llama(config).to(dtype)
     if quantized:
         for name, m in projections(model):
             set_module(model, name, NF4Linear(m.in_features, m.out_features))
+    check_shapes(model, stored)
     load_weights(model, folder, device, quantize == "nf4", blocksize, double_quant).eval()
     if quantized:
         print(memory_report(model), file=sys.stderr)

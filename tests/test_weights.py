@@ -87,6 +87,18 @@ def test_tensor_of_wrong_shape(capsys, ckpt):
     assert f"{file}: tensor model.norm.weight has shape [65], config.json implies [64]" in err
 
 
+def test_sizes_config_json_mistypes_are_refused_before_memory_is_taken(capsys, ckpt):
+    """A config.json far larger than its checkpoint asked the machine for terabytes (a traceback), or built a
+    hundred million layers (minutes, memory growing): its sizes are checked against the files' headers first."""
+    config = json.loads((ckpt / "config.json").read_text())
+    for key, value, said in [("vocab_size", 10**12, "has shape [300, 64], config.json implies [1000000000000, 64]"),
+                             ("hidden_size", 4 * 10**6, "config.json implies"),
+                             ("intermediate_size", 10**11, "config.json implies [64, 100000000000]"),
+                             ("num_hidden_layers", 10**8, f"num_hidden_layers is {10**8}, but the checkpoint holds")]:
+        (ckpt / "config.json").write_text(json.dumps({**config, key: value}))
+        assert said in cli_error(capsys, ckpt), key
+
+
 def test_unexpected_and_non_float_tensors(capsys, ckpt):
     file = edit_weights(ckpt, lambda t: t.update({"model.layers.9.extra": torch.ones(3)}))
     assert f"{file}: unexpected tensor model.layers.9.extra" in cli_error(capsys, ckpt)
