@@ -68,6 +68,20 @@ def test_gradients_match_peft(tmp_path):
         torch.testing.assert_close(p.grad, theirs_params[peft_name(name)].grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_lora_starts_as_peft_s(tmp_path):
+    """The same matrices at zero (linear: B; embedding: A) and the others drawn alike (Kaiming-uniform, normal):
+    with A at zero instead, B would get no gradient at the first step."""
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    ours = lora_parameters(lora_model(folder))
+    theirs = dict(get_peft_model(LlamaForCausalLM.from_pretrained(folder), LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(ALL))).named_parameters())
+    for name, p in ours.items():
+        other = theirs[peft_name(name)]
+        assert p.shape == other.shape and bool(p.any()) == bool(other.any()), name
+        if p.any():
+            assert float(p.std()) == pytest.approx(float(other.std()), rel=0.2), name
+
+
 def peft_name(name):
     """Our parameter name as PEFT names it inside a PeftModel (adapter 'default')."""
     for part in ["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"]:

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 import torch
-from hf_models import write_hf
+from hf_models import hf_model, write_hf
 from transformers import LlamaForCausalLM
 
 import bailong
@@ -33,6 +33,22 @@ def test_logits_match_transformers(tmp_path, kind, sharded):
         with torch.no_grad():
             torch.testing.assert_close(model(ids), LlamaForCausalLM.from_pretrained(folder)(ids).logits, **TOL)
             torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
+
+
+def test_rope_theta_and_rms_norm_eps_are_the_config_s(tmp_path):
+    """Values of neither Llama 2's nor the fixture's defaults: a theta or epsilon left at a default shows (an
+    epsilon of 1e-2 outweighs the mean square of the embedding's rows, about 4e-4; attention far from uniform,
+    so that where RoPE puts each token matters)."""
+    hf = hf_model("gqa", rope_theta=500000.0, rms_norm_eps=1e-2)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    hf.save_pretrained(tmp_path / "model")
+    model, _ = bailong.load(tmp_path / "model", device="cpu")
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, **TOL)
 
 
 def test_gradients_match_transformers(tmp_path):

@@ -9,7 +9,7 @@ from bailong.generation import Sampling, generate, process_logits, seen_mask
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
 @pytest.mark.parametrize("s", [Sampling(0.7, 0, 1.0, 1.0), Sampling(1.0, 5, 1.0, 1.0), Sampling(1.0, 0, 0.8, 1.0),
-                               Sampling(1.0, 0, 1.0, 1.3), Sampling(0.6, 40, 0.9, 1.1)])
+                               Sampling(1.0, 0, 1.0, 1.3), Sampling(0.6, 40, 0.9, 1.1), Sampling(1.0, 1, 1.0, 1.0)])
 def test_logit_processing_matches_transformers(s):
     torch.manual_seed(0)
     logits = torch.randn(4, 100) * 3  # rows of their own: each its own top-k and top-p threshold
