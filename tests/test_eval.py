@@ -38,6 +38,25 @@ def test_perplexity_and_bits_per_character(model_folder, tmp_path):
     assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
+def test_a_text_longer_than_the_context_is_scored_token_by_token(tmp_path):
+    """Windows of the context's length sharing one token: every token after the first scored once, with all the
+    context before it in its window."""
+    from hf_models import write_hf
+
+    from bailong.eval import loss_per_char
+    from bailong.tokenizer import byte_tokenizer
+    folder, _ = write_hf(tmp_path, "gqa", max_position_embeddings=16)
+    model, _ = bailong.load(folder, device="cpu")
+    tokenizer, text = byte_tokenizer(), "abcdefghijklmnopqrstuvwxyz0123456789"
+    ids = tokenizer.encode(text, bos=True)
+    nll = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 15):
+            window = torch.tensor([ids[start:start + 16]])
+            nll -= model(window)[0, :-1].log_softmax(-1).gather(1, window[0, 1:, None]).sum().item()
+    assert len(ids) > 32 and loss_per_char(model, tokenizer, [text]) == pytest.approx(nll / len(text), rel=1e-5)
+
+
 def test_without_bos_every_token_is_scored_after_eos(tmp_path):
     """A tokenizer.json that begins no text with a bos: each text's first token went unscored, yet counted per
     token."""

@@ -32,6 +32,20 @@ def extended(tmp_path_factory):
     return Tokenizer(base), Tokenizer(out), out
 
 
+def test_the_most_frequent_new_characters_come_first():
+    """With room for fewer new characters than the corpus has, the most frequent are taken: each saves the most
+    tokens."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from bailong.tokenizer import byte_tokenizer
+    from bailong.vocab import extend_proto
+    trained = pb.ModelProto()
+    for char in "臺灣中":
+        trained.pieces.add(piece=char, score=0.0, type=pb.ModelProto.SentencePiece.NORMAL)
+    for room, expected in [(1, ["灣"]), (2, ["灣", "中"])]:
+        assert extend_proto(byte_tokenizer().proto(), trained, room, {"臺": 1, "灣": 5, "中": 3})[1] == expected
+
+
 def test_old_ids_keep_their_pieces_and_text_round_trips(extended):
     base, ext, _ = extended
     assert ext.vocab_size == 32600

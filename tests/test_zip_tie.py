@@ -131,6 +131,15 @@ def test_only_an_extension_of_the_base_is_taken(setup, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_a_grown_tied_model_stays_tied(tmp_path):
+    """One matrix for embedding and head, grown: still one (two would take twice the memory, and zip-tie-first's
+    head rows would differ from the embedding's, which transformers ties again as it loads the result)."""
+    folder, _ = write_hf(tmp_path, "tied")
+    model, _ = bailong.load(folder, device="cpu")
+    resize_vocab(model, 310)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape[0] == 310
+
+
 def test_a_padded_tied_vocabulary_keeps_the_new_rows_zip_tie_set(tmp_path, capsys):
     """A base with rows past its tokenizer's ids (padded for speed) and one matrix for embedding and head: the
     new pieces take the unused rows, the model does not grow, and the adapter still carries the embedding, so
