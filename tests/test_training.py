@@ -186,6 +186,35 @@ def test_a_gpus_random_state_is_saved_and_restored_on_the_training_device(monkey
     assert len(restored) == 4 and "cuda" not in rng_state("cpu")
 
 
+def test_each_micro_batch_of_a_run_takes_new_examples(tmp_path, capsys, monkeypatch):
+    """With --grad-accum, a step's micro-batches and the next step's are all other examples (overlapping, about
+    half the data would never be seen)."""
+    seen, batch = [], TokenData.batch
+
+    def recorded(self, indices):
+        seen.append(tuple(indices))
+        return batch(self, indices)
+    monkeypatch.setattr(TokenData, "batch", recorded)
+    run_train(capsys, "--steps", "2", "--grad-accum", "2", "--batch-size", "2", "--held-out", "0", "--out",
+              tmp_path / "run")
+    taken = [i for indices in seen for i in indices]
+    assert len(seen) == 4 and len(set(taken)) == 8, seen
+
+
+def test_the_held_out_loss_weighs_every_answer_token_alike(tmp_path, capsys):
+    """The held-out loss (which picks the adapter kept, and stops a run by --patience) is the mean over every
+    answer token: two conversations in two batches give what they give in one (a mean of the batches' means
+    would weigh a short answer's tokens more)."""
+    run_train(capsys, "--steps", "10", "--held-out", "0", "--out", tmp_path / "pre")  # losses far from uniform
+    held = []
+    for batches, size in [(2, 1), (1, 2)]:
+        out = tmp_path / f"sft-{batches}"
+        run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", "--steps", "1", "--eval-batches", batches,
+                  "--batch-size", size, "--out", out)
+        held.append(evals(out)[0])
+    assert held[0][0] == 0 and held[0][1] == pytest.approx(held[1][1], rel=1e-6), held
+
+
 def test_resume_passes_over_a_state_that_reads_but_is_not_a_checkpoints(tmp_path, capsys):
     """A state.pt that unpickles (safely) but holds other values: passed over with a warning, as a damaged one
     (each ended in a traceback)."""
