@@ -15,6 +15,7 @@ Two rules hold for every file a command writes:
 import contextlib
 import os
 import shutil
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -105,6 +106,10 @@ def _failed(target, error, clean_up):
     with contextlib.suppress(OSError):
         clean_up()
     if refused:
+        chained = error  # the writer's frames (torch.save's) hold the deleted file open, its disk space taken,
+        while chained is not None:  # until a garbage collection
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__context__
         raise write_failed(target, error if isinstance(error, OSError) else OSError(28, "No space left on device")) \
             from None
     raise error

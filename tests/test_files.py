@@ -1,4 +1,6 @@
 """bailong/files.py: outputs checked against inputs, and written whole or not at all (a real full disk too)."""
+import contextlib
+import gc
 import os
 import subprocess
 
@@ -115,6 +117,7 @@ def small_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
     yield disk
+    gc.collect()  # (whatever the test left open there)
     subprocess.run(["umount", str(disk)], check=True)
 
 
@@ -200,3 +203,8 @@ def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):
         with pytest.raises(BailongError, match=r": could not write \(No space left on device\)$"):
             write()
     assert os.listdir(small_disk) == ["LATEST"] and (small_disk / "LATEST").read_text() == "step-0000001"
+    held = []  # no file on the disk left open (torch.save's writer, kept by the error's frames, held its space)
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not [f for f in held if f.startswith(str(small_disk))], held
