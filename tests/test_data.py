@@ -209,6 +209,7 @@ def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path
     import subprocess
     import sys
     import time
+    from pathlib import Path
     script = ("import sys\nfrom bailong.data import tokenize\nfrom bailong.errors import run_cli\n"
               "from bailong.tokenizer import byte_tokenizer\n"
               "docs = [f'第 {i} 行 line {i} ' * 20 for i in range(200000)]\nprint('tokenizing', flush=True)\n"
@@ -216,7 +217,11 @@ def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path
     command = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache")], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     assert command.stdout.readline() == "tokenizing\n"
-    time.sleep(1.5)
+    children, waited = Path(f"/proc/{command.pid}/task/{command.pid}/children"), 0.0
+    while len(children.read_text().split()) < 2 and waited < 60:  # the workers at work (not a fixed wait: a busy
+        time.sleep(0.1)  # machine may start them late)
+        waited += 0.1
+    time.sleep(0.5)
     command.send_signal(signal.SIGTERM)
     _, err = command.communicate(timeout=60)  # once the workers too have closed their stderr
     assert command.returncode == -signal.SIGTERM and not (tmp_path / "cache").exists()  # stopped mid-way
