@@ -63,7 +63,7 @@ def test_code_tables_match_bitsandbytes_and_the_normal_quantiles():
 SHAPES = [(1,), (7,), (3, 5), (64, 64), (33, 64), (64, 96), (1, 4097), (130, 257)]
 
 
-@pytest.mark.parametrize("blocksize,double_quant", itertools.product(BLOCKSIZES, [False, True]))
+@pytest.mark.parametrize("blocksize,double_quant", list(itertools.product(BLOCKSIZES, [False, True])))
 def test_random_weights_of_many_shapes(blocksize, double_quant):
     torch.manual_seed(blocksize + double_quant)
     for shape, dtype in itertools.product(SHAPES, [torch.float32, torch.bfloat16, torch.float16]):
