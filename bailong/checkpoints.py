@@ -84,7 +84,9 @@ def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, b
 def read_state(folder: Path) -> dict:
     """The optimizer and RNG states of a checkpoint; a one-line error if unreadable."""
     try:
-        state = torch.load(folder / STATE, weights_only=True)
+        # on the CPU first: a run trained on a GPU goes on on the CPU, or on another GPU (the optimizer's states
+        # move to their parameters' device as they load)
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (EOFError, RuntimeError), not ours (UnpicklingError), or missing
         raise BailongError(f"{folder / STATE}: unreadable ({type(e).__name__})") from None
     if not (isinstance(state, dict) and {"step", "optimizer", "rng"} <= set(state) and type(state["step"]) is int
@@ -118,6 +120,8 @@ def resume(out: Path, model, optimizer, say=print, device=None, rank=0) -> int:
         except BailongError as e:
             problems.append(str(e))
             continue
+        except torch.OutOfMemoryError:  # the device's to mend, not the checkpoint's
+            raise
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:  # states that do not fit
             reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
             problems.append(f"{candidate / STATE}: does not fit this run ({reason})")

@@ -232,6 +232,16 @@ def test_resume_passes_over_a_state_that_reads_but_is_not_a_checkpoints(tmp_path
         assert f"warning: {state_file}: {said}" in stdout and "resuming from step-0000002 instead" in stdout, stdout
         shutil.rmtree(out)
         shutil.copytree(tmp_path / "as-it-was", out)
+    from torch import serialization  # a run trained on a GPU goes on on the CPU (it was refused as unreadable)
+    tag = serialization.location_tag
+    try:
+        serialization.location_tag = lambda storage: "cuda:0"  # as torch.save writes a GPU's tensors
+        torch.save(good, state_file)
+    finally:
+        serialization.location_tag = tag
+    assert b"cuda:0" in state_file.read_bytes()
+    stdout, _ = run_train(capsys, *args, "--steps", "5", "--resume")
+    assert "step-0000004 at step 4" in stdout and "warning" not in stdout, stdout
 
 
 def test_resume_falls_back_to_the_newest_checkpoint_that_reads(tmp_path, capsys):
