@@ -71,8 +71,8 @@ def own_file(path) -> Path:
     snapshot's links, into its repo's blobs, are its own."""
     path = Path(path)
     folder = path.parent.resolve()
-    root = folder.parents[1] if folder.parent.name == "snapshots" else folder
-    if root not in path.resolve().parents:
+    hub = folder.parent.name == "snapshots" and folder.parents[1].name.startswith("models--")
+    if not any(p in path.resolve().parents for p in [folder] + ([folder.parents[1] / "blobs"] if hub else [])):
         raise BailongError(f"{path}: is a link to {path.resolve()}, outside its folder, and is not copied from it (put "
                            "the file itself in the folder)")
     return path

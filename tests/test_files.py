@@ -140,6 +140,14 @@ def test_a_model_folders_file_linked_from_elsewhere_is_not_copied_out(tmp_path):
     (tmp_path / "models--a--b" / "blobs" / "1234").write_text("{}")
     os.symlink("../../blobs/1234", snapshot / "config.json")
     assert own_file(snapshot / "config.json")
+    os.symlink("../../../token", snapshot / "tokenizer_config.json")  # elsewhere from a snapshot, or from a folder
+    (tmp_path / "own" / "snapshots" / "m").mkdir(parents=True)  # that only looks like one
+    (tmp_path / "own" / "secret").mkdir()
+    (tmp_path / "own" / "secret" / "token").write_text("hf_secret")
+    os.symlink(tmp_path / "own" / "secret" / "token", tmp_path / "own" / "snapshots" / "m" / "config.json")
+    for outside in (snapshot / "tokenizer_config.json", tmp_path / "own" / "snapshots" / "m" / "config.json"):
+        with pytest.raises(BailongError, match="outside its folder"):
+            own_file(outside)
 
 
 def test_a_write_to_a_link_goes_where_it_points_and_the_link_stays(tmp_path):
