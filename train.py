@@ -28,6 +28,11 @@ from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_re
 from bailong.training import check_graph_step, check_on_device, parse_config
 
 
+# what a fine-tuning run's base keeps of its --init's files, where the tokenizer did not write them: the model's
+# sampling, tokenizer settings and chat template (which it is fine-tuned in)
+SFT_KEPT = ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def main(argv=None):
     config = parse_config(argv)
     try:
@@ -54,6 +59,9 @@ def train(config):
                          "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
     check_model(config)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
+    for name in SFT_KEPT if config.stage == "sft" else ():
+        if source := model_file(config.init, name):
+            own_file(source)  # not linked from elsewhere (a token file): it would be copied into the run
     seen_before = seen(Path(config.out))  # checked again under the folder's lock: another run may train there meanwhile
     # a run an earlier version began (recording no runs.READING) goes on with the examples it began with
     as_begun = config.resume and bool(done_before) and "reading" not in (read_run(Path(config.out)) or {}).get(
@@ -69,7 +77,6 @@ def train(config):
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
     from bailong.eval import tokens_per_char
-    from bailong.generation import GENERATION_CONFIG
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.lora_casts import use_casts_by_layer
@@ -77,7 +84,7 @@ def train(config):
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
-    from bailong.tokenizer import CHAT_TEMPLATE_FILE, byte_tokenizer, open_tokenizer, tokenizer_found
+    from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer, learning_message
     from bailong.weights import default_device, fingerprint, load, load_preset, save
     from bailong.zip_tie import extend_model
@@ -169,11 +176,9 @@ def train(config):
         with atomic_folder(run.base) as folder:
             save(model, folder)
             tokenizer.save(folder)
-            kept = (GENERATION_CONFIG, "tokenizer_config.json", "special_tokens_map.json", CHAT_TEMPLATE_FILE)
-            for name in kept if config.stage == "sft" else ():  # the model's sampling, tokenizer settings and
-                # chat template (which it is fine-tuned in), where the tokenizer did not write them
+            for name in SFT_KEPT if config.stage == "sft" else ():
                 if (source := model_file(config.init, name)) and not (folder / name).exists():
-                    shutil.copyfile(own_file(source), folder / name)
+                    shutil.copyfile(source, folder / name)
 
     # ---- QLoRA: a frozen NF4 base, LoRA on every projection, the embedding and the head ----------------
     if config.quantize == "nf4":

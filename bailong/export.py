@@ -86,6 +86,10 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     if adapter_folder:
         read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
     folders = [f for f in (adapter_folder, base_folder) if f]  # the adapter's tokenizer (an extended vocabulary) wins
+    for folder in folders:  # copied out, or (a chat template) into a GGUF file: none linked from elsewhere
+        for name in TOKENIZER_FILES:
+            if (folder / name).exists():
+                own_file(folder / name)
     for what, folder in [("the base model", base_folder), ("the adapter", adapter_folder),
                          ("the training output", run_folder)]:  # in a run: read as its base, or in its way
         if folder and overlaps(out, folder):
@@ -100,10 +104,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     if format == "gguf":
         from bailong.export_gguf import write_gguf
         folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[2:4])), None)
-        settings = tokenizer_settings(folder) if folder else {}  # (its chat template goes into the file)
-        for name in TOKENIZER_FILES[2:5] if folder else ():
-            if (folder / name).exists():
-                own_file(folder / name)
+        settings = tokenizer_settings(folder) if folder else {}
         template = template_in(settings, folder and folder / TOKENIZER_FILES[2])  # one that does not parse: refused
         sampling, _ = model_sampling(next((f for f in folders if (f / GENERATION_CONFIG).exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
@@ -120,7 +121,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
             source = next((f / name for f in ([tokenizer_folder] if name in TOKENIZER_FILES[:2] else folders)
                            if f and (f / name).exists()), None)
             if source:
-                shutil.copyfile(own_file(source), tmp / name)
+                shutil.copyfile(source, tmp / name)
         if (tmp / "tokenizer.model").exists() and not (tmp / "tokenizer_config.json").exists():
             llama2_settings(tmp)
     return out

@@ -121,6 +121,23 @@ def test_a_run_goes_on_with_activation_checkpointing_switched(tmp_path, capsys):
     assert switched.keys() == straight.keys() and all(torch.equal(switched[k], straight[k]) for k in switched)
 
 
+def test_a_fine_tuning_run_copies_no_file_linked_from_elsewhere(tmp_path, capsys):
+    """--init's chat template linked to the user's Hub token: refused before the work (it would be copied into the
+    run's base, and shared with it)."""
+    import os
+
+    import train
+    from bailong.generation import GENERATION_CONFIG
+    from bailong.tokenizer import CHAT_TEMPLATE_FILE
+    assert {GENERATION_CONFIG, CHAT_TEMPLATE_FILE} <= set(train.SFT_KEPT)
+    run_train(capsys, "--steps", "1", "--held-out", "0", "--out", tmp_path / "pre")
+    (tmp_path / "token").write_text("hf_secret")
+    os.symlink(tmp_path / "token", tmp_path / "pre" / "base" / CHAT_TEMPLATE_FILE)
+    _, err = run_train(capsys, "--stage", "sft", "--init", tmp_path / "pre", "--out", tmp_path / "sft", code=1)
+    assert f"{CHAT_TEMPLATE_FILE}: is a link to {tmp_path / 'token'}, outside its folder" in err
+    assert not (tmp_path / "sft").exists()
+
+
 def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, capsys, monkeypatch):
     import hashlib
     monkeypatch.chdir(tmp_path)
