@@ -240,9 +240,12 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     config = ModelConfig.from_file(folder / "config.json")
     stored = stored_tensors(folder)
     held = 1 + max((int(m[1]) for k in stored if (m := re.match(r"model\.layers\.(\d+)\.", k))), default=-1)
-    if any(k.startswith("layers.") for k in stored):  # (transformers would load it with a random head)
-        raise BailongError(f"{folder}: its tensors are named without 'model.' (layers.0...): a LlamaModel's "
-                           "checkpoint, without the LM head a LlamaForCausalLM's has")
+    if not held:  # named otherwise: a LlamaModel's (layers.0...: transformers would give it a random head), a DDP
+        # module's (module.model...), a PEFT model's state (base_model.model...)
+        name = min(stored, key=lambda k: (".layers." not in f".{k}", k), default="nothing")
+        bare = " (a LlamaModel's checkpoint, without the LM head)" if name.startswith("layers.") else ""
+        raise BailongError(f"{folder}: holds no tensor named model.layers.0... (it holds {name}){bare}: not a "
+                           "LlamaForCausalLM's checkpoint")
     if held < config.num_hidden_layers:  # (a mistyped number built layers for minutes)
         raise BailongError(f"{folder / 'config.json'}: num_hidden_layers is {config.num_hidden_layers}, but the "
                            f"checkpoint holds {held} layers")

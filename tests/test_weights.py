@@ -103,7 +103,11 @@ def test_unexpected_and_non_float_tensors(capsys, ckpt):
     file = edit_weights(ckpt, lambda t: t.update({"model.layers.9.extra": torch.ones(3)}))
     assert f"{file}: unexpected tensor model.layers.9.extra" in cli_error(capsys, ckpt)
     edit_weights(ckpt, lambda t: t.update({k.removeprefix("model."): t.pop(k) for k in list(t)}))  # a LlamaModel's
-    assert "its tensors are named without 'model.' (layers.0...): a LlamaModel's checkpoint" in cli_error(capsys, ckpt)
+    assert "holds no tensor named model.layers.0... (it holds layers.0.input_layernorm.weight) (a LlamaModel's " \
+           "checkpoint, without the LM head): not a LlamaForCausalLM's checkpoint" in cli_error(capsys, ckpt)
+    edit_weights(ckpt, lambda t: t.update({f"module.{k}": t.pop(k) for k in list(t)}))  # a DDP module's
+    assert "(it holds module.layers.0.input_layernorm.weight): not a LlamaForCausalLM" in cli_error(capsys, ckpt)
+    edit_weights(ckpt, lambda t: t.update({k.removeprefix("module."): t.pop(k) for k in list(t)}))
     edit_weights(ckpt, lambda t: t.update({f"model.{k}" if k != "lm_head.weight" else k: t.pop(k) for k in list(t)}))
     edit_weights(ckpt, lambda t: (t.pop("model.layers.9.extra"), t.update({"model.norm.weight": torch.ones(64).int()})))
     assert f"{file}: tensor model.norm.weight is I32" in cli_error(capsys, ckpt)
