@@ -24,8 +24,8 @@ ADAPTER_FILES = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.model", "tokenizer.
 def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, repo_type=None) -> Path:
     """A local folder, or the Hub snapshot of a repo id (token from $HF_TOKEN).
 
-    From the Hub we fetch only ``files``, then (with ``weights``) exactly the
-    safetensors files the index names: no pickled .bin weights, no duplicates.
+    From the Hub we fetch only ``files``, then (with ``weights``) model.safetensors, or where the repo has none
+    exactly the safetensors files its index names (transformers' order): no pickled .bin weights, no duplicates.
     """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
@@ -39,15 +39,15 @@ def resolve(path_or_repo_id: str, revision=None, files=HUB_FILES, weights=True, 
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=files, repo_type=repo_type))
         if not weights:
             return folder
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=["model.safetensors"]))
         index = folder / "model.safetensors.index.json"
-        shard_files = ["model.safetensors"]
-        if index.exists():
+        if index.exists() and not (folder / "model.safetensors").exists():
             try:
                 # names, not patterns: a "*" in a repo's index would fetch every file
                 shard_files = sorted({glob.escape(f) for f in json.loads(index.read_text())["weight_map"].values()})
             except (ValueError, KeyError, AttributeError, TypeError):  # a broken index: loading says how
                 shard_files = ["*.safetensors"]
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=shard_files))
         if not any(folder.glob("*.safetensors")) and any(f.endswith(".bin") for f in _files(repo, revision)):
             raise BailongError(f"{repo}: holds only pickled .bin weights, which are not loaded (convert them to "
                                "safetensors, or choose a repo that has them)")

@@ -238,7 +238,31 @@ def test_a_hub_index_names_the_files_fetched_not_patterns(tmp_path, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, allow_patterns, **kwargs: fetched.append(allow_patterns) or str(tmp_path))
     resolve("someone/model")
-    assert fetched[-1] == ["[*]", "m[[]1].st"]
+    assert fetched[-2:] == [["model.safetensors"], ["[*]", "m[[]1].st"]]
+
+
+def test_a_hub_repo_with_both_layouts_gives_its_single_file_as_transformers_does(tmp_path, monkeypatch):
+    """Its shards were fetched and loaded, other weights than transformers' (which fetches model.safetensors first),
+    and, once transformers had put model.safetensors in the same snapshot, the weights changed under the run."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from bailong.hub import resolve
+    repo, snapshot = tmp_path / "repo", tmp_path / "snapshot"
+    write_hf(repo, "gqa", shard_size="40KB")
+    write_hf(tmp_path / "single", "gqa", seed=1)
+    shutil.copy(tmp_path / "single" / "gqa" / "model.safetensors", repo / "gqa")
+
+    def snapshot_download(name, allow_patterns, **kwargs):  # what a real one keeps of the repo
+        snapshot.mkdir(exist_ok=True)
+        for file in (repo / "gqa").iterdir():
+            if any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                shutil.copy(file, snapshot)
+        return str(snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert sorted(p.name for p in resolve("someone/both").iterdir() if p.suffix == ".safetensors") == [
+        "model.safetensors"]
 
 
 def test_a_tied_config_with_another_stored_head_unties_as_transformers_does(tmp_path, capsys):
