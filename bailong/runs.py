@@ -62,9 +62,9 @@ class RunFolder:
 STATE = "state.pt"  # in a checkpoint, beside its adapter/: step, optimizer and RNG states
 CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # options that change neither the model nor the order of the data, nor what a step computes (the memory and
-# speed switches change how: on the CPU the same losses and gradients, bit for bit; the attention kernel, the same
-# to rounding, as the device's): a run may continue with other values; the inputs are compared by their
-# fingerprints instead of their paths
+# speed switches change how: on the CPU the same losses and gradients, bit for bit; the attention kernel, and on
+# CUDA activation checkpointing's fused layer, the same to rounding, as the device's): a run may continue with
+# other values; the inputs are compared by their fingerprints instead of their paths
 NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eval_every", "save_every", "patience",
                 "model", "init", "data", "checkpointing", "offload_activations", "keep_dequantized", "cuda_graph",
                 "keep_attention", "casts_by_layer", "offload_embedding", "cudnn_attention"}
