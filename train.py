@@ -218,7 +218,12 @@ def train(config):
     metrics = Metrics(run.metrics, run.plot, keep_until=start) if main_process else None
 
     # ---- summary --------------------------------------------------------------------------------------------
-    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * world
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * world  # SFT's padding included
+
+    def step_tokens(step):  # the real tokens of a step's inputs, every process's: SFT's padding left out
+        return sum(data.tokens(data.indices(step * config.grad_accum + micro, config.batch_size * world, config.seed))
+                   for micro in range(config.grad_accum))
+
     say(f"stage {config.stage}: {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, "
         f"vocabulary {model.config.vocab_size}, {device}, {world} process(es)")
     say(lora_summary(model))
@@ -235,8 +240,9 @@ def train(config):
     measured = min(held_out.n, config.eval_batches * config.batch_size * world) if held_out else 0
     part = f" (the held-out loss over the first {measured}: --eval-batches)" if held_out and measured < held_out.n \
         else ""
+    padding = f" ({1 - data.tokens() / (data.n * config.seq_len):.0%} of them padding)" if data.sft else ""
     say(f"data: {data.n} training and {held_out.n if held_out else 0} held-out examples of {config.seq_len} tokens"
-        f"{part}; {config.steps} steps of {tokens_per_step:,} tokens; memory {estimate_memory(model, config)}")
+        f"{part}; {config.steps} steps of {tokens_per_step:,} tokens{padding}; memory {estimate_memory(model, config)}")
     if data.cut:
         say(data.cut)
     if config.stage == "pretrain" and tokenizer.bos_id < 0 and tokenizer.eos_id < 0:
@@ -290,6 +296,7 @@ def train(config):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
+    fed = fed_at_start = sum(map(step_tokens, range(start))) if data.sft else start * tokens_per_step
     with GracefulStop(say, echoes=2.0 if "LOCAL_RANK" in os.environ else 0.0) as interrupt:  # under torchrun
         for step in bar:
             for group in optimizer.param_groups:
@@ -306,11 +313,11 @@ def train(config):
                 torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            done = step + 1
+            done, fed = step + 1, fed + step_tokens(step)
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(done - start) * tokens_per_step / elapsed:,.0f}")
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(fed - fed_at_start) / elapsed:,.0f}")
             if main_process:
-                metrics.log(step=done, loss=total, lr=lr_at(step, config), tokens=done * tokens_per_step)
+                metrics.log(step=done, loss=total, lr=lr_at(step, config), tokens=fed)
             if held_out and (done % config.eval_every == 0 or done == config.steps):
                 eval_loss = evaluate()
                 if main_process:

@@ -350,6 +350,15 @@ class TokenData:
         inputs, targets = zip(*(self.example(int(i)) for i in indices))
         return torch.stack(inputs), torch.stack(targets)
 
+    def tokens(self, indices=None) -> int:
+        """The real tokens of these examples' inputs (all of them without ``indices``): SFT's padding left out."""
+        indices = range(self.n) if indices is None else indices
+        if not self.sft:
+            return len(indices) * self.seq_len
+        i = self.conversations[np.asarray(indices, dtype=np.int64)]
+        offsets = np.asarray(self.offsets)
+        return int(np.minimum(offsets[i + 1] - offsets[i], self.seq_len).sum())
+
     def indices(self, step, batch_size, seed, rank=0, world=1):
         """The examples of one optimizer micro-step, the same on every run: each epoch is a
         seeded permutation, and each rank takes its own share of the global batch."""

@@ -139,6 +139,7 @@ def test_sft_says_how_much_of_the_answers_lies_past_the_sequence_length():
     inputs, targets = data.batch(range(data.n))
     assert inputs[2].tolist() == [30, 31, 32, 33, 0, 0, 0]
     assert (targets != -100).sum(1).tolist() == [4, 5, 2]  # 2 answer tokens past each of the first two
+    assert data.tokens([2, 0]) == 4 + 7 and data.tokens() == 7 + 7 + 4  # train.py's tokens/s: no padding
     assert data.cut == ("3 of 4 conversations of the training data are longer than 7 tokens; 1 whose answers all "
                         "begin past them are left out: 5 of the 16 answer tokens (31%) are never learned (raise "
                         "--seq-len to learn them)")

@@ -151,3 +151,22 @@ def test_resume_falls_back_to_the_newest_checkpoint_that_reads(tmp_path, capsys)
         (folder / "state.pt").write_bytes(b"")
     _, err = run_train(capsys, *args, "--steps", "16", "--resume", code=1)
     assert err.startswith(f"error: {out}/checkpoints: no checkpoint can be read (") and err.count("\n") == 1
+
+
+def test_sft_counts_its_real_tokens_and_a_resumed_run_goes_on_counting(tmp_path, capsys):
+    """SFT's tokens/s and metrics.jsonl's tokens counted padding (17% of the default's positions): they count
+    each step's real input tokens now, and a resumed run goes on from what the steps before it fed."""
+    import json
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--out", tmp_path / "pre")
+    sft = ["--stage", "sft", "--init", tmp_path / "pre", "--batch-size", "3", "--grad-accum", "2", "--held-out", "0"]
+    stdout, _ = run_train(capsys, *sft, "--steps", "4", "--out", tmp_path / "whole")
+    run_train(capsys, *sft, "--steps", "2", "--out", tmp_path / "part")
+    run_train(capsys, *sft, "--steps", "4", "--resume", "--out", tmp_path / "part")
+
+    def tokens(out):
+        return [json.loads(line).get("tokens") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    counted = tokens(tmp_path / "whole")
+    assert counted == tokens(tmp_path / "part") and len(counted) == 4, counted
+    steps = [b - a for a, b in zip([0] + counted, counted)]
+    assert all(0 < s < 3 * 2 * 128 for s in steps) and len(set(steps)) > 1, steps  # padding left out
+    assert "% of them padding)" in stdout
