@@ -175,8 +175,10 @@ def read_run(out: Path) -> dict | None:
 
 
 def _differences(before: dict, now: dict) -> str:
-    """The options that differ, as a message; an option the run did not record (an older run) is not compared."""
-    names = [k for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    """The options that differ, as a message; an option the run did not record (an older run) is not compared, nor
+    a --precision the run began with auto (the device's: it may go on naming one, which it then records)."""
+    names = [k for k in sorted(set(before) & set(now))
+             if before[k] != now[k] and not (k == "precision" and before[k] == "auto")]
     return "; ".join(f"it was trained by {before[k]} process(es), now {now[k]}" if k == "processes" else
                      f"--{k.replace('_', '-')} was {before[k]!r}, now {now[k]!r}" for k in names[:3])
 

@@ -354,3 +354,19 @@ def test_a_run_an_earlier_version_began_goes_on_as_it_began_or_not_at_all(tmp_pa
     assert int(out.split("data: ")[1].split()[0]) > kept and "left out" not in out
     assert "reading" not in json.loads(run_json.read_text())["inputs"]  # and so on, each time it goes on
     assert [s for s, _ in losses(tmp_path / "sft")] == [1, 2, 3]
+
+
+def test_a_run_begun_with_precision_auto_goes_on_with_the_precision_named(tmp_path, capsys):
+    """--precision auto takes the device's (float32 here): naming it on resuming was refused as another run. The
+    precision named is then the run's: two precisions named are still two runs, and a run begun with one named
+    does not go on with auto (nor, through auto, with another)."""
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--out", tmp_path / "auto")
+    stdout, _ = run_train(capsys, "--steps", "3", "--held-out", "0", "--precision", "fp32", "--resume", "--out",
+                          tmp_path / "auto")
+    assert "resumed from" in stdout
+    _, stderr = run_train(capsys, "--steps", "4", "--held-out", "0", "--resume", "--out", tmp_path / "auto", code=2)
+    assert "holds a different run (--precision was 'fp32', now 'auto')" in stderr
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--precision", "bf16", "--out", tmp_path / "bf16")
+    _, stderr = run_train(capsys, "--steps", "3", "--held-out", "0", "--precision", "fp32", "--resume", "--out",
+                          tmp_path / "bf16", code=2)
+    assert "holds a different run (--precision was 'bf16', now 'fp32')" in stderr
