@@ -283,6 +283,25 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
         data_paths(["bailong-tests/corpus"], (".jsonl",))  # SFT's: its .txt is no conversation
 
 
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_tokenizing_workers_started_afresh_or_from_a_server_give_what_one_process_gives(start, tmp_path, monkeypatch):
+    """Python 3.14 starts a pool's workers from a server process (forkserver), macOS and Windows afresh (spawn),
+    where Linux's older Pythons fork: what a worker is given (the tokenizer, the chat template) travels pickled."""
+    import multiprocessing
+
+    from bailong import data
+    from bailong.tokenizer import byte_tokenizer
+    monkeypatch.setattr(data, "Pool", multiprocessing.get_context(start).Pool)
+    docs = [f"第 {i} 行 line {i}" for i in range(2000)]
+    chats = [[{"role": "user", "content": f"問 {i}"}, {"role": "assistant", "content": f"答 {i}"}] for i in range(2000)]
+    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token if m.role == 'assistant' }}\n"
+                "{% endfor %}{{ 'assistant: ' if add_generation_prompt }}", {"eos_token": "</s>"})
+    for items, template in [(docs, None), (chats, template)]:
+        tokenized = [data.tokenize(byte_tokenizer(), items, tmp_path / f"{start}-{workers}", workers, template)
+                     for workers in (2, 1)]
+        assert all(a.tolist() == b.tolist() for a, b in zip(*tokenized) if a is not None)
+
+
 def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
     """A pool shut down by an exception can wait forever on a worker stopped mid-send: while it tokenizes, the
     command (its SIGTERM handler set, as every command's is) ends at once, as by default."""
