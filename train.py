@@ -22,8 +22,8 @@ from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder, own_file
 from bailong.hub import resolve
 from bailong.outputs import check_model, model_file
-from bailong.runs import (RunFolder, check_output, fingerprints, latest_checkpoint, prepare_output, read_run,
-                          release_lock, seen, start_run)
+from bailong.runs import (RunFolder, check_output, fingerprints, prepare_output, read_run, release_lock, seen,
+                          start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
 
@@ -256,6 +256,14 @@ def train(config):
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             return (ddp_model if ddp else model)(inputs.to(device), targets=targets.to(device))
 
+    def diverged(what, n):  # the error for a loss or gradient that is not finite, from the weights after n steps
+        if n == 0:
+            return BailongError(f"{what}, from the weights loaded: the model "
+                                f"({config.model or config.init or 'the embedded default'}) gives no finite loss")
+        good = [f"the last checkpoint before: {c}; " for c in RunFolder(out).saved() if int(c.name[5:]) < n]
+        return BailongError(f"{what}: the run diverged, stopped ({(good or [''])[-1]}a lower --lr, or a longer "
+                            "--warmup, keeps a run from diverging: begin again, in another --out)")
+
     def leave(code):  # the exit status; under torchrun every process goes at once, and DDP before its group
         if world == 1:
             return code
@@ -290,6 +298,8 @@ def train(config):
     # ---- training loop: the result (adapter/) is the adapter with the best held-out loss ---------------------
     if held_out and start == 0:  # where the untrained model stands, to compare with
         untrained = evaluate()
+        if not math.isfinite(untrained):
+            raise diverged(f"the held-out loss is {untrained}", 0)
         if main_process:
             metrics.log(step=0, eval_loss=untrained, eval_ppl=math.exp(min(untrained, 50)))
     best, best_step, since_best = held_out_record([r for r in metrics.rows if r["step"] > 0] if metrics else [])
@@ -303,14 +313,15 @@ def train(config):
                 group["lr"] = lr_at(step, config)
             batches = [data.batch(data.indices(step * config.grad_accum + micro, config.batch_size, config.seed,
                                                rank, world)) for micro in range(config.grad_accum)]
-            total = step_loss(*map(torch.stack, zip(*batches))).item()  # the one wait for the device a step
-            if not math.isfinite(total):
-                raise BailongError(f"the loss is {total} at step {step + 1}; stopped (last good checkpoint: "
-                                   f"{latest_checkpoint(out) or 'none'})")
-            if bf16_grads:  # clipped and stepped a group of LoRA weights at a time
-                bf16_grads.step(optimizer, trainable, config.grad_clip)
+            loss = step_loss(*map(torch.stack, zip(*batches)))
+            norm = (bf16_grads.clip if bf16_grads else torch.nn.utils.clip_grad_norm_)(trainable, config.grad_clip)
+            total, norm = torch.stack([loss, norm.double()]).tolist()  # the one wait for the device a step
+            if not math.isfinite(total + norm):  # the weights stay as they were: no NaN is stepped into them
+                raise diverged(f"the {'loss' if not math.isfinite(total) else 'gradient norm'} is "
+                               f"{total if not math.isfinite(total) else norm} at step {step + 1}", step)
+            if bf16_grads:  # stepped a group of LoRA weights at a time
+                bf16_grads.step(optimizer, trainable)
             else:
-                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             done, fed = step + 1, fed + step_tokens(step)
@@ -320,6 +331,8 @@ def train(config):
                 metrics.log(step=done, loss=total, lr=lr_at(step, config), tokens=fed)
             if held_out and (done % config.eval_every == 0 or done == config.steps):
                 eval_loss = evaluate()
+                if not math.isfinite(eval_loss):  # never kept as the result, nor logged (JSON has no NaN)
+                    raise diverged(f"the held-out loss is {eval_loss} after step {done}", done)
                 if main_process:
                     metrics.log(step=done, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     metrics.plot()
@@ -341,7 +354,13 @@ def train(config):
                 interrupted = bool(flags[0])
                 stopped = stopped or ("rank 0 stopped early" if flags[1] else None)
             if not held_out and main_process and done == config.steps:  # the result, then its checkpoint: a
-                save_result(run.result, model, lora, tokenizer, base_name)  # kill between leaves a run to resume
+                with torch.no_grad():  # kill between leaves a run to resume; the last step's weights checked first
+                    model.eval()
+                    last = loss_of(*batches[-1], ddp=False).item()
+                    model.train()
+                if not math.isfinite(last):
+                    raise diverged(f"the loss is {last} after the last step", done)
+                save_result(run.result, model, lora, tokenizer, base_name)
             if done % config.save_every == 0 or done == config.steps or stopped or interrupted:
                 rng = rng_states(device, world)  # every process's
                 if main_process:

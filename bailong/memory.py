@@ -313,6 +313,7 @@ class BF16Grads:
         self.params = [p for m in model.modules() if isinstance(m, LoRALinear) and m is not model.lm_head
                        for p in (m.lora_A.weight, m.lora_B.weight) if p.requires_grad]
         self.kept = {}  # parameter -> its gradient in bf16
+        self.scale = None  # clip's, for the kept gradients at the step
         self.hooks = [p.register_post_accumulate_grad_hook(self._narrow) for p in self.params]
 
     @property
@@ -331,27 +332,32 @@ class BF16Grads:
             hook.remove()
 
     @torch.no_grad()
+    def clip(self, params, max_norm):
+        """Clip the gradients of ``params`` (kept here, or in ``.grad``) to the global norm ``max_norm`` as
+        ``clip_grad_norm_`` does: those in ``.grad`` now, the kept ones as ``step`` widens them. Returns their norm
+        (read it before stepping: a norm that is not finite makes every gradient NaN)."""
+        grads = [g for p in params if (g := self.kept.get(p, p.grad)) is not None]
+        norms = [None] * len(grads)  # each gradient's, in float32, stacked in the order clip_grad_norm_ does
+        for dtype in {g.dtype for g in grads}:
+            at = [i for i, g in enumerate(grads) if g.dtype == dtype]
+            for i, n in zip(at, torch._foreach_norm([grads[i] for i in at], 2.0, dtype=torch.float32)):
+                norms[i] = n
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        self.scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(self.scale)
+        return norm
+
+    @torch.no_grad()
     def step(self, optimizer, params, max_norm=None):
-        """Clip the gradients of ``params`` (kept here, or in ``.grad``) to the global norm ``max_norm`` (None:
-        not clipped) as ``clip_grad_norm_`` does, step ``optimizer`` over them and let them all go. Returns their
-        norm (None where not clipped)."""
-        grads = [(p, self.kept.get(p, p.grad)) for p in params]
-        grads = [(p, g) for p, g in grads if g is not None]
+        """Step ``optimizer`` over ``params``' gradients, clipped first to the global norm ``max_norm`` where it is
+        given (else as ``clip`` left them, or not at all), a group of weights at a time, and let them all go.
+        Returns their norm where ``max_norm`` is given."""
+        norm = self.clip(params, max_norm) if max_norm is not None else None
+        scale, self.scale = self.scale, None
+        narrowed = collections.deque((p, g) for p in params if p.grad is None and (g := self.kept.get(p)) is not None)
         self.kept = {}
-        norm = scale = None
-        if max_norm is not None and grads:
-            norms = [None] * len(grads)  # each gradient's, in float32, stacked in the order clip_grad_norm_ does
-            for dtype in {g.dtype for _, g in grads}:
-                at = [i for i, (_, g) in enumerate(grads) if g.dtype == dtype]
-                for i, n in zip(at, torch._foreach_norm([grads[i][1] for i in at], 2.0, dtype=torch.float32)):
-                    norms[i] = n
-            norm = torch.linalg.vector_norm(torch.stack(norms))
-            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        narrowed = collections.deque((p, g) for p, g in grads if p.grad is None)  # the hook let their .grad go
-        del grads
         while True:  # the gradients in .grad step in the first call, beside the first group of the narrowed ones
             size = 0
             while narrowed and (size == 0 or size + 4 * narrowed[0][0].numel() <= self.GROUP_BYTES):

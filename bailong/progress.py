@@ -29,7 +29,7 @@ def held_out_record(rows) -> tuple:
     evals = [(r["eval_loss"], r["step"]) for r in rows if "eval_loss" in r]
     if not evals:
         return None, None, 0
-    best = min(range(len(evals)), key=lambda i: (evals[i][0], i))
+    best = min(range(len(evals)), key=lambda i: (math.isnan(evals[i][0]), evals[i][0], i))  # (an older run's NaN)
     return evals[best][0], evals[best][1], len(evals) - 1 - best
 
 
@@ -166,11 +166,12 @@ def summary(rows, done, stopped, run, best_step, held_out) -> str:
         lines[-1] += (f"; held-out loss {evals[0][1]:.4f} at step {evals[0][0]} -> {evals[-1][1]:.4f} at step "
                       f"{evals[-1][0]}, best {best:.4f} at step {best_step}")
         if evals[0][0] == 0 and best >= evals[0][1]:  # and its own loss: not learned; else memorised
+            own, began = sum(last) / len(last), sum(first) / len(first)  # the training loss's
             lines.append("warning: training never lowered the held-out loss" + (
-                ", nor its own: the run did not learn (a --lr too high makes it diverge: try a lower one)"
-                if sum(last) / len(last) >= sum(first) / len(first) else ": the run memorised its data rather "
-                "than learned (more data, fewer steps or a lower --lr)") + "; the adapter kept does worse on it "
-                "than none")
+                ": the run memorised its data rather than learned (more data, fewer steps or a lower --lr)"
+                if own < min(began, evals[-1][1]) else (", nor its own" if own >= began else ", and its own no lower "
+                "than it (a run collapsed to outputs that fit nothing)") + ": the run did not learn (a --lr too "
+                "high makes it diverge: try a lower one)") + "; the adapter kept does worse on it than none")
         result = f"the adapter of step {best_step}, best on held-out data"
     else:
         why = "--held-out 0" if not held_out else "too few documents to keep any apart"

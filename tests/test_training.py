@@ -200,10 +200,15 @@ def test_the_closing_means_are_of_steps_apart_in_a_short_run(tmp_path):
     assert "training loss 4.5000 -> 1.5000 (means of the first and last 2 steps)" in summary(
         rows, 5, None, RunFolder(tmp_path), None, 0)
     # a held-out loss never lowered: memorised where the training loss fell, not learned where it rose too (it
-    # said "memorised" of a run a high --lr made diverge)
+    # said "memorised" of a run a high --lr made diverge), or where it fell from a spike only to the held-out
+    # loss (a run collapsed to uniform outputs, ln 260 on any data)
     evals = [{"step": 0, "eval_loss": 4.0}, {"step": 5, "eval_loss": 4.5}]
-    for trained, said in [([5.0, 4.0, 3.0, 2.0, 1.0], ": the run memorised its data rather than learned"),
-                         ([5.0, 6.0, 7.0, 7.0, 8.0], ", nor its own: the run did not learn (a --lr too high")]:
+    collapsed = [{"step": 0, "eval_loss": 5.559}, {"step": 5, "eval_loss": 5.5607}]
+    for trained, said, evals in [
+            ([5.0, 4.0, 3.0, 2.0, 1.0], ": the run memorised its data rather than learned", evals),
+            ([5.0, 6.0, 7.0, 7.0, 8.0], ", nor its own: the run did not learn (a --lr too high", evals),
+            ([5.57, 11794.0, 5.5607, 5.5607, 5.5607], ", and its own no lower than it (a run collapsed to outputs "
+             "that fit nothing): the run did not learn (a --lr too high", collapsed)]:
         text = summary([{"step": i + 1, "loss": x} for i, x in enumerate(trained)] + evals, 5, None,
                        RunFolder(tmp_path), 5, 0.1)
         assert f"warning: training never lowered the held-out loss{said}" in text
@@ -311,3 +316,48 @@ def test_bf16_gradients_and_casts_by_layer_train_as_without(tmp_path, capsys, mo
         assert evals(tmp_path / name) == evals(tmp_path / "float32")
         assert saved[name].keys() == saved["float32"].keys()
         assert all(torch.equal(saved[name][k], saved["float32"][k]) for k in saved[name])
+
+
+@pytest.mark.parametrize("held_out, grads", [("0.1", []), ("0", []), ("0.1", ["--precision", "bf16", "--bf16-grads"])])
+def test_a_run_that_diverges_stops_before_a_nan_reaches_its_weights_or_its_result(held_out, grads, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """One gradient that overflowed (the loss finite) was stepped into every weight (clipping scales them all by
+    the NaN norm) and the NaN adapter saved as the result, exit status 0; a first held-out loss of NaN was kept
+    as the best; a run without held-out data saved the weights of its last step unlooked at. Each stops the run
+    now, before the optimizer's step or a save, naming the last checkpoint before the weights that failed."""
+    from safetensors.torch import load_file
+
+    from bailong import optim
+    build = optim.build_optimizer
+
+    def overflowing_at_step_3(params, *args, **kwargs):
+        params, seen = list(params), []
+        params[len(params) // 2].register_hook(  # a projection's: kept in bf16 with --bf16-grads
+            lambda g: g * float("inf") if len(seen.append(g) or seen) == 3 else g)
+        return build(params, *args, **kwargs)
+
+    def nan_after_step_2(params, *args, **kwargs):
+        params, steps = list(params), []
+        optimizer = build(params, *args, **kwargs)
+        optimizer.register_step_post_hook(lambda *_: len(steps.append(0) or steps) == 2 and params[-1].data.fill_(
+            float("nan")))
+        return optimizer
+    with monkeypatch.context() as patched:
+        patched.setattr(optim, "build_optimizer", overflowing_at_step_3)
+        _, stderr = run_train(capsys, "--steps", "4", "--save-every", "1", "--held-out", held_out, *grads,
+                              "--out", tmp_path / "grad", code=1)
+    # (step 2's checkpoint holds the weights whose gradient overflowed)
+    assert stderr.replace("inf", "nan").startswith(  # (inf times a gradient's zeros: NaN)
+        "error: the gradient norm is nan at step 3: the run diverged, stopped (the last checkpoint before: "
+        f"{tmp_path / 'grad' / 'checkpoints' / 'step-0000001'}; a lower --lr"), stderr
+    saved = list((tmp_path / "grad").rglob("adapter_model.safetensors"))
+    assert saved and all(v.isfinite().all() for f in saved for v in load_file(f).values())
+    with monkeypatch.context() as patched:
+        patched.setattr(optim, "build_optimizer", nan_after_step_2)
+        _, stderr = run_train(capsys, "--steps", "2", "--eval-every", "1", "--save-every", "1", "--held-out", held_out,
+                              "--out", tmp_path / "last", code=1)
+    said = "the held-out loss is nan after step 2" if held_out != "0" else "the loss is nan after the last step"
+    assert f"error: {said}: the run diverged, stopped (the last checkpoint before: " in stderr
+    assert "NaN" not in (tmp_path / "last" / "metrics.jsonl").read_text()
+    if held_out == "0":
+        assert not (tmp_path / "last" / "adapter").exists()
