@@ -157,7 +157,8 @@ class TrainConfig:
             least = 1 if name in AT_LEAST_ONE else 0
             if getattr(self, name) < least:
                 raise UsageError(f"{flag(name)} must be at least {least}, not {getattr(self, name)}")
-        for name, ok, what in [("lr", lambda v: v > 0, "a positive number"),
+        for name, ok, what in [("lr", lambda v: 0 < v < 1e37, "a positive number below 1e37"),  # (AdamW's first
+                               # step, 10 --lr, must fit in a float32: a traceback past it)
                                ("min_lr", lambda v: 0 <= v <= self.lr, f"between 0 and --lr ({self.lr})"),
                                ("lora_alpha", lambda v: v > 0, "a positive number"),
                                ("grad_clip", lambda v: v > 0, "a positive number"),
