@@ -78,7 +78,7 @@ def loss_per_char(model, tokenizer, texts, max_len=None):
 
 def perplexity(model_path, text, max_chars=200_000):
     """Loss per token and per character, perplexity and bits per character on ``text``."""
-    from bailong.weights import load
+    from bailong.weights import load, not_finite
     texts = read_corpus([text])
     model, tokenizer = load(model_path)
     tokenizer = tokenizer_found(tokenizer, model_path)
@@ -86,9 +86,8 @@ def perplexity(model_path, text, max_chars=200_000):
     total = sum(map(len, kept))
     nats_per_char = loss_per_char(model, tokenizer, kept)
     if not math.isfinite(nats_per_char):
-        broken = next((name for name, t in model.state_dict().items()
-                       if t.is_floating_point() and not torch.isfinite(t).all()), "its outputs")
-        raise BailongError(f"{model_path}: the loss is {nats_per_char} ({broken} holds NaN or infinite values)")
+        broken = f"{name} holds" if (name := not_finite(model)) else "its outputs hold"
+        raise BailongError(f"{model_path}: the loss is {nats_per_char} ({broken} NaN or infinite values)")
     per_char = tokens_per_char(tokenizer, kept)
     per_token = nats_per_char / per_char
     result = {"characters": total, "tokens_per_char": per_char,

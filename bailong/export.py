@@ -29,7 +29,7 @@ from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
 from bailong.outputs import check_not_a_run, training_output
 from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
-from bailong.weights import load, save
+from bailong.weights import load, not_finite, save
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
                    "special_tokens_map.json", GENERATION_CONFIG]
@@ -101,6 +101,12 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         check_tokenizer(tokenizer)
     model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)  # its tokenizer is the one above
     merge_lora(model, dtype)
+    if broken := not_finite(model):  # a run that diverged, or weights past float16's range
+        why = "past float16's largest, 65504 (--dtype bfloat16 holds them), or " \
+            if model.model.norm.weight.dtype == torch.float16 else ""
+        raise BailongError(f"{adapter_folder}: merged, {broken} holds NaN or infinite values ({why}weights a run "
+                           "that diverged left)" if adapter_folder else f"{base_folder}: {broken} holds NaN or "
+                           f"infinite values ({why}damaged weights)")
     if format == "gguf":
         from bailong.export_gguf import write_gguf
         folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[2:4])), None)

@@ -22,6 +22,7 @@ by llama.cpp's authors) is imported here only. What goes in:
 The file is written in one pass, tensor by tensor, so memory stays at the model
 plus one converted tensor; the caller writes it under a temporary name.
 """
+import math
 import sys
 from dataclasses import replace
 
@@ -218,6 +219,14 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
     w.add_chat_template(chat_template)
 
     plan = [(n, t, heads, ggml_type(t, kind)) for n, t, heads in tensors(model)]
+    T = gguf.GGMLQuantizationType
+    for n, t, _, qtype in plan:  # float16 (a q8_0 block's scale too) would turn larger values into infinities
+        low, high = map(float, torch.aminmax(t))  # (a NaN is both)
+        limit, largest = {T.F16: 65504.0, T.Q8_0: 65504.0 * 127}.get(qtype), max(-low, high)
+        if not math.isfinite(largest):
+            raise BailongError(f"{n} holds NaN or infinite values")
+        if limit and largest > limit:
+            raise BailongError(f"{n} holds values past what {kind} holds ({limit:g}): --type bf16 holds them")
     if scaling["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor in rope_freqs
         plain = rope_frequencies(replace(config, rope_scaling=None))
         plan.append(("rope_freqs.weight", plain / rope_frequencies(config), None, gguf.GGMLQuantizationType.F32))

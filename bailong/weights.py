@@ -8,6 +8,7 @@ dtype on disk (measured in bench/bench_load_memory.py).
 """
 import hashlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -273,6 +274,15 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
             tokenizer = grown
     check_fits(tokenizer, model)
     return model, tokenizer
+
+
+def not_finite(model) -> str | None:
+    """The name of the first of ``model``'s floating-point tensors holding NaN or an infinity; None where none
+    does."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.numel() and not all(map(math.isfinite, map(float, torch.aminmax(t)))):
+            return name  # (a NaN is both extremes; aminmax reads the tensor once and copies nothing)
+    return None
 
 
 def save(model: Llama, folder, max_shard_bytes=5 << 30):

@@ -315,3 +315,39 @@ def test_llama_cpp_answers_a_trained_run_as_we_do_and_formats_its_chat_alike(tmp
     assert n > 0, "llama.cpp does not recognise the chat template"
     text = buffer.raw[:n].decode()
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == prompt, text
+
+
+def test_weights_that_are_not_finite_or_past_float16_are_refused_not_written(tokenizers, tmp_path, capsys):
+    """A diverged run's NaN adapter was merged and written (a folder, a GGUF file) without a word, and weights
+    past float16's 65504 became infinities in a float16 folder or an f16 GGUF file: each is refused, naming the
+    tensor, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    from bailong.errors import run_cli
+    base, adapter, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
+
+    def refused(*argv):
+        with pytest.raises(SystemExit) as exit_:
+            run_cli(export_main, list(map(str, argv)))
+        assert exit_.value.code == 1
+        return capsys.readouterr().err.strip()
+    big = load_file(base / "model.safetensors")
+    big["model.layers.1.mlp.down_proj.weight"][0, 0] = 1e5
+    save_file(big, tmp_path / "big.safetensors")  # a base whose one weight float16 cannot hold
+    (base / "model.safetensors").replace(tmp_path / "plain.safetensors")
+    (tmp_path / "big.safetensors").replace(base / "model.safetensors")
+    assert refused("--base", base, "--out", tmp_path / "half", "--dtype", "float16") == \
+        f"error: {base}: model.layers.1.mlp.down_proj.weight holds NaN or infinite values (past float16's " \
+        "largest, 65504 (--dtype bfloat16 holds them), or damaged weights)"
+    assert refused("--base", base, "--out", tmp_path / "half.gguf") == \
+        "error: blk.1.ffn_down.weight holds values past what f16 holds (65504): --type bf16 holds them"
+    write(base, None, tmp_path / "whole.gguf", "--type", "bf16")
+    (tmp_path / "plain.safetensors").replace(base / "model.safetensors")
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = next(n for n in weights if "lora_B" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors")
+    for out in (tmp_path / "nan", tmp_path / "nan.gguf"):
+        assert refused("--base", base, "--adapter", adapter, "--out", out) == f"error: {adapter}: merged, " \
+            f"{name.split('.lora_B')[0][17:]}.weight holds NaN or infinite values (weights a run that diverged left)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "whole.gguf"]
