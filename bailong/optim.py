@@ -80,7 +80,12 @@ def quantize_blocks(x, midpoints, positive_not_zero=False):
 
 
 def quantize_moment(values, name):
-    """A moment's float32 values (1-D) -> its codes and block maxima, the second moment never at code 0."""
+    """A moment's float32 values (1-D) -> its codes and block maxima, the second moment never at code 0 and
+    stored at most float32's largest (a gradient near 1e20 or more squares to infinity, which as a block's absmax
+    would make every value of the block NaN; torch's AdamW keeps the infinity and steps that weight by 0 from then
+    on, as a first moment of 0 beside float32's largest does: ``step_8bit``)."""
+    if name == "exp_avg_sq":
+        values = values.clamp(max=torch.finfo(torch.float32).max)
     return quantize_blocks(values, tables(values.device)[name + "_midpoints"], positive_not_zero=name == "exp_avg_sq")
 
 
@@ -112,6 +117,7 @@ def step_8bit(p, g, state, step, lr, beta1, beta2, eps, weight_decay):
         v = dequantize_blocks(state["exp_avg_sq"][part], state["exp_avg_sq_absmax"][blocks], t["exp_avg_sq"])
         w = weights[part].float()
         adamw_update(w, gradients[part].float(), m, v, step, lr, beta1, beta2, eps, weight_decay)
+        m.masked_fill_(v == math.inf, 0.0)  # torch steps a weight whose second moment overflowed by 0 from then on
         weights[part] = w
         for name, values in (("exp_avg", m), ("exp_avg_sq", v)):
             codes, absmax = quantize_moment(values, name)

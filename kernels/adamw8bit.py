@@ -66,6 +66,9 @@ def _adamw8bit(p_ptr, g_ptr, m_ptr, m_absmax_ptr, m_code_ptr, m_midpoints_ptr, v
     v = v * beta2 + v_weight * g * g
     p = p - step_size * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps)
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=inside)
+    overflowed = v > 3.4028234663852886e38  # a second moment past float32 (a NaN is not: tl.minimum would drop it)
+    m = tl.where(overflowed, 0.0, m)  # stored as the reference stores them: torch steps that weight by 0 from
+    v = tl.where(overflowed, 3.4028234663852886e38, v)  # then on
     _store_moment(m, m_ptr, m_absmax_ptr, m_midpoints_ptr, offsets, inside, block, False)
     _store_moment(v, v_ptr, v_absmax_ptr, v_midpoints_ptr, offsets, inside, block, True)
 

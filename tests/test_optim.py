@@ -261,3 +261,35 @@ def test_on_cuda_the_kernel_steps_as_the_reference_and_as_bitsandbytes():
     bnb = pytest.importorskip("bitsandbytes")
     theirs = run(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))
     assert (kernel - exact).abs().mean() <= 1.1 * (theirs - exact).abs().mean()
+
+
+@pytest.mark.gpu  # and interpreted without one
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's numpy, squaring 1e25
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_a_gradient_whose_square_overflows_leaves_its_block_finite(path):
+    """A gradient of 1e25 squares past float32: stored as a block's absmax, the infinity made every value of the
+    block NaN (0 or inf over inf), and with them the weights at the next step; torch's AdamW keeps the infinity
+    and steps that weight by 0 from then on. The second moment is stored at float32's largest and the first at
+    0: the block stays finite, and that weight moves as torch's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if path == "kernel":
+        from bailong_kernels import adamw8bit
+    torch.manual_seed(0)
+    ours = torch.randn(256, device=device)
+    theirs = torch.nn.Parameter(ours.clone())
+    state = AdamW8bit([torch.nn.Parameter(torch.zeros(256, device=device))], min_8bit_size=0)
+    state = state._init_state(state.param_groups[0]["params"][0])
+    reference = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1)
+    for step in (1, 2, 3):
+        g = torch.randn(256, device=device)
+        g[5] = 1e25 if step == 1 else g[5]
+        if path == "kernel":
+            adamw8bit.adamw8bit_step(ours, g, state, tables(ours.device), step, 1e-2, 0.9, 0.999, 1e-8, 0.1, BLOCK)
+        else:
+            step_8bit(ours, g, state, step, 1e-2, 0.9, 0.999, 1e-8, 0.1)
+        theirs.grad = g
+        reference.step()
+        if step == 1:
+            torch.testing.assert_close(ours, theirs.detach())
+        torch.testing.assert_close(ours[5], theirs.detach()[5])  # (not 115 away, as a first moment kept made it)
+        assert ours.isfinite().all() and state["exp_avg_sq_absmax"].isfinite().all(), step
