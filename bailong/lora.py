@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
@@ -274,11 +275,15 @@ def merge_lora(model, dtype=None):
     if any(isinstance(m, LoRALinear) and m.quantized for _, m in wrapped):
         print("warning: merging onto dequantized NF4 weights: the result keeps the 4-bit rounding error; "
               "merge onto the original weights (bailong.export --base) to avoid it", file=sys.stderr)
-    for name, m in wrapped:
+    names = [name for name, _ in wrapped]
+    del wrapped  # each old weight let go as its merged one takes its place: at 7B two copies do not fit in 24 GiB
+    for name in tqdm(names, desc="merging LoRA", unit="layer", disable=None, leave=False, file=sys.stderr):
+        m = model.get_submodule(name)
         w = nn.Parameter(m.merged_weight().to(dtype), requires_grad=False)
-        plain = nn.Embedding(*w.shape, device=w.device) if isinstance(m, LoRAEmbedding) else \
-            nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
+        plain = nn.Embedding(*w.shape, device="meta") if isinstance(m, LoRAEmbedding) else \
+            nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # (no random weights made to be dropped)
         plain.weight = w
+        del m
         set_module(model, name, plain)
     return model
 

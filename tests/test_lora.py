@@ -50,6 +50,31 @@ def test_zero_update_is_the_base_model_and_merging_changes_nothing(tmp_path, qua
         torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=1e-5)
 
 
+def test_merging_lets_each_old_weight_go_as_its_merged_one_takes_its_place(tmp_path, monkeypatch):
+    """merge_lora held every LoRA module, and its frozen weight, until it returned: a 7B export on a 24 GiB
+    machine held two copies of the projections and was killed for memory. At most the one being merged is
+    held beside the merged ones now."""
+    import gc
+    import weakref
+
+    from bailong import lora
+    folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
+    model = lora_model(folder)
+    old = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, LoRALinear)]
+    held, set_module = [], lora.set_module
+
+    def counted(model, name, module):
+        set_module(model, name, module)
+        held.append((sum(r() is not None for r in old), sum(isinstance(m, LoRALinear) for m in model.modules())))
+    gc.disable()  # only what is let go at once counts
+    try:
+        monkeypatch.setattr(lora, "set_module", counted)
+        merge_lora(model)
+    finally:
+        gc.enable()
+    assert held[-1] == (0, 0) and all(alive == unmerged for alive, unmerged in held), held
+
+
 def test_gradients_match_peft(tmp_path):
     folder, _ = write_hf(tmp_path, "gqa", **SHAPE)
     ours = lora_model(folder, rslora=True)
