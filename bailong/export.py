@@ -29,7 +29,7 @@ from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
 from bailong.outputs import check_not_a_run, training_output
 from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
-from bailong.weights import load, not_finite, save
+from bailong.weights import load, not_finite, save, stored_dtype
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
                    "special_tokens_map.json", GENERATION_CONFIG]
@@ -79,9 +79,9 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         base_folder = resolve(str(base))
     check_not_a_run(base_folder)
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
-    if dtype is None:  # the base checkpoint's own dtype
+    if dtype is None:  # the base checkpoint's own dtype: its config's, else its weights' (not float32's size)
         config = read_json(base_folder / "config.json")
-        name = config.get("torch_dtype") or config.get("dtype")
+        name = config.get("torch_dtype") or config.get("dtype") or stored_dtype(base_folder)
         dtype = getattr(torch, name) if name in DTYPES else torch.float32
     if adapter_folder:
         read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits

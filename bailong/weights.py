@@ -87,6 +87,14 @@ def stored_tensors(folder: Path) -> dict[str, tuple[Path, list[int], str]]:
     return found
 
 
+def stored_dtype(folder: Path) -> str | None:
+    """The floating-point dtype most of a checkpoint's weights are stored in ("bfloat16", "float16", "float32"),
+    from its files' headers; None where it has none of these."""
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    found = [names[dtype] for _, _, dtype in stored_tensors(folder).values() if dtype in names]
+    return max(set(found), key=found.count) if found else None
+
+
 def check_shapes(model: Llama, stored: dict):
     """The shapes of the checkpoint's float tensors against those of ``model``, built on the meta device: checked
     before memory is taken for it (a mistyped size in config.json asked for terabytes)."""

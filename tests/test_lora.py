@@ -199,6 +199,21 @@ def test_export_writes_a_merged_folder_transformers_loads(tmp_path, capsys):
         assert not (tmp_path / out).exists()
 
 
+def test_export_keeps_the_dtype_of_weights_whose_config_names_none(tmp_path):
+    """A bfloat16 checkpoint whose config.json names no dtype was exported in float32: twice its size, and at
+    7B more than a 24 GiB machine holds. Its weights' own dtype now (a GGUF file's type follows it too)."""
+    from safetensors import safe_open
+    folder, model = write_hf(tmp_path, "gqa", **SHAPE)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("torch_dtype", None), config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    assert export_main(["--base", str(folder), "--out", str(tmp_path / "merged")]) == 0
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
 def cli_error_export(capsys, base, adapter, out, code=1):
     from bailong.errors import run_cli
     capsys.readouterr()
