@@ -22,14 +22,14 @@ import torch
 from bailong.adapter import read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.config import DTYPES
-from bailong.errors import BailongError, Parser, UsageError, read_json, run_cli
+from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
 from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.lora import merge_lora
 from bailong.outputs import check_not_a_run, training_output
 from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
-from bailong.weights import load, not_finite, save, stored_dtype
+from bailong.weights import load, not_finite, own_dtype, save
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
                    "special_tokens_map.json", GENERATION_CONFIG]
@@ -79,10 +79,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         base_folder = resolve(str(base))
     check_not_a_run(base_folder)
     adapter_folder = resolve(str(adapter), files=ADAPTER_FILES, weights=False) if adapter else None
-    if dtype is None:  # the base checkpoint's own dtype: its config's, else its weights' (not float32's size)
-        config = read_json(base_folder / "config.json")
-        name = config.get("torch_dtype") or config.get("dtype") or stored_dtype(base_folder)
-        dtype = getattr(torch, name) if name in DTYPES else torch.float32
+    dtype = dtype or own_dtype(base_folder) or torch.float32  # the base's own: its config's, else its weights'
     if adapter_folder:
         read_adapter_config(adapter_folder)  # the adapter's own problems first, then where it sits
     folders = [f for f in (adapter_folder, base_folder) if f]  # the adapter's tokenizer (an extended vocabulary) wins

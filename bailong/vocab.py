@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
+from bailong.config import DTYPES
 from bailong.data import read_corpus, split
 from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
@@ -217,9 +219,11 @@ def read_text(path) -> str:
         raise BailongError(f"{path}: cannot be read as text ({e})") from None
 
 
-def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars=20000):
-    """The ``compare-init`` command: loss per character for each initialisation of the new rows."""
-    from bailong.weights import load
+def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars=20000, dtype=None):
+    """The ``compare-init`` command: loss per character for each initialisation of the new rows, in ``dtype``
+    (default: the checkpoint's own, else ``load``'s)."""
+    from bailong.hub import resolve
+    from bailong.weights import load, own_dtype
     from bailong.zip_tie import METHODS, extend_model, extends
     texts = first_chars(read_corpus([text]), max_chars)
     base, extended = (tokenizer_found(open_tokenizer(p), p) for p in (base_tokenizer, extended_tokenizer))
@@ -235,7 +239,7 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
                            "other pieces; an extension keeps every id and appends)")
     if extended.bos_id < 0:  # a tokenizer.json written alone: extension keeps the base's special tokens
         extended.bos_id, extended.eos_id = base.bos_id, base.eos_id
-    model, own = load(model_path)
+    model, own = load(model_path, dtype=dtype or own_dtype(resolve(str(model_path))))
     if base.vocab_size > model.config.vocab_size or own is not None and own.serialized() != base.serialized():
         raise BailongError(f"{base_tokenizer}: {base.vocab_size} pieces, but the model has {model.config.vocab_size} "
                            "embeddings" + (f" and a tokenizer of its own ({own.vocab_size} pieces)" if own else "") +
@@ -243,9 +247,12 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     print(f"{sum(map(len, texts))} characters; tokens per character {tokens_per_char(base, texts):.3f} (base) "
           f"-> {tokens_per_char(extended, texts):.3f} (extended)")
     rows = [("original model, base tokenizer", loss_per_char(model, base, texts))]
-    for method in METHODS:
-        rows.append((f"extended, {method}", loss_per_char(extend_model(copy.deepcopy(model), base, extended, method),
-                                                          extended, texts)))
+    rows_of = (model.model.embed_tokens.weight, model.lm_head.weight)
+    for method in METHODS:  # each on a copy of the model that shares every weight but the two it grows (a whole
+        # copy each: two models, 26 GiB at 7B in bfloat16)
+        shared = {id(p): p for p in model.parameters() if all(p is not rows for rows in rows_of)}
+        grown = extend_model(copy.deepcopy(model, shared), base, extended, method)
+        rows.append((f"extended, {method}", loss_per_char(grown, extended, texts)))
     for name, loss in rows:
         print(f"{name:32s} {loss:.4f} nats per character ({loss / math.log(2):.4f} bits)")
     return dict(rows)
@@ -268,6 +275,8 @@ def main(argv=None):
     c.add_argument("--extended-tokenizer", required=True)
     c.add_argument("--text", required=True, help="held-out text (a .txt or .jsonl file)")
     c.add_argument("--max-chars", type=int, default=20000, help="default 20000")
+    c.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's own (where its files name none, "
+                   "float32 on a CPU, bfloat16 on CUDA); a 7B model takes 25 GiB in float32, 13 in bfloat16")
     args = p.parse_args(argv)
     if args.command == "extend":
         if args.new_pieces < 1:
@@ -278,7 +287,8 @@ def main(argv=None):
     else:
         if args.max_chars < 1:
             c.error(f"--max-chars must be at least 1, not {args.max_chars}")
-        compare_init(args.model, args.base_tokenizer, args.extended_tokenizer, args.text, args.max_chars)
+        compare_init(args.model, args.base_tokenizer, args.extended_tokenizer, args.text, args.max_chars,
+                     args.dtype and getattr(torch, args.dtype))
     return 0
 
 

@@ -95,6 +95,15 @@ def stored_dtype(folder: Path) -> str | None:
     return max(set(found), key=found.count) if found else None
 
 
+def own_dtype(folder: Path) -> torch.dtype | None:
+    """A checkpoint folder's own dtype: its config.json's, else most of its weights'; None where neither says
+    (or ``folder`` holds no config.json: a training output, whose base says)."""
+    from bailong.config import DTYPES
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    name = config.get("torch_dtype") or config.get("dtype") or (stored_dtype(folder) if config else None)
+    return getattr(torch, name) if name in DTYPES else None
+
+
 def check_shapes(model: Llama, stored: dict):
     """The shapes of the checkpoint's float tensors against those of ``model``, built on the meta device: checked
     before memory is taken for it (a mistyped size in config.json asked for terabytes)."""

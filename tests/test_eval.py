@@ -38,6 +38,21 @@ def test_perplexity_and_bits_per_character(model_folder, tmp_path):
     assert result["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
+def test_perplexity_loads_a_checkpoint_in_its_own_dtype(model_folder, tmp_path, monkeypatch):
+    """A bfloat16 checkpoint was measured in float32 on a CPU (a 7B one: 25 GiB, past a 24 GiB machine): its own
+    dtype now, --dtype another."""
+    from bailong import weights
+    from bailong.eval import main
+    model, _ = bailong.load(model_folder, device="cpu", dtype=torch.bfloat16)
+    bailong.save(model, model_folder)
+    (tmp_path / "held.txt").write_text("臺灣的夜市很熱鬧。\n")
+    loaded, load = [], weights.load
+    monkeypatch.setattr(weights, "load", lambda *args, **kwargs: loaded.append(load(*args, **kwargs)) or loaded[-1])
+    for argv in [[], ["--dtype", "float32"]]:
+        assert main(["perplexity", "--model", str(model_folder), "--text", str(tmp_path / "held.txt"), *argv]) == 0
+    assert [m.lm_head.weight.dtype for m, _ in loaded] == [torch.bfloat16, torch.float32]
+
+
 def test_a_text_longer_than_the_context_is_scored_token_by_token(tmp_path):
     """Windows of the context's length sharing one token: every token after the first scored once, with all the
     context before it in its window."""

@@ -173,6 +173,32 @@ def test_compare_init_command(setup, capsys):
     assert "original model, base tokenizer" in out and all(f"extended, {m}" in out for m in METHODS)
 
 
+def test_compare_init_grows_copies_that_share_the_other_weights_in_the_checkpoints_dtype(setup, capsys, monkeypatch):
+    """compare-init copied the whole model for each initialisation (two models at once) and loaded a bfloat16
+    checkpoint in float32 on the CPU: 50 GiB at 7B. Each copy shares every weight but the two it grows, and a
+    checkpoint loads in its own dtype (--dtype chooses another)."""
+    import shutil
+
+    from bailong import zip_tie
+    base, ext, folder, tmp = setup
+    half = tmp / "bf16"
+    shutil.copytree(folder, half)
+    model, _ = bailong.load(folder, device="cpu", dtype=torch.bfloat16)
+    bailong.save(model, half)
+    seen, extend = [], zip_tie.extend_model
+
+    def recorded(model, *args):
+        seen.append((model.model.layers[1].mlp.down_proj.weight, model.model.embed_tokens.weight))
+        return extend(model, *args)
+    monkeypatch.setattr(zip_tie, "extend_model", recorded)
+    for dtype, argv in [(torch.bfloat16, []), (torch.float32, ["--dtype", "float32"])]:
+        seen.clear()
+        vocab_main(["compare-init", "--model", str(half), "--base-tokenizer", str(base.path), "--extended-tokenizer",
+                    str(ext.path), "--text", str(SAMPLE), "--max-chars", "200", *argv])
+        assert len(seen) == len(METHODS) and all(w.dtype == dtype for w, _ in seen)
+        assert all(w is seen[0][0] for w, _ in seen) and len({id(e) for _, e in seen}) == len(METHODS)
+
+
 def test_stories260k_zip_tie_beats_mean_all_and_random(capsys):
     """Frequent id pairs and triples of the model's own samples become new tokens."""
     model, _ = bailong.load(asset("stories260K"), device="cpu")
