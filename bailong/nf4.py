@@ -122,6 +122,10 @@ class NF4Tensor:
     nested_quant_map: torch.Tensor | None = None  # float32 (256,)
     offset: torch.Tensor | None = None  # float32 scalar: mean absmax, subtracted before 8-bit coding
 
+    def __post_init__(self):  # the kernels read each tensor as one flat array: a strided view would read others'
+        for name, t in self.tensors().items():  # bytes (a view of a state dict's, say); free where already whole
+            setattr(self, name, t.contiguous())
+
     @property
     def double_quant(self):
         return self.nested_absmax is not None
