@@ -160,6 +160,8 @@ def _rope(x, cos, sin, head_dim, sign, in_place=False):
     x2 = decode.rows(x)  # q and k: columns of one output, read with their row stride
     if in_place and x2.data_ptr() != x.data_ptr():  # rows() had to copy: the rotation would miss x
         raise ValueError("rope_: x's rows are not evenly spaced")
+    if in_place and x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]:  # (an expanded batch: one row rotated twice)
+        raise ValueError("rope_: x's rows overlap")
     y = x2 if in_place else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     with launch_device(x):
         _rope_kernel[(x2.shape[0],)](x2, cos.contiguous(), sin.contiguous(), y, T, heads, x2.stride(0), y.stride(0),

@@ -115,6 +115,8 @@ def test_training_layer_kernels_match_the_models_pytorch_code(dtype):
     torch.testing.assert_close(qkv, torch.cat((ref.detach(), x.detach(), x.detach()), -1), **tol)
     with pytest.raises(ValueError, match="not evenly spaced"):  # rows a view cannot step through: refused
         rope_(qkv.transpose(0, 1).contiguous().transpose(0, 1)[..., :H * D], cos, sin, D)
+    with pytest.raises(ValueError, match="rows overlap"):  # an expanded batch: its one row rotated B times
+        rope_(x.detach()[:1, :1].clone().expand(B, 1, H * D), cos[:1], sin[:1], D)
     qkv[..., H * D:2 * H * D] = g
     rope_(qkv[..., H * D:2 * H * D], cos, sin, D, -1.0)  # the backward's rotation, in place
     torch.testing.assert_close(qkv[..., H * D:2 * H * D], dx, **tol)
