@@ -223,6 +223,7 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
     """The ``compare-init`` command: loss per character for each initialisation of the new rows, in ``dtype``
     (default: the checkpoint's own, else ``load``'s)."""
     from bailong.hub import resolve
+    from bailong.quantized import NF4Linear, projections
     from bailong.weights import load, own_dtype
     from bailong.zip_tie import METHODS, extend_model, extends
     texts = first_chars(read_corpus([text]), max_chars)
@@ -248,9 +249,10 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
           f"-> {tokens_per_char(extended, texts):.3f} (extended)")
     rows = [("original model, base tokenizer", loss_per_char(model, base, texts))]
     rows_of = (model.model.embed_tokens.weight, model.lm_head.weight)
+    weights = [*model.parameters(), *(m.weight for _, m in projections(model) if isinstance(m, NF4Linear))]
     for method in METHODS:  # each on a copy of the model that shares every weight but the two it grows (a whole
         # copy each: two models, 26 GiB at 7B in bfloat16)
-        shared = {id(p): p for p in model.parameters() if all(p is not rows for rows in rows_of)}
+        shared = {id(w): w for w in weights if all(w is not rows for rows in rows_of)}
         grown = extend_model(copy.deepcopy(model, shared), base, extended, method)
         rows.append((f"extended, {method}", loss_per_char(grown, extended, texts)))
     for name, loss in rows:

@@ -89,16 +89,21 @@ def stored_tensors(folder: Path) -> dict[str, tuple[Path, list[int], str]]:
 
 def stored_dtype(folder: Path) -> str | None:
     """The floating-point dtype most of a checkpoint's weights are stored in ("bfloat16", "float16", "float32"),
-    from its files' headers; None where it has none of these."""
-    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-    found = [names[dtype] for _, _, dtype in stored_tensors(folder).values() if dtype in names]
-    return max(set(found), key=found.count) if found else None
+    by their sizes (a 4-bit checkpoint's many small float32 scales do not outvote its bfloat16 embeddings), from
+    its files' headers; None where it has none of these."""
+    names, sizes = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}, {}
+    for _, shape, dtype in stored_tensors(folder).values():
+        if dtype in names:
+            sizes[names[dtype]] = sizes.get(names[dtype], 0) + math.prod(shape)
+    return max(sorted(sizes), key=sizes.get) if sizes else None
 
 
 def own_dtype(folder: Path) -> torch.dtype | None:
-    """A checkpoint folder's own dtype: its config.json's, else most of its weights'; None where neither says
-    (or ``folder`` holds no config.json: a training output, whose base says)."""
+    """A checkpoint folder's own dtype: its config.json's, else most of its weights'; a training output's, its
+    base's. None where none of these says."""
     from bailong.config import DTYPES
+    if run := training_output(folder):
+        return own_dtype(resolve(str(run[0])))
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     name = config.get("torch_dtype") or config.get("dtype") or (stored_dtype(folder) if config else None)
     return getattr(torch, name) if name in DTYPES else None

@@ -177,9 +177,11 @@ def test_compare_init_grows_copies_that_share_the_other_weights_in_the_checkpoin
     """compare-init copied the whole model for each initialisation (two models at once) and loaded a bfloat16
     checkpoint in float32 on the CPU: 50 GiB at 7B. Each copy shares every weight but the two it grows, and a
     checkpoint loads in its own dtype (--dtype chooses another)."""
+    import json
     import shutil
 
     from bailong import zip_tie
+    from bailong.weights import own_dtype
     base, ext, folder, tmp = setup
     half = tmp / "bf16"
     shutil.copytree(folder, half)
@@ -191,11 +193,22 @@ def test_compare_init_grows_copies_that_share_the_other_weights_in_the_checkpoin
         seen.append((model.model.layers[1].mlp.down_proj.weight, model.model.embed_tokens.weight))
         return extend(model, *args)
     monkeypatch.setattr(zip_tie, "extend_model", recorded)
-    for dtype, argv in [(torch.bfloat16, []), (torch.float32, ["--dtype", "float32"])]:
+    quantized = tmp / "nf4"  # a bitsandbytes 4-bit checkpoint: its projections are no parameters
+    shutil.copytree(folder, quantized)
+    bailong.save(bailong.load(half, torch.bfloat16, "cpu", quantize="nf4")[0], quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config.pop("torch_dtype", None), config.pop("dtype", None)  # its many float32 scales do not make it float32
+    (quantized / "config.json").write_text(json.dumps(config))
+    assert own_dtype(quantized) == torch.bfloat16
+    (tmp / "run" / "adapter").mkdir(parents=True)  # a training output: its base's
+    (tmp / "run" / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(half)}))
+    assert own_dtype(tmp / "run") == torch.bfloat16
+    for model, dtype, argv in [(half, torch.bfloat16, []), (half, torch.float32, ["--dtype", "float32"]),
+                               (quantized, torch.bfloat16, [])]:
         seen.clear()
-        vocab_main(["compare-init", "--model", str(half), "--base-tokenizer", str(base.path), "--extended-tokenizer",
-                    str(ext.path), "--text", str(SAMPLE), "--max-chars", "200", *argv])
-        assert len(seen) == len(METHODS) and all(w.dtype == dtype for w, _ in seen)
+        vocab_main(["compare-init", "--model", str(model), "--base-tokenizer", str(base.path),
+                    "--extended-tokenizer", str(ext.path), "--text", str(SAMPLE), "--max-chars", "200", *argv])
+        assert len(seen) == len(METHODS) and all(e.dtype == dtype for _, e in seen)
         assert all(w is seen[0][0] for w, _ in seen) and len({id(e) for _, e in seen}) == len(METHODS)
 
 
