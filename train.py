@@ -17,11 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, run_cli
 from bailong.files import atomic_folder, own_file
 from bailong.hub import resolve
-from bailong.outputs import check_model, model_file
+from bailong.outputs import check_context, check_model, model_file
 from bailong.runs import (RunFolder, check_output, fingerprints, prepare_output, read_run, release_lock, seen,
                           start_run)
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
@@ -306,7 +305,7 @@ def train(config):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
-    fed = fed_at_start = sum(map(step_tokens, range(start))) if data.sft else start * tokens_per_step
+    fed = fed_at_start = sum(map(step_tokens, range(start)))  # real tokens fed: SFT's padding left out
     with GracefulStop(say, echoes=2.0 if "LOCAL_RANK" in os.environ else 0.0) as interrupt:  # under torchrun
         for step in bar:
             for group in optimizer.param_groups:
@@ -380,22 +379,6 @@ def train(config):
         metrics.plot()
         say(summary(metrics.rows, done, stopped, run, best_step, config.held_out))
     return leave(0)
-
-
-def check_context(config, context=None):
-    """Refuse a --seq-len longer than the model's ``context``: before anything is written, where the model's
-    config.json is at hand (the embedded default, a local folder, a pre-training output); else, given, after
-    loading."""
-    if context is None:
-        folder = Path(config.model or "") if config.stage == "pretrain" else RunFolder(config.init).base
-        if config.stage == "pretrain" and not config.model:
-            context = preset("tiny").max_position_embeddings
-        elif (folder / "config.json").is_file():
-            context = ModelConfig.from_file(folder / "config.json").max_position_embeddings
-        else:
-            return
-    if config.seq_len > context:
-        raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
 
 
 if __name__ == "__main__":

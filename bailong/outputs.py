@@ -2,6 +2,7 @@
 where a model folder is asked for (a run's folder and its layout: runs.py)."""
 from pathlib import Path
 
+from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.hub import ADAPTER_CONFIG, resolve
 from bailong.runs import RunFolder, read_run
@@ -26,6 +27,22 @@ def check_model(config):
     if config.model and training_output(Path(config.model).expanduser()):
         raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
                          f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
+
+
+def check_context(config, context=None):
+    """Refuse a --seq-len longer than the model's ``context``: before anything is written, where the model's
+    config.json is at hand (the embedded default, a local folder, a pre-training output); else, given, after
+    loading."""
+    if context is None:
+        folder = Path(config.model or "") if config.stage == "pretrain" else RunFolder(config.init).base
+        if config.stage == "pretrain" and not config.model:
+            context = preset("tiny").max_position_embeddings
+        elif (folder / "config.json").is_file():
+            context = ModelConfig.from_file(folder / "config.json").max_position_embeddings
+        else:
+            return
+    if config.seq_len > context:
+        raise UsageError(f"--seq-len {config.seq_len} is longer than the model's context ({context})")
 
 
 def model_file(folder, name) -> Path | None:
