@@ -83,7 +83,8 @@ def perplexity(model_path, text, max_chars=200_000, dtype=None):
     from bailong.hub import resolve
     from bailong.weights import load, not_finite, own_dtype
     texts = read_corpus([text])
-    model, tokenizer = load(model_path, dtype=dtype or own_dtype(resolve(str(model_path))))
+    folder = resolve(str(model_path))
+    model, tokenizer = load(folder, dtype=dtype or own_dtype(folder))
     tokenizer = tokenizer_found(tokenizer, model_path)
     kept = first_chars(texts, max_chars)
     total = sum(map(len, kept))

@@ -240,7 +240,8 @@ def compare_init(model_path, base_tokenizer, extended_tokenizer, text, max_chars
                            "other pieces; an extension keeps every id and appends)")
     if extended.bos_id < 0:  # a tokenizer.json written alone: extension keeps the base's special tokens
         extended.bos_id, extended.eos_id = base.bos_id, base.eos_id
-    model, own = load(model_path, dtype=dtype or own_dtype(resolve(str(model_path))))
+    folder = resolve(str(model_path))
+    model, own = load(folder, dtype=dtype or own_dtype(folder))
     if base.vocab_size > model.config.vocab_size or own is not None and own.serialized() != base.serialized():
         raise BailongError(f"{base_tokenizer}: {base.vocab_size} pieces, but the model has {model.config.vocab_size} "
                            "embeddings" + (f" and a tokenizer of its own ({own.vocab_size} pieces)" if own else "") +
