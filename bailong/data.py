@@ -80,10 +80,11 @@ def _lines(file):
     """(line number, line) of a text file's non-blank lines; a line ends only at a line feed (JSON lines may
     hold U+2028 and other characters Python also splits lines at)."""
     try:
-        text = Path(file).read_text(encoding="utf-8-sig")  # a byte-order mark, if any, dropped; CRLF read as LF
+        text = Path(file).read_bytes().decode("utf-8-sig")  # a byte-order mark, if any, dropped
     except UnicodeDecodeError as e:
         raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    return [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    lines = (line.removesuffix("\r") for line in text.split("\n"))  # CRLF read as LF; a lone CR is no line's end
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
 
 
 def checked_text(where, value):

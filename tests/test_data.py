@@ -38,11 +38,11 @@ def test_a_document_ends_only_at_a_line_feed_and_hidden_folders_are_left_out(tmp
     import json
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "第一段\u2028第二段\x85"}, ensure_ascii=False) + "\r\n"
                                       + json.dumps({"text": "  "}) + "\n", encoding="utf-8")
-    (tmp_path / "b.txt").write_text("page one\x0cpage two\r\nnext\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("page one\x0cpage two\r\nnext\rthe same\n", encoding="utf-8")
     (tmp_path / ".ipynb_checkpoints").mkdir()
     (tmp_path / ".ipynb_checkpoints" / "b-checkpoint.txt").write_text("a copy\n")
     (tmp_path / ".hidden.txt").write_text("hidden\n")
-    assert read_corpus([tmp_path]) == ["第一段\u2028第二段\x85", "page one\x0cpage two", "next"]
+    assert read_corpus([tmp_path]) == ["第一段\u2028第二段\x85", "page one\x0cpage two", "next\rthe same"]
     (tmp_path / "c.json").write_text(json.dumps({"text": "臺灣"}) + "\n")
     assert read_corpus([tmp_path / "c.json"]) == ["臺灣"]
     chat = {"messages": [{"role": "user", "content": "a\u2028b"}, {"role": "assistant", "content": "c"}]}
