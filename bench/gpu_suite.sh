@@ -39,6 +39,13 @@ if ! python -c "import bailong_kernels" 2>/dev/null; then
         exit 1
     }
 fi
+# wheels put in bench/wheels (ignored by git) for a machine that cannot reach the package index: bitsandbytes,
+# which the comparisons need (pip download bitsandbytes==0.50.2 --no-deps -d bench/wheels, where the index is)
+for wheel in bench/wheels/*.whl; do
+    [[ -e $wheel ]] && { pip install -q --no-deps "$wheel" || echo "cannot install $wheel"; }
+done
+python -c "import bitsandbytes" 2>/dev/null || echo "bitsandbytes is absent: every row and column against it fails or " \
+    "stays empty (put its wheel in bench/wheels)"
 # the versions every figure below depends on (the kernels compile differently under each Triton: docs/BENCHMARKS.md)
 python - <<'VERSIONS'
 from importlib import metadata, util
