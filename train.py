@@ -119,7 +119,8 @@ def train(config):
                                     "vocabulary transfer and training need one") if base_folder else byte_tokenizer()
         if config.new_pieces:  # learned on the training share only: the held-out loss is measured on unseen text
             say(learning_message(config.new_pieces, train_items))
-            new_tokenizer, added = extend_tokenizer(tokenizer, train_items, config.new_pieces)
+            new_tokenizer, added = extend_tokenizer(tokenizer, train_items, config.new_pieces,
+                                                     not config.all_pieces)
             before, after = (tokens_per_char(t, train_items) for t in (tokenizer, new_tokenizer))
             say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); tokens "
                 f"per character {before:.3f} -> {after:.3f}")

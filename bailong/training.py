@@ -24,7 +24,7 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience")
-PRETRAIN_ONLY = ("new_pieces", "init_method")  # the vocabulary's: fine-tuning keeps --init's
+PRETRAIN_ONLY = ("new_pieces", "all_pieces", "init_method")  # the vocabulary's: fine-tuning keeps --init's
 # what each option only CUDA's training has says on the CPU (the first two move GPU memory to the host)
 TO_HOST = ("offload_activations", "offload_embedding")
 ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved layer inputs to host memory; on the "
@@ -59,6 +59,8 @@ class TrainConfig:
                                                                 "(default: the bundled samples)"})
     out: str = field(default="", metadata={"help": "output folder (default out/STAGE)"})
     new_pieces: int = field(default=300, metadata={"help": "pretrain: pieces to add to the tokenizer (0: none)"})
+    all_pieces: bool = field(default=False, metadata={"help": "pretrain: add pieces of every script, not only CJK "
+                                                              "ones (for a language other than Chinese or Japanese)"})
     init_method: str = field(default="zip-tie", metadata={"help": "zip-tie, zip-tie-first, mean-all or random"})
     quantize: str = field(default="nf4", metadata={"help": "nf4 (QLoRA) or none"})
     lora_r: int = 16

@@ -33,7 +33,7 @@ from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
-from bailong.vocab_bpe import extend_json
+from bailong.vocab_bpe import all_cjk, extend_json
 
 # Llama 2's trainer settings, as its tokenizer.model records them
 LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
@@ -45,10 +45,10 @@ CHUNK = 8192  # characters of a document given to the trainer at a time (<= 32 K
 
 
 def is_cjk(piece: str) -> bool:
-    """Every character (but SentencePiece's '▁' for a space) is CJK: Han, kana, bopomofo, CJK punctuation."""
+    """Every character (but SentencePiece's '▁' for a space) is CJK (``bailong.vocab_bpe.CJK``): Han, kana,
+    bopomofo, Hangul, CJK punctuation, full- and half-width forms."""
     chars = piece.replace("\u2581", "")
-    return bool(chars) and all(unicodedata.name(c, "").startswith(("CJK", "IDEOGRAPHIC", "FULLWIDTH", "BOPOMOFO",
-                                                                    "HIRAGANA", "KATAKANA")) for c in chars)
+    return bool(chars) and all(all_cjk(ord(c), ord(c)) for c in chars)
 
 
 def train_bpe(texts, vocab_size) -> pb.ModelProto:
@@ -101,41 +101,71 @@ def check_bpe(proto: pb.ModelProto, path) -> pb.ModelProto:
 
 
 def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_counts, cjk_only=True):
-    """A copy of ``base`` with ``new_pieces`` pieces of ``trained`` appended; returns it and the pieces.
+    """A copy of ``base`` with up to ``new_pieces`` pieces of ``trained`` appended; returns it and the pieces.
 
     New single characters come first, most frequent first: each turns up to four
     byte tokens into one. Then multi-character pieces in the trainer's merge order,
-    which their scores keep (BPE applies the highest-scoring merge first).
+    which their scores keep (BPE applies the highest-scoring merge first). A piece
+    that the extended model would not make of its own text gives its place to the
+    next: the base's merges, applied first, may take that text another way (in NFD
+    Vietnamese, "▁Việt" as "▁Vie" and marks, where the trainer went through "iệ").
     """
     normal = pb.ModelProto.SentencePiece.NORMAL
     existing = {p.piece for p in base.pieces}
     new = [p for p in trained.pieces if p.type == normal and p.piece not in existing
            and (is_cjk(p.piece) or not cjk_only)]
-    chars = sorted((p for p in new if len(p.piece) == 1), key=lambda p: -char_counts.get(p.piece, 0))
-    merges = sorted((p for p in new if len(p.piece) > 1), key=lambda p: -p.score)
-    if len(new) < new_pieces:
-        raise BailongError(too_few(len(new), "pieces", new_pieces, cjk_only))
+    chars = sorted((p.piece for p in new if len(p.piece) == 1), key=lambda p: -char_counts.get(p, 0))
+    merges = [p.piece for p in sorted((p for p in new if len(p.piece) > 1), key=lambda p: -p.score)]
+    added, rest = (chars + merges)[:new_pieces], (chars + merges)[new_pieces:]
+    while True:
+        extended = _appended(base, added)
+        if not (unreached := _unreached(extended, len(base.pieces))):
+            return extended, added
+        added = [p for p in added if p not in unreached] + rest[:len(unreached)]
+        rest = rest[len(unreached):]
+
+
+def _appended(base: pb.ModelProto, pieces) -> pb.ModelProto:
+    normal = pb.ModelProto.SentencePiece.NORMAL
     extended = copy.deepcopy(base)
     score = np.float32(min(p.score for p in base.pieces if p.type == normal))
-    added = [p.piece for p in (chars + merges)[:new_pieces]]
-    for piece in added:  # each 1 below the last, or the next float32 below where 1 is lost to rounding (Llama
+    for piece in pieces:  # each 1 below the last, or the next float32 below where 1 is lost to rounding (Llama
         # 2's lowest is -1e9, where float32 steps by 64): equal scores would leave the order to each reader
         score = min(score - 1, np.nextafter(score, np.float32(-np.inf)))
         extended.pieces.add(piece=piece, score=float(score), type=normal)
     extended.trainer_spec.vocab_size = len(extended.pieces)
-    return extended, added
+    return extended
+
+
+def _unreached(extended: pb.ModelProto, first: int) -> set[str]:
+    """The pieces from id ``first`` on that ``extended`` does not make of their own text."""
+    plain = copy.deepcopy(extended)
+    plain.normalizer_spec.add_dummy_prefix = False  # a piece's text as it is: "▁臺" is " 臺"
+    sp = spm.SentencePieceProcessor(model_proto=plain.SerializeToString())
+    pieces = [p.piece for p in extended.pieces[first:]]
+    made = sp.encode([p.replace("\u2581", " ") for p in pieces])
+    return {piece for i, (piece, ids) in enumerate(zip(pieces, made), first) if ids != [i]}
 
 
 def too_few(found, what, asked, cjk_only) -> str:
-    return (f"the corpus yields only {found} new {'CJK ' if cjk_only else ''}{what}; --new-pieces asks for "
-            f"{asked} (add text, or ask for at most {found})")
+    return (f"the corpus yields {f'only {found}' if found else 'no'} new {'CJK ' if cjk_only else ''}{what}; "
+            f"--new-pieces asks for {asked} (add text{f', or ask for at most {found}' if found else ''}"
+            f"{'; --all-pieces adds those of every script' if cjk_only else ''})")
 
 
 def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
-    """Train on ``texts`` and extend ``base`` with ``new_pieces`` of the pieces it lacks: (model, pieces)."""
-    distinct = len(set("".join(texts)))
-    trained = train_bpe(texts, len(base.pieces) // 4 + distinct + int(new_pieces * 1.5))
-    return extend_proto(base, trained, new_pieces, Counter("".join(texts)), cjk_only)
+    """Train on ``texts`` and extend ``base`` with up to ``new_pieces`` of the pieces it lacks: (model, pieces).
+
+    Where the base spells the corpus's script well already (a Latin one), most pieces trained are the base's
+    own: the trainer is asked for twice as many again while that gives more new ones."""
+    text = "".join(texts)
+    size, added = len(base.pieces) // 4 + len(set(text)) + int(new_pieces * 1.5), []
+    while True:
+        trained = train_bpe(texts, size)
+        extended, more = extend_proto(base, trained, new_pieces, Counter(text), cjk_only)
+        if len(more) == new_pieces or len(more) <= len(added) or len(trained.pieces) < size:  # enough, or no more
+            return extended, more
+        size, added = size * 2, more
 
 
 def is_tokenizer(path) -> bool:
@@ -163,9 +193,15 @@ def check_out(out, base, corpus, overwrite=False):
 
 
 def learning_message(new_pieces, texts) -> str:
-    """What is said before the pieces are learned, a step that shows no progress of its own."""
+    """What is said before the pieces are learned, a step that shows no progress of its own; and a warning where
+    many documents are not in Unicode's composed form, NFC, in which text is nearly always typed: pieces learned
+    on decomposed text (Vietnamese's "ệ" as "e" and two marks) fit little else."""
+    decomposed = sum(not unicodedata.is_normalized("NFC", t) for t in texts)
     return (f"vocabulary: learning {new_pieces:,} new pieces from {sum(map(len, texts)):,} characters (with no "
-            "progress shown: minutes for a large corpus)...")
+            "progress shown: minutes for a large corpus)..." + (
+                f"\nwarning: {decomposed:,} of {len(texts):,} documents are not in Unicode's composed form (NFC), "
+                "as text is typed: the pieces learned fit decomposed text, and little else (unicodedata.normalize"
+                "('NFC', text) composes a document)" if decomposed > len(texts) / 10 else ""))
 
 
 def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
@@ -175,6 +211,8 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
     if not isinstance(tokenizer, JsonTokenizer):
         proto = check_bpe(tokenizer.proto(), tokenizer.path or "the tokenizer")
         extended, added = add_pieces(proto, texts, new_pieces, cjk_only)
+        if len(added) < new_pieces:
+            raise BailongError(too_few(len(added), "pieces", new_pieces, cjk_only))
         return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
     text, added = extend_json(tokenizer.serialized().decode(), texts, new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
@@ -203,11 +241,20 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
     b, a = tokens_per_char(before, measured), tokens_per_char(after, measured)
     whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character
     print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}) in "
-          f"{time.perf_counter() - start:.0f} s, e.g. {' '.join(whole[:12])}")
+          f"{time.perf_counter() - start:.0f} s, e.g. {' '.join(map(shown, whole[:12]))}")
     print(f"{'held-out' if held else 'training (nothing held out)'} text ({sum(map(len, measured))} characters): "
           f"{b:.3f} -> {a:.3f} tokens per character ({b / a:.2f}x fewer tokens)")
     print(f"wrote {out}")
     return added
+
+
+def shown(piece: str) -> str:
+    """A piece as a list shows it: a leading space as "▁", a leading combining mark on a dotted circle ("◌̉", not
+    a mark over the space before it), an invisible character (a zero-width joiner) by its code point."""
+    piece = "\u2581" + piece[1:] if piece.startswith(" ") else piece
+    piece = "\u25cc" + piece if unicodedata.category(piece[0]).startswith("M") else piece
+    return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cc", "Zs") and c != " " else c
+                   for c in piece)
 
 
 def read_text(path) -> str:

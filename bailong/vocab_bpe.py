@@ -7,11 +7,12 @@ existing id (special tokens included) and their merges follow the base's. A BPE
 tokenizer applies merges by rank, so on new text it first applies all the base's
 merges, reaching the base's tokens, then the new ones in the order they were
 learned: the replay of training. By default only pairs whose left token starts
-with the first byte of a character in U+3000..U+9FFF (CJK punctuation, kana and
-ideographs) are merged, so text without such characters never meets a new merge
-and keeps the base's tokens exactly. A pair that would make a token the base
-already has is never merged: every new merge makes a new token, which no base
-merge takes as input, so the base's merges always finish before the new ones.
+with the bytes of a CJK character (``CJK``; or holds only the first bytes of one,
+where every character they may begin is CJK) are merged, so text without such
+characters never meets a new merge and keeps the base's tokens exactly. A pair
+that would make a token the base already has is never merged: every new merge
+makes a new token, which no base merge takes as input, so the base's merges
+always finish before the new ones.
 """
 import heapq
 import json
@@ -19,7 +20,38 @@ from collections import Counter, defaultdict
 
 from bailong.errors import BailongError
 
-CJK_LEAD = range(0xE3, 0xEA)  # the first UTF-8 byte of U+3000..U+9FFF
+# The code points of Chinese, Japanese and Korean text, which new pieces are made of by default: Hangul jamo,
+# radicals and ideographic description, CJK symbols and punctuation (「」《》 among them), kana, bopomofo,
+# Hangul compatibility jamo, CJK strokes and enclosed and compatibility forms, ideographs (extension A, unified),
+# Hangul jamo extended-A, Hangul syllables and jamo extended-B (then surrogates, which no UTF-8 text holds),
+# compatibility ideographs, CJK compatibility forms, full- and half-width forms, kana supplements, and the
+# planes of ideographs (extensions B to J, compatibility supplement)
+CJK = ((0x1100, 0x11FF), (0x2E80, 0x2FFF), (0x3000, 0x9FFF), (0xA960, 0xA97F), (0xAC00, 0xDFFF), (0xF900, 0xFAFF),
+       (0xFE30, 0xFE4F), (0xFF00, 0xFFEF), (0x1AFF0, 0x1B16F), (0x20000, 0x3FFFF))
+
+
+def all_cjk(low: int, high: int) -> bool:
+    """Whether every code point from ``low`` to ``high`` is CJK."""
+    return any(first <= low and high <= last for first, last in CJK)
+
+
+def starts_cjk(data: bytes) -> bool:
+    """Whether ``data`` begins with a CJK character's UTF-8 bytes, or with the first bytes of one where every
+    character they may begin is CJK (a token may hold U+3000..U+9FFF's first byte alone)."""
+    size = 0 if data[0] < 0xC0 else 2 if data[0] < 0xE0 else 3 if data[0] < 0xF0 else 4  # 0: ASCII, or inside one
+    if not size:
+        return False
+    head = data[:size]
+    low, high = (_code_point(head + bytes([fill]) * (size - len(head))) for fill in (0x80, 0xBF))
+    return all_cjk(low, high)
+
+
+def _code_point(data: bytes) -> int:
+    """The code point a character's UTF-8 bytes hold."""
+    value = data[0] & 0x7F >> len(data)
+    for byte in data[1:]:
+        value = value << 6 | byte & 0x3F
+    return value
 
 
 def byte_of():
@@ -59,13 +91,13 @@ def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]
     known = set(in_base)
     banned = set()  # pairs that would make a token the base already has (see below)
 
-    starts_cjk = {}  # token -> whether its first byte starts a CJK character
+    cjk = {}  # token -> whether it starts with a CJK character (starts_cjk)
 
     def allowed(pair):
         left = pair[0]
-        if left not in starts_cjk:
-            starts_cjk[left] = lead.get(left[0], 0) in CJK_LEAD
-        return not cjk_only or starts_cjk[left]
+        if left not in cjk:
+            cjk[left] = starts_cjk(bytes(lead[c] for c in left))
+        return not cjk_only or cjk[left]
 
     pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> words that held it
     changed = set()  # pairs whose count moved since the heap last heard of them

@@ -46,6 +46,89 @@ def test_the_most_frequent_new_characters_come_first():
         assert extend_proto(byte_tokenizer().proto(), trained, room, {"臺": 1, "灣": 5, "中": 3})[1] == expected
 
 
+VIETNAMESE = ["Học sinh được nghỉ hè từ tháng sáu đến tháng tám.",
+              "Thành phố Hồ Chí Minh là trung tâm kinh tế lớn nhất.",
+              "Bà ngoại kể chuyện cổ tích cho các cháu nghe mỗi tối.", "Sông Mê Kông chảy qua nhiều tỉnh ở miền Tây.",
+              "Người Việt thường ăn Tết Nguyên Đán vào đầu năm âm lịch.", "Chúng tôi đã học tiếng Anh được ba năm rồi.",
+              "Hà Nội là thủ đô của nước Việt Nam.", "Tôi thích ăn phở bò và uống cà phê sữa đá vào buổi sáng."]
+
+
+def test_cjk_is_the_same_characters_for_both_kinds_of_tokenizer():
+    """Chinese, Japanese and Korean text's characters, corner brackets and Hangul among them (「臺灣」 was no CJK
+    piece); a byte-level token holding only a character's first bytes counts where every character they may
+    begin is CJK."""
+    from bailong.vocab import is_cjk
+    from bailong.vocab_bpe import starts_cjk
+    cjk, other = "臺灣「」『』《》【】〜〃，。！？：ｶﾞ｡⼈㊣한글ㄱㄅ\u3000𠮷Ａ", "aé€😀ـกไทยहिन्दी\u200d"
+    for char in cjk + other:
+        assert is_cjk(char) == starts_cjk(char.encode()) == (char in cjk), char
+    assert is_cjk("▁「臺灣」") and not is_cjk("▁") and not is_cjk("臺a")
+    assert starts_cjk("臺".encode()[:1]) and starts_cjk("한".encode()[:1]) and starts_cjk("𠮷".encode()[:2])
+    assert not starts_cjk("，".encode()[:1]) and not starts_cjk("😀".encode()[:2]) and not starts_cjk("臺".encode()[1:])
+
+
+def test_a_piece_the_extended_model_never_makes_gives_its_place_to_the_next():
+    """BPE makes a piece only by merging two it has: a piece trained through pieces the base lacks, or whose
+    text the base's merges take another way, was an embedding row no text reaches (34 of 300 on decomposed
+    Vietnamese)."""
+    import random
+    import unicodedata
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from bailong.tokenizer import byte_tokenizer
+    from bailong.vocab import extend_proto, extend_tokenizer
+    trained = pb.ModelProto()
+    for piece, score in [("臺", 0.0), ("臺灣臺", -1.0), ("臺臺", -2.0)]:  # neither 臺灣 nor 灣臺 is a piece
+        trained.pieces.add(piece=piece, score=score, type=pb.ModelProto.SentencePiece.NORMAL)
+    assert extend_proto(byte_tokenizer().proto(), trained, 2, {"臺": 1})[1] == ["臺", "臺臺"]
+    rng = random.Random(0)
+    texts = [unicodedata.normalize("NFD", " ".join(rng.choices(VIETNAMESE, k=6))) for _ in range(100)]
+    base = Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
+    extended, added = extend_tokenizer(base, texts, 300, cjk_only=False)
+    plain = extended.proto()
+    plain.normalizer_spec.add_dummy_prefix = False
+    made = spm.SentencePieceProcessor(model_proto=plain.SerializeToString()).encode(
+        [piece.replace("\u2581", " ") for piece in added])
+    assert len(added) == 300 and made == [[i] for i in range(32000, 32300)]
+
+
+def test_the_pieces_a_report_shows_are_readable():
+    from bailong.vocab import shown
+    assert [shown(p) for p in ["臺灣", " đ", "\u031b", "\u0301c", "\ufe0f\u200d", "\u3000"]] == \
+        ["臺灣", "▁đ", "◌\u031b", "◌\u0301c", "◌\ufe0f<U+200D>", "<U+3000>"]
+
+
+def test_a_decomposed_corpus_is_warned_of(tmp_path, capsys):
+    """Pieces learned on decomposed text (NFD) cut its tokens, but not those of the composed text people type."""
+    import unicodedata
+    base = asset("llama2-tokenizer/tokenizer.model")
+    for form, warned in [("NFC", False), ("NFD", True)]:
+        corpus = tmp_path / f"{form}.txt"
+        corpus.write_text("\n".join(unicodedata.normalize(form, s) for s in VIETNAMESE * 3) + "\n")
+        vocab_main(["extend", "--base", str(base), "--corpus", str(corpus), "--new-pieces", "20", "--all-pieces",
+                    "--out", str(tmp_path / f"{form}.model")])
+        said = "warning: 22 of 22 documents are not in Unicode's composed form (NFC), as text is typed"
+        assert (said in capsys.readouterr().out) == warned, form
+
+
+def test_a_script_the_base_spells_well_is_trained_again_for_enough_new_pieces(monkeypatch):
+    """Most pieces trained on a Latin script are the base's own already: the trainer, sized for Chinese, gave
+    484 new ones where 800 were asked and 5,158 were there."""
+    import random
+
+    from bailong import vocab
+    base = Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
+    words = [p[1:] for p in map(base.sp.id_to_piece, range(32000)) if p[0] == "\u2581" and p[1:].isalpha()
+             and p[1:].isascii()]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choices(words, [1 / (i + 1) for i in range(len(words))], k=150)) for _ in range(900)]
+    sizes, train = [], vocab.train_bpe
+    monkeypatch.setattr(vocab, "train_bpe", lambda texts, size: sizes.append(size) or train(texts, size))
+    _, added = vocab.extend_tokenizer(base, texts + VIETNAMESE, 800, cjk_only=False)
+    assert len(added) == 800 and len(sizes) > 1
+
+
 def test_old_ids_keep_their_pieces_and_text_round_trips(extended):
     base, ext, _ = extended
     assert ext.vocab_size == 32600
@@ -100,7 +183,8 @@ def test_bad_input(tmp_path, capsys):
     latin1.write_bytes("臺灣 café".encode() + "café".encode("latin-1"))
     assert f"{latin1}: not UTF-8 text (byte 15" in error("--corpus", str(latin1), "--new-pieces", "5")
     assert re.search(r"the corpus yields only (\d+) new CJK pieces; --new-pieces asks for 100000 \(add text, or "
-                     r"ask for at most \1\)$", error("--corpus", str(SAMPLE), "--new-pieces", "100000").strip())
+                     r"ask for at most \1; --all-pieces adds those of every script\)$",
+                     error("--corpus", str(SAMPLE), "--new-pieces", "100000").strip())
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text('{"text": "臺灣"}\n{"body": 1}\n')
     assert f"{bad_jsonl}:2: expected a JSON object" in error("--corpus", str(bad_jsonl), "--new-pieces", "5")
