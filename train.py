@@ -23,7 +23,8 @@ from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
 from bailong.runs import (RunFolder, check_output, fingerprints, prepare_output, read_run, release_lock, seen,
                           start_run)
-from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, summary
+from bailong import progress
+from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
 
 
@@ -306,6 +307,7 @@ def train(config):
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=None if main_process else True)  # None: shown on a terminal
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
+    said = started  # where the bar is not shown (a log file), a line every progress.LINE_EVERY seconds
     fed = fed_at_start = sum(map(step_tokens, range(start)))  # real tokens fed: SFT's padding left out
     with GracefulStop(say, echoes=2.0 if "LOCAL_RANK" in os.environ else 0.0) as interrupt:  # under torchrun
         for step in bar:
@@ -327,6 +329,9 @@ def train(config):
             done, fed = step + 1, fed + step_tokens(step)
             elapsed = time.perf_counter() - started
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(fed - fed_at_start) / elapsed:,.0f}")
+            if bar.disable and time.perf_counter() - said >= progress.LINE_EVERY:
+                said = time.perf_counter()
+                say(progress_line(done, config.steps, total, (fed - fed_at_start) / elapsed, elapsed, done - start))
             if main_process:
                 metrics.log(step=done, loss=total, lr=lr_at(step, config), tokens=fed)
             if held_out and (done % config.eval_every == 0 or done == config.steps):

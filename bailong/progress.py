@@ -33,6 +33,22 @@ def held_out_record(rows) -> tuple:
     return evals[best][0], evals[best][1], len(evals) - 1 - best
 
 
+LINE_EVERY = 60.0  # seconds between progress lines where no bar is shown
+
+
+def progress_line(done, steps, loss, tokens_per_s, elapsed, steps_timed) -> str:
+    """The progress bar's news as a line, for an output that shows no bar (a file: nohup's, a job scheduler's
+    log): the step, its loss, tokens/s, and the time the steps left take at this run's pace so far."""
+    left = (steps - done) * elapsed / max(1, steps_timed)
+    return (f"step {done:,}/{steps:,}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
+            f"{_interval(elapsed)} elapsed, {_interval(left)} left")
+
+
+def _interval(seconds) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {seconds:02d}s"
+
+
 class GracefulStop:
     """Ctrl-C (or SIGTERM: ``kill``, a job scheduler's stop) during training: the first one lets the step in
     progress finish, so that the checkpoint saved after it resumes exactly (the random state after a whole

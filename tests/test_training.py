@@ -188,6 +188,23 @@ def test_a_language_without_cjk_characters_takes_all_pieces(tmp_path, capsys):
     assert "--all-pieces is for --stage pretrain" in stderr
 
 
+def test_an_output_that_shows_no_bar_gets_progress_lines(tmp_path, capsys, monkeypatch):
+    """A log file (nohup, a job scheduler's) shows no progress bar: it gets a line every minute instead, here
+    every step; a terminal gets the bar alone."""
+    import re
+
+    from bailong import progress
+    stdout, _ = run_train(capsys, "--steps", "2", "--eval-every", "2", "--out", tmp_path / "quiet")
+    assert "step 1/2" not in stdout  # runs of under a minute
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    stdout, _ = run_train(capsys, "--steps", "3", "--eval-every", "3", "--out", tmp_path / "run")
+    lines = [line for line in stdout.splitlines() if re.match(r"step \d/3: loss", line)]
+    assert [line.split(":")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"], stdout
+    assert re.fullmatch(r"step 1/3: loss \d+\.\d{4}, [\d,]+ tokens/s, 0m \d\ds elapsed, 0m \d\ds left", lines[0])
+    assert progress.progress_line(10, 1000, 2.5, 1234.5, 600.0, 10) == \
+        "step 10/1,000: loss 2.5000, 1,234 tokens/s, 10m 00s elapsed, 16h 30m left"
+
+
 def test_the_startup_says_how_many_held_out_examples_an_evaluation_measures(tmp_path, capsys):
     stdout, _ = run_train(capsys, "--steps", "1", "--batch-size", "1", "--eval-batches", "3", "--out", tmp_path / "a")
     assert "and 4 held-out examples of 128 tokens (the held-out loss over the first 3: --eval-batches);" in stdout
