@@ -22,7 +22,7 @@ from bailong.files import atomic_folder, own_file
 from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
 from bailong.runs import (RunFolder, check_output, fingerprints, prepare_output, read_run, release_lock, seen,
-                          start_run)
+                          start_run, trained_vocabulary)
 from bailong import progress
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
@@ -87,7 +87,7 @@ def train(config):
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer, learning_message
     from bailong.weights import default_device, fingerprint, load, load_preset, save
-    from bailong.zip_tie import extend_model
+    from bailong.zip_tie import extend_model, extends
 
     # ---- processes and devices -------------------------------------------------------------------
     device = config.device or default_device()
@@ -118,13 +118,16 @@ def train(config):
     if config.stage == "pretrain":
         tokenizer = tokenizer_found(open_tokenizer(base_folder), config.model,
                                     "vocabulary transfer and training need one") if base_folder else byte_tokenizer()
-        if config.new_pieces:  # learned on the training share only: the held-out loss is measured on unseen text
-            say(learning_message(config.new_pieces, train_items))
-            new_tokenizer, added = extend_tokenizer(tokenizer, train_items, config.new_pieces,
-                                                     not config.all_pieces)
+        # a resumed run goes on with the pieces its checkpoints learned (this version may learn others); a new one
+        # learns them from the training share only: the held-out loss is measured on unseen text
+        if config.new_pieces:
+            new_tokenizer = trained_vocabulary(Path(config.out)) if config.resume and done_before else None
+            if new_tokenizer is None or not extends(tokenizer, new_tokenizer):  # (another base: refused below)
+                say(learning_message(config.new_pieces, train_items))
+                new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces, not config.all_pieces)
             before, after = (tokens_per_char(t, train_items) for t in (tokenizer, new_tokenizer))
-            say(f"vocabulary: +{len(added)} pieces ({tokenizer.vocab_size} -> {new_tokenizer.vocab_size}); tokens "
-                f"per character {before:.3f} -> {after:.3f}")
+            say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size} -> "
+                f"{new_tokenizer.vocab_size}); tokens per character {before:.3f} -> {after:.3f}")
 
     # ---- the model: the base, its embedding and head grown with zip-tie rows for the new pieces --------------
     own_base = config.stage == "sft" and config.resume and done_before and run.has_base()
@@ -143,7 +146,7 @@ def train(config):
     check_context(config, model.config.max_position_embeddings)
     if main_process:  # the folder's lock: nothing was touched before this line
         found = fingerprints(config, items, base_folder, tokenizer)
-        prepare_output(config, found, say, new_tokenizer, world, seen_before)
+        prepare_output(config, found, say, world, seen_before)
     if world > 1:
         dist.barrier()
 

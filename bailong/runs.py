@@ -21,6 +21,7 @@ cache is the only write until ``start_run`` (--overwrite's removal, run.json),
 once the data are known to make examples. Nothing here imports torch, so that
 train.py checks --out before loading it.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -305,12 +306,11 @@ def seen(out: Path) -> tuple:
                                for f in (folder.run_json, folder.metrics, folder.latest)))
 
 
-def prepare_output(config, found: dict, say=print, learned=None, world=1, before=(0, None, None, None)) -> Path:
+def prepare_output(config, found: dict, say=print, world=1, before=(0, None, None, None)) -> Path:
     """The write side of ``check_output``, once the inputs are read: take the folder's lock, and check it again
     (another process may have trained in it while this one loaded: it was as ``before`` says, ``seen`` then);
-    the run in ``--out`` must have the same data and base (by ``fingerprints``), and the vocabulary it
-    ``learned`` from them that its checkpoints were trained with (another version may learn another from the
-    same text). Then only the token cache is written (``data.tokenize``) before ``start_run``."""
+    the run in ``--out`` must have the same data and base (by ``fingerprints``). Then only the token cache is
+    written (``data.tokenize``) before ``start_run``."""
     out = Path(config.out)
     try:
         _take_lock(out)
@@ -338,11 +338,6 @@ def prepare_output(config, found: dict, say=print, learned=None, world=1, before
             what = {"data": "the data", "model": "the base model", "specials": "the tokenizer's bos and eos"}
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
                              "with; choose another --out")
-        if learned is not None and _trained_vocabulary(out) not in (None, learned.serialized()):
-            raise UsageError(f"{out}: the vocabulary learned from the data is not the one the run's checkpoints "
-                             "were trained with (an earlier Bailong learned it from the held-out data too, or "
-                             "another version of the tokenizer library learns another); its adapter's embedding "
-                             "rows cannot go on with it: choose another --out")
         if run.get("steps") not in (None, config.steps):
             change = "stretches" if config.steps > run["steps"] else "shrinks"
             say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the learning-rate "
@@ -350,15 +345,14 @@ def prepare_output(config, found: dict, say=print, learned=None, world=1, before
     return out
 
 
-def _trained_vocabulary(out: Path) -> bytes | None:
-    """The tokenizer the newest checkpoint's adapter was trained with, serialized; None where it keeps none."""
+def trained_vocabulary(out: Path):
+    """The tokenizer the run's checkpoints were trained with (the newest readable one's), which a resumed run goes
+    on with: the same text may teach another version other pieces. None where they keep none."""
     from bailong.tokenizer import open_tokenizer
-    saved = RunFolder(out).saved()
-    try:
-        tokenizer = open_tokenizer(RunFolder(saved[-1]).result) if saved else None
-    except BailongError:  # a damaged checkpoint: resuming passes over it, and says so
-        return None
-    return tokenizer.serialized() if tokenizer else None
+    for checkpoint in reversed(RunFolder(out).saved()):
+        with contextlib.suppress(BailongError):  # a damaged checkpoint: resuming passes over it, and says so
+            return open_tokenizer(RunFolder(checkpoint).result)
+    return None
 
 
 def start_run(config, found: dict, world=1, say=print, cached=()):
