@@ -6,10 +6,10 @@ and again, and each merge is kept in order. The new tokens get ids after every
 existing id (special tokens included) and their merges follow the base's. A BPE
 tokenizer applies merges by rank, so on new text it first applies all the base's
 merges, reaching the base's tokens, then the new ones in the order they were
-learned: the replay of training. By default only pairs whose left token starts
-with the bytes of a CJK character (``CJK``; or holds only the first bytes of one,
-where every character they may begin is CJK) are merged, so text without such
-characters never meets a new merge and keeps the base's tokens exactly. A pair
+learned: the replay of training. By default only pairs that make a token
+starting with the bytes of a CJK character (``CJK``; or with only the first bytes
+of one, where every character they may begin is CJK) are merged, so text without
+such characters never meets a new merge and keeps the base's tokens exactly. A pair
 that would make a token the base already has is never merged: every new merge
 makes a new token, which no base merge takes as input, so the base's merges
 always finish before the new ones.
@@ -91,13 +91,12 @@ def learn_merges(base, texts, new_tokens, cjk_only=True) -> list[tuple[str, str]
     known = set(in_base)
     banned = set()  # pairs that would make a token the base already has (see below)
 
-    cjk = {}  # token -> whether it starts with a CJK character (starts_cjk)
+    cjk = {}  # pair -> whether the token it makes starts with a CJK character (starts_cjk)
 
     def allowed(pair):
-        left = pair[0]
-        if left not in cjk:
-            cjk[left] = starts_cjk(bytes(lead[c] for c in left))
-        return not cjk_only or cjk[left]
+        if cjk_only and pair not in cjk:
+            cjk[pair] = starts_cjk(bytes(lead[c] for c in pair[0] + pair[1]))
+        return not cjk_only or cjk[pair]
 
     pairs, where = Counter(), defaultdict(set)  # pair -> occurrences; pair -> words that held it
     changed = set()  # pairs whose count moved since the heap last heard of them

@@ -119,3 +119,19 @@ def test_no_new_merge_makes_a_token_the_base_already_has():
     assert [t.value for t in tk.model.tokenize("ãäåç")] == ["ã", "äå", "ç"]  # the base stops short of ãäå
     merges = learn_merges(tk, ["ãäåç"] * 5 + ["ãäåæç"] * 4, 2)
     assert merges and all(a + b not in vocab for a, b in merges)
+
+
+def test_every_cjk_script_is_learned_and_nothing_else(tmp_path):
+    """Korean syllables whose first byte (0xEA) also begins Yi, half-width katakana and full-width letters (0xEF),
+    ideographs past the first plane (0xF0): a merge is judged by the token it makes, not by its left token, which
+    may hold that first byte alone (none of them was learned). English text takes no merge."""
+    from tokenizers import Tokenizer
+
+    from bailong.vocab_bpe import byte_of, learn_merges
+    base = Tokenizer.from_file(str(bpe_folder(tmp_path / "base", vocab_size=500) / "tokenizer.json"))
+    lead = byte_of()
+    for text, made in [("대한민국 가게 공원 가방 게임 ", "가게"), ("ＡＢＣ１２３ ｶﾀｶﾅ ﾃｽﾄ ", "ｶﾀｶﾅ"),
+                       ("𠮷野家 𠮷 𡈽 𠀀 ", "𠮷野家"), ("the quick brown fox ", None)]:
+        merges = learn_merges(base, [text * 50], 40)
+        tokens = [bytes(lead[c] for c in a + b).decode(errors="replace") for a, b in merges]
+        assert made in tokens if made else not merges, (text, tokens)
