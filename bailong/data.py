@@ -8,6 +8,7 @@ SFT renders each conversation in the chat format and trains only on the
 assistant tokens (labels -100 elsewhere). Token arrays are cached as .npy files
 keyed by the tokenizer and the text, and memory-mapped on the next run.
 """
+import codecs
 import hashlib
 import json
 import os
@@ -79,10 +80,12 @@ def _files(paths, suffixes) -> list[Path]:
 def _lines(file):
     """(line number, line) of a text file's non-blank lines; a line ends only at a line feed (JSON lines may
     hold U+2028 and other characters Python also splits lines at)."""
+    data = Path(file).read_bytes()
     try:
-        text = Path(file).read_bytes().decode("utf-8-sig")  # a byte-order mark, if any, dropped
-    except UnicodeDecodeError as e:
-        raise BailongError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        text = data.decode("utf-8-sig")  # a byte-order mark, if any, dropped
+    except UnicodeDecodeError as e:  # (its offset counts from after the mark)
+        where = e.start + 3 * data.startswith(codecs.BOM_UTF8)
+        raise BailongError(f"{file}: not UTF-8 text (byte {where}: {e.reason})") from None
     lines = (line.removesuffix("\r") for line in text.split("\n"))  # CRLF read as LF; a lone CR is no line's end
     return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
 

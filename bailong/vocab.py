@@ -196,7 +196,8 @@ def learning_message(new_pieces, texts) -> str:
     """What is said before the pieces are learned, a step that shows no progress of its own; and a warning where
     many documents are not in Unicode's composed form, NFC, in which text is nearly always typed: pieces learned
     on decomposed text (Vietnamese's "ệ" as "e" and two marks) fit little else."""
-    decomposed = sum(not unicodedata.is_normalized("NFC", t) for t in texts)
+    decomposed = sum(not unicodedata.is_normalized("NFC", t) and len(unicodedata.normalize("NFC", t)) < len(t)
+                     for t in texts)  # (composes something: NFC spells Hindi's nukta letters, क़, in two)
     return (f"vocabulary: learning {new_pieces:,} new pieces from {sum(map(len, texts)):,} characters (with no "
             "progress shown: minutes for a large corpus)..." + (
                 f"\nwarning: {decomposed:,} of {len(texts):,} documents are not in Unicode's composed form (NFC), "
@@ -251,10 +252,10 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
 def shown(piece: str) -> str:
     """A piece as a list shows it: a leading space as "▁", a leading combining mark on a dotted circle ("◌̉", not
     a mark over the space before it), an invisible character (a zero-width joiner) by its code point."""
-    piece = "\u2581" + piece[1:] if piece.startswith(" ") else piece
-    piece = "\u25cc" + piece if unicodedata.category(piece[0]).startswith("M") else piece
-    return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in ("Cf", "Cc", "Zs") and c != " " else c
-                   for c in piece)
+    space, piece = ("\u2581", piece[1:]) if piece.startswith((" ", "\u2581")) and len(piece) > 1 else ("", piece)
+    mark = "\u25cc" if unicodedata.category(piece[0]).startswith("M") else ""
+    return space + mark + "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c)[0] in "CZ" and c != " " else c
+                                  for c in piece)
 
 
 def read_text(path) -> str:

@@ -30,6 +30,14 @@ def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     assert read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"]) == ["first", "second"]
 
 
+def test_a_file_that_is_not_utf8_is_named_with_the_byte_where_it_fails(tmp_path):
+    """The offset counts the file's bytes, a byte-order mark among them."""
+    for name, data, byte in [("plain.txt", b"ab\xff", 2), ("marked.txt", b"\xef\xbb\xbfab\xff", 5)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BailongError, match=rf"{name}: not UTF-8 text \(byte {byte}: invalid start byte\)$"):
+            read_corpus([tmp_path / name])
+
+
 def test_a_document_ends_only_at_a_line_feed_and_hidden_folders_are_left_out(tmp_path):
     """JSON lines may hold U+2028 (json.dumps(ensure_ascii=False) writes it as it is), which str.splitlines
     breaks at: such a line was refused as broken JSON, and a form feed split a text line in two. Hidden folders

@@ -8,7 +8,7 @@ from transformers import LlamaTokenizer
 
 from bailong.errors import BailongError
 from bailong.tokenizer import Tokenizer
-from bailong.vocab import main as vocab_main
+from bailong.vocab import learning_message, main as vocab_main
 from bailong.data import read_corpus
 from bailong.training import SAMPLES
 from conftest import asset
@@ -95,8 +95,8 @@ def test_a_piece_the_extended_model_never_makes_gives_its_place_to_the_next():
 
 def test_the_pieces_a_report_shows_are_readable():
     from bailong.vocab import shown
-    assert [shown(p) for p in ["臺灣", " đ", "\u031b", "\u0301c", "\ufe0f\u200d", "\u3000"]] == \
-        ["臺灣", "▁đ", "◌\u031b", "◌\u0301c", "◌\ufe0f<U+200D>", "<U+3000>"]
+    assert [shown(p) for p in ["臺灣", " đ", "\u031b", "\u0301c", "\ufe0f\u200d", "\u3000", " \u0300", "\u2028"]] == \
+        ["臺灣", "▁đ", "◌\u031b", "◌\u0301c", "◌\ufe0f<U+200D>", "<U+3000>", "▁◌\u0300", "<U+2028>"]
 
 
 def test_a_decomposed_corpus_is_warned_of(tmp_path, capsys):
@@ -110,6 +110,8 @@ def test_a_decomposed_corpus_is_warned_of(tmp_path, capsys):
                     "--out", str(tmp_path / f"{form}.model")])
         said = "warning: 22 of 22 documents are not in Unicode's composed form (NFC), as text is typed"
         assert (said in capsys.readouterr().out) == warned, form
+    hindi = ["\u0958\u093e\u095e\u0940 \u095b\u093f\u0902\u0926\u0917\u0940"]  # क़ाफ़ी ज़िंदगी: NFC spells क़ in two
+    assert "warning" not in learning_message(5, hindi)
 
 
 def test_a_script_the_base_spells_well_is_trained_again_for_enough_new_pieces(monkeypatch):
