@@ -11,6 +11,8 @@ layout: a JSON list of items, each with a "category" and its user "turns"
 (one for single-turn, several for multi-turn). With --judge-url, an
 OpenAI-compatible chat endpoint scores each answer 0-10 under Bailong-bench's
 rules: an answer in the wrong language, or with any Simplified Chinese, scores 0.
+Those rules are the judge's to apply (they are in its prompt; no code here tells
+Simplified from Traditional Chinese).
 """
 import json
 import math
@@ -29,9 +31,10 @@ from bailong.files import check_output_file
 from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
-Rules: if the answer is not in the language the user wrote in, the score is 0; if the answer contains any
-Simplified Chinese characters where Traditional Chinese is expected, the score is 0. Otherwise judge
-helpfulness, correctness, relevance and detail. Reply with the score alone, as "Score: N".
+Rules: if the answer is not in the language the user asked for (where they did not say, the one they wrote in),
+the score is 0; if the answer contains any Simplified Chinese characters where Traditional Chinese is expected,
+the score is 0. Otherwise judge helpfulness, correctness, relevance and detail. Reply with the score alone, as
+"Score: N".
 
 [Conversation]
 {conversation}
@@ -135,8 +138,8 @@ def read_bench(path) -> list[dict]:
     return items
 
 
-def judge(url, model, conversation, answer, api_key=None, timeout=120) -> int:
-    """The 0-10 score an OpenAI-compatible chat endpoint gives ``answer``."""
+def judge(url, model, conversation, answer, api_key=None, timeout=120) -> tuple[int | None, str]:
+    """The 0-10 score an OpenAI-compatible chat endpoint gives ``answer`` (``score_of`` its reply), and the reply."""
     transcript = "\n".join(f"{m['role']}: {m['content']}" for m in conversation)
     body = {"model": model, "temperature": 0,
             "messages": [{"role": "user", "content": JUDGE_PROMPT.format(conversation=transcript, answer=answer)}]}
@@ -149,10 +152,21 @@ def judge(url, model, conversation, answer, api_key=None, timeout=120) -> int:
         assert isinstance(reply, str), f"content {reply!r}"
     except (OSError, KeyError, IndexError, TypeError, AssertionError, json.JSONDecodeError) as e:
         raise BailongError(f"{url}: the judge did not answer ({type(e).__name__}: {e})") from None
-    score = re.search(r"(\d+(?:\.\d+)?)", reply.split("Score:")[-1])
-    if not score:
-        raise BailongError(f"{url}: the judge's reply has no score: {reply[:80]!r}")
-    return max(0, min(10, math.floor(float(score[1]) + 0.5)))  # halves up: round() takes 6.5 to 6 and 7.5 to 8
+    return score_of(reply), reply
+
+
+NUMBER = r"-?\d+(?:\.\d+)?"
+SCORE = re.compile(rf"score\W{{0,8}}?({NUMBER})|\[\[({NUMBER})\]\]|({NUMBER})\s*(?:/|out of)\s*10(?!\.?\d)", re.I)
+
+
+def score_of(reply: str) -> int | None:
+    """A judge's score: the last "Score: N" (the prompt's form; or "**Score:** N", "N/10", "N out of 10",
+    "[[N]]"), else the reply's one number; None where there is none, or several that could each be it (a
+    refusal; "on a scale from 0 to 10, 3"). Halves round up; held to 0-10 ("Score: -3" is 0)."""
+    given = [next(g for g in m.groups() if g is not None) for m in SCORE.finditer(reply)]
+    numbers = re.findall(NUMBER, reply)
+    value = given[-1] if given else numbers[0] if len(numbers) == 1 else None
+    return None if value is None else max(0, min(10, math.floor(float(value) + 0.5)))  # round() takes 6.5 to 6
 
 
 def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_new_tokens=512, overwrite=False):
@@ -172,20 +186,21 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     greedy = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
     conversation = Chat(model, tokenizer, model_template(tokenizer, folder), greedy, max_new_tokens,
                         stop_ids=generation_eos(folder))
-    rows, scores, stopped = [], defaultdict(list), None
+    rows, scores, unscored, stopped = [], defaultdict(list), 0, None
     try:
         for item in items:
-            conversation.messages, said, item_scores = [], [], []
+            conversation.messages, said, judged = [], [], []
             for turn in item["turns"]:
                 answer = conversation.answer(turn, stream=False)
                 said += [{"role": "user", "content": turn}, {"role": "assistant", "content": answer}]
                 if judge_url:  # the judge sees what the model saw (older turns dropped to fit its context)
-                    item_scores.append(judge(judge_url, judge_model, conversation.shown, answer,
-                                             os.environ.get("OPENAI_API_KEY")))
+                    judged.append(judge(judge_url, judge_model, conversation.shown, answer,
+                                        os.environ.get("OPENAI_API_KEY")))
             row = {**item, "messages": said}
-            if judge_url:
-                row["scores"] = item_scores
-                scores[item.get("category", "uncategorized")] += item_scores
+            if judge_url:  # a reply without a score (a refusal) is kept for a reader, its turn left unscored
+                row["scores"], row["judge_replies"] = [score for score, _ in judged], [reply for _, reply in judged]
+                scores[item.get("category", "uncategorized")] += [s for s in row["scores"] if s is not None]
+                unscored += row["scores"].count(None)
             rows.append(row)
     except (KeyboardInterrupt, Terminated, BailongError) as e:  # the items answered so far are written all the
         # same (Ctrl-C, SIGTERM: a job scheduler's stop, a judge that fails)
@@ -198,12 +213,14 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
         raise BailongError(f"{stopped}; {len(rows)} of the {len(items)} items answered{written}")
     if stopped is not None:
         raise stopped
-    if scores:
-        print(f"{'category':24s} {'items':>5s} {'mean score':>10s}")
-        for category, values in sorted(scores.items()):
-            print(f"{category:24s} {len(values):5d} {sum(values) / len(values):10.2f}")
+    if judge_url:
+        print(f"{'category':24s} {'scores':>6s} {'mean':>6s}")
         every = [v for values in scores.values() for v in values]
-        print(f"{'all':24s} {len(every):5d} {sum(every) / len(every):10.2f}")
+        for category, values in sorted(scores.items()) + [("all", every)]:
+            print(f"{category:24s} {len(values):6d} {sum(values) / len(values) if values else math.nan:6.2f}")
+        if unscored:
+            print(f"{unscored} answer(s) unscored: the judge's reply gave no plain score (each item's judge_replies "
+                  f"in {out} holds them)")
     return rows, dict(scores)
 
 
@@ -216,7 +233,8 @@ def main(argv=None):
     a.add_argument("--max-chars", type=int, default=200_000)
     a.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's own (where its files name none, float32 "
                    "on a CPU, bfloat16 on CUDA); a 7B model takes 25 GiB in float32, 13 in bfloat16")
-    b = sub.add_parser("tokenizers", help="tokens per character of one or more tokenizers")
+    b = sub.add_parser("tokenizers", help="tokens per character of one or more tokenizers (lower is better; not "
+                       "the paper's gold words per token)")
     b.add_argument("--text", required=True)
     b.add_argument("tokenizers", nargs="+")
     c = sub.add_parser("bench", help="answer a Bailong-bench style file; judge with --judge-url")

@@ -125,11 +125,13 @@ def test_a_training_output_is_measured_with_its_tokenizer(tmp_path, capsys):
 
 class Judge(BaseHTTPRequestHandler):
     replies = []
+    says = {}  # the judge's reply to its nth request, where not "Score: 7"
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Judge.replies.append(body)
-        reply = {"choices": [{"message": {"content": "Score: 7" if "[Answer to grade]" in
+        said = Judge.says.get(len(Judge.replies) - 1, "Score: 7")
+        reply = {"choices": [{"message": {"content": said if "[Answer to grade]" in
                                           body["messages"][0]["content"] else "?"}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
@@ -157,7 +159,21 @@ def test_bench_with_a_judge_on_localhost(model_folder, tmp_path, capsys):
     assert "Simplified Chinese" in Judge.replies[0]["messages"][0]["content"]
     saved = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [m["role"] for m in saved[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert saved[0]["scores"] == [7, 7] and saved[0]["judge_replies"] == ["Score: 7", "Score: 7"]
     assert "寫作" in capsys.readouterr().out
+    Judge.says = {4: "I am sorry, but I cannot evaluate this content."}  # a refusal: that turn unscored, no more
+    try:
+        server = HTTPServer(("127.0.0.1", 0), Judge)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        rows, scores = bench(model_folder, questions, tmp_path / "refused.jsonl",
+                             judge_url=f"http://127.0.0.1:{server.server_port}/v1", max_new_tokens=4)
+    finally:
+        server.shutdown()
+        Judge.says = {}
+    assert scores == {"寫作": [7], "math": [7]} and rows[0]["scores"] == [7, None]
+    assert rows[0]["judge_replies"][1].startswith("I am sorry")
+    assert f"1 answer(s) unscored: the judge's reply gave no plain score (each item's judge_replies in " \
+           f"{tmp_path / 'refused.jsonl'} holds them)" in capsys.readouterr().out
     with pytest.raises(BailongError, match="the judge did not answer .*; 0 of the 2 items answered$"):
         bench(model_folder, questions, tmp_path / "a2.jsonl", judge_url="http://127.0.0.1:9/v1", max_new_tokens=2)
     assert not (tmp_path / "a2.jsonl").exists()
@@ -170,13 +186,26 @@ def test_bench_with_a_judge_on_localhost(model_folder, tmp_path, capsys):
         bench(model_folder, questions, tmp_path / "a3.jsonl")
 
 
+def test_a_judges_score_is_read_only_where_it_is_plain():
+    """The prompt asks for "Score: N"; judges also write "**Score:** N", "N/10", "[[N]]" or a lone number. A reply
+    with several numbers and no such form, or none (a refusal), is no score: the first number of a reply was taken
+    ("on a scale from 0 to 10, ... 3" scored 0; "Out of 10 points I give it 7" scored 10)."""
+    from bailong.eval import score_of
+    replies = {"Score: 7": 7, "Score: 7/10": 7, "**Score:** 9": 9, "Score: **8**": 8, "Rating: [[6]]": 6, "7.5": 8,
+               "分數：7": 7, "評分：8/10": 8, "I'd rate this 8 out of 10.": 8, "It has 2 problems. Score: 5": 5,
+               "The score is 6.": 6, "Score: -3": 0, "Score: 12": 10, "6.5": 7,
+               "On a scale from 0 to 10, this answer deserves 3.": None, "Out of 10 points I give it 7.": None,
+               "I am sorry, but I cannot evaluate this content.": None, "8/100": None}
+    assert {reply: score_of(reply) for reply in replies} == replies
+
+
 def test_the_judge_sees_what_the_model_saw(model_folder, tmp_path, monkeypatch):
     """Turns too long for the context together: the model's prompt leaves out the oldest, and so does what the
     judge is shown (it was shown the whole history, turns the model never saw)."""
     import bailong.eval as module
     seen = []
     monkeypatch.setattr(module, "judge", lambda url, model, conversation, answer, api_key=None:
-                        seen.append([m["content"] for m in conversation]) or 5)
+                        seen.append([m["content"] for m in conversation]) or (5, "Score: 5"))
     questions = tmp_path / "bench.json"
     questions.write_text(json.dumps([{"turns": ["word " * 60 + str(i) for i in range(4)]}]))
     bench(model_folder, questions, tmp_path / "answers.jsonl", judge_url="http://judge", max_new_tokens=4)
