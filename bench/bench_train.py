@@ -54,7 +54,8 @@ from pathlib import Path
 import torch
 
 
-# the two settings of the training targets: Bailong's recipe, and a long context
+# the two settings of the training targets: Bailong's recipe (at Llama 2's vocabulary, 32,000: not its 59,241),
+# and a long context
 SETTINGS = {"recipe": dict(preset="llama2-7b", seq_len=2048, batch=1, rank=128, embedding_and_head=True),
             "long": dict(preset="llama2-7b", seq_len=8192, batch=1, rank=16, embedding_and_head=False)}
 
