@@ -124,7 +124,8 @@ def train(config):
             new_tokenizer = trained_vocabulary(Path(config.out)) if config.resume and done_before else None
             if new_tokenizer is None or not extends(tokenizer, new_tokenizer):  # (another base: refused below)
                 say(learning_message(config.new_pieces, train_items))
-                new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces, not config.all_pieces)
+                new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces, not config.all_pieces,
+                                                    say)
             before, after = (tokens_per_char(t, train_items) for t in (tokenizer, new_tokenizer))
             say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size} -> "
                 f"{new_tokenizer.vocab_size}); tokens per character {before:.3f} -> {after:.3f}")

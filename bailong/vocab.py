@@ -153,11 +153,11 @@ def too_few(found, what, asked, cjk_only) -> str:
             f"{'; --all-pieces adds those of every script' if cjk_only else ''})")
 
 
-def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
+def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True, say=print):
     """Train on ``texts`` and extend ``base`` with up to ``new_pieces`` of the pieces it lacks: (model, pieces).
 
     Where the base spells the corpus's script well already (a Latin one), most pieces trained are the base's
-    own: the trainer is asked for twice as many again while that gives more new ones."""
+    own: the trainer is asked for twice as many again while that gives more new ones (and ``say`` says so)."""
     text = "".join(texts)
     size, added = len(base.pieces) // 4 + len(set(text)) + int(new_pieces * 1.5), []
     while True:
@@ -165,6 +165,7 @@ def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True):
         extended, more = extend_proto(base, trained, new_pieces, Counter(text), cjk_only)
         if len(more) == new_pieces or len(more) <= len(added) or len(trained.pieces) < size:  # enough, or no more
             return extended, more
+        say(f"vocabulary: {len(more):,} new pieces among the {size:,} learned; learning {size * 2:,}...")
         size, added = size * 2, more
 
 
@@ -205,13 +206,13 @@ def learning_message(new_pieces, texts) -> str:
                 "('NFC', text) composes a document)" if decomposed > len(texts) / 10 else ""))
 
 
-def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True):
+def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
     """``tokenizer`` with ``new_pieces`` learned on ``texts``: (the extended tokenizer, the added pieces as
     text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
     merges (bailong/vocab_bpe.py), keeping its tokenizer_config.json settings."""
     if not isinstance(tokenizer, JsonTokenizer):
         proto = check_bpe(tokenizer.proto(), tokenizer.path or "the tokenizer")
-        extended, added = add_pieces(proto, texts, new_pieces, cjk_only)
+        extended, added = add_pieces(proto, texts, new_pieces, cjk_only, say)
         if len(added) < new_pieces:
             raise BailongError(too_few(len(added), "pieces", new_pieces, cjk_only))
         return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base

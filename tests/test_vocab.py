@@ -127,8 +127,11 @@ def test_a_script_the_base_spells_well_is_trained_again_for_enough_new_pieces(mo
     texts = [" ".join(rng.choices(words, [1 / (i + 1) for i in range(len(words))], k=150)) for _ in range(900)]
     sizes, train = [], vocab.train_bpe
     monkeypatch.setattr(vocab, "train_bpe", lambda texts, size: sizes.append(size) or train(texts, size))
-    _, added = vocab.extend_tokenizer(base, texts + VIETNAMESE, 800, cjk_only=False)
+    said = []
+    _, added = vocab.extend_tokenizer(base, texts + VIETNAMESE, 800, cjk_only=False, say=said.append)
     assert len(added) == 800 and len(sizes) > 1
+    assert said[0] == f"vocabulary: {said[0].split()[1]} new pieces among the {sizes[0]:,} learned; learning " \
+                      f"{sizes[1]:,}..." and len(said) == len(sizes) - 1
 
 
 def test_old_ids_keep_their_pieces_and_text_round_trips(extended):
