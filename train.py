@@ -76,7 +76,7 @@ def train(config):
     from bailong.chat_template import model_template
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
-    from bailong.eval import tokens_per_char
+    from bailong.eval import first_chars, tokens_per_char
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.lora_casts import use_casts_by_layer
@@ -126,12 +126,12 @@ def train(config):
                 say(learning_message(config.new_pieces, train_items))
                 new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces, not config.all_pieces,
                                                     say)
-            before, after = (tokens_per_char(t, train_items) for t in (tokenizer, new_tokenizer))
+            sample = first_chars(train_items, 10_000_000)  # (a large corpus is tokenized whole once, below)
+            before, after = (tokens_per_char(t, sample) for t in (tokenizer, new_tokenizer))
             say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size} -> "
                 f"{new_tokenizer.vocab_size}); tokens per character {before:.3f} -> {after:.3f}")
 
     # ---- the model: the base, its embedding and head grown with zip-tie rows for the new pieces --------------
-    own_base = config.stage == "sft" and config.resume and done_before and run.has_base()
     if base_folder:  # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
         model, _ = load(base_folder, dtype=dtype, device=device, quantize="nf4" if config.quantize == "nf4" else None)
     elif config.stage == "pretrain":  # the embedded default: a tiny random Llama that spells everything in bytes

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -78,16 +79,21 @@ def _files(paths, suffixes) -> list[Path]:
 
 
 def _lines(file):
-    """(line number, line) of a text file's non-blank lines; a line ends only at a line feed (JSON lines may
-    hold U+2028 and other characters Python also splits lines at)."""
-    data = Path(file).read_bytes()
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark, if any, dropped
-    except UnicodeDecodeError as e:  # (its offset counts from after the mark)
-        where = e.start + 3 * data.startswith(codecs.BOM_UTF8)
-        raise BailongError(f"{file}: not UTF-8 text (byte {where}: {e.reason})") from None
-    lines = (line.removesuffix("\r") for line in text.split("\n"))  # CRLF read as LF; a lone CR is no line's end
-    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    """(line number, line) of a text file's non-blank lines, read a line at a time (a corpus file may be larger
+    than memory holds twice); a line ends only at a line feed, a CRLF read as one (JSON lines may hold U+2028
+    and other characters Python also splits lines at, and a lone carriage return ends no line either)."""
+    with open(file, "rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, 1):
+            start = 3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark dropped
+            try:
+                line = raw[start:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BailongError(f"{file}: not UTF-8 text (byte {offset + start + e.start}: {e.reason})") \
+                    from None
+            offset += len(raw)
+            if (line := line.removesuffix("\n").removesuffix("\r")).strip():
+                yield number, line
 
 
 def checked_text(where, value):
@@ -184,6 +190,13 @@ def _stopped_at_once():
 
 
 def _encode(item):
+    """An item's ids and labels (None for a document) as int32 arrays: 4 bytes a token, where a list of Python
+    ints holds about 40 (the whole corpus's are held until the cache is written)."""
+    ids, labels = _encode_lists(item)
+    return np.asarray(ids, dtype=np.int32), None if labels is None else np.asarray(labels, dtype=np.int32)
+
+
+def _encode_lists(item):
     if isinstance(item, str):  # a document: bos (where a prompt begins with one), its tokens, eos
         return _worker_tokenizer.encode(item, bos=_worker_tokenizer.adds_bos, eos=True), None
     if _worker_template is None:
@@ -208,22 +221,33 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
         parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos])
     if template is not None:  # a conversation in it is encoded whole (template_example, since this was added),
         parts.append(["encoded whole", getattr(tokenizer, "legacy", None)])  # a tokenizer.model's as legacy says
-    text = json.dumps(parts, ensure_ascii=False)
-    key = hashlib.sha256(tokenizer.serialized() + text.encode()).hexdigest()[:20]
-    stem = Path(cache_dir) / f"tokens-{key}"
+    stem = Path(cache_dir) / f"tokens-{_cache_key(tokenizer, parts)}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
     sft = not isinstance(items[0], str)
     read = files if sft else files[::2]
     if (cached := _cached(read, len(items))) is None:
         encoded = _encode_all(tokenizer, items, workers, template)
-        ids = np.fromiter((i for e, _ in encoded for i in e), dtype=np.int32)
-        labels = np.fromiter((i for _, lab in encoded for i in lab), dtype=np.int32) if sft else None
+        ids = np.concatenate([e for e, _ in encoded])
+        labels = np.concatenate([lab for _, lab in encoded]) if sft else None
         offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
+        del encoded
         for file, array in zip(files, (ids, labels, offsets)):
             if array is not None:
                 atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
         cached = [np.load(f, mmap_mode="r") for f in read]
     return (cached[0], cached[1], cached[2]) if sft else (cached[0], None, cached[1])
+
+
+def _cache_key(tokenizer, parts) -> str:
+    """A token cache's name: the hash of the tokenizer and of ``json.dumps(parts)`` (the items the third part),
+    hashed item by item, as that string would be, not made: it would copy the corpus three times over."""
+    digest = hashlib.sha256(tokenizer.serialized())
+    dump = partial(json.dumps, ensure_ascii=False)
+    digest.update(f"[{dump(parts[0])}, {dump(parts[1])}, [".encode())
+    for i, item in enumerate(parts[2]):
+        digest.update((", " * bool(i) + dump(item)).encode())
+    digest.update(("]" + "".join(f", {dump(part)}" for part in parts[3:]) + "]").encode())
+    return digest.hexdigest()[:20]
 
 
 def _cached(files, items: int) -> list | None:

@@ -16,6 +16,7 @@ tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 import copy
 import math
 import os
+import random
 import re
 import time
 import unicodedata
@@ -42,6 +43,9 @@ LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, no
                      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
                      max_sentence_length=1 << 16, minloglevel=2)
 CHUNK = 8192  # characters of a document given to the trainer at a time (<= 32 KiB of UTF-8)
+# the most characters pieces are learned from: a larger corpus gives a seeded draw of its chunks (the trainer
+# holds about 24 bytes a byte of its input: a 10 GB corpus took 240 GB; 100 million CJK characters take 7)
+LEARNED_FROM = 100_000_000
 
 
 def is_cjk(piece: str) -> bool:
@@ -51,20 +55,13 @@ def is_cjk(piece: str) -> bool:
     return bool(chars) and all(all_cjk(ord(c), ord(c)) for c in chars)
 
 
-def train_bpe(texts, vocab_size) -> pb.ModelProto:
-    """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as the corpus allows.
-
-    The trainer skips, without a word, any sentence over ``max_sentence_length``
-    bytes, so long documents are fed in pieces of ``CHUNK`` characters (at most
-    4 UTF-8 bytes each: well under the limit); merges across a cut are lost,
-    a negligible share of the statistics.
-    """
+def train_bpe(chunks, vocab_size) -> pb.ModelProto:
+    """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as ``chunks`` (``chunked``) allow."""
     import io
-    texts = [t[i:i + CHUNK] for t in texts for i in range(0, len(t), CHUNK)]
     for _ in range(3):
         model = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(chunks), model_writer=model, vocab_size=vocab_size,
                                            **LLAMA_TRAINER)
             break
         except RuntimeError as e:
@@ -77,6 +74,16 @@ def train_bpe(texts, vocab_size) -> pb.ModelProto:
     proto = pb.ModelProto()
     proto.ParseFromString(model.getvalue())
     return proto
+
+
+def chunked(texts, most=LEARNED_FROM, seed=0) -> list[str]:
+    """What pieces are learned from: the documents in pieces of ``CHUNK`` characters (at most 4 UTF-8 bytes
+    each), as the trainer skips, without a word, any sentence over ``max_sentence_length`` bytes (merges across
+    a cut are lost, a negligible share of the statistics); of a corpus of more than ``most`` characters, a seeded
+    draw of about that many."""
+    share = most / max(1, sum(map(len, texts)))
+    draw = random.Random(seed).random
+    return [t[i:i + CHUNK] for t in texts for i in range(0, len(t), CHUNK) if share >= 1 or draw() < share]
 
 
 def load_proto(path) -> pb.ModelProto:
@@ -154,15 +161,18 @@ def too_few(found, what, asked, cjk_only) -> str:
 
 
 def add_pieces(base: pb.ModelProto, texts, new_pieces, cjk_only=True, say=print):
-    """Train on ``texts`` and extend ``base`` with up to ``new_pieces`` of the pieces it lacks: (model, pieces).
+    """Train on ``texts`` (``chunked``) and extend ``base`` with up to ``new_pieces`` of the pieces it lacks:
+    (model, pieces).
 
     Where the base spells the corpus's script well already (a Latin one), most pieces trained are the base's
     own: the trainer is asked for twice as many again while that gives more new ones (and ``say`` says so)."""
-    text = "".join(texts)
-    size, added = len(base.pieces) // 4 + len(set(text)) + int(new_pieces * 1.5), []
+    chunks, counts = chunked(texts), Counter()
+    for chunk in chunks:
+        counts.update(chunk)
+    size, added = len(base.pieces) // 4 + len(counts) + int(new_pieces * 1.5), []
     while True:
-        trained = train_bpe(texts, size)
-        extended, more = extend_proto(base, trained, new_pieces, Counter(text), cjk_only)
+        trained = train_bpe(chunks, size)
+        extended, more = extend_proto(base, trained, new_pieces, counts, cjk_only)
         if len(more) == new_pieces or len(more) <= len(added) or len(trained.pieces) < size:  # enough, or no more
             return extended, more
         say(f"vocabulary: {len(more):,} new pieces among the {size:,} learned; learning {size * 2:,}...")
@@ -199,7 +209,9 @@ def learning_message(new_pieces, texts) -> str:
     on decomposed text (Vietnamese's "ệ" as "e" and two marks) fit little else."""
     decomposed = sum(not unicodedata.is_normalized("NFC", t) and len(unicodedata.normalize("NFC", t)) < len(t)
                      for t in texts)  # (composes something: NFC spells Hindi's nukta letters, क़, in two)
-    return (f"vocabulary: learning {new_pieces:,} new pieces from {sum(map(len, texts)):,} characters (with no "
+    chars = sum(map(len, texts))
+    drawn = f"a seeded draw of about {LEARNED_FROM:,} of its " if chars > LEARNED_FROM else ""
+    return (f"vocabulary: learning {new_pieces:,} new pieces from {drawn}{chars:,} characters (with no "
             "progress shown: minutes for a large corpus)..." + (
                 f"\nwarning: {decomposed:,} of {len(texts):,} documents are not in Unicode's composed form (NFC), "
                 "as text is typed: the pieces learned fit decomposed text, and little else (unicodedata.normalize"
@@ -216,7 +228,7 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
         if len(added) < new_pieces:
             raise BailongError(too_few(len(added), "pieces", new_pieces, cjk_only))
         return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
-    text, added = extend_json(tokenizer.serialized().decode(), texts, new_pieces, cjk_only, tokenizer.path)
+    text, added = extend_json(tokenizer.serialized().decode(), chunked(texts), new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
         raise BailongError(too_few(len(added), "tokens", new_pieces, cjk_only))
     return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added

@@ -99,6 +99,20 @@ def test_the_pieces_a_report_shows_are_readable():
         ["臺灣", "▁đ", "◌\u031b", "◌\u0301c", "◌\ufe0f<U+200D>", "<U+3000>", "▁◌\u0300", "<U+2028>"]
 
 
+def test_pieces_are_learned_from_a_seeded_draw_of_a_large_corpus(monkeypatch):
+    """SentencePiece's trainer holds about 24 bytes a byte of what it is given: a 10 GB corpus would take 240
+    GB, so pieces are learned from about LEARNED_FROM characters of a larger one, drawn by chunk with a seed."""
+    from bailong import vocab
+    texts = ["臺灣的夜市" * 4000, "long enough " * 1000] * 50  # 1.6 million characters, chunks of 8,192
+    assert vocab.chunked(texts, most=10**7) == [t[i:i + vocab.CHUNK] for t in texts for i in range(0, len(t),
+                                                                                                 vocab.CHUNK)]
+    drawn = vocab.chunked(texts, most=400_000)
+    assert drawn == vocab.chunked(texts, most=400_000) and 250_000 < sum(map(len, drawn)) < 550_000
+    monkeypatch.setattr(vocab, "LEARNED_FROM", 400_000)
+    assert "learning 5 new pieces from a seeded draw of about 400,000 of its 1,600,000 characters" in \
+        vocab.learning_message(5, texts)
+
+
 def test_a_decomposed_corpus_is_warned_of(tmp_path, capsys):
     """Pieces learned on decomposed text (NFD) cut its tokens, but not those of the composed text people type."""
     import unicodedata
