@@ -59,7 +59,9 @@ def train(config):
                          "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
     check_model(config)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
-    for name in SFT_KEPT if config.stage == "sft" else ():
+    # a fine-tuning run resumed goes on from the merged base it keeps, whatever became of --init
+    own_base = config.stage == "sft" and config.resume and done_before and RunFolder(Path(config.out)).has_base()
+    for name in SFT_KEPT if config.stage == "sft" and not own_base else ():
         if source := model_file(config.init, name):
             own_file(source)  # not linked from elsewhere (a token file): it would be copied into the run
     seen_before = seen(Path(config.out))  # checked again under the folder's lock: another run may train there meanwhile

@@ -61,11 +61,13 @@ def llama2_turns(tokenizer: Tokenizer, messages) -> list[tuple[list[int], list[i
 
 
 def training_example(tokenizer: Tokenizer, messages) -> tuple[list[int], list[int]]:
-    """Token ids of a whole conversation and its labels: the answer ids, -100 (ignored) elsewhere."""
+    """Token ids of a whole conversation and its labels: the answer ids (but an answer's whose "weight" is 0, as
+    OpenAI's fine-tuning data mark one not to learn), -100 (ignored) elsewhere."""
     ids, labels = [], []
+    weights = iter([m.get("weight", 1) for m in messages if m["role"] == "assistant"])
     for prompt, answer in llama2_turns(tokenizer, messages):
         ids += prompt + answer
-        labels += [-100] * len(prompt) + answer
+        labels += [-100] * len(prompt) + (answer if next(weights, 1) else [-100] * len(answer))
     return ids, labels
 
 
@@ -169,7 +171,7 @@ def template_example(tokenizer, template, messages) -> tuple[list[int], list[int
     ids, spans = tokenizer.encode_chat(text, specials, spans=True)
     answers = []  # (first, end) characters of each answer in text, and whether only whole tokens count
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or not message.get("weight", 1):  # (weight 0: not to learn, as OpenAI's)
             continue
         prompt = render_jinja(template, messages[:i], specials, add_generation_prompt=True)
         if not text.startswith(prompt):

@@ -30,6 +30,11 @@ from bailong.runs import DOCUMENTS
 from bailong.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+OTHER_LAYOUTS = {  # what to do with a conversation in another common layout, for the error that refuses it
+    "conversations": "ShareGPT's \"conversations\" of \"from\" and \"value\": rename them to \"messages\" of \"role\" "
+                     "and \"content\", human to user and gpt to assistant",
+    "instruction": "Alpaca's instruction, input and output: make the instruction and input a user message, the "
+                   "output an assistant one"}
 
 
 def data_paths(names, suffixes=(".txt", ".jsonl")) -> list[Path]:
@@ -142,17 +147,26 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
     conversations = []
     for file in _files(paths, (".jsonl",)):
         for number, line in _lines(file):
-            where = f"{file}:{number}"
+            where, record = f"{file}:{number}", None
             try:
-                messages = json.loads(line)["messages"]
-                roles = [m["role"] for m in messages]
-                assert all(isinstance(checked_text(where, m["content"]), str) for m in messages)
-            except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                raise BailongError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": \"...\"}}]}}") \
-                    from None
+                record = json.loads(line)
+                messages = record["messages"]
+                roles, contents = [m["role"] for m in messages], [m["content"] for m in messages]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BailongError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": \"...\"}}]}}"
+                                   + next((f" ({how})" for key, how in OTHER_LAYOUTS.items()
+                                           if isinstance(record, dict) and key in record), "")) from None
+            if (i := next((i for i, c in enumerate(contents) if not isinstance(checked_text(where, c), str)),
+                          None)) is not None:
+                raise BailongError(f"{where}: message {i}'s content is {json.dumps(contents[i])[:60]}, not a string"
+                                   + " (join its parts' texts into one)" * isinstance(contents[i], list))
             if unknown := [r for r in roles if r not in ROLES]:
                 raise BailongError(f"{where}: unknown role {unknown[0]!r} (use system, user, assistant)")
-            if ending == "assistant" and "assistant" not in roles:
+            if (i := next((i for i, m in enumerate(messages) if m.get("weight", 1) not in (0, 1)), None)) is not None:
+                raise BailongError(f"{where}: message {i}'s weight is {json.dumps(messages[i]['weight'])}, not 0 (an "
+                                   "answer not to learn) or 1")
+            if ending == "assistant" and not any(r == "assistant" and m.get("weight", 1) for r, m in zip(roles,
+                                                                                                    messages)):
                 raise BailongError(f"{where}: the conversation has no assistant turn to learn from")
             dialog = roles[1:] if roles[:1] == ["system"] else roles
             if not dialog or dialog[-1] != ending or dialog != (["user", "assistant"] * len(dialog))[:len(dialog)]:

@@ -19,6 +19,9 @@ def training_output(folder: Path) -> tuple[str | Path, Path] | None:
     if not base:
         raise BailongError(f"{folder}: a training output without its base model (no base/ beside it and no "
                            "base_model_name_or_path in adapter/adapter_config.json)")
+    if Path(base).is_absolute() and not Path(base).exists():  # a folder moved since (a Hub id is found loading)
+        raise BailongError(f"{folder}: its base model {base} (base_model_name_or_path in "
+                           f"{result / ADAPTER_CONFIG}) is gone: move it back, or write its new place there")
     return base, result
 
 

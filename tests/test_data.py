@@ -30,6 +30,62 @@ def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     assert read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"]) == ["first", "second"]
 
 
+def test_conversations_in_other_layouts_are_told_what_to_change(tmp_path):
+    """ShareGPT's and Alpaca's layouts got the same line as broken JSON; content as a list of parts, or null,
+    was refused by an assert (python -O took it out, and a traceback followed)."""
+    import json
+    cases = {'{"conversations": [{"from": "human", "value": "hi"}]}': "(ShareGPT's \"conversations\" of \"from\"",
+             '{"instruction": "a", "input": "", "output": "b"}': "(Alpaca's instruction, input and output: make",
+             json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                      {"role": "assistant", "content": "x"}]}):
+                 'message 0\'s content is [{"type": "text", "text": "Hi"}], not a string (join its parts\' texts',
+             json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]}):
+                 "message 1's content is null, not a string"}
+    for line, said in cases.items():
+        (tmp_path / "chats.jsonl").write_text(line + "\n")
+        with pytest.raises(BailongError) as error:
+            read_conversations([tmp_path / "chats.jsonl"])
+        assert str(error.value).startswith(f"{tmp_path / 'chats.jsonl'}:1: ") and said in str(error.value)
+
+
+def test_an_answer_of_weight_0_is_not_learned(tmp_path):
+    """OpenAI's fine-tuning data mark an assistant message not to learn with "weight": 0: it was learned as any."""
+    import json
+
+    from bailong.chat_template import template_example, training_example
+    from bailong.tokenizer import byte_tokenizer
+    from test_tokenizer import ZEPHYR
+    tokenizer = byte_tokenizer()
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bad", "weight": 0},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "good", "weight": 1}]
+    for _, labels in (training_example(tokenizer, chat), template_example(tokenizer, (ZEPHYR, {"eos_token": "</s>"}),
+                                                                          chat)):
+        assert tokenizer.decode([i for i in labels if i != -100]).strip() == "good"
+    lines = {"weight 2": chat[:1] + [{**chat[1], "weight": 2}], "nothing to learn": chat[:2]}
+    for what, messages in lines.items():
+        (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+        with pytest.raises(BailongError, match="message 1's weight is 2, not 0 .an answer not to learn. or 1$"
+                           if what == "weight 2" else "the conversation has no assistant turn to learn from$"):
+            read_conversations([tmp_path / "chats.jsonl"])
+
+
+def test_the_token_cache_is_named_as_before_without_a_copy_of_the_corpus():
+    """The key was the hash of json.dumps of everything (the corpus copied three times over: 28 GB for 10 GB of
+    text); hashed item by item it is the same, so that caches made before are found."""
+    import hashlib
+    import json
+
+    from bailong.data import DOCUMENTS, _cache_key
+    from bailong.tokenizer import byte_tokenizer
+    tokenizer = byte_tokenizer()
+    chat = [{"role": "user", "content": "臺灣\u2028\"引\""}, {"role": "assistant", "content": "好"}]
+    for parts in ([DOCUMENTS, None, ["a", "臺灣", "\t\"q\""]], [DOCUMENTS, None, []],
+                  [DOCUMENTS, None, ["x"], [1, 2, True]],
+                  [DOCUMENTS, "{{ x }}", [chat, chat], [1, 2, False], ["encoded whole", None]]):
+        whole = json.dumps(parts, ensure_ascii=False).encode()
+        assert _cache_key(tokenizer, parts) == hashlib.sha256(tokenizer.serialized() + whole).hexdigest()[:20]
+
+
 def test_a_file_that_is_not_utf8_is_named_with_the_byte_where_it_fails(tmp_path):
     """The offset counts the file's bytes, a byte-order mark among them."""
     for name, data, byte in [("plain.txt", b"ab\xff", 2), ("marked.txt", b"\xef\xbb\xbfab\xff", 5)]:

@@ -324,6 +324,15 @@ def test_a_real_checkpoint_and_tokenizer_through_both_stages(tmp_path):
     assert model.model.layers[0].self_attn.q_proj.lora_A.weight.abs().sum() > 0
     model, tokenizer = bailong.load(sft, device="cpu")
     assert tokenizer.vocab_size == 32200 and (sft / "base" / "model.safetensors").exists()
+    folder.rename(tmp_path / "moved")  # the base the pre-training run names: the fine-tuning run keeps its own
+    resumed = subprocess.run(TRAIN + list(map(str, ["--stage", "sft", "--init", pre, "--out", sft, "--steps", "13",
+                                                    "--eval-every", "6", "--batch-size", "2", "--resume"])),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    new = subprocess.run(TRAIN + ["--stage", "sft", "--init", str(pre), "--out", str(tmp_path / "new")],
+                         capture_output=True, text=True, timeout=600)
+    assert new.returncode == 1 and new.stderr == f"error: {pre}: its base model {folder} (base_model_name_or_path " \
+        f"in {pre / 'adapter' / 'adapter_config.json'}) is gone: move it back, or write its new place there\n"
 
 
 def test_the_init_methods_offered_are_those_zip_tie_knows():
