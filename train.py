@@ -77,7 +77,8 @@ def train(config):
 
     from bailong.chat_template import model_template
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
-    from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split, tokenize
+    from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split
+    from bailong.token_cache import tokenize
     from bailong.eval import first_chars, tokens_per_char
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora

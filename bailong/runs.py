@@ -71,7 +71,7 @@ NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eva
                 "keep_attention", "casts_by_layer", "offload_embedding", "cudnn_attention"}
 
 
-# how data._encode tokenizes a pre-training document: runs and token caches record it, and a run goes on only
+# how token_cache._encode tokenizes a pre-training document: runs and token caches record it, and a run goes on only
 # with the documents it began with
 DOCUMENTS = "bos where a prompt has one, text, eos"
 # how data.py reads data and makes SFT's examples: a run an earlier version began (recording none) goes on as it began
@@ -310,7 +310,7 @@ def prepare_output(config, found: dict, say=print, world=1, before=(0, None, Non
     """The write side of ``check_output``, once the inputs are read: take the folder's lock, and check it again
     (another process may have trained in it while this one loaded: it was as ``before`` says, ``seen`` then);
     the run in ``--out`` must have the same data and base (by ``fingerprints``). Then only the token cache is
-    written (``data.tokenize``) before ``start_run``."""
+    written (``token_cache.tokenize``) before ``start_run``."""
     out = Path(config.out)
     try:
         _take_lock(out)

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bailong import load_preset, memory
-from bailong.data import TokenData, read_corpus, tokenize
+from bailong.data import TokenData, read_corpus
+from bailong.token_cache import tokenize
 from bailong.training import SAMPLES
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, mark_only_lora_trainable, use_fused_lora
 from bailong.memory import use_chunked_mlp

@@ -75,7 +75,7 @@ def test_the_token_cache_is_named_as_before_without_a_copy_of_the_corpus():
     import hashlib
     import json
 
-    from bailong.data import DOCUMENTS, _cache_key
+    from bailong.token_cache import DOCUMENTS, _cache_key
     from bailong.tokenizer import byte_tokenizer
     tokenizer = byte_tokenizer()
     chat = [{"role": "user", "content": "臺灣\u2028\"引\""}, {"role": "assistant", "content": "好"}]
@@ -133,7 +133,7 @@ def test_half_a_character_in_json_is_named_not_a_traceback(tmp_path):
 def test_pretraining_documents_begin_with_bos_which_is_never_a_target(tmp_path):
     """Each document is bos, its tokens, eos, as a prompt begins; the stream's next tokens are the targets but
     bos, which no model is asked to write. A tokenizer without bos (id -1) begins them with nothing."""
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     from bailong.tokenizer import Tokenizer, byte_tokenizer
     tok = byte_tokenizer()
     docs = ["第一篇。", "second one", "三"]
@@ -213,7 +213,7 @@ def test_sft_says_how_much_of_the_answers_lies_past_the_sequence_length():
 
 def test_a_template_that_fails_names_the_conversation(tmp_path):
     """Among thousands of conversations, "fails on a conversation" said nothing of which."""
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer
     chats = read_conversations([SAMPLES / "chats_sample.jsonl"])
     template = "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}x"
@@ -233,7 +233,7 @@ def test_held_out_split_is_whole_documents_and_seeded():
 
 
 def test_token_cache_is_reused(tmp_path):
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer
     docs = ["臺灣", "hello world"]
     ids, labels, offsets = tokenize(byte_tokenizer(), docs, tmp_path, 1)
@@ -249,7 +249,7 @@ def test_a_damaged_token_cache_is_made_again(tmp_path, capsys):
     left in file); arrays that do not fit together were read as they were."""
     import numpy as np
 
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer
     chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "臺灣"}]] * 3
     whole = [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)]
@@ -275,7 +275,7 @@ def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path
     import sys
     import time
     from pathlib import Path
-    script = ("import sys\nfrom bailong.data import tokenize\nfrom bailong.errors import run_cli\n"
+    script = ("import sys\nfrom bailong.token_cache import tokenize\nfrom bailong.errors import run_cli\n"
               "from bailong.tokenizer import byte_tokenizer\n"
               "docs = [f'第 {i} 行 line {i} ' * 20 for i in range(200000)]\nprint('tokenizing', flush=True)\n"
               "run_cli(lambda argv: tokenize(byte_tokenizer(), docs, sys.argv[1], workers=2), [])\n")
@@ -299,8 +299,9 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
 
     import huggingface_hub.constants
 
-    from bailong import data
-    from bailong.data import data_paths, tokenize
+    from bailong import token_cache
+    from bailong.data import data_paths
+    from bailong.token_cache import tokenize
     from bailong.errors import run_cli
     from bailong.tokenizer import byte_tokenizer
     docs = [f"第 {i} 行 line {i}" for i in range(2500)]
@@ -311,7 +312,7 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     assert "Traceback" not in capfd.readouterr().err  # not always seen: the workers may end first
 
     def handler_in_a_worker(argv):  # what a worker does on the pool's SIGTERM, within the command's handler
-        pool = multiprocessing.Pool(1, initializer=data._pool_worker, initargs=(byte_tokenizer(), None))
+        pool = multiprocessing.Pool(1, initializer=token_cache._pool_worker, initargs=(byte_tokenizer(), None))
         found.append(pool.apply(signal.getsignal, (signal.SIGTERM,)))
         pool.close()  # the worker let go without a signal
         pool.join()
@@ -353,15 +354,15 @@ def test_tokenizing_workers_started_afresh_or_from_a_server_give_what_one_proces
     where Linux's older Pythons fork: what a worker is given (the tokenizer, the chat template) travels pickled."""
     import multiprocessing
 
-    from bailong import data
+    from bailong import token_cache
     from bailong.tokenizer import byte_tokenizer
-    monkeypatch.setattr(data, "Pool", multiprocessing.get_context(start).Pool)
+    monkeypatch.setattr(token_cache, "Pool", multiprocessing.get_context(start).Pool)
     docs = [f"第 {i} 行 line {i}" for i in range(2000)]
     chats = [[{"role": "user", "content": f"問 {i}"}, {"role": "assistant", "content": f"答 {i}"}] for i in range(2000)]
     template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token if m.role == 'assistant' }}\n"
                 "{% endfor %}{{ 'assistant: ' if add_generation_prompt }}", {"eos_token": "</s>"})
     for items, template in [(docs, None), (chats, template)]:
-        tokenized = [data.tokenize(byte_tokenizer(), items, tmp_path / f"{start}-{workers}", workers, template)
+        tokenized = [token_cache.tokenize(byte_tokenizer(), items, tmp_path / f"{start}-{workers}", workers, template)
                      for workers in (2, 1)]
         assert all(a.tolist() == b.tolist() for a, b in zip(*tokenized) if a is not None)
 
@@ -377,7 +378,7 @@ def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_p
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from bailong import data
+from bailong import token_cache as data
 from bailong.errors import run_cli
 from bailong.tokenizer import byte_tokenizer
 

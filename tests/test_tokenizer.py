@@ -129,7 +129,7 @@ def test_a_grown_vocabulary_reads_chat_text_as_its_base_and_caches_know_how(tmp_
     import shutil
 
     import bailong
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     from bailong.runs import DOCUMENTS
     from hf_models import write_hf
     from train_runs import run_train

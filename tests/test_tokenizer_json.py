@@ -37,7 +37,7 @@ def test_a_document_begins_with_bos_where_a_prompt_does(llama3, tmp_path):
     """Pre-training puts bos before a document only where the tokenizer begins a prompt with it (Llama 3's
     post-processor does; SmolLM2's tokenizer, whose bos is its eos, adds nothing): the documents begin as
     transformers' tokenizer begins a text."""
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     for name, processor in (("llama3", True), ("smollm2", False)):
         folder = tmp_path / name
         shutil.copytree(llama3, folder)
@@ -57,7 +57,7 @@ def test_special_tokens_are_found_where_transformers_finds_them(llama3, tmp_path
     token the post-processor begins a prompt with: read from tokenizer_config.json alone, pre-training joined
     such a model's documents with nothing between them. The token cache is keyed by bos and eos too: a new eos
     in tokenizer_config.json was trained on with the old one's cached ids."""
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     folder = tmp_path / "map"
     shutil.copytree(llama3, folder)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|begin_of_text|>"}))

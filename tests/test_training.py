@@ -133,7 +133,7 @@ def test_the_result_is_the_best_held_out_adapter_and_patience_stops_a_run_that_m
     """A run that overfits (the pre-training rate for 300 steps) stops once held-out loss has not improved
     for --patience evaluations; adapter/ holds the best evaluated step, the checkpoint the last."""
     import bailong
-    from bailong.data import tokenize
+    from bailong.token_cache import tokenize
     from bailong.data import data_paths, read_corpus
     out = tmp_path / "run"
     stdout, _ = run_train(capsys, "--steps", "300", "--eval-every", "25", "--patience", "2", "--out", out)

@@ -1,0 +1,149 @@
+"""The token cache: documents or conversations tokenized (in parallel where there are many), their ids (and
+SFT's labels) concatenated into int32 arrays with their offsets, saved as .npy files keyed by the tokenizer and
+the text, and memory-mapped on the next run."""
+import hashlib
+import json
+import os
+import signal
+import sys
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bailong.chat_template import template_example, training_example
+from bailong.errors import BailongError, handling, silence
+from bailong.files import atomic_write
+from bailong.runs import DOCUMENTS
+from bailong.tokenizer import Tokenizer
+
+_worker_tokenizer = _worker_template = None
+
+
+def _init_worker(tokenizer, template):
+    global _worker_tokenizer, _worker_template
+    _worker_tokenizer, _worker_template = tokenizer, template
+
+
+def _pool_worker(tokenizer, template):
+    """A tokenizing process: Ctrl-C, which a terminal sends to every process, and the pool's end (SIGTERM) end
+    it at once and quietly, as they end the command then (``_stopped_at_once``); a worker that went on would
+    print its broken pipe to the parent. What it meets reaches the parent as an exception: its own output goes
+    nowhere, so that a parent killed alone (``kill PID``) does not leave its workers' broken pipes to print."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    silence(sys.__stderr__)
+    _init_worker(tokenizer, template)
+
+
+def _stopped_at_once():
+    """While a pool tokenizes, Ctrl-C and SIGTERM end the process at once, as by default: nothing is being
+    written then, and a pool shut down by an exception can wait forever on a worker stopped mid-send."""
+    return handling(signal.SIG_DFL)
+
+
+def _encode(item):
+    """An item's ids and labels (None for a document) as int32 arrays: 4 bytes a token, where a list of Python
+    ints holds about 40 (the whole corpus's are held until the cache is written)."""
+    ids, labels = _encode_lists(item)
+    return np.asarray(ids, dtype=np.int32), None if labels is None else np.asarray(labels, dtype=np.int32)
+
+
+def _encode_lists(item):
+    if isinstance(item, str):  # a document: bos (where a prompt begins with one), its tokens, eos
+        return _worker_tokenizer.encode(item, bos=_worker_tokenizer.adds_bos, eos=True), None
+    if _worker_template is None:
+        return training_example(_worker_tokenizer, item)
+    try:
+        return template_example(_worker_tokenizer, _worker_template, item)
+    except Exception as e:  # jinja2's errors, ours (ValueError), and any a template's Python raises
+        first = next(m["content"] for m in item if m["role"] == "user")[:40]  # which one, to search the data for
+        raise BailongError(f"the model's chat_template fails on the conversation whose first question begins "
+                           f"{first!r} ({type(e).__name__}: {e})") from None
+
+
+def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
+    """Token ids (and SFT labels) of every item, concatenated, with offsets: cached, memory-mapped.
+    Conversations take the model's Jinja chat ``template`` (see chat_template.model_template), or
+    Llama 2's format when it is None.
+
+    Returns (ids, labels or None, offsets) where item i is ids[offsets[i]:offsets[i+1]].
+    """
+    parts = [DOCUMENTS, template, items]
+    if hasattr(tokenizer, "settings"):  # a tokenizer.json's bos and eos come from its settings files
+        parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos])
+    if template is not None:  # a conversation in it is encoded whole (template_example, since this was added),
+        parts.append(["encoded whole", getattr(tokenizer, "legacy", None)])  # a tokenizer.model's as legacy says
+    stem = Path(cache_dir) / f"tokens-{_cache_key(tokenizer, parts)}"
+    files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
+    sft = not isinstance(items[0], str)
+    read = files if sft else files[::2]
+    if (cached := _cached(read, len(items))) is None:
+        encoded = _encode_all(tokenizer, items, workers, template)
+        ids = np.concatenate([e for e, _ in encoded])
+        labels = np.concatenate([lab for _, lab in encoded]) if sft else None
+        offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
+        del encoded
+        for file, array in zip(files, (ids, labels, offsets)):
+            if array is not None:
+                atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
+        cached = [np.load(f, mmap_mode="r") for f in read]
+    return (cached[0], cached[1], cached[2]) if sft else (cached[0], None, cached[1])
+
+
+def _cache_key(tokenizer, parts) -> str:
+    """A token cache's name: the hash of the tokenizer and of ``json.dumps(parts)`` (the items the third part),
+    hashed item by item, as that string would be, not made: it would copy the corpus three times over."""
+    digest = hashlib.sha256(tokenizer.serialized())
+    dump = partial(json.dumps, ensure_ascii=False)
+    digest.update(f"[{dump(parts[0])}, {dump(parts[1])}, [".encode())
+    for i, item in enumerate(parts[2]):
+        digest.update((", " * bool(i) + dump(item)).encode())
+    digest.update(("]" + "".join(f", {dump(part)}" for part in parts[3:]) + "]").encode())
+    return digest.hexdigest()[:20]
+
+
+def _cached(files, items: int) -> list | None:
+    """The memory-mapped arrays of a token cache (ids, SFT's labels, offsets) of ``items`` items, or None where
+    one is missing, or damaged (a disk that filled, a copy cut short): that one says so, and is made again."""
+    if not all(f.exists() for f in files):
+        return None
+    try:
+        arrays = [np.load(f, mmap_mode="r") for f in files]
+        ids, offsets = arrays[0], arrays[-1]
+        whole = all(a.ndim == 1 and a.dtype.kind == "i" for a in arrays) and len(offsets) == items + 1 and \
+            offsets[0] == 0 and offsets[-1] == len(ids) and all(len(a) == len(ids) for a in arrays[1:-1])
+        if whole:
+            return arrays
+        why = "its arrays do not fit together"
+    except (ValueError, EOFError):  # numpy's for a file cut short, or not an array (its words on pickles mislead)
+        why = "a file cut short, or not an array"
+    print(f"warning: {files[0].parent}: the token cache {files[0].name[:27]} is damaged ({why}); tokenizing "
+          "again", file=sys.stderr)
+    return None
+
+
+def _encode_all(tokenizer, items, workers, template) -> list:
+    """(ids, labels or None) of each item, in parallel where there are many."""
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
+    encoded = []
+    if workers > 1 and len(items) >= 2000:
+        with _stopped_at_once(), Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template)) as pool:
+            for result in pool.imap(_encode, items, chunksize=64):
+                encoded.append(result)
+                bar.update()
+    else:
+        _init_worker(tokenizer, template)
+        for item in items:
+            encoded.append(_encode(item))
+            bar.update()
+    bar.close()
+    return encoded
+
+
+def _save_npy(path, array):
+    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+        np.save(f, array)
