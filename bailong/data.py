@@ -154,9 +154,10 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
             if (i := next((i for i, m in enumerate(messages) if m.get("weight", 1) not in (0, 1)), None)) is not None:
                 raise BailongError(f"{where}: message {i}'s weight is {json.dumps(messages[i]['weight'])}, not 0 (an "
                                    "answer not to learn) or 1")
-            if ending == "assistant" and not any(r == "assistant" and m.get("weight", 1) for r, m in zip(roles,
-                                                                                                    messages)):
+            if ending == "assistant" and "assistant" not in roles:
                 raise BailongError(f"{where}: the conversation has no assistant turn to learn from")
+            if ending == "assistant" and not any(m.get("weight", 1) for m in messages if m["role"] == "assistant"):
+                raise BailongError(f"{where}: every answer has weight 0: nothing to learn")
             dialog = roles[1:] if roles[:1] == ["system"] else roles
             if not dialog or dialog[-1] != ending or dialog != (["user", "assistant"] * len(dialog))[:len(dialog)]:
                 raise BailongError(f"{where}: expected an optional system message, then user and assistant "

@@ -155,15 +155,17 @@ def judge(url, model, conversation, answer, api_key=None, timeout=120) -> tuple[
     return score_of(reply), reply
 
 
-NUMBER = r"-?\d+(?:\.\d+)?"
-SCORE = re.compile(rf"score\W{{0,8}}?({NUMBER})|\[\[({NUMBER})\]\]|({NUMBER})\s*(?:/|out of)\s*10(?!\.?\d)", re.I)
+NUMBER = r"-?\d+(?:\.\d+)?(?!\s*[-–]\s*\d)"  # not the first of a range ("0-10")
+SCORES = [re.compile(rf"score\s*(?:[(\[][^)\]]*[)\]])?(?:[\s:*=]|is)*({NUMBER})", re.I),  # "Score (0-10): N"
+          re.compile(rf"\[\[({NUMBER})\]\]"), re.compile(rf"({NUMBER})\s*(?:/|out of)\s*10(?!\.?\d)", re.I)]
 
 
 def score_of(reply: str) -> int | None:
-    """A judge's score: the last "Score: N" (the prompt's form; or "**Score:** N", "N/10", "N out of 10",
-    "[[N]]"), else the reply's one number; None where there is none, or several that could each be it (a
-    refusal; "on a scale from 0 to 10, 3"). Halves round up; held to 0-10 ("Score: -3" is 0)."""
-    given = [next(g for g in m.groups() if g is not None) for m in SCORE.finditer(reply)]
+    """A judge's score: the last "Score: N" (the prompt's form; or "**Score:** N", "Score (0-10): N"), else the
+    last "[[N]]", else the last "N/10" or "N out of 10", else the reply's one number; None where there is none,
+    or several that could each be it (a refusal; "on a scale from 0 to 10, 3"). Halves round up; held to 0-10
+    ("Score: -3" is 0)."""
+    given = next((found for pattern in SCORES if (found := pattern.findall(reply))), None)
     numbers = re.findall(NUMBER, reply)
     value = given[-1] if given else numbers[0] if len(numbers) == 1 else None
     return None if value is None else max(0, min(10, math.floor(float(value) + 0.5)))  # round() takes 6.5 to 6

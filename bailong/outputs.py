@@ -8,10 +8,15 @@ from bailong.hub import ADAPTER_CONFIG, resolve
 from bailong.runs import RunFolder, read_run
 
 
+def is_output(folder: Path) -> bool:
+    """Whether ``folder`` is a training output or one of its checkpoints (it keeps an adapter)."""
+    return (RunFolder(folder).result / ADAPTER_CONFIG).is_file()
+
+
 def training_output(folder: Path) -> tuple[str | Path, Path] | None:
     """(base model, adapter) of a training output or one of its checkpoints; None for a model folder."""
     result = RunFolder(folder).result
-    if not (result / ADAPTER_CONFIG).is_file():
+    if not is_output(folder):
         return None
     run = folder.resolve()  # a run, or one of its checkpoints (run/checkpoints/step-N)
     base = next((RunFolder(f).base for f in (run, run.parent.parent) if RunFolder(f).has_base()), None) \
@@ -27,7 +32,7 @@ def training_output(folder: Path) -> tuple[str | Path, Path] | None:
 
 def check_model(config):
     """--model (pre-training's base) must be a model, not a training output, which fine-tuning or an export takes."""
-    if config.model and training_output(Path(config.model).expanduser()):
+    if config.model and is_output(Path(config.model).expanduser()):
         raise UsageError(f"{config.model}: is a training output; fine-tune it with --stage sft --init "
                          f"{config.model}, or merge it first (python -m bailong.export) to pre-train on it")
 
@@ -65,11 +70,11 @@ def check_not_a_run(folder: Path):
     own, or with none kept yet (where it brings one, ``training_output`` reads it as its base and adapter), or an
     adapter folder."""
     if not (folder / "config.json").exists() and (folder / ADAPTER_CONFIG).is_file():
-        output = folder.parent if training_output(folder.parent) else None
+        output = folder.parent if is_output(folder.parent) else None
         raise BailongError(f"{folder}: an adapter, not a model folder: " + (
             f"give the training output it is in ({output})" if output else
             "give its base model (and the adapter with --adapter, where the command takes one)"))
     if not (folder / "config.json").exists() and read_run(folder):
         raise BailongError(f"{folder}: a training run, not a model folder: " + (
-            "it brings its own adapter; give it without --adapter" if training_output(folder) else
+            "it brings its own adapter; give it without --adapter" if is_output(folder) else
             "it has no adapter yet (stopped before one was kept); continue it with train.py --resume"))

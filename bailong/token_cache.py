@@ -76,6 +76,8 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
         parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos])
     if template is not None:  # a conversation in it is encoded whole (template_example, since this was added),
         parts.append(["encoded whole", getattr(tokenizer, "legacy", None)])  # a tokenizer.model's as legacy says
+    if not isinstance(items[0], str) and any("weight" in m for item in items for m in item):  # (since answers
+        parts.append(["weight 0 not learned"])  # of weight 0 are not learned: a cache of before learned them)
     stem = Path(cache_dir) / f"tokens-{_cache_key(tokenizer, parts)}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
     sft = not isinstance(items[0], str)

@@ -228,7 +228,8 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
         if len(added) < new_pieces:
             raise BailongError(too_few(len(added), "pieces", new_pieces, cjk_only))
         return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
-    text, added = extend_json(tokenizer.serialized().decode(), chunked(texts), new_pieces, cjk_only, tokenizer.path)
+    drawn = texts if sum(map(len, texts)) <= LEARNED_FROM else chunked(texts)  # (BPE takes sentences of any length)
+    text, added = extend_json(tokenizer.serialized().decode(), drawn, new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
         raise BailongError(too_few(len(added), "tokens", new_pieces, cjk_only))
     return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added

@@ -61,11 +61,19 @@ def test_an_answer_of_weight_0_is_not_learned(tmp_path):
     for _, labels in (training_example(tokenizer, chat), template_example(tokenizer, (ZEPHYR, {"eos_token": "</s>"}),
                                                                           chat)):
         assert tokenizer.decode([i for i in labels if i != -100]).strip() == "good"
+    import hashlib
+
+    from bailong.token_cache import DOCUMENTS, tokenize
+    _, labels, _ = tokenize(tokenizer, [chat], tmp_path, 1)  # not under a cache of before, which learned "bad"
+    before = hashlib.sha256(tokenizer.serialized() + json.dumps([DOCUMENTS, None, [chat]], ensure_ascii=False)
+                            .encode()).hexdigest()[:20]
+    assert tokenizer.decode([i for i in labels if i != -100]).strip() == "good"
+    assert not list(tmp_path.glob(f"tokens-{before}.*")) and len(list(tmp_path.glob("tokens-*.npy"))) == 3
     lines = {"weight 2": chat[:1] + [{**chat[1], "weight": 2}], "nothing to learn": chat[:2]}
     for what, messages in lines.items():
         (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
         with pytest.raises(BailongError, match="message 1's weight is 2, not 0 .an answer not to learn. or 1$"
-                           if what == "weight 2" else "the conversation has no assistant turn to learn from$"):
+                           if what == "weight 2" else "every answer has weight 0: nothing to learn$"):
             read_conversations([tmp_path / "chats.jsonl"])
 
 

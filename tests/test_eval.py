@@ -195,7 +195,9 @@ def test_a_judges_score_is_read_only_where_it_is_plain():
                "分數：7": 7, "評分：8/10": 8, "I'd rate this 8 out of 10.": 8, "It has 2 problems. Score: 5": 5,
                "The score is 6.": 6, "Score: -3": 0, "Score: 12": 10, "6.5": 7,
                "On a scale from 0 to 10, this answer deserves 3.": None, "Out of 10 points I give it 7.": None,
-               "I am sorry, but I cannot evaluate this content.": None, "8/100": None}
+               "I am sorry, but I cannot evaluate this content.": None, "8/100": None,
+               "Score: 6 (clarity 9/10, accuracy 2/10)": 6, "Score: 8\n\nThe 2nd turn is 5/10 quality": 8,
+               "Score (0-10): 7": 7, "Score [0-10]: 8": 8, "score: 0-10 scale, 7": None}
     assert {reply: score_of(reply) for reply in replies} == replies
 
 

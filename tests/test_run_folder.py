@@ -367,3 +367,17 @@ def test_a_run_begun_with_precision_auto_goes_on_with_the_precision_named(tmp_pa
     _, stderr = run_train(capsys, "--steps", "3", "--held-out", "0", "--precision", "fp32", "--resume", "--out",
                           tmp_path / "bf16", code=2)
     assert "holds a different run (--precision was 'bf16', now 'fp32')" in stderr
+
+
+def test_a_training_output_whose_base_is_gone_is_still_told_apart_from_a_model(tmp_path):
+    """Where a training output is given as a model, the refusal says so; that its base has moved since is for
+    when it is loaded."""
+    from bailong.errors import BailongError, UsageError
+    from bailong.outputs import check_model, check_not_a_run
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(UsageError, match="run: is a training output; fine-tune it with --stage sft"):
+        check_model(TrainConfig(model=str(tmp_path / "run"), new_pieces=0))
+    with pytest.raises(BailongError, match=r"adapter: an adapter, not a model folder: give the training output it"):
+        check_not_a_run(tmp_path / "run" / "adapter")

@@ -135,3 +135,12 @@ def test_every_cjk_script_is_learned_and_nothing_else(tmp_path):
         merges = learn_merges(base, [text * 50], 40)
         tokens = [bytes(lead[c] for c in a + b).decode(errors="replace") for a, b in merges]
         assert made in tokens if made else not merges, (text, tokens)
+
+
+def test_a_small_corpus_is_learned_from_whole_documents(tmp_path):
+    """Only a corpus past LEARNED_FROM characters is cut into chunks for a draw: cut, a word at a chunk's edge
+    lost the merges it would make."""
+    from bailong.vocab import extend_tokenizer
+    base = JsonTokenizer(bpe_folder(tmp_path / "base", vocab_size=500) / "tokenizer.json")
+    _, added = extend_tokenizer(base, ["x" * 8191 + "丙丁。丙丁"], 3)
+    assert "丙丁" in added
