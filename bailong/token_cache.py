@@ -84,13 +84,12 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     read = files if sft else files[::2]
     if (cached := _cached(read, len(items))) is None:
         encoded = _encode_all(tokenizer, items, workers, template)
-        ids = np.concatenate([e for e, _ in encoded])
-        labels = np.concatenate([lab for _, lab in encoded]) if sft else None
-        offsets = np.cumsum([0] + [len(e) for e, _ in encoded], dtype=np.int64)
+        ids, labels = [e for e, _ in encoded], [lab for _, lab in encoded] if sft else None
+        offsets = [np.cumsum([0] + [len(e) for e in ids], dtype=np.int64)]
         del encoded
-        for file, array in zip(files, (ids, labels, offsets)):
-            if array is not None:
-                atomic_write(file, lambda tmp, a=array: _save_npy(tmp, a))
+        for file, parts in zip(files, (ids, labels, offsets)):
+            if parts is not None:
+                atomic_write(file, lambda tmp, p=parts: _save_npy(tmp, p))
         cached = [np.load(f, mmap_mode="r") for f in read]
     return (cached[0], cached[1], cached[2]) if sft else (cached[0], None, cached[1])
 
@@ -146,6 +145,13 @@ def _encode_all(tokenizer, items, workers, template) -> list:
     return encoded
 
 
-def _save_npy(path, array):
-    with open(path, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
-        np.save(f, array)
+def _save_npy(path, parts: list):
+    """``parts`` (arrays of one dtype) one after another as one .npy array, each let go once written: the whole
+    is only in the file (joined in memory first, a corpus's ids were held twice)."""
+    whole = np.lib.format.open_memmap(path, mode="w+", dtype=parts[0].dtype, shape=(sum(map(len, parts)),))
+    at, parts[:] = 0, parts[::-1]
+    while parts:
+        part = parts.pop()
+        whole[at:at + len(part)] = part
+        at += len(part)
+    whole.flush()
