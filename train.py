@@ -78,7 +78,6 @@ def train(config):
     from bailong.chat_template import model_template
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split
-    from bailong.token_cache import tokenize
     from bailong.eval import first_chars, tokens_per_char
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
@@ -87,6 +86,7 @@ def train(config):
     from bailong.optim import build_optimizer
     from bailong.quantized import memory_report, quantize_model
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
+    from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
     from bailong.vocab import extend_tokenizer, learning_message
     from bailong.weights import default_device, fingerprint, load, load_preset, save

@@ -44,7 +44,8 @@ LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, no
                      max_sentence_length=1 << 16, minloglevel=2)
 CHUNK = 8192  # characters of a document given to the trainer at a time (<= 32 KiB of UTF-8)
 # the most characters pieces are learned from: a larger corpus gives a seeded draw of its chunks (the trainer
-# holds about 24 bytes a byte of its input: a 10 GB corpus took 240 GB; 100 million CJK characters take 7)
+# holds about 24 bytes a byte of its input, measured: a 10 GB corpus would take 240 GB; 100 million CJK
+# characters, about 7)
 LEARNED_FROM = 100_000_000
 
 
