@@ -156,38 +156,6 @@ def test_the_result_is_the_best_held_out_adapter_and_patience_stops_a_run_that_m
     assert (targets == -100).any() and loss.item() == pytest.approx(best, abs=1e-5)
 
 
-def test_the_vocabulary_is_learned_from_the_training_share_only(tmp_path, capsys, monkeypatch):
-    """The held-out loss measures text the run never saw, its new pieces included."""
-    from bailong import vocab
-    from bailong.data import data_paths, read_corpus
-    learned_from, extend = [], vocab.extend_tokenizer
-    monkeypatch.setattr(vocab, "extend_tokenizer",
-                        lambda tokenizer, items, *rest: learned_from.append(items) or extend(tokenizer, items, *rest))
-    run_train(capsys, "--steps", "1", "--new-pieces", "20", "--out", tmp_path / "run")
-    config = TrainConfig()
-    trained, held = split(read_corpus(data_paths(config.data)), config.held_out, config.seed)
-    assert learned_from == [trained] and held and not set(held) & set(trained)
-
-
-def test_a_language_without_cjk_characters_takes_all_pieces(tmp_path, capsys):
-    """New pieces are CJK ones by default (Traditional Chinese beside English); another language's corpus is told
-    how to keep its own, and --all-pieces keeps them."""
-    from bailong.tokenizer import open_tokenizer
-    from bailong.training import SAMPLES
-    english = ["--data", SAMPLES / "en_sample.txt", "--steps", "1", "--new-pieces", "20"]
-    _, stderr = run_train(capsys, *english, "--out", tmp_path / "cjk", code=1)
-    assert "error: the corpus yields no new CJK pieces; --new-pieces asks for 20 (add text; --all-pieces adds " \
-           "those of every script)" in stderr
-    assert not (tmp_path / "cjk").exists()
-    stdout, _ = run_train(capsys, *english, "--all-pieces", "--out", tmp_path / "all")
-    assert "vocabulary: +20 pieces" in stdout
-    tokenizer = open_tokenizer(tmp_path / "all" / "adapter")
-    added = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size - 20, tokenizer.vocab_size)]
-    assert all(piece.replace("\u2581", "").isascii() for piece in added), added
-    _, stderr = run_train(capsys, "--stage", "sft", "--all-pieces", "--out", tmp_path / "sft", code=2)
-    assert "--all-pieces is for --stage pretrain" in stderr
-
-
 def test_an_output_that_shows_no_bar_gets_progress_lines(tmp_path, capsys, monkeypatch):
     """A log file (nohup, a job scheduler's) shows no progress bar: it gets a line every minute instead, here
     every step; a terminal gets the bar alone."""

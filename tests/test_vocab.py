@@ -9,9 +9,10 @@ from transformers import LlamaTokenizer
 from bailong.errors import BailongError
 from bailong.tokenizer import Tokenizer
 from bailong.vocab import learning_message, main as vocab_main
-from bailong.data import read_corpus
-from bailong.training import SAMPLES
+from bailong.data import read_corpus, split
+from bailong.training import SAMPLES, TrainConfig
 from conftest import asset
+from train_runs import run_train
 
 SAMPLE = SAMPLES / "zh_tw_sample.txt"
 TEXTS = {
@@ -251,3 +252,35 @@ def test_train_py_extends_only_what_vocab_extend_does_and_a_folder_names_its_tok
     held = split(read_corpus(corpus), 0.1, 0)[1]
     assert f"held-out text ({sum(map(len, held))} characters)" in capsys.readouterr().out
     assert any("\u4e00" <= c <= "\u9fff" for c in "".join(held))
+
+
+def test_the_vocabulary_is_learned_from_the_training_share_only(tmp_path, capsys, monkeypatch):
+    """The held-out loss measures text the run never saw, its new pieces included."""
+    from bailong import vocab
+    from bailong.data import data_paths, read_corpus
+    learned_from, extend = [], vocab.extend_tokenizer
+    monkeypatch.setattr(vocab, "extend_tokenizer",
+                        lambda tokenizer, items, *rest: learned_from.append(items) or extend(tokenizer, items, *rest))
+    run_train(capsys, "--steps", "1", "--new-pieces", "20", "--out", tmp_path / "run")
+    config = TrainConfig()
+    trained, held = split(read_corpus(data_paths(config.data)), config.held_out, config.seed)
+    assert learned_from == [trained] and held and not set(held) & set(trained)
+
+
+def test_a_language_without_cjk_characters_takes_all_pieces(tmp_path, capsys):
+    """New pieces are CJK ones by default (Traditional Chinese beside English); another language's corpus is told
+    how to keep its own, and --all-pieces keeps them."""
+    from bailong.tokenizer import open_tokenizer
+    from bailong.training import SAMPLES
+    english = ["--data", SAMPLES / "en_sample.txt", "--steps", "1", "--new-pieces", "20"]
+    _, stderr = run_train(capsys, *english, "--out", tmp_path / "cjk", code=1)
+    assert "error: the corpus yields no new CJK pieces; --new-pieces asks for 20 (add text; --all-pieces adds " \
+           "those of every script)" in stderr
+    assert not (tmp_path / "cjk").exists()
+    stdout, _ = run_train(capsys, *english, "--all-pieces", "--out", tmp_path / "all")
+    assert "vocabulary: +20 pieces" in stdout
+    tokenizer = open_tokenizer(tmp_path / "all" / "adapter")
+    added = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size - 20, tokenizer.vocab_size)]
+    assert all(piece.replace("\u2581", "").isascii() for piece in added), added
+    _, stderr = run_train(capsys, "--stage", "sft", "--all-pieces", "--out", tmp_path / "sft", code=2)
+    assert "--all-pieces is for --stage pretrain" in stderr

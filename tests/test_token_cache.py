@@ -1,0 +1,189 @@
+"""The token cache: documents and conversations tokenized (in parallel), cached under names that last,
+memory-mapped, made again where damaged; the pool's workers under Ctrl-C and SIGTERM."""
+import pytest
+
+from bailong.data import read_conversations, read_corpus
+from bailong.errors import BailongError
+from bailong.training import SAMPLES
+
+
+def test_the_token_cache_is_named_as_before_without_a_copy_of_the_corpus():
+    """The key was the hash of json.dumps of everything (the corpus copied three times over: 28 GB for 10 GB of
+    text); hashed item by item it is the same, so that caches made before are found."""
+    import hashlib
+    import json
+
+    from bailong.token_cache import DOCUMENTS, _cache_key
+    from bailong.tokenizer import byte_tokenizer
+    tokenizer = byte_tokenizer()
+    chat = [{"role": "user", "content": "臺灣\u2028\"引\""}, {"role": "assistant", "content": "好"}]
+    for parts in ([DOCUMENTS, None, ["a", "臺灣", "\t\"q\""]], [DOCUMENTS, None, []],
+                  [DOCUMENTS, None, ["x"], [1, 2, True]],
+                  [DOCUMENTS, "{{ x }}", [chat, chat], [1, 2, False], ["encoded whole", None]]):
+        whole = json.dumps(parts, ensure_ascii=False).encode()
+        assert _cache_key(tokenizer, parts) == hashlib.sha256(tokenizer.serialized() + whole).hexdigest()[:20]
+
+
+def test_token_cache_is_reused(tmp_path):
+    from bailong.token_cache import tokenize
+    from bailong.tokenizer import byte_tokenizer
+    docs = ["臺灣", "hello world"]
+    ids, labels, offsets = tokenize(byte_tokenizer(), docs, tmp_path, 1)
+    # bos + "▁" + 6 bytes + eos; bos + "▁hello▁world" + eos
+    assert labels is None and ids.tolist()[-1] == 2 and offsets.tolist() == [0, 9, 23]
+    again = tokenize(byte_tokenizer(), docs, tmp_path, 1)
+    assert isinstance(again[0], __import__("numpy").memmap) and again[0].tolist() == ids.tolist()
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_a_damaged_token_cache_is_made_again(tmp_path, capsys):
+    """A cache file cut short, or not an array, ended --resume in a traceback (mmap length, pickled data, no data
+    left in file); arrays that do not fit together were read as they were."""
+    import numpy as np
+
+    from bailong.token_cache import tokenize
+    from bailong.tokenizer import byte_tokenizer
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "臺灣"}]] * 3
+    whole = [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)]
+    for part, damage, why in [("ids", lambda f: f.write_bytes(f.read_bytes()[:140]), "cut short, or not an array"),
+                              ("offsets", lambda f: f.write_bytes(b"garbage"), "cut short, or not an array"),
+                              ("labels", lambda f: f.write_bytes(b""), "cut short, or not an array"),
+                              ("offsets", lambda f: np.save(f, np.array([0, 5])), "do not fit together"),
+                              ("labels", lambda f: np.save(f, np.zeros(4, np.int32)), "do not fit together")]:
+        damage(next(tmp_path.glob(f"*.{part}.npy")))
+        capsys.readouterr()
+        assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
+        err = capsys.readouterr().err
+        assert f"warning: {tmp_path}: the token cache tokens-" in err and why in err and "tokenizing again" in err
+        assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
+        assert "warning" not in capsys.readouterr().err
+
+
+def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path):
+    """``kill PID`` (SIGTERM to the command alone, not to its process group as a terminal's Ctrl-C) left the
+    tokenizing workers to meet their broken pipes and print about sixty lines of tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    script = ("import sys\nfrom bailong.token_cache import tokenize\nfrom bailong.errors import run_cli\n"
+              "from bailong.tokenizer import byte_tokenizer\n"
+              "docs = [f'第 {i} 行 line {i} ' * 20 for i in range(200000)]\nprint('tokenizing', flush=True)\n"
+              "run_cli(lambda argv: tokenize(byte_tokenizer(), docs, sys.argv[1], workers=2), [])\n")
+    command = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert command.stdout.readline() == "tokenizing\n"
+    children, waited = Path(f"/proc/{command.pid}/task/{command.pid}/children"), 0.0
+    while len(children.read_text().split()) < 2 and waited < 60:  # the workers at work (not a fixed wait: a busy
+        time.sleep(0.1)  # machine may start them late)
+        waited += 0.1
+    time.sleep(0.5)
+    command.send_signal(signal.SIGTERM)
+    _, err = command.communicate(timeout=60)  # once the workers too have closed their stderr
+    assert command.returncode == -signal.SIGTERM and not (tmp_path / "cache").exists()  # stopped mid-way
+    assert "Traceback" not in err, err
+
+
+def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, monkeypatch, capfd):
+    import multiprocessing
+    import signal
+
+    import huggingface_hub.constants
+
+    from bailong import token_cache
+    from bailong.data import data_paths
+    from bailong.token_cache import tokenize
+    from bailong.errors import run_cli
+    from bailong.tokenizer import byte_tokenizer
+    docs = [f"第 {i} 行 line {i}" for i in range(2500)]
+    found = []
+    with pytest.raises(SystemExit):  # as a command runs it: the pool's end (SIGTERM to its workers) is quiet
+        run_cli(lambda argv: found.append(tokenize(byte_tokenizer(), docs, tmp_path / "a", workers=2)), [])
+    parallel = found[0]
+    assert "Traceback" not in capfd.readouterr().err  # not always seen: the workers may end first
+
+    def handler_in_a_worker(argv):  # what a worker does on the pool's SIGTERM, within the command's handler
+        pool = multiprocessing.Pool(1, initializer=token_cache._pool_worker, initargs=(byte_tokenizer(), None))
+        found.append(pool.apply(signal.getsignal, (signal.SIGTERM,)))
+        pool.close()  # the worker let go without a signal
+        pool.join()
+    with pytest.raises(SystemExit):
+        run_cli(handler_in_a_worker, [])
+    assert found[1] == signal.SIG_DFL
+    serial = tokenize(byte_tokenizer(), docs, tmp_path / "b", workers=1)
+    assert parallel[0].tolist() == serial[0].tolist() and parallel[2].tolist() == serial[2].tolist()
+    snapshot = tmp_path / "hub" / "datasets--bailong-tests--corpus" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "part.txt").write_text("臺灣\n")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert data_paths(["bailong-tests/corpus"]) == [snapshot]
+    assert read_corpus(data_paths(["bailong-tests/corpus"])) == ["臺灣"]
+    chats = tmp_path / "hub" / "datasets--bailong-tests--chats" / "snapshots" / ("1" * 40)
+    chats.mkdir(parents=True)
+    (chats / "chats.jsonl").write_text((SAMPLES / "chats_sample.jsonl").read_text())
+    (chats.parents[1] / "refs").mkdir()
+    (chats.parents[1] / "refs" / "main").write_text("1" * 40)
+    assert read_conversations(data_paths(["bailong-tests/chats"])) == \
+        read_conversations([SAMPLES / "chats_sample.jsonl"])
+    parquet = tmp_path / "hub" / "datasets--bailong-tests--parquet" / "snapshots" / ("2" * 40)
+    parquet.mkdir(parents=True)
+    (parquet / "train.parquet").write_bytes(b"PAR1")
+    (parquet.parents[1] / "refs").mkdir()
+    (parquet.parents[1] / "refs" / "main").write_text("2" * 40)
+    with pytest.raises(BailongError, match="^bailong-tests/parquet: the Hub dataset holds no .txt or .jsonl files"):
+        data_paths(["bailong-tests/parquet"])  # was: "<the cache's folder>: the corpus is empty"
+    with pytest.raises(BailongError, match="^bailong-tests/corpus: the Hub dataset holds no .jsonl files"):
+        data_paths(["bailong-tests/corpus"], (".jsonl",))  # SFT's: its .txt is no conversation
+
+
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_tokenizing_workers_started_afresh_or_from_a_server_give_what_one_process_gives(start, tmp_path, monkeypatch):
+    """Python 3.14 starts a pool's workers from a server process (forkserver), macOS and Windows afresh (spawn),
+    where Linux's older Pythons fork: what a worker is given (the tokenizer, the chat template) travels pickled."""
+    import multiprocessing
+
+    from bailong import token_cache
+    from bailong.tokenizer import byte_tokenizer
+    monkeypatch.setattr(token_cache, "Pool", multiprocessing.get_context(start).Pool)
+    docs = [f"第 {i} 行 line {i}" for i in range(2000)]
+    chats = [[{"role": "user", "content": f"問 {i}"}, {"role": "assistant", "content": f"答 {i}"}] for i in range(2000)]
+    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{{ eos_token if m.role == 'assistant' }}\n"
+                "{% endfor %}{{ 'assistant: ' if add_generation_prompt }}", {"eos_token": "</s>"})
+    for items, template in [(docs, None), (chats, template)]:
+        tokenized = [token_cache.tokenize(byte_tokenizer(), items, tmp_path / f"{start}-{workers}", workers, template)
+                     for workers in (2, 1)]
+        assert all(a.tolist() == b.tolist() for a, b in zip(*tokenized) if a is not None)
+
+
+def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
+    """A pool shut down by an exception can wait forever on a worker stopped mid-send: while it tokenizes, the
+    command (its SIGTERM handler set, as every command's is) ends at once, as by default."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from bailong import token_cache as data
+from bailong.errors import run_cli
+from bailong.tokenizer import byte_tokenizer
+
+def encode(item):  # a worker stops its command and the pool, as a terminal or a scheduler does
+    if item == "x 3000":
+        os.killpg(0, int(sys.argv[1]))
+    return [1] * 10000, None
+
+data._encode = encode
+run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in range(6000)], 2, None) and 0, [])
+"""
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        done = subprocess.run([sys.executable, "-c", script, str(int(stop))], capture_output=True, text=True,
+                              timeout=60, start_new_session=True)  # a process group of its own
+        assert done.returncode == -stop, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)
