@@ -223,17 +223,18 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
     """``tokenizer`` with ``new_pieces`` learned on ``texts``: (the extended tokenizer, the added pieces as
     text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
     merges (bailong/vocab_bpe.py), keeping its tokenizer_config.json settings."""
-    if not isinstance(tokenizer, JsonTokenizer):
+    bpe = isinstance(tokenizer, JsonTokenizer)
+    if not bpe:
         proto = check_bpe(tokenizer.proto(), tokenizer.path or "the tokenizer")
         extended, added = add_pieces(proto, texts, new_pieces, cjk_only, say)
-        if len(added) < new_pieces:
-            raise BailongError(too_few(len(added), "pieces", new_pieces, cjk_only))
-        return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
-    drawn = texts if sum(map(len, texts)) <= LEARNED_FROM else chunked(texts)  # (BPE takes sentences of any length)
-    text, added = extend_json(tokenizer.serialized().decode(), drawn, new_pieces, cjk_only, tokenizer.path)
+    else:  # (BPE takes sentences of any length: only a draw is cut into chunks)
+        drawn = texts if sum(map(len, texts)) <= LEARNED_FROM else chunked(texts)
+        text, added = extend_json(tokenizer.serialized().decode(), drawn, new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
-        raise BailongError(too_few(len(added), "tokens", new_pieces, cjk_only))
-    return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added
+        raise BailongError(too_few(len(added), "tokens" if bpe else "pieces", new_pieces, cjk_only))
+    if bpe:
+        return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added
+    return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
 
 
 def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite=False):
