@@ -69,8 +69,8 @@ def save_checkpoint(out: Path, step, model, lora_config, tokenizer, optimizer, b
     try:
         with atomic_folder(final) as tmp:
             save_result(RunFolder(tmp).result, model, lora_config, tokenizer, base_name)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng},
-                       tmp / STATE)
+            with open(tmp / STATE, "wb") as f:  # (through Python's file: a refused write is an OSError, named)
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng}, f)
         atomic_write(run.latest, final.name)
     except BailongError as e:
         previous = latest_checkpoint(out)

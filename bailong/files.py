@@ -14,6 +14,7 @@ Two rules hold for every file a command writes:
 """
 import contextlib
 import os
+import re
 import shutil
 import traceback
 from contextlib import contextmanager
@@ -95,14 +96,28 @@ def write_failed(target, error) -> BailongError:
     return BailongError(f"{target}: could not write ({reason})")
 
 
+def _refusal(target, error) -> OSError | None:
+    """The machine's refusal behind a failed write to ``target`` (a full disk, a quota, a file-size limit), or
+    None for a bug: an OSError, raised or chained (torch.save into a file object), or named in a writer's message
+    (safetensors: "I/O error: File too large (os error 27)"); where none says, a full disk is what tells
+    (torch.save into a path reports one as a RuntimeError, "unexpected pos")."""
+    chained = error
+    while chained is not None:
+        if isinstance(chained, OSError):
+            return chained
+        if found := re.search(r"\(os error (\d+)\)", str(chained)):
+            return OSError(int(found[1]), os.strerror(int(found[1])))
+        chained = chained.__cause__ or chained.__context__
+    with contextlib.suppress(OSError):
+        if isinstance(error, Exception) and shutil.disk_usage(Path(target).parent).free < 1 << 20:
+            return OSError(28, "No space left on device")
+    return None
+
+
 def _failed(target, error, clean_up):
     """After a failed write to ``target``: remove the temporary copy, then raise the machine's refusal as
-    one line, or the error as it was (a bug). torch.save reports a full disk as a RuntimeError ("unexpected
-    pos") and safetensors as a SafetensorError, so besides OSError the free space is what tells."""
-    refused = isinstance(error, OSError)
-    if not refused and isinstance(error, Exception):
-        with contextlib.suppress(OSError):
-            refused = shutil.disk_usage(Path(target).parent).free < 1 << 20
+    one line, or the error as it was (a bug)."""
+    refused = _refusal(target, error)
     with contextlib.suppress(OSError):
         clean_up()
     if refused:
@@ -110,8 +125,7 @@ def _failed(target, error, clean_up):
         while chained is not None:  # until a garbage collection
             traceback.clear_frames(chained.__traceback__)
             chained = chained.__context__
-        raise write_failed(target, error if isinstance(error, OSError) else OSError(28, "No space left on device")) \
-            from None
+        raise write_failed(target, refused) from None
     raise error
 
 

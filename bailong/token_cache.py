@@ -146,12 +146,13 @@ def _encode_all(tokenizer, items, workers, template) -> list:
 
 
 def _save_npy(path, parts: list):
-    """``parts`` (arrays of one dtype) one after another as one .npy array, each let go once written: the whole
-    is only in the file (joined in memory first, a corpus's ids were held twice)."""
-    whole = np.lib.format.open_memmap(path, mode="w+", dtype=parts[0].dtype, shape=(sum(map(len, parts)),))
-    at, parts[:] = 0, parts[::-1]
-    while parts:
-        part = parts.pop()
-        whole[at:at + len(part)] = part
-        at += len(part)
-    whole.flush()
+    """``parts`` (contiguous arrays of one dtype) one after another as one .npy array, each let go once written:
+    the whole is only in the file (joined in memory first, a corpus's ids were held twice). Written through a
+    file, not a memory map, whose writes to a full disk kill the process (SIGBUS) with nothing said."""
+    header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False,
+              "shape": (sum(map(len, parts)),)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        parts[:] = parts[::-1]
+        while parts:
+            f.write(np.ascontiguousarray(parts.pop()).data)

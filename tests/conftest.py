@@ -1,4 +1,6 @@
+import gc
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,18 @@ def asset(name):
     if not path.exists():
         pytest.skip(f"{path} is absent (the shared test assets are not in this checkout)")
     return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB filesystem, where the machine allows mounting one (root on Linux); else skip."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
+    yield disk
+    gc.collect()  # (whatever the test left open there)
+    subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """bailong/files.py: outputs checked against inputs, and written whole or not at all (a real full disk too)."""
 import contextlib
-import gc
 import os
+import resource
 import subprocess
 
 import pytest
@@ -109,18 +109,6 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(tmp_pa
         subprocess.run(["umount", str(disk)], check=True)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 KiB filesystem, where the machine allows mounting one (root on Linux); else skip."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root on Linux)")
-    yield disk
-    gc.collect()  # (whatever the test left open there)
-    subprocess.run(["umount", str(disk)], check=True)
-
-
 def test_a_model_folders_file_linked_from_elsewhere_is_not_copied_out(tmp_path):
     """A cloned model folder's link to the user's Hub token went into an export; links within the folder, and a Hub
     snapshot's into its repo's blobs, are the folder's own."""
@@ -193,6 +181,24 @@ def test_sigterm_mid_write_leaves_the_old_version_and_no_temporary_copy(tmp_path
         assert exit_.value.code == 143
     assert sorted(os.listdir(tmp_path)) == ["model", "model.txt"] and os.listdir(tmp_path / "model") == []
     assert (tmp_path / "model.txt").read_text() == "old" and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_file_size_limit_or_a_quota_is_one_line_too(tmp_path):
+    """A quota or a file-size limit refuses a write with space left on the disk: safetensors names the error
+    in its message, torch.save into a Python file chains it (as a checkpoint is saved); both read as the
+    machine's refusal and leave nothing behind. (Python ignores SIGXFSZ, so the write fails with EFBIG.)"""
+    big = {"a": torch.zeros(100_000)}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(BailongError, match=r"w.safetensors: could not write \(File too large\)$"):
+            atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file(big, tmp))
+        with pytest.raises(BailongError, match=r"step-0000002: could not write \(File too large\)$"):
+            with atomic_folder(tmp_path / "step-0000002") as tmp, open(tmp / "state.pt", "wb") as f:
+                torch.save(big, f)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):

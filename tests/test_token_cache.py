@@ -187,3 +187,17 @@ run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in ran
                               timeout=60, start_new_session=True)  # a process group of its own
         assert done.returncode == -stop, done.stderr[-2000:]
         assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_line(small_disk):
+    """The cache was written through a memory map, whose writes to a full disk kill the process with SIGBUS and
+    nothing said (in a subprocess: so it would kill only that); through a file the machine's refusal is an error
+    naming the file, and no temporary file stays."""
+    import subprocess
+    import sys
+    code = ("from bailong.token_cache import tokenize; from bailong.tokenizer import byte_tokenizer; "
+            f"tokenize(byte_tokenizer(), ['臺灣' * 1000] * 20, {str(small_disk)!r}, 1)")  # 480 KB of ids
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, (run.returncode, run.stderr[-500:])
+    assert run.stderr.strip().splitlines()[-1].endswith(".ids.npy: could not write (No space left on device)")
+    assert list(small_disk.iterdir()) == []
