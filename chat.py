@@ -72,11 +72,6 @@ def parse_args(argv):
     except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
         name, _, rest = str(e).partition(" ")
         p.error(f"--{name.replace('_', '-')} {rest}")
-    for name in ("prompt", "system"):
-        try:
-            (getattr(args, name) or "").encode("utf-8")
-        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
-            p.error(f"--{name} is not UTF-8 text")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         p.error(f"--seed must be from 0 to {2**32 - 1}, not {args.seed}")
     if args.device:

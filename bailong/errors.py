@@ -27,6 +27,29 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, and every text given is UTF-8: the bytes of a name in another encoding reach Python
+        as characters that no file the run writes (run.json, its outputs) can hold."""
+        parsed = super().parse_args(args, namespace)
+        names = {a.dest: a.option_strings[0] if a.option_strings else a.dest for a in _actions(self)}
+        for dest, values in vars(parsed).items():
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, str) and not value.isascii():
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        self.error(f"{names.get(dest, dest)} is not UTF-8 text ({os.fsencode(value)!r})")
+        return parsed
+
+
+def _actions(parser):
+    """A parser's arguments, its subcommands' too."""
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+
 
 class Terminated(BaseException):
     """SIGTERM (``kill``, a job scheduler's stop), raised where the program is, so that an unfinished write

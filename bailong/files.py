@@ -24,8 +24,8 @@ from bailong.errors import BailongError, UsageError
 
 
 def overlaps(a, b) -> bool:
-    """``a`` and ``b`` are the same path, or one lies inside the other (symlinks and ``..`` resolved)."""
-    a, b = Path(a).resolve(), Path(b).resolve()
+    """``a`` and ``b`` are the same path, or one lies inside the other (``~``, symlinks and ``..`` resolved)."""
+    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
     return a == b or a in b.parents or b in a.parents
 
 

@@ -91,7 +91,8 @@ def inputs(config) -> dict:
     """The run's local inputs, by what they are."""
     found = {f"the data {d}": d for d in config.data}
     found.update({"the base model": config.model, "the model to fine-tune (--init)": config.init})
-    return {what: path for what, path in found.items() if path and Path(path).expanduser().exists()}
+    found = {what: Path(path).expanduser() for what, path in found.items() if path}  # "~/zh" quoted, or in a config
+    return {what: path for what, path in found.items() if path.exists()}
 
 
 _TOKENIZER = r"tokenizer\.(model|json)|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja"

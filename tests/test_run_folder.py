@@ -206,6 +206,20 @@ def test_a_pretraining_run_resumes_only_with_its_documents_tokenized_as_it_began
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_an_input_spelled_with_a_tilde_is_still_an_input(tmp_path, capsys, monkeypatch):
+    """"~/zh" quoted on the command line, or in a config file, reaches train.py unexpanded: the run was written
+    into the data folder (and the next run read its metrics.jsonl as a document), or into the model's."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "zh").mkdir()
+    shutil.copy(SAMPLES / "zh_tw_sample.txt", tmp_path / "zh")
+    for args, what in [(["--data", "~/zh", "--out", "~/zh/run"], "the data ~/zh"),
+                       (["--model", "~/zh", "--out", "~/zh/run"], "the base model"),
+                       (["--data", "~/zh/zh_tw_sample.txt", "--out", "~"], "the data ~/zh/zh_tw_sample.txt")]:
+        _, err = run_train(capsys, "--steps", "2", *args, code=2)
+        assert f"holds or lies inside {what}; choose an --out apart from the run's inputs" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zh"] and len(list((tmp_path / "zh").iterdir())) == 1
+
+
 def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.txt"
