@@ -202,3 +202,17 @@ def atomic_folder(path):
             os.replace(tmp, path)
     except BaseException as e:
         _failed(path, e, lambda: shutil.rmtree(tmp, ignore_errors=True))
+
+
+def finish_replacing(folder: Path) -> list[str]:
+    """Where a process was stopped between ``atomic_folder``'s two renames (its target renamed away, the new
+    version not yet in its place), put the new version in place, whole by then, or else the old one back; the
+    names put in place. The leftovers are then removed as any."""
+    done = []
+    for old in sorted(Path(folder).glob(".*.old")):
+        if (found := re.fullmatch(r"\.(.+)\.(\d+)\.old", old.name)) and old.is_dir():
+            target, new = old.with_name(found[1]), old.with_name(f".{found[1]}.{found[2]}.tmp")
+            if not target.exists() and not target.is_symlink():
+                os.replace(new if new.is_dir() else old, target)
+                done.append(target.name)
+    return done

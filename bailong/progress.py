@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bailong.errors import handling, silence
+from bailong.errors import BailongError, handling, silence
 from bailong.files import atomic_write
 from bailong.runs import latest_checkpoint
 
@@ -153,8 +153,12 @@ class Metrics:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-        plt.close(fig)
+        try:
+            atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        except BailongError as e:  # a picture of what metrics.jsonl holds: the run goes on, or ends well, without it
+            print(f"warning: {e}; the plot was not updated", file=sys.stderr)
+        finally:
+            plt.close(fig)
 
 
 def estimate_memory(model, config) -> str:

@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bailong.errors import BailongError, UsageError, read_json
-from bailong.files import atomic_write, overlaps
+from bailong.files import atomic_write, check_writable, finish_replacing, overlaps, write_failed
 
 
 class RunFolder:
@@ -222,7 +222,8 @@ def check_output(config, world=1, locked=False) -> int:
     for what, path in inputs(config).items():
         if overlaps(out, path):
             raise UsageError(f"{out}: holds or lies inside {what}; choose an --out apart from the run's inputs")
-    if not out.is_dir():
+    check_writable(out / "run.json")  # into the folder where it exists, else where it will be made: now, not after
+    if not out.is_dir():  # the data are read, the vocabulary learned and the model loaded
         return 0
     if not locked and not _lock_free(out):
         raise _busy(out)
@@ -316,12 +317,14 @@ def prepare_output(config, found: dict, say=print, world=1, before=(0, None, Non
     try:
         _take_lock(out)
     except OSError as e:
-        raise BailongError(f"{out}: cannot create the folder ({e.strerror})") from None
+        raise write_failed(RunFolder(out).lock if out.is_dir() else out, e) from None
     now = check_output(config, world, locked=True)
     if seen(out) != before:
         raise BailongError(f"{out}: another process trained in this folder while this one was loading ({now} "
                            f"steps done now, {before[0]} before); run the command again")
-    if leftovers := _leftovers(out):  # no process writes here but this one, now
+    for name in finish_replacing(out):  # no process writes here but this one, now
+        say(f"{out / name}: put in place (a stopped process had left it under a temporary name)")
+    if leftovers := _leftovers(out):
         say(f"removing what a stopped process left unfinished in {out}: "
             + ", ".join(str(p.relative_to(out)) + "/" * p.is_dir() for p in leftovers))
         for p in leftovers:

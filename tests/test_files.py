@@ -2,6 +2,7 @@
 import contextlib
 import os
 import resource
+import shutil
 import subprocess
 
 import pytest
@@ -222,3 +223,19 @@ def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):
         with contextlib.suppress(OSError):
             held.append(os.readlink(f"/proc/self/fd/{fd}"))
     assert not [f for f in held if f.startswith(str(small_disk))], held
+
+
+def test_a_replacement_stopped_between_its_renames_is_finished(tmp_path):
+    """atomic_folder renames its target away, then the new version into place: stopped between the two, the
+    new version (whole by then) is put in place, or the old one back where there is no new one."""
+    from bailong.files import finish_replacing
+    for pid, versions, kept in [(12, ("old", "tmp"), "tmp"), (34, ("old",), "old")]:
+        for version in versions:
+            (tmp_path / f".adapter.{pid}.{version}").mkdir()
+            (tmp_path / f".adapter.{pid}.{version}" / "w").write_text(version)
+        assert finish_replacing(tmp_path) == ["adapter"] and (tmp_path / "adapter" / "w").read_text() == kept
+        assert finish_replacing(tmp_path) == []  # the target is there: nothing is touched
+        for p in tmp_path.iterdir():
+            shutil.rmtree(p)
+    (tmp_path / ".notes.txt.5.old").write_text("a user's file")  # a file, not a folder atomic_folder left
+    assert finish_replacing(tmp_path) == [] and (tmp_path / ".notes.txt.5.old").is_file()

@@ -220,6 +220,41 @@ def test_an_input_spelled_with_a_tilde_is_still_an_input(tmp_path, capsys, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zh"] and len(list((tmp_path / "zh").iterdir())) == 1
 
 
+def test_a_folder_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, capsys):
+    """An --out on a read-only disk, new or a run to resume, was found only when the lock was taken: after the
+    data were read, the vocabulary learned and the model loaded (minutes at 7B), and said "cannot create the
+    folder" of a folder that was there."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root on Linux)")
+    try:
+        args = ["--eval-every", "2", "--new-pieces", "20"]
+        run_train(capsys, *args, "--steps", "2", "--out", disk / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        for out, more, where in [(disk / "run", ["--resume"], disk / "run"), (disk / "new", [], disk),
+                                 (disk / "new" / "deeper", [], disk)]:
+            said, err = run_train(capsys, *args, "--steps", "4", "--out", out, *more, code=1)
+            assert err == f"error: {out}/run.json: could not write ({where} is not writable)\n" and not said
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_replacement_stopped_between_its_two_renames_is_finished_on_resuming(tmp_path, capsys):
+    """A process stopped after the adapter was renamed away and before its new version took its place left no
+    adapter/ (chat.py found no model), and resuming removed both copies as unfinished writes."""
+    out = tmp_path / "run"
+    args = ["--eval-every", "2", "--new-pieces", "20", "--out", out]
+    run_train(capsys, *args, "--steps", "2")
+    shutil.copytree(out / "adapter", out / ".adapter.4242.tmp")  # the new version, complete
+    (out / "adapter").rename(out / ".adapter.4242.old")
+    said, _ = run_train(capsys, *args, "--steps", "3", "--resume")
+    assert f"{out}/adapter: put in place (a stopped process had left it under a temporary name)" in said
+    assert f"removing what a stopped process left unfinished in {out}: .adapter.4242.old/" in said
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not list(out.glob(".adapter*"))
+
+
 def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.txt"

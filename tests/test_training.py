@@ -374,3 +374,15 @@ def test_a_run_that_diverges_stops_before_a_nan_reaches_its_weights_or_its_resul
     assert "NaN" not in (tmp_path / "last" / "metrics.jsonl").read_text()
     if held_out == "0":
         assert not (tmp_path / "last" / "adapter").exists()
+
+
+def test_a_plot_that_cannot_be_written_is_a_warning(tmp_path, capsys):
+    """loss.png is a picture of metrics.jsonl: a run whose adapter and checkpoint were saved ended with exit 1 and
+    only "loss.png: could not write" when the disk filled at the plot."""
+    from bailong.progress import Metrics
+    (tmp_path / "a-file").write_text("not a folder")
+    metrics = Metrics(tmp_path / "metrics.jsonl", tmp_path / "a-file" / "loss.png")
+    metrics.log(step=1, loss=2.0)
+    metrics.plot()
+    assert capsys.readouterr().err == (f"warning: {tmp_path}/a-file/loss.png: could not write ({tmp_path}/a-file is "
+                                       "a file, not a folder); the plot was not updated\n")
