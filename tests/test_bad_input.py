@@ -207,9 +207,9 @@ def test_a_name_not_in_utf8_is_refused_by_every_entry_point(tmp_path, capsys, mo
     """Bytes that are not UTF-8 reach Python as surrogates ("\\udce9" for é in Latin-1), which run.json and the
     outputs cannot hold: train.py wrote the folder, then ended in a traceback."""
     monkeypatch.chdir(tmp_path)
-    for argv, name in [(["train.py", "--out", "lat\udce9n"], "--out"), (["train.py", "--data", "a\udce9.txt"], "--data"),
-                       (["chat.py", "m\udce9"], "model"), (["chat.py", "--preset", "tiny", "--system", "\udce9"],
-                                                          "--system"),
+    for argv, name in [(["train.py", "--out", "lat\udce9n"], "--out"),
+                       (["train.py", "--data", "a\udce9.txt"], "--data"), (["chat.py", "m\udce9"], "model"),
+                       (["chat.py", "--preset", "tiny", "--system", "\udce9"], "--system"),
                        (["-m", "bailong.vocab", "extend", "--base", "b", "--corpus", "c", "--new-pieces", "5", "--out",
                          "\udce9"], "--out"),
                        (["-m", "bailong.export", "--base", "b", "--out", "x\udce9"], "--out")]:
