@@ -20,19 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from bailong import load, load_preset
-from bailong.chat_template import model_template
-from bailong.config import DTYPES, PRESETS
-from bailong.conversation import Chat, is_conversations, save_answers
-from bailong.data import read_conversations_to_answer
+from bailong.config import DTYPES, HF_SAMPLING, PRESETS, SAMPLING, Sampling
 from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli
 from bailong.files import check_output_file
-from bailong.generation import HF_SAMPLING, SAMPLING, Sampling, generation_eos, model_sampling
-from bailong.hub import resolve
-from bailong.quantized import quantize_model
-from bailong.tokenizer import check_fits, open_tokenizer, tokenizer_found
 
 DEFAULT_MODEL = "out/sft"
 
@@ -79,6 +69,7 @@ def parse_args(argv):
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
     if args.output:
+        from bailong.conversation import is_conversations
         check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_conversations,
                           kind="file of conversations", flag="--output")
     if args.model and args.preset:
@@ -94,7 +85,18 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # before the libraries load (seconds): a mistake is answered at once, and Ctrl-C then
+    import torch  # is run_cli's to answer
+
+    from bailong import load, load_preset
+    from bailong.chat_template import model_template
+    from bailong.conversation import Chat, save_answers
+    from bailong.data import read_conversations_to_answer
+    from bailong.generation import generation_eos, model_sampling
+    from bailong.hub import resolve
+    from bailong.quantized import quantize_model
+    from bailong.tokenizer import check_fits, open_tokenizer, tokenizer_found
+
     if args.input:  # read (and check) the questions before minutes of loading
         questions = read_conversations_to_answer(Path(args.input))
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -1,4 +1,5 @@
-"""Model configuration: one dataclass, read from a Hugging Face config.json or a preset."""
+"""Model configuration: one dataclass, read from a Hugging Face config.json or a preset; and how the next token
+is sampled (read before torch loads: chat.py checks its options first)."""
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -138,3 +139,32 @@ def preset(name) -> ModelConfig:
         return replace(PRESETS[name])  # a copy: callers may change it
     except KeyError:
         raise BailongError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen. Defaults are those Bailong-instruct's model card gives."""
+    temperature: float = 0.6  # 0 means greedy (argmax)
+    top_k: int = 40  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 0.9  # keep the smallest set whose probability reaches p; 1.0 keeps all
+    repetition_penalty: float = 1.1  # 1.0 is off
+    seed: int | None = None  # set for reproducible sampling
+
+    def __post_init__(self):
+        """Refuse values that would sample something other than what they say (ValueError, naming the field)."""
+        for name, ok, what in [("temperature", lambda v: v >= 0, "0 (greedy) or more"),
+                               ("top_k", lambda v: v >= 0, "0 (all tokens) or more"),
+                               ("top_p", lambda v: 0 < v <= 1, "above 0 and at most 1"),
+                               ("repetition_penalty", lambda v: v > 0, "above 0 (1 is off)")]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value) or (name == "top_k" and value != int(value)):
+                raise ValueError(f"{name} must be {what}, not {value!r}")
+        self.top_k = int(self.top_k)  # a generation_config.json may say 50.0
+
+
+SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+# transformers' values for what a generation_config.json leaves out, or sets to null (GenerationConfig's defaults)
+HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}

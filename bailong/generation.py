@@ -5,36 +5,14 @@ that decoding speed is set by reading the weights, not by launching kernels.
 """
 import warnings
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
+from bailong.config import HF_SAMPLING, SAMPLING, Sampling
 from bailong.model import Llama
 from bailong.quantized import nf4_weights
 from bailong.step_graph import capture_failure
-
-
-@dataclass
-class Sampling:
-    """How the next token is chosen. Defaults are those Bailong-instruct's model card gives."""
-    temperature: float = 0.6  # 0 means greedy (argmax)
-    top_k: int = 40  # keep the k most likely tokens; 0 keeps all
-    top_p: float = 0.9  # keep the smallest set whose probability reaches p; 1.0 keeps all
-    repetition_penalty: float = 1.1  # 1.0 is off
-    seed: int | None = None  # set for reproducible sampling
-
-    def __post_init__(self):
-        """Refuse values that would sample something other than what they say (ValueError, naming the field)."""
-        import math
-        for name, ok, what in [("temperature", lambda v: v >= 0, "0 (greedy) or more"),
-                               ("top_k", lambda v: v >= 0, "0 (all tokens) or more"),
-                               ("top_p", lambda v: 0 < v <= 1, "above 0 and at most 1"),
-                               ("repetition_penalty", lambda v: v > 0, "above 0 (1 is off)")]:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not ok(value) or (name == "top_k" and value != int(value)):
-                raise ValueError(f"{name} must be {what}, not {value!r}")
-        self.top_k = int(self.top_k)  # a generation_config.json may say 50.0
 
 
 def process_logits(logits, seen, s: Sampling):
@@ -260,9 +238,6 @@ def graph_decoder(model: Llama, max_len) -> GraphDecoder:
     return decoder
 
 
-SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
-
-
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -280,10 +255,6 @@ def generation_eos(folder) -> set[int]:
     eos = read_json(file).get("eos_token_id") if file else None
     eos = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
     return {i for i in eos if isinstance(i, int) and not isinstance(i, bool) and i >= 0}
-
-
-# transformers' values for what a generation_config.json leaves out, or sets to null (GenerationConfig's defaults)
-HF_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampling, int]:

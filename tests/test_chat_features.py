@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 import bailong
 import chat
+from bailong import conversation
 from bailong.chat_template import jinja_template, render_jinja
 from bailong.generation import SAMPLING, model_sampling
 from conftest import ROOT, asset
@@ -264,10 +265,10 @@ def test_chat_py_stops_where_generation_config_says(model_folder, tmp_path, monk
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 107]}))
     seen = []
 
-    class Seen(chat.Chat):
+    class Seen(conversation.Chat):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen.append(self.stop_ids)
-    monkeypatch.setattr(chat, "Chat", Seen)
+    monkeypatch.setattr(conversation, "Chat", Seen)
     assert chat.main([str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) in (0, None)
     assert seen and {2, 107} <= seen[0]

@@ -76,6 +76,18 @@ def test_options_and_the_output_folder_are_refused_before_torch_loads(args):
     assert out.split() == ["UsageError", "False"]
 
 
+@pytest.mark.parametrize("args", [["--temperature", "-1"], ["--device", "gpu"], ["--preset", "tiny", "m"],
+                                  ["--output", "x.jsonl"], ["--help"]])
+def test_chat_options_are_refused_before_torch_loads(args):
+    """As train.py's: a mistake answered at once, and Ctrl-C while the libraries load is run_cli's (it printed
+    a traceback of the import when chat.py imported them at its top)."""
+    code = ("import sys, chat\n"
+            f"try:\n    chat.main({args!r})\nexcept BaseException as e:\n    print(type(e).__name__)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["SystemExit" if args == ["--help"] else "UsageError", "False"]
+
+
 def test_the_readme_layout_lists_every_module_and_folder():
     readme = (ROOT / "README.md").read_text()
     layout = readme.split("## Layout", 1)[1].split("```")[1]
