@@ -41,10 +41,19 @@ def main(argv=None):
         release_lock(config.out)
 
 
+def torchrun_processes() -> tuple[int, int]:
+    """(WORLD_SIZE, RANK), as torchrun sets them, refused where they cannot be: a leftover RANK alone trained
+    without a word and kept nothing (only rank 0 writes), a word or 0 ended in a traceback."""
+    found = [os.environ.get(name, default) for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"))]
+    if not all(v.isdecimal() and v.isascii() for v in found) or not int(found[1]) < int(found[0]):
+        raise UsageError(f"WORLD_SIZE is {found[0]!r} and RANK {found[1]!r}: torchrun sets both (RANK from 0 to "
+                         "WORLD_SIZE - 1); unset them to train in one process")
+    return int(found[0]), int(found[1])
+
+
 def train(config):
     # ---- the output folder: checked before torch loads, so that a mistake is answered at once ----------------
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = torchrun_processes()
     check_context(config)
     if config.cuda_graph:
         check_graph_step(world)

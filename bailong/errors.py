@@ -89,7 +89,7 @@ def run_cli(main, argv=None):
     machine's files may differ: its first process says what it met, naming its rank)."""
     say = os.environ.get("LOCAL_RANK", "0") == "0"
     rank = os.environ.get("RANK", "0")
-    where = f"[rank {rank}] " if rank != "0" else ""
+    where = f"[rank {rank}] " if rank not in ("0", "") else ""
     for stream in (sys.stdout, sys.stderr):  # text the output cannot hold (Chinese to an ASCII or cp1252 one,
         if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback;
             stream.reconfigure(errors="replace", line_buffering=True)  # a line as it is said, in a log file too

@@ -190,7 +190,7 @@ def test_every_row_of_the_bad_input_table(command, answer, code, prepared, capsy
     pattern = ".*?".join(re.escape(part) for part in answer.split("…"))
     assert status == code and any(re.match(pattern, line) for line in printed.splitlines()), printed[-3000:]
     assert "Traceback" not in printed
-    errors = [line for line in printed.splitlines() if line.startswith("error:")]
+    errors = [line for line in printed.splitlines() if re.match(r"(\[rank \d+\] )?error:", line)]
     assert len(errors) == (1 if code else len(errors)), errors  # a failure says one thing
     assert fingerprint(prepared) == before  # nothing the user had changed
     assert not list(prepared.glob(".*.tmp")) and not list(prepared.glob("*.tmp"))  # and nothing left behind
