@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from bailong.config import DTYPES, HF_SAMPLING, PRESETS, SAMPLING, Sampling
-from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli
+from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli, signals_held
 from bailong.files import check_output_file
 
 DEFAULT_MODEL = "out/sft"
@@ -85,8 +85,9 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    args = parse_args(argv)  # before the libraries load (seconds): a mistake is answered at once, and Ctrl-C then
-    import torch  # is run_cli's to answer
+    args = parse_args(argv)  # before the libraries load (seconds): a mistake is answered at once
+    with signals_held():  # Ctrl-C while torch loads: answered once it has
+        import torch
 
     from bailong import load, load_preset
     from bailong.chat_template import model_template

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bailong.errors import BailongError, UsageError, run_cli
+from bailong.errors import BailongError, UsageError, run_cli, signals_held
 from bailong.files import atomic_folder, own_file
 from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
@@ -81,8 +81,9 @@ def train(config):
     run = RunFolder(out)  # touched only once the data and the model have loaded
 
     # ---- the libraries (importing torch alone takes about a second) ------------------------------------------
-    import torch
-    import torch.distributed as dist
+    with signals_held():  # Ctrl-C while torch loads: answered once it has
+        import torch
+        import torch.distributed as dist
 
     from bailong.chat_template import model_template
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result

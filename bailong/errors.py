@@ -62,6 +62,21 @@ def _terminate(signum, frame):
 
 
 @contextlib.contextmanager
+def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within, ``signals`` wait; after, one that came is delivered where the program then is (run_cli answers
+    it). For torch's import, which swallows a Ctrl-C that comes while it imports numpy and leaves numpy half
+    made: an error minutes later, or a run that goes on. Only the main thread's are held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+@contextlib.contextmanager
 def handling(handler, signals=(signal.SIGINT, signal.SIGTERM)):
     """Within, ``handler`` answers ``signals``; after, the handlers before again. Only the main thread may set
     them: elsewhere (a notebook's worker thread) nothing changes."""

@@ -121,12 +121,18 @@ class Metrics:
         self.file, self.plot_file = file, plot
         self.rows = []
         if self.file.exists():  # a resumed run keeps the steps it had done (none when it starts again at 0)
-            for line in self.file.read_text().splitlines():
+            lines = self.file.read_text(errors="replace").splitlines()
+            for n, line in enumerate(lines, 1):
                 try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-            self.rows = [r for r in self.rows if r.get("step", 0) <= keep_until] if keep_until else []
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and type(row.get("step")) is int:
+                    self.rows.append(row)
+                elif n < len(lines):  # (the last, cut short by a kill, goes without a word)
+                    print(f"warning: {self.file}:{n}: not a step's record (a JSON object with its \"step\"); "
+                          "left out", file=sys.stderr)
+            self.rows = [r for r in self.rows if r["step"] <= keep_until] if keep_until else []
             atomic_write(self.file, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, **row):

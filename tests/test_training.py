@@ -386,3 +386,17 @@ def test_a_plot_that_cannot_be_written_is_a_warning(tmp_path, capsys):
     metrics.plot()
     assert capsys.readouterr().err == (f"warning: {tmp_path}/a-file/loss.png: could not write ({tmp_path}/a-file is "
                                        "a file, not a folder); the plot was not updated\n")
+
+
+def test_a_damaged_metrics_file_keeps_its_readable_records(tmp_path, capsys):
+    """A record that is not a step's (a list, no "step", a step that is not a number, bytes not UTF-8) ended
+    --resume in a traceback; the readable ones are kept, the others named, a last line cut short dropped."""
+    from bailong.progress import Metrics
+    file = tmp_path / "metrics.jsonl"
+    good = ['{"step": 0, "eval_loss": 6.3}', '{"step": 2, "loss": 5.0}', '{"step": 2, "eval_loss": 5.1}']
+    file.write_bytes("\n".join([good[0], "[1]", good[1], '{"eval_loss": 1}', '{"step": "x"}', good[2]]).encode()
+                     + b"\n\xff\xfe\n" + b'{"step": 3, "lo')
+    metrics = Metrics(file, tmp_path / "loss.png", keep_until=2)
+    assert metrics.rows == [json.loads(r) for r in good] and file.read_text().splitlines() == good
+    assert [line.split(": not")[0] for line in capsys.readouterr().err.splitlines()] == \
+        [f"warning: {file}:{n}" for n in (2, 4, 5, 7)]
