@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -150,7 +151,7 @@ def judge(url, model, conversation, answer, api_key=None, timeout=120) -> tuple[
         with urllib.request.urlopen(request, timeout=timeout) as response:
             reply = json.loads(response.read())["choices"][0]["message"]["content"]
         assert isinstance(reply, str), f"content {reply!r}"
-    except (OSError, KeyError, IndexError, TypeError, AssertionError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AssertionError) as e:  # JSONDecodeError too
         raise BailongError(f"{url}: the judge did not answer ({type(e).__name__}: {e})") from None
     return score_of(reply), reply
 
@@ -252,6 +253,8 @@ def main(argv=None):
         if getattr(args, name, 1) < 1:  # (its subcommand's --help lists it)
             {"perplexity": a, "bench": c}[args.command].error(
                 f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if getattr(args, "judge_url", None) and urllib.parse.urlsplit(args.judge_url).scheme not in ("http", "https"):
+        c.error(f"--judge-url must be an http:// or https:// address, not {args.judge_url!r}")
     if args.command == "perplexity":
         perplexity(args.model, args.text, args.max_chars, args.dtype and getattr(torch, args.dtype))
     elif args.command == "tokenizers":

@@ -132,7 +132,10 @@ class JsonTokenizer:
             found = self.tk.token_to_id(token) if isinstance(token, str) else None
             return -1 if found is None else found
         self.bos_id, self.eos_id, self.pad_id = special("bos_token"), special("eos_token"), special("pad_token")
-        plain, prompt = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a").ids
+        try:
+            plain, prompt = self.tk.encode("a", add_special_tokens=False).ids, self.tk.encode("a").ids
+        except Exception as e:  # one the library reads but cannot encode with (a Unigram without an unknown token)
+            raise BailongError(f"{file}: not a usable tokenizer.json (it cannot encode \"a\": {e})") from None
         if self.bos_id < 0 and prompt[1:] == plain:  # none named: the token the post-processor adds, as in
             self.bos_id = prompt[0]  # transformers' prompts
         # whether a prompt begins with bos: where the library's post-processor puts it (Llama 3's; not SmolLM2's,

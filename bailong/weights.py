@@ -36,6 +36,8 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
     layouts (files copied in by hand) is read as transformers reads it: model.safetensors."""
     single = folder / "model.safetensors"
     if single.exists():
+        if not single.is_file():  # (safetensors says only "No such device")
+            raise BailongError(f"{single}: is not a file")
         return {single: None}
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -51,8 +53,9 @@ def shards(folder: Path) -> dict[Path, list[str] | None]:
                 raise BailongError(f"{index}: names shard {file}, outside its folder")
             files.setdefault(folder / file, []).append(name)
         for file in files:
-            if not file.exists():
-                raise BailongError(f"{index}: names shard {file.name}, which is missing")
+            if not file.is_file():
+                raise BailongError(f"{index}: names shard {file.name}, which is " + ("not a file" if file.exists()
+                                                                                     else "missing"))
         return files
     hint = " (pickled .bin weights are not loaded: convert them to safetensors)" \
         if any(folder.glob("*.bin")) else ""

@@ -194,6 +194,9 @@ def test_a_broken_tokenizer_json_is_one_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": 1}')
     with pytest.raises(BailongError, match="tokenizer.json: not a tokenizer.json"):
         open_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')  # read, but no use
+    with pytest.raises(BailongError, match=r"tokenizer.json: not a usable tokenizer.json \(it cannot encode "):
+        open_tokenizer(tmp_path)
 
 
 def test_compare_init_measures_a_bpe_model(llama3, tmp_path, capsys):

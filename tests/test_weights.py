@@ -119,6 +119,12 @@ def test_index_naming_missing_shard(capsys, tmp_path):
     shard = json.loads(index.read_text())["weight_map"]["model.norm.weight"]
     (folder / shard).unlink()
     assert f"{index}: names shard {shard}, which is missing" in cli_error(capsys, folder)
+    (folder / shard).mkdir()  # a folder of that name: safetensors said only "No such device (os error 19)"
+    assert f"{index}: names shard {shard}, which is not a file" in cli_error(capsys, folder)
+    (folder / shard).rmdir()
+    (folder / "model.safetensors").mkdir()
+    assert f"{folder / 'model.safetensors'}: is not a file" in cli_error(capsys, folder)
+    (folder / "model.safetensors").rmdir()
     for damaged in ({"weight_map": 5}, {"weight_map": {"lm_head.weight": None}}):
         index.write_text(json.dumps(damaged))
         assert f"{index}: not a valid safetensors index (TypeError: weight_map is not an object of tensor names " \
