@@ -11,6 +11,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # How zip_tie starts the embedding rows of added pieces (bailong/zip_tie.py explains each); named here, beside
 # the other choices, so that train.py checks --init-method without torch.
 INIT_METHODS = ("zip-tie", "zip-tie-first", "mean-all", "random")
+# The most pieces a vocabulary extension adds (Bailong's 27,241; Llama 3's whole vocabulary 128,256): SentencePiece's
+# trainer reads a size past 2**31 as no number, and a size far past the corpus is a slip of the keyboard
+MAX_NEW_PIECES = 1_000_000
 # The RoPE scalings we compute, and the settings each needs from config.json.
 ROPE_SCALING = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}

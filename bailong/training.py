@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from bailong.config import INIT_METHODS
+from bailong.config import INIT_METHODS, MAX_NEW_PIECES
 from bailong.errors import Parser, UsageError, check_device, read_json
 from bailong.switches import switched_on
 
@@ -24,6 +24,9 @@ CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize"
            "precision": ("auto", "bf16", "fp32"), "checkpointing": ("auto", "on", "off")}
 AT_LEAST_ONE = ("lora_r", "seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every")
 AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience")
+# past these a run fails deep in a library (a rank past 2**63, a trainer's size past 2**31), or makes a million
+# micro-batches or processes before it can fail
+AT_MOST = {"lora_r": 65_536, "new_pieces": MAX_NEW_PIECES, "grad_accum": 65_536, "workers": 1_024}
 PRETRAIN_ONLY = ("new_pieces", "all_pieces", "init_method")  # the vocabulary's: fine-tuning keeps --init's
 # what each option only CUDA's training has says on the CPU (the first two move GPU memory to the host)
 TO_HOST = ("offload_activations", "offload_embedding")
@@ -159,6 +162,9 @@ class TrainConfig:
             least = 1 if name in AT_LEAST_ONE else 0
             if getattr(self, name) < least:
                 raise UsageError(f"{flag(name)} must be at least {least}, not {getattr(self, name)}")
+        for name, most in AT_MOST.items():
+            if getattr(self, name) > most:
+                raise UsageError(f"{flag(name)} must be at most {most:,}, not {getattr(self, name):,}")
         for name, ok, what in [("lr", lambda v: 0 < v < 1e37, "a positive number below 1e37"),  # (AdamW's first
                                # step, 10 --lr, must fit in a float32: a traceback past it)
                                ("min_lr", lambda v: 0 <= v <= self.lr, f"between 0 and --lr ({self.lr})"),

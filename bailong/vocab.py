@@ -28,7 +28,7 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
-from bailong.config import DTYPES
+from bailong.config import DTYPES, MAX_NEW_PIECES
 from bailong.data import read_corpus, split
 from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
@@ -346,8 +346,8 @@ def main(argv=None):
                    "float32 on a CPU, bfloat16 on CUDA); a 7B model takes 25 GiB in float32, 13 in bfloat16")
     args = p.parse_args(argv)
     if args.command == "extend":
-        if args.new_pieces < 1:
-            e.error(f"--new-pieces must be at least 1, not {args.new_pieces}")
+        if not 1 <= args.new_pieces <= MAX_NEW_PIECES:
+            e.error(f"--new-pieces must be from 1 to {MAX_NEW_PIECES:,}, not {args.new_pieces:,}")
         if not 0 <= args.held_out < 1:
             e.error(f"--held-out must be a share at least 0 and below 1, not {args.held_out}")
         extend(args.base, args.corpus, args.new_pieces, args.out, not args.all_pieces, args.held_out, args.overwrite)
