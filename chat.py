@@ -66,6 +66,8 @@ def parse_args(argv):
         p.error(f"--seed must be from 0 to {2**32 - 1}, not {args.seed}")
     if args.device:
         check_device(args.device)
+    if args.input and args.prompt is not None:
+        p.error("--prompt answers one message and --input a file of conversations: give one of them")
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
     if args.output:
