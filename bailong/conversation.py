@@ -115,8 +115,12 @@ class Chat:
             path = Path(rest.strip()).expanduser()
             if path.is_dir():
                 raise BailongError(f"{path}: is a folder; /save FILE names a file")
-            if path.exists() and name == "/save" and path.resolve() not in self.saved:
-                raise BailongError(f"{path}: already exists; /save! {rest.strip()} replaces it")
+            if path.exists() and path.resolve() not in self.saved:
+                if not is_conversations(path):  # (as chat.py --output: a model's own files, a user's notes)
+                    raise BailongError(f"{path}: already exists and is not a file of conversations; nothing was "
+                                       "written")
+                if name == "/save":
+                    raise BailongError(f"{path}: already exists; /save! {rest.strip()} replaces it")
             save_jsonl(path, [{"messages": self.messages}])
             self.saved.add(path.resolve())
             print(f"saved {path}", file=sys.stderr)
