@@ -275,6 +275,9 @@ def train(config):
             return (ddp_model if ddp else model)(inputs.to(device), targets=targets.to(device))
 
     def diverged(what, n):  # the error for a loss or gradient that is not finite, from the weights after n steps
+        if n == 0 and what.startswith("the gradient"):  # (its loss is finite)
+            return BailongError(f"{what}, from the weights loaded, whose loss is finite: the gradients overflow (the "
+                                f"LoRA scale, --lora-alpha / --lora-r, is {config.lora_alpha / config.lora_r:g})")
         if n == 0:
             return BailongError(f"{what}, from the weights loaded: the model "
                                 f"({config.model or config.init or 'the embedded default'}) gives no finite loss")
