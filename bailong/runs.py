@@ -211,6 +211,8 @@ def check_output(config, world=1, locked=False) -> int:
     out = Path(config.out)
     own_base = config.resume and RunFolder(out).has_base() and steps_done(out)  # resumed whatever became of --init
     if config.stage == "sft" and not own_base and not Path(config.init).expanduser().is_dir():
+        if Path(config.init).expanduser().exists():
+            raise UsageError(f"{config.init}: is not a folder; --init names a pre-training run or a model folder")
         raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
                          "or pass --init)")
     if out.is_symlink() and not out.exists():
