@@ -17,6 +17,8 @@ class Tokenizer:
         whether chat text after a special token begins with SentencePiece's space (``encode_chat``); a
         tokenizer_config.json beside ``model_file`` says instead (true unless it says false)."""
         self.sp = spm.SentencePieceProcessor()
+        if model_proto is None and not Path(model_file).exists():
+            raise BailongError(f"{model_file}: no such file")
         try:
             if model_proto is not None:
                 self.sp.LoadFromSerializedProto(model_proto)
