@@ -46,8 +46,10 @@ def torchrun_processes() -> tuple[int, int]:
     without a word and kept nothing (only rank 0 writes), a word or 0 ended in a traceback."""
     found = [os.environ.get(name, default) for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"))]
     if not all(v.isdecimal() and v.isascii() for v in found) or not int(found[1]) < int(found[0]):
-        raise UsageError(f"WORLD_SIZE is {found[0]!r} and RANK {found[1]!r}: torchrun sets both (RANK from 0 to "
-                         "WORLD_SIZE - 1); unset them to train in one process")
+        said = [f"{name} is {os.environ[name]!r}" if name in os.environ else f"{name} is unset"
+                for name in ("WORLD_SIZE", "RANK")]
+        raise UsageError(f"{' and '.join(said)}: torchrun sets both (RANK from 0 to WORLD_SIZE - 1); unset them to "
+                         "train in one process")
     return int(found[0]), int(found[1])
 
 
@@ -277,7 +279,8 @@ def train(config):
     def diverged(what, n):  # the error for a loss or gradient that is not finite, from the weights after n steps
         if n == 0 and what.startswith("the gradient"):  # (its loss is finite)
             return BailongError(f"{what}, from the weights loaded, whose loss is finite: the gradients overflow (the "
-                                f"LoRA scale, --lora-alpha / --lora-r, is {config.lora_alpha / config.lora_r:g})")
+                                f"LoRA scale, --lora-alpha / {'sqrt(--lora-r)' if config.rslora else '--lora-r'}, "
+                                f"is {lora.scaling():g})")
         if n == 0:
             return BailongError(f"{what}, from the weights loaded: the model "
                                 f"({config.model or config.init or 'the embedded default'}) gives no finite loss")

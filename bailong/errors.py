@@ -33,13 +33,21 @@ class Parser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         names = {a.dest: a.option_strings[0] if a.option_strings else a.dest for a in _actions(self)}
         for dest, values in vars(parsed).items():
-            for value in values if isinstance(values, list) else [values]:
-                if isinstance(value, str) and not value.isascii():
-                    try:
-                        value.encode("utf-8")
-                    except UnicodeEncodeError:
-                        self.error(f"{names.get(dest, dest)} is not UTF-8 text ({os.fsencode(value)!r})")
+            if (text := not_utf8(values)) is not None:
+                self.error(f"{names.get(dest, dest)} is not UTF-8 text ({os.fsencode(text)!r})")
         return parsed
+
+
+def not_utf8(values) -> str | None:
+    """The first of ``values`` (a value, or a list of them) that is text but not UTF-8: bytes of another encoding,
+    which Python gives as lone surrogates ("\\udce9"), as a config file's JSON can too; else None."""
+    for value in values if isinstance(values, list) else [values]:
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return value
+    return None
 
 
 def _actions(parser):

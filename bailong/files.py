@@ -25,7 +25,7 @@ from bailong.errors import BailongError, UsageError
 
 def overlaps(a, b) -> bool:
     """``a`` and ``b`` are the same path, or one lies inside the other (``~``, symlinks and ``..`` resolved)."""
-    a, b = Path(a).expanduser().resolve(), Path(b).expanduser().resolve()
+    a, b = Path(os.path.expanduser(a)).resolve(), Path(os.path.expanduser(b)).resolve()
     return a == b or a in b.parents or b in a.parents
 
 
@@ -101,7 +101,7 @@ def _refusal(target, error) -> OSError | None:
     None for a bug: an OSError, raised or chained (torch.save into a file object), or named in a writer's message
     (safetensors: "I/O error: File too large (os error 27)"); where none says, a full disk is what tells
     (torch.save into a path reports one as a RuntimeError, "unexpected pos")."""
-    chained = error
+    chained = error if isinstance(error, Exception) else None  # (Ctrl-C, SIGTERM: what they are)
     while chained is not None:
         if isinstance(chained, OSError):
             return chained
@@ -202,17 +202,3 @@ def atomic_folder(path):
             os.replace(tmp, path)
     except BaseException as e:
         _failed(path, e, lambda: shutil.rmtree(tmp, ignore_errors=True))
-
-
-def finish_replacing(folder: Path) -> list[str]:
-    """Where a process was stopped between ``atomic_folder``'s two renames (its target renamed away, the new
-    version not yet in its place), put the new version in place, whole by then, or else the old one back; the
-    names put in place. The leftovers are then removed as any."""
-    done = []
-    for old in sorted(Path(folder).glob(".*.old")):
-        if (found := re.fullmatch(r"\.(.+)\.(\d+)\.old", old.name)) and old.is_dir():
-            target, new = old.with_name(found[1]), old.with_name(f".{found[1]}.{found[2]}.tmp")
-            if not target.exists() and not target.is_symlink():
-                os.replace(new if new.is_dir() else old, target)
-                done.append(target.name)
-    return done

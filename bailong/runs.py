@@ -25,13 +25,14 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from bailong.errors import BailongError, UsageError, read_json
-from bailong.files import atomic_write, check_writable, finish_replacing, overlaps, write_failed
+from bailong.files import atomic_write, check_writable, overlaps, write_failed
 
 
 class RunFolder:
@@ -91,7 +92,8 @@ def inputs(config) -> dict:
     """The run's local inputs, by what they are."""
     found = {f"the data {d}": d for d in config.data}
     found.update({"the base model": config.model, "the model to fine-tune (--init)": config.init})
-    found = {what: Path(path).expanduser() for what, path in found.items() if path}  # "~/zh" quoted, or in a config
+    found = {what: Path(os.path.expanduser(path)) for what, path in found.items() if path}  # "~/zh" quoted, or in
+    # a config file ("~nobody/x", a user there is not, as written)
     return {what: path for what, path in found.items() if path.exists()}
 
 
@@ -143,6 +145,24 @@ def _leftovers(folder: Path, layout=LAYOUT) -> list[Path]:
         elif isinstance(inner, dict) and p.is_dir() and not p.is_symlink():
             found += _leftovers(p, inner)
     return found
+
+
+def finish_replacing(folder: Path, layout=LAYOUT) -> list[Path]:
+    """Where a process was stopped between ``files.atomic_folder``'s two renames (one of the run's folders renamed
+    away to .NAME.PID.old, its new version .NAME.PID.tmp not yet in its place), put the new version in place,
+    whole by then, or else the old one back; the paths put in place. What is left is then removed as leftovers."""
+    done = []
+    for p in sorted(folder.iterdir()):
+        inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), None)
+        if isinstance(inner, dict) and p.is_dir() and not p.is_symlink():
+            done += finish_replacing(p, inner)
+        elif p.name.endswith(".old") and _temporary(p.name, layout) and p.is_dir() and not p.is_symlink():
+            name, pid = p.name[1:].rsplit(".", 2)[:2]
+            target, new = p.with_name(name), p.with_name(f".{name}.{pid}.tmp")
+            if not target.exists() and not target.is_symlink():
+                os.replace(new if new.is_dir() and not new.is_symlink() else p, target)
+                done.append(target)
+    return done
 
 
 def _in_the_way(out: Path, overwrite: bool) -> str | None:
@@ -324,8 +344,8 @@ def prepare_output(config, found: dict, say=print, world=1, before=(0, None, Non
     if seen(out) != before:
         raise BailongError(f"{out}: another process trained in this folder while this one was loading ({now} "
                            f"steps done now, {before[0]} before); run the command again")
-    for name in finish_replacing(out):  # no process writes here but this one, now
-        say(f"{out / name}: put in place (a stopped process had left it under a temporary name)")
+    for path in finish_replacing(out):  # no process writes here but this one, now
+        say(f"{path}: put in place (a stopped process had left it under a temporary name)")
     if leftovers := _leftovers(out):
         say(f"removing what a stopped process left unfinished in {out}: "
             + ", ".join(str(p.relative_to(out)) + "/" * p.is_dir() for p in leftovers))

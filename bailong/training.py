@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from bailong.config import INIT_METHODS, MAX_NEW_PIECES
-from bailong.errors import Parser, UsageError, check_device, read_json
+from bailong.errors import Parser, UsageError, check_device, not_utf8, read_json
 from bailong.switches import switched_on
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
@@ -155,6 +155,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(vars(self))
+        for name, value in vars(self).items():  # (a config file's: the command line's parser refuses them first)
+            if (text := not_utf8(value)) is not None:
+                raise UsageError(f"{flag(name)} is not UTF-8 text ({os.fsencode(text)!r})")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UsageError(f"{flag(name)} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")

@@ -215,4 +215,8 @@ def test_a_name_not_in_utf8_is_refused_by_every_entry_point(tmp_path, capsys, mo
                        (["-m", "bailong.export", "--base", "b", "--out", "x\udce9"], "--out")]:
         code, said = run(argv, capsys)
         assert code == 2 and said.startswith(f"error: {name} is not UTF-8 text (b'"), (argv, said)
+    (tmp_path / "config.json").write_text('{"out": "lat\\udce9n"}')  # JSON's escape for the same
+    code, said = run(["train.py", "--config", "config.json"], capsys)
+    assert code == 2 and said == "error: --out is not UTF-8 text (b'lat\\xe9n')\n", said
+    (tmp_path / "config.json").unlink()
     assert list(tmp_path.iterdir()) == []

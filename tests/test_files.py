@@ -2,7 +2,6 @@
 import contextlib
 import os
 import resource
-import shutil
 import subprocess
 
 import pytest
@@ -225,17 +224,14 @@ def test_a_real_full_disk_is_one_line_and_leaves_the_old_version(small_disk):
     assert not [f for f in held if f.startswith(str(small_disk))], held
 
 
-def test_a_replacement_stopped_between_its_renames_is_finished(tmp_path):
-    """atomic_folder renames its target away, then the new version into place: stopped between the two, the
-    new version (whole by then) is put in place, or the old one back where there is no new one."""
-    from bailong.files import finish_replacing
-    for pid, versions, kept in [(12, ("old", "tmp"), "tmp"), (34, ("old",), "old")]:
-        for version in versions:
-            (tmp_path / f".adapter.{pid}.{version}").mkdir()
-            (tmp_path / f".adapter.{pid}.{version}" / "w").write_text(version)
-        assert finish_replacing(tmp_path) == ["adapter"] and (tmp_path / "adapter" / "w").read_text() == kept
-        assert finish_replacing(tmp_path) == []  # the target is there: nothing is touched
-        for p in tmp_path.iterdir():
-            shutil.rmtree(p)
-    (tmp_path / ".notes.txt.5.old").write_text("a user's file")  # a file, not a folder atomic_folder left
-    assert finish_replacing(tmp_path) == [] and (tmp_path / ".notes.txt.5.old").is_file()
+def test_ctrl_c_in_a_writer_stays_ctrl_c_and_an_unknown_home_stays_as_written(tmp_path):
+    """Ctrl-C met while a writer handles an OSError is Ctrl-C (exit 130), not the machine refusing the write; and
+    "~nobody-here/run" names a folder of that name, as the shell and train.py's own options leave it."""
+    def writer(tmp):
+        try:
+            open(tmp_path / "missing" / "x")
+        except OSError:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "out.txt", writer)
+    assert not overlaps("~nobody-here/run", tmp_path) and overlaps("~nobody-here/run", "~nobody-here")

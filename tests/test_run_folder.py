@@ -255,6 +255,29 @@ def test_a_replacement_stopped_between_its_two_renames_is_finished_on_resuming(t
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not list(out.glob(".adapter*"))
 
 
+def test_a_replacement_stopped_between_its_renames_is_finished_where_the_run_writes(tmp_path):
+    """atomic_folder renames its target away, then the new version into place: stopped between the two, the new
+    version (whole by then) is put in place, or the old one back where there is no new one; in checkpoints/ too
+    (a step saved again after resuming past a damaged one), and never a folder of the user's."""
+    from bailong.runs import finish_replacing
+    step = tmp_path / "checkpoints" / "step-0000002"
+    for pid, versions, kept in [(12, ("old", "tmp"), "tmp"), (34, ("old",), "old")]:
+        for folder in (tmp_path, step.parent):
+            name = "adapter" if folder == tmp_path else step.name
+            for version in versions:
+                (folder / f".{name}.{pid}.{version}").mkdir(parents=True)
+                (folder / f".{name}.{pid}.{version}" / "w").write_text(version)
+        assert finish_replacing(tmp_path) == [tmp_path / "adapter", step]
+        assert (tmp_path / "adapter" / "w").read_text() == kept == (step / "w").read_text()
+        assert finish_replacing(tmp_path) == []  # the targets are there: nothing is touched
+        for p in tmp_path.iterdir():
+            shutil.rmtree(p)
+    (tmp_path / ".notes.5.old").mkdir()  # a user's folder: not a name the run writes
+    (tmp_path / ".notes.txt.5.old").write_text("a user's file")
+    assert finish_replacing(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == [".notes.5.old",
+                                                                                             ".notes.txt.5.old"]
+
+
 def test_overwrite_replaces_only_a_run_and_never_an_input(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / "corpus.txt"
