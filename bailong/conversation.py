@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bailong.chat_template import fit_prompt, llama2_ids, render_jinja, turn_end_ids
 from bailong.errors import BailongError
-from bailong.files import atomic_write
+from bailong.files import atomic_write, not_a_file
 from bailong.generation import generate
 
 
@@ -115,6 +115,8 @@ class Chat:
             path = Path(rest.strip()).expanduser()
             if path.is_dir():
                 raise BailongError(f"{path}: is a folder; /save FILE names a file")
+            if path.exists() and not path.is_file():  # (before it is read: a pipe would wait for a writer)
+                raise BailongError(not_a_file(path))
             if path.exists() and path.resolve() not in self.saved:
                 if not is_conversations(path):  # (as chat.py --output: a model's own files, a user's notes)
                     raise BailongError(f"{path}: already exists and is not a file of conversations; nothing was "
