@@ -147,16 +147,13 @@ def _leftovers(folder: Path, layout=LAYOUT) -> list[Path]:
     return found
 
 
-def finish_replacing(folder: Path, layout=LAYOUT) -> list[Path]:
+def finish_replacing(folder: Path) -> list[Path]:
     """Where a process was stopped between ``files.atomic_folder``'s two renames (one of the run's folders renamed
     away to .NAME.PID.old, its new version .NAME.PID.tmp not yet in its place), put the new version in place,
     whole by then, or else the old one back; the paths put in place. What is left is then removed as leftovers."""
     done = []
-    for p in sorted(folder.iterdir()):
-        inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), None)
-        if isinstance(inner, dict) and p.is_dir() and not p.is_symlink():
-            done += finish_replacing(p, inner)
-        elif p.name.endswith(".old") and _temporary(p.name, layout) and p.is_dir() and not p.is_symlink():
+    for p in _leftovers(folder):
+        if p.name.endswith(".old") and p.is_dir() and not p.is_symlink():
             name, pid = p.name[1:].rsplit(".", 2)[:2]
             target, new = p.with_name(name), p.with_name(f".{name}.{pid}.tmp")
             if not target.exists() and not target.is_symlink():
