@@ -21,8 +21,8 @@ from bailong.errors import BailongError, UsageError, run_cli, signals_held
 from bailong.files import atomic_folder, own_file
 from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
-from bailong.runs import (RunFolder, check_output, fingerprints, prepare_output, read_run, release_lock, seen,
-                          start_run, trained_vocabulary)
+from bailong.run_folder import RunFolder, release_lock
+from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
 from bailong import progress
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
 from bailong.training import check_graph_step, check_on_device, parse_config

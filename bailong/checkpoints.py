@@ -1,5 +1,5 @@
 """Checkpoints of a training run: the adapter, optimizer and random states in checkpoints/step-N, and resuming
-from the newest one that reads whole (the folder's layout is ``runs.RunFolder``'s)."""
+from the newest one that reads whole (the folder's layout is ``run_folder.RunFolder``'s)."""
 import random
 import shutil
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 from bailong.adapter import load_adapter, save_adapter
 from bailong.errors import BailongError
 from bailong.files import atomic_folder, atomic_write
-from bailong.runs import STATE, RunFolder, latest_checkpoint
+from bailong.run_folder import STATE, RunFolder, latest_checkpoint
 
 
 def rng_state(device=None) -> dict:

@@ -1,11 +1,12 @@
 """A training output read as a model: its base and its adapter, its base's files, and the refusal of a run
-where a model folder is asked for (a run's folder and its layout: runs.py)."""
+where a model folder is asked for (a run's folder and its layout: run_folder.py)."""
 from pathlib import Path
 
 from bailong.config import ModelConfig, preset
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.hub import ADAPTER_CONFIG, resolve
-from bailong.runs import RunFolder, read_run
+from bailong.run_folder import RunFolder
+from bailong.runs import read_run
 
 
 def is_output(folder: Path) -> bool:

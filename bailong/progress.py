@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bailong.errors import BailongError, handling, silence
 from bailong.files import atomic_write
-from bailong.runs import latest_checkpoint
+from bailong.run_folder import latest_checkpoint
 
 
 def lr_at(step, config) -> float:

@@ -1,11 +1,4 @@
-"""A training run's folder: its layout, recognising it, refusing to clobber anything else (checkpoints: checkpoints.py).
-
-    out/run.json            what defines the run (options, fingerprints of its data and base), its length
-    out/metrics.jsonl       one JSON object per step and per evaluation; loss.png plots them
-    out/adapter/            the result: the adapter with the best held-out loss (the last one without held-out data)
-    out/checkpoints/        step-N/ (adapter, optimizer and RNG states) for the last two saves; LATEST names the newest
-    out/base/, out/cache/   a base that exists nowhere else (the embedded default, SFT's merged base); token arrays
-    out/.lock               held by the process training in the folder
+"""Whether a run may use a folder, and how a run is recognised (the folder's layout and lock: run_folder.py).
 
 A run is recognised by what it computes, not by how paths were spelled: its
 options, and fingerprints of its data and base model. A trailing slash, ``../``,
@@ -22,47 +15,19 @@ once the data are known to make examples. Nothing here imports torch, so that
 train.py checks --out before loading it.
 """
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from bailong.errors import BailongError, UsageError, read_json
 from bailong.files import atomic_write, check_writable, overlaps, write_failed
+from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, in_the_way, lock_free, not_a_runs, steps_done,
+                                take_lock, tidy)
 
 
-class RunFolder:
-    """Where each part of a run lives (the layout above), named here once: train.py writes a run and
-    ``bailong.load`` (so chat.py and eval) reads one through these paths."""
-
-    def __init__(self, out):
-        self.path = out = Path(out)
-        self.run_json, self.metrics, self.plot, self.lock = (out / n for n in ("run.json", "metrics.jsonl", "loss.png",
-                                                                                ".lock"))
-        self.result, self.checkpoints, self.base, self.cache = (out / n for n in ("adapter", "checkpoints", "base",
-                                                                                   "cache"))
-        self.latest = self.checkpoints / "LATEST"
-
-    def checkpoint(self, step) -> Path:
-        return self.checkpoints / f"step-{step:07d}"
-
-    def saved(self) -> list[Path]:
-        """The checkpoints saved, oldest first: folders named as ``checkpoint`` names them (a user's
-        step-4-good is not one)."""
-        found = [p for p in self.checkpoints.glob("step-*") if re.fullmatch(CHECKPOINT, p.name)]
-        return sorted(found, key=lambda p: int(p.name[5:]))
-
-    def has_base(self) -> bool:
-        """Whether the run keeps its own base model (the embedded default, SFT's merged base)."""
-        return (self.base / "config.json").is_file()
-
-
-STATE = "state.pt"  # in a checkpoint, beside its adapter/: step, optimizer and RNG states
-CHECKPOINT = r"step-[0-9]{7,}"  # a checkpoint's name (``RunFolder.checkpoint``)
 # options that change neither the model nor the order of the data, nor what a step computes (the memory and
 # speed switches change how: on the CPU the same losses and gradients, bit for bit; the attention kernel, and on
 # CUDA activation checkpointing's fused layer, the same to rounding, as the device's): a run may continue with
@@ -97,85 +62,8 @@ def inputs(config) -> dict:
     return {what: path for what, path in found.items() if path.exists()}
 
 
-_TOKENIZER = r"tokenizer\.(model|json)|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja"
-_ADAPTER = {rf"adapter_config\.json|adapter_model\.safetensors|{_TOKENIZER}": None}
-LAYOUT = {  # what a run writes (the names above), as patterns: a folder's own layout, or None for a file
-    r"run\.json|metrics\.jsonl|loss\.png|\.lock": None,
-    "adapter": _ADAPTER,
-    "checkpoints": {"LATEST": None, CHECKPOINT: {"adapter": _ADAPTER, re.escape(STATE): None}},
-    "base": {r"(generation_)?config\.json|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json": None,
-             _TOKENIZER: None},
-    "cache": {r"tokens-[0-9a-f]{20}\.(ids|labels|offsets)\.npy": None},
-}
-BEFORE_RUN_JSON = {r"\.lock": None, "cache": LAYOUT["cache"]}  # what a run writes before its run.json
-
-
-def _not_a_runs(folder: Path, layout=LAYOUT, written=None) -> list[str]:
-    """What in ``folder`` no run writes, at any depth (``adapter/README.md``, ``checkpoints/step-4-good/``): a
-    name outside the layout, a file where it has a folder or the reverse, a link. Temporary names of unfinished
-    writes (of the layout's names, or of those in ``written``) are a run's."""
-    found = []
-    for p in sorted(folder.iterdir()):
-        if _temporary(p.name, written or layout):
-            continue
-        inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), False)
-        name = p.name + "/" * p.is_dir()
-        if inner is False or p.is_symlink() or (inner is None) == p.is_dir():
-            found.append(name)
-        elif inner is not None:
-            found += [name + q for q in _not_a_runs(p, inner)]
-    return found
-
-
-def _temporary(name: str, layout: dict) -> bool:
-    """A temporary name of an unfinished write of one of ``layout``'s names (``files.atomic_write``,
-    ``files.atomic_folder``: .NAME.PID.tmp, .NAME.PID.old), not a user's hidden file."""
-    match = re.fullmatch(r"\.(.+)\.\d+\.(tmp|old)", name)
-    return bool(match) and any(re.fullmatch(k, match[1]) for k in layout)
-
-
-def _leftovers(folder: Path, layout=LAYOUT) -> list[Path]:
-    """The temporaries in a run's folders of writes that never finished (a process killed while it saved: a
-    checkpoint's adapter and optimizer states, gigabytes at 7B)."""
-    found = []
-    for p in sorted(folder.iterdir()):
-        inner = next((v for k, v in layout.items() if re.fullmatch(k, p.name)), None)
-        if _temporary(p.name, layout):
-            found.append(p)
-        elif isinstance(inner, dict) and p.is_dir() and not p.is_symlink():
-            found += _leftovers(p, inner)
-    return found
-
-
-def finish_replacing(folder: Path) -> list[Path]:
-    """Where a process was stopped between ``files.atomic_folder``'s two renames (one of the run's folders renamed
-    away to .NAME.PID.old, its new version .NAME.PID.tmp not yet in its place), put the new version in place,
-    whole by then, or else the old one back; the paths put in place. What is left is then removed as leftovers."""
-    done = []
-    for p in _leftovers(folder):
-        if p.name.endswith(".old") and p.is_dir() and not p.is_symlink():
-            name, pid = p.name[1:].rsplit(".", 2)[:2]
-            target, new = p.with_name(name), p.with_name(f".{name}.{pid}.tmp")
-            if not target.exists() and not target.is_symlink():
-                os.replace(new if new.is_dir() and not new.is_symlink() else p, target)
-                done.append(target)
-    return done
-
-
-def _in_the_way(out: Path, overwrite: bool) -> str | None:
-    """What in a run's folder is not the run's and would be lost: anything, for --overwrite; else anything
-    inside the run's own folders (adapter/, base/ and the rest), which training replaces whole, or in place of
-    one of its names (a link there would send the run's writes to where it points)."""
-    return next((o for o in _not_a_runs(out) if overwrite or "/" in o.rstrip("/")
-                 or any(re.fullmatch(k, o.rstrip("/")) for k in LAYOUT)), None)
-
-
 def _has_progress(out: Path) -> bool:
     return bool(steps_done(out)) or RunFolder(out).metrics.exists()
-
-
-def _busy(out: Path) -> BailongError:
-    return BailongError(f"{out}: another process is training in this folder; wait for it, or choose another --out")
 
 
 def read_run(out: Path) -> dict | None:
@@ -200,20 +88,6 @@ def _differences(before: dict, now: dict) -> str:
              if before[k] != now[k] and not (k == "precision" and before[k] == "auto")]
     return "; ".join(f"it was trained by {before[k]} process(es), now {now[k]}" if k == "processes" else
                      f"--{k.replace('_', '-')} was {before[k]!r}, now {now[k]!r}" for k in names[:3])
-
-
-def _lock_free(out: Path) -> bool:
-    """Whether no other process holds ``out/.lock`` (checked without taking it)."""
-    lock = RunFolder(out).lock
-    if not lock.exists():
-        return True
-    with open(lock) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: probes at once (torchrun's) never clash
-        except BlockingIOError:
-            return False
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return True
 
 
 def check_output(config, world=1, locked=False) -> int:
@@ -244,17 +118,17 @@ def check_output(config, world=1, locked=False) -> int:
     check_writable(out / "run.json")  # into the folder where it exists, else where it will be made: now, not after
     if not out.is_dir():  # the data are read, the vocabulary learned and the model loaded
         return 0
-    if not locked and not _lock_free(out):
-        raise _busy(out)
+    if not locked and not lock_free(out):
+        raise busy(out)
     run = read_run(out)
     if run is None:
-        if not _not_a_runs(out, BEFORE_RUN_JSON, LAYOUT):  # (a run.json whose write was killed)
+        if not not_a_runs(out, BEFORE_RUN_JSON, LAYOUT):  # (a run.json whose write was killed)
             return 0  # empty, or what a run stopped before its run.json left
-        listed = ", ".join(_not_a_runs(out)[:3] + ["a run.json that is not ours"] * RunFolder(out).run_json.exists())
+        listed = ", ".join(not_a_runs(out)[:3] + ["a run.json that is not ours"] * RunFolder(out).run_json.exists())
         raise UsageError(f"{out}: holds files that are not a training run ({listed or 'a run without its run.json'})"
                          "; choose another --out")
     done = steps_done(out)
-    if other := _in_the_way(out, config.overwrite):
+    if other := in_the_way(out, config.overwrite):
         raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed (move it away, "
                          "or choose another --out)" if config.overwrite else
                          f"{out}: holds {other}, which is not part of a run and training would remove it (move it "
@@ -297,28 +171,6 @@ def fingerprints(config, items, base_folder=None, tokenizer=None) -> dict:
     return found
 
 
-_HELD = {}  # the locks of the run folders this process trains in (by path), until release_lock
-
-
-def _take_lock(out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(RunFolder(out).lock, "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise _busy(out) from None
-    _HELD[out.resolve()] = lock
-
-
-def release_lock(out):
-    """Let the folder go when its training ends (train.main's return, or its error): another process, or
-    this one (a notebook calling train.main again), may then train in it."""
-    lock = _HELD.pop(Path(out).resolve(), None)
-    if lock is not None:
-        lock.close()  # closing the file releases its flock
-
-
 def seen(out: Path) -> tuple:
     """What a run training in ``out`` changes: the steps done, and run.json's, metrics.jsonl's and LATEST's times
     and sizes; taken when ``check_output`` looks, compared once the lock is held (``prepare_output``)."""
@@ -334,20 +186,14 @@ def prepare_output(config, found: dict, say=print, world=1, before=(0, None, Non
     written (``token_cache.tokenize``) before ``start_run``."""
     out = Path(config.out)
     try:
-        _take_lock(out)
+        take_lock(out)
     except OSError as e:
         raise write_failed(RunFolder(out).lock if out.is_dir() else out, e) from None
     now = check_output(config, world, locked=True)
     if seen(out) != before:
         raise BailongError(f"{out}: another process trained in this folder while this one was loading ({now} "
                            f"steps done now, {before[0]} before); run the command again")
-    for path in finish_replacing(out):  # no process writes here but this one, now
-        say(f"{path}: put in place (a stopped process had left it under a temporary name)")
-    if leftovers := _leftovers(out):
-        say(f"removing what a stopped process left unfinished in {out}: "
-            + ", ".join(str(p.relative_to(out)) + "/" * p.is_dir() for p in leftovers))
-        for p in leftovers:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    tidy(out, say)
     run = read_run(out)
     if run is not None and not config.overwrite and _has_progress(out):
         recorded = run.get("inputs", {})
@@ -384,7 +230,7 @@ def start_run(config, found: dict, world=1, say=print, cached=()):
     cache/); write run.json."""
     out, folder = Path(config.out), RunFolder(config.out)
     if read_run(out) is not None:
-        if other := _in_the_way(out, config.overwrite):  # added since check_output
+        if other := in_the_way(out, config.overwrite):  # added since check_output
             raise UsageError(f"{out}: holds {other}, which is not part of a run; nothing was removed")
         if config.overwrite:
             stale = [p for p in folder.cache.iterdir() if p.name not in cached] if folder.cache.is_dir() else []
@@ -397,16 +243,3 @@ def start_run(config, found: dict, world=1, say=print, cached=()):
     run = {"options": options(config, world), "inputs": found, "paths": paths, "steps": config.steps,
            "folder": str(out.resolve())}
     atomic_write(folder.run_json, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint LATEST names (it may since have gone), or None."""
-    run = RunFolder(out)
-    name = run.latest.read_text().strip() if run.latest.is_file() else ""
-    return run.checkpoints / name if re.fullmatch(CHECKPOINT, name) else None
-
-
-def steps_done(out: Path) -> int:
-    """The step of the newest checkpoint (0 without one), read from its name."""
-    saved = RunFolder(out).saved()
-    return int(saved[-1].name[5:]) if saved else 0

@@ -1,8 +1,8 @@
 """The Bailong recipe's options: train.py's configuration, its checks and its parsing.
 
 This module does not import torch: train.py checks every option before loading it. The
-run folder lives in ``bailong/runs.py``, checkpoints in ``bailong/checkpoints.py``, the
-schedule, metrics and stopping in ``bailong/progress.py``.
+run folder lives in ``bailong/run_folder.py`` and ``bailong/runs.py``, checkpoints in
+``bailong/checkpoints.py``, the schedule, metrics and stopping in ``bailong/progress.py``.
 The embedded default (no --model, no --data) is a tiny random-weight Llama with
 the byte-level tokenizer, trained on the project's own small Traditional Chinese
 and English samples: it exercises every step of the recipe on a CPU in seconds,

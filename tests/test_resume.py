@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from bailong.runs import latest_checkpoint
+from bailong.run_folder import latest_checkpoint
 from conftest import ROOT
 from train_runs import evals, losses, run_train
 

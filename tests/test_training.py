@@ -13,7 +13,7 @@ import torch
 
 from bailong.data import TokenData, split
 from bailong.errors import UsageError
-from bailong.runs import latest_checkpoint
+from bailong.run_folder import latest_checkpoint
 from bailong.progress import lr_at
 from bailong.training import CHOICES, TrainConfig, parse_config
 from conftest import ROOT
@@ -198,7 +198,7 @@ def test_no_held_out_data_keeps_the_last_step_and_says_so(tmp_path, capsys, monk
 
 
 def test_the_closing_means_are_of_steps_apart_in_a_short_run(tmp_path):
-    from bailong.runs import RunFolder
+    from bailong.run_folder import RunFolder
     from bailong.progress import summary
     rows = [{"step": i + 1, "loss": loss} for i, loss in enumerate([5.0, 4.0, 3.0, 2.0, 1.0])]
     assert "training loss 4.5000 -> 1.5000 (means of the first and last 2 steps)" in summary(
