@@ -101,7 +101,9 @@ def _refusal(target, error) -> OSError | None:
     None for a bug: an OSError, raised or chained (torch.save into a file object), or named in a writer's message
     (safetensors: "I/O error: File too large (os error 27)"); where none says, a full disk is what tells
     (torch.save into a path reports one as a RuntimeError, "unexpected pos")."""
-    chained = error if isinstance(error, Exception) else None  # (Ctrl-C, SIGTERM: what they are)
+    if not isinstance(error, Exception):  # (Ctrl-C, SIGTERM: what they are)
+        return None
+    chained = error
     while chained is not None:
         if isinstance(chained, OSError):
             return chained
@@ -109,7 +111,7 @@ def _refusal(target, error) -> OSError | None:
             return OSError(int(found[1]), os.strerror(int(found[1])))
         chained = chained.__cause__ or chained.__context__
     with contextlib.suppress(OSError):
-        if isinstance(error, Exception) and shutil.disk_usage(Path(target).parent).free < 1 << 20:
+        if shutil.disk_usage(Path(target).parent).free < 1 << 20:
             return OSError(28, "No space left on device")
     return None
 
