@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bailong.config import DTYPES, HF_SAMPLING, PRESETS, SAMPLING, Sampling
 from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli, signals_held
-from bailong.files import check_output_file
+from bailong.files import check_output_file, is_conversations
 
 DEFAULT_MODEL = "out/sft"
 
@@ -71,7 +71,6 @@ def parse_args(argv):
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
     if args.output:
-        from bailong.conversation import is_conversations
         check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_conversations,
                           kind="file of conversations", flag="--output")
     if args.model and args.preset:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bailong.chat_template import fit_prompt, llama2_ids, render_jinja, turn_end_ids
 from bailong.errors import BailongError
-from bailong.files import atomic_write, not_a_file
+from bailong.files import atomic_write, is_conversations, not_a_file
 from bailong.generation import generate
 
 
@@ -146,14 +146,5 @@ def save_answers(path: Path, rows, whole=True) -> str:
     beside = next(name for name in names if not name.exists())
     save_jsonl(beside, rows)
     return f"{beside} ({path} is as it was)"
-
-
-def is_conversations(path) -> bool:
-    """Whether ``path`` is a jsonl of {"messages": [...]} objects: what chat.py --output and eval bench write."""
-    try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]  # as written
-        return all(isinstance(json.loads(line).get("messages"), list) for line in lines)
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
 
 

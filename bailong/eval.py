@@ -28,7 +28,7 @@ import torch
 from bailong.config import DTYPES
 from bailong.data import checked_text, read_corpus
 from bailong.errors import BailongError, Parser, Terminated, read_json, run_cli
-from bailong.files import check_output_file
+from bailong.files import check_output_file, is_conversations
 from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
@@ -177,7 +177,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     import sys
 
     from bailong.chat_template import model_template
-    from bailong.conversation import Chat, is_conversations, save_answers
+    from bailong.conversation import Chat, save_answers
     from bailong.generation import Sampling, generation_eos
     from bailong.hub import resolve
     from bailong.weights import load

@@ -13,6 +13,7 @@ Two rules hold for every file a command writes:
    temporary file.
 """
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,15 @@ def overlaps(a, b) -> bool:
     """``a`` and ``b`` are the same path, or one lies inside the other (``~``, symlinks and ``..`` resolved)."""
     a, b = Path(os.path.expanduser(a)).resolve(), Path(os.path.expanduser(b)).resolve()
     return a == b or a in b.parents or b in a.parents
+
+
+def is_conversations(path) -> bool:
+    """Whether ``path`` is a jsonl of {"messages": [...]} objects: what chat.py --output and eval bench write."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]  # as written
+        return all(isinstance(json.loads(line).get("messages"), list) for line in lines)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: False, kind="file", flag="--out"):

@@ -228,7 +228,7 @@ def test_files_of_conversations_and_bench_questions_read_as_data_files_do(tmp_pa
     Python splits lines); a bench question with half a character ended in a traceback once the model loaded."""
     import json
 
-    from bailong.conversation import is_conversations
+    from bailong.files import is_conversations
     from bailong.eval import read_bench
     answers = tmp_path / "answers.jsonl"
     answers.write_text(json.dumps({"messages": [{"role": "user", "content": "a\u2028b"}]}, ensure_ascii=False) + "\n",

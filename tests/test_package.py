@@ -77,7 +77,8 @@ def test_options_and_the_output_folder_are_refused_before_torch_loads(args):
 
 
 @pytest.mark.parametrize("args", [["--temperature", "-1"], ["--device", "gpu"], ["--preset", "tiny", "m"],
-                                  ["--output", "x.jsonl"], ["--help"]])
+                                  ["--output", "x.jsonl"], ["--input", "x.jsonl", "--output", "README.md"],
+                                  ["--help"]])
 def test_chat_options_are_refused_before_torch_loads(args):
     """As train.py's: a mistake answered at once, and Ctrl-C while the libraries load is run_cli's (it printed
     a traceback of the import when chat.py imported them at its top)."""
