@@ -85,6 +85,22 @@ def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
 
 
 @contextlib.contextmanager
+def loading(module: str):
+    """Around the import of torch at the top of a command's module (``python -m bailong.export``), where run_cli
+    cannot answer yet: Ctrl-C and SIGTERM are held while it loads (``signals_held``), then a Ctrl-C that came
+    ends the command as run_cli would (exit 130, no traceback), or, where another module imports this one, is
+    raised there."""
+    try:
+        with signals_held():
+            yield
+    except KeyboardInterrupt:
+        if module != "__main__":
+            raise
+        print(file=sys.stderr)
+        sys.exit(130)
+
+
+@contextlib.contextmanager
 def handling(handler, signals=(signal.SIGINT, signal.SIGTERM)):
     """Within, ``handler`` answers ``signals``; after, the handlers before again. Only the main thread may set
     them: elsewhere (a notebook's worker thread) nothing changes."""

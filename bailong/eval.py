@@ -23,11 +23,13 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+from bailong.errors import BailongError, Parser, Terminated, loading, read_json, run_cli
+
+with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
+    import torch
 
 from bailong.config import DTYPES
 from bailong.data import checked_text, read_corpus
-from bailong.errors import BailongError, Parser, Terminated, read_json, run_cli
 from bailong.files import check_output_file, is_conversations
 from bailong.tokenizer import open_tokenizer, tokenizer_found
 

@@ -17,12 +17,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
+from bailong.errors import BailongError, Parser, UsageError, loading, run_cli
+
+with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
+    import torch
 
 from bailong.adapter import read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
 from bailong.config import DTYPES
-from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
 from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve

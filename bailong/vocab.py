@@ -23,14 +23,16 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import sentencepiece as spm
-import torch
-from sentencepiece import sentencepiece_model_pb2 as pb
+from bailong.errors import BailongError, Parser, UsageError, loading, run_cli
+
+with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
+    import numpy as np
+    import sentencepiece as spm
+    import torch
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
 from bailong.config import DTYPES, MAX_NEW_PIECES
 from bailong.data import read_corpus, split
-from bailong.errors import BailongError, Parser, UsageError, run_cli
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found

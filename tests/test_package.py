@@ -89,6 +89,41 @@ def test_chat_options_are_refused_before_torch_loads(args):
     assert out.split()[-2:] == ["SystemExit" if args == ["--help"] else "UsageError", "False"]
 
 
+@pytest.mark.parametrize("command", [["train.py", "--steps", "1", "--out", "{tmp}/run"],
+                                     ["chat.py", "--preset", "tiny", "--prompt", "hi"],
+                                     *(["-m", f"bailong.{name}", "--help"] for name in ("eval", "export", "vocab"))])
+def test_ctrl_c_while_a_command_loads_torch_ends_it(command, tmp_path):
+    """torch's import swallows a Ctrl-C that comes while it imports numpy (python -m bailong.export went on to
+    do its work; bailong.vocab printed a traceback of the import): every command holds it until torch has
+    loaded, then ends with exit 130 and no traceback, before it has written anything."""
+    script = ("import os, runpy, signal, sys\n"
+              "class CtrlC:  # pressed as numpy begins to load\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'numpy':\n"
+              "            sys.meta_path.remove(self)\n"
+              "            os.kill(os.getpid(), signal.SIGINT)\n"
+              "sys.meta_path.insert(0, CtrlC())\n"
+              "sys.argv = sys.argv[1:]\n"
+              "if sys.argv[0] == '-m':\n"
+              "    sys.argv.pop(0)\n"
+              "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+              "else:\n"
+              "    runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    args = [a.format(tmp=tmp_path) for a in command]
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert done.returncode == 130 and "Traceback" not in done.stderr and done.stdout == "", done.stderr[-500:]
+    assert not (tmp_path / "run").exists()
+    if command[0] == "-m":  # imported by another module (a notebook's import of bailong.export): raised there
+        import signal
+        import threading
+
+        from bailong.errors import loading
+        with pytest.raises(KeyboardInterrupt):
+            with loading(command[1]):
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+
 def test_the_readme_layout_lists_every_module_and_folder():
     readme = (ROOT / "README.md").read_text()
     layout = readme.split("## Layout", 1)[1].split("```")[1]
