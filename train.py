@@ -25,7 +25,7 @@ from bailong.run_folder import RunFolder, release_lock
 from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
 from bailong import progress
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
-from bailong.training import check_graph_step, check_on_device, parse_config
+from bailong.training import check_graph_step, check_on_device, check_processes, parse_config
 
 
 # what a fine-tuning run's base keeps of its --init's files, where the tokenizer did not write them: the model's
@@ -41,33 +41,10 @@ def main(argv=None):
         release_lock(config.out)
 
 
-def torchrun_processes() -> tuple[int, int]:
-    """(WORLD_SIZE, RANK), as torchrun sets them, refused where they cannot be: a leftover RANK alone trained
-    without a word and kept nothing (only rank 0 writes), a word or 0 ended in a traceback."""
-    found = [os.environ.get(name, default) for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"))]
-    if not all(v.isdecimal() and v.isascii() for v in found) or not int(found[1]) < int(found[0]):
-        said = [f"{name} is {os.environ[name]!r}" if name in os.environ else f"{name} is unset"
-                for name in ("WORLD_SIZE", "RANK")]
-        raise UsageError(f"{' and '.join(said)}: torchrun sets both (RANK from 0 to WORLD_SIZE - 1); unset them to "
-                         "train in one process")
-    return int(found[0]), int(found[1])
-
-
 def train(config):
     # ---- the output folder: checked before torch loads, so that a mistake is answered at once ----------------
-    world, rank = torchrun_processes()
+    world, rank = check_processes(config)
     check_context(config)
-    if config.cuda_graph:
-        check_graph_step(world)
-    if config.bf16_grads and world > 1:
-        raise UsageError("--bf16-grads keeps one process's gradients, where DDP averages float32 ones between "
-                         "processes: leave it out with torchrun")
-    if config.offload_embedding and world > 1:
-        raise UsageError("--offload-embedding keeps a table in host memory, where DDP wants every parameter on the "
-                         "GPU: leave it out with torchrun")
-    if world > 1 and not all(os.environ.get(n) for n in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
-        raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
-                         "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
     check_model(config)
     done_before = check_output(config, world)  # every process, so that all of them stop on a mistake
     # a fine-tuning run resumed goes on from the merged base it keeps, whatever became of --init
