@@ -15,7 +15,9 @@ class Tokenizer:
     def __init__(self, model_file=None, model_proto: bytes | None = None, legacy=True):
         """From ``model_file``, or from its serialized ``model_proto``. ``legacy``, as transformers names it:
         whether chat text after a special token begins with SentencePiece's space (``encode_chat``); a
-        tokenizer_config.json beside ``model_file`` says instead (true unless it says false)."""
+        tokenizer_config.json beside ``model_file`` says instead (true unless it says false: how transformers 4,
+        which the models with such a config were trained with, read one without it; transformers 5 reads it as
+        false)."""
         self.sp = spm.SentencePieceProcessor()
         if model_proto is None and not Path(model_file).exists():
             raise BailongError(f"{model_file}: no such file")
