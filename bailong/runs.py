@@ -220,7 +220,8 @@ def trained_vocabulary(out: Path):
     from bailong.tokenizer import open_tokenizer
     for checkpoint in reversed(RunFolder(out).saved()):
         with contextlib.suppress(BailongError):  # a damaged checkpoint: resuming passes over it, and says so
-            return open_tokenizer(RunFolder(checkpoint).result)
+            if (tokenizer := open_tokenizer(RunFolder(checkpoint).result)) is not None:  # else its tokenizer is
+                return tokenizer  # gone (deleted): the one before's is the run's too
     return None
 
 

@@ -125,7 +125,8 @@ def test_older_runs_resume_and_a_fine_tuning_run_keeps_its_own_base(tmp_path, ca
 def test_a_run_resumes_with_the_vocabulary_its_checkpoints_learned(tmp_path, capsys, monkeypatch):
     """The adapter's new embedding rows belong to the pieces its checkpoints were trained with: a resumed run goes
     on with those, whatever this version would learn from the same data (another set of CJK characters, another
-    tokenizer library: the run was refused, a long pre-training lost to an upgrade), and learns none."""
+    tokenizer library: the run was refused, a long pre-training lost to an upgrade), and learns none; the newest
+    checkpoint's tokenizer gone, the one before's."""
     from bailong.run_folder import RunFolder
     from bailong.tokenizer import byte_tokenizer, open_tokenizer
     from bailong.vocab import extend_tokenizer
@@ -140,6 +141,10 @@ def test_a_run_resumes_with_the_vocabulary_its_checkpoints_learned(tmp_path, cap
     stdout, _ = run_train(capsys, *args, "--steps", "3", "--resume")
     assert "vocabulary: learning" not in stdout and "vocabulary: +20 pieces (260 -> 280)" in stdout
     assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3]
+    assert open_tokenizer(tmp_path / "run" / "adapter").serialized() == other.serialized()
+    (RunFolder(RunFolder(tmp_path / "run").saved()[-1]).result / "tokenizer.model").unlink()  # the newest's gone:
+    stdout, _ = run_train(capsys, *args, "--steps", "4", "--resume")  # the one before's (it was learned anew)
+    assert "vocabulary: learning" not in stdout and "resumed from run/checkpoints/step-0000003" in stdout
     assert open_tokenizer(tmp_path / "run" / "adapter").serialized() == other.serialized()
 
 
