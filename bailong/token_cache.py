@@ -126,9 +126,16 @@ def _cached(files, items: int) -> list | None:
     return None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a job scheduler's share of the machine (its CPU affinity), where
+    os.cpu_count() counts the whole machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _encode_all(tokenizer, items, workers, template) -> list:
-    """(ids, labels or None) of each item, in parallel where there are many."""
-    workers = workers or os.cpu_count() or 1
+    """(ids, labels or None) of each item, in parallel where there are many: one process per usable core unless
+    ``workers`` says, and none without a chunk of 64 items to encode."""
+    workers = min(workers or usable_cores(), -(-len(items) // 64))
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
     if workers > 1 and len(items) >= 2000:

@@ -147,7 +147,7 @@ class TrainConfig:
                                                                    "Hopper others measured it 1.7-2.3x faster than "
                                                                    "SDPA's flash kernel in training; not timed "
                                                                    "here on a GPU)"})
-    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core)"})
+    workers: int = field(default=0, metadata={"help": "tokenizer processes (0: one per core this process may use)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint "
                                                           "(a larger --steps extends it)"})
     overwrite: bool = field(default=False, metadata={"help": "delete the run in --out and start again (refused when "

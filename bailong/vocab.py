@@ -15,7 +15,6 @@ tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 """
 import copy
 import math
-import os
 import random
 import re
 import time
@@ -35,6 +34,7 @@ from bailong.config import DTYPES, MAX_NEW_PIECES
 from bailong.data import read_corpus, split
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
+from bailong.token_cache import usable_cores
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
 from bailong.vocab_bpe import all_cjk, extend_json
 
@@ -42,7 +42,7 @@ from bailong.vocab_bpe import all_cjk, extend_json
 LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
                      add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
                      split_by_unicode_script=True, max_sentencepiece_length=16, character_coverage=0.99995,
-                     unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=os.cpu_count() or 1,
+                     unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=usable_cores(),
                      max_sentence_length=1 << 16, minloglevel=2)
 CHUNK = 8192  # characters of a document given to the trainer at a time (<= 32 KiB of UTF-8)
 # the most characters pieces are learned from: a larger corpus gives a seeded draw of its chunks (the trainer
