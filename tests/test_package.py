@@ -97,6 +97,8 @@ def test_ctrl_c_while_a_command_loads_torch_ends_it(command, tmp_path):
     do its work; bailong.vocab printed a traceback of the import): every command holds it until torch has
     loaded, then ends with exit 130 and no traceback, before it has written anything."""
     script = ("import os, runpy, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (where the tests\n"
+              "# run under nohup ... &, Ctrl-C is ignored, and so in every process they start)\n"
               "class CtrlC:  # pressed as numpy begins to load\n"
               "    def find_spec(self, name, path=None, target=None):\n"
               "        if name == 'numpy':\n"
@@ -119,9 +121,13 @@ def test_ctrl_c_while_a_command_loads_torch_ends_it(command, tmp_path):
         import threading
 
         from bailong.errors import loading
-        with pytest.raises(KeyboardInterrupt):
-            with loading(command[1]):
-                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as above)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with loading(command[1]):
+                    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGINT, before)
 
 
 def test_the_readme_layout_lists_every_module_and_folder():
