@@ -134,11 +134,11 @@ def usable_cores() -> int:
 
 def _encode_all(tokenizer, items, workers, template) -> list:
     """(ids, labels or None) of each item, in parallel where there are many: one process per usable core unless
-    ``workers`` says, and none without a chunk of 64 items to encode."""
-    workers = min(workers or usable_cores(), -(-len(items) // 64))
+    ``workers`` says, and none without a thousand items to encode (each process loads the tokenizer first)."""
+    workers = min(workers or usable_cores(), len(items) // 1000)
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
-    if workers > 1 and len(items) >= 2000:
+    if workers > 1:
         with _stopped_at_once(), Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template)) as pool:
             for result in pool.imap(_encode, items, chunksize=64):
                 encoded.append(result)

@@ -206,7 +206,7 @@ def test_a_full_disk_while_writing_the_cache_is_one_line(small_disk):
 def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(monkeypatch):
     """On a job scheduler's share of a larger machine, one process per core of the share (os.cpu_count()
     counts the machine's: a process per core of a 128-core node on 8 of them, each holding the tokenizer), and
-    none without a chunk of 64 documents to encode (--workers 1024 started 1,024 processes)."""
+    none without a thousand documents to encode (--workers 1024 started 1,024 processes for 2,000)."""
     from bailong import token_cache
     from bailong.tokenizer import byte_tokenizer
     started = []
@@ -227,7 +227,6 @@ def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(
     monkeypatch.setattr(token_cache, "Pool", Pool)
     monkeypatch.setattr(token_cache.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     token_cache._init_worker(byte_tokenizer(), None)
-    documents = ["字"] * 2000
-    for workers in (0, 1024, 5):
-        assert len(token_cache._encode_all(byte_tokenizer(), documents, workers, None)) == 2000
-    assert started == [3, 32, 5] and token_cache.usable_cores() == 3
+    for workers, documents in ((0, 9000), (1024, 9000), (5, 9000), (0, 2000), (0, 1999)):
+        assert len(token_cache._encode_all(byte_tokenizer(), ["字"] * documents, workers, None)) == documents
+    assert started == [3, 9, 5, 2] and token_cache.usable_cores() == 3
