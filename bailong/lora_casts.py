@@ -9,7 +9,9 @@ layer's backward lets its copies go (``release``), so that they are not held at 
 backward's end beside every LoRA gradient. Made a decoder layer at a time instead
 (``use_casts_by_layer``, ``train.py --casts-by-layer``), a layer's copies go after
 its forward and are made again in its recomputation: less held at the backward's
-start, for a second cast a step.
+start, for a second cast a step. A model's forward never takes copies made before
+it began (``new_forward``): masters changed through ``.data``, as hand-written
+updates do, change no version counter.
 """
 import contextlib
 import itertools
@@ -22,7 +24,7 @@ from bailong.lora_fused import one_at_a_time
 
 _by_layer = False  # the compute-dtype casts made a decoder layer at a time (``use_casts_by_layer``)
 _LORA_LINEARS = weakref.WeakSet()  # every LoRA layer in the process, for ``forget_casts``
-_optimizer_steps = 0  # in this process: each may have changed LoRA weights, so their casts are made again
+_renewals = 0  # optimizer steps and models' forwards in this process: casts made before one are made again
 _releases = None  # inside casts_kept: the layers whose release waits for its end
 
 
@@ -48,7 +50,7 @@ class Casts:
 
 def _version(layer, dtype):
     A, B = layer.lora_A.weight, layer.lora_B.weight
-    return _optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype
+    return _renewals, A._version, B._version, A.data_ptr(), B.data_ptr(), dtype
 
 
 def cast(layer, dtype):
@@ -118,12 +120,16 @@ def group_casts(model):
     return model
 
 
-def _count_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
+def new_forward(*_):
+    """A model's forward begins, or an optimizer has stepped (it may have changed LoRA weights, fused ones leaving
+    the version counters alone): casts made before are made again. Within a forward and its backward they are
+    kept (the recomputation's), but a forward never takes the last one's: a model's masters changed through
+    ``.data`` (a hand-written update, an average of weights copied in) change no version counter."""
+    global _renewals
+    _renewals += 1
 
 
-register_optimizer_step_post_hook(_count_step)
+register_optimizer_step_post_hook(new_forward)
 
 
 def forget_casts():

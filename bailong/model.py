@@ -21,7 +21,7 @@ from torch import nn
 from bailong.config import ModelConfig
 from bailong.layer_fused import attention_kernels, fused_layer
 from bailong.lora import LoRAEmbedding, frozen_matmul_skipped
-from bailong.lora_casts import let_casts_go
+from bailong.lora_casts import let_casts_go, new_forward
 from bailong.memory import OffloadedInput, chunked_mlp, summed_loss
 from bailong.quantized import embedding_rows
 from bailong.recompute import checkpoint, mask_seeds
@@ -339,6 +339,7 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, hidden), writing to and advancing ``cache`` if given."""
         T = input_ids.shape[1]
+        new_forward()  # LoRA's compute-dtype copies made again (``bailong.lora_casts``), kept for its recomputation
         embed = self.model.embed_tokens  # a plain one's table may be in host memory (``offload_embedding``)
         x = embed(input_ids) if isinstance(embed, LoRAEmbedding) else embedding_rows(embed.weight, input_ids)
         if cache is None:

@@ -55,6 +55,30 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
     torch.testing.assert_close(grads[1], 2 * grads[0])
 
 
+def test_a_forward_takes_weights_changed_through_data_since_the_last(monkeypatch):
+    """LoRA weights changed through ``.data`` (a hand-written update, an average copied in) change no version
+    counter: a training forward after one used the copies the forward before had made (its output 19 away on
+    a real checkpoint). It casts again, and gives what the unfused path gives, and its recomputation reuses them."""
+    from bailong import lora
+    monkeypatch.setattr(lora, "_fused", True)
+    model, _ = bailong.load_preset("tiny", device="cpu")
+    mark_only_lora_trainable(inject_lora(model, LoRAConfig(r=4, dropout=0.0, targets=lora.PROJECTIONS)))
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    ids = torch.randint(0, 260, (1, 9), generator=torch.Generator().manual_seed(0))
+    model(ids)  # the casts made, and kept: no backward lets them go
+    for m in layers:
+        m.lora_B.weight.data.add_(0.05)
+    model.checkpointing = True
+    model.train()
+    copies, copy = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda out, masters: copies.append(len(out)) or copy(out, masters))
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    assert copies == [2 * len(layers)]  # once, not again in the recomputation
+    fused = model(ids)
+    monkeypatch.setattr(lora, "_fused", False)
+    torch.testing.assert_close(fused, model(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_casts_its_own_lora_layers_and_not_another_models(monkeypatch):
     """Two models with LoRA alive in one process (a notebook's, say): a training forward of one casts all of
     its LoRA layers in one multi-tensor copy, and none of the other's, which casts its own when it trains. A

@@ -185,10 +185,10 @@ def test_build_optimizer_and_the_lora_casts_see_its_steps():
     p = torch.nn.Parameter(torch.zeros(5000))
     assert type(build_optimizer([p], "adamw")) is torch.optim.AdamW
     optimizer = build_optimizer([p], "adamw8bit", lr=0.1)
-    before = bailong.lora_casts._optimizer_steps
+    before = bailong.lora_casts._renewals
     p.grad = torch.ones(5000)
     optimizer.step()
-    assert bailong.lora_casts._optimizer_steps == before + 1 and "exp_avg_absmax" in optimizer.state[p]
+    assert bailong.lora_casts._renewals == before + 1 and "exp_avg_absmax" in optimizer.state[p]
     with pytest.raises(ValueError, match="betas"):
         AdamW8bit([p], betas=(0.9, 1.0))
 
