@@ -28,6 +28,7 @@ from bailong.tokenizer import open_tokenizer
 from bailong.zip_tie import resize_vocab
 
 PREFIX = "base_model.model."
+VOCABULARY_ROWS = ("model.embed_tokens", "lm_head")  # the modules a grown vocabulary grows
 BASE_KEY = "bailong.base"  # the adapter file's metadata: the fingerprint of the base it was trained on
 # PEFT options that change what an adapter computes; we refuse them rather than ignore them
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
@@ -141,12 +142,14 @@ def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAC
             raise BailongError(f"{file}: key {key} is not a LoRA weight in PEFT's layout")
         name, part = (match[1], match[2]) if match else (whole[1], "base_layer.weight")
         modules.setdefault(name, {})[part] = (key, tensor)
-    _grow_vocabulary(model, modules, folder)
+    vocab = _grown_vocabulary(model, modules, folder)
     for name, parts in modules.items():
-        _check_fits(model, name, parts, file)
+        _check_fits(model, name, parts, file, vocab)
     if complete and (missing := sorted(set(lora_state_dict(model)) - {
             f"{name}.{part}" for name, parts in modules.items() for part in parts})):
         raise BailongError(f"{file}: does not fit this model (it lacks {missing[0]})")
+    if vocab:
+        resize_vocab(model, vocab)  # the rows themselves are loaded below
     for name, parts in modules.items():
         lora_key = "lora_A.weight" if "lora_A.weight" in parts else "lora_embedding_A"
         if lora_key not in parts:  # only a base_layer weight
@@ -166,17 +169,16 @@ def load_adapter(model, path_or_repo_id, revision=None, complete=False) -> LoRAC
     return config
 
 
-def _grow_vocabulary(model, modules, folder):
+def _grown_vocabulary(model, modules, folder) -> int | None:
     """An adapter trained on an extended vocabulary ships its tokenizer and the grown embedding and
-    head rows; resize the base to that vocabulary first (the rows themselves are loaded after)."""
+    head rows: the vocabulary the base grows to before they are loaded, where it is larger than the base's."""
     tokenizer = open_tokenizer(folder)
     if tokenizer is None:
-        return
+        return None
     vocab = tokenizer.vocab_size
     rows = {parts["base_layer.weight"][1].shape[0] for name, parts in modules.items()
-            if name in ("model.embed_tokens", "lm_head") and "base_layer.weight" in parts}
-    if rows == {vocab} and vocab > model.config.vocab_size:
-        resize_vocab(model, vocab)
+            if name in VOCABULARY_ROWS and "base_layer.weight" in parts}
+    return vocab if rows == {vocab} and vocab > model.config.vocab_size else None
 
 
 def _pattern(patterns, name, default):
@@ -187,8 +189,9 @@ def _pattern(patterns, name, default):
     return default
 
 
-def _check_fits(model, name, parts, file):
-    """Every tensor of one module must fit the base; the error names the first key that does not."""
+def _check_fits(model, name, parts, file, vocab=None):
+    """Every tensor of one module must fit the base, its embedding and head grown to ``vocab`` rows where given;
+    the error names the first key that does not."""
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -199,21 +202,23 @@ def _check_fits(model, name, parts, file):
         raise BailongError(f"{file}: LoRA on {name}, but the base ties its embedding and head "
                            "(tie_word_embeddings): not supported")
     if isinstance(module, (nn.Embedding, LoRAEmbedding)):
-        (vocab, dim), kind = module.weight.shape, "embedding"
-        shapes = {"lora_embedding_A": lambda r: [r, vocab], "lora_embedding_B": lambda r: [dim, r]}
+        (rows, dim), kind = module.weight.shape, "embedding"
+        shapes = {"lora_embedding_A": lambda r: [r, rows], "lora_embedding_B": lambda r: [dim, r]}
         rank_key = "lora_embedding_A"
     elif hasattr(module, "in_features"):
-        vocab, dim, kind = module.out_features, module.in_features, "linear"
-        shapes = {"lora_A.weight": lambda r: [r, dim], "lora_B.weight": lambda r: [vocab, r]}
+        rows, dim, kind = module.out_features, module.in_features, "linear"
+        shapes = {"lora_A.weight": lambda r: [r, dim], "lora_B.weight": lambda r: [rows, r]}
         rank_key = "lora_A.weight"
     else:
         raise BailongError(f"{file}: {min(k for k, _ in parts.values())} targets {name}, "
                            f"a {type(module).__name__} that LoRA cannot wrap")
+    if vocab and name in VOCABULARY_ROWS:
+        rows = vocab
     if len(lora := [p for p in shapes if p in parts]) == 1:  # half an update (a damaged file): PEFT warns
         missing = next(p for p in shapes if p not in parts)
         raise BailongError(f"{file}: holds {parts[lora[0]][0]} but not {PREFIX}{name}.{missing}")
     r = parts[rank_key][1].shape[0] if rank_key in parts else None
-    shapes["base_layer.weight"] = lambda r: [vocab, dim]
+    shapes["base_layer.weight"] = lambda r: [rows, dim]
     for part, (key, tensor) in sorted(parts.items(), key=lambda item: item[1][0]):
         if part not in shapes:
             raise BailongError(f"{file}: {key} does not fit {name}, a {kind} layer")
@@ -222,4 +227,4 @@ def _check_fits(model, name, parts, file):
             expected = list(module.get_parameter(part).shape)
         if list(tensor.shape) != expected:
             raise BailongError(f"{file}: {key} has shape {list(tensor.shape)}, but the base's {name} "
-                               f"({kind}, {vocab} x {dim}) needs {expected}")
+                               f"({kind}, {rows} x {dim}) needs {expected}")

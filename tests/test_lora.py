@@ -346,3 +346,32 @@ def test_a_tied_embedding_that_grew_travels_in_peft_keys(tmp_path):
     again, _ = bailong.load(folder, device="cpu", adapter=tmp_path / "theirs")
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_refused_leaves_the_model_as_it_was(tmp_path):
+    """An adapter of a grown vocabulary with one weight of the wrong shape is refused, and the model it was to
+    load into keeps its vocabulary: it grew the embedding and head before the checks refused the adapter. One
+    that fits grows it."""
+    from safetensors.torch import load_file, save_file
+
+    from bailong.adapter import load_adapter
+    from bailong.errors import BailongError
+    from bailong.tokenizer import byte_tokenizer
+    from bailong.zip_tie import resize_vocab
+    folder, _ = write_hf(tmp_path, "gqa", vocab_size=256, **SHAPE)
+    grown, _ = bailong.load(folder, device="cpu")
+    lora = LoRAConfig(r=4, targets=ALL)
+    save_adapter(inject_lora(resize_vocab(grown, 260), lora), tmp_path / "adapter", lora)
+    (tmp_path / "adapter" / "tokenizer.model").write_bytes(byte_tokenizer().sp.serialized_model_proto())  # 260 ids
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if "down_proj.lora_A" in k)
+    save_file({**tensors, key: torch.zeros(4, 999)}, file)
+    model, _ = bailong.load(folder, device="cpu")
+    with pytest.raises(BailongError, match=f"{key} has shape \\[4, 999\\]"):
+        load_adapter(model, tmp_path / "adapter")
+    assert model.config.vocab_size == 256 and model.lm_head.weight.shape[0] == 256
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    save_file(tensors, file)
+    load_adapter(model, tmp_path / "adapter")
+    assert model.config.vocab_size == 260 and model.lm_head.weight.shape[0] == 260
