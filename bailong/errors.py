@@ -122,6 +122,12 @@ def silence(stream):
     os.close(devnull)
 
 
+def in_a_command() -> bool:
+    """Whether ``run_cli`` runs this process's command (it answers SIGTERM): then the command may end the
+    process at once; called from Python (a notebook), the process is the caller's."""
+    return signal.getsignal(signal.SIGTERM) is _terminate
+
+
 def run_cli(main, argv=None):
     """Run ``main(argv)`` and turn user errors, failed file operations, Ctrl-C and SIGTERM into a clean exit.
     Under torchrun the processes of one machine meet the same mistake, and its first one says it (another

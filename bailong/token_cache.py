@@ -1,6 +1,7 @@
 """The token cache: documents or conversations tokenized (in parallel where there are many), their ids (and
 SFT's labels) concatenated into int32 arrays with their offsets, saved as .npy files keyed by the tokenizer and
 the text, and memory-mapped on the next run."""
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bailong.chat_template import template_example, training_example
-from bailong.errors import BailongError, handling, silence
+from bailong.errors import BailongError, handling, in_a_command, silence
 from bailong.files import atomic_write
 from bailong.runs import DOCUMENTS
 from bailong.tokenizer import Tokenizer
@@ -27,21 +28,24 @@ def _init_worker(tokenizer, template):
     _worker_tokenizer, _worker_template = tokenizer, template
 
 
-def _pool_worker(tokenizer, template):
-    """A tokenizing process: Ctrl-C, which a terminal sends to every process, and the pool's end (SIGTERM) end
-    it at once and quietly, as they end the command then (``_stopped_at_once``); a worker that went on would
-    print its broken pipe to the parent. What it meets reaches the parent as an exception: its own output goes
-    nowhere, so that a parent killed alone (``kill PID``) does not leave its workers' broken pipes to print."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _pool_worker(tokenizer, template, command):
+    """A tokenizing process: the pool's end (SIGTERM) ends it at once and quietly, and so does Ctrl-C, which a
+    terminal sends to every process, where it ends the ``command`` too (``_stopped_at_once``); a worker that
+    went on would print its broken pipe to the parent. Called from Python, Ctrl-C is the caller's to answer: the
+    worker lets it pass, and ends with the pool. What it meets reaches the parent as an exception: its own output
+    goes nowhere, so that a parent killed alone (``kill PID``) does not leave its workers' broken pipes to print."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL if command else signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     silence(sys.__stderr__)
     _init_worker(tokenizer, template)
 
 
-def _stopped_at_once():
-    """While a pool tokenizes, Ctrl-C and SIGTERM end the process at once, as by default: nothing is being
-    written then, and a pool shut down by an exception can wait forever on a worker stopped mid-send."""
-    return handling(signal.SIG_DFL)
+def _stopped_at_once(command):
+    """While a pool tokenizes for a ``command``, Ctrl-C and SIGTERM end the process at once, as by default:
+    nothing is being written then, and a pool shut down by an exception can wait forever on a worker stopped
+    mid-send. Called from Python (a notebook), the process is the caller's: Ctrl-C raises KeyboardInterrupt
+    there, the workers, which let it pass (``_pool_worker``), ended with the pool."""
+    return handling(signal.SIG_DFL) if command else contextlib.nullcontext()
 
 
 def _encode(item):
@@ -139,7 +143,9 @@ def _encode_all(tokenizer, items, workers, template) -> list:
     bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
     encoded = []
     if workers > 1:
-        with _stopped_at_once(), Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template)) as pool:
+        command = in_a_command()
+        with _stopped_at_once(command), Pool(workers, initializer=_pool_worker,
+                                             initargs=(tokenizer, template, command)) as pool:
             for result in pool.imap(_encode, items, chunksize=64):
                 encoded.append(result)
                 bar.update()

@@ -104,7 +104,7 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     assert "Traceback" not in capfd.readouterr().err  # not always seen: the workers may end first
 
     def handler_in_a_worker(argv):  # what a worker does on the pool's SIGTERM, within the command's handler
-        pool = multiprocessing.Pool(1, initializer=token_cache._pool_worker, initargs=(byte_tokenizer(), None))
+        pool = multiprocessing.Pool(1, initializer=token_cache._pool_worker, initargs=(byte_tokenizer(), None, True))
         found.append(pool.apply(signal.getsignal, (signal.SIGTERM,)))
         pool.close()  # the worker let go without a signal
         pool.join()
@@ -187,6 +187,37 @@ run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in ran
                               timeout=60, start_new_session=True)  # a process group of its own
         assert done.returncode == -stop, done.stderr[-2000:]
         assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)
+
+
+def test_ctrl_c_while_a_pool_tokenizes_for_a_python_caller_is_raised_there(tmp_path):
+    """Called from Python (a notebook), not by a command: Ctrl-C, sent to every process of the group as a terminal
+    or a notebook's interrupt sends it, raises KeyboardInterrupt in the caller, whose process goes on, and the
+    workers end with the pool. It ended the caller's process (a notebook's kernel) at once."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    script = f"""
+import multiprocessing, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (nohup ... & ignores it)
+sys.path.insert(0, {str(ROOT)!r})
+from bailong import token_cache as data
+from bailong.tokenizer import byte_tokenizer
+
+def encode(item):  # a worker presses Ctrl-C for the group
+    if item == "x 3000":
+        os.killpg(0, signal.SIGINT)
+    return [1] * 10000, None
+
+data._encode = encode
+try:
+    data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in range(6000)], 2, None)
+except KeyboardInterrupt:
+    print("interrupted; processes left:", len(multiprocessing.active_children()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)  # a process group of its own
+    assert (done.returncode, done.stdout) == (0, "interrupted; processes left: 0\n"), done.stderr[-2000:]
 
 
 def test_a_full_disk_while_writing_the_cache_is_one_line(small_disk):
