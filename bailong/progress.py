@@ -141,12 +141,12 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
     def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """The losses as a PNG, drawn without pyplot: a caller's backend (a notebook's) stays as it was."""
+        from matplotlib.figure import Figure
         train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
         if train:
             ax.plot(*zip(*train), label="train loss", linewidth=1)
         if evals:
@@ -163,8 +163,6 @@ class Metrics:
             atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         except BailongError as e:  # a picture of what metrics.jsonl holds: the run goes on, or ends well, without it
             print(f"warning: {e}; the plot was not updated", file=sys.stderr)
-        finally:
-            plt.close(fig)
 
 
 def estimate_memory(model, config) -> str:

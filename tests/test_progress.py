@@ -71,6 +71,25 @@ def test_a_plot_that_cannot_be_written_is_a_warning(tmp_path, capsys):
                                        "a file, not a folder); the plot was not updated\n")
 
 
+def test_the_plot_leaves_a_callers_matplotlib_as_it_was(tmp_path):
+    """A run from Python (a notebook calling train.main): drawing the losses switched matplotlib's backend to Agg,
+    and the notebook's own plots stopped showing. It is drawn apart, and is a PNG."""
+    import matplotlib
+
+    from bailong.progress import Metrics
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        metrics = Metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+        for step, loss in [(0, 6.0), (1, 5.0), (2, 4.5)]:
+            metrics.log(step=step, loss=loss, eval_loss=loss + 0.1)
+        metrics.plot()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_damaged_metrics_file_keeps_its_readable_records(tmp_path, capsys):
     """A record that is not a step's (a list, no "step", a step that is not a number, bytes not UTF-8) ended
     --resume in a traceback; the readable ones are kept, the others named, a last line cut short dropped."""
