@@ -8,6 +8,7 @@
 Sections below follow the recipe in order; the pieces live in bailong/.
 Several GPUs: torchrun --nproc-per-node N train.py ... (each rank reads its share; rank 0 writes).
 """
+import contextlib
 import math
 import os
 import shutil
@@ -35,13 +36,12 @@ SFT_KEPT = ("generation_config.json", "tokenizer_config.json", "special_tokens_m
 
 def main(argv=None):
     config = parse_config(argv)
-    try:
-        return train(config)
-    finally:  # done, stopped or failed: the folder is free again (for this process too, as in a notebook)
-        release_lock(config.out)
+    with contextlib.ExitStack() as undo:  # done, stopped or failed: what the run set in the process undone
+        undo.callback(release_lock, config.out)  # the folder free again (for this process too, as in a notebook)
+        return train(config, undo)
 
 
-def train(config):
+def train(config, undo):
     # ---- the output folder: checked before torch loads, so that a mistake is answered at once ----------------
     world, rank = check_processes(config)
     check_context(config)
@@ -193,7 +193,7 @@ def train(config):
     model.checkpointing, model.offload = checkpointing, config.offload_activations
     model.keep_dequantized, model.keep_attention = config.keep_dequantized, config.keep_attention
     model.cudnn_attention = config.cudnn_attention
-    use_casts_by_layer(config.casts_by_layer)
+    undo.callback(use_casts_by_layer, use_casts_by_layer(config.casts_by_layer))
     try:
         offloaded = offload_embedding(model) if config.offload_embedding else 0
     except ValueError as error:  # a tied embedding

@@ -259,17 +259,21 @@ def test_the_init_methods_offered_are_those_zip_tie_knows():
 def test_bf16_gradients_and_casts_by_layer_train_as_without(tmp_path, capsys, monkeypatch):
     """train.py --bf16-grads (bailong.memory.BF16Grads), and with --casts-by-layer too, in bf16 training with
     activation checkpointing and LoRA dropout: the same losses at every step, held-out ones too, and the same
-    adapter, bit for bit."""
+    adapter, bit for bit. A run sets the casts by layer for itself: afterwards they are as they were (a notebook's
+    next run, or its own training, went on with them)."""
     from bailong import lora_casts, lora_fused
-    monkeypatch.setattr(lora_casts, "_by_layer", False)  # train.py sets them: restored after
+    monkeypatch.setattr(lora_casts, "_by_layer", False)
     monkeypatch.setattr(lora_fused, "_one_at_a_time", False)
+    use, set_to = lora_casts.use_casts_by_layer, []
+    monkeypatch.setattr(lora_casts, "use_casts_by_layer", lambda flag=True: set_to.append(flag) or use(flag))
     args = ["--precision", "bf16", "--checkpointing", "on", "--steps", "12", "--eval-every", "6",
             "--lora-dropout", "0.1"]
     runs = {"float32": [], "bf16": ["--bf16-grads"], "by-layer": ["--bf16-grads", "--casts-by-layer"]}
     for name, flags in runs.items():
         out, _ = run_train(capsys, *args, *flags, "--out", tmp_path / name)
         assert ("MiB less than float32" in out) == bool(flags)
-    assert "gradients: the projections' LoRA gradients (" in out and lora_casts._by_layer and lora_fused._one_at_a_time
+    assert "gradients: the projections' LoRA gradients (" in out and set_to == [False, False, False, False, True, False]
+    assert not lora_casts._by_layer and not lora_fused._one_at_a_time
     from safetensors.torch import load_file
     saved = {name: load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in runs}
     for name in ("bf16", "by-layer"):
