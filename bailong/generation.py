@@ -283,6 +283,26 @@ def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampl
 
 
 @torch.inference_mode()
+def _prompt(prompt_ids, vocab) -> list[int]:
+    """``generate``'s prompt as a list of ids (a 1-D tensor, or a batch of one, taken too), or a ValueError that
+    says what is wrong with it, where torch's indexing errors said it from deep inside the model."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids[0] if prompt_ids.dim() == 2 and len(prompt_ids) == 1 else prompt_ids
+        if prompt_ids.dim() != 1 or prompt_ids.is_floating_point() or prompt_ids.is_complex():
+            raise ValueError(f"prompt_ids: a {prompt_ids.dtype} tensor of shape {list(prompt_ids.shape)}; generate "
+                             "continues one sequence of token ids")
+        prompt_ids = prompt_ids.tolist()
+    ids = list(prompt_ids)
+    if not ids:
+        raise ValueError("prompt_ids is empty: generate continues at least one token (a bos id, say)")
+    for i in ids:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise ValueError(f"prompt_ids must be one sequence of token ids (integers), not one holding {i!r}")
+        if not 0 <= i < vocab:
+            raise ValueError(f"prompt_ids: {i} is not a token id of this model (its vocabulary has {vocab})")
+    return [int(i) for i in ids]
+
+
 def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | None = None, stop_ids=None,
              on_token=None, cuda_graph=None) -> list[int]:
     """New token ids after ``prompt_ids`` (batch of one).
@@ -298,8 +318,9 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     sampling = sampling or Sampling()
     stop_ids = set(config.eos_token_id if stop_ids is None else stop_ids)
     device = model.lm_head.weight.device
+    prompt_ids = _prompt(prompt_ids, model.lm_head.weight.shape[0])
     limit = min(len(prompt_ids) + max_new_tokens, config.max_position_embeddings)
-    if not prompt_ids or len(prompt_ids) >= limit:
+    if len(prompt_ids) >= limit:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {limit}")
     ids = torch.tensor([prompt_ids], device=device)  # (1, T)
     seen = seen_mask(ids, model.lm_head.weight.shape[0])  # for the repetition penalty

@@ -57,6 +57,24 @@ def test_stops_on_stop_id_max_tokens_and_context(tiny):
 
 
 
+def test_a_prompt_that_is_not_token_ids_is_told_as_such(tiny):
+    """From Python: an empty prompt was "0 tokens leave no room in a context of 5", a batch or an id past the
+    vocabulary an indexing error from inside the model, a tensor "Boolean value of Tensor ... is ambiguous". A
+    tensor of ids (1-D, or a batch of one) is taken as its list."""
+    import numpy as np
+    vocab = tiny.lm_head.weight.shape[0]
+    expected = generate(tiny, [1, 2, 3], 5, GREEDY)
+    for same in (torch.tensor([1, 2, 3]), torch.tensor([[1, 2, 3]]), np.array([1, 2, 3]), (1, 2, 3)):
+        assert generate(tiny, same, 5, GREEDY) == expected
+    for prompt, message in [([], "prompt_ids is empty"), ([[1, 2]], "one sequence of token ids .integers., not one "
+                            r"holding \[1, 2\]"), ([1, 2.0], "not one holding 2.0"),
+                            ([1, vocab], f"{vocab} is not a token id of this model .its vocabulary has {vocab}."),
+                            ([-1], "-1 is not a token id"), (torch.ones(2, 3, dtype=torch.long), "shape \\[2, 3\\]"),
+                            (torch.ones(3), "a torch.float32 tensor")]:
+        with pytest.raises(ValueError, match=message):
+            generate(tiny, prompt, 5, GREEDY)
+
+
 def test_steps_queued_ahead_of_reading_their_token_give_the_same_tokens(tiny, monkeypatch):
     """generate() on CUDA queues each step before it reads the token the step follows; forced here on the CPU.
     The same ids, greedy and sampled, through a decoder and the eager cache, cut by a stop id or by the length;
