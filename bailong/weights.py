@@ -353,12 +353,14 @@ def load_preset(name, dtype=None, device=None, seed=0):
     """A randomly initialised model of a named preset, with the byte-level tokenizer.
 
     The vocabulary is the tokenizer's (260), so every id the model emits decodes.
-    For demos and tests: the weights carry no knowledge.
+    For demos and tests: the weights carry no knowledge. They are drawn from ``seed``, the caller's
+    random state left as it was (it was seeded again).
     """
     device = device or default_device()
     tokenizer = byte_tokenizer()
     config = preset(name)
     config.vocab_size = tokenizer.vocab_size
-    torch.manual_seed(seed)
-    model = init_weights(Llama(config)).to(device=device, dtype=dtype or torch.float32).eval()
-    return model, tokenizer
+    with torch.random.fork_rng(devices=[]):  # drawn on the CPU
+        torch.default_generator.manual_seed(seed)
+        model = init_weights(Llama(config))
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer

@@ -300,3 +300,22 @@ def test_a_config_whose_values_disagree_is_named(tmp_path, capsys):
     with pytest.raises(bailong.BailongError, match=rf"{folder / 'config.json'}: num_attention_heads \(\d+\) is not a "
                        r"multiple of num_key_value_heads \(3\)"):
         bailong.load(folder, device="cpu")
+
+
+def test_a_preset_model_leaves_the_callers_random_state_as_it_was():
+    """load_preset seeded torch's random state again: a caller's draws after it were the same whatever it had
+    seeded. Its weights are still those its seed gave (drawn as before), and another seed's differ."""
+    from bailong.config import preset
+    from bailong.model import init_weights
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    model, tokenizer = bailong.load_preset("tiny", device="cpu", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    config = preset("tiny")
+    config.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(5)
+    before = init_weights(bailong.Llama(config)).state_dict()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    other, _ = bailong.load_preset("tiny", device="cpu", seed=6)
+    assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
