@@ -35,7 +35,8 @@ from tqdm import tqdm
 from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
-from bailong.quantized import PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, nf4_weights, set_module
+from bailong.quantized import (PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, load_nf4, nf4_weights,
+                               set_module)
 from bailong.switches import initial
 
 
@@ -170,6 +171,12 @@ class LoRALinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # a dense weight is a Parameter
         if self.quantized:
             destination.update(self.weight.to_bnb_dict(prefix))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *lists):
+        if self.quantized:  # bitsandbytes' keys, as saved above
+            taken = load_nf4(self, state_dict, prefix, missing_keys, lists[-1])
+            state_dict = {k: v for k, v in state_dict.items() if k not in taken}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *lists)
 
     def _apply(self, fn, recurse=True):
         if self.quantized:  # as NF4Linear: follow the device, keep the dtypes

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bailong.errors import BailongError
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.recompute import dequantized
 
@@ -95,6 +96,37 @@ def _dequantize(weight: NF4Tensor | tuple, dtype) -> torch.Tensor:
     return weight.dequantize(dtype)
 
 
+def load_nf4(module, state_dict, prefix, missing_keys, error_msgs) -> set:
+    """``module.weight`` (an NF4Linear's, or a LoRA layer's on NF4) from the tensors ``NF4Tensor.to_bnb_dict``
+    saved under ``prefix`` in a state dict: so that ``load_state_dict`` takes back what ``state_dict`` gave
+    (bitsandbytes' keys). Copied into the weight's own tensors where they fit, as torch copies into parameters (a
+    captured CUDA graph reads those), else a new weight on the device of the old. Returns the keys it read; what
+    is wrong goes to torch's lists."""
+    keys = {k for k in state_dict if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")}
+    if not keys:
+        missing_keys.append(f"{prefix}weight")
+        return keys
+    try:
+        q = NF4Tensor.from_bnb_dict({k: state_dict[k] for k in keys}, prefix, source="the state dict")
+    except BailongError as e:
+        error_msgs.append(str(e))
+        return keys
+    if list(q.shape) != [module.out_features, module.in_features]:
+        error_msgs.append(f"size mismatch for {prefix}weight: NF4 of shape {list(q.shape)}, the layer's is "
+                          f"{[module.out_features, module.in_features]}")
+        return keys
+    old = module.weight
+    if old is not None and {k: (t.dtype, t.shape) for k, t in old.tensors().items()} == {
+            k: (t.dtype, t.shape) for k, t in q.tensors().items()}:
+        with torch.no_grad():
+            for k, t in old.tensors().items():
+                t.copy_(q.tensors()[k])
+        old.blocksize, old.dtype = q.blocksize, q.dtype
+    else:
+        module.weight = q.to(old.data.device if old is not None else q.data.device)
+    return keys
+
+
 class NF4Linear(nn.Module):
     """A frozen, bias-free linear layer whose weight is stored in NF4: ``y = x @ W.T``.
 
@@ -118,6 +150,12 @@ class NF4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.weight is not None:
             destination.update(self.weight.to_bnb_dict(prefix))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        taken = load_nf4(self, state_dict, prefix, missing_keys, error_msgs)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in taken)
 
     def _apply(self, fn, recurse=True):
         # Follow device moves only: fn leaves integer tensors' dtype alone, so applying

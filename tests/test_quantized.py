@@ -199,3 +199,39 @@ def test_quantized_shape_must_fit_the_config(tmp_path):
     (quantized / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
     with pytest.raises(BailongError, match="mlp.(gate|up|down)_proj.weight is quantized with shape"):
         bailong.load(quantized, device="cpu")
+
+
+def test_a_quantized_models_state_dict_loads_back(tmp_path):
+    """``model.state_dict()`` of an NF4 model, with LoRA or without, loads back into a model of its shape through
+    torch.save and torch.load(weights_only=True): the same outputs and tensors. It holds bitsandbytes' keys, which
+    ``load_state_dict`` called unexpected. Into the weights' own tensors, as torch loads parameters; or, for
+    another blocksize, as new weights. A dense state dict for NF4 layers is refused, naming the weight."""
+    from test_lora import randomize
+
+    from bailong.lora import LoRAConfig, inject_lora, lora_parameters
+    from bailong.quantized import quantize_model
+
+    def model(seed, lora):
+        made = quantize_model(bailong.load_preset("tiny", device="cpu", seed=seed)[0])
+        if lora:
+            randomize(lora_parameters(inject_lora(made, LoRAConfig(r=4, dropout=0.0))), seed)
+        return made.eval()
+    ids = torch.randint(0, 260, (2, 9), generator=torch.Generator().manual_seed(0))
+    for lora in (False, True):
+        source, target = model(0, lora), model(1, lora)
+        torch.save(source.state_dict(), tmp_path / "state.pt")
+        packed = target.model.layers[0].self_attn.q_proj.weight.data
+        target.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+        assert target.model.layers[0].self_attn.q_proj.weight.data is packed  # copied into (a CUDA graph reads it)
+        with torch.no_grad():
+            assert torch.equal(target(ids), source(ids))
+        assert target.state_dict().keys() == source.state_dict().keys()
+        assert all(torch.equal(t, source.state_dict()[k]) for k, t in target.state_dict().items())
+    other, target = quantize_model(bailong.load_preset("tiny", device="cpu", seed=2)[0], blocksize=128), model(1, False)
+    target.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(target(ids), other.eval()(ids))
+    assert target.model.layers[0].mlp.up_proj.weight.blocksize == 128
+    with pytest.raises(RuntimeError, match="the state dict: model.layers.0.self_attn.q_proj.weight: missing "
+                                           "quant_state"):
+        model(1, False).load_state_dict(bailong.load_preset("tiny", device="cpu")[0].state_dict())
