@@ -282,7 +282,6 @@ def model_sampling(folder, chosen: dict | None = None, seed=None) -> tuple[Sampl
     return sampling, max_new
 
 
-@torch.inference_mode()
 def _prompt(prompt_ids, vocab) -> list[int]:
     """``generate``'s prompt as a list of ids (a 1-D tensor, or a batch of one, taken too), or a ValueError that
     says what is wrong with it, where torch's indexing errors said it from deep inside the model."""
@@ -303,6 +302,7 @@ def _prompt(prompt_ids, vocab) -> list[int]:
     return [int(i) for i in ids]
 
 
+@torch.inference_mode()
 def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | None = None, stop_ids=None,
              on_token=None, cuda_graph=None) -> list[int]:
     """New token ids after ``prompt_ids`` (batch of one).

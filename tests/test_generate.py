@@ -57,6 +57,16 @@ def test_stops_on_stop_id_max_tokens_and_context(tiny):
 
 
 
+def test_generate_decodes_in_inference_mode(tiny, monkeypatch):
+    """Every forward under torch.inference_mode: no autograd graph, and on CUDA the decoding kernels, which take
+    no gradient, not training's (a helper put between generate and its decorator once took it)."""
+    modes, forward = [], type(tiny).forward
+    monkeypatch.setattr(type(tiny), "forward", lambda *a, **k: modes.append(torch.is_inference_mode_enabled()) or
+                        forward(*a, **k))
+    generate(tiny, [1, 2, 3], 3, GREEDY, stop_ids=[])
+    assert modes and all(modes), modes
+
+
 def test_a_prompt_that_is_not_token_ids_is_told_as_such(tiny):
     """From Python: an empty prompt was "0 tokens leave no room in a context of 5", a batch or an id past the
     vocabulary an indexing error from inside the model, a tensor "Boolean value of Tensor ... is ambiguous". A
