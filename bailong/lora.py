@@ -174,7 +174,7 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *lists):
         if self.quantized:  # bitsandbytes' keys, as saved above
-            taken = load_nf4(self, state_dict, prefix, missing_keys, lists[-1])
+            taken = load_nf4(self, state_dict, prefix, local_metadata, missing_keys, lists[-1])
             state_dict = {k: v for k, v in state_dict.items() if k not in taken}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *lists)
 

@@ -7,6 +7,8 @@ dict holds exactly what bitsandbytes writes (``weight``, ``weight.absmax``, ...)
 so saving a quantized model is saving its state dict plus a
 ``quantization_config`` that transformers understands.
 """
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,12 +98,13 @@ def _dequantize(weight: NF4Tensor | tuple, dtype) -> torch.Tensor:
     return weight.dequantize(dtype)
 
 
-def load_nf4(module, state_dict, prefix, missing_keys, error_msgs) -> set:
+def load_nf4(module, state_dict, prefix, local_metadata, missing_keys, error_msgs) -> set:
     """``module.weight`` (an NF4Linear's, or a LoRA layer's on NF4) from the tensors ``NF4Tensor.to_bnb_dict``
     saved under ``prefix`` in a state dict: so that ``load_state_dict`` takes back what ``state_dict`` gave
-    (bitsandbytes' keys). Copied into the weight's own tensors where they fit, as torch copies into parameters (a
-    captured CUDA graph reads those), else a new weight on the device of the old. Returns the keys it read; what
-    is wrong goes to torch's lists."""
+    (bitsandbytes' keys). As torch loads a parameter: copied into the weight's own tensors where they fit (a
+    captured CUDA graph reads those), the weight keeping its dtype, else into new ones on its device (never the
+    state dict's, which another model may hold); with ``assign=True``, the state dict's own. Returns the keys it
+    read; what is wrong goes to torch's lists."""
     keys = {k for k in state_dict if k == f"{prefix}weight" or k.startswith(f"{prefix}weight.")}
     if not keys:
         missing_keys.append(f"{prefix}weight")
@@ -116,14 +119,19 @@ def load_nf4(module, state_dict, prefix, missing_keys, error_msgs) -> set:
                           f"{[module.out_features, module.in_features]}")
         return keys
     old = module.weight
-    if old is not None and {k: (t.dtype, t.shape) for k, t in old.tensors().items()} == {
+    if local_metadata.get("assign_to_params_buffers", False):
+        module.weight = q
+    elif old is None:  # an empty layer, built to be loaded
+        module.weight = replace(q, **{k: t.clone() for k, t in q.tensors().items()})
+    elif {k: (t.dtype, t.shape) for k, t in old.tensors().items()} == {
             k: (t.dtype, t.shape) for k, t in q.tensors().items()}:
         with torch.no_grad():
             for k, t in old.tensors().items():
                 t.copy_(q.tensors()[k])
-        old.blocksize, old.dtype = q.blocksize, q.dtype
-    else:
-        module.weight = q.to(old.data.device if old is not None else q.data.device)
+        old.blocksize = q.blocksize
+    else:  # another blocksize, or double quantization where the model has none
+        module.weight = replace(q, dtype=old.dtype, **{k: t.to(old.data.device, copy=True)
+                                                        for k, t in q.tensors().items()})
     return keys
 
 
@@ -153,7 +161,7 @@ class NF4Linear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        taken = load_nf4(self, state_dict, prefix, missing_keys, error_msgs)
+        taken = load_nf4(self, state_dict, prefix, local_metadata, missing_keys, error_msgs)
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in taken)
 

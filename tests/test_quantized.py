@@ -204,8 +204,9 @@ def test_quantized_shape_must_fit_the_config(tmp_path):
 def test_a_quantized_models_state_dict_loads_back(tmp_path):
     """``model.state_dict()`` of an NF4 model, with LoRA or without, loads back into a model of its shape through
     torch.save and torch.load(weights_only=True): the same outputs and tensors. It holds bitsandbytes' keys, which
-    ``load_state_dict`` called unexpected. Into the weights' own tensors, as torch loads parameters; or, for
-    another blocksize, as new weights. A dense state dict for NF4 layers is refused, naming the weight."""
+    ``load_state_dict`` called unexpected. As torch loads parameters: into the weights' own tensors, their dtype
+    kept; for another blocksize into new ones, never the state dict's; with assign=True the state dict's. A dense
+    state dict for NF4 layers is refused, naming the weight."""
     from test_lora import randomize
 
     from bailong.lora import LoRAConfig, inject_lora, lora_parameters
@@ -228,10 +229,17 @@ def test_a_quantized_models_state_dict_loads_back(tmp_path):
         assert target.state_dict().keys() == source.state_dict().keys()
         assert all(torch.equal(t, source.state_dict()[k]) for k, t in target.state_dict().items())
     other, target = quantize_model(bailong.load_preset("tiny", device="cpu", seed=2)[0], blocksize=128), model(1, False)
-    target.load_state_dict(other.state_dict())
+    target.load_state_dict(other.state_dict())  # another blocksize: new tensors, not the state dict's (other's)
     with torch.no_grad():
         assert torch.equal(target(ids), other.eval()(ids))
-    assert target.model.layers[0].mlp.up_proj.weight.blocksize == 128
+    up, others = target.model.layers[0].mlp.up_proj.weight, other.model.layers[0].mlp.up_proj.weight
+    assert up.blocksize == 128 and up.data.data_ptr() != others.data.data_ptr()
+    bf16 = quantize_model(bailong.load_preset("tiny", device="cpu", seed=1, dtype=torch.bfloat16)[0])
+    bf16.load_state_dict(model(0, False).state_dict())  # as a parameter keeps its dtype
+    assert bf16.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    on_meta = model(1, False).to("meta")  # assign=True: the state dict's tensors themselves
+    on_meta.load_state_dict(other.state_dict(), assign=True)
+    assert on_meta.model.layers[0].mlp.up_proj.weight.data is others.data
     with pytest.raises(RuntimeError, match="the state dict: model.layers.0.self_attn.q_proj.weight: missing "
                                            "quant_state"):
         model(1, False).load_state_dict(bailong.load_preset("tiny", device="cpu")[0].state_dict())
