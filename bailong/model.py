@@ -339,7 +339,8 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, hidden), writing to and advancing ``cache`` if given."""
         T = input_ids.shape[1]
-        new_forward()  # LoRA's compute-dtype copies made again (``bailong.lora_casts``), kept for its recomputation
+        if torch.is_grad_enabled():  # LoRA's compute-dtype copies made again (``bailong.lora_casts``), kept for the
+            new_forward()  # recomputation; without a gradient none are used (a teacher's forward leaves them)
         embed = self.model.embed_tokens  # a plain one's table may be in host memory (``offload_embedding``)
         x = embed(input_ids) if isinstance(embed, LoRAEmbedding) else embedding_rows(embed.weight, input_ids)
         if cache is None:

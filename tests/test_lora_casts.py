@@ -58,7 +58,8 @@ def test_fused_lora_casts_once_a_forward_and_lets_the_casts_go_in_the_backward(m
 def test_a_forward_takes_weights_changed_through_data_since_the_last(monkeypatch):
     """LoRA weights changed through ``.data`` (a hand-written update, an average copied in) change no version
     counter: a training forward after one used the copies the forward before had made (its output 19 away on
-    a real checkpoint). It casts again, and gives what the unfused path gives, and its recomputation reuses them."""
+    a real checkpoint). It casts again, and gives what the unfused path gives; its recomputation reuses them, and
+    so does its backward after a forward without a gradient."""
     from bailong import lora
     monkeypatch.setattr(lora, "_fused", True)
     model, _ = bailong.load_preset("tiny", device="cpu")
@@ -72,7 +73,10 @@ def test_a_forward_takes_weights_changed_through_data_since_the_last(monkeypatch
     model.train()
     copies, copy = [], torch._foreach_copy_
     monkeypatch.setattr(torch, "_foreach_copy_", lambda out, masters: copies.append(len(out)) or copy(out, masters))
-    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    with torch.no_grad():
+        model(ids)  # a forward without a gradient between (a teacher's, an evaluation): it uses none
+    loss.backward()
     assert copies == [2 * len(layers)]  # once, not again in the recomputation
     fused = model(ids)
     monkeypatch.setattr(lora, "_fused", False)
