@@ -360,7 +360,7 @@ def load_preset(name, dtype=None, device=None, seed=0):
     tokenizer = byte_tokenizer()
     config = preset(name)
     config.vocab_size = tokenizer.vocab_size
-    with torch.random.fork_rng(devices=[]):  # drawn on the CPU
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # drawn on the CPU, whatever the default device
         torch.default_generator.manual_seed(seed)
         model = init_weights(Llama(config))
     return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer

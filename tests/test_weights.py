@@ -304,7 +304,8 @@ def test_a_config_whose_values_disagree_is_named(tmp_path, capsys):
 
 def test_a_preset_model_leaves_the_callers_random_state_as_it_was():
     """load_preset seeded torch's random state again: a caller's draws after it were the same whatever it had
-    seeded. Its weights are still those its seed gave (drawn as before), and another seed's differ."""
+    seeded. Its weights are still those its seed gave (drawn as before, on the CPU whatever the default device),
+    and another seed's differ."""
     from bailong.config import preset
     from bailong.model import init_weights
     torch.manual_seed(1234)
@@ -319,3 +320,6 @@ def test_a_preset_model_leaves_the_callers_random_state_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     other, _ = bailong.load_preset("tiny", device="cpu", seed=6)
     assert not torch.equal(other.lm_head.weight, model.lm_head.weight)
+    with torch.device("meta"):  # another default device (a notebook's "cuda"): drawn on the CPU all the same
+        again, _ = bailong.load_preset("tiny", device="cpu", seed=5)
+    assert all(torch.equal(before[k], v) for k, v in again.state_dict().items())
