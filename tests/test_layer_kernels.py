@@ -174,7 +174,7 @@ def test_training_with_the_layer_kernels_equals_pytorch(monkeypatch, chunked_los
 def gpu_path(monkeypatch, fused_step, layer_kernels=False):
     """Run the model on the CPU as it runs on CUDA: NF4 projections through the kernels, (``fused_step``) the
     decoding step's fused kernels, (``layer_kernels``) the training layer kernels and the fused LoRA's dropout
-    kernels; all interpreted. The dequantize kernel takes a weight in one program here: interpreted, each program
+    kernels; all interpreted. The dequantize kernel takes 16,384 weights a program here: interpreted, each program
     costs about the same whatever its size (a graphed-step test took 102 s with small ones, 65 s so), and its own tests
     run it on several."""
     from bailong import lora_fused, model, quantized

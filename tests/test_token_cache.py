@@ -237,7 +237,7 @@ def test_a_full_disk_while_writing_the_cache_is_one_line(small_disk):
 def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(monkeypatch):
     """On a job scheduler's share of a larger machine, one process per core of the share (os.cpu_count()
     counts the machine's: a process per core of a 128-core node on 8 of them, each holding the tokenizer), and
-    none without a thousand documents to encode (--workers 1024 started 1,024 processes for 2,000)."""
+    none without a thousand documents to encode (--workers 1024 once started 1,024 processes for 2,000)."""
     from bailong import token_cache
     from bailong.tokenizer import byte_tokenizer
     started = []
