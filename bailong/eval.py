@@ -100,12 +100,8 @@ def perplexity(model_path, text, max_chars=200_000, dtype=None):
         raise BailongError(f"{model_path}: the loss is {nats_per_char} ({broken} NaN or infinite values)")
     per_char = tokens_per_char(tokenizer, kept)
     per_token = nats_per_char / per_char
-    result = {"characters": total, "tokens_per_char": per_char,
-              "loss_per_token": per_token, "perplexity": math.exp(per_token),
-              "bits_per_char": nats_per_char / math.log(2)}
-    print(f"{total} characters: {result['loss_per_token']:.4f} nats per token (perplexity "
-          f"{result['perplexity']:.2f}), {result['bits_per_char']:.4f} bits per character")
-    return result
+    return {"characters": total, "tokens_per_char": per_char, "loss_per_token": per_token,
+            "perplexity": math.exp(per_token), "bits_per_char": nats_per_char / math.log(2)}
 
 
 def text_tokenizer(path):
@@ -258,7 +254,9 @@ def main(argv=None):
     if getattr(args, "judge_url", None) and urllib.parse.urlsplit(args.judge_url).scheme not in ("http", "https"):
         c.error(f"--judge-url must be an http:// or https:// address, not {args.judge_url!r}")
     if args.command == "perplexity":
-        perplexity(args.model, args.text, args.max_chars, args.dtype and getattr(torch, args.dtype))
+        result = perplexity(args.model, args.text, args.max_chars, args.dtype and getattr(torch, args.dtype))
+        print(f"{result['characters']} characters: {result['loss_per_token']:.4f} nats per token (perplexity "
+              f"{result['perplexity']:.2f}), {result['bits_per_char']:.4f} bits per character")
     elif args.command == "tokenizers":
         compare_tokenizers(args.text, args.tokenizers)
     else:

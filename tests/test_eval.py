@@ -22,10 +22,19 @@ def model_folder(tmp_path):
     return folder
 
 
-def test_perplexity_and_bits_per_character(model_folder, tmp_path):
+def test_perplexity_and_bits_per_character(model_folder, tmp_path, capsys):
+    """perplexity() returns its figures (a notebook's: it printed them too); the command prints them."""
+    from bailong.errors import run_cli
+    from bailong.eval import main
     text = tmp_path / "held.txt"
     text.write_text("臺灣的夜市很熱鬧。\nThe night market is busy.\n")
     result = perplexity(model_folder, text)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, ["perplexity", "--model", str(model_folder), "--text", str(text)])
+    assert exit_.value.code == 0 and capsys.readouterr().out == (
+        f"34 characters: {result['loss_per_token']:.4f} nats per token (perplexity {result['perplexity']:.2f}), "
+        f"{result['bits_per_char']:.4f} bits per character\n")
     model, tok = bailong.load(model_folder, device="cpu")
     nll, chars, tokens = 0.0, 0, 0
     with torch.no_grad():
