@@ -24,7 +24,7 @@ from bailong.lora_fused import one_at_a_time
 
 _by_layer = False  # the compute-dtype casts made a decoder layer at a time (``use_casts_by_layer``)
 _LORA_LINEARS = weakref.WeakSet()  # every LoRA layer in the process, for ``forget_casts``
-_renewals = 0  # optimizer steps and models' forwards in this process: casts made before one are made again
+_renewals = 0  # optimizer steps and training forwards in this process: casts made before one are made again
 _releases = None  # inside casts_kept: the layers whose release waits for its end
 
 
@@ -121,10 +121,11 @@ def group_casts(model):
 
 
 def new_forward(*_):
-    """A model's forward begins, or an optimizer has stepped (it may have changed LoRA weights, fused ones leaving
-    the version counters alone): casts made before are made again. Within a forward and its backward they are
-    kept (the recomputation's), but a forward never takes the last one's: a model's masters changed through
-    ``.data`` (a hand-written update, an average of weights copied in) change no version counter."""
+    """A model's forward with a gradient begins (``Llama.hidden_states``), or an optimizer has stepped (it may have
+    changed LoRA weights, fused ones leaving the version counters alone): casts made before are made again.
+    Within a forward and its backward they are kept (the recomputation's), but a forward never takes the last
+    one's: masters changed through ``.data`` (a hand-written update, an average of weights copied in) change no
+    version counter."""
     global _renewals
     _renewals += 1
 

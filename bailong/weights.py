@@ -353,8 +353,8 @@ def load_preset(name, dtype=None, device=None, seed=0):
     """A randomly initialised model of a named preset, with the byte-level tokenizer.
 
     The vocabulary is the tokenizer's (260), so every id the model emits decodes.
-    For demos and tests: the weights carry no knowledge. They are drawn from ``seed``, the caller's
-    random state left as it was (it was seeded again).
+    For demos and tests: the weights carry no knowledge. They are drawn from ``seed`` alone, on the
+    CPU, and the caller's random state is left as it was.
     """
     device = device or default_device()
     tokenizer = byte_tokenizer()
