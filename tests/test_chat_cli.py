@@ -290,15 +290,12 @@ def test_ctrl_c_while_torch_loads_waits_until_it_has():
     import signal
     import threading
 
-    from bailong.errors import signals_held
+    from bailong.errors import handling, signals_held
     reached = False
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (under nohup ... &, ignored)
-    try:
+    with handling(signal.default_int_handler, (signal.SIGINT,)):  # a terminal's (under nohup ... &, ignored)
         with pytest.raises(KeyboardInterrupt):
             with signals_held():
                 signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # (to this thread: others a test made
                 reached = True  # may take a signal sent to the process)
         assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, before)
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing is held after

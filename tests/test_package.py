@@ -120,14 +120,10 @@ def test_ctrl_c_while_a_command_loads_torch_ends_it(command, tmp_path):
         import signal
         import threading
 
-        from bailong.errors import loading
-        before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as above)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                with loading(command[1]):
-                    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-        finally:
-            signal.signal(signal.SIGINT, before)
+        from bailong.errors import handling, loading
+        with handling(signal.default_int_handler, (signal.SIGINT,)), pytest.raises(KeyboardInterrupt):  # (as above)
+            with loading(command[1]):
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)
 
 
 def test_the_readme_layout_lists_every_module_and_folder():

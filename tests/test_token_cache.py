@@ -159,40 +159,10 @@ def test_tokenizing_workers_started_afresh_or_from_a_server_give_what_one_proces
         assert all(a.tolist() == b.tolist() for a, b in zip(*tokenized) if a is not None)
 
 
-def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
-    """A pool shut down by an exception can wait forever on a worker stopped mid-send: while it tokenizes, the
-    command (its SIGTERM handler set, as every command's is) ends at once, as by default."""
-    import signal
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-    script = f"""
-import os, signal, sys
-sys.path.insert(0, {str(ROOT)!r})
-from bailong import token_cache as data
-from bailong.errors import run_cli
-from bailong.tokenizer import byte_tokenizer
-
-def encode(item):  # a worker stops its command and the pool, as a terminal or a scheduler does
-    if item == "x 3000":
-        os.killpg(0, int(sys.argv[1]))
-    return [1] * 10000, None
-
-data._encode = encode
-run_cli(lambda argv: data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in range(6000)], 2, None) and 0, [])
-"""
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        done = subprocess.run([sys.executable, "-c", script, str(int(stop))], capture_output=True, text=True,
-                              timeout=60, start_new_session=True)  # a process group of its own
-        assert done.returncode == -stop, done.stderr[-2000:]
-        assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)
-
-
-def test_ctrl_c_while_a_pool_tokenizes_for_a_python_caller_is_raised_there(tmp_path):
-    """Called from Python (a notebook), not by a command: Ctrl-C, sent to every process of the group as a terminal
-    or a notebook's interrupt sends it, raises KeyboardInterrupt in the caller, whose process goes on, and the
-    workers end with the pool. It ended the caller's process (a notebook's kernel) at once."""
+def stopped_while_a_pool_tokenizes(stop, then):
+    """A process, the first of a group of its own, tokenizing 6,000 documents in 2 processes, one of which sends
+    ``stop`` to the group at the 3,000th, as a terminal's Ctrl-C or a job scheduler does; ``then`` (code) runs
+    the tokenizing as ``encode_all()``. Returns the finished process."""
     import subprocess
     import sys
 
@@ -202,21 +172,42 @@ import multiprocessing, os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's (nohup ... & ignores it)
 sys.path.insert(0, {str(ROOT)!r})
 from bailong import token_cache as data
+from bailong.errors import run_cli
 from bailong.tokenizer import byte_tokenizer
 
-def encode(item):  # a worker presses Ctrl-C for the group
+def encode(item):
     if item == "x 3000":
-        os.killpg(0, signal.SIGINT)
+        os.killpg(0, {int(stop)})
     return [1] * 10000, None
 
+def encode_all():
+    return data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in range(6000)], 2, None)
+
 data._encode = encode
-try:
-    data._encode_all(byte_tokenizer(), [f"x {{i}}" for i in range(6000)], 2, None)
-except KeyboardInterrupt:
-    print("interrupted; processes left:", len(multiprocessing.active_children()))
+{then}
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          start_new_session=True)  # a process group of its own
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+
+
+def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once():
+    """A pool shut down by an exception can wait forever on a worker stopped mid-send: while it tokenizes, the
+    command (its SIGTERM handler set, as every command's is) ends at once, as by default."""
+    import signal
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        done = stopped_while_a_pool_tokenizes(stop, "run_cli(lambda argv: encode_all() and 0, [])")
+        assert done.returncode == -stop, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly too (not a broken pipe)
+
+
+def test_ctrl_c_while_a_pool_tokenizes_for_a_python_caller_is_raised_there():
+    """Called from Python (a notebook), not by a command: Ctrl-C, sent to every process of the group as a terminal
+    or a notebook's interrupt sends it, raises KeyboardInterrupt in the caller, whose process goes on, and the
+    workers end with the pool. It ended the caller's process (a notebook's kernel) at once."""
+    import signal
+    caller = ("try:\n    encode_all()\nexcept KeyboardInterrupt:\n"
+              "    print('interrupted; processes left:', len(multiprocessing.active_children()))")
+    done = stopped_while_a_pool_tokenizes(signal.SIGINT, caller)
     assert (done.returncode, done.stdout) == (0, "interrupted; processes left: 0\n"), done.stderr[-2000:]
 
 
