@@ -22,8 +22,12 @@ TRAIN = [sys.executable, str(ROOT / "train.py")]
 
 
 def test_embedded_default_pretrain_sft_and_chat(tmp_path):
-    """The quick start: both stages learn (held-out loss falls, not only training loss) and the result is
-    the adapter with the best held-out loss."""
+    """The quick start: both stages learn (held-out loss falls, not only training loss), the result is the
+    adapter with the best held-out loss, and the README's quick start gives the losses this run gives."""
+    readme = (ROOT / "README.md").read_text()
+    said = re.search(r"\((\d\.\d+) before training, (\d\.\d+) after\)", readme)
+    said_sft = re.search(r"held-out loss (\d\.\d+) -> (\d\.\d+), the adapter of step (\d+), at\s+(\d\.\d+), kept",
+                         readme)
     pre, sft = tmp_path / "pretrain", tmp_path / "sft"
     result = subprocess.run(TRAIN + ["--stage", "pretrain", "--out", str(pre)], capture_output=True, text=True,
                             timeout=600)
@@ -37,11 +41,16 @@ def test_embedded_default_pretrain_sft_and_chat(tmp_path):
     assert "vocabulary: +300 pieces (260 -> 560)" in result.stdout
     assert "(the adapter of step 100, best on held-out data)" in result.stdout
     assert 3.6 < float(re.search(r"best (\d\.\d+) at step 100", result.stdout)[1]) < 3.8  # 3.6972 here
+    assert [abs(float(x) - loss) < 0.006 for x, loss in zip(said.groups(), (held[0], held[-1]))] == [True, True], \
+        (said[0], held)  # the README's figures, rounded
     result = subprocess.run(TRAIN + ["--stage", "sft", "--init", str(pre), "--out", str(sft)], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     held = [loss for _, loss in evals(sft)]
     assert len(losses(sft)) >= 40 and min(held[1:]) < held[0] - 0.05 and held[-1] < held[0]
+    best_step, best = min(evals(sft), key=lambda e: e[1])
+    assert int(said_sft[3]) == best_step and abs(float(said_sft[4]) - best) < 0.0006, (said_sft[0], evals(sft))
+    assert [abs(float(said_sft[i]) - loss) < 0.006 for i, loss in ((1, held[0]), (2, best))] == [True, True]
     assert "warning" not in result.stdout
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(sft), "--prompt", "臺灣最高的山是哪一座？",
                              "--temperature", "0", "--max-new-tokens", "30"], capture_output=True, text=True,
