@@ -8,9 +8,9 @@ The names below load on first use (PEP 562): importing a torch-free module such 
 """
 import importlib
 
-MODULES = {"PRESETS": "config", "ModelConfig": "config", "BailongError": "errors", "Sampling": "generation",
-           "generate": "generation", "KVCache": "model", "Llama": "model", "Tokenizer": "tokenizer",
-           "load": "weights", "load_preset": "weights", "save": "weights"}
+MODULES = {"PRESETS": "config", "ModelConfig": "config", "BailongError": "errors", "BailongWarning": "errors",
+           "Sampling": "generation", "generate": "generation", "KVCache": "model", "Llama": "model",
+           "Tokenizer": "tokenizer", "load": "weights", "load_preset": "weights", "save": "weights"}
 __all__ = list(MODULES)
 
 

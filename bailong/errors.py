@@ -6,6 +6,8 @@ import re
 import signal
 import sys
 import threading
+import warnings
+from functools import partial
 
 
 class BailongError(Exception):
@@ -19,6 +21,11 @@ class BailongError(Exception):
 class UsageError(BailongError):
     """A command-line option out of range or of the wrong kind: caught before anything is read or
     written, and reported like argparse's own errors, with exit status 2."""
+
+
+class BailongWarning(UserWarning):
+    """Something the user should know that stops nothing (an adapter trained on another base, a rounding kept):
+    a Python caller may catch or silence it as any warning; a command shows it as a ``warning: ...`` line."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,7 +149,8 @@ def run_cli(main, argv=None):
         from bailong.switches import switch_mistake
         if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch
             raise UsageError(mistake)
-        with handling(_terminate, (signal.SIGTERM,)):
+        with handling(_terminate, (signal.SIGTERM,)), warnings.catch_warnings():
+            warnings.showwarning = partial(_show_warning, where, warnings.showwarning)
             sys.exit(main(argv))
     except BailongError as e:
         if say:
@@ -160,6 +168,14 @@ def run_cli(main, argv=None):
         sys.exit(130)
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
+
+
+def _show_warning(where, shown, message, category, *args, **kwargs):
+    """A command's warnings: the project's as one line each, Python's and other libraries' as Python shows them."""
+    if issubclass(category, BailongWarning):
+        print(f"{where}warning: {message}", file=sys.stderr)
+    else:
+        shown(message, category, *args, **kwargs)
 
 
 def check_device(device: str) -> str:

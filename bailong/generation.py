@@ -10,6 +10,7 @@ from dataclasses import replace
 import torch
 
 from bailong.config import HF_SAMPLING, SAMPLING, Sampling
+from bailong.errors import BailongWarning
 from bailong.model import Llama
 from bailong.quantized import nf4_weights
 from bailong.step_graph import capture_failure
@@ -182,7 +183,7 @@ class GraphDecoder:
                 self.graphs[window] = self._capture(window)
             except RuntimeError as e:
                 self.graphs = None
-                warnings.warn(f"CUDA graph capture failed, decoding without it: {capture_failure(e)}")
+                warnings.warn(f"CUDA graph capture failed, decoding without it: {capture_failure(e)}", BailongWarning)
         return None if self.graphs is None else self.graphs[window]
 
     def prefill(self, ids):

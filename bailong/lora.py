@@ -25,6 +25,7 @@ prefix ``base_model.model.`` (see ``bailong/adapter.py``).
 """
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bailong.errors import BailongWarning
 from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
@@ -280,8 +282,8 @@ def merge_lora(model, dtype=None):
     dtype = dtype or model.model.norm.weight.dtype
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
     if any(isinstance(m, LoRALinear) and m.quantized for _, m in wrapped):
-        print("warning: merging onto dequantized NF4 weights: the result keeps the 4-bit rounding error; "
-              "merge onto the original weights (bailong.export --base) to avoid it", file=sys.stderr)
+        warnings.warn("merging onto dequantized NF4 weights: the result keeps the 4-bit rounding error; merge onto "
+                      "the original weights (bailong.export --base) to avoid it", BailongWarning, stacklevel=2)
     names = [name for name, _ in wrapped]
     del wrapped  # each old weight let go as its merged one takes its place: at 7B two copies do not fit in 24 GiB
     for name in tqdm(names, desc="merging LoRA", unit="layer", disable=None, leave=False, file=sys.stderr):

@@ -38,6 +38,7 @@ import warnings
 import torch
 
 from bailong import lora_fused
+from bailong.errors import BailongWarning
 from bailong.lora import LoRALinear
 from bailong.lora_casts import forget_casts
 from bailong.recompute import forget_kept
@@ -138,7 +139,8 @@ class GraphedStep:
                 loss = accumulate(self.loss_of, inputs, targets)
         except Exception as e:  # an operation that cannot be captured
             self.failed = capture_failure(e)
-            warnings.warn(f"CUDA graph capture failed, training without it: {self.failed}", stacklevel=3)
+            warnings.warn(f"CUDA graph capture failed, training without it: {self.failed}", BailongWarning,
+                          stacklevel=3)
             for p in self.parameters:
                 p.grad = None
             self.warmup = float("inf")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bailong.chat_template import template_example, training_example
-from bailong.errors import BailongError, handling, in_a_command, silence
+from bailong.errors import BailongError, BailongWarning, handling, in_a_command, silence
 from bailong.files import atomic_write
 from bailong.runs import DOCUMENTS
 from bailong.tokenizer import Tokenizer
@@ -125,8 +126,8 @@ def _cached(files, items: int) -> list | None:
         why = "its arrays do not fit together"
     except (ValueError, EOFError):  # numpy's for a file cut short, or not an array (its words on pickles mislead)
         why = "a file cut short, or not an array"
-    print(f"warning: {files[0].parent}: the token cache {files[0].name[:27]} is damaged ({why}); tokenizing "
-          "again", file=sys.stderr)
+    warnings.warn(f"{files[0].parent}: the token cache {files[0].name[:27]} is damaged ({why}); tokenizing "
+                  "again", BailongWarning, stacklevel=3)
     return None
 
 

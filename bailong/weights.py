@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from bailong.adapter import load_adapter, trained_base
 from bailong.config import ModelConfig, preset
-from bailong.errors import BailongError, read_json
+from bailong.errors import BailongError, BailongWarning, read_json
 from bailong.files import atomic_write
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.model import Llama, init_weights
@@ -205,8 +206,8 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
         bar.update()
     bar.close()
     if tied_head is not None and not torch.equal(tied_head.to(params["lm_head.weight"]), params["lm_head.weight"]):
-        print(f"warning: {folder}: config.json ties the head to the embedding, but the checkpoint holds another "
-              "lm_head.weight: both are used, untied, as transformers does", file=sys.stderr)
+        warnings.warn(f"{folder}: config.json ties the head to the embedding, but the checkpoint holds another "
+                      "lm_head.weight: both are used, untied, as transformers does", BailongWarning, stacklevel=3)
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(tied_head.to(params["lm_head.weight"]))
     missing = sorted(expected - loaded)
@@ -290,9 +291,9 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
         adapter_folder = resolve(str(adapter), revision, files=ADAPTER_FILES, weights=False)
         load_adapter(model, adapter_folder)
         if (trained := trained_base(adapter_folder)) and trained != fingerprint(folder):
-            print(f"warning: {adapter}: trained on another base than {path_or_repo_id} (the stored weights of its "
-                  "first layer differ: another model, or this one in another dtype); its answers may make no sense",
-                  file=sys.stderr)
+            warnings.warn(f"{adapter}: trained on another base than {path_or_repo_id} (the stored weights of its "
+                          "first layer differ: another model, or this one in another dtype); its answers may make no "
+                          "sense", BailongWarning, stacklevel=2)
         model.eval()
         # a grown vocabulary (the adapter's tokenizer.model alone) reads chat text as its base does
         if (grown := open_tokenizer(adapter_folder, legacy=getattr(tokenizer, "legacy", True))) is not None:

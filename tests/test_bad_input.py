@@ -4,6 +4,7 @@ seconds for the whole table where new processes would take minutes."""
 import hashlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -220,3 +221,23 @@ def test_a_name_not_in_utf8_is_refused_by_every_entry_point(tmp_path, capsys, mo
     assert code == 2 and said == "error: --out is not UTF-8 text (b'lat\\xe9n')\n", said
     (tmp_path / "config.json").unlink()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_command_shows_the_projects_warnings_as_lines_and_others_as_python_does(tmp_path):
+    """A warning of the project's (BailongWarning: an adapter trained on another base, a damaged token cache) is
+    one line in a command, as its errors are, naming the rank under torchrun; a Python caller gets it as a
+    warning to catch or silence (tests of each), and another library's warnings keep Python's form."""
+    import subprocess
+    script = tmp_path / "command.py"
+    script.write_text("import warnings\n"
+                      "from bailong.errors import BailongWarning, run_cli\n"
+                      "def main(argv):\n"
+                      "    warnings.warn('a.bin: worth knowing', BailongWarning)\n"
+                      "    warnings.warn('an old call', FutureWarning)\n"
+                      "run_cli(main)\n")
+    for rank, where in (("0", ""), ("3", "[rank 3] ")):
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "RANK": rank})
+        lines = result.stderr.splitlines()
+        assert result.returncode == 0 and lines[0] == f"{where}warning: a.bin: worth knowing", result.stderr
+        assert lines[1].endswith("command.py:5: FutureWarning: an old call") and len(lines) == 3, result.stderr

@@ -36,10 +36,15 @@ def test_token_cache_is_reused(tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2
 
 
-def test_a_damaged_token_cache_is_made_again(tmp_path, capsys):
+def test_a_damaged_token_cache_is_made_again(tmp_path):
     """A cache file cut short, or not an array, ended --resume in a traceback (mmap length, pickled data, no data
-    left in file); arrays that do not fit together were read as they were."""
+    left in file); arrays that do not fit together were read as they were. Each is warned about (a command shows
+    the warning as a line: test_bad_input.py)."""
+    import warnings
+
     import numpy as np
+
+    from bailong.errors import BailongWarning
 
     from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer
@@ -51,12 +56,11 @@ def test_a_damaged_token_cache_is_made_again(tmp_path, capsys):
                               ("offsets", lambda f: np.save(f, np.array([0, 5])), "do not fit together"),
                               ("labels", lambda f: np.save(f, np.zeros(4, np.int32)), "do not fit together")]:
         damage(next(tmp_path.glob(f"*.{part}.npy")))
-        capsys.readouterr()
-        assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
-        err = capsys.readouterr().err
-        assert f"warning: {tmp_path}: the token cache tokens-" in err and why in err and "tokenizing again" in err
-        assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
-        assert "warning" not in capsys.readouterr().err
+        with pytest.warns(BailongWarning, match=f"^{tmp_path}: the token cache tokens-.*{why}.*tokenizing again$"):
+            assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
 
 
 def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path):
