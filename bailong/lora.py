@@ -289,9 +289,11 @@ def merge_lora(model, dtype=None):
     for name in tqdm(names, desc="merging LoRA", unit="layer", disable=None, leave=False, file=sys.stderr):
         m = model.get_submodule(name)
         w = nn.Parameter(m.merged_weight().to(dtype), requires_grad=False)
-        plain = nn.Embedding(*w.shape, device="meta") if isinstance(m, LoRAEmbedding) else \
-            nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # (no random weights made to be dropped)
-        plain.weight = w
+        if isinstance(m, LoRAEmbedding):
+            plain = nn.Embedding.from_pretrained(w, freeze=True)  # (no random weights made to be dropped)
+        else:
+            plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+            plain.weight = w
         del m
         set_module(model, name, plain)
     return model

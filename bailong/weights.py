@@ -13,6 +13,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -277,8 +278,9 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
         raise BailongError(f"{folder / 'config.json'}: num_hidden_layers is {config.num_hidden_layers}, but the "
                            f"checkpoint holds {held} layers")
     quantized = quantize == "nf4" or bnb_quantized(folder)
-    with torch.device("meta"):
-        model = Llama(config).to(dtype)
+    with torch.device("meta"), patch.object(torch.nn.Embedding, "reset_parameters", lambda self: None):
+        model = Llama(config).to(dtype)  # (torch draws a meta embedding through code that imports torch._dynamo
+        # first: 1.3 s, a third of chat.py's start)
     if quantized:
         for name, m in projections(model):
             set_module(model, name, NF4Linear(m.in_features, m.out_features))
