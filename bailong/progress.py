@@ -119,7 +119,7 @@ class Metrics:
 
     def __init__(self, file: Path, plot: Path, keep_until=0):
         self.file, self.plot_file = file, plot
-        self.rows = []
+        self.rows, self.plotted = [], None  # the rows loss.png shows
         if self.file.exists():  # a resumed run keeps the steps it had done (none when it starts again at 0)
             lines = self.file.read_text(errors="replace").splitlines()
             for n, line in enumerate(lines, 1):
@@ -141,7 +141,10 @@ class Metrics:
             f.write(json.dumps(row) + "\n")
 
     def plot(self):
-        """The losses as a PNG, drawn without pyplot: a caller's backend (a notebook's) stays as it was."""
+        """The losses as a PNG, drawn without pyplot: a caller's backend (a notebook's) stays as it was; not drawn
+        again for the same rows (a run's end after an evaluation at its last step: 0.15 s of the quick start's 12)."""
+        if self.plotted == len(self.rows):
+            return
         from matplotlib.figure import Figure
         train = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
         evals = [(r["step"], r["eval_loss"]) for r in self.rows if "eval_loss" in r]
@@ -161,6 +164,7 @@ class Metrics:
         fig.tight_layout()
         try:
             atomic_write(self.plot_file, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+            self.plotted = len(self.rows)
         except BailongError as e:  # a picture of what metrics.jsonl holds: the run goes on, or ends well, without it
             print(f"warning: {e}; the plot was not updated", file=sys.stderr)
 

@@ -71,6 +71,26 @@ def test_a_plot_that_cannot_be_written_is_a_warning(tmp_path, capsys):
                                        "a file, not a folder); the plot was not updated\n")
 
 
+def test_the_plot_is_drawn_again_only_for_new_rows(tmp_path, monkeypatch):
+    """A run whose last step is evaluated drew the same picture twice (at the evaluation and at the end), and a
+    plot a run cannot write is tried again at the next call."""
+    from bailong import progress
+    from bailong.progress import Metrics
+    drawn, write = [], progress.atomic_write
+    monkeypatch.setattr(progress, "atomic_write", lambda path, *a: drawn.append(path) or write(path, *a))
+    metrics = Metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    metrics.log(step=1, loss=2.0)
+    metrics.plot(), metrics.plot()
+    metrics.log(step=1, eval_loss=2.5)
+    metrics.plot(), metrics.plot()
+    assert len(drawn) == 2
+    (tmp_path / "a-file").write_text("not a folder")
+    metrics.plot_file = tmp_path / "a-file" / "loss.png"
+    metrics.log(step=2, loss=1.5)
+    metrics.plot(), metrics.plot()
+    assert len(drawn) == 4
+
+
 def test_the_plot_leaves_a_callers_matplotlib_as_it_was(tmp_path):
     """A run from Python (a notebook calling train.main): drawing the losses switched matplotlib's backend to Agg,
     and the notebook's own plots stopped showing. It is drawn apart, and is a PNG."""
