@@ -150,7 +150,7 @@ def run_cli(main, argv=None):
         if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch
             raise UsageError(mistake)
         with handling(_terminate, (signal.SIGTERM,)), warnings.catch_warnings():
-            warnings.showwarning = partial(_show_warning, where, warnings.showwarning)
+            warnings.showwarning = partial(_show_warning, say, where, warnings.showwarning)
             sys.exit(main(argv))
     except BailongError as e:
         if say:
@@ -170,10 +170,12 @@ def run_cli(main, argv=None):
         sys.exit(128 + 15)  # the shell's code for SIGTERM
 
 
-def _show_warning(where, shown, message, category, *args, **kwargs):
-    """A command's warnings: the project's as one line each, Python's and other libraries' as Python shows them."""
+def _show_warning(say, where, shown, message, category, *args, **kwargs):
+    """A command's warnings: the project's as one line each, said as its errors are (by the first process of
+    each machine under torchrun); Python's and other libraries' as Python shows them."""
     if issubclass(category, BailongWarning):
-        print(f"{where}warning: {message}", file=sys.stderr)
+        if say:
+            print(f"{where}warning: {message}", file=sys.stderr)
     else:
         shown(message, category, *args, **kwargs)
 

@@ -225,8 +225,9 @@ def test_a_name_not_in_utf8_is_refused_by_every_entry_point(tmp_path, capsys, mo
 
 def test_a_command_shows_the_projects_warnings_as_lines_and_others_as_python_does(tmp_path):
     """A warning of the project's (BailongWarning: an adapter trained on another base, a damaged token cache) is
-    one line in a command, as its errors are, naming the rank under torchrun; a Python caller gets it as a
-    warning to catch or silence (tests of each), and another library's warnings keep Python's form."""
+    one line in a command, said as its errors are (under torchrun by each machine's first process, naming its
+    rank); a Python caller gets it as a warning to catch or silence (tests of each), and another library's
+    warnings keep Python's form."""
     import subprocess
     script = tmp_path / "command.py"
     script.write_text("import warnings\n"
@@ -235,9 +236,11 @@ def test_a_command_shows_the_projects_warnings_as_lines_and_others_as_python_doe
                       "    warnings.warn('a.bin: worth knowing', BailongWarning)\n"
                       "    warnings.warn('an old call', FutureWarning)\n"
                       "run_cli(main)\n")
-    for rank, where in (("0", ""), ("3", "[rank 3] ")):
+    for rank, local_rank, said in (("0", "0", "warning: a.bin: worth knowing"),
+                                   ("3", "0", "[rank 3] warning: a.bin: worth knowing"),  # another machine's first
+                                   ("3", "1", None)):  # said by its machine's first process, as errors are
         result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-                                env={**os.environ, "RANK": rank})
+                                env={**os.environ, "RANK": rank, "LOCAL_RANK": local_rank})
         lines = result.stderr.splitlines()
-        assert result.returncode == 0 and lines[0] == f"{where}warning: a.bin: worth knowing", result.stderr
-        assert lines[1].endswith("command.py:5: FutureWarning: an old call") and len(lines) == 3, result.stderr
+        assert result.returncode == 0 and lines[:-2] == ([said] if said else []), result.stderr
+        assert lines[-2].endswith("command.py:5: FutureWarning: an old call"), result.stderr
