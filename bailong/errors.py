@@ -151,8 +151,9 @@ def run_cli(main, argv=None):
             raise UsageError(mistake)
         with handling(_terminate, (signal.SIGTERM,)), warnings.catch_warnings():
             warnings.showwarning = partial(_show_warning, say, where, warnings.showwarning)
+            warnings.filterwarnings("always", category=BailongWarning, append=True)  # each time, as a line; -W first
             sys.exit(main(argv))
-    except BailongError as e:
+    except (BailongError, BailongWarning) as e:  # a warning: under python -W error
         if say:
             print(f"{where}error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageError) else 1)

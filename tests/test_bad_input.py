@@ -226,14 +226,15 @@ def test_a_name_not_in_utf8_is_refused_by_every_entry_point(tmp_path, capsys, mo
 def test_a_command_shows_the_projects_warnings_as_lines_and_others_as_python_does(tmp_path):
     """A warning of the project's (BailongWarning: an adapter trained on another base, a damaged token cache) is
     one line in a command, said as its errors are (under torchrun by each machine's first process, naming its
-    rank); a Python caller gets it as a warning to catch or silence (tests of each), and another library's
-    warnings keep Python's form."""
+    rank), each time it comes; a Python caller gets it as a warning to catch or silence (tests of each); python's
+    -W option comes first (-W error: a one-line error); another library's warnings keep Python's form."""
     import subprocess
     script = tmp_path / "command.py"
     script.write_text("import warnings\n"
                       "from bailong.errors import BailongWarning, run_cli\n"
                       "def main(argv):\n"
-                      "    warnings.warn('a.bin: worth knowing', BailongWarning)\n"
+                      "    for _ in range(2):\n"
+                      "        warnings.warn('a.bin: worth knowing', BailongWarning)\n"
                       "    warnings.warn('an old call', FutureWarning)\n"
                       "run_cli(main)\n")
     for rank, local_rank, said in (("0", "0", "warning: a.bin: worth knowing"),
@@ -242,5 +243,9 @@ def test_a_command_shows_the_projects_warnings_as_lines_and_others_as_python_doe
         result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                                 env={**os.environ, "RANK": rank, "LOCAL_RANK": local_rank})
         lines = result.stderr.splitlines()
-        assert result.returncode == 0 and lines[:-2] == ([said] if said else []), result.stderr
-        assert lines[-2].endswith("command.py:5: FutureWarning: an old call"), result.stderr
+        assert result.returncode == 0 and lines[:-2] == ([said] * 2 if said else []), result.stderr  # each time
+        assert lines[-2].endswith("command.py:6: FutureWarning: an old call"), result.stderr
+    for option, code, said in (("ignore", 0, ""), ("error", 1, "error: a.bin: worth knowing\n")):  # -W first
+        result = subprocess.run([sys.executable, "-W", option, str(script)], capture_output=True, text=True,
+                                timeout=60)
+        assert (result.returncode, result.stderr) == (code, said)
