@@ -1,4 +1,4 @@
-"""User-facing errors: one line, no traceback, non-zero exit."""
+"""User-facing errors (one line, no traceback, non-zero exit) and warnings (a line each in a command)."""
 import argparse
 import contextlib
 import os
