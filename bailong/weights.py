@@ -146,6 +146,21 @@ def read_tensors(file: Path, names=None, allow_uint8=False):
         raise BailongError(f"{file}: not a valid safetensors file ({e})") from None
 
 
+class _MetaShortcuts(TorchFunctionMode):
+    """A model built on the meta device, then made on a real one, as loading does: no normal weights drawn (an
+    embedding's), which loading replaces, and each empty tensor made directly. On meta, torch draws them and
+    copies their layout through Python code that imports torch._dynamo (1.3 s) and sympy's shapes (0.3 s) first:
+    half of chat.py's start. A mode, as torch.device's is, holds for this thread only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_:
+            return args[0] if args else kwargs["tensor"]
+        if func is torch.empty_like and set(kwargs) == {"device"} and args[0].is_meta and args[0].is_contiguous():
+            return torch.empty(args[0].shape, dtype=args[0].dtype, device=kwargs["device"])
+        return func(*args, **kwargs)
+
+
 def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False, blocksize=64, double_quant=True):
     """Materialise a meta-device ``model`` on ``device`` and fill it from the checkpoint.
 
@@ -154,7 +169,8 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
     quantized form of its float weights, one matrix at a time as it is read. A
     float weight for an NF4 slot without ``quantize_floats`` stays dense.
     """
-    model.to_empty(device=device)
+    with _MetaShortcuts():
+        model.to_empty(device=device)
     model.tie_weights()
     params = model.state_dict()  # empty NF4Linear slots contribute nothing
     nf4 = {f"{name}.weight": m for name, m in projections(model) if isinstance(m, NF4Linear)}
@@ -246,17 +262,6 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _NothingDrawn(TorchFunctionMode):
-    """Modules built under it draw no normal weights (an embedding's), which loading replaces: on the meta device
-    torch draws them through code that imports torch._dynamo first, 1.3 s, a third of chat.py's start. A mode,
-    as torch.device's is, holds for this thread only."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.init.normal_:
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **(kwargs or {}))
-
-
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
          double_quant=True, adapter=None):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model or .json.
@@ -289,7 +294,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
         raise BailongError(f"{folder / 'config.json'}: num_hidden_layers is {config.num_hidden_layers}, but the "
                            f"checkpoint holds {held} layers")
     quantized = quantize == "nf4" or bnb_quantized(folder)
-    with torch.device("meta"), _NothingDrawn():
+    with torch.device("meta"), _MetaShortcuts():
         model = Llama(config).to(dtype)
     if quantized:
         for name, m in projections(model):
