@@ -181,7 +181,7 @@ def test_an_adapter_on_another_base_of_its_shape_is_warned_about(tmp_path, capsy
     monkeypatch.chdir(tmp_path)
     run_train(capsys, "--steps", "1", "--eval-every", "1", "--new-pieces", "0", "--out", "run")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", BailongWarning)
         for model in ("run", "run/checkpoints/step-0000001"):
             bailong.load(model, device="cpu")
         bailong.load("run/base", device="cpu", adapter="run/adapter")

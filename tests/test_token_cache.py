@@ -45,7 +45,6 @@ def test_a_damaged_token_cache_is_made_again(tmp_path):
     import numpy as np
 
     from bailong.errors import BailongWarning
-
     from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer
     chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "臺灣"}]] * 3
@@ -59,7 +58,7 @@ def test_a_damaged_token_cache_is_made_again(tmp_path):
         with pytest.warns(BailongWarning, match=f"^{tmp_path}: the token cache tokens-.*{why}.*tokenizing again$"):
             assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", BailongWarning)
             assert [a.tolist() for a in tokenize(byte_tokenizer(), chats, tmp_path, 1)] == whole
 
 
