@@ -328,20 +328,18 @@ def test_a_preset_model_leaves_the_callers_random_state_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in again.state_dict().items())
 
 
-def test_loading_generating_and_merging_import_no_compiler(tmp_path):
+def test_loading_generating_and_merging_import_no_compiler(ckpt):
     """torch draws an embedding's random weights on the meta device through code that imports torch._dynamo
     first (1.3 s, a third of chat.py's start on a 2-core machine), and makes a real tensor like a meta one through
     code that imports sympy's shapes (0.3 s): loading builds the model there, draws nothing and makes its tensors
     directly; a merge (an export) draws nothing; a forward and generate() import neither."""
-    model, _ = bailong.load_preset("tiny")
-    bailong.save(model, tmp_path / "model")
     code = ("import sys; import bailong; from bailong.lora import LoRAConfig, inject_lora, merge_lora\n"
             "model, _ = bailong.load(sys.argv[1], quantize='nf4')\n"
             "bailong.generate(model, [1, 2, 3], max_new_tokens=3)\n"
             "merge_lora(inject_lora(model, LoRAConfig()))\n"
             "slow = ('torch._dynamo', 'torch.fx.experimental.symbolic_shapes')\n"
             "print(sorted(m for m in sys.modules if m.startswith(slow)))\n")
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(tmp_path / "model")],
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(ckpt)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:] + result.stdout[-500:]
 
@@ -350,7 +348,7 @@ def test_loading_draws_nothing_for_another_threads_modules(tmp_path):
     """Drawing nothing while loading held for the whole process when it was a patch of nn.Embedding: a notebook's
     or a server's embeddings built in another thread meanwhile kept empty memory (696 of 3,000 here)."""
     import threading
-    model, _ = bailong.load_preset("tiny")
+    model, _ = bailong.load_preset("tiny")  # quick to load: the model's building is much of it
     bailong.save(model, tmp_path / "model")
     done, loaded = threading.Event(), []
 
