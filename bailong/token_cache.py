@@ -4,7 +4,6 @@ the text, and memory-mapped on the next run."""
 import contextlib
 import hashlib
 import json
-import os
 import signal
 import sys
 import warnings
@@ -16,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bailong.chat_template import template_example, training_example
+from bailong.cores import usable_cores
 from bailong.errors import BailongError, BailongWarning, handling, in_a_command, silence
 from bailong.files import atomic_write
 from bailong.runs import DOCUMENTS
@@ -129,12 +129,6 @@ def _cached(files, items: int) -> list | None:
     warnings.warn(f"{files[0].parent}: the token cache {files[0].name[:27]} is damaged ({why}); tokenizing "
                   "again", BailongWarning, stacklevel=3)
     return None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: a job scheduler's share of the machine (its CPU affinity), where
-    os.cpu_count() counts the whole machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _encode_all(tokenizer, items, workers, template) -> list:

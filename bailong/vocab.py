@@ -31,10 +31,10 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
     from sentencepiece import sentencepiece_model_pb2 as pb
 
 from bailong.config import DTYPES, MAX_NEW_PIECES
+from bailong.cores import usable_cores
 from bailong.data import read_corpus, split
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
-from bailong.token_cache import usable_cores
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
 from bailong.vocab_bpe import all_cjk, extend_json
 

@@ -1,5 +1,7 @@
 """The token cache: documents and conversations tokenized (in parallel), cached under names that last,
 memory-mapped, made again where damaged; the pool's workers under Ctrl-C and SIGTERM."""
+import os
+
 import pytest
 
 from bailong.data import read_conversations, read_corpus
@@ -250,8 +252,8 @@ def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(
             return map(encode, items)
 
     monkeypatch.setattr(token_cache, "Pool", Pool)
-    monkeypatch.setattr(token_cache.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     token_cache._init_worker(byte_tokenizer(), None)
     for workers, documents in ((0, 9000), (1024, 9000), (5, 9000), (0, 2000), (0, 1999)):
         assert len(token_cache._encode_all(byte_tokenizer(), ["字"] * documents, workers, None)) == documents
-    assert started == [3, 9, 5, 2] and token_cache.usable_cores() == 3
+    assert started == [3, 9, 5, 2]
