@@ -24,9 +24,10 @@ from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
 from bailong.run_folder import RunFolder, release_lock
 from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
+from bailong.processes import check_processes, rank_0_done
 from bailong import progress
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
-from bailong.training import check_graph_step, check_on_device, check_processes, parse_config
+from bailong.training import check_graph_step, check_on_device, parse_config
 
 
 # what a fine-tuning run's base keeps of its --init's files, where the tokenizer did not write them: the model's
@@ -140,8 +141,7 @@ def train(config, undo):
     if main_process:  # the folder's lock: nothing was touched before this line
         found = fingerprints(config, items, base_folder, tokenizer)
         prepare_output(config, found, say, world, seen_before)
-    if world > 1:
-        dist.barrier()
+    rank_0_done("the run folder", world, rank)
 
     # ---- tokenized data (the token cache: the only write before the run starts) --------------------------------
     # the format chat.py will use the model in: --init's template (a pre-training run's: its base's), or the one
@@ -154,7 +154,7 @@ def train(config, undo):
             for part in (train_items, eval_items):
                 if part:
                     tokenize(tokenizer, part, run.cache, config.workers, template)
-        dist.barrier()
+        rank_0_done("the token cache", world, rank)
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
     data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
                      pad_id, bos=tokenizer.adds_bos, leave_out=not as_begun)

@@ -334,31 +334,6 @@ def layers_by_hand_switched_on() -> bool:
             and not switched_on("BAILONG_CHUNKED_MLP"))
 
 
-def check_processes(config) -> tuple[int, int]:
-    """(WORLD_SIZE, RANK), as torchrun sets them, refused where they cannot be (a leftover RANK alone trained
-    without a word and kept nothing: only rank 0 writes; a word or 0 ended in a traceback), and the options that
-    only one process can have; before torch loads."""
-    found = [os.environ.get(name, default) for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"))]
-    if not all(v.isdecimal() and v.isascii() for v in found) or not int(found[1]) < int(found[0]):
-        said = [f"{name} is {os.environ[name]!r}" if name in os.environ else f"{name} is unset"
-                for name in ("WORLD_SIZE", "RANK")]
-        raise UsageError(f"{' and '.join(said)}: torchrun sets both (RANK from 0 to WORLD_SIZE - 1); unset them to "
-                         "train in one process")
-    world, rank = int(found[0]), int(found[1])
-    if config.cuda_graph:
-        check_graph_step(world)
-    if config.bf16_grads and world > 1:
-        raise UsageError("--bf16-grads keeps one process's gradients, where DDP averages float32 ones between "
-                         "processes: leave it out with torchrun")
-    if config.offload_embedding and world > 1:
-        raise UsageError("--offload-embedding keeps a table in host memory, where DDP wants every parameter on the "
-                         "GPU: leave it out with torchrun")
-    if world > 1 and not all(os.environ.get(n) for n in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
-        raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
-                         "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
-    return world, rank
-
-
 def check_graph_step(world: int, device: str | None = None):
     """``--cuda-graph`` in train.py, before anything is read or written: one process (before torch loads, so that
     no process group starts), and, given once torch knows it, a CUDA device."""

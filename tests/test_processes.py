@@ -61,6 +61,66 @@ def test_torchrun_trains_and_evaluates_as_one_process_with_the_whole_batch(tmp_p
     assert "holds a different run (it was trained by 2 process(es), now 1)" in err
 
 
+SLOW_RANK_0 = """
+import os, runpy, sys, time
+from datetime import timedelta
+from pathlib import Path
+import torch.distributed as dist
+from bailong import token_cache
+init, tokenize = dist.init_process_group, token_cache.tokenize
+timeout, pids, sleep = sys.argv[1:4]
+if timeout != "as torch's":
+    dist.init_process_group = lambda *a, **k: init(*a, **k, timeout=timedelta(seconds=float(timeout)))
+Path(pids, os.environ["RANK"]).write_text(str(os.getpid()))
+
+def slowly(*args):  # rank 0's tokenizing, as of a large corpus
+    if os.environ["RANK"] == "0" and not hasattr(slowly, "slept"):
+        Path(pids, "tokenizing").touch()
+        slowly.slept = time.sleep(float(sleep))
+    return tokenize(*args)
+token_cache.tokenize = slowly
+sys.argv = sys.argv[4:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def slow_rank_0(tmp_path, timeout, sleep, *args, **popen):
+    """train.py under torchrun, rank 0 tokenizing for ``sleep`` seconds first, the process group's timeout
+    ``timeout`` seconds; each process's pid in tmp_path / its rank."""
+    (tmp_path / "slow.py").write_text(SLOW_RANK_0)
+    command = TORCHRUN + [str(tmp_path / "slow.py"), timeout, str(tmp_path), sleep, str(ROOT / "train.py"),
+                          "--out", str(tmp_path / "out"), "--new-pieces", "0", *args]
+    return subprocess.Popen(command, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_the_others_wait_for_rank_0_to_tokenize_past_the_process_groups_timeout(tmp_path):
+    """Rank 0 fills the token cache alone, and on a large corpus that can take longer than a collective may
+    (NCCL's ten minutes): the others waited in a barrier, which failed at the timeout (here 8 seconds, rank 0
+    tokenizing for 16)."""
+    process = slow_rank_0(tmp_path, "8", "16", "--steps", "2")
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0 and "step 2: held-out loss" in stdout, stderr[-3000:]
+
+
+def test_a_process_waiting_for_rank_0_stops_at_sigterm(tmp_path):
+    """Inside a barrier a process answered neither SIGTERM nor Ctrl-C (torchrun killed it 30 seconds later): it
+    stops at once, and torchrun stops rank 0."""
+    process = slow_rank_0(tmp_path, "as torch's", "600", "--steps", "2", start_new_session=True)
+    try:
+        while not (tmp_path / "tokenizing").exists():
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(3)  # rank 1 waiting
+        start = time.monotonic()
+        os.kill(int((tmp_path / "1").read_text()), signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # nothing left behind where it failed
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 15 and "failed (exitcode: 143) local_rank: 1" in stderr, stderr[-3000:]
+    assert stderr.count("exitcode  : 143") == 2 and stderr.count("Traceback") == 1  # torchrun's own, no other
+
+
 def test_a_terminals_ctrl_c_stops_every_process_after_the_save_and_the_run_resumes_exactly(tmp_path):
     """Ctrl-C reaches each process from the terminal and again from torchrun: one stop, saved once all of them
     finished the step. Each process draws its own dropout masks and keeps its own random state, so the resumed

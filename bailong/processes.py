@@ -1,0 +1,55 @@
+"""torchrun's processes: its variables checked before torch loads, and the work rank 0 does alone (the run
+folder's check, the token cache) while the others wait for it.
+
+A barrier would hold the others for that work, but a barrier is a collective: it fails at the process group's
+timeout (NCCL's is ten minutes), where tokenizing a large corpus takes longer, and inside it a process answers
+neither Ctrl-C nor SIGTERM. They wait instead on a key of the store torchrun's processes share, asked every half
+second.
+"""
+import os
+import time
+
+from bailong.errors import UsageError
+from bailong.training import check_graph_step
+
+
+def check_processes(config) -> tuple[int, int]:
+    """(WORLD_SIZE, RANK), as torchrun sets them, refused where they cannot be (a leftover RANK alone trained
+    without a word and kept nothing: only rank 0 writes; a word or 0 ended in a traceback), and the options that
+    only one process can have; before torch loads."""
+    found = [os.environ.get(name, default) for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"))]
+    if not all(v.isdecimal() and v.isascii() for v in found) or not int(found[1]) < int(found[0]):
+        said = [f"{name} is {os.environ[name]!r}" if name in os.environ else f"{name} is unset"
+                for name in ("WORLD_SIZE", "RANK")]
+        raise UsageError(f"{' and '.join(said)}: torchrun sets both (RANK from 0 to WORLD_SIZE - 1); unset them to "
+                         "train in one process")
+    world, rank = int(found[0]), int(found[1])
+    if config.cuda_graph:
+        check_graph_step(world)
+    if config.bf16_grads and world > 1:
+        raise UsageError("--bf16-grads keeps one process's gradients, where DDP averages float32 ones between "
+                         "processes: leave it out with torchrun")
+    if config.offload_embedding and world > 1:
+        raise UsageError("--offload-embedding keeps a table in host memory, where DDP wants every parameter on the "
+                         "GPU: leave it out with torchrun")
+    if world > 1 and not all(os.environ.get(n) for n in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        raise UsageError(f"WORLD_SIZE is {world}, but RANK, MASTER_ADDR or MASTER_PORT is not set: start several "
+                         "processes with torchrun --nproc-per-node N train.py ..., or unset WORLD_SIZE")
+    return world, rank
+
+
+def rank_0_done(name: str, world: int, rank: int):
+    """After work that rank 0 did alone (``name``): rank 0 says so, and the others wait until it has, however long
+    that takes; if rank 0 fails, torchrun stops them (and where it held the store, asking it fails)."""
+    if world == 1:
+        return
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=5))  # to connect: the store is up, the group has started
+    key = f"bailong/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"  # a restarted group's own
+    if rank == 0:
+        store.set(key, "done")
+    while not store.check([key]):
+        time.sleep(0.5)
