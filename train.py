@@ -78,7 +78,7 @@ def train(config, undo):
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
     from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
-    from bailong.vocab import extend_tokenizer, learning_message
+    from bailong.vocab import extend_tokenizer, extension_from, learning_message
     from bailong.weights import default_device, fingerprint, load, load_preset, save
     from bailong.zip_tie import extend_model, extends
 
@@ -117,8 +117,12 @@ def train(config, undo):
             new_tokenizer = trained_vocabulary(Path(config.out)) if config.resume and done_before else None
             if new_tokenizer is None or not extends(tokenizer, new_tokenizer):  # (another base: refused below)
                 say(learning_message(config.new_pieces, train_items))
-                new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces, not config.all_pieces,
-                                                    say)
+                if main_process:  # learned once (the trainer takes every core, and ~24 bytes a byte of its text)
+                    new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces,
+                                                        not config.all_pieces, say)
+                if world > 1:  # the others take rank 0's
+                    new_tokenizer = extension_from(tokenizer, rank_0_done(
+                        "the vocabulary", world, rank, new_tokenizer.serialized() if main_process else b""))
             sample = first_chars(train_items, 10_000_000)  # (a large corpus is tokenized whole once, below)
             before, after = (tokens_per_char(t, sample) for t in (tokenizer, new_tokenizer))
             say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size} -> "

@@ -1,5 +1,5 @@
-"""torchrun's processes: its variables checked before torch loads, and the work rank 0 does alone (the run
-folder's check, the token cache) while the others wait for it.
+"""torchrun's processes: its variables checked before torch loads, and the work rank 0 does alone (the
+vocabulary, the run folder's check, the token cache) while the others wait for it.
 
 A barrier would hold the others for that work, but a barrier is a collective: it fails at the process group's
 timeout (NCCL's is ten minutes), where tokenizing a large corpus takes longer, and inside it a process answers
@@ -38,11 +38,12 @@ def check_processes(config) -> tuple[int, int]:
     return world, rank
 
 
-def rank_0_done(name: str, world: int, rank: int):
-    """After work that rank 0 did alone (``name``): rank 0 says so, and the others wait until it has, however long
-    that takes; if rank 0 fails, torchrun stops them (and where it held the store, asking it fails)."""
+def rank_0_done(name: str, world: int, rank: int, value: bytes = b"done") -> bytes:
+    """After work that rank 0 did alone (``name``), what it made (``value``: rank 0's) in every process: rank 0
+    gives it, and the others wait until it has, however long that takes; if rank 0 fails, torchrun stops them
+    (and where it held the store, asking it fails)."""
     if world == 1:
-        return
+        return value
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -50,6 +51,7 @@ def rank_0_done(name: str, world: int, rank: int):
                           timeout=timedelta(minutes=5))  # to connect: the store is up, the group has started
     key = f"bailong/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"  # a restarted group's own
     if rank == 0:
-        store.set(key, "done")
+        store.set(key, value)
     while not store.check([key]):
         time.sleep(0.5)
+    return store.get(key)

@@ -234,9 +234,15 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
         text, added = extend_json(tokenizer.serialized().decode(), drawn, new_pieces, cjk_only, tokenizer.path)
     if len(added) < new_pieces:
         raise BailongError(too_few(len(added), "tokens" if bpe else "pieces", new_pieces, cjk_only))
-    if bpe:
-        return JsonTokenizer(tokenizer.path, text, tokenizer.settings), added
-    return Tokenizer(model_proto=extended.SerializeToString(), legacy=tokenizer.legacy), added  # as the base
+    return extension_from(tokenizer, text.encode() if bpe else extended.SerializeToString()), added
+
+
+def extension_from(base, serialized: bytes):
+    """The tokenizer ``extend_tokenizer`` extends ``base`` to, from its ``serialized`` form (torchrun's rank 0's):
+    read as the base is (its tokenizer_config.json settings; for SentencePiece, its spaces after special tokens)."""
+    if isinstance(base, JsonTokenizer):
+        return JsonTokenizer(base.path, serialized.decode(), base.settings)
+    return Tokenizer(model_proto=serialized, legacy=base.legacy)
 
 
 def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite=False):

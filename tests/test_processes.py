@@ -66,8 +66,8 @@ import os, runpy, sys, time
 from datetime import timedelta
 from pathlib import Path
 import torch.distributed as dist
-from bailong import token_cache
-init, tokenize = dist.init_process_group, token_cache.tokenize
+from bailong import token_cache, vocab
+init, tokenize, learn = dist.init_process_group, token_cache.tokenize, vocab.extend_tokenizer
 timeout, pids, sleep = sys.argv[1:4]
 if timeout != "as torch's":
     dist.init_process_group = lambda *a, **k: init(*a, **k, timeout=timedelta(seconds=float(timeout)))
@@ -77,8 +77,14 @@ def slowly(*args):  # rank 0's tokenizing, as of a large corpus
     if os.environ["RANK"] == "0" and not hasattr(slowly, "slept"):
         Path(pids, "tokenizing").touch()
         slowly.slept = time.sleep(float(sleep))
+    Path(pids, "tokenizer-" + os.environ["RANK"]).write_bytes(args[0].serialized())
     return tokenize(*args)
-token_cache.tokenize = slowly
+
+
+def learned(*args):
+    Path(pids, "learned-" + os.environ["RANK"]).touch()
+    return learn(*args)
+token_cache.tokenize, vocab.extend_tokenizer = slowly, learned
 sys.argv = sys.argv[4:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -86,26 +92,30 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def slow_rank_0(tmp_path, timeout, sleep, *args, **popen):
     """train.py under torchrun, rank 0 tokenizing for ``sleep`` seconds first, the process group's timeout
-    ``timeout`` seconds; each process's pid in tmp_path / its rank."""
+    ``timeout`` seconds; in tmp_path each process's pid (file named by its rank), the tokenizer it tokenized with
+    (tokenizer-rank), and whether it learned pieces (learned-rank)."""
     (tmp_path / "slow.py").write_text(SLOW_RANK_0)
     command = TORCHRUN + [str(tmp_path / "slow.py"), timeout, str(tmp_path), sleep, str(ROOT / "train.py"),
-                          "--out", str(tmp_path / "out"), "--new-pieces", "0", *args]
+                          "--out", str(tmp_path / "out"), *args]
     return subprocess.Popen(command, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
 def test_the_others_wait_for_rank_0_to_tokenize_past_the_process_groups_timeout(tmp_path):
     """Rank 0 fills the token cache alone, and on a large corpus that can take longer than a collective may
     (NCCL's ten minutes): the others waited in a barrier, which failed at the timeout (here 8 seconds, rank 0
-    tokenizing for 16)."""
-    process = slow_rank_0(tmp_path, "8", "16", "--steps", "2")
+    tokenizing for 16). Rank 0 alone learns the new pieces too (each process learned them, all at once, each
+    with every core and its own copy of the trainer's memory), and the others tokenize with its tokenizer."""
+    process = slow_rank_0(tmp_path, "8", "16", "--steps", "2", "--new-pieces", "50")
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0 and "step 2: held-out loss" in stdout, stderr[-3000:]
+    assert (tmp_path / "learned-0").exists() and not (tmp_path / "learned-1").exists()
+    assert (tmp_path / "tokenizer-0").read_bytes() == (tmp_path / "tokenizer-1").read_bytes()
 
 
 def test_a_process_waiting_for_rank_0_stops_at_sigterm(tmp_path):
     """Inside a barrier a process answered neither SIGTERM nor Ctrl-C (torchrun killed it 30 seconds later): it
     stops at once, and torchrun stops rank 0."""
-    process = slow_rank_0(tmp_path, "as torch's", "600", "--steps", "2", start_new_session=True)
+    process = slow_rank_0(tmp_path, "as torch's", "600", "--steps", "2", "--new-pieces", "0", start_new_session=True)
     try:
         while not (tmp_path / "tokenizing").exists():
             assert process.poll() is None, process.communicate()[1][-3000:]
