@@ -10,10 +10,12 @@ with PyTorch's two threads, 7.7-8.1 s with one.
 """
 import math
 import os
+import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-CGROUPS = Path("/sys/fs/cgroup")  # where Linux mounts the control groups: v2's one tree, or v1's tree per controller
+MOUNTS = Path("/proc/self/mountinfo")  # where each control-group tree is mounted, and which group is its root
 OWN_GROUPS = Path("/proc/self/cgroup")  # this process's group in each tree: "0::/path" (v2), "4:cpu,cpuacct:/path"
 
 
@@ -29,19 +31,36 @@ def _affinity() -> int:
 
 def cpu_quota() -> float | None:
     """The CPUs' time this process's control groups allow it (quota / period), the least of its own group's and
-    those above it (a limit on a parent binds its children); None where none is set, or on a system without them.
-    A container shows its own group as the root of the tree it mounts, under whatever path /proc names."""
+    those above it that it can see (a limit on a parent binds its children); None where none is set, or on a
+    system without them. Each tree's group is found under its mount point, relative to the group mounted there:
+    a container mounts its own group as the root, and /proc names it by the host's path or, in a cgroup
+    namespace, as the root."""
     try:
-        lines = OWN_GROUPS.read_text().splitlines()
+        mounts, own = MOUNTS.read_text().splitlines(), OWN_GROUPS.read_text().splitlines()
     except OSError:
         return None
-    quotas = []
-    for _, controllers, path in (line.split(":", 2) for line in lines if line.count(":") >= 2):
+    groups = {}  # "v2", or "cpu" for v1's cpu controller: this process's group's path in that tree
+    for _, controllers, path in (line.split(":", 2) for line in own if line.count(":") >= 2):
         if controllers == "" or "cpu" in controllers.split(","):
-            tree = CGROUPS if controllers == "" else CGROUPS / "cpu"
-            group = PurePosixPath(path)
-            quotas += [_quota(tree / str(g).lstrip("/"), v2=controllers == "") for g in (group, *group.parents)]
+            groups["v2" if controllers == "" else "cpu"] = PurePosixPath(path)
+    quotas = []
+    for line in mounts:  # "36 25 0:31 <root> <mount point> <options> ... - <type> <source> <super options>"
+        mount, _, kind = line.partition(" - ")
+        fields, (fstype, *_, options) = mount.split(), kind.split() or [""]
+        tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options.split(",") else None
+        if tree not in groups or len(fields) < 5:
+            continue
+        root, point = (PurePosixPath(_unescaped(f)) for f in fields[3:5])
+        if groups[tree] != root and root not in groups[tree].parents:
+            continue  # a group outside this mount's
+        below = groups[tree].relative_to(root)
+        quotas += [_quota(Path(point, g), tree == "v2") for g in (below, *below.parents)]
     return min((q for q in quotas if q), default=None)
+
+
+def _unescaped(field: str) -> str:
+    """A path as mountinfo writes it: a space, tab, newline or backslash as an octal escape (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def _quota(group: Path, v2: bool) -> float | None:
@@ -57,12 +76,23 @@ def _quota(group: Path, v2: bool) -> float | None:
         return None
 
 
-def fit_threads():
+@contextmanager
+def fitted_threads():
     """PyTorch's threads, and OpenMP's in the processes this one starts, made as many as the usable cores where a
     CPU quota leaves fewer than the affinity's; OMP_NUM_THREADS, where set, decides instead (torchrun sets it to 1
-    for several processes a machine). For the commands, before their work begins."""
+    for several processes a machine). For a command's run: after it, as they were again (in a caller's process,
+    PyTorch's where it was loaded before)."""
     if "OMP_NUM_THREADS" in os.environ or (cores := usable_cores()) >= _affinity():
+        yield
         return
+    torch = sys.modules.get("torch")  # loaded already (python -m bailong.vocab imports it before the command runs)
+    before = torch.get_num_threads() if torch else None
     os.environ["OMP_NUM_THREADS"] = str(cores)  # read by PyTorch as it loads
-    if "torch" in sys.modules:  # loaded already (python -m bailong.vocab imports it before the command runs)
-        sys.modules["torch"].set_num_threads(cores)
+    if torch:
+        torch.set_num_threads(cores)
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+        if before:
+            torch.set_num_threads(before)

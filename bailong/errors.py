@@ -146,12 +146,12 @@ def run_cli(main, argv=None):
         if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback;
             stream.reconfigure(errors="replace", line_buffering=True)  # a line as it is said, in a log file too
     try:
-        from bailong.cores import fit_threads
+        from bailong.cores import fitted_threads
         from bailong.switches import switch_mistake
         if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch
             raise UsageError(mistake)
-        fit_threads()  # to a container's CPU quota, where it is less than the cores the process sees
-        with handling(_terminate, (signal.SIGTERM,)), warnings.catch_warnings():
+        # PyTorch's threads fitted to a container's CPU quota, where it is less than the cores the process sees
+        with handling(_terminate, (signal.SIGTERM,)), warnings.catch_warnings(), fitted_threads():
             warnings.showwarning = partial(_show_warning, say, where, warnings.showwarning)
             warnings.filterwarnings("always", category=BailongWarning, append=True)  # each time, as a line; -W first
             sys.exit(main(argv))

@@ -12,46 +12,68 @@ from conftest import ROOT
 
 @pytest.fixture
 def machine(tmp_path, monkeypatch):
-    """A machine of 8 cores whose control groups are files under tmp_path: ``machine(own, files)`` writes
-    /proc/self/cgroup's lines ``own`` and each {path under /sys/fs/cgroup: text}."""
+    """A machine of 8 cores whose control groups are files under tmp_path: ``machine(own, mounts, files)`` writes
+    /proc/self/cgroup's lines ``own``, mountinfo's ``mounts`` (``{sys}`` for the folder that stands for
+    /sys/fs/cgroup) and each {path under it: text}."""
     monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    monkeypatch.setattr(cores, "CGROUPS", tmp_path / "sys")
     monkeypatch.setattr(cores, "OWN_GROUPS", tmp_path / "proc-self-cgroup")
+    monkeypatch.setattr(cores, "MOUNTS", tmp_path / "proc-self-mountinfo")
 
-    def write(own, files):
+    def write(own, mounts, files):
         (tmp_path / "proc-self-cgroup").write_text(own)
+        (tmp_path / "proc-self-mountinfo").write_text(mounts.replace("{sys}", str(tmp_path / "sys")))
         for path, text in files.items():
             (tmp_path / "sys" / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / "sys" / path).write_text(text)
     return write
 
 
-V1_HOST = "12:memory:/user.slice\n4:cpu,cpuacct:/user.slice/job\n3:cpuset:/\n0::/user.slice/job\n"
+def v2(root="/", point=""):  # a mountinfo line: the v2 tree's group ``root`` mounted at /sys/fs/cgroup/``point``
+    return f"30 23 0:26 {root} {{sys}}/{point} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
-@pytest.mark.parametrize("own, files, quota, usable", [
-    ("0::/\n", {"cpu.max": "max 100000\n"}, None, 8),  # a container without a limit
-    ("0::/\n", {"cpu.max": "250000 100000\n"}, 2.5, 3),  # docker --cpus 2.5: rounded up
-    ("0::/\n", {"cpu.max": "1600000 100000\n"}, 16.0, 8),  # more than the affinity's cores: those
-    ("0::/\n", {"cpu.max": "50000 100000\n"}, 0.5, 1),
+def v1(root="/", point="cpu", controllers="cpu"):  # v1's tree of ``controllers``
+    return f"32 31 0:29 {root} {{sys}}/{point} rw,nosuid shared:9 - cgroup cgroup rw,{controllers}\n"
+
+
+HYBRID = "4:cpu,cpuacct:/user.slice/job\n3:cpuset:/\n0::/user.slice/job\n"  # v1 controllers, v2's tree beside
+HYBRID_MOUNTS = "31 23 0:28 / {sys} rw - tmpfs tmpfs rw\n" + v1(point="cpu,cpuacct", controllers="cpu,cpuacct") + \
+    v1(point="cpuset", controllers="cpuset") + v2(point="unified")
+CPU = "cpu,cpuacct/user.slice"
+QUOTA_1_5 = {f"{CPU}/cpu.cfs_quota_us": "150000\n", f"{CPU}/cpu.cfs_period_us": "100000\n",
+             f"{CPU}/job/cpu.cfs_quota_us": "-1\n", f"{CPU}/job/cpu.cfs_period_us": "100000\n",
+             "unified/user.slice/job/cpu.max": "max 100000\n", "cpuset/cpu.cfs_quota_us": "100000\n",
+             "cpuset/cpu.cfs_period_us": "100000\n"}
+
+
+@pytest.mark.parametrize("own, mounts, files, quota, usable", [
+    ("0::/\n", v2(), {"cpu.max": "max 100000\n"}, None, 8),  # a container without a limit
+    ("0::/\n", v2(), {"cpu.max": "250000 100000\n"}, 2.5, 3),  # docker --cpus 2.5: rounded up
+    ("0::/\n", v2(), {"cpu.max": "1600000 100000\n"}, 16.0, 8),  # more than the affinity's cores: those
+    ("0::/\n", v2(), {"cpu.max": "50000 100000\n"}, 0.5, 1),
     # the host's tree: the limit of a group above this one binds it; the root has no cpu.max
-    ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/cpu.max": "400000 100000", "kubepods/pod1/c1/cpu.max": "max 100000",
-                                "kubepods/cpu.max": "max 100000"}, 4.0, 4),
-    ("0::/a/b\n", {"a/cpu.max": "300000 100000", "a/b/cpu.max": "200000 100000"}, 2.0, 2),  # the least
-    # a container without its own cgroup namespace: /proc names the host's path, the mount is its own group
-    ("0::/docker/0123abcd\n", {"cpu.max": "200000 100000"}, 2.0, 2),
-    ("4:cpu,cpuacct:/docker/0123abcd\n", {"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"},
-     3.0, 3),  # v1
-    (V1_HOST, {"cpu/user.slice/job/cpu.cfs_quota_us": "-1\n", "cpu/user.slice/job/cpu.cfs_period_us": "100000\n",
-               "cpu/user.slice/cpu.cfs_quota_us": "150000\n", "cpu/user.slice/cpu.cfs_period_us": "100000\n"}, 1.5, 2),
-    (V1_HOST, {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, 8),  # no limit
-    ("0::/\n", {"cpu.max": "a lot\n"}, None, 8),  # a file of another form: not guessed at
-    ("0::/\n", {"cpu.max": "0 100000\n"}, None, 8),
-    ("0::/\n", {}, None, 8),  # the host's root, or no cpu controller
-    ("", {}, None, 8),
+    ("0::/kubepods/pod1/c1\n", v2(), {"kubepods/pod1/cpu.max": "400000 100000", "kubepods/pod1/c1/cpu.max":
+                                      "max 100000", "kubepods/cpu.max": "max 100000"}, 4.0, 4),
+    ("0::/a/b\n", v2(), {"a/cpu.max": "300000 100000", "a/b/cpu.max": "200000 100000"}, 2.0, 2),  # the least
+    # a container without its own cgroup namespace: /proc names the host's path, its own group is mounted as root
+    ("0::/docker/0123abcd\n", v2("/docker/0123abcd"), {"cpu.max": "200000 100000"}, 2.0, 2),
+    ("0::/docker/0123abcd/inner\n", v2("/docker/0123abcd"), {"cpu.max": "200000 100000",
+                                                              "inner/cpu.max": "100000 100000"}, 1.0, 1),
+    ("4:cpu,cpuacct:/docker/0123abcd\n", v1("/docker/0123abcd", "cpu,cpuacct", "cpu,cpuacct"),
+     {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 3.0, 3),  # v1
+    (HYBRID, HYBRID_MOUNTS, QUOTA_1_5, 1.5, 2),  # v1's cpu controller decides; cpuset's tree is not read
+    (HYBRID, HYBRID_MOUNTS, {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+     None, 8),  # no limit
+    ("0::/mine\n", v2("/theirs"), {"cpu.max": "100000 100000"}, None, 8),  # another group's mount: not ours
+    ("0::/\n", v2(point="my\\040groups"), {"my groups/cpu.max": "200000 100000"}, 2.0, 2),  # a space, escaped
+    ("0::/\n", v2(), {"cpu.max": "a lot\n"}, None, 8),  # a file of another form: not guessed at
+    ("0::/\n", v2(), {"cpu.max": "0 100000\n"}, None, 8),
+    ("0::/\n", v2(), {}, None, 8),  # the host's root, or no cpu controller
+    ("0::/\n", "", {"cpu.max": "100000 100000"}, None, 8),  # not mounted
+    ("", v2(), {"cpu.max": "100000 100000"}, None, 8),
 ])
-def test_the_usable_cores_are_the_affinity_s_or_the_cpu_quota_rounded_up(machine, own, files, quota, usable):
-    machine(own, files)
+def test_the_usable_cores_are_the_affinity_s_or_the_cpu_quota_rounded_up(machine, own, mounts, files, quota, usable):
+    machine(own, mounts, files)
     assert cores.cpu_quota() == quota and cores.usable_cores() == usable
 
 
@@ -68,15 +90,20 @@ from bailong.errors import run_cli
 if sys.argv[1] == "torch first":
     import torch
 cores.os.sched_getaffinity = lambda pid: set(range(4))
-cores.CGROUPS = __import__("pathlib").Path(sys.argv[2])
-cores.OWN_GROUPS = cores.CGROUPS / "self"
+group = __import__("pathlib").Path(sys.argv[2])
+cores.OWN_GROUPS, cores.MOUNTS = group / "self", group / "mountinfo"
 cores.OWN_GROUPS.write_text("0::/\\n")
-cores.CGROUPS.joinpath("cpu.max").write_text(sys.argv[3])
+cores.MOUNTS.write_text(f"30 23 0:26 / {group} rw - cgroup2 cgroup2 rw\\n")
+group.joinpath("cpu.max").write_text(sys.argv[3])
 
 def main(argv):
     import torch
     print(os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
-run_cli(main, [])
+before = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+try:
+    run_cli(main, [])
+except SystemExit:  # the caller's process goes on
+    print(os.environ.get("OMP_NUM_THREADS"), sys.modules["torch"].get_num_threads(), before)
 """
 
 
@@ -85,7 +112,7 @@ def test_a_command_runs_as_many_pytorch_threads_as_a_cpu_quota_gives_it(tmp_path
     """Under a quota of fewer CPUs than the cores it sees, PyTorch's threads spend the quota spinning (the quick
     start on two cores under a one-CPU quota: 12.7-13.6 s with two threads, 7.7-8.0 s with one). A command
     fits them to the quota, loaded before it or after; where OMP_NUM_THREADS is set, or there is no quota, or
-    it is the cores seen, they stay as they were."""
+    it is the cores seen, they stay as they were. After the command, the caller's process has its own again."""
     group = tmp_path / "group"
     group.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -94,7 +121,10 @@ def test_a_command_runs_as_many_pytorch_threads_as_a_cpu_quota_gives_it(tmp_path
         run = subprocess.run([sys.executable, "-c", FITTED, torch_first, str(group), quota], cwd=ROOT, text=True,
                              capture_output=True, env={**env, **more}, timeout=120)
         assert run.returncode == 0, run.stderr[-2000:]
-        return run.stdout.split()
+        during, after = run.stdout.split()[:2], run.stdout.split()[2:]
+        assert after[0] == more.get("OMP_NUM_THREADS", "None")  # as the caller had it
+        assert after[1] == after[2] if torch_first == "torch first" else after[2] == "None"
+        return during
 
     assert threads("100000 100000") == ["1", "1"]
     assert threads("150000 100000")[0] == "2"  # PyTorch's threads at most the machine's cores where it reads it
