@@ -12,6 +12,8 @@ import time
 from bailong.errors import UsageError
 from bailong.training import check_graph_step
 
+PART = 4 << 20  # bytes of a value sent to the store at a time
+
 
 def check_processes(config) -> tuple[int, int]:
     """(WORLD_SIZE, RANK), as torchrun sets them, refused where they cannot be (a leftover RANK alone trained
@@ -50,8 +52,11 @@ def rank_0_done(name: str, world: int, rank: int, value: bytes = b"done") -> byt
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timedelta(minutes=5))  # to connect: the store is up, the group has started
     key = f"bailong/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"  # a restarted group's own
-    if rank == 0:
-        store.set(key, value)
+    if rank == 0:  # in parts: the store takes at most 8 MiB a message, and a tokenizer.json can be more
+        parts = [value[i:i + PART] for i in range(0, len(value), PART)]
+        for i, part in enumerate(parts):
+            store.set(f"{key}/{i}", part)
+        store.set(key, str(len(parts)))
     while not store.check([key]):
         time.sleep(0.5)
-    return store.get(key)
+    return b"".join(store.get(f"{key}/{i}") for i in range(int(store.get(key))))

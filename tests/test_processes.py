@@ -131,6 +131,29 @@ def test_a_process_waiting_for_rank_0_stops_at_sigterm(tmp_path):
     assert stderr.count("exitcode  : 143") == 2 and stderr.count("Traceback") == 1  # torchrun's own, no other
 
 
+SHARED = """
+import hashlib, os
+import torch.distributed as dist
+from bailong.processes import rank_0_done
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+for size in (0, 5, 12 << 20):  # nothing, a word, more than the store takes in one message (a large tokenizer.json)
+    value = rank_0_done(f"value {size}", world, rank, os.urandom(size) if rank == 0 else b"")
+    print(size, len(value), hashlib.sha256(value).hexdigest(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_what_rank_0_made_reaches_every_process_whatever_its_size(tmp_path):
+    (tmp_path / "shared.py").write_text(SHARED)
+    run = subprocess.run(TORCHRUN + [str(tmp_path / "shared.py")], capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(run.stdout.split("\n")[:-1])
+    assert len(lines) == 6 and lines[0::2] == lines[1::2], run.stdout  # both processes the same
+    assert [line.split()[:2] for line in lines[0::2]] == [["0", "0"], [str(12 << 20)] * 2, ["5", "5"]]
+
+
 def test_a_terminals_ctrl_c_stops_every_process_after_the_save_and_the_run_resumes_exactly(tmp_path):
     """Ctrl-C reaches each process from the terminal and again from torchrun: one stop, saved once all of them
     finished the step. Each process draws its own dropout masks and keeps its own random state, so the resumed
