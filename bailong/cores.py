@@ -45,10 +45,12 @@ def cpu_quota() -> float | None:
             groups["v2" if controllers == "" else "cpu"] = PurePosixPath(path)
     quotas = []
     for line in mounts:  # "36 25 0:31 <root> <mount point> <options> ... - <type> <source> <super options>"
-        mount, _, kind = line.partition(" - ")
-        fields, (fstype, *_, options) = mount.split(), kind.split() or [""]
-        tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options.split(",") else None
-        if tree not in groups or len(fields) < 5:
+        fields, kind = (part.split() for part in line.partition(" - ")[::2])
+        if len(fields) < 5 or len(kind) < 3:
+            continue
+        fstype, options = kind[0], kind[2].split(",")
+        tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options else None
+        if tree not in groups:
             continue
         root, point = (PurePosixPath(_unescaped(f)) for f in fields[3:5])
         if groups[tree] != root and root not in groups[tree].parents:
@@ -93,6 +95,6 @@ def fitted_threads():
     try:
         yield
     finally:
-        del os.environ["OMP_NUM_THREADS"]
-        if before:
+        os.environ.pop("OMP_NUM_THREADS", None)
+        if torch:
             torch.set_num_threads(before)

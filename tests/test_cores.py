@@ -70,6 +70,7 @@ QUOTA_1_5 = {f"{CPU}/cpu.cfs_quota_us": "150000\n", f"{CPU}/cpu.cfs_period_us": 
     ("0::/\n", v2(), {"cpu.max": "0 100000\n"}, None, 8),
     ("0::/\n", v2(), {}, None, 8),  # the host's root, or no cpu controller
     ("0::/\n", "", {"cpu.max": "100000 100000"}, None, 8),  # not mounted
+    ("0::/\n", "30 23 0:26 / {sys}\n2 - cgroup2\n" + v2(), {"cpu.max": "100000 100000"}, 1.0, 1),  # lines cut short
     ("", v2(), {"cpu.max": "100000 100000"}, None, 8),
 ])
 def test_the_usable_cores_are_the_affinity_s_or_the_cpu_quota_rounded_up(machine, own, mounts, files, quota, usable):
