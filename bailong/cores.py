@@ -35,29 +35,47 @@ def cpu_quota() -> float | None:
     system without them. Each tree's group is found under its mount point, relative to the group mounted there:
     a container mounts its own group as the root, and /proc names it by the host's path or, in a cgroup
     namespace, as the root."""
-    try:
-        mounts, own = MOUNTS.read_text().splitlines(), OWN_GROUPS.read_text().splitlines()
+    try:  # paths as bytes, not always UTF-8: kept as os.fsdecode keeps a file name, to be opened as they are
+        mounts, own = (os.fsdecode(file.read_bytes()).splitlines() for file in (MOUNTS, OWN_GROUPS))
     except OSError:
         return None
     groups = {}  # "v2", or "cpu" for v1's cpu controller: this process's group's path in that tree
     for _, controllers, path in (line.split(":", 2) for line in own if line.count(":") >= 2):
-        if controllers == "" or "cpu" in controllers.split(","):
+        # a group outside this cgroup namespace's root ("/../b") lies under no mount this process can see
+        if (controllers == "" or "cpu" in controllers.split(",")) and ".." not in PurePosixPath(path).parts:
             groups["v2" if controllers == "" else "cpu"] = PurePosixPath(path)
-    quotas = []
+    mounted = {}  # mount ID: (its parent's ID, root, mount point, tree or None)
     for line in mounts:  # "36 25 0:31 <root> <mount point> <options> ... - <type> <source> <super options>"
         fields, kind = (part.split() for part in line.partition(" - ")[::2])
-        if len(fields) < 5 or len(kind) < 3:
-            continue
-        fstype, options = kind[0], kind[2].split(",")
-        tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options else None
-        if tree not in groups:
-            continue
-        root, point = (PurePosixPath(_unescaped(f)) for f in fields[3:5])
-        if groups[tree] != root and root not in groups[tree].parents:
-            continue  # a group outside this mount's
+        if len(fields) >= 5 and len(kind) >= 3:
+            fstype, options = kind[0], kind[2].split(",")
+            tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options else None
+            mounted[fields[0]] = (fields[1], *(PurePosixPath(_unescaped(f)) for f in fields[3:5]), tree)
+    # a mount made on another's mount point (a bind mount over it) has that one as its parent, and hides it
+    covered = {parent for mount, (parent, _, point, _) in mounted.items()
+               if parent != mount and parent in mounted and mounted[parent][2] == point}
+    quotas = []
+    for mount, (_, root, point, tree) in mounted.items():
+        if tree not in groups or groups[tree] != root and root not in groups[tree].parents:
+            continue  # not a cpu controller's tree, or a group outside this mount's
+        if not _seen(mount, mounted, covered):
+            continue  # the files at its point are another mount's
         below = groups[tree].relative_to(root)
         quotas += [_quota(Path(point, g), tree == "v2") for g in (below, *below.parents)]
     return min((q for q in quotas if q), default=None)
+
+
+def _seen(mount: str, mounted: dict, covered: set) -> bool:
+    """Whether the files at a mount's point are its own: neither it nor any mount it lies on, up to the root, is
+    mounted over (but by the mount above it on the way, where that one covers it)."""
+    if mount in covered:
+        return False
+    walked = {mount}
+    while (parent := mounted[mount][0]) in mounted and parent not in walked:  # (a root may name itself as parent)
+        if parent in covered and mounted[parent][2] != mounted[mount][2]:
+            return False
+        walked.add(mount := parent)
+    return True
 
 
 def _unescaped(field: str) -> str:

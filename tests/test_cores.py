@@ -20,25 +20,30 @@ def machine(tmp_path, monkeypatch):
     monkeypatch.setattr(cores, "MOUNTS", tmp_path / "proc-self-mountinfo")
 
     def write(own, mounts, files):
-        (tmp_path / "proc-self-cgroup").write_text(own)
-        (tmp_path / "proc-self-mountinfo").write_text(mounts.replace("{sys}", str(tmp_path / "sys")))
+        (tmp_path / "proc-self-cgroup").write_bytes(os.fsencode(own))  # a path's bytes, as Linux gives them
+        (tmp_path / "proc-self-mountinfo").write_bytes(os.fsencode(mounts.replace("{sys}", str(tmp_path / "sys"))))
         for path, text in files.items():
             (tmp_path / "sys" / path).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / "sys" / path).write_text(text)
     return write
 
 
-def v2(root="/", point=""):  # a mountinfo line: the v2 tree's group ``root`` mounted at /sys/fs/cgroup/``point``
-    return f"30 23 0:26 {root} {{sys}}/{point} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+def v2(root="/", point="", ids="30 23"):
+    """A mountinfo line: the v2 tree's group ``root`` mounted at /sys/fs/cgroup/``point``, ``ids`` its mount ID and
+    its parent's (the mount its point lies on)."""
+    return f"{ids} 0:26 {root} {{sys}}/{point} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
-def v1(root="/", point="cpu", controllers="cpu"):  # v1's tree of ``controllers``
-    return f"32 31 0:29 {root} {{sys}}/{point} rw,nosuid shared:9 - cgroup cgroup rw,{controllers}\n"
+def v1(root="/", point="cpu", controllers="cpu", ids="32 31"):  # v1's tree of ``controllers``
+    return f"{ids} 0:29 {root} {{sys}}/{point} rw,nosuid shared:9 - cgroup cgroup rw,{controllers}\n"
+
+
+TMPFS = "31 23 0:28 / {sys} rw - tmpfs tmpfs rw\n"  # /sys/fs/cgroup, where v1's trees are mounted
 
 
 HYBRID = "4:cpu,cpuacct:/user.slice/job\n3:cpuset:/\n0::/user.slice/job\n"  # v1 controllers, v2's tree beside
-HYBRID_MOUNTS = "31 23 0:28 / {sys} rw - tmpfs tmpfs rw\n" + v1(point="cpu,cpuacct", controllers="cpu,cpuacct") + \
-    v1(point="cpuset", controllers="cpuset") + v2(point="unified")
+HYBRID_MOUNTS = TMPFS + v1(point="cpu,cpuacct", controllers="cpu,cpuacct") + \
+    v1(point="cpuset", controllers="cpuset", ids="33 31") + v2(point="unified", ids="34 31")
 CPU = "cpu,cpuacct/user.slice"
 QUOTA_1_5 = {f"{CPU}/cpu.cfs_quota_us": "150000\n", f"{CPU}/cpu.cfs_period_us": "100000\n",
              f"{CPU}/job/cpu.cfs_quota_us": "-1\n", f"{CPU}/job/cpu.cfs_period_us": "100000\n",
@@ -66,6 +71,23 @@ QUOTA_1_5 = {f"{CPU}/cpu.cfs_quota_us": "150000\n", f"{CPU}/cpu.cfs_period_us": 
      None, 8),  # no limit
     ("0::/mine\n", v2("/theirs"), {"cpu.max": "100000 100000"}, None, 8),  # another group's mount: not ours
     ("0::/\n", v2(point="my\\040groups"), {"my groups/cpu.max": "200000 100000"}, 2.0, 2),  # a space, escaped
+    # a name not in UTF-8 (Latin-1's é, one byte: Python holds it as \udce9), in a mount point or a group
+    ("0::/\n", v2(point="caf\udce9"), {"caf\udce9/cpu.max": "200000 100000"}, 2.0, 2),
+    ("0::/caf\udce9\n", v2(), {"caf\udce9/cpu.max": "200000 100000"}, 2.0, 2),
+    # a group mounted over another at its point (its parent) hides it, and a mount over one it lies on hides both
+    ("1:cpu:/rev/b\n", v1() + v1("/rev/a", ids="33 32"), {"cpu/cpu.cfs_quota_us": "100000",
+                                                          "cpu/cpu.cfs_period_us": "100000"}, None, 8),
+    ("1:cpu:/rev/b\n", v1("/rev/a") + v1(ids="33 32"), {"cpu/cpu.cfs_quota_us": "100000",
+                                                         "cpu/cpu.cfs_period_us": "100000"}, 1.0, 1),
+    ("0::/\n", v2() + "40 30 0:40 / {sys} rw - tmpfs tmpfs rw\n", {"cpu.max": "100000 100000"}, None, 8),
+    ("1:cpu:/\n", TMPFS + v1() + "40 31 0:40 / {sys} rw - tmpfs tmpfs rw\n", {"cpu/cpu.cfs_quota_us": "100000",
+                                                                          "cpu/cpu.cfs_period_us": "100000"}, None, 8),
+    # a mount whose parent comes later in the file (the root, in some containers) or is itself: in sight
+    ("0::/\n", "23 27 0:21 / /sys rw - sysfs sysfs rw\n" + v2() + "27 27 8:1 / / rw - ext4 /dev/sda1 rw\n",
+     {"cpu.max": "100000 100000"}, 1.0, 1),
+    # a group outside this cgroup namespace's root (/proc names it by "..") is not under the mount
+    ("1:cpu:/../b\n", v1(), {"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, None, 8),
+    ("0::/../b\n", v2(), {"b/cpu.max": "100000 100000", "cpu.max": "100000 100000"}, None, 8),
     ("0::/\n", v2(), {"cpu.max": "a lot\n"}, None, 8),  # a file of another form: not guessed at
     ("0::/\n", v2(), {"cpu.max": "0 100000\n"}, None, 8),
     ("0::/\n", v2(), {}, None, 8),  # the host's root, or no cpu controller
