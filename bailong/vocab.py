@@ -14,9 +14,11 @@ and among the new pieces the trained merge order is kept. A byte-level BPE
 tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 """
 import copy
+import ctypes
 import math
 import random
 import re
+import sys
 import time
 import unicodedata
 from collections import Counter
@@ -232,9 +234,21 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
     else:  # (BPE takes sentences of any length: only a draw is cut into chunks)
         drawn = texts if sum(map(len, texts)) <= LEARNED_FROM else chunked(texts)
         text, added = extend_json(tokenizer.serialized().decode(), drawn, new_pieces, cjk_only, tokenizer.path)
+    _return_freed_memory()
     if len(added) < new_pieces:
         raise BailongError(too_few(len(added), "tokens" if bpe else "pieces", new_pieces, cjk_only))
     return extension_from(tokenizer, text.encode() if bpe else extended.SerializeToString()), added
+
+
+def _return_freed_memory():
+    """The memory the learning freed, given back to the system: glibc keeps what is freed for the process's own
+    later use, and after the trainer (about 24 bytes a byte of its text) train.py held it through the whole run
+    (learning from 10 million characters: ~1.5 GB resident during training, where 0.6 GB without it)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except AttributeError:  # a C library without it (musl's)
+            pass
 
 
 def extension_from(base, serialized: bytes):
