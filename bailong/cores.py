@@ -34,48 +34,51 @@ def cpu_quota() -> float | None:
     those above it that it can see (a limit on a parent binds its children); None where none is set, or on a
     system without them. Each tree's group is found under its mount point, relative to the group mounted there:
     a container mounts its own group as the root, and /proc names it by the host's path or, in a cgroup
-    namespace, as the root."""
+    namespace, as the root. A mount that another hides (made over it, or over a folder above it) is passed over:
+    the kernel says which mount a path leads to."""
     try:  # paths as bytes, not always UTF-8: kept as os.fsdecode keeps a file name, to be opened as they are
-        mounts, own = (os.fsdecode(file.read_bytes()).splitlines() for file in (MOUNTS, OWN_GROUPS))
+        mounts, own = (os.fsdecode(file.read_bytes()).split("\n") for file in (MOUNTS, OWN_GROUPS))
     except OSError:
         return None
     groups = {}  # "v2", or "cpu" for v1's cpu controller: this process's group's path in that tree
     for _, controllers, path in (line.split(":", 2) for line in own if line.count(":") >= 2):
-        # a group outside this cgroup namespace's root ("/../b") lies under no mount this process can see
-        if (controllers == "" or "cpu" in controllers.split(",")) and ".." not in PurePosixPath(path).parts:
+        if controllers == "" or "cpu" in controllers.split(","):
             groups["v2" if controllers == "" else "cpu"] = PurePosixPath(path)
-    mounted = {}  # mount ID: (its parent's ID, root, mount point, tree or None)
-    for line in mounts:  # "36 25 0:31 <root> <mount point> <options> ... - <type> <source> <super options>"
-        fields, kind = (part.split() for part in line.partition(" - ")[::2])
-        if len(fields) >= 5 and len(kind) >= 3:
-            fstype, options = kind[0], kind[2].split(",")
-            tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options else None
-            mounted[fields[0]] = (fields[1], *(PurePosixPath(_unescaped(f)) for f in fields[3:5]), tree)
-    # a mount made on another's mount point (a bind mount over it) has that one as its parent, and hides it
-    covered = {parent for mount, (parent, _, point, _) in mounted.items()
-               if parent != mount and parent in mounted and mounted[parent][2] == point}
     quotas = []
-    for mount, (_, root, point, tree) in mounted.items():
-        if tree not in groups or groups[tree] != root and root not in groups[tree].parents:
-            continue  # not a cpu controller's tree, or a group outside this mount's
-        if not _seen(mount, mounted, covered):
-            continue  # the files at its point are another mount's
+    for line in mounts:  # "36 25 0:31 <root> <mount point> <options> ... - <type> <source> <super options>"
+        fields, kind = (part.split(" ") for part in line.partition(" - ")[::2])  # (" " alone: \040 in a name)
+        if len(fields) < 5 or len(kind) < 3:
+            continue
+        fstype, options = kind[0], kind[2].split(",")
+        tree = "v2" if fstype == "cgroup2" else "cpu" if fstype == "cgroup" and "cpu" in options else None
+        if tree not in groups:
+            continue
+        root, point = (PurePosixPath(_unescaped(f)) for f in fields[3:5])
+        if groups[tree] != root and root not in groups[tree].parents:
+            continue  # a group outside this mount's
         below = groups[tree].relative_to(root)
+        if ".." in below.parts:  # a group outside a cgroup namespace's root ("/../b"), under a mount of its root
+            continue
+        if _mount_at(point) not in (fields[0], None):  # mounted over, there or above: the files are another's
+            continue
         quotas += [_quota(Path(point, g), tree == "v2") for g in (below, *below.parents)]
     return min((q for q in quotas if q), default=None)
 
 
-def _seen(mount: str, mounted: dict, covered: set) -> bool:
-    """Whether the files at a mount's point are its own: neither it nor any mount it lies on, up to the root, is
-    mounted over (but by the mount above it on the way, where that one covers it)."""
-    if mount in covered:
-        return False
-    walked = {mount}
-    while (parent := mounted[mount][0]) in mounted and parent not in walked:  # (a root may name itself as parent)
-        if parent in covered and mounted[parent][2] != mounted[mount][2]:
-            return False
-        walked.add(mount := parent)
-    return True
+def _mount_at(point: PurePosixPath) -> str | None:
+    """The ID of the mount that ``point`` leads to now, as mountinfo numbers them (/proc/self/fdinfo's mnt_id of
+    the folder opened); None where that cannot be told (a kernel before 3.15, a folder not there)."""
+    try:
+        folder = os.open(point, os.O_PATH)
+    except (OSError, AttributeError):  # (O_PATH: Linux's)
+        return None
+    try:
+        lines = Path(f"/proc/self/fdinfo/{folder}").read_text().split("\n")
+        return next((line.split()[1] for line in lines if line.startswith("mnt_id:")), None)
+    except OSError:
+        return None
+    finally:
+        os.close(folder)
 
 
 def _unescaped(field: str) -> str:

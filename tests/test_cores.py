@@ -1,6 +1,8 @@
 """The cores a process may use: its affinity, and a container's CPU quota read from control-group trees written
 here as Linux shows them (v2's one tree, v1's per controller); the commands' PyTorch threads fitted to them."""
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ def machine(tmp_path, monkeypatch):
     monkeypatch.setattr(cores.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(cores, "OWN_GROUPS", tmp_path / "proc-self-cgroup")
     monkeypatch.setattr(cores, "MOUNTS", tmp_path / "proc-self-mountinfo")
+    monkeypatch.setattr(cores, "_mount_at", lambda point: None)  # which mount a path leads to: not told
 
     def write(own, mounts, files):
         (tmp_path / "proc-self-cgroup").write_bytes(os.fsencode(own))  # a path's bytes, as Linux gives them
@@ -74,20 +77,12 @@ QUOTA_1_5 = {f"{CPU}/cpu.cfs_quota_us": "150000\n", f"{CPU}/cpu.cfs_period_us": 
     # a name not in UTF-8 (Latin-1's é, one byte: Python holds it as \udce9), in a mount point or a group
     ("0::/\n", v2(point="caf\udce9"), {"caf\udce9/cpu.max": "200000 100000"}, 2.0, 2),
     ("0::/caf\udce9\n", v2(), {"caf\udce9/cpu.max": "200000 100000"}, 2.0, 2),
-    # a group mounted over another at its point (its parent) hides it, and a mount over one it lies on hides both
-    ("1:cpu:/rev/b\n", v1() + v1("/rev/a", ids="33 32"), {"cpu/cpu.cfs_quota_us": "100000",
-                                                          "cpu/cpu.cfs_period_us": "100000"}, None, 8),
-    ("1:cpu:/rev/b\n", v1("/rev/a") + v1(ids="33 32"), {"cpu/cpu.cfs_quota_us": "100000",
-                                                         "cpu/cpu.cfs_period_us": "100000"}, 1.0, 1),
-    ("0::/\n", v2() + "40 30 0:40 / {sys} rw - tmpfs tmpfs rw\n", {"cpu.max": "100000 100000"}, None, 8),
-    ("1:cpu:/\n", TMPFS + v1() + "40 31 0:40 / {sys} rw - tmpfs tmpfs rw\n", {"cpu/cpu.cfs_quota_us": "100000",
-                                                                          "cpu/cpu.cfs_period_us": "100000"}, None, 8),
-    # a mount whose parent comes later in the file (the root, in some containers) or is itself: in sight
-    ("0::/\n", "23 27 0:21 / /sys rw - sysfs sysfs rw\n" + v2() + "27 27 8:1 / / rw - ext4 /dev/sda1 rw\n",
-     {"cpu.max": "100000 100000"}, 1.0, 1),
-    # a group outside this cgroup namespace's root (/proc names it by "..") is not under the mount
+    # a group outside this cgroup namespace's root (/proc names it by ".."): not under a mount of that root, and
+    # under one made outside the namespace (the kernel names its root "/..")
     ("1:cpu:/../b\n", v1(), {"cpu/cpu.cfs_quota_us": "100000", "cpu/cpu.cfs_period_us": "100000"}, None, 8),
     ("0::/../b\n", v2(), {"b/cpu.max": "100000 100000", "cpu.max": "100000 100000"}, None, 8),
+    ("0::/../b\n", v2("/.."), {"b/cpu.max": "100000 100000"}, 1.0, 1),
+    ("0::/\n", v2(point="a\x0cb"), {"a\x0cb/cpu.max": "100000 100000"}, 1.0, 1),  # a line break to Python, not Linux
     ("0::/\n", v2(), {"cpu.max": "a lot\n"}, None, 8),  # a file of another form: not guessed at
     ("0::/\n", v2(), {"cpu.max": "0 100000\n"}, None, 8),
     ("0::/\n", v2(), {}, None, 8),  # the host's root, or no cpu controller
@@ -115,6 +110,7 @@ if sys.argv[1] == "torch first":
 cores.os.sched_getaffinity = lambda pid: set(range(4))
 group = __import__("pathlib").Path(sys.argv[2])
 cores.OWN_GROUPS, cores.MOUNTS = group / "self", group / "mountinfo"
+cores._mount_at = lambda point: "30"  # the mount below, as if it were one
 cores.OWN_GROUPS.write_text("0::/\\n")
 cores.MOUNTS.write_text(f"30 23 0:26 / {group} rw - cgroup2 cgroup2 rw\\n")
 group.joinpath("cpu.max").write_text(sys.argv[3])
@@ -153,3 +149,42 @@ def test_a_command_runs_as_many_pytorch_threads_as_a_cpu_quota_gives_it(tmp_path
     assert threads("150000 100000")[0] == "2"  # PyTorch's threads at most the machine's cores where it reads it
     assert threads("150000 100000", OMP_NUM_THREADS="1") == ["1", "1"]
     assert threads("max 100000")[0] == threads("400000 100000")[0] == "None"
+
+
+OVER_MOUNTED = """
+import sys
+from pathlib import Path
+from bailong import cores
+point, files = sys.argv[1], Path(sys.argv[2])
+ids = [line.split()[0] for line in open("/proc/self/mountinfo") if line.split()[4] == point]  # in the order made
+Path(point, "cpu.max").write_text("100000 100000")  # into the mount the path leads to
+cores.OWN_GROUPS, cores.MOUNTS = files / "cgroup", files / "mountinfo"
+cores.OWN_GROUPS.write_text("0::/\\n")
+for mount in ids:  # each as if it were the v2 tree, alone
+    cores.MOUNTS.write_text(f"{mount} 1 0:99 / {point} rw - cgroup2 cgroup2 rw\\n")
+    print(mount, cores.cpu_quota())
+print("at", cores._mount_at(Path(point)))
+"""
+
+
+def _namespaces() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-rm", "true"]).returncode == 0
+
+
+@pytest.mark.skipif(not _namespaces(), reason="needs unshare and user and mount namespaces, to mount as a user")
+def test_a_mount_another_hides_is_passed_over_as_the_kernel_says(tmp_path):
+    """Made real in a mount namespace of its own: folder b, a mount on it, a second over that (as a bind mount
+    over a container's group), then a mount over b's parent a (the whole tree hidden). Only the mount the path
+    leads to is read, whatever mountinfo's order: the files at a point are that mount's."""
+    a, files = tmp_path / "a", tmp_path / "files"
+    (a / "b").mkdir(parents=True)
+    files.mkdir()
+    check = f"{shlex.quote(sys.executable)} -c {shlex.quote(OVER_MOUNTED)} {a}/b {files}"
+    run = subprocess.run(["unshare", "-rm", "sh", "-ec", f"mount -t tmpfs none {a}/b; mount -t tmpfs none {a}/b; "
+                          f"{check}; mount -t tmpfs none {a}; mkdir {a}/b; {check}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, over, at, hidden_first, hidden_over, at_a = (line.split() for line in run.stdout.splitlines())
+    assert first[1] == "None" and over[1] == "1.0" and at[1] == over[0]  # the second hides the first
+    assert hidden_first == [first[0], "None"] and hidden_over == [over[0], "None"] and at_a[1] not in (first[0],
+                                                                                                     over[0])
