@@ -34,8 +34,8 @@ def cpu_quota() -> float | None:
     those above it that it can see (a limit on a parent binds its children); None where none is set, or on a
     system without them. Each tree's group is found under its mount point, relative to the group mounted there:
     a container mounts its own group as the root, and /proc names it by the host's path or, in a cgroup
-    namespace, as the root. A mount that another hides (made over it, or over a folder above it) is passed over:
-    the kernel says which mount a path leads to."""
+    namespace, as the root. A folder that another mount hides (made over it, over a folder above it, or over the
+    group's own) is passed over: the kernel says which mount a path leads to."""
     try:  # paths as bytes, not always UTF-8: kept as os.fsdecode keeps a file name, to be opened as they are
         mounts, own = (os.fsdecode(file.read_bytes()).split("\n") for file in (MOUNTS, OWN_GROUPS))
     except OSError:
@@ -59,26 +59,26 @@ def cpu_quota() -> float | None:
         below = groups[tree].relative_to(root)
         if ".." in below.parts:  # a group outside a cgroup namespace's root ("/../b"), under a mount of its root
             continue
-        if _mount_at(point) not in (fields[0], None):  # mounted over, there or above: the files are another's
-            continue
-        quotas += [_quota(Path(point, g), tree == "v2") for g in (below, *below.parents)]
+        for folder in (Path(point, g) for g in (below, *below.parents)):  # its group's and those above it
+            if _mount_at(folder) in (fields[0], None):  # else mounted over (there, or above or below the point)
+                quotas.append(_quota(folder, tree == "v2"))
     return min((q for q in quotas if q), default=None)
 
 
-def _mount_at(point: PurePosixPath) -> str | None:
-    """The ID of the mount that ``point`` leads to now, as mountinfo numbers them (/proc/self/fdinfo's mnt_id of
+def _mount_at(path: Path) -> str | None:
+    """The ID of the mount that ``path`` leads to now, as mountinfo numbers them (/proc/self/fdinfo's mnt_id of
     the folder opened); None where that cannot be told (a kernel before 3.15, a folder not there)."""
     try:
-        folder = os.open(point, os.O_PATH)
+        folder = os.open(path, os.O_PATH)
     except (OSError, AttributeError):  # (O_PATH: Linux's)
         return None
     try:
-        lines = Path(f"/proc/self/fdinfo/{folder}").read_text().split("\n")
-        return next((line.split()[1] for line in lines if line.startswith("mnt_id:")), None)
+        found = [line.split() for line in Path(f"/proc/self/fdinfo/{folder}").read_text().split("\n")]
     except OSError:
         return None
     finally:
         os.close(folder)
+    return next((words[1] for words in found if words[:1] == ["mnt_id:"] and len(words) > 1), None)
 
 
 def _unescaped(field: str) -> str:

@@ -1,8 +1,8 @@
 """The cores a process may use: its affinity, and a container's CPU quota read from control-group trees written
 here as Linux shows them (v2's one tree, v1's per controller); the commands' PyTorch threads fitted to them."""
+import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -152,39 +152,48 @@ def test_a_command_runs_as_many_pytorch_threads_as_a_cpu_quota_gives_it(tmp_path
 
 
 OVER_MOUNTED = """
-import sys
+import json, sys
 from pathlib import Path
 from bailong import cores
-point, files = sys.argv[1], Path(sys.argv[2])
+point, files, group = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 ids = [line.split()[0] for line in open("/proc/self/mountinfo") if line.split()[4] == point]  # in the order made
-Path(point, "cpu.max").write_text("100000 100000")  # into the mount the path leads to
 cores.OWN_GROUPS, cores.MOUNTS = files / "cgroup", files / "mountinfo"
-cores.OWN_GROUPS.write_text("0::/\\n")
+cores.OWN_GROUPS.write_text(f"0::{group}\\n")
+quotas = {}
 for mount in ids:  # each as if it were the v2 tree, alone
     cores.MOUNTS.write_text(f"{mount} 1 0:99 / {point} rw - cgroup2 cgroup2 rw\\n")
-    print(mount, cores.cpu_quota())
-print("at", cores._mount_at(Path(point)))
+    quotas[mount] = cores.cpu_quota()
+print(json.dumps([quotas, cores._mount_at(Path(point))]))
 """
 
 
-def _namespaces() -> bool:
-    return shutil.which("unshare") is not None and subprocess.run(["unshare", "-rm", "true"]).returncode == 0
+def _mounts_allowed(folder) -> bool:  # a tmpfs mounted as a user, in namespaces of its own
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs none "$1"', "sh", folder],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
-@pytest.mark.skipif(not _namespaces(), reason="needs unshare and user and mount namespaces, to mount as a user")
-def test_a_mount_another_hides_is_passed_over_as_the_kernel_says(tmp_path):
-    """Made real in a mount namespace of its own: folder b, a mount on it, a second over that (as a bind mount
-    over a container's group), then a mount over b's parent a (the whole tree hidden). Only the mount the path
-    leads to is read, whatever mountinfo's order: the files at a point are that mount's."""
-    a, files = tmp_path / "a", tmp_path / "files"
-    (a / "b").mkdir(parents=True)
+def test_a_folder_another_mount_hides_is_passed_over_as_the_kernel_says(tmp_path):
+    """Made real in a mount namespace of the test's own: on folder b a mount X, and Y over it (as a bind mount over
+    a container's group); then a mount over the process's group's folder g in Y (another group's files there);
+    then a mount over b's parent (the whole tree hidden). Only the folders that lead to the mount read are read."""
+    if not _mounts_allowed(tmp_path):
+        pytest.skip("mounts need unshare, and user and mount namespaces allowed")
+    b, files = tmp_path / "a" / "b", tmp_path / "files"
+    b.mkdir(parents=True)
     files.mkdir()
-    check = f"{shlex.quote(sys.executable)} -c {shlex.quote(OVER_MOUNTED)} {a}/b {files}"
-    run = subprocess.run(["unshare", "-rm", "sh", "-ec", f"mount -t tmpfs none {a}/b; mount -t tmpfs none {a}/b; "
-                          f"{check}; mount -t tmpfs none {a}; mkdir {a}/b; {check}"],
+    check = f"{shlex.quote(sys.executable)} -c {shlex.quote(OVER_MOUNTED)} {shlex.quote(str(b))} {files}"
+    run = subprocess.run(["unshare", "-rm", "sh", "-ec", f"""a={shlex.quote(str(b.parent))}
+        mount -t tmpfs none "$a"/b; mount -t tmpfs none "$a"/b; echo 100000 100000 > "$a"/b/cpu.max; {check} /
+        mkdir "$a"/b/g; echo 200000 100000 > "$a"/b/g/cpu.max; mount -t tmpfs none "$a"/b/g
+        echo 50000 100000 > "$a"/b/g/cpu.max; {check} /g
+        mount -t tmpfs none "$a"; mkdir "$a"/b; echo 100000 100000 > "$a"/b/cpu.max; {check} /"""],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    first, over, at, hidden_first, hidden_over, at_a = (line.split() for line in run.stdout.splitlines())
-    assert first[1] == "None" and over[1] == "1.0" and at[1] == over[0]  # the second hides the first
-    assert hidden_first == [first[0], "None"] and hidden_over == [over[0], "None"] and at_a[1] not in (first[0],
-                                                                                                     over[0])
+    (first, at), (below, at_below), (above, at_above) = map(json.loads, run.stdout.splitlines())
+    (x, x_quota), (y, y_quota) = first.items()
+    assert x_quota is None and y_quota == 1.0 and at == y  # Y hides X
+    assert below == first and at_below == y  # g's folder in Y hidden by a mount whose quota is 0.5: Y's 1.0
+    assert above == {x: None, y: None} and at_above not in (x, y)
