@@ -234,7 +234,7 @@ def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(
     """On a job scheduler's share of a larger machine, one process per core of the share (os.cpu_count()
     counts the machine's: a process per core of a 128-core node on 8 of them, each holding the tokenizer), and
     none without a thousand documents to encode (--workers 1024 once started 1,024 processes for 2,000)."""
-    from bailong import token_cache
+    from bailong import cores, token_cache
     from bailong.tokenizer import byte_tokenizer
     started = []
 
@@ -253,6 +253,7 @@ def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(
 
     monkeypatch.setattr(token_cache, "Pool", Pool)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(cores, "cpu_quota", lambda: None)  # (a machine's own would count)
     token_cache._init_worker(byte_tokenizer(), None)
     for workers, documents in ((0, 9000), (1024, 9000), (5, 9000), (0, 2000), (0, 1999)):
         assert len(token_cache._encode_all(byte_tokenizer(), ["字"] * documents, workers, None)) == documents
