@@ -24,7 +24,7 @@ from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
 from bailong.run_folder import RunFolder, release_lock
 from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
-from bailong.processes import check_processes, rank_0_done
+from bailong.processes import check_processes, rank_0_done, return_freed_memory, tokens_of_rank_0
 from bailong import progress
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
@@ -67,7 +67,7 @@ def train(config, undo):
 
     from bailong.chat_template import model_template
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
-    from bailong.data import TokenData, data_paths, read_conversations, read_corpus, split
+    from bailong.data import TokenData, stage_items
     from bailong.eval import first_chars, tokens_per_char
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
@@ -100,10 +100,8 @@ def train(config, undo):
         check_graph_step(world, device)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
-    suffixes = (".txt", ".jsonl") if config.stage == "pretrain" else (".jsonl",)  # SFT reads conversations only
-    paths = data_paths(config.data, suffixes)  # files and folders as given, Hub dataset ids fetched
-    items = read_corpus(paths) if config.stage == "pretrain" else read_conversations(paths)
-    train_items, eval_items = split(items, config.held_out, config.seed)
+    # (under torchrun rank 0's alone: the others open the tokens it caches, below, and never hold the text)
+    items, train_items, eval_items = stage_items(config) if main_process else (None, None, None)
 
     # ---- vocabulary (pre-training): the base's tokenizer, extended with pieces learned on the data ----------
     base_folder = resolve(config.model) if config.stage == "pretrain" and config.model else None
@@ -116,17 +114,19 @@ def train(config, undo):
         if config.new_pieces:
             new_tokenizer = trained_vocabulary(Path(config.out)) if config.resume and done_before else None
             if new_tokenizer is None or not extends(tokenizer, new_tokenizer):  # (another base: refused below)
-                say(learning_message(config.new_pieces, train_items))
                 if main_process:  # learned once (the trainer takes every core, and ~24 bytes a byte of its text)
+                    say(learning_message(config.new_pieces, train_items))
                     new_tokenizer, _ = extend_tokenizer(tokenizer, train_items, config.new_pieces,
                                                         not config.all_pieces, say)
                 if world > 1:  # the others take rank 0's
                     new_tokenizer = extension_from(tokenizer, rank_0_done(
                         "the vocabulary", world, rank, new_tokenizer.serialized() if main_process else b""))
-            sample = first_chars(train_items, 10_000_000)  # (a large corpus is tokenized whole once, below)
-            before, after = (tokens_per_char(t, sample) for t in (tokenizer, new_tokenizer))
-            say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size} -> "
-                f"{new_tokenizer.vocab_size}); tokens per character {before:.3f} -> {after:.3f}")
+            if main_process:  # (a large corpus is tokenized whole once, below)
+                sample = first_chars(train_items, 10_000_000)
+                before, after = (tokens_per_char(t, sample) for t in (tokenizer, new_tokenizer))
+                say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size}"
+                    f" -> {new_tokenizer.vocab_size}); tokens per character {before:.3f} -> {after:.3f}")
+                del sample
 
     # ---- the model: the base, its embedding and head grown with zip-tie rows for the new pieces --------------
     if base_folder:  # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow
@@ -153,17 +153,18 @@ def train(config, undo):
     template = model_template(tokenizer, run.base if own_base else config.init) if config.stage == "sft" else None
     if config.stage == "sft":
         say("chat format: " + ("the model's chat_template" if template else "Llama 2's"))
-    if world > 1:  # rank 0 fills the token cache first; the others then read it
-        if main_process:
-            for part in (train_items, eval_items):
-                if part:
-                    tokenize(tokenizer, part, run.cache, config.workers, template)
-        rank_0_done("the token cache", world, rank)
+
+    def tokenized(parts):  # each part's tokens (a part without items: None)
+        return [tokenize(tokenizer, part, run.cache, config.workers, template) if part else None for part in parts]
+    tokens = tokenized((train_items, eval_items)) if main_process else None  # rank 0 fills the token cache alone
+    if world > 1:  # the others open it (where their disk lacks it, another machine's, they tokenize their own)
+        tokens = tokens_of_rank_0(tokens, run.cache, world, rank) or tokenized(stage_items(config)[1:])
+    del items, train_items, eval_items  # the text, not held through training: its tokens are memory-mapped
+    return_freed_memory()
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
-    data = TokenData(*tokenize(tokenizer, train_items, run.cache, config.workers, template), config.seq_len,
-                     pad_id, bos=tokenizer.adds_bos, leave_out=not as_begun)
-    held_out = TokenData(*tokenize(tokenizer, eval_items, run.cache, config.workers, template), config.seq_len,
-                         pad_id, "held-out data", tokenizer.adds_bos, not as_begun) if eval_items else None
+    data = TokenData(*tokens[0], config.seq_len, pad_id, bos=tokenizer.adds_bos, leave_out=not as_begun)
+    held_out = TokenData(*tokens[1], config.seq_len, pad_id, "held-out data", tokenizer.adds_bos,
+                         not as_begun) if tokens[1] else None
     if config.batch_size * world > data.n:  # each batch would hold examples several times over, all in memory
         processes = f" x {world} processes" if world > 1 else ""
         raise UsageError(f"--batch-size {config.batch_size}{processes} is more than the {data.n} training examples")

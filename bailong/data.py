@@ -168,6 +168,15 @@ def read_conversations(paths, ending="assistant") -> list[list[dict]]:
     return conversations
 
 
+def stage_items(config) -> tuple[list, list, list]:
+    """(every item, the training share, the held-out share) of a run's data (``config``: train.py's): documents
+    for pre-training (.txt and .jsonl files), conversations for SFT (.jsonl only), split the same wherever read."""
+    suffixes = (".txt", ".jsonl") if config.stage == "pretrain" else (".jsonl",)
+    paths = data_paths(config.data, suffixes)  # files and folders as given, Hub dataset ids fetched
+    items = read_corpus(paths) if config.stage == "pretrain" else read_conversations(paths)
+    return items, *split(items, config.held_out, config.seed)
+
+
 def split(items, held_out, seed):
     """(training items, held-out items): a seeded draw of whole documents or conversations."""
     if len(items) < 2 or not held_out:

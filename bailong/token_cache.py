@@ -99,6 +99,18 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     return (cached[0], cached[1], cached[2]) if sft else (cached[0], None, cached[1])
 
 
+def cache_files(tokens) -> list[str]:
+    """The names of the files in its cache folder that ``tokenize``'s result ``tokens`` reads."""
+    return [Path(a.filename).name for a in tokens if a is not None]
+
+
+def opened(cache_dir, files: list[str], items: int):
+    """``tokenize``'s result for ``items`` items from the ``files`` it cached (``cache_files``), without the
+    items: as torchrun's other processes take rank 0's. None where one is missing, or damaged (it says so)."""
+    arrays = _cached([Path(cache_dir) / name for name in files], items)
+    return None if arrays is None else (arrays[0], arrays[1] if len(arrays) == 3 else None, arrays[-1])
+
+
 def _cache_key(tokenizer, parts) -> str:
     """A token cache's name: the hash of the tokenizer and of ``json.dumps(parts)`` (the items the third part),
     hashed item by item, as that string would be, not made: it would copy the corpus three times over."""

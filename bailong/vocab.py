@@ -14,11 +14,9 @@ and among the new pieces the trained merge order is kept. A byte-level BPE
 tokenizer.json (Llama 3, SmolLM2) is extended by bailong/vocab_bpe.py instead.
 """
 import copy
-import ctypes
 import math
 import random
 import re
-import sys
 import time
 import unicodedata
 from collections import Counter
@@ -37,6 +35,7 @@ from bailong.cores import usable_cores
 from bailong.data import read_corpus, split
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
+from bailong.processes import return_freed_memory
 from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
 from bailong.vocab_bpe import all_cjk, extend_json
 
@@ -234,22 +233,10 @@ def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
     else:  # (BPE takes sentences of any length: only a draw is cut into chunks)
         drawn = texts if sum(map(len, texts)) <= LEARNED_FROM else chunked(texts)
         text, added = extend_json(tokenizer.serialized().decode(), drawn, new_pieces, cjk_only, tokenizer.path)
-    _return_freed_memory()
+    return_freed_memory()
     if len(added) < new_pieces:
         raise BailongError(too_few(len(added), "tokens" if bpe else "pieces", new_pieces, cjk_only))
     return extension_from(tokenizer, text.encode() if bpe else extended.SerializeToString()), added
-
-
-def _return_freed_memory():
-    """The memory the learning freed, given back to the system: glibc keeps what is freed for the process's own
-    later use, and after the trainer (about 24 bytes a byte of its text) train.py held it through the whole run
-    (learning from 10 million characters: ~1.5 GB resident during training, where 0.6 GB without it). Giving it
-    back takes about a tenth of the learning's time (1.5 s of 13 there)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (AttributeError, OSError):  # a C library without it (musl's), a Python that loads none
-            pass
 
 
 def extension_from(base, serialized: bytes):

@@ -66,50 +66,83 @@ import os, runpy, sys, time
 from datetime import timedelta
 from pathlib import Path
 import torch.distributed as dist
-from bailong import token_cache, vocab
-init, tokenize, learn = dist.init_process_group, token_cache.tokenize, vocab.extend_tokenizer
-timeout, pids, sleep = sys.argv[1:4]
+from bailong import data, token_cache, vocab, zip_tie
+init, tokenize, learn, read, grow = (dist.init_process_group, token_cache.tokenize, vocab.extend_tokenizer,
+                                     data.read_corpus, zip_tie.extend_model)
+timeout, pids, sleep, own_disk = sys.argv[1:5]
+rank = os.environ["RANK"]
 if timeout != "as torch's":
     dist.init_process_group = lambda *a, **k: init(*a, **k, timeout=timedelta(seconds=float(timeout)))
-Path(pids, os.environ["RANK"]).write_text(str(os.getpid()))
+Path(pids, rank).write_text(str(os.getpid()))
+
+
+def noted(name, function):  # the function, leaving a file name-rank where a process calls it
+    def call(*args):
+        Path(pids, f"{name}-{rank}").touch()
+        return function(*args)
+    return call
+
 
 def slowly(*args):  # rank 0's tokenizing, as of a large corpus
-    if os.environ["RANK"] == "0" and not hasattr(slowly, "slept"):
+    if rank == "0" and not hasattr(slowly, "slept"):
         Path(pids, "tokenizing").touch()
         slowly.slept = time.sleep(float(sleep))
-    Path(pids, "tokenizer-" + os.environ["RANK"]).write_bytes(args[0].serialized())
     return tokenize(*args)
 
 
-def learned(*args):
-    Path(pids, "learned-" + os.environ["RANK"]).touch()
-    return learn(*args)
-token_cache.tokenize, vocab.extend_tokenizer = slowly, learned
-sys.argv = sys.argv[4:]
+def grown(model, base, extended, *args):  # the tokenizer a process's model is grown for
+    Path(pids, "tokenizer-" + rank).write_bytes(extended.serialized())
+    return grow(model, base, extended, *args)
+
+
+token_cache.tokenize, vocab.extend_tokenizer = noted("tokenized", slowly), noted("learned", learn)
+data.read_corpus, zip_tie.extend_model = noted("read", read), grown
+if own_disk == "own disk" and rank != "0":  # as on another machine, whose disk lacks rank 0's token cache
+    token_cache.opened = lambda *args: None
+sys.argv = sys.argv[5:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def slow_rank_0(tmp_path, timeout, sleep, *args, **popen):
+def slow_rank_0(tmp_path, timeout, sleep, *args, own_disk=False, **popen):
     """train.py under torchrun, rank 0 tokenizing for ``sleep`` seconds first, the process group's timeout
-    ``timeout`` seconds; in tmp_path each process's pid (file named by its rank), the tokenizer it tokenized with
-    (tokenizer-rank), and whether it learned pieces (learned-rank)."""
+    ``timeout`` seconds; ``own_disk``: rank 1 does not find rank 0's token cache. In tmp_path each process's pid
+    (a file named by its rank), the tokenizer its model is grown for (tokenizer-rank), and whether it read the
+    corpus (read-rank), learned pieces (learned-rank) and tokenized (tokenized-rank)."""
     (tmp_path / "slow.py").write_text(SLOW_RANK_0)
-    command = TORCHRUN + [str(tmp_path / "slow.py"), timeout, str(tmp_path), sleep, str(ROOT / "train.py"),
-                          "--out", str(tmp_path / "out"), *args]
+    command = TORCHRUN + [str(tmp_path / "slow.py"), timeout, str(tmp_path), sleep, "own disk" * own_disk,
+                          str(ROOT / "train.py"), "--out", str(tmp_path / "out"), *args]
     return subprocess.Popen(command, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
 def test_the_others_wait_for_rank_0_to_tokenize_past_the_process_groups_timeout(tmp_path):
     """Rank 0 fills the token cache alone, and on a large corpus that can take longer than a collective may
     (NCCL's ten minutes): the others waited in a barrier, which failed at the timeout (here 8 seconds, rank 0
-    tokenizing for 16). Rank 0 alone learns the new pieces too (each process learned them, all at once, each
-    with every core and its own copy of the trainer's memory), and the others tokenize with its tokenizer."""
+    tokenizing for 16). Rank 0 alone reads the corpus and learns the new pieces (each process learned them, all
+    at once, each with every core and its own copy of the trainer's memory; and each read the whole corpus, and
+    held its text through the run): the others take its tokenizer and open its token cache."""
     process = slow_rank_0(tmp_path, "8", "16", "--steps", "2", "--new-pieces", "50")
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0 and "step 2: held-out loss" in stdout, stderr[-3000:]
-    assert (tmp_path / "learned-0").exists() and not (tmp_path / "learned-1").exists()
+    assert [(tmp_path / f"{name}-{rank}").exists() for name in ("read", "learned", "tokenized") for rank in "01"] \
+        == [True, False] * 3
     assert (tmp_path / "tokenizer-0").read_bytes() == (tmp_path / "tokenizer-1").read_bytes()
+
+
+def test_a_process_whose_disk_lacks_rank_0s_token_cache_reads_and_tokenizes_the_corpus_itself(tmp_path):
+    """On another machine, whose disk does not hold rank 0's run folder, a process tokenizes the corpus itself,
+    with rank 0's tokenizer, and the run trains as one process with the whole batch."""
+    args = ["--steps", "3", "--new-pieces", "50", "--eval-every", "3", "--lora-dropout", "0"]
+    process = slow_rank_0(tmp_path, "as torch's", "0", *args, "--batch-size", "1", own_disk=True)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert all((tmp_path / f"{name}-1").exists() for name in ("read", "tokenized"))
+    assert not (tmp_path / "learned-1").exists()
+    assert (tmp_path / "tokenizer-0").read_bytes() == (tmp_path / "tokenizer-1").read_bytes()
+    train(tmp_path / "one", *args, "--batch-size", "2", processes=1)
+    for logged in (losses, evals):
+        assert [loss for _, loss in logged(tmp_path / "out")] == pytest.approx(
+            [loss for _, loss in logged(tmp_path / "one")], abs=1e-5)
 
 
 def test_a_process_waiting_for_rank_0_stops_at_sigterm(tmp_path):
