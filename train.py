@@ -24,7 +24,8 @@ from bailong.hub import resolve
 from bailong.outputs import check_context, check_model, model_file
 from bailong.run_folder import RunFolder, release_lock
 from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
-from bailong.processes import check_processes, rank_0_done, return_freed_memory, tokens_of_rank_0
+from bailong.processes import (all_here, check_processes, rank_0_done, return_freed_memory, same_steps_done,
+                                tokens_of_rank_0)
 from bailong import progress
 from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
 from bailong.training import check_graph_step, check_on_device, parse_config
@@ -91,6 +92,7 @@ def train(config, undo):
             torch.cuda.set_device(device)
     main_process = rank == 0
     say = print if main_process else (lambda *a, **k: None)
+    same_steps_done(done_before if config.resume else 0, out, world, rank)  # (another machine's disk may lack it)
     torch.manual_seed(config.seed)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.startswith("cuda"))
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -206,6 +208,7 @@ def train(config, undo):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     bf16_grads = BF16Grads(model) if config.bf16_grads else None
+    all_here("ready to train", world, rank)  # (one may still be tokenizing, or rank 0 saving the base)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank:  # each process its own dropout masks (rank 0 draws as one process would); the weights are rank 0's
         torch.manual_seed(config.seed + rank)

@@ -50,20 +50,48 @@ def rank_0_done(name: str, world: int, rank: int, value: bytes = b"done") -> byt
     (and where it held the store, asking it fails)."""
     if world == 1:
         return value
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(minutes=5))  # to connect: the store is up, the group has started
-    key = f"bailong/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"  # a restarted group's own
+    store, key = _store(name)
     if rank == 0:  # in parts: the store takes at most 8 MiB a message, and a tokenizer.json can be more
         parts = [value[i:i + PART] for i in range(0, len(value), PART)]
         for i, part in enumerate(parts):
             store.set(f"{key}/{i}", part)
         store.set(key, str(len(parts)))
-    while not store.check([key]):
-        time.sleep(0.5)
+    _wait(store, [key])
     return b"".join(store.get(f"{key}/{i}") for i in range(int(store.get(key))))
+
+
+def all_here(name: str, world: int, rank: int):
+    """Waits, as ``rank_0_done`` does, until every process has come this far (``name``): before DDP's first
+    collective, which waits only the process group's timeout for a process still at work alone (tokenizing the
+    corpus where its disk lacks rank 0's cache)."""
+    if world > 1:
+        store, key = _store(name)
+        store.set(f"{key}/{rank}", "here")
+        _wait(store, [f"{key}/{r}" for r in range(world)])
+
+
+def same_steps_done(done: int, out, world: int, rank: int):
+    """Refuses a process that finds another number of steps ``done`` in the run it resumes in ``out`` than rank
+    0 (another machine's disk, not holding rank 0's run folder): it waited forever for what rank 0 never sent."""
+    theirs = int(rank_0_done("the steps done", world, rank, str(done).encode()))
+    if theirs != done:
+        raise UsageError(f"{out}: rank 0 finds {theirs} steps done there, this process {done}: processes on "
+                         "several machines need --out on a disk they share")
+
+
+def _store(name: str):
+    """(the store torchrun's processes share, the key of ``name`` in it for this start of the group)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(minutes=5))  # to connect: the store is up, the group has started
+    return store, f"bailong/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"  # a restarted group's own
+
+
+def _wait(store, keys):
+    while not store.check(keys):
+        time.sleep(0.5)
 
 
 def tokens_of_rank_0(tokens, cache_dir, world: int, rank: int) -> list | None:

@@ -66,7 +66,7 @@ import os, runpy, sys, time
 from datetime import timedelta
 from pathlib import Path
 import torch.distributed as dist
-from bailong import data, token_cache, vocab, zip_tie
+from bailong import data, runs, token_cache, vocab, zip_tie
 init, tokenize, learn, read, grow = (dist.init_process_group, token_cache.tokenize, vocab.extend_tokenizer,
                                      data.read_corpus, zip_tie.extend_model)
 timeout, pids, sleep, own_disk = sys.argv[1:5]
@@ -83,8 +83,8 @@ def noted(name, function):  # the function, leaving a file name-rank where a pro
     return call
 
 
-def slowly(*args):  # rank 0's tokenizing, as of a large corpus
-    if rank == "0" and not hasattr(slowly, "slept"):
+def slowly(*args):  # rank 0's tokenizing (with an own disk, rank 1's), as of a large corpus
+    if rank == ("1" if own_disk else "0") and not hasattr(slowly, "slept"):
         Path(pids, "tokenizing").touch()
         slowly.slept = time.sleep(float(sleep))
     return tokenize(*args)
@@ -97,8 +97,8 @@ def grown(model, base, extended, *args):  # the tokenizer a process's model is g
 
 token_cache.tokenize, vocab.extend_tokenizer = noted("tokenized", slowly), noted("learned", learn)
 data.read_corpus, zip_tie.extend_model = noted("read", read), grown
-if own_disk == "own disk" and rank != "0":  # as on another machine, whose disk lacks rank 0's token cache
-    token_cache.opened = lambda *args: None
+if own_disk and rank != "0":  # as on another machine (its first process), whose disk lacks rank 0's run folder
+    token_cache.opened, runs.check_output, os.environ["LOCAL_RANK"] = lambda *a: None, lambda *a: 0, "0"
 sys.argv = sys.argv[5:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -106,7 +106,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def slow_rank_0(tmp_path, timeout, sleep, *args, own_disk=False, **popen):
     """train.py under torchrun, rank 0 tokenizing for ``sleep`` seconds first, the process group's timeout
-    ``timeout`` seconds; ``own_disk``: rank 1 does not find rank 0's token cache. In tmp_path each process's pid
+    ``timeout`` seconds; ``own_disk``: rank 1 finds no run folder, nor rank 0's token cache, and tokenizes for
+    ``sleep`` seconds instead. In tmp_path each process's pid
     (a file named by its rank), the tokenizer its model is grown for (tokenizer-rank), and whether it read the
     corpus (read-rank), learned pieces (learned-rank) and tokenized (tokenized-rank)."""
     (tmp_path / "slow.py").write_text(SLOW_RANK_0)
@@ -129,11 +130,13 @@ def test_the_others_wait_for_rank_0_to_tokenize_past_the_process_groups_timeout(
     assert (tmp_path / "tokenizer-0").read_bytes() == (tmp_path / "tokenizer-1").read_bytes()
 
 
-def test_a_process_whose_disk_lacks_rank_0s_token_cache_reads_and_tokenizes_the_corpus_itself(tmp_path):
+def test_a_process_whose_disk_lacks_rank_0s_run_folder_tokenizes_the_corpus_itself_and_may_not_resume(tmp_path):
     """On another machine, whose disk does not hold rank 0's run folder, a process tokenizes the corpus itself,
-    with rank 0's tokenizer, and the run trains as one process with the whole batch."""
+    with rank 0's tokenizer, and the run trains as one process with the whole batch: rank 0 waits for it on the
+    store, where it failed in DDP's first collective at the process group's timeout (8 seconds here, the other
+    tokenizing for 16). Resumed there, that process waited forever for the vocabulary: it is refused at once."""
     args = ["--steps", "3", "--new-pieces", "50", "--eval-every", "3", "--lora-dropout", "0"]
-    process = slow_rank_0(tmp_path, "as torch's", "0", *args, "--batch-size", "1", own_disk=True)
+    process = slow_rank_0(tmp_path, "8", "16", *args, "--batch-size", "1", own_disk=True)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
     assert all((tmp_path / f"{name}-1").exists() for name in ("read", "tokenized"))
@@ -143,6 +146,15 @@ def test_a_process_whose_disk_lacks_rank_0s_token_cache_reads_and_tokenizes_the_
     for logged in (losses, evals):
         assert [loss for _, loss in logged(tmp_path / "out")] == pytest.approx(
             [loss for _, loss in logged(tmp_path / "one")], abs=1e-5)
+    process = slow_rank_0(tmp_path, "8", "0", *args, "--batch-size", "1", "--steps", "4", "--resume", own_disk=True,
+                          start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:  # (it hung): nothing left behind
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0 and "[rank 1] error: " + str(tmp_path / "out") + ": rank 0 finds 3 steps done " \
+        "there, this process 0: processes on several machines need --out on a disk they share" in stderr, stderr
 
 
 def test_a_process_waiting_for_rank_0_stops_at_sigterm(tmp_path):
