@@ -4,9 +4,11 @@ the text, and memory-mapped on the next run."""
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import sys
 import warnings
+from array import array
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -41,12 +43,19 @@ def _pool_worker(tokenizer, template, command):
     _init_worker(tokenizer, template)
 
 
-def _stopped_at_once(command):
-    """While a pool tokenizes for a ``command``, Ctrl-C and SIGTERM end the process at once, as by default:
-    nothing is being written then, and a pool shut down by an exception can wait forever on a worker stopped
-    mid-send. Called from Python (a notebook), the process is the caller's: Ctrl-C raises KeyboardInterrupt
-    there, the workers, which let it pass (``_pool_worker``), ended with the pool."""
-    return handling(signal.SIG_DFL) if command else contextlib.nullcontext()
+def _stopped_at_once(command, writing=()):
+    """While a pool tokenizes for a ``command``, Ctrl-C and SIGTERM end the process at once, as by default (a
+    pool shut down by an exception can wait forever on a worker stopped mid-send), the temporary files it is
+    ``writing`` removed first. Called from Python (a notebook), the process is the caller's: Ctrl-C raises
+    KeyboardInterrupt there, the workers, which let it pass (``_pool_worker``), ended with the pool."""
+    return handling(partial(_end_at_once, writing)) if command else contextlib.nullcontext()
+
+
+def _end_at_once(writing, signum, frame):
+    for path in writing:
+        Path(path).unlink(missing_ok=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _encode(item):
@@ -88,13 +97,8 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     sft = not isinstance(items[0], str)
     read = files if sft else files[::2]
     if (cached := _cached(read, len(items))) is None:
-        encoded = _encode_all(tokenizer, items, workers, template)
-        ids, labels = [e for e, _ in encoded], [lab for _, lab in encoded] if sft else None
-        offsets = [np.cumsum([0] + [len(e) for e in ids], dtype=np.int64)]
-        del encoded
-        for file, parts in zip(files, (ids, labels, offsets)):
-            if parts is not None:
-                atomic_write(file, lambda tmp, p=parts: _save_npy(tmp, p))
+        offsets = _write_tokens(read[:-1], tokenizer, items, workers, template)
+        atomic_write(files[2], lambda tmp: _save_npy(tmp, np.frombuffer(offsets, dtype=np.int64)))
         cached = [np.load(f, mmap_mode="r") for f in read]
     return (cached[0], cached[1], cached[2]) if sft else (cached[0], None, cached[1])
 
@@ -143,36 +147,68 @@ def _cached(files, items: int) -> list | None:
     return None
 
 
-def _encode_all(tokenizer, items, workers, template) -> list:
-    """(ids, labels or None) of each item, in parallel where there are many: one process per usable core unless
-    ``workers`` says, and none without a thousand items to encode (each process loads the tokenizer first)."""
+def _write_tokens(files, tokenizer, items, workers, template) -> array:
+    """Each item's ids (and SFT's labels: ``files`` one for each) appended to its file as they are encoded,
+    through temporary files renamed into place once whole; the items' offsets (int64). The corpus's tokens are
+    never all in memory (they were, 4 bytes a token, until the cache was written: more than its text, for
+    Chinese)."""
+    offsets = array("q", [0])
+
+    def write(tmps):
+        with contextlib.ExitStack() as stack:
+            outs = [stack.enter_context(open(tmp, "wb")) for tmp in tmps]
+            for out in outs:
+                out.write(_npy_header(np.int32, 0))  # (the length written again once known)
+            encoded = stack.enter_context(contextlib.closing(_encoded(tokenizer, items, workers, template, tmps)))
+            for arrays in encoded:
+                for out, tokens in zip(outs, arrays):
+                    out.write(tokens.data)
+                offsets.append(offsets[-1] + len(arrays[0]))
+            for out in outs:
+                out.seek(0)
+                out.write(_npy_header(np.int32, offsets[-1]))
+
+    if len(files) == 1:
+        atomic_write(files[0], lambda tmp: write([tmp]))
+    else:  # the labels' file written within the ids'
+        atomic_write(files[0], lambda ids: atomic_write(files[1], lambda labels: write([ids, labels])))
+    return offsets
+
+
+def _encoded(tokenizer, items, workers, template, writing=()):
+    """(ids, labels) of each item (labels left out for a document), in parallel where there are many: one process
+    per usable core unless ``workers`` says, and none without a thousand items to encode (each process loads the
+    tokenizer first). ``writing``: the temporary files a stop in a command removes (``_stopped_at_once``)."""
     workers = min(workers or usable_cores(), len(items) // 1000)
-    bar = tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None)
-    encoded = []
-    if workers > 1:
-        command = in_a_command()
-        with _stopped_at_once(command), Pool(workers, initializer=_pool_worker,
-                                             initargs=(tokenizer, template, command)) as pool:
-            for result in pool.imap(_encode, items, chunksize=64):
-                encoded.append(result)
+    with tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None) as bar:
+        if workers > 1:
+            command = in_a_command()
+            with _stopped_at_once(command, writing), Pool(workers, initializer=_pool_worker,
+                                                          initargs=(tokenizer, template, command)) as pool:
+                for ids, labels in pool.imap(_encode, items, chunksize=64):
+                    bar.update()
+                    yield (ids,) if labels is None else (ids, labels)
+        else:
+            _init_worker(tokenizer, template)
+            for ids, labels in map(_encode, items):
                 bar.update()
-    else:
-        _init_worker(tokenizer, template)
-        for item in items:
-            encoded.append(_encode(item))
-            bar.update()
-    bar.close()
-    return encoded
+                yield (ids,) if labels is None else (ids, labels)
 
 
-def _save_npy(path, parts: list):
-    """``parts`` (contiguous arrays of one dtype) one after another as one .npy array, each let go once written:
-    the whole is only in the file (joined in memory first, a corpus's ids were held twice). Written through a
-    file, not a memory map, whose writes to a full disk kill the process (SIGBUS) with nothing said."""
-    header = {"descr": np.lib.format.dtype_to_descr(parts[0].dtype), "fortran_order": False,
-              "shape": (sum(map(len, parts)),)}
+HEADER = 128  # bytes of a token file's .npy header, room for any length: it is written again once that is known
+
+
+def _npy_header(dtype, length: int) -> bytes:
+    """A .npy (format 1.0) header of a 1-D array of ``length`` values of ``dtype``, ``HEADER`` bytes long, as
+    numpy writes it (the same bytes as numpy 2.4's, which leaves that room too)."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': ({length},), }}"
+    return np.lib.format.magic(1, 0) + (HEADER - 10).to_bytes(2, "little") + \
+        (text.ljust(HEADER - 11) + "\n").encode("latin1")
+
+
+def _save_npy(path, values):
+    """``values`` (an array) as a .npy file, written through a file, not a memory map, whose writes to a full disk
+    kill the process (SIGBUS) with nothing said."""
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        parts[:] = parts[::-1]
-        while parts:
-            f.write(np.ascontiguousarray(parts.pop()).data)
+        np.lib.format.write_array(f, values)
