@@ -13,6 +13,7 @@ Two rules hold for every file a command writes:
    temporary file.
 """
 import contextlib
+import glob
 import json
 import os
 import re
@@ -111,8 +112,8 @@ def _refusal(target, error) -> OSError | None:
     None for a bug: an OSError, raised or chained (torch.save into a file object), or named in a writer's message
     (safetensors: "I/O error: File too large (os error 27)"); where none says, a full disk is what tells
     (torch.save into a path reports one as a RuntimeError, "unexpected pos")."""
-    if not isinstance(error, Exception):  # (Ctrl-C, SIGTERM: what they are)
-        return None
+    if not isinstance(error, Exception) or isinstance(error, BailongError):  # (Ctrl-C, SIGTERM, a mistake met
+        return None  # while writing, as a chat template that fails: what they are)
     chained = error
     while chained is not None:
         if isinstance(chained, OSError):
@@ -146,6 +147,25 @@ def _beside(path: Path, suffix) -> Path:
     which tempfile's private 0600 files and 0700 folders would not), within the 255-byte name limit."""
     name = path.name.encode()[:200].decode(errors="ignore")
     return path.with_name(f".{name}.{os.getpid()}{suffix}")
+
+
+def remove_left_behind(folder, prefix: str):
+    """The temporary files ``atomic_write`` made in ``folder`` for names beginning ``prefix`` that a process
+    killed mid-write left behind (the process no longer running), removed."""
+    for tmp in Path(folder).glob(f".{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdecimal() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _usual_mode(path):

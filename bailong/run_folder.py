@@ -155,6 +155,18 @@ def lock_free(out: Path) -> bool:
 _HELD = {}  # the locks of the run folders this process trains in (by path), until release_lock
 
 
+def _forget_locks():
+    """In a process forked from one that trains (a tokenizing worker), its copies of the locks closed, not let go:
+    the lock is the parent's, and a worker living on a moment after its stopped parent (its chunk of documents
+    to finish) kept the folder locked, a run started then refused as "another process is training" there."""
+    for lock in _HELD.values():
+        lock.close()
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
+
+
 def take_lock(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     lock = open(RunFolder(out).lock, "a")

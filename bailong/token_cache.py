@@ -4,7 +4,6 @@ the text, and memory-mapped on the next run."""
 import contextlib
 import hashlib
 import json
-import os
 import signal
 import sys
 import warnings
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from bailong.chat_template import template_example, training_example
 from bailong.cores import usable_cores
 from bailong.errors import BailongError, BailongWarning, handling, in_a_command, silence
-from bailong.files import atomic_write
+from bailong.files import atomic_write, remove_left_behind
 from bailong.runs import DOCUMENTS
 from bailong.tokenizer import Tokenizer
 
@@ -43,19 +42,14 @@ def _pool_worker(tokenizer, template, command):
     _init_worker(tokenizer, template)
 
 
-def _stopped_at_once(command, writing=()):
-    """While a pool tokenizes for a ``command``, Ctrl-C and SIGTERM end the process at once, as by default (a
-    pool shut down by an exception can wait forever on a worker stopped mid-send), the temporary files it is
-    ``writing`` removed first. Called from Python (a notebook), the process is the caller's: Ctrl-C raises
+def _stopped_at_once(command):
+    """While a pool tokenizes for a ``command``, Ctrl-C and SIGTERM end the process at once, as by default: a
+    pool shut down by an exception can wait forever on a worker stopped mid-send, and a handler of Python's runs
+    too late (the pool's threads start workers in place of those the signal ended, which wait forever on the
+    locks those held). The temporary files of the tokens being written are left; the next tokenizing into that
+    folder removes them. Called from Python (a notebook), the process is the caller's: Ctrl-C raises
     KeyboardInterrupt there, the workers, which let it pass (``_pool_worker``), ended with the pool."""
-    return handling(partial(_end_at_once, writing)) if command else contextlib.nullcontext()
-
-
-def _end_at_once(writing, signum, frame):
-    for path in writing:
-        Path(path).unlink(missing_ok=True)
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    return handling(signal.SIG_DFL) if command else contextlib.nullcontext()
 
 
 def _encode(item):
@@ -97,6 +91,7 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     sft = not isinstance(items[0], str)
     read = files if sft else files[::2]
     if (cached := _cached(read, len(items))) is None:
+        remove_left_behind(cache_dir, "tokens-")  # (by a command stopped while it tokenized: _stopped_at_once)
         offsets = _write_tokens(read[:-1], tokenizer, items, workers, template)
         atomic_write(files[2], lambda tmp: _save_npy(tmp, np.frombuffer(offsets, dtype=np.int64)))
         cached = [np.load(f, mmap_mode="r") for f in read]
@@ -159,11 +154,18 @@ def _write_tokens(files, tokenizer, items, workers, template) -> array:
             outs = [stack.enter_context(open(tmp, "wb")) for tmp in tmps]
             for out in outs:
                 out.write(_npy_header(np.int32, 0))  # (the length written again once known)
-            encoded = stack.enter_context(contextlib.closing(_encoded(tokenizer, items, workers, template, tmps)))
+            encoded = stack.enter_context(contextlib.closing(_encoded(tokenizer, items, workers, template)))
+            refused = None  # a full disk's error, raised once the pool has ended (stopped by it, one can hang)
             for arrays in encoded:
-                for out, tokens in zip(outs, arrays):
-                    out.write(tokens.data)
+                if refused is None:
+                    try:
+                        for out, tokens in zip(outs, arrays):
+                            out.write(tokens.data)
+                    except OSError as error:
+                        refused = error
                 offsets.append(offsets[-1] + len(arrays[0]))
+            if refused is not None:
+                raise refused
             for out in outs:
                 out.seek(0)
                 out.write(_npy_header(np.int32, offsets[-1]))
@@ -175,16 +177,16 @@ def _write_tokens(files, tokenizer, items, workers, template) -> array:
     return offsets
 
 
-def _encoded(tokenizer, items, workers, template, writing=()):
+def _encoded(tokenizer, items, workers, template):
     """(ids, labels) of each item (labels left out for a document), in parallel where there are many: one process
     per usable core unless ``workers`` says, and none without a thousand items to encode (each process loads the
-    tokenizer first). ``writing``: the temporary files a stop in a command removes (``_stopped_at_once``)."""
+    tokenizer first)."""
     workers = min(workers or usable_cores(), len(items) // 1000)
     with tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None) as bar:
         if workers > 1:
             command = in_a_command()
-            with _stopped_at_once(command, writing), Pool(workers, initializer=_pool_worker,
-                                                          initargs=(tokenizer, template, command)) as pool:
+            with _stopped_at_once(command), Pool(workers, initializer=_pool_worker,
+                                                 initargs=(tokenizer, template, command)) as pool:
                 for ids, labels in pool.imap(_encode, items, chunksize=64):
                     bar.update()
                     yield (ids,) if labels is None else (ids, labels)

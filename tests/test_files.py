@@ -235,3 +235,27 @@ def test_ctrl_c_in_a_writer_stays_ctrl_c_and_an_unknown_home_stays_as_written(tm
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "out.txt", writer)
     assert not overlaps("~nobody-here/run", tmp_path) and overlaps("~nobody-here/run", "~nobody-here")
+
+
+def test_temporary_files_left_by_a_killed_writer_are_removed_and_a_running_ones_kept(tmp_path):
+    import sys
+
+    from bailong.files import remove_left_behind
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = [f".tokens-a.ids.npy.{gone.stdout.strip()}.tmp", f".tokens-a.ids.npy.{os.getpid()}.tmp",
+             f".other.npy.{gone.stdout.strip()}.tmp", "tokens-a.ids.npy", ".tokens-a.ids.npy.x.tmp"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    remove_left_behind(tmp_path, "tokens-")
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_a_mistake_met_while_writing_to_a_nearly_full_disk_is_said_as_it_is(small_disk):
+    """A write that fails where less than a megabyte is free is taken for a full disk (torch.save says no more);
+    a mistake of the user's met while writing (a chat template that fails, while the token cache is written) was
+    said as "No space left on device"."""
+    def fails(tmp):
+        raise BailongError("the model's chat_template fails on the conversation whose first question begins 'q'")
+    with pytest.raises(BailongError, match="chat_template fails"):
+        atomic_write(small_disk / "tokens.ids.npy", fails)
+    assert list(small_disk.iterdir()) == []

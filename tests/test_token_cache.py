@@ -87,8 +87,8 @@ def test_a_command_killed_alone_while_its_workers_tokenize_ends_quietly(tmp_path
     time.sleep(0.5)
     command.send_signal(signal.SIGTERM)
     _, err = command.communicate(timeout=60)  # once the workers too have closed their stderr
-    cache = tmp_path / "cache"  # stopped mid-way: nothing left there (a temporary file of the tokens removed)
-    assert command.returncode == -signal.SIGTERM and not (cache.exists() and any(cache.iterdir()))
+    cache = tmp_path / "cache"  # stopped mid-way: no cache made (a temporary file of its tokens left)
+    assert command.returncode == -signal.SIGTERM and not list(cache.glob("*.npy"))
     assert "Traceback" not in err, err
 
 
@@ -201,17 +201,24 @@ data._encode = encode
 
 def test_sigterm_or_ctrl_c_while_a_pool_tokenizes_ends_the_command_at_once(tmp_path):
     """A pool shut down by an exception can wait forever on a worker stopped mid-send: while it tokenizes, the
-    command (its SIGTERM handler set, as every command's is) ends at once, as by default, the temporary files of
-    the token cache it was writing removed (the tokens are written as they come: 240 MB here)."""
+    command (its SIGTERM handler set, as every command's is) ends at once, as by default. The tokens it was
+    writing to the cache as they came (240 MB here) are left in a temporary file, which the next tokenizing into
+    that folder removes."""
     import signal
+
+    from bailong.token_cache import tokenize
+    from bailong.tokenizer import byte_tokenizer
     for stop in (signal.SIGTERM, signal.SIGINT):
         for work in ("encode_all", "tokenize_all"):
             cache = tmp_path / f"{stop}-{work}"
-            cache.mkdir()
             done = stopped_while_a_pool_tokenizes(stop, f"run_cli(lambda argv: {work}() and 0, [])", cache)
             assert done.returncode == -stop, done.stderr[-2000:]
             assert "Traceback" not in done.stderr, done.stderr[-2000:]  # the workers end quietly (no broken pipe)
-            assert list(cache.iterdir()) == []
+            left = [f.name for f in cache.iterdir()] if cache.exists() else []
+            assert all(name.startswith(".tokens-") and name.endswith(".tmp") for name in left), left
+            assert len(left) == (work == "tokenize_all"), left
+            tokenize(byte_tokenizer(), ["臺灣"], cache)
+            assert not [f for f in cache.iterdir() if f.name.endswith(".tmp")]
 
 
 def test_ctrl_c_while_a_pool_tokenizes_for_a_python_caller_is_raised_there():
@@ -228,13 +235,18 @@ def test_ctrl_c_while_a_pool_tokenizes_for_a_python_caller_is_raised_there():
 def test_a_full_disk_while_writing_the_cache_is_one_line(small_disk):
     """The cache was written through a memory map, whose writes to a full disk kill the process with SIGBUS and
     nothing said (in a subprocess: so it would kill only that); through a file the machine's refusal is an error
-    naming the file, and no temporary file stays."""
-    code = ("from bailong.token_cache import tokenize; from bailong.tokenizer import byte_tokenizer; "
-            f"tokenize(byte_tokenizer(), ['臺灣' * 1000] * 20, {str(small_disk)!r}, 1)")  # 480 KB of ids
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1, (run.returncode, run.stderr[-500:])
-    assert run.stderr.strip().splitlines()[-1].endswith(".ids.npy: could not write (No space left on device)")
-    assert list(small_disk.iterdir()) == []
+    naming the file, and no temporary file stays. The tokens are written as they come, while the pool still
+    encodes: the error waits for its end (a pool stopped by it could hang: 2 of 32 runs, on a 30 MB disk)."""
+    chat = "[{'role': 'user', 'content': '問'}, {'role': 'assistant', 'content': '答' * 1000}]"
+    for items, workers, file in (("['臺灣' * 1000] * 20", 1, "ids"), ("['臺灣' * 100] * 2000", 2, "ids"),
+                                 (f"[{chat}] * 2000", 2, "labels")):  # 480 KB of ids; 2.4 MB; 24 MB of both
+        code = ("from bailong.errors import run_cli\nfrom bailong.token_cache import tokenize\n"
+                "from bailong.tokenizer import byte_tokenizer\n"
+                f"run_cli(lambda argv: tokenize(byte_tokenizer(), {items}, {str(small_disk)!r}, {workers}) and 0, [])")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1, (run.returncode, run.stderr[-500:])
+        assert run.stderr.strip().splitlines()[-1].endswith(f".{file}.npy: could not write (No space left on device)")
+        assert list(small_disk.iterdir()) == []
 
 
 def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(monkeypatch):
@@ -362,3 +374,38 @@ def test_the_tokens_are_written_as_they_come_not_held_until_the_end(tmp_path, wo
         np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(np.load(file, "r")))
         with open(file, "rb") as f:
             assert f.read(len(header.getvalue())) == header.getvalue(), file
+
+
+LOCKED = """
+import sys, time
+from pathlib import Path
+from bailong import token_cache
+from bailong.errors import run_cli
+from bailong.run_folder import take_lock
+from bailong.tokenizer import byte_tokenizer
+encode = token_cache._encode
+def slowly(item):  # each chunk of 64 documents takes a worker 0.64 seconds
+    time.sleep(0.01)
+    return encode(item)
+token_cache._encode = slowly
+take_lock(Path(sys.argv[1]))
+print("tokenizing", flush=True)
+run_cli(lambda argv: token_cache.tokenize(byte_tokenizer(), ["臺灣"] * 2000, Path(sys.argv[1], "cache"), 2), [])
+"""
+
+
+def test_the_workers_of_a_stopped_command_leave_its_run_folder_unlocked(tmp_path):
+    """A tokenizing worker, forked with a copy of the run folder's lock, kept the folder locked for the moment
+    it lived on after its command was stopped alone (its chunk to finish): a run started then was refused,
+    "another process is training in this folder"."""
+    import signal
+    import time
+
+    from bailong.run_folder import lock_free
+    command = subprocess.Popen([sys.executable, "-c", LOCKED, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT)
+    assert command.stdout.readline() == "tokenizing\n" and not lock_free(tmp_path)
+    time.sleep(1)  # the workers at their first chunks
+    command.send_signal(signal.SIGTERM)
+    command.wait(timeout=60)
+    assert command.returncode == -signal.SIGTERM and lock_free(tmp_path)
