@@ -6,6 +6,7 @@ import hashlib
 import json
 import signal
 import sys
+import threading
 import warnings
 from array import array
 from functools import partial
@@ -185,16 +186,32 @@ def _encoded(tokenizer, items, workers, template):
     with tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None) as bar:
         if workers > 1:
             command = in_a_command()
-            with _stopped_at_once(command), Pool(workers, initializer=_pool_worker,
-                                                 initargs=(tokenizer, template, command)) as pool:
-                for ids, labels in pool.imap(_encode, items, chunksize=64):
-                    bar.update()
-                    yield (ids,) if labels is None else (ids, labels)
+            pool = Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template, command))
+            try:
+                with _stopped_at_once(command):
+                    for ids, labels in pool.imap(_encode, items, chunksize=64):
+                        bar.update()
+                        yield (ids,) if labels is None else (ids, labels)
+            finally:
+                _stop(pool)
         else:
             _init_worker(tokenizer, template)
             for ids, labels in map(_encode, items):
                 bar.update()
                 yield (ids,) if labels is None else (ids, labels)
+
+
+def _stop(pool):
+    """``pool.terminate()``, which can wait forever after Ctrl-C from Python (its thread reading the results
+    leaves first, while a worker holds the results' lock, its result half sent): given five seconds, in a thread
+    of its own; then the workers are killed, and that thread left waiting."""
+    stopping = threading.Thread(target=pool.terminate, daemon=True)
+    stopping.start()
+    stopping.join(5)
+    if stopping.is_alive():
+        for worker in pool._pool:  # (multiprocessing's own list of them)
+            worker.kill()
+            worker.join()
 
 
 HEADER = 128  # bytes of a token file's .npy header, room for any length: it is written again once that is known

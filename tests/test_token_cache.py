@@ -261,11 +261,8 @@ def test_the_tokenizing_processes_are_as_many_as_the_cores_this_process_may_use(
         def __init__(self, processes, initializer, initargs):
             started.append(processes)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+        def terminate(self):
+            pass
 
         def imap(self, encode, items, chunksize):
             return map(encode, items)
@@ -409,3 +406,19 @@ def test_the_workers_of_a_stopped_command_leave_its_run_folder_unlocked(tmp_path
     command.send_signal(signal.SIGTERM)
     command.wait(timeout=60)
     assert command.returncode == -signal.SIGTERM and lock_free(tmp_path)
+
+
+def test_a_pool_whose_terminate_waits_forever_is_stopped_all_the_same():
+    """Pool.terminate() can wait forever after Ctrl-C from Python (its result thread gone, a worker holding the
+    results' lock mid-send: 1 to 4 in 25-30 such stops hung): a notebook's kernel hung; its workers are killed
+    after five seconds instead."""
+    import multiprocessing
+    import time
+
+    from bailong.token_cache import _stop
+    pool = multiprocessing.Pool(2)
+    pool._outqueue._wlock.acquire()  # the results' lock, as a worker sending a result holds it
+    workers, start = list(pool._pool), time.monotonic()
+    _stop(pool)
+    assert 4.5 < time.monotonic() - start < 30 and not any(w.is_alive() for w in workers)
+    pool._outqueue._wlock.release()  # (the terminating thread then ends)
