@@ -102,7 +102,7 @@ def train(config, undo):
         check_graph_step(world, device)
 
     # ---- data first, so that mistakes in it surface before minutes of loading ------------------------------
-    # (under torchrun rank 0's alone: the others open the tokens it caches, below, and never hold the text)
+    # (read again on each pass, not held; under torchrun rank 0's alone: the others open the tokens it caches)
     items, train_items, eval_items = stage_items(config) if main_process else (None, None, None)
 
     # ---- vocabulary (pre-training): the base's tokenizer, extended with pieces learned on the data ----------
@@ -161,7 +161,7 @@ def train(config, undo):
     tokens = tokenized((train_items, eval_items)) if main_process else None  # rank 0 fills the token cache alone
     if world > 1:  # the others open it (where their disk lacks it, another machine's, they tokenize their own)
         tokens = tokens_of_rank_0(tokens, run.cache, world, rank) or tokenized(stage_items(config)[1:])
-    del items, train_items, eval_items  # the text, not held through training: its tokens are memory-mapped
+    del items, train_items, eval_items  # (a pipe's text, held) not kept through training: its tokens are mapped
     return_freed_memory()
     pad_id = max(tokenizer.eos_id, 0)  # padding is masked from the loss; a tokenizer.json may lack eos
     data = TokenData(*tokens[0], config.seq_len, pad_id, bos=tokenizer.adds_bos, leave_out=not as_begun)

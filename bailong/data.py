@@ -9,7 +9,14 @@ SFT renders each conversation in the chat format and trains only on the
 assistant tokens (labels -100 elsewhere).
 """
 import codecs
+import contextlib
+import io
 import json
+import os
+import stat
+from array import array
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,103 +79,184 @@ def _files(paths, suffixes) -> list[Path]:
     return once(files)
 
 
-def _lines(file):
-    """(line number, line) of a text file's non-blank lines, read a line at a time (a corpus file may be larger
-    than memory holds twice); a line ends only at a line feed, a CRLF read as one (JSON lines may hold U+2028
-    and other characters Python also splits lines at, and a lone carriage return ends no line either)."""
-    with open(file, "rb") as f:
-        offset = 0
-        for number, raw in enumerate(f, 1):
-            start = 3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark dropped
-            try:
-                line = raw[start:].decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BailongError(f"{file}: not UTF-8 text (byte {offset + start + e.start}: {e.reason})") \
-                    from None
-            offset += len(raw)
-            if (line := line.removesuffix("\n").removesuffix("\r")).strip():
-                yield number, line
+def _lines(file, f):
+    """(line number, start, end, line) of a text file's non-blank lines, ``start`` and ``end`` the line's bytes in
+    ``f`` (the file opened), read a line at a time (a corpus file may be larger than memory); a line ends only at a
+    line feed, a CRLF read as one (JSON lines may hold U+2028 and other characters Python also splits lines at, and
+    a lone carriage return ends no line either)."""
+    offset = 0
+    for number, raw in enumerate(f, 1):
+        start = offset + (3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0)  # a byte-order mark dropped
+        line = raw[start - offset:].removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BailongError(f"{file}: not UTF-8 text (byte {start + e.start}: {e.reason})") from None
+        offset += len(raw)
+        if text.strip():
+            yield number, start, start + len(line), text
 
 
-def checked_text(where, value):
+class Lines(Sequence):
+    """The items of files' lines (documents, conversations): every line is read and checked once, and where each
+    item lies is kept (20 bytes an item), not the item: each pass reads them again from their files, so that a
+    corpus larger than memory trains as one that fits (the files stay in the page cache while they fit, and
+    reading them again is a fraction of tokenizing them). ``item(name, line)`` makes a line's item, or None where
+    it holds none (``name``: its file's, a str; its errors are said with the file and line). ``lines[i]`` is one
+    item, ``lines[indices]`` (a slice, or an array of positions) those items, a Lines too. A file that is not a
+    regular one (a pipe: ``<(zcat corpus.txt.gz)``) is read once and held."""
+
+    def __init__(self, files, item, where=None, held=None, stats=None):
+        self.files, self.names, self.item = files, [str(f) for f in files], item
+        if where is None:
+            where, held, stats = self._found()
+        self.where, self.held, self.stats = where, held, stats  # where: (file, start, end) of each item
+
+    def _found(self):
+        numbers, starts, ends, held, stats = array("i"), array("q"), array("q"), {}, []
+        for k, file in enumerate(self.files):
+            with open(file, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    held[k] = f.read()
+                stats.append(_stat(file))
+                for number, start, end, line in _lines(file, io.BytesIO(held[k]) if k in held else f):
+                    try:
+                        if self.item(self.names[k], line) is not None:
+                            numbers.append(k), starts.append(start), ends.append(end)
+                    except BailongError as e:
+                        raise BailongError(f"{file}:{number}: {e}") from None
+        return tuple(np.frombuffer(a, a.typecode) for a in (numbers, starts, ends)), held, stats
+
+    def __len__(self):
+        return len(self.where[0])
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            i = range(len(self))[i]  # (an IndexError past the end)
+            return next(iter(self[i:i + 1]))
+        return Lines(self.files, self.item, tuple(a[i] for a in self.where), self.held, self.stats)
+
+    def __iter__(self):
+        """The items read again, each file opened once while they are in it."""
+        with contextlib.ExitStack() as stack:
+            f, opened = None, None
+            for first in range(0, len(self), 1 << 16):  # (a block at a time: numpy's ints are slow one by one)
+                for k, start, end in zip(*(a[first:first + (1 << 16)].tolist() for a in self.where)):
+                    if k != opened:
+                        stack.close()
+                        f, opened = stack.enter_context(self._open(k)), k
+                    f.seek(start)
+                    line = f.read(end - start)
+                    try:
+                        item = self.item(self.names[k], line.decode("utf-8"))
+                    except (UnicodeDecodeError, BailongError):
+                        item = None
+                    if item is None or len(line) < end - start:
+                        raise self._changed(k)
+                    yield item
+
+    def __repr__(self):
+        return f"Lines({len(self):,} items of {len(self.files)} files)"
+
+    def _open(self, k):
+        if k in self.held:
+            return io.BytesIO(self.held[k])
+        if _stat(self.files[k]) != self.stats[k]:
+            raise self._changed(k)
+        return open(self.files[k], "rb", buffering=1 << 20)
+
+    def _changed(self, k):
+        return BailongError(f"{self.files[k]}: changed since it was read (each pass over the data reads it again: "
+                            "leave it as it is while a run reads it)")
+
+
+def checked_text(value, where=None):
     """``value`` where it is text: a JSON string may escape half a character (a lone surrogate), which no
-    tokenizer takes."""
+    tokenizer takes (``where`` it is: said first)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise BailongError(f"{where}: holds half a character ({value[e.start]!r}, a lone surrogate), "
-                               "not text") from None
+            raise BailongError(f"{where}: " * bool(where) + f"holds half a character ({value[e.start]!r}, a lone "
+                               "surrogate), not text") from None
     return value
 
 
-def read_corpus(paths) -> list[str]:
+def _stat(file):
+    """What tells a regular file changed: its size and time of change."""
+    status = os.stat(file)
+    return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+
+
+def _document(name, line):
+    """A text file's line, or a JSON line's "text" (None where it is blank)."""
+    if name.endswith((".jsonl", ".json")):
+        try:
+            line = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            line = None
+        if not isinstance(checked_text(line), str):  # a number, null, a list
+            raise BailongError("expected a JSON object with a \"text\" string")
+    return line if line.strip() else None
+
+
+def read_corpus(paths) -> Lines:
     """Pre-training documents from text files (a document a non-empty line), JSON lines (.jsonl, or a .json
     file named itself: {"text": ...} a line) or folders of them (their .txt and .jsonl files; ``data_paths``
-    turns Hub dataset ids into folders)."""
-    texts = []
-    for file in _files(paths, (".txt", ".jsonl")):
-        for number, line in _lines(file):
-            if file.suffix in (".jsonl", ".json"):
-                try:
-                    line = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    line = None
-                if not isinstance(checked_text(f"{file}:{number}", line), str):  # a number, null, a list
-                    raise BailongError(f"{file}:{number}: expected a JSON object with a \"text\" string")
-                if not line.strip():
-                    continue
-            texts.append(line)
-    if not texts:
+    turns Hub dataset ids into folders). Checked whole, and read again on each pass (``Lines``)."""
+    files = _files(paths, (".txt", ".jsonl"))
+    if not (texts := Lines(files, _document)):
         raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")
     return texts
 
 
-def read_conversations_to_answer(path) -> list[list[dict]]:
+def read_conversations_to_answer(path) -> Lines:
     """Conversations that end with a user turn (for batch answers), in the same jsonl layout."""
     return read_conversations([path], ending="user")
 
 
-def read_conversations(paths, ending="assistant") -> list[list[dict]]:
+def read_conversations(paths, ending="assistant") -> Lines:
     """Conversations from jsonl files or folders of them (``data_paths`` turns Hub dataset ids into
     folders): {"messages": [{"role": ..., "content": ...}, ...]} a line, an optional system message first,
-    then user and assistant alternating, ending with ``ending``."""
-    conversations = []
-    for file in _files(paths, (".jsonl",)):
-        for number, line in _lines(file):
-            where, record = f"{file}:{number}", None
-            try:
-                record = json.loads(line)
-                messages = record["messages"]
-                roles, contents = [m["role"] for m in messages], [m["content"] for m in messages]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise BailongError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": \"...\"}}]}}"
-                                   + next((f" ({how})" for key, how in OTHER_LAYOUTS.items()
-                                           if isinstance(record, dict) and key in record), "")) from None
-            if (i := next((i for i, c in enumerate(contents) if not isinstance(checked_text(where, c), str)),
-                          None)) is not None:
-                raise BailongError(f"{where}: message {i}'s content is {json.dumps(contents[i])[:60]}, not a string"
-                                   + " (join its parts' texts into one)" * isinstance(contents[i], list))
-            if unknown := [r for r in roles if r not in ROLES]:
-                raise BailongError(f"{where}: unknown role {unknown[0]!r} (use system, user, assistant)")
-            if (i := next((i for i, m in enumerate(messages) if m.get("weight", 1) not in (0, 1)), None)) is not None:
-                raise BailongError(f"{where}: message {i}'s weight is {json.dumps(messages[i]['weight'])}, not 0 (an "
-                                   "answer not to learn) or 1")
-            if ending == "assistant" and "assistant" not in roles:
-                raise BailongError(f"{where}: the conversation has no assistant turn to learn from")
-            if ending == "assistant" and not any(m.get("weight", 1) for m in messages if m["role"] == "assistant"):
-                raise BailongError(f"{where}: every answer has weight 0: nothing to learn")
-            dialog = roles[1:] if roles[:1] == ["system"] else roles
-            if not dialog or dialog[-1] != ending or dialog != (["user", "assistant"] * len(dialog))[:len(dialog)]:
-                raise BailongError(f"{where}: expected an optional system message, then user and assistant "
-                                   f"turns alternating and ending with the {ending}, got {roles}")
-            conversations.append(messages)
-    if not conversations:
+    then user and assistant alternating, ending with ``ending``. Checked whole, and read again on each pass
+    (``Lines``)."""
+    if not (conversations := Lines(_files(paths, (".jsonl",)), partial(_conversation, ending=ending))):
         raise BailongError(f"{', '.join(map(str, paths))}: no conversations")
     return conversations
 
 
-def stage_items(config) -> tuple[list, list, list]:
+def _conversation(name, line, ending):
+    """A JSON line's messages, checked."""
+    record = None
+    try:
+        record = json.loads(line)
+        messages = record["messages"]
+        roles, contents = [m["role"] for m in messages], [m["content"] for m in messages]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise BailongError('expected {"messages": [{"role": ..., "content": "..."}]}'
+                           + next((f" ({how})" for key, how in OTHER_LAYOUTS.items()
+                                   if isinstance(record, dict) and key in record), "")) from None
+    if (i := next((i for i, c in enumerate(contents) if not isinstance(checked_text(c), str)),
+                  None)) is not None:
+        raise BailongError(f"message {i}'s content is {json.dumps(contents[i])[:60]}, not a string"
+                           + " (join its parts' texts into one)" * isinstance(contents[i], list))
+    if unknown := [r for r in roles if r not in ROLES]:
+        raise BailongError(f"unknown role {unknown[0]!r} (use system, user, assistant)")
+    if (i := next((i for i, m in enumerate(messages) if m.get("weight", 1) not in (0, 1)), None)) is not None:
+        raise BailongError(f"message {i}'s weight is {json.dumps(messages[i]['weight'])}, not 0 (an "
+                           "answer not to learn) or 1")
+    if ending == "assistant" and "assistant" not in roles:
+        raise BailongError("the conversation has no assistant turn to learn from")
+    if ending == "assistant" and not any(m.get("weight", 1) for m in messages if m["role"] == "assistant"):
+        raise BailongError("every answer has weight 0: nothing to learn")
+    dialog = roles[1:] if roles[:1] == ["system"] else roles
+    if not dialog or dialog[-1] != ending or dialog != (["user", "assistant"] * len(dialog))[:len(dialog)]:
+        raise BailongError("expected an optional system message, then user and assistant "
+                           f"turns alternating and ending with the {ending}, got {roles}")
+    return messages
+
+
+def stage_items(config) -> tuple[Lines, Lines, Lines | list]:
     """(every item, the training share, the held-out share) of a run's data (``config``: train.py's): documents
     for pre-training (.txt and .jsonl files), conversations for SFT (.jsonl only), split the same wherever read."""
     suffixes = (".txt", ".jsonl") if config.stage == "pretrain" else (".jsonl",)
@@ -180,10 +268,11 @@ def stage_items(config) -> tuple[list, list, list]:
 def split(items, held_out, seed):
     """(training items, held-out items): a seeded draw of whole documents or conversations."""
     if len(items) < 2 or not held_out:
-        return list(items), []
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+        return items[:], []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).numpy()
     n_eval = min(len(items) - 1, max(1, round(len(items) * held_out)))
-    return [items[i] for i in sorted(order[n_eval:])], [items[i] for i in sorted(order[:n_eval])]
+    take = items.__getitem__ if isinstance(items, Lines) else lambda chosen: [items[i] for i in chosen]
+    return take(np.sort(order[n_eval:])), take(np.sort(order[:n_eval]))
 
 
 class TokenData:

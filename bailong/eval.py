@@ -129,7 +129,7 @@ def read_bench(path) -> list[dict]:
     items = read_json(path, expect=list)
     for i, item in enumerate(items):
         turns = item.get("turns") if isinstance(item, dict) else None
-        if not (isinstance(turns, list) and turns and all(isinstance(checked_text(f"{path}: item {i}", t), str)
+        if not (isinstance(turns, list) and turns and all(isinstance(checked_text(t, f"{path}: item {i}"), str)
                                                           for t in turns)):
             raise BailongError(f"{path}: item {i} needs \"turns\", a list of user messages")
         if not isinstance(item.get("category", ""), str):  # scores are summed by it

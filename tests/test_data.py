@@ -16,7 +16,7 @@ def test_conversations_are_read_from_a_folder_too(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(lines[:10]))
     (tmp_path / "more" / "b.jsonl").write_text("".join(lines[10:]))
     (tmp_path / "notes.txt").write_text("not conversations")
-    assert read_conversations([tmp_path]) == read_conversations([SAMPLES / "chats_sample.jsonl"])
+    assert list(read_conversations([tmp_path])) == list(read_conversations([SAMPLES / "chats_sample.jsonl"]))
 
 
 def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
@@ -25,9 +25,9 @@ def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     chats = SAMPLES / "chats_sample.jsonl"
     (tmp_path / "chats.jsonl").write_bytes(b"\xef\xbb\xbf" + chats.read_bytes())
     (tmp_path / "text.txt").write_text('\ufefffirst\nsecond\n', encoding="utf-8")
-    assert read_conversations([tmp_path / "chats.jsonl", tmp_path, tmp_path / "." / "chats.jsonl"]) == \
-        read_conversations([chats])
-    assert read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"]) == ["first", "second"]
+    assert list(read_conversations([tmp_path / "chats.jsonl", tmp_path, tmp_path / "." / "chats.jsonl"])) == \
+        list(read_conversations([chats]))
+    assert list(read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"])) == ["first", "second"]
 
 
 def test_conversations_in_other_layouts_are_told_what_to_change(tmp_path):
@@ -97,12 +97,12 @@ def test_a_document_ends_only_at_a_line_feed_and_hidden_folders_are_left_out(tmp
     (tmp_path / ".ipynb_checkpoints").mkdir()
     (tmp_path / ".ipynb_checkpoints" / "b-checkpoint.txt").write_text("a copy\n")
     (tmp_path / ".hidden.txt").write_text("hidden\n")
-    assert read_corpus([tmp_path]) == ["第一段\u2028第二段\x85", "page one\x0cpage two", "next\rthe same"]
+    assert list(read_corpus([tmp_path])) == ["第一段\u2028第二段\x85", "page one\x0cpage two", "next\rthe same"]
     (tmp_path / "c.json").write_text(json.dumps({"text": "臺灣"}) + "\n")
-    assert read_corpus([tmp_path / "c.json"]) == ["臺灣"]
+    assert list(read_corpus([tmp_path / "c.json"])) == ["臺灣"]
     chat = {"messages": [{"role": "user", "content": "a\u2028b"}, {"role": "assistant", "content": "c"}]}
     (tmp_path / "chats.jsonl").write_text(json.dumps(chat, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert read_conversations([tmp_path / "chats.jsonl"]) == [chat["messages"]]
+    assert list(read_conversations([tmp_path / "chats.jsonl"])) == [chat["messages"]]
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "train.parquet").write_bytes(b"PAR1")
     with pytest.raises(BailongError, match=r"only: no .txt or .jsonl files in it \(it holds .parquet\)$"):
@@ -238,3 +238,54 @@ def test_files_of_conversations_and_bench_questions_read_as_data_files_do(tmp_pa
     bench.write_text('[{"turns": ["fine"]}, {"turns": ["hi \\ud800 there"]}]')
     with pytest.raises(BailongError, match=r"bench.json: item 1: holds half a character \('\\ud800'"):
         read_bench(bench)
+
+
+def test_a_corpus_is_read_again_on_each_pass_as_a_list_of_its_documents_would_be(tmp_path):
+    """A corpus was read whole into a list, held through learning pieces and tokenizing (a corpus larger than
+    memory could not be trained on); now only where each document lies is kept, and each pass reads them again:
+    the same documents, in the same order, by position, slice or chosen positions, and split the same."""
+    import json
+
+    import numpy as np
+    (tmp_path / "a.txt").write_bytes("\ufeff第一行\r\n\n  \n second\x0cline \nlast without end".encode())
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False)
+                                                for t in ["臺灣", " ", "x\u2028y", *map(str, range(20))]))
+    expected = ["第一行", " second\x0cline ", "last without end", "臺灣", "x\u2028y", *map(str, range(20))]
+    texts = read_corpus([tmp_path])
+    assert len(texts) == len(expected) and list(texts) == expected and list(texts) == expected  # twice over
+    assert (texts[0], texts[-1], texts[4], list(texts[1:4]), list(texts[np.array([5, 0])])) == \
+        (expected[0], expected[-1], expected[4], expected[1:4], [expected[5], expected[0]])
+    with pytest.raises(IndexError):
+        texts[len(expected)]
+    for held_out, seed in [(0.1, 0), (0.3, 5), (0, 0)]:
+        assert [list(part) for part in split(texts, held_out, seed)] == list(split(expected, held_out, seed))
+    assert list(read_conversations([SAMPLES / "chats_sample.jsonl"])[2:4]) == \
+        [json.loads(line)["messages"] for line in (SAMPLES / "chats_sample.jsonl").read_text().splitlines()[2:4]]
+
+
+def test_a_corpus_from_a_pipe_is_read_once_and_held(tmp_path):
+    """A pipe (``--data <(zcat corpus.txt.gz)``) cannot be read twice: it is held, as every corpus was."""
+    import os
+    import threading
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("one\ntwo\n\nthree\n"))
+    writer.start()
+    texts = read_corpus([fifo])
+    writer.join()
+    assert list(texts) == ["one", "two", "three"] and list(split(texts, 0.5, 0)[1]) == split(list(texts), 0.5, 0)[1]
+
+
+def test_a_corpus_changed_while_a_run_reads_it_is_refused(tmp_path):
+    """Each pass reads the files again: one changed since (rewritten, cut short, or appended to) would give other
+    documents than were checked and counted, so it is refused, naming the file."""
+    import os
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one\ntwo\nthree\n")
+    for change in (lambda: corpus.write_text("uno\ndos\n"), lambda: os.truncate(corpus, 5),
+                   lambda: corpus.open("a").write("four\n")):
+        texts = read_corpus([corpus])
+        change()
+        with pytest.raises(BailongError, match=f"^{re.escape(str(corpus))}: changed since it was read"):
+            list(texts)
+        corpus.write_text("one\ntwo\nthree\n")

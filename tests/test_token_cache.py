@@ -128,14 +128,14 @@ def test_parallel_tokenization_equals_serial_and_hub_datasets_resolve(tmp_path, 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert data_paths(["bailong-tests/corpus"]) == [snapshot]
-    assert read_corpus(data_paths(["bailong-tests/corpus"])) == ["臺灣"]
+    assert list(read_corpus(data_paths(["bailong-tests/corpus"]))) == ["臺灣"]
     chats = tmp_path / "hub" / "datasets--bailong-tests--chats" / "snapshots" / ("1" * 40)
     chats.mkdir(parents=True)
     (chats / "chats.jsonl").write_text((SAMPLES / "chats_sample.jsonl").read_text())
     (chats.parents[1] / "refs").mkdir()
     (chats.parents[1] / "refs" / "main").write_text("1" * 40)
-    assert read_conversations(data_paths(["bailong-tests/chats"])) == \
-        read_conversations([SAMPLES / "chats_sample.jsonl"])
+    assert list(read_conversations(data_paths(["bailong-tests/chats"]))) == \
+        list(read_conversations([SAMPLES / "chats_sample.jsonl"]))
     parquet = tmp_path / "hub" / "datasets--bailong-tests--parquet" / "snapshots" / ("2" * 40)
     parquet.mkdir(parents=True)
     (parquet / "train.parquet").write_bytes(b"PAR1")

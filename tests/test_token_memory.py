@@ -45,6 +45,40 @@ def test_the_tokens_are_written_as_they_come_not_held_until_the_end(tmp_path, wo
             assert f.read(len(header.getvalue())) == header.getvalue(), file
 
 
+READING = """
+import random, sys
+from bailong.data import read_corpus, split
+from bailong.token_cache import tokenize
+from bailong.tokenizer import byte_tokenizer
+from bailong.vocab import learning_message
+def memory(key):  # MiB: VmRSS now, VmHWM the most so far
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+random.seed(0)
+chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+corpus, cache, workers = sys.argv[1:4]
+with open(corpus, "w", encoding="utf-8") as f:
+    for _ in range(40_000):
+        f.write("".join(random.choices(chars, k=500)) + "\\n")  # 20 million characters: 40 MB as text
+before = memory("VmRSS")
+train, held = split(read_corpus([corpus]), 0.1, 0)
+said = learning_message(10, train)  # (two passes over it, as learning pieces makes)
+ids, _, _ = tokenize(byte_tokenizer(), train, cache, int(workers))
+print(memory("VmHWM") - before, len(ids))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's memory in /proc (Linux)")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corpus_is_never_held_whole_while_it_is_read_split_learned_from_and_tokenized(tmp_path, workers):
+    """Every document was read into a list first and held until tokenized: 105-109 MB more at the peak here, for
+    a corpus of 40 MB as text (60 MB of UTF-8); 6-14 MB now, where each pass reads the file again."""
+    run = subprocess.run([sys.executable, "-c", READING, str(tmp_path / "corpus.txt"), str(tmp_path), str(workers)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak, ids = run.stdout.split()
+    assert float(peak) < 30 and int(ids) > 0.9 * 40_000 * 3 * 500, run.stdout  # (the training share's bytes)
+
+
 LET_GO = """
 import ctypes, random, runpy, sys, weakref
 from bailong import data
