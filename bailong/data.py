@@ -275,6 +275,22 @@ def split(items, held_out, seed):
     return take(np.sort(order[n_eval:])), take(np.sort(order[:n_eval]))
 
 
+def _answer_tokens(labels, offsets, firsts, lasts, block=1 << 20):
+    """For each end in ``lasts`` (arrays, one value a conversation), the answer tokens (labels not -100) of each
+    conversation i from its token ``firsts[i]`` to before that end (both within the conversation); the labels read
+    about ``block`` tokens at a time: counted over all of them at once, the counts took 9 bytes a token (an SFT set of
+    a billion tokens, 9 GB)."""
+    counts, a = [np.empty(len(firsts), np.int64) for _ in lasts], 0
+    while a < len(firsts):
+        b = max(a + 1, int(np.searchsorted(offsets, offsets[a] + block, "right")) - 1)  # whole conversations
+        base = offsets[a]
+        before = np.concatenate([[0], np.cumsum(np.asarray(labels[base:offsets[b]]) != -100)])
+        for count, last in zip(counts, lasts):
+            count[a:b] = before[last[a:b] - base] - before[firsts[a:b] - base]
+        a = b
+    return counts
+
+
 class TokenData:
     """Fixed-length examples over tokenized data.
 
@@ -309,9 +325,7 @@ class TokenData:
         does)."""
         starts, ends = np.asarray(self.offsets[:-1]), np.asarray(self.offsets[1:])
         kept = np.minimum(ends, starts + self.seq_len + 1)  # an example's targets: its tokens 1 to seq_len
-        answer = np.asarray(self.labels) != -100
-        before = np.concatenate([[0], np.cumsum(answer, dtype=np.int32 if len(answer) < 2**31 else np.int64)])
-        inside, whole = before[kept] - before[starts + 1], before[ends] - before[starts + 1]  # answer tokens
+        inside, whole = _answer_tokens(self.labels, self.offsets, starts + 1, (kept, ends))
         self.conversations = np.flatnonzero(inside)
         if not leave_out and len(self.conversations):
             self.conversations = np.arange(len(starts))
