@@ -87,27 +87,26 @@ def _lines(file, f):
     offset = 0
     for number, raw in enumerate(f, 1):
         start = offset + (3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0)  # a byte-order mark dropped
-        line = raw[start - offset:].removesuffix(b"\n").removesuffix(b"\r")
         try:
-            text = line.decode("utf-8")
+            text = raw[start - offset:].decode("utf-8")  # (with its end: a character it cuts is said so)
         except UnicodeDecodeError as e:
             raise BailongError(f"{file}: not UTF-8 text (byte {start + e.start}: {e.reason})") from None
         offset += len(raw)
-        if text.strip():
-            yield number, start, start + len(line), text
+        if (text := text.removesuffix("\n").removesuffix("\r")).strip():
+            yield number, start, offset - (len(raw) - len(raw.removesuffix(b"\n").removesuffix(b"\r"))), text
 
 
 class Lines(Sequence):
     """The items of files' lines (documents, conversations): every line is read and checked once, and where each
     item lies is kept (20 bytes an item), not the item: each pass reads them again from their files, so that a
     corpus larger than memory trains as one that fits (the files stay in the page cache while they fit, and
-    reading them again is a fraction of tokenizing them). ``item(name, line)`` makes a line's item, or None where
-    it holds none (``name``: its file's, a str; its errors are said with the file and line). ``lines[i]`` is one
+    reading them again is a fraction of tokenizing them). ``item(suffix, line)`` makes a line's item, or None where
+    it holds none (``suffix``: its file's; its errors are said with the file and line). ``lines[i]`` is one
     item, ``lines[indices]`` (a slice, or an array of positions) those items, a Lines too. A file that is not a
     regular one (a pipe: ``<(zcat corpus.txt.gz)``) is read once and held."""
 
     def __init__(self, files, item, where=None, held=None, stats=None):
-        self.files, self.names, self.item = files, [str(f) for f in files], item
+        self.files, self.suffixes, self.item = files, [Path(f).suffix for f in files], item
         if where is None:
             where, held, stats = self._found()
         self.where, self.held, self.stats = where, held, stats  # where: (file, start, end) of each item
@@ -121,7 +120,7 @@ class Lines(Sequence):
                 stats.append(_stat(file))
                 for number, start, end, line in _lines(file, io.BytesIO(held[k]) if k in held else f):
                     try:
-                        if self.item(self.names[k], line) is not None:
+                        if self.item(self.suffixes[k], line) is not None:
                             numbers.append(k), starts.append(start), ends.append(end)
                     except BailongError as e:
                         raise BailongError(f"{file}:{number}: {e}") from None
@@ -137,33 +136,38 @@ class Lines(Sequence):
         return Lines(self.files, self.item, tuple(a[i] for a in self.where), self.held, self.stats)
 
     def __iter__(self):
-        """The items read again, each file opened once while they are in it."""
+        """The items read again, each file opened once while they are in it, and found as it was when it was read
+        first, once opened and again once read (a file written meanwhile would give a token cache named after other
+        text than it holds)."""
         with contextlib.ExitStack() as stack:
             f, opened = None, None
             for first in range(0, len(self), 1 << 16):  # (a block at a time: numpy's ints are slow one by one)
                 for k, start, end in zip(*(a[first:first + (1 << 16)].tolist() for a in self.where)):
                     if k != opened:
+                        self._check(opened)
                         stack.close()
+                        self._check(k)
                         f, opened = stack.enter_context(self._open(k)), k
                     f.seek(start)
                     line = f.read(end - start)
                     try:
-                        item = self.item(self.names[k], line.decode("utf-8"))
+                        item = self.item(self.suffixes[k], line.decode("utf-8"))
                     except (UnicodeDecodeError, BailongError):
                         item = None
                     if item is None or len(line) < end - start:
                         raise self._changed(k)
                     yield item
+            self._check(opened)
 
     def __repr__(self):
         return f"Lines({len(self):,} items of {len(self.files)} files)"
 
     def _open(self, k):
-        if k in self.held:
-            return io.BytesIO(self.held[k])
-        if _stat(self.files[k]) != self.stats[k]:
+        return io.BytesIO(self.held[k]) if k in self.held else open(self.files[k], "rb", buffering=1 << 20)
+
+    def _check(self, k):
+        if k is not None and k not in self.held and _stat(self.files[k]) != self.stats[k]:
             raise self._changed(k)
-        return open(self.files[k], "rb", buffering=1 << 20)
 
     def _changed(self, k):
         return BailongError(f"{self.files[k]}: changed since it was read (each pass over the data reads it again: "
@@ -188,9 +192,9 @@ def _stat(file):
     return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
 
 
-def _document(name, line):
+def _document(suffix, line):
     """A text file's line, or a JSON line's "text" (None where it is blank)."""
-    if name.endswith((".jsonl", ".json")):
+    if suffix in (".jsonl", ".json"):
         try:
             line = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
@@ -225,7 +229,7 @@ def read_conversations(paths, ending="assistant") -> Lines:
     return conversations
 
 
-def _conversation(name, line, ending):
+def _conversation(suffix, line, ending):
     """A JSON line's messages, checked."""
     record = None
     try:

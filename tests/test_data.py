@@ -79,10 +79,14 @@ def test_an_answer_of_weight_0_is_not_learned(tmp_path):
 
 def test_a_file_that_is_not_utf8_is_named_with_the_byte_where_it_fails(tmp_path):
     """The offset counts the file's bytes, a byte-order mark among them."""
-    for name, data, byte in [("plain.txt", b"ab\xff", 2), ("marked.txt", b"\xef\xbb\xbfab\xff", 5)]:
+    for name, data, byte, why in [("plain.txt", b"ab\xff", 2, "invalid start byte"),
+                                  ("marked.txt", b"\xef\xbb\xbfab\xff", 5, "invalid start byte"),
+                                  ("latin1.txt", b"caf\xe9\r\nnext\n", 3, "invalid continuation byte")]:
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(BailongError, match=rf"{name}: not UTF-8 text \(byte {byte}: invalid start byte\)$"):
+        with pytest.raises(BailongError, match=rf"{name}: not UTF-8 text \(byte {byte}: {why}\)$"):
             read_corpus([tmp_path / name])
+    (tmp_path / ".jsonl").write_text("text in a file named .jsonl, without a suffix\n")  # (named, not found)
+    assert list(read_corpus([tmp_path / ".jsonl"])) == ["text in a file named .jsonl, without a suffix"]
 
 
 def test_a_document_ends_only_at_a_line_feed_and_hidden_folders_are_left_out(tmp_path):
@@ -306,16 +310,49 @@ def test_a_corpus_from_a_pipe_is_read_once_and_held(tmp_path):
     assert list(texts) == ["one", "two", "three"] and list(split(texts, 0.5, 0)[1]) == split(list(texts), 0.5, 0)[1]
 
 
-def test_a_corpus_changed_while_a_run_reads_it_is_refused(tmp_path):
-    """Each pass reads the files again: one changed since (rewritten, cut short, or appended to) would give other
-    documents than were checked and counted, so it is refused, naming the file."""
+def test_a_corpus_changed_while_a_run_reads_it_is_refused(tmp_path, monkeypatch):
+    """Each pass reads the files again: one changed since (rewritten, cut short, appended to), or while a pass reads
+    it (in place, the same size), would give other documents than were checked and counted, and a token cache
+    named after the text first read would hold the tokens of another: it is refused, naming the file, and nothing
+    is cached."""
     import os
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("one\ntwo\nthree\n")
-    for change in (lambda: corpus.write_text("uno\ndos\n"), lambda: os.truncate(corpus, 5),
-                   lambda: corpus.open("a").write("four\n")):
+
+    from bailong import token_cache
+    from bailong.tokenizer import byte_tokenizer
+    corpus, text = tmp_path / "corpus.txt", "".join(f"document {i}\n" for i in range(3000))
+
+    def written(change=lambda f: f.write(text)):
+        with open(corpus, "r+" if corpus.exists() else "w") as f:
+            change(f)
+        os.utime(corpus, ns=(10**18, 10**18))  # (an old file's time: a change in the same clock tick as the
+        # writing goes unseen)
+
+    def in_place(f):
+        f.write(text.replace("document", "DOCUMENT"))
+
+    for change in (lambda f: (f.truncate(0), f.write("uno\ndos\n")), lambda f: f.truncate(5),
+                   lambda f: (f.seek(0, 2), f.write("four\n")), in_place):
+        written()
         texts = read_corpus([corpus])
-        change()
-        with pytest.raises(BailongError, match=f"^{re.escape(str(corpus))}: changed since it was read"):
-            list(texts)
-        corpus.write_text("one\ntwo\nthree\n")
+        first = iter(texts)
+        assert next(first) == "document 0"  # a pass begun
+        with open(corpus, "r+") as f:
+            change(f)
+        for rest in (first, texts):  # the pass that was reading it, and the next
+            with pytest.raises(BailongError, match=f"^{re.escape(str(corpus))}: changed since it was read"):
+                list(rest)
+    written()
+    encode, seen = token_cache._encode, []
+
+    def encode_and_change(item):  # the file written over as tokenizing reads it
+        if len(seen) == 10:
+            with open(corpus, "r+") as f:
+                in_place(f)
+        seen.append(item)
+        return encode(item)
+
+    monkeypatch.setattr(token_cache, "_encode", encode_and_change)
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(BailongError, match="changed since it was read"):
+        token_cache.tokenize(byte_tokenizer(), read_corpus([corpus]), tmp_path / "cache", 1)
+    assert len(seen) >= 3000 and not list((tmp_path / "cache").iterdir())  # (seen once the file was read)
