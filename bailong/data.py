@@ -100,8 +100,9 @@ class Lines(Sequence):
     """The items of files' lines (documents, conversations): every line is read and checked once, and where each
     item lies is kept (20 bytes an item), not the item: each pass reads them again from their files, so that a
     corpus larger than memory trains as one that fits (the files stay in the page cache while they fit, and
-    reading them again is a fraction of tokenizing them). ``item(suffix, line)`` makes a line's item, or None where
-    it holds none (``suffix``: its file's; its errors are said with the file and line). ``lines[i]`` is one
+    reading them again is a fraction of tokenizing them). ``item(suffix, line, again)`` makes a line's item, or None
+    where it holds none (``suffix``: its file's; its errors are said with the file and line; ``again``: the line
+    was checked before, and is only made). ``lines[i]`` is one
     item, ``lines[indices]`` (a slice, or an array of positions) those items, a Lines too. A file that is not a
     regular one (a pipe: ``<(zcat corpus.txt.gz)``) is read once and held."""
 
@@ -120,7 +121,7 @@ class Lines(Sequence):
                 stats.append(_stat(file))
                 for number, start, end, line in _lines(file, io.BytesIO(held[k]) if k in held else f):
                     try:
-                        if self.item(self.suffixes[k], line) is not None:
+                        if self.item(self.suffixes[k], line, False) is not None:
                             numbers.append(k), starts.append(start), ends.append(end)
                     except BailongError as e:
                         raise BailongError(f"{file}:{number}: {e}") from None
@@ -151,8 +152,8 @@ class Lines(Sequence):
                     f.seek(start)
                     line = f.read(end - start)
                     try:
-                        item = self.item(self.suffixes[k], line.decode("utf-8"))
-                    except (UnicodeDecodeError, BailongError):
+                        item = self.item(self.suffixes[k], line.decode("utf-8"), True)
+                    except (ValueError, KeyError, TypeError):  # (a line written over: json's, or the decoder's)
                         item = None
                     if item is None or len(line) < end - start:
                         raise self._changed(k)
@@ -192,8 +193,10 @@ def _stat(file):
     return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
 
 
-def _document(suffix, line):
+def _document(suffix, line, again=False):
     """A text file's line, or a JSON line's "text" (None where it is blank)."""
+    if again:
+        return json.loads(line)["text"] if suffix in (".jsonl", ".json") else line
     if suffix in (".jsonl", ".json"):
         try:
             line = json.loads(line)["text"]
@@ -229,8 +232,10 @@ def read_conversations(paths, ending="assistant") -> Lines:
     return conversations
 
 
-def _conversation(suffix, line, ending):
+def _conversation(suffix, line, again, ending):
     """A JSON line's messages, checked."""
+    if again:
+        return json.loads(line)["messages"]
     record = None
     try:
         record = json.loads(line)
