@@ -188,9 +188,11 @@ def checked_text(value, where=None):
 
 
 def _stat(file):
-    """What tells a regular file changed: its size and time of change."""
+    """What tells a regular file changed: which file it is, its size, its time of change and the time its inode
+    changed (which every write sets, and no tool sets back)."""
     status = os.stat(file)
-    return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns) \
+        if stat.S_ISREG(status.st_mode) else None
 
 
 def _document(suffix, line, again=False):

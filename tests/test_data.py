@@ -312,10 +312,11 @@ def test_a_corpus_from_a_pipe_is_read_once_and_held(tmp_path):
 
 def test_a_corpus_changed_while_a_run_reads_it_is_refused(tmp_path, monkeypatch):
     """Each pass reads the files again: one changed since (rewritten, cut short, appended to), or while a pass reads
-    it (in place, the same size), would give other documents than were checked and counted, and a token cache
-    named after the text first read would hold the tokens of another: it is refused, naming the file, and nothing
-    is cached."""
+    it (in place, the same size, its time of change even set back), would give other documents than were checked
+    and counted, and a token cache named after the text first read would hold the tokens of another: it is
+    refused, naming the file, and nothing is cached."""
     import os
+    import time
 
     from bailong import token_cache
     from bailong.tokenizer import byte_tokenizer
@@ -330,12 +331,18 @@ def test_a_corpus_changed_while_a_run_reads_it_is_refused(tmp_path, monkeypatch)
     def in_place(f):
         f.write(text.replace("document", "DOCUMENT"))
 
+    def times_kept(f):  # in place, its time of change set back, as `cp -p` or `touch -r` set it
+        in_place(f)
+        f.flush()
+        os.utime(corpus, ns=(10**18, 10**18))
+
     for change in (lambda f: (f.truncate(0), f.write("uno\ndos\n")), lambda f: f.truncate(5),
-                   lambda f: (f.seek(0, 2), f.write("four\n")), in_place):
+                   lambda f: (f.seek(0, 2), f.write("four\n")), in_place, times_kept):
         written()
         texts = read_corpus([corpus])
         first = iter(texts)
         assert next(first) == "document 0"  # a pass begun
+        time.sleep(0.05)  # (a tick of the file system's clock: the inode's time of change is seen to move)
         with open(corpus, "r+") as f:
             change(f)
         for rest in (first, texts):  # the pass that was reading it, and the next
