@@ -102,9 +102,9 @@ class Lines(Sequence):
     corpus larger than memory trains as one that fits (the files stay in the page cache while they fit, and
     reading them again is a fraction of tokenizing them). ``item(suffix, line, again)`` makes a line's item, or None
     where it holds none (``suffix``: its file's; its errors are said with the file and line; ``again``: the line
-    was checked before, and is only made). ``lines[i]`` is one
-    item, ``lines[indices]`` (a slice, or an array of positions) those items, a Lines too. A file that is not a
-    regular one (a pipe: ``<(zcat corpus.txt.gz)``) is read once and held."""
+    was checked before, and is only made). ``lines[i]`` is one item, ``lines[indices]`` (a slice, or an array of
+    positions) those items, a Lines too. A file that is not a regular one (a pipe: ``<(zcat corpus.txt.gz)``) is
+    read once and held."""
 
     def __init__(self, files, item, where=None, held=None, stats=None):
         self.files, self.suffixes, self.item = files, [Path(f).suffix for f in files], item
@@ -118,7 +118,7 @@ class Lines(Sequence):
             with open(file, "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     held[k] = f.read()
-                stats.append(_stat(file))
+                stats.append(_stat(f.fileno()))  # (the file read: one put in its place since is another)
                 for number, start, end, line in _lines(file, io.BytesIO(held[k]) if k in held else f):
                     try:
                         if self.item(self.suffixes[k], line, False) is not None:
@@ -188,7 +188,7 @@ def checked_text(value, where=None):
 
 
 def _stat(file):
-    """What tells a regular file changed: which file it is, its size, its time of change and the time its inode
+    """What tells a regular file (a path, or an open file's descriptor) changed: which file it is, its size, its time of change and the time its inode
     changed (which every write sets, and no tool sets back)."""
     status = os.stat(file)
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns) \
@@ -235,7 +235,7 @@ def read_conversations(paths, ending="assistant") -> Lines:
 
 
 def _conversation(suffix, line, again, ending):
-    """A JSON line's messages, checked."""
+    """A JSON line's messages, checked (only parsed ``again``)."""
     if again:
         return json.loads(line)["messages"]
     record = None
