@@ -91,9 +91,10 @@ def _lines(file, f):
             text = raw[start - offset:].decode("utf-8")  # (with its end: a character it cuts is said so)
         except UnicodeDecodeError as e:
             raise BailongError(f"{file}: not UTF-8 text (byte {start + e.start}: {e.reason})") from None
+        end = offset + len(raw.removesuffix(b"\n").removesuffix(b"\r"))
         offset += len(raw)
         if (text := text.removesuffix("\n").removesuffix("\r")).strip():
-            yield number, start, offset - (len(raw) - len(raw.removesuffix(b"\n").removesuffix(b"\r"))), text
+            yield number, start, end, text
 
 
 class Lines(Sequence):
@@ -188,8 +189,8 @@ def checked_text(value, where=None):
 
 
 def _stat(file):
-    """What tells a regular file (a path, or an open file's descriptor) changed: which file it is, its size, its time of change and the time its inode
-    changed (which every write sets, and no tool sets back)."""
+    """What tells a regular file (a path, or an open file's descriptor) changed: which file it is, its size, its
+    time of change and the time its inode changed (which every write sets, and no tool sets back)."""
     status = os.stat(file)
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns) \
         if stat.S_ISREG(status.st_mode) else None

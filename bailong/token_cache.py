@@ -55,7 +55,7 @@ def _stopped_at_once(command):
 
 def _encode(item):
     """An item's ids and labels (None for a document) as int32 arrays: 4 bytes a token, where a list of Python
-    ints holds about 40 (the whole corpus's are held until the cache is written)."""
+    ints holds about 40 (a pool's results wait in the parent until they are written)."""
     ids, labels = _encode_lists(item)
     return np.asarray(ids, dtype=np.int32), None if labels is None else np.asarray(labels, dtype=np.int32)
 
@@ -85,11 +85,11 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
         parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos])
     if template is not None:  # a conversation in it is encoded whole (template_example, since this was added),
         parts.append(["encoded whole", getattr(tokenizer, "legacy", None)])  # a tokenizer.model's as legacy says
-    if not isinstance(items[0], str) and any("weight" in m for item in items for m in item):  # (since answers
-        parts.append(["weight 0 not learned"])  # of weight 0 are not learned: a cache of before learned them)
+    sft = not isinstance(items[0], str)
+    if sft and any("weight" in m for item in items for m in item):  # (since answers of weight 0 are not
+        parts.append(["weight 0 not learned"])  # learned: a cache of before learned them)
     stem = Path(cache_dir) / f"tokens-{_cache_key(tokenizer, parts)}"
     files = [stem.with_suffix(f".{part}.npy") for part in ("ids", "labels", "offsets")]
-    sft = not isinstance(items[0], str)
     read = files if sft else files[::2]
     if (cached := _cached(read, len(items))) is None:
         remove_left_behind(cache_dir, "tokens-")  # (by a command stopped while it tokenized: _stopped_at_once)

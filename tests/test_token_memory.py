@@ -9,15 +9,30 @@ import pytest
 from conftest import ROOT
 
 
-TOKENIZING = """
+PRELUDE = """
 import random, sys
+
+
+def memory(key):  # MiB: VmRSS now, VmHWM the most so far, RssAnon the process's own (not mapped files)
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+
+
+def documents(n):  # n seeded documents of 500 Chinese characters, one at a time
+    random.seed(0)
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    return ("".join(random.choices(chars, k=500)) for _ in range(n))
+
+
+def write_corpus(path, n):
+    with open(path, "w", encoding="utf-8") as f:
+        for text in documents(n):
+            f.write(text + "\\n")
+"""
+
+TOKENIZING = PRELUDE + """
 from bailong.token_cache import tokenize
 from bailong.tokenizer import byte_tokenizer
-def memory(key):  # MiB: VmRSS now, VmHWM the most so far
-    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
-random.seed(0)
-chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
-texts = ["".join(random.choices(chars, k=500)) for _ in range(20_000)]  # 10 million characters
+texts = list(documents(20_000))  # 10 million characters
 before = memory("VmRSS")
 ids, _, _ = tokenize(byte_tokenizer(), texts, sys.argv[1], int(sys.argv[2]))
 print(before, memory("VmHWM"), len(ids) * 4 / 2**20)
@@ -45,20 +60,13 @@ def test_the_tokens_are_written_as_they_come_not_held_until_the_end(tmp_path, wo
             assert f.read(len(header.getvalue())) == header.getvalue(), file
 
 
-READING = """
-import random, sys
+READING = PRELUDE + """
 from bailong.data import read_corpus, split
 from bailong.token_cache import tokenize
 from bailong.tokenizer import byte_tokenizer
 from bailong.vocab import learning_message
-def memory(key):  # MiB: VmRSS now, VmHWM the most so far
-    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
-random.seed(0)
-chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 corpus, cache, workers = sys.argv[1:4]
-with open(corpus, "w", encoding="utf-8") as f:
-    for _ in range(40_000):
-        f.write("".join(random.choices(chars, k=500)) + "\\n")  # 20 million characters: 40 MB as text
+write_corpus(corpus, 40_000)  # 20 million characters: 40 MB as text
 before = memory("VmRSS")
 train, held = split(read_corpus([corpus]), 0.1, 0)
 said = learning_message(10, train)  # (two passes over it, as learning pieces makes)
@@ -79,18 +87,14 @@ def test_a_corpus_is_never_held_whole_while_it_is_read_split_learned_from_and_to
     assert float(peak) < 30 and int(ids) > 0.9 * 40_000 * 3 * 500, run.stdout  # (the training share's bytes)
 
 
-LET_GO = """
-import ctypes, random, runpy, sys, weakref
+LET_GO = PRELUDE + """
+import ctypes, runpy, weakref
 from bailong import data
 
 
 class Document(str):  # a str a weak reference can watch (sent to the tokenizing processes as a str)
     def __reduce__(self):
         return str, (str(self),)
-
-
-def anonymous():  # MiB of the process's own memory (RssAnon: not the token cache's mapped files)
-    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1]) / 1024
 
 
 read, batch, watched, seen = data.read_corpus, data.TokenData.batch, [], []
@@ -104,19 +108,15 @@ def read_watched(paths):
 
 def first_batch(self, *args):  # (the held-out loss at step 0): what the process holds as training begins
     if not seen:
-        seen.extend([sum(ref() is not None for ref in watched), anonymous()])
+        seen.extend([sum(ref() is not None for ref in watched), memory("RssAnon")])
         ctypes.CDLL(None).malloc_trim(0)
-        seen.append(anonymous())
+        seen.append(memory("RssAnon"))
     return batch(self, *args)
 
 
 data.read_corpus, data.TokenData.batch = read_watched, first_batch
-random.seed(0)
-chars = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 corpus, out = sys.argv[1:3]
-with open(corpus, "w", encoding="utf-8") as f:
-    for _ in range(40_000):
-        f.write("".join(random.choices(chars, k=500)) + "\\n")
+write_corpus(corpus, 40_000)
 sys.argv = ["train.py", "--data", corpus, "--new-pieces", "0", "--steps", "1", "--out", out]
 try:
     runpy.run_path("train.py", run_name="__main__")
