@@ -93,14 +93,14 @@ def main(argv=None):
     from bailong import load, load_preset
     from bailong.chat_template import model_template
     from bailong.conversation import Chat, save_answers
-    from bailong.data import read_conversations_to_answer
+    from bailong.data import read_conversations
     from bailong.generation import generation_eos, model_sampling
     from bailong.hub import resolve
     from bailong.quantized import quantize_model
     from bailong.tokenizer import check_fits, open_tokenizer, tokenizer_found
 
     if args.input:  # read (and check) the questions before minutes of loading
-        questions = read_conversations_to_answer(Path(args.input))
+        questions = read_conversations(args.input, ending="user")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     folder = None
     if args.preset:

@@ -54,7 +54,9 @@ FIELDS = {"r": ("a positive integer", lambda v: isinstance(v, int) and not isins
 
 
 def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None):
-    """Write the model's LoRA weights and config as a PEFT adapter folder (atomically per file)."""
+    """Write the model's LoRA weights and config as a PEFT adapter folder (atomically per file). A model whose
+    vocabulary was extended (``zip_tie.extend_model``) needs its tokenizer saved there too, and LoRA on its
+    embedding and head (or ``config.save_embedding_layers`` where they are tied), which carry the new rows."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + k: v.contiguous() for k, v in lora_state_dict(model).items()}
@@ -226,5 +228,7 @@ def _check_fits(model, name, parts, file, vocab=None):
         if isinstance(module, (LoRALinear, LoRAEmbedding)) and part != "base_layer.weight":  # already wrapped
             expected = list(module.get_parameter(part).shape)
         if list(tensor.shape) != expected:
+            grown = "; an adapter trained on an extended vocabulary carries its tokenizer in its folder (save it " \
+                "there: tokenizer.save(folder))" if name in VOCABULARY_ROWS and tensor.shape[0] > rows else ""
             raise BailongError(f"{file}: {key} has shape {list(tensor.shape)}, but the base's {name} "
-                               f"({kind}, {rows} x {dim}) needs {expected}")
+                               f"({kind}, {rows} x {dim}) needs {expected}{grown}")

@@ -1,6 +1,7 @@
 """Model configuration: one dataclass, read from a Hugging Face config.json or a preset; and how the next token
 is sampled (read before torch loads: chat.py checks its options first)."""
 import math
+from numbers import Integral
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from bailong.errors import BailongError, read_json
@@ -137,6 +138,16 @@ PRESETS = {
 }
 
 
+def torch_dtype(dtype):
+    """A dtype given as torch's, or by the name the commands' --dtype takes ("bfloat16"); None stays None."""
+    import torch
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}, or a torch dtype")
+    return getattr(torch, dtype)
+
+
 def preset(name) -> ModelConfig:
     try:
         return replace(PRESETS[name])  # a copy: callers may change it
@@ -163,6 +174,8 @@ class Sampling:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value) or (name == "top_k" and value != int(value)):
                 raise ValueError(f"{name} must be {what}, not {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
+            raise ValueError(f"seed must be a whole number or None, not {self.seed!r}")
         self.top_k = int(self.top_k)  # a generation_config.json may say 50.0
 
 

@@ -67,7 +67,7 @@ class Chat:
         try:
             ids, self.shown = self.prompt(shown)  # the messages the model sees (a judge sees them too)
             self.dropped += len(shown) - len(self.shown)
-        except BailongError:
+        except BaseException:  # the question taken back, whatever stopped it: the turns keep alternating
             self.messages.pop()
             raise
         decoder, reply = self.tokenizer.stream(), []
@@ -86,9 +86,11 @@ class Chat:
                 raise
             self.stopped = True  # the answer so far is kept; the note is not part of it
             print(" [stopped]", end="", file=sys.stderr, flush=True)
-        except FloatingPointError as e:  # the model's fault, not the conversation's: the question is taken back
+        except BaseException as e:  # the question taken back, whatever stopped its answer (out of memory, ...)
             self.messages.pop()
-            raise BailongError(str(e)) from None
+            if isinstance(e, FloatingPointError):  # the model's fault, not the conversation's
+                raise BailongError(str(e)) from None
+            raise
         print(decoder.flush(), flush=True, file=out)
         seconds = time.perf_counter() - start
         context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for

@@ -33,11 +33,17 @@ OTHER_LAYOUTS = {  # what to do with a conversation in another common layout, fo
                    "output an assistant one"}
 
 
+def listed(value):
+    """One path or text (a str, a Path) as a list of one, anything else as it is: iterated, a str gives its
+    characters (``read_corpus("/data/corpus.txt")`` would read the folder "/")."""
+    return [value] if isinstance(value, (str, os.PathLike)) else value
+
+
 def data_paths(names, suffixes=(".txt", ".jsonl")) -> list[Path]:
-    """Local files and folders as given; a name that is neither, and does not look like a file's, is
-    fetched as a Hugging Face dataset repo (its files with one of ``suffixes``: SFT reads only .jsonl)."""
+    """Local files and folders as given (one, or a list); a name that is neither, and does not look like a
+    file's, is fetched as a Hugging Face dataset repo (its files with one of ``suffixes``: SFT reads only .jsonl)."""
     out = []
-    for name in names:
+    for name in listed(names):
         path = Path(name).expanduser()
         if not path.exists():
             if path.suffix in (".txt", ".jsonl", ".json") or str(name).startswith(("/", ".", "~")):
@@ -213,25 +219,20 @@ def _document(suffix, line, again=False):
 def read_corpus(paths) -> Lines:
     """Pre-training documents from text files (a document a non-empty line), JSON lines (.jsonl, or a .json
     file named itself: {"text": ...} a line) or folders of them (their .txt and .jsonl files; ``data_paths``
-    turns Hub dataset ids into folders). Checked whole, and read again on each pass (``Lines``)."""
-    files = _files(paths, (".txt", ".jsonl"))
-    if not (texts := Lines(files, _document)):
-        raise BailongError(f"{', '.join(map(str, paths))}: the corpus is empty")
+    turns Hub dataset ids into folders), one or a list. Checked whole, and read again on each pass (``Lines``)."""
+    if not (texts := Lines(_files(paths := listed(paths), (".txt", ".jsonl")), _document)):
+        raise BailongError(f"{', '.join(map(str, paths)) or 'no file named'}: the corpus is empty")
     return texts
-
-
-def read_conversations_to_answer(path) -> Lines:
-    """Conversations that end with a user turn (for batch answers), in the same jsonl layout."""
-    return read_conversations([path], ending="user")
 
 
 def read_conversations(paths, ending="assistant") -> Lines:
     """Conversations from jsonl files or folders of them (``data_paths`` turns Hub dataset ids into
     folders): {"messages": [{"role": ..., "content": ...}, ...]} a line, an optional system message first,
-    then user and assistant alternating, ending with ``ending``. Checked whole, and read again on each pass
-    (``Lines``)."""
+    then user and assistant alternating, ending with ``ending`` (chat.py --input's end with a question); one or
+    a list. Checked whole, and read again on each pass (``Lines``)."""
+    paths = listed(paths)
     if not (conversations := Lines(_files(paths, (".jsonl",)), partial(_conversation, ending=ending))):
-        raise BailongError(f"{', '.join(map(str, paths))}: no conversations")
+        raise BailongError(f"{', '.join(map(str, paths)) or 'no file named'}: no conversations")
     return conversations
 
 

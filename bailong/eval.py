@@ -29,7 +29,7 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
     import torch
 
 from bailong.config import DTYPES
-from bailong.data import checked_text, read_corpus
+from bailong.data import checked_text, listed, read_corpus
 from bailong.files import check_output_file, is_conversations
 from bailong.tokenizer import open_tokenizer, tokenizer_found
 
@@ -47,7 +47,8 @@ the score is 0. Otherwise judge helpfulness, correctness, relevance and detail. 
 
 
 def tokens_per_char(tokenizer, texts) -> float:
-    """Tokens per character of ``texts``: how compactly a tokenizer writes them."""
+    """Tokens per character of ``texts`` (or of one text): how compactly a tokenizer writes them."""
+    texts = listed(texts)
     return sum(len(tokenizer.encode(t)) for t in texts) / max(1, sum(len(t) for t in texts))
 
 
@@ -67,7 +68,8 @@ def loss_per_char(model, tokenizer, texts, max_len=None):
     """Total next-token loss (nats) over the texts, divided by their characters: every token of a text scored,
     the first after bos, or, for a tokenizer that begins no prompt with one (a tokenizer.json may not), after eos:
     as a document begins in pre-training's stream (before, its first token went unscored, yet counted per
-    token)."""
+    token). One text may be given alone."""
+    texts = listed(texts)
     max_len = max_len or model.config.max_position_embeddings
     device = model.lm_head.weight.device
     total = 0.0
@@ -80,7 +82,9 @@ def loss_per_char(model, tokenizer, texts, max_len=None):
             # the training loss's way: the head and float32 log-softmax a slice of positions at a time (a whole
             # window's float32 logits at Llama 3's context and vocabulary would be some 70 GB)
             total += model(chunk[:, :-1], targets=chunk[:, 1:]).item() * (chunk.shape[1] - 1)
-    return total / sum(len(t) for t in texts)
+    if not (chars := sum(len(t) for t in texts)):
+        raise ValueError("no characters to score")
+    return total / chars
 
 
 def perplexity(model_path, text, max_chars=200_000, dtype=None):
@@ -115,7 +119,7 @@ def text_tokenizer(path):
 
 
 def compare_tokenizers(text, tokenizers):
-    opened = {path: text_tokenizer(path) for path in tokenizers}
+    opened = {path: text_tokenizer(path) for path in listed(tokenizers)}
     texts = read_corpus([text])
     chars = sum(map(len, texts))
     rows = {}

@@ -24,7 +24,7 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
 
 from bailong.adapter import read_adapter_config
 from bailong.chat_template import LLAMA2_JINJA, template_in
-from bailong.config import DTYPES
+from bailong.config import DTYPES, torch_dtype
 from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
 from bailong.generation import GENERATION_CONFIG, model_sampling
 from bailong.hub import ADAPTER_FILES, resolve
@@ -56,11 +56,19 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     """Write ``base`` (+ ``adapter``, merged) to ``out``: a Hugging Face folder, or with ``format="gguf"``
     (the default for a name ending in .gguf) a GGUF file of ``gguf_type`` (default: f16, or bf16 for a
     bfloat16 model)."""
+    dtype = torch_dtype(dtype)
+    if format not in (None, "hf", "gguf"):
+        raise ValueError(f"format={format!r}: 'hf' (a folder) or 'gguf'")
+    if gguf_type not in (None, *GGUF_TYPES):
+        raise ValueError(f"gguf_type={gguf_type!r}: one of {', '.join(GGUF_TYPES)}")
     gguf_name = str(out).rstrip("/" + os.sep).lower().endswith(".gguf")  # E5.GGUF too
     if format is None and gguf_name and str(out).endswith(("/", os.sep)):
         raise UsageError(f"{out}: ends in .gguf and a slash; name the .gguf file, or pass --format hf for a folder")
     out = Path(out)
     format = format or ("gguf" if gguf_name else "hf")
+    if format == "hf" and (gguf_type or overwrite):  # (the command's options are checked before torch loads)
+        raise ValueError("gguf_type and overwrite are for a GGUF file: a folder's weights take dtype, and an "
+                         "existing folder is never replaced")
     if format == "gguf":
         run = run_of(base) if adapter is None else None
         inputs = {f"the {what} ({path})": path for what, path in [("training output", run), ("base model", not run

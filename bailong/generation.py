@@ -6,6 +6,7 @@ that decoding speed is set by reading the weights, not by launching kernels.
 import warnings
 import weakref
 from dataclasses import replace
+from numbers import Integral
 
 import torch
 
@@ -316,13 +317,19 @@ def generate(model: Llama, prompt_ids, max_new_tokens=256, sampling: Sampling | 
     (``steps_ahead``): the device is not left waiting while the host streams a token.
     """
     config = model.config
-    sampling = sampling or Sampling()
-    stop_ids = set(config.eos_token_id if stop_ids is None else stop_ids)
+    sampling = Sampling() if sampling is None else sampling
+    if not isinstance(sampling, Sampling):  # (a dict's keys would be read as no setting at all)
+        raise TypeError(f"sampling must be a Sampling (bailong.Sampling(temperature=0)), not {type(sampling).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number above 0, not {max_new_tokens!r}")
+    stop_ids = set(config.eos_token_id if stop_ids is None else [stop_ids] if isinstance(stop_ids, Integral)
+                   else stop_ids)
     device = model.lm_head.weight.device
     prompt_ids = _prompt(prompt_ids, model.lm_head.weight.shape[0])
     limit = min(len(prompt_ids) + max_new_tokens, config.max_position_embeddings)
     if len(prompt_ids) >= limit:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {limit}")
+        raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room in the model's context of "
+                         f"{config.max_position_embeddings}")
     ids = torch.tensor([prompt_ids], device=device)  # (1, T)
     seen = seen_mask(ids, model.lm_head.weight.shape[0])  # for the repetition penalty
     generator = None

@@ -27,12 +27,14 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bailong.config import torch_dtype
 from bailong.errors import BailongWarning
 from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
@@ -53,6 +55,14 @@ class LoRAConfig:
     # tied one (no LoRA on it) whose vocabulary grew
     save_embedding_layers: bool = False
     base_fingerprint: str | None = None  # of the base it is trained on (``weights.fingerprint``), saved with it
+
+    def __post_init__(self):
+        """One target may be named alone ("q_proj"); a rank or dropout that trains nothing is refused."""
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if isinstance(self.r, bool) or not isinstance(self.r, Integral) or self.r < 1:
+            raise ValueError(f"r must be a whole number above 0, not {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be at least 0 and below 1, not {self.dropout!r}")
 
     def scaling(self, r=None, alpha=None):
         """alpha / r, or alpha / sqrt(r) with rsLoRA; of a module's own rank and alpha where an adapter gives them."""
@@ -245,12 +255,16 @@ def add_lora(model, name, r, scaling, dropout=0.0):
         wrapper = LoRALinear(base, r, scaling, dropout)
     else:
         raise ValueError(f"LoRA cannot wrap {name} ({type(base).__name__})")
-    set_module(model, name, wrapper)
+    set_module(model, name, wrapper.train(base.training))  # a model in eval mode stays there: no dropout
     return wrapper
 
 
 def inject_lora(model, config: LoRAConfig):
-    """Wrap every module whose last name component is in ``config.targets``."""
+    """Wrap every module whose last name component is in ``config.targets`` (each must name one)."""
+    found = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if missing := [t for t in config.targets if t not in found]:  # (a name mistyped would train nothing there)
+        raise ValueError(f"LoRA target {missing[0]!r}: no module of the model is named so (a target is a module's "
+                         f"last name: {', '.join(t for t in LoRAConfig.targets if t in found)})")
     names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in config.targets
              and not isinstance(m, (LoRALinear, LoRAEmbedding))]
     for name in names:
@@ -279,7 +293,7 @@ def merge_lora(model, dtype=None):
     An NF4 weight is dequantized first; the merged weight then carries NF4's
     rounding, which a merge onto the original weights would not (a warning says so).
     """
-    dtype = dtype or model.model.norm.weight.dtype
+    dtype = torch_dtype(dtype) or model.model.norm.weight.dtype
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
     if any(isinstance(m, LoRALinear) and m.quantized for _, m in wrapped):
         warnings.warn("merging onto dequantized NF4 weights: the result keeps the 4-bit rounding error; merge onto "
@@ -294,6 +308,7 @@ def merge_lora(model, dtype=None):
         else:
             plain = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             plain.weight = w
+        plain.train(m.training)
         del m
         set_module(model, name, plain)
     return model

@@ -41,11 +41,11 @@ class Tokenizer:
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
         bos, eos = bos and self.bos_id >= 0, eos and self.eos_id >= 0  # a model may have neither (id -1)
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        return [self.bos_id] * bos + self.sp.encode(one_text(text)) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         # Ids past the tokenizer (a model vocabulary padded for speed) decode to nothing.
-        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])
+        return self.sp.decode([i for i in id_list(ids) if 0 <= i < self.vocab_size])
 
     def proto(self):
         """The SentencePiece ModelProto (protobuf) of this tokenizer, for editing."""
@@ -148,11 +148,11 @@ class JsonTokenizer:
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        ids = self.tk.encode(one_text(text), add_special_tokens=False).ids
         return [self.bos_id] * (bos and self.bos_id >= 0) + ids + [self.eos_id] * (eos and self.eos_id >= 0)
 
     def decode(self, ids) -> str:
-        return self.tk.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+        return self.tk.decode([i for i in id_list(ids) if 0 <= i < self.vocab_size], skip_special_tokens=True)
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -173,6 +173,21 @@ class JsonTokenizer:
     def encode_chat(self, text, specials: dict, spans=False):
         encoded = self.tk.encode(text, add_special_tokens=False)  # the library finds the special tokens itself
         return (encoded.ids, encoded.offsets) if spans else encoded.ids
+
+
+def one_text(text) -> str:
+    """``encode``'s text, which must be one str (SentencePiece would encode a list as a list of lists)."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes one str, not {type(text).__name__}")
+    return text
+
+
+def id_list(ids) -> list:
+    """``decode``'s ids as a list: a list, a tensor or array of one dimension, or one id."""
+    if getattr(ids, "ndim", 1) > 1:
+        raise TypeError(f"decode takes one sequence of ids, not ids of shape {tuple(ids.shape)}")
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    return [ids] if isinstance(ids, int) else ids
 
 
 def token_text(token):
@@ -271,8 +286,8 @@ class StreamDecoder:
         self.read = 0  # ids before this have been printed
 
     def put(self, token_id) -> str:
-        """Add one id; return the text that is now final (often '')."""
-        self.ids.append(token_id)
+        """Add one id (an int, or a tensor of one); return the text that is now final (often '')."""
+        self.ids.append(int(token_id))
         return self._emit(final=False)
 
     def flush(self) -> str:

@@ -32,7 +32,7 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
 
 from bailong.config import DTYPES, MAX_NEW_PIECES
 from bailong.cores import usable_cores
-from bailong.data import read_corpus, split
+from bailong.data import listed, read_corpus, split
 from bailong.eval import first_chars, loss_per_char, tokens_per_char
 from bailong.files import atomic_write, check_output_file
 from bailong.processes import return_freed_memory
@@ -225,7 +225,8 @@ def learning_message(new_pieces, texts) -> str:
 def extend_tokenizer(tokenizer, texts, new_pieces, cjk_only=True, say=print):
     """``tokenizer`` with ``new_pieces`` learned on ``texts``: (the extended tokenizer, the added pieces as
     text). A SentencePiece model gains trained pieces (add_pieces); a byte-level BPE tokenizer.json continued
-    merges (bailong/vocab_bpe.py), keeping its tokenizer_config.json settings."""
+    merges (bailong/vocab_bpe.py), keeping its tokenizer_config.json settings. One text may be given alone."""
+    texts = listed(texts)
     bpe = isinstance(tokenizer, JsonTokenizer)
     if not bpe:
         proto = check_bpe(tokenizer.proto(), tokenizer.path or "the tokenizer")
@@ -255,6 +256,7 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
             raise UsageError(f"{base}: a folder without tokenizer.model or tokenizer.json; --base names a "
                              "tokenizer or the model folder that holds one")
         base = found
+    corpus = listed(corpus)
     check_out(out, base, corpus, overwrite)
     before = JsonTokenizer(base, read_text(base)) if str(base).endswith(".json") else \
         Tokenizer(model_proto=load_proto(base).SerializeToString())

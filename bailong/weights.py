@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from bailong.adapter import load_adapter, trained_base
-from bailong.config import ModelConfig, preset
+from bailong.config import ModelConfig, preset, torch_dtype
 from bailong.errors import BailongError, BailongWarning, read_json
 from bailong.files import atomic_write
 from bailong.hub import ADAPTER_FILES, resolve
@@ -266,7 +266,8 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
          double_quant=True, adapter=None):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model or .json.
 
-    dtype (the compute dtype) defaults to bfloat16 on CUDA and float32 on the CPU.
+    dtype (the compute dtype: a torch dtype, or its name, "bfloat16") defaults to bfloat16 on CUDA and float32
+    on the CPU.
     ``quantize="nf4"`` stores every projection in NF4 (QLoRA's frozen base),
     quantizing matrix by matrix as they load; checkpoints saved quantized by
     bitsandbytes load as NF4 whatever ``quantize`` says. ``adapter``: a PEFT LoRA
@@ -276,7 +277,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     if quantize not in (None, "nf4"):
         raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
     device = device or default_device()
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    dtype = torch_dtype(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
     if adapter is None and (run := training_output(folder)):
         return load(run[0], dtype, device, revision, quantize, blocksize, double_quant, adapter=run[1])
@@ -381,4 +382,4 @@ def load_preset(name, dtype=None, device=None, seed=0):
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # drawn on the CPU, whatever the default device
         torch.default_generator.manual_seed(seed)
         model = init_weights(Llama(config))
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), tokenizer
+    return model.to(device=device, dtype=torch_dtype(dtype) or torch.float32).eval(), tokenizer
