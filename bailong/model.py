@@ -338,6 +338,8 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids, cache: KVCache | None = None):
         """Final-norm hidden states (B, T, hidden), writing to and advancing ``cache`` if given."""
+        if input_ids.dim() != 2:  # (one prompt's ids alone: input_ids[None] makes a batch of one)
+            raise ValueError(f"input_ids must be (batch, tokens), not of shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         if torch.is_grad_enabled():  # LoRA's compute-dtype copies made again (``bailong.lora_casts``), kept for the
             new_forward()  # recomputation; without a gradient none are used (a teacher's forward leaves them)

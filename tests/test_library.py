@@ -163,3 +163,10 @@ def test_an_adapter_of_a_grown_vocabulary_without_its_tokenizer_says_what_it_lac
     with pytest.raises(bailong.BailongError, match=r"needs \[260, 64\]; an adapter trained on an extended "
                                                    r"vocabulary carries its tokenizer in its folder"):
         bailong.load(tmp_path / "base", device="cpu", adapter=tmp_path / "adapter")
+
+
+def test_a_forward_without_a_batch_dimension_says_so():
+    model = bailong.load_preset("tiny", device="cpu")[0]
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, tokens\), not of shape \(3,\)"):
+        model(torch.tensor([1, 5, 6]))
+    assert model(torch.tensor([[1, 5, 6]])).shape == (1, 3, 260)
