@@ -342,6 +342,8 @@ def save(model: Llama, folder, max_shard_bytes=5 << 30):
     if lora := next((k for k in state if ".lora_" in k), None):  # transformers would load the bare base
         raise BailongError(f"{folder}: the model carries LoRA ({lora}); merge it first (bailong.lora.merge_lora), or "
                            "save the adapter alone (bailong.adapter.save_adapter)")
+    if folder.exists() and not folder.is_dir():
+        raise BailongError(f"{folder}: is a file; a model is saved into a folder")
     folder.mkdir(parents=True, exist_ok=True)
     groups, size = [[]], 0
     for name, t in state.items():

@@ -170,3 +170,10 @@ def test_a_forward_without_a_batch_dimension_says_so():
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, tokens\), not of shape \(3,\)"):
         model(torch.tensor([1, 5, 6]))
     assert model(torch.tensor([[1, 5, 6]])).shape == (1, 3, 260)
+
+
+def test_a_model_saved_onto_a_file_is_refused(tmp_path):
+    (tmp_path / "model").write_text("notes")
+    with pytest.raises(bailong.BailongError, match="model: is a file; a model is saved into a folder"):
+        bailong.save(bailong.load_preset("tiny", device="cpu")[0], tmp_path / "model")
+    assert (tmp_path / "model").read_text() == "notes"
