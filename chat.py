@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bailong.config import DTYPES, HF_SAMPLING, PRESETS, SAMPLING, Sampling
 from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli, signals_held
-from bailong.files import check_output_file, is_conversations
+from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
 
 DEFAULT_MODEL = "out/sft"
 
@@ -40,7 +40,8 @@ def parse_args(argv):
     p.add_argument("--input", help="a jsonl of {\"messages\": [...]} conversations to answer, each ending with a user")
     p.add_argument("--output", help="with --input: write the answered conversations to this new file "
                                     "(default: stdout)")
-    p.add_argument("--overwrite", action="store_true", help="let --output replace a file of conversations")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace a file of answers that "
+                                                            "chat.py or eval bench wrote")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, help="default: generation_config.json's, or 512")
     d = Sampling()
@@ -71,8 +72,8 @@ def parse_args(argv):
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
     if args.output:
-        check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_conversations,
-                          kind="file of conversations", flag="--output")
+        check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_answers, kind=ANSWERS,
+                          flag="--output")
     if args.model and args.preset:
         p.error("give a model folder or repo id, or --preset NAME, not both")
     if args.preset and args.adapter:
@@ -119,7 +120,8 @@ def main(argv=None):
         raise BailongError(f"{args.model}: no chat template (chat_template.jinja, or tokenizer_config.json's "
                            "chat_template)")
     sampling, max_new_tokens = model_sampling(folder, vars(args), args.seed)
-    chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system, generation_eos(folder))
+    name = f"preset {args.preset}" if args.preset else str(args.model) + (f" + {args.adapter}" if args.adapter else "")
+    chat = Chat(model, tokenizer, template, sampling, max_new_tokens, args.system, generation_eos(folder), name)
 
     if args.input:  # batch: every conversation answered and written back whole, with its answer
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -134,7 +136,7 @@ def main(argv=None):
             for messages in questions:
                 chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
                 answer = chat.answer(messages[-1]["content"], stream=False)
-                answered.append({"messages": messages + [{"role": "assistant", "content": answer}]})
+                answered.append({"messages": messages + [{"role": "assistant", "content": answer}], ANSWERED_BY: name})
         except (KeyboardInterrupt, Terminated, BailongError) as e:  # Ctrl-C, SIGTERM (a job scheduler's stop),
             stopped = e  # or the model's logits not finite: the answers so far are kept
         written = None

@@ -8,15 +8,16 @@ from pathlib import Path
 
 from bailong.chat_template import fit_prompt, llama2_ids, render_jinja, turn_end_ids
 from bailong.errors import BailongError
-from bailong.files import atomic_write, is_conversations, not_a_file
+from bailong.files import ANSWERED_BY, ANSWERS, atomic_write, is_answers, not_a_file
 from bailong.generation import generate
 
 
 class Chat:
     """A conversation with one model: the history, the prompt format, and streaming answers."""
 
-    def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None, stop_ids=()):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+    def __init__(self, model, tokenizer, template, sampling, max_new_tokens, system=None, stop_ids=(), name=None):
+        """``name``: the model's, which /save writes with the conversation (``ANSWERED_BY``)."""
+        self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name
         self.sampling, self.max_new_tokens = sampling, max_new_tokens
         self.messages = [{"role": "system", "content": system}] if system else []  # the whole conversation
         self.stopped = False  # whether Ctrl-C stopped the last answer
@@ -120,12 +121,11 @@ class Chat:
             if path.exists() and not path.is_file():  # (before it is read: a pipe would wait for a writer)
                 raise BailongError(not_a_file(path))
             if path.exists() and path.resolve() not in self.saved:
-                if not is_conversations(path):  # (as chat.py --output: a model's own files, a user's notes)
-                    raise BailongError(f"{path}: already exists and is not a file of conversations; nothing was "
-                                       "written")
+                if not is_answers(path):  # (as chat.py --output: a model's own files, a user's notes or data)
+                    raise BailongError(f"{path}: already exists and is not a {ANSWERS}; nothing was written")
                 if name == "/save":
                     raise BailongError(f"{path}: already exists; /save! {rest.strip()} replaces it")
-            save_jsonl(path, [{"messages": self.messages}])
+            save_jsonl(path, [{"messages": self.messages, ANSWERED_BY: self.name}])
             self.saved.add(path.resolve())
             print(f"saved {path}", file=sys.stderr)
         else:

@@ -30,7 +30,7 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
 
 from bailong.config import DTYPES
 from bailong.data import checked_text, listed, read_corpus
-from bailong.files import check_output_file, is_conversations
+from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
 from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
@@ -183,7 +183,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     from bailong.generation import Sampling, generation_eos
     from bailong.hub import resolve
     from bailong.weights import load
-    check_output_file(out, {"the questions": questions}, overwrite, ours=is_conversations, kind="file of answers")
+    check_output_file(out, {"the questions": questions}, overwrite, ours=is_answers, kind=ANSWERS)
     items = read_bench(questions)
     folder = resolve(str(model_path))
     model, tokenizer = load(folder)
@@ -201,7 +201,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
                 if judge_url:  # the judge sees what the model saw (older turns dropped to fit its context)
                     judged.append(judge(judge_url, judge_model, conversation.shown, answer,
                                         os.environ.get("OPENAI_API_KEY")))
-            row = {**item, "messages": said}
+            row = {**item, "messages": said, ANSWERED_BY: str(model_path)}
             if judge_url:  # a reply without a score (a refusal) is kept for a reader, its turn left unscored
                 row["scores"], row["judge_replies"] = [score for score, _ in judged], [reply for _, reply in judged]
                 scores[item.get("category", "uncategorized")] += [s for s in row["scores"] if s is not None]

@@ -31,11 +31,19 @@ def overlaps(a, b) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def is_conversations(path) -> bool:
-    """Whether ``path`` is a jsonl of {"messages": [...]} objects: what chat.py --output and eval bench write."""
+# the key of each conversation chat.py --output, /save and eval bench write that names the model that answered: only
+# such files (or empty ones) are replaced; a user's fine-tuning set or questions, of the same layout, never
+ANSWERED_BY = "answered_by"
+ANSWERS = f"file of answers (each line's \"{ANSWERED_BY}\" names the model that wrote it)"
+
+
+def is_answers(path) -> bool:
+    """Whether ``path`` is a jsonl of {"messages": [...], "answered_by": ...} objects, what chat.py --output,
+    /save and eval bench write, or empty."""
     try:
         lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]  # as written
-        return all(isinstance(json.loads(line).get("messages"), list) for line in lines)
+        return all(isinstance((row := json.loads(line)).get("messages"), list) and ANSWERED_BY in row
+                   for line in lines)
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False
 

@@ -63,7 +63,9 @@ def folder(tmp_path_factory):
              "q-long.jsonl": '{"messages": [{"role": "user", "content": "臺灣最高的山？"}]}\n\n'
                              '{"messages": [{"role": "user", "content": "' + "山" * 1000 + '"}]}\n',
              "answers.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
-                              '"content": "yo"}]}\n',
+                              '"content": "yo"}], "answered_by": "run"}\n',
+             "chats.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
+                            '"content": "yo"}]}\n',
              "chats-broken.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", '
                                    '"content": "yo"}]}\nnot json\n',
              "chats-robot.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", '

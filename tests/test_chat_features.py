@@ -112,6 +112,7 @@ def test_commands_and_saving(model_folder, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(rows) == 1 and [m["role"] for m in rows[0]["messages"]] == ["system"] + ["user", "assistant"] * 2
+    assert rows[0]["answered_by"] == str(model_folder)  # (only files that say so are replaced: never a user's data)
     assert rows[0]["messages"][0]["content"] == "只用繁體中文" and rows[0]["messages"][1]["content"] == "hi"
     assert "(the conversation is cleared; the system prompt stays)" in result.stderr
     assert f"error: {saved}: already exists; /save! {saved} replaces it" in result.stderr
@@ -130,6 +131,7 @@ def test_batch_answers_from_jsonl(model_folder, tmp_path):
                              "--output", str(answers), "--max-new-tokens", "4", "--temperature", "0",
                              "--system", "簡短回答。"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert {json.loads(line)["answered_by"] for line in answers.read_text().splitlines()} == {str(model_folder)}
     rows = [json.loads(line)["messages"] for line in answers.read_text().splitlines()]
     system = [{"role": "system", "content": "簡短回答。"}]
     assert [r[:-1] for r in rows] == [m if m[0]["role"] == "system" else system + m for m in conversations]

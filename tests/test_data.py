@@ -258,16 +258,16 @@ def test_held_out_split_is_whole_documents_and_seeded():
 
 
 def test_files_of_conversations_and_bench_questions_read_as_data_files_do(tmp_path):
-    """chat.py --output's own file holding U+2028 was "not a file of conversations" to --overwrite (split where
+    """chat.py --output's own file holding U+2028 was "not a file of answers" to --overwrite (split where
     Python splits lines); a bench question with half a character ended in a traceback once the model loaded."""
     import json
 
-    from bailong.files import is_conversations
+    from bailong.files import is_answers
     from bailong.eval import read_bench
     answers = tmp_path / "answers.jsonl"
-    answers.write_text(json.dumps({"messages": [{"role": "user", "content": "a\u2028b"}]}, ensure_ascii=False) + "\n",
-                       encoding="utf-8")
-    assert is_conversations(answers)
+    answers.write_text(json.dumps({"messages": [{"role": "user", "content": "a\u2028b"}], "answered_by": "m"},
+                                  ensure_ascii=False) + "\n", encoding="utf-8")
+    assert is_answers(answers)
     bench = tmp_path / "bench.json"
     bench.write_text('[{"turns": ["fine"]}, {"turns": ["hi \\ud800 there"]}]')
     with pytest.raises(BailongError, match=r"bench.json: item 1: holds half a character \('\\ud800'"):

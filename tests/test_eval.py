@@ -169,6 +169,7 @@ def test_bench_with_a_judge_on_localhost(model_folder, tmp_path, capsys):
     saved = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert [m["role"] for m in saved[0]["messages"]] == ["user", "assistant", "user", "assistant"]
     assert saved[0]["scores"] == [7, 7] and saved[0]["judge_replies"] == ["Score: 7", "Score: 7"]
+    assert [row["answered_by"] for row in saved] == [str(model_folder)] * 2
     assert "寫作" in capsys.readouterr().out
     Judge.says = {4: "I am sorry, but I cannot evaluate this content."}  # a refusal: that turn unscored, no more
     try:
