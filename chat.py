@@ -195,6 +195,8 @@ def main(argv=None):
                 chat.answer(text)
         except (BailongError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # before an answer began (its prompt made), or in a command: that alone stops
+            print("\n(stopped; the conversation goes on)", file=sys.stderr)
 
 
 if __name__ == "__main__":

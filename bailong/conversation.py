@@ -65,12 +65,6 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         system = self.messages[:1] if self.messages[0]["role"] == "system" else []
         shown = system + self.messages[len(system) + self.dropped:]
-        try:
-            ids, self.shown = self.prompt(shown)  # the messages the model sees (a judge sees them too)
-            self.dropped += len(shown) - len(self.shown)
-        except BaseException:  # the question taken back, whatever stopped it: the turns keep alternating
-            self.messages.pop()
-            raise
         decoder, reply = self.tokenizer.stream(), []
 
         def on_token(i):
@@ -78,26 +72,29 @@ class Chat:
                 print(decoder.put(i), end="", flush=True, file=out)
                 reply.append(i)
 
-        start, self.stopped = time.perf_counter(), False
-        try:
-            generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
-        except KeyboardInterrupt:
-            if not stream:  # answering a file: Ctrl-C stops them all, not this answer
-                self.messages.pop()
-                raise
-            self.stopped = True  # the answer so far is kept; the note is not part of it
-            print(" [stopped]", end="", file=sys.stderr, flush=True)
-        except BaseException as e:  # the question taken back, whatever stopped its answer (out of memory, ...)
+        try:  # whatever stops it before the answer is whole (but Ctrl-C while one streams), the question is taken
+            # back: the turns keep alternating
+            ids, self.shown = self.prompt(shown)  # the messages the model sees (a judge sees them too)
+            self.dropped += len(shown) - len(self.shown)
+            start, self.stopped = time.perf_counter(), False
+            try:
+                generate(self.model, ids, self.max_new_tokens, self.sampling, self.stop_ids, on_token=on_token)
+            except KeyboardInterrupt:
+                if not stream:  # answering a file: Ctrl-C stops them all, not this answer
+                    raise
+                self.stopped = True  # the answer so far is kept; the note is not part of it
+                print(" [stopped]", end="", file=sys.stderr, flush=True)
+            print(decoder.flush(), flush=True, file=out)
+            seconds = time.perf_counter() - start
+            context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for
+            cut = f"; cut at the context's {context} tokens" if len(ids) + len(reply) >= context else ""
+            print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{cut}]", file=sys.stderr)
+            answer = self.tokenizer.decode(reply)
+        except BaseException as e:
             self.messages.pop()
             if isinstance(e, FloatingPointError):  # the model's fault, not the conversation's
                 raise BailongError(str(e)) from None
             raise
-        print(decoder.flush(), flush=True, file=out)
-        seconds = time.perf_counter() - start
-        context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for
-        cut = f"; cut at the context's {context} tokens" if len(ids) + len(reply) >= context else ""
-        print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{cut}]", file=sys.stderr)
-        answer = self.tokenizer.decode(reply)
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 

@@ -1,4 +1,5 @@
 """chat.py end to end: one-shot answers, the interactive loop, clean exits."""
+import json
 import os
 import re
 import shutil
@@ -85,7 +86,6 @@ def test_ctrl_c_while_answering_a_file_stops_it_and_keeps_the_answers_so_far(tmp
     (a job scheduler's stop) lost every answer; logits that are not finite end it in one line, the answers so far
     kept too. Answers cut short never replace the file --overwrite names (a whole batch's answers were lost to
     an empty file): they go beside it."""
-    import json
 
     from bailong import conversation
     from bailong.errors import BailongError, Terminated
@@ -242,7 +242,6 @@ def test_an_output_that_cannot_hold_the_text_shows_it_replaced_not_a_traceback()
 
 def test_answers_to_an_output_that_cannot_hold_them_keep_every_character():
     """jsonl answers on an ASCII standard output: JSON's escapes, not "?" (the questions and answers were lost)."""
-    import json
     question = {"messages": [{"role": "user", "content": "介紹台灣的夜市"}]}
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--input", "/dev/stdin",
                              "--max-new-tokens", "5", "--seed", "0"], input=json.dumps(question).encode(),
@@ -273,6 +272,31 @@ def test_ctrl_c_at_the_prompt_asks_before_a_conversation_is_lost(monkeypatch, ca
     asked = "(Ctrl-C again, Ctrl-D or /exit quits; /save FILE keeps the conversation)"
     assert capsys.readouterr().err.count(asked) == 2
     assert (tmp_path / "chat.jsonl").is_file()
+
+
+def test_ctrl_c_before_an_answer_begins_or_in_a_command_stops_that_alone(monkeypatch, capsys, tmp_path):
+    """Ctrl-C while a prompt was made (after Enter, before the first token) or while /save wrote ended the chat,
+    the conversation lost; now the question is taken back, the command stopped, and the chat goes on."""
+    import builtins
+
+    from bailong import conversation, files
+    lines = iter(["hi", "again", f"/save {tmp_path / 'chat.jsonl'}", f"/save {tmp_path / 'chat.jsonl'}", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    stops = {"prompt": 2, "write": 1}  # the second message's prompt, the first /save's write
+
+    def stopping(name, function):
+        def call(*args, **kwargs):
+            stops[name] -= 1
+            if stops[name] == 0:
+                raise KeyboardInterrupt
+            return function(*args, **kwargs)
+        return call
+    monkeypatch.setattr(conversation.Chat, "prompt", stopping("prompt", conversation.Chat.prompt))
+    monkeypatch.setattr(conversation, "atomic_write", stopping("write", files.atomic_write))
+    assert chat.main(["--preset", "tiny", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().err.count("(stopped; the conversation goes on)") == 2
+    saved = json.loads((tmp_path / "chat.jsonl").read_text())["messages"]
+    assert [(m["role"], m["content"]) for m in saved][:1] == [("user", "hi")] and len(saved) == 2
 
 
 def test_ctrl_c_in_a_one_shot_answer_exits_130_and_keeps_the_note_off_the_answer(monkeypatch, capsys):
