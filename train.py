@@ -16,19 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from bailong.errors import BailongError, UsageError, loading, run_cli, signals_held
 
-from bailong.errors import BailongError, UsageError, run_cli, signals_held
-from bailong.files import atomic_folder, own_file
-from bailong.hub import resolve
-from bailong.outputs import check_context, check_model, model_file
-from bailong.run_folder import RunFolder, release_lock
-from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
-from bailong.processes import (all_here, check_processes, rank_0_done, return_freed_memory, same_steps_done,
-                                tokens_of_rank_0)
-from bailong import progress
-from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
-from bailong.training import check_graph_step, check_on_device, parse_config
+with loading(__name__):  # Ctrl-C meanwhile: answered once the modules have loaded
+    from tqdm import tqdm
+    from bailong.files import atomic_folder, own_file
+    from bailong.hub import resolve
+    from bailong.outputs import check_context, check_model, model_file
+    from bailong.run_folder import RunFolder, release_lock
+    from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
+    from bailong.processes import (all_here, check_processes, rank_0_done, return_freed_memory, same_steps_done,
+                                    tokens_of_rank_0)
+    from bailong import progress
+    from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
+    from bailong.training import check_graph_step, check_on_device, parse_config
 
 
 # what a fine-tuning run's base keeps of its --init's files, where the tokenizer did not write them: the model's

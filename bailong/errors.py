@@ -171,6 +171,10 @@ def run_cli(main, argv=None):
         sys.exit(130)
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
+    finally:  # the program's work done, its exit status known: Ctrl-C and SIGTERM would only interrupt the
+        # interpreter's clean-up (torch's too) with an "Exception ignored" traceback; they wait, unanswered
+        if main.__module__ == "__main__" and threading.current_thread() is threading.main_thread():
+            signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
 
 
 def _show_warning(say, where, shown, message, category, *args, **kwargs):

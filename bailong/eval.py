@@ -25,13 +25,12 @@ from pathlib import Path
 
 from bailong.errors import BailongError, Parser, Terminated, loading, read_json, run_cli
 
-with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
+with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): answered once they have
     import torch
-
-from bailong.config import DTYPES
-from bailong.data import checked_text, listed, read_corpus
-from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
-from bailong.tokenizer import open_tokenizer, tokenizer_found
+    from bailong.config import DTYPES
+    from bailong.data import checked_text, listed, read_corpus
+    from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
+    from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
 Rules: if the answer is not in the language the user asked for (where they did not say, the one they wrote in),

@@ -19,19 +19,18 @@ from pathlib import Path
 
 from bailong.errors import BailongError, Parser, UsageError, loading, run_cli
 
-with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
+with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): answered once they have
     import torch
-
-from bailong.adapter import read_adapter_config
-from bailong.chat_template import LLAMA2_JINJA, template_in
-from bailong.config import DTYPES, torch_dtype
-from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
-from bailong.generation import GENERATION_CONFIG, model_sampling
-from bailong.hub import ADAPTER_FILES, resolve
-from bailong.lora import merge_lora
-from bailong.outputs import check_not_a_run, training_output
-from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
-from bailong.weights import load, not_finite, own_dtype, save
+    from bailong.adapter import read_adapter_config
+    from bailong.chat_template import LLAMA2_JINJA, template_in
+    from bailong.config import DTYPES, torch_dtype
+    from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
+    from bailong.generation import GENERATION_CONFIG, model_sampling
+    from bailong.hub import ADAPTER_FILES, resolve
+    from bailong.lora import merge_lora
+    from bailong.outputs import check_not_a_run, training_output
+    from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
+    from bailong.weights import load, not_finite, own_dtype, save
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
                    "special_tokens_map.json", GENERATION_CONFIG]

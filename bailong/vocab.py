@@ -24,20 +24,19 @@ from pathlib import Path
 
 from bailong.errors import BailongError, Parser, UsageError, loading, run_cli
 
-with loading(__name__):  # Ctrl-C meanwhile: answered once torch has loaded
+with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): answered once they have
     import numpy as np
     import sentencepiece as spm
     import torch
     from sentencepiece import sentencepiece_model_pb2 as pb
-
-from bailong.config import DTYPES, MAX_NEW_PIECES
-from bailong.cores import usable_cores
-from bailong.data import listed, read_corpus, split
-from bailong.eval import first_chars, loss_per_char, tokens_per_char
-from bailong.files import atomic_write, check_output_file
-from bailong.processes import return_freed_memory
-from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
-from bailong.vocab_bpe import all_cjk, extend_json
+    from bailong.config import DTYPES, MAX_NEW_PIECES
+    from bailong.cores import usable_cores
+    from bailong.data import listed, read_corpus, split
+    from bailong.eval import first_chars, loss_per_char, tokens_per_char
+    from bailong.files import atomic_write, check_output_file
+    from bailong.processes import return_freed_memory
+    from bailong.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer, tokenizer_file, tokenizer_found
+    from bailong.vocab_bpe import all_cjk, extend_json
 
 # Llama 2's trainer settings, as its tokenizer.model records them
 LLAMA_TRAINER = dict(model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",

@@ -89,30 +89,35 @@ def test_chat_options_are_refused_before_torch_loads(args):
     assert out.split()[-2:] == ["SystemExit" if args == ["--help"] else "UsageError", "False"]
 
 
-@pytest.mark.parametrize("command", [["train.py", "--steps", "1", "--out", "{tmp}/run"],
-                                     ["chat.py", "--preset", "tiny", "--prompt", "hi"],
-                                     *(["-m", f"bailong.{name}", "--help"] for name in ("eval", "export", "vocab"))])
-def test_ctrl_c_while_a_command_loads_torch_ends_it(command, tmp_path):
+@pytest.mark.parametrize("command, pressed", [
+    (["train.py", "--steps", "1", "--out", "{tmp}/run"], "numpy"), (["train.py", "--help"], "tqdm"),
+    (["chat.py", "--preset", "tiny", "--prompt", "hi"], "numpy"),
+    *((["-m", f"bailong.{name}", "--help"], "numpy") for name in ("eval", "export", "vocab")),
+    (["-m", "bailong.eval", "--help"], "bailong.data"), (["-m", "bailong.export", "--help"], "bailong.weights"),
+    (["-m", "bailong.vocab", "--help"], "bailong.vocab_bpe")])
+def test_ctrl_c_while_a_command_loads_torch_ends_it(command, pressed, tmp_path):
     """torch's import swallows a Ctrl-C that comes while it imports numpy (python -m bailong.export went on to
-    do its work; bailong.vocab printed a traceback of the import): every command holds it until torch has
-    loaded, then ends with exit 130 and no traceback, before it has written anything."""
+    do its work; bailong.vocab printed a traceback of the import): every command holds it until torch and its
+    modules have loaded (a Ctrl-C as they did, torch loaded, was a traceback), then ends with exit 130 and no
+    traceback, before it has written anything."""
     script = ("import os, runpy, signal, sys\n"
               "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (where the tests\n"
               "# run under nohup ... &, Ctrl-C is ignored, and so in every process they start)\n"
-              "class CtrlC:  # pressed as numpy begins to load\n"
+              "class CtrlC:  # pressed as the module named first begins to load\n"
+              "    pressed = sys.argv[1]\n"
               "    def find_spec(self, name, path=None, target=None):\n"
-              "        if name == 'numpy':\n"
+              "        if name == self.pressed:\n"
               "            sys.meta_path.remove(self)\n"
               "            os.kill(os.getpid(), signal.SIGINT)\n"
               "sys.meta_path.insert(0, CtrlC())\n"
-              "sys.argv = sys.argv[1:]\n"
+              "sys.argv = sys.argv[2:]\n"
               "if sys.argv[0] == '-m':\n"
               "    sys.argv.pop(0)\n"
               "    runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
               "else:\n"
               "    runpy.run_path(sys.argv[0], run_name='__main__')\n")
     args = [a.format(tmp=tmp_path) for a in command]
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script, pressed, *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert done.returncode == 130 and "Traceback" not in done.stderr and done.stdout == "", done.stderr[-500:]
     assert not (tmp_path / "run").exists()
@@ -183,3 +188,22 @@ def test_a_switch_is_off_at_0_or_false_on_at_1_or_true_and_its_default_when_unse
                 switched_on(name)
         else:
             assert switched_on(name) is (default if on == "default" else on)
+
+
+def test_ctrl_c_once_a_command_is_done_leaves_its_exit_quiet():
+    """A Ctrl-C or SIGTERM as the interpreter cleaned up after a command (torch's clean-up at exit) printed
+    "Exception ignored in atexit callback" and a traceback; they now wait, unanswered: the work is done."""
+    script = ("import atexit, os, signal, sys, time\n"
+              "from bailong.errors import run_cli\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal)\n"
+              "def clean_up():  # a library's, registered before the command ran\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(0.2)\n"
+              "    print('cleaned up')\n"
+              "atexit.register(clean_up)\n"
+              "def main(argv):\n"
+              "    return 0\n"
+              "run_cli(main)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "cleaned up\n", "")
