@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bailong.errors import BailongError, handling, silence
+from bailong.errors import BailongError, Terminated, handling, silence
 from bailong.files import atomic_write
 from bailong.run_folder import latest_checkpoint
 
@@ -81,8 +81,8 @@ class GracefulStop:
     def _handle(self, signum, frame):
         if self.requested and time.monotonic() - self.when < self.echoes:
             return
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested:  # a second SIGTERM ends as one does (exit 143: a job scheduler reads it so), not as Ctrl-C
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested, self.code, self.when = True, 128 + signum, time.monotonic()
         self.say("\nstopping after this step to save a checkpoint (a second Ctrl-C or SIGTERM stops at once, "
                  "without saving)", file=sys.stderr, flush=True)

@@ -49,14 +49,19 @@ def test_the_closing_means_are_of_steps_apart_in_a_short_run(tmp_path):
 
 
 def test_sigterm_during_training_stops_as_ctrl_c_does():
-    """The first SIGTERM (a job scheduler's stop) lets the step finish and the run save; a second stops at once."""
+    """The first SIGTERM (a job scheduler's stop) lets the step finish and the run save; a second stops at once,
+    as SIGTERM ends a command (exit 143; it was raised as Ctrl-C, 130)."""
+    from bailong.errors import Terminated
     from bailong.progress import GracefulStop
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None) as stop:
+    with pytest.raises(Terminated), GracefulStop(lambda *a, **k: None) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.code == 143  # the exit status train.py gives after saving
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(KeyboardInterrupt), GracefulStop(lambda *a, **k: None):  # a Ctrl-C after a SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_a_plot_that_cannot_be_written_is_a_warning(tmp_path, capsys):
