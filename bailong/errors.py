@@ -76,6 +76,18 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _sent_again(hook, unraisable):
+    """Python drops an exception raised inside a finalizer (a generator closed, a ``__del__``), with an "Exception
+    ignored" traceback: a SIGTERM or Ctrl-C answered there (``Terminated``, ``KeyboardInterrupt``) was lost, the
+    command going on to the end. Its signal is sent again instead, to be answered where the program goes on."""
+    for signum, kind in ((signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)):
+        if isinstance(unraisable.exc_value, kind):
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))  # (sent from here, it would be answered
+            again.daemon = True  # in here again: the program has left the finalizer by then)
+            return again.start()
+    hook(unraisable)
+
+
 @contextlib.contextmanager
 def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
     """Within, ``signals`` wait; after, one that came is delivered where the program then is (run_cli answers
@@ -142,6 +154,7 @@ def run_cli(main, argv=None):
     say = os.environ.get("LOCAL_RANK", "0") == "0"
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if rank not in ("0", "") else ""
+    hook, sys.unraisablehook = sys.unraisablehook, partial(_sent_again, sys.unraisablehook)
     for stream in (sys.stdout, sys.stderr):  # text the output cannot hold (Chinese to an ASCII or cp1252 one,
         if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback;
             stream.reconfigure(errors="replace", line_buffering=True)  # a line as it is said, in a log file too
@@ -173,6 +186,7 @@ def run_cli(main, argv=None):
         sys.exit(128 + 15)  # the shell's code for SIGTERM
     finally:  # the program's work done, its exit status known: Ctrl-C and SIGTERM would only interrupt the
         # interpreter's clean-up (torch's too) with an "Exception ignored" traceback; they wait, unanswered
+        sys.unraisablehook = hook
         if main.__module__ == "__main__" and threading.current_thread() is threading.main_thread():
             signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
 

@@ -207,3 +207,25 @@ def test_ctrl_c_once_a_command_is_done_leaves_its_exit_quiet():
               "run_cli(main)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (0, "cleaned up\n", "")
+
+
+@pytest.mark.parametrize("signum, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_answered_inside_a_finalizer_still_stops_the_command(signum, code):
+    """A SIGTERM that landed as a generator was closed (or in any __del__) was dropped there by Python, with an
+    "Exception ignored" traceback, and the command went on to the end (a batch of answers, exit 0)."""
+    script = ("import os, signal, sys, time\n"
+              "from bailong.errors import run_cli\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal)\n"
+              "class Finalized:\n"
+              "    def __del__(self):\n"
+              f"        os.kill(os.getpid(), signal.{signum})\n"
+              "        time.sleep(1)  # (the signal is answered here)\n"
+              "def main(argv):\n"
+              "    Finalized()\n"
+              "    for _ in range(100):\n"
+              "        time.sleep(0.01)\n"
+              "    print('went on')\n"
+              "    return 0\n"
+              "run_cli(main)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and done.stdout == "" and "Exception ignored" not in done.stderr, done.stderr
