@@ -184,6 +184,8 @@ def one_text(text) -> str:
 
 def id_list(ids) -> list:
     """``decode``'s ids as a list: a list, a tensor or array of one dimension, or one id."""
+    if type(ids) is list:  # (a streamed answer's, decoded twice a token)
+        return ids
     if getattr(ids, "ndim", 1) > 1:
         raise TypeError(f"decode takes one sequence of ids, not ids of shape {tuple(ids.shape)}")
     ids = ids.tolist() if hasattr(ids, "tolist") else ids
