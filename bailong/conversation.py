@@ -84,18 +84,17 @@ class Chat:
                     raise
                 self.stopped = True  # the answer so far is kept; the note is not part of it
                 print(" [stopped]", end="", file=sys.stderr, flush=True)
-            print(decoder.flush(), flush=True, file=out)
-            seconds = time.perf_counter() - start
-            context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for
-            cut = f"; cut at the context's {context} tokens" if len(ids) + len(reply) >= context else ""
-            print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{cut}]", file=sys.stderr)
-            answer = self.tokenizer.decode(reply)
+            seconds, answer = time.perf_counter() - start, self.tokenizer.decode(reply)
         except BaseException as e:
             self.messages.pop()
             if isinstance(e, FloatingPointError):  # the model's fault, not the conversation's
                 raise BailongError(str(e)) from None
             raise
-        self.messages.append({"role": "assistant", "content": answer})
+        self.messages.append({"role": "assistant", "content": answer})  # kept, before the rest is printed
+        print(decoder.flush(), flush=True, file=out)
+        context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for
+        cut = f"; cut at the context's {context} tokens" if len(ids) + len(reply) >= context else ""
+        print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{cut}]", file=sys.stderr)
         return answer
 
     def command(self, line) -> bool:

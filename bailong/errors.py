@@ -1,5 +1,6 @@
 """User-facing errors (one line, no traceback, non-zero exit) and warnings (a line each in a command)."""
 import argparse
+import atexit
 import contextlib
 import os
 import re
@@ -76,6 +77,14 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _ended_at_exit():
+    """As the interpreter exits after a command, its work done: a Ctrl-C or SIGTERM ends the process at once and
+    quietly, with the shell's status for it (it interrupted the exit's clean-up, torch's too, with an "Exception
+    ignored" traceback, and the exit went on with the command's status)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: os._exit(128 + signum))
+
+
 def _sent_again(hook, unraisable):
     """Python drops an exception raised inside a finalizer (a generator closed, a ``__del__``), with an "Exception
     ignored" traceback: a SIGTERM or Ctrl-C answered there (``Terminated``, ``KeyboardInterrupt``) was lost, the
@@ -96,11 +105,11 @@ def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    finally:  # as they were: within another such block (a command's module imports another's), still held
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager
@@ -184,11 +193,10 @@ def run_cli(main, argv=None):
         sys.exit(130)
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
-    finally:  # the program's work done, its exit status known: Ctrl-C and SIGTERM would only interrupt the
-        # interpreter's clean-up (torch's too) with an "Exception ignored" traceback; they wait, unanswered
+    finally:
         sys.unraisablehook = hook
-        if main.__module__ == "__main__" and threading.current_thread() is threading.main_thread():
-            signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        atexit.unregister(_ended_at_exit)  # (once; and the last registered runs first, before torch's clean-up)
+        atexit.register(_ended_at_exit)
 
 
 def _show_warning(say, where, shown, message, category, *args, **kwargs):

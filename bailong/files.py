@@ -34,7 +34,8 @@ def overlaps(a, b) -> bool:
 # the key of each conversation chat.py --output, /save and eval bench write that names the model that answered: only
 # such files (or empty ones) are replaced; a user's fine-tuning set or questions, of the same layout, never
 ANSWERED_BY = "answered_by"
-ANSWERS = f"file of answers (each line's \"{ANSWERED_BY}\" names the model that wrote it)"
+ANSWERS = (f"file of answers (each line's \"{ANSWERED_BY}\" names the model that wrote it; one written without it, "
+           "by an earlier version, is replaced only by hand)")
 
 
 def is_answers(path) -> bool:

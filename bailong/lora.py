@@ -255,7 +255,7 @@ def add_lora(model, name, r, scaling, dropout=0.0):
         wrapper = LoRALinear(base, r, scaling, dropout)
     else:
         raise ValueError(f"LoRA cannot wrap {name} ({type(base).__name__})")
-    set_module(model, name, wrapper.train(base.training))  # a model in eval mode stays there: no dropout
+    set_module(model, name, wrapper.train(model.training))  # a model in eval mode stays there: no dropout
     return wrapper
 
 

@@ -192,7 +192,7 @@ def quantize_model(model, blocksize=64, double_quant=True):
     """Replace every dense projection of a loaded model by its NF4 version, in place."""
     for name, m in projections(model):
         if isinstance(m, nn.Linear):
-            set_module(model, name, NF4Linear.from_linear(m, blocksize, double_quant))
+            set_module(model, name, NF4Linear.from_linear(m, blocksize, double_quant).train(m.training))
     return model
 
 

@@ -12,7 +12,8 @@ from bailong.data import data_paths, read_conversations, read_corpus
 from bailong.eval import compare_tokenizers, loss_per_char, tokens_per_char
 from bailong.export import export
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora
-from bailong.tokenizer import byte_tokenizer
+from bailong.quantized import quantize_model
+from bailong.tokenizer import StreamDecoder, byte_tokenizer
 from bailong.vocab import extend_tokenizer
 from bailong.zip_tie import resize_vocab
 from conftest import ROOT
@@ -39,6 +40,9 @@ def test_lora_added_to_a_model_in_eval_mode_leaves_dropout_off(tmp_path):
     load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(fresh(ids), fresh(ids)) and torch.equal(fresh(ids), model.eval()(ids))
     assert not merge_lora(fresh).training and not any(m.training for m in fresh.modules())
+    quantized = bailong.load_preset("tiny", device="cpu")[0]
+    with_lora(quantize_model(quantized))  # (its NF4 projections are new modules)
+    assert torch.equal(quantized(ids), quantized(ids))
 
 
 def test_one_path_is_read_as_a_list_of_one(tmp_path, monkeypatch):
@@ -152,6 +156,11 @@ def test_a_question_whose_answer_fails_is_taken_back(monkeypatch):
     assert chat.messages == []
     chat.answer("hello again", stream=False)
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    with monkeypatch.context() as m:  # the answer whole, Ctrl-C as its end is printed: it is kept
+        m.setattr(StreamDecoder, "flush", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            chat.answer("and again")
+    assert [m["content"] for m in chat.messages][2] == "and again" and len(chat.messages) == 4
 
 
 def test_an_adapter_of_a_grown_vocabulary_without_its_tokenizer_says_what_it_lacks(tmp_path):
