@@ -77,24 +77,15 @@ def _terminate(signum, frame):
     raise Terminated
 
 
-def _ended_at_exit():
-    """As the interpreter exits after a command, its work done: a Ctrl-C or SIGTERM ends the process at once and
-    quietly, with the shell's status for it (it interrupted the exit's clean-up, torch's too, with an "Exception
-    ignored" traceback, and the exit went on with the command's status)."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+def _quiet_exit():
+    """As the interpreter exits after a command, its work done and its status known: a Ctrl-C or SIGTERM is let
+    pass, unanswered (it interrupted the exit's clean-up, torch's too, with an "Exception ignored" traceback, and
+    changed nothing else); a second ends the process at once (an exit that hangs); one ignored stays ignored."""
+    def let_pass(signum, frame):
         signal.signal(signum, lambda signum, frame: os._exit(128 + signum))
-
-
-def _sent_again(hook, unraisable):
-    """Python drops an exception raised inside a finalizer (a generator closed, a ``__del__``), with an "Exception
-    ignored" traceback: a SIGTERM or Ctrl-C answered there (``Terminated``, ``KeyboardInterrupt``) was lost, the
-    command going on to the end. Its signal is sent again instead, to be answered where the program goes on."""
-    for signum, kind in ((signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)):
-        if isinstance(unraisable.exc_value, kind):
-            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))  # (sent from here, it would be answered
-            again.daemon = True  # in here again: the program has left the finalizer by then)
-            return again.start()
-    hook(unraisable)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, let_pass)
 
 
 @contextlib.contextmanager
@@ -163,7 +154,6 @@ def run_cli(main, argv=None):
     say = os.environ.get("LOCAL_RANK", "0") == "0"
     rank = os.environ.get("RANK", "0")
     where = f"[rank {rank}] " if rank not in ("0", "") else ""
-    hook, sys.unraisablehook = sys.unraisablehook, partial(_sent_again, sys.unraisablehook)
     for stream in (sys.stdout, sys.stderr):  # text the output cannot hold (Chinese to an ASCII or cp1252 one,
         if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback;
             stream.reconfigure(errors="replace", line_buffering=True)  # a line as it is said, in a log file too
@@ -194,9 +184,9 @@ def run_cli(main, argv=None):
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
     finally:
-        sys.unraisablehook = hook
-        atexit.unregister(_ended_at_exit)  # (once; and the last registered runs first, before torch's clean-up)
-        atexit.register(_ended_at_exit)
+        if main.__module__ == "__main__":  # the command is the program (a caller's own exit is the caller's)
+            atexit.unregister(_quiet_exit)  # (once; and the last registered runs first, before torch's clean-up)
+            atexit.register(_quiet_exit)
 
 
 def _show_warning(say, where, shown, message, category, *args, **kwargs):
