@@ -184,7 +184,7 @@ def run_cli(main, argv=None):
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
     finally:
-        if main.__module__ == "__main__":  # the command is the program (a caller's own exit is the caller's)
+        if getattr(main, "__module__", None) == "__main__":  # the command is the program (a caller's exit is its own)
             atexit.unregister(_quiet_exit)  # (once; and the last registered runs first, before torch's clean-up)
             atexit.register(_quiet_exit)
 
