@@ -34,8 +34,7 @@ OTHER_LAYOUTS = {  # what to do with a conversation in another common layout, fo
 
 
 def listed(value):
-    """One path or text (a str, a Path) as a list of one, anything else as it is: iterated, a str gives its
-    characters (``read_corpus("/data/corpus.txt")`` would read the folder "/")."""
+    """One path or text (a str, a Path) as a list of one (a str iterated gives its characters), else as it is."""
     return [value] if isinstance(value, (str, os.PathLike)) else value
 
 
@@ -220,9 +219,7 @@ def read_corpus(paths) -> Lines:
     """Pre-training documents from text files (a document a non-empty line), JSON lines (.jsonl, or a .json
     file named itself: {"text": ...} a line) or folders of them (their .txt and .jsonl files; ``data_paths``
     turns Hub dataset ids into folders), one or a list. Checked whole, and read again on each pass (``Lines``)."""
-    if not (texts := Lines(_files(paths := listed(paths), (".txt", ".jsonl")), _document)):
-        raise BailongError(f"{', '.join(map(str, paths)) or 'no file named'}: the corpus is empty")
-    return texts
+    return _read(paths, (".txt", ".jsonl"), _document, "the corpus is empty")
 
 
 def read_conversations(paths, ending="assistant") -> Lines:
@@ -230,10 +227,14 @@ def read_conversations(paths, ending="assistant") -> Lines:
     folders): {"messages": [{"role": ..., "content": ...}, ...]} a line, an optional system message first,
     then user and assistant alternating, ending with ``ending`` (chat.py --input's end with a question); one or
     a list. Checked whole, and read again on each pass (``Lines``)."""
-    paths = listed(paths)
-    if not (conversations := Lines(_files(paths, (".jsonl",)), partial(_conversation, ending=ending))):
-        raise BailongError(f"{', '.join(map(str, paths)) or 'no file named'}: no conversations")
-    return conversations
+    return _read(paths, (".jsonl",), partial(_conversation, ending=ending), "no conversations")
+
+
+def _read(paths, suffixes, item, none):
+    """The items ``item`` makes of the files named (and with ``suffixes`` in folders named); ``none`` if none."""
+    if not (items := Lines(_files(paths := listed(paths), suffixes), item)):
+        raise BailongError(f"{', '.join(map(str, paths)) or 'no file named'}: {none}")
+    return items
 
 
 def _conversation(suffix, line, again, ending):
