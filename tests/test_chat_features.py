@@ -98,7 +98,8 @@ def test_generation_config_is_read_as_transformers_reads_it(model_folder):
             theirs["temperature"] if theirs["do_sample"] else 0.0, theirs["top_k"], theirs["top_p"],
             theirs["repetition_penalty"]), file
     result = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(model_folder), "--template", "llama2",
-                             "--prompt", "hi", "--max-new-tokens", "3", "--seed", "0"], capture_output=True, text=True, timeout=120)
+                             "--prompt", "hi", "--max-new-tokens", "3", "--seed", "0"],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "[3 tokens," in result.stderr
 
 
