@@ -54,12 +54,15 @@ FIELDS = {"r": ("a positive integer", lambda v: isinstance(v, int) and not isins
 
 
 def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None):
-    """Write the model's LoRA weights and config as a PEFT adapter folder (atomically per file). A model whose
-    vocabulary was extended (``zip_tie.extend_model``) needs its tokenizer saved there too, and LoRA on its
-    embedding and head (or ``config.save_embedding_layers`` where they are tied), which carry the new rows."""
+    """Write the model's LoRA weights and config as a PEFT adapter folder (atomically per file). The embedding
+    and head go whole with it where they carry LoRA (as PEFT saves them), and where the model's vocabulary grew
+    (``zip_tie.extend_model``, ``resize_vocab``) or ``config.save_embedding_layers`` asks (as PEFT's
+    ``save_embedding_layers``): a grown model's new rows are in no LoRA weight. Its tokenizer, with the new
+    pieces, is saved there too (``tokenizer.save(folder)``): loading takes the grown vocabulary's size from it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    grown = getattr(model, "vocab_grown_from", None) is not None
     targets = set()
     for name, m in model.named_modules():
         wrapped = isinstance(m, (LoRALinear, LoRAEmbedding))
@@ -67,7 +70,8 @@ def save_adapter(model, folder, config: LoRAConfig, base_model_name_or_path=None
             targets.add(name.rsplit(".", 1)[-1])
         if name.endswith(("embed_tokens", "lm_head")) and wrapped:  # as PEFT: the full weight, resized or not
             tensors[f"{PREFIX}{name}.base_layer.weight"] = m.weight.detach().contiguous()
-        elif name.endswith("embed_tokens") and config.save_embedding_layers:  # no LoRA on it: PEFT's key
+        elif name.endswith("embed_tokens") and (config.save_embedding_layers or grown) or (
+                name.endswith("lm_head") and grown and not model.config.tie_word_embeddings):  # PEFT's keys
             tensors[f"{PREFIX}{name}.weight"] = m.weight.detach().contiguous()
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
                    "lora_dropout": config.dropout, "use_rslora": config.rslora, "target_modules": sorted(targets),

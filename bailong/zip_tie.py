@@ -89,6 +89,7 @@ def resize_vocab(model, vocab_size):
             module.out_features = vocab_size
     model.config.vocab_size = vocab_size
     model.tie_weights()
+    model.vocab_grown_from = getattr(model, "vocab_grown_from", old)  # an adapter saved of it takes the new rows
     return model
 
 

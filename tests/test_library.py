@@ -6,16 +6,17 @@ import torch
 import bailong
 from bailong import conversation
 from bailong.adapter import load_adapter, save_adapter
-from bailong.config import Sampling, torch_dtype
+from bailong.config import Sampling, preset, torch_dtype
 from bailong.conversation import Chat
 from bailong.data import data_paths, read_conversations, read_corpus
 from bailong.eval import compare_tokenizers, loss_per_char, tokens_per_char
 from bailong.export import export
+from bailong.model import Llama
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora
 from bailong.quantized import quantize_model
 from bailong.tokenizer import StreamDecoder, byte_tokenizer
 from bailong.vocab import extend_tokenizer
-from bailong.zip_tie import resize_vocab
+from bailong.zip_tie import extend_model, resize_vocab
 from conftest import ROOT
 
 SAMPLES = ROOT / "bailong" / "samples"
@@ -172,6 +173,37 @@ def test_an_adapter_of_a_grown_vocabulary_without_its_tokenizer_says_what_it_lac
     with pytest.raises(bailong.BailongError, match=r"needs \[260, 64\]; an adapter trained on an extended "
                                                    r"vocabulary carries its tokenizer in its folder"):
         bailong.load(tmp_path / "base", device="cpu", adapter=tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_adapter_of_a_grown_vocabulary_takes_its_new_rows_without_lora_on_them(tmp_path, tied):
+    """LoRA on the projections alone of a model extend_model grew: its adapter lacked the new rows (zip-tie's,
+    in no LoRA weight), and loaded onto the base it read each new id as a row of zeros. They are saved whole
+    now, as PEFT's save_embedding_layers does where the vocabulary was resized."""
+    config = preset("tiny")
+    config.vocab_size, config.tie_word_embeddings = 260, tied
+    torch.manual_seed(0)
+    base = Llama(config).eval()
+    bailong.save(base, tmp_path / "base")
+    byte_tokenizer().save(tmp_path / "base")
+    extended = extend_tokenizer(byte_tokenizer(), TEXT.read_text(encoding="utf-8"), 20, say=lambda _: None)[0]
+    grown = extend_model(base, byte_tokenizer(), extended)
+    lora = LoRAConfig(r=4, targets=("q_proj", "v_proj"))
+    inject_lora(grown, lora)
+    save_adapter(grown, tmp_path / "adapter", lora)
+    extended.save(tmp_path / "adapter")
+    model, tokenizer = bailong.load(tmp_path / "base", device="cpu", adapter=tmp_path / "adapter")
+    ids = torch.tensor([tokenizer.encode("臺灣的語言")])
+    assert model.config.vocab_size == 280 and ids.max() >= 260
+    assert torch.equal(model(ids), grown(ids))
+
+
+def test_a_cuda_device_the_machine_lacks_is_said_in_one_line(tmp_path):
+    bailong.save(bailong.load_preset("tiny", device="cpu")[0], tmp_path / "model")
+    for load in (lambda: bailong.load_preset("tiny", device="cuda:99"), lambda: bailong.load(
+            tmp_path / "model", device=torch.device("cuda", 99))):  # (torch's AssertionError, or an index error)
+        with pytest.raises(bailong.BailongError, match=r"^device='cuda:99': this machine has (no|\d+) CUDA device"):
+            load()
 
 
 def test_a_forward_without_a_batch_dimension_says_so():
