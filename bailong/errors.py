@@ -199,16 +199,18 @@ def _show_warning(say, where, shown, message, category, *args, **kwargs):
         shown(message, category, *args, **kwargs)
 
 
-def check_device(device: str) -> str:
-    """``device`` when this machine has it (for --device), else a one-line UsageError. torch is imported
-    only to count the CUDA devices a cuda device needs, so that a misspelt name is answered at once."""
+def check_device(device: str, said=None) -> str:
+    """``device`` when this machine has it (for --device, or as ``said`` names it), else a one-line
+    UsageError. torch is imported only to count the CUDA devices a cuda device needs, so that a misspelt name
+    is answered at once."""
+    said = said or f"--device {device}"
     if not re.fullmatch(r"(cpu|cuda)(:\d+)?", device):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
     if device.startswith("cuda"):
         import torch
         if int(device[5:] or 0) >= torch.cuda.device_count():
             found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
-            raise UsageError(f"--device {device}: this machine has {found}")
+            raise UsageError(f"{said}: this machine has {found}")
     return device
 
 

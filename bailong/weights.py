@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from bailong.adapter import load_adapter, trained_base
 from bailong.config import ModelConfig, preset, torch_dtype
-from bailong.errors import BailongError, BailongWarning, read_json
+from bailong.errors import BailongError, BailongWarning, check_device, read_json
 from bailong.files import atomic_write
 from bailong.hub import ADAPTER_FILES, resolve
 from bailong.model import Llama, init_weights
@@ -262,6 +262,16 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def chosen_device(device):
+    """``device``, or the default where None; a CUDA device this machine lacks is said in one line (torch's
+    AssertionError came once the first weight moved)."""
+    if device is None:
+        return default_device()
+    if (name := str(device)).startswith("cuda"):
+        check_device(name, f"device={name!r}")
+    return device
+
+
 def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None, blocksize=64,
          double_quant=True, adapter=None):
     """``model, tokenizer = load(folder_or_repo_id)``; tokenizer is None without tokenizer.model or .json.
@@ -276,7 +286,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     """
     if quantize not in (None, "nf4"):
         raise BailongError(f"quantize={quantize!r} is not supported (None or 'nf4')")
-    device = device or default_device()
+    device = chosen_device(device)
     dtype = torch_dtype(dtype) or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     folder = resolve(str(path_or_repo_id), revision)
     if adapter is None and (run := training_output(folder)):
@@ -377,7 +387,7 @@ def load_preset(name, dtype=None, device=None, seed=0):
     For demos and tests: the weights carry no knowledge. They are drawn from ``seed`` alone, on the
     CPU, and the caller's random state is left as it was.
     """
-    device = device or default_device()
+    device = chosen_device(device)
     tokenizer = byte_tokenizer()
     config = preset(name)
     config.vocab_size = tokenizer.vocab_size
