@@ -45,7 +45,7 @@ def data_paths(names, suffixes=(".txt", ".jsonl")) -> list[Path]:
     for name in listed(names):
         path = Path(name).expanduser()
         if not path.exists():
-            if path.suffix in (".txt", ".jsonl", ".json") or str(name).startswith(("/", ".", "~")):
+            if path.suffix.lower() in (".txt", ".jsonl", ".json") or str(name).startswith(("/", ".", "~")):
                 raise BailongError(f"{name}: no such file or folder")
             path = resolve(str(name), files=[f"*{s}" for s in suffixes], weights=False, repo_type="dataset")
             if not any(f for s in suffixes for f in path.rglob(f"*{s}")):
@@ -76,7 +76,7 @@ def _files(paths, suffixes) -> list[Path]:
             continue
         found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(path).parts))
-        if not (chosen := [p for p in found if p.suffix in suffixes]):
+        if not (chosen := [p for p in found if p.suffix.lower() in suffixes]):  # (CORPUS.JSONL too)
             held = sorted({p.suffix or p.name for p in found})
             raise BailongError(f"{path}: no {' or '.join(suffixes)} files in it"
                                + (f" (it holds {', '.join(held[:6])})" if held else ""))
@@ -91,7 +91,7 @@ def _lines(file, f):
     a lone carriage return ends no line either)."""
     offset = 0
     for number, raw in enumerate(f, 1):
-        start = offset + (3 if number == 1 and raw.startswith(codecs.BOM_UTF8) else 0)  # a byte-order mark dropped
+        start = offset + 3 * raw.startswith(codecs.BOM_UTF8)  # a byte-order mark dropped (files joined by cat: each's)
         try:
             text = raw[start - offset:].decode("utf-8")  # (with its end: a character it cuts is said so)
         except UnicodeDecodeError as e:
@@ -113,7 +113,7 @@ class Lines(Sequence):
     read once and held."""
 
     def __init__(self, files, item, where=None, held=None, stats=None):
-        self.files, self.suffixes, self.item = files, [Path(f).suffix for f in files], item
+        self.files, self.suffixes, self.item = files, [Path(f).suffix.lower() for f in files], item
         if where is None:
             where, held, stats = self._found()
         self.where, self.held, self.stats = where, held, stats  # where: (file, start, end) of each item

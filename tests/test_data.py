@@ -30,6 +30,20 @@ def test_a_file_is_read_once_and_a_byte_order_mark_is_not_text(tmp_path):
     assert list(read_corpus([tmp_path / "text.txt", tmp_path / "text.txt"])) == ["first", "second"]
 
 
+def test_files_joined_with_cat_lose_each_byte_order_mark_and_suffixes_are_read_in_any_case(tmp_path):
+    """Files saved with a byte-order mark and joined by cat: the later marks failed as JSON, or were text. A
+    corpus named CORPUS.JSONL was read as text lines, its JSON syntax trained on (and in a folder left out)."""
+    chats = SAMPLES / "chats_sample.jsonl"
+    lines = chats.read_bytes().splitlines(keepends=True)
+    (tmp_path / "chats.jsonl").write_bytes(b"".join(b"\xef\xbb\xbf" + line for line in lines))
+    assert list(read_conversations(tmp_path / "chats.jsonl")) == list(read_conversations(chats))
+    (corpus := tmp_path / "corpus").mkdir()
+    (corpus / "TEXT.TXT").write_text("\ufefffirst\n\ufeffsecond\n", encoding="utf-8")
+    (corpus / "docs.JSONL").write_text('{"text": "third"}\n', encoding="utf-8")
+    assert list(read_corpus(corpus / "docs.JSONL")) == ["third"]
+    assert sorted(read_corpus(corpus)) == ["first", "second", "third"]
+
+
 def test_conversations_in_other_layouts_are_told_what_to_change(tmp_path):
     """ShareGPT's and Alpaca's layouts got the same line as broken JSON; content as a list of parts, or null,
     was refused by an assert (python -O took it out, and a traceback followed)."""
