@@ -81,8 +81,9 @@ def tokenize(tokenizer: Tokenizer, items, cache_dir, workers=0, template=None):
     Returns (ids, labels or None, offsets) where item i is ids[offsets[i]:offsets[i+1]].
     """
     parts = [DOCUMENTS, template, items]
-    if hasattr(tokenizer, "settings"):  # a tokenizer.json's bos and eos come from its settings files
-        parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos])
+    if hasattr(tokenizer, "settings"):  # a tokenizer.json's bos and eos come from its settings files; special
+        # tokens written in its text are text (since this was added: they were their ids)
+        parts.append([tokenizer.bos_id, tokenizer.eos_id, tokenizer.adds_bos, "special tokens in text are text"])
     if template is not None:  # a conversation in it is encoded whole (template_example, since this was added),
         parts.append(["encoded whole", getattr(tokenizer, "legacy", None)])  # a tokenizer.model's as legacy says
     sft = not isinstance(items[0], str)

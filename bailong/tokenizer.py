@@ -113,8 +113,10 @@ class Tokenizer:
 class JsonTokenizer:
     """A ``tokenizer.json`` tokenizer (byte-level BPE: Llama 3, SmolLM2...) with Tokenizer's interface.
 
-    Read by the ``tokenizers`` library, as transformers reads it: special tokens written
-    in the text (a chat template's ``<|eot_id|>``) become their ids. bos/eos/pad are
+    Read by the ``tokenizers`` library, as transformers reads it: special tokens written in chat text (a chat
+    template's ``<|eot_id|>``, ``encode_chat``) become their ids; in a document or a message (``encode``) they are
+    text, as SentencePiece reads ``</s>`` there and transformers with ``split_special_tokens`` (a web page that
+    writes ``<|end_of_text|>`` ended its document there, and only for these models). bos/eos/pad are
     the tokens ``tokenizer_settings`` names (-1 where it names none; bos, where it names none, the token the
     post-processor begins a prompt with, as transformers adds it).
     """
@@ -148,6 +150,7 @@ class JsonTokenizer:
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
+        self.tk.encode_special_tokens = True  # special tokens written in the text are text
         ids = self.tk.encode(one_text(text), add_special_tokens=False).ids
         return [self.bos_id] * (bos and self.bos_id >= 0) + ids + [self.eos_id] * (eos and self.eos_id >= 0)
 
@@ -171,7 +174,8 @@ class JsonTokenizer:
                                                                            ensure_ascii=False))
 
     def encode_chat(self, text, specials: dict, spans=False):
-        encoded = self.tk.encode(text, add_special_tokens=False)  # the library finds the special tokens itself
+        self.tk.encode_special_tokens = False  # the library finds the special tokens itself
+        encoded = self.tk.encode(text, add_special_tokens=False)
         return (encoded.ids, encoded.offsets) if spans else encoded.ids
 
 

@@ -136,6 +136,17 @@ def test_ids_and_text_equal_transformers(llama3):
     assert len(chinese) < len(TEXTS[1].encode())  # merges learned on the samples, not only bytes
 
 
+def test_special_tokens_written_in_a_document_are_text(llama3):
+    """A document (or a message) that writes <|end_of_text|> was ended there by its eos id, only for tokenizer.json
+    models (SentencePiece reads </s> in text as text); chat text, as a template renders it, takes the ids."""
+    ours, theirs = open_tokenizer(llama3), AutoTokenizer.from_pretrained(llama3)
+    text = "a page that writes <|end_of_text|> and <|eot_id|> in its text"
+    assert ours.eos_id not in ours.encode(text) and ours.decode(ours.encode(text)) == text
+    assert ours.encode(text) == theirs(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    assert ours.encode_chat(text, {}) == theirs(text, add_special_tokens=False).input_ids
+    assert ours.eos_id in ours.encode_chat(text, {}) and ours.eos_id not in ours.encode(text)
+
+
 def test_streaming_never_prints_half_a_character(llama3):
     tok = open_tokenizer(llama3)
     text = " ".join(TEXTS)

@@ -63,8 +63,9 @@ def test_extension_keeps_the_special_tokens_ids_where_only_added_tokens_lists_th
     assert [ours.tk.token_to_id(t) for t in SPECIALS] == list(range(500, 505)) and len(added) == 40
     assert ours.vocab_size == 545 and (ours.bos_id, ours.eos_id) == (500, 501)
     theirs = AutoTokenizer.from_pretrained(folder)
-    for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>臺灣<|eot_id|>"]:
-        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
+    for text in TEXTS + ["<|start_header_id|>user<|end_header_id|>臺灣<|eot_id|>"]:  # (in chat text, the ids)
+        assert ours.encode_chat(text, {}) == theirs(text, add_special_tokens=False).input_ids
+        assert ours.encode(text) == theirs(text, add_special_tokens=False, split_special_tokens=True).input_ids
 
 
 def test_extension_refuses_what_it_cannot_extend(tmp_path, capsys):
