@@ -71,8 +71,8 @@ def parse_args(argv):
         p.error("--prompt answers one message and --input a file of conversations: give one of them")
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
-    if args.output:
-        check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_answers, kind=ANSWERS,
+    if args.output:  # (checked again as the answers are written: what was made there meanwhile is kept)
+        args.output_check = check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_answers, kind=ANSWERS,
                           flag="--output")
     if args.model and args.preset:
         p.error("give a model folder or repo id, or --preset NAME, not both")
@@ -142,7 +142,7 @@ def main(argv=None):
         written = None
         if args.output:
             if answered or stopped is None:  # (stopped before any answer: nothing written)
-                written = save_answers(Path(args.output), answered, whole=stopped is None)
+                written = save_answers(Path(args.output), answered, stopped is None, args.output_check)
         else:
             # JSON's escapes where the output cannot hold the text (an ASCII or cp1252 one): what it prints shows
             # "?" for what it cannot hold, and jsonl must keep every character

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bailong.chat_template import fit_prompt, llama2_ids, render_jinja, turn_end_ids
 from bailong.errors import BailongError
-from bailong.files import ANSWERED_BY, ANSWERS, atomic_write, is_answers, not_a_file
+from bailong.files import ANSWERED_BY, ANSWERS, atomic_write, check_not_in_a_run, is_answers, not_a_file
 from bailong.generation import generate
 
 
@@ -112,6 +112,7 @@ class Chat:
             self.messages = [{"role": "system", "content": rest.strip()}] if rest.strip() else []
         elif name in ("/save", "/save!") and rest.strip():
             path = Path(rest.strip()).expanduser()
+            check_not_in_a_run(path, "/save")  # (training would replace it)
             if path.is_dir():
                 raise BailongError(f"{path}: is a folder; /save FILE names a file")
             if path.exists() and not path.is_file():  # (before it is read: a pipe would wait for a writer)
@@ -129,16 +130,23 @@ class Chat:
         return True
 
 
-def save_jsonl(path: Path, rows):
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def save_jsonl(path: Path, rows, check=None):
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), check)
 
 
-def save_answers(path: Path, rows, whole=True) -> str:
+def save_answers(path: Path, rows, whole=True, check=None) -> str:
     """Write answered conversations to ``path``, and say where they went: answers cut short (not ``whole``:
-    Ctrl-C, a scheduler's stop) never replace the file ``--overwrite`` would have replaced, but go beside it, to
-    NAME.partial.jsonl (NAME.partial-2.jsonl where that is taken, and so on)."""
-    if whole or not path.exists():
-        save_jsonl(path, rows)
+    Ctrl-C, a scheduler's stop) never replace the file ``--overwrite`` would have replaced, nor any answers a
+    file made at ``path`` while they were answered (``check``, ``files.as_checked``, refuses it), but go beside
+    it, to NAME.partial.jsonl (NAME.partial-2.jsonl where that is taken, and so on)."""
+    try:
+        if check:
+            check(path)
+        here = whole or not path.exists()
+    except BailongError:  # a file made there while the answers were answered: left as it is
+        here = False
+    if here:
+        save_jsonl(path, rows, check)
         return str(path)
     names = (path.with_name(f"{path.stem}.partial{f'-{n}' if n > 1 else ''}{path.suffix}") for n in count(1))
     beside = next(name for name in names if not name.exists())

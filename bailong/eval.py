@@ -182,7 +182,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
     from bailong.generation import Sampling, generation_eos
     from bailong.hub import resolve
     from bailong.weights import load
-    check_output_file(out, {"the questions": questions}, overwrite, ours=is_answers, kind=ANSWERS)
+    check = check_output_file(out, {"the questions": questions}, overwrite, ours=is_answers, kind=ANSWERS)
     items = read_bench(questions)
     folder = resolve(str(model_path))
     model, tokenizer = load(folder)
@@ -210,7 +210,7 @@ def bench(model_path, questions, out, judge_url=None, judge_model="gpt-4o", max_
         # same (Ctrl-C, SIGTERM: a job scheduler's stop, a judge that fails)
         stopped = e
     if rows or stopped is None:
-        written = save_answers(Path(out), rows, whole=stopped is None)
+        written = save_answers(Path(out), rows, stopped is None, check)
         print(f"wrote {len(rows)} answered items to {written}", file=sys.stderr)
     if isinstance(stopped, BailongError):
         written = f", written to {written}" if rows else ""

@@ -24,7 +24,8 @@ with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): ans
     from bailong.adapter import read_adapter_config
     from bailong.chat_template import LLAMA2_JINJA, template_in
     from bailong.config import DTYPES, torch_dtype
-    from bailong.files import atomic_folder, atomic_write, check_output_file, check_writable, overlaps, own_file
+    from bailong.files import (as_checked, atomic_folder, atomic_write, check_not_in_a_run, check_output_file,
+                               check_writable, overlaps, own_file)
     from bailong.generation import GENERATION_CONFIG, model_sampling
     from bailong.hub import ADAPTER_FILES, resolve
     from bailong.lora import merge_lora
@@ -72,7 +73,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         run = run_of(base) if adapter is None else None
         inputs = {f"the {what} ({path})": path for what, path in [("training output", run), ("base model", not run
                                                                    and base), ("adapter", adapter)] if path}
-        check_output_file(out, inputs, overwrite, is_gguf, "GGUF file")
+        check = check_output_file(out, inputs, overwrite, is_gguf, "GGUF file")
         try:
             import gguf  # noqa: F401  (a dependency of this command only)
         except ImportError:
@@ -82,6 +83,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         raise UsageError(f"{out}: already exists; choose a new folder (nothing is overwritten)")
     else:
         check_writable(out)
+        check = as_checked(out)
     base_folder, run_folder = resolve(str(base)), None
     if adapter is None and (run := training_output(base_folder)):
         (base, adapter), run_folder = run, run_of(base_folder)
@@ -100,6 +102,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
                          ("the training output", run_folder)]:  # in a run: read as its base, or in its way
         if folder and overlaps(out, folder):
             raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
+    check_not_in_a_run(out)  # (another run's)
     if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
         from bailong.export_gguf import check_tokenizer
         tokenizer = tokenizer_found(next((t for t in map(open_tokenizer, folders) if t), None), base_folder,
@@ -122,12 +125,13 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
         atomic_write(out, lambda tmp: write_gguf(
             tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else LLAMA2_JINJA,
-            bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False)), sampling))
+            bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False)), sampling),
+            check=check)
         return out
     # the tokenizer itself from one folder (an adapter's extended tokenizer.model must not sit beside the
     # base's tokenizer.json, which transformers would read first), the other files each where found first
     tokenizer_folder = next((f for f in folders if any((f / n).exists() for n in TOKENIZER_FILES[:2])), None)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, check=check) as tmp:  # (a folder made there meanwhile is not replaced)
         save(model, tmp, max_shard_bytes)
         for name in TOKENIZER_FILES:
             source = next((f / name for f in ([tokenizer_folder] if name in TOKENIZER_FILES[:2] else folders)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bailong.errors import BailongError, UsageError
+from bailong.run_folder import runs_own
 
 
 def overlaps(a, b) -> bool:
@@ -55,7 +56,7 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
     ``inputs`` maps a description to a path ("the corpus": "zh/"): an output that
     is an input, or inside an input folder, is refused. An existing file is
     replaced only with ``overwrite`` and when ``ours(path)`` says it is a ``kind``
-    this command writes.
+    this command writes. Returns the check (``as_checked``) for the write that ends the command's work.
     """
     if str(path).endswith(("/", os.sep)):
         raise UsageError(f"{path}: names a folder; {flag} names the file to write")
@@ -66,6 +67,7 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
                                            path.resolve().parents):
             where = "is" if path.resolve() == source.resolve() else "lies inside"
             raise UsageError(f"{path}: {where} {what}; {flag} must name a file apart from the inputs")
+    check_not_in_a_run(path, flag)
     if path.is_dir():
         raise UsageError(f"{path}: is a folder; {flag} names the file to write")
     if path.exists():
@@ -77,7 +79,27 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
         if not overwrite:
             raise UsageError(f"{path}: already exists; choose another {flag}, or pass --overwrite to replace it")
     check_writable(path)
-    return path
+    return as_checked(path, ours, flag)
+
+
+def check_not_in_a_run(path, flag="--out"):
+    """Refuse an output among a training run's own files and folders, which training replaces whole."""
+    if run := runs_own(path):
+        raise UsageError(f"{path}: lies among the training run {run}'s own files, which training replaces; "
+                         f"{flag} must name a file elsewhere")
+
+
+def as_checked(path, ours=lambda path: False, flag="--out"):
+    """For ``atomic_write`` and ``atomic_folder``'s ``check``, made as ``check_output_file`` allows ``path``: just
+    before the rename, refuse what was made at ``path`` while the command worked (a user's file or folder,
+    another command's output), or what is there now that ``ours`` does not take."""
+    there = Path(path).is_file()
+
+    def check(target):
+        if os.path.lexists(target) and not (there and Path(target).is_file() and ours(target)):
+            raise BailongError(f"{path}: was made while this command worked, and is left as it is; nothing was "
+                               f"written (choose another {flag})")
+    return check
 
 
 def not_a_file(path) -> str:
@@ -192,10 +214,10 @@ def _through_link(path) -> Path:
     return path.resolve() if path.is_symlink() else path
 
 
-def atomic_write(path, data):
+def atomic_write(path, data, check=None):
     """Write ``data`` (bytes, str, or a function that writes a file at the path it is given) to ``path``
     through a temporary file in the same folder, renamed into place only when complete; a file it replaces
-    keeps its permissions."""
+    keeps its permissions. ``check(path)``, where given, may refuse just before the rename (``as_checked``)."""
     path = _through_link(path)
     if path.exists() and not path.is_file():
         raise BailongError(not_a_file(path))
@@ -210,6 +232,8 @@ def atomic_write(path, data):
             _usual_mode(tmp)
         else:
             Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        if check:
+            check(path)
         if path.exists():  # a private file (0600) stays private
             shutil.copymode(path, tmp)
         os.replace(tmp, path)
@@ -218,9 +242,10 @@ def atomic_write(path, data):
 
 
 @contextmanager
-def atomic_folder(path):
+def atomic_folder(path, check=None):
     """``with atomic_folder(path) as tmp:`` fill ``tmp``, a new folder beside ``path``; when the block
-    completes it replaces ``path``, and when it fails it is removed and ``path`` is left as it was."""
+    completes it replaces ``path`` (unless ``check(path)`` then refuses: ``as_checked``), and when it fails it is
+    removed and ``path`` is left as it was."""
     path = _through_link(path)
     tmp, old = _beside(path, ".tmp"), _beside(path, ".old")
     try:
@@ -230,6 +255,8 @@ def atomic_folder(path):
         raise write_failed(path, e) from None
     try:
         yield tmp
+        if check:
+            check(path)
         if path.exists():  # the old version goes only once the new one is whole
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

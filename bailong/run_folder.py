@@ -122,6 +122,17 @@ def in_the_way(out: Path, overwrite: bool) -> str | None:
                  or any(re.fullmatch(k, o.rstrip("/")) for k in LAYOUT)), None)
 
 
+def runs_own(path) -> Path | None:
+    """The training run folder whose own names (adapter/, checkpoints/, metrics.jsonl...) ``path`` lies in or
+    takes, or None: training replaces them whole, and a file another command saved there would be lost."""
+    path = Path(path).expanduser().absolute()
+    path = path.parent.resolve() / path.name  # (the file itself may not be there yet)
+    for run in path.parents:
+        if (run / "run.json").is_file() and any(re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT):
+            return run
+    return None
+
+
 def tidy(out: Path, say=print):
     """Finish, or remove, what a stopped process left unfinished in the run's folder (only once its lock is held:
     no process writes there but this one)."""

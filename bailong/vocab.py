@@ -197,13 +197,13 @@ def is_tokenizer(path) -> bool:
 
 def check_out(out, base, corpus, overwrite=False):
     """Refuse an --out that is the base tokenizer or in the corpus, a folder, or a file other than a
-    tokenizer (or a tokenizer without --overwrite): before the corpus is read."""
+    tokenizer (or a tokenizer without --overwrite): before the corpus is read. Returns the check for the write."""
     inputs = {"the base tokenizer": base, **{f"the corpus {c}": c for c in corpus}}
     if str(out).endswith(".json") != str(base).endswith(".json"):
         made = "a tokenizer.json (--out ending in .json)" if str(base).endswith(".json") else \
             "a SentencePiece model (--out not ending in .json)"
         raise UsageError(f"{out}: extending {base} makes {made}")
-    check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="tokenizer")
+    return check_output_file(out, inputs, overwrite, ours=is_tokenizer, kind="tokenizer")
 
 
 def learning_message(new_pieces, texts) -> str:
@@ -256,7 +256,7 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
                              "tokenizer or the model folder that holds one")
         base = found
     corpus = listed(corpus)
-    check_out(out, base, corpus, overwrite)
+    check = check_out(out, base, corpus, overwrite)
     before = JsonTokenizer(base, read_text(base)) if str(base).endswith(".json") else \
         Tokenizer(model_proto=load_proto(base).SerializeToString())
     texts = read_corpus(corpus)
@@ -264,7 +264,7 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
     print(learning_message(new_pieces, train), flush=True)
     start = time.perf_counter()
     after, added = extend_tokenizer(before, train, new_pieces, cjk_only)
-    atomic_write(out, after.serialized())
+    atomic_write(out, after.serialized(), check=check)
     measured = held or train  # the report's text
     b, a = tokens_per_char(before, measured), tokens_per_char(after, measured)
     whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character

@@ -47,8 +47,51 @@ def test_an_output_file_is_never_an_input_a_folder_or_a_file_of_another_kind(tmp
     with pytest.raises(BailongError, match="pipe: is not a regular file"):
         atomic_write(pipe, "x")
     assert pipe.is_fifo()
-    assert check_output_file(ours, inputs, overwrite=True, ours=is_ours) == ours
-    assert check_output_file(tmp_path / "new.model", inputs) == tmp_path / "new.model"
+    check_output_file(ours, inputs, overwrite=True, ours=is_ours)(ours)  # allowed, and allowed again at the end
+    check_output_file(tmp_path / "new.model", inputs)(tmp_path / "new.model")
+
+
+def test_what_was_made_at_an_output_while_the_command_worked_is_kept(tmp_path):
+    """The output was checked only before the work (minutes of an export, of learning pieces, of answers), then
+    written blindly: a folder a user made there meanwhile was removed, a file replaced, two exports to one folder
+    both said "wrote", one lost. Checked again just before the rename: left as it is, nothing written there."""
+    from bailong.conversation import save_answers
+    out, folder, answers = tmp_path / "new.model", tmp_path / "export", tmp_path / "a.jsonl"
+    check = check_output_file(out, {})
+    out.write_text("notes")
+    with pytest.raises(BailongError, match="new.model: was made while this command worked, and is left as it is"):
+        atomic_write(out, "a tokenizer", check)
+    folder_check = check_output_file(folder, {})
+    with pytest.raises(BailongError, match="export: was made while this command worked"):
+        with atomic_folder(folder, folder_check) as tmp:
+            (tmp / "model.safetensors").write_text("weights")
+            folder.mkdir()
+            (folder / "notes.txt").write_text("mine")
+    assert out.read_text() == "notes" and os.listdir(folder) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == [
+        "export", "new.model"]
+    answers.write_text('{"messages": [], "answered_by": "m"}\n')  # an earlier answers file, --overwrite given
+    answers_check = check_output_file(answers, {}, overwrite=True, ours=lambda p: "answered_by" in p.read_text())
+    answers.write_text("my notes\n")  # replaced meanwhile by what is not answers: the new answers go beside it
+    assert save_answers(answers, [{"messages": []}], check=answers_check) == f"{tmp_path / 'a.partial.jsonl'} " \
+        f"({answers} is as it was)" and answers.read_text() == "my notes\n"
+    answers.write_text('{"messages": [], "answered_by": "m"}\n')
+    assert save_answers(answers, [{"messages": [1]}], check=answers_check) == str(answers)  # answers: replaced
+    assert answers.read_text() == '{"messages": [1]}\n'
+
+
+def test_an_output_among_a_training_runs_own_files_is_refused(tmp_path):
+    """Training replaces a run's adapter/, checkpoints/... whole: a file saved there (chat.py's /save or --output,
+    an export's GGUF) was lost at its next save."""
+    from bailong.conversation import Chat
+    (run := tmp_path / "run").mkdir()
+    (run / "run.json").write_text("{}")
+    for path in (run / "adapter" / "talk.jsonl", run / "checkpoints" / "a.gguf", run / "metrics.jsonl"):
+        with pytest.raises(UsageError, match="lies among the training run .*run's own files, which training "
+                                             "replaces; --out must name a file elsewhere"):
+            check_output_file(path, {})
+    with pytest.raises(UsageError, match="/save must name a file elsewhere"):
+        Chat.command(Chat.__new__(Chat), f"/save {run / 'adapter' / 'talk.jsonl'}")
+    check_output_file(run / "talk.jsonl", {})  # beside the run's own files: kept by training
 
 
 def test_writes_are_whole_or_absent_with_the_usual_permissions(tmp_path):
@@ -104,7 +147,7 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(tmp_pa
         for target in (disk / "answers.jsonl", disk / "new" / "folder" / "answers.jsonl"):
             with pytest.raises(BailongError, match=f"{target}: could not write .{disk} is not writable"):
                 check_output_file(target, {})
-        assert check_output_file(tmp_path / "new" / "answers.jsonl", {}) == tmp_path / "new" / "answers.jsonl"
+        check_output_file(tmp_path / "new" / "answers.jsonl", {})(tmp_path / "new" / "answers.jsonl")
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
