@@ -58,6 +58,13 @@ def is_cjk(piece: str) -> bool:
     return bool(chars) and all(all_cjk(ord(c), ord(c)) for c in chars)
 
 
+def spaced(piece: str) -> bool:
+    """A piece holding a line feed, a tab or another control character, or a space but SentencePiece's '▁': the
+    base spells those as bytes in the text of every script (English's lines, the chat format's), which such a
+    piece would read otherwise."""
+    return any(unicodedata.category(c) == "Cc" or unicodedata.category(c)[0] == "Z" for c in piece)
+
+
 def train_bpe(chunks, vocab_size) -> pb.ModelProto:
     """A SentencePiece BPE model of ``vocab_size`` pieces, or of as many as ``chunks`` (``chunked``) allow."""
     import io
@@ -122,7 +129,7 @@ def extend_proto(base: pb.ModelProto, trained: pb.ModelProto, new_pieces, char_c
     """
     normal = pb.ModelProto.SentencePiece.NORMAL
     existing = {p.piece for p in base.pieces}
-    new = [p for p in trained.pieces if p.type == normal and p.piece not in existing
+    new = [p for p in trained.pieces if p.type == normal and p.piece not in existing and not spaced(p.piece)
            and (is_cjk(p.piece) or not cjk_only)]
     chars = sorted((p.piece for p in new if len(p.piece) == 1), key=lambda p: -char_counts.get(p, 0))
     merges = [p.piece for p in sorted((p for p in new if len(p.piece) > 1), key=lambda p: -p.score)]

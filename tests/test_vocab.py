@@ -97,6 +97,21 @@ def test_a_piece_the_extended_model_never_makes_gives_its_place_to_the_next():
     assert len(added) == 300 and made == [[i] for i in range(32000, 32300)]
 
 
+def test_every_script_still_leaves_line_feeds_tabs_and_spaces_to_the_base():
+    """--all-pieces learned "\\n", "\\t", ".\\n\\n" from documents holding them: English text's lines, and the chat
+    format's, then read otherwise than the base model learned them (its byte for a line feed)."""
+    import random
+
+    from bailong.vocab import extend_tokenizer
+    base = Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
+    rng = random.Random(0)
+    texts = ["\n\n".join(f"{' '.join(rng.choices(VIETNAMESE, k=5))}.\t{rng.randint(0, 9)}\u3000end." for _ in range(8))
+             for _ in range(60)]
+    extended, added = extend_tokenizer(base, texts, 100, cjk_only=False)
+    assert added and not [p for p in added if any(c in p for c in "\n\t\u3000")], added
+    assert extended.encode("Hello world.\n\nNew\tline") == base.encode("Hello world.\n\nNew\tline")
+
+
 def test_the_pieces_a_report_shows_are_readable():
     from bailong.vocab import shown
     assert [shown(p) for p in ["臺灣", " đ", "\u031b", "\u0301c", "\ufe0f\u200d", "\u3000", " \u0300", "\u2028"]] == \
