@@ -216,7 +216,7 @@ def train(config, undo):
 
     # ---- optimizer, schedule, resume ----------------------------------------------------------------------
     optimizer = build_optimizer(trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
-    start = resume(out, model, optimizer, say, device, rank) if config.resume else 0
+    start = resume(out, model, optimizer, say, device, rank, lora.base_fingerprint) if config.resume else 0
     if start:
         say(f"resumed from {run.checkpoint(start)} at step {start}")
     elif config.resume:

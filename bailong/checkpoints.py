@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bailong.adapter import load_adapter, save_adapter
+from bailong.adapter import load_adapter, save_adapter, trained_base
 from bailong.errors import BailongError
 from bailong.files import atomic_folder, atomic_write
 from bailong.run_folder import STATE, RunFolder, latest_checkpoint
@@ -96,18 +96,24 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def resume(out: Path, model, optimizer, say=print, device=None, rank=0) -> int:
+def resume(out: Path, model, optimizer, say=print, device=None, rank=0, base=None) -> int:
     """Restore the newest checkpoint that reads whole: LoRA weights (through the adapter loader, into the
     model's LoRA modules), optimizer and RNG states (this ``rank``'s, a GPU's on the training ``device``).
 
     Returns the number of steps it had done (0 when there is no checkpoint). A newer
-    checkpoint that is missing or damaged is passed over with a warning naming it.
+    checkpoint that is missing or damaged is passed over with a warning naming it; one trained on another base
+    than ``base`` (the fingerprint of the base now, ``weights.fingerprint``) is refused.
     """
     run = RunFolder(out)
     named = latest_checkpoint(out)
     candidates = run.saved()[::-1]  # newest first (LATEST lags a crash by one)
     if named and not named.exists():
         candidates.insert(0, named)
+    trained = next((t for c in candidates if (t := trained_base(RunFolder(c).result))), None)  # (all the same)
+    if base and trained and trained != base:
+        raise BailongError(f"{out}: its checkpoints were trained on another base than the one loaded now (its "
+                           "weights changed since the run began, or another was named): resuming would go on "
+                           "training them on other weights; restore the base, or start again with another --out")
     problems = []
     for candidate in dict.fromkeys(candidates):
         try:

@@ -170,3 +170,26 @@ def test_sft_counts_its_real_tokens_and_a_resumed_run_goes_on_counting(tmp_path,
     steps = [b - a for a, b in zip([0] + counted, counted)]
     assert all(0 < s < 3 * 2 * 128 for s in steps) and len(set(steps)) > 1, steps  # padding left out
     assert "% of them padding)" in stdout
+
+
+def test_resume_onto_a_base_whose_weights_changed_is_refused(tmp_path, capsys):
+    """The run's fingerprint of its base holds the files' names and sizes; other weights of the same size (a
+    folder updated in place, another model copied over it) were resumed onto, the adapter trained on one base
+    going on with another. Its checkpoints say which base they were trained on."""
+    import bailong
+    from bailong.tokenizer import byte_tokenizer
+    base, out = tmp_path / "base", tmp_path / "run"
+    for seed in (0, 1, 0):
+        bailong.save(bailong.load_preset("tiny", device="cpu", seed=seed)[0], base)
+        byte_tokenizer().save(base)
+        args = ["--model", base, "--new-pieces", "0", "--save-every", "2", "--eval-every", "2", "--out", out]
+        if seed == 0 and not out.exists():
+            run_train(capsys, *args, "--steps", "2")
+        elif seed == 1:
+            _, err = run_train(capsys, *args, "--steps", "4", "--resume", code=1)
+            assert err.splitlines()[-1] + "\n" == f"error: {out}: its checkpoints were trained on another base than the one loaded now " \
+                "(its weights changed since the run began, or another was named): resuming would go on training " \
+                "them on other weights; restore the base, or start again with another --out\n"
+        else:
+            stdout, _ = run_train(capsys, *args, "--steps", "4", "--resume")
+            assert f"resumed from {out / 'checkpoints' / 'step-0000002'} at step 2" in stdout
