@@ -238,8 +238,12 @@ def start_run(config, found: dict, world=1, say=print, cached=()):
             gone = [p for p in out.iterdir() if p not in (folder.lock, folder.cache)] + stale  # others wait on the lock
             names = sorted(str(p.relative_to(out)) + "/" * p.is_dir() for p in gone)
             say(f"--overwrite: removing the run in {out} ({steps_done(out)} steps done): {', '.join(names)}")
-            for p in gone:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            for p in sorted(gone, key=lambda p: p == folder.run_json):  # run.json last: a run until all is gone
+                try:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                except OSError as e:  # (rmtree names a file inside by its name alone)
+                    raise BailongError(f"{p}: could not be removed ({e.strerror or e}); the run in {out} is "
+                                       "removed in part (run.json kept): mend that and run again") from None
     paths = {"model": config.model, "init": config.init, "data": config.data}
     run = {"options": options(config, world), "inputs": found, "paths": paths, "steps": config.steps,
            "folder": str(out.resolve())}

@@ -223,3 +223,26 @@ def test_a_training_output_whose_base_is_gone_is_still_told_apart_from_a_model(t
         check_model(TrainConfig(model=str(tmp_path / "run"), new_pieces=0))
     with pytest.raises(BailongError, match=r"adapter: an adapter, not a model folder: give the training output it"):
         check_not_a_run(tmp_path / "run" / "adapter")
+
+
+def test_an_overwrite_that_cannot_remove_all_of_the_old_run_says_where_and_keeps_run_json(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A part that could not be removed (a read-only checkpoint) stopped --overwrite with "error: adapter:
+    Permission denied", run.json already gone: the folder then read as not a run to --overwrite and --resume alike,
+    to be cleaned by hand."""
+    args = ["--steps", "2", "--eval-every", "2", "--new-pieces", "0", "--out", tmp_path / "run"]
+    run_train(capsys, *args)
+    rmtree = shutil.rmtree
+
+    def refused(path, *a, **k):
+        if path.name == "checkpoints":
+            raise PermissionError(13, "Permission denied", "step-0000002")
+        rmtree(path, *a, **k)
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    _, err = run_train(capsys, *args, "--overwrite", code=1)
+    assert err.splitlines()[-1] == f"error: {tmp_path / 'run' / 'checkpoints'}: could not be removed (Permission " \
+        f"denied); the run in {tmp_path / 'run'} is removed in part (run.json kept): mend that and run again"
+    assert (tmp_path / "run" / "run.json").exists()
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    stdout, _ = run_train(capsys, *args, "--overwrite")
+    assert "--overwrite: removing the run in" in stdout
