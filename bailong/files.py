@@ -148,6 +148,8 @@ def _refusal(target, error) -> OSError | None:
     chained = error
     while chained is not None:
         if isinstance(chained, OSError):
+            if re.fullmatch(r"\d+ requested and \d+ written", str(chained)):  # numpy's, without errno
+                return OSError("only part written: a full disk, or a limit on a file's size")
             return chained
         if found := re.search(r"\(os error (\d+)\)", str(chained)):
             return OSError(int(found[1]), os.strerror(int(found[1])))
@@ -269,4 +271,6 @@ def atomic_folder(path, check=None):
         else:
             os.replace(tmp, path)
     except BaseException as e:
+        if isinstance(e, BailongError) and str(tmp) in str(e):  # a write inside it: named as in its place
+            e = BailongError(str(e).replace(str(tmp), str(path)))
         _failed(path, e, lambda: shutil.rmtree(tmp, ignore_errors=True))

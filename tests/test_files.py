@@ -239,6 +239,13 @@ def test_a_file_size_limit_or_a_quota_is_one_line_too(tmp_path):
         with pytest.raises(BailongError, match=r"step-0000002: could not write \(File too large\)$"):
             with atomic_folder(tmp_path / "step-0000002") as tmp, open(tmp / "state.pt", "wb") as f:
                 torch.save(big, f)
+        # a file written inside a folder's write is named in its place (it was named in the temporary folder)
+        with pytest.raises(BailongError, match=f"^{tmp_path}/adapter/w.safetensors: could not write \\(File too"):
+            with atomic_folder(tmp_path / "adapter") as tmp:
+                atomic_write(tmp / "w.safetensors", lambda tmp: save_file(big, tmp))
+        with pytest.raises(BailongError, match=r"m.gguf: could not write \(only part written: a full disk, or a "
+                                               r"limit on a file's size\)$"):  # numpy's, without errno
+            atomic_write(tmp_path / "m.gguf", lambda tmp: big["a"].numpy().tofile(tmp))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert os.listdir(tmp_path) == []
