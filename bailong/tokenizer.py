@@ -35,9 +35,15 @@ class Tokenizer:
         self.legacy = legacy
         if self.path and (self.path.parent / "tokenizer_config.json").is_file():
             try:
-                self.legacy = tokenizer_settings(self.path.parent).get("legacy") is not False
+                settings = tokenizer_settings(self.path.parent)
             except BailongError:  # a broken one: the template that lives there says so where it is read
-                pass
+                settings = {}
+            self.legacy = settings.get("legacy") is not False
+            if added := added_past(self.path.parent, settings, self.vocab_size):
+                raise BailongError(f"{self.path.parent}: its tokenizer settings add {', '.join(added[:3])} past "
+                                   f"tokenizer.model's {self.vocab_size} pieces, which Bailong reads only from a "
+                                   "tokenizer.json (transformers writes one: AutoTokenizer.from_pretrained(folder)"
+                                   ".save_pretrained(folder)); without them its chat text would be spelled out")
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
         bos, eos = bos and self.bos_id >= 0, eos and self.eos_id >= 0  # a model may have neither (id -1)
@@ -217,6 +223,26 @@ def tokenizer_settings(folder) -> dict:
         except UnicodeDecodeError:
             raise BailongError(f"{template}: not UTF-8 text") from None
     return settings
+
+
+def added_past(folder: Path, settings: dict, pieces: int) -> list[str]:
+    """The tokens a folder's tokenizer_config.json (added_tokens_decoder) or added_tokens.json adds with ids past
+    a SentencePiece model's ``pieces`` (a chat fine-tune's <|im_start|>, which transformers reads there), but a
+    pad token and those the model beside has no embeddings for (config.json's vocab_size), which text never
+    holds."""
+    import json
+    added = {int(i): token_text(t) for i, t in (settings.get("added_tokens_decoder") or {}).items()
+             if str(i).isdecimal()}
+    try:
+        added |= {i: t for t, i in json.loads((folder / "added_tokens.json").read_text(encoding="utf-8")).items()
+                  if isinstance(i, int)} if (folder / "added_tokens.json").is_file() else {}
+        rows = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size") \
+            if (folder / "config.json").is_file() else None
+    except (OSError, ValueError, AttributeError):
+        rows = None  # either file broken: what reads it says so
+    rows = rows if isinstance(rows, int) else float("inf")
+    return [f"{t} ({i})" for i, t in sorted(added.items())
+            if pieces <= i < rows and t != token_text(settings.get("pad_token"))]
 
 
 def tokenizer_file(path) -> Path | None:

@@ -154,3 +154,31 @@ def test_a_grown_vocabulary_reads_chat_text_as_its_base_and_caches_know_how(tmp_
     tokenize(grown, ["臺灣"], tmp_path / "cache", 1)
     key = hashlib.sha256(grown.serialized() + json.dumps([DOCUMENTS, None, ["臺灣"]], ensure_ascii=False).encode())
     assert (tmp_path / "cache" / f"tokens-{key.hexdigest()[:20]}.ids.npy").is_file()
+
+
+def test_tokens_added_past_the_pieces_only_in_tokenizer_settings_are_refused(tmp_path):
+    """A tokenizer.model whose chat tokens (<|im_start|>, 32001) live only in tokenizer_config.json, as
+    transformers reads them: Bailong spelled them out as text (▁< | im _ start...), its eos </s> where the settings
+    named <|im_end|>, without a word. A pad token past the pieces, and ids the model has no rows for, are no text."""
+    import json
+    import shutil
+
+    import pytest
+
+    from bailong.errors import BailongError
+    from bailong.tokenizer import open_tokenizer
+    shutil.copy(asset("llama2-tokenizer/tokenizer.model"), tmp_path / "tokenizer.model")
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 32003}))
+    added = {str(32000 + i): {"content": t, "special": True} for i, t in enumerate(["<pad>", "<|im_start|>",
+                                                                                   "<|im_end|>"])}
+    settings = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<pad>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(BailongError, match=r"settings add <\|im_start\|> \(32001\), <\|im_end\|> \(32002\) past "
+                                           r"tokenizer.model's 32000 pieces, which Bailong reads only from a "
+                                           r"tokenizer.json"):
+        open_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 32001}))  # no rows for them
+    assert open_tokenizer(tmp_path).vocab_size == 32000
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 32000}))  # the older file's way
+    with pytest.raises(BailongError, match=r"add <\|im_start\|> \(32000\) past"):
+        open_tokenizer(tmp_path)
