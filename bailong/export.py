@@ -15,9 +15,10 @@ folder is never touched, an existing GGUF file is replaced only with --overwrite
 """
 import os
 import shutil
+import warnings
 from pathlib import Path
 
-from bailong.errors import BailongError, Parser, UsageError, loading, run_cli
+from bailong.errors import BailongError, BailongWarning, Parser, UsageError, loading, run_cli
 
 with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): answered once they have
     import torch
@@ -108,6 +109,11 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         tokenizer = tokenizer_found(next((t for t in map(open_tokenizer, folders) if t), None), base_folder,
                                     "a GGUF file carries the model's tokenizer")
         check_tokenizer(tokenizer)
+        if getattr(tokenizer, "legacy", True) is False:  # (every GGUF file of such a model reads so: said, not refused)
+            warnings.warn(f"{tokenizer.path}: tokenizer_config.json says legacy false (chat text after a special token "
+                          "begins without SentencePiece's space, as Bailong trains and chats), which no GGUF setting "
+                          "gives: llama.cpp puts the space there, a token more after each special token of a chat "
+                          "prompt", BailongWarning)
     model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)  # its tokenizer is the one above
     merge_lora(model, dtype)
     if broken := not_finite(model):  # a run that diverged, or weights past float16's range

@@ -14,7 +14,7 @@ import bailong
 from bailong.adapter import save_adapter
 from bailong.chat_template import LLAMA2_JINJA, llama2_ids, render_jinja
 from bailong.config import ModelConfig
-from bailong.errors import BailongError
+from bailong.errors import BailongError, BailongWarning
 from bailong.export import main as export_main
 from bailong.export_gguf import permute_rotary
 from bailong.lora import PROJECTIONS, LoRAConfig, inject_lora, merge_lora
@@ -206,6 +206,11 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
     with pytest.raises(BailongError, match="unsupported architecture MistralForCausalLM"):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "config.json").write_text(json.dumps(config))
+    (base / "tokenizer_config.json").write_text(json.dumps({"legacy": False}))  # (TinyLlama-Chat's): said, not refused
+    with pytest.warns(BailongWarning, match=re.escape(f"{base / 'tokenizer.model'}: tokenizer_config.json says "
+                                                      "legacy false")):
+        write(base, None, tmp_path / "legacy.gguf")
+    (base / "tokenizer_config.json").unlink()
     from bpe_models import SPLIT, bpe_folder
     (base / "tokenizer.model").unlink()
     bpe_folder(base)  # a byte-level BPE tokenizer.json, with a pre-tokenizer llama.cpp does not know by name
