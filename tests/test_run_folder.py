@@ -246,3 +246,17 @@ def test_an_overwrite_that_cannot_remove_all_of_the_old_run_says_where_and_keeps
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     stdout, _ = run_train(capsys, *args, "--overwrite")
     assert "--overwrite: removing the run in" in stdout
+
+
+def test_fine_tuning_a_run_another_process_still_trains_is_refused(tmp_path, capsys):
+    """SFT merged the adapter a run held midway and went on from it, without a word; the run then ended with
+    another."""
+    import fcntl
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--out", tmp_path / "pt")
+    with open(tmp_path / "pt" / ".lock") as training:  # as the process training it holds it
+        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _, err = run_train(capsys, "--stage", "sft", "--init", tmp_path / "pt", "--steps", "1", "--out",
+                           tmp_path / "sft", code=1)
+    assert err == f"error: {tmp_path / 'pt'}: another process is still training it, and the adapter it holds is " \
+        "not yet its last; wait for it to end, or export this one (python -m bailong.export) and --init that\n"
+    run_train(capsys, "--stage", "sft", "--init", tmp_path / "pt", "--steps", "1", "--out", tmp_path / "sft")
