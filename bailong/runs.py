@@ -107,8 +107,9 @@ def check_output(config, world=1, locked=False) -> int:
         raise UsageError(f"{config.init}: no such folder (run python train.py --stage pretrain first, "
                          "or pass --init)")
     if config.stage == "sft" and not own_base and not lock_free(Path(config.init).expanduser()):
-        raise BailongError(f"{config.init}: another process is still training it, and the adapter it holds is not yet "
-                           "its last; wait for it to end, or export this one (python -m bailong.export) and --init that")
+        raise BailongError(f"{config.init}: another process is still training it, and the adapter it holds is "
+                           "not yet its last; wait for it to end, or export this one (python -m bailong.export) and "
+                           "--init that")
     if out.is_symlink() and not out.exists():
         raise UsageError(f"{out}: is a link to nothing; --out names the folder for the run")
     if out.exists() and not out.is_dir():
