@@ -38,6 +38,13 @@ LLAMA2_JINJA = (
     "{% else %}{{ ' ' + message['content'].strip() + eos_token }}{% endif %}{% endfor %}")
 
 
+def llama2_jinja(tokenizer) -> str:
+    """The Llama 2 format as a Jinja template whose text the tokenizer reads as ``llama2_turns``' ids: an
+    answer, encoded alone, begins with SentencePiece's space, and a byte-level BPE tokenizer's with none, so
+    for one of those nothing is written between [/INST] and the answer."""
+    return LLAMA2_JINJA if isinstance(tokenizer, Tokenizer) else LLAMA2_JINJA.replace("{{ ' ' + message", "{{ message")
+
+
 def llama2_turns(tokenizer: Tokenizer, messages) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of each exchange; an open last turn has no answer ids.
 

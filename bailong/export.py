@@ -23,7 +23,7 @@ from bailong.errors import BailongError, BailongWarning, Parser, UsageError, loa
 with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): answered once they have
     import torch
     from bailong.adapter import read_adapter_config
-    from bailong.chat_template import LLAMA2_JINJA, template_in
+    from bailong.chat_template import LLAMA2_JINJA, llama2_jinja, template_in
     from bailong.config import DTYPES, torch_dtype
     from bailong.files import (as_checked, atomic_folder, atomic_write, check_not_in_a_run, check_output_file,
                                check_writable, overlaps, own_file)
@@ -130,7 +130,7 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
         sampling, _ = model_sampling(next((f for f in folders if (f / GENERATION_CONFIG).exists()), None))
         gguf_type = gguf_type or ("bf16" if dtype == torch.bfloat16 else "f16")
         atomic_write(out, lambda tmp: write_gguf(
-            tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else LLAMA2_JINJA,
+            tmp, model, tokenizer, gguf_type, out.stem, template[0] if template else llama2_jinja(tokenizer),
             bool(settings.get("add_bos_token", True)), bool(settings.get("add_eos_token", False)), sampling),
             check=check)
         return out

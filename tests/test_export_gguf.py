@@ -12,7 +12,7 @@ import torch
 
 import bailong
 from bailong.adapter import save_adapter
-from bailong.chat_template import LLAMA2_JINJA, llama2_ids, render_jinja
+from bailong.chat_template import LLAMA2_JINJA, llama2_ids, llama2_jinja, render_jinja
 from bailong.config import ModelConfig
 from bailong.errors import BailongError, BailongWarning
 from bailong.export import main as export_main
@@ -141,15 +141,21 @@ def test_every_tensor_piece_and_setting_reads_back(kind, tokenizers, tmp_path):
         == pytest.approx([0.6, 40, 0.9, 1.1, 0.0])  # chat.py's defaults
 
 
-def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers):
-    tok = tokenizers[1]
-    specials = {"bos_token": "<s>", "eos_token": "</s>"}
-    for messages in ([{"role": "user", "content": " 臺灣最高的山？ "}],
-                     [{"role": "system", "content": "Answer in Traditional Chinese."},
-                      {"role": "user", "content": "Where is Taiwan?"}, {"role": "assistant", "content": " 東亞。 "},
-                      {"role": "user", "content": "謝謝!"}]):
-        assert tok.encode_chat(render_jinja(LLAMA2_JINJA, messages, specials), specials) == \
-            llama2_ids(tok, messages)
+def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers, tmp_path):
+    """For a SentencePiece model and a byte-level BPE one (whose answer, encoded alone, begins with no space: the
+    template wrote one, and llama.cpp read an answer of the history otherwise than training had)."""
+    from bpe_models import bpe_folder
+
+    from bailong.tokenizer import open_tokenizer, tokenizer_settings
+    bpe = open_tokenizer(bpe_folder(tmp_path))
+    for tok, specials in [(tokenizers[1], {"bos_token": "<s>", "eos_token": "</s>"}),
+                          (bpe, {k: tokenizer_settings(tmp_path)[k] for k in ("bos_token", "eos_token")})]:
+        for messages in ([{"role": "user", "content": " 臺灣最高的山？ "}],
+                         [{"role": "system", "content": "Answer in Traditional Chinese."},
+                          {"role": "user", "content": "Where is Taiwan?"}, {"role": "assistant", "content": " 東亞。 "},
+                          {"role": "user", "content": "謝謝!"}, {"role": "assistant", "content": "In Asia."}]):
+            assert tok.encode_chat(render_jinja(llama2_jinja(tok), messages, specials), specials) == \
+                llama2_ids(tok, messages)
 
 
 def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_left(tokenizers, tmp_path, monkeypatch):
