@@ -152,8 +152,9 @@ def test_the_llama2_template_gives_the_tokens_chat_uses(tokenizers, tmp_path):
                           (bpe, {k: tokenizer_settings(tmp_path)[k] for k in ("bos_token", "eos_token")})]:
         for messages in ([{"role": "user", "content": " 臺灣最高的山？ "}],
                          [{"role": "system", "content": "Answer in Traditional Chinese."},
-                          {"role": "user", "content": "Where is Taiwan?"}, {"role": "assistant", "content": " 東亞。 "},
-                          {"role": "user", "content": "謝謝!"}, {"role": "assistant", "content": "In Asia."}]):
+                          {"role": "user", "content": "Where is Taiwan?"},
+                          {"role": "assistant", "content": " 東亞。 "}, {"role": "user", "content": "謝謝!"},
+                          {"role": "assistant", "content": "In Asia."}]):
             assert tok.encode_chat(render_jinja(llama2_jinja(tok), messages, specials), specials) == \
                 llama2_ids(tok, messages)
 
