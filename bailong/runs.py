@@ -42,7 +42,7 @@ NOT_IDENTITY = {"out", "steps", "resume", "overwrite", "workers", "device", "eva
 DOCUMENTS = "bos where a prompt has one, text, eos"
 # how data.py reads data and makes SFT's examples: a run an earlier version began (recording none) goes on as it began
 READING = ("lines end at line feeds; hidden files and empty JSON texts left out; SFT conversations without an "
-           "answer within --seq-len left out")
+           "answer within --seq-len left out; suffixes in any case, a byte-order mark at any line's start dropped")
 
 
 def options(config, world=1) -> dict:
@@ -209,8 +209,11 @@ def prepare_output(config, found: dict, say=print, world=1, before=(0, None, Non
         changed = [k for k in ("data", "model", "specials") if k in recorded and recorded[k] != found.get(k)]
         if changed:
             what = {"data": "the data", "model": "the base model", "specials": "the tokenizer's bos and eos"}
+            then = recorded.get("reading", READING)  # an earlier version may have read the same files otherwise
+            why = f", or the earlier Bailong that started it read them otherwise (then: {then}; now: {READING})" \
+                if "data" in changed and then != READING else ""
             raise UsageError(f"{out}: {' and '.join(what[k] for k in changed)} differ from those the run started "
-                             "with; choose another --out")
+                             f"with{why}; choose another --out")
         if run.get("steps") not in (None, config.steps):
             change = "stretches" if config.steps > run["steps"] else "shrinks"
             say(f"continuing to step {config.steps} (the run was started for {run['steps']}): the learning-rate "

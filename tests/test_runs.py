@@ -244,3 +244,21 @@ def test_a_run_begun_with_precision_auto_goes_on_with_the_precision_named(tmp_pa
     _, stderr = run_train(capsys, "--steps", "3", "--held-out", "0", "--precision", "fp32", "--resume", "--out",
                           tmp_path / "bf16", code=2)
     assert "holds a different run (--precision was 'bf16', now 'fp32')" in stderr
+
+
+def test_a_run_whose_data_an_earlier_reading_read_otherwise_is_refused_saying_so(tmp_path, capsys):
+    """Since suffixes are read in any case and a byte-order mark at any line's start is dropped, a folder with a
+    NOTES.TXT reads as other data: a run begun before says that an earlier reading may be why."""
+    from bailong.runs import READING
+    (corpus := tmp_path / "corpus").mkdir()
+    (corpus / "a.txt").write_text((SAMPLES / "zh_tw_sample.txt").read_text())
+    args = ["--data", corpus, "--new-pieces", "0", "--eval-every", "2", "--out", tmp_path / "run"]
+    run_train(capsys, *args, "--steps", "2")
+    run_json = tmp_path / "run" / "run.json"
+    began = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**began, "inputs": {**began["inputs"], "reading": "as an earlier version read"}}))
+    (corpus / "NOTES.TXT").write_text("read now, left out before\n")
+    _, err = run_train(capsys, *args, "--steps", "3", "--resume", code=2)
+    assert err == f"error: {tmp_path / 'run'}: the data differ from those the run started with, or the earlier " \
+        f"Bailong that started it read them otherwise (then: as an earlier version read; now: {READING}); choose " \
+        "another --out\n"
