@@ -41,9 +41,11 @@ class Tokenizer:
             self.legacy = settings.get("legacy") is not False
             if added := added_past(self.path.parent, settings, self.vocab_size):
                 raise BailongError(f"{self.path.parent}: its tokenizer settings add {', '.join(added[:3])} past "
-                                   f"tokenizer.model's {self.vocab_size} pieces, which Bailong reads only from a "
-                                   "tokenizer.json (transformers writes one: AutoTokenizer.from_pretrained(folder)"
-                                   ".save_pretrained(folder)); without them its chat text would be spelled out")
+                                   f"tokenizer.model's {self.vocab_size} pieces and use them (as bos or eos, or in "
+                                   "the chat template), which Bailong reads only from a tokenizer.json holding no "
+                                   "token past the model's embeddings (transformers writes one: AutoTokenizer."
+                                   "from_pretrained(folder).save_pretrained(folder)); without them its chat text "
+                                   "would be spelled out")
 
     def encode(self, text, bos=False, eos=False) -> list[int]:
         bos, eos = bos and self.bos_id >= 0, eos and self.eos_id >= 0  # a model may have neither (id -1)
@@ -227,9 +229,9 @@ def tokenizer_settings(folder) -> dict:
 
 def added_past(folder: Path, settings: dict, pieces: int) -> list[str]:
     """The tokens a folder's tokenizer_config.json (added_tokens_decoder) or added_tokens.json adds with ids past
-    a SentencePiece model's ``pieces`` (a chat fine-tune's <|im_start|>, which transformers reads there), but a
-    pad token and those the model beside has no embeddings for (config.json's vocab_size), which text never
-    holds."""
+    a SentencePiece model's ``pieces`` (a chat fine-tune's <|im_start|>, which transformers reads there) that its
+    settings use: named as bos or eos, or written by its chat template. Not one the model beside has no
+    embedding for (config.json's vocab_size), nor one nothing uses (a <pad>), which text never holds."""
     import json
     added = {int(i): token_text(t) for i, t in (settings.get("added_tokens_decoder") or {}).items()
              if str(i).isdecimal()}
@@ -241,8 +243,10 @@ def added_past(folder: Path, settings: dict, pieces: int) -> list[str]:
     except (OSError, ValueError, AttributeError):
         rows = None  # either file broken: what reads it says so
     rows = rows if isinstance(rows, int) else float("inf")
+    named = {token_text(settings.get(k)) for k in ("bos_token", "eos_token")}
+    template = str(settings.get("chat_template") or "")  # (or a list of named ones)
     return [f"{t} ({i})" for i, t in sorted(added.items())
-            if pieces <= i < rows and t != token_text(settings.get("pad_token"))]
+            if pieces <= i < rows and isinstance(t, str) and (t in named or t in template)]
 
 
 def tokenizer_file(path) -> Path | None:

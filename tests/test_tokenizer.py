@@ -156,10 +156,11 @@ def test_a_grown_vocabulary_reads_chat_text_as_its_base_and_caches_know_how(tmp_
     assert (tmp_path / "cache" / f"tokens-{key.hexdigest()[:20]}.ids.npy").is_file()
 
 
-def test_tokens_added_past_the_pieces_only_in_tokenizer_settings_are_refused(tmp_path):
+def test_tokens_added_past_the_pieces_only_in_tokenizer_settings_are_refused_where_used(tmp_path):
     """A tokenizer.model whose chat tokens (<|im_start|>, 32001) live only in tokenizer_config.json, as
     transformers reads them: Bailong spelled them out as text (▁< | im _ start...), its eos </s> where the settings
-    named <|im_end|>, without a word. A pad token past the pieces, and ids the model has no rows for, are no text."""
+    named <|im_end|>, without a word. Tokens nothing uses (a <pad> the pad token is not, or is), and ids the model
+    has no rows for, are no text: such folders read as before."""
     import json
     import shutil
 
@@ -171,14 +172,18 @@ def test_tokens_added_past_the_pieces_only_in_tokenizer_settings_are_refused(tmp
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 32003}))
     added = {str(32000 + i): {"content": t, "special": True} for i, t in enumerate(["<pad>", "<|im_start|>",
                                                                                    "<|im_end|>"])}
-    settings = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "<pad>"}
+    chatml = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + eos_token }}{% endfor %}"
+    settings = {"added_tokens_decoder": added, "eos_token": "<|im_end|>", "pad_token": "</s>", "chat_template": chatml}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(settings))
     with pytest.raises(BailongError, match=r"settings add <\|im_start\|> \(32001\), <\|im_end\|> \(32002\) past "
-                                           r"tokenizer.model's 32000 pieces, which Bailong reads only from a "
-                                           r"tokenizer.json"):
+                                           r"tokenizer.model's 32000 pieces and use them"):
         open_tokenizer(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 32001}))  # no rows for them
     assert open_tokenizer(tmp_path).vocab_size == 32000
-    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 32000}))  # the older file's way
-    with pytest.raises(BailongError, match=r"add <\|im_start\|> \(32000\) past"):
+    (tmp_path / "config.json").unlink()  # a tokenizer's folder alone; its chat tokens as <pad> (used by nothing)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": "</s>", "chat_template": ""}))
+    assert open_tokenizer(tmp_path).vocab_size == 32000
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000}))  # the older file's way
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(BailongError, match=r"add <\|im_end\|> \(32000\) past"):
         open_tokenizer(tmp_path)
