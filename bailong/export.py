@@ -106,14 +106,15 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     check_not_in_a_run(out)  # (another run's)
     if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
         from bailong.export_gguf import check_tokenizer
-        tokenizer = tokenizer_found(next((t for t in map(open_tokenizer, folders) if t), None), base_folder,
-                                    "a GGUF file carries the model's tokenizer")
+        base_tokenizer = open_tokenizer(base_folder)  # an adapter's grown one reads chat text as its base does
+        grown = adapter_folder and open_tokenizer(adapter_folder, legacy=getattr(base_tokenizer, "legacy", True))
+        tokenizer = tokenizer_found(grown or base_tokenizer, base_folder, "a GGUF file carries the model's tokenizer")
         check_tokenizer(tokenizer)
         if getattr(tokenizer, "legacy", True) is False:  # (every GGUF file of such a model reads so: said, not refused)
-            warnings.warn(f"{tokenizer.path}: tokenizer_config.json says legacy false (chat text after a special token "
-                          "begins without SentencePiece's space, as Bailong trains and chats), which no GGUF setting "
-                          "gives: llama.cpp puts the space there, a token more after each special token of a chat "
-                          "prompt", BailongWarning)
+            warnings.warn(f"{tokenizer.path}: read as legacy false, as the model's tokenizer_config.json says (chat "
+                          "text after a special token begins without SentencePiece's space, as Bailong trains and "
+                          "chats), which no GGUF setting gives: llama.cpp puts the space there, a token more after "
+                          "each special token of a chat prompt", BailongWarning)
     model, _ = load(base_folder, dtype=dtype, device="cpu", adapter=adapter_folder)  # its tokenizer is the one above
     merge_lora(model, dtype)
     if broken := not_finite(model):  # a run that diverged, or weights past float16's range

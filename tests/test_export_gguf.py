@@ -192,7 +192,7 @@ def test_a_model_template_and_token_settings_are_kept_and_nothing_partial_is_lef
 
 def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
     from sentencepiece import sentencepiece_model_pb2 as pb
-    base, _, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
+    base, adapter, _, _ = make_run(tmp_path, tokenizers, **SHAPES["gqa"])
     proto = tokenizers[0].proto()
     for change, expected in [("model_type", "a UNIGRAM SentencePiece model; llama.cpp's Llama tokenizer reproduces "
                                             "BPE models only"),
@@ -214,9 +214,11 @@ def test_what_llama_cpp_would_read_differently_is_refused(tokenizers, tmp_path):
         export_main(["--base", str(base), "--out", str(tmp_path / "model.gguf")])
     (base / "config.json").write_text(json.dumps(config))
     (base / "tokenizer_config.json").write_text(json.dumps({"legacy": False}))  # (TinyLlama-Chat's): said, not refused
-    with pytest.warns(BailongWarning, match=re.escape(f"{base / 'tokenizer.model'}: tokenizer_config.json says "
-                                                      "legacy false")):
+    said = re.escape("tokenizer.model: read as legacy false, as the model's tokenizer_config.json says")
+    with pytest.warns(BailongWarning, match=said):
         write(base, None, tmp_path / "legacy.gguf")
+    with pytest.warns(BailongWarning, match=said):  # a run's adapter, its grown tokenizer.model read as its base's
+        write(base, adapter, tmp_path / "legacy.gguf", "--overwrite")
     (base / "tokenizer_config.json").unlink()
     from bpe_models import SPLIT, bpe_folder
     (base / "tokenizer.model").unlink()
