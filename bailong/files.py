@@ -96,6 +96,7 @@ def as_checked(path, ours=lambda path: False, flag="--out"):
     there = Path(path).is_file()
 
     def check(target):
+        target = _through_link(target)  # (a link given as the output is written through)
         if os.path.lexists(target) and not (there and Path(target).is_file() and ours(target)):
             raise BailongError(f"{path}: was made while this command worked, and is left as it is; nothing was "
                                f"written (choose another {flag})")

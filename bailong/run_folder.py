@@ -126,9 +126,11 @@ def runs_own(path) -> Path | None:
     """The training run folder whose own names (adapter/, checkpoints/, metrics.jsonl...) ``path`` lies in or
     takes, or None: training replaces them whole, and a file another command saved there would be lost."""
     path = Path(path).expanduser().absolute()
-    path = path.parent.resolve() / path.name  # (the file itself may not be there yet)
+    path = path.resolve() if path.is_symlink() else path.parent.resolve() / path.name  # (it may not be there yet)
     for run in path.parents:
-        if (run / "run.json").is_file() and any(re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT):
+        folder = RunFolder(run)  # (a run.json of another tool's is not a run: ours always has its lock file)
+        if folder.run_json.is_file() and folder.lock.exists() and any(
+                re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT):
             return run
     return None
 

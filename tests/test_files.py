@@ -77,6 +77,10 @@ def test_what_was_made_at_an_output_while_the_command_worked_is_kept(tmp_path):
     answers.write_text('{"messages": [], "answered_by": "m"}\n')
     assert save_answers(answers, [{"messages": [1]}], check=answers_check) == str(answers)  # answers: replaced
     assert answers.read_text() == '{"messages": [1]}\n'
+    os.symlink(tmp_path / "elsewhere.jsonl", tmp_path / "link.jsonl")  # a link to a file not yet there
+    link_check = check_output_file(tmp_path / "link.jsonl", {})
+    assert save_answers(tmp_path / "link.jsonl", [{"messages": []}], check=link_check) == str(tmp_path / "link.jsonl")
+    assert (tmp_path / "elsewhere.jsonl").read_text() == '{"messages": []}\n'
 
 
 def test_an_output_among_a_training_runs_own_files_is_refused(tmp_path):
@@ -85,7 +89,11 @@ def test_an_output_among_a_training_runs_own_files_is_refused(tmp_path):
     from bailong.conversation import Chat
     (run := tmp_path / "run").mkdir()
     (run / "run.json").write_text("{}")
-    for path in (run / "adapter" / "talk.jsonl", run / "checkpoints" / "a.gguf", run / "metrics.jsonl"):
+    check_output_file(run / "adapter" / "talk.jsonl", {})  # another tool's run.json: no run of ours, no lock file
+    (run / ".lock").write_text("")
+    os.symlink(run / "adapter" / "linked.jsonl", tmp_path / "link.jsonl")  # a link given is written through
+    for path in (run / "adapter" / "talk.jsonl", run / "checkpoints" / "a.gguf", run / "metrics.jsonl",
+                 tmp_path / "link.jsonl"):
         with pytest.raises(UsageError, match="lies among the training run .*run's own files, which training "
                                              "replaces; --out must name a file elsewhere"):
             check_output_file(path, {})
