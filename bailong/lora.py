@@ -311,6 +311,8 @@ def merge_lora(model, dtype=None):
         plain.train(m.training)
         del m
         set_module(model, name, plain)
+    # the merged model is the base of whatever adapter is saved of it next: a grown vocabulary's rows are its own
+    model.__dict__.pop("vocab_grown_from", None)
     return model
 
 

@@ -2,6 +2,7 @@
 may go, a dtype by name, a tensor of ids) do what they say, or are refused at once with a clear error."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import bailong
 from bailong import conversation
@@ -196,6 +197,9 @@ def test_an_adapter_of_a_grown_vocabulary_takes_its_new_rows_without_lora_on_the
     ids = torch.tensor([tokenizer.encode("臺灣的語言")])
     assert model.config.vocab_size == 280 and ids.max() >= 260
     assert torch.equal(model(ids), grown(ids))
+    inject_lora(merge_lora(model), lora)  # merged, the model is the next adapter's base: its rows stay out of it
+    save_adapter(model, tmp_path / "next", lora)
+    assert all("lora_" in k for k in load_file(tmp_path / "next" / "adapter_model.safetensors"))
 
 
 def test_a_cuda_device_the_machine_lacks_is_said_in_one_line(tmp_path):
