@@ -72,8 +72,8 @@ def parse_args(argv):
     if args.output and not args.input:
         p.error("--output goes with --input (the interactive chat saves with /save FILE)")
     if args.output:  # (checked again as the answers are written: what was made there meanwhile is kept)
-        args.output_check = check_output_file(args.output, {"the input": args.input}, args.overwrite, ours=is_answers, kind=ANSWERS,
-                          flag="--output")
+        args.output_check = check_output_file(args.output, {"the input": args.input}, args.overwrite,
+                                              ours=is_answers, kind=ANSWERS, flag="--output")
     if args.model and args.preset:
         p.error("give a model folder or repo id, or --preset NAME, not both")
     if args.preset and args.adapter:
