@@ -187,9 +187,9 @@ def test_resume_onto_a_base_whose_weights_changed_is_refused(tmp_path, capsys):
             run_train(capsys, *args, "--steps", "2")
         elif seed == 1:
             _, err = run_train(capsys, *args, "--steps", "4", "--resume", code=1)
-            assert err.splitlines()[-1] + "\n" == f"error: {out}: its checkpoints were trained on another base than the one loaded now " \
-                "(its weights changed since the run began, or another was named): resuming would go on training " \
-                "them on other weights; restore the base, or start again with another --out\n"
+            assert err.splitlines()[-1] == f"error: {out}: its checkpoints were trained on another base than the " \
+                "one loaded now (its weights changed since the run began, or another was named): resuming would go " \
+                "on training them on other weights; restore the base, or start again with another --out"
         else:
             stdout, _ = run_train(capsys, *args, "--steps", "4", "--resume")
             assert f"resumed from {out / 'checkpoints' / 'step-0000002'} at step 2" in stdout
