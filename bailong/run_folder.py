@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from bailong.errors import BailongError
+from bailong.errors import BailongError, read_json
 
 
 class RunFolder:
@@ -122,15 +122,26 @@ def in_the_way(out: Path, overwrite: bool) -> str | None:
                  or any(re.fullmatch(k, o.rstrip("/")) for k in LAYOUT)), None)
 
 
+def recorded(out: Path) -> dict | None:
+    """``out/run.json``'s content where it is a run's (options and steps; an earlier version's: options alone),
+    else None (none, unreadable, or another tool's)."""
+    try:
+        run = read_json(RunFolder(out).run_json) if RunFolder(out).run_json.is_file() else None
+    except BailongError:
+        return None
+    if isinstance(run, dict) and (isinstance(run.get("options"), dict) and "steps" in run
+                                  or {"stage", "lora_r", "seq_len", "data"} <= set(run)):
+        return run
+    return None
+
+
 def runs_own(path) -> Path | None:
     """The training run folder whose own names (adapter/, checkpoints/, metrics.jsonl...) ``path`` lies in or
     takes, or None: training replaces them whole, and a file another command saved there would be lost."""
     path = Path(path).expanduser().absolute()
     path = path.resolve() if path.is_symlink() else path.parent.resolve() / path.name  # (it may not be there yet)
     for run in path.parents:
-        folder = RunFolder(run)  # (a run.json of another tool's is not a run: ours always has its lock file)
-        if folder.run_json.is_file() and folder.lock.exists() and any(
-                re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT):
+        if any(re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT) and recorded(run) is not None:
             return run
     return None
 

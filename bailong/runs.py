@@ -22,10 +22,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from bailong.errors import BailongError, UsageError, read_json
+from bailong.errors import BailongError, UsageError
 from bailong.files import atomic_write, check_writable, overlaps, write_failed
-from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, in_the_way, lock_free, not_a_runs, steps_done,
-                                take_lock, tidy)
+from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, in_the_way, lock_free, not_a_runs, recorded,
+                                steps_done, take_lock, tidy)
 
 
 # options that change neither the model nor the order of the data, nor what a step computes (the memory and
@@ -68,17 +68,11 @@ def _has_progress(out: Path) -> bool:
 
 def read_run(out: Path) -> dict | None:
     """The run recorded in ``out/run.json``, or None when there is none or it is not ours."""
-    if not RunFolder(out).run_json.is_file():
-        return None
-    try:
-        run = read_json(RunFolder(out).run_json)
-    except BailongError:
-        return None
-    if isinstance(run.get("options"), dict) and "steps" in run:
+    run = recorded(out)
+    if run is None or isinstance(run.get("options"), dict):
         return run
-    if {"stage", "lora_r", "seq_len", "data"} <= set(run):  # written by an earlier version: options alone
-        return {"options": {k: v for k, v in run.items() if k not in NOT_IDENTITY}, "steps": run.get("steps")}
-    return None
+    # written by an earlier version: options alone
+    return {"options": {k: v for k, v in run.items() if k not in NOT_IDENTITY}, "steps": run.get("steps")}
 
 
 def _differences(before: dict, now: dict) -> str:

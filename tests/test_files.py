@@ -88,9 +88,9 @@ def test_an_output_among_a_training_runs_own_files_is_refused(tmp_path):
     an export's GGUF) was lost at its next save."""
     from bailong.conversation import Chat
     (run := tmp_path / "run").mkdir()
-    (run / "run.json").write_text("{}")
-    check_output_file(run / "adapter" / "talk.jsonl", {})  # another tool's run.json: no run of ours, no lock file
-    (run / ".lock").write_text("")
+    (run / "run.json").write_text('{"experiment": "x"}')
+    check_output_file(run / "adapter" / "talk.jsonl", {})  # another tool's run.json: no run of ours
+    (run / "run.json").write_text('{"options": {}, "steps": 2}')  # (a copy of a run may lack its lock file)
     os.symlink(run / "adapter" / "linked.jsonl", tmp_path / "link.jsonl")  # a link given is written through
     for path in (run / "adapter" / "talk.jsonl", run / "checkpoints" / "a.gguf", run / "metrics.jsonl",
                  tmp_path / "link.jsonl"):
