@@ -122,7 +122,7 @@ def in_the_way(out: Path, overwrite: bool) -> str | None:
                  or any(re.fullmatch(k, o.rstrip("/")) for k in LAYOUT)), None)
 
 
-def recorded(out: Path) -> dict | None:
+def run_record(out: Path) -> dict | None:
     """``out/run.json``'s content where it is a run's (options and steps; an earlier version's: options alone),
     else None (none, unreadable, or another tool's)."""
     try:
@@ -141,7 +141,7 @@ def runs_own(path) -> Path | None:
     path = Path(path).expanduser().absolute()
     path = path.resolve() if path.is_symlink() else path.parent.resolve() / path.name  # (it may not be there yet)
     for run in path.parents:
-        if any(re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT) and recorded(run) is not None:
+        if any(re.fullmatch(k, path.relative_to(run).parts[0]) for k in LAYOUT) and run_record(run) is not None:
             return run
     return None
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bailong.errors import BailongError, UsageError
 from bailong.files import atomic_write, check_writable, overlaps, write_failed
-from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, in_the_way, lock_free, not_a_runs, recorded,
+from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, in_the_way, lock_free, not_a_runs, run_record,
                                 steps_done, take_lock, tidy)
 
 
@@ -68,7 +68,7 @@ def _has_progress(out: Path) -> bool:
 
 def read_run(out: Path) -> dict | None:
     """The run recorded in ``out/run.json``, or None when there is none or it is not ours."""
-    run = recorded(out)
+    run = run_record(out)
     if run is None or isinstance(run.get("options"), dict):
         return run
     # written by an earlier version: options alone
