@@ -265,7 +265,7 @@ def default_device():
 def chosen_device(device):
     """``device``, or the default where None; a CUDA device this machine lacks is said in one line (torch's
     AssertionError came once the first weight moved)."""
-    if device is None:
+    if not device:
         return default_device()
     if (name := str(device)).startswith("cuda"):
         check_device(name, f"device={name!r}")
