@@ -31,7 +31,7 @@ with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): ans
     from bailong.hub import ADAPTER_FILES, resolve
     from bailong.lora import merge_lora
     from bailong.outputs import check_not_a_run, training_output
-    from bailong.tokenizer import CHAT_TEMPLATE_FILE, open_tokenizer, tokenizer_found, tokenizer_settings
+    from bailong.tokenizer import CHAT_TEMPLATE_FILE, adapted_tokenizer, tokenizer_found, tokenizer_settings
     from bailong.weights import load, not_finite, own_dtype, save
 
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE,
@@ -106,9 +106,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
     check_not_in_a_run(out)  # (another run's)
     if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
         from bailong.export_gguf import check_tokenizer
-        base_tokenizer = open_tokenizer(base_folder)  # an adapter's grown one reads chat text as its base does
-        grown = adapter_folder and open_tokenizer(adapter_folder, legacy=getattr(base_tokenizer, "legacy", True))
-        tokenizer = tokenizer_found(grown or base_tokenizer, base_folder, "a GGUF file carries the model's tokenizer")
+        tokenizer = tokenizer_found(adapted_tokenizer(base_folder, adapter_folder), base_folder,
+                                    "a GGUF file carries the model's tokenizer")
         check_tokenizer(tokenizer)
         if getattr(tokenizer, "legacy", True) is False:  # (every GGUF file of such a model reads so: said, not refused)
             warnings.warn(f"{tokenizer.path}: read as legacy false, as the model's tokenizer_config.json says (chat "

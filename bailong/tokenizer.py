@@ -286,6 +286,15 @@ def open_tokenizer(path, legacy=True) -> Tokenizer | JsonTokenizer:
     return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path, legacy=legacy)
 
 
+def adapted_tokenizer(base, adapter=None) -> Tokenizer | JsonTokenizer:
+    """The tokenizer of a base model folder with an adapter folder: the adapter's where it has one (a grown
+    vocabulary's tokenizer.model alone), reading chat text as its base's does (legacy), else the base's; None
+    where neither has one."""
+    tokenizer = open_tokenizer(base)
+    grown = open_tokenizer(adapter, legacy=getattr(tokenizer, "legacy", True)) if adapter is not None else None
+    return tokenizer if grown is None else grown
+
+
 def tokenizer_found(tokenizer, path, why=""):
     """``tokenizer``, the one ``open_tokenizer(path)`` or a model's loading found; where it found none, a one-line
     error naming ``path`` (and ``why`` one is needed)."""

@@ -28,7 +28,7 @@ from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.outputs import check_not_a_run, training_output
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
-from bailong.tokenizer import byte_tokenizer, check_fits, open_tokenizer
+from bailong.tokenizer import adapted_tokenizer, byte_tokenizer, check_fits
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
@@ -314,7 +314,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
     load_weights(model, folder, device, quantize == "nf4", blocksize, double_quant).eval()
     if quantized:
         print(memory_report(model), file=sys.stderr)
-    tokenizer = open_tokenizer(folder)
+    adapter_folder = None
     if adapter is not None:
         adapter_folder = resolve(str(adapter), revision, files=ADAPTER_FILES, weights=False)
         load_adapter(model, adapter_folder)
@@ -323,9 +323,7 @@ def load(path_or_repo_id, dtype=None, device=None, revision=None, quantize=None,
                           "first layer differ: another model, or this one in another dtype); its answers may make no "
                           "sense", BailongWarning, stacklevel=2)
         model.eval()
-        # a grown vocabulary (the adapter's tokenizer.model alone) reads chat text as its base does
-        if (grown := open_tokenizer(adapter_folder, legacy=getattr(tokenizer, "legacy", True))) is not None:
-            tokenizer = grown
+    tokenizer = adapted_tokenizer(folder, adapter_folder)
     check_fits(tokenizer, model)
     return model, tokenizer
 
