@@ -103,7 +103,8 @@ def export(base, adapter, out, dtype=None, max_shard_bytes=5 << 30, format=None,
                          ("the training output", run_folder)]:  # in a run: read as its base, or in its way
         if folder and overlaps(out, folder):
             raise UsageError(f"{out}: lies inside {what} ({folder}); choose a folder apart from the inputs")
-    check_not_in_a_run(out)  # (another run's)
+    if format == "hf":  # (a GGUF file's check_output_file checked)
+        check_not_in_a_run(out)  # another run's
     if format == "gguf":  # a tokenizer llama.cpp would read differently is refused before minutes of loading
         from bailong.export_gguf import check_tokenizer
         tokenizer = tokenizer_found(adapted_tokenizer(base_folder, adapter_folder), base_folder,
