@@ -42,9 +42,17 @@ and later, under ``torch.inference_mode`` only (decoding; ``nf4_dequant.pdl``):
 each kernel starts while the one before it ends and reads its first weights
 before waiting for it. Off by default: not yet timed on a GPU.
 """
+import importlib.util
+import warnings
+
 import torch
 
+from bailong.errors import BailongWarning
 from bailong.switches import initial
+
+# Triton ships for Linux alone (requirements.txt installs it there); without it CUDA runs the PyTorch code
+TRITON = importlib.util.find_spec("triton") is not None
+_said_no_triton = False
 
 _kernels = initial("BAILONG_NF4_KERNELS")
 _decode_kernels = initial("BAILONG_DECODE_KERNELS")
@@ -91,8 +99,14 @@ def switches() -> tuple:
 
 
 def enabled(x) -> bool:
-    """Whether the model should run the kernels for tensor ``x``."""
-    return x.is_cuda and _kernels
+    """Whether the model should run the kernels for tensor ``x``: on CUDA where switched on and Triton is
+    installed (without it, the PyTorch code, with a warning the first time)."""
+    global _said_no_triton
+    if x.is_cuda and _kernels and not TRITON and not _said_no_triton:
+        warnings.warn("Triton is not installed: on CUDA the PyTorch code runs instead of the kernels (slower)",
+                      BailongWarning)
+        _said_no_triton = True
+    return x.is_cuda and _kernels and TRITON
 
 
 def decode_enabled(x) -> bool:

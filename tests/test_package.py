@@ -9,9 +9,11 @@ import sys
 import types
 
 import pytest
+import torch
 
 import bailong
 import bailong_kernels
+from bailong.errors import BailongWarning
 from conftest import ROOT
 
 PACKAGES = {"bailong": ROOT / "bailong", "bailong_kernels": ROOT / "kernels"}
@@ -141,6 +143,38 @@ def test_the_readme_layout_lists_every_module_and_folder():
     assert in_tree - listed == set(), "in the tree, not in the README's layout"
     assert {name for name in listed if name.endswith((".py", "/", ".toml"))} - in_tree == set(), \
         "in the README's layout, not in the tree"
+
+
+NO_TRITON = "import runpy, sys; sys.modules['triton'] = None; sys.argv = sys.argv[1:]; " \
+    "runpy.run_path(sys.argv[0], run_name='__main__')"  # import triton fails, find_spec finds none: macOS's lot
+
+
+def test_the_recipe_on_the_cpu_needs_no_triton(tmp_path):
+    """Triton ships for Linux alone (requirements.txt installs it there): on macOS both stages and the chat run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    short = ["--steps", "2", "--eval-every", "1"]
+    for command in (["train.py", *short, "--new-pieces", "20", "--out", "pre"],
+                    ["train.py", "--stage", "sft", "--init", "pre", *short, "--out", "sft"],
+                    ["chat.py", "sft", "--prompt", "你好", "--max-new-tokens", "4"]):
+        done = subprocess.run([sys.executable, "-c", NO_TRITON, str(ROOT / command[0]), *command[1:]], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "Triton" not in done.stderr
+
+
+def test_without_triton_cuda_runs_the_pytorch_code_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(bailong_kernels, "TRITON", False)
+    monkeypatch.setattr(bailong_kernels, "_said_no_triton", False)
+    on_cuda = types.SimpleNamespace(is_cuda=True)
+    with pytest.warns(BailongWarning, match="Triton is not installed: on CUDA the PyTorch code runs") as said:
+        assert not bailong_kernels.enabled(on_cuda) and not bailong_kernels.enabled(on_cuda)
+    assert len(said) == 1
+    with torch.no_grad():
+        assert not bailong_kernels.decode_enabled(on_cuda)
+    assert not bailong_kernels.layer_enabled(on_cuda)
+    monkeypatch.setattr(bailong_kernels, "TRITON", True)
+    assert bailong_kernels.enabled(on_cuda) and bailong_kernels.layer_enabled(on_cuda)
 
 
 def test_every_switch_is_read_through_bailong_switches_with_its_default():
