@@ -12,9 +12,12 @@ as two. ``self.addmm_(...)`` writes into ``self``: one.
 import contextlib
 import importlib
 
+import pytest
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from conftest import WITHOUT_TRITON
 
 TRITON_MODULES = ("bailong_kernels.nf4_gemv", "bailong_kernels.nf4_dequant", "bailong_kernels.decode",
                   "bailong_kernels.layers", "bailong_kernels.dropout")  # every module with a kernel
@@ -69,6 +72,7 @@ class Counted:
 
 def triton_kernels():
     """(module, name, kernel) for every Triton kernel, as the launchers find them: module attributes."""
+    pytest.importorskip("triton", reason=WITHOUT_TRITON)
     for module in map(importlib.import_module, TRITON_MODULES):
         for name, kernel in list(vars(module).items()):
             if name.endswith("_kernel") and hasattr(kernel, "fn"):

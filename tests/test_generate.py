@@ -8,7 +8,7 @@ import bailong
 from bailong.chat_template import fit_prompt, llama2_ids, llama2_turns, training_example
 from bailong.generation import Sampling, generate, seen_mask
 from bailong.tokenizer import byte_tokenizer
-from conftest import asset
+from conftest import asset, needs_triton
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
@@ -200,6 +200,7 @@ def test_graph_decoder_decodes_a_batch_as_each_sequence_alone(tiny):
     assert torch.stack(ids, 1).tolist() == expected
 
 
+@needs_triton
 def test_decode_benchmark_runs_and_agrees_with_transformers():
     import subprocess
     import sys

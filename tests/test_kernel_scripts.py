@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, WITHOUT_TRITON
+
+pytest.importorskip("triton", reason=WITHOUT_TRITON)
 
 
 def test_benchmark_script_runs_at_tiny_sizes():

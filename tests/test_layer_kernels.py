@@ -8,6 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import WITHOUT_TRITON, needs_triton
+
+pytestmark = needs_triton  # the kernels, interpreted
+
 
 @pytest.mark.parametrize("part_positions", [512, 64, 32])  # the attention in one part, in 4, in 8 (some empty)
 def test_decode_kernels_match_pytorch(monkeypatch, part_positions):
@@ -177,6 +181,7 @@ def gpu_path(monkeypatch, fused_step, layer_kernels=False):
     kernels; all interpreted. The dequantize kernel takes 16,384 weights a program here: interpreted, each program
     costs about the same whatever its size (a graphed-step test took 102 s with small ones, 65 s so), and its own tests
     run it on several."""
+    pytest.importorskip("triton", reason=WITHOUT_TRITON)
     from bailong import lora_fused, model, quantized
     from bailong_kernels import decode, dropout, layers, nf4_dequant
     monkeypatch.setattr(quantized, "kernels_take", lambda t: True)

@@ -8,6 +8,7 @@ import torch
 
 from bailong.nf4 import dynamic_code
 from bailong.optim import BLOCK, AdamW8bit, build_optimizer, quantize_blocks, step_8bit, tables
+from conftest import needs_triton
 
 
 def _train(optimizer, params, steps):
@@ -165,6 +166,7 @@ def test_a_run_moves_over_from_torch_adamw():
         torch.testing.assert_close(a.float(), b.float(), atol=0.02, rtol=0)  # bf16 weights near 1: ulp 0.008
 
 
+@needs_triton
 @pytest.mark.gpu  # and interpreted without one
 def test_the_kernel_rounds_a_midpoint_down():
     """A value exactly on a midpoint takes the lower code in the kernel too (beta1 = 0: the new first moment is
@@ -193,6 +195,7 @@ def test_build_optimizer_and_the_lora_casts_see_its_steps():
         AdamW8bit([p], betas=(0.9, 1.0))
 
 
+@needs_triton
 @pytest.mark.gpu  # and interpreted without one
 @pytest.mark.parametrize("n", [1, 255, 256, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -265,7 +268,7 @@ def test_on_cuda_the_kernel_steps_as_the_reference_and_as_bitsandbytes():
 
 @pytest.mark.gpu  # and interpreted without one
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # the interpreter's numpy, squaring 1e25
-@pytest.mark.parametrize("path", ["reference", "kernel"])
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernel", marks=needs_triton)])
 def test_a_gradient_whose_square_overflows_leaves_its_block_finite(path):
     """A gradient of 1e25 squares past float32: stored as a block's absmax, the infinity made every value of the
     block NaN (0 or inf over inf), and with them the weights at the next step; torch's AdamW keeps the infinity
