@@ -15,7 +15,9 @@ reads it). Older turns are left out of the prompt when the conversation would ou
 the context window (/save keeps them); the system prompt stays. Commands: /reset,
 /system TEXT, /save FILE (/save! FILE replaces a file), /exit (or Ctrl-D);
 Ctrl-C stops an answer; at the prompt it quits (asking first where a conversation would be lost).
+At a terminal the arrow keys edit the line and bring back earlier messages.
 """
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -166,6 +168,9 @@ def main(argv=None):
     print("Chat started. /exit or Ctrl-D to quit; /reset, /system TEXT, /save FILE.", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 must not take the lines after it with it
         sys.stdin.reconfigure(errors="surrogateescape")
+    if sys.stdin.isatty():  # the arrow keys move in the line and bring back earlier ones, as at any prompt
+        with contextlib.suppress(ImportError):  # (a Python built without it: plain lines)
+            import readline  # noqa: F401 (input() edits through it once it is loaded)
     asked = False  # Ctrl-C at the prompt quits, once asked where a conversation would be lost
     while True:
         try:

@@ -331,3 +331,33 @@ def test_ctrl_c_while_torch_loads_waits_until_it_has():
                 reached = True  # may take a signal sent to the process)
         assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing is held after
+
+
+def test_at_a_terminal_the_up_arrow_brings_back_the_last_message(tmp_path):
+    """Lines are edited through readline at a terminal: the up arrow and Enter send the last message again (without
+    it, the escape sequence itself went as a message)."""
+    pytest.importorskip("readline", reason="this Python has no readline")
+    import pty
+    import select
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--max-new-tokens", "2"],
+                               stdin=follower, stdout=follower, stderr=follower, cwd=tmp_path)
+    os.close(follower)
+    seen = b""
+
+    def at_prompt(then: str):
+        nonlocal seen
+        while not seen.endswith(b"> "):
+            assert select.select([leader], [], [], 60)[0], seen
+            seen += os.read(leader, 4096)
+        seen = b""
+        os.write(leader, then.encode())
+    try:
+        for line in ["你好\r", "\x1b[A\r", "/save talk.jsonl\r", "/exit\r"]:
+            at_prompt(line)
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+        os.close(leader)
+    messages = json.loads((tmp_path / "talk.jsonl").read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["你好", "你好"]
