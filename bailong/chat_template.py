@@ -3,12 +3,16 @@
 Meta's format wraps each exchange in its own ``<s>...</s>`` and merges the
 system prompt into the first user message:
 
-    <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user 1} [/INST] {answer 1}</s><s>[INST] {user 2} [/INST]
+    <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user 1} [/INST] {answer 1} </s><s>[INST] {user 2} [/INST]
 
 We tokenize each exchange as two parts, the prompt ``<s>[INST] ... [/INST]`` and
 the answer ``{answer}</s>`` (SentencePiece's leading space is the space after
 [/INST]), so that training can mask exactly the answer tokens and the chat
-prompt is the same token sequence the model was trained on.
+prompt is the same token sequence the model was trained on. Meta's code
+(``generation.py``) encodes an exchange whole, with a space after the answer: a
+lone "▁" before ``</s>`` that our answers leave out, so a model we fine-tune
+ends an answer straight after its last word. (A model that ships Meta's format
+as a Jinja template, Llama-2-chat, is read through that template, below.)
 
 A model that ships its own format (a Jinja ``chat_template`` in tokenizer_config.json
 or chat_template.jinja) is rendered as transformers renders it, and its training
