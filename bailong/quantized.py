@@ -1,8 +1,10 @@
 """The frozen NF4 base of QLoRA: a quantized linear layer and the model-level helpers.
 
-Every attention and MLP projection becomes an ``NF4Linear``; embeddings, norms
-and ``lm_head`` stay in the compute dtype, as in QLoRA (the embedding's table may
-wait in host memory: ``embedding_rows``). An ``NF4Linear``'s state
+Every attention and MLP projection becomes an ``NF4Linear``; the embedding and
+``lm_head`` stay in the compute dtype, as in QLoRA (the embedding's table may wait
+in host memory: ``embedding_rows``), and so do the norms' weights, where QLoRA's
+script keeps them in float32 (ours normalise in float32, then scale by the weight
+in its dtype, as transformers' Llama does). An ``NF4Linear``'s state
 dict holds exactly what bitsandbytes writes (``weight``, ``weight.absmax``, ...),
 so saving a quantized model is saving its state dict plus a
 ``quantization_config`` that transformers understands.
