@@ -17,7 +17,9 @@ Autograd derives the first two through two small ``nn.Linear``s, and for an NF4
 W the ``nf4_linear`` function supplies g W without a weight gradient and without
 keeping a dequantized W between forward and backward. By default (switched off
 with ``BAILONG_FUSED_LORA=0``), ``LoRAProjection`` (bailong/lora_fused.py) forms all
-three, base included, in one autograd node in the compute dtype.
+three, base included, in one autograd node in the compute dtype. This file's path
+is the one to read first; tests/test_lora_fused.py holds the two to the same
+losses (within 1e-5 in float32) and gradients.
 
 LoRA wraps, never forks: the wrapped layer keeps its frozen weight under its
 usual key (``q_proj.weight``), so a PEFT adapter's keys are ours with the

@@ -20,13 +20,25 @@ A second kernel reads the packed bytes as int32 words, 8 weights a word, one
 word a thread a step: the word's block scale is found once (not once a byte),
 the 8 codes are looked up and scaled in the thread that holds the word, and
 the thread writes its 8 values with one store (16 bytes of bf16), with no
-exchange between threads. Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
+exchange between threads:
+
+    for each int32 word u (one thread: 4 packed bytes, little-endian, 8 weights):
+        s = scale(block of the word)                     # blocks of 64 weights: 8 words share a scale
+        w[8u + j] = code[(u >> 4 * (j ^ 1)) & 15] * s    # j = 0..7: shifts 4, 0, 12, 8, 20, 16, 28, 24
+        the 8 values stored at once
+
+Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
 byte kernel spends about 32 machine instructions a weight, the word kernel
 about 10; writing 2.5 bytes a weight (read and written) at an H200's ~4.3 TB/s
 leaves an SM room for about 19. On an H200 it is 1.6x faster than the byte
 kernel (3.2-3.3 TB/s read + written against 2.0, docs/BENCHMARKS.md), so it is
 the default (``BY_WORDS``) wherever q's bytes read as words; the byte kernel
 takes the rest.
+
+Under the Triton interpreter (the CPU's tests) a float32 value converted to
+bfloat16 is truncated, where a GPU rounds it to the nearest: there 45% of a
+bf16 dequantization's values are one unit nearer 0 than the reference's. float32 out
+gives the reference's bits on both; bf16 out is checked on the GPU.
 """
 import contextlib
 import functools
