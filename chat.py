@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from bailong.config import DTYPES, HF_SAMPLING, PRESETS, SAMPLING, Sampling
-from bailong.errors import BailongError, Parser, Terminated, check_device, run_cli, signals_held
+from bailong.errors import BailongError, Parser, Terminated, check_device, out_of_memory, run_cli, signals_held
 from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
 
 DEFAULT_MODEL = "out/sft"
@@ -139,8 +139,8 @@ def main(argv=None):
                 chat.messages = messages[:-1]  # the model sees what fits (chat.prompt); the file keeps them all
                 answer = chat.answer(messages[-1]["content"], stream=False)
                 answered.append({"messages": messages + [{"role": "assistant", "content": answer}], ANSWERED_BY: name})
-        except (KeyboardInterrupt, Terminated, BailongError) as e:  # Ctrl-C, SIGTERM (a job scheduler's stop),
-            stopped = e  # or the model's logits not finite: the answers so far are kept
+        except (KeyboardInterrupt, Terminated, BailongError, torch.OutOfMemoryError) as e:  # Ctrl-C, SIGTERM (a job
+            stopped = e  # scheduler's stop), the model's logits not finite, the GPU's memory: the answers so far kept
         written = None
         if args.output:
             if answered or stopped is None:  # (stopped before any answer: nothing written)
@@ -155,8 +155,8 @@ def main(argv=None):
         done = f"{len(answered)} of the {len(questions)} conversations answered"
         if written:
             done += f", written to {written}"
-        if isinstance(stopped, BailongError):
-            raise BailongError(f"{stopped}; {done}")
+        if isinstance(stopped, (BailongError, torch.OutOfMemoryError)):
+            raise BailongError(f"{out_of_memory(stopped) or stopped}; {done}")
         if isinstance(stopped, Terminated):
             print(f"terminated: {done}", file=sys.stderr)
             raise stopped
@@ -200,6 +200,9 @@ def main(argv=None):
                 chat.answer(text)
         except (BailongError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
+        except torch.OutOfMemoryError as e:  # this conversation's, not the chat's end
+            print(f"error: {out_of_memory(e)}: /reset begins a shorter conversation, and chat.py --quantize nf4 "
+                  "takes less", file=sys.stderr)
         except KeyboardInterrupt:  # before an answer began (its prompt made), or in a command: that alone stops
             print("\n(stopped; the conversation goes on)", file=sys.stderr)
 

@@ -181,12 +181,31 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # the GPU's memory, too small for what was asked: said by each process it stops
+        if not (said := out_of_memory(e)):
+            raise
+        print(f"{where}error: {said}: {LESS_MEMORY}", file=sys.stderr)
+        sys.exit(1)
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
     finally:
         if getattr(main, "__module__", None) == "__main__":  # the command is the program (a caller's exit is its own)
             atexit.unregister(_quiet_exit)  # (once; and the last registered runs first, before torch's clean-up)
             atexit.register(_quiet_exit)
+
+
+LESS_MEMORY = ("less at once fits (train.py: a smaller --batch-size with more --grad-accum, a shorter --seq-len, "
+               "--offload-activations, --optimizer adamw8bit; chat.py: --quantize nf4), or a GPU other processes "
+               "leave free")
+
+
+def out_of_memory(e) -> str | None:
+    """torch's out-of-memory error in one line, or None for any other error: its first sentences, which say what
+    was asked for and what the device holds (pages of the allocator's state follow)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(e, torch.OutOfMemoryError):
+        return None
+    return ". ".join(str(e).split(". ")[:3]).rstrip(". ")
 
 
 def _show_warning(say, where, shown, message, category, *args, **kwargs):

@@ -361,3 +361,68 @@ def test_at_a_terminal_the_up_arrow_brings_back_the_last_message(tmp_path):
         os.close(leader)
     messages = json.loads((tmp_path / "talk.jsonl").read_text())["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["你好", "你好"]
+
+
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.68 GiB of which 1.19 "
+                 "GiB is free. Including non-PyTorch memory, this process has 22.47 GiB memory in use. Of the allocated "
+                 "memory 21.9 GiB is allocated by PyTorch, and 12.3 MiB is reserved by PyTorch but unallocated. If "
+                 "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+SAID = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.68 GiB of which 1.19 GiB is free"
+
+
+def test_out_of_gpu_memory_is_one_line_that_says_what_takes_less(capsys):
+    """A command stopped by the GPU's memory (training's most common end on a small GPU) says so in a line: what
+    was asked for and what was free, then the options that take less; it was torch's traceback and its page."""
+    import torch
+
+    from bailong.errors import LESS_MEMORY, run_cli
+
+    def main(argv):
+        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main, [])
+    assert stopped.value.code == 1 and capsys.readouterr().err == f"error: {SAID}: {LESS_MEMORY}\n"
+    with pytest.raises(RuntimeError):  # any other error is a bug: its traceback shows
+        run_cli(lambda argv: torch.zeros(2) @ torch.zeros(3), [])
+
+
+def test_out_of_gpu_memory_in_a_chat_ends_that_answer_alone(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    import torch
+
+    from bailong import conversation
+    lines = iter(["a long question", "a short one", f"/save {tmp_path / 'chat.jsonl'}", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    answer = conversation.Chat.answer
+
+    def once_too_much(self, text, *args, **kwargs):
+        if text == "a long question":
+            raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+        return answer(self, text, *args, **kwargs)
+    monkeypatch.setattr(conversation.Chat, "answer", once_too_much)
+    assert chat.main(["--preset", "tiny", "--max-new-tokens", "2"]) == 0
+    assert f"error: {SAID}: /reset begins a shorter conversation" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "chat.jsonl").read_text())["messages"]
+    assert [m["content"] for m in saved if m["role"] == "user"] == ["a short one"]
+
+
+def test_out_of_gpu_memory_while_answering_a_file_keeps_the_answers_so_far(monkeypatch, capsys, tmp_path):
+    import torch
+
+    from bailong import conversation
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                                 for i in range(3)))
+    answer = conversation.Chat.answer
+
+    def third_too_much(self, text, *args, **kwargs):
+        if text == "q2":
+            raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+        return answer(self, text, *args, **kwargs)
+    monkeypatch.setattr(conversation.Chat, "answer", third_too_much)
+    with pytest.raises(bailong.BailongError, match=re.escape(f"{SAID}; 2 of the 3 conversations answered, written")):
+        chat.main(["--preset", "tiny", "--max-new-tokens", "2", "--input", str(questions), "--output",
+                   str(tmp_path / "a.jsonl")])
+    written = [p for p in tmp_path.iterdir() if p.name.startswith("a")]
+    assert len(written) == 1 and len(written[0].read_text().splitlines()) == 2
