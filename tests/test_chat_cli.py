@@ -363,11 +363,11 @@ def test_at_a_terminal_the_up_arrow_brings_back_the_last_message(tmp_path):
     assert [m["content"] for m in messages if m["role"] == "user"] == ["你好", "你好"]
 
 
-OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.68 GiB of which 1.19 "
-                 "GiB is free. Including non-PyTorch memory, this process has 22.47 GiB memory in use. Of the allocated "
-                 "memory 21.9 GiB is allocated by PyTorch, and 12.3 MiB is reserved by PyTorch but unallocated. If "
-                 "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
-SAID = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.68 GiB of which 1.19 GiB is free"
+SAID = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.68 GiB of which 1.19 GiB "
+        "is free")
+OUT_OF_MEMORY = SAID + (". Including non-PyTorch memory, this process has 22.47 GiB memory in use. Of the allocated "
+                        "memory 21.9 GiB is allocated by PyTorch, and 12.3 MiB is reserved by PyTorch but unallocated. "
+                        "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=...")
 
 
 def test_out_of_gpu_memory_is_one_line_that_says_what_takes_less(capsys):
