@@ -19,6 +19,7 @@ At a terminal the arrow keys edit the line and bring back earlier messages.
 """
 import contextlib
 import json
+import locale
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from bailong.errors import BailongError, Parser, Terminated, check_device, out_o
 from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
 
 DEFAULT_MODEL = "out/sft"
+LESS_MEMORY = "--quantize nf4 takes less, as do shorter conversations"  # said where the GPU's memory runs out
 
 
 def parse_args(argv):
@@ -156,7 +158,8 @@ def main(argv=None):
         if written:
             done += f", written to {written}"
         if isinstance(stopped, (BailongError, torch.OutOfMemoryError)):
-            raise BailongError(f"{out_of_memory(stopped) or stopped}; {done}")
+            said = f"{out_of_memory(stopped)}: {LESS_MEMORY}" if out_of_memory(stopped) else stopped
+            raise BailongError(f"{said}; {done}")
         if isinstance(stopped, Terminated):
             print(f"terminated: {done}", file=sys.stderr)
             raise stopped
@@ -168,7 +171,9 @@ def main(argv=None):
     print("Chat started. /exit or Ctrl-D to quit; /reset, /system TEXT, /save FILE.", file=sys.stderr)
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 must not take the lines after it with it
         sys.stdin.reconfigure(errors="surrogateescape")
-    if sys.stdin.isatty():  # the arrow keys move in the line and bring back earlier ones, as at any prompt
+    # at a terminal, the arrow keys move in the line and bring back earlier ones, as at any prompt; where the locale
+    # is not UTF-8 (LC_ALL=C) readline read Chinese as Meta keys and dropped it: plain lines there
+    if sys.stdin.isatty() and locale.nl_langinfo(locale.CODESET) == "UTF-8":
         with contextlib.suppress(ImportError):  # (a Python built without it: plain lines)
             import readline  # noqa: F401 (input() edits through it once it is loaded)
     asked = False  # Ctrl-C at the prompt quits, once asked where a conversation would be lost
@@ -201,11 +206,11 @@ def main(argv=None):
         except (BailongError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
         except torch.OutOfMemoryError as e:  # this conversation's, not the chat's end
-            print(f"error: {out_of_memory(e)}: /reset begins a shorter conversation, and chat.py --quantize nf4 "
-                  "takes less", file=sys.stderr)
+            print(f"error: {out_of_memory(e)}: the chat goes on (/reset begins a shorter one; --quantize nf4 takes "
+                  "less)", file=sys.stderr)
         except KeyboardInterrupt:  # before an answer began (its prompt made), or in a command: that alone stops
             print("\n(stopped; the conversation goes on)", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, less_memory=LESS_MEMORY)

@@ -29,7 +29,7 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once the modules have load
                                     tokens_of_rank_0)
     from bailong import progress
     from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
-    from bailong.training import check_graph_step, check_on_device, parse_config
+    from bailong.training import LESS_MEMORY, check_graph_step, check_on_device, parse_config
 
 
 # what a fine-tuning run's base keeps of its --init's files, where the tokenizer did not write them: the model's
@@ -397,4 +397,4 @@ def train(config, undo):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, less_memory=LESS_MEMORY)

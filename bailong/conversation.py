@@ -87,6 +87,8 @@ class Chat:
             seconds, answer = time.perf_counter() - start, self.tokenizer.decode(reply)
         except BaseException as e:
             self.messages.pop()
+            if reply:  # the line it began streaming, ended before what is said of the error
+                print(flush=True, file=out)
             if isinstance(e, FloatingPointError):  # the model's fault, not the conversation's
                 raise BailongError(str(e)) from None
             raise

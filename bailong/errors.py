@@ -147,8 +147,9 @@ def in_a_command() -> bool:
     return signal.getsignal(signal.SIGTERM) is _terminate
 
 
-def run_cli(main, argv=None):
-    """Run ``main(argv)`` and turn user errors, failed file operations, Ctrl-C and SIGTERM into a clean exit.
+def run_cli(main, argv=None, less_memory="less at once fits, or a GPU other processes leave free"):
+    """Run ``main(argv)`` and turn user errors, failed file operations, the GPU's memory running out (said with
+    ``less_memory``: what takes less), Ctrl-C and SIGTERM into a clean exit.
     Under torchrun the processes of one machine meet the same mistake, and its first one says it (another
     machine's files may differ: its first process says what it met, naming its rank)."""
     say = os.environ.get("LOCAL_RANK", "0") == "0"
@@ -184,7 +185,7 @@ def run_cli(main, argv=None):
     except Exception as e:  # the GPU's memory, too small for what was asked: said by each process it stops
         if not (said := out_of_memory(e)):
             raise
-        print(f"{where}error: {said}: {LESS_MEMORY}", file=sys.stderr)
+        print(f"{where}error: {said}: {less_memory}", file=sys.stderr)
         sys.exit(1)
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
@@ -194,18 +195,13 @@ def run_cli(main, argv=None):
             atexit.register(_quiet_exit)
 
 
-LESS_MEMORY = ("less at once fits (train.py: a smaller --batch-size with more --grad-accum, a shorter --seq-len, "
-               "--offload-activations, --optimizer adamw8bit; chat.py: --quantize nf4), or a GPU other processes "
-               "leave free")
-
-
 def out_of_memory(e) -> str | None:
     """torch's out-of-memory error in one line, or None for any other error: its first sentences, which say what
-    was asked for and what the device holds (pages of the allocator's state follow)."""
+    was asked for and what the device holds (pages of the allocator's state follow; cudaMallocAsync's, lines)."""
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(e, torch.OutOfMemoryError):
         return None
-    return ". ".join(str(e).split(". ")[:3]).rstrip(". ")
+    return ". ".join(str(e).split("\n")[0].split(". ")[:3]).rstrip(". ")
 
 
 def _show_warning(say, where, shown, message, category, *args, **kwargs):

@@ -13,6 +13,7 @@ it afterwards.
 
 1, true, on and yes switch one on; 0, false, off, no and nothing off; any other value is refused.
 """
+import importlib.util
 import os
 
 DEFAULTS = {"BAILONG_NF4_KERNELS": True, "BAILONG_DECODE_KERNELS": True, "BAILONG_PDL": False,
@@ -45,6 +46,12 @@ def _mistake(name) -> str | None:
     if value is not None and value.strip().lower() not in OFF + ON:
         return f"{name}={value}: a switch is 1 (or true, on, yes) or 0 (or false, off, no)"
     return None
+
+
+def triton_installed() -> bool:
+    """Whether Triton is installed, which the kernels need: requirements.txt installs it on Linux alone, where it
+    ships (found, not imported: it takes seconds to load)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def switch_mistake() -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bailong.config import INIT_METHODS, MAX_NEW_PIECES
 from bailong.errors import Parser, UsageError, check_device, not_utf8, read_json
-from bailong.switches import switched_on
+from bailong.switches import switched_on, triton_installed
 
 SAMPLES = Path(__file__).parent / "samples"  # the embedded default's data, written for the project
 CHOICES = {"stage": ("pretrain", "sft"), "init_method": INIT_METHODS, "quantize": ("nf4", "none"),
@@ -234,10 +234,21 @@ def flag(name) -> str:
     return "--" + name.replace("_", "-")
 
 
+NO_TRITON = "Triton is not installed here (it ships for Linux alone)"
+NEED_TRITON = {"cuda_graph": f"--cuda-graph captures LoRA dropout only through its kernels, and {NO_TRITON}: give "
+                             "--lora-dropout 0",
+               "keep_attention": "--keep-attention keeps attention's output in the layers CUDA's training writes out "
+                                 f"by hand with Triton's kernels, and {NO_TRITON}"}
+
+
 def check_on_device(config, device: str):
     """The options ``device`` (``--device``, or the one torch finds) does not allow: those of the GPU on the CPU,
-    and there, where "auto" leaves checkpointing and bf16 off, those that need them."""
+    and there, where "auto" leaves checkpointing and bf16 off, those that need them; on CUDA without Triton, those
+    of its kernels."""
     if device.startswith("cuda"):
+        for name, message in NEED_TRITON.items():
+            if getattr(config, name) and (name != "cuda_graph" or config.lora_dropout) and not triton_installed():
+                raise UsageError(message)
         return
     for name, message in ON_CPU.items():
         if getattr(config, name):
@@ -320,10 +331,18 @@ def parse_config(argv=None) -> TrainConfig:
     return TrainConfig(**config)
 
 
+# what takes less of the GPU's memory, said when a run runs out of it: a run's identity (runs.NOT_IDENTITY) holds the
+# batch's shape, the optimizer and the gradients' dtype, not how a step is computed
+LESS_MEMORY = ("a new run takes less with a smaller --batch-size (more --grad-accum keeps the step's size), a shorter "
+               "--seq-len, --optimizer adamw8bit or --bf16-grads; this one resumed (--resume) with "
+               "--offload-activations, --offload-embedding or --casts-by-layer")
+
+
 def dropout_kernels_switched_on() -> bool:
     """Whether the environment switches train.py's LoRA dropout on CUDA to its kernels, whose masks a CUDA graph of
     the step holds (``bailong.step_graph.dropout_captured``): the fused LoRA path (``bailong.lora``) and the
-    training layer kernels (``bailong_kernels``), read as they read them (``bailong.switches``), before torch loads."""
+    training layer kernels (``bailong_kernels``), read as they read them (``bailong.switches``), before torch loads
+    (without Triton, too, CUDA runs neither: ``check_on_device``)."""
     return all(map(switched_on, ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS")))
 
 

@@ -42,16 +42,14 @@ and later, under ``torch.inference_mode`` only (decoding; ``nf4_dequant.pdl``):
 each kernel starts while the one before it ends and reads its first weights
 before waiting for it. Off by default: not yet timed on a GPU.
 """
-import importlib.util
 import warnings
 
 import torch
 
 from bailong.errors import BailongWarning
-from bailong.switches import initial
+from bailong.switches import initial, triton_installed
 
-# Triton ships for Linux alone (requirements.txt installs it there); without it CUDA runs the PyTorch code
-TRITON = importlib.util.find_spec("triton") is not None
+TRITON = triton_installed()  # without it, CUDA runs the PyTorch code
 _said_no_triton = False
 
 _kernels = initial("BAILONG_NF4_KERNELS")

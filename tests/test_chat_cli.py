@@ -333,34 +333,40 @@ def test_ctrl_c_while_torch_loads_waits_until_it_has():
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing is held after
 
 
-def test_at_a_terminal_the_up_arrow_brings_back_the_last_message(tmp_path):
-    """Lines are edited through readline at a terminal: the up arrow and Enter send the last message again (without
-    it, the escape sequence itself went as a message)."""
-    pytest.importorskip("readline", reason="this Python has no readline")
+def at_a_terminal(tmp_path, lines, env=None) -> list[str]:
+    """The user's messages of a chat typed at a terminal (a pseudo-terminal), each line sent at the next prompt."""
     import pty
     import select
     leader, follower = pty.openpty()
     process = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--preset", "tiny", "--max-new-tokens", "2"],
-                               stdin=follower, stdout=follower, stderr=follower, cwd=tmp_path)
+                               stdin=follower, stdout=follower, stderr=follower, cwd=tmp_path, env=env)
     os.close(follower)
-    seen = b""
-
-    def at_prompt(then: str):
-        nonlocal seen
-        while not seen.endswith(b"> "):
-            assert select.select([leader], [], [], 60)[0], seen
-            seen += os.read(leader, 4096)
-        seen = b""
-        os.write(leader, then.encode())
     try:
-        for line in ["你好\r", "\x1b[A\r", "/save talk.jsonl\r", "/exit\r"]:
-            at_prompt(line)
+        for line in [*lines, "/save talk.jsonl\r", "/exit\r"]:
+            seen = b""
+            while not seen.endswith(b"> "):
+                assert select.select([leader], [], [], 60)[0], seen
+                seen += os.read(leader, 4096)
+            os.write(leader, line.encode())
         assert process.wait(60) == 0
     finally:
         process.kill()
         os.close(leader)
     messages = json.loads((tmp_path / "talk.jsonl").read_text())["messages"]
-    assert [m["content"] for m in messages if m["role"] == "user"] == ["你好", "你好"]
+    return [m["content"] for m in messages if m["role"] == "user"]
+
+
+def test_at_a_terminal_the_up_arrow_brings_back_the_last_message(tmp_path):
+    """Lines are edited through readline at a terminal: the up arrow and Enter send the last message again (without
+    it, the escape sequence itself went as a message)."""
+    pytest.importorskip("readline", reason="this Python has no readline")
+    assert at_a_terminal(tmp_path, ["你好\r", "\x1b[A\r"]) == ["你好", "你好"]
+
+
+def test_at_a_terminal_in_a_locale_not_utf8_chinese_is_kept(tmp_path):
+    """Under LC_ALL=C Python reads UTF-8 still, but readline read each byte of 你好 as a Meta key and dropped it:
+    there lines are read without it."""
+    assert at_a_terminal(tmp_path, ["你好 abc\r"], {**os.environ, "LC_ALL": "C"}) == ["你好 abc"]
 
 
 SAID = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.68 GiB of which 1.19 GiB "
@@ -372,21 +378,26 @@ OUT_OF_MEMORY = SAID + (". Including non-PyTorch memory, this process has 22.47 
 
 def test_out_of_gpu_memory_is_one_line_that_says_what_takes_less(capsys):
     """A command stopped by the GPU's memory (training's most common end on a small GPU) says so in a line: what
-    was asked for and what was free, then the options that take less; it was torch's traceback and its page."""
+    was asked for and what was free, then what takes less (train.py: options a new run or a resumed one takes);
+    it was torch's traceback and its page. cudaMallocAsync's message is lines."""
     import torch
 
-    from bailong.errors import LESS_MEMORY, run_cli
+    from bailong.errors import run_cli
+    from bailong.training import LESS_MEMORY
 
-    def main(argv):
-        raise torch.OutOfMemoryError(OUT_OF_MEMORY)
-    with pytest.raises(SystemExit) as stopped:
-        run_cli(main, [])
-    assert stopped.value.code == 1 and capsys.readouterr().err == f"error: {SAID}: {LESS_MEMORY}\n"
+    async_said = "Allocation on device 0 would exceed allowed memory. (out of memory)"  # cudaMallocAsync's
+    for message, said in [(OUT_OF_MEMORY, SAID), (async_said + "\nCurrently allocated     : 23.1 GiB", async_said)]:
+        def main(argv):
+            raise torch.OutOfMemoryError(message)
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(main, [], less_memory=LESS_MEMORY)
+        assert stopped.value.code == 1 and capsys.readouterr().err == f"error: {said}: {LESS_MEMORY}\n"
     with pytest.raises(RuntimeError):  # any other error is a bug: its traceback shows
         run_cli(lambda argv: torch.zeros(2) @ torch.zeros(3), [])
 
 
 def test_out_of_gpu_memory_in_a_chat_ends_that_answer_alone(monkeypatch, capsys, tmp_path):
+    """The answer streaming when the memory ran out ends its line; the question is taken back, the chat goes on."""
     import builtins
 
     import torch
@@ -394,15 +405,18 @@ def test_out_of_gpu_memory_in_a_chat_ends_that_answer_alone(monkeypatch, capsys,
     from bailong import conversation
     lines = iter(["a long question", "a short one", f"/save {tmp_path / 'chat.jsonl'}", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
-    answer = conversation.Chat.answer
+    generate, calls = conversation.generate, []
 
-    def once_too_much(self, text, *args, **kwargs):
-        if text == "a long question":
+    def once_too_much(model, ids, n, sampling, stop_ids, on_token):
+        calls.append(1)
+        if len(calls) == 1:
+            on_token(ord("x") + 3)  # the byte tokenizer's "x", streamed before the memory ran out
             raise torch.OutOfMemoryError(OUT_OF_MEMORY)
-        return answer(self, text, *args, **kwargs)
-    monkeypatch.setattr(conversation.Chat, "answer", once_too_much)
+        return generate(model, ids, n, sampling, stop_ids, on_token=on_token)
+    monkeypatch.setattr(conversation, "generate", once_too_much)
     assert chat.main(["--preset", "tiny", "--max-new-tokens", "2"]) == 0
-    assert f"error: {SAID}: /reset begins a shorter conversation" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out.startswith("x\n") and f"error: {SAID}: the chat goes on (/reset begins a shorter one" in err
     saved = json.loads((tmp_path / "chat.jsonl").read_text())["messages"]
     assert [m["content"] for m in saved if m["role"] == "user"] == ["a short one"]
 
@@ -421,7 +435,8 @@ def test_out_of_gpu_memory_while_answering_a_file_keeps_the_answers_so_far(monke
             raise torch.OutOfMemoryError(OUT_OF_MEMORY)
         return answer(self, text, *args, **kwargs)
     monkeypatch.setattr(conversation.Chat, "answer", third_too_much)
-    with pytest.raises(bailong.BailongError, match=re.escape(f"{SAID}; 2 of the 3 conversations answered, written")):
+    with pytest.raises(bailong.BailongError, match=re.escape(f"{SAID}: {chat.LESS_MEMORY}; 2 of the 3 conversations "
+                                                             "answered, written")):
         chat.main(["--preset", "tiny", "--max-new-tokens", "2", "--input", str(questions), "--output",
                    str(tmp_path / "a.jsonl")])
     written = [p for p in tmp_path.iterdir() if p.name.startswith("a")]

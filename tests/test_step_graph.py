@@ -225,23 +225,35 @@ def test_a_step_with_torchs_dropout_is_refused(monkeypatch, fused, kernels):
                                       {"BAILONG_FUSED_LORA": "1", "BAILONG_LAYER_KERNELS": "1"},
                                       {"BAILONG_FUSED_LORA": "1", "BAILONG_LAYER_KERNELS": "1",
                                        "BAILONG_NF4_KERNELS": "0"}])
-def test_train_py_takes_a_graph_with_dropout_only_through_its_kernels(monkeypatch, switched):
+@pytest.mark.parametrize("triton", [True, False])
+def test_train_py_takes_a_graph_with_dropout_only_through_its_kernels(monkeypatch, switched, triton):
     """train.py's check, before torch loads, as the environment switches the paths (their modules read the same
     variables): ``--cuda-graph`` with LoRA dropout taken with the fused LoRA and the layer kernels (the default;
-    NF4 kernels not off), refused where one is switched off; without dropout, taken."""
+    NF4 kernels not off), refused where one is switched off; without dropout, taken. On CUDA without Triton,
+    refused as ``--keep-attention`` is (their kernels are Triton's)."""
+    from bailong import training
     from bailong.errors import UsageError
-    from bailong.training import parse_config
+    from bailong.training import check_on_device, parse_config
+    monkeypatch.setattr(training, "triton_installed", lambda: triton)
     for name in ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in switched.items():
         monkeypatch.setenv(name, value)
     taken = "0" not in switched.values()
-    assert parse_config(["--cuda-graph", "--lora-dropout", "0"]).cuda_graph
-    if taken:
-        assert parse_config(["--cuda-graph"]).lora_dropout == 0.05
-    else:
+    check_on_device(config := parse_config(["--cuda-graph", "--lora-dropout", "0"]), "cuda")
+    assert config.cuda_graph
+    if not taken:
         with pytest.raises(UsageError, match="captures LoRA dropout only through its kernels"):
             parse_config(["--cuda-graph"])
+        return
+    for args, refused in [(["--cuda-graph"], "captures LoRA dropout only through its kernels, and Triton is not "
+                           "installed"), (["--keep-attention"], "with Triton's kernels, and Triton is not installed")]:
+        config = parse_config(args)
+        if triton:
+            check_on_device(config, "cuda")
+        else:
+            with pytest.raises(UsageError, match=refused):
+                check_on_device(config, "cuda")
 
 
 @pytest.mark.parametrize("fused,in_backward", [(False, False), (True, False), (False, True), (True, True)])
