@@ -9,10 +9,10 @@ The code table
 QLoRA's NF4 stores each weight as one of 16 values that are quantiles of
 N(0, 1), scaled into [-1, 1]: the levels are dense where normally distributed
 weights are dense. (That is the design; rounding each weight to the nearest
-level, a block scaled by its absmax, does not use them equally: on 4 million
-N(0, 1) weights in blocks of 64, 1.7-1.9% of the weights take 1 or -1, 8.8-9.3%
-0 or a level beside it.) To keep an exact zero the table is asymmetric, 8
-positive and 7 negative levels plus 0:
+level, a block scaled by its absmax, does not use them equally: of 4 million
+N(0, 1) weights in blocks of 64, 1.7-1.9% take 1 or -1, and from 8.1% to 9.3%
+each of the three levels nearest 0.) To keep an exact zero the table is
+asymmetric, 8 positive and 7 negative levels plus 0:
 
     positive: Phi^-1(p) for p = linspace(1 - d, 1/2, 9)[:-1]     (8 values)
     negative: -Phi^-1(p) for p = linspace(1 - d, 1/2, 8)[:-1]    (7 values)

@@ -22,9 +22,9 @@ the 8 codes are looked up and scaled in the thread that holds the word, and
 the thread writes its 8 values with one store (16 bytes of bf16), with no
 exchange between threads:
 
-    for each int32 word u (one thread: 4 packed bytes, little-endian, 8 weights):
-        s = scale(block of the word)                     # blocks of 64 weights: 8 words share a scale
-        w[8u + j] = code[(u >> 4 * (j ^ 1)) & 15] * s    # j = 0..7: shifts 4, 0, 12, 8, 20, 16, 28, 24
+    for each int32 word k of value u (one thread: 4 packed bytes, little-endian, 8 weights):
+        s = scale(block of word k)                       # blocks of 64 weights: 8 words share a scale
+        w[8k + j] = code[(u >> 4 * (j ^ 1)) & 15] * s    # j = 0..7: shifts 4, 0, 12, 8, 20, 16, 28, 24
         the 8 values stored at once
 
 Compiled for sm_90 (bench/check_kernels_compile.py, bf16 out) the
