@@ -29,7 +29,19 @@ from bailong.run_folder import runs_own
 def overlaps(a, b) -> bool:
     """``a`` and ``b`` are the same path, or one lies inside the other (``~``, symlinks and ``..`` resolved)."""
     a, b = Path(os.path.expanduser(a)).resolve(), Path(os.path.expanduser(b)).resolve()
-    return a == b or a in b.parents or b in a.parents
+    return within(a, b) or within(b, a)
+
+
+def within(a: Path, b: Path) -> bool:
+    """Resolved path ``a`` is ``b`` or lies inside it: by their names, or where ``b`` exists by its identity, so
+    that a folder spelt two ways is one (a file system that ignores case, macOS's and Windows', or a bind mount)."""
+    if a == b or b in a.parents:
+        return True
+    try:
+        folder = b.stat()
+        return any(os.path.samestat(p.stat(), folder) for p in (a, *a.parents) if p.exists())
+    except OSError:
+        return False
 
 
 # the key of each conversation chat.py --output, /save and eval bench write that names the model that answered: only
@@ -63,9 +75,8 @@ def check_output_file(path, inputs: dict, overwrite=False, ours=lambda path: Fal
     path = Path(path)
     for what, source in inputs.items():
         source = Path(source) if source else None
-        if source and source.exists() and (path.resolve() == source.resolve() or source.resolve() in
-                                           path.resolve().parents):
-            where = "is" if path.resolve() == source.resolve() else "lies inside"
+        if source and source.exists() and within(path.resolve(), source.resolve()):
+            where = "is" if path.exists() and path.samefile(source) else "lies inside"
             raise UsageError(f"{path}: {where} {what}; {flag} must name a file apart from the inputs")
     check_not_in_a_run(path, flag)
     if path.is_dir():

@@ -20,6 +20,27 @@ def test_overlaps_resolves_spellings_and_links(tmp_path):
     assert not overlaps(tmp_path / "data2", tmp_path / "data")
 
 
+def test_a_folder_spelt_two_ways_is_one(tmp_path):
+    """On a file system that ignores case (macOS's, Windows'), corpus/ and Corpus/ are one folder; a bind mount stands
+    in for it here. Known only by name, an output went into an input folder so spelt (a tokenizer or answers into
+    the corpus, read with it next time), and an SFT run's --out that was its --init met its own lock, said as
+    "another process is still training it"."""
+    corpus, other = tmp_path / "corpus", tmp_path / "Corpus"
+    corpus.mkdir(), other.mkdir()
+    (corpus / "a.txt").write_text("text")
+    if subprocess.run(["mount", "--bind", str(corpus), str(other)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root on Linux)")
+    try:
+        assert overlaps(other, corpus) and overlaps(corpus / "new", other) and overlaps(other / "x" / "y", corpus)
+        assert not overlaps(tmp_path / "other", corpus)
+        with pytest.raises(UsageError, match="Corpus/tok.model: lies inside the corpus; --out must name a file apart"):
+            check_output_file(other / "tok.model", {"the corpus": corpus})
+        with pytest.raises(UsageError, match="Corpus/a.txt: is the corpus"):
+            check_output_file(other / "a.txt", {"the corpus": corpus / "a.txt"})
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
 def test_an_output_file_is_never_an_input_a_folder_or_a_file_of_another_kind(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
