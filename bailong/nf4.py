@@ -19,8 +19,8 @@ asymmetric, 8 positive and 7 negative levels plus 0:
     table = sorted(positive + negative + [0]) / max                with d = (1/32 + 1/30) / 2
 
 (d is the mean of 1/32 and 1/30, half the quantile spacings of 16 and 15 levels,
-so that the extreme codes do not sit at Phi^-1(1) = inf). ``NF4_CODE`` holds the values
-exactly as bitsandbytes hard-codes them; tests re-derive them with ``ndtri``.
+so that the extreme codes do not sit at Phi^-1(1) = inf). ``NF4_CODE`` holds the
+values exactly as bitsandbytes hard-codes them; tests re-derive them with ``ndtri``.
 
 Blockwise quantization
 ----------------------

@@ -341,8 +341,8 @@ LESS_MEMORY = ("a new run takes less with a smaller --batch-size (more --grad-ac
 def dropout_kernels_switched_on() -> bool:
     """Whether the environment switches train.py's LoRA dropout on CUDA to its kernels, whose masks a CUDA graph of
     the step holds (``bailong.step_graph.dropout_captured``): the fused LoRA path (``bailong.lora``) and the
-    training layer kernels (``bailong_kernels``), read as they read them (``bailong.switches``), before torch loads
-    (without Triton, too, CUDA runs neither: ``check_on_device``)."""
+    training layer kernels (``bailong_kernels``), read as they read them (``bailong.switches``), before torch loads.
+    On CUDA without Triton neither runs: ``check_on_device`` says so once the device is known."""
     return all(map(switched_on, ("BAILONG_FUSED_LORA", "BAILONG_LAYER_KERNELS", "BAILONG_NF4_KERNELS")))
 
 

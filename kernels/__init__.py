@@ -21,7 +21,8 @@ the CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``,
 set before importing them), which is how the tests check them without a GPU.
 
 NF4 projections (and the 8-bit AdamW's steps) on CUDA run through these
-kernels; one switch forces the PyTorch reference anywhere:
+kernels where Triton is installed (it ships for Linux alone: without it the
+PyTorch code runs, with a warning); one switch forces the PyTorch reference anywhere:
 ``BAILONG_NF4_KERNELS=0`` in the environment, or ``use_kernels(False)``. Up
 to 4 rows of x (decoding) take the GEMV kernel, which reads the 4-bit weight
 once; more rows take the dequantize kernel, then cuBLAS

@@ -36,8 +36,8 @@ the default (``BY_WORDS``) wherever q's bytes read as words; the byte kernel
 takes the rest.
 
 Under the Triton interpreter (the CPU's tests) a float32 value converted to
-bfloat16 is truncated, where a GPU rounds it to the nearest: there 45% of a
-bf16 dequantization's values are one unit nearer 0 than the reference's. float32 out
+bfloat16 is truncated, where a GPU rounds it to the nearest: there 45% of a bf16
+dequantization's values are one unit nearer 0 than the reference's. float32 out
 gives the reference's bits on both; bf16 out is checked on the GPU.
 """
 import contextlib
