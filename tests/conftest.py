@@ -1,5 +1,4 @@
 import gc
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -10,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # bitsandbytes' PyTorch paths would compile on every new shape
 
 import torch
+
+from bailong.switches import triton_installed
 
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter; it must be set before they import
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,7 +49,7 @@ def patch_the_language_once_a_launch():
     interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, launch_once_patched
 
 
-TRITON = importlib.util.find_spec("triton") is not None  # not on macOS: requirements.txt installs it on Linux alone
+TRITON = triton_installed()  # not on macOS: requirements.txt installs it on Linux alone
 WITHOUT_TRITON = "Triton is not installed (it ships for Linux alone)"
 needs_triton = pytest.mark.skipif(not TRITON, reason=WITHOUT_TRITON)
 if TRITON and os.environ.get("TRITON_INTERPRET") == "1":
