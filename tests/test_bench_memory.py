@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT, allocator_peak
+from conftest import ROOT, allocator_peak, needs_triton
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_host  # noqa: E402
@@ -24,8 +24,8 @@ def tiny_config():
 STEP = types.SimpleNamespace(rank=4, dropout=0.05, embedding_and_head=True, batch=2, seq_len=32)
 
 
-@pytest.mark.parametrize("path", ["plain", "fast, reference ops", "fast, GPU's path", "fast, GPU's path, offloaded",
-                                  "fast, GPU's path, offloaded, bf16 gradients", "theirs"])
+@pytest.mark.parametrize("path", ["plain", "fast, reference ops", *(pytest.param(p, marks=needs_triton) for p in (
+    "fast, GPU's path", "fast, GPU's path, offloaded", "fast, GPU's path, offloaded, bf16 gradients")), "theirs"])
 def test_a_step_counted_on_fake_tensors_holds_what_it_holds_on_real_ones(monkeypatch, path):
     """Peak and floor byte for byte (every path's switches on, kept dequantized weights or offloaded layer
     inputs, dropout): fake tensors keep the lifetimes of real ones. On the GPU's path the Triton launches are

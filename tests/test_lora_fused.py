@@ -3,7 +3,7 @@
 loss chunk by chunk (bailong/memory.py); float32 to 1e-5, bf16 within rounding."""
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, needs_triton
 from test_lora import randomize
 
 import bailong
@@ -269,7 +269,7 @@ def test_a_fused_projection_adds_the_residual_in_its_matmul(monkeypatch, last):
 
 
 @pytest.mark.parametrize("one_at_a_time", [False, True])
-@pytest.mark.parametrize("gpus_path", [False, True])
+@pytest.mark.parametrize("gpus_path", [False, pytest.param(True, marks=needs_triton)])
 def test_the_backwards_dequantized_weights_go_before_the_lora_gradients_are_made(monkeypatch, gpus_path,
                                                                                    one_at_a_time):
     """A shared node's backward (q/k/v, gate/up) lets its frozen weights' dequantized copy go once dL/dx has
