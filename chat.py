@@ -158,8 +158,8 @@ def main(argv=None):
         if written:
             done += f", written to {written}"
         if isinstance(stopped, (BailongError, torch.OutOfMemoryError)):
-            said = f"{out_of_memory(stopped)}: {LESS_MEMORY}" if out_of_memory(stopped) else stopped
-            raise BailongError(f"{said}; {done}")
+            said = out_of_memory(stopped)
+            raise BailongError(f"{said}: {LESS_MEMORY}; {done}" if said else f"{stopped}; {done}")
         if isinstance(stopped, Terminated):
             print(f"terminated: {done}", file=sys.stderr)
             raise stopped

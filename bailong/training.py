@@ -235,10 +235,6 @@ def flag(name) -> str:
 
 
 NO_TRITON = "Triton is not installed here (it ships for Linux alone)"
-NEED_TRITON = {"cuda_graph": f"--cuda-graph captures LoRA dropout only through its kernels, and {NO_TRITON}: give "
-                             "--lora-dropout 0",
-               "keep_attention": "--keep-attention keeps attention's output in the layers CUDA's training writes out "
-                                 f"by hand with Triton's kernels, and {NO_TRITON}"}
 
 
 def check_on_device(config, device: str):
@@ -246,9 +242,12 @@ def check_on_device(config, device: str):
     and there, where "auto" leaves checkpointing and bf16 off, those that need them; on CUDA without Triton, those
     of its kernels."""
     if device.startswith("cuda"):
-        for name, message in NEED_TRITON.items():
-            if getattr(config, name) and (name != "cuda_graph" or config.lora_dropout) and not triton_installed():
-                raise UsageError(message)
+        if config.cuda_graph and config.lora_dropout and not triton_installed():
+            raise UsageError(f"--cuda-graph captures LoRA dropout only through its kernels, and {NO_TRITON}: give "
+                             "--lora-dropout 0")
+        if config.keep_attention and not triton_installed():
+            raise UsageError("--keep-attention keeps attention's output in the layers CUDA's training writes out by "
+                             f"hand with Triton's kernels, and {NO_TRITON}")
         return
     for name, message in ON_CPU.items():
         if getattr(config, name):

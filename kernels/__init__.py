@@ -101,11 +101,13 @@ def enabled(x) -> bool:
     """Whether the model should run the kernels for tensor ``x``: on CUDA where switched on and Triton is
     installed (without it, the PyTorch code, with a warning the first time)."""
     global _said_no_triton
-    if x.is_cuda and _kernels and not TRITON and not _said_no_triton:
+    if not (x.is_cuda and _kernels):
+        return False
+    if not TRITON and not _said_no_triton:
         warnings.warn("Triton is not installed: on CUDA the PyTorch code runs instead of the kernels (slower)",
                       BailongWarning)
         _said_no_triton = True
-    return x.is_cuda and _kernels and TRITON
+    return TRITON
 
 
 def decode_enabled(x) -> bool:
