@@ -10,6 +10,9 @@ import threading
 import warnings
 from functools import partial
 
+# run locks (fcntl), signal masks, forked workers: POSIX's, and never tried on native Windows
+NOT_HERE = "Bailong's commands and training run on Linux and macOS; on Windows, run them in WSL"
+
 
 class BailongError(Exception):
     """A problem with the user's input (a path, a file, an option), not a bug.
@@ -92,8 +95,9 @@ def _quiet_exit():
 def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
     """Within, ``signals`` wait; after, one that came is delivered where the program then is (run_cli answers
     it). For torch's import, which swallows a Ctrl-C that comes while it imports numpy and leaves numpy half
-    made: an error minutes later, or a run that goes on. Only the main thread's are held."""
-    if threading.current_thread() is not threading.main_thread():
+    made: an error minutes later, or a run that goes on. Only the main thread's are held (and none on Windows,
+    which has no signal masks)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
     held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
@@ -159,6 +163,8 @@ def run_cli(main, argv=None, less_memory="less at once fits, or a GPU other proc
         if hasattr(stream, "reconfigure"):  # as Windows gives a redirected file) shown as "?", not a traceback;
             stream.reconfigure(errors="replace", line_buffering=True)  # a line as it is said, in a log file too
     try:
+        if sys.platform == "win32":
+            raise BailongError(NOT_HERE)
         from bailong.cores import fitted_threads
         from bailong.switches import switch_mistake
         if mistake := switch_mistake():  # answered at once, whether or not this command reads that switch

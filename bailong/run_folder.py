@@ -11,13 +11,17 @@ checkpoints: checkpoints.py).
 
 Nothing here imports torch, so that train.py checks --out before loading it.
 """
-import fcntl
 import os
 import re
 import shutil
 from pathlib import Path
 
-from bailong.errors import BailongError, read_json
+try:
+    import fcntl
+except ImportError:  # Windows: the commands refuse to run there (run_cli), training called from Python (can_lock)
+    fcntl = None
+
+from bailong.errors import NOT_HERE, BailongError, read_json
 
 
 class RunFolder:
@@ -188,7 +192,14 @@ def _forget_locks():
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_forget_locks)
+if hasattr(os, "register_at_fork"):  # (not on Windows)
+    os.register_at_fork(after_in_child=_forget_locks)
+
+
+def can_lock():
+    """Training locks its folder (``take_lock``), which native Windows cannot: said before anything is read."""
+    if fcntl is None:
+        raise BailongError(NOT_HERE)
 
 
 def take_lock(out: Path):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bailong.errors import BailongError, UsageError
 from bailong.files import atomic_write, check_writable, overlaps, write_failed
-from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, in_the_way, lock_free, not_a_runs, run_record,
-                                steps_done, take_lock, tidy)
+from bailong.run_folder import (BEFORE_RUN_JSON, LAYOUT, RunFolder, busy, can_lock, in_the_way, lock_free, not_a_runs,
+                                run_record, steps_done, take_lock, tidy)
 
 
 # options that change neither the model nor the order of the data, nor what a step computes (the memory and
@@ -93,6 +93,7 @@ def check_output(config, world=1, locked=False) -> int:
     holds its lock: ``locked``). Returns the steps the run in it has done (0 for a new
     folder).
     """
+    can_lock()
     out = Path(config.out)
     own_base = config.resume and RunFolder(out).has_base() and steps_done(out)  # resumed whatever became of --init
     if config.stage == "sft" and not own_base and not Path(config.init).expanduser().is_dir():

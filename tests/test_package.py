@@ -163,6 +163,34 @@ def test_the_recipe_on_the_cpu_needs_no_triton(tmp_path):
         assert "Triton" not in done.stderr
 
 
+WITHOUT_POSIX = """
+import os, random, signal, sys, torch  # (imported first: on Windows they ask for no fork hook)
+sys.modules["fcntl"] = None  # what native Windows lacks, taken away before anything imports
+del signal.pthread_sigmask, os.register_at_fork
+sys.path.insert(0, os.getcwd())
+import chat, train  # the commands and the library import
+import bailong; bailong.load, bailong.generate
+from bailong.errors import run_cli
+try:
+    train.main(["--out", "run"])  # training called from Python
+except Exception as e:
+    print(type(e).__name__, e)
+sys.platform = "win32"  # (after torch's import, which reads it)
+run_cli(chat.main, ["x", "--prompt", "hi"])
+"""
+
+
+def test_on_windows_the_commands_say_in_one_line_to_use_wsl(tmp_path):
+    """Native Windows has no run locks (fcntl) nor signal masks: the modules still import, and a command or
+    training says where Bailong runs, where before every command stopped on ``import fcntl``'s traceback."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_POSIX], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    said = "Bailong's commands and training run on Linux and macOS; on Windows, run them in WSL"
+    assert done.returncode == 1 and done.stdout == f"BailongError {said}\n"
+    assert done.stderr == f"error: {said}\n"
+    assert not (ROOT / "run").exists()
+
+
 def test_without_triton_cuda_runs_the_pytorch_code_and_says_so_once(monkeypatch):
     monkeypatch.setattr(bailong_kernels, "TRITON", False)
     monkeypatch.setattr(bailong_kernels, "_said_no_triton", False)
