@@ -114,7 +114,7 @@ def test_an_output_among_a_training_runs_own_files_is_refused(tmp_path):
     (run / "run.json").write_text('{"options": {}, "steps": 2}')  # (a copy of a run may lack its lock file)
     os.symlink(run / "adapter" / "linked.jsonl", tmp_path / "link.jsonl")  # a link given is written through
     for path in (run / "adapter" / "talk.jsonl", run / "checkpoints" / "a.gguf", run / "metrics.jsonl",
-                 tmp_path / "link.jsonl"):
+                 tmp_path / "link.jsonl", run / "Adapter" / "talk.jsonl"):  # (macOS's disk: the same folder)
         with pytest.raises(UsageError, match="lies among the training run .*run's own files, which training "
                                              "replaces; --out must name a file elsewhere"):
             check_output_file(path, {})
