@@ -25,8 +25,8 @@ with loading(__name__):  # Ctrl-C meanwhile: answered once the modules have load
     from bailong.outputs import check_context, check_model, model_file
     from bailong.run_folder import RunFolder, release_lock
     from bailong.runs import check_output, fingerprints, prepare_output, read_run, seen, start_run, trained_vocabulary
-    from bailong.processes import (all_here, check_processes, rank_0_done, return_freed_memory, same_steps_done,
-                                    tokens_of_rank_0)
+    from bailong.processes import (all_here, called, check_processes, rank_0_done, return_freed_memory,
+                                    same_steps_done, tokens_of_rank_0)
     from bailong import progress
     from bailong.progress import GracefulStop, Metrics, estimate_memory, held_out_record, lr_at, progress_line, summary
     from bailong.training import LESS_MEMORY, check_graph_step, check_on_device, parse_config
@@ -38,10 +38,11 @@ SFT_KEPT = ("generation_config.json", "tokenizer_config.json", "special_tokens_m
 
 
 def main(argv=None):
+    """The command from Python: ``main(["--steps", "20"])`` (``main()``: the defaults); see processes.called."""
     config = parse_config(argv)
     with contextlib.ExitStack() as undo:  # done, stopped or failed: what the run set in the process undone
         undo.callback(release_lock, config.out)  # the folder free again (for this process too, as in a notebook)
-        return train(config, undo)
+        return called(train, config, undo)
 
 
 def train(config, undo):
@@ -239,8 +240,7 @@ def train(config, undo):
         say(training_attention(model, config.batch_size, config.seq_len, dtype, device))
     if offloaded:
         say(f"embedding: its table ({offloaded / 2**20:,.1f} MiB) in host memory, a step's rows copied in")
-    if bf16_grads:
-        saved = bf16_grads.saved_bytes
+    if bf16_grads and (saved := bf16_grads.saved_bytes):
         say(f"gradients: the projections' LoRA gradients ({saved // 2:,} weights) kept in bf16 until the step, "
             f"{saved / 2**20:,.1f} MiB less than float32")
     measured = min(held_out.n, config.eval_batches * config.batch_size * world) if held_out else 0
@@ -285,8 +285,8 @@ def train(config, undo):
         sys.stderr.flush()
         os._exit(code)  # c10d's static teardown sometimes aborts a finished process (seen with torch 2.13, gloo)
 
-    # the step: each micro-batch's forward and backward, or (--cuda-graph) all of them replayed as one CUDA graph;
-    # the loss the mean over every targeted token of the step, in every process
+    # a step's micro-batches, forward and backward (--cuda-graph: replayed as one CUDA graph): the mean loss over
+    # every targeted token of the step, in every process
     step_loss = GraphedStep(loss_of, model) if config.cuda_graph else lambda inputs, targets: accumulate(
         loss_of, inputs, targets, processes_normalizer(targets, device) if world > 1 else None)
 
@@ -314,7 +314,7 @@ def train(config, undo):
             metrics.log(step=0, eval_loss=untrained, eval_ppl=math.exp(min(untrained, 50)))
     best, best_step, since_best = held_out_record([r for r in metrics.rows if r["step"] > 0] if metrics else [])
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
-               disable=None if main_process else True)  # None: shown on a terminal
+               disable=progress.BAR_HIDDEN if main_process else True)
     step, done, started, stopped, checkpoint = start, start, time.perf_counter(), None, None
     said = started  # where the bar is not shown (a log file), a line every progress.LINE_EVERY seconds
     fed = fed_at_start = sum(map(step_tokens, range(start)))  # real tokens fed: SFT's padding left out
@@ -337,7 +337,7 @@ def train(config, undo):
                 optimizer.zero_grad(set_to_none=True)
             done, fed = step + 1, fed + step_tokens(step)
             elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(fed - fed_at_start) / elapsed:,.0f}")
+            bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{(fed - fed_at_start) / elapsed:,.0f}", refresh=False)
             if bar.disable and time.perf_counter() - said >= progress.LINE_EVERY:
                 said = time.perf_counter()
                 say(progress_line(done, config.steps, total, (fed - fed_at_start) / elapsed, elapsed, done - start))

@@ -41,7 +41,7 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         """As argparse's, and every text given is UTF-8: the bytes of a name in another encoding reach Python
         as characters that no file the run writes (run.json, its outputs) can hold."""
-        parsed = super().parse_args(args, namespace)
+        parsed = super().parse_args([] if args is None else args, namespace)  # main(): the defaults, not sys.argv
         names = {a.dest: a.option_strings[0] if a.option_strings else a.dest for a in _actions(self)}
         for dest, values in vars(parsed).items():
             if (text := not_utf8(values)) is not None:
@@ -96,15 +96,19 @@ def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
     """Within, ``signals`` wait; after, one that came is delivered where the program then is (run_cli answers
     it). For torch's import, which swallows a Ctrl-C that comes while it imports numpy and leaves numpy half
     made: an error minutes later, or a run that goes on. Only the main thread's are held (and none on Windows,
-    which has no signal masks)."""
+    which has no signal masks); one another thread takes (a notebook's kernel has several) is kept till after."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
         yield
         return
+    came = []
     held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
-        yield
+        with handling(lambda signum, frame: came.append(signum), signals):
+            yield
     finally:  # as they were: within another such block (a command's module imports another's), still held
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for signum in dict.fromkeys(came):
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -147,8 +151,14 @@ def silence(stream):
 
 def in_a_command() -> bool:
     """Whether ``run_cli`` runs this process's command (it answers SIGTERM): then the command may end the
-    process at once; called from Python (a notebook), the process is the caller's."""
-    return signal.getsignal(signal.SIGTERM) is _terminate
+    process at once; called from Python (a notebook, ``%run train.py`` too), the process is the caller's."""
+    return signal.getsignal(signal.SIGTERM) is _terminate and not in_ipython()
+
+
+def in_ipython() -> bool:
+    """Whether IPython runs this process (a notebook's kernel, or its shell)."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None
 
 
 def run_cli(main, argv=None, less_memory="less at once fits, or a GPU other processes leave free"):
@@ -173,7 +183,7 @@ def run_cli(main, argv=None, less_memory="less at once fits, or a GPU other proc
         with handling(_terminate, (signal.SIGTERM,)), warnings.catch_warnings(), fitted_threads():
             warnings.showwarning = partial(_show_warning, say, where, warnings.showwarning)
             warnings.filterwarnings("always", category=BailongWarning, append=True)  # each time, as a line; -W first
-            sys.exit(main(argv))
+            sys.exit(main(sys.argv[1:] if argv is None else argv))
     except (BailongError, BailongWarning) as e:  # a warning: under python -W error
         if say:
             print(f"{where}error: {e}", file=sys.stderr)
@@ -196,7 +206,7 @@ def run_cli(main, argv=None, less_memory="less at once fits, or a GPU other proc
     except Terminated:
         sys.exit(128 + 15)  # the shell's code for SIGTERM
     finally:
-        if getattr(main, "__module__", None) == "__main__":  # the command is the program (a caller's exit is its own)
+        if getattr(main, "__module__", None) == "__main__" and not in_ipython():  # the command is the program
             atexit.unregister(_quiet_exit)  # (once; and the last registered runs first, before torch's clean-up)
             atexit.register(_quiet_exit)
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from bailong.chat_template import LLAMA2_JINJA
 from bailong.errors import BailongError
 from bailong.generation import Sampling
+from bailong.progress import BAR_HIDDEN
 from bailong.model import rope_frequencies
 from bailong.quantized import NF4Linear, projections, set_module
 from bailong.tokenizer import JsonTokenizer, check_fits
@@ -236,7 +237,7 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for _, t, heads, qtype in tqdm(plan, desc=f"writing {kind} GGUF", unit="tensor", disable=None, leave=False,
+    for _, t, heads, qtype in tqdm(plan, desc=f"writing {kind} GGUF", unit="tensor", disable=BAR_HIDDEN, leave=False,
                                    file=sys.stderr):
         w.write_tensor_data(converted(permute_rotary(t, heads) if heads else t, qtype))
     w.close()

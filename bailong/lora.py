@@ -41,6 +41,7 @@ from bailong.errors import BailongWarning
 from bailong.lora_casts import Casts, cast, group_casts, release, stacked
 from bailong.lora_fused import FrozenAddmm, LoRAProjection, LoRAShared, frozen_linear
 from bailong.nf4 import NF4Tensor
+from bailong.progress import BAR_HIDDEN
 from bailong.quantized import (PROJECTIONS, NF4Linear, compute_dtype, embedding_rows, load_nf4, nf4_weights,
                                set_module)
 from bailong.switches import initial
@@ -308,7 +309,7 @@ def merge_lora(model, dtype=None):
                       "the original weights (bailong.export --base) to avoid it", BailongWarning, stacklevel=2)
     names = [name for name, _ in wrapped]
     del wrapped  # each old weight let go as its merged one takes its place: at 7B two copies do not fit in 24 GiB
-    for name in tqdm(names, desc="merging LoRA", unit="layer", disable=None, leave=False, file=sys.stderr):
+    for name in tqdm(names, desc="merging LoRA", unit="layer", disable=BAR_HIDDEN, leave=False, file=sys.stderr):
         m = model.get_submodule(name)
         w = nn.Parameter(m.merged_weight().to(dtype), requires_grad=False)
         if isinstance(m, LoRAEmbedding):

@@ -1,6 +1,6 @@
 """torchrun's processes: its variables checked before torch loads, and the work rank 0 does alone (the
-vocabulary, the run folder's check, the token cache) while the others wait for it; and the memory a process
-freed, given back to the system.
+vocabulary, the run folder's check, the token cache) while the others wait for it; the memory a process
+freed, given back to the system; and training called from Python, which leaves the caller's process as it was.
 
 A barrier would hold the others for that work, but a barrier is a collective: it fails at the process group's
 timeout (NCCL's is ten minutes), where tokenizing a large corpus takes longer, and inside it a process answers
@@ -10,10 +10,12 @@ second.
 import ctypes
 import json
 import os
+import random
 import sys
 import time
+import warnings
 
-from bailong.errors import UsageError
+from bailong.errors import BailongWarning, UsageError, in_a_command
 from bailong.training import check_graph_step
 
 PART = 4 << 20  # bytes of a value sent to the store at a time
@@ -118,3 +120,33 @@ def return_freed_memory():
             ctypes.CDLL(None).malloc_trim(0)
         except (AttributeError, OSError):  # a C library without it (musl's), a Python that loads none
             pass
+
+
+
+def called(train, *args) -> int:
+    """``train(*args)``'s exit status, as a command runs it. Called from Python (a notebook), in the caller's
+    process: a run interrupted, once saved, raises KeyboardInterrupt (a notebook running every cell stops there,
+    as at any cell interrupted, where a status of 130 let the next cells go on with a half-trained run); the
+    caller's random states are after as they were before (Python's, and numpy's and torch's where loaded: a run
+    seeds them, a resumed one sets its checkpoint's); and the run's warnings are said each time, as a command says
+    them (Python's default says one once a place: a second run's damaged token cache went unsaid), the caller's
+    own filters first."""
+    if in_a_command():
+        return train(*args)
+    states = [(random.setstate, random.getstate())]
+    if numpy := sys.modules.get("numpy"):
+        states.append((numpy.random.set_state, numpy.random.get_state()))
+    if torch := sys.modules.get("torch"):
+        states.append((torch.set_rng_state, torch.get_rng_state()))
+        if torch.cuda.is_initialized():
+            states.append((torch.cuda.set_rng_state_all, torch.cuda.get_rng_state_all()))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("always", category=BailongWarning, append=True)
+            code = train(*args)
+    finally:
+        for put_back, state in states:
+            put_back(state)
+    if code == 130:
+        raise KeyboardInterrupt
+    return code

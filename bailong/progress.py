@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bailong.errors import BailongError, Terminated, handling, silence
+from bailong.errors import BailongError, Terminated, handling, in_ipython, silence
 from bailong.files import atomic_write
 from bailong.run_folder import latest_checkpoint
 
@@ -33,6 +33,9 @@ def held_out_record(rows) -> tuple:
     return evals[best][0], evals[best][1], len(evals) - 1 - best
 
 
+# tqdm's ``disable`` for every bar: None hides one where the output is no terminal (a log file; training then says
+# progress_line's lines), False shows it where IPython runs (a notebook's output is no terminal, yet draws a bar)
+BAR_HIDDEN = False if in_ipython() else None
 LINE_EVERY = 60.0  # seconds between progress lines where no bar is shown
 
 

@@ -20,6 +20,7 @@ from bailong.chat_template import template_example, training_example
 from bailong.cores import usable_cores
 from bailong.errors import BailongError, BailongWarning, handling, in_a_command, silence
 from bailong.files import atomic_write, remove_left_behind
+from bailong.progress import BAR_HIDDEN
 from bailong.runs import DOCUMENTS
 from bailong.tokenizer import Tokenizer
 
@@ -184,7 +185,7 @@ def _encoded(tokenizer, items, workers, template):
     per usable core unless ``workers`` says, and none without a thousand items to encode (each process loads the
     tokenizer first)."""
     workers = min(workers or usable_cores(), len(items) // 1000)
-    with tqdm(total=len(items), desc="tokenizing", unit="doc", disable=None) as bar:
+    with tqdm(total=len(items), desc="tokenizing", unit="doc", disable=BAR_HIDDEN) as bar:
         if workers > 1:
             command = in_a_command()
             pool = Pool(workers, initializer=_pool_worker, initargs=(tokenizer, template, command))

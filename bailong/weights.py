@@ -27,6 +27,7 @@ from bailong.hub import ADAPTER_FILES, resolve
 from bailong.model import Llama, init_weights
 from bailong.nf4 import NF4Tensor, quantize
 from bailong.outputs import check_not_a_run, training_output
+from bailong.progress import BAR_HIDDEN
 from bailong.quantized import NF4Linear, ErrorMeter, bnb_quantization_config, memory_report, projections, set_module
 from bailong.tokenizer import adapted_tokenizer, byte_tokenizer, check_fits
 
@@ -177,7 +178,7 @@ def load_weights(model: Llama, folder: Path, device="cpu", quantize_floats=False
     expected = set(params) | set(nf4)
     expected -= {"lm_head.weight"} if model.config.tie_word_embeddings else set()
     loaded, pending, meter, tied_head = set(), {}, ErrorMeter(), None
-    bar = tqdm(total=len(expected), desc=f"loading {folder.name}", unit="tensor", disable=None, leave=False)
+    bar = tqdm(total=len(expected), desc=f"loading {folder.name}", unit="tensor", disable=BAR_HIDDEN, leave=False)
     for file, names in shards(folder).items():
         for name, tensor in read_tensors(file, names, allow_uint8=bool(nf4)):
             if name.endswith("rotary_emb.inv_freq"):  # older checkpoints store this; we recompute it
