@@ -311,7 +311,7 @@ def train(config, undo):
         if not math.isfinite(untrained):
             raise diverged(f"the held-out loss is {untrained}", 0)
         if main_process:
-            metrics.log(step=0, eval_loss=untrained, eval_ppl=math.exp(min(untrained, 50)))
+            metrics.log(step=0, eval_loss=untrained, eval_ppl=progress.perplexity(untrained))
     best, best_step, since_best = held_out_record([r for r in metrics.rows if r["step"] > 0] if metrics else [])
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, unit="step", dynamic_ncols=True,
                disable=progress.BAR_HIDDEN if main_process else True)
@@ -348,7 +348,7 @@ def train(config, undo):
                 if not math.isfinite(eval_loss):  # never kept as the result, nor logged (JSON has no NaN)
                     raise diverged(f"the held-out loss is {eval_loss} after step {done}", done)
                 if main_process:
-                    metrics.log(step=done, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                    metrics.log(step=done, eval_loss=eval_loss, eval_ppl=progress.perplexity(eval_loss))
                     metrics.plot()
                     if best is None or eval_loss < best:
                         best, best_step, since_best = eval_loss, done, 0
@@ -360,7 +360,7 @@ def train(config, undo):
                         if config.patience and since_best >= config.patience and done < config.steps:
                             stopped = f"held-out loss has not improved for {since_best} evaluations (--patience)"
                     bar.write(f"step {done}: held-out loss {eval_loss:.4f}, perplexity "
-                              f"{math.exp(min(eval_loss, 50)):.2f}; {note}")
+                              f"{progress.perplexity(eval_loss):.2f}; {note}")
             interrupted = interrupt.requested
             if world > 1:  # every process stops at the same step (a signal that came during the reduce: the next)
                 flags = torch.tensor([interrupt.requested, stopped is not None], dtype=torch.int32, device=device)

@@ -30,6 +30,7 @@ with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): ans
     from bailong.config import DTYPES
     from bailong.data import checked_text, listed, read_corpus
     from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
+    from bailong import progress
     from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.
@@ -104,7 +105,7 @@ def perplexity(model_path, text, max_chars=200_000, dtype=None):
     per_char = tokens_per_char(tokenizer, kept)
     per_token = nats_per_char / per_char
     return {"characters": total, "tokens_per_char": per_char, "loss_per_token": per_token,
-            "perplexity": math.exp(per_token), "bits_per_char": nats_per_char / math.log(2)}
+            "perplexity": progress.perplexity(per_token), "bits_per_char": nats_per_char / math.log(2)}
 
 
 def text_tokenizer(path):

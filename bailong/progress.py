@@ -24,6 +24,15 @@ def lr_at(step, config) -> float:
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), the held-out perplexity; infinite past the largest float (a loss above 709.78: a run gone wrong,
+    though finite; metrics.jsonl then holds Infinity, which Python's json reads)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def held_out_record(rows) -> tuple:
     """(best held-out loss, its step, evaluations since it) from the metric rows; (None, None, 0) if none."""
     evals = [(r["eval_loss"], r["step"]) for r in rows if "eval_loss" in r]

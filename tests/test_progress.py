@@ -1,6 +1,7 @@
 """A run's progress as train.py keeps it (bailong/progress.py): progress lines where no bar shows, metrics.jsonl
 and loss.png, the closing summary, a graceful stop on SIGTERM."""
 import json
+import math
 import os
 import signal
 
@@ -127,3 +128,10 @@ def test_a_damaged_metrics_file_keeps_its_readable_records(tmp_path, capsys):
     assert metrics.rows == [json.loads(r) for r in good] and file.read_text().splitlines() == good
     assert [line.split(": not")[0] for line in capsys.readouterr().err.splitlines()] == \
         [f"warning: {file}:{n}" for n in (2, 4, 5, 7)]
+
+
+def test_perplexity_is_exp_of_the_loss_past_50_too():
+    """A run that diverged past a held-out loss of 50 was said and logged at exp(50) = 5.18e21, whatever its loss;
+    eval's perplexity ended in OverflowError's traceback past 709.78."""
+    from bailong.progress import perplexity
+    assert perplexity(60.0) == math.exp(60.0) and perplexity(710.0) == math.inf
