@@ -71,7 +71,6 @@ def train(config, undo):
     from bailong.chat_template import model_template
     from bailong.checkpoints import resume, rng_states, save_checkpoint, save_result
     from bailong.data import TokenData, stage_items
-    from bailong.eval import first_chars, tokens_per_char
     from bailong.layer_fused import training_attention
     from bailong.lora import LoRAConfig, inject_lora, lora_summary, mark_only_lora_trainable, merge_lora
     from bailong.lora_casts import use_casts_by_layer
@@ -81,7 +80,7 @@ def train(config, undo):
     from bailong.step_graph import GraphedStep, accumulate, processes_normalizer
     from bailong.token_cache import tokenize
     from bailong.tokenizer import byte_tokenizer, open_tokenizer, tokenizer_found
-    from bailong.vocab import extend_tokenizer, extension_from, learning_message
+    from bailong.vocab import extend_tokenizer, extension_from, fewer_tokens, learning_message
     from bailong.weights import default_device, fingerprint, load, load_preset, save
     from bailong.zip_tie import extend_model, extends
 
@@ -126,11 +125,9 @@ def train(config, undo):
                     new_tokenizer = extension_from(tokenizer, rank_0_done(
                         "the vocabulary", world, rank, new_tokenizer.serialized() if main_process else b""))
             if main_process:  # (a large corpus is tokenized whole once, below)
-                sample = first_chars(train_items, 10_000_000)
-                before, after = (tokens_per_char(t, sample) for t in (tokenizer, new_tokenizer))
-                say(f"vocabulary: +{new_tokenizer.vocab_size - tokenizer.vocab_size} pieces ({tokenizer.vocab_size}"
-                    f" -> {new_tokenizer.vocab_size}); tokens per character {before:.3f} -> {after:.3f}")
-                del sample
+                before, after = tokenizer.vocab_size, new_tokenizer.vocab_size
+                say(f"vocabulary: +{after - before} pieces ({before} -> {after}); "
+                    + fewer_tokens(tokenizer, new_tokenizer, eval_items, train_items))
 
     # ---- the model: the base, its embedding and head grown with zip-tie rows for the new pieces --------------
     if base_folder:  # projections quantized while loading, matrix by matrix; embedding and head stay dense to grow

@@ -273,15 +273,21 @@ def extend(base, corpus, new_pieces, out, cjk_only=True, held_out=0.1, overwrite
     start = time.perf_counter()
     after, added = extend_tokenizer(before, train, new_pieces, cjk_only)
     atomic_write(out, after.serialized(), check=check)
-    measured = held or train  # the report's text
-    b, a = tokens_per_char(before, measured), tokens_per_char(after, measured)
     whole = [a for a in added if "\ufffd" not in a]  # a BPE token may hold part of a character
     print(f"added {len(added)} pieces ({before.vocab_size} -> {after.vocab_size}) in "
           f"{time.perf_counter() - start:.0f} s, e.g. {' '.join(map(shown, whole[:12]))}")
-    print(f"{'held-out' if held else 'training (nothing held out)'} text ({sum(map(len, measured))} characters): "
-          f"{b:.3f} -> {a:.3f} tokens per character ({b / a:.2f}x fewer tokens)")
+    print(fewer_tokens(before, after, held, train))
     print(f"wrote {out}")
     return added
+
+
+def fewer_tokens(before, after, held, train) -> str:
+    """What the new pieces do to the held-out text (the first 10 million characters; the training text where none
+    is held out, which the pieces were learned from and so fit better than unseen text)."""
+    measured = first_chars(held or train, 10_000_000)
+    b, a = tokens_per_char(before, measured), tokens_per_char(after, measured)
+    return (f"{'held-out' if held else 'training (nothing held out)'} text ({sum(map(len, measured)):,} characters): "
+            f"{b:.3f} -> {a:.3f} tokens per character ({b / a:.2f}x fewer tokens)")
 
 
 def shown(piece: str) -> str:

@@ -290,7 +290,7 @@ def test_train_py_extends_only_what_vocab_extend_does_and_a_folder_names_its_tok
     shutil.copy(asset("llama2-tokenizer/tokenizer.model"), tmp_path / "model")
     vocab_main(["extend", "--base", str(tmp_path / "model"), "--corpus", str(SAMPLE), "--new-pieces", "5",
                 "--held-out", "0", "--out", str(tmp_path / "new.model")])
-    assert "training (nothing held out) text (1990 characters)" in capsys.readouterr().out
+    assert "training (nothing held out) text (1,990 characters)" in capsys.readouterr().out
     assert Tokenizer(tmp_path / "new.model").vocab_size == 32005
     # the report's held-out text is train.py's default draw, not the corpus's last documents (all English here)
     from bailong.data import split
@@ -298,7 +298,7 @@ def test_train_py_extends_only_what_vocab_extend_does_and_a_folder_names_its_tok
     vocab_main(["extend", "--base", str(tmp_path / "model"), "--corpus", *map(str, corpus), "--new-pieces", "5",
                 "--out", str(tmp_path / "mixed.model")])
     held = split(read_corpus(corpus), 0.1, 0)[1]
-    assert f"held-out text ({sum(map(len, held))} characters)" in capsys.readouterr().out
+    assert f"held-out text ({sum(map(len, held)):,} characters)" in capsys.readouterr().out
     assert any("\u4e00" <= c <= "\u9fff" for c in "".join(held))
 
 
