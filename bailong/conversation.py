@@ -92,8 +92,11 @@ class Chat:
             if isinstance(e, FloatingPointError):  # the model's fault, not the conversation's
                 raise BailongError(str(e)) from None
             raise
+        tail = decoder.flush()  # an answer cut inside a character (at --max-new-tokens) ends in U+FFFD: shown, but
+        if tail and not tail.strip("\ufffd"):  # not kept, where the next prompt would spell it to the model
+            answer = answer.rstrip("\ufffd")
         self.messages.append({"role": "assistant", "content": answer})  # kept, before the rest is printed
-        print(decoder.flush(), flush=True, file=out)
+        print(tail, flush=True, file=out)
         context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for
         cut = f"; cut at the context's {context} tokens" if len(ids) + len(reply) >= context else ""
         print(f"[{len(reply)} tokens, {len(reply) / seconds:.1f} tokens/s{cut}]", file=sys.stderr)

@@ -275,3 +275,15 @@ def test_chat_py_stops_where_generation_config_says(model_folder, tmp_path, monk
     monkeypatch.setattr(conversation, "Chat", Seen)
     assert chat.main([str(folder), "--prompt", "hi", "--max-new-tokens", "1"]) in (0, None)
     assert seen and {2, 107} <= seen[0]
+
+
+def test_an_answer_cut_inside_a_character_keeps_no_replacement_character(monkeypatch, capsys):
+    """Cut at --max-new-tokens inside a character spelled in bytes (most Chinese characters in Llama 2's
+    vocabulary), an answer ended in U+FFFD, which the history kept and the next prompt spelled to the model."""
+    from bailong import conversation
+    model, tokenizer = bailong.load_preset("tiny")
+    ids = tokenizer.encode("你好")  # six byte pieces
+    monkeypatch.setattr(conversation, "generate", lambda *a, on_token, **k: [on_token(i) for i in ids[:-1]])
+    chat = conversation.Chat(model, tokenizer, None, bailong.Sampling(temperature=0), 5)
+    assert chat.answer("hi") == "你" and chat.messages[-1]["content"] == "你"
+    assert capsys.readouterr().out in ("你\ufffd\n", "你\ufffd\ufffd\n")  # shown as cut
