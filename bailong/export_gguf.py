@@ -24,6 +24,7 @@ plus one converted tensor; the caller writes it under a temporary name.
 """
 import math
 import sys
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -32,10 +33,10 @@ from sentencepiece import sentencepiece_model_pb2 as pb
 from tqdm import tqdm
 
 from bailong.chat_template import LLAMA2_JINJA
-from bailong.errors import BailongError
+from bailong.errors import BailongError, BailongWarning
 from bailong.generation import Sampling
-from bailong.progress import BAR_HIDDEN
 from bailong.model import rope_frequencies
+from bailong.progress import BAR_HIDDEN
 from bailong.quantized import NF4Linear, projections, set_module
 from bailong.tokenizer import JsonTokenizer, check_fits
 
@@ -73,6 +74,21 @@ def check_tokenizer(tokenizer):
         raise BailongError(f"{tokenizer.path}: a pre-tokenizer or normalizer llama.cpp does not know by name, so "
                            "the GGUF file would tokenize differently (known: Llama 3's)")
     return data, name
+
+
+def check_piece_lengths(tokenizer):
+    """Warn of pieces longer than 32 bytes (a grown vocabulary's long words: 16 characters of a script of three
+    bytes a character), which llama-cpp-python (0.3.36) leaves out of the text it decodes, its buffer for a piece
+    being 32 bytes; llama.cpp's own tools read any length."""
+    if isinstance(tokenizer, JsonTokenizer):  # byte-level tokens: a character of their alphabet for each byte
+        added = tokenizer.tk.get_added_tokens_decoder()
+        sizes = [len(t) for t, i in tokenizer.tk.get_vocab().items() if i not in added]
+    else:
+        sizes = [len(p.piece.replace("\u2581", " ").encode()) for p in tokenizer.proto().pieces if p.type == p.NORMAL]
+    if long := [n for n in sizes if n > 32]:
+        warnings.warn(BailongWarning(
+            f"{tokenizer.path or 'the tokenizer'}: pieces longer than 32 bytes: {len(long)}, of up to {max(long)} "
+            "bytes; llama.cpp reads them, but llama-cpp-python 0.3 leaves them out of the text it decodes"), stacklevel=2)
 
 
 def sentencepiece_vocabulary(w, tokenizer, vocab_size, add_bos, add_eos):
@@ -213,6 +229,7 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
 
+    check_piece_lengths(tokenizer)
     if isinstance(tokenizer, JsonTokenizer):
         bpe_vocabulary(w, tokenizer, config.vocab_size)
     else:
