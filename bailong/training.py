@@ -219,6 +219,9 @@ class TrainConfig:
         for name in PRETRAIN_ONLY:
             if self.stage == "sft" and getattr(self, name) != getattr(TrainConfig, name):  # not its default
                 raise UsageError(f"{flag(name)} is for --stage pretrain; fine-tuning keeps the vocabulary of --init")
+        for name in PRETRAIN_ONLY[1:] if not self.new_pieces else ():  # (a setting of the new rows, silently unused)
+            if getattr(self, name) != getattr(TrainConfig, name):
+                raise UsageError(f"{flag(name)} is for the pieces --new-pieces adds, and --new-pieces 0 adds none")
         if self.device:  # without --device: once torch knows which there is
             check_device(self.device)
             check_on_device(self, self.device)
