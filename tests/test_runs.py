@@ -262,3 +262,16 @@ def test_a_run_whose_data_an_earlier_reading_read_otherwise_is_refused_saying_so
     assert err == f"error: {tmp_path / 'run'}: the data differ from those the run started with, or the earlier " \
         f"Bailong that started it read them otherwise (then: as an earlier version read; now: {READING}); choose " \
         "another --out\n"
+
+
+def test_a_run_without_new_pieces_goes_on_whatever_it_said_of_them(tmp_path, capsys):
+    """--all-pieces and --init-method with --new-pieces 0 are refused now (they set nothing); a run begun with them
+    before goes on without them, as the run it is."""
+    run_train(capsys, "--steps", "2", "--held-out", "0", "--new-pieces", "0", "--out", tmp_path / "run")
+    run_json = tmp_path / "run" / "run.json"
+    began = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**began, "options": {**began["options"], "all_pieces": True,
+                                                         "init_method": "random"}}))  # as an earlier version wrote
+    stdout, _ = run_train(capsys, "--steps", "3", "--held-out", "0", "--new-pieces", "0", "--resume", "--out",
+                          tmp_path / "run")
+    assert "resumed from" in stdout
