@@ -65,11 +65,12 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         system = self.messages[:1] if self.messages[0]["role"] == "system" else []
         shown = system + self.messages[len(system) + self.dropped:]
-        decoder, reply = self.tokenizer.stream(), []
+        decoder, reply, said = self.tokenizer.stream(), [], []
 
         def on_token(i):
             if i not in self.stop_ids:
-                print(decoder.put(i), end="", flush=True, file=out)
+                said.append(decoder.put(i))
+                print(said[-1], end="", flush=True, file=out)
                 reply.append(i)
 
         try:  # whatever stops it before the answer is whole (but Ctrl-C while one streams), the question is taken
@@ -84,7 +85,7 @@ class Chat:
                     raise
                 self.stopped = True  # the answer so far is kept; the note is not part of it
                 print(" [stopped]", end="", file=sys.stderr, flush=True)
-            seconds, answer = time.perf_counter() - start, self.tokenizer.decode(reply)
+            seconds = time.perf_counter() - start
         except BaseException as e:
             self.messages.pop()
             if reply:  # the line it began streaming, ended before what is said of the error
@@ -93,8 +94,7 @@ class Chat:
                 raise BailongError(str(e)) from None
             raise
         tail = decoder.flush()  # an answer cut inside a character (at --max-new-tokens) ends in U+FFFD: shown, but
-        if tail and not tail.strip("\ufffd"):  # not kept, where the next prompt would spell it to the model
-            answer = answer.rstrip("\ufffd")
+        answer = "".join(said) + (tail if tail.strip("\ufffd") else "")  # not kept (the next prompt would spell it)
         self.messages.append({"role": "assistant", "content": answer})  # kept, before the rest is printed
         print(tail, flush=True, file=out)
         context = self.model.config.max_position_embeddings  # where generate stops, whatever is asked for

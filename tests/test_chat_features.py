@@ -277,13 +277,28 @@ def test_chat_py_stops_where_generation_config_says(model_folder, tmp_path, monk
     assert seen and {2, 107} <= seen[0]
 
 
-def test_an_answer_cut_inside_a_character_keeps_no_replacement_character(monkeypatch, capsys):
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.json of byte pieces", "byte-level BPE"])
+def test_an_answer_cut_inside_a_character_keeps_no_replacement_character(kind, tmp_path, monkeypatch, capsys):
     """Cut at --max-new-tokens inside a character spelled in bytes (most Chinese characters in Llama 2's
-    vocabulary), an answer ended in U+FFFD, which the history kept and the next prompt spelled to the model."""
+    vocabulary), an answer ended in U+FFFD, which the history kept and the next prompt spelled to the model. What
+    was shown whole is kept: a tokenizer.json of SentencePiece's byte pieces decodes a whole run of them, the
+    characters before the cut ones too, as U+FFFD."""
+    from transformers import AutoTokenizer
+
     from bailong import conversation
-    model, tokenizer = bailong.load_preset("tiny")
-    ids = tokenizer.encode("你好")  # six byte pieces
+    from bailong.tokenizer import JsonTokenizer, Tokenizer
+    from bpe_models import bpe_folder
+    model, _ = bailong.load_preset("tiny")
+    model.config.max_position_embeddings = 4096  # (the tiny model's context, for a vocabulary of 32,000)
+    if kind == "byte-level BPE":
+        tokenizer = JsonTokenizer(bpe_folder(tmp_path) / "tokenizer.json")
+    else:
+        tokenizer = Tokenizer(asset("llama2-tokenizer/tokenizer.model"))
+    if kind == "tokenizer.json of byte pieces":
+        AutoTokenizer.from_pretrained(tokenizer.path.parent).save_pretrained(tmp_path)
+        tokenizer = JsonTokenizer(tmp_path / "tokenizer.json")
+    ids = tokenizer.encode("abc 龘龘")  # 龘 in bytes
     monkeypatch.setattr(conversation, "generate", lambda *a, on_token, **k: [on_token(i) for i in ids[:-1]])
-    chat = conversation.Chat(model, tokenizer, None, bailong.Sampling(temperature=0), 5)
-    assert chat.answer("hi") == "你" and chat.messages[-1]["content"] == "你"
-    assert capsys.readouterr().out in ("你\ufffd\n", "你\ufffd\ufffd\n")  # shown as cut
+    chat = conversation.Chat(model, tokenizer, None, bailong.Sampling(temperature=0), 50)
+    assert chat.answer("hi") == "abc 龘" and chat.messages[-1]["content"] == "abc 龘"
+    assert capsys.readouterr().out.startswith("abc 龘\ufffd")  # shown as cut
