@@ -102,13 +102,16 @@ def signals_held(signals=(signal.SIGINT, signal.SIGTERM)):
         return
     came = []
     held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    recorded = [s for s in signals if signal.getsignal(s) not in (None, signal.SIG_IGN)]  # (None: set outside Python)
     try:
-        with handling(lambda signum, frame: came.append(signum), signals):
+        with handling(lambda signum, frame: came.append(signum), recorded):
             yield
     finally:  # as they were: within another such block (a command's module imports another's), still held
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        for signum in dict.fromkeys(came):
-            signal.raise_signal(signum)
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # (the main thread's own, delivered here, may raise)
+        finally:
+            for signum in dict.fromkeys(came):
+                signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

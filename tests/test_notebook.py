@@ -107,3 +107,23 @@ def test_run_cli_passes_the_command_line_where_no_arguments_are_given(monkeypatc
     with pytest.raises(SystemExit) as done:
         run_cli(lambda argv: int(argv[1]))
     assert done.value.code == 7
+
+
+def test_a_signal_another_thread_took_is_delivered_when_the_main_threads_own_raises_too():
+    """The main thread's own Ctrl-C, delivered as the block ends, raised there: the SIGTERM another thread had
+    taken meanwhile was never delivered."""
+    got, go = [], threading.Event()
+    sender = threading.Thread(target=lambda: go.wait() and os.kill(os.getpid(), signal.SIGTERM))
+    sender.start()
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_held():
+                go.set()
+                sender.join()
+                time.sleep(0.1)  # (taken by the sender, recorded in the main thread)
+                signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # the main thread's: held till the end
+        time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert got == [signal.SIGTERM]
