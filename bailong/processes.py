@@ -140,6 +140,8 @@ def called(train, *args) -> int:
         states.append((torch.set_rng_state, torch.get_rng_state()))
         if torch.cuda.is_initialized():
             states.append((torch.cuda.set_rng_state_all, torch.cuda.get_rng_state_all()))
+        else:  # begun by the run, if at all: as the caller's seed would have begun it (torch seeds CUDA lazily)
+            states.append((torch.cuda.manual_seed_all, torch.initial_seed()))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("always", category=BailongWarning, append=True)
