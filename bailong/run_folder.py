@@ -141,13 +141,13 @@ def run_record(out: Path) -> dict | None:
 
 def runs_own(path) -> Path | None:
     """The training run folder whose own names (adapter/, checkpoints/, metrics.jsonl...) ``path`` lies in or
-    takes, or None: training replaces them whole, and a file another command saved there would be lost. The names
-    in any case: on a case-insensitive disk (macOS's) ``Adapter/`` is ``adapter/``."""
+    takes, or None: training replaces them whole, and a file another command saved there would be lost. On a
+    case-insensitive disk (macOS's), the names in any case: there ``Adapter/`` is ``adapter/``."""
     path = Path(path).expanduser().absolute()
     path = path.resolve() if path.is_symlink() else path.parent.resolve() / path.name  # (it may not be there yet)
     for run in path.parents:
-        own = path.relative_to(run).parts[0]
-        if any(re.fullmatch(k, own, re.IGNORECASE) for k in LAYOUT) and run_record(run) is not None:
+        case = re.IGNORECASE if (run / "RUN.JSON").exists() else 0  # (a run's run.json, where case is not told)
+        if any(re.fullmatch(k, path.relative_to(run).parts[0], case) for k in LAYOUT) and run_record(run) is not None:
             return run
     return None
 

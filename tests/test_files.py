@@ -113,8 +113,10 @@ def test_an_output_among_a_training_runs_own_files_is_refused(tmp_path):
     check_output_file(run / "adapter" / "talk.jsonl", {})  # another tool's run.json: no run of ours
     (run / "run.json").write_text('{"options": {}, "steps": 2}')  # (a copy of a run may lack its lock file)
     os.symlink(run / "adapter" / "linked.jsonl", tmp_path / "link.jsonl")  # a link given is written through
+    check_output_file(run / "Adapter" / "talk.jsonl", {})  # another folder, on a disk that tells case apart
+    os.link(run / "run.json", run / "RUN.JSON")  # a disk that does not (macOS's): Adapter/ is then adapter/
     for path in (run / "adapter" / "talk.jsonl", run / "checkpoints" / "a.gguf", run / "metrics.jsonl",
-                 tmp_path / "link.jsonl", run / "Adapter" / "talk.jsonl"):  # (macOS's disk: the same folder)
+                 tmp_path / "link.jsonl", run / "Adapter" / "talk.jsonl"):
         with pytest.raises(UsageError, match="lies among the training run .*run's own files, which training "
                                              "replaces; --out must name a file elsewhere"):
             check_output_file(path, {})
