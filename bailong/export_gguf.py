@@ -77,9 +77,9 @@ def check_tokenizer(tokenizer):
 
 
 def check_piece_lengths(tokenizer):
-    """Warn of pieces longer than 32 bytes (a grown vocabulary's long words: 16 characters of a script of three
-    bytes a character), which llama-cpp-python (0.3.36) leaves out of the text it decodes, its buffer for a piece
-    being 32 bytes; llama.cpp's own tools read any length."""
+    """Warn of pieces longer than 32 bytes (a grown vocabulary's long words: 11 characters or more of a script of
+    three bytes a character), which llama-cpp-python (0.3.36) leaves out of the text it decodes, its buffer for a
+    piece being 32 bytes; llama.cpp's own tools read any length. After ``check_tokenizer``."""
     if isinstance(tokenizer, JsonTokenizer):  # byte-level tokens: a character of their alphabet for each byte
         added = tokenizer.tk.get_added_tokens_decoder()
         sizes = [len(t) for t, i in tokenizer.tk.get_vocab().items() if i not in added]
@@ -229,11 +229,11 @@ def write_gguf(path, model, tokenizer, kind="f16", name="model", chat_template=L
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
 
-    check_piece_lengths(tokenizer)
     if isinstance(tokenizer, JsonTokenizer):
         bpe_vocabulary(w, tokenizer, config.vocab_size)
     else:
         sentencepiece_vocabulary(w, tokenizer, config.vocab_size, add_bos, add_eos)
+    check_piece_lengths(tokenizer)
     w.add_chat_template(chat_template)
 
     plan = [(n, t, heads, ggml_type(t, kind)) for n, t, heads in tensors(model)]

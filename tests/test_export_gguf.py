@@ -369,8 +369,8 @@ def test_weights_that_are_not_finite_or_past_float16_are_refused_not_written(tok
 
 
 def test_pieces_longer_than_32_bytes_are_warned_of_as_llama_cpp_python_drops_them(tokenizers, tmp_path):
-    """A grown vocabulary's long words (16 characters of a script of three bytes each: a Thai corpus gave 41 of
-    500 new pieces past 32 bytes) came out of llama-cpp-python's decoding as nothing, without a word."""
+    """A grown vocabulary's long words (11 characters or more of a script of three bytes each: a Thai corpus gave
+    41 of 500 new pieces past 32 bytes) came out of llama-cpp-python's decoding as nothing, without a word."""
     proto = tokenizers[0].proto()
     proto.pieces.add(piece="\u2581" + "ทุกเช้า" * 2, score=-1e5, type=proto.pieces[300].NORMAL)  # 1 + 42 bytes
     (tmp_path / "base").mkdir()
