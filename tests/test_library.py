@@ -1,5 +1,7 @@
 """Bailong used from Python, as a notebook calls it: the arguments people naturally pass (one path where a list
 may go, a dtype by name, a tensor of ids) do what they say, or are refused at once with a clear error."""
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,7 +17,7 @@ from bailong.export import export
 from bailong.model import Llama
 from bailong.lora import LoRAConfig, inject_lora, lora_parameters, merge_lora
 from bailong.quantized import quantize_model
-from bailong.tokenizer import StreamDecoder, byte_tokenizer
+from bailong.tokenizer import byte_tokenizer
 from bailong.vocab import extend_tokenizer
 from bailong.zip_tie import extend_model, resize_vocab
 from conftest import ROOT
@@ -158,8 +160,12 @@ def test_a_question_whose_answer_fails_is_taken_back(monkeypatch):
     assert chat.messages == []
     chat.answer("hello again", stream=False)
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]
-    with monkeypatch.context() as m:  # the answer whole, Ctrl-C as its end is printed: it is kept
-        m.setattr(StreamDecoder, "flush", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    def printing(*args, **kwargs):  # Ctrl-C as the answer's end is printed, its line ended
+        if "end" not in kwargs and kwargs.get("file") is not sys.stderr:
+            raise KeyboardInterrupt
+        print(*args, **kwargs)
+    with monkeypatch.context() as m:  # the answer whole: it is kept
+        m.setattr(conversation, "print", printing, raising=False)
         with pytest.raises(KeyboardInterrupt):
             chat.answer("and again")
     assert [m["content"] for m in chat.messages][2] == "and again" and len(chat.messages) == 4

@@ -86,6 +86,14 @@ def test_under_ipython_a_command_is_not_the_process_and_bars_are_shown():
     assert not in_a_command()
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+    """Ctrl-C answered as in a terminal or a notebook (a suite run under nohup, in the background, ignores it)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_a_signal_another_thread_takes_waits_as_the_main_threads_does():
     """A notebook's kernel has threads of its own, which take a Ctrl-C the main thread holds: it was answered at
     once, inside torch's import, and left torch half imported until the kernel restarted."""
