@@ -27,10 +27,10 @@ from bailong.errors import BailongError, Parser, Terminated, loading, read_json,
 
 with loading(__name__):  # Ctrl-C meanwhile (torch and the modules loading): answered once they have
     import torch
+    from bailong import progress
     from bailong.config import DTYPES
     from bailong.data import checked_text, listed, read_corpus
     from bailong.files import ANSWERED_BY, ANSWERS, check_output_file, is_answers
-    from bailong import progress
     from bailong.tokenizer import open_tokenizer, tokenizer_found
 
 JUDGE_PROMPT = """You are grading an AI assistant's answer, in a conversation, on a scale from 0 to 10.

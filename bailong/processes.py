@@ -122,7 +122,6 @@ def return_freed_memory():
             pass
 
 
-
 def called(train, *args) -> int:
     """``train(*args)``'s exit status, as a command runs it. Called from Python (a notebook), in the caller's
     process: a run interrupted, once saved, raises KeyboardInterrupt (a notebook running every cell stops there,
