@@ -48,8 +48,8 @@ READING = ("lines end at line feeds; hidden files and empty JSON texts left out;
 def options(config, world=1) -> dict:
     """The options that make two runs the same run (the number of processes decides each one's examples; the
     vocabulary's options, only pre-training's, and the new pieces' settings only where it adds some)."""
-    from bailong.training import PRETRAIN_ONLY
-    vocabulary = PRETRAIN_ONLY if config.stage == "sft" else () if config.new_pieces else PRETRAIN_ONLY[1:]
+    from bailong.training import NEW_PIECES, PRETRAIN_ONLY
+    vocabulary = PRETRAIN_ONLY if config.stage == "sft" else () if config.new_pieces else NEW_PIECES
     ignored = NOT_IDENTITY | set(vocabulary)
     return {**{k: v for k, v in asdict(config).items() if k not in ignored}, "processes": world}
 

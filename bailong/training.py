@@ -27,7 +27,8 @@ AT_LEAST_ZERO = ("new_pieces", "warmup", "workers", "patience")
 # past these a run fails deep in a library (a rank past 2**63, a trainer's size past 2**31), or makes a million
 # micro-batches or processes before it can fail
 AT_MOST = {"lora_r": 65_536, "new_pieces": MAX_NEW_PIECES, "grad_accum": 65_536, "workers": 1_024}
-PRETRAIN_ONLY = ("new_pieces", "all_pieces", "init_method")  # the vocabulary's: fine-tuning keeps --init's
+NEW_PIECES = ("all_pieces", "init_method")  # how the new pieces are chosen and begun: nothing where none are added
+PRETRAIN_ONLY = ("new_pieces", *NEW_PIECES)  # the vocabulary's: fine-tuning keeps --init's
 # what each option only CUDA's training has says on the CPU (the first two move GPU memory to the host)
 TO_HOST = ("offload_activations", "offload_embedding")
 ON_CPU = {"offload_activations": "--offload-activations moves the GPU's saved layer inputs to host memory; on the "
@@ -219,7 +220,7 @@ class TrainConfig:
         for name in PRETRAIN_ONLY:
             if self.stage == "sft" and getattr(self, name) != getattr(TrainConfig, name):  # not its default
                 raise UsageError(f"{flag(name)} is for --stage pretrain; fine-tuning keeps the vocabulary of --init")
-        for name in PRETRAIN_ONLY[1:] if not self.new_pieces else ():  # (a setting of the new rows, silently unused)
+        for name in NEW_PIECES if not self.new_pieces else ():  # (set, they were silently unused)
             if getattr(self, name) != getattr(TrainConfig, name):
                 raise UsageError(f"{flag(name)} is for the pieces --new-pieces adds, and --new-pieces 0 adds none")
         if self.device:  # without --device: once torch knows which there is
